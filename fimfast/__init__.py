@@ -1,0 +1,32 @@
+"""fimfast: fast, exact and random estimates of the diagonal Fisher information of classifiers.
+
+Implements the estimators of Ke Sun, *Deterministic Bounds and Random Estimates of Metric Tensors
+on Neuromanifolds* (ICLR 2026) behind the API of that paper's library, plus the per-sample
+estimators (EXACT, EMPIRICAL, MONTE_CARLO) of Soen & Sun (NeurIPS 2024).
+
+Importing fimfast never imports triton, never loads the compiled extension and never initialises
+CUDA.
+"""
+
+from fimfast.api import diag_fim_step, get_diag_fim, get_estimator, zero_diag_fim
+from fimfast.diagfim import DiagFIM
+from fimfast.estimator import DiagFisher, diag_fisher
+from fimfast.ops.registry import BackendUnavailableError, available_backends
+from fimfast.types import FIMType, Options
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DiagFIM",
+    "DiagFisher",
+    "FIMType",
+    "Options",
+    "__version__",
+    "available_backends",
+    "diag_fim_step",
+    "diag_fisher",
+    "get_diag_fim",
+    "get_estimator",
+    "zero_diag_fim",
+]

@@ -1,0 +1,102 @@
+"""The seed-compatible functional API: ``diag_fim_step``, ``get_diag_fim``, ``zero_diag_fim``.
+
+State lives in fimfast (a ``weakref.WeakKeyDictionary`` from model to one :class:`DiagFisher` per
+type), never on ``param.grad`` and never as attributes of the parameters. Several types can be
+accumulated side by side on one model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fimfast.estimator import DiagFisher
+from fimfast.types import FIMType, check_ema, check_reduction
+
+_STATES: weakref.WeakKeyDictionary[torch.nn.Module, dict[FIMType, DiagFisher]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _model_states(model: torch.nn.Module) -> dict[FIMType, DiagFisher]:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    return _STATES.setdefault(model, {})
+
+
+def zero_diag_fim(model: torch.nn.Module, fim_type: FIMType | str | None = None) -> None:
+    """Reset this model's accumulated Fisher for ``fim_type`` (every type when ``None``)."""
+    states = _model_states(model)
+    if fim_type is None:
+        states.clear()
+        return
+    states.pop(FIMType.parse(fim_type), None)
+
+
+def diag_fim_step(
+    model: torch.nn.Module,
+    batch: Any,
+    fim_type: FIMType | str = FIMType.HUTCHINSON,
+    fim_opts: Mapping[str, Any] | None = None,
+    ema: float | None = None,
+    reduction: str = "sum",
+) -> None:
+    """Estimate the diagonal Fisher on ``batch`` and accumulate it for ``(model, fim_type)``.
+
+    Args:
+        model: the network (its ``.grad``, mode and parameters are left untouched).
+        batch: ``(inputs, labels)``, ``(inputs,)``, a tensor or a mapping
+            (see :mod:`fimfast.batch`).
+        fim_type: a :class:`FIMType` or its string value.
+        fim_opts: ``num_probes``, ``lr_power_itrs``, ``top_k``, ``seed``, ``backend``,
+            ``class_chunk``, ``rankk_solver``, ``likelihood``, ``sigma2``, ``ignore_index``,
+            ``forward_fn`` (unknown keys raise ``ValueError``).
+        ema: ``None`` or a decay in ``(0, 1)``; must stay the same between resets.
+        reduction: ``"sum"`` or ``"mean"``; must stay the same between resets.
+
+    A step that raises leaves the accumulated state exactly as it was.
+    """
+    fim_type = FIMType.parse(fim_type)
+    reduction = check_reduction(reduction)
+    ema = check_ema(ema)
+    states = _model_states(model)
+    est = states.get(fim_type)
+    opts = dict(fim_opts or {})
+    if est is None:
+        est = DiagFisher(model, fim_type, reduction=reduction, ema=ema, **opts)
+    else:
+        if est.reduction != reduction or est.ema != ema:
+            raise ValueError(
+                f"reduction/ema: this model's {fim_type.value!r} state was accumulated with "
+                f"reduction={est.reduction!r}, ema={est.ema!r}; got reduction={reduction!r}, "
+                f"ema={ema!r} (call zero_diag_fim first to change them)"
+            )
+        est.set_options(opts)
+    est.step(batch)
+    states[fim_type] = est
+
+
+def get_diag_fim(
+    model: torch.nn.Module, fim_type: FIMType | str = FIMType.HUTCHINSON
+) -> dict[str, torch.Tensor]:
+    """The accumulated diagonal: ``{param_name: tensor shaped like the parameter}``.
+
+    Raises:
+        RuntimeError: no step was taken for this model and type since the last reset.
+    """
+    fim_type = FIMType.parse(fim_type)
+    est = _model_states(model).get(fim_type)
+    if est is None or est.state.steps == 0:
+        raise RuntimeError(
+            f"get_diag_fim: no {fim_type.value!r} step has been taken for this model; call "
+            "diag_fim_step first"
+        )
+    return dict(est.result())
+
+
+def get_estimator(model: torch.nn.Module, fim_type: FIMType | str) -> DiagFisher | None:
+    """The :class:`DiagFisher` behind the functional API for ``(model, fim_type)``, if any."""
+    return _model_states(model).get(FIMType.parse(fim_type))

@@ -1,0 +1,244 @@
+"""Batch unpacking, the forward pass, and the rows (samples or tokens) of the logits.
+
+Accepted batches: ``(inputs, labels)``, ``(inputs,)``, a bare tensor, or a mapping (Hugging Face
+style: ``labels``/``label`` is taken out and the rest goes to ``model(**batch)``). A
+``forward_fn(model, batch) -> output`` option handles anything else (labels are still read from a
+tuple's second element or a mapping's ``labels``/``label`` key).
+
+Outputs may be a tensor, a tuple/list (first element) or an object with ``.logits``. Logits are
+``(N, C)`` (one sample per row) or ``(N, T, C)`` (token level): tokens whose label equals
+``ignore_index`` or whose ``attention_mask`` is 0 are left out of the Fisher and of the count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_LABEL_KEYS = ("labels", "label")
+
+
+@dataclass
+class Rows:
+    """The valid rows of one batch's logits.
+
+    Attributes:
+        logits: ``(N, C)`` or ``(N, T, C)`` model output (still attached to the graph).
+        flat: ``(R, C)`` valid rows of ``logits`` (attached to the graph).
+        labels: ``(R,)`` (categorical) or ``(R, C)`` labels of the valid rows, or ``None``.
+        index: ``(R,)`` int64 row indices into ``logits.reshape(-1, C)``.
+        sample: ``(R,)`` int64 sample (batch) index of every row.
+        num_samples: ``N``.
+    """
+
+    logits: torch.Tensor
+    flat: torch.Tensor
+    labels: torch.Tensor | None
+    index: torch.Tensor
+    sample: torch.Tensor
+    num_samples: int
+
+    @property
+    def count(self) -> int:
+        """Number of valid rows (samples or unmasked tokens)."""
+        return int(self.flat.shape[0])
+
+
+def _type_name(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor{tuple(x.shape)}"
+    return type(x).__name__
+
+
+def split(batch: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+    """``(model_input, labels, attention_mask)`` of a batch.
+
+    ``model_input`` is a tensor (called as ``model(x)``) or a dict (called as ``model(**d)``).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    if isinstance(batch, Mapping):
+        rest = dict(batch)
+        labels = None
+        for k in _LABEL_KEYS:
+            if k in rest:
+                labels = rest.pop(k)
+                break
+        mask = rest.get("attention_mask")
+        return rest, labels, mask
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError("batch must not be an empty tuple/list")
+        if len(batch) > 2:
+            raise ValueError(
+                "batch must be (inputs, labels), (inputs,), a tensor or a mapping; got a "
+                f"{type(batch).__name__} of {len(batch)} elements "
+                f"({', '.join(_type_name(b) for b in batch)}); pass forward_fn= for other layouts"
+            )
+        inputs = batch[0]
+        labels = batch[1] if len(batch) == 2 else None
+        if isinstance(inputs, Mapping):
+            return dict(inputs), labels, inputs.get("attention_mask")
+        return inputs, labels, None
+    raise TypeError(
+        "batch must be (inputs, labels), (inputs,), a tensor or a mapping; got "
+        f"{type(batch).__name__}; pass forward_fn= for other layouts"
+    )
+
+
+def labels_of(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(labels, attention_mask)`` of a batch whose forward is done by ``forward_fn``."""
+    if isinstance(batch, Mapping):
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+        return labels, batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1], None
+    return None, None
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits tensor of a model output (tensor, tuple/list, or ``.logits``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+        return output.logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        "the model output must be a tensor, a tuple whose first element is the logits, or an "
+        f"object with a .logits tensor; got {type(output).__name__}"
+    )
+
+
+def batch_size(batch: Any) -> int | None:
+    """Leading dimension of the first tensor found in a batch (``None`` if none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    vals = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(vals, (tuple, list)) or isinstance(batch, Mapping):
+        for v in vals:
+            n = batch_size(v) if isinstance(v, (torch.Tensor, Mapping, tuple, list)) else None
+            if n is not None:
+                return n
+    return None
+
+
+def slice_batch(batch: Any, start: int, stop: int, n: int) -> Any:
+    """Samples ``start:stop`` of a batch: tensors whose leading dimension is ``n`` are sliced."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == n else batch
+    if isinstance(batch, Mapping):
+        return {k: slice_batch(v, start, stop, n) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(slice_batch(v, start, stop, n) for v in batch)
+    if isinstance(batch, list):
+        return [slice_batch(v, start, stop, n) for v in batch]
+    return batch
+
+
+def rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    likelihood: str,
+    ignore_index: int,
+    need_labels: bool,
+) -> Rows:
+    """Validate the logits (and labels) and select the valid rows.
+
+    Raises:
+        ValueError: logits not 2-D/3-D, empty, non-finite; labels of the wrong shape, dtype or range
+            (each message names the argument and shows what came).
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a tensor; got {type(logits).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(
+            "logits must be 2-D (N, C) or 3-D (N, T, C); got shape "
+            f"{tuple(logits.shape)} from the model"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point; got dtype {logits.dtype}")
+    N, C = int(logits.shape[0]), int(logits.shape[-1])
+    if N == 0 or logits.numel() == 0:
+        raise ValueError(
+            f"batch is empty: the model returned logits of shape {tuple(logits.shape)}"
+        )
+    if likelihood == "categorical" and C < 2:
+        raise ValueError(f"logits must have C >= 2 classes for a categorical likelihood; got C={C}")
+    lead = tuple(logits.shape[:-1])
+    valid = torch.ones(lead, dtype=torch.bool, device=logits.device)
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor; got {type(labels).__name__}")
+        labels = labels.to(logits.device)
+        if likelihood == "categorical":
+            if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+                raise ValueError(
+                    f"labels must be integer class indices for a categorical likelihood; got dtype "
+                    f"{labels.dtype}"
+                )
+            if tuple(labels.shape) != lead:
+                raise ValueError(
+                    f"labels must have shape {lead} to match logits {tuple(logits.shape)}; "
+                    f"got {tuple(labels.shape)}"
+                )
+            keep = labels != ignore_index
+            bad = keep & ((labels < 0) | (labels >= C))
+            if bool(bad.any()):
+                v = labels[bad].flatten()[:5].tolist()
+                raise ValueError(
+                    f"labels must be in [0, {C - 1}] (or ignore_index={ignore_index}); got {v}"
+                )
+            valid &= keep
+        else:
+            if labels.shape != logits.shape and not (
+                labels.dim() == 1 and C == 1 and labels.shape[0] == N
+            ):
+                raise ValueError(
+                    f"labels must have shape {tuple(logits.shape)} for a {likelihood} likelihood; "
+                    f"got {tuple(labels.shape)}"
+                )
+            labels = labels.reshape(logits.shape).to(
+                torch.float64 if logits.dtype == torch.float64 else torch.float32
+            )
+    elif need_labels:
+        raise ValueError("labels are required for fim_type='empirical'; the batch has none")
+    if mask is not None and logits.dim() == 3:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != lead:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"attention_mask must have shape {lead} to match the logits; got {got}"
+            )
+        valid &= mask.to(logits.device) != 0
+    flat_all = logits.reshape(-1, C)
+    index = valid.reshape(-1).nonzero().squeeze(-1)
+    if index.numel() == 0:
+        raise ValueError("batch is empty: every token is masked (attention_mask / ignore_index)")
+    flat = flat_all if index.numel() == flat_all.shape[0] else flat_all.index_select(0, index)
+    with torch.no_grad():
+        finite = torch.isfinite(flat)
+        if not bool(finite.all()):
+            nbad = int((~finite).sum())
+            raise ValueError(
+                f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
+                "the step was not taken"
+            )
+    lab = None
+    if labels is not None:
+        lab = labels.reshape(-1) if likelihood == "categorical" else labels.reshape(-1, C)
+        lab = lab.index_select(0, index)
+    per = 1 if logits.dim() == 2 else int(logits.shape[1])
+    return Rows(
+        logits=logits,
+        flat=flat,
+        labels=lab,
+        index=index,
+        sample=torch.div(index, per, rounding_mode="floor"),
+        num_samples=N,
+    )

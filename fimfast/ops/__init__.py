@@ -1,0 +1,210 @@
+"""Public kernel ops of fimfast: the fused hot parts of every estimator.
+
+Each op dispatches per call (see :mod:`fimfast.ops.registry`) to the ``torch`` reference or to a
+``triton``, ``cpp`` or ``cuda`` kernel with the same contract. The estimators call only these
+functions. All accumulation happens in float32 (float64 when the inputs are float64), whatever the
+input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fimfast.ops import rng
+from fimfast.ops.registry import (
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    resolve,
+)
+from fimfast.ops.torch_ref import PROBE_MODES, compute_dtype
+
+__all__ = [
+    "PROBE_MODES",
+    "BackendUnavailableError",
+    "accumulate_",
+    "available_backends",
+    "backend_status",
+    "compute_dtype",
+    "core_topk",
+    "probe_logit_grad",
+    "rng",
+    "shared_sq",
+    "sq_matmul",
+]
+
+
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D; got shape {tuple(t.shape)}")
+
+
+def probe_logit_grad(
+    logits: torch.Tensor,
+    mode: str,
+    seed: int,
+    offset: int,
+    num_probes: int = 1,
+    labels: torch.Tensor | None = None,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sigma2: float = 1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Output-side factor ``dz = dh/dz`` of one estimator, fused: softmax, probes and the mix.
+
+    Rows are independent; probe ``s`` of row ``r`` and class ``c`` uses the counter
+    ``offset + (s*R + r)*C + c`` of the sign stream (``(s*R + r)*k + j`` for ``rankk``, and
+    ``offset + s*R + r`` of the uniform stream for ``mc``); see :mod:`fimfast.ops.rng`. The result
+    is deterministic and identical across backends up to floating-point rounding.
+
+    Args:
+        logits: ``(R, C)`` float16|bfloat16|float32|float64, one row per sample or token.
+        mode: ``hutchinson`` (``sqrt(p)*xi - p*(sqrt(p).xi)``), ``sqrt`` (the coefficient
+            ``sqrt(p)*xi`` of ``log_softmax``), ``dg`` (``sqrt(p)*xi``), ``rankk``
+            (``sum_j xi_j sqrt(lam_j) v_j``), ``empirical`` (``e_y - p``), ``mc``
+            (``e_yhat - p``, ``yhat ~ p``), ``bernoulli`` (``sqrt(s(1-s))*xi``), ``gaussian``
+            (``xi/sqrt(sigma2)``).
+        seed: 64-bit seed of the counter-based generator.
+        offset: first counter of this call (advance it between calls).
+        num_probes: ``S >= 1`` probes (or draws); ignored by ``empirical`` beyond broadcasting.
+        labels: ``(R,)`` int64 class indices, for ``empirical``.
+        eig: ``(lam (R, k), V (R, k, C))`` from :func:`core_topk`, for ``rankk``.
+        sigma2: variance of the ``gaussian`` likelihood.
+        backend: ``None``/``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"cuda"``.
+
+    Returns:
+        ``(S, R, C)`` float32 (float64 for float64 logits), contiguous.
+    """
+    _check_2d("logits", logits)
+    if mode not in PROBE_MODES:
+        raise ValueError(f"mode must be one of {PROBE_MODES}; got {mode!r}")
+    if int(num_probes) < 1:
+        raise ValueError(f"num_probes must be >= 1; got {num_probes!r}")
+    if mode == "empirical":
+        if labels is None or labels.shape != logits.shape[:1]:
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"labels must have shape {tuple(logits.shape[:1])}; got {got}")
+    if mode == "rankk" and eig is None:
+        raise ValueError("eig=(eigenvalues, eigenvectors) is required for mode 'rankk'")
+    _, fn = resolve("probe_logit_grad", backend, logits.device)
+    return fn(logits, mode, int(seed), int(offset), int(num_probes), labels, eig, float(sigma2))
+
+
+def core_topk(
+    p: torch.Tensor,
+    k: int,
+    solver: str = "exact",
+    iters: int = 30,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs of the categorical core FIM ``diag(p) - p p^T``, row by row.
+
+    ``solver="exact"`` solves the secular equation ``sum_c p_c^2/(p_c - lam) = 1`` in the ``k``
+    highest interlacing intervals by safeguarded Newton/bisection, with ties deflated (Helmert
+    vectors), exact to rounding. ``solver="power"`` runs ``iters`` power iterations with
+    Gram-Schmidt deflation (the behaviour of the paper's code).
+
+    Args:
+        p: ``(R, C)`` probabilities (rows sum to 1), float32|float64.
+        k: number of eigenpairs, ``1 <= k <= C - 1``.
+        solver: ``"exact"`` or ``"power"``.
+        iters: power iterations (``solver="power"`` only).
+        backend: as in :func:`probe_logit_grad`.
+
+    Returns:
+        ``(lam (R, k), V (R, k, C))`` in float32 (float64 for float64 input), eigenvalues in
+        descending order, unit eigenvectors with their largest-magnitude entry positive.
+    """
+    _check_2d("p", p)
+    C = p.shape[1]
+    if not 1 <= int(k) <= C - 1:
+        raise ValueError(f"k must be in [1, C-1] = [1, {C - 1}]; got {k!r}")
+    if solver not in ("exact", "power"):
+        raise ValueError(f"solver must be 'exact' or 'power'; got {solver!r}")
+    _, fn = resolve("core_topk", backend, p.device)
+    return fn(p, int(k), solver, int(iters))
+
+
+def sq_matmul(g: torch.Tensor, a: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Sum of per-sample squared outer products: ``sum_n g[n]**2 (x) a[n]**2``.
+
+    This is the per-sample squared gradient of a Linear weight without weight sharing,
+    ``(g*g).T @ (a*a)``, with the squares taken on the fly.
+
+    Args:
+        g: ``(N, O)`` float16|bfloat16|float32|float64, gradients at the layer output.
+        a: ``(N, I)`` same dtypes, layer inputs.
+        backend: as in :func:`probe_logit_grad`.
+
+    Returns:
+        ``(O, I)`` float32 (float64 when an input is float64).
+    """
+    _check_2d("g", g)
+    _check_2d("a", a)
+    if g.shape[0] != a.shape[0]:
+        raise ValueError(f"g and a must have the same N; got {tuple(g.shape)} and {tuple(a.shape)}")
+    _, fn = resolve("sq_matmul", backend, g.device)
+    return fn(g, a)
+
+
+def shared_sq(G: torch.Tensor, A: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Squared per-sample gradients with weight sharing, summed: ``sum_n (G_n^T A_n)**2``.
+
+    Never writes the ``N*O*I`` per-sample gradients at once (chunks of samples).
+
+    Args:
+        G: ``(N, T, O)`` gradients at the layer output per position (token, pixel).
+        A: ``(N, T, I)`` layer inputs per position (unfolded patches for convolutions).
+        backend: as in :func:`probe_logit_grad`.
+
+    Returns:
+        ``(O, I)`` float32 (float64 when an input is float64).
+    """
+    for name, t in (("G", G), ("A", A)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 3-D tensor; got {shape}")
+    if G.shape[:2] != A.shape[:2]:
+        raise ValueError(f"G and A must agree on (N, T); got {tuple(G.shape)} and {tuple(A.shape)}")
+    _, fn = resolve("shared_sq", backend, G.device)
+    return fn(G, A)
+
+
+def accumulate_(
+    states: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    mode: str = "sum",
+    beta: float = 0.0,
+    scale: float = 1.0,
+    backend: str | None = None,
+) -> None:
+    """Multi-tensor in-place accumulation of squares into float32/float64 states.
+
+    ``mode="sum"``: ``s += scale * g**2``; ``mode="ema"``: ``s = beta*s + (1-beta)*scale*g**2``.
+    Squares are taken in the state's dtype, whatever the gradient dtype.
+
+    Args:
+        states: list of float32|float64 tensors, updated in place.
+        grads: list of tensors of the same shapes, any floating dtype.
+        mode: ``"sum"`` or ``"ema"``.
+        beta: EMA decay in ``[0, 1)`` (``mode="ema"``).
+        scale: multiplier of the squares.
+        backend: as in :func:`probe_logit_grad`.
+    """
+    if len(states) != len(grads):
+        raise ValueError(f"states and grads differ in length: {len(states)} vs {len(grads)}")
+    for i, (s, g) in enumerate(zip(states, grads)):
+        if s.shape != g.shape:
+            raise ValueError(
+                f"states[{i}] and grads[{i}] differ in shape: {tuple(s.shape)} vs {tuple(g.shape)}"
+            )
+        if s.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"states[{i}] must be float32 or float64; got {s.dtype}")
+    if mode not in ("sum", "ema"):
+        raise ValueError(f"mode must be 'sum' or 'ema'; got {mode!r}")
+    if not states:
+        return
+    _, fn = resolve("accumulate_", backend, states[0].device)
+    fn(states, grads, mode, float(beta), float(scale))

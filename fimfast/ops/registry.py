@@ -1,0 +1,191 @@
+"""Op -> backend -> implementation, resolved per call.
+
+Resolution order: the explicit ``backend`` argument, then ``FIMFAST_BACKEND``, then automatic.
+An explicit backend that cannot run raises :class:`BackendUnavailableError` with the probe's reason;
+the automatic choice falls back quietly to the next candidate (finally the torch reference).
+
+Implementations are named as ``"module:function"`` strings and imported on first use, so importing
+:mod:`fimfast` never imports triton, never loads ``fimfast._C`` and never initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from functools import cache
+
+import torch
+
+from fimfast import _env
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op here."""
+
+
+# op -> backend -> "module:function"; backends register their entries in this table
+_IMPLS: dict[str, dict[str, str]] = {
+    "probe_logit_grad": {"torch": "fimfast.ops.torch_ref:probe_logit_grad_torch"},
+    "core_topk": {"torch": "fimfast.ops.torch_ref:core_topk_torch"},
+    "sq_matmul": {"torch": "fimfast.ops.torch_ref:sq_matmul_torch"},
+    "shared_sq": {"torch": "fimfast.ops.torch_ref:shared_sq_torch"},
+    "accumulate_": {"torch": "fimfast.ops.torch_ref:accumulate_torch_"},
+}
+
+# automatic order per device type; the CPU order per op is the measured fastest first
+_AUTO_CUDA = ("cuda", "triton", "torch")
+_AUTO_CPU: dict[str, tuple[str, ...]] = {op: ("cpp", "torch") for op in _IMPLS}
+
+
+def register(op: str, backend: str, target: str, cpu_auto_first: bool | None = None) -> None:
+    """Register ``target`` (``"module:function"``) as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    _IMPLS.setdefault(op, {})[backend] = target
+    if cpu_auto_first is not None and backend == "cpp":
+        order = [b for b in _AUTO_CPU.get(op, ("torch",)) if b != "cpp"]
+        _AUTO_CPU[op] = tuple(["cpp", *order] if cpu_auto_first else [*order, "cpp"])
+
+
+@cache
+def _probe_triton() -> tuple[bool, str]:
+    if _env.disable_triton():
+        return False, "disabled by FIMFAST_DISABLE_TRITON=1"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return False, f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return True, "ok"
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@cache
+def _probe_ext() -> tuple[bool, str]:
+    if _env.disable_ext():
+        return False, "disabled by FIMFAST_DISABLE_EXT=1"
+    from fimfast import _ext
+
+    return _ext.load()
+
+
+def _probe_cuda_ext() -> tuple[bool, str]:
+    ok, why = _probe_ext()
+    if not ok:
+        return ok, why
+    from fimfast import _ext
+
+    if not _ext.has_cuda():
+        return False, "fimfast._C was built without CUDA kernels (no CUDA toolkit or CPU torch)"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    return True, "ok"
+
+
+def backend_status(backend: str, device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether ``backend`` can run on ``device`` here, and why not."""
+    dev_type = "cpu" if device is None else torch.device(device).type
+    if backend == "torch":
+        return True, "ok"
+    if backend == "triton":
+        ok, why = _probe_triton()
+        if not ok:
+            return ok, why
+        if dev_type == "cuda":
+            return True, "ok"
+        if _triton_interpret():
+            return True, "ok (TRITON_INTERPRET=1)"
+        return False, "triton needs a CUDA tensor, or TRITON_INTERPRET=1 to run on the CPU"
+    if backend == "cpp":
+        ok, why = _probe_ext()
+        if not ok:
+            return ok, why
+        if dev_type != "cpu":
+            return False, f"the cpp backend runs on CPU tensors; got a {dev_type} tensor"
+        return True, "ok"
+    if backend == "cuda":
+        ok, why = _probe_cuda_ext()
+        if not ok:
+            return ok, why
+        if dev_type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors; got a {dev_type} tensor"
+        return True, "ok"
+    raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
+
+
+@cache
+def _load(target: str) -> Callable:
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for a tensor on ``device``.
+
+    Args:
+        op: op name, a key of the registry.
+        backend: ``None``/``"auto"`` for the automatic choice, or one of ``BACKENDS``.
+        device: device of the op's inputs.
+
+    Returns:
+        ``(backend_name, function)``.
+
+    Raises:
+        BackendUnavailableError: ``backend`` was named explicitly and cannot run here.
+    """
+    impls = _IMPLS[op]
+    requested = backend if backend not in (None, "auto") else _env.backend()
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {requested!r}")
+        if requested not in impls:
+            raise BackendUnavailableError(
+                f"backend={requested!r} has no implementation of op {op!r} "
+                f"(implemented: {sorted(impls)})"
+            )
+        ok, why = backend_status(requested, device)
+        if not ok:
+            raise BackendUnavailableError(f"backend={requested!r} is unavailable for {op}: {why}")
+        return requested, _load(impls[requested])
+    order = _AUTO_CUDA if device.type == "cuda" else _AUTO_CPU.get(op, ("torch",))
+    for name in order:
+        if name in impls and backend_status(name, device)[0]:
+            try:
+                return name, _load(impls[name])
+            except Exception:  # a backend whose module fails to import is skipped
+                continue
+    return "torch", _load(impls["torch"])
+
+
+def check_backend(backend: str | None, device: torch.device | None = None) -> None:
+    """Raise early (naming ``backend``) when an explicit backend cannot run at all here."""
+    if backend in (None, "auto"):
+        return
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
+    ok, why = backend_status(backend, device)
+    if not ok:
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {why}")
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, dict]:
+    """Status of every backend on ``device`` (CPU by default).
+
+    Returns:
+        ``{backend: {"available": bool, "reason": str, "ops": [ops it implements]}}``.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    out = {}
+    for b in BACKENDS:
+        ok, why = backend_status(b, dev)
+        out[b] = {
+            "available": ok,
+            "reason": why,
+            "ops": sorted(op for op, impls in _IMPLS.items() if b in impls),
+        }
+    return out

@@ -1,0 +1,117 @@
+"""Accumulated state of one estimator: sums, counts, EMA, and its ``state_dict`` (math.md §5).
+
+A step computes its batch estimate into temporaries and calls :meth:`State.commit` only once
+everything succeeded, so a failing step leaves the state bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """float64 for float64 parameters, float32 for every other dtype (fp16/bf16 included)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class State:
+    """Per-parameter accumulators of one estimator.
+
+    ``reduction="sum"`` keeps the sum over rows; ``"mean"`` keeps the sum and the row count and
+    divides at read time, so the mean is exact over batches of different sizes. With ``ema=beta``
+    each batch estimate ``B_t`` (sum or mean of the batch) enters ``m = beta m + (1 - beta) B_t``,
+    read with Adam-style bias correction ``m / (1 - beta^t)``.
+    """
+
+    def __init__(
+        self, names: list[str], params: list[torch.Tensor], reduction: str, ema: float | None
+    ):
+        self.names = list(names)
+        self.shapes = [tuple(p.shape) for p in params]
+        self.dtypes = [state_dtype(p) for p in params]
+        self.reduction = reduction
+        self.ema = ema
+        self.values = [
+            torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, self.dtypes)
+        ]
+        self.count = 0  # rows (samples or tokens) seen
+        self.steps = 0  # committed batches
+
+    def temporaries(self) -> list[torch.Tensor]:
+        """Zeroed tensors shaped like the state, for one batch estimate."""
+        return [torch.zeros_like(v) for v in self.values]
+
+    def check_params(self, names: list[str], params: list[torch.Tensor]) -> None:
+        """Raise when the model's trainable parameters differ from those the state was made for."""
+        shapes = [tuple(p.shape) for p in params]
+        if names != self.names or shapes != self.shapes:
+            added = sorted(set(names) - set(self.names))
+            removed = sorted(set(self.names) - set(names))
+            changed = sorted(
+                n
+                for n, s in zip(names, shapes)
+                if n in self.names and self.shapes[self.names.index(n)] != s
+            )
+            raise ValueError(
+                "model: its trainable parameters changed since the state was created "
+                f"(zero_diag_fim / DiagFisher): added {added}, removed {removed}, reshaped "
+                f"{changed}; call zero_diag_fim (or reset()) to start a new estimate"
+            )
+
+    def commit(self, batch_estimate: list[torch.Tensor], count: int) -> None:
+        """Fold one batch estimate (a sum over ``count`` rows) into the state."""
+        if self.ema is None:
+            torch._foreach_add_(self.values, batch_estimate)
+        else:
+            est = batch_estimate
+            if self.reduction == "mean":
+                est = torch._foreach_div(batch_estimate, float(count))
+            torch._foreach_lerp_(self.values, est, 1.0 - self.ema)
+        self.count += int(count)
+        self.steps += 1
+
+    def read(self) -> list[torch.Tensor]:
+        """The current estimate, one new tensor per parameter."""
+        if self.steps == 0:
+            raise RuntimeError(
+                "no step has been taken: call diag_fim_step / DiagFisher.step before reading"
+            )
+        if self.ema is not None:
+            return torch._foreach_div(self.values, 1.0 - self.ema**self.steps)
+        if self.reduction == "mean":
+            return torch._foreach_div(self.values, float(self.count))
+        return [v.clone() for v in self.values]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and counters, enough to resume accumulation."""
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "reduction": self.reduction,
+            "ema": self.ema,
+            "count": self.count,
+            "steps": self.steps,
+            "values": {n: v.clone() for n, v in zip(self.names, self.values)},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (names and shapes must match)."""
+        if list(sd["names"]) != self.names or [tuple(s) for s in sd["shapes"]] != self.shapes:
+            raise ValueError(
+                "state_dict: parameter names/shapes differ from this estimator's "
+                f"({len(sd['names'])} saved vs {len(self.names)} here)"
+            )
+        if sd["reduction"] != self.reduction or sd["ema"] != self.ema:
+            raise ValueError(
+                f"state_dict: saved with reduction={sd['reduction']!r}, ema={sd['ema']!r}; this "
+                f"estimator has reduction={self.reduction!r}, ema={self.ema!r}"
+            )
+        values = [
+            sd["values"][n].to(device=v.device, dtype=v.dtype)
+            for n, v in zip(self.names, self.values)
+        ]
+        self.values = values
+        self.count = int(sd["count"])
+        self.steps = int(sd["steps"])

@@ -1,0 +1,183 @@
+"""Estimator types and options, validated at the public boundary."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+class FIMType(str, enum.Enum):
+    """What a step estimates. Strings (``"hutchinson"``) are accepted wherever a type is.
+
+    ========================  ========================================================  ==========
+    member                    estimate of                                                cost
+    ========================  ========================================================  ==========
+    ``EXACT``                 diag F, deterministic (C backward columns, per-sample)      per-sample
+    ``EMPIRICAL``             diag of the empirical Fisher ``sum_n g_n g_n^T`` (labels)  per-sample
+    ``MONTE_CARLO``           diag F, unbiased, one sampled label per draw (Soen & Sun)  per-sample
+    ``HUTCHINSON``            diag F, unbiased, one backward per probe                    1 backward
+    ``HUTCHINSON_SQRT``       diag F, same law as HUTCHINSON, through ``log_softmax``     1 backward
+    ``HUTCHINSON_DG``         upper bound ``diag sum_n J^T diag(p) J >= diag F``          1 backward
+    ``HUTCHINSON_RANKK``      lower bound ``diag sum_n J^T I_k J <= diag F`` (top-k)      1 backward
+    ``HUTCHINSON_RANK1``      RANKK with ``k = 1``                                        1 backward
+    ========================  ========================================================  ==========
+    """
+
+    EXACT = "exact"
+    EMPIRICAL = "empirical"
+    MONTE_CARLO = "monte_carlo"
+    HUTCHINSON = "hutchinson"
+    HUTCHINSON_SQRT = "hutchinson_sqrt"
+    HUTCHINSON_DG = "hutchinson_dg"
+    HUTCHINSON_RANKK = "hutchinson_rankk"
+    HUTCHINSON_RANK1 = "hutchinson_rank1"
+
+    @classmethod
+    def parse(cls, value: FIMType | str, name: str = "fim_type") -> FIMType:
+        """Accept a member, its value or its name (case-insensitive)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for m in cls:
+                if key in (m.value, m.name.lower()):
+                    return m
+        valid = ", ".join(m.value for m in cls)
+        raise ValueError(f"{name} must be one of {valid}; got {value!r}")
+
+    @property
+    def is_per_sample(self) -> bool:
+        """True for the types computed from per-sample squared gradients."""
+        return self in (FIMType.EXACT, FIMType.EMPIRICAL, FIMType.MONTE_CARLO)
+
+    @property
+    def is_random(self) -> bool:
+        """True for the stochastic estimators."""
+        return self not in (FIMType.EXACT, FIMType.EMPIRICAL)
+
+
+LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of an estimator (the keys of ``fim_opts``; keyword arguments of ``DiagFisher``).
+
+    Attributes:
+        num_probes: probes (HUTCHINSON family) or label draws (MONTE_CARLO) per step, ``>= 1``.
+        lr_power_itrs: power iterations of ``rankk_solver="power"``, ``>= 1``.
+        top_k: eigenpairs kept by HUTCHINSON_RANKK, ``1 <= top_k <= C - 1`` (RANK1 forces 1).
+        seed: 64-bit seed of the counter-based generator; ``None`` draws one from torch's default
+            generator when the estimator is created, so ``torch.manual_seed`` reproduces a run.
+        backend: kernel backend, ``auto|torch|triton|cuda|cpp``.
+        class_chunk: output columns per batched backward of EXACT; ``None`` picks it from the
+            memory budget (``FIMFAST_MEMORY_BUDGET_MB``).
+        rankk_solver: ``exact`` (secular equation) or ``power`` (the paper's power iteration).
+        likelihood: ``categorical`` (softmax), ``bernoulli`` (multi-label) or ``gaussian``.
+        sigma2: variance of the ``gaussian`` likelihood, ``> 0``.
+        ignore_index: label value of tokens left out of the Fisher (token-level outputs).
+        forward_fn: ``forward_fn(model, batch) -> output`` for batches of any other shape.
+    """
+
+    num_probes: int = 1
+    lr_power_itrs: int = 30
+    top_k: int = 2
+    seed: int | None = None
+    backend: str = "auto"
+    class_chunk: int | None = None
+    rankk_solver: str = "exact"
+    likelihood: str = "categorical"
+    sigma2: float = 1.0
+    ignore_index: int = -100
+    forward_fn: Callable[[Any, Any], Any] | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The valid option names."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, opts: Mapping[str, Any] | None, base: Options | None = None) -> Options:
+        """Validated options from a ``fim_opts`` mapping (unknown keys raise ``ValueError``)."""
+        opts = {} if opts is None else opts
+        if not isinstance(opts, Mapping):
+            raise TypeError(f"fim_opts must be a mapping (dict); got {type(opts).__name__}")
+        unknown = sorted(set(opts) - set(cls.names()))
+        if unknown:
+            raise ValueError(
+                f"fim_opts has unknown key(s) {unknown}; valid keys are {sorted(cls.names())}"
+            )
+        out = replace(base if base is not None else cls(), **dict(opts))
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad option."""
+        for name in ("num_probes", "lr_power_itrs", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"fim_opts[{name!r}] must be an integer >= 1; got {v!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"fim_opts['seed'] must be an integer or None; got {self.seed!r}")
+        if self.backend not in ("auto", "torch", "triton", "cuda", "cpp"):
+            raise ValueError(
+                "fim_opts['backend'] must be one of auto, torch, triton, cuda, cpp; "
+                f"got {self.backend!r}"
+            )
+        cc = self.class_chunk
+        if cc is not None and (isinstance(cc, bool) or not isinstance(cc, int) or cc < 1):
+            raise ValueError(f"fim_opts['class_chunk'] must be an integer >= 1 or None; got {cc!r}")
+        if self.rankk_solver not in ("exact", "power"):
+            raise ValueError(
+                f"fim_opts['rankk_solver'] must be 'exact' or 'power'; got {self.rankk_solver!r}"
+            )
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"fim_opts['likelihood'] must be one of {LIKELIHOODS}; got {self.likelihood!r}"
+            )
+        if not isinstance(self.sigma2, (int, float)) or not self.sigma2 > 0:
+            raise ValueError(f"fim_opts['sigma2'] must be a number > 0; got {self.sigma2!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(
+                f"fim_opts['ignore_index'] must be an integer; got {self.ignore_index!r}"
+            )
+        if self.forward_fn is not None and not callable(self.forward_fn):
+            raise TypeError(f"fim_opts['forward_fn'] must be callable; got {self.forward_fn!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data view (``forward_fn`` as its qualified name)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        fn = d.pop("forward_fn")
+        d["forward_fn"] = None if fn is None else getattr(fn, "__qualname__", repr(fn))
+        return d
+
+
+def check_reduction(reduction: str) -> str:
+    """Validate ``reduction``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    return reduction
+
+
+def check_ema(ema: float | None) -> float | None:
+    """Validate ``ema`` (``None`` or a decay strictly between 0 and 1)."""
+    if ema is None:
+        return None
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 < float(ema) < 1.0:
+        raise ValueError(f"ema must be None or a float with 0 < ema < 1; got {ema!r}")
+    return float(ema)
+
+
+def check_type_likelihood(fim_type: FIMType, likelihood: str) -> None:
+    """Raise when ``likelihood`` cannot do ``fim_type``."""
+    if fim_type == FIMType.HUTCHINSON_SQRT and likelihood != "categorical":
+        raise ValueError(
+            "fim_type='hutchinson_sqrt' is defined through log_softmax and needs "
+            f"likelihood='categorical'; got likelihood={likelihood!r} "
+            "(use 'hutchinson', identical in law for a diagonal core FIM)"
+        )
