@@ -1,0 +1,197 @@
+"""The model panel shared by the tests: tiny models, their batches and their valid rows.
+
+Each case knows how to build the library's batch and, independently, the logits and the valid-row
+mask for the float64 oracle (tests/oracle.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Case:
+    """A model, a batch and the oracle's view of them.
+
+    Attributes:
+        name: readable id.
+        model: the network.
+        batch: what ``diag_fim_step`` / ``DiagFisher.step`` receive.
+        logits_fn: ``logits_fn(model, batch) -> (N, C) or (N, T, C)`` for the oracle.
+        valid: bool mask of the valid rows, shaped like the logits without ``C``.
+        labels: labels as the oracle sees them (or ``None``).
+        likelihood: ``categorical``, ``bernoulli`` or ``gaussian``.
+        C: number of outputs.
+    """
+
+    name: str
+    model: nn.Module
+    batch: Any
+    logits_fn: Callable[[nn.Module, Any], torch.Tensor]
+    valid: torch.Tensor
+    labels: torch.Tensor | None
+    likelihood: str
+    C: int
+
+    def batch_double(self) -> Any:
+        """The batch with floating tensors in float64."""
+        return _to_double(self.batch)
+
+    def to(self, dtype: torch.dtype) -> Case:
+        """A copy with the model and floating inputs in ``dtype``."""
+        model = copy.deepcopy(self.model).to(dtype)
+        return Case(self.name, model, _cast(self.batch, dtype), self.logits_fn, self.valid,
+                    self.labels, self.likelihood, self.C)
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
+def _to_double(x: Any) -> Any:
+    return _cast(x, torch.float64)
+
+
+def _first(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class TinyEncoder(nn.Module):
+    """Embedding + LayerNorm + MultiheadAttention + mean pooling + Linear head."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, heads: int = 2, C: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.head = nn.Linear(d, C)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.emb(ids))
+        a, _ = self.attn(x, x, x, need_weights=False)
+        return self.head((x + a).mean(1))
+
+
+class TiedNet(nn.Module):
+    """One Linear applied twice (shared weights) and a head."""
+
+    def __init__(self, d: int = 6, C: int = 4):
+        super().__init__()
+        self.shared = nn.Linear(d, d)
+        self.head = nn.Linear(d, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class TinyTokenLM(nn.Module):
+    """Token-level model with padding: embedding, masked attention, tied output head (HF-like)."""
+
+    def __init__(self, vocab: int = 9, d: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight  # tied input/output embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        x = self.emb(input_ids)
+        pad = None if attention_mask is None else attention_mask == 0
+        a, _ = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)
+        return SimpleNamespace(logits=self.out(self.norm(x + a)))
+
+
+def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _plain(model: nn.Module, batch: Any) -> torch.Tensor:
+    return model(_first(batch))
+
+
+def make_case(name: str, N: int = 5, seed: int = 0) -> Case:
+    """Build the panel case ``name`` (float32, deterministic for a ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name in ("relu_mlp", "sigmoid_mlp"):
+        act = nn.ReLU if name == "relu_mlp" else nn.Sigmoid
+        sizes = [6, 8, 5] if name == "relu_mlp" else [6, 7, 7, 5]
+        model = _mlp(sizes, act)
+        x = torch.randn(N, 6, generator=g)
+        y = torch.randint(0, 5, (N,), generator=g)
+        return Case(name, model, (x, y), _plain, torch.ones(N, dtype=torch.bool), y,
+                    "categorical", 5)
+    if name == "cnn":
+        model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 2),
+                              nn.Flatten(), nn.Linear(2, 4))
+        x = torch.randn(N, 1, 6, 6, generator=g)
+        y = torch.randint(0, 4, (N,), generator=g)
+        return Case(name, model, (x, y), _plain, torch.ones(N, dtype=torch.bool), y,
+                    "categorical", 4)
+    if name == "encoder":
+        model = TinyEncoder()
+        ids = torch.randint(0, 11, (N, 4), generator=g)
+        y = torch.randint(0, 3, (N,), generator=g)
+        return Case(name, model, (ids, y), _plain, torch.ones(N, dtype=torch.bool), y,
+                    "categorical", 3)
+    if name == "tied":
+        model = TiedNet()
+        x = torch.randn(N, 6, generator=g)
+        y = torch.randint(0, 4, (N,), generator=g)
+        return Case(name, model, (x, y), _plain, torch.ones(N, dtype=torch.bool), y,
+                    "categorical", 4)
+    if name == "multilabel":
+        model = _mlp([6, 7, 4], nn.Tanh)
+        x = torch.randn(N, 6, generator=g)
+        y = (torch.rand(N, 4, generator=g) < 0.5).float()
+        return Case(name, model, (x, y), _plain, torch.ones(N, dtype=torch.bool), y,
+                    "bernoulli", 4)
+    if name == "regression":
+        model = _mlp([6, 7, 3], nn.Tanh)
+        x = torch.randn(N, 6, generator=g)
+        y = torch.randn(N, 3, generator=g)
+        return Case(name, model, (x, y), _plain, torch.ones(N, dtype=torch.bool), y,
+                    "gaussian", 3)
+    if name == "token_lm":
+        model = TinyTokenLM()
+        T = 4
+        ids = torch.randint(1, 9, (N, T), generator=g)
+        mask = torch.ones(N, T, dtype=torch.long)
+        for n in range(N):  # right padding of varying length, at least 2 real tokens
+            real = 2 + n % (T - 1)
+            mask[n, real:] = 0
+        labels = torch.randint(0, 9, (N, T), generator=g)
+        labels[mask == 0] = -100
+        labels[0, 0] = -100  # an ignored real token as well
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+        def lm_logits(model: nn.Module, b: Any) -> torch.Tensor:
+            return model(b["input_ids"], b["attention_mask"]).logits
+
+        valid = (mask != 0) & (labels != -100)
+        return Case(name, model, batch, lm_logits, valid, labels, "categorical", 9)
+    raise KeyError(name)
+
+
+PANEL = ["relu_mlp", "sigmoid_mlp", "cnn", "encoder", "tied", "multilabel", "regression",
+         "token_lm"]
+CATEGORICAL = [c for c in PANEL if c not in ("multilabel", "regression")]

@@ -1,0 +1,190 @@
+"""Float64 brute-force oracle: per-row Jacobians and ``sum_r diag(J_r^T M_r J_r)``.
+
+Independent of the library: it rebuilds the logits with the case's own ``logits_fn``, forms every
+row's full Jacobian ``J_r`` (C x P) one output coordinate at a time, and contracts it with the core
+matrix of the requested quantity. Only for tiny models.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowJacobians:
+    """Per-row Jacobians of the valid rows, in float64.
+
+    Attributes:
+        names: trainable parameter names (order of the columns of ``J``).
+        shapes: their shapes.
+        J: ``(R, C, P)`` Jacobians of the logits of every valid row.
+        z: ``(R, C)`` logits of the valid rows.
+        labels: ``(R,)`` or ``(R, C)`` labels of the valid rows, or ``None``.
+    """
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    J: torch.Tensor
+    z: torch.Tensor
+    labels: torch.Tensor | None
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat ``(P,)`` vector -> ``{name: tensor}``."""
+        out, i = {}, 0
+        for n, s in zip(self.names, self.shapes):
+            k = 1
+            for d in s:
+                k *= d
+            out[n] = flat[i:i + k].reshape(s)
+            i += k
+        return out
+
+
+def row_jacobians(case) -> RowJacobians:
+    """Float64 Jacobians of every valid row of ``case`` (see tests/cases.py)."""
+    model = copy.deepcopy(case.model).double()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    logits = case.logits_fn(model, case.batch_double())
+    C = logits.shape[-1]
+    flat = logits.reshape(-1, C)
+    valid = case.valid.reshape(-1)
+    rows = valid.nonzero().squeeze(-1)
+    Js = []
+    for r in rows.tolist():
+        Jr = []
+        for c in range(C):
+            g = torch.autograd.grad(flat[r, c], params, retain_graph=True, allow_unused=True)
+            Jr.append(torch.cat([
+                (torch.zeros_like(p) if gi is None else gi).reshape(-1)
+                for p, gi in zip(params, g)
+            ]))
+        Js.append(torch.stack(Jr))
+    labels = None
+    if case.labels is not None:
+        lab = case.labels
+        labels = (lab.reshape(-1) if case.likelihood == "categorical"
+                  else lab.reshape(-1, C).double())[rows]
+    return RowJacobians(
+        names=[n for n, _ in named],
+        shapes=[tuple(p.shape) for p in params],
+        J=torch.stack(Js),
+        z=flat[rows].detach(),
+        labels=labels,
+    )
+
+
+def core_matrix(z: torch.Tensor, likelihood: str, sigma2: float = 1.0) -> torch.Tensor:
+    """``(R, C, C)`` core FIM ``I(z)`` of every row."""
+    C = z.shape[-1]
+    if likelihood == "categorical":
+        p = torch.softmax(z, -1)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    if likelihood == "bernoulli":
+        s = torch.sigmoid(z)
+        return torch.diag_embed(s * (1 - s))
+    return torch.eye(C, dtype=z.dtype).expand(z.shape[0], C, C) / sigma2
+
+
+def core_rank_k(z: torch.Tensor, likelihood: str, k: int, sigma2: float = 1.0) -> torch.Tensor:
+    """``(R, C, C)`` best rank-``k`` part of ``I(z)`` (top-``k`` eigenpairs by ``eigh``)."""
+    I = core_matrix(z, likelihood, sigma2)
+    ev, V = torch.linalg.eigh(I)
+    ev, V = ev[:, -k:], V[:, :, -k:]
+    return torch.einsum("rk,rik,rjk->rij", ev, V, V)
+
+
+def quad_diag(J: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``sum_r diag(J_r^T M_r J_r)`` as a flat ``(P,)`` vector."""
+    return torch.einsum("rcp,rcd,rdp->p", J, M, J)
+
+
+def oracle(case, quantity: str = "exact", k: int = 2, sigma2: float = 1.0
+           ) -> dict[str, torch.Tensor]:
+    """Float64 diagonal of ``quantity`` summed over the valid rows of ``case``.
+
+    ``quantity``: ``exact`` (diag F), ``empirical`` (observed-label scores), ``dg`` (the
+    HUTCHINSON_DG upper bound ``J^T diag(I) J``... for categorical ``J^T diag(p) J``), ``rankk``
+    (the HUTCHINSON_RANKK lower bound with the top-``k`` part of ``I``).
+    """
+    rj = row_jacobians(case)
+    return rj.split(oracle_flat(rj, case.likelihood, quantity, k, sigma2))
+
+
+def oracle_flat(rj: RowJacobians, likelihood: str, quantity: str, k: int = 2,
+                sigma2: float = 1.0) -> torch.Tensor:
+    """As :func:`oracle`, from precomputed Jacobians, as a flat vector."""
+    z = rj.z
+    if quantity == "exact":
+        return quad_diag(rj.J, core_matrix(z, likelihood, sigma2))
+    if quantity == "dg":
+        if likelihood == "categorical":
+            p = torch.softmax(z, -1)
+            return quad_diag(rj.J, torch.diag_embed(p))
+        return quad_diag(rj.J, core_matrix(z, likelihood, sigma2))
+    if quantity == "rankk":
+        return quad_diag(rj.J, core_rank_k(z, likelihood, k, sigma2))
+    if quantity == "empirical":
+        if likelihood == "categorical":
+            g = torch.nn.functional.one_hot(rj.labels.long(), z.shape[-1]).double()
+            g = g - torch.softmax(z, -1)
+        elif likelihood == "bernoulli":
+            g = rj.labels - torch.sigmoid(z)
+        else:
+            g = (rj.labels - z) / sigma2
+        return (torch.einsum("rcp,rc->rp", rj.J, g) ** 2).sum(0)
+    raise ValueError(quantity)
+
+
+def hutchinson_factor(z: torch.Tensor, likelihood: str, kind: str, k: int = 2,
+                      sigma2: float = 1.0) -> torch.Tensor:
+    """``(R, m, C)`` factor ``A_r`` of the probe law: ``u_r = A_r^T xi_r`` with Rademacher ``xi_r``.
+
+    ``kind``: ``hutchinson`` (A = diag(sqrt p) - sqrt p p^T), ``dg`` (diag(sqrt p)), ``rankk``
+    (diag(sqrt lam) V^T); for diagonal likelihoods every kind is the diagonal square root (rankk
+    keeps the ``k`` largest entries).
+    """
+    R, C = z.shape
+    if likelihood == "categorical":
+        p = torch.softmax(z, -1)
+        sp = p.sqrt()
+        if kind == "hutchinson":
+            return torch.diag_embed(sp) - sp.unsqueeze(-1) * p.unsqueeze(-2)
+        if kind == "dg":
+            return torch.diag_embed(sp)
+        ev, V = torch.linalg.eigh(core_matrix(z, likelihood))
+        ev, V = ev[:, -k:].clamp_min(0), V[:, :, -k:]
+        return ev.sqrt().unsqueeze(-1) * V.transpose(1, 2)
+    d = core_matrix(z, likelihood, sigma2).diagonal(dim1=-2, dim2=-1)
+    A = torch.diag_embed(d.sqrt())
+    if kind == "rankk":
+        idx = torch.topk(d, k, dim=-1).indices
+        A = torch.gather(A, 1, idx.unsqueeze(-1).expand(R, k, C))
+    return A
+
+
+def hutchinson_variance(rj: RowJacobians, likelihood: str, kind: str, k: int = 2,
+                        sigma2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance per coordinate of one HUTCHINSON-type draw (math.md §2).
+
+    With ``b = (A_r v_r)_r`` stacked over rows, ``E = |b|^2`` and
+    ``Var = 2 (|b|^4 - sum_k b_k^4)``.
+    """
+    A = hutchinson_factor(rj.z, likelihood, kind, k, sigma2)  # (R, m, C)
+    b = torch.einsum("rmc,rcp->rmp", A, rj.J).reshape(-1, rj.J.shape[-1])  # (R*m, P)
+    e = (b ** 2).sum(0)
+    var = 2 * (e ** 2 - (b ** 4).sum(0))
+    return e, var
+
+
+def mc_variance(rj: RowJacobians) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance per coordinate of one MONTE_CARLO draw (categorical; math.md §4)."""
+    p = torch.softmax(rj.z, -1)  # (R, C)
+    vbar = torch.einsum("rc,rcp->rp", p, rj.J)
+    dev = rj.J - vbar.unsqueeze(1)
+    m2 = torch.einsum("rc,rcp->rp", p, dev ** 2)
+    m4 = torch.einsum("rc,rcp->rp", p, dev ** 4)
+    return m2.sum(0), (m4 - m2 ** 2).sum(0)

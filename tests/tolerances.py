@@ -1,0 +1,15 @@
+"""Every numerical tolerance of the test suite, in one place, with its reason."""
+
+# deterministic estimators vs the float64 oracle (relative L2 error over all parameters)
+DET_REL_F64 = 1e-10  # float64 end to end: rounding only
+DET_REL_F32 = 1e-6  # float32 model and inputs against the float64 oracle
+# HUTCHINSON_SQRT vs HUTCHINSON with the same probes (two numerical paths, same value)
+SQRT_VS_HUTCH_REL = 1e-6
+# statistical tests: means within this many standard errors of their target
+STAT_SIGMAS = 4.0
+# closed-form variance vs the empirical variance of many draws (relative)
+VAR_REL = 0.15
+# secular-equation eigenpairs vs torch.linalg.eigh in float64 (absolute, eigenvalues <= 1)
+EIGH_F64 = 1e-10
+# bf16 model vs float32 model (relative L2 of the estimate): a few bf16 ulps through the network
+BF16_REL = 5e-2
