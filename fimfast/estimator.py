@@ -113,7 +113,7 @@ class DiagFisher:
                 output = self.model(**inputs)
             else:
                 output = self.model(inputs)
-        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
             raise _with_context(exc, "batch: the model's forward failed on this batch") from exc
         logits = batchlib.logits_of(output)
         need = self.fim_type == FIMType.EMPIRICAL
