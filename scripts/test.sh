@@ -3,7 +3,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 echo "== ruff" >&2
-ruff check fimfast tests benchmarks examples scripts
+ruff check .
 echo "== nvcc: compile every csrc/cuda/*.cu to an object file" >&2
 bash scripts/compile_cuda.sh
 echo "== pytest (torch, cpp and triton-interpreter lanes)" >&2
