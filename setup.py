@@ -1,8 +1,8 @@
 """Builds the optional extension ``fimfast._C`` from ``csrc/``.
 
 * C++ CPU ops (``csrc/*.cpp``, ``csrc/cpu/*.cpp``): built wherever a C++ compiler exists.
-* CUDA ops (``csrc/cuda/*.cu`` and their torch bindings ``csrc/cuda/*_binding.cpp``): built only when
-  a CUDA toolkit and a CUDA build of torch are present, or when ``FIMFAST_BUILD_CUDA=1``
+* CUDA ops (``csrc/cuda/*.cu`` and their torch bindings ``csrc/cuda/*_binding.cpp``): built only
+  when a CUDA toolkit and a CUDA build of torch are present, or when ``FIMFAST_BUILD_CUDA=1``
   (``FIMFAST_BUILD_CUDA=0`` never builds them).
 
 A failed or impossible build is reported and skipped: fimfast installs and runs on its torch
