@@ -138,7 +138,7 @@ def core_spectrum(
         null = null / null.norm(dim=-1, keepdim=True)
         eigenvalues = torch.cat([lam, torch.zeros(R, 1, dtype=dt, device=z.device)], -1)
         eigenvectors = torch.cat([V, null.unsqueeze(1)], 1)
-        probs, diag = p, p * (1 - p)
+        probs, diag = p, p * _complement(p)
     else:
         if likelihood == "bernoulli":
             probs = torch.sigmoid(z)
@@ -157,3 +157,16 @@ def core_spectrum(
         diagonal=diag.reshape(*lead, C),
         likelihood=likelihood,
     )
+
+
+def _complement(p: torch.Tensor) -> torch.Tensor:
+    """``1 - p`` per row, accurate for the largest probability too.
+
+    ``1 - p_max`` cancels catastrophically when ``p_max`` is near 1 (a peaked softmax: it becomes
+    exactly 0 once the others sum below half an ulp), so for that class it is the sum of the
+    others instead; every other class has ``p <= 1/2`` and no cancellation.
+    """
+    out = 1 - p
+    top = p.argmax(-1, keepdim=True)
+    others = (p.scatter(-1, top, torch.zeros_like(top, dtype=p.dtype))).sum(-1, keepdim=True)
+    return out.scatter(-1, top, others)
