@@ -88,8 +88,13 @@ def test_core_spectrum_bounds_values(kind):
     assert torch.equal(b["interlace_upper"], top[..., 0])
     assert torch.equal(b["interlace_lower"], top[..., 1])
     # 1 - p of the top class as the sum of the others: exact where 1 - p_max cancels
-    onem = torch.stack([torch.cat([p[r, :c], p[r, c + 1 :]]).sum() for r in range(p.shape[0])
-                        for c in range(p.shape[1])]).reshape(p.shape)
+    onem = torch.stack(
+        [
+            torch.cat([p[r, :c], p[r, c + 1 :]]).sum()
+            for r in range(p.shape[0])
+            for c in range(p.shape[1])
+        ]
+    ).reshape(p.shape)
     onem = torch.where(p == p.max(-1, keepdim=True).values, onem, 1 - p)
     assert torch.allclose(b["max_diag"], (p * onem).max(-1).values, rtol=1e-12, atol=0)
     assert torch.allclose(b["trace"], (p * onem).sum(-1), rtol=1e-12, atol=0)
@@ -111,8 +116,11 @@ def test_check_bounds_detects_a_wrong_eigenvalue():
 def test_core_spectrum_diagonal_likelihoods(likelihood):
     z = _logits("random")
     s = core_spectrum(z, likelihood, sigma2=0.5)
-    d = torch.sigmoid(z) * (1 - torch.sigmoid(z)) if likelihood == "bernoulli" else (
-        torch.full_like(z, 2.0))
+    d = (
+        torch.sigmoid(z) * (1 - torch.sigmoid(z))
+        if likelihood == "bernoulli"
+        else (torch.full_like(z, 2.0))
+    )
     assert torch.allclose(s.matrix(), torch.diag_embed(d), rtol=0, atol=EIGH_F64)
     assert torch.allclose(s.eigenvalues, torch.linalg.eigvalsh(torch.diag_embed(d)).flip(-1))
     assert bool(s.check_bounds().all())
@@ -181,8 +189,11 @@ def test_variances_match_oracle(name):
         types=["monte_carlo", "hutchinson", "hutchinson_dg", "hutchinson_rankk"], top_k=2,
     )  # fmt: skip
     rj = row_jacobians(case)
-    for kind, key in (("hutchinson", "hutchinson"), ("dg", "hutchinson_dg"),
-                      ("rankk", "hutchinson_rankk")):
+    for kind, key in (
+        ("hutchinson", "hutchinson"),
+        ("dg", "hutchinson_dg"),
+        ("rankk", "hutchinson_rankk"),
+    ):
         e, v = hutchinson_variance(rj, case.likelihood, kind, k=2)
         assert _rel(_flat(ev.mean[key], rj.names), e) <= DET_REL_F64, key
         assert _rel(_flat(ev[key], rj.names), v) <= DET_REL_F64, key
@@ -249,8 +260,15 @@ def _probe_draws(z, likelihood, fim_type, n, seed):
 
 
 def _library_single_draw(case, fim_type, seed):
-    est = fimfast.DiagFisher(case.model, fim_type, likelihood=case.likelihood, seed=seed,
-                             num_probes=1, top_k=2, backend="torch")
+    est = fimfast.DiagFisher(
+        case.model,
+        fim_type,
+        likelihood=case.likelihood,
+        seed=seed,
+        num_probes=1,
+        top_k=2,
+        backend="torch",
+    )
     est.step(case.batch)
     return est.result().to_vector()
 

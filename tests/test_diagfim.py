@@ -199,8 +199,9 @@ def test_nngeometry_round_trip():
     lc = LayerCollection.from_model(model)
     # NNGeometry's own flat order is the collection's: check a PVector of the parameters
     v = PVector.from_model(model)
-    ours = torch.cat([p.detach().reshape(-1) for p in lc.parameters(
-        lc.get_layerid_module_maps(model)[0])])
+    ours = torch.cat(
+        [p.detach().reshape(-1) for p in lc.parameters(lc.get_layerid_module_maps(model)[0])]
+    )
     assert torch.equal(v.to_torch(), ours)
     assert torch.allclose(P.vTMv(v), F.vTMv({n: p.detach() for n, p in model.named_parameters()}))
     assert float(P.trace()) == pytest.approx(F.trace(), rel=1e-6)
