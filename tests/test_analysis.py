@@ -406,6 +406,41 @@ def test_variances_params_subset_reduction_and_guard():
         estimator_variances(case.model, case.batch, params=["nope"])
 
 
+def test_variances_with_interacting_rows_leave_buffers_alone():
+    """BatchNorm in training mode: rows interact through the batch statistics (the oracle's
+    per-row Jacobians include that), and the model's running statistics stay as they were."""
+    case = make_case("relu_mlp").to(torch.float64)
+    torch.manual_seed(3)
+    case.model = torch.nn.Sequential(
+        torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 5)
+    ).double()
+    before = case.model[1].running_mean.clone()
+    ev = estimator_variances(case.model, case.batch, types=["hutchinson"])
+    assert torch.equal(case.model[1].running_mean, before)
+    rj = row_jacobians(case)
+    e, v = hutchinson_variance(rj, "categorical", "hutchinson")
+    assert _rel(_flat(ev.mean["hutchinson"], rj.names), e) <= DET_REL_F64
+    assert _rel(_flat(ev["hutchinson"], rj.names), v) <= DET_REL_F64
+
+
+def test_variances_fall_back_to_a_loop_where_vmap_fails(monkeypatch):
+    import fimfast.analysis.derivatives as deriv
+
+    case = make_case("sigmoid_mlp").to(torch.float64)
+    ref = estimator_variances(case.model, case.batch, types=["hessian", "hutchinson"])
+
+    def no_vmap(fn):
+        def fail(*args):
+            raise RuntimeError("vmap: no batching rule")
+
+        return fail
+
+    monkeypatch.setattr(deriv, "vmap", no_vmap)
+    loop = estimator_variances(case.model, case.batch, types=["hessian", "hutchinson"])
+    for k in ("hessian", "hutchinson"):
+        assert loop[k].allclose(ref[k], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("bad,match", [
     ({"types": ["empirical"]}, "deterministic"),
     ({"types": ["sophia"]}, "types must be among"),

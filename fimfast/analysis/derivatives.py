@@ -177,8 +177,9 @@ def logit_function(
     else:
         labels, mask = batchlib.labels_of(batch)
     module = _Forward(model, batch, forward_fn)
-    with torch.no_grad():
-        logits = module()
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    with torch.no_grad():  # on copies of the buffers: a train-mode BatchNorm keeps its statistics
+        logits = functional_call(module, {"model." + n: b.clone() for n, b in buffers.items()}, ())
     rows = batchlib.rows(logits, labels, mask, likelihood, ignore_index, need_labels=False)
     theta = torch.cat([p.detach().reshape(-1) for _, p in named])
     return LogitFunction(
@@ -189,7 +190,7 @@ def logit_function(
         labels=rows.labels,
         _module=module,
         _index=rows.index,
-        _buffers={n: b.detach() for n, b in model.named_buffers()},
+        _buffers=buffers,
     )
 
 

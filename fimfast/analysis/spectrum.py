@@ -142,7 +142,7 @@ def core_spectrum(
     else:
         if likelihood == "bernoulli":
             probs = torch.sigmoid(z)
-            diag = probs * (1 - probs)
+            diag = probs * torch.sigmoid(-z)  # 1 - s without cancellation for large z
         else:
             if not isinstance(sigma2, (int, float)) or not sigma2 > 0:
                 raise ValueError(f"sigma2 must be a number > 0; got {sigma2!r}")

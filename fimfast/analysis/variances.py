@@ -112,7 +112,7 @@ def _core(z: torch.Tensor, likelihood: str, sigma2: float):
         return p, p * (1 - p)
     if likelihood == "bernoulli":
         s = torch.sigmoid(z)
-        return s, s * (1 - s)
+        return s, s * torch.sigmoid(-z)  # 1 - s without cancellation for large z
     return None, torch.full_like(z, 1.0 / sigma2)
 
 
