@@ -1,0 +1,7 @@
+"""``python -m fimfast``: the ``fimfast`` command (see :mod:`fimfast.cli`)."""
+
+import sys
+
+from fimfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,160 @@
+"""Deterministic short training of the experiments' networks, with a cache of the trained weights.
+
+Training runs inside :func:`torch.random.fork_rng`, so it neither reads nor changes the caller's
+global random state: the same seed gives the same network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["accuracy", "train_classifier", "trained"]
+
+
+def _as_batch(data: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    t = torch.from_numpy(idx)
+    return {k: v[t] for k, v in data.items()}
+
+
+def train_classifier(
+    model: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Adam on the mean cross-entropy for a fixed number of steps.
+
+    Args:
+        model: the network; only its parameters with ``requires_grad`` are trained.
+        data: tensors with the same first dimension; ``data["labels"]`` holds the int64 classes.
+        forward: ``forward(model, batch) -> logits (N, C)`` for a batch of ``data``'s rows.
+        steps, batch_size, lr: the schedule (minibatches drawn without replacement per pass).
+        seed: seeds the minibatch order (and dropout, when the model has any in train mode).
+
+    Returns:
+        The schedule and the mean loss of the last 10% of the steps.
+    """
+    n = len(data["labels"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    rng = np.random.default_rng(seed)
+    losses = []
+    t0 = time.perf_counter()
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        perm, pos = rng.permutation(n), 0
+        for _ in range(steps):
+            if pos + batch_size > n:
+                perm, pos = rng.permutation(n), 0
+            batch = _as_batch(data, perm[pos : pos + batch_size])
+            pos += batch_size
+            loss = torch.nn.functional.cross_entropy(forward(model, batch), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().item())
+    model.eval()
+    for p in params:
+        p.grad = None
+    tail = max(1, steps // 10)
+    return {
+        "optimizer": "Adam",
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "final_loss": float(np.mean(losses[-tail:])),
+        "train_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+@torch.no_grad()
+def accuracy(
+    model: torch.nn.Module,
+    data: dict[str, torch.Tensor],
+    forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    batch_size: int = 1000,
+) -> float:
+    """Fraction of ``data`` that ``model`` classifies correctly (eval mode)."""
+    model.eval()
+    n = len(data["labels"])
+    right = 0
+    for s in range(0, n, batch_size):
+        batch = {k: v[s : s + batch_size] for k, v in data.items()}
+        right += int((forward(model, batch).argmax(-1) == batch["labels"]).sum())
+    return right / n
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def trained(
+    model: torch.nn.Module,
+    train: Callable[[], dict[str, Any]],
+    key: dict[str, Any],
+    cache_dir: Path | None,
+    retrain: bool = False,
+) -> tuple[dict[str, Any], bool]:
+    """Train ``model`` with ``train()``, or load its trained parameters from the cache.
+
+    The cache is ``<cache_dir>/<key["experiment"]>_seed<key["seed"]>_model.safetensors``, holding
+    the parameters with ``requires_grad`` and ``key`` (the whole recipe) as metadata; it is used
+    only when the stored key equals ``key``. Written atomically.
+
+    Returns:
+        ``(training info, loaded_from_cache)``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{key['experiment']}_seed{key['seed']}_model.safetensors"
+    want = json.dumps(key, sort_keys=True)
+    if path is not None and path.is_file() and not retrain:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("recipe") == want:
+                state = load_file(str(path))
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for n, v in state.items():
+                        params[n].copy_(v)
+                model.eval()
+                return json.loads(meta.get("info", "{}")), True
+        except Exception:  # an unreadable cache is rebuilt below
+            pass
+    info = train()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(
+                _trainable_state(model),
+                tmp,
+                metadata={"recipe": want, "info": json.dumps(info, sort_keys=True)},
+            )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return info, False
