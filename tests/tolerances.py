@@ -13,3 +13,5 @@ VAR_REL = 0.15
 EIGH_F64 = 1e-10
 # bf16 model vs float32 model (relative L2 of the estimate): a few bf16 ulps through the network
 BF16_REL = 5e-2
+# metrics of the CLI on hand-made files with known answers (float64 arithmetic on a few entries)
+METRICS_ABS = 1e-12

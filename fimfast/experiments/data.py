@@ -146,15 +146,18 @@ def load_mnist(
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8x8 digits: float32 ``(1797, 64)`` scaled to ``[0, 1]``, int64 labels."""
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError as exc:
-        raise DataError(
-            "the digits data needs scikit-learn; install it with: pip install scikit-learn"
-        ) from exc
-    d = sk_load_digits()
-    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    """scikit-learn's 8x8 digits: float32 ``(1797, 64)`` scaled to ``[0, 1]``, int64 labels.
+
+    Read straight from ``sklearn/datasets/data/digits.csv.gz`` (64 pixel columns in ``0..16`` and
+    the label), without importing scikit-learn, which takes seconds.
+    """
+    path = package_dir("sklearn", "scikit-learn") / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"{path} is missing from the installed scikit-learn; reinstall it")
+    d = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] != 65 or d[:, :64].min() < 0 or d[:, :64].max() > 16:
+        raise DataError(f"{path}: expected rows of 64 pixels in 0..16 and a label; got {d.shape}")
+    return (d[:, :64] / 16.0).astype(np.float32), d[:, 64].astype(np.int64)
 
 
 # Parts of the Python Language Reference (pydoc_data.topics keys) and their class.

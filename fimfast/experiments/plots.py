@@ -47,6 +47,7 @@ def histograms(
 ) -> Path:
     """Write a PNG of log10-value histograms: "all parameters" first, then each parameter.
 
+    ``bins`` is the most bins of a panel; a panel of ``n`` entries gets ``2 sqrt(n)`` (at least 8).
     Entries that are zero (or negative) have no logarithm: they are counted and named in the
     legend, not drawn. Several files share the bins of each panel, drawn as outlines.
 
@@ -81,14 +82,16 @@ def histograms(
             continue
         lo = min(float(d.min()) for d in finite)
         hi = max(float(d.max()) for d in finite)
-        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        n = max(d.size for d in finite)
+        nb = int(min(bins, max(8, 2 * math.sqrt(n))))  # small tensors: fewer, fuller bins
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, nb + 1)
         for (d, zeros), lab, col in zip(data, labels, colors):
             if d.size == 0 and zeros == 0:
                 continue
-            tag = f"{lab} ({zeros} zero)" if zeros else lab
+            tag = f"{lab} ({zeros} zeros)" if zeros else lab
             ax.hist(d, bins=edges, histtype="step", color=col, label=tag, linewidth=1.2)
-        n = files[0].arrays[panel].size if panel in files[0].arrays else files[0].flat().size
-        ax.set_title(f"{panel}  ({n} entries)", fontsize=9)
+        total = files[0].arrays[panel].size if panel in files[0].arrays else files[0].flat().size
+        ax.set_title(f"{panel}  ({total} entries)", fontsize=9)
         ax.set_xlabel("log10 Fisher diagonal entry", fontsize=8)
         ax.set_ylabel("count", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -1,0 +1,490 @@
+"""The ``fimfast`` command: run, viz, metrics, demo and bench, on a tiny test-only experiment."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny_experiment as tiny
+import torch
+from tolerances import METRICS_ABS
+
+import fimfast
+from fimfast import cli
+from fimfast.experiments import runner, store
+from fimfast.experiments.store import META_KEY, load_result, result_name
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_TYPES = [t.value for t in fimfast.FIMType]
+
+
+@pytest.fixture(autouse=True)
+def _tiny():
+    tiny.register_tiny()
+    yield
+    tiny.unregister_tiny()
+
+
+def _run(out: Path, *extra: str, types: str = "exact,hutchinson,empirical") -> int:
+    return cli.main(
+        [
+            "run",
+            tiny.NAME,
+            "--fim-types",
+            types,
+            "--num-batches",
+            "2",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def _name(t: str, nb: int = 2, bs: int = 8, seed: int = 3) -> str:
+    return result_name(tiny.NAME, t, nb, bs, seed)
+
+
+def _write(path: Path, arrays: dict, fim_type: str = "exact", **meta) -> Path:
+    return store.save_result(path, arrays, {"fim_type": fim_type, "experiment": "hand", **meta})
+
+
+# -- run ---------------------------------------------------------------------------------------- #
+def test_run_writes_one_file_per_type_with_arrays_and_metadata(tmp_path, capsys):
+    assert _run(tmp_path, types="all") == 0
+    names = sorted(p.name for p in tmp_path.glob("*.npz"))
+    assert names == sorted(_name(t) for t in ALL_TYPES)
+    model = tiny.prepare(3).model
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for t in ALL_TYPES:
+        with np.load(tmp_path / _name(t), allow_pickle=False) as z:
+            files = set(z.files)
+            meta = json.loads(str(z[META_KEY][()]))
+            for n, s in shapes.items():
+                assert z[n].shape == s and z[n].dtype == np.float32
+                assert np.isfinite(z[n]).all() and (z[n] >= 0).all()
+        assert files == set(shapes) | {META_KEY}
+        assert meta["fim_type"] == t
+        assert meta["experiment"] == tiny.NAME
+        assert (meta["num_batches"], meta["batch_size"], meta["seed"]) == (2, 8, 3)
+        assert meta["rows"] == 16 and meta["reduction"] == "sum"
+        assert meta["model"] == "MLP 64-8-10 sigmoid" and meta["dataset"] == "400 digits"
+        assert meta["fimfast_version"] == fimfast.__version__
+        assert meta["seconds_per_batch"] > 0 and meta["options"]["seed"] == meta["estimator_seed"]
+        assert meta["options"]["top_k"] == (1 if t == "hutchinson_rank1" else 2)
+        assert "train_accuracy" in meta["training"]
+    out = capsys.readouterr().out
+    assert out.count("wrote ") == len(ALL_TYPES)
+
+
+@pytest.mark.parametrize("fim_type", ["exact", "hutchinson", "monte_carlo"], ids=str)
+def test_run_equals_the_library_on_the_same_batches(tmp_path, fim_type):
+    assert _run(tmp_path, "--reduction", "mean", types=fim_type) == 0
+    setup = tiny.prepare(3)
+    ref = fimfast.diag_fisher(
+        setup.model,
+        setup.batches(2, 8, 3),
+        fim_type,
+        reduction="mean",
+        seed=runner.type_seed(3, fim_type),
+    )
+    got = load_result(tmp_path / _name(fim_type))
+    assert list(got.arrays) == list(ref)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(got.arrays[k], v.numpy())
+
+
+def test_run_options_reach_the_estimator_and_metadata(tmp_path):
+    assert (
+        _run(
+            tmp_path,
+            "--num-probes",
+            "3",
+            "--top-k",
+            "4",
+            "--rankk-solver",
+            "power",
+            types="hutchinson_rankk",
+        )
+        == 0
+    )
+    meta = load_result(tmp_path / _name("hutchinson_rankk")).meta
+    assert meta["options"]["num_probes"] == 3 and meta["options"]["top_k"] == 4
+    assert meta["options"]["rankk_solver"] == "power"
+    assert meta["cli_options"] == {"num_probes": 3, "top_k": 4, "rankk_solver": "power"}
+
+
+def test_resume_skips_finished_files_and_redoes_missing_or_bad_ones(tmp_path, capsys):
+    assert _run(tmp_path) == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("*.npz")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.npz")}
+    capsys.readouterr()
+    assert _run(tmp_path, "--resume") == 0
+    out = capsys.readouterr().out
+    assert out.count("skip ") == 3 and "wrote" not in out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.npz")} == mtimes
+    # a missing file is recomputed, identically (each type has its own seed)
+    (tmp_path / _name("hutchinson")).unlink()
+    (tmp_path / _name("empirical")).write_bytes(b"not a zip file")
+    assert _run(tmp_path, "--resume") == 0
+    out = capsys.readouterr().out
+    assert out.count("skip ") == 1 and out.count("wrote ") == 2 and "redo" in out
+    for name in (_name("hutchinson"), _name("empirical")):
+        a = load_result(tmp_path / name).arrays
+        b = np.load(__import__("io").BytesIO(first[name]), allow_pickle=False)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # other options: the file is redone, not silently kept
+    assert _run(tmp_path, "--resume", "--num-probes", "2", types="hutchinson") == 0
+    assert "written with other options" in capsys.readouterr().out
+    assert load_result(tmp_path / _name("hutchinson")).meta["options"]["num_probes"] == 2
+
+
+def test_resume_loads_the_cached_network(tmp_path):
+    assert _run(tmp_path, types="hutchinson") == 0
+    cache = tmp_path / f"{tiny.NAME}_seed3_model.safetensors"
+    assert cache.is_file()
+    assert _run(tmp_path, types="exact") == 0
+    assert load_result(tmp_path / _name("exact")).meta["training"]["from_cache"] is True
+
+
+def test_ctrl_c_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    real = runner.estimate
+    calls = []
+
+    def interrupted(setup, fim_type, *a, **k):
+        calls.append(fim_type)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(setup, fim_type, *a, **k)
+
+    monkeypatch.setattr(runner, "estimate", interrupted)
+    assert _run(tmp_path) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".npz") == [_name("exact")]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    load_result(tmp_path / _name("exact"))  # the finished one is complete
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    def savez(f, **arrays):
+        f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.np, "savez", savez)
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "x.npz", {"w": np.ones(3, np.float32)})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fim-types", "exact,bogus"], "fim-types"),
+        (["--num-batches", "0"], "num-batches"),
+        (["--batch-size", "x"], "batch-size"),
+        (["--reduction", "median"], "reduction"),
+    ],
+    ids=["bad-type", "zero-batches", "bad-batch-size", "bad-reduction"],
+)
+def test_run_rejects_bad_arguments(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", tiny.NAME, "--out", str(tmp_path), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_rejects_unknown_experiment(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "no_such_experiment"])
+    err = capsys.readouterr().err
+    assert "no_such_experiment" in err and "mnist_mlp" in err
+
+
+def test_run_rejects_a_batch_larger_than_the_data(tmp_path, capsys):
+    code = cli.main(
+        [
+            "run",
+            tiny.NAME,
+            "--batch-size",
+            "500",
+            "--num-batches",
+            "1",
+            "--fim-types",
+            "hutchinson",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    assert "batch_size must be <= 400" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.npz"))
+
+
+# -- reading files ------------------------------------------------------------------------------ #
+def test_corrupted_or_pickled_files_are_refused(tmp_path, capsys):
+    good = _write(tmp_path / "good.npz", {"w": np.ones(3, np.float32)})
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(good.read_bytes()[:40])
+    pickled = tmp_path / "pickled.npz"
+    np.savez(
+        pickled,
+        w=np.array([{"evil": 1}], dtype=object),
+        **{META_KEY: np.array(json.dumps({"format": store.FORMAT}))},
+    )
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, w=np.ones(3))
+    cases = [
+        (corrupt, "not a valid .npz"),
+        (pickled, "pickled"),
+        (foreign, "not a fimfast result file"),
+        (tmp_path / "missing.npz", "no such file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(store.ResultFileError, match=message):
+            load_result(path)
+        assert cli.main(["metrics", str(path), "--gt", str(good)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path) in err
+        assert cli.main(["viz", str(path), "--out", str(tmp_path / "v.png")]) == 2
+        assert message in capsys.readouterr().err
+    assert zipfile.is_zipfile(good)
+
+
+# -- metrics ------------------------------------------------------------------------------------ #
+def test_metrics_known_answers(tmp_path, capsys):
+    g = {
+        "a.weight": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32),
+        "a.bias": np.array([1.0, 1.0], np.float32),
+    }
+    gt = _write(tmp_path / "gt.npz", g, "exact")
+    double = _write(tmp_path / "double.npz", {k: 2 * v for k, v in g.items()}, "hutchinson_dg")
+    rev = _write(
+        tmp_path / "rev.npz",
+        {
+            "a.weight": np.array([[4.0, 3.0], [2.0, 1.0]], np.float32),
+            "a.bias": np.array([1.0, 1.0], np.float32),
+        },
+        "empirical",
+    )
+    out = tmp_path / "m" / "metrics.json"
+    assert cli.main(["metrics", str(double), str(rev), "--gt", str(gt), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "hutchinson_dg" in printed and "a.weight" in printed
+    rows = json.loads(out.read_text())["rows"]
+    by = {(r["type"], r["param"]): r for r in rows}
+    d = by[("hutchinson_dg", "ALL")]
+    assert d["numel"] == 6
+    for k, v in {"rel_l2": 1.0, "cosine": 1.0, "spearman": 1.0, "ratio_of_means": 2.0}.items():
+        assert abs(d[k] - v) < METRICS_ABS, k
+    w = by[("empirical", "a.weight")]
+    # a = (4,3,2,1), g = (1,2,3,4): ||a-g|| = sqrt(20), ||g|| = sqrt(30), a.g = 20
+    assert abs(w["rel_l2"] - np.sqrt(20 / 30)) < METRICS_ABS
+    assert abs(w["cosine"] - 20 / 30) < METRICS_ABS
+    assert abs(w["spearman"] + 1.0) < METRICS_ABS
+    assert abs(w["ratio_of_means"] - 1.0) < METRICS_ABS
+    b = by[("empirical", "a.bias")]
+    assert b["rel_l2"] == 0.0 and b["spearman"] is None  # constant vectors: no rank correlation
+    csv_rows = (out.with_suffix(".csv")).read_text().splitlines()
+    assert csv_rows[0] == "file,type,param,numel,rel_l2,cosine,spearman,ratio_of_means"
+    assert len(csv_rows) == 1 + len(rows) == 1 + 2 * 3
+
+
+def test_metrics_default_output_and_layout_mismatch(tmp_path, capsys):
+    gt = _write(tmp_path / "gt.npz", {"w": np.ones(4, np.float32)})
+    est = _write(tmp_path / "est.npz", {"w": np.ones(4, np.float32)}, "hutchinson")
+    assert cli.main(["metrics", str(est), "--gt", str(gt), "--overall-only"]) == 0
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "metrics.json").is_file()
+    other = _write(tmp_path / "other.npz", {"v": np.ones(4, np.float32)}, "hutchinson")
+    assert cli.main(["metrics", str(other), "--gt", str(gt)]) == 2
+    assert "differ from the reference" in capsys.readouterr().err
+    shaped = _write(tmp_path / "shaped.npz", {"w": np.ones((2, 2), np.float32)}, "hutchinson")
+    assert cli.main(["metrics", str(shaped), "--gt", str(gt)]) == 2
+    assert "shape" in capsys.readouterr().err
+    assert cli.main(["metrics", str(est), "--gt", str(gt), "--out", str(tmp_path / "m.txt")]) == 2
+    assert "--out must end in .csv or .json" in capsys.readouterr().err
+
+
+# -- viz ---------------------------------------------------------------------------------------- #
+def test_viz_writes_a_png_with_several_files_overlaid(tmp_path, capsys):
+    assert _run(tmp_path, types="exact,hutchinson") == 0
+    zeros = _write(
+        tmp_path / "zeros.npz",
+        {n: np.zeros_like(a) for n, a in load_result(tmp_path / _name("exact")).arrays.items()},
+        "empirical",
+    )
+    png = tmp_path / "plots" / "hist.png"
+    files = [str(tmp_path / _name("exact")), str(tmp_path / _name("hutchinson")), str(zeros)]
+    assert cli.main(["viz", *files, "--out", str(png)]) == 0
+    assert str(png) in capsys.readouterr().out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)
+    assert img.shape[0] > 300 and img.shape[1] > 300 and img.std() > 0
+    assert cli.main(["viz", files[0]]) == 0
+    assert (tmp_path / "histograms.png").is_file()
+
+
+# -- demo --------------------------------------------------------------------------------------- #
+def test_demo_on_the_tiny_experiment_writes_everything(tmp_path, capsys):
+    code = cli.main(
+        [
+            "demo",
+            "--experiment",
+            tiny.NAME,
+            "--num-batches",
+            "4",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--top-k",
+            "2",
+        ]
+    )
+    assert code in (0, 1)  # 1: a claim check failed, which 4 tiny batches may well do
+    out = capsys.readouterr().out
+    for word in ("Metrics against EXACT", "Claims:", "Bounds per parameter", "demo finished"):
+        assert word in out
+    for t in ALL_TYPES:
+        assert (tmp_path / result_name(tiny.NAME, t, 4, 8, 42)).is_file()
+    for f in (
+        "histograms.png",
+        "convergence.png",
+        "convergence.csv",
+        "metrics.csv",
+        "metrics.json",
+        "checks.json",
+    ):
+        assert (tmp_path / f).stat().st_size > 0, f
+    conv = (tmp_path / "convergence.csv").read_text().splitlines()
+    assert conv[0] == "type,batches,windows,rel_l2_rms,rel_l2_first,ratio_of_means_first"
+    assert len(conv) == 1 + 7 * 3  # 7 estimators x B in (1, 2, 4)
+    checks = json.loads((tmp_path / "checks.json").read_text())
+    assert {c["result"] for c in checks["claims"]} <= {"PASS", "FAIL"}
+    assert len(checks["bounds"]) == 4  # 2 Linear layers x (weight, bias)
+    assert (code == 0) == all(c["result"] == "PASS" for c in checks["claims"])
+
+
+def test_demo_window_errors_match_a_direct_computation(tmp_path):
+    from fimfast.experiments import demo, metrics
+
+    exact_cum: list[np.ndarray] = []
+    rng = np.random.default_rng(0)
+    g = [rng.random(5) for _ in range(4)]
+    a = [x * rng.uniform(0.5, 1.5, 5) for x in g]
+    hook_e = demo._Cumulative(exact_cum)
+    for i, v in enumerate(g, 1):
+        hook_e(i, v)
+    w = demo._Windows([1, 2, 4], exact_cum)
+    for i, v in enumerate(a, 1):
+        w(i, v)
+    rows = {r["batches"]: r for r in w.rows()}
+    want2 = [
+        metrics.compare(a[0] + a[1], g[0] + g[1])["rel_l2"],
+        metrics.compare(a[2] + a[3], g[2] + g[3])["rel_l2"],
+    ]
+    assert rows[2]["windows"] == 2
+    assert abs(rows[2]["rel_l2_rms"] - np.sqrt(np.mean(np.square(want2)))) < METRICS_ABS
+    assert abs(rows[2]["rel_l2_first"] - want2[0]) < METRICS_ABS
+    assert abs(rows[4]["rel_l2_first"] - metrics.compare(sum(a), sum(g))["rel_l2"]) < METRICS_ABS
+    assert demo.snapshot_points(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert demo.snapshot_points(10) == [1, 2, 4, 8, 10]
+
+
+def test_bad_dataset_checksum_is_refused_by_run(tmp_path, monkeypatch, capsys):
+    from fimfast.experiments import data
+
+    fake = tmp_path / "mnist.pkl.gz"
+    fake.write_bytes(b"\x1f\x8b not mnist")
+    monkeypatch.setattr(data, "mnist_path", lambda: fake)
+    code = cli.main(["run", "mnist_mlp", "--num-batches", "1", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "SHA-256" in err and data.MNIST_SHA256 in err and "refusing to unpickle" in err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.npz"))
+
+
+# -- help, entry points, bench ------------------------------------------------------------------ #
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("run", "viz", "metrics", "demo", "bench"):
+        assert cmd in out
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    for word in (
+        "mnist_mlp",
+        "mnist_cnn",
+        "minilm_text",
+        "digits_mlp",
+        "--resume",
+        "allow_pickle",
+        "hutchinson_rankk",
+    ):
+        assert word in out
+    assert cli.main([]) == 2
+
+
+def test_python_dash_m_entry_points(monkeypatch, capsys):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "fimfast.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0 and fimfast.__version__ in r.stdout, r.stderr
+    monkeypatch.setattr(sys, "argv", ["fimfast", "--version"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("fimfast", run_name="__main__")  # python -m fimfast
+    assert e.value.code == 0 and fimfast.__version__ in capsys.readouterr().out
+
+
+def test_bench_without_the_benchmarks_module(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["bench"]) == 2
+    assert "benchmarks module is not available" in capsys.readouterr().err
+
+
+def test_bench_forwards_its_arguments(tmp_path, monkeypatch):
+    pkg = tmp_path / "benchmarks"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(
+        "import sys, pathlib\npathlib.Path('args.txt').write_text(' '.join(sys.argv[1:]))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["bench", "--", "--quick", "x"]) == 0
+    assert (tmp_path / "args.txt").read_text() == "--quick x"
+
+
+def test_torch_global_rng_untouched_by_a_run(tmp_path):
+    torch.manual_seed(7)
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    assert _run(tmp_path, types="hutchinson") == 0
+    np.testing.assert_array_equal(torch.rand(3).numpy(), want.numpy())
