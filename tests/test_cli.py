@@ -488,3 +488,10 @@ def test_torch_global_rng_untouched_by_a_run(tmp_path):
     torch.manual_seed(7)
     assert _run(tmp_path, types="hutchinson") == 0
     np.testing.assert_array_equal(torch.rand(3).numpy(), want.numpy())
+
+
+def test_threads_option_is_recorded_and_given_back(tmp_path):
+    before = torch.get_num_threads()
+    assert _run(tmp_path, "--threads", "1", types="hutchinson") == 0
+    assert torch.get_num_threads() == before
+    assert load_result(tmp_path / _name("hutchinson")).meta["threads"] == 1
