@@ -112,7 +112,9 @@ def core_topk_torch(
     dt = compute_dtype(p.dtype)
     p = p.to(dt)
     eps = torch.finfo(dt).eps
-    q, perm = torch.sort(p, dim=-1)  # ascending
+    # ascending; stable, so tied probabilities keep class order: the tie eigenvectors (Helmert
+    # vectors over sorted positions) are then the same on every device and backend
+    q, perm = torch.sort(p, dim=-1, stable=True)
     # eigenvalue j (0 = largest) lies in the sorted interval (q[a-1], q[a]) with a = C-1-j
     a = torch.arange(C - 1, C - 1 - k, -1, device=p.device)  # (K,)
     hi = q[:, a]  # (R, K)
@@ -193,7 +195,8 @@ def _core_topk_power(p: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor,
     R, C = p.shape
     dt = compute_dtype(p.dtype)
     p = p.to(dt)
-    top = torch.topk(p, k, dim=-1).indices  # (R, K)
+    # the k largest, ties by lower class index (topk's order among ties is unspecified)
+    top = torch.sort(p, dim=-1, descending=True, stable=True).indices[:, :k]  # (R, K)
     # start: e_{top_j} minus its projection on the null vector 1 (deterministic, never orthogonal
     # to the top eigenvector, which is concentrated on the largest probabilities)
     v = torch.nn.functional.one_hot(top, C).to(dt) - 1.0 / C
