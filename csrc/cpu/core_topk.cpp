@@ -34,24 +34,23 @@ inline void secular(const T* qs, int64_t C, T origin, T tau, T* g, T* dg) {
   *dg = ds;
 }
 
-// normalise v, then make its largest-magnitude entry (the first one, in v's order) positive
+// entries within this many ulps of the largest magnitude count as equally large (torch_ref's
+// SIGN_TIE_ULPS): the first of them, in class order, decides the sign
+constexpr int kSignTieUlps = 64;
+
+// flip v so that its largest-magnitude entry (the first near-largest, in class order) is positive
 template <typename T>
-inline void normalise_and_sign(T* v, int64_t C) {
-  T nrm2 = 0;
-  for (int64_t c = 0; c < C; ++c) nrm2 += v[c] * v[c];
-  const T nrm = std::sqrt(nrm2);
-  for (int64_t c = 0; c < C; ++c) v[c] /= nrm;
-  int64_t idx = 0;
-  T best = -1;
+inline void fix_sign(T* v, int64_t C) {
+  T amax = 0;
+  for (int64_t c = 0; c < C; ++c) amax = std::max(amax, std::abs(v[c]));
+  const T thr = amax * (T(1) - kSignTieUlps * std::numeric_limits<T>::epsilon());
   for (int64_t c = 0; c < C; ++c) {
-    const T m = std::abs(v[c]);
-    if (m > best) {
-      best = m;
-      idx = c;
+    if (std::abs(v[c]) >= thr) {
+      if (v[c] < 0) {
+        for (int64_t d = 0; d < C; ++d) v[d] = -v[d];
+      }
+      return;
     }
-  }
-  if (v[idx] < 0) {
-    for (int64_t c = 0; c < C; ++c) v[c] = -v[c];
   }
 }
 
@@ -133,10 +132,13 @@ void exact_row(const T* prow, int64_t C, int64_t K, T* lam, T* vec, std::vector<
       // a root on a pole to within rounding: the class of the infinite entry alone
       for (int64_t c = 0; c < C; ++c) v[c] = std::isfinite(v[c]) ? T(0) : T(1);
     }
-    normalise_and_sign(v.data(), C);
+    T nrm2 = 0;
+    for (int64_t c = 0; c < C; ++c) nrm2 += v[c] * v[c];
+    const T nrm = std::sqrt(nrm2);
     lam[j] = lj;
     T* out = vec + j * C;
-    for (int64_t c = 0; c < C; ++c) out[perm[c]] = v[c];
+    for (int64_t c = 0; c < C; ++c) out[perm[c]] = v[c] / nrm;
+    fix_sign(out, C);
   }
 }
 
@@ -189,17 +191,7 @@ void power_row(const T* p, int64_t C, int64_t K, int64_t iters, T* lam, T* V,
     T l = 0;
     for (int64_t c = 0; c < C; ++c) l += v[c] * w[c];
     lam[j] = l;
-    int64_t idx = 0;
-    T best = -1;
-    for (int64_t c = 0; c < C; ++c) {
-      if (std::abs(v[c]) > best) {
-        best = std::abs(v[c]);
-        idx = c;
-      }
-    }
-    if (v[idx] < 0) {
-      for (int64_t c = 0; c < C; ++c) v[c] = -v[c];
-    }
+    fix_sign(v, C);
   }
 }
 

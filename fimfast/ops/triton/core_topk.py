@@ -7,6 +7,7 @@ ties ordered by class index as every backend does. ``exact`` runs the reference'
 rational/Newton/bisection steps on the secular equation, stopping when ``tau`` (the distance to the
 nearest pole) stops moving relative to itself; ties get the reference's Helmert vectors and
 zero probabilities its indicator vectors. ``power`` keeps the ``k`` vectors as a ``(KB, C)`` tile.
+Signs follow :func:`fimfast.ops.torch_ref.fix_signs`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fimfast.ops.torch_ref import compute_dtype, core_topk_torch
+from fimfast.ops.torch_ref import SIGN_TIE_ULPS, compute_dtype, core_topk_torch
 
 # one row in registers: 8 values per thread at 32 warps; beyond this the reference runs
 MAX_C = 8192
 # the power solver holds k vectors of C values
 MAX_K = 16
+_SIGN_TIE_ULPS = tl.constexpr(SIGN_TIE_ULPS)
 
 
 @triton.jit
@@ -29,6 +31,17 @@ def _secular(qs, cm, origin, tau):
     delta = (qs - origin) - tau
     r = tl.where(cm, qs / delta, 0.0)
     return tl.sum(r, 0), tl.sum(tl.where(cm, r / delta, 0.0), 0)
+
+
+@triton.jit
+def _fix_sign(v, cm, offs, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Largest-magnitude entry positive; entries within SIGN_TIE_ULPS ulps of the largest count
+    as equal and the first in class order decides (torch_ref.fix_signs)."""
+    amax = tl.max(tl.abs(v), 0)
+    near = cm & (tl.abs(v) >= amax * (1.0 - _SIGN_TIE_ULPS * EPS))
+    first = tl.min(tl.where(near, offs, BLOCK), 0)
+    pivot = tl.sum(tl.where(offs == first, v, 0.0), 0)
+    return tl.where(pivot < 0, -v, v)
 
 
 @triton.jit
@@ -66,12 +79,12 @@ def _exact_kernel(
         hi_s = hi / scale
         gap = hi_s - lo_s
         fixed = tie | zlo
-        # fixed eigenpairs (ties, zeros) take an origin off every pole: their secular vector is
-        # replaced below, and no division by zero is evaluated
-        mid = tl.where(fixed, 2.0, 0.5 * (lo_s + hi_s))
+        # fixed eigenpairs (ties, zeros) take the origin -1, off every pole (q >= 0): their secular
+        # vector is replaced below, and no division by zero is evaluated
+        mid = tl.where(fixed, -1.0, 0.5 * (lo_s + hi_s))
         g_mid, _ = _secular(qs, cm, mid, 0.0 * mid)
         left = g_mid >= 0
-        origin = tl.where(fixed, 2.0, tl.where(left, lo_s, hi_s))
+        origin = tl.where(fixed, -1.0, tl.where(left, lo_s, hi_s))
         t_lo = tl.where(left, 0.0, -0.5 * gap)
         t_hi = tl.where(left, 0.5 * gap, 0.0)
         tau = tl.where(fixed, 0.0, 0.5 * (t_lo + t_hi))
@@ -100,17 +113,13 @@ def _exact_kernel(
         v = tl.where(bad, tl.where(cm & (tl.abs(v) >= inf), 1.0, 0.0), v)
         # zero probabilities: the indicator of the zero group (eigenvalue 0)
         v = tl.where(zlo, tl.where(cm & (p <= 0), 1.0, 0.0), v)
-        # tie group ending at ia: Helmert vector, signs as the reference's after its sign rule
+        # tie group ending at ia: the Helmert vector (1 on the group below ia, -size at ia)
         member = below & ((hi - p) <= 8 * EPS * hi)
         n_mem = tl.sum(member.to(tl.int32), 0).to(ACC)
-        h_mem = tl.where(n_mem >= 2, -1.0, 1.0)
-        h_top = tl.where(n_mem >= 2, n_mem, -1.0)
-        helm = tl.where(member, h_mem, tl.where(offs == ia, h_top, 0.0))
+        helm = tl.where(member, 1.0, tl.where(offs == ia, -n_mem, 0.0))
         v = tl.where(tie, helm, v)
         v = v / tl.sqrt(tl.sum(v * v, 0))
-        amax = tl.max(tl.abs(v), 0)
-        top = tl.max(tl.where(cm & (tl.abs(v) == amax), v, -inf), 0)
-        v = tl.where(top > 0, v, -v)
+        v = _fix_sign(v, cm, offs, EPS, BLOCK)
         tl.store(L_ptr + r * K + j, lam)
         tl.store(V_ptr + (r * K + j) * C + offs, v, mask=cm)
         avail = avail & (offs != ia)
@@ -126,6 +135,7 @@ def _power_kernel(
     C,
     K,
     ITERS,
+    EPS: tl.constexpr,
     TINY: tl.constexpr,
     KB: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -161,9 +171,7 @@ def _power_kernel(
         vj = tl.sum(tl.where(rows == j, V, 0.0), 0)
         w = p * vj - p * tl.sum(p * vj, 0)
         lam = tl.sum(vj * w, 0)
-        amax = tl.max(tl.abs(vj), 0)
-        top = tl.max(tl.where(cm & (tl.abs(vj) == amax), vj, -float("inf")), 0)
-        vj = tl.where(top >= 0, vj, -vj)
+        vj = _fix_sign(vj, cm, offs, EPS, BLOCK)
         tl.store(L_ptr + r * K + j, lam)
         tl.store(V_ptr + (r * K + j) * C + offs, vj, mask=cm)
 
@@ -198,7 +206,7 @@ def core_topk_triton(
     else:
         _power_kernel[(R,)](
             p, p.stride(0), p.stride(1), lam, vec, C, k, int(iters),
-            TINY=torch.finfo(dt).tiny, KB=triton.next_power_of_2(k), BLOCK=block, ACC=acc,
-            num_warps=warps,
+            EPS=torch.finfo(dt).eps, TINY=torch.finfo(dt).tiny, KB=triton.next_power_of_2(k),
+            BLOCK=block, ACC=acc, num_warps=warps,
         )
     return lam, vec
