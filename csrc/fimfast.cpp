@@ -9,14 +9,14 @@
 
 TORCH_LIBRARY(fimfast, m) {
   m.def(
-      "probe_logit_grad(Tensor logits, str mode, int seed, int offset, int num_probes, "
+      "probe_logit_grad(Tensor logits, str probe_mode, int seed, int offset, int num_probes, "
       "Tensor? labels, Tensor? lam, Tensor? vec, float sigma2) -> Tensor");
   m.def("core_topk(Tensor p, int k, str solver, int iters) -> (Tensor, Tensor)");
   m.def("sq_matmul(Tensor g, Tensor a) -> Tensor");
   m.def("shared_sq(Tensor G, Tensor A) -> Tensor");
   m.def(
-      "accumulate_(Tensor(a!)[] states, Tensor[] grads, str mode, float beta, float scale) "
-      "-> ()");
+      "accumulate_(Tensor(a!)[] states, Tensor[] grads, str update_mode, float beta, "
+      "float scale) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -58,7 +58,7 @@ def _register_fakes() -> None:
     import torch
 
     @torch.library.register_fake("fimfast::probe_logit_grad")
-    def _probe(logits, mode, seed, offset, num_probes, labels, lam, vec, sigma2):
+    def _probe(logits, probe_mode, seed, offset, num_probes, labels, lam, vec, sigma2):
         torch._check(logits.dim() == 2, lambda: "logits must be 2-D")
         R, C = logits.shape
         return logits.new_empty((num_probes, R, C), dtype=_acc_dtype(logits))
@@ -79,5 +79,5 @@ def _register_fakes() -> None:
         return G.new_empty((G.shape[2], A.shape[2]), dtype=_acc_dtype(G, A))
 
     @torch.library.register_fake("fimfast::accumulate_")
-    def _acc(states, grads, mode, beta, scale):
+    def _acc(states, grads, update_mode, beta, scale):
         return None
