@@ -73,7 +73,14 @@ void accumulate_cpu_(at::TensorList states, at::TensorList grads, c10::string_vi
   for (size_t i = 0; i < items.size(); ++i) {
     for (int64_t e = 0; e < items[i].s.numel(); e += kBlock) blocks.emplace_back(i, e);
   }
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+  // ~128K elements per task at least: below that one thread does everything (waking the thread
+  // pool costs more than the update, and far more on an oversubscribed machine)
+  int64_t total = 0;
+  for (const Item& it : items) total += it.s.numel();
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(131072) * nblocks + total - 1) / std::max<int64_t>(total, 1));
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Item& it = items[blocks[b].first];
       const int64_t e0 = blocks[b].second;

@@ -43,8 +43,9 @@ namespace {
 template <typename acc_t, typename in_t>
 void probe_rows(const ProbeArgs& a, const in_t* logits, int64_t row_stride, int64_t col_stride,
                 const int64_t* labels, const acc_t* lam, const acc_t* vec, acc_t* out) {
-  // ~16K outputs per task: enough work to amortise a task, small enough to balance 2-64 threads
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.C * a.S, 1));
+  // ~64K outputs per task: enough work to amortise waking a thread, small enough to balance
+  // 2-64 threads at the sizes that matter (512 x 8192: 64 tasks)
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.C * a.S, 1));
   const bool avx2 = cpu::has_avx2();
   at::parallel_for(0, a.R, grain, [&](int64_t r0, int64_t r1) {
 #ifdef FIMFAST_AVX2_COPY

@@ -31,7 +31,7 @@ struct SignMask<double> {
 // starting anywhere straddles at most two hash words: their 64-bit concatenation shifted by
 // (base & 31) gives its 32 sign bits, so the generator costs one hash per 32 entries.
 template <typename acc_t>
-inline void apply_signs(rng::Keys k, uint64_t base, int64_t n, const acc_t* v, acc_t* o) {
+FIMFAST_INLINE void apply_signs(rng::Keys k, uint64_t base, int64_t n, const acc_t* v, acc_t* o) {
   using bits_t = typename SignMask<acc_t>::bits_t;
   constexpr bits_t kSign = SignMask<acc_t>::kSign;
   const uint32_t sh = static_cast<uint32_t>(base & 31u);
@@ -57,7 +57,7 @@ inline void apply_signs(rng::Keys k, uint64_t base, int64_t n, const acc_t* v, a
 }
 
 template <typename acc_t, typename in_t>
-inline void load_row(const in_t* src, int64_t stride, int64_t C, acc_t* dst) {
+FIMFAST_INLINE void load_row(const in_t* src, int64_t stride, int64_t C, acc_t* dst) {
   if (stride == 1) {
     for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<acc_t>(src[c]);
   } else {
@@ -67,7 +67,7 @@ inline void load_row(const in_t* src, int64_t stride, int64_t C, acc_t* dst) {
 
 // x <- softmax(x), max-shifted; exp is cpu::exp_f (vectorisable, <= 2 ulp in float)
 template <typename acc_t>
-inline void softmax_inplace(acc_t* x, int64_t C) {
+FIMFAST_INLINE void softmax_inplace(acc_t* x, int64_t C) {
   const acc_t m = cpu::max16(x, C);
   for (int64_t c = 0; c < C; ++c) x[c] = cpu::exp_f(x[c] - m);
   const acc_t inv = acc_t(1) / cpu::sum16(x, C);
