@@ -38,11 +38,12 @@ def _inputs(R, C, dtype, mode, device, seed=0):
     z = (torch.randn(R, C, generator=g, dtype=torch.float64) * 3).to(dtype)
     labels = torch.randint(0, C, (R,), generator=g)
     eig = None
-    if mode == "rankk":
+    if mode == "rankk":  # any (lam, V) tests the mix; some lam < 0 test the clamp at 0
         dt = ops.compute_dtype(dtype)
-        p = torch.softmax(z.to(dt), -1)
-        eig = ops.core_topk(p, min(3, C - 1), backend="torch")
-        eig = (eig[0].to(device), eig[1].to(device))
+        k = min(3, C)
+        lam = torch.rand(R, k, generator=g, dtype=torch.float64) - 0.2
+        vec = torch.randn(R, k, C, generator=g, dtype=torch.float64)
+        eig = (lam.to(dt).to(device), vec.to(dt).to(device))
     return z.to(device), labels.to(device), eig
 
 
