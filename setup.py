@@ -32,23 +32,32 @@ def _extensions():
     except Exception as exc:  # no torch at build time: install the pure-Python package
         print(f"fimfast: not building fimfast._C ({exc})", file=sys.stderr)
         return [], {}
-    flag = os.environ.get("FIMFAST_BUILD_CUDA", "auto").lower()
+    flag = os.environ.get("FIMFAST_BUILD_CUDA", "auto").strip().lower()
     cuda_ok = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    with_cuda = flag in ("1", "true", "yes") or (flag == "auto" and cuda_ok)
-    define = []
-    args = {"cxx": ["-O3", "-std=c++17"]}
+    with_cuda = flag in ("1", "true", "yes", "on") or (flag == "auto" and cuda_ok)
+    include = [os.path.join(ROOT, "csrc", d) for d in ("include", "cpu", "cuda")]
+    # -fno-math-errno and -fno-trapping-math let sqrt, max and selects vectorise; -fopenmp makes
+    # at::parallel_for use torch's OpenMP threads (without it the header-only loop runs serially)
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    cpu_ext = cpp_extension.CppExtension(
+        "fimfast._C", cpp, include_dirs=include, extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+    )
+    ext = cpu_ext
     if with_cuda:
         cu = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_binding.cpp")
-        define.append(("WITH_CUDA", None))
-        args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
-        ext = cpp_extension.CUDAExtension("fimfast._C", cpp + cu, define_macros=define,
-                                          extra_compile_args=args)
-    else:
-        ext = cpp_extension.CppExtension("fimfast._C", cpp, extra_compile_args=args)
+        ext = cpp_extension.CUDAExtension(
+            "fimfast._C", cpp + cu, include_dirs=include, define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=link,
+        )
     build_ext = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)
 
     class OptionalBuildExt(build_ext):
-        """Build the extension, or warn and go on without it."""
+        """Build the extension; if the CUDA build fails, the CPU-only one; else go on without."""
 
         def run(self):
             try:
@@ -60,8 +69,17 @@ def _extensions():
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
+                return
             except Exception as exc:
-                print(f"fimfast: building {ext.name} failed, continuing without it: {exc}",
+                print(f"fimfast: building {ext.name} failed: {exc}", file=sys.stderr)
+            if ext is cpu_ext:
+                print("fimfast: continuing without fimfast._C", file=sys.stderr)
+                return
+            print("fimfast: building fimfast._C without its CUDA kernels", file=sys.stderr)
+            try:
+                super().build_extension(cpu_ext)
+            except Exception as exc:
+                print(f"fimfast: building fimfast._C failed, continuing without it: {exc}",
                       file=sys.stderr)
 
     return [ext], {"build_ext": OptionalBuildExt}

@@ -26,16 +26,43 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this op here."""
 
 
-# op -> backend -> "module:function"; backends register their entries in this table
+# op -> backend -> "module:function"; imported on first use only
+_T = "fimfast.ops.triton."
 _IMPLS: dict[str, dict[str, str]] = {
-    "probe_logit_grad": {"torch": "fimfast.ops.torch_ref:probe_logit_grad_torch"},
-    "core_topk": {"torch": "fimfast.ops.torch_ref:core_topk_torch"},
-    "sq_matmul": {"torch": "fimfast.ops.torch_ref:sq_matmul_torch"},
-    "shared_sq": {"torch": "fimfast.ops.torch_ref:shared_sq_torch"},
-    "accumulate_": {"torch": "fimfast.ops.torch_ref:accumulate_torch_"},
+    "probe_logit_grad": {
+        "torch": "fimfast.ops.torch_ref:probe_logit_grad_torch",
+        "triton": _T + "probe_logit_grad:probe_logit_grad_triton",
+        "cpp": "fimfast.ops.cpp:probe_logit_grad_cpp",
+        "cuda": "fimfast.ops.cuda:probe_logit_grad_cuda",
+    },
+    "core_topk": {
+        "torch": "fimfast.ops.torch_ref:core_topk_torch",
+        "triton": _T + "core_topk:core_topk_triton",
+        "cpp": "fimfast.ops.cpp:core_topk_cpp",
+        "cuda": "fimfast.ops.cuda:core_topk_cuda",
+    },
+    "sq_matmul": {
+        "torch": "fimfast.ops.torch_ref:sq_matmul_torch",
+        "triton": _T + "sq_matmul:sq_matmul_triton",
+        "cpp": "fimfast.ops.cpp:sq_matmul_cpp",
+        "cuda": "fimfast.ops.cuda:sq_matmul_cuda",
+    },
+    "shared_sq": {
+        "torch": "fimfast.ops.torch_ref:shared_sq_torch",
+        "triton": _T + "shared_sq:shared_sq_triton",
+        "cpp": "fimfast.ops.cpp:shared_sq_cpp",
+        "cuda": "fimfast.ops.cuda:shared_sq_cuda",
+    },
+    "accumulate_": {
+        "torch": "fimfast.ops.torch_ref:accumulate_torch_",
+        "triton": _T + "accumulate:accumulate_triton_",
+        "cpp": "fimfast.ops.cpp:accumulate_cpp_",
+        "cuda": "fimfast.ops.cuda:accumulate_cuda_",
+    },
 }
 
 # automatic order per device type; the CPU order per op is the measured fastest first
+# (benchmarks/bench_ops.py, results in benchmarks/results/ops_cpu_*.json)
 _AUTO_CUDA = ("cuda", "triton", "torch")
 _AUTO_CPU: dict[str, tuple[str, ...]] = {op: ("cpp", "torch") for op in _IMPLS}
 

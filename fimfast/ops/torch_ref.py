@@ -112,7 +112,9 @@ def core_topk_torch(
     dt = compute_dtype(p.dtype)
     p = p.to(dt)
     eps = torch.finfo(dt).eps
-    q, perm = torch.sort(p, dim=-1)  # ascending
+    # ascending; stable, so tied probabilities keep class order: the tie eigenvectors (Helmert
+    # vectors over sorted positions) are then the same on every device and backend
+    q, perm = torch.sort(p, dim=-1, stable=True)
     # eigenvalue j (0 = largest) lies in the sorted interval (q[a-1], q[a]) with a = C-1-j
     a = torch.arange(C - 1, C - 1 - k, -1, device=p.device)  # (K,)
     hi = q[:, a]  # (R, K)
@@ -179,13 +181,29 @@ def core_topk_torch(
     if bool(bad.any()):
         vec_sorted = torch.where(bad.any(-1, keepdim=True), bad.to(dt), vec_sorted)
     vec_sorted = vec_sorted / vec_sorted.norm(dim=-1, keepdim=True)
-    # fix the sign: largest-magnitude component positive (deterministic across backends)
-    idx = vec_sorted.abs().argmax(-1, keepdim=True)
-    sign = torch.sign(torch.gather(vec_sorted, -1, idx))
-    vec_sorted = vec_sorted * torch.where(sign == 0, torch.ones_like(sign), sign)
     vec = torch.empty_like(vec_sorted)
     vec.scatter_(-1, perm.unsqueeze(1).expand(R, k, C), vec_sorted)
-    return lam, vec
+    return lam, fix_signs(vec)
+
+
+# entries within this many ulps of the largest magnitude count as equally large for the sign rule
+SIGN_TIE_ULPS = 64
+
+
+def fix_signs(v: torch.Tensor) -> torch.Tensor:
+    """Flip each vector of ``v`` (..., C) so its largest-magnitude entry is positive.
+
+    Entries within ``SIGN_TIE_ULPS`` ulps of the largest magnitude count as equally large and the
+    first of them (in class order) decides: two classes (eigenvector (1, -1)/sqrt(2)) and tie
+    groups have equal magnitudes of opposite signs, which rounding alone would otherwise order,
+    differently on every backend.
+    """
+    mag = v.abs()
+    eps = torch.finfo(v.dtype).eps
+    near = mag >= mag.amax(-1, keepdim=True) * (1 - SIGN_TIE_ULPS * eps)
+    idx = near.to(torch.int8).argmax(-1, keepdim=True)  # the first near-largest entry
+    sign = torch.sign(torch.gather(v, -1, idx))
+    return v * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def _core_topk_power(p: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +211,8 @@ def _core_topk_power(p: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor,
     R, C = p.shape
     dt = compute_dtype(p.dtype)
     p = p.to(dt)
-    top = torch.topk(p, k, dim=-1).indices  # (R, K)
+    # the k largest, ties by lower class index (topk's order among ties is unspecified)
+    top = torch.sort(p, dim=-1, descending=True, stable=True).indices[:, :k]  # (R, K)
     # start: e_{top_j} minus its projection on the null vector 1 (deterministic, never orthogonal
     # to the top eigenvector, which is concentrated on the largest probabilities)
     v = torch.nn.functional.one_hot(top, C).to(dt) - 1.0 / C
@@ -202,10 +221,7 @@ def _core_topk_power(p: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor,
         v = _gram_schmidt(v)
     Iv = p.unsqueeze(1) * v - p.unsqueeze(1) * (v @ p.unsqueeze(-1))
     lam = (v * Iv).sum(-1)
-    idx = v.abs().argmax(-1, keepdim=True)
-    sign = torch.sign(torch.gather(v, -1, idx))
-    v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return lam, v
+    return lam, fix_signs(v)
 
 
 def _gram_schmidt(v: torch.Tensor) -> torch.Tensor:

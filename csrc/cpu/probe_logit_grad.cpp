@@ -1,0 +1,135 @@
+// probe_logit_grad on the CPU: one pass over each logit row, one write of dz.
+//
+// Rows are split over threads with at::parallel_for; each row computes its softmax into a
+// thread-local buffer, then writes the S probes. Signs come one hash per 32 consecutive counters
+// (fimfast_rng.h). The row kernels (probe_logit_grad_kernel.h) are compiled twice, for the x86-64
+// baseline and for AVX2+FMA, and chosen at run time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_math.h"
+#include "fimfast_rng.h"
+#include "probe_modes.h"
+
+namespace fimfast {
+namespace cpu_base {
+#include "probe_logit_grad_kernel.h"
+}  // namespace cpu_base
+}  // namespace fimfast
+
+#ifdef FIMFAST_AVX2_COPY
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace fimfast {
+namespace cpu_avx2 {
+#include "probe_logit_grad_kernel.h"
+}  // namespace cpu_avx2
+}  // namespace fimfast
+#pragma GCC pop_options
+#endif
+
+namespace fimfast {
+namespace {
+
+template <typename acc_t, typename in_t>
+void probe_rows(const ProbeArgs& a, const in_t* logits, int64_t row_stride, int64_t col_stride,
+                const int64_t* labels, const acc_t* lam, const acc_t* vec, acc_t* out) {
+  // ~64K outputs per task: enough work to amortise waking a thread, small enough to balance
+  // 2-64 threads at the sizes that matter (512 x 8192: 64 tasks)
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(a.C * a.S, 1));
+  const bool avx2 = cpu::has_avx2();
+  at::parallel_for(0, a.R, grain, [&](int64_t r0, int64_t r1) {
+#ifdef FIMFAST_AVX2_COPY
+    if (avx2) {
+      cpu_avx2::probe_row_range<acc_t, in_t>(a, logits, row_stride, col_stride, labels, lam, vec,
+                                             out, r0, r1);
+      return;
+    }
+#endif
+    (void)avx2;
+    cpu_base::probe_row_range<acc_t, in_t>(a, logits, row_stride, col_stride, labels, lam, vec,
+                                           out, r0, r1);
+  });
+}
+
+at::Tensor probe_logit_grad_cpu(const at::Tensor& logits, c10::string_view mode, int64_t seed,
+                                int64_t offset, int64_t num_probes,
+                                const std::optional<at::Tensor>& labels,
+                                const std::optional<at::Tensor>& lam,
+                                const std::optional<at::Tensor>& vec, double sigma2) {
+  TORCH_CHECK(logits.dim() == 2, "probe_logit_grad: logits must be 2-D; got ", logits.sizes());
+  TORCH_CHECK(num_probes >= 1, "probe_logit_grad: num_probes must be >= 1; got ", num_probes);
+  ProbeArgs a;
+  try {
+    a.mode = parse_probe_mode(std::string(mode));
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  a.R = logits.size(0);
+  a.C = logits.size(1);
+  a.S = num_probes;
+  a.K = 0;
+  a.offset = static_cast<uint64_t>(offset);
+  a.sign_keys = rng::make_keys(static_cast<uint64_t>(seed), rng::kStreamSign);
+  a.unif_keys = rng::make_keys(static_cast<uint64_t>(seed), rng::kStreamUniform);
+  a.sigma2 = sigma2;
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({a.S, a.R, a.C}, logits.options().dtype(acc_type));
+  if (out.numel() == 0) return out;
+  at::Tensor lab, lam_c, vec_c;
+  if (a.mode == ProbeMode::kEmpirical) {
+    TORCH_CHECK(labels.has_value(), "probe_logit_grad: mode 'empirical' needs labels");
+    lab = labels->to(at::kLong).contiguous();
+    TORCH_CHECK(lab.dim() == 1 && lab.size(0) == a.R, "probe_logit_grad: labels must have shape (",
+                a.R, ",); got ", lab.sizes());
+    const int64_t* y = lab.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < a.R; ++r) {
+      TORCH_CHECK(y[r] >= 0 && y[r] < a.C, "probe_logit_grad: labels must be in [0, ", a.C,
+                  "); got labels[", r, "] = ", y[r]);
+    }
+  }
+  if (a.mode == ProbeMode::kRankk) {
+    TORCH_CHECK(lam.has_value() && vec.has_value(), "probe_logit_grad: mode 'rankk' needs eig");
+    TORCH_CHECK(lam->dim() == 2 && lam->size(0) == a.R,
+                "probe_logit_grad: eigenvalues must be (", a.R, ", k); got ", lam->sizes());
+    a.K = lam->size(1);
+    TORCH_CHECK(vec->dim() == 3 && vec->size(0) == a.R && vec->size(1) == a.K &&
+                    vec->size(2) == a.C,
+                "probe_logit_grad: eigenvectors must be (", a.R, ", ", a.K, ", ", a.C, "); got ",
+                vec->sizes());
+    lam_c = lam->to(acc_type).contiguous();
+    vec_c = vec->to(acc_type).contiguous();
+  }
+  at::Tensor z = logits;
+  if (z.stride(1) != 1 && z.size(1) > 1 && a.mode != ProbeMode::kRankk &&
+      a.mode != ProbeMode::kGaussian) {
+    // a transposed view is gathered once: the row loops want unit column stride
+    z = z.contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "probe_logit_grad", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        probe_rows<acc_t, scalar_t>(
+            a, z.const_data_ptr<scalar_t>(), z.stride(0), z.stride(1),
+            lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr,
+            lam_c.defined() ? lam_c.const_data_ptr<acc_t>() : nullptr,
+            vec_c.defined() ? vec_c.const_data_ptr<acc_t>() : nullptr,
+            out.mutable_data_ptr<acc_t>());
+      });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fimfast, CPU, m) { m.impl("probe_logit_grad", &probe_logit_grad_cpu); }
+
+}  // namespace fimfast

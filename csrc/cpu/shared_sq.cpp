@@ -1,0 +1,63 @@
+// shared_sq on the CPU: sum_n (G_n^T A_n)**2 over chunks of samples.
+//
+// Each chunk's per-sample products come from one batched GEMM (torch's BLAS) into a reused
+// buffer; their squares are summed into the output in one fused parallel pass (the reference
+// allocates per*per and a reduction temporary for every chunk).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace fimfast {
+namespace {
+
+template <typename T>
+void add_squares(const T* per, int64_t n, int64_t e, T* out) {
+  // out[i] += sum_s per[s, i]**2, parallel over i (each output written by one thread: no races,
+  // and the summation order over s is fixed)
+  at::parallel_for(0, e, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t s = 0; s < n; ++s) {
+      const T* ps = per + s * e;
+      for (int64_t i = i0; i < i1; ++i) out[i] += ps[i] * ps[i];
+    }
+  });
+}
+
+at::Tensor shared_sq_cpu(const at::Tensor& G, const at::Tensor& A) {
+  TORCH_CHECK(G.dim() == 3 && A.dim() == 3, "shared_sq: G and A must be 3-D; got ", G.sizes(),
+              " and ", A.sizes());
+  TORCH_CHECK(G.size(0) == A.size(0) && G.size(1) == A.size(1),
+              "shared_sq: G and A must agree on (N, T); got ", G.sizes(), " and ", A.sizes());
+  const int64_t N = G.size(0), O = G.size(2), I = A.size(2);
+  const auto dt = (G.scalar_type() == at::kDouble || A.scalar_type() == at::kDouble)
+                      ? at::kDouble
+                      : at::kFloat;
+  at::Tensor out = at::zeros({O, I}, G.options().dtype(dt));
+  if (N == 0 || O == 0 || I == 0) return out;
+  const int64_t esize = dt == at::kDouble ? 8 : 4;
+  // 64 MiB of per-sample products per chunk, as the reference
+  const int64_t chunk = std::clamp<int64_t>((int64_t(64) << 20) / (esize * O * I), 1, N);
+  at::Tensor buf = at::empty({chunk, O, I}, out.options());
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n = std::min(chunk, N - n0);
+    at::Tensor per = buf.narrow(0, 0, n);
+    at::bmm_out(per, G.narrow(0, n0, n).to(dt).transpose(1, 2), A.narrow(0, n0, n).to(dt));
+    if (dt == at::kDouble) {
+      add_squares(per.const_data_ptr<double>(), n, O * I, out.mutable_data_ptr<double>());
+    } else {
+      add_squares(per.const_data_ptr<float>(), n, O * I, out.mutable_data_ptr<float>());
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fimfast, CPU, m) { m.impl("shared_sq", &shared_sq_cpu); }
+
+}  // namespace fimfast

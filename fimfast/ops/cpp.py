@@ -1,0 +1,72 @@
+"""The ``cpp`` backend: CPU kernels of ``fimfast._C`` (``csrc/cpu/<op>.cpp``) behind the contracts
+of :mod:`fimfast.ops.torch_ref`.
+
+The ops are ``torch.ops.fimfast.*`` (schemas in ``csrc/fimfast.cpp``); the same ops run the CUDA
+kernels for CUDA tensors (see :mod:`fimfast.ops.cuda`). Importing this module loads the extension
+and raises ImportError when it cannot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fimfast import _ext
+
+_ok, _why = _ext.load()
+if not _ok:
+    raise ImportError(_why)
+
+_M64 = (1 << 64) - 1
+
+
+def as_int64(x: int) -> int:
+    """A 64-bit seed or counter as the signed int64 of a torch schema (same 64 bits)."""
+    x = int(x) & _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def probe_logit_grad_cpp(
+    logits: torch.Tensor,
+    mode: str,
+    seed: int,
+    offset: int,
+    num_probes: int,
+    labels: torch.Tensor | None = None,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sigma2: float = 1.0,
+) -> torch.Tensor:
+    """:func:`fimfast.ops.probe_logit_grad` on the CPU; returns ``(S, R, C)`` float32|float64."""
+    lam, vec = eig if eig is not None else (None, None)
+    return torch.ops.fimfast.probe_logit_grad(
+        logits, mode, as_int64(seed), as_int64(offset), int(num_probes), labels, lam, vec,
+        float(sigma2),
+    )
+
+
+def core_topk_cpp(
+    p: torch.Tensor, k: int, solver: str = "exact", iters: int = 30
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fimfast.ops.core_topk` on the CPU; returns ``(lam (R, k), V (R, k, C))``."""
+    lam, vec = torch.ops.fimfast.core_topk(p, int(k), solver, int(iters))
+    return lam, vec
+
+
+def sq_matmul_cpp(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """:func:`fimfast.ops.sq_matmul` on the CPU; returns ``(O, I)`` float32|float64."""
+    return torch.ops.fimfast.sq_matmul(g, a)
+
+
+def shared_sq_cpp(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """:func:`fimfast.ops.shared_sq` on the CPU; returns ``(O, I)`` float32|float64."""
+    return torch.ops.fimfast.shared_sq(G, A)
+
+
+def accumulate_cpp_(
+    states: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    mode: str = "sum",
+    beta: float = 0.0,
+    scale: float = 1.0,
+) -> None:
+    """:func:`fimfast.ops.accumulate_` on the CPU, all tensors in one parallel loop."""
+    torch.ops.fimfast.accumulate_(list(states), list(grads), mode, float(beta), float(scale))

@@ -1,0 +1,264 @@
+"""Triton kernel of :func:`fimfast.ops.probe_logit_grad`: one program per logit row.
+
+A row of up to ``MAX_ONE_BLOCK`` classes is read once into registers: softmax (max, exp, sum),
+the probes of the counter-based generator (hashed in uint32), the mix, and one write of each
+probe row. Longer rows (a large vocabulary) go through the same steps in column blocks: an online
+max/sum pass, then per probe a pass for the ``sqrt(p).xi`` dot (``hutchinson``) or the inverse-CDF
+count (``mc``) and a write pass; those re-read the row (from L2 on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fimfast.ops import rng
+from fimfast.ops.torch_ref import PROBE_MODES, compute_dtype
+from fimfast.ops.triton.rng import sign_bit, uniform01
+
+_MODE_ID = {m: i for i, m in enumerate(PROBE_MODES)}
+_HUTCHINSON, _SQRT, _DG, _RANKK, _EMPIRICAL, _MC, _BERNOULLI, _GAUSSIAN = range(8)
+# rows up to this many classes stay in registers (16 per thread at 16 warps on a GPU)
+MAX_ONE_BLOCK = 8192
+_LOOP_BLOCK = 4096
+
+
+@triton.jit
+def _row_stats(X_ptr, row_off, X_stride_c, C, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Online max and sum of exp over a long row (column blocks)."""
+    offs = tl.arange(0, BLOCK)
+    m_vec = tl.full((BLOCK,), float("-inf"), ACC)
+    s_vec = tl.zeros((BLOCK,), ACC)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + offs
+        x = tl.load(
+            X_ptr + row_off + cols.to(tl.int64) * X_stride_c, mask=cols < C, other=float("-inf")
+        ).to(ACC)
+        m_new = tl.maximum(m_vec, x)
+        # lanes still at -inf keep a zero sum (exp(-inf - -inf) would be nan)
+        s_new = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+        s_vec = tl.where(m_new == float("-inf"), 0.0, s_new)
+        m_vec = m_new
+    m = tl.max(m_vec, 0)
+    s = tl.sum(tl.where(m_vec == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0)
+    return m, s
+
+
+@triton.jit(do_not_specialize=["R", "S", "K", "offset", "K0", "K1", "U0", "U1"])
+def _probe_logit_grad_kernel(
+    X_ptr,
+    X_stride_r,
+    X_stride_c,
+    Y_ptr,
+    L_ptr,
+    V_ptr,
+    P_ptr,
+    O_ptr,
+    R,
+    C,
+    S,
+    K,
+    offset,
+    K0,
+    K1,
+    U0,
+    U1,
+    MODE: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """dz[s, r, :] for s < S of row r = program_id(0); O_ptr is (S, R, C) contiguous, ACC dtype.
+
+    X: (R, C) logits (any float dtype, strided). Y: (R,) int64 labels (empirical). L: (R, K) and
+    V: (R, K, C) contiguous eigenpairs in ACC (rankk). P: [1/sqrt(sigma2)] in ACC (gaussian).
+    """
+    r = tl.program_id(0).to(tl.int64)
+    R = tl.cast(R, tl.int64)  # (s*R + r)*C passes 2**31 for large calls
+    offset = tl.cast(offset, tl.int64)
+    k0 = K0.to(tl.uint32)
+    k1 = K1.to(tl.uint32)
+    u0 = U0.to(tl.uint32)
+    u1 = U1.to(tl.uint32)
+    offs = tl.arange(0, BLOCK)
+    row_off = r * X_stride_r
+    if MODE == 3:  # rankk: sum_j xi_j sqrt(lam_j) v_j, counters (s*R + r)*K + j
+        for s in range(S):
+            base = offset + (s * R + r) * K
+            o_row = O_ptr + (s * R + r) * C
+            for c0 in range(0, C, BLOCK):
+                cols = c0 + offs
+                cm = cols < C
+                acc = tl.zeros((BLOCK,), ACC)
+                for j in range(K):
+                    lam = tl.maximum(tl.load(L_ptr + r * K + j), 0.0)
+                    coef = tl.sqrt(lam)
+                    coef = tl.where(sign_bit(base + j, k0, k1) != 0, -coef, coef)
+                    v = tl.load(V_ptr + (r * K + j) * C + cols, mask=cm, other=0.0)
+                    acc += coef * v
+                tl.store(o_row + cols, acc, mask=cm)
+    elif ONE_BLOCK:
+        cm = offs < C
+        x = tl.load(X_ptr + row_off + offs.to(tl.int64) * X_stride_c, mask=cm, other=0.0).to(ACC)
+        if MODE == 7:  # gaussian
+            amp = tl.zeros((BLOCK,), ACC) + tl.load(P_ptr)
+        elif MODE == 6:  # bernoulli: sqrt(s(1-s)), s = sigmoid(z)
+            sg = 1.0 / (1.0 + tl.exp(-x))
+            amp = tl.sqrt(sg * (1.0 - sg))
+        else:
+            xm = tl.where(cm, x, float("-inf"))
+            e = tl.exp(xm - tl.max(xm, 0))
+            p = e / tl.sum(e, 0)
+            amp = tl.sqrt(p)
+        if MODE == 4:
+            y = tl.load(Y_ptr + r)
+            dz = tl.where(offs == y, 1.0 - p, -p)
+        if MODE == 5:
+            cdf = tl.cumsum(p, 0)
+        for s in range(S):
+            row = s * R + r
+            if MODE == 4:  # empirical: e_y - p for every probe
+                out = dz
+            elif MODE == 5:  # mc: e_yhat - p, yhat = #classes with cdf <= u
+                u = uniform01(offset + row, u0, u1).to(ACC)
+                yhat = tl.minimum(tl.sum(((cdf <= u) & cm).to(tl.int32), 0), C - 1)
+                out = tl.where(offs == yhat, 1.0 - p, -p)
+            else:
+                bit = sign_bit(offset + row * C + offs, k0, k1)
+                out = tl.where(bit != 0, -amp, amp)
+                if MODE == 0:  # hutchinson: w - p (sqrt(p) . xi)
+                    out = out - p * tl.sum(out, 0)
+            tl.store(O_ptr + row * C + offs, out, mask=cm)
+    else:
+        if MODE != 7 and MODE != 6:
+            m, ssum = _row_stats(X_ptr, row_off, X_stride_c, C, BLOCK, ACC)
+            inv = 1.0 / ssum
+        if MODE == 4:
+            y = tl.load(Y_ptr + r)
+        for s in range(S):
+            row = s * R + r
+            o_row = O_ptr + row * C
+            if MODE == 0:
+                dot = tl.zeros((BLOCK,), ACC)
+                for c0 in range(0, C, BLOCK):
+                    cols = c0 + offs
+                    cm = cols < C
+                    x = tl.load(
+                        X_ptr + row_off + cols.to(tl.int64) * X_stride_c, mask=cm, other=0.0
+                    )
+                    p = tl.where(cm, tl.exp(x.to(ACC) - m) * inv, 0.0)
+                    bit = sign_bit(offset + row * C + cols, k0, k1)
+                    dot += tl.where(bit != 0, -tl.sqrt(p), tl.sqrt(p))
+                dotsum = tl.sum(dot, 0)
+            if MODE == 5:
+                u = uniform01(offset + row, u0, u1).to(ACC)
+                carry = tl.sum(tl.zeros((BLOCK,), ACC), 0)
+                count = tl.sum(tl.zeros((BLOCK,), tl.int32), 0)
+                for c0 in range(0, C, BLOCK):
+                    cols = c0 + offs
+                    cm = cols < C
+                    x = tl.load(
+                        X_ptr + row_off + cols.to(tl.int64) * X_stride_c, mask=cm, other=0.0
+                    )
+                    p = tl.where(cm, tl.exp(x.to(ACC) - m) * inv, 0.0)
+                    cdf = carry + tl.cumsum(p, 0)
+                    count += tl.sum(((cdf <= u) & cm).to(tl.int32), 0)
+                    carry += tl.sum(p, 0)
+                yhat = tl.minimum(count, C - 1)
+            for c0 in range(0, C, BLOCK):
+                cols = c0 + offs
+                cm = cols < C
+                x = tl.load(
+                    X_ptr + row_off + cols.to(tl.int64) * X_stride_c, mask=cm, other=0.0
+                ).to(ACC)
+                if MODE == 7:
+                    amp = tl.zeros((BLOCK,), ACC) + tl.load(P_ptr)
+                elif MODE == 6:
+                    sg = 1.0 / (1.0 + tl.exp(-x))
+                    amp = tl.sqrt(sg * (1.0 - sg))
+                else:
+                    p = tl.exp(x - m) * inv
+                    amp = tl.sqrt(p)
+                if MODE == 4:
+                    out = tl.where(cols == y, 1.0 - p, -p)
+                elif MODE == 5:
+                    out = tl.where(cols == yhat, 1.0 - p, -p)
+                else:
+                    bit = sign_bit(offset + row * C + cols, k0, k1)
+                    out = tl.where(bit != 0, -amp, amp)
+                    if MODE == 0:
+                        out = out - p * dotsum
+                tl.store(o_row + cols, out, mask=cm)
+
+
+def _num_warps(block: int) -> int:
+    return max(1, min(16, block // 512))
+
+
+def probe_logit_grad_triton(
+    logits: torch.Tensor,
+    mode: str,
+    seed: int,
+    offset: int,
+    num_probes: int,
+    labels: torch.Tensor | None = None,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sigma2: float = 1.0,
+) -> torch.Tensor:
+    """:func:`fimfast.ops.probe_logit_grad` in Triton; returns ``(S, R, C)`` float32|float64."""
+    if mode not in _MODE_ID:
+        raise ValueError(f"mode must be one of {PROBE_MODES}; got {mode!r}")
+    R, C = logits.shape
+    S = int(num_probes)
+    dt = compute_dtype(logits.dtype)
+    out = torch.empty((S, R, C), dtype=dt, device=logits.device)
+    if out.numel() == 0:
+        return out
+    dev = logits.device
+    dummy = torch.zeros(1, dtype=dt, device=dev)
+    labels_t = torch.zeros(1, dtype=torch.int64, device=dev)
+    lam_t = vec_t = dummy
+    K = 0
+    if mode == "empirical":
+        if labels is None:
+            raise ValueError("probe_logit_grad: mode 'empirical' needs labels")
+        labels_t = labels.to(device=dev, dtype=torch.int64).contiguous()
+    if mode == "rankk":
+        if eig is None:
+            raise ValueError("probe_logit_grad: mode 'rankk' needs eig=(eigenvalues, eigenvectors)")
+        lam_t = eig[0].to(device=dev, dtype=dt).contiguous()
+        vec_t = eig[1].to(device=dev, dtype=dt).contiguous()
+        K = lam_t.shape[1]
+    params = torch.tensor([1.0 / math.sqrt(sigma2)], dtype=dt, device=dev)
+    k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
+    u0, u1 = rng.keys(seed, rng.STREAM_UNIFORM)
+    one_block = C <= MAX_ONE_BLOCK
+    block = triton.next_power_of_2(C) if one_block else _LOOP_BLOCK
+    _probe_logit_grad_kernel[(R,)](
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        labels_t,
+        lam_t,
+        vec_t,
+        params,
+        out,
+        R,
+        C,
+        S,
+        K,
+        int(offset) & ((1 << 63) - 1),
+        k0,
+        k1,
+        u0,
+        u1,
+        MODE=_MODE_ID[mode],
+        ONE_BLOCK=one_block,
+        BLOCK=block,
+        ACC=tl.float64 if dt == torch.float64 else tl.float32,
+        num_warps=_num_warps(block),
+    )
+    return out

@@ -1,0 +1,49 @@
+"""The comparison rule of the op tests: a kernel may be as wrong as torch in the same dtype, plus a
+few ulps, both measured against a float64 truth on the same rounded inputs."""
+
+from __future__ import annotations
+
+import torch
+from tolerances import KERNEL_SLACK_ULPS
+
+
+def rel_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    """max |x - truth| / max |truth| (absolute error when the truth is all zeros)."""
+    x = x.detach().to("cpu", torch.float64)
+    truth = truth.detach().to("cpu", torch.float64)
+    if x.shape != truth.shape:
+        raise AssertionError(f"shape {tuple(x.shape)} != {tuple(truth.shape)}")
+    if truth.numel() == 0:
+        return 0.0
+    scale = float(truth.abs().max())
+    return float((x - truth).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+def assert_kernel_close(
+    kernel: torch.Tensor,
+    ref: torch.Tensor,
+    truth: torch.Tensor,
+    factor: float = 1.0,
+    what: str = "",
+) -> None:
+    """err(kernel) <= factor * err(ref) + KERNEL_SLACK_ULPS * eps(kernel's dtype)."""
+    assert kernel.dtype == ref.dtype, f"{what}: dtype {kernel.dtype} != reference {ref.dtype}"
+    assert kernel.shape == ref.shape, f"{what}: shape {tuple(kernel.shape)} != {tuple(ref.shape)}"
+    assert bool(torch.isfinite(kernel).all()), f"{what}: non-finite values"
+    ek = rel_err(kernel, truth)
+    et = rel_err(ref, truth)
+    bound = factor * et + KERNEL_SLACK_ULPS * torch.finfo(kernel.dtype).eps
+    assert ek <= bound, f"{what}: kernel error {ek:.3g} > {bound:.3g} (torch error {et:.3g})"
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as ``t`` (2-D) in a ``contiguous``, ``transposed`` or ``sliced`` layout."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "transposed":  # column-major storage
+        return t.t().contiguous().t()
+    if kind == "sliced":  # every other column of a wider buffer, row stride > width
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1] + 3, dtype=t.dtype, device=t.device)
+        wide[:, 1 : 1 + 2 * t.shape[1] : 2] = t
+        return wide[:, 1 : 1 + 2 * t.shape[1] : 2]
+    raise KeyError(kind)

@@ -1,0 +1,106 @@
+"""Importing fimfast is cheap and safe: no triton, no fimfast._C, no CUDA; hidden or broken
+backends fall back quietly in the automatic choice and fail loudly when named."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fimfast.ops import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(code: str, **env: str) -> None:
+    full = {**os.environ, "PYTHONPATH": ROOT, **env}
+    for k in ("FIMFAST_BACKEND", "FIMFAST_DISABLE_EXT", "FIMFAST_DISABLE_TRITON"):
+        if k not in env:
+            full.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_import_loads_nothing_heavy():
+    _run("""
+        import sys
+        import fimfast
+        import torch
+        assert "triton" not in sys.modules, "import fimfast imported triton"
+        assert "fimfast._C" not in sys.modules, "import fimfast loaded fimfast._C"
+        assert not torch.cuda.is_initialized(), "import fimfast initialised CUDA"
+        fimfast.available_backends()  # probing the backends imports triton but loads nothing
+        assert not torch.cuda.is_initialized()
+    """)
+
+
+_FALLBACK = """
+import sys
+import torch
+import fimfast
+from fimfast import ops
+
+
+def check(hidden, reason):
+    st = fimfast.available_backends()
+    assert not st[hidden]["available"], st
+    assert reason in st[hidden]["reason"], st[hidden]["reason"]
+    z = torch.randn(3, 5)
+    out = ops.probe_logit_grad(z, "hutchinson", 1, 0, 2)  # automatic choice: falls back
+    ref = ops.probe_logit_grad(z, "hutchinson", 1, 0, 2, backend="torch")
+    torch.testing.assert_close(out, ref)
+    s = [torch.zeros(4)]
+    ops.accumulate_(s, [torch.ones(4)])
+    assert torch.equal(s[0], torch.ones(4))
+    try:
+        ops.probe_logit_grad(z, "hutchinson", 1, 0, backend=hidden)
+    except fimfast.BackendUnavailableError as exc:
+        assert reason in str(exc), str(exc)
+    else:
+        raise AssertionError("an unavailable explicit backend did not raise")
+"""
+
+
+def test_env_hides_triton_and_the_extension():
+    _run(_FALLBACK + """
+check("triton", "FIMFAST_DISABLE_TRITON")
+check("cpp", "FIMFAST_DISABLE_EXT")
+check("cuda", "FIMFAST_DISABLE_EXT")
+assert "triton" not in sys.modules and "fimfast._C" not in sys.modules
+""", FIMFAST_DISABLE_TRITON="1", FIMFAST_DISABLE_EXT="1", TRITON_INTERPRET="1")
+
+
+def test_unimportable_triton_and_missing_extension():
+    # a None entry in sys.modules makes the import raise ImportError, as a missing package or .so
+    _run("import sys\nsys.modules['triton'] = None\nsys.modules['fimfast._C'] = None\n"
+         + _FALLBACK + """
+check("triton", "triton cannot be imported")
+check("cpp", "fimfast._C is not available")
+check("cuda", "fimfast._C is not available")
+""", TRITON_INTERPRET="1")
+
+
+def test_env_backend_selects_and_explicit_wins(monkeypatch):
+    monkeypatch.setenv("FIMFAST_BACKEND", "torch")
+    name, _ = registry.resolve("sq_matmul", None, torch.device("cpu"))
+    assert name == "torch"
+    monkeypatch.setenv("FIMFAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FIMFAST_BACKEND"):
+        registry.resolve("sq_matmul", None, torch.device("cpu"))
+    monkeypatch.delenv("FIMFAST_BACKEND")
+    name, _ = registry.resolve("sq_matmul", "torch", torch.device("cpu"))
+    assert name == "torch"
+
+
+@pytest.mark.parametrize("op", sorted(registry._IMPLS))
+def test_automatic_cpu_choice_is_the_measured_order(op, monkeypatch):
+    monkeypatch.delenv("FIMFAST_BACKEND", raising=False)
+    name, _ = registry.resolve(op, None, torch.device("cpu"))
+    first = next(b for b in registry._AUTO_CPU[op]
+                 if registry.backend_status(b, torch.device("cpu"))[0])
+    assert name == first

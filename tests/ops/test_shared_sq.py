@@ -1,0 +1,64 @@
+"""shared_sq: every kernel backend against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_parity import assert_kernel_close
+from op_backends import backend_params, require
+
+from fimfast import ops
+
+SHAPES = {  # (N, T, O, I)
+    "1x1x1x1": (1, 1, 1, 1),
+    "2x3x5x7": (2, 3, 5, 7),
+    "9x17x33x65": (9, 17, 33, 65),
+    "4x50x3x2": (4, 50, 3, 2),
+    "3x1x70x9": (3, 1, 70, 9),
+    "0x2x3x4": (0, 2, 3, 4),
+}
+DTYPES = {
+    "f32": (torch.float32, torch.float32),
+    "f64": (torch.float64, torch.float64),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "f16": (torch.float16, torch.float16),
+    "f64xf32": (torch.float64, torch.float32),
+}
+
+
+def _inputs(N, T, O, I, gdt, adt, dev, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(N, T, O, generator=gen, dtype=torch.float64).to(gdt)
+    A = torch.randn(N, T, I, generator=gen, dtype=torch.float64).to(adt)
+    return G.to(dev), A.to(dev)
+
+
+def _check(G, A, backend):
+    out = ops.shared_sq(G, A, backend=backend)
+    ref = ops.shared_sq(G, A, backend="torch")
+    truth = ops.shared_sq(G.double(), A.double(), backend="torch")
+    assert_kernel_close(out, ref, truth, what=f"{backend} shared_sq")
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("sname", list(SHAPES))
+@pytest.mark.parametrize("backend", backend_params())
+def test_matches_reference(backend, sname, dname):
+    dev = require(backend)
+    G, A = _inputs(*SHAPES[sname], *DTYPES[dname], dev)
+    _check(G, A, backend)
+
+
+@pytest.mark.parametrize("lay", ["transposed", "sliced"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_strided_inputs(backend, lay):
+    """G and A as views: (N, O, T) storage transposed, or every other position of a longer T."""
+    dev = require(backend)
+    G, A = _inputs(5, 12, 9, 11, torch.float32, torch.float32, dev, seed=1)
+    if lay == "transposed":
+        G = G.transpose(1, 2).contiguous().transpose(1, 2)
+        A = A.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        G = torch.cat([G, G], 1)[:, ::2]
+        A = torch.cat([A, A], 1)[:, ::2]
+    _check(G, A, backend)
