@@ -1,0 +1,177 @@
+"""Capture for the fast per-sample engine: taps on layer outputs during the estimator's forward.
+
+While a :class:`Capture` is active, every module with a rule in :mod:`fimfast.layers` records one
+:class:`Call` per invocation: what its rule needs from the forward (inputs, detached) and one
+*tap* per output whose gradient the rule needs. A tap replaces the output ``y`` by ``y + z`` where
+``z`` is a zero scalar expanded to ``y``'s shape: the gradient with respect to ``z`` is the
+gradient at the layer output, and it stays the gradient of the value the layer produced even when
+later code modifies the output in place (``ReLU(inplace=True)``, ``out += residual``), which
+asking for the gradient of ``y`` itself would not. The add costs one pass over the output; the
+engine keeps only the zero views, never the outputs.
+
+Each call also records which trainable parameters its own autograd nodes consume (a walk of the
+call's subgraph, stopped at the graph of its inputs). :func:`parameter_edges` counts the same
+edges over the whole graph of the logits, so a parameter also used outside any captured call
+(a functional ``F.linear(x, emb.weight)``, say) is detected and sent to the generic path instead
+of being estimated from part of its gradient.
+
+Hooks and patched forwards are removed when the capture exits, also after an error.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Tap:
+    """One tapped layer output.
+
+    Attributes:
+        zero: the expanded zero view added to the output; its gradient is the output gradient.
+        out: weak reference to the tapped output (the tensor the layer returned).
+        lead: number of leading dims (batch and positions) before the feature dims.
+        batch_first: the batch is dim 0 by construction (otherwise any leading dim of size ``N``
+            may be it, and the engine decides).
+        bdim: the batch dimension, set by the engine once the batch size is known.
+        cands: candidate batch dimensions (leading dims whose size is ``N``).
+    """
+
+    zero: torch.Tensor
+    out: Callable[[], torch.Tensor | None]
+    lead: int
+    batch_first: bool = False
+    bdim: int | None = None
+    cands: tuple[int, ...] = ()
+
+
+@dataclass
+class Use:
+    """How one call uses one trainable parameter.
+
+    Attributes:
+        param: the parameter.
+        kind: ``outer`` (per-row gradient ``sum_t P_t (x) Q_t``), ``rows`` (embedding rows) or
+            ``vec`` (per-row gradient given directly).
+        block: ``(start, stop)`` rows of the parameter's first dim this use fills (``None``: all).
+        groups: convolution groups of an ``outer`` use.
+    """
+
+    param: torch.Tensor
+    kind: str
+    block: tuple[int, int] | None = None
+    groups: int = 1
+
+
+@dataclass
+class Call:
+    """One invocation of a module with a rule, as recorded during the forward."""
+
+    module: torch.nn.Module
+    rule: Any
+    taps: list[Tap]
+    uses: list[Use]
+    data: dict[str, Any] = field(default_factory=dict)
+    internal: Counter = field(default_factory=Counter)
+    ok: bool = True
+    reason: str = ""
+
+
+class Capture:
+    """Records the calls of known modules during one forward (see the module docstring).
+
+    Args:
+        model: the network.
+        params: its trainable parameters (only these are looked for in the graph).
+        rule_for: ``rule_for(module) -> rule | None`` (see :func:`fimfast.layers.rule_for`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: list[torch.Tensor],
+        rule_for: Callable[[torch.nn.Module], Any],
+    ):
+        self.model = model
+        self.params = params
+        self.param_ids = {id(p) for p in params}
+        self.rule_for = rule_for
+        self.calls: list[Call] = []
+        self.active = False
+
+    # -- installation ---------------------------------------------------------------------- #
+    @contextmanager
+    def installed(self) -> Iterator[Capture]:
+        """Install hooks (and patched forwards) on every known module; remove them on exit."""
+        undo: list[Callable[[], None]] = []
+        try:
+            for m in self.model.modules():
+                if not any(id(p) in self.param_ids for p in m.parameters(recurse=False)):
+                    continue
+                rule = self.rule_for(m)
+                if rule is not None:
+                    undo.append(rule.install(m, self))
+            self.active = True
+            yield self
+        finally:
+            self.active = False
+            for u in reversed(undo):
+                u()
+
+    # -- helpers for the rules ------------------------------------------------------------- #
+    def tap(
+        self, y: torch.Tensor, lead: int, batch_first: bool = False
+    ) -> tuple[Tap, torch.Tensor]:
+        """A tap on ``y``: returns the tap and the tensor to use in place of ``y``."""
+        z = torch.zeros((), dtype=y.dtype, device=y.device, requires_grad=True).expand(y.shape)
+        out = y + z
+        return Tap(zero=z, out=weakref.ref(out), lead=lead, batch_first=batch_first), out
+
+    def record(
+        self,
+        call: Call,
+        outputs: Iterable[torch.Tensor],
+        inputs: Iterable[Any],
+    ) -> None:
+        """Register ``call``; ``outputs`` are its results before tapping, ``inputs`` its inputs."""
+        stops = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+        own = {id(u.param) for u in call.uses}
+        call.internal = _edges([t.grad_fn for t in outputs], stops, own)
+        for u in call.uses:
+            if call.internal[id(u.param)] == 0:
+                call.ok, call.reason = False, "a parameter of the call is not in its graph"
+        self.calls.append(call)
+
+
+def _edges(starts: Iterable[Any], stops: set, wanted: set[int]) -> Counter:
+    """Edges into the AccumulateGrad nodes of ``wanted`` parameters reachable from ``starts``."""
+    counts: Counter = Counter()
+    seen: set = set()
+    stack = [n for n in starts if n is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stops:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:  # AccumulateGrad of a leaf
+                if id(var) in wanted:
+                    counts[id(var)] += 1
+                continue
+            stack.append(nxt)
+    return counts
+
+
+def parameter_edges(flat: torch.Tensor, params: list[torch.Tensor]) -> Counter:
+    """Edges into each parameter's AccumulateGrad node over the whole graph of ``flat``."""
+    return _edges([flat.grad_fn], set(), {id(p) for p in params})
