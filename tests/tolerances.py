@@ -15,3 +15,6 @@ EIGH_F64 = 1e-10
 BF16_REL = 5e-2
 # metrics of the CLI on hand-made files with known answers (float64 arithmetic on a few entries)
 METRICS_ABS = 1e-12
+# peak extra RSS of one EXACT step on a model whose per-sample gradients need ~4.4 GB
+# (tests/test_persample.py): params 35 MB, temporaries and sq_matmul operands ~100 MB
+PERSAMPLE_PEAK_MB = 512
