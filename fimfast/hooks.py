@@ -108,16 +108,16 @@ class Capture:
 
     # -- installation ---------------------------------------------------------------------- #
     @contextmanager
-    def installed(self) -> Iterator[Capture]:
-        """Install hooks (and patched forwards) on every known module; remove them on exit."""
+    def installed(self, modules: list[tuple[torch.nn.Module, Any]] | None = None
+                  ) -> Iterator[Capture]:
+        """Install hooks (and patched forwards) on ``modules`` (default: :func:`targets`);
+        remove them on exit."""
+        if modules is None:
+            modules = targets(self.model, self.params, self.rule_for)
         undo: list[Callable[[], None]] = []
         try:
-            for m in self.model.modules():
-                if not any(id(p) in self.param_ids for p in m.parameters(recurse=False)):
-                    continue
-                rule = self.rule_for(m)
-                if rule is not None:
-                    undo.append(rule.install(m, self))
+            for m, rule in modules:
+                undo.append(rule.install(m, self))
             self.active = True
             yield self
         finally:
@@ -148,6 +148,21 @@ class Capture:
             if call.internal[id(u.param)] == 0:
                 call.ok, call.reason = False, "a parameter of the call is not in its graph"
         self.calls.append(call)
+
+
+def targets(
+    model: torch.nn.Module, params: list[torch.Tensor], rule_for: Callable[[torch.nn.Module], Any]
+) -> list[tuple[torch.nn.Module, Any]]:
+    """``(module, rule)`` for every module of ``model`` that has a rule and a trainable parameter
+    of its own."""
+    ids = {id(p) for p in params}
+    out = []
+    for m in model.modules():
+        if any(id(p) in ids for p in m.parameters(recurse=False)):
+            rule = rule_for(m)
+            if rule is not None:
+                out.append((m, rule))
+    return out
 
 
 def _edges(starts: Iterable[Any], stops: set, wanted: set[int]) -> Counter:

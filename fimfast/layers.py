@@ -160,7 +160,8 @@ def _linear_terms(call: Call, G, tap, data: dict, key: str, uses: list[Use]) -> 
     if qkey not in data:  # the input side does not depend on the column: once per step
         data[qkey] = _front(data[key], b, lead)
     P = _front(G, b, lead, extra=1)
-    return [Outer(P, data[qkey]) if u.kind == "outer" else Vec(P.sum(2)) for u in uses]
+    V = P[:, :, 0] if P.shape[2] == 1 else P.sum(2)  # bias: sum over tokens (a view if one)
+    return [Outer(P, data[qkey]) if u.kind == "outer" else Vec(V) for u in uses]
 
 
 class ConvRule(Rule):

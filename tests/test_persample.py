@@ -177,6 +177,7 @@ def test_reduced_categorical_factor(peaked):
     got = torch.einsum("krc,krd->rcd", B, B)
     assert float((got - core).abs().max()) <= 1e-14
     assert torch.allclose(cols.S, p * (1 - p), rtol=0, atol=1e-15)
+    assert torch.allclose(cols.root.square(), p * (1 - p), rtol=0, atol=1e-15)
 
 
 _MEM_SCRIPT = textwrap.dedent(
