@@ -192,7 +192,7 @@ class ConvRule(Rule):
         U = F.unfold(x, k, dilation=d, stride=s)  # (N, I*kk, L), channel-major like the weight
         N, IK, L = U.shape
         g = module.groups
-        return U.transpose(1, 2).reshape(N, L, g, IK // g)
+        return U.view(N, g, IK // g, L).permute(0, 3, 1, 2)  # a view: bmm takes the strides
 
     def terms(self, call, grads):
         G = grads[0]

@@ -173,7 +173,9 @@ class Columns:
         else:
             self.block = likelihoods.score_columns(flat, labels, fim_type, opts, seed, offset)
             self.num = self.block.shape[0]
-            self._root = lambda: torch.linalg.vector_norm(self.block, dim=0)
+            self._root = lambda: (
+                self.block[0].abs() if self.num == 1 else self.block.square().sum(0).sqrt()
+            )
 
     @functools.cached_property
     def root(self) -> torch.Tensor:
@@ -477,7 +479,7 @@ class Engine:
                 A = x.reshape(-1, x.shape[-1]).index_select(0, rows.index)
                 acc[g.index].add_(ops.sq_matmul(cols.root, A, backend=backend))
             elif g.kind == "head_b":
-                bias = torch.linalg.vector_norm(cols.root, dim=0).square()
+                bias = cols.root.square().sum(0)
                 acc[g.index].add_(bias.to(acc[g.index].dtype))
         groups = [g for g in plan.groups if g.kind not in ("head_w", "head_b")]
         if not groups:
@@ -496,6 +498,8 @@ class Engine:
         else:
             kk = torch.arange(cols.num, device=dev)
         total = kk.numel()
+        for g in groups:
+            g.state["single"] = total == 1
         per_col = flat.element_size() * R * C + 3 * 4 * sum(t.zero.numel() for t in taps)
         if need_head:
             per_col += 4 * rows.logits.numel()
@@ -516,6 +520,7 @@ class Engine:
                 Gh[:, rows.index] = cot
                 gmap[id(head.taps[0].zero)] = Gh.reshape(M, *rows.logits.shape)
             terms: dict[int, list] = {}
+            sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
             for g in groups:
                 parts = []
                 for c, ui in g.members:
@@ -524,12 +529,14 @@ class Engine:
                     parts.append(terms[id(c)][ui])
                 parts = [p for p in parts if p is not None]
                 if parts:
-                    _accumulate(g, parts, params[g.index], acc[g.index], backend)
+                    _accumulate(g, parts, acc[g.index], backend, sq0)
             del terms, gmap, cot
         for g in groups:
-            if "r" in g.state:  # no weight sharing: sum_n r_n^2 (x) a_n^2 once for all columns
+            if "S" in g.state:  # no weight sharing: sum_n S_n (x) a_n^2 once for all columns
                 view = _block(acc[g.index], g.block)
-                res = ops.sq_matmul(g.state["r"], g.state["Q"], backend=backend)
+                S = g.state["S"]
+                res = ops.sq_matmul(S if g.state.get("root") else S.sqrt(), g.state["Q"],
+                                    backend=backend)
                 view.add_(res.reshape(view.shape))
 
 
@@ -554,29 +561,48 @@ def _block(a: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- #
 # squaring and summing the terms of one group, one chunk of columns
 # --------------------------------------------------------------------------------------------- #
-def _accumulate(g: Group, parts: list, param: torch.Tensor, acc: torch.Tensor, backend) -> None:
+def _key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _colsq(P: torch.Tensor, dt: torch.dtype, cache: dict) -> torch.Tensor:
+    """``sum_m P[m]^2`` (``P`` ``(M, N, ...)``), computed once per chunk for a weight and its
+    bias (the bias gradient of a layer without weight sharing is its output gradient)."""
+    k = _key(P)
+    if k not in cache:
+        # (torch.linalg.vector_norm over dim 0 is 10-40x slower than square + sum here); the
+        # entry keeps P alive, so no other tensor of the chunk can reuse its address
+        cache[k] = (P, P.to(dt).square().sum(0))
+    return cache[k][1]
+
+
+def _accumulate(g: Group, parts: list, acc: torch.Tensor, backend, cache: dict) -> None:
     view = _block(acc, g.block)
     dt = acc.dtype
     if g.kind == "vec":
-        V = parts[0].V
-        for p in parts[1:]:
-            V = V.to(dt) + p.V.to(dt)
-        # sum over columns and samples of V^2 as one reduction (no temporary the size of V)
-        sq = torch.linalg.vector_norm(V, dim=(0, 1), dtype=dt).square()
+        if len(parts) == 1:
+            sq = _colsq(parts[0].V, dt, cache).sum(0)
+        else:
+            V = parts[0].V.to(dt)
+            for p in parts[1:]:
+                V = V + p.V.to(dt)
+            sq = V.square().sum((0, 1))
         view.add_(sq.reshape(view.shape))
         return
     outers = [p for p in parts if isinstance(p, layers.Outer)]
     rows = [p for p in parts if isinstance(p, layers.Rows)]
     if outers:
         if len(g.members) == 1 and outers[0].P.dim() == 4 and outers[0].P.shape[2] == 1:
-            # no weight sharing: defer, keeping r_n = sqrt(sum over columns of g_n^2) (one
-            # reduction per chunk, combined across chunks by hypot): sq_matmul(r, a) at the end
-            r = torch.linalg.vector_norm(outers[0].P[:, :, 0], dim=0, dtype=dt)
-            if "r" not in g.state:
-                g.state["r"] = r
-                g.state["Q"] = outers[0].Q[:, 0]
+            # no weight sharing: defer, S_n = sum over columns of g_n^2, and sq_matmul(sqrt S, a)
+            # once at the end; a single column is passed as it is (sq_matmul squares it)
+            P = outers[0].P[:, :, 0]
+            if "S" in g.state:
+                g.state["S"].add_(_colsq(P, dt, cache))
+            elif P.shape[0] == 1 and g.state.get("single"):
+                g.state["S"], g.state["root"] = P[0], True
             else:
-                torch.hypot(g.state["r"], r, out=g.state["r"])
+                g.state["S"] = _colsq(P, dt, cache).clone()
+            g.state.setdefault("Q", outers[0].Q[:, 0])
         else:
             P, Q = _cat_outer(g, outers)
             view.add_(_outer_sq(P, Q).reshape(view.shape))
