@@ -298,9 +298,9 @@ class LayerNormRule(_NormRule):
         return y.dim() - len(module.normalized_shape)
 
     def xhat(self, module, x, data):
-        dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + module.eps)
+        # torch's own kernel without the affine: the forward's numerics, and 10x faster than
+        # var_mean on short rows
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
 
 class RMSNormRule(_NormRule):
@@ -321,8 +321,7 @@ class RMSNormRule(_NormRule):
         return out
 
     def xhat(self, module, x, data):
-        dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-        return x * torch.rsqrt(x.square().mean(dims, keepdim=True) + data["eps"])
+        return F.rms_norm(x, module.normalized_shape, None, data["eps"])
 
 
 class _ChannelNormRule(_NormRule):
@@ -343,10 +342,7 @@ class GroupNormRule(_ChannelNormRule):
         return module.affine
 
     def xhat(self, module, x, data):
-        N = x.shape[0]
-        xg = x.reshape(N, module.num_groups, -1)
-        var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
-        return ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
 
 
 class BatchNormRule(_ChannelNormRule):
@@ -370,15 +366,11 @@ class BatchNormRule(_ChannelNormRule):
         return out
 
     def xhat(self, module, x, data):
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         stats = data["stats"]
-        if stats is None:
-            dims = (0, *range(2, x.dim()))
-            var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
-        else:
-            mean = stats[0].to(x.dtype).reshape(shape)
-            var = stats[1].to(x.dtype).reshape(shape)
-        return (x - mean) * torch.rsqrt(var + module.eps)
+        if stats is None:  # batch statistics, running statistics untouched (None)
+            return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
+        return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False,
+                            0.0, module.eps)
 
 
 # --------------------------------------------------------------------------------------------- #
