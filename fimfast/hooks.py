@@ -2,12 +2,16 @@
 
 While a :class:`Capture` is active, every module with a rule in :mod:`fimfast.layers` records one
 :class:`Call` per invocation: what its rule needs from the forward (inputs, detached) and one
-*tap* per output whose gradient the rule needs. A tap replaces the output ``y`` by ``y + z`` where
-``z`` is a zero scalar expanded to ``y``'s shape: the gradient with respect to ``z`` is the
-gradient at the layer output, and it stays the gradient of the value the layer produced even when
-later code modifies the output in place (``ReLU(inplace=True)``, ``out += residual``), which
-asking for the gradient of ``y`` itself would not. The add costs one pass over the output; the
-engine keeps only the zero views, never the outputs.
+*tap* per output whose gradient the rule needs. By default a tap replaces the output ``y`` by
+``y + z`` where ``z`` is a zero scalar expanded to ``y``'s shape: the gradient with respect to
+``z`` is the gradient at the layer output, and it stays the gradient of the value the layer
+produced even when later code modifies the output in place (``ReLU(inplace=True)``,
+``out += residual``), which asking for the gradient of ``y`` itself would not. The add costs one
+pass over the output (16 MB for a 512 x 8192 logits head), so once a step has shown that a
+module's output is left alone (its version counter did not move), the engine taps that module
+*directly* in later steps (``y`` itself is the gradient handle); a direct tap whose output was
+modified in place after all is detected by its version counter, its parameters take the generic
+path for that step and the module goes back to add-taps.
 
 Each call also records which trainable parameters its own autograd nodes consume (a walk of the
 call's subgraph, stopped at the graph of its inputs). :func:`parameter_edges` counts the same
@@ -35,8 +39,13 @@ class Tap:
     """One tapped layer output.
 
     Attributes:
-        zero: the expanded zero view added to the output; its gradient is the output gradient.
-        out: weak reference to the tapped output (the tensor the layer returned).
+        handle: the tensor whose gradient is the output gradient (the expanded zero, or the
+            output itself for a direct tap).
+        shape: the output's shape.
+        out: weak reference to the tensor the layer returned.
+        version: that tensor's version counter when it was returned.
+        key: identifies the module output across steps (for the direct-tap decision).
+        direct: whether ``handle`` is the output itself.
         lead: number of leading dims (batch and positions) before the feature dims.
         batch_first: the batch is dim 0 by construction (otherwise any leading dim of size ``N``
             may be it, and the engine decides).
@@ -44,12 +53,21 @@ class Tap:
         cands: candidate batch dimensions (leading dims whose size is ``N``).
     """
 
-    zero: torch.Tensor
+    handle: torch.Tensor
+    shape: torch.Size
     out: Callable[[], torch.Tensor | None]
+    version: int
+    key: Any
+    direct: bool
     lead: int
     batch_first: bool = False
     bdim: int | None = None
     cands: tuple[int, ...] = ()
+
+    def modified(self) -> bool | None:
+        """Whether the returned output was modified in place (``None``: it no longer exists)."""
+        o = self.out()
+        return None if o is None else o._version != self.version
 
 
 @dataclass
@@ -98,7 +116,9 @@ class Capture:
         model: torch.nn.Module,
         params: list[torch.Tensor],
         rule_for: Callable[[torch.nn.Module], Any],
+        direct: set | None = None,
     ):
+        self.direct = set() if direct is None else direct
         self.model = model
         self.params = params
         self.param_ids = {id(p) for p in params}
@@ -127,12 +147,22 @@ class Capture:
 
     # -- helpers for the rules ------------------------------------------------------------- #
     def tap(
-        self, y: torch.Tensor, lead: int, batch_first: bool = False
+        self, y: torch.Tensor, lead: int, key: Any, batch_first: bool = False
     ) -> tuple[Tap, torch.Tensor]:
-        """A tap on ``y``: returns the tap and the tensor to use in place of ``y``."""
-        z = torch.zeros((), dtype=y.dtype, device=y.device, requires_grad=True).expand(y.shape)
-        out = y + z
-        return Tap(zero=z, out=weakref.ref(out), lead=lead, batch_first=batch_first), out
+        """A tap on ``y``: returns the tap and the tensor to use in place of ``y``.
+
+        ``key`` names this output across steps (module and output index); outputs that a
+        previous step showed to be left alone are tapped directly, the others by ``y + z``.
+        """
+        direct = key in self.direct
+        if direct:
+            out = handle = y
+        else:
+            handle = torch.zeros((), dtype=y.dtype, device=y.device, requires_grad=True)
+            handle = handle.expand(y.shape)
+            out = y + handle
+        tap = Tap(handle, y.shape, weakref.ref(out), out._version, key, direct, lead, batch_first)
+        return tap, out
 
     def record(
         self,

@@ -144,7 +144,7 @@ class LinearRule(Rule):
     def capture(self, cap, module, x, y):
         ps = _trainable(cap, module.weight, module.bias)
         uses = [Use(p, "outer" if p is module.weight else "vec") for p in ps]
-        tap, out = cap.tap(y, lead=y.dim() - 1)
+        tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
         cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), [y], [x])
         return out
 
@@ -176,7 +176,7 @@ class ConvRule(Rule):
         ps = _trainable(cap, module.weight, module.bias)
         g = module.groups
         uses = [Use(p, "outer", groups=g) if p is module.weight else Use(p, "vec") for p in ps]
-        tap, out = cap.tap(y, lead=1, batch_first=True)
+        tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
         cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), [y], [x])
         return out
 
@@ -229,7 +229,7 @@ class EmbeddingRule(Rule):
 
     def capture(self, cap, module, x, y):
         uses = [Use(p, "rows") for p in _trainable(cap, module.weight)]
-        tap, out = cap.tap(y, lead=y.dim() - 1)
+        tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
         cap.record(Call(module, self, [tap], uses, {"ids": x.detach()}), [y], [x])
         return out
 
@@ -262,7 +262,7 @@ class _NormRule(Rule):
         lead = self.lead(module, y)
         if lead < 1:
             return None
-        tap, out = cap.tap(y, lead=lead, batch_first=self.batch_first)
+        tap, out = cap.tap(y, lead=lead, key=(id(module), 0), batch_first=self.batch_first)
         cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), [y], [x])
         return out
 
@@ -481,7 +481,7 @@ def _mha_forward(
 
     def proj(x: torch.Tensor, name: str, w, b, wblock, bblock, wparam, bparam):
         y = F.linear(x, w, b)
-        tap, y2 = cap.tap(y, lead=2, batch_first=True)
+        tap, y2 = cap.tap(y, lead=2, key=(id(mod), name), batch_first=True)
         ti = len(taps)
         taps.append(tap)
         data[name] = x.detach()
@@ -539,7 +539,7 @@ def _mha_forward(
     ctx = ctx.transpose(1, 2).reshape(N, L, E)
     op = mod.out_proj
     y = F.linear(ctx, op.weight, op.bias)
-    tap, out = cap.tap(y, lead=2, batch_first=True)
+    tap, out = cap.tap(y, lead=2, key=(id(mod), "out"), batch_first=True)
     taps.append(tap)
     data["ctx"] = ctx.detach()
     for p, kind in ((op.weight, "outer"), (op.bias, "vec")):

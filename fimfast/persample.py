@@ -42,6 +42,7 @@ differentiate and is the reference every rule is tested against.
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -155,32 +156,45 @@ class Columns:
         self.device = z.device
         lk = opts.likelihood
         self.block: torch.Tensor | None = None
-        self.aq: torch.Tensor | None = None
+        self.z, self.lk, self.sigma2 = z, lk, opts.sigma2
+        self.categorical = fim_type == FIMType.EXACT and lk == "categorical"
         if fim_type == FIMType.EXACT:
-            if lk == "categorical":
-                p = torch.softmax(z, -1)
-                self.sp = torch.sqrt(p)
-                sref = self.sp[:, -1:]
-                q = p.clone()
-                q[:, -1:] += sref
-                self.aq = q / (1.0 + sref)
-                self.num = self.C - 1
-                self._root = lambda: torch.sqrt(p * (1.0 - p))
-            else:
-                self.sp = torch.sqrt(likelihoods.diag_core(z, lk, opts.sigma2))
-                self.num = self.C
-                self._root = lambda: self.sp
+            self.num = self.C - 1 if self.categorical else self.C
         else:
             self.block = likelihoods.score_columns(flat, labels, fim_type, opts, seed, offset)
             self.num = self.block.shape[0]
-            self._root = lambda: (
-                self.block[0].abs() if self.num == 1 else self.block.square().sum(0).sqrt()
-            )
+
+    # everything below is computed on first use: a logits head in closed form needs only root
+    @functools.cached_property
+    def p(self) -> torch.Tensor:
+        return torch.softmax(self.z, -1)
+
+    @functools.cached_property
+    def sp(self) -> torch.Tensor:
+        """``(R, C)`` column scales: ``sqrt p`` (categorical), ``sqrt(diag I)`` otherwise."""
+        if self.categorical:
+            return torch.sqrt(self.p)
+        return torch.sqrt(likelihoods.diag_core(self.z, self.lk, self.sigma2))
+
+    @functools.cached_property
+    def aq(self) -> torch.Tensor | None:
+        """``alpha q`` of the reduced categorical factor (``None`` for diagonal factors)."""
+        if not self.categorical:
+            return None
+        sref = self.sp[:, -1:]
+        q = self.p.clone()
+        q[:, -1:] += sref
+        return q.div_(1.0 + sref)
 
     @functools.cached_property
     def root(self) -> torch.Tensor:
-        """``(R, C)`` ``sqrt(sum_k u_k^2)`` per row (``sqrt(diag I(z))`` for EXACT)."""
-        return self._root()
+        """``(R, C)`` with ``root^2 = sum_k u_k^2`` per row (``diag I(z)`` for EXACT); only its
+        square is used, so a single score column is returned as it is, sign included."""
+        if self.block is not None:
+            return self.block[0] if self.num == 1 else self.block.square().sum(0).sqrt_()
+        if self.categorical:
+            return (self.p - self.p.square()).sqrt_()
+        return self.sp
 
     @property
     def S(self) -> torch.Tensor:
@@ -268,6 +282,7 @@ class Engine:
         self.last_plan: Plan | None = None
         self._probe_cache: dict[Any, Any] = {}
         self._targets: tuple[Any, list] | None = None
+        self._direct: set = set()  # module outputs seen unmodified: tapped directly
 
     @contextmanager
     def capture(self, model: torch.nn.Module, params: list[torch.Tensor]):
@@ -281,7 +296,7 @@ class Engine:
         key = (id(model), tuple(id(p) for p in params))
         if self._targets is None or self._targets[0] != key:
             self._targets = (key, hooks.targets(model, params, layers.rule_for))
-        cap = hooks.Capture(model, params, layers.rule_for)
+        cap = hooks.Capture(model, params, layers.rule_for, self._direct)
         with cap.installed(self._targets[1]):
             yield cap
 
@@ -297,7 +312,14 @@ class Engine:
         N = rows.num_samples
         for c in cap.calls:
             for t in c.taps:
-                shape = t.zero.shape
+                changed = t.modified()
+                if changed:
+                    self._direct.discard(t.key)
+                    if t.direct and c.ok:
+                        c.ok, c.reason = False, "its output was modified in place"
+                elif changed is False and not t.direct:
+                    self._direct.add(t.key)
+                shape = t.shape
                 span = 1 if t.batch_first else min(t.lead, len(shape))
                 t.cands = tuple(d for d in range(span) if shape[d] == N)
                 t.bdim = t.cands[0] if t.cands else None
@@ -305,7 +327,8 @@ class Engine:
                     c.ok, c.reason = False, "no dimension of the layer output is the batch"
         head = None
         for c in cap.calls:
-            if c.ok and len(c.taps) == 1 and c.taps[0].out() is rows.logits:
+            t = c.taps[0] if len(c.taps) == 1 else None
+            if c.ok and t is not None and t.out() is rows.logits and not t.modified():
                 head = c
                 c.taps[0].bdim = 0
         glob = hooks.parameter_edges(rows.flat, params)
@@ -397,7 +420,7 @@ class Engine:
         ambiguous = any(len(t.cands) > 1 for c in calls for t in c.taps)
         key = tuple(
             (id(c.module), c.rule.name, c.module.training,
-             tuple((t.lead, t.cands, tuple(t.zero.shape) if ambiguous else t.zero.dim())
+             tuple((t.lead, t.cands, tuple(t.shape) if ambiguous else len(t.shape))
                    for t in c.taps))
             for c in calls
         )
@@ -413,7 +436,7 @@ class Engine:
         cot = torch.zeros(1, R, C, dtype=flat.dtype, device=flat.device)
         cot[0, 0] = torch.randn(C, generator=gen, dtype=torch.float64).to(flat.dtype)
         taps = [t for c in calls for t in c.taps]
-        grads = _batched_grads(flat, [t.zero for t in taps], cot, retain_graph=True)
+        grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=True)
         n0 = int(rows.sample[0])
         gi = iter(grads)
         for c in calls:
@@ -500,7 +523,7 @@ class Engine:
         total = kk.numel()
         for g in groups:
             g.state["single"] = total == 1
-        per_col = flat.element_size() * R * C + 3 * 4 * sum(t.zero.numel() for t in taps)
+        per_col = flat.element_size() * R * C + 3 * 4 * sum(math.prod(t.shape) for t in taps)
         if need_head:
             per_col += 4 * rows.logits.numel()
         M_max = opts.class_chunk or max(1, _env.memory_budget_bytes() // max(1, per_col))
@@ -512,20 +535,20 @@ class Engine:
             cot = cot.to(flat.dtype)
             gmap: dict[int, torch.Tensor | None] = {}
             if taps:
-                grads = _batched_grads(flat, [t.zero for t in taps], cot, retain_graph=True)
-                gmap = {id(t.zero): g for t, g in zip(taps, grads)}
+                grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=True)
+                gmap = {id(t.handle): g for t, g in zip(taps, grads)}
             if need_head:
                 M = cot.shape[0]
                 Gh = torch.zeros(M, rows.logits.numel() // C, C, dtype=cot.dtype, device=dev)
                 Gh[:, rows.index] = cot
-                gmap[id(head.taps[0].zero)] = Gh.reshape(M, *rows.logits.shape)
+                gmap[id(head.taps[0].handle)] = Gh.reshape(M, *rows.logits.shape)
             terms: dict[int, list] = {}
             sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
             for g in groups:
                 parts = []
                 for c, ui in g.members:
                     if id(c) not in terms:
-                        terms[id(c)] = c.rule.terms(c, [gmap.get(id(t.zero)) for t in c.taps])
+                        terms[id(c)] = c.rule.terms(c, [gmap.get(id(t.handle)) for t in c.taps])
                     parts.append(terms[id(c)][ui])
                 parts = [p for p in parts if p is not None]
                 if parts:

@@ -533,3 +533,45 @@ def test_parameters_not_reaching_logits_are_zero():
     res = est.result()
     assert float(res["unused.weight"].abs().sum()) == 0.0
     assert float(res["used.weight"].abs().sum()) > 0.0
+
+
+class Switch(nn.Module):
+    """Modifies a layer output (and the logits) in place only when ``inplace`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.inplace = False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.inplace:
+            h.mul_(torch.tanh(h))
+            z = self.head(h)
+            return z.clamp_(-0.2, 0.2)
+        return self.head(h * torch.tanh(h))
+
+
+def test_direct_taps_fall_back_when_an_output_is_modified_in_place():
+    """Outputs seen unmodified are tapped directly in later steps; if one is then modified in
+    place, its parameters take the generic path for that step and the result stays exact."""
+    torch.manual_seed(0)
+    m = Switch().double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
+    est = DiagFisher(m, "exact")
+    est.step((x, y))
+    assert not est._persample.last_plan.generic
+    assert est._persample._direct  # learned: both outputs were left alone
+    m.inplace = True
+    est.reset()
+    est.step((x, y))
+    plan = est._persample.last_plan
+    assert set(est.names) == {est.names[i] for i in plan.generic}  # both outputs changed
+    assert plan.head is None  # the clamped logits are not the head's output any more
+    case = Case("switch", m, (x, y), _plain, torch.ones(4, dtype=torch.bool), y, "categorical",
+                3)
+    assert _rel(dict(est.result().items()), oracle(case, "exact")) <= DET_REL_F64
+    est.reset()
+    est.step((x, y))  # back to add-taps: everything fast again
+    assert not est._persample.last_plan.generic
+    assert _rel(dict(est.result().items()), oracle(case, "exact")) <= DET_REL_F64
