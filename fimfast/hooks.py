@@ -13,11 +13,13 @@ module's output is left alone (its version counter did not move), the engine tap
 modified in place after all is detected by its version counter, its parameters take the generic
 path for that step and the module goes back to add-taps.
 
-Each call also records which trainable parameters its own autograd nodes consume (a walk of the
-call's subgraph, stopped at the graph of its inputs). :func:`parameter_edges` counts the same
-edges over the whole graph of the logits, so a parameter also used outside any captured call
-(a functional ``F.linear(x, emb.weight)``, say) is detected and sent to the generic path instead
-of being estimated from part of its gradient.
+Each call declares the trainable parameters its forward consumes (one autograd edge each: the
+module forwards with rules use each parameter once). :func:`parameter_edges` counts the edges
+into every parameter over the whole graph of the logits, so a parameter also used outside any
+captured call (a functional ``F.linear(x, emb.weight)``, say), or not used where declared, is
+detected and sent to the generic path instead of being estimated from part of its gradient.
+(A walk of each call's own subgraph in the forward hook cost ~60 us per call, as much as a small
+layer's forward; one walk of the whole graph per step costs ~0.2 ms on a 2-layer encoder.)
 
 Hooks and patched forwards are removed when the capture exits, also after an error.
 """
@@ -97,7 +99,7 @@ class Call:
     taps: list[Tap]
     uses: list[Use]
     data: dict[str, Any] = field(default_factory=dict)
-    internal: Counter = field(default_factory=Counter)
+    internal: dict[int, int] | None = None
     ok: bool = True
     reason: str = ""
 
@@ -164,19 +166,11 @@ class Capture:
         tap = Tap(handle, y.shape, weakref.ref(out), out._version, key, direct, lead, batch_first)
         return tap, out
 
-    def record(
-        self,
-        call: Call,
-        outputs: Iterable[torch.Tensor],
-        inputs: Iterable[Any],
-    ) -> None:
-        """Register ``call``; ``outputs`` are its results before tapping, ``inputs`` its inputs."""
-        stops = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
-        own = {id(u.param) for u in call.uses}
-        call.internal = _edges([t.grad_fn for t in outputs], stops, own)
-        for u in call.uses:
-            if call.internal[id(u.param)] == 0:
-                call.ok, call.reason = False, "a parameter of the call is not in its graph"
+    def record(self, call: Call) -> None:
+        """Register ``call``. The forward of every module with a rule consumes each of its
+        parameters once (one autograd edge); :func:`parameter_edges` must find exactly the
+        edges the calls declare, or the parameter takes the generic path."""
+        call.internal = {id(u.param): 1 for u in call.uses}
         self.calls.append(call)
 
 

@@ -145,7 +145,7 @@ class LinearRule(Rule):
         ps = _trainable(cap, module.weight, module.bias)
         uses = [Use(p, "outer" if p is module.weight else "vec") for p in ps]
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), [y], [x])
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
         return out
 
     def terms(self, call, grads):
@@ -177,7 +177,7 @@ class ConvRule(Rule):
         g = module.groups
         uses = [Use(p, "outer", groups=g) if p is module.weight else Use(p, "vec") for p in ps]
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), [y], [x])
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
         return out
 
     def _patches(self, module, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ class EmbeddingRule(Rule):
     def capture(self, cap, module, x, y):
         uses = [Use(p, "rows") for p in _trainable(cap, module.weight)]
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
-        cap.record(Call(module, self, [tap], uses, {"ids": x.detach()}), [y], [x])
+        cap.record(Call(module, self, [tap], uses, {"ids": x.detach()}))
         return out
 
     def terms(self, call, grads):
@@ -263,7 +263,7 @@ class _NormRule(Rule):
         if lead < 1:
             return None
         tap, out = cap.tap(y, lead=lead, key=(id(module), 0), batch_first=self.batch_first)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), [y], [x])
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
         return out
 
     def xhat(self, module, x: torch.Tensor, data: dict) -> torch.Tensor:
@@ -547,8 +547,7 @@ def _mha_forward(
             uses.append(Use(p, kind))
             src.append((len(taps) - 1, "ctx"))
     data["src"] = src
-    masks = [t for t in (key_padding_mask, attn_mask) if isinstance(t, torch.Tensor)]
-    cap.record(Call(mod, _RULES_BY_NAME["mha"], taps, uses, data), [y], [query, key, value, *masks])
+    cap.record(Call(mod, _RULES_BY_NAME["mha"], taps, uses, data))
     if not mod.batch_first:
         out = out.transpose(0, 1)
     return out, weights

@@ -60,6 +60,11 @@ from fimfast.types import FIMType, Options
 # --------------------------------------------------------------------------------------------- #
 def _batched_grads(flat, params, cot, retain_graph: bool):
     """``autograd.grad`` with a batch of cotangents; a loop where vmap cannot batch an op."""
+    if cot.shape[0] == 1:  # one column: no vmap (its set-up costs more than a small backward)
+        grads = torch.autograd.grad(
+            flat, params, grad_outputs=cot[0], retain_graph=True, allow_unused=True
+        )
+        return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
         return torch.autograd.grad(
             flat,
@@ -335,7 +340,7 @@ class Engine:
         internal: Counter = Counter()
         uses: dict[int, list[tuple[hooks.Call, int]]] = defaultdict(list)
         for c in cap.calls:
-            internal.update(c.internal)
+            internal.update(c.internal or {})
             for ui, u in enumerate(c.uses):
                 uses[pos[id(u.param)]].append((c, ui))
 
