@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -77,6 +78,7 @@ class DiagFisher:
         self.state = State(names, params, self.reduction, self.ema)
         self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
         self.offset = 0
+        self._persample = persample.Engine()
 
     # -- configuration ---------------------------------------------------------------------- #
     def set_options(self, opts: dict[str, Any] | None) -> None:
@@ -123,8 +125,14 @@ class DiagFisher:
         likelihoods.check_top_k(self.fim_type, self.opts, rows.flat.shape[1])
         return output, rows
 
+    def _capture(self, params: list[torch.Tensor]):
+        """Context of the forward: layer capture for the per-sample engine (removed on exit)."""
+        if self.fim_type.is_per_sample:
+            return self._persample.capture(self.model, params)
+        return nullcontext()
+
     def _estimate(
-        self, rows: batchlib.Rows, params: list[torch.Tensor], retain_graph: bool
+        self, rows: batchlib.Rows, params: list[torch.Tensor], retain_graph: bool, cap=None
     ) -> list[torch.Tensor]:
         acc = self.state.temporaries()
         o = self.opts
@@ -140,17 +148,9 @@ class DiagFisher:
                 retain_graph=retain_graph,
             )
             return acc
-        R, C = rows.flat.shape
-        if self.fim_type == FIMType.EXACT:
-            chunk = o.class_chunk or max(1, min(C, persample.pair_chunk(R, C, params) // max(1, R)))
-            cols = likelihoods.exact_columns(rows.flat, o, chunk)
-        else:
-            cols = [
-                likelihoods.score_columns(
-                    rows.flat, rows.labels, self.fim_type, o, self.seed, self.offset
-                )
-            ]
-        persample.accumulate_columns(rows.flat, params, cols, acc)
+        self._persample.estimate(
+            rows, params, self.fim_type, o, self.seed, self.offset, acc, cap
+        )
         return acc
 
     def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows) -> None:
@@ -161,8 +161,9 @@ class DiagFisher:
     def step(self, batch: Any) -> None:
         """Estimate on one batch and fold it into the state (all or nothing)."""
         params = self._params()
-        _, rows = self._forward(batch)
-        acc = self._estimate(rows, params, retain_graph=False)
+        with self._capture(params) as cap:
+            _, rows = self._forward(batch)
+        acc = self._estimate(rows, params, retain_graph=False, cap=cap)
         self._commit(acc, rows)
 
     def train_step(self, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
@@ -177,12 +178,13 @@ class DiagFisher:
             The loss, detached.
         """
         params = self._params()
-        _, rows = self._forward(batch)
+        with self._capture(params) as cap:
+            _, rows = self._forward(batch)
         if rows.labels is None:
             raise ValueError("batch: train_step needs labels; the batch has none")
         loss_fn = loss_fn or _default_loss(self.opts)
         loss = loss_fn(rows.flat, rows.labels)
-        acc = self._estimate(rows, params, retain_graph=True)
+        acc = self._estimate(rows, params, retain_graph=True, cap=cap)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         self._commit(acc, rows)
         for p, g in zip(params, grads):

@@ -26,3 +26,6 @@ EIG_ERR_FACTOR = 4.0
 # mc: a backend may sample the neighbouring class only when u is this close to a CDF step
 # (float32 softmax and CDF rounding differ between backends by a few ulps)
 MC_BOUNDARY = 1e-5
+# peak extra RSS of one EXACT step on a model whose per-sample gradients need ~4.4 GB
+# (tests/test_persample.py): params 35 MB, temporaries and sq_matmul operands ~100 MB
+PERSAMPLE_PEAK_MB = 512

@@ -1,0 +1,280 @@
+"""The per-sample estimators (EXACT, EMPIRICAL, MONTE_CARLO) on the model panel and at scale.
+
+* the whole panel (tests/cases.py) against the float64 oracle in float32 and float64;
+* MONTE_CARLO draws the same labels as the generic path (and as ``ops.probe_logit_grad`` mode
+  ``mc``) for the same seed;
+* EXACT at C = 2, 10 and 1000; class chunking and the memory budget do not change the result;
+* the reduced factor of the categorical core FIM;
+* a model whose per-sample gradients would need several GB runs in a small budget (peak RSS of a
+  subprocess);
+* ``train_step`` and the functional API through the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from cases import CATEGORICAL, PANEL, TinyEncoder, make_case
+from oracle import RowJacobians, core_matrix, oracle_flat, quad_diag, row_jacobians
+from tolerances import BF16_REL, DET_REL_F32, DET_REL_F64, PERSAMPLE_PEAK_MB
+from torch import nn
+
+import fimfast
+from fimfast import DiagFisher, FIMType, Options
+from fimfast.ops.torch_ref import sample_labels_torch
+from fimfast.persample import Columns
+
+TYPES = ["exact", "empirical", "monte_carlo"]
+
+
+def _rel(got: dict, ref: dict) -> float:
+    num = sum(float(((got[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
+    den = sum(float((ref[k].double() ** 2).sum()) for k in ref)
+    return (num / den) ** 0.5
+
+
+_RJ: dict[str, RowJacobians] = {}
+
+
+def oracle(case, quantity: str) -> dict[str, torch.Tensor]:
+    """tests/oracle.py's float64 oracle, with the row Jacobians of each case computed once."""
+    if case.name not in _RJ:
+        _RJ[case.name] = row_jacobians(case)
+    rj = _RJ[case.name]
+    return rj.split(oracle_flat(rj, case.likelihood, quantity))
+
+
+def _jacrev_exact(case) -> dict[str, torch.Tensor]:
+    """Float64 EXACT by ``torch.func.jacrev`` of every sample (many classes, (N, C) logits)."""
+    from torch.func import functional_call, jacrev, vmap
+
+    model = copy.deepcopy(case.model).double()
+    names = [n for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x = case.batch_double()[0]
+
+    def f(ps, xi):
+        return functional_call(model, ps, (xi.unsqueeze(0),))[0]
+
+    with warnings.catch_warnings():  # vmap of CPU flash attention: slow fallback, same values
+        warnings.simplefilter("ignore", UserWarning)
+        J = vmap(jacrev(f), in_dims=(None, 0))(params, x)  # {name: (N, C, *shape)}
+    z = model(x).detach()
+    Jf = torch.cat([J[n].reshape(x.shape[0], z.shape[1], -1) for n in names], dim=-1)
+    flat = quad_diag(Jf, core_matrix(z, "categorical"))
+    out, i = {}, 0
+    for n in names:
+        k = params[n].numel()
+        out[n] = flat[i : i + k].reshape(params[n].shape)
+        i += k
+    return out
+
+
+def _run(case, fim_type, rules=True, seed=7, **opts):
+    est = DiagFisher(case.model, fim_type, likelihood=case.likelihood, seed=seed, **opts)
+    est._persample.use_rules = rules
+    est.step(case.batch)
+    return dict(est.result().items()), est
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("name", PANEL, ids=PANEL)
+def test_panel_float32_matches_oracle(name, quantity):
+    case = make_case(name)
+    got, est = _run(case, quantity)
+    assert _rel(got, oracle(case, quantity)) <= DET_REL_F32
+    assert not est._persample.last_plan.generic  # every panel layer has a rule
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("name", PANEL, ids=PANEL)
+def test_panel_fast_equals_generic_float64(name, fim_type):
+    case = make_case(name).to(torch.float64)
+    got, _ = _run(case, fim_type, num_probes=2)
+    ref, est = _run(case, fim_type, rules=False, num_probes=2)
+    assert not est._persample.last_plan.groups
+    assert _rel(got, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("name", CATEGORICAL, ids=CATEGORICAL)
+def test_monte_carlo_is_empirical_at_the_sampled_labels(name):
+    """One draw of MONTE_CARLO = EMPIRICAL with labels drawn by mode ``mc`` (same seed/offset)."""
+    case = make_case(name).to(torch.float64)
+    got, _ = _run(case, "monte_carlo", seed=11)
+    oracle(case, "exact")  # fills the cache
+    rj = dataclasses.replace(_RJ[case.name])
+    rj.labels = sample_labels_torch(rj.z, 11, 0, 1)[0]
+    ref = rj.split(oracle_flat(rj, "categorical", "empirical"))
+    assert _rel(got, ref) <= DET_REL_F64
+
+
+class _MLP(nn.Module):
+    def __init__(self, C: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.ReLU(),
+                                 nn.Linear(7, C))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("C", [2, 10, 1000], ids=["C2", "C10", "C1000"])
+@pytest.mark.parametrize("arch", ["mlp", "encoder"])
+def test_exact_float32_matches_oracle_many_classes(arch, C):
+    from cases import Case
+
+    g = torch.Generator().manual_seed(C)
+    torch.manual_seed(C)
+    N = 3
+    if arch == "mlp":
+        model, x = _MLP(C), torch.randn(N, 6, generator=g)
+    else:
+        model, x = TinyEncoder(C=C), torch.randint(0, 11, (N, 4), generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    case = Case(f"{arch}{C}", model, (x, y), lambda m, b: m(b[0]), torch.ones(N, dtype=bool),
+                y, "categorical", C)
+    got, est = _run(case, "exact")
+    assert _rel(got, _jacrev_exact(case)) <= DET_REL_F32
+    assert not est._persample.last_plan.generic
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, None], ids=["k1", "k3", "k7", "auto"])
+@pytest.mark.parametrize("name", ["sigmoid_mlp", "encoder", "multilabel"])
+def test_class_chunk_gives_the_same_result(name, chunk):
+    case = make_case(name).to(torch.float64)
+    got, _ = _run(case, "exact", class_chunk=chunk)
+    ref, _ = _run(case, "exact", class_chunk=None)
+    assert _rel(got, ref) <= DET_REL_F64
+
+
+def test_tiny_memory_budget_gives_the_same_result(monkeypatch):
+    case = make_case("cnn").to(torch.float64)
+    ref, _ = _run(case, "exact")
+    monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", "0.0001")  # one column per backward
+    got, _ = _run(case, "exact")
+    assert _rel(got, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("peaked", [False, True], ids=["spread", "peaked"])
+def test_reduced_categorical_factor(peaked):
+    """``B^T B = diag(p) - p p^T`` for the ``C - 1`` columns of the reduced factor."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 7, generator=g, dtype=torch.float64) * (12.0 if peaked else 1.0)
+    cols = Columns(z, None, FIMType.EXACT, Options(), 0, 0)
+    assert cols.num == 6
+    B = cols.take(torch.arange(cols.num))  # (C-1, R, C)
+    p = torch.softmax(z, -1)
+    core = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    got = torch.einsum("krc,krd->rcd", B, B)
+    assert float((got - core).abs().max()) <= 1e-14
+    assert torch.allclose(cols.S, p * (1 - p), rtol=0, atol=1e-15)
+    assert torch.allclose(cols.root.square(), p * (1 - p), rtol=0, atol=1e-15)
+
+
+_MEM_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, gc, json, torch
+    from torch import nn
+    import fimfast
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 4096), nn.Tanh(), nn.Linear(4096, 64))
+    x, y = torch.randn(128, 2048), torch.randint(0, 64, (128,))
+    est = fimfast.DiagFisher(model, "exact")
+    with torch.no_grad():
+        model(x)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    base = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    est.step((x, y))
+    peak = status("VmHWM") - base
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"peak": peak, "persample_bytes": 4 * 128 * params,
+                      "fast": len(est._persample.last_plan.fast)}))
+    """
+)
+
+
+def test_exact_memory_stays_small_where_per_sample_gradients_need_gigabytes():
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("peak RSS needs a writable /proc/self/clear_refs (Linux)")
+    env = {**os.environ, "FIMFAST_MEMORY_BUDGET_MB": "16"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(fimfast.__file__)), env.get("PYTHONPATH", "")]
+    )
+    out = subprocess.run([sys.executable, "-c", _MEM_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["persample_bytes"] > 4 * 2**30  # the per-sample gradients would need > 4 GB
+    assert res["fast"] == 4
+    assert res["peak"] <= PERSAMPLE_PEAK_MB * 2**20, res
+
+
+def test_train_step_fisher_and_gradients():
+    case = make_case("encoder").to(torch.float64)
+    est = DiagFisher(case.model, "exact", seed=1)
+    loss = est.train_step(case.batch)
+    fisher = dict(est.result().items())
+    grads = {n: p.grad.clone() for n, p in case.model.named_parameters()}
+    case.model.zero_grad(set_to_none=True)
+    x, y = case.batch
+    ref_loss = torch.nn.functional.cross_entropy(case.model(x), y)
+    ref_loss.backward()
+    assert torch.allclose(loss, ref_loss.detach())
+    for n, p in case.model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, rtol=1e-12, atol=1e-14)
+    assert _rel(fisher, oracle(case, "exact")) <= DET_REL_F64
+
+
+def test_functional_api_uses_the_engine():
+    case = make_case("cnn").to(torch.float64)
+    fimfast.zero_diag_fim(case.model, fim_type="exact")
+    fimfast.diag_fim_step(case.model, case.batch, FIMType.EXACT, {})
+    got = fimfast.get_diag_fim(case.model, fim_type="exact")
+    est = fimfast.get_estimator(case.model, "exact")
+    assert est._persample.last_plan.fast
+    assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
+
+
+def test_bf16_model_close_to_float32():
+    case = make_case("sigmoid_mlp")
+    ref, _ = _run(case, "exact")
+    got, est = _run(case.to(torch.bfloat16), "exact")
+    assert all(v.dtype == torch.float32 for v in got.values())
+    assert est._persample.last_plan.fast
+    assert _rel(got, ref) <= BF16_REL
+
+
+def test_only_unknown_modules_uses_the_generic_path():
+    class Affine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+            self.b = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w) + self.b
+
+    from cases import Case
+
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    case = Case("affine", Affine(), (x, y), lambda m, b: m(b[0]), torch.ones(5, dtype=bool), y,
+                "categorical", 3).to(torch.float64)
+    got, est = _run(case, "exact")
+    assert len(est._persample.last_plan.generic) == 2
+    assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
