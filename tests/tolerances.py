@@ -13,3 +13,5 @@ VAR_REL = 0.15
 EIGH_F64 = 1e-10
 # bf16 model vs float32 model (relative L2 of the estimate): a few bf16 ulps through the network
 BF16_REL = 5e-2
+# fp16 model vs float32 model (relative L2 of the estimate): 11-bit mantissa, 8x finer than bf16
+FP16_REL = 1e-2
