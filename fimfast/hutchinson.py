@@ -99,9 +99,10 @@ class _Factor:
         self.offset = offset
         self.R = rows.count
         self.C = rows.num_classes
-        self.chunk = rows_per_chunk(self.C)
         self.rankk = fim_type in (FIMType.HUTCHINSON_RANKK, FIMType.HUTCHINSON_RANK1)
         self.k = effective_top_k(fim_type, opts)
+        # the secular solver holds about four (rows, k, C) temporaries per iteration
+        self.chunk = rows_per_chunk(self.C * (4 * self.k if self.rankk else 1))
         # eigenpairs of the core FIM do not depend on the probe: keep them across probes when
         # they are small, recompute them per chunk otherwise
         self._eig: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
