@@ -256,8 +256,12 @@ class DiagFisher:
         with _fimfast_arithmetic(rows.logits.device):
             acc = self._estimate(rows, params, retain_graph=True)
         # backward (not autograd.grad): the loss gradients land in .grad without a copy, and a
-        # DistributedDataParallel model all-reduces them through its reducer hooks, as in training
-        torch.autograd.backward(loss, inputs=params)
+        # DistributedDataParallel model all-reduces them through its reducer hooks, as in training.
+        # Reentrant checkpointing silently drops gradients given inputs=: plain backward there.
+        if hutchinson.has_reentrant_checkpoint(loss):
+            loss.backward()
+        else:
+            torch.autograd.backward(loss, inputs=params)
         self._commit(acc, rows)
         return loss.detach()
 

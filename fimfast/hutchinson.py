@@ -74,7 +74,7 @@ def estimate(
     )
     cot_flat = cot.view(-1, rows.num_classes)
     factor = _Factor(rows, fim_type, opts, seed, offset)
-    reentrant = _has_reentrant_checkpoint(logits)
+    reentrant = has_reentrant_checkpoint(logits)
     acc: list[torch.Tensor | None] = [None] * len(params)
     for s in range(S):
         factor.write(s, cot_flat)
@@ -192,7 +192,7 @@ def _vjp(
             p.grad = g
 
 
-def _has_reentrant_checkpoint(t: torch.Tensor) -> bool:
+def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     """Whether the graph of ``t`` holds a reentrant ``torch.utils.checkpoint`` segment."""
     fn = t.grad_fn
     if fn is None:

@@ -21,3 +21,5 @@ LARGE_VOCAB_SLACK_BYTES = 32 * 2**20
 # RANKK with its probe rows in chunks vs in one call (relative L2): the secular solver's iteration
 # count depends on the rows solved together, which moves near-degenerate eigenvectors by ~1e-5
 CHUNK_RANKK_REL = 2e-5
+# torch.compile'd model vs eager (relative L2 of the estimate): inductor fuses and reorders float32
+COMPILE_REL = 1e-5
