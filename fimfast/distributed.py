@@ -27,11 +27,15 @@ Wrapped models:
   Fisher steps, and the next training backward synchronises as usual). ``train_step`` runs the
   DDP forward and back-propagates the loss with ``torch.autograd.backward``, so the training
   gradients are all-reduced exactly once, as in ordinary DDP training.
-* FSDP2 (``torch.distributed.fsdp.fully_shard``): ``torch.autograd.grad`` with respect to its
-  sharded ``DTensor`` parameters returns each rank's full-size, un-reduced local gradient, so the
-  state is a full-size float32 tensor per parameter on every rank (not sharded) and the reduction
-  happens at read time as above. Its forward all-gathers the parameters, so ranks step in
-  lockstep.
+* FSDP2 (``torch.distributed.fsdp.fully_shard``): the forward all-gathers each unit's parameters
+  into full-size plain tensors, registers them on the module and uses them as the graph's leaves;
+  fimfast takes the parameters *after* the forward, so ``torch.autograd.grad`` gives each rank's
+  full-size, un-reduced local gradient, the state is a full-size float32 tensor per parameter on
+  every rank (not sharded) and the reduction happens at read time as above. A unit that reshards
+  right after its forward (``reshard_after_forward=True``, the default of non-root units) leaves
+  nothing to differentiate (the sharded ``DTensor`` is not in the graph, every gradient would be
+  ``None``): such a step is refused with that reason; use ``reshard_after_forward=False`` for the
+  Fisher. The forward all-gathers, so ranks step in lockstep.
 * FSDP1 (``FullyShardedDataParallel``): ``torch.autograd.grad`` does not reach its flat sharded
   parameters (every gradient comes back ``None``); such a model is refused with that reason.
 """
@@ -39,6 +43,7 @@ Wrapped models:
 from __future__ import annotations
 
 import copy
+import sys
 import zlib
 from typing import Any
 
@@ -170,8 +175,6 @@ def is_ddp(model: torch.nn.Module) -> bool:
 
 def check_model(model: torch.nn.Module) -> None:
     """Refuse wrappers whose parameters ``torch.autograd.grad`` cannot reach (FSDP1)."""
-    import sys
-
     if "torch.distributed.fsdp" not in sys.modules:
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -181,4 +184,24 @@ def check_model(model: torch.nn.Module) -> None:
             "model: FullyShardedDataParallel (FSDP1) is not supported: torch.autograd.grad does "
             "not reach its flat sharded parameters (every gradient comes back None). Wrap the "
             "model with torch.distributed.fsdp.fully_shard (FSDP2) or DistributedDataParallel"
+        )
+
+
+def check_params_after_forward(names: list[str], params: list[torch.Tensor]) -> None:
+    """Refuse a step whose parameters are sharded ``DTensor`` s after the forward (FSDP2 resharded).
+
+    Such parameters are not leaves of the graph the forward built, so every gradient would come
+    back ``None`` and the estimate would silently be zero.
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in zip(names, params) if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"model: parameters {sharded[:3]}{' ...' if len(sharded) > 3 else ''} are sharded "
+            "DTensors after the forward (an FSDP2 unit with reshard_after_forward=True): the "
+            "forward's graph holds their all-gathered copies, not them, so no gradient reaches "
+            "them. Wrap with fully_shard(..., reshard_after_forward=False) to estimate the Fisher"
         )

@@ -133,6 +133,12 @@ class DiagFisher:
         self.state.check_params(names, params)
         return params
 
+    def _params_after_forward(self) -> list[torch.Tensor]:
+        # FSDP2 registers the unsharded parameters the forward used: those are the graph's leaves
+        params = self._params()
+        distributed.check_params_after_forward(self.names, params)
+        return params
+
     def _forward(self, batch: Any, train: bool = False) -> tuple[Any, batchlib.Rows]:
         fwd = self.opts.forward_fn
         if fwd is None:
@@ -225,8 +231,9 @@ class DiagFisher:
 
     def step(self, batch: Any) -> None:
         """Estimate on one batch and fold it into the state (all or nothing)."""
-        params = self._params()
+        self._params()  # a changed parameter set is refused before the forward
         _, rows = self._forward(batch)
+        params = self._params_after_forward()
         with _fimfast_arithmetic(rows.logits.device):
             acc = self._estimate(rows, params, retain_graph=False)
         self._commit(acc, rows)
@@ -245,8 +252,9 @@ class DiagFisher:
         Returns:
             The loss, detached.
         """
-        params = self._params()
+        self._params()
         _, rows = self._forward(batch, train=True)
+        params = self._params_after_forward()
         if rows.labels is None:
             raise ValueError("batch: train_step needs labels; the batch has none")
         if loss_fn is None:
