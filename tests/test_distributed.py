@@ -209,3 +209,24 @@ def test_fsdp1_is_refused_with_the_reason(wrappers):
     for msg in result(wrappers, "fsdp1"):
         assert "FullyShardedDataParallel (FSDP1) is not supported" in msg
         assert "every gradient comes back None" in msg
+
+
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    """examples/ddp_fisher.py with torchrun, 2 CPU processes (gloo)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(HERE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    out = tmp_path / "fim.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(port),
+         os.path.join(root, "examples", "ddp_fisher.py"), "--epochs", "1", "--samples", "128",
+         "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ranks: 2, rows: 128 (the union of the shards)" in proc.stdout
+    F = fimfast.DiagFIM.load(str(out))
+    assert list(F) == ["module.0.weight", "module.0.bias", "module.2.weight", "module.2.bias"]
