@@ -80,9 +80,19 @@ def diag_fim_step(
 
 
 def get_diag_fim(
-    model: torch.nn.Module, fim_type: FIMType | str = FIMType.HUTCHINSON
+    model: torch.nn.Module, fim_type: FIMType | str = FIMType.HUTCHINSON, local: bool = False
 ) -> dict[str, torch.Tensor]:
     """The accumulated diagonal: ``{param_name: tensor shaped like the parameter}``.
+
+    With ``torch.distributed`` initialised (more than one rank) and the option
+    ``distributed="auto"`` (the default), the states and counts of all ranks are summed, so every
+    rank gets the estimate over the union of the shards. This is a collective: every rank must call
+    it. The accumulated state itself is not modified (calling twice never double-counts).
+
+    Args:
+        model: the network the steps were taken on.
+        fim_type: which accumulated type to read.
+        local: read this rank's shard only, without any communication.
 
     Raises:
         RuntimeError: no step was taken for this model and type since the last reset.
@@ -90,11 +100,19 @@ def get_diag_fim(
     fim_type = FIMType.parse(fim_type)
     est = _model_states(model).get(fim_type)
     if est is None or est.state.steps == 0:
+        if est is not None and not local and _reduces(est):
+            return dict(est.result())  # other ranks may have steps: take part in the collective
         raise RuntimeError(
             f"get_diag_fim: no {fim_type.value!r} step has been taken for this model; call "
             "diag_fim_step first"
         )
-    return dict(est.result())
+    return dict(est.result(local=local))
+
+
+def _reduces(est: DiagFisher) -> bool:
+    from fimfast import distributed
+
+    return distributed.active(est.opts.distributed, est.opts.process_group)
 
 
 def get_estimator(model: torch.nn.Module, fim_type: FIMType | str) -> DiagFisher | None:

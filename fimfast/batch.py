@@ -5,13 +5,28 @@ style: ``labels``/``label`` is taken out and the rest goes to ``model(**batch)``
 ``forward_fn(model, batch) -> output`` option handles anything else (labels are still read from a
 tuple's second element or a mapping's ``labels``/``label`` key).
 
-Outputs may be a tensor, a tuple/list (first element) or an object with ``.logits``. Logits are
-``(N, C)`` (one sample per row) or ``(N, T, C)`` (token level): tokens whose label equals
-``ignore_index`` or whose ``attention_mask`` is 0 are left out of the Fisher and of the count.
+Outputs may be a tensor, a tuple/list (first element) or an object with ``.logits`` (a Hugging Face
+``ModelOutput``). Logits are ``(N, C)`` (one sample per row) or ``(N, T, C)`` (token level): tokens
+whose label equals ``ignore_index`` or whose ``attention_mask`` is 0 are left out of the Fisher and
+of the count.
+
+**Causal language models** (``shift_labels``). A Hugging Face causal LM returns logits aligned
+with its inputs and shifts the labels inside its own loss: the logits at position ``t`` predict the
+label at ``t + 1``. With ``shift_labels=True`` the row of position ``t`` is paired with
+``labels[:, t + 1]`` exactly as the model's loss does; the last position has no label and is left
+out, and a pair counts only when ``labels[:, t + 1] != ignore_index`` and, with an
+``attention_mask``, both positions ``t`` and ``t + 1`` are real tokens. (With right padding and
+``-100`` labels on the padding, as Hugging Face's collators build them, this is exactly the set of
+terms of the model's loss. With left padding, the model's loss also keeps the pair whose input is
+the last padding position; fimfast leaves it out, since its logits are not a prediction of the
+model on real text.) ``shift_labels="auto"`` (the default) shifts for the classes Hugging Face
+lists as causal LMs (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, e.g. ``GPT2LMHeadModel``,
+``LlamaForCausalLM``) and for no other model.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,24 +42,52 @@ class Rows:
 
     Attributes:
         logits: ``(N, C)`` or ``(N, T, C)`` model output (still attached to the graph).
-        flat: ``(R, C)`` valid rows of ``logits`` (attached to the graph).
-        labels: ``(R,)`` (categorical) or ``(R, C)`` labels of the valid rows, or ``None``.
+        labels: ``(R,)`` (categorical) or ``(R, C)`` labels of the valid rows (with
+            ``shift_labels``, the label of row ``(n, t)`` is ``labels[n, t + 1]``), or ``None``.
         index: ``(R,)`` int64 row indices into ``logits.reshape(-1, C)``.
         sample: ``(R,)`` int64 sample (batch) index of every row.
         num_samples: ``N``.
+        all_valid: every row of ``logits`` is valid (then :attr:`flat` is a view, not a copy).
     """
 
     logits: torch.Tensor
-    flat: torch.Tensor
     labels: torch.Tensor | None
     index: torch.Tensor
     sample: torch.Tensor
     num_samples: int
+    all_valid: bool
+
+    @property
+    def num_classes(self) -> int:
+        """``C``, the last dimension of the logits."""
+        return int(self.logits.shape[-1])
 
     @property
     def count(self) -> int:
         """Number of valid rows (samples or unmasked tokens)."""
-        return int(self.flat.shape[0])
+        return int(self.index.numel())
+
+    @property
+    def flat_all(self) -> torch.Tensor:
+        """``(N*T, C)`` view of every row of the logits, valid or not (attached to the graph)."""
+        return self.logits.reshape(-1, self.num_classes)
+
+    @functools.cached_property
+    def flat(self) -> torch.Tensor:
+        """``(R, C)`` valid rows of ``logits`` (attached to the graph).
+
+        A view when every row is valid; otherwise a copy made on first use (the one-backward
+        estimators never ask for it, so masked token batches cost no extra (tokens x C) tensor).
+        """
+        if self.all_valid:
+            return self.flat_all
+        return self.flat_all.index_select(0, self.index)
+
+    def rows_chunk(self, start: int, stop: int) -> torch.Tensor:
+        """Valid rows ``start:stop`` as ``(stop - start, C)``, attached (a view if all valid)."""
+        if self.all_valid:
+            return self.flat_all[start:stop]
+        return self.flat_all.index_select(0, self.index[start:stop])
 
 
 def _type_name(x: Any) -> str:
@@ -148,8 +191,20 @@ def rows(
     likelihood: str,
     ignore_index: int,
     need_labels: bool,
+    shift: bool = False,
 ) -> Rows:
     """Validate the logits (and labels) and select the valid rows.
+
+    Args:
+        logits: ``(N, C)`` or ``(N, T, C)`` model output.
+        labels: ``(N,)``/``(N, T)`` class indices (categorical) or tensors shaped like the logits
+            (bernoulli, gaussian), or ``None``.
+        mask: ``(N, T)`` attention mask (0 = padding), or ``None``; ignored for 2-D logits.
+        likelihood: ``categorical``, ``bernoulli`` or ``gaussian``.
+        ignore_index: label value of the rows left out (categorical).
+        need_labels: raise when ``labels`` is ``None`` (EMPIRICAL, ``train_step``).
+        shift: pair the logits at position ``t`` with the label at ``t + 1`` (causal LMs; see the
+            module docstring). Needs 3-D logits.
 
     Raises:
         ValueError: logits not 2-D/3-D, empty, non-finite; labels of the wrong shape, dtype or range
@@ -164,6 +219,10 @@ def rows(
         )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point; got dtype {logits.dtype}")
+    if shift and logits.dim() != 3:
+        raise ValueError(
+            f"shift_labels=True needs token-level logits (N, T, C); got shape {tuple(logits.shape)}"
+        )
     N, C = int(logits.shape[0]), int(logits.shape[-1])
     if N == 0 or logits.numel() == 0:
         raise ValueError(
@@ -173,6 +232,8 @@ def rows(
         raise ValueError(f"logits must have C >= 2 classes for a categorical likelihood; got C={C}")
     lead = tuple(logits.shape[:-1])
     valid = torch.ones(lead, dtype=torch.bool, device=logits.device)
+    if shift:
+        valid[:, -1] = False  # the last position predicts a token beyond the sequence
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a tensor; got {type(labels).__name__}")
@@ -188,6 +249,8 @@ def rows(
                     f"labels must have shape {lead} to match logits {tuple(logits.shape)}; "
                     f"got {tuple(labels.shape)}"
                 )
+            if shift:  # row t takes the label of t + 1; the last row gets ignore_index
+                labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
             keep = labels != ignore_index
             bad = keep & ((labels < 0) | (labels >= C))
             if bool(bad.any()):
@@ -207,6 +270,8 @@ def rows(
             labels = labels.reshape(logits.shape).to(
                 torch.float64 if logits.dtype == torch.float64 else torch.float32
             )
+            if shift:
+                labels = torch.nn.functional.pad(labels[:, 1:], (0, 0, 0, 1))
     elif need_labels:
         raise ValueError("labels are required for fim_type='empirical'; the batch has none")
     if mask is not None and logits.dim() == 3:
@@ -215,20 +280,17 @@ def rows(
             raise ValueError(
                 f"attention_mask must have shape {lead} to match the logits; got {got}"
             )
-        valid &= mask.to(logits.device) != 0
+        real = mask.to(logits.device) != 0
+        if shift:  # both the input position t and the predicted position t + 1 are real tokens
+            real = torch.nn.functional.pad(real[:, :-1] & real[:, 1:], (0, 1), value=False)
+        valid &= real
     flat_all = logits.reshape(-1, C)
-    index = valid.reshape(-1).nonzero().squeeze(-1)
+    valid_flat = valid.reshape(-1)
+    index = valid_flat.nonzero().squeeze(-1)
     if index.numel() == 0:
         raise ValueError("batch is empty: every token is masked (attention_mask / ignore_index)")
-    flat = flat_all if index.numel() == flat_all.shape[0] else flat_all.index_select(0, index)
-    with torch.no_grad():
-        finite = torch.isfinite(flat)
-        if not bool(finite.all()):
-            nbad = int((~finite).sum())
-            raise ValueError(
-                f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
-                "the step was not taken"
-            )
+    all_valid = index.numel() == flat_all.shape[0]
+    _check_finite(flat_all, index, all_valid)
     lab = None
     if labels is not None:
         lab = labels.reshape(-1) if likelihood == "categorical" else labels.reshape(-1, C)
@@ -236,9 +298,30 @@ def rows(
     per = 1 if logits.dim() == 2 else int(logits.shape[1])
     return Rows(
         logits=logits,
-        flat=flat,
         labels=lab,
         index=index,
         sample=torch.div(index, per, rounding_mode="floor"),
         num_samples=N,
+        all_valid=all_valid,
     )
+
+
+def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -> None:
+    """Raise when a valid row holds NaN/Inf, without a (rows x C) temporary.
+
+    A row sum is finite iff every entry is (an overflowing sum would need logits near 1e34); only
+    when a sum is not is the exact count computed, row by row.
+    """
+    with torch.no_grad():
+        sums = flat_all.detach().sum(-1)
+        if not all_valid:
+            sums = sums.index_select(0, index)
+        if bool(torch.isfinite(sums).all()):
+            return
+        bad = ~torch.isfinite(sums)
+        bad_rows = index[bad] if not all_valid else bad.nonzero().reshape(-1)
+        nbad = sum(int((~torch.isfinite(flat_all[int(r)].detach())).sum()) for r in bad_rows)
+        raise ValueError(
+            f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
+            "the step was not taken"
+        )

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import hutchinson, likelihoods, persample
+from fimfast import distributed, hutchinson, likelihoods, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.ops import registry
 from fimfast.state import State
@@ -22,6 +26,12 @@ from fimfast.types import (
 )
 
 __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
+
+logger = logging.getLogger("fimfast")
+
+# EXACT back-propagates one cotangent per (row, class) pair: from this many classes on, its cost is
+# announced with a warning (once per estimator) before the first backward
+EXACT_WARN_CLASSES = 4096
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
@@ -49,7 +59,16 @@ class DiagFisher:
         ema: ``None``, or a decay ``0 < ema < 1`` for an exponential moving average of the
             per-batch estimates (bias-corrected at read time).
         **opts: the options of :class:`fimfast.types.Options` (``num_probes``, ``top_k``,
-            ``seed``, ``backend``, ``likelihood``, ...).
+            ``seed``, ``backend``, ``likelihood``, ``shift_labels``, ``distributed``, ...).
+
+    Precision: states are float32 (float64 for float64 parameters) whatever the parameter dtype;
+    bf16/fp16 models and ``torch.autocast`` regions are supported: the forward runs as the caller
+    set it up, fimfast's own arithmetic (probes, eigenpairs, squares) runs in float32 with autocast
+    disabled, and gradients are squared after their conversion to float32.
+
+    Distributed: with ``distributed="auto"`` and an initialised process group, :meth:`result`
+    sums states and counts over the ranks (a collective; the local state is untouched, so calling
+    it twice never double-counts). See :mod:`fimfast.distributed` for DDP and FSDP.
 
     Example:
         >>> est = DiagFisher(model, "hutchinson", reduction="mean", num_probes=4)
@@ -73,12 +92,26 @@ class DiagFisher:
         self.opts = Options.from_dict(opts)
         check_type_likelihood(self.fim_type, self.opts.likelihood)
         registry.check_backend(self.opts.backend, _device_of(model))
+        distributed.check_model(model)
         names, params = trainable_parameters(model)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
         self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
         self.offset = 0
         self._persample = persample.Engine()
+        self._warned_exact = False
+
+    @property
+    def seed(self) -> int:
+        """Seed of this rank's random stream (the base seed, mixed with the rank when reducing)."""
+        if distributed.active(self.opts.distributed, self.opts.process_group):
+            rank, _ = distributed.world(self.opts.process_group)
+            return distributed.rank_seed(self._seed, rank)
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = int(value)
 
     # -- configuration ---------------------------------------------------------------------- #
     def set_options(self, opts: dict[str, Any] | None) -> None:
@@ -86,7 +119,7 @@ class DiagFisher:
         new = Options.from_dict(opts)
         check_type_likelihood(self.fim_type, new.likelihood)
         registry.check_backend(new.backend, _device_of(self.model))
-        if new.seed is not None and new.seed != self.seed:
+        if new.seed is not None and new.seed != self._seed:
             self.seed, self.offset = new.seed, 0
         self.opts = new
 
@@ -102,27 +135,43 @@ class DiagFisher:
         self.state.check_params(names, params)
         return params
 
-    def _forward(self, batch: Any) -> tuple[Any, batchlib.Rows]:
+    def _params_after_forward(self) -> list[torch.Tensor]:
+        # FSDP2 registers the unsharded parameters the forward used: those are the graph's leaves
+        params = self._params()
+        distributed.check_params_after_forward(self.names, params)
+        return params
+
+    def _forward(self, batch: Any, train: bool = False) -> tuple[Any, batchlib.Rows]:
         fwd = self.opts.forward_fn
         if fwd is None:
             inputs, labels, mask = batchlib.split(batch)  # clear errors for bad structure
         else:
             labels, mask = batchlib.labels_of(batch)
+        # a Fisher-only step runs DDP's wrapped module: no reducer bookkeeping, no collective
+        module = self.model if train else distributed.forward_module(self.model)
         try:
             if fwd is not None:
                 output = fwd(self.model, batch)
             elif isinstance(inputs, dict):
-                output = self.model(**inputs)
+                output = module(**inputs)
             else:
-                output = self.model(inputs)
+                output = module(inputs)
         except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
             raise _with_context(exc, "batch: the model's forward failed on this batch") from exc
         logits = batchlib.logits_of(output)
         need = self.fim_type == FIMType.EMPIRICAL
         rows = batchlib.rows(
-            logits, labels, mask, self.opts.likelihood, self.opts.ignore_index, need
+            logits,
+            labels,
+            mask,
+            self.opts.likelihood,
+            self.opts.ignore_index,
+            need,
+            shift=self._shift_labels(logits),
         )
-        likelihoods.check_top_k(self.fim_type, self.opts, rows.flat.shape[1])
+        likelihoods.check_top_k(self.fim_type, self.opts, rows.num_classes)
+        if self.fim_type == FIMType.EXACT:
+            self._announce_exact_cost(rows)
         return output, rows
 
     def _capture(self, params: list[torch.Tensor]):
@@ -131,23 +180,46 @@ class DiagFisher:
             return self._persample.capture(self.model, params)
         return nullcontext()
 
+    def _shift_labels(self, logits: torch.Tensor) -> bool:
+        """``shift_labels`` resolved: ``"auto"`` shifts token-level logits of causal LMs."""
+        opt = self.opts.shift_labels
+        if opt == "auto":
+            return logits.dim() == 3 and _is_causal_lm(self.model)
+        return bool(opt)
+
+    def _announce_exact_cost(self, rows: batchlib.Rows) -> None:
+        R, C = rows.count, rows.num_classes
+        msg = (
+            f"EXACT back-propagates C = {C} columns of the core FIM factor for each of the "
+            f"R = {R} rows of this batch: {R * C} (row, class) backward columns, in chunks "
+            "bounded by class_chunk / FIMFAST_MEMORY_BUDGET_MB"
+        )
+        logger.info(msg)
+        if C >= EXACT_WARN_CLASSES and not self._warned_exact:
+            warnings.warn(
+                msg + f" (about {C} times the cost of one HUTCHINSON probe; HUTCHINSON estimates "
+                "the same diagonal without bias in one backward per probe)",
+                UserWarning,
+                stacklevel=4,
+            )
+            self._warned_exact = True
+
     def _estimate(
         self, rows: batchlib.Rows, params: list[torch.Tensor], retain_graph: bool, cap=None
     ) -> list[torch.Tensor]:
-        acc = self.state.temporaries()
         o = self.opts
         if not self.fim_type.is_per_sample:
-            hutchinson.estimate(
-                rows.flat,
+            return hutchinson.estimate(
+                rows,
                 params,
                 self.fim_type,
                 o,
                 self.seed,
                 self.offset,
-                acc,
+                self.state.dtypes,
                 retain_graph=retain_graph,
             )
-            return acc
+        acc = self.state.temporaries()
         self._persample.estimate(
             rows, params, self.fim_type, o, self.seed, self.offset, acc, cap
         )
@@ -155,15 +227,16 @@ class DiagFisher:
 
     def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows) -> None:
         self.state.commit(acc, rows.count)
-        R, C = rows.flat.shape
-        self.offset += likelihoods.counters_used(self.opts.num_probes, R, C)
+        self.offset += likelihoods.counters_used(self.opts.num_probes, rows.count, rows.num_classes)
 
     def step(self, batch: Any) -> None:
         """Estimate on one batch and fold it into the state (all or nothing)."""
-        params = self._params()
+        params = self._params()  # a changed parameter set is refused before the forward
         with self._capture(params) as cap:
             _, rows = self._forward(batch)
-        acc = self._estimate(rows, params, retain_graph=False, cap=cap)
+        params = self._params_after_forward()
+        with _fimfast_arithmetic(rows.logits.device):
+            acc = self._estimate(rows, params, retain_graph=False, cap=cap)
         self._commit(acc, rows)
 
     def train_step(self, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
@@ -171,41 +244,56 @@ class DiagFisher:
 
         The loss is ``loss_fn(logits, labels)`` (default: mean cross-entropy with
         ``ignore_index`` for categorical, ``BCEWithLogits`` for bernoulli, MSE for gaussian) over
-        the valid rows. HUTCHINSON types reuse the training forward; per-sample types back-propagate
-        their columns through the same graph.
+        the valid rows (with ``shift_labels``, the default loss equals a Hugging Face causal LM's
+        own loss). HUTCHINSON types reuse the training forward; per-sample types back-propagate
+        their columns through the same graph. The loss gradients are accumulated into ``.grad``
+        by ``torch.autograd.backward``; a ``DistributedDataParallel`` model synchronises them as in
+        ordinary training (the Fisher backward triggers no all-reduce).
 
         Returns:
             The loss, detached.
         """
         params = self._params()
         with self._capture(params) as cap:
-            _, rows = self._forward(batch)
+            _, rows = self._forward(batch, train=True)
+        params = self._params_after_forward()
         if rows.labels is None:
             raise ValueError("batch: train_step needs labels; the batch has none")
-        loss_fn = loss_fn or _default_loss(self.opts)
-        loss = loss_fn(rows.flat, rows.labels)
-        acc = self._estimate(rows, params, retain_graph=True, cap=cap)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if loss_fn is None:
+            loss = _default_loss_all_rows(self.opts, rows)
+        else:
+            loss = loss_fn(rows.flat, rows.labels)
+        with _fimfast_arithmetic(rows.logits.device):
+            acc = self._estimate(rows, params, retain_graph=True, cap=cap)
+        # backward (not autograd.grad): the loss gradients land in .grad without a copy, and a
+        # DistributedDataParallel model all-reduces them through its reducer hooks, as in training.
+        # Reentrant checkpointing silently drops gradients given inputs=: plain backward there.
+        if hutchinson.has_reentrant_checkpoint(loss):
+            loss.backward()
+        else:
+            torch.autograd.backward(loss, inputs=params)
         self._commit(acc, rows)
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g.detach().clone()
-            else:
-                p.grad.add_(g)
         return loss.detach()
 
     # -- results ------------------------------------------------------------------------------ #
-    def result(self) -> DiagFIM:
-        """The current estimate as a :class:`DiagFIM` (raises before any step)."""
-        values = self.state.read()
+    def result(self, local: bool = False) -> DiagFIM:
+        """The current estimate as a :class:`DiagFIM` (raises before any step).
+
+        Args:
+            local: with ``distributed="auto"`` and an initialised process group of more than one
+                rank, the estimate is summed over the ranks (a collective: every rank must call
+                it; the local state is not modified). ``local=True`` reads this rank's shard only.
+        """
+        state = self.state
+        if not local and distributed.active(self.opts.distributed, self.opts.process_group):
+            state = distributed.reduced_state(self.state, self.opts.process_group)
+        values = state.read()
         meta = {
             "fim_type": self.fim_type.value,
             "reduction": self.reduction,
             "ema": self.ema,
-            "count": self.state.count,
-            "steps": self.state.steps,
+            "count": state.count,
+            "steps": state.steps,
             "names": list(self.names),
             "options": self.opts.to_dict(),
         }
@@ -215,7 +303,7 @@ class DiagFisher:
         """Everything needed to resume: state, seed, offset, type and options."""
         return {
             "fim_type": self.fim_type.value,
-            "seed": self.seed,
+            "seed": self._seed,
             "offset": self.offset,
             "options": self.opts.to_dict(),
             "state": self.state.state_dict(),
@@ -240,6 +328,46 @@ def _with_context(exc: Exception, context: str) -> Exception:
         return exc
 
 
+@contextlib.contextmanager
+def _fimfast_arithmetic(device: torch.device) -> Iterator[None]:
+    """fimfast's own arithmetic (probes, eigenpairs, squares, backward) with autocast disabled.
+
+    The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
+    run the eigenvector mix and the per-sample squared products in bf16.
+    """
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the module it wraps) is a Hugging Face causal-LM class."""
+    if "transformers" not in sys.modules:
+        return False
+    names = _causal_lm_names()
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if m is not None and any(c.__name__ in names for c in type(m).__mro__):
+            return True
+    return False
+
+
+_CAUSAL_LM_NAMES: frozenset[str] | None = None
+
+
+def _causal_lm_names() -> frozenset[str]:
+    global _CAUSAL_LM_NAMES
+    if _CAUSAL_LM_NAMES is None:
+        try:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        except Exception:  # transformers too old or broken: nothing is a causal LM
+            _CAUSAL_LM_NAMES = frozenset()
+        else:
+            names: set[str] = set()
+            for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+                names.update([v] if isinstance(v, str) else v)
+            _CAUSAL_LM_NAMES = frozenset(names)
+    return _CAUSAL_LM_NAMES
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -252,6 +380,21 @@ def _default_loss(opts: Options) -> Callable:
     if opts.likelihood == "bernoulli":
         return lambda z, y: torch.nn.functional.binary_cross_entropy_with_logits(z, y.to(z.dtype))
     return lambda z, y: torch.nn.functional.mse_loss(z, y.to(z.dtype)) / (2 * opts.sigma2)
+
+
+def _default_loss_all_rows(opts: Options, rows: batchlib.Rows) -> torch.Tensor:
+    """The default loss over the valid rows, without a copy of them for categorical logits.
+
+    Cross-entropy runs on every row with ``ignore_index`` on the rows left out, which is the mean
+    over the valid rows (and, with ``shift_labels``, a causal LM's own loss).
+    """
+    if opts.likelihood != "categorical" or rows.all_valid:
+        return _default_loss(opts)(rows.flat, rows.labels)
+    labels = torch.full(
+        (rows.flat_all.shape[0],), opts.ignore_index, dtype=torch.int64, device=rows.index.device
+    )
+    labels.index_copy_(0, rows.index, rows.labels.to(torch.int64))
+    return torch.nn.functional.cross_entropy(rows.flat_all, labels, ignore_index=opts.ignore_index)
 
 
 def diag_fisher(

@@ -1,8 +1,18 @@
 """One-backward estimators: the HUTCHINSON family (math.md §2).
 
-Forward once; ``u = dh/dz`` from :func:`fimfast.likelihoods.probe_factor`; one
-``torch.autograd.grad`` per probe from the logits; the squares accumulate in float32. No hooks, no
-per-sample machinery: any architecture autograd differentiates works.
+Forward once; for every probe, the cotangent ``u = dh/dz`` of all valid rows is written into one
+buffer shaped like the logits, and one ``torch.autograd.grad`` from the logits gives ``grad h``,
+whose squares accumulate in float32 (float64 for float64 models). No hooks, no per-sample
+machinery: any architecture autograd differentiates works (gradient checkpointing and
+``torch.compile`` included).
+
+Memory (large output heads, e.g. an LM head with V = 50k classes): beyond the logits the model's
+forward produced, a step holds **one** tensor shaped like the logits (the cotangent, in the
+logits' dtype, reused by every probe) and float32 temporaries for at most ``_CHUNK_ELEMS`` logits
+at a time: the probes are formed row chunk by row chunk through
+:func:`fimfast.ops.probe_logit_grad`, with the counters the whole-batch call would use, so the
+signs are identical to one call on all rows. No ``(S, R, C)`` tensor and no float32 copy of
+bf16/fp16 logits is made.
 """
 
 from __future__ import annotations
@@ -10,55 +20,229 @@ from __future__ import annotations
 import torch
 
 from fimfast import ops
-from fimfast.likelihoods import probe_factor
+from fimfast.batch import Rows
+from fimfast.likelihoods import _diagonal_topk, effective_top_k
 from fimfast.types import FIMType, Options
+
+# float32 logits per chunk of probe rows: 1M entries (4 MiB) keeps each chunk's softmax, signs and
+# mix in the last-level cache and bounds the temporaries whatever the vocabulary
+_CHUNK_ELEMS = 1 << 20
+
+_PROBE_MODE = {
+    FIMType.HUTCHINSON: "hutchinson",
+    FIMType.HUTCHINSON_SQRT: "sqrt",
+    FIMType.HUTCHINSON_DG: "dg",
+}
+
+
+def rows_per_chunk(C: int, elems: int | None = None) -> int:
+    """Rows of ``C`` logits per probe chunk (at least 1; ``elems`` defaults to ``_CHUNK_ELEMS``)."""
+    return max(1, (_CHUNK_ELEMS if elems is None else elems) // max(1, C))
 
 
 def estimate(
-    flat: torch.Tensor,
+    rows: Rows,
     params: list[torch.Tensor],
     fim_type: FIMType,
     opts: Options,
     seed: int,
     offset: int,
-    acc: list[torch.Tensor],
+    dtypes: list[torch.dtype],
     retain_graph: bool = False,
-) -> None:
-    """Add this batch's HUTCHINSON-family estimate (mean over probes) into ``acc``.
+) -> list[torch.Tensor]:
+    """This batch's HUTCHINSON-family estimate (mean over probes), one tensor per parameter.
 
     Args:
-        flat: ``(R, C)`` valid rows of the logits, attached to the graph.
-        params: trainable parameters, in the order of ``acc``.
+        rows: the valid rows of the batch (:func:`fimfast.batch.rows`), logits attached.
+        params: trainable parameters.
         fim_type: one of the HUTCHINSON types.
         opts: validated options.
         seed: generator seed; offset: first counter of this step.
-        acc: float32/float64 zero-initialised temporaries, one per parameter, updated in place.
+        dtypes: dtype of each parameter's estimate (float32, or float64 for float64 parameters).
         retain_graph: keep the graph after the last probe (``train_step`` back-propagates the loss
             through it afterwards).
+
+    Returns:
+        Sums over the rows of the squared probe gradients, averaged over the probes, shaped like
+        the parameters, in ``dtypes`` (zeros for parameters the logits do not depend on).
     """
-    u = probe_factor(flat, fim_type, opts, seed, offset)  # (S, R, C)
-    S = u.shape[0]
-    if fim_type == FIMType.HUTCHINSON_SQRT:
-        logp = torch.log_softmax(flat, dim=-1)
+    logits = rows.logits
+    S = opts.num_probes
+    # the one (tokens x C) buffer of the step; rows left out (padding, ignored) stay zero
+    cot = (torch.empty if rows.all_valid else torch.zeros)(
+        logits.shape, dtype=logits.dtype, device=logits.device
+    )
+    cot_flat = cot.view(-1, rows.num_classes)
+    factor = _Factor(rows, fim_type, opts, seed, offset)
+    reentrant = has_reentrant_checkpoint(logits)
+    acc: list[torch.Tensor | None] = [None] * len(params)
     for s in range(S):
+        factor.write(s, cot_flat)
         keep = retain_graph or s < S - 1
-        if fim_type == FIMType.HUTCHINSON_SQRT:
-            h = (u[s].to(logp.dtype) * logp).sum()
-            grads = torch.autograd.grad(h, params, retain_graph=keep, allow_unused=True)
+        grads = _vjp(logits, params, cot, keep, reentrant)
+        _accumulate(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
+    del cot, cot_flat
+    return [
+        a if a is not None else torch.zeros(p.shape, dtype=d, device=p.device)
+        for a, p, d in zip(acc, params, dtypes)
+    ]
+
+
+class _Factor:
+    """``u = dh/dz`` of one probe for the valid rows, written chunk by chunk into a buffer."""
+
+    def __init__(self, rows: Rows, fim_type: FIMType, opts: Options, seed: int, offset: int):
+        self.rows = rows
+        self.fim_type = fim_type
+        self.opts = opts
+        self.seed = seed
+        self.offset = offset
+        self.R = rows.count
+        self.C = rows.num_classes
+        self.rankk = fim_type in (FIMType.HUTCHINSON_RANKK, FIMType.HUTCHINSON_RANK1)
+        self.k = effective_top_k(fim_type, opts)
+        # the secular solver holds about four (rows, k, C) temporaries per iteration
+        self.chunk = rows_per_chunk(self.C * (4 * self.k if self.rankk else 1))
+        # eigenpairs of the core FIM do not depend on the probe: keep them across probes when
+        # they are small, recompute them per chunk otherwise
+        self._eig: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if opts.num_probes > 1 and self.R * self.k * self.C <= 4 * _CHUNK_ELEMS else None
+        )
+
+    def write(self, s: int, out: torch.Tensor) -> None:
+        """Write probe ``s`` into ``out`` (``(N*T, C)``, rows of ``rows.index``)."""
+        rows = self.rows
+        for r0 in range(0, self.R, self.chunk):
+            r1 = min(self.R, r0 + self.chunk)
+            u = self._chunk(s, r0, rows.rows_chunk(r0, r1).detach())
+            if rows.all_valid:
+                out[r0:r1].copy_(u)
+            else:
+                out.index_copy_(0, rows.index[r0:r1], u.to(out.dtype))
+
+    def _chunk(self, s: int, r0: int, z: torch.Tensor) -> torch.Tensor:
+        """``(r1 - r0, C)`` float32|float64 factor of rows ``r0:r1`` for probe ``s``.
+
+        Probe ``s`` of row ``r`` uses the counters of row ``s*R + r`` of a whole-batch call, so a
+        chunked step draws exactly the signs of an unchunked one.
+        """
+        o = self.opts
+        lk = o.likelihood
+        if self.rankk:
+            off = self.offset + (s * self.R + r0) * self.k
+            eig = self._eigpairs(r0, z)
+            return ops.probe_logit_grad(z, "rankk", self.seed, off, 1, eig=eig, backend=o.backend)[
+                0
+            ]
+        off = self.offset + (s * self.R + r0) * self.C
+        if lk != "categorical":  # diagonal core FIM: HUTCHINSON and DG coincide
+            return ops.probe_logit_grad(
+                z, lk, self.seed, off, 1, sigma2=o.sigma2, backend=o.backend
+            )[0]
+        mode = _PROBE_MODE[self.fim_type]
+        u = ops.probe_logit_grad(z, mode, self.seed, off, 1, backend=o.backend)[0]
+        if self.fim_type == FIMType.HUTCHINSON_SQRT:
+            # h = sum_c w_c log p_c(z): its gradient through log_softmax's own backward (the
+            # "alternative implementation"), in float32 on this chunk only
+            with torch.enable_grad():
+                zc = z.to(u.dtype).requires_grad_(True)
+                (u,) = torch.autograd.grad(torch.log_softmax(zc, dim=-1), zc, u)
+        return u
+
+    def _eigpairs(self, r0: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._eig is not None and r0 in self._eig:
+            return self._eig[r0]
+        o = self.opts
+        if o.likelihood == "categorical":
+            p = torch.softmax(z.to(ops.compute_dtype(z.dtype)), dim=-1)
+            eig = ops.core_topk(
+                p, self.k, solver=o.rankk_solver, iters=o.lr_power_itrs, backend=o.backend
+            )
         else:
-            grads = torch.autograd.grad(
-                flat,
-                params,
-                grad_outputs=u[s].to(flat.dtype),
-                retain_graph=keep,
-                allow_unused=True,
+            eig = _diagonal_topk(z, o.likelihood, o.sigma2, self.k)
+        if self._eig is not None:
+            self._eig[r0] = eig
+        return eig
+
+
+def _vjp(
+    logits: torch.Tensor,
+    params: list[torch.Tensor],
+    cot: torch.Tensor,
+    retain_graph: bool,
+    reentrant: bool,
+) -> list[torch.Tensor | None]:
+    """``grad_theta <cot, logits>`` for every parameter (``None`` where unused)."""
+    if not reentrant:
+        return list(
+            torch.autograd.grad(
+                logits, params, grad_outputs=cot, retain_graph=retain_graph, allow_unused=True
             )
-        used = [(a, g) for a, g in zip(acc, grads) if g is not None]
-        if used:
-            ops.accumulate_(
-                [a for a, _ in used],
-                [g for _, g in used],
-                "sum",
-                scale=1.0 / S,
-                backend=opts.backend,
-            )
+        )
+    # reentrant torch.utils.checkpoint refuses autograd.grad and backward(inputs=...): run a plain
+    # backward into .grad and give the user's gradients back untouched
+    saved = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        torch.autograd.backward(logits, grad_tensors=cot, retain_graph=retain_graph)
+        return [p.grad for p in params]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
+    """Whether the graph of ``t`` holds a reentrant ``torch.utils.checkpoint`` segment."""
+    fn = t.grad_fn
+    if fn is None:
+        return False
+    seen = {fn}
+    todo = [fn]
+    while todo:
+        node = todo.pop()
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
+
+
+def _accumulate(
+    acc: list[torch.Tensor | None],
+    grads: list[torch.Tensor | None],
+    dtypes: list[torch.dtype],
+    scale: float,
+    cot: torch.Tensor,
+    backend: str,
+) -> None:
+    """``acc[i] += scale * grads[i]**2`` (squares in ``dtypes[i]``), creating ``acc[i]`` if unset.
+
+    The first probe squares its gradient in place when it already has the estimate's dtype and is
+    not shared (no zeroed temporaries: the probe gradients are the only parameter-sized buffers).
+    """
+    # a gradient may share storage with the cotangent or another gradient (a parameter used as
+    # the logits, or twice); those are copied before any square is taken in place
+    cot_ptr = cot.untyped_storage().data_ptr()
+    ptrs = [None if g is None else g.untyped_storage().data_ptr() for g in grads]
+    shared = {p for p in ptrs if p is not None and (p == cot_ptr or ptrs.count(p) > 1)}
+    more_s, more_g = [], []
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        if acc[i] is None:
+            if g.dtype == dtypes[i] and ptrs[i] not in shared and g.is_contiguous():
+                sq = g.detach()
+            else:
+                sq = g.detach().to(dtypes[i], copy=True)
+            sq.mul_(sq)
+            if scale != 1.0:
+                sq.mul_(scale)
+            acc[i] = sq
+        else:
+            more_s.append(acc[i])
+            more_g.append(g)
+    if more_s:
+        ops.accumulate_(more_s, more_g, "sum", scale=scale, backend=backend)

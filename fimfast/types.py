@@ -60,6 +60,7 @@ class FIMType(str, enum.Enum):
 
 LIKELIHOODS = ("categorical", "bernoulli", "gaussian")
 REDUCTIONS = ("sum", "mean")
+DISTRIBUTED = ("auto", "none")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class Options:
         sigma2: variance of the ``gaussian`` likelihood, ``> 0``.
         ignore_index: label value of tokens left out of the Fisher (token-level outputs).
         forward_fn: ``forward_fn(model, batch) -> output`` for batches of any other shape.
+        shift_labels: pair the logits at position ``t`` with the label at ``t + 1`` (causal LMs,
+            as their own loss does; see :mod:`fimfast.batch`): ``True``, ``False``, or ``"auto"``
+            (the default: ``True`` for the Hugging Face causal-LM classes, ``False`` otherwise).
+        distributed: ``"auto"`` (the default): when ``torch.distributed`` is initialised with more
+            than one rank, reading the estimate (``result()``, ``get_diag_fim``) sums states and
+            counts over the ranks of ``process_group``, and every rank draws its own probes;
+            ``"none"``: each rank keeps and reads its own shard's estimate.
+        process_group: the ``torch.distributed`` group to reduce over (``None``: the default
+            group).
     """
 
     num_probes: int = 1
@@ -93,6 +103,9 @@ class Options:
     sigma2: float = 1.0
     ignore_index: int = -100
     forward_fn: Callable[[Any, Any], Any] | None = None
+    shift_labels: bool | str = "auto"
+    distributed: str = "auto"
+    process_group: Any = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -148,12 +161,31 @@ class Options:
             )
         if self.forward_fn is not None and not callable(self.forward_fn):
             raise TypeError(f"fim_opts['forward_fn'] must be callable; got {self.forward_fn!r}")
+        if not isinstance(self.shift_labels, bool) and self.shift_labels != "auto":
+            raise ValueError(
+                f"fim_opts['shift_labels'] must be True, False or 'auto'; got {self.shift_labels!r}"
+            )
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(
+                f"fim_opts['distributed'] must be one of {DISTRIBUTED}; got {self.distributed!r}"
+            )
+        pg = self.process_group
+        if pg is not None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and isinstance(pg, dist.ProcessGroup)):
+                raise TypeError(
+                    "fim_opts['process_group'] must be None or a torch.distributed.ProcessGroup; "
+                    f"got {type(pg).__name__}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (``forward_fn`` as its qualified name)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         fn = d.pop("forward_fn")
         d["forward_fn"] = None if fn is None else getattr(fn, "__qualname__", repr(fn))
+        pg = d.pop("process_group")
+        d["process_group"] = None if pg is None else repr(pg)
         return d
 
 

@@ -29,3 +29,13 @@ MC_BOUNDARY = 1e-5
 # peak extra RSS of one EXACT step on a model whose per-sample gradients need ~4.4 GB
 # (tests/test_persample.py): params 35 MB, temporaries and sq_matmul operands ~100 MB
 PERSAMPLE_PEAK_MB = 512
+# fp16 model vs float32 model (relative L2 of the estimate): 11-bit mantissa, 8x finer than bf16
+FP16_REL = 1e-2
+# large-vocabulary peak memory (tests/test_large_vocab.py): float32 temporaries of the probe chunks
+# (4 MiB each, a handful live at once) plus allocator and backward workspace
+LARGE_VOCAB_SLACK_BYTES = 32 * 2**20
+# RANKK with its probe rows in chunks vs in one call (relative L2): the secular solver's iteration
+# count depends on the rows solved together, which moves near-degenerate eigenvectors by ~1e-5
+CHUNK_RANKK_REL = 2e-5
+# torch.compile'd model vs eager (relative L2 of the estimate): inductor fuses and reorders float32
+COMPILE_REL = 1e-5
