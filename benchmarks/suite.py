@@ -153,8 +153,13 @@ def worker_probe(cfg: dict, key: str, name: str) -> dict:
         if t_first * reps > cfg["budget_s"]:
             reps = max(1, int(cfg["budget_s"] // t_first))
         meter.begin()
-        times = [timer(fn, cleanup) for _ in range(reps)]
-        res["peak_extra_mb"] = meter.end()
+        try:
+            times = [timer(fn, cleanup) for _ in range(reps)]
+            res["peak_extra_mb"] = meter.end()
+        except timing.TooSlow as exc:  # the first call made it: keep it, time it once more
+            cleanup()
+            times = [t_first]
+            res["notes"].append(f"a later call exceeded the limit ({exc.elapsed:.0f} s)")
     except timing.TooSlow as exc:
         res.update(status="too_slow", error=str(exc), elapsed_before_abort_s=exc.elapsed)
         if exc.estimate:
@@ -422,8 +427,8 @@ def run(workloads: list[str], method_names: list[str] | None, cfg: dict, argv: l
                 r["time_ms"] = statistics.median(ts)
                 if floor:
                     r["ratio"] = statistics.median(ts) / statistics.median(floor)
-                if len(ts) < 5:
-                    r["notes"].append(f"only {len(ts)} timed calls (time budget)")
+                if len(ts) < cfg["repeats"]:
+                    r["notes"].append(f"only {len(ts)} timed call(s) (time budget)")
         for name, e in tres["errors"].items():
             wres["methods"][name]["notes"].append(f"timing error: {e}")
         _log(f"[{key}] timing done ({dt:.0f} s)")
