@@ -46,11 +46,11 @@ DEFAULTS = {
     "threads": 2,
     "seed": 0,
     "repeats": 7,  # timed calls per method in the interleaved rounds (median reported)
-    "probe_repeats": 3,  # calls measured for memory in the probe
-    "max_call_s": 30.0,  # a single call past this is stopped (too slow)
-    "budget_s": 30.0,  # timed calls of one method are cut to fit this
+    "probe_repeats": 2,  # calls measured for memory in the probe
+    "max_call_s": 20.0,  # a single call past this is stopped (too slow)
+    "budget_s": 20.0,  # timed calls of one method are cut to fit this
     "draws": 64,  # draws averaged for random methods
-    "draw_budget_s": 30.0,
+    "draw_budget_s": 15.0,
     "chunk_mb": 1024.0,  # per-sample gradient chunk of the torch.func method and the oracle
     "mem_limit_gb": 16.0,  # address-space limit of each CPU subprocess (0: none)
     "probe_timeout_s": 600.0,

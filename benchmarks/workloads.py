@@ -175,7 +175,7 @@ def _build_c(size: str, seed: int) -> Workload:
 
 def _build_d(size: str, seed: int) -> Workload:
     torch.manual_seed(seed)
-    B, D, C = (512, 256, 8192) if size == "full" else (16, 8, 64)
+    B, D, C = (512, 256, 8192) if size == "full" else (6, 8, 24)
     model = nn.Sequential(nn.Linear(D, C))
     X = torch.randn(B, D)
     y = torch.randint(0, C, (B,))
@@ -336,7 +336,7 @@ def _build_g(size: str, seed: int) -> Workload:
     if size == "full":
         N, T, V, d, heads, ff, L = 4, 128, 32000, 64, 4, 256, 1
     else:
-        N, T, V, d, heads, ff, L = 2, 6, 50, 8, 2, 16, 1
+        N, T, V, d, heads, ff, L = 2, 4, 16, 8, 2, 16, 1
     model = TinyLM(V, T, d, heads, ff, L)
     ids = torch.randint(0, V, (N, T))
     y = torch.randint(0, V, (N, T))
