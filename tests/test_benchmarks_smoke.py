@@ -1,0 +1,147 @@
+"""The benchmark suite in its quick mode: oracle, parity gate, methods, report (tiny sizes)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from tolerances import DET_REL_F32, DET_REL_F64
+from torch.func import functional_call, jacrev
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import oracle as bench_oracle  # noqa: E402
+from benchmarks import report, suite  # noqa: E402
+from benchmarks.methods import Method, all_methods  # noqa: E402
+from benchmarks.workloads import build  # noqa: E402
+
+
+def _dense_oracle(wl, quantity: str) -> torch.Tensor:
+    """Full float64 Jacobians of every row with jacrev, contracted with the core matrix.
+
+    Independent of the suite's oracle (no chunking, no closed forms, no head factorisation).
+    """
+    model = copy.deepcopy(wl.model).double()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    x = wl.inputs.double() if wl.inputs.is_floating_point() else wl.inputs
+    C = wl.num_classes
+
+    def logits(pr):
+        return functional_call(model, pr, (x,)).reshape(-1, C)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        z = logits(params)
+        jac = jacrev(logits)(params)
+    J = torch.cat([jac[n].reshape(z.shape[0], C, -1) for n in params], dim=-1)  # (R, C, P)
+    p = torch.softmax(z, -1)
+    if quantity == "fim":
+        M = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        return torch.einsum("rcp,rcd,rdp->p", J, M, J)
+    g = p - torch.nn.functional.one_hot(wl.flat_labels(), C).double()
+    return (torch.einsum("rcp,rc->rp", J, g) ** 2).sum(0)
+
+
+@pytest.mark.parametrize("key", ["a", "c", "d", "e", "g"],
+                         ids=["mlp", "cnn", "linear-head-closed-form", "transformer",
+                              "token-lm-head-factorised"])
+def test_bench_oracle_matches_test_oracle(key):
+    wl = build(key, "tiny", seed=0)
+    ref = bench_oracle.compute(wl)
+    for quantity in ("fim", "ef"):
+        expect = _dense_oracle(wl, quantity)
+        assert bench_oracle.rel_err(ref[quantity], expect) < DET_REL_F64, quantity
+
+
+QUICK_METHODS = ["fimfast_exact_torch", "fimfast_empirical_torch", "fimfast_hutchinson_torch",
+                 "fimfast_train_step_hutchinson_torch", "bp_diag_ggn_exact", "nng_fim_exact"]
+
+
+@pytest.mark.parametrize("key", ["a", "d"], ids=["mlp", "linear-head"])
+def test_quick_parity(key):
+    res = suite.run_quick([key], QUICK_METHODS)[key]
+    assert res["floor"]["status"] == "ok"
+    for name in ("fimfast_exact_torch", "fimfast_empirical_torch"):
+        assert res[name]["status"] == "ok", res[name]
+        assert res[name]["err_1"] < DET_REL_F32 * 10, res[name]  # float32 through the network
+    for name in ("fimfast_hutchinson_torch", "fimfast_train_step_hutchinson_torch"):
+        assert res[name]["status"] == "ok", res[name]
+        assert 0 < res[name]["err_1"] < 10, res[name]  # one draw: noisy but finite, not exact
+    for name in ("bp_diag_ggn_exact", "nng_fim_exact"):
+        # a missing peer is reported as such, never a crash; an installed one must agree
+        assert res[name]["status"] in ("ok", "missing"), res[name]
+        if res[name]["status"] == "ok":
+            assert res[name]["err_1"] < bench_oracle.PARITY_RTOL
+
+
+def test_quick_flags_a_wrong_deterministic_method(monkeypatch):
+    def squared_grads(wl, cfg):  # the square of the batch gradient: not the Fisher
+        def call():
+            wl.model.zero_grad()
+            torch.nn.functional.cross_entropy(wl.logits(), wl.flat_labels(), reduction="sum"
+                                              ).backward()
+            return {n: p.grad ** 2 for n, p in wl.model.named_parameters()}
+        return call, lambda: None
+
+    wrong = Method("wrong", "wrong", "test", "exact", "fim", False, squared_grads)
+    methods = all_methods("cpu")
+    monkeypatch.setattr(suite, "all_methods", lambda device: {**methods, "wrong": wrong})
+    res = suite.run_quick(["a"], ["wrong"])["a"]
+    assert res["wrong"]["status"] == "parity_fail"
+    assert res["wrong"]["err_1"] > bench_oracle.PARITY_RTOL
+
+
+def test_every_fimfast_type_is_a_method():
+    import fimfast
+
+    names = set(all_methods("cpu"))
+    for t in fimfast.FIMType:
+        assert f"fimfast_{t.value}_torch" in names
+
+
+def test_cli_quick_exit_code():
+    from benchmarks.__main__ import main
+
+    assert main(["--quick", "--workloads", "a", "--methods", "fimfast_exact_torch"]) == 0
+
+
+def _fake_results() -> dict:
+    ok = {"status": "ok", "notes": [], "time_ms": 10.0, "ratio": 2.0, "peak_extra_mb": 5.0,
+          "err_1": 1e-7}
+    return {
+        "provenance": {"time": "t", "cpu": "cpu", "gpu": None, "logical_cpus": 2,
+                       "torch_threads": 2, "versions": {"torch": "2"}, "fimfast_version": "0",
+                       "fimfast_git_sha": "abc", "fimfast_backends": {"torch": {"available": True}},
+                       "argv": ["python", "-m", "benchmarks"]},
+        "methods": {
+            "floor": {"label": "floor", "library": "torch", "family": "floor", "random": False,
+                      "note": ""},
+            "fimfast_exact_torch": {"label": "fimfast exact", "library": "fimfast",
+                                    "family": "exact", "random": False, "note": ""},
+            "bp_diag_ggn_exact": {"label": "BackPACK exact", "library": "backpack",
+                                  "family": "exact", "random": False, "note": ""},
+        },
+        "workloads": {"a": {
+            "title": "tiny", "num_params": 10, "rows": 2, "classes": 3,
+            "reference": {"method": "brute force"},
+            "methods": {
+                "floor": {"status": "ok", "notes": [], "time_ms": 5.0, "ratio": 1.0},
+                "fimfast_exact_torch": ok,
+                "bp_diag_ggn_exact": {"status": "unsupported", "notes": [],
+                                      "error": "NotImplementedError: no"},
+            },
+        }},
+    }
+
+
+def test_report_tables_and_chart(tmp_path):
+    data = _fake_results()
+    md = report.markdown(data)
+    assert "| a | exact | 2.00x, 5 MB, err 1.0e-07 (fimfast exact) | none ran |" in md
+    assert "**unsupported**: `NotImplementedError: no`" in md
+    path = tmp_path / "chart.png"
+    report.chart(data, str(path))
+    assert path.stat().st_size > 1000
