@@ -54,6 +54,7 @@ class Method:
         setup: see the module docstring.
         note: caveat shown in tables (bounds, workarounds).
         attention_only: only meaningful on workloads with attention (workarounds).
+        bound: estimates a bound of diag F (DG, RANKK), not diag F itself.
     """
 
     name: str
@@ -65,6 +66,7 @@ class Method:
     setup: Setup
     note: str = ""
     attention_only: bool = False
+    bound: bool = False
 
 
 def peer_status() -> dict[str, str]:
@@ -160,6 +162,8 @@ def _fimfast_methods(device: torch.device) -> list[Method]:
                 random=t.is_random,
                 setup=_fimfast(t.value, b),
                 note=notes.get(t, ""),
+                bound=t in (FIMType.HUTCHINSON_DG, FIMType.HUTCHINSON_RANKK,
+                            FIMType.HUTCHINSON_RANK1),
             ))
         out.append(Method(
             name=f"fimfast_train_step_hutchinson_{b}",

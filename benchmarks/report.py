@@ -42,12 +42,18 @@ def _floor_ms(w: dict) -> float | None:
     return w["methods"].get("floor", {}).get("time_ms")
 
 
+def _estimate(r: dict) -> float | None:
+    """Extrapolated seconds per call of a stopped method (never below the time it already ran)."""
+    est = r.get("est_call_s")
+    return None if est is None else max(est, r.get("elapsed_before_abort_s", 0.0))
+
+
 def _status(r: dict, floor_ms: float | None) -> str:
     st = r.get("status", "?")
     if st == "ok":
         text = ""
     elif st == "too_slow":
-        est = r.get("est_call_s")
+        est = _estimate(r)
         if est:
             ratio = f" = ~{est * 1e3 / floor_ms:,.0f}x floor" if floor_ms else ""
             text = f"**too slow**: > {r['elapsed_before_abort_s']:.0f} s, ~{est:,.0f} s per call" \
@@ -118,8 +124,17 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _bound(m: dict) -> bool:
+    """A deterministic bound in expectation (DG, RANKK): not an estimate of the FIM itself."""
+    return bool(m.get("bound", "bound" in m.get("note", "")))
+
+
 def summary_rows(data: dict) -> list[dict]:
-    """Per workload and family: fimfast's best measured ratio and the best peer's."""
+    """Per workload and family: fimfast's best measured ratio and the best peer's.
+
+    The bounds (``hutchinson_dg``, ``hutchinson_rankk``, ``hutchinson_rank1``) are left out: they
+    estimate another matrix; the per-workload tables have them.
+    """
     rows = []
     methods = data["methods"]
     for key, w in data["workloads"].items():
@@ -129,7 +144,7 @@ def summary_rows(data: dict) -> list[dict]:
                 cands = []
                 for name, r in w["methods"].items():
                     m = methods.get(name)
-                    if m is None or m["family"] != fam or r.get("ratio") is None:
+                    if m is None or m["family"] != fam or r.get("ratio") is None or _bound(m):
                         continue
                     if (m["library"] == "fimfast") != (side == "fimfast"):
                         continue
@@ -139,6 +154,20 @@ def summary_rows(data: dict) -> list[dict]:
                     best[side] = {"method": name, "label": methods[name]["label"],
                                   "ratio": ratio, "peak_mb": r.get("peak_extra_mb"),
                                   "err_1": r.get("err_1"), "err_mean": r.get("err_mean")}
+                    continue
+                # nothing measured: the fastest extrapolated (too slow) method, if any
+                floor = _floor_ms(w)
+                slow = [((_estimate(r) or r["est_call_s_lower_bound"]) * 1e3 / floor, name,
+                         r.get("est_call_s") is None)
+                        for name, r in w["methods"].items()
+                        if floor and (r.get("est_call_s") or r.get("est_call_s_lower_bound"))
+                        and name in methods and not _bound(methods[name])
+                        and methods[name]["family"] == fam
+                        and (methods[name]["library"] == "fimfast") == (side == "fimfast")]
+                if slow:
+                    ratio, name, lower = min(slow)
+                    best[side] = {"method": name, "label": methods[name]["label"],
+                                  "ratio": ratio, "extrapolated": True, "lower_bound": lower}
             rows.append({"workload": key, "family": fam, **best})
     return rows
 
@@ -146,6 +175,9 @@ def summary_rows(data: dict) -> list[dict]:
 def _cell(b: dict | None) -> str:
     if not b:
         return "none ran"
+    if b.get("extrapolated"):
+        how = ">" if b.get("lower_bound") else "~"
+        return f"too slow: {how}{b['ratio']:,.0f}x extrapolated ({b['label']})"
     err = _err(b["err_1"])
     if b.get("err_mean") is not None:
         err += f" / {_err(b['err_mean'])}"
@@ -183,8 +215,8 @@ def chart(data: dict, path: str) -> None:
             m = methods.get(name, {"label": name, "library": "?"})
             labels.append(m["label"])
             ratio = r.get("ratio")
-            if ratio is None and r.get("est_call_s") and floor:
-                ratio = r["est_call_s"] * 1e3 / floor
+            if ratio is None and _estimate(r) and floor:
+                ratio = _estimate(r) * 1e3 / floor
                 texts.append(f"~{ratio:,.0f}x (too slow, extrapolated)")
                 cols.append("#dddddd")
             elif ratio is None:

@@ -166,6 +166,8 @@ def worker_probe(cfg: dict, key: str, name: str) -> dict:
             res["est_call_s"], res["est_from"] = exc.estimate, "progress"
         else:
             res.update(_extrapolate(cfg, key, m, device))
+        if res.get("est_call_s") is not None:  # the stopped call already took this long
+            res["est_call_s"] = max(res["est_call_s"], exc.elapsed)
         return res
     except Exception as exc:  # noqa: BLE001
         res["status"], res["error"] = _error(exc)
@@ -359,7 +361,8 @@ def run(workloads: list[str], method_names: list[str] | None, cfg: dict, argv: l
         "settings": cfg,
         "parity_rtol": oracle.PARITY_RTOL,
         "methods": {m.name: {"label": m.label, "library": m.library, "family": m.family,
-                             "target": m.target, "random": m.random, "note": m.note}
+                             "target": m.target, "random": m.random, "note": m.note,
+                             "bound": m.bound}
                     for m in methods},
         "workloads": {},
     }
