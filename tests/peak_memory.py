@@ -102,7 +102,13 @@ def main(cfg: dict) -> dict:
             if calls[0] >= limit[0]:
                 raise Stop
 
-        model.lm_head.weight.register_hook(hook)
+        # count the backward passes through the logits: both per-sample paths (the generic one and
+        # the layer-capture engine, which never forms the head's weight gradient) run them
+        def tap(module, args, out):
+            if out.requires_grad:
+                out.register_hook(hook)
+
+        model.lm_head.register_forward_hook(tap)
 
         def aborted_step():
             calls[0] = 0
