@@ -11,7 +11,7 @@ backend time). ``probe_logit_grad`` is also timed against the eager composition 
 Writes ``benchmarks/results/ops_<device>_<date>.json`` with provenance (device, threads,
 torch/triton versions, git sha, time)::
 
-    python benchmarks/bench_ops.py                 # CPU, 2 threads
+    python benchmarks/bench_ops.py                 # CPU: 2 threads wall clock, 1 thread CPU time
     python benchmarks/bench_ops.py --device cuda   # GPU
     python benchmarks/bench_ops.py --quick         # smaller cases, fewer rounds
 """
@@ -227,10 +227,12 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], dev, budget_s: float, max_rounds: int):
+def time_interleaved(fns: dict[str, Callable[[], object]], dev, budget_s: float, max_rounds: int,
+                     clock: Callable[[], float] = time.perf_counter):
     """Median seconds per call of every fn, in rounds whose order rotates."""
     names = list(fns)
-    for n in names:  # warm-up (lazy imports, caches, kernel compilation)
+    for n in names:  # warm-up (lazy imports, caches, allocator, kernel compilation)
+        fns[n]()
         fns[n]()
     _sync(dev)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -240,10 +242,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], dev, budget_s: float,
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
             _sync(dev)
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
             _sync(dev)
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
         r += 1
     return {n: statistics.median(v) for n, v in times.items()}, r
 
@@ -287,7 +289,7 @@ def provenance(dev) -> dict:
     return info
 
 
-def run_case(op, name, build, call, truth_fn, extra, dev, quick, budget) -> list[dict]:
+def run_case(op, name, build, call, truth_fn, extra, dev, quick, budget, clock) -> list[dict]:
     """Parity of every available backend, then interleaved timing of those that pass."""
     x = build()
     rows = []
@@ -321,7 +323,7 @@ def run_case(op, name, build, call, truth_fn, extra, dev, quick, budget) -> list
     for label, fn in extra.items():
         fns[label] = functools.partial(fn, x)
         rows.append({"op": op, "case": name, "backend": label, "parity": "baseline"})
-    med, rounds = time_interleaved(fns, dev, 0.5 if quick else budget, 5 if quick else 200)
+    med, rounds = time_interleaved(fns, dev, 0.5 if quick else budget, 5 if quick else 200, clock)
     for row in rows:
         b = row["backend"]
         if b in med:
@@ -343,16 +345,28 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default="probe_logit_grad,core_topk,sq_matmul,shared_sq,accumulate_")
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of timing per case")
     ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/...)")
+    ap.add_argument("--wall-only", action="store_true", help="skip the 1-thread CPU-time pass")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    torch.set_num_threads(args.threads)
     builders = {"probe_logit_grad": probe_cases, "core_topk": topk_cases, "sq_matmul": sq_cases,
                 "shared_sq": shared_cases, "accumulate_": accumulate_cases}
+    # wall clock with the requested threads; on a CPU also the CPU time of one thread, which a
+    # machine shared with other jobs inflates far less (waking a second thread there can cost
+    # milliseconds of scheduling latency per parallel region)
+    passes = [(f"wall_{args.threads}threads", args.threads, time.perf_counter)]
+    if dev.type == "cpu" and not args.wall_only:
+        passes.append(("cputime_1thread", 1, time.thread_time))
     prov = provenance(dev)
-    results = []
-    for op in args.ops.split(","):
-        for case in builders[op](dev, args.quick):
-            results += run_case(op, *case, dev=dev, quick=args.quick, budget=args.budget)
+    runs = {}
+    for label, threads, clock in passes:
+        torch.set_num_threads(threads)
+        print(f"== {label}", flush=True)
+        results = []
+        for op in args.ops.split(","):
+            for case in builders[op](dev, args.quick):
+                results += run_case(op, *case, dev=dev, quick=args.quick, budget=args.budget,
+                                    clock=clock)
+        runs[label] = results
     out = args.out
     if out is None:
         day = _dt.date.today().isoformat()
@@ -361,7 +375,7 @@ def main(argv=None) -> int:
     if hasattr(os, "getloadavg"):
         prov["loadavg_at_end"] = os.getloadavg()
     with open(out, "w") as f:
-        json.dump({"provenance": prov, "results": results}, f, indent=1)
+        json.dump({"provenance": prov, "runs": runs}, f, indent=1)
     print(f"wrote {out}")
     return 0
 

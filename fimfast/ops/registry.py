@@ -61,10 +61,21 @@ _IMPLS: dict[str, dict[str, str]] = {
     },
 }
 
-# automatic order per device type; the CPU order per op is the measured fastest first
-# (benchmarks/bench_ops.py, results in benchmarks/results/ops_cpu_*.json)
+# automatic order per device type. On the CPU, the measured fastest correct backend first
+# (benchmarks/bench_ops.py; benchmarks/results/ops_cpu_2026-11-23.json, AMD EPYC, 1 thread CPU
+# time, speed-up of cpp over the torch reference): probe_logit_grad 2.3-41x by mode (hutchinson
+# 7.7x; 9.8x over the eager softmax + bernoulli + mix), core_topk 1.9-3.8x, shared_sq 1.15-1.24x,
+# accumulate_ 1.9-4.2x. sq_matmul runs the same BLAS product either way (0.95-1.08x); cpp goes
+# first for its bounded temporaries (squares in 32 MiB chunks; the reference widens and squares
+# whole inputs).
 _AUTO_CUDA = ("cuda", "triton", "torch")
-_AUTO_CPU: dict[str, tuple[str, ...]] = {op: ("cpp", "torch") for op in _IMPLS}
+_AUTO_CPU: dict[str, tuple[str, ...]] = {
+    "probe_logit_grad": ("cpp", "torch"),
+    "core_topk": ("cpp", "torch"),
+    "sq_matmul": ("cpp", "torch"),
+    "shared_sq": ("cpp", "torch"),
+    "accumulate_": ("cpp", "torch"),
+}
 
 
 def register(op: str, backend: str, target: str, cpu_auto_first: bool | None = None) -> None:
