@@ -221,7 +221,7 @@ class DiagFisher:
             )
         acc = self.state.temporaries()
         self._persample.estimate(
-            rows, params, self.fim_type, o, self.seed, self.offset, acc, cap
+            rows, params, self.fim_type, o, self.seed, self.offset, acc, cap, self.names
         )
         return acc
 

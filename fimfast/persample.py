@@ -42,6 +42,7 @@ differentiate and is the reference every rule is tested against.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -53,6 +54,8 @@ import torch
 
 from fimfast import _env, hooks, layers, likelihoods, ops
 from fimfast.types import FIMType, Options
+
+log = logging.getLogger("fimfast.persample")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -288,6 +291,7 @@ class Engine:
         self._probe_cache: dict[Any, Any] = {}
         self._targets: tuple[Any, list] | None = None
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
+        self._logged: dict[int, str] = {}
 
     @contextmanager
     def capture(self, model: torch.nn.Module, params: list[torch.Tensor]):
@@ -469,6 +473,7 @@ class Engine:
         offset: int,
         acc: list[torch.Tensor],
         cap: hooks.Capture | None,
+        names: list[str] | None = None,
     ) -> None:
         """Add this batch's per-sample estimate into ``acc`` (one float tensor per parameter).
 
@@ -480,12 +485,23 @@ class Engine:
             seed: generator seed; offset: first counter of this step.
             acc: zero-initialised float32/float64 temporaries, updated in place.
             cap: the capture of this step's forward (``None``: generic path only).
+            names: parameter names, for the log line naming the parameters on the generic path
+                (logger ``fimfast.persample``, level INFO, once per change).
         """
         flat = rows.flat
         R, C = flat.shape
         cols = Columns(flat, rows.labels, fim_type, opts, seed, offset)
         plan = self._plan(cap, rows, params)
         self.last_plan = plan
+        generic = {i: plan.reasons.get(i, "") for i in plan.generic}
+        if cap is not None and generic != self._logged:
+            self._logged = generic
+            if generic:  # once per change: which parameters take the slow path, and why
+                log.info(
+                    "per-sample engine: %d of %d parameters take the generic path: %s",
+                    len(generic), len(params),
+                    "; ".join(f"{names[i] if names else i}: {r}" for i, r in generic.items()),
+                )
         if plan.generic:
             gp = [params[i] for i in plan.generic]
             ga = [acc[i] for i in plan.generic]

@@ -575,3 +575,14 @@ def test_direct_taps_fall_back_when_an_output_is_modified_in_place():
     est.step((x, y))  # back to add-taps: everything fast again
     assert not est._persample.last_plan.generic
     assert _rel(dict(est.result().items()), oracle(case, "exact")) <= DET_REL_F64
+
+
+def test_generic_parameters_are_logged_once_with_reasons(caplog):
+    lc = _build("unknown_module")
+    est = DiagFisher(lc.case.model, "exact")
+    with caplog.at_level("INFO", logger="fimfast.persample"):
+        est.step(lc.case.batch)
+        est.step(lc.case.batch)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fimfast.persample"]
+    assert len(lines) == 1
+    assert "scale.s: no rule for its module" in lines[0]
