@@ -219,11 +219,11 @@ class DiagFisher:
                 self.state.dtypes,
                 retain_graph=retain_graph,
             )
-        acc = self.state.temporaries()
+        acc = self.state.sums()
         self._persample.estimate(
             rows, params, self.fim_type, o, self.seed, self.offset, acc, cap, self.names
         )
-        return acc
+        return acc.tensors()
 
     def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows) -> None:
         self.state.commit(acc, rows.count)

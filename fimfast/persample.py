@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from fimfast import _env, hooks, layers, likelihoods, ops
+from fimfast.state import Sums
 from fimfast.types import FIMType, Options
 
 log = logging.getLogger("fimfast.persample")
@@ -471,7 +472,7 @@ class Engine:
         opts: Options,
         seed: int,
         offset: int,
-        acc: list[torch.Tensor],
+        acc: Sums,
         cap: hooks.Capture | None,
         names: list[str] | None = None,
     ) -> None:
@@ -483,7 +484,7 @@ class Engine:
             fim_type: EXACT, EMPIRICAL or MONTE_CARLO.
             opts: validated options (``class_chunk``, ``likelihood``, ``backend``, ...).
             seed: generator seed; offset: first counter of this step.
-            acc: zero-initialised float32/float64 temporaries, updated in place.
+            acc: the batch estimate's slots (:class:`fimfast.state.Sums`), added to.
             cap: the capture of this step's forward (``None``: generic path only).
             names: parameter names, for the log line naming the parameters on the generic path
                 (logger ``fimfast.persample``, level INFO, once per change).
@@ -504,7 +505,7 @@ class Engine:
                 )
         if plan.generic:
             gp = [params[i] for i in plan.generic]
-            ga = [acc[i] for i in plan.generic]
+            ga = [acc.get(i) for i in plan.generic]
             chunk = opts.class_chunk or max(1, min(cols.num, pair_chunk(R, C, gp) // max(1, R)))
             accumulate_columns(flat, gp, cols.blocks(chunk), ga)
         if plan.groups:
@@ -521,10 +522,9 @@ class Engine:
                 c, _ = g.members[0]
                 x = c.data["x"]
                 A = x.reshape(-1, x.shape[-1]).index_select(0, rows.index)
-                acc[g.index].add_(ops.sq_matmul(cols.root, A, backend=backend))
+                acc.add(g.index, ops.sq_matmul(cols.root, A, backend=backend))
             elif g.kind == "head_b":
-                bias = cols.root.square().sum(0)
-                acc[g.index].add_(bias.to(acc[g.index].dtype))
+                acc.add(g.index, cols.root.square().sum(0))
         groups = [g for g in plan.groups if g.kind not in ("head_w", "head_b")]
         if not groups:
             return
@@ -573,15 +573,14 @@ class Engine:
                     parts.append(terms[id(c)][ui])
                 parts = [p for p in parts if p is not None]
                 if parts:
-                    _accumulate(g, parts, acc[g.index], backend, sq0)
+                    _accumulate(g, parts, acc, backend, sq0)
             del terms, gmap, cot
         for g in groups:
             if "S" in g.state:  # no weight sharing: sum_n S_n (x) a_n^2 once for all columns
-                view = _block(acc[g.index], g.block)
                 S = g.state["S"]
                 res = ops.sq_matmul(S if g.state.get("root") else S.sqrt(), g.state["Q"],
                                     backend=backend)
-                view.add_(res.reshape(view.shape))
+                acc.add(g.index, res, g.block)
 
 
 def _unique(it: Iterable[hooks.Call]) -> list[hooks.Call]:
@@ -620,9 +619,8 @@ def _colsq(P: torch.Tensor, dt: torch.dtype, cache: dict) -> torch.Tensor:
     return cache[k][1]
 
 
-def _accumulate(g: Group, parts: list, acc: torch.Tensor, backend, cache: dict) -> None:
-    view = _block(acc, g.block)
-    dt = acc.dtype
+def _accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
+    dt = sums.dtypes[g.index]
     if g.kind == "vec":
         if len(parts) == 1:
             sq = _colsq(parts[0].V, dt, cache).sum(0)
@@ -631,7 +629,7 @@ def _accumulate(g: Group, parts: list, acc: torch.Tensor, backend, cache: dict) 
             for p in parts[1:]:
                 V = V + p.V.to(dt)
             sq = V.square().sum((0, 1))
-        view.add_(sq.reshape(view.shape))
+        sums.add(g.index, sq, g.block)
         return
     outers = [p for p in parts if isinstance(p, layers.Outer)]
     rows = [p for p in parts if isinstance(p, layers.Rows)]
@@ -649,8 +647,9 @@ def _accumulate(g: Group, parts: list, acc: torch.Tensor, backend, cache: dict) 
             g.state.setdefault("Q", outers[0].Q[:, 0])
         else:
             P, Q = _cat_outer(g, outers)
-            view.add_(_outer_sq(P, Q).reshape(view.shape))
+            sums.add(g.index, _outer_sq(P, Q), g.block)
     if rows:
+        view = _block(sums.get(g.index), g.block)
         ids, keep, Qe = _cat_rows(g, rows)
         _rows_sq(g, ids, keep, Qe, view)
         if outers:  # tied table: 2 sum_units E_u . D_u on the rows the embedding touched

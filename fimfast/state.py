@@ -6,6 +6,7 @@ everything succeeded, so a failing step leaves the state bit-identical.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,6 +15,50 @@ import torch
 def state_dtype(param: torch.Tensor) -> torch.dtype:
     """float64 for float64 parameters, float32 for every other dtype (fp16/bf16 included)."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class Sums:
+    """One batch estimate, one slot per parameter, allocated on first use.
+
+    :meth:`add` adopts a fresh full-size result as the slot when the slot is still empty, so a
+    parameter whose estimate is one product (the common case) costs neither a zeroed temporary nor
+    an extra pass over it (measured on a 535k-parameter MLP: 0.5 ms of a 7 ms EMPIRICAL step).
+    """
+
+    def __init__(self, shapes: list, dtypes: list[torch.dtype], devices: list[torch.device]):
+        self.shapes = [tuple(s) for s in shapes]
+        self.dtypes = list(dtypes)
+        self.devices = list(devices)
+        self.slots: list[torch.Tensor | None] = [None] * len(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def get(self, i: int) -> torch.Tensor:
+        """Slot ``i``, zero-filled first if it is still empty (for in-place block updates)."""
+        t = self.slots[i]
+        if t is None:
+            t = torch.zeros(self.shapes[i], dtype=self.dtypes[i], device=self.devices[i])
+            self.slots[i] = t
+        return t
+
+    def add(self, i: int, x: torch.Tensor, block: tuple[int, int] | None = None) -> None:
+        """``slot[i][block] += x``; ``x`` must be a fresh tensor the caller no longer uses (it may
+        become the slot itself)."""
+        shape, dt = self.shapes[i], self.dtypes[i]
+        if block is None and self.slots[i] is None and x.numel() == math.prod(shape):
+            if x.dtype != dt:
+                x = x.to(dt)
+            if x.is_contiguous() and x.device == self.devices[i]:
+                self.slots[i] = x.view(shape)
+                return
+        t = self.get(i)
+        view = t if block is None else t[block[0] : block[1]]
+        view.add_(x.reshape(view.shape))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every slot (zeros where nothing was added)."""
+        return [self.get(i) for i in range(len(self.slots))]
 
 
 class State:
@@ -39,9 +84,9 @@ class State:
         self.count = 0  # rows (samples or tokens) seen
         self.steps = 0  # committed batches
 
-    def temporaries(self) -> list[torch.Tensor]:
-        """Zeroed tensors shaped like the state, for one batch estimate."""
-        return [torch.zeros_like(v) for v in self.values]
+    def sums(self) -> Sums:
+        """Empty slots shaped like the state, for one batch estimate (see :class:`Sums`)."""
+        return Sums([v.shape for v in self.values], self.dtypes, [v.device for v in self.values])
 
     def check_params(self, names: list[str], params: list[torch.Tensor]) -> None:
         """Raise when the model's trainable parameters differ from those the state was made for."""
