@@ -63,9 +63,9 @@ _IMPLS: dict[str, dict[str, str]] = {
 
 # automatic order per device type. On the CPU, the measured fastest correct backend first
 # (benchmarks/bench_ops.py; benchmarks/results/ops_cpu_2026-11-23.json, AMD EPYC, 1 thread CPU
-# time, speed-up of cpp over the torch reference): probe_logit_grad 2.3-41x by mode (hutchinson
-# 7.7x; 9.8x over the eager softmax + bernoulli + mix), core_topk 1.9-3.8x, shared_sq 1.15-1.24x,
-# accumulate_ 1.9-4.2x. sq_matmul runs the same BLAS product either way (0.95-1.08x); cpp goes
+# time, speed-up of cpp over the torch reference): probe_logit_grad 2.4-4.9x by mode (hutchinson
+# 3.2x; 10.5x over the eager softmax + bernoulli + mix), core_topk 1.9-3.7x, shared_sq 1.16-1.22x,
+# accumulate_ 1.8-4.1x. sq_matmul runs the same BLAS product either way (0.95-1.08x); cpp goes
 # first for its bounded temporaries (squares in 32 MiB chunks; the reference widens and squares
 # whole inputs).
 _AUTO_CUDA = ("cuda", "triton", "torch")
