@@ -7,7 +7,6 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -174,11 +173,17 @@ class DiagFisher:
             self._announce_exact_cost(rows)
         return output, rows
 
-    def _capture(self, params: list[torch.Tensor]):
-        """Context of the forward: layer capture for the per-sample engine (removed on exit)."""
-        if self.fim_type.is_per_sample:
-            return self._persample.capture(self.model, params)
-        return nullcontext()
+    def _captured_forward(
+        self, params: list[torch.Tensor], batch: Any, train: bool = False
+    ) -> tuple[Any, batchlib.Rows]:
+        """The forward, under the per-sample engine's layer capture for per-sample types:
+        ``(capture or None, rows)`` (hooks removed on exit)."""
+        if not self.fim_type.is_per_sample:
+            return None, self._forward(batch, train)[1]
+        cap, (_, rows) = self._persample.forward(
+            self.model, params, batchlib.batch_size(batch), lambda: self._forward(batch, train)
+        )
+        return cap, rows
 
     def _shift_labels(self, logits: torch.Tensor) -> bool:
         """``shift_labels`` resolved: ``"auto"`` shifts token-level logits of causal LMs."""
@@ -232,8 +237,7 @@ class DiagFisher:
     def step(self, batch: Any) -> None:
         """Estimate on one batch and fold it into the state (all or nothing)."""
         params = self._params()  # a changed parameter set is refused before the forward
-        with self._capture(params) as cap:
-            _, rows = self._forward(batch)
+        cap, rows = self._captured_forward(params, batch)
         params = self._params_after_forward()
         with _fimfast_arithmetic(rows.logits.device):
             acc = self._estimate(rows, params, retain_graph=False, cap=cap)
@@ -254,8 +258,7 @@ class DiagFisher:
             The loss, detached.
         """
         params = self._params()
-        with self._capture(params) as cap:
-            _, rows = self._forward(batch, train=True)
+        cap, rows = self._captured_forward(params, batch, train=True)
         params = self._params_after_forward()
         if rows.labels is None:
             raise ValueError("batch: train_step needs labels; the batch has none")

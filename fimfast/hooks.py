@@ -82,12 +82,14 @@ class Use:
             ``vec`` (per-row gradient given directly).
         block: ``(start, stop)`` rows of the parameter's first dim this use fills (``None``: all).
         groups: convolution groups of an ``outer`` use.
+        transposed: an ``outer`` use of a weight stored ``(I, O)`` (Hugging Face ``Conv1D``).
     """
 
     param: torch.Tensor
     kind: str
     block: tuple[int, int] | None = None
     groups: int = 1
+    transposed: bool = False
 
 
 @dataclass
@@ -119,8 +121,13 @@ class Capture:
         params: list[torch.Tensor],
         rule_for: Callable[[torch.nn.Module], Any],
         direct: set | None = None,
+        batch_size: int | None = None,
+        expand_broadcast: bool = True,
     ):
         self.direct = set() if direct is None else direct
+        self.batch_size = batch_size
+        self.expand_broadcast = expand_broadcast
+        self.expanded = 0  # broadcast outputs expanded to the batch in this forward
         self.model = model
         self.params = params
         self.param_ids = {id(p) for p in params}

@@ -45,7 +45,7 @@ import functools
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,6 +245,12 @@ class Group:
     members: list[tuple[hooks.Call, int]]
     state: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored ``(I, O)`` (Hugging Face ``Conv1D``)."""
+        c, ui = self.members[0]
+        return c.uses[ui].transposed
+
 
 @dataclass
 class Plan:
@@ -283,19 +289,57 @@ class Engine:
 
     Attributes:
         use_rules: ``False`` sends every parameter to the generic path (the reference).
+        expand_broadcast: expand lookups shared by the batch during the capture (turned off
+            after a forward that fails with them expanded).
         last_plan: the :class:`Plan` of the last step.
     """
 
     def __init__(self) -> None:
         self.use_rules = True
+        self.expand_broadcast = True
         self.last_plan: Plan | None = None
         self._probe_cache: dict[Any, Any] = {}
         self._targets: tuple[Any, list] | None = None
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
         self._logged: dict[int, str] = {}
 
+    def forward(
+        self,
+        model: torch.nn.Module,
+        params: list[torch.Tensor],
+        batch_size: int | None,
+        run: Callable[[], Any],
+    ) -> tuple[hooks.Capture | None, Any]:
+        """``run()`` (the forward) under a capture: ``(capture, result)``.
+
+        Lookups shared by the batch are expanded to ``batch_size`` during the capture (see
+        :class:`fimfast.layers.EmbeddingRule`); a forward that fails with an expanded output is
+        run once more without expansion, which this engine then keeps off.
+        """
+        cap = None
+        try:
+            with self.capture(model, params, batch_size) as cap:
+                return cap, run()
+        except Exception as exc:
+            if cap is None or not cap.expanded:
+                raise
+            log.info(
+                "per-sample engine: the forward failed with shared lookups expanded to the batch "
+                "(%s: %s); running it without expansion (those tables take the generic path)",
+                type(exc).__name__, exc,
+            )
+        self.expand_broadcast = False
+        try:
+            with self.capture(model, params, batch_size) as cap:
+                return cap, run()
+        except Exception:
+            self.expand_broadcast = True  # it fails either way: the expansion was not the cause
+            raise
+
     @contextmanager
-    def capture(self, model: torch.nn.Module, params: list[torch.Tensor]):
+    def capture(
+        self, model: torch.nn.Module, params: list[torch.Tensor], batch_size: int | None = None
+    ):
         """Context for the forward: yields a :class:`~fimfast.hooks.Capture` (or ``None``)."""
         if not self.use_rules:
             with nullcontext():
@@ -306,7 +350,9 @@ class Engine:
         key = (id(model), tuple(id(p) for p in params))
         if self._targets is None or self._targets[0] != key:
             self._targets = (key, hooks.targets(model, params, layers.rule_for))
-        cap = hooks.Capture(model, params, layers.rule_for, self._direct)
+        cap = hooks.Capture(
+            model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast
+        )
         with cap.installed(self._targets[1]):
             yield cap
 
@@ -402,6 +448,9 @@ class Engine:
         for block, ms in byblock.items():
             kinds = {c.uses[ui].kind for c, ui in ms}
             groups = {c.uses[ui].groups for c, ui in ms}
+            trans = {c.uses[ui].transposed for c, ui in ms}
+            if len(trans) > 1 or (True in trans and kinds != {"outer"}):
+                return None  # one weight stored both ways round: the squares cannot add up
             if kinds == {"vec"}:
                 kind = "vec"
             elif kinds == {"outer"} and len(groups) == 1:
@@ -522,7 +571,10 @@ class Engine:
                 c, _ = g.members[0]
                 x = c.data["x"]
                 A = x.reshape(-1, x.shape[-1]).index_select(0, rows.index)
-                acc.add(g.index, ops.sq_matmul(cols.root, A, backend=backend))
+                if g.transposed:  # weight stored (I, O)
+                    acc.add(g.index, ops.sq_matmul(A, cols.root, backend=backend))
+                else:
+                    acc.add(g.index, ops.sq_matmul(cols.root, A, backend=backend))
             elif g.kind == "head_b":
                 acc.add(g.index, cols.root.square().sum(0))
         groups = [g for g in plan.groups if g.kind not in ("head_w", "head_b")]
@@ -578,8 +630,11 @@ class Engine:
         for g in groups:
             if "S" in g.state:  # no weight sharing: sum_n S_n (x) a_n^2 once for all columns
                 S = g.state["S"]
-                res = ops.sq_matmul(S if g.state.get("root") else S.sqrt(), g.state["Q"],
-                                    backend=backend)
+                S = S if g.state.get("root") else S.sqrt()
+                if g.transposed:  # weight stored (I, O)
+                    res = ops.sq_matmul(g.state["Q"], S, backend=backend)
+                else:
+                    res = ops.sq_matmul(S, g.state["Q"], backend=backend)
                 acc.add(g.index, res, g.block)
 
 
@@ -647,7 +702,8 @@ def _accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None
             g.state.setdefault("Q", outers[0].Q[:, 0])
         else:
             P, Q = _cat_outer(g, outers)
-            sums.add(g.index, _outer_sq(P, Q), g.block)
+            sq = _outer_sq(P, Q)
+            sums.add(g.index, sq.transpose(-2, -1) if g.transposed else sq, g.block)
     if rows:
         view = _block(sums.get(g.index), g.block)
         ids, keep, Qe = _cat_rows(g, rows)

@@ -191,6 +191,8 @@ def test_gpt2_shifted_token_fisher_vs_oracle(fim_type, padding):
     est = fimfast.DiagFisher(model, fim_type)  # shift_labels="auto": GPT2LMHeadModel shifts
     est.step(batch)
     case, ref = shifted_oracle(padding, fim_type)
+    # every parameter through the layer rules, the (1, T) position lookup included
+    assert not est._persample.last_plan.generic
     assert est.result().meta["count"] == int(case.valid.sum())
     assert rel_err(est.result(), ref) <= DET_REL_F32
 

@@ -278,3 +278,80 @@ def test_only_unknown_modules_uses_the_generic_path():
     got, est = _run(case, "exact")
     assert len(est._persample.last_plan.generic) == 2
     assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
+
+
+class _PositionModel(nn.Module):
+    """Token + position embeddings, the positions looked up once for the batch with ``(1, T)``
+    ids (BERT, GPT-2); ``squeeze`` makes a forward that breaks if the lookup is expanded."""
+
+    def __init__(self, squeeze: bool = False):
+        super().__init__()
+        self.squeeze = squeeze
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        p = self.pos(torch.arange(T).unsqueeze(0))
+        if self.squeeze:  # (T, d): a view that needs the size-1 batch dim
+            p = p.view(T, -1)
+        h = torch.tanh(self.tok(ids) + p)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("squeeze", [False, True], ids=["broadcast", "fallback"])
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_shared_position_lookup(fim_type, squeeze):
+    """A lookup shared by the batch is expanded to it: the table gets per-sample gradients from
+    the engine (no generic path); a forward that breaks with the expanded lookup runs again
+    without it, and the table takes the generic path. Both equal the generic reference."""
+    from cases import Case
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 2, 2, 5], [3, 3, 3, 3], [0, 7, 9, 10]])
+    y = torch.tensor([0, 2, 1])
+    case = Case("pos", _PositionModel(squeeze), (ids, y), lambda m, b: m(b[0]),
+                torch.ones(3, dtype=bool), y, "categorical", 3).to(torch.float64)
+    got, est = _run(case, fim_type, num_probes=2)
+    ref, _ = _run(case, fim_type, rules=False, num_probes=2)
+    assert _rel(got, ref) <= DET_REL_F64
+    generic = est._persample.last_plan.generic
+    assert est._persample.expand_broadcast is (not squeeze)
+    if squeeze:
+        assert len(generic) == 1  # pos.weight
+    else:
+        assert not generic
+    got2, _ = _run(case, fim_type, num_probes=2)  # the model's own forward is left as it was
+    assert case.model(ids).shape == (3, 3)
+    assert _rel(got2, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["rows", "tokens"])
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_hf_conv1d_rule(fim_type, seq):
+    """Hugging Face ``Conv1D`` (weight stored (in, out)) through its rule, without and with weight
+    sharing over tokens, and as the logits layer: equal to the generic reference."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from cases import Case
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Conv1D(7, 5)  # (nf=out, nx=in)
+            self.b = Conv1D(4, 7)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h.mean(1) if seq else h)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5) if seq else torch.randn(3, 5)
+    y = torch.tensor([0, 3, 1])
+    case = Case("conv1d", Net(), (x, y), lambda m, b: m(b[0]), torch.ones(3, dtype=bool), y,
+                "categorical", 4).to(torch.float64)
+    got, est = _run(case, fim_type, num_probes=2)
+    ref, _ = _run(case, fim_type, rules=False, num_probes=2)
+    assert not est._persample.last_plan.generic
+    assert _rel(got, ref) <= DET_REL_F64
