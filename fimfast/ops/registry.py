@@ -59,6 +59,13 @@ _IMPLS: dict[str, dict[str, str]] = {
         "cpp": "fimfast.ops.cpp:accumulate_cpp_",
         "cuda": "fimfast.ops.cuda:accumulate_cuda_",
     },
+    # composites: chunked torch matmuls around each backend's probe_logit_grad (fimfast.ops.lm_head)
+    "lm_head_probe": {
+        "torch": "fimfast.ops.lm_head:lm_head_probe_torch",
+        "triton": "fimfast.ops.lm_head:lm_head_probe_triton",
+        "cpp": "fimfast.ops.lm_head:lm_head_probe_cpp",
+        "cuda": "fimfast.ops.lm_head:lm_head_probe_cuda",
+    },
 }
 
 # automatic order per device type. On the CPU, the measured fastest correct backend first
@@ -75,6 +82,7 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "sq_matmul": ("cpp", "torch"),
     "shared_sq": ("cpp", "torch"),
     "accumulate_": ("cpp", "torch"),
+    "lm_head_probe": ("cpp", "torch"),
 }
 
 
