@@ -43,3 +43,6 @@ COMPILE_REL = 1e-5
 # entry, in ulps of the compute dtype: the same signs; the logits and the chunked products
 # (addmm into the weight gradient) sum in another order
 LM_HEAD_ULPS = 64
+# DiagFisher with lm_head vs without (relative L2 of the estimate, float32 models): the same signs;
+# the head's logits and products are summed over row chunks instead of all tokens at once
+LM_HEAD_EST_REL = 1e-5

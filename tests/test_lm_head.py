@@ -1,0 +1,195 @@
+"""The ``lm_head`` option: HUTCHINSON steps through the head without the (tokens x V) logits.
+
+The fused step draws the signs of the unfused one (same seed and counters), so both estimates agree
+to float32 rounding, on a GPT-2 with tied embeddings and on a plain module with an untied head,
+with padding, ignored labels and several probes. No tensor of (tokens x V) elements is allocated
+(every aten output storage is observed, tests/largest_alloc.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from largest_alloc import LargestAlloc
+from tolerances import DET_REL_F64, LM_HEAD_EST_REL
+
+import fimfast
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+
+TYPES = ("hutchinson", "hutchinson_sqrt", "hutchinson_dg")
+
+
+def gpt2(V: int = 1000, d: int = 32, tie: bool = True, T: int = 16) -> torch.nn.Module:
+    torch.manual_seed(0)
+    conf = transformers.GPT2Config(vocab_size=V, n_embd=d, n_layer=2, n_head=2, n_positions=T,
+                                   bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+    return transformers.GPT2LMHeadModel(conf).eval()
+
+
+def lm_batch(V: int = 1000, N: int = 3, T: int = 8) -> dict:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, V, (N, T), generator=g)
+    mask = torch.ones(N, T, dtype=torch.long)
+    mask[0, T - 3:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 2] = -100  # an ignored token inside a sequence
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, one tanh layer, an untied Linear head with bias (token-level logits)."""
+
+    def __init__(self, V: int = 300, d: int = 12, scale: float | None = None):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, d)
+        self.mid = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, V)
+        self.scale = scale
+
+    def forward(self, ids):
+        z = self.head(torch.tanh(self.mid(self.emb(ids))))
+        return z if self.scale is None else z * self.scale
+
+
+def tiny_batch(V: int = 300, N: int = 4, T: int = 5):
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, V, (N, T), generator=g)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[0, :2] = -100
+    labels[3, 4] = -100
+    return ids, labels
+
+
+def rel(a, b, names) -> float:
+    num = sum(float(((a[n].double() - b[n].double()) ** 2).sum()) for n in names)
+    den = sum(float((b[n].double() ** 2).sum()) for n in names)
+    return (num / den) ** 0.5
+
+
+def both(model, batch, fim_type, steps=2, head="lm_head", **kw):
+    plain = fimfast.DiagFisher(model, fim_type, seed=11, **kw)
+    fused = fimfast.DiagFisher(model, fim_type, seed=11, lm_head=head, **kw)
+    for _ in range(steps):
+        plain.step(batch)
+        fused.step(batch)
+    assert fused.offset == plain.offset
+    a, b = fused.result(), plain.result()
+    assert a.meta["count"] == b.meta["count"]
+    return a, b, plain.names
+
+
+@pytest.mark.parametrize("S", [1, 3], ids=["S1", "S3"])
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_gpt2_tied_equals_unfused(fim_type, S):
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    a, b, names = both(model, lm_batch(), fim_type, num_probes=S)
+    assert rel(a, b, names) <= LM_HEAD_EST_REL
+    # the tied weight holds the embedding's and the head's gradient: not the embedding's alone
+    assert float(a["transformer.wte.weight"].sum()) > 0
+    assert "forward" not in model.lm_head.__dict__  # the head's forward is restored
+
+
+def test_gpt2_untied_with_the_module_itself():
+    model = gpt2(tie=False)
+    a, b, names = both(model, lm_batch(), "hutchinson", head=model.lm_head, num_probes=2)
+    assert "lm_head.weight" in names
+    assert rel(a, b, names) <= LM_HEAD_EST_REL
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_untied_linear_head_with_bias_and_ignored_labels(fim_type):
+    torch.manual_seed(0)
+    model = TinyLM()
+    a, b, names = both(model, tiny_batch(), fim_type, head="head", num_probes=2)
+    assert rel(a, b, names) <= LM_HEAD_EST_REL
+    assert float(a["head.bias"].sum()) > 0
+
+
+def test_float64_model_matches_to_float64_rounding():
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    a, b, names = both(model, tiny_batch(), "hutchinson", head="head", num_probes=2)
+    assert a["head.weight"].dtype == torch.float64
+    assert rel(a, b, names) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("frozen", ["head", "body"])
+def test_frozen_head_or_frozen_body(frozen):
+    torch.manual_seed(0)
+    model = TinyLM()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("head") != (frozen == "head"))
+    a, b, names = both(model, tiny_batch(), "hutchinson", head="head")
+    assert rel(a, b, names) <= LM_HEAD_EST_REL
+
+
+def test_no_tokens_by_vocab_tensor_is_allocated():
+    """V = 50k, 2 x 64 tokens: the unfused step allocates (tokens x V); the fused one never."""
+    V, N, T = 50_000, 2, 64
+    model = gpt2(V=V, d=8, T=T)
+    batch = lm_batch(V, N, T)
+    tokens_by_vocab = N * T * V * 4
+    fused = fimfast.DiagFisher(model, "hutchinson", seed=1, lm_head="lm_head")
+    with LargestAlloc() as m_fused:
+        fused.step(batch)
+    assert m_fused.bytes < tokens_by_vocab / 2, (m_fused.bytes, m_fused.op, m_fused.shape)
+    plain = fimfast.DiagFisher(model, "hutchinson", seed=1)
+    with LargestAlloc() as m_plain:  # the probe sees the allocation when there is one
+        plain.step(batch)
+    assert m_plain.bytes >= tokens_by_vocab
+    assert rel(fused.result(), plain.result(), plain.names) <= LM_HEAD_EST_REL
+
+
+BAD = {
+    "not-found": ({"lm_head": "nope"}, "hutchinson", "names no submodule"),
+    "not-linear": ({"lm_head": "transformer.wte"}, "hutchinson", "must name an nn.Linear"),
+    "not-a-module": ({"lm_head": 3}, "hutchinson", "must be None, a module name or an nn.Linear"),
+    "foreign": ({"lm_head": torch.nn.Linear(2, 2)}, "hutchinson", "must be a module of the model"),
+    "exact": ({"lm_head": "lm_head"}, "exact", "works with fim_type"),
+    "rankk": ({"lm_head": "lm_head"}, "hutchinson_rankk", "works with fim_type"),
+    "bernoulli": ({"lm_head": "lm_head", "likelihood": "bernoulli"}, "hutchinson", "categorical"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_lm_head_raises_naming_it(case):
+    opts, fim_type, msg = BAD[case]
+    with pytest.raises(ValueError, match=r"lm_head.*" + msg):
+        fimfast.DiagFisher(gpt2(V=50, d=8), fim_type, **opts)
+
+
+def test_set_options_validates_and_switches_lm_head():
+    model = gpt2(V=50, d=8)
+    batch = lm_batch(50)
+    est = fimfast.DiagFisher(model, "hutchinson", seed=2)
+    with pytest.raises(ValueError, match="lm_head"):
+        est.set_options({"seed": 2, "lm_head": "nope"})
+    assert est.opts.lm_head is None
+    est.set_options({"seed": 2, "lm_head": "lm_head"})
+    est.step(batch)
+    ref = fimfast.DiagFisher(model, "hutchinson", seed=2)
+    ref.step(batch)
+    assert rel(est.result(), ref.result(), ref.names) <= LM_HEAD_EST_REL
+    assert est.result().meta["options"]["lm_head"] == "lm_head"
+
+
+def test_train_step_refuses_lm_head():
+    est = fimfast.DiagFisher(gpt2(V=50, d=8), "hutchinson", lm_head="lm_head")
+    with pytest.raises(ValueError, match="lm_head"):
+        est.train_step(lm_batch(50))
+
+
+def test_transformed_logits_are_refused_and_nothing_is_kept():
+    torch.manual_seed(0)
+    model = TinyLM(scale=0.5)  # the model scales the head's output: the fused path cannot
+    est = fimfast.DiagFisher(model, "hutchinson", lm_head="head")
+    with pytest.raises(ValueError, match="lm_head.*not the head's output"):
+        est.step(tiny_batch())
+    assert "forward" not in model.head.__dict__
+    assert est.offset == 0 and est.state.count == 0
