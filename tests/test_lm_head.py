@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from largest_alloc import LargestAlloc
-from tolerances import DET_REL_F64, LM_HEAD_EST_REL
+from tolerances import BF16_REL, DET_REL_F64, LM_HEAD_EST_REL
 
 import fimfast
 
@@ -44,8 +44,9 @@ def lm_batch(V: int = 1000, N: int = 3, T: int = 8) -> dict:
 class TinyLM(torch.nn.Module):
     """Embedding, one tanh layer, an untied Linear head with bias (token-level logits)."""
 
-    def __init__(self, V: int = 300, d: int = 12, scale: float | None = None):
+    def __init__(self, V: int = 300, d: int = 12, scale: float | None = None, upcast=False):
         super().__init__()
+        self.upcast = upcast
         self.emb = torch.nn.Embedding(V, d)
         self.mid = torch.nn.Linear(d, d)
         self.head = torch.nn.Linear(d, V)
@@ -53,6 +54,8 @@ class TinyLM(torch.nn.Module):
 
     def forward(self, ids):
         z = self.head(torch.tanh(self.mid(self.emb(ids))))
+        if self.upcast:  # as Hugging Face LMs do with `logits.float()`
+            z = z.float()
         return z if self.scale is None else z * self.scale
 
 
@@ -117,6 +120,16 @@ def test_float64_model_matches_to_float64_rounding():
     a, b, names = both(model, tiny_batch(), "hutchinson", head="head", num_probes=2)
     assert a["head.weight"].dtype == torch.float64
     assert rel(a, b, names) <= DET_REL_F64
+
+
+def test_bf16_model_that_upcasts_its_logits():
+    """A bf16 head's output upcast with ``.float()``: the placeholder is already float32."""
+    torch.manual_seed(0)
+    model = TinyLM(upcast=True).to(torch.bfloat16)
+    a, b, names = both(model, tiny_batch(), "hutchinson", head="head")
+    assert a["head.weight"].dtype == torch.float32
+    # the unfused step rounds the logits and the cotangent to bf16; the fused one keeps float32
+    assert rel(a, b, names) <= BF16_REL
 
 
 @pytest.mark.parametrize("frozen", ["head", "body"])
