@@ -16,6 +16,7 @@ from largest_alloc import LargestAlloc
 from tolerances import BF16_REL, DET_REL_F64, LM_HEAD_EST_REL
 
 import fimfast
+from fimfast import hutchinson
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,10 +25,13 @@ transformers.logging.set_verbosity_error()
 TYPES = ("hutchinson", "hutchinson_sqrt", "hutchinson_dg")
 
 
-def gpt2(V: int = 1000, d: int = 32, tie: bool = True, T: int = 16) -> torch.nn.Module:
+def gpt2(V: int = 1000, d: int = 32, tie: bool = True, T: int = 16, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
+    if "dropout" in kw:
+        p = kw.pop("dropout")
+        kw.update(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
     conf = transformers.GPT2Config(vocab_size=V, n_embd=d, n_layer=2, n_head=2, n_positions=T,
-                                   bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+                                   bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie, **kw)
     return transformers.GPT2LMHeadModel(conf).eval()
 
 
@@ -206,3 +210,28 @@ def test_transformed_logits_are_refused_and_nothing_is_kept():
         est.step(tiny_batch())
     assert "forward" not in model.head.__dict__
     assert est.offset == 0 and est.state.count == 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_gradient_checkpointing(reentrant):
+    model = gpt2(dropout=0.0).train()  # HF checkpoints in training mode only
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    seen = []
+    model.lm_head.register_forward_pre_hook(
+        lambda m, args: seen.append(hutchinson.has_reentrant_checkpoint(args[0]))
+    )
+    a, b, names = both(model, lm_batch(), "hutchinson", steps=1, num_probes=2)
+    assert seen == [reentrant] * 2
+    assert rel(a, b, names) <= LM_HEAD_EST_REL
+
+
+def test_functional_api_takes_lm_head():
+    model = gpt2(V=50, d=8)
+    batch = lm_batch(50)
+    for _ in range(2):
+        fimfast.diag_fim_step(model, batch, fim_opts={"seed": 3, "lm_head": "lm_head"})
+    got = fimfast.get_diag_fim(model, "hutchinson")
+    ref = fimfast.DiagFisher(model, "hutchinson", seed=3)
+    ref.step(batch)
+    ref.step(batch)
+    assert rel(got, ref.result(), ref.names) <= LM_HEAD_EST_REL
