@@ -62,7 +62,7 @@ _IMPLS: dict[str, dict[str, str]] = {
     # composites: chunked torch matmuls around each backend's probe_logit_grad (fimfast.ops.lm_head)
     "lm_head_probe": {
         "torch": "fimfast.ops.lm_head:lm_head_probe_torch",
-        "triton": "fimfast.ops.lm_head:lm_head_probe_triton",
+        "triton": _T + "lm_head_probe:lm_head_probe_triton",
         "cpp": "fimfast.ops.lm_head:lm_head_probe_cpp",
         "cuda": "fimfast.ops.lm_head:lm_head_probe_cuda",
     },
