@@ -8,7 +8,8 @@ of
 * ``step``: ``DiagFisher.step`` (forward, probes, backward, accumulation),
 * ``train``: one training step (forward, the model's own loss, backward into ``.grad``),
 
-and the sizes they are compared with. With ``"abort_after": [k1, k2, ...]`` (for EXACT, whose
+and the sizes they are compared with. ``"lm_head": "lm_head"`` passes that option to the
+estimator. With ``"abort_after": [k1, k2, ...]`` (for EXACT, whose
 full run on a large vocabulary takes hours) the step is stopped by a gradient hook after ``k``
 backward calls instead, and ``step_k`` is reported for every ``k``.
 
@@ -78,7 +79,8 @@ def main(cfg: dict) -> dict:
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     fim_type = cfg.get("fim_type", "hutchinson")
-    est = fimfast.DiagFisher(model, fim_type, num_probes=cfg.get("num_probes", 1), seed=0)
+    extra = {"lm_head": cfg["lm_head"]} if cfg.get("lm_head") else {}
+    est = fimfast.DiagFisher(model, fim_type, num_probes=cfg.get("num_probes", 1), seed=0, **extra)
     elem = torch.finfo(dtype).bits // 8
     info = {
         "logits_bytes": N * T * V * elem,

@@ -8,12 +8,15 @@ with padding, ignored labels and several probes. No tensor of (tokens x V) eleme
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from largest_alloc import LargestAlloc
-from tolerances import BF16_REL, DET_REL_F64, LM_HEAD_EST_REL
+from tolerances import BF16_REL, DET_REL_F64, LARGE_VOCAB_SLACK_BYTES, LM_HEAD_EST_REL
 
 import fimfast
 from fimfast import hutchinson
@@ -23,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
 
 TYPES = ("hutchinson", "hutchinson_sqrt", "hutchinson_dg")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def gpt2(V: int = 1000, d: int = 32, tie: bool = True, T: int = 16, **kw) -> torch.nn.Module:
@@ -161,6 +165,30 @@ def test_no_tokens_by_vocab_tensor_is_allocated():
         plain.step(batch)
     assert m_plain.bytes >= tokens_by_vocab
     assert rel(fused.result(), plain.result(), plain.names) <= LM_HEAD_EST_REL
+
+
+def test_peak_memory_at_50k_vocab_stays_below_the_logits():
+    """Peak extra resident memory of a whole fused step (fresh process, tests/peak_memory.py).
+
+    The unfused step holds the logits and one cotangent (2 x 102 MB here); the fused one holds the
+    model's activations, the head's weight gradient, the estimate and a few 8 MiB row chunks.
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak resident memory needs Linux /proc/self/clear_refs")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    base = {"V": 50_000, "N": 4, "T": 128, "rounds": 1}
+    configs = [dict(base, lm_head="lm_head"), dict(base)]
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "peak_memory.py"), json.dumps(configs)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fused, plain = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    chunks = 4 * 8 * 2**20  # four float32 buffers of one 8 MiB row chunk
+    bound = 3 * fused["param_bytes"] + chunks + LARGE_VOCAB_SLACK_BYTES
+    assert fused["step"] <= bound, (fused, bound)
+    assert fused["step"] < fused["logits_bytes"] / 2, fused
+    assert plain["step"] >= plain["logits_bytes"], plain  # the unfused step does hold them
 
 
 BAD = {
