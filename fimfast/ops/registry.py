@@ -59,7 +59,8 @@ _IMPLS: dict[str, dict[str, str]] = {
         "cpp": "fimfast.ops.cpp:accumulate_cpp_",
         "cuda": "fimfast.ops.cuda:accumulate_cuda_",
     },
-    # composites: chunked torch matmuls around each backend's probe_logit_grad (fimfast.ops.lm_head)
+    # torch/cpp/cuda: chunked torch matmuls around that backend's probe_logit_grad
+    # (fimfast.ops.lm_head); triton: fused kernels that never store a logits tile
     "lm_head_probe": {
         "torch": "fimfast.ops.lm_head:lm_head_probe_torch",
         "triton": _T + "lm_head_probe:lm_head_probe_triton",
