@@ -94,8 +94,8 @@ def both(model, batch, fim_type, steps=2, head="lm_head", **kw):
     return a, b, plain.names
 
 
-@pytest.mark.parametrize("S", [1, 3], ids=["S1", "S3"])
-@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize(("fim_type", "S"), [(t, 1) for t in TYPES] + [("hutchinson", 3)],
+                         ids=[f"{t}-S1" for t in TYPES] + ["hutchinson-S3"])
 def test_gpt2_tied_equals_unfused(fim_type, S):
     model = gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -264,3 +264,62 @@ def test_functional_api_takes_lm_head():
     ref.step(batch)
     ref.step(batch)
     assert rel(got, ref.result(), ref.names) <= LM_HEAD_EST_REL
+
+
+class Wrapper(torch.nn.Module):
+    """Holds the model as ``.module``, as DistributedDataParallel does."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kw):
+        return self.module(*args, **kw)
+
+
+def test_head_name_inside_a_wrapper():
+    torch.manual_seed(0)
+    model = TinyLM()
+    wrapped = Wrapper(model)
+    fused = fimfast.DiagFisher(wrapped, "hutchinson", seed=5, lm_head="head")  # not module.head
+    plain = fimfast.DiagFisher(wrapped, "hutchinson", seed=5)
+    fused.step(tiny_batch())
+    plain.step(tiny_batch())
+    assert rel(fused.result(), plain.result(), plain.names) <= LM_HEAD_EST_REL
+
+
+def test_non_finite_hidden_states_are_refused_and_nothing_is_kept():
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids, labels = tiny_batch()
+    with torch.no_grad():
+        model.emb.weight[ids[1, 1]] = float("nan")
+    est = fimfast.DiagFisher(model, "hutchinson", lm_head="head")
+    with pytest.raises(ValueError, match="lm_head contains .* non-finite"):
+        est.step((ids, labels))
+    assert est.offset == 0 and est.state.count == 0
+
+
+def test_compiled_model_keeps_the_placeholder(monkeypatch):
+    """torch.compile runs the replaced forward: the logits it returns are still the placeholder."""
+    from fimfast import lm_head
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    seen = []
+    check = lm_head.HeadCapture.check_output
+
+    def spy(self, logits):
+        seen.append(logits.untyped_storage().nbytes())
+        return check(self, logits)
+
+    monkeypatch.setattr(lm_head.HeadCapture, "check_output", spy)
+    compiled = torch.compile(model)
+    fused = fimfast.DiagFisher(compiled, "hutchinson", seed=5, lm_head="head")
+    fused.step(tiny_batch())
+    assert seen == [4]  # one float32 element, expanded
+    plain = fimfast.DiagFisher(model, "hutchinson", seed=5)
+    plain.step(tiny_batch())
+    got = fused.result()
+    got = {n.removeprefix("_orig_mod."): got[n] for n in fused.names}
+    assert rel(got, plain.result(), plain.names) <= LM_HEAD_EST_REL
