@@ -11,6 +11,8 @@ Methods, timed in interleaved rounds (a new random order each round), median of 
 
 * ``train``: one training step: forward, the model's own loss, ``backward`` into ``.grad``;
 * ``hutchinson``: ``DiagFisher(model, "hutchinson").step(batch)``;
+* ``hutchinson_lm_head`` (models with an ``lm_head``, i.e. ``lm32k``): the same step with
+  ``lm_head="lm_head"``: the probes run through the head in row chunks, without the logits;
 * ``train_step``: ``DiagFisher.train_step`` (training gradients + HUTCHINSON from one forward);
 * ``forward`` and ``backward``: the parts of ``train`` (forward with autograd on; backward alone),
   to show the floor of ``train_step`` (one forward, two backwards).
@@ -22,7 +24,8 @@ through ``/proc/self/clear_refs``, glibc returning blocks above 64 KiB on free.
 ``--ddp`` also times a 2-rank gloo run of HUTCHINSON (each rank half the batch) against one
 process on half the batch, alternating the two, and reports the per-rank ratio.
 
-Usage: ``python benchmarks/bench_scale.py [--rounds 9] [--threads 1] [--ddp] [--json out.json]``
+Usage: ``python benchmarks/bench_scale.py [--rounds 9] [--threads 1] [--workloads minilm,lm32k]
+[--ddp] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -95,10 +98,16 @@ def build(workload: str):
 
 def methods(model, batch):
     """name -> zero-argument callable running the method once (``.grad`` reset after)."""
+    import torch
+
     import fimfast
 
     est = fimfast.DiagFisher(model, "hutchinson", seed=0)
     est_train = fimfast.DiagFisher(model, "hutchinson", seed=0)
+    has_head = isinstance(getattr(model, "lm_head", None), torch.nn.Linear)
+    est_head = (
+        fimfast.DiagFisher(model, "hutchinson", seed=0, lm_head="lm_head") if has_head else None
+    )
     held = {}
 
     def train():
@@ -107,6 +116,9 @@ def methods(model, batch):
 
     def hutchinson():
         est.step(batch)
+
+    def hutchinson_lm_head():
+        est_head.step(batch)
 
     def train_step():
         est_train.train_step(batch)
@@ -119,30 +131,28 @@ def methods(model, batch):
         held.pop("loss").backward()
         model.zero_grad(set_to_none=True)
 
-    return {
+    out = {
         "train": train,
         "hutchinson": hutchinson,
         "train_step": train_step,
         "forward_backward": (forward, backward),
     }
+    if has_head:
+        out["hutchinson_lm_head"] = hutchinson_lm_head
+    return out
 
 
 def time_workload(workload: str, rounds: int) -> dict:
     model, batch = build(workload)
     ms = methods(model, batch)
-    times: dict[str, list[float]] = {
-        "train": [],
-        "hutchinson": [],
-        "train_step": [],
-        "forward": [],
-        "backward": [],
-    }
-    for fn in ("train", "hutchinson", "train_step"):  # warm-up
+    steps = [m for m in ms if m != "forward_backward"]
+    times: dict[str, list[float]] = {m: [] for m in [*steps, "forward", "backward"]}
+    for fn in steps:  # warm-up
         ms[fn]()
     f, b = ms["forward_backward"]
     f()
     b()
-    order = ["train", "hutchinson", "train_step", "forward_backward"]
+    order = [*steps, "forward_backward"]
     for _ in range(rounds):
         random.shuffle(order)
         for name in order:
@@ -328,7 +338,8 @@ def main() -> None:
     for w in filter(None, args.workloads.split(",")):
         r = time_workload(w, args.rounds)
         if not args.no_memory:
-            mem = {m: memory(w, m, args.threads) for m in ("train", "hutchinson", "train_step")}
+            steps = [m for m in r["median_s"] if m not in ("forward", "backward")]
+            mem = {m: memory(w, m, args.threads) for m in steps}
             r["peak_extra_bytes"] = mem
             r["memory_ratio_to_train"] = {m: mem[m] / mem["train"] for m in mem}
         res[w] = r

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import distributed, hutchinson, likelihoods, persample
+from fimfast import distributed, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.ops import registry
 from fimfast.state import State
@@ -90,6 +90,7 @@ class DiagFisher:
         self.ema = check_ema(ema)
         self.opts = Options.from_dict(opts)
         check_type_likelihood(self.fim_type, self.opts.likelihood)
+        self._head = lm_head.resolve(model, self.fim_type, self.opts)
         registry.check_backend(self.opts.backend, _device_of(model))
         distributed.check_model(model)
         names, params = trainable_parameters(model)
@@ -117,10 +118,12 @@ class DiagFisher:
         """Replace the options (validated); a new ``seed`` restarts the random stream."""
         new = Options.from_dict(opts)
         check_type_likelihood(self.fim_type, new.likelihood)
+        head = lm_head.resolve(self.model, self.fim_type, new)
         registry.check_backend(new.backend, _device_of(self.model))
         if new.seed is not None and new.seed != self._seed:
             self.seed, self.offset = new.seed, 0
         self.opts = new
+        self._head = head
 
     def reset(self) -> None:
         """Forget the accumulated state (the random stream continues)."""
@@ -140,7 +143,9 @@ class DiagFisher:
         distributed.check_params_after_forward(self.names, params)
         return params
 
-    def _forward(self, batch: Any, train: bool = False) -> tuple[Any, batchlib.Rows]:
+    def _forward(
+        self, batch: Any, train: bool = False, head: lm_head.HeadCapture | None = None
+    ) -> tuple[Any, batchlib.Rows]:
         fwd = self.opts.forward_fn
         if fwd is None:
             inputs, labels, mask = batchlib.split(batch)  # clear errors for bad structure
@@ -158,6 +163,8 @@ class DiagFisher:
         except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
             raise _with_context(exc, "batch: the model's forward failed on this batch") from exc
         logits = batchlib.logits_of(output)
+        if head is not None:
+            head.check_output(logits)
         need = self.fim_type == FIMType.EMPIRICAL
         rows = batchlib.rows(
             logits,
@@ -210,9 +217,18 @@ class DiagFisher:
             self._warned_exact = True
 
     def _estimate(
-        self, rows: batchlib.Rows, params: list[torch.Tensor], retain_graph: bool, cap=None
+        self,
+        rows: batchlib.Rows,
+        params: list[torch.Tensor],
+        retain_graph: bool,
+        cap=None,
+        head: lm_head.HeadCapture | None = None,
     ) -> list[torch.Tensor]:
         o = self.opts
+        if head is not None:
+            return lm_head.estimate(
+                rows, head, params, self.fim_type, o, self.seed, self.offset, self.state.dtypes
+            )
         if not self.fim_type.is_per_sample:
             return hutchinson.estimate(
                 rows,
@@ -237,10 +253,16 @@ class DiagFisher:
     def step(self, batch: Any) -> None:
         """Estimate on one batch and fold it into the state (all or nothing)."""
         params = self._params()  # a changed parameter set is refused before the forward
-        cap, rows = self._captured_forward(params, batch)
+        if self._head is None:
+            cap, rows = self._captured_forward(params, batch)
+            head = None
+        else:  # HUTCHINSON types only (validated): no layer capture
+            cap = None
+            with lm_head.capture(self._head) as head:
+                _, rows = self._forward(batch, head=head)
         params = self._params_after_forward()
         with _fimfast_arithmetic(rows.logits.device):
-            acc = self._estimate(rows, params, retain_graph=False, cap=cap)
+            acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows)
 
     def train_step(self, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
@@ -257,6 +279,11 @@ class DiagFisher:
         Returns:
             The loss, detached.
         """
+        if self._head is not None:
+            raise ValueError(
+                "train_step needs the logits for the loss; fim_opts['lm_head'] never forms them: "
+                "leave lm_head unset for train_step (or call step() beside your own training step)"
+            )
         params = self._params()
         cap, rows = self._captured_forward(params, batch, train=True)
         params = self._params_after_forward()

@@ -12,7 +12,8 @@ logits' dtype, reused by every probe) and float32 temporaries for at most ``_CHU
 at a time: the probes are formed row chunk by row chunk through
 :func:`fimfast.ops.probe_logit_grad`, with the counters the whole-batch call would use, so the
 signs are identical to one call on all rows. No ``(S, R, C)`` tensor and no float32 copy of
-bf16/fp16 logits is made.
+bf16/fp16 logits is made. With the option ``lm_head`` neither the logits nor that buffer exist
+(:mod:`fimfast.lm_head`).
 """
 
 from __future__ import annotations

@@ -90,6 +90,12 @@ class Options:
             ``"none"``: each rank keeps and reads its own shard's estimate.
         process_group: the ``torch.distributed`` group to reduce over (``None``: the default
             group).
+        lm_head: ``None`` (the default), or the model's Linear output head (its module name, such
+            as ``"lm_head"``, or the ``nn.Linear`` itself): HUTCHINSON, HUTCHINSON_SQRT and
+            HUTCHINSON_DG steps (categorical likelihood) then never form the ``(tokens x V)``
+            logits nor their cotangent: the probes run through the head in row chunks
+            (:func:`fimfast.ops.lm_head_probe`, see :mod:`fimfast.lm_head`), with the signs and
+            the estimate of the unfused step. ``train_step`` does not take it.
     """
 
     num_probes: int = 1
@@ -106,6 +112,7 @@ class Options:
     shift_labels: bool | str = "auto"
     distributed: str = "auto"
     process_group: Any = None
+    lm_head: Any = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -179,6 +186,16 @@ class Options:
                     f"got {type(pg).__name__}"
                 )
 
+        lm = self.lm_head
+        if lm is not None and not (isinstance(lm, str) and lm):
+            import torch
+
+            if not isinstance(lm, torch.nn.Linear):
+                got = repr(lm) if isinstance(lm, str) else type(lm).__name__
+                raise ValueError(
+                    f"fim_opts['lm_head'] must be None, a module name or an nn.Linear; got {got}"
+                )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (``forward_fn`` as its qualified name)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -186,6 +203,8 @@ class Options:
         d["forward_fn"] = None if fn is None else getattr(fn, "__qualname__", repr(fn))
         pg = d.pop("process_group")
         d["process_group"] = None if pg is None else repr(pg)
+        lm = d.pop("lm_head")
+        d["lm_head"] = lm if lm is None or isinstance(lm, str) else repr(lm)
         return d
 
 

@@ -8,9 +8,11 @@ of
 * ``step``: ``DiagFisher.step`` (forward, probes, backward, accumulation),
 * ``train``: one training step (forward, the model's own loss, backward into ``.grad``),
 
-and the sizes they are compared with. With ``"abort_after": [k1, k2, ...]`` (for EXACT, whose
-full run on a large vocabulary takes hours) the step is stopped by a gradient hook after ``k``
-backward calls instead, and ``step_k`` is reported for every ``k``.
+and the sizes they are compared with. ``"lm_head": "lm_head"`` passes that option to the
+estimator; ``"phases"`` (default all three) limits the measured phases. With
+``"abort_after": [k1, k2, ...]`` (for EXACT, whose full run on a large vocabulary takes hours) the
+step is stopped by a gradient hook after ``k`` backward calls instead, and ``step_k`` is reported
+for every ``k``.
 
 The peak is reset between phases through ``/proc/self/clear_refs`` (Linux), and glibc returns
 every block above 64 KiB to the system on free (``MALLOC_MMAP_THRESHOLD_``, set by the caller), so
@@ -78,7 +80,8 @@ def main(cfg: dict) -> dict:
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     fim_type = cfg.get("fim_type", "hutchinson")
-    est = fimfast.DiagFisher(model, fim_type, num_probes=cfg.get("num_probes", 1), seed=0)
+    extra = {"lm_head": cfg["lm_head"]} if cfg.get("lm_head") else {}
+    est = fimfast.DiagFisher(model, fim_type, num_probes=cfg.get("num_probes", 1), seed=0, **extra)
     elem = torch.finfo(dtype).bits // 8
     info = {
         "logits_bytes": N * T * V * elem,
@@ -126,9 +129,11 @@ def main(cfg: dict) -> dict:
             res[f"step_{k}"] = [_phase(aborted_step)]
         return {**{k: min(v) for k, v in res.items()}, **info}
 
+    phases = cfg.get("phases", ["forward", "step", "train"])
     est.step(batch)  # warm-up: lazy initialisation, state allocated
-    model(**batch).loss.backward()
-    model.zero_grad(set_to_none=True)
+    if "train" in phases:
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
 
     def step():
         est.step(batch)
@@ -137,10 +142,11 @@ def main(cfg: dict) -> dict:
         model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    res = {"forward": [], "step": [], "train": []}
+    res = {name: [] for name in phases}
     for _ in range(cfg.get("rounds", 2)):
         for name, fn in (("forward", forward), ("step", step), ("train", train)):
-            res[name].append(_phase(fn))
+            if name in phases:
+                res[name].append(_phase(fn))
     return {**{k: min(v) for k, v in res.items()}, **info}
 
 

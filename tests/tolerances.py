@@ -39,3 +39,10 @@ LARGE_VOCAB_SLACK_BYTES = 32 * 2**20
 CHUNK_RANKK_REL = 2e-5
 # torch.compile'd model vs eager (relative L2 of the estimate): inductor fuses and reorders float32
 COMPILE_REL = 1e-5
+# lm_head_probe (chunked, fused) vs the unfused composition on full logits, relative to the largest
+# entry, in ulps of the compute dtype: the same signs; the logits and the chunked products
+# (addmm into the weight gradient) sum in another order
+LM_HEAD_ULPS = 64
+# DiagFisher with lm_head vs without (relative L2 of the estimate, float32 models): the same signs;
+# the head's logits and products are summed over row chunks instead of all tokens at once
+LM_HEAD_EST_REL = 1e-5

@@ -27,6 +27,7 @@ __all__ = [
     "backend_status",
     "compute_dtype",
     "core_topk",
+    "lm_head_probe",
     "probe_logit_grad",
     "rng",
     "shared_sq",
@@ -90,6 +91,69 @@ def probe_logit_grad(
         raise ValueError("eig=(eigenvalues, eigenvectors) is required for mode 'rankk'")
     _, fn = resolve("probe_logit_grad", backend, logits.device)
     return fn(logits, mode, int(seed), int(offset), int(num_probes), labels, eig, float(sigma2))
+
+
+LM_HEAD_MODES = ("hutchinson", "sqrt", "dg")
+
+
+def lm_head_probe(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mode: str,
+    seed: int,
+    offset: int,
+    *,
+    row_chunk: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One HUTCHINSON-family probe through a Linear head, without the ``(R, V)`` logits.
+
+    With ``z = hidden @ weight.T + bias`` and ``u = probe_logit_grad(z, mode, seed, offset, 1)[0]``
+    (for ``sqrt``: ``u`` back-propagated through ``log_softmax``, as the HUTCHINSON_SQRT step
+    does), returns ``(u @ weight, u.T @ hidden, u.sum(0))``. Rows are processed ``row_chunk`` at a
+    time; chunk ``r0:r1`` draws its signs at the counters ``offset + r0*V + ...``, so the result
+    equals the unchunked composition sign for sign (and a probe ``s`` of the HUTCHINSON step over
+    ``R`` rows is ``offset + s*R*V``).
+
+    Memory: beyond the outputs, ``O(row_chunk * V)`` float32 temporaries (a few chunk-sized
+    buffers) and a compute-dtype copy of ``weight`` when it has another dtype; never ``R * V``.
+
+    Args:
+        hidden: ``(R, d)`` float16|bfloat16|float32|float64, the head's input rows.
+        weight: ``(V, d)`` the head's weight (any floating dtype).
+        bias: ``(V,)`` or ``None``.
+        mode: ``hutchinson``, ``sqrt`` or ``dg`` (categorical likelihood).
+        seed: 64-bit seed of the counter-based generator.
+        offset: first counter of this call.
+        row_chunk: rows per chunk; ``None`` picks ``max(1, 2**21 // V)`` (8 MiB of float32 logits).
+        backend: ``None``/``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"cuda"``: the
+            backend of the probe factor of each chunk (the products are torch matmuls).
+
+    Returns:
+        ``(grad_hidden (R, d) in hidden's dtype, grad_weight (V, d), grad_bias (V,) or None)``;
+        the logits, factors and products run in float32 (float64 when ``hidden`` or ``weight`` is
+        float64), and the weight and bias gradients keep that dtype. Deterministic: the same
+        inputs give the same result on every call, identical across backends up to rounding.
+    """
+    _check_2d("hidden", hidden)
+    _check_2d("weight", weight)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden (R, d) and weight (V, d) must agree on d; got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be None or of shape {tuple(weight.shape[:1])}; got {got}")
+    if mode not in LM_HEAD_MODES:
+        raise ValueError(f"mode must be one of {LM_HEAD_MODES}; got {mode!r}")
+    if row_chunk is not None and (
+        isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk < 1
+    ):
+        raise ValueError(f"row_chunk must be None or an integer >= 1; got {row_chunk!r}")
+    _, fn = resolve("lm_head_probe", backend, hidden.device)
+    return fn(hidden, weight, bias, mode, int(seed), int(offset), row_chunk)
 
 
 def core_topk(

@@ -59,6 +59,14 @@ _IMPLS: dict[str, dict[str, str]] = {
         "cpp": "fimfast.ops.cpp:accumulate_cpp_",
         "cuda": "fimfast.ops.cuda:accumulate_cuda_",
     },
+    # torch/cpp/cuda: chunked torch matmuls around that backend's probe_logit_grad
+    # (fimfast.ops.lm_head); triton: fused kernels that never store a logits tile
+    "lm_head_probe": {
+        "torch": "fimfast.ops.lm_head:lm_head_probe_torch",
+        "triton": _T + "lm_head_probe:lm_head_probe_triton",
+        "cpp": "fimfast.ops.lm_head:lm_head_probe_cpp",
+        "cuda": "fimfast.ops.lm_head:lm_head_probe_cuda",
+    },
 }
 
 # automatic order per device type. On the CPU, the measured fastest correct backend first
@@ -75,6 +83,7 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "sq_matmul": ("cpp", "torch"),
     "shared_sq": ("cpp", "torch"),
     "accumulate_": ("cpp", "torch"),
+    "lm_head_probe": ("cpp", "torch"),
 }
 
 

@@ -1,0 +1,222 @@
+"""HUTCHINSON steps through a Linear output head without the ``(tokens x V)`` logits.
+
+With the option ``lm_head`` (a module name such as ``"lm_head"``, or the ``nn.Linear`` itself), the
+head's forward is replaced for the duration of the estimator's forward (restored in ``finally``):
+it records its input, the hidden states ``h``, and returns a placeholder shaped like the logits
+that holds one element (a stride-0 view), which :func:`fimfast.batch.rows` uses for the shape, the
+label shift and the valid rows. Each probe then runs :func:`fimfast.ops.lm_head_probe` on the
+valid rows of ``h`` (the logits and the probe cotangent exist one row chunk at a time), back-
+propagates the returned ``grad h`` from ``h`` to the other parameters in one
+``torch.autograd.grad``, and adds the head's weight and bias gradients from the op (a weight tied
+to the input embedding, as in GPT-2, gets the sum of both: it is one parameter). The signs are
+those of the unfused step with the same seed, so the estimate is the same to float32 rounding.
+
+The model must return the head's output as its logits unchanged (Hugging Face causal LMs do when
+no ``labels`` reach the model, which fimfast never passes). A model that transforms the logits
+after the head (soft-capping, scaling, a bf16 head upcast with ``.float()``) is refused with an
+error naming ``lm_head`` rather than silently computed on the placeholder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from fimfast import hutchinson, ops
+from fimfast.batch import Rows
+from fimfast.types import FIMType, Options
+
+_MODES = {
+    FIMType.HUTCHINSON: "hutchinson",
+    FIMType.HUTCHINSON_SQRT: "sqrt",
+    FIMType.HUTCHINSON_DG: "dg",
+}
+
+
+def resolve(model: torch.nn.Module, fim_type: FIMType, opts: Options) -> torch.nn.Linear | None:
+    """The ``nn.Linear`` named by ``opts.lm_head`` in ``model`` (``None`` without the option).
+
+    Raises:
+        ValueError: the option names no submodule, a module that is not an ``nn.Linear`` or not
+            part of ``model``, or is used with a type other than HUTCHINSON, HUTCHINSON_SQRT and
+            HUTCHINSON_DG or a likelihood other than categorical.
+    """
+    spec = opts.lm_head
+    if spec is None:
+        return None
+    if fim_type not in _MODES:
+        raise ValueError(
+            f"fim_opts['lm_head'] works with fim_type 'hutchinson', 'hutchinson_sqrt' or "
+            f"'hutchinson_dg'; got fim_type={fim_type.value!r}"
+        )
+    if opts.likelihood != "categorical":
+        raise ValueError(
+            "fim_opts['lm_head'] needs likelihood='categorical' (a softmax over the vocabulary); "
+            f"got likelihood={opts.likelihood!r}"
+        )
+    if isinstance(spec, str):
+        head = None
+        for root in (model, getattr(model, "module", None)):  # DDP/FSDP wrappers: also inside
+            if root is None:
+                continue
+            try:
+                head = root.get_submodule(spec)
+                break
+            except AttributeError:
+                continue
+        if head is None:
+            linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+            shown = ", ".join(repr(n) for n in linears[-5:]) or "none"
+            raise ValueError(
+                f"fim_opts['lm_head']={spec!r} names no submodule of the model "
+                f"(its last Linear modules: {shown})"
+            )
+        where = repr(spec)
+    else:
+        head = spec
+        if not any(m is head for m in model.modules()):
+            raise ValueError(
+                "fim_opts['lm_head'] must be a module of the model (or its name); got a "
+                f"{type(head).__name__} that is not part of it"
+            )
+        where = type(head).__name__
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"fim_opts['lm_head'] must name an nn.Linear; {where} is a {type(head).__name__}"
+        )
+    return head
+
+
+class HeadCapture:
+    """The head's input of one forward, and the placeholder it returned."""
+
+    def __init__(self, head: torch.nn.Linear):
+        self.head = head
+        self.hidden: torch.Tensor | None = None
+        self.placeholder: torch.Tensor | None = None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hidden is not None:
+            raise ValueError(
+                "fim_opts['lm_head']: the head was called more than once in one forward; the fused "
+                "path needs one call whose output is the logits"
+            )
+        V = self.head.out_features
+        self.hidden = x
+        # float32 (float64 for float64 models): a model's `logits.float()` is then the
+        # placeholder itself; one element, expanded to the logits' shape without storage
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.placeholder = torch.zeros((), dtype=dt, device=x.device).expand(*x.shape[:-1], V)
+        return self.placeholder
+
+    def check_output(self, logits: torch.Tensor) -> None:
+        """Raise unless ``logits`` is the head's output, unchanged."""
+        if self.placeholder is None:
+            raise ValueError(
+                "fim_opts['lm_head']: the head was not called in the model's forward; name the "
+                "module that computes the logits"
+            )
+        ph = self.placeholder
+        same = logits is ph or (
+            logits.shape == ph.shape
+            and logits.dtype == ph.dtype
+            and logits.untyped_storage().data_ptr() == ph.untyped_storage().data_ptr()
+        )
+        if not same:
+            raise ValueError(
+                "fim_opts['lm_head']: the model's logits are not the head's output (the model "
+                "transforms them after the head, e.g. scaling, soft-capping or slicing); the fused "
+                "path cannot reproduce that: leave lm_head unset for this model"
+            )
+
+
+@contextlib.contextmanager
+def capture(head: torch.nn.Linear | None) -> Iterator[HeadCapture | None]:
+    """Replace ``head.forward`` by the recording placeholder for the block (restored after)."""
+    if head is None:
+        yield None
+        return
+    cap = HeadCapture(head)
+    had = "forward" in head.__dict__
+    old = head.__dict__.get("forward")
+    head.forward = cap._forward
+    try:
+        yield cap
+    finally:
+        if had:
+            head.forward = old
+        else:
+            del head.forward
+
+
+def estimate(
+    rows: Rows,
+    cap: HeadCapture,
+    params: list[torch.Tensor],
+    fim_type: FIMType,
+    opts: Options,
+    seed: int,
+    offset: int,
+    dtypes: list[torch.dtype],
+) -> list[torch.Tensor]:
+    """This batch's estimate, as :func:`fimfast.hutchinson.estimate`, through ``lm_head_probe``.
+
+    Args:
+        rows: the valid rows of the placeholder logits.
+        cap: the head's captured input.
+        params, fim_type, opts, seed, offset, dtypes: as for :func:`fimfast.hutchinson.estimate`.
+    """
+    hidden = cap.hidden
+    head = cap.head
+    d = hidden.shape[-1]
+    R, V = rows.count, rows.num_classes
+    flat = hidden.reshape(-1, d)
+    h = flat.detach() if rows.all_valid else flat.detach().index_select(0, rows.index)
+    _check_finite(h)
+    W = head.weight.detach()
+    b = None if head.bias is None else head.bias.detach()
+    # the head's parameters, found by identity (a tied weight is one entry of params)
+    iw = next((i for i, p in enumerate(params) if p is head.weight), None)
+    ib = next((i for i, p in enumerate(params) if head.bias is not None and p is head.bias), None)
+    backprop = hidden.requires_grad
+    reentrant = backprop and hutchinson.has_reentrant_checkpoint(hidden)
+    mode = _MODES[fim_type]
+    S = opts.num_probes
+    acc: list[torch.Tensor | None] = [None] * len(params)
+    for s in range(S):
+        off = offset + s * R * V  # probe s of row r: counters offset + (s*R + r)*V, as unfused
+        gh, gw, gb = ops.lm_head_probe(h, W, b, mode, seed, off, backend=opts.backend)
+        if rows.all_valid:
+            cot = gh.view(hidden.shape)
+        else:
+            cot = torch.zeros(flat.shape, dtype=gh.dtype, device=gh.device)
+            cot.index_copy_(0, rows.index, gh)
+            cot = cot.view(hidden.shape)
+        del gh
+        if backprop:
+            grads = hutchinson._vjp(hidden, params, cot, s < S - 1, reentrant)
+        else:  # only the head is trained
+            grads = [None] * len(params)
+        for i, g_head in ((iw, gw), (ib, gb)):
+            if i is not None:
+                grads[i] = g_head if grads[i] is None else g_head.add_(grads[i])
+        hutchinson._accumulate(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
+        del grads, cot
+    return [
+        a if a is not None else torch.zeros(p.shape, dtype=t, device=p.device)
+        for a, p, t in zip(acc, params, dtypes)
+    ]
+
+
+def _check_finite(h: torch.Tensor) -> None:
+    """Raise when a valid row of the head's input holds NaN/Inf (its logits would)."""
+    with torch.no_grad():
+        if bool(torch.isfinite(h.sum(-1)).all()):
+            return
+        nbad = int((~torch.isfinite(h)).sum())
+    raise ValueError(
+        f"the input of lm_head contains {nbad} non-finite value(s) (NaN/Inf) among the valid "
+        "rows; the step was not taken"
+    )

@@ -1,0 +1,196 @@
+"""Fused Triton kernels of :func:`fimfast.ops.lm_head_probe`: the logits exist one tile at a time.
+
+Two kernels, both recomputing the logit tiles ``z = h W^T + b`` (``BM`` rows by ``BN`` classes)
+from the hidden rows and the weight instead of storing them:
+
+* ``_rows_kernel``, one program per block of ``BM`` rows: pass 1 runs an online max / sum of
+  ``exp`` over the classes; pass 2 (``hutchinson``, ``sqrt``) sums ``w = sqrt(p) xi``; pass 3 forms
+  ``u = w - p sum(w)`` (``dg``: ``u = w``) and accumulates ``grad_hidden = u W``. It writes the
+  three row statistics.
+* ``_weight_kernel``, one program per block of ``BN`` classes: for every row block it rebuilds
+  ``u`` from the row statistics and accumulates ``grad_weight = u^T h`` and ``grad_bias = sum u``.
+  Each output tile has one owner: no atomics, a deterministic result.
+
+The signs are those of :mod:`fimfast.ops.rng` at the counters ``offset + r*V + c``, as in the
+reference. ``sqrt`` uses the same formula as ``hutchinson`` (the reference reaches it through
+``log_softmax``'s backward; the two agree to rounding). ``row_chunk`` does not apply (tiles are
+``BM x BN``). The hidden size is one block of registers (``d <= MAX_D``); larger heads use the
+composite (torch matmuls around the Triton ``probe_logit_grad``). The kernels are verified against
+the reference under ``TRITON_INTERPRET=1``; their tiling has not been tuned on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fimfast.ops import rng
+from fimfast.ops.lm_head import lm_head_probe_composite
+from fimfast.ops.torch_ref import compute_dtype
+from fimfast.ops.triton.rng import sign_bit
+
+_MODE_ID = {"hutchinson": 0, "sqrt": 1, "dg": 2}
+BM = 16  # rows per tile (tl.dot needs >= 16)
+BN = 64  # classes per tile
+MAX_D = 256  # hidden sizes up to this stay in one block: (BM, d) and (BN, d) tiles in registers
+
+
+@triton.jit
+def _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """``(BM, BN)`` logits of the rows ``h`` (BM, BD) and classes ``cols``; -inf past ``V``."""
+    cm = cols < V
+    w = tl.load(
+        W_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
+        mask=cm[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    z = tl.dot(h, tl.trans(w), input_precision="ieee", out_dtype=ACC)
+    if HAS_BIAS:
+        z += tl.load(B_ptr + cols, mask=cm, other=0.0)[None, :]
+    return tl.where(cm[None, :], z, float("-inf")), w
+
+
+@triton.jit
+def _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE: tl.constexpr):
+    """``u`` of a tile from its logits and the row statistics (zero outside the valid tile)."""
+    p = tl.exp(z - m[:, None]) / s[:, None]
+    bit = sign_bit(offset + rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :], k0, k1)
+    sp = tl.sqrt(p)
+    w = tl.where(bit != 0, -sp, sp)
+    if MODE != 2:
+        w = w - p * sw[:, None]
+    return w
+
+
+@triton.jit(do_not_specialize=["R", "V", "offset", "K0", "K1"])
+def _rows_kernel(
+    H_ptr, W_ptr, B_ptr, GH_ptr, M_ptr, S_ptr, SW_ptr, R, V, D, offset, K0, K1,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Row statistics and ``grad_hidden`` of one block of ``BM`` rows."""
+    offset = tl.cast(offset, tl.int64)
+    k0 = K0.to(tl.uint32)
+    k1 = K1.to(tl.uint32)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = rows < R
+    offs_d = tl.arange(0, BD)
+    hmask = rm[:, None] & (offs_d[None, :] < D)
+    h = tl.load(H_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], mask=hmask, other=0.0)
+    m = tl.full((BM,), float("-inf"), ACC)
+    s = tl.zeros((BM,), ACC)
+    for c0 in range(0, V, BN):
+        cols = c0 + tl.arange(0, BN)
+        z, _ = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+    sw = tl.zeros((BM,), ACC)
+    if MODE != 2:
+        for c0 in range(0, V, BN):
+            cols = c0 + tl.arange(0, BN)
+            z, _ = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
+            p = tl.exp(z - m[:, None]) / s[:, None]
+            bit = sign_bit(
+                offset + rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :], k0, k1
+            )
+            sp = tl.sqrt(p)
+            sw += tl.sum(tl.where(bit != 0, -sp, sp), 1)
+    gh = tl.zeros((BM, BD), ACC)
+    for c0 in range(0, V, BN):
+        cols = c0 + tl.arange(0, BN)
+        z, w = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
+        u = _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE)
+        u = tl.where(rm[:, None] & (cols < V)[None, :], u, 0.0)
+        gh += tl.dot(u, w, input_precision="ieee", out_dtype=ACC)
+    tl.store(GH_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], gh, mask=hmask)
+    tl.store(M_ptr + rows, m, mask=rm)
+    tl.store(S_ptr + rows, s, mask=rm)
+    tl.store(SW_ptr + rows, sw, mask=rm)
+
+
+@triton.jit(do_not_specialize=["R", "V", "offset", "K0", "K1"])
+def _weight_kernel(
+    H_ptr, W_ptr, B_ptr, GW_ptr, GB_ptr, M_ptr, S_ptr, SW_ptr, R, V, D, offset, K0, K1,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """``grad_weight`` and ``grad_bias`` of one block of ``BN`` classes, over every row block."""
+    offset = tl.cast(offset, tl.int64)
+    k0 = K0.to(tl.uint32)
+    k1 = K1.to(tl.uint32)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cm = cols < V
+    offs_d = tl.arange(0, BD)
+    gw = tl.zeros((BN, BD), ACC)
+    gb = tl.zeros((BN,), ACC)
+    for r0 in range(0, R, BM):
+        rows = r0 + tl.arange(0, BM)
+        rm = rows < R
+        h = tl.load(
+            H_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
+            mask=rm[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        z, _ = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
+        m = tl.load(M_ptr + rows, mask=rm, other=0.0)
+        s = tl.load(S_ptr + rows, mask=rm, other=1.0)
+        sw = tl.load(SW_ptr + rows, mask=rm, other=0.0)
+        u = _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE)
+        u = tl.where(rm[:, None] & cm[None, :], u, 0.0)
+        gw += tl.dot(tl.trans(u), h, input_precision="ieee", out_dtype=ACC)
+        gb += tl.sum(u, 0)
+    tl.store(
+        GW_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
+        gw,
+        mask=cm[:, None] & (offs_d[None, :] < D),
+    )
+    if HAS_BIAS:
+        tl.store(GB_ptr + cols, gb, mask=cm)
+
+
+def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
+    """:func:`fimfast.ops.lm_head_probe` in two fused Triton kernels (see the module docstring)."""
+    R, D = hidden.shape
+    V = weight.shape[0]
+    if D > MAX_D:  # the (BM, d) accumulator would not fit in registers
+        return lm_head_probe_composite(
+            hidden, weight, bias, mode, seed, offset, row_chunk, "triton"
+        )
+    dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+    dev = hidden.device
+    h = hidden.detach().to(dt).contiguous()
+    W = weight.detach().to(dt).contiguous()
+    b = (
+        bias.detach().to(dt).contiguous()
+        if bias is not None
+        else torch.zeros(1, dtype=dt, device=dev)
+    )
+    gh = torch.empty((R, D), dtype=dt, device=dev)
+    gw = torch.empty((V, D), dtype=dt, device=dev)
+    gb = torch.empty((V,), dtype=dt, device=dev) if bias is not None else None
+    if R == 0:
+        gw.zero_()
+        if gb is not None:
+            gb.zero_()
+        return gh.to(hidden.dtype), gw, gb
+    stats = torch.empty((3, R), dtype=dt, device=dev)
+    k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
+    meta = dict(
+        MODE=_MODE_ID[mode],
+        HAS_BIAS=bias is not None,
+        BD=max(16, triton.next_power_of_2(D)),
+        BM=BM,
+        BN=BN,
+        ACC=tl.float64 if dt == torch.float64 else tl.float32,
+    )
+    off = int(offset) & ((1 << 63) - 1)
+    _rows_kernel[(triton.cdiv(R, BM),)](
+        h, W, b, gh, stats[0], stats[1], stats[2], R, V, D, off, k0, k1, **meta
+    )
+    _weight_kernel[(triton.cdiv(V, BN),)](
+        h, W, b, gw, gb if gb is not None else b, stats[0], stats[1], stats[2], R, V, D, off,
+        k0, k1, **meta,
+    )  # fmt: skip
+    return gh.to(hidden.dtype), gw, gb
