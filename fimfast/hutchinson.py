@@ -83,6 +83,13 @@ def estimate(
         grads = _vjp(logits, params, cot, keep, reentrant)
         _accumulate(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
     del cot, cot_flat
+    return filled(acc, params, dtypes)
+
+
+def filled(
+    acc: list[torch.Tensor | None], params: list[torch.Tensor], dtypes: list[torch.dtype]
+) -> list[torch.Tensor]:
+    """``acc`` with zeros (in ``dtypes``) for the parameters the logits do not depend on."""
     return [
         a if a is not None else torch.zeros(p.shape, dtype=d, device=p.device)
         for a, p, d in zip(acc, params, dtypes)

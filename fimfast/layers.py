@@ -141,10 +141,12 @@ class LinearRule(Rule):
     the weight over their tokens (``T > 1``)."""
 
     name = "linear"
+    transposed = False  # weight stored (out, in)
 
     def capture(self, cap, module, x, y):
         ps = _trainable(cap, module.weight, module.bias)
-        uses = [Use(p, "outer" if p is module.weight else "vec") for p in ps]
+        uses = [Use(p, "outer", transposed=self.transposed) if p is module.weight else Use(p, "vec")
+                for p in ps]
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
         cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
         return out
@@ -170,14 +172,7 @@ class HFConv1DRule(LinearRule):
     ``(in, out)``, ``y = x @ W + b``; its squared products are formed transposed."""
 
     name = "hf_conv1d"
-
-    def capture(self, cap, module, x, y):
-        ps = _trainable(cap, module.weight, module.bias)
-        uses = [Use(p, "outer", transposed=True) if p is module.weight else Use(p, "vec")
-                for p in ps]
-        tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
-        return out
+    transposed = True
 
 
 class ConvRule(Rule):

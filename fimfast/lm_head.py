@@ -204,10 +204,7 @@ def estimate(
                 grads[i] = g_head if grads[i] is None else g_head.add_(grads[i])
         hutchinson._accumulate(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
         del grads, cot
-    return [
-        a if a is not None else torch.zeros(p.shape, dtype=t, device=p.device)
-        for a, p, t in zip(acc, params, dtypes)
-    ]
+    return hutchinson.filled(acc, params, dtypes)
 
 
 def _check_finite(h: torch.Tensor) -> None:

@@ -571,10 +571,7 @@ class Engine:
                 c, _ = g.members[0]
                 x = c.data["x"]
                 A = x.reshape(-1, x.shape[-1]).index_select(0, rows.index)
-                if g.transposed:  # weight stored (I, O)
-                    acc.add(g.index, ops.sq_matmul(A, cols.root, backend=backend))
-                else:
-                    acc.add(g.index, ops.sq_matmul(cols.root, A, backend=backend))
+                acc.add(g.index, _weight_sq(g, cols.root, A, backend))
             elif g.kind == "head_b":
                 acc.add(g.index, cols.root.square().sum(0))
         groups = [g for g in plan.groups if g.kind not in ("head_w", "head_b")]
@@ -631,11 +628,15 @@ class Engine:
             if "S" in g.state:  # no weight sharing: sum_n S_n (x) a_n^2 once for all columns
                 S = g.state["S"]
                 S = S if g.state.get("root") else S.sqrt()
-                if g.transposed:  # weight stored (I, O)
-                    res = ops.sq_matmul(g.state["Q"], S, backend=backend)
-                else:
-                    res = ops.sq_matmul(S, g.state["Q"], backend=backend)
-                acc.add(g.index, res, g.block)
+                acc.add(g.index, _weight_sq(g, S, g.state["Q"], backend), g.block)
+
+
+def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Tensor:
+    """``sq_matmul(G, A)`` laid out as ``g``'s weight: ``(O, I)``, or ``(I, O)`` for a weight
+    stored transposed (Hugging Face ``Conv1D``)."""
+    if g.transposed:
+        return ops.sq_matmul(A, G, backend=backend)
+    return ops.sq_matmul(G, A, backend=backend)
 
 
 def _unique(it: Iterable[hooks.Call]) -> list[hooks.Call]:

@@ -31,9 +31,6 @@ class Sums:
         self.devices = list(devices)
         self.slots: list[torch.Tensor | None] = [None] * len(self.shapes)
 
-    def __len__(self) -> int:
-        return len(self.slots)
-
     def get(self, i: int) -> torch.Tensor:
         """Slot ``i``, zero-filled first if it is still empty (for in-place block updates)."""
         t = self.slots[i]
