@@ -27,6 +27,7 @@ lists as causal LMs (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, e.g. ``GPT2LMHeadMod
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -231,6 +232,10 @@ def rows(
     if likelihood == "categorical" and C < 2:
         raise ValueError(f"logits must have C >= 2 classes for a categorical likelihood; got C={C}")
     lead = tuple(logits.shape[:-1])
+    if labels is not None or not need_labels:
+        fast = _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead)
+        if fast is not None:
+            return fast
     valid = torch.ones(lead, dtype=torch.bool, device=logits.device)
     if shift:
         valid[:, -1] = False  # the last position predicts a token beyond the sequence
@@ -306,21 +311,63 @@ def rows(
     )
 
 
+def _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead) -> Rows | None:
+    """The common case in a few operations: categorical labels (or none), no padding mask to
+    apply, no shift, every label in ``[0, C)``. ``None`` when the general path must decide."""
+    if likelihood != "categorical" or shift or (mask is not None and logits.dim() == 3):
+        return None
+    C = int(logits.shape[-1])
+    if labels is not None:
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.is_floating_point()
+            or labels.dtype == torch.bool
+            or labels.is_complex()
+            or tuple(labels.shape) != lead
+            or labels.device != logits.device
+        ):
+            return None  # the general path converts, or raises with the full message
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= C or lo <= ignore_index <= hi:
+            return None
+    flat_all = logits.reshape(-1, C)
+    index = torch.arange(flat_all.shape[0], device=logits.device)
+    _check_finite(flat_all, index, True)
+    per = 1 if logits.dim() == 2 else int(logits.shape[1])
+    return Rows(
+        logits=logits,
+        labels=None if labels is None else labels.reshape(-1),
+        index=index,
+        sample=index if per == 1 else torch.div(index, per, rounding_mode="floor"),
+        num_samples=int(logits.shape[0]),
+        all_valid=True,
+    )
+
+
 def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -> None:
     """Raise when a valid row holds NaN/Inf, without a (rows x C) temporary.
 
-    A row sum is finite iff every entry is (an overflowing sum would need logits near 1e34); only
-    when a sum is not is the exact count computed, row by row.
+    One float32 (float64 for float64 logits) sum over the valid rows is finite when every entry
+    is; only when it is not (a NaN/Inf, or an overflow that would need entries near 1e32) are the
+    entries counted, row by row, and the step refused only if one is not finite.
     """
     with torch.no_grad():
-        sums = flat_all.detach().sum(-1)
+        flat = flat_all.detach()
+        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        if all_valid:
+            total = flat.sum(dtype=acc)
+        else:
+            total = flat.sum(-1, dtype=acc).index_select(0, index).sum()
+        if math.isfinite(float(total)):
+            return
+        sums = flat.sum(-1, dtype=acc)
         if not all_valid:
             sums = sums.index_select(0, index)
-        if bool(torch.isfinite(sums).all()):
-            return
         bad = ~torch.isfinite(sums)
         bad_rows = index[bad] if not all_valid else bad.nonzero().reshape(-1)
-        nbad = sum(int((~torch.isfinite(flat_all[int(r)].detach())).sum()) for r in bad_rows)
+        nbad = sum(int((~torch.isfinite(flat[int(r)])).sum()) for r in bad_rows)
+        if nbad == 0:
+            return  # only the sums overflowed
         raise ValueError(
             f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
             "the step was not taken"

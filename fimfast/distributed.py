@@ -62,11 +62,17 @@ def _dist():
     return dist
 
 
+def initialized() -> bool:
+    """Whether a default process group exists."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized()
+
+
 def world(group: Any = None) -> tuple[int, int]:
     """``(rank, world_size)`` in ``group``; ``(0, 1)`` when ``torch.distributed`` is not in use."""
-    dist = _dist()
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return 0, 1
+    dist = _dist()
     return dist.get_rank(group), dist.get_world_size(group)
 
 

@@ -137,8 +137,11 @@ class DiagFisher:
         self.state.check_params(names, params)
         return params
 
-    def _params_after_forward(self) -> list[torch.Tensor]:
-        # FSDP2 registers the unsharded parameters the forward used: those are the graph's leaves
+    def _params_after_forward(self, before: list[torch.Tensor]) -> list[torch.Tensor]:
+        # FSDP2 registers the unsharded parameters the forward used: those are the graph's leaves.
+        # Without a process group (FSDP needs one) the forward cannot have swapped them.
+        if not distributed.initialized() and "torch.distributed.tensor" not in sys.modules:
+            return before
         params = self._params()
         distributed.check_params_after_forward(self.names, params)
         return params
@@ -260,7 +263,7 @@ class DiagFisher:
             cap = None
             with lm_head.capture(self._head) as head:
                 _, rows = self._forward(batch, head=head)
-        params = self._params_after_forward()
+        params = self._params_after_forward(params)
         with _fimfast_arithmetic(rows.logits.device):
             acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows)
@@ -286,7 +289,7 @@ class DiagFisher:
             )
         params = self._params()
         cap, rows = self._captured_forward(params, batch, train=True)
-        params = self._params_after_forward()
+        params = self._params_after_forward(params)
         if rows.labels is None:
             raise ValueError("batch: train_step needs labels; the batch has none")
         if loss_fn is None:

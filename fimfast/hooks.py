@@ -11,7 +11,9 @@ pass over the output (16 MB for a 512 x 8192 logits head), so once a step has sh
 module's output is left alone (its version counter did not move), the engine taps that module
 *directly* in later steps (``y`` itself is the gradient handle); a direct tap whose output was
 modified in place after all is detected by its version counter, its parameters take the generic
-path for that step and the module goes back to add-taps.
+path for that step and the module goes back to add-taps. An output that nothing else keeps alive
+(a Linear output consumed by a ReLU, a residual sum) is gone before the check can read it: the
+next step holds it until the check (``Capture.hold``), and the decision is made then.
 
 Each call declares the trainable parameters its forward consumes (one autograd edge each: the
 module forwards with rules use each parameter once). :func:`parameter_edges` counts the edges
@@ -53,6 +55,8 @@ class Tap:
             may be it, and the engine decides).
         bdim: the batch dimension, set by the engine once the batch size is known.
         cands: candidate batch dimensions (leading dims whose size is ``N``).
+        keep: the returned output, held alive until the engine has read its version counter
+            (for outputs that died before the check in an earlier step).
     """
 
     handle: torch.Tensor
@@ -65,6 +69,7 @@ class Tap:
     batch_first: bool = False
     bdim: int | None = None
     cands: tuple[int, ...] = ()
+    keep: torch.Tensor | None = None
 
     def modified(self) -> bool | None:
         """Whether the returned output was modified in place (``None``: it no longer exists)."""
@@ -123,8 +128,10 @@ class Capture:
         direct: set | None = None,
         batch_size: int | None = None,
         expand_broadcast: bool = True,
+        hold: set | None = None,
     ):
         self.direct = set() if direct is None else direct
+        self.hold = set() if hold is None else hold
         self.batch_size = batch_size
         self.expand_broadcast = expand_broadcast
         self.expanded = 0  # broadcast outputs expanded to the batch in this forward
@@ -171,6 +178,8 @@ class Capture:
             handle = handle.expand(y.shape)
             out = y + handle
         tap = Tap(handle, y.shape, weakref.ref(out), out._version, key, direct, lead, batch_first)
+        if not direct and key in self.hold:
+            tap.keep = out
         return tap, out
 
     def record(self, call: Call) -> None:

@@ -163,8 +163,13 @@ def _linear_terms(call: Call, G, tap, data: dict, key: str, uses: list[Use]) -> 
     if qkey not in data:  # the input side does not depend on the column: once per step
         data[qkey] = _front(data[key], b, lead)
     P = _front(G, b, lead, extra=1)
-    V = P[:, :, 0] if P.shape[2] == 1 else P.sum(2)  # bias: sum over tokens (a view if one)
-    return [Outer(P, data[qkey]) if u.kind == "outer" else Vec(V) for u in uses]
+    out: list[Term | None] = []
+    for u in uses:
+        if u.kind == "outer":
+            out.append(Outer(P, data[qkey]))
+        else:  # bias: sum over tokens (a view if one)
+            out.append(Vec(P[:, :, 0] if P.shape[2] == 1 else P.sum(2)))
+    return out
 
 
 class HFConv1DRule(LinearRule):

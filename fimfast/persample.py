@@ -301,6 +301,8 @@ class Engine:
         self._probe_cache: dict[Any, Any] = {}
         self._targets: tuple[Any, list] | None = None
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
+        self._hold: set = set()  # outputs gone before the check: held alive in the next step
+        self._modified: set = set()  # outputs seen modified in place: never held again
         self._logged: dict[int, str] = {}
 
     def forward(
@@ -351,7 +353,8 @@ class Engine:
         if self._targets is None or self._targets[0] != key:
             self._targets = (key, hooks.targets(model, params, layers.rule_for))
         cap = hooks.Capture(
-            model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast
+            model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast,
+            self._hold,
         )
         with cap.installed(self._targets[1]):
             yield cap
@@ -369,12 +372,20 @@ class Engine:
         for c in cap.calls:
             for t in c.taps:
                 changed = t.modified()
+                t.keep = None
                 if changed:
                     self._direct.discard(t.key)
+                    self._hold.discard(t.key)
+                    self._modified.add(t.key)
                     if t.direct and c.ok:
                         c.ok, c.reason = False, "its output was modified in place"
-                elif changed is False and not t.direct:
+                elif t.direct:
+                    pass
+                elif changed is False:
                     self._direct.add(t.key)
+                    self._hold.discard(t.key)
+                elif t.key not in self._modified:  # gone already: hold it in the next step
+                    self._hold.add(t.key)
                 shape = t.shape
                 span = 1 if t.batch_first else min(t.lead, len(shape))
                 t.cands = tuple(d for d in range(span) if shape[d] == N)
@@ -679,7 +690,9 @@ def _accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None
     dt = sums.dtypes[g.index]
     if g.kind == "vec":
         if len(parts) == 1:
-            sq = _colsq(parts[0].V, dt, cache).sum(0)
+            V = parts[0].V
+            hit = cache.get(_key(V))  # a bias whose weight already squared the same gradients
+            sq = hit[1].sum(0) if hit is not None else V.to(dt).square().sum((0, 1))
         else:
             V = parts[0].V.to(dt)
             for p in parts[1:]:

@@ -577,6 +577,46 @@ def test_direct_taps_fall_back_when_an_output_is_modified_in_place():
     assert _rel(dict(est.result().items()), oracle(case, "exact")) <= DET_REL_F64
 
 
+class Transient(nn.Module):
+    """The first layer's output is used once by ops that keep nothing of it (a residual-style
+    sum), so it is gone before the engine checks it; ``inplace`` first modifies it in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.inplace = False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.inplace:
+            h.mul_(3.0)
+        return self.head(torch.tanh(h * 2.0 + x))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_outputs_gone_before_the_check_are_held_once_then_decided(inplace):
+    torch.manual_seed(0)
+    m = Transient().double()
+    m.inplace = inplace
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
+    case = Case("transient", m, (x, y), _plain, torch.ones(6, dtype=torch.bool), y,
+                "categorical", 3)
+    ref = oracle(case, "exact")
+    est = DiagFisher(m, "exact")
+    key = (id(m.a), 0)
+    for step in range(3):
+        est.reset()
+        est.step((x, y))
+        assert not est._persample.last_plan.generic
+        assert _rel(dict(est.result().items()), ref) <= DET_REL_F64
+        if step == 0:  # gone: held alive in the next step
+            assert key in est._persample._hold and key not in est._persample._direct
+    eng = est._persample
+    assert (key in eng._direct) is (not inplace)
+    assert (key in eng._hold) is False
+    assert all(t.keep is None for c in eng.last_plan.calls for t in c.taps)
+
+
 def test_generic_parameters_are_logged_once_with_reasons(caplog):
     lc = _build("unknown_module")
     est = DiagFisher(lc.case.model, "exact")
