@@ -20,6 +20,7 @@ from tolerances import DET_REL_F64
 from torch import nn
 
 from fimfast import DiagFisher
+from fimfast.layers import _unfold
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -626,3 +627,16 @@ def test_generic_parameters_are_logged_once_with_reasons(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "fimfast.persample"]
     assert len(lines) == 1
     assert "scale.s: no rule for its module" in lines[0]
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (5, 5), (1, 6)])
+@pytest.mark.parametrize("k", [(1, 1), (3, 2), (1, 3)])
+@pytest.mark.parametrize("d", [(1, 1), (2, 1), (1, 3)])
+@pytest.mark.parametrize("s", [(1, 1), (2, 3)])
+def test_unfold_view_equals_torch_unfold(hw, k, d, s):
+    H, W = hw
+    if (k[0] - 1) * d[0] + 1 > H or (k[1] - 1) * d[1] + 1 > W:
+        pytest.skip("kernel larger than the input")
+    x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = _unfold(x, k, d, s)
+    assert torch.equal(got, torch.nn.functional.unfold(x, k, dilation=d, stride=s))
