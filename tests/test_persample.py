@@ -355,3 +355,24 @@ def test_hf_conv1d_rule(fim_type, seq):
     ref, _ = _run(case, fim_type, rules=False, num_probes=2)
     assert not est._persample.last_plan.generic
     assert _rel(got, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("fim_type", ["exact", "monte_carlo"])
+def test_engine_kernels_follow_the_backend_option(monkeypatch, fim_type):
+    """Every op the engine calls runs on the backend the estimator was given."""
+    import fimfast.ops as ops_mod
+
+    seen = []
+    real = ops_mod.resolve
+
+    def spy(op, backend, device):
+        name, fn = real(op, backend, device)
+        seen.append((op, name))
+        return name, fn
+
+    monkeypatch.setattr(ops_mod, "resolve", spy)
+    case = make_case("encoder")
+    DiagFisher(case.model, fim_type, backend="torch").step(case.batch)
+    ops_used = {op for op, _ in seen}
+    assert {"shared_sq", "sq_matmul"} <= ops_used, ops_used
+    assert {name for _, name in seen} == {"torch"}, seen

@@ -40,8 +40,10 @@ at::Tensor shared_sq_cpu(const at::Tensor& G, const at::Tensor& A) {
   at::Tensor out = at::zeros({O, I}, G.options().dtype(dt));
   if (N == 0 || O == 0 || I == 0) return out;
   const int64_t esize = dt == at::kDouble ? 8 : 4;
-  // 64 MiB of per-sample products per chunk, as the reference
-  const int64_t chunk = std::clamp<int64_t>((int64_t(64) << 20) / (esize * O * I), 1, N);
+  // per-sample products a few MiB at a time: the buffer stays in cache between the GEMM that
+  // writes it and the pass that squares it, and is reused (a whole-batch buffer costs more in
+  // page faults of fresh memory than the GEMM: 20 vs 13 ms for 64 x (320 x 400) products)
+  const int64_t chunk = std::clamp<int64_t>((int64_t(4) << 20) / (esize * O * I), 1, N);
   at::Tensor buf = at::empty({chunk, O, I}, out.options());
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t n = std::min(chunk, N - n0);
