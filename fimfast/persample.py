@@ -581,7 +581,9 @@ class Engine:
             if g.kind == "head_w":
                 c, _ = g.members[0]
                 x = c.data["x"]
-                A = x.reshape(-1, x.shape[-1]).index_select(0, rows.index)
+                A = x.reshape(-1, x.shape[-1])
+                if not rows.all_valid:
+                    A = A.index_select(0, rows.index)
                 acc.add(g.index, _weight_sq(g, cols.root, A, backend))
             elif g.kind == "head_b":
                 acc.add(g.index, cols.root.square().sum(0))
