@@ -171,7 +171,7 @@ def score_columns(
         u2 = rng.uniform(seed, offset + n, (S, R, C), dt, z.device)
         eps = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2 * math.pi * u2)
         cols = eps / math.sqrt(opts.sigma2)
-    return cols / math.sqrt(S)
+    return cols if S == 1 else cols / math.sqrt(S)
 
 
 def counters_used(S: int, R: int, C: int) -> int:
