@@ -245,7 +245,8 @@ class DiagFisher:
             )
         acc = self.state.sums()
         self._persample.estimate(
-            rows, params, self.fim_type, o, self.seed, self.offset, acc, cap, self.names
+            rows, params, self.fim_type, o, self.seed, self.offset, acc, cap, self.names,
+            retain_graph=retain_graph,
         )
         return acc.tensors()
 

@@ -63,10 +63,13 @@ log = logging.getLogger("fimfast.persample")
 # generic path
 # --------------------------------------------------------------------------------------------- #
 def _batched_grads(flat, params, cot, retain_graph: bool):
-    """``autograd.grad`` with a batch of cotangents; a loop where vmap cannot batch an op."""
+    """``autograd.grad`` with a batch of cotangents; a loop where vmap cannot batch an op.
+
+    ``retain_graph=False`` frees the graph's buffers as the backward goes (one column only: a
+    batched backward that fails part-way must be able to run again as a loop)."""
     if cot.shape[0] == 1:  # one column: no vmap (its set-up costs more than a small backward)
         grads = torch.autograd.grad(
-            flat, params, grad_outputs=cot[0], retain_graph=True, allow_unused=True
+            flat, params, grad_outputs=cot[0], retain_graph=retain_graph, allow_unused=True
         )
         return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
@@ -535,6 +538,7 @@ class Engine:
         acc: Sums,
         cap: hooks.Capture | None,
         names: list[str] | None = None,
+        retain_graph: bool = True,
     ) -> None:
         """Add this batch's per-sample estimate into ``acc`` (one float tensor per parameter).
 
@@ -548,6 +552,8 @@ class Engine:
             cap: the capture of this step's forward (``None``: generic path only).
             names: parameter names, for the log line naming the parameters on the generic path
                 (logger ``fimfast.persample``, level INFO, once per change).
+            retain_graph: keep the graph of ``rows.logits`` usable after this call (``False``
+                lets the last backward free its buffers as it goes: less peak memory).
         """
         flat = rows.flat
         R, C = flat.shape
@@ -569,9 +575,11 @@ class Engine:
             chunk = opts.class_chunk or max(1, min(cols.num, pair_chunk(R, C, gp) // max(1, R)))
             accumulate_columns(flat, gp, cols.blocks(chunk), ga)
         if plan.groups:
-            self._fast(rows, params, plan, cols, opts, acc)
+            self._fast(rows, params, plan, cols, opts, acc, retain_graph)
 
-    def _fast(self, rows, params, plan: Plan, cols: Columns, opts: Options, acc) -> None:
+    def _fast(
+        self, rows, params, plan: Plan, cols: Columns, opts: Options, acc, retain_graph: bool
+    ) -> None:
         flat = rows.flat
         R, C = flat.shape
         backend = opts.backend
@@ -618,7 +626,8 @@ class Engine:
             cot = cot.to(flat.dtype)
             gmap: dict[int, torch.Tensor | None] = {}
             if taps:
-                grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=True)
+                keep = retain_graph or s + M_max < total  # a later chunk needs the graph
+                grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=keep)
                 gmap = {id(t.handle): g for t, g in zip(taps, grads)}
             if need_head:
                 M = cot.shape[0]
