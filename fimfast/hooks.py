@@ -118,6 +118,12 @@ class Capture:
         model: the network.
         params: its trainable parameters (only these are looked for in the graph).
         rule_for: ``rule_for(module) -> rule | None`` (see :func:`fimfast.layers.rule_for`).
+        direct: keys of the outputs to tap directly (shared with the engine, which updates it).
+        batch_size: the batch's leading size, for expanding lookups shared by the batch.
+        expand_broadcast: whether such lookups are expanded (see
+            :class:`fimfast.layers.EmbeddingRule`).
+        hold: keys of the add-tapped outputs to keep alive until the engine has read their
+            version counters (outputs that were gone by then in an earlier step).
     """
 
     def __init__(
