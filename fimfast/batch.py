@@ -244,7 +244,7 @@ def rows(
             raise TypeError(f"labels must be a tensor; got {type(labels).__name__}")
         labels = labels.to(logits.device)
         if likelihood == "categorical":
-            if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            if not _class_indices(labels):
                 raise ValueError(
                     f"labels must be integer class indices for a categorical likelihood; got dtype "
                     f"{labels.dtype}"
@@ -289,24 +289,36 @@ def rows(
         if shift:  # both the input position t and the predicted position t + 1 are real tokens
             real = torch.nn.functional.pad(real[:, :-1] & real[:, 1:], (0, 1), value=False)
         valid &= real
-    flat_all = logits.reshape(-1, C)
-    valid_flat = valid.reshape(-1)
-    index = valid_flat.nonzero().squeeze(-1)
+    index = valid.reshape(-1).nonzero().squeeze(-1)
     if index.numel() == 0:
         raise ValueError("batch is empty: every token is masked (attention_mask / ignore_index)")
-    all_valid = index.numel() == flat_all.shape[0]
-    _check_finite(flat_all, index, all_valid)
-    lab = None
+    all_valid = index.numel() == valid.numel()
     if labels is not None:
-        lab = labels.reshape(-1) if likelihood == "categorical" else labels.reshape(-1, C)
-        lab = lab.index_select(0, index)
+        labels = labels.reshape(-1) if likelihood == "categorical" else labels.reshape(-1, C)
+    return _selected(logits, labels, index, all_valid)
+
+
+def _class_indices(labels: torch.Tensor) -> bool:
+    """Whether ``labels`` has a dtype of class indices (integer, not bool)."""
+    return not (labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex())
+
+
+def _selected(
+    logits: torch.Tensor, labels: torch.Tensor | None, index: torch.Tensor, all_valid: bool
+) -> Rows:
+    """:class:`Rows` of the rows ``index`` of ``logits`` (flat ``labels`` of every row), after
+    checking that those rows are finite."""
+    flat_all = logits.reshape(-1, logits.shape[-1])
+    _check_finite(flat_all, index, all_valid)
+    if labels is not None and not all_valid:
+        labels = labels.index_select(0, index)
     per = 1 if logits.dim() == 2 else int(logits.shape[1])
     return Rows(
         logits=logits,
-        labels=lab,
+        labels=labels,
         index=index,
-        sample=torch.div(index, per, rounding_mode="floor"),
-        num_samples=N,
+        sample=index if per == 1 else torch.div(index, per, rounding_mode="floor"),
+        num_samples=int(logits.shape[0]),
         all_valid=all_valid,
     )
 
@@ -316,32 +328,20 @@ def _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead)
     apply, no shift, every label in ``[0, C)``. ``None`` when the general path must decide."""
     if likelihood != "categorical" or shift or (mask is not None and logits.dim() == 3):
         return None
-    C = int(logits.shape[-1])
     if labels is not None:
         if (
             not isinstance(labels, torch.Tensor)
-            or labels.is_floating_point()
-            or labels.dtype == torch.bool
-            or labels.is_complex()
+            or not _class_indices(labels)
             or tuple(labels.shape) != lead
             or labels.device != logits.device
         ):
             return None  # the general path converts, or raises with the full message
         lo, hi = (int(v) for v in torch.aminmax(labels))
-        if lo < 0 or hi >= C or lo <= ignore_index <= hi:
+        if lo < 0 or hi >= int(logits.shape[-1]) or lo <= ignore_index <= hi:
             return None
-    flat_all = logits.reshape(-1, C)
-    index = torch.arange(flat_all.shape[0], device=logits.device)
-    _check_finite(flat_all, index, True)
-    per = 1 if logits.dim() == 2 else int(logits.shape[1])
-    return Rows(
-        logits=logits,
-        labels=None if labels is None else labels.reshape(-1),
-        index=index,
-        sample=index if per == 1 else torch.div(index, per, rounding_mode="floor"),
-        num_samples=int(logits.shape[0]),
-        all_valid=True,
-    )
+        labels = labels.reshape(-1)
+    index = torch.arange(math.prod(lead), device=logits.device)
+    return _selected(logits, labels, index, True)
 
 
 def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -> None:
