@@ -382,13 +382,12 @@ class Engine:
                     self._modified.add(t.key)
                     if t.direct and c.ok:
                         c.ok, c.reason = False, "its output was modified in place"
-                elif t.direct:
-                    pass
-                elif changed is False:
-                    self._direct.add(t.key)
-                    self._hold.discard(t.key)
-                elif t.key not in self._modified:  # gone already: hold it in the next step
-                    self._hold.add(t.key)
+                elif not t.direct:
+                    if changed is False:
+                        self._direct.add(t.key)
+                        self._hold.discard(t.key)
+                    elif t.key not in self._modified:  # gone already: hold it in the next step
+                        self._hold.add(t.key)
                 shape = t.shape
                 span = 1 if t.batch_first else min(t.lead, len(shape))
                 t.cands = tuple(d for d in range(span) if shape[d] == N)
@@ -626,8 +625,8 @@ class Engine:
             cot = cot.to(flat.dtype)
             gmap: dict[int, torch.Tensor | None] = {}
             if taps:
-                keep = retain_graph or s + M_max < total  # a later chunk needs the graph
-                grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=keep)
+                retain = retain_graph or s + M_max < total  # a later chunk needs the graph
+                grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=retain)
                 gmap = {id(t.handle): g for t, g in zip(taps, grads)}
             if need_head:
                 M = cot.shape[0]
