@@ -251,7 +251,7 @@ class DiagFisher:
         return acc.tensors()
 
     def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows) -> None:
-        self.state.commit(acc, rows.count)
+        self.state.commit(acc, rows.count, owned=True)  # every estimate path returns fresh tensors
         self.offset += likelihoods.counters_used(self.opts.num_probes, rows.count, rows.num_classes)
 
     def step(self, batch: Any) -> None:

@@ -58,6 +58,26 @@ class Sums:
         return [self.get(i) for i in range(len(self.slots))]
 
 
+def _adoptable(new: list[torch.Tensor], old: list[torch.Tensor]) -> bool:
+    """Whether ``new`` can replace ``old`` as values: same shapes, dtypes and devices, dense
+    tensors that own their whole storage, no two sharing one, none attached to a graph."""
+    if len(new) != len(old):
+        return False
+    ptrs = set()
+    for b, v in zip(new, old):
+        if (
+            b.shape != v.shape
+            or b.dtype != v.dtype
+            or b.device != v.device
+            or b.requires_grad
+            or not b.is_contiguous()
+            or b.untyped_storage().nbytes() != b.numel() * b.element_size()
+        ):
+            return False
+        ptrs.add(b.untyped_storage().data_ptr())
+    return len(ptrs) == len(new)
+
+
 class State:
     """Per-parameter accumulators of one estimator.
 
@@ -80,6 +100,7 @@ class State:
         ]
         self.count = 0  # rows (samples or tokens) seen
         self.steps = 0  # committed batches
+        self._zero = True  # values are the zeros allocated here (nothing committed or loaded)
 
     def sums(self) -> Sums:
         """Empty slots shaped like the state, for one batch estimate (see :class:`Sums`)."""
@@ -102,15 +123,24 @@ class State:
                 f"{changed}; call zero_diag_fim (or reset()) to start a new estimate"
             )
 
-    def commit(self, batch_estimate: list[torch.Tensor], count: int) -> None:
-        """Fold one batch estimate (a sum over ``count`` rows) into the state."""
-        if self.ema is None:
+    def commit(self, batch_estimate: list[torch.Tensor], count: int, owned: bool = False) -> None:
+        """Fold one batch estimate (a sum over ``count`` rows) into the state.
+
+        ``owned=True`` says the tensors are fresh and referenced by nothing else: the first commit
+        into a state that is still all zeros (and keeps a sum) then takes them as its values instead
+        of adding them to zeros (one pass over every parameter less: 0.25 ms of a 6 ms step on a
+        535k-parameter MLP).
+        """
+        if self.ema is None and owned and self._zero and _adoptable(batch_estimate, self.values):
+            self.values = list(batch_estimate)
+        elif self.ema is None:
             torch._foreach_add_(self.values, batch_estimate)
         else:
             est = batch_estimate
             if self.reduction == "mean":
                 est = torch._foreach_div(batch_estimate, float(count))
             torch._foreach_lerp_(self.values, est, 1.0 - self.ema)
+        self._zero = False
         self.count += int(count)
         self.steps += 1
 
@@ -155,5 +185,6 @@ class State:
             for n, v in zip(self.names, self.values)
         ]
         self.values = values
+        self._zero = False
         self.count = int(sd["count"])
         self.steps = int(sd["steps"])
