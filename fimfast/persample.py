@@ -287,6 +287,71 @@ def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
+def _structure(
+    calls: list[hooks.Call], head, params: list[torch.Tensor], glob: Counter, N: int
+) -> tuple:
+    """What a plan depends on, as a key: per call its module (and mode), verdict so far, uses and
+    tap layout; whether it is the logits layer; the parameters and their edges in the graph;
+    whether the batch has two samples (else nothing was probed)."""
+    return (
+        N >= 2,
+        tuple(
+            (
+                id(c.module), id(c.rule), c.module.training, c.ok, c.reason, c is head,
+                tuple((id(u.param), u.kind, u.block, u.groups, u.transposed) for u in c.uses),
+                tuple((t.lead, t.cands, len(t.shape) if len(t.cands) < 2 else tuple(t.shape))
+                      for t in c.taps),
+            )
+            for c in calls
+        ),
+        tuple(id(p) for p in params),
+        tuple(glob[id(p)] for p in params),
+    )
+
+
+@dataclass
+class _Template:
+    """A :class:`Plan` with calls replaced by their positions in the step, plus every call's
+    verdict and tap batch dims, to be bound to the calls of a later step of the same structure."""
+
+    verdicts: list[tuple[bool, str, list[int | None]]]
+    groups: list[tuple[int, tuple[int, int] | None, str, list[tuple[int, int]]]]
+    generic: list[int]
+    unused: list[int]
+    reasons: dict[int, str]
+    calls: list[int]
+    head: int | None
+
+    @classmethod
+    def of(cls, plan: Plan, calls: list[hooks.Call]) -> _Template:
+        at = {id(c): k for k, c in enumerate(calls)}
+        return cls(
+            [(c.ok, c.reason, [t.bdim for t in c.taps]) for c in calls],
+            [(g.index, g.block, g.kind, [(at[id(c)], ui) for c, ui in g.members])
+             for g in plan.groups],
+            list(plan.generic),
+            list(plan.unused),
+            dict(plan.reasons),
+            [at[id(c)] for c in plan.calls],
+            None if plan.head is None else at[id(plan.head)],
+        )
+
+    def bind(self, calls: list[hooks.Call]) -> Plan:
+        for c, (ok, reason, bdims) in zip(calls, self.verdicts):
+            c.ok, c.reason = ok, reason
+            for t, b in zip(c.taps, bdims):
+                t.bdim = b
+        return Plan(
+            groups=[Group(i, block, kind, [(calls[k], ui) for k, ui in ms])
+                    for i, block, kind, ms in self.groups],
+            generic=list(self.generic),
+            unused=list(self.unused),
+            calls=[calls[k] for k in self.calls],
+            head=None if self.head is None else calls[self.head],
+            reasons=dict(self.reasons),
+        )
+
+
 class Engine:
     """The per-sample engine of one estimator (holds the independence-probe cache).
 
@@ -302,6 +367,7 @@ class Engine:
         self.expand_broadcast = True
         self.last_plan: Plan | None = None
         self._probe_cache: dict[Any, Any] = {}
+        self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
         self._targets: tuple[Any, list] | None = None
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
@@ -370,7 +436,6 @@ class Engine:
             plan.generic = list(range(n))
             plan.reasons = dict.fromkeys(plan.generic, "no captured call")
             return plan
-        pos = {id(p): i for i, p in enumerate(params)}
         N = rows.num_samples
         for c in cap.calls:
             for t in c.taps:
@@ -401,9 +466,26 @@ class Engine:
                 head = c
                 c.taps[0].bdim = 0
         glob = hooks.parameter_edges(rows.flat, params)
+        # everything below depends only on the structure of this step's calls: reused from the
+        # last step with the same calls, uses, verdicts, parameter edges and head
+        key = _structure(cap.calls, head, params, glob, N)
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit.bind(cap.calls)
+        plan = self._build(cap.calls, head, rows, params, glob)
+        if len(self._plans) > 64:
+            self._plans.clear()
+        self._plans[key] = _Template.of(plan, cap.calls)
+        return plan
+
+    def _build(self, calls, head, rows, params, glob) -> Plan:
+        n = len(params)
+        N = rows.num_samples
+        plan = Plan()
+        pos = {id(p): i for i, p in enumerate(params)}
         internal: Counter = Counter()
         uses: dict[int, list[tuple[hooks.Call, int]]] = defaultdict(list)
-        for c in cap.calls:
+        for c in calls:
             internal.update(c.internal or {})
             for ui, u in enumerate(c.uses):
                 uses[pos[id(u.param)]].append((c, ui))

@@ -618,6 +618,68 @@ def test_outputs_gone_before_the_check_are_held_once_then_decided(inplace):
     assert all(t.keep is None for c in eng.last_plan.calls for t in c.taps)
 
 
+class Sometimes(nn.Module):
+    """Uses its first weight outside the layer call as well when ``extra`` is set, and mixes the
+    samples when ``center`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.extra = self.center = False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.extra:
+            h = h + x[:, :4] * self.a.weight[:, 0]
+        if self.center:
+            h = h - h.mean(0, keepdim=True)
+        return self.head(torch.tanh(h))
+
+
+def test_plans_are_reused_per_structure_and_rebuilt_when_it_changes():
+    """A step with the structure of an earlier one reuses its plan, bound to this step's calls; a
+    parameter used outside its layer in some steps only, or a batch that can show coupling after a
+    batch of one (nothing to probe), changes the structure; the result stays exact in every step.
+    (The coupling verdict itself is kept per structure of the captured calls: a forward that mixes
+    the samples in some steps only is not supported, hence one estimator per phase here.)"""
+    gen = torch.Generator().manual_seed(1)
+    for center, phases in (
+        (False, [(False, 4, set()), (True, 4, {"a.weight"}), (False, 4, set()),
+                 (False, 3, set())]),
+        (True, [(False, 1, set()), (False, 6, {"a.weight", "a.bias"})]),
+    ):
+        torch.manual_seed(0)
+        m = Sometimes().double()
+        m.center = center
+        est = DiagFisher(m, "exact")
+        eng = est._persample
+        prev: list = []
+        for k, (extra, N, expect) in enumerate(phases):
+            m.extra = extra
+            x = torch.randn(N, 5, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 3, (N,), generator=gen)
+            est.reset()
+            est.step((x, y))
+            plan = eng.last_plan
+            assert {est.names[i] for i in plan.generic} == expect, (center, k, plan.reasons)
+            if extra:
+                assert plan.reasons[est.names.index("a.weight")] == (
+                    "used outside the captured layer calls"
+                )
+            for g in plan.groups:  # bound to this step's calls, not those of the cached step
+                assert g.members[0][0].data["x"].shape[0] == N
+            if plan.head is not None:
+                assert plan.head.data["x"].shape[0] == N
+            calls = [c for g in plan.groups for c, _ in g.members]
+            assert not any(c is p for c in calls for p in prev)
+            prev = calls
+            case = Case("sometimes", m, (x, y), _plain, torch.ones(N, dtype=torch.bool), y,
+                        "categorical", 3)
+            assert _rel(dict(est.result().items()), oracle(case, "exact")) <= DET_REL_F64, k
+        # plain and extra (the 3-sample batch reuses the plain plan); batch of 1, then of 6
+        assert len(eng._plans) == 2
+
+
 def test_generic_parameters_are_logged_once_with_reasons(caplog):
     lc = _build("unknown_module")
     est = DiagFisher(lc.case.model, "exact")
