@@ -369,6 +369,9 @@ def _fimfast_arithmetic(device: torch.device) -> Iterator[None]:
     The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
     run the eigenvector mix and the per-sample squared products in bf16.
     """
+    if not torch.is_autocast_enabled(device.type):  # nothing to turn off (the usual case)
+        yield
+        return
     with torch.autocast(device.type, enabled=False):
         yield
 

@@ -28,8 +28,12 @@ forming per-row gradients of the whole model.
   on one row, whose gradient must vanish at every other sample of every tap (BatchNorm in train
   mode, or any functional op that mixes samples, fails it for the layers below it). It also
   checks, from the autograd graph, that every parameter it estimates is used only inside captured
-  calls. Parameters that fail either check, belong to modules without a rule, or combine uses the
-  rules cannot add up, take the generic path: nothing is skipped.
+  calls (a walk of the whole graph, every step). Parameters that fail either check, belong to
+  modules without a rule, or combine uses the rules cannot add up, take the generic path: nothing
+  is skipped. The sample-independence verdict is kept per structure of the captured calls (their
+  modules, modes and tap layouts), so a forward that mixes the samples in some steps only is not
+  supported. The resulting plan is reused by later steps of the same structure (calls, uses,
+  verdicts, parameter edges, head, batch of one or more), bound to their own calls.
 * Memory: a chunk's columns and tap gradients fit ``FIMFAST_MEMORY_BUDGET_MB`` (or ``M`` =
   ``class_chunk``), so memory stays bounded at any ``C``.
 
