@@ -373,6 +373,7 @@ class Engine:
         self._probe_cache: dict[Any, Any] = {}
         self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
         self._targets: tuple[Any, list] | None = None
+        self._norms: tuple[Any, list] | None = None  # norm layers to restore if a forward reruns
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
@@ -389,9 +390,17 @@ class Engine:
 
         Lookups shared by the batch are expanded to ``batch_size`` during the capture (see
         :class:`fimfast.layers.EmbeddingRule`); a forward that fails with an expanded output is
-        run once more without expansion, which this engine then keeps off.
+        run once more without expansion, which this engine then keeps off. The running statistics
+        that the failed forward's norm layers updated (train mode) are put back first, so the
+        step updates them once.
         """
         cap = None
+        stats = []
+        if self.expand_broadcast and self.use_rules:
+            key = (id(model), tuple(id(p) for p in params))
+            if self._norms is None or self._norms[0] != key:
+                self._norms = (key, _stat_modules(model))
+            stats = _running_stats(self._norms[1])
         try:
             with self.capture(model, params, batch_size) as cap:
                 return cap, run()
@@ -403,6 +412,9 @@ class Engine:
                 "(%s: %s); running it without expansion (those tables take the generic path)",
                 type(exc).__name__, exc,
             )
+        with torch.no_grad():
+            for live, saved in stats:
+                live.copy_(saved)
         self.expand_broadcast = False
         try:
             with self.capture(model, params, batch_size) as cap:
@@ -747,6 +759,28 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
     if g.transposed:
         return ops.sq_matmul(A, G, backend=backend)
     return ops.sq_matmul(G, A, backend=backend)
+
+
+def _stat_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The norm layers with running statistics (BatchNorm, InstanceNorm with
+    ``track_running_stats``) of a model with a lookup the capture could expand (the only case in
+    which a forward is run again); none otherwise."""
+    mods = list(model.modules())
+    if not any(isinstance(m, torch.nn.Embedding) for m in mods):
+        return []
+    return [m for m in mods if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+
+
+def _running_stats(mods: list[torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` of the running statistics a forward of ``mods`` in train mode updates."""
+    out = []
+    for m in mods:
+        if m.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                b = getattr(m, name, None)
+                if isinstance(b, torch.Tensor):
+                    out.append((b, b.detach().clone()))
+    return out
 
 
 def _unique(it: Iterable[hooks.Call]) -> list[hooks.Call]:

@@ -327,6 +327,39 @@ def test_shared_position_lookup(fim_type, squeeze):
     assert _rel(got2, ref) <= DET_REL_F64
 
 
+class _NormThenPosition(nn.Module):
+    """A BatchNorm (train mode) runs before a position lookup whose expanded output breaks the
+    forward (as in ``_PositionModel(squeeze=True)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.norm = nn.BatchNorm1d(6, momentum=None)  # cumulative: counts every update
+        self.pos = nn.Embedding(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        h = self.norm(self.tok(ids).mean(1))
+        p = self.pos(torch.arange(T).unsqueeze(0)).view(T, -1)
+        return self.head(torch.tanh(h.unsqueeze(1) + p).mean(1))
+
+
+def test_rerun_forward_updates_running_statistics_once():
+    torch.manual_seed(0)
+    m = _NormThenPosition().double()
+    ref = copy.deepcopy(m)
+    ids = torch.tensor([[1, 2, 2, 5], [3, 3, 3, 3], [0, 7, 9, 10]])
+    y = torch.tensor([0, 2, 1])
+    est = DiagFisher(m, "empirical")
+    est.step((ids, y))
+    assert est._persample.expand_broadcast is False  # the expanded forward failed and reran
+    ref(ids)  # one forward in train mode
+    assert int(m.norm.num_batches_tracked) == 1
+    torch.testing.assert_close(m.norm.running_mean, ref.norm.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(m.norm.running_var, ref.norm.running_var, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("seq", [False, True], ids=["rows", "tokens"])
 @pytest.mark.parametrize("fim_type", TYPES)
 def test_hf_conv1d_rule(fim_type, seq):
