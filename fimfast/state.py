@@ -131,7 +131,9 @@ class State:
         of adding them to zeros (one pass over every parameter less: 0.25 ms of a 6 ms step on a
         535k-parameter MLP).
         """
-        if self.ema is None and owned and self._zero and _adoptable(batch_estimate, self.values):
+        # getattr: a State unpickled from a version without the flag never adopts
+        pristine = getattr(self, "_zero", False)
+        if self.ema is None and owned and pristine and _adoptable(batch_estimate, self.values):
             self.values = list(batch_estimate)
         elif self.ema is None:
             torch._foreach_add_(self.values, batch_estimate)
