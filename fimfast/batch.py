@@ -351,24 +351,23 @@ def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) 
     is; only when it is not (a NaN/Inf, or an overflow that would need entries near 1e32) are the
     entries counted, row by row, and the step refused only if one is not finite.
     """
-    with torch.no_grad():
-        flat = flat_all.detach()
-        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        if all_valid:
-            total = flat.sum(dtype=acc)
-        else:
-            total = flat.sum(-1, dtype=acc).index_select(0, index).sum()
-        if math.isfinite(float(total)):
-            return
-        sums = flat.sum(-1, dtype=acc)
-        if not all_valid:
-            sums = sums.index_select(0, index)
-        bad = ~torch.isfinite(sums)
-        bad_rows = index[bad] if not all_valid else bad.nonzero().reshape(-1)
-        nbad = sum(int((~torch.isfinite(flat[int(r)])).sum()) for r in bad_rows)
-        if nbad == 0:
-            return  # only the sums overflowed
-        raise ValueError(
-            f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
-            "the step was not taken"
-        )
+    flat = flat_all.detach()  # nothing below is recorded
+    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    if all_valid:
+        total = flat.sum(dtype=acc)
+    else:
+        total = flat.sum(-1, dtype=acc).index_select(0, index).sum()
+    if math.isfinite(float(total)):
+        return
+    sums = flat.sum(-1, dtype=acc)
+    if not all_valid:
+        sums = sums.index_select(0, index)
+    bad = ~torch.isfinite(sums)
+    bad_rows = index[bad] if not all_valid else bad.nonzero().reshape(-1)
+    nbad = sum(int((~torch.isfinite(flat[int(r)])).sum()) for r in bad_rows)
+    if nbad == 0:
+        return  # only the sums overflowed
+    raise ValueError(
+        f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
+        "the step was not taken"
+    )

@@ -1,4 +1,4 @@
-"""Op -> backend -> implementation, resolved per call.
+"""Op -> backend -> implementation, resolved per call (the automatic choice is remembered).
 
 Resolution order: the explicit ``backend`` argument, then ``FIMFAST_BACKEND``, then automatic.
 An explicit backend that cannot run raises :class:`BackendUnavailableError` with the probe's reason;
@@ -92,6 +92,7 @@ def register(op: str, backend: str, target: str, cpu_auto_first: bool | None = N
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     _IMPLS.setdefault(op, {})[backend] = target
+    _AUTO_CHOICE.clear()
     if cpu_auto_first is not None and backend == "cpp":
         order = [b for b in _AUTO_CPU.get(op, ("torch",)) if b != "cpp"]
         _AUTO_CPU[op] = tuple(["cpp", *order] if cpu_auto_first else [*order, "cpp"])
@@ -199,6 +200,19 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
         if not ok:
             raise BackendUnavailableError(f"backend={requested!r} is unavailable for {op}: {why}")
         return requested, _load(impls[requested])
+    # the automatic choice depends on the op, the device type and what can run here: triton and
+    # the extension are probed once per process, TRITON_INTERPRET is read on every call
+    key = (op, device.type, _triton_interpret())
+    choice = _AUTO_CHOICE.get(key)
+    if choice is None:
+        choice = _AUTO_CHOICE[key] = _auto(op, impls, device)
+    return choice
+
+
+_AUTO_CHOICE: dict[tuple[str, str, bool], tuple[str, Callable]] = {}
+
+
+def _auto(op: str, impls: dict[str, str], device: torch.device) -> tuple[str, Callable]:
     order = _AUTO_CUDA if device.type == "cuda" else _AUTO_CPU.get(op, ("torch",))
     for name in order:
         if name in impls and backend_status(name, device)[0]:

@@ -104,3 +104,21 @@ def test_automatic_cpu_choice_is_the_measured_order(op, monkeypatch):
     first = next(b for b in registry._AUTO_CPU[op]
                  if registry.backend_status(b, torch.device("cpu"))[0])
     assert name == first
+
+
+def test_automatic_choice_is_remembered_until_the_registry_changes(monkeypatch):
+    monkeypatch.delenv("FIMFAST_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    first = registry.resolve("sq_matmul", None, cpu)
+    assert registry.resolve("sq_matmul", None, cpu) is first  # remembered
+    impls = dict(registry._IMPLS["sq_matmul"])
+    order = registry._AUTO_CPU["sq_matmul"]
+    try:  # the reference put first: the remembered choice must not survive the change
+        monkeypatch.setitem(registry._AUTO_CPU, "sq_matmul", ("torch", *order))
+        registry.register("sq_matmul", "torch", impls["torch"])
+        name, fn = registry.resolve("sq_matmul", None, cpu)
+        assert name == "torch"
+        assert fn is registry._load(impls["torch"])
+    finally:
+        registry._IMPLS["sq_matmul"] = impls
+        registry._AUTO_CHOICE.clear()
