@@ -191,7 +191,8 @@ class DiagFisher:
         if not self.fim_type.is_per_sample:
             return None, self._forward(batch, train)[1]
         cap, (_, rows) = self._persample.forward(
-            self.model, params, batchlib.batch_size(batch), lambda: self._forward(batch, train)
+            self.model, params, batchlib.batch_size(batch), lambda: self._forward(batch, train),
+            logits=lambda result: result[1].logits,
         )
         return cap, rows
 

@@ -135,12 +135,15 @@ class Capture:
         batch_size: int | None = None,
         expand_broadcast: bool = True,
         hold: set | None = None,
+        expand_flat: bool = False,
     ):
         self.direct = set() if direct is None else direct
         self.hold = set() if hold is None else hold
         self.batch_size = batch_size
         self.expand_broadcast = expand_broadcast
         self.expanded = 0  # broadcast outputs expanded to the batch in this forward
+        self.expand_flat = expand_broadcast and expand_flat
+        self.expanded_flat = 0  # of which lookups without a batch dimension (ids (T,))
         self.model = model
         self.params = params
         self.param_ids = {id(p) for p in params}

@@ -272,6 +272,15 @@ class EmbeddingRule(Rule):
             x = x.expand(N, *x.shape[1:])
             y = y.expand(N, *y.shape[1:])
             cap.expanded += 1
+        elif cap.expand_flat and N is not None and N > 1 and x.dim() == 1 and y.dim() == 2:
+            # ids of shape (T,) (nanoGPT's positions): the (T, d) output broadcasts over the
+            # batch; expanded to (N, T, d) it gains a dimension, which a consumer indexing or
+            # reducing over the first dimension would read differently: the engine checks the
+            # logits of the first forward that does this against the model's own
+            x = x.unsqueeze(0).expand(N, -1)
+            y = y.unsqueeze(0).expand(N, -1, -1)
+            cap.expanded += 1
+            cap.expanded_flat += 1
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
         cap.record(Call(module, self, [tap], uses, {"ids": x.detach()}))
         return out

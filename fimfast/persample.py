@@ -363,12 +363,16 @@ class Engine:
         use_rules: ``False`` sends every parameter to the generic path (the reference).
         expand_broadcast: expand lookups shared by the batch during the capture (turned off
             after a forward that fails with them expanded).
+        expand_flat: also expand lookups with ids of shape ``(T,)`` (turned off when the checked
+            forward's logits differ from the model's own; see :meth:`forward`).
         last_plan: the :class:`Plan` of the last step.
     """
 
     def __init__(self) -> None:
         self.use_rules = True
         self.expand_broadcast = True
+        self.expand_flat = True  # lookups with ids (T,) too, once a forward showed it is safe
+        self._flat_checked = False
         self.last_plan: Plan | None = None
         self._probe_cache: dict[Any, Any] = {}
         self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
@@ -385,6 +389,7 @@ class Engine:
         params: list[torch.Tensor],
         batch_size: int | None,
         run: Callable[[], Any],
+        logits: Callable[[Any], torch.Tensor] | None = None,
     ) -> tuple[hooks.Capture | None, Any]:
         """``run()`` (the forward) under a capture: ``(capture, result)``.
 
@@ -393,15 +398,42 @@ class Engine:
         run once more without expansion, which this engine then keeps off. The running statistics
         that the failed forward's norm layers updated (train mode) are put back first, so the
         step updates them once.
+
+        Lookups without a batch dimension (ids of shape ``(T,)``) gain one when expanded, so the
+        first forward that expands one is checked (``logits(result)`` is needed for it): the
+        model's own forward is run once more, from the same random state, and its logits must
+        equal the captured ones. If they do not, the step is run again with those lookups left
+        as they are (their tables take the generic path), and this engine keeps them so.
         """
         cap = None
-        stats = []
+        stats: list = []
+        lookups = False
         if self.expand_broadcast and self.use_rules:
             key = (id(model), tuple(id(p) for p in params))
             if self._norms is None or self._norms[0] != key:
-                self._norms = (key, _stat_modules(model))
-            stats = _running_stats(self._norms[1])
+                self._norms = (key, *_stat_modules(model))
+            _, lookups, mods = self._norms
+            stats = _running_stats(mods)
+        check = lookups and self.expand_flat and not self._flat_checked and logits is not None
+        rng = _rng_state() if check else None
+        # (T,) lookups are expanded once checked, or in the forward that checks them
+        flat = self.expand_flat and (self._flat_checked or check)
         try:
+            with self.capture(model, params, batch_size, flat) as cap:
+                result = run()
+            if rng is None or cap is None or not cap.expanded_flat:
+                return cap, result
+            same = self._same_unexpanded(run, logits, result, stats, rng)
+            self._flat_checked = True
+            if same:
+                return cap, result
+            log.info(
+                "per-sample engine: the logits changed when lookups with ids of shape (T,) were "
+                "expanded to the batch; running the step without that expansion (those tables "
+                "take the generic path)"
+            )
+            self.expand_flat = False
+            _restore(stats, rng)
             with self.capture(model, params, batch_size) as cap:
                 return cap, run()
         except Exception as exc:
@@ -412,9 +444,7 @@ class Engine:
                 "(%s: %s); running it without expansion (those tables take the generic path)",
                 type(exc).__name__, exc,
             )
-        with torch.no_grad():
-            for live, saved in stats:
-                live.copy_(saved)
+        _restore(stats, None)
         self.expand_broadcast = False
         try:
             with self.capture(model, params, batch_size) as cap:
@@ -423,11 +453,43 @@ class Engine:
             self.expand_broadcast = True  # it fails either way: the expansion was not the cause
             raise
 
+    def _same_unexpanded(self, run, logits, result, stats, rng) -> bool:
+        """Whether the model's own forward, from the random state and running statistics the
+        captured one started from, gives the captured logits; the captured forward's state is
+        kept afterwards (its buffers are swapped out for copies, not written: the captured graph
+        may have saved them)."""
+        after = _rng_state()
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        kept = [(m, name, getattr(m, name)) for m, name, _ in stats]
+        try:
+            for m, name, saved in stats:
+                setattr(m, name, saved.clone())
+            plain = logits(run())
+        except Exception:  # noqa: BLE001 - no evidence either way: do not expand
+            return False
+        finally:
+            for m, name, live in kept:
+                setattr(m, name, live)
+            _restore([], after)
+        got = logits(result)
+        if plain.shape != got.shape:
+            return False
+        a, b = got.detach().double(), plain.detach().double()
+        tol = 64 * torch.finfo(plain.dtype).eps * max(1.0, float(b.abs().max()))
+        return bool(((a - b).abs() <= tol).all())
+
     @contextmanager
     def capture(
-        self, model: torch.nn.Module, params: list[torch.Tensor], batch_size: int | None = None
+        self,
+        model: torch.nn.Module,
+        params: list[torch.Tensor],
+        batch_size: int | None = None,
+        flat: bool = False,
     ):
-        """Context for the forward: yields a :class:`~fimfast.hooks.Capture` (or ``None``)."""
+        """Context for the forward: yields a :class:`~fimfast.hooks.Capture` (or ``None``);
+        ``flat`` also expands lookups with ids of shape ``(T,)`` (see :meth:`forward`)."""
         if not self.use_rules:
             with nullcontext():
                 yield None
@@ -439,7 +501,7 @@ class Engine:
             self._targets = (key, hooks.targets(model, params, layers.rule_for))
         cap = hooks.Capture(
             model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast,
-            self._hold,
+            self._hold, flat,
         )
         with cap.installed(self._targets[1]):
             yield cap
@@ -761,26 +823,45 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
     return ops.sq_matmul(G, A, backend=backend)
 
 
-def _stat_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The norm layers with running statistics (BatchNorm, InstanceNorm with
-    ``track_running_stats``) of a model with a lookup the capture could expand (the only case in
-    which a forward is run again); none otherwise."""
+def _stat_modules(model: torch.nn.Module) -> tuple[bool, list[torch.nn.Module]]:
+    """Whether ``model`` has a lookup the capture could expand (the only case in which a forward
+    is run again), and then its norm layers with running statistics (BatchNorm, InstanceNorm
+    with ``track_running_stats``)."""
     mods = list(model.modules())
     if not any(isinstance(m, torch.nn.Embedding) for m in mods):
-        return []
-    return [m for m in mods if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        return False, []
+    return True, [m for m in mods if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
 
 
-def _running_stats(mods: list[torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(buffer, copy)`` of the running statistics a forward of ``mods`` in train mode updates."""
+def _running_stats(mods: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """``(module, buffer name, copy)`` of the running statistics a forward of ``mods`` in train
+    mode updates."""
     out = []
     for m in mods:
         if m.training:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 b = getattr(m, name, None)
                 if isinstance(b, torch.Tensor):
-                    out.append((b, b.detach().clone()))
+                    out.append((m, name, b.detach().clone()))
     return out
+
+
+def _rng_state() -> tuple:
+    """The default generators' states (CPU, and CUDA once initialised)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore(stats: list[tuple[torch.nn.Module, str, torch.Tensor]], rng: tuple | None) -> None:
+    """Write saved running statistics back into the buffers, and set the generator states (if
+    given)."""
+    with torch.no_grad():
+        for m, name, saved in stats:
+            getattr(m, name).copy_(saved)
+    if rng is not None:
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
 
 
 def _unique(it: Iterable[hooks.Call]) -> list[hooks.Call]:

@@ -327,6 +327,77 @@ def test_shared_position_lookup(fim_type, squeeze):
     assert _rel(got2, ref) <= DET_REL_F64
 
 
+class _FlatPositions(nn.Module):
+    """Positions looked up with ids of shape ``(T,)`` (nanoGPT); ``mode`` ``"add"`` uses the
+    ``(T, d)`` output as a broadcast term, ``"first"`` adds its first row to every token (an
+    expanded ``(N, T, d)`` output would give every position's row instead: same shapes, other
+    values). Dropout after the sum, and a side branch with a BatchNorm in train mode (which
+    couples the samples of that branch only), exercise the replayed forward."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(5, 6)
+        self.drop = nn.Dropout(0.25)
+        self.side = nn.Embedding(11, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        p = self.pos(torch.arange(ids.shape[1]))
+        h = self.tok(ids) + (p if self.mode == "add" else p[0])
+        h = self.drop(h).mean(1) + self.norm(self.side(ids).mean(1))
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("mode", ["add", "first"])
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_flat_position_ids_are_expanded_once_checked(fim_type, mode):
+    """``(T,)`` ids are expanded when the first such forward gives the model's own logits (the
+    table then needs no generic path); otherwise the step runs again unexpanded and the table
+    takes the generic path. Either way the result equals the generic reference, the random
+    stream and the running statistics advance as for one forward."""
+    ids = torch.tensor([[1, 2, 2, 5, 0], [3, 3, 3, 3, 3], [0, 7, 9, 10, 4], [6, 1, 8, 2, 2]])
+    y = torch.tensor([0, 2, 1, 1])
+    torch.manual_seed(0)
+    model = _FlatPositions(mode).double()
+    start = copy.deepcopy(model.state_dict())
+
+    def one_step(rules: bool):
+        model.load_state_dict(start)
+        est = DiagFisher(model, fim_type, seed=7, num_probes=2)
+        est._persample.use_rules = rules
+        torch.manual_seed(1)
+        est.step((ids, y))
+        return est, dict(est.result().items()), torch.get_rng_state(), copy.deepcopy(
+            model.norm.state_dict()
+        )
+
+    est, got, rng, norm = one_step(True)
+    _, ref, rng_ref, norm_ref = one_step(False)
+    assert _rel(got, ref) <= DET_REL_F64
+    eng = est._persample
+    generic = {est.names[i] for i in eng.last_plan.generic}
+    coupled = {"side.weight"}  # below the train-mode BatchNorm
+    assert eng._flat_checked
+    if mode == "add":
+        assert eng.expand_flat and generic == coupled
+    else:
+        assert not eng.expand_flat and generic == coupled | {"pos.weight"}
+    assert torch.equal(rng, rng_ref)  # the step drew dropout masks for one forward
+    for k, v in norm_ref.items():
+        assert torch.equal(norm[k], v), k
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        est.step((ids, y))  # checked once: one forward per step from now on
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert {est.names[i] for i in eng.last_plan.generic} == generic
+
+
 class _NormThenPosition(nn.Module):
     """A BatchNorm (train mode) runs before a position lookup whose expanded output breaks the
     forward (as in ``_PositionModel(squeeze=True)``)."""
