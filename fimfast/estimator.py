@@ -192,7 +192,7 @@ class DiagFisher:
             return None, self._forward(batch, train)[1]
         cap, (_, rows) = self._persample.forward(
             self.model, params, batchlib.batch_size(batch), lambda: self._forward(batch, train),
-            logits=lambda result: result[1].logits,
+            logits=lambda result: result[1].logits, plain=lambda: self._forward(batch),
         )
         return cap, rows
 

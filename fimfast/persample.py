@@ -390,6 +390,7 @@ class Engine:
         batch_size: int | None,
         run: Callable[[], Any],
         logits: Callable[[Any], torch.Tensor] | None = None,
+        plain: Callable[[], Any] | None = None,
     ) -> tuple[hooks.Capture | None, Any]:
         """``run()`` (the forward) under a capture: ``(capture, result)``.
 
@@ -401,8 +402,10 @@ class Engine:
 
         Lookups without a batch dimension (ids of shape ``(T,)``) gain one when expanded, so the
         first forward that expands one is checked (``logits(result)`` is needed for it): the
-        model's own forward is run once more, from the same random state, and its logits must
-        equal the captured ones. If they do not, the step is run again with those lookups left
+        model's own forward (``plain()``, default ``run()``; a training step passes the forward
+        of the module inside DistributedDataParallel, whose reducer expects one forward per
+        backward) is run once more, from the same random state, and its logits must equal the
+        captured ones. If they do not, the step is run again with those lookups left
         as they are (their tables take the generic path), and this engine keeps them so.
         """
         cap = None
@@ -423,7 +426,7 @@ class Engine:
                 result = run()
             if rng is None or cap is None or not cap.expanded_flat:
                 return cap, result
-            same = self._same_unexpanded(run, logits, result, stats, rng)
+            same = self._same_unexpanded(plain or run, logits, result, stats, rng)
             self._flat_checked = True
             if same:
                 return cap, result
