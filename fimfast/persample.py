@@ -442,6 +442,15 @@ class Engine:
         except Exception as exc:
             if cap is None or not cap.expanded:
                 raise
+            if cap.expanded_flat:  # the (T,) lookups first: (1, T) ones may still expand
+                log.info(
+                    "per-sample engine: the forward failed with lookups of ids (T,) expanded to "
+                    "the batch (%s: %s); running it without that expansion", type(exc).__name__,
+                    exc,
+                )
+                self.expand_flat, self._flat_checked = False, True
+                _restore(stats, rng)
+                return self.forward(model, params, batch_size, run, logits, plain)
             log.info(
                 "per-sample engine: the forward failed with shared lookups expanded to the batch "
                 "(%s: %s); running it without expansion (those tables take the generic path)",

@@ -398,6 +398,40 @@ def test_flat_position_ids_are_expanded_once_checked(fim_type, mode):
     assert {est.names[i] for i in eng.last_plan.generic} == generic
 
 
+class _BothLookups(nn.Module):
+    """A ``(1, T)`` position lookup that expands fine, and a ``(T,)`` one whose expanded output
+    breaks the forward (``view(T, -1)`` then a sum with ``(N, T, d)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(5, 6)
+        self.pos2 = nn.Embedding(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        p = self.pos(torch.arange(T).unsqueeze(0))
+        p2 = self.pos2(torch.arange(T)).view(T, -1)
+        return self.head(torch.tanh(self.tok(ids) + p + p2).mean(1))
+
+
+def test_a_failing_flat_expansion_keeps_the_batch_shared_one():
+    ids = torch.tensor([[1, 2, 2, 5, 0], [3, 3, 3, 3, 3], [0, 7, 9, 10, 4]])
+    y = torch.tensor([0, 2, 1])
+    torch.manual_seed(0)
+    from cases import Case
+
+    case = Case("both", _BothLookups(), (ids, y), lambda m, b: m(b[0]),
+                torch.ones(3, dtype=bool), y, "categorical", 3).to(torch.float64)
+    got, est = _run(case, "exact")
+    ref, _ = _run(case, "exact", rules=False)
+    assert _rel(got, ref) <= DET_REL_F64
+    eng = est._persample
+    assert eng.expand_broadcast and not eng.expand_flat
+    assert {est.names[i] for i in eng.last_plan.generic} == {"pos2.weight"}
+
+
 class _NormThenPosition(nn.Module):
     """A BatchNorm (train mode) runs before a position lookup whose expanded output breaks the
     forward (as in ``_PositionModel(squeeze=True)``)."""
