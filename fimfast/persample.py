@@ -376,8 +376,9 @@ class Engine:
         self.last_plan: Plan | None = None
         self._probe_cache: dict[Any, Any] = {}
         self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
-        self._targets: tuple[Any, list] | None = None
-        self._norms: tuple[Any, list] | None = None  # norm layers to restore if a forward reruns
+        # per model and set of trainable parameters: the modules to hook, whether it has a
+        # lookup, and the norm layers to restore if a forward reruns (see _modules)
+        self._mods: tuple[Any, list, bool, list] | None = None
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
@@ -412,11 +413,8 @@ class Engine:
         stats: list = []
         lookups = False
         if self.expand_broadcast and self.use_rules:
-            key = (id(model), tuple(id(p) for p in params))
-            if self._norms is None or self._norms[0] != key:
-                self._norms = (key, *_stat_modules(model))
-            _, lookups, mods = self._norms
-            stats = _running_stats(mods)
+            _, lookups, norms = self._modules(model, params)
+            stats = _running_stats(norms)
         check = lookups and self.expand_flat and not self._flat_checked and logits is not None
         rng = _rng_state() if check else None
         # (T,) lookups are expanded once checked, or in the forward that checks them
@@ -430,32 +428,24 @@ class Engine:
             self._flat_checked = True
             if same:
                 return cap, result
-            log.info(
-                "per-sample engine: the logits changed when lookups with ids of shape (T,) were "
-                "expanded to the batch; running the step without that expansion (those tables "
-                "take the generic path)"
-            )
-            self.expand_flat = False
-            _restore(stats, rng)
-            with self.capture(model, params, batch_size) as cap:
-                return cap, run()
+            failure, flat_only = "its logits differ from the model's own", True
         except Exception as exc:
             if cap is None or not cap.expanded:
                 raise
-            if cap.expanded_flat:  # the (T,) lookups first: (1, T) ones may still expand
-                log.info(
-                    "per-sample engine: the forward failed with lookups of ids (T,) expanded to "
-                    "the batch (%s: %s); running it without that expansion", type(exc).__name__,
-                    exc,
-                )
-                self.expand_flat, self._flat_checked = False, True
-                _restore(stats, rng)
-                return self.forward(model, params, batch_size, run, logits, plain)
+            # the (T,) lookups first: (1, T) ones may still expand
+            failure, flat_only = f"{type(exc).__name__}: {exc}", cap.expanded_flat > 0
+        if flat_only:
             log.info(
-                "per-sample engine: the forward failed with shared lookups expanded to the batch "
-                "(%s: %s); running it without expansion (those tables take the generic path)",
-                type(exc).__name__, exc,
+                "per-sample engine: running the step again without expanding lookups of ids "
+                "(T,) to the batch (%s); those tables take the generic path", failure,
             )
+            self.expand_flat, self._flat_checked = False, True
+            _restore(stats, rng)
+            return self.forward(model, params, batch_size, run, logits, plain)
+        log.info(
+            "per-sample engine: the forward failed with shared lookups expanded to the batch "
+            "(%s); running it without expansion (those tables take the generic path)", failure,
+        )
         _restore(stats, None)
         self.expand_broadcast = False
         try:
@@ -471,9 +461,7 @@ class Engine:
         kept afterwards (its buffers are swapped out for copies, not written: the captured graph
         may have saved them)."""
         after = _rng_state()
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
+        _restore([], rng)
         kept = [(m, name, getattr(m, name)) for m, name, _ in stats]
         try:
             for m, name, saved in stats:
@@ -506,17 +494,24 @@ class Engine:
             with nullcontext():
                 yield None
             return
-        # the modules to hook, found once per model and set of trainable parameters (a stale
-        # list can only leave calls uncaptured, which the graph check sends to the generic path)
-        key = (id(model), tuple(id(p) for p in params))
-        if self._targets is None or self._targets[0] != key:
-            self._targets = (key, hooks.targets(model, params, layers.rule_for))
         cap = hooks.Capture(
             model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast,
             self._hold, flat,
         )
-        with cap.installed(self._targets[1]):
+        with cap.installed(self._modules(model, params)[0]):
             yield cap
+
+    def _modules(
+        self, model: torch.nn.Module, params: list[torch.Tensor]
+    ) -> tuple[list, bool, list]:
+        """``(modules to hook, has a lookup, norm layers with running statistics)``, found once per
+        model and set of trainable parameters (a stale list can only leave calls uncaptured,
+        which the graph check sends to the generic path)."""
+        key = (id(model), tuple(id(p) for p in params))
+        if self._mods is None or self._mods[0] != key:
+            targets = hooks.targets(model, params, layers.rule_for)
+            self._mods = (key, targets, *_stat_modules(model))
+        return self._mods[1:]
 
     # -- planning --------------------------------------------------------------------------- #
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
