@@ -8,6 +8,13 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 
+class UnsupportedModelError(ValueError):
+    """The model uses a construct fimfast cannot estimate exactly for the requested type.
+
+    fimfast refuses such a model instead of returning a number it cannot vouch for; the message
+    names the construct and says what to change (see ``docs/exactness.md``)."""
+
+
 class FIMType(str, enum.Enum):
     """What a step estimates. Strings (``"hutchinson"``) are accepted wherever a type is.
 
@@ -96,6 +103,13 @@ class Options:
             logits nor their cotangent: the probes run through the head in row chunks
             (:func:`fimfast.ops.lm_head_probe`, see :mod:`fimfast.lm_head`), with the signs and
             the estimate of the unfused step. ``train_step`` does not take it.
+        class_dim: the class axis of logits with 3 or more dims (``-1``: token-level
+            ``(N, T, C)``; ``1``: ``CrossEntropyLoss``'s ``(N, C, d1, ...)``). ``None`` (the
+            default) never guesses: a Hugging Face output is ``(N, T, C)``, categorical labels
+            decide when their shape fits one layout only, anything else is refused (see
+            :func:`fimfast.batch.layout`).
+        batch_dim: the batch axis of the inputs and of logits with 3 or more dims (``1`` for
+            sequence-first models, ``(T, N, ...)``); 2-D logits are always ``(N, C)``.
     """
 
     num_probes: int = 1
@@ -113,6 +127,8 @@ class Options:
     distributed: str = "auto"
     process_group: Any = None
     lm_head: Any = None
+    class_dim: int | None = None
+    batch_dim: int = 0
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -186,6 +202,16 @@ class Options:
                     f"got {type(pg).__name__}"
                 )
 
+        for name in ("class_dim", "batch_dim"):
+            v = getattr(self, name)
+            if (v is not None or name == "batch_dim") and (
+                isinstance(v, bool) or not isinstance(v, int)
+            ):
+                raise ValueError(f"fim_opts[{name!r}] must be an integer axis; got {v!r}")
+        if self.batch_dim < 0:
+            raise ValueError(
+                f"fim_opts['batch_dim'] must be >= 0 (an axis of the inputs); got {self.batch_dim}"
+            )
         lm = self.lm_head
         if lm is not None and not (isinstance(lm, str) and lm):
             import torch
