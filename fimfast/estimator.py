@@ -90,6 +90,7 @@ class DiagFisher:
         self.reduction = check_reduction(reduction)
         self.ema = check_ema(ema)
         self.opts = Options.from_dict(opts)
+        self._opts_given: dict[str, Any] | None = dict(opts)
         check_type_likelihood(self.fim_type, self.opts.likelihood)
         self._head = lm_head.resolve(model, self.fim_type, self.opts)
         registry.check_backend(self.opts.backend, _device_of(model))
@@ -119,6 +120,8 @@ class DiagFisher:
     # -- configuration ---------------------------------------------------------------------- #
     def set_options(self, opts: dict[str, Any] | None) -> None:
         """Replace the options (validated); a new ``seed`` restarts the random stream."""
+        if opts is not None and opts == self._opts_given:
+            return  # the same mapping as last time: nothing to validate again
         new = Options.from_dict(opts)
         check_type_likelihood(self.fim_type, new.likelihood)
         head = lm_head.resolve(self.model, self.fim_type, new)
@@ -127,6 +130,18 @@ class DiagFisher:
             self.seed, self.offset = new.seed, 0
         self.opts = new
         self._head = head
+        self._opts_given = dict(opts or {})
+
+    def restart(self, reduction: str, ema: float | None, opts: dict[str, Any] | None) -> None:
+        """Start over as a new estimator of the same type would (state, reduction, ema,
+        options and random stream), keeping the per-structure caches of the engines."""
+        reduction, ema = check_reduction(reduction), check_ema(ema)
+        self._opts_given = None
+        self.set_options(opts)
+        self.reduction, self.ema = reduction, ema
+        self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
+        self.offset = 0
+        self.reset()
 
     def reset(self) -> None:
         """Forget the accumulated state (the random stream continues)."""
