@@ -264,6 +264,13 @@ def nograd_error(names: list[str], types: str):
     )
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether the forward runs under saved-tensor hooks (``torch.utils.checkpoint`` without
+    reentrance, activation offloading): the backward then recomputes or unpacks what this
+    forward saves, so the capture must not change it."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def owners(model: torch.nn.Module, params: list[torch.Tensor]) -> dict[int, str]:
     """``{id(module): qualified name}`` of the modules of ``model`` owning a trainable parameter
     of ``params`` directly."""

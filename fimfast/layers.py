@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fimfast.hooks import Call, Capture, Use
+from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -125,6 +125,11 @@ class Rule:
 
     def _hook(self, cap: Capture, module, args, kwargs, output):
         if not cap.active or not torch.is_grad_enabled() or not _usable(output):
+            return None
+        if saved_tensor_hooks_active():
+            # inside torch.utils.checkpoint (non-reentrant) or another saved-tensor hook: the
+            # backward recomputes this forward without the capture, so it must stay as it is
+            # (its parameters are then used outside the captured calls: generic path)
             return None
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
@@ -489,6 +494,7 @@ def _mha_forward(
     plain = (
         not cap.active
         or not torch.is_grad_enabled()
+        or saved_tensor_hooks_active()
         or not ps
         or query.dim() != 3
         or (mod.training and mod.dropout > 0.0)

@@ -480,3 +480,26 @@ def test_reentrant_checkpoint_without_rule_layers_is_refused(data, kind):
 
     with pytest.raises(UnsupportedModelError, match="use_reentrant"):
         estimate(M(), data, kind)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_non_reentrant_checkpoint_around_attention(kind):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            h = checkpoint(lambda t: self.attn(t, t, t, need_weights=False)[0], h,
+                           use_reentrant=False)
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    m = M().double().eval()
+    x = torch.randn(4, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    _, got = estimate(m, (x, y), kind)
+    assert_matches(got, reference(m, lambda: m(x), y, kind))
