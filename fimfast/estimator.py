@@ -22,7 +22,7 @@ from fimfast.types import (
     Options,
     check_ema,
     check_reduction,
-    check_type_likelihood,
+    check_type_options,
 )
 
 __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
@@ -91,7 +91,7 @@ class DiagFisher:
         self.ema = check_ema(ema)
         self.opts = Options.from_dict(opts)
         self._opts_given: dict[str, Any] | None = dict(opts)
-        check_type_likelihood(self.fim_type, self.opts.likelihood)
+        check_type_options(self.fim_type, self.opts)
         self._head = lm_head.resolve(model, self.fim_type, self.opts)
         registry.check_backend(self.opts.backend, _device_of(model))
         distributed.check_model(model)
@@ -123,7 +123,7 @@ class DiagFisher:
         if opts is not None and opts == self._opts_given:
             return  # the same mapping as last time: nothing to validate again
         new = Options.from_dict(opts)
-        check_type_likelihood(self.fim_type, new.likelihood)
+        check_type_options(self.fim_type, new)
         head = lm_head.resolve(self.model, self.fim_type, new)
         registry.check_backend(new.backend, _device_of(self.model))
         if new.seed is not None and new.seed != self._seed:

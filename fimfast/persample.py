@@ -112,8 +112,10 @@ def accumulate_columns(
     columns: Iterable[torch.Tensor],
     acc: list[torch.Tensor],
     chunk: int | None = None,
+    group: torch.Tensor | None = None,
 ) -> None:
-    """Add ``sum_{k,r} (grad_theta (u_{k,r} . z_r))^2`` into ``acc``.
+    """Add ``sum_{k,r} (grad_theta (u_{k,r} . z_r))^2`` into ``acc`` (with ``group``, the
+    ``(R,)`` sample of each row: ``sum_{k,n} (grad_theta sum_{r in n} u_{k,r} . z_r)^2``).
 
     Args:
         flat: ``(R, C)`` valid rows of the logits, attached to the graph (kept after the call).
@@ -125,12 +127,25 @@ def accumulate_columns(
     R, C = flat.shape
     chunk = pair_chunk(R, C, params) if chunk is None else chunk
     for cols in columns:
-        # pairs (k, r) with a non-zero column, in row-major order
-        nz = cols.abs().sum(-1) != 0  # (K, R)
+        if group is not None:  # one pair per (column, sample): its rows' columns together
+            G = int(group.max()) + 1
+            hits = torch.zeros(cols.shape[0], G, dtype=cols.dtype, device=cols.device)
+            hits.index_add_(1, group, cols.abs().sum(-1))
+            nz = hits != 0
+        else:  # pairs (k, r) with a non-zero column, in row-major order
+            nz = cols.abs().sum(-1) != 0  # (K, R)
         ks, rs = nz.nonzero(as_tuple=True)
         for s in range(0, ks.numel(), chunk):
             k, r = ks[s : s + chunk], rs[s : s + chunk]
             M = k.numel()
+            if group is not None:
+                sel = (group.unsqueeze(0) == r.unsqueeze(1)).unsqueeze(-1)  # (M, R, 1)
+                cot = (cols[k] * sel).to(flat.dtype)
+                grads = _batched_grads(flat, params, cot, retain_graph=True)
+                for a, g in zip(acc, grads):
+                    if g is not None:
+                        a.add_(g.to(a.dtype).square().sum(0))
+                continue
             cot = torch.zeros(M, R, C, dtype=flat.dtype, device=flat.device)
             cot[torch.arange(M, device=flat.device), r] = cols[k, r].to(flat.dtype)
             grads = _batched_grads(flat, params, cot, retain_graph=True)
@@ -387,6 +402,7 @@ class Engine:
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._logged: dict[int, str] = {}
         self._owned: dict[int, str] = {}
+        self.sequence_rows = False  # this step's rows are whole sequences (see Options)
 
     def forward(
         self,
@@ -566,17 +582,21 @@ class Engine:
         glob = graph.edges
         # everything below depends only on the structure of this step's calls: reused from the
         # last step with the same calls, uses, verdicts, parameter edges and head
-        key = _structure(cap.calls, head, params, glob, N)
+        if self.sequence_rows:  # per-sequence rows: the head's squares do not split by token
+            head_closed = None
+        else:
+            head_closed = head
+        key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows)
         hit = self._plans.get(key)
         if hit is not None:
             return hit.bind(cap.calls)
-        plan = self._build(cap.calls, head, rows, params, glob)
+        plan = self._build(cap.calls, head, rows, params, glob, head_closed)
         if len(self._plans) > 64:
             self._plans.clear()
         self._plans[key] = _Template.of(plan, cap.calls)
         return plan
 
-    def _build(self, calls, head, rows, params, glob) -> Plan:
+    def _build(self, calls, head, rows, params, glob, head_closed=None) -> Plan:
         n = len(params)
         N = rows.num_samples
         plan = Plan()
@@ -611,7 +631,7 @@ class Engine:
                     plan.reasons[i] = bad[0].reason
 
         for i in sorted(cand):
-            groups = self._groups(i, uses[i], head, params[i], uses)
+            groups = self._groups(i, uses[i], head_closed, params[i], uses)
             if groups is None:
                 plan.reasons[i] = "its uses cannot be combined by the rules"
             else:
@@ -760,6 +780,7 @@ class Engine:
         flat = rows.flat
         R, C = flat.shape
         cols = Columns(flat, rows.labels, fim_type, opts, seed, offset)
+        self.sequence_rows = bool(opts.sequence_rows) and rows.logits.dim() == 3
         plan = self._plan(cap, rows, params)
         self.last_plan = plan
         generic = {i: plan.reasons.get(i, "") for i in plan.generic}
@@ -775,7 +796,8 @@ class Engine:
             gp = [params[i] for i in plan.generic]
             ga = [acc.get(i) for i in plan.generic]
             chunk = opts.class_chunk or max(1, min(cols.num, pair_chunk(R, C, gp) // max(1, R)))
-            accumulate_columns(flat, gp, cols.blocks(chunk), ga)
+            group = rows.sample if self.sequence_rows else None
+            accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
             self._fast(rows, params, plan, cols, opts, acc, retain_graph)
 
@@ -804,7 +826,7 @@ class Engine:
         need_head = any(c is head for g in groups for c, _ in g.members)
         # columns: for token-level logits one column is a (class, position) pair
         dev = flat.device
-        token = rows.logits.dim() == 3
+        token = rows.logits.dim() == 3 and not self.sequence_rows
         if token:
             T = rows.logits.shape[1]
             rpos = rows.index % T

@@ -110,6 +110,14 @@ class Options:
             :func:`fimfast.batch.layout`).
         batch_dim: the batch axis of the inputs and of logits with 3 or more dims (``1`` for
             sequence-first models, ``(T, N, ...)``); 2-D logits are always ``(N, C)``.
+        sequence_rows: token-level logits only, MONTE_CARLO and EMPIRICAL only: one row per
+            sequence, whose tokens' score columns are summed before the square, instead of one
+            row per token (one backward column per draw instead of one per position when
+            attention or recurrence couples the tokens). MONTE_CARLO draws every token's label
+            independently, so the cross-token terms vanish in expectation: still unbiased for the
+            token-level Fisher, with more variance. EMPIRICAL then estimates a different matrix,
+            ``sum_n (sum_t g_nt)(sum_t g_nt)^T``: the empirical Fisher of whole-sequence
+            log-likelihoods (see ``docs/math.md``).
     """
 
     num_probes: int = 1
@@ -129,6 +137,7 @@ class Options:
     lm_head: Any = None
     class_dim: int | None = None
     batch_dim: int = 0
+    sequence_rows: bool = False
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -208,6 +217,10 @@ class Options:
                 isinstance(v, bool) or not isinstance(v, int)
             ):
                 raise ValueError(f"fim_opts[{name!r}] must be an integer axis; got {v!r}")
+        if not isinstance(self.sequence_rows, bool):
+            raise ValueError(
+                f"fim_opts['sequence_rows'] must be True or False; got {self.sequence_rows!r}"
+            )
         if self.batch_dim < 0:
             raise ValueError(
                 f"fim_opts['batch_dim'] must be >= 0 (an axis of the inputs); got {self.batch_dim}"
@@ -248,6 +261,17 @@ def check_ema(ema: float | None) -> float | None:
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 < float(ema) < 1.0:
         raise ValueError(f"ema must be None or a float with 0 < ema < 1; got {ema!r}")
     return float(ema)
+
+
+def check_type_options(fim_type: FIMType, opts: Options) -> None:
+    """Raise when an option does not apply to ``fim_type``."""
+    check_type_likelihood(fim_type, opts.likelihood)
+    if opts.sequence_rows and fim_type not in (FIMType.MONTE_CARLO, FIMType.EMPIRICAL):
+        raise ValueError(
+            "fim_opts['sequence_rows'] applies to 'monte_carlo' and 'empirical' only (EXACT's "
+            "token columns already give the Fisher of whole sequences, and a Hutchinson probe "
+            f"covers every row in one backward); got fim_type={fim_type.value!r}"
+        )
 
 
 def check_type_likelihood(fim_type: FIMType, likelihood: str) -> None:
