@@ -24,16 +24,22 @@ forming per-row gradients of the whole model.
 * The layer whose output *is* the logits needs no backward: for its weight,
   ``F_W[o, i] = sum_r S_r[o] a_r[i]^2`` with ``S_r = sum_k u_{k,r}^2`` (``diag I(z_r)`` for EXACT).
   A single Linear classifier therefore costs one forward and one ``sq_matmul`` at any ``C``.
-* Before trusting sample independence the engine probes it once per model structure: one column
-  on one row, whose gradient must vanish at every other sample of every tap (BatchNorm in train
-  mode, or any functional op that mixes samples, fails it for the layers below it). It also
-  checks, from the autograd graph, that every parameter it estimates is used only inside captured
-  calls (a walk of the whole graph, every step). Parameters that fail either check, belong to
-  modules without a rule, or combine uses the rules cannot add up, take the generic path: nothing
-  is skipped. The sample-independence verdict is kept per structure of the captured calls (their
-  modules, modes and tap layouts), so a forward that mixes the samples in some steps only is not
-  supported. The resulting plan is reused by later steps of the same structure (calls, uses,
-  verdicts, parameter edges, head, batch of one or more), bound to their own calls.
+* Before trusting sample independence the engine probes it once per model structure: one
+  backward column per sample (up to :data:`PROBE_SAMPLES`), whose gradient must vanish at every
+  other sample of every tap; the same probe decides each tap's batch dimension from the data flow
+  (never from sizes alone: ``(T, N, d)`` with ``T == N`` is told apart). BatchNorm in train
+  mode, a ``cumsum`` over the batch or any other op that mixes samples fails it for the layers
+  below it. Every step also walks the whole autograd graph: every parameter it estimates must be
+  used only inside captured calls, and every tap must reach the logits (a module inside a
+  compiled region does not). Parameters that fail either check, belong to modules without a
+  rule, or combine uses the rules cannot add up, take the generic path: nothing is skipped. A
+  reentrant checkpoint, or a module with trainable parameters run with gradients disabled, is
+  refused (:class:`fimfast.types.UnsupportedModelError`); layers inside a non-reentrant
+  checkpoint are left uncaptured, so the recomputation matches. The sample-independence verdict
+  is kept per structure of the captured calls (their modules, modes and tap layouts), so a
+  forward that mixes the samples in some steps only is not supported. The resulting plan is
+  reused by later steps of the same structure (calls, uses, verdicts, parameter edges, head,
+  batch of one or more), bound to their own calls. See ``docs/exactness.md``.
 * Memory: a chunk's columns and tap gradients fit ``FIMFAST_MEMORY_BUDGET_MB`` (or ``M`` =
   ``class_chunk``), so memory stays bounded at any ``C``.
 
