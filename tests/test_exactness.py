@@ -159,20 +159,21 @@ def test_reentrant_checkpoint_stays_right_for_hutchinson(data):
         assert float((got[name].double() / 400).sum() / r.sum()) == pytest.approx(1.0, abs=0.15)
 
 
+class NoGradFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+        return self.b(torch.tanh(h))
+
+
 def test_no_grad_region_with_trainable_parameters_is_refused(data):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
-
-        def forward(self, x):
-            with torch.no_grad():
-                h = self.a(x)
-            return self.b(torch.tanh(h))
-
     with pytest.raises(UnsupportedModelError, match="'a'.*gradients disabled"):
-        estimate(M().double(), data, "exact")
-    m = M().double()
+        estimate(NoGradFirst().double(), data, "exact")
+    m = NoGradFirst().double()
     m.a.requires_grad_(False)  # the documented way out: leave those parameters out
     x, y = data
     _, got = estimate(m, (x, y), "exact")
@@ -452,18 +453,8 @@ def test_functional_use_of_a_parameter_is_exact(data):
 
 
 def test_no_grad_region_is_refused_by_hutchinson_too(data):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
-
-        def forward(self, x):
-            with torch.no_grad():
-                h = self.a(x)
-            return self.b(torch.tanh(h))
-
     with pytest.raises(UnsupportedModelError, match="gradients disabled"):
-        estimate(M().double(), data, "hutchinson")
+        estimate(NoGradFirst().double(), data, "hutchinson")
 
 
 @pytest.mark.parametrize("kind", ("exact", "empirical"))
