@@ -494,3 +494,41 @@ def test_non_reentrant_checkpoint_around_attention(kind):
     y = torch.randint(0, 3, (4,))
     _, got = estimate(m, (x, y), kind)
     assert_matches(got, reference(m, lambda: m(x), y, kind))
+
+
+@pytest.mark.parametrize("pair", [(70, 71), (3, 97)])
+def test_coupling_of_two_samples_in_a_large_batch(pair):
+    """Beyond PROBE_SAMPLES the probe adds random halves of the batch: any coupled pair is seen."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            i, j = pair
+            mix = torch.zeros_like(h)
+            mix[i] = h[j]
+            return self.b(h + 0.5 * mix)
+
+    torch.manual_seed(0)
+    m = M().double()
+    x = torch.randn(100, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (100,))
+    est, got = estimate(m, (x, y), "empirical")
+    assert est._persample.last_plan.generic  # a.weight, a.bias: coupled
+    assert_matches(got, reference(m, lambda: m(x), y, "empirical"))
+
+
+def test_sequence_first_with_a_large_batch_and_t_equal_n():
+    """T == N beyond PROBE_SAMPLES: every sample is probed, and the data flow picks axis 1."""
+    torch.manual_seed(0)
+    m = SeqFirst(d=4).double().eval()
+    x = torch.randn(66, 66, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (66,))
+    est, _ = estimate(m, (x, y), "empirical", batch_dim=1)
+    plan = est._persample.last_plan
+    assert plan.generic == []
+    taps = [t for c in plan.calls for t in c.taps if len(t.cands) == 2]
+    assert taps and all(t.bdim == 1 for t in taps)
