@@ -2,8 +2,8 @@
 
 A rule tells the per-sample engine (:mod:`fimfast.persample`) how to get the per-sample squared
 gradients of a module's parameters from what the module saw in the forward and the gradient at
-its output, without per-sample gradients of the whole model (docs/math.md, "The per-sample
-engine"). Modules without a rule are still estimated exactly, by the slower generic path.
+its output, without per-sample gradients of the whole model (docs/math.md §4). Modules without a
+rule are still estimated exactly, by the slower generic path.
 
 Built-in rules: ``nn.Linear`` and Hugging Face ``Conv1D`` (:mod:`~fimfast.rules.linear`),
 ``nn.Conv1d``/``nn.Conv2d`` (:mod:`~fimfast.rules.conv`), ``nn.Embedding``

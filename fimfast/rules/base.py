@@ -3,7 +3,7 @@
 A rule turns what a layer saw in the forward (its input) and the gradient at its output for a
 chunk of ``M`` backward columns into *terms*: the per-unit gradient of each parameter it uses, in
 a form the engine squares and sums without materialising per-unit gradients of the model
-(docs/math.md, "The per-sample engine"). A *unit* ``u = (column m, sample n)``: for ``(N, C)``
+(docs/math.md §4). A *unit* ``u = (column m, sample n)``: for ``(N, C)``
 logits one backward column covers every sample at once; for ``(N, T, C)`` logits one column is a
 (class, token position) pair and covers that position of every sequence.
 
