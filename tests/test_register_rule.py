@@ -9,6 +9,7 @@ plan must estimate the custom layers' parameters by their rules (not the generic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -46,8 +47,9 @@ def doc():
         yield ns
     finally:
         for cls in (ns.get("ScaledLinear"), ns.get("LowRankLinear")):
-            if cls is not None and rule_for(cls.__new__(cls)) is not None:
-                unregister_rule(cls)
+            if cls is not None:
+                with contextlib.suppress(KeyError):
+                    unregister_rule(cls)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -170,8 +172,9 @@ def test_docs_usage_block_runs(doc):
     """The last block: fast estimate equals the generic path's (rules unregistered meanwhile)."""
     code = _doc_blocks()[2]
     exec(compile(code, "docs/rules.md", "exec"), dict(doc))
-    for cls in (doc["ScaledLinear"], doc["LowRankLinear"]):  # registered again by the block
-        assert rule_for(cls.__new__(cls)) is not None
+    # registered again by the block
+    assert type(rule_for(doc["ScaledLinear"](2, 2, scale=1.0))).__name__ == "ScaledLinearRule"
+    assert type(rule_for(doc["LowRankLinear"](2, 2, rank=1))).__name__ == "LowRankLinearRule"
 
 
 def test_without_rule_the_layer_takes_the_generic_path_and_agrees(doc):
@@ -258,7 +261,8 @@ class _Good(Rule):
 
 def test_register_twice_raises_unless_replace(doc):
     SL = doc["ScaledLinear"]
-    before = rule_for(SL.__new__(SL))
+    m = SL(2, 2, scale=1.0)
+    before = rule_for(m)
     with pytest.raises(ValueError, match="already has a rule.*replace=True"):
         register_rule(SL, _Good())
     with pytest.raises(ValueError, match="Linear already has a rule"):
@@ -266,10 +270,29 @@ def test_register_twice_raises_unless_replace(doc):
     new = _Good()
     register_rule(SL, new, replace=True)
     try:
-        assert rule_for(SL.__new__(SL)) is new
+        assert rule_for(m) is new
     finally:
         register_rule(SL, before, replace=True)
-    assert rule_for(SL.__new__(SL)) is before
+    assert rule_for(m) is before
+
+
+def test_hf_conv1d_rule_counts_as_registered():
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from transformers.pytorch_utils import Conv1D
+
+    from fimfast.rules import HFConv1DRule
+
+    m = Conv1D(3, 2)
+    builtin = rule_for(m)
+    assert isinstance(builtin, HFConv1DRule)
+    with pytest.raises(ValueError, match="Conv1D already has a rule"):
+        register_rule(Conv1D, _Good())
+    new = _Good()
+    register_rule(Conv1D, new, replace=True)
+    try:
+        assert rule_for(m) is new
+    finally:
+        register_rule(Conv1D, builtin, replace=True)
 
 
 def test_register_rejects_bad_arguments():
@@ -321,3 +344,59 @@ def test_use_kind_is_the_string_the_engine_compares():
     assert {UseKind.OUTER, UseKind.ROWS} == {"outer", "rows"}
     assert UseKind("vec") is UseKind.VEC
     assert Use(torch.zeros(1), UseKind.OUTER).kind == "outer"
+
+
+# --------------------------------------------------------------------------------------------- #
+# a rule returning the wrong terms is caught, naming the rule
+# --------------------------------------------------------------------------------------------- #
+class _Lin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class _BadRule(Rule):
+    """Linear's capture, with a configurable mistake in the terms."""
+
+    name = "bad"
+    transposed = False
+
+    def __init__(self, mistake: str):
+        self.mistake = mistake
+
+    def capture(self, cap, module, x, y):
+        return LinearRule.capture(self, cap, module, x, y)
+
+    def terms(self, call, grads):
+        from fimfast.rules import Outer, Vec, front
+
+        G, tap = grads[0], call.taps[0]
+        P = front(G, tap.bdim, tap.lead, extra=1)
+        Q = front(call.data["x"], tap.bdim, tap.lead)
+        if self.mistake == "count":
+            return [Outer(P, Q)]
+        if self.mistake == "kind":
+            return [Vec(P.sum(2)), Vec(P.sum(2))]
+        return [Outer(P, Q[..., :2]), Vec(P.sum(2))]  # "size": half the weight's inputs
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [("count", "terms must return a list of one term per use (2); got 1"),
+     ("kind", "use 0 (kind 'outer', parameter of shape (3, 4)) needs a term of type Outer; "
+              "got Vec"),
+     ("size", "use 0 (Outer term) does not fit its parameter block of shape (3, 4)")],
+)
+def test_wrong_terms_raise_naming_the_rule(mistake, message):
+    register_rule(_Lin, _BadRule(mistake))
+    try:
+        model = nn.Sequential(_Lin(), nn.Tanh(), nn.Linear(3, 2))
+        est = DiagFisher(model, "exact", seed=0)
+        with pytest.raises(TypeError, match=re.escape("rule _BadRule: " + message)):
+            est.step((torch.randn(5, 4), torch.randint(0, 2, (5,))))
+    finally:
+        unregister_rule(_Lin)

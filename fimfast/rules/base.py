@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import torch
@@ -163,6 +163,68 @@ def _linear_terms(call: Call, G, tap, data: dict, key: str, uses: list[Use]) -> 
     return out
 
 
+def _block_numel(u: Use) -> int:
+    p = u.param
+    if u.block is None:
+        return p.numel()
+    return (u.block[1] - u.block[0]) * math.prod(p.shape[1:])
+
+
+def _term_size(t: Term) -> int:
+    """Elements of the parameter block ``t`` is the per-unit gradient of."""
+    if isinstance(t, Outer):
+        if t.P.dim() == 5:  # groups: (M, N, T, g, O/g) against (N, T, g, I/g)
+            return t.P.shape[3] * t.P.shape[4] * t.Q.shape[-1]
+        return t.P.shape[-1] * t.Q.shape[-1]
+    if isinstance(t, Rows):
+        return -1  # any number of rows of a (V, d) table: checked on d
+    return math.prod(t.V.shape[2:])
+
+
+def check_terms(rule: Rule, call: Call, out: list) -> list:
+    """Raise a ``TypeError`` naming ``rule`` when ``out`` is not one term per use of ``call``, of
+    the use's kind and the size of its parameter block."""
+    name = type(rule).__qualname__
+    if not isinstance(out, (list, tuple)) or len(out) != len(call.uses):
+        got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
+        raise TypeError(
+            f"rule {name}: terms must return a list of one term per use ({len(call.uses)}); "
+            f"got {got}"
+        )
+    for i, (u, t) in enumerate(zip(call.uses, out)):
+        if t is None:
+            continue
+        want = TERM_OF_KIND.get(u.kind)
+        if want is None or not isinstance(t, want):
+            raise TypeError(
+                f"rule {name}: use {i} (kind {str(u.kind)!r}, parameter of shape "
+                f"{tuple(u.param.shape)}) needs a term of type "
+                f"{getattr(want, '__name__', 'Outer, Rows or Vec')}; got {type(t).__name__}"
+            )
+        size = _term_size(t)
+        if isinstance(t, Rows):
+            ok = u.param.dim() == 2 and t.Qe.shape[-1] == u.param.shape[1]
+        else:
+            ok = size == _block_numel(u)
+        if not ok:
+            raise TypeError(
+                f"rule {name}: use {i} ({type(t).__name__} term) does not fit its parameter "
+                f"block of shape {tuple(u.param.shape)}"
+                + ("" if u.block is None else f" rows {u.block[0]}:{u.block[1]}")
+                + " (see fimfast.rules.base for the shapes of each term)"
+            )
+    return out
+
+
+def _checked(terms: Callable) -> Callable:
+    @wraps(terms)
+    def checked_terms(self, call, grads):
+        return check_terms(self, call, terms(self, call, grads))
+
+    checked_terms._fimfast_checked = True
+    return checked_terms
+
+
 # --------------------------------------------------------------------------------------------- #
 # the base class
 # --------------------------------------------------------------------------------------------- #
@@ -196,13 +258,22 @@ class Rule:
       an OUTER use, :class:`Rows` for ROWS, :class:`Vec` for VEC (``None`` for no gradient).
       ``tap.bdim`` is the batch dim the engine found among the tap's leading dims (move it to the
       front with :func:`front`). ``call.data`` persists across the chunks of one step: cache
-      there what does not depend on the column.
+      there what does not depend on the column. The returned list is checked (one term per use,
+      of the use's kind and the size of its parameter block): a mismatch raises ``TypeError``.
 
     Attributes:
         name: a short name, shown in plans and logs.
     """
 
     name = "rule"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every rule's terms are checked against its uses (kind, size): a wrong term would
+        # otherwise be dropped or misread by the engine
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("terms")
+        if own is not None and not getattr(own, "_fimfast_checked", False):
+            cls.terms = _checked(own)
 
     def accepts(self, module: nn.Module) -> bool:
         """Whether this rule can handle ``module`` as configured (default: always)."""
