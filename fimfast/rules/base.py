@@ -170,15 +170,18 @@ def _block_numel(u: Use) -> int:
     return (u.block[1] - u.block[0]) * math.prod(p.shape[1:])
 
 
-def _term_size(t: Term) -> int:
-    """Elements of the parameter block ``t`` is the per-unit gradient of."""
+def _fits(t: Term, u: Use) -> bool:
+    """Whether ``t`` is shaped as a per-unit gradient of the parameter block of ``u``."""
+    if isinstance(t, Rows):  # any rows of a (V, d) table
+        return u.param.dim() == 2 and t.Qe.shape[-1] == u.param.shape[1]
     if isinstance(t, Outer):
         if t.P.dim() == 5:  # groups: (M, N, T, g, O/g) against (N, T, g, I/g)
-            return t.P.shape[3] * t.P.shape[4] * t.Q.shape[-1]
-        return t.P.shape[-1] * t.Q.shape[-1]
-    if isinstance(t, Rows):
-        return -1  # any number of rows of a (V, d) table: checked on d
-    return math.prod(t.V.shape[2:])
+            size = t.P.shape[3] * t.P.shape[4] * t.Q.shape[-1]
+        else:
+            size = t.P.shape[-1] * t.Q.shape[-1]
+    else:
+        size = math.prod(t.V.shape[2:])
+    return size == _block_numel(u)
 
 
 def check_terms(rule: Rule, call: Call, out: list) -> list:
@@ -201,12 +204,7 @@ def check_terms(rule: Rule, call: Call, out: list) -> list:
                 f"{tuple(u.param.shape)}) needs a term of type "
                 f"{getattr(want, '__name__', 'Outer, Rows or Vec')}; got {type(t).__name__}"
             )
-        size = _term_size(t)
-        if isinstance(t, Rows):
-            ok = u.param.dim() == 2 and t.Qe.shape[-1] == u.param.shape[1]
-        else:
-            ok = size == _block_numel(u)
-        if not ok:
+        if not _fits(t, u):
             raise TypeError(
                 f"rule {name}: use {i} ({type(t).__name__} term) does not fit its parameter "
                 f"block of shape {tuple(u.param.shape)}"
