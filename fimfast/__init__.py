@@ -12,6 +12,7 @@ from fimfast.api import diag_fim_step, get_diag_fim, get_estimator, zero_diag_fi
 from fimfast.diagfim import DiagFIM
 from fimfast.estimator import DiagFisher, diag_fisher
 from fimfast.ops.registry import BackendUnavailableError, available_backends
+from fimfast.rules import register_rule
 from fimfast.types import FIMType, Options, UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -29,5 +30,6 @@ __all__ = [
     "diag_fisher",
     "get_diag_fim",
     "get_estimator",
+    "register_rule",
     "zero_diag_fim",
 ]

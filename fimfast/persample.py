@@ -1,8 +1,8 @@
 """Per-sample estimators (EXACT, EMPIRICAL, MONTE_CARLO): the fast engine and the generic path.
 
 Every row (sample, or unmasked token) of the batch is one term of the Fisher, and each estimator is
-``sum over rows r and columns k of (d (u_{k,r} . z_r) / d theta)^2`` (math.md §1; the columns ``u``
-come from :mod:`fimfast.likelihoods`).
+``sum over rows r and columns k of (d (u_{k,r} . z_r) / d theta)^2`` (docs/math.md §3-§4; the
+columns ``u`` come from :mod:`fimfast.likelihoods`).
 
 **Fast engine** (:class:`Engine`). The estimator's forward runs under a
 :class:`fimfast.hooks.Capture` that taps the outputs of every layer with a rule

@@ -1,4 +1,4 @@
-"""Accumulated state of one estimator: sums, counts, EMA, and its ``state_dict`` (math.md §5).
+"""Accumulated state of one estimator: sums, counts, EMA, and its ``state_dict`` (docs/math.md §9).
 
 A step computes its batch estimate into temporaries and calls :meth:`State.commit` only once
 everything succeeded, so a failing step leaves the state bit-identical.
