@@ -30,3 +30,11 @@ __all__ = [
     "get_estimator",
     "zero_diag_fim",
 ]
+
+# -- workflows: EWC, merging, Laplace, sensitivity, free Fishers -------------------------------- #
+from fimfast.ewc import EWC  # noqa: E402
+
+__all__ += ["EWC"]
+from fimfast.merge import fisher_merge, load_fisher, model_fingerprint, save_fisher  # noqa: E402
+
+__all__ += ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
