@@ -38,3 +38,6 @@ __all__ += ["EWC"]
 from fimfast.merge import fisher_merge, load_fisher, model_fingerprint, save_fisher  # noqa: E402
 
 __all__ += ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
+from fimfast.laplace import DiagLaplace  # noqa: E402
+
+__all__ += ["DiagLaplace"]
