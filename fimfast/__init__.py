@@ -41,3 +41,6 @@ __all__ += ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
 from fimfast.laplace import DiagLaplace  # noqa: E402
 
 __all__ += ["DiagLaplace"]
+from fimfast import sensitivity  # noqa: E402
+
+__all__ += ["sensitivity"]
