@@ -44,3 +44,15 @@ __all__ += ["DiagLaplace"]
 from fimfast import sensitivity  # noqa: E402
 
 __all__ += ["sensitivity"]
+from fimfast.free import from_optimizer  # noqa: E402
+
+__all__ += ["from_optimizer"]
+
+
+def __getattr__(name: str):
+    # the framework integrations import transformers / lightning: loaded on first access only
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module("fimfast.integrations")
+    raise AttributeError(f"module 'fimfast' has no attribute {name!r}")
