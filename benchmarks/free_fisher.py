@@ -15,7 +15,8 @@ Three comparisons, all on the ``mnist_mlp`` network (784-128-64-32-C, sigmoid) o
    accuracy on A (forgetting) and B. Fine-tuning without a penalty is the baseline.
 3. **Merging**: ``theta_A`` and ``theta_B`` (``theta_A`` fine-tuned on B) merged by
    :func:`fimfast.fisher_merge` with each kind of Fisher (each model's Fisher at its own
-   parameters; Adam's from its own run), against the plain average; accuracy on A and B.
+   parameters; Adam's from its own run), as they are and normalised (``normalize=True``: each
+   Fisher divided by its mean entry), against the plain average; accuracy on A and B.
 
 Writes ``benchmarks/results/free_fisher_<date>.json`` (with provenance) and a ``.png`` figure.
 
@@ -197,11 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     merge["average"] = {"task_a": accuracy(probe, xa_te, ya_te),
                         "task_b": accuracy(probe, xb_te, yb_te)}  # fmt: skip
     for m in METHODS:
-        fimfast.fisher_merge([net_a, net_b], [fis_a[m], fis_b[m]], out=probe)
-        merge[m] = {
-            "task_a": accuracy(probe, xa_te, ya_te),
-            "task_b": accuracy(probe, xb_te, yb_te),
-        }
+        for norm in (False, True):  # normalize: each Fisher divided by its mean entry first
+            fimfast.fisher_merge([net_a, net_b], [fis_a[m], fis_b[m]], out=probe, normalize=norm)
+            merge[m + ("_normalized" if norm else "")] = {
+                "task_a": accuracy(probe, xa_te, ya_te),
+                "task_b": accuracy(probe, xb_te, yb_te),
+            }
     merge["endpoints"] = {
         "theta_a": {"task_a": ewc["task_a_before"], "task_b": accuracy(net_a, xb_te, yb_te)},
         "theta_b": ewc["finetune"],
@@ -280,7 +282,8 @@ def figure(r: dict, scatter: dict, path: Path) -> None:
     xs = np.arange(len(names))
     ax[2].bar(xs - 0.2, [r["merge"][m]["task_a"] for m in names], 0.4, label="task A")
     ax[2].bar(xs + 0.2, [r["merge"][m]["task_b"] for m in names], 0.4, label="task B")
-    ax[2].set_xticks(xs, names, rotation=20)
+    ax[2].set_xticks(xs, [n.replace("_normalized", "\nnormalised") for n in names], rotation=30,
+                     fontsize=7)  # fmt: skip
     ax[2].set(ylim=(0, 1), ylabel="accuracy", title="(c) merging theta_A and theta_B")
     ax[2].legend(fontsize=8)
     fig.tight_layout()

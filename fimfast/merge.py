@@ -110,6 +110,7 @@ def fisher_merge(
     eps: float = 1e-8,
     out: nn.Module | str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
+    normalize: bool = False,
 ) -> dict[str, torch.Tensor] | nn.Module | str:
     """Fisher-weighted average of models, one tensor at a time.
 
@@ -130,6 +131,11 @@ def fisher_merge(
             safetensors file (returned).
         device: where the arithmetic runs. Sums run in float32 (float64 for float64 tensors);
             results take the first model's dtype.
+        normalize: divide each Fisher by the mean of all its entries first (one extra pass over
+            the Fishers). A model whose predictions are more confident, or whose Fisher has
+            another reduction or data size, has a Fisher larger or smaller overall; normalised,
+            each model weighs where its Fisher is large relative to its own average instead.
+            ``eps`` then compares with a mean of 1.
 
     Returns:
         The merged state dict, ``out`` module, or ``out`` path.
@@ -162,6 +168,17 @@ def fisher_merge(
                 stacklevel=2,
             )
         names = ms[0].keys()
+        scales = [1.0] * len(fs)
+        if normalize:
+            for i, f in enumerate(fs):
+                total, count = 0.0, 0
+                for k in f.keys():
+                    t = f.get(k)
+                    total += float(t.double().sum())
+                    count += t.numel()
+                if not total > 0:
+                    raise ValueError(f"normalize=True: fishers[{i}] is all zero")
+                scales[i] = count / total
         for i, m in enumerate(ms[1:], 1):
             if set(m.keys()) != set(names):
                 a = sorted(set(names) - set(m.keys()))[:3]
@@ -174,7 +191,7 @@ def fisher_merge(
             if extra:
                 raise ValueError(f"fishers[{i}] names tensors the models lack: {extra[:3]}")
         for name in names:
-            merged = _merge_one(name, ms, fs, w, float(eps), device)
+            merged = _merge_one(name, ms, fs, w, float(eps), device, scales)
             if target is not None:
                 if name not in target:
                     raise ValueError(f"out has no tensor {name!r}")
@@ -198,6 +215,7 @@ def _merge_one(
     w: list[float],
     eps: float,
     device: torch.device,
+    scales: list[float],
 ) -> torch.Tensor:
     first = ms[0].get(name)
     shape, dtype = first.shape, first.dtype
@@ -240,7 +258,7 @@ def _merge_one(
         f = f.to(device=device, dtype=acc)
         if bool((f < 0).any()):
             raise ValueError(f"fishers[{i}][{name!r}] has negative entries")
-        fw = (f + eps).mul_(wi)
+        fw = (f * scales[i] + eps).mul_(wi)
         num.addcmul_(fw, theta)
         den.add_(fw)
     if den is not None:
