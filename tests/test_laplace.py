@@ -155,3 +155,19 @@ def test_agrees_with_laplace_torch(prior, T):
     # evidence: the peer's log likelihood is minus its summed training loss
     lml = ours.log_marginal_likelihood(-peer.loss)
     assert torch.allclose(lml, peer.log_marginal_likelihood(), rtol=1e-12)
+
+
+def test_laplace_calibration_example():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "laplace_calibration.py"
+    spec = importlib.util.spec_from_file_location("laplace_calibration", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--steps", "600"])
+    assert out["prior_precision"] in out["validation_nll"]
+    # the prior is chosen on validation data; p -> infinity gives back the MAP, so the Laplace
+    # predictive is never much worse on test and is less confident on noise
+    assert out["laplace"]["nll"] <= 1.05 * out["map"]["nll"]
+    assert out["laplace"]["noise_confidence"] <= out["map"]["noise_confidence"] + 1e-3
+    assert abs(out["laplace"]["accuracy"] - out["map"]["accuracy"]) < 0.02
