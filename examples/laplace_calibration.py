@@ -12,7 +12,7 @@ the MAP softmax on the test split (accuracy, negative log-likelihood, expected c
 and on inputs of uniform noise (mean top probability: lower is better there). Measured: the MAP
 is already well calibrated on these digits and the validation picks a strong prior (1000), so the
 gains are small: test NLL 0.093 -> 0.092, ECE 0.016 -> 0.009, top probability on noise 0.891 ->
-0.888; a prior of 10 gives 0.50 on noise at the price of a test NLL of 0.17.
+0.888. The evidence's choice, 1, gives 0.40 on noise but a test NLL of 0.64.
 
     python examples/laplace_calibration.py
 """
