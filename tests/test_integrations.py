@@ -148,16 +148,17 @@ def test_callback_arguments_are_checked():
 
 
 @needs_hf
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 def test_hf_ewc_trainer_example(tmp_path):
     spec = importlib.util.spec_from_file_location("hf_ewc", ROOT / "examples/hf_ewc_trainer.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--steps", "120", "--out-dir", str(tmp_path)])
-    assert (tmp_path / "task_a" / "fisher.safetensors").exists()
-    # EWC keeps more of task A than plain fine-tuning, and still learns task B
-    assert out["ewc"]["task_a"] > out["finetune"]["task_a"] + 0.05
-    assert out["ewc"]["task_b"] > 0.5
+    out = mod.main(["--steps", "40", "--out-dir", str(tmp_path)])
+    meta = fimfast.DiagFIM.read_metadata(str(tmp_path / "task_a" / "fisher.safetensors"))
+    assert meta["estimator"] == "exact" and meta["model_revision"] == "task_a"
+    # the penalised run stays closer to theta_A in the Fisher's metric
+    assert out["ewc"]["fisher_distance"] < 0.5 * out["finetune"]["fisher_distance"]
+    for r in (out["ewc"], out["finetune"]):
+        assert 0 <= r["task_a"] <= 1 and 0 <= r["task_b"] <= 1
 
 
 # -- Lightning ----------------------------------------------------------------------------------- #
