@@ -52,6 +52,13 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def _rel(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation (ties broken by position; float entries rarely tie)."""
     ra = a.double().argsort().argsort().double()
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     xtr, ytr = (torch.from_numpy(a) for a in mnist["train"])
     xte, yte = (torch.from_numpy(a[: args.eval_rows]) for a in mnist["test"])
     lr, B = 3e-3, args.batch_size
-    result: dict = {"args": vars(args)}
+    result: dict = {"args": {**vars(args), "out_dir": _rel(args.out_dir)}}
 
     # 1. quality on the 10-class network
     torch.manual_seed(args.seed)
