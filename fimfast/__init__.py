@@ -33,3 +33,29 @@ __all__ = [
     "register_rule",
     "zero_diag_fim",
 ]
+
+# -- workflows: EWC, merging, Laplace, sensitivity, free Fishers -------------------------------- #
+from fimfast.ewc import EWC  # noqa: E402
+
+__all__ += ["EWC"]
+from fimfast.merge import fisher_merge, load_fisher, model_fingerprint, save_fisher  # noqa: E402
+
+__all__ += ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
+from fimfast.laplace import DiagLaplace  # noqa: E402
+
+__all__ += ["DiagLaplace"]
+from fimfast import sensitivity  # noqa: E402
+
+__all__ += ["sensitivity"]
+from fimfast.free import from_optimizer  # noqa: E402
+
+__all__ += ["from_optimizer"]
+
+
+def __getattr__(name: str):
+    # the framework integrations import transformers / lightning: loaded on first access only
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module("fimfast.integrations")
+    raise AttributeError(f"module 'fimfast' has no attribute {name!r}")
