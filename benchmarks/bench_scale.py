@@ -246,6 +246,7 @@ def ddp_child(steps: int) -> None:
     est.result()  # the reduction over ranks (a no-op for one process)
     dt = (time.perf_counter() - t0) / steps
     if multi:
+        dist.barrier()  # destroy the group together (a gloo rank leaving early can abort)
         dist.destroy_process_group()
     print(json.dumps({"rank": rank, "per_step_s": dt}))
 

@@ -85,6 +85,9 @@ def main() -> None:
             F_exact.save(args.out)
             print(f"saved {args.out}")
     if distributed:
+        # every rank reaches the teardown together: a gloo rank that destroys its group while
+        # another still runs can abort at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 

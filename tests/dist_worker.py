@@ -267,6 +267,7 @@ def main() -> None:
             results[name] = "error: " + traceback.format_exc()
         dist.barrier()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()  # destroy the group together: a gloo rank that leaves early can abort at exit
     dist.destroy_process_group()
 
 
