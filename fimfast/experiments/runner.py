@@ -207,7 +207,7 @@ class RunConfig:
 
     Attributes:
         experiment: a registered experiment name.
-        fim_types: the estimators, in order.
+        fim_types: the estimators, in order (:class:`FIMType` or their names).
         num_batches, batch_size: ``None`` takes the experiment's defaults (else 128 and 64).
         seed: seeds the network's initialisation and training, the batches and the estimators.
         reduction: ``"sum"`` or ``"mean"``.
@@ -219,7 +219,7 @@ class RunConfig:
     """
 
     experiment: str
-    fim_types: list[FIMType]
+    fim_types: list[FIMType | str]
     num_batches: int | None = None
     batch_size: int | None = None
     seed: int = 42
@@ -238,10 +238,17 @@ class RunConfig:
         for name, v in (("num_batches", nb), ("batch_size", bs)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        types = list(dict.fromkeys(FIMType.parse(t, "fim_types") for t in self.fim_types))
         Options.from_dict(self.opts)  # unknown or bad options fail before any work
-        check_options(self.experiment, list(self.fim_types), self.opts, exp.num_classes)
+        check_options(self.experiment, types, self.opts, exp.num_classes)
         return RunConfig(
-            **{**self.__dict__, "num_batches": nb, "batch_size": bs, "out_dir": Path(self.out_dir)}
+            **{
+                **self.__dict__,
+                "fim_types": types,
+                "num_batches": nb,
+                "batch_size": bs,
+                "out_dir": Path(self.out_dir),
+            }
         )
 
 
