@@ -513,7 +513,7 @@ def test_histogram_axis_is_clipped_and_zeros_are_counted_once(tmp_path):
     assert label.count("100 zero entries") == 1 and "in every file" in label
     below = int((np.log10(w[w > 0]) < lo).sum())
     assert f"{below} entries below 10^{lo:.1f} not shown in every file" in label
-    assert 5 <= below <= 25
+    assert 180 <= below <= 220  # the 1% quantile: about 200 of the 19,895 positive entries
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["exact", "hutchinson", "empirical"]  # no counts repeated in the legend
     # different zero counts are listed per file, once

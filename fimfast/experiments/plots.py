@@ -46,8 +46,8 @@ _LINESTYLES = ("-", ":", "-.", (0, (5, 1)))
 REFERENCE = "exact"
 
 #: histograms show log10 values from this quantile of a panel's positive entries up to the largest
-#: (a few entries far below the bulk would otherwise stretch the axis over tens of decades)
-LOW_QUANTILE = 1e-3
+#: (a thin tail far below the bulk would otherwise stretch the axis over tens of decades)
+LOW_QUANTILE = 0.01
 
 
 def color_of(name: str) -> str:
@@ -82,12 +82,15 @@ def _log10_positive(a: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _count_note(counts: list[int], labels: list[str], what: str) -> str:
-    """``"16277 zero entries in every file"`` or per file when they differ; ``""`` if none."""
+    """``"16277 zero entries in every file"``; per file (up to 3 files) or as a range when the
+    files differ; ``""`` if there are none."""
     if not any(counts):
         return ""
     if len(set(counts)) == 1:
         return f"{counts[0]} {what} in every file" if len(counts) > 1 else f"{counts[0]} {what}"
-    return f"{what}: " + ", ".join(f"{lab} {c}" for lab, c in zip(labels, counts) if c)
+    if len(counts) <= 3:
+        return f"{what}: " + ", ".join(f"{lab} {c}" for lab, c in zip(labels, counts))
+    return f"{what}: {min(counts)} to {max(counts)} per file"
 
 
 def histograms(
@@ -145,7 +148,7 @@ def histogram_figure(files: Sequence[FisherFile], bins: int = 60, ncols: int = 3
             ax.text(0.5, 0.5, "no positive entries", ha="center", transform=ax.transAxes)
             continue
         pooled = np.concatenate(finite)
-        lo = float(np.quantile(pooled, LOW_QUANTILE)) if pooled.size > 1000 else float(pooled.min())
+        lo = float(np.quantile(pooled, LOW_QUANTILE)) if pooled.size >= 200 else float(pooled.min())
         hi = float(pooled.max())
         n = max(d.size for d in finite)
         nb = int(min(bins, max(8, 2 * math.sqrt(n))))  # small tensors: fewer, fuller bins
