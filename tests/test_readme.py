@@ -1,7 +1,7 @@
 """Every python block of the README and of the docs (docs/*.md) runs as written.
 
-The blocks of one file run in order in one namespace (they build on each other, as a reader runs
-them), in a temporary directory. A block that must not run is preceded by the line
+Each block runs on its own, in a fresh namespace and a temporary directory: a reader may copy any
+one of them. A block that must not run is preceded by the line
 ``<!-- fimfast: no-run -->`` (invisible in the rendered page); the test checks the marker is used
 only right before a block.
 
@@ -47,12 +47,12 @@ def test_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("path", PY_FILES, ids=_ids(PY_FILES))
-def test_python_blocks_run(path, tmp_path, monkeypatch):
+def test_python_blocks_run_each_on_its_own(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ns: dict = {"__name__": "__main__"}
     for i, (lang, code, runs) in enumerate(blocks(path)):
         if lang != "python" or not runs:
             continue
+        ns: dict = {"__name__": "__main__"}
         exec(compile(code, f"{path.name} block {i + 1}", "exec"), ns)
 
 
