@@ -82,7 +82,28 @@ def _extensions():
         print(f"fimfast: fimfast._C built against torch {torch.__version__}", file=sys.stderr)
 
     class OptionalBuildExt(build_ext):
-        """Build the extension; if the CUDA build fails, the CPU-only one; else go on without."""
+        """Build the extension; if the CUDA build fails, the CPU-only one; else go on without.
+        The build record goes wherever the extension goes (wheel, ``--inplace``, editable)."""
+
+        def _record_pair(self):
+            build_py = self.get_finalized_command("build_py")
+            inplace, regular = self._get_inplace_equivalent(build_py, cpu_ext)
+            name = "_build_info.py"
+            return (os.path.join(os.path.dirname(regular), name),
+                    os.path.join(os.path.dirname(inplace), name))
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            regular, inplace = self._record_pair()
+            if os.path.exists(regular):
+                self.copy_file(regular, inplace, level=self.verbose)
+
+        def get_output_mapping(self):
+            mapping = super().get_output_mapping()
+            if self.inplace:
+                regular, inplace = self._record_pair()
+                mapping[regular] = inplace
+            return mapping
 
         def run(self):
             try:
