@@ -103,7 +103,7 @@ _OPTIONS: dict[str, dict] = {
     "seed": dict(
         flags=("--seed",),
         type=_seed,
-        metavar="S",
+        metavar="SEED",
         help="seeds training, the batches and the estimators",
     ),
     "reduction": dict(
@@ -252,7 +252,8 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
 _RUN_DESCRIPTION = (
     "Train the experiment's network (a short fixed schedule, or its cached weights in --out), "
     "then accumulate each estimator over the same batches and write\n"
-    "  <out>/<experiment>_<type>_nb<NB>_bs<BS>_seed<S>[_mean][_probes<S>][_k<K>][_power<N>].npz\n"
+    "  <out>/<experiment>_<type>_nb<NB>_bs<BS>_seed<SEED>"
+    "[_mean][_probes<S>][_k<K>][_power<N>].npz\n"
     "(the suffixes name the options that change that estimator's estimate and differ from "
     "the defaults) with one array per parameter name and a JSON metadata entry "
     "(__fimfast_meta__); load it with numpy.load(path, allow_pickle=False). Files appear "
