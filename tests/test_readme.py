@@ -1,9 +1,10 @@
 """Every python block of the README and of the docs (docs/*.md) runs as written.
 
 Each block runs on its own, in a fresh namespace and a temporary directory: a reader may copy any
-one of them. A block that must not run is preceded by the line
-``<!-- fimfast: no-run -->`` (invisible in the rendered page); the test checks the marker is used
-only right before a block.
+one of them. A block that goes on from the blocks before it on the same page (a walk-through) is
+preceded by the line ``<!-- fimfast: continued -->`` and runs in their namespace; a block that must
+not run is preceded by ``<!-- fimfast: no-run -->`` (both invisible in the rendered page); the
+test checks the markers are used only right before a block.
 
 Shell blocks are not executed (they install packages or run for minutes), but every ``fimfast``
 command line in them must parse with the real command-line parser.
@@ -19,8 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_RUN = "<!-- fimfast: no-run -->"
+CONTINUED = "<!-- fimfast: continued -->"
 _FENCE = re.compile(
-    r"(?P<marker><!-- fimfast: no-run -->\n)?```(?P<lang>[\w-]*)\n(?P<code>.*?)```", re.S
+    r"(?:<!-- fimfast: (?P<marker>no-run|continued) -->\n)?```(?P<lang>[\w-]*)\n(?P<code>.*?)```",
+    re.S,
 )
 
 
@@ -31,8 +34,16 @@ def markdown_files() -> list[Path]:
 
 def blocks(path: Path) -> list[tuple[str, str, bool]]:
     """``(language, code, runs)`` of every fenced block of ``path``, in order."""
+    return [(lang, code, runs) for lang, code, runs, _ in _marked(path)]
+
+
+def _marked(path: Path) -> list[tuple[str, str, bool, bool]]:
+    """``(language, code, runs, continues the previous blocks)`` of every fenced block."""
     text = path.read_text()
-    return [(m["lang"], m["code"], m["marker"] is None) for m in _FENCE.finditer(text)]
+    return [
+        (m["lang"], m["code"], m["marker"] != "no-run", m["marker"] == "continued")
+        for m in _FENCE.finditer(text)
+    ]
 
 
 def _ids(paths):
@@ -49,18 +60,21 @@ def test_readme_has_python_blocks():
 @pytest.mark.parametrize("path", PY_FILES, ids=_ids(PY_FILES))
 def test_python_blocks_run_each_on_its_own(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for i, (lang, code, runs) in enumerate(blocks(path)):
+    ns: dict = {}
+    for i, (lang, code, runs, continued) in enumerate(_marked(path)):
         if lang != "python" or not runs:
             continue
-        ns: dict = {"__name__": "__main__"}
+        if not continued:
+            ns = {"__name__": "__main__"}
         exec(compile(code, f"{path.name} block {i + 1}", "exec"), ns)
 
 
 @pytest.mark.parametrize("path", markdown_files(), ids=_ids(markdown_files()))
 def test_no_run_marker_only_before_a_block(path):
     text = path.read_text()
-    for m in re.finditer(re.escape(NO_RUN), text):
-        assert text[m.end() :].startswith("\n```"), f"{path.name}: {NO_RUN} not before a block"
+    for marker in (NO_RUN, CONTINUED):
+        for m in re.finditer(re.escape(marker), text):
+            assert text[m.end() :].startswith("\n```"), f"{path.name}: {marker} not before a block"
 
 
 def _fimfast_commands(code: str) -> list[list[str]]:
