@@ -12,6 +12,7 @@ from fimfast.api import diag_fim_step, get_diag_fim, get_estimator, zero_diag_fi
 from fimfast.diagfim import DiagFIM
 from fimfast.estimator import DiagFisher, diag_fisher
 from fimfast.ops.registry import BackendUnavailableError, available_backends
+from fimfast.structured import fisher
 from fimfast.types import FIMType, Options
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "available_backends",
     "diag_fim_step",
     "diag_fisher",
+    "fisher",
     "get_diag_fim",
     "get_estimator",
     "zero_diag_fim",
