@@ -275,3 +275,30 @@ def test_frozen_parameters_left_out():
         assert "0.weight" not in F.names and F.numel() == sum(
             p.numel() for p in model.parameters() if p.requires_grad)
 
+
+
+# -- NNGeometry conversions ---------------------------------------------------------------------- #
+@pytest.mark.parametrize("model_name", ["mlp_nobias", "cnn"])
+@pytest.mark.parametrize("rep", list(NNG))
+def test_nngeometry_round_trip(model_name, rep):
+    from nngeometry.object.vector import PVector
+
+    model, dl = _setup(model_name)
+    F = fimfast.fisher(model, dl, "exact", representation=rep)
+    ng = F.to_nngeometry(model)
+    assert type(ng) is NNG[rep]
+    back = StructuredFIM.from_nngeometry(ng, model)
+    assert type(back) is type(F) and back.names == F.names
+    _close(back.to_dense(), F.to_dense(), 0.0)
+    # NNGeometry's own products on the converted object (its PMatEKFAC.to_torch needs a generator)
+    v = torch.randn(F.numel())
+    lc = ng.generator.layer_collection
+    from fimfast.structured.nngeometry import _nngeometry_entries, _perm
+
+    p = _perm(F, [n for n, _ in _nngeometry_entries(lc)])
+    out = ng.mv(PVector(lc, vector_repr=v[p])).to_torch()
+    _close(out, F.mv(v)[p], 1e-5)
+    ref = FIM(model, dl, NNG[rep], variant="classif_logits")
+    if rep == "ekfac":
+        ref.update_diag(dl)
+    _close(StructuredFIM.from_nngeometry(ref, model).to_dense(), F.to_dense(), F32_REL)

@@ -161,6 +161,21 @@ class StructuredFIM:
         """NNGeometry's name of :meth:`to_dense`."""
         return self.to_dense()
 
+    # -- NNGeometry --------------------------------------------------------------------------- #
+    def to_nngeometry(self, target: Any):
+        """The matching NNGeometry ``PMat*`` (``target``: a model or a ``LayerCollection``)."""
+        from fimfast.structured.nngeometry import to_nngeometry
+
+        return to_nngeometry(self, target)
+
+    @staticmethod
+    def from_nngeometry(pmat: Any, model: torch.nn.Module, meta: Mapping | None = None):
+        """A structured Fisher from an NNGeometry ``PMat*`` on ``model``'s trainable
+        parameters."""
+        from fimfast.structured.nngeometry import from_nngeometry
+
+        return from_nngeometry(pmat, model, meta)
+
     # -- files -------------------------------------------------------------------------------- #
     def save(self, path: str) -> None:
         """Write a safetensors file (the representation's tensors, layout and metadata)."""
