@@ -91,11 +91,10 @@ def methods(w, model, full):
 
     calls["fimfast.ekfac_refit"] = fimfast_refit
     try:
-        from torch.utils.data import DataLoader, TensorDataset
-
         from nngeometry.layercollection import LayerCollection
         from nngeometry.metrics import FIM_MonteCarlo
         from nngeometry.object import PMatEKFAC, PMatKFAC
+        from torch.utils.data import DataLoader, TensorDataset
 
         ngm = copy.deepcopy(model)  # a failing NNGeometry call leaves its hooks on the model
         lc = LayerCollection()
@@ -189,7 +188,7 @@ def run(keys: list[str], size: str, rounds: int, limit_s: float) -> dict:
                 del calls[name]
         times = interleaved({k: (fn, None) for k, fn in calls.items()},
                             {k: rounds for k in calls}, timer,
-                            on_error=lambda m, e: errors.setdefault(m, repr(e)[:300]))
+                            on_error=lambda m, e, errs=errors: errs.setdefault(m, repr(e)[:300]))
         floor = times["train_step"]
         res = {}
         for name, fn in calls.items():

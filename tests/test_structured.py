@@ -302,3 +302,27 @@ def test_nngeometry_round_trip(model_name, rep):
     if rep == "ekfac":
         ref.update_diag(dl)
     _close(StructuredFIM.from_nngeometry(ref, model).to_dense(), F.to_dense(), F32_REL)
+
+
+def test_eigh_falls_back_on_a_degenerate_factor(monkeypatch):
+    """A float32 decomposition that raises or returns NaN is redone in float64."""
+    from fimfast.structured import kron
+
+    real = torch.linalg.eigh
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, generator=g)
+    A = x.T @ x
+    for bad in ("raise", "nan"):
+        def fake(m, _bad=bad):
+            if m.dtype == torch.float32:
+                if _bad == "raise":
+                    raise torch.linalg.LinAlgError("failed to converge")
+                lam, U = real(m)
+                return lam * float("nan"), U
+            return real(m)
+
+        monkeypatch.setattr(torch.linalg, "eigh", fake)
+        lam, U = kron._eigh(A)
+        monkeypatch.setattr(torch.linalg, "eigh", real)
+        assert lam.dtype == torch.float32 and torch.isfinite(lam).all()
+        torch.testing.assert_close((U * lam) @ U.T, A, atol=1e-4, rtol=1e-4)

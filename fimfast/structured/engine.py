@@ -136,15 +136,21 @@ def kron_pass(model, loader: Iterable, st: Stream, layers: list[cap.Layer], what
 
 def _add_inputs(s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, approx: str) -> None:
     a = a.to(_acc_dtype(a))
-    if w is None:
-        w = a.new_ones(a.shape[:2])
-    w = w.to(a.dtype)
     if approx == "expand":
-        aw = a * w.unsqueeze(-1)
-        A = torch.einsum("nti,ntj->ij", aw, a)
-        npos = float(w.sum())
+        a2 = a.reshape(-1, a.shape[-1])
+        if w is None:  # every position counts: one (I', N T) x (N T, I') product
+            A = a2.T @ a2
+            npos = float(a2.shape[0])
+        else:
+            w2 = w.reshape(-1, 1).to(a.dtype)
+            A = (a2 * w2).T @ a2
+            npos = float(w2.sum())
     else:  # reduce: the mean input over the positions of each sample
-        abar = (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+        if w is None:
+            abar = a.mean(1)
+        else:
+            w = w.to(a.dtype)
+            abar = (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
         A = abar.T @ abar
         npos = float(a.shape[0])
     s.A = A if s.A is None else s.A + A

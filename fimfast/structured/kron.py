@@ -73,6 +73,25 @@ class _Layered(StructuredFIM):
         return {"layers": self.layers}
 
 
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a symmetric factor (symmetrised), in its dtype.
+
+    float32 ``eigh`` can fail on input factors with many equal eigenvalues (an MNIST layer's
+    785 x 785 ``A``, whose constant-zero pixels give a large null space); such a factor is
+    decomposed in float64 instead (on this CPU build 785 x 785 float64 ``eigh`` takes seconds,
+    float32 a fraction of one, so float64 is the fallback, not the default)."""
+    sym = (m + m.T) / 2
+    try:
+        lam, U = torch.linalg.eigh(sym)
+        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(U).all()):
+            return lam, U
+    except torch.linalg.LinAlgError:
+        pass
+    # float32 LAPACK either raises or (measured on such a factor) returns NaN without raising
+    lam, U = torch.linalg.eigh(sym.double())
+    return lam.to(m.dtype), U.to(m.dtype)
+
+
 @register("kfac")
 class KFACFIM(_Layered):
     """``F ~ blockdiag_l(A_l (x) G_l)`` (NNGeometry's ``PMatKFAC``, curvlinops'
@@ -87,6 +106,7 @@ class KFACFIM(_Layered):
                                  f"{tuple(g.shape)} do not match O={info['O']}, In={info['In']}")
         self._check_cover()
         self._eig = None
+        self._ekfac: EKFACFIM | None = None
 
     @property
     def dtype(self):
@@ -97,9 +117,7 @@ class KFACFIM(_Layered):
         if self._eig is None:
             self._eig = []
             for a, g in zip(self.A, self.G):
-                la, ua = torch.linalg.eigh(a)
-                lg, ug = torch.linalg.eigh(g)
-                self._eig.append((la, ua, lg, ug))
+                self._eig.append((*_eigh(a), *_eigh(g)))
         return self._eig
 
     def _mv(self, x):
@@ -108,7 +126,9 @@ class KFACFIM(_Layered):
                                for i, (a, g) in enumerate(zip(self.A, self.G))])
 
     def _solve(self, x, d):
-        return self.to_ekfac()._solve(x, d)
+        if self._ekfac is None:
+            self._ekfac = self.to_ekfac()
+        return self._ekfac._solve(x, d)
 
     def to_ekfac(self) -> EKFACFIM:
         """The same matrix in its Kronecker eigenbasis (``D = lam_G lam_A^T``), no refit."""
@@ -187,6 +207,18 @@ class EKFACFIM(_Layered):
             raise ValueError("damping=0 leaves F singular (some D are 0); use damping > 0")
         return EKFACFIM(self.names, self.shapes, self.layers, self.UA, self.UG,
                         [1.0 / (d + damp) for d in self.D], {**self.meta, "inverse_damping": damp})
+
+    def sample(self, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws from ``N(0, F)`` as ``(n, P)`` rows ``F^{1/2} eps`` (negative ``D`` are
+        taken as 0). With ``F.inverse(prior_precision)`` these are Laplace posterior draws."""
+        out = []
+        for _ in range(n):
+            mats = []
+            for ua, ug, d in zip(self.UA, self.UG, self.D):
+                e = torch.randn(d.shape, generator=generator, dtype=d.dtype, device=d.device)
+                mats.append(ug @ (d.clamp_min(0).sqrt() * e) @ ua.T)
+            out.append(self._assemble(mats))
+        return torch.stack(out)
 
     def to_dense(self):
         blocks = []
