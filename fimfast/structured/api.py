@@ -66,18 +66,7 @@ def fisher(
     if representation == "diag":
         return diag_fisher(model, loader, fim_type, reduction=reduction,
                            max_batches=max_batches, **opts)
-    o = Options.from_dict(opts)
-    if o.lm_head is not None:
-        raise ValueError("fim_opts['lm_head'] is for representation='diag' only (the structured "
-                         f"representations need the logits); got representation={representation!r}")
-    if kfac_approx not in KFAC_APPROX:
-        raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}; got {kfac_approx!r}")
-    if rank is not None and representation != "low_rank":
-        raise ValueError(f"rank is for representation='low_rank'; got representation="
-                         f"{representation!r}")
-    if pair_chunk is not None and (isinstance(pair_chunk, bool) or not isinstance(pair_chunk, int)
-                                   or pair_chunk < 1):
-        raise ValueError(f"pair_chunk must be an integer >= 1 or None; got {pair_chunk!r}")
+    o = _options(representation, opts, kfac_approx, rank, pair_chunk)
     names, params = trainable_parameters(model)
     st = engine.Stream(fim_type, o, o.seed if o.seed is not None else _default_seed())
     meta = {"fim_type": fim_type.value, "representation": representation,
@@ -94,10 +83,7 @@ def fisher(
     if representation == "quasi_diag":
         sums = engine.kron_pass(model, loader, st, layers, "quasi_diag", kfac_approx, None,
                                 max_batches, pair_chunk)
-        sc = _scale(st, reduction)
-        return QuasiDiagFIM(names, shapes, info, [s.D * sc for s in sums],
-                            [None if s.cross is None else s.cross * sc for s in sums],
-                            _meta(meta, st))
+        return _quasi(names, shapes, info, sums, _scale(st, reduction), _meta(meta, st))
     if representation == "ekfac" and iter(loader) is loader:
         raise ValueError("representation='ekfac' makes two passes over the data (factors, then "
                          "the refit of the diagonal); loader must be re-iterable (a list or a "
@@ -111,6 +97,28 @@ def fisher(
     if representation == "kfac":
         return F
     return refit_ekfac(F, model, loader, st, layers, reduction, max_batches, pair_chunk)
+
+
+def _quasi(names, shapes, info, sums, sc: float, meta: dict) -> QuasiDiagFIM:
+    return QuasiDiagFIM(names, shapes, info, [s.D * sc for s in sums],
+                        [None if s.cross is None else s.cross * sc for s in sums], meta)
+
+
+def _options(representation: str, opts: dict, kfac_approx: str, rank, pair_chunk) -> Options:
+    """Validated options of a structured representation (errors name the argument)."""
+    o = Options.from_dict(opts)
+    if o.lm_head is not None:
+        raise ValueError("fim_opts['lm_head'] is for representation='diag' only (the structured "
+                         f"representations need the logits); got representation={representation!r}")
+    if kfac_approx not in KFAC_APPROX:
+        raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}; got {kfac_approx!r}")
+    if rank is not None and representation != "low_rank":
+        raise ValueError(f"rank is for representation='low_rank'; got representation="
+                         f"{representation!r}")
+    if pair_chunk is not None and (isinstance(pair_chunk, bool) or not isinstance(pair_chunk, int)
+                                   or pair_chunk < 1):
+        raise ValueError(f"pair_chunk must be an integer >= 1 or None; got {pair_chunk!r}")
+    return o
 
 
 def refit_ekfac(F: KFACFIM, model, loader, st: engine.Stream, layers, reduction: str,
