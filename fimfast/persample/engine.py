@@ -17,7 +17,7 @@ from fimfast.persample import plan as planning
 from fimfast.persample import squares
 from fimfast.persample.columns import Columns
 from fimfast.persample.generic import _batched_grads, accumulate_columns, pair_chunk
-from fimfast.persample.plan import Group, Plan, _structure, _Template
+from fimfast.persample.plan import HEAD_KINDS, Group, Plan, _structure, _Template
 from fimfast.persample.replay import Replay, _refuse_hidden
 from fimfast.state import Sums
 from fimfast.types import FIMType, Options
@@ -145,7 +145,7 @@ class Engine(Replay):
         head = plan.head
         # the logits layer in closed form: no backward column at all
         squares.head_closed_form(plan.groups, rows, cols, acc, backend)
-        groups = [g for g in plan.groups if g.kind not in ("head_w", "head_b")]
+        groups = [g for g in plan.groups if g.kind not in HEAD_KINDS]
         if not groups:
             return
         taps = [t for c in plan.calls for t in c.taps]
@@ -154,7 +154,7 @@ class Engine(Replay):
         kk, tt, rpos = _schedule(rows, cols, token)
         total = kk.numel()
         for g in groups:
-            g.state["single"] = total == 1
+            g.state.single = total == 1
         per_col = flat.element_size() * R * C + 3 * 4 * sum(math.prod(t.shape) for t in taps)
         if need_head:
             per_col += 4 * rows.logits.numel()

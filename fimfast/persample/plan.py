@@ -10,12 +10,64 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, NamedTuple
 
 import torch
 
-from fimfast import hooks, layers
+from fimfast import hooks
 from fimfast.persample.probe import probe
+from fimfast.rules.base import UseKind
+
+
+class GroupKind(str, Enum):
+    """How a group's terms are added up and squared (a ``str``: ``GroupKind.VEC == "vec"``)."""
+
+    VEC = "vec"  #: per-unit gradients (:class:`~fimfast.rules.Vec`), squared as they are
+    OUTER = "outer"  #: ``sum_t P (x) Q`` (:class:`~fimfast.rules.Outer`), squared per sample
+    ROWS = "rows"  #: embedding rows (:class:`~fimfast.rules.Rows`), segment sums by id
+    OUTER_ROWS = "outer+rows"  #: a table tied to a linear weight: both, plus their cross term
+    HEAD_W = "head_w"  #: weight of the logits layer, in closed form (no backward column)
+    HEAD_B = "head_b"  #: bias of the logits layer, in closed form
+
+    __hash__ = str.__hash__  # hash like the plain string
+
+    def __str__(self) -> str:
+        return self.value
+
+
+HEAD_KINDS = (GroupKind.HEAD_W, GroupKind.HEAD_B)
+
+
+class RowIndex(NamedTuple):
+    """The distinct (sample, id) pairs of a :class:`~fimfast.rules.Rows` group, once per step."""
+
+    sel: torch.Tensor | None  #: the kept positions of the flattened ``(N * S)`` ids, if masked
+    inv: torch.Tensor  #: each kept position's pair
+    rid: torch.Tensor  #: each pair's row of the table
+    count: int  #: number of pairs
+
+
+@dataclass
+class GroupState:
+    """What a group carries from one chunk of columns to the next within a step.
+
+    Attributes:
+        S: deferred square of a layer without weight sharing: ``sum`` over the columns so far of
+            the squared output gradients ``(N, O)`` (see :func:`.squares.finish`).
+        Q: its input side ``(N, I)``.
+        root: ``S`` is a single column as it came (``sq_matmul`` squares it at the end).
+        single: this step has one backward column in all.
+        Qcat: the concatenated input sides of several uses (the same for every chunk).
+        rows: the (sample, id) pairs of a rows group.
+    """
+
+    S: torch.Tensor | None = None
+    Q: torch.Tensor | None = None
+    root: bool = False
+    single: bool = False
+    Qcat: torch.Tensor | None = None
+    rows: RowIndex | None = None
 
 
 @dataclass
@@ -24,9 +76,9 @@ class Group:
 
     index: int
     block: tuple[int, int] | None
-    kind: str  # vec | outer | rows | outer+rows | head_w | head_b
+    kind: GroupKind
     members: list[tuple[hooks.Call, int]]
-    state: dict[str, Any] = field(default_factory=dict)
+    state: GroupState = field(default_factory=GroupState)
 
     @property
     def transposed(self) -> bool:
@@ -95,7 +147,7 @@ class _Template:
     verdict and tap batch dims, to be bound to the calls of a later step of the same structure."""
 
     verdicts: list[tuple[bool, str, list[int | None]]]
-    groups: list[tuple[int, tuple[int, int] | None, str, list[tuple[int, int]]]]
+    groups: list[tuple[int, tuple[int, int] | None, GroupKind, list[tuple[int, int]]]]
     generic: list[int]
     unused: list[int]
     reasons: dict[int, str]
@@ -214,7 +266,7 @@ def build(calls, head, rows, params, glob, head_closed, probe_cache: dict) -> Pl
     plan.calls = _unique(
         c
         for g in plan.groups
-        if g.kind not in ("head_w", "head_b")
+        if g.kind not in HEAD_KINDS
         for c, _ in g.members
         if c is not head
     )
@@ -268,24 +320,24 @@ def groups_of(i, members, head) -> list[Group] | None:
         kinds = {c.uses[ui].kind for c, ui in ms}
         groups = {c.uses[ui].groups for c, ui in ms}
         trans = {c.uses[ui].transposed for c, ui in ms}
-        if len(trans) > 1 or (True in trans and kinds != {"outer"}):
+        if len(trans) > 1 or (True in trans and kinds != {UseKind.OUTER}):
             return None  # one weight stored both ways round: the squares cannot add up
-        if kinds == {"vec"}:
-            kind = "vec"
-        elif kinds == {"outer"} and len(groups) == 1:
-            kind = "outer"
-        elif kinds == {"rows"}:
-            kind = "rows"
-        elif kinds == {"outer", "rows"} and groups == {1} and block is None:
-            kind = "outer+rows"
+        if kinds == {UseKind.VEC}:
+            kind = GroupKind.VEC
+        elif kinds == {UseKind.OUTER} and len(groups) == 1:
+            kind = GroupKind.OUTER
+        elif kinds == {UseKind.ROWS}:
+            kind = GroupKind.ROWS
+        elif kinds == {UseKind.OUTER, UseKind.ROWS} and groups == {1} and block is None:
+            kind = GroupKind.OUTER_ROWS
         else:
             return None
         if (
             len(ms) == 1
             and ms[0][0] is head
-            and isinstance(head.rule, layers.LinearRule)
-            and kind in ("vec", "outer")
+            and head.rule.closed_form_head
+            and kind in (GroupKind.VEC, GroupKind.OUTER)
         ):
-            kind = "head_w" if kind == "outer" else "head_b"
+            kind = GroupKind.HEAD_W if kind == GroupKind.OUTER else GroupKind.HEAD_B
         out.append(Group(i, block, kind, ms))
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fimfast import layers, ops
-from fimfast.persample.plan import Group
+from fimfast.persample.plan import Group, GroupKind, RowIndex
 from fimfast.state import Sums
 
 
@@ -30,14 +30,14 @@ def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> Non
     """The logits layer in closed form, no backward column: ``F_W = S^T a^2`` with
     ``S = sum_k u_k^2`` per row (``cols.root`` squared), ``F_b = sum_r S_r``."""
     for g in groups:
-        if g.kind == "head_w":
+        if g.kind == GroupKind.HEAD_W:
             c, _ = g.members[0]
             x = c.data["x"]
             A = x.reshape(-1, x.shape[-1])
             if not rows.all_valid:
                 A = A.index_select(0, rows.index)
             acc.add(g.index, _weight_sq(g, cols.root, A, backend))
-        elif g.kind == "head_b":
+        elif g.kind == GroupKind.HEAD_B:
             acc.add(g.index, cols.root.square().sum(0))
 
 
@@ -45,9 +45,10 @@ def finish(groups: list[Group], acc: Sums, backend) -> None:
     """The deferred squares of layers without weight sharing: ``sum_n S_n (x) a_n^2`` once for
     all columns."""
     for g in groups:
-        if "S" in g.state:
-            S, Q = g.state["S"], g.state["Q"]
-            if g.state.get("root"):  # one column, as it came: sq_matmul squares both sides
+        st = g.state
+        if st.S is not None:
+            S, Q = st.S, st.Q
+            if st.root:  # one column, as it came: sq_matmul squares both sides
                 acc.add(g.index, _weight_sq(g, S, Q, backend), g.block)
             else:
                 Q2 = Q.to(S.dtype).square()
@@ -91,7 +92,7 @@ def accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
     """Add the squares of one chunk's terms ``parts`` of group ``g`` into ``sums`` (or into the
     group's deferred state); ``cache`` holds this chunk's ``sum_m P[m]^2`` by tensor."""
     dt = sums.dtypes[g.index]
-    if g.kind == "vec":
+    if g.kind == GroupKind.VEC:
         sums.add(g.index, _vec_sq(parts, dt, cache), g.block)
         return
     outers = [p for p in parts if isinstance(p, layers.Outer)]
@@ -129,13 +130,15 @@ def _defer_outer(g: Group, outer, dt: torch.dtype, cache: dict) -> None:
     chunk's cache entry may become ``S`` itself: the cache is dropped before the next chunk adds
     to it."""
     P = outer.P[:, :, 0]
-    if "S" in g.state:
-        g.state["S"].add_(_colsq(P, dt, cache))
-    elif P.shape[0] == 1 and g.state.get("single"):
-        g.state["S"], g.state["root"] = P[0], True
+    st = g.state
+    if st.S is not None:
+        st.S.add_(_colsq(P, dt, cache))
+    elif P.shape[0] == 1 and st.single:
+        st.S, st.root = P[0], True
     else:
-        g.state["S"] = _colsq(P, dt, cache)
-    g.state.setdefault("Q", outer.Q[:, 0])
+        st.S = _colsq(P, dt, cache)
+    if st.Q is None:
+        st.Q = outer.Q[:, 0]
 
 
 def _tied_cross(g: Group, outers: list, ids, keep, Qe, view: torch.Tensor, dt) -> None:
@@ -155,9 +158,9 @@ def _cat_outer(g: Group, outers: list) -> tuple[torch.Tensor, torch.Tensor]:
     if len(outers) == 1:
         return outers[0].P, outers[0].Q
     P = torch.cat([o.P for o in outers], dim=2)
-    if "Qcat" not in g.state:  # the input side is the same for every chunk
-        g.state["Qcat"] = torch.cat([o.Q for o in outers], dim=1)
-    return P, g.state["Qcat"]
+    if g.state.Qcat is None:  # the input side is the same for every chunk
+        g.state.Qcat = torch.cat([o.Q for o in outers], dim=1)
+    return P, g.state.Qcat
 
 
 # per-sample squared products are formed this many bytes at a time (cache-sized, see _outer_sq)
@@ -217,7 +220,7 @@ def _cat_rows(g: Group, rows: list):
 def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor) -> None:
     """``sum_units`` of the squared per-unit segment sums of ``Qe`` by id, into rows of ``view``."""
     M, N, S, d = Qe.shape
-    if "rows" not in g.state:  # once per step: the distinct (sample, id) pairs
+    if g.state.rows is None:  # once per step: the distinct (sample, id) pairs
         V = view.shape[0]
         sample = torch.arange(N, device=ids.device).unsqueeze(1).expand(N, S)
         keys = (sample * V + ids).reshape(-1)
@@ -225,8 +228,8 @@ def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor) -> None:
         if sel is not None:
             keys = keys.index_select(0, sel)
         uniq, inv = torch.unique(keys, return_inverse=True)
-        g.state["rows"] = (sel, inv, uniq % V, uniq.numel())
-    sel, inv, rid, U = g.state["rows"]
+        g.state.rows = RowIndex(sel, inv, uniq % V, uniq.numel())
+    sel, inv, rid, U = g.state.rows
     Qf = Qe.reshape(M, N * S, d)
     if sel is not None:
         Qf = Qf.index_select(1, sel)
