@@ -9,14 +9,16 @@ run again without, with the running statistics and random state it started from.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fimfast import hooks, layers
 from fimfast.types import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from fimfast.forward import Forward
 
 log = logging.getLogger("fimfast.persample")
 
@@ -50,11 +52,9 @@ class Replay:
         model: torch.nn.Module,
         params: list[torch.Tensor],
         batch_size: int | None,
-        run: Callable[[], Any],
-        logits: Callable[[Any], torch.Tensor] | None = None,
-        plain: Callable[[], Any] | None = None,
+        fwd: Forward,
     ) -> tuple[hooks.Capture | None, Any]:
-        """``run()`` (the forward) under a capture: ``(capture, result)``.
+        """``fwd.run()`` (the step's forward) under a capture: ``(capture, result)``.
 
         Lookups shared by the batch are expanded to ``batch_size`` during the capture (see
         :class:`fimfast.layers.EmbeddingRule`); a forward that fails with an expanded output is
@@ -63,12 +63,12 @@ class Replay:
         step updates them once.
 
         Lookups without a batch dimension (ids of shape ``(T,)``) gain one when expanded, so the
-        first forward that expands one is checked (``logits(result)`` is needed for it): the
-        model's own forward (``plain()``, default ``run()``; a training step passes the forward
-        of the module inside DistributedDataParallel, whose reducer expects one forward per
-        backward) is run once more, from the same random state, and its logits must equal the
-        captured ones. If they do not, the step is run again with those lookups left
-        as they are (their tables take the generic path), and this engine keeps them so.
+        first forward that expands one is checked: the model's own forward (``fwd.plain()``; for
+        a training step the forward of the module inside DistributedDataParallel, whose reducer
+        expects one forward per backward) is run once more, from the same random state, and its
+        logits (``fwd.logits``) must equal the captured ones. If they do not, the step is run
+        again with those lookups left as they are (their tables take the generic path), and this
+        engine keeps them so.
         """
         cap = None
         stats: list = []
@@ -76,16 +76,16 @@ class Replay:
         if self.expand_broadcast and self.use_rules:
             _, lookups, norms = self._modules(model, params)
             stats = _running_stats(norms)
-        check = lookups and self.expand_flat and not self._flat_checked and logits is not None
+        check = lookups and self.expand_flat and not self._flat_checked
         rng = _rng_state() if check else None
         # (T,) lookups are expanded once checked, or in the forward that checks them
         flat = self.expand_flat and (self._flat_checked or check)
         try:
             with self.capture(model, params, batch_size, flat) as cap:
-                result = run()
+                result = fwd.run()
             if rng is None or cap is None or not cap.expanded_flat:
                 return cap, result
-            same = self._same_unexpanded(plain or run, logits, result, stats, rng)
+            same = self._same_unexpanded(fwd, result, stats, rng)
             self._flat_checked = True
             if same:
                 return cap, result
@@ -102,10 +102,10 @@ class Replay:
             )
             self.expand_flat, self._flat_checked = False, True
             _restore(stats, rng)
-            return self.forward(model, params, batch_size, run, logits, plain)
-        return self._unexpanded(model, params, batch_size, run, stats, failure)
+            return self.forward(model, params, batch_size, fwd)
+        return self._unexpanded(model, params, batch_size, fwd, stats, failure)
 
-    def _unexpanded(self, model, params, batch_size, run, stats, failure: str):
+    def _unexpanded(self, model, params, batch_size, fwd: Forward, stats, failure: str):
         """The forward once more with no lookup expanded (kept off afterwards), the running
         statistics of the failed one put back first."""
         log.info(
@@ -116,12 +116,12 @@ class Replay:
         self.expand_broadcast = False
         try:
             with self.capture(model, params, batch_size) as cap:
-                return cap, run()
+                return cap, fwd.run()
         except Exception:
             self.expand_broadcast = True  # it fails either way: the expansion was not the cause
             raise
 
-    def _same_unexpanded(self, run, logits, result, stats, rng) -> bool:
+    def _same_unexpanded(self, fwd: Forward, result, stats, rng) -> bool:
         """Whether the model's own forward, from the random state and running statistics the
         captured one started from, gives the captured logits; the captured forward's state is
         kept afterwards (its buffers are swapped out for copies, not written: the captured graph
@@ -132,14 +132,14 @@ class Replay:
         try:
             for m, name, saved in stats:
                 setattr(m, name, saved.clone())
-            plain = logits(run())
+            plain = fwd.logits(fwd.plain())
         except Exception:  # noqa: BLE001 - no evidence either way: do not expand
             return False
         finally:
             for m, name, live in kept:
                 setattr(m, name, live)
             _restore([], after)
-        got = logits(result)
+        got = fwd.logits(result)
         if plain.shape != got.shape:
             return False
         a, b = got.detach().double(), plain.detach().double()
