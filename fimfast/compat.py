@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from fimfast import _env, likelihoods, persample
-from fimfast.ops import compute_dtype
+from fimfast.dtypes import compute_dtype
 from fimfast.types import Options
 
 __all__ = ["empirical_fisher_diagonal", "generalized_fisher_diagonal"]

@@ -22,6 +22,7 @@ import torch
 
 from fimfast import ops
 from fimfast.batch import Rows
+from fimfast.dtypes import compute_dtype
 from fimfast.likelihoods import _diagonal_topk, effective_top_k
 from fimfast.types import FIMType, Options
 
@@ -162,7 +163,7 @@ class _Factor:
             return self._eig[r0]
         o = self.opts
         if o.likelihood == "categorical":
-            p = torch.softmax(z.to(ops.compute_dtype(z.dtype)), dim=-1)
+            p = torch.softmax(z.to(compute_dtype(z.dtype)), dim=-1)
             eig = ops.core_topk(
                 p, self.k, solver=o.rankk_solver, iters=o.lr_power_itrs, backend=o.backend
             )

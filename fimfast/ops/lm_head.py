@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fimfast.ops.torch_ref import compute_dtype
+from fimfast.dtypes import compute_dtype
 
 # float32 logits per row chunk: 2M entries (8 MiB). The chunk's logits, probabilities, signs and
 # factor (four such buffers) stay far below the (R, V) cotangent of the unfused path, and chunks of

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from fimfast import likelihoods, ops
+from fimfast import likelihoods
+from fimfast.dtypes import compute_dtype
 from fimfast.types import FIMType, Options
 
 
@@ -37,7 +38,7 @@ class Columns:
         seed: int,
         offset: int,
     ):
-        dt = ops.compute_dtype(flat.dtype)
+        dt = compute_dtype(flat.dtype)
         z = flat.detach().to(dt)
         self.R, self.C = z.shape
         self.dtype = dt

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fimfast import layers, ops
+from fimfast.dtypes import compute_dtype
 from fimfast.persample.plan import Group, GroupKind, RowIndex
 from fimfast.state import Sums
 
@@ -169,7 +170,7 @@ _SQ_CHUNK_BYTES = 2 * 2**20
 
 def _outer_sq(P: torch.Tensor, Q: torch.Tensor, backend=None) -> torch.Tensor:
     """``sum_{m,n} (P[m, n]^T Q[n])^2``: ``(O, I)`` or ``(g, O/g, I/g)`` for groups."""
-    dt = ops.compute_dtype(torch.promote_types(P.dtype, Q.dtype))
+    dt = compute_dtype(torch.promote_types(P.dtype, Q.dtype))
     I = Q.shape[-1]
     if P.dim() == 4:
         M, N, T, O = P.shape

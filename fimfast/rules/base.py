@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 
 __all__ = [
@@ -140,8 +141,7 @@ def _usable(output: Any) -> bool:
     return isinstance(output, torch.Tensor) and output.grad_fn is not None
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_acc_dtype = compute_dtype  # the name fimfast.layers re-exports
 
 
 def _linear_terms(call: Call, G, tap, data: dict, key: str, uses: list[Use]) -> list[Term | None]:
