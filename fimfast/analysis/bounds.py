@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import likelihoods, ops, persample
+from fimfast import chunks, likelihoods, ops, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.dtypes import compute_dtype
 from fimfast.estimator import trainable_parameters
@@ -117,7 +117,7 @@ def bounds(
         raise ValueError(f"top_k must be <= {kmax} for C={C} ({likelihood}); got {top_k}")
     dt = compute_dtype(flat.dtype)
     z = flat.detach().to(dt)
-    chunk = max(1, min(C, persample.pair_chunk(R, C, params) // max(1, R)))
+    chunk = chunks.generic_columns(R, C, params, C)
 
     def run(columns) -> list[torch.Tensor]:
         acc = [

@@ -53,9 +53,10 @@ plans), :mod:`.probe` (the sample-independence probe), :mod:`.squares` (squaring
 terms) and :mod:`.engine` (:class:`Engine`: the step).
 """
 
+from fimfast.chunks import pair_chunk
 from fimfast.persample.columns import Columns
 from fimfast.persample.engine import Engine
-from fimfast.persample.generic import _batched_grads, accumulate_columns, pair_chunk
+from fimfast.persample.generic import _batched_grads, accumulate_columns
 from fimfast.persample.plan import Group, Plan
 from fimfast.persample.probe import PROBE_SAMPLES, PROBE_SUBSETS
 

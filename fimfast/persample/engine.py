@@ -7,16 +7,15 @@ when the fast path is exact.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 
-from fimfast import _env, hooks
+from fimfast import chunks, hooks
 from fimfast.persample import plan as planning
 from fimfast.persample import squares
 from fimfast.persample.columns import Columns
-from fimfast.persample.generic import _batched_grads, accumulate_columns, pair_chunk
+from fimfast.persample.generic import _batched_grads, accumulate_columns
 from fimfast.persample.plan import HEAD_KINDS, Group, Plan, _structure, _Template
 from fimfast.persample.replay import Replay, _refuse_hidden
 from fimfast.state import Sums
@@ -115,7 +114,7 @@ class Engine(Replay):
         if plan.generic:
             gp = [params[i] for i in plan.generic]
             ga = [acc.get(i) for i in plan.generic]
-            chunk = opts.class_chunk or max(1, min(cols.num, pair_chunk(R, C, gp) // max(1, R)))
+            chunk = chunks.generic_columns(R, C, gp, cols.num, opts.class_chunk)
             group = rows.sample if self.sequence_rows else None
             accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
@@ -140,7 +139,6 @@ class Engine(Replay):
         """The fast groups: the logits layer in closed form, then chunks of backward columns to
         the taps, whose gradients the rules turn into terms that :mod:`.squares` squares."""
         flat = rows.flat
-        R, C = flat.shape
         backend = opts.backend
         head = plan.head
         # the logits layer in closed form: no backward column at all
@@ -155,10 +153,8 @@ class Engine(Replay):
         total = kk.numel()
         for g in groups:
             g.state.single = total == 1
-        per_col = flat.element_size() * R * C + 3 * 4 * sum(math.prod(t.shape) for t in taps)
-        if need_head:
-            per_col += 4 * rows.logits.numel()
-        M_max = opts.class_chunk or max(1, _env.memory_budget_bytes() // max(1, per_col))
+        head_logits = rows.logits.numel() if need_head else None
+        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk)
         for s in range(0, total, M_max):
             cot = cols.take(kk[s : s + M_max])
             if token:

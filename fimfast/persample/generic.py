@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from fimfast import _env
+from fimfast.chunks import pair_chunk
 
 
 def _batched_grads(flat, params, cot, retain_graph: bool):
@@ -41,13 +41,6 @@ def _batched_grads(flat, params, cot, retain_graph: bool):
             None if per[0][i] is None else torch.stack([g[i] for g in per])
             for i in range(len(params))
         ]
-
-
-def pair_chunk(R: int, C: int, params: list[torch.Tensor], budget: int | None = None) -> int:
-    """(row, column) pairs per batched backward so that gradients and cotangents fit the budget."""
-    budget = _env.memory_budget_bytes() if budget is None else budget
-    per_pair = 4 * (sum(p.numel() for p in params) + R * C) * 2
-    return max(1, budget // max(1, per_pair))
 
 
 def accumulate_columns(

@@ -14,11 +14,9 @@ squares, so either is exact.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fimfast import _env, hooks
+from fimfast import chunks, hooks
 from fimfast.persample.generic import _batched_grads
 
 # samples probed one by one for coupling and batch dims (all of them up to this many), and random
@@ -67,8 +65,7 @@ def _surviving_dims(rows, taps: list) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     vals = torch.randn(flat.shape, generator=gen, dtype=torch.float64)
     vals = vals.to(device=flat.device, dtype=flat.dtype)
-    per_col = flat.element_size() * flat.numel() + 4 * sum(math.prod(t.shape) for t in taps)
-    M = max(1, _env.memory_budget_bytes() // max(1, per_col))
+    M = chunks.probe_columns(flat, taps)
     first, rest = _probe_sets(N, gen)
     for sets in (first, rest):
         if sets is rest and not any(len(p) > 1 for p in passing):
