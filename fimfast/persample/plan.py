@@ -72,7 +72,16 @@ class GroupState:
 
 @dataclass
 class Group:
-    """The uses of one block of one parameter that the rules add up and square together."""
+    """The uses of one block of one parameter that the rules add up and square together.
+
+    Attributes:
+        index: the parameter's position in the step's parameter list.
+        block: the rows ``(start, stop)`` of the parameter's first dim these uses fill (``None``:
+            all of it).
+        kind: how the terms are added up and squared.
+        members: the ``(call, use index)`` pairs.
+        state: what the group carries across the chunks of one step.
+    """
 
     index: int
     block: tuple[int, int] | None
