@@ -99,9 +99,9 @@ def has_cuda() -> bool:
 
 
 def _acc_dtype(*tensors):
-    import torch
+    from fimfast.dtypes import compute_dtype
 
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return compute_dtype(*(t.dtype for t in tensors))
 
 
 def _register_fakes() -> None:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from fimfast.dtypes import compute_dtype
+
 _LABEL_KEYS = ("labels", "label")
 
 
@@ -365,9 +367,7 @@ def rows(
                     f"labels must have shape {tuple(logits.shape)} for a {likelihood} likelihood; "
                     f"got {tuple(labels.shape)}"
                 )
-            labels = labels.reshape(logits.shape).to(
-                torch.float64 if logits.dtype == torch.float64 else torch.float32
-            )
+            labels = labels.reshape(logits.shape).to(compute_dtype(logits.dtype))
             if shift:
                 labels = torch.nn.functional.pad(labels[:, 1:], (0, 0, 0, 1))
     elif need_labels:
@@ -445,7 +445,7 @@ def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) 
     entries counted, row by row, and the step refused only if one is not finite.
     """
     flat = flat_all.detach()  # nothing below is recorded
-    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(flat.dtype)
     if all_valid:
         total = flat.sum(dtype=acc)
     else:

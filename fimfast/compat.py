@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from fimfast import _env, likelihoods, persample
-from fimfast.ops import compute_dtype
+from fimfast import chunks, likelihoods, persample
+from fimfast.dtypes import compute_dtype
 from fimfast.types import Options
 
 __all__ = ["empirical_fisher_diagonal", "generalized_fisher_diagonal"]
@@ -98,7 +98,7 @@ def empirical_fisher_diagonal(
 
     per_grad = vmap(grad(loss1), in_dims=(None, 0, 0))
     P = sum(p.numel() for _, p in train)
-    chunk = max(1, _env.memory_budget_bytes() // (4 * P * 2))
+    chunk = chunks.samples_per_chunk(P)
     for s in range(0, N, chunk):
         x, t = inputs[s : s + chunk], targets[s : s + chunk]
         try:
@@ -181,7 +181,7 @@ def generalized_fisher_diagonal(
     params = [p for _, p in train]
     opts = Options(likelihood=likelihood, sigma2=1.0, backend="torch")
     R = flat.shape[0]
-    chunk = max(1, min(C, persample.pair_chunk(R, C, params) // max(1, R)))
+    chunk = chunks.generic_columns(R, C, params, C)
     acc = [out[n] for n, _ in train]
     persample.accumulate_columns(flat, params, likelihoods.exact_columns(flat, opts, chunk), acc)
     return list(out.values())

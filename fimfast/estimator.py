@@ -14,6 +14,7 @@ import torch
 from fimfast import batch as batchlib
 from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
+from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard
 from fimfast.ops import registry
 from fimfast.state import State
@@ -164,64 +165,13 @@ class DiagFisher:
         distributed.check_params_after_forward(self.names, params)
         return params
 
-    def _forward(
+    def _forward_of(
         self, batch: Any, train: bool = False, head: lm_head.HeadCapture | None = None
-    ) -> tuple[Any, batchlib.Rows]:
-        fwd = self.opts.forward_fn
-        if fwd is None:
-            inputs, labels, mask = batchlib.split(batch)  # clear errors for bad structure
-        else:
-            labels, mask = batchlib.labels_of(batch)
-        # a Fisher-only step runs DDP's wrapped module: no reducer bookkeeping, no collective
-        module = self.model if train else distributed.forward_module(self.model)
-        if self.fim_type.is_per_sample:
-            # a torch.compile'd module runs eagerly: the layer capture needs module calls (the
-            # graph check refuses taps inside a compiled region anyway)
-            module = _eager(module)
-        try:
-            if fwd is not None:
-                output = fwd(self.model, batch)
-            elif isinstance(inputs, dict):
-                output = module(**inputs)
-            else:
-                output = module(inputs)
-        except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
-            how = (
-                "inputs as a tensor via model(x)" if not isinstance(inputs, dict) and fwd is None
-                else "a mapping via model(**batch)" if fwd is None else "forward_fn"
-            )
-            hint = "" if fwd is not None else (
-                f"; fimfast called it with {how}: pass fim_opts['forward_fn'] = "
-                "lambda model, batch: model(...) for a forward that takes other arguments "
-                "(keyword inputs, several tensors)"
-            )
-            raise _with_context(
-                exc, f"batch: the model's forward failed on this batch{hint}"
-            ) from exc
-        logits = batchlib.logits_of(output)
-        if head is not None:
-            head.check_output(logits)
-        hf = not isinstance(output, torch.Tensor) and (
-            hasattr(output, "logits") or (isinstance(output, dict) and "logits" in output)
+    ) -> Forward:
+        return Forward(
+            self.model, self.fim_type, self.opts, batch, train, head,
+            on_rows=self._announce_exact_cost if self.fim_type == FIMType.EXACT else None,
         )
-        logits, labels, mask = batchlib.layout(
-            logits, labels, mask, self.opts.class_dim, self.opts.batch_dim, self.opts.likelihood,
-            hf,
-        )
-        need = self.fim_type == FIMType.EMPIRICAL
-        rows = batchlib.rows(
-            logits,
-            labels,
-            mask,
-            self.opts.likelihood,
-            self.opts.ignore_index,
-            need,
-            shift=self._shift_labels(logits),
-        )
-        likelihoods.check_top_k(self.fim_type, self.opts, rows.num_classes)
-        if self.fim_type == FIMType.EXACT:
-            self._announce_exact_cost(rows)
-        return output, rows
 
     def _captured_forward(
         self, params: list[torch.Tensor], batch: Any, train: bool = False
@@ -230,7 +180,7 @@ class DiagFisher:
         ``(capture or None, rows)`` (hooks removed on exit)."""
         if not self.fim_type.is_per_sample:
             with self._nograd.watching(self.model, params) as seen:
-                rows = self._forward(batch, train)[1]
+                rows = self._forward_of(batch, train).run()[1]
             # a reentrant checkpoint runs its segment without gradients, and HUTCHINSON's
             # plain backward reaches its parameters all the same
             if seen and not hutchinson.has_reentrant_checkpoint(rows.flat):
@@ -238,17 +188,9 @@ class DiagFisher:
             return None, rows
         cap, (_, rows) = self._persample.forward(
             self.model, params, batchlib.batch_size(batch, self.opts.batch_dim),
-            lambda: self._forward(batch, train),
-            logits=lambda result: result[1].logits, plain=lambda: self._forward(batch),
+            self._forward_of(batch, train),
         )
         return cap, rows
-
-    def _shift_labels(self, logits: torch.Tensor) -> bool:
-        """``shift_labels`` resolved: ``"auto"`` shifts token-level logits of causal LMs."""
-        opt = self.opts.shift_labels
-        if opt == "auto":
-            return logits.dim() == 3 and _is_causal_lm(self.model)
-        return bool(opt)
 
     def _announce_exact_cost(self, rows: batchlib.Rows) -> None:
         R, C = rows.count, rows.num_classes
@@ -263,7 +205,7 @@ class DiagFisher:
                 msg + f" (about {C} times the cost of one HUTCHINSON probe; HUTCHINSON estimates "
                 "the same diagonal without bias in one backward per probe)",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=7,  # the caller of step() / train_step()
             )
             self._warned_exact = True
 
@@ -317,7 +259,7 @@ class DiagFisher:
             else:  # HUTCHINSON types only (validated): no layer capture
                 cap = None
                 with lm_head.capture(self._head) as head:
-                    _, rows = self._forward(batch, head=head)
+                    _, rows = self._forward_of(batch, head=head).run()
             params = self._params_after_forward(params)
             with _fimfast_arithmetic(rows.logits.device):
                 acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
@@ -348,7 +290,7 @@ class DiagFisher:
         if rows.labels is None:
             raise ValueError("batch: train_step needs labels; the batch has none")
         if loss_fn is None:
-            loss = _default_loss_all_rows(self.opts, rows)
+            loss = default_loss_all_rows(self.opts, rows)
         else:
             loss = loss_fn(rows.flat, rows.labels)
         with _fimfast_arithmetic(rows.logits.device):
@@ -409,24 +351,6 @@ class DiagFisher:
         self.offset = int(sd["offset"])
 
 
-def _eager(module: torch.nn.Module) -> torch.nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``module``."""
-    if "torch._dynamo" not in sys.modules:
-        return module
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    while isinstance(module, OptimizedModule):
-        module = module._orig_mod
-    return module
-
-
-def _with_context(exc: Exception, context: str) -> Exception:
-    try:
-        return type(exc)(f"{context} ({type(exc).__name__}: {exc})")
-    except Exception:  # an exception class with a different constructor
-        return exc
-
-
 @contextlib.contextmanager
 def _fimfast_arithmetic(device: torch.device) -> Iterator[None]:
     """fimfast's own arithmetic (probes, eigenpairs, squares, backward) with autocast disabled.
@@ -441,62 +365,10 @@ def _fimfast_arithmetic(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _is_causal_lm(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or the module it wraps) is a Hugging Face causal-LM class."""
-    if "transformers" not in sys.modules:
-        return False
-    names = _causal_lm_names()
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        if m is not None and any(c.__name__ in names for c in type(m).__mro__):
-            return True
-    return False
-
-
-_CAUSAL_LM_NAMES: frozenset[str] | None = None
-
-
-def _causal_lm_names() -> frozenset[str]:
-    global _CAUSAL_LM_NAMES
-    if _CAUSAL_LM_NAMES is None:
-        try:
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        except Exception:  # transformers too old or broken: nothing is a causal LM
-            _CAUSAL_LM_NAMES = frozenset()
-        else:
-            names: set[str] = set()
-            for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-                names.update([v] if isinstance(v, str) else v)
-            _CAUSAL_LM_NAMES = frozenset(names)
-    return _CAUSAL_LM_NAMES
-
-
 def _device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _default_loss(opts: Options) -> Callable:
-    if opts.likelihood == "categorical":
-        return lambda z, y: torch.nn.functional.cross_entropy(z, y)
-    if opts.likelihood == "bernoulli":
-        return lambda z, y: torch.nn.functional.binary_cross_entropy_with_logits(z, y.to(z.dtype))
-    return lambda z, y: torch.nn.functional.mse_loss(z, y.to(z.dtype)) / (2 * opts.sigma2)
-
-
-def _default_loss_all_rows(opts: Options, rows: batchlib.Rows) -> torch.Tensor:
-    """The default loss over the valid rows, without a copy of them for categorical logits.
-
-    Cross-entropy runs on every row with ``ignore_index`` on the rows left out, which is the mean
-    over the valid rows (and, with ``shift_labels``, a causal LM's own loss).
-    """
-    if opts.likelihood != "categorical" or rows.all_valid:
-        return _default_loss(opts)(rows.flat, rows.labels)
-    labels = torch.full(
-        (rows.flat_all.shape[0],), opts.ignore_index, dtype=torch.int64, device=rows.index.device
-    )
-    labels.index_copy_(0, rows.index, rows.labels.to(torch.int64))
-    return torch.nn.functional.cross_entropy(rows.flat_all, labels, ignore_index=opts.ignore_index)
 
 
 def diag_fisher(

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from fimfast import ops
+from fimfast import chunks, ops
 from fimfast.batch import Rows
+from fimfast.dtypes import compute_dtype
 from fimfast.likelihoods import _diagonal_topk, effective_top_k
 from fimfast.types import FIMType, Options
 
@@ -38,7 +39,7 @@ _PROBE_MODE = {
 
 def rows_per_chunk(C: int, elems: int | None = None) -> int:
     """Rows of ``C`` logits per probe chunk (at least 1; ``elems`` defaults to ``_CHUNK_ELEMS``)."""
-    return max(1, (_CHUNK_ELEMS if elems is None else elems) // max(1, C))
+    return chunks.rows_per_chunk(C, _CHUNK_ELEMS if elems is None else elems)
 
 
 def estimate(
@@ -162,7 +163,7 @@ class _Factor:
             return self._eig[r0]
         o = self.opts
         if o.likelihood == "categorical":
-            p = torch.softmax(z.to(ops.compute_dtype(z.dtype)), dim=-1)
+            p = torch.softmax(z.to(compute_dtype(z.dtype)), dim=-1)
             eig = ops.core_topk(
                 p, self.k, solver=o.rankk_solver, iters=o.lr_power_itrs, backend=o.backend
             )

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from fimfast import ops
+from fimfast.dtypes import compute_dtype
 from fimfast.ops import rng
 from fimfast.types import FIMType, Options
 
@@ -62,7 +63,7 @@ def probe_factor(
     if fim_type in (FIMType.HUTCHINSON_RANKK, FIMType.HUTCHINSON_RANK1):
         k = effective_top_k(fim_type, opts)
         if lk == "categorical":
-            p = torch.softmax(z.to(ops.compute_dtype(z.dtype)), dim=-1)
+            p = torch.softmax(z.to(compute_dtype(z.dtype)), dim=-1)
             eig = ops.core_topk(
                 p, k, solver=opts.rankk_solver, iters=opts.lr_power_itrs, backend=opts.backend
             )
@@ -78,7 +79,7 @@ def probe_factor(
 
 def _diagonal_topk(z: torch.Tensor, likelihood: str, sigma2: float, k: int):
     """Top-k eigenpairs of a diagonal core FIM: its k largest entries and unit vectors."""
-    dt = ops.compute_dtype(z.dtype)
+    dt = compute_dtype(z.dtype)
     if likelihood == "bernoulli":
         s = torch.sigmoid(z.to(dt))
         d = s * (1 - s)
@@ -91,7 +92,7 @@ def _diagonal_topk(z: torch.Tensor, likelihood: str, sigma2: float, k: int):
 
 def diag_core(z: torch.Tensor, likelihood: str, sigma2: float) -> torch.Tensor:
     """Diagonal of the core FIM, ``(R, C)``: p(1-p), s(1-s) or 1/sigma2."""
-    dt = ops.compute_dtype(z.dtype)
+    dt = compute_dtype(z.dtype)
     z = z.detach().to(dt)
     if likelihood == "categorical":
         p = torch.softmax(z, -1)
@@ -108,7 +109,7 @@ def exact_columns(flat: torch.Tensor, opts: Options, chunk: int) -> Iterator[tor
     Yields ``(K, R, C)`` tensors: column ``c`` of row ``r`` is ``sqrt(p_c) (e_c - p)``
     (categorical), ``sqrt(s_c (1 - s_c)) e_c`` (bernoulli) or ``e_c / sigma`` (gaussian).
     """
-    dt = ops.compute_dtype(flat.dtype)
+    dt = compute_dtype(flat.dtype)
     z = flat.detach().to(dt)
     R, C = z.shape
     lk = opts.likelihood
@@ -144,7 +145,7 @@ def score_columns(
     The score is ``d log p(y | z) / dz``: ``e_y - p`` (categorical), ``y - s`` (bernoulli),
     ``(y - z) / sigma2`` (gaussian), with the observed ``y`` or one drawn from the model.
     """
-    dt = ops.compute_dtype(flat.dtype)
+    dt = compute_dtype(flat.dtype)
     z = flat.detach().to(dt)
     R, C = z.shape
     lk = opts.likelihood

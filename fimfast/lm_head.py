@@ -26,6 +26,7 @@ import torch
 
 from fimfast import hutchinson, ops
 from fimfast.batch import Rows
+from fimfast.dtypes import compute_dtype
 from fimfast.types import FIMType, Options
 
 _MODES = {
@@ -107,7 +108,7 @@ class HeadCapture:
         self.hidden = x
         # float32 (float64 for float64 models): a model's `logits.float()` is then the
         # placeholder itself; one element, expanded to the logits' shape without storage
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt = compute_dtype(x.dtype)
         self.placeholder = torch.zeros((), dtype=dt, device=x.device).expand(*x.shape[:-1], V)
         return self.placeholder
 

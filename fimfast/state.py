@@ -11,10 +11,7 @@ from typing import Any
 
 import torch
 
-
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """float64 for float64 parameters, float32 for every other dtype (fp16/bf16 included)."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
+from fimfast.dtypes import compute_dtype
 
 
 class Sums:
@@ -92,7 +89,7 @@ class State:
     ):
         self.names = list(names)
         self.shapes = [tuple(p.shape) for p in params]
-        self.dtypes = [state_dtype(p) for p in params]
+        self.dtypes = [compute_dtype(p.dtype) for p in params]
         self.reduction = reduction
         self.ema = ema
         self.devices = [p.device for p in params]

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import likelihoods, ops, persample
+from fimfast import chunks, likelihoods, ops, persample
 from fimfast.diagfim import DiagFIM
+from fimfast.dtypes import compute_dtype
 from fimfast.estimator import trainable_parameters
 from fimfast.types import LIKELIHOODS, Options
 
@@ -114,13 +115,13 @@ def bounds(
     kmax = C - 1 if likelihood == "categorical" else C
     if top_k > kmax:
         raise ValueError(f"top_k must be <= {kmax} for C={C} ({likelihood}); got {top_k}")
-    dt = ops.compute_dtype(flat.dtype)
+    dt = compute_dtype(flat.dtype)
     z = flat.detach().to(dt)
-    chunk = max(1, min(C, persample.pair_chunk(R, C, params) // max(1, R)))
+    chunk = chunks.generic_columns(R, C, params, C)
 
     def run(columns) -> list[torch.Tensor]:
         acc = [
-            torch.zeros(p.shape, dtype=ops.compute_dtype(p.dtype), device=p.device) for p in params
+            torch.zeros(p.shape, dtype=compute_dtype(p.dtype), device=p.device) for p in params
         ]
         persample.accumulate_columns(flat, params, columns, acc)
         if reduction == "mean":

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fimfast import _env
 from fimfast import batch as batchlib
-from fimfast.ops import compute_dtype
+from fimfast.dtypes import compute_dtype
 
 __all__ = ["DEFAULT_MAX_PARAMS", "LogitFunction", "logit_function"]
 

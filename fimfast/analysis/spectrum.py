@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fimfast import ops
+from fimfast.dtypes import compute_dtype
 from fimfast.types import LIKELIHOODS
 
 __all__ = ["CoreSpectrum", "core_spectrum"]
@@ -122,7 +123,7 @@ def core_spectrum(
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain non-finite values (NaN/Inf)")
     lead, C = tuple(logits.shape[:-1]), int(logits.shape[-1])
-    dt = ops.compute_dtype(logits.dtype)
+    dt = compute_dtype(logits.dtype)
     z = logits.detach().to(dt).reshape(-1, C)
     R = z.shape[0]
     if likelihood == "categorical":

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fimfast.ops.torch_ref import compute_dtype
+from fimfast import chunks
+from fimfast.dtypes import compute_dtype
 
 # float32 logits per row chunk: 2M entries (8 MiB). The chunk's logits, probabilities, signs and
 # factor (four such buffers) stay far below the (R, V) cotangent of the unfused path, and chunks of
@@ -26,7 +27,7 @@ CHUNK_ELEMS = 1 << 21
 
 def default_row_chunk(V: int) -> int:
     """Rows per chunk for ``V`` classes (at least 1)."""
-    return max(1, CHUNK_ELEMS // max(1, V))
+    return chunks.rows_per_chunk(V, CHUNK_ELEMS)
 
 
 def _factor(z: torch.Tensor, mode: str, seed: int, offset: int, probe_backend: str) -> torch.Tensor:

@@ -9,14 +9,10 @@ import math
 
 import torch
 
+from fimfast.dtypes import compute_dtype
 from fimfast.ops import rng
 
 PROBE_MODES = ("hutchinson", "sqrt", "dg", "rankk", "empirical", "mc", "bernoulli", "gaussian")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype the ops compute in: float64 stays float64, everything else runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def probe_logit_grad_torch(

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 
 __all__ = [
@@ -140,8 +141,7 @@ def _usable(output: Any) -> bool:
     return isinstance(output, torch.Tensor) and output.grad_fn is not None
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_acc_dtype = compute_dtype  # the name fimfast.layers re-exports
 
 
 def _linear_terms(call: Call, G, tap, data: dict, key: str, uses: list[Use]) -> list[Term | None]:
@@ -261,9 +261,16 @@ class Rule:
 
     Attributes:
         name: a short name, shown in plans and logs.
+        closed_form_head: when this rule's module produces the logits, its weight and bias may be
+            estimated in closed form with no backward column (``F_W = S^T x^2``, ``F_b = sum S``,
+            ``S = diag I(z)`` per row), which reads ``call.data["x"]`` as the input of
+            ``F.linear(x, weight, bias)`` (or ``x @ W + b`` for a ``transposed`` weight). True
+            only for :class:`~fimfast.rules.LinearRule` and its subclasses; a subclass that
+            computes anything else must set it to ``False``.
     """
 
     name = "rule"
+    closed_form_head = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # every rule's terms are checked against its uses (kind, size): a wrong term would

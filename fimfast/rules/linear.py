@@ -10,12 +10,14 @@ class LinearRule(Rule):
     """``nn.Linear``: ``W`` gets ``Outer(G, x)``, ``b`` gets ``sum_t G``; sequence inputs share
     the weight over their tokens (``T > 1``).
 
-    The engine gives the logits layer of this rule (and only of this rule or its subclasses) a
-    closed form that reads ``call.data["x"]`` as the input of ``F.linear(x, weight, bias)``:
-    subclass :class:`~fimfast.rules.Rule` instead for a module that computes anything else."""
+    The engine gives the logits layer of this rule a closed form (``closed_form_head``) that
+    reads ``call.data["x"]`` as the input of ``F.linear(x, weight, bias)``: a subclass for a
+    module that computes anything else sets ``closed_form_head = False`` (or subclasses
+    :class:`~fimfast.rules.Rule` instead)."""
 
     name = "linear"
     transposed = False  # weight stored (out, in)
+    closed_form_head = True  # the logits layer's squares need no backward column
 
     def capture(self, cap, module, x, y):
         ps = trainable(cap, module.weight, module.bias)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
-from fimfast.rules.base import Rule, UseKind, Vec, _acc_dtype, front, trainable
+from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
 
 
 class _NormRule(Rule):
@@ -42,7 +43,7 @@ class _NormRule(Rule):
             return [None] * len(call.uses)
         tap = call.taps[0]
         m = call.module
-        dt = _acc_dtype(G.dtype)
+        dt = compute_dtype(G.dtype)
         if "xhat" not in call.data:
             call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
         xh = call.data["xhat"]

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fimfast.dtypes import compute_dtype
 from fimfast.ops import rng
 from fimfast.ops.lm_head import lm_head_probe_composite
-from fimfast.ops.torch_ref import compute_dtype
 from fimfast.ops.triton.rng import sign_bit
 
 _MODE_ID = {"hutchinson": 0, "sqrt": 1, "dg": 2}

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fimfast.ops.torch_ref import compute_dtype
+from fimfast.dtypes import compute_dtype
 
 
 @triton.jit

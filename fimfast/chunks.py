@@ -1,0 +1,86 @@
+"""Chunk sizes: how much work one batched backward (or one probe chunk) takes at a time.
+
+Every engine bounds its temporaries by chunking; the sizes are computed here, from the working
+memory budget ``B = FIMFAST_MEMORY_BUDGET_MB`` (:func:`fimfast._env.memory_budget_bytes`) or from
+a fixed number of logits per chunk. Each size is at least 1 (a chunk of one column or row always
+runs, whatever the budget).
+
+Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``):
+
+* :func:`pair_chunk`: (row, column) pairs of the generic path. A parameter-sized gradient and an
+  ``(R, C)`` cotangent per pair, float32, twice (the batched backward's own temporaries):
+  ``u = 8 (P + R C)``.
+* :func:`generic_columns`: columns of the generic path, ``pair_chunk // R`` (a column covers every
+  row), at most the number of columns; ``class_chunk`` wins.
+* :func:`probe_columns`: columns of the independence probe. The ``(R, C)`` cotangent in the
+  logits' dtype and the float32 gradient at every probed tap: ``u = e R C + 4 sum_taps |tap|``.
+* :func:`fast_columns`: columns of the fast path. The cotangent and three float32 buffers per
+  tap element (the tap gradients and the rules' temporaries built from them):
+  ``u = e R C + 12 sum_taps |tap|``, plus ``4 |logits|`` when the logits layer's output gradient
+  is laid out as the logits; ``class_chunk`` wins.
+* :func:`samples_per_chunk`: samples of a ``vmap`` pass of per-sample gradients (torch-secorder
+  compatibility): ``u = 8 P``.
+* :func:`rows_per_chunk`: rows of ``C`` logits per chunk of a fixed number ``elems`` of logits
+  (HUTCHINSON probes, the fused ``lm_head`` op): ``max(1, elems // C)``, no budget.
+
+``P``: elements of the parameters concerned; ``R``, ``C``: valid rows and classes; ``e``: bytes
+per element of the logits; ``|tap|``: elements of a tapped layer output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from fimfast import _env
+
+
+def _fit(per_unit: int, budget: int | None = None) -> int:
+    """Units of ``per_unit`` bytes that fit the budget (at least 1)."""
+    budget = _env.memory_budget_bytes() if budget is None else budget
+    return max(1, budget // max(1, per_unit))
+
+
+def pair_chunk(R: int, C: int, params: list[torch.Tensor], budget: int | None = None) -> int:
+    """(row, column) pairs per batched backward so that gradients and cotangents fit the budget."""
+    return _fit(4 * (sum(p.numel() for p in params) + R * C) * 2, budget)
+
+
+def generic_columns(
+    R: int, C: int, params: list[torch.Tensor], num: int, class_chunk: int | None = None
+) -> int:
+    """Columns (each covering all ``R`` rows) per block of the generic path, at most ``num``."""
+    return class_chunk or max(1, min(num, pair_chunk(R, C, params) // max(1, R)))
+
+
+def _tap_elems(taps: Iterable) -> int:
+    return sum(math.prod(t.shape) for t in taps)
+
+
+def probe_columns(flat: torch.Tensor, taps: list) -> int:
+    """Columns per batched backward of the independence probe (``flat``: the ``(R, C)`` rows)."""
+    return _fit(flat.element_size() * flat.numel() + 4 * _tap_elems(taps))
+
+
+def fast_columns(
+    flat: torch.Tensor, taps: list, head_logits: int | None, class_chunk: int | None
+) -> int:
+    """Columns per batched backward of the fast path; ``head_logits``: elements of the logits
+    when the logits layer's output gradient is formed too (else ``None``)."""
+    R, C = flat.shape
+    per_col = flat.element_size() * R * C + 3 * 4 * _tap_elems(taps)
+    if head_logits is not None:
+        per_col += 4 * head_logits
+    return class_chunk or _fit(per_col)
+
+
+def samples_per_chunk(P: int) -> int:
+    """Samples per ``vmap`` pass of per-sample gradients of ``P`` parameter elements."""
+    return _fit(4 * P * 2)
+
+
+def rows_per_chunk(C: int, elems: int) -> int:
+    """Rows of ``C`` logits per chunk of ``elems`` logits (at least 1)."""
+    return max(1, elems // max(1, C))

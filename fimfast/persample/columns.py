@@ -1,0 +1,112 @@
+"""The output-side columns ``u`` of one step (docs/math.md §3-§4)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+
+from fimfast import likelihoods
+from fimfast.dtypes import compute_dtype
+from fimfast.types import FIMType, Options
+
+
+class Columns:
+    """The columns ``u`` of one step, any subset at a time.
+
+    EXACT, categorical: the ``C - 1`` columns of the reduced factor ``B`` with ``B^T B = I(z)``
+    obtained by taking the last class as reference (the Fisher of the ``C - 1`` free natural
+    parameters ``z_c - z_C`` is ``diag(p') - p' p'^T``, ``p' = p_{<C}``, and its factor
+    ``diag(sqrt p') - alpha sqrt p' p'^T`` needs ``2 alpha - alpha^2 (1 - p_C) = 1``, i.e.
+    ``alpha = 1 / (1 + sqrt p_C)``). As a vector of logits, column ``c < C - 1`` is
+    ``sqrt(p_c) (e_c - alpha q)`` with ``q = p`` except ``q_C = p_C + sqrt(p_C)``. EXACT,
+    bernoulli/gaussian: the ``C`` diagonal columns of :func:`fimfast.likelihoods.exact_columns`.
+    EMPIRICAL/MONTE_CARLO: the score columns of :func:`fimfast.likelihoods.score_columns`
+    (same labels, same draws).
+
+    Attributes:
+        num: number of columns.
+    """
+
+    def __init__(
+        self,
+        flat: torch.Tensor,
+        labels: torch.Tensor | None,
+        fim_type: FIMType,
+        opts: Options,
+        seed: int,
+        offset: int,
+    ):
+        dt = compute_dtype(flat.dtype)
+        z = flat.detach().to(dt)
+        self.R, self.C = z.shape
+        self.dtype = dt
+        self.device = z.device
+        lk = opts.likelihood
+        self.block: torch.Tensor | None = None
+        self.z, self.lk, self.sigma2 = z, lk, opts.sigma2
+        self.categorical = fim_type == FIMType.EXACT and lk == "categorical"
+        if fim_type == FIMType.EXACT:
+            self.num = self.C - 1 if self.categorical else self.C
+        else:
+            self.block = likelihoods.score_columns(flat, labels, fim_type, opts, seed, offset)
+            self.num = self.block.shape[0]
+
+    # everything below is computed on first use: a logits head in closed form needs only root
+    @functools.cached_property
+    def p(self) -> torch.Tensor:
+        return torch.softmax(self.z, -1)
+
+    @functools.cached_property
+    def sp(self) -> torch.Tensor:
+        """``(R, C)`` column scales: ``sqrt p`` (categorical), ``sqrt(diag I)`` otherwise."""
+        if self.categorical:
+            return torch.sqrt(self.p)
+        return torch.sqrt(likelihoods.diag_core(self.z, self.lk, self.sigma2))
+
+    @functools.cached_property
+    def aq(self) -> torch.Tensor | None:
+        """``alpha q`` of the reduced categorical factor (``None`` for diagonal factors)."""
+        if not self.categorical:
+            return None
+        sref = self.sp[:, -1:]
+        q = self.p.clone()
+        q[:, -1:] += sref
+        return q.div_(1.0 + sref)
+
+    @functools.cached_property
+    def root(self) -> torch.Tensor:
+        """``(R, C)`` with ``root^2 = sum_k u_k^2`` per row (``diag I(z)`` for EXACT); only its
+        square is used, so a single score column is returned as it is, sign included."""
+        if self.block is not None:
+            return self.block[0] if self.num == 1 else self.block.square().sum(0).sqrt_()
+        if self.categorical:
+            return (self.p - self.p.square()).sqrt_()
+        return self.sp
+
+    @property
+    def S(self) -> torch.Tensor:
+        """``(R, C)`` ``sum_k u_k^2`` per row (``diag I(z)`` for EXACT)."""
+        return self.root.square()
+
+    def take(self, ks: torch.Tensor) -> torch.Tensor:
+        """Columns ``ks`` (int64 ``(M,)``): ``(M, R, C)`` in float32/float64."""
+        if self.block is not None:
+            return self.block.index_select(0, ks)
+        M = ks.numel()
+        sp = self.sp.index_select(1, ks).transpose(0, 1)  # (M, R)
+        ar = torch.arange(M, device=ks.device)
+        if self.aq is None:
+            cols = torch.zeros(M, self.R, self.C, dtype=self.dtype, device=sp.device)
+        else:
+            cols = sp.unsqueeze(-1) * self.aq.unsqueeze(0)
+            cols.neg_()
+        cols[ar, :, ks] += sp
+        return cols
+
+    def blocks(self, chunk: int) -> Iterator[torch.Tensor]:
+        """All columns, ``chunk`` at a time."""
+        dev = self.device
+        for k0 in range(0, self.num, chunk):
+            yield self.take(torch.arange(k0, min(self.num, k0 + chunk), device=dev))

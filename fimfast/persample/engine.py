@@ -1,0 +1,213 @@
+"""The per-sample engine: plan the step, then the generic path and the fast path's chunks.
+
+See the package docstring (:mod:`fimfast.persample`) for the method and docs/exactness.md for
+when the fast path is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from fimfast import chunks, hooks
+from fimfast.persample import plan as planning
+from fimfast.persample import squares
+from fimfast.persample.columns import Columns
+from fimfast.persample.generic import _batched_grads, accumulate_columns
+from fimfast.persample.plan import HEAD_KINDS, Group, Plan, _structure, _Template
+from fimfast.persample.replay import Replay, _refuse_hidden
+from fimfast.state import Sums
+from fimfast.types import FIMType, Options
+
+log = logging.getLogger("fimfast.persample")
+
+
+class Engine(Replay):
+    """The per-sample engine of one estimator (holds the independence-probe cache).
+
+    Attributes:
+        use_rules: ``False`` sends every parameter to the generic path (the reference).
+        expand_broadcast: expand lookups shared by the batch during the capture (turned off
+            after a forward that fails with them expanded).
+        expand_flat: also expand lookups with ids of shape ``(T,)`` (turned off when the checked
+            forward's logits differ from the model's own; see :meth:`forward`).
+        last_plan: the :class:`Plan` of the last step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_plan: Plan | None = None
+        self._probe_cache: dict[Any, Any] = {}
+        self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
+        self._logged: dict[int, str] = {}
+        self.sequence_rows = False  # this step's rows are whole sequences (see Options)
+
+    # -- planning --------------------------------------------------------------------------- #
+    def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
+        n = len(params)
+        plan = Plan()
+        graph = hooks.walk(rows.flat, params)
+        _refuse_hidden(cap, graph)
+        if cap is None or not cap.calls:
+            plan.generic = list(range(n))
+            plan.reasons = dict.fromkeys(plan.generic, "no captured call")
+            return plan
+        N = rows.num_samples
+        planning.check_taps(cap, graph, N, self._direct, self._hold, self._modified)
+        head = planning.find_head(cap, rows.logits)
+        glob = graph.edges
+        # everything below depends only on the structure of this step's calls: reused from the
+        # last step with the same calls, uses, verdicts, parameter edges and head
+        if self.sequence_rows:  # per-sequence rows: the head's squares do not split by token
+            head_closed = None
+        else:
+            head_closed = head
+        key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows)
+        hit = self._plans.get(key)
+        if hit is not None:
+            return hit.bind(cap.calls)
+        plan = planning.build(cap.calls, head, rows, params, glob, head_closed, self._probe_cache)
+        if len(self._plans) > 64:
+            self._plans.clear()
+        self._plans[key] = _Template.of(plan, cap.calls)
+        return plan
+
+    # -- the step ----------------------------------------------------------------------------- #
+    def estimate(
+        self,
+        rows,
+        params: list[torch.Tensor],
+        fim_type: FIMType,
+        opts: Options,
+        seed: int,
+        offset: int,
+        acc: Sums,
+        cap: hooks.Capture | None,
+        names: list[str] | None = None,
+        retain_graph: bool = True,
+    ) -> None:
+        """Add this batch's per-sample estimate into ``acc`` (one float tensor per parameter).
+
+        Args:
+            rows: the batch's :class:`fimfast.batch.Rows` (logits attached to the graph).
+            params: trainable parameters, in the order of ``acc``.
+            fim_type: EXACT, EMPIRICAL or MONTE_CARLO.
+            opts: validated options (``class_chunk``, ``likelihood``, ``backend``, ...).
+            seed: generator seed; offset: first counter of this step.
+            acc: the batch estimate's slots (:class:`fimfast.state.Sums`), added to.
+            cap: the capture of this step's forward (``None``: generic path only).
+            names: parameter names, for the log line naming the parameters on the generic path
+                (logger ``fimfast.persample``, level INFO, once per change).
+            retain_graph: keep the graph of ``rows.logits`` usable after this call (``False``
+                lets the last backward free its buffers as it goes: less peak memory).
+        """
+        flat = rows.flat
+        R, C = flat.shape
+        cols = Columns(flat, rows.labels, fim_type, opts, seed, offset)
+        self.sequence_rows = bool(opts.sequence_rows) and rows.logits.dim() == 3
+        plan = self._plan(cap, rows, params)
+        self.last_plan = plan
+        if cap is not None:
+            self._log_generic(plan, len(params), names)
+        if plan.generic:
+            gp = [params[i] for i in plan.generic]
+            ga = [acc.get(i) for i in plan.generic]
+            chunk = chunks.generic_columns(R, C, gp, cols.num, opts.class_chunk)
+            group = rows.sample if self.sequence_rows else None
+            accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
+        if plan.groups:
+            self._fast(rows, params, plan, cols, opts, acc, retain_graph)
+
+    def _log_generic(self, plan: Plan, n: int, names: list[str] | None) -> None:
+        """Once per change: which parameters take the slow path, and why."""
+        generic = {i: plan.reasons.get(i, "") for i in plan.generic}
+        if generic != self._logged:
+            self._logged = generic
+            if generic:
+                log.info(
+                    "per-sample engine: %d of %d parameters take the generic path: %s",
+                    len(generic), n,
+                    "; ".join(f"{names[i] if names else i}: {r}" for i, r in generic.items()),
+                )
+
+    # -- the fast path ------------------------------------------------------------------------ #
+    def _fast(
+        self, rows, params, plan: Plan, cols: Columns, opts: Options, acc, retain_graph: bool
+    ) -> None:
+        """The fast groups: the logits layer in closed form, then chunks of backward columns to
+        the taps, whose gradients the rules turn into terms that :mod:`.squares` squares."""
+        flat = rows.flat
+        backend = opts.backend
+        head = plan.head
+        # the logits layer in closed form: no backward column at all
+        squares.head_closed_form(plan.groups, rows, cols, acc, backend)
+        groups = [g for g in plan.groups if g.kind not in HEAD_KINDS]
+        if not groups:
+            return
+        taps = [t for c in plan.calls for t in c.taps]
+        need_head = any(c is head for g in groups for c, _ in g.members)
+        token = rows.logits.dim() == 3 and not self.sequence_rows
+        kk, tt, rpos = _schedule(rows, cols, token)
+        total = kk.numel()
+        for g in groups:
+            g.state.single = total == 1
+        head_logits = rows.logits.numel() if need_head else None
+        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk)
+        for s in range(0, total, M_max):
+            cot = cols.take(kk[s : s + M_max])
+            if token:
+                cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
+            cot = cot.to(flat.dtype)
+            retain = retain_graph or s + M_max < total  # a later chunk needs the graph
+            gmap = _tap_grads(rows, taps, cot, retain, head if need_head else None)
+            del cot
+            _chunk(groups, gmap, acc, backend)
+            del gmap
+        squares.finish(groups, acc, backend)
+
+
+def _schedule(rows, cols: Columns, token: bool):
+    """The backward columns in order: ``(kk, tt, rpos)``, the factor column of each, and for
+    token-level logits (one column per (class, position) pair) its position ``tt`` and every
+    row's position ``rpos`` (``None`` for sample-level rows)."""
+    dev = rows.flat.device
+    if not token:
+        return torch.arange(cols.num, device=dev), None, None
+    T = rows.logits.shape[1]
+    rpos = rows.index % T
+    positions = torch.unique(rpos)
+    kk = torch.arange(cols.num, device=dev).repeat_interleave(positions.numel())
+    tt = positions.repeat(cols.num)
+    return kk, tt, rpos
+
+
+def _tap_grads(rows, taps, cot: torch.Tensor, retain: bool, head) -> dict[int, Any]:
+    """One batched backward of the chunk ``cot`` (``(M, R, C)``) to the taps, by handle id; the
+    logits layer's (``head``) output gradient is the cotangent itself, laid out as the logits."""
+    gmap: dict[int, torch.Tensor | None] = {}
+    if taps:
+        grads = _batched_grads(rows.flat, [t.handle for t in taps], cot, retain_graph=retain)
+        gmap = {id(t.handle): g for t, g in zip(taps, grads)}
+    if head is not None:
+        M, C = cot.shape[0], rows.flat.shape[1]
+        Gh = torch.zeros(M, rows.logits.numel() // C, C, dtype=cot.dtype, device=cot.device)
+        Gh[:, rows.index] = cot
+        gmap[id(head.taps[0].handle)] = Gh.reshape(M, *rows.logits.shape)
+    return gmap
+
+
+def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
+    """The rules' terms of one chunk (once per call), added up and squared per group."""
+    terms: dict[int, list] = {}
+    sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
+    for g in groups:
+        parts = []
+        for c, ui in g.members:
+            if id(c) not in terms:
+                terms[id(c)] = c.rule.terms(c, [gmap.get(id(t.handle)) for t in c.taps])
+            parts.append(terms[id(c)][ui])
+        parts = [p for p in parts if p is not None]
+        if parts:
+            squares.accumulate(g, parts, acc, backend, sq0)

@@ -1,0 +1,237 @@
+"""The captured forward: lookup expansion, the check of ``(T,)`` lookups, and the re-runs.
+
+The estimator's forward runs under a :class:`fimfast.hooks.Capture` that taps the outputs of
+every module with a rule. Lookups shared by the batch are expanded to the batch during the
+capture; a forward that fails with them expanded, or whose ``(T,)`` lookups change its logits, is
+run again without, with the running statistics and random state it started from.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fimfast import hooks, layers
+from fimfast.types import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from fimfast.forward import Forward
+
+log = logging.getLogger("fimfast.persample")
+
+
+class Replay:
+    """The forward half of :class:`fimfast.persample.Engine`: its capture and lookup expansion.
+
+    Attributes:
+        use_rules: ``False`` captures nothing (every parameter takes the generic path).
+        expand_broadcast: expand lookups shared by the batch during the capture (turned off
+            after a forward that fails with them expanded).
+        expand_flat: also expand lookups with ids of shape ``(T,)`` (turned off when the checked
+            forward's logits differ from the model's own; see :meth:`forward`).
+    """
+
+    def __init__(self) -> None:
+        self.use_rules = True
+        self.expand_broadcast = True
+        self.expand_flat = True  # lookups with ids (T,) too, once a forward showed it is safe
+        self._flat_checked = False
+        # per model and set of trainable parameters: the modules to hook, whether it has a
+        # lookup, and the norm layers to restore if a forward reruns (see _modules)
+        self._mods: tuple[Any, list, bool, list] | None = None
+        self._direct: set = set()  # module outputs seen unmodified: tapped directly
+        self._hold: set = set()  # outputs gone before the check: held alive in the next step
+        self._modified: set = set()  # outputs seen modified in place: never held again
+        self._owned: dict[int, str] = {}
+
+    def forward(
+        self,
+        model: torch.nn.Module,
+        params: list[torch.Tensor],
+        batch_size: int | None,
+        fwd: Forward,
+    ) -> tuple[hooks.Capture | None, Any]:
+        """``fwd.run()`` (the step's forward) under a capture: ``(capture, result)``.
+
+        Lookups shared by the batch are expanded to ``batch_size`` during the capture (see
+        :class:`fimfast.layers.EmbeddingRule`); a forward that fails with an expanded output is
+        run once more without expansion, which this engine then keeps off. The running statistics
+        that the failed forward's norm layers updated (train mode) are put back first, so the
+        step updates them once.
+
+        Lookups without a batch dimension (ids of shape ``(T,)``) gain one when expanded, so the
+        first forward that expands one is checked: the model's own forward (``fwd.plain()``; for
+        a training step the forward of the module inside DistributedDataParallel, whose reducer
+        expects one forward per backward) is run once more, from the same random state, and its
+        logits (``fwd.logits``) must equal the captured ones. If they do not, the step is run
+        again with those lookups left as they are (their tables take the generic path), and this
+        engine keeps them so.
+        """
+        cap = None
+        stats: list = []
+        lookups = False
+        if self.expand_broadcast and self.use_rules:
+            _, lookups, norms = self._modules(model, params)
+            stats = _running_stats(norms)
+        check = lookups and self.expand_flat and not self._flat_checked
+        rng = _rng_state() if check else None
+        # (T,) lookups are expanded once checked, or in the forward that checks them
+        flat = self.expand_flat and (self._flat_checked or check)
+        try:
+            with self.capture(model, params, batch_size, flat) as cap:
+                result = fwd.run()
+            if rng is None or cap is None or not cap.expanded_flat:
+                return cap, result
+            same = self._same_unexpanded(fwd, result, stats, rng)
+            self._flat_checked = True
+            if same:
+                return cap, result
+            failure, flat_only = "its logits differ from the model's own", True
+        except Exception as exc:
+            if cap is None or not cap.expanded:
+                raise
+            # the (T,) lookups first: (1, T) ones may still expand
+            failure, flat_only = f"{type(exc).__name__}: {exc}", cap.expanded_flat > 0
+        if flat_only:
+            log.info(
+                "per-sample engine: running the step again without expanding lookups of ids "
+                "(T,) to the batch (%s); those tables take the generic path", failure,
+            )
+            self.expand_flat, self._flat_checked = False, True
+            _restore(stats, rng)
+            return self.forward(model, params, batch_size, fwd)
+        return self._unexpanded(model, params, batch_size, fwd, stats, failure)
+
+    def _unexpanded(self, model, params, batch_size, fwd: Forward, stats, failure: str):
+        """The forward once more with no lookup expanded (kept off afterwards), the running
+        statistics of the failed one put back first."""
+        log.info(
+            "per-sample engine: the forward failed with shared lookups expanded to the batch "
+            "(%s); running it without expansion (those tables take the generic path)", failure,
+        )
+        _restore(stats, None)
+        self.expand_broadcast = False
+        try:
+            with self.capture(model, params, batch_size) as cap:
+                return cap, fwd.run()
+        except Exception:
+            self.expand_broadcast = True  # it fails either way: the expansion was not the cause
+            raise
+
+    def _same_unexpanded(self, fwd: Forward, result, stats, rng) -> bool:
+        """Whether the model's own forward, from the random state and running statistics the
+        captured one started from, gives the captured logits; the captured forward's state is
+        kept afterwards (its buffers are swapped out for copies, not written: the captured graph
+        may have saved them)."""
+        after = _rng_state()
+        _restore([], rng)
+        kept = [(m, name, getattr(m, name)) for m, name, _ in stats]
+        try:
+            for m, name, saved in stats:
+                setattr(m, name, saved.clone())
+            plain = fwd.logits(fwd.plain())
+        except Exception:  # noqa: BLE001 - no evidence either way: do not expand
+            return False
+        finally:
+            for m, name, live in kept:
+                setattr(m, name, live)
+            _restore([], after)
+        got = fwd.logits(result)
+        if plain.shape != got.shape:
+            return False
+        a, b = got.detach().double(), plain.detach().double()
+        tol = 64 * torch.finfo(plain.dtype).eps * max(1.0, float(b.abs().max()))
+        return bool(((a - b).abs() <= tol).all())
+
+    @contextmanager
+    def capture(
+        self,
+        model: torch.nn.Module,
+        params: list[torch.Tensor],
+        batch_size: int | None = None,
+        flat: bool = False,
+    ):
+        """Context for the forward: yields a :class:`~fimfast.hooks.Capture` (or ``None``);
+        ``flat`` also expands lookups with ids of shape ``(T,)`` (see :meth:`forward`)."""
+        if not self.use_rules:
+            with nullcontext():
+                yield None
+            return
+        cap = hooks.Capture(
+            model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast,
+            self._hold, flat,
+        )
+        mods = self._modules(model, params)
+        with cap.installed(mods[0], self._owned):
+            yield cap
+
+    def _modules(
+        self, model: torch.nn.Module, params: list[torch.Tensor]
+    ) -> tuple[list, bool, list]:
+        """``(modules to hook, has a lookup, norm layers with running statistics)``, found once per
+        model and set of trainable parameters (a stale list can only leave calls uncaptured,
+        which the graph check sends to the generic path)."""
+        key = (id(model), tuple(id(p) for p in params))
+        if self._mods is None or self._mods[0] != key:
+            targets = hooks.targets(model, params, layers.rule_for)
+            self._mods = (key, targets, *_stat_modules(model))
+            self._owned = hooks.owners(model, params)
+        return self._mods[1:]
+
+def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
+    """Refuse a forward whose parameters autograd cannot give per-row gradients of."""
+    if graph.reentrant:
+        raise UnsupportedModelError(
+            "the model uses torch.utils.checkpoint with use_reentrant=True: its segments give "
+            "gradients only through .backward(), never torch.autograd.grad, so the per-sample "
+            "types (EXACT, EMPIRICAL, MONTE_CARLO) cannot form per-row gradients of the "
+            "parameters inside. Pass use_reentrant=False to checkpoint (same memory saving), or "
+            "use a HUTCHINSON type"
+        )
+    if cap is not None and cap.nograd:
+        raise hooks.nograd_error(cap.nograd, " for the per-sample types")
+
+
+def _stat_modules(model: torch.nn.Module) -> tuple[bool, list[torch.nn.Module]]:
+    """Whether ``model`` has a lookup the capture could expand (the only case in which a forward
+    is run again), and then its norm layers with running statistics (BatchNorm, InstanceNorm
+    with ``track_running_stats``)."""
+    mods = list(model.modules())
+    if not any(isinstance(m, torch.nn.Embedding) for m in mods):
+        return False, []
+    return True, [m for m in mods if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+
+
+def _running_stats(mods: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """``(module, buffer name, copy)`` of the running statistics a forward of ``mods`` in train
+    mode updates."""
+    out = []
+    for m in mods:
+        if m.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                b = getattr(m, name, None)
+                if isinstance(b, torch.Tensor):
+                    out.append((m, name, b.detach().clone()))
+    return out
+
+
+def _rng_state() -> tuple:
+    """The default generators' states (CPU, and CUDA once initialised)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore(stats: list[tuple[torch.nn.Module, str, torch.Tensor]], rng: tuple | None) -> None:
+    """Write saved running statistics back into the buffers, and set the generator states (if
+    given)."""
+    with torch.no_grad():
+        for m, name, saved in stats:
+            getattr(m, name).copy_(saved)
+    if rng is not None:
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+

@@ -1,0 +1,240 @@
+"""Squaring and summing the terms of one group, one chunk of columns at a time.
+
+The rules write each parameter's per-unit gradients as terms (:class:`fimfast.rules.Outer`,
+:class:`~fimfast.rules.Rows`, :class:`~fimfast.rules.Vec`); here they are added up over the uses
+of a group and squared per sample with the fused ops (:func:`fimfast.ops.sq_matmul`,
+:func:`fimfast.ops.shared_sq`), never forming per-row gradients of the whole model. A layer
+without weight sharing defers its square to the end of the step (:func:`finish`):
+``sum_n S_n (x) a_n^2`` with ``S_n`` the sum over all columns of the squared output gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fimfast import layers, ops
+from fimfast.dtypes import compute_dtype
+from fimfast.persample.plan import Group, GroupKind, RowIndex
+from fimfast.state import Sums
+
+
+def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Tensor:
+    """``sq_matmul(G, A)`` laid out as ``g``'s weight: ``(O, I)``, or ``(I, O)`` for a weight
+    stored transposed (Hugging Face ``Conv1D``)."""
+    if g.transposed:
+        return ops.sq_matmul(A, G, backend=backend)
+    return ops.sq_matmul(G, A, backend=backend)
+
+
+
+def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> None:
+    """The logits layer in closed form, no backward column: ``F_W = S^T a^2`` with
+    ``S = sum_k u_k^2`` per row (``cols.root`` squared), ``F_b = sum_r S_r``."""
+    for g in groups:
+        if g.kind == GroupKind.HEAD_W:
+            c, _ = g.members[0]
+            x = c.data["x"]
+            A = x.reshape(-1, x.shape[-1])
+            if not rows.all_valid:
+                A = A.index_select(0, rows.index)
+            acc.add(g.index, _weight_sq(g, cols.root, A, backend))
+        elif g.kind == GroupKind.HEAD_B:
+            acc.add(g.index, cols.root.square().sum(0))
+
+
+def finish(groups: list[Group], acc: Sums, backend) -> None:
+    """The deferred squares of layers without weight sharing: ``sum_n S_n (x) a_n^2`` once for
+    all columns."""
+    for g in groups:
+        st = g.state
+        if st.S is not None:
+            S, Q = st.S, st.Q
+            if st.root:  # one column, as it came: sq_matmul squares both sides
+                acc.add(g.index, _weight_sq(g, S, Q, backend), g.block)
+            else:
+                Q2 = Q.to(S.dtype).square()
+                acc.add(g.index, Q2.t() @ S if g.transposed else S.t() @ Q2, g.block)
+
+
+def _block(a: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    return a if block is None else a[block[0] : block[1]]
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _colsq(P: torch.Tensor, dt: torch.dtype, cache: dict) -> torch.Tensor:
+    """``sum_m P[m]^2`` (``P`` ``(M, N, ...)``), computed once per chunk for a weight and its
+    bias (the bias gradient of a layer without weight sharing is its output gradient)."""
+    k = _key(P)
+    if k not in cache:
+        # the entry keeps P alive, so no other tensor of the chunk can reuse its address
+        cache[k] = (P, _sum_sq(P, dt))
+    return cache[k][1]
+
+
+def _sum_sq(P: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``sum_m P[m]^2`` in ``dt``. A few columns are added one by one into one output, with no
+    ``P``-sized squared temporary (3-8x faster on fresh memory); many by square + sum
+    (``torch.linalg.vector_norm`` over dim 0 is 10-40x slower than either)."""
+    M = P.shape[0]
+    if M > 32:
+        return P.to(dt).square().sum(0)
+    out = P[0].to(dt).square()
+    for m in range(1, M):
+        Pm = P[m].to(dt)
+        out.addcmul_(Pm, Pm)
+    return out
+
+
+
+def accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
+    """Add the squares of one chunk's terms ``parts`` of group ``g`` into ``sums`` (or into the
+    group's deferred state); ``cache`` holds this chunk's ``sum_m P[m]^2`` by tensor."""
+    dt = sums.dtypes[g.index]
+    if g.kind == GroupKind.VEC:
+        sums.add(g.index, _vec_sq(parts, dt, cache), g.block)
+        return
+    outers = [p for p in parts if isinstance(p, layers.Outer)]
+    rows = [p for p in parts if isinstance(p, layers.Rows)]
+    if outers:
+        if len(g.members) == 1 and outers[0].P.dim() == 4 and outers[0].P.shape[2] == 1:
+            _defer_outer(g, outers[0], dt, cache)
+        else:
+            P, Q = _cat_outer(g, outers)
+            sq = _outer_sq(P, Q, backend)
+            sums.add(g.index, sq.transpose(-2, -1) if g.transposed else sq, g.block)
+    if rows:
+        view = _block(sums.get(g.index), g.block)
+        ids, keep, Qe = _cat_rows(g, rows)
+        _rows_sq(g, ids, keep, Qe, view)
+        if outers:
+            _tied_cross(g, outers, ids, keep, Qe, view, dt)
+
+
+def _vec_sq(parts: list, dt: torch.dtype, cache: dict) -> torch.Tensor:
+    """``sum_{m,n}`` of the squared sum of the :class:`Vec` terms."""
+    if len(parts) == 1:
+        V = parts[0].V
+        hit = cache.get(_key(V))  # a bias whose weight already squared the same gradients
+        return hit[1].sum(0) if hit is not None else V.to(dt).square().sum((0, 1))
+    V = parts[0].V.to(dt)
+    for p in parts[1:]:
+        V = V + p.V.to(dt)
+    return V.square().sum((0, 1))
+
+
+def _defer_outer(g: Group, outer, dt: torch.dtype, cache: dict) -> None:
+    """No weight sharing: defer, ``S_n`` = sum over columns of ``g_n^2``, and ``S^T a^2`` once at
+    the end (:func:`finish`); a single column is passed as it is (sq_matmul squares it). The
+    chunk's cache entry may become ``S`` itself: the cache is dropped before the next chunk adds
+    to it."""
+    P = outer.P[:, :, 0]
+    st = g.state
+    if st.S is not None:
+        st.S.add_(_colsq(P, dt, cache))
+    elif P.shape[0] == 1 and st.single:
+        st.S, st.root = P[0], True
+    else:
+        st.S = _colsq(P, dt, cache)
+    if st.Q is None:
+        st.Q = outer.Q[:, 0]
+
+
+def _tied_cross(g: Group, outers: list, ids, keep, Qe, view: torch.Tensor, dt) -> None:
+    """Tied table: ``2 sum_units E_u . D_u`` on the rows the embedding touched."""
+    P, Q = _cat_outer(g, outers)
+    M, N, T, V = P.shape
+    S = ids.shape[1]
+    Pg = torch.gather(P, 3, ids.view(1, N, 1, S).expand(M, N, T, S))  # (M, N, T, S)
+    D = torch.einsum("mnts,nti->mnsi", Pg.to(dt), Q.to(dt))
+    X = (Qe.to(dt) * D).sum(0)  # (N, S, d)
+    if keep is not None:
+        X = X * keep.unsqueeze(-1)
+    view.index_add_(0, ids.reshape(-1), 2.0 * X.reshape(-1, X.shape[-1]))
+
+
+def _cat_outer(g: Group, outers: list) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(outers) == 1:
+        return outers[0].P, outers[0].Q
+    P = torch.cat([o.P for o in outers], dim=2)
+    if g.state.Qcat is None:  # the input side is the same for every chunk
+        g.state.Qcat = torch.cat([o.Q for o in outers], dim=1)
+    return P, g.state.Qcat
+
+
+# per-sample squared products are formed this many bytes at a time (cache-sized, see _outer_sq)
+_SQ_CHUNK_BYTES = 2 * 2**20
+
+
+def _outer_sq(P: torch.Tensor, Q: torch.Tensor, backend=None) -> torch.Tensor:
+    """``sum_{m,n} (P[m, n]^T Q[n])^2``: ``(O, I)`` or ``(g, O/g, I/g)`` for groups."""
+    dt = compute_dtype(torch.promote_types(P.dtype, Q.dtype))
+    I = Q.shape[-1]
+    if P.dim() == 4:
+        M, N, T, O = P.shape
+        out = None
+        if M == 1 or O >= 64 or I < 64:
+            # one column at a time over the whole batch, P as it came (no copy; the kernels
+            # chunk the samples). Measured against the stacked layout below, 1 thread: 14 vs 22
+            # ms (conv 16 x 25, 576 positions, 10 columns), 3.7 vs 5.8 ms (in_proj 192 x 64, 4)
+            for m in range(M):
+                part = ops.shared_sq(P[m], Q, backend=backend)
+                out = part if out is None else out.add_(part)
+            return out
+        # few outputs, many inputs (conv 32 x 400, 10 columns: 30 vs 36 ms for the loop): the
+        # M columns side by side, shared_sq of (n, T, M*O) against (n, T, I), a few samples at
+        # a time so that the stacked copy and the per-sample (M*O, I) products stay cache-sized
+        step = max(1, _SQ_CHUNK_BYTES // max(1, 4 * M * O * max(I, T)))
+        for n0 in range(0, N, step):
+            Pm = P[:, n0 : n0 + step].permute(1, 2, 0, 3).reshape(-1, T, M * O)
+            part = ops.shared_sq(Pm, Q[n0 : n0 + step], backend=backend)
+            out = part if out is None else out.add_(part)
+        return out.reshape(M, O, I).sum(0)
+    M, N, L, G, O = P.shape
+    out = torch.zeros(G, O, I, dtype=dt, device=P.device)
+    per_n = M * G * O * I * 4
+    step = max(1, _SQ_CHUNK_BYTES // max(1, per_n))
+    for n0 in range(0, N, step):
+        per = torch.einsum("mnlgo,nlgi->mngoi", P[:, n0 : n0 + step].to(dt),
+                           Q[n0 : n0 + step].to(dt))
+        out += per.square().sum((0, 1))
+    return out
+
+
+def _cat_rows(g: Group, rows: list):
+    if len(rows) == 1:
+        r = rows[0]
+        return r.ids, r.keep, r.Qe
+    ids = torch.cat([r.ids for r in rows], dim=1)
+    if all(r.keep is None for r in rows):
+        keep = None
+    else:
+        keep = torch.cat(
+            [torch.ones_like(r.ids, dtype=torch.bool) if r.keep is None else r.keep for r in rows],
+            dim=1,
+        )
+    return ids, keep, torch.cat([r.Qe for r in rows], dim=2)
+
+
+def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor) -> None:
+    """``sum_units`` of the squared per-unit segment sums of ``Qe`` by id, into rows of ``view``."""
+    M, N, S, d = Qe.shape
+    if g.state.rows is None:  # once per step: the distinct (sample, id) pairs
+        V = view.shape[0]
+        sample = torch.arange(N, device=ids.device).unsqueeze(1).expand(N, S)
+        keys = (sample * V + ids).reshape(-1)
+        sel = None if keep is None else keep.reshape(-1).nonzero().squeeze(1)
+        if sel is not None:
+            keys = keys.index_select(0, sel)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        g.state.rows = RowIndex(sel, inv, uniq % V, uniq.numel())
+    sel, inv, rid, U = g.state.rows
+    Qf = Qe.reshape(M, N * S, d)
+    if sel is not None:
+        Qf = Qf.index_select(1, sel)
+    dt = view.dtype
+    seg = torch.zeros(M, U, d, dtype=dt, device=Qe.device)
+    seg.index_add_(1, inv, Qf.to(dt))  # repeated ids of one sample add before the square
+    view.index_add_(0, rid, seg.square().sum(0))
