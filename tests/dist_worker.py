@@ -57,10 +57,6 @@ def vec(F) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in F.values()])
 
 
-def per_tensor_sums(F) -> torch.Tensor:
-    return torch.stack([v.double().sum() for v in F.values()])
-
-
 # ------------------------------------------------------------------------------------------------
 # scenarios of the "core" group
 # ------------------------------------------------------------------------------------------------
@@ -138,7 +134,7 @@ def random_in_law(rank):
             est = fimfast.DiagFisher(case.model, fim_type, seed=d)
             for b in sh[rank]:
                 est.step(b)
-            draws.append(per_tensor_sums(est.result()))
+            draws.append(vec(est.result()))
         out[fim_type] = torch.stack(draws)
     return out
 

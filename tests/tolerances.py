@@ -7,12 +7,21 @@ DET_REL_F32 = 1e-6  # float32 model and inputs against the float64 oracle
 SQRT_VS_HUTCH_REL = 1e-6
 # statistical tests: means within this many standard errors of their target
 STAT_SIGMAS = 4.0
-# closed-form variance vs the empirical variance of many draws (relative)
-VAR_REL = 0.15
+# closed-form variance vs the empirical variance of n draws (relative, max over the coordinates
+# with a non-negligible variance). The sample variance of a squared Gaussian-like draw has relative
+# standard error sqrt((kurtosis - 1) / n) ~ sqrt(14 / n): 0.021 at n = 32768, 0.058 at n = 4096.
+# n = 32768 (tests/test_analysis.py): measured max 0.041 over the 12 (likelihood, type) cases
+VAR_REL = 0.1
+# n = 4096 (tests/test_random.py): measured max 0.099 (HUTCHINSON), 0.082 (DG), 0.054 (RANKK),
+# 0.041 (MONTE_CARLO), 0.022 (RANK1)
+VAR_REL_4096 = 0.25
 # secular-equation eigenpairs vs torch.linalg.eigh in float64 (absolute, eigenvalues <= 1)
 EIGH_F64 = 1e-10
-# bf16 model vs float32 model (relative L2 of the estimate): a few bf16 ulps through the network
-BF16_REL = 5e-2
+# bf16 model vs float32 model (relative L2 of the estimate): a few bf16 ulps (eps 7.8e-3) through
+# the network. Measured max 1.15e-2 over tests/test_precision.py (RANK1 on token_lm, RANKK on the
+# encoder: eigenvectors move with the rounded probabilities; EXACT <= 3.1e-3, autocast <= 6.5e-3),
+# 3.6e-3 in tests/test_lm_head.py, 1.0e-3 in tests/test_persample.py: 2.6x over the largest
+BF16_REL = 3e-2
 # metrics of the CLI on hand-made files with known answers (float64 arithmetic on a few entries)
 METRICS_ABS = 1e-12
 # kernel backends vs the torch reference (tests/ops), both measured against a float64 truth on the
@@ -29,8 +38,9 @@ MC_BOUNDARY = 1e-5
 # peak extra RSS of one EXACT step on a model whose per-sample gradients need ~4.4 GB
 # (tests/test_persample.py): params 35 MB, temporaries and sq_matmul operands ~100 MB
 PERSAMPLE_PEAK_MB = 512
-# fp16 model vs float32 model (relative L2 of the estimate): 11-bit mantissa, 8x finer than bf16
-FP16_REL = 1e-2
+# fp16 model vs float32 model (relative L2 of the estimate): 11-bit mantissa, 8x finer than bf16.
+# Measured 5.6e-4 (HUTCHINSON) and 3.6e-4 (EXACT) on relu_mlp: 2.7x over the largest
+FP16_REL = 1.5e-3
 # large-vocabulary peak memory (tests/test_large_vocab.py): float32 temporaries of the probe chunks
 # (4 MiB each, a handful live at once) plus allocator and backward workspace
 LARGE_VOCAB_SLACK_BYTES = 32 * 2**20

@@ -2,7 +2,7 @@
 
 Every structured Fisher is assembled from vectors ``g = J^T u`` (parameter gradients, or gradients
 at a layer output) of output-side columns ``u`` whose outer products average to the core FIM
-(math.md §1-§2):
+(docs/math.md §3, §5):
 
 * EXACT: the ``C`` columns ``a_c`` of a factor of ``I(z)`` per row (``sum_c a_c a_c^T = I(z)``);
 * EMPIRICAL: the observed score ``e_y - p`` (a different matrix: the empirical Fisher);

@@ -1,5 +1,6 @@
-"""The comparison rule of the op tests: a kernel may be as wrong as torch in the same dtype, plus a
-few ulps, both measured against a float64 truth on the same rounded inputs."""
+"""The comparison rules of the op tests, against an independent float64 truth on the same rounded
+inputs (tests/ops/spec.py): the torch reference within a few ulps of its compute dtype, and a
+kernel as wrong as torch in the same dtype, plus a few ulps."""
 
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ def assert_kernel_close(
     et = rel_err(ref, truth)
     bound = factor * et + KERNEL_SLACK_ULPS * torch.finfo(kernel.dtype).eps
     assert ek <= bound, f"{what}: kernel error {ek:.3g} > {bound:.3g} (torch error {et:.3g})"
+
+
+def assert_reference_close(ref: torch.Tensor, truth: torch.Tensor, what: str = "",
+                           ulps: float = KERNEL_SLACK_ULPS) -> None:
+    """The torch reference against the independent truth: err <= ulps * eps(ref's dtype)."""
+    assert bool(torch.isfinite(ref).all()), f"{what}: non-finite values in the reference"
+    err = rel_err(ref, truth)
+    bound = ulps * torch.finfo(ref.dtype).eps
+    assert err <= bound, f"{what}: reference error {err:.3g} > {bound:.3g} against the definition"
 
 
 def layout(t: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""accumulate_: every kernel backend against the torch reference (multi-tensor, in place)."""
+"""accumulate_: every kernel backend against the torch reference (multi-tensor, in place),
+both against the float64 definition (tests/ops/spec.py)."""
 
 from __future__ import annotations
 
 import pytest
+import spec
 import torch
-from kernel_parity import assert_kernel_close
+from kernel_parity import assert_kernel_close, assert_reference_close
 from op_backends import backend_params, require
 
 from fimfast import ops
@@ -39,12 +41,12 @@ def test_matches_reference(backend, mode, beta, scale):
     states, grads = _panel(dev)
     ptrs = [s.data_ptr() for s in states]
     ref = [s.clone() for s in states]
-    truth = [s.double() for s in states]
+    truth = [spec.accumulate(s, g, mode, beta, scale) for s, g in zip(states, grads)]
     ops.accumulate_(states, grads, mode, beta, scale, backend=backend)
     ops.accumulate_(ref, grads, mode, beta, scale, backend="torch")
-    ops.accumulate_(truth, [g.double() for g in grads], mode, beta, scale, backend="torch")
     assert [s.data_ptr() for s in states] == ptrs  # in place
     for i, (s, r, t) in enumerate(zip(states, ref, truth)):
+        assert_reference_close(r, t, what=f"torch accumulate_ tensor {i}")
         assert_kernel_close(s, r, t, what=f"{backend} accumulate_ tensor {i}")
 
 
@@ -56,9 +58,11 @@ def test_strided_states_and_grads(backend):
     grads = [torch.randn(6, 8, device=dev).t(), torch.randn(10, 2, device=dev)[:, 0]]
     ref = [s.clone() for s in states]
     ops.accumulate_(states, grads, "ema", 0.8, 2.0, backend=backend)
+    truth = [spec.accumulate(s, g, "ema", 0.8, 2.0) for s, g in zip(ref, grads)]
     ops.accumulate_(ref, grads, "ema", 0.8, 2.0, backend="torch")
-    for s, r in zip(states, ref):
-        torch.testing.assert_close(s, r, rtol=1e-6, atol=1e-6)
+    for s, r, t in zip(states, ref, truth):
+        assert_reference_close(r, t, what="torch accumulate_")
+        assert_kernel_close(s, r, t, what=f"{backend} accumulate_")
     torch.testing.assert_close(base.t(), states[0])  # the view's storage holds the result
 
 

@@ -1,12 +1,14 @@
-"""core_topk: every kernel backend against the torch reference (exact and power solvers)."""
+"""core_topk: every kernel backend against the torch reference (exact and power solvers), and both
+against numpy's eigendecomposition of diag(p) - p p^T formed in the test (tests/ops/spec.py)."""
 
 from __future__ import annotations
 
 import pytest
+import spec
 import torch
 from kernel_parity import assert_kernel_close
 from op_backends import backend_params, require
-from tolerances import EIG_ERR_FACTOR
+from tolerances import EIG_ERR_FACTOR, KERNEL_SLACK_ULPS
 
 from fimfast import ops
 from fimfast.ops.torch_ref import fix_signs
@@ -49,11 +51,49 @@ def _probs(kind: str) -> tuple[torch.Tensor, int]:
 KINDS = ["random", "peaked", "ties", "zeros", "uniform", "two_classes", "1x3", "wide"]
 
 
+def _check_definition(p, lam, vec, k, solver, what):
+    """(lam, vec) against M = diag(p) - p p^T formed here in float64 (||M|| <= 1, so absolute
+    errors): orthonormal rows; exact: the top-k eigenvalues of numpy's eigh (C <= 512; above,
+    they interlace with the sorted probabilities) and residuals
+    |M v - lam v| of a few ulps (by Davis-Kahan this pins every vector of a simple eigenvalue,
+    and the eigenspace of a repeated one); power: lam is the Rayleigh quotient v^T M v."""
+    tol = KERNEL_SLACK_ULPS * torch.finfo(lam.dtype).eps
+    p64 = p.detach().to("cpu", torch.float64)
+    lam64, V = lam.detach().to("cpu", torch.float64), vec.detach().to("cpu", torch.float64)
+    # orthogonality of vectors from the secular equation degrades as 1 / (relative distance of
+    # the eigenvalue to the nearest probability, a pole): measured 0.01-0.2 ulps times that factor
+    dist = (p64.unsqueeze(1) - lam64.unsqueeze(-1)).abs().amin(-1) / lam64.abs().clamp_min(1e-300)
+    cond = 1 / dist.amin(-1).clamp(1e-300, 1.0)  # (R,)
+    gram = torch.einsum("rjc,ric->rji", V, V)
+    orth = (gram - torch.eye(k, dtype=torch.float64)).abs().amax((1, 2))
+    worst = float((orth / (tol * cond)).max())
+    assert worst <= 1, f"{what}: |V V^T - I| up to {worst:.3g} x its bound {tol:.3g} x cond"
+    # M v = p * v - p (p . v), without the C x C matrix
+    MV = p64.unsqueeze(1) * V - p64.unsqueeze(1) * torch.einsum("rc,rjc->rj", p64, V).unsqueeze(-1)
+    if solver == "power":
+        rq = torch.einsum("rjc,rjc->rj", V, MV)
+        err = float((rq - lam64).abs().max())
+        assert err <= tol, f"{what}: eigenvalue != Rayleigh quotient by {err:.3g}"
+        return
+    if p.shape[-1] <= 512:
+        lam_np, _ = spec.core_eigh(p)
+        err = float((lam64 - torch.from_numpy(lam_np[:, :k])).abs().max())
+        assert err <= tol, f"{what}: eigenvalues off numpy's eigh by {err:.3g} > {tol:.3g}"
+    else:  # eigh of C x C is too slow: with the residuals below, interlacing with the sorted p
+        # (p_(j+1) <= lam_j <= p_(j)) makes them the top k
+        ps = p64.sort(-1, descending=True).values
+        assert bool((lam64 <= ps[:, :k] + tol).all() and (lam64 >= ps[:, 1 : k + 1] - tol).all())
+    res = float((MV - lam64.unsqueeze(-1) * V).abs().max())
+    assert res <= tol, f"{what}: residual |M v - lam v| = {res:.3g} > {tol:.3g}"
+
+
 def _check(p, k, solver, backend, iters=30):
     lam, vec = ops.core_topk(p, k, solver, iters, backend=backend)
     lam_r, vec_r = ops.core_topk(p, k, solver, iters, backend="torch")
     lam_t, vec_t = ops.core_topk(p.double(), k, solver, iters, backend="torch")
     what = f"{backend} {solver}"
+    _check_definition(p, lam_r, vec_r, k, solver, f"torch {solver}")
+    _check_definition(p, lam, vec, k, solver, what)
     assert lam.shape == lam_r.shape and vec.shape == vec_r.shape
     assert vec.is_contiguous() and lam.is_contiguous()
     assert_kernel_close(lam, lam_r, lam_t, what=what + " eigenvalues")

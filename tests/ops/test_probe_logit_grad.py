@@ -1,15 +1,17 @@
-"""probe_logit_grad: every kernel backend against the torch reference, mode by mode."""
+"""probe_logit_grad: every kernel backend against the torch reference, mode by mode, both against
+the float64 definition of every mode (tests/ops/spec.py: hand softmax, independent generator)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import spec
 import torch
-from kernel_parity import assert_kernel_close, layout, rel_err
+from kernel_parity import assert_kernel_close, assert_reference_close, layout, rel_err
 from op_backends import backend_params, require
 from tolerances import KERNEL_SLACK_ULPS, MC_BOUNDARY
 
 from fimfast import ops
-from fimfast.ops import rng
 from fimfast.ops.registry import BackendUnavailableError
 
 SEED = 0x1234_5678_9ABC_DEF0  # both 32-bit halves of the seed matter
@@ -57,31 +59,49 @@ def _check(z, mode, labels, eig, backend):
     out = _call(z, mode, labels, eig, backend)
     ref = _call(z, mode, labels, eig, "torch")
     z64 = z.to(torch.float64)
-    eig64 = None if eig is None else (eig[0].double(), eig[1].double())
-    truth = _call(z64, mode, labels, eig64, "torch")
     assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
     if mode == "mc":
         _check_mc(z64, labels, out, ref)
         return
+    truth = spec.probe_logit_grad(z, mode, SEED, OFFSET, S, labels=labels, eig=eig, sigma2=SIGMA2)
+    assert_reference_close(ref, truth, what=f"torch {mode}")
     assert_kernel_close(out, ref, truth, what=f"{backend} {mode}")
 
 
 def _check_mc(z64, labels, out, ref):
-    """Same labels as the reference except where u sits on a CDF step; e_y - p to rounding."""
+    """The labels of the definition (inverse CDF of the float64 softmax at the spec's uniforms),
+    for the reference and the kernel, except where u sits on a CDF step; e_y - p to rounding."""
     R, C = z64.shape
-    yk, yr = out.argmax(-1), ref.argmax(-1)
-    p64 = torch.softmax(z64, -1)
-    cdf = torch.cumsum(p64, -1)
-    diff = (yk != yr).nonzero().tolist()
-    for s, r in diff:
-        u = rng.uniform(SEED, OFFSET + s * R + r, (1,), torch.float64).item()
-        step = float(cdf[r, min(int(yk[s, r]), int(yr[s, r]))])
-        assert abs(step - u) <= MC_BOUNDARY, f"mc label {int(yk[s, r])} != {int(yr[s, r])}"
+    truth = spec.probe_logit_grad(z64, "mc", SEED, OFFSET, S)
+    yt = truth.argmax(-1)
+    u = torch.from_numpy(spec.uniforms(SEED, OFFSET, S * R).reshape(S, R))
+    cdf = torch.from_numpy(np.cumsum(spec.softmax(z64.cpu().numpy()), -1))
+    yk, yr = out.argmax(-1).cpu(), ref.argmax(-1).cpu()
+    for y, who in ((yr, "torch"), (yk, "kernel")):
+        for s, r in (y != yt).nonzero().tolist():
+            step = float(cdf[r, min(int(y[s, r]), int(yt[s, r]))])
+            assert abs(step - float(u[s, r])) <= MC_BOUNDARY, (
+                f"{who} mc label {int(y[s, r])} != {int(yt[s, r])} of the definition")
+    p64 = torch.from_numpy(spec.softmax(z64.cpu().numpy()))
     onehot = torch.nn.functional.one_hot
     truth_k = onehot(yk.cpu(), C).double() - p64.cpu()
     truth_r = onehot(yr.cpu(), C).double() - p64.cpu()
     ek, er = rel_err(out, truth_k), rel_err(ref, truth_r)
+    # e_y - p is formed next to the one-hot's 1: absolute rounding of a few ulps
+    abs_err = float((ref.cpu().double() - truth_r).abs().max())
+    assert abs_err <= KERNEL_SLACK_ULPS * torch.finfo(ref.dtype).eps, abs_err
     assert ek <= er + KERNEL_SLACK_ULPS * torch.finfo(out.dtype).eps, (ek, er)
+
+
+# sqrt(s (1 - s)) is formed as s * (1 - s) in the compute dtype: for a logit above ~8 (float32)
+# 1 - s cancels, and from ~17 on s rounds to 1 and the probe is 0 instead of sqrt(sigmoid(-z)) ~
+# 2e-4 (the torch reference and every kernel alike; float64 is fine). The larger shapes have such
+# logits (3 * randn). s * sigmoid(-z) has no cancellation.
+_BERNOULLI_SATURATION = pytest.mark.xfail(
+    strict=True,
+    reason="bernoulli probes lose accuracy for saturated logits: probe_logit_grad("
+    "[[17., -17.]], 'bernoulli', ...) gives |dz| = [0, 2.06e-4] instead of [2.06e-4, 2.06e-4]",
+)
 
 
 def _cases():
@@ -95,7 +115,10 @@ def _cases():
                         or (sname == "5x8192" and dname not in _INTERP_8192)
                     ):
                         continue
-                    yield pytest.param(b, mode, shape, dname, marks=marks,
+                    m = list(marks)
+                    if mode == "bernoulli" and sname != "1x3" and dname != "f64":
+                        m.append(_BERNOULLI_SATURATION)
+                    yield pytest.param(b, mode, shape, dname, marks=m,
                                        id=f"{b}-{mode}-{sname}-{dname}")
 
 

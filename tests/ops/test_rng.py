@@ -1,10 +1,14 @@
-"""The counter-based generator: Python spec vs torch vs every kernel, and its statistics."""
+"""The counter-based generator: an independent numpy implementation of its algorithm
+(tests/ops/spec.py, written from csrc/include/fimfast_rng.h) vs the library's Python spec, torch
+and every kernel, and its statistics."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import spec
 import torch
 from op_backends import backend_params, require
 from tolerances import STAT_SIGMAS
@@ -28,6 +32,7 @@ KNOWN = [
 
 @pytest.mark.parametrize("seed,stream,ctr,value", KNOWN, ids=[f"kat{i}" for i in range(5)])
 def test_known_answers(seed, stream, ctr, value):
+    assert int(spec.hash_u32(seed, stream, np.array([ctr]))[0]) == value
     assert rng.hash_int(seed, stream, ctr) == value
     t = rng.hash_counters(seed, stream, torch.tensor([ctr], dtype=torch.int64))
     assert int(t) == value
@@ -42,18 +47,17 @@ def test_torch_hash_matches_python_spec():
     ])
     for seed in (0, 7, 2**32 + 1, 2**63 + 12345, -3):
         for stream in (rng.STREAM_SIGN, rng.STREAM_UNIFORM):
-            got = rng.hash_counters(seed, stream, ctr).tolist()
-            assert got == [rng.hash_int(seed, stream, int(c)) for c in ctr]
+            expect = spec.hash_u32(seed, stream, ctr.numpy().astype(np.uint64)).tolist()
+            assert rng.hash_counters(seed, stream, ctr).tolist() == expect
+            assert [rng.hash_int(seed, stream, int(c)) for c in ctr] == expect
 
 
 def test_rademacher_and_uniform_follow_the_spec():
     off, n = 2**32 - 37, 200  # straddles a change of the high counter word
     signs = rng.rademacher(SEED, off, (n,), torch.float64).tolist()
-    spec = [1 - 2 * ((rng.hash_int(SEED, 0, (off + i) >> 5) >> ((off + i) & 31)) & 1)
-            for i in range(n)]
-    assert signs == spec
+    assert signs == spec.signs(SEED, off, n).tolist()
     u = rng.uniform(SEED, off, (n,), torch.float64).tolist()
-    assert u == [(rng.hash_int(SEED, 1, off + i) >> 8) * 2.0**-24 for i in range(n)]
+    assert u == spec.uniforms(SEED, off, n).tolist()
 
 
 OFFSETS = {"0": 0, "7": 7, "word-hi-boundary": 2**37 - 50, "2^40+3": 2**40 + 3}
@@ -68,7 +72,8 @@ def test_kernel_signs_are_the_spec(backend, oname):
     z = torch.zeros(R, C, device=dev)
     off = OFFSETS[oname]
     out = ops.probe_logit_grad(z, "gaussian", SEED, off, S, sigma2=1.0, backend=backend)
-    assert torch.equal(out.cpu(), rng.rademacher(SEED, off, (S, R, C), torch.float32))
+    expect = torch.from_numpy(spec.signs(SEED, off, S * R * C).reshape(S, R, C)).float()
+    assert torch.equal(out.cpu(), expect)
 
 
 @pytest.mark.parametrize("backend", backend_params(("torch", "cpp", "triton", "cuda")))
@@ -79,7 +84,7 @@ def test_kernel_uniforms_are_the_spec(backend):
     S, R, C = 2, 16, 4096
     off = 2**33 - 9
     out = ops.probe_logit_grad(torch.zeros(R, C, device=dev), "mc", SEED, off, S, backend=backend)
-    u = rng.uniform(SEED, off, (S, R), torch.float64)
+    u = torch.from_numpy(spec.uniforms(SEED, off, S * R).reshape(S, R))
     assert torch.equal(out.argmax(-1).cpu(), (u * C).floor().long())
 
 
@@ -102,6 +107,18 @@ def test_sign_statistics():
     _within(float((x * y).mean()), 0.0, se)
     u = rng.uniform(SEED, 12345, (N_DRAWS,), torch.float64)
     _within(float((x * (u - 0.5)).mean()), 0.0, math.sqrt(1 / 12) * se)
+    # the high words of the seed and of the counter matter: seed + 2**32 (same low word) and the
+    # counters 2**32 further on give uncorrelated signs
+    y = rng.rademacher(SEED + 2**32, 12345, (N_DRAWS,), torch.float64)
+    _within(float((x * y).mean()), 0.0, se)
+    y = rng.rademacher(SEED, 12345 + 2**37, (N_DRAWS,), torch.float64)  # word counter + 2**32
+    _within(float((x * y).mean()), 0.0, se)
+    # pairs of neighbours: the four sign patterns of (x_i, x_{i+1}) each have frequency 1/4
+    pair = ((x[:-1] > 0).long() * 2 + (x[1:] > 0).long())
+    counts = torch.bincount(pair, minlength=4).double()
+    n = float(counts.sum())
+    chi2 = float(((counts - n / 4) ** 2 / (n / 4)).sum())  # 3 degrees of freedom
+    assert chi2 <= 3 + STAT_SIGMAS * math.sqrt(6), chi2
 
 
 def test_uniform_statistics():

@@ -1,10 +1,12 @@
-"""shared_sq: every kernel backend against the torch reference."""
+"""shared_sq: every kernel backend against the torch reference, both against the
+float64 definition (tests/ops/spec.py)."""
 
 from __future__ import annotations
 
 import pytest
+import spec
 import torch
-from kernel_parity import assert_kernel_close
+from kernel_parity import assert_kernel_close, assert_reference_close
 from op_backends import backend_params, require
 
 from fimfast import ops
@@ -36,7 +38,8 @@ def _inputs(N, T, O, I, gdt, adt, dev, seed=0):
 def _check(G, A, backend):
     out = ops.shared_sq(G, A, backend=backend)
     ref = ops.shared_sq(G, A, backend="torch")
-    truth = ops.shared_sq(G.double(), A.double(), backend="torch")
+    truth = spec.shared_sq(G, A)  # the definition, in float64
+    assert_reference_close(ref, truth, what="torch shared_sq")
     assert_kernel_close(out, ref, truth, what=f"{backend} shared_sq")
 
 
