@@ -174,7 +174,8 @@ def rows_reference(model, z, fim_type: str, labels, seed: int = 0) -> dict:
     """The first draw of ``DiagFisher(model, fim_type, seed=seed)`` (default options) on the rows
     ``z`` (R, C) of ``model``'s graph, with autograd: EXACT sum_r sum_c (J_r^T a_rc)^2 with
     a_rc = sqrt(p_c) (e_c - p) (docs/math.md §3), EMPIRICAL / MONTE_CARLO
-    sum_r (J_r^T (e_y - p_r))^2 with the observed / sampled label, HUTCHINSON types (sum_r J_r^T u_r)^2 with the probes u."""
+    sum_r (J_r^T (e_y - p_r))^2 with the observed / sampled label, HUTCHINSON types
+    (sum_r J_r^T u_r)^2 with the probes u."""
     from fimfast import likelihoods, ops
     from fimfast.types import Options
 

@@ -281,7 +281,8 @@ LAW_CASES = [  # (panel case, type, num_probes, steps)
                          ids=[f"{c}-{t}-S{s}" for c, t, s, _ in LAW_CASES])
 def test_law_with_several_probes(name, fim_type, S, steps):
     """Mean and variance of S-probe steps vs the closed forms (tests/oracle.py, docs/math.md §5,
-    §8): token-level logits (N, T, C) whose padded and ignored tokens are no rows, and a conv net."""
+    §8): token-level logits (N, T, C) whose padded and ignored tokens are no rows, and a conv
+    net."""
     case = make_case(name).to(torch.float64)
     rj = row_jacobians(case)
     if fim_type == "monte_carlo":
