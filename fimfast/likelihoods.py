@@ -81,8 +81,7 @@ def _diagonal_topk(z: torch.Tensor, likelihood: str, sigma2: float, k: int):
     """Top-k eigenpairs of a diagonal core FIM: its k largest entries and unit vectors."""
     dt = compute_dtype(z.dtype)
     if likelihood == "bernoulli":
-        s = torch.sigmoid(z.to(dt))
-        d = s * (1 - s)
+        d = bernoulli_core(z.to(dt))
     else:
         d = torch.full(z.shape, 1.0 / sigma2, dtype=dt, device=z.device)
     lam, idx = torch.topk(d, k, dim=-1)
@@ -98,9 +97,14 @@ def diag_core(z: torch.Tensor, likelihood: str, sigma2: float) -> torch.Tensor:
         p = torch.softmax(z, -1)
         return p * (1 - p)
     if likelihood == "bernoulli":
-        s = torch.sigmoid(z)
-        return s * (1 - s)
+        return bernoulli_core(z)
     return torch.full_like(z, 1.0 / sigma2)
+
+
+def bernoulli_core(z: torch.Tensor) -> torch.Tensor:
+    """``s (1 - s)`` with ``s = sigmoid(z)``, as ``sigmoid(z) sigmoid(-z)``: accurate in both tails
+    (``1 - s`` cancels to 0 in float32 from ``z`` of about 17 on)."""
+    return torch.sigmoid(z) * torch.sigmoid(-z)
 
 
 def exact_columns(flat: torch.Tensor, opts: Options, chunk: int) -> Iterator[torch.Tensor]:
@@ -117,8 +121,7 @@ def exact_columns(flat: torch.Tensor, opts: Options, chunk: int) -> Iterator[tor
         p = torch.softmax(z, -1)
         sp = torch.sqrt(p)
     elif lk == "bernoulli":
-        s = torch.sigmoid(z)
-        sp = torch.sqrt(s * (1 - s))
+        sp = 0.5 / torch.cosh(0.5 * z)  # sqrt(s (1 - s)), accurate in both tails
     else:
         sp = torch.full_like(z, 1.0 / math.sqrt(opts.sigma2))
     for c0 in range(0, C, chunk):

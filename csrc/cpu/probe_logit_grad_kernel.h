@@ -98,8 +98,9 @@ void probe_row_range(const ProbeArgs& a, const in_t* logits, int64_t row_stride,
       case ProbeMode::kBernoulli: {
         load_row(src, col_stride, C, p.data());
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t sg = acc_t(1) / (acc_t(1) + cpu::exp_f(-p[c]));
-          sp[c] = std::sqrt(sg * (acc_t(1) - sg));
+          // sqrt(s (1 - s)) = 1 / (e^{z/2} + e^{-z/2}): no cancellation in either tail
+          const acc_t h = acc_t(0.5) * p[c];
+          sp[c] = acc_t(1) / (cpu::exp_f(h) + cpu::exp_f(-h));
         }
         for (int64_t s = 0; s < S; ++s) {
           const int64_t row = s * R + r;

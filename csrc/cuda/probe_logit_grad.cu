@@ -88,8 +88,9 @@ __global__ void probe_kernel(const in_t* __restrict__ X, int64_t stride_r, int64
       }
       case ProbeMode::kBernoulli: {
         for (int64_t c = tid; c < C; c += bd) {
-          const acc_t sg = acc_t(1) / (acc_t(1) + exp(-to_acc<acc_t>(x[c * stride_c])));
-          const acc_t amp = sqrt(sg * (acc_t(1) - sg));
+          // sqrt(s (1 - s)) = 1 / (e^{z/2} + e^{-z/2}): no cancellation in either tail
+          const acc_t h = acc_t(0.5) * to_acc<acc_t>(x[c * stride_c]);
+          const acc_t amp = acc_t(1) / (exp(h) + exp(-h));
           o[c] = rng::sign_bit(a.sign_keys, base + c) ? -amp : amp;
         }
         break;

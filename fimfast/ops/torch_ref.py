@@ -34,10 +34,9 @@ def probe_logit_grad_torch(
     if mode == "gaussian":
         xi = rng.rademacher(seed, offset, (S, R, C), dt, dev)
         return xi * (1.0 / math.sqrt(sigma2))
-    if mode == "bernoulli":
-        s = torch.sigmoid(z)
+    if mode == "bernoulli":  # sqrt(s (1 - s)) = 1 / (2 cosh(z / 2)), accurate in both tails
         xi = rng.rademacher(seed, offset, (S, R, C), dt, dev)
-        return xi * torch.sqrt(s * (1.0 - s))
+        return xi * (0.5 / torch.cosh(0.5 * z))
     p = torch.softmax(z, dim=-1)
     if mode in ("hutchinson", "sqrt", "dg"):
         sp = torch.sqrt(p)

@@ -93,17 +93,6 @@ def _check_mc(z64, labels, out, ref):
     assert ek <= er + KERNEL_SLACK_ULPS * torch.finfo(out.dtype).eps, (ek, er)
 
 
-# sqrt(s (1 - s)) is formed as s * (1 - s) in the compute dtype: for a logit above ~8 (float32)
-# 1 - s cancels, and from ~17 on s rounds to 1 and the probe is 0 instead of sqrt(sigmoid(-z)) ~
-# 2e-4 (the torch reference and every kernel alike; float64 is fine). The larger shapes have such
-# logits (3 * randn). s * sigmoid(-z) has no cancellation.
-_BERNOULLI_SATURATION = pytest.mark.xfail(
-    strict=True,
-    reason="bernoulli probes lose accuracy for saturated logits: probe_logit_grad("
-    "[[17., -17.]], 'bernoulli', ...) gives |dz| = [0, 2.06e-4] instead of [2.06e-4, 2.06e-4]",
-)
-
-
 def _cases():
     for b in ("cpp", "triton", "cuda"):
         marks = [pytest.mark.triton] if b == "triton" else []
@@ -115,10 +104,7 @@ def _cases():
                         or (sname == "5x8192" and dname not in _INTERP_8192)
                     ):
                         continue
-                    m = list(marks)
-                    if mode == "bernoulli" and sname != "1x3" and dname != "f64":
-                        m.append(_BERNOULLI_SATURATION)
-                    yield pytest.param(b, mode, shape, dname, marks=m,
+                    yield pytest.param(b, mode, shape, dname, marks=marks,
                                        id=f"{b}-{mode}-{sname}-{dname}")
 
 
@@ -200,3 +186,15 @@ def test_unavailable_backend_is_an_error_with_reason(monkeypatch):
     monkeypatch.setenv("FIMFAST_BACKEND", "auto")
     with pytest.raises(BackendUnavailableError, match="cuda"):
         _call(torch.zeros(2, 3), "dg", None, None, "cuda")
+
+
+@pytest.mark.parametrize(
+    "backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.triton)]
+)
+def test_bernoulli_probes_of_saturated_logits(backend):
+    """sqrt(s (1 - s)) in both tails: |dz| = 1 / (2 cosh(z / 2)) for z = +-17, +-40."""
+    require(backend)
+    z = torch.tensor([[17.0, -17.0, 40.0, -40.0, 0.0]])
+    got = ops.probe_logit_grad(z, "bernoulli", 3, 0, 1, backend=backend).abs()[0, 0].double()
+    want = 0.5 / torch.cosh(0.5 * z[0].double())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

@@ -105,9 +105,8 @@ def _probe_logit_grad_kernel(
         x = tl.load(X_ptr + row_off + offs.to(tl.int64) * X_stride_c, mask=cm, other=0.0).to(ACC)
         if MODE == 7:  # gaussian
             amp = tl.zeros((BLOCK,), ACC) + tl.load(P_ptr)
-        elif MODE == 6:  # bernoulli: sqrt(s(1-s)), s = sigmoid(z)
-            sg = 1.0 / (1.0 + tl.exp(-x))
-            amp = tl.sqrt(sg * (1.0 - sg))
+        elif MODE == 6:  # bernoulli: sqrt(s(1-s)) = 1 / (e^{z/2} + e^{-z/2}), both tails exact
+            amp = 1.0 / (tl.exp(0.5 * x) + tl.exp(-0.5 * x))
         else:
             xm = tl.where(cm, x, float("-inf"))
             e = tl.exp(xm - tl.max(xm, 0))
