@@ -19,6 +19,7 @@ import torch
 
 from fimfast import batch as batchlib
 from fimfast import distributed, likelihoods
+from fimfast.layout import of_output
 from fimfast.types import FIMType, Options
 
 
@@ -113,12 +114,7 @@ class Forward:
     def _rows(self, output: Any, logits: torch.Tensor, labels, mask) -> batchlib.Rows:
         """The valid rows of the logits (masks, ``ignore_index``, shifted labels)."""
         o = self.opts
-        hf = not isinstance(output, torch.Tensor) and (
-            hasattr(output, "logits") or (isinstance(output, dict) and "logits" in output)
-        )
-        logits, labels, mask = batchlib.layout(
-            logits, labels, mask, o.class_dim, o.batch_dim, o.likelihood, hf,
-        )
+        logits, labels, mask = of_output(output, logits, labels, mask, o)
         need = self.fim_type == FIMType.EMPIRICAL
         return batchlib.rows(
             logits, labels, mask, o.likelihood, o.ignore_index, need,

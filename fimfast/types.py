@@ -107,7 +107,7 @@ class Options:
             ``(N, T, C)``; ``1``: ``CrossEntropyLoss``'s ``(N, C, d1, ...)``). ``None`` (the
             default) never guesses: a Hugging Face output is ``(N, T, C)``, categorical labels
             decide when their shape fits one layout only, anything else is refused (see
-            :func:`fimfast.batch.layout`).
+            :func:`fimfast.layout.layout`).
         batch_dim: the batch axis of the inputs and of logits with 3 or more dims (``1`` for
             sequence-first models, ``(T, N, ...)``); 2-D logits are always ``(N, C)``.
         sequence_rows: token-level logits only, MONTE_CARLO and EMPIRICAL only: one row per

@@ -532,3 +532,13 @@ def test_sequence_first_with_a_large_batch_and_t_equal_n():
     assert plan.generic == []
     taps = [t for c in plan.calls for t in c.taps if len(t.cands) == 2]
     assert taps and all(t.bdim == 1 for t in taps)
+
+
+def test_structured_fisher_does_not_guess_the_class_axis():
+    x = torch.randn(5, 3, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="class_dim"):
+        fimfast.fisher(Seg().double(), [x], "exact", representation="block_diag")
+    y = torch.randint(0, 4, (5, 7))
+    with pytest.raises(UnsupportedModelError, match="class_dim=1"):
+        fimfast.fisher(Seg().double(), [(x, y)], "empirical", representation="dense",
+                       class_dim=1)

@@ -28,8 +28,9 @@ import torch
 
 from fimfast import batch as batchlib
 from fimfast import likelihoods
-from fimfast.estimator import _is_causal_lm
-from fimfast.types import FIMType, Options
+from fimfast.forward import _is_causal_lm
+from fimfast.layout import of_output
+from fimfast.types import FIMType, Options, UnsupportedModelError
 
 
 @dataclass
@@ -48,7 +49,15 @@ def forward(model: torch.nn.Module, batch: Any, fim_type: FIMType, opts: Options
     else:
         inputs, labels, mask = batchlib.split(batch)
         output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    logits = batchlib.logits_of(output)
+    raw = batchlib.logits_of(output)
+    logits, labels, mask = of_output(output, raw, labels, mask, opts)
+    if logits is not raw:
+        raise UnsupportedModelError(
+            f"structured representations take (N, C) or (N, T, C) logits as the model returns "
+            f"them; got shape {tuple(raw.shape)} with class_dim={opts.class_dim}, "
+            f"batch_dim={opts.batch_dim} (use fimfast.DiagFisher for the diagonal of other "
+            "layouts)"
+        )
     shift = opts.shift_labels is True or (
         opts.shift_labels == "auto" and logits.dim() == 3 and _is_causal_lm(model)
     )
