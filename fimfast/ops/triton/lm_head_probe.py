@@ -15,7 +15,8 @@ The signs are those of :mod:`fimfast.ops.rng` at the counters ``offset + r*V + c
 reference. ``sqrt`` uses the same formula as ``hutchinson`` (the reference reaches it through
 ``log_softmax``'s backward; the two agree to rounding). ``row_chunk`` does not apply (tiles are
 ``BM x BN``). The hidden size is one block of registers (``d <= MAX_D``); larger heads use the
-composite (torch matmuls around the Triton ``probe_logit_grad``). The kernels are verified against
+composite (torch matmuls around the Triton ``probe_logit_grad``), as does float64 before sm_90
+(:mod:`fimfast.ops.triton.arch`). The kernels are verified against
 the reference under ``TRITON_INTERPRET=1``; their tiling has not been tuned on a GPU.
 """
 
@@ -28,6 +29,7 @@ import triton.language as tl
 from fimfast.ops import rng
 from fimfast.ops.lm_head import lm_head_probe_composite
 from fimfast.ops.torch_ref import compute_dtype
+from fimfast.ops.triton.arch import fp64_dot
 from fimfast.ops.triton.rng import sign_bit
 
 _MODE_ID = {"hutchinson": 0, "sqrt": 1, "dg": 2}
@@ -154,11 +156,12 @@ def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
     """:func:`fimfast.ops.lm_head_probe` in two fused Triton kernels (see the module docstring)."""
     R, D = hidden.shape
     V = weight.shape[0]
-    if D > MAX_D:  # the (BM, d) accumulator would not fit in registers
+    dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+    # the (BM, d) accumulator would not fit in registers; float64 tl.dot needs sm_90 (arch.py)
+    if D > MAX_D or (dt == torch.float64 and not fp64_dot(hidden.device)):
         return lm_head_probe_composite(
             hidden, weight, bias, mode, seed, offset, row_chunk, "triton"
         )
-    dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
     dev = hidden.device
     h = hidden.detach().to(dt).contiguous()
     W = weight.detach().to(dt).contiguous()
