@@ -1,8 +1,9 @@
 """Triton kernel of :func:`fimfast.ops.core_topk`: one program per row of probabilities.
 
 The row stays in registers (``C <= MAX_C``; longer rows, ``k > MAX_K`` for the power solver, and
-rows whose live vectors would spill out of the registers (:func:`_plan`: float64 rows of 8192
-classes, the power solver's larger ``k``) fall back to the torch reference). No sort: the
+rows whose live vectors would spill out of the registers (:func:`_plan`: ``exact`` beyond 4096
+classes in float32 and 2048 in float64, the power solver's larger ``k``) fall back to the torch
+reference). No sort: the
 ``j``-th largest probability and the next one (the poles bounding eigenvalue ``j``) are found by
 max reductions over the classes not yet taken, with ties ordered by class index as every backend
 does. ``exact`` runs the reference's safeguarded rational/Newton/bisection steps on the secular
@@ -26,8 +27,9 @@ MAX_C = 8192
 MAX_K = 16
 # registers a thread holds besides its row vectors (indices, scalars, addresses)
 _REG_OVERHEAD = 16
-# row vectors live at once: exact (p, qs, v, the masks); power (the k vectors, p, w, vj, yi)
-_LIVE_EXACT = 6
+# row vectors live at once: exact (p, qs, v, the masks, the Helmert vector); power (the k
+# vectors, p, w, vj, yi)
+_LIVE_EXACT = 8
 _LIVE_POWER_EXTRA = 4
 _SIGN_TIE_ULPS = tl.constexpr(SIGN_TIE_ULPS)
 
@@ -191,8 +193,9 @@ def _plan(C: int, k: int, solver: str, dt: torch.dtype) -> tuple[int, int] | Non
     float64) and may use ``min(255, 65536 / (32 num_warps))`` registers. The estimate
     ``live vectors x registers per vector + 16`` matches what ``ptxas`` allocates for sm_80 and
     sm_90 (``python -m fimfast.ops.triton.aot``): it admits every configuration that compiled
-    without spills there and refuses every one that spilled (float32 rows of 8192 classes with
-    ``k >= 4`` for the power solver, float64 rows of 8192 classes, float64 with ``k = 16``).
+    without spills there and refuses every one that spilled (``exact`` on float32 rows of 8192
+    classes and float64 rows of 4096; ``power`` on float32 rows of 8192 classes with ``k >= 4``,
+    float64 rows of 8192 classes, float64 with ``k = 16``).
     """
     if C > MAX_C or (solver == "power" and k > MAX_K):
         return None
