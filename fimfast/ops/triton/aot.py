@@ -178,7 +178,7 @@ def _cases() -> list[tuple[str, Callable[[], object]]]:
 
                 cases.append((f"probe_logit_grad {mode} {nm(dt)} C={C}", call))
     for dt in (torch.float32, torch.float64):  # the launcher computes in float32|float64
-        for D in (64, lm_head_probe.MAX_D):
+        for D in (32, lm_head_probe.MAX_D):
             for mode in ("hutchinson", "sqrt", "dg"):
                 for bias in (True, False):
                     cases.append((

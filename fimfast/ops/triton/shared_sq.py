@@ -91,7 +91,9 @@ def shared_sq_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         bo = bi = 32
     else:
         bo = bi = 64
-    bt = max(16, min(32, triton.next_power_of_2(T)))
+    # float32 64x64 tiles take 16 positions per step: with 32 the kernel spills on sm_90
+    # (fimfast.ops.triton.aot)
+    bt = 16 if dt != torch.float64 else max(16, min(32, triton.next_power_of_2(T)))
     tiles = triton.cdiv(O, bo) * triton.cdiv(I, bi)
     split = max(1, min(N, _target_programs(G.device) // tiles))
     per = triton.cdiv(N, split)
