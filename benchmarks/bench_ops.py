@@ -14,6 +14,11 @@ torch/triton versions, git sha, time)::
     python benchmarks/bench_ops.py                 # CPU: 2 threads wall clock, 1 thread CPU time
     python benchmarks/bench_ops.py --device cuda   # GPU
     python benchmarks/bench_ops.py --quick         # smaller cases, fewer rounds
+
+Each timed row also carries the op's minimal memory traffic (``bytes``: inputs read once, outputs
+written once) and arithmetic (``flops``), see :func:`cost`; on a GPU of known peaks (:data:`PEAKS`)
+or with ``--peak-bw``/``--peak-flops``, the achieved bandwidth, its fraction of the peak and the
+roofline time ``max(bytes / bandwidth, flops / peak)`` (``vs_roofline`` = measured / roofline).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ def eager_hutchinson(z: torch.Tensor) -> torch.Tensor:
 
 def probe_cases(dev, quick):
     shapes = [(512, 8192), (4096, 1000), (64, 50257)] if not quick else [(128, 8192)]
+    if quick == "tiny":
+        shapes = [(4, 50)]
     cases = []
     for R, C in shapes:
         modes = ["hutchinson"] if (R, C) != shapes[0] else [
@@ -94,7 +101,7 @@ def probe_cases(dev, quick):
 def topk_cases(dev, quick):
     specs = [(512, 100, 2, "exact"), (512, 100, 2, "power"), (256, 1000, 4, "exact")]
     if quick:
-        specs = specs[:2]
+        specs = specs[:2] if quick != "tiny" else [(8, 10, 2, "exact")]
     cases = []
     for R, C, k, solver in specs:
         def build(R=R, C=C):
@@ -114,7 +121,7 @@ def sq_cases(dev, quick):
     specs = [(256, 512, 784, torch.float32), (256, 512, 784, torch.bfloat16),
              (4096, 64, 64, torch.float32)]
     if quick:
-        specs = [(64, 128, 200, torch.float32)]
+        specs = [(64, 128, 200, torch.float32)] if quick != "tiny" else [(8, 8, 8, torch.float32)]
     cases = []
     for N, O, I, dt in specs:
         def build(N=N, O=O, I=I, dt=dt):
@@ -134,7 +141,7 @@ def sq_cases(dev, quick):
 def shared_cases(dev, quick):
     specs = [(32, 128, 256, 256), (64, 49, 64, 147)]
     if quick:
-        specs = [(8, 32, 64, 64)]
+        specs = [(8, 32, 64, 64)] if quick != "tiny" else [(2, 4, 8, 8)]
     cases = []
     for N, T, O, I in specs:
         def build(N=N, T=T, O=O, I=I):
@@ -153,6 +160,8 @@ def shared_cases(dev, quick):
 def accumulate_cases(dev, quick):
     # a transformer-like parameter list: 12 blocks of 4 matrices + 2 vectors, plus embeddings
     shapes = [(30522, 128)] + [(256, 256)] * 48 + [(256,)] * 24 if not quick else [(64, 64)] * 10
+    if quick == "tiny":
+        shapes = [(8, 8)] * 3
     cases = []
     for gdt, mode in ((torch.float32, "sum"), (torch.bfloat16, "ema")):
         def build(gdt=gdt):
@@ -170,6 +179,65 @@ def accumulate_cases(dev, quick):
         cases.append((f"accumulate_/{len(shapes)}tensors-{n / 1e6:.1f}M/{mode}-"
                       f"{str(gdt).replace('torch.', '')}", build, call, None, {}))
     return cases
+
+
+# --------------------------------------------------------------------------------------------- #
+# cost model and roofline
+# --------------------------------------------------------------------------------------------- #
+# (HBM bytes/s, fp32 FLOP/s without tensor cores), dense, by device name; the first match wins
+PEAKS = (
+    ("H100 PCIe", 2.0e12, 51e12),
+    ("H100", 3.35e12, 67e12),  # SXM
+    ("H200", 4.8e12, 67e12),
+    ("A100", 2.04e12, 19.5e12),  # 80 GB SXM
+    ("L40S", 0.864e12, 91.6e12),
+)
+
+
+def peaks_of(name: str) -> tuple[float, float] | None:
+    """``(bytes/s, fp32 FLOP/s)`` of a GPU named ``name``, or None when unknown."""
+    for key, bw, fl in PEAKS:
+        if key in name:
+            return bw, fl
+    return None
+
+
+def cost(op: str, name: str, x: dict) -> tuple[float, float]:
+    """``(bytes, flops)`` of one call: inputs read once, outputs written once (float32 outputs).
+
+    probe_logit_grad: one probe, ~8 flops per logit (exp, sqrt, sign, mix). core_topk: ``exact``
+    ~10 safeguarded secular steps of ~6 flops per class and eigenvalue; ``power`` 30 iterations of
+    ``4k + k**2`` flops per class (the product, Gram-Schmidt). sq_matmul / shared_sq: the GEMM's
+    ``2 N O I`` (``2 N T O I`` + the squares). accumulate_: 3 flops per element.
+    """
+    def nb(t):
+        return t.numel() * t.element_size()
+
+    if op == "probe_logit_grad":
+        z = x["z"]
+        return nb(z) + z.numel() * 4, 8.0 * z.numel()
+    if op == "core_topk":
+        R, C = x["p"].shape
+        k = int(name.split("/k")[1].split("/")[0])
+        out = R * k * C * 4 + R * k * 4
+        fl = 60.0 * R * k * C if "/exact/" in name else 30.0 * R * C * (4 * k + k * k)
+        return nb(x["p"]) + out, fl
+    if op == "sq_matmul":
+        (N, O), I = x["g"].shape, x["a"].shape[1]
+        return nb(x["g"]) + nb(x["a"]) + O * I * 4, 2.0 * N * O * I + N * (O + I)
+    if op == "shared_sq":
+        N, T, O = x["G"].shape
+        I = x["A"].shape[2]
+        return nb(x["G"]) + nb(x["A"]) + O * I * 4, 2.0 * N * T * O * I + 2.0 * N * O * I
+    if op == "accumulate_":
+        n = sum(s.numel() for s in x["states"])
+        return sum(2 * nb(s) for s in x["states"]) + sum(nb(g) for g in x["grads"]), 3.0 * n
+    raise KeyError(op)
+
+
+def roofline(nbytes: float, flops: float, peaks: tuple[float, float]) -> float:
+    """Seconds at the roofline: the larger of the memory and the arithmetic time."""
+    return max(nbytes / peaks[0], flops / peaks[1])
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -289,9 +357,11 @@ def provenance(dev) -> dict:
     return info
 
 
-def run_case(op, name, build, call, truth_fn, extra, dev, quick, budget, clock) -> list[dict]:
+def run_case(op, name, build, call, truth_fn, extra, dev, quick, budget, clock,
+             peaks=None) -> list[dict]:
     """Parity of every available backend, then interleaved timing of those that pass."""
     x = build()
+    nbytes, flops = cost(op, name, x)
     rows = []
     backends = []
     for b in ("torch", "cpp", "cuda", "triton"):
@@ -330,6 +400,12 @@ def run_case(op, name, build, call, truth_fn, extra, dev, quick, budget, clock) 
             row["median_ms"] = med[b] * 1e3
             row["rounds"] = rounds
             row["speedup_vs_torch"] = med["torch"] / med[b]
+            row["bytes"], row["flops"] = nbytes, flops
+            row["achieved_GBps"] = nbytes / med[b] / 1e9
+            if peaks is not None:
+                row["fraction_of_peak_bw"] = nbytes / med[b] / peaks[0]
+                row["roofline_ms"] = roofline(nbytes, flops, peaks) * 1e3
+                row["vs_roofline"] = med[b] / roofline(nbytes, flops, peaks)
             if "eager" in med:
                 row["speedup_vs_eager"] = med["eager"] / med[b]
     line = "  ".join(f"{b} {med[b] * 1e3:8.2f} ms (x{med['torch'] / med[b]:5.2f})" for b in med)
@@ -342,12 +418,23 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="small cases, few rounds (a smoke run)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny cases, one mode per op, few rounds (a check that the script runs)")
     ap.add_argument("--ops", default="probe_logit_grad,core_topk,sq_matmul,shared_sq,accumulate_")
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of timing per case")
     ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/...)")
     ap.add_argument("--wall-only", action="store_true", help="skip the 1-thread CPU-time pass")
+    ap.add_argument("--peak-bw", type=float, default=None,
+                    help="memory bandwidth in bytes/s (default: from the GPU's name, PEAKS)")
+    ap.add_argument("--peak-flops", type=float, default=None,
+                    help="fp32 FLOP/s without tensor cores (default: from the GPU's name)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    peaks = peaks_of(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+    if args.peak_bw is not None or args.peak_flops is not None:
+        if args.peak_bw is None or args.peak_flops is None:
+            ap.error("--peak-bw and --peak-flops go together")
+        peaks = (args.peak_bw, args.peak_flops)
     builders = {"probe_logit_grad": probe_cases, "core_topk": topk_cases, "sq_matmul": sq_cases,
                 "shared_sq": shared_cases, "accumulate_": accumulate_cases}
     # wall clock with the requested threads; on a CPU also the CPU time of one thread, which a
@@ -357,15 +444,17 @@ def main(argv=None) -> int:
     if dev.type == "cpu" and not args.wall_only:
         passes.append(("cputime_1thread", 1, time.thread_time))
     prov = provenance(dev)
+    prov["peaks"] = None if peaks is None else {"bytes_per_s": peaks[0], "fp32_flops": peaks[1]}
     runs = {}
     for label, threads, clock in passes:
         torch.set_num_threads(threads)
         print(f"== {label}", flush=True)
         results = []
         for op in args.ops.split(","):
-            for case in builders[op](dev, args.quick):
-                results += run_case(op, *case, dev=dev, quick=args.quick, budget=args.budget,
-                                    clock=clock)
+            quick = "tiny" if args.tiny else args.quick
+            for case in builders[op](dev, quick):
+                results += run_case(op, *case, dev=dev, quick=bool(quick), budget=args.budget,
+                                    clock=clock, peaks=peaks)
         runs[label] = results
     out = args.out
     if out is None:

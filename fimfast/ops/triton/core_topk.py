@@ -1,12 +1,15 @@
 """Triton kernel of :func:`fimfast.ops.core_topk`: one program per row of probabilities.
 
-The row stays in registers (``C <= MAX_C``; longer rows, and ``k > MAX_K`` for the power solver,
-fall back to the torch reference). No sort: the ``j``-th largest probability and the next one (the
-poles bounding eigenvalue ``j``) are found by max reductions over the classes not yet taken, with
-ties ordered by class index as every backend does. ``exact`` runs the reference's safeguarded
-rational/Newton/bisection steps on the secular equation, stopping when ``tau`` (the distance to the
-nearest pole) stops moving relative to itself; ties get the reference's Helmert vectors and
-zero probabilities its indicator vectors. ``power`` keeps the ``k`` vectors as a ``(KB, C)`` tile.
+The row stays in registers (``C <= MAX_C``; longer rows, ``k > MAX_K`` for the power solver, and
+rows whose live vectors would spill out of the registers (:func:`_plan`: ``exact`` beyond 4096
+classes in float32 and 2048 in float64, the power solver's larger ``k``) fall back to the torch
+reference). No sort: the
+``j``-th largest probability and the next one (the poles bounding eigenvalue ``j``) are found by
+max reductions over the classes not yet taken, with ties ordered by class index as every backend
+does. ``exact`` runs the reference's safeguarded rational/Newton/bisection steps on the secular
+equation, stopping when ``tau`` (the distance to the nearest pole) stops moving relative to
+itself; ties get the reference's Helmert vectors and zero probabilities its indicator vectors.
+``power`` keeps the ``k`` vectors as a ``(KB, C)`` tile.
 Signs follow :func:`fimfast.ops.torch_ref.fix_signs`.
 """
 
@@ -22,6 +25,12 @@ from fimfast.ops.torch_ref import SIGN_TIE_ULPS, compute_dtype, core_topk_torch
 MAX_C = 8192
 # the power solver holds k vectors of C values
 MAX_K = 16
+# registers a thread holds besides its row vectors (indices, scalars, addresses)
+_REG_OVERHEAD = 16
+# row vectors live at once: exact (p, qs, v, the masks, the Helmert vector); power (the k
+# vectors, p, w, vj, yi)
+_LIVE_EXACT = 8
+_LIVE_POWER_EXTRA = 4
 _SIGN_TIE_ULPS = tl.constexpr(SIGN_TIE_ULPS)
 
 
@@ -176,28 +185,53 @@ def _power_kernel(
         tl.store(V_ptr + (r * K + j) * C + offs, vj, mask=cm)
 
 
+def _plan(C: int, k: int, solver: str, dt: torch.dtype) -> tuple[int, int] | None:
+    """``(BLOCK, num_warps)`` for a row of ``C`` classes, or None where the row's live vectors
+    would not fit in the registers a thread has at that ``num_warps`` (it would spill).
+
+    A thread holds ``BLOCK / (32 num_warps)`` values of each row vector (twice the registers in
+    float64) and may use ``min(255, 65536 / (32 num_warps))`` registers. The estimate
+    ``live vectors x registers per vector + 16`` matches what ``ptxas`` allocates for sm_80 and
+    sm_90 (``python -m fimfast.ops.triton.aot``): it admits every configuration that compiled
+    without spills there and refuses every one that spilled (``exact`` on float32 rows of 8192
+    classes and float64 rows of 4096; ``power`` on float32 rows of 8192 classes with ``k >= 4``,
+    float64 rows of 8192 classes, float64 with ``k = 16``).
+    """
+    if C > MAX_C or (solver == "power" and k > MAX_K):
+        return None
+    block = triton.next_power_of_2(C)
+    warps = max(1, min(32, block // 256))
+    per_vector = block // (32 * warps) * (2 if dt == torch.float64 else 1)
+    live = _LIVE_EXACT if solver == "exact" else triton.next_power_of_2(k) + _LIVE_POWER_EXTRA
+    budget = min(255, 65536 // (32 * warps))
+    if live * max(per_vector, 1) + _REG_OVERHEAD > budget:
+        return None
+    return block, warps
+
+
 def core_topk_triton(
     p: torch.Tensor, k: int, solver: str = "exact", iters: int = 30
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fimfast.ops.core_topk` in Triton; returns ``(lam (R, k), V (R, k, C))``.
 
-    Rows longer than ``MAX_C`` classes, and ``k > MAX_K`` with ``solver="power"``, run the torch
-    reference instead (same contract).
+    Rows longer than ``MAX_C`` classes, ``k > MAX_K`` with ``solver="power"``, and rows whose
+    vectors would not fit in registers (:func:`_plan`) run the torch reference instead (same
+    contract).
     """
     if solver not in ("exact", "power"):
         raise ValueError(f"core_topk: solver must be 'exact' or 'power'; got {solver!r}")
     R, C = p.shape
     k = int(k)
-    if C > MAX_C or (solver == "power" and k > MAX_K):
-        return core_topk_torch(p, k, solver, iters)
     dt = compute_dtype(p.dtype)
+    plan = _plan(C, k, solver, dt)
+    if plan is None:
+        return core_topk_torch(p, k, solver, iters)
+    block, warps = plan
     lam = torch.empty((R, k), dtype=dt, device=p.device)
     vec = torch.empty((R, k, C), dtype=dt, device=p.device)
     if R == 0:
         return lam, vec
     acc = tl.float64 if dt == torch.float64 else tl.float32
-    block = triton.next_power_of_2(C)
-    warps = max(1, min(32, block // 256))
     if solver == "exact":
         _exact_kernel[(R,)](
             p, p.stride(0), p.stride(1), lam, vec, C, k,

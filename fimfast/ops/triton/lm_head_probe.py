@@ -15,8 +15,10 @@ The signs are those of :mod:`fimfast.ops.rng` at the counters ``offset + r*V + c
 reference. ``sqrt`` uses the same formula as ``hutchinson`` (the reference reaches it through
 ``log_softmax``'s backward; the two agree to rounding). ``row_chunk`` does not apply (tiles are
 ``BM x BN``). The hidden size is one block of registers (``d <= MAX_D``); larger heads use the
-composite (torch matmuls around the Triton ``probe_logit_grad``). The kernels are verified against
-the reference under ``TRITON_INTERPRET=1``; their tiling has not been tuned on a GPU.
+composite (torch matmuls around the Triton ``probe_logit_grad``), as does float64 (the fused
+kernels spill there, and a float64 ``tl.dot`` needs sm_90: :mod:`fimfast.ops.triton.arch`). The
+kernels are verified against the reference under ``TRITON_INTERPRET=1``; their tiling has not been
+tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ from fimfast.ops.triton.rng import sign_bit
 _MODE_ID = {"hutchinson": 0, "sqrt": 1, "dg": 2}
 BM = 16  # rows per tile (tl.dot needs >= 16)
 BN = 64  # classes per tile
-MAX_D = 256  # hidden sizes up to this stay in one block: (BM, d) and (BN, d) tiles in registers
+# hidden sizes up to this stay in one block: (BM, d) and (BN, d) tiles in registers. At d = 256
+# both kernels spill on sm_80 and sm_90 (ptxas: 1.7 KB per thread in the row kernel, 20 KB in the
+# weight kernel; python -m fimfast.ops.triton.aot); d = 64 compiles without spills at 8 warps.
+# In float64 the weight kernel spills even at d = 32 (40-72 bytes on sm_90) and a float64 tl.dot
+# needs sm_90: float64 heads take the composite
+MAX_D = 64
 
 
 @triton.jit
@@ -154,11 +161,13 @@ def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
     """:func:`fimfast.ops.lm_head_probe` in two fused Triton kernels (see the module docstring)."""
     R, D = hidden.shape
     V = weight.shape[0]
-    if D > MAX_D:  # the (BM, d) accumulator would not fit in registers
+    dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+    # the (BM, d) accumulator would not fit in registers; in float64 the fused kernels spill
+    # (or, before sm_90, do not compile: fimfast.ops.triton.arch)
+    if D > MAX_D or dt == torch.float64:
         return lm_head_probe_composite(
             hidden, weight, bias, mode, seed, offset, row_chunk, "triton"
         )
-    dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
     dev = hidden.device
     h = hidden.detach().to(dt).contiguous()
     W = weight.detach().to(dt).contiguous()
@@ -184,6 +193,9 @@ def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
         BM=BM,
         BN=BN,
         ACC=tl.float64 if dt == torch.float64 else tl.float32,
+        # 8 warps for d > 32: at 4 the (BN, d) weight tile and the (BM, d) accumulator spill
+        # (12 bytes per thread on sm_80; fimfast.ops.triton.aot)
+        num_warps=8 if D > 32 else 4,
     )
     off = int(offset) & ((1 << 63) - 1)
     _rows_kernel[(triton.cdiv(R, BM),)](

@@ -21,7 +21,8 @@ from fimfast.ops.triton.rng import sign_bit, uniform01
 
 _MODE_ID = {m: i for i, m in enumerate(PROBE_MODES)}
 _HUTCHINSON, _SQRT, _DG, _RANKK, _EMPIRICAL, _MC, _BERNOULLI, _GAUSSIAN = range(8)
-# rows up to this many classes stay in registers (16 per thread at 16 warps on a GPU)
+# rows up to this many classes stay in registers (16 per thread at 16 warps on a GPU); float64
+# rows up to half as many (a float64 row of 8192 spills on sm_80/sm_90: fimfast.ops.triton.aot)
 MAX_ONE_BLOCK = 8192
 _LOOP_BLOCK = 4096
 
@@ -234,7 +235,7 @@ def probe_logit_grad_triton(
     params = torch.tensor([1.0 / math.sqrt(sigma2)], dtype=dt, device=dev)
     k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
     u0, u1 = rng.keys(seed, rng.STREAM_UNIFORM)
-    one_block = C <= MAX_ONE_BLOCK
+    one_block = C <= (MAX_ONE_BLOCK if dt != torch.float64 else MAX_ONE_BLOCK // 2)
     block = triton.next_power_of_2(C) if one_block else _LOOP_BLOCK
     _probe_logit_grad_kernel[(R,)](
         logits,

@@ -3,7 +3,8 @@
 Each program owns a ``(BLOCK_O, BLOCK_I)`` tile of the output and a slice of the samples; per
 sample it forms the tile of ``G_n^T A_n`` with ``tl.dot`` over the positions ``T`` and adds its
 square to a register accumulator, so the ``N*O*I`` per-sample gradients never exist in memory.
-Products run in fp32 with ``input_precision="ieee"`` (fp64 for fp64 inputs).
+Products run in fp32 with ``input_precision="ieee"`` (fp64 for fp64 inputs on sm_90+; older GPUs
+run fp64 through the torch reference, see :mod:`fimfast.ops.triton.arch`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import triton
 import triton.language as tl
 
 from fimfast.dtypes import compute_dtype
+from fimfast.ops.torch_ref import shared_sq_torch
+from fimfast.ops.triton.arch import fp64_dot
 
 
 @triton.jit
@@ -83,11 +86,15 @@ def shared_sq_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     dt = compute_dtype(torch.promote_types(G.dtype, A.dtype))
     if N == 0 or O == 0 or I == 0:
         return torch.zeros((O, I), dtype=dt, device=G.device)
+    if dt == torch.float64 and not fp64_dot(G.device):  # see fimfast.ops.triton.arch
+        return shared_sq_torch(G, A)
     if dt == torch.float64:
         bo = bi = 32
     else:
         bo = bi = 64
-    bt = max(16, min(32, triton.next_power_of_2(T)))
+    # float32 64x64 tiles take 16 positions per step: with 32 the kernel spills on sm_90
+    # (fimfast.ops.triton.aot)
+    bt = 16 if dt != torch.float64 else max(16, min(32, triton.next_power_of_2(T)))
     tiles = triton.cdiv(O, bo) * triton.cdiv(I, bi)
     split = max(1, min(N, _target_programs(G.device) // tiles))
     per = triton.cdiv(N, split)

@@ -3,7 +3,8 @@
 A tiled GEMM over the sample axis: each program owns a ``(BLOCK_O, BLOCK_I)`` tile of the output
 and a slice of the samples, loads ``g`` transposed and ``a`` tile by tile, widens and squares them
 in registers and accumulates ``tl.dot`` in fp32 with ``input_precision="ieee"`` (TF32 would cost
-~1e-3 relative error, far above the float32 reference), or fp64 for fp64 inputs. When the output
+~1e-3 relative error, far above the float32 reference), or fp64 for fp64 inputs (sm_90+; older GPUs
+run fp64 through the torch reference, see :mod:`fimfast.ops.triton.arch`). When the output
 has few tiles the samples are split over programs and the partial tiles summed in a fixed order.
 """
 
@@ -14,6 +15,8 @@ import triton
 import triton.language as tl
 
 from fimfast.dtypes import compute_dtype
+from fimfast.ops.torch_ref import sq_matmul_torch
+from fimfast.ops.triton.arch import fp64_dot
 
 
 @triton.jit
@@ -76,6 +79,8 @@ def sq_matmul_triton(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     dt = compute_dtype(torch.promote_types(g.dtype, a.dtype))
     if N == 0 or O == 0 or I == 0:
         return torch.zeros((O, I), dtype=dt, device=g.device)
+    if dt == torch.float64 and not fp64_dot(g.device):  # see fimfast.ops.triton.arch
+        return sq_matmul_torch(g, a)
     if dt == torch.float64:
         bo = bi = 32
         bn = 16
