@@ -28,7 +28,7 @@ import os
 
 import pytest
 import torch
-from fuzz.grammar import Spec, build, describe, plan
+from fuzz.grammar import Spec, build, describe, features, plan
 from fuzz.known import KNOWN
 from fuzz.runner import Snapshot, check, check_seed, check_spec, clear_refusal
 
@@ -68,57 +68,11 @@ def test_fuzz_model(seed):
 # --------------------------------------------------------------------------------------------- #
 # the fuzzer itself
 # --------------------------------------------------------------------------------------------- #
-def _features(spec: Spec) -> set[str]:
-    f = {f"stem:{spec.stem['kind']}", f"task:{spec.task}", f"out:{spec.out}",
-         f"batch:{spec.batch}", f"mode:{spec.mode}", f"head:{spec.head['type']}"}
-    st = spec.stem
-    if st["kind"] == "bag":
-        f.add(f"bag:offsets={st['offsets']}")
-    if spec.compile:
-        f.add(f"compile:{spec.compile}")
-    if spec.head.get("temp"):
-        f.add("head:temp")
-    if spec.head.get("hook"):
-        f.add(f"hook:{spec.head['hook']}")
-    if spec.task == "token" and spec.mask:
-        f.add("token:mask")
-    if spec.kpm:
-        f.add("kpm")
-    seq = st["kind"] in ("tokens", "fseq")
-    if seq and spec.T == spec.N == spec.C:
-        f.add("sizes:T==N==C")
-    d = st.get("F", st.get("d"))
-    if d == spec.N:
-        f.add("sizes:d==N")
-    for b in spec.blocks + spec.vblocks:
-        op = b["op"]
-        f.add(f"op:{op}")
-        if op in ("mha", "tel", "rnn") and seq:
-            f.add(f"{op}:{spec.layout}")
-        if op == "rnn":
-            f.add(f"rnn:{b['cell']}")
-        if op == "norm":
-            f.add(f"norm:{b['kind']}")
-            if b["kind"] == "batch":
-                f.add(f"norm:batch:train={b['train']}")
-        if op in ("conv", "convT"):
-            f.add(f"{op}{b['dim']}d")
-        if op in ("tied", "mix"):
-            f.add(f"{op}:{b['how']}")
-        if b.get("res"):
-            f.add("res")
-        if b.get("ckpt") is not None:
-            f.add(f"ckpt:reentrant={b['ckpt']}")
-        if b.get("hook"):
-            f.add(f"hook:{b['hook']}")
-    return f
-
-
 def test_ci_seeds_cover_the_grammar():
     """Every construct of the grammar appears in the CI models (plans only: cheap)."""
     seen: set[str] = set()
     for s in ci_seeds():
-        seen |= _features(plan(s))
+        seen |= features(plan(s))
     want = {f"stem:{k}" for k in ("vec", "tokens", "fseq", "bag", "sig", "img", "vol")}
     want |= {"task:cls", "task:token", "token:mask", "kpm", "bag:offsets=True",
              "bag:offsets=False"}

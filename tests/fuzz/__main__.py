@@ -5,6 +5,8 @@ Examples::
     python -m fuzz --count 5000                 # seeds 0..4999, a summary at the end
     python -m fuzz --start 5000 --count 1000 --jsonl runs.jsonl
     python -m fuzz --seed 123 --shrink          # replay one seed and shrink its failure
+    python -m fuzz --count 2000 --skip hook:out,hook:pre,ckpt:reentrant=True
+                                                # leave out models with these constructs
 
 Every failing model is printed with its seed and one-line description as it happens; the
 summary groups the failures by category (``exact:value``, ``monte_carlo:state:buffer``, ...).
@@ -18,7 +20,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 
-from fuzz.grammar import describe, plan
+from fuzz.grammar import describe, features, plan
 from fuzz.runner import TYPES, check_seed, check_spec, shrink
 
 
@@ -34,17 +36,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile with aot_eager where a seed draws inductor")
     ap.add_argument("--shrink", action="store_true",
                     help="shrink every failing model to a smaller one that fails the same way")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated construct tags (fuzz.grammar.features, e.g. hook:out, "
+                         "ckpt:reentrant=True, op:mix, compile:aot_eager, sizes:T==N): models "
+                         "with any of them are not checked")
     ap.add_argument("--jsonl", help="append one JSON line per model to this file")
     ap.add_argument("-q", "--quiet", action="store_true", help="print failures only")
     args = ap.parse_args(argv)
     types = tuple(t.strip() for t in args.types.split(",") if t.strip())
     seeds = args.seed if args.seed else range(args.start, args.start + args.count)
+    skip = {t.strip() for t in args.skip.split(",") if t.strip()}
     status: Counter = Counter()
     groups: dict[str, list[int]] = defaultdict(list)
     t0 = time.perf_counter()
     out_file = open(args.jsonl, "a") if args.jsonl else None  # noqa: SIM115 - closed below
     try:
         for seed in seeds:
+            if skip and features(plan(seed, not args.no_inductor)) & skip:
+                status["skipped"] += 1
+                continue
             o = check_seed(seed, allow_inductor=not args.no_inductor, types=types)
             status[o.status] += 1
             for cat in sorted(o.signature):

@@ -420,6 +420,58 @@ def _chan_block(d: _Draw, feat: tuple, N: int) -> tuple[dict, tuple]:
     return _wrap(d, {"op": "act", "act": d.choice(ACTS)}, True), feat
 
 
+def features(spec: Spec) -> set[str]:
+    """The constructs of ``spec`` as tags (``op:mha``, ``mha:sf``, ``hook:out``,
+    ``ckpt:reentrant=True``, ``compile:aot_eager``, ``sizes:T==N==C``, ...)."""
+    f = {f"stem:{spec.stem['kind']}", f"task:{spec.task}", f"out:{spec.out}",
+         f"batch:{spec.batch}", f"mode:{spec.mode}", f"head:{spec.head['type']}"}
+    st = spec.stem
+    if st["kind"] == "bag":
+        f.add(f"bag:offsets={st['offsets']}")
+    if spec.compile:
+        f.add(f"compile:{spec.compile}")
+    if spec.head.get("temp"):
+        f.add("head:temp")
+    if spec.head.get("hook"):
+        f.add(f"hook:{spec.head['hook']}")
+    if spec.task == "token" and spec.mask:
+        f.add("token:mask")
+    if spec.kpm:
+        f.add("kpm")
+    seq = st["kind"] in ("tokens", "fseq")
+    if seq:
+        f.add(f"layout:{spec.layout}")
+        if spec.T == spec.N:
+            f.add("sizes:T==N")
+    if seq and spec.T == spec.N == spec.C:
+        f.add("sizes:T==N==C")
+    d = st.get("F", st.get("d"))
+    if d == spec.N:
+        f.add("sizes:d==N")
+    for b in spec.blocks + spec.vblocks:
+        op = b["op"]
+        f.add(f"op:{op}")
+        if op in ("mha", "tel", "rnn") and seq:
+            f.add(f"{op}:{spec.layout}")
+        if op == "rnn":
+            f.add(f"rnn:{b['cell']}")
+        if op == "norm":
+            f.add(f"norm:{b['kind']}")
+            if b["kind"] == "batch":
+                f.add(f"norm:batch:train={b['train']}")
+        if op in ("conv", "convT"):
+            f.add(f"{op}{b['dim']}d")
+        if op in ("tied", "mix"):
+            f.add(f"{op}:{b['how']}")
+        if b.get("res"):
+            f.add("res")
+        if b.get("ckpt") is not None:
+            f.add(f"ckpt:reentrant={b['ckpt']}")
+        if b.get("hook"):
+            f.add(f"hook:{b['hook']}")
+    return f
+
+
 # --------------------------------------------------------------------------------------------- #
 # modules
 # --------------------------------------------------------------------------------------------- #
