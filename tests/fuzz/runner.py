@@ -5,7 +5,11 @@ takes one ``step`` on the case's batch and its result is compared, parameter ten
 tensor, with the brute-force oracle of ``tests/oracle.py`` (every valid row's full Jacobian, one
 output coordinate at a time, on the eager model without checkpointing):
 
-* EXACT: ``sum_r diag(J_r^T I(z_r) J_r)``; EMPIRICAL: ``sum_r (J_r^T (e_{y_r} - p_r))^2``;
+* EXACT: ``sum_r diag(J_r^T I(z_r) J_r)``, evaluated as ``sum_r sum_c p_rc (J_rc - Jbar_r)^2``
+  with ``Jbar_r = sum_c p_rc J_rc`` (the same number; the form ``J^T (diag p - p p^T) J`` of
+  ``oracle.quad_diag`` loses ``eps / (1 - max p)`` to cancellation, ~1e-10 at a softmax
+  saturated to ``1 - p = 1e-6``, which the fuzzer's models reach);
+* EMPIRICAL: ``sum_r (J_r^T (e_{y_r} - p_r))^2``;
 * MONTE_CARLO (``seed`` fixed, ``num_probes = 2``): the same-seed oracle, which draws the labels
   from the documented counter-based stream (:func:`fimfast.ops.rng.uniform`, counter
   ``s * R + r`` for draw ``s`` of row ``r``) by its own inverse CDF and sums
@@ -13,8 +17,11 @@ output coordinate at a time, on the eager model without checkpointing):
   (where rounding could pick the neighbouring class) makes the check inconclusive: it is skipped.
 
 A tensor passes when ``|got - ref| <= REL * |ref|`` (Frobenius norms) with ``REL = 1e-10``; a
-tensor whose oracle is zero to rounding (``|ref| < FLOOR * |ref of all|``, e.g. the bias of a
-Linear followed by a train-mode BatchNorm) must have ``|got - ref| <= REL * FLOOR * |ref of all|``.
+tensor whose oracle is (nearly) zero by a symmetry (``|ref| < FLOOR * |ref of all|``, FLOOR =
+1e-6: the bias of a Linear in front of a train-mode BatchNorm, the weights in front of a
+LayerNorm over two features) is held to ``|got - ref| <= REL * FLOOR * |ref of all|`` instead:
+its entries are rounding noise of larger terms, whose relative error can reach 1e-10 at
+1e-9 of the whole estimate.
 
 Around every step the model must be left as it was: parameter values and objects, buffers
 (BatchNorm running statistics), ``.grad`` (set to sentinels before), ``requires_grad``, the
@@ -49,7 +56,7 @@ if _TESTS not in sys.path:
 from oracle import RowJacobians, oracle_flat, row_jacobians  # noqa: E402
 
 REL = 1e-10
-FLOOR = 1e-8
+FLOOR = 1e-6
 MC_SEED = 20261206
 MC_PROBES = 2
 MC_BOUNDARY = 1e-12
@@ -126,6 +133,13 @@ class _OracleCase:
         return logits_of(model(batch[0]))
 
 
+def exact_oracle(rj: RowJacobians) -> torch.Tensor:
+    """Flat EXACT estimate ``sum_r sum_c p_rc (J_rc - Jbar_r)^2`` (no cancellation)."""
+    p = torch.softmax(rj.z, -1)
+    dev = rj.J - torch.einsum("rc,rcp->rp", p, rj.J).unsqueeze(1)
+    return torch.einsum("rc,rcp->p", p, dev.square())
+
+
 def mc_oracle(rj: RowJacobians, seed: int, offset: int, S: int) -> torch.Tensor | None:
     """Flat MONTE_CARLO estimate for ``seed`` (``None``: a uniform lies at a CDF step)."""
     z = rj.z
@@ -145,8 +159,8 @@ def oracles(case: Case) -> tuple[dict[str, dict[str, torch.Tensor] | None], list
     """``{type: {name: tensor}}`` for every type (``None``: inconclusive) and the names."""
     rj = row_jacobians(_OracleCase(case))
     out: dict[str, dict[str, torch.Tensor] | None] = {}
-    for t in ("exact", "empirical"):
-        out[t] = rj.split(oracle_flat(rj, "categorical", t))
+    out["exact"] = rj.split(exact_oracle(rj))
+    out["empirical"] = rj.split(oracle_flat(rj, "categorical", "empirical"))
     mc = mc_oracle(rj, MC_SEED, 0, MC_PROBES)
     out["monte_carlo"] = None if mc is None else rj.split(mc)
     return out, rj.names
