@@ -12,11 +12,12 @@ from fimfast.api import diag_fim_step, get_diag_fim, get_estimator, zero_diag_fi
 from fimfast.diagfim import DiagFIM
 from fimfast.estimator import DiagFisher, diag_fisher
 from fimfast.ops.registry import BackendUnavailableError, available_backends
-from fimfast.types import FIMType, Options
+from fimfast.types import FIMType, Options, UnsupportedModelError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "UnsupportedModelError",
     "BackendUnavailableError",
     "DiagFIM",
     "DiagFisher",

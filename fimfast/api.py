@@ -30,10 +30,12 @@ def _model_states(model: torch.nn.Module) -> dict[FIMType, DiagFisher]:
 def zero_diag_fim(model: torch.nn.Module, fim_type: FIMType | str | None = None) -> None:
     """Reset this model's accumulated Fisher for ``fim_type`` (every type when ``None``)."""
     states = _model_states(model)
-    if fim_type is None:
-        states.clear()
-        return
-    states.pop(FIMType.parse(fim_type), None)
+    # the estimators stay (their per-structure caches survive); the next step restarts them as
+    # new ones: fresh state, options, reduction, ema and random stream
+    for t, est in states.items():
+        if fim_type is None or t == FIMType.parse(fim_type):
+            est.reset()
+            est._restart = True
 
 
 def diag_fim_step(
@@ -67,6 +69,9 @@ def diag_fim_step(
     opts = dict(fim_opts or {})
     if est is None:
         est = DiagFisher(model, fim_type, reduction=reduction, ema=ema, **opts)
+    elif getattr(est, "_restart", False):
+        est.restart(reduction, ema, opts)
+        est._restart = False
     else:
         if est.reduction != reduction or est.ema != ema:
             raise ValueError(
@@ -99,6 +104,8 @@ def get_diag_fim(
     """
     fim_type = FIMType.parse(fim_type)
     est = _model_states(model).get(fim_type)
+    if est is not None and getattr(est, "_restart", False):
+        est = None  # reset by zero_diag_fim, no step since
     if est is None or est.state.steps == 0:
         if est is not None and not local and _reduces(est):
             return dict(est.result())  # other ranks may have steps: take part in the collective

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import distributed, hutchinson, likelihoods, lm_head, persample
+from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
+from fimfast.guard import BufferGuard
 from fimfast.ops import registry
 from fimfast.state import State
 from fimfast.types import (
@@ -21,7 +22,7 @@ from fimfast.types import (
     Options,
     check_ema,
     check_reduction,
-    check_type_likelihood,
+    check_type_options,
 )
 
 __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
@@ -89,7 +90,8 @@ class DiagFisher:
         self.reduction = check_reduction(reduction)
         self.ema = check_ema(ema)
         self.opts = Options.from_dict(opts)
-        check_type_likelihood(self.fim_type, self.opts.likelihood)
+        self._opts_given: dict[str, Any] | None = dict(opts)
+        check_type_options(self.fim_type, self.opts)
         self._head = lm_head.resolve(model, self.fim_type, self.opts)
         registry.check_backend(self.opts.backend, _device_of(model))
         distributed.check_model(model)
@@ -99,6 +101,8 @@ class DiagFisher:
         self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
         self.offset = 0
         self._persample = persample.Engine()
+        self._guard = BufferGuard()
+        self._nograd = hooks.NogradWatch()
         self._warned_exact = False
 
     @property
@@ -116,14 +120,28 @@ class DiagFisher:
     # -- configuration ---------------------------------------------------------------------- #
     def set_options(self, opts: dict[str, Any] | None) -> None:
         """Replace the options (validated); a new ``seed`` restarts the random stream."""
+        if opts is not None and opts == self._opts_given:
+            return  # the same mapping as last time: nothing to validate again
         new = Options.from_dict(opts)
-        check_type_likelihood(self.fim_type, new.likelihood)
+        check_type_options(self.fim_type, new)
         head = lm_head.resolve(self.model, self.fim_type, new)
         registry.check_backend(new.backend, _device_of(self.model))
         if new.seed is not None and new.seed != self._seed:
             self.seed, self.offset = new.seed, 0
         self.opts = new
         self._head = head
+        self._opts_given = dict(opts or {})
+
+    def restart(self, reduction: str, ema: float | None, opts: dict[str, Any] | None) -> None:
+        """Start over as a new estimator of the same type would (state, reduction, ema,
+        options and random stream), keeping the per-structure caches of the engines."""
+        reduction, ema = check_reduction(reduction), check_ema(ema)
+        self._opts_given = None
+        self.set_options(opts)
+        self.reduction, self.ema = reduction, ema
+        self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
+        self.offset = 0
+        self.reset()
 
     def reset(self) -> None:
         """Forget the accumulated state (the random stream continues)."""
@@ -156,6 +174,10 @@ class DiagFisher:
             labels, mask = batchlib.labels_of(batch)
         # a Fisher-only step runs DDP's wrapped module: no reducer bookkeeping, no collective
         module = self.model if train else distributed.forward_module(self.model)
+        if self.fim_type.is_per_sample:
+            # a torch.compile'd module runs eagerly: the layer capture needs module calls (the
+            # graph check refuses taps inside a compiled region anyway)
+            module = _eager(module)
         try:
             if fwd is not None:
                 output = fwd(self.model, batch)
@@ -164,10 +186,28 @@ class DiagFisher:
             else:
                 output = module(inputs)
         except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
-            raise _with_context(exc, "batch: the model's forward failed on this batch") from exc
+            how = (
+                "inputs as a tensor via model(x)" if not isinstance(inputs, dict) and fwd is None
+                else "a mapping via model(**batch)" if fwd is None else "forward_fn"
+            )
+            hint = "" if fwd is not None else (
+                f"; fimfast called it with {how}: pass fim_opts['forward_fn'] = "
+                "lambda model, batch: model(...) for a forward that takes other arguments "
+                "(keyword inputs, several tensors)"
+            )
+            raise _with_context(
+                exc, f"batch: the model's forward failed on this batch{hint}"
+            ) from exc
         logits = batchlib.logits_of(output)
         if head is not None:
             head.check_output(logits)
+        hf = not isinstance(output, torch.Tensor) and (
+            hasattr(output, "logits") or (isinstance(output, dict) and "logits" in output)
+        )
+        logits, labels, mask = batchlib.layout(
+            logits, labels, mask, self.opts.class_dim, self.opts.batch_dim, self.opts.likelihood,
+            hf,
+        )
         need = self.fim_type == FIMType.EMPIRICAL
         rows = batchlib.rows(
             logits,
@@ -189,9 +229,16 @@ class DiagFisher:
         """The forward, under the per-sample engine's layer capture for per-sample types:
         ``(capture or None, rows)`` (hooks removed on exit)."""
         if not self.fim_type.is_per_sample:
-            return None, self._forward(batch, train)[1]
+            with self._nograd.watching(self.model, params) as seen:
+                rows = self._forward(batch, train)[1]
+            # a reentrant checkpoint runs its segment without gradients, and HUTCHINSON's
+            # plain backward reaches its parameters all the same
+            if seen and not hutchinson.has_reentrant_checkpoint(rows.flat):
+                raise hooks.nograd_error(seen, "")
+            return None, rows
         cap, (_, rows) = self._persample.forward(
-            self.model, params, batchlib.batch_size(batch), lambda: self._forward(batch, train),
+            self.model, params, batchlib.batch_size(batch, self.opts.batch_dim),
+            lambda: self._forward(batch, train),
             logits=lambda result: result[1].logits, plain=lambda: self._forward(batch),
         )
         return cap, rows
@@ -256,18 +303,24 @@ class DiagFisher:
         self.offset += likelihoods.counters_used(self.opts.num_probes, rows.count, rows.num_classes)
 
     def step(self, batch: Any) -> None:
-        """Estimate on one batch and fold it into the state (all or nothing)."""
+        """Estimate on one batch and fold it into the state (all or nothing).
+
+        The model's parameters, buffers (BatchNorm's running statistics included), gradients and
+        train/eval mode are left as they were (see :mod:`fimfast.guard`); the default random
+        generator advances as one forward of the model advances it (dropout), plus one draw
+        when the estimator was created without a seed."""
         params = self._params()  # a changed parameter set is refused before the forward
-        if self._head is None:
-            cap, rows = self._captured_forward(params, batch)
-            head = None
-        else:  # HUTCHINSON types only (validated): no layer capture
-            cap = None
-            with lm_head.capture(self._head) as head:
-                _, rows = self._forward(batch, head=head)
-        params = self._params_after_forward(params)
-        with _fimfast_arithmetic(rows.logits.device):
-            acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
+        with self._guard.kept(self.model):
+            if self._head is None:
+                cap, rows = self._captured_forward(params, batch)
+                head = None
+            else:  # HUTCHINSON types only (validated): no layer capture
+                cap = None
+                with lm_head.capture(self._head) as head:
+                    _, rows = self._forward(batch, head=head)
+            params = self._params_after_forward(params)
+            with _fimfast_arithmetic(rows.logits.device):
+                acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows)
 
     def train_step(self, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
@@ -354,6 +407,17 @@ class DiagFisher:
         self.state.load_state_dict(sd["state"])
         self.seed = int(sd["seed"])
         self.offset = int(sd["offset"])
+
+
+def _eager(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``module``."""
+    if "torch._dynamo" not in sys.modules:
+        return module
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def _with_context(exc: Exception, context: str) -> Exception:

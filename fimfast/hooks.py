@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.modules import module as _module_mod
 
 
 @dataclass
@@ -150,17 +151,32 @@ class Capture:
         self.rule_for = rule_for
         self.calls: list[Call] = []
         self.active = False
+        # modules owning trainable parameters (id -> qualified name): those called with
+        # gradients disabled inside the forward are recorded (see :meth:`installed`)
+        self.owners: dict[int, str] = {}
+        self.nograd: list[str] = []
+        # a global forward hook (register_module_forward_hook) runs before every module's own
+        # hooks, so the taps would see the output it returns, not the layer's
+        self.global_hooks = bool(_module_mod._global_forward_hooks)
 
     # -- installation ---------------------------------------------------------------------- #
     @contextmanager
-    def installed(self, modules: list[tuple[torch.nn.Module, Any]] | None = None
-                  ) -> Iterator[Capture]:
-        """Install hooks (and patched forwards) on ``modules`` (default: :func:`targets`);
+    def installed(
+        self,
+        modules: list[tuple[torch.nn.Module, Any]] | None = None,
+        owned: dict[int, str] | None = None,
+    ) -> Iterator[Capture]:
+        """Install hooks (and patched forwards) on ``modules`` (default: :func:`targets`), and a
+        global forward pre-hook that records the modules of ``owned`` (default:
+        :func:`owners`) called with gradients disabled (``torch.no_grad`` or a reentrant
+        ``torch.utils.checkpoint`` inside the forward: autograd never sees their parameters);
         remove them on exit."""
         if modules is None:
             modules = targets(self.model, self.params, self.rule_for)
+        self.owners = owned if owned is not None else owners(self.model, self.params)
         undo: list[Callable[[], None]] = []
         try:
+            undo.append(_module_mod.register_module_forward_pre_hook(self._pre_hook).remove)
             for m, rule in modules:
                 undo.append(rule.install(m, self))
             self.active = True
@@ -169,6 +185,12 @@ class Capture:
             self.active = False
             for u in reversed(undo):
                 u()
+
+    def _pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled() and self.active:
+            name = self.owners.get(id(module))
+            if name is not None and name not in self.nograd:
+                self.nograd.append(name)
 
     # -- helpers for the rules ------------------------------------------------------------- #
     def tap(
@@ -199,6 +221,67 @@ class Capture:
         self.calls.append(call)
 
 
+class NogradWatch:
+    """Records the modules owning trainable parameters that a forward runs with gradients
+    disabled (the estimators without a layer capture; :class:`Capture` does the same)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._owned: dict[int, str] = {}
+
+    @contextmanager
+    def watching(self, model: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[list[str]]:
+        """Yield the list the names of such modules are appended to during the body."""
+        key = (id(model), tuple(id(p) for p in params))
+        if key != self._key:
+            self._key, self._owned = key, owners(model, params)
+        seen: list[str] = []
+
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            if not torch.is_grad_enabled():
+                name = self._owned.get(id(module))
+                if name is not None and name not in seen:
+                    seen.append(name)
+
+        handle = _module_mod.register_module_forward_pre_hook(pre)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+
+def nograd_error(names: list[str], types: str):
+    """The error for parameters a forward used with gradients disabled (see :class:`Capture`)."""
+    from fimfast.types import UnsupportedModelError
+
+    shown = ", ".join(repr(n) for n in names[:5])
+    return UnsupportedModelError(
+        f"module(s) {shown} with trainable parameters ran with gradients disabled inside the "
+        f"forward (torch.no_grad, or torch.utils.checkpoint with use_reentrant=True{types}): "
+        "autograd never sees their parameters, whose Fisher would read as 0. Drop the no_grad "
+        "region (or use use_reentrant=False), or set requires_grad=False on those parameters to "
+        "leave them out of the estimate"
+    )
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether the forward runs under saved-tensor hooks (``torch.utils.checkpoint`` without
+    reentrance, activation offloading): the backward then recomputes or unpacks what this
+    forward saves, so the capture must not change it."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def owners(model: torch.nn.Module, params: list[torch.Tensor]) -> dict[int, str]:
+    """``{id(module): qualified name}`` of the modules of ``model`` owning a trainable parameter
+    of ``params`` directly."""
+    ids = {id(p) for p in params}
+    return {
+        id(m): name or type(m).__name__
+        for name, m in model.named_modules()
+        if any(id(p) in ids for p in m.parameters(recurse=False))
+    }
+
+
 def targets(
     model: torch.nn.Module, params: list[torch.Tensor], rule_for: Callable[[torch.nn.Module], Any]
 ) -> list[tuple[torch.nn.Module, Any]]:
@@ -214,16 +297,45 @@ def targets(
     return out
 
 
-def _edges(starts: Iterable[Any], stops: set, wanted: set[int]) -> Counter:
-    """Edges into the AccumulateGrad nodes of ``wanted`` parameters reachable from ``starts``."""
+@dataclass
+class Graph:
+    """One walk of the autograd graph of the logits.
+
+    Attributes:
+        edges: edges into the AccumulateGrad node of each wanted parameter (by ``id``).
+        nodes: every node reached.
+        reentrant: the graph holds a reentrant ``torch.utils.checkpoint`` segment, whose
+            parameters autograd reaches only through ``.backward()`` (never ``autograd.grad``).
+    """
+
+    edges: Counter
+    nodes: set
+    reentrant: bool = False
+
+    def reaches(self, t: torch.Tensor) -> bool:
+        """Whether the gradient of the logits flows back to ``t`` (a tap handle)."""
+        fn = t.grad_fn
+        if fn is None:  # a leaf: reached when its AccumulateGrad node is
+            return t.requires_grad and any(
+                getattr(n, "variable", None) is t for n in self.nodes
+            )
+        return fn in self.nodes
+
+
+def walk(flat: torch.Tensor, params: list[torch.Tensor]) -> Graph:
+    """Walk the whole graph of ``flat``: parameter edges, nodes, reentrant checkpoints."""
+    wanted = {id(p) for p in params}
     counts: Counter = Counter()
     seen: set = set()
-    stack = [n for n in starts if n is not None]
+    reentrant = False
+    stack = [flat.grad_fn] if flat.grad_fn is not None else []
     while stack:
         node = stack.pop()
-        if node in seen or node in stops:
+        if node in seen:
             continue
         seen.add(node)
+        if not reentrant and type(node).__name__ == "CheckpointFunctionBackward":
+            reentrant = True
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -231,11 +343,12 @@ def _edges(starts: Iterable[Any], stops: set, wanted: set[int]) -> Counter:
             if var is not None:  # AccumulateGrad of a leaf
                 if id(var) in wanted:
                     counts[id(var)] += 1
+                seen.add(nxt)
                 continue
             stack.append(nxt)
-    return counts
+    return Graph(counts, seen, reentrant)
 
 
 def parameter_edges(flat: torch.Tensor, params: list[torch.Tensor]) -> Counter:
     """Edges into each parameter's AccumulateGrad node over the whole graph of ``flat``."""
-    return _edges([flat.grad_fn], set(), {id(p) for p in params})
+    return walk(flat, params).edges

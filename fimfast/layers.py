@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fimfast.hooks import Call, Capture, Use
+from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -115,12 +115,21 @@ class Rule:
         return True
 
     def install(self, module: nn.Module, cap: Capture) -> Callable[[], None]:
-        """Register the forward hook; returns the function that removes it."""
-        handle = module.register_forward_hook(partial(self._hook, cap), with_kwargs=True)
+        """Register the forward hook, ahead of the module's own forward hooks (a user's hook that
+        rescales or masks the output then acts after the tap, whose gradient stays the gradient at
+        the layer's own output); returns the function that removes it."""
+        handle = module.register_forward_hook(
+            partial(self._hook, cap), with_kwargs=True, prepend=True
+        )
         return handle.remove
 
     def _hook(self, cap: Capture, module, args, kwargs, output):
         if not cap.active or not torch.is_grad_enabled() or not _usable(output):
+            return None
+        if saved_tensor_hooks_active():
+            # inside torch.utils.checkpoint (non-reentrant) or another saved-tensor hook: the
+            # backward recomputes this forward without the capture, so it must stay as it is
+            # (its parameters are then used outside the captured calls: generic path)
             return None
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
@@ -272,7 +281,10 @@ class EmbeddingRule(Rule):
             x = x.expand(N, *x.shape[1:])
             y = y.expand(N, *y.shape[1:])
             cap.expanded += 1
-        elif cap.expand_flat and N is not None and N > 1 and x.dim() == 1 and y.dim() == 2:
+        elif (
+            cap.expand_flat and N is not None and N > 1 and x.dim() == 1 and y.dim() == 2
+            and x.shape[0] != N  # ids (N,): one id per sample, already batched
+        ):
             # ids of shape (T,) (nanoGPT's positions): the (T, d) output broadcasts over the
             # batch; expanded to (N, T, d) it gains a dimension, which a consumer indexing or
             # reducing over the first dimension would read differently: the engine checks the
@@ -482,6 +494,7 @@ def _mha_forward(
     plain = (
         not cap.active
         or not torch.is_grad_enabled()
+        or saved_tensor_hooks_active()
         or not ps
         or query.dim() != 3
         or (mod.training and mod.dropout > 0.0)

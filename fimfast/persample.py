@@ -58,9 +58,12 @@ import torch
 
 from fimfast import _env, hooks, layers, likelihoods, ops
 from fimfast.state import Sums
-from fimfast.types import FIMType, Options
+from fimfast.types import FIMType, Options, UnsupportedModelError
 
 log = logging.getLogger("fimfast.persample")
+
+# samples probed for coupling and batch dims (all of them up to this many; see Engine._probe)
+PROBE_SAMPLES = 256
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -109,8 +112,10 @@ def accumulate_columns(
     columns: Iterable[torch.Tensor],
     acc: list[torch.Tensor],
     chunk: int | None = None,
+    group: torch.Tensor | None = None,
 ) -> None:
-    """Add ``sum_{k,r} (grad_theta (u_{k,r} . z_r))^2`` into ``acc``.
+    """Add ``sum_{k,r} (grad_theta (u_{k,r} . z_r))^2`` into ``acc`` (with ``group``, the
+    ``(R,)`` sample of each row: ``sum_{k,n} (grad_theta sum_{r in n} u_{k,r} . z_r)^2``).
 
     Args:
         flat: ``(R, C)`` valid rows of the logits, attached to the graph (kept after the call).
@@ -122,12 +127,25 @@ def accumulate_columns(
     R, C = flat.shape
     chunk = pair_chunk(R, C, params) if chunk is None else chunk
     for cols in columns:
-        # pairs (k, r) with a non-zero column, in row-major order
-        nz = cols.abs().sum(-1) != 0  # (K, R)
+        if group is not None:  # one pair per (column, sample): its rows' columns together
+            G = int(group.max()) + 1
+            hits = torch.zeros(cols.shape[0], G, dtype=cols.dtype, device=cols.device)
+            hits.index_add_(1, group, cols.abs().sum(-1))
+            nz = hits != 0
+        else:  # pairs (k, r) with a non-zero column, in row-major order
+            nz = cols.abs().sum(-1) != 0  # (K, R)
         ks, rs = nz.nonzero(as_tuple=True)
         for s in range(0, ks.numel(), chunk):
             k, r = ks[s : s + chunk], rs[s : s + chunk]
             M = k.numel()
+            if group is not None:
+                sel = (group.unsqueeze(0) == r.unsqueeze(1)).unsqueeze(-1)  # (M, R, 1)
+                cot = (cols[k] * sel).to(flat.dtype)
+                grads = _batched_grads(flat, params, cot, retain_graph=True)
+                for a, g in zip(acc, grads):
+                    if g is not None:
+                        a.add_(g.to(a.dtype).square().sum(0))
+                continue
             cot = torch.zeros(M, R, C, dtype=flat.dtype, device=flat.device)
             cot[torch.arange(M, device=flat.device), r] = cols[k, r].to(flat.dtype)
             grads = _batched_grads(flat, params, cot, retain_graph=True)
@@ -383,6 +401,8 @@ class Engine:
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._logged: dict[int, str] = {}
+        self._owned: dict[int, str] = {}
+        self.sequence_rows = False  # this step's rows are whole sequences (see Options)
 
     def forward(
         self,
@@ -498,7 +518,8 @@ class Engine:
             model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast,
             self._hold, flat,
         )
-        with cap.installed(self._modules(model, params)[0]):
+        mods = self._modules(model, params)
+        with cap.installed(mods[0], self._owned):
             yield cap
 
     def _modules(
@@ -511,18 +532,26 @@ class Engine:
         if self._mods is None or self._mods[0] != key:
             targets = hooks.targets(model, params, layers.rule_for)
             self._mods = (key, targets, *_stat_modules(model))
+            self._owned = hooks.owners(model, params)
         return self._mods[1:]
 
     # -- planning --------------------------------------------------------------------------- #
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
         n = len(params)
         plan = Plan()
+        graph = hooks.walk(rows.flat, params)
+        _refuse_hidden(cap, graph)
         if cap is None or not cap.calls:
             plan.generic = list(range(n))
             plan.reasons = dict.fromkeys(plan.generic, "no captured call")
             return plan
         N = rows.num_samples
         for c in cap.calls:
+            if c.ok and cap.global_hooks:
+                c.ok, c.reason = False, "a global forward hook may change layer outputs"
+            if c.ok and not all(graph.reaches(t.handle) for t in c.taps):
+                # e.g. a module inside a torch.compile'd region: its hooks ran while tracing
+                c.ok, c.reason = False, "its output does not reach the logits through autograd"
             for t in c.taps:
                 changed = t.modified()
                 t.keep = None
@@ -550,20 +579,24 @@ class Engine:
             if c.ok and t is not None and t.out() is rows.logits and not t.modified():
                 head = c
                 c.taps[0].bdim = 0
-        glob = hooks.parameter_edges(rows.flat, params)
+        glob = graph.edges
         # everything below depends only on the structure of this step's calls: reused from the
         # last step with the same calls, uses, verdicts, parameter edges and head
-        key = _structure(cap.calls, head, params, glob, N)
+        if self.sequence_rows:  # per-sequence rows: the head's squares do not split by token
+            head_closed = None
+        else:
+            head_closed = head
+        key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows)
         hit = self._plans.get(key)
         if hit is not None:
             return hit.bind(cap.calls)
-        plan = self._build(cap.calls, head, rows, params, glob)
+        plan = self._build(cap.calls, head, rows, params, glob, head_closed)
         if len(self._plans) > 64:
             self._plans.clear()
         self._plans[key] = _Template.of(plan, cap.calls)
         return plan
 
-    def _build(self, calls, head, rows, params, glob) -> Plan:
+    def _build(self, calls, head, rows, params, glob, head_closed=None) -> Plan:
         n = len(params)
         N = rows.num_samples
         plan = Plan()
@@ -598,7 +631,7 @@ class Engine:
                     plan.reasons[i] = bad[0].reason
 
         for i in sorted(cand):
-            groups = self._groups(i, uses[i], head, params[i], uses)
+            groups = self._groups(i, uses[i], head_closed, params[i], uses)
             if groups is None:
                 plan.reasons[i] = "its uses cannot be combined by the rules"
             else:
@@ -652,17 +685,27 @@ class Engine:
         return out
 
     def _probe(self, calls: list[hooks.Call], rows) -> None:
-        """Check (once per structure) that tap gradients of one row vanish at other samples."""
-        # the verdict depends on the structure, not on the values: it is cached per module,
-        # mode and candidate batch dims (plus the exact shapes where a tap has several candidates,
-        # e.g. sequence length == batch size)
+        """Decide each tap's batch dimension from the data flow, once per structure.
+
+        A tap's candidate batch dims are its leading dims of size ``N``. One backward column per
+        probed sample ``j`` (a random cotangent on the rows of ``j`` only) gives the gradient
+        that sample's logits send to every tap; a candidate survives if, for every probed
+        sample, that gradient vanishes at every other index of the candidate dim. A call with a
+        tap that keeps no candidate couples the samples, and its parameters take the generic
+        path. Every sample is probed up to :data:`PROBE_SAMPLES` (beyond that an even spread of
+        them, and all of them while a tap keeps two candidates), so a coupling of any two
+        samples (``cumsum`` over the batch, a shift) is seen. Two candidates that survive every
+        sample (``T == N`` with each sample's gradient confined to one position) give the same
+        per-sample squares, so either is exact.
+        """
+        N = rows.num_samples
         ambiguous = any(len(t.cands) > 1 for c in calls for t in c.taps)
-        key = tuple(
+        key = (N, tuple(
             (id(c.module), c.rule.name, c.module.training,
              tuple((t.lead, t.cands, tuple(t.shape) if ambiguous else len(t.shape))
                    for t in c.taps))
             for c in calls
-        )
+        ))
         if key in self._probe_cache:
             for c, (ok, reason, bdims) in zip(calls, self._probe_cache[key]):
                 c.ok, c.reason = ok, reason
@@ -670,20 +713,33 @@ class Engine:
                     t.bdim = b
             return
         flat = rows.flat
-        R, C = flat.shape
-        gen = torch.Generator().manual_seed(0)
-        cot = torch.zeros(1, R, C, dtype=flat.dtype, device=flat.device)
-        cot[0, 0] = torch.randn(C, generator=gen, dtype=torch.float64).to(flat.dtype)
         taps = [t for c in calls for t in c.taps]
-        grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=True)
-        n0 = int(rows.sample[0])
-        gi = iter(grads)
+        passing = [list(t.cands) for t in taps]
+        gen = torch.Generator().manual_seed(0)
+        vals = torch.randn(flat.shape, generator=gen, dtype=torch.float64)
+        vals = vals.to(device=flat.device, dtype=flat.dtype)
+        order = torch.arange(N, device=flat.device)
+        if N > PROBE_SAMPLES:
+            spread = torch.linspace(0, N - 1, PROBE_SAMPLES, device=flat.device).round().long()
+            rest = torch.ones(N, dtype=torch.bool, device=flat.device)
+            rest[spread] = False
+            order = torch.cat([spread.unique(), order[rest]])
+        per_col = flat.element_size() * flat.numel() + 4 * sum(math.prod(t.shape) for t in taps)
+        M = max(1, _env.memory_budget_bytes() // max(1, per_col))
+        for s0 in range(0, N, M):
+            if s0 >= PROBE_SAMPLES and not any(len(p) > 1 for p in passing):
+                break
+            js = order[s0 : s0 + M]
+            sel = rows.sample.unsqueeze(0) == js.unsqueeze(1)  # (M, R)
+            cot = vals.unsqueeze(0) * sel.unsqueeze(-1).to(vals.dtype)
+            grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=True)
+            for k, g in enumerate(grads):
+                if g is not None and passing[k]:
+                    passing[k] = [d for d in passing[k] if _only_samples(g, d, js)]
+        ki = iter(passing)
         for c in calls:
             for t in c.taps:
-                g = next(gi)
-                if g is None:
-                    continue
-                good = [d for d in t.cands if _only_sample(g[0], d, n0)]
+                good = next(ki)
                 if good:
                     t.bdim = good[0]
                 elif c.ok:
@@ -724,6 +780,7 @@ class Engine:
         flat = rows.flat
         R, C = flat.shape
         cols = Columns(flat, rows.labels, fim_type, opts, seed, offset)
+        self.sequence_rows = bool(opts.sequence_rows) and rows.logits.dim() == 3
         plan = self._plan(cap, rows, params)
         self.last_plan = plan
         generic = {i: plan.reasons.get(i, "") for i in plan.generic}
@@ -739,7 +796,8 @@ class Engine:
             gp = [params[i] for i in plan.generic]
             ga = [acc.get(i) for i in plan.generic]
             chunk = opts.class_chunk or max(1, min(cols.num, pair_chunk(R, C, gp) // max(1, R)))
-            accumulate_columns(flat, gp, cols.blocks(chunk), ga)
+            group = rows.sample if self.sequence_rows else None
+            accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
             self._fast(rows, params, plan, cols, opts, acc, retain_graph)
 
@@ -768,7 +826,7 @@ class Engine:
         need_head = any(c is head for g in groups for c, _ in g.members)
         # columns: for token-level logits one column is a (class, position) pair
         dev = flat.device
-        token = rows.logits.dim() == 3
+        token = rows.logits.dim() == 3 and not self.sequence_rows
         if token:
             T = rows.logits.shape[1]
             rpos = rows.index % T
@@ -830,6 +888,20 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
     return ops.sq_matmul(G, A, backend=backend)
 
 
+def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
+    """Refuse a forward whose parameters autograd cannot give per-row gradients of."""
+    if graph.reentrant:
+        raise UnsupportedModelError(
+            "the model uses torch.utils.checkpoint with use_reentrant=True: its segments give "
+            "gradients only through .backward(), never torch.autograd.grad, so the per-sample "
+            "types (EXACT, EMPIRICAL, MONTE_CARLO) cannot form per-row gradients of the "
+            "parameters inside. Pass use_reentrant=False to checkpoint (same memory saving), or "
+            "use a HUTCHINSON type"
+        )
+    if cap is not None and cap.nograd:
+        raise hooks.nograd_error(cap.nograd, " for the per-sample types")
+
+
 def _stat_modules(model: torch.nn.Module) -> tuple[bool, list[torch.nn.Module]]:
     """Whether ``model`` has a lookup the capture could expand (the only case in which a forward
     is run again), and then its norm layers with running statistics (BatchNorm, InstanceNorm
@@ -878,11 +950,14 @@ def _unique(it: Iterable[hooks.Call]) -> list[hooks.Call]:
     return list(seen.values())
 
 
-def _only_sample(g: torch.Tensor, d: int, n0: int) -> bool:
-    """Whether ``g`` is zero at every index but ``n0`` of dim ``d``."""
-    gm = g.movedim(d, 0)
-    rest = torch.cat([gm[:n0], gm[n0 + 1 :]])
-    return bool((rest == 0).all())
+def _only_samples(g: torch.Tensor, d: int, js: torch.Tensor) -> bool:
+    """Whether ``g[m]`` (``g``: ``(M, *shape)``) is zero at every index but ``js[m]`` of its
+    dim ``d``, for every ``m``."""
+    M = g.shape[0]
+    gm = g.movedim(d + 1, 1)
+    mag = gm.reshape(M, gm.shape[1], -1).abs().sum(-1)  # (M, N); NaN counts as non-zero
+    mag[torch.arange(M, device=g.device), js] = 0
+    return not bool((mag != 0).any())
 
 
 def _block(a: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:

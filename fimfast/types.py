@@ -8,6 +8,13 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 
+class UnsupportedModelError(ValueError):
+    """The model uses a construct fimfast cannot estimate exactly for the requested type.
+
+    fimfast refuses such a model instead of returning a number it cannot vouch for; the message
+    names the construct and says what to change (see ``docs/exactness.md``)."""
+
+
 class FIMType(str, enum.Enum):
     """What a step estimates. Strings (``"hutchinson"``) are accepted wherever a type is.
 
@@ -96,6 +103,21 @@ class Options:
             logits nor their cotangent: the probes run through the head in row chunks
             (:func:`fimfast.ops.lm_head_probe`, see :mod:`fimfast.lm_head`), with the signs and
             the estimate of the unfused step. ``train_step`` does not take it.
+        class_dim: the class axis of logits with 3 or more dims (``-1``: token-level
+            ``(N, T, C)``; ``1``: ``CrossEntropyLoss``'s ``(N, C, d1, ...)``). ``None`` (the
+            default) never guesses: a Hugging Face output is ``(N, T, C)``, categorical labels
+            decide when their shape fits one layout only, anything else is refused (see
+            :func:`fimfast.batch.layout`).
+        batch_dim: the batch axis of the inputs and of logits with 3 or more dims (``1`` for
+            sequence-first models, ``(T, N, ...)``); 2-D logits are always ``(N, C)``.
+        sequence_rows: token-level logits only, MONTE_CARLO and EMPIRICAL only: one row per
+            sequence, whose tokens' score columns are summed before the square, instead of one
+            row per token (one backward column per draw instead of one per position when
+            attention or recurrence couples the tokens). MONTE_CARLO draws every token's label
+            independently, so the cross-token terms vanish in expectation: still unbiased for the
+            token-level Fisher, with more variance. EMPIRICAL then estimates a different matrix,
+            ``sum_n (sum_t g_nt)(sum_t g_nt)^T``: the empirical Fisher of whole-sequence
+            log-likelihoods (see ``docs/math.md``).
     """
 
     num_probes: int = 1
@@ -113,6 +135,9 @@ class Options:
     distributed: str = "auto"
     process_group: Any = None
     lm_head: Any = None
+    class_dim: int | None = None
+    batch_dim: int = 0
+    sequence_rows: bool = False
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -186,6 +211,20 @@ class Options:
                     f"got {type(pg).__name__}"
                 )
 
+        for name in ("class_dim", "batch_dim"):
+            v = getattr(self, name)
+            if (v is not None or name == "batch_dim") and (
+                isinstance(v, bool) or not isinstance(v, int)
+            ):
+                raise ValueError(f"fim_opts[{name!r}] must be an integer axis; got {v!r}")
+        if not isinstance(self.sequence_rows, bool):
+            raise ValueError(
+                f"fim_opts['sequence_rows'] must be True or False; got {self.sequence_rows!r}"
+            )
+        if self.batch_dim < 0:
+            raise ValueError(
+                f"fim_opts['batch_dim'] must be >= 0 (an axis of the inputs); got {self.batch_dim}"
+            )
         lm = self.lm_head
         if lm is not None and not (isinstance(lm, str) and lm):
             import torch
@@ -222,6 +261,17 @@ def check_ema(ema: float | None) -> float | None:
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 < float(ema) < 1.0:
         raise ValueError(f"ema must be None or a float with 0 < ema < 1; got {ema!r}")
     return float(ema)
+
+
+def check_type_options(fim_type: FIMType, opts: Options) -> None:
+    """Raise when an option does not apply to ``fim_type``."""
+    check_type_likelihood(fim_type, opts.likelihood)
+    if opts.sequence_rows and fim_type not in (FIMType.MONTE_CARLO, FIMType.EMPIRICAL):
+        raise ValueError(
+            "fim_opts['sequence_rows'] applies to 'monte_carlo' and 'empirical' only (EXACT's "
+            "token columns already give the Fisher of whole sequences, and a Hutchinson probe "
+            f"covers every row in one backward); got fim_type={fim_type.value!r}"
+        )
 
 
 def check_type_likelihood(fim_type: FIMType, likelihood: str) -> None:

@@ -58,7 +58,7 @@ BAD_STEPS = [
     ("labels-negative", (x, torch.tensor([0, -3, 1, 2])), None, {}, ValueError, "labels must be"),
     ("labels-float", (x, y.float()), None, {}, ValueError, "labels must be integer"),
     ("labels-shape", (x, y[:3]), None, {}, ValueError, "labels must have shape"),
-    ("logits-4d", (x, y), lambda z: z.reshape(4, 5, 1, 1), {}, ValueError, "logits must be 2-D"),
+    ("logits-4d", (x, y), lambda z: z.reshape(4, 5, 1, 1), {}, ValueError, "class axis"),
     ("logits-1d", (x, y), lambda z: z.sum(1), {}, ValueError, "logits must be 2-D"),
     ("logits-nan", (x, y), lambda z: z.index_put((torch.tensor([1]), torch.tensor([2])),
                                                  torch.tensor(float("nan"))),

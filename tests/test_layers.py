@@ -411,7 +411,9 @@ def _rel(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
 
 
 def run(case: Case, fim_type: str, rules: bool = True, **opts) -> tuple[dict, DiagFisher]:
-    """One step of ``fim_type`` on ``case`` (as given; cast it first for float64)."""
+    """One step of ``fim_type`` on ``case`` (as given; cast it first for float64). Every case's
+    logits are ``(N, C)`` or token-level ``(N, T, C)`` (``class_dim=-1``)."""
+    opts.setdefault("class_dim", -1)
     est = DiagFisher(case.model, fim_type, likelihood=case.likelihood, seed=7, **opts)
     est._persample.use_rules = rules
     est.step(case.batch)

@@ -457,7 +457,9 @@ def test_rerun_forward_updates_running_statistics_once():
     ids = torch.tensor([[1, 2, 2, 5], [3, 3, 3, 3], [0, 7, 9, 10]])
     y = torch.tensor([0, 2, 1])
     est = DiagFisher(m, "empirical")
-    est.step((ids, y))
+    est.step((ids, y))  # a measurement: the running statistics are put back
+    assert int(m.norm.num_batches_tracked) == 0
+    est.train_step((ids, y))  # a training step updates them, once even though the forward reran
     assert est._persample.expand_broadcast is False  # the expanded forward failed and reran
     ref(ids)  # one forward in train mode
     assert int(m.norm.num_batches_tracked) == 1

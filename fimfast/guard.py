@@ -1,0 +1,90 @@
+"""A Fisher step leaves the model's buffers as it found them.
+
+A forward in train mode updates buffers: BatchNorm's ``running_mean``, ``running_var`` and
+``num_batches_tracked``, and whatever a custom module writes in place. A Fisher step is a
+measurement, so :class:`BufferGuard` puts every buffer the step changed back afterwards, also when
+the step raises. The first step of a model copies all its buffers (the guard does not know yet
+which ones a forward writes); later steps copy only those seen written before plus the running
+statistics of norm layers in train mode (compared by value: native kernels such as batch_norm
+write without bumping the version counter), and check the version counters of the others. A
+buffer written for the first time in a later step cannot be put back (there is no copy): the guard
+warns, naming it, and restores it from then on. ``DiagFisher.train_step`` is a training step and
+keeps the updates.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.nn.modules.batchnorm import _NormBase
+
+
+class BufferGuard:
+    """Restores the buffers of one model after each guarded step (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._key: int | None = None
+        self._buffers: list[tuple[torch.nn.Module, str, str]] = []
+        self._written: set[str] = set()  # qualified names of buffers a forward wrote
+        self._first = True
+
+    def _scan(self, model: torch.nn.Module) -> None:
+        if self._key != id(model):
+            self._key = id(model)
+            self._buffers = [
+                (m, name, f"{prefix}.{name}" if prefix else name)
+                for prefix, m in model.named_modules()
+                for name, b in m.named_buffers(recurse=False)
+                if b is not None
+            ]
+            self._written = set()
+            self._first = True
+
+    @contextmanager
+    def kept(self, model: torch.nn.Module) -> Iterator[None]:
+        """Run the body; afterwards every buffer of ``model`` holds its value from before."""
+        self._scan(model)
+        saved = []
+        for m, name, qual in self._buffers:
+            b = m._buffers.get(name)
+            if b is None:
+                continue
+            copy = None
+            if self._first or qual in self._written or (isinstance(m, _NormBase) and m.training):
+                copy = b.detach().clone()
+            saved.append((m, name, qual, b, b._version, copy))
+        try:
+            yield
+        finally:
+            self._restore(saved)
+            self._first = False
+
+    def _restore(self, saved: list) -> None:
+        lost = []
+        with torch.no_grad():
+            for m, name, qual, b, version, copy in saved:
+                now = m._buffers.get(name)
+                if now is not b:  # replaced by a new tensor: the old one is the value from before
+                    m._buffers[name] = b
+                    if b._version == version:
+                        self._written.add(qual)
+                        continue
+                if copy is not None:
+                    # native kernels (batch_norm's running statistics) write without bumping the
+                    # version counter: compare the values
+                    if b._version != version or not torch.equal(b, copy):
+                        self._written.add(qual)
+                        b.copy_(copy)
+                elif b._version != version:
+                    self._written.add(qual)
+                    lost.append(qual)
+        if lost:
+            warnings.warn(
+                f"fimfast: the forward wrote buffer(s) {', '.join(lost)} in place for the first "
+                "time in this step; they keep the step's values (later steps put them back)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
