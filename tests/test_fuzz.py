@@ -192,6 +192,17 @@ def test_refusal_must_be_fimfast_and_name_the_construct():
     assert not clear_refusal(wrapped, case)
 
 
+def test_sequence_rows_oracle_is_another_matrix():
+    """The per-sequence oracle differs from the per-token one (the check can tell them apart)."""
+    from fuzz.runner import oracles
+
+    seed = next(s for s in ci_seeds() if plan(s).task == "token" and plan(s).T > 1)
+    refs, _ = oracles(build(plan(seed)))
+    a = torch.cat([v.reshape(-1) for v in refs["empirical"].values()])
+    b = torch.cat([v.reshape(-1) for v in refs["empirical+seq"].values()])
+    assert (a - b).norm() > 1e-3 * a.norm()
+
+
 def test_check_reports_the_seed_and_description():
     out = check(build(_mlp_spec()), types=("exact",))
     assert "FIMFAST_FUZZ_SEED=7" in out.report() and describe(_mlp_spec()) in out.report()

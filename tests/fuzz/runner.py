@@ -15,6 +15,9 @@ output coordinate at a time, on the eager model without checkpointing):
   ``s * R + r`` for draw ``s`` of row ``r``) by its own inverse CDF and sums
   ``(J_r^T (e_yhat - p_r))^2 / S``. A row whose uniform falls within 1e-12 of a step of the CDF
   (where rounding could pick the neighbouring class) makes the check inconclusive: it is skipped.
+* token-level models, where fimfast has the option ``sequence_rows`` (one row per sequence, the
+  scores of its tokens summed before the square), also ``empirical+seq`` and
+  ``monte_carlo+seq``: ``sum_n (sum_{t in n} J_nt^T u_nt)^2`` with the scores above.
 
 A tensor passes when ``|got - ref| <= REL * |ref|`` (Frobenius norms) with ``REL = 1e-10``; a
 tensor whose oracle is (nearly) zero by a symmetry (``|ref| < FLOOR * |ref of all|``, FLOOR =
@@ -60,7 +63,8 @@ FLOOR = 1e-6
 MC_SEED = 20261206
 MC_PROBES = 2
 MC_BOUNDARY = 1e-12
-TYPES = ("exact", "empirical", "monte_carlo")
+TYPES = ("exact", "empirical", "monte_carlo", "empirical+seq", "monte_carlo+seq")
+SEQ_TYPES = ("empirical+seq", "monte_carlo+seq")
 _FIMFAST_DIR = os.path.dirname(os.path.abspath(fimfast.__file__))
 
 
@@ -140,8 +144,11 @@ def exact_oracle(rj: RowJacobians) -> torch.Tensor:
     return torch.einsum("rc,rcp->p", p, dev.square())
 
 
-def mc_oracle(rj: RowJacobians, seed: int, offset: int, S: int) -> torch.Tensor | None:
-    """Flat MONTE_CARLO estimate for ``seed`` (``None``: a uniform lies at a CDF step)."""
+def mc_oracle(rj: RowJacobians, seed: int, offset: int, S: int,
+              sample: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Flat MONTE_CARLO estimate for ``seed`` (``None``: a uniform lies at a CDF step); with
+    ``sample`` (the sequence of every row), the scores of a sequence's rows are summed before
+    the square."""
     z = rj.z
     R, C = z.shape
     p = torch.softmax(z, -1)
@@ -152,7 +159,15 @@ def mc_oracle(rj: RowJacobians, seed: int, offset: int, S: int) -> torch.Tensor 
     y = (cdf.unsqueeze(0) <= u.unsqueeze(-1)).sum(-1).clamp_max(C - 1)  # (S, R)
     score = torch.nn.functional.one_hot(y, C).double() - p.unsqueeze(0)
     g = torch.einsum("src,rcp->srp", score, rj.J)
+    if sample is not None:
+        g = _by_sequence(g, sample)
     return g.square().sum((0, 1)) / S
+
+
+def _by_sequence(g: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """``(S, R, P)`` per-row terms -> ``(S, N, P)`` sums over the rows of each sequence."""
+    out = torch.zeros(g.shape[0], int(sample.max()) + 1, g.shape[2], dtype=g.dtype)
+    return out.index_add_(1, sample, g)
 
 
 def oracles(case: Case) -> tuple[dict[str, dict[str, torch.Tensor] | None], list[str]]:
@@ -163,6 +178,15 @@ def oracles(case: Case) -> tuple[dict[str, dict[str, torch.Tensor] | None], list
     out["empirical"] = rj.split(oracle_flat(rj, "categorical", "empirical"))
     mc = mc_oracle(rj, MC_SEED, 0, MC_PROBES)
     out["monte_carlo"] = None if mc is None else rj.split(mc)
+    if case.spec.task == "token":
+        T = case.valid.shape[1]
+        sample = case.valid.reshape(-1).nonzero().squeeze(-1) // T
+        p = torch.softmax(rj.z, -1)
+        score = torch.nn.functional.one_hot(rj.labels.long(), rj.z.shape[-1]).double() - p
+        g = torch.einsum("rc,rcp->rp", score, rj.J).unsqueeze(0)
+        out["empirical+seq"] = rj.split(_by_sequence(g, sample).square().sum((0, 1)))
+        mc = mc_oracle(rj, MC_SEED, 0, MC_PROBES, sample)
+        out["monte_carlo+seq"] = None if mc is None else rj.split(mc)
     return out, rj.names
 
 
@@ -321,6 +345,11 @@ def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], prefix: 
 
 def _run_type(case: Case, t: str) -> dict[str, torch.Tensor]:
     opts: dict[str, Any] = {"likelihood": "categorical"}
+    if t in SEQ_TYPES:
+        t = t.removesuffix("+seq")
+        opts["sequence_rows"] = True
+    if case.spec.task == "token" and "class_dim" in fimfast.Options.names():
+        opts["class_dim"] = -1  # (N, T, C): the layout is the caller's to state
     if t == "monte_carlo":
         opts.update(seed=MC_SEED, num_probes=MC_PROBES)
     est = fimfast.DiagFisher(case.model, t, reduction="sum", **opts)
@@ -345,6 +374,9 @@ def check(case: Case, types: tuple[str, ...] = TYPES) -> Outcome:
             torch._dynamo.reset()
         _sentinel_grads(case.model, case.spec.seed)
         for t in types:
+            if t in SEQ_TYPES and (case.spec.task != "token"
+                                   or "sequence_rows" not in fimfast.Options.names()):
+                continue
             snap = Snapshot.of(case.model)
             try:
                 got = _run_type(case, t)
