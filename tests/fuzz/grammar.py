@@ -95,6 +95,12 @@ class Spec:
     compile: str | None = None
 
     @property
+    def states_class_dim(self) -> bool:
+        """Whether the step is told ``class_dim=-1`` (token-level models of even seeds; the others
+        leave the class axis to fimfast, which must decide it from the labels or refuse)."""
+        return self.task == "token" and self.seed % 2 == 0
+
+    @property
     def inductor(self) -> bool:
         """Whether the model is compiled with inductor (slow: long runs only)."""
         return self.compile == "inductor"
@@ -143,6 +149,8 @@ def describe(spec: Spec) -> str:
         head += f"[hook:{h['hook']}]"
     parts.append(f"head={head}")
     task = spec.task + (",mask" if spec.mask else "") + (",kpm" if spec.kpm else "")
+    if spec.task == "token":
+        task += ",class_dim=-1" if spec.states_class_dim else ",class_dim=unset"
     parts.append(f"{task} out={spec.out} batch={spec.batch} {spec.mode}")
     if spec.compile:
         parts.append(f"compile={spec.compile}")
@@ -1006,6 +1014,8 @@ def _batch(spec: Spec, g: torch.Generator) -> tuple[Any, torch.Tensor, torch.Ten
 
 def _words(spec: Spec, net: nn.Module) -> list[str]:
     w = {type(m).__name__.lower() for m in net.modules()}
+    if spec.task == "token" and not spec.states_class_dim:
+        w |= {"class_dim", "class axis"}  # the layout of the logits, left to fimfast
     w |= {"checkpoint", "hook", "compile", "torch.compile", "batch", "sample", "tied", "shared",
           "parameter"}
     for b in spec.blocks + spec.vblocks:

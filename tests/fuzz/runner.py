@@ -348,8 +348,8 @@ def _run_type(case: Case, t: str) -> dict[str, torch.Tensor]:
     if t in SEQ_TYPES:
         t = t.removesuffix("+seq")
         opts["sequence_rows"] = True
-    if case.spec.task == "token" and "class_dim" in fimfast.Options.names():
-        opts["class_dim"] = -1  # (N, T, C): the layout is the caller's to state
+    if case.spec.states_class_dim and "class_dim" in fimfast.Options.names():
+        opts["class_dim"] = -1  # (N, T, C)
     if t == "monte_carlo":
         opts.update(seed=MC_SEED, num_probes=MC_PROBES)
     est = fimfast.DiagFisher(case.model, t, reduction="sum", **opts)
