@@ -2,7 +2,8 @@
 
 Train on task A, take the Fisher diagonal ``F`` at the solution ``theta_A`` (EXACT, mean over
 task A's inputs), then train on task B with the penalty ``lam/2 * (theta - theta_A)^T F
-(theta - theta_A)`` (``DiagFIM.vTMv``, differentiable). Plain fine-tuning on B is the baseline.
+(theta - theta_A)`` (:class:`fimfast.EWC`, differentiable). Plain fine-tuning on B is the
+baseline.
 
     python examples/ewc.py
 """
@@ -65,11 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     F = fimfast.diag_fisher(
         net, [(xa[i : i + 64],) for i in range(0, 256, 64)], "exact", reduction="mean"
     )
-    theta_a = {n: p.detach().clone() for n, p in net.named_parameters()}
-
-    def ewc(model: nn.Module) -> torch.Tensor:
-        delta = {n: p - theta_a[n] for n, p in model.named_parameters()}
-        return 0.5 * args.lam * F.vTMv(delta)
+    # the anchor theta_A: a copy of the parameters now; the penalty reads the model it is given
+    ewc = fimfast.EWC(net, F, lam=args.lam)
 
     out = {"task_a_before": acc_a}
     for name, penalty in (("finetune", None), ("ewc", ewc)):

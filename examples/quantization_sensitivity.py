@@ -5,7 +5,9 @@ model's predictions before and after is ``0.5 * delta^T F delta`` (the Fisher is
 that KL at ``delta = 0``). With the Fisher diagonal this predicts, for every tensor and every
 bit width, how much quantising it hurts, without quantising anything. The script compares the
 prediction with the measured KL, per tensor, and lists the most sensitive individual weights
-(largest ``F_ii * delta_i^2``), candidates to keep in higher precision.
+(largest ``F_ii * delta_i^2``), candidates to keep in higher precision. The predictions come
+from :mod:`fimfast.sensitivity`; ``examples/bit_allocation_mnist.py`` turns them into bits per
+tensor on MNIST.
 
     python examples/quantization_sensitivity.py --bits 4
 """
@@ -18,20 +20,7 @@ import torch
 from torch import nn
 
 import fimfast
-
-
-def quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric per-tensor round-to-nearest quantisation to ``bits`` bits."""
-    levels = 2 ** (bits - 1) - 1
-    scale = w.abs().max().clamp_min(1e-12) / levels
-    return torch.round(w / scale).clamp(-levels, levels) * scale
-
-
-def mean_kl(model: nn.Module, ref_logp: torch.Tensor, x: torch.Tensor) -> float:
-    """Mean over inputs of KL(p_ref || p_model)."""
-    with torch.no_grad():
-        logq = torch.log_softmax(model(x), -1)
-        return float((ref_logp.exp() * (ref_logp - logq)).sum(-1).mean())
+from fimfast.sensitivity import measure_kl, quantization_sensitivity, quantize
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -68,19 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     F = fimfast.diag_fisher(
         model, [(x[i : i + 64],) for i in range(0, 512, 64)], "exact", reduction="mean"
     )
-    with torch.no_grad():
-        ref_logp = torch.log_softmax(model(x), -1)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
     rows = []
-    for name, p in model.named_parameters():
-        delta = quantize(p.detach(), args.bits) - p.detach()
-        predicted = 0.5 * float((F[name] * delta**2).sum())
-        with torch.no_grad():
-            p.add_(delta)
-        measured = mean_kl(model, ref_logp, x)
-        model.load_state_dict(state)
-        rows.append((name, predicted, measured))
-    rows.sort(key=lambda r: -r[1])
+    for r in quantization_sensitivity(model, F, bits=(args.bits,)):  # predicted, ranked
+        delta = {r.name: quantize(params[r.name].detach(), args.bits) - params[r.name].detach()}
+        rows.append((r.name, r.predicted, measure_kl(model, delta, [x])))
     print(f"{args.bits}-bit per-tensor quantisation: predicted vs measured KL")
     for name, pr, me in rows:
         print(f"  {name:>10}: predicted {pr:.3e}   measured {me:.3e}")

@@ -12,6 +12,7 @@ from fimfast.api import diag_fim_step, get_diag_fim, get_estimator, zero_diag_fi
 from fimfast.diagfim import DiagFIM
 from fimfast.estimator import DiagFisher, diag_fisher
 from fimfast.ops.registry import BackendUnavailableError, available_backends
+from fimfast.rules import register_rule
 from fimfast.types import FIMType, Options, UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -29,5 +30,32 @@ __all__ = [
     "diag_fisher",
     "get_diag_fim",
     "get_estimator",
+    "register_rule",
     "zero_diag_fim",
 ]
+
+# -- workflows: EWC, merging, Laplace, sensitivity, free Fishers -------------------------------- #
+from fimfast.ewc import EWC  # noqa: E402
+
+__all__ += ["EWC"]
+from fimfast.merge import fisher_merge, load_fisher, model_fingerprint, save_fisher  # noqa: E402
+
+__all__ += ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
+from fimfast.laplace import DiagLaplace  # noqa: E402
+
+__all__ += ["DiagLaplace"]
+from fimfast import sensitivity  # noqa: E402
+
+__all__ += ["sensitivity"]
+from fimfast.free import from_optimizer  # noqa: E402
+
+__all__ += ["from_optimizer"]
+
+
+def __getattr__(name: str):
+    # the framework integrations import transformers / lightning: loaded on first access only
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module("fimfast.integrations")
+    raise AttributeError(f"module 'fimfast' has no attribute {name!r}")

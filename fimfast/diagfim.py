@@ -22,6 +22,9 @@ Vector = torch.Tensor | Mapping[str, torch.Tensor]
 # safetensors metadata key holding the parameter order (the format itself sorts tensor names)
 _ORDER_KEY = "fimfast_names"
 _META_KEY = "fimfast"
+_FORMAT_KEY = "fimfast_format"
+# version of the file layout written by DiagFIM.save (1: order, meta and this key in the header)
+FORMAT_VERSION = 1
 
 
 class DiagFIM(Mapping[str, torch.Tensor]):
@@ -283,8 +286,22 @@ class DiagFIM(Mapping[str, torch.Tensor]):
         header = {
             _META_KEY: json.dumps(self.meta, default=str),
             _ORDER_KEY: json.dumps(list(self._d)),
+            _FORMAT_KEY: str(FORMAT_VERSION),
         }
         save_file(tensors, str(path), metadata=header)
+
+    @staticmethod
+    def read_metadata(path: str) -> dict[str, Any]:
+        """The metadata of a file written by :meth:`save`, read from its header alone (no tensor
+        is loaded): the ``meta`` dict, plus ``"format"`` (the file format version, ``0`` for
+        files written before it was recorded)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+        meta = json.loads(header.get(_META_KEY, "{}"))
+        meta.setdefault("format", int(header.get(_FORMAT_KEY, 0)))
+        return meta
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> DiagFIM:

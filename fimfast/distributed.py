@@ -1,4 +1,4 @@
-"""``torch.distributed``: reduction of the estimate over ranks, and wrapped models (math.md §5).
+"""``torch.distributed``: the estimate reduced over ranks, and wrapped models (docs/math.md §9).
 
 Each rank accumulates the Fisher of its own shard of the data. Reading the estimate
 (:meth:`fimfast.DiagFisher.result`, :func:`fimfast.get_diag_fim`) with ``distributed="auto"`` (the

@@ -1,4 +1,4 @@
-"""One-backward estimators: the HUTCHINSON family (math.md §2).
+"""One-backward estimators: the HUTCHINSON family (docs/math.md §5).
 
 Forward once; for every probe, the cotangent ``u = dh/dz`` of all valid rows is written into one
 buffer shaped like the logits, and one ``torch.autograd.grad`` from the logits gives ``grad h``,

@@ -1,4 +1,4 @@
-"""Output-side factors of every estimator, per likelihood (math.md §1-§2).
+"""Output-side factors of every estimator, per likelihood (docs/math.md §3 and §5).
 
 Each estimator is ``sum over rows and columns of (J_r^T u)^2`` for some vectors ``u`` at the logits:
 

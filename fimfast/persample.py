@@ -1,8 +1,8 @@
 """Per-sample estimators (EXACT, EMPIRICAL, MONTE_CARLO): the fast engine and the generic path.
 
 Every row (sample, or unmasked token) of the batch is one term of the Fisher, and each estimator is
-``sum over rows r and columns k of (d (u_{k,r} . z_r) / d theta)^2`` (math.md §1; the columns ``u``
-come from :mod:`fimfast.likelihoods`).
+``sum over rows r and columns k of (d (u_{k,r} . z_r) / d theta)^2`` (docs/math.md §3-§4; the
+columns ``u`` come from :mod:`fimfast.likelihoods`).
 
 **Fast engine** (:class:`Engine`). The estimator's forward runs under a
 :class:`fimfast.hooks.Capture` that taps the outputs of every layer with a rule
@@ -24,16 +24,22 @@ forming per-row gradients of the whole model.
 * The layer whose output *is* the logits needs no backward: for its weight,
   ``F_W[o, i] = sum_r S_r[o] a_r[i]^2`` with ``S_r = sum_k u_{k,r}^2`` (``diag I(z_r)`` for EXACT).
   A single Linear classifier therefore costs one forward and one ``sq_matmul`` at any ``C``.
-* Before trusting sample independence the engine probes it once per model structure: one column
-  on one row, whose gradient must vanish at every other sample of every tap (BatchNorm in train
-  mode, or any functional op that mixes samples, fails it for the layers below it). It also
-  checks, from the autograd graph, that every parameter it estimates is used only inside captured
-  calls (a walk of the whole graph, every step). Parameters that fail either check, belong to
-  modules without a rule, or combine uses the rules cannot add up, take the generic path: nothing
-  is skipped. The sample-independence verdict is kept per structure of the captured calls (their
-  modules, modes and tap layouts), so a forward that mixes the samples in some steps only is not
-  supported. The resulting plan is reused by later steps of the same structure (calls, uses,
-  verdicts, parameter edges, head, batch of one or more), bound to their own calls.
+* Before trusting sample independence the engine probes it once per model structure: one
+  backward column per sample (see :meth:`Engine._probe`), whose gradient must vanish at every
+  other sample of every tap; the same probe decides each tap's batch dimension from the data flow
+  (never from sizes alone: ``(T, N, d)`` with ``T == N`` is told apart). BatchNorm in train
+  mode, a ``cumsum`` over the batch or any other op that mixes samples fails it for the layers
+  below it. Every step also walks the whole autograd graph: every parameter it estimates must be
+  used only inside captured calls, and every tap must reach the logits (a module inside a
+  compiled region does not). Parameters that fail either check, belong to modules without a
+  rule, or combine uses the rules cannot add up, take the generic path: nothing is skipped. A
+  reentrant checkpoint, or a module with trainable parameters run with gradients disabled, is
+  refused (:class:`fimfast.types.UnsupportedModelError`); layers inside a non-reentrant
+  checkpoint are left uncaptured, so the recomputation matches. The sample-independence verdict
+  is kept per structure of the captured calls (their modules, modes and tap layouts), so a
+  forward that mixes the samples in some steps only is not supported. The resulting plan is
+  reused by later steps of the same structure (calls, uses, verdicts, parameter edges, head,
+  batch of one or more), bound to their own calls. See ``docs/exactness.md``.
 * Memory: a chunk's columns and tap gradients fit ``FIMFAST_MEMORY_BUDGET_MB`` (or ``M`` =
   ``class_chunk``), so memory stays bounded at any ``C``.
 
@@ -62,8 +68,10 @@ from fimfast.types import FIMType, Options, UnsupportedModelError
 
 log = logging.getLogger("fimfast.persample")
 
-# samples probed for coupling and batch dims (all of them up to this many; see Engine._probe)
-PROBE_SAMPLES = 256
+# samples probed one by one for coupling and batch dims (all of them up to this many), and random
+# halves of larger batches (see Engine._probe and _probe_sets)
+PROBE_SAMPLES = 64
+PROBE_SUBSETS = 32
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -692,11 +700,11 @@ class Engine:
         that sample's logits send to every tap; a candidate survives if, for every probed
         sample, that gradient vanishes at every other index of the candidate dim. A call with a
         tap that keeps no candidate couples the samples, and its parameters take the generic
-        path. Every sample is probed up to :data:`PROBE_SAMPLES` (beyond that an even spread of
-        them, and all of them while a tap keeps two candidates), so a coupling of any two
-        samples (``cumsum`` over the batch, a shift) is seen. Two candidates that survive every
-        sample (``T == N`` with each sample's gradient confined to one position) give the same
-        per-sample squares, so either is exact.
+        path. Every sample is probed up to :data:`PROBE_SAMPLES`; beyond, a spread of samples and
+        random halves of the batch (:func:`_probe_sets`), and every sample while a tap keeps two
+        candidates; so a coupling of any two samples (``cumsum`` over the batch, a shift) is
+        seen. Two candidates that survive every sample (``T == N`` with each sample's gradient
+        confined to one position) give the same per-sample squares, so either is exact.
         """
         N = rows.num_samples
         ambiguous = any(len(t.cands) > 1 for c in calls for t in c.taps)
@@ -718,24 +726,21 @@ class Engine:
         gen = torch.Generator().manual_seed(0)
         vals = torch.randn(flat.shape, generator=gen, dtype=torch.float64)
         vals = vals.to(device=flat.device, dtype=flat.dtype)
-        order = torch.arange(N, device=flat.device)
-        if N > PROBE_SAMPLES:
-            spread = torch.linspace(0, N - 1, PROBE_SAMPLES, device=flat.device).round().long()
-            rest = torch.ones(N, dtype=torch.bool, device=flat.device)
-            rest[spread] = False
-            order = torch.cat([spread.unique(), order[rest]])
         per_col = flat.element_size() * flat.numel() + 4 * sum(math.prod(t.shape) for t in taps)
         M = max(1, _env.memory_budget_bytes() // max(1, per_col))
-        for s0 in range(0, N, M):
-            if s0 >= PROBE_SAMPLES and not any(len(p) > 1 for p in passing):
-                break
-            js = order[s0 : s0 + M]
-            sel = rows.sample.unsqueeze(0) == js.unsqueeze(1)  # (M, R)
-            cot = vals.unsqueeze(0) * sel.unsqueeze(-1).to(vals.dtype)
-            grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=True)
-            for k, g in enumerate(grads):
-                if g is not None and passing[k]:
-                    passing[k] = [d for d in passing[k] if _only_samples(g, d, js)]
+        first, rest = _probe_sets(N, gen)
+        for sets in (first, rest):
+            if sets is rest and not any(len(p) > 1 for p in passing):
+                break  # all samples one by one only while a tap keeps two candidates
+            sets = sets.to(flat.device)
+            for s0 in range(0, sets.shape[0], M):
+                allow = sets[s0 : s0 + M]  # (m, N): the samples each column puts a cotangent on
+                sel = allow.index_select(1, rows.sample)  # (m, R)
+                cot = vals.unsqueeze(0) * sel.unsqueeze(-1).to(vals.dtype)
+                grads = _batched_grads(flat, [t.handle for t in taps], cot, retain_graph=True)
+                for k, g in enumerate(grads):
+                    if g is not None and passing[k]:
+                        passing[k] = [d for d in passing[k] if _confined(g, d, allow)]
         ki = iter(passing)
         for c in calls:
             for t in c.taps:
@@ -950,14 +955,31 @@ def _unique(it: Iterable[hooks.Call]) -> list[hooks.Call]:
     return list(seen.values())
 
 
-def _only_samples(g: torch.Tensor, d: int, js: torch.Tensor) -> bool:
-    """Whether ``g[m]`` (``g``: ``(M, *shape)``) is zero at every index but ``js[m]`` of its
-    dim ``d``, for every ``m``."""
+def _probe_sets(N: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's columns as ``(M, N)`` sample sets: ``(first, rest)``.
+
+    Up to :data:`PROBE_SAMPLES` samples, ``first`` is every sample alone and ``rest`` is empty.
+    Beyond, ``first`` is an even spread of ``PROBE_SAMPLES // 2`` samples alone plus
+    :data:`PROBE_SUBSETS` random halves of the batch (a coupling of any two samples escapes each
+    half with probability 3/4, all of them with ``(3/4)^32 < 1e-4``), and ``rest`` is every other
+    sample alone (probed while a tap still has two candidate batch dims)."""
+    eye = torch.eye(N, dtype=torch.bool)
+    if N <= PROBE_SAMPLES:
+        return eye, eye[:0]
+    spread = torch.linspace(0, N - 1, PROBE_SAMPLES // 2).round().long().unique()
+    halves = torch.rand(PROBE_SUBSETS, N, generator=gen) < 0.5
+    others = torch.ones(N, dtype=torch.bool)
+    others[spread] = False
+    return torch.cat([eye[spread], halves]), eye[others]
+
+
+def _confined(g: torch.Tensor, d: int, allow: torch.Tensor) -> bool:
+    """Whether ``g[m]`` (``g``: ``(M, *shape)``) vanishes at every index of its dim ``d`` that
+    ``allow[m]`` (``(M, N)`` bool) leaves out, for every ``m``."""
     M = g.shape[0]
     gm = g.movedim(d + 1, 1)
     mag = gm.reshape(M, gm.shape[1], -1).abs().sum(-1)  # (M, N); NaN counts as non-zero
-    mag[torch.arange(M, device=g.device), js] = 0
-    return not bool((mag != 0).any())
+    return not bool((mag.masked_fill(allow, 0) != 0).any())
 
 
 def _block(a: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Accumulated state of one estimator: sums, counts, EMA, and its ``state_dict`` (math.md §5).
+"""Accumulated state of one estimator: sums, counts, EMA, and its ``state_dict`` (docs/math.md §9).
 
 A step computes its batch estimate into temporaries and calls :meth:`State.commit` only once
 everything succeeded, so a failing step leaves the state bit-identical.
@@ -58,17 +58,17 @@ class Sums:
         return [self.get(i) for i in range(len(self.slots))]
 
 
-def _adoptable(new: list[torch.Tensor], old: list[torch.Tensor]) -> bool:
-    """Whether ``new`` can replace ``old`` as values: same shapes, dtypes and devices, dense
+def _adoptable(new: list[torch.Tensor], shapes: list, dtypes: list, devices: list) -> bool:
+    """Whether ``new`` can become the values: the state's shapes, dtypes and devices, dense
     tensors that own their whole storage, no two sharing one, none attached to a graph."""
-    if len(new) != len(old):
+    if len(new) != len(shapes):
         return False
     ptrs = set()
-    for b, v in zip(new, old):
+    for b, shape, dt, dev in zip(new, shapes, dtypes, devices):
         if (
-            b.shape != v.shape
-            or b.dtype != v.dtype
-            or b.device != v.device
+            tuple(b.shape) != tuple(shape)
+            or b.dtype != dt
+            or b.device != dev
             or b.requires_grad
             or not b.is_contiguous()
             or b.untyped_storage().nbytes() != b.numel() * b.element_size()
@@ -95,16 +95,40 @@ class State:
         self.dtypes = [state_dtype(p) for p in params]
         self.reduction = reduction
         self.ema = ema
-        self.values = [
-            torch.zeros(p.shape, dtype=d, device=p.device) for p, d in zip(params, self.dtypes)
-        ]
+        self.devices = [p.device for p in params]
+        # allocated on first use: a first commit adopts its batch estimate (see commit), so a
+        # reset followed by one step never writes zeros
+        self._values: list[torch.Tensor] | None = None
         self.count = 0  # rows (samples or tokens) seen
         self.steps = 0  # committed batches
-        self._zero = True  # values are the zeros allocated here (nothing committed or loaded)
+        self._zero = True  # values are zeros (nothing committed or loaded)
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        """The accumulators, one per parameter (zeros until something was committed)."""
+        if self._values is None:
+            self._values = [
+                torch.zeros(s, dtype=d, device=dev)
+                for s, d, dev in zip(self.shapes, self.dtypes, self._devices())
+            ]
+        return self._values
+
+    @values.setter
+    def values(self, vals: list[torch.Tensor]) -> None:
+        self._values = list(vals)
+
+    def _devices(self) -> list[torch.device]:
+        # a State unpickled from a version without lazy values has them already
+        return getattr(self, "devices", None) or [v.device for v in self._values]
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        if "values" in d:  # pickled by a version that stored the list itself
+            d["_values"] = d.pop("values")
+        self.__dict__.update(d)
 
     def sums(self) -> Sums:
         """Empty slots shaped like the state, for one batch estimate (see :class:`Sums`)."""
-        return Sums([v.shape for v in self.values], self.dtypes, [v.device for v in self.values])
+        return Sums(self.shapes, self.dtypes, self._devices())
 
     def check_params(self, names: list[str], params: list[torch.Tensor]) -> None:
         """Raise when the model's trainable parameters differ from those the state was made for."""
@@ -133,7 +157,12 @@ class State:
         """
         # getattr: a State unpickled from a version without the flag never adopts
         pristine = getattr(self, "_zero", False)
-        if self.ema is None and owned and pristine and _adoptable(batch_estimate, self.values):
+        if (
+            self.ema is None
+            and owned
+            and pristine
+            and _adoptable(batch_estimate, self.shapes, self.dtypes, self._devices())
+        ):
             self.values = list(batch_estimate)
         elif self.ema is None:
             torch._foreach_add_(self.values, batch_estimate)

@@ -168,7 +168,7 @@ def hutchinson_factor(z: torch.Tensor, likelihood: str, kind: str, k: int = 2,
 
 def hutchinson_variance(rj: RowJacobians, likelihood: str, kind: str, k: int = 2,
                         sigma2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance per coordinate of one HUTCHINSON-type draw (math.md §2).
+    """Mean and variance per coordinate of one HUTCHINSON-type draw (docs/math.md §8).
 
     With ``b = (A_r v_r)_r`` stacked over rows, ``E = |b|^2`` and
     ``Var = 2 (|b|^4 - sum_k b_k^4)``.
@@ -181,7 +181,7 @@ def hutchinson_variance(rj: RowJacobians, likelihood: str, kind: str, k: int = 2
 
 
 def mc_variance(rj: RowJacobians) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance per coordinate of one MONTE_CARLO draw (categorical; math.md §4)."""
+    """Mean and variance per coordinate of one MONTE_CARLO draw (categorical; docs/math.md §8)."""
     p = torch.softmax(rj.z, -1)  # (R, C)
     vbar = torch.einsum("rc,rcp->rp", p, rj.J)
     dev = rj.J - vbar.unsqueeze(1)

@@ -63,7 +63,7 @@ def test_empirical_matches_vmap_grad_squares(name):
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 def test_last_linear_closed_form(dtype):
-    """math.md §1: diag F of the logits layer is sum_n p(1-p) (x) a^2 and sum_n p(1-p)."""
+    """docs/math.md §3: diag F of the logits layer is sum_n p(1-p) (x) a^2 and sum_n p(1-p)."""
     dt, tol = DTYPES[dtype]
     torch.manual_seed(3)
     body = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh()).to(dt)

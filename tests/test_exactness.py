@@ -159,20 +159,21 @@ def test_reentrant_checkpoint_stays_right_for_hutchinson(data):
         assert float((got[name].double() / 400).sum() / r.sum()) == pytest.approx(1.0, abs=0.15)
 
 
+class NoGradFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.a(x)
+        return self.b(torch.tanh(h))
+
+
 def test_no_grad_region_with_trainable_parameters_is_refused(data):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
-
-        def forward(self, x):
-            with torch.no_grad():
-                h = self.a(x)
-            return self.b(torch.tanh(h))
-
     with pytest.raises(UnsupportedModelError, match="'a'.*gradients disabled"):
-        estimate(M().double(), data, "exact")
-    m = M().double()
+        estimate(NoGradFirst().double(), data, "exact")
+    m = NoGradFirst().double()
     m.a.requires_grad_(False)  # the documented way out: leave those parameters out
     x, y = data
     _, got = estimate(m, (x, y), "exact")
@@ -452,18 +453,8 @@ def test_functional_use_of_a_parameter_is_exact(data):
 
 
 def test_no_grad_region_is_refused_by_hutchinson_too(data):
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 5)
-
-        def forward(self, x):
-            with torch.no_grad():
-                h = self.a(x)
-            return self.b(torch.tanh(h))
-
     with pytest.raises(UnsupportedModelError, match="gradients disabled"):
-        estimate(M().double(), data, "hutchinson")
+        estimate(NoGradFirst().double(), data, "hutchinson")
 
 
 @pytest.mark.parametrize("kind", ("exact", "empirical"))
@@ -503,3 +494,41 @@ def test_non_reentrant_checkpoint_around_attention(kind):
     y = torch.randint(0, 3, (4,))
     _, got = estimate(m, (x, y), kind)
     assert_matches(got, reference(m, lambda: m(x), y, kind))
+
+
+@pytest.mark.parametrize("pair", [(70, 71), (3, 97)])
+def test_coupling_of_two_samples_in_a_large_batch(pair):
+    """Beyond PROBE_SAMPLES the probe adds random halves of the batch: any coupled pair is seen."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            i, j = pair
+            mix = torch.zeros_like(h)
+            mix[i] = h[j]
+            return self.b(h + 0.5 * mix)
+
+    torch.manual_seed(0)
+    m = M().double()
+    x = torch.randn(100, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (100,))
+    est, got = estimate(m, (x, y), "empirical")
+    assert est._persample.last_plan.generic  # a.weight, a.bias: coupled
+    assert_matches(got, reference(m, lambda: m(x), y, "empirical"))
+
+
+def test_sequence_first_with_a_large_batch_and_t_equal_n():
+    """T == N beyond PROBE_SAMPLES: every sample is probed, and the data flow picks axis 1."""
+    torch.manual_seed(0)
+    m = SeqFirst(d=4).double().eval()
+    x = torch.randn(66, 66, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (66,))
+    est, _ = estimate(m, (x, y), "empirical", batch_dim=1)
+    plan = est._persample.last_plan
+    assert plan.generic == []
+    taps = [t for c in plan.calls for t in c.taps if len(t.cands) == 2]
+    assert taps and all(t.bdim == 1 for t in taps)

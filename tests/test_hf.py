@@ -138,7 +138,7 @@ def test_every_type_on_minilm_classifier(minilm, minilm_results, fim_type):
 
 @pytest.mark.parametrize("fim_type", ["exact", "empirical"])
 def test_minilm_head_matches_closed_form(minilm, minilm_results, fim_type):
-    """Last Linear layer, categorical: F_W = sum_n (p_n(1-p_n)) x a_n^2 (math.md §1)."""
+    """Last Linear layer, categorical: F_W = sum_n (p_n(1-p_n)) x a_n^2 (docs/math.md §3)."""
     model, batch = minilm
     pooled = minilm_results[1]
     a = pooled.double()  # pooled output entering the head (dropout off in eval)

@@ -20,7 +20,7 @@ from tolerances import DET_REL_F64
 from torch import nn
 
 from fimfast import DiagFisher
-from fimfast.layers import _unfold
+from fimfast.rules.conv import _unfold
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -90,7 +90,7 @@ VAR_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("fim_type,kind,k", VAR_CASES, ids=[v[0] for v in VAR_CASES])
 def test_hutchinson_variance_law(fim_type, kind, k):
-    """Var(D_i) = 2(|b|^4 - sum b^4) per coordinate (math.md §2), within VAR_REL."""
+    """Var(D_i) = 2(|b|^4 - sum b^4) per coordinate (docs/math.md §8), within VAR_REL."""
     case = tiny_case()
     rj = row_jacobians(case)
     _, var = hutchinson_variance(rj, "categorical", kind, k=k)
@@ -103,7 +103,7 @@ def test_hutchinson_variance_law(fim_type, kind, k):
 
 @pytest.mark.slow
 def test_monte_carlo_variance_law():
-    """Var(I1) = sum_c p_c (v_c - vbar)^4 - (sum_c p_c (v_c - vbar)^2)^2 (math.md §4)."""
+    """Var(I1) = sum_c p_c (v_c - vbar)^4 - (sum_c p_c (v_c - vbar)^2)^2 (docs/math.md §8)."""
     case = tiny_case()
     rj = row_jacobians(case)
     _, var = mc_variance(rj)
@@ -127,7 +127,7 @@ def test_bounds_order_in_expectation():
     assert bool((ex >= r2 - eps).all())
     assert bool((r2 >= r1 - eps).all())
     assert torch.allclose(r3, ex, rtol=1e-10, atol=eps)
-    # E[DG] - EXACT = sum_n (p_n^T v_n)^2 (math.md §2)
+    # E[DG] - EXACT = sum_n (p_n^T v_n)^2 (docs/math.md §6)
     p = torch.softmax(rj.z, -1)
     gap = (torch.einsum("rc,rcp->rp", p, rj.J) ** 2).sum(0)
     assert torch.allclose(dg - ex, gap, rtol=1e-9, atol=eps)

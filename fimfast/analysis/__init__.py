@@ -1,4 +1,4 @@
-"""Analysis of the core FIM and of the estimators (math.md §2-§4).
+"""Analysis of the core FIM and of the estimators (docs/math.md §6-§8).
 
 * :func:`core_spectrum`: eigenpairs of ``I(z)`` per row, with the bounds on ``lambda_max``.
 * :func:`bounds`: the deterministic sandwich ``RANKK <= EXACT <= DG`` per parameter.

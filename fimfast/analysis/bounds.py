@@ -1,4 +1,4 @@
-"""The deterministic sandwich ``RANKK <= EXACT <= DG`` per parameter (math.md §2).
+"""The deterministic sandwich ``RANKK <= EXACT <= DG`` per parameter (docs/math.md §6).
 
 * ``upper`` (the expectation of HUTCHINSON_DG): ``sum_r diag(J_r^T diag(p_r) J_r)``; for the
   diagonal core FIMs (bernoulli, gaussian) it equals EXACT.

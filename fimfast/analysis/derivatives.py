@@ -1,7 +1,7 @@
 """Per-coordinate derivatives of the logits, ``v = dz/dtheta_i`` and ``w = d^2 z/dtheta_i^2``.
 
-For small models only (the analysis of math.md §4, as in Soen & Sun's MNIST MLP figure). Both come
-out of one forward-over-forward pass per coordinate: the first-order tangent of
+For small models only (the analysis of docs/math.md §8, as in Soen & Sun's MNIST MLP figure).
+Both come out of one forward-over-forward pass per coordinate: the first-order tangent of
 ``theta -> jvp(f, theta, e_i)`` along ``e_i`` is ``w`` and its primal is ``v``, for every row of
 the batch at once. The passes are vectorised over chunks of coordinates with ``torch.func.vmap``;
 the cost is about ``P_selected`` forward passes of the batch, each ~4x a plain forward, so it grows

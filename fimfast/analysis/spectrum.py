@@ -1,4 +1,4 @@
-"""Spectrum of the core FIM ``I(z)`` of every row (math.md §3).
+"""Spectrum of the core FIM ``I(z)`` of every row (docs/math.md §7).
 
 For the categorical likelihood ``I(z) = diag(p) - p p^T``. Its ``C - 1`` non-zero eigenpairs solve
 the secular equation ``sum_c p_c^2 / (p_c - lam) = 1`` (one root in each interval between
@@ -21,7 +21,7 @@ __all__ = ["CoreSpectrum", "core_spectrum"]
 
 @dataclass
 class CoreSpectrum:
-    """Eigen-decomposition of ``I(z)`` for every row, with the bounds of math.md §3.
+    """Eigen-decomposition of ``I(z)`` for every row, with the bounds of docs/math.md §7.
 
     Leading dimensions ``...`` are those of the logits without the class axis.
 
@@ -52,7 +52,7 @@ class CoreSpectrum:
         return torch.einsum("...jc,...j,...jd->...cd", V, self.eigenvalues, V)
 
     def bounds(self) -> dict[str, torch.Tensor]:
-        """Bounds on ``lambda_max`` per row (each ``(...)``), math.md §3.
+        """Bounds on ``lambda_max`` per row (each ``(...)``), docs/math.md §7.
 
         Every likelihood: ``max_diag`` (largest diagonal entry, ``max_c p_c(1-p_c)`` for
         categorical) ``<= lambda_max <=`` ``trace`` (``1 - |p|^2`` for categorical). Categorical

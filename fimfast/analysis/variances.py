@@ -1,4 +1,4 @@
-"""Closed-form variances of the random estimators (math.md §2 and §4), per parameter.
+"""Closed-form variances of the random estimators (docs/math.md §8), per parameter.
 
 For one draw of each estimator on a batch, per coordinate ``i`` (``v_r = dz_r/dtheta_i``,
 ``w_r = d^2 z_r/dtheta_i^2``, ``I_r = I(z_r)``):
@@ -258,7 +258,7 @@ def estimator_variances(
     ignore_index: int = -100,
     chunk: int | None = None,
 ) -> EstimatorVariances:
-    """Per-parameter variance of one draw of each random estimator on ``batch`` (math.md §2, §4).
+    """Per-parameter variance of one draw of each random estimator on ``batch`` (docs/math.md §8).
 
     Exact closed forms from per-coordinate derivatives of the logits: first derivatives for every
     type, and second derivatives ``d^2 z/dtheta_i^2`` for ``hessian`` (Î2), by

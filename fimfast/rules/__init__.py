@@ -1,0 +1,52 @@
+"""Per-layer rules of the fast per-sample engine, one file per layer family, and their registry.
+
+A rule tells the per-sample engine (:mod:`fimfast.persample`) how to get the per-sample squared
+gradients of a module's parameters from what the module saw in the forward and the gradient at
+its output, without per-sample gradients of the whole model (docs/math.md §4). Modules without a
+rule are still estimated exactly, by the slower generic path.
+
+Built-in rules: ``nn.Linear`` and Hugging Face ``Conv1D`` (:mod:`~fimfast.rules.linear`),
+``nn.Conv1d``/``nn.Conv2d`` (:mod:`~fimfast.rules.conv`), ``nn.Embedding``
+(:mod:`~fimfast.rules.embedding`), ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
+``nn.BatchNorm1d/2d/3d`` (:mod:`~fimfast.rules.norm`) and ``nn.MultiheadAttention``
+(:mod:`~fimfast.rules.attention`). Add one for a module of your own with
+:func:`register_rule` (docs/rules.md); :func:`rule_for` says which rule a module gets
+(:mod:`~fimfast.rules.registry`).
+"""
+
+from fimfast.hooks import Call, Capture, Tap, Use
+from fimfast.rules.attention import MHARule
+from fimfast.rules.base import Outer, Rows, Rule, Term, UseKind, Vec, front, trainable
+from fimfast.rules.conv import ConvRule
+from fimfast.rules.embedding import EmbeddingRule
+from fimfast.rules.linear import HFConv1DRule, LinearRule
+from fimfast.rules.norm import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
+from fimfast.rules.registry import known_modules, register_rule, rule_for, unregister_rule
+
+__all__ = [
+    "BatchNormRule",
+    "Call",
+    "Capture",
+    "ConvRule",
+    "EmbeddingRule",
+    "GroupNormRule",
+    "HFConv1DRule",
+    "LayerNormRule",
+    "LinearRule",
+    "MHARule",
+    "Outer",
+    "RMSNormRule",
+    "Rows",
+    "Rule",
+    "Tap",
+    "Term",
+    "Use",
+    "UseKind",
+    "Vec",
+    "front",
+    "known_modules",
+    "register_rule",
+    "rule_for",
+    "trainable",
+    "unregister_rule",
+]

@@ -1,0 +1,244 @@
+"""Rule for ``nn.MultiheadAttention``: its forward, rewritten with tapped projections.
+
+During a capture the module's forward is replaced by :func:`_mha_forward`, which computes the same
+function with the input projections, the attention and the output projection as separate ops and
+taps the output of each projection; each projection's weight and bias then get the terms of a
+linear map (:func:`fimfast.rules.base._linear_terms`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
+from fimfast.rules.base import Rule, Term, UseKind, _linear_terms, trainable
+
+
+class MHARule(Rule):
+    """``nn.MultiheadAttention`` (packed or separate input projections, ``batch_first`` either
+    way, every mask): its forward runs as :func:`_mha_forward` during a capture. Configurations it
+    does not reproduce (``bias_k``, ``add_zero_attn``, dropout while training, unbatched inputs)
+    run torch's own forward, and the parameters then go to the generic path."""
+
+    name = "mha"
+
+    def accepts(self, module):
+        return module.bias_k is None and module.bias_v is None and not module.add_zero_attn
+
+    def install(self, module, cap):
+        had = "forward" in module.__dict__
+        old = module.__dict__.get("forward")
+        module.forward = partial(_mha_forward, self, module, cap)
+
+        def undo() -> None:
+            if had:
+                module.forward = old
+            else:
+                del module.forward
+
+        return undo
+
+    def terms(self, call, grads):
+        out: list[Term | None] = []
+        for u, (ti, key) in zip(call.uses, call.data["src"]):
+            out.extend(_linear_terms(call, grads[ti], call.taps[ti], call.data, key, [u]))
+        return out
+
+
+def _mha_forward(
+    rule: MHARule,
+    mod: nn.MultiheadAttention,
+    cap: Capture,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+):
+    """``nn.MultiheadAttention.forward`` with tapped projections (batched inputs, no dropout)."""
+    args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+            is_causal)
+    ps = trainable(
+        cap, mod.in_proj_weight, mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight,
+        mod.in_proj_bias, mod.out_proj.weight, mod.out_proj.bias,
+    )
+    plain = (
+        not cap.active
+        or not torch.is_grad_enabled()
+        or saved_tensor_hooks_active()
+        or not ps
+        or query.dim() != 3
+        or (mod.training and mod.dropout > 0.0)
+        or query.is_nested
+    )
+    if plain:
+        return type(mod).forward(mod, *args)
+    same_kv = key is value
+    same_qkv = same_kv and query is key
+    if not mod.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    if not _reproducible(mod, query, key, value, key_padding_mask, attn_mask, is_causal):
+        return type(mod).forward(mod, *args)  # torch raises its own error for bad shapes
+    kpm, am, is_causal = _masks(query, key_padding_mask, attn_mask, is_causal, need_weights)
+
+    rec = _Recorder(mod, cap, {id(p) for p in ps})
+    q, k, v = _in_projections(mod, rec, query, key, value, same_kv, same_qkv)
+    ctx, weights = _attend(mod, q, k, v, am, kpm, need_weights, average_attn_weights, is_causal)
+    out = rec.out_projection(ctx)
+    cap.record(Call(mod, rule, rec.taps, rec.uses, rec.data))
+    if not mod.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+def _reproducible(mod, query, key, value, key_padding_mask, attn_mask, is_causal) -> bool:
+    """Whether the batch-first inputs and masks have the shapes :func:`_mha_forward` handles."""
+    N, L = query.shape[:2]
+    S = key.shape[1]
+    NH = N * mod.num_heads
+    return not (
+        key.shape[0] != N
+        or value.shape[:2] != key.shape[:2]
+        or (attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape != (L, S))
+        or (attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape != (NH, L, S))
+        or (attn_mask is not None and attn_mask.dim() not in (2, 3))
+        or (key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S))
+        or (is_causal and attn_mask is None)
+    )
+
+
+def _masks(query, key_padding_mask, attn_mask, is_causal: bool, need_weights: bool):
+    """``(key padding mask, attention mask, is_causal)`` as torch's forward canonicalises them
+    (float masks in the query's dtype)."""
+    kpm = F._canonical_mask(
+        mask=key_padding_mask,
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask",
+        target_type=query.dtype,
+    )
+    if is_causal and kpm is None and not need_weights:
+        am = None
+    else:
+        am = F._canonical_mask(
+            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+            target_type=query.dtype, check_other=False,
+        )
+        if kpm is not None:
+            is_causal = False
+    return kpm, am, is_causal
+
+
+class _Recorder:
+    """The taps, uses and data of one :func:`_mha_forward` call, built projection by
+    projection; ``data["src"]`` gives each use its ``(tap index, input key)``."""
+
+    def __init__(self, mod: nn.MultiheadAttention, cap: Capture, tracked: set[int]):
+        self.mod, self.cap, self.tracked = mod, cap, tracked
+        self.taps: list[Tap] = []
+        self.uses: list[Use] = []
+        self.src: list[tuple[int, str]] = []
+        self.data: dict[str, Any] = {"src": self.src}
+
+    def _add(self, y: torch.Tensor, name: str, x: torch.Tensor, params) -> torch.Tensor:
+        """Tap ``y`` (the projection of ``x`` kept as ``data[name]``) and declare ``params``,
+        ``(param, kind, block)`` each."""
+        tap, y2 = self.cap.tap(y, lead=2, key=(id(self.mod), name), batch_first=True)
+        ti = len(self.taps)
+        self.taps.append(tap)
+        self.data[name] = x.detach()
+        for p, kind, block in params:
+            if p is not None and id(p) in self.tracked:
+                self.uses.append(Use(p, kind, block))
+                self.src.append((ti, name))
+        return y2
+
+    def proj(self, x: torch.Tensor, name: str, w, b, wblock, bblock, wparam, bparam):
+        """``F.linear(x, w, b)``, tapped; ``w``/``b`` are the blocks ``wblock``/``bblock`` of
+        the parameters ``wparam``/``bparam``."""
+        y = F.linear(x, w, b)
+        return self._add(y, name, x, ((wparam, UseKind.OUTER, wblock),
+                                      (bparam, UseKind.VEC, bblock)))
+
+    def out_projection(self, ctx: torch.Tensor) -> torch.Tensor:
+        """The output projection of the attention context ``(N, L, E)``, tapped."""
+        op = self.mod.out_proj
+        y = F.linear(ctx, op.weight, op.bias)
+        key = (id(self.mod), "out")
+        tap, out = self.cap.tap(y, lead=2, key=key, batch_first=True)
+        self.taps.append(tap)
+        self.data["ctx"] = ctx.detach()
+        for p, kind in ((op.weight, UseKind.OUTER), (op.bias, UseKind.VEC)):
+            if p is not None and id(p) in self.tracked:
+                self.uses.append(Use(p, kind))
+                self.src.append((len(self.taps) - 1, "ctx"))
+        return out
+
+
+def _in_projections(mod, rec: _Recorder, query, key, value, same_kv: bool, same_qkv: bool):
+    """``q, k, v`` ``(N, *, E)``: one packed projection for self-attention, a query and a packed
+    key-value projection when key is value, three otherwise."""
+    E = mod.embed_dim
+    bias = mod.in_proj_bias
+    if not mod._qkv_same_embed_dim:
+        bq, bk, bv = (None, None, None) if bias is None else bias.chunk(3)
+        q = rec.proj(query, "xq", mod.q_proj_weight, bq, None, (0, E), mod.q_proj_weight, bias)
+        k = rec.proj(key, "xk", mod.k_proj_weight, bk, None, (E, 2 * E), mod.k_proj_weight, bias)
+        v = rec.proj(value, "xv", mod.v_proj_weight, bv, None, (2 * E, 3 * E), mod.v_proj_weight,
+                     bias)
+        return q, k, v
+    W = mod.in_proj_weight
+    if same_qkv:
+        qkv = rec.proj(query, "xq", W, bias, None, None, W, bias)
+        return qkv.unflatten(-1, (3, E)).unbind(-2)
+    if same_kv:
+        wq, wkv = W.split([E, 2 * E])
+        bq, bkv = (None, None) if bias is None else bias.split([E, 2 * E])
+        q = rec.proj(query, "xq", wq, bq, (0, E), (0, E), W, bias)
+        kv = rec.proj(key, "xk", wkv, bkv, (E, 3 * E), (E, 3 * E), W, bias)
+        k, v = kv.unflatten(-1, (2, E)).unbind(-2)
+        return q, k, v
+    wq, wk, wv = W.chunk(3)
+    bq, bk, bv = (None, None, None) if bias is None else bias.chunk(3)
+    q = rec.proj(query, "xq", wq, bq, (0, E), (0, E), W, bias)
+    k = rec.proj(key, "xk", wk, bk, (E, 2 * E), (E, 2 * E), W, bias)
+    v = rec.proj(value, "xv", wv, bv, (2 * E, 3 * E), (2 * E, 3 * E), W, bias)
+    return q, k, v
+
+
+def _attend(mod, q, k, v, am, kpm, need_weights: bool, average_attn_weights: bool,
+            is_causal: bool):
+    """Scaled dot-product attention of the projected ``q`` ``(N, L, E)``, ``k``, ``v``
+    ``(N, S, E)`` over ``num_heads`` heads: ``(context (N, L, E), weights or None)``."""
+    N, L, E = q.shape
+    S = k.shape[1]
+    H = mod.num_heads
+    hd = E // H
+    q = q.reshape(N, L, H, hd).transpose(1, 2)  # (N, H, L, hd)
+    k = k.reshape(N, S, H, hd).transpose(1, 2)
+    v = v.reshape(N, S, H, hd).transpose(1, 2)
+    if am is not None:
+        am = am.reshape(1, 1, L, S) if am.dim() == 2 else am.reshape(N, H, L, S)
+    if kpm is not None:
+        kpm = kpm.reshape(N, 1, 1, S)
+        am = kpm if am is None else am + kpm
+    weights = None
+    if need_weights:
+        scores = torch.matmul(q * math.sqrt(1.0 / hd), k.transpose(-2, -1))
+        if am is not None:
+            scores = scores + am
+        attn = torch.softmax(scores, dim=-1)
+        ctx = torch.matmul(attn, v)
+        weights = attn.mean(dim=1) if average_attn_weights else attn
+    else:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=is_causal)
+    return ctx.transpose(1, 2).reshape(N, L, E), weights

@@ -1,0 +1,139 @@
+"""Rules for the norms: LayerNorm, RMSNorm, GroupNorm and BatchNorm (affine parameters).
+
+Each affine parameter gets a :class:`Vec`: ``weight`` gets ``sum_t G * xhat``, ``bias`` gets
+``sum_t G``, with ``xhat`` the normalised input computed by torch's own kernel without the affine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fimfast.hooks import Call, Use
+from fimfast.rules.base import Rule, UseKind, Vec, _acc_dtype, front, trainable
+
+
+class _NormRule(Rule):
+    """Shared part of the norms: ``weight`` gets ``sum_t G * xhat``, ``bias`` gets ``sum_t G``."""
+
+    batch_first = True  # channel norms: (N, C, *)
+
+    def lead(self, module, y: torch.Tensor) -> int:
+        return 1
+
+    def capture(self, cap, module, x, y):
+        w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+        ps = trainable(cap, w, b)
+        uses = [Use(p, UseKind.VEC) for p in ps]
+        lead = self.lead(module, y)
+        if lead < 1:
+            return None
+        tap, out = cap.tap(y, lead=lead, key=(id(module), 0), batch_first=self.batch_first)
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
+        return out
+
+    def xhat(self, module, x: torch.Tensor, data: dict) -> torch.Tensor:
+        """Normalised input, shaped like ``x``, in ``x``'s dtype."""
+        raise NotImplementedError
+
+    def terms(self, call, grads):
+        G = grads[0]
+        if G is None:
+            return [None] * len(call.uses)
+        tap = call.taps[0]
+        m = call.module
+        dt = _acc_dtype(G.dtype)
+        if "xhat" not in call.data:
+            call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
+        xh = call.data["xhat"]
+        Gf = self.front(tap, G.to(dt), extra=1)
+        return [Vec((Gf * xh).sum(2) if u.param is m.weight else Gf.sum(2)) for u in call.uses]
+
+    def front(self, tap, t: torch.Tensor, extra: int = 0) -> torch.Tensor:
+        """``(*extra, N, T, *param_shape)``."""
+        return front(t, tap.bdim, tap.lead, extra)
+
+
+class LayerNormRule(_NormRule):
+    """``nn.LayerNorm`` (affine weight, optional bias) over its trailing ``normalized_shape``."""
+
+    name = "layernorm"
+    batch_first = False
+
+    def lead(self, module, y):
+        return y.dim() - len(module.normalized_shape)
+
+    def xhat(self, module, x, data):
+        # torch's own kernel without the affine: the forward's numerics, and 10x faster than
+        # var_mean on short rows
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+class RMSNormRule(_NormRule):
+    """``nn.RMSNorm``: ``xhat = x / sqrt(mean(x^2) + eps)`` (``eps=None``: the dtype's eps)."""
+
+    name = "rmsnorm"
+    batch_first = False
+
+    def lead(self, module, y):
+        return y.dim() - len(module.normalized_shape)
+
+    def capture(self, cap, module, x, y):
+        out = super().capture(cap, module, x, y)
+        if out is not None:
+            cap.calls[-1].data["eps"] = (
+                torch.finfo(x.dtype).eps if module.eps is None else module.eps
+            )
+        return out
+
+    def xhat(self, module, x, data):
+        return F.rms_norm(x, module.normalized_shape, None, data["eps"])
+
+
+class _ChannelNormRule(_NormRule):
+    """Norms with a per-channel affine on dim 1 of ``(N, C, *)``: GroupNorm, BatchNorm."""
+
+    def front(self, tap, t, extra=0):
+        # (*extra, N, C, *spatial) -> (*extra, N, L, C): channels last so Vec sums over dim 2
+        s = t.shape
+        return t.reshape(*s[: extra + 2], -1).transpose(-1, -2)
+
+
+class GroupNormRule(_ChannelNormRule):
+    """``nn.GroupNorm`` with ``affine=True``."""
+
+    name = "groupnorm"
+
+    def accepts(self, module):
+        return module.affine
+
+    def xhat(self, module, x, data):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+class BatchNormRule(_ChannelNormRule):
+    """``nn.BatchNorm1d/2d/3d`` with ``affine=True``: running statistics in eval mode, the batch
+    statistics the forward used in train mode (the layers below it are then coupled across
+    samples; the engine's probe sends their parameters to the generic path)."""
+
+    name = "batchnorm"
+
+    def accepts(self, module):
+        return module.affine
+
+    def capture(self, cap, module, x, y):
+        use_batch = module.training or (module.running_mean is None and module.running_var is None)
+        out = super().capture(cap, module, x, y)
+        if out is not None:
+            stats = None
+            if not use_batch:  # copies: running statistics may change before the terms run
+                stats = (module.running_mean.detach().clone(), module.running_var.detach().clone())
+            cap.calls[-1].data["stats"] = stats
+        return out
+
+    def xhat(self, module, x, data):
+        stats = data["stats"]
+        if stats is None:  # batch statistics, running statistics untouched (None)
+            return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
+        return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False,
+                            0.0, module.eps)
