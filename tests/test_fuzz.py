@@ -54,7 +54,7 @@ REQUIRED |= {"norm:batch:train=True", "norm:batch:train=False"}
 REQUIRED |= {"conv1d", "conv2d", "conv3d", "convT1d", "convT2d"}
 REQUIRED |= {"tied:same", "tied:transpose", "mix:cumsum", "mix:mean", "mix:roll"}
 REQUIRED |= {"res", "ckpt:reentrant=True", "ckpt:reentrant=False", "hook:out", "hook:pre"}
-REQUIRED |= {"sizes:T==N==C", "sizes:d==N"}
+REQUIRED |= {"sizes:T==N==C", "sizes:d==N", "input:sf"}
 
 
 def ci_seeds(count: int = CI_COUNT) -> list[int]:

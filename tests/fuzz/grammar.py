@@ -101,6 +101,13 @@ class Spec:
         return self.task == "token" and self.seed % 2 == 0
 
     @property
+    def seq_first_input(self) -> bool:
+        """Sequence-first models of seeds divisible by 3 take their batch sequence first too:
+        ids / features, mask and token labels ``(T, N, ...)``, token logits ``(T, N, C)``, and
+        the step is told ``batch_dim=1``."""
+        return self.stem["kind"] in SEQ_KINDS and self.layout == "sf" and self.seed % 3 == 0
+
+    @property
     def inductor(self) -> bool:
         """Whether the model is compiled with inductor (slow: long runs only)."""
         return self.compile == "inductor"
@@ -136,6 +143,8 @@ def describe(spec: Spec) -> str:
     parts = [f"seed={spec.seed} {stem['kind']}({sargs}) N={spec.N} T={spec.T} C={spec.C}"]
     if stem["kind"] in SEQ_KINDS:
         parts[0] += f" layout={spec.layout}"
+        if spec.seq_first_input:
+            parts[0] += " input=(T,N)+batch_dim=1"
     parts.append(" > ".join(_feat_str(b) for b in spec.blocks) or "-")
     if spec.pool is not None:
         parts.append("pool=" + ",".join(f"{v}" for v in spec.pool.values()))
@@ -451,6 +460,8 @@ def features(spec: Spec) -> set[str]:
     seq = st["kind"] in ("tokens", "fseq")
     if seq:
         f.add(f"layout:{spec.layout}")
+        if spec.seq_first_input:
+            f.add("input:sf")
         if spec.T == spec.N:
             f.add("sizes:T==N")
     if seq and spec.T == spec.N == spec.C:
@@ -786,6 +797,7 @@ class Net(nn.Module):
         self.task, self.out, self.kpm = spec.task, spec.out, spec.kpm
         kind = spec.stem["kind"]
         self.sf = kind in SEQ_KINDS and spec.layout == "sf"
+        self.sf_in = spec.seq_first_input  # the inputs, mask and token logits are (T, N, ...)
         layout = spec.layout if kind in SEQ_KINDS else None
         self.stem = Stem(spec.stem)
         self.blocks = nn.ModuleList(_module(b, layout) for b in spec.blocks)
@@ -795,10 +807,12 @@ class Net(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         pad = None
+        if self.sf_in and attention_mask is not None:
+            attention_mask = attention_mask.transpose(0, 1)  # (T, N) -> (N, T)
         if self.kpm and attention_mask is not None:
             pad = attention_mask == 0
         h = self.stem(input_ids)
-        if self.sf:
+        if self.sf and not self.sf_in:
             h = h.transpose(0, 1)
         for b in self.blocks:
             h = b(h, pad)
@@ -807,7 +821,7 @@ class Net(nn.Module):
                 h = self.pool(h, attention_mask)
             for b in self.vblocks:
                 h = b(h, None)
-        elif self.sf:
+        elif self.sf and not self.sf_in:
             h = h.transpose(0, 1)
         z = self.head(h)
         if self.out == "tuple":
@@ -1003,13 +1017,22 @@ def _batch(spec: Spec, g: torch.Generator) -> tuple[Any, torch.Tensor, torch.Ten
     else:
         y = torch.randint(0, C, (N,), generator=g)
         valid = torch.ones(N, dtype=torch.bool)
+    if spec.seq_first_input:  # the batch sequence first; the oracle keeps the (N, T) view
+        x = x.transpose(0, 1)
+        mask = None if mask is None else mask.transpose(0, 1)
+        if spec.task == "token":
+            return _pack(spec, x, mask, y.transpose(0, 1)), y, valid
+    return _pack(spec, x, mask, y), y, valid
+
+
+def _pack(spec: Spec, x, mask, y) -> Any:
     if spec.batch == "dict":
         b: dict[str, Any] = {"input_ids": x}
         if mask is not None:
             b["attention_mask"] = mask
         b["labels"] = y
-        return b, y, valid
-    return (x, y), y, valid
+        return b
+    return (x, y)
 
 
 def _words(spec: Spec, net: nn.Module) -> list[str]:

@@ -126,15 +126,19 @@ class _OracleCase:
         self.valid = case.valid
         self.labels = case.labels
         self.likelihood = "categorical"
+        self.token_sf = case.spec.seq_first_input and case.spec.task == "token"
 
     def batch_double(self) -> Any:
         return self.batch  # already float64
 
-    @staticmethod
-    def logits_fn(model, batch):
+    def logits_fn(self, model, batch):
         if isinstance(batch, dict):
-            return logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
-        return logits_of(model(batch[0]))
+            z = logits_of(model(**{k: v for k, v in batch.items() if k != "labels"}))
+        else:
+            z = logits_of(model(batch[0]))
+        if self.token_sf:  # (T, N, C) -> (N, T, C): the rows in fimfast's order
+            z = z.transpose(0, 1)
+        return z
 
 
 def exact_oracle(rj: RowJacobians) -> torch.Tensor:
@@ -349,7 +353,9 @@ def _run_type(case: Case, t: str) -> dict[str, torch.Tensor]:
         t = t.removesuffix("+seq")
         opts["sequence_rows"] = True
     if case.spec.states_class_dim and "class_dim" in fimfast.Options.names():
-        opts["class_dim"] = -1  # (N, T, C)
+        opts["class_dim"] = -1  # (N, T, C), or (T, N, C) with batch_dim=1
+    if case.spec.seq_first_input and "batch_dim" in fimfast.Options.names():
+        opts["batch_dim"] = 1
     if t == "monte_carlo":
         opts.update(seed=MC_SEED, num_probes=MC_PROBES)
     est = fimfast.DiagFisher(case.model, t, reduction="sum", **opts)
