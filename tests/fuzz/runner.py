@@ -19,12 +19,13 @@ output coordinate at a time, on the eager model without checkpointing):
   scores of its tokens summed before the square), also ``empirical+seq`` and
   ``monte_carlo+seq``: ``sum_n (sum_{t in n} J_nt^T u_nt)^2`` with the scores above.
 
-A tensor passes when ``|got - ref| <= REL * |ref|`` (Frobenius norms) with ``REL = 1e-10``; a
-tensor whose oracle is (nearly) zero by a symmetry (``|ref| < FLOOR * |ref of all|``, FLOOR =
-1e-6: the bias of a Linear in front of a train-mode BatchNorm, the weights in front of a
-LayerNorm over two features) is held to ``|got - ref| <= REL * FLOOR * |ref of all|`` instead:
-its entries are rounding noise of larger terms, whose relative error can reach 1e-10 at
-1e-9 of the whole estimate.
+A tensor passes when ``|got - ref| <= REL * |ref|`` (Frobenius norms) with ``REL = 1e-10``, or
+when ``|got - ref| <= REL * FLOOR * |ref of all|`` (``FLOOR = 1e-3``: within 1e-13 of the whole
+estimate). The second bound covers parameters that are nearly invariant by a symmetry (the bias
+of a Linear in front of a train-mode BatchNorm, weights in front of a normalisation over two
+values or of batch statistics over two samples): their small entries are the rounding noise of
+much larger, cancelling terms, and two correct evaluations (row by row, or batched) differ there
+by up to ~1e-8 relative.
 
 Around every step the model must be left as it was: parameter values and objects, buffers
 (BatchNorm running statistics), ``.grad`` (set to sentinels before), ``requires_grad``, the
@@ -59,7 +60,7 @@ if _TESTS not in sys.path:
 from oracle import RowJacobians, oracle_flat, row_jacobians  # noqa: E402
 
 REL = 1e-10
-FLOOR = 1e-6
+FLOOR = 1e-3
 MC_SEED = 20261206
 MC_PROBES = 2
 MC_BOUNDARY = 1e-12
