@@ -246,6 +246,9 @@ def ddp_child(steps: int) -> None:
     est.result()  # the reduction over ranks (a no-op for one process)
     dt = (time.perf_counter() - t0) / steps
     if multi:
+        del est, model  # nothing may hold the group when it is destroyed (gloo aborts at exit)
+        gc.collect()
+        dist.barrier()  # and every rank destroys it together
         dist.destroy_process_group()
     print(json.dumps({"rank": rank, "per_step_s": dt}))
 

@@ -14,6 +14,7 @@ every rank prints the estimate over the union of the shards.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -35,6 +36,18 @@ def main() -> None:
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
         dist.init_process_group("gloo")  # "nccl" on GPUs
+    run(args, distributed)
+    if distributed:
+        # Everything that holds the group (the DDP model, the estimators) was freed with run()'s
+        # frame; a gloo group destroyed while one is still alive, or by a rank still running,
+        # can abort the process at exit. So: free, wait for every rank, then destroy.
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, distributed: bool) -> None:
+    """Train on this rank's shard with the Fisher along the way, then measure and print it."""
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     torch.set_num_threads(1)
@@ -84,8 +97,6 @@ def main() -> None:
         if args.out:
             F_exact.save(args.out)
             print(f"saved {args.out}")
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

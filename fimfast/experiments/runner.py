@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -24,10 +25,90 @@ from fimfast.experiments.registry import Setup, get_experiment
 from fimfast.experiments.store import ResultFileError, load_result, result_name, save_result
 from fimfast.types import FIMType, Options
 
-__all__ = ["Estimate", "RunConfig", "estimate", "run", "type_seed"]
+__all__ = [
+    "Estimate",
+    "OptionError",
+    "RunConfig",
+    "check_options",
+    "estimate",
+    "estimate_options",
+    "option_tag",
+    "run",
+    "type_seed",
+]
 
 #: option names the command line can set (the rest keep fimfast's defaults)
 CLI_OPTIONS = ("num_probes", "top_k", "lr_power_itrs", "rankk_solver", "backend", "class_chunk")
+
+_PROBED = (
+    FIMType.MONTE_CARLO,
+    FIMType.HUTCHINSON,
+    FIMType.HUTCHINSON_SQRT,
+    FIMType.HUTCHINSON_DG,
+    FIMType.HUTCHINSON_RANKK,
+    FIMType.HUTCHINSON_RANK1,
+)
+_TOPK = (FIMType.HUTCHINSON_RANKK, FIMType.HUTCHINSON_RANK1)
+
+
+class OptionError(ValueError):
+    """An estimator option that cannot work for this run; ``option`` names it."""
+
+    def __init__(self, option: str, reason: str):
+        super().__init__(f"{option}: {reason}")
+        self.option = option
+        self.reason = reason
+
+
+def estimate_options(fim_type: FIMType | str, opts: dict[str, Any] | Options) -> dict[str, Any]:
+    """The options that change what ``fim_type`` estimates, with their values.
+
+    ``num_probes`` for MONTE_CARLO and the HUTCHINSON family; ``top_k`` for HUTCHINSON_RANKK;
+    ``rankk_solver`` (and ``lr_power_itrs`` with the power solver) for RANKK and RANK1. EXACT and
+    EMPIRICAL depend on none; ``backend`` and ``class_chunk`` change only rounding.
+    """
+    t = FIMType.parse(fim_type)
+    o = opts if isinstance(opts, Options) else Options.from_dict(opts)
+    out: dict[str, Any] = {}
+    if t in _PROBED:
+        out["num_probes"] = o.num_probes
+    if t == FIMType.HUTCHINSON_RANKK:
+        out["top_k"] = o.top_k
+    if t in _TOPK:
+        out["rankk_solver"] = o.rankk_solver
+        if o.rankk_solver == "power":
+            out["lr_power_itrs"] = o.lr_power_itrs
+    return out
+
+
+def option_tag(fim_type: FIMType | str, opts: dict[str, Any] | Options) -> str:
+    """The file-name tag of the options of :func:`estimate_options` that differ from fimfast's
+    defaults: ``probes<S>``, ``k<K>``, ``power<N>``, joined by ``_`` (``""`` for the defaults)."""
+    eo, d = estimate_options(fim_type, opts), Options()
+    parts = []
+    if eo.get("num_probes", d.num_probes) != d.num_probes:
+        parts.append(f"probes{eo['num_probes']}")
+    if eo.get("top_k", d.top_k) != d.top_k:
+        parts.append(f"k{eo['top_k']}")
+    if eo.get("rankk_solver") == "power":
+        parts.append(f"power{eo['lr_power_itrs']}")
+    return "_".join(parts)
+
+
+def check_options(
+    experiment: str, fim_types: list[FIMType], opts: dict[str, Any], num_classes: int | None
+) -> None:
+    """Raise :class:`OptionError` for an option that cannot work with ``num_classes`` classes
+    (``top_k`` above ``C - 1`` with HUTCHINSON_RANKK); nothing to check when ``C`` is unknown."""
+    if num_classes is None or FIMType.HUTCHINSON_RANKK not in fim_types:
+        return
+    k = Options.from_dict(opts).top_k
+    if k > num_classes - 1:
+        raise OptionError(
+            "top_k",
+            f"hutchinson_rankk keeps at most C-1 = {num_classes - 1} eigenpairs for "
+            f"{experiment}'s {num_classes} classes; got {k}",
+        )
 
 
 def type_seed(seed: int, fim_type: FIMType | str) -> int:
@@ -126,7 +207,7 @@ class RunConfig:
 
     Attributes:
         experiment: a registered experiment name.
-        fim_types: the estimators, in order.
+        fim_types: the estimators, in order (:class:`FIMType` or their names).
         num_batches, batch_size: ``None`` takes the experiment's defaults (else 128 and 64).
         seed: seeds the network's initialisation and training, the batches and the estimators.
         reduction: ``"sum"`` or ``"mean"``.
@@ -138,7 +219,7 @@ class RunConfig:
     """
 
     experiment: str
-    fim_types: list[FIMType]
+    fim_types: list[FIMType | str]
     num_batches: int | None = None
     batch_size: int | None = None
     seed: int = 42
@@ -157,9 +238,17 @@ class RunConfig:
         for name, v in (("num_batches", nb), ("batch_size", bs)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        types = list(dict.fromkeys(FIMType.parse(t, "fim_types") for t in self.fim_types))
         Options.from_dict(self.opts)  # unknown or bad options fail before any work
+        check_options(self.experiment, types, self.opts, exp.num_classes)
         return RunConfig(
-            **{**self.__dict__, "num_batches": nb, "batch_size": bs, "out_dir": Path(self.out_dir)}
+            **{
+                **self.__dict__,
+                "fim_types": types,
+                "num_batches": nb,
+                "batch_size": bs,
+                "out_dir": Path(self.out_dir),
+            }
         )
 
 
@@ -179,6 +268,7 @@ def metadata(cfg: RunConfig, setup: Setup, fim_type: FIMType, result: Estimate) 
         "reduction": cfg.reduction,
         "options": _options_meta(setup, fim_type, cfg.opts, result.estimator_seed),
         "cli_options": dict(cfg.opts),
+        "estimate_options": estimate_options(fim_type, {**setup.fisher_opts, **cfg.opts}),
         "model": setup.model_desc,
         "dataset": setup.dataset_desc,
         "num_classes": setup.num_classes,
@@ -201,20 +291,34 @@ def metadata(cfg: RunConfig, setup: Setup, fim_type: FIMType, result: Estimate) 
     }
 
 
-def write(cfg: RunConfig, setup: Setup, fim_type: FIMType, result: Estimate) -> Path:
-    """Save one type's estimate as ``<out_dir>/<result_name>`` (atomically)."""
-    arrays = {k: v.detach().cpu().numpy() for k, v in result.fim.items()}
-    path = cfg.out_dir / result_name(
-        cfg.experiment, fim_type.value, cfg.num_batches, cfg.batch_size, cfg.seed
+def result_path(cfg: RunConfig, fim_type: FIMType) -> Path:
+    """``<out_dir>/<result_name>`` of one type, tagged with the options that change its
+    estimate."""
+    return cfg.out_dir / result_name(
+        cfg.experiment,
+        fim_type.value,
+        cfg.num_batches,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.reduction,
+        option_tag(fim_type, cfg.opts),
     )
-    return save_result(path, arrays, metadata(cfg, setup, fim_type, result))
+
+
+def write(cfg: RunConfig, setup: Setup, fim_type: FIMType, result: Estimate) -> Path:
+    """Save one type's estimate as :func:`result_path` (atomically)."""
+    arrays = {k: v.detach().cpu().numpy() for k, v in result.fim.items()}
+    return save_result(result_path(cfg, fim_type), arrays, metadata(cfg, setup, fim_type, result))
 
 
 def finished(cfg: RunConfig, fim_type: FIMType) -> tuple[bool, str]:
-    """Whether a valid result file for this configuration and type exists, and why not."""
-    path = cfg.out_dir / result_name(
-        cfg.experiment, fim_type.value, cfg.num_batches, cfg.batch_size, cfg.seed
-    )
+    """Whether a valid result file for this configuration and type exists, and why not.
+
+    The file must match the experiment, type, batches, seed, reduction and the options that
+    change this type's estimate (:func:`estimate_options`); others (``backend``,
+    ``class_chunk``, options the type does not use) do not make it stale.
+    """
+    path = result_path(cfg, fim_type)
     if not path.exists():
         return False, "no file"
     try:
@@ -226,11 +330,15 @@ def finished(cfg: RunConfig, fim_type: FIMType) -> tuple[bool, str]:
         m.get("experiment") == cfg.experiment
         and m.get("fim_type") == fim_type.value
         and m.get("reduction") == cfg.reduction
-        and m.get("cli_options") == dict(cfg.opts)
+        and m.get("estimate_options") == _json(estimate_options(fim_type, cfg.opts))
         and (m.get("num_batches"), m.get("batch_size"), m.get("seed"))
         == (cfg.num_batches, cfg.batch_size, cfg.seed)
     )
     return (True, "done") if same else (False, "written with other options")
+
+
+def _json(x: Any) -> Any:
+    return json.loads(json.dumps(x))
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> list[Path]:
@@ -243,9 +351,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> list[Path]:
     exp = get_experiment(cfg.experiment)
     todo, paths = [], []
     for t in cfg.fim_types:
-        path = cfg.out_dir / result_name(
-            cfg.experiment, t.value, cfg.num_batches, cfg.batch_size, cfg.seed
-        )
+        path = result_path(cfg, t)
         paths.append(path)
         if cfg.resume:
             ok, why = finished(cfg, t)
@@ -259,6 +365,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> list[Path]:
         return paths
     t0 = time.perf_counter()
     setup = exp.prepare(cfg.seed, cfg.out_dir, cfg.retrain)
+    check_options(cfg.experiment, todo, cfg.opts, setup.num_classes)  # C known only now
     how = "loaded from cache" if setup.info.get("from_cache") else "trained"
     acc = setup.info.get("test_accuracy")
     log(

@@ -1,10 +1,11 @@
-"""Result files: one ``.npz`` per (experiment, type, batches, batch size, seed).
+"""Result files: one ``.npz`` per (experiment, type, batches, batch size, seed, reduction and the
+options that change that type's estimate).
 
 A file holds one float array per parameter name (shaped like the parameter) and one JSON metadata
 entry, ``__fimfast_meta__`` (a 0-d unicode array), so it loads with
 ``numpy.load(path, allow_pickle=False)``. Files are written to a temporary file in the same folder
 and moved into place with :func:`os.replace`, so a reader (or an interrupted run) never sees half a
-file.
+file; the file gets the permissions of any new file (``0o666`` less the process's umask).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ __all__ = [
     "FORMAT",
     "FisherFile",
     "ResultFileError",
+    "atomic_temp",
     "load_result",
+    "new_file_mode",
     "result_name",
     "save_result",
 ]
@@ -40,10 +43,51 @@ class ResultFileError(ValueError):
 
 
 def result_name(
-    experiment: str, fim_type: str, num_batches: int, batch_size: int, seed: int
+    experiment: str,
+    fim_type: str,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    reduction: str = "sum",
+    tag: str = "",
 ) -> str:
-    """``<experiment>_<type>_nb<NB>_bs<BS>_seed<S>.npz``."""
-    return f"{experiment}_{fim_type}_nb{num_batches}_bs{batch_size}_seed{seed}.npz"
+    """``<experiment>_<type>_nb<NB>_bs<BS>_seed<S>[_mean][_<tag>].npz``.
+
+    ``_mean`` marks ``reduction="mean"``; ``tag`` names the options that change the estimate
+    (:func:`fimfast.experiments.runner.option_tag`), so runs with other options never overwrite
+    each other.
+    """
+    name = f"{experiment}_{fim_type}_nb{num_batches}_bs{batch_size}_seed{seed}"
+    if reduction != "sum":
+        name += f"_{reduction}"
+    if tag:
+        name += f"_{tag}"
+    return name + ".npz"
+
+
+def new_file_mode() -> int:
+    """The permission bits of a newly created file: ``0o666`` less the process's umask."""
+    try:  # Linux: read the umask without changing it (os.umask would, for a moment, in all threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_temp(path: Path) -> str:
+    """A new temporary file beside ``path`` (to be moved onto it with :func:`os.replace`), with
+    the permissions of a newly created file rather than ``mkstemp``'s ``0o600``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, new_file_mode())
+    finally:
+        os.close(fd)
+    return tmp
 
 
 @dataclass
@@ -90,9 +134,9 @@ def save_result(
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "names": list(arrays)}
     payload[META_KEY] = np.array(json.dumps(meta, sort_keys=False, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = atomic_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
@@ -113,6 +157,13 @@ def load_result(path: str | Path) -> FisherFile:
     path = Path(path)
     if not path.is_file():
         raise ResultFileError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":  # neither a zip (.npz) nor a .npy
+        raise ResultFileError(
+            f"{path}: not a .npz file (it does not start with the zip signature; "
+            "fimfast result files are written by `fimfast run`)"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             if not isinstance(z, np.lib.npyio.NpzFile):

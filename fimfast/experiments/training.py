@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -178,14 +177,16 @@ def trained(
     info = train()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        from fimfast.experiments.store import atomic_temp, new_file_mode
+
+        tmp = atomic_temp(path)
         try:
             save_file(
                 _trainable_state(model),
                 tmp,
                 metadata={"recipe": want, "info": json.dumps(info, sort_keys=True)},
             )
+            os.chmod(tmp, new_file_mode())  # a new file's permissions (the writer may not)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
