@@ -1,0 +1,149 @@
+"""``fimfast.fisher``: one call for every representation of the Fisher (docs/structured.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from fimfast.estimator import _default_seed, diag_fisher, trainable_parameters
+from fimfast.structured import capture as cap
+from fimfast.structured import engine
+from fimfast.structured.base import StructuredFIM
+from fimfast.structured.dense import PairAccumulator
+from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
+from fimfast.types import FIMType, Options, check_reduction
+
+REPRESENTATIONS = ("diag", "quasi_diag", "kfac", "ekfac", "block_diag", "low_rank", "dense")
+KFAC_APPROX = ("expand", "reduce")
+
+
+def fisher(
+    model: torch.nn.Module,
+    loader: Iterable,
+    fim_type: FIMType | str = "exact",
+    representation: str = "kfac",
+    reduction: str = "mean",
+    *,
+    kfac_approx: str = "expand",
+    rank: int | None = None,
+    max_rows: int | None = 100_000,
+    max_batches: int | None = None,
+    pair_chunk: int | None = None,
+    **opts: Any,
+):
+    """The Fisher of ``model`` on ``loader`` in a chosen representation.
+
+    Args:
+        model: the network (its mode, parameters and ``.grad`` are left as they are).
+        loader: an iterable of batches (any form ``DiagFisher`` accepts). ``ekfac`` makes two
+            passes over it (factors, then the refit of the diagonal), so it must be re-iterable.
+        fim_type: EXACT, EMPIRICAL, MONTE_CARLO or a HUTCHINSON type (see docs/structured.md for
+            the matrix each estimates).
+        representation: ``diag`` (a :class:`~fimfast.DiagFIM`), ``quasi_diag``, ``kfac``,
+            ``ekfac``, ``block_diag``, ``low_rank`` or ``dense``.
+        reduction: ``sum`` over rows (samples or unmasked tokens), or ``mean``.
+        kfac_approx: weight sharing (sequence positions, convolution locations) in KFAC:
+            ``expand`` (every position is an example) or ``reduce`` (positions summed first).
+        rank: ``low_rank`` only: keep the top-``rank`` eigenpairs (``None``: the exact factor).
+        max_rows: ``low_rank`` only: refuse to keep more gradient rows than this.
+        max_batches: stop after this many batches.
+        pair_chunk: cotangents per batched backward (default: from ``FIMFAST_MEMORY_BUDGET_MB``).
+        **opts: estimator options (``num_probes``, ``seed``, ``likelihood``, ``sigma2``,
+            ``ignore_index``, ``forward_fn``, ``shift_labels``, ``top_k``, ``backend``).
+
+    Returns:
+        A :class:`~fimfast.DiagFIM` for ``diag``, otherwise a
+        :class:`~fimfast.structured.StructuredFIM` (``DenseFIM``, ``BlockDiagFIM``,
+        ``LowRankFIM``, ``KFACFIM``, ``EKFACFIM`` or ``QuasiDiagFIM``).
+    """
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation must be one of {REPRESENTATIONS}; got "
+                         f"{representation!r}")
+    fim_type = FIMType.parse(fim_type)
+    check_reduction(reduction)
+    if representation == "diag":
+        return diag_fisher(model, loader, fim_type, reduction=reduction,
+                           max_batches=max_batches, **opts)
+    o = _options(representation, opts, kfac_approx, rank, pair_chunk)
+    names, params = trainable_parameters(model)
+    st = engine.Stream(fim_type, o, o.seed if o.seed is not None else _default_seed())
+    meta = {"fim_type": fim_type.value, "representation": representation,
+            "reduction": reduction, "names": names, "options": o.to_dict()}
+    shapes = [tuple(p.shape) for p in params]
+    dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    if representation in ("dense", "block_diag", "low_rank"):
+        acc = PairAccumulator(representation, names, shapes, dtype, params[0].device, max_rows)
+        engine.dense_pass(model, loader, st, params, acc, max_batches, pair_chunk)
+        out = acc.result(_scale(st, reduction), _meta(meta, st))
+        return out.truncated(rank) if rank is not None else out
+    layers = cap.layers_of(model, names, params, representation)
+    info = [engine.layer_info(layer) for layer in layers]
+    if representation == "quasi_diag":
+        sums = engine.kron_pass(model, loader, st, layers, "quasi_diag", kfac_approx, None,
+                                max_batches, pair_chunk)
+        return _quasi(names, shapes, info, sums, _scale(st, reduction), _meta(meta, st))
+    if representation == "ekfac" and iter(loader) is loader:
+        raise ValueError("representation='ekfac' makes two passes over the data (factors, then "
+                         "the refit of the diagonal); loader must be re-iterable (a list or a "
+                         "DataLoader), not an iterator")
+    meta["kfac_approx"] = kfac_approx
+    sums = engine.kron_pass(model, loader, st, layers, "kfac", kfac_approx, None, max_batches,
+                            pair_chunk)
+    sc = _scale(st, reduction)
+    F = KFACFIM(names, shapes, info, [s.A / max(s.npos, 1.0) for s in sums],
+                [s.G * sc for s in sums], _meta(meta, st))
+    if representation == "kfac":
+        return F
+    return refit_ekfac(F, model, loader, st, layers, reduction, max_batches, pair_chunk)
+
+
+def _quasi(names, shapes, info, sums, sc: float, meta: dict) -> QuasiDiagFIM:
+    return QuasiDiagFIM(names, shapes, info, [s.D * sc for s in sums],
+                        [None if s.cross is None else s.cross * sc for s in sums], meta)
+
+
+def _options(representation: str, opts: dict, kfac_approx: str, rank, pair_chunk) -> Options:
+    """Validated options of a structured representation (errors name the argument)."""
+    o = Options.from_dict(opts)
+    if o.lm_head is not None:
+        raise ValueError("fim_opts['lm_head'] is for representation='diag' only (the structured "
+                         f"representations need the logits); got representation={representation!r}")
+    if kfac_approx not in KFAC_APPROX:
+        raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}; got {kfac_approx!r}")
+    if rank is not None and representation != "low_rank":
+        raise ValueError(f"rank is for representation='low_rank'; got representation="
+                         f"{representation!r}")
+    if pair_chunk is not None and (isinstance(pair_chunk, bool) or not isinstance(pair_chunk, int)
+                                   or pair_chunk < 1):
+        raise ValueError(f"pair_chunk must be an integer >= 1 or None; got {pair_chunk!r}")
+    return o
+
+
+def refit_ekfac(F: KFACFIM, model, loader, st: engine.Stream, layers, reduction: str,
+                max_batches=None, pair_chunk=None) -> EKFACFIM:
+    """EKFAC from KFAC: its eigenbasis, the diagonal refitted by a second pass of per-pair
+    squared gradients projected on that basis."""
+    eig = [(e[1], e[3]) for e in F.eig()]
+    st2 = engine.Stream(st.fim_type, st.opts, st.seed, st.offset)
+    sums = engine.kron_pass(model, loader, st2, layers, "ekfac", "expand", eig, max_batches,
+                            pair_chunk)
+    sc = _scale(st2, reduction)
+    meta = _meta(dict(F.meta), st2)
+    meta["representation"] = "ekfac"
+    return EKFACFIM(F.names, F.shapes, F.layers, [e[0] for e in eig], [e[1] for e in eig],
+                    [s.D * sc for s in sums], meta)
+
+
+def _scale(st: engine.Stream, reduction: str) -> float:
+    if st.count == 0:
+        raise ValueError("loader yielded no batch")
+    return 1.0 if reduction == "sum" else 1.0 / st.count
+
+
+def _meta(meta: dict, st: engine.Stream) -> dict:
+    return {**meta, "count": st.count, "batches": st.batches, "seed": st.seed}
+
+
+__all__ = ["REPRESENTATIONS", "StructuredFIM", "fisher", "refit_ekfac"]

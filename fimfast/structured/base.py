@@ -1,0 +1,213 @@
+"""The common part of every structured Fisher: parameter layout, vectors, files.
+
+Vectors ``v`` are accepted either as a flat tensor (the trainable parameters of
+``model.named_parameters()`` concatenated in that order, each flattened row-major) or as a mapping
+``{name: tensor shaped like the parameter}``; results come back in the form of ``v``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fimfast.diagfim import DiagFIM
+
+Vector = torch.Tensor | Mapping[str, torch.Tensor]
+
+# largest P for which a dense (P, P) matrix is formed (dense representation, generic inverse)
+DENSE_LIMIT = 20000
+
+_KINDS: dict[str, type[StructuredFIM]] = {}
+
+
+def register(kind: str):
+    """Class decorator: the representation name under which :meth:`StructuredFIM.load` finds it."""
+
+    def deco(cls):
+        cls.kind = kind
+        _KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+def check_damping(damping: Any) -> float:
+    """``damping`` as a float ``>= 0`` (``ValueError`` naming the argument otherwise)."""
+    if isinstance(damping, torch.Tensor) and damping.numel() == 1:
+        damping = float(damping)
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"damping must be a number >= 0; got {damping!r}")
+    return float(damping)
+
+
+def check_dense_size(P: int, what: str) -> None:
+    """Refuse a ``(P, P)`` matrix above :data:`DENSE_LIMIT`."""
+    if P > DENSE_LIMIT:
+        gib = P * P * 4 / 2**30
+        raise ValueError(
+            f"{what} needs a dense ({P} x {P}) matrix ({gib:.1f} GiB in float32); the limit is "
+            f"P <= {DENSE_LIMIT} parameters. Use representation='kfac', 'ekfac', 'block_diag', "
+            "'low_rank' or 'diag', or freeze parameters (requires_grad=False)"
+        )
+
+
+class StructuredFIM:
+    """Base class of the structured Fisher matrices (see docs/structured.md).
+
+    Attributes:
+        names: trainable parameter names, in ``model.named_parameters()`` order.
+        shapes: their shapes.
+        meta: metadata (type, reduction, count, options), kept by :meth:`save`.
+    """
+
+    kind = "abstract"
+
+    def __init__(self, names: list[str], shapes: list[tuple[int, ...]], meta: Mapping | None):
+        self.names = list(names)
+        self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.meta = dict(meta or {})
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = [0]
+        for n in self.sizes:
+            self.offsets.append(self.offsets[-1] + n)
+
+    # -- layout ------------------------------------------------------------------------------- #
+    def numel(self) -> int:
+        """``P``, the number of parameters the matrix acts on."""
+        return self.offsets[-1]
+
+    def slice_of(self, name: str) -> slice:
+        """Position of parameter ``name`` in the flat layout."""
+        i = self.names.index(name)
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def __repr__(self) -> str:
+        n = len(self.names)
+        return f"{type(self).__name__}(P={self.numel()}, {n} tensors, meta={self.meta})"
+
+    # -- vectors ------------------------------------------------------------------------------ #
+    def flat(self, v: Vector, name: str = "v") -> tuple[torch.Tensor, bool]:
+        """``(flat vector, came_flat)`` from a flat tensor or a ``{name: tensor}`` mapping."""
+        P = self.numel()
+        if isinstance(v, torch.Tensor):
+            if v.dim() != 1 or v.numel() != P:
+                raise ValueError(f"{name} must be a flat tensor of {P} entries; got shape "
+                                 f"{tuple(v.shape)}")
+            return v, True
+        if isinstance(v, Mapping):
+            missing = [k for k in self.names if k not in v]
+            if missing:
+                raise ValueError(f"{name} is missing parameters {missing[:5]}")
+            parts = []
+            for k, s in zip(self.names, self.shapes):
+                t = v[k]
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != s:
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{name}[{k!r}] must have shape {s}; got {got}")
+                parts.append(t.reshape(-1))
+            return torch.cat(parts), False
+        raise TypeError(
+            f"{name} must be a flat tensor or a mapping name -> tensor; got {type(v).__name__}"
+        )
+
+    def unflat(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat ``(P,)`` vector -> ``{name: tensor}``."""
+        return {k: x[a:b].reshape(s) for k, s, a, b in
+                zip(self.names, self.shapes, self.offsets, self.offsets[1:])}
+
+    def _out(self, x: torch.Tensor, flat: bool) -> Vector:
+        return x if flat else self.unflat(x)
+
+    # -- operations (subclasses implement the _flat versions) -------------------------------- #
+    def mv(self, v: Vector) -> Vector:
+        """``F v``, in the form of ``v``."""
+        x, flat = self.flat(v)
+        return self._out(self._mv(x), flat)
+
+    def vTMv(self, v: Vector) -> torch.Tensor:
+        """``v^T F v`` (a scalar tensor)."""
+        x, _ = self.flat(v)
+        return torch.dot(x.to(self.dtype), self._mv(x))
+
+    def solve(self, v: Vector, damping: float = 1e-3) -> Vector:
+        """``(F + damping I)^{-1} v``, in the form of ``v``."""
+        d = check_damping(damping)
+        x, flat = self.flat(v)
+        return self._out(self._solve(x, d), flat)
+
+    def inverse(self, damping: float = 1e-3) -> StructuredFIM:
+        """``(F + damping I)^{-1}`` (dense fallback; representations override it exactly)."""
+        from fimfast.structured.dense import DenseFIM
+
+        d = check_damping(damping)
+        check_dense_size(self.numel(), f"{type(self).__name__}.inverse")
+        M = self.to_dense().double()
+        M.diagonal().add_(d)
+        inv = torch.linalg.inv(M).to(self.dtype)
+        return DenseFIM(self.names, self.shapes, inv, {**self.meta, "inverse_damping": d})
+
+    def diag(self) -> DiagFIM:
+        """The diagonal as a :class:`~fimfast.DiagFIM` keyed by parameter name."""
+        return DiagFIM(self.unflat(self._diag()), dict(self.meta))
+
+    def _dense_check(self) -> None:
+        check_dense_size(self.numel(), f"{type(self).__name__}.to_dense")
+
+    def to_torch(self) -> torch.Tensor:
+        """NNGeometry's name of :meth:`to_dense`."""
+        return self.to_dense()
+
+    # -- NNGeometry --------------------------------------------------------------------------- #
+    def to_nngeometry(self, target: Any):
+        """The matching NNGeometry ``PMat*`` (``target``: a model or a ``LayerCollection``)."""
+        from fimfast.structured.nngeometry import to_nngeometry
+
+        return to_nngeometry(self, target)
+
+    @staticmethod
+    def from_nngeometry(pmat: Any, model: torch.nn.Module, meta: Mapping | None = None):
+        """A structured Fisher from an NNGeometry ``PMat*`` on ``model``'s trainable
+        parameters."""
+        from fimfast.structured.nngeometry import from_nngeometry
+
+        return from_nngeometry(pmat, model, meta)
+
+    # -- files -------------------------------------------------------------------------------- #
+    def save(self, path: str) -> None:
+        """Write a safetensors file (the representation's tensors, layout and metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self._tensors().items()}
+        header = {
+            "fimfast_structured": self.kind,
+            "names": json.dumps(self.names),
+            "shapes": json.dumps(self.shapes),
+            "meta": json.dumps(self.meta, default=str),
+            "extra": json.dumps(self._extra()),
+        }
+        save_file(tensors, str(path), metadata=header)
+
+    @staticmethod
+    def load(path: str, device: str | torch.device = "cpu") -> StructuredFIM:
+        """Read any structured Fisher written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        kind = header.get("fimfast_structured")
+        if kind not in _KINDS:
+            raise ValueError(f"{path}: not a structured Fisher file (kind {kind!r}; known: "
+                             f"{sorted(_KINDS)})")
+        names = json.loads(header["names"])
+        shapes = [tuple(s) for s in json.loads(header["shapes"])]
+        return _KINDS[kind]._from_tensors(
+            names, shapes, tensors, json.loads(header["extra"]), json.loads(header["meta"])
+        )
+
+    def _extra(self) -> Any:
+        return None

@@ -1,0 +1,328 @@
+"""Kronecker-factored (KFAC), eigenbasis-refitted (EKFAC) and quasi-diagonal Fisher matrices.
+
+Each supported layer's weight and bias form one ``(O, I')`` matrix ``V`` (bias as the last column,
+see :mod:`fimfast.structured.capture`); vectors are mapped to it and back, so every result is in
+``model.named_parameters()`` order with the weight flattened row-major. Per layer:
+
+* KFAC: ``F_l = A (x) G`` acting as ``V -> G V A`` (``A``: ``(I', I')`` input second moments,
+  ``G``: ``(O, O)`` output-gradient second moments);
+* EKFAC: ``F_l = (U_G (x) U_A) diag(D) (U_G (x) U_A)^T`` acting as
+  ``V -> U_G (D o (U_G^T V U_A)) U_A^T``;
+* quasi-diagonal: the diagonal plus, for every output neuron ``o``, the cross terms between
+  ``W[o, :]`` and ``b[o]`` (an arrowhead block per neuron).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fimfast.structured.base import StructuredFIM, check_damping, register
+
+
+class _Layered(StructuredFIM):
+    """Layers as ``{"weight", "bias", "O", "In"}`` dicts; flat vectors <-> ``(O, I')`` matrices."""
+
+    def __init__(self, names, shapes, layers: list[dict], meta):
+        super().__init__(names, shapes, meta)
+        self.layers = [dict(info) for info in layers]
+        self._pos = [self._positions(info) for info in self.layers]
+
+    def _positions(self, info: dict) -> torch.Tensor:
+        O, In = info["O"], info["In"]
+        w = self.slice_of(info["weight"])
+        I = w.stop - w.start
+        if I % O:
+            raise ValueError(f"layer {info['weight']!r}: weight of {I} entries is not O={O} rows")
+        I //= O
+        pos = torch.empty(O, In, dtype=torch.int64)
+        pos[:, :I] = torch.arange(w.start, w.stop).reshape(O, I)
+        if info["bias"] is not None:
+            b = self.slice_of(info["bias"])
+            pos[:, I] = torch.arange(b.start, b.stop)
+        if pos.shape[1] != (I + (info["bias"] is not None)):
+            raise ValueError(f"layer {info['weight']!r}: In={In} does not match the weight")
+        return pos
+
+    def _mat(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        pos = self._pos[i].to(x.device)
+        return x[pos]
+
+    def _check_cover(self) -> None:
+        n = sum(p.numel() for p in self._pos)
+        if n != self.numel():
+            raise ValueError(f"the layers cover {n} of the {self.numel()} parameters")
+
+    def _assemble(self, mats: list[torch.Tensor]) -> torch.Tensor:
+        out = mats[0].new_zeros(self.numel())
+        for pos, m in zip(self._pos, mats):
+            out[pos.to(m.device).reshape(-1)] = m.reshape(-1)
+        return out
+
+    def _dense_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        self._dense_check()
+        P = self.numel()
+        M = blocks[0].new_zeros(P, P)
+        for pos, blk in zip(self._pos, blocks):
+            p = pos.to(blk.device).reshape(-1)
+            M[p.unsqueeze(1), p.unsqueeze(0)] = blk
+        return M
+
+    def _extra(self):
+        return {"layers": self.layers}
+
+
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a symmetric factor (symmetrised), in its dtype.
+
+    float32 ``eigh`` can fail on input factors with many equal eigenvalues (an MNIST layer's
+    785 x 785 ``A``, whose constant-zero pixels give a large null space); such a factor is
+    decomposed in float64 instead (on this CPU build 785 x 785 float64 ``eigh`` takes seconds,
+    float32 a fraction of one, so float64 is the fallback, not the default)."""
+    sym = (m + m.T) / 2
+    try:
+        lam, U = torch.linalg.eigh(sym)
+        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(U).all()):
+            return lam, U
+    except torch.linalg.LinAlgError:
+        pass
+    # float32 LAPACK either raises or (measured on such a factor) returns NaN without raising
+    lam, U = torch.linalg.eigh(sym.double())
+    return lam.to(m.dtype), U.to(m.dtype)
+
+
+@register("kfac")
+class KFACFIM(_Layered):
+    """``F ~ blockdiag_l(A_l (x) G_l)`` (NNGeometry's ``PMatKFAC``, curvlinops'
+    ``KFACLinearOperator``). ``A``, ``G``: lists of factors, one per layer."""
+
+    def __init__(self, names, shapes, layers, A, G, meta=None):
+        super().__init__(names, shapes, layers, meta)
+        self.A, self.G = list(A), list(G)
+        for info, a, g in zip(self.layers, self.A, self.G):
+            if tuple(a.shape) != (info["In"],) * 2 or tuple(g.shape) != (info["O"],) * 2:
+                raise ValueError(f"layer {info['weight']!r}: factors {tuple(a.shape)}, "
+                                 f"{tuple(g.shape)} do not match O={info['O']}, In={info['In']}")
+        self._check_cover()
+        self._eig = None
+        self._ekfac: EKFACFIM | None = None
+
+    @property
+    def dtype(self):
+        return self.A[0].dtype
+
+    def eig(self):
+        """Per layer ``(lam_A, U_A, lam_G, U_G)``, cached."""
+        if self._eig is None:
+            self._eig = []
+            for a, g in zip(self.A, self.G):
+                self._eig.append((*_eigh(a), *_eigh(g)))
+        return self._eig
+
+    def _mv(self, x):
+        x = x.to(self.dtype)
+        return self._assemble([g @ self._mat(x, i) @ a
+                               for i, (a, g) in enumerate(zip(self.A, self.G))])
+
+    def _solve(self, x, d):
+        if self._ekfac is None:
+            self._ekfac = self.to_ekfac()
+        return self._ekfac._solve(x, d)
+
+    def to_ekfac(self) -> EKFACFIM:
+        """The same matrix in its Kronecker eigenbasis (``D = lam_G lam_A^T``), no refit."""
+        eig = self.eig()
+        return EKFACFIM(self.names, self.shapes, self.layers, [e[1] for e in eig],
+                        [e[3] for e in eig], [e[2].unsqueeze(1) * e[0].unsqueeze(0) for e in eig],
+                        dict(self.meta))
+
+    def inverse(self, damping: float = 1e-3) -> EKFACFIM:
+        """``(F + damping I)^{-1}`` exactly (eigenvalues ``1 / (lam_G lam_A + damping)`` in the
+        Kronecker eigenbasis; not the factor-damped ``(A + pi s I)^-1 (x) (G + s/pi I)^-1``)."""
+        return self.to_ekfac().inverse(damping)
+
+    def to_dense(self):
+        return self._dense_blocks([torch.kron(g, a) for a, g in zip(self.A, self.G)])
+
+    def _diag(self):
+        return self._assemble([g.diagonal().unsqueeze(1) * a.diagonal().unsqueeze(0)
+                               for a, g in zip(self.A, self.G)])
+
+    def trace(self):
+        return float(sum(a.double().trace() * g.double().trace() for a, g in zip(self.A, self.G)))
+
+    def frobenius_norm(self):
+        return math.sqrt(float(sum((a.double() ** 2).sum() * (g.double() ** 2).sum()
+                                   for a, g in zip(self.A, self.G))))
+
+    def _tensors(self):
+        t = {f"A{i}": a for i, a in enumerate(self.A)}
+        t.update({f"G{i}": g for i, g in enumerate(self.G)})
+        return t
+
+    @classmethod
+    def _from_tensors(cls, names, shapes, t, extra, meta):
+        n = len(extra["layers"])
+        return cls(names, shapes, extra["layers"], [t[f"A{i}"] for i in range(n)],
+                   [t[f"G{i}"] for i in range(n)], meta)
+
+
+@register("ekfac")
+class EKFACFIM(_Layered):
+    """``F ~ blockdiag_l (U_G (x) U_A) diag(D) (U_G (x) U_A)^T`` (NNGeometry's ``PMatEKFAC``;
+    George et al., 2018). ``D[o, i]`` scales the eigen-direction ``U_G[:, o] U_A[:, i]^T``."""
+
+    def __init__(self, names, shapes, layers, UA, UG, D, meta=None):
+        super().__init__(names, shapes, layers, meta)
+        self.UA, self.UG, self.D = list(UA), list(UG), list(D)
+        for info, d in zip(self.layers, self.D):
+            if tuple(d.shape) != (info["O"], info["In"]):
+                raise ValueError(f"layer {info['weight']!r}: D has shape {tuple(d.shape)}; "
+                                 f"expected ({info['O']}, {info['In']})")
+        self._check_cover()
+
+    @property
+    def dtype(self):
+        return self.D[0].dtype
+
+    def _apply(self, x, fn):
+        x = x.to(self.dtype)
+        mats = []
+        for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D)):
+            c = ug.T @ self._mat(x, i) @ ua
+            mats.append(ug @ fn(c, d) @ ua.T)
+        return self._assemble(mats)
+
+    def _mv(self, x):
+        return self._apply(x, lambda c, d: c * d)
+
+    def _solve(self, x, damp):
+        return self._apply(x, lambda c, d: c / (d + damp))
+
+    def inverse(self, damping: float = 1e-3) -> EKFACFIM:
+        """``(F + damping I)^{-1}`` (same eigenbasis, ``1 / (D + damping)``)."""
+        damp = check_damping(damping)
+        if damp == 0 and any(bool((d == 0).any()) for d in self.D):
+            raise ValueError("damping=0 leaves F singular (some D are 0); use damping > 0")
+        return EKFACFIM(self.names, self.shapes, self.layers, self.UA, self.UG,
+                        [1.0 / (d + damp) for d in self.D], {**self.meta, "inverse_damping": damp})
+
+    def sample(self, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws from ``N(0, F)`` as ``(n, P)`` rows ``F^{1/2} eps`` (negative ``D`` are
+        taken as 0). With ``F.inverse(prior_precision)`` these are Laplace posterior draws."""
+        out = []
+        for _ in range(n):
+            mats = []
+            for ua, ug, d in zip(self.UA, self.UG, self.D):
+                e = torch.randn(d.shape, generator=generator, dtype=d.dtype, device=d.device)
+                mats.append(ug @ (d.clamp_min(0).sqrt() * e) @ ua.T)
+            out.append(self._assemble(mats))
+        return torch.stack(out)
+
+    def to_dense(self):
+        blocks = []
+        for ua, ug, d in zip(self.UA, self.UG, self.D):
+            K = torch.kron(ug, ua)
+            blocks.append((K * d.reshape(1, -1)) @ K.T)
+        return self._dense_blocks(blocks)
+
+    def _diag(self):
+        return self._assemble([(ug**2) @ d @ (ua**2).T
+                               for ua, ug, d in zip(self.UA, self.UG, self.D)])
+
+    def trace(self):
+        return float(sum(d.double().sum() for d in self.D))
+
+    def frobenius_norm(self):
+        return math.sqrt(float(sum((d.double() ** 2).sum() for d in self.D)))
+
+    def _tensors(self):
+        t = {}
+        for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D)):
+            t[f"UA{i}"], t[f"UG{i}"], t[f"D{i}"] = ua, ug, d
+        return t
+
+    @classmethod
+    def _from_tensors(cls, names, shapes, t, extra, meta):
+        n = len(extra["layers"])
+        return cls(names, shapes, extra["layers"], [t[f"UA{i}"] for i in range(n)],
+                   [t[f"UG{i}"] for i in range(n)], [t[f"D{i}"] for i in range(n)], meta)
+
+
+@register("quasi_diag")
+class QuasiDiagFIM(_Layered):
+    """Diagonal plus weight-bias cross terms per output neuron (Ollivier, 2015; NNGeometry's
+    ``PMatQuasiDiag``). ``diag[l]``: ``(O, I')``; ``cross[l]``: ``(O, I)`` entries
+    ``F[W[o, i], b[o]]`` (``None`` for a layer without bias)."""
+
+    def __init__(self, names, shapes, layers, diag, cross, meta=None):
+        super().__init__(names, shapes, layers, meta)
+        self.dg, self.cross = list(diag), list(cross)
+        self._check_cover()
+
+    @property
+    def dtype(self):
+        return self.dg[0].dtype
+
+    def _mv(self, x):
+        x = x.to(self.dtype)
+        mats = []
+        for i, (dg, c) in enumerate(zip(self.dg, self.cross)):
+            V = self._mat(x, i)
+            out = dg * V
+            if c is not None:
+                out[:, :-1] += c * V[:, -1:]
+                out[:, -1] += (c * V[:, :-1]).sum(1)
+            mats.append(out)
+        return self._assemble(mats)
+
+    def _solve(self, x, damp):
+        x = x.to(self.dtype)
+        mats = []
+        for i, (dg, c) in enumerate(zip(self.dg, self.cross)):
+            V = self._mat(x, i)
+            d = dg + damp
+            if c is None:
+                mats.append(V / d)
+                continue
+            dw, db = d[:, :-1], d[:, -1]
+            vw, vb = V[:, :-1], V[:, -1]
+            b = (vb - (c / dw * vw).sum(1)) / (db - (c * c / dw).sum(1))  # Schur complement
+            mats.append(torch.cat([(vw - b.unsqueeze(1) * c) / dw, b.unsqueeze(1)], 1))
+        return self._assemble(mats)
+
+    def to_dense(self):
+        blocks = []
+        for _info, dg, c in zip(self.layers, self.dg, self.cross):
+            blk = torch.diag(dg.reshape(-1))
+            if c is not None:
+                O, In = dg.shape
+                o = torch.arange(O).repeat_interleave(In - 1)
+                i = torch.arange(In - 1).repeat(O)
+                blk[o * In + i, o * In + In - 1] = c.reshape(-1)
+                blk[o * In + In - 1, o * In + i] = c.reshape(-1)
+            blocks.append(blk)
+        return self._dense_blocks(blocks)
+
+    def _diag(self):
+        return self._assemble(self.dg)
+
+    def trace(self):
+        return float(sum(d.double().sum() for d in self.dg))
+
+    def frobenius_norm(self):
+        s = sum((d.double() ** 2).sum() for d in self.dg)
+        s = s + 2 * sum((c.double() ** 2).sum() for c in self.cross if c is not None)
+        return math.sqrt(float(s))
+
+    def _tensors(self):
+        t = {f"diag{i}": d for i, d in enumerate(self.dg)}
+        t.update({f"cross{i}": c for i, c in enumerate(self.cross) if c is not None})
+        return t
+
+    @classmethod
+    def _from_tensors(cls, names, shapes, t, extra, meta):
+        n = len(extra["layers"])
+        return cls(names, shapes, extra["layers"], [t[f"diag{i}"] for i in range(n)],
+                   [t.get(f"cross{i}") for i in range(n)], meta)
