@@ -82,9 +82,9 @@ def probe_logit_grad(z: torch.Tensor, mode: str, seed: int, offset: int, S: int,
         xi = signs(seed, offset, S * R * C).reshape(S, R, C)
         if mode == "gaussian":
             return _t(xi / np.sqrt(sigma2))
-        if mode == "bernoulli":
-            s = 1.0 / (1.0 + np.exp(-x))
-            return _t(xi * np.sqrt(s * (1.0 - s)))
+        if mode == "bernoulli":  # s (1 - s) with 1 - s = sigmoid(-x) itself: no cancellation
+            s, t = 1.0 / (1.0 + np.exp(-x)), 1.0 / (1.0 + np.exp(x))
+            return _t(xi * np.sqrt(s * t))
         p = softmax(x)
         w = xi * np.sqrt(p)
         if mode == "hutchinson":  # (diag(sqrt p) - sqrt p p^T)^T xi = sqrt(p) xi - p (sqrt(p).xi)
