@@ -188,6 +188,63 @@ def slice_batch(batch: Any, start: int, stop: int, n: int) -> Any:
     return batch
 
 
+def _checked_labels(
+    labels, logits: torch.Tensor, likelihood: str, ignore_index: int, shift: bool, valid
+) -> torch.Tensor:
+    """Check ``labels`` against the logits; clears the rows of ``ignore_index`` in ``valid`` and
+    returns the labels on the logits' device (shifted if ``shift``)."""
+    N, C = int(logits.shape[0]), int(logits.shape[-1])
+    lead = tuple(logits.shape[:-1])
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor; got {type(labels).__name__}")
+    labels = labels.to(logits.device)
+    if likelihood == "categorical":
+        if not _class_indices(labels):
+            raise ValueError(
+                f"labels must be integer class indices for a categorical likelihood; got dtype "
+                f"{labels.dtype}"
+            )
+        if tuple(labels.shape) != lead:
+            raise ValueError(
+                f"labels must have shape {lead} to match logits {tuple(logits.shape)}; "
+                f"got {tuple(labels.shape)}"
+            )
+        if shift:  # row t takes the label of t + 1; the last row gets ignore_index
+            labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        keep = labels != ignore_index
+        bad = keep & ((labels < 0) | (labels >= C))
+        if bool(bad.any()):
+            v = labels[bad].flatten()[:5].tolist()
+            raise ValueError(
+                f"labels must be in [0, {C - 1}] (or ignore_index={ignore_index}); got {v}"
+            )
+        valid &= keep
+    else:
+        if labels.shape != logits.shape and not (
+            labels.dim() == 1 and C == 1 and labels.shape[0] == N
+        ):
+            raise ValueError(
+                f"labels must have shape {tuple(logits.shape)} for a {likelihood} likelihood; "
+                f"got {tuple(labels.shape)}"
+            )
+        labels = labels.reshape(logits.shape).to(compute_dtype(logits.dtype))
+        if shift:
+            labels = torch.nn.functional.pad(labels[:, 1:], (0, 0, 0, 1))
+    return labels
+
+
+def _real_tokens(mask, logits: torch.Tensor, shift: bool) -> torch.Tensor:
+    """The rows ``attention_mask`` marks as real tokens (both ends of a pair when ``shift``)."""
+    lead = tuple(logits.shape[:-1])
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != lead:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must have shape {lead} to match the logits; got {got}")
+    real = mask.to(logits.device) != 0
+    if shift:  # both the input position t and the predicted position t + 1 are real tokens
+        real = torch.nn.functional.pad(real[:, :-1] & real[:, 1:], (0, 1), value=False)
+    return real
+
+
 def rows(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
@@ -243,53 +300,11 @@ def rows(
     if shift:
         valid[:, -1] = False  # the last position predicts a token beyond the sequence
     if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a tensor; got {type(labels).__name__}")
-        labels = labels.to(logits.device)
-        if likelihood == "categorical":
-            if not _class_indices(labels):
-                raise ValueError(
-                    f"labels must be integer class indices for a categorical likelihood; got dtype "
-                    f"{labels.dtype}"
-                )
-            if tuple(labels.shape) != lead:
-                raise ValueError(
-                    f"labels must have shape {lead} to match logits {tuple(logits.shape)}; "
-                    f"got {tuple(labels.shape)}"
-                )
-            if shift:  # row t takes the label of t + 1; the last row gets ignore_index
-                labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
-            keep = labels != ignore_index
-            bad = keep & ((labels < 0) | (labels >= C))
-            if bool(bad.any()):
-                v = labels[bad].flatten()[:5].tolist()
-                raise ValueError(
-                    f"labels must be in [0, {C - 1}] (or ignore_index={ignore_index}); got {v}"
-                )
-            valid &= keep
-        else:
-            if labels.shape != logits.shape and not (
-                labels.dim() == 1 and C == 1 and labels.shape[0] == N
-            ):
-                raise ValueError(
-                    f"labels must have shape {tuple(logits.shape)} for a {likelihood} likelihood; "
-                    f"got {tuple(labels.shape)}"
-                )
-            labels = labels.reshape(logits.shape).to(compute_dtype(logits.dtype))
-            if shift:
-                labels = torch.nn.functional.pad(labels[:, 1:], (0, 0, 0, 1))
+        labels = _checked_labels(labels, logits, likelihood, ignore_index, shift, valid)
     elif need_labels:
         raise ValueError("labels are required for fim_type='empirical'; the batch has none")
     if mask is not None and logits.dim() == 3:
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != lead:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(
-                f"attention_mask must have shape {lead} to match the logits; got {got}"
-            )
-        real = mask.to(logits.device) != 0
-        if shift:  # both the input position t and the predicted position t + 1 are real tokens
-            real = torch.nn.functional.pad(real[:, :-1] & real[:, 1:], (0, 1), value=False)
-        valid &= real
+        valid &= _real_tokens(mask, logits, shift)
     index = valid.reshape(-1).nonzero().squeeze(-1)
     if index.numel() == 0:
         raise ValueError("batch is empty: every token is masked (attention_mask / ignore_index)")

@@ -74,18 +74,7 @@ def from_optimizer(
         ValueError: a parameter has no state yet (no step taken), the optimizer holds parameters
             the model lacks, or an argument is invalid.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not hasattr(optimizer, "state") or not hasattr(optimizer, "param_groups"):
-        raise TypeError(f"optimizer must be a torch.optim optimizer; got {type(optimizer)}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
-    if reduction == "sum" and (not isinstance(n_data, int) or n_data < 1):
-        raise ValueError(f"reduction='sum' needs n_data, the training set size; got {n_data!r}")
+    _check_args(optimizer, model, batch_size, reduction, n_data)
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     betas, steps = set(), set()
@@ -104,25 +93,7 @@ def from_optimizer(
                 continue
             if id(p) not in names:
                 raise ValueError("the optimizer holds a parameter that is not in model")
-            state = optimizer.state.get(p, {})
-            if "exp_avg_sq" not in state:
-                if not state and any("exp_avg_sq" in s for s in optimizer.state.values()):
-                    raise ValueError(
-                        f"parameter {names[id(p)]!r} has no optimizer state yet (no step with a "
-                        "gradient for it)"
-                    )
-                raise TypeError(
-                    f"{type(optimizer).__name__} keeps no exp_avg_sq for {names[id(p)]!r} (an "
-                    "Adam-family optimizer after at least one step is needed)"
-                )
-            v = state["exp_avg_sq"].detach()
-            dt = torch.float64 if v.dtype == torch.float64 else torch.float32
-            v = v.to(dt).clone()
-            t = int(state["step"]) if "step" in state else 0
-            if bias_correction:
-                if t < 1:
-                    raise ValueError(f"{names[id(p)]!r}: step count {t}; no update was taken")
-                v.div_(1.0 - beta2**t)
+            v, t = _exp_avg_sq(optimizer, p, names[id(p)], beta2, bias_correction)
             if batch_size is not None:
                 v.mul_(batch_size)
             if reduction == "sum":
@@ -133,7 +104,14 @@ def from_optimizer(
     if not out:
         raise ValueError("the optimizer holds no trainable parameter of model")
     order = [n for n, _ in model.named_parameters() if n in out]
-    meta = {
+    return DiagFIM(
+        {n: out[n] for n in order},
+        _meta(reduction, batch_size, betas, steps, bias_correction, n_data),
+    )
+
+
+def _meta(reduction, batch_size, betas, steps, bias_correction, n_data) -> dict:
+    return {
         "fim_type": ESTIMATOR,
         "estimator": ESTIMATOR,
         "reduction": reduction,
@@ -148,4 +126,43 @@ def from_optimizer(
             + "; not the Fisher"
         ),
     }
-    return DiagFIM({n: out[n] for n in order}, meta)
+
+
+def _check_args(optimizer, model, batch_size, reduction, n_data) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not hasattr(optimizer, "state") or not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"optimizer must be a torch.optim optimizer; got {type(optimizer)}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1 or None; got {batch_size!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if reduction == "sum" and (not isinstance(n_data, int) or n_data < 1):
+        raise ValueError(f"reduction='sum' needs n_data, the training set size; got {n_data!r}")
+
+
+def _exp_avg_sq(
+    optimizer, p: torch.Tensor, name: str, beta2: float, bias_correction: bool
+) -> tuple[torch.Tensor, int]:
+    """A copy of the parameter's ``exp_avg_sq`` (bias-corrected if asked) and its step count."""
+    state = optimizer.state.get(p, {})
+    if "exp_avg_sq" not in state:
+        if not state and any("exp_avg_sq" in s for s in optimizer.state.values()):
+            raise ValueError(
+                f"parameter {name!r} has no optimizer state yet (no step with a gradient for it)"
+            )
+        raise TypeError(
+            f"{type(optimizer).__name__} keeps no exp_avg_sq for {name!r} (an "
+            "Adam-family optimizer after at least one step is needed)"
+        )
+    v = state["exp_avg_sq"].detach()
+    dt = torch.float64 if v.dtype == torch.float64 else torch.float32
+    v = v.to(dt).clone()
+    t = int(state["step"]) if "step" in state else 0
+    if bias_correction:
+        if t < 1:
+            raise ValueError(f"{name!r}: step count {t}; no update was taken")
+        v.div_(1.0 - beta2**t)
+    return v, t

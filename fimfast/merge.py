@@ -102,6 +102,48 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / s for x in w]
 
 
+def _check_args(models, fishers, eps) -> None:
+    if isinstance(models, (nn.Module, Mapping, str, os.PathLike)) or not len(models):
+        raise TypeError("models must be a non-empty sequence of models, state dicts or paths")
+    if isinstance(fishers, (Mapping, str, os.PathLike)) or len(fishers) != len(models):
+        raise ValueError(
+            f"fishers must be a sequence with one Fisher per model ({len(models)}); got "
+            f"{len(fishers) if isinstance(fishers, Sequence) else type(fishers).__name__}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+
+
+def _scales(fs) -> list[float]:
+    """``1 / mean`` of each Fisher over all its entries (``normalize=True``)."""
+    scales = [1.0] * len(fs)
+    for i, f in enumerate(fs):
+        total, count = 0.0, 0
+        for k in f.keys():
+            t = f.get(k)
+            total += float(t.double().sum())
+            count += t.numel()
+        if not total > 0:
+            raise ValueError(f"normalize=True: fishers[{i}] is all zero")
+        scales[i] = count / total
+    return scales
+
+
+def _check_names(ms, fs, names) -> None:
+    """Every model has the tensors of the first; no Fisher names a tensor the models lack."""
+    for i, m in enumerate(ms[1:], 1):
+        if set(m.keys()) != set(names):
+            a = sorted(set(names) - set(m.keys()))[:3]
+            b = sorted(set(m.keys()) - set(names))[:3]
+            raise ValueError(
+                f"models[{i}] has other tensors than models[0]: missing {a}, extra {b}"
+            )
+    for i, f in enumerate(fs):
+        extra = [k for k in f.keys() if k not in set(names)]
+        if extra:
+            raise ValueError(f"fishers[{i}] names tensors the models lack: {extra[:3]}")
+
+
 @torch.no_grad()
 def fisher_merge(
     models: Sequence[Source],
@@ -144,15 +186,7 @@ def fisher_merge(
         ValueError: the models differ in names or shapes, a Fisher has a negative entry or the
             wrong shape, ``eps == 0`` leaves a coordinate with zero total Fisher weight.
     """
-    if isinstance(models, (nn.Module, Mapping, str, os.PathLike)) or not len(models):
-        raise TypeError("models must be a non-empty sequence of models, state dicts or paths")
-    if isinstance(fishers, (Mapping, str, os.PathLike)) or len(fishers) != len(models):
-        raise ValueError(
-            f"fishers must be a sequence with one Fisher per model ({len(models)}); got "
-            f"{len(fishers) if isinstance(fishers, Sequence) else type(fishers).__name__}"
-        )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+    _check_args(models, fishers, eps)
     w = _check_weights(weights, len(models))
     device = torch.device(device)
     result: dict[str, torch.Tensor] = {}
@@ -168,28 +202,8 @@ def fisher_merge(
                 stacklevel=2,
             )
         names = ms[0].keys()
-        scales = [1.0] * len(fs)
-        if normalize:
-            for i, f in enumerate(fs):
-                total, count = 0.0, 0
-                for k in f.keys():
-                    t = f.get(k)
-                    total += float(t.double().sum())
-                    count += t.numel()
-                if not total > 0:
-                    raise ValueError(f"normalize=True: fishers[{i}] is all zero")
-                scales[i] = count / total
-        for i, m in enumerate(ms[1:], 1):
-            if set(m.keys()) != set(names):
-                a = sorted(set(names) - set(m.keys()))[:3]
-                b = sorted(set(m.keys()) - set(names))[:3]
-                raise ValueError(
-                    f"models[{i}] has other tensors than models[0]: missing {a}, extra {b}"
-                )
-        for i, f in enumerate(fs):
-            extra = [k for k in f.keys() if k not in set(names)]
-            if extra:
-                raise ValueError(f"fishers[{i}] names tensors the models lack: {extra[:3]}")
+        scales = _scales(fs) if normalize else [1.0] * len(fs)
+        _check_names(ms, fs, names)
         for name in names:
             merged = _merge_one(name, ms, fs, w, float(eps), device, scales)
             if target is not None:

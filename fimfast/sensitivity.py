@@ -366,7 +366,25 @@ def allocate_bits(
         raise ValueError("choices must name at least one bit width")
     if avg_bits < choices[0]:
         raise ValueError(f"avg_bits={avg_bits!r} is below the fewest bits {choices[0]}")
-    # units: (name, row or None, size, [predicted change at each choice])
+    units = _units(params, fisher, names, choices, per_channel, granularity)
+    total = sum(u[2] for u in units)
+    level, used = _greedy(units, choices, avg_bits * total, choices[0] * total)
+    bits: dict[str, int | torch.Tensor] = {}
+    for (n, r, _, _), lv in zip(units, level):
+        if r is None:
+            bits[n] = choices[lv]
+        else:
+            if n not in bits:
+                bits[n] = torch.zeros(params[n].shape[0], dtype=torch.int64)
+            bits[n][r] = choices[lv]
+    pred = float(sum(u[3][lv] for u, lv in zip(units, level)))
+    return BitAllocation(bits, pred, used / total, per_channel)
+
+
+def _units(
+    params, fisher, names, choices: list[int], per_channel: bool, granularity: str
+) -> list[tuple[str, int | None, int, list[float]]]:
+    """The units of allocation: (name, row or None, size, [predicted change at each choice])."""
     units: list[tuple[str, int | None, int, list[float]]] = []
     for n in names:
         p, f = params[n], fisher[n].detach().double()
@@ -382,10 +400,12 @@ def allocate_bits(
                 units.append((n, r, size, [float(c[r]) for c in costs]))
         else:
             units.append((n, None, p.numel(), [float(c) for c in costs]))
-    total = sum(u[2] for u in units)
-    budget = avg_bits * total
+    return units
+
+
+def _greedy(units, choices: list[int], budget: float, used: float) -> tuple[list[int], float]:
+    """Greedy upgrades within ``budget`` bits; returns each unit's choice index and bits used."""
     level = [0] * len(units)
-    used = choices[0] * total
     while True:
         best, best_gain = -1, -1.0
         for j, (_, _, size, cost) in enumerate(units):
@@ -403,13 +423,4 @@ def allocate_bits(
         i = level[best]
         used += (choices[i + 1] - choices[i]) * units[best][2]
         level[best] = i + 1
-    bits: dict[str, int | torch.Tensor] = {}
-    for (n, r, _, _), lv in zip(units, level):
-        if r is None:
-            bits[n] = choices[lv]
-        else:
-            if n not in bits:
-                bits[n] = torch.zeros(params[n].shape[0], dtype=torch.int64)
-            bits[n][r] = choices[lv]
-    pred = float(sum(u[3][lv] for u, lv in zip(units, level)))
-    return BitAllocation(bits, pred, used / total, per_channel)
+    return level, used

@@ -123,6 +123,27 @@ def _quad(x: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor, likelihood: 
     return (q * x * x).sum(-1)
 
 
+def _monte_carlo_variance(
+    V: torch.Tensor, p: torch.Tensor, q: torch.Tensor, likelihood: str
+) -> torch.Tensor:
+    """Variance of one MONTE_CARLO draw, summed over rows: ``(K,)`` from ``V`` ``(K, R, C)``."""
+    if likelihood == "categorical":
+        dev = V - (p * V).sum(-1, keepdim=True)  # v_c - vbar
+        d2 = dev * dev
+        m2 = (p * d2).sum(-1)
+        return ((p * d2 * d2).sum(-1) - m2 * m2).sum(-1)
+    # independent outputs X_c (score entries) with variance q_c and fourth moment
+    # mu4_c: E[(sum a X)^4] = sum a^4 mu4 + 3((sum a^2 q)^2 - sum a^4 q^2)
+    a2 = V * V
+    m2 = (q * a2).sum(-1)
+    if likelihood == "bernoulli":
+        mu4 = q * (1 - 3 * q)
+    else:
+        mu4 = 3 * q * q
+    fourth = (a2 * a2 * mu4).sum(-1) + 3 * (m2 * m2 - (a2 * a2 * q * q).sum(-1))
+    return (fourth - m2 * m2).sum(-1)
+
+
 def row_moments(
     V: torch.Tensor,
     z: torch.Tensor,
@@ -165,23 +186,7 @@ def row_moments(
         if t == "exact":
             out[t] = (fisher, torch.zeros_like(fisher))
         elif t == "monte_carlo":
-            if likelihood == "categorical":
-                dev = V - (p * V).sum(-1, keepdim=True)  # v_c - vbar
-                d2 = dev * dev
-                m2 = (p * d2).sum(-1)
-                var = ((p * d2 * d2).sum(-1) - m2 * m2).sum(-1)
-            else:
-                # independent outputs X_c (score entries) with variance q_c and fourth moment
-                # mu4_c: E[(sum a X)^4] = sum a^4 mu4 + 3((sum a^2 q)^2 - sum a^4 q^2)
-                a2 = V * V
-                m2 = (q * a2).sum(-1)
-                if likelihood == "bernoulli":
-                    mu4 = q * (1 - 3 * q)
-                else:
-                    mu4 = 3 * q * q
-                fourth = (a2 * a2 * mu4).sum(-1) + 3 * (m2 * m2 - (a2 * a2 * q * q).sum(-1))
-                var = (fourth - m2 * m2).sum(-1)
-            out[t] = (fisher, var)
+            out[t] = (fisher, _monte_carlo_variance(V, p, q, likelihood))
         elif t == "hessian":
             if W is None:
                 raise ValueError("W (second derivatives) is required for type 'hessian'")
@@ -238,6 +243,62 @@ def _canonical_types(types: Sequence[str] | str) -> list[str]:
     return out
 
 
+def _check_options(likelihood: str, reduction: str, top_k: int, sigma2: float) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}; got {likelihood!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
+    if not isinstance(sigma2, (int, float)) or not sigma2 > 0:
+        raise ValueError(f"sigma2 must be a number > 0; got {sigma2!r}")
+
+
+def _coordinates(lf, params, max_params: int) -> torch.Tensor:
+    """The coordinates to analyse; raises when there are more than ``max_params``."""
+    coords = lf.coordinates(params)
+    if coords.numel() > max_params:
+        raise ValueError(
+            f"estimator_variances forms exact per-coordinate derivatives and is meant for small "
+            f"models: {coords.numel()} coordinates to analyse exceed max_params={max_params}. "
+            "Analyse fewer parameters with params=[...] or raise max_params (cost grows as "
+            "coordinates x rows x model size)"
+        )
+    return coords
+
+
+def _unflatten(flat: torch.Tensor, names, shapes, meta: dict) -> DiagFIM:
+    """The flat vector of the analysed coordinates as a DiagFIM keyed by parameter name."""
+    out, i = {}, 0
+    for n in names:
+        k = math.prod(shapes[n])
+        out[n] = flat[i : i + k].reshape(shapes[n])
+        i += k
+    return DiagFIM(out, meta)
+
+
+def _moments_of(lf, coords, kinds: list[str], likelihood, sigma2, top_k, chunk):
+    """Means and variances of each type, and the Fisher, for the coordinates ``coords`` (flat
+    float64 vectors, summed over rows), in passes of ``chunk`` coordinates."""
+    z = as_compute(lf.z)
+    eig = None
+    if "hutchinson_rankk" in kinds or "hutchinson_rank1" in kinds:
+        eig = _topk(z, likelihood, sigma2, top_k if "hutchinson_rankk" in kinds else 1)
+    mean_flat = {k: torch.zeros(coords.numel(), dtype=torch.float64) for k in kinds}
+    var_flat = {k: torch.zeros(coords.numel(), dtype=torch.float64) for k in kinds}
+    fisher_flat = torch.zeros(coords.numel(), dtype=torch.float64)
+    pos = 0
+    for _, V, W in lf.derivatives(coords, second="hessian" in kinds, chunk=chunk):
+        K = V.shape[0]
+        mom = row_moments(V, z, likelihood, sigma2, W, kinds + ["exact"], top_k, eig)
+        for k in kinds:
+            mean_flat[k][pos : pos + K] = mom[k][0].cpu()
+            var_flat[k][pos : pos + K] = mom[k][1].cpu()
+        fisher_flat[pos : pos + K] = mom["exact"][0].cpu()
+        pos += K
+    return mean_flat, var_flat, fisher_flat
+
+
 def estimator_variances(
     model: torch.nn.Module,
     batch: Any,
@@ -288,44 +349,17 @@ def estimator_variances(
         :class:`EstimatorVariances`: ``{type: DiagFIM of variances}`` (float64, keyed by the
         analysed parameter names), with ``.mean`` and ``.fisher``.
     """
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}; got {likelihood!r}")
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}")
-    if not isinstance(sigma2, (int, float)) or not sigma2 > 0:
-        raise ValueError(f"sigma2 must be a number > 0; got {sigma2!r}")
+    _check_options(likelihood, reduction, top_k, sigma2)
     kinds = _canonical_types(types)
     lf = logit_function(model, batch, likelihood, ignore_index, forward_fn)
     R, C = lf.z.shape
     kmax = C - 1 if likelihood == "categorical" else C
     if "hutchinson_rankk" in kinds and top_k > kmax:
         raise ValueError(f"top_k must be <= {kmax} for C={C} ({likelihood}); got {top_k}")
-    coords = lf.coordinates(params)
-    if coords.numel() > max_params:
-        raise ValueError(
-            f"estimator_variances forms exact per-coordinate derivatives and is meant for small "
-            f"models: {coords.numel()} coordinates to analyse exceed max_params={max_params}. "
-            "Analyse fewer parameters with params=[...] or raise max_params (cost grows as "
-            "coordinates x rows x model size)"
-        )
-    z = as_compute(lf.z)
-    eig = None
-    if "hutchinson_rankk" in kinds or "hutchinson_rank1" in kinds:
-        eig = _topk(z, likelihood, sigma2, top_k if "hutchinson_rankk" in kinds else 1)
-    mean_flat = {k: torch.zeros(coords.numel(), dtype=torch.float64) for k in kinds}
-    var_flat = {k: torch.zeros(coords.numel(), dtype=torch.float64) for k in kinds}
-    fisher_flat = torch.zeros(coords.numel(), dtype=torch.float64)
-    pos = 0
-    for _, V, W in lf.derivatives(coords, second="hessian" in kinds, chunk=chunk):
-        K = V.shape[0]
-        mom = row_moments(V, z, likelihood, sigma2, W, kinds + ["exact"], top_k, eig)
-        for k in kinds:
-            mean_flat[k][pos : pos + K] = mom[k][0].cpu()
-            var_flat[k][pos : pos + K] = mom[k][1].cpu()
-        fisher_flat[pos : pos + K] = mom["exact"][0].cpu()
-        pos += K
+    coords = _coordinates(lf, params, max_params)
+    mean_flat, var_flat, fisher_flat = _moments_of(
+        lf, coords, kinds, likelihood, sigma2, top_k, chunk
+    )
     if reduction == "mean":
         for k in kinds:
             mean_flat[k] /= R
@@ -333,15 +367,10 @@ def estimator_variances(
         fisher_flat /= R
     names = [n for n in lf.names if params is None or n in params]
     shapes = dict(zip(lf.names, lf.shapes))
+    meta = {"reduction": reduction, "rows": R, "likelihood": likelihood}
 
     def to_fim(flat: torch.Tensor, quantity: str) -> DiagFIM:
-        out, i = {}, 0
-        for n in names:
-            k = math.prod(shapes[n])
-            out[n] = flat[i : i + k].reshape(shapes[n])
-            i += k
-        meta = {"quantity": quantity, "reduction": reduction, "rows": R, "likelihood": likelihood}
-        return DiagFIM(out, meta)
+        return _unflatten(flat, names, shapes, {"quantity": quantity, **meta})
 
     return EstimatorVariances(
         {k: to_fim(var_flat[k], f"variance:{k}") for k in kinds},

@@ -154,6 +154,39 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     run_cfg = RunConfig(
         cfg.experiment, types, cfg.num_batches, cfg.batch_size, cfg.seed, cfg.reduction, opts, out
     ).resolved()
+    setup = _prepare(cfg, run_cfg, exp, out, log)
+    results, files, curves, conv_rows = _estimate_all(cfg, run_cfg, setup, types, opts, log)
+    conv_csv, conv_png = _write_convergence(cfg, run_cfg, out, curves, conv_rows)
+
+    # files -> histograms and metrics, exactly as `fimfast viz` / `fimfast metrics` do
+    loaded = [load_result(files[t]) for t in types]
+    hist_png = plots.histograms(loaded, out / "histograms.png")
+    gt = loaded[0]
+    rows = metricslib.compare_files(loaded[1:], gt)
+    metrics_csv = metricslib.write_csv(rows, out / "metrics.csv")
+    metrics_json = metricslib.write_json(rows, out / "metrics.json", reference=gt.path.name)
+
+    checks = _checks(types, results, curves, loaded)
+    checks_json = out / "checks.json"
+    checks_json.write_text(json.dumps(checks, indent=1, default=str) + "\n")
+    elapsed = time.perf_counter() - t_start
+
+    written = [*files.values(), hist_png, conv_png, conv_csv, metrics_csv, metrics_json]
+    _log_summary(log, rows, results, curves, checks, gt, out, [*written, checks_json])
+    log(f"demo finished in {elapsed:.1f} s")
+    return {
+        "files": files,
+        "histograms": hist_png,
+        "convergence_png": conv_png,
+        "convergence": curves,
+        "metrics": rows,
+        "checks": checks,
+        "seconds": elapsed,
+    }
+
+
+def _prepare(cfg: DemoConfig, run_cfg: RunConfig, exp, out: Path, log: Callable[[str], None]):
+    """Train the network (or load its cached weights) and say what is estimated."""
     t0 = time.perf_counter()
     setup = exp.prepare(cfg.seed, out, cfg.retrain)
     how = "loaded from cache" if setup.info.get("from_cache") else "trained"
@@ -167,6 +200,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         f"({setup.dataset_desc}), reduction={cfg.reduction}, num_probes={cfg.num_probes}, "
         f"top_k={cfg.top_k}, {torch.get_num_threads()} torch thread(s)"
     )
+    return setup
+
+
+def _estimate_all(cfg: DemoConfig, run_cfg: RunConfig, setup, types, opts, log):
+    """Every estimator over the same batches, each written to its file; returns the results, the
+    files, the convergence curves against EXACT and the rows of convergence.csv."""
     points = snapshot_points(run_cfg.num_batches)
     results, files = {}, {}
     exact_cum: list[np.ndarray] = []  # running sums of EXACT's per-batch estimates (float64)
@@ -196,8 +235,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
             rows_t = hook.rows()
             curves[t.value] = [(r["batches"], r["rel_l2_rms"]) for r in rows_t]
             conv_rows += [{"type": t.value, **r} for r in rows_t]
-    del exact_cum
+    return results, files, curves, conv_rows
 
+
+def _write_convergence(cfg: DemoConfig, run_cfg: RunConfig, out: Path, curves, conv_rows):
+    """convergence.csv and convergence.png; returns their paths."""
     conv_csv = out / "convergence.csv"
     with open(conv_csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["type", *_Windows.COLUMNS])
@@ -213,20 +255,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         guide="hutchinson" if "hutchinson" in curves else None,
         ylabel="relative L2 error vs EXACT on the same batches\n(RMS over disjoint windows)",
     )
+    return conv_csv, conv_png
 
-    # files -> histograms and metrics, exactly as `fimfast viz` / `fimfast metrics` do
-    loaded = [load_result(files[t]) for t in types]
-    hist_png = plots.histograms(loaded, out / "histograms.png")
-    gt = loaded[0]
-    rows = metricslib.compare_files(loaded[1:], gt)
-    metrics_csv = metricslib.write_csv(rows, out / "metrics.csv")
-    metrics_json = metricslib.write_json(rows, out / "metrics.json", reference=gt.path.name)
 
-    checks = _checks(types, results, curves, loaded)
-    checks_json = out / "checks.json"
-    checks_json.write_text(json.dumps(checks, indent=1, default=str) + "\n")
-    elapsed = time.perf_counter() - t_start
-
+def _log_summary(log, rows, results, curves, checks, gt, out: Path, written) -> None:
+    """Print the overall metrics, the bounds, the claims and the files written."""
     overall = [r for r in rows if r["param"] == metricslib.ALL]
     slopes = {k: _slope(v) for k, v in curves.items()}
     for r in overall:
@@ -254,26 +287,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         log(f"  [{c['result']}] {c['claim']}: {c['evidence']}")
     log("")
     log(f"Files in {out}/:")
-    for p in [
-        *files.values(),
-        hist_png,
-        conv_png,
-        conv_csv,
-        metrics_csv,
-        metrics_json,
-        checks_json,
-    ]:
+    for p in written:
         log(f"  {p}")
-    log(f"demo finished in {elapsed:.1f} s")
-    return {
-        "files": files,
-        "histograms": hist_png,
-        "convergence_png": conv_png,
-        "convergence": curves,
-        "metrics": rows,
-        "checks": checks,
-        "seconds": elapsed,
-    }
 
 
 def _checks(types, results, curves, loaded) -> dict[str, Any]:
@@ -332,27 +347,8 @@ def _checks(types, results, curves, loaded) -> dict[str, Any]:
             }
         )
     bounds = []
-    by_type = {FIMType.parse(f.meta["fim_type"]): f for f in loaded}
     if all(have(t) for t in (FIMType.HUTCHINSON_DG, FIMType.HUTCHINSON_RANKK)):
-        ex = by_type[FIMType.EXACT]
-        for k, g in ex.arrays.items():
-            tr = float(np.asarray(g, dtype=np.float64).sum())
-            row: dict[str, Any] = {"param": k, "exact_trace": tr}
-            ok = True
-            chain = [
-                (FIMType.HUTCHINSON_DG, "dg"),
-                (FIMType.HUTCHINSON_RANKK, "rankk"),
-                (FIMType.HUTCHINSON_RANK1, "rank1"),
-            ]
-            vals = {}
-            for t, name in chain:
-                if t in by_type:
-                    v = float(np.asarray(by_type[t].arrays[k], dtype=np.float64).sum())
-                    vals[name] = v
-                    row[name] = v / tr if tr > 0 else float("nan")
-            ok = vals["dg"] >= tr >= vals["rankk"] and vals.get("rank1", -1.0) <= vals["rankk"]
-            row["ok"] = "yes" if ok else "NO"
-            bounds.append(row)
+        bounds = _bounds(loaded)
         n_ok = sum(r["ok"] == "yes" for r in bounds)
         claims.append(
             {
@@ -363,3 +359,29 @@ def _checks(types, results, curves, loaded) -> dict[str, Any]:
             }
         )
     return {"claims": claims, "bounds": bounds}
+
+
+def _bounds(loaded) -> list[dict[str, Any]]:
+    """Per parameter tensor, the traces of DG, RANKK and RANK1 as ratios to EXACT's, and whether
+    they are in the order DG >= EXACT >= RANKK >= RANK1."""
+    bounds = []
+    by_type = {FIMType.parse(f.meta["fim_type"]): f for f in loaded}
+    ex = by_type[FIMType.EXACT]
+    for k, g in ex.arrays.items():
+        tr = float(np.asarray(g, dtype=np.float64).sum())
+        row: dict[str, Any] = {"param": k, "exact_trace": tr}
+        chain = [
+            (FIMType.HUTCHINSON_DG, "dg"),
+            (FIMType.HUTCHINSON_RANKK, "rankk"),
+            (FIMType.HUTCHINSON_RANK1, "rank1"),
+        ]
+        vals = {}
+        for t, name in chain:
+            if t in by_type:
+                v = float(np.asarray(by_type[t].arrays[k], dtype=np.float64).sum())
+                vals[name] = v
+                row[name] = v / tr if tr > 0 else float("nan")
+        ok = vals["dg"] >= tr >= vals["rankk"] and vals.get("rank1", -1.0) <= vals["rankk"]
+        row["ok"] = "yes" if ok else "NO"
+        bounds.append(row)
+    return bounds

@@ -121,12 +121,10 @@ def _embeddings(model: SentenceClassifier, data: dict[str, torch.Tensor]) -> tor
     return torch.cat(out)
 
 
-def prepare(seed: int, cache_dir: Path | None = None, retrain: bool = False) -> Setup:
-    """Load MiniLM and the sentences, train the head (or load it from the cache)."""
-    path = model_dir()
-    tok, encoder = _load_encoder(path)
-    sentences, labels, classes = datalib.reference_sentences()
-    tr, te = _split(labels)
+def _tokenized(
+    tok, sentences, labels: np.ndarray, subsets: tuple[np.ndarray, ...]
+) -> list[dict[str, torch.Tensor]]:
+    """Each subset (sentence indices) as padded token ids, attention mask and labels."""
     tokens = tok(
         sentences,
         padding="max_length",
@@ -143,7 +141,21 @@ def prepare(seed: int, cache_dir: Path | None = None, retrain: bool = False) -> 
             "labels": torch.from_numpy(labels[idx]),
         }
 
-    train, test = subset(tr), subset(te)
+    return [subset(idx) for idx in subsets]
+
+
+def _forward(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    b = _trim(b)
+    return m(b["input_ids"], b["attention_mask"])
+
+
+def prepare(seed: int, cache_dir: Path | None = None, retrain: bool = False) -> Setup:
+    """Load MiniLM and the sentences, train the head (or load it from the cache)."""
+    path = model_dir()
+    tok, encoder = _load_encoder(path)
+    sentences, labels, classes = datalib.reference_sentences()
+    tr, te = _split(labels)
+    train, test = _tokenized(tok, sentences, labels, (tr, te))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = SentenceClassifier(encoder, encoder.config.hidden_size, len(classes))
@@ -166,15 +178,10 @@ def prepare(seed: int, cache_dir: Path | None = None, retrain: bool = False) -> 
         **SCHEDULE,
     }
     info, cached = trained(model, train_head, key, cache_dir, retrain)
-
-    def fwd(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        b = _trim(b)
-        return m(b["input_ids"], b["attention_mask"])
-
     info = {
         **info,
         "from_cache": cached,
-        "test_accuracy": round(accuracy(model, test, fwd, batch_size=64), 4),
+        "test_accuracy": round(accuracy(model, test, _forward, batch_size=64), 4),
         "classes": list(classes),
         "sentences_total": len(sentences),
         "max_tokens": MAX_TOKENS,

@@ -104,6 +104,59 @@ def histograms(
     return out
 
 
+def _draw_panel(ax, panel: str, files, labels, styles, order, bins: int, handles: dict) -> None:
+    """One panel: the histogram of each file's log10 entries of ``panel`` (or of all of them),
+    with notes on the zero entries and those below the axis; adds legend handles to
+    ``handles``."""
+    data = []
+    for f in files:
+        if panel == "all parameters":
+            data.append(_log10_positive(f.flat()))
+        elif panel in f.arrays:
+            data.append(_log10_positive(f.arrays[panel]))
+        else:
+            data.append((np.empty(0), 0))
+    finite = [d for d, _ in data if d.size]
+    ax.set_title(panel, fontsize=9)
+    if not finite:
+        ax.text(0.5, 0.5, "no positive entries", ha="center", transform=ax.transAxes)
+        return
+    pooled = np.concatenate(finite)
+    lo = float(np.quantile(pooled, LOW_QUANTILE)) if pooled.size >= 200 else float(pooled.min())
+    hi = float(pooled.max())
+    n = max(d.size for d in finite)
+    nb = int(min(bins, max(8, 2 * math.sqrt(n))))  # small tensors: fewer, fuller bins
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, nb + 1)
+    for i in order:
+        d, zeros = data[i]
+        if d.size == 0 and zeros == 0:
+            continue
+        *_, patches = ax.hist(
+            d[d >= edges[0]], bins=edges, histtype="step", label=labels[i], **styles[i]
+        )
+        handles.setdefault(labels[i], patches[0])
+    total = files[0].arrays[panel].size if panel in files[0].arrays else files[0].flat().size
+    ax.set_title(f"{panel}  ({total} entries)", fontsize=9)
+    zero_note = _count_note([z for _, z in data], labels, "zero entries (no log)")
+    below = [int((d < edges[0]).sum()) for d, _ in data]
+    below_note = _count_note(below, labels, f"entries below 10^{edges[0]:.1f} not shown")
+    notes = "\n".join(t for t in (zero_note, below_note) if t)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("log10 Fisher diagonal entry" + (f"\n{notes}" if notes else ""), fontsize=8)
+    ax.set_ylabel("count", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _title(m: dict) -> str:
+    title = "Diagonal Fisher: histograms of log10 values"
+    if m.get("experiment"):
+        title += (
+            f" - {m['experiment']}, {m.get('num_batches')} batches x {m.get('batch_size')}, "
+            f"seed {m.get('seed')}, reduction {m.get('reduction')}"
+        )
+    return title
+
+
 def histogram_figure(files: Sequence[FisherFile], bins: int = 60, ncols: int = 3):
     """A figure of log10-value histograms: "all parameters" first, then each parameter.
 
@@ -134,43 +187,7 @@ def histogram_figure(files: Sequence[FisherFile], bins: int = 60, ncols: int = 3
     handles = {}
     for p, panel in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, p + 1)
-        data = []
-        for f in files:
-            if panel == "all parameters":
-                data.append(_log10_positive(f.flat()))
-            elif panel in f.arrays:
-                data.append(_log10_positive(f.arrays[panel]))
-            else:
-                data.append((np.empty(0), 0))
-        finite = [d for d, _ in data if d.size]
-        ax.set_title(panel, fontsize=9)
-        if not finite:
-            ax.text(0.5, 0.5, "no positive entries", ha="center", transform=ax.transAxes)
-            continue
-        pooled = np.concatenate(finite)
-        lo = float(np.quantile(pooled, LOW_QUANTILE)) if pooled.size >= 200 else float(pooled.min())
-        hi = float(pooled.max())
-        n = max(d.size for d in finite)
-        nb = int(min(bins, max(8, 2 * math.sqrt(n))))  # small tensors: fewer, fuller bins
-        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, nb + 1)
-        for i in order:
-            d, zeros = data[i]
-            if d.size == 0 and zeros == 0:
-                continue
-            *_, patches = ax.hist(
-                d[d >= edges[0]], bins=edges, histtype="step", label=labels[i], **styles[i]
-            )
-            handles.setdefault(labels[i], patches[0])
-        total = files[0].arrays[panel].size if panel in files[0].arrays else files[0].flat().size
-        ax.set_title(f"{panel}  ({total} entries)", fontsize=9)
-        zero_note = _count_note([z for _, z in data], labels, "zero entries (no log)")
-        below = [int((d < edges[0]).sum()) for d, _ in data]
-        below_note = _count_note(below, labels, f"entries below 10^{edges[0]:.1f} not shown")
-        notes = "\n".join(t for t in (zero_note, below_note) if t)
-        ax.set_xlim(edges[0], edges[-1])
-        ax.set_xlabel("log10 Fisher diagonal entry" + (f"\n{notes}" if notes else ""), fontsize=8)
-        ax.set_ylabel("count", fontsize=8)
-        ax.tick_params(labelsize=7)
+        _draw_panel(ax, panel, files, labels, styles, order, bins, handles)
     ordered = [lab for lab in labels if lab in handles]
     fig.legend(
         [handles[lab] for lab in ordered],
@@ -180,13 +197,7 @@ def histogram_figure(files: Sequence[FisherFile], bins: int = 60, ncols: int = 3
         fontsize=8,
         bbox_to_anchor=(0.5, 0.985 - 0.012 * (3 / max(nrows, 1))),
     )
-    m = files[0].meta
-    title = "Diagonal Fisher: histograms of log10 values"
-    if m.get("experiment"):
-        title += (
-            f" - {m['experiment']}, {m.get('num_batches')} batches x {m.get('batch_size')}, "
-            f"seed {m.get('seed')}, reduction {m.get('reduction')}"
-        )
+    title = _title(files[0].meta)
     fig.suptitle(title, fontsize=11, y=0.998)
     fig.tight_layout(rect=(0, 0, 1, 0.94 if nrows > 1 else 0.85))
     return fig

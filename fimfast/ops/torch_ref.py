@@ -95,6 +95,28 @@ def _secular(qs: torch.Tensor, origin: torch.Tensor, tau: torch.Tensor):
     return r.sum(-1), (r / delta).sum(-1), delta
 
 
+def _tie_vectors(
+    vec_sorted: torch.Tensor, tie: torch.Tensor, q: torch.Tensor, a: torch.Tensor, eps: float
+) -> None:
+    """Put the Helmert vector (e_g0+...+e_g(i-1) - i e_a) of the tie group ending at sorted
+    position ``a[j]`` into ``vec_sorted[:, j]`` for the rows where eigenvalue ``j`` is a tie."""
+    dt = vec_sorted.dtype
+    pos = torch.arange(q.shape[-1], device=q.device)
+    for j in range(tie.shape[1]):
+        tj = tie[:, j]
+        if not bool(tj.any()):
+            continue
+        aj = int(a[j])
+        qa = q[:, aj].unsqueeze(-1)
+        notsame = ((qa - q) > 8 * eps * qa) & (pos.unsqueeze(0) < aj)
+        last_not = torch.where(notsame, pos.unsqueeze(0), torch.full_like(pos, -1).unsqueeze(0))
+        start = last_not.max(-1).values + 1  # (R,)
+        i = (aj - start).to(dt)  # members before aj in the group (>= 1 for a tie)
+        inrun = (pos.unsqueeze(0) >= start.unsqueeze(-1)) & (pos.unsqueeze(0) < aj)
+        h = inrun.to(dt) - (pos.unsqueeze(0) == aj).to(dt) * i.unsqueeze(-1)
+        vec_sorted[:, j] = torch.where(tj.unsqueeze(-1), h, vec_sorted[:, j])
+
+
 def core_topk_torch(
     p: torch.Tensor, k: int, solver: str = "exact", iters: int = 30
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,27 +172,13 @@ def core_topk_torch(
     vec_sorted = qs / delta  # (R, K, C), secular eigenvectors p_c / (p_c - lambda)
     lam = torch.where(tie, hi, (origin + tau) * scale)
     lam = torch.where(zlo, torch.zeros_like(lam), lam)
-    pos = torch.arange(C, device=p.device)
     if bool(zlo.any()):
         # eigenvalue 0 of the zero classes: the normalised indicator of the zero group, orthogonal
         # to every eigenvector of a positive eigenvalue (which vanish on the zero classes)
         ind = (q <= 0).to(dt).unsqueeze(1).expand_as(vec_sorted)
         vec_sorted = torch.where(zlo.unsqueeze(-1), ind, vec_sorted)
     if bool(tie.any()):
-        # tie group ending at sorted position a: the Helmert vector (e_g0+...+e_g(i-1) - i e_a)
-        for j in range(k):
-            tj = tie[:, j]
-            if not bool(tj.any()):
-                continue
-            aj = int(a[j])
-            qa = q[:, aj].unsqueeze(-1)
-            notsame = ((qa - q) > 8 * eps * qa) & (pos.unsqueeze(0) < aj)
-            last_not = torch.where(notsame, pos.unsqueeze(0), torch.full_like(pos, -1).unsqueeze(0))
-            start = last_not.max(-1).values + 1  # (R,)
-            i = (aj - start).to(dt)  # members before aj in the group (>= 1 for a tie)
-            inrun = (pos.unsqueeze(0) >= start.unsqueeze(-1)) & (pos.unsqueeze(0) < aj)
-            h = inrun.to(dt) - (pos.unsqueeze(0) == aj).to(dt) * i.unsqueeze(-1)
-            vec_sorted[:, j] = torch.where(tj.unsqueeze(-1), h, vec_sorted[:, j])
+        _tie_vectors(vec_sorted, tie, q, a, eps)
     # a root that sits on a pole to within rounding leaves an infinite entry: that class alone
     bad = ~torch.isfinite(vec_sorted)
     if bool(bad.any()):
