@@ -230,3 +230,31 @@ def test_minilm_loads_offline_and_its_fisher_covers_layer5_and_head():
     assert names[-2:] == ["head.weight", "head.bias"]
     assert all(n.startswith(mt.FISHER_PREFIXES) for n in names) and len(names) == 18
     assert all(torch.isfinite(v).all() and (v >= 0).all() for v in fim.values())
+    # EXACT on the same batch against autograd: sum_n sum_c (J_n^T a_nc)^2 with
+    # a_nc = sqrt(p_c) (e_c - p_n) (docs/math.md §3), one backward per (sample, class)
+    exact = fimfast.diag_fisher(model, [batch], "exact")
+    assert list(exact) == names
+    params = [p for p in model.parameters() if p.requires_grad]
+    z = model(batch["input_ids"], batch["attention_mask"])
+    pr = torch.softmax(z.detach().double(), -1)
+    ref = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    eye = torch.eye(3, dtype=torch.float64)
+    for n in range(3):
+        for c in range(3):
+            a = (pr[n, c].sqrt() * (eye[c] - pr[n])).to(z.dtype)
+            for r, gi in zip(ref, torch.autograd.grad(z[n] @ a, params, retain_graph=True)):
+                r += gi.double() ** 2
+    # each tensor on its own, so that a small one is not drowned out; the attention key bias
+    # has a zero Fisher (softmax is shift-invariant), hence the floor of 1e-6 x the total norm
+    floor = 1e-6 * float(torch.linalg.vector_norm(torch.cat([r.reshape(-1) for r in ref])))
+    for k, r in zip(names, ref):
+        diff = float(torch.linalg.vector_norm(exact[k].double() - r))
+        err = diff / max(float(torch.linalg.vector_norm(r)), floor)
+        assert err <= 1e-5, f"{k}: relative error {err:.2e}"
+    # and the head against its closed form F_W = sum_n (p_n(1-p_n)) x a_n^2 (float64)
+    with torch.no_grad():
+        pooled = model.embed(batch["input_ids"], batch["attention_mask"]).double()
+    coef = pr * (1 - pr)
+    for k, want in (("head.weight", coef.T @ pooled**2), ("head.bias", coef.sum(0))):
+        torch.testing.assert_close(exact[k].double(), want, rtol=1e-5,
+                                   atol=1e-7 * float(want.abs().max()))
