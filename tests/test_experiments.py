@@ -124,7 +124,11 @@ def test_real_mnist_loads_with_its_checksum():
 def test_digits_without_importing_sklearn():
     x, y = data.load_digits()
     assert x.shape == (1797, 64) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
-    assert np.bincount(y).min() > 170
+    # scikit-learn's published facts: the class counts and the first image (pixels in 0..16)
+    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert y[:10].tolist() == list(range(10))
+    first = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0]
+    assert (x[0, :16] * 16).tolist() == first
 
 
 def test_reference_sentences_are_real_labelled_prose():
