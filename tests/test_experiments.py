@@ -192,6 +192,13 @@ def test_batches_are_reproducible_and_labelled():
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert xa.shape == (16, 64) and ya.dtype == torch.int64
+    # each batch is the training rows that batch_indices names, every image with its own label
+    x, y = data.load_digits()
+    tr = np.random.default_rng(0).permutation(len(y))[:400]  # tiny_experiment's training split
+    idx = list(data.batch_indices(400, 3, 16, 7))
+    assert len(set(np.concatenate(idx).tolist())) == 48  # one pass: no row twice
+    for (xa, ya), i in zip(a, idx):
+        assert np.array_equal(xa.numpy(), x[tr[i]]) and np.array_equal(ya.numpy(), y[tr[i]])
 
 
 # -- metrics ------------------------------------------------------------------------------------ #
