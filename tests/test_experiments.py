@@ -212,6 +212,17 @@ def test_rankdata_and_spearman_match_scipy():
     assert abs(metrics.spearman(x, y) - want) < METRICS_ABS
 
 
+def test_compare_by_hand():
+    """a = (1, 2, 3, 4) against g = (1, 3, 2, 5): a - g = (0, -1, 1, -1), |g|^2 = 39,
+    a.g = 33, |a|^2 = 30, rank differences (0, -1, 1, 0), means 2.5 and 2.75."""
+    m = metrics.compare(np.array([1.0, 2.0, 3.0, 4.0]), np.array([[1.0, 3.0], [2.0, 5.0]]))
+    want = {"numel": 4, "rel_l2": (3 / 39) ** 0.5, "cosine": 33 / (30 * 39) ** 0.5,
+            "spearman": 1 - 6 * 2 / (4 * 15), "ratio_of_means": 2.5 / 2.75}
+    assert m.keys() == want.keys()
+    for k, v in want.items():
+        assert abs(m[k] - v) < METRICS_ABS, (k, m[k], v)
+
+
 def test_compare_edge_cases():
     m = metrics.compare(np.zeros(3), np.zeros(3))
     assert np.isnan(m["rel_l2"]) and np.isnan(m["cosine"]) and np.isnan(m["ratio_of_means"])
