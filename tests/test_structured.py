@@ -263,6 +263,14 @@ def test_vector_order_is_named_parameters():
     names = [n for n, p in model.named_parameters()]
     assert F.names == names
     assert F.shapes == [tuple(p.shape) for p in model.parameters()]
+    # the values follow that order: the dense diagonal is the diagonal estimator's vector, read
+    # parameter by parameter in named_parameters() order, each flattened row-major
+    D = fimfast.DiagFisher(model, "exact", reduction="mean")
+    D.step((x, torch.zeros(8, dtype=torch.long)))
+    want = torch.cat([D.result()[n].reshape(-1) for n in names])
+    _close(F.to_dense().diagonal(), want, F32_REL)
+    for n, sl in ((n, F.slice_of(n)) for n in names):
+        _close(F.to_dense().diagonal()[sl], D.result()[n].reshape(-1), F32_REL)
 
 
 def test_frozen_parameters_left_out():
