@@ -282,6 +282,7 @@ def test_diag_fisher_one_shot_and_save_load(tmp_path):
     model = make_case("relu_mlp").model
     F = fimfast.diag_fisher(model, _loader(), "exact", reduction="mean", progress=True)
     assert isinstance(F, fimfast.DiagFIM) and F.meta["count"] == 11
+    _assert_oracle(model, _loader(), {n: 11 * v for n, v in F.items()}, "exact")  # the mean
     path = tmp_path / "fim.safetensors"
     F.save(str(path))
     G = fimfast.DiagFIM.load(str(path))
