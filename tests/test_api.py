@@ -90,14 +90,24 @@ def test_types_accumulate_side_by_side():
     b = _loader()[0]
     diag_fim_step(model, b, "exact")
     diag_fim_step(model, b, "exact")
+    torch.manual_seed(7)
     diag_fim_step(model, b, "hutchinson")
     ex = fimfast.get_estimator(model, "exact")
     hu = fimfast.get_estimator(model, "hutchinson")
     assert ex.state.steps == 2 and hu.state.steps == 1
+    # each holds its own sum: EXACT the oracle of the batch twice, HUTCHINSON the draw of a lone
+    # estimator seeded the same way
+    _assert_oracle(model, [b, b], get_diag_fim(model, "exact"), "exact")
+    torch.manual_seed(7)
+    alone = fimfast.DiagFisher(model, "hutchinson")
+    alone.step(b)
+    want = alone.result()
+    assert all(torch.equal(get_diag_fim(model, "hutchinson")[n], v) for n, v in want.items())
     zero_diag_fim(model, "exact")
     with pytest.raises(RuntimeError, match="no 'exact' step"):
         get_diag_fim(model, "exact")
     assert fimfast.get_estimator(model, "hutchinson").state.steps == 1
+    assert all(torch.equal(get_diag_fim(model, "hutchinson")[n], v) for n, v in want.items())
 
 
 @pytest.mark.parametrize("fim_type", ["exact", "hutchinson", "monte_carlo"])
@@ -272,6 +282,7 @@ def test_diag_fisher_one_shot_and_save_load(tmp_path):
     model = make_case("relu_mlp").model
     F = fimfast.diag_fisher(model, _loader(), "exact", reduction="mean", progress=True)
     assert isinstance(F, fimfast.DiagFIM) and F.meta["count"] == 11
+    _assert_oracle(model, _loader(), {n: 11 * v for n, v in F.items()}, "exact")  # the mean
     path = tmp_path / "fim.safetensors"
     F.save(str(path))
     G = fimfast.DiagFIM.load(str(path))

@@ -52,10 +52,14 @@ def test_shortcut_matches_general_path(monkeypatch, cid, shape, lab, mask, ign):
     _same(_rows(monkeypatch, False, *args), _rows(monkeypatch, True, *args))
 
 
-def test_shortcut_taken_only_when_every_row_counts():
+def test_shortcut_taken_only_when_every_row_counts(monkeypatch):
     logits = torch.randn(4, 5)
-    assert batchlib._rows_all_valid(logits, torch.tensor([0, 1, 2, 3]), None, "categorical",
-                                    -100, False, (4,)) is not None
+    labels = torch.tensor([0, 1, 2, 3])
+    short = batchlib._rows_all_valid(logits, labels, None, "categorical", -100, False, (4,))
+    assert short is not None and short.all_valid
+    assert torch.equal(short.index, torch.arange(4)) and torch.equal(short.labels, labels)
+    assert short.flat.data_ptr() == logits.data_ptr()  # a view, not a copy
+    _same(short, _rows(monkeypatch, True, logits, labels, None, "categorical", -100, False))
     for labels, ign in ((torch.tensor([0, 1, -100, 3]), -100), (torch.tensor([0, 1, 2, 3]), 2),
                         (torch.tensor([0, 1, 2, 9]), -100)):
         assert batchlib._rows_all_valid(logits, labels, None, "categorical", ign, False,
@@ -78,7 +82,38 @@ def test_nan_on_an_ignored_row_is_allowed():
     logits = torch.randn(4, 5)
     logits[2, 1] = float("nan")
     r = batchlib.rows(logits, torch.tensor([0, 1, -100, 3]), None, "categorical", -100, False)
-    assert r.count == 3
+    assert r.count == 3 and not r.all_valid
+    assert torch.equal(r.index, torch.tensor([0, 1, 3])) and torch.equal(r.sample, r.index)
+    assert torch.equal(r.labels, torch.tensor([0, 1, 3]))
+    assert torch.equal(r.flat, logits[[0, 1, 3]])
+
+
+def test_nan_on_an_ignored_row_leaves_the_fisher_of_the_others():
+    """A NaN input on an ignored sample changes nothing: the Fisher equals the one of the batch
+    without that sample, and the float64 closed form of a single Linear layer
+    (F_W = sum_n (p_n(1-p_n)) x a_n^2, F_b = sum_n p_n(1-p_n); docs/math.md §3)."""
+    import fimfast
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    x = torch.randn(5, 3)
+    y = torch.tensor([0, 1, -100, 3, 2])
+    xn = x.clone()
+    xn[2, 1] = float("nan")
+    keep = torch.tensor([0, 1, 3, 4])
+    got = fimfast.fisher(model, [(xn, y)], "exact", representation="diag",
+                         reduction="sum")
+    ref = fimfast.fisher(model, [(x[keep], y[keep])], "exact", representation="diag",
+                         reduction="sum")
+    for n, _ in model.named_parameters():
+        assert torch.isfinite(got[n]).all()
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=0)
+    a = x[keep].double()
+    with torch.no_grad():
+        p = torch.softmax(model.double()(a), -1)
+    coef = p * (1 - p)
+    torch.testing.assert_close(got["weight"].double(), coef.T @ (a * a), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["bias"].double(), coef.sum(0), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -86,5 +121,8 @@ def test_large_finite_logits_are_not_refused(dtype):
     # row sums beyond float16's range (65504) and a total beyond float32's are still finite input
     big = 3.0e38 if dtype != torch.float16 else 6.0e4
     logits = torch.full((8, 4096), big, dtype=dtype)
-    r = batchlib.rows(logits, torch.zeros(8, dtype=torch.long), None, "categorical", -100, False)
-    assert r.count == 8
+    labels = torch.arange(8) * 500
+    r = batchlib.rows(logits, labels, None, "categorical", -100, False)
+    assert r.count == 8 and r.all_valid
+    assert torch.equal(r.index, torch.arange(8)) and torch.equal(r.labels, labels)
+    assert torch.equal(r.flat, logits)

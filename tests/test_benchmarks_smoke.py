@@ -135,16 +135,18 @@ def test_hutchinson_methods_follow_their_law(name):
     assert zq <= STAT_SIGMAS, f"mean of |D - F|^2 / sum Var = {float(q.mean()):.3f}, z = {zq:.2f}"
 
 
-def test_quick_flags_a_wrong_deterministic_method(monkeypatch):
-    def squared_grads(wl, cfg):  # the square of the batch gradient: not the Fisher
-        def call():
-            wl.model.zero_grad()
-            torch.nn.functional.cross_entropy(wl.logits(), wl.flat_labels(), reduction="sum"
-                                              ).backward()
-            return {n: p.grad ** 2 for n, p in wl.model.named_parameters()}
-        return call, lambda: None
+def _squared_grads(wl, cfg):
+    """The square of the batch gradient: not the Fisher (a wrong deterministic method)."""
+    def call():
+        wl.model.zero_grad()
+        torch.nn.functional.cross_entropy(wl.logits(), wl.flat_labels(), reduction="sum"
+                                          ).backward()
+        return {n: p.grad ** 2 for n, p in wl.model.named_parameters()}
+    return call, lambda: None
 
-    wrong = Method("wrong", "wrong", "test", "exact", "fim", False, squared_grads)
+
+def test_quick_flags_a_wrong_deterministic_method(monkeypatch):
+    wrong = Method("wrong", "wrong", "test", "exact", "fim", False, _squared_grads)
     methods = all_methods("cpu")
     monkeypatch.setattr(suite, "all_methods", lambda device: {**methods, "wrong": wrong})
     res = suite.run_quick(["a"], ["wrong"])["a"]
@@ -160,10 +162,19 @@ def test_every_fimfast_type_is_a_method():
         assert f"fimfast_{t.value}_torch" in names
 
 
-def test_cli_quick_exit_code():
+def test_cli_quick_exit_code(monkeypatch, capsys):
+    """0 when the fimfast methods agree with the reference (printed with their error), 1 when a
+    fimfast method fails parity."""
     from benchmarks.__main__ import main
 
     assert main(["--quick", "--workloads", "a", "--methods", "fimfast_exact_torch"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "fimfast_exact_torch" in ln)
+    assert line.split()[2] == "ok" and float(line.split()[-1]) < DET_REL_F32 * 10
+    wrong = Method("fimfast_wrong", "wrong", "fimfast", "exact", "fim", False, _squared_grads)
+    methods = all_methods("cpu")
+    monkeypatch.setattr(suite, "all_methods", lambda device: {**methods, "fimfast_wrong": wrong})
+    assert main(["--quick", "--workloads", "a", "--methods", "fimfast_wrong"]) == 1
+    assert "parity_fail" in capsys.readouterr().out
 
 
 def _fake_results() -> dict:

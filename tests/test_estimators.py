@@ -113,10 +113,24 @@ def test_unused_parameter_gets_zeros():
         def forward(self, x):
             return self.used(x)
 
+    torch.manual_seed(0)
     model = WithUnused()
+    x = torch.randn(5, 3)
     for t in ("exact", "hutchinson"):
-        est = fimfast.DiagFisher(model, t)
-        est.step(torch.randn(5, 3))
+        est = fimfast.DiagFisher(model, t, seed=3)
+        est.step(x)
         F = est.result()
         assert torch.count_nonzero(F["unused.weight"]) == 0
-        assert torch.count_nonzero(F["used.weight"]) > 0
+        assert torch.count_nonzero(F["unused.bias"]) == 0
+        # the used layer's values are those of the same Linear on its own, same seed, same draws
+        alone = fimfast.DiagFisher(model.used, t, seed=3)
+        alone.step(x)
+        G = alone.result()
+        assert torch.equal(F["used.weight"], G["weight"]) and torch.equal(F["used.bias"], G["bias"])
+        if t == "exact":  # the single-Linear closed form F_W = sum_n (p_n(1-p_n)) x x_n^2
+            with torch.no_grad():
+                w, b = model.used.weight.double(), model.used.bias.double()
+                p = torch.softmax(x.double() @ w.T + b, -1)
+            coef = p * (1 - p)
+            ref = {"used.weight": coef.T @ x.double() ** 2, "used.bias": coef.sum(0)}
+            assert rel_err(F, ref) <= DET_REL_F32

@@ -110,8 +110,16 @@ def test_only_trainable_parameters_are_penalised():
 def test_a_fisher_with_frozen_parameters_is_restricted():
     lin = _linear([1.0, 2.0], 0.5)
     lin.bias.requires_grad_(False)
-    ewc = EWC(lin, {"weight": _t([1.0, 1.0]), "bias": _t(1.0)}, lam=1.0)
+    ewc = EWC(lin, {"weight": _t([1.0, 3.0]), "bias": _t(1.0)}, lam=2.0)
     assert ewc.names == ["weight"]
+    with torch.no_grad():
+        lin.weight += _t([1.0, 2.0])
+        lin.bias += 5.0  # frozen: not penalised, whatever its Fisher
+    # lam/2 * (1 * 1^2 + 3 * 2^2) = 13
+    pen = ewc()
+    assert pen.item() == pytest.approx(13.0, abs=1e-12)
+    pen.backward()
+    assert torch.allclose(lin.weight.grad, _t([[2.0, 12.0]])) and lin.bias.grad is None
     with pytest.raises(ValueError, match="strict=True"):  # the bias is trainable, not in F
         EWC(nn.Linear(2, 1).double(), {"weight": _t([1.0, 1.0])}, strict=True)
 

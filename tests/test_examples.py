@@ -54,6 +54,7 @@ def test_variance_figure(tmp_path):
     assert out.stat().st_size > 10_000
     saved = json.loads(out.with_suffix(".json").read_text())
     assert sorted(int(s) for s in saved) == sorted(hist) and len(hist) == 3
+    assert {int(s): v for s, v in saved.items()} == hist  # the figure's numbers, as returned
     for step in hist.values():
         assert list(step) == ["layer 1", "layer 2", "layer 3", "layer 4"]
         for layer, q in step.items():

@@ -124,7 +124,11 @@ def test_real_mnist_loads_with_its_checksum():
 def test_digits_without_importing_sklearn():
     x, y = data.load_digits()
     assert x.shape == (1797, 64) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
-    assert np.bincount(y).min() > 170
+    # scikit-learn's published facts: the class counts and the first image (pixels in 0..16)
+    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert y[:10].tolist() == list(range(10))
+    first = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0]
+    assert (x[0, :16] * 16).tolist() == first
 
 
 def test_reference_sentences_are_real_labelled_prose():
@@ -188,6 +192,13 @@ def test_batches_are_reproducible_and_labelled():
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert xa.shape == (16, 64) and ya.dtype == torch.int64
+    # each batch is the training rows that batch_indices names, every image with its own label
+    x, y = data.load_digits()
+    tr = np.random.default_rng(0).permutation(len(y))[:400]  # tiny_experiment's training split
+    idx = list(data.batch_indices(400, 3, 16, 7))
+    assert len(set(np.concatenate(idx).tolist())) == 48  # one pass: no row twice
+    for (xa, ya), i in zip(a, idx):
+        assert np.array_equal(xa.numpy(), x[tr[i]]) and np.array_equal(ya.numpy(), y[tr[i]])
 
 
 # -- metrics ------------------------------------------------------------------------------------ #
@@ -199,6 +210,17 @@ def test_rankdata_and_spearman_match_scipy():
     y = x + rng.normal(size=500)
     want = stats.spearmanr(x, y).statistic
     assert abs(metrics.spearman(x, y) - want) < METRICS_ABS
+
+
+def test_compare_by_hand():
+    """a = (1, 2, 3, 4) against g = (1, 3, 2, 5): a - g = (0, -1, 1, -1), |g|^2 = 39,
+    a.g = 33, |a|^2 = 30, rank differences (0, -1, 1, 0), means 2.5 and 2.75."""
+    m = metrics.compare(np.array([1.0, 2.0, 3.0, 4.0]), np.array([[1.0, 3.0], [2.0, 5.0]]))
+    want = {"numel": 4, "rel_l2": (3 / 39) ** 0.5, "cosine": 33 / (30 * 39) ** 0.5,
+            "spearman": 1 - 6 * 2 / (4 * 15), "ratio_of_means": 2.5 / 2.75}
+    assert m.keys() == want.keys()
+    for k, v in want.items():
+        assert abs(m[k] - v) < METRICS_ABS, (k, m[k], v)
 
 
 def test_compare_edge_cases():
@@ -230,3 +252,31 @@ def test_minilm_loads_offline_and_its_fisher_covers_layer5_and_head():
     assert names[-2:] == ["head.weight", "head.bias"]
     assert all(n.startswith(mt.FISHER_PREFIXES) for n in names) and len(names) == 18
     assert all(torch.isfinite(v).all() and (v >= 0).all() for v in fim.values())
+    # EXACT on the same batch against autograd: sum_n sum_c (J_n^T a_nc)^2 with
+    # a_nc = sqrt(p_c) (e_c - p_n) (docs/math.md §3), one backward per (sample, class)
+    exact = fimfast.diag_fisher(model, [batch], "exact")
+    assert list(exact) == names
+    params = [p for p in model.parameters() if p.requires_grad]
+    z = model(batch["input_ids"], batch["attention_mask"])
+    pr = torch.softmax(z.detach().double(), -1)
+    ref = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    eye = torch.eye(3, dtype=torch.float64)
+    for n in range(3):
+        for c in range(3):
+            a = (pr[n, c].sqrt() * (eye[c] - pr[n])).to(z.dtype)
+            for r, gi in zip(ref, torch.autograd.grad(z[n] @ a, params, retain_graph=True)):
+                r += gi.double() ** 2
+    # each tensor on its own, so that a small one is not drowned out; the attention key bias
+    # has a zero Fisher (softmax is shift-invariant), hence the floor of 1e-6 x the total norm
+    floor = 1e-6 * float(torch.linalg.vector_norm(torch.cat([r.reshape(-1) for r in ref])))
+    for k, r in zip(names, ref):
+        diff = float(torch.linalg.vector_norm(exact[k].double() - r))
+        err = diff / max(float(torch.linalg.vector_norm(r)), floor)
+        assert err <= 1e-5, f"{k}: relative error {err:.2e}"
+    # and the head against its closed form F_W = sum_n (p_n(1-p_n)) x a_n^2 (float64)
+    with torch.no_grad():
+        pooled = model.embed(batch["input_ids"], batch["attention_mask"]).double()
+    coef = pr * (1 - pr)
+    for k, want in (("head.weight", coef.T @ pooled**2), ("head.bias", coef.sum(0))):
+        torch.testing.assert_close(exact[k].double(), want, rtol=1e-5,
+                                   atol=1e-7 * float(want.abs().max()))

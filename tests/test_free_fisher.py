@@ -110,7 +110,18 @@ def test_benchmark_script_small_run(tmp_path):
     assert saved["fisher_quality"].keys() == out["fisher_quality"].keys()
     q = out["fisher_quality"]
     assert set(q) == {"empirical", "hutchinson", "adam"}
+    assert saved["fisher_quality"] == q  # the JSON holds the numbers printed
     for m in q.values():
         assert -1 <= m["spearman"] <= 1 and m["rel_error"] >= 0
+        assert m["rel_error_best_scale"] <= m["rel_error"] + 1e-12  # the best scale is a min
+    # the quality metrics by hand: est = 2 ref (best scale 1/2, error |ref| / |ref| = 1)
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    got = mod.quality(ref, 2 * ref)
+    want = {"rel_error": 1.0, "rel_error_best_scale": 0.0, "best_scale": 0.5,
+            "trace_ratio": 2.0, "spearman": 1.0}
+    assert got.keys() == want.keys()
+    assert all(abs(got[k] - v) < 1e-12 for k, v in want.items()), got
+    assert abs(mod.spearman(ref, ref.flip(0)) + 1.0) < 1e-12
+    assert abs(mod.spearman(ref, torch.tensor([1.0, 3.0, 2.0, 4.0])) - 0.8) < 1e-12
     assert {"finetune", "exact", "empirical", "hutchinson", "adam"} <= set(out["ewc"])
     assert {"average", "exact", "adam"} <= set(out["merge"])

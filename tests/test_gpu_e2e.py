@@ -132,4 +132,17 @@ def test_steps_never_synchronise_with_the_host(fim_type):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert all(torch.isfinite(v).all() for v in est.result().values())
+    got = est.result()
+    assert all(torch.isfinite(v).all() for v in got.values())
+    if fim_type in (FIMType.EXACT, FIMType.EMPIRICAL):  # two steps on one batch: its mean
+        _assert_oracle(got, case, fim_type, case.valid.sum())
+
+
+def _assert_oracle(got, case: Case, fim_type: FIMType, divide) -> None:
+    """``got`` (on the GPU) against the float64 oracle of ``case`` divided by ``divide``, to
+    1e-4 of the largest entry."""
+    truth = oracle(case, "exact" if fim_type == FIMType.EXACT else "empirical")
+    scale = max(float(t.abs().max()) for t in truth.values()) / float(divide)
+    for name, t in truth.items():
+        err = float((got[name].double().cpu() - t / float(divide)).abs().max()) / scale
+        assert err < 1e-4, f"{name}: max error {err:.2e} of the largest entry"

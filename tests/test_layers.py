@@ -530,12 +530,21 @@ def _unused_case() -> Callable:
 
 
 def test_parameters_not_reaching_logits_are_zero():
-    m = _unused_case()()
+    """A layer called in the forward whose output is dropped has a zero Fisher; the layer that
+    makes the logits has the single-Linear closed form F_W = sum_n (p_n(1-p_n)) x x_n^2."""
+    torch.manual_seed(0)
+    m = _unused_case()().double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
     est = DiagFisher(m, "exact")
-    est.step((torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
+    est.step((x, y))
     res = est.result()
     assert float(res["unused.weight"].abs().sum()) == 0.0
-    assert float(res["used.weight"].abs().sum()) > 0.0
+    assert float(res["unused.bias"].abs().sum()) == 0.0
+    with torch.no_grad():
+        p = torch.softmax(m.used(x), -1)
+    coef = p * (1 - p)
+    ref = {"used.weight": coef.T @ x**2, "used.bias": coef.sum(0)}
+    assert _rel({k: res[k] for k in ref}, ref) <= DET_REL_F64
 
 
 class Switch(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CATEGORICAL, PANEL, make_case
+from cases import CATEGORICAL, PANEL, Case, make_case
 from oracle import core_matrix, row_jacobians
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -263,17 +263,36 @@ def test_vector_order_is_named_parameters():
     names = [n for n, p in model.named_parameters()]
     assert F.names == names
     assert F.shapes == [tuple(p.shape) for p in model.parameters()]
+    # the values follow that order: the dense diagonal is the diagonal estimator's vector, read
+    # parameter by parameter in named_parameters() order, each flattened row-major
+    D = fimfast.DiagFisher(model, "exact", reduction="mean")
+    D.step((x, torch.zeros(8, dtype=torch.long)))
+    want = torch.cat([D.result()[n].reshape(-1) for n in names])
+    _close(F.to_dense().diagonal(), want, F32_REL)
+    for n, sl in ((n, F.slice_of(n)) for n in names):
+        _close(F.to_dense().diagonal()[sl], D.result()[n].reshape(-1), F32_REL)
 
 
 def test_frozen_parameters_left_out():
-    model = _mlp()
+    """Freezing the first layer leaves it out and leaves the rest unchanged: the matrix is the
+    trainable block of the full model's one (dense: exactly that block; KFAC: the same factors)."""
+    torch.manual_seed(0)
+    model = _mlp().double()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    full = {rep: fimfast.fisher(model, [x], representation=rep, reduction="sum")
+            for rep in ("dense", "kfac")}
     model[0].weight.requires_grad_(False)
     model[0].bias.requires_grad_(False)
-    x = torch.randn(8, 5)
+    skip = model[0].weight.numel() + model[0].bias.numel()
     for rep in ("dense", "kfac"):
-        F = fimfast.fisher(model, [x], representation=rep)
-        assert "0.weight" not in F.names and F.numel() == sum(
-            p.numel() for p in model.parameters() if p.requires_grad)
+        F = fimfast.fisher(model, [x], representation=rep, reduction="sum")
+        assert F.names == ["2.weight", "2.bias", "4.weight", "4.bias"]
+        assert F.numel() == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _close(F.to_dense(), full[rep].to_dense()[skip:, skip:], 1e-12)
+        if rep == "dense":  # and the float64 oracle of the trainable parameters
+            case = Case("frozen", model, x, lambda m, b: m(b), torch.ones(8, dtype=torch.bool),
+                        None, "categorical", 4)
+            _close(F.to_dense(), _oracle_dense(case)[0], F64)
 
 
 

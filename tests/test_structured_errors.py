@@ -77,11 +77,50 @@ def test_weight_also_used_outside_its_module_refused():
         fimfast.fisher(TiedHead(), [x], representation="kfac")
 
 
+def _tied_kfac_factors(model, x):
+    """KFAC "expand" factors of ``TiedNet`` (docs/structured.md, KFAC) in float64 from autograd,
+    the two calls of ``shared`` as two positions: ``A = (1/M) sum_{n,t} a a^T`` (input with a
+    1 appended), ``G = sum_{n,c} sum_t g g^T`` with ``g`` the gradient at the call's output of
+    ``u_c^T z_n``, ``u_c = sqrt(p_c) (e_c - p)`` (EXACT)."""
+    one = torch.ones(x.shape[0], 1, dtype=x.dtype)
+    s1 = model.shared(x).detach().requires_grad_(True)
+    h1 = torch.tanh(s1)
+    s2 = model.shared(h1)
+    s2.retain_grad()
+    h2 = torch.tanh(s2)
+    z = model.head(h2)
+    h2.retain_grad()
+    A_sh = [torch.cat([x, one], 1), torch.cat([h1.detach(), one], 1)]
+    A_hd = torch.cat([h2.detach(), one], 1)
+    p = torch.softmax(z.detach(), -1)
+    C = z.shape[1]
+    G_sh = torch.zeros(s1.shape[1], s1.shape[1], dtype=x.dtype)
+    G_hd = torch.zeros(C, C, dtype=x.dtype)
+    eye = torch.eye(C, dtype=x.dtype)
+    for n in range(x.shape[0]):
+        for c in range(C):
+            u = p[n, c].sqrt() * (eye[c] - p[n])
+            s1.grad = s2.grad = None
+            (z[n] @ u).backward(retain_graph=True)
+            for g in (s1.grad[n], s2.grad[n]):
+                G_sh += torch.outer(g, g)
+            G_hd += torch.outer(u, u)  # the head's output is the logits
+    A_shared = sum(a.T @ a for a in A_sh) / (2 * x.shape[0])
+    return [A_shared, A_hd.T @ A_hd / x.shape[0]], [G_sh, G_hd]
+
+
 def test_shared_module_is_weight_sharing():
-    """A module called twice is weight sharing (positions of both calls), not an error."""
-    case = make_case("tied")
-    F = fimfast.fisher(case.model, [case.batch], representation="kfac")
+    """A module called twice is weight sharing (positions of both calls), not an error: its
+    Kronecker factors are the float64 autograd ones with two positions per sample."""
+    case = make_case("tied").to(torch.float64)
+    F = fimfast.fisher(case.model, [case.batch], "exact", representation="kfac",
+                       reduction="sum")
     assert F.numel() == sum(p.numel() for p in case.model.parameters())
+    assert [m["name"] for m in F.layers] == ["shared", "head"]
+    A, G = _tied_kfac_factors(case.model, case.batch[0])
+    for i in range(2):
+        torch.testing.assert_close(F.A[i], A[i], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(F.G[i], G[i], rtol=1e-10, atol=1e-12)
 
 
 def test_grouped_conv_refused():

@@ -80,9 +80,50 @@ def test_kfac_matches_curvlinops(name, approx, reduction):
     torch.testing.assert_close(F.to_dense(), ref, rtol=1e-10, atol=1e-12)
 
 
-def test_conv_expand_and_reduce_differ():
-    """The two weight-sharing approximations are different matrices on a convolution."""
+def _conv_factors(model, x):
+    """Float64 KFAC factors of the "cnn" problem's two convolutions from ``F.unfold`` patches
+    and autograd output gradients (docs/structured.md, KFAC): per approximation, ``A`` of the
+    patches with an appended 1 and ``G = sum_{n,c}`` of the EXACT cotangent
+    ``u_c = sqrt(p_c) (e_c - p_n)``'s output gradients (per position, or summed over them)."""
+    c1, c2, lin = model[0], model[2], model[4]
+    s1 = c1(x).detach().requires_grad_(True)
+    h = torch.relu(s1)
+    s2 = c2(h)
+    s2.retain_grad()
+    z = lin(s2.flatten(1))
+    N = x.shape[0]
+    patches = [nn.functional.unfold(x, 3, padding=1), nn.functional.unfold(h.detach(), 2)]
+    a = [torch.cat([q.transpose(1, 2), torch.ones(N, q.shape[2], 1, dtype=x.dtype)], 2)
+         for q in patches]  # (N, T, I')
+    A = {"expand": [(t.reshape(-1, t.shape[2]).T @ t.reshape(-1, t.shape[2])) / (N * t.shape[1])
+                    for t in a],
+         "reduce": [t.mean(1).T @ t.mean(1) / N for t in a]}
+    G = {k: [torch.zeros(3, 3, dtype=x.dtype), torch.zeros(2, 2, dtype=x.dtype)]
+         for k in ("expand", "reduce")}
+    p = torch.softmax(z.detach(), -1)
+    eye = torch.eye(4, dtype=x.dtype)
+    for n in range(N):
+        for c in range(4):
+            s1.grad = s2.grad = None
+            (z[n] @ (p[n, c].sqrt() * (eye[c] - p[n]))).backward(retain_graph=True)
+            for i, s in enumerate((s1, s2)):
+                g = s.grad[n].flatten(1).T  # (T, O)
+                G["expand"][i] += g.T @ g
+                G["reduce"][i] += torch.outer(g.sum(0), g.sum(0))
+    return A, G
+
+
+def test_conv_expand_and_reduce_factors():
+    """The two weight-sharing approximations on a convolution, each against its definition,
+    and different matrices."""
     model, _, data = _problem("cnn")
-    e = fimfast.fisher(model, data, "exact", representation="kfac", kfac_approx="expand")
-    r = fimfast.fisher(model, data, "exact", representation="kfac", kfac_approx="reduce")
+    x = torch.cat([b[0] for b in data])
+    A, G = _conv_factors(model, x)
+    F = {k: fimfast.fisher(model, data, "exact", representation="kfac", kfac_approx=k,
+                           reduction="sum") for k in ("expand", "reduce")}
+    for k, f in F.items():
+        for i in range(2):
+            torch.testing.assert_close(f.A[i], A[k][i], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(f.G[i], G[k][i], rtol=1e-10, atol=1e-12)
+    e, r = F["expand"], F["reduce"]
     assert float((e.to_dense() - r.to_dense()).abs().max()) > 1e-3 * e.trace()
