@@ -314,9 +314,14 @@ def _rows(data: dict, keep: torch.Tensor) -> dict:
 
 
 def _text_batches(data: dict, rows: int, size: int = 32) -> list[dict]:
+    """``rows`` sentences of ``data`` in batches of ``size``: all of them in order, or a fixed
+    random subset (the sentences are stored grouped by class; a prefix would hold one class)."""
     from fimfast.experiments import minilm_text as mt
 
     n = min(rows, len(data["labels"]))
+    if n < len(data["labels"]):
+        keep = np.sort(np.random.default_rng(0).permutation(len(data["labels"]))[:n])
+        data = _rows(data, torch.from_numpy(keep))
     return [mt._trim({k: v[i : min(i + size, n)] for k, v in data.items()})
             for i in range(0, n, size)]  # fmt: skip
 

@@ -152,3 +152,7 @@ def test_benchmark_script_minilm_tiny_run(tmp_path, monkeypatch):
     assert {"average", "exact", "adam", "adam_normalized"} <= set(out["merge"])
     for v in out["merge"]["average"].values():
         assert 0 <= v <= 1
+    # a subset of sentences (stored grouped by class) is drawn across the classes, not a prefix
+    train = mod._minilm_data()[0]
+    picked = torch.cat([b["labels"] for b in mod._text_batches(train, 12)])
+    assert picked.numel() == 12 and len(set(picked.tolist())) == 3
