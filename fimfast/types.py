@@ -117,7 +117,7 @@ class Options:
             independently, so the cross-token terms vanish in expectation: still unbiased for the
             token-level Fisher, with more variance. EMPIRICAL then estimates a different matrix,
             ``sum_n (sum_t g_nt)(sum_t g_nt)^T``: the empirical Fisher of whole-sequence
-            log-likelihoods (see ``docs/math.md``).
+            log-likelihoods (see ``docs/math.md`` §3).
     """
 
     num_probes: int = 1
