@@ -176,7 +176,8 @@ class Capture:
         self.owners = owned if owned is not None else owners(self.model, self.params)
         undo: list[Callable[[], None]] = []
         try:
-            undo.append(_module_mod.register_module_forward_pre_hook(self._pre_hook).remove)
+            pre = _nograd_hook(self.owners, self.nograd)
+            undo.append(_module_mod.register_module_forward_pre_hook(pre).remove)
             for m, rule in modules:
                 undo.append(rule.install(m, self))
             self.active = True
@@ -185,12 +186,6 @@ class Capture:
             self.active = False
             for u in reversed(undo):
                 u()
-
-    def _pre_hook(self, module: torch.nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled() and self.active:
-            name = self.owners.get(id(module))
-            if name is not None and name not in self.nograd:
-                self.nograd.append(name)
 
     # -- helpers for the rules ------------------------------------------------------------- #
     def tap(
@@ -236,18 +231,24 @@ class NogradWatch:
         if key != self._key:
             self._key, self._owned = key, owners(model, params)
         seen: list[str] = []
-
-        def pre(module: torch.nn.Module, args: Any) -> None:
-            if not torch.is_grad_enabled():
-                name = self._owned.get(id(module))
-                if name is not None and name not in seen:
-                    seen.append(name)
-
-        handle = _module_mod.register_module_forward_pre_hook(pre)
+        handle = _module_mod.register_module_forward_pre_hook(_nograd_hook(self._owned, seen))
         try:
             yield seen
         finally:
             handle.remove()
+
+
+def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:
+    """A global forward pre-hook appending to ``seen`` the name (from ``owned``) of every module
+    called with gradients disabled."""
+
+    def pre(module: torch.nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled():
+            name = owned.get(id(module))
+            if name is not None and name not in seen:
+                seen.append(name)
+
+    return pre
 
 
 def nograd_error(names: list[str], types: str):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fimfast import chunks, ops
+from fimfast import chunks, hooks, ops
 from fimfast.batch import Rows
 from fimfast.dtypes import compute_dtype
 from fimfast.likelihoods import _diagonal_topk, effective_top_k
@@ -203,20 +203,7 @@ def _vjp(
 
 def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     """Whether the graph of ``t`` holds a reentrant ``torch.utils.checkpoint`` segment."""
-    fn = t.grad_fn
-    if fn is None:
-        return False
-    seen = {fn}
-    todo = [fn]
-    while todo:
-        node = todo.pop()
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            return True
-        for nxt, _ in node.next_functions:
-            if nxt is not None and nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return False
+    return t.grad_fn is not None and hooks.walk(t, []).reentrant
 
 
 def _accumulate(
