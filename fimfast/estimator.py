@@ -18,6 +18,7 @@ from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard
 from fimfast.ops import registry
 from fimfast.state import State
+from fimfast.step import Step
 from fimfast.types import (
     FIMType,
     Options,
@@ -217,28 +218,15 @@ class DiagFisher:
         cap=None,
         head: lm_head.HeadCapture | None = None,
     ) -> list[torch.Tensor]:
-        o = self.opts
-        if head is not None:
-            return lm_head.estimate(
-                rows, head, params, self.fim_type, o, self.seed, self.offset, self.state.dtypes
-            )
-        if not self.fim_type.is_per_sample:
-            return hutchinson.estimate(
-                rows,
-                params,
-                self.fim_type,
-                o,
-                self.seed,
-                self.offset,
-                self.state.dtypes,
-                retain_graph=retain_graph,
-            )
-        acc = self.state.sums()
-        self._persample.estimate(
-            rows, params, self.fim_type, o, self.seed, self.offset, acc, cap, self.names,
-            retain_graph=retain_graph,
+        step = Step(
+            rows, params, self.fim_type, self.opts, self.seed, self.offset, self.state.dtypes,
+            retain_graph=retain_graph, names=self.names,
         )
-        return acc.tensors()
+        if head is not None:
+            return lm_head.estimate(step, head)
+        if not self.fim_type.is_per_sample:
+            return hutchinson.estimate(step)
+        return self._persample.estimate(step, cap)
 
     def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows) -> None:
         self.state.commit(acc, rows.count, owned=True)  # every estimate path returns fresh tensors

@@ -23,7 +23,8 @@ import torch
 from fimfast import chunks, hooks, ops
 from fimfast.batch import Rows
 from fimfast.dtypes import compute_dtype
-from fimfast.likelihoods import _diagonal_topk, effective_top_k
+from fimfast.likelihoods import diagonal_topk, effective_top_k
+from fimfast.step import Step
 from fimfast.types import FIMType, Options
 
 # float32 logits per chunk of probe rows: 1M entries (4 MiB) keeps each chunk's softmax, signs and
@@ -42,32 +43,21 @@ def rows_per_chunk(C: int, elems: int | None = None) -> int:
     return chunks.rows_per_chunk(C, _CHUNK_ELEMS if elems is None else elems)
 
 
-def estimate(
-    rows: Rows,
-    params: list[torch.Tensor],
-    fim_type: FIMType,
-    opts: Options,
-    seed: int,
-    offset: int,
-    dtypes: list[torch.dtype],
-    retain_graph: bool = False,
-) -> list[torch.Tensor]:
+def estimate(step: Step, cap: None = None) -> list[torch.Tensor]:
     """This batch's HUTCHINSON-family estimate (mean over probes), one tensor per parameter.
 
+    The estimate path of the HUTCHINSON types (the contract: :mod:`fimfast.step`).
+
     Args:
-        rows: the valid rows of the batch (:func:`fimfast.batch.rows`), logits attached.
-        params: trainable parameters.
-        fim_type: one of the HUTCHINSON types.
-        opts: validated options.
-        seed: generator seed; offset: first counter of this step.
-        dtypes: dtype of each parameter's estimate (float32, or float64 for float64 parameters).
-        retain_graph: keep the graph after the last probe (``train_step`` back-propagates the loss
-            through it afterwards).
+        step: the step (``step.fim_type`` one of the HUTCHINSON types; ``step.rows`` the valid
+            rows, logits attached).
+        cap: unused (no capture: one plain backward per probe).
 
     Returns:
         Sums over the rows of the squared probe gradients, averaged over the probes, shaped like
-        the parameters, in ``dtypes`` (zeros for parameters the logits do not depend on).
+        the parameters, in ``step.dtypes`` (zeros for parameters the logits do not depend on).
     """
+    rows, params, opts = step.rows, step.params, step.opts
     logits = rows.logits
     S = opts.num_probes
     # the one (tokens x C) buffer of the step; rows left out (padding, ignored) stay zero
@@ -75,26 +65,16 @@ def estimate(
         logits.shape, dtype=logits.dtype, device=logits.device
     )
     cot_flat = cot.view(-1, rows.num_classes)
-    factor = _Factor(rows, fim_type, opts, seed, offset)
+    factor = _Factor(rows, step.fim_type, opts, step.seed, step.offset)
     reentrant = has_reentrant_checkpoint(logits)
     acc: list[torch.Tensor | None] = [None] * len(params)
     for s in range(S):
         factor.write(s, cot_flat)
-        keep = retain_graph or s < S - 1
-        grads = _vjp(logits, params, cot, keep, reentrant)
-        _accumulate(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
+        keep = step.retain_graph or s < S - 1
+        grads = vjp(logits, params, cot, keep, reentrant)
+        accumulate_squares(acc, grads, step.dtypes, 1.0 / S, cot, opts.backend)
     del cot, cot_flat
-    return filled(acc, params, dtypes)
-
-
-def filled(
-    acc: list[torch.Tensor | None], params: list[torch.Tensor], dtypes: list[torch.dtype]
-) -> list[torch.Tensor]:
-    """``acc`` with zeros (in ``dtypes``) for the parameters the logits do not depend on."""
-    return [
-        a if a is not None else torch.zeros(p.shape, dtype=d, device=p.device)
-        for a, p, d in zip(acc, params, dtypes)
-    ]
+    return step.filled(acc)
 
 
 class _Factor:
@@ -168,13 +148,13 @@ class _Factor:
                 p, self.k, solver=o.rankk_solver, iters=o.lr_power_itrs, backend=o.backend
             )
         else:
-            eig = _diagonal_topk(z, o.likelihood, o.sigma2, self.k)
+            eig = diagonal_topk(z, o.likelihood, o.sigma2, self.k)
         if self._eig is not None:
             self._eig[r0] = eig
         return eig
 
 
-def _vjp(
+def vjp(
     logits: torch.Tensor,
     params: list[torch.Tensor],
     cot: torch.Tensor,
@@ -206,7 +186,7 @@ def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     return t.grad_fn is not None and hooks.walk(t, []).reentrant
 
 
-def _accumulate(
+def accumulate_squares(
     acc: list[torch.Tensor | None],
     grads: list[torch.Tensor | None],
     dtypes: list[torch.dtype],

@@ -68,7 +68,7 @@ def probe_factor(
                 p, k, solver=opts.rankk_solver, iters=opts.lr_power_itrs, backend=opts.backend
             )
         else:
-            eig = _diagonal_topk(z, lk, opts.sigma2, k)
+            eig = diagonal_topk(z, lk, opts.sigma2, k)
         return ops.probe_logit_grad(z, "rankk", seed, offset, S, eig=eig, backend=opts.backend)
     if lk == "categorical":
         mode = _PROBE_MODE[fim_type]
@@ -77,7 +77,7 @@ def probe_factor(
     return ops.probe_logit_grad(z, mode, seed, offset, S, sigma2=opts.sigma2, backend=opts.backend)
 
 
-def _diagonal_topk(z: torch.Tensor, likelihood: str, sigma2: float, k: int):
+def diagonal_topk(z: torch.Tensor, likelihood: str, sigma2: float, k: int):
     """Top-k eigenpairs of a diagonal core FIM: its k largest entries and unit vectors."""
     dt = compute_dtype(z.dtype)
     if likelihood == "bernoulli":

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import torch
 
 from fimfast import hutchinson, ops
-from fimfast.batch import Rows
 from fimfast.dtypes import compute_dtype
+from fimfast.step import Step
 from fimfast.types import FIMType, Options
 
 _MODES = {
@@ -152,23 +152,17 @@ def capture(head: torch.nn.Linear | None) -> Iterator[HeadCapture | None]:
             del head.forward
 
 
-def estimate(
-    rows: Rows,
-    cap: HeadCapture,
-    params: list[torch.Tensor],
-    fim_type: FIMType,
-    opts: Options,
-    seed: int,
-    offset: int,
-    dtypes: list[torch.dtype],
-) -> list[torch.Tensor]:
+def estimate(step: Step, cap: HeadCapture) -> list[torch.Tensor]:
     """This batch's estimate, as :func:`fimfast.hutchinson.estimate`, through ``lm_head_probe``.
 
+    The estimate path of the HUTCHINSON types with the ``lm_head`` option (the contract:
+    :mod:`fimfast.step`).
+
     Args:
-        rows: the valid rows of the placeholder logits.
+        step: the step; ``step.rows`` are the valid rows of the placeholder logits.
         cap: the head's captured input.
-        params, fim_type, opts, seed, offset, dtypes: as for :func:`fimfast.hutchinson.estimate`.
     """
+    rows, params, opts, dtypes = step.rows, step.params, step.opts, step.dtypes
     hidden = cap.hidden
     head = cap.head
     d = hidden.shape[-1]
@@ -183,12 +177,12 @@ def estimate(
     ib = next((i for i, p in enumerate(params) if head.bias is not None and p is head.bias), None)
     backprop = hidden.requires_grad
     reentrant = backprop and hutchinson.has_reentrant_checkpoint(hidden)
-    mode = _MODES[fim_type]
+    mode = _MODES[step.fim_type]
     S = opts.num_probes
     acc: list[torch.Tensor | None] = [None] * len(params)
     for s in range(S):
-        off = offset + s * R * V  # probe s of row r: counters offset + (s*R + r)*V, as unfused
-        gh, gw, gb = ops.lm_head_probe(h, W, b, mode, seed, off, backend=opts.backend)
+        off = step.offset + s * R * V  # probe s of row r: counters offset + (s*R + r)*V, as unfused
+        gh, gw, gb = ops.lm_head_probe(h, W, b, mode, step.seed, off, backend=opts.backend)
         if rows.all_valid:
             cot = gh.view(hidden.shape)
         else:
@@ -197,15 +191,16 @@ def estimate(
             cot = cot.view(hidden.shape)
         del gh
         if backprop:
-            grads = hutchinson._vjp(hidden, params, cot, s < S - 1, reentrant)
+            keep = step.retain_graph or s < S - 1
+            grads = hutchinson.vjp(hidden, params, cot, keep, reentrant)
         else:  # only the head is trained
             grads = [None] * len(params)
         for i, g_head in ((iw, gw), (ib, gb)):
             if i is not None:
                 grads[i] = g_head if grads[i] is None else g_head.add_(grads[i])
-        hutchinson._accumulate(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
+        hutchinson.accumulate_squares(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
         del grads, cot
-    return hutchinson.filled(acc, params, dtypes)
+    return step.filled(acc)
 
 
 def _check_finite(h: torch.Tensor) -> None:

@@ -136,7 +136,7 @@ def bounds(
         lam, vec = ops.core_topk(torch.softmax(z, -1), top_k, solver="exact", backend="torch")
     else:
         upper = [e.clone() for e in exact]  # the core FIM is diagonal: DG = EXACT
-        lam, vec = likelihoods._diagonal_topk(z, likelihood, sigma2, top_k)
+        lam, vec = likelihoods.diagonal_topk(z, likelihood, sigma2, top_k)
     cols = (lam.clamp_min(0).sqrt().unsqueeze(-1) * vec).transpose(0, 1)  # (k, R, C)
     lower = run([cols])
     meta = {"likelihood": likelihood, "reduction": reduction, "rows": R, "top_k": top_k}

@@ -27,7 +27,7 @@ import torch
 from fimfast import ops
 from fimfast.analysis.derivatives import DEFAULT_MAX_PARAMS, as_compute, logit_function
 from fimfast.diagfim import DiagFIM
-from fimfast.likelihoods import _diagonal_topk
+from fimfast.likelihoods import diagonal_topk
 from fimfast.types import LIKELIHOODS, FIMType
 
 __all__ = [
@@ -214,7 +214,7 @@ def row_moments(
 def _topk(z: torch.Tensor, likelihood: str, sigma2: float, k: int):
     if likelihood == "categorical":
         return ops.core_topk(torch.softmax(z, -1), k, solver="exact", backend="torch")
-    return _diagonal_topk(z, likelihood, sigma2, k)
+    return diagonal_topk(z, likelihood, sigma2, k)
 
 
 def _canonical_types(types: Sequence[str] | str) -> list[str]:

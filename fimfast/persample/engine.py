@@ -19,7 +19,8 @@ from fimfast.persample.generic import _batched_grads, accumulate_columns
 from fimfast.persample.plan import HEAD_KINDS, Group, Plan, _structure, _Template
 from fimfast.persample.replay import Replay, _refuse_hidden
 from fimfast.state import Sums
-from fimfast.types import FIMType, Options
+from fimfast.step import Step
+from fimfast.types import Options
 
 log = logging.getLogger("fimfast.persample")
 
@@ -75,42 +76,28 @@ class Engine(Replay):
         return plan
 
     # -- the step ----------------------------------------------------------------------------- #
-    def estimate(
-        self,
-        rows,
-        params: list[torch.Tensor],
-        fim_type: FIMType,
-        opts: Options,
-        seed: int,
-        offset: int,
-        acc: Sums,
-        cap: hooks.Capture | None,
-        names: list[str] | None = None,
-        retain_graph: bool = True,
-    ) -> None:
-        """Add this batch's per-sample estimate into ``acc`` (one float tensor per parameter).
+    def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor]:
+        """This batch's per-sample estimate, one fresh float tensor per parameter.
+
+        The estimate path of EXACT, EMPIRICAL and MONTE_CARLO (the contract: :mod:`fimfast.step`;
+        ``step.names`` name the parameters in the log line of those on the generic path, logger
+        ``fimfast.persample``, level INFO, once per change).
 
         Args:
-            rows: the batch's :class:`fimfast.batch.Rows` (logits attached to the graph).
-            params: trainable parameters, in the order of ``acc``.
-            fim_type: EXACT, EMPIRICAL or MONTE_CARLO.
-            opts: validated options (``class_chunk``, ``likelihood``, ``backend``, ...).
-            seed: generator seed; offset: first counter of this step.
-            acc: the batch estimate's slots (:class:`fimfast.state.Sums`), added to.
+            step: the step (``step.rows`` with logits attached to the graph).
             cap: the capture of this step's forward (``None``: generic path only).
-            names: parameter names, for the log line naming the parameters on the generic path
-                (logger ``fimfast.persample``, level INFO, once per change).
-            retain_graph: keep the graph of ``rows.logits`` usable after this call (``False``
-                lets the last backward free its buffers as it goes: less peak memory).
         """
+        rows, params, opts = step.rows, step.params, step.opts
+        acc = Sums([p.shape for p in params], step.dtypes, [p.device for p in params])
+        retain_graph = step.retain_graph
         flat = rows.flat
         R, C = flat.shape
-        cols = Columns(flat, rows.labels, fim_type, opts, seed, offset)
+        cols = Columns(flat, rows.labels, step.fim_type, opts, step.seed, step.offset)
         self.sequence_rows = bool(opts.sequence_rows) and rows.logits.dim() == 3
         plan = self._plan(cap, rows, params)
         self.last_plan = plan
         if cap is not None:
-            self._log_generic(plan, len(params), names)
+            self._log_generic(plan, len(params), step.names)
         if plan.generic:
             gp = [params[i] for i in plan.generic]
             ga = [acc.get(i) for i in plan.generic]
@@ -119,6 +106,7 @@ class Engine(Replay):
             accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
             self._fast(rows, params, plan, cols, opts, acc, retain_graph)
+        return acc.tensors()
 
     def _log_generic(self, plan: Plan, n: int, names: list[str] | None) -> None:
         """Once per change: which parameters take the slow path, and why."""
