@@ -352,7 +352,7 @@ def _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead)
             or labels.device != logits.device
         ):
             return None  # the general path converts, or raises with the full message
-        lo, hi = (int(v) for v in torch.aminmax(labels))
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host sync, not two
         if lo < 0 or hi >= int(logits.shape[-1]) or lo <= ignore_index <= hi:
             return None
         labels = labels.reshape(-1)

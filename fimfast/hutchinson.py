@@ -204,7 +204,7 @@ def accumulate_squares(
     cot_ptr = cot.untyped_storage().data_ptr()
     ptrs = [None if g is None else g.untyped_storage().data_ptr() for g in grads]
     shared = {p for p in ptrs if p is not None and (p == cot_ptr or ptrs.count(p) > 1)}
-    more_s, more_g = [], []
+    more_s, more_g, new = [], [], []
     for i, g in enumerate(grads):
         if g is None:
             continue
@@ -213,12 +213,14 @@ def accumulate_squares(
                 sq = g.detach()
             else:
                 sq = g.detach().to(dtypes[i], copy=True)
-            sq.mul_(sq)
-            if scale != 1.0:
-                sq.mul_(scale)
+            new.append(sq)
             acc[i] = sq
         else:
             more_s.append(acc[i])
             more_g.append(g)
+    if new:  # one foreach launch for every first square, not one per parameter
+        torch._foreach_mul_(new, new)
+        if scale != 1.0:
+            torch._foreach_mul_(new, scale)
     if more_s:
         ops.accumulate_(more_s, more_g, "sum", scale=scale, backend=backend)

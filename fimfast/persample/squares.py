@@ -77,9 +77,10 @@ def _colsq(P: torch.Tensor, dt: torch.dtype, cache: dict) -> torch.Tensor:
 def _sum_sq(P: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """``sum_m P[m]^2`` in ``dt``. A few columns are added one by one into one output, with no
     ``P``-sized squared temporary (3-8x faster on fresh memory); many by square + sum
-    (``torch.linalg.vector_norm`` over dim 0 is 10-40x slower than either)."""
+    (``torch.linalg.vector_norm`` over dim 0 is 10-40x slower than either). On an accelerator,
+    where one launch per column costs more than the temporary, always square + sum."""
     M = P.shape[0]
-    if M > 32:
+    if M > 32 or P.device.type != "cpu":
         return P.to(dt).square().sum(0)
     out = P[0].to(dt).square()
     for m in range(1, M):
