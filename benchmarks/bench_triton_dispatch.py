@@ -1,4 +1,4 @@
-"""Host-side cost of calling the Triton kernels through their custom ops (fimfast/ops/triton/library.py).
+"""Host-side cost of the Triton kernels' custom ops (fimfast/ops/triton/library.py) per call.
 
 The kernel launch itself is replaced by a no-op (``JITFunction.run``, as
 :func:`fimfast.ops.triton.aot.record_launches` does), so what is timed is the Python and dispatcher
@@ -160,7 +160,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("run with TRITON_INTERPRET unset: the launches are stubbed, not interpreted")
+        raise SystemExit("run with TRITON_INTERPRET unset: launches are stubbed, not interpreted")
     torch.set_num_threads(1)
     _stub_launches()
     results = measure(args.rounds, args.calls)

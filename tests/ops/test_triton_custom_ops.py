@@ -249,6 +249,24 @@ def test_compile_fullgraph_matches_reference(dev, name, backend):
     _assert_close(out, ref, f"{name} compiled ({backend}) vs the torch reference")
 
 
+def test_compile_fullgraph_through_the_public_ops(dev):
+    """``fimfast.ops.*(backend="triton")`` compiles into one graph: the registry resolves to the
+    launcher, whose op is a node of the graph."""
+    torch._dynamo.reset()
+    g, a = _op_args("sq_matmul", F32, dev)
+    z = _op_args("probe_logit_grad-hutchinson", F32, dev)[0]
+
+    def f(g, a, z):
+        sq = ops.sq_matmul(g * 1, a, backend="triton")
+        dz = ops.probe_logit_grad(z, "hutchinson", SEED, OFFSET, 2, backend="triton")
+        return sq + 1, dz * 2
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(g, a, z)
+    _assert_close(out[0], ops.sq_matmul(g, a, backend="torch") + 1, "sq_matmul compiled")
+    ref = ops.probe_logit_grad(z, "hutchinson", SEED, OFFSET, 2, backend="torch") * 2
+    _assert_close(out[1], ref, "probe_logit_grad compiled")
+
+
 @pytest.mark.parametrize("backend", _compile_backends())
 def test_compile_accumulate_updates_the_caller_states(dev, backend):
     torch._dynamo.reset()
