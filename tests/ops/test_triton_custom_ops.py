@@ -407,7 +407,21 @@ def test_ops_refuse_what_their_kernels_do_not_hold(dev):
     h, W = _rnd(g, 3, lm_head_probe.MAX_D + 1).to(dev), _rnd(g, 7, lm_head_probe.MAX_D + 1).to(dev)
     with pytest.raises(ValueError, match=r"d=65"):
         torch.ops.fimfast_triton.lm_head_probe(h, W, None, "dg", 0, 0)
-    with pytest.raises(ValueError, match=r"update_mode|mode must be 'sum' or 'ema'"):
+    from fimfast.ops.triton import arch
+
+    g, a = _op_args("sq_matmul", F64, dev)
+    G, A = _op_args("shared_sq", F64, dev)
+    old, arch.TARGET_CC = arch.TARGET_CC, (8, 0)  # what an sm_80 GPU would see
+    try:
+        with pytest.raises(ValueError, match=r"sq_matmul: a float64 tl.dot"):
+            torch.ops.fimfast_triton.sq_matmul(g, a)
+        with pytest.raises(ValueError, match=r"shared_sq: a float64 tl.dot"):
+            torch.ops.fimfast_triton.shared_sq(G, A)
+        _assert_close(ops.sq_matmul(g, a, backend="triton"), ops.sq_matmul(g, a, backend="torch"),
+                      "sq_matmul float64 on sm_80: the reference")  # fmt: skip
+    finally:
+        arch.TARGET_CC = old
+    with pytest.raises(ValueError, match=r"mode must be 'sum' or 'ema'"):
         torch.ops.fimfast_triton.accumulate_([torch.zeros(3, device=dev)],
                                              [torch.ones(3, device=dev)], "max", 0.0, 1.0)
 

@@ -89,6 +89,11 @@ def shared_sq_op(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     dt = compute_dtype(torch.promote_types(G.dtype, A.dtype))
     if N == 0 or O == 0 or I == 0:
         return torch.zeros((O, I), dtype=dt, device=G.device)
+    if dt == torch.float64 and not fp64_dot(G.device):
+        raise ValueError(
+            "shared_sq: a float64 tl.dot compiles for sm_90 and newer only "
+            "(fimfast.ops.triton.arch); use fimfast.ops.shared_sq"
+        )
     if dt == torch.float64:
         bo = bi = 32
     else:

@@ -82,6 +82,11 @@ def sq_matmul_op(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     dt = compute_dtype(torch.promote_types(g.dtype, a.dtype))
     if N == 0 or O == 0 or I == 0:
         return torch.zeros((O, I), dtype=dt, device=g.device)
+    if dt == torch.float64 and not fp64_dot(g.device):
+        raise ValueError(
+            "sq_matmul: a float64 tl.dot compiles for sm_90 and newer only "
+            "(fimfast.ops.triton.arch); use fimfast.ops.sq_matmul"
+        )
     if dt == torch.float64:
         bo = bi = 32
         bn = 16
