@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -172,7 +173,9 @@ def main(argv=None) -> None:
     if args.out:
         import triton
 
-        prov = {"torch": torch.__version__, "triton": triton.__version__,
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()  # fmt: skip
+        prov = {"git_sha": sha, "torch": torch.__version__, "triton": triton.__version__,
                 "python": platform.python_version(), "machine": platform.processor() or
                 platform.machine(), "threads": 1, "rounds": args.rounds, "calls": args.calls,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
