@@ -116,6 +116,11 @@ def _find_triton() -> tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything
         return False, f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    if not hasattr(torch.library, "triton_op"):  # the kernels are custom ops: ops/triton/library.py
+        return False, (
+            f"the triton backend needs torch>=2.6 (torch.library.triton_op); torch is "
+            f"{torch.__version__}"
+        )
     return True, "ok"
 
 

@@ -433,3 +433,15 @@ def test_ops_have_no_derivative(dev):
         out.sum().backward()
     # the launcher (the backend's entry) detaches, as the kernels always did
     assert not ops.sq_matmul(g, a, backend="triton").requires_grad
+
+
+def test_triton_backend_needs_triton_op(monkeypatch):
+    """torch < 2.6 has no torch.library.triton_op: the backend is unavailable, with the reason."""
+    from fimfast.ops import registry
+
+    monkeypatch.setattr(registry, "_PROBED", {})
+    monkeypatch.delattr(torch.library, "triton_op")
+    ok, why = registry.backend_status("triton", torch.device("cuda"))
+    assert not ok and "needs torch>=2.6 (torch.library.triton_op)" in why
+    with pytest.raises(ops.BackendUnavailableError, match="triton_op"):
+        ops.sq_matmul(torch.ones(2, 3), torch.ones(2, 4), backend="triton")
