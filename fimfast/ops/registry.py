@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
-from functools import cache
 
 import torch
 
@@ -98,14 +98,29 @@ def register(op: str, backend: str, target: str, cpu_auto_first: bool | None = N
         _AUTO_CPU[op] = tuple(["cpp", *order] if cpu_auto_first else [*order, "cpp"])
 
 
-@cache
+# probe results, once per process (a plain dict for torch.compile, as _LOADED below)
+_PROBED: dict[str, tuple[bool, str]] = {}
+
+
 def _probe_triton() -> tuple[bool, str]:
+    got = _PROBED.get("triton")
+    if got is None:
+        got = _PROBED["triton"] = _find_triton()
+    return got
+
+
+def _find_triton() -> tuple[bool, str]:
     if _env.disable_triton():
         return False, "disabled by FIMFAST_DISABLE_TRITON=1"
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything
         return False, f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    if not hasattr(torch.library, "triton_op"):  # the kernels are custom ops: ops/triton/library.py
+        return False, (
+            f"the triton backend needs torch>=2.6 (torch.library.triton_op); torch is "
+            f"{torch.__version__}"
+        )
     return True, "ok"
 
 
@@ -113,8 +128,14 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@cache
 def _probe_ext() -> tuple[bool, str]:
+    got = _PROBED.get("ext")
+    if got is None:
+        got = _PROBED["ext"] = _load_ext()
+    return got
+
+
+def _load_ext() -> tuple[bool, str]:
     if _env.disable_ext():
         return False, "disabled by FIMFAST_DISABLE_EXT=1"
     from fimfast import _ext
@@ -166,10 +187,21 @@ def backend_status(backend: str, device: torch.device | None = None) -> tuple[bo
     raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
 
 
-@cache
+# a plain dict rather than functools.cache: torch.compile reads a loaded entry as a constant and
+# traces a call through the registry into the backend's op (it traces through a cache wrapper,
+# warning, and cannot trace importlib)
+_LOADED: dict[str, Callable] = {}
+
+
 def _load(target: str) -> Callable:
-    mod, fn = target.split(":")
-    return getattr(importlib.import_module(mod), fn)
+    fn = _LOADED.get(target)
+    if fn is None:
+        mod, name = target.split(":")
+        module = sys.modules.get(mod)  # already imported: no import machinery to trace
+        if module is None:
+            module = importlib.import_module(mod)
+        fn = _LOADED[target] = getattr(module, name)
+    return fn
 
 
 def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from fimfast.ops.triton.library import triton_op
 
 _BLOCK = 4096
 _TL = {
@@ -56,17 +59,24 @@ def _accumulate_kernel(
     tl.store(s_ptr + offs, s, mask=mask)
 
 
-def accumulate_triton_(
+# the kernel reads the tensors' addresses from a table built on the host: a trace (whose tensors
+# have no storage) cannot run the body, so the op stays whole under torch.compile. The mode is
+# ``update_mode`` as in the C++ schema (csrc/fimfast.cpp): torch's auto_functionalized
+# redispatch takes a positional ``mode`` of its own, and an op argument of that name collides
+@triton_op(
+    "accumulate_", kernels=(_accumulate_kernel,), mutates_args=("states",), traceable=False
+)
+def accumulate_op_(
     states: list[torch.Tensor],
     grads: list[torch.Tensor],
-    mode: str = "sum",
-    beta: float = 0.0,
-    scale: float = 1.0,
+    update_mode: str,
+    beta: float,
+    scale: float,
 ) -> None:
-    """:func:`fimfast.ops.accumulate_` in Triton (in place on ``states``)."""
-    if mode not in ("sum", "ema"):
-        raise ValueError(f"accumulate_: mode must be 'sum' or 'ema'; got {mode!r}")
-    ema = mode == "ema"
+    """``fimfast_triton::accumulate_``: the kernel, in place on ``states``."""
+    if update_mode not in ("sum", "ema"):
+        raise ValueError(f"accumulate_: mode must be 'sum' or 'ema'; got {update_mode!r}")
+    ema = update_mode == "ema"
     alpha = (1.0 - beta) * scale if ema else scale
     groups: dict[tuple[torch.dtype, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -92,9 +102,26 @@ def accumulate_triton_(
         ).to(dev)
         blocks = torch.tensor([tensor_of, start_of], dtype=torch.int64).to(dev)
         coef = torch.tensor([beta, alpha], dtype=sdt, device=dev)
-        _accumulate_kernel[(len(tensor_of),)](
+        wrap_triton(_accumulate_kernel)[(len(tensor_of),)](
             meta[0], meta[1], meta[2], blocks[0], blocks[1], coef,
             EMA=ema, S_DTYPE=_TL[sdt], G_DTYPE=_TL[gdt], BLOCK=_BLOCK, num_warps=4,
         )
     for s, work in copies:
         s.copy_(work)
+
+
+@accumulate_op_.register_fake
+def _(states, grads, update_mode, beta, scale) -> None:
+    return None
+
+
+def accumulate_triton_(
+    states: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    mode: str = "sum",
+    beta: float = 0.0,
+    scale: float = 1.0,
+) -> None:
+    """:func:`fimfast.ops.accumulate_` in Triton (``torch.ops.fimfast_triton.accumulate_``), in
+    place on ``states``."""
+    accumulate_op_(list(states), [g.detach() for g in grads], mode, float(beta), float(scale))

@@ -18,8 +18,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fimfast.ops.torch_ref import SIGN_TIE_ULPS, compute_dtype, core_topk_torch
+from fimfast.ops.triton.library import triton_op
 
 # one row in registers: 8 values per thread at 32 warps; beyond this the reference runs
 MAX_C = 8192
@@ -209,23 +211,27 @@ def _plan(C: int, k: int, solver: str, dt: torch.dtype) -> tuple[int, int] | Non
     return block, warps
 
 
-def core_topk_triton(
-    p: torch.Tensor, k: int, solver: str = "exact", iters: int = 30
+@triton_op("core_topk", kernels=(_exact_kernel, _power_kernel))
+def core_topk_op(
+    p: torch.Tensor, k: int, solver: str, iters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fimfast.ops.core_topk` in Triton; returns ``(lam (R, k), V (R, k, C))``.
+    """``fimfast_triton::core_topk``: the kernels on ``p (R, C)``; ``(lam (R, k), V (R, k, C))``.
 
-    Rows longer than ``MAX_C`` classes, ``k > MAX_K`` with ``solver="power"``, and rows whose
-    vectors would not fit in registers (:func:`_plan`) run the torch reference instead (same
-    contract).
+    Raises ValueError for rows the kernels do not hold (:func:`_plan`); :func:`core_topk_triton`
+    sends those to the torch reference.
     """
     if solver not in ("exact", "power"):
         raise ValueError(f"core_topk: solver must be 'exact' or 'power'; got {solver!r}")
     R, C = p.shape
-    k = int(k)
+    if not 1 <= k <= C - 1:
+        raise ValueError(f"core_topk: k must be in [1, C-1] = [1, {C - 1}]; got {k}")
     dt = compute_dtype(p.dtype)
     plan = _plan(C, k, solver, dt)
     if plan is None:
-        return core_topk_torch(p, k, solver, iters)
+        raise ValueError(
+            f"core_topk: rows of C={C} classes with k={k} ({solver}, {dt}) do not fit the Triton "
+            f"kernels' registers (C <= {MAX_C}, power k <= {MAX_K}); use fimfast.ops.core_topk"
+        )
     block, warps = plan
     lam = torch.empty((R, k), dtype=dt, device=p.device)
     vec = torch.empty((R, k, C), dtype=dt, device=p.device)
@@ -233,14 +239,38 @@ def core_topk_triton(
         return lam, vec
     acc = tl.float64 if dt == torch.float64 else tl.float32
     if solver == "exact":
-        _exact_kernel[(R,)](
+        wrap_triton(_exact_kernel)[(R,)](
             p, p.stride(0), p.stride(1), lam, vec, C, k,
             EPS=torch.finfo(dt).eps, BLOCK=block, ACC=acc, num_warps=warps,
         )
     else:
-        _power_kernel[(R,)](
-            p, p.stride(0), p.stride(1), lam, vec, C, k, int(iters),
+        wrap_triton(_power_kernel)[(R,)](
+            p, p.stride(0), p.stride(1), lam, vec, C, k, iters,
             EPS=torch.finfo(dt).eps, TINY=torch.finfo(dt).tiny, KB=triton.next_power_of_2(k),
             BLOCK=block, ACC=acc, num_warps=warps,
         )
     return lam, vec
+
+
+@core_topk_op.register_fake
+def _(p: torch.Tensor, k: int, solver: str, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    R, C = p.shape
+    dt = compute_dtype(p.dtype)
+    return p.new_empty((R, k), dtype=dt), p.new_empty((R, k, C), dtype=dt)
+
+
+def core_topk_triton(
+    p: torch.Tensor, k: int, solver: str = "exact", iters: int = 30
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fimfast.ops.core_topk` in Triton; returns ``(lam (R, k), V (R, k, C))``.
+
+    Rows longer than ``MAX_C`` classes, ``k > MAX_K`` with ``solver="power"``, and rows whose
+    vectors would not fit in registers (:func:`_plan`) run the torch reference instead (same
+    contract); the rest run ``torch.ops.fimfast_triton.core_topk``.
+    """
+    if solver not in ("exact", "power"):
+        raise ValueError(f"core_topk: solver must be 'exact' or 'power'; got {solver!r}")
+    k = int(k)
+    if _plan(p.shape[1], k, solver, compute_dtype(p.dtype)) is None:
+        return core_topk_torch(p, k, solver, iters)
+    return core_topk_op(p.detach(), k, solver, int(iters))

@@ -26,10 +26,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fimfast.dtypes import compute_dtype
 from fimfast.ops import rng
 from fimfast.ops.lm_head import lm_head_probe_composite
+from fimfast.ops.triton.library import as_int64, triton_op
 from fimfast.ops.triton.rng import sign_bit
 
 _MODE_ID = {"hutchinson": 0, "sqrt": 1, "dg": 2}
@@ -157,16 +159,31 @@ def _weight_kernel(
         tl.store(GB_ptr + cols, gb, mask=cm)
 
 
-def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
-    """:func:`fimfast.ops.lm_head_probe` in two fused Triton kernels (see the module docstring)."""
+@triton_op("lm_head_probe", kernels=(_rows_kernel, _weight_kernel))
+def lm_head_probe_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mode: str,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fimfast_triton::lm_head_probe``: the two fused kernels (``seed``, ``offset`` as the int64
+    of their 64 bits); ``(grad_hidden, grad_weight, grad_bias)``, ``grad_bias`` of shape ``(0,)``
+    without a bias.
+
+    Raises ValueError for heads the kernels do not hold (``d > MAX_D``, float64);
+    :func:`lm_head_probe_triton` sends those to the composite.
+    """
+    if mode not in _MODE_ID:
+        raise ValueError(f"lm_head_probe: mode must be one of {tuple(_MODE_ID)}; got {mode!r}")
     R, D = hidden.shape
     V = weight.shape[0]
     dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
-    # the (BM, d) accumulator would not fit in registers; in float64 the fused kernels spill
-    # (or, before sm_90, do not compile: fimfast.ops.triton.arch)
     if D > MAX_D or dt == torch.float64:
-        return lm_head_probe_composite(
-            hidden, weight, bias, mode, seed, offset, row_chunk, "triton"
+        raise ValueError(
+            f"lm_head_probe: the fused kernels hold d <= {MAX_D} in float32; got d={D} in {dt} "
+            "(use fimfast.ops.lm_head_probe)"
         )
     dev = hidden.device
     h = hidden.detach().to(dt).contiguous()
@@ -178,11 +195,10 @@ def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
     )
     gh = torch.empty((R, D), dtype=dt, device=dev)
     gw = torch.empty((V, D), dtype=dt, device=dev)
-    gb = torch.empty((V,), dtype=dt, device=dev) if bias is not None else None
+    gb = torch.empty((V if bias is not None else 0,), dtype=dt, device=dev)
     if R == 0:
         gw.zero_()
-        if gb is not None:
-            gb.zero_()
+        gb.zero_()
         return gh.to(hidden.dtype), gw, gb
     stats = torch.empty((3, R), dtype=dt, device=dev)
     k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
@@ -197,12 +213,41 @@ def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
         # (12 bytes per thread on sm_80; fimfast.ops.triton.aot)
         num_warps=8 if D > 32 else 4,
     )
-    off = int(offset) & ((1 << 63) - 1)
-    _rows_kernel[(triton.cdiv(R, BM),)](
+    off = offset & ((1 << 63) - 1)
+    wrap_triton(_rows_kernel)[(triton.cdiv(R, BM),)](
         h, W, b, gh, stats[0], stats[1], stats[2], R, V, D, off, k0, k1, **meta
     )
-    _weight_kernel[(triton.cdiv(V, BN),)](
-        h, W, b, gw, gb if gb is not None else b, stats[0], stats[1], stats[2], R, V, D, off,
+    wrap_triton(_weight_kernel)[(triton.cdiv(V, BN),)](
+        h, W, b, gw, gb if bias is not None else b, stats[0], stats[1], stats[2], R, V, D, off,
         k0, k1, **meta,
     )  # fmt: skip
     return gh.to(hidden.dtype), gw, gb
+
+
+@lm_head_probe_op.register_fake
+def _(hidden, weight, bias, mode, seed, offset):
+    dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+    V, D = weight.shape
+    return (
+        hidden.new_empty(hidden.shape),
+        weight.new_empty((V, D), dtype=dt),
+        weight.new_empty((V if bias is not None else 0,), dtype=dt),
+    )
+
+
+def lm_head_probe_triton(hidden, weight, bias, mode, seed, offset, row_chunk):
+    """:func:`fimfast.ops.lm_head_probe` in two fused Triton kernels (see the module docstring),
+    ``torch.ops.fimfast_triton.lm_head_probe``; heads of ``d > MAX_D`` and float64 heads run the
+    composite (torch matmuls around the Triton ``probe_logit_grad``)."""
+    dt = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+    # the (BM, d) accumulator would not fit in registers; in float64 the fused kernels spill
+    # (or, before sm_90, do not compile: fimfast.ops.triton.arch)
+    if hidden.shape[1] > MAX_D or dt == torch.float64:
+        return lm_head_probe_composite(
+            hidden, weight, bias, mode, seed, offset, row_chunk, "triton"
+        )
+    gh, gw, gb = lm_head_probe_op(
+        hidden.detach(), weight.detach(), None if bias is None else bias.detach(), mode,
+        as_int64(seed), as_int64(offset),
+    )  # fmt: skip
+    return gh, gw, gb if bias is not None else None

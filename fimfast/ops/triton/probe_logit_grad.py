@@ -14,9 +14,11 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fimfast.ops import rng
 from fimfast.ops.torch_ref import PROBE_MODES, compute_dtype
+from fimfast.ops.triton.library import as_int64, triton_op
 from fimfast.ops.triton.rng import sign_bit, uniform01
 
 _MODE_ID = {m: i for i, m in enumerate(PROBE_MODES)}
@@ -198,21 +200,25 @@ def _num_warps(block: int) -> int:
     return max(1, min(16, block // 512))
 
 
-def probe_logit_grad_triton(
+@triton_op("probe_logit_grad", kernels=(_probe_logit_grad_kernel,))
+def probe_logit_grad_op(
     logits: torch.Tensor,
     mode: str,
     seed: int,
     offset: int,
     num_probes: int,
-    labels: torch.Tensor | None = None,
-    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
-    sigma2: float = 1.0,
+    labels: torch.Tensor | None,
+    lam: torch.Tensor | None,
+    vec: torch.Tensor | None,
+    sigma2: float,
 ) -> torch.Tensor:
-    """:func:`fimfast.ops.probe_logit_grad` in Triton; returns ``(S, R, C)`` float32|float64."""
+    """``fimfast_triton::probe_logit_grad``: the kernel, arguments as the ``fimfast`` C++ op
+    (``seed`` and ``offset`` as the int64 of their 64 bits, the eigenpairs as ``lam``, ``vec``);
+    returns ``(S, R, C)`` float32|float64."""
     if mode not in _MODE_ID:
         raise ValueError(f"mode must be one of {PROBE_MODES}; got {mode!r}")
     R, C = logits.shape
-    S = int(num_probes)
+    S = num_probes
     dt = compute_dtype(logits.dtype)
     out = torch.empty((S, R, C), dtype=dt, device=logits.device)
     if out.numel() == 0:
@@ -227,17 +233,17 @@ def probe_logit_grad_triton(
             raise ValueError("probe_logit_grad: mode 'empirical' needs labels")
         labels_t = labels.to(device=dev, dtype=torch.int64).contiguous()
     if mode == "rankk":
-        if eig is None:
+        if lam is None or vec is None:
             raise ValueError("probe_logit_grad: mode 'rankk' needs eig=(eigenvalues, eigenvectors)")
-        lam_t = eig[0].to(device=dev, dtype=dt).contiguous()
-        vec_t = eig[1].to(device=dev, dtype=dt).contiguous()
+        lam_t = lam.to(device=dev, dtype=dt).contiguous()
+        vec_t = vec.to(device=dev, dtype=dt).contiguous()
         K = lam_t.shape[1]
-    params = torch.tensor([1.0 / math.sqrt(sigma2)], dtype=dt, device=dev)
+    params = torch.full((1,), 1.0 / math.sqrt(sigma2), dtype=dt, device=dev)
     k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
     u0, u1 = rng.keys(seed, rng.STREAM_UNIFORM)
     one_block = C <= (MAX_ONE_BLOCK if dt != torch.float64 else MAX_ONE_BLOCK // 2)
     block = triton.next_power_of_2(C) if one_block else _LOOP_BLOCK
-    _probe_logit_grad_kernel[(R,)](
+    wrap_triton(_probe_logit_grad_kernel)[(R,)](
         logits,
         logits.stride(0),
         logits.stride(1),
@@ -250,7 +256,7 @@ def probe_logit_grad_triton(
         C,
         S,
         K,
-        int(offset) & ((1 << 63) - 1),
+        offset & ((1 << 63) - 1),
         k0,
         k1,
         u0,
@@ -262,3 +268,28 @@ def probe_logit_grad_triton(
         num_warps=_num_warps(block),
     )
     return out
+
+
+@probe_logit_grad_op.register_fake
+def _(logits, mode, seed, offset, num_probes, labels, lam, vec, sigma2):
+    R, C = logits.shape
+    return logits.new_empty((num_probes, R, C), dtype=compute_dtype(logits.dtype))
+
+
+def probe_logit_grad_triton(
+    logits: torch.Tensor,
+    mode: str,
+    seed: int,
+    offset: int,
+    num_probes: int,
+    labels: torch.Tensor | None = None,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sigma2: float = 1.0,
+) -> torch.Tensor:
+    """:func:`fimfast.ops.probe_logit_grad` in Triton, through
+    ``torch.ops.fimfast_triton.probe_logit_grad``; returns ``(S, R, C)`` float32|float64."""
+    lam, vec = (None, None) if eig is None else (eig[0].detach(), eig[1].detach())
+    return probe_logit_grad_op(
+        logits.detach(), mode, as_int64(seed), as_int64(offset), int(num_probes),
+        None if labels is None else labels.detach(), lam, vec, float(sigma2),
+    )  # fmt: skip

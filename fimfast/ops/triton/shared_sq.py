@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fimfast.dtypes import compute_dtype
 from fimfast.ops.torch_ref import shared_sq_torch
 from fimfast.ops.triton.arch import fp64_dot
+from fimfast.ops.triton.library import triton_op
 
 
 @triton.jit
@@ -79,15 +81,19 @@ def _target_programs(device: torch.device) -> int:
     return 1  # the interpreter runs programs one after another
 
 
-def shared_sq_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """:func:`fimfast.ops.shared_sq` in Triton; returns ``(O, I)`` float32|float64."""
+@triton_op("shared_sq", kernels=(_shared_sq_kernel,))
+def shared_sq_op(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``fimfast_triton::shared_sq``: the kernel on ``G (N, T, O)``, ``A (N, T, I)``; ``(O, I)``."""
     N, T, O = G.shape
     I = A.shape[2]
     dt = compute_dtype(torch.promote_types(G.dtype, A.dtype))
     if N == 0 or O == 0 or I == 0:
         return torch.zeros((O, I), dtype=dt, device=G.device)
-    if dt == torch.float64 and not fp64_dot(G.device):  # see fimfast.ops.triton.arch
-        return shared_sq_torch(G, A)
+    if dt == torch.float64 and not fp64_dot(G.device):
+        raise ValueError(
+            "shared_sq: a float64 tl.dot compiles for sm_90 and newer only "
+            "(fimfast.ops.triton.arch); use fimfast.ops.shared_sq"
+        )
     if dt == torch.float64:
         bo = bi = 32
     else:
@@ -100,9 +106,27 @@ def shared_sq_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     per = triton.cdiv(N, split)
     split = triton.cdiv(N, per)
     out = torch.empty((split, O, I), dtype=dt, device=G.device)
-    _shared_sq_kernel[(triton.cdiv(O, bo), triton.cdiv(I, bi), split)](
+    wrap_triton(_shared_sq_kernel)[(triton.cdiv(O, bo), triton.cdiv(I, bi), split)](
         G, *G.stride(), A, *A.stride(), out, N, T, O, I, per,
         BLOCK_T=bt, BLOCK_O=bo, BLOCK_I=bi, ACC=tl.float64 if dt == torch.float64 else tl.float32,
         num_warps=4,
     )
     return out[0] if split == 1 else out.sum(0)
+
+
+@shared_sq_op.register_fake
+def _(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    dt = compute_dtype(torch.promote_types(G.dtype, A.dtype))
+    return G.new_empty((G.shape[2], A.shape[2]), dtype=dt)
+
+
+def shared_sq_triton(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """:func:`fimfast.ops.shared_sq` in Triton; returns ``(O, I)`` float32|float64.
+
+    float64 on a GPU older than sm_90 runs the torch reference (:mod:`fimfast.ops.triton.arch`);
+    everything else runs ``torch.ops.fimfast_triton.shared_sq``.
+    """
+    dt = compute_dtype(torch.promote_types(G.dtype, A.dtype))
+    if dt == torch.float64 and not fp64_dot(G.device):  # see fimfast.ops.triton.arch
+        return shared_sq_torch(G, A)
+    return shared_sq_op(G.detach(), A.detach())

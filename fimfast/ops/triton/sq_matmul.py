@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fimfast.dtypes import compute_dtype
 from fimfast.ops.torch_ref import sq_matmul_torch
 from fimfast.ops.triton.arch import fp64_dot
+from fimfast.ops.triton.library import triton_op
 
 
 @triton.jit
@@ -72,15 +74,19 @@ def _target_programs(device: torch.device) -> int:
     return 1  # the interpreter runs programs one after another
 
 
-def sq_matmul_triton(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """:func:`fimfast.ops.sq_matmul` in Triton; returns ``(O, I)`` float32|float64."""
+@triton_op("sq_matmul", kernels=(_sq_matmul_kernel,))
+def sq_matmul_op(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``fimfast_triton::sq_matmul``: the kernel on ``g (N, O)``, ``a (N, I)``; ``(O, I)``."""
     N, O = g.shape
     I = a.shape[1]
     dt = compute_dtype(torch.promote_types(g.dtype, a.dtype))
     if N == 0 or O == 0 or I == 0:
         return torch.zeros((O, I), dtype=dt, device=g.device)
-    if dt == torch.float64 and not fp64_dot(g.device):  # see fimfast.ops.triton.arch
-        return sq_matmul_torch(g, a)
+    if dt == torch.float64 and not fp64_dot(g.device):
+        raise ValueError(
+            "sq_matmul: a float64 tl.dot compiles for sm_90 and newer only "
+            "(fimfast.ops.triton.arch); use fimfast.ops.sq_matmul"
+        )
     if dt == torch.float64:
         bo = bi = 32
         bn = 16
@@ -92,9 +98,27 @@ def sq_matmul_triton(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     per = triton.cdiv(triton.cdiv(N, split), bn) * bn
     split = triton.cdiv(N, per)
     out = torch.empty((split, O, I), dtype=dt, device=g.device)
-    _sq_matmul_kernel[(triton.cdiv(O, bo), triton.cdiv(I, bi), split)](
+    wrap_triton(_sq_matmul_kernel)[(triton.cdiv(O, bo), triton.cdiv(I, bi), split)](
         g, g.stride(0), g.stride(1), a, a.stride(0), a.stride(1), out, N, O, I, per,
         BLOCK_N=bn, BLOCK_O=bo, BLOCK_I=bi, ACC=tl.float64 if dt == torch.float64 else tl.float32,
         num_warps=4,
     )
     return out[0] if split == 1 else out.sum(0)
+
+
+@sq_matmul_op.register_fake
+def _(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    dt = compute_dtype(torch.promote_types(g.dtype, a.dtype))
+    return g.new_empty((g.shape[1], a.shape[1]), dtype=dt)
+
+
+def sq_matmul_triton(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """:func:`fimfast.ops.sq_matmul` in Triton; returns ``(O, I)`` float32|float64.
+
+    float64 on a GPU older than sm_90 runs the torch reference (:mod:`fimfast.ops.triton.arch`);
+    everything else runs ``torch.ops.fimfast_triton.sq_matmul``.
+    """
+    dt = compute_dtype(torch.promote_types(g.dtype, a.dtype))
+    if dt == torch.float64 and not fp64_dot(g.device):  # see fimfast.ops.triton.arch
+        return sq_matmul_torch(g, a)
+    return sq_matmul_op(g.detach(), a.detach())
