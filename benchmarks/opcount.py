@@ -28,6 +28,12 @@ class OpCounter(TorchDispatchMode):
         self.calls: Counter[str] = Counter()
         self.views = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # else torch wraps __torch_dispatch__ in torch._disable_dynamo, whose first call imports
+        # torch._dynamo: seconds, inside the first counted call of every process
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls[str(func.overloadpacket)] += 1
         self.views += bool(func.is_view)

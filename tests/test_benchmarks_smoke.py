@@ -245,3 +245,18 @@ def test_quick_counts_ops_per_step():
     for n, r in res.items():
         assert 0 <= r["views_per_call"] < r["ops_per_call"], (n, r)
         assert sum(c for _, c in r["top_ops"]) <= r["ops_per_call"]
+
+
+def test_opcount_does_not_import_dynamo():
+    """torch wraps a dispatch mode's handler in torch._disable_dynamo unless told not to; its first
+    call imports torch._dynamo (seconds), which would land inside the first counted call of each
+    probe process and trip the per-call limit."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, torch\nfrom benchmarks.opcount import count_ops\n"
+            "assert count_ops(lambda: torch.ones(2) + 1)['ops'] == 2\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
