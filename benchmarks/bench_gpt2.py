@@ -9,7 +9,9 @@ Fisher rows). Eval mode (no dropout), float32.
 Methods, each with its own estimator (fimfast's reduction ``"sum"``):
 
 * ``train``: one training step: forward, the model's own mean cross-entropy, ``backward``, an
-  ``SGD`` step (lr 1e-6) and ``zero_grad(set_to_none=True)``: the unit of the ratios;
+  ``SGD`` step and ``zero_grad(set_to_none=True)``: the unit of the ratios. The learning rate is 0:
+  the update runs all the same, and the weights stay, so that every method sees one model and the
+  closed-form checks below hold to rounding;
 * ``hutchinson_lm_head``: ``DiagFisher(model, "hutchinson", lm_head="lm_head").step(batch)``:
   the probes run through the head in row tiles, the ``(N, T, V)`` logits never exist
   (fimfast/lm_head.py);
@@ -146,7 +148,7 @@ def make_methods(model, batch, names) -> tuple[dict, dict]:
     calls, ests = {}, {}
     for name in names:
         if name == "train":
-            opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the update runs, the weights stay
 
             def train(opt=opt):
                 model(**batch).loss.backward()

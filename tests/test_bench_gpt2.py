@@ -54,7 +54,7 @@ def test_tiny_run_checks_the_tied_head_in_closed_form(tiny):
     for name in bench_gpt2.FIMFAST:
         c = checks[name]
         assert c["finite"] and c["nonnegative"] and c["steps"] == 4, (name, c)  # 1 + 1 + 2
-    assert checks["empirical"]["rel_err_free_rows"] < 1e-4  # float32 logits through the model
+    assert checks["empirical"]["rel_err_free_rows"] < 1e-6
     for name in ("hutchinson", "hutchinson_lm_head", "monte_carlo", "monte_carlo_seq"):
         assert checks[name]["rel_err_sum_free_rows"] < 0.2, (name, checks[name])
     # same seed, same signs: the head path is the unfused estimate to float32 rounding
