@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         for key, rows in res.items():
             for name, r in rows.items():
                 err = r.get("err_1")
+                ops = r.get("ops_per_call")
                 print(f"{key} {name:42s} {r['status']:12s} "
+                      f"{'' if ops is None else f'ops {ops:5d}'} "
                       f"{'' if err is None else f'rel.err {err:.2e}'} {r.get('error', '')[:100]}")
                 bad += r["status"] == "parity_fail" and name.startswith("fimfast")
         return 1 if bad else 0

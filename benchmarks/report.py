@@ -68,6 +68,14 @@ def _status(r: dict, floor_ms: float | None) -> str:
     return "; ".join([t for t in [text, *notes] if t])
 
 
+def _ops(r: dict) -> str:
+    """``ops (kernels)``: ATen operators of one call, and those that are not views."""
+    ops = r.get("ops_per_call")
+    if ops is None:
+        return "-"
+    return f"{ops} ({ops - r.get('views_per_call', 0)})"
+
+
 def _ratio(r: dict, floor_ms: float | None) -> float | None:
     if r.get("ratio") is not None:
         return r["ratio"]
@@ -105,9 +113,9 @@ def markdown(data: dict) -> str:
             "",
             f"Reference: {ref.get('method', ref.get('error', '?'))}.",
             "",
-            "| method | time ms | x floor | peak extra MB | rel. err, 1 draw | rel. err, mean "
-            "of n | status / notes |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| method | time ms | x floor | ops/step | peak extra MB | rel. err, 1 draw | "
+            "rel. err, mean of n | status / notes |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for name, r in w["methods"].items():
             m = methods.get(name, {"label": name, "note": "", "random": False})
@@ -119,7 +127,8 @@ def markdown(data: dict) -> str:
                 note = "; ".join(t for t in [m["note"], note] if t)
             out.append(
                 f"| {m['label']} | {_num(r.get('time_ms'))} | {_num(_ratio(r, floor))} | "
-                f"{_num(r.get('peak_extra_mb'), 2)} | {_err(r.get('err_1'))} | {mean} | {note} |"
+                f"{_ops(r)} | {_num(r.get('peak_extra_mb'), 2)} | {_err(r.get('err_1'))} | "
+                f"{mean} | {note} |"
             )
     return "\n".join(out) + "\n"
 

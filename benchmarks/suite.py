@@ -7,14 +7,16 @@ Per workload:
 2. **probe**, one fresh subprocess per method: set-up (not timed); first call under the per-call
    limit; **parity**: a deterministic method whose result differs from the reference by more than
    ``PARITY_RTOL`` is a parity failure and is never timed; warm-up; peak extra memory over
-   ``probe_repeats`` calls (:mod:`benchmarks.memory`); for random methods the error of one draw and
-   of the mean of up to ``draws`` draws. A call past the limit is stopped; its full time is
+   ``probe_repeats`` calls (:mod:`benchmarks.memory`); the ATen operators of one warm call
+   (:mod:`benchmarks.opcount`); for random methods the error of one draw and of the mean of up to
+   ``draws`` draws. A call past the limit is stopped; its full time is
    extrapolated from the method's progress, or else from a sub-batch (linear in the rows).
 3. **timing**, one subprocess per workload: every method that passed, each with its own freshly
    built model, warmed up, then timed round-robin (:func:`benchmarks.timing.interleaved`); ratios
    are medians over the floor's median in the same rounds.
 
-``--quick`` runs parity only, in-process, on the ``tiny`` sizes: seconds, for CI.
+``--quick`` runs parity and the operator counts only, in-process, on the ``tiny`` sizes: seconds,
+for CI.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 
 from benchmarks import memory, oracle, timing
 from benchmarks.methods import Method, all_methods, peer_status
+from benchmarks.opcount import count_ops
 from benchmarks.workloads import WORKLOADS, build
 
 __all__ = ["DEFAULTS", "provenance", "run", "run_quick"]
@@ -178,6 +181,7 @@ def worker_probe(cfg: dict, key: str, name: str) -> dict:
         res["notes"].append("peak RSS counter not reset: memory is an upper bound")
     res["first_call_ms"] = t_first * 1e3
     res["isolated_ms"] = [t * 1e3 for t in times]
+    res.update(_ops(fn, cleanup, timer))
     if m.random and ref is not None:
         t_med = statistics.median(times)
         n = max(1, min(cfg["draws"], int(cfg["draw_budget_s"] // max(t_med, 1e-9))))
@@ -194,6 +198,21 @@ def worker_probe(cfg: dict, key: str, name: str) -> dict:
         except Exception as exc:  # noqa: BLE001
             res["notes"].append("draws failed: " + _error(exc)[1])
     return res
+
+
+def _ops(fn, cleanup, timer: timing.CallTimer | None = None) -> dict:
+    """``{"ops_per_call", "views_per_call", "top_ops"}`` of one warm call
+    (:func:`benchmarks.opcount.count_ops`), or a note on why it could not be counted."""
+    try:
+        if timer is None:
+            c = count_ops(fn)
+            cleanup()
+        else:
+            c = timer(lambda: count_ops(fn), cleanup, keep=True)[1]
+    except Exception as exc:  # noqa: BLE001 - a count is a figure, not a condition to run
+        cleanup()
+        return {"ops_error": _error(exc)[1]}
+    return {"ops_per_call": c["ops"], "views_per_call": c["views"], "top_ops": c["top"]}
 
 
 def _extrapolate(cfg: dict, key: str, m: Method, device: torch.device) -> dict:
@@ -449,8 +468,10 @@ def run_quick(workloads: list[str], method_names: list[str] | None = None, seed:
     """Parity only, in this process, on the tiny sizes.
 
     Returns:
-        ``{workload: {method: {"status", "err_1", "error"}}}``; ``status`` is ``ok``,
-        ``parity_fail``, ``missing``, ``unsupported``, ``oom`` or ``error``.
+        ``{workload: {method: {"status", "err_1", "error", "ops_per_call", "views_per_call",
+        "top_ops"}}}``; ``status`` is ``ok``, ``parity_fail``, ``missing``, ``unsupported``,
+        ``oom`` or ``error``; the operator counts are of a second, warm call
+        (:mod:`benchmarks.opcount`).
     """
     torch.set_num_threads(threads)
     cfg = {**DEFAULTS, "size": "tiny", "seed": seed, "threads": threads}
@@ -472,13 +493,16 @@ def run_quick(workloads: list[str], method_names: list[str] | None = None, seed:
             wl = build(key, "tiny", seed)
             torch.manual_seed(seed + 7)
             try:
-                fn, _ = m.setup(wl, cfg)
+                fn, cleanup = m.setup(wl, cfg)
                 got = fn()
                 r: dict = {"status": "ok"}
                 if m.target != "none":
                     r["err_1"] = oracle.rel_err(_vector(got, ref["names"]), ref[m.target])
                     if not m.random and r["err_1"] > oracle.PARITY_RTOL:
                         r["status"] = "parity_fail"
+                del got
+                cleanup()
+                r.update(_ops(fn, cleanup))  # a second, warm call: lazy set-up not counted
             except Exception as exc:  # noqa: BLE001
                 status, msg = _error(exc)
                 r = {"status": status, "error": msg}

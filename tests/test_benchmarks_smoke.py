@@ -179,7 +179,7 @@ def test_cli_quick_exit_code(monkeypatch, capsys):
 
 def _fake_results() -> dict:
     ok = {"status": "ok", "notes": [], "time_ms": 10.0, "ratio": 2.0, "peak_extra_mb": 5.0,
-          "err_1": 1e-7}
+          "err_1": 1e-7, "ops_per_call": 60, "views_per_call": 20}
     return {
         "provenance": {"time": "t", "cpu": "cpu", "gpu": None, "logical_cpus": 2,
                        "torch_threads": 2, "versions": {"torch": "2"}, "fimfast_version": "0",
@@ -211,6 +211,52 @@ def test_report_tables_and_chart(tmp_path):
     md = report.markdown(data)
     assert "| a | exact | 2.00x, 5 MB, err 1.0e-07 (fimfast exact) | none ran |" in md
     assert "**unsupported**: `NotImplementedError: no`" in md
+    assert "| fimfast exact | 10 | 2 | 60 (40) | 5 |" in md  # ops (of which kernels)
     path = tmp_path / "chart.png"
     report.chart(data, str(path))
     assert path.stat().st_size > 1000
+
+
+def test_opcount_sees_the_backward_and_views():
+    """The counter sits below autograd: a backward's operators are counted, views apart."""
+    from benchmarks.opcount import count_ops
+
+    x = torch.randn(4, 3, requires_grad=True)
+    fwd = count_ops(lambda: (x * 2).view(-1).sum())
+    # mul, view, sum
+    assert fwd["ops"] == 3 and fwd["views"] == 1, fwd
+    both = count_ops(lambda: (x * 2).view(-1).sum().backward())
+    assert both["ops"] > fwd["ops"] + 2, both  # at least the seed grad, expand and mul of the bwd
+    assert dict(both["top"])["aten.mul"] == 2, both  # forward x * 2 and its backward g * 2
+
+
+def test_quick_counts_ops_per_step():
+    """Every method that ran reports the ATen operators of one warm call; the training step
+    dispatches some, EXACT (C backward columns) more than HUTCHINSON (one probe)."""
+    names = ["fimfast_exact_torch", "fimfast_empirical_torch", "fimfast_monte_carlo_torch",
+             "fimfast_hutchinson_torch", "fimfast_train_step_hutchinson_torch"]
+    res = suite.run_quick(["a"], names)["a"]
+    ops = {n: r["ops_per_call"] for n, r in res.items()}
+    assert set(ops) == {"floor", *names}
+    # the training step: 3 layers forward and backward plus the loss; more than the forward alone
+    assert 20 <= ops["floor"] < 200, ops
+    assert ops["fimfast_exact_torch"] > ops["fimfast_hutchinson_torch"] > ops["floor"], ops
+    assert ops["fimfast_train_step_hutchinson_torch"] > ops["floor"], ops
+    for n, r in res.items():
+        assert 0 <= r["views_per_call"] < r["ops_per_call"], (n, r)
+        assert sum(c for _, c in r["top_ops"]) <= r["ops_per_call"]
+
+
+def test_opcount_does_not_import_dynamo():
+    """torch wraps a dispatch mode's handler in torch._disable_dynamo unless told not to; its first
+    call imports torch._dynamo (seconds), which would land inside the first counted call of each
+    probe process and trip the per-call limit."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, torch\nfrom benchmarks.opcount import count_ops\n"
+            "assert count_ops(lambda: torch.ones(2) + 1)['ops'] == 2\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
