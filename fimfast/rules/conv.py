@@ -91,43 +91,46 @@ class ConvTransposeRule(Rule):
         g = m.groups
         if "Q" not in call.data:  # (N, L_in, g, I/g): the input is the column-independent side
             call.data["Q"] = x.reshape(N, g, I // g, -1).permute(0, 3, 1, 2)
-        M, _, O = G.shape[:3]
-        P = _unfold_output_grad(m, G, x.shape[2:]).view(M, N, O * _kk(m), -1)
-        return _conv_terms(call, G.reshape(M, N, O, -1), P.transpose(2, 3), call.data["Q"], g)
-
-
-def _kk(m) -> int:
-    return math.prod(m.kernel_size)
+        P = _unfold_output_grad(m, G, x.shape[2:])  # (M, N, L_in, g, O/g * kk)
+        M, O = G.shape[0], G.shape[2]
+        return _conv_terms(call, G.reshape(M, N, O, -1), P, call.data["Q"], g)
 
 
 def _conv_terms(call: Call, G3, P, Q, g: int) -> list[Term | None]:
-    """A weight ``Outer(P, Q)`` over positions (``P`` ``(M, N, L, O')``, ``Q`` ``(N, L, g,
-    I'/g)``), one block per group; the bias ``Vec`` sums ``G3`` ``(M, N, O, L_out)`` over
-    positions."""
-    M, N, L, Op = P.shape
+    """A weight ``Outer(P, Q)`` over positions (``P`` ``(M, N, L, O')`` or ``(M, N, L, g,
+    O'/g)``, ``Q`` ``(N, L, g, I'/g)``), one block per group; the bias ``Vec`` sums ``G3``
+    ``(M, N, O, L_out)`` over positions."""
     out: list[Term | None] = []
     for u in call.uses:
         if u.kind == UseKind.VEC:
             out.append(Vec(G3.sum(-1)))
         elif g == 1:
-            out.append(Outer(P, Q[:, :, 0]))
+            out.append(Outer(P if P.dim() == 4 else P[:, :, :, 0], Q[:, :, 0]))
         else:
-            out.append(Outer(P.reshape(M, N, L, g, Op // g), Q))
+            M, N, L, Op = P.shape[:4]
+            out.append(Outer(P if P.dim() == 5 else P.reshape(M, N, L, g, Op // g), Q))
     return out
 
 
 def _unfold_output_grad(m, G: torch.Tensor, in_size) -> torch.Tensor:
-    """``(M*N, O*prod(kernel), L_in)``: the output gradient ``G`` ``(M, N, O, *out_size)`` of a
-    transposed convolution, padded by ``padding`` and unfolded with its kernel, dilation and
-    stride: window ``j`` holds ``G[..., j*s - p + k*d]`` for every kernel tap ``k``, the positions
-    input ``j`` was scattered to (docs/math.md §4). An output padding can leave more windows
-    than inputs: the extra ones are dropped."""
+    """``(M, N, L_in, g, O/g * prod(kernel))``: the output gradient ``G`` ``(M, N, O,
+    *out_size)`` of a transposed convolution, padded by ``padding`` and unfolded with its kernel,
+    dilation and stride: window ``j`` holds ``G[..., j*s - p + k*d]`` for every kernel tap ``k``,
+    the positions input ``j`` was scattered to (docs/math.md §4). An output padding can leave
+    more windows than inputs: the extra ones are dropped.
+
+    Laid out ``(N, g, M, O/g * kk, L_in)`` in memory: the squares' per-group products batch over
+    ``(N, g)`` and read each sample's columns as one matrix, with no copy (10x faster than the
+    column-major layout on a 2-group layer, 9 columns, 16 x 784 positions)."""
     M, N, O = G.shape[:3]
-    Gf = G.reshape(M * N, O, *G.shape[3:])
+    g, S = m.groups, G.shape[3:]
+    Gf = G.reshape(M, N, g, O // g, *S).transpose(0, 1).transpose(1, 2)  # (N, g, M, O/g, *S)
     pad = [q for p in reversed(m.padding) for q in (p, p)]
-    if any(pad):
+    if any(pad):  # one copy, into that layout
         Gf = F.pad(Gf, pad)
-    return _unfold(Gf, m.kernel_size, m.dilation, m.stride, in_size)
+    Gf = Gf.reshape(N * g * M, O // g, *Gf.shape[4:])
+    U = _unfold(Gf, m.kernel_size, m.dilation, m.stride, in_size)  # (N*g*M, O/g*kk, L_in)
+    return U.view(N, g, M, U.shape[1], U.shape[2]).permute(2, 0, 4, 1, 3)
 
 
 def _unfold(x: torch.Tensor, k, d, s, size=None) -> torch.Tensor:
