@@ -333,3 +333,19 @@ def test_bag_squares_with_repeated_ids_hand_computed():
     want = torch.zeros(6, 3, dtype=torch.float64)
     want[2], want[5] = 4 / 9, 1 / 9
     assert torch.allclose(F_, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("workload", ["conv3d", "convT2d", "bag"])
+def test_benchmark_workloads_take_the_rules(workload):
+    """The float32 models of benchmarks/bench_layers.py: with the rules and without them (the
+    generic path) the estimates agree, and the rules leave no parameter on the generic path
+    (checked inside ``methods``)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_layers
+
+    model, batch = bench_layers.build(workload, N=3)
+    calls = bench_layers.methods(model, batch)
+    assert {"train", "exact", "exact_generic", "hutchinson"} <= set(calls)
