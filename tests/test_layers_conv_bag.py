@@ -349,3 +349,27 @@ def test_benchmark_workloads_take_the_rules(workload):
     model, batch = bench_layers.build(workload, N=3)
     calls = bench_layers.methods(model, batch)
     assert {"train", "exact", "exact_generic", "hutchinson"} <= set(calls)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_empty_bags_match_the_generic_path(mode):
+    """Flat ids with every bag empty, and with empty bags next to full ones."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.lin = nn.EmbeddingBag(5, 3, mode=mode), nn.Linear(3, 3)
+
+        def forward(self, ids, offsets):
+            return self.lin(torch.tanh(self.bag(ids, offsets)) + 0.1)
+
+    torch.manual_seed(0)
+    for ids, offsets in ((torch.zeros(0, dtype=torch.long), torch.zeros(3, dtype=torch.long)),
+                         (torch.tensor([1, 1, 4]), torch.tensor([0, 0, 3]))):
+        case = _kw_case("empty", Net(), {"ids": ids, "offsets": offsets}, 3, 3).to(torch.float64)
+        got, est = run(case, "exact")
+        _, generic = _plan_names(est)
+        assert not generic
+        ref, _ = run(case, "exact", rules=False)
+        assert _rel(got, ref) <= DET_REL_F64  # the head is never zero
+        assert torch.equal(got["bag.weight"] == 0, ref["bag.weight"] == 0)  # untouched rows

@@ -112,16 +112,9 @@ class EmbeddingBagRule(Rule):
         if ids.shape[0] != y.shape[0]:
             return None
         data = {"ids": ids, "keep": keep, "cap": weakref.ref(cap)}
-        if keep is None:  # every entry counts (2-D ids, no padding_idx)
-            keep = torch.ones_like(ids, dtype=torch.bool)
-        with torch.no_grad():
-            if module.mode == "max":
-                data["sel"] = _max_positions(module, x, offsets, ids, keep)
-            elif module.mode == "mean":
-                k = keep.to(y.dtype)
-                data["w"] = k / k.sum(1, keepdim=True).clamp_min(1)
-            else:
-                data["w"] = keep.to(y.dtype) if w is None else w * keep
+        if ids.shape[1]:  # (every bag empty: no gradient, see terms)
+            with torch.no_grad():
+                data.update(_bag_factors(module, x, offsets, ids, keep, w, y.dtype))
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
         cap.record(Call(module, self, [tap], uses, data))
         return out
@@ -176,11 +169,24 @@ def _padded_bags(module, x, offsets, psw):
         at = (starts.unsqueeze(1) + pos).clamp(0, max(n - 1, 0))
         ids = x.long()[at] * keep if n else torch.zeros_like(at)
         if w is not None:
-            w = w.reshape(-1)[at] if n else torch.zeros(at.shape, dtype=w.dtype)
+            w = w.reshape(-1)[at] if n else torch.zeros(at.shape, dtype=w.dtype, device=x.device)
     if module.padding_idx is not None:
         pad = ids != module.padding_idx
         keep = pad if keep is None else keep & pad
     return ids, keep, w
+
+
+def _bag_factors(module, x, offsets, ids, keep, w, dtype) -> dict:
+    """``{"w": (B, L)}``, the weight of every entry of every bag (``sum``, ``mean``), or
+    ``{"sel": (B, L, d)}``, the position each dimension's maximum took (``max``)."""
+    if keep is None:  # every entry counts (2-D ids, no padding_idx)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+    if module.mode == "max":
+        return {"sel": _max_positions(module, x, offsets, ids, keep)}
+    if module.mode == "mean":
+        k = keep.to(dtype)
+        return {"w": k / k.sum(1, keepdim=True).clamp_min(1)}
+    return {"w": keep.to(dtype) if w is None else w * keep}
 
 
 def _max_positions(module, x, offsets, ids, keep) -> torch.Tensor:
