@@ -195,7 +195,7 @@ def _max_positions(module, x, offsets, ids, keep) -> torch.Tensor:
     an empty bag)."""
     if x.dim() == 2:
         B, L = x.shape
-        x, offsets = x.reshape(-1), torch.arange(0, B * L, L, device=x.device)
+        x, offsets = x.reshape(-1), torch.arange(0, B * L, L, device=x.device, dtype=x.dtype)
     rows = torch.embedding_bag(
         module.weight.detach(), x.detach(), offsets.detach(), False, 2, False, None,
         module.include_last_offset, module.padding_idx,
