@@ -120,8 +120,9 @@ def _unfold_output_grad(m, G: torch.Tensor, in_size) -> torch.Tensor:
     more windows than inputs: the extra ones are dropped.
 
     Laid out ``(N, g, M, O/g * kk, L_in)`` in memory: the squares' per-group products batch over
-    ``(N, g)`` and read each sample's columns as one matrix, with no copy (10x faster than the
-    column-major layout on a 2-group layer, 9 columns, 16 x 784 positions)."""
+    ``(N, g)`` and read each sample's columns as one matrix, with no copy (2 groups of 18 x 4, 9
+    columns, 16 samples x 784 positions, 1 thread: 2.6 ms against 28 ms for the layout
+    ``(M, N, ...)``, best of 31 interleaved calls)."""
     M, N, O = G.shape[:3]
     g, S = m.groups, G.shape[3:]
     Gf = G.reshape(M, N, g, O // g, *S).transpose(0, 1).transpose(1, 2)  # (N, g, M, O/g, *S)
