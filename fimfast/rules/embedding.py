@@ -121,7 +121,7 @@ class EmbeddingBagRule(Rule):
 
     def terms(self, call, grads):
         G = grads[0]
-        if G is None or call.data["ids"].shape[1] == 0:
+        if G is None or not call.uses or call.data["ids"].shape[1] == 0:
             return [None] * len(call.uses)
         data = call.data
         if G.shape[0] > 1 and _only_use(call):
