@@ -6,10 +6,10 @@ its output, without per-sample gradients of the whole model (docs/math.md §4). 
 rule are still estimated exactly, by the slower generic path.
 
 Built-in rules: ``nn.Linear`` and Hugging Face ``Conv1D`` (:mod:`~fimfast.rules.linear`),
-``nn.Conv1d``/``nn.Conv2d`` (:mod:`~fimfast.rules.conv`), ``nn.Embedding``
-(:mod:`~fimfast.rules.embedding`), ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
-``nn.BatchNorm1d/2d/3d`` (:mod:`~fimfast.rules.norm`) and ``nn.MultiheadAttention``
-(:mod:`~fimfast.rules.attention`). Add one for a module of your own with
+``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (:mod:`~fimfast.rules.conv`),
+``nn.Embedding`` and ``nn.EmbeddingBag`` (:mod:`~fimfast.rules.embedding`), ``nn.LayerNorm``,
+``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (:mod:`~fimfast.rules.norm`) and
+``nn.MultiheadAttention`` (:mod:`~fimfast.rules.attention`). Add one for a module of your own with
 :func:`register_rule` (docs/rules.md); :func:`rule_for` says which rule a module gets
 (:mod:`~fimfast.rules.registry`).
 """
@@ -17,8 +17,8 @@ Built-in rules: ``nn.Linear`` and Hugging Face ``Conv1D`` (:mod:`~fimfast.rules.
 from fimfast.hooks import Call, Capture, Tap, Use
 from fimfast.rules.attention import MHARule
 from fimfast.rules.base import Outer, Rows, Rule, Term, UseKind, Vec, front, trainable
-from fimfast.rules.conv import ConvRule
-from fimfast.rules.embedding import EmbeddingRule
+from fimfast.rules.conv import ConvRule, ConvTransposeRule
+from fimfast.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fimfast.rules.linear import HFConv1DRule, LinearRule
 from fimfast.rules.norm import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
 from fimfast.rules.registry import known_modules, register_rule, rule_for, unregister_rule
@@ -28,6 +28,8 @@ __all__ = [
     "Call",
     "Capture",
     "ConvRule",
+    "ConvTransposeRule",
+    "EmbeddingBagRule",
     "EmbeddingRule",
     "GroupNormRule",
     "HFConv1DRule",

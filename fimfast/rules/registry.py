@@ -21,8 +21,8 @@ from torch import nn
 
 from fimfast.rules.attention import MHARule
 from fimfast.rules.base import Rule
-from fimfast.rules.conv import ConvRule
-from fimfast.rules.embedding import EmbeddingRule
+from fimfast.rules.conv import ConvRule, ConvTransposeRule
+from fimfast.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fimfast.rules.linear import HFConv1DRule, LinearRule
 from fimfast.rules.norm import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
 
@@ -30,7 +30,12 @@ _TABLE: dict[type, Rule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
+    nn.ConvTranspose1d: ConvTransposeRule(),
+    nn.ConvTranspose2d: ConvTransposeRule(),
+    nn.ConvTranspose3d: ConvTransposeRule(),
     nn.Embedding: EmbeddingRule(),
+    nn.EmbeddingBag: EmbeddingBagRule(),
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
     nn.modules.batchnorm._BatchNorm: BatchNormRule(),  # BatchNorm1d/2d/3d share its forward

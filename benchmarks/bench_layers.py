@@ -1,0 +1,148 @@
+"""The per-sample estimators on models built around Conv3d, ConvTranspose2d and EmbeddingBag, as
+ratios to one training step measured in the same interleaved rounds, with their layer rules and
+without them (the generic path: one batched backward per (row, column) pair).
+
+Workloads (float32, batch of 16, classifiers, one row per sample):
+
+* ``conv3d``: Conv3d(1, 8, 3) - ReLU - MaxPool3d(2) - Conv3d(8, 16, 3, padding=1) - ReLU -
+  MaxPool3d(2) - Linear(16*2*3*3, 10) on 1 x 10 x 14 x 14 volumes;
+* ``convT2d``: Conv2d(3, 16, 3, stride=2) - ReLU - ConvTranspose2d(16, 8, 4, stride=2,
+  padding=1) - ReLU - ConvTranspose2d(8, 4, 3, stride=1, padding=1, groups=2) - ReLU - average
+  pool 4 - Linear(4*7*7, 10) on 3 x 29 x 29 images;
+* ``bag``: EmbeddingBag(20000, 64, mode="mean") over flat ids with offsets (bags of 20 to 80
+  ids) - Linear(64, 64) - ReLU - Linear(64, 4): the text classifier of the classic AG News
+  tutorial with a hidden layer.
+
+Methods: ``train`` (forward, cross-entropy, backward into ``.grad``: the floor), and
+``DiagFisher(model, t).step(batch)`` for ``t`` in EXACT, EMPIRICAL, MONTE_CARLO (one draw), with
+the rules (``<t>``) and with the three layers' rules removed (``<t>_generic``, what the engine did
+before they had rules), and HUTCHINSON.
+
+    PYTHONPATH=. python benchmarks/bench_layers.py [--rounds 11] [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import fimfast  # noqa: E402
+from benchmarks.timing import CallTimer, interleaved  # noqa: E402
+
+TYPES = ("exact", "empirical", "monte_carlo")
+LAYERS = (nn.Conv3d, nn.ConvTranspose2d, nn.EmbeddingBag)
+
+
+class BagClassifier(nn.Module):
+    """EmbeddingBag (flat ids + offsets) - Linear - ReLU - Linear."""
+
+    def __init__(self, vocab: int, d: int, C: int):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, d, mode="mean")
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, C)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(self.bag(ids, offsets))))
+
+
+def build(name: str, N: int = 16):
+    """``(model, batch, call)``: ``call(model, batch)`` returns the logits; ``batch`` is what
+    ``DiagFisher.step`` takes."""
+    torch.manual_seed(0)
+    if name == "conv3d":
+        model = nn.Sequential(
+            nn.Conv3d(1, 8, 3), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Conv3d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Flatten(), nn.Linear(16 * 2 * 3 * 3, 10),
+        )
+        return model, (torch.randn(N, 1, 10, 14, 14), torch.randint(0, 10, (N,)))
+    if name == "convT2d":
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(),
+            nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(8, 4, 3, stride=1, padding=1, groups=2), nn.ReLU(),
+            nn.AvgPool2d(4), nn.Flatten(), nn.Linear(4 * 7 * 7, 10),
+        )
+        return model, (torch.randn(N, 3, 29, 29), torch.randint(0, 10, (N,)))
+    if name == "bag":
+        lengths = torch.randint(20, 81, (N,))
+        ids = torch.randint(0, 20000, (int(lengths.sum()),))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+        batch = {"ids": ids, "offsets": offsets, "labels": torch.randint(0, 4, (N,))}
+        return BagClassifier(20000, 64, 4), batch
+    raise KeyError(name)
+
+
+def _logits(model, batch):
+    if isinstance(batch, dict):
+        return model(batch["ids"], batch["offsets"]), batch["labels"]
+    return model(batch[0]), batch[1]
+
+
+def methods(model, batch) -> dict:
+    """``{method: (fn, cleanup)}`` of one workload, warmed up."""
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        z, y = _logits(model, batch)
+        F.cross_entropy(z, y).backward()
+
+    calls = {"train": train}
+    ests = {t: fimfast.DiagFisher(model, t, seed=0) for t in (*TYPES, "hutchinson")}
+    saved = {c: fimfast.rules.unregister_rule(c) for c in LAYERS}
+    try:  # estimators look the layers up in their first step: the three without a rule
+        for t in TYPES:
+            est = ests[f"{t}_generic"] = fimfast.DiagFisher(model, t, seed=0)
+            est.step(batch)
+            assert est._persample.last_plan.generic
+    finally:
+        for c, r in saved.items():
+            fimfast.register_rule(c, r)
+    for name, est in ests.items():
+        calls[name] = (lambda e: lambda: e.step(batch))(est)
+    for m, fn in calls.items():  # warm-up (plans, probes): as many steps for every estimator
+        for _ in range(1 if m.endswith("_generic") else 2):
+            fn()
+    for t in TYPES:  # the two paths must agree
+        a, b = ests[t].result(), ests[f"{t}_generic"].result()
+        rel = (a.to_vector() - b.to_vector()).norm() / b.to_vector().norm()
+        assert rel < 1e-4, (t, float(rel))
+        plan = ests[t]._persample.last_plan
+        assert not plan.generic, plan.reasons
+    return {m: (fn, None) for m, fn in calls.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workloads", default="conv3d,convT2d,bag")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, batch of 4 (a smoke run)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = 2 if args.quick else args.rounds
+    timer = CallTimer(600.0)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} interleaved rounds; "
+          "median time / median training step")
+    for name in args.workloads.split(","):
+        model, batch = build(name, 4 if args.quick else 16)
+        calls = methods(model, batch)
+        times = interleaved(calls, {m: rounds for m in calls}, timer)
+        floor = statistics.median(times["train"])
+        row = {m: statistics.median(t) / floor for m, t in times.items() if m != "train"}
+        print(f"{name}: train {floor * 1e3:.2f} ms; "
+              + ", ".join(f"{m} {r:.2f}x" for m, r in row.items()))
+
+
+if __name__ == "__main__":
+    main()
