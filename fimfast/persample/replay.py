@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fimfast import hooks, layers
+from fimfast import functional, hooks, layers
 from fimfast.types import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class Replay:
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._owned: dict[int, str] = {}
+        self._sites: dict = {}  # functional call sites (fimfast.functional), kept across steps
+        self._fowners: dict[int, tuple[int, ...]] = {}
 
     def forward(
         self,
@@ -165,7 +167,10 @@ class Replay:
             self._hold, flat,
         )
         mods = self._modules(model, params)
-        with cap.installed(mods[0], self._owned):
+        with (
+            cap.installed(mods[0], self._owned),
+            functional.capturing(cap, mods[0], self._sites, self._fowners),
+        ):
             yield cap
 
     def _modules(
@@ -179,6 +184,8 @@ class Replay:
             targets = hooks.targets(model, params, layers.rule_for)
             self._mods = (key, targets, *_stat_modules(model))
             self._owned = hooks.owners(model, params)
+            self._fowners = functional.owners_of(targets)
+            self._sites = {}
         return self._mods[1:]
 
 def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
