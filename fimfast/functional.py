@@ -11,7 +11,8 @@ output, in a :class:`~fimfast.hooks.Call` whose rule is one of :mod:`fimfast.rul
 Recognised (each consumes its parameters once, one autograd edge each, as the engine's edge
 count requires; anything else leaves the parameter to the generic path):
 
-* ``F.linear(x, W, b)``: ``W`` and/or ``b`` parameters, ``W`` 2-D;
+* ``F.linear(x, W, b)``: ``W`` (2-D, or the transpose of a 2-D parameter) and/or ``b``
+  parameters;
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
   least 2-D;
@@ -20,8 +21,8 @@ count requires; anything else leaves the parameter to the generic path):
 * ``x * p``, ``p * x``, ``x / p``, ``p / x``, ``x + p``, ``p + x``, ``x - p``, ``p - x`` (operators,
   ``torch.mul``/``div``/``add``/``sub`` and the methods, without ``alpha``, ``rounding_mode`` or
   ``out``) with ``x`` a tensor and ``p`` a parameter, or a ``view``/``reshape``/``unsqueeze`` of
-  one, broadcast over the leading dims of the output (a scalar temperature or gain, a per-channel
-  scale, a learned positional table added to ``(N, T, d)`` activations).
+  one (a scalar temperature or gain, a per-channel scale, a learned positional table added to
+  ``(N, T, d)`` or ``(T, N, d)`` activations).
 
 A call inside the forward of a module that has a rule, with a parameter of that module, is left
 to the module's rule (``nn.Linear``'s own ``F.linear``); one with a parameter of another module is
@@ -85,11 +86,12 @@ class FunctionalMode(TorchFunctionMode):
 
     # -- state ----------------------------------------------------------------------------- #
     def capturing(self) -> bool:
+        # is_compiling first: a constant while dynamo traces this mode, nothing else is traced
         return (
-            self.cap.active
+            not torch.compiler.is_compiling()
+            and self.cap.active
             and torch.is_grad_enabled()
             and not saved_tensor_hooks_active()
-            and not torch.compiler.is_compiling()
         )
 
     def enter(self, module: torch.nn.Module, args: Any) -> None:
@@ -189,11 +191,20 @@ def _linear(mode: FunctionalMode, func, args, kwargs):
     if b is None:
         return func(*args, **kwargs)
     x, w, bias = b
-    ps = [p for p in (mode.param(w), mode.param(bias)) if p is not None]
-    y = func(*args, **kwargs)
-    if not ps or not isinstance(x, Tensor) or not isinstance(w, Tensor) or w.dim() != 2:
+    pw, view = mode.param(w), None
+    if pw is None:
+        view = mode.view_of(w)  # F.linear(x, W.t()): W stored (I, O)
+        if view is not None and view[1]:
+            pw, w = view[0], view[2]()
+    pb = mode.param(bias)
+    if (pw is None and pb is None) or not isinstance(x, Tensor) or not isinstance(w, Tensor):
+        return func(*args, **kwargs)
+    y = func(x, w, bias)
+    uses = [Use(p, UseKind.VEC) for p in (pb,) if p is not None]
+    if pw is not None and w.dim() == 2:
+        uses.insert(0, Use(pw, UseKind.OUTER, transposed=view is not None))
+    if not uses:
         return y
-    uses = [Use(p, UseKind.OUTER if p is w else UseKind.VEC) for p in ps]
     return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
 
 
@@ -297,8 +308,6 @@ def _elementwise(mode: FunctionalMode, func, args, kwargs):
     op = _OPS[func]
     if not isinstance(y, Tensor) or not y.is_floating_point():
         return y
-    full = (1,) * (y.dim() - pv.dim()) + tuple(pv.shape)
-    lead = next((i for i, s in enumerate(full) if s != 1), y.dim())
     xd = x.detach()
     sign, deriv = 1, None
     if op == "mul":
@@ -308,7 +317,8 @@ def _elementwise(mode: FunctionalMode, func, args, kwargs):
     elif op == "sub" and pos == 1:
         sign = -1
     data = {"deriv": deriv, "sign": sign, "shape": tuple(pv.shape)}
-    return mode.record(op, frules.ELEMENTWISE, y, lead, [Use(p, UseKind.VEC)], data)
+    # any dim of y may be the batch: the probe decides (see ElementwiseRule)
+    return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(p, UseKind.VEC)], data)
 
 
 def _operand(mode: FunctionalMode, t: Tensor) -> tuple[torch.Tensor, Callable | None] | None:

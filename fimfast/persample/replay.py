@@ -32,6 +32,9 @@ class Replay:
             after a forward that fails with them expanded).
         expand_flat: also expand lookups with ids of shape ``(T,)`` (turned off when the checked
             forward's logits differ from the model's own; see :meth:`forward`).
+        functional: record functional calls on parameters (:mod:`fimfast.functional`); turned
+            off after a forward in which there was none, until the model or its set of
+            trainable parameters changes.
     """
 
     def __init__(self) -> None:
@@ -46,6 +49,7 @@ class Replay:
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._owned: dict[int, str] = {}
+        self.functional = True
         self._sites: dict = {}  # functional call sites (fimfast.functional), kept across steps
         self._fowners: dict[int, tuple[int, ...]] = {}
 
@@ -167,11 +171,14 @@ class Replay:
             self._hold, flat,
         )
         mods = self._modules(model, params)
-        with (
-            cap.installed(mods[0], self._owned),
-            functional.capturing(cap, mods[0], self._sites, self._fowners),
-        ):
-            yield cap
+        with cap.installed(mods[0], self._owned):
+            if not self.functional:
+                yield cap
+                return
+            with functional.capturing(cap, mods[0], self._sites, self._fowners) as mode:
+                yield cap
+            # a forward with no functional call on a parameter runs later steps without the mode
+            self.functional = mode.recorded > 0
 
     def _modules(
         self, model: torch.nn.Module, params: list[torch.Tensor]
@@ -185,7 +192,7 @@ class Replay:
             self._mods = (key, targets, *_stat_modules(model))
             self._owned = hooks.owners(model, params)
             self._fowners = functional.owners_of(targets)
-            self._sites = {}
+            self._sites, self.functional = {}, True
         return self._mods[1:]
 
 def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:

@@ -140,9 +140,11 @@ def _patches(x, kernel, stride, padding, dilation, groups) -> torch.Tensor:
 
 
 class ElementwiseRule(Rule):
-    """``x * p``, ``x / p``, ``p / x``, ``x + p``, ``x - p``, ``p - x`` with ``p`` (or a reshaped
-    view of it) broadcast over the batch: ``Vec(sum G * dy/dp)`` per sample, summed over the
-    sample's elements down to ``p``'s shape (the module docstring). ``call.data``: ``deriv``
+    """``x * p``, ``x / p``, ``p / x``, ``x + p``, ``x - p``, ``p - x`` with ``p`` a parameter (or a
+    reshaped view of one): ``Vec(sum G * dy/dp)`` per sample, summed over the sample's elements
+    down to ``p``'s shape (the module docstring). Any dim of the output may be the batch (the
+    probe decides); where ``p`` is not broadcast along it (a ``(N, d)`` table of per-slot
+    values), sample ``n``'s gradient is its slice ``n``. ``call.data``: ``deriv``
     (``dy/dp``, detached, broadcastable to ``y``; ``None`` for a sum), ``sign`` (``-1`` for
     ``x - p``) and ``shape`` (the shape ``p`` had in the call)."""
 
@@ -158,14 +160,20 @@ class ElementwiseRule(Rule):
             D = -D
         b = tap.bdim
         D = D.movedim(b + 1, 1)  # (M, N, rest of y)
-        nd = len(tap.shape)
+        M, N = D.shape[:2]
         shape = tuple(d["shape"])
-        full = (1,) * (nd - len(shape)) + shape
+        full = (1,) * (len(tap.shape) - len(shape)) + shape  # p aligned to y
         rest = full[:b] + full[b + 1 :]
         dims = [2 + i for i, s in enumerate(rest) if s == 1 and D.shape[2 + i] != 1]
-        V = D.sum(dims, keepdim=True) if dims else D
+        V = D.sum(dims, keepdim=True) if dims else D  # (M, N, *rest)
         p = call.uses[0].param
-        return [Vec(V.reshape(D.shape[0], D.shape[1], *p.shape))]
+        if full[b] != 1:
+            # p runs along the batch dim too (size N): sample n's gradient is its slice n
+            E = V.new_zeros(M, N, *full)
+            n = torch.arange(N, device=V.device)
+            E.movedim(b + 2, 2)[:, n, n] = V
+            V = E
+        return [Vec(V.reshape(M, N, *p.shape))]
 
 
 LINEAR = FunctionalLinearRule()
