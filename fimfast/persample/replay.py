@@ -32,9 +32,10 @@ class Replay:
             after a forward that fails with them expanded).
         expand_flat: also expand lookups with ids of shape ``(T,)`` (turned off when the checked
             forward's logits differ from the model's own; see :meth:`forward`).
-        functional: record functional calls on parameters (:mod:`fimfast.functional`); turned
-            off after a forward in which there was none, until the model or its set of
-            trainable parameters changes.
+        functional: record functional calls on parameters (:mod:`fimfast.functional`); a
+            forward in which there was none turns the recording off until the model or its set
+            of trainable parameters changes. ``False`` leaves such parameters to the generic
+            path.
     """
 
     def __init__(self) -> None:
@@ -50,6 +51,7 @@ class Replay:
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._owned: dict[int, str] = {}
         self.functional = True
+        self._quiet = False  # the last captured forward had no functional call
         self._sites: dict = {}  # functional call sites (fimfast.functional), kept across steps
         self._fowners: dict[int, tuple[int, ...]] = {}
 
@@ -172,13 +174,13 @@ class Replay:
         )
         mods = self._modules(model, params)
         with cap.installed(mods[0], self._owned):
-            if not self.functional:
+            if not self.functional or self._quiet:
                 yield cap
                 return
             with functional.capturing(cap, mods[0], self._sites, self._fowners) as mode:
                 yield cap
             # a forward with no functional call on a parameter runs later steps without the mode
-            self.functional = mode.recorded > 0
+            self._quiet = mode.recorded == 0
 
     def _modules(
         self, model: torch.nn.Module, params: list[torch.Tensor]
@@ -192,7 +194,7 @@ class Replay:
             self._mods = (key, targets, *_stat_modules(model))
             self._owned = hooks.owners(model, params)
             self._fowners = functional.owners_of(targets)
-            self._sites, self.functional = {}, True
+            self._sites, self._quiet = {}, False
         return self._mods[1:]
 
 def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
