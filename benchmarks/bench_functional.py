@@ -2,7 +2,8 @@
 
 Models: a GPT-like LM whose token table is also the output layer through
 ``F.linear(h, wte.weight)`` (token-level logits), the same LM tied through an ``nn.Linear`` head
-(the module rules' cost, for reference), and a classifier made of bare parameters through
+(the module rules' cost, for reference), the F.linear-tied LM with its positions added as a bare
+table (``+ wpe.weight``), and a classifier made of bare parameters through
 ``F.linear``. For each, EXACT, EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training
 step (forward, loss, backward) of the same model, one torch thread.
 
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 
-MODELS = ("tied_lm", "module_tied_lm", "bare_mlp")
+MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
@@ -35,10 +36,11 @@ def _models():
     from torch import nn
 
     class TiedLM(nn.Module):
+        bare_pos = False  # positions added as a bare table (wpe.weight) instead of a lookup
+
         def __init__(self, V=32, d=32, T=8):
             super().__init__()
-            self.wte = nn.Embedding(V, d)
-            self.wpe = nn.Parameter(0.02 * torch.randn(T, d))
+            self.wte, self.wpe = nn.Embedding(V, d), nn.Embedding(T, d)
             self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
             self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
             self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
@@ -48,13 +50,17 @@ def _models():
             return self.head(self.body(ids))
 
         def body(self, ids):
-            h = self.wte(ids) + self.wpe
+            h = self.wte(ids) + self.wpe.weight if self.bare_pos else self.wte(ids) + self.wpe(
+                torch.arange(ids.shape[1]))
             a = self.ln1(h)
             h = h + self.attn(a, a, a, attn_mask=self.mask, need_weights=False)[0]
             return h + self.proj(F.gelu(self.fc(self.ln2(h))))
 
         def head(self, h):
             return F.linear(h, self.wte.weight)
+
+    class BarePosLM(TiedLM):
+        bare_pos = True
 
     class ModuleTiedLM(TiedLM):
         """The same LM tied the usual way: an nn.Linear head sharing the table."""
@@ -87,11 +93,12 @@ def _models():
     return {
         "tied_lm": (TiedLM(), (ids, labels)),
         "module_tied_lm": (ModuleTiedLM(), (ids, labels)),
+        "bare_pos_lm": (BarePosLM(), (ids, labels)),
         "bare_mlp": (BareMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
     }
 
 
-def child(calls: int) -> dict:
+def child(calls: int, models: list[str]) -> dict:
     """One measurement of every (model, type) ratio in this process's ``fimfast``."""
     import torch
     import torch.nn.functional as F
@@ -101,6 +108,8 @@ def child(calls: int) -> dict:
     torch.set_num_threads(1)
     out = {}
     for name, (model, (inp, y)) in _models().items():
+        if name not in models:
+            continue
 
         def train(model=model, inp=inp, y=y):
             z = model(inp)
@@ -136,11 +145,12 @@ def main() -> None:
     ap.add_argument("--trees", nargs="+", default=["."])
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--json", help="also write every round's measurements to this file")
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.calls)))
+        print(json.dumps(child(a.calls, a.models)))
         return
     rng = random.Random(0)
     res: dict[str, list[dict]] = {t: [] for t in a.trees}
@@ -150,17 +160,18 @@ def main() -> None:
         for tree in order:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
             # run as a script: its own folder, not the working directory, heads sys.path
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--calls", str(a.calls)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--calls", str(a.calls),
+                   "--models", *a.models]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             res[tree].append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
-    keys = [f"{m}:{t}" for m in MODELS for t in TYPES]
+    keys = [f"{m}:{t}" for m in a.models for t in TYPES]
     print("| model:type | " + " | ".join(a.trees) + " |")
     print("|---|" + "---|" * len(a.trees))
-    for k in keys + [f"{m}:train:s" for m in MODELS]:
+    for k in keys + [f"{m}:train:s" for m in a.models]:
         cells = []
         for tree in a.trees:
             v = statistics.median(d[k] for d in res[tree])
