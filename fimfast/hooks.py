@@ -18,8 +18,10 @@ next step holds it until the check (``Capture.hold``), and the decision is made 
 Each call declares the trainable parameters its forward consumes (one autograd edge each: the
 module forwards with rules use each parameter once). :func:`parameter_edges` counts the edges
 into every parameter over the whole graph of the logits, so a parameter also used outside any
-captured call (a functional ``F.linear(x, emb.weight)``, say), or not used where declared, is
-detected and sent to the generic path instead of being estimated from part of its gradient.
+captured call (``p.sum()`` added to the logits, say; recognised functional calls such as
+``F.linear(x, emb.weight)`` are captured by :mod:`fimfast.functional`), or not used where
+declared, is detected and sent to the generic path instead of being estimated from part of its
+gradient.
 (A walk of each call's own subgraph in the forward hook cost ~60 us per call, as much as a small
 layer's forward; one walk of the whole graph per step costs ~0.2 ms on a 2-layer encoder.)
 

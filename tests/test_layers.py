@@ -140,14 +140,15 @@ class TokenModel(nn.Module):
 
 
 class Scale(nn.Module):
-    """A module without a rule: its parameter must take the generic path."""
+    """A module without a rule whose parameter is used through a function of it (``sigmoid(s)``),
+    which the functional capture (fimfast/functional.py) does not follow: generic path."""
 
     def __init__(self, d: int):
         super().__init__()
         self.s = nn.Parameter(torch.linspace(0.5, 1.5, d))
 
     def forward(self, x):
-        return x * self.s
+        return x * torch.sigmoid(self.s)
 
 
 class Unknown(nn.Module):
@@ -160,7 +161,8 @@ class Unknown(nn.Module):
 
 
 class Functional(nn.Module):
-    """``lin.weight`` is used by its module and again functionally outside it."""
+    """``lin.weight`` is used by its module and again functionally outside it (captured: one
+    group of both uses)."""
 
     def __init__(self):
         super().__init__()
@@ -374,7 +376,7 @@ def _build(name: str) -> LayerCase:
     if name == "unknown_module":
         return LayerCase(_simple(name, Unknown(), _rand(4, 5), 3), {"scale.s"})
     if name == "functional_use":
-        return LayerCase(_simple(name, Functional(), _rand(3, 4), 3), {"lin.weight"})
+        return LayerCase(_simple(name, Functional(), _rand(3, 4), 3), set())
     if name == "token_level":
         ids = torch.tensor([[1, 4, 4, 2, 0], [3, 3, 1, 0, 0], [5, 6, 2, 2, 1]])
         mask = (ids != 0).long()

@@ -275,9 +275,17 @@ def test_only_unknown_modules_uses_the_generic_path():
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     case = Case("affine", Affine(), (x, y), lambda m, b: m(b[0]), torch.ones(5, dtype=bool), y,
                 "categorical", 3).to(torch.float64)
+    # its parameters are used by functional calls (x @ w, + b): captured (fimfast/functional.py)
     got, est = _run(case, "exact")
-    assert len(est._persample.last_plan.generic) == 2
+    assert not est._persample.last_plan.generic
+    assert len(est._persample.last_plan.fast) == 2
     assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
+    # with functional calls left uncaptured, the module without a rule takes the generic path
+    est = DiagFisher(case.model, "exact", seed=7)
+    est._persample.functional = False
+    est.step(case.batch)
+    assert len(est._persample.last_plan.generic) == 2
+    assert _rel(dict(est.result().items()), oracle(case, "exact")) <= DET_REL_F64
 
 
 class _PositionModel(nn.Module):

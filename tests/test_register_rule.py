@@ -177,13 +177,33 @@ def test_docs_usage_block_runs(doc):
     assert type(rule_for(doc["LowRankLinear"](2, 2, rank=1))).__name__ == "LowRankLinearRule"
 
 
+def _run_without_functional(case: Case, fim_type: str) -> tuple[dict, DiagFisher]:
+    """As :func:`_run`, functional calls left uncaptured (fimfast/functional.py)."""
+    est = DiagFisher(case.model, fim_type, likelihood=case.likelihood, seed=3, class_dim=-1)
+    est._persample.functional = False
+    est.step(case.batch)
+    return dict(est.result().items()), est
+
+
+def _functional_names(est: DiagFisher) -> set[str]:
+    """Parameters estimated from captured functional calls (a Site in place of a module)."""
+    from fimfast.rules.functional import Site
+
+    plan = est._persample.last_plan
+    return {est.names[g.index] for g in plan.groups
+            if any(isinstance(c.module, Site) for c, _ in g.members)}
+
+
 def test_without_rule_the_layer_takes_the_generic_path_and_agrees(doc):
+    """Without its rule, ScaledLinear's own ``F.linear`` is captured as a functional call; with
+    functional calls left uncaptured, its parameters take the generic path. Both exact."""
     SL = doc["ScaledLinear"]
     case = _case(doc, "sequence").to(torch.float64)
     ref = oracle(case, "exact")
     saved = unregister_rule(SL)
     try:
-        got, est = _run(case, "exact")
+        got, est = _run_without_functional(case, "exact")
+        got_f, est_f = _run(case, "exact")
     finally:
         register_rule(SL, saved)
     plan = est._persample.last_plan
@@ -191,6 +211,9 @@ def test_without_rule_the_layer_takes_the_generic_path_and_agrees(doc):
     assert generic == {"body.2.weight", "body.2.bias"}
     assert plan.reasons[est.names.index("body.2.weight")] == "no rule for its module"
     assert _rel(got, ref) <= DET_REL_F64
+    assert not est_f._persample.last_plan.generic
+    assert _functional_names(est_f) == {"body.2.weight", "body.2.bias"}
+    assert _rel(got_f, ref) <= DET_REL_F64
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -226,9 +249,13 @@ def test_subclass_overriding_forward_has_no_rule_until_registered(doc):
     x, y = torch.randn(6, 4, generator=_gen(4)), torch.randint(0, 3, (6,), generator=_gen(5))
     case = Case("sub", _perturb(model), (x, y), _plain, torch.ones(6, dtype=torch.bool), y,
                 "categorical", 3).to(torch.float64)
-    got, est = _run(case, "exact")
+    got, est = _run_without_functional(case, "exact")
     assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
     assert {est.names[i] for i in est._persample.last_plan.generic} == {"0.weight", "0.bias"}
+    # its F.linear is captured as a functional call (fimfast/functional.py): exact too
+    got, est = _run(case, "exact")
+    assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
+    assert _functional_names(est) == {"0.weight", "0.bias"}
 
 
 def test_builtin_lookup_unchanged():

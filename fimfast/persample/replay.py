@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fimfast import hooks, layers
+from fimfast import functional, hooks, layers
 from fimfast.types import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -32,6 +32,10 @@ class Replay:
             after a forward that fails with them expanded).
         expand_flat: also expand lookups with ids of shape ``(T,)`` (turned off when the checked
             forward's logits differ from the model's own; see :meth:`forward`).
+        functional: record functional calls on parameters (:mod:`fimfast.functional`); a
+            forward in which there was none turns the recording off until the model or its set
+            of trainable parameters changes. ``False`` leaves such parameters to the generic
+            path.
     """
 
     def __init__(self) -> None:
@@ -46,6 +50,10 @@ class Replay:
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._owned: dict[int, str] = {}
+        self.functional = True
+        self._quiet = False  # the last captured forward had no functional call
+        self._sites: dict = {}  # functional call sites (fimfast.functional), kept across steps
+        self._fowners: dict[int, tuple[int, ...]] = {}
 
     def forward(
         self,
@@ -166,7 +174,13 @@ class Replay:
         )
         mods = self._modules(model, params)
         with cap.installed(mods[0], self._owned):
-            yield cap
+            if not self.functional or self._quiet:
+                yield cap
+                return
+            with functional.capturing(cap, mods[0], self._sites, self._fowners) as mode:
+                yield cap
+            # a forward with no functional call on a parameter runs later steps without the mode
+            self._quiet = mode.recorded == 0
 
     def _modules(
         self, model: torch.nn.Module, params: list[torch.Tensor]
@@ -179,6 +193,8 @@ class Replay:
             targets = hooks.targets(model, params, layers.rule_for)
             self._mods = (key, targets, *_stat_modules(model))
             self._owned = hooks.owners(model, params)
+            self._fowners = functional.owners_of(targets)
+            self._sites, self._quiet = {}, False
         return self._mods[1:]
 
 def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:

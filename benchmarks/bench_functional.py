@@ -1,0 +1,183 @@
+"""Cost of the per-sample types on models whose parameters are used through functional calls.
+
+Models: a GPT-like LM whose token table is also the output layer through
+``F.linear(h, wte.weight)`` (token-level logits), the same LM tied through an ``nn.Linear`` head
+(the module rules' cost, for reference), the F.linear-tied LM with its positions added as a bare
+table (``+ wpe.weight``), and a classifier made of bare parameters through
+``F.linear``. For each, EXACT, EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training
+step (forward, loss, backward) of the same model, one torch thread.
+
+``python benchmarks/bench_functional.py --trees A B --rounds 11`` compares source trees (each
+on ``PYTHONPATH`` in a child process, e.g. before and after a change): every round runs one child
+per tree, in shuffled order, and each child measures every ratio once (the fastest of its timed
+steps, one for a step over a second, over the fastest of the training steps timed right after
+them); the medians over the rounds are printed as a table. ``--child`` runs one measurement, prints
+JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp")
+TYPES = ("exact", "empirical", "monte_carlo")
+
+
+def _models():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class TiedLM(nn.Module):
+        bare_pos = False  # positions added as a bare table (wpe.weight) instead of a lookup
+
+        def __init__(self, V=32, d=32, T=8):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(V, d), nn.Embedding(T, d)
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+            self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+            self.register_buffer("mask", torch.triu(torch.ones(T, T, dtype=torch.bool), 1))
+
+        def forward(self, ids):
+            return self.head(self.body(ids))
+
+        def body(self, ids):
+            h = self.wte(ids) + self.wpe.weight if self.bare_pos else self.wte(ids) + self.wpe(
+                torch.arange(ids.shape[1]))
+            a = self.ln1(h)
+            h = h + self.attn(a, a, a, attn_mask=self.mask, need_weights=False)[0]
+            return h + self.proj(F.gelu(self.fc(self.ln2(h))))
+
+        def head(self, h):
+            return F.linear(h, self.wte.weight)
+
+    class BarePosLM(TiedLM):
+        bare_pos = True
+
+    class ModuleTiedLM(TiedLM):
+        """The same LM tied the usual way: an nn.Linear head sharing the table."""
+
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(32, 32, bias=False)
+            self.out.weight = self.wte.weight
+
+        def head(self, h):
+            return self.out(h)
+
+    class BareMLP(nn.Module):
+        def __init__(self, d=64, h=128, C=10):
+            super().__init__()
+            self.W1 = nn.Parameter(torch.randn(h, d) / d**0.5)
+            self.b1 = nn.Parameter(torch.zeros(h))
+            self.W2 = nn.Parameter(torch.randn(C, h) / h**0.5)
+            self.b2 = nn.Parameter(torch.zeros(C))
+
+        def forward(self, x):
+            return F.linear(torch.relu(F.linear(x, self.W1, self.b1)), self.W2, self.b2)
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    N = 16
+    ids = torch.randint(0, 32, (N, 8), generator=g)
+    labels = torch.randint(0, 32, (N, 8), generator=g)
+    x = torch.randn(N, 64, generator=g)
+    return {
+        "tied_lm": (TiedLM(), (ids, labels)),
+        "module_tied_lm": (ModuleTiedLM(), (ids, labels)),
+        "bare_pos_lm": (BarePosLM(), (ids, labels)),
+        "bare_mlp": (BareMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
+    }
+
+
+def child(calls: int, models: list[str]) -> dict:
+    """One measurement of every (model, type) ratio in this process's ``fimfast``."""
+    import torch
+    import torch.nn.functional as F
+
+    import fimfast
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, (model, (inp, y)) in _models().items():
+        if name not in models:
+            continue
+
+        def train(model=model, inp=inp, y=y):
+            z = model(inp)
+            F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1)).backward()
+            model.zero_grad(set_to_none=True)
+
+        for t in TYPES:
+            est = fimfast.DiagFisher(model, t, class_dim=-1)
+            t0 = time.perf_counter()
+            est.step((inp, y))  # warm-up: plan, probe
+            slow = time.perf_counter() - t0 > 1.0  # then one timed call is enough
+            times = []
+            for _ in range(1 if slow else calls):
+                t0 = time.perf_counter()
+                est.step((inp, y))
+                times.append(time.perf_counter() - t0)
+            del est
+            train()  # warm-up: the estimator's step freed memory a training step reuses
+            floor = []
+            for _ in range(2 * calls + 1):
+                t0 = time.perf_counter()
+                train()
+                floor.append(time.perf_counter() - t0)
+            # the fastest call of each: on a shared machine the others carry preemptions
+            out[f"{name}:{t}"] = min(times) / min(floor)
+            out[f"{name}:{t}:s"] = min(times)
+            out.setdefault(f"{name}:train:s", min(floor))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", nargs="+", default=["."])
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--json", help="also write every round's measurements to this file")
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.calls, a.models)))
+        return
+    rng = random.Random(0)
+    res: dict[str, list[dict]] = {t: [] for t in a.trees}
+    for r in range(a.rounds):
+        order = list(a.trees)
+        rng.shuffle(order)
+        for tree in order:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
+            # run as a script: its own folder, not the working directory, heads sys.path
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--calls", str(a.calls),
+                   "--models", *a.models]
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            res[tree].append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    keys = [f"{m}:{t}" for m in a.models for t in TYPES]
+    print("| model:type | " + " | ".join(a.trees) + " |")
+    print("|---|" + "---|" * len(a.trees))
+    for k in keys + [f"{m}:train:s" for m in a.models]:
+        cells = []
+        for tree in a.trees:
+            v = statistics.median(d[k] for d in res[tree])
+            cells.append(f"{v * 1e3:.2f} ms" if k.endswith(":s") else f"{v:.1f}x")
+        print(f"| {k} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

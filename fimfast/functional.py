@@ -1,0 +1,357 @@
+"""Capture of functional calls that use trainable parameters outside any module with a rule.
+
+A weight used in ``forward`` through a functional call (``F.linear(h, self.wte.weight)``, a
+tied output layer; ``x @ self.W``; ``F.conv2d(x, self.kernel)``; ``logits / self.tau``) has no
+module whose forward hook could record it. While the estimator's forward runs,
+:class:`FunctionalMode` (a ``torch.overrides.TorchFunctionMode``) sees every torch function call
+and records the recognised ones whose weight is a trainable parameter, exactly as a module rule's
+hook records a module call (:mod:`fimfast.hooks`): their input, detached, and a tap on their
+output, in a :class:`~fimfast.hooks.Call` whose rule is one of :mod:`fimfast.rules.functional`.
+
+Recognised (each consumes its parameters once, one autograd edge each, as the engine's edge
+count requires; anything else leaves the parameter to the generic path):
+
+* ``F.linear(x, W, b)``: ``W`` (2-D, or the transpose of a 2-D parameter) and/or ``b``
+  parameters;
+* ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
+  ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
+  least 2-D;
+* ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``);
+* ``F.conv1d``/``F.conv2d(x, W, b, ...)`` on batched inputs;
+* ``x * p``, ``p * x``, ``x / p``, ``p / x``, ``x + p``, ``p + x``, ``x - p``, ``p - x`` (operators,
+  ``torch.mul``/``div``/``add``/``sub`` and the methods, without ``alpha``, ``rounding_mode`` or
+  ``out``) with ``x`` a tensor and ``p`` a parameter, or a ``view``/``reshape``/``unsqueeze`` of
+  one (a scalar temperature or gain, a per-channel scale, a learned positional table added to
+  ``(N, T, d)`` or ``(T, N, d)`` activations).
+
+A call inside the forward of a module that has a rule, with a parameter of that module, is left
+to the module's rule (``nn.Linear``'s own ``F.linear``); one with a parameter of another module is
+recorded. Nothing is recorded with gradients disabled, under saved-tensor hooks (non-reentrant
+``torch.utils.checkpoint``: the backward recomputes that forward without the capture) or while
+``torch.compile`` traces.
+
+A transposed or reshaped view of a parameter is remembered when it is made; the call that
+consumes it makes the view again from the parameter, so the view the model made is left without
+a consumer in the graph. Used anywhere else too, it adds an edge into the parameter that no call
+declares, and the engine's edge count sends the parameter to the generic path (as it does for
+``p.sum()`` added to the logits, ``p[idx]``, ``torch.einsum(..., p)`` and every other use not
+listed).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
+from fimfast.rules import functional as frules
+from fimfast.rules.base import UseKind, _usable
+
+F = torch.nn.functional
+Tensor = torch.Tensor
+
+
+class FunctionalMode(TorchFunctionMode):
+    """Records recognised functional calls on trainable parameters into ``cap`` (see the module
+    docstring).
+
+    Args:
+        cap: the step's capture.
+        sites: ``{key: Site}`` kept across steps, so that a call site is the same object in
+            every step (the engine keys plans and direct taps by it).
+        owners: ``{id(param): ids of the modules with a rule that hold it}``: calls with such a
+            parameter inside those modules' forwards are theirs.
+    """
+
+    def __init__(self, cap: Capture, sites: dict, owners: dict[int, tuple[int, ...]]):
+        super().__init__()
+        self.cap, self.sites, self.owners = cap, sites, owners
+        self.inside: Counter = Counter()  # modules with a rule whose forward is running
+        self.seen: Counter = Counter()  # calls per (kind, parameters) in this forward
+        self.views: dict[int, tuple] = {}  # id(view) -> (ref, param, transposed, func, args, kw)
+        self.recorded = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is None or not self.capturing():
+            return func(*args, **kwargs)
+        return handler(self, func, args, kwargs)
+
+    # -- state ----------------------------------------------------------------------------- #
+    def capturing(self) -> bool:
+        # is_compiling first: a constant while dynamo traces this mode, nothing else is traced
+        return (
+            not torch.compiler.is_compiling()
+            and self.cap.active
+            and torch.is_grad_enabled()
+            and not saved_tensor_hooks_active()
+        )
+
+    def enter(self, module: torch.nn.Module, args: Any) -> None:
+        self.inside[id(module)] += 1
+
+    def exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.inside[id(module)] -= 1
+
+    def param(self, t: Any) -> torch.Tensor | None:
+        """``t`` if it is a trainable parameter no running module with a rule holds."""
+        if not isinstance(t, Tensor) or id(t) not in self.cap.param_ids:
+            return None
+        if any(self.inside[m] for m in self.owners.get(id(t), ())):
+            return None
+        return t
+
+    def view_of(self, t: Any) -> tuple | None:
+        """``(param, transposed, remake)`` of a view of a parameter made in this forward;
+        ``remake()`` makes the same view again from the parameter."""
+        if not isinstance(t, Tensor):
+            return None
+        v = self.views.get(id(t))
+        if v is None or v[0]() is not t or self.param(v[1]) is None:
+            return None
+        _, p, transposed, func, rest, kw = v
+        return p, transposed, lambda: func(p, *rest, **kw)
+
+    # -- recording ------------------------------------------------------------------------- #
+    def record(
+        self, name: str, rule: Any, y: Any, lead: int, uses: list[Use], data: dict,
+        batch_first: bool = False,
+    ) -> Any:
+        """Tap ``y`` and record the call at its site; ``y`` itself when it cannot be recorded
+        (no graph, no leading dims: its parameters then take the generic path)."""
+        if not _usable(y) or lead < 1:
+            return y
+        key = (name, tuple(id(u.param) for u in uses))
+        k = self.seen[key]
+        self.seen[key] += 1
+        site = self.sites.get((key, k))
+        if site is None:
+            if len(self.sites) > 4096:
+                self.sites.clear()
+            site = self.sites[(key, k)] = frules.Site(name)
+        site.training = self.cap.model.training
+        tap, out = self.cap.tap(y, lead=lead, key=(id(site), 0), batch_first=batch_first)
+        self.cap.record(Call(site, rule, [tap], uses, data))
+        self.recorded += 1
+        return out
+
+
+@contextmanager
+def capturing(
+    cap: Capture, targets: list[tuple[torch.nn.Module, Any]], sites: dict, owners: dict
+) -> Iterator[FunctionalMode]:
+    """Run the body under a :class:`FunctionalMode` recording into ``cap``; ``targets`` are the
+    modules with a rule (their forwards are tracked, see :meth:`FunctionalMode.param`)."""
+    mode = FunctionalMode(cap, sites, owners)
+    handles = []
+    try:
+        for m, _ in targets:
+            handles.append(m.register_forward_pre_hook(mode.enter))
+            handles.append(m.register_forward_hook(mode.exit, always_call=True))
+        with mode:
+            yield mode
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def owners_of(targets: list[tuple[torch.nn.Module, Any]]) -> dict[int, tuple[int, ...]]:
+    """``{id(param): ids of the modules of targets whose parameters (recursively) include it}``."""
+    out: dict[int, tuple[int, ...]] = {}
+    for m, _ in targets:
+        for p in m.parameters():
+            out[id(p)] = (*out.get(id(p), ()), id(m))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# handlers: each returns the call's result, recorded when it fits
+# --------------------------------------------------------------------------------------------- #
+def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list | None:
+    """The arguments ``names`` from positional ``args`` then ``kwargs`` (``None`` for an
+    unexpected keyword)."""
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    out = list(args) + list(defaults[len(args):])
+    for i, n in enumerate(names):
+        if n in kwargs:
+            out[i] = kwargs[n]
+    return out
+
+
+def _linear(mode: FunctionalMode, func, args, kwargs):
+    b = _bind(args, kwargs, ("input", "weight", "bias"), (None, None, None))
+    if b is None:
+        return func(*args, **kwargs)
+    x, w, bias = b
+    pw, view = mode.param(w), None
+    if pw is None:
+        view = mode.view_of(w)  # F.linear(x, W.t()): W stored (I, O)
+        if view is not None and view[1]:
+            pw, w = view[0], view[2]()
+    pb = mode.param(bias)
+    if (pw is None and pb is None) or not isinstance(x, Tensor) or not isinstance(w, Tensor):
+        return func(*args, **kwargs)
+    y = func(x, w, bias)
+    uses = [Use(p, UseKind.VEC) for p in (pb,) if p is not None]
+    if pw is not None and w.dim() == 2:
+        uses.insert(0, Use(pw, UseKind.OUTER, transposed=view is not None))
+    if not uses:
+        return y
+    return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
+
+
+def _matmul(mode: FunctionalMode, func, args, kwargs):
+    if kwargs or len(args) != 2 or not isinstance(args[0], Tensor) or args[0].dim() < 2:
+        return func(*args, **kwargs)
+    x, w = args
+    p, view = mode.param(w), None
+    if p is None:
+        view = mode.view_of(w)
+        if view is None or not view[1]:
+            return func(*args, **kwargs)
+        p = view[0]
+    if p.dim() != 2:
+        return func(*args, **kwargs)
+    y = func(x, view[2]() if view is not None else p)
+    use = Use(p, UseKind.OUTER, transposed=view is None)  # x @ W: W stored (I, O)
+    return mode.record("matmul", frules.LINEAR, y, y.dim() - 1, [use], {"x": x.detach()})
+
+
+_EMB_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+             "sparse")
+
+
+def _embedding(mode: FunctionalMode, func, args, kwargs):
+    b = _bind(args, kwargs, _EMB_ARGS, (None, None, None, None, 2.0, False, False))
+    y = func(*args, **kwargs)
+    if b is None or b[5] or not isinstance(b[0], Tensor):
+        return y
+    ids, w, pi = b[0], mode.param(b[1]), b[2]
+    if w is None or w.dim() != 2:
+        return y
+    if pi is not None and pi < 0:
+        pi += w.shape[0]
+    data = {"ids": ids.detach(), "padding_idx": pi}
+    return mode.record("F.embedding", frules.EMBEDDING, y, y.dim() - 1, [Use(w, UseKind.ROWS)],
+                       data)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _conv(mode: FunctionalMode, func, args, kwargs):
+    b = _bind(args, kwargs, _CONV_ARGS, (None, None, None, 1, 0, 1, 1))
+    y = func(*args, **kwargs)
+    if b is None:
+        return y
+    x, w, bias, stride, padding, dilation, groups = b
+    nsp = 1 if func is torch.conv1d else 2
+    ps = [p for p in (mode.param(w), mode.param(bias)) if p is not None]
+    if (
+        not ps or not isinstance(x, Tensor) or not isinstance(w, Tensor)
+        or x.dim() != nsp + 2 or w.dim() != nsp + 2
+    ):
+        return y  # an unbatched input has no sample dimension
+    kernel = tuple(w.shape[2:])
+    dilation = _tuple(dilation, nsp)
+    data = {
+        "x": x.detach(), "kernel": kernel, "stride": _tuple(stride, nsp),
+        "padding": frules.conv_padding(padding, kernel, dilation), "dilation": dilation,
+        "groups": int(groups),
+    }
+    uses = [
+        Use(p, UseKind.OUTER, groups=int(groups)) if p is w else Use(p, UseKind.VEC) for p in ps
+    ]
+    return mode.record(f"F.conv{nsp}d", frules.CONV, y, 1, uses, data, batch_first=True)
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return (int(v),) * n if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+def _view(mode: FunctionalMode, func, args, kwargs):
+    """Remember a view of a parameter (transposed, or reshaped in its element order)."""
+    out = func(*args, **kwargs)
+    p = mode.param(args[0]) if args else None
+    if p is None or not isinstance(out, Tensor):
+        return out
+    transposed = func in _TRANSPOSES
+    if transposed:
+        if p.dim() != 2 or (func in (Tensor.transpose, torch.transpose) and
+                            {int(a) % 2 for a in args[1:3]} != {0, 1}):
+            return out
+    elif out.numel() != p.numel() or out.dtype != p.dtype:
+        return out
+    mode.views[id(out)] = (weakref.ref(out), p, transposed, func, args[1:], kwargs)
+    return out
+
+
+def _elementwise(mode: FunctionalMode, func, args, kwargs):
+    if kwargs or len(args) != 2 or not all(isinstance(a, Tensor) for a in args):
+        return func(*args, **kwargs)
+    found = [_operand(mode, a) for a in args]
+    if (found[0] is None) == (found[1] is None):
+        return func(*args, **kwargs)  # no parameter, or two
+    pos = 0 if found[0] is not None else 1
+    p, remake = found[pos]
+    pv = remake() if remake is not None else p
+    x = args[1 - pos]
+    y = func(*((pv, x) if pos == 0 else (x, pv)))
+    op = _OPS[func]
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        return y
+    xd = x.detach()
+    sign, deriv = 1, None
+    if op == "mul":
+        deriv = xd
+    elif op == "div":
+        deriv = 1 / xd if pos == 0 else -(xd / pv.detach().square())
+    elif op == "sub" and pos == 1:
+        sign = -1
+    data = {"deriv": deriv, "sign": sign, "shape": tuple(pv.shape)}
+    # any dim of y may be the batch: the probe decides (see ElementwiseRule)
+    return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(p, UseKind.VEC)], data)
+
+
+def _operand(mode: FunctionalMode, t: Tensor) -> tuple[torch.Tensor, Callable | None] | None:
+    p = mode.param(t)
+    if p is not None:
+        return p, None
+    v = mode.view_of(t)
+    if v is None or v[1]:  # a transpose would reorder the elements
+        return None
+    return v[0], v[2]
+
+
+_TRANSPOSES = {Tensor.t, torch.t, Tensor.T.__get__, Tensor.mT.__get__, Tensor.transpose,
+               torch.transpose}
+_RESHAPES = {Tensor.view, Tensor.reshape, torch.reshape, Tensor.unsqueeze, torch.unsqueeze,
+             Tensor.view_as, Tensor.reshape_as}
+_OPS: dict[Callable, str] = {}
+for _op, _fs in {
+    "mul": (Tensor.mul, torch.mul, Tensor.__mul__, Tensor.__rmul__),
+    "div": (Tensor.div, torch.div, Tensor.__truediv__, Tensor.true_divide, torch.true_divide),
+    "add": (Tensor.add, torch.add, Tensor.__add__, Tensor.__radd__),
+    "sub": (Tensor.sub, torch.sub, Tensor.__sub__),
+}.items():
+    _OPS.update(dict.fromkeys(_fs, _op))
+
+_HANDLERS: dict[Callable, Callable] = {
+    F.linear: _linear,
+    F.embedding: _embedding,
+    torch.conv1d: _conv,
+    torch.conv2d: _conv,
+    torch.matmul: _matmul,
+    Tensor.matmul: _matmul,
+    Tensor.__matmul__: _matmul,
+    **dict.fromkeys(_TRANSPOSES | _RESHAPES, _view),
+    **dict.fromkeys(_OPS, _elementwise),
+}
