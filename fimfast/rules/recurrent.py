@@ -6,10 +6,13 @@ one unit ``(column m, sample n)`` is ``sum_t P[m, n, t] (x) x_t`` for ``W_ih`` a
 pre-activations at step ``t`` (docs/math.md §4, "Recurrent layers"). To get ``P`` for every
 backward column at once, the module's forward is replaced during a capture by
 :func:`_rnn_forward`, which computes the same function as torch's own forward with the input
-projections of all steps as one tapped ``F.linear`` and the steps as primitive ops (the tap's
-gradient is the gradient at the gate pre-activations). ``W_hh`` sees the same gradient except
-for the GRU's candidate gate, whose hidden part is multiplied by the reset gate ``r_t``; an
-LSTM's projection ``W_hr`` gets a second tap on the projected hidden state of every step.
+projections of all steps as one tapped ``F.linear`` and the steps as torch's cells fed with them
+(the tap's gradient is the gradient at the gate pre-activations). ``W_hh`` sees the same
+gradient except for the GRU's candidate gate, whose hidden part is multiplied by the reset gate
+``r_t``; an LSTM's projection ``W_hr`` gets a second tap on the projected hidden state of every
+step. Each step is a node of autograd's graph, so the layer's backward is that of its cells
+(torch's own CPU forward of a float32 LSTM uses a fused oneDNN kernel instead, about 2x faster
+per training step at small sizes; see docs/layers.md).
 
 Handled: every mode (``RNN_TANH``, ``RNN_RELU``, ``LSTM``, ``GRU``), any ``num_layers``,
 ``bidirectional``, ``batch_first`` either way, ``bias`` on or off, ``proj_size``, an initial
@@ -109,13 +112,18 @@ def _side(d: dict, name: str) -> torch.Tensor:
     step from the time-major tensors the forward kept."""
     key = ("Q", name)
     if key not in d:
-        if name == "hp":  # the hidden state each step started from
-            h0, hs = d["h0"].unsqueeze(0), d["hs"]
-            hp = torch.cat([hs[1:], h0]) if d["reverse"] else torch.cat([h0, hs[:-1]])
-            d[key] = front(hp, 1, 2)
+        if name == "hp":
+            d[key] = front(_hprev(d), 1, 2)
         else:
             d[key] = front(d[name], 1, 2)
     return d[key]
+
+
+def _hprev(d: dict) -> torch.Tensor:
+    """The hidden state each step started from, ``(T, N, Hout)`` in position order: ``h_{t-1}``,
+    or ``h_{t+1}`` for the reverse direction (``h0`` at the first step run)."""
+    h0, hs = d["h0"].unsqueeze(0), d["hs"]
+    return torch.cat([hs[1:], h0]) if d["reverse"] else torch.cat([h0, hs[:-1]])
 
 
 class _Recorder:
@@ -224,63 +232,75 @@ def _rnn_forward(rule: RecurrentRule, mod: nn.RNNBase, cap: Capture, input, hx=N
     return out, h_n
 
 
+_CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
+          "RNN_RELU": torch.rnn_relu_cell}
+
+
 def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     """One layer and direction over the time-major input ``x`` ``(T, N, I)``: ``(outputs
-    (T, N, Hout), last h, last c)``, with the data its terms need kept in ``rec``."""
+    (T, N, Hout), last h, last c)``, with the data its terms need kept in ``rec``.
+
+    Each step is torch's own cell (``torch.lstm_cell``, ``torch.gru_cell``, ...) with an empty
+    input and the tapped input projection of the step in place of ``b_ih``: the cell's input
+    side is then ``addmm(gi_t, empty, empty)``, which is ``gi_t``, and a step costs one call. An
+    LSTM with ``proj_size`` runs its cell as primitive ops (``torch.lstm_cell`` has no
+    projection)."""
     mod = rec.mod
     T, N = x.shape[:2]
     gi = rec.gate_tap(F.linear(x, W["weight_ih"], W["bias_ih"]), k)
-    whh_t = W["weight_hh"].t()  # one edge into the weight, however many steps
-    hproj = None
-    if W["weight_hr"] is not None:
-        whr_t = W["weight_hr"].t()
-        hproj = rec.time_tap(T, N, mod.proj_size, x, k) if id(W["weight_hr"]) in rec.tracked \
-            else None
-    d: dict[str, Any] = {"gate": len(rec.taps) - (2 if hproj is not None else 1),
+    # views taken once: one autograd edge into each parameter however many steps use it
+    whh = W["weight_hh"].view_as(W["weight_hh"])
+    bhh = None if W["bias_hh"] is None else W["bias_hh"].view_as(W["bias_hh"])
+    hps = None
+    if W["weight_hr"] is not None and id(W["weight_hr"]) in rec.tracked:
+        hps = rec.time_tap(T, N, mod.proj_size, x, k).unbind(1)
+    d: dict[str, Any] = {"gate": len(rec.taps) - (2 if hps is not None else 1),
                          "htap": len(rec.taps) - 1, "reverse": reverse,
                          "x": x.detach(), "h0": h.detach()}
     steps = range(T - 1, -1, -1) if reverse else range(T)
     outs: list = [None] * T
-    rs, raws = [], []
-    mode = mod.mode
-    if mode == "GRU":
-        bhh = None if W["bias_hh"] is None else W["bias_hh"].unsqueeze(0)
-        H = mod.hidden_size
-        # one unbind of every step (a select per step would back-propagate a zero-filled
-        # copy of all steps at each step)
-        gi_rz, gi_n = (g.unbind(0) for g in gi.split([2 * H, H], 2))
-        for t in steps:
-            gh = h.mm(whh_t) if bhh is None else torch.addmm(bhh, h, whh_t)
-            gh_rz, gh_n = gh.split([2 * H, H], 1)
-            r, z = torch.sigmoid(gi_rz[t] + gh_rz).chunk(2, 1)
-            n = torch.tanh(torch.addcmul(gi_n[t], r, gh_n))
-            h = torch.addcmul(n, z, h - n)
-            outs[t] = h
-            rs.append(r.detach())
+    gis = gi.unbind(0)  # one unbind: a select per step would back-propagate T zero-filled copies
+    if W["weight_hr"] is not None:
+        h, c, raws = _projected_steps(mod, steps, gis, h, c, whh, bhh, W["weight_hr"], hps, outs)
+        d["hraw"] = torch.stack(raws[::-1] if reverse else raws)
     else:
-        pre = (gi if W["bias_hh"] is None else gi + W["bias_hh"]).unbind(0)
-        hps = None if hproj is None else hproj.unbind(1)
-        act = torch.relu if mode == "RNN_RELU" else torch.tanh
-        H = mod.hidden_size
+        cell = _CELLS[mod.mode]
+        e, we = x.new_empty(N, 0), x.new_empty(gi.shape[-1], 0)
         for t in steps:
-            g = torch.addmm(pre[t], h, whh_t)
-            if mode != "LSTM":
-                h = act(g)
+            if c is None:
+                h = cell(e, h, we, whh, gis[t], bhh)
             else:
-                i, f, _, o = torch.sigmoid(g).chunk(4, 1)  # fewer ops: the forward is Python
-                c = torch.addcmul(f * c, i, torch.tanh(g[:, 2 * H : 3 * H]))
-                h = o * torch.tanh(c)
-                if W["weight_hr"] is not None:
-                    raws.append(h.detach())
-                    h = h.mm(whr_t)
-                    if hproj is not None:
-                        h = h + hps[t]
+                h, c = cell(e, (h, c), we, whh, gis[t], bhh)
             outs[t] = h
     ys = torch.stack(outs)
     d["hs"] = ys.detach()
-    if rs:
-        d["r"] = torch.stack(rs[::-1] if reverse else rs)
-    if raws:
-        d["hraw"] = torch.stack(raws[::-1] if reverse else raws)
+    if mod.mode == "GRU":
+        d["r"] = _reset_gates(gi, d, W, mod.hidden_size)
     rec.data["dirs"].append(d)
     return ys, h, c
+
+
+def _projected_steps(mod, steps, gis, h, c, whh, bhh, whr, hps, outs: list):
+    """The steps of an LSTM with ``proj_size``: ``(last h, last c, unprojected h of every step
+    in the order run)``; ``hps``: the projection taps of every step (``None``: no tap)."""
+    H = mod.hidden_size
+    whh_t, whr_t = whh.t(), whr.t()
+    raws = []
+    for t in steps:
+        g = gis[t] + (h.mm(whh_t) if bhh is None else torch.addmm(bhh, h, whh_t))
+        i, f, _, o = torch.sigmoid(g).chunk(4, 1)
+        c = torch.addcmul(f * c, i, torch.tanh(g[:, 2 * H : 3 * H]))
+        hr = o * torch.tanh(c)
+        raws.append(hr.detach())
+        h = hr.mm(whr_t) if hps is None else torch.addmm(hps[t], hr, whr_t)
+        outs[t] = h
+    return h, c, raws
+
+
+def _reset_gates(gi: torch.Tensor, d: dict, W: dict, H: int) -> torch.Tensor:
+    """The GRU's reset gates ``r_t`` ``(T, N, H)`` of every step, recomputed at once from the
+    gate inputs and the hidden states each step started from (the cell does not return them)."""
+    with torch.no_grad():
+        b = W["bias_hh"]
+        pre = F.linear(_hprev(d), W["weight_hh"][:H], None if b is None else b[:H])
+        return torch.sigmoid(pre + gi.detach()[..., :H])
