@@ -11,8 +11,8 @@ projections of all steps as one tapped ``F.linear`` and the steps as torch's cel
 gradient except for the GRU's candidate gate, whose hidden part is multiplied by the reset gate
 ``r_t``; an LSTM's projection ``W_hr`` gets a second tap on the projected hidden state of every
 step. Each step is a node of autograd's graph, so the layer's backward is that of its cells
-(torch's own CPU forward of a float32 LSTM uses a fused oneDNN kernel instead, about 2x faster
-per training step at small sizes; see docs/layers.md).
+(torch's own CPU forward of a float32 LSTM runs a fused oneDNN layer instead, and cuDNN's on a
+GPU, which the replay cannot use; see docs/layers.md).
 
 Handled: every mode (``RNN_TANH``, ``RNN_RELU``, ``LSTM``, ``GRU``), any ``num_layers``,
 ``bidirectional``, ``batch_first`` either way, ``bias`` on or off, ``proj_size``, an initial
