@@ -308,3 +308,18 @@ def test_float32_matches_oracle(cell):
     got, est = _run(case, "exact")
     assert _rel(got, ref) <= DET_REL_F32
     _all_fast(est)
+
+
+def test_later_steps_with_direct_taps():
+    """From the second step the engine taps outputs it saw left alone directly (the gate inputs,
+    the projection handles): each step still adds the oracle's estimate."""
+    v = dict(cell="lstm", proj=2, num_layers=2, bidirectional=True)
+    case = _case(_model("tag", v), "tag").to(torch.float64)
+    ref = oracle(case, "exact")
+    est = DiagFisher(case.model, "exact", class_dim=-1)
+    for k in (1, 2, 3):
+        est.step(case.batch)
+        got = dict(est.result().items())
+        assert _rel({n: g / k for n, g in got.items()}, ref) <= DET_REL_F64
+    assert any(key[1] == "gates" for key in est._persample._direct if isinstance(key, tuple)
+               and len(key) == 3)
