@@ -323,3 +323,23 @@ def test_later_steps_with_direct_taps():
         assert _rel({n: g / k for n, g in got.items()}, ref) <= DET_REL_F64
     assert any(key[1] == "gates" for key in est._persample._direct if isinstance(key, tuple)
                and len(key) == 3)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "rnn_relu", "lstm", "gru"])
+def test_unrolled_steps_off_the_cell_devices(cell, monkeypatch):
+    """Off the CPU (CUDA's fused cells take no per-sample bias) the steps run as primitive ops:
+    forced here on the CPU, the replay still equals torch's forward and the oracle."""
+    from fimfast.rules import recurrent
+
+    monkeypatch.setattr(recurrent, "CELL_DEVICES", ())
+    v = dict(cell=cell, num_layers=2, bidirectional=True, batch_first=True)
+    model = _model("tag", v).double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    got, cap = _replay(model.rnn, x, None)
+    assert len(cap.calls) == 1
+    for a, b in zip(_flat(model.rnn(x)), _flat(got), strict=True):
+        assert float((a - b).detach().abs().max()) <= 1e-13
+    case = _case(model, "tag").to(torch.float64)
+    got, est = _run(case, "exact")
+    assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
+    _all_fast(est)

@@ -232,6 +232,9 @@ def _rnn_forward(rule: RecurrentRule, mod: nn.RNNBase, cap: Capture, input, hx=N
     return out, h_n
 
 
+# devices whose torch cells (torch.lstm_cell, ...) take a per-sample b_ih: their composite CPU
+# implementation adds b_ih through addmm; the fused CUDA cells want a 1-D bias
+CELL_DEVICES = ("cpu",)
 _CELLS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
           "RNN_RELU": torch.rnn_relu_cell}
 
@@ -242,9 +245,10 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
 
     Each step is torch's own cell (``torch.lstm_cell``, ``torch.gru_cell``, ...) with an empty
     input and the tapped input projection of the step in place of ``b_ih``: the cell's input
-    side is then ``addmm(gi_t, empty, empty)``, which is ``gi_t``, and a step costs one call. An
-    LSTM with ``proj_size`` runs its cell as primitive ops (``torch.lstm_cell`` has no
-    projection)."""
+    side is then ``addmm(gi_t, empty, empty)``, which is ``gi_t``, and a step costs one call.
+    Off the devices of :data:`CELL_DEVICES`, and for an LSTM with ``proj_size``
+    (``torch.lstm_cell`` has no projection), the steps run as primitive ops
+    (:func:`_unrolled_steps`)."""
     mod = rec.mod
     T, N = x.shape[:2]
     gi = rec.gate_tap(F.linear(x, W["weight_ih"], W["bias_ih"]), k)
@@ -260,9 +264,11 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     steps = range(T - 1, -1, -1) if reverse else range(T)
     outs: list = [None] * T
     gis = gi.unbind(0)  # one unbind: a select per step would back-propagate T zero-filled copies
-    if W["weight_hr"] is not None:
-        h, c, raws = _projected_steps(mod, steps, gis, h, c, whh, bhh, W["weight_hr"], hps, outs)
-        d["hraw"] = torch.stack(raws[::-1] if reverse else raws)
+    if W["weight_hr"] is not None or x.device.type not in CELL_DEVICES:
+        h, c, raws = _unrolled_steps(mod.mode, mod.hidden_size, steps, gis, h, c, whh, bhh,
+                                     W["weight_hr"], hps, outs)
+        if raws:
+            d["hraw"] = torch.stack(raws[::-1] if reverse else raws)
     else:
         cell = _CELLS[mod.mode]
         e, we = x.new_empty(N, 0), x.new_empty(gi.shape[-1], 0)
@@ -280,19 +286,30 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     return ys, h, c
 
 
-def _projected_steps(mod, steps, gis, h, c, whh, bhh, whr, hps, outs: list):
-    """The steps of an LSTM with ``proj_size``: ``(last h, last c, unprojected h of every step
-    in the order run)``; ``hps``: the projection taps of every step (``None``: no tap)."""
-    H = mod.hidden_size
-    whh_t, whr_t = whh.t(), whr.t()
+def _unrolled_steps(mode: str, H: int, steps, gis, h, c, whh, bhh, whr, hps, outs: list):
+    """The steps as primitive ops: ``(last h, last c, unprojected h of every step in the order
+    run)`` (the last only for an LSTM with ``proj_size``); ``hps``: the projection taps of every
+    step (``None``: no tap)."""
+    whh_t = whh.t()
+    whr_t = None if whr is None else whr.t()
     raws = []
     for t in steps:
-        g = gis[t] + (h.mm(whh_t) if bhh is None else torch.addmm(bhh, h, whh_t))
-        i, f, _, o = torch.sigmoid(g).chunk(4, 1)
-        c = torch.addcmul(f * c, i, torch.tanh(g[:, 2 * H : 3 * H]))
-        hr = o * torch.tanh(c)
-        raws.append(hr.detach())
-        h = hr.mm(whr_t) if hps is None else torch.addmm(hps[t], hr, whr_t)
+        gh = h.mm(whh_t) if bhh is None else torch.addmm(bhh, h, whh_t)
+        git = gis[t]
+        if mode == "GRU":
+            r, z = torch.sigmoid(git[:, : 2 * H] + gh[:, : 2 * H]).chunk(2, 1)
+            n = torch.tanh(torch.addcmul(git[:, 2 * H :], r, gh[:, 2 * H :]))
+            h = torch.addcmul(n, z, h - n)
+        elif mode == "LSTM":
+            g = git + gh
+            i, f, _, o = torch.sigmoid(g).chunk(4, 1)
+            c = torch.addcmul(f * c, i, torch.tanh(g[:, 2 * H : 3 * H]))
+            h = o * torch.tanh(c)
+            if whr_t is not None:
+                raws.append(h.detach())
+                h = h.mm(whr_t) if hps is None else torch.addmm(hps[t], h, whr_t)
+        else:
+            h = torch.relu(git + gh) if mode == "RNN_RELU" else torch.tanh(git + gh)
         outs[t] = h
     return h, c, raws
 
