@@ -239,28 +239,107 @@ def test_replay_equals_torch_forward(cell, L, bi, bf, bias, h0):
     assert "forward" not in m.__dict__  # the patched forward is gone
 
 
-def test_packed_sequence_and_unbatched_take_the_generic_path():
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+class Packed(nn.Module):
+    """The recurrent layer on a PackedSequence of the batch (lengths 5, 3, 4, 2, unsorted),
+    then a Linear classifier on the last layer's final hidden state(s)."""
 
-        def forward(self, x):
-            lengths = torch.tensor([5, 3, 4, 2])
-            p = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
-                                                  enforce_sorted=False)
-            return self.head(self.rnn(p)[1][0])
+    def __init__(self, rnn: nn.RNNBase, h0: bool = False):
+        super().__init__()
+        self.rnn, self.head, self.h0 = rnn, nn.Linear(rnn.proj_size or rnn.hidden_size, 3), h0
 
+    def forward(self, x):
+        lengths = torch.tensor([5, 3, 4, 2])
+        p = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                              enforce_sorted=False)
+        r = self.rnn
+        hx = None
+        if self.h0:
+            D = 2 if r.bidirectional else 1
+            h = torch.tanh(x[:, 0, :1]).reshape(1, 4, 1).expand(D * r.num_layers, 4,
+                                                                 r.proj_size or r.hidden_size)
+            hx = h.contiguous()
+            if isinstance(r, nn.LSTM):
+                hx = (hx, torch.cos(x[:, 1, :1]).reshape(1, 4, 1).expand(
+                    D * r.num_layers, 4, r.hidden_size).contiguous())
+        out, hn = r(p, hx)
+        if isinstance(hn, tuple):
+            hn = hn[0]
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.head(hn[-1]) + padded.sum(1)[:, :3]
+
+
+def _packed_case(cell: str, h0: bool = False, **kw) -> Case:
     torch.manual_seed(0)
-    model = Packed().double()
-    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    model = Packed(_rnn(cell, batch_first=True, **kw), h0=h0).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
-    case = Case("packed", model, (x, y), lambda m, b: m(b[0]), torch.ones(4, dtype=torch.bool),
+    return Case("packed", model, (x, y), lambda m, b: m(b[0]), torch.ones(4, dtype=torch.bool),
                 y, "categorical", 3)
+
+
+PACKED = [dict(cell="gru"), dict(cell="lstm", num_layers=2, bidirectional=True),
+          dict(cell="lstm", proj=2, bidirectional=True), dict(cell="rnn", h0=True),
+          dict(cell="lstm", h0=True, num_layers=2)]
+
+
+@pytest.mark.parametrize("v", PACKED, ids=["-".join(f"{k}={x}" for k, x in d.items())
+                                           for d in PACKED])
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_packed_sequence(v, unrolled, monkeypatch):
+    """Replayed padded with each ended sample's state kept: output (packed again), final states
+    equal torch's, and the estimate the oracle's, on the rule path."""
+    from fimfast.rules import recurrent
+
+    if unrolled:
+        monkeypatch.setattr(recurrent, "CELL_DEVICES", ())
+    case = _packed_case(**v)
+    x = case.batch[0]
+    rnn = case.model.rnn
+    p = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3, 4, 2]), batch_first=True,
+                                          enforce_sorted=False)
+    ref = rnn(p)
+    got, cap = _replay(rnn, p, None)
+    assert len(cap.calls) == 1
+    assert torch.equal(got[0].batch_sizes, ref[0].batch_sizes)
+    assert torch.equal(got[0].sorted_indices, ref[0].sorted_indices)
+    for a, b in zip([ref[0].data, *_flat(ref[1])], [got[0].data, *_flat(got[1])], strict=True):
+        assert a.shape == b.shape
+        assert float((a - b).detach().abs().max()) <= 1e-13
     got, est = _run(case, "exact")
     assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
+    _all_fast(est)
+
+
+def test_packed_dropout_and_unbatched_take_the_generic_path():
+    case = _packed_case("gru", num_layers=2, dropout=0.5)
+    case.model.train()
+    torch.manual_seed(3)
+    ref = oracle(case, "exact")
+    torch.manual_seed(3)
+    got, est = _run(case, "exact")
+    assert _rel(got, ref) <= DET_REL_F64
     plan = est._persample.last_plan
     assert {est.names[i] for i in plan.generic} == {n for n in est.names if n.startswith("rnn")}
+
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):  # one sequence per sample, run unbatched
+            return torch.stack([self.head(self.rnn(s)[1][0]) for s in x])
+
+    torch.manual_seed(0)
+    model = Unbatched().double()
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    case = Case("unbatched", model, (x, y), lambda m, b: m(b[0]),
+                torch.ones(3, dtype=torch.bool), y, "categorical", 3)
+    got, est = _run(case, "exact")
+    assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
+    plan = est._persample.last_plan  # the head too: it runs on one sample at a time
+    assert {n for n in est.names if n.startswith("rnn")} <= {est.names[i] for i in plan.generic}
 
 
 def test_layers_take_the_rule():

@@ -16,9 +16,12 @@ GPU, which the replay cannot use; see docs/layers.md).
 
 Handled: every mode (``RNN_TANH``, ``RNN_RELU``, ``LSTM``, ``GRU``), any ``num_layers``,
 ``bidirectional``, ``batch_first`` either way, ``bias`` on or off, ``proj_size``, an initial
-state given or not, and dropout between layers in train mode (drawn as torch's own forward
-draws it: the same mask for the same random state). A ``PackedSequence`` or an unbatched input
-runs torch's own forward, and the layer's parameters then take the generic path.
+state given or not, dropout between layers in train mode (drawn as torch's own forward draws
+it: the same mask for the same random state), and a ``PackedSequence`` input (replayed padded,
+each sample's state kept once its sequence has ended, the output packed again). An unbatched
+input, or a ``PackedSequence`` with dropout between layers in train mode (torch draws that mask
+on the packed data), runs torch's own forward, and the layer's parameters then take the generic
+path.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
 from fimfast.rules.base import Outer, Rule, Term, UseKind, Vec, front, trainable
@@ -134,6 +138,7 @@ class _Recorder:
         self.taps: list[Tap] = []
         self.uses: list[Use] = []
         self.data: dict[str, Any] = {"src": [], "dirs": []}
+        self.masks: tuple | None = None  # per step, the samples still running (packed input)
 
     def declare(self, k: int, W: dict) -> None:
         for role in _ROLES:
@@ -187,8 +192,12 @@ def _initial(mod: nn.RNNBase, x: torch.Tensor, hx) -> tuple | None:
 
 def _plain(mod: nn.RNNBase, cap: Capture, ps: list, x) -> bool:
     """Whether this call runs torch's own forward (see the module docstring)."""
+    if isinstance(x, PackedSequence):
+        if mod.dropout > 0 and mod.training and mod.num_layers > 1:
+            return True  # torch draws its dropout on the packed data: a mask we cannot replay
+        x = x.data.unsqueeze(0)
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.is_nested:
-        return True  # PackedSequence, unbatched input
+        return True  # unbatched input
     if not cap.active or not torch.is_grad_enabled() or saved_tensor_hooks_active() or not ps:
         return True
     w = mod.weight_ih_l0
@@ -203,12 +212,19 @@ def _rnn_forward(rule: RecurrentRule, mod: nn.RNNBase, cap: Capture, input, hx=N
     ps = trainable(cap, *ws)
     if _plain(mod, cap, ps, input):
         return type(mod).forward(mod, input, hx)
-    x = input.transpose(0, 1) if mod.batch_first else input  # (T, N, I)
+    masks = None
+    if isinstance(input, PackedSequence):  # padded, in the batch's own order, and step masks
+        x, lengths = pad_packed_sequence(input)
+        steps = torch.arange(x.shape[0]).unsqueeze(1) < lengths.unsqueeze(0)
+        masks = steps.to(x.device).unsqueeze(-1).unbind(0)  # (N, 1) per step
+    else:
+        x = input.transpose(0, 1) if mod.batch_first else input  # (T, N, I)
     init = _initial(mod, x, hx)
     if init is None:
         return type(mod).forward(mod, input, hx)
     h0, c0 = init
     rec = _Recorder(mod, cap, {id(p) for p in ps})
+    rec.masks = masks
     D = 2 if mod.bidirectional else 1
     hn, cn = [], []
     for layer in range(mod.num_layers):
@@ -225,11 +241,26 @@ def _rnn_forward(rule: RecurrentRule, mod: nn.RNNBase, cap: Capture, input, hx=N
         if mod.dropout > 0 and mod.training and layer < mod.num_layers - 1:
             x = F.dropout(x, mod.dropout, True)  # the draw of torch's forward: (T, N, D * H)
     cap.record(Call(mod, rule, rec.taps, rec.uses, rec.data))
-    out = x.transpose(0, 1) if mod.batch_first else x
+    if masks is not None:
+        out = _packed_like(input, x)
+    else:
+        out = x.transpose(0, 1) if mod.batch_first else x
     h_n = torch.stack(hn)
     if mod.mode == "LSTM":
         return out, (h_n, torch.stack(cn))
     return out, h_n
+
+
+def _packed_like(packed: PackedSequence, y: torch.Tensor) -> PackedSequence:
+    """The padded time-major output ``y`` ``(T, N, F)`` (the batch's own order) packed as the
+    input ``packed`` is: the valid steps of the samples by decreasing length, step by step."""
+    bs = packed.batch_sizes
+    order = packed.sorted_indices
+    order = torch.arange(y.shape[1]) if order is None else order.cpu()
+    t = torch.repeat_interleave(torch.arange(bs.numel()), bs)
+    n = torch.cat([order[: int(b)] for b in bs])
+    data = y[t.to(y.device), n.to(y.device)]
+    return PackedSequence(data, bs, packed.sorted_indices, packed.unsorted_indices)
 
 
 # devices whose torch cells (torch.lstm_cell, ...) take a per-sample b_ih: their composite CPU
@@ -266,7 +297,7 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     gis = gi.unbind(0)  # one unbind: a select per step would back-propagate T zero-filled copies
     if W["weight_hr"] is not None or x.device.type not in CELL_DEVICES:
         h, c, raws = _unrolled_steps(mod.mode, mod.hidden_size, steps, gis, h, c, whh, bhh,
-                                     W["weight_hr"], hps, outs)
+                                     W["weight_hr"], hps, outs, rec.masks)
         if raws:
             d["hraw"] = torch.stack(raws[::-1] if reverse else raws)
     else:
@@ -274,9 +305,10 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
         e, we = x.new_empty(N, 0), x.new_empty(gi.shape[-1], 0)
         for t in steps:
             if c is None:
-                h = cell(e, h, we, whh, gis[t], bhh)
+                hn, cn = cell(e, h, we, whh, gis[t], bhh), None
             else:
-                h, c = cell(e, (h, c), we, whh, gis[t], bhh)
+                hn, cn = cell(e, (h, c), we, whh, gis[t], bhh)
+            h, c = _keep(rec.masks, t, hn, h, cn, c)
             outs[t] = h
     ys = torch.stack(outs)
     d["hs"] = ys.detach()
@@ -286,30 +318,41 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     return ys, h, c
 
 
-def _unrolled_steps(mode: str, H: int, steps, gis, h, c, whh, bhh, whr, hps, outs: list):
+def _keep(masks, t: int, hn, h, cn, c):
+    """The state after step ``t``: the new one, or for the samples already ended (``masks``, a
+    packed input) the one they had."""
+    if masks is None:
+        return hn, cn
+    m = masks[t]
+    return torch.where(m, hn, h), (None if c is None else torch.where(m, cn, c))
+
+
+def _unrolled_steps(mode: str, H: int, steps, gis, h, c, whh, bhh, whr, hps, outs: list,
+                    masks=None):
     """The steps as primitive ops: ``(last h, last c, unprojected h of every step in the order
     run)`` (the last only for an LSTM with ``proj_size``); ``hps``: the projection taps of every
-    step (``None``: no tap)."""
+    step (``None``: no tap); ``masks``: see :func:`_keep`."""
     whh_t = whh.t()
     whr_t = None if whr is None else whr.t()
     raws = []
     for t in steps:
         gh = h.mm(whh_t) if bhh is None else torch.addmm(bhh, h, whh_t)
-        git = gis[t]
+        git, cn = gis[t], None
         if mode == "GRU":
             r, z = torch.sigmoid(git[:, : 2 * H] + gh[:, : 2 * H]).chunk(2, 1)
             n = torch.tanh(torch.addcmul(git[:, 2 * H :], r, gh[:, 2 * H :]))
-            h = torch.addcmul(n, z, h - n)
+            hn = torch.addcmul(n, z, h - n)
         elif mode == "LSTM":
             g = git + gh
             i, f, _, o = torch.sigmoid(g).chunk(4, 1)
-            c = torch.addcmul(f * c, i, torch.tanh(g[:, 2 * H : 3 * H]))
-            h = o * torch.tanh(c)
+            cn = torch.addcmul(f * c, i, torch.tanh(g[:, 2 * H : 3 * H]))
+            hn = o * torch.tanh(cn)
             if whr_t is not None:
-                raws.append(h.detach())
-                h = h.mm(whr_t) if hps is None else torch.addmm(hps[t], h, whr_t)
+                raws.append(hn.detach())
+                hn = hn.mm(whr_t) if hps is None else torch.addmm(hps[t], hn, whr_t)
         else:
-            h = torch.relu(git + gh) if mode == "RNN_RELU" else torch.tanh(git + gh)
+            hn = torch.relu(git + gh) if mode == "RNN_RELU" else torch.tanh(git + gh)
+        h, c = _keep(masks, t, hn, h, cn, c)
         outs[t] = h
     return h, c, raws
 
