@@ -8,8 +8,9 @@ rule are still estimated exactly, by the slower generic path.
 Built-in rules: ``nn.Linear`` and Hugging Face ``Conv1D`` (:mod:`~fimfast.rules.linear`),
 ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (:mod:`~fimfast.rules.conv`),
 ``nn.Embedding`` and ``nn.EmbeddingBag`` (:mod:`~fimfast.rules.embedding`), ``nn.LayerNorm``,
-``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (:mod:`~fimfast.rules.norm`) and
-``nn.MultiheadAttention`` (:mod:`~fimfast.rules.attention`). Add one for a module of your own with
+``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (:mod:`~fimfast.rules.norm`),
+``nn.MultiheadAttention`` (:mod:`~fimfast.rules.attention`) and ``nn.RNN``/``nn.LSTM``/``nn.GRU``
+(:mod:`~fimfast.rules.recurrent`). Add one for a module of your own with
 :func:`register_rule` (docs/rules.md); :func:`rule_for` says which rule a module gets
 (:mod:`~fimfast.rules.registry`).
 """
@@ -21,6 +22,7 @@ from fimfast.rules.conv import ConvRule, ConvTransposeRule
 from fimfast.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fimfast.rules.linear import HFConv1DRule, LinearRule
 from fimfast.rules.norm import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
+from fimfast.rules.recurrent import RecurrentRule
 from fimfast.rules.registry import known_modules, register_rule, rule_for, unregister_rule
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "MHARule",
     "Outer",
     "RMSNormRule",
+    "RecurrentRule",
     "Rows",
     "Rule",
     "Tap",

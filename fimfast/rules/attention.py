@@ -22,14 +22,14 @@ from fimfast.rules.base import Rule, Term, UseKind, _linear_terms, trainable
 
 class MHARule(Rule):
     """``nn.MultiheadAttention`` (packed or separate input projections, ``batch_first`` either
-    way, every mask): its forward runs as :func:`_mha_forward` during a capture. Configurations it
-    does not reproduce (``bias_k``, ``add_zero_attn``, dropout while training, unbatched inputs)
-    run torch's own forward, and the parameters then go to the generic path."""
+    way, every mask, ``add_bias_kv``, ``add_zero_attn``): its forward runs as
+    :func:`_mha_forward` during a capture. ``bias_k``/``bias_v`` are appended to every sample's
+    keys and values as a tapped ``(N, 1, E)`` expansion, whose gradient per sample is the
+    parameter's (a :class:`~fimfast.rules.Vec` term). Configurations it does not reproduce
+    (dropout while training, unbatched inputs) run torch's own forward, and the parameters then
+    go to the generic path."""
 
     name = "mha"
-
-    def accepts(self, module):
-        return module.bias_k is None and module.bias_v is None and not module.add_zero_attn
 
     def install(self, module, cap):
         had = "forward" in module.__dict__
@@ -69,7 +69,7 @@ def _mha_forward(
             is_causal)
     ps = trainable(
         cap, mod.in_proj_weight, mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight,
-        mod.in_proj_bias, mod.out_proj.weight, mod.out_proj.bias,
+        mod.in_proj_bias, mod.out_proj.weight, mod.out_proj.bias, mod.bias_k, mod.bias_v,
     )
     plain = (
         not cap.active
@@ -92,6 +92,8 @@ def _mha_forward(
 
     rec = _Recorder(mod, cap, {id(p) for p in ps})
     q, k, v = _in_projections(mod, rec, query, key, value, same_kv, same_qkv)
+    if mod.bias_k is not None or mod.add_zero_attn:
+        k, v, kpm, am = _extend(mod, rec, k, v, kpm, am)
     ctx, weights = _attend(mod, q, k, v, am, kpm, need_weights, average_attn_weights, is_causal)
     out = rec.out_projection(ctx)
     cap.record(Call(mod, rule, rec.taps, rec.uses, rec.data))
@@ -169,6 +171,12 @@ class _Recorder:
         return self._add(y, name, x, ((wparam, UseKind.OUTER, wblock),
                                       (bparam, UseKind.VEC, bblock)))
 
+    def appended(self, p: torch.Tensor, N: int, name: str) -> torch.Tensor:
+        """``bias_k`` or ``bias_v`` ``(1, 1, E)`` expanded to every sample, tapped: the gradient
+        of sample ``n``'s row is that sample's gradient of the parameter."""
+        y = p.expand(N, 1, p.shape[-1])
+        return self._add(y, name, y, ((p, UseKind.VEC, None),))
+
     def out_projection(self, ctx: torch.Tensor) -> torch.Tensor:
         """The output projection of the attention context ``(N, L, E)``, tapped."""
         op = self.mod.out_proj
@@ -182,6 +190,26 @@ class _Recorder:
                 self.uses.append(Use(p, kind))
                 self.src.append((len(self.taps) - 1, "ctx"))
         return out
+
+
+def _extend(mod, rec: _Recorder, k, v, kpm, am):
+    """Keys and values ``(N, S, E)`` with ``bias_k``/``bias_v`` appended (tapped), then a zero
+    position for ``add_zero_attn``, as torch's forward appends them; the masks gain a column
+    that lets every query attend each appended position."""
+    N, E = k.shape[0], mod.embed_dim
+    if mod.bias_k is not None:
+        k = torch.cat([k, rec.appended(mod.bias_k, N, "bk")], 1)
+        v = torch.cat([v, rec.appended(mod.bias_v, N, "bv")], 1)
+        kpm, am = _pad(kpm), _pad(am)
+    if mod.add_zero_attn:
+        zero = k.new_zeros(N, 1, E)
+        k, v = torch.cat([k, zero], 1), torch.cat([v, zero], 1)
+        kpm, am = _pad(kpm), _pad(am)
+    return k, v, kpm, am
+
+
+def _pad(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else F.pad(mask, (0, 1))
 
 
 def _in_projections(mod, rec: _Recorder, query, key, value, same_kv: bool, same_qkv: bool):

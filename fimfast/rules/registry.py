@@ -25,6 +25,7 @@ from fimfast.rules.conv import ConvRule, ConvTransposeRule
 from fimfast.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fimfast.rules.linear import HFConv1DRule, LinearRule
 from fimfast.rules.norm import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
+from fimfast.rules.recurrent import RecurrentRule
 
 _TABLE: dict[type, Rule] = {
     nn.Linear: LinearRule(),
@@ -40,6 +41,9 @@ _TABLE: dict[type, Rule] = {
     nn.GroupNorm: GroupNormRule(),
     nn.modules.batchnorm._BatchNorm: BatchNormRule(),  # BatchNorm1d/2d/3d share its forward
     nn.MultiheadAttention: MHARule(),
+    nn.RNN: RecurrentRule(),
+    nn.LSTM: RecurrentRule(),
+    nn.GRU: RecurrentRule(),
 }
 if hasattr(nn, "RMSNorm"):
     _TABLE[nn.RMSNorm] = RMSNormRule()
