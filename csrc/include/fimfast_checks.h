@@ -32,15 +32,15 @@ inline bool is_kernel_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// `name` of `op` is float16, bfloat16, float32 or float64 (`name` may carry an index: "grads[3]")
-inline void check_float_input(const char* op, const std::string& name, const at::Tensor& t) {
+// `name` of `op` is float16, bfloat16, float32 or float64
+inline void check_float_input(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(is_kernel_float(t.scalar_type()), op, ": ", name,
               " must be float16, bfloat16, float32 or float64; got ", t.scalar_type());
 }
 
 // `y` of `op` is on the device of `x`
-inline void check_same_device(const char* op, const std::string& x_name, const at::Tensor& x,
-                              const std::string& y_name, const at::Tensor& y) {
+inline void check_same_device(const char* op, const char* x_name, const at::Tensor& x,
+                              const char* y_name, const at::Tensor& y) {
   TORCH_CHECK(x.device() == y.device(), op, ": ", y_name, " must be on the device of ", x_name,
               " (", x.device(), "); got ", y.device());
 }
@@ -149,18 +149,21 @@ inline bool check_accumulate(at::TensorList states, at::TensorList grads, c10::s
   const std::string md(mode);
   TORCH_CHECK(md == "sum" || md == "ema", "accumulate_: mode must be 'sum' or 'ema'; got '", md,
               "'");
+  // the messages are formatted only on failure: this loop runs once per tensor pair per step
   for (size_t i = 0; i < states.size(); ++i) {
     const at::Tensor& s = states[i];
     const at::Tensor& g = grads[i];
-    const std::string si = "states[" + std::to_string(i) + "]";
-    const std::string gi = "grads[" + std::to_string(i) + "]";
-    TORCH_CHECK(s.sizes() == g.sizes(), "accumulate_: ", si, " and ", gi, " differ in shape: ",
-                s.sizes(), " vs ", g.sizes());
-    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, "accumulate_: ",
-                si, " must be float32 or float64; got ", s.scalar_type());
-    check_float_input("accumulate_", gi, g);
-    check_same_device("accumulate_", "states[0]", states[0], si, s);
-    check_same_device("accumulate_", si, s, gi, g);
+    TORCH_CHECK(s.sizes() == g.sizes(), "accumulate_: states[", i, "] and grads[", i,
+                "] differ in shape: ", s.sizes(), " vs ", g.sizes());
+    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble,
+                "accumulate_: states[", i, "] must be float32 or float64; got ", s.scalar_type());
+    TORCH_CHECK(is_kernel_float(g.scalar_type()), "accumulate_: grads[", i,
+                "] must be float16, bfloat16, float32 or float64; got ", g.scalar_type());
+    TORCH_CHECK(s.device() == states[0].device(), "accumulate_: states[", i,
+                "] must be on the device of states[0] (", states[0].device(), "); got ",
+                s.device());
+    TORCH_CHECK(g.device() == s.device(), "accumulate_: grads[", i,
+                "] must be on the device of states[", i, "] (", s.device(), "); got ", g.device());
   }
   return md == "ema";
 }
