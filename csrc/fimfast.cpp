@@ -1,9 +1,12 @@
 // fimfast._C: the schemas of the fimfast ops and the Python module that loads them.
 //
-// The CPU kernels live in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(fimfast, CPU, ...)), the CUDA
-// kernels in csrc/cuda/<op>.cu with their torch bindings in csrc/cuda/*_binding.cpp (built only
-// with a CUDA torch, WITH_CUDA defined). Fake (meta) implementations are registered from Python
-// (fimfast/_ext.py) so torch.compile and torch.library.opcheck can trace the ops.
+// One registration per op and device: the CPU kernels live in csrc/cpu/<op>.cpp
+// (TORCH_LIBRARY_IMPL(fimfast, CPU, ...)), the CUDA kernels in csrc/cuda/<op>.cu with their torch
+// bindings beside them in csrc/cuda/<op>_binding.cpp (TORCH_LIBRARY_IMPL(fimfast, CUDA, ...),
+// built only with a CUDA torch, WITH_CUDA defined). Both kernels of an op check their arguments
+// with the same function of csrc/include/fimfast_checks.h. Fake (meta) implementations are
+// registered from Python (fimfast/_ext.py) so torch.compile and torch.library.opcheck can trace
+// the ops.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "fimfast_checks.h"
+
 namespace fimfast {
 namespace {
 
@@ -36,12 +38,7 @@ void update_block(S* s, const G* g, int64_t n, bool ema, S beta, S alpha) {
 
 void accumulate_cpu_(at::TensorList states, at::TensorList grads, c10::string_view mode,
                      double beta, double scale) {
-  TORCH_CHECK(states.size() == grads.size(), "accumulate_: states and grads differ in length: ",
-              states.size(), " vs ", grads.size());
-  const std::string md(mode);
-  TORCH_CHECK(md == "sum" || md == "ema", "accumulate_: mode must be 'sum' or 'ema'; got '", md,
-              "'");
-  const bool ema = md == "ema";
+  const bool ema = checks::check_accumulate(states, grads, mode);
   const double alpha = ema ? (1.0 - beta) * scale : scale;
   struct Item {
     at::Tensor s, g, s_orig;  // s_orig: the caller's state when s is a contiguous copy
@@ -51,12 +48,6 @@ void accumulate_cpu_(at::TensorList states, at::TensorList grads, c10::string_vi
   for (size_t i = 0; i < states.size(); ++i) {
     const at::Tensor& s = states[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(s.sizes() == g.sizes(), "accumulate_: states[", i, "] and grads[", i,
-                "] differ in shape: ", s.sizes(), " vs ", g.sizes());
-    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble,
-                "accumulate_: states[", i, "] must be float32 or float64; got ", s.scalar_type());
-    TORCH_CHECK(at::isFloatingType(g.scalar_type()), "accumulate_: grads[", i,
-                "] must be floating point; got ", g.scalar_type());
     if (s.numel() == 0) continue;
     Item it;
     it.g = g.contiguous();

@@ -17,6 +17,8 @@
 #include <tuple>
 #include <vector>
 
+#include "fimfast_checks.h"
+
 namespace fimfast {
 namespace {
 
@@ -197,12 +199,8 @@ void power_row(const T* p, int64_t C, int64_t K, int64_t iters, T* lam, T* V,
 
 std::tuple<at::Tensor, at::Tensor> core_topk_cpu(const at::Tensor& p_in, int64_t k,
                                                   c10::string_view solver, int64_t iters) {
-  TORCH_CHECK(p_in.dim() == 2, "core_topk: p must be 2-D; got ", p_in.sizes());
+  const bool power = checks::check_core_topk(p_in, k, solver);
   const int64_t R = p_in.size(0), C = p_in.size(1);
-  TORCH_CHECK(k >= 1 && k <= C - 1, "core_topk: k must be in [1, C-1] = [1, ", C - 1, "]; got ", k);
-  const std::string sol(solver);
-  TORCH_CHECK(sol == "exact" || sol == "power", "core_topk: solver must be 'exact' or 'power'; got '",
-              sol, "'");
   const auto dt = p_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor p = p_in.to(dt).contiguous();
   at::Tensor lam = at::empty({R, k}, p.options());
@@ -218,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> core_topk_cpu(const at::Tensor& p_in, int64_t
       std::vector<int64_t> perm(C);
       std::vector<T> q(C), qs(C), v(C);
       for (int64_t r = r0; r < r1; ++r) {
-        if (sol == "exact") {
+        if (!power) {
           exact_row<T>(pp + r * C, C, k, lp + r * k, vp + r * k * C, perm, q, qs, v);
         } else {
           power_row<T>(pp + r * C, C, k, iters, lp + r * k, vp + r * k * C, perm, v);

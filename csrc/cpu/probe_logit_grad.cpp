@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "fimfast_checks.h"
 #include "fimfast_rng.h"
 #include "probe_modes.h"
 
@@ -66,14 +67,8 @@ at::Tensor probe_logit_grad_cpu(const at::Tensor& logits, c10::string_view mode,
                                 const std::optional<at::Tensor>& labels,
                                 const std::optional<at::Tensor>& lam,
                                 const std::optional<at::Tensor>& vec, double sigma2) {
-  TORCH_CHECK(logits.dim() == 2, "probe_logit_grad: logits must be 2-D; got ", logits.sizes());
-  TORCH_CHECK(num_probes >= 1, "probe_logit_grad: num_probes must be >= 1; got ", num_probes);
   ProbeArgs a;
-  try {
-    a.mode = parse_probe_mode(std::string(mode));
-  } catch (const std::invalid_argument& e) {
-    TORCH_CHECK(false, e.what());
-  }
+  a.mode = checks::check_probe_logit_grad(logits, mode, num_probes);
   a.R = logits.size(0);
   a.C = logits.size(1);
   a.S = num_probes;
@@ -87,25 +82,12 @@ at::Tensor probe_logit_grad_cpu(const at::Tensor& logits, c10::string_view mode,
   if (out.numel() == 0) return out;
   at::Tensor lab, lam_c, vec_c;
   if (a.mode == ProbeMode::kEmpirical) {
-    TORCH_CHECK(labels.has_value(), "probe_logit_grad: mode 'empirical' needs labels");
+    checks::check_probe_labels_given(labels);
     lab = labels->to(at::kLong).contiguous();
-    TORCH_CHECK(lab.dim() == 1 && lab.size(0) == a.R, "probe_logit_grad: labels must have shape (",
-                a.R, ",); got ", lab.sizes());
-    const int64_t* y = lab.const_data_ptr<int64_t>();
-    for (int64_t r = 0; r < a.R; ++r) {
-      TORCH_CHECK(y[r] >= 0 && y[r] < a.C, "probe_logit_grad: labels must be in [0, ", a.C,
-                  "); got labels[", r, "] = ", y[r]);
-    }
+    checks::check_probe_labels(lab, a.R, a.C);
   }
   if (a.mode == ProbeMode::kRankk) {
-    TORCH_CHECK(lam.has_value() && vec.has_value(), "probe_logit_grad: mode 'rankk' needs eig");
-    TORCH_CHECK(lam->dim() == 2 && lam->size(0) == a.R,
-                "probe_logit_grad: eigenvalues must be (", a.R, ", k); got ", lam->sizes());
-    a.K = lam->size(1);
-    TORCH_CHECK(vec->dim() == 3 && vec->size(0) == a.R && vec->size(1) == a.K &&
-                    vec->size(2) == a.C,
-                "probe_logit_grad: eigenvectors must be (", a.R, ", ", a.K, ", ", a.C, "); got ",
-                vec->sizes());
+    a.K = checks::check_probe_eig(lam, vec, a.R, a.C);
     lam_c = lam->to(acc_type).contiguous();
     vec_c = vec->to(acc_type).contiguous();
   }

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 
+#include "fimfast_checks.h"
+
 namespace fimfast {
 namespace {
 
@@ -29,10 +31,7 @@ void add_squares(const T* per, int64_t n, int64_t e, T* out) {
 }
 
 at::Tensor shared_sq_cpu(const at::Tensor& G, const at::Tensor& A) {
-  TORCH_CHECK(G.dim() == 3 && A.dim() == 3, "shared_sq: G and A must be 3-D; got ", G.sizes(),
-              " and ", A.sizes());
-  TORCH_CHECK(G.size(0) == A.size(0) && G.size(1) == A.size(1),
-              "shared_sq: G and A must agree on (N, T); got ", G.sizes(), " and ", A.sizes());
+  checks::check_shared_sq(G, A);
   const int64_t N = G.size(0), O = G.size(2), I = A.size(2);
   const auto dt = (G.scalar_type() == at::kDouble || A.scalar_type() == at::kDouble)
                       ? at::kDouble

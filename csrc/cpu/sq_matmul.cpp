@@ -15,16 +15,14 @@
 
 #include <algorithm>
 
+#include "fimfast_checks.h"
 #include "sq_chunks.h"
 
 namespace fimfast {
 namespace {
 
 at::Tensor sq_matmul_cpu(const at::Tensor& g, const at::Tensor& a) {
-  TORCH_CHECK(g.dim() == 2 && a.dim() == 2, "sq_matmul: g and a must be 2-D; got ", g.sizes(),
-              " and ", a.sizes());
-  TORCH_CHECK(g.size(0) == a.size(0), "sq_matmul: g and a must have the same N; got ", g.sizes(),
-              " and ", a.sizes());
+  checks::check_sq_matmul(g, a);
   const int64_t N = g.size(0), O = g.size(1), I = a.size(1);
   const auto dt = (g.scalar_type() == at::kDouble || a.scalar_type() == at::kDouble)
                       ? at::kDouble
