@@ -79,6 +79,7 @@ def fisher(
         out = acc.result(_scale(st, reduction), _meta(meta, st))
         return out.truncated(rank) if rank is not None else out
     layers = cap.layers_of(model, names, params, representation)
+    check_approx(layers, representation, kfac_approx)
     info = [engine.layer_info(layer) for layer in layers]
     if representation == "quasi_diag":
         sums = engine.kron_pass(model, loader, st, layers, "quasi_diag", kfac_approx, None,
@@ -97,6 +98,18 @@ def fisher(
     if representation == "kfac":
         return F
     return refit_ekfac(F, model, loader, st, layers, reduction, max_batches, pair_chunk)
+
+
+def check_approx(layers, representation: str, kfac_approx: str) -> None:
+    """``kfac_approx="reduce"`` has no diagonal input factor for an embedding (the mean one-hot
+    of a sample's tokens gives a dense ``V x V`` second moment): refused, naming the module."""
+    if representation in ("kfac", "ekfac") and kfac_approx == "reduce":
+        for layer in layers:
+            if layer.kind == "embedding":
+                raise ValueError(
+                    f"kfac_approx='reduce' is not defined for module {layer.name!r} (Embedding): "
+                    "the mean one-hot input of a sample has a dense V x V second moment; use "
+                    "kfac_approx='expand' or freeze the embedding")
 
 
 def _quasi(names, shapes, info, sums, sc: float, meta: dict) -> QuasiDiagFIM:
