@@ -27,12 +27,11 @@ def calls(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
     eigendecomposition between them runs once, untimed (as NNGeometry's basis is)."""
     import copy
 
+    import kronfluence.computer.computer as kc
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
     from kronfluence.task import Task
     from torch.utils.data import TensorDataset
-
-    import kronfluence.computer.computer as kc
 
     kc.release_memory = lambda: None  # see the module docstring
     model = copy.deepcopy(model)

@@ -96,7 +96,7 @@ def test_state_mismatch_and_phase_errors(tmp_path):
         FisherAccumulator(model, "exact", "diag")
 
 
-# -- torch.distributed ---------------------------------------------------------------------------- #
+# -- torch.distributed ------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     from test_distributed import launch
