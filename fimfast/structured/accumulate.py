@@ -28,7 +28,7 @@ from fimfast.structured import capture as cap
 from fimfast.structured import engine
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
-from fimfast.structured.sums import LayerSums
+from fimfast.structured.sums import LayerSums, full_gram
 from fimfast.types import FIMType, check_reduction
 
 _STATE_VERSION = 1
@@ -119,9 +119,10 @@ class FisherAccumulator:
         self.phase = "refit"
 
     # -- reading ------------------------------------------------------------------------------ #
-    def result(self):
+    def result(self, consume: bool = False):
         """The structured Fisher of everything added (summed over ranks, see the module
-        docstring)."""
+        docstring). ``consume=True`` lets KFAC's factors reuse the accumulator's buffers (no
+        copies); the accumulator must not be used afterwards."""
         sums, count, batches = self._reduced()
         if count == 0:
             raise ValueError("no batch was added (loader yielded no batch)")
@@ -134,8 +135,8 @@ class FisherAccumulator:
             return QuasiDiagFIM(self.names, self.shapes, info, [s.D * sc for s in sums],
                                 [None if s.cross is None else s.cross * sc for s in sums], meta)
         if self.representation == "kfac":
-            return KFACFIM(self.names, self.shapes, info, [s.A / max(s.npos, 1.0) for s in sums],
-                           [s.G * sc for s in sums], meta)
+            A, G = _factors(self.layers, sums, sc, consume or sums is not self.sums)
+            return KFACFIM(self.names, self.shapes, info, A, G, meta)
         if self.phase != "refit":
             raise ValueError("representation='ekfac': call start_refit() and add the data again "
                              "(the refit of the diagonal) before result()")
@@ -150,8 +151,8 @@ class FisherAccumulator:
         sc = 1.0 if self.reduction == "sum" else 1.0 / count
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
         info = [engine.layer_info(layer) for layer in self.layers]
-        return KFACFIM(self.names, self.shapes, info, [s.A / max(s.npos, 1.0) for s in sums],
-                       [s.G * sc for s in sums], meta)
+        A, G = _factors(self.layers, sums, sc, sums is not self.sums)
+        return KFACFIM(self.names, self.shapes, info, A, G, meta)
 
     def _reduced(self):
         """``(sums or pair accumulator, rows, batches)``, summed over ranks when distributed."""
@@ -187,3 +188,20 @@ class FisherAccumulator:
     def crc(self) -> int:
         return zlib.crc32(repr(sorted((k, repr(v)) for k, v in self.signature().items()
                                       if k != "options")).encode())
+
+
+def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
+    """KFAC's ``A`` (mean over positions) and ``G`` (scaled by ``sc``) from the sums, symmetric
+    (:func:`~fimfast.structured.sums.full_gram`); in the sums' own buffers if ``inplace``."""
+    A, G = [], []
+    for layer, s in zip(layers, sums):
+        a, g = s.A, s.G
+        if layer.kind in ("linear", "embedding"):
+            g = full_gram(g, inplace)
+        if layer.kind == "linear":
+            a = full_gram(a, inplace)
+        elif not inplace:
+            a, g = a.clone(), g.clone()
+        A.append(a.div_(max(s.npos, 1.0)))
+        G.append(g if sc == 1.0 else g.mul_(sc))
+    return A, G

@@ -81,7 +81,7 @@ def fisher(
     if representation == "ekfac":
         acc.start_refit()
         acc.add(loader, max_batches)
-    out = acc.result()
+    out = acc.result(consume=True)
     return out.truncated(rank) if rank is not None else out
 
 

@@ -28,38 +28,63 @@ class _Layered(StructuredFIM):
     def __init__(self, names, shapes, layers: list[dict], meta):
         super().__init__(names, shapes, meta)
         self.layers = [dict(info) for info in layers]
-        self._pos = [self._positions(info) for info in self.layers]
+        self._ranges = [self._layer_ranges(info) for info in self.layers]
+        self._pos_cache: list[torch.Tensor] | None = None
 
-    def _positions(self, info: dict) -> torch.Tensor:
-        """``(O, I')`` flat positions of the layer's matrix (docs/structured.md, "KFAC")."""
+    @property
+    def _pos(self) -> list[torch.Tensor]:
+        """Per layer, the ``(O, I')`` flat positions of its matrix (built on first use)."""
+        if self._pos_cache is None:
+            self._pos_cache = [self._positions(info) for info in self.layers]
+        return self._pos_cache
+
+    def _layer_ranges(self, info: dict) -> list[tuple[int, int]]:
+        """The flat ``[start, stop)`` ranges a layer covers (checked against the shapes)."""
         O, In, kind = info["O"], info["In"], info.get("kind", "linear")
         w = self.slice_of(info["weight"])
         nw = w.stop - w.start
         I = In - (info["bias"] is not None)  # noqa: E741
-        pos = torch.empty(O, In, dtype=torch.int64)
         if kind == "embedding":
             if nw != O * I:
                 raise ValueError(f"layer {info['weight']!r}: weight of {nw} entries is not "
                                  f"V={I} rows of D={O}")
-            pos[:] = torch.arange(w.start, w.stop).reshape(I, O).T
-            return pos
-        if kind == "layernorm":
-            if nw != O:
+            out = [(w.start, w.stop)]
+        elif kind == "layernorm":
+            if nw != O or I != 1:
                 raise ValueError(f"layer {info['weight']!r}: weight of {nw} entries is not "
                                  f"{O} features")
-            pos[:, 0] = torch.arange(w.start, w.stop)
+            out = [(w.start, w.stop)]
         else:
             r0 = info.get("row0", 0)
             if I < 1 or nw % I or (r0 + O) * I > nw:
                 raise ValueError(f"layer {info['weight']!r}: weight of {nw} entries has no rows "
                                  f"{r0}..{r0 + O} of I={I} entries")
-            pos[:, :I] = torch.arange(w.start + r0 * I, w.start + (r0 + O) * I).reshape(O, I)
+            out = [(w.start + r0 * I, w.start + (r0 + O) * I)]
         if info["bias"] is not None:
             b = self.slice_of(info["bias"])
             b0 = b.start + info.get("bias_row0", 0)
             if b0 + O > b.stop:
                 raise ValueError(f"layer {info['bias']!r}: bias of {b.stop - b.start} entries "
                                  f"has no entries {b0 - b.start}..{b0 - b.start + O}")
+            out.append((b0, b0 + O))
+        return out
+
+    def _positions(self, info: dict) -> torch.Tensor:
+        """``(O, I')`` flat positions of the layer's matrix (docs/structured.md, "KFAC")."""
+        O, In, kind = info["O"], info["In"], info.get("kind", "linear")
+        w = self.slice_of(info["weight"])
+        I = In - (info["bias"] is not None)  # noqa: E741
+        pos = torch.empty(O, In, dtype=torch.int64)
+        if kind == "embedding":
+            pos[:] = torch.arange(w.start, w.stop).reshape(I, O).T
+            return pos
+        if kind == "layernorm":
+            pos[:, 0] = torch.arange(w.start, w.stop)
+        else:
+            r0 = info.get("row0", 0)
+            pos[:, :I] = torch.arange(w.start + r0 * I, w.start + (r0 + O) * I).reshape(O, I)
+        if info["bias"] is not None:
+            b0 = self.slice_of(info["bias"]).start + info.get("bias_row0", 0)
             pos[:, -1] = torch.arange(b0, b0 + O)
         return pos
 
@@ -71,9 +96,16 @@ class _Layered(StructuredFIM):
         return x[pos]
 
     def _check_cover(self) -> None:
-        n = sum(p.numel() for p in self._pos)
-        if n != self.numel() or torch.cat([p.reshape(-1) for p in self._pos]).unique().numel() != n:
-            raise ValueError(f"the layers cover {n} of the {self.numel()} parameters")
+        """The layers' ranges tile ``[0, P)`` exactly (no overlap, nothing left out)."""
+        end = 0
+        for a, b in sorted(r for rs in self._ranges for r in rs):
+            if a != end:
+                what = "gap" if a > end else "overlap"
+                raise ValueError(f"the layers cover the parameters with a {what} at flat "
+                                 f"position {min(a, end)} (of {self.numel()})")
+            end = b
+        if end != self.numel():
+            raise ValueError(f"the layers cover {end} of the {self.numel()} parameters")
 
     def _assemble(self, mats: list[torch.Tensor]) -> torch.Tensor:
         out = mats[0].new_zeros(self.numel())
