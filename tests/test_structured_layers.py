@@ -348,3 +348,24 @@ def test_nngeometry_refuses_the_new_layers():
     F = fimfast.fisher(case.model, [case.batch], representation="kfac")
     with pytest.raises(ValueError, match=r"layer 'emb' \(embedding\) has no NNGeometry"):
         F.to_nngeometry(case.model)
+
+
+def test_blocked_gram_factors(monkeypatch):
+    """Factors wider than the blocked-Gram threshold (upper block rows summed in place over
+    batches, mirrored when read) equal the plain products: ``A`` against the inputs by hand,
+    ``G`` against the unblocked path."""
+    from fimfast.structured import sums
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(700, 650), nn.Tanh(), nn.Linear(650, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 700, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
+    F = fimfast.fisher(model, data, "exact", representation="kfac", reduction="sum")
+    x = torch.cat([torch.cat([b[0], torch.ones(4, 1, dtype=torch.float64)], 1) for b in data])
+    torch.testing.assert_close(F.A[0], x.T @ x / 8, rtol=1e-12, atol=1e-13)
+    assert torch.equal(F.A[0], F.A[0].T) and torch.equal(F.G[0], F.G[0].T)
+    monkeypatch.setattr(sums, "_BLOCKED", 10**9)
+    P = fimfast.fisher(model, data, "exact", representation="kfac", reduction="sum")
+    for a, b in zip(F.A + F.G, P.A + P.G):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
