@@ -224,10 +224,10 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|"]
     for key, rec in res["workloads"].items():
         for name, m in rec["methods"].items():
-            r = m["ratio_to_train_step"]
+            r, t = m["ratio_to_train_step"], m["median_s"]
             lines.append(f"| ({key}) {rec['title']} | {name} | "
-                         f"{'-' if r is None else f'{r:.2f}'} | {m['median_s']:.4f} | "
-                         f"{m['peak_extra_mb']} |")
+                         f"{'-' if r is None else f'{r:.2f}'} | "
+                         f"{'-' if t is None else f'{t:.4f}'} | {m['peak_extra_mb']} |")
         for name, e in rec["errors"].items():
             lines.append(f"| ({key}) | {name} | failed: {e[:80]} | | |")
     lines += ["", "Parity (fimfast EXACT KFAC vs curvlinops type-2, relative error of F v):", ""]
