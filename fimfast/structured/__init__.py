@@ -1,6 +1,7 @@
 """Structured Fisher representations beyond the diagonal: dense, block-diagonal, low-rank,
 KFAC, EKFAC and quasi-diagonal (docs/structured.md). Entry point: :func:`fimfast.fisher`."""
 
+from fimfast.structured.accumulate import FisherAccumulator
 from fimfast.structured.api import REPRESENTATIONS, fisher, refit_ekfac
 from fimfast.structured.base import DENSE_LIMIT, StructuredFIM
 from fimfast.structured.dense import BlockDiagFIM, DenseFIM, LowRankFIM
@@ -14,6 +15,7 @@ __all__ = [
     "BlockDiagFIM",
     "DenseFIM",
     "EKFACFIM",
+    "FisherAccumulator",
     "KFACFIM",
     "LowRankFIM",
     "QuasiDiagFIM",

@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 
-from fimfast.estimator import _default_seed, diag_fisher, trainable_parameters
-from fimfast.structured import capture as cap
+from fimfast.estimator import diag_fisher
 from fimfast.structured import engine
+from fimfast.structured.accumulate import FisherAccumulator
 from fimfast.structured.base import StructuredFIM
-from fimfast.structured.dense import PairAccumulator
-from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
+from fimfast.structured.kron import EKFACFIM, KFACFIM
 from fimfast.types import FIMType, Options, check_reduction
 
 REPRESENTATIONS = ("diag", "quasi_diag", "kfac", "ekfac", "block_diag", "low_rank", "dense")
@@ -31,6 +30,7 @@ def fisher(
     max_rows: int | None = 100_000,
     max_batches: int | None = None,
     pair_chunk: int | None = None,
+    distributed: str = "auto",
     **opts: Any,
 ):
     """The Fisher of ``model`` on ``loader`` in a chosen representation.
@@ -50,6 +50,9 @@ def fisher(
         max_rows: ``low_rank`` only: refuse to keep more gradient rows than this.
         max_batches: stop after this many batches.
         pair_chunk: cotangents per batched backward (default: from ``FIMFAST_MEMORY_BUDGET_MB``).
+        distributed: ``"auto"``: under ``torch.distributed`` with more than one rank, the sums are
+            added over the ranks (collective; each rank passes its own shard); ``"none"``: this
+            rank's data only (see :class:`~fimfast.structured.FisherAccumulator`).
         **opts: estimator options (``num_probes``, ``seed``, ``likelihood``, ``sigma2``,
             ``ignore_index``, ``forward_fn``, ``shift_labels``, ``top_k``, ``backend``).
 
@@ -66,42 +69,32 @@ def fisher(
     if representation == "diag":
         return diag_fisher(model, loader, fim_type, reduction=reduction,
                            max_batches=max_batches, **opts)
-    o = _options(representation, opts, kfac_approx, rank, pair_chunk)
-    names, params = trainable_parameters(model)
-    st = engine.Stream(fim_type, o, o.seed if o.seed is not None else _default_seed())
-    meta = {"fim_type": fim_type.value, "representation": representation,
-            "reduction": reduction, "names": names, "options": o.to_dict()}
-    shapes = [tuple(p.shape) for p in params]
-    dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-    if representation in ("dense", "block_diag", "low_rank"):
-        acc = PairAccumulator(representation, names, shapes, dtype, params[0].device, max_rows)
-        engine.dense_pass(model, loader, st, params, acc, max_batches, pair_chunk)
-        out = acc.result(_scale(st, reduction), _meta(meta, st))
-        return out.truncated(rank) if rank is not None else out
-    layers = cap.layers_of(model, names, params, representation)
-    info = [engine.layer_info(layer) for layer in layers]
-    if representation == "quasi_diag":
-        sums = engine.kron_pass(model, loader, st, layers, "quasi_diag", kfac_approx, None,
-                                max_batches, pair_chunk)
-        return _quasi(names, shapes, info, sums, _scale(st, reduction), _meta(meta, st))
+    _options(representation, opts, kfac_approx, rank, pair_chunk)
     if representation == "ekfac" and iter(loader) is loader:
         raise ValueError("representation='ekfac' makes two passes over the data (factors, then "
                          "the refit of the diagonal); loader must be re-iterable (a list or a "
                          "DataLoader), not an iterator")
-    meta["kfac_approx"] = kfac_approx
-    sums = engine.kron_pass(model, loader, st, layers, "kfac", kfac_approx, None, max_batches,
-                            pair_chunk)
-    sc = _scale(st, reduction)
-    F = KFACFIM(names, shapes, info, [s.A / max(s.npos, 1.0) for s in sums],
-                [s.G * sc for s in sums], _meta(meta, st))
-    if representation == "kfac":
-        return F
-    return refit_ekfac(F, model, loader, st, layers, reduction, max_batches, pair_chunk)
+    acc = FisherAccumulator(model, fim_type, representation, reduction, kfac_approx=kfac_approx,
+                            max_rows=max_rows, pair_chunk=pair_chunk, distributed=distributed,
+                            **opts)
+    acc.add(loader, max_batches)
+    if representation == "ekfac":
+        acc.start_refit()
+        acc.add(loader, max_batches)
+    out = acc.result(consume=True)
+    return out.truncated(rank) if rank is not None else out
 
 
-def _quasi(names, shapes, info, sums, sc: float, meta: dict) -> QuasiDiagFIM:
-    return QuasiDiagFIM(names, shapes, info, [s.D * sc for s in sums],
-                        [None if s.cross is None else s.cross * sc for s in sums], meta)
+def check_approx(layers, representation: str, kfac_approx: str) -> None:
+    """``kfac_approx="reduce"`` has no diagonal input factor for an embedding (the mean one-hot
+    of a sample's tokens gives a dense ``V x V`` second moment): refused, naming the module."""
+    if representation in ("kfac", "ekfac") and kfac_approx == "reduce":
+        for layer in layers:
+            if layer.kind == "embedding":
+                raise ValueError(
+                    f"kfac_approx='reduce' is not defined for module {layer.name!r} (Embedding): "
+                    "the mean one-hot input of a sample has a dense V x V second moment; use "
+                    "kfac_approx='expand' or freeze the embedding")
 
 
 def _options(representation: str, opts: dict, kfac_approx: str, rank, pair_chunk) -> Options:

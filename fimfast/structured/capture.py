@@ -1,18 +1,30 @@
 """Layer capture for the Kronecker-factored and quasi-diagonal representations.
 
-Supported layers: ``nn.Linear`` (inputs ``(N, ..., I)``: every leading position after the batch
-dimension shares the weight) and ``nn.Conv2d`` (``groups=1``, zero padding: every output location
-shares the weight). During the forward a hook keeps each call's input (detached) and taps its
-output: it returns ``y + z`` with ``z`` a zero scalar expanded to ``y``'s shape, whose gradient is
-the gradient at the layer output even when later code modifies ``y`` in place.
+Supported layers (docs/structured.md, "KFAC"), each a :class:`Layer` of one ``kind``:
 
-In the factor layout a layer's weight and bias form one ``(O, I')`` matrix: ``I' = I + 1`` with the
-bias as the last column (the input with an appended 1), ``I' = I`` without bias. For a
-convolution ``I = C_in * kh * kw`` in the order of ``F.unfold`` (the weight flattened row-major).
+* ``linear``: ``nn.Linear`` (inputs ``(N, ..., I)``: every leading position after the batch
+  dimension shares the weight), ``nn.Conv2d`` (``groups=1``, zero padding: every output location
+  shares the weight) and the four projections of ``nn.MultiheadAttention`` (query, key and value
+  rows of the input projection as three layers, and ``out_proj``), whose forward runs as the
+  replay with tapped projections of :mod:`fimfast.rules.attention`;
+* ``embedding``: ``nn.Embedding``, a linear map of the one-hot token (its input factor is
+  diagonal: the token counts);
+* ``layernorm``: ``nn.LayerNorm``'s elementwise affine map, one two-input "linear" per feature
+  ``d`` with input ``(x_hat_d, 1)`` and output ``y_d = gamma_d x_hat_d + beta_d``.
+
+During the forward a hook keeps each call's input (detached) and taps its output: it returns
+``y + z`` with ``z`` a zero scalar expanded to ``y``'s shape, whose gradient is the gradient at the
+layer output even when later code modifies ``y`` in place.
+
+In the factor layout a layer is an ``(O, I')`` matrix: for ``linear`` the weight and bias (``I' =
+I + 1`` with the bias as the last column, the input with an appended 1; for a convolution ``I =
+C_in * kh * kw`` in the order of ``F.unfold``); for ``embedding`` the transposed weight ``(D, V)``;
+for ``layernorm`` one row ``(gamma_d, beta_d)`` per feature.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,27 +33,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
+from fimfast.structured import attention
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention)
+KINDS = ("linear", "embedding", "layernorm")
 
 
 @dataclass
 class Layer:
-    """One supported module and its trainable parameters."""
+    """One Kronecker block: a module (or a projection of an attention module) and its trainable
+    parameters. ``calls``: per call, ``(input, tap, output slice)``."""
 
     name: str
     module: nn.Module
     weight: str
     bias: str | None
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    @property
-    def O(self) -> int:  # noqa: E743 - the output size, as in the formulas
-        return int(self.module.weight.shape[0])
-
-    @property
-    def I(self) -> int:  # noqa: E743
-        w = self.module.weight
-        return int(w[0].numel())
+    param: torch.Tensor  # the weight tensor (its autograd edges are counted)
+    O: int  # noqa: E741 - output size (embedding: D; layernorm: features)
+    I: int  # noqa: E741 - input size without the 1 of the bias
+    kind: str = "linear"
+    row0: int = 0  # first row of the weight the block covers (attention q, k, v)
+    bias_row0: int = 0  # first entry of the bias the block covers
+    part: str = ""  # attention: "q", "k", "v" or "out"
+    calls: list[tuple[torch.Tensor, torch.Tensor, slice | None]] = field(default_factory=list)
 
     @property
     def In(self) -> int:
@@ -49,7 +63,7 @@ class Layer:
         return self.I + (1 if self.bias is not None else 0)
 
 
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+def conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     if isinstance(m.padding, str):
         if m.padding == "valid":
             return (0, 0)
@@ -63,65 +77,100 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     return tuple(m.padding)
 
 
+def _refuse(representation: str, label: str, m: nn.Module, why: str) -> ValueError:
+    return ValueError(f"representation={representation!r}: module {label!r} "
+                      f"({type(m).__name__}) {why}")
+
+
+def _module_layers(representation, label, m, pname) -> list[Layer]:
+    """The layers of one supported module whose parameters are all trainable."""
+    w, b = m.weight, getattr(m, "bias", None)
+    if not isinstance(b, torch.Tensor):
+        b = None
+    w_ok, b_ok = w is not None and id(w) in pname, b is not None and id(b) in pname
+    if not w_ok or (b is not None and not b_ok):
+        raise _refuse(representation, label, m, "has a frozen weight or bias next to a trainable "
+                      "one; freeze both or neither")
+    bname = pname[id(b)] if b_ok else None
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1 or m.padding_mode != "zeros":
+            raise _refuse(representation, label, m, f"has groups={m.groups}, padding_mode="
+                          f"{m.padding_mode!r}; only groups=1 with zero padding is supported")
+        conv_padding(m)
+    if isinstance(m, nn.Embedding):
+        return [Layer(label, m, pname[id(w)], None, w, m.embedding_dim, m.num_embeddings,
+                      "embedding")]
+    if isinstance(m, nn.LayerNorm):
+        return [Layer(label, m, pname[id(w)], bname, w, w.numel(), 1, "layernorm")]
+    return [Layer(label, m, pname[id(w)], bname, w, int(w.shape[0]), int(w[0].numel()))]
+
+
 def layers_of(model: nn.Module, names: list[str], params: list[torch.Tensor],
               representation: str) -> list[Layer]:
     """The supported layers holding every trainable parameter (raises, naming the module, for a
     parameter held by an unsupported module)."""
     pname = {id(p): n for n, p in zip(names, params)}
     covered: dict[str, str] = {}
-    layers = []
+    layers: list[Layer] = []
+    done: set[int] = set()
     for mname, m in model.named_modules():
-        own = [(k, p) for k, p in m.named_parameters(recurse=False) if id(p) in pname]
-        if not own:
-            continue
         label = mname or "<root>"
-        if not isinstance(m, SUPPORTED):
-            raise ValueError(
-                f"representation={representation!r} supports nn.Linear and nn.Conv2d layers only; "
-                f"module {label!r} ({type(m).__name__}) holds trainable parameters "
-                f"{[pname[id(p)] for _, p in own]}. Freeze them (requires_grad=False) or use "
-                "representation='dense', 'block_diag', 'low_rank' or 'diag'"
-            )
-        if isinstance(m, nn.Conv2d):
-            if m.groups != 1 or m.padding_mode != "zeros":
-                raise ValueError(f"representation={representation!r}: module {label!r} is a "
-                                 f"Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r};"
-                                 " only groups=1 with zero padding is supported")
-            _conv_padding(m)
-        w_ok = id(m.weight) in pname
-        b_ok = m.bias is not None and id(m.bias) in pname
-        if not w_ok or (m.bias is not None and not b_ok):
-            raise ValueError(f"representation={representation!r}: module {label!r} has a frozen "
-                             "weight or bias next to a trainable one; freeze both or neither")
-        for _, p in own:
-            if pname[id(p)] in covered:
-                raise ValueError(f"parameter {pname[id(p)]!r} is shared by modules "
-                                 f"{covered[pname[id(p)]]!r} and {label!r}")
-            covered[pname[id(p)]] = label
-        layers.append(Layer(label, m, pname[id(m.weight)], pname[id(m.bias)] if b_ok else None))
+        if id(m) in done:
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            found = attention.layers(representation, label, m, pname, Layer)
+            done.add(id(m.out_proj))
+        else:
+            own = [p for _, p in m.named_parameters(recurse=False) if id(p) in pname]
+            if not own:
+                continue
+            if not isinstance(m, SUPPORTED):
+                raise ValueError(
+                    f"representation={representation!r} supports nn.Linear, nn.Conv2d, "
+                    "nn.Embedding, nn.LayerNorm and nn.MultiheadAttention layers only; module "
+                    f"{label!r} ({type(m).__name__}) holds trainable parameters "
+                    f"{[pname[id(p)] for p in own]}. Freeze them (requires_grad=False) or use "
+                    "representation='dense', 'block_diag', 'low_rank' or 'diag'"
+                )
+            found = _module_layers(representation, label, m, pname)
+        for layer in found:
+            for n in (layer.weight, layer.bias):
+                if n is not None and covered.get(n, label) != label:
+                    raise ValueError(f"parameter {n!r} is shared by modules {covered[n]!r} and "
+                                     f"{label!r}")
+                if n is not None:
+                    covered[n] = label
+        layers.extend(found)
     return layers
 
 
 @contextmanager
 def capture(layers: list[Layer]) -> Iterator[list[Layer]]:
-    """Record ``(input, tap)`` of every call of ``layers`` during the forward; hooks removed on
-    exit."""
+    """Record ``(input, tap, None)`` of every call of ``layers`` during the forward (attention
+    projections: see :func:`finish`); hooks removed on exit."""
     handles = []
 
     def hook_for(layer: Layer):
         def hook(mod, inputs, out):
             z = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
             z = z.expand(out.shape)
-            layer.calls.append((inputs[0].detach(), z))
+            layer.calls.append((inputs[0].detach(), z, None))
             return out + z
 
         return hook
 
+    hooked: set[int] = set()
     try:
         for layer in layers:
             layer.calls = []
-            handles.append(layer.module.register_forward_hook(hook_for(layer)))
-        yield layers
+        with attention.replayed(layers) as att:
+            for layer in layers:
+                if not isinstance(layer.module, nn.MultiheadAttention) and \
+                        id(layer.module) not in hooked:
+                    hooked.add(id(layer.module))
+                    handles.append(layer.module.register_forward_hook(hook_for(layer)))
+            yield layers
+            att.finish()
     finally:
         for h in handles:
             h.remove()
@@ -129,21 +178,23 @@ def capture(layers: list[Layer]) -> Iterator[list[Layer]]:
 
 def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> None:
     """Every layer ran, with the batch first, and its weight reaches the logits only through its
-    own calls (a weight also used functionally, e.g. an output head tied to an embedding, or
-    ``nn.MultiheadAttention.out_proj``, whose weight the attention uses without calling it)."""
-    edges = _parameter_edges(flat, [layer.module.weight for layer in layers])
+    own calls (a weight also used functionally, e.g. an output head tied to an embedding, is
+    refused)."""
+    edges = _parameter_edges(flat, [layer.param for layer in layers])
     for layer in layers:
         if not layer.calls:
             raise ValueError(
                 f"module {layer.name!r} ({type(layer.module).__name__}) holds trainable parameters "
-                "but its forward was never called (its weights are used functionally, as in "
-                "nn.MultiheadAttention.out_proj); the Kronecker representations cannot capture it"
+                "but its forward was never called"
+                + (attention.NOT_REPLAYED if isinstance(layer.module, nn.MultiheadAttention) else
+                   " (its weights are used functionally); the Kronecker representations cannot "
+                   "capture it")
             )
-        for x, _ in layer.calls:
-            if x.dim() < 2 or x.shape[0] != N:
+        for x, _, _ in layer.calls:
+            if x.dim() < (1 if layer.kind == "embedding" else 2) or x.shape[0] != N:
                 raise ValueError(f"module {layer.name!r} got an input of shape {tuple(x.shape)}; "
                                  f"the batch (N={N}) must be its first dimension")
-        n_edges = edges.get(id(layer.module.weight), 0)
+        n_edges = edges.get(id(layer.param), 0)
         if n_edges != len(layer.calls):
             raise ValueError(
                 f"the weight of module {layer.name!r} reaches the logits through {n_edges} uses "
@@ -175,17 +226,33 @@ def _parameter_edges(flat: torch.Tensor, params: list[torch.Tensor]) -> dict[int
     return counts
 
 
-def inputs_of(layer: Layer) -> torch.Tensor:
-    """``(N, T, I')`` inputs of every call, positions of all calls concatenated (``T``)."""
+def _ln_dims(m: nn.LayerNorm) -> int:
+    return len(m.normalized_shape)
+
+
+def inputs_of(layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The inputs of every call, positions of all calls concatenated (``T``): ``(N, T, I')``
+    (linear), ``(N, T)`` token ids (embedding), ``(N, T, D)`` normalised inputs ``x_hat``
+    (layernorm; the 1 of the bias is implicit)."""
     m = layer.module
     parts = []
-    for x, _ in layer.calls:
+    for x, _, _ in layer.calls:
         N = x.shape[0]
+        if layer.kind == "embedding":
+            parts.append(x.reshape(N, -1))
+            continue
+        if layer.kind == "layernorm":
+            nd = _ln_dims(m)
+            xh = F.layer_norm(x, m.normalized_shape, eps=m.eps)
+            parts.append(xh.reshape(N, -1, math.prod(x.shape[x.dim() - nd:])))
+            continue
         if isinstance(m, nn.Conv2d):
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m),
+            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=conv_padding(m),
                          stride=m.stride).transpose(1, 2)
         else:
             a = x.reshape(N, -1, x.shape[-1])
+        if dtype is not None:
+            a = a.to(dtype)
         if layer.bias is not None:
             a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
         parts.append(a)
@@ -194,16 +261,21 @@ def inputs_of(layer: Layer) -> torch.Tensor:
 
 def positions_of(layer: Layer, mask: torch.Tensor | None) -> torch.Tensor | None:
     """``(N, T)`` 0/1 weights of the input positions (``None``: all count): the positions of a
-    Linear whose input is ``(N, T, I)`` with the ``(N, T)`` shape of the attention mask are
-    weighted by the mask (padding left out of the input factor)."""
+    call whose input has the ``(N, T)`` shape of the attention mask in front of its features
+    (``(N, T, I)`` for a Linear, ``(N, T)`` ids for an Embedding) are weighted by the mask
+    (padding left out of the input factor)."""
     if mask is None or isinstance(layer.module, nn.Conv2d):
         return None
+    feat = {"embedding": 0, "layernorm": len(getattr(layer.module, "normalized_shape", ()))}
+    feat = feat.get(layer.kind, 1)
     ws = []
-    for x, _ in layer.calls:
-        if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            ws.append((mask != 0).to(x.dtype))
+    for x, _, _ in layer.calls:
+        lead = tuple(x.shape[: x.dim() - feat])
+        if lead == tuple(mask.shape):
+            ws.append((mask != 0).to(torch.float64 if x.dtype == torch.float64
+                                     else torch.float32))
         else:
-            ws.append(x.new_ones(x.shape[0], x[0, ..., 0].numel()))
+            ws.append(torch.ones(x.shape[0], math.prod(lead[1:]), device=x.device))
     return torch.cat(ws, 1)
 
 
@@ -211,9 +283,11 @@ def out_grads(layer: Layer, grads: list[torch.Tensor | None]) -> torch.Tensor:
     """``(M, N, T, O)`` gradients at the outputs of every call, from the tap gradients
     (``(M, *output.shape)`` each, ``None`` for a call the cotangents do not reach)."""
     parts = []
-    for (_x, z), g in zip(layer.calls, grads):
+    for (_x, z, sl), g in zip(layer.calls, grads):
         if g is None:
             g = torch.zeros((1,) + tuple(z.shape), dtype=z.dtype, device=z.device)
+        if sl is not None:
+            g = g[..., sl]
         M, N = g.shape[0], g.shape[1]
         if isinstance(layer.module, nn.Conv2d):
             g = g.reshape(M, N, layer.O, -1).transpose(2, 3)

@@ -12,6 +12,7 @@ import torch
 from fimfast import _env, likelihoods
 from fimfast.structured import capture as cap
 from fimfast.structured import columns
+from fimfast.structured.sums import LayerSums, acc_dtype, add_grads, add_inputs
 from fimfast.types import FIMType, Options
 
 
@@ -88,109 +89,57 @@ def _scatter(rows, cot: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@dataclass
-class LayerSums:
-    """Per-layer sums of one Kronecker-family pass."""
-
-    A: torch.Tensor | None = None  # (I', I') input second moments (sum)
-    npos: float = 0.0  # positions (or samples, for reduce) summed into A
-    G: torch.Tensor | None = None  # (O, O) output-gradient second moments
-    D: torch.Tensor | None = None  # (O, I') squared projected gradients (EKFAC, quasi-diag)
-    cross: torch.Tensor | None = None  # (O, I) weight-bias cross terms (quasi-diag)
-
-
 def kron_pass(model, loader: Iterable, st: Stream, layers: list[cap.Layer], what: str,
               approx: str = "expand", eig: list | None = None, max_batches: int | None = None,
-              chunk: int | None = None) -> list[LayerSums]:
+              chunk: int | None = None, sums: list[LayerSums] | None = None) -> list[LayerSums]:
     """One pass for ``what`` in ``kfac`` (factors A, G), ``ekfac`` (``D`` in the eigenbasis
-    ``eig = [(U_A, U_G)]``) or ``quasi_diag`` (squared gradients and weight-bias cross terms)."""
-    sums = [LayerSums() for _ in layers]
+    ``eig = [(U_A, U_G)]``) or ``quasi_diag`` (squared gradients and weight-bias cross terms),
+    added to ``sums`` (new ones if ``None``)."""
+    sums = [LayerSums() for _ in layers] if sums is None else sums
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        with cap.capture(layers):
-            fw = columns.forward(model, batch, st.fim_type, st.opts)
-        rows = fw.rows
-        flat = rows.flat_all
-        cap.check_calls(layers, flat, rows.num_samples)
-        a_in = [cap.inputs_of(layer) for layer in layers]
-        if what == "kfac":
-            for layer, a, s in zip(layers, a_in, sums):
-                _add_inputs(s, a, cap.positions_of(layer, fw.mask), approx)
-        taps = [z for layer in layers for _, z in layer.calls]
-        per_pair = 4 * sum(z.numel() for z in taps)
-        for cot in _cotangents(fw, st, "sample", per_pair, chunk):
-            grads = columns.batched_grad(flat, taps, _scatter(rows, cot))
-            k = 0
-            for j, layer in enumerate(layers):
-                n = len(layer.calls)
-                g = cap.out_grads(layer, grads[k : k + n])
-                k += n
-                _add_grads(sums[j], a_in[j], g, what, approx, None if eig is None else eig[j],
-                           layer.bias is not None)
-        for layer in layers:
-            layer.calls = []
-        st.advance(rows)
+        kron_batch(model, batch, st, layers, sums, what, approx, eig, chunk)
     return sums
 
 
-def _add_inputs(s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, approx: str) -> None:
-    a = a.to(_acc_dtype(a))
-    if approx == "expand":
-        a2 = a.reshape(-1, a.shape[-1])
-        if w is None:  # every position counts: one (I', N T) x (N T, I') product
-            A = a2.T @ a2
-            npos = float(a2.shape[0])
-        else:
-            w2 = w.reshape(-1, 1).to(a.dtype)
-            A = (a2 * w2).T @ a2
-            npos = float(w2.sum())
-    else:  # reduce: the mean input over the positions of each sample
-        if w is None:
-            abar = a.mean(1)
-        else:
-            w = w.to(a.dtype)
-            abar = (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
-        A = abar.T @ abar
-        npos = float(a.shape[0])
-    s.A = A if s.A is None else s.A + A
-    s.npos += npos
-
-
-def _add_grads(s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, approx: str,
-               eig: tuple[torch.Tensor, torch.Tensor] | None, bias: bool) -> None:
-    """``g``: ``(M, N, T, O)`` output gradients of ``M`` cotangents; ``a``: ``(N, T, I')``."""
-    dt = _acc_dtype(g)
-    g = g.to(dt)
-    a = a.to(dt)
-    O = g.shape[-1]
+def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
+               what: str, approx: str = "expand", eig: list | None = None,
+               chunk: int | None = None) -> None:
+    """Add one batch to the per-layer ``sums`` (see :func:`kron_pass`) and advance ``st``."""
+    with cap.capture(layers):
+        fw = columns.forward(model, batch, st.fim_type, st.opts)
+    rows = fw.rows
+    flat = rows.flat_all
+    cap.check_calls(layers, flat, rows.num_samples)
+    a_in = [cap.inputs_of(layer) for layer in layers]
     if what == "kfac":
-        gg = g.reshape(-1, O) if approx == "expand" else g.sum(2).reshape(-1, O)
-        G = gg.T @ gg
-        s.G = G if s.G is None else s.G + G
-        return
-    if what == "ekfac":
-        ua, ug = eig
-        g, a = g @ ug.to(dt), a @ ua.to(dt)
-    want_cross = what == "quasi_diag" and bias
-    if g.shape[2] == 1:  # one position: (g a^T)^2 = g^2 a^2 summed without per-pair matrices
-        g2 = (g[:, :, 0] ** 2).sum(0)  # (N, O)
-        D = g2.T @ (a[:, 0] ** 2)
-        cross = g2.T @ a[:, 0, :-1] if want_cross else None
-    else:
-        Mp = torch.einsum("mnto,nti->mnoi", g, a)  # per-pair gradients of the (O, I') matrix
-        D = (Mp**2).sum((0, 1))
-        cross = (Mp[..., :-1] * Mp[..., -1:]).sum((0, 1)) if want_cross else None
-    s.D = D if s.D is None else s.D + D
-    if cross is not None:
-        s.cross = cross if s.cross is None else s.cross + cross
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+        for layer, a, s in zip(layers, a_in, sums):
+            add_inputs(layer, s, a, cap.positions_of(layer, fw.mask), approx,
+                       acc_dtype(layer.calls[0][1]))
+    taps, where = [], {}
+    for layer in layers:
+        for _, z, _ in layer.calls:
+            if id(z) not in where:
+                where[id(z)] = len(taps)
+                taps.append(z)
+    per_pair = 4 * sum(z.numel() for z in taps)
+    for cot in _cotangents(fw, st, "sample", per_pair, chunk):
+        grads = columns.batched_grad(flat, taps, _scatter(rows, cot))
+        for j, layer in enumerate(layers):
+            g = cap.out_grads(layer, [grads[where[id(z)]] for _, z, _ in layer.calls])
+            add_grads(layer, sums[j], a_in[j], g, what, approx, None if eig is None else eig[j])
+    for layer in layers:
+        layer.calls = []
+    st.advance(rows)
 
 
 def layer_info(layer: cap.Layer) -> dict[str, Any]:
     """The plain-data description of a layer kept by the matrices (and their files)."""
-    return {"name": layer.name, "weight": layer.weight, "bias": layer.bias, "O": layer.O,
+    info = {"name": layer.name, "weight": layer.weight, "bias": layer.bias, "O": layer.O,
             "In": layer.In}
+    if layer.kind != "linear":
+        info["kind"] = layer.kind
+    if layer.row0 or layer.bias_row0:
+        info["row0"], info["bias_row0"] = layer.row0, layer.bias_row0
+    return info

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from fimfast.structured import factors as fx
 from fimfast.structured.base import StructuredFIM, check_damping, register
 
 
@@ -27,32 +28,84 @@ class _Layered(StructuredFIM):
     def __init__(self, names, shapes, layers: list[dict], meta):
         super().__init__(names, shapes, meta)
         self.layers = [dict(info) for info in layers]
-        self._pos = [self._positions(info) for info in self.layers]
+        self._ranges = [self._layer_ranges(info) for info in self.layers]
+        self._pos_cache: list[torch.Tensor] | None = None
 
-    def _positions(self, info: dict) -> torch.Tensor:
-        O, In = info["O"], info["In"]
+    @property
+    def _pos(self) -> list[torch.Tensor]:
+        """Per layer, the ``(O, I')`` flat positions of its matrix (built on first use)."""
+        if self._pos_cache is None:
+            self._pos_cache = [self._positions(info) for info in self.layers]
+        return self._pos_cache
+
+    def _layer_ranges(self, info: dict) -> list[tuple[int, int]]:
+        """The flat ``[start, stop)`` ranges a layer covers (checked against the shapes)."""
+        O, In, kind = info["O"], info["In"], info.get("kind", "linear")
         w = self.slice_of(info["weight"])
-        I = w.stop - w.start
-        if I % O:
-            raise ValueError(f"layer {info['weight']!r}: weight of {I} entries is not O={O} rows")
-        I //= O
-        pos = torch.empty(O, In, dtype=torch.int64)
-        pos[:, :I] = torch.arange(w.start, w.stop).reshape(O, I)
+        nw = w.stop - w.start
+        I = In - (info["bias"] is not None)  # noqa: E741
+        if kind == "embedding":
+            if nw != O * I:
+                raise ValueError(f"layer {info['weight']!r}: weight of {nw} entries is not "
+                                 f"V={I} rows of D={O}")
+            out = [(w.start, w.stop)]
+        elif kind == "layernorm":
+            if nw != O or I != 1:
+                raise ValueError(f"layer {info['weight']!r}: weight of {nw} entries is not "
+                                 f"{O} features")
+            out = [(w.start, w.stop)]
+        else:
+            r0 = info.get("row0", 0)
+            if I < 1 or nw % I or (r0 + O) * I > nw:
+                raise ValueError(f"layer {info['weight']!r}: weight of {nw} entries has no rows "
+                                 f"{r0}..{r0 + O} of I={I} entries")
+            out = [(w.start + r0 * I, w.start + (r0 + O) * I)]
         if info["bias"] is not None:
             b = self.slice_of(info["bias"])
-            pos[:, I] = torch.arange(b.start, b.stop)
-        if pos.shape[1] != (I + (info["bias"] is not None)):
-            raise ValueError(f"layer {info['weight']!r}: In={In} does not match the weight")
+            b0 = b.start + info.get("bias_row0", 0)
+            if b0 + O > b.stop:
+                raise ValueError(f"layer {info['bias']!r}: bias of {b.stop - b.start} entries "
+                                 f"has no entries {b0 - b.start}..{b0 - b.start + O}")
+            out.append((b0, b0 + O))
+        return out
+
+    def _positions(self, info: dict) -> torch.Tensor:
+        """``(O, I')`` flat positions of the layer's matrix (docs/structured.md, "KFAC")."""
+        O, In, kind = info["O"], info["In"], info.get("kind", "linear")
+        w = self.slice_of(info["weight"])
+        I = In - (info["bias"] is not None)  # noqa: E741
+        pos = torch.empty(O, In, dtype=torch.int64)
+        if kind == "embedding":
+            pos[:] = torch.arange(w.start, w.stop).reshape(I, O).T
+            return pos
+        if kind == "layernorm":
+            pos[:, 0] = torch.arange(w.start, w.stop)
+        else:
+            r0 = info.get("row0", 0)
+            pos[:, :I] = torch.arange(w.start + r0 * I, w.start + (r0 + O) * I).reshape(O, I)
+        if info["bias"] is not None:
+            b0 = self.slice_of(info["bias"]).start + info.get("bias_row0", 0)
+            pos[:, -1] = torch.arange(b0, b0 + O)
         return pos
+
+    def _kind(self, i: int) -> str:
+        return self.layers[i].get("kind", "linear")
 
     def _mat(self, x: torch.Tensor, i: int) -> torch.Tensor:
         pos = self._pos[i].to(x.device)
         return x[pos]
 
     def _check_cover(self) -> None:
-        n = sum(p.numel() for p in self._pos)
-        if n != self.numel():
-            raise ValueError(f"the layers cover {n} of the {self.numel()} parameters")
+        """The layers' ranges tile ``[0, P)`` exactly (no overlap, nothing left out)."""
+        end = 0
+        for a, b in sorted(r for rs in self._ranges for r in rs):
+            if a != end:
+                what = "gap" if a > end else "overlap"
+                raise ValueError(f"the layers cover the parameters with a {what} at flat "
+                                 f"position {min(a, end)} (of {self.numel()})")
+            end = b
+        if end != self.numel():
+            raise ValueError(f"the layers cover {end} of the {self.numel()} parameters")
 
     def _assemble(self, mats: list[torch.Tensor]) -> torch.Tensor:
         out = mats[0].new_zeros(self.numel())
@@ -73,25 +126,6 @@ class _Layered(StructuredFIM):
         return {"layers": self.layers}
 
 
-def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of a symmetric factor (symmetrised), in its dtype.
-
-    float32 ``eigh`` can fail on input factors with many equal eigenvalues (an MNIST layer's
-    785 x 785 ``A``, whose constant-zero pixels give a large null space); such a factor is
-    decomposed in float64 instead (on this CPU build 785 x 785 float64 ``eigh`` takes seconds,
-    float32 a fraction of one, so float64 is the fallback, not the default)."""
-    sym = (m + m.T) / 2
-    try:
-        lam, U = torch.linalg.eigh(sym)
-        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(U).all()):
-            return lam, U
-    except torch.linalg.LinAlgError:
-        pass
-    # float32 LAPACK either raises or (measured on such a factor) returns NaN without raising
-    lam, U = torch.linalg.eigh(sym.double())
-    return lam.to(m.dtype), U.to(m.dtype)
-
-
 @register("kfac")
 class KFACFIM(_Layered):
     """``F ~ blockdiag_l(A_l (x) G_l)`` (NNGeometry's ``PMatKFAC``, curvlinops'
@@ -100,10 +134,12 @@ class KFACFIM(_Layered):
     def __init__(self, names, shapes, layers, A, G, meta=None):
         super().__init__(names, shapes, layers, meta)
         self.A, self.G = list(A), list(G)
-        for info, a, g in zip(self.layers, self.A, self.G):
-            if tuple(a.shape) != (info["In"],) * 2 or tuple(g.shape) != (info["O"],) * 2:
-                raise ValueError(f"layer {info['weight']!r}: factors {tuple(a.shape)}, "
-                                 f"{tuple(g.shape)} do not match O={info['O']}, In={info['In']}")
+        for i, (info, a, g) in enumerate(zip(self.layers, self.A, self.G)):
+            want = fx.expected_shapes(self._kind(i), info["O"], info["In"])
+            if (tuple(a.shape), tuple(g.shape)) != want:
+                raise ValueError(f"layer {info['weight']!r} ({self._kind(i)}): factors "
+                                 f"{tuple(a.shape)}, {tuple(g.shape)}; expected {want[0]}, "
+                                 f"{want[1]}")
         self._check_cover()
         self._eig = None
         self._ekfac: EKFACFIM | None = None
@@ -115,14 +151,13 @@ class KFACFIM(_Layered):
     def eig(self):
         """Per layer ``(lam_A, U_A, lam_G, U_G)``, cached."""
         if self._eig is None:
-            self._eig = []
-            for a, g in zip(self.A, self.G):
-                self._eig.append((*_eigh(a), *_eigh(g)))
+            self._eig = [fx.eig(self._kind(i), a, g)
+                         for i, (a, g) in enumerate(zip(self.A, self.G))]
         return self._eig
 
     def _mv(self, x):
         x = x.to(self.dtype)
-        return self._assemble([g @ self._mat(x, i) @ a
+        return self._assemble([fx.kfac_mv(self._kind(i), a, g, self._mat(x, i))
                                for i, (a, g) in enumerate(zip(self.A, self.G))])
 
     def _solve(self, x, d):
@@ -134,7 +169,8 @@ class KFACFIM(_Layered):
         """The same matrix in its Kronecker eigenbasis (``D = lam_G lam_A^T``), no refit."""
         eig = self.eig()
         return EKFACFIM(self.names, self.shapes, self.layers, [e[1] for e in eig],
-                        [e[3] for e in eig], [e[2].unsqueeze(1) * e[0].unsqueeze(0) for e in eig],
+                        [e[3] for e in eig],
+                        [fx.eig_values(self._kind(i), e[0], e[2]) for i, e in enumerate(eig)],
                         dict(self.meta))
 
     def inverse(self, damping: float = 1e-3) -> EKFACFIM:
@@ -143,18 +179,21 @@ class KFACFIM(_Layered):
         return self.to_ekfac().inverse(damping)
 
     def to_dense(self):
-        return self._dense_blocks([torch.kron(g, a) for a, g in zip(self.A, self.G)])
+        return self._dense_blocks([fx.kfac_block(self._kind(i), a, g)
+                                   for i, (a, g) in enumerate(zip(self.A, self.G))])
+
+    def _kdiag(self):
+        return [fx.kfac_diag(self._kind(i), a, g) for i, (a, g) in enumerate(zip(self.A, self.G))]
 
     def _diag(self):
-        return self._assemble([g.diagonal().unsqueeze(1) * a.diagonal().unsqueeze(0)
-                               for a, g in zip(self.A, self.G)])
+        return self._assemble(self._kdiag())
 
     def trace(self):
-        return float(sum(a.double().trace() * g.double().trace() for a, g in zip(self.A, self.G)))
+        return float(sum(d.double().sum() for d in self._kdiag()))
 
     def frobenius_norm(self):
-        return math.sqrt(float(sum((a.double() ** 2).sum() * (g.double() ** 2).sum()
-                                   for a, g in zip(self.A, self.G))))
+        return math.sqrt(float(sum(fx.kfac_fro2(self._kind(i), a, g)
+                                   for i, (a, g) in enumerate(zip(self.A, self.G)))))
 
     def _tensors(self):
         t = {f"A{i}": a for i, a in enumerate(self.A)}
@@ -190,8 +229,9 @@ class EKFACFIM(_Layered):
         x = x.to(self.dtype)
         mats = []
         for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D)):
-            c = ug.T @ self._mat(x, i) @ ua
-            mats.append(ug @ fn(c, d) @ ua.T)
+            k = self._kind(i)
+            c = fx.rotate(k, ua, ug, self._mat(x, i))
+            mats.append(fx.unrotate(k, ua, ug, fn(c, d)))
         return self._assemble(mats)
 
     def _mv(self, x):
@@ -214,22 +254,19 @@ class EKFACFIM(_Layered):
         out = []
         for _ in range(n):
             mats = []
-            for ua, ug, d in zip(self.UA, self.UG, self.D):
+            for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D)):
                 e = torch.randn(d.shape, generator=generator, dtype=d.dtype, device=d.device)
-                mats.append(ug @ (d.clamp_min(0).sqrt() * e) @ ua.T)
+                mats.append(fx.unrotate(self._kind(i), ua, ug, d.clamp_min(0).sqrt() * e))
             out.append(self._assemble(mats))
         return torch.stack(out)
 
     def to_dense(self):
-        blocks = []
-        for ua, ug, d in zip(self.UA, self.UG, self.D):
-            K = torch.kron(ug, ua)
-            blocks.append((K * d.reshape(1, -1)) @ K.T)
-        return self._dense_blocks(blocks)
+        return self._dense_blocks([fx.ekfac_block(self._kind(i), ua, ug, d)
+                                   for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D))])
 
     def _diag(self):
-        return self._assemble([(ug**2) @ d @ (ua**2).T
-                               for ua, ug, d in zip(self.UA, self.UG, self.D)])
+        return self._assemble([fx.ekfac_diag(self._kind(i), ua, ug, d)
+                               for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D))])
 
     def trace(self):
         return float(sum(d.double().sum() for d in self.D))
@@ -240,14 +277,18 @@ class EKFACFIM(_Layered):
     def _tensors(self):
         t = {}
         for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D)):
-            t[f"UA{i}"], t[f"UG{i}"], t[f"D{i}"] = ua, ug, d
+            t[f"D{i}"] = d
+            if ua is not None:
+                t[f"UA{i}"] = ua
+            if ug is not None:
+                t[f"UG{i}"] = ug
         return t
 
     @classmethod
     def _from_tensors(cls, names, shapes, t, extra, meta):
         n = len(extra["layers"])
-        return cls(names, shapes, extra["layers"], [t[f"UA{i}"] for i in range(n)],
-                   [t[f"UG{i}"] for i in range(n)], [t[f"D{i}"] for i in range(n)], meta)
+        return cls(names, shapes, extra["layers"], [t.get(f"UA{i}") for i in range(n)],
+                   [t.get(f"UG{i}") for i in range(n)], [t[f"D{i}"] for i in range(n)], meta)
 
 
 @register("quasi_diag")

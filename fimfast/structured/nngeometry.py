@@ -58,6 +58,11 @@ def to_nngeometry(F: StructuredFIM, target: Any):
     from nngeometry import object as ngo
     from nngeometry.backend import DummyGenerator
 
+    for info in getattr(F, "layers", []):
+        if info.get("kind", "linear") != "linear" or "row0" in info:
+            raise ValueError(f"layer {info['name']!r} ({info.get('kind', 'attention projection')})"
+                             f" has no NNGeometry {type(F).__name__} counterpart (NNGeometry's "
+                             "Kronecker and quasi-diagonal matrices cover Linear and Conv2d)")
     lc = _collection(target)
     entries = _check_same(F, lc)
     dev = next(iter(F._tensors().values())).device

@@ -1,0 +1,207 @@
+"""A structured Fisher accumulated batch by batch: resumable, and reduced over ranks.
+
+:class:`FisherAccumulator` holds the plain sums of a pass (docs/structured.md, "Accumulating,
+resuming, distributed"): KFAC's ``A``, ``G`` and position counts, EKFAC's refitted ``D``, the
+quasi-diagonal's squares and cross terms, the dense family's ``sum g g^T`` (or low-rank rows),
+and the random stream's position. Sums of shards add up to the sums of their union, so
+
+* ``state_dict()`` / ``load_state_dict()`` resume an interrupted pass bit for bit (the same
+  additions in the same order, the stream continuing at the same counter);
+* under ``torch.distributed`` (``distributed="auto"`` and a process group of more than one rank)
+  reading the result sums the states over the ranks into new tensors (the local state is left as
+  it is), so EXACT / EMPIRICAL equal one process on the union of the shards; random types draw
+  on each rank from the seed mixed with the rank (:func:`fimfast.distributed.rank_seed`).
+  EKFAC's eigenbasis is taken from the reduced factors (``start_refit`` is collective too).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from fimfast import distributed as dist_mod
+from fimfast.estimator import _default_seed, trainable_parameters
+from fimfast.structured import capture as cap
+from fimfast.structured import engine
+from fimfast.structured.dense import PairAccumulator
+from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
+from fimfast.structured.sums import LayerSums, full_gram
+from fimfast.types import FIMType, check_reduction
+
+_STATE_VERSION = 1
+
+
+class FisherAccumulator:
+    """Batch-by-batch accumulation of a structured Fisher (the engine of
+    :func:`fimfast.fisher`; arguments as there). ``representation="ekfac"`` has two phases:
+    ``update`` the factors, :meth:`start_refit`, ``update`` again over the data (the refit of
+    the diagonal), then :meth:`result`."""
+
+    def __init__(self, model: torch.nn.Module, fim_type: FIMType | str = "exact",
+                 representation: str = "kfac", reduction: str = "mean", *,
+                 kfac_approx: str = "expand", max_rows: int | None = 100_000,
+                 pair_chunk: int | None = None, distributed: str = "auto", group: Any = None,
+                 **opts: Any):
+        from fimfast.structured import api
+
+        if representation not in api.REPRESENTATIONS or representation == "diag":
+            raise ValueError("representation must be one of "
+                             f"{tuple(r for r in api.REPRESENTATIONS if r != 'diag')} (use "
+                             f"fimfast.DiagFisher for 'diag'); got {representation!r}")
+        if distributed not in ("auto", "none"):
+            raise ValueError(f"distributed must be 'auto' or 'none'; got {distributed!r}")
+        self.fim_type = FIMType.parse(fim_type)
+        check_reduction(reduction)
+        self.model, self.representation, self.reduction = model, representation, reduction
+        self.kfac_approx, self.pair_chunk = kfac_approx, pair_chunk
+        self.distributed, self.group = distributed, group
+        o = api._options(representation, opts, kfac_approx, None, pair_chunk)
+        self.names, self.params = trainable_parameters(model)
+        seed = o.seed if o.seed is not None else _default_seed()
+        rank = dist_mod.world(group)[0] if distributed == "auto" else 0
+        self.stream = engine.Stream(self.fim_type, o, dist_mod.rank_seed(seed, rank))
+        self.seed = seed
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.phase = "factors"
+        self.eig: list | None = None
+        self.kfac: KFACFIM | None = None
+        self.meta = {"fim_type": self.fim_type.value, "representation": representation,
+                     "reduction": reduction, "names": self.names, "options": o.to_dict()}
+        if representation in ("dense", "block_diag", "low_rank"):
+            dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+            self.acc = PairAccumulator(representation, self.names, self.shapes, dtype,
+                                       self.params[0].device, max_rows)
+            self.layers = []
+        else:
+            self.layers = cap.layers_of(model, self.names, self.params, representation)
+            api.check_approx(self.layers, representation, kfac_approx)
+            self.sums = [LayerSums() for _ in self.layers]
+            if representation in ("kfac", "ekfac"):
+                self.meta["kfac_approx"] = kfac_approx
+
+    # -- accumulation ------------------------------------------------------------------------ #
+    def update(self, batch: Any) -> None:
+        """Add one batch."""
+        if self.representation in ("dense", "block_diag", "low_rank"):
+            engine.dense_pass(self.model, [batch], self.stream, self.params, self.acc, None,
+                              self.pair_chunk)
+            return
+        what = {"kfac": "kfac", "quasi_diag": "quasi_diag"}.get(self.representation, "kfac")
+        if self.phase == "refit":
+            what = "ekfac"
+        approx = "expand" if what == "ekfac" else self.kfac_approx
+        engine.kron_batch(self.model, batch, self.stream, self.layers, self.sums, what, approx,
+                          self.eig, self.pair_chunk)
+
+    def add(self, loader: Iterable, max_batches: int | None = None) -> FisherAccumulator:
+        """Add every batch of ``loader`` (at most ``max_batches``)."""
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            self.update(batch)
+        return self
+
+    def start_refit(self) -> None:
+        """EKFAC: fix the eigenbasis of the (reduced) factors and start the refit pass (the
+        random stream continues)."""
+        if self.representation != "ekfac" or self.phase != "factors":
+            raise ValueError(f"start_refit is for representation='ekfac' after its factor pass; "
+                             f"this accumulator is {self.representation!r} in phase "
+                             f"{self.phase!r}")
+        self.kfac = self._kfac()
+        self.eig = [(e[1], e[3]) for e in self.kfac.eig()]
+        st = self.stream
+        self.stream = engine.Stream(st.fim_type, st.opts, st.seed, st.offset)
+        self.sums = [LayerSums() for _ in self.layers]
+        self.phase = "refit"
+
+    # -- reading ------------------------------------------------------------------------------ #
+    def result(self, consume: bool = False):
+        """The structured Fisher of everything added (summed over ranks, see the module
+        docstring). ``consume=True`` lets KFAC's factors reuse the accumulator's buffers (no
+        copies); the accumulator must not be used afterwards."""
+        sums, count, batches = self._reduced()
+        if count == 0:
+            raise ValueError("no batch was added (loader yielded no batch)")
+        sc = 1.0 if self.reduction == "sum" else 1.0 / count
+        meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
+        if self.representation in ("dense", "block_diag", "low_rank"):
+            return sums.result(sc, meta)
+        info = [engine.layer_info(layer) for layer in self.layers]
+        if self.representation == "quasi_diag":
+            return QuasiDiagFIM(self.names, self.shapes, info, [s.D * sc for s in sums],
+                                [None if s.cross is None else s.cross * sc for s in sums], meta)
+        if self.representation == "kfac":
+            A, G = _factors(self.layers, sums, sc, consume or sums is not self.sums)
+            return KFACFIM(self.names, self.shapes, info, A, G, meta)
+        if self.phase != "refit":
+            raise ValueError("representation='ekfac': call start_refit() and add the data again "
+                             "(the refit of the diagonal) before result()")
+        meta = {**dict(self.kfac.meta), **meta, "representation": "ekfac"}
+        return EKFACFIM(self.names, self.shapes, info, [e[0] for e in self.eig],
+                        [e[1] for e in self.eig], [s.D * sc for s in sums], meta)
+
+    def _kfac(self) -> KFACFIM:
+        sums, count, batches = self._reduced()
+        if count == 0:
+            raise ValueError("no batch was added (loader yielded no batch)")
+        sc = 1.0 if self.reduction == "sum" else 1.0 / count
+        meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
+        info = [engine.layer_info(layer) for layer in self.layers]
+        A, G = _factors(self.layers, sums, sc, sums is not self.sums)
+        return KFACFIM(self.names, self.shapes, info, A, G, meta)
+
+    def _reduced(self):
+        """``(sums or pair accumulator, rows, batches)``, summed over ranks when distributed."""
+        local = self.acc if not self.layers else self.sums
+        st = self.stream
+        if not dist_mod.active(self.distributed, self.group):
+            return local, st.count, st.batches
+        from fimfast.structured.reduce import reduce_state
+
+        return reduce_state(self, local)
+
+    # -- state --------------------------------------------------------------------------------- #
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated sums, the phase and the stream position (tensors cloned)."""
+        from fimfast.structured.reduce import state_of
+
+        return state_of(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` of an accumulator with the same model layout,
+        representation, ``fim_type``, reduction and options."""
+        from fimfast.structured.reduce import load_state
+
+        load_state(self, state)
+
+    def signature(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, "representation": self.representation,
+                "fim_type": self.fim_type.value, "reduction": self.reduction,
+                "kfac_approx": self.kfac_approx, "names": list(self.names),
+                "shapes": [list(s) for s in self.shapes],
+                "options": self.stream.opts.to_dict()}
+
+    def crc(self) -> int:
+        return zlib.crc32(repr(sorted((k, repr(v)) for k, v in self.signature().items()
+                                      if k != "options")).encode())
+
+
+def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
+    """KFAC's ``A`` (mean over positions) and ``G`` (scaled by ``sc``) from the sums, symmetric
+    (:func:`~fimfast.structured.sums.full_gram`); in the sums' own buffers if ``inplace``."""
+    A, G = [], []
+    for layer, s in zip(layers, sums):
+        a, g = s.A, s.G
+        if layer.kind in ("linear", "embedding"):
+            g = full_gram(g, inplace)
+        if layer.kind == "linear":
+            a = full_gram(a, inplace)
+        elif not inplace:
+            a, g = a.clone(), g.clone()
+        A.append(a.div_(max(s.npos, 1.0)))
+        G.append(g if sc == 1.0 else g.mul_(sc))
+    return A, G

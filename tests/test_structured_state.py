@@ -1,0 +1,127 @@
+"""Structured Fishers accumulated batch by batch: saved mid-way and resumed (bit for bit), and
+summed over the ranks of a gloo process group (equal to one process on the union of the shards).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from cases import make_case
+
+import fimfast
+from fimfast.structured import FisherAccumulator
+
+REPS = ["kfac", "ekfac", "quasi_diag", "dense", "block_diag", "low_rank"]
+
+
+def _data():
+    case = make_case("encoder", N=9, seed=1)
+    ids, y = case.batch
+    return case.model.eval(), [(ids[i:i + 3], y[i:i + 3]) for i in range(0, 9, 3)]
+
+
+def _tensors(F):
+    return {k: v for k, v in F._tensors().items()}
+
+
+def _run(model, data, rep, stop=None, path=None, **kw):
+    """Accumulate over ``data`` (twice for EKFAC); with ``stop=(phase, k)`` save after ``k``
+    batches of that phase, rebuild everything from the file and go on."""
+    def new(m):
+        return FisherAccumulator(m, "monte_carlo", rep, num_probes=2, seed=5, **kw)
+
+    acc = new(model)
+    phases = ["factors", "refit"] if rep == "ekfac" else ["factors"]
+    for ph in phases:
+        if ph == "refit":
+            acc.start_refit()
+        for k, b in enumerate(data):
+            if stop == (ph, k):
+                torch.save(acc.state_dict(), path)
+                acc = new(copy.deepcopy(model))
+                acc.load_state_dict(torch.load(path))  # weights_only: plain data
+            acc.update(b)
+    return acc.result()
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_resume_is_bit_identical(rep, tmp_path):
+    model, data = _data()
+    full = _run(model, data, rep)
+    stops = [("factors", 1), ("factors", 2)] + ([("refit", 0), ("refit", 2)] if rep == "ekfac"
+                                                 else [])
+    for stop in stops:
+        F = _run(model, data, rep, stop, tmp_path / "state.pt")
+        a, b = _tensors(full), _tensors(F)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (rep, stop, k)
+        assert F.meta["count"] == full.meta["count"] == 9
+
+
+def test_fisher_equals_the_accumulator():
+    model, data = _data()
+    F = fimfast.fisher(model, data, "monte_carlo", "ekfac", num_probes=2, seed=5)
+    G = _run(model, data, "ekfac")
+    for k, v in _tensors(F).items():
+        assert torch.equal(v, _tensors(G)[k])
+
+
+def test_state_mismatch_and_phase_errors(tmp_path):
+    model, data = _data()
+    acc = FisherAccumulator(model, "exact", "kfac")
+    acc.update(data[0])
+    sd = acc.state_dict()
+    with pytest.raises(ValueError, match="another representation"):
+        FisherAccumulator(model, "exact", "quasi_diag").load_state_dict(sd)
+    with pytest.raises(ValueError, match="another fim_type"):
+        FisherAccumulator(model, "empirical", "kfac").load_state_dict(sd)
+    with pytest.raises(ValueError, match="another options"):
+        FisherAccumulator(model, "exact", "kfac", num_probes=3).load_state_dict(sd)
+    with pytest.raises(ValueError, match="dict from FisherAccumulator.state_dict"):
+        acc.load_state_dict({"A": 1})
+    with pytest.raises(ValueError, match="start_refit is for representation='ekfac'"):
+        acc.start_refit()
+    e = FisherAccumulator(model, "exact", "ekfac")
+    e.update(data[0])
+    with pytest.raises(ValueError, match="call start_refit"):
+        e.result()
+    with pytest.raises(ValueError, match="no batch was added"):
+        FisherAccumulator(model, "exact", "kfac").result()
+    with pytest.raises(ValueError, match="distributed must be"):
+        FisherAccumulator(model, "exact", "kfac", distributed="yes")
+    with pytest.raises(ValueError, match="representation must be one of"):
+        FisherAccumulator(model, "exact", "diag")
+
+
+# -- torch.distributed ------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    from test_distributed import launch
+
+    return launch("structured", tmp_path_factory.mktemp("structured"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag", "dense", "block_diag"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_two_ranks_equal_one_process_on_the_union(ranks, rep, reduction):
+    from dist_worker import structured_shards
+
+    model, sh = structured_shards()
+    union = sh[0] + sh[1]
+    ref = fimfast.fisher(model, union, "exact", rep, reduction, distributed="none")
+    key = f"{rep}/{reduction}"
+    for r, res in enumerate(ranks):
+        got = res["structured"]
+        assert not isinstance(got, str), got
+        assert got[key]["count"] == ref.meta["count"] == 8
+        D, want = got[key]["dense"], ref.to_dense()
+        err = float((D - want).abs().max() / want.abs().max())
+        assert err < 1e-12, (r, rep, reduction, err)
+        local = got[key]["local"]  # the rank's own shard, read with distributed="none"
+        own = fimfast.fisher(model, sh[r], "exact", rep, reduction, distributed="none")
+        torch.testing.assert_close(local, own.to_dense(), rtol=1e-12, atol=1e-14)
+    assert ranks[0]["structured"]["low_rank"].startswith("distributed: low_rank refused")
