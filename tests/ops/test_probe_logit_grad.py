@@ -198,3 +198,17 @@ def test_bernoulli_probes_of_saturated_logits(backend):
     got = ops.probe_logit_grad(z, "bernoulli", 3, 0, 1, backend=backend).abs()[0, 0].double()
     want = 0.5 / torch.cosh(0.5 * z[0].double())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.triton
+def test_triton_bernoulli_long_rows_of_saturated_logits(monkeypatch):
+    """The column-block loop of the Triton kernel uses the same tail-exact amplitude."""
+    dev = require("triton")
+    from fimfast.ops.triton import probe_logit_grad as mod
+
+    monkeypatch.setattr(mod, "MAX_ONE_BLOCK", 2)
+    monkeypatch.setattr(mod, "_LOOP_BLOCK", 2)
+    z = torch.tensor([[17.0, -17.0, 40.0, -40.0, 0.0]], device=dev)
+    got = ops.probe_logit_grad(z, "bernoulli", 3, 0, 1, backend="triton").abs()[0, 0].double()
+    want = 0.5 / torch.cosh(0.5 * z[0].double().cpu())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=0)

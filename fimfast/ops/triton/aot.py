@@ -16,10 +16,11 @@ A kernel fails the check when it does not compile, spills, or needs more shared 
 than the SM offers (sm_80: 163 KiB, sm_90: 227 KiB)::
 
     python -m fimfast.ops.triton.aot                       # sm_80 and sm_90, full matrix
-    python -m fimfast.ops.triton.aot --subset --out a.json # every kernel, every constexpr value
+    python -m fimfast.ops.triton.aot --subset --out a.json # every constexpr combination once
 
-``--subset`` keeps, per kernel, its largest specialisation and then, largest first, those that add
-a constexpr value or a ``num_warps`` not yet compiled (see :func:`covering_subset`).
+``--subset`` keeps, per kernel, one specialisation of every combination of constexpr values and
+``num_warps`` (the widest inputs; :func:`covering_subset`): only the dtypes and alignment of the
+arguments are left out.
 Run it with ``TRITON_INTERPRET`` unset: under the interpreter ``triton.jit`` builds no compilable
 kernels. Nothing here needs a GPU or a CUDA driver.
 """
@@ -190,22 +191,27 @@ def _size(spec: Spec) -> float:
     return size * spec.options.get("num_warps", 4)
 
 
+def _input_bytes(spec: Spec) -> int:
+    """Bytes of one element of every pointer argument: between specs with the same constexprs,
+    the wider inputs hold more registers (a float32 row against a float16 one)."""
+    width = {"fp64": 8, "i64": 8, "u64": 8, "fp32": 4, "i32": 4, "u32": 4, "fp16": 2, "bf16": 2}
+    return sum(width.get(t[1:], 1) for t in spec.signature.values() if str(t).startswith("*"))
+
+
 def covering_subset(specs: list[Spec]) -> list[Spec]:
-    """Per kernel, largest first (:func:`_size`), the specs that each add a constexpr value or a
-    ``num_warps`` not yet covered: every value of every constexpr of every kernel is compiled at
-    least once, and each kernel's largest specialisation always is."""
-    seen: dict[str, set] = {}
-    out = []
-    for s in sorted(specs, key=_size, reverse=True):
-        k = s.launch.name
-        feats = {(n, v) for n, v in _readable_constexprs(s.launch.kernel, s.constexprs).items()}
-        feats.add(("num_warps", s.options.get("num_warps")))
-        have = seen.setdefault(k, set())
-        if not feats <= have:
-            have |= feats
-            out.append(s)
-    order = {s.key: i for i, s in enumerate(specs)}
-    return sorted(out, key=lambda s: order[s.key])
+    """Per kernel, every distinct combination of constexpr values and ``num_warps`` once: the
+    spec of the widest inputs among those that differ only in their arguments' dtypes and
+    alignment. Every value alone is not enough: ``ptxas`` spilled in combinations whose values
+    all compiled cleanly elsewhere (``mc`` over the column-block loop in float32, the ``dg``
+    kernels of ``lm_head_probe`` without a bias at ``d = 32``), so each combination is compiled."""
+    best: dict[tuple, Spec] = {}
+    for s in specs:
+        k = (s.launch.name, repr(_readable_constexprs(s.launch.kernel, s.constexprs)),
+             s.options.get("num_warps"))  # fmt: skip
+        if k not in best or (_size(s), _input_bytes(s)) > (_size(best[k]), _input_bytes(best[k])):
+            best[k] = s
+    keep = {s.key for s in best.values()}
+    return [s for s in specs if s.key in keep]
 
 
 def _cuobjdump() -> str:

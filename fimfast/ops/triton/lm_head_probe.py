@@ -11,6 +11,12 @@ from the hidden rows and the weight instead of storing them:
   ``u`` from the row statistics and accumulates ``grad_weight = u^T h`` and ``grad_bias = sum u``.
   Each output tile has one owner: no atomics, a deterministic result.
 
+Both write their ``(rows or classes, d)`` result into a buffer of whole tiles (``BM`` or ``BN``
+rows; a hidden size below its block ``BD`` is padded with zero columns, which leave the logits
+unchanged), so the final stores need no mask: the masks computed for the loads before the loops
+would stay live across them, and ``ptxas`` spilled those predicates to local memory
+(:mod:`fimfast.ops.triton.aot`).
+
 The signs are those of :mod:`fimfast.ops.rng` at the counters ``offset + r*V + c``, as in the
 reference. ``sqrt`` uses the same formula as ``hutchinson`` (the reference reaches it through
 ``log_softmax``'s backward; the two agree to rounding). ``row_chunk`` does not apply (tiles are
@@ -78,7 +84,8 @@ def _rows_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Row statistics and ``grad_hidden`` of one block of ``BM`` rows."""
+    """Row statistics and ``grad_hidden`` of one block of ``BM`` rows; ``D == BD`` and GH has whole
+    blocks of rows (stored without a mask)."""
     offset = tl.cast(offset, tl.int64)
     k0 = K0.to(tl.uint32)
     k1 = K1.to(tl.uint32)
@@ -113,7 +120,7 @@ def _rows_kernel(
         u = _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE)
         u = tl.where(rm[:, None] & (cols < V)[None, :], u, 0.0)
         gh += tl.dot(u, w, input_precision="ieee", out_dtype=ACC)
-    tl.store(GH_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], gh, mask=hmask)
+    tl.store(GH_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], gh)
     tl.store(M_ptr + rows, m, mask=rm)
     tl.store(S_ptr + rows, s, mask=rm)
     tl.store(SW_ptr + rows, sw, mask=rm)
@@ -125,7 +132,8 @@ def _weight_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """``grad_weight`` and ``grad_bias`` of one block of ``BN`` classes, over every row block."""
+    """``grad_weight`` and ``grad_bias`` of one block of ``BN`` classes, over every row block;
+    ``D == BD`` and GW has whole blocks of classes (stored without a mask)."""
     offset = tl.cast(offset, tl.int64)
     k0 = K0.to(tl.uint32)
     k1 = K1.to(tl.uint32)
@@ -150,11 +158,7 @@ def _weight_kernel(
         u = tl.where(rm[:, None] & cm[None, :], u, 0.0)
         gw += tl.dot(tl.trans(u), h, input_precision="ieee", out_dtype=ACC)
         gb += tl.sum(u, 0)
-    tl.store(
-        GW_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
-        gw,
-        mask=cm[:, None] & (offs_d[None, :] < D),
-    )
+    tl.store(GW_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :], gw)
     if HAS_BIAS:
         tl.store(GB_ptr + cols, gb, mask=cm)
 
@@ -193,34 +197,45 @@ def lm_head_probe_op(
         if bias is not None
         else torch.zeros(1, dtype=dt, device=dev)
     )
-    gh = torch.empty((R, D), dtype=dt, device=dev)
-    gw = torch.empty((V, D), dtype=dt, device=dev)
     gb = torch.empty((V if bias is not None else 0,), dtype=dt, device=dev)
     if R == 0:
-        gw.zero_()
         gb.zero_()
-        return gh.to(hidden.dtype), gw, gb
+        gh = torch.empty((0, D), dtype=hidden.dtype, device=dev)
+        return gh, torch.zeros((V, D), dtype=dt, device=dev), gb
+    bd = max(16, triton.next_power_of_2(D))
+    if bd != D:  # zero columns up to the block: the kernels store whole tiles (module docstring)
+        h = torch.nn.functional.pad(h, (0, bd - D))
+        W = torch.nn.functional.pad(W, (0, bd - D))
+    gh_pad = torch.empty((triton.cdiv(R, BM) * BM, bd), dtype=dt, device=dev)
+    gw_pad = torch.empty((triton.cdiv(V, BN) * BN, bd), dtype=dt, device=dev)
     stats = torch.empty((3, R), dtype=dt, device=dev)
     k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
     meta = dict(
         MODE=_MODE_ID[mode],
         HAS_BIAS=bias is not None,
-        BD=max(16, triton.next_power_of_2(D)),
+        BD=bd,
         BM=BM,
         BN=BN,
         ACC=tl.float64 if dt == torch.float64 else tl.float32,
         # 8 warps for d > 32: at 4 the (BN, d) weight tile and the (BM, d) accumulator spill
         # (12 bytes per thread on sm_80; fimfast.ops.triton.aot)
         num_warps=8 if D > 32 else 4,
+        # double-buffered loads: a third stage adds a tile of shared memory and the loop-carried
+        # addresses and masks of one more tile in flight, which pushed ptxas into small spills
+        num_stages=2,
     )
     off = offset & ((1 << 63) - 1)
     wrap_triton(_rows_kernel)[(triton.cdiv(R, BM),)](
-        h, W, b, gh, stats[0], stats[1], stats[2], R, V, D, off, k0, k1, **meta
+        h, W, b, gh_pad, stats[0], stats[1], stats[2], R, V, bd, off, k0, k1, **meta
     )
     wrap_triton(_weight_kernel)[(triton.cdiv(V, BN),)](
-        h, W, b, gw, gb if bias is not None else b, stats[0], stats[1], stats[2], R, V, D, off,
+        h, W, b, gw_pad, gb if bias is not None else b, stats[0], stats[1], stats[2], R, V, bd,
+        off,
         k0, k1, **meta,
     )  # fmt: skip
+    gh, gw = gh_pad[:R, :D], gw_pad[:V, :D]  # views; contiguous when D is a power of 2 >= 16
+    if D != bd:
+        gh, gw = gh.contiguous(), gw.contiguous()
     return gh.to(hidden.dtype), gw, gb
 
 

@@ -166,9 +166,12 @@ def _probe_logit_grad_kernel(
                         X_ptr + row_off + cols.to(tl.int64) * X_stride_c, mask=cm, other=0.0
                     )
                     p = tl.where(cm, tl.exp(x.to(ACC) - m) * inv, 0.0)
+                    # p's sum first: p dies in the scan, so p and cdf are not both live through
+                    # the count (at 16 values per thread that spilled on sm_80; same numbers)
+                    psum = tl.sum(p, 0)
                     cdf = carry + tl.cumsum(p, 0)
                     count += tl.sum(((cdf <= u) & cm).to(tl.int32), 0)
-                    carry += tl.sum(p, 0)
+                    carry += psum
                 yhat = tl.minimum(count, C - 1)
             for c0 in range(0, C, BLOCK):
                 cols = c0 + offs
@@ -178,9 +181,8 @@ def _probe_logit_grad_kernel(
                 ).to(ACC)
                 if MODE == 7:
                     amp = tl.zeros((BLOCK,), ACC) + tl.load(P_ptr)
-                elif MODE == 6:
-                    sg = 1.0 / (1.0 + tl.exp(-x))
-                    amp = tl.sqrt(sg * (1.0 - sg))
+                elif MODE == 6:  # as in the one-block path: exact in both tails
+                    amp = 1.0 / (tl.exp(0.5 * x) + tl.exp(-0.5 * x))
                 else:
                     p = tl.exp(x - m) * inv
                     amp = tl.sqrt(p)
