@@ -188,3 +188,11 @@ def mc_variance(rj: RowJacobians) -> tuple[torch.Tensor, torch.Tensor]:
     m2 = torch.einsum("rc,rcp->rp", p, dev ** 2)
     m4 = torch.einsum("rc,rcp->rp", p, dev ** 4)
     return m2.sum(0), (m4 - m2 ** 2).sum(0)
+
+
+def rel_error(got: dict, ref: dict) -> float:
+    """Relative Frobenius error of the estimate ``got`` against ``ref`` over all of ``ref``'s
+    tensors (both dicts keyed by parameter name; computed in float64)."""
+    num = sum(float(((got[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
+    den = sum(float((ref[k].double() ** 2).sum()) for k in ref)
+    return (num / den) ** 0.5

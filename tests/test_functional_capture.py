@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from cases import Case
 from oracle import oracle_flat, row_jacobians
+from oracle import rel_error as _rel
 from tolerances import DET_REL_F64
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -259,11 +260,6 @@ def _run(case: Case, fim_type: str, rules: bool = True, **opts):
     est.step(case.batch)
     return dict(est.result().items()), est
 
-
-def _rel(got: dict, ref: dict) -> float:
-    num = sum(float(((got[k].double() - ref[k]) ** 2).sum()) for k in ref)
-    den = sum(float((ref[k] ** 2).sum()) for k in ref)
-    return (num / den) ** 0.5
 
 
 def _functional_fast(est: DiagFisher) -> set[str]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from cases import Case, TiedNet, make_case
 from oracle import oracle
+from oracle import rel_error as _rel
 from tolerances import DET_REL_F64
 from torch import nn
 
@@ -405,11 +406,6 @@ NAMES = [
     "token_lm_tied",
 ]
 
-
-def _rel(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
-    num = sum(float(((got[k].double() - ref[k]) ** 2).sum()) for k in ref)
-    den = sum(float((ref[k] ** 2).sum()) for k in ref)
-    return (num / den) ** 0.5
 
 
 def run(case: Case, fim_type: str, rules: bool = True, **opts) -> tuple[dict, DiagFisher]:

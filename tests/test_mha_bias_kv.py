@@ -14,6 +14,7 @@ import pytest
 import torch
 from cases import Case
 from oracle import oracle
+from oracle import rel_error as _rel
 from tolerances import DET_REL_F64
 from torch import nn
 
@@ -86,11 +87,6 @@ def _run(case: Case, kind: str, rules: bool = True, **opts) -> tuple[dict, DiagF
     est.step(case.batch)
     return dict(est.result().items()), est
 
-
-def _rel(got: dict, ref: dict) -> float:
-    num = sum(float(((got[k].double() - ref[k]) ** 2).sum()) for k in ref)
-    den = sum(float((ref[k] ** 2).sum()) for k in ref)
-    return (num / den) ** 0.5
 
 
 def _all_fast(est: DiagFisher) -> None:

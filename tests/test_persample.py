@@ -25,6 +25,7 @@ import pytest
 import torch
 from cases import CATEGORICAL, PANEL, TinyEncoder, make_case
 from oracle import RowJacobians, core_matrix, oracle_flat, quad_diag, row_jacobians
+from oracle import rel_error as _rel
 from tolerances import BF16_REL, DET_REL_F32, DET_REL_F64, PERSAMPLE_PEAK_MB
 from torch import nn
 
@@ -35,11 +36,6 @@ from fimfast.persample import Columns
 
 TYPES = ["exact", "empirical", "monte_carlo"]
 
-
-def _rel(got: dict, ref: dict) -> float:
-    num = sum(float(((got[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
-    den = sum(float((ref[k].double() ** 2).sum()) for k in ref)
-    return (num / den) ** 0.5
 
 
 _RJ: dict[str, RowJacobians] = {}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
-from fimfast.rules.base import Rule, Term, UseKind, _linear_terms, trainable
+from fimfast.rules.base import Rule, Term, UseKind, _linear_terms, patch_forward, trainable
 
 
 class MHARule(Rule):
@@ -32,17 +32,7 @@ class MHARule(Rule):
     name = "mha"
 
     def install(self, module, cap):
-        had = "forward" in module.__dict__
-        old = module.__dict__.get("forward")
-        module.forward = partial(_mha_forward, self, module, cap)
-
-        def undo() -> None:
-            if had:
-                module.forward = old
-            else:
-                del module.forward
-
-        return undo
+        return patch_forward(module, partial(_mha_forward, self, module, cap))
 
     def terms(self, call, grads):
         out: list[Term | None] = []

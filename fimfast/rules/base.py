@@ -317,3 +317,18 @@ class Rule:
         """One term per use of ``call`` for a chunk of ``M`` columns (``None``: no gradient).
         See the class docstring."""
         raise NotImplementedError
+
+
+def patch_forward(module: nn.Module, fn) -> Callable[[], None]:
+    """Replace ``module.forward`` by ``fn``; returns the function that puts it back."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+
+    def undo() -> None:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+    return undo

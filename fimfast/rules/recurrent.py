@@ -36,26 +36,20 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
-from fimfast.rules.base import Outer, Rule, Term, UseKind, Vec, front, trainable
+from fimfast.rules.base import (
+    Outer,
+    Rule,
+    Term,
+    UseKind,
+    Vec,
+    front,
+    patch_forward,
+    trainable,
+)
 
 # gates per mode: rows of W_ih / W_hh are (gates * hidden_size)
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 _ROLES = ("weight_ih", "bias_ih", "weight_hh", "bias_hh", "weight_hr")
-
-
-def patch_forward(module: nn.Module, fn) -> Any:
-    """Replace ``module.forward`` by ``fn``; returns the function that puts it back."""
-    had = "forward" in module.__dict__
-    old = module.__dict__.get("forward")
-    module.forward = fn
-
-    def undo() -> None:
-        if had:
-            module.forward = old
-        else:
-            del module.forward
-
-    return undo
 
 
 class RecurrentRule(Rule):
