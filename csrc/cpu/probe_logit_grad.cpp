@@ -67,30 +67,12 @@ at::Tensor probe_logit_grad_cpu(const at::Tensor& logits, c10::string_view mode,
                                 const std::optional<at::Tensor>& labels,
                                 const std::optional<at::Tensor>& lam,
                                 const std::optional<at::Tensor>& vec, double sigma2) {
-  ProbeArgs a;
-  a.mode = checks::check_probe_logit_grad(logits, mode, num_probes);
-  a.R = logits.size(0);
-  a.C = logits.size(1);
-  a.S = num_probes;
-  a.K = 0;
-  a.offset = static_cast<uint64_t>(offset);
-  a.sign_keys = rng::make_keys(static_cast<uint64_t>(seed), rng::kStreamSign);
-  a.unif_keys = rng::make_keys(static_cast<uint64_t>(seed), rng::kStreamUniform);
-  a.sigma2 = sigma2;
-  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({a.S, a.R, a.C}, logits.options().dtype(acc_type));
+  checks::ProbeCall call = checks::prepare_probe_logit_grad(logits, mode, seed, offset,
+                                                             num_probes, labels, lam, vec, sigma2);
+  const ProbeArgs& a = call.args;
+  at::Tensor out = call.out;
   if (out.numel() == 0) return out;
-  at::Tensor lab, lam_c, vec_c;
-  if (a.mode == ProbeMode::kEmpirical) {
-    checks::check_probe_labels_given(labels);
-    lab = labels->to(at::kLong).contiguous();
-    checks::check_probe_labels(lab, a.R, a.C);
-  }
-  if (a.mode == ProbeMode::kRankk) {
-    a.K = checks::check_probe_eig(lam, vec, a.R, a.C);
-    lam_c = lam->to(acc_type).contiguous();
-    vec_c = vec->to(acc_type).contiguous();
-  }
+  const at::Tensor &lab = call.labels, &lam_c = call.lam, &vec_c = call.vec;
   at::Tensor z = logits;
   if (z.stride(1) != 1 && z.size(1) > 1 && a.mode != ProbeMode::kRankk &&
       a.mode != ProbeMode::kGaussian) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -98,6 +99,48 @@ inline int64_t check_probe_eig(const std::optional<at::Tensor>& lam,
   check_float_input("probe_logit_grad", "lam", *lam);
   check_float_input("probe_logit_grad", "vec", *vec);
   return K;
+}
+
+// One probe_logit_grad call checked and laid out for its kernel, on either device: the kernel's
+// arguments, its output (S, R, C) in the accumulation dtype (float64 for float64 logits, else
+// float32), the labels as contiguous int64 (mode 'empirical') and the eigenpairs as contiguous
+// accumulation-dtype tensors (mode 'rankk'), all on the device of the logits; the tensors a mode
+// does not use are undefined.
+struct ProbeCall {
+  ProbeArgs args;
+  at::Tensor out, labels, lam, vec;
+};
+
+inline ProbeCall prepare_probe_logit_grad(const at::Tensor& logits, c10::string_view mode,
+                                          int64_t seed, int64_t offset, int64_t num_probes,
+                                          const std::optional<at::Tensor>& labels,
+                                          const std::optional<at::Tensor>& lam,
+                                          const std::optional<at::Tensor>& vec, double sigma2) {
+  ProbeCall call;
+  ProbeArgs& a = call.args;
+  a.mode = check_probe_logit_grad(logits, mode, num_probes);
+  a.R = logits.size(0);
+  a.C = logits.size(1);
+  a.S = num_probes;
+  a.K = 0;
+  a.offset = static_cast<uint64_t>(offset);
+  a.sign_keys = rng::make_keys(static_cast<uint64_t>(seed), rng::kStreamSign);
+  a.unif_keys = rng::make_keys(static_cast<uint64_t>(seed), rng::kStreamUniform);
+  a.sigma2 = sigma2;
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.out = at::empty({a.S, a.R, a.C}, logits.options().dtype(acc));
+  if (call.out.numel() == 0) return call;
+  if (a.mode == ProbeMode::kEmpirical) {
+    check_probe_labels_given(labels);
+    call.labels = labels->to(logits.device(), at::kLong).contiguous();
+    check_probe_labels(call.labels, a.R, a.C);
+  }
+  if (a.mode == ProbeMode::kRankk) {
+    a.K = check_probe_eig(lam, vec, a.R, a.C);
+    call.lam = lam->to(logits.device(), acc).contiguous();
+    call.vec = vec->to(logits.device(), acc).contiguous();
+  }
+  return call;
 }
 
 // ---- core_topk -----------------------------------------------------------------------------
