@@ -11,19 +11,11 @@ from __future__ import annotations
 import torch
 
 from fimfast import _ext
+from fimfast.ops.rng import as_int64
 
 _ok, _why = _ext.load()
 if not _ok:
     raise ImportError(_why)
-
-_M64 = (1 << 64) - 1
-
-
-def as_int64(x: int) -> int:
-    """A 64-bit seed or counter as the signed int64 of a torch schema (same 64 bits)."""
-    x = int(x) & _M64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
 
 def probe_logit_grad_cpp(
     logits: torch.Tensor,

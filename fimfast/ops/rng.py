@@ -40,6 +40,12 @@ _M1 = 0x85EBCA6B
 _M2 = 0xC2B2AE35
 
 
+def as_int64(x: int) -> int:
+    """A 64-bit seed or counter as the signed int64 of a torch op schema (the same 64 bits)."""
+    x = int(x) & ((1 << 64) - 1)
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
 def fmix32_int(h: int) -> int:
     """MurmurHash3 ``fmix32`` on a Python int (the host-side twin of the kernels' version)."""
     h &= MASK32

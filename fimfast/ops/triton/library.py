@@ -39,15 +39,6 @@ NAMESPACE = "fimfast_triton"
 # benchmarks/bench_triton_dispatch.py
 BODIES: dict[str, Callable] = {}
 
-_M64 = (1 << 64) - 1
-
-
-def as_int64(x: int) -> int:
-    """A 64-bit seed or counter as the signed int64 of a torch schema (the same 64 bits)."""
-    x = int(x) & _M64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
 def interpreted(kernel: object) -> bool:
     """Whether ``kernel`` runs under the Triton interpreter (``TRITON_INTERPRET=1`` at import)."""
     from triton.runtime.interpreter import InterpretedFunction

@@ -37,7 +37,8 @@ from torch.library import wrap_triton
 from fimfast.dtypes import compute_dtype
 from fimfast.ops import rng
 from fimfast.ops.lm_head import lm_head_probe_composite
-from fimfast.ops.triton.library import as_int64, triton_op
+from fimfast.ops.rng import as_int64
+from fimfast.ops.triton.library import triton_op
 from fimfast.ops.triton.rng import sign_bit
 
 _MODE_ID = {"hutchinson": 0, "sqrt": 1, "dg": 2}

@@ -17,8 +17,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fimfast.ops import rng
+from fimfast.ops.rng import as_int64
 from fimfast.ops.torch_ref import PROBE_MODES, compute_dtype
-from fimfast.ops.triton.library import as_int64, triton_op
+from fimfast.ops.triton.library import triton_op
 from fimfast.ops.triton.rng import sign_bit, uniform01
 
 _MODE_ID = {m: i for i, m in enumerate(PROBE_MODES)}
