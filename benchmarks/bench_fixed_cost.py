@@ -34,7 +34,7 @@ import time
 TYPES = ("hutchinson", "empirical")
 
 
-def _child(workload: str, steps: int) -> dict:
+def _child(workload: str, steps: int, size: str = "full") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -42,7 +42,7 @@ def _child(workload: str, steps: int) -> dict:
     from benchmarks.workloads import build
 
     torch.set_num_threads(1)
-    wl = build(workload, "full", 0)
+    wl = build(workload, size, 0)
     m, x, y = wl.model, wl.inputs, wl.labels
     batch = (x, y)
     params = [p for p in m.parameters() if p.requires_grad]
@@ -134,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trees", nargs="+", default=[os.getcwd()])
     ap.add_argument("--rounds", type=int, default=3, help="child processes per tree")
     ap.add_argument("--steps", type=int, default=21, help="interleaved steps per child")
+    ap.add_argument("--size", default="full", choices=("tiny", "full"))
     ap.add_argument("--out", default=None, help="write PATH.json and PATH.md")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(_child(a.child, a.steps)))
+        print(json.dumps(_child(a.child, a.steps, a.size)))
         return 0
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": 1,
         "rounds": a.rounds,
         "steps": a.steps,
+        "size": a.size,
         "trees": a.trees,
         "workloads": {},
     }
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 env = dict(os.environ, PYTHONPATH=tree)
                 # this file, run against the tree's fimfast and workloads (a tree may predate it)
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", w,
-                       "--steps", str(a.steps)]
+                       "--steps", str(a.steps), "--size", a.size]
                 res = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True,
                                      check=True)
                 meds[tree].append(json.loads(res.stdout.strip().splitlines()[-1]))
