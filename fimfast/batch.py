@@ -320,12 +320,17 @@ def _class_indices(labels: torch.Tensor) -> bool:
 
 
 def _selected(
-    logits: torch.Tensor, labels: torch.Tensor | None, index: torch.Tensor, all_valid: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    index: torch.Tensor,
+    all_valid: bool,
+    finite: bool = False,
 ) -> Rows:
     """:class:`Rows` of the rows ``index`` of ``logits`` (flat ``labels`` of every row), after
-    checking that those rows are finite."""
+    checking that those rows are finite (``finite=True``: the caller checked already)."""
     flat_all = logits.reshape(-1, logits.shape[-1])
-    _check_finite(flat_all, index, all_valid)
+    if not finite:
+        _check_finite(flat_all, index, all_valid)
     if labels is not None and not all_valid:
         labels = labels.index_select(0, index)
     per = 1 if logits.dim() == 2 else int(logits.shape[1])
@@ -352,12 +357,36 @@ def _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead)
             or labels.device != logits.device
         ):
             return None  # the general path converts, or raises with the full message
-        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host sync, not two
+        # the label range and the finiteness of the logits in one host sync: a non-finite sum
+        # reads as label -1, which sends the batch to the general path (it tells the two apart)
+        lo, hi = torch.aminmax(labels)
+        total = _total(logits.detach().reshape(-1, logits.shape[-1]))
+        lo = torch.where(total.mul(0).eq(0), lo.long(), -1)  # x * 0 == 0 exactly when x is finite
+        lo, hi = torch.stack([lo, hi.long()]).tolist()
         if lo < 0 or hi >= int(logits.shape[-1]) or lo <= ignore_index <= hi:
             return None
         labels = labels.reshape(-1)
-    index = torch.arange(math.prod(lead), device=logits.device)
-    return _selected(logits, labels, index, True)
+    index = _arange(math.prod(lead), logits.device)
+    return _selected(logits, labels, index, True, finite=labels is not None)
+
+
+_ARANGES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` on ``device``, kept for the next steps (read-only row indices)."""
+    t = _ARANGES.get((n, device))
+    if t is None:
+        if len(_ARANGES) >= 16:
+            _ARANGES.clear()
+        t = _ARANGES[(n, device)] = torch.arange(n, device=device)
+    return t
+
+
+def _total(flat: torch.Tensor) -> torch.Tensor:
+    """The sum of every entry, in float32 (float64 for float64 logits): finite when every entry
+    is (and no sum overflows; :func:`_check_finite` tells the two apart)."""
+    return flat.sum(dtype=compute_dtype(flat.dtype))
 
 
 def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -> None:
@@ -370,7 +399,7 @@ def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) 
     flat = flat_all.detach()  # nothing below is recorded
     acc = compute_dtype(flat.dtype)
     if all_valid:
-        total = flat.sum(dtype=acc)
+        total = _total(flat)
     else:
         total = flat.sum(-1, dtype=acc).index_select(0, index).sum()
     if math.isfinite(float(total)):

@@ -37,13 +37,33 @@ EXACT_WARN_CLASSES = 4096
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
-    """Names and tensors of the parameters with ``requires_grad`` (tied weights once)."""
+    """Names and tensors of the parameters with ``requires_grad`` (tied weights once), in
+    ``model.named_parameters()`` order."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    names: list[str] = []
+    params: list[torch.Tensor] = []
+    _collect(model, "", set(), set(), names, params)
+    if not names:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
-    return [n for n, _ in named], [p for _, p in named]
+    return names, params
+
+
+def _collect(
+    module: torch.nn.Module, prefix: str, modules: set, seen: set, names: list, params: list
+) -> None:
+    """``named_parameters()`` without its generator layers (a step walks it every call): modules
+    in pre-order, each once, then each of its parameters not met before."""
+    modules.add(id(module))
+    for k, p in module._parameters.items():
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            if p.requires_grad:
+                names.append(prefix + k)
+                params.append(p)
+    for k, child in module._modules.items():
+        if child is not None and id(child) not in modules:
+            _collect(child, prefix + k + ".", modules, seen, names, params)
 
 
 def _default_seed() -> int:
@@ -220,7 +240,7 @@ class DiagFisher:
     ) -> list[torch.Tensor]:
         step = Step(
             rows, params, self.fim_type, self.opts, self.seed, self.offset, self.state.dtypes,
-            retain_graph=retain_graph, names=self.names,
+            retain_graph=retain_graph, names=self.names, defer_square=True,
         )
         if head is not None:
             return lm_head.estimate(step, head)

@@ -325,6 +325,19 @@ class Graph:
         return fn in self.nodes
 
 
+_REENTRANT_TYPES: dict[type, bool] = {}
+
+
+def is_reentrant_node(node: Any) -> bool:
+    """Whether an autograd node is the backward of a reentrant ``torch.utils.checkpoint``
+    segment (any ``CheckpointFunction``, torch's or a library's copy of it)."""
+    ty = type(node)
+    r = _REENTRANT_TYPES.get(ty)
+    if r is None:
+        r = _REENTRANT_TYPES[ty] = ty.__name__ == "CheckpointFunctionBackward"
+    return r
+
+
 def walk(flat: torch.Tensor, params: list[torch.Tensor]) -> Graph:
     """Walk the whole graph of ``flat``: parameter edges, nodes, reentrant checkpoints."""
     wanted = {id(p) for p in params}
@@ -337,7 +350,7 @@ def walk(flat: torch.Tensor, params: list[torch.Tensor]) -> Graph:
         if node in seen:
             continue
         seen.add(node)
-        if not reentrant and type(node).__name__ == "CheckpointFunctionBackward":
+        if not reentrant and is_reentrant_node(node):
             reentrant = True
         for nxt, _ in node.next_functions:
             if nxt is None:

@@ -18,13 +18,15 @@ bf16/fp16 logits is made. With the option ``lm_head`` neither the logits nor tha
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from fimfast import chunks, hooks, ops
 from fimfast.batch import Rows
 from fimfast.dtypes import compute_dtype
 from fimfast.likelihoods import diagonal_topk, effective_top_k
-from fimfast.step import Step
+from fimfast.step import Squares, Step
 from fimfast.types import FIMType, Options
 
 # float32 logits per chunk of probe rows: 1M entries (4 MiB) keeps each chunk's softmax, signs and
@@ -43,7 +45,7 @@ def rows_per_chunk(C: int, elems: int | None = None) -> int:
     return chunks.rows_per_chunk(C, _CHUNK_ELEMS if elems is None else elems)
 
 
-def estimate(step: Step, cap: None = None) -> list[torch.Tensor]:
+def estimate(step: Step, cap: None = None) -> list[torch.Tensor] | Squares:
     """This batch's HUTCHINSON-family estimate (mean over probes), one tensor per parameter.
 
     The estimate path of the HUTCHINSON types (the contract: :mod:`fimfast.step`).
@@ -55,7 +57,8 @@ def estimate(step: Step, cap: None = None) -> list[torch.Tensor]:
 
     Returns:
         Sums over the rows of the squared probe gradients, averaged over the probes, shaped like
-        the parameters, in ``step.dtypes`` (zeros for parameters the logits do not depend on).
+        the parameters, in ``step.dtypes`` (zeros for parameters the logits do not depend on);
+        with one probe and ``step.defer_square``, the probe gradients as :class:`Squares`.
     """
     rows, params, opts = step.rows, step.params, step.opts
     logits = rows.logits
@@ -72,6 +75,8 @@ def estimate(step: Step, cap: None = None) -> list[torch.Tensor]:
         factor.write(s, cot_flat)
         keep = step.retain_graph or s < S - 1
         grads = vjp(logits, params, cot, keep, reentrant)
+        if S == 1 and step.defer_square:  # the state squares and adds in one pass
+            return Squares(grads, _owned(grads, step.dtypes, cot), step.dtypes, 1.0, opts.backend)
         accumulate_squares(acc, grads, step.dtypes, 1.0 / S, cot, opts.backend)
     del cot, cot_flat
     return step.filled(acc)
@@ -182,8 +187,42 @@ def vjp(
 
 
 def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
-    """Whether the graph of ``t`` holds a reentrant ``torch.utils.checkpoint`` segment."""
-    return t.grad_fn is not None and hooks.walk(t, []).reentrant
+    """Whether the graph of ``t`` holds a reentrant ``torch.utils.checkpoint`` segment (a walk
+    that stops at the first one; :func:`fimfast.hooks.walk` decides the same on the whole
+    graph)."""
+    fn = t.grad_fn
+    if fn is None:
+        return False
+    seen, stack = {fn}, [fn]
+    while stack:
+        node = stack.pop()
+        if hooks.is_reentrant_node(node):
+            return True
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return False
+
+
+def _owned(
+    grads: list[torch.Tensor | None], dtypes: list[torch.dtype], cot: torch.Tensor
+) -> list[bool]:
+    """Which gradients may be squared in place: contiguous, in their estimate's dtype, and
+    sharing storage neither with the cotangent nor with another gradient (a parameter used as the
+    logits, or twice)."""
+    cot_ptr = cot.untyped_storage().data_ptr()
+    ptrs = [None if g is None else g.untyped_storage().data_ptr() for g in grads]
+    uses = Counter(ptrs)
+    shared = {p for p in ptrs if p is not None and (p == cot_ptr or uses[p] > 1)}
+    return [
+        g is not None
+        and g.dtype == dt
+        and ptrs[i] not in shared
+        and g.is_contiguous()
+        and not g.requires_grad
+        for i, (g, dt) in enumerate(zip(grads, dtypes))
+    ]
 
 
 def accumulate_squares(
@@ -199,17 +238,13 @@ def accumulate_squares(
     The first probe squares its gradient in place when it already has the estimate's dtype and is
     not shared (no zeroed temporaries: the probe gradients are the only parameter-sized buffers).
     """
-    # a gradient may share storage with the cotangent or another gradient (a parameter used as
-    # the logits, or twice); those are copied before any square is taken in place
-    cot_ptr = cot.untyped_storage().data_ptr()
-    ptrs = [None if g is None else g.untyped_storage().data_ptr() for g in grads]
-    shared = {p for p in ptrs if p is not None and (p == cot_ptr or ptrs.count(p) > 1)}
+    owned = _owned(grads, dtypes, cot)
     more_s, more_g, new = [], [], []
     for i, g in enumerate(grads):
         if g is None:
             continue
         if acc[i] is None:
-            if g.dtype == dtypes[i] and ptrs[i] not in shared and g.is_contiguous():
+            if owned[i]:
                 sq = g.detach()
             else:
                 sq = g.detach().to(dtypes[i], copy=True)

@@ -6,7 +6,8 @@ the path that fits its type and options; every path has the same signature,
     ``estimate(step: Step, cap) -> list[torch.Tensor]``
 
 and returns this batch's estimate, one fresh tensor per parameter of ``step.params`` (shaped like
-it, in ``step.dtypes``; zeros for a parameter the logits do not depend on):
+it, in ``step.dtypes``; zeros for a parameter the logits do not depend on), or, when the step
+allows it (``Step.defer_square``), the same estimate as :class:`Squares` still to be squared:
 
 - :func:`fimfast.hutchinson.estimate` (HUTCHINSON family; ``cap`` is ``None``),
 - :func:`fimfast.lm_head.estimate` (HUTCHINSON family with the ``lm_head`` option; ``cap`` is
@@ -29,7 +30,7 @@ from fimfast.types import FIMType, Options
 if TYPE_CHECKING:
     from fimfast.batch import Rows
 
-__all__ = ["Step"]
+__all__ = ["Squares", "Step"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Step:
             back-propagates the loss through it afterwards); ``False`` lets the last backward
             free its buffers as it goes.
         names: parameter names, for log lines (``None``: indices).
+        defer_square: the caller folds a :class:`Squares` result into its state itself (the
+            estimator object does; any other caller gets plain tensors).
     """
 
     rows: Rows
@@ -62,6 +65,7 @@ class Step:
     dtypes: list[torch.dtype]
     retain_graph: bool = False
     names: list[str] | None = None
+    defer_square: bool = False
 
     def zeros(self, i: int) -> torch.Tensor:
         """A zero estimate for parameter ``i`` (its shape and device, dtype ``dtypes[i]``)."""
@@ -71,3 +75,64 @@ class Step:
     def filled(self, acc: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """``acc`` with zeros for the parameters nothing was added to."""
         return [a if a is not None else self.zeros(i) for i, a in enumerate(acc)]
+
+
+class Squares:
+    """A batch estimate whose last operation, the square, is left to the consumer.
+
+    The estimate of parameter ``i`` is ``scale * factors[i]**2`` (zeros where ``factors[i]`` is
+    ``None``). A state that already holds a sum folds it in with one fused pass,
+    ``s += scale * g**2`` (:func:`fimfast.ops.accumulate_`), instead of squaring into a temporary
+    and adding that (two passes over every parameter; docs/architecture.md).
+
+    Attributes:
+        factors: one tensor per parameter, shaped like it (any floating dtype), or ``None``.
+        owned: ``owned[i]`` says ``factors[i]`` is fresh, contiguous, in ``dtypes[i]`` and shares
+            storage with nothing else, so :meth:`squares` may square it in place.
+        dtypes: the estimate's dtype per parameter.
+        scale: multiplier of the squares.
+        backend: the kernel backend option of the step (:func:`fimfast.ops.accumulate_`).
+    """
+
+    __slots__ = ("factors", "owned", "dtypes", "scale", "backend")
+
+    def __init__(
+        self,
+        factors: list[torch.Tensor | None],
+        owned: list[bool],
+        dtypes: list[torch.dtype],
+        scale: float = 1.0,
+        backend: str | None = None,
+    ):
+        if not (len(factors) == len(owned) == len(dtypes)):
+            raise ValueError(
+                f"factors, owned and dtypes differ in length: {len(factors)}, {len(owned)}, "
+                f"{len(dtypes)}"
+            )
+        self.factors, self.owned, self.dtypes = list(factors), list(owned), list(dtypes)
+        self.scale, self.backend = float(scale), backend
+
+    def squares(
+        self, shapes: list[tuple[int, ...]] | None = None, devices: list | None = None
+    ) -> list[torch.Tensor]:
+        """The estimate as fresh tensors (owned factors are squared in place and returned).
+
+        ``shapes`` and ``devices`` place the zeros of ``None`` factors; without them every factor
+        must be set."""
+        out: list[torch.Tensor | None] = []
+        for i, (g, own, dt) in enumerate(zip(self.factors, self.owned, self.dtypes)):
+            if g is None:
+                if shapes is None or devices is None:
+                    raise ValueError(f"factors[{i}] is None and no shapes/devices were given")
+                out.append(None)
+            else:
+                out.append(g if own else g.detach().to(dt, copy=True).contiguous())
+        live = [t for t in out if t is not None]
+        if live:  # one foreach launch for every square
+            torch._foreach_mul_(live, live)
+            if self.scale != 1.0:
+                torch._foreach_mul_(live, self.scale)
+        return [
+            t if t is not None else torch.zeros(shapes[i], dtype=self.dtypes[i], device=devices[i])
+            for i, t in enumerate(out)
+        ]

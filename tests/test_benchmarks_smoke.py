@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 
@@ -260,3 +261,19 @@ def test_opcount_does_not_import_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": root}, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_bench_fixed_cost_runs_and_reports(tmp_path):
+    """The fixed-cost benchmark runs end to end on a tiny workload and writes its report."""
+    from benchmarks import bench_fixed_cost
+
+    out = tmp_path / "fixed"
+    assert bench_fixed_cost.main(
+        ["--workloads", "a", "--size", "tiny", "--rounds", "1", "--steps", "2", "--out", str(out)]
+    ) == 0
+    rep = json.loads((tmp_path / "fixed.json").read_text())
+    s = next(iter(rep["workloads"]["a"]["summary"].values()))
+    assert s["ratio"]["floor"] == 1.0
+    assert set(s["cycle_over_step"]) == {"hutchinson", "empirical"}
+    assert all(v > 0 for v in s["ratio"].values())
+    assert "HUTCHINSON gap" in (tmp_path / "fixed.md").read_text()

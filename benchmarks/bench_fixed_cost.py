@@ -1,0 +1,182 @@
+"""Fixed cost of a step: fimfast against the same arithmetic written by hand.
+
+For workloads of :mod:`benchmarks.workloads` (default (a) and (e)), one torch thread, the medians
+of interleaved rounds of:
+
+- ``floor``: a training step (forward, cross-entropy, backward, grads dropped);
+- ``bare``: a one-probe Hutchinson step written in ten lines (forward; softmax probe with
+  Rademacher signs, ``u = s*e - p*(s.e)`` with ``s = sqrt(p)``; ``autograd.grad``; one
+  ``_foreach_addcmul_`` into float32 accumulators), the arithmetic a HUTCHINSON step cannot avoid;
+- ``step:<type>``: ``DiagFisher(model, type).step(batch)`` (the state accumulates, as in a loop);
+- ``cycle:<type>``: the seed API's per-batch cycle ``zero_diag_fim`` + ``diag_fim_step`` +
+  ``get_diag_fim``.
+
+Reported: each as a ratio to ``floor``, the HUTCHINSON step's gap to ``bare`` in microseconds
+(its fixed cost: validation, bookkeeping, dispatch), and each cycle over its step.
+
+``python benchmarks/bench_fixed_cost.py --trees A B --rounds 5`` compares source trees: every
+round runs one child process per tree in shuffled order; ``--child`` runs one measurement and
+prints JSON. ``--out PATH`` writes the table and the raw figures (``PATH.json``, ``PATH.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+TYPES = ("hutchinson", "empirical")
+
+
+def _child(workload: str, steps: int, size: str = "full") -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import fimfast
+    from benchmarks.workloads import build
+
+    torch.set_num_threads(1)
+    wl = build(workload, size, 0)
+    m, x, y = wl.model, wl.inputs, wl.labels
+    batch = (x, y)
+    params = [p for p in m.parameters() if p.requires_grad]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+
+    def logits():
+        out = m(x)
+        return out.logits if hasattr(out, "logits") else out
+
+    def floor():
+        F.cross_entropy(logits().flatten(0, -2), y.flatten()).backward()
+        for p in params:
+            p.grad = None
+
+    def bare():
+        z = logits()
+        with torch.no_grad():
+            p = torch.softmax(z.float(), -1)
+            s = p.sqrt()
+            e = torch.randint(0, 2, z.shape, dtype=p.dtype).mul_(2).sub_(1)
+            w = s * e
+            u = (w - p * w.sum(-1, keepdim=True)).to(z.dtype)
+        g = torch.autograd.grad(z, params, u)
+        torch._foreach_addcmul_(acc, g, g)
+
+    fns = {"floor": floor, "bare": bare}
+    for t in TYPES:
+        est = fimfast.DiagFisher(m, t, seed=0)
+        fns[f"step:{t}"] = lambda est=est: est.step(batch)
+
+        def cycle(t=t):
+            fimfast.zero_diag_fim(m, t)
+            fimfast.diag_fim_step(m, batch, t, fim_opts={"seed": 0})
+            fimfast.get_diag_fim(m, t)
+
+        fns[f"cycle:{t}"] = cycle
+    for f in fns.values():  # warm up: plans, caches, allocator
+        f()
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _summary(meds: dict[str, list[dict]]) -> dict:
+    out = {}
+    for tree, runs in meds.items():
+        keys = runs[0].keys()
+        med = {k: statistics.median(r[k] for r in runs) for k in keys}
+        spread = {
+            k: [min(r[k] / r["floor"] for r in runs), max(r[k] / r["floor"] for r in runs)]
+            for k in keys
+        }
+        out[tree] = {
+            "floor_ms": med["floor"] * 1e3,
+            "ratio": {k: med[k] / med["floor"] for k in keys},
+            "ratio_range": spread,
+            "hutchinson_gap_us": (med["step:hutchinson"] - med["bare"]) * 1e6,
+            "cycle_over_step": {t: med[f"cycle:{t}"] / med[f"step:{t}"] for t in TYPES},
+        }
+    return out
+
+
+def _markdown(summary: dict, workload: str) -> str:
+    lines = [f"### workload ({workload})", ""]
+    keys = list(next(iter(summary.values()))["ratio"])
+    lines.append("| tree | floor ms | " + " | ".join(keys) + " | HUTCHINSON gap µs | cycle/step |")
+    lines.append("|" + "---|" * (len(keys) + 4))
+    for tree, s in summary.items():
+        cells = [
+            f"{s['ratio'][k]:.3f} ({s['ratio_range'][k][0]:.2f}–{s['ratio_range'][k][1]:.2f})"
+            for k in keys
+        ]
+        cyc = ", ".join(f"{t} {v:.3f}" for t, v in s["cycle_over_step"].items())
+        lines.append(
+            f"| {tree} | {s['floor_ms']:.2f} | " + " | ".join(cells)
+            + f" | {s['hutchinson_gap_us']:.0f} | {cyc} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", default="a,e")
+    ap.add_argument("--trees", nargs="+", default=[os.getcwd()])
+    ap.add_argument("--rounds", type=int, default=3, help="child processes per tree")
+    ap.add_argument("--steps", type=int, default=21, help="interleaved steps per child")
+    ap.add_argument("--size", default="full", choices=("tiny", "full"))
+    ap.add_argument("--out", default=None, help="write PATH.json and PATH.md")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(_child(a.child, a.steps, a.size)))
+        return 0
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": platform.processor() or platform.machine(),
+        "load": os.getloadavg(),
+        "threads": 1,
+        "rounds": a.rounds,
+        "steps": a.steps,
+        "size": a.size,
+        "trees": a.trees,
+        "workloads": {},
+    }
+    md = []
+    for w in a.workloads.split(","):
+        meds: dict[str, list[dict]] = {t: [] for t in a.trees}
+        for _ in range(a.rounds):
+            for tree in random.sample(a.trees, len(a.trees)):
+                env = dict(os.environ, PYTHONPATH=tree)
+                # this file, run against the tree's fimfast and workloads (a tree may predate it)
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", w,
+                       "--steps", str(a.steps), "--size", a.size]
+                res = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True,
+                                     check=True)
+                meds[tree].append(json.loads(res.stdout.strip().splitlines()[-1]))
+        summary = _summary(meds)
+        report["workloads"][w] = {"summary": summary, "runs": meds}
+        md.append(_markdown(summary, w))
+        print(md[-1], flush=True)
+    report["load_after"] = os.getloadavg()
+    if a.out:
+        with open(a.out + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(a.out + ".md", "w") as f:
+            f.write(f"Fixed cost per step, {report['date']}, load {report['load']}, "
+                    f"1 thread, {a.rounds} rounds x {a.steps} steps\n\n" + "\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
