@@ -105,7 +105,8 @@ def ranks(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag", "dense", "block_diag"])
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag", "dense", "block_diag",
+                                 "low_rank"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_two_ranks_equal_one_process_on_the_union(ranks, rep, reduction):
     from dist_worker import structured_shards
@@ -124,4 +125,24 @@ def test_two_ranks_equal_one_process_on_the_union(ranks, rep, reduction):
         local = got[key]["local"]  # the rank's own shard, read with distributed="none"
         own = fimfast.fisher(model, sh[r], "exact", rep, reduction, distributed="none")
         torch.testing.assert_close(local, own.to_dense(), rtol=1e-12, atol=1e-14)
-    assert ranks[0]["structured"]["low_rank"].startswith("distributed: low_rank refused")
+        if rep == "low_rank":  # the union's rows in rank order, and its top eigenpairs
+            torch.testing.assert_close(got[key]["factor"], ref.factor, rtol=1e-12, atol=1e-14)
+            top = fimfast.fisher(model, union, "exact", rep, reduction, rank=3,
+                                 distributed="none").to_dense()
+            err = float((got[key]["rank3"] - top).abs().max() / top.abs().max())
+            assert err < 1e-12, (r, reduction, err)
+
+
+@pytest.mark.distributed
+def test_low_rank_resumed_and_max_rows_over_ranks(ranks):
+    from dist_worker import structured_shards
+
+    model, sh = structured_shards()
+    ref = fimfast.fisher(model, sh[0] + sh[1], "exact", "low_rank", "sum", distributed="none")
+    C = ref.rank // 8
+    for res in ranks:
+        torch.testing.assert_close(res["structured"]["low_rank/resumed"], ref.factor,
+                                   rtol=1e-12, atol=1e-14)
+        msg = res["structured"]["low_rank/max_rows"]
+        assert f"{8 * C} rows (per rank: [{5 * C}, {3 * C}])" in msg, msg
+        assert f"max_rows={5 * C}" in msg, msg

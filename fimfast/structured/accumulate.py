@@ -12,6 +12,8 @@ and the random stream's position. Sums of shards add up to the sums of their uni
   it is), so EXACT / EMPIRICAL equal one process on the union of the shards; random types draw
   on each rank from the seed mixed with the rank (:func:`fimfast.distributed.rank_seed`).
   EKFAC's eigenbasis is taken from the reduced factors (``start_refit`` is collective too).
+  ``low_rank`` gathers the ranks' gradient rows instead, stacked in rank order
+  (:func:`fimfast.structured.reduce.reduce_state`).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def fisher(
         kfac_approx: weight sharing (sequence positions, convolution locations) in KFAC:
             ``expand`` (every position is an example) or ``reduce`` (positions summed first).
         rank: ``low_rank`` only: keep the top-``rank`` eigenpairs (``None``: the exact factor).
-        max_rows: ``low_rank`` only: refuse to keep more gradient rows than this.
+        max_rows: ``low_rank`` only: refuse to keep more gradient rows than this (under
+            ``torch.distributed``: the rows of all ranks together).
         max_batches: stop after this many batches.
         pair_chunk: cotangents per batched backward (default: from ``FIMFAST_MEMORY_BUDGET_MB``).
         distributed: ``"auto"``: under ``torch.distributed`` with more than one rank, the sums are
