@@ -198,12 +198,11 @@ def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
     A, G = [], []
     for layer, s in zip(layers, sums):
         a, g = s.A, s.G
-        if layer.kind in ("linear", "embedding"):
-            g = full_gram(g, inplace)
-        if layer.kind == "linear":
+        g = full_gram(g, inplace)
+        if layer.kind != "embedding":
             a = full_gram(a, inplace)
         elif not inplace:
-            a, g = a.clone(), g.clone()
+            a = a.clone()
         A.append(a.div_(max(s.npos, 1.0)))
         G.append(g if sc == 1.0 else g.mul_(sc))
     return A, G

@@ -17,10 +17,10 @@ class LayerSums:
     """Per-layer sums of one Kronecker-family pass (all plain sums, so the sums of two shards
     add up to the sums of their union)."""
 
-    # input second moments (sum): (I', I') (upper block rows, see gram_into), (V,) or (D, I', I')
+    # input second moments (sum): (I', I') (upper block rows, see gram_into), (V,) or (D I', D I')
     A: torch.Tensor | None = None
     npos: float = 0.0  # positions (or samples, for reduce) summed into A
-    G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A), or (D,)
+    G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A)
     D: torch.Tensor | None = None  # (O, I') squared projected gradients (EKFAC, quasi-diag)
     cross: torch.Tensor | None = None  # (O, I) weight-bias cross terms (quasi-diag)
 
@@ -86,22 +86,16 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
     """Add the input second moments of one batch (``w``: ``(N, T)`` position weights)."""
     if layer.kind == "embedding":
         return _embedding_inputs(layer, s, a, w, dtype)
-    if layer.kind == "layernorm":
-        a = _ln_full(a.to(dtype), layer.bias is not None)
+    if layer.kind == "layernorm":  # (N, T, D I'): (x_hat_d, 1) of every feature, row-major
+        a = _ln_full(a.to(dtype), layer.bias is not None).flatten(2)
     else:
         a = a.to(dtype)
     if w is not None:
         w = w.to(dtype)
-    if approx == "expand":
+    if approx == "expand":  # 0/1 weights: sum w a a^T = (sqrt(w) a)^T (sqrt(w) a)
         npos = float(a.shape[0] * a.shape[1]) if w is None else float(w.sum())
-        if layer.kind == "layernorm":
-            aw = a if w is None else a * w[..., None, None]
-            A = torch.einsum("ntdi,ntdj->dij", aw, a)
-        else:  # 0/1 weights: sum w a a^T = (sqrt(w) a)^T (sqrt(w) a)
-            a2 = a.reshape(-1, a.shape[-1])
-            gram_into(s, "A", a2 if w is None else a2 * w.reshape(-1, 1).sqrt())
-            s.npos += npos
-            return
+        a2 = a.reshape(-1, a.shape[-1])
+        gram_into(s, "A", a2 if w is None else a2 * w.reshape(-1, 1).sqrt())
     else:  # reduce: the mean input over the positions of each sample
         if w is None:
             abar = a.mean(1)
@@ -109,12 +103,7 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
             ww = w.reshape(w.shape + (1,) * (a.dim() - 2))
             abar = (a * ww).sum(1) / ww.sum(1).clamp_min(1)
         npos = float(a.shape[0])
-        if layer.kind != "layernorm":
-            gram_into(s, "A", abar)
-            s.npos += npos
-            return
-        A = torch.einsum("ndi,ndj->dij", abar, abar)
-    _add(s, "A", A)
+        gram_into(s, "A", abar)
     s.npos += npos
 
 
@@ -146,10 +135,6 @@ def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, 
     dt = acc_dtype(g)
     g = g.to(dt)
     if what == "kfac":
-        if layer.kind == "layernorm":
-            gg = g if approx == "expand" else g.sum(2, keepdim=True)
-            _add(s, "G", (gg * gg).sum((0, 1, 2)))
-            return
         O = g.shape[-1]
         gram_into(s, "G", g.reshape(-1, O) if approx == "expand" else g.sum(2).reshape(-1, O))
         return
@@ -159,7 +144,7 @@ def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, 
         full = _ln_full(a.to(dt), layer.bias is not None)
         Mp = torch.einsum("mntd,ntdi->mndi", g, full)  # per-pair gradients (gamma_d, beta_d)
         if what == "ekfac":
-            Mp = torch.einsum("mndi,dij->mndj", Mp, eig[0].to(dt))
+            Mp = (Mp.flatten(2) @ eig[0].to(dt)).reshape(Mp.shape)
         _add(s, "D", (Mp * Mp).sum((0, 1)))
         if what == "quasi_diag" and layer.bias is not None:
             _add(s, "cross", (Mp[..., :1] * Mp[..., 1:]).sum((0, 1)))
