@@ -276,6 +276,9 @@ def structured(rank):
                 out[f"{rep}/{reduction}"]["factor"] = F.factor
                 T = fimfast.fisher(model, sh[rank], "exact", rep, reduction, rank=3)
                 out[f"{rep}/{reduction}"]["rank3"] = T.to_dense()
+    for reduction in ("sum", "mean"):
+        F = fimfast.fisher(model, sh[rank], "exact", "kfac", reduction, kfac_approx="reduce")
+        out[f"kfac_reduce/{reduction}"] = {"dense": F.to_dense(), "rows": F.A[0].shape[0]}
     # resumed on each rank from a state saved mid-way, then reduced
     acc = FisherAccumulator(model, "exact", "low_rank", "sum", seed=0)
     acc.update(sh[rank][0])

@@ -311,10 +311,10 @@ def test_attention_matches_curvlinops(approx):
 
 
 # -- errors -------------------------------------------------------------------------------------- #
-def test_reduce_refused_for_an_embedding():
+def test_ekfac_reduce_refused_for_an_embedding():
     case = _stack_case()
     with pytest.raises(ValueError, match=r"kfac_approx='reduce'.*'emb' \(Embedding\)"):
-        fimfast.fisher(case.model, [case.batch], representation="kfac", kfac_approx="reduce")
+        fimfast.fisher(case.model, [case.batch], representation="ekfac", kfac_approx="reduce")
 
 
 def test_attention_with_bias_kv_refused():

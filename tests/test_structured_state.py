@@ -61,6 +61,19 @@ def test_resume_is_bit_identical(rep, tmp_path):
         assert F.meta["count"] == full.meta["count"] == 9
 
 
+def test_resume_embedding_reduce_is_bit_identical(tmp_path):
+    """The embedding's reduce rows (a sparse factor) are saved and resumed too."""
+    model, data = _data()
+    full = _run(model, data, "kfac", kfac_approx="reduce")
+    assert full.A[0].is_sparse and full.A[0].shape[0] == 9
+    for stop in [("factors", 1), ("factors", 2)]:
+        F = _run(model, data, "kfac", stop, tmp_path / "state.pt", kfac_approx="reduce")
+        a, b = _tensors(full), _tensors(F)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stop, k)
+
+
 def test_fisher_equals_the_accumulator():
     model, data = _data()
     F = fimfast.fisher(model, data, "monte_carlo", "ekfac", num_probes=2, seed=5)
@@ -125,6 +138,13 @@ def test_two_ranks_equal_one_process_on_the_union(ranks, rep, reduction):
         local = got[key]["local"]  # the rank's own shard, read with distributed="none"
         own = fimfast.fisher(model, sh[r], "exact", rep, reduction, distributed="none")
         torch.testing.assert_close(local, own.to_dense(), rtol=1e-12, atol=1e-14)
+        if rep == "kfac":  # with an embedding under reduce: its rows stacked in rank order
+            red = fimfast.fisher(model, union, "exact", rep, reduction, kfac_approx="reduce",
+                                 distributed="none").to_dense()
+            got_red = got[f"kfac_reduce/{reduction}"]
+            assert got_red["rows"] == 8
+            err = float((got_red["dense"] - red).abs().max() / red.abs().max())
+            assert err < 1e-12, (r, reduction, err)
         if rep == "low_rank":  # the union's rows in rank order, and its top eigenpairs
             torch.testing.assert_close(got[key]["factor"], ref.factor, rtol=1e-12, atol=1e-14)
             top = fimfast.fisher(model, union, "exact", rep, reduction, rank=3,

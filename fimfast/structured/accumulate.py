@@ -27,7 +27,7 @@ import torch
 from fimfast import distributed as dist_mod
 from fimfast.estimator import _default_seed, trainable_parameters
 from fimfast.structured import capture as cap
-from fimfast.structured import engine
+from fimfast.structured import engine, gram
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
 from fimfast.structured.sums import LayerSums, full_gram
@@ -199,6 +199,10 @@ def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
     for layer, s in zip(layers, sums):
         a, g = s.A, s.G
         g = full_gram(g, inplace)
+        if a.is_sparse:  # an embedding's reduce rows: the factor of the mean
+            A.append(gram.scaled(a, s.npos))
+            G.append(g if sc == 1.0 else g.mul_(sc))
+            continue
         if layer.kind != "embedding":
             a = full_gram(a, inplace)
         elif not inplace:

@@ -3,7 +3,9 @@
 
 * ``linear``: ``A`` ``(I', I')``, ``G`` ``(O, O)``: ``X -> G X A``;
 * ``embedding``: ``A`` ``(V,)`` (a diagonal input factor, the token counts), ``G`` ``(D, D)``:
-  ``X -> G X diag(A)``; its input eigenbasis is the identity (``U_A = None``);
+  ``X -> G X diag(A)``; its input eigenbasis is the identity (``U_A = None``). Under
+  ``kfac_approx="reduce"`` ``A`` is a sparse ``(N, V)`` row factor ``C`` of ``C^T C`` instead
+  (:mod:`fimfast.structured.gram`);
 * ``layernorm``: ``A`` ``(D I', D I')`` (second moment of the ``(D, I')`` input ``(x_hat_d, 1)``
   flattened row-major), ``G`` ``(D, D)``; the block is their Hadamard product
   ``F[(d, i), (e, j)] = G[d, e] A[(d, i), (e, j)]``, not a Kronecker product, so its eigenbasis
@@ -16,6 +18,8 @@ EKFAC keeps ``(U_A, U_G, D)`` with ``X -> U_G (D o (U_G^T X U_A)) U_A^T`` (for a
 from __future__ import annotations
 
 import torch
+
+from fimfast.structured import gram
 
 
 def expected_shapes(kind: str, O: int, In: int) -> tuple[tuple[int, ...], tuple[int, ...]]:  # noqa: E741
@@ -54,7 +58,7 @@ def _ln4(A, G):
 
 def kfac_mv(kind: str, A, G, X):
     if kind == "embedding":
-        return (G @ X) * A
+        return gram.mv(A, G, X) if A.is_sparse else (G @ X) * A
     if kind == "layernorm":
         return torch.einsum("de,diej,ej->di", G, _ln4(A, G), X)
     return G @ X @ A
@@ -63,7 +67,7 @@ def kfac_mv(kind: str, A, G, X):
 def kfac_block(kind: str, A, G):
     """The dense ``(O I', O I')`` block, rows in the row-major order of ``X``."""
     if kind == "embedding":
-        return torch.kron(G, torch.diag(A))
+        return torch.kron(G, gram.dense_a(A) if A.is_sparse else torch.diag(A))
     if kind == "layernorm":
         n = A.shape[0] // G.shape[0]
         return torch.kron(G, A.new_ones(n, n)) * A
@@ -72,13 +76,15 @@ def kfac_block(kind: str, A, G):
 
 def kfac_diag(kind: str, A, G):
     if kind == "embedding":
-        return G.diagonal().unsqueeze(1) * A.unsqueeze(0)
+        return G.diagonal().unsqueeze(1) * (gram.diag_a(A) if A.is_sparse else A).unsqueeze(0)
     if kind == "layernorm":
         return G.diagonal().unsqueeze(1) * A.diagonal().reshape(G.shape[0], -1)
     return G.diagonal().unsqueeze(1) * A.diagonal().unsqueeze(0)
 
 
 def kfac_fro2(kind: str, A, G) -> torch.Tensor:
+    if A.is_sparse:
+        return gram.fro2_a(A) * (G.double() ** 2).sum()
     A, G = A.double(), G.double()
     if kind == "layernorm":
         return (G**2 * (_ln4(A, G) ** 2).sum((1, 3))).sum()
@@ -88,8 +94,8 @@ def kfac_fro2(kind: str, A, G) -> torch.Tensor:
 def eig(kind: str, A, G):
     """``(lam_A, U_A, lam_G, U_G)`` (``U_A`` / ``U_G`` ``None`` where the basis is the
     identity)."""
-    if kind == "embedding":
-        return (A, None, *eigh(G))
+    if kind == "embedding":  # reduce: (lam_A, W, ...) with U_A = C^T W lam_A^{-1/2}
+        return (*gram.eig(A), *eigh(G)) if A.is_sparse else (A, None, *eigh(G))
     if kind == "layernorm":
         lam, U = eigh(kfac_block(kind, A, G))
         return lam.reshape(G.shape[0], -1), U, None, None

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fimfast import distributed as dist_mod
-from fimfast.structured import engine
+from fimfast.structured import engine, gram
 from fimfast.structured.kron import KFACFIM
 from fimfast.structured.sums import LayerSums
 
@@ -112,7 +112,8 @@ def reduce_state(acc, local):
     count, batches = sum(x[2] for x in rows), sum(x[3] for x in rows)
     if low_rank:
         return _gathered_rows(local, [x[4] for x in rows], group), count, batches
-    vals = [t for t in tensors if t is not None]
+    vals = [t for t in tensors if t is not None and not t.is_sparse]
+    rows_of = [gram.gather(t, group) for t in tensors if t is not None and t.is_sparse]
     if acc.layers:
         vals.append(torch.tensor([s.npos for s in local], dtype=torch.float64, device=dev))
     out = iter(dist_mod._all_reduce_sum(vals, group))
@@ -123,9 +124,10 @@ def reduce_state(acc, local):
         else:
             red.sums = [next(out) for _ in local.sums]
         return red, count, batches
-    new = []
-    for s in local:
-        kw = {k: None if getattr(s, k) is None else next(out) for k in LayerSums.FIELDS}
+    new, gathered = [], iter(rows_of)
+    for s in local:  # an embedding's reduce rows are stacked in rank order, the rest summed
+        kw = {k: None if getattr(s, k) is None else
+              next(gathered) if getattr(s, k).is_sparse else next(out) for k in LayerSums.FIELDS}
         new.append(LayerSums(**kw))
     npos = next(out).tolist()
     for s, n in zip(new, npos):

@@ -11,13 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
+from fimfast.structured import gram
+
 
 @dataclass
 class LayerSums:
     """Per-layer sums of one Kronecker-family pass (all plain sums, so the sums of two shards
     add up to the sums of their union)."""
 
-    # input second moments (sum): (I', I') (upper block rows, see gram_into), (V,) or (D I', D I')
+    # input second moments (sum): (I', I') (upper block rows, see gram_into), (V,) or (D I', D I');
+    # an embedding under reduce: sparse (N, V) rows (fimfast.structured.gram)
     A: torch.Tensor | None = None
     npos: float = 0.0  # positions (or samples, for reduce) summed into A
     G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A)
@@ -85,6 +88,10 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
                dtype: torch.dtype) -> None:
     """Add the input second moments of one batch (``w``: ``(N, T)`` position weights)."""
     if layer.kind == "embedding":
+        if approx == "reduce":  # sparse rows a_bar_n (fimfast.structured.gram)
+            s.A = gram.append(s.A, gram.rows(a, w, layer.I, layer.module.padding_idx, dtype))
+            s.npos += float(a.shape[0])
+            return None
         return _embedding_inputs(layer, s, a, w, dtype)
     if layer.kind == "layernorm":  # (N, T, D I'): (x_hat_d, 1) of every feature, row-major
         a = _ln_full(a.to(dtype), layer.bias is not None).flatten(2)
