@@ -202,6 +202,25 @@ def test_layernorm_factors_against_the_oracle():
     torch.testing.assert_close(F.to_dense()[p][:, p], want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_input_factor_with_position_weights(bias):
+    """``sum_t w_t vec(a_t) vec(a_t)^T`` with 0/1 position weights (padding left out)."""
+    from types import SimpleNamespace
+
+    from fimfast.structured import sums
+
+    g = torch.Generator().manual_seed(0)
+    xh = torch.randn(3, 5, 4, dtype=torch.float64, generator=g)
+    w = (torch.rand(3, 5, generator=g) > 0.3).double()
+    s = sums.LayerSums()
+    sums.add_inputs(SimpleNamespace(kind="layernorm", In=1 + bias), s, xh, w, "expand",
+                    torch.float64)
+    a = torch.stack([xh, torch.ones_like(xh)], -1) if bias else xh.unsqueeze(-1)
+    a = a.reshape(15, -1)
+    torch.testing.assert_close(s.A, (a * w.reshape(-1, 1)).T @ a, rtol=1e-12, atol=1e-14)
+    assert s.npos == float(w.sum())
+
+
 def test_operations_and_files(tmp_path):
     case = _stack_case()
     for rep in ("kfac", "ekfac", "quasi_diag"):

@@ -93,6 +93,8 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
             s.npos += float(a.shape[0])
             return None
         return _embedding_inputs(layer, s, a, w, dtype)
+    if layer.kind == "layernorm" and approx == "expand":
+        return _ln_expand(layer, s, a.to(dtype), w)
     if layer.kind == "layernorm":  # (N, T, D I'): (x_hat_d, 1) of every feature, row-major
         a = _ln_full(a.to(dtype), layer.bias is not None).flatten(2)
     else:
@@ -112,6 +114,27 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
         npos = float(a.shape[0])
         gram_into(s, "A", abar)
     s.npos += npos
+
+
+def _ln_expand(layer, s: LayerSums, xh: torch.Tensor, w: torch.Tensor | None) -> None:
+    """LayerNorm, ``expand``: ``sum w vec(a) vec(a)^T`` for the ``(D, I')`` rows ``a = (x_hat_d,
+    1)``, assembled from ``sum w x_hat x_hat^T``, ``sum w x_hat`` and ``sum w`` (a quarter of the
+    products of the ``D I'``-column Gram matrix)."""
+    D, In = xh.shape[-1], layer.In
+    x = xh.reshape(-1, D)
+    if w is None:
+        n, m, xs = float(x.shape[0]), x.sum(0), x
+    else:
+        wf = w.reshape(-1, 1).to(x.dtype)
+        n, m, xs = float(wf.sum()), (x * wf).sum(0), x * wf.sqrt()
+    A = x.new_empty(D, In, D, In)
+    A[:, 0, :, 0] = xs.T @ xs
+    if In == 2:
+        A[:, 0, :, 1] = m.unsqueeze(1)
+        A[:, 1, :, 0] = m.unsqueeze(0)
+        A[:, 1, :, 1] = n
+    _add(s, "A", A.reshape(D * In, D * In))
+    s.npos += n
 
 
 def _embedding_inputs(layer, s: LayerSums, ids: torch.Tensor, w, dtype) -> None:
