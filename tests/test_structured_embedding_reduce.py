@@ -131,3 +131,19 @@ def test_solve_with_every_layer_kind():
     eye = torch.eye(F.numel(), dtype=M.dtype)
     torch.testing.assert_close(F.solve(v, 1e-2), torch.linalg.solve(M + 1e-2 * eye, v))
     torch.testing.assert_close(F.mv(v), M @ v)
+
+
+def test_padding_mask_weights_the_rows():
+    """Masked positions (attention mask 0) are left out of ``a_bar_n``: counts over the valid
+    positions divided by their number."""
+    case = make_case("token_lm").to(torch.float64)
+    model = case.model
+    model.out = nn.Linear(8, 9, bias=False).double()  # untie the head
+    b = case.batch
+    F = fimfast.fisher(model, [b], "exact", "kfac", "sum", kfac_approx="reduce")
+    ids, mask = b["input_ids"], b["attention_mask"].double()
+    assert float(mask.min()) == 0
+    abar = torch.einsum("nt,ntv->nv", mask, nn.functional.one_hot(ids, 9).double())
+    abar = abar / mask.sum(1, keepdim=True)
+    N = ids.shape[0]
+    torch.testing.assert_close(gram.dense_a(F.A[0]), abar.T @ abar / N, rtol=1e-12, atol=1e-15)
