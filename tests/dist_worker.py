@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import make_case  # noqa: E402
 
 import fimfast  # noqa: E402
+from fimfast.structured import FisherAccumulator  # noqa: E402
 
 RANDOM_TYPES = ["hutchinson", "hutchinson_sqrt", "hutchinson_dg", "hutchinson_rankk",
                 "hutchinson_rank1", "monte_carlo"]
@@ -265,17 +266,34 @@ def structured_shards():
 def structured(rank):
     model, sh = structured_shards()
     out = {}
-    for rep in ("kfac", "ekfac", "quasi_diag", "dense", "block_diag"):
+    for rep in ("kfac", "ekfac", "quasi_diag", "dense", "block_diag", "low_rank"):
         for reduction in ("sum", "mean"):
             F = fimfast.fisher(model, sh[rank], "exact", rep, reduction)
             local = fimfast.fisher(model, sh[rank], "exact", rep, reduction, distributed="none")
             out[f"{rep}/{reduction}"] = {"dense": F.to_dense(), "count": F.meta["count"],
                                          "local": local.to_dense()}
+            if rep == "low_rank":
+                out[f"{rep}/{reduction}"]["factor"] = F.factor
+                T = fimfast.fisher(model, sh[rank], "exact", rep, reduction, rank=3)
+                out[f"{rep}/{reduction}"]["rank3"] = T.to_dense()
+    for reduction in ("sum", "mean"):
+        F = fimfast.fisher(model, sh[rank], "exact", "kfac", reduction, kfac_approx="reduce")
+        out[f"kfac_reduce/{reduction}"] = {"dense": F.to_dense(), "rows": F.A[0].shape[0]}
+    # resumed on each rank from a state saved mid-way, then reduced
+    acc = FisherAccumulator(model, "exact", "low_rank", "sum", seed=0)
+    acc.update(sh[rank][0])
+    state = acc.state_dict()
+    acc = FisherAccumulator(model, "exact", "low_rank", "sum", seed=0)
+    acc.load_state_dict(state)
+    acc.add(sh[rank][1:])
+    out["low_rank/resumed"] = acc.result().factor
+    # the rows of all ranks exceed max_rows while each rank's own rows fit: refused on every rank
+    per_sample = fimfast.fisher(model, sh[1], "exact", "low_rank", distributed="none").rank // 3
     try:
-        fimfast.fisher(model, sh[rank], "exact", "low_rank")
-        out["low_rank"] = "no error"
+        fimfast.fisher(model, sh[rank], "exact", "low_rank", max_rows=5 * per_sample)
+        out["low_rank/max_rows"] = "no error"
     except ValueError as exc:
-        out["low_rank"] = f"distributed: low_rank refused: {exc}"
+        out["low_rank/max_rows"] = str(exc)
     return out
 
 

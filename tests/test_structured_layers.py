@@ -1,8 +1,8 @@
 """KFAC, EKFAC and quasi-diagonal for nn.Embedding, nn.LayerNorm and nn.MultiheadAttention.
 
 * One sample, one token: every linear-kind layer (Embedding, the attention projections, Linear)
-  sees a single input vector, so KFAC is its true Fisher block; a LayerNorm's per-feature KFAC is
-  the true block restricted to each feature's ``(gamma_d, beta_d)`` pair (float64 oracle).
+  sees a single input vector, so KFAC is its true Fisher block, and so is a LayerNorm's
+  ``G o A`` (float64 oracle).
 * Any batch: EKFAC's refitted ``D`` is the diagonal of the true block in the Kronecker eigenbasis,
   and quasi-diagonal is the true diagonal plus weight-bias cross entries (float64 oracle, layer
   layouts rebuilt from the module tree here, independently of the library).
@@ -121,10 +121,9 @@ def test_kfac_exact_on_one_sample_one_token(case_name):
     ref = _oracle(case)
     P = ref.shape[0]
     mask = torch.zeros(P, P, dtype=torch.bool)
-    for kind, pos in _layouts(case.model, _fisher(case, "kfac")):
-        rows = pos if kind == "layernorm" else pos.reshape(1, -1)
-        for r in rows:
-            mask[r.unsqueeze(1), r.unsqueeze(0)] = True
+    for _, pos in _layouts(case.model, _fisher(case, "kfac")):
+        r = pos.reshape(-1)
+        mask[r.unsqueeze(1), r.unsqueeze(0)] = True
     assert float((ref * mask).abs().sum()) > 0.2 * float(ref.abs().sum())
     for rep in ("kfac", "ekfac"):
         _close(_fisher(case, rep).to_dense(), ref * mask, 1e-9)
@@ -138,8 +137,9 @@ def test_ekfac_refit_is_the_diagonal_in_its_basis(case_name):
     lays = _layouts(case.model, E)
     assert len(lays) == len(E.D)
     for (kind, pos), ua, ug, d in zip(lays, E.UA, E.UG, E.D):
-        if kind == "layernorm":
-            want = torch.stack([(u.T @ ref[p][:, p] @ u).diagonal() for u, p in zip(ua, pos)])
+        if kind == "layernorm":  # the eigenbasis of the whole (D I', D I') block
+            p = pos.reshape(-1)
+            want = (ua.T @ ref[p][:, p] @ ua).diagonal().reshape(d.shape)
         else:
             ua = torch.eye(pos.shape[1], dtype=d.dtype) if ua is None else ua
             K = torch.kron(ug.contiguous(), ua.contiguous())
@@ -166,7 +166,8 @@ def test_quasi_diag_oracle(case_name):
 
 def test_embedding_factors_by_hand():
     """``A``: token frequencies over the positions (padding id at 0), ``G``: output gradients
-    of every (sample, column) pair; LayerNorm ``A[d]``: mean of ``(x_hat_d, 1)(x_hat_d, 1)^T``."""
+    of every (sample, column) pair; LayerNorm ``A``: mean of ``vec(a) vec(a)^T`` with ``a`` the
+    ``(D, 2)`` matrix of rows ``(x_hat_d, 1)``."""
     case = _stack_case().to(torch.float64)
     ids = case.batch[0]
     F = _fisher(case, "kfac")
@@ -175,10 +176,49 @@ def test_embedding_factors_by_hand():
     torch.testing.assert_close(F.A[0], counts / ids.numel(), rtol=1e-12, atol=1e-14)
     emb = case.model.emb(ids)
     xh = nn.functional.layer_norm(emb, (4,)).reshape(-1, 4)
-    a = torch.stack([xh, torch.ones_like(xh)], -1)  # (NT, D, 2)
-    torch.testing.assert_close(F.A[1], torch.einsum("tdi,tdj->dij", a, a) / ids.numel(),
-                               rtol=1e-12, atol=1e-14)
-    assert F.G[1].shape == (4,) and F.G[0].shape == (4, 4)
+    a = torch.stack([xh, torch.ones_like(xh)], -1).reshape(-1, 8)  # (NT, D * 2)
+    torch.testing.assert_close(F.A[1], a.T @ a / ids.numel(), rtol=1e-12, atol=1e-14)
+    assert F.G[1].shape == (4, 4) and F.G[0].shape == (4, 4)
+
+
+def test_layernorm_factors_against_the_oracle():
+    """With ``kfac_approx="reduce"`` a LayerNorm's ``G = sum_q (sum_t g_t)(sum_t g_t)^T`` is the
+    true ``(beta, beta)`` block on any batch, and ``A`` the mean over samples of ``vec(a_bar)
+    vec(a_bar)^T`` (``a_bar``: the sample's mean ``(x_hat_d, 1)`` rows); the KFAC block is
+    ``G[d, e] A[(d, i), (e, j)]``."""
+    case = _stack_case(N=3, T=4).to(torch.float64)
+    case.model.emb.weight.requires_grad_(False)
+    ref = _oracle(case)
+    F = _fisher(case, "kfac", kfac_approx="reduce")
+    assert F.layers[0]["name"] == "norm"
+    pos = torch.stack([torch.arange(F.slice_of(n).start, F.slice_of(n).stop)
+                       for n in ("norm.weight", "norm.bias")], 1)
+    torch.testing.assert_close(F.G[0], ref[pos[:, 1]][:, pos[:, 1]], rtol=1e-10, atol=1e-14)
+    xh = nn.functional.layer_norm(case.model.emb(case.batch[0]), (4,))
+    abar = torch.stack([xh, torch.ones_like(xh)], -1).mean(1).reshape(3, 8)
+    torch.testing.assert_close(F.A[0], abar.T @ abar / 3, rtol=1e-12, atol=1e-14)
+    p = pos.reshape(-1)
+    want = torch.kron(F.G[0], torch.ones(2, 2, dtype=torch.float64)) * F.A[0]
+    torch.testing.assert_close(F.to_dense()[p][:, p], want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_input_factor_with_position_weights(bias):
+    """``sum_t w_t vec(a_t) vec(a_t)^T`` with 0/1 position weights (padding left out)."""
+    from types import SimpleNamespace
+
+    from fimfast.structured import sums
+
+    g = torch.Generator().manual_seed(0)
+    xh = torch.randn(3, 5, 4, dtype=torch.float64, generator=g)
+    w = (torch.rand(3, 5, generator=g) > 0.3).double()
+    s = sums.LayerSums()
+    sums.add_inputs(SimpleNamespace(kind="layernorm", In=1 + bias), s, xh, w, "expand",
+                    torch.float64)
+    a = torch.stack([xh, torch.ones_like(xh)], -1) if bias else xh.unsqueeze(-1)
+    a = a.reshape(15, -1)
+    torch.testing.assert_close(s.A, (a * w.reshape(-1, 1)).T @ a, rtol=1e-12, atol=1e-14)
+    assert s.npos == float(w.sum())
 
 
 def test_operations_and_files(tmp_path):
@@ -290,10 +330,10 @@ def test_attention_matches_curvlinops(approx):
 
 
 # -- errors -------------------------------------------------------------------------------------- #
-def test_reduce_refused_for_an_embedding():
+def test_ekfac_reduce_refused_for_an_embedding():
     case = _stack_case()
     with pytest.raises(ValueError, match=r"kfac_approx='reduce'.*'emb' \(Embedding\)"):
-        fimfast.fisher(case.model, [case.batch], representation="kfac", kfac_approx="reduce")
+        fimfast.fisher(case.model, [case.batch], representation="ekfac", kfac_approx="reduce")
 
 
 def test_attention_with_bias_kv_refused():
@@ -336,7 +376,7 @@ def test_layernorm_without_bias_and_frozen_attention_input_projection():
     case.model.attn.in_proj_bias.requires_grad_(False)
     F = _fisher(case, "kfac")
     assert [i["name"] for i in F.layers] == ["emb", "norm", "attn.out_proj", "head"]
-    assert F.A[1].shape == (4, 1, 1)
+    assert F.A[1].shape == (4, 4) and F.G[1].shape == (4, 4)
     ref = _oracle(case)
     Q = _fisher(case, "quasi_diag")
     _close(Q.to_dense().diagonal(), ref.diagonal())

@@ -61,6 +61,19 @@ def test_resume_is_bit_identical(rep, tmp_path):
         assert F.meta["count"] == full.meta["count"] == 9
 
 
+def test_resume_embedding_reduce_is_bit_identical(tmp_path):
+    """The embedding's reduce rows (a sparse factor) are saved and resumed too."""
+    model, data = _data()
+    full = _run(model, data, "kfac", kfac_approx="reduce")
+    assert full.A[0].is_sparse and full.A[0].shape[0] == 9
+    for stop in [("factors", 1), ("factors", 2)]:
+        F = _run(model, data, "kfac", stop, tmp_path / "state.pt", kfac_approx="reduce")
+        a, b = _tensors(full), _tensors(F)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stop, k)
+
+
 def test_fisher_equals_the_accumulator():
     model, data = _data()
     F = fimfast.fisher(model, data, "monte_carlo", "ekfac", num_probes=2, seed=5)
@@ -105,7 +118,8 @@ def ranks(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag", "dense", "block_diag"])
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag", "dense", "block_diag",
+                                 "low_rank"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_two_ranks_equal_one_process_on_the_union(ranks, rep, reduction):
     from dist_worker import structured_shards
@@ -124,4 +138,31 @@ def test_two_ranks_equal_one_process_on_the_union(ranks, rep, reduction):
         local = got[key]["local"]  # the rank's own shard, read with distributed="none"
         own = fimfast.fisher(model, sh[r], "exact", rep, reduction, distributed="none")
         torch.testing.assert_close(local, own.to_dense(), rtol=1e-12, atol=1e-14)
-    assert ranks[0]["structured"]["low_rank"].startswith("distributed: low_rank refused")
+        if rep == "kfac":  # with an embedding under reduce: its rows stacked in rank order
+            red = fimfast.fisher(model, union, "exact", rep, reduction, kfac_approx="reduce",
+                                 distributed="none").to_dense()
+            got_red = got[f"kfac_reduce/{reduction}"]
+            assert got_red["rows"] == 8
+            err = float((got_red["dense"] - red).abs().max() / red.abs().max())
+            assert err < 1e-12, (r, reduction, err)
+        if rep == "low_rank":  # the union's rows in rank order, and its top eigenpairs
+            torch.testing.assert_close(got[key]["factor"], ref.factor, rtol=1e-12, atol=1e-14)
+            top = fimfast.fisher(model, union, "exact", rep, reduction, rank=3,
+                                 distributed="none").to_dense()
+            err = float((got[key]["rank3"] - top).abs().max() / top.abs().max())
+            assert err < 1e-12, (r, reduction, err)
+
+
+@pytest.mark.distributed
+def test_low_rank_resumed_and_max_rows_over_ranks(ranks):
+    from dist_worker import structured_shards
+
+    model, sh = structured_shards()
+    ref = fimfast.fisher(model, sh[0] + sh[1], "exact", "low_rank", "sum", distributed="none")
+    C = ref.rank // 8
+    for res in ranks:
+        torch.testing.assert_close(res["structured"]["low_rank/resumed"], ref.factor,
+                                   rtol=1e-12, atol=1e-14)
+        msg = res["structured"]["low_rank/max_rows"]
+        assert f"{8 * C} rows (per rank: [{5 * C}, {3 * C}])" in msg, msg
+        assert f"max_rows={5 * C}" in msg, msg

@@ -12,6 +12,8 @@ and the random stream's position. Sums of shards add up to the sums of their uni
   it is), so EXACT / EMPIRICAL equal one process on the union of the shards; random types draw
   on each rank from the seed mixed with the rank (:func:`fimfast.distributed.rank_seed`).
   EKFAC's eigenbasis is taken from the reduced factors (``start_refit`` is collective too).
+  ``low_rank`` gathers the ranks' gradient rows instead, stacked in rank order
+  (:func:`fimfast.structured.reduce.reduce_state`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from fimfast import distributed as dist_mod
 from fimfast.estimator import _default_seed, trainable_parameters
 from fimfast.structured import capture as cap
-from fimfast.structured import engine
+from fimfast.structured import engine, gram
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
 from fimfast.structured.sums import LayerSums, full_gram
@@ -196,12 +198,15 @@ def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
     A, G = [], []
     for layer, s in zip(layers, sums):
         a, g = s.A, s.G
-        if layer.kind in ("linear", "embedding"):
-            g = full_gram(g, inplace)
-        if layer.kind == "linear":
+        g = full_gram(g, inplace)
+        if a.is_sparse:  # an embedding's reduce rows: the factor of the mean
+            A.append(gram.scaled(a, s.npos))
+            G.append(g if sc == 1.0 else g.mul_(sc))
+            continue
+        if layer.kind != "embedding":
             a = full_gram(a, inplace)
         elif not inplace:
-            a, g = a.clone(), g.clone()
+            a = a.clone()
         A.append(a.div_(max(s.npos, 1.0)))
         G.append(g if sc == 1.0 else g.mul_(sc))
     return A, G

@@ -47,7 +47,8 @@ def fisher(
         kfac_approx: weight sharing (sequence positions, convolution locations) in KFAC:
             ``expand`` (every position is an example) or ``reduce`` (positions summed first).
         rank: ``low_rank`` only: keep the top-``rank`` eigenpairs (``None``: the exact factor).
-        max_rows: ``low_rank`` only: refuse to keep more gradient rows than this.
+        max_rows: ``low_rank`` only: refuse to keep more gradient rows than this (under
+            ``torch.distributed``: the rows of all ranks together).
         max_batches: stop after this many batches.
         pair_chunk: cotangents per batched backward (default: from ``FIMFAST_MEMORY_BUDGET_MB``).
         distributed: ``"auto"``: under ``torch.distributed`` with more than one rank, the sums are
@@ -86,15 +87,18 @@ def fisher(
 
 
 def check_approx(layers, representation: str, kfac_approx: str) -> None:
-    """``kfac_approx="reduce"`` has no diagonal input factor for an embedding (the mean one-hot
-    of a sample's tokens gives a dense ``V x V`` second moment): refused, naming the module."""
-    if representation in ("kfac", "ekfac") and kfac_approx == "reduce":
+    """EKFAC with ``kfac_approx="reduce"`` on an embedding is refused, naming the module: its
+    input factor (rank at most the number of samples, kept as sparse rows) has no complete
+    ``V x V`` eigenbasis in which to refit the diagonal (docs/structured.md, "KFAC")."""
+    if representation == "ekfac" and kfac_approx == "reduce":
         for layer in layers:
             if layer.kind == "embedding":
                 raise ValueError(
-                    f"kfac_approx='reduce' is not defined for module {layer.name!r} (Embedding): "
-                    "the mean one-hot input of a sample has a dense V x V second moment; use "
-                    "kfac_approx='expand' or freeze the embedding")
+                    f"representation='ekfac' with kfac_approx='reduce' is not available for module "
+                    f"{layer.name!r} (Embedding): its input factor has rank at most the number of "
+                    "samples and is kept as sparse rows, so there is no complete V x V "
+                    "eigenbasis to refit the diagonal in; use representation='kfac', "
+                    "kfac_approx='expand', or freeze the embedding")
 
 
 def _options(representation: str, opts: dict, kfac_approx: str, rank, pair_chunk) -> Options:

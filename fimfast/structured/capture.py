@@ -9,8 +9,9 @@ Supported layers (docs/structured.md, "KFAC"), each a :class:`Layer` of one ``ki
   replay with tapped projections of :mod:`fimfast.rules.attention`;
 * ``embedding``: ``nn.Embedding``, a linear map of the one-hot token (its input factor is
   diagonal: the token counts);
-* ``layernorm``: ``nn.LayerNorm``'s elementwise affine map, one two-input "linear" per feature
-  ``d`` with input ``(x_hat_d, 1)`` and output ``y_d = gamma_d x_hat_d + beta_d``.
+* ``layernorm``: ``nn.LayerNorm``'s elementwise affine map ``y_d = gamma_d x_hat_d + beta_d``:
+  feature ``d`` has its own input ``(x_hat_d, 1)`` (its KFAC is a Hadamard product, see
+  :mod:`fimfast.structured.factors`).
 
 During the forward a hook keeps each call's input (detached) and taps its output: it returns
 ``y + z`` with ``z`` a zero scalar expanded to ``y``'s shape, whose gradient is the gradient at the

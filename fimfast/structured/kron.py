@@ -19,6 +19,7 @@ import math
 import torch
 
 from fimfast.structured import factors as fx
+from fimfast.structured import gram
 from fimfast.structured.base import StructuredFIM, check_damping, register
 
 
@@ -136,7 +137,8 @@ class KFACFIM(_Layered):
         self.A, self.G = list(A), list(G)
         for i, (info, a, g) in enumerate(zip(self.layers, self.A, self.G)):
             want = fx.expected_shapes(self._kind(i), info["O"], info["In"])
-            if (tuple(a.shape), tuple(g.shape)) != want:
+            got_a = (a.shape[1],) if a.is_sparse else tuple(a.shape)  # reduce: (N, V) rows
+            if (got_a, tuple(g.shape)) != want:
                 raise ValueError(f"layer {info['weight']!r} ({self._kind(i)}): factors "
                                  f"{tuple(a.shape)}, {tuple(g.shape)}; expected {want[0]}, "
                                  f"{want[1]}")
@@ -149,7 +151,9 @@ class KFACFIM(_Layered):
         return self.A[0].dtype
 
     def eig(self):
-        """Per layer ``(lam_A, U_A, lam_G, U_G)``, cached."""
+        """Per layer ``(lam_A, U_A, lam_G, U_G)``, cached (an embedding under ``reduce``:
+        ``(lam_A, W, lam_G, U_G)`` with ``U_A = C^T W lam_A^{-1/2}``, see
+        :mod:`fimfast.structured.gram`)."""
         if self._eig is None:
             self._eig = [fx.eig(self._kind(i), a, g)
                          for i, (a, g) in enumerate(zip(self.A, self.G))]
@@ -160,13 +164,38 @@ class KFACFIM(_Layered):
         return self._assemble([fx.kfac_mv(self._kind(i), a, g, self._mat(x, i))
                                for i, (a, g) in enumerate(zip(self.A, self.G))])
 
+    def _rows(self) -> list[str]:
+        """Names of the embeddings whose input factor is a row factor (``reduce``)."""
+        return [info["name"] for info, a in zip(self.layers, self.A) if a.is_sparse]
+
     def _solve(self, x, d):
+        if self._rows():
+            return self._solve_rows(x, d)
         if self._ekfac is None:
             self._ekfac = self.to_ekfac()
         return self._ekfac._solve(x, d)
 
+    def _solve_rows(self, x, d):
+        """Layer by layer in the Kronecker eigenbasis, an embedding's ``reduce`` factor through
+        its Gram matrix (:func:`fimfast.structured.gram.solve`)."""
+        x = x.to(self.dtype)
+        mats = []
+        for i, (a, e) in enumerate(zip(self.A, self.eig())):
+            k, X = self._kind(i), self._mat(x, i)
+            if a.is_sparse:
+                mats.append(gram.solve(a, e[0], e[1], e[2], e[3], X, d))
+                continue
+            c = fx.rotate(k, e[1], e[3], X)
+            mats.append(fx.unrotate(k, e[1], e[3], c / (fx.eig_values(k, e[0], e[2]) + d)))
+        return self._assemble(mats)
+
     def to_ekfac(self) -> EKFACFIM:
         """The same matrix in its Kronecker eigenbasis (``D = lam_G lam_A^T``), no refit."""
+        if self._rows():
+            raise ValueError(f"layers {self._rows()} (nn.Embedding, kfac_approx='reduce') have "
+                             "an input factor of rank at most the number of samples, kept "
+                             "through its Gram matrix: no complete V x V eigenbasis is formed, "
+                             "so there is no EKFAC form; use solve(), or kfac_approx='expand'")
         eig = self.eig()
         return EKFACFIM(self.names, self.shapes, self.layers, [e[1] for e in eig],
                         [e[3] for e in eig],
@@ -175,7 +204,10 @@ class KFACFIM(_Layered):
 
     def inverse(self, damping: float = 1e-3) -> EKFACFIM:
         """``(F + damping I)^{-1}`` exactly (eigenvalues ``1 / (lam_G lam_A + damping)`` in the
-        Kronecker eigenbasis; not the factor-damped ``(A + pi s I)^-1 (x) (G + s/pi I)^-1``)."""
+        Kronecker eigenbasis; not the factor-damped ``(A + pi s I)^-1 (x) (G + s/pi I)^-1``).
+        With an embedding's ``reduce`` factor: a ``DenseFIM``, within the dense limit."""
+        if self._rows():
+            return StructuredFIM.inverse(self, damping)
         return self.to_ekfac().inverse(damping)
 
     def to_dense(self):
@@ -196,15 +228,23 @@ class KFACFIM(_Layered):
                                    for i, (a, g) in enumerate(zip(self.A, self.G)))))
 
     def _tensors(self):
-        t = {f"A{i}": a for i, a in enumerate(self.A)}
+        t = {f"A{i}": a for i, a in enumerate(self.A) if not a.is_sparse}
+        for i, a in enumerate(self.A):
+            if a.is_sparse:
+                t.update({f"A{i}_{k}": v for k, v in gram.pack(a).items()})
         t.update({f"G{i}": g for i, g in enumerate(self.G)})
         return t
 
+    def _extra(self):
+        return {"layers": self.layers,
+                "rows": {str(i): list(a.shape) for i, a in enumerate(self.A) if a.is_sparse}}
+
     @classmethod
     def _from_tensors(cls, names, shapes, t, extra, meta):
-        n = len(extra["layers"])
-        return cls(names, shapes, extra["layers"], [t[f"A{i}"] for i in range(n)],
-                   [t[f"G{i}"] for i in range(n)], meta)
+        n, rows = len(extra["layers"]), extra.get("rows", {})
+        A = [gram.unpack(t, f"A{i}", rows[str(i)]) if str(i) in rows else t[f"A{i}"]
+             for i in range(n)]
+        return cls(names, shapes, extra["layers"], A, [t[f"G{i}"] for i in range(n)], meta)
 
 
 @register("ekfac")

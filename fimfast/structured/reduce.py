@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fimfast import distributed as dist_mod
-from fimfast.structured import engine
+from fimfast.structured import engine, gram
 from fimfast.structured.kron import KFACFIM
 from fimfast.structured.sums import LayerSums
 
@@ -93,12 +93,9 @@ def reduce_state(acc, local):
     group = acc.group
     size = dist_mod.world(group)[1]
     st = acc.stream
-    if not acc.layers and acc.representation == "low_rank":
-        raise ValueError("representation='low_rank' keeps each rank's gradient rows; it is not "
-                         "reduced under torch.distributed (pass distributed='none' and gather "
-                         "the factors yourself, or use 'dense' / 'block_diag')")
-    tensors = _tensors(acc, local)
-    present = sum(t is not None for t in tensors)
+    low_rank = not acc.layers and local.kind == "low_rank"
+    tensors = [] if low_rank else _tensors(acc, local)
+    present = local.nrows if low_rank else sum(t is not None for t in tensors)
     dev = acc.params[0].device
     meta = torch.tensor([acc.crc(), _PHASES.index(acc.phase), st.count, st.batches, present],
                         dtype=torch.int64, device=dev)
@@ -109,11 +106,14 @@ def reduce_state(acc, local):
         if row[:2] != rows[0][:2]:
             raise ValueError(f"distributed: rank {r} and rank 0 disagree on the model, "
                              "representation, fim_type, reduction or phase of the accumulator")
-        if row[2] == 0 or row[4] != rows[0][4]:
+        if row[2] == 0 or (row[4] != rows[0][4] and not low_rank):
             raise ValueError(f"distributed: rank {r} added no batch; every rank must add at "
                              f"least one (rows per rank: {[x[2] for x in rows]})")
     count, batches = sum(x[2] for x in rows), sum(x[3] for x in rows)
-    vals = [t for t in tensors if t is not None]
+    if low_rank:
+        return _gathered_rows(local, [x[4] for x in rows], group), count, batches
+    vals = [t for t in tensors if t is not None and not t.is_sparse]
+    rows_of = [gram.gather(t, group) for t in tensors if t is not None and t.is_sparse]
     if acc.layers:
         vals.append(torch.tensor([s.npos for s in local], dtype=torch.float64, device=dev))
     out = iter(dist_mod._all_reduce_sum(vals, group))
@@ -124,9 +124,10 @@ def reduce_state(acc, local):
         else:
             red.sums = [next(out) for _ in local.sums]
         return red, count, batches
-    new = []
-    for s in local:
-        kw = {k: None if getattr(s, k) is None else next(out) for k in LayerSums.FIELDS}
+    new, gathered = [], iter(rows_of)
+    for s in local:  # an embedding's reduce rows are stacked in rank order, the rest summed
+        kw = {k: None if getattr(s, k) is None else
+              next(gathered) if getattr(s, k).is_sparse else next(out) for k in LayerSums.FIELDS}
         new.append(LayerSums(**kw))
     npos = next(out).tolist()
     for s, n in zip(new, npos):
@@ -138,3 +139,30 @@ def _tensors(acc, local) -> list[torch.Tensor | None]:
     if not acc.layers:
         return [local.sum] if local.kind == "dense" else list(local.sums)
     return [getattr(s, k) for s in local for k in LayerSums.FIELDS]
+
+
+def _gathered_rows(local, nrows: list[int], group):
+    """A copy of the low-rank accumulator ``local`` holding the gradient rows of every rank, in
+    rank order (the factor of one process that saw the shards one after the other, so ``L^T L``
+    is the sum of the ranks' ``L_k^T L_k``). One ``all_gather`` of the rows padded to the
+    largest shard. Refused when the rows of all ranks exceed ``max_rows``."""
+    import torch.distributed as dist
+
+    total, P = sum(nrows), local.layout.numel()
+    if local.max_rows is not None and total > local.max_rows:
+        raise ValueError(
+            f"representation='low_rank' under torch.distributed gathers every rank's gradient "
+            f"rows on every rank: {total} rows (per rank: {nrows}) of P={P} exceed max_rows="
+            f"{local.max_rows}; raise max_rows, use fewer batches or a HUTCHINSON fim_type, or "
+            "representation='dense' (P x P, summed over ranks)")
+    mine = local.rows
+    dev = mine[0].device if mine else torch.device("cpu")
+    L = torch.cat(mine) if mine else torch.zeros(0, P, dtype=local.dtype, device=dev)
+    buf = L.new_zeros(max(nrows), P)
+    buf[: L.shape[0]] = L
+    parts = [torch.empty_like(buf) for _ in nrows]
+    dist.all_gather(parts, buf, group=group)
+    red = copy.copy(local)
+    red.rows = [p[:n] for p, n in zip(parts, nrows)]
+    red.nrows = total
+    return red

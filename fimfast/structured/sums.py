@@ -11,16 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
+from fimfast.structured import gram
+
 
 @dataclass
 class LayerSums:
     """Per-layer sums of one Kronecker-family pass (all plain sums, so the sums of two shards
     add up to the sums of their union)."""
 
-    # input second moments (sum): (I', I') (upper block rows, see gram_into), (V,) or (D, I', I')
+    # input second moments (sum): (I', I') (upper block rows, see gram_into), (V,) or (D I', D I');
+    # an embedding under reduce: sparse (N, V) rows (fimfast.structured.gram)
     A: torch.Tensor | None = None
     npos: float = 0.0  # positions (or samples, for reduce) summed into A
-    G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A), or (D,)
+    G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A)
     D: torch.Tensor | None = None  # (O, I') squared projected gradients (EKFAC, quasi-diag)
     cross: torch.Tensor | None = None  # (O, I) weight-bias cross terms (quasi-diag)
 
@@ -85,23 +88,23 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
                dtype: torch.dtype) -> None:
     """Add the input second moments of one batch (``w``: ``(N, T)`` position weights)."""
     if layer.kind == "embedding":
+        if approx == "reduce":  # sparse rows a_bar_n (fimfast.structured.gram)
+            s.A = gram.append(s.A, gram.rows(a, w, layer.I, layer.module.padding_idx, dtype))
+            s.npos += float(a.shape[0])
+            return None
         return _embedding_inputs(layer, s, a, w, dtype)
-    if layer.kind == "layernorm":
-        a = _ln_full(a.to(dtype), layer.bias is not None)
+    if layer.kind == "layernorm" and approx == "expand":
+        return _ln_expand(layer, s, a.to(dtype), w)
+    if layer.kind == "layernorm":  # (N, T, D I'): (x_hat_d, 1) of every feature, row-major
+        a = _ln_full(a.to(dtype), layer.bias is not None).flatten(2)
     else:
         a = a.to(dtype)
     if w is not None:
         w = w.to(dtype)
-    if approx == "expand":
+    if approx == "expand":  # 0/1 weights: sum w a a^T = (sqrt(w) a)^T (sqrt(w) a)
         npos = float(a.shape[0] * a.shape[1]) if w is None else float(w.sum())
-        if layer.kind == "layernorm":
-            aw = a if w is None else a * w[..., None, None]
-            A = torch.einsum("ntdi,ntdj->dij", aw, a)
-        else:  # 0/1 weights: sum w a a^T = (sqrt(w) a)^T (sqrt(w) a)
-            a2 = a.reshape(-1, a.shape[-1])
-            gram_into(s, "A", a2 if w is None else a2 * w.reshape(-1, 1).sqrt())
-            s.npos += npos
-            return
+        a2 = a.reshape(-1, a.shape[-1])
+        gram_into(s, "A", a2 if w is None else a2 * w.reshape(-1, 1).sqrt())
     else:  # reduce: the mean input over the positions of each sample
         if w is None:
             abar = a.mean(1)
@@ -109,13 +112,29 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
             ww = w.reshape(w.shape + (1,) * (a.dim() - 2))
             abar = (a * ww).sum(1) / ww.sum(1).clamp_min(1)
         npos = float(a.shape[0])
-        if layer.kind != "layernorm":
-            gram_into(s, "A", abar)
-            s.npos += npos
-            return
-        A = torch.einsum("ndi,ndj->dij", abar, abar)
-    _add(s, "A", A)
+        gram_into(s, "A", abar)
     s.npos += npos
+
+
+def _ln_expand(layer, s: LayerSums, xh: torch.Tensor, w: torch.Tensor | None) -> None:
+    """LayerNorm, ``expand``: ``sum w vec(a) vec(a)^T`` for the ``(D, I')`` rows ``a = (x_hat_d,
+    1)``, assembled from ``sum w x_hat x_hat^T``, ``sum w x_hat`` and ``sum w`` (a quarter of the
+    products of the ``D I'``-column Gram matrix)."""
+    D, In = xh.shape[-1], layer.In
+    x = xh.reshape(-1, D)
+    if w is None:
+        n, m, xs = float(x.shape[0]), x.sum(0), x
+    else:
+        wf = w.reshape(-1, 1).to(x.dtype)
+        n, m, xs = float(wf.sum()), (x * wf).sum(0), x * wf.sqrt()
+    A = x.new_empty(D, In, D, In)
+    A[:, 0, :, 0] = xs.T @ xs
+    if In == 2:
+        A[:, 0, :, 1] = m.unsqueeze(1)
+        A[:, 1, :, 0] = m.unsqueeze(0)
+        A[:, 1, :, 1] = n
+    _add(s, "A", A.reshape(D * In, D * In))
+    s.npos += n
 
 
 def _embedding_inputs(layer, s: LayerSums, ids: torch.Tensor, w, dtype) -> None:
@@ -146,10 +165,6 @@ def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, 
     dt = acc_dtype(g)
     g = g.to(dt)
     if what == "kfac":
-        if layer.kind == "layernorm":
-            gg = g if approx == "expand" else g.sum(2, keepdim=True)
-            _add(s, "G", (gg * gg).sum((0, 1, 2)))
-            return
         O = g.shape[-1]
         gram_into(s, "G", g.reshape(-1, O) if approx == "expand" else g.sum(2).reshape(-1, O))
         return
@@ -159,7 +174,7 @@ def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, 
         full = _ln_full(a.to(dt), layer.bias is not None)
         Mp = torch.einsum("mntd,ntdi->mndi", g, full)  # per-pair gradients (gamma_d, beta_d)
         if what == "ekfac":
-            Mp = torch.einsum("mndi,dij->mndj", Mp, eig[0].to(dt))
+            Mp = (Mp.flatten(2) @ eig[0].to(dt)).reshape(Mp.shape)
         _add(s, "D", (Mp * Mp).sum((0, 1)))
         if what == "quasi_diag" and layer.bias is not None:
             _add(s, "cross", (Mp[..., :1] * Mp[..., 1:]).sum((0, 1)))
