@@ -31,6 +31,8 @@ CONFIGS = {
     "1d_k1_s2": (nn.ConvTranspose1d, 2, 3, 1, 2, 0, 1, 1, 1, (5,)),
     "1d_k2_s3_short": (nn.ConvTranspose1d, 2, 2, 2, 3, 0, 1, 1, 0, (1,)),
     "2d_k3_s1_p1_g2": (nn.ConvTranspose2d, 4, 6, 3, 1, 1, 1, 2, 0, (4, 3)),
+    "2d_k4_s2_p1_g2": (nn.ConvTranspose2d, 4, 2, 4, 2, 1, 1, 2, 0, (3, 2)),
+    "2d_k42_s2_p1_op": (nn.ConvTranspose2d, 2, 3, (4, 2), 2, (1, 0), 1, 1, (1, 0), (3, 2)),
     "2d_k32_s23_d12": (nn.ConvTranspose2d, 3, 2, (3, 2), (2, 3), (1, 0), (1, 2), 1, (0, 2),
                        (3, 4)),
     "2d_k3_s2_d3_p2": (nn.ConvTranspose2d, 2, 3, 3, 2, 2, 3, 1, 1, (4, 4)),
@@ -103,10 +105,24 @@ def test_terms_square_to_per_unit_gradients(name, M, form):
     # the bias: the output gradient summed over positions
     V = terms[-1].V
     assert torch.allclose(V, G.flatten(3).sum(-1), rtol=1e-12, atol=0)
+    assert len(terms) == len(phases) + 1
+    weight = [t for t in terms[:-1] if t is not None]
     if form == "unfolded":
-        assert sum(t is not None for t in terms[:-1]) == 1
+        assert len(weight) == 1 and weight[0].P.shape[2] == x[0, 0].numel()
+    elif _uniform(m, out_shape[2:]) and len(phases) > 1:  # the phases side by side, as groups
+        assert len(weight) == 1 and weight[0].P.dim() == 5
+        assert weight[0].P.shape[3] == len(phases) * m.groups
     else:
-        assert all(t is not None for t in terms[:-1]) and len(terms) == len(phases) + 1
+        assert len(weight) == len(phases)
+
+
+def _uniform(m: nn.Module, out_size) -> bool:
+    """Every phase has as many taps and output positions (dilation 1 here): kernel and output
+    multiples of the stride."""
+    return all(
+        d == 1 and K % s == 0 and L % s == 0
+        for K, s, d, L in zip(m.kernel_size, m.stride, m.dilation, out_size)
+    )
 
 
 @pytest.mark.parametrize("name", ["convT1d_groups_outpad", "convT2d_stride_dilation",

@@ -104,14 +104,7 @@ class ConvTransposeRule(Rule):
                 whole = Outer(P[:, :, :, 0], Q[:, :, 0], whole.index)
             terms: list[Term | None] = [whole]
         else:
-            phases = _phases(m, m.weight.device)
-            if "Q" not in call.data:  # the input side of every phase, once per step
-                call.data["Q"] = [_phase_input(m, x, ph, G.shape[3:]) for ph in phases]
-            terms = []
-            for ph, Q in zip(phases, call.data["Q"]):
-                P = _phase_output_grad(G, ph, m.stride, g)
-                terms.append(Outer(P, Q, ph.index) if g > 1 else Outer(P[:, :, :, 0], Q[:, :, 0],
-                                                                         ph.index))
+            terms = _phase_terms(call, G)
         out: list[Term | None] = []
         k = 0
         for u in call.uses:  # the weight's uses in order, then the bias (no term: None)
@@ -121,6 +114,55 @@ class ConvTransposeRule(Rule):
                 out.append(terms[k] if k < len(terms) else None)
                 k += 1
         return out
+
+
+def _phase_terms(call: Call, G: torch.Tensor) -> list[Term | None]:
+    """The phases' ``Outer`` terms: one per phase, or, when every phase has as many taps and
+    output positions (kernel and output multiples of the stride), one term for all, the phases
+    side by side as groups (``R g`` blocks of ``(O/g, I/g * taps)``: one batched product, and
+    the output gradient rearranged by one copy, or none for stride 1)."""
+    m, x = call.module, call.data["x"]
+    g, s = m.groups, tuple(m.stride)
+    phases = _phases(m, m.weight.device)
+    out_size = G.shape[3:]
+    if "Q" not in call.data:  # the input side of every phase, once per step
+        Qs = [_phase_input(m, x, ph, out_size) for ph in phases]
+        uniform = len(phases) == math.prod(s) and all(
+            ph.n == phases[0].n for ph in phases
+        ) and all(L % st == 0 for L, st in zip(out_size, s))
+        if uniform and len(phases) > 1:  # (N, T, R g, I/g * taps), stored (N, R g, T, ...)
+            Qs = [torch.stack([q.transpose(1, 2) for q in Qs], 1).flatten(1, 2).transpose(1, 2)]
+        call.data["Q"] = Qs
+    Qs = call.data["Q"]
+    if len(Qs) == 1 and len(phases) > 1:
+        M, N, O = G.shape[:3]
+        dims = len(s)
+        shape = [M, N, g, O // g]
+        for L, st in zip(out_size, s):
+            shape += [L // st, st]
+        # (M, N, g, O/g, T_0, s_0, ...) stored (N, s_0, ..., g, M, O/g, T_0, ...): each
+        # (sample, block)'s (M O/g, T) matrix of the batched product a contiguous view
+        perm = [1, *(5 + 2 * d for d in range(dims)), 2, 0, 3, *(4 + 2 * d for d in range(dims))]
+        P = G.reshape(shape).permute(perm).reshape(N, -1, M, O // g, Qs[0].shape[1])
+        return [Outer(P.permute(2, 0, 4, 1, 3), Qs[0], _phases_index(m, m.weight.device))]
+    terms: list[Term | None] = []
+    for ph, Q in zip(phases, Qs):
+        P = _phase_output_grad(G, ph, s, g)
+        terms.append(Outer(P, Q, ph.index) if g > 1 else Outer(P[:, :, :, 0], Q[:, :, 0], ph.index))
+    return terms
+
+
+def _phases_index(m, device) -> torch.Tensor:
+    """The weight positions of the phases side by side (:func:`_phase_terms`)."""
+    return _phases_index_of(
+        tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+        m.in_channels, m.out_channels, m.groups, device,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _phases_index_of(*key) -> torch.Tensor:
+    return torch.cat([ph.index for ph in _phases_of(*key)])
 
 
 class _Phase(NamedTuple):
