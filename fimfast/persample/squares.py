@@ -113,8 +113,11 @@ def accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
             sq = _outer_sq(P, Q, backend)
             sums.add(g.index, sq.transpose(-2, -1) if g.transposed else sq, g.block)
     if rows:
-        view = _block(sums.get(g.index), g.block)
         ids, keep, Qe = _cat_rows(g, rows)
+        if not outers and g.block is None:  # the rows as they are (Sums.add_rows)
+            _rows_sq(g, ids, keep, Qe, None, sums)
+            return
+        view = _block(sums.get(g.index), g.block)
         _rows_sq(g, ids, keep, Qe, view)
         if outers:
             _tied_cross(g, outers, ids, keep, Qe, view, dt)
@@ -277,11 +280,12 @@ def _cat_rows(g: Group, rows: list):
     return ids, keep, torch.cat([r.Qe for r in rows], dim=2)
 
 
-def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor) -> None:
-    """``sum_units`` of the squared per-unit segment sums of ``Qe`` by id, into rows of ``view``."""
+def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor | None, sums: Sums | None = None):
+    """``sum_units`` of the squared per-unit segment sums of ``Qe`` by id, into rows of ``view``
+    (or, without, into the rows of ``g``'s slot of ``sums``, kept as rows)."""
     M, N, S, d = Qe.shape
     if g.state.rows is None:  # once per step: the distinct (sample, id) pairs
-        V = view.shape[0]
+        V = view.shape[0] if view is not None else sums.shapes[g.index][0]
         sample = torch.arange(N, device=ids.device).unsqueeze(1).expand(N, S)
         keys = (sample * V + ids).reshape(-1)
         sel = None if keep is None else keep.reshape(-1).nonzero().squeeze(1)
@@ -293,7 +297,10 @@ def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor) -> None:
     Qf = Qe.reshape(M, N * S, d)
     if sel is not None:
         Qf = Qf.index_select(1, sel)
-    dt = view.dtype
+    dt = view.dtype if view is not None else sums.dtypes[g.index]
     seg = torch.zeros(M, U, d, dtype=dt, device=Qe.device)
     seg.index_add_(1, inv, Qf.to(dt))  # repeated ids of one sample add before the square
-    view.index_add_(0, rid, seg.square().sum(0))
+    if view is None:
+        sums.add_rows(g.index, rid, seg.square().sum(0))
+    else:
+        view.index_add_(0, rid, seg.square().sum(0))
