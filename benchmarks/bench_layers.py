@@ -9,6 +9,12 @@ Workloads (float32, batch of 16, classifiers, one row per sample):
 * ``convT2d``: Conv2d(3, 16, 3, stride=2) - ReLU - ConvTranspose2d(16, 8, 4, stride=2,
   padding=1) - ReLU - ConvTranspose2d(8, 4, 3, stride=1, padding=1, groups=2) - ReLU - average
   pool 4 - Linear(4*7*7, 10) on 3 x 29 x 29 images;
+* ``convT1d``: Conv1d(3, 16, 3, stride=2) - ReLU - ConvTranspose1d(16, 8, 4, stride=2,
+  padding=1) - ReLU - ConvTranspose1d(8, 4, 3, padding=1, groups=2) - ReLU - average pool 4 -
+  Linear(4*32, 10) on 3 x 129 signals;
+* ``convT3d``: Conv3d(1, 8, 3, stride=2) - ReLU - ConvTranspose3d(8, 8, 4, stride=2,
+  padding=1) - ReLU - ConvTranspose3d(8, 4, 3, padding=1, groups=2) - ReLU - average pool 4 -
+  Linear(4*2*3*3, 10) on 1 x 9 x 13 x 13 volumes;
 * ``bag``: EmbeddingBag(20000, 64, mode="mean") over flat ids with offsets (bags of 20 to 80
   ids) - Linear(64, 64) - ReLU - Linear(64, 4): the text classifier of the classic AG News
   tutorial with a hidden layer.
@@ -16,16 +22,23 @@ Workloads (float32, batch of 16, classifiers, one row per sample):
 Methods: ``train`` (forward, cross-entropy, backward into ``.grad``: the floor), and
 ``DiagFisher(model, t).step(batch)`` for ``t`` in EXACT, EMPIRICAL, MONTE_CARLO (one draw), with
 the rules (``<t>``) and with the three layers' rules removed (``<t>_generic``, what the engine did
-before they had rules), and HUTCHINSON.
+before they had rules; left out with ``--no-generic``), and HUTCHINSON. Every call is timed by
+the process's CPU time (``--clock cpu``, the default: other processes' load disturbs it less than
+wall time) or by wall time (``--clock wall``); a cell is the median over the rounds of the call's
+time over the training step's in the same round, with the interquartile range of those per-round
+ratios (``--json`` writes them all).
 
     PYTHONPATH=. python benchmarks/bench_layers.py [--rounds 11] [--threads 1] [--quick]
+        [--workloads conv3d,convT2d,bag] [--clock cpu|wall] [--no-generic] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +52,7 @@ import fimfast  # noqa: E402
 from benchmarks.timing import CallTimer, interleaved  # noqa: E402
 
 TYPES = ("exact", "empirical", "monte_carlo")
-LAYERS = (nn.Conv3d, nn.ConvTranspose2d, nn.EmbeddingBag)
+LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.EmbeddingBag)
 
 
 class BagClassifier(nn.Module):
@@ -74,6 +87,22 @@ def build(name: str, N: int = 16):
             nn.AvgPool2d(4), nn.Flatten(), nn.Linear(4 * 7 * 7, 10),
         )
         return model, (torch.randn(N, 3, 29, 29), torch.randint(0, 10, (N,)))
+    if name == "convT1d":
+        model = nn.Sequential(
+            nn.Conv1d(3, 16, 3, stride=2), nn.ReLU(),
+            nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose1d(8, 4, 3, stride=1, padding=1, groups=2), nn.ReLU(),
+            nn.AvgPool1d(4), nn.Flatten(), nn.Linear(4 * 32, 10),
+        )
+        return model, (torch.randn(N, 3, 129), torch.randint(0, 10, (N,)))
+    if name == "convT3d":
+        model = nn.Sequential(
+            nn.Conv3d(1, 8, 3, stride=2), nn.ReLU(),
+            nn.ConvTranspose3d(8, 8, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose3d(8, 4, 3, stride=1, padding=1, groups=2), nn.ReLU(),
+            nn.AvgPool3d(4), nn.Flatten(), nn.Linear(4 * 2 * 3 * 3, 10),
+        )
+        return model, (torch.randn(N, 1, 9, 13, 13), torch.randint(0, 10, (N,)))
     if name == "bag":
         lengths = torch.randint(20, 81, (N,))
         ids = torch.randint(0, 20000, (int(lengths.sum()),))
@@ -89,8 +118,9 @@ def _logits(model, batch):
     return model(batch[0]), batch[1]
 
 
-def methods(model, batch) -> dict:
-    """``{method: (fn, cleanup)}`` of one workload, warmed up."""
+def methods(model, batch, generic: bool = True) -> dict:
+    """``{method: (fn, cleanup)}`` of one workload, warmed up; with ``generic``, also the
+    estimators with the layers' rules removed, checked to agree with the rules."""
 
     def train():
         model.zero_grad(set_to_none=True)
@@ -99,9 +129,9 @@ def methods(model, batch) -> dict:
 
     calls = {"train": train}
     ests = {t: fimfast.DiagFisher(model, t, seed=0) for t in (*TYPES, "hutchinson")}
-    saved = {c: fimfast.rules.unregister_rule(c) for c in LAYERS}
-    try:  # estimators look the layers up in their first step: the three without a rule
-        for t in TYPES:
+    saved = {c: fimfast.rules.unregister_rule(c) for c in LAYERS} if generic else {}
+    try:  # estimators look the layers up in their first step: these without a rule
+        for t in TYPES if generic else ():
             est = ests[f"{t}_generic"] = fimfast.DiagFisher(model, t, seed=0)
             est.step(batch)
             assert est._persample.last_plan.generic
@@ -113,13 +143,19 @@ def methods(model, batch) -> dict:
     for m, fn in calls.items():  # warm-up (plans, probes): as many steps for every estimator
         for _ in range(1 if m.endswith("_generic") else 2):
             fn()
-    for t in TYPES:  # the two paths must agree
+    for t in TYPES if generic else ():  # the two paths must agree
         a, b = ests[t].result(), ests[f"{t}_generic"].result()
         rel = (a.to_vector() - b.to_vector()).norm() / b.to_vector().norm()
         assert rel < 1e-4, (t, float(rel))
+    for t in TYPES:
         plan = ests[t]._persample.last_plan
         assert not plan.generic, plan.reasons
     return {m: (fn, None) for m, fn in calls.items()}
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return q[0], statistics.median(xs), q[2]
 
 
 def main(argv=None) -> None:
@@ -127,21 +163,33 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workloads", default="conv3d,convT2d,bag")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--no-generic", action="store_true", help="leave out the generic path")
+    ap.add_argument("--json", default=None, help="write the per-round ratios here")
     ap.add_argument("--quick", action="store_true", help="2 rounds, batch of 4 (a smoke run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else args.rounds
-    timer = CallTimer(600.0)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} interleaved rounds; "
-          "median time / median training step")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    timer = CallTimer(600.0, clock=clock)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {rounds} interleaved rounds, "
+          f"{args.clock} time; median over rounds of time / training step [interquartile range]")
+    report = {}
     for name in args.workloads.split(","):
         model, batch = build(name, 4 if args.quick else 16)
-        calls = methods(model, batch)
+        calls = methods(model, batch, generic=not args.no_generic)
         times = interleaved(calls, {m: rounds for m in calls}, timer)
-        floor = statistics.median(times["train"])
-        row = {m: statistics.median(t) / floor for m, t in times.items() if m != "train"}
-        print(f"{name}: train {floor * 1e3:.2f} ms; "
-              + ", ".join(f"{m} {r:.2f}x" for m, r in row.items()))
+        floor = times["train"]
+        ratios = {m: [a / b for a, b in zip(t, floor)] for m, t in times.items() if m != "train"}
+        report[name] = {"train_ms": [t * 1e3 for t in floor], "ratios": ratios}
+        cells = []
+        for m, r in ratios.items():
+            lo, med, hi = _quartiles(r)
+            cells.append(f"{m} {med:.2f}x [{lo:.2f}-{hi:.2f}]")
+        print(f"{name}: train {statistics.median(floor) * 1e3:.2f} ms; " + ", ".join(cells),
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ everything succeeded, so a failing step leaves the state bit-identical.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any
 
@@ -22,6 +23,10 @@ class Sums:
     :meth:`add` adopts a fresh full-size result as the slot when the slot is still empty, so a
     parameter whose estimate is one product (the common case) costs neither a zeroed temporary nor
     an extra pass over it (measured on a 535k-parameter MLP: 0.5 ms of a 7 ms EMPIRICAL step).
+    :meth:`add_rows` keeps the rows of a table that a step touched as they are: :meth:`tensors`
+    gives them as a sparse tensor, which :meth:`State.commit` adds at those rows only (an
+    EmbeddingBag of 20000 x 64 and 16 bags of ~50 ids: 0.04 ms instead of 1.5 ms for a zeroed
+    table and a pass over it, against a 1.5 ms training step).
     """
 
     def __init__(self, shapes: list, dtypes: list[torch.dtype], devices: list[torch.device]):
@@ -29,6 +34,7 @@ class Sums:
         self.dtypes = list(dtypes)
         self.devices = list(devices)
         self.slots: list[torch.Tensor | None] = [None] * len(self.shapes)
+        self.rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def get(self, i: int) -> torch.Tensor:
         """Slot ``i``, zero-filled first if it is still empty (for in-place block updates)."""
@@ -36,13 +42,33 @@ class Sums:
         if t is None:
             t = torch.zeros(self.shapes[i], dtype=self.dtypes[i], device=self.devices[i])
             self.slots[i] = t
+            for rid, vals in self.rows.pop(i, ()):
+                t.index_add_(0, rid, vals)
         return t
+
+    def add_rows(self, i: int, rid: torch.Tensor, vals: torch.Tensor) -> None:
+        """``slot[i][rid] += vals`` (repeated rows add up; ``vals`` fresh, in the slot's dtype).
+        An empty slot keeps them as rows while they are few (under a quarter of the table)."""
+        if self.slots[i] is None:
+            kept = self.rows.setdefault(i, [])
+            if 4 * (rid.numel() + sum(r.numel() for r, _ in kept)) <= self.shapes[i][0]:
+                kept.append((rid, vals))
+                return
+        self.get(i).index_add_(0, rid, vals)
+
+    def _sparse(self, i: int) -> torch.Tensor:
+        kept = self.rows.pop(i)
+        rid = torch.cat([r for r, _ in kept]) if len(kept) > 1 else kept[0][0]
+        vals = torch.cat([v for _, v in kept]) if len(kept) > 1 else kept[0][1]
+        return torch.sparse_coo_tensor(rid.unsqueeze(0), vals, self.shapes[i],
+                                       check_invariants=False)
 
     def add(self, i: int, x: torch.Tensor, block: tuple[int, int] | None = None) -> None:
         """``slot[i][block] += x``; ``x`` must be a fresh tensor the caller no longer uses (it may
         become the slot itself)."""
         shape, dt = self.shapes[i], self.dtypes[i]
-        if block is None and self.slots[i] is None and x.numel() == math.prod(shape):
+        if (block is None and self.slots[i] is None and i not in self.rows
+                and x.numel() == math.prod(shape)):
             if x.dtype != dt:
                 x = x.to(dt)
             if x.is_contiguous() and x.device == self.devices[i]:
@@ -53,28 +79,32 @@ class Sums:
         view.add_(x.reshape(view.shape))
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every slot (zeros where nothing was added)."""
-        return [self.get(i) for i in range(len(self.slots))]
+        """Every slot (zeros where nothing was added); a slot kept as rows (:meth:`add_rows`) as
+        a sparse COO tensor, uncoalesced (repeated rows add up)."""
+        return [self._sparse(i) if i in self.rows else self.get(i) for i in range(len(self.slots))]
 
 
-def _adoptable(new: list[torch.Tensor], shapes: list, dtypes: list, devices: list) -> bool:
-    """Whether ``new`` can become the values: the state's shapes, dtypes and devices, dense
-    tensors that own their whole storage, no two sharing one, none attached to a graph."""
+def _adoptable(new: list[torch.Tensor], shapes: list, dtypes: list, devices: list) -> list[bool]:
+    """Which of ``new`` can become the values as they are: the state's shape, dtype and device,
+    dense tensors that own their whole storage and share it with no other entry, none attached to
+    a graph."""
     if len(new) != len(shapes):
-        return False
-    ptrs = set()
-    for b, shape, dt, dev in zip(new, shapes, dtypes, devices):
-        if (
-            tuple(b.shape) != tuple(shape)
-            or b.dtype != dt
-            or b.device != dev
-            or b.requires_grad
-            or not b.is_contiguous()
-            or b.untyped_storage().nbytes() != b.numel() * b.element_size()
-        ):
-            return False
-        ptrs.add(b.untyped_storage().data_ptr())
-    return len(ptrs) == len(new)
+        return [False] * len(new)
+    ptrs = [
+        b.untyped_storage().data_ptr() if b.layout == torch.strided else None for b in new
+    ]
+    uses = collections.Counter(ptrs)
+    return [
+        b.layout == torch.strided
+        and uses[p] == 1
+        and tuple(b.shape) == tuple(shape)
+        and b.dtype == dt
+        and b.device == dev
+        and not b.requires_grad
+        and b.is_contiguous()
+        and b.untyped_storage().nbytes() == b.numel() * b.element_size()
+        for b, p, shape, dt, dev in zip(new, ptrs, shapes, dtypes, devices)
+    ]
 
 
 class State:
@@ -164,23 +194,32 @@ class State:
                 self.values = batch_estimate.squares(self.shapes, self._devices())
             else:
                 self._fold_squares(batch_estimate, count)
-        elif (
-            self.ema is None
-            and owned
-            and pristine
-            and _adoptable(batch_estimate, self.shapes, self.dtypes, self._devices())
-        ):
-            self.values = list(batch_estimate)
+        elif self.ema is None and owned and pristine:
+            self.values = self._adopted(batch_estimate)
         elif self.ema is None:
-            torch._foreach_add_(self.values, batch_estimate)
+            torch._foreach_add_(self.values, batch_estimate)  # sparse entries: at their rows
         else:
-            est = batch_estimate
+            est = [b.to_dense() if b.layout != torch.strided else b for b in batch_estimate]
             if self.reduction == "mean":
-                est = torch._foreach_div(batch_estimate, float(count))
+                est = torch._foreach_div(est, float(count))
             torch._foreach_lerp_(self.values, est, 1.0 - self.ema)
         self._zero = False
         self.count += int(count)
         self.steps += 1
+
+    def _adopted(self, est: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The first estimate of a state that keeps a sum, as its values: each entry that can be
+        taken as it is (:func:`_adoptable`), the others (sparse rows, shared storage) added to
+        zeros."""
+        ok = _adoptable(est, self.shapes, self.dtypes, self._devices())
+        if len(ok) != len(self.shapes):
+            raise ValueError(
+                f"batch estimate has {len(est)} tensors; the state has {len(self.shapes)}"
+            )
+        return [
+            b if take else torch.zeros(s, dtype=d, device=dev).add_(b)
+            for b, take, s, d, dev in zip(est, ok, self.shapes, self.dtypes, self._devices())
+        ]
 
     def _fold_squares(self, sq: Squares, count: int) -> None:
         """``s += scale g**2`` (or the EMA update with it) for every set factor, in one pass."""

@@ -6,8 +6,10 @@ the path that fits its type and options; every path has the same signature,
     ``estimate(step: Step, cap) -> list[torch.Tensor]``
 
 and returns this batch's estimate, one fresh tensor per parameter of ``step.params`` (shaped like
-it, in ``step.dtypes``; zeros for a parameter the logits do not depend on), or, when the step
-allows it (``Step.defer_square``), the same estimate as :class:`Squares` still to be squared:
+it, in ``step.dtypes``; zeros for a parameter the logits do not depend on; a sparse COO tensor
+for a table of which only some rows got an estimate, see :class:`fimfast.state.Sums`), or, when
+the step allows it (``Step.defer_square``), the same estimate as :class:`Squares` still to be
+squared:
 
 - :func:`fimfast.hutchinson.estimate` (HUTCHINSON family; ``cap`` is ``None``),
 - :func:`fimfast.lm_head.estimate` (HUTCHINSON family with the ``lm_head`` option; ``cap`` is

@@ -99,7 +99,13 @@ def accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
         return
     outers = [p for p in parts if isinstance(p, layers.Outer)]
     rows = [p for p in parts if isinstance(p, layers.Rows)]
-    if outers:
+    if any(o.index is not None for o in outers):
+        if rows:
+            raise TypeError(
+                "an Outer term with an index cannot share its parameter with a Rows term"
+            )
+        _indexed(g, outers, sums, backend)
+    elif outers:
         if len(g.members) == 1 and outers[0].P.dim() == 4 and outers[0].P.shape[2] == 1:
             _defer_outer(g, outers[0], dt, cache)
         else:
@@ -107,8 +113,11 @@ def accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
             sq = _outer_sq(P, Q, backend)
             sums.add(g.index, sq.transpose(-2, -1) if g.transposed else sq, g.block)
     if rows:
-        view = _block(sums.get(g.index), g.block)
         ids, keep, Qe = _cat_rows(g, rows)
+        if not outers and g.block is None:  # the rows as they are (Sums.add_rows)
+            _rows_sq(g, ids, keep, Qe, None, sums)
+            return
+        view = _block(sums.get(g.index), g.block)
         _rows_sq(g, ids, keep, Qe, view)
         if outers:
             _tied_cross(g, outers, ids, keep, Qe, view, dt)
@@ -204,6 +213,58 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor, backend=None) -> torch.Tensor:
     return out
 
 
+def _indexed(g: Group, outers: list, sums: Sums, backend) -> None:
+    """Outer terms of which some place their products by index (:class:`fimfast.rules.Outer`):
+    the terms with equal indices add up (along ``T``) before the square; products of disjoint
+    indices are squared apart and added at their entries. Where indices overlap without being
+    equal, the per-unit gradients are formed in the parameter's layout, added and squared."""
+    view = _block(sums.get(g.index), g.block).view(-1)
+    classes: list[tuple[torch.Tensor, list]] = []
+    for o in outers:
+        ix = o.index
+        if ix is None:  # laid out as the parameter
+            ix = torch.arange(view.numel(), device=view.device)
+        ix = ix.reshape(-1)
+        for c in classes:
+            if c[0] is ix or (c[0].shape == ix.shape and torch.equal(c[0], ix)):
+                c[1].append(o)
+                break
+        else:
+            classes.append((ix, [o]))
+    if len(classes) > 1:
+        hits = torch.zeros_like(view, dtype=torch.int32)
+        for ix, _ in classes:
+            hits.index_add_(0, ix, torch.ones_like(ix, dtype=torch.int32))
+        if int(hits.max()) > 1:
+            _indexed_dense(classes, view)
+            return
+    for ix, os in classes:
+        if len(os) == 1:
+            P, Q = os[0].P, os[0].Q
+        else:
+            P, Q = torch.cat([o.P for o in os], dim=2), torch.cat([o.Q for o in os], dim=1)
+        view.index_add_(0, ix, _outer_sq(P, Q, backend).reshape(-1).to(view.dtype))
+
+
+def _indexed_dense(classes: list, view: torch.Tensor) -> None:
+    """Overlapping indices: the per-unit gradients ``(M, N, numel)`` in the parameter's layout,
+    added over the terms, then squared."""
+    dt = view.dtype
+    full = None
+    for ix, os in classes:
+        for o in os:
+            P, Q = o.P.to(dt), o.Q.to(dt)
+            if P.dim() == 4:
+                per = torch.einsum("mnto,nti->mnoi", P, Q)
+            else:
+                per = torch.einsum("mntgo,ntgi->mngoi", P, Q)
+            per = per.reshape(per.shape[0], per.shape[1], -1)
+            if full is None:
+                full = per.new_zeros(per.shape[0], per.shape[1], view.numel())
+            full.index_add_(2, ix, per)
+    view.add_(full.square().sum((0, 1)))
+
+
 def _cat_rows(g: Group, rows: list):
     if len(rows) == 1:
         r = rows[0]
@@ -219,11 +280,12 @@ def _cat_rows(g: Group, rows: list):
     return ids, keep, torch.cat([r.Qe for r in rows], dim=2)
 
 
-def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor) -> None:
-    """``sum_units`` of the squared per-unit segment sums of ``Qe`` by id, into rows of ``view``."""
+def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor | None, sums: Sums | None = None):
+    """``sum_units`` of the squared per-unit segment sums of ``Qe`` by id, into rows of ``view``
+    (or, without, into the rows of ``g``'s slot of ``sums``, kept as rows)."""
     M, N, S, d = Qe.shape
     if g.state.rows is None:  # once per step: the distinct (sample, id) pairs
-        V = view.shape[0]
+        V = view.shape[0] if view is not None else sums.shapes[g.index][0]
         sample = torch.arange(N, device=ids.device).unsqueeze(1).expand(N, S)
         keys = (sample * V + ids).reshape(-1)
         sel = None if keep is None else keep.reshape(-1).nonzero().squeeze(1)
@@ -235,7 +297,10 @@ def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor) -> None:
     Qf = Qe.reshape(M, N * S, d)
     if sel is not None:
         Qf = Qf.index_select(1, sel)
-    dt = view.dtype
+    dt = view.dtype if view is not None else sums.dtypes[g.index]
     seg = torch.zeros(M, U, d, dtype=dt, device=Qe.device)
     seg.index_add_(1, inv, Qf.to(dt))  # repeated ids of one sample add before the square
-    view.index_add_(0, rid, seg.square().sum(0))
+    if view is None:
+        sums.add_rows(g.index, rid, seg.square().sum(0))
+    else:
+        view.index_add_(0, rid, seg.square().sum(0))

@@ -71,13 +71,22 @@ class Outer:
     parameter (or its :attr:`~fimfast.hooks.Use.block`), or ``(I, O)`` for a use with
     ``transposed=True``; with ``g`` groups ``(g, O/g, I/g)``.
 
+    With ``index``, the product holds only some entries of the parameter (block), in an order of
+    its own: entry ``e`` of the flattened product is entry ``index[e]`` of the flattened
+    parameter (block). A rule may then list the same parameter in several uses of one call, one
+    term each, covering disjoint entries (the phases of a transposed convolution:
+    fimfast/rules/conv.py); terms of one parameter with equal indices add up before the square.
+
     Attributes:
         P: ``(M, N, T, O)`` output-side factor, or ``(M, N, T, g, O/g)`` for ``g`` groups.
         Q: ``(N, T, I)`` input-side factor (the same for every column), or ``(N, T, g, I/g)``.
+        index: ``None`` (the product is laid out as the parameter), or int64 positions in the
+            flattened parameter (block), one per entry of the product, no two equal.
     """
 
     P: torch.Tensor
     Q: torch.Tensor
+    index: torch.Tensor | None = None
 
 
 @dataclass
@@ -179,6 +188,14 @@ def _fits(t: Term, u: Use) -> bool:
             size = t.P.shape[3] * t.P.shape[4] * t.Q.shape[-1]
         else:
             size = t.P.shape[-1] * t.Q.shape[-1]
+        if t.index is not None:  # some entries of the block, anywhere in it
+            ix = t.index
+            if ix.dtype != torch.int64 or ix.numel() != size:
+                return False
+            # the bounds where reading them costs no device synchronisation
+            return ix.device.type != "cpu" or size == 0 or (
+                int(ix.min()) >= 0 and int(ix.max()) < _block_numel(u)
+            )
     else:
         size = math.prod(t.V.shape[2:])
     return size == _block_numel(u)

@@ -1,10 +1,13 @@
 """Rules for convolutions: ``nn.Conv1d/2d/3d`` (unfold the input, one :class:`Outer` per group)
-and ``nn.ConvTranspose1d/2d/3d`` (unfold the output gradient: docs/math.md §4, "Transposed
-convolutions")."""
+and ``nn.ConvTranspose1d/2d/3d`` (by phases of the stride, an ``Outer`` per phase placed into the
+weight by index: docs/math.md §4, "Transposed convolutions")."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +62,12 @@ class ConvRule(Rule):
 
 class ConvTransposeRule(Rule):
     """``nn.ConvTranspose1d/2d/3d`` (groups, stride, padding, output padding or ``output_size``,
-    dilation): the weight's gradient is that of a convolution of the output gradient with the
-    input as its output side (docs/math.md §4, "Transposed convolutions"). The output gradient
-    is unfolded around every input position, once per chunk of columns; ``Outer`` over input
-    positions, of a weight stored ``(I, O/g, *kernel)``, one block per group."""
+    dilation), by phases (docs/math.md §4, "Transposed convolutions"): the output positions of
+    one residue modulo the stride (per spatial dim) receive, from each input, the kernel taps of
+    one residue class, so that each phase is an ordinary stride-1 convolution of the input, an
+    ``Outer`` over its output positions of the output gradient (a strided view, no unfolding per
+    chunk) against the input unfolded once per step, placed into the weight by an index. One use
+    of the weight per phase that holds a tap, one block per group."""
 
     name = "conv_transpose"
 
@@ -71,12 +76,13 @@ class ConvTransposeRule(Rule):
             return None
         ps = trainable(cap, module.weight, module.bias)
         g = module.groups
-        uses = [
-            Use(p, UseKind.OUTER, groups=g, transposed=True)
-            if p is module.weight
-            else Use(p, UseKind.VEC)
-            for p in ps
-        ]
+        phases = _phases(module, module.weight.device)
+        uses = []
+        for p in ps:
+            if p is module.weight:
+                uses.extend(Use(p, UseKind.OUTER, groups=g) for _ in phases)
+            else:
+                uses.append(Use(p, UseKind.VEC))
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
         cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
         return out
@@ -87,13 +93,204 @@ class ConvTransposeRule(Rule):
             return [None] * len(call.uses)
         m = call.module
         x = call.data["x"]
-        N, I = x.shape[:2]
         g = m.groups
-        if "Q" not in call.data:  # (N, L_in, g, I/g): the input is the column-independent side
-            call.data["Q"] = x.reshape(N, g, I // g, -1).permute(0, 3, 1, 2)
-        P = _unfold_output_grad(m, G, x.shape[2:])  # (M, N, L_in, g, O/g * kk)
-        M, O = G.shape[0], G.shape[2]
-        return _conv_terms(call, G.reshape(M, N, O, -1), P, call.data["Q"], g)
+        M, N, O = G.shape[:3]
+        if "Q" not in call.data and _unfold_cheaper(m, M, x.shape[2:], G.shape[3:]):
+            # few columns: the output gradient unfolded, one term for the whole weight
+            P = _unfold_output_grad(m, G, x.shape[2:])  # (M, N, L_in, g, O/g * kk)
+            Q = x.reshape(N, g, x.shape[1] // g, -1).permute(0, 3, 1, 2)
+            whole = Outer(P, Q, _unfolded_index(m, m.weight.device))
+            if g == 1:
+                whole = Outer(P[:, :, :, 0], Q[:, :, 0], whole.index)
+            terms: list[Term | None] = [whole]
+        else:
+            terms = _phase_terms(call, G)
+        out: list[Term | None] = []
+        k = 0
+        for u in call.uses:  # the weight's uses in order, then the bias (no term: None)
+            if u.kind == UseKind.VEC:
+                out.append(Vec(G.reshape(M, N, O, -1).sum(-1)))
+            else:
+                out.append(terms[k] if k < len(terms) else None)
+                k += 1
+        return out
+
+
+def _phase_terms(call: Call, G: torch.Tensor) -> list[Term | None]:
+    """The phases' ``Outer`` terms: one per phase, or, when every phase has as many taps and
+    output positions (kernel and output multiples of the stride), one term for all, the phases
+    side by side as groups (``R g`` blocks of ``(O/g, I/g * taps)``: one batched product, and
+    the output gradient rearranged by one copy, or none for stride 1)."""
+    m, x = call.module, call.data["x"]
+    g, s = m.groups, tuple(m.stride)
+    phases = _phases(m, m.weight.device)
+    out_size = G.shape[3:]
+    if "Q" not in call.data:  # the input side of every phase, once per step
+        uniform = len(phases) == math.prod(s) and all(
+            ph.n == phases[0].n for ph in phases
+        ) and all(L % st == 0 for L, st in zip(out_size, s))
+        if uniform and len(phases) > 1:  # (N, T, R g, I/g * taps), stored (N, R g, ..., T)
+            N, I = x.shape[:2]
+            T = math.prod(L // st for L, st in zip(out_size, s))
+            buf = x.new_empty(N, len(phases), g, I // g * math.prod(phases[0].n), T)
+            for r, ph in enumerate(phases):
+                _phase_input(m, x, ph, out_size, buf[:, r])
+            Qs = [buf.flatten(1, 2).permute(0, 3, 1, 2)]
+        else:
+            Qs = [_phase_input(m, x, ph, out_size) for ph in phases]
+        call.data["Q"] = Qs
+    Qs = call.data["Q"]
+    if len(Qs) == 1 and len(phases) > 1:
+        M, N, O = G.shape[:3]
+        dims = len(s)
+        shape = [M, N, g, O // g]
+        for L, st in zip(out_size, s):
+            shape += [L // st, st]
+        # (M, N, g, O/g, T_0, s_0, ...) stored (N, s_0, ..., g, M, O/g, T_0, ...): each
+        # (sample, block)'s (M O/g, T) matrix of the batched product a contiguous view
+        perm = [1, *(5 + 2 * d for d in range(dims)), 2, 0, 3, *(4 + 2 * d for d in range(dims))]
+        P = G.reshape(shape).permute(perm).reshape(N, -1, M, O // g, Qs[0].shape[1])
+        return [Outer(P.permute(2, 0, 4, 1, 3), Qs[0], _phases_index(m, m.weight.device))]
+    terms: list[Term | None] = []
+    for ph, Q in zip(phases, Qs):
+        P = _phase_output_grad(G, ph, s, g)
+        terms.append(Outer(P, Q, ph.index) if g > 1 else Outer(P[:, :, :, 0], Q[:, :, 0], ph.index))
+    return terms
+
+
+def _phases_index(m, device) -> torch.Tensor:
+    """The weight positions of the phases side by side (:func:`_phase_terms`)."""
+    return _phases_index_of(
+        tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+        m.in_channels, m.out_channels, m.groups, device,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _phases_index_of(*key) -> torch.Tensor:
+    return torch.cat([ph.index for ph in _phases_of(*key)])
+
+
+class _Phase(NamedTuple):
+    """One phase of a transposed convolution (see :class:`ConvTransposeRule`), per spatial dim:
+    the residue ``r`` of its output positions, the offset ``c`` of its first window into the
+    input, its taps' count ``n`` and step ``e`` in the input (its window's dilation); and the
+    positions of its product's entries in the weight."""
+
+    r: tuple[int, ...]
+    c: tuple[int, ...]
+    n: tuple[int, ...]
+    e: tuple[int, ...]
+    index: torch.Tensor
+
+
+def _phases(m, device) -> list[_Phase]:
+    """The phases of ``m`` that hold a kernel tap (cached per configuration)."""
+    return _phases_of(
+        tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation),
+        m.in_channels, m.out_channels, m.groups, device,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _phases_of(K, s, p, d, I, O, g, device) -> list[_Phase]:
+    """Output position ``q = j s - p + k d`` (one spatial dim) lies in phase ``r = q mod s``
+    when ``(r + p - k d)`` is a multiple of ``s``; then ``j = q' + (r + p - k d) / s`` with
+    ``q = q' s + r``. The taps of phase ``r``, ``k_0 < k_1 < ...``, step by ``s / gcd(s, d)``,
+    their input offsets down by ``e = d / gcd(s, d)``: window element ``t`` (offset ``c + t e``)
+    is tap ``k_last - t s / gcd(s, d)``. The product of a phase is laid out ``(g, O/g, I/g,
+    *n)``; the weight ``(I, O/g, *K)``."""
+    per_dim = []
+    for K_, s_, p_, d_ in zip(K, s, p, d):
+        opts = []
+        for r in range(s_):
+            taps = [k for k in range(K_) if (r + p_ - k * d_) % s_ == 0]
+            if taps:
+                opts.append((r, (r + p_ - taps[-1] * d_) // s_, len(taps), d_ // math.gcd(s_, d_),
+                             torch.tensor(taps[::-1])))
+        per_dim.append(opts)
+    Ig, Og = I // g, O // g
+    kstr = [math.prod(K[i + 1 :]) for i in range(len(K))]
+    out = []
+    for combo in itertools.product(*per_dim):
+        kflat = torch.zeros((), dtype=torch.int64)
+        for i, dim in enumerate(combo):  # window element -> flat tap, row-major over dims
+            shape = [1] * len(combo)
+            shape[i] = dim[2]
+            kflat = kflat + (dim[4] * kstr[i]).view(shape)
+        kflat = kflat.reshape(-1)
+        gi = torch.arange(g).view(g, 1, 1, 1)
+        oi = torch.arange(Og).view(1, Og, 1, 1)
+        ii = torch.arange(Ig).view(1, 1, Ig, 1)
+        index = ((gi * Ig + ii) * Og + oi) * math.prod(K) + kflat.view(1, 1, 1, -1)
+        out.append(_Phase(
+            tuple(c[0] for c in combo), tuple(c[1] for c in combo), tuple(c[2] for c in combo),
+            tuple(c[3] for c in combo), index.reshape(-1).to(device),
+        ))
+    return out
+
+
+def _unfold_cheaper(m, M: int, in_size, out_size) -> bool:
+    """Whether unfolding the output gradient (``M O prod(kernel) L_in`` elements per chunk) costs
+    less than the phases (their input windows, ``I prod(kernel) L_in`` once per step, and where a
+    stride exceeds 1, a copy of the output gradient per chunk, ``M O L_out``)."""
+    kk, L_in, L_out = math.prod(m.kernel_size), math.prod(in_size), math.prod(out_size)
+    copy = M * m.out_channels * L_out if any(s > 1 for s in m.stride) else 0
+    return M * m.out_channels * kk * L_in < m.in_channels * kk * L_in + copy
+
+
+def _unfolded_index(m, device) -> torch.Tensor:
+    """The weight positions of the product of the unfolded form (:func:`_unfold_output_grad`),
+    laid out ``(g, O/g * prod(kernel), I/g)``."""
+    return _unfolded_index_of(m.in_channels, m.out_channels, m.groups,
+                              math.prod(m.kernel_size), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _unfolded_index_of(I, O, g, kk, device) -> torch.Tensor:
+    Ig, Og = I // g, O // g
+    gi = torch.arange(g).view(g, 1, 1, 1)
+    oi = torch.arange(Og).view(1, Og, 1, 1)
+    ki = torch.arange(kk).view(1, 1, kk, 1)
+    ii = torch.arange(Ig).view(1, 1, 1, Ig)
+    return (((gi * Ig + ii) * Og + oi) * kk + ki).reshape(-1).to(device)
+
+
+def _phase_input(m, x: torch.Tensor, ph: _Phase, out_size, out=None) -> torch.Tensor:
+    """``(N, L_r, g, I/g * prod(n))``: the input windows of phase ``ph``, one per output position
+    of the phase (``L_r`` of them), zero outside the input; copied into ``out`` (``(N, g, I/g *
+    prod(n), L_r)``, any strides that split into those dims) when given."""
+    s = m.stride
+    pad, starts, lens = [], [], []
+    for dim in range(len(s)):
+        Lr = -(-(out_size[dim] - ph.r[dim]) // s[dim])  # positions q = q' s + r < L_out
+        span = (ph.n[dim] - 1) * ph.e[dim] + 1
+        lo = max(0, -ph.c[dim])
+        hi = max(0, ph.c[dim] + Lr - 1 + span - x.shape[2 + dim])
+        pad.append((lo, hi))
+        starts.append(ph.c[dim] + lo)
+        lens.append(max(Lr, 0))
+    flat = [q for lo_hi in reversed(pad) for q in lo_hi]
+    xp = F.pad(x, flat) if any(flat) else x
+    for dim in range(len(s)):
+        xp = xp.narrow(2 + dim, starts[dim], xp.shape[2 + dim] - starts[dim])
+    g = m.groups
+    if out is not None:
+        v = _unfold_view(xp, ph.n, ph.e, (1,) * len(s), lens)  # (N, I, *n, *L_r)
+        out.view(v.shape).copy_(v)
+        return out.permute(0, 3, 1, 2)
+    U = _unfold(xp, ph.n, ph.e, (1,) * len(s), lens)  # (N, I * prod(n), L_r)
+    N, IK, L = U.shape
+    return U.view(N, g, IK // g, L).permute(0, 3, 1, 2)
+
+
+def _phase_output_grad(G: torch.Tensor, ph: _Phase, s, g: int) -> torch.Tensor:
+    """``(M, N, L_r, g, O/g)``: the output gradient ``(M, N, O, *out_size)`` at the positions of
+    phase ``ph`` (a view where the stride is 1 in every dim, else one copy of that phase)."""
+    M, N, O = G.shape[:3]
+    idx = tuple(slice(r, None, st) for r, st in zip(ph.r, s))
+    Gr = G[(slice(None),) * 3 + idx]
+    return Gr.reshape(M, N, g, O // g, -1).permute(0, 1, 4, 2, 3)
 
 
 def _conv_terms(call: Call, G3, P, Q, g: int) -> list[Term | None]:
@@ -143,6 +340,11 @@ def _unfold(x: torch.Tensor, k, d, s, size=None) -> torch.Tensor:
     into that layout: 2-4x faster than ``F.unfold`` on the CPU (64 x 16 x 12 x 12, 5 x 5 kernel:
     2.5 vs 5.3 ms), and there is no ``F.unfold`` for volumes."""
     N, I = x.shape[:2]
+    return _unfold_view(x, k, d, s, size).reshape(N, I * math.prod(k), -1)
+
+
+def _unfold_view(x: torch.Tensor, k, d, s, size=None) -> torch.Tensor:
+    """The windows of :func:`_unfold` as a strided view ``(N, I, *k, *L)``, no copy."""
     n = len(k)
     v = x
     for dim, (kk, dd, ss) in enumerate(zip(k, d, s)):
@@ -153,4 +355,4 @@ def _unfold(x: torch.Tensor, k, d, s, size=None) -> torch.Tensor:
             v = v.narrow(2 + dim, 0, size[dim])
     # (N, I, *L, *k) -> (N, I, *k, *L)
     perm = (0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    return v.permute(perm).reshape(N, I * math.prod(k), -1)
+    return v.permute(perm)
