@@ -322,27 +322,29 @@ def _operand_any(mode, t) -> tuple | None:
     return mode.view_of(t)
 
 
-def _record_contract(mode, name: str, func, args, kwargs, spec, ops, **extra):
-    got = _contract(mode, func, spec, ops, **extra)
+def _record_contract(mode, func, run, args, kwargs, spec, ops, **extra):
+    """Record ``func(*args, **kwargs)``, the contraction ``spec`` of ``ops`` that ``run(ops,
+    bias)`` computes (see :func:`_contract`), or just run it."""
+    got = _contract(mode, run, spec, ops, **extra)
     if got is None:
         return func(*args, **kwargs)
     y, uses, data = got
-    return mode.record(name, frules.CONTRACTION, y, y.dim(), uses, data)
+    return mode.record(func.__name__, frules.CONTRACTION, y, y.dim(), uses, data)
 
 
 def _einsum(mode, func, args, kwargs):
     if kwargs or len(args) < 2 or not isinstance(args[0], str):
         return func(*args, **kwargs)
     ops = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    return _record_contract(mode, "einsum", lambda o, b: func(args[0], *o), args, kwargs,
-                            args[0], ops)
+    return _record_contract(mode, func, lambda o, b: func(args[0], *o), args, kwargs, args[0],
+                            ops)
 
 
 def _bmm(mode, func, args, kwargs):
     if kwargs or len(args) != 2:
         return func(*args, **kwargs)
-    return _record_contract(mode, "bmm", lambda o, b: func(*o), args, kwargs,
-                            "bij,bjk->bik", args)
+    return _record_contract(mode, func, lambda o, b: func(*o), args, kwargs, "bij,bjk->bik",
+                            args)
 
 
 def _addmm(mode, func, args, kwargs):
@@ -359,7 +361,7 @@ def _addmm(mode, func, args, kwargs):
     def run(o, bb):
         return func(bb, *o, beta=beta, alpha=alpha)
 
-    return _record_contract(mode, func.__name__, run, args, kwargs, spec, (m1, m2), bias=bias,
+    return _record_contract(mode, func, run, args, kwargs, spec, (m1, m2), bias=bias,
                             alpha=alpha, beta=beta)
 
 
