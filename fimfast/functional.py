@@ -15,14 +15,16 @@ count requires; anything else leaves the parameter to the generic path):
   parameters;
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
-  least 2-D;
+  least 2-D; and ``W @ x`` (the linear map of ``x^T`` with weight ``W``);
 * ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``);
-* ``F.conv1d``/``F.conv2d(x, W, b, ...)`` on batched inputs;
+* ``F.conv1d``/``F.conv2d``/``F.conv3d(x, W, b, ...)`` on batched inputs;
 * ``x * p``, ``p * x``, ``x / p``, ``p / x``, ``x + p``, ``p + x``, ``x - p``, ``p - x`` (operators,
   ``torch.mul``/``div``/``add``/``sub`` and the methods, without ``alpha``, ``rounding_mode`` or
   ``out``) with ``x`` a tensor and ``p`` a parameter, or a ``view``/``reshape``/``unsqueeze`` of
   one (a scalar temperature or gain, a per-channel scale, a learned positional table added to
-  ``(N, T, d)`` or ``(T, N, d)`` activations).
+  ``(N, T, d)`` or ``(T, N, d)`` activations);
+* elementwise functions of a parameter, functional norms, transposed convolutions and
+  contractions (``einsum``, ``bmm``, ``baddbmm``, ``addmm``): :mod:`fimfast.functional_ops`.
 
 A call inside the forward of a module that has a rule, with a parameter of that module, is left
 to the module's rule (``nn.Linear``'s own ``F.linear``); one with a parameter of another module is
@@ -34,7 +36,7 @@ A transposed or reshaped view of a parameter is remembered when it is made; the 
 consumes it makes the view again from the parameter, so the view the model made is left without
 a consumer in the graph. Used anywhere else too, it adds an edge into the parameter that no call
 declares, and the engine's edge count sends the parameter to the generic path (as it does for
-``p.sum()`` added to the logits, ``p[idx]``, ``torch.einsum(..., p)`` and every other use not
+``p.sum()`` added to the logits, ``p[idx]``, ``F.linear(x, p.exp())`` and every other use not
 listed).
 """
 
@@ -76,7 +78,7 @@ class FunctionalMode(TorchFunctionMode):
         self.cap, self.sites, self.owners = cap, sites, owners
         self.inside: Counter = Counter()  # modules with a rule whose forward is running
         self.seen: Counter = Counter()  # calls per (kind, parameters) in this forward
-        # id(view) -> (ref, param, transposed, remake, chain): see view_of and remember
+        # id(view) -> (ref, param, transposed, remake, chain, version): see view_of, remember
         self.views: dict[int, tuple] = {}
         self.recorded = 0
 
@@ -115,13 +117,14 @@ class FunctionalMode(TorchFunctionMode):
         """``(param, transposed, remake, chain)`` of a view of a parameter, or of an elementwise
         function of one, made in this forward: ``remake()`` makes the same tensor again from the
         parameter; ``chain`` (``None`` for a view) is its derivative with respect to the
-        parameter, elementwise, shaped like the parameter (detached)."""
+        parameter, elementwise, shaped like the parameter (detached). A tensor modified in place
+        since is not one (the call uses it as it is: an edge no call declares)."""
         if not isinstance(t, Tensor):
             return None
         v = self.views.get(id(t))
-        if v is None or v[0]() is not t or self.param(v[1]) is None:
+        if v is None or v[0]() is not t or self.param(v[1]) is None or t._version != v[5]:
             return None
-        return v[1:]
+        return v[1:5]
 
     def operand(self, t: Any) -> tuple | None:
         """``(param, remake, chain)`` of a parameter (``remake`` ``None``), of a reshaped view of
@@ -140,7 +143,7 @@ class FunctionalMode(TorchFunctionMode):
         chain: Tensor | None = None,
     ) -> None:
         """Remember ``out``, a tensor made from parameter ``p`` (see :meth:`view_of`)."""
-        self.views[id(out)] = (weakref.ref(out), p, transposed, remake, chain)
+        self.views[id(out)] = (weakref.ref(out), p, transposed, remake, chain, out._version)
 
     # -- recording ------------------------------------------------------------------------- #
     def record(

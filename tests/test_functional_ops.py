@@ -248,7 +248,8 @@ def test_functional_ops_monte_carlo_same_seed(name):
 class Unrecognised(nn.Module):
     """``p`` used through a function the capture does not follow, next to a captured use of
     ``fc``: ``exp(W)`` as a linear weight, an einsum with an ellipsis, ``exp(s)`` used by a
-    captured product and also summed, ``erf(s)`` (no derivative known), a diagonal einsum."""
+    captured product and also summed, ``s + 1`` modified in place before its use, ``erf(s)`` (no
+    derivative known), a diagonal einsum."""
 
     def __init__(self, kind: str, d: int = 6, C: int = 4):
         super().__init__()
@@ -268,12 +269,16 @@ class Unrecognised(nn.Module):
         elif self.kind == "also_summed":
             s = self.p.exp()
             h = h * s + s.sum()
+        elif self.kind == "modified":
+            s = self.p + 1.0
+            s.mul_(2.0)  # the product must see the doubled scale
+            h = h * s
         else:
             h = h * torch.erf(self.p)
         return self.head(torch.tanh(h))
 
 
-UNRECOGNISED = ["exp_weight", "ellipsis", "diag", "also_summed", "erf"]
+UNRECOGNISED = ["exp_weight", "ellipsis", "diag", "also_summed", "modified", "erf"]
 
 
 @pytest.mark.parametrize("kind", UNRECOGNISED)

@@ -1,16 +1,22 @@
-"""Rules for parameters used by functional calls: ``F.linear``, ``x @ W``, ``F.embedding``,
-``F.conv1d``/``F.conv2d`` and elementwise ``x * p``, ``x / p``, ``x + p``, ``x - p``.
+"""Rules for parameters used by functional calls: ``F.linear``, ``x @ W`` and ``W @ x``,
+``F.embedding``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``, the functional norms,
+contractions (``einsum``, ``bmm``, ``baddbmm``, ``addmm``) and elementwise ``x * p``, ``x / p``,
+``x + p``, ``x - p``.
 
-These calls are recorded by :mod:`fimfast.functional` (a ``TorchFunctionMode`` active during the
-captured forward), not by module hooks: a :class:`Call` of one of them has a :class:`Site` in
-place of a module, and keeps in ``call.data`` everything its terms need (the input, the call's
-configuration). The terms are those of the module rules (docs/math.md §4): an ``F.linear`` or a
-``matmul`` is a linear map (:class:`Outer` + :class:`Vec`), an ``F.embedding`` a table
-(:class:`Rows`), a convolution an :class:`Outer` over output positions. An elementwise use of
-a parameter ``p`` broadcast over the batch, ``y = f(x, p)``, has the per-sample gradient
-``sum_{e in sample n} G[e] * dy[e]/dp``, summed down to ``p``'s shape (a :class:`Vec`): the
-derivative is ``x`` for ``x * p``, ``-x / p^2`` for ``x / p``, ``1 / x`` for ``p / x`` and
-``+-1`` for a sum or difference.
+These calls are recorded by :mod:`fimfast.functional` and :mod:`fimfast.functional_ops` (a
+``TorchFunctionMode`` active during the captured forward), not by module hooks: a :class:`Call`
+of one of them has a :class:`Site` in place of a module, and keeps in ``call.data`` everything its
+terms need (the input, the call's configuration). The terms are those of the module rules
+(docs/math.md §4): an ``F.linear`` or a ``matmul`` is a linear map (:class:`Outer` +
+:class:`Vec`), an ``F.embedding`` a table (:class:`Rows`), a convolution an :class:`Outer` over
+output positions (input positions for a transposed one), a norm's affine a :class:`Vec`. An
+elementwise use of a parameter ``p`` broadcast over the batch, ``y = f(x, p)``, has the
+per-sample gradient ``sum_{e in sample n} G[e] * dy[e]/dp``, summed down to ``p``'s shape (a
+:class:`Vec`): the derivative is ``x`` for ``x * p``, ``-x / p^2`` for ``x / p``, ``1 / x`` for
+``p / x`` and ``+-1`` for a sum or difference. A contraction's operand gets the contraction of
+the output gradient with the other operands (a :class:`Vec`). A ``Vec`` use of ``s = f(p)``, an
+elementwise function of ``p``, is multiplied by ``ds/dp`` (``call.data``'s ``chain``:
+:func:`chained`).
 """
 
 from __future__ import annotations
