@@ -16,7 +16,8 @@ count requires; anything else leaves the parameter to the generic path):
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
   least 2-D; and ``W @ x`` (the linear map of ``x^T`` with weight ``W``);
-* ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``);
+* ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``), ids shared by the
+  batch (``(1, T)``, or ``(T,)`` once checked) expanded to it as ``nn.Embedding``'s are;
 * ``F.conv1d``/``F.conv2d``/``F.conv3d(x, W, b, ...)`` on batched inputs;
 * ``x * p``, ``p * x``, ``x / p``, ``p / x``, ``x + p``, ``p + x``, ``x - p``, ``p - x`` (operators,
   ``torch.mul``/``div``/``add``/``sub`` and the methods, without ``alpha``, ``rounding_mode`` or
@@ -277,6 +278,7 @@ def _embedding(mode: FunctionalMode, func, args, kwargs):
         return y
     if pi is not None and pi < 0:
         pi += w.shape[0]
+    ids, y = fops.expand_shared(mode.cap, ids, y)
     data = {"ids": ids.detach(), "padding_idx": pi}
     return mode.record("F.embedding", frules.EMBEDDING, y, y.dim() - 1, [Use(w, UseKind.ROWS)],
                        data)

@@ -72,6 +72,24 @@ def _derive(mode, base: tuple, out: Any, remake: Callable[[Tensor], Tensor], d: 
     return out
 
 
+def expand_shared(cap, ids: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ids, y)`` of a lookup shared by the batch expanded to it, as
+    :class:`fimfast.rules.EmbeddingRule` expands ``nn.Embedding``'s (ids ``(1, T)``; ``(T,)``
+    where the capture allows it, see :meth:`fimfast.persample.Engine.forward`): every
+    broadcasting consumer sees the same values, and the tap gets per-sample gradients."""
+    N = cap.batch_size
+    if not cap.expand_broadcast or N is None or N < 2:
+        return ids, y
+    if ids.dim() >= 2 and ids.shape[0] == 1 and y.shape[0] == 1:
+        cap.expanded += 1
+        return ids.expand(N, *ids.shape[1:]), y.expand(N, *y.shape[1:])
+    if cap.expand_flat and ids.dim() == 1 and y.dim() == 2 and ids.shape[0] != N:
+        cap.expanded += 1
+        cap.expanded_flat += 1
+        return ids.unsqueeze(0).expand(N, -1), y.unsqueeze(0).expand(N, -1, -1)
+    return ids, y
+
+
 # --------------------------------------------------------------------------------------------- #
 # elementwise functions of a parameter
 # --------------------------------------------------------------------------------------------- #

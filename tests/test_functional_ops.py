@@ -156,11 +156,33 @@ class BmmBias(nn.Module):
         return self.head(torch.tanh(hh.transpose(0, 1).reshape(N, 6)))
 
 
+class SharedLookup(nn.Module):
+    """Positions looked up by ``F.embedding`` with ids shared by the batch, ``(1, T)`` or
+    ``(T,)``, added to ``(N, T, d)`` activations; ``kind="summed"`` reduces the ``(T, d)``
+    lookup over its first dim, which expanding it to the batch would change."""
+
+    def __init__(self, kind: str, T: int = 4, d: int = 6, C: int = 4):
+        super().__init__()
+        self.kind = kind
+        self.wpe, self.W = _param(T + 1, d, seed=74), _param(d, d, seed=75)
+        self.head = nn.Linear(d, C)
+        ids = torch.arange(T)
+        self.register_buffer("ids", ids.unsqueeze(0) if kind == "row" else ids)
+
+    def forward(self, x):  # (N, T, d)
+        pos = F.embedding(self.ids, self.wpe)
+        if self.kind == "summed":
+            pos = pos.sum(0)
+        h = torch.tanh(F.linear(x + pos, self.W))
+        return self.head(h.mean(1))
+
+
 # --------------------------------------------------------------------------------------------- #
 # cases
 # --------------------------------------------------------------------------------------------- #
 MODELS = {"scales": Scales, "norms": Norms, "convs": Convs, "contractions": Contractions,
-          "bmm_bias": BmmBias}
+          "bmm_bias": BmmBias, "shared_row": lambda: SharedLookup("row"),
+          "shared_flat": lambda: SharedLookup("flat")}
 CASES = list(MODELS)
 # the parameters each case uses through functional calls (all captured)
 FUNCTIONAL = {
@@ -169,6 +191,8 @@ FUNCTIONAL = {
     "convs": {"k3", "b3", "kt1", "bt1", "kt2", "bt3"},
     "contractions": {"We", "bb", "Wa", "ba", "Wc", "bc", "slot", "Wl", "Wm"},
     "bmm_bias": {"W", "b"},
+    "shared_row": {"wpe", "W"},
+    "shared_flat": {"wpe", "W"},
 }
 # parameters of a case left to the generic path on purpose (a use still not recognised)
 GENERIC = {"contractions": {"Wb"}}
@@ -181,6 +205,8 @@ def _case(name: str) -> Case:
     model = MODELS[name]()
     if name == "convs":
         x, C = torch.randn(N, 1, 3, 3, 3, generator=g), 3
+    elif name.startswith("shared"):
+        x = torch.randn(N, 4, 6, generator=g)
     else:
         x = torch.randn(N, 6, generator=g)
     y = torch.randint(0, C, (N,), generator=g)
@@ -293,4 +319,18 @@ def test_unrecognised_uses_stay_generic_and_exact(kind, quantity):
     assert [est.names[i] for i in plan.generic] == ["p"], plan.reasons
     assert {"fc.weight", "fc.bias", "head.weight", "head.bias"} <= {est.names[i]
                                                                     for i in plan.fast}
+    assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+def test_shared_lookup_that_expansion_would_change_stays_generic(quantity):
+    """A ``(T,)`` lookup reduced over its first dim: the checked forward's logits differ with it
+    expanded, the step runs again without, and the table takes the generic path, exactly."""
+    g = _gen(8)
+    x, y = torch.randn(5, 4, 6, generator=g), torch.randint(0, 4, (5,), generator=g)
+    case = Case("shared_summed", SharedLookup("summed"), (x, y), lambda m, b: m(b[0]),
+                torch.ones(5, dtype=torch.bool), y, "categorical", 4).to(torch.float64)
+    got, est = _run(case, quantity)
+    assert [est.names[i] for i in est._persample.last_plan.generic] == ["wpe"]
+    assert not est._persample.expand_flat
     assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64
