@@ -166,6 +166,18 @@ def test_compiled_submodule_recompiled_for_a_new_batch_size(data, kind):
     assert torch._functorch.config.donated_buffer  # put back after the step
 
 
+def test_structured_fisher_through_a_recompiled_submodule(data):
+    """The structured engine's retained backwards through a recompiled region (dense Fisher):
+    the matrix of the same model run eagerly."""
+    m, eager = _with_compiled_sub()
+    x, y = data
+    batches = [(x[:8], y[:8]), (x[8:11], y[8:11])]
+    got = fimfast.structured.fisher(m, batches, "exact", "dense", reduction="sum").to_torch()
+    ref_model = nn.Sequential(eager, *list(m)[1:])
+    ref = fimfast.structured.fisher(ref_model, batches, "exact", "dense", reduction="sum")
+    assert torch.allclose(got, ref.to_torch(), rtol=1e-10, atol=1e-12)
+
+
 # -- 2. checkpointing and no_grad regions --------------------------------------------------- #
 class Checkpointed(nn.Module):
     def __init__(self, reentrant: bool):
