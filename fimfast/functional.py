@@ -18,6 +18,8 @@ count requires; anything else leaves the parameter to the generic path):
   least 2-D; and ``W @ x`` (the linear map of ``x^T`` with weight ``W``);
 * ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``), ids shared by the
   batch (``(1, T)``, or ``(T,)`` once checked) expanded to it as ``nn.Embedding``'s are;
+* ``F.embedding_bag(ids, W, offsets, ..., mode, per_sample_weights, include_last_offset,
+  padding_idx)``, one bag per sample (:class:`fimfast.rules.EmbeddingBagRule`'s terms);
 * ``F.conv1d``/``F.conv2d``/``F.conv3d(x, W, b, ...)`` on batched inputs;
 * ``x * p``, ``p * x``, ``x / p``, ``p / x``, ``x + p``, ``p + x``, ``x - p``, ``p - x`` (operators,
   ``torch.mul``/``div``/``add``/``sub`` and the methods, without ``alpha``, ``rounding_mode`` or
@@ -47,6 +49,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -57,6 +60,7 @@ from fimfast.functional_ops import _bind, _tuple
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 from fimfast.rules import functional as frules
 from fimfast.rules.base import UseKind, _usable
+from fimfast.rules.embedding import bag_data
 
 F = torch.nn.functional
 Tensor = torch.Tensor
@@ -284,6 +288,28 @@ def _embedding(mode: FunctionalMode, func, args, kwargs):
                        data)
 
 
+_BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
+             "sparse", "per_sample_weights", "include_last_offset", "padding_idx")
+
+
+def _embedding_bag(mode: FunctionalMode, func, args, kwargs):
+    b = _bind(args, kwargs, _BAG_ARGS, (None,) * 4 + (2.0, False, "mean", False, None, False, None))
+    y = func(*args, **kwargs)
+    if b is None or b[5] or not isinstance(b[0], Tensor) or b[0].is_floating_point():
+        return y
+    w, pi = mode.param(b[1]), b[10]
+    if w is None or w.dim() != 2 or not isinstance(y, Tensor) or not _usable(y):
+        return y
+    if pi is not None and pi < 0:
+        pi += w.shape[0]
+    cfg = SimpleNamespace(weight=w, mode=b[6], padding_idx=pi, include_last_offset=bool(b[9]))
+    data = bag_data(mode.cap, cfg, b[0], b[2], b[8], y)
+    if data is None:
+        return y
+    return mode.record("F.embedding_bag", frules.EMBEDDING_BAG, y, 1, [Use(w, UseKind.ROWS)],
+                       data, batch_first=True)
+
+
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -382,6 +408,7 @@ _CONV_DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _HANDLERS: dict[Callable, Callable] = {
     F.linear: _linear,
     F.embedding: _embedding,
+    F.embedding_bag: _embedding_bag,
     torch.conv1d: _conv,
     torch.conv2d: _conv,
     torch.conv3d: _conv,

@@ -1,6 +1,7 @@
 """More functional uses of parameters (fimfast/functional_ops.py): elementwise functions of a
 parameter (the chain rule), functional norms, ``F.conv3d`` and transposed convolutions,
-contractions (``einsum``, ``bmm``, ``baddbmm``, ``addmm``) and ``W @ x``, against the float64
+contractions (``einsum``, ``bmm``, ``baddbmm``, ``addmm``), ``W @ x``, ``F.embedding_bag`` and
+lookups shared by the batch, against the float64
 brute-force oracle (tests/oracle.py); and the uses still not recognised, which must stay on the
 generic path, exactly.
 
@@ -177,12 +178,35 @@ class SharedLookup(nn.Module):
         return self.head(h.mean(1))
 
 
+class Bags(nn.Module):
+    """``F.embedding_bag`` with bare tables, one bag per sample: ``sum`` of flat ids with offsets
+    and per-sample weights, ``mean`` of 2-D ids with a ``padding_idx``, ``max``; the bags' ids
+    are buffers for the batch of 5."""
+
+    def __init__(self, d: int = 6, C: int = 4):
+        super().__init__()
+        self.Ts, self.Tm, self.Tx = (_param(7, d, seed=s) for s in (76, 77, 78))
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, C)
+        self.register_buffer("flat", torch.tensor([1, 2, 2, 0, 5, 3, 3, 6, 1]))
+        self.register_buffer("offsets", torch.tensor([0, 3, 4, 4, 7]))
+        self.register_buffer("psw", torch.linspace(0.5, 1.5, 9))
+        self.register_buffer("ids", torch.tensor([[1, 2, 0], [0, 0, 0], [4, 4, 5], [6, 1, 2],
+                                                  [3, 3, 3]]))
+
+    def forward(self, x):
+        a = F.embedding_bag(self.flat, self.Ts, self.offsets, mode="sum",
+                            per_sample_weights=self.psw)
+        b = F.embedding_bag(self.ids, self.Tm, mode="mean", padding_idx=0)
+        c = F.embedding_bag(self.ids, self.Tx, mode="max")
+        return self.head(torch.tanh(self.fc(x) * (a + b) + c))
+
+
 # --------------------------------------------------------------------------------------------- #
 # cases
 # --------------------------------------------------------------------------------------------- #
 MODELS = {"scales": Scales, "norms": Norms, "convs": Convs, "contractions": Contractions,
           "bmm_bias": BmmBias, "shared_row": lambda: SharedLookup("row"),
-          "shared_flat": lambda: SharedLookup("flat")}
+          "shared_flat": lambda: SharedLookup("flat"), "bags": Bags}
 CASES = list(MODELS)
 # the parameters each case uses through functional calls (all captured)
 FUNCTIONAL = {
@@ -193,6 +217,7 @@ FUNCTIONAL = {
     "bmm_bias": {"W", "b"},
     "shared_row": {"wpe", "W"},
     "shared_flat": {"wpe", "W"},
+    "bags": {"Ts", "Tm", "Tx"},
 }
 # parameters of a case left to the generic path on purpose (a use still not recognised)
 GENERIC = {"contractions": {"Wb"}}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from fimfast.dtypes import compute_dtype
 from fimfast.rules.base import Outer, Rows, Rule, Term, UseKind, Vec, _linear_terms, front
 from fimfast.rules.conv import _conv_terms, _unfold, _unfold_output_grad
+from fimfast.rules.embedding import EmbeddingBagRule
 
 
 class Site:
@@ -314,3 +315,4 @@ ELEMENTWISE = ElementwiseRule()
 NORM = FunctionalNormRule()
 CONV_TRANSPOSE = FunctionalConvTransposeRule()
 CONTRACTION = ContractionRule()
+EMBEDDING_BAG = EmbeddingBagRule()  # its terms read only call.data (see fimfast.functional)
