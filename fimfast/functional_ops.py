@@ -19,8 +19,11 @@ functions of a parameter, functional norms, transposed convolutions and contract
   ``torch.addmm`` with one parameter operand (and/or a parameter as the added ``input``):
   the per-sample gradient of the operand is itself a contraction of the output gradient with the
   other operands, formed per sample and column (a :class:`~fimfast.rules.Vec` of the
-  parameter's size: ``M x N x numel`` per chunk). ``addmm(b, x, W)`` with ``alpha = beta = 1``
-  is a linear map (``x @ W + b``, the :class:`~fimfast.rules.Outer` of ``F.linear``).
+  parameter's size: ``M x N x numel`` per chunk of ``M`` columns, which the chunk size of
+  :func:`fimfast.chunks.fast_columns` does not count; an operand for which one column's
+  ``12 N numel`` bytes exceed ``FIMFAST_MEMORY_BUDGET_MB`` is left to the generic path).
+  ``addmm(b, x, W)`` with ``alpha = beta = 1`` is a linear map (``x @ W + b``, the
+  :class:`~fimfast.rules.Outer` of ``F.linear``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fimfast import _env
 from fimfast.hooks import Use
 from fimfast.rules import functional as frules
 from fimfast.rules.base import UseKind
@@ -318,6 +322,8 @@ def _contract(mode, func, spec, ops, bias=None, alpha=1, beta=1):
                                                            if i != k))
         if len(set(pk)) != len(pk) or not set(pk) <= rest:
             return None  # a diagonal of the parameter, or a letter summed in it alone
+        if 12 * (mode.cap.batch_size or 1) * p.numel() > _env.memory_budget_bytes():
+            return None  # one column's per-sample gradients would not fit the budget
         ops[k] = remake() if remake is not None else p
         uses.append(Use(p, UseKind.VEC))
         parts.append({"k": k, "alpha": alpha, "transposed": transposed, "chain": chain})

@@ -363,3 +363,17 @@ def test_shared_lookup_that_expansion_would_change_stays_generic(quantity):
     assert [est.names[i] for i in est._persample.last_plan.generic] == ["wpe"]
     assert not est._persample.expand_flat
     assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64
+
+
+def test_contraction_over_the_memory_budget_stays_generic(monkeypatch):
+    """An operand whose per-sample gradients for one column (``12 N numel`` bytes) exceed
+    ``FIMFAST_MEMORY_BUDGET_MB`` is left to the generic path with its call (the bias added by
+    that ``addmm`` too), exactly; the linear ``addmm`` and the other captured uses are not
+    concerned."""
+    case = _case("contractions")
+    N = case.batch[0].shape[0]
+    budget = 12 * N * 36 - 1  # below a (6, 6) operand's, above a (2, 1, 3) one's
+    monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", str(budget / 2**20))
+    got, est = _run(case, "exact")
+    assert {est.names[i] for i in est._persample.last_plan.generic} == {"We", "Wc", "bc"}
+    assert _rel(got, _oracle(case, "exact")) <= DET_REL_F64
