@@ -3,9 +3,15 @@
 Models: a GPT-like LM whose token table is also the output layer through
 ``F.linear(h, wte.weight)`` (token-level logits), the same LM tied through an ``nn.Linear`` head
 (the module rules' cost, for reference), the F.linear-tied LM with its positions added as a bare
-table (``+ wpe.weight``), and a classifier made of bare parameters through
-``F.linear``. For each, EXACT, EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training
-step (forward, loss, backward) of the same model, one torch thread.
+table (``+ wpe.weight``), a classifier made of bare parameters through
+``F.linear``, and classifiers with the other functional uses of bare parameters: elementwise
+functions as scales and a functional norm (``scaled_mlp``: ``F.layer_norm(h, ..., w, b)`` and
+``h * sigmoid(gate)`` after the first layer, a learnable log-temperature
+``logits * logit_scale.exp()``),
+contractions (``contract_mlp``: ``einsum``, per-head ``bmm``, ``addmm``, ``W @ x``) and
+convolutions (``bare_convs``: ``F.conv3d`` then ``F.conv_transpose2d``). For each, EXACT,
+EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training step (forward, loss,
+backward) of the same model, one torch thread.
 
 ``python benchmarks/bench_functional.py --trees A B --rounds 11`` compares source trees (each
 on ``PYTHONPATH`` in a child process, e.g. before and after a change): every round runs one child
@@ -26,7 +32,8 @@ import subprocess
 import sys
 import time
 
-MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp")
+MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp", "scaled_mlp", "contract_mlp",
+          "bare_convs")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
@@ -84,6 +91,50 @@ def _models():
         def forward(self, x):
             return F.linear(torch.relu(F.linear(x, self.W1, self.b1)), self.W2, self.b2)
 
+    def bare(*shape, scale=None):
+        return nn.Parameter(torch.randn(*shape) * (scale or shape[-1] ** -0.5))
+
+    class ScaledMLP(nn.Module):
+        def __init__(self, d=64, h=128, C=10):
+            super().__init__()
+            self.fc, self.fc2, self.head = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, C)
+            self.ln_w, self.ln_b = nn.Parameter(torch.ones(h)), nn.Parameter(torch.zeros(h))
+            self.gate = bare(h, scale=1.0)
+            self.logit_scale = nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x):
+            h = F.layer_norm(torch.relu(self.fc(x)), (128,), self.ln_w, self.ln_b)
+            h = torch.relu(self.fc2(h * torch.sigmoid(self.gate)))
+            return self.head(h) * self.logit_scale.exp()
+
+    class ContractMLP(nn.Module):
+        def __init__(self, d=64, h=128, C=10):
+            super().__init__()
+            self.W1, self.b1 = bare(h, d), nn.Parameter(torch.zeros(h))
+            self.W2 = bare(4, h // 4, h // 4)
+            self.W3, self.b3 = bare(h, h), nn.Parameter(torch.zeros(h))
+            self.W4 = bare(C, h)
+
+        def forward(self, x):
+            N = x.shape[0]
+            h = torch.relu(torch.einsum("nd,hd->nh", x, self.W1) + self.b1)
+            hh = torch.bmm(h.view(N, 4, -1).transpose(0, 1), self.W2)  # per-head weights
+            h = torch.relu(torch.addmm(self.b3, hh.transpose(0, 1).reshape(N, -1), self.W3))
+            return (self.W4 @ h.T).T
+
+    class BareConvs(nn.Module):
+        def __init__(self, C=10):
+            super().__init__()
+            self.k3, self.b3 = bare(8, 2, 3, 3, 3, scale=0.2), nn.Parameter(torch.zeros(8))
+            self.kt, self.bt = bare(8, 4, 3, 3, scale=0.2), nn.Parameter(torch.zeros(4))
+            self.head = nn.Linear(4, C)
+
+        def forward(self, x):  # (N, 2, 6, 6, 6)
+            a = torch.relu(F.conv3d(x, self.k3, self.b3))  # (N, 8, 4, 4, 4)
+            a = a.reshape(a.shape[0], 8, 8, 8)
+            b = torch.relu(F.conv_transpose2d(a, self.kt, self.bt, stride=2))  # (N, 4, 17, 17)
+            return self.head(b.mean((2, 3)))
+
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     N = 16
@@ -95,6 +146,10 @@ def _models():
         "module_tied_lm": (ModuleTiedLM(), (ids, labels)),
         "bare_pos_lm": (BarePosLM(), (ids, labels)),
         "bare_mlp": (BareMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
+        "scaled_mlp": (ScaledMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
+        "contract_mlp": (ContractMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
+        "bare_convs": (BareConvs(), (torch.randn(N, 2, 6, 6, 6, generator=g),
+                                     torch.randint(0, 10, (N,), generator=g))),
     }
 
 

@@ -133,6 +133,9 @@ def methods(model, batch, generic: bool = True) -> dict:
     try:  # estimators look the layers up in their first step: these without a rule
         for t in TYPES if generic else ():
             est = ests[f"{t}_generic"] = fimfast.DiagFisher(model, t, seed=0)
+            # without their rules, the layers' own F.conv3d / F.conv_transpose2d /
+            # F.embedding_bag calls would be captured as functional calls
+            est._persample.functional = False
             est.step(batch)
             assert est._persample.last_plan.generic
     finally:

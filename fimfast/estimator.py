@@ -15,7 +15,7 @@ from fimfast import batch as batchlib
 from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
-from fimfast.guard import BufferGuard
+from fimfast.guard import BufferGuard, retained_graphs
 from fimfast.ops import registry
 from fimfast.state import State
 from fimfast.step import Step
@@ -364,13 +364,15 @@ def _fimfast_arithmetic(device: torch.device) -> Iterator[None]:
     """fimfast's own arithmetic (probes, eigenpairs, squares, backward) with autocast disabled.
 
     The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
-    run the eigenvector mix and the per-sample squared products in bf16.
+    run the eigenvector mix and the per-sample squared products in bf16. Retained backwards
+    through compiled regions are allowed (:func:`fimfast.guard.retained_graphs`).
     """
-    if not torch.is_autocast_enabled(device.type):  # nothing to turn off (the usual case)
-        yield
-        return
-    with torch.autocast(device.type, enabled=False):
-        yield
+    with retained_graphs():  # backward more than once, compiled regions included
+        if not torch.is_autocast_enabled(device.type):  # nothing to turn off (the usual case)
+            yield
+            return
+        with torch.autocast(device.type, enabled=False):
+            yield
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

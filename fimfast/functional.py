@@ -15,14 +15,19 @@ count requires; anything else leaves the parameter to the generic path):
   parameters;
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
-  least 2-D;
-* ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``);
-* ``F.conv1d``/``F.conv2d(x, W, b, ...)`` on batched inputs;
+  least 2-D; and ``W @ x`` (the linear map of ``x^T`` with weight ``W``);
+* ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``), ids shared by the
+  batch (``(1, T)``, or ``(T,)`` once checked) expanded to it as ``nn.Embedding``'s are;
+* ``F.embedding_bag(ids, W, offsets, ..., mode, per_sample_weights, include_last_offset,
+  padding_idx)``, one bag per sample (:class:`fimfast.rules.EmbeddingBagRule`'s terms);
+* ``F.conv1d``/``F.conv2d``/``F.conv3d(x, W, b, ...)`` on batched inputs;
 * ``x * p``, ``p * x``, ``x / p``, ``p / x``, ``x + p``, ``p + x``, ``x - p``, ``p - x`` (operators,
   ``torch.mul``/``div``/``add``/``sub`` and the methods, without ``alpha``, ``rounding_mode`` or
   ``out``) with ``x`` a tensor and ``p`` a parameter, or a ``view``/``reshape``/``unsqueeze`` of
   one (a scalar temperature or gain, a per-channel scale, a learned positional table added to
-  ``(N, T, d)`` or ``(T, N, d)`` activations).
+  ``(N, T, d)`` or ``(T, N, d)`` activations);
+* elementwise functions of a parameter, functional norms, transposed convolutions and
+  contractions (``einsum``, ``bmm``, ``baddbmm``, ``addmm``): :mod:`fimfast.functional_ops`.
 
 A call inside the forward of a module that has a rule, with a parameter of that module, is left
 to the module's rule (``nn.Linear``'s own ``F.linear``); one with a parameter of another module is
@@ -34,7 +39,7 @@ A transposed or reshaped view of a parameter is remembered when it is made; the 
 consumes it makes the view again from the parameter, so the view the model made is left without
 a consumer in the graph. Used anywhere else too, it adds an edge into the parameter that no call
 declares, and the engine's edge count sends the parameter to the generic path (as it does for
-``p.sum()`` added to the logits, ``p[idx]``, ``torch.einsum(..., p)`` and every other use not
+``p.sum()`` added to the logits, ``p[idx]``, ``F.linear(x, p.exp())`` and every other use not
 listed).
 """
 
@@ -44,14 +49,18 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from fimfast import functional_ops as fops
+from fimfast.functional_ops import _bind, _tuple
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 from fimfast.rules import functional as frules
 from fimfast.rules.base import UseKind, _usable
+from fimfast.rules.embedding import bag_data
 
 F = torch.nn.functional
 Tensor = torch.Tensor
@@ -74,7 +83,8 @@ class FunctionalMode(TorchFunctionMode):
         self.cap, self.sites, self.owners = cap, sites, owners
         self.inside: Counter = Counter()  # modules with a rule whose forward is running
         self.seen: Counter = Counter()  # calls per (kind, parameters) in this forward
-        self.views: dict[int, tuple] = {}  # id(view) -> (ref, param, transposed, func, args, kw)
+        # id(view) -> (ref, param, transposed, remake, chain, version): see view_of, remember
+        self.views: dict[int, tuple] = {}
         self.recorded = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -109,15 +119,36 @@ class FunctionalMode(TorchFunctionMode):
         return t
 
     def view_of(self, t: Any) -> tuple | None:
-        """``(param, transposed, remake)`` of a view of a parameter made in this forward;
-        ``remake()`` makes the same view again from the parameter."""
+        """``(param, transposed, remake, chain)`` of a view of a parameter, or of an elementwise
+        function of one, made in this forward: ``remake()`` makes the same tensor again from the
+        parameter; ``chain`` (``None`` for a view) is its derivative with respect to the
+        parameter, elementwise, shaped like the parameter (detached). A tensor modified in place
+        since is not one (the call uses it as it is: an edge no call declares)."""
         if not isinstance(t, Tensor):
             return None
         v = self.views.get(id(t))
-        if v is None or v[0]() is not t or self.param(v[1]) is None:
+        if v is None or v[0]() is not t or self.param(v[1]) is None or t._version != v[5]:
             return None
-        _, p, transposed, func, rest, kw = v
-        return p, transposed, lambda: func(p, *rest, **kw)
+        return v[1:5]
+
+    def operand(self, t: Any) -> tuple | None:
+        """``(param, remake, chain)`` of a parameter (``remake`` ``None``), of a reshaped view of
+        one or of an elementwise function of one (see :meth:`view_of`); ``None`` for anything
+        else (a transpose would reorder the elements)."""
+        p = self.param(t)
+        if p is not None:
+            return p, None, None
+        v = self.view_of(t)
+        if v is None or v[1]:
+            return None
+        return v[0], v[2], v[3]
+
+    def remember(
+        self, out: Tensor, p: Tensor, transposed: bool, remake: Callable[[], Tensor],
+        chain: Tensor | None = None,
+    ) -> None:
+        """Remember ``out``, a tensor made from parameter ``p`` (see :meth:`view_of`)."""
+        self.views[id(out)] = (weakref.ref(out), p, transposed, remake, chain, out._version)
 
     # -- recording ------------------------------------------------------------------------- #
     def record(
@@ -174,18 +205,6 @@ def owners_of(targets: list[tuple[torch.nn.Module, Any]]) -> dict[int, tuple[int
 # --------------------------------------------------------------------------------------------- #
 # handlers: each returns the call's result, recorded when it fits
 # --------------------------------------------------------------------------------------------- #
-def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list | None:
-    """The arguments ``names`` from positional ``args`` then ``kwargs`` (``None`` for an
-    unexpected keyword)."""
-    if len(args) > len(names) or any(k not in names for k in kwargs):
-        return None
-    out = list(args) + list(defaults[len(args):])
-    for i, n in enumerate(names):
-        if n in kwargs:
-            out[i] = kwargs[n]
-    return out
-
-
 def _linear(mode: FunctionalMode, func, args, kwargs):
     b = _bind(args, kwargs, ("input", "weight", "bias"), (None, None, None))
     if b is None:
@@ -208,21 +227,45 @@ def _linear(mode: FunctionalMode, func, args, kwargs):
     return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
 
 
-def _matmul(mode: FunctionalMode, func, args, kwargs):
-    if kwargs or len(args) != 2 or not isinstance(args[0], Tensor) or args[0].dim() < 2:
-        return func(*args, **kwargs)
-    x, w = args
+def _weight(mode: FunctionalMode, w: Any) -> tuple | None:
+    """``(param, view or None)`` of a 2-D parameter or of the transpose of one."""
     p, view = mode.param(w), None
     if p is None:
         view = mode.view_of(w)
         if view is None or not view[1]:
-            return func(*args, **kwargs)
+            return None
         p = view[0]
-    if p.dim() != 2:
+    return (p, view) if p.dim() == 2 else None
+
+
+def _matmul(mode: FunctionalMode, func, args, kwargs):
+    if kwargs or len(args) != 2 or not all(isinstance(a, Tensor) for a in args):
         return func(*args, **kwargs)
+    x, w = args
+    found = _weight(mode, w) if x.dim() >= 2 else None
+    if found is None:
+        if w.dim() >= 2 and mode.operand(w) is None:  # W @ x
+            found = _weight(mode, x)
+        if found is None:
+            return func(*args, **kwargs)
+        return _left_matmul(mode, func, found, w)
+    p, view = found
     y = func(x, view[2]() if view is not None else p)
     use = Use(p, UseKind.OUTER, transposed=view is None)  # x @ W: W stored (I, O)
     return mode.record("matmul", frules.LINEAR, y, y.dim() - 1, [use], {"x": x.detach()})
+
+
+def _left_matmul(mode: FunctionalMode, func, found: tuple, x: Tensor) -> Tensor:
+    """``W @ x`` (``W`` ``(O, I)``, ``x`` ``(..., I, K)``): ``(W @ x)^T = x^T W^T`` is a linear
+    map of ``x^T`` with weight ``W``; the tap is on the transposed output, whose leading dims
+    (those of ``x``, then ``K``) hold the batch (``K`` too for a 2-D ``x`` ``(I, N)``)."""
+    p, view = found
+    y = func(view[2]() if view is not None else p, x)
+    use = Use(p, UseKind.OUTER, transposed=view is not None)  # W.t() @ x: W stored (I, O)
+    yt = y.mT
+    out = mode.record("left matmul", frules.LINEAR, yt, yt.dim() - 1, [use],
+                      {"x": x.detach().mT})
+    return out.mT
 
 
 _EMB_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
@@ -239,9 +282,32 @@ def _embedding(mode: FunctionalMode, func, args, kwargs):
         return y
     if pi is not None and pi < 0:
         pi += w.shape[0]
+    ids, y = fops.expand_shared(mode.cap, ids, y)
     data = {"ids": ids.detach(), "padding_idx": pi}
     return mode.record("F.embedding", frules.EMBEDDING, y, y.dim() - 1, [Use(w, UseKind.ROWS)],
                        data)
+
+
+_BAG_ARGS = ("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode",
+             "sparse", "per_sample_weights", "include_last_offset", "padding_idx")
+
+
+def _embedding_bag(mode: FunctionalMode, func, args, kwargs):
+    b = _bind(args, kwargs, _BAG_ARGS, (None,) * 4 + (2.0, False, "mean", False, None, False, None))
+    y = func(*args, **kwargs)
+    if b is None or b[5] or not isinstance(b[0], Tensor) or b[0].is_floating_point():
+        return y
+    w, pi = mode.param(b[1]), b[10]
+    if w is None or w.dim() != 2 or not isinstance(y, Tensor) or not _usable(y):
+        return y
+    if pi is not None and pi < 0:
+        pi += w.shape[0]
+    cfg = SimpleNamespace(weight=w, mode=b[6], padding_idx=pi, include_last_offset=bool(b[9]))
+    data = bag_data(mode.cap, cfg, b[0], b[2], b[8], y)
+    if data is None:
+        return y
+    return mode.record("F.embedding_bag", frules.EMBEDDING_BAG, y, 1, [Use(w, UseKind.ROWS)],
+                       data, batch_first=True)
 
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -253,7 +319,7 @@ def _conv(mode: FunctionalMode, func, args, kwargs):
     if b is None:
         return y
     x, w, bias, stride, padding, dilation, groups = b
-    nsp = 1 if func is torch.conv1d else 2
+    nsp = _CONV_DIMS[func]
     ps = [p for p in (mode.param(w), mode.param(bias)) if p is not None]
     if (
         not ps or not isinstance(x, Tensor) or not isinstance(w, Tensor)
@@ -273,35 +339,39 @@ def _conv(mode: FunctionalMode, func, args, kwargs):
     return mode.record(f"F.conv{nsp}d", frules.CONV, y, 1, uses, data, batch_first=True)
 
 
-def _tuple(v: Any, n: int) -> tuple[int, ...]:
-    return (int(v),) * n if isinstance(v, int) else tuple(int(a) for a in v)
-
-
 def _view(mode: FunctionalMode, func, args, kwargs):
-    """Remember a view of a parameter (transposed, or reshaped in its element order)."""
+    """Remember a view of a parameter (transposed, or reshaped in its element order), or a
+    reshaped view of an elementwise function of one."""
     out = func(*args, **kwargs)
-    p = mode.param(args[0]) if args else None
-    if p is None or not isinstance(out, Tensor):
+    base = mode.operand(args[0]) if args else None
+    if base is None or not isinstance(out, Tensor):
         return out
+    p, remake, chain = base
+    rest = args[1:]
     transposed = func in _TRANSPOSES
     if transposed:
-        if p.dim() != 2 or (func in (Tensor.transpose, torch.transpose) and
-                            {int(a) % 2 for a in args[1:3]} != {0, 1}):
+        if remake is not None or p.dim() != 2 or (
+            func in (Tensor.transpose, torch.transpose)
+            and {int(a) % 2 for a in args[1:3]} != {0, 1}
+        ):
             return out
     elif out.numel() != p.numel() or out.dtype != p.dtype:
         return out
-    mode.views[id(out)] = (weakref.ref(out), p, transposed, func, args[1:], kwargs)
+    src = remake or (lambda: p)
+    mode.remember(out, p, transposed, lambda: func(src(), *rest, **kwargs), chain)
     return out
 
 
 def _elementwise(mode: FunctionalMode, func, args, kwargs):
-    if kwargs or len(args) != 2 or not all(isinstance(a, Tensor) for a in args):
+    if kwargs or len(args) != 2:
         return func(*args, **kwargs)
-    found = [_operand(mode, a) for a in args]
+    if not all(isinstance(a, Tensor) for a in args):  # p * 2, 1 + p, c / p: a function of p
+        return fops.scalar_op(mode, func, args, _OPS[func])
+    found = [mode.operand(a) for a in args]
     if (found[0] is None) == (found[1] is None):
         return func(*args, **kwargs)  # no parameter, or two
     pos = 0 if found[0] is not None else 1
-    p, remake = found[pos]
+    p, remake, chain = found[pos]
     pv = remake() if remake is not None else p
     x = args[1 - pos]
     y = func(*((pv, x) if pos == 0 else (x, pv)))
@@ -316,19 +386,9 @@ def _elementwise(mode: FunctionalMode, func, args, kwargs):
         deriv = 1 / xd if pos == 0 else -(xd / pv.detach().square())
     elif op == "sub" and pos == 1:
         sign = -1
-    data = {"deriv": deriv, "sign": sign, "shape": tuple(pv.shape)}
+    data = {"deriv": deriv, "sign": sign, "shape": tuple(pv.shape), "chain": chain}
     # any dim of y may be the batch: the probe decides (see ElementwiseRule)
     return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(p, UseKind.VEC)], data)
-
-
-def _operand(mode: FunctionalMode, t: Tensor) -> tuple[torch.Tensor, Callable | None] | None:
-    p = mode.param(t)
-    if p is not None:
-        return p, None
-    v = mode.view_of(t)
-    if v is None or v[1]:  # a transpose would reorder the elements
-        return None
-    return v[0], v[2]
 
 
 _TRANSPOSES = {Tensor.t, torch.t, Tensor.T.__get__, Tensor.mT.__get__, Tensor.transpose,
@@ -344,14 +404,18 @@ for _op, _fs in {
 }.items():
     _OPS.update(dict.fromkeys(_fs, _op))
 
+_CONV_DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _HANDLERS: dict[Callable, Callable] = {
     F.linear: _linear,
     F.embedding: _embedding,
+    F.embedding_bag: _embedding_bag,
     torch.conv1d: _conv,
     torch.conv2d: _conv,
+    torch.conv3d: _conv,
     torch.matmul: _matmul,
     Tensor.matmul: _matmul,
     Tensor.__matmul__: _matmul,
     **dict.fromkeys(_TRANSPOSES | _RESHAPES, _view),
     **dict.fromkeys(_OPS, _elementwise),
+    **fops.HANDLERS,
 }

@@ -88,3 +88,27 @@ class BufferGuard:
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+@contextmanager
+def retained_graphs() -> Iterator[None]:
+    """Back-propagate a graph more than once inside the body, through ``torch.compile`` regions
+    too.
+
+    fimfast back-propagates the graph of the logits once per chunk of columns (and once more in
+    ``train_step``) with ``retain_graph=True``. An ``aot_autograd`` backward (``torch.compile``
+    with ``aot_eager`` or ``inductor``) compiled with *donated buffers* (the default, used when a
+    recompilation for a new batch size saves tensors only its backward needs) refuses a retained
+    backward while ``torch._functorch.config.donated_buffer`` is set, although it compiles a
+    backward that keeps its saved tensors for one (``saved_tensors_use_once=False``). The body runs
+    with the option off, and it is restored afterwards.
+    """
+    cfg = getattr(getattr(torch, "_functorch", None), "config", None)
+    if cfg is None or not getattr(cfg, "donated_buffer", False):
+        yield
+        return
+    cfg.donated_buffer = False
+    try:
+        yield
+    finally:
+        cfg.donated_buffer = True

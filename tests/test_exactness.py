@@ -118,6 +118,66 @@ def test_compiled_region_inside_the_forward_takes_the_generic_path(data, kind, c
     assert "does not reach the logits" in caplog.text
 
 
+class _Sub(nn.Module):
+    """A bare weight through ``x @ W`` and a sine: the ``aot_eager`` graph of a batch size seen
+    after a first one (a dynamic-shape recompilation) saves tensors with donated buffers."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.W = nn.Parameter(0.4 * torch.randn(8, 8, generator=g, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.W).sin()
+
+
+def _with_compiled_sub():
+    torch.manual_seed(0)
+    m = nn.Sequential(_Sub(), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    eager = m[0]
+    m[0] = torch.compile(eager, backend="aot_eager")
+    return m, eager
+
+
+@pytest.mark.parametrize("kind", (*TYPES, "hutchinson"))
+def test_compiled_submodule_recompiled_for_a_new_batch_size(data, kind):
+    """A compiled submodule recompiled for a second batch size (its backward then donates its
+    saved tensors) is back-propagated once per column (fimfast.guard.retained_graphs)."""
+    m, eager = _with_compiled_sub()
+    x, y = data
+    opts = {"num_probes": 3} if kind == "hutchinson" else {}  # one backward per probe
+    est = fimfast.DiagFisher(m, kind, seed=3, **opts)
+    est.step((x[:8], y[:8]))
+    est.step((x[8:11], y[8:11]))  # a recompilation, with donated buffers
+    got = {k.replace("0._orig_mod.", "0."): v for k, v in est.result().items()}
+    if kind == "hutchinson":  # the same draws through the module run eagerly
+        ref_model = nn.Sequential(eager, *list(m)[1:])
+        ref_est = fimfast.DiagFisher(ref_model, kind, seed=3, **opts)
+        ref_est.step((x[:8], y[:8]))
+        ref_est.step((x[8:11], y[8:11]))
+        assert_matches(got, dict(ref_est.result().items()))
+        return
+    ref_model = nn.Sequential(eager, *list(m)[1:])
+    ref = {}
+    for sl in (slice(0, 8), slice(8, 11)):
+        part = reference(ref_model, lambda sl=sl: ref_model(x[sl]), y[sl], kind)
+        ref = {k: ref.get(k, 0) + v for k, v in part.items()}
+    assert_matches(got, ref)
+    assert torch._functorch.config.donated_buffer  # put back after the step
+
+
+def test_structured_fisher_through_a_recompiled_submodule(data):
+    """The structured engine's retained backwards through a recompiled region (dense Fisher):
+    the matrix of the same model run eagerly."""
+    m, eager = _with_compiled_sub()
+    x, y = data
+    batches = [(x[:8], y[:8]), (x[8:11], y[8:11])]
+    got = fimfast.structured.fisher(m, batches, "exact", "dense", reduction="sum").to_torch()
+    ref_model = nn.Sequential(eager, *list(m)[1:])
+    ref = fimfast.structured.fisher(ref_model, batches, "exact", "dense", reduction="sum")
+    assert torch.allclose(got, ref.to_torch(), rtol=1e-10, atol=1e-12)
+
+
 # -- 2. checkpointing and no_grad regions --------------------------------------------------- #
 class Checkpointed(nn.Module):
     def __init__(self, reentrant: bool):

@@ -141,15 +141,16 @@ class TokenModel(nn.Module):
 
 
 class Scale(nn.Module):
-    """A module without a rule whose parameter is used through a function of it (``sigmoid(s)``),
-    which the functional capture (fimfast/functional.py) does not follow: generic path."""
+    """A module without a rule whose parameter is used through a function of it that mixes its
+    elements (``cumsum``), which the functional capture (fimfast/functional.py) does not follow:
+    generic path."""
 
     def __init__(self, d: int):
         super().__init__()
         self.s = nn.Parameter(torch.linspace(0.5, 1.5, d))
 
     def forward(self, x):
-        return x * torch.sigmoid(self.s)
+        return x * torch.sigmoid(self.s).cumsum(0)
 
 
 class Unknown(nn.Module):

@@ -83,7 +83,9 @@ class Replay:
         lookups = False
         if self.expand_broadcast and self.use_rules:
             _, lookups, norms = self._modules(model, params)
-            stats = _running_stats(norms)
+            # F.embedding calls are expanded as nn.Embedding's (fimfast.functional_ops)
+            lookups = lookups or (self.functional and not self._quiet)
+            stats = _running_stats(norms) if lookups else []
         check = lookups and self.expand_flat and not self._flat_checked
         rng = _rng_state() if check else None
         # (T,) lookups are expanded once checked, or in the forward that checks them
@@ -212,13 +214,12 @@ def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
 
 
 def _stat_modules(model: torch.nn.Module) -> tuple[bool, list[torch.nn.Module]]:
-    """Whether ``model`` has a lookup the capture could expand (the only case in which a forward
-    is run again), and then its norm layers with running statistics (BatchNorm, InstanceNorm
-    with ``track_running_stats``)."""
+    """Whether ``model`` has an ``nn.Embedding`` the capture could expand (with a functional
+    lookup, the only cases in which a forward is run again), and its norm layers with running
+    statistics (BatchNorm, InstanceNorm with ``track_running_stats``)."""
     mods = list(model.modules())
-    if not any(isinstance(m, torch.nn.Embedding) for m in mods):
-        return False, []
-    return True, [m for m in mods if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    norms = [m for m in mods if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    return any(isinstance(m, torch.nn.Embedding) for m in mods), norms
 
 
 def _running_stats(mods: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:

@@ -99,22 +99,10 @@ class EmbeddingBagRule(Rule):
         return self._capture(cap, module, x, None, None, y)
 
     def _capture(self, cap, module, x, offsets, psw, y):
-        if y.dim() != 2 or x.dim() not in (1, 2) or (x.dim() == 1) != (offsets is not None):
+        data = bag_data(cap, module, x, offsets, psw, y)
+        if data is None:
             return None
         uses = [Use(p, UseKind.ROWS) for p in trainable(cap, module.weight)]
-        if module.include_last_offset and offsets is not None and (
-            offsets.numel() == 0 or int(offsets[-1]) != x.numel()
-        ):
-            # ids past the last offset: torch's forward leaves them out but its backward sends
-            # them the last bag's gradient; the generic path follows the backward
-            return None
-        ids, keep, w = _padded_bags(module, x, offsets, psw)
-        if ids.shape[0] != y.shape[0]:
-            return None
-        data = {"ids": ids, "keep": keep, "cap": weakref.ref(cap)}
-        if ids.shape[1]:  # (every bag empty: no gradient, see terms)
-            with torch.no_grad():
-                data.update(_bag_factors(module, x, offsets, ids, keep, w, y.dtype))
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
         cap.record(Call(module, self, [tap], uses, data))
         return out
@@ -133,6 +121,28 @@ class EmbeddingBagRule(Rule):
         else:
             Qe = G.unsqueeze(2) * data["w"].to(G.dtype).unsqueeze(-1)
         return [Rows(data["ids"], data["keep"], Qe)]
+
+
+def bag_data(cap, module, x, offsets, psw, y) -> dict | None:
+    """What :class:`EmbeddingBagRule` needs of one call: the padded bags (``ids``, ``keep``) and
+    their weights or max positions; ``None`` for a call it leaves to the generic path. ``module``
+    has the bag's ``weight``, ``mode``, ``padding_idx`` and ``include_last_offset``."""
+    if y.dim() != 2 or x.dim() not in (1, 2) or (x.dim() == 1) != (offsets is not None):
+        return None
+    if module.include_last_offset and offsets is not None and (
+        offsets.numel() == 0 or int(offsets[-1]) != x.numel()
+    ):
+        # ids past the last offset: torch's forward leaves them out but its backward sends
+        # them the last bag's gradient; the generic path follows the backward
+        return None
+    ids, keep, w = _padded_bags(module, x, offsets, psw)
+    if ids.shape[0] != y.shape[0]:
+        return None
+    data = {"ids": ids, "keep": keep, "cap": weakref.ref(cap)}
+    if ids.shape[1]:  # (every bag empty: no gradient, see terms)
+        with torch.no_grad():
+            data.update(_bag_factors(module, x, offsets, ids, keep, w, y.dtype))
+    return data
 
 
 def _only_use(call: Call) -> bool:

@@ -1,24 +1,33 @@
-"""Rules for parameters used by functional calls: ``F.linear``, ``x @ W``, ``F.embedding``,
-``F.conv1d``/``F.conv2d`` and elementwise ``x * p``, ``x / p``, ``x + p``, ``x - p``.
+"""Rules for parameters used by functional calls: ``F.linear``, ``x @ W`` and ``W @ x``,
+``F.embedding``, ``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``, the functional norms,
+contractions (``einsum``, ``bmm``, ``baddbmm``, ``addmm``) and elementwise ``x * p``, ``x / p``,
+``x + p``, ``x - p``.
 
-These calls are recorded by :mod:`fimfast.functional` (a ``TorchFunctionMode`` active during the
-captured forward), not by module hooks: a :class:`Call` of one of them has a :class:`Site` in
-place of a module, and keeps in ``call.data`` everything its terms need (the input, the call's
-configuration). The terms are those of the module rules (docs/math.md §4): an ``F.linear`` or a
-``matmul`` is a linear map (:class:`Outer` + :class:`Vec`), an ``F.embedding`` a table
-(:class:`Rows`), a convolution an :class:`Outer` over output positions. An elementwise use of
-a parameter ``p`` broadcast over the batch, ``y = f(x, p)``, has the per-sample gradient
-``sum_{e in sample n} G[e] * dy[e]/dp``, summed down to ``p``'s shape (a :class:`Vec`): the
-derivative is ``x`` for ``x * p``, ``-x / p^2`` for ``x / p``, ``1 / x`` for ``p / x`` and
-``+-1`` for a sum or difference.
+These calls are recorded by :mod:`fimfast.functional` and :mod:`fimfast.functional_ops` (a
+``TorchFunctionMode`` active during the captured forward), not by module hooks: a :class:`Call`
+of one of them has a :class:`Site` in place of a module, and keeps in ``call.data`` everything its
+terms need (the input, the call's configuration). The terms are those of the module rules
+(docs/math.md §4): an ``F.linear`` or a ``matmul`` is a linear map (:class:`Outer` +
+:class:`Vec`), an ``F.embedding`` a table (:class:`Rows`), a convolution an :class:`Outer` over
+output positions (input positions for a transposed one), a norm's affine a :class:`Vec`. An
+elementwise use of a parameter ``p`` broadcast over the batch, ``y = f(x, p)``, has the
+per-sample gradient ``sum_{e in sample n} G[e] * dy[e]/dp``, summed down to ``p``'s shape (a
+:class:`Vec`): the derivative is ``x`` for ``x * p``, ``-x / p^2`` for ``x / p``, ``1 / x`` for
+``p / x`` and ``+-1`` for a sum or difference. A contraction's operand gets the contraction of
+the output gradient with the other operands (a :class:`Vec`). A ``Vec`` use of ``s = f(p)``, an
+elementwise function of ``p``, is multiplied by ``ds/dp`` (``call.data``'s ``chain``:
+:func:`chained`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from fimfast.dtypes import compute_dtype
 from fimfast.rules.base import Outer, Rows, Rule, Term, UseKind, Vec, _linear_terms, front
-from fimfast.rules.conv import _unfold
+from fimfast.rules.conv import _conv_terms, _unfold, _unfold_output_grad
+from fimfast.rules.embedding import EmbeddingBagRule
 
 
 class Site:
@@ -158,25 +167,152 @@ class ElementwiseRule(Rule):
         D = G if d["deriv"] is None else G * d["deriv"]
         if d["sign"] < 0:
             D = -D
-        b = tap.bdim
-        D = D.movedim(b + 1, 1)  # (M, N, rest of y)
-        M, N = D.shape[:2]
-        shape = tuple(d["shape"])
-        full = (1,) * (len(tap.shape) - len(shape)) + shape  # p aligned to y
-        rest = full[:b] + full[b + 1 :]
-        dims = [2 + i for i, s in enumerate(rest) if s == 1 and D.shape[2 + i] != 1]
-        V = D.sum(dims, keepdim=True) if dims else D  # (M, N, *rest)
-        p = call.uses[0].param
-        if full[b] != 1:
-            # p runs along the batch dim too (size N): sample n's gradient is its slice n
-            E = V.new_zeros(M, N, *full)
-            n = torch.arange(N, device=V.device)
-            E.movedim(b + 2, 2)[:, n, n] = V
-            V = E
-        return [Vec(V.reshape(M, N, *p.shape))]
+        V = broadcast_grad(D, tap.bdim, len(tap.shape), tuple(d["shape"]))
+        return [Vec(chained(V, call.uses[0].param, d.get("chain")))]
 
+
+def broadcast_grad(D: torch.Tensor, b: int, ndim: int, shape: tuple) -> torch.Tensor:
+    """Per-sample gradient ``(M, N, *shape)`` of a tensor of ``shape`` broadcast into an output
+    of ``ndim`` dims whose batch dim is ``b``, from ``D`` ``(M, *output)``: the gradient times the
+    derivative at every output element, summed over the sample's elements down to ``shape``.
+    Where the tensor runs along the batch dim too (a ``(N, d)`` table of per-slot values), sample
+    ``n``'s gradient is its slice ``n``."""
+    D = D.movedim(b + 1, 1)  # (M, N, rest of y)
+    M, N = D.shape[:2]
+    full = (1,) * (ndim - len(shape)) + tuple(shape)  # aligned to y
+    rest = full[:b] + full[b + 1 :]
+    dims = [2 + i for i, s in enumerate(rest) if s == 1 and D.shape[2 + i] != 1]
+    V = D.sum(dims, keepdim=True) if dims else D  # (M, N, *rest)
+    if full[b] != 1:
+        E = V.new_zeros(M, N, *full)
+        n = torch.arange(N, device=V.device)
+        E.movedim(b + 2, 2)[:, n, n] = V
+        return E.reshape(M, N, *shape)
+    return V.reshape(M, N, *shape)
+
+
+def chained(V: torch.Tensor, p: torch.Tensor, chain: torch.Tensor | None) -> torch.Tensor:
+    """``(M, N, *p.shape)`` per-sample gradient of ``p`` from ``V``, that of a tensor made from
+    ``p`` element by element (a view: ``chain`` ``None``; ``exp(p)``: ``chain = exp(p)``)."""
+    V = V.reshape(*V.shape[:2], *p.shape)
+    return V if chain is None else V * chain.to(V.dtype)
+
+
+class FunctionalNormRule(Rule):
+    """``F.layer_norm``, ``F.rms_norm``, ``F.group_norm``: ``weight`` gets ``sum_t G * xhat``,
+    ``bias`` ``sum_t G`` per sample (as :mod:`fimfast.rules.norm`), ``xhat`` the normalised input
+    from torch's own kernel without the affine. ``call.data``: ``x``, ``fn``, ``eps``, ``shape``
+    or ``groups``, ``roles`` (2: weight, 3: bias) and ``chains`` of the uses."""
+
+    name = "F.norm"
+
+    def terms(self, call, grads):
+        G = grads[0]
+        if G is None:
+            return [None] * len(call.uses)
+        d, tap = call.data, call.taps[0]
+        dt = compute_dtype(G.dtype)
+        if "xhat" not in d:
+            x, fn, eps = d["x"].to(dt), d["fn"], d["eps"]
+            if fn is F.group_norm:
+                xh = F.group_norm(x, d["groups"], None, None, eps)
+            elif fn is F.rms_norm:
+                xh = F.rms_norm(x, d["shape"], None, eps)
+            else:
+                xh = F.layer_norm(x, d["shape"], None, None, eps)
+            d["xhat"] = self._front(d, tap, xh)
+        Gf = self._front(d, tap, G.to(dt), extra=1)  # (M, N, T, *affine)
+        out: list[Term | None] = []
+        for u, role, chain in zip(call.uses, d["roles"], d["chains"]):
+            V = (Gf * d["xhat"]).sum(2) if role == 2 else Gf.sum(2)
+            out.append(Vec(chained(V, u.param, chain)))
+        return out
+
+    @staticmethod
+    def _front(d, tap, t, extra=0):
+        if d["fn"] is F.group_norm:  # (*extra, N, C, *spatial) -> (*extra, N, L, C)
+            s = t.shape
+            return t.reshape(*s[: extra + 2], -1).transpose(-1, -2)
+        return front(t, tap.bdim, tap.lead, extra)
+
+
+class FunctionalConvTransposeRule(Rule):
+    """``F.conv_transpose1d/2d/3d`` (batched input): the terms of
+    :class:`~fimfast.rules.conv.ConvTransposeRule`, the configuration in ``call.data["cfg"]``."""
+
+    name = "F.conv_transpose"
+
+    def terms(self, call, grads):
+        G = grads[0]
+        if G is None:
+            return [None] * len(call.uses)
+        d = call.data
+        cfg, x = d["cfg"], d["x"]
+        N, I = x.shape[:2]
+        g = cfg.groups
+        if "Q" not in d:
+            d["Q"] = x.reshape(N, g, I // g, -1).permute(0, 3, 1, 2)
+        P = _unfold_output_grad(cfg, G, x.shape[2:])
+        M, O = G.shape[0], G.shape[2]
+        return _conv_terms(call, G.reshape(M, N, O, -1), P, d["Q"], g)
+
+
+class ContractionRule(Rule):
+    """``einsum`` / ``bmm`` / ``baddbmm`` / ``addmm`` with a parameter operand ``p`` (and/or a
+    parameter added): the per-sample gradient of operand ``k`` is the contraction of the output
+    gradient with the other operands onto ``k``'s subscripts, the batch letter kept
+    (``einsum("Zy,x->Zbp")``); where ``p``'s subscripts hold the batch letter too, sample ``n``'s
+    gradient is its slice ``n``. An added parameter gets the gradient of a broadcast sum
+    (:func:`broadcast_grad`). ``call.data``: ``ins``/``out`` subscripts, the operands ``ops``
+    (detached) and one ``part`` per use (``k``, ``alpha``, ``transposed``; or ``shape``,
+    ``factor``; and its ``chain``)."""
+
+    name = "contraction"
+
+    def terms(self, call, grads):
+        G = grads[0]
+        if G is None:
+            return [None] * len(call.uses)
+        d, tap = call.data, call.taps[0]
+        out: list[Term | None] = []
+        for u, part in zip(call.uses, d["parts"]):
+            if "k" in part:
+                V = _operand_grad(G, tap.bdim, d, part)
+            else:
+                V = broadcast_grad(G * part["factor"], tap.bdim, len(tap.shape), part["shape"])
+            out.append(Vec(chained(V, u.param, part["chain"])))
+        return out
+
+
+def _operand_grad(G: torch.Tensor, b: int, d: dict, part: dict) -> torch.Tensor:
+    """``(M, N, *operand)`` per-sample gradient of operand ``part["k"]`` of a contraction."""
+    ins, ys, k = d["ins"], d["out"], part["k"]
+    used = set("".join(ins)) | set(ys)
+    Z = next(c for c in _LETTERS if c not in used)
+    bl, pk = ys[b], ins[k]
+    others = [o.to(G.dtype) for i, o in enumerate(d["ops"]) if i != k]
+    lhs = ",".join([Z + ys] + [s for i, s in enumerate(ins) if i != k])
+    if bl in pk:  # the operand runs along the batch: sample n's gradient is its slice n
+        full = torch.einsum(f"{lhs}->{Z}{pk}", G, *others)  # (M, *operand)
+        pos = pk.index(bl)
+        N = full.shape[pos + 1]
+        V = full.new_zeros(full.shape[0], N, *full.shape[1:])
+        n = torch.arange(N, device=G.device)
+        V.movedim(pos + 2, 2)[:, n, n] = full.movedim(pos + 1, 1)
+    else:
+        V = torch.einsum(f"{lhs}->{Z}{bl}{pk}", G, *others)
+    if part["alpha"] != 1:
+        V = V * part["alpha"]
+    return V.transpose(-1, -2) if part["transposed"] else V
+
+
+_LETTERS = "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba"
 
 LINEAR = FunctionalLinearRule()
 EMBEDDING = FunctionalEmbeddingRule()
 CONV = FunctionalConvRule()
 ELEMENTWISE = ElementwiseRule()
+NORM = FunctionalNormRule()
+CONV_TRANSPOSE = FunctionalConvTransposeRule()
+CONTRACTION = ContractionRule()
+EMBEDDING_BAG = EmbeddingBagRule()  # its terms read only call.data (see fimfast.functional)

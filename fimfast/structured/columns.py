@@ -29,6 +29,7 @@ import torch
 from fimfast import batch as batchlib
 from fimfast import likelihoods
 from fimfast.forward import _is_causal_lm
+from fimfast.guard import retained_graphs
 from fimfast.layout import of_output
 from fimfast.types import FIMType, Options, UnsupportedModelError
 
@@ -141,8 +142,13 @@ def batched_grad(
 ) -> list[torch.Tensor | None]:
     """``autograd.grad`` of ``out`` for a batch of cotangents ``cot`` (``(M, *out.shape)``):
     ``(M, *input.shape)`` per input (``None`` if unused). Falls back to a loop where vmap cannot
-    batch an operation of the model."""
-    cot = cot.to(out.dtype)
+    batch an operation of the model. The graph is kept, compiled regions included
+    (:func:`fimfast.guard.retained_graphs`)."""
+    with retained_graphs():
+        return _batched_grad(out, inputs, cot.to(out.dtype))
+
+
+def _batched_grad(out, inputs, cot):
     if cot.shape[0] == 1:
         g = torch.autograd.grad(out, inputs, grad_outputs=cot[0], retain_graph=True,
                                 allow_unused=True)

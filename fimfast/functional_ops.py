@@ -1,0 +1,427 @@
+"""More functional calls on parameters for :class:`fimfast.functional.FunctionalMode`: elementwise
+functions of a parameter, functional norms, transposed convolutions and contractions.
+
+* An elementwise function of a parameter (``p.exp()``, ``torch.sigmoid(p)``, ``F.softplus(p)``,
+  ``p.clamp(max=...)``, ``p ** 2``, ``2 * p``, ``1 + p``, ... and chains of them, with reshaped
+  views in between) is remembered like a view: the call that consumes it makes it again from the
+  parameter, and its derivative ``ds/dp`` (elementwise, detached) multiplies the per-sample
+  gradient of the derived tensor ``s`` in the rule (the chain rule: ``dL/dp = dL/ds * ds/dp``,
+  docs/math.md §4). It is recognised where a small parameter is: elementwise with an activation
+  (a learnable log-temperature, ``logits * logit_scale.exp()``), the affine of a functional norm,
+  an operand of a contraction; a weight of ``F.linear``, ``@`` or a convolution made from a
+  parameter this way is not (generic path).
+* ``F.layer_norm``, ``F.rms_norm``, ``F.group_norm`` with parameters as weight and/or bias:
+  ``weight`` gets ``sum_t G * xhat``, ``bias`` ``sum_t G`` per sample, as the module rules
+  (:mod:`fimfast.rules.norm`).
+* ``F.conv_transpose1d/2d/3d`` with a bare weight and/or bias: the module rule's terms
+  (:class:`fimfast.rules.conv.ConvTransposeRule`, docs/math.md §4 "Transposed convolutions").
+* ``torch.einsum`` (explicit subscripts, no ellipsis), ``torch.bmm``, ``torch.baddbmm`` and
+  ``torch.addmm`` with one parameter operand (and/or a parameter as the added ``input``):
+  the per-sample gradient of the operand is itself a contraction of the output gradient with the
+  other operands, formed per sample and column (a :class:`~fimfast.rules.Vec` of the
+  parameter's size: ``M x N x numel`` per chunk of ``M`` columns, which the chunk size of
+  :func:`fimfast.chunks.fast_columns` does not count; an operand for which one column's
+  ``12 N numel`` bytes exceed ``FIMFAST_MEMORY_BUDGET_MB`` is left to the generic path).
+  ``addmm(b, x, W)`` with ``alpha = beta = 1`` is a linear map (``x @ W + b``, the
+  :class:`~fimfast.rules.Outer` of ``F.linear``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from fimfast import _env
+from fimfast.hooks import Use
+from fimfast.rules import functional as frules
+from fimfast.rules.base import UseKind
+
+F = torch.nn.functional
+Tensor = torch.Tensor
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list | None:
+    """The arguments ``names`` from positional ``args`` then ``kwargs`` (``None`` for an
+    unexpected keyword)."""
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    out = list(args) + list(defaults[len(args):])
+    for i, n in enumerate(names):
+        if n in kwargs:
+            out[i] = kwargs[n]
+    return out
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return (int(v),) * n if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+def _derive(mode, base: tuple, out: Any, remake: Callable[[Tensor], Tensor], d: Any) -> Any:
+    """Remember ``out = f(s)``, ``s`` the tensor of ``base`` (``mode.operand``), made again by
+    ``remake(s)``, with elementwise derivative ``d = df/ds`` (detached, ``s``'s shape, or a
+    number)."""
+    p, src, chain = base
+    if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() != p.numel():
+        return out
+    d = torch.as_tensor(d, dtype=out.dtype, device=out.device).expand(out.shape).reshape(p.shape)
+    chain = d if chain is None else chain * d
+
+    def again() -> Tensor:
+        return remake(src() if src is not None else p)
+
+    mode.remember(out, p, False, again, chain)
+    return out
+
+
+def expand_shared(cap, ids: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ids, y)`` of a lookup shared by the batch expanded to it, as
+    :class:`fimfast.rules.EmbeddingRule` expands ``nn.Embedding``'s (ids ``(1, T)``; ``(T,)``
+    where the capture allows it, see :meth:`fimfast.persample.Engine.forward`): every
+    broadcasting consumer sees the same values, and the tap gets per-sample gradients."""
+    N = cap.batch_size
+    if not cap.expand_broadcast or N is None or N < 2:
+        return ids, y
+    if ids.dim() >= 2 and ids.shape[0] == 1 and y.shape[0] == 1:
+        cap.expanded += 1
+        return ids.expand(N, *ids.shape[1:]), y.expand(N, *y.shape[1:])
+    if cap.expand_flat and ids.dim() == 1 and y.dim() == 2 and ids.shape[0] != N:
+        cap.expanded += 1
+        cap.expanded_flat += 1
+        return ids.unsqueeze(0).expand(N, -1), y.unsqueeze(0).expand(N, -1, -1)
+    return ids, y
+
+
+# --------------------------------------------------------------------------------------------- #
+# elementwise functions of a parameter
+# --------------------------------------------------------------------------------------------- #
+def scalar_op(mode, func, args: tuple, op: str) -> Any:
+    """``p * c``, ``c * p``, ``p / c``, ``c / p``, ``p + c``, ``c + p``, ``p - c``, ``c - p`` with
+    ``c`` a number: a function of ``p``."""
+    out = func(*args)
+    pos = 0 if isinstance(args[0], Tensor) else 1
+    c = args[1 - pos]
+    base = mode.operand(args[pos])
+    if base is None or not isinstance(c, (int, float)) or isinstance(out, tuple):
+        return out
+    s = args[pos].detach()
+    if op == "mul":
+        d = c
+    elif op == "div":
+        d = 1 / c if pos == 0 else -out.detach() / s
+    else:
+        d = -1 if (op == "sub" and pos == 1) else 1
+    return _derive(mode, base, out, lambda t: func(*((t, c) if pos == 0 else (c, t))), d)
+
+
+def _reverse(mode, func, args, kwargs):
+    """``c - p`` and ``c / p`` with ``c`` a number (``p.__rsub__(c)``, ``p.__rdiv__(c)``)."""
+    out = func(*args, **kwargs)
+    base = mode.operand(args[0]) if len(args) == 2 and not kwargs else None
+    if base is None or not isinstance(args[1], (int, float)) or not isinstance(out, Tensor):
+        return out
+    c = args[1]
+    d = -1 if func is Tensor.__rsub__ else -out.detach() / args[0].detach()
+    return _derive(mode, base, out, lambda t: func(t, c), d)
+
+
+def _softplus(v, y, rest, kw):
+    b = _bind(rest, kw, ("beta", "threshold"), (1.0, 20.0))
+    if b is None:
+        return None
+    beta, th = b
+    return torch.where(v * beta > th, torch.ones_like(v), torch.sigmoid(v * beta))
+
+
+def _clamp(v, y, rest, kw):
+    b = _bind(rest, kw, ("min", "max"), (None, None))
+    if b is None or not all(a is None or isinstance(a, (int, float)) for a in b):
+        return None
+    keep = torch.ones_like(v, dtype=torch.bool)
+    if b[0] is not None:
+        keep &= v >= b[0]
+    if b[1] is not None:
+        keep &= v <= b[1]
+    return keep.to(v.dtype)
+
+
+def _pow(v, y, rest, kw):
+    e = rest[0] if len(rest) == 1 and not kw else kw.get("exponent") if not rest else None
+    if not isinstance(e, (int, float)) or isinstance(e, bool):
+        return None
+    return torch.zeros_like(v) if e == 0 else e * v.pow(e - 1)
+
+
+def _plain(fn):
+    """A derivative that takes no arguments besides the tensor."""
+    return lambda v, y, rest, kw: None if rest or kw else fn(v, y)
+
+
+# func -> derivative(v, y, rest, kwargs) (``v`` the argument, ``y`` the result, detached;
+# ``None``: a configuration the rule does not know)
+_UNARY: dict[Callable, Callable] = {}
+for _fs, _d in (
+    ((Tensor.exp, torch.exp), _plain(lambda v, y: y)),
+    ((Tensor.expm1, torch.expm1), _plain(lambda v, y: y + 1)),
+    ((Tensor.sigmoid, torch.sigmoid), _plain(lambda v, y: y * (1 - y))),
+    ((Tensor.tanh, torch.tanh), _plain(lambda v, y: 1 - y * y)),
+    ((Tensor.log, torch.log), _plain(lambda v, y: 1 / v)),
+    ((Tensor.log1p, torch.log1p), _plain(lambda v, y: 1 / (1 + v))),
+    ((Tensor.sqrt, torch.sqrt), _plain(lambda v, y: 0.5 / y)),
+    ((Tensor.rsqrt, torch.rsqrt), _plain(lambda v, y: -0.5 * y * y * y)),
+    ((Tensor.reciprocal, torch.reciprocal), _plain(lambda v, y: -y * y)),
+    ((Tensor.square, torch.square), _plain(lambda v, y: 2 * v)),
+    ((Tensor.neg, torch.neg, Tensor.__neg__), _plain(lambda v, y: -torch.ones_like(v))),
+    ((Tensor.abs, torch.abs), _plain(lambda v, y: torch.sign(v))),
+    ((Tensor.relu, torch.relu), _plain(lambda v, y: (y > 0).to(v.dtype))),
+    ((F.softplus,), _softplus),
+    ((Tensor.clamp, torch.clamp, Tensor.clip, torch.clip), _clamp),
+    ((Tensor.pow, torch.pow, Tensor.__pow__), _pow),
+):
+    _UNARY.update(dict.fromkeys(_fs, _d))
+
+
+def _unary(mode, func, args, kwargs):
+    out = func(*args, **kwargs)
+    base = mode.operand(args[0]) if args else None
+    if base is None or not isinstance(out, Tensor) or out.shape != args[0].shape:
+        return out
+    rest = args[1:]
+    d = _UNARY[func](args[0].detach(), out.detach(), rest, kwargs)
+    if d is None:
+        return out
+    return _derive(mode, base, out, lambda t: func(t, *rest, **kwargs), d)
+
+
+def _relu(mode, func, args, kwargs):
+    b = _bind(args, kwargs, ("input", "inplace"), (None, False))
+    if b is None or b[1]:
+        return func(*args, **kwargs)
+    return _unary(mode, torch.relu, (b[0],), {})
+
+
+# --------------------------------------------------------------------------------------------- #
+# norms, transposed convolutions
+# --------------------------------------------------------------------------------------------- #
+_NORM_ARGS = {
+    F.layer_norm: (("input", "normalized_shape", "weight", "bias", "eps"),
+                   (None, None, None, None, 1e-5)),
+    F.rms_norm: (("input", "normalized_shape", "weight", "eps"), (None, None, None, None)),
+    F.group_norm: (("input", "num_groups", "weight", "bias", "eps"),
+                   (None, None, None, None, 1e-5)),
+}
+
+
+def _affine(mode, b: list, slots: tuple[int, ...]) -> tuple[list, list[Use], list]:
+    """The call's arguments with the parameters of ``slots`` made again, their uses and their
+    chain factors."""
+    b, uses, chains = list(b), [], []
+    for i in slots:
+        found = mode.operand(b[i])
+        if found is not None:
+            p, remake, chain = found
+            b[i] = remake() if remake is not None else p
+            uses.append(Use(p, UseKind.VEC))
+            chains.append((i, chain))
+    return b, uses, chains
+
+
+def _norm(mode, func, args, kwargs):
+    names, defaults = _NORM_ARGS[func]
+    b = _bind(args, kwargs, names, defaults)
+    if b is None or not isinstance(b[0], Tensor):
+        return func(*args, **kwargs)
+    slots = (2,) if func is F.rms_norm else (2, 3)
+    b, uses, chains = _affine(mode, b, slots)
+    if not uses:
+        return func(*args, **kwargs)
+    y = func(*b)
+    x = b[0]
+    if func is F.group_norm:
+        if x.dim() < 2:
+            return y
+        lead, first, cfg = 1, True, {"groups": int(b[1])}
+    else:
+        shape = (b[1],) if isinstance(b[1], int) else tuple(b[1])
+        lead, first, cfg = y.dim() - len(shape), False, {"shape": shape}
+    eps = b[-1]
+    if func is F.rms_norm and eps is None:
+        eps = torch.finfo(x.dtype).eps
+    data = {"x": x.detach(), "fn": func, "eps": eps, "roles": [i for i, _ in chains],
+            "chains": [c for _, c in chains], **cfg}
+    return mode.record(func.__name__, frules.NORM, y, lead, uses, data, batch_first=first)
+
+
+_CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+               "dilation")
+_CONVT_DIMS = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
+
+
+def _conv_transpose(mode, func, args, kwargs):
+    b = _bind(args, kwargs, _CONVT_ARGS, (None, None, None, 1, 0, 0, 1, 1))
+    y = func(*args, **kwargs)
+    if b is None:
+        return y
+    x, w, bias, stride, padding, _, groups, dilation = b
+    nsp = _CONVT_DIMS[func]
+    pw, pb = mode.param(w), mode.param(bias)
+    if (
+        (pw is None and pb is None) or not isinstance(x, Tensor) or not isinstance(w, Tensor)
+        or x.dim() != nsp + 2 or w.dim() != nsp + 2 or isinstance(padding, str)
+    ):
+        return y  # an unbatched input has no sample dimension
+    cfg = SimpleNamespace(
+        groups=int(groups), padding=_tuple(padding, nsp), kernel_size=tuple(w.shape[2:]),
+        dilation=_tuple(dilation, nsp), stride=_tuple(stride, nsp),
+    )
+    uses = [Use(pw, UseKind.OUTER, groups=cfg.groups, transposed=True)] if pw is not None else []
+    uses += [Use(pb, UseKind.VEC)] if pb is not None else []
+    return mode.record(f"F.conv_transpose{nsp}d", frules.CONV_TRANSPOSE, y, 1, uses,
+                       {"x": x.detach(), "cfg": cfg}, batch_first=True)
+
+
+# --------------------------------------------------------------------------------------------- #
+# contractions
+# --------------------------------------------------------------------------------------------- #
+def _spec(spec: str, n: int) -> tuple[list[str], str] | None:
+    """``(input subscripts, output subscripts)`` of an einsum equation over ``n`` operands
+    (``None``: ellipsis, a bad count or not letters)."""
+    spec = spec.replace(" ", "")
+    if "." in spec:
+        return None
+    ins, _, out = spec.partition("->")
+    parts = ins.split(",")
+    if len(parts) != n or not all(p.isalpha() for p in parts) or (out and not out.isalpha()):
+        return None
+    if "->" not in spec:  # implicit output: the letters seen once, sorted
+        letters = "".join(parts)
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return parts, out
+
+
+def _contract(mode, func, spec, ops, bias=None, alpha=1, beta=1):
+    """Record a contraction ``alpha * einsum(spec, *ops) (+ beta * bias)`` with one parameter
+    among ``ops`` and/or ``bias``; run ``func`` on the operands made again."""
+    parsed = _spec(spec, len(ops))
+    if parsed is None or not all(isinstance(o, Tensor) for o in ops):
+        return None
+    found = [_operand_any(mode, o) for o in ops]
+    k = [i for i, f in enumerate(found) if f is not None]
+    fb = mode.operand(bias) if isinstance(bias, Tensor) else None
+    if len(k) > 1 or (not k and fb is None) or not all(
+        isinstance(a, (int, float)) for a in (alpha, beta)
+    ):
+        return None
+    ops, uses, parts = list(ops), [], []
+    if k:
+        (k,) = k
+        p, transposed, remake, chain = found[k]
+        pk, rest = parsed[0][k], set(parsed[1]).union(*(s for i, s in enumerate(parsed[0])
+                                                           if i != k))
+        if len(set(pk)) != len(pk) or not set(pk) <= rest:
+            return None  # a diagonal of the parameter, or a letter summed in it alone
+        if 12 * (mode.cap.batch_size or 1) * p.numel() > _env.memory_budget_bytes():
+            return None  # one column's per-sample gradients would not fit the budget
+        ops[k] = remake() if remake is not None else p
+        uses.append(Use(p, UseKind.VEC))
+        parts.append({"k": k, "alpha": alpha, "transposed": transposed, "chain": chain})
+    if fb is not None:
+        pb, remake, chain = fb
+        bias = remake() if remake is not None else pb
+        uses.append(Use(pb, UseKind.VEC))
+        parts.append({"shape": tuple(bias.shape), "factor": beta, "chain": chain})
+    y = func(ops, bias)
+    data = {"ins": parsed[0], "out": parsed[1], "parts": parts,
+            "ops": [o.detach() for o in ops]}
+    return y, uses, data
+
+
+def _operand_any(mode, t) -> tuple | None:
+    """``(param, transposed, remake, chain)`` of a parameter, a view or a function of one."""
+    p = mode.param(t)
+    if p is not None:
+        return p, False, None, None
+    return mode.view_of(t)
+
+
+def _record_contract(mode, func, run, args, kwargs, spec, ops, **extra):
+    """Record ``func(*args, **kwargs)``, the contraction ``spec`` of ``ops`` that ``run(ops,
+    bias)`` computes (see :func:`_contract`), or just run it."""
+    got = _contract(mode, run, spec, ops, **extra)
+    if got is None:
+        return func(*args, **kwargs)
+    y, uses, data = got
+    return mode.record(func.__name__, frules.CONTRACTION, y, y.dim(), uses, data)
+
+
+def _einsum(mode, func, args, kwargs):
+    if kwargs or len(args) < 2 or not isinstance(args[0], str):
+        return func(*args, **kwargs)
+    ops = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    return _record_contract(mode, func, lambda o, b: func(args[0], *o), args, kwargs, args[0],
+                            ops)
+
+
+def _bmm(mode, func, args, kwargs):
+    if kwargs or len(args) != 2:
+        return func(*args, **kwargs)
+    return _record_contract(mode, func, lambda o, b: func(*o), args, kwargs, "bij,bjk->bik",
+                            args)
+
+
+def _addmm(mode, func, args, kwargs):
+    b = _bind(args, kwargs, ("input", "mat1", "mat2", "beta", "alpha"), (None,) * 3 + (1, 1))
+    if b is None or not all(isinstance(t, Tensor) for t in b[:3]):
+        return func(*args, **kwargs)
+    bias, m1, m2, beta, alpha = b
+    spec = _MM[func]
+    if spec == "ij,jk->ik" and alpha == 1 and beta == 1:
+        linear = _addmm_linear(mode, bias, m1, m2)
+        if linear is not None:
+            return linear
+
+    def run(o, bb):
+        return func(bb, *o, beta=beta, alpha=alpha)
+
+    return _record_contract(mode, func, run, args, kwargs, spec, (m1, m2), bias=bias,
+                            alpha=alpha, beta=beta)
+
+
+_MM = {torch.addmm: "ij,jk->ik", Tensor.addmm: "ij,jk->ik", torch.baddbmm: "bij,bjk->bik",
+       Tensor.baddbmm: "bij,bjk->bik"}
+
+
+def _addmm_linear(mode, bias, x, w):
+    """``addmm(b, x, W)`` = ``x @ W + b``: ``F.linear``'s terms (``W`` stored ``(I, O)``, or
+    ``W.t()`` of a weight stored ``(O, I)``); ``None`` if it is not that."""
+    p, view = mode.param(w), None
+    if p is None:
+        view = mode.view_of(w)
+        if view is None or not view[1]:
+            return None
+        p = view[0]
+    pb = mode.param(bias)
+    if p.dim() != 2 or mode.operand(x) is not None or (pb is not None and pb.dim() != 1) or (
+        pb is None and mode.operand(bias) is not None
+    ):
+        return None
+    y = torch.addmm(bias, x, view[2]() if view is not None else p)
+    uses = [Use(p, UseKind.OUTER, transposed=view is None)]
+    uses += [Use(pb, UseKind.VEC)] if pb is not None else []
+    return mode.record("addmm", frules.LINEAR, y, 1, uses, {"x": x.detach()})
+
+
+HANDLERS: dict[Callable, Callable] = {
+    **dict.fromkeys(_UNARY, _unary),
+    F.relu: _relu,
+    **dict.fromkeys((Tensor.__rsub__, Tensor.__rdiv__, Tensor.__rtruediv__), _reverse),
+    **dict.fromkeys(_NORM_ARGS, _norm),
+    **dict.fromkeys(_CONVT_DIMS, _conv_transpose),
+    torch.einsum: _einsum,
+    torch.bmm: _bmm,
+    Tensor.bmm: _bmm,
+    **dict.fromkeys(_MM, _addmm),
+}
+"""Handlers of the calls this module recognises (merged into :mod:`fimfast.functional`'s)."""
