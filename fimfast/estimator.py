@@ -17,6 +17,7 @@ from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard, retained_graphs
 from fimfast.ops import registry
+from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State
 from fimfast.step import Step
 from fimfast.types import (
@@ -200,7 +201,9 @@ class DiagFisher:
         """The forward, under the per-sample engine's layer capture for per-sample types:
         ``(capture or None, rows)`` (hooks removed on exit)."""
         if not self.fim_type.is_per_sample:
-            with self._nograd.watching(self.model, params) as seen:
+            # row-sparse table gradients in a Fisher-only step (never in train_step's .grad)
+            tables = [] if train else self._sparse_tables(params)
+            with self._nograd.watching(self.model, params) as seen, sparse_lookups(tables):
                 rows = self._forward_of(batch, train).run()[1]
             # a reentrant checkpoint runs its segment without gradients, and HUTCHINSON's
             # plain backward reaches its parameters all the same
@@ -212,6 +215,14 @@ class DiagFisher:
             self._forward_of(batch, train),
         )
         return cap, rows
+
+    def _sparse_tables(self, params: list[torch.Tensor]) -> list[torch.nn.Module]:
+        """The lookup tables that run sparse in this model's HUTCHINSON steps
+        (:func:`fimfast.sparse_tables.candidates`, found once per parameter set)."""
+        key = (id(self.model), tuple(id(p) for p in params))
+        if getattr(self, "_tables_key", None) != key:
+            self._tables_key, self._tables = key, candidates(self.model, params)
+        return self._tables
 
     def _announce_exact_cost(self, rows: batchlib.Rows) -> None:
         R, C = rows.count, rows.num_classes

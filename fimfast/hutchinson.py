@@ -212,11 +212,14 @@ def _owned(
     sharing storage neither with the cotangent nor with another gradient (a parameter used as the
     logits, or twice)."""
     cot_ptr = cot.untyped_storage().data_ptr()
-    ptrs = [None if g is None else g.untyped_storage().data_ptr() for g in grads]
+    ptrs = [
+        None if g is None or g.layout != torch.strided else g.untyped_storage().data_ptr()
+        for g in grads
+    ]
     uses = Counter(ptrs)
     shared = {p for p in ptrs if p is not None and (p == cot_ptr or uses[p] > 1)}
     return [
-        g is not None
+        ptrs[i] is not None  # set and dense (a sparse table gradient is read, never squared)
         and g.dtype == dt
         and ptrs[i] not in shared
         and g.is_contiguous()
@@ -238,6 +241,9 @@ def accumulate_squares(
     The first probe squares its gradient in place when it already has the estimate's dtype and is
     not shared (no zeroed temporaries: the probe gradients are the only parameter-sized buffers).
     """
+    # row-sparse table gradients (fimfast.sparse_tables) are summed over probes densely here;
+    # one-probe steps add them at their rows (fimfast.state.State)
+    grads = [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
     owned = _owned(grads, dtypes, cot)
     more_s, more_g, new = [], [], []
     for i, g in enumerate(grads):

@@ -14,6 +14,7 @@ import torch
 
 from fimfast import ops
 from fimfast.dtypes import compute_dtype
+from fimfast.sparse_tables import row_squares
 from fimfast.step import Squares
 
 
@@ -229,22 +230,31 @@ class State:
             if self.reduction == "mean":
                 scale /= float(count)
         values = self.values
-        live = [i for i, g in enumerate(sq.factors) if g is not None]
+        factors = list(sq.factors)
+        for i, g in enumerate(factors):
+            if g is not None and g.layout != torch.strided:
+                if mode == "sum":  # a row-sparse table gradient: added at its rows only
+                    rows, g2 = row_squares(g, values[i].dtype)
+                    values[i].index_add_(0, rows, g2, alpha=scale)
+                    factors[i] = None
+                else:  # an average decays every row
+                    factors[i] = g.to_dense()
+        live = [i for i, g in enumerate(factors) if g is not None]
         if mode == "ema" and len(live) < len(values):  # a zero estimate still decays the average
             dead = set(range(len(values))) - set(live)
             torch._foreach_mul_([values[i] for i in sorted(dead)], beta)
         if mode == "sum":  # same dtype: torch's fused multi-tensor addcmul is this pass
-            same = [i for i in live if sq.factors[i].dtype == values[i].dtype]
+            same = [i for i in live if factors[i].dtype == values[i].dtype]
             if same:
-                g = [sq.factors[i] for i in same]
+                g = [factors[i] for i in same]
                 torch._foreach_addcmul_([values[i] for i in same], g, g, value=scale)
-            live = [i for i in live if sq.factors[i].dtype != values[i].dtype]
+            live = [i for i in live if factors[i].dtype != values[i].dtype]
         by_device: dict[torch.device, list[int]] = {}
         for i in live:  # squares in the state's dtype; one device per kernel call
             by_device.setdefault(values[i].device, []).append(i)
         for idx in by_device.values():
             ops.accumulate_(
-                [values[i] for i in idx], [sq.factors[i] for i in idx], mode, beta, scale,
+                [values[i] for i in idx], [factors[i] for i in idx], mode, beta, scale,
                 backend=sq.backend,
             )
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fimfast.sparse_tables import row_squares
 from fimfast.types import FIMType, Options
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ class Squares:
     and adding that (two passes over every parameter; docs/architecture.md).
 
     Attributes:
-        factors: one tensor per parameter, shaped like it (any floating dtype), or ``None``.
+        factors: one tensor per parameter, shaped like it (any floating dtype; a sparse COO
+            gradient of a lookup table, :mod:`fimfast.sparse_tables`), or ``None``.
         owned: ``owned[i]`` says ``factors[i]`` is fresh, contiguous, in ``dtypes[i]`` and shares
             storage with nothing else, so :meth:`squares` may square it in place.
         dtypes: the estimate's dtype per parameter.
@@ -122,10 +124,15 @@ class Squares:
         ``shapes`` and ``devices`` place the zeros of ``None`` factors; without them every factor
         must be set."""
         out: list[torch.Tensor | None] = []
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, (g, own, dt) in enumerate(zip(self.factors, self.owned, self.dtypes)):
-            if g is None:
+            if g is None or g.layout != torch.strided:
                 if shapes is None or devices is None:
-                    raise ValueError(f"factors[{i}] is None and no shapes/devices were given")
+                    raise ValueError(
+                        f"factors[{i}] is None or sparse and no shapes/devices were given"
+                    )
+                if g is not None:  # a row-sparse table gradient: its squares at its rows
+                    rows[i] = row_squares(g, dt)
                 out.append(None)
             else:
                 out.append(g if own else g.detach().to(dt, copy=True).contiguous())
@@ -134,7 +141,10 @@ class Squares:
             torch._foreach_mul_(live, live)
             if self.scale != 1.0:
                 torch._foreach_mul_(live, self.scale)
-        return [
-            t if t is not None else torch.zeros(shapes[i], dtype=self.dtypes[i], device=devices[i])
-            for i, t in enumerate(out)
-        ]
+        for i, t in enumerate(out):
+            if t is None:
+                out[i] = torch.zeros(shapes[i], dtype=self.dtypes[i], device=devices[i])
+                if i in rows:
+                    r, sq = rows[i]
+                    out[i].index_add_(0, r, sq, alpha=self.scale)
+        return out
