@@ -142,7 +142,8 @@ class Engine(Replay):
         for g in groups:
             g.state.single = total == 1
         head_logits = rows.logits.numel() if need_head else None
-        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk)
+        P = sum(p.numel() for p in params)
+        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
         for s in range(0, total, M_max):
             cot = cols.take(kk[s : s + M_max])
             if token:

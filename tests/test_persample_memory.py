@@ -1,0 +1,145 @@
+"""Peak memory of an EXACT step against one training step, and the chunking that bounds it.
+
+By default the fast path back-propagates as many output columns at once as fit what one training
+step of the model holds at its peak (fimfast/chunks.py, ``fast_columns``): a step of EXACT then
+stays within about twice the training step's peak tensor memory, and any chunking gives the same
+estimate as one backward of every column. The peak is the tensor storage live at once, from the
+profiler's allocation events (benchmarks/memory.py, ``TensorPeakMeter``): exact and repeatable,
+unlike the resident set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import rel_error
+from tolerances import DET_REL_F64
+from torch import nn
+
+import fimfast
+from fimfast import chunks
+from fimfast.persample import engine as engine_mod
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.memory import TensorPeakMeter  # noqa: E402
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(196, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                          nn.Linear(128, 10)).to(dtype)
+    x = torch.randn(64, 196, dtype=dtype)
+    y = torch.randint(0, 10, (64,))
+    return model, x, y
+
+
+def _peak(fn) -> float:
+    m = TensorPeakMeter()
+    m.begin()
+    out = fn()
+    peak = m.end()
+    del out
+    return peak
+
+
+def _count_backwards(monkeypatch) -> list[int]:
+    """Patch the fast path's batched backward to record each chunk's number of columns."""
+    sizes: list[int] = []
+    orig = engine_mod._tap_grads
+
+    def counting(rows, taps, cot, retain, head):
+        sizes.append(cot.shape[0])
+        return orig(rows, taps, cot, retain, head)
+
+    monkeypatch.setattr(engine_mod, "_tap_grads", counting)
+    return sizes
+
+
+def test_exact_step_peak_within_twice_a_training_step():
+    model, x, y = _mlp()
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+
+    def exact():
+        est.reset()
+        est.step((x, y))
+
+    for _ in range(2):  # warm: plans, probes and direct taps settle
+        train()
+        exact()
+    model.zero_grad(set_to_none=True)
+    est.reset()
+    t = max(_peak(train) for _ in range(2))
+    model.zero_grad(set_to_none=True)
+    e = max(_peak(exact) for _ in range(2))
+    assert e <= 2.0 * t, (e, t)
+    # every column in one backward holds them all at once: well over the bound
+    big = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    for _ in range(2):
+        big.reset()
+        big.step((x, y))
+    big.reset()
+    assert _peak(lambda: big.step((x, y))) > 2.0 * t
+
+
+def test_default_chunks_are_bounded_by_a_training_step(monkeypatch):
+    model, x, y = _mlp(torch.float64)
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    got = dict(est.result().items())
+    # B_train = 4 P + 8 sum|tap|, per column e R C + 4 (sum|tap| + 2 max|tap|)
+    P = sum(p.numel() for p in model.parameters())
+    taps = 64 * (256 + 128)
+    per_col = 8 * 64 * 10 + 4 * (taps + 2 * 64 * 256)
+    M = (4 * P + 8 * taps) // per_col
+    assert 1 <= M < 9
+    assert sizes[: 9 // M] == [M] * (9 // M) and sum(sizes) == 9
+    sizes.clear()
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    assert sizes == [9]
+    assert rel_error(got, dict(one.result().items())) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("budget_mb", ["0.0001", "100000"])
+def test_the_smaller_budget_wins(monkeypatch, budget_mb):
+    """``FIMFAST_MEMORY_BUDGET_MB`` below a training step's peak chunks further; above it, the
+    training step's peak is the bound."""
+    model, x, y = _mlp(torch.float64)
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    default = list(sizes)
+    ref = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)  # one backward
+    ref.step((x, y))
+    monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", budget_mb)
+    sizes.clear()
+    est2 = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est2.step((x, y))
+    if budget_mb == "0.0001":
+        assert sizes == [1] * 9
+    else:
+        assert sizes == default
+    assert rel_error(dict(est2.result().items()), dict(ref.result().items())) <= DET_REL_F64
+
+
+def test_fast_columns_counts_the_step_parameters():
+    class Tap:
+        def __init__(self, *shape):
+            self.shape = shape
+
+    flat = torch.zeros(4, 3)
+    taps = [Tap(4, 100), Tap(4, 50)]
+    per_col = 4 * 12 + 4 * (600 + 800)
+    assert chunks.fast_columns(flat, taps, None, None, 10**4, budget=2**30) == (
+        (4 * 10**4 + 8 * 600) // per_col
+    )
