@@ -49,13 +49,18 @@ def _peak(fn) -> float:
 def _count_backwards(monkeypatch) -> list[int]:
     """Patch the fast path's batched backward to record each chunk's number of columns."""
     sizes: list[int] = []
-    orig = engine_mod._tap_grads
+    batched, streamed = engine_mod._tap_grads, engine_mod._stream
 
-    def counting(rows, taps, cot, retain, head):
+    def counting(rows, taps, cot, *a):
         sizes.append(cot.shape[0])
-        return orig(rows, taps, cot, retain, head)
+        return batched(rows, taps, cot, *a)
+
+    def counting_stream(rows, calls, groups, cot, *a):
+        sizes.append(cot.shape[0])
+        return streamed(rows, calls, groups, cot, *a)
 
     monkeypatch.setattr(engine_mod, "_tap_grads", counting)
+    monkeypatch.setattr(engine_mod, "_stream", counting_stream)
     return sizes
 
 
@@ -143,3 +148,61 @@ def test_fast_columns_counts_the_step_parameters():
     assert chunks.fast_columns(flat, taps, None, None, 10**4, budget=2**30) == (
         (4 * 10**4 + 8 * 600) // per_col
     )
+
+
+def _deep_tanh():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(32, 64)]
+    for _ in range(6):
+        layers += [nn.Tanh(), nn.Linear(64, 64)]
+    layers += [nn.Tanh(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers), torch.randn(512, 32), torch.randint(0, 10, (512,))
+
+
+def test_one_column_backward_streams_its_squares():
+    """With one column per backward, each call's squares are formed as its gradients arrive and
+    the gradients dropped: the 7 hidden layers' column gradients (0.9 MB here) are never all
+    alive at once. Measured: 1.96x the training step streamed, 2.55x when every tap's gradient
+    is kept to the end of the backward."""
+    model, x, y = _deep_tanh()
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    est = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=1)
+
+    def exact():
+        est.reset()
+        est.step((x, y))
+
+    for _ in range(2):
+        train()
+        exact()
+    assert est._persample.add_taps  # the next forward taps by adds
+    model.zero_grad(set_to_none=True)
+    est.reset()
+    t = max(_peak(train) for _ in range(2))
+    model.zero_grad(set_to_none=True)
+    e = max(_peak(exact) for _ in range(2))
+    assert e <= 2.2 * t, (e, t)
+
+
+@pytest.mark.parametrize("name", ["relu_mlp", "cnn", "encoder", "tied", "token_lm"])
+def test_streamed_steps_match_one_backward(name):
+    """Three steps with one column per backward (the first with direct taps where the model
+    allows, the next ones with add taps) sum to three times the estimate of one backward of
+    every column, in float64."""
+    from cases import make_case
+
+    case = make_case(name).to(torch.float64)
+    kw = dict(likelihood=case.likelihood, reduction="sum")
+    streamed = fimfast.DiagFisher(case.model, "exact", class_chunk=1, **kw)
+    for _ in range(3):
+        streamed.step(case.batch)
+    assert streamed._persample.add_taps
+    ref = fimfast.DiagFisher(case.model, "exact", class_chunk=10**6, **kw)
+    ref.step(case.batch)
+    want = {k: 3 * v for k, v in ref.result().items()}
+    assert rel_error(dict(streamed.result().items()), want) <= DET_REL_F64
+    assert not streamed._persample.last_plan.generic
