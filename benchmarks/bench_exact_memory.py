@@ -116,9 +116,12 @@ def _measure(fn, clean, calls: int) -> tuple[float, float]:
 
 def worker_memory(key: str, spec: str, calls: int) -> dict:
     step, call, clean = _setup(spec, key)
-    for _ in range(2):
-        call()
-        clean()
+    try:
+        for _ in range(2):
+            call()
+            clean()
+    except Exception as exc:  # noqa: BLE001 - an unsupported model is a result
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     res = {}
     res["step_tensor_mb"], res["step_rss_mb"] = _measure(step, clean, calls)
     if call is not step:
@@ -127,13 +130,18 @@ def worker_memory(key: str, spec: str, calls: int) -> dict:
 
 
 def worker_time(key: str, specs: list[str], rounds: int, seed: int) -> dict:
-    fns = {}
+    fns, errors = {}, {}
     for s in specs:
-        _, call, clean = _setup(s, key)
-        for _ in range(2):
-            call()
-            clean()
+        try:
+            _, call, clean = _setup(s, key)
+            for _ in range(2):
+                call()
+                clean()
+        except Exception as exc:  # noqa: BLE001 - an unsupported model is a result
+            errors[s] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
         fns[s] = (call, clean)
+    specs = list(fns)
     rng = random.Random(seed)
     cpu: dict[str, list[float]] = {s: [] for s in specs}
     wall: dict[str, list[float]] = {s: [] for s in specs}
@@ -149,7 +157,7 @@ def worker_time(key: str, specs: list[str], rounds: int, seed: int) -> dict:
             clean()
             cpu[s].append((c1 - c0) * 1e3)
             wall[s].append((w1 - w0) * 1e3)
-    return {"cpu_ms": cpu, "wall_ms": wall}
+    return {"cpu_ms": cpu, "wall_ms": wall, "errors": errors}
 
 
 def _sub(kind: str, args: list, threads: int) -> dict:

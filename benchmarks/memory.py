@@ -12,7 +12,8 @@ The resident set moves in pages and with the C library's heap (freed blocks kept
 threshold adapting to earlier calls), so deltas of a few MB differ from run to run.
 :class:`TensorPeakMeter` is the exact, repeatable figure for small differences: the peak of the
 bytes live in torch's CPU allocator (every tensor's storage), from the allocation events of
-``torch.profiler`` (``profile_memory=True``) in time order, relative to what was live before.
+``torch.profiler`` (``profile_memory=True``) in time order, counting what the calls allocate
+(storage allocated before and freed during the calls is not subtracted: an upper bound then).
 It does not see memory allocated outside torch's allocator (BLAS or oneDNN workspaces, Python
 objects); the RSS figure does.
 """
@@ -87,9 +88,10 @@ class PeakMeter:
 
 class TensorPeakMeter:
     """``begin()`` before the calls, ``end()`` after: peak MB of tensor storage allocated by the
-    calls in between and live at once (CPU; tensors freed in between that were allocated before
-    count as negative), from the profiler's allocation events. The profiler slows the calls: time
-    them apart."""
+    calls in between and live at once (CPU), from the profiler's allocation events. Storage
+    allocated before ``begin()`` and freed in between is not subtracted (the profiler does not
+    report its size), so free results of earlier calls first; the figure is then exact. The
+    profiler slows the calls: time them apart."""
 
     def __init__(self) -> None:
         self._prof = None

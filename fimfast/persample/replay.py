@@ -171,10 +171,11 @@ class Replay:
             with nullcontext():
                 yield None
             return
-        direct = set() if self.add_taps else self._direct
+        # add taps only (nothing tapped directly, nothing held for the check): the learning of
+        # direct taps goes on in the engine's sets for the steps that batch their columns
+        direct, hold = (set(), set()) if self.add_taps else (self._direct, self._hold)
         cap = hooks.Capture(
-            model, params, layers.rule_for, direct, batch_size, self.expand_broadcast,
-            self._hold, flat,
+            model, params, layers.rule_for, direct, batch_size, self.expand_broadcast, hold, flat,
         )
         mods = self._modules(model, params)
         with cap.installed(mods[0], self._owned):
