@@ -268,3 +268,18 @@ def test_streamed_steps_tap_by_adds_and_stay_exact_when_outputs_change_in_place(
         assert eng.add_taps and not eng.last_plan.generic
         assert all(not t.direct and t.keep is None for c in eng.last_plan.calls for t in c.taps)
         assert rel_error(dict(est.result().items()), dict(ref.result().items())) <= DET_REL_F64
+
+
+def test_bench_summary_takes_ratios_per_round():
+    """benchmarks/bench_exact_memory.py: time ratios are per round (each call over the floor of
+    its own round), memory ratios over the floor's step."""
+    from benchmarks.bench_exact_memory import summarize
+
+    res = {
+        "memory": {"floor": {"step_tensor_mb": 2.0}, "exact": {"step_tensor_mb": 3.0,
+                                                              "call_tensor_mb": 5.0}},
+        "time": {"cpu_ms": {"floor": [1.0, 4.0, 2.0], "exact": [3.0, 8.0, 2.0]}},
+    }
+    row = summarize(res)["exact"]
+    assert row["step_tensor_x_floor"] == 1.5 and row["call_tensor_x_floor"] == 2.5
+    assert row["cpu_ratio"] == {"median": 2.0, "min": 1.0, "max": 3.0}  # not 3 / 2 = 1.5
