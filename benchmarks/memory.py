@@ -7,6 +7,15 @@ hide the working set), the kernel's peak-RSS counter (VmHWM, what ``getrusage().
 is reset through ``/proc/self/clear_refs``; the peak after the calls minus the RSS before them is
 the working memory of a call, outputs included. CUDA: ``torch.cuda.max_memory_allocated`` after a
 reset of the peak statistics, minus the memory allocated before.
+
+The resident set moves in pages and with the C library's heap (freed blocks kept, the mmap
+threshold adapting to earlier calls), so deltas of a few MB differ from run to run.
+:class:`TensorPeakMeter` is the exact, repeatable figure for small differences: the peak of the
+bytes live in torch's CPU allocator (every tensor's storage), from the allocation events of
+``torch.profiler`` (``profile_memory=True``) in time order, counting what the calls allocate
+(storage allocated before and freed during the calls is not subtracted: an upper bound then).
+It does not see memory allocated outside torch's allocator (BLAS or oneDNN workspaces, Python
+objects); the RSS figure does.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import resource
 
 import torch
 
-__all__ = ["PeakMeter", "limit_address_space"]
+__all__ = ["PeakMeter", "TensorPeakMeter", "limit_address_space"]
 
 
 def _status_kb() -> dict[str, int]:
@@ -75,6 +84,42 @@ class PeakMeter:
         else:  # since process start: an upper bound (flagged in the results)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return (peak - self._base) / 2**20
+
+
+class TensorPeakMeter:
+    """``begin()`` before the calls, ``end()`` after: peak MB of tensor storage allocated by the
+    calls in between and live at once (CPU), from the profiler's allocation events. Storage
+    allocated before ``begin()`` and freed in between is not subtracted (the profiler does not
+    report its size), so free results of earlier calls first; the figure is then exact. The
+    profiler slows the calls: time them apart."""
+
+    def __init__(self) -> None:
+        self._prof = None
+
+    def begin(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+
+    def end(self) -> float:
+        from torch._C._profiler import _EventType
+
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        events = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            stack.extend(e.children)
+            if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+                events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        live = peak = 0
+        for _, size in sorted(events):
+            live += size
+            peak = max(peak, live)
+        return peak / 2**20
 
 
 def limit_address_space(gb: float) -> None:

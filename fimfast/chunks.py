@@ -14,10 +14,15 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   row), at most the number of columns; ``class_chunk`` wins.
 * :func:`probe_columns`: columns of the independence probe. The ``(R, C)`` cotangent in the
   logits' dtype and the float32 gradient at every probed tap: ``u = e R C + 4 sum_taps |tap|``.
-* :func:`fast_columns`: columns of the fast path. The cotangent and three float32 buffers per
-  tap element (the tap gradients and the rules' temporaries built from them):
-  ``u = e R C + 12 sum_taps |tap|``, plus ``4 |logits|`` when the logits layer's output gradient
-  is laid out as the logits; ``class_chunk`` wins.
+* :func:`fast_columns`: columns of the fast path. The cotangent, the float32 gradient at every
+  tap (the batched backward returns them together) and the two largest buffers alive at once
+  inside the backward (an operator's incoming and outgoing gradient, each at most the largest
+  tap): ``u = e R C + 4 (sum_taps |tap| + 2 max_taps |tap|)``, plus ``4 |logits|`` when the
+  logits layer's output gradient is laid out as the logits. The budget is the smaller of ``B``
+  and what one training step of the same model holds at its peak, at least
+  ``B_train = 4 P + 8 sum_taps |tap|`` (a float32 gradient per parameter of the step, the layer
+  outputs and their gradients), so that the step's peak stays within about twice a
+  training step's (docs/estimators.md, "Memory"); ``class_chunk`` wins.
 * :func:`samples_per_chunk`: samples of a ``vmap`` pass of per-sample gradients (torch-secorder
   compatibility): ``u = 8 P``.
 * :func:`rows_per_chunk`: rows of ``C`` logits per chunk of a fixed number ``elems`` of logits
@@ -65,15 +70,35 @@ def probe_columns(flat: torch.Tensor, taps: list) -> int:
 
 
 def fast_columns(
-    flat: torch.Tensor, taps: list, head_logits: int | None, class_chunk: int | None
+    flat: torch.Tensor,
+    taps: list,
+    head_logits: int | None,
+    class_chunk: int | None,
+    param_elems: int = 0,
+    budget: int | None = None,
 ) -> int:
-    """Columns per batched backward of the fast path; ``head_logits``: elements of the logits
-    when the logits layer's output gradient is formed too (else ``None``)."""
+    """Columns per batched backward of the fast path.
+
+    Args:
+        flat: the ``(R, C)`` rows of the logits.
+        taps: the taps the backward reaches (``.shape`` each).
+        head_logits: elements of the logits when the logits layer's output gradient is formed
+            too (else ``None``).
+        class_chunk: the user's fixed chunk (wins over every budget).
+        param_elems: elements of the step's parameters (``P`` of ``B_train``).
+        budget: the working-memory budget ``B`` (default: ``FIMFAST_MEMORY_BUDGET_MB``).
+    """
+    if class_chunk:
+        return class_chunk
     R, C = flat.shape
-    per_col = flat.element_size() * R * C + 3 * 4 * _tap_elems(taps)
+    sizes = [math.prod(t.shape) for t in taps]
+    total, top = sum(sizes), max(sizes, default=0)
+    per_col = flat.element_size() * R * C + 4 * (total + 2 * top)
     if head_logits is not None:
         per_col += 4 * head_logits
-    return class_chunk or _fit(per_col)
+    budget = _env.memory_budget_bytes() if budget is None else budget
+    train = 4 * param_elems + 8 * total
+    return _fit(per_col, min(budget, train))
 
 
 def samples_per_chunk(P: int) -> int:

@@ -162,7 +162,7 @@ _OPTIONS: dict[str, dict] = {
         type=_positive_int,
         metavar="K",
         group=_ESTIMATOR_GROUP,
-        none="from the memory budget FIMFAST_MEMORY_BUDGET_MB",
+        none="what a training step holds, at most FIMFAST_MEMORY_BUDGET_MB",
         help="output columns per batched backward of EXACT",
     ),
 }

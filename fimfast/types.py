@@ -81,8 +81,9 @@ class Options:
         seed: 64-bit seed of the counter-based generator; ``None`` draws one from torch's default
             generator when the estimator is created, so ``torch.manual_seed`` reproduces a run.
         backend: kernel backend, ``auto|torch|triton|cuda|cpp``.
-        class_chunk: output columns per batched backward of EXACT; ``None`` picks it from the
-            memory budget (``FIMFAST_MEMORY_BUDGET_MB``).
+        class_chunk: output columns per batched backward of EXACT; ``None`` picks as many as
+            fit what one training step holds, at most the memory budget
+            (``FIMFAST_MEMORY_BUDGET_MB``; fimfast/chunks.py, ``fast_columns``).
         rankk_solver: ``exact`` (secular equation) or ``power`` (the paper's power iteration).
         likelihood: ``categorical`` (softmax), ``bernoulli`` (multi-label) or ``gaussian``.
         sigma2: variance of the ``gaussian`` likelihood, ``> 0``.

@@ -42,9 +42,17 @@ def test_chunk_formulas(monkeypatch):
     flat = torch.zeros(R, C, dtype=torch.float64)  # e = 8
     taps = [Tap(6, 4), Tap(2, 6, 5)]  # 84 elements
     assert chunks.probe_columns(flat, taps) == B // (8 * 18 + 4 * 84)
-    assert chunks.fast_columns(flat, taps, None, None) == B // (8 * 18 + 12 * 84)
-    assert chunks.fast_columns(flat, taps, 30, None) == B // (8 * 18 + 12 * 84 + 4 * 30)
-    assert chunks.fast_columns(flat, taps, 30, 5) == 5
+    # per column: cotangent, every tap's gradient, twice the largest tap (60 elements)
+    u = 8 * 18 + 4 * (84 + 2 * 60)
+    big = 10**9  # parameters of the step: B_train = 4 P + 8 * 84 does not bind
+    assert chunks.fast_columns(flat, taps, None, None, big) == B // u
+    assert chunks.fast_columns(flat, taps, 30, None, big) == B // (u + 4 * 30)
+    assert chunks.fast_columns(flat, taps, 30, 5, big) == 5  # class_chunk wins
+    assert chunks.fast_columns(flat, taps, 30, 5, 0, budget=1) == 5
+    # a training step's peak binds: B_train = 4 * 1000 + 8 * 84 bytes
+    assert chunks.fast_columns(flat, taps, None, None, 1000) == (4 * 1000 + 8 * 84) // u
+    assert chunks.fast_columns(flat, taps, None, None, 10**5, budget=3 * u) == 3
+    assert chunks.fast_columns(flat, taps, None, None, 0) == 1  # at least one
     assert chunks.samples_per_chunk(1000) == B // 8000
     assert chunks.rows_per_chunk(1000, 4096) == 4
     assert chunks.rows_per_chunk(10**6, 4096) == 1

@@ -569,7 +569,8 @@ def test_direct_taps_fall_back_when_an_output_is_modified_in_place():
     torch.manual_seed(0)
     m = Switch().double()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
-    est = DiagFisher(m, "exact")
+    # columns in one batched backward (one column per backward taps every output by an add)
+    est = DiagFisher(m, "exact", class_chunk=10**6)
     est.step((x, y))
     assert not est._persample.last_plan.generic
     assert est._persample._direct  # learned: both outputs were left alone
@@ -613,7 +614,7 @@ def test_outputs_gone_before_the_check_are_held_once_then_decided(inplace):
     case = Case("transient", m, (x, y), _plain, torch.ones(6, dtype=torch.bool), y,
                 "categorical", 3)
     ref = oracle(case, "exact")
-    est = DiagFisher(m, "exact")
+    est = DiagFisher(m, "exact", class_chunk=10**6)  # batched columns: direct taps are learned
     key = (id(m.a), 0)
     for step in range(3):
         est.reset()

@@ -7,6 +7,7 @@ when the fast path is exact.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -142,13 +143,21 @@ class Engine(Replay):
         for g in groups:
             g.state.single = total == 1
         head_logits = rows.logits.numel() if need_head else None
-        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk)
+        P = sum(p.numel() for p in params)
+        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
+        # one column per backward: its squares are formed as each call's gradients arrive, and
+        # the next forward taps every output by an add, whose gradient need not be kept
+        self.add_taps = M_max == 1
         for s in range(0, total, M_max):
             cot = cols.take(kk[s : s + M_max])
             if token:
                 cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
             cot = cot.to(flat.dtype)
             retain = retain_graph or s + M_max < total  # a later chunk needs the graph
+            if M_max == 1:
+                _stream(rows, plan.calls, groups, cot, retain, head if need_head else None,
+                        acc, backend)
+                continue
             gmap = _tap_grads(rows, taps, cot, retain, head if need_head else None)
             del cot
             _chunk(groups, gmap, acc, backend)
@@ -179,11 +188,73 @@ def _tap_grads(rows, taps, cot: torch.Tensor, retain: bool, head) -> dict[int, A
         grads = _batched_grads(rows.flat, [t.handle for t in taps], cot, retain_graph=retain)
         gmap = {id(t.handle): g for t, g in zip(taps, grads)}
     if head is not None:
-        M, C = cot.shape[0], rows.flat.shape[1]
-        Gh = torch.zeros(M, rows.logits.numel() // C, C, dtype=cot.dtype, device=cot.device)
-        Gh[:, rows.index] = cot
-        gmap[id(head.taps[0].handle)] = Gh.reshape(M, *rows.logits.shape)
+        gmap[id(head.taps[0].handle)] = _head_grad(rows, cot)
     return gmap
+
+
+def _head_grad(rows, cot: torch.Tensor) -> torch.Tensor:
+    """The logits layer's output gradient: the cotangent laid out as the logits."""
+    M, C = cot.shape[0], rows.flat.shape[1]
+    Gh = torch.zeros(M, rows.logits.numel() // C, C, dtype=cot.dtype, device=cot.device)
+    Gh[:, rows.index] = cot
+    return Gh.reshape(M, *rows.logits.shape)
+
+
+def _stream(rows, calls, groups: list[Group], cot, retain: bool, head, acc: Sums, backend):
+    """The backward of one column (``cot`` ``(1, R, C)``) with the squares formed while it runs.
+
+    A hook on every tap records its gradient; once every tap of a call has its gradient, the
+    groups whose calls are all complete are squared (:func:`_chunk`) and the gradients of calls
+    no other group waits for are dropped, so only the layers between two completions hold their
+    column gradients at once (a backward that returns every tap's gradient holds all of them
+    until it ends). The hook of an add tap (:meth:`fimfast.hooks.Capture.tap`) hands the engine
+    a zero of no storage in place of its gradient, which flows nowhere else; a direct tap's
+    gradient is the layer output's and flows on, so the backward keeps it to the end. Groups
+    with a gradient that never arrives are squared after the backward, as with ``None``."""
+    gmap: dict[int, torch.Tensor | None] = {}
+    waiting = {id(c): len(c.taps) for c in calls}
+    users: Counter = Counter(id(c) for g in groups for c, _ in g.members)
+    todo = list(groups)
+    if head is not None:
+        gmap[id(head.taps[0].handle)] = _head_grad(rows, cot)
+        waiting[id(head)] = 0
+
+    def flush(final: bool = False) -> None:
+        nonlocal todo
+        ready = [g for g in todo if final or all(waiting.get(id(c), 0) == 0 for c, _ in g.members)]
+        if not ready:
+            return
+        todo = [g for g in todo if all(g is not r for r in ready)]
+        _chunk(ready, gmap, acc, backend)
+        for g in ready:
+            for c, _ in g.members:
+                users[id(c)] -= 1
+                if users[id(c)] == 0:
+                    for t in c.taps:
+                        gmap.pop(id(t.handle), None)
+
+    def hook_for(t, c):
+        def hook(g: torch.Tensor):
+            gmap[id(t.handle)] = g.unsqueeze(0)
+            waiting[id(c)] -= 1
+            if waiting[id(c)] == 0:
+                flush()
+            if not t.direct:
+                return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+            return None
+
+        return hook
+
+    handles = [t.handle for c in calls for t in c.taps]
+    removers = [t.handle.register_hook(hook_for(t, c)) for c in calls for t in c.taps]
+    try:
+        if handles:
+            torch.autograd.grad(rows.flat, handles, grad_outputs=cot[0], retain_graph=retain,
+                                allow_unused=True)
+    finally:
+        for r in removers:
+            r.remove()
+    flush(final=True)
 
 
 def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:

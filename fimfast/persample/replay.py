@@ -47,6 +47,9 @@ class Replay:
         # lookup, and the norm layers to restore if a forward reruns (see _modules)
         self._mods: tuple[Any, list, bool, list] | None = None
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
+        # the next forward taps every output by an add (see Engine._fast: one column per
+        # backward, squares formed as the gradients arrive)
+        self.add_taps = False
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._owned: dict[int, str] = {}
@@ -170,9 +173,11 @@ class Replay:
             with nullcontext():
                 yield None
             return
+        # add taps only (nothing tapped directly, nothing held for the check): the learning of
+        # direct taps goes on in the engine's sets for the steps that batch their columns
+        direct, hold = (set(), set()) if self.add_taps else (self._direct, self._hold)
         cap = hooks.Capture(
-            model, params, layers.rule_for, self._direct, batch_size, self.expand_broadcast,
-            self._hold, flat,
+            model, params, layers.rule_for, direct, batch_size, self.expand_broadcast, hold, flat,
         )
         mods = self._modules(model, params)
         with cap.installed(mods[0], self._owned):

@@ -1,0 +1,285 @@
+"""Peak memory of an EXACT step against one training step, and the chunking that bounds it.
+
+By default the fast path back-propagates as many output columns at once as fit what one training
+step of the model holds at its peak (fimfast/chunks.py, ``fast_columns``): a step of EXACT then
+stays within about twice the training step's peak tensor memory, and any chunking gives the same
+estimate as one backward of every column. The peak is the tensor storage live at once, from the
+profiler's allocation events (benchmarks/memory.py, ``TensorPeakMeter``): exact and repeatable,
+unlike the resident set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import rel_error
+from tolerances import DET_REL_F64
+from torch import nn
+
+import fimfast
+from fimfast import chunks
+from fimfast.persample import engine as engine_mod
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.memory import TensorPeakMeter  # noqa: E402
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(196, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                          nn.Linear(128, 10)).to(dtype)
+    x = torch.randn(64, 196, dtype=dtype)
+    y = torch.randint(0, 10, (64,))
+    return model, x, y
+
+
+def _peak(fn) -> float:
+    m = TensorPeakMeter()
+    m.begin()
+    out = fn()
+    peak = m.end()
+    del out
+    return peak
+
+
+def _count_backwards(monkeypatch) -> list[int]:
+    """Patch the fast path's batched backward to record each chunk's number of columns."""
+    sizes: list[int] = []
+    batched, streamed = engine_mod._tap_grads, engine_mod._stream
+
+    def counting(rows, taps, cot, *a):
+        sizes.append(cot.shape[0])
+        return batched(rows, taps, cot, *a)
+
+    def counting_stream(rows, calls, groups, cot, *a):
+        sizes.append(cot.shape[0])
+        return streamed(rows, calls, groups, cot, *a)
+
+    monkeypatch.setattr(engine_mod, "_tap_grads", counting)
+    monkeypatch.setattr(engine_mod, "_stream", counting_stream)
+    return sizes
+
+
+def test_exact_step_peak_within_twice_a_training_step():
+    model, x, y = _mlp()
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+
+    def exact():
+        est.reset()
+        est.step((x, y))
+
+    for _ in range(2):  # warm: plans, probes and direct taps settle
+        train()
+        exact()
+    model.zero_grad(set_to_none=True)
+    est.reset()
+    t = max(_peak(train) for _ in range(2))
+    model.zero_grad(set_to_none=True)
+    e = max(_peak(exact) for _ in range(2))
+    assert e <= 2.0 * t, (e, t)
+    # every column in one backward holds them all at once: well over the bound
+    big = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    for _ in range(2):
+        big.reset()
+        big.step((x, y))
+    big.reset()
+    assert _peak(lambda: big.step((x, y))) > 2.0 * t
+
+
+def test_default_chunks_are_bounded_by_a_training_step(monkeypatch):
+    model, x, y = _mlp(torch.float64)
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    got = dict(est.result().items())
+    # B_train = 4 P + 8 sum|tap|, per column e R C + 4 (sum|tap| + 2 max|tap|)
+    P = sum(p.numel() for p in model.parameters())
+    taps = 64 * (256 + 128)
+    per_col = 8 * 64 * 10 + 4 * (taps + 2 * 64 * 256)
+    M = (4 * P + 8 * taps) // per_col
+    assert 1 <= M < 9
+    assert sizes[: 9 // M] == [M] * (9 // M) and sum(sizes) == 9
+    sizes.clear()
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    assert sizes == [9]
+    assert rel_error(got, dict(one.result().items())) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("budget_mb", ["0.0001", "100000"])
+def test_the_smaller_budget_wins(monkeypatch, budget_mb):
+    """``FIMFAST_MEMORY_BUDGET_MB`` below a training step's peak chunks further; above it, the
+    training step's peak is the bound."""
+    model, x, y = _mlp(torch.float64)
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    default = list(sizes)
+    ref = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)  # one backward
+    ref.step((x, y))
+    monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", budget_mb)
+    sizes.clear()
+    est2 = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est2.step((x, y))
+    if budget_mb == "0.0001":
+        assert sizes == [1] * 9
+    else:
+        assert sizes == default
+    assert rel_error(dict(est2.result().items()), dict(ref.result().items())) <= DET_REL_F64
+
+
+def test_fast_columns_counts_the_step_parameters():
+    class Tap:
+        def __init__(self, *shape):
+            self.shape = shape
+
+    flat = torch.zeros(4, 3)
+    taps = [Tap(4, 100), Tap(4, 50)]
+    per_col = 4 * 12 + 4 * (600 + 800)
+    assert chunks.fast_columns(flat, taps, None, None, 10**4, budget=2**30) == (
+        (4 * 10**4 + 8 * 600) // per_col
+    )
+
+
+def _deep_tanh():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(32, 64)]
+    for _ in range(6):
+        layers += [nn.Tanh(), nn.Linear(64, 64)]
+    layers += [nn.Tanh(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers), torch.randn(512, 32), torch.randint(0, 10, (512,))
+
+
+def test_one_column_backward_streams_its_squares():
+    """With one column per backward, each call's squares are formed as its gradients arrive and
+    the gradients dropped: the 7 hidden layers' column gradients (0.9 MB here) are never all
+    alive at once. Measured: 1.96x the training step streamed, 2.55x when every tap's gradient
+    is kept to the end of the backward."""
+    model, x, y = _deep_tanh()
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    est = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=1)
+
+    def exact():
+        est.reset()
+        est.step((x, y))
+
+    for _ in range(2):
+        train()
+        exact()
+    assert est._persample.add_taps  # the next forward taps by adds
+    model.zero_grad(set_to_none=True)
+    est.reset()
+    t = max(_peak(train) for _ in range(2))
+    model.zero_grad(set_to_none=True)
+    e = max(_peak(exact) for _ in range(2))
+    assert e <= 2.2 * t, (e, t)
+
+
+@pytest.mark.parametrize("name", ["relu_mlp", "cnn", "encoder", "tied", "token_lm"])
+def test_streamed_steps_match_one_backward(name):
+    """Three steps with one column per backward (the first with direct taps where the model
+    allows, the next ones with add taps) sum to three times the estimate of one backward of
+    every column, in float64."""
+    from cases import make_case
+
+    case = make_case(name).to(torch.float64)
+    kw = dict(likelihood=case.likelihood, reduction="sum")
+    streamed = fimfast.DiagFisher(case.model, "exact", class_chunk=1, **kw)
+    for _ in range(3):
+        streamed.step(case.batch)
+    assert streamed._persample.add_taps
+    ref = fimfast.DiagFisher(case.model, "exact", class_chunk=10**6, **kw)
+    ref.step(case.batch)
+    want = {k: 3 * v for k, v in ref.result().items()}
+    assert rel_error(dict(streamed.result().items()), want) <= DET_REL_F64
+    assert not streamed._persample.last_plan.generic
+
+
+def test_tensor_peak_meter_counts_live_storage():
+    """Hand-computed peaks: 2 MiB live, then 4 MiB at once, everything freed; a tensor allocated
+    before the meter started and freed inside is not subtracted (the profiler does not report
+    it): an upper bound then."""
+    before = torch.ones(2**18)  # 1 MiB, allocated before the meter starts
+
+    def calls():
+        a = torch.empty(2**19)  # 2 MiB
+        b = torch.empty(2**19)  # 4 MiB live
+        del a, b
+        c = torch.empty(2**18)  # 1 MiB
+        return c
+
+    assert _peak(calls) == pytest.approx(4.0, abs=0.01)
+    holder = [before]
+    del before
+
+    def frees_first():
+        holder.clear()  # -1 MiB, not seen
+        return torch.empty(2**19)  # +2 MiB
+
+    assert _peak(frees_first) == pytest.approx(2.0, abs=0.01)
+
+
+class _Switch(nn.Module):
+    """Modifies its hidden layer's output in place only when ``inplace`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.inplace = False
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.inplace:
+            h.mul_(torch.tanh(h))
+        else:
+            h = h * torch.tanh(h)
+        return self.head(torch.tanh(self.b(h)))
+
+
+def test_streamed_steps_tap_by_adds_and_stay_exact_when_outputs_change_in_place():
+    """After a step with one column per backward, every output is tapped by an add (nothing
+    direct, nothing held): an output modified in place later keeps its parameters on the fast
+    path, and every step equals the generic path."""
+    torch.manual_seed(0)
+    m = _Switch().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
+    est = fimfast.DiagFisher(m, "exact", class_chunk=1)
+    ref = fimfast.DiagFisher(m, "exact")
+    ref._persample.use_rules = False
+    for inplace in (False, False, True, True):
+        m.inplace = inplace
+        for e in (est, ref):
+            e.reset()
+            e.step((x, y))
+        eng = est._persample
+        assert eng.add_taps and not eng.last_plan.generic
+        assert all(not t.direct and t.keep is None for c in eng.last_plan.calls for t in c.taps)
+        assert rel_error(dict(est.result().items()), dict(ref.result().items())) <= DET_REL_F64
+
+
+def test_bench_summary_takes_ratios_per_round():
+    """benchmarks/bench_exact_memory.py: time ratios are per round (each call over the floor of
+    its own round), memory ratios over the floor's step."""
+    from benchmarks.bench_exact_memory import summarize
+
+    res = {
+        "memory": {"floor": {"step_tensor_mb": 2.0}, "exact": {"step_tensor_mb": 3.0,
+                                                              "call_tensor_mb": 5.0}},
+        "time": {"cpu_ms": {"floor": [1.0, 4.0, 2.0], "exact": [3.0, 8.0, 2.0]}},
+    }
+    row = summarize(res)["exact"]
+    assert row["step_tensor_x_floor"] == 1.5 and row["call_tensor_x_floor"] == 2.5
+    assert row["cpu_ratio"] == {"median": 2.0, "min": 1.0, "max": 3.0}  # not 3 / 2 = 1.5
