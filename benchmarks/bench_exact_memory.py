@@ -18,7 +18,8 @@ For each workload (:mod:`benchmarks.workloads`, default (a)-(e)) and each method
 Methods: ``floor`` (forward + backward of the mean cross-entropy, gradients into ``.grad``),
 ``exact`` (``DiagFisher(model, "exact")``, automatic backend), ``exact_torch``, ``empirical``,
 ``bp_exact`` (BackPACK ``DiagGGNExact``). ``exact@class_chunk=K`` and ``exact@budget=MB`` pass
-``class_chunk`` or ``FIMFAST_MEMORY_BUDGET_MB`` to the exact estimator.
+``class_chunk`` or ``FIMFAST_MEMORY_BUDGET_MB`` to the exact estimator; ``exact@bound`` applies
+the training-step bound of ``fimfast.chunks.fast_columns`` to a model under its 64 MiB threshold.
 
 Usage: ``python -m benchmarks.bench_exact_memory --workloads abcde --threads 1
 --out benchmarks/results/exact_memory_cpu_DATE.json``.
@@ -42,7 +43,7 @@ from benchmarks import memory
 from benchmarks.workloads import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("floor", "exact", "exact_torch", "empirical", "bp_exact")
+METHODS = ("floor", "exact", "exact@bound", "exact_torch", "empirical", "bp_exact")
 
 
 def _setup(spec: str, key: str, seed: int = 0):
@@ -73,6 +74,10 @@ def _setup(spec: str, key: str, seed: int = 0):
         kw["class_chunk"] = int(opt.split("=")[1])
     elif opt.startswith("budget="):
         os.environ["FIMFAST_MEMORY_BUDGET_MB"] = opt.split("=")[1]
+    elif opt == "bound":  # the training-step bound on a model under its 64 MiB threshold
+        from fimfast import chunks
+
+        chunks.TRAIN_BOUND_FROM = 0
     elif opt:
         raise SystemExit(f"unknown option {opt!r} in method {spec!r}")
     fim_type = {"exact": "exact", "exact_torch": "exact", "empirical": "empirical"}[name]

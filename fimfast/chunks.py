@@ -22,7 +22,9 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   and what one training step of the same model holds at its peak, at least
   ``B_train = 4 P + 8 sum_taps |tap|`` (a float32 gradient per parameter of the step, the layer
   outputs and their gradients), so that the step's peak stays within about twice a
-  training step's (docs/estimators.md, "Memory"); ``class_chunk`` wins.
+  training step's (docs/estimators.md, "Memory"); ``B_train`` counts as at least
+  ``TRAIN_BOUND_FROM`` (64 MiB): a smaller model back-propagates all its columns at once (a few MB
+  more, and faster); ``class_chunk`` wins.
 * :func:`samples_per_chunk`: samples of a ``vmap`` pass of per-sample gradients (torch-secorder
   compatibility): ``u = 8 P``.
 * :func:`rows_per_chunk`: rows of ``C`` logits per chunk of a fixed number ``elems`` of logits
@@ -69,6 +71,10 @@ def probe_columns(flat: torch.Tensor, taps: list) -> int:
     return _fit(flat.element_size() * flat.numel() + 4 * _tap_elems(taps))
 
 
+# the training-step bound of fast_columns applies from this many bytes on (64 MiB)
+TRAIN_BOUND_FROM = 64 << 20
+
+
 def fast_columns(
     flat: torch.Tensor,
     taps: list,
@@ -97,7 +103,9 @@ def fast_columns(
     if head_logits is not None:
         per_col += 4 * head_logits
     budget = _env.memory_budget_bytes() if budget is None else budget
-    train = 4 * param_elems + 8 * total
+    # a training step's peak bounds the columns once it is worth bounding: below
+    # TRAIN_BOUND_FROM the whole backward is a few MB, and splitting it costs time, not memory
+    train = max(4 * param_elems + 8 * total, TRAIN_BOUND_FROM)
     return _fit(per_col, min(budget, train))
 
 

@@ -28,6 +28,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.memory import TensorPeakMeter  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _bound_small_models(monkeypatch):
+    """The models here are small: bound them by a training step as if they were not (the bound
+    applies from ``chunks.TRAIN_BOUND_FROM`` bytes on)."""
+    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 0)
+
+
+def test_small_models_keep_one_backward_of_every_column(monkeypatch):
+    """Under ``TRAIN_BOUND_FROM`` (64 MiB) the default is one backward of all columns, without
+    streaming (faster; the step is a few MB)."""
+    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 64 << 20)
+    model, x, y = _mlp(torch.float64)
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    est.step((x, y))
+    assert sizes == [9, 9]
+    assert not est._persample.add_taps
+
+
 def _mlp(dtype=torch.float32):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(196, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),

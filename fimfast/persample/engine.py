@@ -145,16 +145,19 @@ class Engine(Replay):
         head_logits = rows.logits.numel() if need_head else None
         P = sum(p.numel() for p in params)
         M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
-        # one column per backward: its squares are formed as each call's gradients arrive, and
-        # the next forward taps every output by an add, whose gradient need not be kept
-        self.add_taps = M_max == 1
+        # one column per backward because memory bounds the columns (EXACT, or MONTE_CARLO with
+        # several draws): its squares are formed as each call's gradients arrive, and the next
+        # forward taps every output by an add, whose gradient need not be kept. A single column
+        # (EMPIRICAL) holds one gradient per tap, less than a training step: no streaming.
+        stream = M_max == 1 and total > 1
+        self.add_taps = stream
         for s in range(0, total, M_max):
             cot = cols.take(kk[s : s + M_max])
             if token:
                 cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
             cot = cot.to(flat.dtype)
             retain = retain_graph or s + M_max < total  # a later chunk needs the graph
-            if M_max == 1:
+            if stream:
                 _stream(rows, plan.calls, groups, cot, retain, head if need_head else None,
                         acc, backend)
                 continue
