@@ -227,15 +227,7 @@ def _linear(mode: FunctionalMode, func, args, kwargs):
     return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
 
 
-def _weight(mode: FunctionalMode, w: Any) -> tuple | None:
-    """``(param, view or None)`` of a 2-D parameter or of the transpose of one."""
-    p, view = mode.param(w), None
-    if p is None:
-        view = mode.view_of(w)
-        if view is None or not view[1]:
-            return None
-        p = view[0]
-    return (p, view) if p.dim() == 2 else None
+_weight = fops.weight_of  # (param, view or None) of a 2-D parameter or of its transpose
 
 
 def _matmul(mode: FunctionalMode, func, args, kwargs):

@@ -393,17 +393,27 @@ _MM = {torch.addmm: "ij,jk->ik", Tensor.addmm: "ij,jk->ik", torch.baddbmm: "bij,
        Tensor.baddbmm: "bij,bjk->bik"}
 
 
-def _addmm_linear(mode, bias, x, w):
-    """``addmm(b, x, W)`` = ``x @ W + b``: ``F.linear``'s terms (``W`` stored ``(I, O)``, or
-    ``W.t()`` of a weight stored ``(O, I)``); ``None`` if it is not that."""
+def weight_of(mode, w: Any) -> tuple | None:
+    """``(param, view or None)`` of a 2-D parameter or of the transpose of one (``mode``: the
+    :class:`fimfast.functional.FunctionalMode` recording the call)."""
     p, view = mode.param(w), None
     if p is None:
         view = mode.view_of(w)
         if view is None or not view[1]:
             return None
         p = view[0]
+    return (p, view) if p.dim() == 2 else None
+
+
+def _addmm_linear(mode, bias, x, w):
+    """``addmm(b, x, W)`` = ``x @ W + b``: ``F.linear``'s terms (``W`` stored ``(I, O)``, or
+    ``W.t()`` of a weight stored ``(O, I)``); ``None`` if it is not that."""
+    found = weight_of(mode, w)
+    if found is None:
+        return None
+    p, view = found
     pb = mode.param(bias)
-    if p.dim() != 2 or mode.operand(x) is not None or (pb is not None and pb.dim() != 1) or (
+    if mode.operand(x) is not None or (pb is not None and pb.dim() != 1) or (
         pb is None and mode.operand(bias) is not None
     ):
         return None

@@ -195,3 +195,14 @@ def make_case(name: str, N: int = 5, seed: int = 0) -> Case:
 PANEL = ["relu_mlp", "sigmoid_mlp", "cnn", "encoder", "tied", "multilabel", "regression",
          "token_lm"]
 CATEGORICAL = [c for c in PANEL if c not in ("multilabel", "regression")]
+
+
+def run_case(case: Case, fim_type: str, rules: bool = True, **opts) -> tuple[dict, Any]:
+    """One step of ``fim_type`` on ``case`` (``rules=False``: every parameter on the generic
+    path), as ``(result by name, estimator)``; 3-D logits are read with ``class_dim=-1``."""
+    from fimfast import DiagFisher
+
+    est = DiagFisher(case.model, fim_type, likelihood=case.likelihood, class_dim=-1, **opts)
+    est._persample.use_rules = rules
+    est.step(case.batch)
+    return dict(est.result().items()), est

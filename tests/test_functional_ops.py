@@ -18,7 +18,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import Case
+from cases import Case, run_case
 from oracle import oracle_flat, row_jacobians
 from oracle import rel_error as _rel
 from tolerances import DET_REL_F64
@@ -250,11 +250,7 @@ def _oracle(case: Case, quantity: str, labels=None) -> dict[str, torch.Tensor]:
     return rj.split(oracle_flat(rj, case.likelihood, quantity))
 
 
-def _run(case: Case, fim_type: str, rules: bool = True, **opts):
-    est = DiagFisher(case.model, fim_type, likelihood=case.likelihood, class_dim=-1, **opts)
-    est._persample.use_rules = rules
-    est.step(case.batch)
-    return dict(est.result().items()), est
+_run = run_case
 
 
 def _assert_captured(name: str, est: DiagFisher) -> None:

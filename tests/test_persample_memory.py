@@ -66,6 +66,20 @@ def _peak(fn) -> float:
     return peak
 
 
+def _train_and_step_peaks(model, est, train, step) -> tuple[float, float]:
+    """Peak tensor memory of a training step and of ``step``, after two warm rounds of each
+    (plans, probes and taps settle)."""
+    for _ in range(2):
+        train()
+        step()
+    model.zero_grad(set_to_none=True)
+    est.reset()
+    t = max(_peak(train) for _ in range(2))
+    model.zero_grad(set_to_none=True)
+    e = max(_peak(step) for _ in range(2))
+    return t, e
+
+
 def _count_backwards(monkeypatch) -> list[int]:
     """Patch the fast path's batched backward to record each chunk's number of columns."""
     sizes: list[int] = []
@@ -97,14 +111,7 @@ def test_exact_step_peak_within_twice_a_training_step():
         est.reset()
         est.step((x, y))
 
-    for _ in range(2):  # warm: plans, probes and direct taps settle
-        train()
-        exact()
-    model.zero_grad(set_to_none=True)
-    est.reset()
-    t = max(_peak(train) for _ in range(2))
-    model.zero_grad(set_to_none=True)
-    e = max(_peak(exact) for _ in range(2))
+    t, e = _train_and_step_peaks(model, est, train, exact)
     assert e <= 2.0 * t, (e, t)
     # every column in one backward holds them all at once: well over the bound
     big = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
@@ -196,15 +203,8 @@ def test_one_column_backward_streams_its_squares():
         est.reset()
         est.step((x, y))
 
-    for _ in range(2):
-        train()
-        exact()
+    t, e = _train_and_step_peaks(model, est, train, exact)
     assert est._persample.add_taps  # the next forward taps by adds
-    model.zero_grad(set_to_none=True)
-    est.reset()
-    t = max(_peak(train) for _ in range(2))
-    model.zero_grad(set_to_none=True)
-    e = max(_peak(exact) for _ in range(2))
     assert e <= 2.2 * t, (e, t)
 
 
