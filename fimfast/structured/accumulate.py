@@ -195,13 +195,17 @@ def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
     (:func:`~fimfast.structured.sums.full_gram`); in the sums' own buffers if ``inplace``."""
     A, G = [], []
     for layer, s in zip(layers, sums):
-        a, g = s.A, s.G
+        a, g, sa = s.A, s.G, 1.0 / max(s.npos, 1.0)
         if layer.kind in ("linear", "embedding"):
-            g = full_gram(g, inplace)
-        if layer.kind == "linear":
-            a = full_gram(a, inplace)
+            g = full_gram(g, inplace, sc)
+        elif sc != 1.0:
+            g = g.mul_(sc) if inplace else g * sc
         elif not inplace:
-            a, g = a.clone(), g.clone()
-        A.append(a.div_(max(s.npos, 1.0)))
-        G.append(g if sc == 1.0 else g.mul_(sc))
+            g = g.clone()
+        if layer.kind == "linear":
+            a = full_gram(a, inplace, sa)
+        else:
+            a = a.mul_(sa) if inplace else a * sa
+        A.append(a)
+        G.append(g)
     return A, G

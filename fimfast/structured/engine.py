@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from fimfast import _env, likelihoods
 from fimfast.structured import capture as cap
-from fimfast.structured import columns
-from fimfast.structured.sums import LayerSums, acc_dtype, add_grads, add_inputs
+from fimfast.structured import columns, convgram
+from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options
 
 
@@ -112,11 +113,20 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
     rows = fw.rows
     flat = rows.flat_all
     cap.check_calls(layers, flat, rows.num_samples)
-    a_in = [cap.inputs_of(layer) for layer in layers]
-    if what == "kfac":
+    kfac = what == "kfac"  # only A reads the inputs: patches in any order (capture.unfold)
+    rows_only = [kfac and approx == "expand" and isinstance(layer.module, nn.Conv2d)
+                 and all(convgram.worthwhile(layer.module, x) for x, _, _ in layer.calls)
+                 for layer in layers]
+    a_in = [None if r else cap.inputs_of(layer, ones=False, any_order=kfac)
+            for layer, r in zip(layers, rows_only)]
+    if kfac:
         for layer, a, s in zip(layers, a_in, sums):
-            add_inputs(layer, s, a, cap.positions_of(layer, fw.mask), approx,
-                       acc_dtype(layer.calls[0][1]))
+            dt = acc_dtype(layer.calls[0][1])
+            if a is None:  # a convolution's A from its input rows
+                add_conv_inputs(layer, s, dt)
+                continue
+            order = cap.patch_order(layer.module) if cap.channels_last_inputs(layer) else None
+            add_inputs(layer, s, a, cap.positions_of(layer, fw.mask), approx, dt, order)
     taps, where = [], {}
     for layer in layers:
         for _, z, _ in layer.calls:
