@@ -123,3 +123,54 @@ def test_ekfac_squares_both_orders(T, O, I, bias):  # noqa: E741
     if bias:
         torch.testing.assert_close(q.cross, (Mq[..., :-1] * Mq[..., -1:]).sum((0, 1)),
                                    rtol=1e-12, atol=1e-12)
+
+
+def test_ekfac_refit_channels_last_patches(monkeypatch):
+    """EKFAC's refit of a convolution with channels-last patches (``U_A``'s rows reordered)
+    equals the refit with ``F.unfold``'s order, and its ``D`` is the diagonal of the
+    per-pair gradients' second moment in the Kronecker eigenbasis."""
+    model, data = _conv_model(), _data()
+    E = fimfast.fisher(model, data, "exact", representation="ekfac", reduction="sum")
+    monkeypatch.setattr(capture, "channels_last_inputs", lambda layer: False)
+    R = fimfast.fisher(model, data, "exact", representation="ekfac", reduction="sum")
+    for d, r in zip(E.D, R.D):
+        torch.testing.assert_close(d, r, rtol=1e-10, atol=1e-12)
+    # oracle for the first convolution: per-(sample, class) gradients of [W, b] by autograd
+    conv, (ua, ug) = model[0], (E.UA[0], E.UG[0])
+    D = torch.zeros_like(E.D[0])
+    for x, _ in data:
+        for n in range(x.shape[0]):
+            z = model(x[n:n + 1])[0]
+            p = torch.softmax(z, -1).detach()
+            for c in range(z.shape[0]):
+                u = p[c].sqrt() * (torch.eye(3, dtype=z.dtype)[c] - p)
+                gw, gb = torch.autograd.grad(z @ u, [conv.weight, conv.bias], retain_graph=True)
+                Mq = torch.cat([gw.reshape(gw.shape[0], -1), gb.unsqueeze(1)], 1)
+                D += (ug.T @ Mq @ ua) ** 2
+    torch.testing.assert_close(E.D[0], D, rtol=1e-8, atol=1e-12)
+
+
+def test_blocked_sums_settle_before_state():
+    """Blocked Gram sums leave their lower blocks unwritten until read; a saved state has them
+    0 (no uninitialised memory leaves the process) and resumes to the same factors."""
+    from fimfast.structured import FisherAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(700, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 700, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    acc = FisherAccumulator(model, "exact", "kfac", seed=0)
+    acc.update(data[0])
+    assert acc.sums[0].unset == {"A"}
+    state = acc.state_dict()
+    A = state["sums"][0]["A"]
+    assert A.shape == (701, 701) and not acc.sums[0].unset
+    assert torch.equal(A[128:, :128], torch.zeros_like(A[128:, :128]))
+    again = FisherAccumulator(model, "exact", "kfac", seed=0)
+    again.load_state_dict(state)
+    for a in (acc, again):
+        a.update(data[1])
+    x = torch.cat([torch.cat([b[0], torch.ones(6, 1, dtype=torch.float64)], 1) for b in data])
+    for F_ in (acc.result(), again.result()):
+        torch.testing.assert_close(F_.A[0], x.T @ x / 12, rtol=1e-12, atol=1e-13)

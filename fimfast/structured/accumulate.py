@@ -160,6 +160,8 @@ class FisherAccumulator:
         st = self.stream
         if not dist_mod.active(self.distributed, self.group):
             return local, st.count, st.batches
+        for s in local:
+            s.settle()
         from fimfast.structured.reduce import reduce_state
 
         return reduce_state(self, local)
@@ -169,6 +171,8 @@ class FisherAccumulator:
         """The accumulated sums, the phase and the stream position (tensors cloned)."""
         from fimfast.structured.reduce import state_of
 
+        for s in self.sums if self.layers else []:
+            s.settle()
         return state_of(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ Inputs ``a`` come from :func:`~fimfast.structured.capture.inputs_of` and output 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,8 +25,19 @@ class LayerSums:
     G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A), or (D,)
     D: torch.Tensor | None = None  # (O, I') squared projected gradients (EKFAC, quasi-diag)
     cross: torch.Tensor | None = None  # (O, I) weight-bias cross terms (quasi-diag)
+    # fields whose blocks below the diagonal (see gram_into) were never written: read through
+    # full_gram, which overwrites them, or zeroed by settle() before the sums leave the process
+    unset: set = field(default_factory=set)
 
     FIELDS = ("A", "G", "D", "cross")
+
+    def settle(self) -> None:
+        """Zero the unwritten blocks below the diagonal (before a state is saved or reduced)."""
+        for name in self.unset:
+            m = getattr(self, name)
+            for i in range(0, m.shape[0] - _BLOCK, _BLOCK):
+                m[i + _BLOCK:, i:i + _BLOCK].zero_()
+        self.unset.clear()
 
 
 # block rows of a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: only the blocks on
@@ -43,8 +54,8 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
     """Add ``y^T y`` to the field ``name`` of ``s``, with ``y = x`` (``(rows, n)``) or, if
     ``one``, ``y = [x, c]`` (``c``: ``(rows,)``, all ones if ``None``) without forming ``y``: the
     last row and column are ``x^T c`` and ``c^T c``. For ``n > _BLOCKED`` only the upper block
-    rows of the ``x^T x`` part are summed, the blocks below the diagonal stay 0: read the sum
-    with :func:`full_gram`."""
+    rows of the ``x^T x`` part are summed; the blocks below the diagonal are left unwritten
+    (``s.unset``, see :meth:`LayerSums.settle`): read the sum with :func:`full_gram`."""
     n = x.shape[1]
     out = getattr(s, name)
     first = out is None
@@ -58,8 +69,8 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
     else:
         for i in range(0, n, _BLOCK):
             core[i:i + _BLOCK, i:].addmm_(x[:, i:i + _BLOCK].T, x[:, i:], beta=beta)
-            if first:
-                core[i + _BLOCK:, i:i + _BLOCK].zero_()
+        if first:
+            s.unset.add(name)
     if one:
         col = (x.new_ones(x.shape[0]) if c is None else c) @ x  # a product: faster than sum(0)
         cc = x.new_tensor(float(x.shape[0])) if c is None else c @ c
@@ -199,7 +210,7 @@ def _ln_full(xh: torch.Tensor, bias: bool) -> torch.Tensor:
 
 
 def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, approx: str,
-              eig: tuple | None) -> None:
+              eig: tuple | None, order: torch.Tensor | None = None) -> None:
     """Add one block of output gradients: ``G`` (``what="kfac"``), the squared gradients in the
     eigenbasis ``eig = (U_A, U_G)`` (``"ekfac"``) or the squared gradients and weight-bias cross
     terms (``"quasi_diag"``)."""
@@ -225,7 +236,16 @@ def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, 
         if what == "quasi_diag" and layer.bias is not None:
             _add(s, "cross", (Mp[..., :1] * Mp[..., 1:]).sum((0, 1)))
         return
-    _linear_squares(s, a.to(dt), g, what, eig, layer.bias is not None)
+    bias = layer.bias is not None
+    if order is not None:  # inputs a[..., order] in the layer's order: U_A's rows reordered
+        if what != "ekfac":
+            raise ValueError(f"reordered inputs are for what='ekfac'; got {what!r}")
+        ua = eig[0]
+        idx = order.to(ua.device)
+        if bias:
+            idx = torch.cat([idx, idx.new_full((1,), idx.numel())])
+        eig = (ua.new_empty(ua.shape).index_copy_(0, idx, ua), eig[1])
+    _linear_squares(s, a.to(dt), g, what, eig, bias)
 
 
 def _grad_gram(s: LayerSums, g: torch.Tensor) -> None:
