@@ -160,7 +160,7 @@ class FisherAccumulator:
         st = self.stream
         if not dist_mod.active(self.distributed, self.group):
             return local, st.count, st.batches
-        for s in local:
+        for s in local if self.layers else []:
             s.settle()
         from fimfast.structured.reduce import reduce_state
 
