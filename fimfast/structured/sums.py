@@ -42,7 +42,7 @@ class LayerSums:
 
 # block rows of a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: only the blocks on
 # and right of the diagonal are computed (one ``addmm_`` per block row, in place into the running
-# sum; 65% of the products of a full ``x^T x`` for 401 columns, 60% for 785, 56% for 1025), and
+# sum; 67% of the products of a full ``x^T x`` for 400 columns, 58% for 784, 56% for 1024), and
 # :func:`full_gram` mirrors them when read. Below, one full product (measured on one CPU thread:
 # the blocks are faster from about 400 columns on).
 _BLOCK = 128
