@@ -10,6 +10,7 @@ step of the whole model). Parity first: fimfast's EXACT KFAC matrix-vector produ
 curvlinops' ``type-2`` KFAC on a random vector (the same matrix, see docs/structured.md).
 
     PYTHONPATH=. python benchmarks/bench_structured.py [--size tiny|full] [--workloads a,b,c,e]
+        [--threads 1]
 
 Writes benchmarks/results/structured_<date>.json and .md.
 """
@@ -245,7 +246,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--limit-s", type=float, default=120.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the results files so far; 0 leaves torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = run(args.workloads.split(","), args.size, args.rounds, args.limit_s)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = Path(args.out) / f"structured_{stamp}_{args.size}"

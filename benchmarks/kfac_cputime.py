@@ -9,7 +9,8 @@ with each tree first on ``PYTHONPATH``, alternately:
 
     PYTHONPATH=<tree> python benchmarks/kfac_cputime.py a,b,c 9
 
-Prints ``{workload: {"kfac": ratio, "ekfac": ratio (factors, eigendecompositions and refit),
+Prints ``{workload: {"kfac": ratio, "refit": ratio (the EKFAC refit of the diagonal alone, as
+timed by benchmarks/bench_structured.py), "ekfac": ratio (factors, eigendecompositions and refit),
 "train_ms": CPU ms of the training step}}`` as JSON.
 """
 
@@ -31,8 +32,21 @@ def _calls(fimfast, model, full, X, y) -> dict:
         full.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(full(X), y).backward()
 
+    from fimfast.structured import capture, engine, refit_ekfac
+    from fimfast.types import FIMType, Options
+
+    kf = fimfast.fisher(model, data, "monte_carlo", "kfac", seed=0)
+    kf.eig()  # the eigenbasis outside the refit's time, as in bench_structured.py
+    params = [p for p in model.parameters() if p.requires_grad]
+    layers = capture.layers_of(model, kf.names, params, "ekfac")
+
+    def refit():
+        st = engine.Stream(FIMType.MONTE_CARLO, Options(seed=1), 1)
+        return refit_ekfac(kf, model, data, st, layers, "mean")
+
     return {"train": train,
             "kfac": lambda: fimfast.fisher(model, data, "monte_carlo", "kfac", seed=0),
+            "refit": refit,
             "ekfac": lambda: fimfast.fisher(model, data, "monte_carlo", "ekfac", seed=0)}
 
 

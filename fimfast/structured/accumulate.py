@@ -162,6 +162,8 @@ class FisherAccumulator:
         st = self.stream
         if not dist_mod.active(self.distributed, self.group):
             return local, st.count, st.batches
+        for s in local if self.layers else []:
+            s.settle()
         from fimfast.structured.reduce import reduce_state
 
         return reduce_state(self, local)
@@ -171,6 +173,8 @@ class FisherAccumulator:
         """The accumulated sums, the phase and the stream position (tensors cloned)."""
         from fimfast.structured.reduce import state_of
 
+        for s in self.sums if self.layers else []:
+            s.settle()
         return state_of(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,16 +201,16 @@ def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
     (:func:`~fimfast.structured.sums.full_gram`); in the sums' own buffers if ``inplace``."""
     A, G = [], []
     for layer, s in zip(layers, sums):
-        a, g = s.A, s.G
-        g = full_gram(g, inplace)
+        a, g, sa = s.A, s.G, 1.0 / max(s.npos, 1.0)
+        g = full_gram(g, inplace, sc)  # every kind's G is a Gram matrix
         if a.is_sparse:  # an embedding's reduce rows: the factor of the mean
             A.append(gram.scaled(a, s.npos))
-            G.append(g if sc == 1.0 else g.mul_(sc))
+            G.append(g)
             continue
-        if layer.kind != "embedding":
-            a = full_gram(a, inplace)
-        elif not inplace:
-            a = a.clone()
-        A.append(a.div_(max(s.npos, 1.0)))
-        G.append(g if sc == 1.0 else g.mul_(sc))
+        if layer.kind != "embedding":  # LayerNorm's (D I', D I') too
+            a = full_gram(a, inplace, sa)
+        else:
+            a = a.mul_(sa) if inplace else a * sa
+        A.append(a)
+        G.append(g)
     return A, G

@@ -130,7 +130,7 @@ def refit_ekfac(F: KFACFIM, model, loader, st: engine.Stream, layers, reduction:
     meta = _meta(dict(F.meta), st2)
     meta["representation"] = "ekfac"
     return EKFACFIM(F.names, F.shapes, F.layers, [e[0] for e in eig], [e[1] for e in eig],
-                    [s.D * sc for s in sums], meta)
+                    [s.D.mul_(sc) for s in sums], meta)
 
 
 def _scale(st: engine.Stream, reduction: str) -> float:

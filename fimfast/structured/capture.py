@@ -231,10 +231,14 @@ def _ln_dims(m: nn.LayerNorm) -> int:
     return len(m.normalized_shape)
 
 
-def inputs_of(layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
+def inputs_of(layer: Layer, dtype: torch.dtype | None = None, ones: bool = True,
+              any_order: bool = False) -> torch.Tensor:
     """The inputs of every call, positions of all calls concatenated (``T``): ``(N, T, I')``
-    (linear), ``(N, T)`` token ids (embedding), ``(N, T, D)`` normalised inputs ``x_hat``
-    (layernorm; the 1 of the bias is implicit)."""
+    (linear; ``(N, T, I)`` without the appended 1 of the bias if ``ones=False``), ``(N, T)``
+    token ids (embedding), ``(N, T, D)`` normalised inputs ``x_hat`` (layernorm; the 1 of the
+    bias is implicit). ``any_order=True``: a convolution's patches in the faster order of
+    :func:`unfold` where :func:`channels_last_inputs` says so."""
+    cl = any_order and channels_last_inputs(layer)
     m = layer.module
     parts = []
     for x, _, _ in layer.calls:
@@ -248,16 +252,58 @@ def inputs_of(layer: Layer, dtype: torch.dtype | None = None) -> torch.Tensor:
             parts.append(xh.reshape(N, -1, math.prod(x.shape[x.dim() - nd:])))
             continue
         if isinstance(m, nn.Conv2d):
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=conv_padding(m),
-                         stride=m.stride).transpose(1, 2)
+            a = unfold(x, m, cl)
         else:
             a = x.reshape(N, -1, x.shape[-1])
         if dtype is not None:
             a = a.to(dtype)
-        if layer.bias is not None:
+        if ones and layer.bias is not None:
             a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
         parts.append(a)
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
+def unfold(x: torch.Tensor, m: nn.Conv2d, channels_last: bool = False) -> torch.Tensor:
+    """``(N, L, C k_h k_w)`` patches of a convolution's input, contiguous: ``F.unfold(x, ...)
+    .transpose(1, 2)`` (same order of locations ``L`` and of patch entries) as one strided copy
+    (``F.unfold`` writes ``(N, C k_h k_w, L)`` and the transpose is a second copy).
+
+    ``channels_last=True``: the entries of a patch in the order ``(k_h, k_w, C)`` instead of
+    ``(C, k_h, k_w)`` (:func:`patch_order` maps one to the other), copied from the input in
+    ``(N, H, W, C)`` layout in runs of ``k_w C`` values (about 7 times faster for 16 channels
+    and a 5 x 5 kernel than runs of ``k_w``)."""
+    ph, pw = conv_padding(m)
+    if x.dim() != 4:
+        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=(ph, pw),
+                        stride=m.stride).transpose(-1, -2)
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if channels_last else \
+        x.contiguous()
+    N, C, H, W = x.shape
+    (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
+    oh, ow = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    sN, sC, sH, sW = x.stride()
+    if channels_last:
+        v = x.as_strided((N, oh, ow, kh, kw, C), (sN, sH * sh, sW * sw, sH * dh, sW * dw, sC))
+    else:
+        v = x.as_strided((N, oh, ow, C, kh, kw), (sN, sH * sh, sW * sw, sC, sH * dh, sW * dw))
+    return v.reshape(N, oh * ow, C * kh * kw)
+
+
+def patch_order(m: nn.Conv2d) -> torch.Tensor:
+    """``p`` with ``a_cl[..., p] = a``: entry ``(c, i, j)`` of a patch (``F.unfold``'s order) is
+    entry ``(i, j, c)`` of :func:`unfold` with ``channels_last=True``."""
+    C, (kh, kw) = m.in_channels, m.kernel_size
+    return torch.arange(kh * kw * C).reshape(kh, kw, C).permute(2, 0, 1).reshape(-1)
+
+
+def channels_last_inputs(layer: Layer) -> bool:
+    """Whether :func:`inputs_of` with ``any_order=True`` gives this layer's patches in the
+    ``(k_h, k_w, C)`` order (a convolution of several input channels, batched 4-D inputs)."""
+    m = layer.module
+    return isinstance(m, nn.Conv2d) and m.in_channels > 1 and \
+        all(x.dim() == 4 for x, _, _ in layer.calls)
 
 
 def positions_of(layer: Layer, mask: torch.Tensor | None) -> torch.Tensor | None:

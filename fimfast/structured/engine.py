@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from fimfast import _env, likelihoods
 from fimfast.structured import capture as cap
-from fimfast.structured import columns
-from fimfast.structured.sums import LayerSums, acc_dtype, add_grads, add_inputs
+from fimfast.structured import columns, convgram
+from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options
 
 
@@ -112,11 +113,23 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
     rows = fw.rows
     flat = rows.flat_all
     cap.check_calls(layers, flat, rows.num_samples)
-    a_in = [cap.inputs_of(layer) for layer in layers]
-    if what == "kfac":
-        for layer, a, s in zip(layers, a_in, sums):
-            add_inputs(layer, s, a, cap.positions_of(layer, fw.mask), approx,
-                       acc_dtype(layer.calls[0][1]))
+    kfac = what == "kfac"
+    rows_only = [kfac and approx == "expand" and isinstance(layer.module, nn.Conv2d)
+                 and all(convgram.worthwhile(layer.module, x) for x, _, _ in layer.calls)
+                 for layer in layers]
+    # A and EKFAC's projections take a convolution's patches in any order (capture.unfold)
+    any_order = what in ("kfac", "ekfac")
+    a_in = [None if r else cap.inputs_of(layer, ones=False, any_order=any_order)
+            for layer, r in zip(layers, rows_only)]
+    orders = [cap.patch_order(layer.module) if any_order and cap.channels_last_inputs(layer)
+              else None for layer in layers]
+    if kfac:
+        for j, (layer, a, s) in enumerate(zip(layers, a_in, sums)):
+            dt = acc_dtype(layer.calls[0][1])
+            if a is None:  # a convolution's A from its input rows
+                add_conv_inputs(layer, s, dt)
+                continue
+            add_inputs(layer, s, a, cap.positions_of(layer, fw.mask), approx, dt, orders[j])
     taps, where = [], {}
     for layer in layers:
         for _, z, _ in layer.calls:
@@ -128,7 +141,8 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
         grads = columns.batched_grad(flat, taps, _scatter(rows, cot))
         for j, layer in enumerate(layers):
             g = cap.out_grads(layer, [grads[where[id(z)]] for _, z, _ in layer.calls])
-            add_grads(layer, sums[j], a_in[j], g, what, approx, None if eig is None else eig[j])
+            add_grads(layer, sums[j], a_in[j], g, what, approx, None if eig is None else eig[j],
+                      orders[j])
     for layer in layers:
         layer.calls = []
     st.advance(rows)

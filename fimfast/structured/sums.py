@@ -7,11 +7,12 @@ Inputs ``a`` come from :func:`~fimfast.structured.capture.inputs_of` and output 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from fimfast.structured import gram
+from fimfast.structured.convgram import conv_gram
 
 
 @dataclass
@@ -26,49 +27,79 @@ class LayerSums:
     G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A)
     D: torch.Tensor | None = None  # (O, I') squared projected gradients (EKFAC, quasi-diag)
     cross: torch.Tensor | None = None  # (O, I) weight-bias cross terms (quasi-diag)
+    # fields whose blocks below the diagonal (see gram_into) were never written: read through
+    # full_gram, which overwrites them, or zeroed by settle() before the sums leave the process
+    unset: set = field(default_factory=set)
 
     FIELDS = ("A", "G", "D", "cross")
+
+    def settle(self) -> None:
+        """Zero the unwritten blocks below the diagonal (before a state is saved or reduced)."""
+        for name in self.unset:
+            m = getattr(self, name)
+            for i in range(0, m.shape[0] - _BLOCK, _BLOCK):
+                m[i + _BLOCK:, i:i + _BLOCK].zero_()
+        self.unset.clear()
 
 
 # block rows of a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: only the blocks on
 # and right of the diagonal are computed (one ``addmm_`` per block row, in place into the running
-# sum; 60% of the products of a full ``x^T x`` for 785 columns, 56% for 1025), and
-# :func:`full_gram` mirrors them when read. Below, one full product (the mirroring would cost
-# about what the blocks save; measured on one CPU thread).
+# sum; 67% of the products of a full ``x^T x`` for 400 columns, 58% for 784, 56% for 1024), and
+# :func:`full_gram` mirrors them when read. Below, one full product (measured on one CPU thread:
+# the blocks are faster from about 400 columns on).
 _BLOCK = 128
-_BLOCKED = 640
+_BLOCKED = 384
 
 
-def gram_into(s: LayerSums, name: str, x: torch.Tensor) -> None:
-    """Add ``x^T x`` (``x``: ``(rows, n)``) to the field ``name`` of ``s`` (for ``n >
-    _BLOCKED`` its upper block rows only, the rest 0: read it with :func:`full_gram`)."""
+def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
+              c: torch.Tensor | None = None) -> None:
+    """Add ``y^T y`` to the field ``name`` of ``s``, with ``y = x`` (``(rows, n)``) or, if
+    ``one``, ``y = [x, c]`` (``c``: ``(rows,)``, all ones if ``None``) without forming ``y``: the
+    last row and column are ``x^T c`` and ``c^T c``. For ``n > _BLOCKED`` only the upper block
+    rows of the ``x^T x`` part are summed; the blocks below the diagonal are left unwritten
+    (``s.unset``, see :meth:`LayerSums.settle`): read the sum with :func:`full_gram`."""
     n = x.shape[1]
     out = getattr(s, name)
-    if n <= _BLOCKED:
-        if out is None:
-            setattr(s, name, x.T @ x)
-        else:
-            out.addmm_(x.T, x)
-        return
     first = out is None
-    if first:
-        out = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    if first:  # every entry is written below (no zero fill of the whole matrix)
+        out = x.new_empty(n + one, n + one)
         setattr(s, name, out)
-    for i in range(0, n, _BLOCK):
-        out[i:i + _BLOCK, i:].addmm_(x[:, i:i + _BLOCK].T, x[:, i:], beta=0 if first else 1)
-        if first:
-            out[i + _BLOCK:, i:i + _BLOCK].zero_()
-
-
-def full_gram(m: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """The symmetric matrix of a sum kept by :func:`gram_into` (a new tensor unless
-    ``inplace``)."""
-    n = m.shape[0]
-    out = m if inplace else m.clone()
+    core = out[:n, :n] if one else out
+    beta = 0 if first else 1
     if n <= _BLOCKED:
-        return out
-    for i in range(0, n - _BLOCK, _BLOCK):
-        out[i + _BLOCK:, i:i + _BLOCK] = out[i:i + _BLOCK, i + _BLOCK:].T
+        core.addmm_(x.T, x, beta=beta)
+    else:
+        for i in range(0, n, _BLOCK):
+            core[i:i + _BLOCK, i:].addmm_(x[:, i:i + _BLOCK].T, x[:, i:], beta=beta)
+        if first:
+            s.unset.add(name)
+    if one:
+        col = (x.new_ones(x.shape[0]) if c is None else c) @ x  # a product: faster than sum(0)
+        cc = x.new_tensor(float(x.shape[0])) if c is None else c @ c
+        if first:
+            out[:n, n], out[n, :n], out[n, n] = col, col, cc
+        else:
+            out[:n, n] += col
+            out[n, :n] += col
+            out[n, n] += cc
+
+
+def full_gram(m: torch.Tensor, inplace: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """The symmetric matrix of a sum kept by :func:`gram_into`, times ``scale`` (a new tensor
+    unless ``inplace``): the upper block rows scaled and mirrored in one pass over them."""
+    n = m.shape[0]
+    if n <= _BLOCKED:
+        if scale == 1.0:
+            return m if inplace else m.clone()
+        return m.mul_(scale) if inplace else m * scale
+    out = m if inplace else torch.empty_like(m)
+    for i in range(0, n, _BLOCK):
+        if not inplace:
+            torch.mul(m[i:i + _BLOCK, i:], scale, out=out[i:i + _BLOCK, i:])
+        elif scale != 1.0:
+            out[i:i + _BLOCK, i:].mul_(scale)
+        if i + _BLOCK < n:
+            out[i + _BLOCK:, i:i + _BLOCK] = out[i:i + _BLOCK, i + _BLOCK:].T
     return out
 
 
@@ -85,8 +116,11 @@ def _add(s: LayerSums, name: str, value: torch.Tensor) -> None:
 
 
 def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, approx: str,
-               dtype: torch.dtype) -> None:
-    """Add the input second moments of one batch (``w``: ``(N, T)`` position weights)."""
+               dtype: torch.dtype, order: torch.Tensor | None = None) -> None:
+    """Add the input second moments of one batch (``w``: ``(N, T)`` position weights; ``a``:
+    the inputs of :func:`~fimfast.structured.capture.inputs_of` with ``ones=False``, the 1 of a
+    Linear-kind layer's bias implicit; ``order``: ``a[..., order]`` is the layer's input order,
+    see :func:`~fimfast.structured.capture.patch_order`)."""
     if layer.kind == "embedding":
         if approx == "reduce":  # sparse rows a_bar_n (fimfast.structured.gram)
             s.A = gram.append(s.A, gram.rows(a, w, layer.I, layer.module.padding_idx, dtype))
@@ -95,8 +129,9 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
         return _embedding_inputs(layer, s, a, w, dtype)
     if layer.kind == "layernorm" and approx == "expand":
         return _ln_expand(layer, s, a.to(dtype), w)
+    bias = layer.bias is not None
     if layer.kind == "layernorm":  # (N, T, D I'): (x_hat_d, 1) of every feature, row-major
-        a = _ln_full(a.to(dtype), layer.bias is not None).flatten(2)
+        a, bias = _ln_full(a.to(dtype), bias).flatten(2), False  # the 1s are in the rows
     else:
         a = a.to(dtype)
     if w is not None:
@@ -104,15 +139,25 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
     if approx == "expand":  # 0/1 weights: sum w a a^T = (sqrt(w) a)^T (sqrt(w) a)
         npos = float(a.shape[0] * a.shape[1]) if w is None else float(w.sum())
         a2 = a.reshape(-1, a.shape[-1])
-        gram_into(s, "A", a2 if w is None else a2 * w.reshape(-1, 1).sqrt())
+        sw = None if w is None else w.reshape(-1).sqrt()
+        a2 = a2 if sw is None else a2 * sw.unsqueeze(1)
+        if order is None:
+            gram_into(s, "A", a2, bias, sw)
+        else:
+            _gram_reordered(s, a2, bias, sw, order)
     else:  # reduce: the mean input over the positions of each sample
+        one = None
         if w is None:
             abar = a.mean(1)
         else:
             ww = w.reshape(w.shape + (1,) * (a.dim() - 2))
             abar = (a * ww).sum(1) / ww.sum(1).clamp_min(1)
+            one = w.sum(1) / w.sum(1).clamp_min(1)  # the mean of the bias input 1
         npos = float(a.shape[0])
-        gram_into(s, "A", abar)
+        if order is None:
+            gram_into(s, "A", abar, bias, one)
+        else:
+            _gram_reordered(s, abar, bias, one, order)
     s.npos += npos
 
 
@@ -137,6 +182,31 @@ def _ln_expand(layer, s: LayerSums, xh: torch.Tensor, w: torch.Tensor | None) ->
     s.npos += n
 
 
+def add_conv_inputs(layer, s: LayerSums, dtype: torch.dtype) -> None:
+    """Add a convolution's input second moments (``approx="expand"``) from its input rows,
+    every call (:mod:`fimfast.structured.convgram`)."""
+    for x, _, _ in layer.calls:
+        A, col, n = conv_gram(x, layer.module, dtype)
+        if layer.bias is not None:
+            K = A.shape[0]
+            full = A.new_empty(K + 1, K + 1)
+            full[:K, :K], full[:K, K], full[K, :K], full[K, K] = A, col, col, n
+            A = full
+        _add(s, "A", A)
+        s.npos += float(n)
+
+
+def _gram_reordered(s: LayerSums, x: torch.Tensor, one: bool, c, order: torch.Tensor) -> None:
+    """:func:`gram_into` of ``x[:, order]`` (``"A"``), computed on ``x`` and reordered as a
+    ``(n', n')`` matrix (cheaper than reordering the ``(rows, n)`` inputs)."""
+    t = LayerSums()
+    gram_into(t, "A", x, one, c)
+    idx = order.to(x.device)
+    if one:
+        idx = torch.cat([idx, idx.new_full((1,), x.shape[1])])
+    _add(s, "A", full_gram(t.A, True)[idx.unsqueeze(1), idx])
+
+
 def _embedding_inputs(layer, s: LayerSums, ids: torch.Tensor, w, dtype) -> None:
     """Token counts: the diagonal of the one-hot second moment (the padding row left at 0)."""
     ids = ids.reshape(-1)
@@ -158,15 +228,16 @@ def _ln_full(xh: torch.Tensor, bias: bool) -> torch.Tensor:
 
 
 def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, approx: str,
-              eig: tuple | None) -> None:
+              eig: tuple | None, order: torch.Tensor | None = None) -> None:
     """Add one block of output gradients: ``G`` (``what="kfac"``), the squared gradients in the
     eigenbasis ``eig = (U_A, U_G)`` (``"ekfac"``) or the squared gradients and weight-bias cross
     terms (``"quasi_diag"``)."""
     dt = acc_dtype(g)
     g = g.to(dt)
     if what == "kfac":
-        O = g.shape[-1]
-        gram_into(s, "G", g.reshape(-1, O) if approx == "expand" else g.sum(2).reshape(-1, O))
+        if approx == "reduce":
+            g = g.sum(2, keepdim=True)
+        _grad_gram(s, g)
         return
     if layer.kind == "embedding":
         return _embedding_squares(layer, s, a, g, None if eig is None else eig[1])
@@ -179,20 +250,73 @@ def add_grads(layer, s: LayerSums, a: torch.Tensor, g: torch.Tensor, what: str, 
         if what == "quasi_diag" and layer.bias is not None:
             _add(s, "cross", (Mp[..., :1] * Mp[..., 1:]).sum((0, 1)))
         return
-    _linear_squares(s, a.to(dt), g, what, eig, layer.bias is not None)
+    bias = layer.bias is not None
+    if order is not None:  # inputs a[..., order] in the layer's order: U_A's rows reordered
+        if what != "ekfac":
+            raise ValueError(f"reordered inputs are for what='ekfac'; got {what!r}")
+        ua = eig[0]
+        idx = order.to(ua.device)
+        if bias:
+            idx = torch.cat([idx, idx.new_full((1,), idx.numel())])
+        eig = (ua.new_empty(ua.shape).index_copy_(0, idx, ua), eig[1])
+    _linear_squares(s, a.to(dt), g, what, eig, bias)
+
+
+def _grad_gram(s: LayerSums, g: torch.Tensor) -> None:
+    """Add ``sum_{q,t} g_{q,t} g_{q,t}^T`` of ``(M, N, T, O)`` gradients. A convolution's
+    come as a transposed view of ``(M, N, O, T)``: summed per pair as ``g_q g_q^T`` with ``g_q``
+    ``(O, T)`` (one batched product) instead of copying them to ``(M N T, O)`` rows."""
+    M, N, T, O = g.shape
+    gt = g.transpose(2, 3)
+    if T > 1 and not g.is_contiguous() and gt.is_contiguous() and O <= _BLOCKED \
+            and M * N * O <= 4 * g.numel():
+        gt = gt.reshape(M * N, O, T)
+        _add(s, "G", torch.bmm(gt, gt.mT).sum(0))
+        return
+    gram_into(s, "G", g.reshape(-1, O))
+
+
+def _per_pair(g: torch.Tensor, a: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``(M, N, O, I')`` per-pair gradients ``sum_t g_{q,t} [a_{n,t}, 1]^T``."""
+    Mp = torch.einsum("mnto,nti->mnoi", g, a)
+    return torch.cat([Mp, g.sum(2).unsqueeze(-1)], -1) if bias else Mp
+
+
+def _project(a: torch.Tensor, ua: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``[a, 1] U_A`` without forming ``[a, 1]``."""
+    if not bias:
+        return a @ ua
+    return torch.addmm(ua[-1], a.reshape(-1, a.shape[-1]), ua[:-1]).reshape(
+        a.shape[:-1] + (ua.shape[1],))
 
 
 def _linear_squares(s: LayerSums, a, g, what: str, eig, bias: bool) -> None:
+    """Squared per-pair gradients of the ``(O, I')`` matrix (inputs ``a`` without the 1 of the
+    bias), in the eigenbasis for ``"ekfac"``: ``U_G^T M_q U_A`` with ``M_q = sum_t g_t a_t^T``.
+
+    One position per sample: ``(g a^T)^2 = g^2 (a^2)^T``, so ``D = (sum_q ghat^2)^T ahat^2``, one
+    product of the squared projections ``ghat = U_G^T g``, ``ahat = U_A^T [a, 1]``. Several
+    positions: the projections first (``N T (O^2 + I'^2)`` multiply-adds) or the per-pair
+    gradients first and then their rotation (``N (O^2 I' + O I'^2)``), whichever is cheaper
+    (convolutions with more locations than channels: the latter)."""
+    M, N, T, O = g.shape
+    In = a.shape[-1] + bias
     if what == "ekfac":
-        ua, ug = eig
-        g, a = g @ ug.to(g.dtype), a @ ua.to(g.dtype)
+        ua, ug = (u.to(g.dtype) for u in eig)
+        if T > 1 and T * (O * O + In * In) > O * In * (O + In):
+            Mp = ug.T @ _per_pair(g, a, bias) @ ua
+            _add(s, "D", (Mp * Mp).sum((0, 1)))
+            return
+        g, a, bias = g @ ug, _project(a, ua, bias), False
     want_cross = what == "quasi_diag" and bias
-    if g.shape[2] == 1:  # one position: (g a^T)^2 = g^2 a^2 summed without per-pair matrices
+    if T == 1:  # one position: (g a^T)^2 = g^2 a^2 summed without per-pair matrices
         g2 = (g[:, :, 0] ** 2).sum(0)  # (N, O)
         D = g2.T @ (a[:, 0] ** 2)
-        cross = g2.T @ a[:, 0, :-1] if want_cross else None
+        if bias:
+            D = torch.cat([D, g2.sum(0).unsqueeze(1)], 1)
+        cross = g2.T @ a[:, 0] if want_cross else None
     else:
-        Mp = torch.einsum("mnto,nti->mnoi", g, a)  # per-pair gradients of the (O, I') matrix
+        Mp = _per_pair(g, a, bias)
         D = (Mp**2).sum((0, 1))
         cross = (Mp[..., :-1] * Mp[..., -1:]).sum((0, 1)) if want_cross else None
     _add(s, "D", D)

@@ -1,0 +1,176 @@
+"""The per-layer sums of the Kronecker family against ``F.unfold`` and per-sample gradients in
+float64: a convolution's input factor from its input rows (fimfast/structured/convgram.py), the
+channels-last patches, the convolution's ``G`` as one batched product, and EKFAC's squared
+projected gradients by either order of products (fimfast/structured/sums.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fimfast
+from fimfast.structured import capture, convgram, sums
+
+GEOMETRIES = [
+    dict(kernel_size=5),
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=(3, 4), stride=(2, 1), dilation=(1, 2), padding=(1, 2)),
+    dict(kernel_size=(4, 3), stride=(1, 3)),
+    dict(kernel_size=3, padding="same", dilation=2),
+]
+
+
+def _patches(x, m):
+    a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=capture.conv_padding(m),
+                 stride=m.stride)
+    return a.transpose(1, 2)
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+@pytest.mark.parametrize("C", [1, 3])
+def test_conv_gram_equals_the_patch_gram(geo, C):
+    torch.manual_seed(0)
+    m = nn.Conv2d(C, 2, **geo)
+    x = torch.randn(3, C, 11, 13, dtype=torch.float64)
+    a = _patches(x, m).reshape(-1, m.weight[0].numel())
+    A, col, n = convgram.conv_gram(x, m, torch.float64)
+    torch.testing.assert_close(A, a.T @ a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(col, a.sum(0), rtol=1e-12, atol=1e-12)
+    assert n == a.shape[0]
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_channels_last_patches(geo):
+    m = nn.Conv2d(3, 2, **geo)
+    x = torch.randn(2, 3, 9, 10)
+    ref = _patches(x, m)
+    assert torch.equal(capture.unfold(x, m), ref)
+    cl = capture.unfold(x, m, channels_last=True)
+    assert cl.is_contiguous() and torch.equal(cl[..., capture.patch_order(m)], ref)
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 5, 3, padding=1),
+                         nn.Flatten(), nn.Linear(5 * 5 * 5, 3)).double()
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 7, 7, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (4,), generator=g)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_conv_input_factors(approx):
+    """KFAC's ``A`` of both convolutions (the row-strip path for ``expand``, the channels-last
+    patches reordered for ``reduce``) against ``F.unfold`` of the recorded inputs."""
+    model, data = _conv_model(), _data()
+    assert all(convgram.worthwhile(model[i], torch.zeros(4, model[i].in_channels, 7, 7))
+               for i in (0, 2)) or approx == "reduce"
+    F_ = fimfast.fisher(model, data, "exact", representation="kfac", kfac_approx=approx)
+    inputs = {0: [], 2: []}
+    hooks = [model[i].register_forward_hook(lambda mod, inp, out, i=i: inputs[i].append(inp[0]))
+             for i in (0, 2)]
+    with torch.no_grad():
+        for x, _ in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    for k, i in enumerate((0, 2)):
+        a = torch.cat([_patches(x, model[i]) for x in inputs[i]])
+        a = torch.cat([a, torch.ones(a.shape[:-1] + (1,), dtype=a.dtype)], -1)
+        if approx == "reduce":
+            a = a.mean(1, keepdim=True)
+        a = a.reshape(-1, a.shape[-1])
+        torch.testing.assert_close(F_.A[k], a.T @ a / a.shape[0], rtol=1e-10, atol=1e-12)
+
+
+def test_conv_output_factor_batched_product():
+    """``G`` of a convolution from the transposed-view gradients (one batched product) equals
+    the Gram of the copied rows."""
+    g = torch.randn(2, 3, 5, 7, dtype=torch.float64).transpose(2, 3)  # (M, N, T, O) view
+    s = sums.LayerSums()
+    sums._grad_gram(s, g)
+    rows = g.reshape(-1, 5)
+    torch.testing.assert_close(s.G, rows.T @ rows, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T,O,I", [(1, 4, 6), (2, 7, 6), (9, 2, 7), (9, 7, 2)])
+def test_ekfac_squares_both_orders(T, O, I, bias):  # noqa: E741
+    """``D = sum_q (U_G^T M_q U_A)^2`` with ``M_q = sum_t g_t [a_t, 1]^T``: projections first
+    (``T (O^2 + I'^2) <= O I' (O + I')``) or per-pair gradients first (otherwise), against the
+    per-pair matrices formed by hand; the quasi-diagonal's squares and cross terms too."""
+    torch.manual_seed(0)
+    M, N = 2, 3
+    In = I + bias
+    a = torch.randn(N, T, I, dtype=torch.float64)
+    g = torch.randn(M, N, T, O, dtype=torch.float64)
+    ua = torch.linalg.qr(torch.randn(In, In, dtype=torch.float64))[0]
+    ug = torch.linalg.qr(torch.randn(O, O, dtype=torch.float64))[0]
+    af = torch.cat([a, torch.ones(N, T, 1, dtype=a.dtype)], -1) if bias else a
+    Mq = torch.einsum("mnto,nti->mnoi", g, af)
+    s = sums.LayerSums()
+    sums._linear_squares(s, a, g, "ekfac", (ua, ug), bias)
+    torch.testing.assert_close(s.D, ((ug.T @ Mq @ ua) ** 2).sum((0, 1)), rtol=1e-12,
+                               atol=1e-12)
+    q = sums.LayerSums()
+    sums._linear_squares(q, a, g, "quasi_diag", None, bias)
+    torch.testing.assert_close(q.D, (Mq**2).sum((0, 1)), rtol=1e-12, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(q.cross, (Mq[..., :-1] * Mq[..., -1:]).sum((0, 1)),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_ekfac_refit_channels_last_patches(monkeypatch):
+    """EKFAC's refit of a convolution with channels-last patches (``U_A``'s rows reordered)
+    equals the refit with ``F.unfold``'s order, and its ``D`` is the diagonal of the
+    per-pair gradients' second moment in the Kronecker eigenbasis."""
+    model, data = _conv_model(), _data()
+    E = fimfast.fisher(model, data, "exact", representation="ekfac", reduction="sum")
+    monkeypatch.setattr(capture, "channels_last_inputs", lambda layer: False)
+    R = fimfast.fisher(model, data, "exact", representation="ekfac", reduction="sum")
+    for d, r in zip(E.D, R.D):
+        torch.testing.assert_close(d, r, rtol=1e-10, atol=1e-12)
+    # oracle for the first convolution: per-(sample, class) gradients of [W, b] by autograd
+    conv, (ua, ug) = model[0], (E.UA[0], E.UG[0])
+    D = torch.zeros_like(E.D[0])
+    for x, _ in data:
+        for n in range(x.shape[0]):
+            z = model(x[n:n + 1])[0]
+            p = torch.softmax(z, -1).detach()
+            for c in range(z.shape[0]):
+                u = p[c].sqrt() * (torch.eye(3, dtype=z.dtype)[c] - p)
+                gw, gb = torch.autograd.grad(z @ u, [conv.weight, conv.bias], retain_graph=True)
+                Mq = torch.cat([gw.reshape(gw.shape[0], -1), gb.unsqueeze(1)], 1)
+                D += (ug.T @ Mq @ ua) ** 2
+    torch.testing.assert_close(E.D[0], D, rtol=1e-8, atol=1e-12)
+
+
+def test_blocked_sums_settle_before_state():
+    """Blocked Gram sums leave their lower blocks unwritten until read; a saved state has them
+    0 (no uninitialised memory leaves the process) and resumes to the same factors."""
+    from fimfast.structured import FisherAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(700, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 700, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    acc = FisherAccumulator(model, "exact", "kfac", seed=0)
+    acc.update(data[0])
+    assert acc.sums[0].unset == {"A"}
+    state = acc.state_dict()
+    A = state["sums"][0]["A"]
+    assert A.shape == (701, 701) and not acc.sums[0].unset
+    assert torch.equal(A[128:, :128], torch.zeros_like(A[128:, :128]))
+    again = FisherAccumulator(model, "exact", "kfac", seed=0)
+    again.load_state_dict(state)
+    for a in (acc, again):
+        a.update(data[1])
+    x = torch.cat([torch.cat([b[0], torch.ones(6, 1, dtype=torch.float64)], 1) for b in data])
+    for F_ in (acc.result(), again.result()):
+        torch.testing.assert_close(F_.A[0], x.T @ x / 12, rtol=1e-12, atol=1e-13)
