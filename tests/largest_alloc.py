@@ -27,7 +27,11 @@ class LargestAlloc(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                n = t.untyped_storage().nbytes()
+                if t.layout == torch.sparse_coo:  # its indices and values
+                    n = t._indices().untyped_storage().nbytes()
+                    n += t._values().untyped_storage().nbytes()
+                else:
+                    n = t.untyped_storage().nbytes()
                 if n > self.bytes:
                     self.bytes, self.op, self.shape = n, str(func), tuple(t.shape)
         return out
