@@ -128,6 +128,18 @@ def _markdown(summary: dict, workload: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(tree: str) -> str:
+    """A source tree by its commit (``+`` when it has changes), else by its folder name."""
+    try:
+        sha = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.path.basename(os.path.abspath(tree))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default="a,e")
@@ -152,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         "trees": a.trees,
         "workloads": {},
     }
+    labels = {t: _label(t) for t in a.trees}
+    report["trees"] = list(labels.values())
     md = []
     for w in a.workloads.split(","):
-        meds: dict[str, list[dict]] = {t: [] for t in a.trees}
+        meds: dict[str, list[dict]] = {labels[t]: [] for t in a.trees}
         for _ in range(a.rounds):
             for tree in random.sample(a.trees, len(a.trees)):
                 env = dict(os.environ, PYTHONPATH=tree)
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--steps", str(a.steps), "--size", a.size]
                 res = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True,
                                      check=True)
-                meds[tree].append(json.loads(res.stdout.strip().splitlines()[-1]))
+                meds[labels[tree]].append(json.loads(res.stdout.strip().splitlines()[-1]))
         summary = _summary(meds)
         report["workloads"][w] = {"summary": summary, "runs": meds}
         md.append(_markdown(summary, w))
