@@ -25,6 +25,10 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   training step's (docs/estimators.md, "Memory"); ``B_train`` counts as at least
   ``TRAIN_BOUND_FROM`` (64 MiB): a smaller model back-propagates all its columns at once (a few MB
   more, and faster); ``class_chunk`` wins.
+* :func:`patch_samples`: samples of a convolution's unfolded input patches formed at once
+  (:class:`fimfast.rules.base.Patches`): ``u`` the bytes of one sample's patches, and the budget
+  at most ``PATCH_BYTES`` (a few MB, so that the patches stay a small temporary next to the
+  layer's own input and output, and the products that read them stay cache-sized).
 * :func:`samples_per_chunk`: samples of a ``vmap`` pass of per-sample gradients (torch-secorder
   compatibility): ``u = 8 P``.
 * :func:`rows_per_chunk`: rows of ``C`` logits per chunk of a fixed number ``elems`` of logits
@@ -107,6 +111,16 @@ def fast_columns(
     # TRAIN_BOUND_FROM the whole backward is a few MB, and splitting it costs time, not memory
     train = max(4 * param_elems + 8 * total, TRAIN_BOUND_FROM)
     return _fit(per_col, min(budget, train))
+
+
+# unfolded patches are formed at most this many bytes at a time (see patch_samples)
+PATCH_BYTES = 2 << 20
+
+
+def patch_samples(per_sample: int, budget: int | None = None) -> int:
+    """Samples of unfolded patches (``per_sample`` bytes each) formed at once."""
+    budget = _env.memory_budget_bytes() if budget is None else budget
+    return _fit(per_sample, min(budget, PATCH_BYTES))
 
 
 def samples_per_chunk(P: int) -> int:

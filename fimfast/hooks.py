@@ -102,7 +102,12 @@ class Use:
 
 @dataclass
 class Call:
-    """One invocation of a module with a rule, as recorded during the forward."""
+    """One invocation of a module with a rule, as recorded during the forward.
+
+    ``chunks``: the number of chunks of backward columns of the step, each a call of the rule's
+    ``terms`` (set by the per-sample engine before the first): what a rule caches in ``data``
+    for the step is formed once however many, what it forms per chunk is formed ``chunks``
+    times."""
 
     module: torch.nn.Module
     rule: Any
@@ -112,6 +117,7 @@ class Call:
     internal: dict[int, int] | None = None
     ok: bool = True
     reason: str = ""
+    chunks: int = 1
 
 
 class Capture:

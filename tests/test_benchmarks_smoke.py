@@ -277,3 +277,19 @@ def test_bench_fixed_cost_runs_and_reports(tmp_path):
     assert set(s["cycle_over_step"]) == {"hutchinson", "empirical"}
     assert all(v > 0 for v in s["ratio"].values())
     assert "HUTCHINSON gap" in (tmp_path / "fixed.md").read_text()
+
+
+def test_bench_conv_patches_runs_and_reports(tmp_path):
+    """The convolution-patches benchmark on the CNN (c), one round: EMPIRICAL (one backward)
+    and EXACT with patches by pieces hold less than with the patches kept (the CNN's patches,
+    9.75 MB, are most of such a step)."""
+    from benchmarks import bench_conv_patches
+
+    out = tmp_path / "patches.json"
+    bench_conv_patches.main(["--workloads", "c", "--rounds", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["c"]
+    assert rows["floor_tensor_mb"] > 0
+    for m in ("empirical", "exact@bound"):
+        assert rows[f"{m}/chunked"]["tensor_mb"] < rows[f"{m}/kept"]["tensor_mb"] - 5
+        assert rows[f"{m}/kept"]["ratio_median"] == 1.0
+    assert rows["empirical/default"]["tensor_mb"] == rows["empirical/chunked"]["tensor_mb"]

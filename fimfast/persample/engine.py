@@ -151,6 +151,8 @@ class Engine(Replay):
         # (EMPIRICAL) holds one gradient per tap, less than a training step: no streaming.
         stream = M_max == 1 and total > 1
         self.add_taps = stream
+        for c in plan.calls:
+            c.chunks = -(-total // M_max)
         for s in range(0, total, M_max):
             cot = cols.take(kk[s : s + M_max])
             if token:

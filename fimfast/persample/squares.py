@@ -15,6 +15,7 @@ import torch
 from fimfast import layers, ops
 from fimfast.dtypes import compute_dtype
 from fimfast.persample.plan import Group, GroupKind, RowIndex
+from fimfast.rules.base import Patches, dense
 from fimfast.state import Sums
 
 
@@ -149,7 +150,7 @@ def _defer_outer(g: Group, outer, dt: torch.dtype, cache: dict) -> None:
     else:
         st.S = _colsq(P, dt, cache)
     if st.Q is None:
-        st.Q = outer.Q[:, 0]
+        st.Q = dense(outer.Q)[:, 0]
 
 
 def _tied_cross(g: Group, outers: list, ids, keep, Qe, view: torch.Tensor, dt) -> None:
@@ -158,7 +159,7 @@ def _tied_cross(g: Group, outers: list, ids, keep, Qe, view: torch.Tensor, dt) -
     M, N, T, V = P.shape
     S = ids.shape[1]
     Pg = torch.gather(P, 3, ids.view(1, N, 1, S).expand(M, N, T, S))  # (M, N, T, S)
-    D = torch.einsum("mnts,nti->mnsi", Pg.to(dt), Q.to(dt))
+    D = torch.einsum("mnts,nti->mnsi", Pg.to(dt), dense(Q).to(dt))
     X = (Qe.to(dt) * D).sum(0)  # (N, S, d)
     if keep is not None:
         X = X * keep.unsqueeze(-1)
@@ -170,7 +171,7 @@ def _cat_outer(g: Group, outers: list) -> tuple[torch.Tensor, torch.Tensor]:
         return outers[0].P, outers[0].Q
     P = torch.cat([o.P for o in outers], dim=2)
     if g.state.Qcat is None:  # the input side is the same for every chunk
-        g.state.Qcat = torch.cat([o.Q for o in outers], dim=1)
+        g.state.Qcat = torch.cat([dense(o.Q) for o in outers], dim=1)
     return P, g.state.Qcat
 
 
@@ -178,8 +179,15 @@ def _cat_outer(g: Group, outers: list) -> tuple[torch.Tensor, torch.Tensor]:
 _SQ_CHUNK_BYTES = 2 * 2**20
 
 
-def _outer_sq(P: torch.Tensor, Q: torch.Tensor, backend=None) -> torch.Tensor:
-    """``sum_{m,n} (P[m, n]^T Q[n])^2``: ``(O, I)`` or ``(g, O/g, I/g)`` for groups."""
+def _steps(Q: torch.Tensor | Patches, step: int) -> int:
+    """Samples per piece: ``step``, at most ``Q.chunk`` for :class:`Patches`, at least 1."""
+    return max(1, min(step, Q.chunk) if isinstance(Q, Patches) else step)
+
+
+def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch.Tensor:
+    """``sum_{m,n} (P[m, n]^T Q[n])^2``: ``(O, I)`` or ``(g, O/g, I/g)`` for groups. A
+    :class:`~fimfast.rules.base.Patches` ``Q`` is formed ``Q.chunk`` samples at a time (at most),
+    each piece once for all the columns."""
     dt = compute_dtype(torch.promote_types(P.dtype, Q.dtype))
     I = Q.shape[-1]
     if P.dim() == 4:
@@ -189,14 +197,17 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor, backend=None) -> torch.Tensor:
             # one column at a time over the whole batch, P as it came (no copy; the kernels
             # chunk the samples). Measured against the stacked layout below, 1 thread: 14 vs 22
             # ms (conv 16 x 25, 576 positions, 10 columns), 3.7 vs 5.8 ms (in_proj 192 x 64, 4)
-            for m in range(M):
-                part = ops.shared_sq(P[m], Q, backend=backend)
-                out = part if out is None else out.add_(part)
+            step = Q.chunk if isinstance(Q, Patches) else N
+            for n0 in range(0, N, step):
+                Qn = Q[n0 : n0 + step]
+                for m in range(M):
+                    part = ops.shared_sq(P[m, n0 : n0 + step], Qn, backend=backend)
+                    out = part if out is None else out.add_(part)
             return out
         # few outputs, many inputs (conv 32 x 400, 10 columns: 30 vs 36 ms for the loop): the
         # M columns side by side, shared_sq of (n, T, M*O) against (n, T, I), a few samples at
         # a time so that the stacked copy and the per-sample (M*O, I) products stay cache-sized
-        step = max(1, _SQ_CHUNK_BYTES // max(1, 4 * M * O * max(I, T)))
+        step = _steps(Q, _SQ_CHUNK_BYTES // max(1, 4 * M * O * max(I, T)))
         for n0 in range(0, N, step):
             Pm = P[:, n0 : n0 + step].permute(1, 2, 0, 3).reshape(-1, T, M * O)
             part = ops.shared_sq(Pm, Q[n0 : n0 + step], backend=backend)
@@ -205,7 +216,7 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor, backend=None) -> torch.Tensor:
     M, N, L, G, O = P.shape
     out = torch.zeros(G, O, I, dtype=dt, device=P.device)
     per_n = M * G * O * I * 4
-    step = max(1, _SQ_CHUNK_BYTES // max(1, per_n))
+    step = _steps(Q, _SQ_CHUNK_BYTES // max(1, per_n))
     for n0 in range(0, N, step):
         per = torch.einsum("mnlgo,nlgi->mngoi", P[:, n0 : n0 + step].to(dt),
                            Q[n0 : n0 + step].to(dt))
@@ -242,7 +253,8 @@ def _indexed(g: Group, outers: list, sums: Sums, backend) -> None:
         if len(os) == 1:
             P, Q = os[0].P, os[0].Q
         else:
-            P, Q = torch.cat([o.P for o in os], dim=2), torch.cat([o.Q for o in os], dim=1)
+            P = torch.cat([o.P for o in os], dim=2)
+            Q = torch.cat([dense(o.Q) for o in os], dim=1)
         view.index_add_(0, ix, _outer_sq(P, Q, backend).reshape(-1).to(view.dtype))
 
 
@@ -253,7 +265,7 @@ def _indexed_dense(classes: list, view: torch.Tensor) -> None:
     full = None
     for ix, os in classes:
         for o in os:
-            P, Q = o.P.to(dt), o.Q.to(dt)
+            P, Q = o.P.to(dt), dense(o.Q).to(dt)
             if P.dim() == 4:
                 per = torch.einsum("mnto,nti->mnoi", P, Q)
             else:

@@ -79,7 +79,8 @@ class Outer:
 
     Attributes:
         P: ``(M, N, T, O)`` output-side factor, or ``(M, N, T, g, O/g)`` for ``g`` groups.
-        Q: ``(N, T, I)`` input-side factor (the same for every column), or ``(N, T, g, I/g)``.
+        Q: ``(N, T, I)`` input-side factor (the same for every column), or ``(N, T, g, I/g)``;
+            or a :class:`Patches` of that shape, formed a few samples at a time.
         index: ``None`` (the product is laid out as the parameter), or int64 positions in the
             flattened parameter (block), one per entry of the product, no two equal.
     """
@@ -87,6 +88,45 @@ class Outer:
     P: torch.Tensor
     Q: torch.Tensor
     index: torch.Tensor | None = None
+
+
+class Patches:
+    """An input-side factor ``Q`` of an :class:`Outer` that is formed a few samples at a time,
+    never for the whole batch at once (a convolution's unfolded input patches, about
+    ``prod(kernel)`` times its input: fimfast/rules/conv.py).
+
+    ``Q[a:b]`` (a slice of samples, step 1) forms samples ``a`` to ``b``; :meth:`full` forms all
+    of them (for the rare consumers that need the whole factor). The squares
+    (fimfast/persample/squares.py) take ``chunk`` samples at a time.
+
+    Attributes:
+        shape: the shape of the whole factor, ``(N, T, I)`` or ``(N, T, g, I/g)``.
+        dtype: its dtype.
+        chunk: samples per piece (:func:`fimfast.chunks.patch_samples`).
+    """
+
+    def __init__(self, make: Callable[[int, int], torch.Tensor], shape: tuple[int, ...],
+                 dtype: torch.dtype, chunk: int) -> None:
+        self.make, self.shape, self.dtype = make, torch.Size(shape), dtype
+        self.chunk = max(1, int(chunk))
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, idx: slice) -> torch.Tensor:
+        if not isinstance(idx, slice) or idx.step not in (None, 1):
+            raise TypeError(f"Patches take a slice of samples (step 1); got {idx!r}")
+        a, b, _ = idx.indices(self.shape[0])
+        return self.make(a, max(a, b))
+
+    def full(self) -> torch.Tensor:
+        """The whole factor (every sample at once)."""
+        return self.make(0, self.shape[0])
+
+
+def dense(Q: torch.Tensor | Patches) -> torch.Tensor:
+    """``Q`` as one tensor (a :class:`Patches` formed whole)."""
+    return Q.full() if isinstance(Q, Patches) else Q
 
 
 @dataclass

@@ -7,13 +7,19 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from fimfast import chunks
 from fimfast.hooks import Call, Use
-from fimfast.rules.base import Outer, Rule, Term, UseKind, Vec, trainable
+from fimfast.rules.base import Outer, Patches, Rule, Term, UseKind, Vec, trainable
+
+# with several chunks of columns, a convolution's unfolded input patches above this many bytes
+# are formed a few samples at a time when squared, not kept for the step (ConvRule._input_side)
+PATCHES_LAZY_FROM = 16 << 20
 
 
 class ConvRule(Rule):
@@ -47,13 +53,20 @@ class ConvRule(Rule):
         g = module.groups
         return U.view(N, g, IK // g, L).permute(0, 3, 1, 2)  # a view: bmm takes the strides
 
+    def _input_side(self, module, x: torch.Tensor, L: int, chunks_: int):
+        """The input side of the weight's ``Outer`` (:func:`input_side`)."""
+        IK = x.shape[1] * math.prod(module.kernel_size)
+        return input_side(functools.partial(self._patches, module), x, IK, L, module.groups,
+                          chunks_)
+
     def terms(self, call, grads):
         G = grads[0]
         if G is None:
             return [None] * len(call.uses)
         m = call.module
         if "Q" not in call.data:
-            call.data["Q"] = self._patches(m, call.data["x"])
+            L = math.prod(G.shape[3:])
+            call.data["Q"] = self._input_side(m, call.data["x"], L, call.chunks)
         Q = call.data["Q"]
         M, N, O = G.shape[:3]
         G3 = G.reshape(M, N, O, -1)
@@ -293,16 +306,42 @@ def _phase_output_grad(G: torch.Tensor, ph: _Phase, s, g: int) -> torch.Tensor:
     return Gr.reshape(M, N, g, O // g, -1).permute(0, 1, 4, 2, 3)
 
 
+def input_side(patches: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, IK: int,
+               L: int, g: int, chunks_: int) -> torch.Tensor | Patches:
+    """The input side of a convolution's weight ``Outer`` (``patches(x)``: ``(N, L, g, IK/g)``
+    unfolded patches of the input ``x``, ``L`` output positions; ``chunks_`` chunks of columns
+    in the step): a :class:`~fimfast.rules.base.Patches` that unfolds a few samples at a time
+    when the squares read them, so that the patches (about ``prod(kernel) / prod(stride)`` times
+    the input, which the step holds anyway) are never held for the whole batch. With several
+    chunks of columns that unfolds once per chunk; then patches of at most
+    ``PATCHES_LAZY_FROM`` bytes are unfolded once and kept for the step instead (CNN (c) of
+    benchmarks/workloads.py, one column per chunk: about 29% more time for 8.5 MB less;
+    docs/estimators.md, "Memory")."""
+    N = x.shape[0]
+    per_sample = IK * L * x.element_size()
+    if chunks_ > 1 and N * per_sample <= PATCHES_LAZY_FROM:
+        return patches(x)
+
+    def make(a: int, b: int) -> torch.Tensor:
+        U = patches(x[a:b])
+        return U[:, :, 0] if g == 1 else U
+
+    shape = (N, L, IK) if g == 1 else (N, L, g, IK // g)
+    return Patches(make, shape, x.dtype, chunks.patch_samples(per_sample))
+
+
 def _conv_terms(call: Call, G3, P, Q, g: int) -> list[Term | None]:
     """A weight ``Outer(P, Q)`` over positions (``P`` ``(M, N, L, O')`` or ``(M, N, L, g,
-    O'/g)``, ``Q`` ``(N, L, g, I'/g)``), one block per group; the bias ``Vec`` sums ``G3``
+    O'/g)``, ``Q`` ``(N, L, g, I'/g)``, or a :class:`Patches` of that shape, 3-D for one group),
+    one block per group; the bias ``Vec`` sums ``G3``
     ``(M, N, O, L_out)`` over positions."""
     out: list[Term | None] = []
     for u in call.uses:
         if u.kind == UseKind.VEC:
             out.append(Vec(G3.sum(-1)))
-        elif g == 1:
-            out.append(Outer(P if P.dim() == 4 else P[:, :, :, 0], Q[:, :, 0]))
+        elif g == 1:  # a Patches factor of one group comes 3-D
+            Q1 = Q if Q.dim() == 3 else Q[:, :, 0]
+            out.append(Outer(P if P.dim() == 4 else P[:, :, :, 0], Q1))
         else:
             M, N, L, Op = P.shape[:4]
             out.append(Outer(P if P.dim() == 5 else P.reshape(M, N, L, g, Op // g), Q))

@@ -21,12 +21,15 @@ elementwise function of ``p``, is multiplied by ``ds/dp`` (``call.data``'s ``cha
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
 from fimfast.dtypes import compute_dtype
 from fimfast.rules.base import Outer, Rows, Rule, Term, UseKind, Vec, _linear_terms, front
-from fimfast.rules.conv import _conv_terms, _unfold, _unfold_output_grad
+from fimfast.rules.conv import _conv_terms, _unfold, _unfold_output_grad, input_side
 from fimfast.rules.embedding import EmbeddingBagRule
 
 
@@ -98,12 +101,15 @@ class FunctionalConvRule(Rule):
         if G is None:
             return [None] * len(call.uses)
         d = call.data
-        if "Q" not in d:
-            d["Q"] = _patches(d["x"], d["kernel"], d["stride"], d["padding"], d["dilation"],
-                              d["groups"])
-        Q = d["Q"]
         M, N, O = G.shape[:3]
         g = d["groups"]
+        if "Q" not in d:  # by pieces, as ConvRule (fimfast/rules/conv.py, input_side)
+            x = d["x"]
+            IK = x.shape[1] * math.prod(d["kernel"])
+            of = functools.partial(_patches, kernel=d["kernel"], stride=d["stride"],
+                                   padding=d["padding"], dilation=d["dilation"], groups=g)
+            d["Q"] = input_side(of, x, IK, math.prod(G.shape[3:]), g, call.chunks)
+        Q = d["Q"]
         G3 = G.reshape(M, N, O, -1)
         out: list[Term | None] = []
         for u in call.uses:
@@ -112,7 +118,7 @@ class FunctionalConvRule(Rule):
             else:
                 P = G3.transpose(2, 3)  # (M, N, L, O)
                 if g == 1:
-                    out.append(Outer(P, Q[:, :, 0]))
+                    out.append(Outer(P, Q if Q.dim() == 3 else Q[:, :, 0]))
                 else:
                     out.append(Outer(P.reshape(M, N, P.shape[2], g, O // g), Q))
         return out
