@@ -186,7 +186,8 @@ class State:
         into a state that is still all zeros (and keeps a sum) then takes them as its values instead
         of adding them to zeros (one pass over every parameter less: 0.25 ms of a 6 ms step on a
         535k-parameter MLP). A :class:`fimfast.step.Squares` estimate is squared and added in one
-        fused pass (:func:`fimfast.ops.accumulate_`).
+        fused pass (torch's multi-tensor ``addcmul``, or :func:`fimfast.ops.accumulate_` for the
+        exponential average and low-precision gradients); a sparse table gradient at its rows.
         """
         # getattr: a State unpickled from a version without the flag never adopts
         pristine = getattr(self, "_zero", False)
