@@ -52,17 +52,22 @@ class EmbeddingRule(Rule):
         return out
 
     def terms(self, call, grads):
-        G = grads[0]
-        if G is None:
-            return [None]
-        tap = call.taps[0]
-        if "front" not in call.data:
-            ids = front(call.data["ids"], tap.bdim, tap.lead)  # (N, S)
-            pi = call.module.padding_idx
-            call.data["front"] = (ids.long(), None if pi is None else ids != pi)
-        ids, keep = call.data["front"]
-        Qe = front(G, tap.bdim, tap.lead, extra=1)
-        return [Rows(ids, keep, Qe)]
+        return lookup_terms(call, grads, call.module.padding_idx)
+
+
+def lookup_terms(call, grads, padding_idx: int | None) -> list:
+    """The one term of a table lookup (``nn.Embedding`` or ``F.embedding``): ``Rows`` of the
+    per-sample ids (``call.data["ids"]``, sample axis first, cached in ``call.data["front"]``)
+    without the ``padding_idx`` tokens, over the output gradients."""
+    G = grads[0]
+    if G is None:
+        return [None]
+    tap = call.taps[0]
+    if "front" not in call.data:
+        ids = front(call.data["ids"], tap.bdim, tap.lead)  # (N, S)
+        call.data["front"] = (ids.long(), None if padding_idx is None else ids != padding_idx)
+    ids, keep = call.data["front"]
+    return [Rows(ids, keep, front(G, tap.bdim, tap.lead, extra=1))]
 
 
 class EmbeddingBagRule(Rule):

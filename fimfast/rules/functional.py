@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from fimfast.dtypes import compute_dtype
-from fimfast.rules.base import Outer, Rows, Rule, Term, UseKind, Vec, _linear_terms, front
+from fimfast.rules.base import Outer, Rule, Term, UseKind, Vec, _linear_terms, front
 from fimfast.rules.conv import _conv_terms, _unfold, _unfold_output_grad, input_side
-from fimfast.rules.embedding import EmbeddingBagRule
+from fimfast.rules.embedding import EmbeddingBagRule, lookup_terms
 
 
 class Site:
@@ -76,16 +76,7 @@ class FunctionalEmbeddingRule(Rule):
     name = "F.embedding"
 
     def terms(self, call, grads):
-        G = grads[0]
-        if G is None:
-            return [None]
-        tap = call.taps[0]
-        if "front" not in call.data:
-            ids = front(call.data["ids"], tap.bdim, tap.lead)  # (N, S)
-            pi = call.data["padding_idx"]
-            call.data["front"] = (ids.long(), None if pi is None else ids != pi)
-        ids, keep = call.data["front"]
-        return [Rows(ids, keep, front(G, tap.bdim, tap.lead, extra=1))]
+        return lookup_terms(call, grads, call.data["padding_idx"])
 
 
 class FunctionalConvRule(Rule):
