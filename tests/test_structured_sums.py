@@ -174,3 +174,36 @@ def test_blocked_sums_settle_before_state():
     x = torch.cat([torch.cat([b[0], torch.ones(6, 1, dtype=torch.float64)], 1) for b in data])
     for F_ in (acc.result(), again.result()):
         torch.testing.assert_close(F_.A[0], x.T @ x / 12, rtol=1e-12, atol=1e-13)
+
+
+def test_half_gram_factors_eig_and_read():
+    """Factors kept in upper block rows (sums.HalfGram): the eigenpairs from the upper triangle
+    rebuild the completed factor, which equals the float64 oracle; reading ``A`` / ``G``
+    completes them once; ``result()`` without ``consume`` leaves the running sums alone."""
+    from fimfast.structured import FisherAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(450, 400), nn.Tanh(), nn.Linear(400, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 450, generator=g, dtype=torch.float64)
+    data = [(x, torch.randint(0, 3, (9,), generator=g))]
+    acc = FisherAccumulator(model, "exact", "kfac", seed=0)
+    acc.add(data)
+    F1 = acc.result()  # copies: the accumulator's sums stay as they are
+    F3 = acc.result()
+    F2 = acc.result(consume=True)
+    for F_ in (F1, F2):
+        assert isinstance(F_._A[0], sums.HalfGram) and isinstance(F_._G[0], sums.HalfGram)
+        eig = F_.eig()
+        assert isinstance(F_._A[0], sums.HalfGram)  # not completed by the eigendecomposition
+        xa = torch.cat([x, torch.ones(9, 1, dtype=torch.float64)], 1)
+        torch.testing.assert_close(F_.A[0], xa.T @ xa / 9, rtol=1e-12, atol=1e-13)
+        assert torch.equal(F_.A[0], F_.A[0].T) and torch.equal(F_.G[0], F_.G[0].T)
+        lam_a, ua, lam_g, ug = eig[0]
+        torch.testing.assert_close((ua * lam_a) @ ua.T, F_.A[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close((ug * lam_g) @ ug.T, F_.G[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(F1.G[0], F2.G[0], rtol=0, atol=0)
+    v = torch.randn(F1.numel(), dtype=torch.float64, generator=g)
+    y = F3.solve(v, 1e-2)  # solve before any read of A / G
+    assert isinstance(F3._A[0], sums.HalfGram)
+    torch.testing.assert_close(F1.mv(y) + 1e-2 * y, v, rtol=1e-8, atol=1e-10)

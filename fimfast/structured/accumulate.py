@@ -30,7 +30,7 @@ from fimfast.structured import capture as cap
 from fimfast.structured import engine, gram
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
-from fimfast.structured.sums import LayerSums, full_gram
+from fimfast.structured.sums import LayerSums, half_gram
 from fimfast.types import FIMType, check_reduction
 
 _STATE_VERSION = 1
@@ -198,17 +198,18 @@ class FisherAccumulator:
 
 def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
     """KFAC's ``A`` (mean over positions) and ``G`` (scaled by ``sc``) from the sums, symmetric
-    (:func:`~fimfast.structured.sums.full_gram`); in the sums' own buffers if ``inplace``."""
+    or completed where read (:func:`~fimfast.structured.sums.half_gram`); in the sums' own
+    buffers if ``inplace``."""
     A, G = [], []
     for layer, s in zip(layers, sums):
         a, g, sa = s.A, s.G, 1.0 / max(s.npos, 1.0)
-        g = full_gram(g, inplace, sc)  # every kind's G is a Gram matrix
+        g = half_gram(g, inplace, sc)  # every kind's G is a Gram matrix
         if a.is_sparse:  # an embedding's reduce rows: the factor of the mean
             A.append(gram.scaled(a, s.npos))
             G.append(g)
             continue
         if layer.kind != "embedding":  # LayerNorm's (D I', D I') too
-            a = full_gram(a, inplace, sa)
+            a = half_gram(a, inplace, sa)
         else:
             a = a.mul_(sa) if inplace else a * sa
         A.append(a)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fimfast.structured import gram
+from fimfast.structured.sums import HalfGram
 
 
 def expected_shapes(kind: str, O: int, In: int) -> tuple[tuple[int, ...], tuple[int, ...]]:  # noqa: E741
@@ -37,7 +38,14 @@ def eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float32 ``eigh`` can fail on input factors with many equal eigenvalues (an MNIST layer's
     785 x 785 ``A``, whose constant-zero pixels give a large null space); such a factor is
     decomposed in float64 instead (on this CPU build 785 x 785 float64 ``eigh`` takes seconds,
-    float32 a fraction of one, so float64 is the fallback, not the default)."""
+    float32 a fraction of one, so float64 is the fallback, not the default).
+
+    A :class:`~fimfast.structured.sums.HalfGram` is decomposed from its upper triangle."""
+    if isinstance(m, HalfGram):
+        out = m.eigh()
+        if out is not None:
+            return out
+        m = m.full()
     sym = (m + m.mT) / 2
     try:
         lam, U = torch.linalg.eigh(sym)

@@ -21,6 +21,7 @@ import torch
 from fimfast.structured import factors as fx
 from fimfast.structured import gram
 from fimfast.structured.base import StructuredFIM, check_damping, register
+from fimfast.structured.sums import HalfGram
 
 
 class _Layered(StructuredFIM):
@@ -130,12 +131,14 @@ class _Layered(StructuredFIM):
 @register("kfac")
 class KFACFIM(_Layered):
     """``F ~ blockdiag_l(A_l (x) G_l)`` (NNGeometry's ``PMatKFAC``, curvlinops'
-    ``KFACLinearOperator``). ``A``, ``G``: lists of factors, one per layer."""
+    ``KFACLinearOperator``). ``A``, ``G``: lists of factors, one per layer (tensors, or
+    :class:`~fimfast.structured.sums.HalfGram` sums completed on first read of ``A`` / ``G``;
+    :meth:`eig` takes their eigenpairs without completing them)."""
 
     def __init__(self, names, shapes, layers, A, G, meta=None):
         super().__init__(names, shapes, layers, meta)
-        self.A, self.G = list(A), list(G)
-        for i, (info, a, g) in enumerate(zip(self.layers, self.A, self.G)):
+        self._A, self._G = list(A), list(G)
+        for i, (info, a, g) in enumerate(zip(self.layers, self._A, self._G)):
             want = fx.expected_shapes(self._kind(i), info["O"], info["In"])
             got_a = (a.shape[1],) if a.is_sparse else tuple(a.shape)  # reduce: (N, V) rows
             if (got_a, tuple(g.shape)) != want:
@@ -147,16 +150,31 @@ class KFACFIM(_Layered):
         self._ekfac: EKFACFIM | None = None
 
     @property
+    def A(self) -> list[torch.Tensor]:
+        """The input factors (symmetric tensors; an embedding's: see the module docstring)."""
+        self._A = [_full(a) for a in self._A]
+        return self._A
+
+    @property
+    def G(self) -> list[torch.Tensor]:
+        """The output-gradient factors ``(O, O)``."""
+        self._G = [_full(g) for g in self._G]
+        return self._G
+
+    @property
     def dtype(self):
-        return self.A[0].dtype
+        return self._A[0].dtype
 
     def eig(self):
         """Per layer ``(lam_A, U_A, lam_G, U_G)``, cached (an embedding under ``reduce``:
         ``(lam_A, W, lam_G, U_G)`` with ``U_A = C^T W lam_A^{-1/2}``, see
         :mod:`fimfast.structured.gram`)."""
         if self._eig is None:
-            self._eig = [fx.eig(self._kind(i), a, g)
-                         for i, (a, g) in enumerate(zip(self.A, self.G))]
+            self._eig = []
+            for i in range(len(self.layers)):
+                if self._kind(i) == "layernorm":  # the eigenpairs of the Hadamard block
+                    self._A[i], self._G[i] = _full(self._A[i]), _full(self._G[i])
+                self._eig.append(fx.eig(self._kind(i), self._A[i], self._G[i]))
         return self._eig
 
     def _mv(self, x):
@@ -166,7 +184,7 @@ class KFACFIM(_Layered):
 
     def _rows(self) -> list[str]:
         """Names of the embeddings whose input factor is a row factor (``reduce``)."""
-        return [info["name"] for info, a in zip(self.layers, self.A) if a.is_sparse]
+        return [info["name"] for info, a in zip(self.layers, self._A) if a.is_sparse]
 
     def _solve(self, x, d):
         if self._rows():
@@ -245,6 +263,10 @@ class KFACFIM(_Layered):
         A = [gram.unpack(t, f"A{i}", rows[str(i)]) if str(i) in rows else t[f"A{i}"]
              for i in range(n)]
         return cls(names, shapes, extra["layers"], A, [t[f"G{i}"] for i in range(n)], meta)
+
+
+def _full(f):
+    return f.full() if isinstance(f, HalfGram) else f
 
 
 @register("ekfac")

@@ -103,6 +103,53 @@ def full_gram(m: torch.Tensor, inplace: bool = False, scale: float = 1.0) -> tor
     return out
 
 
+class HalfGram:
+    """A symmetric factor ``scale * S`` of a sum ``S`` kept by :func:`gram_into`, whose blocks
+    below the diagonal are not written: completed (scaled and mirrored, in place) only where a
+    full matrix is read (:meth:`full`); its eigenpairs are taken from the upper triangle as it is
+    (:meth:`eigh`). On one CPU thread the mirror is a transposed copy of half the matrix at about
+    1 ns an entry (0.3 ms for 785 columns, a quarter of the blocked product it completes); the
+    eigendecomposition, the way of ``solve`` and of EKFAC, never needs it."""
+
+    __slots__ = ("m", "scale")
+    is_sparse = False
+
+    def __init__(self, m: torch.Tensor, scale: float):
+        self.m, self.scale = m, scale
+
+    shape = property(lambda self: self.m.shape)
+    dtype = property(lambda self: self.m.dtype)
+    device = property(lambda self: self.m.device)
+
+    def full(self) -> torch.Tensor:
+        """The symmetric matrix, in the buffer of the sum (which this object owns)."""
+        return full_gram(self.m, True, self.scale)
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``torch.linalg.eigh`` of the (scaled) upper triangle, the same values as the completed
+        matrix; ``None`` where float32 LAPACK fails (see
+        :func:`fimfast.structured.factors.eigh`)."""
+        if self.scale != 1.0:
+            for i in range(0, self.m.shape[0], _BLOCK):
+                self.m[i:i + _BLOCK, i:].mul_(self.scale)
+            self.scale = 1.0
+        try:
+            lam, U = torch.linalg.eigh(self.m, UPLO="U")
+        except torch.linalg.LinAlgError:
+            return None
+        if bool(torch.isfinite(lam).all()) and bool(torch.isfinite(U).all()):
+            return lam, U
+        return None
+
+
+def half_gram(m: torch.Tensor, inplace: bool = False, scale: float = 1.0):
+    """:func:`full_gram`, or a :class:`HalfGram` where the matrix is kept in upper block rows
+    (``inplace=False``: of a copy)."""
+    if m.shape[0] <= _BLOCKED:
+        return full_gram(m, inplace, scale)
+    return HalfGram(m if inplace else m.clone(), scale)
+
+
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
