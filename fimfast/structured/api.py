@@ -70,7 +70,7 @@ def fisher(
     if representation == "diag":
         return diag_fisher(model, loader, fim_type, reduction=reduction,
                            max_batches=max_batches, **opts)
-    _options(representation, opts, kfac_approx, rank, pair_chunk)
+    _check_args(representation, kfac_approx, rank, pair_chunk)  # the options: by the accumulator
     if representation == "ekfac" and iter(loader) is loader:
         raise ValueError("representation='ekfac' makes two passes over the data (factors, then "
                          "the refit of the diagonal); loader must be re-iterable (a list or a "
@@ -107,6 +107,11 @@ def _options(representation: str, opts: dict, kfac_approx: str, rank, pair_chunk
     if o.lm_head is not None:
         raise ValueError("fim_opts['lm_head'] is for representation='diag' only (the structured "
                          f"representations need the logits); got representation={representation!r}")
+    _check_args(representation, kfac_approx, rank, pair_chunk)
+    return o
+
+
+def _check_args(representation: str, kfac_approx: str, rank, pair_chunk) -> None:
     if kfac_approx not in KFAC_APPROX:
         raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}; got {kfac_approx!r}")
     if rank is not None and representation != "low_rank":
@@ -115,7 +120,6 @@ def _options(representation: str, opts: dict, kfac_approx: str, rank, pair_chunk
     if pair_chunk is not None and (isinstance(pair_chunk, bool) or not isinstance(pair_chunk, int)
                                    or pair_chunk < 1):
         raise ValueError(f"pair_chunk must be an integer >= 1 or None; got {pair_chunk!r}")
-    return o
 
 
 def refit_ekfac(F: KFACFIM, model, loader, st: engine.Stream, layers, reduction: str,

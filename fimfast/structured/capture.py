@@ -122,7 +122,7 @@ def layers_of(model: nn.Module, names: list[str], params: list[torch.Tensor],
             found = attention.layers(representation, label, m, pname, Layer)
             done.add(id(m.out_proj))
         else:
-            own = [p for _, p in m.named_parameters(recurse=False) if id(p) in pname]
+            own = [p for p in m._parameters.values() if p is not None and id(p) in pname]
             if not own:
                 continue
             if not isinstance(m, SUPPORTED):
