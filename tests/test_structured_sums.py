@@ -35,10 +35,13 @@ def test_conv_gram_equals_the_patch_gram(geo, C):
     m = nn.Conv2d(C, 2, **geo)
     x = torch.randn(3, C, 11, 13, dtype=torch.float64)
     a = _patches(x, m).reshape(-1, m.weight[0].numel())
-    A, col, n = convgram.conv_gram(x, m, torch.float64)
+    A, n = convgram.conv_gram(x, m, torch.float64)
     torch.testing.assert_close(A, a.T @ a, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(col, a.sum(0), rtol=1e-12, atol=1e-12)
     assert n == a.shape[0]
+    a1 = torch.cat([a, torch.ones(n, 1, dtype=torch.float64)], 1)
+    A1, n1 = convgram.conv_gram(x, m, torch.float64, one=True)
+    torch.testing.assert_close(A1, a1.T @ a1, rtol=1e-12, atol=1e-12)
+    assert n1 == n
 
 
 @pytest.mark.parametrize("geo", GEOMETRIES)

@@ -45,10 +45,13 @@ def worthwhile(m: nn.Conv2d, x: torch.Tensor) -> bool:
     return strips < oh * ow * (C * kh * kw) ** 2 / 2
 
 
-def conv_gram(x: torch.Tensor, m: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor,
-                                                                            torch.Tensor, int]:
-    """``(sum a a^T, sum a, N L)`` over the patches ``a`` of one call of ``m`` on ``x`` (``(N, C,
-    H, W)``), in ``F.unfold``'s order of patch entries ``(C, k_h, k_w)``."""
+def conv_gram(x: torch.Tensor, m: nn.Conv2d, dtype: torch.dtype,
+              one: bool = False) -> tuple[torch.Tensor, int]:
+    """``(sum y y^T, N L)`` over the patches ``a`` of one call of ``m`` on ``x`` (``(N, C, H,
+    W)``), in ``F.unfold``'s order of patch entries ``(C, k_h, k_w)``: ``y = a`` or, if ``one``,
+    ``y = [a, 1]`` (the last row and column ``sum a`` and ``N L``). Each block of kernel rows is
+    written once, straight into that order (a strided copy per block of kernel rows, no
+    reordering of the whole matrix)."""
     ph, pw = conv_padding(m)
     x = x.to(dtype)
     if ph or pw:
@@ -66,17 +69,18 @@ def conv_gram(x: torch.Tensor, m: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.
     i = torch.arange(kh, device=x.device)
     sel[i.unsqueeze(1), torch.arange(oh, device=x.device).unsqueeze(0) * sh +
         i.unsqueeze(1) * dh] = 1
-    blocks = x.new_empty(kh, kh, KW, KW)
+    K = kh * KW
+    out = x.new_empty(K + one, K + one)
+    A6 = out[:K, :K].view(C, kh, kw, C, kh, kw)  # entries (c, i, j) of F.unfold
     for d in range(kh):
         Hd = H - d * dh
         Q = torch.bmm(S[:Hd].mT, S[d * dh:d * dh + Hd])  # Q_d[h] = S_h^T S_{h + d d_h}
-        blk = (sel[:kh - d, :Hd] @ Q.reshape(Hd, -1)).reshape(kh - d, KW, KW)
-        blocks[i[:kh - d], i[d:]] = blk
+        # blk[i, j, c, j', c']: the block between kernel rows i and i + d
+        blk = (sel[:kh - d, :Hd] @ Q.reshape(Hd, -1)).reshape(kh - d, kw, C, kw, C)
+        A6.diagonal(d, 1, 4).copy_(blk.permute(2, 1, 4, 3, 0))
         if d:
-            blocks[i[d:], i[:kh - d]] = blk.mT
-    K = kh * KW
-    A = blocks.permute(0, 2, 1, 3).reshape(K, K)  # entries (i, j, c)
-    col = sel @ S.sum(1)
-    # (i, j, c) -> (c, i, j)
-    p = torch.arange(K, device=x.device).reshape(kh, kw, C).permute(2, 0, 1).reshape(-1)
-    return A[p.unsqueeze(1), p], col.reshape(-1)[p], N * oh * ow
+            A6.diagonal(-d, 1, 4).copy_(blk.permute(4, 3, 2, 1, 0))
+    if one:
+        col = (sel @ S.sum(1)).reshape(kh, kw, C).permute(2, 0, 1).reshape(-1)
+        out[:K, K], out[K, :K], out[K, K] = col, col, N * oh * ow
+    return out, N * oh * ow

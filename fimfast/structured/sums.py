@@ -233,12 +233,7 @@ def add_conv_inputs(layer, s: LayerSums, dtype: torch.dtype) -> None:
     """Add a convolution's input second moments (``approx="expand"``) from its input rows,
     every call (:mod:`fimfast.structured.convgram`)."""
     for x, _, _ in layer.calls:
-        A, col, n = conv_gram(x, layer.module, dtype)
-        if layer.bias is not None:
-            K = A.shape[0]
-            full = A.new_empty(K + 1, K + 1)
-            full[:K, :K], full[:K, K], full[K, :K], full[K, K] = A, col, col, n
-            A = full
+        A, n = conv_gram(x, layer.module, dtype, layer.bias is not None)
         _add(s, "A", A)
         s.npos += float(n)
 
