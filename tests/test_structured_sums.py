@@ -102,11 +102,13 @@ def test_conv_output_factor_batched_product():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("T,O,I", [(1, 4, 6), (2, 7, 6), (9, 2, 7), (9, 7, 2)])
+@pytest.mark.parametrize("T,O,I", [(1, 4, 6), (2, 7, 6), (9, 2, 7), (9, 7, 2), (4, 2, 9),
+                                   (5, 3, 12)])
 def test_ekfac_squares_both_orders(T, O, I, bias):  # noqa: E741
-    """``D = sum_q (U_G^T M_q U_A)^2`` with ``M_q = sum_t g_t [a_t, 1]^T``: projections first
-    (``T (O^2 + I'^2) <= O I' (O + I')``) or per-pair gradients first (otherwise), against the
-    per-pair matrices formed by hand; the quasi-diagonal's squares and cross terms too."""
+    """``D = sum_q (U_G^T M_q U_A)^2`` with ``M_q = sum_t g_t [a_t, 1]^T``: projections first,
+    per-pair gradients first, or the output side rotated first (whichever costs least; each
+    order among these shapes), against the per-pair matrices formed by hand; the
+    quasi-diagonal's squares and cross terms too."""
     torch.manual_seed(0)
     M, N = 2, 3
     In = I + bias

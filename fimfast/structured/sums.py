@@ -338,22 +338,28 @@ def _linear_squares(s: LayerSums, a, g, what: str, eig, bias: bool) -> None:
 
     One position per sample: ``(g a^T)^2 = g^2 (a^2)^T``, so ``D = (sum_q ghat^2)^T ahat^2``, one
     product of the squared projections ``ghat = U_G^T g``, ``ahat = U_A^T [a, 1]``. Several
-    positions: the projections first (``N T (O^2 + I'^2)`` multiply-adds) or the per-pair
-    gradients first and then their rotation (``N (O^2 I' + O I'^2)``), whichever is cheaper
-    (convolutions with more locations than channels: the latter)."""
+    positions: the projections first (``N T (O^2 + I'^2)`` multiply-adds besides the per-pair
+    sums) or the per-pair gradients first and then their rotation (:func:`_rotated_pairs`),
+    whichever is cheaper (convolutions with more locations than channels: the latter)."""
     M, N, T, O = g.shape
     In = a.shape[-1] + bias
+    own = False  # whether g and a are this function's own tensors (squared in place)
     if what == "ekfac":
         ua, ug = (u.to(g.dtype) for u in eig)
-        if T > 1 and T * (O * O + In * In) > O * In * (O + In):
-            Mp = ug.T @ _per_pair(g, a, bias) @ ua
-            _add(s, "D", (Mp * Mp).sum((0, 1)))
+        # multiply-adds per sample: projections first; per-pair sums of the rotated g, then
+        # U_A; per-pair gradients, then U_G and U_A (the per-pair sums, O T I, in all three)
+        proj, out_first, pairs = T * (O * O + In * In), T * O * O + O * In * In, O * In * (O + In)
+        if T > 1 and min(out_first, pairs) < proj:
+            Mp = _rotated_pairs(g, a, ua, ug, bias, out_first < pairs)
+            _add(s, "D", Mp.square_().sum(0))
             return
-        g, a, bias = g @ ug, _project(a, ua, bias), False
+        g, a, bias, own = g @ ug, _project(a, ua, bias), False, True
     want_cross = what == "quasi_diag" and bias
     if T == 1:  # one position: (g a^T)^2 = g^2 a^2 summed without per-pair matrices
-        g2 = (g[:, :, 0] ** 2).sum(0)  # (N, O)
-        D = g2.T @ (a[:, 0] ** 2)
+        g2 = g[:, :, 0].square_() if own else g[:, :, 0] ** 2
+        g2 = g2[0] if M == 1 else g2.sum(0)  # (N, O)
+        a1 = a[:, 0]
+        D = g2.T @ (a1.square_() if own else a1**2)
         if bias:
             D = torch.cat([D, g2.sum(0).unsqueeze(1)], 1)
         cross = g2.T @ a[:, 0] if want_cross else None
@@ -364,6 +370,23 @@ def _linear_squares(s: LayerSums, a, g, what: str, eig, bias: bool) -> None:
     _add(s, "D", D)
     if cross is not None:
         _add(s, "cross", cross)
+
+
+def _rotated_pairs(g, a, ua, ug, bias: bool, out_first: bool) -> torch.Tensor:
+    """``(M N, O, I')`` per-pair gradients in the eigenbasis, ``U_G^T (sum_t g_t [a_t, 1]^T)
+    U_A``. ``out_first``: the output side rotated first (``T O^2`` a pair instead of ``O^2 I'``),
+    then the per-pair sums of the rotated ``g`` (``O T I``), then the input side (``O I'^2``; the
+    bias row of ``U_A`` as a rank-one update, no ``[a, 1]``)."""
+    M, N, T, O = g.shape
+    I = a.shape[-1]  # noqa: E741
+    if not out_first:
+        Mp = ug.T @ _per_pair(g, a, bias) @ ua
+        return Mp.reshape(M * N, O, -1)
+    gh = g @ ug
+    R = torch.einsum("mnto,nti->mnoi", gh, a).reshape(-1, I) @ (ua[:-1] if bias else ua)
+    if bias:
+        R.addr_(gh.sum(2).reshape(-1), ua[-1])
+    return R.reshape(M * N, O, -1)
 
 
 def _embedding_squares(layer, s: LayerSums, ids: torch.Tensor, g: torch.Tensor,
