@@ -113,7 +113,7 @@ class FisherAccumulator:
             raise ValueError(f"start_refit is for representation='ekfac' after its factor pass; "
                              f"this accumulator is {self.representation!r} in phase "
                              f"{self.phase!r}")
-        self.kfac = self._kfac()
+        self.kfac = self._kfac(consume=True)  # the factor sums are replaced below
         self.eig = [(e[1], e[3]) for e in self.kfac.eig()]
         st = self.stream
         self.stream = engine.Stream(st.fim_type, st.opts, st.seed, st.offset)
@@ -146,14 +146,14 @@ class FisherAccumulator:
         return EKFACFIM(self.names, self.shapes, info, [e[0] for e in self.eig],
                         [e[1] for e in self.eig], [s.D * sc for s in sums], meta)
 
-    def _kfac(self) -> KFACFIM:
+    def _kfac(self, consume: bool = False) -> KFACFIM:
         sums, count, batches = self._reduced()
         if count == 0:
             raise ValueError("no batch was added (loader yielded no batch)")
         sc = 1.0 if self.reduction == "sum" else 1.0 / count
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
         info = [engine.layer_info(layer) for layer in self.layers]
-        A, G = _factors(self.layers, sums, sc, sums is not self.sums)
+        A, G = _factors(self.layers, sums, sc, consume or sums is not self.sums)
         return KFACFIM(self.names, self.shapes, info, A, G, meta)
 
     def _reduced(self):

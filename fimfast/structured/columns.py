@@ -111,17 +111,18 @@ def one_row_each(cols: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
 
 
 def one_row_per_sample(
-    cols: torch.Tensor, sample: torch.Tensor, chunk: int
+    cols: torch.Tensor, sample: torch.Tensor, chunk: int, single: bool = False
 ) -> Iterator[torch.Tensor]:
     """Cotangents with at most one non-zero row *per sample* (``(M, R, C)`` blocks).
 
     Samples never share a layer output, so a backward of such a cotangent gives every sample the
     gradient of its own single row: the ``j``-th valid row of every sample travels in slot ``j``.
-    With one row per sample (``(N, C)`` logits) the blocks are the columns themselves.
+    With one row per sample (``(N, C)`` logits; ``single=True`` says so without counting) the
+    blocks are the columns themselves.
     """
     K, R, C = cols.shape
-    counts = torch.bincount(sample)
-    slots = int(counts.max())
+    counts = None if single else torch.bincount(sample)
+    slots = 1 if single else int(counts.max())
     if slots == 1:
         for s in range(0, K, chunk):
             yield cols[s : s + chunk]

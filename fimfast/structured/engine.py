@@ -59,7 +59,7 @@ def _cotangents(fw: columns.Forward, st: Stream, per_row: str, chunk_bytes: int,
         if per_row == "row":
             yield from columns.one_row_each(cols, m)
         else:
-            yield from columns.one_row_per_sample(cols, rows.sample, m)
+            yield from columns.one_row_per_sample(cols, rows.sample, m, rows.logits.dim() == 2)
 
 
 def dense_pass(model, loader: Iterable, st: Stream, params: list[torch.Tensor], acc,
