@@ -9,6 +9,13 @@ with each tree first on ``PYTHONPATH``, alternately:
 
     PYTHONPATH=<tree> python benchmarks/kfac_cputime.py a,b,c 9
 
+or let this file alternate the processes (``--trees``: ``label=path`` pairs, one process per tree
+and alternation, the order of the trees alternating too) and write the per-process ratios with
+their min / median / max, the load average and the commits, as JSON and markdown:
+
+    python benchmarks/kfac_cputime.py a,b,c,e 5 --trees before=<tree>,after=<tree> \
+        --alternations 6 --out benchmarks/results/kfac_cputime_<date>
+
 Prints ``{workload: {"kfac": ratio, "refit": ratio (the EKFAC refit of the diagonal alone, as
 timed by benchmarks/bench_structured.py), "ekfac": ratio (factors, eigendecompositions and refit),
 "train_ms": CPU ms of the training step}}`` as JSON.
@@ -16,8 +23,11 @@ timed by benchmarks/bench_structured.py), "ekfac": ratio (factors, eigendecompos
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -74,5 +84,77 @@ def main(keys: list[str], rounds: int) -> dict:
     return out
 
 
+def _git(tree: str, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def alternate(keys: list[str], rounds: int, trees: dict[str, str], alternations: int) -> dict:
+    """Run :func:`main` in one process per tree and alternation (``PYTHONPATH=tree``)."""
+    runs = {label: [] for label in trees}
+    loads = [os.getloadavg()[0]]
+    for i in range(alternations):
+        order = list(trees) if i % 2 == 0 else list(reversed(trees))
+        for label in order:
+            env = {**os.environ, "PYTHONPATH": trees[label]}
+            out = subprocess.run([sys.executable, __file__, ",".join(keys), str(rounds)], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+            runs[label].append(json.loads(out.strip().splitlines()[-1]))
+            loads.append(os.getloadavg()[0])
+            print(label, runs[label][-1], file=sys.stderr)
+    summary = {label: {k: {m: _spread([r[k][m] for r in rs]) for m in rs[0][k]} for k in keys}
+               for label, rs in runs.items()}
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "trees": {label: {"path": t, "commit": _git(t, "rev-parse", "HEAD"),
+                              "dirty": bool(_git(t, "status", "--porcelain", "--",
+                                                 "fimfast"))}
+                      for label, t in trees.items()},
+            "torch": torch.__version__, "threads": 1, "rounds": rounds,
+            "alternations": alternations, "cpu_count": os.cpu_count(),
+            "loadavg_1min": {"min": min(loads), "max": max(loads)},
+            "runs": runs, "summary": summary}
+
+
+def _spread(v: list[float]) -> dict:
+    return {"min": min(v), "median": statistics.median(v), "max": max(v)}
+
+
+def markdown(res: dict) -> str:
+    """Per workload and measure, min / median / max over the processes of each tree."""
+    labels = list(res["trees"])
+    lines = ["| workload | measure | " + " | ".join(f"{lb} (min / median / max)" for lb in labels)
+             + " |", "|---|---|" + "---|" * len(labels)]
+    first = res["summary"][labels[0]]
+    for key in first:
+        for m in first[key]:
+            cells = []
+            for lb in labels:
+                d = res["summary"][lb][key][m]
+                cells.append(f"{d['min']:.3g} / **{d['median']:.3g}** / {d['max']:.3g}")
+            lines.append(f"| {key} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1].split(","), int(sys.argv[2]) if len(sys.argv) > 2 else 9)))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("keys")
+    ap.add_argument("rounds", nargs="?", type=int, default=9)
+    ap.add_argument("--trees", help="label=path,label=path: alternate processes over the trees")
+    ap.add_argument("--alternations", type=int, default=6)
+    ap.add_argument("--out", help="path prefix of the .json and .md written with --trees")
+    args = ap.parse_args()
+    keys = args.keys.split(",")
+    if not args.trees:
+        print(json.dumps(main(keys, args.rounds)))
+        sys.exit(0)
+    res = alternate(keys, args.rounds, dict(t.split("=", 1) for t in args.trees.split(",")),
+                    args.alternations)
+    print(markdown(res))
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(res))
