@@ -16,7 +16,8 @@ their min / median / max, the load average and the commits, as JSON and markdown
     python benchmarks/kfac_cputime.py a,b,c,e 5 --trees before=<tree>,after=<tree> \
         --alternations 6 --out benchmarks/results/kfac_cputime_<date>
 
-Prints ``{workload: {"kfac": ratio, "refit": ratio (the EKFAC refit of the diagonal alone, as
+Prints ``{workload: {"kfac": ratio, "kfac_read": ratio (KFAC and a read of every factor as a
+full matrix), "refit": ratio (the EKFAC refit of the diagonal alone, as
 timed by benchmarks/bench_structured.py), "ekfac": ratio (factors, eigendecompositions and refit),
 "train_ms": CPU ms of the training step}}`` as JSON.
 """
@@ -54,8 +55,13 @@ def _calls(fimfast, model, full, X, y) -> dict:
         st = engine.Stream(FIMType.MONTE_CARLO, Options(seed=1), 1)
         return refit_ekfac(kf, model, data, st, layers, "mean")
 
+    def kfac_read():  # the factors read as full matrices (completes sums kept in halves)
+        F = fimfast.fisher(model, data, "monte_carlo", "kfac", seed=0)
+        return F.A, F.G
+
     return {"train": train,
             "kfac": lambda: fimfast.fisher(model, data, "monte_carlo", "kfac", seed=0),
+            "kfac_read": kfac_read,
             "refit": refit,
             "ekfac": lambda: fimfast.fisher(model, data, "monte_carlo", "ekfac", seed=0)}
 
