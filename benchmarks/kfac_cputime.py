@@ -17,7 +17,8 @@ their min / median / max, the load average and the commits, as JSON and markdown
         --alternations 6 --out benchmarks/results/kfac_cputime_<date>
 
 Prints ``{workload: {"kfac": ratio, "kfac_read": ratio (KFAC and a read of every factor as a
-full matrix), "refit": ratio (the EKFAC refit of the diagonal alone, as
+full matrix), "plain_kfac": ratio (MLPs only: :func:`plain_kfac`, the same products
+without fimfast), "refit": ratio (the EKFAC refit of the diagonal alone, as
 timed by benchmarks/bench_structured.py), "ekfac": ratio (factors, eigendecompositions and refit),
 "train_ms": CPU ms of the training step}}`` as JSON.
 """
@@ -66,6 +67,38 @@ def _calls(fimfast, model, full, X, y) -> dict:
             "ekfac": lambda: fimfast.fisher(model, data, "monte_carlo", "ekfac", seed=0)}
 
 
+def plain_kfac(model: nn.Sequential, X: torch.Tensor, block: int = 128):
+    """A reference for the MLPs (a), (b): KFAC (one MC label per sample) in plain torch, no
+    checks, no capture: the forward through the ``nn.Sequential``, one backward to the Linear
+    outputs, ``A`` and ``G`` as upper block rows (128 columns) like fimfast's sums, unscaled and
+    not mirrored."""
+    ins, outs, h = [], [], X
+    for m in model:
+        if isinstance(m, nn.Linear):
+            ins.append(h)
+            h = m(h)
+            outs.append(h)
+        else:
+            h = m(h)
+    with torch.no_grad():
+        p = torch.softmax(h, -1)
+        u = -p
+        u[torch.arange(h.shape[0]), torch.multinomial(p, 1).squeeze(1)] += 1
+    grads = torch.autograd.grad(h, outs, u)
+
+    def gram(x):
+        n = x.shape[1]
+        out = x.new_empty(n, n)
+        if n <= 3 * block:
+            return torch.mm(x.T, x, out=out)
+        for i in range(0, n, block):
+            out[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:], beta=0)
+        return out
+
+    A = [gram(torch.cat([x.detach(), x.new_ones(x.shape[0], 1)], 1)) for x in ins]
+    return A, [gram(g) for g in grads]
+
+
 def main(keys: list[str], rounds: int) -> dict:
     import fimfast
     from benchmarks.bench_structured import prepare
@@ -75,6 +108,10 @@ def main(keys: list[str], rounds: int) -> dict:
     for key in keys:
         w, model, full, _ = prepare(key, "full")
         fns = _calls(fimfast, model, full, w.inputs, w.labels)
+        if isinstance(model, nn.Sequential) and all(
+                isinstance(m, nn.Linear) or not any(True for _ in m.parameters())
+                for m in model):
+            fns["plain_kfac"] = lambda model=model, X=w.inputs: plain_kfac(model, X)
         for f in fns.values():
             f()
         times = {k: [] for k in fns}
