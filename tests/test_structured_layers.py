@@ -409,3 +409,35 @@ def test_blocked_gram_factors(monkeypatch):
     P = fimfast.fisher(model, data, "exact", representation="kfac", reduction="sum")
     for a, b in zip(F.A + F.G, P.A + P.G):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+class _InPlace(nn.Module):
+    """Linear -> ReLU(inplace) -> Linear whose output is scaled in place, then a head; with
+    ``inplace=False`` the same function without in-place operations."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.l1, self.l2, self.head = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(4, 3)
+        self.act = nn.ReLU(inplace=inplace)
+
+    def forward(self, x):
+        h = self.l2(self.act(self.l1(x)))
+        h = h.mul_(2.0) if self.inplace else h * 2.0
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag"])
+def test_layer_outputs_modified_in_place(rep):
+    """The gradients at the layer outputs are taken before later in-place operations on those
+    outputs (ReLU(inplace=True), ``mul_``): the same Fisher as the model without them (float64;
+    EXACT, so KFAC's G is a sum over the output-side columns, no sampling)."""
+    torch.manual_seed(0)
+    a, b = _InPlace(True).double(), _InPlace(False).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(7, 5, dtype=torch.float64)
+    data = [(x, torch.randint(0, 3, (7,)))]
+    Fa, Fb = (fimfast.fisher(m, data, "exact", representation=rep) for m in (a, b))
+    v = torch.randn(Fa.numel(), dtype=torch.float64)
+    torch.testing.assert_close(Fa.mv(v), Fb.mv(v), rtol=1e-12, atol=1e-14)
+    assert Fb.mv(v).abs().max() > 1e-3

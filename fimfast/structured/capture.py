@@ -13,9 +13,11 @@ Supported layers (docs/structured.md, "KFAC"), each a :class:`Layer` of one ``ki
   feature ``d`` has its own input ``(x_hat_d, 1)`` (its KFAC is a Hadamard product, see
   :mod:`fimfast.structured.factors`).
 
-During the forward a hook keeps each call's input (detached) and taps its output: it returns
-``y + z`` with ``z`` a zero scalar expanded to ``y``'s shape, whose gradient is the gradient at the
-layer output even when later code modifies ``y`` in place.
+During the forward a hook keeps each call's input (detached) and taps its output ``y``: it keeps
+``y``'s gradient edge (:class:`Edge`, the output of the autograd node that made ``y``), where the
+backward delivers the gradient at the layer output even when later code modifies ``y`` in place
+(the in-place operation becomes a new node after it). An output without a node (made without
+gradient tracking) is tapped as ``y + z`` instead, ``z`` a zero scalar expanded to ``y``'s shape.
 
 In the factor layout a layer is an ``(O, I')`` matrix: for ``linear`` the weight and bias (``I' =
 I + 1`` with the bias as the last column, the input with an appended 1; for a convolution ``I =
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from fimfast.structured import attention
 
@@ -56,7 +59,8 @@ class Layer:
     row0: int = 0  # first row of the weight the block covers (attention q, k, v)
     bias_row0: int = 0  # first entry of the bias the block covers
     part: str = ""  # attention: "q", "k", "v" or "out"
-    calls: list[tuple[torch.Tensor, torch.Tensor, slice | None]] = field(default_factory=list)
+    calls: list[tuple[torch.Tensor, torch.Tensor | Edge, slice | None]] = field(
+        default_factory=list)
 
     @property
     def In(self) -> int:
@@ -145,6 +149,27 @@ def layers_of(model: nn.Module, names: list[str], params: list[torch.Tensor],
     return layers
 
 
+class Edge:
+    """The gradient edge of a layer output (:func:`torch.autograd.graph.get_gradient_edge`), an
+    input of ``torch.autograd.grad`` in place of the output, with the output's shape, dtype and
+    device."""
+
+    __slots__ = ("edge", "shape", "dtype", "device")
+
+    def __init__(self, y: torch.Tensor):
+        self.edge = get_gradient_edge(y)
+        self.shape, self.dtype, self.device = y.shape, y.dtype, y.device
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def grad_input(tap):
+    """What ``torch.autograd.grad`` takes for a tap: the edge of an :class:`Edge`, or the
+    tensor."""
+    return tap.edge if isinstance(tap, Edge) else tap
+
+
 @contextmanager
 def capture(layers: list[Layer]) -> Iterator[list[Layer]]:
     """Record ``(input, tap, None)`` of every call of ``layers`` during the forward (attention
@@ -153,6 +178,9 @@ def capture(layers: list[Layer]) -> Iterator[list[Layer]]:
 
     def hook_for(layer: Layer):
         def hook(mod, inputs, out):
+            if out.grad_fn is not None:  # no extra operation on the output
+                layer.calls.append((inputs[0].detach(), Edge(out), None))
+                return None
             z = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
             z = z.expand(out.shape)
             layer.calls.append((inputs[0].detach(), z, None))

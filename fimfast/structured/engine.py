@@ -138,7 +138,8 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
                 taps.append(z)
     per_pair = 4 * sum(z.numel() for z in taps)
     for cot in _cotangents(fw, st, "sample", per_pair, chunk):
-        grads = columns.batched_grad(flat, taps, _scatter(rows, cot))
+        grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],
+                                     _scatter(rows, cot))
         for j, layer in enumerate(layers):
             g = cap.out_grads(layer, [grads[where[id(z)]] for _, z, _ in layer.calls])
             add_grads(layer, sums[j], a_in[j], g, what, approx, None if eig is None else eig[j],
