@@ -328,9 +328,8 @@ def _selected(
 ) -> Rows:
     """:class:`Rows` of the rows ``index`` of ``logits`` (flat ``labels`` of every row), after
     checking that those rows are finite (``finite=True``: the caller checked already)."""
-    flat_all = logits.reshape(-1, logits.shape[-1])
     if not finite:
-        _check_finite(flat_all, index, all_valid)
+        _check_finite(logits.reshape(-1, logits.shape[-1]), index, all_valid)
     if labels is not None and not all_valid:
         labels = labels.index_select(0, index)
     per = 1 if logits.dim() == 2 else int(logits.shape[1])
@@ -357,15 +356,13 @@ def _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead)
             or labels.device != logits.device
         ):
             return None  # the general path converts, or raises with the full message
-        # the label range and the finiteness of the logits in one host sync: a non-finite sum
-        # reads as label -1, which sends the batch to the general path (it tells the two apart)
-        lo, hi = torch.aminmax(labels)
-        total = _total(logits.detach().reshape(-1, logits.shape[-1]))
-        lo = torch.where(total.mul(0).eq(0), lo.long(), -1)  # x * 0 == 0 exactly when x is finite
-        lo, hi = torch.stack([lo, hi.long()]).tolist()
-        if lo < 0 or hi >= int(logits.shape[-1]) or lo <= ignore_index <= hi:
+        # a non-finite sum of the logits sends the batch to the general path, which tells a
+        # NaN/Inf from an overflow
+        lo, hi, finite = label_range_and_finite(labels, logits)
+        if not finite or lo < 0 or hi >= int(logits.shape[-1]) or lo <= ignore_index <= hi:
             return None
-        labels = labels.reshape(-1)
+        if labels.dim() != 1:
+            labels = labels.reshape(-1)
     index = _arange(math.prod(lead), logits.device)
     return _selected(logits, labels, index, True, finite=labels is not None)
 
@@ -381,6 +378,41 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
             _ARANGES.clear()
         t = _ARANGES[(n, device)] = torch.arange(n, device=device)
     return t
+
+
+# the integer dtype of each accumulation dtype's bits, and the exponent field of those bits
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_EXPONENT = {torch.float32: (23, 0xFF), torch.float64: (52, 0x7FF)}
+
+
+def label_range_and_finite(
+    labels: torch.Tensor, logits: torch.Tensor, one_read: bool | None = None
+) -> tuple[int, int, bool]:
+    """``(min label, max label, whether the sum of the logits is finite)``: two kernels
+    (``aminmax``, ``sum``) and, off the CPU, one host read (``one_read``, the default there).
+
+    The one read is a ``tolist()`` of the two ends of the range and the bits of the sum, stacked
+    into one integer tensor (one more kernel; ``aminmax`` and the float's bits promote to the same
+    integer dtype). On the CPU a read costs no synchronisation and the three scalars are read as
+    they are (the stack alone costs more than the three reads there). The sum is accumulated in
+    float32 (float64 for float64 logits) and is finite when every logit is (and nothing
+    overflows).
+    """
+    total = _total(logits.detach())
+    lo, hi = torch.aminmax(labels)
+    if one_read is None:
+        one_read = logits.device.type != "cpu"
+    if not one_read:
+        return int(lo), int(hi), math.isfinite(float(total))
+    lo, hi, bits = torch.stack([lo, hi, total.view(_BITS[total.dtype])]).tolist()
+    return lo, hi, _finite_bits(bits, total.dtype)
+
+
+def _finite_bits(bits: int, dtype: torch.dtype) -> bool:
+    """Whether the float of ``dtype`` whose bits read as the integer ``bits`` (sign-extended
+    when promoted to a wider integer) is finite: its exponent field is not all ones."""
+    shift, ones = _EXPONENT[dtype]
+    return (bits >> shift) & ones != ones
 
 
 def _total(flat: torch.Tensor) -> torch.Tensor:
