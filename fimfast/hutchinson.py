@@ -63,22 +63,31 @@ def estimate(step: Step, cap: None = None) -> list[torch.Tensor] | Squares:
     rows, params, opts = step.rows, step.params, step.opts
     logits = rows.logits
     S = opts.num_probes
-    # the one (tokens x C) buffer of the step; rows left out (padding, ignored) stay zero
-    cot = (torch.empty if rows.all_valid else torch.zeros)(
-        logits.shape, dtype=logits.dtype, device=logits.device
-    )
-    cot_flat = cot.view(-1, rows.num_classes)
     factor = _Factor(rows, step.fim_type, opts, step.seed, step.offset)
+    # every row valid and in one chunk: the probe of all rows is the cotangent itself (in the
+    # logits' dtype: no buffer to fill); otherwise the one (tokens x C) buffer of the step, filled
+    # chunk by chunk, where rows left out (padding, ignored) stay zero
+    whole = rows.all_valid and factor.chunk >= factor.R
+    if not whole:
+        cot = (torch.empty if rows.all_valid else torch.zeros)(
+            logits.shape, dtype=logits.dtype, device=logits.device
+        )
+        cot_flat = cot.view(-1, rows.num_classes)
     reentrant = has_reentrant_checkpoint(logits)
     acc: list[torch.Tensor | None] = [None] * len(params)
     for s in range(S):
-        factor.write(s, cot_flat)
+        if whole:
+            cot = factor.whole(s).to(logits.dtype)
+            if logits.dim() != 2:
+                cot = cot.view(logits.shape)
+        else:
+            factor.write(s, cot_flat)
         keep = step.retain_graph or s < S - 1
         grads = vjp(logits, params, cot, keep, reentrant)
         if S == 1 and step.defer_square:  # the state squares and adds in one pass
             return Squares(grads, _owned(grads, step.dtypes, cot), step.dtypes, 1.0, opts.backend)
         accumulate_squares(acc, grads, step.dtypes, 1.0 / S, cot, opts.backend)
-    del cot, cot_flat
+    del cot
     return step.filled(acc)
 
 
@@ -113,6 +122,11 @@ class _Factor:
                 out[r0:r1].copy_(u)
             else:
                 out.index_copy_(0, rows.index[r0:r1], u.to(out.dtype))
+
+    def whole(self, s: int) -> torch.Tensor:
+        """Probe ``s`` of every row, ``(R, C)``, when every row is valid (one chunk's worth)."""
+        z = self.rows.logits.detach()
+        return self._chunk(s, 0, z if z.dim() == 2 else z.reshape(-1, self.C))
 
     def _chunk(self, s: int, r0: int, z: torch.Tensor) -> torch.Tensor:
         """``(r1 - r0, C)`` float32|float64 factor of rows ``r0:r1`` for probe ``s``.
@@ -211,20 +225,19 @@ def _owned(
     """Which gradients may be squared in place: contiguous, in their estimate's dtype, and
     sharing storage neither with the cotangent nor with another gradient (a parameter used as the
     logits, or twice)."""
-    cot_ptr = cot.untyped_storage().data_ptr()
     ptrs = [
         None if g is None or g.layout != torch.strided else g.untyped_storage().data_ptr()
         for g in grads
     ]
     uses = Counter(ptrs)
-    shared = {p for p in ptrs if p is not None and (p == cot_ptr or uses[p] > 1)}
+    uses[cot.untyped_storage().data_ptr()] += 1
     return [
-        ptrs[i] is not None  # set and dense (a sparse table gradient is read, never squared)
+        p is not None  # set and dense (a sparse table gradient is read, never squared)
+        and uses[p] == 1
         and g.dtype == dt
-        and ptrs[i] not in shared
-        and g.is_contiguous()
         and not g.requires_grad
-        for i, (g, dt) in enumerate(zip(grads, dtypes))
+        and g.is_contiguous()
+        for p, g, dt in zip(ptrs, grads, dtypes)
     ]
 
 
