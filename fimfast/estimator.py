@@ -16,6 +16,7 @@ from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persam
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard, retained_graphs
+from fimfast.nograd import NogradWatch
 from fimfast.ops import registry
 from fimfast.parameters import trainable_parameters
 from fimfast.sparse_tables import candidates, sparse_lookups
@@ -97,7 +98,7 @@ class DiagFisher:
         self.offset = 0
         self._persample = persample.Engine()
         self._guard = BufferGuard()
-        self._nograd = hooks.NogradWatch()
+        self._nograd = NogradWatch()
         self._warned_exact = False
         self._restarted = False  # restart() kept a state made before it: see _params
 

@@ -30,7 +30,6 @@ Hooks and patched forwards are removed when the capture exits, also after an err
 
 from __future__ import annotations
 
-import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -225,95 +224,6 @@ class Capture:
         self.calls.append(call)
 
 
-class NogradWatch:
-    """Records the modules owning trainable parameters that a forward runs with gradients
-    disabled (the estimators without a layer capture; :class:`Capture` does the same).
-
-    Only those modules are watched: for the duration of the forward each gets an instance
-    ``forward`` that notes the call when ``torch.is_grad_enabled()`` is false and calls the
-    module's own ``forward``. Every other module keeps torch's hook-free call path (a global
-    forward pre-hook sends every module call of the forward through the hooked path). The
-    wrappers are made once per parameter set and put back exactly as found (an instance
-    ``forward`` of the user's included). A model holding a compiled or scripted module is watched
-    by a global pre-hook instead (an instance ``forward`` would be a guard of compiled code).
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._owned: dict[int, str] = {}
-        self._wrap: list[tuple] | None = None  # (module, wrapper, cell of what it replaced)
-        self.seen: list[str] = []
-
-    def _note(self, name: str) -> None:
-        if name not in self.seen:
-            self.seen.append(name)
-
-    @contextmanager
-    def watching(self, model: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[list[str]]:
-        """Yield the list the names of such modules are appended to during the body."""
-        key = (id(model), *map(id, params))
-        if key != self._key:
-            self._key, self._owned = key, owners(model, params)
-            self._wrap = None if _compiled(model) else [
-                (m, *self._wrapper(m, name))
-                for m in model.modules() if (name := self._owned.get(id(m))) is not None
-            ]
-        self.seen = seen = []
-        if self._wrap is None:
-            handle = _module_mod.register_module_forward_pre_hook(_nograd_hook(self._owned, seen))
-            try:
-                yield seen
-            finally:
-                handle.remove()
-            return
-        try:
-            for m, wrapper, before in self._wrap:
-                d = m.__dict__
-                before[0] = d.get("forward", _MISSING)
-                d["forward"] = wrapper
-            yield seen
-        finally:
-            for m, wrapper, before in self._wrap:
-                d = m.__dict__
-                if d.get("forward") is wrapper:  # else the forward itself replaced it: leave it
-                    if before[0] is _MISSING:
-                        del d["forward"]
-                    else:
-                        d["forward"] = before[0]
-
-    def _wrapper(self, module: torch.nn.Module, name: str) -> tuple[Callable[..., Any], list]:
-        """The watching ``forward`` of ``module`` and the cell holding what ``module.__dict__``
-        held under ``forward`` before it (set at each installation)."""
-        before: list = [_MISSING]
-        note, grad_enabled = self._note, torch.is_grad_enabled
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if not grad_enabled():
-                note(name)
-            f = before[0]
-            if f is _MISSING:  # the class's forward, looked up at the call as torch does
-                return type(module).forward(module, *args, **kwargs)
-            return f(*args, **kwargs)
-
-        return forward, before
-
-
-_MISSING = object()
-
-
-def _compiled(model: torch.nn.Module) -> bool:
-    """Whether ``model`` holds a scripted or ``torch.compile``'d module (or is one)."""
-    opt = None
-    if "torch._dynamo" in sys.modules:
-        from torch._dynamo.eval_frame import OptimizedModule as opt
-    return any(
-        isinstance(m, torch.jit.ScriptModule)
-        or getattr(m, "_compiled_call_impl", None) is not None
-        or (opt is not None and isinstance(m, opt))
-        for m in model.modules()
-    )
-
-
 def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:
     """A global forward pre-hook appending to ``seen`` the name (from ``owned``) of every module
     called with gradients disabled."""
@@ -399,16 +309,17 @@ class Graph:
         return fn in self.nodes
 
 
-_REENTRANT_TYPES: dict[type, bool] = {}
+# autograd node type -> whether it is the backward of a reentrant checkpoint (is_reentrant_node)
+REENTRANT_TYPES: dict[type, bool] = {}
 
 
 def is_reentrant_node(node: Any) -> bool:
     """Whether an autograd node is the backward of a reentrant ``torch.utils.checkpoint``
     segment (any ``CheckpointFunction``, torch's or a library's copy of it)."""
     ty = type(node)
-    r = _REENTRANT_TYPES.get(ty)
+    r = REENTRANT_TYPES.get(ty)
     if r is None:
-        r = _REENTRANT_TYPES[ty] = ty.__name__ == "CheckpointFunctionBackward"
+        r = REENTRANT_TYPES[ty] = ty.__name__ == "CheckpointFunctionBackward"
     return r
 
 

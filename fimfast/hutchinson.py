@@ -13,7 +13,8 @@ at a time: the probes are formed row chunk by row chunk through
 :func:`fimfast.ops.probe_logit_grad`, with the counters the whole-batch call would use, so the
 signs are identical to one call on all rows. No ``(S, R, C)`` tensor and no float32 copy of
 bf16/fp16 logits is made. With the option ``lm_head`` neither the logits nor that buffer exist
-(:mod:`fimfast.lm_head`).
+(:mod:`fimfast.lm_head`). A batch whose rows are all valid and fit in one chunk (at most
+``_CHUNK_ELEMS`` logits) needs no buffer: its probe, in the logits' dtype, is the cotangent.
 """
 
 from __future__ import annotations
@@ -208,14 +209,16 @@ def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     if fn is None:
         return False
     seen, stack = {fn}, [fn]
+    known, pop, push, add = hooks.REENTRANT_TYPES, stack.pop, stack.append, seen.add
     while stack:
-        node = stack.pop()
-        if hooks.is_reentrant_node(node):
+        node = pop()
+        r = known.get(type(node))  # the type's verdict, decided once per type
+        if r or (r is None and hooks.is_reentrant_node(node)):
             return True
         for nxt, _ in node.next_functions:
             if nxt is not None and nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
+                add(nxt)
+                push(nxt)
     return False
 
 
