@@ -136,7 +136,8 @@ class DiagFisher:
         if opts is not None and opts == self._opts_given:
             # the mapping validated last time: only the checks against the model run again
             self._head = lm_head.resolve(self.model, self.fim_type, self.opts)
-            registry.check_backend(self.opts.backend, _device_of(self.model))
+            if self.opts.backend not in (None, "auto"):  # else nothing to check
+                registry.check_backend(self.opts.backend, _device_of(self.model))
         else:
             self._opts_given = None
             self.set_options(opts)
@@ -210,7 +211,7 @@ class DiagFisher:
     def _sparse_tables(self, params: list[torch.Tensor]) -> list[torch.nn.Module]:
         """The lookup tables that run sparse in this model's HUTCHINSON steps
         (:func:`fimfast.sparse_tables.candidates`, found once per parameter set)."""
-        key = (id(self.model), tuple(id(p) for p in params))
+        key = (id(self.model), *map(id, params))
         if getattr(self, "_tables_key", None) != key:
             self._tables_key, self._tables = key, candidates(self.model, params)
         return self._tables
