@@ -19,6 +19,7 @@ bf16/fp16 logits is made. With the option ``lm_head`` neither the logits nor tha
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
@@ -78,7 +79,9 @@ def estimate(step: Step, cap: None = None) -> list[torch.Tensor] | Squares:
     acc: list[torch.Tensor | None] = [None] * len(params)
     for s in range(S):
         if whole:
-            cot = factor.whole(s).to(logits.dtype)
+            cot = factor.whole(s)
+            if cot.dtype != logits.dtype:
+                cot = cot.to(logits.dtype)
             if logits.dim() != 2:
                 cot = cot.view(logits.shape)
         else:
@@ -86,7 +89,10 @@ def estimate(step: Step, cap: None = None) -> list[torch.Tensor] | Squares:
         keep = step.retain_graph or s < S - 1
         grads = vjp(logits, params, cot, keep, reentrant)
         if S == 1 and step.defer_square:  # the state squares and adds in one pass
-            return Squares(grads, _owned(grads, step.dtypes, cot), step.dtypes, 1.0, opts.backend)
+            # which factors the state may square in place, asked only by a state still at zero
+            ptr = cot.untyped_storage().data_ptr()
+            owned = functools.partial(_owned, grads, step.dtypes, ptr)
+            return Squares(grads, owned, step.dtypes, 1.0, opts.backend)
         accumulate_squares(acc, grads, step.dtypes, 1.0 / S, cot, opts.backend)
     del cot
     return step.filled(acc)
@@ -126,7 +132,7 @@ class _Factor:
 
     def whole(self, s: int) -> torch.Tensor:
         """Probe ``s`` of every row, ``(R, C)``, when every row is valid (one chunk's worth)."""
-        z = self.rows.logits.detach()
+        z = self.rows.detached
         return self._chunk(s, 0, z if z.dim() == 2 else z.reshape(-1, self.C))
 
     def _chunk(self, s: int, r0: int, z: torch.Tensor) -> torch.Tensor:
@@ -222,18 +228,16 @@ def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     return False
 
 
-def _owned(
-    grads: list[torch.Tensor | None], dtypes: list[torch.dtype], cot: torch.Tensor
-) -> list[bool]:
+def _owned(grads: list[torch.Tensor | None], dtypes: list[torch.dtype], cot: int) -> list[bool]:
     """Which gradients may be squared in place: contiguous, in their estimate's dtype, and
-    sharing storage neither with the cotangent nor with another gradient (a parameter used as the
-    logits, or twice)."""
+    sharing storage neither with the cotangent (whose storage's data pointer is ``cot``) nor with
+    another gradient (a parameter used as the logits, or twice)."""
     ptrs = [
         None if g is None or g.layout != torch.strided else g.untyped_storage().data_ptr()
         for g in grads
     ]
     uses = Counter(ptrs)
-    uses[cot.untyped_storage().data_ptr()] += 1
+    uses[cot] += 1
     return [
         p is not None  # set and dense (a sparse table gradient is read, never squared)
         and uses[p] == 1
@@ -260,7 +264,7 @@ def accumulate_squares(
     # row-sparse table gradients (fimfast.sparse_tables) are summed over probes densely here;
     # one-probe steps add them at their rows (fimfast.state.State)
     grads = [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
-    owned = _owned(grads, dtypes, cot)
+    owned = _owned(grads, dtypes, cot.untyped_storage().data_ptr())
     more_s, more_g, new = [], [], []
     for i, g in enumerate(grads):
         if g is None:

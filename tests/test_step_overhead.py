@@ -153,6 +153,13 @@ def test_squares_value_object():
     assert g[2].item() == 3.0  # not owned: left alone
     with pytest.raises(ValueError, match="factors, owned and dtypes"):
         Squares(g, [True], [torch.float32])
+    # owned given as a function: asked once, on first use only
+    calls = []
+    lazy = Squares([torch.tensor([3.0])], lambda: calls.append(1) or [True], [torch.float32], 2.0)
+    assert calls == []
+    assert lazy.squares()[0].tolist() == [18.0] and lazy.owned == [True] and calls == [1]
+    with pytest.raises(ValueError, match="owned gave 2 flags for 1 factors"):
+        Squares([torch.ones(1)], lambda: [True, True], [torch.float32]).squares()
     with pytest.raises(ValueError, match=r"factors\[0\] is None"):
         Squares([None], [False], [torch.float32]).squares()
 
