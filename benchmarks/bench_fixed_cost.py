@@ -12,7 +12,11 @@ of interleaved rounds of:
   ``get_diag_fim``.
 
 Reported: each as a ratio to ``floor``, the HUTCHINSON step's gap to ``bare`` in microseconds
-(its fixed cost: validation, bookkeeping, dispatch), and each cycle over its step.
+(its fixed cost: validation, bookkeeping, dispatch), each cycle over its step, and the ATen
+operators one call dispatches (each a kernel launch on a GPU, views and host reads aside; counted
+once, under a ``TorchDispatchMode``) for a training step and a step of each type of ``OP_TYPES``.
+Times are CPU time of the process (``time.process_time``): on a machine shared with other work,
+the time a step spends waiting for a core is not counted.
 
 ``python benchmarks/bench_fixed_cost.py --trees A B --rounds 5`` compares source trees: every
 round runs one child process per tree in shuffled order; ``--child`` runs one measurement and
@@ -32,9 +36,56 @@ import sys
 import time
 
 TYPES = ("hutchinson", "empirical")
+OP_TYPES = ("hutchinson", "empirical", "monte_carlo", "exact")
 
 
-def _child(workload: str, steps: int, size: str = "full") -> dict:
+def _op_counts(m, batch, y) -> dict:
+    """ATen operators of one call of a training step and of a step of each of ``OP_TYPES``."""
+    import collections
+
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fimfast
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def train():
+        out = m(batch[0])
+        out = out.logits if hasattr(out, "logits") else out
+        F.cross_entropy(out.flatten(0, -2), y.flatten()).backward()
+        for p in m.parameters():
+            p.grad = None
+
+    fns = {"train": train}
+    for t in OP_TYPES:
+        est = fimfast.DiagFisher(m, t, seed=0)
+        fns[t] = lambda est=est: est.step(batch)
+    out = {}
+    for k, f in fns.items():
+        f()
+        f()  # warm: plans, caches, first-step state
+        with Count() as c:
+            f()
+        views = sum(v for op, v in c.n.items() if op.split(".")[1] in _NOT_KERNELS)
+        out[k] = {"all": sum(c.n.values()), "kernels": sum(c.n.values()) - views}
+    return out
+
+
+# operators that launch no kernel: views, aliases and the reads of a scalar on the host
+_NOT_KERNELS = ("t", "view", "detach", "select", "slice", "_unsafe_view", "expand", "permute",
+                "unsqueeze", "squeeze", "alias", "_local_scalar_dense", "_reshape_alias",
+                "as_strided", "transpose", "reshape", "unbind", "split", "narrow")
+
+
+def _child(workload: str, steps: int, size: str = "full", ops: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -85,16 +136,19 @@ def _child(workload: str, steps: int, size: str = "full") -> dict:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(steps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[k].append(time.process_time() - t0)
+    res: dict = {k: statistics.median(v) for k, v in times.items()}
+    if ops:
+        res["ops"] = _op_counts(m, batch, y)
+    return res
 
 
 def _summary(meds: dict[str, list[dict]]) -> dict:
     out = {}
     for tree, runs in meds.items():
-        keys = runs[0].keys()
+        keys = [k for k in runs[0] if k != "ops"]
         med = {k: statistics.median(r[k] for r in runs) for k in keys}
         spread = {
             k: [min(r[k] / r["floor"] for r in runs), max(r[k] / r["floor"] for r in runs)]
@@ -106,6 +160,7 @@ def _summary(meds: dict[str, list[dict]]) -> dict:
             "ratio_range": spread,
             "hutchinson_gap_us": (med["step:hutchinson"] - med["bare"]) * 1e6,
             "cycle_over_step": {t: med[f"cycle:{t}"] / med[f"step:{t}"] for t in TYPES},
+            "ops": runs[0].get("ops"),
         }
     return out
 
@@ -125,6 +180,14 @@ def _markdown(summary: dict, workload: str) -> str:
             f"| {tree} | {s['floor_ms']:.2f} | " + " | ".join(cells)
             + f" | {s['hutchinson_gap_us']:.0f} | {cyc} |"
         )
+    ops = [(tree, s["ops"]) for tree, s in summary.items() if s.get("ops")]
+    if ops:
+        kinds = list(ops[0][1])
+        lines += ["", "ATen operators per call (kernels, i.e. without views and host reads / all):",
+                  "", "| tree | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+        for tree, o in ops:
+            lines.append(f"| {tree} | " + " | ".join(
+                f"{o[k]['kernels']} / {o[k]['all']}" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="full", choices=("tiny", "full"))
     ap.add_argument("--out", default=None, help="write PATH.json and PATH.md")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ops", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(_child(a.child, a.steps, a.size)))
+        print(json.dumps(_child(a.child, a.steps, a.size, a.ops)))
         return 0
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": platform.processor() or platform.machine(),
+        "machine": _cpu_name(),
+        "torch": _torch_version(),
         "load": os.getloadavg(),
         "threads": 1,
         "rounds": a.rounds,
@@ -169,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     md = []
     for w in a.workloads.split(","):
         meds: dict[str, list[dict]] = {labels[t]: [] for t in a.trees}
-        for _ in range(a.rounds):
+        for r in range(a.rounds):
             for tree in random.sample(a.trees, len(a.trees)):
                 env = dict(os.environ, PYTHONPATH=tree)
                 # this file, run against the tree's fimfast and workloads (a tree may predate it)
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", w,
-                       "--steps", str(a.steps), "--size", a.size]
+                       "--steps", str(a.steps), "--size", a.size] + (["--ops"] if r == 0 else [])
                 res = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True,
                                      check=True)
                 meds[labels[tree]].append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -187,9 +252,25 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.out + ".json", "w") as f:
             json.dump(report, f, indent=1)
         with open(a.out + ".md", "w") as f:
-            f.write(f"Fixed cost per step, {report['date']}, load {report['load']}, "
-                    f"1 thread, {a.rounds} rounds x {a.steps} steps\n\n" + "\n".join(md))
+            f.write(f"Fixed cost per step, {report['date']}, {report['machine']}, torch "
+                    f"{report['torch']}, load {report['load']} (after: {report['load_after']}), "
+                    f"1 thread, CPU time, {a.rounds} rounds x {a.steps} steps, trees "
+                    f"{', '.join(report['trees'])}\n\n" + "\n".join(md))
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        from benchmarks.suite import cpu_name
+    except ImportError:
+        return platform.processor() or platform.machine()
+    return cpu_name()
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ def _model_states(model: torch.nn.Module) -> dict[FIMType, DiagFisher]:
 def zero_diag_fim(model: torch.nn.Module, fim_type: FIMType | str | None = None) -> None:
     """Reset this model's accumulated Fisher for ``fim_type`` (every type when ``None``)."""
     states = _model_states(model)
+    which = None if fim_type is None else FIMType.parse(fim_type)
     # the estimators stay (their per-structure caches survive); the next step restarts them as
     # new ones: fresh state, options, reduction, ema and random stream
     for t, est in states.items():
-        if fim_type is None or t == FIMType.parse(fim_type):
+        if which is None or t == which:
             est.reset()
             est._restart = True
 
@@ -113,7 +114,7 @@ def get_diag_fim(
             f"get_diag_fim: no {fim_type.value!r} step has been taken for this model; call "
             "diag_fim_step first"
         )
-    return dict(est.result(local=local))
+    return dict(zip(est.names, est._read(local)[1]))
 
 
 def _reduces(est: DiagFisher) -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from fimfast.dtypes import compute_dtype
+from fimfast.finite import check_finite, label_range_and_finite
 
 _LABEL_KEYS = ("labels", "label")
 
@@ -85,6 +86,11 @@ class Rows:
         if self.all_valid:
             return self.flat_all
         return self.flat_all.index_select(0, self.index)
+
+    @functools.cached_property
+    def detached(self) -> torch.Tensor:
+        """``logits.detach()``, made once (the row checks may have made it already)."""
+        return self.logits.detach()
 
     def rows_chunk(self, start: int, stop: int) -> torch.Tensor:
         """Valid rows ``start:stop`` as ``(stop - start, C)``, attached (a view if all valid)."""
@@ -328,9 +334,8 @@ def _selected(
 ) -> Rows:
     """:class:`Rows` of the rows ``index`` of ``logits`` (flat ``labels`` of every row), after
     checking that those rows are finite (``finite=True``: the caller checked already)."""
-    flat_all = logits.reshape(-1, logits.shape[-1])
     if not finite:
-        _check_finite(flat_all, index, all_valid)
+        check_finite(logits.reshape(-1, logits.shape[-1]), index, all_valid)
     if labels is not None and not all_valid:
         labels = labels.index_select(0, index)
     per = 1 if logits.dim() == 2 else int(logits.shape[1])
@@ -357,17 +362,19 @@ def _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead)
             or labels.device != logits.device
         ):
             return None  # the general path converts, or raises with the full message
-        # the label range and the finiteness of the logits in one host sync: a non-finite sum
-        # reads as label -1, which sends the batch to the general path (it tells the two apart)
-        lo, hi = torch.aminmax(labels)
-        total = _total(logits.detach().reshape(-1, logits.shape[-1]))
-        lo = torch.where(total.mul(0).eq(0), lo.long(), -1)  # x * 0 == 0 exactly when x is finite
-        lo, hi = torch.stack([lo, hi.long()]).tolist()
-        if lo < 0 or hi >= int(logits.shape[-1]) or lo <= ignore_index <= hi:
+        # a non-finite sum of the logits sends the batch to the general path, which tells a
+        # NaN/Inf from an overflow
+        detached = logits.detach()
+        lo, hi, finite = label_range_and_finite(labels, detached)
+        if not finite or lo < 0 or hi >= int(logits.shape[-1]) or lo <= ignore_index <= hi:
             return None
-        labels = labels.reshape(-1)
+        if labels.dim() != 1:
+            labels = labels.reshape(-1)
     index = _arange(math.prod(lead), logits.device)
-    return _selected(logits, labels, index, True, finite=labels is not None)
+    out = _selected(logits, labels, index, True, finite=labels is not None)
+    if labels is not None:
+        out.detached = detached
+    return out
 
 
 _ARANGES: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -381,38 +388,3 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
             _ARANGES.clear()
         t = _ARANGES[(n, device)] = torch.arange(n, device=device)
     return t
-
-
-def _total(flat: torch.Tensor) -> torch.Tensor:
-    """The sum of every entry, in float32 (float64 for float64 logits): finite when every entry
-    is (and no sum overflows; :func:`_check_finite` tells the two apart)."""
-    return flat.sum(dtype=compute_dtype(flat.dtype))
-
-
-def _check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -> None:
-    """Raise when a valid row holds NaN/Inf, without a (rows x C) temporary.
-
-    One float32 (float64 for float64 logits) sum over the valid rows is finite when every entry
-    is; only when it is not (a NaN/Inf, or an overflow that would need entries near 1e32) are the
-    entries counted, row by row, and the step refused only if one is not finite.
-    """
-    flat = flat_all.detach()  # nothing below is recorded
-    acc = compute_dtype(flat.dtype)
-    if all_valid:
-        total = _total(flat)
-    else:
-        total = flat.sum(-1, dtype=acc).index_select(0, index).sum()
-    if math.isfinite(float(total)):
-        return
-    sums = flat.sum(-1, dtype=acc)
-    if not all_valid:
-        sums = sums.index_select(0, index)
-    bad = ~torch.isfinite(sums)
-    bad_rows = index[bad] if not all_valid else bad.nonzero().reshape(-1)
-    nbad = sum(int((~torch.isfinite(flat[int(r)])).sum()) for r in bad_rows)
-    if nbad == 0:
-        return  # only the sums overflowed
-    raise ValueError(
-        f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
-        "the step was not taken"
-    )

@@ -16,7 +16,9 @@ from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persam
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard, retained_graphs
+from fimfast.nograd import NogradWatch
 from fimfast.ops import registry
+from fimfast.parameters import trainable_parameters
 from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State
 from fimfast.step import Step
@@ -35,36 +37,6 @@ logger = logging.getLogger("fimfast")
 # EXACT back-propagates one cotangent per (row, class) pair: from this many classes on, its cost is
 # announced with a warning (once per estimator) before the first backward
 EXACT_WARN_CLASSES = 4096
-
-
-def trainable_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
-    """Names and tensors of the parameters with ``requires_grad`` (tied weights once), in
-    ``model.named_parameters()`` order."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    names: list[str] = []
-    params: list[torch.Tensor] = []
-    _collect(model, "", set(), set(), names, params)
-    if not names:
-        raise ValueError("model has no trainable parameters (requires_grad=True)")
-    return names, params
-
-
-def _collect(
-    module: torch.nn.Module, prefix: str, modules: set, seen: set, names: list, params: list
-) -> None:
-    """``named_parameters()`` without its generator layers (a step walks it every call): modules
-    in pre-order, each once, then each of its parameters not met before."""
-    modules.add(id(module))
-    for k, p in module._parameters.items():
-        if p is not None and id(p) not in seen:
-            seen.add(id(p))
-            if p.requires_grad:
-                names.append(prefix + k)
-                params.append(p)
-    for k, child in module._modules.items():
-        if child is not None and id(child) not in modules:
-            _collect(child, prefix + k + ".", modules, seen, names, params)
 
 
 def _default_seed() -> int:
@@ -121,12 +93,14 @@ class DiagFisher:
         names, params = trainable_parameters(model)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
+        self._reset = True  # nothing committed or loaded into the state yet
         self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
         self.offset = 0
         self._persample = persample.Engine()
         self._guard = BufferGuard()
-        self._nograd = hooks.NogradWatch()
+        self._nograd = NogradWatch()
         self._warned_exact = False
+        self._restarted = False  # restart() kept a state made before it: see _params
 
     @property
     def seed(self) -> int:
@@ -159,29 +133,46 @@ class DiagFisher:
         """Start over as a new estimator of the same type would (state, reduction, ema,
         options and random stream), keeping the per-structure caches of the engines."""
         reduction, ema = check_reduction(reduction), check_ema(ema)
-        self._opts_given = None
-        self.set_options(opts)
+        if opts is not None and opts == self._opts_given:
+            # the mapping validated last time: only the checks against the model run again
+            self._head = lm_head.resolve(self.model, self.fim_type, self.opts)
+            if self.opts.backend not in (None, "auto"):  # else nothing to check
+                registry.check_backend(self.opts.backend, _device_of(self.model))
+        else:
+            self._opts_given = None
+            self.set_options(opts)
         self.reduction, self.ema = reduction, ema
         self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
         self.offset = 0
-        self.reset()
+        if not self._reset or self.state.reduction != reduction or self.state.ema != ema:
+            self.reset()
+        # a state kept from a reset() before (zero_diag_fim) is re-made at the next step if the
+        # model's parameters changed since, as a new estimator would take them
+        self._restarted = True
 
     def reset(self) -> None:
         """Forget the accumulated state (the random stream continues)."""
         names, params = trainable_parameters(self.model)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
+        self._reset = True  # nothing committed or loaded into this state yet
 
     # -- steps -------------------------------------------------------------------------------- #
     def _params(self) -> list[torch.Tensor]:
         names, params = trainable_parameters(self.model)
-        self.state.check_params(names, params)
+        try:
+            self.state.check_params(names, params)
+        except ValueError:
+            if not self._restarted:
+                raise
+            self.reset()  # nothing accumulated since the restart: the state follows the model
         return params
 
     def _params_after_forward(self, before: list[torch.Tensor]) -> list[torch.Tensor]:
         # FSDP2 registers the unsharded parameters the forward used: those are the graph's leaves.
-        # Without a process group (FSDP needs one) the forward cannot have swapped them.
-        if not distributed.initialized() and "torch.distributed.tensor" not in sys.modules:
+        # Without a process group (FSDP needs one) or DTensor (FSDP2's parameters) the forward
+        # cannot have swapped them.
+        if "torch.distributed.tensor" not in sys.modules or not distributed.initialized():
             return before
         params = self._params()
         distributed.check_params_after_forward(self.names, params)
@@ -203,7 +194,8 @@ class DiagFisher:
         if not self.fim_type.is_per_sample:
             # row-sparse table gradients in a Fisher-only step (never in train_step's .grad)
             tables = [] if train else self._sparse_tables(params)
-            with self._nograd.watching(self.model, params) as seen, sparse_lookups(tables):
+            lookups = sparse_lookups(tables) if tables else _NOTHING
+            with self._nograd.watching(self.model, params) as seen, lookups:
                 rows = self._forward_of(batch, train).run()[1]
             # a reentrant checkpoint runs its segment without gradients, and HUTCHINSON's
             # plain backward reaches its parameters all the same
@@ -219,7 +211,7 @@ class DiagFisher:
     def _sparse_tables(self, params: list[torch.Tensor]) -> list[torch.nn.Module]:
         """The lookup tables that run sparse in this model's HUTCHINSON steps
         (:func:`fimfast.sparse_tables.candidates`, found once per parameter set)."""
-        key = (id(self.model), tuple(id(p) for p in params))
+        key = (id(self.model), *map(id, params))
         if getattr(self, "_tables_key", None) != key:
             self._tables_key, self._tables = key, candidates(self.model, params)
         return self._tables
@@ -261,6 +253,7 @@ class DiagFisher:
 
     def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows) -> None:
         self.state.commit(acc, rows.count, owned=True)  # every estimate path returns fresh tensors
+        self._reset = self._restarted = False
         self.offset += likelihoods.counters_used(self.opts.num_probes, rows.count, rows.num_classes)
 
     def step(self, batch: Any) -> None:
@@ -280,7 +273,9 @@ class DiagFisher:
                 with lm_head.capture(self._head) as head:
                     _, rows = self._forward_of(batch, head=head).run()
             params = self._params_after_forward(params)
-            with _fimfast_arithmetic(rows.logits.device):
+            # one backward without a retained graph: HUTCHINSON types with one probe
+            once = not self.fim_type.is_per_sample and head is None and self.opts.num_probes == 1
+            with _fimfast_arithmetic(rows.logits.device, retained=not once):
                 acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows)
 
@@ -333,10 +328,7 @@ class DiagFisher:
                 rank, the estimate is summed over the ranks (a collective: every rank must call
                 it; the local state is not modified). ``local=True`` reads this rank's shard only.
         """
-        state = self.state
-        if not local and distributed.active(self.opts.distributed, self.opts.process_group):
-            state = distributed.reduced_state(self.state, self.opts.process_group)
-        values = state.read()
+        state, values = self._read(local)
         meta = {
             "fim_type": self.fim_type.value,
             "reduction": self.reduction,
@@ -347,6 +339,14 @@ class DiagFisher:
             "options": self.opts.to_dict(),
         }
         return DiagFIM(dict(zip(self.names, values)), meta)
+
+    def _read(self, local: bool = False) -> tuple[State, list[torch.Tensor]]:
+        """The state :meth:`result` reads (summed over the ranks unless ``local``) and its
+        estimate, one new tensor per parameter of :attr:`names` (``get_diag_fim`` reads this)."""
+        state = self.state
+        if not local and distributed.active(self.opts.distributed, self.opts.process_group):
+            state = distributed.reduced_state(self.state, self.opts.process_group)
+        return state, state.read()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: state, seed, offset, type and options."""
@@ -366,24 +366,40 @@ class DiagFisher:
                 f"{self.fim_type.value!r}"
             )
         self.state.load_state_dict(sd["state"])
+        self._reset = self._restarted = False
         self.seed = int(sd["seed"])
         self.offset = int(sd["offset"])
 
 
-@contextlib.contextmanager
-def _fimfast_arithmetic(device: torch.device) -> Iterator[None]:
+def _fimfast_arithmetic(
+    device: torch.device, retained: bool = True
+) -> contextlib.AbstractContextManager[None]:
     """fimfast's own arithmetic (probes, eigenpairs, squares, backward) with autocast disabled.
 
     The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
-    run the eigenvector mix and the per-sample squared products in bf16. Retained backwards
-    through compiled regions are allowed (:func:`fimfast.guard.retained_graphs`).
+    run the eigenvector mix and the per-sample squared products in bf16. With ``retained``,
+    retained backwards through compiled regions are allowed (:func:`fimfast.guard.retained_graphs`;
+    a step whose only backward frees the graph needs nothing of it). Without autocast and
+    ``retained``, nothing is set up (the usual HUTCHINSON step).
     """
-    with retained_graphs():  # backward more than once, compiled regions included
-        if not torch.is_autocast_enabled(device.type):  # nothing to turn off (the usual case)
+    autocast = torch.is_autocast_enabled(device.type)
+    if not autocast and not retained:
+        return _NOTHING
+    return _arithmetic(device, retained, autocast)
+
+
+@contextlib.contextmanager
+def _arithmetic(device: torch.device, retained: bool, autocast: bool) -> Iterator[None]:
+    with retained_graphs() if retained else _NOTHING:
+        if not autocast:  # nothing to turn off (the usual case)
             yield
             return
         with torch.autocast(device.type, enabled=False):
             yield
+
+
+# a context manager doing nothing (reusable, reentrant)
+_NOTHING = contextlib.nullcontext()
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -47,6 +47,9 @@ class BufferGuard:
     def kept(self, model: torch.nn.Module) -> Iterator[None]:
         """Run the body; afterwards every buffer of ``model`` holds its value from before."""
         self._scan(model)
+        if not self._buffers:  # nothing to put back (an MLP, a model of Linear layers)
+            yield
+            return
         saved = []
         for m, name, qual in self._buffers:
             b = m._buffers.get(name)

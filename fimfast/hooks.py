@@ -224,28 +224,6 @@ class Capture:
         self.calls.append(call)
 
 
-class NogradWatch:
-    """Records the modules owning trainable parameters that a forward runs with gradients
-    disabled (the estimators without a layer capture; :class:`Capture` does the same)."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._owned: dict[int, str] = {}
-
-    @contextmanager
-    def watching(self, model: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[list[str]]:
-        """Yield the list the names of such modules are appended to during the body."""
-        key = (id(model), tuple(id(p) for p in params))
-        if key != self._key:
-            self._key, self._owned = key, owners(model, params)
-        seen: list[str] = []
-        handle = _module_mod.register_module_forward_pre_hook(_nograd_hook(self._owned, seen))
-        try:
-            yield seen
-        finally:
-            handle.remove()
-
-
 def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:
     """A global forward pre-hook appending to ``seen`` the name (from ``owned``) of every module
     called with gradients disabled."""
@@ -331,16 +309,17 @@ class Graph:
         return fn in self.nodes
 
 
-_REENTRANT_TYPES: dict[type, bool] = {}
+# autograd node type -> whether it is the backward of a reentrant checkpoint (is_reentrant_node)
+REENTRANT_TYPES: dict[type, bool] = {}
 
 
 def is_reentrant_node(node: Any) -> bool:
     """Whether an autograd node is the backward of a reentrant ``torch.utils.checkpoint``
     segment (any ``CheckpointFunction``, torch's or a library's copy of it)."""
     ty = type(node)
-    r = _REENTRANT_TYPES.get(ty)
+    r = REENTRANT_TYPES.get(ty)
     if r is None:
-        r = _REENTRANT_TYPES[ty] = ty.__name__ == "CheckpointFunctionBackward"
+        r = REENTRANT_TYPES[ty] = ty.__name__ == "CheckpointFunctionBackward"
     return r
 
 

@@ -13,11 +13,13 @@ at a time: the probes are formed row chunk by row chunk through
 :func:`fimfast.ops.probe_logit_grad`, with the counters the whole-batch call would use, so the
 signs are identical to one call on all rows. No ``(S, R, C)`` tensor and no float32 copy of
 bf16/fp16 logits is made. With the option ``lm_head`` neither the logits nor that buffer exist
-(:mod:`fimfast.lm_head`).
+(:mod:`fimfast.lm_head`). A batch whose rows are all valid and fit in one chunk (at most
+``_CHUNK_ELEMS`` logits) needs no buffer: its probe, in the logits' dtype, is the cotangent.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
@@ -63,22 +65,36 @@ def estimate(step: Step, cap: None = None) -> list[torch.Tensor] | Squares:
     rows, params, opts = step.rows, step.params, step.opts
     logits = rows.logits
     S = opts.num_probes
-    # the one (tokens x C) buffer of the step; rows left out (padding, ignored) stay zero
-    cot = (torch.empty if rows.all_valid else torch.zeros)(
-        logits.shape, dtype=logits.dtype, device=logits.device
-    )
-    cot_flat = cot.view(-1, rows.num_classes)
     factor = _Factor(rows, step.fim_type, opts, step.seed, step.offset)
+    # every row valid and in one chunk: the probe of all rows is the cotangent itself (in the
+    # logits' dtype: no buffer to fill); otherwise the one (tokens x C) buffer of the step, filled
+    # chunk by chunk, where rows left out (padding, ignored) stay zero
+    whole = rows.all_valid and factor.chunk >= factor.R
+    if not whole:
+        cot = (torch.empty if rows.all_valid else torch.zeros)(
+            logits.shape, dtype=logits.dtype, device=logits.device
+        )
+        cot_flat = cot.view(-1, rows.num_classes)
     reentrant = has_reentrant_checkpoint(logits)
     acc: list[torch.Tensor | None] = [None] * len(params)
     for s in range(S):
-        factor.write(s, cot_flat)
+        if whole:
+            cot = factor.whole(s)
+            if cot.dtype != logits.dtype:
+                cot = cot.to(logits.dtype)
+            if logits.dim() != 2:
+                cot = cot.view(logits.shape)
+        else:
+            factor.write(s, cot_flat)
         keep = step.retain_graph or s < S - 1
         grads = vjp(logits, params, cot, keep, reentrant)
         if S == 1 and step.defer_square:  # the state squares and adds in one pass
-            return Squares(grads, _owned(grads, step.dtypes, cot), step.dtypes, 1.0, opts.backend)
+            # which factors the state may square in place, asked only by a state still at zero
+            ptr = cot.untyped_storage().data_ptr()
+            owned = functools.partial(_owned, grads, step.dtypes, ptr)
+            return Squares(grads, owned, step.dtypes, 1.0, opts.backend)
         accumulate_squares(acc, grads, step.dtypes, 1.0 / S, cot, opts.backend)
-    del cot, cot_flat
+    del cot
     return step.filled(acc)
 
 
@@ -113,6 +129,11 @@ class _Factor:
                 out[r0:r1].copy_(u)
             else:
                 out.index_copy_(0, rows.index[r0:r1], u.to(out.dtype))
+
+    def whole(self, s: int) -> torch.Tensor:
+        """Probe ``s`` of every row, ``(R, C)``, when every row is valid (one chunk's worth)."""
+        z = self.rows.detached
+        return self._chunk(s, 0, z if z.dim() == 2 else z.reshape(-1, self.C))
 
     def _chunk(self, s: int, r0: int, z: torch.Tensor) -> torch.Tensor:
         """``(r1 - r0, C)`` float32|float64 factor of rows ``r0:r1`` for probe ``s``.
@@ -194,37 +215,36 @@ def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     if fn is None:
         return False
     seen, stack = {fn}, [fn]
+    known, pop, push, add = hooks.REENTRANT_TYPES, stack.pop, stack.append, seen.add
     while stack:
-        node = stack.pop()
-        if hooks.is_reentrant_node(node):
+        node = pop()
+        r = known.get(type(node))  # the type's verdict, decided once per type
+        if r or (r is None and hooks.is_reentrant_node(node)):
             return True
         for nxt, _ in node.next_functions:
             if nxt is not None and nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
+                add(nxt)
+                push(nxt)
     return False
 
 
-def _owned(
-    grads: list[torch.Tensor | None], dtypes: list[torch.dtype], cot: torch.Tensor
-) -> list[bool]:
+def _owned(grads: list[torch.Tensor | None], dtypes: list[torch.dtype], cot: int) -> list[bool]:
     """Which gradients may be squared in place: contiguous, in their estimate's dtype, and
-    sharing storage neither with the cotangent nor with another gradient (a parameter used as the
-    logits, or twice)."""
-    cot_ptr = cot.untyped_storage().data_ptr()
+    sharing storage neither with the cotangent (whose storage's data pointer is ``cot``) nor with
+    another gradient (a parameter used as the logits, or twice)."""
     ptrs = [
         None if g is None or g.layout != torch.strided else g.untyped_storage().data_ptr()
         for g in grads
     ]
     uses = Counter(ptrs)
-    shared = {p for p in ptrs if p is not None and (p == cot_ptr or uses[p] > 1)}
+    uses[cot] += 1
     return [
-        ptrs[i] is not None  # set and dense (a sparse table gradient is read, never squared)
+        p is not None  # set and dense (a sparse table gradient is read, never squared)
+        and uses[p] == 1
         and g.dtype == dt
-        and ptrs[i] not in shared
-        and g.is_contiguous()
         and not g.requires_grad
-        for i, (g, dt) in enumerate(zip(grads, dtypes))
+        and g.is_contiguous()
+        for p, g, dt in zip(ptrs, grads, dtypes)
     ]
 
 
@@ -244,7 +264,7 @@ def accumulate_squares(
     # row-sparse table gradients (fimfast.sparse_tables) are summed over probes densely here;
     # one-probe steps add them at their rows (fimfast.state.State)
     grads = [g if g is None or g.layout == torch.strided else g.to_dense() for g in grads]
-    owned = _owned(grads, dtypes, cot)
+    owned = _owned(grads, dtypes, cot.untyped_storage().data_ptr())
     more_s, more_g, new = [], [], []
     for i, g in enumerate(grads):
         if g is None:

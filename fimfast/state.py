@@ -108,6 +108,20 @@ def _adoptable(new: list[torch.Tensor], shapes: list, dtypes: list, devices: lis
     ]
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor equal to ``t``. On the CPU a copy-on-write clone (``torch._lazy_clone``): the
+    data is copied at the first write to either tensor, so a state read and then reset
+    (``zero_diag_fim`` + ``diag_fim_step`` + ``get_diag_fim`` per batch) never copies its values;
+    elsewhere an ordinary clone (a kernel in the stream order of the writes around it, where a
+    device allocator's copy-on-write copy is not)."""
+    if t.device.type == "cpu" and _LAZY_CLONE is not None:
+        return _LAZY_CLONE(t)
+    return t.clone()
+
+
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
+
+
 class State:
     """Per-parameter accumulators of one estimator.
 
@@ -269,7 +283,7 @@ class State:
             return torch._foreach_div(self.values, 1.0 - self.ema**self.steps)
         if self.reduction == "mean":
             return torch._foreach_div(self.values, float(self.count))
-        return [v.clone() for v in self.values]
+        return [_copy(v) for v in self.values]
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and counters, enough to resume accumulation."""

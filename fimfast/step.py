@@ -22,6 +22,7 @@ The estimator then folds the tensors into its state. See docs/architecture.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,29 +93,45 @@ class Squares:
         factors: one tensor per parameter, shaped like it (any floating dtype; a sparse COO
             gradient of a lookup table, :mod:`fimfast.sparse_tables`), or ``None``.
         owned: ``owned[i]`` says ``factors[i]`` is fresh, contiguous, in ``dtypes[i]`` and shares
-            storage with nothing else, so :meth:`squares` may square it in place.
+            storage with nothing else, so :meth:`squares` may square it in place. May be given as
+            a function returning that list, called on first use (a state that already holds a sum
+            folds the factors in without asking).
         dtypes: the estimate's dtype per parameter.
         scale: multiplier of the squares.
         backend: the kernel backend option of the step (:func:`fimfast.ops.accumulate_`).
     """
 
-    __slots__ = ("factors", "owned", "dtypes", "scale", "backend")
+    __slots__ = ("factors", "_owned", "dtypes", "scale", "backend")
 
     def __init__(
         self,
         factors: list[torch.Tensor | None],
-        owned: list[bool],
+        owned: list[bool] | Callable[[], list[bool]],
         dtypes: list[torch.dtype],
         scale: float = 1.0,
         backend: str | None = None,
     ):
-        if not (len(factors) == len(owned) == len(dtypes)):
+        if not callable(owned):
+            owned = list(owned)
+        if len(factors) != len(dtypes) or (not callable(owned) and len(owned) != len(dtypes)):
+            n = "?" if callable(owned) else len(owned)
             raise ValueError(
-                f"factors, owned and dtypes differ in length: {len(factors)}, {len(owned)}, "
-                f"{len(dtypes)}"
+                f"factors, owned and dtypes differ in length: {len(factors)}, {n}, {len(dtypes)}"
             )
-        self.factors, self.owned, self.dtypes = list(factors), list(owned), list(dtypes)
+        self.factors, self._owned, self.dtypes = list(factors), owned, list(dtypes)
         self.scale, self.backend = float(scale), backend
+
+    @property
+    def owned(self) -> list[bool]:
+        """The ``owned`` flags (computed now if they were given as a function)."""
+        if callable(self._owned):
+            owned = list(self._owned())
+            if len(owned) != len(self.factors):
+                raise ValueError(
+                    f"owned gave {len(owned)} flags for {len(self.factors)} factors"
+                )
+            self._owned = owned
+        return self._owned
 
     def squares(
         self, shapes: list[tuple[int, ...]] | None = None, devices: list | None = None

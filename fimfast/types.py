@@ -47,6 +47,9 @@ class FIMType(str, enum.Enum):
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
+            m = cls._value2member_map_.get(value)  # a value as written: one dict lookup
+            if m is not None:
+                return m
             key = value.strip().lower()
             for m in cls:
                 if key in (m.value, m.name.lower()):

@@ -276,7 +276,10 @@ def test_bench_fixed_cost_runs_and_reports(tmp_path):
     assert s["ratio"]["floor"] == 1.0
     assert set(s["cycle_over_step"]) == {"hutchinson", "empirical"}
     assert all(v > 0 for v in s["ratio"].values())
-    assert "HUTCHINSON gap" in (tmp_path / "fixed.md").read_text()
+    assert set(s["ops"]) == {"train", *bench_fixed_cost.OP_TYPES}
+    assert all(0 < o["kernels"] <= o["all"] for o in s["ops"].values())
+    md = (tmp_path / "fixed.md").read_text()
+    assert "HUTCHINSON gap" in md and "ATen operators per call" in md
 
 
 def test_bench_conv_patches_runs_and_reports(tmp_path):

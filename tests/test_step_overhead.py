@@ -153,6 +153,13 @@ def test_squares_value_object():
     assert g[2].item() == 3.0  # not owned: left alone
     with pytest.raises(ValueError, match="factors, owned and dtypes"):
         Squares(g, [True], [torch.float32])
+    # owned given as a function: asked once, on first use only
+    calls = []
+    lazy = Squares([torch.tensor([3.0])], lambda: calls.append(1) or [True], [torch.float32], 2.0)
+    assert calls == []
+    assert lazy.squares()[0].tolist() == [18.0] and lazy.owned == [True] and calls == [1]
+    with pytest.raises(ValueError, match="owned gave 2 flags for 1 factors"):
+        Squares([torch.ones(1)], lambda: [True, True], [torch.float32]).squares()
     with pytest.raises(ValueError, match=r"factors\[0\] is None"):
         Squares([None], [False], [torch.float32]).squares()
 
@@ -167,16 +174,46 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_rows_check_labels_and_finiteness_in_one_host_sync():
+def test_rows_check_labels_and_finiteness_in_two_kernels():
     z = torch.randn(6, 5)
     y = torch.tensor([0, 4, 2, 1, 3, 0])
+    batchlib.rows(z, y, None, "categorical", -100, True)  # the row indices are kept from here
     with _Count() as c:
         rows = batchlib.rows(z, y, None, "categorical", -100, True)
     assert rows.all_valid and rows.count == 6
-    # the one host read is a tolist() of (min label, max label), which the dispatcher does not
-    # see; a second read (float / item of the logits' sum) would, and so would a second sum
-    assert c.ops["aten._local_scalar_dense.default"] == 0, c.ops
-    assert c.ops["aten.sum.default"] == 1, c.ops
+    # the label range and one sum of the logits (of a detached alias); on the CPU their scalars
+    # are read as they are (no stack: a read costs no synchronisation there); nothing else runs
+    reads = c.ops.pop("aten._local_scalar_dense.default")
+    assert reads == 3 and c.ops.pop("aten.detach.default") == 1, c.ops
+    assert c.ops == {"aten.aminmax.default": 1, "aten.sum.default": 1}, c.ops
+
+
+@pytest.mark.parametrize("one_read", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("ldtype", [torch.uint8, torch.int32, torch.int64])
+def test_label_range_and_finiteness_values(one_read, dtype, ldtype):
+    y = torch.tensor([3, 0, 7, 2], dtype=ldtype)
+    for bad in (None, float("nan"), float("inf"), -float("inf")):
+        z = torch.randn(4, 9).to(dtype)
+        if bad is not None:
+            z[1, 4] = bad
+        with _Count() as c:
+            got = batchlib.label_range_and_finite(y, z, one_read)
+        assert got == (0, 7, bad is None), (bad, got)
+        if one_read:  # one host read: a tolist() of one stacked tensor, no item()
+            assert c.ops["aten._local_scalar_dense.default"] == 0, c.ops
+            assert c.ops["aten.stack.default"] == 1, c.ops
+    # entries finite, sum not: reported as not finite (the general path tells an overflow apart)
+    z = torch.full((2, 3), 3e38, dtype=dtype)
+    assert batchlib.label_range_and_finite(y[:2], z, one_read)[2] == (dtype == torch.float64)
+    if ldtype != torch.uint8:  # negative labels read back negative (sign-extended)
+        neg = torch.tensor([-100, 5, -3], dtype=ldtype)
+        got = batchlib.label_range_and_finite(neg, torch.zeros(3, 6, dtype=dtype), one_read)
+        assert got == (-100, 5, True)
+    big = torch.tensor([2**40, 1]) if ldtype == torch.int64 else None
+    if big is not None:
+        got = batchlib.label_range_and_finite(big, torch.zeros(2, 4, dtype=dtype), one_read)
+        assert got == (1, 2**40, True)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

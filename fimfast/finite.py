@@ -1,0 +1,90 @@
+"""The checks of a batch that read the device: the range of the labels and the finiteness of the
+logits (:func:`fimfast.batch.rows`).
+
+A step reads as little as it can on the host: the common case (categorical labels, every row
+valid) costs two kernels, ``aminmax`` of the labels and one sum of the logits, and, off the CPU,
+one host read (:func:`label_range_and_finite`); only a sum that is not finite makes
+:func:`check_finite` count the entries that are not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fimfast.dtypes import compute_dtype
+
+__all__ = ["check_finite", "label_range_and_finite"]
+
+
+# the integer dtype of each accumulation dtype's bits, and the exponent field of those bits
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+_EXPONENT = {torch.float32: (23, 0xFF), torch.float64: (52, 0x7FF)}
+
+
+def label_range_and_finite(
+    labels: torch.Tensor, logits: torch.Tensor, one_read: bool | None = None
+) -> tuple[int, int, bool]:
+    """``(min label, max label, whether the sum of the logits is finite)``: two kernels
+    (``aminmax``, ``sum``) and, off the CPU, one host read (``one_read``, the default there).
+
+    The one read is a ``tolist()`` of the two ends of the range and the bits of the sum, stacked
+    into one integer tensor (one more kernel; ``aminmax`` and the float's bits promote to the same
+    integer dtype). On the CPU a read costs no synchronisation and the three scalars are read as
+    they are (the stack alone costs more than the three reads there). The sum is accumulated in
+    float32 (float64 for float64 logits) and is finite when every logit is (and nothing
+    overflows).
+    """
+    total = _total(logits.detach() if logits.requires_grad else logits)
+    lo, hi = torch.aminmax(labels)
+    if one_read is None:
+        one_read = logits.device.type != "cpu"
+    if not one_read:
+        return int(lo), int(hi), math.isfinite(float(total))
+    lo, hi, bits = torch.stack([lo, hi, total.view(_BITS[total.dtype])]).tolist()
+    return lo, hi, _finite_bits(bits, total.dtype)
+
+
+def _finite_bits(bits: int, dtype: torch.dtype) -> bool:
+    """Whether the float of ``dtype`` whose bits read as the integer ``bits`` (sign-extended
+    when promoted to a wider integer) is finite: its exponent field is not all ones."""
+    shift, ones = _EXPONENT[dtype]
+    return (bits >> shift) & ones != ones
+
+
+def _total(flat: torch.Tensor) -> torch.Tensor:
+    """The sum of every entry, in float32 (float64 for float64 logits): finite when every entry
+    is (and no sum overflows; :func:`check_finite` tells the two apart)."""
+    if flat.dtype in (torch.float32, torch.float64):  # already its accumulation dtype
+        return flat.sum()
+    return flat.sum(dtype=torch.float32)
+
+
+def check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -> None:
+    """Raise when a valid row holds NaN/Inf, without a (rows x C) temporary.
+
+    One float32 (float64 for float64 logits) sum over the valid rows is finite when every entry
+    is; only when it is not (a NaN/Inf, or an overflow that would need entries near 1e32) are the
+    entries counted, row by row, and the step refused only if one is not finite.
+    """
+    flat = flat_all.detach()  # nothing below is recorded
+    acc = compute_dtype(flat.dtype)
+    if all_valid:
+        total = _total(flat)
+    else:
+        total = flat.sum(-1, dtype=acc).index_select(0, index).sum()
+    if math.isfinite(float(total)):
+        return
+    sums = flat.sum(-1, dtype=acc)
+    if not all_valid:
+        sums = sums.index_select(0, index)
+    bad = ~torch.isfinite(sums)
+    bad_rows = index[bad] if not all_valid else bad.nonzero().reshape(-1)
+    nbad = sum(int((~torch.isfinite(flat[int(r)])).sum()) for r in bad_rows)
+    if nbad == 0:
+        return  # only the sums overflowed
+    raise ValueError(
+        f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
+        "the step was not taken"
+    )
