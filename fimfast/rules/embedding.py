@@ -91,7 +91,7 @@ class EmbeddingBagRule(Rule):
     def _hook(self, cap, module, args, kwargs, output):
         if not cap.active or not torch.is_grad_enabled() or not _usable(output):
             return None
-        if saved_tensor_hooks_active():  # see Rule._hook
+        if saved_tensor_hooks_active() or "forward" in module.__dict__:  # see Rule._hook
             return None
         x = args[0] if args else kwargs.get("input")
         offsets = args[1] if len(args) > 1 else kwargs.get("offsets")

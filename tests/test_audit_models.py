@@ -1,0 +1,94 @@
+"""Exact or refused, on models built the way users build them: instance forwards, attributes set
+after construction, labels in the wrong layout, forwards that write into parameters.
+
+Each case either equals the float64 reference of ``tests/test_exactness.py`` (every row's Jacobian
+taken from the whole batch's graph) to 1e-10, or raises an error whose message names the module
+or the argument. MONTE_CARLO is checked against the same model written plainly, with the same
+seed (its draws depend on the logits, the seed and the step counter only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from test_exactness import assert_matches, reference
+
+import fimfast
+
+TYPES = ("exact", "empirical")
+N, D, C = 6, 5, 4
+
+
+def _data(n=N, d=D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, C, (n,), generator=g)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 7), nn.Tanh(), nn.Linear(7, C)).double()
+
+
+def _run(model, batches, kind, **opts):
+    est = fimfast.DiagFisher(model, kind, reduction="sum", seed=3, **opts)
+    for b in batches:
+        est.step(b)
+    return dict(est.result().items())
+
+
+def _ref(model, batches, kind):
+    out = {}
+    for x, y in batches:
+        part = reference(model, lambda x=x: model(x), y, kind)
+        out = {k: out.get(k, 0) + v for k, v in part.items()}
+    return out
+
+
+# -- a forward set on the instance --------------------------------------------------------- #
+def _scaled_head(model):
+    """``model[2].forward`` replaced on the instance: the head uses twice its weight."""
+    lin = model[2]
+    lin.forward = lambda h: F.linear(h, 2 * lin.weight, lin.bias)
+
+
+class _MHAHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.MultiheadAttention(D, 1, batch_first=True).double()
+        self.o = nn.Linear(D, C).double()
+
+    def forward(self, x):
+        s = x.unsqueeze(1).expand(-1, 3, -1) * torch.tensor([1.0, 0.5, -1.0]).view(1, 3, 1)
+        return self.o(self.a(s, s, s, need_weights=False)[0].mean(1))
+
+
+def _patched_mha(model):
+    a = model.a
+    a.forward = lambda q, k, v, **kw: nn.MultiheadAttention.forward(a, 0.5 * q, k, v, **kw)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("when", ["before", "after_first_step"])
+@pytest.mark.parametrize("build,patch", [(_mlp, _scaled_head), (_MHAHead, _patched_mha)],
+                         ids=["linear", "mha"])
+def test_forward_set_on_the_instance_is_what_runs(kind, when, build, patch):
+    """A module whose ``forward`` was replaced on the instance (``module.forward = fn``, as
+    wrapping libraries do) computes something its class's rule was not written for: its
+    parameters take the generic path, also when the forward is replaced after a first step."""
+    model = build()
+    b1, b2 = _data(), _data(seed=1)
+    est = fimfast.DiagFisher(model, kind, reduction="sum", seed=3)
+    if when == "before":
+        patch(model)
+    est.step(b1)
+    ref = _ref(model, [b1], kind)
+    if when != "before":
+        patch(model)
+    est.step(b2)
+    ref = {k: ref[k] + v for k, v in _ref(model, [b2], kind).items()}
+    assert_matches(dict(est.result().items()), ref)
+
