@@ -92,3 +92,34 @@ def test_forward_set_on_the_instance_is_what_runs(kind, when, build, patch):
     ref = {k: ref[k] + v for k, v in _ref(model, [b2], kind).items()}
     assert_matches(dict(est.result().items()), ref)
 
+
+# -- convolution attributes set after construction ----------------------------------------- #
+def _set_padding(conv):
+    conv.padding = (0, 1)  # (5, 3) outputs become (3, 5): as many positions, other windows
+
+
+def _set_same(conv):
+    conv.padding = "same"
+
+
+def _set_ints(conv):
+    conv.padding, conv.stride, conv.dilation = 1, 2, 1
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("change", [_set_padding, _set_same, _set_ints],
+                         ids=["padding", "same", "ints"])
+def test_convolution_reads_its_padding_as_torch_does(kind, change):
+    """torch's forward reads ``padding`` (zero padding), ``stride`` and ``dilation`` on every
+    call, so a value set after construction is the one the model computes with; the rule takes
+    the same (not the constructor's ``_reversed_padding_repeated_twice``)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=(1, 0)).double()
+    change(conv)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    L = conv(x).flatten(1).shape[1]
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(L, C)).double()
+    assert_matches(_run(model, [(x, y)], kind), _ref(model, [(x, y)], kind))
+
