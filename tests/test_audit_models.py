@@ -123,3 +123,34 @@ def test_convolution_reads_its_padding_as_torch_does(kind, change):
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(L, C)).double()
     assert_matches(_run(model, [(x, y)], kind), _ref(model, [(x, y)], kind))
 
+
+# -- labels laid out against the logits ---------------------------------------------------- #
+class _SeqFirst(nn.Module):
+    """``(T, N, D)`` in, ``(T, N, C)`` token logits out (sequence first)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.o = nn.Linear(3, 6).double(), nn.Linear(6, C).double()
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.a(x)).cumsum(0))
+
+
+@pytest.mark.parametrize("kind", ("exact", "empirical", "monte_carlo", "hutchinson"))
+def test_sequence_first_labels_in_the_batch_first_layout_are_refused(kind):
+    """With ``batch_dim=1`` the labels of ``(T, N, C)`` logits are ``(T, N)``; batch-first
+    ``(N, T)`` labels have as many elements and were once permuted and reshaped into scrambled
+    labels (EMPIRICAL then estimated with the wrong label of every token)."""
+    T, n = 5, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, n, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (T, n), generator=g)
+    model = _SeqFirst()
+    est = fimfast.DiagFisher(model, kind, reduction="sum", seed=3, batch_dim=1, class_dim=-1)
+    with pytest.raises(ValueError, match=r"labels must have shape \(5, 4\).*got \(4, 5\)"):
+        est.step((x, y.t().contiguous()))
+    est.step((x, y))  # the labels as the logits lay them out
+    if kind == "empirical":  # rows in any order: the reference needs each token's own label
+        ref = reference(model, lambda: model(x), y, kind)
+        assert_matches(dict(est.result().items()), ref)
