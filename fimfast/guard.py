@@ -1,4 +1,5 @@
-"""A Fisher step leaves the model's buffers as it found them.
+"""A Fisher step leaves the model's buffers (and parameters, :func:`parameters_kept`) as it
+found them.
 
 A forward in train mode updates buffers: BatchNorm's ``running_mean``, ``running_var`` and
 ``num_batches_tracked``, and whatever a custom module writes in place. A Fisher step is a
@@ -88,6 +89,61 @@ class BufferGuard:
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+@contextmanager
+def parameters_kept(
+    model: torch.nn.Module, names: list[str], params: list[torch.Tensor]
+) -> Iterator[None]:
+    """Run the body (one Fisher step); afterwards the parameters hold their values from before.
+
+    A lookup with ``max_norm`` (``nn.Embedding``, ``nn.EmbeddingBag``) renormalises the rows it
+    reads in place, under ``no_grad``, before reading them: the rows each call is about to read
+    are copied by a forward pre-hook and written back after the body (last call first), so the
+    step measures the renormalised model, as the next training forward computes it, and leaves
+    the table as it was. Any other in-place write into a trainable parameter (``F.embedding`` with
+    ``max_norm`` on a bare parameter, a forward that updates its own weights) cannot be undone
+    without a copy of every parameter: it is refused after the body, naming the parameter.
+
+    Raises:
+        UnsupportedModelError: the body wrote into a trainable parameter in place.
+    """
+    tables = [
+        m for m in model.modules()
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.max_norm is not None
+    ]
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def keep_rows(module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs.get("input")
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).unique().to(module.weight.device)
+            saved.append((module.weight, ids, module.weight.detach()[ids].clone()))
+
+    handles = [m.register_forward_pre_hook(keep_rows, with_kwargs=True) for m in tables]
+    restored = {id(m.weight) for m in tables}
+    versions = [p._version for p in params]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for w, ids, rows in reversed(saved):
+                w.index_copy_(0, ids, rows)
+    written = [n for n, p, v in zip(names, params, versions)
+               if p._version != v and id(p) not in restored]
+    if written:
+        from fimfast.types import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"the model's forward wrote into trainable parameter(s) {', '.join(written[:5])} in "
+            "place (F.embedding with max_norm on a bare parameter, or a forward that updates its "
+            "own weights); a Fisher step must leave the parameters as they are and cannot put "
+            "them back: they keep the forward's values and nothing was added to the estimate. "
+            "Use nn.Embedding(max_norm=...) (whose rows a step puts back), or renormalise "
+            "outside the forward"
+        )
 
 
 @contextmanager

@@ -154,3 +154,68 @@ def test_sequence_first_labels_in_the_batch_first_layout_are_refused(kind):
     if kind == "empirical":  # rows in any order: the reference needs each token's own label
         ref = reference(model, lambda: model(x), y, kind)
         assert_matches(dict(est.result().items()), ref)
+
+
+# -- forwards that write into parameters ---------------------------------------------------- #
+V, E = 11, 6
+
+
+class _Renormed(nn.Module):
+    """A lookup table with ``max_norm``: its forward renormalises the rows it reads in place."""
+
+    def __init__(self, bag: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        cls = nn.EmbeddingBag if bag else nn.Embedding
+        self.e = cls(V, E, max_norm=1.0).double()
+        self.o = nn.Linear(E, C).double()
+        self.bag = bag
+
+    def forward(self, ids):
+        h = self.e(ids) if self.bag else self.e(ids).mean(1)
+        return self.o(torch.tanh(h))
+
+
+def _ids():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, V, (N, 4), generator=g), torch.randint(0, C, (N,), generator=g)
+
+
+@pytest.mark.parametrize("kind", ("exact", "empirical", "monte_carlo", "hutchinson"))
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "bag"])
+def test_max_norm_table_is_left_as_it_was(kind, bag):
+    """A step measures the renormalised table (what the model's forward computes with) and puts
+    the rows the forward renormalised back: the parameters are left as they were."""
+    model = _Renormed(bag)
+    ids, y = _ids()
+    before = model.e.weight.detach().clone()
+    got = _run(model, [(ids, y)], kind, num_probes=2)
+    assert torch.equal(model.e.weight, before), "the step renormalised the table"
+    if kind in TYPES:
+        ref = reference(model, lambda: model(ids), y, kind)  # renormalises, as the step's forward
+        assert_matches(got, ref)
+    else:  # the same draws on the renormalised table, which a second step leaves alone
+        assert_matches(got, _run(model, [(ids, y)], kind, num_probes=2))
+
+
+class _BareRenormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(V, E, dtype=torch.float64))
+        self.o = nn.Linear(E, C).double()
+
+    def forward(self, ids):
+        return self.o(torch.tanh(F.embedding(ids, self.table, max_norm=1.0).mean(1)))
+
+
+@pytest.mark.parametrize("kind", ("exact", "empirical", "monte_carlo", "hutchinson"))
+def test_forward_writing_into_a_bare_parameter_is_refused(kind):
+    """``F.embedding(..., max_norm=)`` on a bare parameter writes into it in place: the step
+    cannot put it back, and refuses, naming the parameter, with the state unchanged."""
+    model = _BareRenormed()
+    ids, y = _ids()
+    est = fimfast.DiagFisher(model, kind, seed=3)
+    with pytest.raises(fimfast.UnsupportedModelError, match="trainable parameter.* table in place"):
+        est.step((ids, y))
+    assert est.state.count == 0 and est.state.steps == 0
