@@ -219,3 +219,57 @@ def test_forward_writing_into_a_bare_parameter_is_refused(kind):
     with pytest.raises(fimfast.UnsupportedModelError, match="trainable parameter.* table in place"):
         est.step((ids, y))
     assert est.state.count == 0 and est.state.steps == 0
+
+
+# -- encoder-decoder batches ---------------------------------------------------------------- #
+class _EncDec(nn.Module):
+    """Decoder token logits conditioned on a masked mean of the encoder's tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.o = nn.Embedding(V, E).double(), nn.Linear(E, C).double()
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        ctx = (self.e(input_ids) * attention_mask.unsqueeze(-1)).mean(1, keepdim=True)
+        return {"logits": self.o(torch.tanh(self.e(decoder_input_ids) + ctx))}
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_encoder_mask_does_not_mask_the_decoder_logits(kind):
+    """A batch with decoder inputs: its ``attention_mask`` is the encoder's, and must not drop
+    decoder tokens whose positions it happens to mark as padding (sequences of equal lengths)."""
+    g = torch.Generator().manual_seed(0)
+    ids, dec = torch.randint(0, V, (N, 5), generator=g), torch.randint(0, V, (N, 5), generator=g)
+    mask = torch.ones(N, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    y = torch.randint(0, C, (N, 5), generator=g)
+    model = _EncDec()
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "labels": y}
+    ref = reference(model, lambda: model(ids, mask, dec)["logits"], y, kind)
+    assert_matches(_run(model, [batch], kind), ref)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_hugging_face_encoder_decoder_decodes_its_labels(kind):
+    """A Hugging Face encoder-decoder given labels and no decoder inputs builds them from the
+    labels (shifted right), as in training; called without its labels it would decode the
+    encoder's input ids instead. The batch's ``attention_mask`` masks the encoder only."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BartConfig(
+        vocab_size=13, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8,
+        max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = tf.BartForConditionalGeneration(cfg).double().eval()
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(3, 13, (2, 4), generator=g), torch.randint(3, 13, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[1, 2:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": y}
+    ref = reference(model, lambda: model(input_ids=ids, attention_mask=mask, labels=y).logits,
+                    y, kind)
+    assert_matches(_run(model, [batch], kind), ref)
+
