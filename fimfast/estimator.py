@@ -15,7 +15,7 @@ from fimfast import batch as batchlib
 from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
-from fimfast.guard import BufferGuard, parameters_kept, retained_graphs
+from fimfast.guard import BufferGuard, gradient_hooks_off, parameters_kept, retained_graphs
 from fimfast.ops import registry
 from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State
@@ -271,7 +271,11 @@ class DiagFisher:
         generator advances as one forward of the model advances it (dropout), plus one draw
         when the estimator was created without a seed."""
         params = self._params()  # a changed parameter set is refused before the forward
-        with self._guard.kept(self.model), parameters_kept(self.model, self.names, params):
+        with (
+            self._guard.kept(self.model),
+            parameters_kept(self.model, self.names, params),
+            gradient_hooks_off(self.model, params),
+        ):
             if self._head is None:
                 cap, rows = self._captured_forward(params, batch)
                 head = None

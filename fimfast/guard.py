@@ -147,6 +147,34 @@ def parameters_kept(
 
 
 @contextmanager
+def gradient_hooks_off(model: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """Run the body (one Fisher step) with the gradient hooks of the trainable parameters
+    (``Tensor.register_hook``) and the backward hooks of the modules
+    (``register_full_backward_hook``, ``register_full_backward_pre_hook``,
+    ``register_backward_hook``) switched off, and put them back afterwards.
+
+    Such hooks change the gradients autograd reports (clipping, scaling, reversal), not the
+    model's function, whose Fisher a step estimates: the layer rules of the per-sample engine
+    never see them, while a backward to the parameters (the generic path, the HUTCHINSON family)
+    would. Each hook dictionary is emptied in place (autograd holds the dictionary itself) and
+    refilled after the body, so the handles that remove the hooks keep working.
+    """
+    saved = []
+    dicts = [p._backward_hooks for p in params]
+    for m in model.modules():
+        dicts += [m._backward_hooks, m._backward_pre_hooks]
+    for d in dicts:
+        if d:
+            saved.append((d, dict(d)))
+            d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.update(items)
+
+
+@contextmanager
 def retained_graphs() -> Iterator[None]:
     """Back-propagate a graph more than once inside the body, through ``torch.compile`` regions
     too.
