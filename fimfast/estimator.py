@@ -23,6 +23,7 @@ from fimfast.step import Step
 from fimfast.types import (
     FIMType,
     Options,
+    UnsupportedModelError,
     check_ema,
     check_reduction,
     check_type_options,
@@ -48,6 +49,15 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.
     if not names:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
     return names, params
+
+
+def _check_real(names: list[str], params: list[torch.Tensor]) -> None:
+    """Refuse complex trainable parameters: the Fisher estimated is that of real parameters."""
+    if bad := [n for n, p in zip(names, params) if p.is_complex()]:
+        raise UnsupportedModelError(
+            f"trainable parameter(s) {', '.join(bad[:5])} are complex: fimfast estimates the "
+            "Fisher of real parameters. Keep real and imaginary parts in a real parameter of shape "
+            "(..., 2), complex in the forward (torch.view_as_complex), or set requires_grad=False")
 
 
 def _collect(
@@ -119,6 +129,7 @@ class DiagFisher:
         registry.check_backend(self.opts.backend, _device_of(model))
         distributed.check_model(model)
         names, params = trainable_parameters(model)
+        _check_real(names, params)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
         self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
@@ -169,6 +180,7 @@ class DiagFisher:
     def reset(self) -> None:
         """Forget the accumulated state (the random stream continues)."""
         names, params = trainable_parameters(self.model)
+        _check_real(names, params)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
 

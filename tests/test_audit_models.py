@@ -305,3 +305,17 @@ def test_gradient_hooks_do_not_change_the_fisher(kind, hook):
     for h in handles:
         h.remove()
 
+
+def test_complex_parameters_are_refused():
+    class Cx(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(7, D, dtype=torch.complex128))
+            self.o = nn.Linear(7, C).double()
+
+        def forward(self, x):
+            return self.o((x.to(torch.complex128) @ self.w.t()).abs())
+
+    with pytest.raises(fimfast.UnsupportedModelError, match="parameter.* w are complex"):
+        fimfast.DiagFisher(Cx(), "exact")
+
