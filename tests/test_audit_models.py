@@ -319,3 +319,74 @@ def test_complex_parameters_are_refused():
     with pytest.raises(fimfast.UnsupportedModelError, match="parameter.* w are complex"):
         fimfast.DiagFisher(Cx(), "exact")
 
+
+# -- the fused output head (lm_head) ---------------------------------------------------------- #
+class _LM(nn.Module):
+    def __init__(self, post=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.lm_head = nn.Embedding(V, E).double(), nn.Linear(E, V).double()
+        self.post = post
+
+    def forward(self, ids):
+        z = self.lm_head(torch.tanh(self.e(ids).cumsum(1)))
+        return z if self.post is None else self.post(z)
+
+
+class _CappedHead(nn.Linear):
+    def forward(self, h):
+        return 30 * torch.tanh(super().forward(h) / 30)
+
+
+def _instance_capped(model):
+    head = model.lm_head
+    head.forward = lambda h: 30 * torch.tanh(F.linear(h, head.weight, head.bias) / 30)
+
+
+def _class_capped(model):
+    torch.manual_seed(0)
+    model.lm_head = _CappedHead(E, V).double()
+
+
+@pytest.mark.parametrize("when", ["before", "after_first_step"])
+@pytest.mark.parametrize("change", [_instance_capped, _class_capped], ids=["instance", "class"])
+def test_lm_head_with_another_forward_is_refused(when, change):
+    """The fused head computes ``h W^T + b``: a head whose forward is another (soft-capping set
+    on the instance, a subclass) was once replaced by the placeholder and estimated as a plain
+    Linear."""
+    model = _LM()
+    ids = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(0))
+    if when == "before":
+        change(model)
+        with pytest.raises(ValueError, match=r"lm_head.*runs a forward other than nn.Linear's"):
+            fimfast.DiagFisher(model, "hutchinson", lm_head="lm_head", class_dim=-1)
+        return
+    est = fimfast.DiagFisher(model, "hutchinson", lm_head="lm_head", class_dim=-1, seed=3)
+    est.step(ids)
+    change(model)
+    # a new head module: the estimator's head (resolved when it was made) is no longer called
+    msg = "head was not called" if change is _class_capped else "runs a forward other than"
+    with pytest.raises(ValueError, match=msg):
+        est.step(ids)
+    assert est.state.steps == 1
+
+
+def _div_(z):
+    return z.div_(2.0)
+
+
+def _mask_(z):
+    z[..., -2:] = float("-inf")
+    return z
+
+
+@pytest.mark.parametrize("post", [_div_, _mask_], ids=["temperature", "vocabulary-mask"])
+def test_lm_head_logits_written_in_place_name_the_option(post):
+    model = _LM(post)
+    ids = torch.randint(0, V, (3, 4), generator=torch.Generator().manual_seed(0))
+    est = fimfast.DiagFisher(model, "hutchinson", lm_head="lm_head", class_dim=-1, seed=3)
+    with pytest.raises(ValueError, match=r"lm_head.*writes into the logits in place"):
+        est.step(ids)
+    assert est.state.steps == 0
+    assert "forward" not in model.lm_head.__dict__
+
