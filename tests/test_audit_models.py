@@ -390,3 +390,31 @@ def test_lm_head_logits_written_in_place_name_the_option(post):
     assert est.state.steps == 0
     assert "forward" not in model.lm_head.__dict__
 
+
+# -- parameters registered again -------------------------------------------------------------- #
+class _Reregistered(nn.Module):
+    """A forward that swaps a Linear's weight for a scaled copy and registers it again (so the
+    weight moves after the bias in ``named_parameters()``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.o = nn.Linear(D, 7).double(), nn.Linear(7, C).double()
+
+    def forward(self, x):
+        w = self.l.weight
+        del self.l.weight
+        self.l.weight = w * 2
+        try:
+            h = self.l(x)
+        finally:
+            del self.l.weight
+            self.l.weight = w
+        return self.o(torch.tanh(h))
+
+
+def test_parameters_in_another_order_say_so():
+    est = fimfast.DiagFisher(_Reregistered(), "exact")
+    with pytest.raises(ValueError, match="the same parameters in another order"):
+        for _ in range(2):
+            est.step(_data())
