@@ -418,3 +418,30 @@ def test_parameters_in_another_order_say_so():
     with pytest.raises(ValueError, match="the same parameters in another order"):
         for _ in range(2):
             est.step(_data())
+
+
+# -- lookup attributes set after construction ------------------------------------------------ #
+class _Lookup(nn.Module):
+    def __init__(self, bag: bool, mode: str = "mean"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = (nn.EmbeddingBag(V, E, mode=mode) if bag else nn.Embedding(V, E)).double()
+        self.o = nn.Linear(E, C).double()
+        self.bag = bag
+
+    def forward(self, ids):
+        h = self.e(ids) if self.bag else self.e(ids).mean(1)
+        return self.o(torch.tanh(h))
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("bag,mode", [(False, None), (True, "mean"), (True, "sum"), (True, "max")],
+                         ids=["embedding", "bag-mean", "bag-sum", "bag-max"])
+def test_negative_padding_idx_set_after_construction(kind, bag, mode):
+    """``padding_idx = -1`` set on a lookup after construction: torch's lookups count it from
+    the end of the table (its row gets no gradient); the rule reads it the same way."""
+    model = _Lookup(bag, mode)
+    model.e.padding_idx = -1
+    ids, y = _ids()
+    ids[:, 0] = V - 1
+    assert_matches(_run(model, [(ids, y)], kind), reference(model, lambda: model(ids), y, kind))
