@@ -151,7 +151,8 @@ def gradient_hooks_off(model: torch.nn.Module, params: list[torch.Tensor]) -> It
     """Run the body (one Fisher step) with the gradient hooks of the trainable parameters
     (``Tensor.register_hook``) and the backward hooks of the modules
     (``register_full_backward_hook``, ``register_full_backward_pre_hook``,
-    ``register_backward_hook``) switched off, and put them back afterwards.
+    ``register_backward_hook``, and the global ones of ``torch.nn.modules.module``) switched off,
+    and put them back afterwards.
 
     Such hooks change the gradients autograd reports (clipping, scaling, reversal), not the
     model's function, whose Fisher a step estimates: the layer rules of the per-sample engine
@@ -163,6 +164,8 @@ def gradient_hooks_off(model: torch.nn.Module, params: list[torch.Tensor]) -> It
     dicts = [p._backward_hooks for p in params]
     for m in model.modules():
         dicts += [m._backward_hooks, m._backward_pre_hooks]
+    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
+    dicts += [mod._global_backward_hooks, mod._global_backward_pre_hooks]
     for d in dicts:
         if d:
             saved.append((d, dict(d)))

@@ -284,23 +284,33 @@ def _module_hook(model):
             model[0].register_full_backward_pre_hook(lambda m, go: (0.5 * go[0],))]
 
 
+def _global_hook(model):
+    from torch.nn.modules.module import register_module_full_backward_hook
+
+    return [register_module_full_backward_hook(
+        lambda m, gi, go: tuple(None if t is None else 2 * t for t in gi))]
+
+
 @pytest.mark.parametrize("kind", ("exact", "empirical", "monte_carlo", "hutchinson"))
-@pytest.mark.parametrize("hook", [_param_hook, _module_hook], ids=["tensor", "module"])
+@pytest.mark.parametrize("hook", [_param_hook, _module_hook, _global_hook],
+                         ids=["tensor", "module", "global"])
 def test_gradient_hooks_do_not_change_the_fisher(kind, hook):
-    """Hooks that rescale gradients (``Tensor.register_hook``, module backward hooks) change
-    what autograd reports, not the model: every type estimates the Fisher of the model as if
-    they were not there (the layer rules never saw them; a backward to the parameters did), and
-    the hooks work again after the step."""
+    """Hooks that rescale gradients (``Tensor.register_hook``, module backward hooks, global
+    ones) change what autograd reports, not the model: every type estimates the Fisher of the
+    model as if they were not there (the layer rules never saw them; a backward to the
+    parameters did), and the hooks work again after the step."""
     x, y = _data()
     model, plain = _mlp(), _mlp()
-    handles = hook(model)
-    got = _run(model, [(x, y)], kind, num_probes=2)
     ref = (reference(plain, lambda: plain(x), y, kind) if kind in TYPES
            else _run(plain, [(x, y)], kind, num_probes=2))  # the same draws without hooks
-    assert_matches(got, ref)
-    w = model[0].weight
-    (g,) = torch.autograd.grad(model(x).sum(), w)
-    (g0,) = torch.autograd.grad(plain(x).sum(), plain[0].weight)
+    handles = hook(model)
+    try:
+        assert_matches(_run(model, [(x, y)], kind, num_probes=2), ref)
+        (g,) = torch.autograd.grad(model(x).sum(), model[0].weight)
+    finally:
+        for h in handles:
+            h.remove()
+    (g0,) = torch.autograd.grad(model(x).sum(), model[0].weight)
     assert not torch.allclose(g, g0), "the hooks were not put back"
     for h in handles:
         h.remove()
