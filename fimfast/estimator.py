@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persample
+from fimfast import distributed, guard, hooks, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
-from fimfast.guard import BufferGuard, gradient_hooks_off, parameters_kept, retained_graphs
+from fimfast.guard import BufferGuard, retained_graphs
 from fimfast.ops import registry
 from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State
@@ -136,6 +136,7 @@ class DiagFisher:
         self.offset = 0
         self._persample = persample.Engine()
         self._guard = BufferGuard()
+        self._modules = guard.ModuleWalk()
         self._nograd = hooks.NogradWatch()
         self._warned_exact = False
 
@@ -283,10 +284,11 @@ class DiagFisher:
         generator advances as one forward of the model advances it (dropout), plus one draw
         when the estimator was created without a seed."""
         params = self._params()  # a changed parameter set is refused before the forward
+        mods, tables = self._modules.of(self.model, params)
         with (
             self._guard.kept(self.model),
-            parameters_kept(self.model, self.names, params),
-            gradient_hooks_off(self.model, params),
+            guard.parameters_kept(tables, self.names, params),
+            guard.gradient_hooks_off(mods, params),
         ):
             if self._head is None:
                 cap, rows = self._captured_forward(params, batch)

@@ -91,9 +91,29 @@ class BufferGuard:
             )
 
 
+class ModuleWalk:
+    """``model.modules()`` as a list, and its lookups with ``max_norm``, walked again only when
+    the model or its set of trainable parameters changes (for :func:`parameters_kept` and
+    :func:`gradient_hooks_off`)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._walk: tuple[list, list] = ([], [])
+
+    def of(self, model: torch.nn.Module, params: list[torch.Tensor]) -> tuple[list, list]:
+        """``(modules, lookups with max_norm)`` of ``model``."""
+        key = (id(model), tuple(map(id, params)))
+        if key != self._key:
+            mods = list(model.modules())
+            tables = [m for m in mods if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                      and m.max_norm is not None]
+            self._key, self._walk = key, (mods, tables)
+        return self._walk
+
+
 @contextmanager
 def parameters_kept(
-    model: torch.nn.Module, names: list[str], params: list[torch.Tensor]
+    tables: list[torch.nn.Module], names: list[str], params: list[torch.Tensor]
 ) -> Iterator[None]:
     """Run the body (one Fisher step); afterwards the parameters hold their values from before.
 
@@ -105,13 +125,12 @@ def parameters_kept(
     ``max_norm`` on a bare parameter, a forward that updates its own weights) cannot be undone
     without a copy of every parameter: it is refused after the body, naming the parameter.
 
+    ``tables``: the model's ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm``
+    (:class:`ModuleWalk`).
+
     Raises:
         UnsupportedModelError: the body wrote into a trainable parameter in place.
     """
-    tables = [
-        m for m in model.modules()
-        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.max_norm is not None
-    ]
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def keep_rows(module, args, kwargs) -> None:
@@ -147,7 +166,9 @@ def parameters_kept(
 
 
 @contextmanager
-def gradient_hooks_off(model: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+def gradient_hooks_off(
+    modules: list[torch.nn.Module], params: list[torch.Tensor]
+) -> Iterator[None]:
     """Run the body (one Fisher step) with the gradient hooks of the trainable parameters
     (``Tensor.register_hook``) and the backward hooks of the modules
     (``register_full_backward_hook``, ``register_full_backward_pre_hook``,
@@ -158,11 +179,12 @@ def gradient_hooks_off(model: torch.nn.Module, params: list[torch.Tensor]) -> It
     model's function, whose Fisher a step estimates: the layer rules of the per-sample engine
     never see them, while a backward to the parameters (the generic path, the HUTCHINSON family)
     would. Each hook dictionary is emptied in place (autograd holds the dictionary itself) and
-    refilled after the body, so the handles that remove the hooks keep working.
+    refilled after the body, so the handles that remove the hooks keep working. ``modules``: the
+    model's modules (:class:`ModuleWalk`).
     """
     saved = []
     dicts = [p._backward_hooks for p in params]
-    for m in model.modules():
+    for m in modules:
         dicts += [m._backward_hooks, m._backward_pre_hooks]
     mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
     dicts += [mod._global_backward_hooks, mod._global_backward_pre_hooks]
