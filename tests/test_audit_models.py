@@ -1,5 +1,7 @@
 """Exact or refused, on models built the way users build them: instance forwards, attributes set
-after construction, labels in the wrong layout, forwards that write into parameters.
+after construction, labels in the wrong layout, forwards that write into parameters,
+encoder-decoder batches, gradient hooks, complex parameters, unusual output heads (``lm_head``),
+parameters registered again.
 
 Each case either equals the float64 reference of ``tests/test_exactness.py`` (every row's Jacobian
 taken from the whole batch's graph) to 1e-10, or raises an error whose message names the module
