@@ -175,6 +175,12 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
         return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        if output[0].dim() == 0:
+            raise ValueError(
+                "the model returned a tuple whose first element, which fimfast reads as the "
+                "logits, is a scalar (a loss?): return (logits, ...), or pass "
+                "fim_opts['forward_fn'] = lambda model, batch: model(...)[i]"
+            )
         return output[0]
     raise TypeError(
         "the model output must be a tensor, a tuple whose first element is the logits, or an "

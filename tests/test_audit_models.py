@@ -457,3 +457,20 @@ def test_negative_padding_idx_set_after_construction(kind, bag, mode):
     ids, y = _ids()
     ids[:, 0] = V - 1
     assert_matches(_run(model, [(ids, y)], kind), reference(model, lambda: model(ids), y, kind))
+
+
+@pytest.mark.parametrize("kind", ("exact", "hutchinson"))
+def test_a_tuple_output_led_by_a_scalar_says_which_element_is_read(kind):
+    class LossFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x):
+            z = self.net(x)
+            return z.logsumexp(1).mean(), z
+
+    est = fimfast.DiagFisher(LossFirst(), kind, seed=3)
+    with pytest.raises(ValueError, match="tuple whose first element.*is a scalar"):
+        est.step(_data())
+    assert est.state.steps == 0
