@@ -38,6 +38,19 @@ from fimfast.dtypes import compute_dtype
 from fimfast.finite import check_finite, label_range_and_finite
 
 _LABEL_KEYS = ("labels", "label")
+# inputs of a Hugging Face encoder-decoder: the batch's attention_mask is then the encoder's
+_DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
+
+
+def _mask_of(batch: Mapping, encoder_decoder: bool) -> Any:
+    """The attention mask of the logits' tokens in a mapping batch: ``attention_mask``, except
+    for an encoder-decoder (decoder inputs in the batch, or ``encoder_decoder``: a model whose
+    config says ``is_encoder_decoder``), whose ``attention_mask`` masks the encoder's tokens and
+    whose decoder logits take ``decoder_attention_mask`` (or no mask: the labels'
+    ``ignore_index`` marks padding, as in the model's own loss)."""
+    if encoder_decoder or any(k in batch for k in _DECODER_KEYS):
+        return batch.get("decoder_attention_mask")
+    return batch.get("attention_mask")
 
 
 @dataclass
@@ -105,8 +118,11 @@ def _type_name(x: Any) -> str:
     return type(x).__name__
 
 
-def split(batch: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
-    """``(model_input, labels, attention_mask)`` of a batch.
+def split(
+    batch: Any, encoder_decoder: bool = False
+) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+    """``(model_input, labels, attention_mask)`` of a batch (the mask of the logits' tokens:
+    :func:`_mask_of`).
 
     ``model_input`` is a tensor (called as ``model(x)``) or a dict (called as ``model(**d)``).
     """
@@ -118,9 +134,12 @@ def split(batch: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         for k in _LABEL_KEYS:
             if k in rest:
                 labels = rest.pop(k)
+                if encoder_decoder and not any(d in rest for d in _DECODER_KEYS):
+                    # a Hugging Face encoder-decoder makes its decoder inputs from the labels
+                    # (shifted right), as in training; without them it would decode something else
+                    rest[k] = labels
                 break
-        mask = rest.get("attention_mask")
-        return rest, labels, mask
+        return rest, labels, _mask_of(rest, encoder_decoder)
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
             raise ValueError("batch must not be an empty tuple/list")
@@ -133,7 +152,7 @@ def split(batch: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         inputs = batch[0]
         labels = batch[1] if len(batch) == 2 else None
         if isinstance(inputs, Mapping):
-            return dict(inputs), labels, inputs.get("attention_mask")
+            return dict(inputs), labels, _mask_of(inputs, encoder_decoder)
         return inputs, labels, None
     raise TypeError(
         "batch must be (inputs, labels), (inputs,), a tensor or a mapping; got "
@@ -141,11 +160,13 @@ def split(batch: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
     )
 
 
-def labels_of(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def labels_of(
+    batch: Any, encoder_decoder: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(labels, attention_mask)`` of a batch whose forward is done by ``forward_fn``."""
     if isinstance(batch, Mapping):
         labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-        return labels, batch.get("attention_mask")
+        return labels, _mask_of(batch, encoder_decoder)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1], None
     return None, None
@@ -160,6 +181,12 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
         return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        if output[0].dim() == 0:
+            raise ValueError(
+                "the model returned a tuple whose first element, which fimfast reads as the "
+                "logits, is a scalar (a loss?): return (logits, ...), or pass "
+                "fim_opts['forward_fn'] = lambda model, batch: model(...)[i]"
+            )
         return output[0]
     raise TypeError(
         "the model output must be a tensor, a tuple whose first element is the logits, or an "

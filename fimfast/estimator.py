@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import distributed, hooks, hutchinson, likelihoods, lm_head, persample
+from fimfast import distributed, guard, hooks, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard, retained_graphs
 from fimfast.nograd import NogradWatch
 from fimfast.ops import registry
-from fimfast.parameters import trainable_parameters
+from fimfast.parameters import check_real, trainable_parameters
 from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State
 from fimfast.step import Step
@@ -34,8 +34,7 @@ __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
 
 logger = logging.getLogger("fimfast")
 
-# EXACT back-propagates one cotangent per (row, class) pair: from this many classes on, its cost is
-# announced with a warning (once per estimator) before the first backward
+# EXACT's cost (one cotangent per (row, class) pair) is announced with a warning from this many on
 EXACT_WARN_CLASSES = 4096
 
 
@@ -91,6 +90,7 @@ class DiagFisher:
         registry.check_backend(self.opts.backend, _device_of(model))
         distributed.check_model(model)
         names, params = trainable_parameters(model)
+        check_real(names, params)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
         self._reset = True  # nothing committed or loaded into the state yet
@@ -99,6 +99,7 @@ class DiagFisher:
         self._persample = persample.Engine()
         self._guard = BufferGuard()
         self._nograd = NogradWatch()
+        self._modules = guard.ModuleWalk()
         self._warned_exact = False
         self._restarted = False  # restart() kept a state made before it: see _params
 
@@ -153,6 +154,7 @@ class DiagFisher:
     def reset(self) -> None:
         """Forget the accumulated state (the random stream continues)."""
         names, params = trainable_parameters(self.model)
+        check_real(names, params)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
         self._reset = True  # nothing committed or loaded into this state yet
@@ -264,7 +266,7 @@ class DiagFisher:
         generator advances as one forward of the model advances it (dropout), plus one draw
         when the estimator was created without a seed."""
         params = self._params()  # a changed parameter set is refused before the forward
-        with self._guard.kept(self.model):
+        with guard.step_kept(self._guard, self._modules, self.model, self.names, params):
             if self._head is None:
                 cap, rows = self._captured_forward(params, batch)
                 head = None

@@ -67,11 +67,12 @@ class Forward:
         return result[1].logits
 
     def _forward(self, train: bool, head: Any) -> tuple[Any, batchlib.Rows]:
-        if self.opts.forward_fn is None:
-            inputs, labels, mask = batchlib.split(self.batch)  # clear errors for bad structure
+        enc_dec = _is_encoder_decoder(self.model)
+        if self.opts.forward_fn is None:  # clear errors for bad structure
+            inputs, labels, mask = batchlib.split(self.batch, enc_dec)
         else:
             inputs = None
-            labels, mask = batchlib.labels_of(self.batch)
+            labels, mask = batchlib.labels_of(self.batch, enc_dec)
         output = self._call(train, inputs)
         logits = batchlib.logits_of(output)
         if head is not None:
@@ -155,6 +156,15 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     names = _causal_lm_names()
     for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
         if m is not None and any(c.__name__ in names for c in type(m).__mro__):
+            return True
+    return False
+
+
+def _is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the module it wraps) has a Hugging Face config that says
+    ``is_encoder_decoder`` (its batch's ``attention_mask`` is the encoder's: fimfast.batch)."""
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True:
             return True
     return False
 

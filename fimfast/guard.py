@@ -1,4 +1,5 @@
-"""A Fisher step leaves the model's buffers as it found them.
+"""A Fisher step leaves the model's buffers (and parameters, :func:`parameters_kept`) as it
+found them.
 
 A forward in train mode updates buffers: BatchNorm's ``running_mean``, ``running_var`` and
 ``num_batches_tracked``, and whatever a custom module writes in place. A Fisher step is a
@@ -93,6 +94,114 @@ class BufferGuard:
             )
 
 
+class ModuleWalk:
+    """``model.modules()`` as a list, and its lookups with ``max_norm``, walked again only when
+    the model or its set of trainable parameters changes (for :func:`parameters_kept` and
+    :func:`gradient_hooks_off`)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._walk: tuple[list, list] = ([], [])
+
+    def of(self, model: torch.nn.Module, params: list[torch.Tensor]) -> tuple[list, list]:
+        """``(modules, lookups with max_norm)`` of ``model``."""
+        key = (id(model), tuple(map(id, params)))
+        if key != self._key:
+            mods = list(model.modules())
+            tables = [m for m in mods if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                      and m.max_norm is not None]
+            self._key, self._walk = key, (mods, tables)
+        return self._walk
+
+
+@contextmanager
+def parameters_kept(
+    tables: list[torch.nn.Module], names: list[str], params: list[torch.Tensor]
+) -> Iterator[None]:
+    """Run the body (one Fisher step); afterwards the parameters hold their values from before.
+
+    A lookup with ``max_norm`` (``nn.Embedding``, ``nn.EmbeddingBag``) renormalises the rows it
+    reads in place, under ``no_grad``, before reading them: the rows each call is about to read
+    are copied by a forward pre-hook and written back after the body (last call first), so the
+    step measures the renormalised model, as the next training forward computes it, and leaves
+    the table as it was. Any other in-place write into a trainable parameter (``F.embedding`` with
+    ``max_norm`` on a bare parameter, a forward that updates its own weights) cannot be undone
+    without a copy of every parameter: it is refused after the body, naming the parameter.
+
+    ``tables``: the model's ``nn.Embedding`` and ``nn.EmbeddingBag`` with ``max_norm``
+    (:class:`ModuleWalk`).
+
+    Raises:
+        UnsupportedModelError: the body wrote into a trainable parameter in place.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def keep_rows(module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs.get("input")
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).unique().to(module.weight.device)
+            saved.append((module.weight, ids, module.weight.detach()[ids].clone()))
+
+    handles = [m.register_forward_pre_hook(keep_rows, with_kwargs=True) for m in tables]
+    restored = {id(m.weight) for m in tables}
+    versions = [p._version for p in params]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for w, ids, rows in reversed(saved):
+                w.index_copy_(0, ids, rows)
+    written = [n for n, p, v in zip(names, params, versions)
+               if p._version != v and id(p) not in restored]
+    if written:
+        from fimfast.types import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"the model's forward wrote into trainable parameter(s) {', '.join(written[:5])} in "
+            "place (F.embedding with max_norm on a bare parameter, or a forward that updates its "
+            "own weights); a Fisher step must leave the parameters as they are and cannot put "
+            "them back: they keep the forward's values and nothing was added to the estimate. "
+            "Use nn.Embedding(max_norm=...) (whose rows a step puts back), or renormalise "
+            "outside the forward"
+        )
+
+
+@contextmanager
+def gradient_hooks_off(
+    modules: list[torch.nn.Module], params: list[torch.Tensor]
+) -> Iterator[None]:
+    """Run the body (one Fisher step) with the gradient hooks of the trainable parameters
+    (``Tensor.register_hook``) and the backward hooks of the modules
+    (``register_full_backward_hook``, ``register_full_backward_pre_hook``,
+    ``register_backward_hook``, and the global ones of ``torch.nn.modules.module``) switched off,
+    and put them back afterwards.
+
+    Such hooks change the gradients autograd reports (clipping, scaling, reversal), not the
+    model's function, whose Fisher a step estimates: the layer rules of the per-sample engine
+    never see them, while a backward to the parameters (the generic path, the HUTCHINSON family)
+    would. Each hook dictionary is emptied in place (autograd holds the dictionary itself) and
+    refilled after the body, so the handles that remove the hooks keep working. ``modules``: the
+    model's modules (:class:`ModuleWalk`).
+    """
+    saved = []
+    dicts = [p._backward_hooks for p in params]
+    for m in modules:
+        dicts += [m._backward_hooks, m._backward_pre_hooks]
+    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
+    dicts += [mod._global_backward_hooks, mod._global_backward_pre_hooks]
+    for d in dicts:
+        if d:
+            saved.append((d, dict(d)))
+            d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.update(items)
+
+
 @contextmanager
 def retained_graphs() -> Iterator[None]:
     """Back-propagate a graph more than once inside the body, through ``torch.compile`` regions
@@ -115,3 +224,20 @@ def retained_graphs() -> Iterator[None]:
         yield
     finally:
         cfg.donated_buffer = True
+
+
+@contextmanager
+def step_kept(
+    buffers: BufferGuard, walk: ModuleWalk, model: torch.nn.Module, names: list[str],
+    params: list[torch.Tensor],
+) -> Iterator[None]:
+    """Run the body (one Fisher step) under the guards of a step: buffers
+    (:meth:`BufferGuard.kept`), parameters (:func:`parameters_kept`) and gradient hooks
+    (:func:`gradient_hooks_off`), ``walk`` giving the model's modules and ``max_norm`` lookups."""
+    mods, tables = walk.of(model, params)
+    with (
+        buffers.kept(model),
+        parameters_kept(tables, names, params),
+        gradient_hooks_off(mods, params),
+    ):
+        yield

@@ -67,17 +67,24 @@ def layout(
     lead = tuple(lg.shape[:-1])
     out = lg.reshape(lead[0], -1, lg.shape[-1])
 
-    def follow(t: Any) -> Any:  # labels / mask laid out like the logits without the class axis
+    def follow(t: Any, what: str) -> Any:  # labels / mask laid out like the logits less classes
         if not isinstance(t, torch.Tensor):
             return t
         if likelihood != "categorical" and t.shape == logits.shape:
             return t.permute(b, *middle, c).reshape(out.shape)
         keep = [d if d < c else d - 1 for d in (b, *middle)]
         if t.dim() == D - 1:
+            want = tuple(logits.shape[:c] + logits.shape[c + 1 :])
+            if tuple(t.shape) != want:  # a permuted reshape would scramble them silently
+                raise ValueError(
+                    f"{what} must have shape {want}, laid out like the logits of shape "
+                    f"{tuple(logits.shape)} without their class axis (batch_dim={b}); got "
+                    f"{tuple(t.shape)}"
+                )
             return t.permute(*keep).reshape(out.shape[:-1])
         return t
 
-    return out, follow(labels), follow(mask)
+    return out, follow(labels, "labels"), follow(mask, "attention_mask")
 
 
 def _class_axis(logits, labels, class_dim, b, likelihood, hf_output) -> int:

@@ -13,8 +13,10 @@ those of the unfused step with the same seed, so the estimate is the same to flo
 
 The model must return the head's output as its logits unchanged (Hugging Face causal LMs do when
 no ``labels`` reach the model, which fimfast never passes). A model that transforms the logits
-after the head (soft-capping, scaling, a bf16 head upcast with ``.float()``) is refused with an
-error naming ``lm_head`` rather than silently computed on the placeholder.
+after the head (soft-capping, scaling, a bf16 head upcast with ``.float()``, an in-place
+temperature or vocabulary mask), or whose head runs another forward than ``nn.Linear``'s (a
+subclass, a forward set on the instance), is refused with an error naming ``lm_head`` rather than
+silently computed on the placeholder.
 """
 
 from __future__ import annotations
@@ -87,7 +89,19 @@ def resolve(model: torch.nn.Module, fim_type: FIMType, opts: Options) -> torch.n
         raise ValueError(
             f"fim_opts['lm_head'] must name an nn.Linear; {where} is a {type(head).__name__}"
         )
+    _check_plain(head, where)
     return head
+
+
+def _check_plain(head: torch.nn.Linear, where: str) -> None:
+    """Refuse a head whose forward is not ``nn.Linear``'s (a subclass that overrides it, or a
+    forward set on the instance): the fused path computes ``h W^T + b`` and nothing else."""
+    if type(head).forward is not torch.nn.Linear.forward or "forward" in head.__dict__:
+        raise ValueError(
+            f"fim_opts['lm_head']: {where} ({type(head).__name__}) runs a forward other than "
+            "nn.Linear's (overridden by its class or set on the instance); the fused path "
+            "computes h W^T + b only: leave lm_head unset for this model"
+        )
 
 
 class HeadCapture:
@@ -139,17 +153,22 @@ def capture(head: torch.nn.Linear | None) -> Iterator[HeadCapture | None]:
     if head is None:
         yield None
         return
+    _check_plain(head, "the head")  # its forward may have been replaced since resolve()
     cap = HeadCapture(head)
-    had = "forward" in head.__dict__
-    old = head.__dict__.get("forward")
     head.forward = cap._forward
     try:
         yield cap
+    except RuntimeError as exc:
+        if cap.placeholder is None:
+            raise
+        # the head ran: its output is a one-element placeholder, which an in-place write fails on
+        raise ValueError(
+            "fim_opts['lm_head']: the model's forward failed after the head ran; a forward that "
+            "writes into the logits in place (a temperature, a vocabulary mask) cannot run on the "
+            f"fused path: leave lm_head unset for this model ({exc})"
+        ) from exc
     finally:
-        if had:
-            head.forward = old
-        else:
-            del head.forward
+        del head.forward
 
 
 def estimate(step: Step, cap: HeadCapture) -> list[torch.Tensor]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["trainable_parameters"]
+from fimfast.types import UnsupportedModelError
+
+__all__ = ["check_real", "trainable_parameters"]
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Tensor]]:
@@ -40,3 +42,12 @@ def _collect(
     for k, child in module._modules.items():
         if child is not None and id(child) not in modules:
             _collect(child, prefix + k + ".", modules, seen, names, params)
+
+
+def check_real(names: list[str], params: list[torch.Tensor]) -> None:
+    """Refuse complex trainable parameters: the Fisher estimated is that of real parameters."""
+    if bad := [n for n, p in zip(names, params) if p.is_complex()]:
+        raise UnsupportedModelError(
+            f"trainable parameter(s) {', '.join(bad[:5])} are complex: fimfast estimates the "
+            "Fisher of real parameters. Keep real and imaginary parts in a real parameter of shape "
+            "(..., 2), complex in the forward (torch.view_as_complex), or set requires_grad=False")

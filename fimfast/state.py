@@ -185,10 +185,14 @@ class State:
                 for n, s in zip(names, shapes)
                 if n in self.names and self.shapes[self.names.index(n)] != s
             )
+            what = (f"added {added}, removed {removed}, reshaped {changed}"
+                    if added or removed or changed else
+                    "the same parameters in another order (a forward that deletes and registers "
+                    "a parameter again moves it to the end of named_parameters())")
             raise ValueError(
                 "model: its trainable parameters changed since the state was created "
-                f"(zero_diag_fim / DiagFisher): added {added}, removed {removed}, reshaped "
-                f"{changed}; call zero_diag_fim (or reset()) to start a new estimate"
+                f"(zero_diag_fim / DiagFisher): {what}; call zero_diag_fim (or reset()) to start "
+                "a new estimate"
             )
 
     def commit(

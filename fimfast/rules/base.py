@@ -353,6 +353,10 @@ class Rule:
     def _hook(self, cap: Capture, module, args, kwargs, output):
         if not cap.active or not torch.is_grad_enabled() or not _usable(output):
             return None
+        if "forward" in module.__dict__:
+            # a forward set on the instance after the rule was chosen (fimfast.rules.registry):
+            # left uncaptured, its parameters take the generic path
+            return None
         if saved_tensor_hooks_active():
             # inside torch.utils.checkpoint (non-reentrant) or another saved-tensor hook: the
             # backward recomputes this forward without the capture, so it must stay as it is
@@ -377,15 +381,14 @@ class Rule:
 
 
 def patch_forward(module: nn.Module, fn) -> Callable[[], None]:
-    """Replace ``module.forward`` by ``fn``; returns the function that puts it back."""
-    had = "forward" in module.__dict__
-    old = module.__dict__.get("forward")
+    """Replace ``module.forward`` by ``fn``; returns the function that puts it back. A forward
+    already set on the instance (after the rule was chosen, see fimfast.rules.registry) is left
+    to run, uncaptured: its parameters take the generic path."""
+    if "forward" in module.__dict__:
+        return lambda: None
     module.forward = fn
 
     def undo() -> None:
-        if had:
-            module.forward = old
-        else:
-            del module.forward
+        del module.forward
 
     return undo

@@ -52,7 +52,14 @@ class EmbeddingRule(Rule):
         return out
 
     def terms(self, call, grads):
-        return lookup_terms(call, grads, call.module.padding_idx)
+        return lookup_terms(call, grads, _padding_idx(call.module))
+
+
+def _padding_idx(module) -> int | None:
+    """``module.padding_idx`` as torch's lookups read it: a negative one counts from the end of
+    the table (the constructor normalises it, an attribute set afterwards is not)."""
+    p = module.padding_idx
+    return p + module.weight.shape[0] if p is not None and p < 0 else p
 
 
 def lookup_terms(call, grads, padding_idx: int | None) -> list:
@@ -91,7 +98,7 @@ class EmbeddingBagRule(Rule):
     def _hook(self, cap, module, args, kwargs, output):
         if not cap.active or not torch.is_grad_enabled() or not _usable(output):
             return None
-        if saved_tensor_hooks_active():  # see Rule._hook
+        if saved_tensor_hooks_active() or "forward" in module.__dict__:  # see Rule._hook
             return None
         x = args[0] if args else kwargs.get("input")
         offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
@@ -186,7 +193,7 @@ def _padded_bags(module, x, offsets, psw):
         if w is not None:
             w = w.reshape(-1)[at] if n else torch.zeros(at.shape, dtype=w.dtype, device=x.device)
     if module.padding_idx is not None:
-        pad = ids != module.padding_idx
+        pad = ids != _padding_idx(module)
         keep = pad if keep is None else keep & pad
     return ids, keep, w
 
@@ -213,7 +220,7 @@ def _max_positions(module, x, offsets, ids, keep) -> torch.Tensor:
         x, offsets = x.reshape(-1), torch.arange(0, B * L, L, device=x.device, dtype=x.dtype)
     rows = torch.embedding_bag(
         module.weight.detach(), x.detach(), offsets.detach(), False, 2, False, None,
-        module.include_last_offset, module.padding_idx,
+        module.include_last_offset, _padding_idx(module),
     )[3]  # (B, d) row index of each maximum
     hit = (ids.unsqueeze(-1) == rows.unsqueeze(1)) & keep.unsqueeze(-1)  # (B, L, d)
     first = hit.int().argmax(1, keepdim=True)  # the first position holding that row

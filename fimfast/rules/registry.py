@@ -2,7 +2,8 @@
 
 Lookup (:func:`rule_for`) walks the module's class hierarchy (``type(module).__mro__``) and stops
 at the first class with a rule. The rule applies when the module runs that class's own
-``forward`` (``type(module).forward is cls.forward``) and :meth:`Rule.accepts` the module;
+``forward`` (``type(module).forward is cls.forward``, and no ``forward`` was set on the instance
+itself, as ``module.forward = fn`` or a wrapping library does) and :meth:`Rule.accepts` the module;
 otherwise the module has no rule and its parameters take the engine's generic path. So a subclass
 that only adds attributes or changes ``__init__`` (torch's ``NonDynamicallyQuantizableLinear``,
 a user's ``MyLinear(nn.Linear)`` with a custom initialisation) keeps its parent's rule, and a
@@ -71,6 +72,8 @@ def rule_for(module: nn.Module) -> Rule | None:
     """
     if _LAZY:
         _resolve_lazy()
+    if "forward" in module.__dict__:  # a forward set on the instance computes something else
+        return None
     cls = type(module)
     for base in cls.__mro__:
         rule = _TABLE.get(base)
