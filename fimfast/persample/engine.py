@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fimfast import chunks, hooks
+from fimfast.ops import registry
 from fimfast.persample import plan as planning
 from fimfast.persample import squares
 from fimfast.persample.columns import Columns
@@ -77,8 +78,10 @@ class Engine(Replay):
         return plan
 
     # -- the step ----------------------------------------------------------------------------- #
-    def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor]:
-        """This batch's per-sample estimate, one fresh float tensor per parameter.
+    def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor] | Sums:
+        """This batch's per-sample estimate, one fresh float tensor per parameter; with
+        ``step.defer_square``, a :class:`~fimfast.state.Sums` when it keeps squared products for
+        the state to fold (:meth:`fimfast.state.State.commit`).
 
         The estimate path of EXACT, EMPIRICAL and MONTE_CARLO (the contract: :mod:`fimfast.step`;
         ``step.names`` name the parameters in the log line of those on the generic path, logger
@@ -90,6 +93,7 @@ class Engine(Replay):
         """
         rows, params, opts = step.rows, step.params, step.opts
         acc = Sums([p.shape for p in params], step.dtypes, [p.device for p in params])
+        acc.fold = step.defer_square and _folds(opts.backend, rows.flat.device)
         retain_graph = step.retain_graph
         flat = rows.flat
         R, C = flat.shape
@@ -107,7 +111,7 @@ class Engine(Replay):
             accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
             self._fast(rows, params, plan, cols, opts, acc, retain_graph)
-        return acc.tensors()
+        return acc if acc.products else acc.tensors()
 
     def _log_generic(self, plan: Plan, n: int, names: list[str] | None) -> None:
         """Once per change: which parameters take the slow path, and why."""
@@ -168,6 +172,16 @@ class Engine(Replay):
             _chunk(groups, gmap, acc, backend)
             del gmap
         squares.finish(groups, acc, backend)
+
+
+def _folds(backend: str | None, device: torch.device) -> bool:
+    """Whether the squared products of this step run on the ``cpp`` backend, whose kernel is the
+    BLAS product of the squares that the state may form itself (the ``torch`` reference is kept
+    as it is; the ``cuda`` and ``triton`` kernels square on load)."""
+    try:
+        return registry.resolve("sq_matmul", backend, device)[0] == "cpp"
+    except Exception:  # noqa: BLE001 - the op itself raises the error, where it runs
+        return False
 
 
 def _schedule(rows, cols: Columns, token: bool):

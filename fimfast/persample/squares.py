@@ -38,18 +38,21 @@ def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> Non
             A = x.reshape(-1, x.shape[-1])
             if not rows.all_valid:
                 A = A.index_select(0, rows.index)
-            acc.add(g.index, _weight_sq(g, cols.root, A, backend))
+            if not acc.defer(g.index, cols.root, A, None, g.transposed):
+                acc.add(g.index, _weight_sq(g, cols.root, A, backend))
         elif g.kind == GroupKind.HEAD_B:
             acc.add(g.index, cols.root.square().sum(0))
 
 
 def finish(groups: list[Group], acc: Sums, backend) -> None:
     """The deferred squares of layers without weight sharing: ``sum_n S_n (x) a_n^2`` once for
-    all columns."""
+    all columns (kept for the state to fold where ``acc`` allows it: :meth:`Sums.defer`)."""
     for g in groups:
         st = g.state
         if st.S is not None:
             S, Q = st.S, st.Q
+            if acc.defer(g.index, S, Q, g.block, g.transposed, squared=not st.root):
+                continue
             if st.root:  # one column, as it came: sq_matmul squares both sides
                 acc.add(g.index, _weight_sq(g, S, Q, backend), g.block)
             else:
