@@ -105,6 +105,13 @@ class Columns:
         cols[ar, :, ks] += sp
         return cols
 
+    def every(self) -> torch.Tensor:
+        """All columns at once, ``(num, R, C)`` (the score columns as they are: not to be
+        written)."""
+        if self.block is not None:
+            return self.block
+        return self.take(torch.arange(self.num, device=self.device))
+
     def blocks(self, chunk: int) -> Iterator[torch.Tensor]:
         """All columns, ``chunk`` at a time."""
         dev = self.device

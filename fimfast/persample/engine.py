@@ -142,13 +142,16 @@ class Engine(Replay):
         taps = [t for c in plan.calls for t in c.taps]
         need_head = any(c is head for g in groups for c, _ in g.members)
         token = rows.logits.dim() == 3 and not self.sequence_rows
-        kk, tt, rpos = _schedule(rows, cols, token)
-        total = kk.numel()
+        if token or cols.num > 1:
+            kk, tt, rpos = _schedule(rows, cols, token)
+            total = kk.numel()
+            head_logits = rows.logits.numel() if need_head else None
+            P = sum(p.numel() for p in params)
+            M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
+        else:  # one column (EMPIRICAL, one draw of MONTE_CARLO): one backward, as it is
+            kk, total, M_max = None, 1, 1
         for g in groups:
             g.state.single = total == 1
-        head_logits = rows.logits.numel() if need_head else None
-        P = sum(p.numel() for p in params)
-        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
         # one column per backward because memory bounds the columns (EXACT, or MONTE_CARLO with
         # several draws): its squares are formed as each call's gradients arrive, and the next
         # forward taps every output by an add, whose gradient need not be kept. A single column
@@ -158,7 +161,7 @@ class Engine(Replay):
         for c in plan.calls:
             c.chunks = -(-total // M_max)
         for s in range(0, total, M_max):
-            cot = cols.take(kk[s : s + M_max])
+            cot = cols.every() if kk is None else cols.take(kk[s : s + M_max])
             if token:
                 cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
             cot = cot.to(flat.dtype)
@@ -281,6 +284,8 @@ def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
     terms: dict[int, list] = {}
     sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
     for g in groups:
+        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc):
+            continue
         parts = []
         for c, ui in g.members:
             if id(c) not in terms:
