@@ -149,18 +149,22 @@ class Sums:
         return [self._sparse(i) if i in self.rows else self.get(i) for i in range(len(self.slots))]
 
     def fold_into(self, values: list[torch.Tensor]) -> None:
-        """``values[i] += slot[i]`` for every slot, the kept products by ``addmm_`` into the
-        values; the squares of every product are formed before the first value is written."""
+        """``values[i] += slot[i]`` for every slot, rows kept as rows (:meth:`add_rows`) by
+        ``index_add_`` at those rows, the kept products by ``addmm_`` into the values; the
+        squares of every product are formed before the first value is written."""
         operands = [(i, pr.block, *pr.operands(values[i].dtype))
                     for i, prs in self.products.items() for pr in prs]
-        dense = [i for i in range(len(self.slots)) if self.slots[i] is not None or i in self.rows]
-        est = [self._sparse(i) if i in self.rows else self.slots[i] for i in dense]
-        if dense:  # sparse entries: at their rows
-            torch._foreach_add_([values[i] for i in dense], est)
+        dense = [i for i in range(len(self.slots)) if self.slots[i] is not None]
+        if dense:
+            torch._foreach_add_([values[i] for i in dense], [self.slots[i] for i in dense])
+        for i, kept in self.rows.items():  # rows kept as they are: added at those rows
+            for rid, vals in kept:
+                values[i].index_add_(0, rid, vals)
         for i, block, a, b in operands:
             view = values[i] if block is None else values[i][block[0] : block[1]]
             view.view(a.shape[0], b.shape[1]).addmm_(a, b)
         self.products.clear()
+        self.rows.clear()
 
 
 def _adoptable(new: list[torch.Tensor], shapes: list, dtypes: list, devices: list) -> list[bool]:
@@ -267,7 +271,8 @@ class State:
         fused pass (torch's multi-tensor ``addcmul``, or :func:`fimfast.ops.accumulate_` for the
         exponential average and low-precision gradients); a sparse table gradient at its rows.
         A :class:`Sums` (always owned) adds its kept products (:meth:`Sums.defer`) by one
-        ``addmm_`` each into a sum that is not all zeros (:meth:`Sums.fold_into`).
+        ``addmm_`` each and its rows by ``index_add_`` into a sum that is not all zeros
+        (:meth:`Sums.fold_into`).
         """
         # getattr: a State unpickled from a version without the flag never adopts
         pristine = getattr(self, "_zero", False)

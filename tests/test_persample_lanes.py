@@ -110,7 +110,8 @@ def test_linear_lane_stays_out_of_several_columns(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape,norm", [((4, 6, 8), (8,)), ((3, 5, 4, 6), (4, 6)), ((7, 13), (13,))])
+@pytest.mark.parametrize("shape,norm",
+                         [((4, 6, 8), (8,)), ((3, 5, 4, 6), (4, 6)), ((7, 13), (13,))])
 def test_layer_norm_xhat_is_the_kernel_without_affine(dtype, shape, norm):
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(*shape, generator=g) * 3 + 1).to(dtype)

@@ -80,8 +80,8 @@ class Engine(Replay):
     # -- the step ----------------------------------------------------------------------------- #
     def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor] | Sums:
         """This batch's per-sample estimate, one fresh float tensor per parameter; with
-        ``step.defer_square``, a :class:`~fimfast.state.Sums` when it keeps squared products for
-        the state to fold (:meth:`fimfast.state.State.commit`).
+        ``step.defer_square``, a :class:`~fimfast.state.Sums` when it keeps squared products or
+        table rows for the state to fold (:meth:`fimfast.state.State.commit`).
 
         The estimate path of EXACT, EMPIRICAL and MONTE_CARLO (the contract: :mod:`fimfast.step`;
         ``step.names`` name the parameters in the log line of those on the generic path, logger
@@ -111,7 +111,9 @@ class Engine(Replay):
             accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
             self._fast(rows, params, plan, cols, opts, acc, retain_graph)
-        return acc if acc.products else acc.tensors()
+        if step.defer_square and (acc.products or acc.rows):
+            return acc  # the state folds the kept products and rows (Sums.fold_into)
+        return acc.tensors()
 
     def _log_generic(self, plan: Plan, n: int, names: list[str] | None) -> None:
         """Once per change: which parameters take the slow path, and why."""

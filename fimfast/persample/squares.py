@@ -332,21 +332,20 @@ def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor | None, sums: Sums | No
     M, N, S, d = Qe.shape
     if g.state.rows is None:  # once per step: the distinct (sample, id) pairs
         V = view.shape[0] if view is not None else sums.shapes[g.index][0]
-        sample = torch.arange(N, device=ids.device).unsqueeze(1).expand(N, S)
-        keys = (sample * V + ids).reshape(-1)
-        sel = None if keep is None else keep.reshape(-1).nonzero().squeeze(1)
-        if sel is not None:
-            keys = keys.index_select(0, sel)
+        keys = (torch.arange(0, N * V, V, device=ids.device).unsqueeze(1) + ids).reshape(-1)
+        if keep is not None:  # the positions that do not count: one key past every pair
+            keys = keys.masked_fill(~keep.reshape(-1), N * V)
         uniq, inv = torch.unique(keys, return_inverse=True)
-        g.state.rows = RowIndex(sel, inv, uniq % V, uniq.numel())
-    sel, inv, rid, U = g.state.rows
-    Qf = Qe.reshape(M, N * S, d)
-    if sel is not None:
-        Qf = Qf.index_select(1, sel)
+        n = uniq.numel()
+        U = n - 1 if keep is not None and int(uniq[-1]) == N * V else n
+        g.state.rows = RowIndex(inv, uniq[:U] % V, U, n)
+    inv, rid, U, n = g.state.rows
     dt = view.dtype if view is not None else sums.dtypes[g.index]
-    seg = torch.zeros(M, U, d, dtype=dt, device=Qe.device)
-    seg.index_add_(1, inv, Qf.to(dt))  # repeated ids of one sample add before the square
+    seg = torch.zeros(M, n, d, dtype=dt, device=Qe.device)
+    # repeated ids of one sample add before the square; the last segment (if n > U) is dropped
+    seg.index_add_(1, inv, Qe.reshape(M, N * S, d).to(dt))
+    sq = seg[0, :U].square_() if M == 1 else seg[:, :U].square().sum(0)
     if view is None:
-        sums.add_rows(g.index, rid, seg.square().sum(0))
+        sums.add_rows(g.index, rid, sq)
     else:
-        view.index_add_(0, rid, seg.square().sum(0))
+        view.index_add_(0, rid, sq)
