@@ -48,7 +48,12 @@ class _NormRule(Rule):
             call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
         xh = call.data["xhat"]
         Gf = self.front(tap, G.to(dt), extra=1)
-        return [Vec((Gf * xh).sum(2) if u.param is m.weight else Gf.sum(2)) for u in call.uses]
+        if call.chunks == 1 and Gf.shape[0] == 1:  # xhat is read once: the product in its place
+            data = call.data
+            prod = lambda: data.pop("xhat").mul_(Gf[0]).sum(1).unsqueeze(0)  # noqa: E731
+        else:
+            prod = lambda: (Gf * xh).sum(2)  # noqa: E731
+        return [Vec(prod() if u.param is m.weight else Gf.sum(2)) for u in call.uses]
 
     def front(self, tap, t: torch.Tensor, extra: int = 0) -> torch.Tensor:
         """``(*extra, N, T, *param_shape)``."""
