@@ -296,3 +296,18 @@ def test_bench_conv_patches_runs_and_reports(tmp_path):
         assert rows[f"{m}/chunked"]["tensor_mb"] < rows[f"{m}/kept"]["tensor_mb"] - 5
         assert rows[f"{m}/kept"]["ratio_median"] == 1.0
     assert rows["empirical/default"]["tensor_mb"] == rows["empirical/chunked"]["tensor_mb"]
+
+
+def test_bench_persample_cost_runs_and_reports(tmp_path):
+    """The per-sample cost benchmark, one round of the EmbeddingBag workload: a ratio per type
+    to the training step, and its report."""
+    from benchmarks import bench_persample_cost
+
+    out = tmp_path / "cost"
+    assert bench_persample_cost.main(
+        ["--workloads", "bag", "--rounds", "1", "--steps", "2", "--out", str(out)]
+    ) == 0
+    rep = json.loads((tmp_path / "cost.json").read_text())
+    (runs,) = rep["runs"]["bag"].values()
+    assert runs[0]["floor_ms"] > 0 and runs[0]["empirical"] > 0
+    assert "| bag | empirical |" in (tmp_path / "cost.md").read_text()

@@ -39,13 +39,12 @@ class Columns:
         offset: int,
     ):
         dt = compute_dtype(flat.dtype)
-        z = flat.detach().to(dt)
-        self.R, self.C = z.shape
+        self.R, self.C = flat.shape
         self.dtype = dt
-        self.device = z.device
+        self.device = flat.device
         lk = opts.likelihood
         self.block: torch.Tensor | None = None
-        self.z, self.lk, self.sigma2 = z, lk, opts.sigma2
+        self._flat, self.lk, self.sigma2 = flat, lk, opts.sigma2
         self.categorical = fim_type == FIMType.EXACT and lk == "categorical"
         if fim_type == FIMType.EXACT:
             self.num = self.C - 1 if self.categorical else self.C
@@ -54,6 +53,11 @@ class Columns:
             self.num = self.block.shape[0]
 
     # everything below is computed on first use: a logits head in closed form needs only root
+    @functools.cached_property
+    def z(self) -> torch.Tensor:
+        """``(R, C)`` the logits, detached, in float32 (float64 for float64 logits)."""
+        return self._flat.detach().to(self.dtype)
+
     @functools.cached_property
     def p(self) -> torch.Tensor:
         return torch.softmax(self.z, -1)
@@ -104,6 +108,13 @@ class Columns:
             cols.neg_()
         cols[ar, :, ks] += sp
         return cols
+
+    def every(self) -> torch.Tensor:
+        """All columns at once, ``(num, R, C)`` (the score columns as they are: not to be
+        written)."""
+        if self.block is not None:
+            return self.block
+        return self.take(torch.arange(self.num, device=self.device))
 
     def blocks(self, chunk: int) -> Iterator[torch.Tensor]:
         """All columns, ``chunk`` at a time."""

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fimfast import chunks, hooks
+from fimfast.ops import registry
 from fimfast.persample import plan as planning
 from fimfast.persample import squares
 from fimfast.persample.columns import Columns
@@ -77,8 +78,10 @@ class Engine(Replay):
         return plan
 
     # -- the step ----------------------------------------------------------------------------- #
-    def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor]:
-        """This batch's per-sample estimate, one fresh float tensor per parameter.
+    def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor] | Sums:
+        """This batch's per-sample estimate, one fresh float tensor per parameter; with
+        ``step.defer_square``, a :class:`~fimfast.state.Sums` when it keeps squared products or
+        table rows for the state to fold (:meth:`fimfast.state.State.commit`).
 
         The estimate path of EXACT, EMPIRICAL and MONTE_CARLO (the contract: :mod:`fimfast.step`;
         ``step.names`` name the parameters in the log line of those on the generic path, logger
@@ -90,6 +93,7 @@ class Engine(Replay):
         """
         rows, params, opts = step.rows, step.params, step.opts
         acc = Sums([p.shape for p in params], step.dtypes, [p.device for p in params])
+        acc.fold = step.defer_square and _folds(opts.backend, rows.flat.device)
         retain_graph = step.retain_graph
         flat = rows.flat
         R, C = flat.shape
@@ -107,6 +111,8 @@ class Engine(Replay):
             accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
             self._fast(rows, params, plan, cols, opts, acc, retain_graph)
+        if step.defer_square and (acc.products or acc.rows):
+            return acc  # the state folds the kept products and rows (Sums.fold_into)
         return acc.tensors()
 
     def _log_generic(self, plan: Plan, n: int, names: list[str] | None) -> None:
@@ -138,13 +144,16 @@ class Engine(Replay):
         taps = [t for c in plan.calls for t in c.taps]
         need_head = any(c is head for g in groups for c, _ in g.members)
         token = rows.logits.dim() == 3 and not self.sequence_rows
-        kk, tt, rpos = _schedule(rows, cols, token)
-        total = kk.numel()
+        if token or cols.num > 1:
+            kk, tt, rpos = _schedule(rows, cols, token)
+            total = kk.numel()
+            head_logits = rows.logits.numel() if need_head else None
+            P = sum(p.numel() for p in params)
+            M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
+        else:  # one column (EMPIRICAL, one draw of MONTE_CARLO): one backward, as it is
+            kk, total, M_max = None, 1, 1
         for g in groups:
             g.state.single = total == 1
-        head_logits = rows.logits.numel() if need_head else None
-        P = sum(p.numel() for p in params)
-        M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
         # one column per backward because memory bounds the columns (EXACT, or MONTE_CARLO with
         # several draws): its squares are formed as each call's gradients arrive, and the next
         # forward taps every output by an add, whose gradient need not be kept. A single column
@@ -154,7 +163,7 @@ class Engine(Replay):
         for c in plan.calls:
             c.chunks = -(-total // M_max)
         for s in range(0, total, M_max):
-            cot = cols.take(kk[s : s + M_max])
+            cot = cols.every() if kk is None else cols.take(kk[s : s + M_max])
             if token:
                 cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
             cot = cot.to(flat.dtype)
@@ -168,6 +177,16 @@ class Engine(Replay):
             _chunk(groups, gmap, acc, backend)
             del gmap
         squares.finish(groups, acc, backend)
+
+
+def _folds(backend: str | None, device: torch.device) -> bool:
+    """Whether the squared products of this step run on the ``cpp`` backend, whose kernel is the
+    BLAS product of the squares that the state may form itself (the ``torch`` reference is kept
+    as it is; the ``cuda`` and ``triton`` kernels square on load)."""
+    try:
+        return registry.resolve("sq_matmul", backend, device)[0] == "cpp"
+    except Exception:  # noqa: BLE001 - the op itself raises the error, where it runs
+        return False
 
 
 def _schedule(rows, cols: Columns, token: bool):
@@ -267,6 +286,8 @@ def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
     terms: dict[int, list] = {}
     sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
     for g in groups:
+        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc):
+            continue
         parts = []
         for c, ui in g.members:
             if id(c) not in terms:

@@ -42,10 +42,10 @@ HEAD_KINDS = (GroupKind.HEAD_W, GroupKind.HEAD_B)
 class RowIndex(NamedTuple):
     """The distinct (sample, id) pairs of a :class:`~fimfast.rules.Rows` group, once per step."""
 
-    sel: torch.Tensor | None  #: the kept positions of the flattened ``(N * S)`` ids, if masked
-    inv: torch.Tensor  #: each kept position's pair
+    inv: torch.Tensor  #: each position's pair (of the flattened ``(N * S)`` ids)
     rid: torch.Tensor  #: each pair's row of the table
     count: int  #: number of pairs
+    segments: int  #: ``count``, plus one collecting the positions that do not count, if any
 
 
 @dataclass

@@ -16,7 +16,11 @@ from fimfast import layers, ops
 from fimfast.dtypes import compute_dtype
 from fimfast.persample.plan import Group, GroupKind, RowIndex
 from fimfast.rules.base import Patches, dense
+from fimfast.rules.linear import LinearRule
 from fimfast.state import Sums
+
+_LINEAR_TERMS = LinearRule.terms  # the rule whose terms linear_lane forms directly
+_LANE_KINDS = (GroupKind.OUTER, GroupKind.VEC)
 
 
 def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Tensor:
@@ -26,6 +30,33 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
         return ops.sq_matmul(A, G, backend=backend)
     return ops.sq_matmul(G, A, backend=backend)
 
+
+
+def linear_lane(g: Group, gmap: dict, acc: Sums) -> bool:
+    """The squares of a group whose one member is a weight or bias of ``nn.Linear`` (or Hugging
+    Face ``Conv1D``) without weight sharing, for one column, straight from the output gradient
+    ``G`` ``(1, N, O)``: the weight's product kept for the state (:meth:`Sums.defer`, else as
+    :func:`_defer_outer` keeps it for :func:`finish`), the bias's ``sum_n G_n^2``. The same
+    arithmetic as :class:`~fimfast.rules.LinearRule`'s terms squared by :func:`accumulate`,
+    without forming the terms (a few ops and 30-100 us of Python per layer and step). Returns
+    ``False`` (nothing done) for any other case."""
+    c, ui = g.members[0]
+    if type(c.rule).terms is not _LINEAR_TERMS or g.kind not in _LANE_KINDS:
+        return False
+    tap = c.taps[0]
+    G = gmap.get(id(tap.handle))
+    if G is None or tap.lead != 1 or tap.bdim != 0 or G.shape[0] != 1:
+        return False
+    if g.kind == GroupKind.VEC:
+        acc.add(g.index, G.to(acc.dtypes[g.index]).square().sum((0, 1)), g.block)
+        return True
+    st = g.state
+    if not st.single or st.S is not None:
+        return False
+    x = c.data["x"]
+    if not acc.defer(g.index, G[0], x, g.block, g.transposed):
+        st.S, st.root, st.Q = G[0], True, x
+    return True
 
 
 def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> None:
@@ -38,18 +69,21 @@ def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> Non
             A = x.reshape(-1, x.shape[-1])
             if not rows.all_valid:
                 A = A.index_select(0, rows.index)
-            acc.add(g.index, _weight_sq(g, cols.root, A, backend))
+            if not acc.defer(g.index, cols.root, A, None, g.transposed):
+                acc.add(g.index, _weight_sq(g, cols.root, A, backend))
         elif g.kind == GroupKind.HEAD_B:
             acc.add(g.index, cols.root.square().sum(0))
 
 
 def finish(groups: list[Group], acc: Sums, backend) -> None:
     """The deferred squares of layers without weight sharing: ``sum_n S_n (x) a_n^2`` once for
-    all columns."""
+    all columns (kept for the state to fold where ``acc`` allows it: :meth:`Sums.defer`)."""
     for g in groups:
         st = g.state
         if st.S is not None:
             S, Q = st.S, st.Q
+            if acc.defer(g.index, S, Q, g.block, g.transposed, squared=not st.root):
+                continue
             if st.root:  # one column, as it came: sq_matmul squares both sides
                 acc.add(g.index, _weight_sq(g, S, Q, backend), g.block)
             else:
@@ -298,21 +332,20 @@ def _rows_sq(g: Group, ids, keep, Qe, view: torch.Tensor | None, sums: Sums | No
     M, N, S, d = Qe.shape
     if g.state.rows is None:  # once per step: the distinct (sample, id) pairs
         V = view.shape[0] if view is not None else sums.shapes[g.index][0]
-        sample = torch.arange(N, device=ids.device).unsqueeze(1).expand(N, S)
-        keys = (sample * V + ids).reshape(-1)
-        sel = None if keep is None else keep.reshape(-1).nonzero().squeeze(1)
-        if sel is not None:
-            keys = keys.index_select(0, sel)
+        keys = (torch.arange(0, N * V, V, device=ids.device).unsqueeze(1) + ids).reshape(-1)
+        if keep is not None:  # the positions that do not count: one key past every pair
+            keys = keys.masked_fill(~keep.reshape(-1), N * V)
         uniq, inv = torch.unique(keys, return_inverse=True)
-        g.state.rows = RowIndex(sel, inv, uniq % V, uniq.numel())
-    sel, inv, rid, U = g.state.rows
-    Qf = Qe.reshape(M, N * S, d)
-    if sel is not None:
-        Qf = Qf.index_select(1, sel)
+        n = uniq.numel()
+        U = n - 1 if keep is not None and int(uniq[-1]) == N * V else n
+        g.state.rows = RowIndex(inv, uniq[:U] % V, U, n)
+    inv, rid, U, n = g.state.rows
     dt = view.dtype if view is not None else sums.dtypes[g.index]
-    seg = torch.zeros(M, U, d, dtype=dt, device=Qe.device)
-    seg.index_add_(1, inv, Qf.to(dt))  # repeated ids of one sample add before the square
+    seg = torch.zeros(M, n, d, dtype=dt, device=Qe.device)
+    # repeated ids of one sample add before the square; the last segment (if n > U) is dropped
+    seg.index_add_(1, inv, Qe.reshape(M, N * S, d).to(dt))
+    sq = seg[0, :U].square_() if M == 1 else seg[:, :U].square().sum(0)
     if view is None:
-        sums.add_rows(g.index, rid, seg.square().sum(0))
+        sums.add_rows(g.index, rid, sq)
     else:
-        view.index_add_(0, rid, seg.square().sum(0))
+        view.index_add_(0, rid, sq)

@@ -1,0 +1,141 @@
+"""Cost of a per-sample step (EMPIRICAL, MONTE_CARLO) as a ratio to one training step.
+
+Workloads: (a) and (e) of :mod:`benchmarks.workloads` (full size), and ``convT1d`` and ``bag`` of
+:mod:`benchmarks.bench_layers`. A child process times, in rounds, a training step (forward,
+cross-entropy, backward into ``.grad``: the floor) and ``DiagFisher(model, t).step(batch)`` for
+each type (the state accumulates, as in a loop), by the process's CPU time
+(``time.process_time``), one torch thread, and prints the median of each over the floor's.
+
+``--trees A B`` compares source trees: every round runs one child per tree, in a new random order
+(``PYTHONPATH`` set to the tree, the working directory the tree); a cell is the median over the
+rounds of the child's ratio, with its min and max. ``--out PATH`` writes ``PATH.json`` (every
+child's figures) and ``PATH.md``.
+
+    python benchmarks/bench_persample_cost.py --trees OLD NEW --rounds 9 --out PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    "a": ("empirical", "monte_carlo"),
+    "e": ("empirical", "monte_carlo"),
+    "convT1d": ("empirical", "monte_carlo"),
+    "bag": ("empirical",),
+}
+
+
+def _child(workload: str, types: list[str], steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import fimfast
+
+    torch.set_num_threads(1)
+    if workload in ("a", "b", "c", "d", "e"):
+        from benchmarks.workloads import build
+
+        wl = build(workload, "full", 0)
+        model, batch = wl.model, (wl.inputs, wl.labels)
+
+        def logits():
+            out = model(batch[0])
+            return getattr(out, "logits", out), batch[1]
+    else:
+        from benchmarks import bench_layers
+
+        model, batch = bench_layers.build(workload)
+
+        def logits():
+            return bench_layers._logits(model, batch)
+
+    def floor():
+        model.zero_grad(set_to_none=True)
+        z, y = logits()
+        F.cross_entropy(z.flatten(0, -2), y.flatten()).backward()
+
+    fns = {"floor": floor}
+    for t in types:
+        est = fimfast.DiagFisher(model, t, seed=0)
+        fns[t] = lambda est=est: est.step(batch)
+    for f in fns.values():  # plans, probes, caches, allocator
+        for _ in range(3):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            f()
+            times[k].append(time.process_time() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"floor_ms": med["floor"] * 1e3, **{t: med[t] / med["floor"] for t in types}}
+
+
+def _label(tree: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.path.basename(os.path.abspath(tree))
+
+
+def _cell(xs: list[float], digits: int = 3) -> str:
+    return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits - 1}f}–{max(xs):.{digits - 1}f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--trees", nargs="+", default=[os.getcwd()])
+    ap.add_argument("--rounds", type=int, default=9, help="child processes per tree")
+    ap.add_argument("--steps", type=int, default=21, help="timed rounds of steps per child")
+    ap.add_argument("--out", default=None, help="write PATH.json and PATH.md")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--types", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(_child(a.child, a.types.split(","), a.steps)))
+        return 0
+    labels = {t: _label(t) for t in a.trees}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "load": os.getloadavg(), "threads": 1, "clock": "process_time",
+              "rounds": a.rounds, "steps": a.steps, "trees": list(labels.values()), "runs": {}}
+    runs: dict[str, dict[str, list[dict]]] = {w: {labels[t]: [] for t in a.trees}
+                                              for w in a.workloads.split(",")}
+    for _ in range(a.rounds):
+        for w in runs:
+            for tree in random.sample(a.trees, len(a.trees)):
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", w, "--types",
+                       ",".join(WORKLOADS[w]), "--steps", str(a.steps)]
+                res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=tree), cwd=tree,
+                                     capture_output=True, text=True, check=True)
+                runs[w][labels[tree]].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    report["runs"] = runs
+    report["load_after"] = os.getloadavg()
+    lines = ["| workload | type | " + " | ".join(labels.values()) + " |",
+             "|---|---|" + "---|" * len(labels)]
+    for w, by_tree in runs.items():
+        for t in ("floor_ms", *WORKLOADS[w]):
+            cells = [_cell([r[t] for r in by_tree[lab]], 2 if t == "floor_ms" else 3)
+                     for lab in labels.values()]
+            lines.append(f"| {w} | {t} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if a.out:
+        with open(a.out + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(a.out + ".md", "w") as f:
+            f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

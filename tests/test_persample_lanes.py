@@ -1,0 +1,134 @@
+"""Shortcuts of the per-sample engine's hot path, each against the float64 oracle and against the
+path it replaces.
+
+* ``fimfast.persample.squares.linear_lane``: the squares of ``nn.Linear`` / Hugging Face
+  ``Conv1D`` without weight sharing, for one column, straight from the output gradient;
+* ``fimfast.rules.norm.LayerNormRule.xhat``: the normalised input by torch's kernel with a unit
+  weight (the same values as the kernel without the affine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import oracle_flat, rel_error, row_jacobians
+from tolerances import DET_REL_F64
+from torch import nn
+
+import fimfast
+from fimfast.persample import squares
+from fimfast.rules.norm import LayerNormRule
+
+
+class _Case:
+    """What tests/oracle.py reads of one batch of a classifier ``model(x)``."""
+
+    def __init__(self, model, batch):
+        self.model, self.batch, self.name = model, batch, "lanes"
+        self.logits_fn = lambda m, b: m(b[0])
+        self.valid = torch.ones(batch[0].shape[0], dtype=torch.bool)
+        self.labels = batch[1]
+        self.likelihood = "categorical"
+
+    def batch_double(self):
+        return self.batch
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "hf_conv1d":
+        pytest.importorskip("transformers", reason="transformers is not installed")
+        from transformers.pytorch_utils import Conv1D
+
+        return nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(6, 7), nn.ReLU(), nn.Linear(6, 4))
+    if kind == "no_bias":
+        return nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 4))
+    if kind == "tokens":  # (N, T, d) inputs: the weight is shared over tokens (no lane)
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Flatten(), nn.Linear(21, 4))
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+def _batch(kind: str):
+    g = torch.Generator().manual_seed(1)
+    shape = (6, 3, 5) if kind == "tokens" else (6, 5)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64),
+            torch.randint(0, 4, (6,), generator=g))
+
+
+def _lane_spy(monkeypatch, enabled: bool = True) -> list[str]:
+    taken: list[str] = []
+    real = squares.linear_lane
+
+    def lane(g, gmap, acc):
+        done = enabled and real(g, gmap, acc)
+        if done:
+            taken.append(str(g.kind))
+        return done
+
+    monkeypatch.setattr(squares, "linear_lane", lane)
+    return taken
+
+
+@pytest.mark.parametrize("fim_type", ["empirical", "monte_carlo"])
+@pytest.mark.parametrize("kind", ["mlp", "hf_conv1d", "no_bias", "tokens"])
+def test_linear_lane_matches_the_oracle_and_the_terms(monkeypatch, kind, fim_type):
+    model = _model(kind).double()
+    batch = _batch(kind)
+    taken = _lane_spy(monkeypatch)
+    est = fimfast.DiagFisher(model, fim_type, seed=4)
+    est.step(batch)
+    got = dict(est.result())
+    assert not est._persample.last_plan.generic
+    # every hidden layer's weight and bias (the logits layer is in closed form); none when the
+    # weight is shared over tokens
+    want = {"mlp": 4, "hf_conv1d": 4, "no_bias": 1, "tokens": 0}[kind]
+    assert len(taken) == want, taken
+    off = _lane_spy(monkeypatch, enabled=False)
+    ref = fimfast.DiagFisher(model, fim_type, seed=4)
+    ref.step(batch)
+    assert not off
+    assert rel_error(got, dict(ref.result())) <= DET_REL_F64
+    if fim_type == "empirical":
+        rj = row_jacobians(_Case(model, batch))
+        assert rel_error(got, rj.split(oracle_flat(rj, "categorical", "empirical"))) <= DET_REL_F64
+
+
+def test_linear_lane_stays_out_of_several_columns(monkeypatch):
+    """Several draws (one backward of two columns): the weight's squares are summed over the
+    columns first (no lane), the bias's are not shared; equal to the generic path."""
+    model = _model("mlp").double()
+    batch = _batch("mlp")
+    taken = _lane_spy(monkeypatch)
+    est = fimfast.DiagFisher(model, "monte_carlo", seed=4, num_probes=2)
+    est.step(batch)
+    assert taken == []
+    ref = fimfast.DiagFisher(model, "monte_carlo", seed=4, num_probes=2)
+    ref._persample.use_rules = False
+    ref.step(batch)
+    assert rel_error(dict(est.result()), dict(ref.result())) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,norm",
+                         [((4, 6, 8), (8,)), ((3, 5, 4, 6), (4, 6)), ((7, 13), (13,))])
+def test_layer_norm_xhat_is_the_kernel_without_affine(dtype, shape, norm):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(*shape, generator=g) * 3 + 1).to(dtype)
+    module = nn.LayerNorm(norm, eps=1e-3)
+    got = LayerNormRule().xhat(module, x, {})
+    want = F.layer_norm(x, norm, None, None, 1e-3)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_layer_norm_rule_matches_the_oracle():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 4)).double()
+    batch = _batch("mlp")
+    est = fimfast.DiagFisher(model, "empirical")
+    est.step(batch)
+    assert not est._persample.last_plan.generic
+    rj = row_jacobians(_Case(model, batch))
+    ref = rj.split(oracle_flat(rj, "categorical", "empirical"))
+    assert rel_error(dict(est.result()), ref) <= DET_REL_F64
