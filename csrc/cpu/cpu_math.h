@@ -16,6 +16,15 @@
 #define FIMFAST_INLINE inline
 #endif
 
+// Function multiversioning of a hot loop: GCC/Clang compile it for AVX-512, AVX2 and the
+// baseline, and the loader picks the widest the machine has (ifunc, x86-64 Linux only; elsewhere
+// the baseline build alone). For plain loops over contiguous float/double without calls.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define FIMFAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FIMFAST_SIMD_CLONES
+#endif
+
 namespace fimfast {
 namespace cpu {
 

@@ -17,6 +17,7 @@ SHAPES = {  # (N, T, O, I)
     "9x17x33x65": (9, 17, 33, 65),
     "4x50x3x2": (4, 50, 3, 2),
     "3x1x70x9": (3, 1, 70, 9),
+    "6x2x70x67": (6, 2, 70, 67),  # O*I over the CPU kernel's block and parallel grain
     "0x2x3x4": (0, 2, 3, 4),
 }
 DTYPES = {
