@@ -41,21 +41,10 @@ OP_TYPES = ("hutchinson", "empirical", "monte_carlo", "exact")
 
 def _op_counts(m, batch, y) -> dict:
     """ATen operators of one call of a training step and of a step of each of ``OP_TYPES``."""
-    import collections
-
     import torch.nn.functional as F
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import fimfast
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n[str(func)] += 1
-            return func(*args, **(kwargs or {}))
+    from benchmarks.opcount import OpCounter
 
     def train():
         out = m(batch[0])
@@ -72,10 +61,10 @@ def _op_counts(m, batch, y) -> dict:
     for k, f in fns.items():
         f()
         f()  # warm: plans, caches, first-step state
-        with Count() as c:
+        with OpCounter() as c:
             f()
-        views = sum(v for op, v in c.n.items() if op.split(".")[1] in _NOT_KERNELS)
-        out[k] = {"all": sum(c.n.values()), "kernels": sum(c.n.values()) - views}
+        views = sum(v for op, v in c.ops.items() if op.split(".")[1] in _NOT_KERNELS)
+        out[k] = {"all": c.total, "kernels": c.total - views}
     return out
 
 

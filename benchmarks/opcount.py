@@ -21,11 +21,13 @@ __all__ = ["OpCounter", "count_ops"]
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operators dispatched while active, by overload name."""
+    """Counts the ATen operators dispatched while active: ``calls`` by operator
+    (``aten.add``), ``ops`` by overload (``aten.add.Tensor``), ``views`` the view operators."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: Counter[str] = Counter()
+        self.ops: Counter[str] = Counter()
         self.views = 0
 
     @classmethod
@@ -36,6 +38,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls[str(func.overloadpacket)] += 1
+        self.ops[str(func)] += 1
         self.views += bool(func.is_view)
         return func(*args, **(kwargs or {}))
 

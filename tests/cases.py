@@ -51,6 +51,14 @@ class Case:
                     self.labels, self.likelihood, self.C)
 
 
+def classifier_case(model: nn.Module, batch: tuple, C: int, name: str = "classifier") -> Case:
+    """The :class:`Case` of a classifier ``model(x)`` with ``C`` classes on a batch ``(x,
+    labels)``: ``(N, C)`` logits, every row valid, categorical."""
+    x, y = batch
+    return Case(name, model, batch, lambda m, b: m(b[0]), torch.ones(x.shape[0], dtype=torch.bool),
+                y, "categorical", C)
+
+
 def _cast(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(dtype) if x.is_floating_point() else x

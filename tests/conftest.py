@@ -1,5 +1,5 @@
 """Shared fixtures: deterministic threads and seeds, the Triton interpreter on machines without a
-GPU, and the path to the test helpers."""
+GPU, and the paths to the test helpers and to the benchmarks package (its op counter)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+if (_root := os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) not in sys.path:
+    sys.path.append(_root)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

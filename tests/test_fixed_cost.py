@@ -10,21 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as module_mod
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fimfast
+from benchmarks.opcount import OpCounter
 from fimfast import UnsupportedModelError, likelihoods, ops
 from fimfast.estimator import trainable_parameters
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _mlp(dtype=torch.float64):
@@ -155,12 +145,12 @@ def test_hutchinson_step_runs_the_models_operators_and_four_of_its_own():
     est = fimfast.DiagFisher(m, "hutchinson", seed=0)
     for _ in range(2):  # warm: cached row indices, first-step state
         est.step((x, y))
-    with _Count() as c:
+    with OpCounter() as c:
         est.step((x, y))
     z = m(x)
     u = torch.randn_like(z)
     acc = [torch.zeros_like(p) for p in params]
-    with _Count() as ref:  # the arithmetic no step can avoid, the probe aside
+    with OpCounter() as ref:  # the arithmetic no step can avoid, the probe aside
         z = m(x)
         g = torch.autograd.grad(z, params, u)
         torch._foreach_addcmul_(acc, g, g)

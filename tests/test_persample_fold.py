@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import classifier_case
 from oracle import oracle_flat, rel_error, row_jacobians
 from tolerances import DET_REL_F64
 from torch import nn
@@ -96,25 +97,11 @@ def _batches(n_batches: int = 3):
              torch.randint(0, 4, (N,), generator=g)) for N in (6, 3, 8)[:n_batches]]
 
 
-class _Case:
-    """What tests/oracle.py reads of one batch."""
-
-    def __init__(self, model, batch):
-        self.model, self.batch, self.name = model, batch, "fold"
-        self.logits_fn = lambda m, b: m(b[0])
-        self.valid = torch.ones(batch[0].shape[0], dtype=torch.bool)
-        self.labels = batch[1]
-        self.likelihood = "categorical"
-
-    def batch_double(self):
-        return self.batch
-
-
 def _oracle(model, batches) -> dict[str, torch.Tensor]:
     """The float64 EMPIRICAL sum over ``batches``: the oracle of each batch, added."""
     total = None
     for b in batches:
-        rj = row_jacobians(_Case(model, b))
+        rj = row_jacobians(classifier_case(model, b, 4, "fold"))
         one = rj.split(oracle_flat(rj, "categorical", "empirical"))
         total = one if total is None else {k: total[k] + one[k] for k in total}
     return total

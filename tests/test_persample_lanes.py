@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import classifier_case
 from oracle import oracle_flat, rel_error, row_jacobians
 from tolerances import DET_REL_F64
 from torch import nn
@@ -19,20 +20,6 @@ from torch import nn
 import fimfast
 from fimfast.persample import squares
 from fimfast.rules.norm import LayerNormRule
-
-
-class _Case:
-    """What tests/oracle.py reads of one batch of a classifier ``model(x)``."""
-
-    def __init__(self, model, batch):
-        self.model, self.batch, self.name = model, batch, "lanes"
-        self.logits_fn = lambda m, b: m(b[0])
-        self.valid = torch.ones(batch[0].shape[0], dtype=torch.bool)
-        self.labels = batch[1]
-        self.likelihood = "categorical"
-
-    def batch_double(self):
-        return self.batch
 
 
 def _model(kind: str) -> nn.Module:
@@ -90,7 +77,7 @@ def test_linear_lane_matches_the_oracle_and_the_terms(monkeypatch, kind, fim_typ
     assert not off
     assert rel_error(got, dict(ref.result())) <= DET_REL_F64
     if fim_type == "empirical":
-        rj = row_jacobians(_Case(model, batch))
+        rj = row_jacobians(classifier_case(model, batch, 4, "lanes"))
         assert rel_error(got, rj.split(oracle_flat(rj, "categorical", "empirical"))) <= DET_REL_F64
 
 
@@ -129,6 +116,6 @@ def test_layer_norm_rule_matches_the_oracle():
     est = fimfast.DiagFisher(model, "empirical")
     est.step(batch)
     assert not est._persample.last_plan.generic
-    rj = row_jacobians(_Case(model, batch))
+    rj = row_jacobians(classifier_case(model, batch, 4, "lanes"))
     ref = rj.split(oracle_flat(rj, "categorical", "empirical"))
     assert rel_error(dict(est.result()), ref) <= DET_REL_F64

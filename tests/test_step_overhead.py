@@ -3,13 +3,11 @@ the single host sync of the row checks. Each is checked against a plain referenc
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fimfast
+from benchmarks.opcount import OpCounter
 from fimfast import batch as batchlib
 from fimfast import likelihoods, ops
 from fimfast.estimator import trainable_parameters
@@ -164,21 +162,11 @@ def test_squares_value_object():
         Squares([None], [False], [torch.float32]).squares()
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_rows_check_labels_and_finiteness_in_two_kernels():
     z = torch.randn(6, 5)
     y = torch.tensor([0, 4, 2, 1, 3, 0])
     batchlib.rows(z, y, None, "categorical", -100, True)  # the row indices are kept from here
-    with _Count() as c:
+    with OpCounter() as c:
         rows = batchlib.rows(z, y, None, "categorical", -100, True)
     assert rows.all_valid and rows.count == 6
     # the label range and one sum of the logits (of a detached alias); on the CPU their scalars
@@ -197,7 +185,7 @@ def test_label_range_and_finiteness_values(one_read, dtype, ldtype):
         z = torch.randn(4, 9).to(dtype)
         if bad is not None:
             z[1, 4] = bad
-        with _Count() as c:
+        with OpCounter() as c:
             got = batchlib.label_range_and_finite(y, z, one_read)
         assert got == (0, 7, bad is None), (bad, got)
         if one_read:  # one host read: a tolist() of one stacked tensor, no item()
