@@ -63,7 +63,7 @@ def _op_counts(m, batch, y) -> dict:
         f()  # warm: plans, caches, first-step state
         with OpCounter() as c:
             f()
-        views = sum(v for op, v in c.ops.items() if op.split(".")[1] in _NOT_KERNELS)
+        views = sum(v for op, v in c.calls.items() if op.split(".")[1] in _NOT_KERNELS)
         out[k] = {"all": c.total, "kernels": c.total - views}
     return out
 
