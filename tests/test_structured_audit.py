@@ -1,0 +1,227 @@
+"""Exact or refused, and side-effect free: ``fimfast.fisher`` in every representation on models
+built the way users build them (the constructs of tests/test_audit_models.py).
+
+Each case either equals its reference to 1e-10 or raises an error naming the module or argument:
+
+* ``dense``, ``low_rank``, ``block_diag``, ``quasi_diag`` and ``diag``: the float64 oracle
+  ``sum_r J_r^T M_r J_r`` (``M_r = I(z_r)`` for EXACT, ``e e^T`` with the observed score ``e``
+  for EMPIRICAL; every row's Jacobian from the whole batch's graph) of the same model written
+  plainly, restricted to the representation's entries;
+* ``kfac`` and ``ekfac``: the same representation of the model written plainly (padding given at
+  construction, a table already renormalised, no hooks, out-of-place operations).
+
+The model's parameters, buffers and hooks are left as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fimfast
+from fimfast.structured.dense import module_blocks
+
+REPS = ("diag", "quasi_diag", "kfac", "ekfac", "block_diag", "low_rank", "dense")
+KRON = ("quasi_diag", "kfac", "ekfac")
+TYPES = ("exact", "empirical")
+N, D, C, V, E = 6, 5, 4, 11, 6
+
+
+def _oracle(model, x, y, fim_type) -> torch.Tensor:
+    """``sum_r J_r^T M_r J_r`` over the rows of ``model(x)`` (``(N, C)`` logits), float64."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    z = model(x)
+    prob = torch.softmax(z.detach().double(), -1)
+    out = 0
+    for r in range(z.shape[0]):
+        J = torch.stack([torch.cat([
+            (torch.zeros_like(p) if g is None else g).double().reshape(-1)
+            for p, g in zip(ps, torch.autograd.grad(z[r, c], ps, retain_graph=True,
+                                                    allow_unused=True))])
+            for c in range(z.shape[1])])
+        if fim_type == "exact":
+            M = torch.diag(prob[r]) - torch.outer(prob[r], prob[r])
+        else:
+            e = prob[r] - F.one_hot(y[r], z.shape[1]).double()
+            M = torch.outer(e, e)
+        out = out + J.T @ M @ J
+    return out
+
+
+def _mask(model, names, rep) -> torch.Tensor:
+    """The entries of the oracle a representation keeps (its block layout, built from the module
+    tree)."""
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    offs, o = {}, 0
+    for n in names:
+        offs[n], o = (o, o + sizes[n]), o + sizes[n]
+    m = torch.zeros(o, o, dtype=torch.bool)
+    if rep in ("dense", "low_rank"):
+        return ~m
+    if rep == "block_diag":
+        for i, j in module_blocks(names):
+            a, b = offs[names[i]][0], offs[names[j - 1]][1]
+            m[a:b, a:b] = True
+        return m
+    m |= torch.eye(o, dtype=torch.bool)  # diag, quasi_diag: the diagonal ...
+    if rep == "quasi_diag":  # ... and a Linear/Conv2d's weight-bias cross entries
+        for mname, mod in model.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d)) and f"{mname}.bias" in offs:
+                w0, w1 = offs[f"{mname}.weight"]
+                b0, _ = offs[f"{mname}.bias"]
+                w = torch.arange(w0, w1).reshape(mod.weight.shape[0], -1)
+                b = (b0 + torch.arange(w.shape[0])).unsqueeze(1).expand_as(w)
+                m[w.reshape(-1), b.reshape(-1)] = True
+                m[b.reshape(-1), w.reshape(-1)] = True
+    return m
+
+
+def _matrix(F_, rep) -> torch.Tensor:
+    if rep == "diag":
+        return torch.diag(torch.cat([v.reshape(-1) for _, v in F_.items()]).double())
+    return F_.to_dense().double()
+
+
+def _fisher(model, batch, fim_type, rep):
+    return fimfast.fisher(model, [batch], fim_type, representation=rep, reduction="sum", seed=3)
+
+
+def _expected(plain, batch, fim_type, rep) -> torch.Tensor:
+    if rep in ("kfac", "ekfac"):
+        return _matrix(_fisher(plain, batch, fim_type, rep), rep)
+    names = [n for n, p in plain.named_parameters() if p.requires_grad]
+    return _oracle(plain, *batch, fim_type) * _mask(plain, names, rep)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10) -> None:
+    err = float((got - want).abs().max())
+    scale = float(want.abs().max())
+    assert scale > 0 and err <= tol * scale, f"max error {err:.3e} vs scale {scale:.3e}"
+
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, D, generator=g, dtype=torch.float64),
+            torch.randint(0, C, (N,), generator=g))
+
+
+def _mlp(mid: nn.Module | None = None) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 7), mid or nn.Tanh(), nn.Linear(7, C)).double()
+
+
+
+# -- train-mode dropout, in-place operations, tied and frozen parameters ---------------------- #
+class _FixedMask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, h):
+        return h * self.mask
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_dropout_in_train_mode_is_the_sampled_network(rep):
+    """Dropout in train mode: the Fisher of the sub-network the pass's forward sampled (the same
+    mask as a forward of the model right after the same ``torch.manual_seed``)."""
+    model, batch = _mlp(nn.Dropout(0.5)), _data()
+    torch.manual_seed(5)
+    mask = F.dropout(torch.ones(N, 7, dtype=torch.float64), 0.5)
+    plain = _mlp(_FixedMask(mask))
+    if rep == "ekfac":  # its two passes draw two masks
+        return
+    torch.manual_seed(5)
+    _close(_matrix(_fisher(model, batch, "exact", rep), rep),
+           _expected(plain, batch, "exact", rep))
+
+
+class _InPlace(nn.Module):
+    def __init__(self, inplace: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.o = nn.Linear(D, 7).double(), nn.Linear(7, C).double()
+        self.inplace = inplace
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h.mul_(2).tanh_() if self.inplace else (h * 2).tanh()
+        return self.o(h)
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("rep", REPS)
+def test_in_place_operations_on_layer_outputs(rep, fim_type):
+    model, plain, batch = _InPlace(True), _InPlace(False), _data()
+    _close(_matrix(_fisher(model, batch, fim_type, rep), rep),
+           _expected(plain, batch, fim_type, rep))
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = nn.Embedding(C, E).double()
+        self.p = nn.Linear(D, E).double()
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.p(x)), self.e.weight) + self.e(torch.tensor([1])).sum()
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_tied_weights(rep):
+    model, batch = _Tied(), _data()
+    if rep in KRON:
+        with pytest.raises(ValueError, match=r"module 'e'"):
+            _fisher(model, batch, "exact", rep)
+        return
+    _close(_matrix(_fisher(model, batch, "exact", rep), rep), _expected(model, batch, "exact", rep))
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_frozen_parameters(rep):
+    model, batch = _mlp(), _data()
+    model[0].requires_grad_(False)
+    _close(_matrix(_fisher(model, batch, "exact", rep), rep), _expected(model, batch, "exact", rep))
+    model[2].bias.requires_grad_(False)
+    if rep in KRON:
+        with pytest.raises(ValueError, match=r"module '2'.*frozen"):
+            _fisher(model, batch, "exact", rep)
+
+
+
+
+# -- BatchNorm ----------------------------------------------------------------------------------- #
+class _Normed(nn.Module):
+    def __init__(self, affine: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(D, 7).double()
+        self.bn = nn.BatchNorm1d(7, affine=affine).double()
+        self.o = nn.Linear(7, C).double()
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.bn(self.a(x))))
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_batchnorm_statistics_are_left_as_they_were(rep):
+    """BatchNorm: the running statistics are put back after the pass (train mode: the dense
+    family gives the Fisher of the batch-coupled function; eval mode: every representation)."""
+    train = rep not in KRON
+    model = _Normed(affine=train)
+    model.train(train)
+    model.bn.running_mean.add_(0.3)  # eval mode: statistics that are not the batch's
+    batch = _data()
+    stats = [b.clone() for b in model.bn.buffers()]
+    got = _matrix(_fisher(model, batch, "exact", rep), rep)
+    assert all(torch.equal(a, b) for a, b in zip(model.bn.buffers(), stats)), \
+        "the running statistics were updated"
+    assert model.training == train
+    want = _expected(copy.deepcopy(model), batch, "exact", rep)
+    _close(got, want)
