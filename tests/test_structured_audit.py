@@ -225,3 +225,16 @@ def test_batchnorm_statistics_are_left_as_they_were(rep):
     assert model.training == train
     want = _expected(copy.deepcopy(model), batch, "exact", rep)
     _close(got, want)
+
+
+@pytest.mark.parametrize("rep", KRON)
+def test_batchnorm_with_batch_statistics_refused_by_the_kronecker_family(rep):
+    """BatchNorm in train mode (or without running statistics) mixes the samples: a Kronecker
+    factor, which takes the gradient at a sample's layer output as that sample's own, would miss
+    the cross-sample terms. Refused, naming the module; the statistics are left as they were."""
+    model = _Normed(affine=False)
+    batch = _data()
+    stats = [b.clone() for b in model.bn.buffers()]
+    with pytest.raises(ValueError, match=r"module 'bn' \(BatchNorm1d\).*batch statistics"):
+        _fisher(model, batch, "exact", rep)
+    assert all(torch.equal(a, b) for a, b in zip(model.bn.buffers(), stats))

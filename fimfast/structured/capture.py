@@ -149,6 +149,23 @@ def layers_of(model: nn.Module, names: list[str], params: list[torch.Tensor],
     return layers
 
 
+def check_batch_statistics(model: nn.Module) -> None:
+    """Refuse a BatchNorm that normalises with the batch's statistics (train mode, or no running
+    statistics), naming it: it mixes the samples, so the gradient a sample's rows send to a layer
+    output below it reaches the other samples' positions too, while a Kronecker factor or a
+    quasi-diagonal square takes the gradient at a sample's position as that sample's own."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                m.training or m.running_mean is None):
+            raise ValueError(
+                f"module {name or '<root>'!r} "
+                f"({type(m).__name__}) normalises with batch statistics (train mode, or "
+                "track_running_stats=False), which mixes the samples; the Kronecker and "
+                "quasi-diagonal representations take each sample's gradient at a layer output as "
+                "its own. Call model.eval() (running statistics), or use representation='dense', "
+                "'block_diag', 'low_rank' or 'diag' (the Fisher of the batch-coupled function)")
+
+
 class Edge:
     """The gradient edge of a layer output (:func:`torch.autograd.graph.get_gradient_edge`), an
     input of ``torch.autograd.grad`` in place of the output, with the output's shape, dtype and

@@ -132,6 +132,7 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
 
 def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
                 what: str, approx: str, eig: list | None, chunk: int | None) -> None:
+    cap.check_batch_statistics(model)
     with cap.capture(layers):
         fw = columns.forward(model, batch, st.fim_type, st.opts)
     rows = fw.rows
