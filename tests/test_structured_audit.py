@@ -238,3 +238,58 @@ def test_batchnorm_with_batch_statistics_refused_by_the_kronecker_family(rep):
     with pytest.raises(ValueError, match=r"module 'bn' \(BatchNorm1d\).*batch statistics"):
         _fisher(model, batch, "exact", rep)
     assert all(torch.equal(a, b) for a, b in zip(model.bn.buffers(), stats))
+# -- max_norm lookups ------------------------------------------------------------------------- #
+class _Renormed(nn.Module):
+    """A lookup with ``max_norm`` (its forward renormalises the rows it reads, in place)."""
+
+    def __init__(self, max_norm=1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = nn.Embedding(V, E, max_norm=max_norm).double()
+        self.o = nn.Linear(E, C).double()
+
+    def forward(self, ids):
+        return self.o(torch.tanh(self.e(ids).mean(1)))
+
+
+def _ids(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (N, 4), generator=g), torch.randint(0, C, (N,), generator=g)
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("rep", REPS)
+def test_max_norm_table_is_left_as_it_was(rep, fim_type):
+    """The Fisher of the renormalised table (what the forward computes with); the rows the
+    forward renormalised are put back."""
+    model = _Renormed()
+    batch = _ids()
+    before = model.e.weight.detach().clone()
+    got = _matrix(_fisher(model, batch, fim_type, rep), rep)
+    assert torch.equal(model.e.weight, before), "the table was left renormalised"
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        plain.e(batch[0])  # renormalise the rows the batch reads
+    plain.e.max_norm = None
+    _close(got, _expected(plain, batch, fim_type, rep))
+
+
+
+
+class _BareRenormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(V, E, dtype=torch.float64))
+        self.o = nn.Linear(E, C).double()
+
+    def forward(self, ids):
+        return self.o(torch.tanh(F.embedding(ids, self.w, max_norm=1.0).mean(1)))
+
+
+@pytest.mark.parametrize("rep", ("block_diag", "low_rank", "dense"))
+def test_forward_writing_into_a_bare_parameter_is_refused(rep):
+    """``F.embedding(..., max_norm=)`` on a bare parameter: no module to put its rows back, so
+    the pass is refused after the forward, naming the parameter."""
+    with pytest.raises(ValueError, match=r"trainable parameter\(s\) w in place"):
+        _fisher(_BareRenormed(), _ids(), "exact", rep)

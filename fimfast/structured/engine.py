@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fimfast import _env, guard, likelihoods
+from fimfast.parameters import trainable_parameters
 from fimfast.structured import capture as cap
 from fimfast.structured import columns, convgram
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
@@ -89,13 +90,16 @@ def _dense_batch(model, batch, st: Stream, params: list[torch.Tensor], acc, chun
 
 @contextmanager
 def kept(model: nn.Module, st: Stream) -> Iterator[None]:
-    """Run one batch of a pass under the guards of a Fisher step (:mod:`fimfast.guard`): the
-    model's buffers (BatchNorm's running statistics) are put back afterwards, as
-    ``DiagFisher.step`` puts them back (docs/exactness.md, "What a step leaves alone")."""
+    """Run one batch of a pass under the guards of a Fisher step (:mod:`fimfast.guard`), as
+    ``DiagFisher.step`` does (docs/exactness.md, "What a step leaves alone"): the model's buffers
+    (BatchNorm's running statistics) and the rows a ``max_norm`` lookup renormalised are put back
+    afterwards; any other in-place write into a trainable parameter is refused."""
     g = st.extra.get("guard")
     if g is None:
-        g = st.extra["guard"] = guard.BufferGuard()
-    with g.kept(model):
+        g = st.extra["guard"] = (guard.BufferGuard(), guard.ModuleWalk(),
+                                 *trainable_parameters(model))
+    buffers, walk, names, params = g
+    with buffers.kept(model), guard.parameters_kept(walk.of(model, params)[1], names, params):
         yield
 
 
