@@ -293,3 +293,40 @@ def test_forward_writing_into_a_bare_parameter_is_refused(rep):
     the pass is refused after the forward, naming the parameter."""
     with pytest.raises(ValueError, match=r"trainable parameter\(s\) w in place"):
         _fisher(_BareRenormed(), _ids(), "exact", rep)
+# -- gradient hooks ---------------------------------------------------------------------------- #
+def _param_hook(model):
+    return [model[0].weight.register_hook(lambda g: 2 * g)]
+
+
+def _module_hook(model):
+    return [model[2].register_full_backward_hook(lambda m, gi, go: (3 * gi[0],)),
+            model[0].register_full_backward_pre_hook(lambda m, go: (0.5 * go[0],))]
+
+
+def _global_hook(model):
+    from torch.nn.modules.module import register_module_full_backward_hook
+
+    return [register_module_full_backward_hook(
+        lambda m, gi, go: tuple(None if t is None else 2 * t for t in gi))]
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("rep", REPS)
+@pytest.mark.parametrize("hook", [_param_hook, _module_hook, _global_hook],
+                         ids=["tensor", "module", "global"])
+def test_gradient_hooks_do_not_change_the_fisher(hook, rep, fim_type):
+    """Hooks that rescale gradients change what autograd reports, not the model's function:
+    they are switched off for the pass and put back."""
+    model, batch = _mlp(), _data()
+    want = _expected(model, batch, fim_type, rep)
+    handles = hook(model)
+    try:
+        got = _matrix(_fisher(model, batch, fim_type, rep), rep)
+        assert model[0].weight._backward_hooks or model[2]._backward_hooks or \
+            torch.nn.modules.module._global_backward_hooks, "a hook was not put back"
+    finally:
+        for h in handles:
+            h.remove()
+    _close(got, want)
+
+

@@ -93,13 +93,15 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     """Run one batch of a pass under the guards of a Fisher step (:mod:`fimfast.guard`), as
     ``DiagFisher.step`` does (docs/exactness.md, "What a step leaves alone"): the model's buffers
     (BatchNorm's running statistics) and the rows a ``max_norm`` lookup renormalised are put back
-    afterwards; any other in-place write into a trainable parameter is refused."""
+    afterwards, any other in-place write into a trainable parameter is refused, and the gradient
+    hooks of the parameters and modules (which change what autograd reports, not the model) are
+    switched off for the batch and put back (:func:`fimfast.guard.step_kept`)."""
     g = st.extra.get("guard")
     if g is None:
         g = st.extra["guard"] = (guard.BufferGuard(), guard.ModuleWalk(),
                                  *trainable_parameters(model))
     buffers, walk, names, params = g
-    with buffers.kept(model), guard.parameters_kept(walk.of(model, params)[1], names, params):
+    with guard.step_kept(buffers, walk, model, names, params):
         yield
 
 
