@@ -330,3 +330,40 @@ def test_gradient_hooks_do_not_change_the_fisher(hook, rep, fim_type):
     _close(got, want)
 
 
+# -- convolution and lookup attributes set after construction -------------------------------- #
+def _conv_model(**conv):
+    torch.manual_seed(0)
+    c = nn.Conv2d(2, 3, 3, **conv).double()
+    L = c(torch.zeros(1, 2, 5, 5, dtype=torch.float64)).numel()
+    return nn.Sequential(c, nn.Tanh(), nn.Flatten(), nn.Linear(L, C)).double()
+
+
+CONV_CHANGES = {  # attributes set after construction, and the same given at construction
+    "padding": ({"padding": (0, 1)}, {"padding": (0, 1)}),
+    "same": ({"padding": "same"}, {"padding": 1}),
+    "ints": ({"padding": 1, "stride": 2, "dilation": 1}, {"padding": 1, "stride": 2}),
+    "dilation": ({"dilation": 2, "padding": 2}, {"dilation": 2, "padding": 2}),
+}
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("rep", REPS)
+@pytest.mark.parametrize("change", list(CONV_CHANGES))
+def test_convolution_reads_its_attributes_as_torch_does(change, rep, fim_type):
+    """``padding``, ``stride`` and ``dilation`` set after construction (ints, tuples, 'same')
+    are read as ``Conv2d.forward`` reads them on every call."""
+    after, given = CONV_CHANGES[change]
+    plain = _conv_model(**given)
+    model = copy.deepcopy(plain)
+    model[0] = nn.Conv2d(2, 3, 3, padding=(1, 0)).double()
+    model[0].load_state_dict(plain[0].state_dict())
+    for k, v in after.items():
+        setattr(model[0], k, v)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(N, 2, 5, 5, generator=g, dtype=torch.float64),
+             torch.randint(0, C, (N,), generator=g))
+    assert torch.equal(model(batch[0]), plain(batch[0]))
+    _close(_matrix(_fisher(model, batch, fim_type, rep), rep),
+           _expected(plain, batch, fim_type, rep))
+
+

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.modules.utils import _pair
 
 from fimfast.structured import attention
 
@@ -68,18 +69,28 @@ class Layer:
         return self.I + (1 if self.bias is not None else 0)
 
 
+def conv_args(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(kernel, dilation, stride)`` of a convolution as its forward uses them on every call:
+    the kernel from the weight's shape, ``dilation`` and ``stride`` as set now (an int or a pair,
+    also when set after construction)."""
+    return tuple(m.weight.shape[-2:]), _pair(m.dilation), _pair(m.stride)
+
+
 def conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+    """The zero padding ``(p_h, p_w)`` that ``Conv2d.forward`` applies: ``m.padding`` as set now
+    (an int, a pair, ``'valid'`` or ``'same'``), not the constructor's
+    ``_reversed_padding_repeated_twice``."""
     if isinstance(m.padding, str):
         if m.padding == "valid":
             return (0, 0)
         pads = []
-        for k, d in zip(m.kernel_size, m.dilation):
+        for k, d in zip(*conv_args(m)[:2]):
             if (d * (k - 1)) % 2:
                 raise ValueError(f"module {m!r}: padding='same' with an even effective kernel is "
                                  "asymmetric; not supported by the Kronecker representations")
             pads.append(d * (k - 1) // 2)
         return tuple(pads)
-    return tuple(m.padding)
+    return _pair(m.padding)
 
 
 def _refuse(representation: str, label: str, m: nn.Module, why: str) -> ValueError:
@@ -318,15 +329,15 @@ def unfold(x: torch.Tensor, m: nn.Conv2d, channels_last: bool = False) -> torch.
     ``(N, H, W, C)`` layout in runs of ``k_w C`` values (about 7 times faster for 16 channels
     and a 5 x 5 kernel than runs of ``k_w``)."""
     ph, pw = conv_padding(m)
+    (kh, kw), (dh, dw), (sh, sw) = conv_args(m)
     if x.dim() != 4:
-        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=(ph, pw),
-                        stride=m.stride).transpose(-1, -2)
+        return F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw),
+                        stride=(sh, sw)).transpose(-1, -2)
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
     x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if channels_last else \
         x.contiguous()
     N, C, H, W = x.shape
-    (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
     oh, ow = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
     sN, sC, sH, sW = x.stride()
     if channels_last:
@@ -339,7 +350,7 @@ def unfold(x: torch.Tensor, m: nn.Conv2d, channels_last: bool = False) -> torch.
 def patch_order(m: nn.Conv2d) -> torch.Tensor:
     """``p`` with ``a_cl[..., p] = a``: entry ``(c, i, j)`` of a patch (``F.unfold``'s order) is
     entry ``(i, j, c)`` of :func:`unfold` with ``channels_last=True``."""
-    C, (kh, kw) = m.in_channels, m.kernel_size
+    C, (kh, kw) = m.in_channels, conv_args(m)[0]
     return torch.arange(kh * kw * C).reshape(kh, kw, C).permute(2, 0, 1).reshape(-1)
 
 
