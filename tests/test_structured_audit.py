@@ -367,3 +367,40 @@ def test_convolution_reads_its_attributes_as_torch_does(change, rep, fim_type):
            _expected(plain, batch, fim_type, rep))
 
 
+class _Lookup(nn.Module):
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = nn.Embedding(V, E, padding_idx=padding_idx).double()
+        self.o = nn.Linear(E, C).double()
+
+    def forward(self, ids):
+        return self.o(torch.tanh(self.e(ids).mean(1)))
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("rep", REPS)
+def test_negative_padding_idx_set_after_construction(rep, fim_type):
+    """``padding_idx = -1`` set after construction: torch's lookup counts it from the end of the
+    table (that row gets no gradient); the representations read it the same way."""
+    model, plain = _Lookup(), _Lookup(padding_idx=V - 1)
+    model.e.padding_idx = -1
+    plain.load_state_dict(model.state_dict())
+    ids, y = _ids()
+    ids[:, 0] = V - 1
+    _close(_matrix(_fisher(model, (ids, y), fim_type, rep), rep),
+           _expected(plain, (ids, y), fim_type, rep))
+
+
+
+
+def test_negative_padding_idx_with_reduce():
+    """The same with ``kfac_approx="reduce"`` (the per-sample sums of one-hot rows)."""
+    model, plain = _Lookup(), _Lookup(padding_idx=V - 1)
+    model.e.padding_idx = -1
+    plain.load_state_dict(model.state_dict())
+    ids, y = _ids()
+    ids[:, 0] = V - 1
+    got, want = (fimfast.fisher(m, [(ids, y)], "exact", representation="kfac", reduction="sum",
+                                kfac_approx="reduce").to_dense() for m in (model, plain))
+    _close(got, want)

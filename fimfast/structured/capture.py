@@ -93,6 +93,13 @@ def conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     return _pair(m.padding)
 
 
+def padding_idx(m: nn.Embedding) -> int | None:
+    """The row of ``m`` that gets no gradient, as ``F.embedding`` reads ``m.padding_idx`` on
+    every call: a negative index (set after construction) counts from the end of the table."""
+    pad = m.padding_idx
+    return None if pad is None else pad % m.weight.shape[0]
+
+
 def _refuse(representation: str, label: str, m: nn.Module, why: str) -> ValueError:
     return ValueError(f"representation={representation!r}: module {label!r} "
                       f"({type(m).__name__}) {why}")
