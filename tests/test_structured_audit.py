@@ -404,3 +404,66 @@ def test_negative_padding_idx_with_reduce():
     got, want = (fimfast.fisher(m, [(ids, y)], "exact", representation="kfac", reduction="sum",
                                 kfac_approx="reduce").to_dense() for m in (model, plain))
     _close(got, want)
+# -- a forward that is not the class's -------------------------------------------------------- #
+def _instance_forward(model):
+    lin = model[2]
+    lin.forward = lambda h: F.linear(h, 2 * lin.weight, lin.bias)
+
+
+class _Doubled(nn.Linear):
+    def forward(self, h):
+        return F.linear(h, 2 * self.weight, self.bias)
+
+
+def _subclass_forward(model):
+    new = _Doubled(7, C).double()
+    new.load_state_dict(model[2].state_dict())
+    model[2] = new
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("rep", REPS)
+@pytest.mark.parametrize("patch", [_instance_forward, _subclass_forward],
+                         ids=["instance", "subclass"])
+def test_forward_other_than_the_class_rule(patch, rep, fim_type):
+    """A supported module whose forward is another (set on the instance, or a subclass that
+    overrides it) computes something the Kronecker capture was not written for: refused, naming
+    the module; the dense family differentiates the forward that runs."""
+    model = _mlp()
+    patch(model)
+    batch = _data()
+    if rep in KRON:
+        with pytest.raises(ValueError, match=r"module '2'.*forward"):
+            _fisher(model, batch, fim_type, rep)
+        return
+    _close(_matrix(_fisher(model, batch, fim_type, rep), rep),
+           _expected(model, batch, fim_type, rep))
+
+
+
+
+class _MHAHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.MultiheadAttention(D, 1, batch_first=True).double()
+        self.o = nn.Linear(D, C).double()
+
+    def forward(self, x):
+        s = x.unsqueeze(1).expand(-1, 3, -1) * torch.tensor([1.0, 0.5, -1.0]).view(1, 3, 1)
+        return self.o(self.a(s, s, s, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("rep", KRON)
+@pytest.mark.parametrize("when", ["before", "after_first_batch"])
+def test_forward_set_after_the_first_batch(rep, when):
+    """Also checked on every batch, attention included: a forward set on the instance after the
+    accumulator's first batch is refused."""
+    model = _MHAHead()
+    acc = fimfast.structured.FisherAccumulator(model, "exact", rep, "sum")
+    if when == "after_first_batch":
+        acc.update(_data())
+    a = model.a
+    a.forward = lambda q, k, v, **kw: nn.MultiheadAttention.forward(a, 0.5 * q, k, v, **kw)
+    with pytest.raises(ValueError, match=r"module 'a' \(MultiheadAttention\).*forward"):
+        acc.update(_data(1))

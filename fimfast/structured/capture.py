@@ -205,10 +205,36 @@ def grad_input(tap):
     return tap.edge if isinstance(tap, Edge) else tap
 
 
+def check_forwards(layers: list[Layer]) -> None:
+    """Refuse a captured module whose forward is not its supported class's (set on the instance,
+    as wrapping libraries do, or overridden by a subclass), naming it: the capture reads the
+    module's input and output as those of its class's map (``y = x W^T + b``, ...), which another
+    forward need not compute (checked on every batch: a forward may be set after the start)."""
+    seen: set[int] = set()
+    for layer in layers:
+        m = layer.module
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        base = next(c for c in SUPPORTED if isinstance(m, c))
+        name = layer.name.rsplit(".", 1)[0] if layer.part else layer.name  # attention: "a.q"
+        if "forward" in vars(m) or type(m).forward is not base.forward:
+            how = "set on the instance" if "forward" in vars(m) else \
+                f"overridden by {type(m).__name__}"
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}) runs a forward other than "
+                f"{base.__name__}.forward ({how}); the Kronecker and quasi-diagonal "
+                f"representations capture {base.__name__}'s own map. Use representation='dense', "
+                "'block_diag', 'low_rank' or 'diag' (which differentiate the forward that runs), "
+                "or freeze the module's parameters")
+
+
 @contextmanager
 def capture(layers: list[Layer]) -> Iterator[list[Layer]]:
     """Record ``(input, tap, None)`` of every call of ``layers`` during the forward (attention
-    projections: see :func:`finish`); hooks removed on exit."""
+    projections: see :func:`finish`); hooks removed on exit. Modules whose forward is not their
+    class's are refused first (:func:`check_forwards`)."""
+    check_forwards(layers)
     handles = []
 
     def hook_for(layer: Layer):
