@@ -467,3 +467,21 @@ def test_forward_set_after_the_first_batch(rep, when):
     a.forward = lambda q, k, v, **kw: nn.MultiheadAttention.forward(a, 0.5 * q, k, v, **kw)
     with pytest.raises(ValueError, match=r"module 'a' \(MultiheadAttention\).*forward"):
         acc.update(_data(1))
+
+
+class _Complex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(D, 7).double()
+        self.w = nn.Parameter(torch.randn(C, 7, dtype=torch.complex128))
+
+    def forward(self, x):
+        return (torch.tanh(self.a(x)).to(self.w.dtype) @ self.w.T).abs()
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_complex_parameters_are_refused(rep):
+    """The Fisher of real parameters only (as ``DiagFisher``): refused naming the parameter."""
+    with pytest.raises(ValueError, match=r"parameter\(s\) w are complex"):
+        _fisher(_Complex(), _data(), "exact", rep)
