@@ -367,6 +367,21 @@ def test_convolution_reads_its_attributes_as_torch_does(change, rep, fim_type):
            _expected(plain, batch, fim_type, rep))
 
 
+
+
+@pytest.mark.parametrize("rep", KRON)
+def test_padding_mode_set_after_the_first_batch_is_refused(rep):
+    """A ``padding_mode`` other than zeros set after the accumulator's first batch (torch pads
+    with it on every call) is refused, naming the module."""
+    model = _conv_model(padding=1)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(N, 2, 5, 5, generator=g, dtype=torch.float64),
+             torch.randint(0, C, (N,), generator=g))
+    acc = fimfast.structured.FisherAccumulator(model, "exact", rep, "sum")
+    acc.update(batch)
+    model[0].padding_mode = "reflect"
+    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\).*padding_mode='reflect'"):
+        acc.update(batch)
 class _Lookup(nn.Module):
     def __init__(self, padding_idx=None):
         super().__init__()

@@ -209,7 +209,8 @@ def check_forwards(layers: list[Layer]) -> None:
     """Refuse a captured module whose forward is not its supported class's (set on the instance,
     as wrapping libraries do, or overridden by a subclass), naming it: the capture reads the
     module's input and output as those of its class's map (``y = x W^T + b``, ...), which another
-    forward need not compute (checked on every batch: a forward may be set after the start)."""
+    forward need not compute (checked on every batch: a forward may be set after the start).
+    A convolution's ``padding_mode`` and ``groups`` are checked again too (read on every call)."""
     seen: set[int] = set()
     for layer in layers:
         m = layer.module
@@ -227,6 +228,10 @@ def check_forwards(layers: list[Layer]) -> None:
                 f"representations capture {base.__name__}'s own map. Use representation='dense', "
                 "'block_diag', 'low_rank' or 'diag' (which differentiate the forward that runs), "
                 "or freeze the module's parameters")
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+            raise ValueError(f"module {name!r} ({type(m).__name__}) has groups={m.groups}, "
+                             f"padding_mode={m.padding_mode!r}; only groups=1 with zero padding "
+                             "is supported by the Kronecker and quasi-diagonal representations")
 
 
 @contextmanager
