@@ -26,6 +26,7 @@ import torch
 
 from fimfast import distributed as dist_mod
 from fimfast.estimator import _default_seed, trainable_parameters
+from fimfast.parameters import check_real
 from fimfast.structured import capture as cap
 from fimfast.structured import engine, gram
 from fimfast.structured.dense import PairAccumulator
@@ -62,6 +63,7 @@ class FisherAccumulator:
         self.distributed, self.group = distributed, group
         o = api._options(representation, opts, kfac_approx, None, pair_chunk)
         self.names, self.params = trainable_parameters(model)
+        check_real(self.names, self.params)
         seed = o.seed if o.seed is not None else _default_seed()
         rank = dist_mod.world(group)[0] if distributed == "auto" else 0
         self.stream = engine.Stream(self.fim_type, o, dist_mod.rank_seed(seed, rank))

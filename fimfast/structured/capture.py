@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.modules.utils import _pair
 
 from fimfast.structured import attention
 
@@ -68,18 +69,35 @@ class Layer:
         return self.I + (1 if self.bias is not None else 0)
 
 
+def conv_args(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(kernel, dilation, stride)`` of a convolution as its forward uses them on every call:
+    the kernel from the weight's shape, ``dilation`` and ``stride`` as set now (an int or a pair,
+    also when set after construction)."""
+    return tuple(m.weight.shape[-2:]), _pair(m.dilation), _pair(m.stride)
+
+
 def conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+    """The zero padding ``(p_h, p_w)`` that ``Conv2d.forward`` applies: ``m.padding`` as set now
+    (an int, a pair, ``'valid'`` or ``'same'``), not the constructor's
+    ``_reversed_padding_repeated_twice``."""
     if isinstance(m.padding, str):
         if m.padding == "valid":
             return (0, 0)
         pads = []
-        for k, d in zip(m.kernel_size, m.dilation):
+        for k, d in zip(*conv_args(m)[:2]):
             if (d * (k - 1)) % 2:
                 raise ValueError(f"module {m!r}: padding='same' with an even effective kernel is "
                                  "asymmetric; not supported by the Kronecker representations")
             pads.append(d * (k - 1) // 2)
         return tuple(pads)
-    return tuple(m.padding)
+    return _pair(m.padding)
+
+
+def padding_idx(m: nn.Embedding) -> int | None:
+    """The row of ``m`` that gets no gradient, as ``F.embedding`` reads ``m.padding_idx`` on
+    every call: a negative index (set after construction) counts from the end of the table."""
+    pad = m.padding_idx
+    return None if pad is None else pad % m.weight.shape[0]
 
 
 def _refuse(representation: str, label: str, m: nn.Module, why: str) -> ValueError:
@@ -149,6 +167,23 @@ def layers_of(model: nn.Module, names: list[str], params: list[torch.Tensor],
     return layers
 
 
+def check_batch_statistics(model: nn.Module) -> None:
+    """Refuse a BatchNorm that normalises with the batch's statistics (train mode, or no running
+    statistics), naming it: it mixes the samples, so the gradient a sample's rows send to a layer
+    output below it reaches the other samples' positions too, while a Kronecker factor or a
+    quasi-diagonal square takes the gradient at a sample's position as that sample's own."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+                m.training or m.running_mean is None):
+            raise ValueError(
+                f"module {name or '<root>'!r} "
+                f"({type(m).__name__}) normalises with batch statistics (train mode, or "
+                "track_running_stats=False), which mixes the samples; the Kronecker and "
+                "quasi-diagonal representations take each sample's gradient at a layer output as "
+                "its own. Call model.eval() (running statistics), or use representation='dense', "
+                "'block_diag', 'low_rank' or 'diag' (the Fisher of the batch-coupled function)")
+
+
 class Edge:
     """The gradient edge of a layer output (:func:`torch.autograd.graph.get_gradient_edge`), an
     input of ``torch.autograd.grad`` in place of the output, with the output's shape, dtype and
@@ -170,10 +205,41 @@ def grad_input(tap):
     return tap.edge if isinstance(tap, Edge) else tap
 
 
+def check_forwards(layers: list[Layer]) -> None:
+    """Refuse a captured module whose forward is not its supported class's (set on the instance,
+    as wrapping libraries do, or overridden by a subclass), naming it: the capture reads the
+    module's input and output as those of its class's map (``y = x W^T + b``, ...), which another
+    forward need not compute (checked on every batch: a forward may be set after the start).
+    A convolution's ``padding_mode`` and ``groups`` are checked again too (read on every call)."""
+    seen: set[int] = set()
+    for layer in layers:
+        m = layer.module
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        base = next(c for c in SUPPORTED if isinstance(m, c))
+        name = layer.name.rsplit(".", 1)[0] if layer.part else layer.name  # attention: "a.q"
+        if "forward" in vars(m) or type(m).forward is not base.forward:
+            how = "set on the instance" if "forward" in vars(m) else \
+                f"overridden by {type(m).__name__}"
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}) runs a forward other than "
+                f"{base.__name__}.forward ({how}); the Kronecker and quasi-diagonal "
+                f"representations capture {base.__name__}'s own map. Use representation='dense', "
+                "'block_diag', 'low_rank' or 'diag' (which differentiate the forward that runs), "
+                "or freeze the module's parameters")
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+            raise ValueError(f"module {name!r} ({type(m).__name__}) has groups={m.groups}, "
+                             f"padding_mode={m.padding_mode!r}; only groups=1 with zero padding "
+                             "is supported by the Kronecker and quasi-diagonal representations")
+
+
 @contextmanager
 def capture(layers: list[Layer]) -> Iterator[list[Layer]]:
     """Record ``(input, tap, None)`` of every call of ``layers`` during the forward (attention
-    projections: see :func:`finish`); hooks removed on exit."""
+    projections: see :func:`finish`); hooks removed on exit. Modules whose forward is not their
+    class's are refused first (:func:`check_forwards`)."""
+    check_forwards(layers)
     handles = []
 
     def hook_for(layer: Layer):
@@ -301,15 +367,15 @@ def unfold(x: torch.Tensor, m: nn.Conv2d, channels_last: bool = False) -> torch.
     ``(N, H, W, C)`` layout in runs of ``k_w C`` values (about 7 times faster for 16 channels
     and a 5 x 5 kernel than runs of ``k_w``)."""
     ph, pw = conv_padding(m)
+    (kh, kw), (dh, dw), (sh, sw) = conv_args(m)
     if x.dim() != 4:
-        return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=(ph, pw),
-                        stride=m.stride).transpose(-1, -2)
+        return F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw),
+                        stride=(sh, sw)).transpose(-1, -2)
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
     x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if channels_last else \
         x.contiguous()
     N, C, H, W = x.shape
-    (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
     oh, ow = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
     sN, sC, sH, sW = x.stride()
     if channels_last:
@@ -322,7 +388,7 @@ def unfold(x: torch.Tensor, m: nn.Conv2d, channels_last: bool = False) -> torch.
 def patch_order(m: nn.Conv2d) -> torch.Tensor:
     """``p`` with ``a_cl[..., p] = a``: entry ``(c, i, j)`` of a patch (``F.unfold``'s order) is
     entry ``(i, j, c)`` of :func:`unfold` with ``channels_last=True``."""
-    C, (kh, kw) = m.in_channels, m.kernel_size
+    C, (kh, kw) = m.in_channels, conv_args(m)[0]
     return torch.arange(kh * kw * C).reshape(kh, kw, C).permute(2, 0, 1).reshape(-1)
 
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fimfast.structured.capture import conv_padding
+from fimfast.structured.capture import conv_args, conv_padding
 
 
 def _geometry(m: nn.Conv2d, H: int, W: int):
-    (kh, kw), (dh, dw), (sh, sw) = m.kernel_size, m.dilation, m.stride
+    (kh, kw), (dh, dw), (sh, sw) = conv_args(m)
     return kh, kw, dh, dw, sh, sw, (H - dh * (kh - 1) - 1) // sh + 1, \
         (W - dw * (kw - 1) - 1) // sw + 1
 

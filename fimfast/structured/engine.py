@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from fimfast import _env, likelihoods
+from fimfast import _env, guard, likelihoods
+from fimfast.parameters import trainable_parameters
 from fimfast.structured import capture as cap
 from fimfast.structured import columns, convgram
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
@@ -65,20 +67,42 @@ def _cotangents(fw: columns.Forward, st: Stream, per_row: str, chunk_bytes: int,
 def dense_pass(model, loader: Iterable, st: Stream, params: list[torch.Tensor], acc,
                max_batches: int | None = None, chunk: int | None = None) -> None:
     """Add ``g g^T`` of every (row, column) parameter gradient ``g`` into ``acc``."""
-    P = sum(p.numel() for p in params)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        fw = columns.forward(model, batch, st.fim_type, st.opts)
-        flat = fw.rows.flat_all
-        for cot in _cotangents(fw, st, "row", 8 * P, chunk):
-            full = _scatter(fw.rows, cot)
-            grads = columns.batched_grad(flat, params, full)
-            acc.add(torch.cat([
-                (torch.zeros((full.shape[0],) + tuple(p.shape), dtype=p.dtype, device=p.device)
-                 if g is None else g).reshape(full.shape[0], -1)
-                for p, g in zip(params, grads)], 1))
-        st.advance(fw.rows)
+        with kept(model, st):
+            _dense_batch(model, batch, st, params, acc, chunk)
+
+
+def _dense_batch(model, batch, st: Stream, params: list[torch.Tensor], acc, chunk) -> None:
+    P = sum(p.numel() for p in params)
+    fw = columns.forward(model, batch, st.fim_type, st.opts)
+    flat = fw.rows.flat_all
+    for cot in _cotangents(fw, st, "row", 8 * P, chunk):
+        full = _scatter(fw.rows, cot)
+        grads = columns.batched_grad(flat, params, full)
+        acc.add(torch.cat([
+            (torch.zeros((full.shape[0],) + tuple(p.shape), dtype=p.dtype, device=p.device)
+             if g is None else g).reshape(full.shape[0], -1)
+            for p, g in zip(params, grads)], 1))
+    st.advance(fw.rows)
+
+
+@contextmanager
+def kept(model: nn.Module, st: Stream) -> Iterator[None]:
+    """Run one batch of a pass under the guards of a Fisher step (:mod:`fimfast.guard`), as
+    ``DiagFisher.step`` does (docs/exactness.md, "What a step leaves alone"): the model's buffers
+    (BatchNorm's running statistics) and the rows a ``max_norm`` lookup renormalised are put back
+    afterwards, any other in-place write into a trainable parameter is refused, and the gradient
+    hooks of the parameters and modules (which change what autograd reports, not the model) are
+    switched off for the batch and put back (:func:`fimfast.guard.step_kept`)."""
+    g = st.extra.get("guard")
+    if g is None:
+        g = st.extra["guard"] = (guard.BufferGuard(), guard.ModuleWalk(),
+                                 *trainable_parameters(model))
+    buffers, walk, names, params = g
+    with guard.step_kept(buffers, walk, model, names, params):
+        yield
 
 
 def _scatter(rows, cot: torch.Tensor) -> torch.Tensor:
@@ -108,6 +132,13 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
                what: str, approx: str = "expand", eig: list | None = None,
                chunk: int | None = None) -> None:
     """Add one batch to the per-layer ``sums`` (see :func:`kron_pass`) and advance ``st``."""
+    with kept(model, st):
+        _kron_batch(model, batch, st, layers, sums, what, approx, eig, chunk)
+
+
+def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
+                what: str, approx: str, eig: list | None, chunk: int | None) -> None:
+    cap.check_batch_statistics(model)
     with cap.capture(layers):
         fw = columns.forward(model, batch, st.fim_type, st.opts)
     rows = fw.rows
