@@ -187,12 +187,13 @@ class Capture:
         :class:`fimfast.nograd.NogradWatch`, kept across steps by the caller so that its
         wrappers are made once), which wraps only them: a global forward pre-hook would send
         every module call of the forward through torch's hooked call path."""
-        from fimfast.nograd import NogradWatch
-
         if modules is None:
             modules = targets(self.model, self.params, self.rule_for)
         self.owners = owned if owned is not None else owners(self.model, self.params)
-        watch = NogradWatch() if watch is None else watch
+        if watch is None:
+            from fimfast.nograd import NogradWatch  # it imports this module
+
+            watch = NogradWatch()
         undo: list[Callable[[], None]] = []
         try:
             for m, rule in modules:
