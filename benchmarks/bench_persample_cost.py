@@ -12,6 +12,8 @@ rounds of the child's ratio, with its min and max. ``--out PATH`` writes ``PATH.
 child's figures) and ``PATH.md``.
 
     python benchmarks/bench_persample_cost.py --trees OLD NEW --rounds 9 --out PATH
+
+``--fim-types exact,hutchinson`` times those types on every workload instead.
 """
 
 from __future__ import annotations
@@ -100,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write PATH.json and PATH.md")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--types", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fim-types", default=None,
+                    help="comma-separated types timed on every workload (default: WORKLOADS)")
     a = ap.parse_args(argv)
+    kinds = {w: (a.fim_types.split(",") if a.fim_types else WORKLOADS.get(w, ("empirical",)))
+             for w in a.workloads.split(",")}
     if a.child:
         print(json.dumps(_child(a.child, a.types.split(","), a.steps)))
         return 0
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in runs:
             for tree in random.sample(a.trees, len(a.trees)):
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", w, "--types",
-                       ",".join(WORKLOADS[w]), "--steps", str(a.steps)]
+                       ",".join(kinds[w]), "--steps", str(a.steps)]
                 res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=tree), cwd=tree,
                                      capture_output=True, text=True, check=True)
                 runs[w][labels[tree]].append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| workload | type | " + " | ".join(labels.values()) + " |",
              "|---|---|" + "---|" * len(labels)]
     for w, by_tree in runs.items():
-        for t in ("floor_ms", *WORKLOADS[w]):
+        for t in ("floor_ms", *kinds[w]):
             cells = [_cell([r[t] for r in by_tree[lab]], 2 if t == "floor_ms" else 3)
                      for lab in labels.values()]
             lines.append(f"| {w} | {t} | " + " | ".join(cells) + " |")

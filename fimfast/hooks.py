@@ -163,6 +163,8 @@ class Capture:
         # gradients disabled inside the forward are recorded (see :meth:`installed`)
         self.owners: dict[int, str] = {}
         self.nograd: list[str] = []
+        # modules whose rule hook records their calls without gradients (see :meth:`installed`)
+        self.noting: set[int] = set()
         # a global forward hook (register_module_forward_hook) runs before every module's own
         # hooks, so the taps would see the output it returns, not the layer's
         self.global_hooks = bool(_module_mod._global_forward_hooks)
@@ -173,27 +175,45 @@ class Capture:
         self,
         modules: list[tuple[torch.nn.Module, Any]] | None = None,
         owned: dict[int, str] | None = None,
+        watch: Any = None,
     ) -> Iterator[Capture]:
-        """Install hooks (and patched forwards) on ``modules`` (default: :func:`targets`), and a
-        global forward pre-hook that records the modules of ``owned`` (default:
-        :func:`owners`) called with gradients disabled (``torch.no_grad`` or a reentrant
-        ``torch.utils.checkpoint`` inside the forward: autograd never sees their parameters);
-        remove them on exit."""
+        """Install hooks (and patched forwards) on ``modules`` (default: :func:`targets`), and
+        record the modules of ``owned`` (default: :func:`owners`) called with gradients disabled
+        (``torch.no_grad`` or a reentrant ``torch.utils.checkpoint`` inside the forward: autograd
+        never sees their parameters) in :attr:`nograd`; remove everything on exit.
+
+        A rule whose install adds its module to :attr:`noting` records those calls in its own
+        forward hook (:meth:`without_grad`); the other owners are watched by ``watch`` (a
+        :class:`fimfast.nograd.NogradWatch`, kept across steps by the caller so that its
+        wrappers are made once), which wraps only them: a global forward pre-hook would send
+        every module call of the forward through torch's hooked call path."""
         if modules is None:
             modules = targets(self.model, self.params, self.rule_for)
         self.owners = owned if owned is not None else owners(self.model, self.params)
+        if watch is None:
+            from fimfast.nograd import NogradWatch  # it imports this module
+
+            watch = NogradWatch()
         undo: list[Callable[[], None]] = []
         try:
-            pre = _nograd_hook(self.owners, self.nograd)
-            undo.append(_module_mod.register_module_forward_pre_hook(pre).remove)
             for m, rule in modules:
                 undo.append(rule.install(m, self))
+            w = watch.watching(self.model, self.params, frozenset(self.noting))
+            self.nograd = w.__enter__()
+            undo.append(w.__exit__)
             self.active = True
             yield self
         finally:
             self.active = False
             for u in reversed(undo):
                 u()
+
+    def without_grad(self, module: torch.nn.Module) -> None:
+        """Record a call of ``module`` made with gradients disabled (from the forward hook of a
+        rule that added ``module`` to :attr:`noting`)."""
+        name = self.owners.get(id(module))
+        if name is not None and name not in self.nograd:
+            self.nograd.append(name)
 
     # -- helpers for the rules ------------------------------------------------------------- #
     def tap(

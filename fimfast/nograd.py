@@ -4,8 +4,9 @@ A module owning trainable parameters that the forward runs with gradients disabl
 (``torch.no_grad``, a reentrant ``torch.utils.checkpoint`` segment) is invisible to autograd: its
 parameters' Fisher would read as 0. :class:`NogradWatch` records such modules during the forward
 (the estimator refuses the step, or allows it for a reentrant checkpoint, which HUTCHINSON's plain
-backward reaches; :func:`fimfast.hooks.nograd_error`). The per-sample engine's layer capture does
-the same with its global pre-hook (:class:`fimfast.hooks.Capture`).
+backward reaches; :func:`fimfast.hooks.nograd_error`). The per-sample engine's layer capture
+(:class:`fimfast.hooks.Capture`) uses the same watch for the modules whose rule hook does not note
+such calls itself (:meth:`fimfast.rules.Rule.install`).
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ class NogradWatch:
         if name not in self.seen:
             self.seen.append(name)
 
-    def watching(self, model: torch.nn.Module, params: list[torch.Tensor]) -> NogradWatch:
+    def watching(
+        self, model: torch.nn.Module, params: list[torch.Tensor], skip: frozenset = frozenset()
+    ) -> NogradWatch:
         """The watch of ``model`` for one forward: ``with watch.watching(model, params) as
         seen:`` runs the body with the watch installed; ``seen`` is the list the names of such
-        modules are appended to."""
-        key = (id(model), *map(id, params))
+        modules are appended to. The modules of ``skip`` (by ``id``) are left unwrapped: their
+        calls without gradients are appended to ``seen`` by the caller (a rule's forward hook)."""
+        key = (id(model), skip, *map(id, params))
         if key != self._key:
             self._key, self._owned = key, owners(model, params)
             self._wrap = None if _compiled(model) else [
                 (m, *self._wrapper(m, name))
-                for m in model.modules() if (name := self._owned.get(id(m))) is not None
+                for m in model.modules()
+                if (name := self._owned.get(id(m))) is not None and id(m) not in skip
             ]
         return self
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fimfast import functional, hooks, layers
+from fimfast.nograd import NogradWatch
 from fimfast.types import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class Replay:
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._owned: dict[int, str] = {}
+        self._watch = NogradWatch()  # wraps the owners no rule hook watches (hooks.Capture)
         self.functional = True
         self._quiet = False  # the last captured forward had no functional call
         self._sites: dict = {}  # functional call sites (fimfast.functional), kept across steps
@@ -180,7 +182,7 @@ class Replay:
             model, params, layers.rule_for, direct, batch_size, self.expand_broadcast, hold, flat,
         )
         mods = self._modules(model, params)
-        with cap.installed(mods[0], self._owned):
+        with cap.installed(mods[0], self._owned, self._watch):
             if not self.functional or self._quiet:
                 yield cap
                 return

@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from functools import partial, wraps
+from functools import wraps
 from typing import Any
 
 import torch
@@ -344,10 +344,20 @@ class Rule:
     def install(self, module: nn.Module, cap: Capture) -> Callable[[], None]:
         """Register the forward hook, ahead of the module's own forward hooks (a user's hook that
         rescales or masks the output then acts after the tap, whose gradient stays the gradient at
-        the layer's own output); returns the function that removes it."""
-        handle = module.register_forward_hook(
-            partial(self._hook, cap), with_kwargs=True, prepend=True
-        )
+        the layer's own output); returns the function that removes it. The hook also records
+        the module's calls made with gradients disabled (:meth:`fimfast.hooks.Capture.
+        without_grad`; the module is added to ``cap.noting``, so the capture does not watch it
+        otherwise)."""
+        hook, grad_enabled = self._hook, torch.is_grad_enabled
+
+        def entry(module, args, kwargs, output):
+            if not grad_enabled():
+                cap.without_grad(module)
+                return None
+            return hook(cap, module, args, kwargs, output)
+
+        handle = module.register_forward_hook(entry, with_kwargs=True, prepend=True)
+        cap.noting.add(id(module))
         return handle.remove
 
     def _hook(self, cap: Capture, module, args, kwargs, output):
