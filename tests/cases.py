@@ -59,6 +59,43 @@ def classifier_case(model: nn.Module, batch: tuple, C: int, name: str = "classif
                 y, "categorical", C)
 
 
+def _param_hook(model: nn.Sequential) -> list:
+    return [model[0].weight.register_hook(lambda g: 2 * g)]
+
+
+def _module_hook(model: nn.Sequential) -> list:
+    return [model[2].register_full_backward_hook(lambda m, gi, go: (3 * gi[0],)),
+            model[0].register_full_backward_pre_hook(lambda m, go: (0.5 * go[0],))]
+
+
+def _global_hook(model: nn.Sequential) -> list:
+    from torch.nn.modules.module import register_module_full_backward_hook
+
+    return [register_module_full_backward_hook(
+        lambda m, gi, go: tuple(None if t is None else 2 * t for t in gi))]
+
+
+GRADIENT_HOOKS = [_param_hook, _module_hook, _global_hook]
+"""Gradient hooks a user may register on an ``nn.Sequential`` of at least three modules (a
+parameter hook, module backward (pre-)hooks, a global module backward hook), each registering and
+returning its handles: they change what autograd reports, never the model's Fisher."""
+
+
+class MHAHead(nn.Module):
+    """A float64 classifier of ``(N, D)`` inputs through ``nn.MultiheadAttention`` (one head) over
+    three scaled copies of each input, then a Linear to ``C`` classes (seeded weights)."""
+
+    def __init__(self, D: int, C: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.MultiheadAttention(D, 1, batch_first=True).double()
+        self.o = nn.Linear(D, C).double()
+
+    def forward(self, x):
+        s = x.unsqueeze(1).expand(-1, 3, -1) * torch.tensor([1.0, 0.5, -1.0]).view(1, 3, 1)
+        return self.o(self.a(s, s, s, need_weights=False)[0].mean(1))
+
+
 def _cast(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(dtype) if x.is_floating_point() else x

@@ -11,10 +11,13 @@ seed (its draws depend on the logits, the seed and the step counter only).
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from cases import GRADIENT_HOOKS, MHAHead
 from test_exactness import assert_matches, reference
 
 import fimfast
@@ -56,18 +59,6 @@ def _scaled_head(model):
     lin.forward = lambda h: F.linear(h, 2 * lin.weight, lin.bias)
 
 
-class _MHAHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.MultiheadAttention(D, 1, batch_first=True).double()
-        self.o = nn.Linear(D, C).double()
-
-    def forward(self, x):
-        s = x.unsqueeze(1).expand(-1, 3, -1) * torch.tensor([1.0, 0.5, -1.0]).view(1, 3, 1)
-        return self.o(self.a(s, s, s, need_weights=False)[0].mean(1))
-
-
 def _patched_mha(model):
     a = model.a
     a.forward = lambda q, k, v, **kw: nn.MultiheadAttention.forward(a, 0.5 * q, k, v, **kw)
@@ -75,8 +66,9 @@ def _patched_mha(model):
 
 @pytest.mark.parametrize("kind", TYPES)
 @pytest.mark.parametrize("when", ["before", "after_first_step"])
-@pytest.mark.parametrize("build,patch", [(_mlp, _scaled_head), (_MHAHead, _patched_mha)],
-                         ids=["linear", "mha"])
+@pytest.mark.parametrize(
+    "build,patch", [(_mlp, _scaled_head), (partial(MHAHead, D, C), _patched_mha)],
+    ids=["linear", "mha"])
 def test_forward_set_on_the_instance_is_what_runs(kind, when, build, patch):
     """A module whose ``forward`` was replaced on the instance (``module.forward = fn``, as
     wrapping libraries do) computes something its class's rule was not written for: its
@@ -277,24 +269,8 @@ def test_hugging_face_encoder_decoder_decodes_its_labels(kind):
 
 
 # -- gradient hooks, complex parameters ------------------------------------------------------ #
-def _param_hook(model):
-    return [model[0].weight.register_hook(lambda g: 2 * g)]
-
-
-def _module_hook(model):
-    return [model[2].register_full_backward_hook(lambda m, gi, go: (3 * gi[0],)),
-            model[0].register_full_backward_pre_hook(lambda m, go: (0.5 * go[0],))]
-
-
-def _global_hook(model):
-    from torch.nn.modules.module import register_module_full_backward_hook
-
-    return [register_module_full_backward_hook(
-        lambda m, gi, go: tuple(None if t is None else 2 * t for t in gi))]
-
-
 @pytest.mark.parametrize("kind", ("exact", "empirical", "monte_carlo", "hutchinson"))
-@pytest.mark.parametrize("hook", [_param_hook, _module_hook, _global_hook],
+@pytest.mark.parametrize("hook", GRADIENT_HOOKS,
                          ids=["tensor", "module", "global"])
 def test_gradient_hooks_do_not_change_the_fisher(kind, hook):
     """Hooks that rescale gradients (``Tensor.register_hook``, module backward hooks, global

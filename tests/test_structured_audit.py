@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from cases import GRADIENT_HOOKS, MHAHead
 
 import fimfast
 from fimfast.structured.dense import module_blocks
@@ -294,25 +295,9 @@ def test_forward_writing_into_a_bare_parameter_is_refused(rep):
     with pytest.raises(ValueError, match=r"trainable parameter\(s\) w in place"):
         _fisher(_BareRenormed(), _ids(), "exact", rep)
 # -- gradient hooks ---------------------------------------------------------------------------- #
-def _param_hook(model):
-    return [model[0].weight.register_hook(lambda g: 2 * g)]
-
-
-def _module_hook(model):
-    return [model[2].register_full_backward_hook(lambda m, gi, go: (3 * gi[0],)),
-            model[0].register_full_backward_pre_hook(lambda m, go: (0.5 * go[0],))]
-
-
-def _global_hook(model):
-    from torch.nn.modules.module import register_module_full_backward_hook
-
-    return [register_module_full_backward_hook(
-        lambda m, gi, go: tuple(None if t is None else 2 * t for t in gi))]
-
-
 @pytest.mark.parametrize("fim_type", TYPES)
 @pytest.mark.parametrize("rep", REPS)
-@pytest.mark.parametrize("hook", [_param_hook, _module_hook, _global_hook],
+@pytest.mark.parametrize("hook", GRADIENT_HOOKS,
                          ids=["tensor", "module", "global"])
 def test_gradient_hooks_do_not_change_the_fisher(hook, rep, fim_type):
     """Hooks that rescale gradients change what autograd reports, not the model's function:
@@ -457,24 +442,12 @@ def test_forward_other_than_the_class_rule(patch, rep, fim_type):
 
 
 
-class _MHAHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.MultiheadAttention(D, 1, batch_first=True).double()
-        self.o = nn.Linear(D, C).double()
-
-    def forward(self, x):
-        s = x.unsqueeze(1).expand(-1, 3, -1) * torch.tensor([1.0, 0.5, -1.0]).view(1, 3, 1)
-        return self.o(self.a(s, s, s, need_weights=False)[0].mean(1))
-
-
 @pytest.mark.parametrize("rep", KRON)
 @pytest.mark.parametrize("when", ["before", "after_first_batch"])
 def test_forward_set_after_the_first_batch(rep, when):
     """Also checked on every batch, attention included: a forward set on the instance after the
     accumulator's first batch is refused."""
-    model = _MHAHead()
+    model = MHAHead(D, C)
     acc = fimfast.structured.FisherAccumulator(model, "exact", rep, "sum")
     if when == "after_first_batch":
         acc.update(_data())
