@@ -44,12 +44,12 @@ class ConvRule(Rule):
 
     def _patches(self, module, x: torch.Tensor) -> torch.Tensor:
         """``(N, L, g, I/g * prod(kernel))`` unfolded input patches."""
-        pad = _input_padding(module)
+        pad = input_padding(module)
         if any(pad):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, pad, mode=mode)
         k = len(module.kernel_size)
-        d, s = _ntuple(module.dilation, k), _ntuple(module.stride, k)
+        d, s = ntuple(module.dilation, k), ntuple(module.stride, k)
         U = _unfold(x, module.kernel_size, d, s)  # (N, I*kk, L)
         N, IK, L = U.shape
         g = module.groups
@@ -372,13 +372,13 @@ def _unfold_output_grad(m, G: torch.Tensor, in_size) -> torch.Tensor:
     return U.view(N, g, M, U.shape[1], U.shape[2]).permute(2, 0, 4, 1, 3)
 
 
-def _ntuple(v, k: int) -> tuple[int, ...]:
+def ntuple(v, k: int) -> tuple[int, ...]:
     """An int or tuple attribute of a convolution as a ``k``-tuple (an attribute set after
     construction may be an int: torch's forward passes it to ``F.conv*`` as it is)."""
     return (v,) * k if isinstance(v, int) else tuple(v)
 
 
-def _input_padding(m) -> list[int]:
+def input_padding(m) -> list[int]:
     """The padding of ``m``'s input, as ``F.pad`` takes it (last dim first), from what torch's
     forward reads on every call: ``m.padding`` for zero padding (also when set after
     construction; ``"same"`` puts the odd element last, as torch does), the constructor's
@@ -390,11 +390,11 @@ def _input_padding(m) -> list[int]:
         return [0] * (2 * k)
     if p == "same":
         out = []
-        for d, ks in zip(reversed(_ntuple(m.dilation, k)), reversed(m.kernel_size)):
+        for d, ks in zip(reversed(ntuple(m.dilation, k)), reversed(m.kernel_size)):
             total = d * (ks - 1)
             out += [total // 2, total - total // 2]
         return out
-    return [q for v in reversed(_ntuple(p, k)) for q in (v, v)]
+    return [q for v in reversed(ntuple(p, k)) for q in (v, v)]
 
 
 def _unfold(x: torch.Tensor, k, d, s, size=None) -> torch.Tensor:

@@ -52,10 +52,10 @@ class EmbeddingRule(Rule):
         return out
 
     def terms(self, call, grads):
-        return lookup_terms(call, grads, _padding_idx(call.module))
+        return lookup_terms(call, grads, padding_idx(call.module))
 
 
-def _padding_idx(module) -> int | None:
+def padding_idx(module) -> int | None:
     """``module.padding_idx`` as torch's lookups read it: a negative one counts from the end of
     the table (the constructor normalises it, an attribute set afterwards is not)."""
     p = module.padding_idx
@@ -193,7 +193,7 @@ def _padded_bags(module, x, offsets, psw):
         if w is not None:
             w = w.reshape(-1)[at] if n else torch.zeros(at.shape, dtype=w.dtype, device=x.device)
     if module.padding_idx is not None:
-        pad = ids != _padding_idx(module)
+        pad = ids != padding_idx(module)
         keep = pad if keep is None else keep & pad
     return ids, keep, w
 
@@ -220,7 +220,7 @@ def _max_positions(module, x, offsets, ids, keep) -> torch.Tensor:
         x, offsets = x.reshape(-1), torch.arange(0, B * L, L, device=x.device, dtype=x.dtype)
     rows = torch.embedding_bag(
         module.weight.detach(), x.detach(), offsets.detach(), False, 2, False, None,
-        module.include_last_offset, _padding_idx(module),
+        module.include_last_offset, padding_idx(module),
     )[3]  # (B, d) row index of each maximum
     hit = (ids.unsqueeze(-1) == rows.unsqueeze(1)) & keep.unsqueeze(-1)  # (B, L, d)
     first = hit.int().argmax(1, keepdim=True)  # the first position holding that row

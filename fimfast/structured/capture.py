@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
-from torch.nn.modules.utils import _pair
 
+from fimfast.rules.conv import input_padding, ntuple
 from fimfast.structured import attention
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention)
@@ -72,32 +72,20 @@ class Layer:
 def conv_args(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """``(kernel, dilation, stride)`` of a convolution as its forward uses them on every call:
     the kernel from the weight's shape, ``dilation`` and ``stride`` as set now (an int or a pair,
-    also when set after construction)."""
-    return tuple(m.weight.shape[-2:]), _pair(m.dilation), _pair(m.stride)
+    also when set after construction: :func:`fimfast.rules.conv.ntuple`)."""
+    return tuple(m.weight.shape[-2:]), ntuple(m.dilation, 2), ntuple(m.stride, 2)
 
 
 def conv_padding(m: nn.Conv2d) -> tuple[int, int]:
-    """The zero padding ``(p_h, p_w)`` that ``Conv2d.forward`` applies: ``m.padding`` as set now
-    (an int, a pair, ``'valid'`` or ``'same'``), not the constructor's
-    ``_reversed_padding_repeated_twice``."""
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return (0, 0)
-        pads = []
-        for k, d in zip(*conv_args(m)[:2]):
-            if (d * (k - 1)) % 2:
-                raise ValueError(f"module {m!r}: padding='same' with an even effective kernel is "
-                                 "asymmetric; not supported by the Kronecker representations")
-            pads.append(d * (k - 1) // 2)
-        return tuple(pads)
-    return _pair(m.padding)
-
-
-def padding_idx(m: nn.Embedding) -> int | None:
-    """The row of ``m`` that gets no gradient, as ``F.embedding`` reads ``m.padding_idx`` on
-    every call: a negative index (set after construction) counts from the end of the table."""
-    pad = m.padding_idx
-    return None if pad is None else pad % m.weight.shape[0]
+    """The zero padding ``(p_h, p_w)`` that ``Conv2d.forward`` applies, read as the layer rule
+    reads it (:func:`fimfast.rules.conv.input_padding`: ``m.padding`` as set now, an int, a pair,
+    ``'valid'`` or ``'same'``, not the constructor's ``_reversed_padding_repeated_twice``);
+    refused where it is asymmetric (``'same'`` with an even effective kernel)."""
+    wl, wr, hl, hr = input_padding(m)
+    if wl != wr or hl != hr:
+        raise ValueError(f"module {m!r}: padding='same' with an even effective kernel is "
+                         "asymmetric; not supported by the Kronecker representations")
+    return (hl, wl)
 
 
 def _refuse(representation: str, label: str, m: nn.Module, why: str) -> ValueError:

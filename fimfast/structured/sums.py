@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fimfast.structured import capture, gram
+from fimfast.rules.embedding import padding_idx
+from fimfast.structured import gram
 from fimfast.structured.convgram import conv_gram
 
 
@@ -170,7 +171,7 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
     see :func:`~fimfast.structured.capture.patch_order`)."""
     if layer.kind == "embedding":
         if approx == "reduce":  # sparse rows a_bar_n (fimfast.structured.gram)
-            pad = capture.padding_idx(layer.module)
+            pad = padding_idx(layer.module)
             s.A = gram.append(s.A, gram.rows(a, w, layer.I, pad, dtype))
             s.npos += float(a.shape[0])
             return None
@@ -256,7 +257,7 @@ def _embedding_inputs(layer, s: LayerSums, ids: torch.Tensor, w, dtype) -> None:
     w = torch.ones(ids.shape, dtype=dtype, device=ids.device) if w is None else \
         w.reshape(-1).to(dtype)
     A = torch.zeros(layer.I, dtype=dtype, device=ids.device).index_add_(0, ids, w)
-    pad = capture.padding_idx(layer.module)
+    pad = padding_idx(layer.module)
     if pad is not None:
         A[pad] = 0
     _add(s, "A", A)
@@ -401,7 +402,7 @@ def _embedding_squares(layer, s: LayerSums, ids: torch.Tensor, g: torch.Tensor,
         g = g @ ug.to(g.dtype)
     V = layer.I
     ids = ids.reshape(N, T)
-    pad = capture.padding_idx(layer.module)
+    pad = padding_idx(layer.module)
     if pad is not None:
         g = g * (ids != pad).to(g.dtype).reshape(1, N, T, 1)
     key = (torch.arange(N, device=ids.device).unsqueeze(1) * V + ids).reshape(-1)
