@@ -72,17 +72,18 @@ class Sums:
         self._pending = 0  # bytes of the squares of the kept products
         self.scales: dict[int, torch.Tensor] = {}  # slot -> factor of its whole sum (scale)
 
-    def scale(self, i: int, factor: torch.Tensor) -> None:
-        """Multiply slot ``i``'s sum, once it is complete, by ``factor`` (its shape): the squared
-        derivative of ``s = f(p)``, elementwise, for a parameter whose only use is through ``s``
-        (``hooks.Use.chain``). Its products are then formed here, not folded, and its rows kept
-        dense."""
-        self.scales[i] = factor.to(self.dtypes[i]).reshape(self.shapes[i])
+    def scale(self, i: int, chain: torch.Tensor) -> None:
+        """Multiply slot ``i``'s sum, once it is complete, by ``chain**2`` elementwise (``chain``
+        in the slot's shape): the derivative of ``s = f(p)`` for a parameter whose only use is
+        through ``s`` (``hooks.Use.chain``). Its products are then formed here, not folded, and
+        its rows kept dense."""
+        self.scales[i] = chain.to(self.dtypes[i]).reshape(self.shapes[i])
 
     def _scaled(self) -> None:
-        for i, f in self.scales.items():
+        """Form and scale the scaled slots (in place: slots are fresh tensors, see :meth:`add`)."""
+        for i, c in self.scales.items():
             self._form(i)
-            self.slots[i] = self.get(i) * f
+            self.get(i).mul_(c).mul_(c)
         self.scales.clear()
 
     def defer(self, i: int, G: torch.Tensor, A: torch.Tensor, block: tuple[int, int] | None = None,
@@ -167,12 +168,18 @@ class Sums:
         """``values[i] += slot[i]`` for every slot, rows kept as rows (:meth:`add_rows`) by
         ``index_add_`` at those rows, the kept products by ``addmm_`` into the values; the
         squares of every product are formed before the first value is written."""
-        self._scaled()
+        scaled = {}
+        for i, c in self.scales.items():  # values[i] += (slot c) c: no other temporary
+            self._form(i)
+            scaled[i] = (self.get(i).mul_(c), c)
+        self.scales.clear()
         operands = [(i, pr.block, *pr.operands(values[i].dtype))
                     for i, prs in self.products.items() for pr in prs]
-        dense = [i for i in range(len(self.slots)) if self.slots[i] is not None]
+        dense = [i for i in range(len(self.slots)) if self.slots[i] is not None and i not in scaled]
         if dense:
             torch._foreach_add_([values[i] for i in dense], [self.slots[i] for i in dense])
+        for i, (t, c) in scaled.items():
+            values[i].addcmul_(t, c)
         for i, kept in self.rows.items():  # rows kept as they are: added at those rows
             for rid, vals in kept:
                 values[i].index_add_(0, rid, vals)

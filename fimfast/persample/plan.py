@@ -364,4 +364,4 @@ def scale_chained(groups: list[Group], acc) -> None:
         c, ui = g.members[0]
         chain = c.uses[ui].chain
         if chain is not None:
-            acc.scale(g.index, chain.square())
+            acc.scale(g.index, chain)
