@@ -9,8 +9,10 @@ functions as scales and a functional norm (``scaled_mlp``: ``F.layer_norm(h, ...
 ``h * sigmoid(gate)`` after the first layer, a learnable log-temperature
 ``logits * logit_scale.exp()``),
 contractions (``contract_mlp``: ``einsum``, per-head ``bmm``, ``addmm``, ``W @ x``) and
-convolutions (``bare_convs``: ``F.conv3d`` then ``F.conv_transpose2d``). For each, EXACT,
-EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training step (forward, loss,
+convolutions (``bare_convs``: ``F.conv3d`` then ``F.conv_transpose2d``), masked weights
+(``masked_mlp``: ``F.linear(h, W * mask, b)`` with half the entries masked, ``pruned_mlp``: the
+same MLP of ``nn.Linear`` layers pruned by ``torch.nn.utils.prune.l1_unstructured``). For each,
+EXACT, EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training step (forward, loss,
 backward) of the same model, one torch thread.
 
 ``python benchmarks/bench_functional.py --trees A B --rounds 11`` compares source trees (each
@@ -33,13 +35,14 @@ import sys
 import time
 
 MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp", "scaled_mlp", "contract_mlp",
-          "bare_convs")
+          "bare_convs", "masked_mlp", "pruned_mlp")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
 def _models():
     import torch
     import torch.nn.functional as F
+    import torch.nn.utils.prune as prune
     from torch import nn
 
     class TiedLM(nn.Module):
@@ -135,6 +138,26 @@ def _models():
             b = torch.relu(F.conv_transpose2d(a, self.kt, self.bt, stride=2))  # (N, 4, 17, 17)
             return self.head(b.mean((2, 3)))
 
+    class MaskedMLP(nn.Module):
+        def __init__(self, d=64, h=128, C=10):
+            super().__init__()
+            self.W = nn.ParameterList([bare(h, d), bare(h, h), bare(C, h)])
+            self.b = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in (h, h, C)])
+            for i, w in enumerate(self.W):
+                self.register_buffer(f"m{i}", (torch.rand(w.shape) > 0.5).float())
+
+        def forward(self, x):
+            for i in range(3):
+                x = F.linear(x, self.W[i] * getattr(self, f"m{i}"), self.b[i])
+                x = torch.relu(x) if i < 2 else x
+            return x
+
+    def pruned(d=64, h=128, C=10):
+        net = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, C))
+        for i in (0, 2, 4):
+            prune.l1_unstructured(net[i], "weight", amount=0.5)
+        return net
+
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     N = 16
@@ -150,6 +173,8 @@ def _models():
         "contract_mlp": (ContractMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
         "bare_convs": (BareConvs(), (torch.randn(N, 2, 6, 6, 6, generator=g),
                                      torch.randint(0, 10, (N,), generator=g))),
+        "masked_mlp": (MaskedMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
+        "pruned_mlp": (pruned(), (x, torch.randint(0, 10, (N,), generator=g))),
     }
 
 

@@ -11,8 +11,8 @@ output, in a :class:`~fimfast.hooks.Call` whose rule is one of :mod:`fimfast.rul
 Recognised (each consumes its parameters once, one autograd edge each, as the engine's edge
 count requires; anything else leaves the parameter to the generic path):
 
-* ``F.linear(x, W, b)``: ``W`` (2-D, or the transpose of a 2-D parameter) and/or ``b``
-  parameters;
+* ``F.linear(x, W, b)``: ``W`` (2-D, its transpose, or an elementwise function of it such as
+  ``W * mask``: :mod:`fimfast.functional_derived`) and/or ``b`` parameters;
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
   least 2-D; and ``W @ x`` (the linear map of ``x^T`` with weight ``W``);
@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from fimfast import functional_derived as fder
 from fimfast import functional_ops as fops
 from fimfast.functional_ops import _bind, _tuple
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
@@ -85,6 +86,8 @@ class FunctionalMode(TorchFunctionMode):
         self.seen: Counter = Counter()  # calls per (kind, parameters) in this forward
         # id(view) -> (ref, param, transposed, remake, chain, version): see view_of, remember
         self.views: dict[int, tuple] = {}
+        self.made: dict[int, tuple] = {}  # id -> (ref, param, chain): fder.remake_attributes
+        self.swapped: list[list | None] = []  # per running module forward, attributes to put back
         self.recorded = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -106,9 +109,23 @@ class FunctionalMode(TorchFunctionMode):
 
     def enter(self, module: torch.nn.Module, args: Any) -> None:
         self.inside[id(module)] += 1
+        swapped = fder.remake_attributes(self, module) if self.views and self.capturing() else None
+        self.swapped.append(swapped)
 
     def exit(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self.inside[id(module)] -= 1
+        swapped = self.swapped.pop() if self.swapped else None
+        for name, t in swapped or ():
+            module.__dict__[name] = t
+
+    def derived(self, t: Any) -> tuple | None:
+        """``(param, chain)`` of a tensor made for a module's forward in this forward
+        (``chain``: ``ds/dparam``, ``None`` for the parameter in another tensor): see
+        :func:`fimfast.functional_derived.remake_attributes`."""
+        v = self.made.get(id(t)) if isinstance(t, Tensor) else None
+        if v is None or v[0]() is not t or id(v[1]) not in self.cap.param_ids:
+            return None
+        return v[1], v[2]
 
     def param(self, t: Any) -> torch.Tensor | None:
         """``t`` if it is a trainable parameter no running module with a rule holds."""
@@ -186,9 +203,11 @@ def capturing(
         for m, _ in targets:
             handles.append(m.register_forward_pre_hook(mode.enter))
             handles.append(m.register_forward_hook(mode.exit, always_call=True))
+        cap.derived = mode.derived
         with mode:
             yield mode
     finally:
+        cap.derived = None
         for h in handles:
             h.remove()
 
@@ -211,23 +230,24 @@ def _linear(mode: FunctionalMode, func, args, kwargs):
         return func(*args, **kwargs)
     x, w, bias = b
     pw, view = mode.param(w), None
-    if pw is None:
-        view = mode.view_of(w)  # F.linear(x, W.t()): W stored (I, O)
-        if view is not None and view[1]:
-            pw, w = view[0], view[2]()
+    if pw is None:  # F.linear(x, W.t()): W stored (I, O); F.linear(x, W * mask)
+        found = _weight(mode, w) if isinstance(w, Tensor) and w.dim() == 2 else None
+        if found is not None:
+            pw, view = found
+            w = view[2]()
     pb = mode.param(bias)
     if (pw is None and pb is None) or not isinstance(x, Tensor) or not isinstance(w, Tensor):
         return func(*args, **kwargs)
     y = func(x, w, bias)
     uses = [Use(p, UseKind.VEC) for p in (pb,) if p is not None]
     if pw is not None and w.dim() == 2:
-        uses.insert(0, Use(pw, UseKind.OUTER, transposed=view is not None))
+        uses.insert(0, fder.outer_use(pw, view, False))
     if not uses:
         return y
     return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
 
 
-_weight = fops.weight_of  # (param, view or None) of a 2-D parameter or of its transpose
+_weight = fder.weight_of  # (param, view or None) of a 2-D parameter or of its transpose
 
 
 def _matmul(mode: FunctionalMode, func, args, kwargs):
@@ -243,7 +263,7 @@ def _matmul(mode: FunctionalMode, func, args, kwargs):
         return _left_matmul(mode, func, found, w)
     p, view = found
     y = func(x, view[2]() if view is not None else p)
-    use = Use(p, UseKind.OUTER, transposed=view is None)  # x @ W: W stored (I, O)
+    use = fder.outer_use(p, view, True)  # x @ W: W stored (I, O)
     return mode.record("matmul", frules.LINEAR, y, y.dim() - 1, [use], {"x": x.detach()})
 
 
@@ -253,7 +273,7 @@ def _left_matmul(mode: FunctionalMode, func, found: tuple, x: Tensor) -> Tensor:
     (those of ``x``, then ``K``) hold the batch (``K`` too for a 2-D ``x`` ``(I, N)``)."""
     p, view = found
     y = func(view[2]() if view is not None else p, x)
-    use = Use(p, UseKind.OUTER, transposed=view is not None)  # W.t() @ x: W stored (I, O)
+    use = fder.outer_use(p, view, False)  # W.t() @ x: W stored (I, O)
     yt = y.mT
     out = mode.record("left matmul", frules.LINEAR, yt, yt.dim() - 1, [use],
                       {"x": x.detach().mT})
@@ -307,17 +327,26 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 def _conv(mode: FunctionalMode, func, args, kwargs):
     b = _bind(args, kwargs, _CONV_ARGS, (None, None, None, 1, 0, 1, 1))
-    y = func(*args, **kwargs)
     if b is None:
-        return y
+        return func(*args, **kwargs)
     x, w, bias, stride, padding, dilation, groups = b
     nsp = _CONV_DIMS[func]
-    ps = [p for p in (mode.param(w), mode.param(bias)) if p is not None]
+    pw, view = mode.param(w), None
+    if pw is None and isinstance(w, Tensor):  # F.conv2d(x, W * mask)
+        view = mode.view_of(w)
+        if view is not None and not view[1] and tuple(w.shape) == tuple(view[0].shape):
+            pw = view[0]
+        else:
+            view = None
+    ps = [p for p in (pw, mode.param(bias)) if p is not None]
     if (
         not ps or not isinstance(x, Tensor) or not isinstance(w, Tensor)
         or x.dim() != nsp + 2 or w.dim() != nsp + 2
     ):
-        return y  # an unbatched input has no sample dimension
+        return func(*args, **kwargs)  # an unbatched input has no sample dimension
+    if view is not None:  # the call consumes the function of W made again
+        args, kwargs = fder.with_arg(args, kwargs, _CONV_ARGS, "weight", view[2]())
+    y = func(*args, **kwargs)
     kernel = tuple(w.shape[2:])
     dilation = _tuple(dilation, nsp)
     data = {
@@ -325,8 +354,10 @@ def _conv(mode: FunctionalMode, func, args, kwargs):
         "padding": frules.conv_padding(padding, kernel, dilation), "dilation": dilation,
         "groups": int(groups),
     }
+    chain = None if view is None else view[3]
     uses = [
-        Use(p, UseKind.OUTER, groups=int(groups)) if p is w else Use(p, UseKind.VEC) for p in ps
+        Use(p, UseKind.OUTER, groups=int(groups), chain=chain) if p is pw else Use(p, UseKind.VEC)
+        for p in ps
     ]
     return mode.record(f"F.conv{nsp}d", frules.CONV, y, 1, uses, data, batch_first=True)
 
@@ -358,14 +389,16 @@ def _elementwise(mode: FunctionalMode, func, args, kwargs):
     if kwargs or len(args) != 2:
         return func(*args, **kwargs)
     if not all(isinstance(a, Tensor) for a in args):  # p * 2, 1 + p, c / p: a function of p
-        return fops.scalar_op(mode, func, args, _OPS[func])
+        return fder.scalar_op(mode, func, args, _OPS[func])
     found = [mode.operand(a) for a in args]
     if (found[0] is None) == (found[1] is None):
         return func(*args, **kwargs)  # no parameter, or two
     pos = 0 if found[0] is not None else 1
+    x = args[1 - pos]
+    if fder.constant(mode, x, args[pos]):
+        return fder.tensor_op(mode, func, args, _OPS[func], pos, found[pos])  # p * mask
     p, remake, chain = found[pos]
     pv = remake() if remake is not None else p
-    x = args[1 - pos]
     y = func(*((pv, x) if pos == 0 else (x, pv)))
     op = _OPS[func]
     if not isinstance(y, Tensor) or not y.is_floating_point():

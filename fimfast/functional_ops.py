@@ -1,15 +1,8 @@
-"""More functional calls on parameters for :class:`fimfast.functional.FunctionalMode`: elementwise
-functions of a parameter, functional norms, transposed convolutions and contractions.
+"""More functional calls on parameters for :class:`fimfast.functional.FunctionalMode`: functional
+norms, transposed convolutions and contractions.
 
-* An elementwise function of a parameter (``p.exp()``, ``torch.sigmoid(p)``, ``F.softplus(p)``,
-  ``p.clamp(max=...)``, ``p ** 2``, ``2 * p``, ``1 + p``, ... and chains of them, with reshaped
-  views in between) is remembered like a view: the call that consumes it makes it again from the
-  parameter, and its derivative ``ds/dp`` (elementwise, detached) multiplies the per-sample
-  gradient of the derived tensor ``s`` in the rule (the chain rule: ``dL/dp = dL/ds * ds/dp``,
-  docs/math.md §4). It is recognised where a small parameter is: elementwise with an activation
-  (a learnable log-temperature, ``logits * logit_scale.exp()``), the affine of a functional norm,
-  an operand of a contraction; a weight of ``F.linear``, ``@`` or a convolution made from a
-  parameter this way is not (generic path).
+* Elementwise functions of a parameter (``p.exp()``, ``2 * p``, ``p * mask``, ...):
+  :mod:`fimfast.functional_derived`.
 * ``F.layer_norm``, ``F.rms_norm``, ``F.group_norm`` with parameters as weight and/or bias:
   ``weight`` gets ``sum_t G * xhat``, ``bias`` ``sum_t G`` per sample, as the module rules
   (:mod:`fimfast.rules.norm`).
@@ -35,6 +28,8 @@ from typing import Any
 import torch
 
 from fimfast import _env
+from fimfast import functional_derived as fder
+from fimfast.functional_derived import _UNARY, _bind, _relu, _reverse, _unary
 from fimfast.hooks import Use
 from fimfast.rules import functional as frules
 from fimfast.rules.base import UseKind
@@ -43,37 +38,8 @@ F = torch.nn.functional
 Tensor = torch.Tensor
 
 
-def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list | None:
-    """The arguments ``names`` from positional ``args`` then ``kwargs`` (``None`` for an
-    unexpected keyword)."""
-    if len(args) > len(names) or any(k not in names for k in kwargs):
-        return None
-    out = list(args) + list(defaults[len(args):])
-    for i, n in enumerate(names):
-        if n in kwargs:
-            out[i] = kwargs[n]
-    return out
-
-
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return (int(v),) * n if isinstance(v, int) else tuple(int(a) for a in v)
-
-
-def _derive(mode, base: tuple, out: Any, remake: Callable[[Tensor], Tensor], d: Any) -> Any:
-    """Remember ``out = f(s)``, ``s`` the tensor of ``base`` (``mode.operand``), made again by
-    ``remake(s)``, with elementwise derivative ``d = df/ds`` (detached, ``s``'s shape, or a
-    number)."""
-    p, src, chain = base
-    if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() != p.numel():
-        return out
-    d = torch.as_tensor(d, dtype=out.dtype, device=out.device).expand(out.shape).reshape(p.shape)
-    chain = d if chain is None else chain * d
-
-    def again() -> Tensor:
-        return remake(src() if src is not None else p)
-
-    mode.remember(out, p, False, again, chain)
-    return out
 
 
 def expand_shared(cap, ids: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,114 +58,6 @@ def expand_shared(cap, ids: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         cap.expanded_flat += 1
         return ids.unsqueeze(0).expand(N, -1), y.unsqueeze(0).expand(N, -1, -1)
     return ids, y
-
-
-# --------------------------------------------------------------------------------------------- #
-# elementwise functions of a parameter
-# --------------------------------------------------------------------------------------------- #
-def scalar_op(mode, func, args: tuple, op: str) -> Any:
-    """``p * c``, ``c * p``, ``p / c``, ``c / p``, ``p + c``, ``c + p``, ``p - c``, ``c - p`` with
-    ``c`` a number: a function of ``p``."""
-    out = func(*args)
-    pos = 0 if isinstance(args[0], Tensor) else 1
-    c = args[1 - pos]
-    base = mode.operand(args[pos])
-    if base is None or not isinstance(c, (int, float)) or isinstance(out, tuple):
-        return out
-    s = args[pos].detach()
-    if op == "mul":
-        d = c
-    elif op == "div":
-        d = 1 / c if pos == 0 else -out.detach() / s
-    else:
-        d = -1 if (op == "sub" and pos == 1) else 1
-    return _derive(mode, base, out, lambda t: func(*((t, c) if pos == 0 else (c, t))), d)
-
-
-def _reverse(mode, func, args, kwargs):
-    """``c - p`` and ``c / p`` with ``c`` a number (``p.__rsub__(c)``, ``p.__rdiv__(c)``)."""
-    out = func(*args, **kwargs)
-    base = mode.operand(args[0]) if len(args) == 2 and not kwargs else None
-    if base is None or not isinstance(args[1], (int, float)) or not isinstance(out, Tensor):
-        return out
-    c = args[1]
-    d = -1 if func is Tensor.__rsub__ else -out.detach() / args[0].detach()
-    return _derive(mode, base, out, lambda t: func(t, c), d)
-
-
-def _softplus(v, y, rest, kw):
-    b = _bind(rest, kw, ("beta", "threshold"), (1.0, 20.0))
-    if b is None:
-        return None
-    beta, th = b
-    return torch.where(v * beta > th, torch.ones_like(v), torch.sigmoid(v * beta))
-
-
-def _clamp(v, y, rest, kw):
-    b = _bind(rest, kw, ("min", "max"), (None, None))
-    if b is None or not all(a is None or isinstance(a, (int, float)) for a in b):
-        return None
-    keep = torch.ones_like(v, dtype=torch.bool)
-    if b[0] is not None:
-        keep &= v >= b[0]
-    if b[1] is not None:
-        keep &= v <= b[1]
-    return keep.to(v.dtype)
-
-
-def _pow(v, y, rest, kw):
-    e = rest[0] if len(rest) == 1 and not kw else kw.get("exponent") if not rest else None
-    if not isinstance(e, (int, float)) or isinstance(e, bool):
-        return None
-    return torch.zeros_like(v) if e == 0 else e * v.pow(e - 1)
-
-
-def _plain(fn):
-    """A derivative that takes no arguments besides the tensor."""
-    return lambda v, y, rest, kw: None if rest or kw else fn(v, y)
-
-
-# func -> derivative(v, y, rest, kwargs) (``v`` the argument, ``y`` the result, detached;
-# ``None``: a configuration the rule does not know)
-_UNARY: dict[Callable, Callable] = {}
-for _fs, _d in (
-    ((Tensor.exp, torch.exp), _plain(lambda v, y: y)),
-    ((Tensor.expm1, torch.expm1), _plain(lambda v, y: y + 1)),
-    ((Tensor.sigmoid, torch.sigmoid), _plain(lambda v, y: y * (1 - y))),
-    ((Tensor.tanh, torch.tanh), _plain(lambda v, y: 1 - y * y)),
-    ((Tensor.log, torch.log), _plain(lambda v, y: 1 / v)),
-    ((Tensor.log1p, torch.log1p), _plain(lambda v, y: 1 / (1 + v))),
-    ((Tensor.sqrt, torch.sqrt), _plain(lambda v, y: 0.5 / y)),
-    ((Tensor.rsqrt, torch.rsqrt), _plain(lambda v, y: -0.5 * y * y * y)),
-    ((Tensor.reciprocal, torch.reciprocal), _plain(lambda v, y: -y * y)),
-    ((Tensor.square, torch.square), _plain(lambda v, y: 2 * v)),
-    ((Tensor.neg, torch.neg, Tensor.__neg__), _plain(lambda v, y: -torch.ones_like(v))),
-    ((Tensor.abs, torch.abs), _plain(lambda v, y: torch.sign(v))),
-    ((Tensor.relu, torch.relu), _plain(lambda v, y: (y > 0).to(v.dtype))),
-    ((F.softplus,), _softplus),
-    ((Tensor.clamp, torch.clamp, Tensor.clip, torch.clip), _clamp),
-    ((Tensor.pow, torch.pow, Tensor.__pow__), _pow),
-):
-    _UNARY.update(dict.fromkeys(_fs, _d))
-
-
-def _unary(mode, func, args, kwargs):
-    out = func(*args, **kwargs)
-    base = mode.operand(args[0]) if args else None
-    if base is None or not isinstance(out, Tensor) or out.shape != args[0].shape:
-        return out
-    rest = args[1:]
-    d = _UNARY[func](args[0].detach(), out.detach(), rest, kwargs)
-    if d is None:
-        return out
-    return _derive(mode, base, out, lambda t: func(t, *rest, **kwargs), d)
-
-
-def _relu(mode, func, args, kwargs):
-    b = _bind(args, kwargs, ("input", "inplace"), (None, False))
-    if b is None or b[1]:
-        return func(*args, **kwargs)
-    return _unary(mode, torch.relu, (b[0],), {})
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -393,22 +251,10 @@ _MM = {torch.addmm: "ij,jk->ik", Tensor.addmm: "ij,jk->ik", torch.baddbmm: "bij,
        Tensor.baddbmm: "bij,bjk->bik"}
 
 
-def weight_of(mode, w: Any) -> tuple | None:
-    """``(param, view or None)`` of a 2-D parameter or of the transpose of one (``mode``: the
-    :class:`fimfast.functional.FunctionalMode` recording the call)."""
-    p, view = mode.param(w), None
-    if p is None:
-        view = mode.view_of(w)
-        if view is None or not view[1]:
-            return None
-        p = view[0]
-    return (p, view) if p.dim() == 2 else None
-
-
 def _addmm_linear(mode, bias, x, w):
     """``addmm(b, x, W)`` = ``x @ W + b``: ``F.linear``'s terms (``W`` stored ``(I, O)``, or
     ``W.t()`` of a weight stored ``(O, I)``); ``None`` if it is not that."""
-    found = weight_of(mode, w)
+    found = fder.weight_of(mode, w)
     if found is None:
         return None
     p, view = found
@@ -418,7 +264,7 @@ def _addmm_linear(mode, bias, x, w):
     ):
         return None
     y = torch.addmm(bias, x, view[2]() if view is not None else p)
-    uses = [Use(p, UseKind.OUTER, transposed=view is None)]
+    uses = [fder.outer_use(p, view, True)]
     uses += [Use(pb, UseKind.VEC)] if pb is not None else []
     return mode.record("addmm", frules.LINEAR, y, 1, uses, {"x": x.detach()})
 

@@ -91,6 +91,12 @@ class Use:
         block: ``(start, stop)`` rows of the parameter's first dim this use fills (``None``: all).
         groups: convolution groups of an ``outer`` use.
         transposed: an ``outer`` use of a weight stored ``(I, O)`` (Hugging Face ``Conv1D``).
+        chain: ``None`` when the call uses ``param`` itself; for a call using ``s = f(param)``, an
+            elementwise function of it made in the forward (a pruning mask ``param * mask``),
+            ``ds/dparam`` shaped like ``param`` (detached), set by :meth:`Capture.record`. The
+            per-row gradient of ``param`` is the term's times ``chain``: the engine scales the
+            squares of a parameter with a single such use by ``chain**2``
+            (:meth:`fimfast.state.Sums.scale`); several uses send it to the generic path.
     """
 
     param: torch.Tensor
@@ -98,6 +104,7 @@ class Use:
     block: tuple[int, int] | None = None
     groups: int = 1
     transposed: bool = False
+    chain: torch.Tensor | None = None
 
 
 @dataclass
@@ -159,6 +166,9 @@ class Capture:
         self.rule_for = rule_for
         self.calls: list[Call] = []
         self.active = False
+        # t -> (param, chain) of a tensor made from a trainable parameter for a module's forward
+        # (set while a functional mode records: fimfast.functional.FunctionalMode.derived)
+        self.derived: Callable[[torch.Tensor], tuple | None] | None = None
         # modules owning trainable parameters (id -> qualified name): those called with
         # gradients disabled inside the forward are recorded (see :meth:`installed`)
         self.owners: dict[int, str] = {}
@@ -240,8 +250,20 @@ class Capture:
         """Register ``call``. The forward of every module with a rule consumes each of its
         parameters once (one autograd edge); :func:`parameter_edges` must find exactly the
         edges the calls declare, or the parameter takes the generic path."""
+        for u in call.uses:
+            if id(u.param) not in self.param_ids:  # s = f(param): see derived_param
+                u.param, u.chain = self.derived_param(u.param)
         call.internal = {id(u.param): 1 for u in call.uses}
         self.calls.append(call)
+
+    def derived_param(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(param, ds/dparam)`` of ``t = s``, an elementwise function of a trainable parameter
+        made again for the call that uses it (:meth:`fimfast.functional.FunctionalMode.enter`);
+        ``ds/dparam`` is ``None`` for the parameter itself in another tensor."""
+        found = None if self.derived is None else self.derived(t)
+        if found is None:
+            raise TypeError("a rule listed a tensor that is not a trainable parameter")
+        return found
 
 
 def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:

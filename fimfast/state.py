@@ -70,6 +70,21 @@ class Sums:
         self.products: dict[int, list[Product]] = {}
         self.fold = False  # whether :meth:`defer` may keep products for the state to fold
         self._pending = 0  # bytes of the squares of the kept products
+        self.scales: dict[int, torch.Tensor] = {}  # slot -> factor of its whole sum (scale)
+
+    def scale(self, i: int, chain: torch.Tensor) -> None:
+        """Multiply slot ``i``'s sum, once it is complete, by ``chain**2`` elementwise (``chain``
+        in the slot's shape): the derivative of ``s = f(p)`` for a parameter whose only use is
+        through ``s`` (``hooks.Use.chain``). Its products are then formed here, not folded, and
+        its rows kept dense."""
+        self.scales[i] = chain.to(self.dtypes[i]).reshape(self.shapes[i])
+
+    def _scaled(self) -> None:
+        """Form and scale the scaled slots (in place: slots are fresh tensors, see :meth:`add`)."""
+        for i, c in self.scales.items():
+            self._form(i)
+            self.get(i).mul_(c).mul_(c)
+        self.scales.clear()
 
     def defer(self, i: int, G: torch.Tensor, A: torch.Tensor, block: tuple[int, int] | None = None,
               transposed: bool = False, squared: bool = False) -> bool:
@@ -79,7 +94,7 @@ class Sums:
         ``False``, keeping nothing, unless :attr:`fold` is set and the squares of every kept
         product stay within the memory budget (``FIMFAST_MEMORY_BUDGET_MB``): the caller then
         forms the product itself."""
-        if not self.fold:
+        if not self.fold or i in self.scales:
             return False
         size = (G.numel() + A.numel()) * (torch.finfo(self.dtypes[i]).bits // 8)
         if self._pending + size > _env.memory_budget_bytes():
@@ -112,7 +127,7 @@ class Sums:
     def add_rows(self, i: int, rid: torch.Tensor, vals: torch.Tensor) -> None:
         """``slot[i][rid] += vals`` (repeated rows add up; ``vals`` fresh, in the slot's dtype).
         An empty slot keeps them as rows while they are few (under a quarter of the table)."""
-        if self.slots[i] is None:
+        if self.slots[i] is None and i not in self.scales:
             kept = self.rows.setdefault(i, [])
             if 4 * (rid.numel() + sum(r.numel() for r, _ in kept)) <= self.shapes[i][0]:
                 kept.append((rid, vals))
@@ -144,6 +159,7 @@ class Sums:
     def tensors(self) -> list[torch.Tensor]:
         """Every slot (zeros where nothing was added), kept products formed; a slot kept as rows
         (:meth:`add_rows`) as a sparse COO tensor, uncoalesced (repeated rows add up)."""
+        self._scaled()
         for i in list(self.products):
             self._form(i)
         return [self._sparse(i) if i in self.rows else self.get(i) for i in range(len(self.slots))]
@@ -152,11 +168,18 @@ class Sums:
         """``values[i] += slot[i]`` for every slot, rows kept as rows (:meth:`add_rows`) by
         ``index_add_`` at those rows, the kept products by ``addmm_`` into the values; the
         squares of every product are formed before the first value is written."""
+        scaled = {}
+        for i, c in self.scales.items():  # values[i] += (slot c) c: no other temporary
+            self._form(i)
+            scaled[i] = (self.get(i).mul_(c), c)
+        self.scales.clear()
         operands = [(i, pr.block, *pr.operands(values[i].dtype))
                     for i, prs in self.products.items() for pr in prs]
-        dense = [i for i in range(len(self.slots)) if self.slots[i] is not None]
+        dense = [i for i in range(len(self.slots)) if self.slots[i] is not None and i not in scaled]
         if dense:
             torch._foreach_add_([values[i] for i in dense], [self.slots[i] for i in dense])
+        for i, (t, c) in scaled.items():
+            values[i].addcmul_(t, c)
         for i, kept in self.rows.items():  # rows kept as they are: added at those rows
             for rid, vals in kept:
                 values[i].index_add_(0, rid, vals)

@@ -292,7 +292,7 @@ def test_functional_ops_monte_carlo_same_seed(name):
 # --------------------------------------------------------------------------------------------- #
 class Unrecognised(nn.Module):
     """``p`` used through a function the capture does not follow, next to a captured use of
-    ``fc``: ``exp(W)`` as a linear weight, an einsum with an ellipsis, a transpose of a 3-D
+    ``fc``: an einsum with an ellipsis, a transpose of a 3-D
     parameter in ``bmm``, ``exp(s)`` used by a
     captured product and also summed, ``s + 1`` modified in place before its use, ``erf(s)`` (no
     derivative known), a diagonal einsum."""
@@ -301,15 +301,13 @@ class Unrecognised(nn.Module):
         super().__init__()
         self.kind = kind
         self.fc, self.head = nn.Linear(d, d), nn.Linear(d, C)
-        shape = {"exp_weight": (d, d), "ellipsis": (d, d), "diag": (d, d),
+        shape = {"ellipsis": (d, d), "diag": (d, d),
                  "transposed_3d": (2, 3, 3)}
         self.p = _param(*shape.get(kind, (d,)), seed=80)
 
     def forward(self, x):
         h = torch.tanh(self.fc(x))
-        if self.kind == "exp_weight":
-            h = F.linear(h, self.p.exp())
-        elif self.kind == "ellipsis":
+        if self.kind == "ellipsis":
             h = torch.einsum("...i,oi->...o", h, self.p)
         elif self.kind == "transposed_3d":
             h = torch.bmm(h.view(-1, 2, 3).transpose(0, 1), self.p.transpose(1, 2))
@@ -328,7 +326,7 @@ class Unrecognised(nn.Module):
         return self.head(torch.tanh(h))
 
 
-UNRECOGNISED = ["exp_weight", "ellipsis", "diag", "transposed_3d", "also_summed", "modified",
+UNRECOGNISED = ["ellipsis", "diag", "transposed_3d", "also_summed", "modified",
                 "erf"]
 
 

@@ -136,6 +136,7 @@ class Engine(Replay):
         flat = rows.flat
         backend = opts.backend
         head = plan.head
+        planning.scale_chained(plan.groups, acc)
         # the logits layer in closed form: no backward column at all
         squares.head_closed_form(plan.groups, rows, cols, acc, backend)
         groups = [g for g in plan.groups if g.kind not in HEAD_KINDS]

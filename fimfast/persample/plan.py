@@ -139,7 +139,8 @@ def _structure(
         tuple(
             (
                 id(c.module), id(c.rule), c.module.training, c.ok, c.reason, c is head,
-                tuple((id(u.param), u.kind, u.block, u.groups, u.transposed) for u in c.uses),
+                tuple((id(u.param), u.kind, u.block, u.groups, u.transposed, u.chain is None)
+                      for u in c.uses),
                 tuple((t.lead, t.cands, len(t.shape) if len(t.cands) < 2 else tuple(t.shape))
                       for t in c.taps),
             )
@@ -315,7 +316,11 @@ def _candidates(plan: Plan, params, glob, uses, internal) -> set[int]:
 
 def groups_of(i, members, head) -> list[Group] | None:
     """The groups of parameter ``i``'s uses (one per block), or ``None`` when the rules cannot
-    add them up (overlapping blocks, a weight stored both ways round, mixed kinds)."""
+    add them up (overlapping blocks, a weight stored both ways round, mixed kinds, a use through
+    a function of the parameter among several: its squares are scaled as a whole, see
+    :func:`scale_chained`)."""
+    if len(members) > 1 and any(c.uses[ui].chain is not None for c, ui in members):
+        return None
     byblock: dict[Any, list] = defaultdict(list)
     for c, ui in members:
         byblock[c.uses[ui].block].append((c, ui))
@@ -350,3 +355,13 @@ def groups_of(i, members, head) -> list[Group] | None:
             kind = GroupKind.HEAD_W if kind == GroupKind.OUTER else GroupKind.HEAD_B
         out.append(Group(i, block, kind, ms))
     return out
+
+
+def scale_chained(groups: list[Group], acc) -> None:
+    """Scale the sums of the parameters used through an elementwise function of them
+    (``hooks.Use.chain``, a single use: :func:`groups_of`) by the squared derivative."""
+    for g in groups:
+        c, ui = g.members[0]
+        chain = c.uses[ui].chain
+        if chain is not None:
+            acc.scale(g.index, chain)

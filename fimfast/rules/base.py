@@ -182,8 +182,16 @@ def front(t: torch.Tensor, b: int, lead: int, extra: int = 0) -> torch.Tensor:
 
 
 def trainable(cap: Capture, *ps: torch.Tensor | None) -> list[torch.Tensor]:
-    """The parameters among ``ps`` that the estimate covers (not ``None``, not frozen)."""
-    return [p for p in ps if p is not None and id(p) in cap.param_ids]
+    """The parameters among ``ps`` that the estimate covers (not ``None``, not frozen), and
+    the tensors among them that are elementwise functions of such a parameter, made for this
+    call (a pruned module's ``weight = weight_orig * weight_mask``: :meth:`Capture.record`
+    lists their parameter, with the derivative)."""
+    return [
+        p for p in ps
+        if p is not None and (
+            id(p) in cap.param_ids or (cap.derived is not None and cap.derived(p) is not None)
+        )
+    ]
 
 
 def _usable(output: Any) -> bool:

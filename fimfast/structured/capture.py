@@ -99,6 +99,13 @@ def _module_layers(representation, label, m, pname) -> list[Layer]:
     if not isinstance(b, torch.Tensor):
         b = None
     w_ok, b_ok = w is not None and id(w) in pname, b is not None and id(b) in pname
+    made = [n for n, t in (("weight", w), ("bias", b))
+            if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
+    if made:  # torch.nn.utils.prune: weight = weight_orig * weight_mask, set before the forward
+        raise _refuse(representation, label, m, f"has a {' and '.join(made)} made from other "
+                      "tensors (a pruned or reparametrised module): its factors would be those of "
+                      "that tensor, not of the trainable parameters behind it; use the dense, "
+                      "block_diag, low_rank or diag representation")
     if not w_ok or (b is not None and not b_ok):
         raise _refuse(representation, label, m, "has a frozen weight or bias next to a trainable "
                       "one; freeze both or neither")

@@ -1,0 +1,222 @@
+"""Weights used through an elementwise function of a parameter: a pruning mask
+(``torch.nn.utils.prune``'s ``weight = weight_orig * weight_mask``, or ``F.linear(x, W * mask)``
+written in a forward), a fixed gain, ``exp(W)``. The per-sample gradient of ``W`` is the layer's
+term times ``ds/dW`` elementwise, so the squares of a parameter with one such use are the layer's
+squares times ``(ds/dW)**2`` (``hooks.Use.chain``, ``state.Sums.scale``): the rules' fast path,
+against the float64 brute-force oracle (tests/oracle.py). Several uses of the function, or the
+function used elsewhere too, leave the parameter to the generic path, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as prune
+from cases import Case, run_case
+from oracle import oracle_flat, row_jacobians
+from oracle import rel_error as _rel
+from tolerances import DET_REL_F64
+from torch import nn
+
+from fimfast.ops.torch_ref import sample_labels_torch
+
+N, D, C = 6, 7, 4
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mask(*shape, seed: int) -> torch.Tensor:
+    return (torch.rand(*shape, generator=_gen(seed)) > 0.4).float()
+
+
+def _param(*shape, seed: int) -> nn.Parameter:
+    return nn.Parameter(0.5 * torch.randn(*shape, generator=_gen(seed)))
+
+
+class Functional(nn.Module):
+    """Masked weights written in the forward: ``F.linear(x, W * mask, b)``, ``h @ (mask * V)``
+    (a weight stored ``(I, O)``), ``(U / g) @ h.T`` (a gain tensor, the left product),
+    ``F.conv1d(x, K * mask)``, ``F.linear(h, exp(E))``; the logits layer masked too."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.b = _param(D, D, seed=1), _param(D, seed=2)
+        self.V, self.U = _param(D, D, seed=3), _param(D, D, seed=4)
+        self.K, self.E = _param(2, 1, 3, seed=5), _param(D, 2 * (D - 2), seed=6)
+        self.H = _param(C, D, seed=7)
+        for name, shape, seed in (("mW", (D, D), 11), ("mV", (D, D), 12), ("mK", (2, 1, 3), 13),
+                                  ("mH", (C, D), 14)):
+            self.register_buffer(name, _mask(*shape, seed=seed))
+        self.register_buffer("g", 1.0 + torch.rand(D, D, generator=_gen(15)))
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.W * self.mW, self.b))
+        h = torch.tanh(h @ (self.mV * self.V))
+        h = torch.tanh(((self.U / self.g) @ h.T).T)
+        c = torch.tanh(F.conv1d(h.unsqueeze(1), self.K * self.mK)).flatten(1)  # (N, 2 (D - 2))
+        h = torch.tanh(F.linear(c, self.E.exp() * 0.2))
+        return F.linear(h, self.H * self.mH)
+
+
+def _pruned() -> nn.Module:
+    """``torch.nn.utils.prune`` on ``nn.Linear`` (unstructured and structured masks, the logits
+    layer too), ``nn.Conv2d`` and ``nn.Embedding`` (a bag of token vectors)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.conv = nn.Conv2d(1, 3, 3, padding=1)
+            self.fc = nn.Linear(4 + 3 * 9, D)
+            self.head = nn.Linear(D, C)
+
+        def forward(self, x):
+            ids, img = x[:, :3].long(), x[:, 3:].view(-1, 1, 3, 3)
+            e = self.emb(ids).sum(1)
+            c = torch.tanh(self.conv(img)).flatten(1)
+            return self.head(torch.tanh(self.fc(torch.cat([e, c], 1))))
+
+    net = Net()
+    prune.l1_unstructured(net.fc, "weight", amount=0.5)
+    prune.ln_structured(net.head, "weight", amount=0.25, n=2, dim=1)
+    prune.random_unstructured(net.conv, "weight", amount=0.3)
+    prune.random_unstructured(net.emb, "weight", amount=0.3)
+    prune.l1_unstructured(net.fc, "bias", amount=0.3)
+    return net
+
+
+def _batch(pruned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(100)
+    x = torch.randn(N, 3 + 9 if pruned else D, generator=g)
+    if pruned:
+        x[:, :3] = torch.randint(0, 10, (N, 3), generator=g).float()
+    return x, torch.randint(0, C, (N,), generator=g)
+
+
+def _case(name: str) -> Case:
+    model = _pruned() if name == "pruned" else Functional()
+    x, y = _batch(name == "pruned")
+    return Case(name, _strip(model), (x, y), lambda m, b: m(b[0]),
+                torch.ones(N, dtype=torch.bool), y, "categorical", C).to(torch.float64)
+
+
+def _strip(model: nn.Module) -> nn.Module:
+    """``model`` without the masked tensors ``torch.nn.utils.prune`` left from the last forward
+    (not graph leaves: ``copy.deepcopy`` refuses them; the next forward makes them again)."""
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                m.__dict__.pop(hook._tensor_name, None)
+    return model
+
+
+def _oracle(case: Case, quantity: str, labels=None) -> dict[str, torch.Tensor]:
+    _strip(case.model)
+    rj = row_jacobians(case)
+    if labels is not None:
+        rj = dataclasses.replace(rj, labels=labels)
+    return rj.split(oracle_flat(rj, case.likelihood, quantity))
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("name", ["functional", "pruned"])
+def test_chained_weights_match_oracle_on_the_fast_path(name, quantity):
+    case = _case(name)
+    got, est = run_case(case, quantity)
+    plan = est._persample.last_plan
+    assert not plan.generic, plan.reasons
+    ref = _oracle(case, quantity)
+    assert _rel(got, ref) <= DET_REL_F64
+    est.step(case.batch)  # the plan of the first step, bound to the second one's calls
+    assert _rel({k: v / 2 for k, v in est.result().items()}, ref) <= DET_REL_F64
+    if name == "pruned":  # the model's own attributes are left as they were
+        assert not isinstance(case.model.fc.weight, nn.Parameter)
+        assert case.model.fc.weight.grad_fn is not None
+
+
+@pytest.mark.parametrize("name", ["functional", "pruned"])
+def test_chained_weights_monte_carlo_same_seed(name):
+    case = _case(name)
+    got, est = run_case(case, "monte_carlo", seed=11)
+    assert not est._persample.last_plan.generic
+    labels = sample_labels_torch(row_jacobians(_strip(case.model) and case).z, 11, 0, 1)[0]
+    assert _rel(got, _oracle(case, "empirical", labels)) <= DET_REL_F64
+    fast, _ = run_case(case, "monte_carlo", seed=5, num_probes=2)
+    ref, gen = run_case(case, "monte_carlo", rules=False, seed=5, num_probes=2)
+    assert not gen._persample.last_plan.groups
+    assert _rel(fast, ref) <= DET_REL_F64
+
+
+def test_a_changed_mask_is_read_at_every_step():
+    """The squares of each step are scaled by that step's mask (a mask updated between steps, as
+    iterative pruning does), in a sum and in an exponential average."""
+    case = _case("functional")
+    est = run_case(case, "empirical")[1]
+    first = _oracle(case, "empirical")
+    case.model.mW.copy_(_mask(D, D, seed=99))
+    case.model.mH[0] = 0.0
+    est.step(case.batch)
+    second = _oracle(case, "empirical")
+    want = {k: first[k] + second[k] for k in first}
+    assert _rel(dict(est.result().items()), want) <= DET_REL_F64
+    assert float(second["H"][0].abs().max()) == 0.0 < float(first["H"][0].abs().max())
+    _, e = run_case(case, "empirical", ema=0.5)
+    e.step(case.batch)
+    assert _rel(dict(e.result().items()), second) <= DET_REL_F64
+
+
+class Shared(nn.Module):
+    """A masked weight used twice, a pruned weight also summed into the logits, ``exp(W)`` next
+    to a plain use of ``W``: several uses through functions of a parameter do not add up as a
+    single scaled square, so the parameter takes the generic path."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fc, self.W = nn.Linear(D, D), _param(D, D, seed=21)
+        self.head = nn.Linear(D, C)
+        self.register_buffer("m", _mask(D, D, seed=22))
+        if kind == "pruned_summed":
+            prune.random_unstructured(self.fc, "weight", amount=0.5)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if self.kind == "twice":
+            s = self.W * self.m
+            h = torch.tanh(F.linear(torch.tanh(F.linear(h, s)), s))
+        elif self.kind == "exp_and_plain":
+            h = torch.tanh(F.linear(h, self.W.exp() * 0.3) + F.linear(h, self.W))
+        else:
+            h = h + self.fc.weight.sum(0)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("kind", ["twice", "exp_and_plain", "pruned_summed"])
+def test_several_uses_through_functions_stay_generic_and_exact(kind, quantity):
+    x, y = _batch(False)
+    case = Case(kind, _strip(Shared(kind)), (x, y), lambda m, b: m(b[0]),
+                torch.ones(N, dtype=torch.bool), y, "categorical", C).to(torch.float64)
+    got, est = run_case(case, quantity)
+    generic = {est.names[i] for i in est._persample.last_plan.generic}
+    assert generic == ({"fc.weight_orig"} if kind == "pruned_summed" else {"W"})
+    assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("representation", ["quasi_diag", "kfac", "ekfac"])
+def test_structured_per_layer_factors_refuse_a_pruned_module(representation):
+    """The per-layer representations read a module's ``weight`` as its parameter: a pruned one
+    is refused, naming the module, where the dense family and the diagonal are exact."""
+    import fimfast
+
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, C))
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    x, y = _batch(False)
+    with pytest.raises(ValueError, match=r"module '2' \(Linear\) has a weight made from other"):
+        fimfast.fisher(model, [(x, y)], "exact", representation=representation)
