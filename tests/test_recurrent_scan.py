@@ -1,0 +1,116 @@
+"""The steps of a recurrent layer as one autograd node (fimfast/rules/recurrent_scan.py).
+
+Its forward is torch's fused kernel and its backward back-propagation through time written out
+for each cell: the outputs and every input gradient (gate inputs, initial state, W_hh, b_hh) must
+equal those of the unrolled primitive steps (fimfast.rules.recurrent._unrolled_steps, plain
+autograd) to float64 rounding, for one cotangent and for a batch of them (the engine's batched
+backward), in both directions, from given initial states. End to end against the float64 oracle:
+tests/test_recurrent.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fimfast import hooks, layers
+from fimfast.rules import recurrent, recurrent_scan
+
+MODES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+T, N, I, H = 6, 3, 2, 4
+
+
+def _inputs(mode: str, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    G = MODES[mode] * H
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, wih = r(T, N, I), r(G, I)
+    bih = r(G) if bias else None
+    gi = F.linear(x, wih, bih).requires_grad_()
+    h0 = r(N, H).requires_grad_()
+    c0 = r(N, H).requires_grad_() if mode == "LSTM" else None
+    whh = (0.7 * r(G, H)).requires_grad_()
+    bhh = r(G).requires_grad_() if bias else None
+    return x, {"weight_ih": wih, "bias_ih": bih}, gi, h0, c0, whh, bhh
+
+
+def _unrolled(mode, gi, h0, c0, whh, bhh, reverse):
+    outs: list = [None] * T
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    h, c, _ = recurrent._unrolled_steps(mode, H, steps, gi.unbind(0), h0, c0, whh, bhh, None,
+                                        None, outs)
+    return torch.stack(outs), h, c
+
+
+def _max_diff(a, b) -> float:
+    return max(float((u - v).detach().abs().max()) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_equal_the_unrolled_steps(mode, reverse, bias):
+    x, W, gi, h0, c0, whh, bhh = _inputs(mode, bias)
+    got = recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, reverse)
+    ref = _unrolled(mode, gi, h0, c0, whh, bhh, reverse)
+    outs = [o for o in got if o is not None]
+    refs = [o for o in ref if o is not None]
+    assert _max_diff(outs, refs) <= 1e-13
+    wrt = [t for t in (gi, h0, c0, whh, bhh) if t is not None]
+    g = torch.Generator().manual_seed(1)
+    cots = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    a = torch.autograd.grad(outs, wrt, cots, retain_graph=True)
+    b = torch.autograd.grad(refs, wrt, cots, retain_graph=True)
+    scale = max(float(t.abs().max()) for t in b)
+    assert _max_diff(a, b) <= 1e-13 * scale
+    # a batch of 5 cotangents (the engine's batched backward), the last output alone included
+    batch = [torch.randn((5, *o.shape), generator=g, dtype=o.dtype) for o in outs]
+    batch[0][2] = 0
+    a = torch.autograd.grad(outs, wrt, batch, retain_graph=True, is_grads_batched=True)
+    b = torch.autograd.grad(refs, wrt, batch, retain_graph=True, is_grads_batched=True)
+    assert _max_diff(a, b) <= 1e-13 * scale
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_batched_backward_runs_without_vmap_fallback(mode):
+    """Under the batched backward, the recurrence uses ops vmap batches (no per-column loop)."""
+    x, W, gi, h0, c0, whh, bhh = _inputs(mode, True)
+    outs = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, False)
+            if o is not None]
+    cots = [torch.ones((3, *o.shape), dtype=o.dtype) for o in outs]
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.autograd.grad(outs, [gi, whh], cots, is_grads_batched=True)
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(False)
+
+
+def _nodes(out: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        names.append(type(n).__name__)
+        stack.extend(f for f, _ in n.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("proj", [0, 2])
+def test_layers_run_as_one_node_per_direction(proj):
+    """Two layers, both directions: four Scan nodes and no cell; with proj_size the cells."""
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=proj)
+    cap = hooks.Capture(rnn, list(rnn.parameters()), layers.rule_for)
+    with cap.installed():
+        out, _ = rnn(torch.randn(5, 2, 3))
+    names = _nodes(out)
+    assert names.count("ScanBackward") == (0 if proj else 4)
+    assert (sum("Sigmoid" in n for n in names) > 0) == bool(proj)
