@@ -138,10 +138,9 @@ def _lstm_bptt(a, c0, whh, dys, dhT, dcT, reverse: bool):
     cseq = torch.stack(cs)
     tc = cseq.tanh()
     dc_dh = torch.addcmul(o, o * tc, tc, value=-1).unbind(0)  # o (1 - tanh(c)^2) = dc / dh
-    # d a / d c (the i, f, g blocks) and d a / d h (the o block)
-    kc = torch.stack([g * ds[..., :H], _prev(cseq, c0, reverse) * ds[..., H : 2 * H],
-                      torch.addcmul(i, ig, g, value=-1)], 2).unbind(0)
-    ko = (tc * ds[..., 3 * H :]).unbind(0)
+    # d a / d c (the i, f, g blocks) and d a / d h (the o block), as (N, 4H) per step
+    k = torch.cat([g * ds[..., :H], _prev(cseq, c0, reverse) * ds[..., H : 2 * H],
+                   torch.addcmul(i, ig, g, value=-1), tc * ds[..., 3 * H :]], -1).unbind(0)
     back = list(_steps(T, not reverse))
     dy = _order(dys.unbind(0), not reverse)
     dh, dc = dy[0] + dhT, dcT
@@ -149,7 +148,7 @@ def _lstm_bptt(a, c0, whh, dys, dhT, dcT, reverse: bool):
     out: list = []
     for j, t in enumerate(back):
         dc = fma.cmul(dc, dh, dc_dh[t])
-        dGt = torch.cat([(dc.unsqueeze(1) * kc[t]).view(N, 3 * H), dh * ko[t]], 1)
+        dGt = torch.cat([dc, dc, dc, dh], 1) * k[t]
         out.append(dGt)
         dc = dc * fs[t]
         dh = dGt.mm(whh) if j + 1 == T else fma.mm(dy[j + 1], dGt, whh)
