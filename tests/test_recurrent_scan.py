@@ -103,14 +103,15 @@ def _nodes(out: torch.Tensor) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("proj", [0, 2])
-def test_layers_run_as_one_node_per_direction(proj):
-    """Two layers, both directions: four Scan nodes and no cell; with proj_size the cells."""
+@pytest.mark.parametrize("case", ["plain", "proj_size", "autocast"])
+def test_layers_run_as_one_node_per_direction(case):
+    """Two layers, both directions: four Scan nodes and no cell; with proj_size or under
+    autocast the unrolled cells."""
     torch.manual_seed(0)
-    rnn = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=proj)
+    rnn = nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2 if case == "proj_size" else 0)
     cap = hooks.Capture(rnn, list(rnn.parameters()), layers.rule_for)
-    with cap.installed():
+    with cap.installed(), torch.autocast("cpu", enabled=case == "autocast"):
         out, _ = rnn(torch.randn(5, 2, 3))
     names = _nodes(out)
-    assert names.count("ScanBackward") == (0 if proj else 4)
-    assert (sum("Sigmoid" in n for n in names) > 0) == bool(proj)
+    assert names.count("ScanBackward") == (4 if case == "plain" else 0)
+    assert (sum("Sigmoid" in n for n in names) > 0) == (case != "plain")

@@ -288,7 +288,7 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     d: dict[str, Any] = {"gate": len(rec.taps) - (2 if hps is not None else 1),
                          "htap": len(rec.taps) - 1, "reverse": reverse,
                          "x": x.detach(), "h0": h.detach()}
-    if recurrent_scan.applies(mod.mode, W["weight_hr"], rec.masks):
+    if recurrent_scan.applies(mod.mode, W["weight_hr"], rec.masks, x.device):
         ys, h, c = recurrent_scan.run(mod.mode, x, gi, h, c, W, whh, bhh, reverse)
         return _finish(rec, d, ys, gi, W, h, c)
     steps = range(T - 1, -1, -1) if reverse else range(T)

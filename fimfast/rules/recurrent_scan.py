@@ -20,8 +20,8 @@ gradient is the gradient at the gate pre-activations), the initial state, ``W_hh
 the gradients it returns for them are those of the unrolled cells, to rounding. The backward is
 made of functional ops, so a batched backward (``autograd.grad(..., is_grads_batched=True)``)
 runs it under vmap, with the ops that vmap batches (:class:`_Fused`). Used for every layer and
-direction but an LSTM with ``proj_size`` and a ``PackedSequence`` input (:func:`applies`), which
-keep the unrolled cells.
+direction but an LSTM with ``proj_size``, a ``PackedSequence`` input and a forward under autocast
+(:func:`applies`), which keep the unrolled cells.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from __future__ import annotations
 import torch
 
 
-def applies(mode: str, whr, masks) -> bool:
-    """Whether a layer and direction runs as one :class:`Scan` node (see the module
-    docstring)."""
-    return mode in _FUSED and whr is None and masks is None
+def applies(mode: str, whr, masks, device: torch.device) -> bool:
+    """Whether a layer and direction runs as one :class:`Scan` node: not for an LSTM with
+    ``proj_size`` (``whr``), a ``PackedSequence`` input (``masks``), nor under autocast (which
+    would run the fused kernel in another dtype than the backward's products)."""
+    return (mode in _FUSED and whr is None and masks is None
+            and not torch.is_autocast_enabled(device.type))
 
 
 def run(mode: str, x, gi, h0, c0, W: dict, whh, bhh, reverse: bool):
