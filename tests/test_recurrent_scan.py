@@ -115,3 +115,22 @@ def test_layers_run_as_one_node_per_direction(case):
     names = _nodes(out)
     assert names.count("ScanBackward") == (4 if case == "plain" else 0)
     assert (sum("Sigmoid" in n for n in names) > 0) == (case != "plain")
+
+
+def test_weight_gradient_only_when_the_backward_wants_it(monkeypatch):
+    """A backward to the gate inputs alone (the engine's) skips the W_hh and b_hh products; a
+    backward that reaches W_hh gets them (and equals the unrolled steps, above)."""
+    seen = []
+    wanted = recurrent_scan._wanted
+    monkeypatch.setattr(recurrent_scan, "_wanted", lambda ctx, i: seen.append(wanted(ctx, i))
+                        or seen[-1])
+    x, W, gi, h0, c0, whh, bhh = _inputs("GRU", True)
+    ys, _, _ = recurrent_scan.run("GRU", x, gi, h0, c0, W, whh, bhh, False)
+    torch.autograd.grad(ys.sum(), [gi], retain_graph=True)
+    assert seen == [False, False]
+    seen.clear()
+    g = torch.autograd.grad(ys.sum(), [gi, whh], retain_graph=True)
+    assert seen == [True, False] and g[1] is not None
+    seen.clear()
+    ys.sum().backward()
+    assert seen == [True, True] and whh.grad is not None and bhh.grad is not None

@@ -105,10 +105,23 @@ class Scan(torch.autograd.Function):
         else:
             dG, dh0 = _rnn_bptt(ys, ctx.mode, whh, dys, dhT, ctx.reverse)
             dgh, dc0 = dG, None
-        need = ctx.needs_input_grad
-        dW = dgh.reshape(T * N, -1).t().mm(hprev.reshape(T * N, H)) if need[5] else None
-        db = dgh.sum((0, 1)) if need[6] else None
+        dW = dgh.reshape(T * N, -1).t().mm(hprev.reshape(T * N, H)) if _wanted(ctx, 5) else None
+        db = dgh.sum((0, 1)) if _wanted(ctx, 6) else None
         return (None, None, None, dG, dh0, dW, db) + (() if dc0 is None else (dc0,))
+
+
+def _wanted(ctx, i: int) -> bool:
+    """Whether this backward wants the gradient of input ``i`` (``W_hh``, ``b_hh``): the engine's
+    backward to the taps alone does not, a training backward does."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i - 3][0]  # the graph's edges: the tensor inputs, from gi on
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # not in a backward this torch can tell about
+        return True
 
 
 def _prev(seq: torch.Tensor, first: torch.Tensor, reverse: bool) -> torch.Tensor:
