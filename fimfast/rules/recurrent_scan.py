@@ -26,6 +26,8 @@ direction but an LSTM with ``proj_size``, a ``PackedSequence`` input and a forwa
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -68,7 +70,12 @@ def _fused(mode: str, reverse: bool, fwd: tuple, h0, c0, whh, bhh):
     ws = [wih, whh.detach()] + ([] if bih is None else [bih, bhh.detach()])
     x = x.flip(0) if reverse else x
     hx = h0.unsqueeze(0) if c0 is None else (h0.unsqueeze(0), c0.unsqueeze(0))
-    out = _FUSED[mode](x, hx, ws, bih is not None, 1, 0.0, False, False, False)
+    if x.device.type == "cpu":
+        out = _FUSED[mode](x, hx, ws, bih is not None, 1, 0.0, False, False, False)
+    else:  # cuDNN warns, at every call, that these weights are not one flattened buffer
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single contiguous chunk of memory")
+            out = _FUSED[mode](x, hx, ws, bih is not None, 1, 0.0, False, False, False)
     ys = out[0].flip(0) if reverse else out[0]
     if c0 is None:
         return ys, out[1][0], None
