@@ -165,3 +165,20 @@ def test_train_step_gradients_equal_torch(cell):
 class _Last(nn.Module):
     def forward(self, out):
         return out[0][:, -1]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("class_chunk", [1, 2])
+def test_streamed_and_chunked_columns_match_the_oracle(cell, class_chunk):
+    """EXACT one column per backward (the squares formed as the backward runs, add taps) and in
+    chunks of two, on a bidirectional two-layer tagger: the float64 oracle."""
+    from oracle import oracle, rel_error
+    from test_recurrent import _case, _model, _run
+    from tolerances import DET_REL_F64
+
+    v = dict(cell=cell, num_layers=2, bidirectional=True, batch_first=True)
+    case = _case(_model("tag", v).double(), "tag").to(torch.float64)
+    got, est = _run(case, "exact", class_chunk=class_chunk)
+    assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
+    assert not est._persample.last_plan.generic
+    assert est._persample.add_taps == (class_chunk == 1)  # streamed: one column per backward
