@@ -401,12 +401,16 @@ def test_later_steps_with_direct_taps():
 
 
 @pytest.mark.parametrize("cell", ["rnn", "rnn_relu", "lstm", "gru"])
-def test_unrolled_steps_off_the_cell_devices(cell, monkeypatch):
-    """Off the CPU (CUDA's fused cells take no per-sample bias) the steps run as primitive ops:
-    forced here on the CPU, the replay still equals torch's forward and the oracle."""
-    from fimfast.rules import recurrent
+@pytest.mark.parametrize("steps", ["cells", "primitive ops"])
+def test_unrolled_steps(cell, steps, monkeypatch):
+    """The unrolled steps (an LSTM with proj_size, a PackedSequence), forced here for every
+    layer: torch's cells, and off the CPU (CUDA's fused cells take no per-sample bias) primitive
+    ops, forced on the CPU. The replay still equals torch's forward and the oracle."""
+    from fimfast.rules import recurrent, recurrent_scan
 
-    monkeypatch.setattr(recurrent, "CELL_DEVICES", ())
+    monkeypatch.setattr(recurrent_scan, "applies", lambda *a: False)
+    if steps == "primitive ops":
+        monkeypatch.setattr(recurrent, "CELL_DEVICES", ())
     v = dict(cell=cell, num_layers=2, bidirectional=True, batch_first=True)
     model = _model("tag", v).double()
     x = torch.randn(4, 5, 3, dtype=torch.float64)

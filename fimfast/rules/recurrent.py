@@ -1,4 +1,4 @@
-"""Rules for ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU``: the layer replayed as unrolled cells.
+"""Rules for ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU``: the layer replayed with tapped gate inputs.
 
 A recurrent layer shares its weights over time like a linear layer over tokens: the gradient of
 one unit ``(column m, sample n)`` is ``sum_t P[m, n, t] (x) x_t`` for ``W_ih`` and
@@ -6,13 +6,13 @@ one unit ``(column m, sample n)`` is ``sum_t P[m, n, t] (x) x_t`` for ``W_ih`` a
 pre-activations at step ``t`` (docs/math.md §4, "Recurrent layers"). To get ``P`` for every
 backward column at once, the module's forward is replaced during a capture by
 :func:`_rnn_forward`, which computes the same function as torch's own forward with the input
-projections of all steps as one tapped ``F.linear`` and the steps as torch's cells fed with them
-(the tap's gradient is the gradient at the gate pre-activations). ``W_hh`` sees the same
-gradient except for the GRU's candidate gate, whose hidden part is multiplied by the reset gate
-``r_t``; an LSTM's projection ``W_hr`` gets a second tap on the projected hidden state of every
-step. Each step is a node of autograd's graph, so the layer's backward is that of its cells
-(torch's own CPU forward of a float32 LSTM runs a fused oneDNN layer instead, and cuDNN's on a
-GPU, which the replay cannot use; see docs/layers.md).
+projections of all steps as one tapped ``F.linear`` and the steps fed with them (the tap's
+gradient is the gradient at the gate pre-activations). ``W_hh`` sees the same gradient except
+for the GRU's candidate gate, whose hidden part is multiplied by the reset gate ``r_t``; an
+LSTM's projection ``W_hr`` gets a second tap on the projected hidden state of every step. The
+steps of one layer and direction are one autograd node, torch's fused kernel forward and a
+written-out backward (:mod:`fimfast.rules.recurrent_scan`); an LSTM with ``proj_size`` and a
+``PackedSequence`` input run as unrolled cells instead, each step a node of autograd's graph.
 
 Handled: every mode (``RNN_TANH``, ``RNN_RELU``, ``LSTM``, ``GRU``), any ``num_layers``,
 ``bidirectional``, ``batch_first`` either way, ``bias`` on or off, ``proj_size``, an initial
@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
+from fimfast.rules import recurrent_scan
 from fimfast.rules.base import (
     Outer,
     Rule,
@@ -268,7 +269,8 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     """One layer and direction over the time-major input ``x`` ``(T, N, I)``: ``(outputs
     (T, N, Hout), last h, last c)``, with the data its terms need kept in ``rec``.
 
-    Each step is torch's own cell (``torch.lstm_cell``, ``torch.gru_cell``, ...) with an empty
+    The steps run as one :mod:`fimfast.rules.recurrent_scan` node where it applies; otherwise
+    each step is torch's own cell (``torch.lstm_cell``, ``torch.gru_cell``, ...) with an empty
     input and the tapped input projection of the step in place of ``b_ih``: the cell's input
     side is then ``addmm(gi_t, empty, empty)``, which is ``gi_t``, and a step costs one call.
     Off the devices of :data:`CELL_DEVICES`, and for an LSTM with ``proj_size``
@@ -286,6 +288,9 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     d: dict[str, Any] = {"gate": len(rec.taps) - (2 if hps is not None else 1),
                          "htap": len(rec.taps) - 1, "reverse": reverse,
                          "x": x.detach(), "h0": h.detach()}
+    if recurrent_scan.applies(mod.mode, W["weight_hr"], rec.masks, x.device):
+        ys, h, c = recurrent_scan.run(mod.mode, x, gi, h, c, W, whh, bhh, reverse)
+        return _finish(rec, d, ys, gi, W, h, c)
     steps = range(T - 1, -1, -1) if reverse else range(T)
     outs: list = [None] * T
     gis = gi.unbind(0)  # one unbind: a select per step would back-propagate T zero-filled copies
@@ -304,7 +309,13 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
                 hn, cn = cell(e, (h, c), we, whh, gis[t], bhh)
             h, c = _keep(rec.masks, t, hn, h, cn, c)
             outs[t] = h
-    ys = torch.stack(outs)
+    return _finish(rec, d, torch.stack(outs), gi, W, h, c)
+
+
+def _finish(rec: _Recorder, d: dict, ys, gi, W: dict, h, c):
+    """Keep the data of one layer and direction (outputs ``ys`` ``(T, N, Hout)``) in ``rec``;
+    return ``(ys, last h, last c)``."""
+    mod = rec.mod
     d["hs"] = ys.detach()
     if mod.mode == "GRU":
         d["r"] = _reset_gates(gi, d, W, mod.hidden_size)
