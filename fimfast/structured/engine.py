@@ -98,11 +98,17 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     switched off for the batch and put back (:func:`fimfast.guard.step_kept`)."""
     g = st.extra.get("guard")
     if g is None:
-        g = st.extra["guard"] = (guard.BufferGuard(), guard.ModuleWalk(),
-                                 *trainable_parameters(model))
+        g = st.extra["guard"] = step_guard(*trainable_parameters(model))
     buffers, walk, names, params = g
     with guard.step_kept(buffers, walk, model, names, params):
         yield
+
+
+def step_guard(names: list[str], params: list[torch.Tensor]) -> tuple:
+    """The state :func:`kept` keeps in ``Stream.extra["guard"]`` for a model whose trainable
+    parameters are ``names``, ``params`` (an accumulator that knows them passes them here, which
+    spares a walk of the model per batch)."""
+    return (guard.BufferGuard(), guard.ModuleWalk(), names, params)
 
 
 def _scatter(rows, cot: torch.Tensor) -> torch.Tensor:
