@@ -34,6 +34,18 @@ class LayerSums:
 
     FIELDS = ("A", "G", "D", "cross")
 
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was added yet."""
+        return self.npos == 0.0 and all(getattr(self, f) is None for f in self.FIELDS)
+
+    def clear(self) -> None:
+        """Back to the empty sums."""
+        for f in self.FIELDS:
+            setattr(self, f, None)
+        self.npos = 0.0
+        self.unset.clear()
+
     def settle(self) -> None:
         """Zero the unwritten blocks below the diagonal (before a state is saved or reduced)."""
         for name in self.unset:
