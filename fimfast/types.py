@@ -146,7 +146,11 @@ class Options:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The valid option names."""
-        return tuple(f.name for f in fields(cls))
+        got = cls.__dict__.get("_names")
+        if got is None:  # fields() walks the dataclass each call: kept per class
+            got = tuple(f.name for f in fields(cls))
+            cls._names = got
+        return got
 
     @classmethod
     def from_dict(cls, opts: Mapping[str, Any] | None, base: Options | None = None) -> Options:

@@ -166,3 +166,124 @@ def test_low_rank_resumed_and_max_rows_over_ranks(ranks):
         msg = res["structured"]["low_rank/max_rows"]
         assert f"{8 * C} rows (per rank: [{5 * C}, {3 * C}])" in msg, msg
         assert f"max_rows={5 * C}" in msg, msg
+
+
+class _Raise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("backward of this batch failed")
+
+
+class _Faulty(torch.nn.Module):
+    """Linear-tanh-Linear whose forward writes into its first weight in place (``write``: the
+    value is unchanged, its version is not) or whose backward raises (``backward``)."""
+
+    def __init__(self, width: int = 5):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(width, 4), torch.nn.Linear(4, 3)
+        self.fault = None
+
+    def forward(self, x):
+        if self.fault == "write":
+            with torch.no_grad():
+                self.a.weight.mul_(1.0)
+        h = torch.tanh(self.a(x))
+        return self.b(_Raise.apply(h) if self.fault == "backward" else h)
+
+
+def _state(acc):
+    sd = acc.state_dict()
+    return sd["stream"], [{k: v for k, v in s.items()} for s in sd.get("sums", [])], \
+        sd.get("sum")
+
+
+def _same(x, y):
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    return x == y
+
+
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag", "dense"])
+@pytest.mark.parametrize("fault", ["write", "backward"])
+def test_failed_batch_leaves_the_state(rep, fault):
+    """A batch that fails (a refused in-place write into a parameter, or an error in the
+    model's backward) raises and leaves the sums and the random stream as they were, on the
+    first batch of a phase (empty sums) and on a later one; going on gives, bit for bit, the
+    Fisher of the good batches."""
+    torch.manual_seed(0)
+    model = _Faulty().double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 5, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    phases = ["factors", "refit"] if rep == "ekfac" else ["factors"]
+
+    def run(at=None):
+        acc = FisherAccumulator(model, "monte_carlo", rep, "sum", num_probes=2, seed=3)
+        for ph in phases:
+            if ph == "refit":
+                acc.start_refit()
+            for k, b in enumerate(data):
+                if (ph, k) == at:
+                    before = _state(acc)
+                    model.fault = fault
+                    err = fimfast.UnsupportedModelError if fault == "write" else RuntimeError
+                    with pytest.raises(err):
+                        acc.update(b)
+                    model.fault = None
+                    assert _same(_state(acc), before), (ph, k)
+                acc.update(b)
+        return _tensors(acc.result())
+
+    want = run()
+    for at in [(ph, k) for ph in phases for k in range(2)]:
+        got = run(at)
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.equal(want[k], got[k]), (at, k)
+
+
+class _RaiseSecond(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _RaiseSecond.calls += 1
+        if _RaiseSecond.calls == 2:
+            raise RuntimeError("second backward of this batch failed")
+        return g
+
+
+@pytest.mark.parametrize("rep", ["kfac", "quasi_diag"])
+def test_failed_later_chunk_of_a_first_batch_empties_the_sums(rep):
+    """Two chunks of cotangents (``pair_chunk=1``, two draws): the first is added, the second's
+    backward fails; the sums, empty before the batch, are empty again (an input factor of 201
+    columns, kept in upper block rows, included)."""
+    torch.manual_seed(0)
+    model = _Faulty(200).double()
+    x, y = torch.randn(6, 200, dtype=torch.float64), torch.randint(0, 3, (6,))
+    acc = FisherAccumulator(model, "monte_carlo", rep, "sum", num_probes=2, seed=3,
+                            pair_chunk=1)
+    model.forward = lambda x: model.b(_RaiseSecond.apply(torch.tanh(model.a(x))))
+    _RaiseSecond.calls = 0
+    with pytest.raises(RuntimeError, match="second backward"):
+        acc.update((x, y))
+    del model.forward
+    assert _RaiseSecond.calls == 2
+    assert all(s.empty and not s.unset for s in acc.sums) and acc.stream.count == 0
+    got = _tensors(acc.update((x, y)) or acc.result())
+    ref = FisherAccumulator(model, "monte_carlo", rep, "sum", num_probes=2, seed=3,
+                            pair_chunk=1)
+    want = _tensors(ref.update((x, y)) or ref.result())
+    assert all(torch.equal(want[k], got[k]) for k in want)

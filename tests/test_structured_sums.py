@@ -212,3 +212,22 @@ def test_half_gram_factors_eig_and_read():
     y = F3.solve(v, 1e-2)  # solve before any read of A / G
     assert isinstance(F3._A[0], sums.HalfGram)
     torch.testing.assert_close(F1.mv(y) + 1e-2 * y, v, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [64, 192, 193, 256, 300])
+@pytest.mark.parametrize("weights", [False, True])
+def test_gram_sums_with_bias_column(n, weights):
+    """``gram_into`` over two batches (the first writes, the second adds) with the bias column
+    (all ones, or position weights ``c``) equals ``[x, c]^T [x, c]`` summed in float64, on both
+    sides of the blocked threshold (``sums._BLOCKED``), completed by ``full_gram``."""
+    g = torch.Generator().manual_seed(n)
+    s = sums.LayerSums()
+    want = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    for rows in (7, 130):
+        x = torch.randn(rows, n, generator=g, dtype=torch.float64)
+        c = torch.rand(rows, generator=g, dtype=torch.float64) if weights else None
+        sums.gram_into(s, "A", x, True, c)
+        y = torch.cat([x, (torch.ones(rows, dtype=torch.float64) if c is None else c)[:, None]], 1)
+        want += y.T @ y
+    assert ("A" in s.unset) == (n > sums._BLOCKED)
+    torch.testing.assert_close(sums.full_gram(s.A), want, rtol=1e-12, atol=1e-12)

@@ -67,6 +67,7 @@ class FisherAccumulator:
         seed = o.seed if o.seed is not None else _default_seed()
         rank = dist_mod.world(group)[0] if distributed == "auto" else 0
         self.stream = engine.Stream(self.fim_type, o, dist_mod.rank_seed(seed, rank))
+        self._guard = engine.step_guard(self.names, self.params)
         self.seed = seed
         self.shapes = [tuple(p.shape) for p in self.params]
         self.phase = "factors"
@@ -89,6 +90,7 @@ class FisherAccumulator:
     # -- accumulation ------------------------------------------------------------------------ #
     def update(self, batch: Any) -> None:
         """Add one batch."""
+        self.stream.extra.setdefault("guard", self._guard)
         if self.representation in ("dense", "block_diag", "low_rank"):
             engine.dense_pass(self.model, [batch], self.stream, self.params, self.acc, None,
                               self.pair_chunk)

@@ -77,6 +77,8 @@ def dense_pass(model, loader: Iterable, st: Stream, params: list[torch.Tensor], 
 def _dense_batch(model, batch, st: Stream, params: list[torch.Tensor], acc, chunk) -> None:
     P = sum(p.numel() for p in params)
     fw = columns.forward(model, batch, st.fim_type, st.opts)
+    if written(model, st):  # refused when the guards exit: nothing is added
+        return
     flat = fw.rows.flat_all
     for cot in _cotangents(fw, st, "row", 8 * P, chunk):
         full = _scatter(fw.rows, cot)
@@ -98,11 +100,29 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     switched off for the batch and put back (:func:`fimfast.guard.step_kept`)."""
     g = st.extra.get("guard")
     if g is None:
-        g = st.extra["guard"] = (guard.BufferGuard(), guard.ModuleWalk(),
-                                 *trainable_parameters(model))
+        g = st.extra["guard"] = step_guard(*trainable_parameters(model))
     buffers, walk, names, params = g
     with guard.step_kept(buffers, walk, model, names, params):
+        st.extra["versions"] = [p._version for p in params]
         yield
+
+
+def written(model: nn.Module, st: Stream) -> bool:
+    """Whether this batch's forward wrote into a trainable parameter in place, other than the
+    rows a ``max_norm`` lookup renormalises (which :func:`kept` puts back): a write that
+    :func:`fimfast.guard.parameters_kept` refuses when the guards exit. Checked before anything
+    of the batch is added, so that a refused batch leaves the sums and the stream unchanged."""
+    _, walk, _, params = st.extra["guard"]
+    tables = {id(m.weight) for m in walk.of(model, params)[1]}
+    return any(p._version != v and id(p) not in tables
+               for p, v in zip(params, st.extra["versions"]))
+
+
+def step_guard(names: list[str], params: list[torch.Tensor]) -> tuple:
+    """The state :func:`kept` keeps in ``Stream.extra["guard"]`` for a model whose trainable
+    parameters are ``names``, ``params`` (an accumulator that knows them passes them here, which
+    spares a walk of the model per batch)."""
+    return (guard.BufferGuard(), guard.ModuleWalk(), names, params)
 
 
 def _scatter(rows, cot: torch.Tensor) -> torch.Tensor:
@@ -131,9 +151,25 @@ def kron_pass(model, loader: Iterable, st: Stream, layers: list[cap.Layer], what
 def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
                what: str, approx: str = "expand", eig: list | None = None,
                chunk: int | None = None) -> None:
-    """Add one batch to the per-layer ``sums`` (see :func:`kron_pass`) and advance ``st``."""
-    with kept(model, st):
-        _kron_batch(model, batch, st, layers, sums, what, approx, eig, chunk)
+    """Add one batch to the per-layer ``sums`` (see :func:`kron_pass`) and advance ``st``.
+
+    A batch the guards refuse (its forward wrote into a trainable parameter, see :func:`kept`)
+    adds nothing and leaves ``st`` as it was: the write is detected after the forward, before
+    any sum is touched. The sums are added to after the backward of the batch's (first) chunk
+    of cotangents, so an error raised by the model's forward or backward leaves them as they
+    were too, except where a batch needs several chunks (``pair_chunk``) and a later chunk
+    fails; sums that were empty before the batch are emptied again on any error."""
+    empty = [s.empty for s in sums]
+    try:
+        with kept(model, st):
+            _kron_batch(model, batch, st, layers, sums, what, approx, eig, chunk)
+    except BaseException:
+        for s, e in zip(sums, empty):
+            if e:
+                s.clear()
+        for layer in layers:
+            layer.calls = []
+        raise
 
 
 def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
@@ -141,6 +177,8 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
     cap.check_batch_statistics(model)
     with cap.capture(layers):
         fw = columns.forward(model, batch, st.fim_type, st.opts)
+    if written(model, st):  # refused when the guards exit: nothing is added
+        return
     rows = fw.rows
     flat = rows.flat_all
     cap.check_calls(layers, flat, rows.num_samples)
@@ -154,13 +192,6 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
             for layer, r in zip(layers, rows_only)]
     orders = [cap.patch_order(layer.module) if any_order and cap.channels_last_inputs(layer)
               else None for layer in layers]
-    if kfac:
-        for j, (layer, a, s) in enumerate(zip(layers, a_in, sums)):
-            dt = acc_dtype(layer.calls[0][1])
-            if a is None:  # a convolution's A from its input rows
-                add_conv_inputs(layer, s, dt)
-                continue
-            add_inputs(layer, s, a, cap.positions_of(layer, fw.mask), approx, dt, orders[j])
     taps, where = [], {}
     for layer in layers:
         for _, z, _ in layer.calls:
@@ -168,9 +199,11 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
                 where[id(z)] = len(taps)
                 taps.append(z)
     per_pair = 4 * sum(z.numel() for z in taps)
-    for cot in _cotangents(fw, st, "sample", per_pair, chunk):
+    for k, cot in enumerate(_cotangents(fw, st, "sample", per_pair, chunk)):
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],
                                      _scatter(rows, cot))
+        if kfac and k == 0:  # A once the first backward has succeeded
+            _add_all_inputs(layers, sums, a_in, orders, fw.mask, approx)
         for j, layer in enumerate(layers):
             g = cap.out_grads(layer, [grads[where[id(z)]] for _, z, _ in layer.calls])
             add_grads(layer, sums[j], a_in[j], g, what, approx, None if eig is None else eig[j],
@@ -178,6 +211,17 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
     for layer in layers:
         layer.calls = []
     st.advance(rows)
+
+
+def _add_all_inputs(layers, sums, a_in, orders, mask, approx: str) -> None:
+    """KFAC's input second moments of every layer (``a_in[j] is None``: a convolution's, from
+    its input rows)."""
+    for j, (layer, a, s) in enumerate(zip(layers, a_in, sums)):
+        dt = acc_dtype(layer.calls[0][1])
+        if a is None:
+            add_conv_inputs(layer, s, dt)
+            continue
+        add_inputs(layer, s, a, cap.positions_of(layer, mask), approx, dt, orders[j])
 
 
 def layer_info(layer: cap.Layer) -> dict[str, Any]:
