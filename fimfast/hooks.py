@@ -168,6 +168,9 @@ class Capture:
         # a global forward hook (register_module_forward_hook) runs before every module's own
         # hooks, so the taps would see the output it returns, not the layer's
         self.global_hooks = bool(_module_mod._global_forward_hooks)
+        # what a rule derives from a module and the parameter set alone (its uses), by module id,
+        # kept by the caller across the forwards of one parameter set (see :meth:`uses_of`)
+        self.memo: dict[int, tuple] = {}
 
     # -- installation ---------------------------------------------------------------------- #
     @contextmanager
@@ -236,11 +239,29 @@ class Capture:
             tap.keep = out
         return tap, out
 
-    def record(self, call: Call) -> None:
+    def uses_of(
+        self, module: torch.nn.Module, rule: Any, tensors: tuple, build: Callable[[], list[Use]]
+    ) -> tuple[list[Use], dict[int, int]]:
+        """``(uses, internal edges)`` of a call of ``module`` whose uses ``build()`` derives from
+        ``tensors`` (its parameters as the call found them) and this capture's parameter set
+        only: built once and reused by later forwards while the module holds the same tensors and
+        is handled by the same rule (the lists are shared: never modified)."""
+        hit = self.memo.get(id(module))
+        if (
+            hit is None or hit[0] is not module or hit[1] is not rule
+            or len(hit[2]) != len(tensors) or any(a is not b for a, b in zip(hit[2], tensors))
+        ):
+            uses = build()
+            hit = (module, rule, tensors, uses, {id(u.param): 1 for u in uses})
+            self.memo[id(module)] = hit
+        return hit[3], hit[4]
+
+    def record(self, call: Call, internal: dict[int, int] | None = None) -> None:
         """Register ``call``. The forward of every module with a rule consumes each of its
         parameters once (one autograd edge); :func:`parameter_edges` must find exactly the
-        edges the calls declare, or the parameter takes the generic path."""
-        call.internal = {id(u.param): 1 for u in call.uses}
+        edges the calls declare, or the parameter takes the generic path. ``internal``: those
+        edges, by parameter id, when the caller has them (:meth:`uses_of`)."""
+        call.internal = {id(u.param): 1 for u in call.uses} if internal is None else internal
         self.calls.append(call)
 
 

@@ -44,6 +44,10 @@ class Product(NamedTuple):
         return (A.t(), G) if self.transposed else (G.t(), A)
 
 
+# bytes per entry of the accumulation dtypes (compute_dtype: float32 or float64)
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
+
+
 def _square(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """``t**2`` in ``dt``, one fresh tensor (a widened copy is squared in place)."""
     return t.square() if t.dtype == dt else t.to(dt).square_()
@@ -70,6 +74,7 @@ class Sums:
         self.products: dict[int, list[Product]] = {}
         self.fold = False  # whether :meth:`defer` may keep products for the state to fold
         self._pending = 0  # bytes of the squares of the kept products
+        self._budget: int | None = None  # FIMFAST_MEMORY_BUDGET_MB, read at the first defer
 
     def defer(self, i: int, G: torch.Tensor, A: torch.Tensor, block: tuple[int, int] | None = None,
               transposed: bool = False, squared: bool = False) -> bool:
@@ -81,8 +86,11 @@ class Sums:
         forms the product itself."""
         if not self.fold:
             return False
-        size = (G.numel() + A.numel()) * (torch.finfo(self.dtypes[i]).bits // 8)
-        if self._pending + size > _env.memory_budget_bytes():
+        dt = self.dtypes[i]
+        size = (G.numel() + A.numel()) * (_ITEMSIZE.get(dt) or torch.finfo(dt).bits // 8)
+        if self._budget is None:  # read once per batch estimate
+            self._budget = _env.memory_budget_bytes()
+        if self._pending + size > self._budget:
             return False
         self._pending += size
         self.products.setdefault(i, []).append(Product(G, A, block, transposed, squared))
@@ -258,6 +266,9 @@ class State:
 
     def check_params(self, names: list[str], params: list[torch.Tensor]) -> None:
         """Raise when the model's trainable parameters differ from those the state was made for."""
+        # a torch.Size equals the tuple of its sizes: no tuple per parameter in the usual case
+        if names == self.names and [p.shape for p in params] == self.shapes:
+            return
         shapes = [tuple(p.shape) for p in params]
         if names != self.names or shapes != self.shapes:
             added = sorted(set(names) - set(self.names))

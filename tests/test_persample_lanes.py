@@ -47,8 +47,8 @@ def _lane_spy(monkeypatch, enabled: bool = True) -> list[str]:
     taken: list[str] = []
     real = squares.linear_lane
 
-    def lane(g, gmap, acc):
-        done = enabled and real(g, gmap, acc)
+    def lane(g, gmap, acc, sq=None):
+        done = enabled and real(g, gmap, acc, sq)
         if done:
             taken.append(str(g.kind))
         return done

@@ -166,7 +166,8 @@ class Engine(Replay):
             cot = cols.every() if kk is None else cols.take(kk[s : s + M_max])
             if token:
                 cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
-            cot = cot.to(flat.dtype)
+            if cot.dtype != flat.dtype:
+                cot = cot.to(flat.dtype)
             retain = retain_graph or s + M_max < total  # a later chunk needs the graph
             if stream:
                 _stream(rows, plan.calls, groups, cot, retain, head if need_head else None,
@@ -286,7 +287,7 @@ def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
     terms: dict[int, list] = {}
     sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
     for g in groups:
-        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc):
+        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc, sq0):
             continue
         parts = []
         for c, ui in g.members:

@@ -32,14 +32,16 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
 
 
 
-def linear_lane(g: Group, gmap: dict, acc: Sums) -> bool:
+def linear_lane(g: Group, gmap: dict, acc: Sums, sq: dict | None = None) -> bool:
     """The squares of a group whose one member is a weight or bias of ``nn.Linear`` (or Hugging
     Face ``Conv1D``) without weight sharing, for one column, straight from the output gradient
     ``G`` ``(1, N, O)``: the weight's product kept for the state (:meth:`Sums.defer`, else as
     :func:`_defer_outer` keeps it for :func:`finish`), the bias's ``sum_n G_n^2``. The same
     arithmetic as :class:`~fimfast.rules.LinearRule`'s terms squared by :func:`accumulate`,
-    without forming the terms (a few ops and 30-100 us of Python per layer and step). Returns
-    ``False`` (nothing done) for any other case."""
+    without forming the terms (a few ops and 30-100 us of Python per layer and step). ``sq``
+    (one dict per chunk) shares ``G^2`` between a weight whose product the state folds and its
+    bias: one square of ``G`` where each would take its own. Returns ``False`` (nothing done) for
+    any other case."""
     c, ui = g.members[0]
     if type(c.rule).terms is not _LINEAR_TERMS or g.kind not in _LANE_KINDS:
         return False
@@ -47,21 +49,38 @@ def linear_lane(g: Group, gmap: dict, acc: Sums) -> bool:
     G = gmap.get(id(tap.handle))
     if G is None or tap.lead != 1 or tap.bdim != 0 or G.shape[0] != 1:
         return False
+    dt = acc.dtypes[g.index]
     if g.kind == GroupKind.VEC:
-        acc.add(g.index, G.to(acc.dtypes[g.index]).square().sum((0, 1)), g.block)
+        acc.add(g.index, _shared_square(G[0], dt, sq).sum(0), g.block)
         return True
     st = g.state
     if not st.single or st.S is not None:
         return False
     x = c.data["x"]
+    if acc.fold and acc.defer(g.index, _shared_square(G[0], dt, sq), x, g.block, g.transposed,
+                              squared=True):
+        return True
     if not acc.defer(g.index, G[0], x, g.block, g.transposed):
         st.S, st.root, st.Q = G[0], True, x
     return True
 
 
+def _shared_square(G: torch.Tensor, dt: torch.dtype, sq: dict | None) -> torch.Tensor:
+    """``G^2`` in ``dt``, a fresh tensor, formed once per chunk for every group that asks for it
+    with the same ``sq`` (the entry holds ``G``, so no other tensor can take its address)."""
+    if sq is None:
+        return G.to(dt).square()
+    key = (_key(G), dt)
+    hit = sq.get(key)
+    if hit is None:
+        hit = sq[key] = (G, G.to(dt).square())
+    return hit[1]
+
+
 def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> None:
     """The logits layer in closed form, no backward column: ``F_W = S^T a^2`` with
     ``S = sum_k u_k^2`` per row (``cols.root`` squared), ``F_b = sum_r S_r``."""
+    sq: dict = {}  # S = root^2, once for the weight and the bias
     for g in groups:
         if g.kind == GroupKind.HEAD_W:
             c, _ = g.members[0]
@@ -69,10 +88,14 @@ def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> Non
             A = x.reshape(-1, x.shape[-1])
             if not rows.all_valid:
                 A = A.index_select(0, rows.index)
+            dt = acc.dtypes[g.index]
+            if acc.fold and acc.defer(g.index, _shared_square(cols.root, dt, sq), A, None,
+                                      g.transposed, squared=True):
+                continue
             if not acc.defer(g.index, cols.root, A, None, g.transposed):
                 acc.add(g.index, _weight_sq(g, cols.root, A, backend))
         elif g.kind == GroupKind.HEAD_B:
-            acc.add(g.index, cols.root.square().sum(0))
+            acc.add(g.index, _shared_square(cols.root, acc.dtypes[g.index], sq).sum(0))
 
 
 def finish(groups: list[Group], acc: Sums, backend) -> None:
