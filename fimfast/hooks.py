@@ -118,6 +118,7 @@ class Call:
     ok: bool = True
     reason: str = ""
     chunks: int = 1
+    uses_key: tuple | None = None  # :func:`use_key` of ``uses``, when the rule kept it
 
 
 class Capture:
@@ -241,28 +242,38 @@ class Capture:
 
     def uses_of(
         self, module: torch.nn.Module, rule: Any, tensors: tuple, build: Callable[[], list[Use]]
-    ) -> tuple[list[Use], dict[int, int]]:
-        """``(uses, internal edges)`` of a call of ``module`` whose uses ``build()`` derives from
-        ``tensors`` (its parameters as the call found them) and this capture's parameter set
-        only: built once and reused by later forwards while the module holds the same tensors and
-        is handled by the same rule (the lists are shared: never modified)."""
+    ) -> tuple[list[Use], dict[int, int], tuple]:
+        """``(uses, internal edges, key of the uses)`` of a call of ``module`` whose uses
+        ``build()`` derives from ``tensors`` (its parameters as the call found them) and this
+        capture's parameter set only: built once and reused by later forwards while the module
+        holds the same tensors and is handled by the same rule (shared: never modified). Pass
+        the last two to :meth:`record`."""
         hit = self.memo.get(id(module))
         if (
             hit is None or hit[0] is not module or hit[1] is not rule
             or len(hit[2]) != len(tensors) or any(a is not b for a, b in zip(hit[2], tensors))
         ):
             uses = build()
-            hit = (module, rule, tensors, uses, {id(u.param): 1 for u in uses})
+            hit = (module, rule, tensors, uses, {id(u.param): 1 for u in uses}, uses_key(uses))
             self.memo[id(module)] = hit
-        return hit[3], hit[4]
+        return hit[3], hit[4], hit[5]
 
-    def record(self, call: Call, internal: dict[int, int] | None = None) -> None:
+    def record(
+        self, call: Call, internal: dict[int, int] | None = None, key: tuple | None = None
+    ) -> None:
         """Register ``call``. The forward of every module with a rule consumes each of its
         parameters once (one autograd edge); :func:`parameter_edges` must find exactly the
-        edges the calls declare, or the parameter takes the generic path. ``internal``: those
-        edges, by parameter id, when the caller has them (:meth:`uses_of`)."""
+        edges the calls declare, or the parameter takes the generic path. ``internal`` and
+        ``key``: those edges by parameter id and :func:`uses_key` of the call's uses, when the
+        caller has them (:meth:`uses_of`)."""
         call.internal = {id(u.param): 1 for u in call.uses} if internal is None else internal
+        call.uses_key = key
         self.calls.append(call)
+
+
+def uses_key(uses: list[Use]) -> tuple:
+    """What a plan reads of a call's uses, as a key (:func:`fimfast.persample.plan._structure`)."""
+    return tuple((id(u.param), u.kind, u.block, u.groups, u.transposed) for u in uses)
 
 
 def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:

@@ -170,7 +170,10 @@ class Sums:
                 values[i].index_add_(0, rid, vals)
         for i, block, a, b in operands:
             view = values[i] if block is None else values[i][block[0] : block[1]]
-            view.view(a.shape[0], b.shape[1]).addmm_(a, b)
+            shape = (a.shape[0], b.shape[1])
+            if view.shape != shape:  # a weight of more dims (a convolution's) as (O, I)
+                view = view.view(shape)
+            view.addmm_(a, b)
         self.products.clear()
         self.rows.clear()
 

@@ -28,9 +28,9 @@ class LinearRule(Rule):
                 for p in trainable(cap, w, b)
             ]
 
-        uses, internal = cap.uses_of(module, self, (w, b), build)
+        uses, internal, key = cap.uses_of(module, self, (w, b), build)
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), internal)
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), internal, key)
         return out
 
     def terms(self, call, grads):
