@@ -143,7 +143,7 @@ class Sums:
             if x.dtype != dt:
                 x = x.to(dt)
             if x.is_contiguous() and x.device == self.devices[i]:
-                self.slots[i] = x.view(shape)
+                self.slots[i] = x if x.shape == shape else x.view(shape)
                 return
         t = self.get(i)
         view = t if block is None else t[block[0] : block[1]]

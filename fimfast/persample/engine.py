@@ -97,7 +97,9 @@ class Engine(Replay):
         retain_graph = step.retain_graph
         flat = rows.flat
         R, C = flat.shape
-        cols = Columns(flat, rows.labels, step.fim_type, opts, step.seed, step.offset)
+        # the logits as the row checks detached them, when they are the rows (N, C)
+        plain = rows.detached if rows.all_valid and rows.logits.dim() == 2 else flat
+        cols = Columns(plain, rows.labels, step.fim_type, opts, step.seed, step.offset)
         self.sequence_rows = bool(opts.sequence_rows) and rows.logits.dim() == 3
         plan = self._plan(cap, rows, params)
         self.last_plan = plan

@@ -51,13 +51,13 @@ def linear_lane(g: Group, gmap: dict, acc: Sums, sq: dict | None = None) -> bool
         return False
     dt = acc.dtypes[g.index]
     if g.kind == GroupKind.VEC:
-        acc.add(g.index, _shared_square(G[0], dt, sq).sum(0), g.block)
+        acc.add(g.index, _shared_square(G, dt, sq, True).sum(0), g.block)
         return True
     st = g.state
     if not st.single or st.S is not None:
         return False
     x = c.data["x"]
-    if acc.fold and acc.defer(g.index, _shared_square(G[0], dt, sq), x, g.block, g.transposed,
+    if acc.fold and acc.defer(g.index, _shared_square(G, dt, sq, True), x, g.block, g.transposed,
                               squared=True):
         return True
     if not acc.defer(g.index, G[0], x, g.block, g.transposed):
@@ -65,15 +65,18 @@ def linear_lane(g: Group, gmap: dict, acc: Sums, sq: dict | None = None) -> bool
     return True
 
 
-def _shared_square(G: torch.Tensor, dt: torch.dtype, sq: dict | None) -> torch.Tensor:
-    """``G^2`` in ``dt``, a fresh tensor, formed once per chunk for every group that asks for it
-    with the same ``sq`` (the entry holds ``G``, so no other tensor can take its address)."""
-    if sq is None:
-        return G.to(dt).square()
-    key = (_key(G), dt)
-    hit = sq.get(key)
+def _shared_square(
+    G: torch.Tensor, dt: torch.dtype, sq: dict | None, column: bool = False
+) -> torch.Tensor:
+    """``G^2`` in ``dt`` (``G[0]^2`` for a ``column`` ``G`` of shape ``(1, ...)``), a fresh
+    tensor, formed once per chunk for every group that asks for it with the same ``sq`` (the
+    entry holds ``G``, so no other tensor can take its address)."""
+    key = None if sq is None else (_key(G), column, dt)
+    hit = None if key is None else sq.get(key)
     if hit is None:
-        hit = sq[key] = (G, G.to(dt).square())
+        hit = (G, (G[0] if column else G).to(dt).square())
+        if key is not None:
+            sq[key] = hit
     return hit[1]
 
 
@@ -85,7 +88,7 @@ def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> Non
         if g.kind == GroupKind.HEAD_W:
             c, _ = g.members[0]
             x = c.data["x"]
-            A = x.reshape(-1, x.shape[-1])
+            A = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if not rows.all_valid:
                 A = A.index_select(0, rows.index)
             dt = acc.dtypes[g.index]
