@@ -7,12 +7,19 @@ of interleaved rounds of:
 - ``bare``: a one-probe Hutchinson step written in ten lines (forward; softmax probe with
   Rademacher signs, ``u = s*e - p*(s.e)`` with ``s = sqrt(p)``; ``autograd.grad``; one
   ``_foreach_addcmul_`` into float32 accumulators), the arithmetic a HUTCHINSON step cannot avoid;
+- ``bare:empirical``: an EMPIRICAL step written in ten lines, for models whose parameters all
+  belong to ``nn.Linear`` layers fed ``(N, I)`` rows (workload (a); absent elsewhere): forward
+  hooks keep each layer's input and output, one ``autograd.grad`` of the logits to the layer
+  outputs with the cotangent ``softmax - onehot``, then per layer ``addmm_((G*G).T, A*A)`` and
+  the bias's ``(G*G).sum(0)``: the arithmetic an EMPIRICAL step cannot avoid (it squares the
+  logits layer's cotangent as any output gradient);
 - ``step:<type>``: ``DiagFisher(model, type).step(batch)`` (the state accumulates, as in a loop);
 - ``cycle:<type>``: the seed API's per-batch cycle ``zero_diag_fim`` + ``diag_fim_step`` +
   ``get_diag_fim``.
 
 Reported: each as a ratio to ``floor``, the HUTCHINSON step's gap to ``bare`` in microseconds
-(its fixed cost: validation, bookkeeping, dispatch), each cycle over its step, and the ATen
+(its fixed cost: validation, bookkeeping, dispatch), the EMPIRICAL step's to ``bare:empirical``
+where there is one, each cycle over its step, and the ATen
 operators one call dispatches (each a kernel launch on a GPU, views and host reads aside; counted
 once, under a ``TorchDispatchMode``) for a training step and a step of each type of ``OP_TYPES``.
 Times are CPU time of the process (``time.process_time``): on a machine shared with other work,
@@ -109,6 +116,9 @@ def _child(workload: str, steps: int, size: str = "full", ops: bool = False) -> 
         torch._foreach_addcmul_(acc, g, g)
 
     fns = {"floor": floor, "bare": bare}
+    empirical = _bare_empirical(m, x, y, params)
+    if empirical is not None:
+        fns["bare:empirical"] = empirical[0]
     for t in TYPES:
         est = fimfast.DiagFisher(m, t, seed=0)
         fns[f"step:{t}"] = lambda est=est: est.step(batch)
@@ -134,6 +144,52 @@ def _child(workload: str, steps: int, size: str = "full", ops: bool = False) -> 
     return res
 
 
+def _bare_empirical(m, x, y, params):
+    """The ten-line EMPIRICAL step of ``m`` (see the module docstring) and its float32 sums by
+    parameter id, or ``None`` when a parameter belongs to anything but an ``nn.Linear`` or a layer
+    is fed other than ``(N, I)``."""
+    import torch
+
+    lins = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    owners = [mod for mod in m.modules() if any(p.requires_grad for p in mod.parameters(False))]
+    if not lins or owners != lins:
+        return None
+    acc = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    saved: dict = {}
+
+    def keep(mod, args, out):
+        saved[mod] = (args[0], out)
+
+    def step():
+        hooks = [mod.register_forward_hook(keep) for mod in lins]
+        try:
+            z = m(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            u = torch.softmax(z, -1)
+            u[torch.arange(len(y)), y] -= 1
+        gs = torch.autograd.grad(z, [saved[mod][1] for mod in lins], u)
+        with torch.no_grad():
+            for mod, G in zip(lins, gs):
+                G2, A = G * G, saved[mod][0]
+                acc[id(mod.weight)].addmm_(G2.T, A * A)
+                if mod.bias is not None:
+                    acc[id(mod.bias)].add_(G2.sum(0))
+        saved.clear()
+
+    hooks = [mod.register_forward_hook(keep) for mod in lins]
+    try:
+        m(x)
+        ok = all(a.dim() == 2 and o.dim() == 2 for a, o in saved.values())
+    finally:
+        for h in hooks:
+            h.remove()
+        saved.clear()
+    return (step, acc) if ok else None
+
+
 def _summary(meds: dict[str, list[dict]]) -> dict:
     out = {}
     for tree, runs in meds.items():
@@ -148,6 +204,8 @@ def _summary(meds: dict[str, list[dict]]) -> dict:
             "ratio": {k: med[k] / med["floor"] for k in keys},
             "ratio_range": spread,
             "hutchinson_gap_us": (med["step:hutchinson"] - med["bare"]) * 1e6,
+            "empirical_gap_us": (med["step:empirical"] - med["bare:empirical"]) * 1e6
+            if "bare:empirical" in med else None,
             "cycle_over_step": {t: med[f"cycle:{t}"] / med[f"step:{t}"] for t in TYPES},
             "ops": runs[0].get("ops"),
         }
@@ -157,17 +215,19 @@ def _summary(meds: dict[str, list[dict]]) -> dict:
 def _markdown(summary: dict, workload: str) -> str:
     lines = [f"### workload ({workload})", ""]
     keys = list(next(iter(summary.values()))["ratio"])
-    lines.append("| tree | floor ms | " + " | ".join(keys) + " | HUTCHINSON gap µs | cycle/step |")
-    lines.append("|" + "---|" * (len(keys) + 4))
+    lines.append("| tree | floor ms | " + " | ".join(keys)
+                 + " | HUTCHINSON gap µs | EMPIRICAL gap µs | cycle/step |")
+    lines.append("|" + "---|" * (len(keys) + 5))
     for tree, s in summary.items():
         cells = [
             f"{s['ratio'][k]:.3f} ({s['ratio_range'][k][0]:.2f}–{s['ratio_range'][k][1]:.2f})"
             for k in keys
         ]
         cyc = ", ".join(f"{t} {v:.3f}" for t, v in s["cycle_over_step"].items())
+        emp = s.get("empirical_gap_us")
         lines.append(
             f"| {tree} | {s['floor_ms']:.2f} | " + " | ".join(cells)
-            + f" | {s['hutchinson_gap_us']:.0f} | {cyc} |"
+            + f" | {s['hutchinson_gap_us']:.0f} | {'—' if emp is None else f'{emp:.0f}'} | {cyc} |"
         )
     ops = [(tree, s["ops"]) for tree, s in summary.items() if s.get("ops")]
     if ops:

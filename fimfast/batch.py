@@ -86,7 +86,10 @@ class Rows:
 
     @property
     def flat_all(self) -> torch.Tensor:
-        """``(N*T, C)`` view of every row of the logits, valid or not (attached to the graph)."""
+        """``(N*T, C)`` view of every row of the logits, valid or not (attached to the graph): the
+        logits themselves when they are ``(N, C)``."""
+        if self.logits.dim() == 2:
+            return self.logits
         return self.logits.reshape(-1, self.num_classes)
 
     @functools.cached_property

@@ -380,12 +380,12 @@ def _fimfast_arithmetic(
 
     The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
     run the eigenvector mix and the per-sample squared products in bf16. With ``retained``,
-    retained backwards through compiled regions are allowed (:func:`fimfast.guard.retained_graphs`;
-    a step whose only backward frees the graph needs nothing of it). Without autocast and
-    ``retained``, nothing is set up (the usual HUTCHINSON step).
+    retained backwards through compiled regions are allowed (:func:`fimfast.guard.retained_graphs`)
+    where ``torch.compile`` donates buffers (:func:`fimfast.guard.donating`). Without autocast
+    and with nothing to allow, nothing is set up (the usual step).
     """
     autocast = torch.is_autocast_enabled(device.type)
-    if not autocast and not retained:
+    if not autocast and (not retained or not guard.donating()):
         return _NOTHING
     return _arithmetic(device, retained, autocast)
 

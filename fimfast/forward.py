@@ -154,7 +154,7 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     if "transformers" not in sys.modules:
         return False
     names = _causal_lm_names()
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+    for m in (model, _attr(model, "module"), _attr(model, "_orig_mod")):
         if m is not None and any(c.__name__ in names for c in type(m).__mro__):
             return True
     return False
@@ -163,10 +163,33 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
 def _is_encoder_decoder(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or the module it wraps) has a Hugging Face config that says
     ``is_encoder_decoder`` (its batch's ``attention_mask`` is the encoder's: fimfast.batch)."""
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        if getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True:
+    for m in (model, _attr(model, "module"), _attr(model, "_orig_mod")):
+        if getattr(_attr(m, "config"), "is_encoder_decoder", False) is True:
             return True
     return False
+
+
+_MODULE_GETATTR = torch.nn.Module.__getattr__
+
+
+def _attr(m: Any, name: str) -> Any:
+    """``getattr(m, name, None)``, without the ``AttributeError`` that ``nn.Module`` raises (and
+    formats) for a missing name: a module whose class keeps torch's ``__getattr__`` is looked up
+    where that ``__getattr__`` looks (a step asks a plain model for three names it lacks)."""
+    if (
+        isinstance(m, torch.nn.Module)
+        and type(m).__getattr__ is _MODULE_GETATTR
+        and not hasattr(type(m), name)
+    ):
+        d = m.__dict__
+        if name in d:
+            return d[name]
+        for store in ("_parameters", "_buffers", "_modules"):
+            table = d.get(store)
+            if table is not None and name in table:
+                return table[name]
+        return None
+    return getattr(m, name, None)
 
 
 _CAUSAL_LM_NAMES: frozenset[str] | None = None

@@ -15,6 +15,7 @@ keeps the updates.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,11 @@ class BufferGuard:
         self._buffers: list[tuple[torch.nn.Module, str, str]] = []
         self._written: set[str] = set()  # qualified names of buffers a forward wrote
         self._first = True
+
+    def has_buffers(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` has buffers for :meth:`kept` to guard."""
+        self._scan(model)
+        return bool(self._buffers)
 
     def _scan(self, model: torch.nn.Module) -> None:
         if self._key != id(model):
@@ -153,6 +159,14 @@ def parameters_kept(
         with torch.no_grad():
             for w, ids, rows in reversed(saved):
                 w.index_copy_(0, ids, rows)
+    _refuse_written(names, params, versions, restored)
+
+
+def _refuse_written(
+    names: list[str], params: list[torch.Tensor], versions: list[int], restored
+) -> None:
+    """Raise for the parameters written in place since ``versions`` were read, but those of
+    ``restored`` (by ``id``; rows put back by :func:`parameters_kept`)."""
     written = [n for n, p, v in zip(names, params, versions)
                if p._version != v and id(p) not in restored]
     if written:
@@ -185,21 +199,39 @@ def gradient_hooks_off(
     refilled after the body, so the handles that remove the hooks keep working. ``modules``: the
     model's modules (:class:`ModuleWalk`).
     """
-    saved = []
-    dicts = [p._backward_hooks for p in params]
-    for m in modules:
-        dicts += [m._backward_hooks, m._backward_pre_hooks]
-    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
-    dicts += [mod._global_backward_hooks, mod._global_backward_pre_hooks]
-    for d in dicts:
-        if d:
-            saved.append((d, dict(d)))
-            d.clear()
+    saved = _hooks_off(modules, params)
     try:
         yield
     finally:
-        for d, items in saved:
-            d.update(items)
+        _hooks_back(saved)
+
+
+def _hooks_off(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> list[tuple]:
+    """Empty every non-empty gradient-hook dictionary of :func:`gradient_hooks_off` in place;
+    returns ``(dictionary, its items)`` for :func:`_hooks_back`."""
+    saved = []
+    for p in params:
+        d = p._backward_hooks
+        if d:
+            saved.append((d, dict(d)))
+    for m in modules:
+        if m._backward_hooks:
+            saved.append((m._backward_hooks, dict(m._backward_hooks)))
+        if m._backward_pre_hooks:
+            saved.append((m._backward_pre_hooks, dict(m._backward_pre_hooks)))
+    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
+    for d in (mod._global_backward_hooks, mod._global_backward_pre_hooks):
+        if d:
+            saved.append((d, dict(d)))
+    for d, _ in saved:
+        d.clear()
+    return saved
+
+
+def _hooks_back(saved: list[tuple]) -> None:
+    """Refill the dictionaries :func:`_hooks_off` emptied."""
+    for d, items in saved:
+        d.update(items)
 
 
 @contextmanager
@@ -235,9 +267,27 @@ def step_kept(
     (:meth:`BufferGuard.kept`), parameters (:func:`parameters_kept`) and gradient hooks
     (:func:`gradient_hooks_off`), ``walk`` giving the model's modules and ``max_norm`` lookups."""
     mods, tables = walk.of(model, params)
-    with (
-        buffers.kept(model),
-        parameters_kept(tables, names, params),
-        gradient_hooks_off(mods, params),
-    ):
+    if tables or buffers.has_buffers(model):
+        with (
+            buffers.kept(model),
+            parameters_kept(tables, names, params),
+            gradient_hooks_off(mods, params),
+        ):
+            yield
+        return
+    # no buffer and no max_norm lookup (an MLP, most classifiers): the same guards as above with
+    # nothing to copy, in one frame
+    versions = [p._version for p in params]
+    saved = _hooks_off(mods, params)
+    try:
         yield
+    finally:
+        _hooks_back(saved)
+    _refuse_written(names, params, versions, ())
+
+
+def donating() -> bool:
+    """Whether a retained backward needs :func:`retained_graphs` now: ``torch.compile``'s
+    configuration is loaded and donates buffers."""
+    cfg = sys.modules.get("torch._functorch.config")
+    return cfg is not None and bool(getattr(cfg, "donated_buffer", False))

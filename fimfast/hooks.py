@@ -34,7 +34,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -96,7 +96,7 @@ class Use:
             ``ds/dparam`` shaped like ``param`` (detached), set by :meth:`Capture.record`. The
             per-row gradient of ``param`` is the term's times ``chain``: the engine scales the
             squares of a parameter with a single such use by ``chain**2``
-            (:meth:`fimfast.state.Sums.scale`); several uses send it to the generic path.
+            (:meth:`fimfast.batch_sums.Sums.scale`); several uses send it to the generic path.
     """
 
     param: torch.Tensor
@@ -125,6 +125,7 @@ class Call:
     ok: bool = True
     reason: str = ""
     chunks: int = 1
+    uses_key: tuple | None = None  # :func:`use_key` of ``uses``, when the rule kept it
 
 
 class Capture:
@@ -178,6 +179,9 @@ class Capture:
         # a global forward hook (register_module_forward_hook) runs before every module's own
         # hooks, so the taps would see the output it returns, not the layer's
         self.global_hooks = bool(_module_mod._global_forward_hooks)
+        # what a rule derives from a module and the parameter set alone (its uses), by module id,
+        # kept by the caller across the forwards of one parameter set (see :meth:`uses_of`)
+        self.memo: dict[int, tuple] = {}
 
     # -- installation ---------------------------------------------------------------------- #
     @contextmanager
@@ -246,15 +250,45 @@ class Capture:
             tap.keep = out
         return tap, out
 
-    def record(self, call: Call) -> None:
+    def uses_of(
+        self, module: torch.nn.Module, rule: Any, tensors: tuple, build: Callable[[], list[Use]]
+    ) -> tuple[list[Use], dict[int, int], tuple]:
+        """``(uses, internal edges, key of the uses)`` of a call of ``module`` whose uses
+        ``build()`` derives from ``tensors`` (its parameters as the call found them) and this
+        capture's parameter set only: built once and reused by later forwards while the module
+        holds the same tensors and is handled by the same rule (shared: never modified). Pass
+        the last two to :meth:`record`."""
+        hit = self.memo.get(id(module))
+        if (
+            hit is None or hit[0] is not module or hit[1] is not rule
+            or len(hit[2]) != len(tensors) or any(a is not b for a, b in zip(hit[2], tensors))
+        ):
+            uses = build()
+            hit = (module, rule, tensors, uses, {id(u.param): 1 for u in uses}, uses_key(uses))
+            self.memo[id(module)] = hit
+        return hit[3], hit[4], hit[5]
+
+    def record(
+        self, call: Call, internal: dict[int, int] | None = None, key: tuple | None = None
+    ) -> None:
         """Register ``call``. The forward of every module with a rule consumes each of its
         parameters once (one autograd edge); :func:`parameter_edges` must find exactly the
-        edges the calls declare, or the parameter takes the generic path."""
-        for u in call.uses:
-            if id(u.param) not in self.param_ids:  # s = f(param): see derived_param
-                u.param, u.chain = self.derived_param(u.param)
-        call.internal = {id(u.param): 1 for u in call.uses}
+        edges the calls declare, or the parameter takes the generic path. ``internal`` and
+        ``key``: those edges by parameter id and :func:`uses_key` of the call's uses, when the
+        caller has them (:meth:`uses_of`). A use of a tensor made from a parameter for this call
+        (see :meth:`derived_param`) is listed as a use of the parameter, with its derivative."""
+        if any(id(u.param) not in self.param_ids for u in call.uses):
+            call.uses = [self._resolved(u) for u in call.uses]  # a new list: uses may be shared
+            internal = key = None  # made anew for each forward: nothing to reuse
+        call.internal = {id(u.param): 1 for u in call.uses} if internal is None else internal
+        call.uses_key = key
         self.calls.append(call)
+
+    def _resolved(self, u: Use) -> Use:
+        if id(u.param) in self.param_ids:
+            return u
+        p, chain = self.derived_param(u.param)
+        return replace(u, param=p, chain=chain)
 
     def derived_param(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(param, ds/dparam)`` of ``t = s``, an elementwise function of a trainable parameter
@@ -264,6 +298,12 @@ class Capture:
         if found is None:
             raise TypeError("a rule listed a tensor that is not a trainable parameter")
         return found
+
+
+def uses_key(uses: list[Use]) -> tuple:
+    """What a plan reads of a call's uses, as a key (:func:`fimfast.persample.plan._structure`)."""
+    return tuple((id(u.param), u.kind, u.block, u.groups, u.transposed, u.chain is None)
+                 for u in uses)
 
 
 def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:

@@ -114,7 +114,7 @@ def exact_columns(flat: torch.Tensor, opts: Options, chunk: int) -> Iterator[tor
     (categorical), ``sqrt(s_c (1 - s_c)) e_c`` (bernoulli) or ``e_c / sigma`` (gaussian).
     """
     dt = compute_dtype(flat.dtype)
-    z = flat.detach().to(dt)
+    z = (flat.detach() if flat.requires_grad else flat).to(dt)
     R, C = z.shape
     lk = opts.likelihood
     if lk == "categorical":
@@ -149,7 +149,7 @@ def score_columns(
     ``(y - z) / sigma2`` (gaussian), with the observed ``y`` or one drawn from the model.
     """
     dt = compute_dtype(flat.dtype)
-    z = flat.detach().to(dt)
+    z = (flat.detach() if flat.requires_grad else flat).to(dt)
     R, C = z.shape
     lk = opts.likelihood
     if fim_type == FIMType.EMPIRICAL:

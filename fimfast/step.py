@@ -7,10 +7,10 @@ the path that fits its type and options; every path has the same signature,
 
 and returns this batch's estimate, one fresh tensor per parameter of ``step.params`` (shaped like
 it, in ``step.dtypes``; zeros for a parameter the logits do not depend on; a sparse COO tensor
-for a table of which only some rows got an estimate, see :class:`fimfast.state.Sums`), or, when
-the step allows it (``Step.defer_square``), the same estimate as :class:`Squares` still to be
-squared, or as the :class:`fimfast.state.Sums` that holds it with squared products and table rows
-still to be added (:meth:`fimfast.state.Sums.fold_into`):
+for a table of which only some rows got an estimate, see :class:`fimfast.batch_sums.Sums`), or,
+when the step allows it (``Step.defer_square``), the same estimate as :class:`Squares` still to
+be squared, or as the :class:`fimfast.batch_sums.Sums` that holds it with squared products and
+table rows still to be added (:meth:`fimfast.batch_sums.Sums.fold_into`):
 
 - :func:`fimfast.hutchinson.estimate` (HUTCHINSON family; ``cap`` is ``None``),
 - :func:`fimfast.lm_head.estimate` (HUTCHINSON family with the ``lm_head`` option; ``cap`` is

@@ -280,6 +280,31 @@ def test_bench_fixed_cost_runs_and_reports(tmp_path):
     assert all(0 < o["kernels"] <= o["all"] for o in s["ops"].values())
     md = (tmp_path / "fixed.md").read_text()
     assert "HUTCHINSON gap" in md and "ATen operators per call" in md
+    assert s["empirical_gap_us"] is not None and "bare:empirical" in s["ratio"]
+
+
+def test_bench_fixed_cost_ten_line_empirical_is_the_empirical_fisher():
+    """The ten-line EMPIRICAL floor computes what an EMPIRICAL step does (so the gap to it is
+    bookkeeping), and is left out for a model it does not cover."""
+    import fimfast
+    from benchmarks import bench_fixed_cost
+    from benchmarks.workloads import build
+
+    wl = build("a", "tiny", 0)
+    m, x, y = wl.model, wl.inputs, wl.labels
+    params = [p for p in m.parameters() if p.requires_grad]
+    step, acc = bench_fixed_cost._bare_empirical(m, x, y, params)
+    step()
+    step()
+    est = fimfast.DiagFisher(m, "empirical", seed=0)
+    est.step((x, y))
+    est.step((x, y))
+    for p, f in zip(params, est.result().values()):
+        torch.testing.assert_close(acc[id(p)], f, rtol=1e-4, atol=1e-7)
+    assert any(acc[id(p)].abs().max() > 0 for p in params)
+    conv = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    xc = torch.randn(5, 1, 6)
+    assert bench_fixed_cost._bare_empirical(conv, xc, y[:5] % 3, list(conv.parameters())) is None
 
 
 def test_bench_conv_patches_runs_and_reports(tmp_path):

@@ -2,7 +2,7 @@
 (``torch.nn.utils.prune``'s ``weight = weight_orig * weight_mask``, or ``F.linear(x, W * mask)``
 written in a forward), a fixed gain, ``exp(W)``. The per-sample gradient of ``W`` is the layer's
 term times ``ds/dW`` elementwise, so the squares of a parameter with one such use are the layer's
-squares times ``(ds/dW)**2`` (``hooks.Use.chain``, ``state.Sums.scale``): the rules' fast path,
+squares times ``(ds/dW)**2`` (``hooks.Use.chain``, ``batch_sums.Sums.scale``): the rules' fast path,
 against the float64 brute-force oracle (tests/oracle.py). Several uses of the function, or the
 function used elsewhere too, leave the parameter to the generic path, exactly.
 """

@@ -16,13 +16,13 @@ from test_layers import ConvHead, _rand, _rel, _simple, run
 from tolerances import DET_REL_F64
 from torch import nn
 
+from fimfast.batch_sums import Sums
 from fimfast.hooks import Call, Use
 from fimfast.persample import squares
 from fimfast.persample.plan import Group, GroupKind
 from fimfast.rules import ConvTransposeRule, Outer
 from fimfast.rules import conv as convmod
 from fimfast.rules.base import UseKind
-from fimfast.state import Sums
 
 # (kind, in, out, kernel, stride, padding, dilation, groups, output padding, input size)
 CONFIGS = {

@@ -1,4 +1,4 @@
-"""The squared products a per-sample step leaves to the state (``fimfast.state.Sums.defer``).
+"""The squared products a per-sample step leaves to the state (``fimfast.batch_sums.Sums.defer``).
 
 A layer without weight sharing, and the logits layer in closed form, estimate their weight as one
 product of squares, ``(G^2)^T (A^2)`` (docs/math.md §4). From the second step of a sum on, the
@@ -19,9 +19,9 @@ from torch import nn
 
 import fimfast
 from fimfast import hooks
+from fimfast.batch_sums import Sums
 from fimfast.rules import Rule, UseKind, register_rule, trainable, unregister_rule
 from fimfast.rules.base import Outer, Vec, patch_forward
-from fimfast.state import Sums
 
 
 class Split(nn.Module):

@@ -4,7 +4,8 @@ path it replaces.
 * ``fimfast.persample.squares.linear_lane``: the squares of ``nn.Linear`` / Hugging Face
   ``Conv1D`` without weight sharing, for one column, straight from the output gradient;
 * ``fimfast.rules.norm.LayerNormRule.xhat``: the normalised input by torch's kernel with a unit
-  weight (the same values as the kernel without the affine).
+  weight (the same values as the kernel without the affine);
+* ``fimfast.hooks.Capture.uses_of``: a Linear call's uses kept across steps of one parameter set.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def _lane_spy(monkeypatch, enabled: bool = True) -> list[str]:
     taken: list[str] = []
     real = squares.linear_lane
 
-    def lane(g, gmap, acc):
-        done = enabled and real(g, gmap, acc)
+    def lane(g, gmap, acc, sq=None):
+        done = enabled and real(g, gmap, acc, sq)
         if done:
             taken.append(str(g.kind))
         return done
@@ -119,3 +120,24 @@ def test_layer_norm_rule_matches_the_oracle():
     rj = row_jacobians(classifier_case(model, batch, 4, "lanes"))
     ref = rj.split(oracle_flat(rj, "categorical", "empirical"))
     assert rel_error(dict(est.result()), ref) <= DET_REL_F64
+
+
+def test_uses_kept_across_steps_follow_a_replaced_weight():
+    """A Linear call's uses are built once per parameter set and reused (``Capture.uses_of``):
+    a weight replaced between steps by a new parameter of the same shape (same names, same
+    state) is the one the next step estimates, exactly as a new estimator does."""
+    model = _model("mlp").double()
+    batch = _batch("mlp")
+    est = fimfast.DiagFisher(model, "empirical", seed=4)
+    est.step(batch)
+    with torch.no_grad():
+        model[2].weight = nn.Parameter(model[2].weight * 3.0 + 0.1)
+    est.reset()
+    est.step(batch)
+    assert not est._persample.last_plan.generic
+    ref = fimfast.DiagFisher(model, "empirical", seed=4)
+    ref.step(batch)
+    got, want = dict(est.result()), dict(ref.result())
+    assert rel_error(got, want) <= DET_REL_F64
+    rj = row_jacobians(classifier_case(model, batch, 4, "lanes-replaced"))
+    assert rel_error(got, rj.split(oracle_flat(rj, "categorical", "empirical"))) <= DET_REL_F64

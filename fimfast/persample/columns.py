@@ -56,7 +56,8 @@ class Columns:
     @functools.cached_property
     def z(self) -> torch.Tensor:
         """``(R, C)`` the logits, detached, in float32 (float64 for float64 logits)."""
-        return self._flat.detach().to(self.dtype)
+        flat = self._flat
+        return (flat.detach() if flat.requires_grad else flat).to(self.dtype)
 
     @functools.cached_property
     def p(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fimfast import chunks, hooks
+from fimfast.batch_sums import Sums
 from fimfast.ops import registry
 from fimfast.persample import plan as planning
 from fimfast.persample import squares
@@ -20,7 +21,6 @@ from fimfast.persample.columns import Columns
 from fimfast.persample.generic import _batched_grads, accumulate_columns
 from fimfast.persample.plan import HEAD_KINDS, Group, Plan, _structure, _Template
 from fimfast.persample.replay import Replay, _refuse_hidden
-from fimfast.state import Sums
 from fimfast.step import Step
 from fimfast.types import Options
 
@@ -80,7 +80,7 @@ class Engine(Replay):
     # -- the step ----------------------------------------------------------------------------- #
     def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor] | Sums:
         """This batch's per-sample estimate, one fresh float tensor per parameter; with
-        ``step.defer_square``, a :class:`~fimfast.state.Sums` when it keeps squared products or
+        ``step.defer_square``, a :class:`~fimfast.batch_sums.Sums` when it keeps squared products or
         table rows for the state to fold (:meth:`fimfast.state.State.commit`).
 
         The estimate path of EXACT, EMPIRICAL and MONTE_CARLO (the contract: :mod:`fimfast.step`;
@@ -97,7 +97,9 @@ class Engine(Replay):
         retain_graph = step.retain_graph
         flat = rows.flat
         R, C = flat.shape
-        cols = Columns(flat, rows.labels, step.fim_type, opts, step.seed, step.offset)
+        # the logits as the row checks detached them, when they are the rows (N, C)
+        plain = rows.detached if rows.all_valid and rows.logits.dim() == 2 else flat
+        cols = Columns(plain, rows.labels, step.fim_type, opts, step.seed, step.offset)
         self.sequence_rows = bool(opts.sequence_rows) and rows.logits.dim() == 3
         plan = self._plan(cap, rows, params)
         self.last_plan = plan
@@ -167,7 +169,8 @@ class Engine(Replay):
             cot = cols.every() if kk is None else cols.take(kk[s : s + M_max])
             if token:
                 cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
-            cot = cot.to(flat.dtype)
+            if cot.dtype != flat.dtype:
+                cot = cot.to(flat.dtype)
             retain = retain_graph or s + M_max < total  # a later chunk needs the graph
             if stream:
                 _stream(rows, plan.calls, groups, cot, retain, head if need_head else None,
@@ -287,7 +290,7 @@ def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
     terms: dict[int, list] = {}
     sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
     for g in groups:
-        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc):
+        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc, sq0):
             continue
         parts = []
         for c, ui in g.members:

@@ -139,8 +139,7 @@ def _structure(
         tuple(
             (
                 id(c.module), id(c.rule), c.module.training, c.ok, c.reason, c is head,
-                tuple((id(u.param), u.kind, u.block, u.groups, u.transposed, u.chain is None)
-                      for u in c.uses),
+                hooks.uses_key(c.uses) if c.uses_key is None else c.uses_key,
                 tuple((t.lead, t.cands, len(t.shape) if len(t.cands) < 2 else tuple(t.shape))
                       for t in c.taps),
             )

@@ -59,6 +59,7 @@ class Replay:
         self._quiet = False  # the last captured forward had no functional call
         self._sites: dict = {}  # functional call sites (fimfast.functional), kept across steps
         self._fowners: dict[int, tuple[int, ...]] = {}
+        self._memo: dict[int, tuple] = {}  # Capture.memo across the forwards of one parameter set
 
     def forward(
         self,
@@ -182,6 +183,7 @@ class Replay:
             model, params, layers.rule_for, direct, batch_size, self.expand_broadcast, hold, flat,
         )
         mods = self._modules(model, params)
+        cap.memo = self._memo  # the rules' uses, kept while the parameter set stays
         with cap.installed(mods[0], self._owned, self._watch):
             if not self.functional or self._quiet:
                 yield cap
@@ -204,6 +206,7 @@ class Replay:
             self._owned = hooks.owners(model, params)
             self._fowners = functional.owners_of(targets)
             self._sites, self._quiet = {}, False
+            self._memo = {}
         return self._mods[1:]
 
 def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:

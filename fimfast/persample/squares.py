@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from fimfast import layers, ops
+from fimfast.batch_sums import Sums
 from fimfast.dtypes import compute_dtype
 from fimfast.persample.plan import Group, GroupKind, RowIndex
 from fimfast.rules.base import Patches, dense
 from fimfast.rules.linear import LinearRule
-from fimfast.state import Sums
 
 _LINEAR_TERMS = LinearRule.terms  # the rule whose terms linear_lane forms directly
 _LANE_KINDS = (GroupKind.OUTER, GroupKind.VEC)
@@ -32,14 +32,16 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
 
 
 
-def linear_lane(g: Group, gmap: dict, acc: Sums) -> bool:
+def linear_lane(g: Group, gmap: dict, acc: Sums, sq: dict | None = None) -> bool:
     """The squares of a group whose one member is a weight or bias of ``nn.Linear`` (or Hugging
     Face ``Conv1D``) without weight sharing, for one column, straight from the output gradient
     ``G`` ``(1, N, O)``: the weight's product kept for the state (:meth:`Sums.defer`, else as
     :func:`_defer_outer` keeps it for :func:`finish`), the bias's ``sum_n G_n^2``. The same
     arithmetic as :class:`~fimfast.rules.LinearRule`'s terms squared by :func:`accumulate`,
-    without forming the terms (a few ops and 30-100 us of Python per layer and step). Returns
-    ``False`` (nothing done) for any other case."""
+    without forming the terms (a few ops and 30-100 us of Python per layer and step). ``sq``
+    (one dict per chunk) shares ``G^2`` between a weight whose product the state folds and its
+    bias: one square of ``G`` where each would take its own. Returns ``False`` (nothing done) for
+    any other case."""
     c, ui = g.members[0]
     if type(c.rule).terms is not _LINEAR_TERMS or g.kind not in _LANE_KINDS:
         return False
@@ -47,32 +49,56 @@ def linear_lane(g: Group, gmap: dict, acc: Sums) -> bool:
     G = gmap.get(id(tap.handle))
     if G is None or tap.lead != 1 or tap.bdim != 0 or G.shape[0] != 1:
         return False
+    dt = acc.dtypes[g.index]
     if g.kind == GroupKind.VEC:
-        acc.add(g.index, G.to(acc.dtypes[g.index]).square().sum((0, 1)), g.block)
+        acc.add(g.index, _shared_square(G, dt, sq, True).sum(0), g.block)
         return True
     st = g.state
     if not st.single or st.S is not None:
         return False
     x = c.data["x"]
+    if acc.fold and acc.defer(g.index, _shared_square(G, dt, sq, True), x, g.block, g.transposed,
+                              squared=True):
+        return True
     if not acc.defer(g.index, G[0], x, g.block, g.transposed):
         st.S, st.root, st.Q = G[0], True, x
     return True
 
 
+def _shared_square(
+    G: torch.Tensor, dt: torch.dtype, sq: dict | None, column: bool = False
+) -> torch.Tensor:
+    """``G^2`` in ``dt`` (``G[0]^2`` for a ``column`` ``G`` of shape ``(1, ...)``), a fresh
+    tensor, formed once per chunk for every group that asks for it with the same ``sq`` (the
+    entry holds ``G``, so no other tensor can take its address)."""
+    key = None if sq is None else (_key(G), column, dt)
+    hit = None if key is None else sq.get(key)
+    if hit is None:
+        hit = (G, (G[0] if column else G).to(dt).square())
+        if key is not None:
+            sq[key] = hit
+    return hit[1]
+
+
 def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> None:
     """The logits layer in closed form, no backward column: ``F_W = S^T a^2`` with
     ``S = sum_k u_k^2`` per row (``cols.root`` squared), ``F_b = sum_r S_r``."""
+    sq: dict = {}  # S = root^2, once for the weight and the bias
     for g in groups:
         if g.kind == GroupKind.HEAD_W:
             c, _ = g.members[0]
             x = c.data["x"]
-            A = x.reshape(-1, x.shape[-1])
+            A = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if not rows.all_valid:
                 A = A.index_select(0, rows.index)
+            dt = acc.dtypes[g.index]
+            if acc.fold and acc.defer(g.index, _shared_square(cols.root, dt, sq), A, None,
+                                      g.transposed, squared=True):
+                continue
             if not acc.defer(g.index, cols.root, A, None, g.transposed):
                 acc.add(g.index, _weight_sq(g, cols.root, A, backend))
         elif g.kind == GroupKind.HEAD_B:
-            acc.add(g.index, cols.root.square().sum(0))
+            acc.add(g.index, _shared_square(cols.root, acc.dtypes[g.index], sq).sum(0))
 
 
 def finish(groups: list[Group], acc: Sums, backend) -> None:
@@ -222,7 +248,6 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
     """``sum_{m,n} (P[m, n]^T Q[n])^2``: ``(O, I)`` or ``(g, O/g, I/g)`` for groups. A
     :class:`~fimfast.rules.base.Patches` ``Q`` is formed ``Q.chunk`` samples at a time (at most),
     each piece once for all the columns."""
-    dt = compute_dtype(torch.promote_types(P.dtype, Q.dtype))
     I = Q.shape[-1]
     if P.dim() == 4:
         M, N, T, O = P.shape
@@ -231,11 +256,14 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
             # one column at a time over the whole batch, P as it came (no copy; the kernels
             # chunk the samples). Measured against the stacked layout below, 1 thread: 14 vs 22
             # ms (conv 16 x 25, 576 positions, 10 columns), 3.7 vs 5.8 ms (in_proj 192 x 64, 4)
-            step = Q.chunk if isinstance(Q, Patches) else N
+            patches = isinstance(Q, Patches)  # formed by slices
+            step = Q.chunk if patches else N
             for n0 in range(0, N, step):
-                Qn = Q[n0 : n0 + step]
+                whole = n0 == 0 and step >= N and not patches  # the whole batch: no slices
+                Qn = Q if whole else Q[n0 : n0 + step]
                 for m in range(M):
-                    part = ops.shared_sq(P[m, n0 : n0 + step], Qn, backend=backend)
+                    Pn = P[m] if whole else P[m, n0 : n0 + step]
+                    part = ops.shared_sq(Pn, Qn, backend=backend)
                     out = part if out is None else out.add_(part)
             return out
         # few outputs, many inputs (conv 32 x 400, 10 columns: 30 vs 36 ms for the loop): the
@@ -248,6 +276,7 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
             out = part if out is None else out.add_(part)
         return out.reshape(M, O, I).sum(0)
     M, N, L, G, O = P.shape
+    dt = compute_dtype(P.dtype, Q.dtype)  # float32, float64 when either is
     out = torch.zeros(G, O, I, dtype=dt, device=P.device)
     per_n = M * G * O * I * 4
     step = _steps(Q, _SQ_CHUNK_BYTES // max(1, per_n))

@@ -174,8 +174,13 @@ def front(t: torch.Tensor, b: int, lead: int, extra: int = 0) -> torch.Tensor:
         b: the batch dimension among the ``lead`` leading dims (``Tap.bdim``).
         lead: number of leading dims (batch and positions) before the feature dims.
         extra: dims before those (1 for the column dim ``M`` of a gradient).
+
+    ``t`` itself when it is laid out so already (batch first of two leading dims): no view.
     """
-    t = t.movedim(extra + b, extra)
+    if b:
+        t = t.movedim(extra + b, extra)
+    if lead == 2:
+        return t
     s = t.shape
     T = math.prod(s[extra + 1 : extra + lead])
     return t.reshape(*s[:extra], s[extra], T, *s[extra + lead :])

@@ -20,15 +20,17 @@ class LinearRule(Rule):
     closed_form_head = True  # the logits layer's squares need no backward column
 
     def capture(self, cap, module, x, y):
-        ps = trainable(cap, module.weight, module.bias)
-        uses = [
-            Use(p, UseKind.OUTER, transposed=self.transposed)
-            if p is module.weight
-            else Use(p, UseKind.VEC)
-            for p in ps
-        ]
+        w, b = module.weight, module.bias
+
+        def build():
+            return [
+                Use(p, UseKind.OUTER, transposed=self.transposed) if p is w else Use(p, UseKind.VEC)
+                for p in trainable(cap, w, b)
+            ]
+
+        uses, internal, key = cap.uses_of(module, self, (w, b), build)
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), internal, key)
         return out
 
     def terms(self, call, grads):
