@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.utils.prune
 
 
 @dataclass
@@ -43,9 +44,19 @@ class RowJacobians:
         return out
 
 
+def strip_pruned(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without the masked tensors ``torch.nn.utils.prune`` left from its last forward
+    (not graph leaves: ``copy.deepcopy`` refuses them; the next forward makes them again)."""
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
+                m.__dict__.pop(hook._tensor_name, None)
+    return model
+
+
 def row_jacobians(case) -> RowJacobians:
     """Float64 Jacobians of every valid row of ``case`` (see tests/cases.py)."""
-    model = copy.deepcopy(case.model).double()
+    model = copy.deepcopy(strip_pruned(case.model)).double()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     logits = case.logits_fn(model, case.batch_double())

@@ -18,6 +18,7 @@ import torch.nn.utils.prune as prune
 from cases import Case, run_case
 from oracle import oracle_flat, row_jacobians
 from oracle import rel_error as _rel
+from oracle import strip_pruned as _strip
 from tolerances import DET_REL_F64
 from torch import nn
 
@@ -106,18 +107,7 @@ def _case(name: str) -> Case:
                 torch.ones(N, dtype=torch.bool), y, "categorical", C).to(torch.float64)
 
 
-def _strip(model: nn.Module) -> nn.Module:
-    """``model`` without the masked tensors ``torch.nn.utils.prune`` left from the last forward
-    (not graph leaves: ``copy.deepcopy`` refuses them; the next forward makes them again)."""
-    for m in model.modules():
-        for hook in m._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                m.__dict__.pop(hook._tensor_name, None)
-    return model
-
-
 def _oracle(case: Case, quantity: str, labels=None) -> dict[str, torch.Tensor]:
-    _strip(case.model)
     rj = row_jacobians(case)
     if labels is not None:
         rj = dataclasses.replace(rj, labels=labels)
@@ -145,7 +135,7 @@ def test_chained_weights_monte_carlo_same_seed(name):
     case = _case(name)
     got, est = run_case(case, "monte_carlo", seed=11)
     assert not est._persample.last_plan.generic
-    labels = sample_labels_torch(row_jacobians(_strip(case.model) and case).z, 11, 0, 1)[0]
+    labels = sample_labels_torch(row_jacobians(case).z, 11, 0, 1)[0]
     assert _rel(got, _oracle(case, "empirical", labels)) <= DET_REL_F64
     fast, _ = run_case(case, "monte_carlo", seed=5, num_probes=2)
     ref, gen = run_case(case, "monte_carlo", rules=False, seed=5, num_probes=2)

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -469,6 +470,8 @@ def features(spec: Spec) -> set[str]:
     d = st.get("F", st.get("d"))
     if d == spec.N:
         f.add("sizes:d==N")
+    if pruned_modules(spec):
+        f.add("prune")
     for b in spec.blocks + spec.vblocks:
         op = b["op"]
         f.add(f"op:{op}")
@@ -975,7 +978,9 @@ def without_checkpoint(net: nn.Module) -> nn.Module:
     """A deep copy of ``net`` with every checkpoint wrapper off (same values, plain autograd:
     the oracle differentiates row by row with ``torch.autograd.grad``, which reentrant
     checkpointing refuses)."""
-    net = copy.deepcopy(net)
+    from oracle import strip_pruned  # tests/ is on sys.path wherever the fuzz models are built
+
+    net = copy.deepcopy(strip_pruned(net))
     for m in net.modules():
         if isinstance(m, Block):
             m.ckpt = None
@@ -1062,6 +1067,8 @@ def build(spec: Spec) -> Case:
                 m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
                 m.num_batches_tracked.fill_(3)
     net = net.double()
+    for m in pruned_modules(spec, net):  # no draw from the grammar: other models stay as they were
+        torch.nn.utils.prune.random_unstructured(m, "weight", amount=0.4)
     net.train(spec.mode == "train")
     for blk, b in zip(list(net.blocks) + list(net.vblocks), spec.blocks + spec.vblocks):
         if b["op"] == "norm" and b["kind"] == "batch":
@@ -1078,6 +1085,20 @@ def build(spec: Spec) -> Case:
         model = torch.compile(net, backend=spec.compile)
         prefix = "_orig_mod."
     return Case(spec, model, net, batch, labels, valid, prefix=prefix, words=_words(spec, net))
+
+
+def pruned_modules(spec: Spec, net: nn.Module | None = None) -> list:
+    """The ``nn.Linear`` layers of a ``linear`` block or head that ``torch.nn.utils.prune`` masks
+    in a third of the models (seeds ``2 mod 3``; ``net=None``: whether there is one), for the
+    weights used through a function of a parameter (``weight = weight_orig * weight_mask``)."""
+    if spec.seed % 3 != 2 or spec.compile:
+        return []
+    if net is None:
+        ok = [b["op"] == "linear" for b in spec.blocks + spec.vblocks]
+        return [True] if any(ok) or spec.head["type"] == "linear" else []
+    out = [blk.inner.main for blk, b in zip(list(net.blocks) + list(net.vblocks),
+                                            spec.blocks + spec.vblocks) if b["op"] == "linear"]
+    return out + ([net.head.main] if spec.head["type"] == "linear" else [])
 
 
 def _fill_dims(spec: Spec) -> None:
