@@ -5,9 +5,9 @@ transposed convolutions, embeddings and bags, every norm layer in both modes, at
 encoder layers batch- and sequence-first, recurrent layers, residuals, reused and tied modules,
 functional calls on bare parameters, pruned Linear layers, user hooks, dict/tuple/``.logits``
 outputs, checkpointing, ``torch.compile``; class and padded token logits; sizes that coincide on
-purpose) are checked, in float64, against the brute-force oracle of ``tests/oracle.py`` to a relative error of 1e-10 per
-parameter tensor, and every step must leave the model's parameters, buffers, gradients, modes and
-hooks as they were (see ``tests/fuzz/runner.py`` and docs/fuzzing.md).
+purpose) are checked, in float64, against the brute-force oracle of ``tests/oracle.py`` to a
+relative error of 1e-10 per parameter tensor, and every step must leave the model's parameters,
+buffers, gradients, modes and hooks as they were (see ``tests/fuzz/runner.py`` and docs/fuzzing.md).
 
 Runs:
 
