@@ -76,14 +76,17 @@ def scalar_op(mode, func, args: tuple, op: str) -> Any:
     base = mode.operand(args[pos])
     if base is None or not isinstance(c, (int, float)) or isinstance(out, tuple):
         return out
-    s = args[pos].detach()
+    return _derive(mode, base, out, lambda t: func(*((t, c) if pos == 0 else (c, t))),
+                   _op_derivative(op, pos, c, out, args[pos]))
+
+
+def _op_derivative(op: str, pos: int, c: Any, out: Tensor, s: Tensor) -> Any:
+    """``d out / d s`` of ``out = s (op) c`` (``pos`` 0) or ``c (op) s`` (``pos`` 1)."""
     if op == "mul":
-        d = c
-    elif op == "div":
-        d = 1 / c if pos == 0 else -out.detach() / s
-    else:
-        d = -1 if (op == "sub" and pos == 1) else 1
-    return _derive(mode, base, out, lambda t: func(*((t, c) if pos == 0 else (c, t))), d)
+        return c
+    if op == "div":
+        return 1 / c if pos == 0 else -out.detach() / s.detach()
+    return -1 if (op == "sub" and pos == 1) else 1
 
 
 def tensor_op(mode, func, args: tuple, op: str, pos: int, base: tuple) -> Any:
@@ -95,14 +98,9 @@ def tensor_op(mode, func, args: tuple, op: str, pos: int, base: tuple) -> Any:
     out = func(*args)
     if not isinstance(out, Tensor):
         return out
-    s, c = args[pos].detach(), args[1 - pos]
-    if op == "mul":
-        d = c
-    elif op == "div":
-        d = 1 / c if pos == 0 else -out.detach() / s
-    else:
-        d = -1 if (op == "sub" and pos == 1) else 1
-    return _derive(mode, base, out, lambda t: func(*((t, c) if pos == 0 else (c, t))), d)
+    c = args[1 - pos]
+    return _derive(mode, base, out, lambda t: func(*((t, c) if pos == 0 else (c, t))),
+                   _op_derivative(op, pos, c, out, args[pos]))
 
 
 def _reverse(mode, func, args, kwargs):

@@ -251,3 +251,26 @@ def run_case(case: Case, fim_type: str, rules: bool = True, **opts) -> tuple[dic
     est._persample.use_rules = rules
     est.step(case.batch)
     return dict(est.result().items()), est
+
+
+def check_monte_carlo_same_seed(case: Case, rj, tol: float) -> Any:
+    """One MONTE_CARLO draw (seed 11) equals the float64 empirical Fisher ``rj`` (the case's
+    :func:`oracle.row_jacobians`) at the labels that draw samples, and two draws (seed 5) on the
+    rules' fast path equal the generic path's with the same seed, to ``tol``; returns the first
+    estimator (for its plan)."""
+    import dataclasses
+
+    from oracle import oracle_flat, rel_error
+
+    from fimfast.ops.torch_ref import sample_labels_torch
+
+    got, est = run_case(case, "monte_carlo", seed=11)
+    labels = sample_labels_torch(rj.z, 11, 0, 1)[0]
+    ref = rj.split(oracle_flat(dataclasses.replace(rj, labels=labels), case.likelihood,
+                               "empirical"))
+    assert rel_error(got, ref) <= tol
+    fast, _ = run_case(case, "monte_carlo", seed=5, num_probes=2)
+    slow, gen = run_case(case, "monte_carlo", rules=False, seed=5, num_probes=2)
+    assert not gen._persample.last_plan.groups
+    assert rel_error(fast, slow) <= tol
+    return est

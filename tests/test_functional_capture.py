@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import Case, run_case
+from cases import Case, check_monte_carlo_same_seed, run_case
 from oracle import oracle_flat, row_jacobians
 from oracle import rel_error as _rel
 from tolerances import DET_REL_F64
@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fimfast import DiagFisher
-from fimfast.ops.torch_ref import sample_labels_torch
 from fimfast.rules.functional import Site
 
 
@@ -292,15 +291,7 @@ def test_functional_uses_match_oracle_f64(name, quantity):
 @pytest.mark.parametrize("name", CASES, ids=CASES)
 def test_functional_uses_monte_carlo_same_seed(name):
     case = _case(name)
-    got, est = _run(case, "monte_carlo", seed=11)
-    _assert_captured(case, est)
-    rj = _jacobians(case)
-    labels = sample_labels_torch(rj.z, 11, 0, 1)[0]
-    assert _rel(got, _oracle(case, "empirical", labels)) <= DET_REL_F64
-    fast, _ = _run(case, "monte_carlo", seed=5, num_probes=2)
-    ref, gen = _run(case, "monte_carlo", rules=False, seed=5, num_probes=2)
-    assert not gen._persample.last_plan.groups
-    assert _rel(fast, ref) <= DET_REL_F64
+    _assert_captured(case, check_monte_carlo_same_seed(case, _jacobians(case), DET_REL_F64))
 
 
 def test_tied_table_sums_its_uses_before_squaring():

@@ -18,14 +18,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import Case, run_case
+from cases import Case, check_monte_carlo_same_seed, run_case
 from oracle import oracle_flat, row_jacobians
 from oracle import rel_error as _rel
 from tolerances import DET_REL_F64
 from torch import nn
 
 from fimfast import DiagFisher
-from fimfast.ops.torch_ref import sample_labels_torch
 from fimfast.rules.functional import Site
 
 
@@ -276,15 +275,9 @@ def test_functional_ops_match_oracle_f64(name, quantity):
 @pytest.mark.parametrize("name", CASES, ids=CASES)
 def test_functional_ops_monte_carlo_same_seed(name):
     case = _case(name)
-    got, est = _run(case, "monte_carlo", seed=11)
-    _assert_captured(name, est)
-    labels = sample_labels_torch(_RJ[name].z if name in _RJ else row_jacobians(case).z, 11, 0,
-                                 1)[0]
-    assert _rel(got, _oracle(case, "empirical", labels)) <= DET_REL_F64
-    fast, _ = _run(case, "monte_carlo", seed=5, num_probes=2)
-    ref, gen = _run(case, "monte_carlo", rules=False, seed=5, num_probes=2)
-    assert not gen._persample.last_plan.groups
-    assert _rel(fast, ref) <= DET_REL_F64
+    if name not in _RJ:
+        _RJ[name] = row_jacobians(case)
+    _assert_captured(name, check_monte_carlo_same_seed(case, _RJ[name], DET_REL_F64))
 
 
 # --------------------------------------------------------------------------------------------- #
