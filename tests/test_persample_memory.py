@@ -1,8 +1,9 @@
 """Peak memory of an EXACT step against one training step, and the chunking that bounds it.
 
 By default the fast path back-propagates as many output columns at once as fit what one training
-step of the model holds at its peak (fimfast/chunks.py, ``fast_columns``): a step of EXACT then
-stays within about twice the training step's peak tensor memory, and any chunking gives the same
+step of the model holds at its peak (fimfast/chunks.py, ``fast_columns``), streaming the squares
+where that takes fewer backward passes (fimfast/persample/stream.py): a step of EXACT then stays
+within about twice the training step's peak tensor memory, and any chunking gives the same
 estimate as one backward of every column. The peak is the tensor storage live at once, from the
 profiler's allocation events (benchmarks/memory.py, ``TensorPeakMeter``): exact and repeatable,
 unlike the resident set.
@@ -28,24 +29,68 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.memory import TensorPeakMeter  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _bound_small_models(monkeypatch):
-    """The models here are small: bound them by a training step as if they were not (the bound
-    applies from ``chunks.TRAIN_BOUND_FROM`` bytes on)."""
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 0)
+def _chunking(model, x, dtype_bytes: int, streamed: bool) -> int:
+    """``fast_columns`` of the MLP of :func:`_mlp` by hand: ``B_train = 4 P + 8 sum|tap|``, per
+    column ``e R C + 4 (sum|tap| + 2 max|tap|)``, streamed ``e R C + 8 max|tap|``."""
+    N = x.shape[0]
+    P = sum(p.numel() for p in model.parameters())
+    taps, top = N * (256 + 128), N * 256
+    per_col = dtype_bytes * N * 10 + (8 * top if streamed else 4 * (taps + 2 * top))
+    return max(1, (4 * P + 8 * taps) // per_col)
 
 
-def test_small_models_keep_one_backward_of_every_column(monkeypatch):
-    """Under ``TRAIN_BOUND_FROM`` (64 MiB) the default is one backward of all columns, without
-    streaming (faster; the step is a few MB)."""
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 64 << 20)
+def test_default_streams_when_that_takes_fewer_backwards(monkeypatch):
+    """The MLP's 9 columns: 2 per backward fit a training step held to the end, 3 streamed: three
+    streamed backward passes of 3 columns, the next forward tapping by adds; with streaming of
+    several columns unavailable, five plain ones (2, 2, 2, 2, 1 spread as 2 x 4 + 1). Every
+    chunking gives the estimate of one backward of every column."""
     model, x, y = _mlp(torch.float64)
+    assert (_chunking(model, x, 8, False), _chunking(model, x, 8, True)) == (2, 3)
     sizes = _count_backwards(monkeypatch)
     est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
+    assert sizes == [3, 3, 3] and est._persample.add_taps
+    sizes.clear()
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    assert sizes == [9] and not one._persample.add_taps
+    assert rel_error(dict(est.result().items()), dict(one.result().items())) <= DET_REL_F64
+    sizes.clear()
+    plain = fimfast.DiagFisher(model, "exact", reduction="sum")
+    plain._persample.stream_batched = False
+    plain.step((x, y))
+    assert sizes == [2, 2, 2, 2, 1] and not plain._persample.add_taps
+    assert rel_error(dict(plain.result().items()), dict(one.result().items())) <= DET_REL_F64
+
+
+def test_a_batch_that_cannot_stream_runs_again_unstreamed(monkeypatch):
+    """A streamed batched backward that fails (an operator torch cannot batch with hooks) leaves
+    nothing of its squares: the fast groups run again, unstreamed, and the estimate is exact."""
+    from fimfast.persample import stream
+
+    model, x, y = _mlp(torch.float64)
+    real = stream.backward
+    calls = []
+
+    def failing(flat, handles, cot, retain, on_grad):
+        calls.append(cot.shape[0])
+        if len(calls) == 2:  # the second chunk, after the first added its squares
+            raise stream.Unbatched("no batching rule")
+        return real(flat, handles, cot, retain, on_grad)
+
+    monkeypatch.setattr(stream, "backward", failing)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
-    assert sizes == [9, 9]
-    assert not est._persample.add_taps
+    assert calls == [3, 3] and not est._persample.stream_batched
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    assert rel_error(dict(est.result().items()), dict(one.result().items())) <= DET_REL_F64
+
+
+def test_hooks_in_a_batched_backward_see_its_gradients():
+    from fimfast.persample import stream
+
+    assert stream.batched_hooks_work()
 
 
 def _mlp(dtype=torch.float32):
@@ -123,23 +168,13 @@ def test_exact_step_peak_within_twice_a_training_step():
 
 
 def test_default_chunks_are_bounded_by_a_training_step(monkeypatch):
-    model, x, y = _mlp(torch.float64)
+    """float32: 2 columns per plain backward, 4 streamed: three streamed chunks of 3."""
+    model, x, y = _mlp()
+    assert (_chunking(model, x, 4, False), _chunking(model, x, 4, True)) == (2, 4)
     sizes = _count_backwards(monkeypatch)
     est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
-    got = dict(est.result().items())
-    # B_train = 4 P + 8 sum|tap|, per column e R C + 4 (sum|tap| + 2 max|tap|)
-    P = sum(p.numel() for p in model.parameters())
-    taps = 64 * (256 + 128)
-    per_col = 8 * 64 * 10 + 4 * (taps + 2 * 64 * 256)
-    M = (4 * P + 8 * taps) // per_col
-    assert 1 <= M < 9
-    assert sizes[: 9 // M] == [M] * (9 // M) and sum(sizes) == 9
-    sizes.clear()
-    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
-    one.step((x, y))
-    assert sizes == [9]
-    assert rel_error(got, dict(one.result().items())) <= DET_REL_F64
+    assert sizes == [3, 3, 3]
 
 
 @pytest.mark.parametrize("budget_mb", ["0.0001", "100000"])
@@ -175,6 +210,10 @@ def test_fast_columns_counts_the_step_parameters():
     assert chunks.fast_columns(flat, taps, None, None, 10**4, budget=2**30) == (
         (4 * 10**4 + 8 * 600) // per_col
     )
+    streamed = 4 * 12 + 8 * 400  # no tap gradient held to the end
+    assert chunks.fast_columns(flat, taps, None, None, 10**4, budget=2**30, streamed=True) == (
+        (4 * 10**4 + 8 * 600) // streamed
+    )
 
 
 def _deep_tanh():
@@ -208,19 +247,25 @@ def test_one_column_backward_streams_its_squares():
     assert e <= 2.2 * t, (e, t)
 
 
+@pytest.mark.parametrize("per_backward", [1, 3])
 @pytest.mark.parametrize("name", ["relu_mlp", "cnn", "encoder", "tied", "token_lm"])
-def test_streamed_steps_match_one_backward(name):
-    """Three steps with one column per backward (the first with direct taps where the model
-    allows, the next ones with add taps) sum to three times the estimate of one backward of
-    every column, in float64."""
+def test_streamed_steps_match_one_backward(monkeypatch, name, per_backward):
+    """Three steps streamed with ``per_backward`` columns per backward (the first with direct
+    taps where the model allows, the next ones with add taps; 3: one batched backward of 3
+    columns with hooks, fimfast/persample/stream.py) sum to three times the estimate of one
+    backward of every column, in float64."""
     from cases import make_case
 
+    monkeypatch.setattr(engine_mod, "_columns", lambda *a: (per_backward, True))
     case = make_case(name).to(torch.float64)
     kw = dict(likelihood=case.likelihood, reduction="sum")
-    streamed = fimfast.DiagFisher(case.model, "exact", class_chunk=1, **kw)
+    streamed = fimfast.DiagFisher(case.model, "exact", **kw)
+    sizes = _count_backwards(monkeypatch)
     for _ in range(3):
         streamed.step(case.batch)
-    assert streamed._persample.add_taps
+    assert streamed._persample.add_taps and max(sizes) <= per_backward
+    assert (max(sizes) > 1) == (per_backward > 1)  # several columns in one streamed backward
+    monkeypatch.undo()
     ref = fimfast.DiagFisher(case.model, "exact", class_chunk=10**6, **kw)
     ref.step(case.batch)
     want = {k: 3 * v for k, v in ref.result().items()}
