@@ -2,7 +2,7 @@
 
 By default the fast path back-propagates as many output columns at once as fit what one training
 step of the model holds at its peak (fimfast/chunks.py, ``fast_columns``), streaming the squares
-where that takes fewer backward passes (fimfast/persample/stream.py): a step of EXACT then stays
+where that is one column (fimfast/persample/stream.py): a step of EXACT then stays
 within about twice the training step's peak tensor memory, and any chunking gives the same
 estimate as one backward of every column. The peak is the tensor storage live at once, from the
 profiler's allocation events (benchmarks/memory.py, ``TensorPeakMeter``): exact and repeatable,
@@ -39,36 +39,65 @@ def _chunking(model, x, dtype_bytes: int, streamed: bool) -> int:
     return max(1, (4 * P + 8 * taps) // per_col)
 
 
-def test_default_streams_when_that_takes_fewer_backwards(monkeypatch):
-    """The MLP's 9 columns: 2 per backward fit a training step held to the end, 3 streamed: three
-    streamed backward passes of 3 columns, the next forward tapping by adds; with streaming of
-    several columns unavailable, five plain ones (2, 2, 2, 2, 1 spread as 2 x 4 + 1). Every
-    chunking gives the estimate of one backward of every column."""
+def test_default_chunks_plain_where_several_columns_fit(monkeypatch):
+    """The MLP's 9 columns, 2 per plain backward: five plain chunks spread as 2, 2, 2, 2, 1 (no
+    streaming, no add taps); the estimate of one backward of every column."""
     model, x, y = _mlp(torch.float64)
-    assert (_chunking(model, x, 8, False), _chunking(model, x, 8, True)) == (2, 3)
+    assert _chunking(model, x, 8, False) == 2
     sizes = _count_backwards(monkeypatch)
     est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
-    assert sizes == [3, 3, 3] and est._persample.add_taps
+    assert sizes == [2, 2, 2, 2, 1] and not est._persample.add_taps
     sizes.clear()
     one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
     one.step((x, y))
     assert sizes == [9] and not one._persample.add_taps
     assert rel_error(dict(est.result().items()), dict(one.result().items())) <= DET_REL_F64
+
+
+def _deep_chunking(streamed: bool) -> int:
+    """``fast_columns`` of :func:`_deep_tanh` by hand (float32, 512 rows, 7 taps of 64)."""
+    model, x, _ = _deep_tanh()
+    P = sum(p.numel() for p in model.parameters())
+    top = 512 * 64
+    taps = 7 * top
+    per_col = 4 * 512 * 10 + (8 * top if streamed else 4 * (taps + 2 * top))
+    return max(1, (4 * P + 8 * taps) // per_col)
+
+
+def test_default_streams_batches_where_one_plain_column_fits(monkeypatch):
+    """Seven hidden layers: one column per plain backward (every tap's gradient held), 6 streamed
+    (none held): two streamed backward passes of 5 and 4 columns, the next forward tapping by
+    adds; without streaming of several columns, nine of one. Both equal one backward of every
+    column."""
+    assert (_deep_chunking(False), _deep_chunking(True)) == (1, 6)
+    model, x, y = _deep_tanh()
+    model.double()
+    x = x.double()
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    assert sizes == [5, 4] and est._persample.add_taps
     sizes.clear()
-    plain = fimfast.DiagFisher(model, "exact", reduction="sum")
-    plain._persample.stream_batched = False
-    plain.step((x, y))
-    assert sizes == [2, 2, 2, 2, 1] and not plain._persample.add_taps
-    assert rel_error(dict(plain.result().items()), dict(one.result().items())) <= DET_REL_F64
+    single = fimfast.DiagFisher(model, "exact", reduction="sum")
+    single._persample.stream_batched = False
+    single.step((x, y))
+    assert sizes == [1] * 9
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    for e in (est, single):
+        assert rel_error(dict(e.result().items()), dict(one.result().items())) <= DET_REL_F64
 
 
 def test_a_batch_that_cannot_stream_runs_again_unstreamed(monkeypatch):
     """A streamed batched backward that fails (an operator torch cannot batch with hooks) leaves
-    nothing of its squares: the fast groups run again, unstreamed, and the estimate is exact."""
+    nothing of its squares: the fast groups run again, one column per backward, and the estimate
+    is exact."""
     from fimfast.persample import stream
 
-    model, x, y = _mlp(torch.float64)
+    model, x, y = _deep_tanh()
+    model.double()
+    x = x.double()
     real = stream.backward
     calls = []
 
@@ -81,7 +110,7 @@ def test_a_batch_that_cannot_stream_runs_again_unstreamed(monkeypatch):
     monkeypatch.setattr(stream, "backward", failing)
     est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
-    assert calls == [3, 3] and not est._persample.stream_batched
+    assert calls == [5, 4] + [1] * 9 and not est._persample.stream_batched
     one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
     one.step((x, y))
     assert rel_error(dict(est.result().items()), dict(one.result().items())) <= DET_REL_F64
@@ -168,13 +197,13 @@ def test_exact_step_peak_within_twice_a_training_step():
 
 
 def test_default_chunks_are_bounded_by_a_training_step(monkeypatch):
-    """float32: 2 columns per plain backward, 4 streamed: three streamed chunks of 3."""
+    """float32: 2 columns per plain backward: 2, 2, 2, 2, 1."""
     model, x, y = _mlp()
-    assert (_chunking(model, x, 4, False), _chunking(model, x, 4, True)) == (2, 4)
+    assert _chunking(model, x, 4, False) == 2
     sizes = _count_backwards(monkeypatch)
     est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
-    assert sizes == [3, 3, 3]
+    assert sizes == [2, 2, 2, 2, 1]
 
 
 @pytest.mark.parametrize("budget_mb", ["0.0001", "100000"])
