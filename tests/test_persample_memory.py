@@ -377,3 +377,26 @@ def test_bench_summary_takes_ratios_per_round():
     row = summarize(res)["exact"]
     assert row["step_tensor_x_floor"] == 1.5 and row["call_tensor_x_floor"] == 2.5
     assert row["cpu_ratio"] == {"median": 2.0, "min": 1.0, "max": 3.0}  # not 3 / 2 = 1.5
+
+
+def test_batched_grads_equal_autograd_grad():
+    """``stream.batched_grads`` (one engine call, no ``autograd.grad`` wrappers) against
+    ``torch.autograd.grad(..., is_grads_batched=True)``: the same gradients bit for bit, ``None``
+    for an input the outputs do not reach, and the graph kept for a second call."""
+    from fimfast.persample import stream
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    unused = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    h = x @ w
+    z = torch.tanh(h) @ w.t()
+    cot = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    got = stream.batched_grads(z, [h, w, unused], cot, True)
+    want = torch.autograd.grad(z, [h, w, unused], cot, is_grads_batched=True, allow_unused=True,
+                               retain_graph=True)
+    assert got[2] is None and want[2] is None
+    for a, b in zip(got[:2], want[:2]):
+        assert a.shape == b.shape and torch.equal(a, b)
+    again = stream.batched_grads(z, [w], cot[:1], False)
+    assert torch.equal(again[0], want[1][:1])
