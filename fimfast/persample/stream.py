@@ -22,7 +22,15 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-from torch.autograd.graph import _engine_run_backward as _run_backward
+
+try:  # the engine call of torch.autograd.grad and torch._vmap_internals' batching
+    from torch.autograd.graph import _engine_run_backward as _run_backward
+
+    _RAW = all(hasattr(torch, n) for n in ("_add_batch_dim", "_remove_batch_dim")) and hasattr(
+        torch._C, "_vmapmode_increment_nesting"
+    )
+except ImportError:  # pragma: no cover - other torch versions: autograd.grad itself
+    _RAW = False
 
 
 class Unbatched(RuntimeError):
@@ -38,6 +46,9 @@ def batched_grads(flat: torch.Tensor, inputs: list, cot: torch.Tensor, retain: b
     ``torch._vmap_internals``' batching (told to ``on_level`` before the backward runs), the
     engine run once, the gradients unbatched (``None`` where an input is unused)."""
     M = cot.shape[0]
+    if not _RAW:  # pragma: no cover - no hooks can be unbatched either (batched_hooks_work)
+        return list(torch.autograd.grad(flat, inputs, cot, retain_graph=retain,
+                                        allow_unused=True, is_grads_batched=True))
     level = torch._C._vmapmode_increment_nesting()
     try:
         if on_level is not None:
