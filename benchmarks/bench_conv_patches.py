@@ -61,7 +61,7 @@ def _runner(key: str, method: str, mode: str):
     name, _, opt = method.partition("@")
     est = fimfast.DiagFisher(model, name, reduction="sum")
     default_lazy = conv.PATCHES_LAZY_FROM
-    default_bound = chunks.TRAIN_BOUND_FROM
+    default_bound = getattr(chunks, "TRAIN_BOUND_FROM", None)  # trees with a threshold
 
     default_side = conv.ConvRule._input_side
 
@@ -70,12 +70,15 @@ def _runner(key: str, method: str, mode: str):
             conv.ConvRule._input_side = lambda self, module, x, *a: self._patches(module, x)
         elif mode == "chunked":
             conv.PATCHES_LAZY_FROM = 0
-        chunks.TRAIN_BOUND_FROM = 0 if opt == "bound" else default_bound
+        if default_bound is not None:
+            chunks.TRAIN_BOUND_FROM = 0 if opt == "bound" else default_bound
         try:
             est.reset()
             est.step((X, y))
         finally:
-            conv.PATCHES_LAZY_FROM, chunks.TRAIN_BOUND_FROM = default_lazy, default_bound
+            conv.PATCHES_LAZY_FROM = default_lazy
+            if default_bound is not None:
+                chunks.TRAIN_BOUND_FROM = default_bound
             conv.ConvRule._input_side = default_side
 
     return step, est

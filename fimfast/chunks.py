@@ -18,13 +18,14 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   tap (the batched backward returns them together) and the two largest buffers alive at once
   inside the backward (an operator's incoming and outgoing gradient, each at most the largest
   tap): ``u = e R C + 4 (sum_taps |tap| + 2 max_taps |tap|)``, plus ``4 |logits|`` when the
-  logits layer's output gradient is laid out as the logits. The budget is the smaller of ``B``
-  and what one training step of the same model holds at its peak, at least
-  ``B_train = 4 P + 8 sum_taps |tap|`` (a float32 gradient per parameter of the step, the layer
-  outputs and their gradients), so that the step's peak stays within about twice a
-  training step's (docs/estimators.md, "Memory"); ``B_train`` counts as at least
-  ``TRAIN_BOUND_FROM`` (64 MiB): a smaller model back-propagates all its columns at once (a few MB
-  more, and faster); ``class_chunk`` wins.
+  logits layer's output gradient is laid out as the logits. A streamed backward
+  (:mod:`fimfast.persample.stream`: each call's squares formed as its gradients arrive, the
+  gradients dropped) holds no tap's gradient to the end: ``u = e R C + 8 max_taps |tap|``
+  (plus the logits). The budget is the smaller of ``B`` and what one training step of the same
+  model holds at its peak, ``B_train = 4 P + 8 sum_taps |tap|`` (a float32 gradient per
+  parameter of the step, the layer outputs and their gradients), so that the step's peak stays
+  within about twice a training step's (docs/estimators.md, "Memory"); ``class_chunk`` wins.
+  :func:`balanced` then spreads the columns evenly over the fewest chunks of that size.
 * :func:`patch_samples`: samples of a convolution's unfolded input patches formed at once
   (:class:`fimfast.rules.base.Patches`): ``u`` the bytes of one sample's patches, and the budget
   at most ``PATCH_BYTES`` (a few MB, so that the patches stay a small temporary next to the
@@ -75,10 +76,6 @@ def probe_columns(flat: torch.Tensor, taps: list) -> int:
     return _fit(flat.element_size() * flat.numel() + 4 * _tap_elems(taps))
 
 
-# the training-step bound of fast_columns applies from this many bytes on (64 MiB)
-TRAIN_BOUND_FROM = 64 << 20
-
-
 def fast_columns(
     flat: torch.Tensor,
     taps: list,
@@ -86,6 +83,7 @@ def fast_columns(
     class_chunk: int | None,
     param_elems: int = 0,
     budget: int | None = None,
+    streamed: bool = False,
 ) -> int:
     """Columns per batched backward of the fast path.
 
@@ -97,20 +95,27 @@ def fast_columns(
         class_chunk: the user's fixed chunk (wins over every budget).
         param_elems: elements of the step's parameters (``P`` of ``B_train``).
         budget: the working-memory budget ``B`` (default: ``FIMFAST_MEMORY_BUDGET_MB``).
+        streamed: the backward streams its squares (no tap gradient held to its end).
     """
     if class_chunk:
         return class_chunk
     R, C = flat.shape
     sizes = [math.prod(t.shape) for t in taps]
     total, top = sum(sizes), max(sizes, default=0)
-    per_col = flat.element_size() * R * C + 4 * (total + 2 * top)
+    held = 0 if streamed else total
+    per_col = flat.element_size() * R * C + 4 * (held + 2 * top)
     if head_logits is not None:
         per_col += 4 * head_logits
     budget = _env.memory_budget_bytes() if budget is None else budget
-    # a training step's peak bounds the columns once it is worth bounding: below
-    # TRAIN_BOUND_FROM the whole backward is a few MB, and splitting it costs time, not memory
-    train = max(4 * param_elems + 8 * total, TRAIN_BOUND_FROM)
-    return _fit(per_col, min(budget, train))
+    return _fit(per_col, min(budget, 4 * param_elems + 8 * total))
+
+
+def balanced(total: int, most: int) -> int:
+    """Columns per chunk that split ``total`` columns into the fewest chunks of at most ``most``
+    as evenly as possible (9 columns, at most 8: chunks of 5 and 4, not 8 and 1)."""
+    most = max(1, min(most, total))
+    n = -(-total // most)
+    return -(-total // n)
 
 
 # unfolded patches are formed at most this many bytes at a time (see patch_samples)

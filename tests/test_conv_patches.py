@@ -68,7 +68,7 @@ def test_small_patches_are_kept_when_the_step_has_several_chunks(monkeypatch):
     lc = _build("conv2d_stride_dilation")
     run(lc.case.to(torch.float64), "exact", class_chunk=1)
     assert isinstance(seen[-1], torch.Tensor)
-    run(lc.case.to(torch.float64), "exact")
+    run(lc.case.to(torch.float64), "exact", class_chunk=10**6)  # one backward of every column
     assert isinstance(seen[-1], Patches)
 
 
@@ -122,7 +122,6 @@ def test_step_does_not_hold_the_whole_batch_patches(monkeypatch, fim_type, class
     EMPIRICAL step and of an EXACT step of one column per backward stays under the input, the
     output and its gradient (a few times each), the tapped gradients and one piece of patches,
     well under the patches of the whole batch; with the patches kept whole it is over."""
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 0)
     monkeypatch.setattr(conv, "PATCHES_LAZY_FROM", 0)
     model, x, y = _cnn()
     conv_layer = model[0]

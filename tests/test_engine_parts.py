@@ -49,13 +49,16 @@ def test_chunk_formulas(monkeypatch):
     assert chunks.fast_columns(flat, taps, 30, None, big) == B // (u + 4 * 30)
     assert chunks.fast_columns(flat, taps, 30, 5, big) == 5  # class_chunk wins
     assert chunks.fast_columns(flat, taps, 30, 5, 0, budget=1) == 5
-    # a training step's peak binds from TRAIN_BOUND_FROM bytes on: below, it counts as that
-    assert chunks.fast_columns(flat, taps, None, None, 1000) == B // u  # B < 64 MiB binds
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 0)  # B_train = 4 * 1000 + 8 * 84 bytes
+    # a training step's peak binds: B_train = 4 * 1000 + 8 * 84 bytes
     assert chunks.fast_columns(flat, taps, None, None, 1000) == (4 * 1000 + 8 * 84) // u
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 5000)
-    assert chunks.fast_columns(flat, taps, None, None, 1000) == 5000 // u
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 0)
+    # streamed: no tap gradient held to the end of the backward
+    su = 8 * 18 + 8 * 60
+    assert chunks.fast_columns(flat, taps, None, None, 1000, streamed=True) == (
+        (4 * 1000 + 8 * 84) // su
+    )
+    # columns spread evenly over the fewest chunks
+    assert [chunks.balanced(9, m) for m in (1, 2, 3, 4, 5, 8, 9, 50)] == [1, 2, 3, 3, 5, 5, 9, 9]
+    assert chunks.balanced(1, 0) == 1
     assert chunks.fast_columns(flat, taps, None, None, 10**5, budget=3 * u) == 3
     assert chunks.fast_columns(flat, taps, None, None, 0) == 1  # at least one
     assert chunks.samples_per_chunk(1000) == B // 8000

@@ -2,7 +2,8 @@
 path it replaces.
 
 * ``fimfast.persample.squares.linear_lane``: the squares of ``nn.Linear`` / Hugging Face
-  ``Conv1D`` without weight sharing, for one column, straight from the output gradient;
+  ``Conv1D`` without weight sharing, for a chunk of columns, straight from the output gradient
+  (several columns: the weight's squares summed in place, the bias read from them at the end);
 * ``fimfast.rules.norm.LayerNormRule.xhat``: the normalised input by torch's kernel with a unit
   weight (the same values as the kernel without the affine);
 * ``fimfast.hooks.Capture.uses_of``: a Linear call's uses kept across steps of one parameter set.
@@ -48,8 +49,8 @@ def _lane_spy(monkeypatch, enabled: bool = True) -> list[str]:
     taken: list[str] = []
     real = squares.linear_lane
 
-    def lane(g, gmap, acc, sq=None):
-        done = enabled and real(g, gmap, acc, sq)
+    def lane(g, gmap, acc, lanes, sq=None):
+        done = enabled and real(g, gmap, acc, lanes, sq)
         if done:
             taken.append(str(g.kind))
         return done
@@ -82,19 +83,30 @@ def test_linear_lane_matches_the_oracle_and_the_terms(monkeypatch, kind, fim_typ
         assert rel_error(got, rj.split(oracle_flat(rj, "categorical", "empirical"))) <= DET_REL_F64
 
 
-def test_linear_lane_stays_out_of_several_columns(monkeypatch):
-    """Several draws (one backward of two columns): the weight's squares are summed over the
-    columns first (no lane), the bias's are not shared; equal to the generic path."""
+@pytest.mark.parametrize("fim_type,kw", [("monte_carlo", {"num_probes": 2}),
+                                         ("exact", {"class_chunk": 2}),
+                                         ("exact", {"class_chunk": 10**6})])
+def test_linear_lane_takes_several_columns(monkeypatch, fim_type, kw):
+    """Several columns per backward (two draws; EXACT's 3 columns in chunks of 2, or in one
+    backward): each chunk's squares are summed into the weight's ``S`` in place and the bias
+    reads ``sum_n S_n`` at the end of the step; equal to the generic path."""
     model = _model("mlp").double()
     batch = _batch("mlp")
     taken = _lane_spy(monkeypatch)
-    est = fimfast.DiagFisher(model, "monte_carlo", seed=4, num_probes=2)
+    est = fimfast.DiagFisher(model, fim_type, seed=4, **kw)
     est.step(batch)
-    assert taken == []
-    ref = fimfast.DiagFisher(model, "monte_carlo", seed=4, num_probes=2)
+    chunks = 2 if kw.get("class_chunk") == 2 else 1
+    assert sorted(taken) == sorted(["outer", "vec"] * 2 * chunks), taken
+    lanes = [g for g in est._persample.last_plan.groups if str(g.kind) == "vec"]
+    assert lanes and all(g.state.partner for g in lanes)  # biases read from their weights
+    ref = fimfast.DiagFisher(model, fim_type, seed=4, **kw)
     ref._persample.use_rules = False
     ref.step(batch)
     assert rel_error(dict(est.result()), dict(ref.result())) <= DET_REL_F64
+    rj = row_jacobians(classifier_case(model, batch, 4, "lanes"))
+    if fim_type == "exact":
+        want = rj.split(oracle_flat(rj, "categorical", "exact"))
+        assert rel_error(dict(est.result()), want) <= DET_REL_F64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

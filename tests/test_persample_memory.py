@@ -1,8 +1,9 @@
 """Peak memory of an EXACT step against one training step, and the chunking that bounds it.
 
 By default the fast path back-propagates as many output columns at once as fit what one training
-step of the model holds at its peak (fimfast/chunks.py, ``fast_columns``): a step of EXACT then
-stays within about twice the training step's peak tensor memory, and any chunking gives the same
+step of the model holds at its peak (fimfast/chunks.py, ``fast_columns``), streaming the squares
+where that is one column (fimfast/persample/stream.py): a step of EXACT then stays
+within about twice the training step's peak tensor memory, and any chunking gives the same
 estimate as one backward of every column. The peak is the tensor storage live at once, from the
 profiler's allocation events (benchmarks/memory.py, ``TensorPeakMeter``): exact and repeatable,
 unlike the resident set.
@@ -28,24 +29,97 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.memory import TensorPeakMeter  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _bound_small_models(monkeypatch):
-    """The models here are small: bound them by a training step as if they were not (the bound
-    applies from ``chunks.TRAIN_BOUND_FROM`` bytes on)."""
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 0)
+def _chunking(model, x, dtype_bytes: int, streamed: bool) -> int:
+    """``fast_columns`` of the MLP of :func:`_mlp` by hand: ``B_train = 4 P + 8 sum|tap|``, per
+    column ``e R C + 4 (sum|tap| + 2 max|tap|)``, streamed ``e R C + 8 max|tap|``."""
+    N = x.shape[0]
+    P = sum(p.numel() for p in model.parameters())
+    taps, top = N * (256 + 128), N * 256
+    per_col = dtype_bytes * N * 10 + (8 * top if streamed else 4 * (taps + 2 * top))
+    return max(1, (4 * P + 8 * taps) // per_col)
 
 
-def test_small_models_keep_one_backward_of_every_column(monkeypatch):
-    """Under ``TRAIN_BOUND_FROM`` (64 MiB) the default is one backward of all columns, without
-    streaming (faster; the step is a few MB)."""
-    monkeypatch.setattr(chunks, "TRAIN_BOUND_FROM", 64 << 20)
+def test_default_chunks_plain_where_several_columns_fit(monkeypatch):
+    """The MLP's 9 columns, 2 per plain backward: five plain chunks spread as 2, 2, 2, 2, 1 (no
+    streaming, no add taps); the estimate of one backward of every column."""
     model, x, y = _mlp(torch.float64)
+    assert _chunking(model, x, 8, False) == 2
     sizes = _count_backwards(monkeypatch)
     est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
+    assert sizes == [2, 2, 2, 2, 1] and not est._persample.add_taps
+    sizes.clear()
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    assert sizes == [9] and not one._persample.add_taps
+    assert rel_error(dict(est.result().items()), dict(one.result().items())) <= DET_REL_F64
+
+
+def _deep_chunking(streamed: bool) -> int:
+    """``fast_columns`` of :func:`_deep_tanh` by hand (float32, 512 rows, 7 taps of 64)."""
+    model, x, _ = _deep_tanh()
+    P = sum(p.numel() for p in model.parameters())
+    top = 512 * 64
+    taps = 7 * top
+    per_col = 4 * 512 * 10 + (8 * top if streamed else 4 * (taps + 2 * top))
+    return max(1, (4 * P + 8 * taps) // per_col)
+
+
+def test_default_streams_batches_where_one_plain_column_fits(monkeypatch):
+    """Seven hidden layers: one column per plain backward (every tap's gradient held), 6 streamed
+    (none held): two streamed backward passes of 5 and 4 columns, the next forward tapping by
+    adds; without streaming of several columns, nine of one. Both equal one backward of every
+    column."""
+    assert (_deep_chunking(False), _deep_chunking(True)) == (1, 6)
+    model, x, y = _deep_tanh()
+    model.double()
+    x = x.double()
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
-    assert sizes == [9, 9]
-    assert not est._persample.add_taps
+    assert sizes == [5, 4] and est._persample.add_taps
+    sizes.clear()
+    single = fimfast.DiagFisher(model, "exact", reduction="sum")
+    single._persample.stream_batched = False
+    single.step((x, y))
+    assert sizes == [1] * 9
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    for e in (est, single):
+        assert rel_error(dict(e.result().items()), dict(one.result().items())) <= DET_REL_F64
+
+
+def test_a_batch_that_cannot_stream_runs_again_unstreamed(monkeypatch):
+    """A streamed batched backward that fails (an operator torch cannot batch with hooks) leaves
+    nothing of its squares: the fast groups run again, one column per backward, and the estimate
+    is exact."""
+    from fimfast.persample import stream
+
+    model, x, y = _deep_tanh()
+    model.double()
+    x = x.double()
+    real = stream.backward
+    calls = []
+
+    def failing(flat, handles, cot, retain, on_grad):
+        calls.append(cot.shape[0])
+        if len(calls) == 2:  # the second chunk, after the first added its squares
+            raise stream.Unbatched("no batching rule")
+        return real(flat, handles, cot, retain, on_grad)
+
+    monkeypatch.setattr(stream, "backward", failing)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    assert calls == [5, 4] + [1] * 9 and not est._persample.stream_batched
+    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
+    one.step((x, y))
+    assert rel_error(dict(est.result().items()), dict(one.result().items())) <= DET_REL_F64
+
+
+def test_hooks_in_a_batched_backward_see_its_gradients():
+    from fimfast.persample import stream
+
+    assert stream.batched_hooks_work()
 
 
 def _mlp(dtype=torch.float32):
@@ -123,23 +197,13 @@ def test_exact_step_peak_within_twice_a_training_step():
 
 
 def test_default_chunks_are_bounded_by_a_training_step(monkeypatch):
-    model, x, y = _mlp(torch.float64)
+    """float32: 2 columns per plain backward: 2, 2, 2, 2, 1."""
+    model, x, y = _mlp()
+    assert _chunking(model, x, 4, False) == 2
     sizes = _count_backwards(monkeypatch)
     est = fimfast.DiagFisher(model, "exact", reduction="sum")
     est.step((x, y))
-    got = dict(est.result().items())
-    # B_train = 4 P + 8 sum|tap|, per column e R C + 4 (sum|tap| + 2 max|tap|)
-    P = sum(p.numel() for p in model.parameters())
-    taps = 64 * (256 + 128)
-    per_col = 8 * 64 * 10 + 4 * (taps + 2 * 64 * 256)
-    M = (4 * P + 8 * taps) // per_col
-    assert 1 <= M < 9
-    assert sizes[: 9 // M] == [M] * (9 // M) and sum(sizes) == 9
-    sizes.clear()
-    one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
-    one.step((x, y))
-    assert sizes == [9]
-    assert rel_error(got, dict(one.result().items())) <= DET_REL_F64
+    assert sizes == [2, 2, 2, 2, 1]
 
 
 @pytest.mark.parametrize("budget_mb", ["0.0001", "100000"])
@@ -175,6 +239,10 @@ def test_fast_columns_counts_the_step_parameters():
     assert chunks.fast_columns(flat, taps, None, None, 10**4, budget=2**30) == (
         (4 * 10**4 + 8 * 600) // per_col
     )
+    streamed = 4 * 12 + 8 * 400  # no tap gradient held to the end
+    assert chunks.fast_columns(flat, taps, None, None, 10**4, budget=2**30, streamed=True) == (
+        (4 * 10**4 + 8 * 600) // streamed
+    )
 
 
 def _deep_tanh():
@@ -208,19 +276,25 @@ def test_one_column_backward_streams_its_squares():
     assert e <= 2.2 * t, (e, t)
 
 
+@pytest.mark.parametrize("per_backward", [1, 3])
 @pytest.mark.parametrize("name", ["relu_mlp", "cnn", "encoder", "tied", "token_lm"])
-def test_streamed_steps_match_one_backward(name):
-    """Three steps with one column per backward (the first with direct taps where the model
-    allows, the next ones with add taps) sum to three times the estimate of one backward of
-    every column, in float64."""
+def test_streamed_steps_match_one_backward(monkeypatch, name, per_backward):
+    """Three steps streamed with ``per_backward`` columns per backward (the first with direct
+    taps where the model allows, the next ones with add taps; 3: one batched backward of 3
+    columns with hooks, fimfast/persample/stream.py) sum to three times the estimate of one
+    backward of every column, in float64."""
     from cases import make_case
 
+    monkeypatch.setattr(engine_mod, "_columns", lambda *a: (per_backward, True))
     case = make_case(name).to(torch.float64)
     kw = dict(likelihood=case.likelihood, reduction="sum")
-    streamed = fimfast.DiagFisher(case.model, "exact", class_chunk=1, **kw)
+    streamed = fimfast.DiagFisher(case.model, "exact", **kw)
+    sizes = _count_backwards(monkeypatch)
     for _ in range(3):
         streamed.step(case.batch)
-    assert streamed._persample.add_taps
+    assert streamed._persample.add_taps and max(sizes) <= per_backward
+    assert (max(sizes) > 1) == (per_backward > 1)  # several columns in one streamed backward
+    monkeypatch.undo()
     ref = fimfast.DiagFisher(case.model, "exact", class_chunk=10**6, **kw)
     ref.step(case.batch)
     want = {k: 3 * v for k, v in ref.result().items()}
@@ -303,3 +377,26 @@ def test_bench_summary_takes_ratios_per_round():
     row = summarize(res)["exact"]
     assert row["step_tensor_x_floor"] == 1.5 and row["call_tensor_x_floor"] == 2.5
     assert row["cpu_ratio"] == {"median": 2.0, "min": 1.0, "max": 3.0}  # not 3 / 2 = 1.5
+
+
+def test_batched_grads_equal_autograd_grad():
+    """``stream.batched_grads`` (one engine call, no ``autograd.grad`` wrappers) against
+    ``torch.autograd.grad(..., is_grads_batched=True)``: the same gradients bit for bit, ``None``
+    for an input the outputs do not reach, and the graph kept for a second call."""
+    from fimfast.persample import stream
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    unused = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    h = x @ w
+    z = torch.tanh(h) @ w.t()
+    cot = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    got = stream.batched_grads(z, [h, w, unused], cot, True)
+    want = torch.autograd.grad(z, [h, w, unused], cot, is_grads_batched=True, allow_unused=True,
+                               retain_graph=True)
+    assert got[2] is None and want[2] is None
+    for a, b in zip(got[:2], want[:2]):
+        assert a.shape == b.shape and torch.equal(a, b)
+    again = stream.batched_grads(z, [w], cot[:1], False)
+    assert torch.equal(again[0], want[1][:1])

@@ -100,15 +100,13 @@ class Columns:
         if self.block is not None:
             return self.block.index_select(0, ks)
         M = ks.numel()
-        sp = self.sp.index_select(1, ks).transpose(0, 1)  # (M, R)
-        ar = torch.arange(M, device=ks.device)
+        sp = self.sp.index_select(1, ks).t().unsqueeze(-1)  # (M, R, 1)
         if self.aq is None:
             cols = torch.zeros(M, self.R, self.C, dtype=self.dtype, device=sp.device)
         else:
-            cols = sp.unsqueeze(-1) * self.aq.unsqueeze(0)
-            cols.neg_()
-        cols[ar, :, ks] += sp
-        return cols
+            cols = torch.mul(sp, self.aq.unsqueeze(0)).neg_()
+        # + sqrt(p_k) at class k of column k: one scatter (an indexed += is three kernels)
+        return cols.scatter_add_(2, ks.view(M, 1, 1).expand(M, self.R, 1), sp)
 
     def every(self) -> torch.Tensor:
         """All columns at once, ``(num, R, C)`` (the score columns as they are: not to be

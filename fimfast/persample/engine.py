@@ -7,7 +7,6 @@ when the fast path is exact.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any
 
 import torch
@@ -16,10 +15,18 @@ from fimfast import chunks, hooks
 from fimfast.batch_sums import Sums
 from fimfast.ops import registry
 from fimfast.persample import plan as planning
-from fimfast.persample import squares
+from fimfast.persample import squares, stream
 from fimfast.persample.columns import Columns
 from fimfast.persample.generic import _batched_grads, accumulate_columns
-from fimfast.persample.plan import HEAD_KINDS, Group, Plan, _structure, _Template
+from fimfast.persample.plan import (
+    HEAD_KINDS,
+    Group,
+    GroupKind,
+    GroupState,
+    Plan,
+    _structure,
+    _Template,
+)
 from fimfast.persample.replay import Replay, _refuse_hidden
 from fimfast.step import Step
 from fimfast.types import Options
@@ -46,6 +53,7 @@ class Engine(Replay):
         self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
         self._logged: dict[int, str] = {}
         self.sequence_rows = False  # this step's rows are whole sequences (see Options)
+        self.stream_batched = True  # chunks of several columns may stream (see _columns)
 
     # -- planning --------------------------------------------------------------------------- #
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
@@ -112,7 +120,14 @@ class Engine(Replay):
             group = rows.sample if self.sequence_rows else None
             accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
         if plan.groups:
-            self._fast(rows, params, plan, cols, opts, acc, retain_graph)
+            try:
+                self._fast(rows, params, plan, cols, opts, acc, retain_graph)
+            except stream.Unbatched:
+                # the batched backward cannot run with hooks on this model: the fast groups
+                # again (the graph was retained), their chunks of columns not streamed
+                self.stream_batched = False
+                acc = _fresh(acc, plan, params, step)
+                self._fast(rows, params, plan, cols, opts, acc, retain_graph)
         if step.defer_square and (acc.products or acc.rows):
             return acc  # the state folds the kept products and rows (Sums.fold_into)
         return acc.tensors()
@@ -151,18 +166,15 @@ class Engine(Replay):
             kk, tt, rpos = _schedule(rows, cols, token)
             total = kk.numel()
             head_logits = rows.logits.numel() if need_head else None
-            P = sum(p.numel() for p in params)
-            M_max = chunks.fast_columns(flat, taps, head_logits, opts.class_chunk, P)
+            M_max, streams = _columns(flat, taps, head_logits, opts.class_chunk,
+                                      sum(p.numel() for p in params), total, self.stream_batched)
         else:  # one column (EMPIRICAL, one draw of MONTE_CARLO): one backward, as it is
-            kk, total, M_max = None, 1, 1
+            kk, total, M_max, streams = None, 1, 1, False
         for g in groups:
             g.state.single = total == 1
-        # one column per backward because memory bounds the columns (EXACT, or MONTE_CARLO with
-        # several draws): its squares are formed as each call's gradients arrive, and the next
-        # forward taps every output by an add, whose gradient need not be kept. A single column
-        # (EMPIRICAL) holds one gradient per tap, less than a training step: no streaming.
-        stream = M_max == 1 and total > 1
-        self.add_taps = stream
+        # a streamed step (:mod:`.stream`) forms each call's squares as its gradients arrive, and
+        # the next forward taps every output by an add, whose gradient need not be kept
+        self.add_taps = streams
         for c in plan.calls:
             c.chunks = -(-total // M_max)
         for s in range(0, total, M_max):
@@ -172,7 +184,7 @@ class Engine(Replay):
             if cot.dtype != flat.dtype:
                 cot = cot.to(flat.dtype)
             retain = retain_graph or s + M_max < total  # a later chunk needs the graph
-            if stream:
+            if streams:
                 _stream(rows, plan.calls, groups, cot, retain, head if need_head else None,
                         acc, backend)
                 continue
@@ -181,6 +193,37 @@ class Engine(Replay):
             _chunk(groups, gmap, acc, backend)
             del gmap
         squares.finish(groups, acc, backend)
+
+
+def _columns(flat, taps, head_logits, class_chunk, P: int, total: int,
+             batched: bool) -> tuple[int, bool]:
+    """``(columns per backward, streamed)`` for ``total`` columns: as many as the memory bound
+    of a plain batched backward allows (:func:`fimfast.chunks.fast_columns`), spread evenly over
+    the chunks (:func:`fimfast.chunks.balanced`); where that is one column, the backward streams
+    its squares (:mod:`.stream`), with as many columns as the streamed bound allows when
+    ``batched`` (the engine's :attr:`Engine.stream_batched`) and
+    :func:`.stream.batched_hooks_work`. Measured on CPU (1 thread), streaming costs more than a
+    few more plain chunks (add taps, hooks): MLP (a) 2.54x a training step in three plain chunks,
+    2.67x in two streamed ones, 2.45x in one plain backward of all 9 columns."""
+    plain = chunks.fast_columns(flat, taps, head_logits, class_chunk, P)
+    if plain > 1 or total == 1:
+        return chunks.balanced(total, plain), False
+    streamed = 1
+    if batched and stream.batched_hooks_work():
+        streamed = chunks.fast_columns(flat, taps, head_logits, class_chunk, P, streamed=True)
+    return chunks.balanced(total, streamed), True
+
+
+def _fresh(acc: Sums, plan: Plan, params, step: Step) -> Sums:
+    """A new accumulator holding only ``acc``'s generic parameters, and fresh group states: the
+    fast path starts over."""
+    fresh = Sums([p.shape for p in params], step.dtypes, [p.device for p in params])
+    fresh.fold = acc.fold
+    for i in plan.generic:
+        fresh.slots[i] = acc.slots[i]
+    for g in plan.groups:
+        g.state = GroupState()
+    return fresh
 
 
 def _folds(backend: str | None, device: torch.device) -> bool:
@@ -229,68 +272,19 @@ def _head_grad(rows, cot: torch.Tensor) -> torch.Tensor:
 
 
 def _stream(rows, calls, groups: list[Group], cot, retain: bool, head, acc: Sums, backend):
-    """The backward of one column (``cot`` ``(1, R, C)``) with the squares formed while it runs.
-
-    A hook on every tap records its gradient; once every tap of a call has its gradient, the
-    groups whose calls are all complete are squared (:func:`_chunk`) and the gradients of calls
-    no other group waits for are dropped, so only the layers between two completions hold their
-    column gradients at once (a backward that returns every tap's gradient holds all of them
-    until it ends). The hook of an add tap (:meth:`fimfast.hooks.Capture.tap`) hands the engine
-    a zero of no storage in place of its gradient, which flows nowhere else; a direct tap's
-    gradient is the layer output's and flows on, so the backward keeps it to the end. Groups
-    with a gradient that never arrives are squared after the backward, as with ``None``."""
-    gmap: dict[int, torch.Tensor | None] = {}
-    waiting = {id(c): len(c.taps) for c in calls}
-    users: Counter = Counter(id(c) for g in groups for c, _ in g.members)
-    todo = list(groups)
-    if head is not None:
-        gmap[id(head.taps[0].handle)] = _head_grad(rows, cot)
-        waiting[id(head)] = 0
-
-    def flush(final: bool = False) -> None:
-        nonlocal todo
-        ready = [g for g in todo if final or all(waiting.get(id(c), 0) == 0 for c, _ in g.members)]
-        if not ready:
-            return
-        todo = [g for g in todo if all(g is not r for r in ready)]
-        _chunk(ready, gmap, acc, backend)
-        for g in ready:
-            for c, _ in g.members:
-                users[id(c)] -= 1
-                if users[id(c)] == 0:
-                    for t in c.taps:
-                        gmap.pop(id(t.handle), None)
-
-    def hook_for(t, c):
-        def hook(g: torch.Tensor):
-            gmap[id(t.handle)] = g.unsqueeze(0)
-            waiting[id(c)] -= 1
-            if waiting[id(c)] == 0:
-                flush()
-            if not t.direct:
-                return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
-            return None
-
-        return hook
-
-    handles = [t.handle for c in calls for t in c.taps]
-    removers = [t.handle.register_hook(hook_for(t, c)) for c in calls for t in c.taps]
-    try:
-        if handles:
-            torch.autograd.grad(rows.flat, handles, grad_outputs=cot[0], retain_graph=retain,
-                                allow_unused=True)
-    finally:
-        for r in removers:
-            r.remove()
-    flush(final=True)
+    """The backward of the chunk ``cot`` (``(M, R, C)``) with the squares formed while it runs
+    (:func:`fimfast.persample.stream.stream`)."""
+    stream.stream(rows, calls, groups, cot, retain, head,
+                  lambda ready, gmap: _chunk(ready, gmap, acc, backend), _head_grad)
 
 
 def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
     """The rules' terms of one chunk (once per call), added up and squared per group."""
     terms: dict[int, list] = {}
     sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
-    for g in groups:
-        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc, sq0):
+    lanes: dict = {}  # calls whose weight took squares.linear_lane (their bias reads its S)
+    for g in sorted(groups, key=lambda g: g.kind != GroupKind.OUTER):  # weights first
+        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc, lanes, sq0):
             continue
         parts = []
         for c, ui in g.members:

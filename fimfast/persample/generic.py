@@ -11,10 +11,12 @@ from collections.abc import Iterable
 import torch
 
 from fimfast.chunks import pair_chunk
+from fimfast.persample import stream
 
 
 def _batched_grads(flat, params, cot, retain_graph: bool):
-    """``autograd.grad`` with a batch of cotangents; a loop where vmap cannot batch an op.
+    """``autograd.grad`` with a batch of cotangents (:func:`.stream.batched_grads`); a loop
+    where vmap cannot batch an op.
 
     ``retain_graph=False`` frees the graph's buffers as the backward goes (one column only: a
     batched backward that fails part-way must be able to run again as a loop)."""
@@ -24,14 +26,7 @@ def _batched_grads(flat, params, cot, retain_graph: bool):
         )
         return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
-        return torch.autograd.grad(
-            flat,
-            params,
-            grad_outputs=cot,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        return stream.batched_grads(flat, params, cot, True)
     except RuntimeError:
         per = [
             torch.autograd.grad(flat, params, grad_outputs=c, retain_graph=True, allow_unused=True)

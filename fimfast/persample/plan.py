@@ -60,6 +60,9 @@ class GroupState:
         single: this step has one backward column in all.
         Qcat: the concatenated input sides of several uses (the same for every chunk).
         rows: the (sample, id) pairs of a rows group.
+        partner: for the bias of a Linear layer, the weight's group whose ``S`` it is read from
+            at the end of the step (``sum_n S_n``, :func:`.squares.finish`); ``False`` once a
+            chunk added the bias's squares itself (see :func:`.squares.linear_lane`).
     """
 
     S: torch.Tensor | None = None
@@ -68,6 +71,7 @@ class GroupState:
     single: bool = False
     Qcat: torch.Tensor | None = None
     rows: RowIndex | None = None
+    partner: Group | bool | None = None
 
 
 @dataclass

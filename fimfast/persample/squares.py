@@ -32,36 +32,58 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
 
 
 
-def linear_lane(g: Group, gmap: dict, acc: Sums, sq: dict | None = None) -> bool:
+def linear_lane(g: Group, gmap: dict, acc: Sums, lanes: dict, sq: dict | None = None) -> bool:
     """The squares of a group whose one member is a weight or bias of ``nn.Linear`` (or Hugging
-    Face ``Conv1D``) without weight sharing, for one column, straight from the output gradient
-    ``G`` ``(1, N, O)``: the weight's product kept for the state (:meth:`Sums.defer`, else as
-    :func:`_defer_outer` keeps it for :func:`finish`), the bias's ``sum_n G_n^2``. The same
-    arithmetic as :class:`~fimfast.rules.LinearRule`'s terms squared by :func:`accumulate`,
-    without forming the terms (a few ops and 30-100 us of Python per layer and step). ``sq``
-    (one dict per chunk) shares ``G^2`` between a weight whose product the state folds and its
-    bias: one square of ``G`` where each would take its own. Returns ``False`` (nothing done) for
-    any other case."""
+    Face ``Conv1D``) without weight sharing, for one chunk of columns, straight from the output
+    gradient ``G`` ``(M, N, O)``, without forming the rule's terms (a few ops and 30-100 us of
+    Python per layer and chunk); the same arithmetic as :class:`~fimfast.rules.LinearRule`'s
+    terms squared by :func:`accumulate`. Returns ``False`` (nothing done) for any other case.
+
+    The weight adds ``sum_m G_m^2`` into the group's ``S`` in place (no temporary after the
+    first chunk) and records itself in ``lanes`` (by call); a single column in all is kept for
+    the state to fold already squared where it folds (``G^2`` shared with the bias through
+    ``sq``, one dict per chunk: :func:`_shared_square`), else as it came (:meth:`Sums.defer`,
+    else as :func:`_defer_outer` keeps it). The bias of a call whose weight is in ``lanes`` adds
+    nothing now: :func:`finish` reads ``sum_n S_n`` once (the bias gradient of a layer without
+    weight sharing is its output gradient); otherwise it adds ``sum_{m,n} G^2``. Lane or not is
+    structural (rule, tap layout, a gradient that arrives), so every chunk of a step takes the
+    same path; call with the weights first."""
     c, ui = g.members[0]
     if type(c.rule).terms is not _LINEAR_TERMS or g.kind not in _LANE_KINDS:
         return False
     tap = c.taps[0]
     G = gmap.get(id(tap.handle))
-    if G is None or tap.lead != 1 or tap.bdim != 0 or G.shape[0] != 1:
+    if G is None or tap.lead != 1 or tap.bdim != 0:
         return False
+    st = g.state
     dt = acc.dtypes[g.index]
     if g.kind == GroupKind.VEC:
-        acc.add(g.index, _shared_square(G, dt, sq, True).sum(0), g.block)
+        w = lanes.get(id(c))
+        if w is not None and st.partner is not False:
+            st.partner = w
+            return True
+        if st.partner:  # the weight left the lane: a partial S would be counted twice
+            raise RuntimeError(f"the bias of {c.module} lost its weight's squares")
+        st.partner = False
+        G2 = _shared_square(G, dt, sq, True) if G.shape[0] == 1 else G.to(dt).square().sum(0)
+        acc.add(g.index, G2.sum(0), g.block)
         return True
-    st = g.state
-    if not st.single or st.S is not None:
+    if st.single:  # one column in all
+        if st.S is not None or G.shape[0] != 1:
+            return False
+        x = c.data["x"]
+        if acc.fold and acc.defer(g.index, _shared_square(G, dt, sq, True), x, g.block,
+                                  g.transposed, squared=True):
+            return True
+        if not acc.defer(g.index, G[0], x, g.block, g.transposed):  # sq_matmul squares it
+            st.S, st.root, st.Q = G[0], True, x
+        return True
+    if st.root:
         return False
-    x = c.data["x"]
-    if acc.fold and acc.defer(g.index, _shared_square(G, dt, sq, True), x, g.block, g.transposed,
-                              squared=True):
-        return True
-    if not acc.defer(g.index, G[0], x, g.block, g.transposed):
-        st.S, st.root, st.Q = G[0], True, x
+    st.S = _sum_sq(G, dt, st.S)
+    if st.Q is None:
+        st.Q = c.data["x"]
+    lanes[id(c)] = g
     return True
 
 
@@ -106,6 +128,10 @@ def finish(groups: list[Group], acc: Sums, backend) -> None:
     all columns (kept for the state to fold where ``acc`` allows it: :meth:`Sums.defer`)."""
     for g in groups:
         st = g.state
+        if st.partner:  # the bias of a Linear layer: sum_n S_n of its weight (linear_lane)
+            acc.add(g.index, st.partner.state.S.sum(0), g.block)
+    for g in groups:
+        st = g.state
         if st.S is not None:
             S, Q = st.S, st.Q
             if acc.defer(g.index, S, Q, g.block, g.transposed, squared=not st.root):
@@ -135,16 +161,20 @@ def _colsq(P: torch.Tensor, dt: torch.dtype, cache: dict) -> torch.Tensor:
     return cache[k][1]
 
 
-def _sum_sq(P: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """``sum_m P[m]^2`` in ``dt``. A few columns are added one by one into one output, with no
-    ``P``-sized squared temporary (3-8x faster on fresh memory); many by square + sum
-    (``torch.linalg.vector_norm`` over dim 0 is 10-40x slower than either). On an accelerator,
-    where one launch per column costs more than the temporary, always square + sum."""
+def _sum_sq(P: torch.Tensor, dt: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_m P[m]^2`` in ``dt``, added into ``out`` in place when given. A few columns are
+    added one by one into one output, with no ``P``-sized squared temporary (3-8x faster on
+    fresh memory); many by square + sum (``torch.linalg.vector_norm`` over dim 0 is 10-40x
+    slower than either). On an accelerator, where one launch per column costs more than the
+    temporary, always square + sum."""
     M = P.shape[0]
     if M > 32 or P.device.type != "cpu":
-        return P.to(dt).square().sum(0)
-    out = P[0].to(dt).square()
-    for m in range(1, M):
+        s = P.to(dt).square().sum(0)
+        return s if out is None else out.add_(s)
+    first = 0
+    if out is None:
+        out, first = P[0].to(dt).square(), 1
+    for m in range(first, M):
         Pm = P[m].to(dt)
         out.addcmul_(Pm, Pm)
     return out
