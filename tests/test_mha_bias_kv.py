@@ -190,9 +190,13 @@ def test_forward_equals_torch(bias_kv, zero, bf, mask, weights):
 def test_later_steps_with_direct_taps():
     case = _case(_model("tag", VARIANTS[2])).to(torch.float64)
     ref = oracle(case, "exact")
-    est = DiagFisher(case.model, "exact", class_dim=-1, forward_fn=lambda m, b: m(b[0], b[2]))
-    for k in (1, 2, 3):
-        est.step(case.batch)
-        got = dict(est.result().items())
-        assert _rel({n: g / k for n, g in got.items()}, ref) <= DET_REL_F64
+    # default chunks (streamed: every output tapped by an add), and one plain backward of every
+    # column, the path that learns which outputs to tap directly
+    for opts in ({}, {"class_chunk": 10**6}):
+        est = DiagFisher(case.model, "exact", class_dim=-1, forward_fn=lambda m, b: m(b[0], b[2]),
+                         **opts)
+        for k in (1, 2, 3):
+            est.step(case.batch)
+            got = dict(est.result().items())
+            assert _rel({n: g / k for n, g in got.items()}, ref) <= DET_REL_F64
     assert any(key[1] == "bk" for key in est._persample._direct if isinstance(key, tuple))
