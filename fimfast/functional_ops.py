@@ -8,7 +8,7 @@ norms, transposed convolutions and contractions.
   (:mod:`fimfast.rules.norm`).
 * ``F.conv_transpose1d/2d/3d`` with a bare weight and/or bias: the module rule's terms
   (:class:`fimfast.rules.conv.ConvTransposeRule`, docs/math.md §4 "Transposed convolutions").
-* ``torch.einsum`` (explicit subscripts, no ellipsis), ``torch.bmm``, ``torch.baddbmm`` and
+* ``torch.einsum`` (an ellipsis written out as letters), ``torch.bmm``, ``torch.baddbmm`` and
   ``torch.addmm`` with one parameter operand (and/or a parameter as the added ``input``):
   the per-sample gradient of the operand is itself a contraction of the output gradient with the
   other operands, formed per sample and column (a :class:`~fimfast.rules.Vec` of the
@@ -143,27 +143,63 @@ def _conv_transpose(mode, func, args, kwargs):
 # --------------------------------------------------------------------------------------------- #
 # contractions
 # --------------------------------------------------------------------------------------------- #
-def _spec(spec: str, n: int) -> tuple[list[str], str] | None:
-    """``(input subscripts, output subscripts)`` of an einsum equation over ``n`` operands
-    (``None``: ellipsis, a bad count or not letters)."""
+def _spec(spec: str, ops: tuple) -> tuple[list[str], str] | None:
+    """``(input subscripts, output subscripts)`` of an einsum equation over the operands ``ops``
+    (tensors), an ellipsis written out as letters the equation does not use, aligned from the
+    right as einsum broadcasts it (``None``: a bad count, not letters, or ellipsis dims that
+    differ in size between operands: broadcasting there is left to the generic path)."""
     spec = spec.replace(" ", "")
-    if "." in spec:
-        return None
-    ins, _, out = spec.partition("->")
+    ins, arrow, out = spec.partition("->")
     parts = ins.split(",")
-    if len(parts) != n or not all(p.isalpha() for p in parts) or (out and not out.isalpha()):
+    if len(parts) != len(ops):
         return None
-    if "->" not in spec:  # implicit output: the letters seen once, sorted
+    if "." in spec:
+        parts, out = _ellipsis(spec, parts, out, arrow, ops)
+        if parts is None:
+            return None
+    if not all(p.isalpha() for p in parts) or (out and not out.isalpha()):
+        return None
+    if not arrow:  # implicit output: the letters seen once, sorted (after an ellipsis's)
         letters = "".join(parts)
-        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+        out += "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in out))
+    return parts, out
+
+
+def _ellipsis(spec: str, parts: list[str], out: str, arrow: str, ops: tuple):
+    """``(parts, out)`` with each ``...`` written out (see :func:`_spec`); ``(None, None)``
+    where that cannot be done exactly."""
+    free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
+    sizes: dict[int, int] = {}  # position from the right -> size
+    counts = []
+    for part, op in zip(parts, ops):
+        if not isinstance(op, Tensor) or part.count("...") > 1 or (
+            "." in part.replace("...", "")
+        ):
+            return None, None
+        e = op.dim() - len(part.replace("...", "")) if "..." in part else 0
+        if e < 0:
+            return None, None
+        for j in range(e):  # the ellipsis dims of this operand, from the right
+            size = op.shape[len(part.split("...")[0]) + e - 1 - j]
+            if sizes.setdefault(j, size) != size:
+                return None, None
+        counts.append(e)
+    E = max(counts, default=0)
+    if E > len(free) or out.count("...") > 1 or "." in out.replace("...", ""):
+        return None, None
+    letters = "".join(free[:E])
+    parts = [p.replace("...", letters[E - e:]) for p, e in zip(parts, counts)]
+    out = out.replace("...", letters) if arrow else letters
     return parts, out
 
 
 def _contract(mode, func, spec, ops, bias=None, alpha=1, beta=1):
     """Record a contraction ``alpha * einsum(spec, *ops) (+ beta * bias)`` with one parameter
     among ``ops`` and/or ``bias``; run ``func`` on the operands made again."""
-    parsed = _spec(spec, len(ops))
-    if parsed is None or not all(isinstance(o, Tensor) for o in ops):
+    if not all(isinstance(o, Tensor) for o in ops):
+        return None
+    parsed = _spec(spec, ops)
+    if parsed is None:
         return None
     found = [_operand_any(mode, o) for o in ops]
     k = [i for i, f in enumerate(found) if f is not None]

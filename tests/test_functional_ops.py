@@ -201,12 +201,38 @@ class Bags(nn.Module):
         return self.head(torch.tanh(self.fc(x) * (a + b) + c))
 
 
+class Ellipses(nn.Module):
+    """``einsum`` with an ellipsis: a linear map of ``(N, 2, 3)`` activations
+    (``...i,oi->...o``), the same with an implicit output (``...i,io``), a per-feature gain over
+    the leading dims (``n...,...->n...``), and a parameter with an ellipsis of its own
+    (``oi...,ni->no...``: ``(d, d, 1)`` weight, the batch first in the output), and ellipses of
+    different lengths aligned from the right (``...i,...i->...i``, ``(2, 3)`` against
+    ``(N, 2, 3)``)."""
+
+    def __init__(self, d: int = 6, C: int = 4):
+        super().__init__()
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, C)
+        self.A, self.B = _param(3, 3, seed=90), _param(3, 3, seed=91)
+        self.g, self.K = _param(2, 3, seed=92), _param(d, d, 1, seed=93)
+        self.v = _param(2, 3, seed=94)
+
+    def forward(self, x):
+        N = x.shape[0]
+        h = torch.tanh(self.fc(x)).view(N, 2, 3)
+        h = torch.tanh(torch.einsum("...i,oi->...o", h, self.A))
+        h = torch.tanh(torch.einsum("...i,io", h, self.B))
+        h = torch.tanh(torch.einsum("...i,...i->...i", h, self.v))
+        h = torch.einsum("n...,...->n...", h, self.g).reshape(N, 6)
+        h = torch.tanh(torch.einsum("oi...,ni->no...", self.K, h)).squeeze(-1)
+        return self.head(h)
+
+
 # --------------------------------------------------------------------------------------------- #
 # cases
 # --------------------------------------------------------------------------------------------- #
 MODELS = {"scales": Scales, "norms": Norms, "convs": Convs, "contractions": Contractions,
           "bmm_bias": BmmBias, "shared_row": lambda: SharedLookup("row"),
-          "shared_flat": lambda: SharedLookup("flat"), "bags": Bags}
+          "shared_flat": lambda: SharedLookup("flat"), "bags": Bags, "ellipses": Ellipses}
 CASES = list(MODELS)
 # the parameters each case uses through functional calls (all captured)
 FUNCTIONAL = {
@@ -218,6 +244,7 @@ FUNCTIONAL = {
     "shared_row": {"wpe", "W"},
     "shared_flat": {"wpe", "W"},
     "bags": {"Ts", "Tm", "Tx"},
+    "ellipses": {"A", "B", "g", "K", "v"},
 }
 
 
@@ -285,23 +312,21 @@ def test_functional_ops_monte_carlo_same_seed(name):
 # --------------------------------------------------------------------------------------------- #
 class Unrecognised(nn.Module):
     """``p`` used through a function the capture does not follow, next to a captured use of
-    ``fc``: an einsum with an ellipsis, a transpose of a 3-D
-    parameter in ``bmm``, ``exp(s)`` used by a
-    captured product and also summed, ``s + 1`` modified in place before its use, ``erf(s)`` (no
-    derivative known), a diagonal einsum."""
+    ``fc``: a transpose of a 3-D parameter in ``bmm``, ``exp(s)`` used by a captured product and
+    also summed, ``s + 1`` modified in place before its use, ``erf(s)`` (no derivative known), a
+    diagonal einsum, an ellipsis broadcast over a size-1 dim."""
 
     def __init__(self, kind: str, d: int = 6, C: int = 4):
         super().__init__()
         self.kind = kind
         self.fc, self.head = nn.Linear(d, d), nn.Linear(d, C)
-        shape = {"ellipsis": (d, d), "diag": (d, d),
-                 "transposed_3d": (2, 3, 3)}
+        shape = {"diag": (d, d), "transposed_3d": (2, 3, 3), "broadcast": (1, d)}
         self.p = _param(*shape.get(kind, (d,)), seed=80)
 
     def forward(self, x):
         h = torch.tanh(self.fc(x))
-        if self.kind == "ellipsis":
-            h = torch.einsum("...i,oi->...o", h, self.p)
+        if self.kind == "broadcast":  # p's ellipsis dim (1) broadcast against the batch
+            h = torch.einsum("...i,...i->...i", h, self.p)
         elif self.kind == "transposed_3d":
             h = torch.bmm(h.view(-1, 2, 3).transpose(0, 1), self.p.transpose(1, 2))
             h = h.transpose(0, 1).reshape(-1, 6)
@@ -319,7 +344,7 @@ class Unrecognised(nn.Module):
         return self.head(torch.tanh(h))
 
 
-UNRECOGNISED = ["ellipsis", "diag", "transposed_3d", "also_summed", "modified",
+UNRECOGNISED = ["broadcast", "diag", "transposed_3d", "also_summed", "modified",
                 "erf"]
 
 
