@@ -15,7 +15,7 @@ count requires; anything else leaves the parameter to the generic path):
   ``W * mask``: :mod:`fimfast.functional_derived`) and/or ``b`` parameters;
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
-  least 2-D; and ``W @ x`` (the linear map of ``x^T`` with weight ``W``);
+  least 2-D; ``W @ x`` (the linear map of ``x^T``); a ``W`` of 3+ dims: ``batched_matmul``;
 * ``F.embedding(ids, W, padding_idx, max_norm)`` (not ``scale_grad_by_freq``), ids shared by the
   batch (``(1, T)``, or ``(T,)`` once checked) expanded to it as ``nn.Embedding``'s are;
 * ``F.embedding_bag(ids, W, offsets, ..., mode, per_sample_weights, include_last_offset,
@@ -254,6 +254,10 @@ def _matmul(mode: FunctionalMode, func, args, kwargs):
     if kwargs or len(args) != 2 or not all(isinstance(a, Tensor) for a in args):
         return func(*args, **kwargs)
     x, w = args
+    if x.dim() >= 2 and w.dim() >= 2 and max(x.dim(), w.dim()) >= 3:
+        y = fops.batched_matmul(mode, func, x, w)  # None: a 2-D weight, a linear map below
+        if y is not None:
+            return y
     found = _weight(mode, w) if x.dim() >= 2 else None
     if found is None:
         if w.dim() >= 2 and mode.operand(w) is None:  # W @ x

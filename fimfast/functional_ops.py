@@ -258,6 +258,21 @@ def _einsum(mode, func, args, kwargs):
                             ops)
 
 
+def batched_matmul(mode, func, x: Tensor, w: Tensor):
+    """``x @ w`` with both operands at least 2-D and one at least 3-D: a 2-D parameter against
+    a batch of matrices is a linear map (:func:`fimfast.functional._matmul`'s ``Outer``); a
+    parameter of 3 or more dims (per-head weights ``(H, d, e)`` against ``(N, H, T, d)``) is
+    the contraction ``...ij,...jk->...ik`` (the batch dims broadcast from the right)."""
+    fx, fw = _operand_any(mode, x), _operand_any(mode, w)
+    p = fx or fw
+    if p is None or (fx is not None and fw is not None) or p[0].dim() < 3:
+        if p is not None and p[0].dim() == 2:
+            return None  # the caller's linear map
+        return func(x, w)
+    return _record_contract(mode, func, lambda o, b: func(*o), (x, w), {}, "...ij,...jk->...ik",
+                            (x, w))
+
+
 def _bmm(mode, func, args, kwargs):
     if kwargs or len(args) != 2:
         return func(*args, **kwargs)

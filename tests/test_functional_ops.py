@@ -227,12 +227,34 @@ class Ellipses(nn.Module):
         return self.head(h)
 
 
+class Heads(nn.Module):
+    """``@`` with per-head weights of 3 dims: ``(N, 2, 1, 3) @ (2, 3, 3)``, ``(2, 3, 3) @
+    (N, 2, 3, 1)`` (the weight on the left); a 2-D weight against a batch of matrices stays a
+    linear map. (A weight whose size-1 dim broadcasts against the batch, ``(1, 2, 3, 3)``, takes
+    the generic path.)"""
+
+    def __init__(self, d: int = 6, C: int = 4):
+        super().__init__()
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, C)
+        self.Wr, self.Wl = _param(2, 3, 3, seed=95), _param(2, 3, 3, seed=96)
+        self.W2 = _param(3, 3, seed=98)
+
+    def forward(self, x):
+        N = x.shape[0]
+        h = torch.tanh(self.fc(x)).view(N, 2, 1, 3)
+        h = torch.tanh(h @ self.Wr)  # (N, 2, 1, 3)
+        h = torch.tanh(self.Wl @ h.transpose(-1, -2)).transpose(-1, -2)
+        h = torch.tanh(h @ self.W2)
+        return self.head(h.reshape(N, 6))
+
+
 # --------------------------------------------------------------------------------------------- #
 # cases
 # --------------------------------------------------------------------------------------------- #
 MODELS = {"scales": Scales, "norms": Norms, "convs": Convs, "contractions": Contractions,
           "bmm_bias": BmmBias, "shared_row": lambda: SharedLookup("row"),
-          "shared_flat": lambda: SharedLookup("flat"), "bags": Bags, "ellipses": Ellipses}
+          "shared_flat": lambda: SharedLookup("flat"), "bags": Bags, "ellipses": Ellipses,
+          "heads": Heads}
 CASES = list(MODELS)
 # the parameters each case uses through functional calls (all captured)
 FUNCTIONAL = {
@@ -245,6 +267,7 @@ FUNCTIONAL = {
     "shared_flat": {"wpe", "W"},
     "bags": {"Ts", "Tm", "Tx"},
     "ellipses": {"A", "B", "g", "K", "v"},
+    "heads": {"Wr", "Wl", "W2"},
 }
 
 
