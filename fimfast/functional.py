@@ -116,7 +116,7 @@ class FunctionalMode(TorchFunctionMode):
         self.inside[id(module)] -= 1
         swapped = self.swapped.pop() if self.swapped else None
         for name, t in swapped or ():
-            module.__dict__[name] = t
+            setattr(module, name, t)
 
     def derived(self, t: Any) -> tuple | None:
         """``(param, chain)`` of a tensor made for a module's forward in this forward

@@ -280,6 +280,10 @@ class Capture:
         if any(id(u.param) not in self.param_ids for u in call.uses):
             call.uses = [self._resolved(u) for u in call.uses]  # a new list: uses may be shared
             internal = key = None  # made anew for each forward: nothing to reuse
+            if not getattr(call.rule, "takes_functions", False):
+                call.ok, call.reason = False, (
+                    "a parameter reaches it through a function (a pruned module) and its rule "
+                    "does not declare takes_functions")
         call.internal = {id(u.param): 1 for u in call.uses} if internal is None else internal
         call.uses_key = key
         self.calls.append(call)

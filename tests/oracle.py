@@ -51,6 +51,8 @@ def strip_pruned(model: torch.nn.Module) -> torch.nn.Module:
         for hook in m._forward_pre_hooks.values():
             if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
                 m.__dict__.pop(hook._tensor_name, None)
+                if isinstance(m, torch.nn.RNNBase):  # its list of the weights the forward reads
+                    m._init_flat_weights()
     return model
 
 

@@ -202,3 +202,85 @@ def test_structured_per_layer_factors_refuse_a_pruned_module(representation):
     x, y = _batch(False)
     with pytest.raises(ValueError, match=r"module '2' \(Linear\) has a weight made from other"):
         fimfast.fisher(model, [(x, y)], "exact", representation=representation)
+
+
+class Pruned(nn.Module):
+    """One module of each family with a rule, every parameter pruned (weights and biases):
+    sequences ``(N, 3, 4)`` through the module, then a mean and a Linear head."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.inp, self.head = nn.Linear(5, 4), nn.Linear(4, C)
+        self.mod = {
+            "layernorm": lambda: nn.LayerNorm(4), "groupnorm": lambda: nn.GroupNorm(2, 4),
+            "batchnorm": lambda: nn.BatchNorm1d(4), "rmsnorm": lambda: nn.RMSNorm(4),
+            "conv_transpose": lambda: nn.ConvTranspose1d(4, 4, 2, padding=1),
+            "lstm": lambda: nn.LSTM(4, 4, batch_first=True),
+            "rnn": lambda: nn.RNN(4, 4, batch_first=True),
+            "mha": lambda: nn.MultiheadAttention(4, 2, batch_first=True),
+        }[kind]()
+        for name, _ in list(self.mod.named_parameters(recurse=False)):
+            prune.random_unstructured(self.mod, name, amount=0.4)
+        if kind == "batchnorm":  # running statistics: no coupling of the samples
+            self.mod.eval()
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.kind in ("groupnorm", "batchnorm", "conv_transpose"):
+            h = self.mod(h.transpose(1, 2)).transpose(1, 2)
+        elif self.kind in ("lstm", "rnn"):
+            h = self.mod(h)[0]
+        elif self.kind == "mha":
+            h = h + self.mod(h, h, h, need_weights=False)[0]
+        else:
+            h = self.mod(h)
+        return self.head(torch.tanh(h).mean(1))
+
+
+FAMILIES = ["layernorm", "groupnorm", "batchnorm", "rmsnorm", "conv_transpose", "lstm", "rnn",
+            "mha"]
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_pruned_module_families_match_oracle(kind, quantity):
+    """Every rule that takes functions of its parameters (``Rule.takes_functions``) on a module
+    with all its parameters pruned: the float64 oracle, no parameter on the generic path."""
+    torch.manual_seed(3)
+    x = torch.randn(N, 3, 5, generator=_gen(5))
+    y = torch.randint(0, C, (N,), generator=_gen(6))
+    case = Case(kind, _strip(Pruned(kind)), (x, y), lambda m, b: m(b[0]),
+                torch.ones(N, dtype=torch.bool), y, "categorical", C).to(torch.float64)
+    got, est = run_case(case, quantity)
+    assert not est._persample.last_plan.generic, est._persample.last_plan.reasons
+    assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64
+
+
+def test_a_rule_without_takes_functions_leaves_a_pruned_module_to_the_generic_path():
+    """A registered rule that does not declare ``takes_functions`` (its terms might compare a
+    use's parameter with the module's attribute) is not given the pruned weight: its
+    parameters take the generic path, exactly."""
+    from fimfast.rules import LinearRule
+
+    class Scaled(nn.Linear):
+        pass
+
+    class ScaledRule(LinearRule):
+        takes_functions = False
+
+    net = nn.Sequential(Scaled(D, D), nn.Tanh(), nn.Linear(D, C))
+    prune.random_unstructured(net[0], "weight", amount=0.5)
+    x, y = _batch(False)
+    case = Case("custom", _strip(net), (x, y), lambda m, b: m(b[0]),
+                torch.ones(N, dtype=torch.bool), y, "categorical", C).to(torch.float64)
+    from fimfast.rules.registry import register_rule, unregister_rule
+
+    register_rule(Scaled, ScaledRule())
+    try:
+        got, est = run_case(case, "exact")
+    finally:
+        unregister_rule(Scaled)
+    generic = {est.names[i] for i in est._persample.last_plan.generic}
+    assert generic == {"0.weight_orig", "0.bias"}, est._persample.last_plan.reasons
+    assert _rel(got, _oracle(case, "exact")) <= DET_REL_F64

@@ -30,6 +30,7 @@ class MHARule(Rule):
     go to the generic path."""
 
     name = "mha"
+    takes_functions = True  # its terms tell uses apart by position or kind
 
     def install(self, module, cap):
         return patch_forward(module, partial(_mha_forward, self, module, cap))

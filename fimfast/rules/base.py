@@ -337,10 +337,18 @@ class Rule:
             ``F.linear(x, weight, bias)`` (or ``x @ W + b`` for a ``transposed`` weight). True
             only for :class:`~fimfast.rules.LinearRule` and its subclasses; a subclass that
             computes anything else must set it to ``False``.
+        takes_functions: whether the rule may be given a module whose parameter attribute is an
+            elementwise function of a parameter made before its forward (``torch.nn.utils.prune``:
+            ``weight = weight_orig * weight_mask``): its uses then name the parameter and its
+            terms are for that function (the engine applies the derivative). Set it only on a
+            rule whose :meth:`terms` tells its uses apart by position or kind, never by comparing
+            ``use.param`` with the module's attributes; a call of a rule without it sends such
+            parameters to the generic path.
     """
 
     name = "rule"
     closed_form_head = False
+    takes_functions = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # every rule's terms are checked against its uses (kind, size): a wrong term would

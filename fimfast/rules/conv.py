@@ -28,6 +28,7 @@ class ConvRule(Rule):
     group."""
 
     name = "conv"
+    takes_functions = True  # its terms tell uses apart by position or kind
 
     def capture(self, cap, module, x, y):
         if x.dim() != module.weight.dim():  # unbatched input: no sample dimension
@@ -85,6 +86,7 @@ class ConvTransposeRule(Rule):
     of the weight per phase that holds a tap, one block per group."""
 
     name = "conv_transpose"
+    takes_functions = True  # its terms tell uses apart by position or kind
 
     def capture(self, cap, module, x, y):
         if x.dim() != module.weight.dim():  # unbatched input: no sample dimension

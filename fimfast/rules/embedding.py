@@ -17,6 +17,7 @@ class EmbeddingRule(Rule):
     gradients by token id; ``padding_idx`` tokens do not count."""
 
     name = "embedding"
+    takes_functions = True  # its terms tell uses apart by position or kind
 
     def accepts(self, module):
         # scale_grad_by_freq divides by counts over the whole batch: not a per-sample gradient
@@ -90,6 +91,7 @@ class EmbeddingBagRule(Rule):
     EXACT's ``C - 1`` columns than for one."""
 
     name = "embedding_bag"
+    takes_functions = True  # its terms tell uses apart by position or kind
 
     def accepts(self, module):
         # scale_grad_by_freq divides by counts over the whole batch: not a per-sample gradient

@@ -16,6 +16,7 @@ class LinearRule(Rule):
     :class:`~fimfast.rules.Rule` instead)."""
 
     name = "linear"
+    takes_functions = True  # its terms tell uses apart by position or kind
     transposed = False  # weight stored (out, in)
     closed_form_head = True  # the logits layer's squares need no backward column
 

@@ -17,6 +17,8 @@ from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
 class _NormRule(Rule):
     """Shared part of the norms: ``weight`` gets ``sum_t G * xhat``, ``bias`` gets ``sum_t G``."""
 
+    takes_functions = True  # its terms tell uses apart by position or kind
+
     batch_first = True  # channel norms: (N, C, *)
 
     def lead(self, module, y: torch.Tensor) -> int:
@@ -30,7 +32,8 @@ class _NormRule(Rule):
         if lead < 1:
             return None
         tap, out = cap.tap(y, lead=lead, key=(id(module), 0), batch_first=self.batch_first)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
+        weights = [p is w for p in ps]  # by position: a use may name the parameter behind w
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach(), "weights": weights}))
         return out
 
     def xhat(self, module, x: torch.Tensor, data: dict) -> torch.Tensor:
@@ -53,7 +56,7 @@ class _NormRule(Rule):
             prod = lambda: data.pop("xhat").mul_(Gf[0]).sum(1).unsqueeze(0)  # noqa: E731
         else:
             prod = lambda: (Gf * xh).sum(2)  # noqa: E731
-        return [Vec(prod() if u.param is m.weight else Gf.sum(2)) for u in call.uses]
+        return [Vec(prod() if is_w else Gf.sum(2)) for is_w in call.data["weights"]]
 
     def front(self, tap, t: torch.Tensor, extra: int = 0) -> torch.Tensor:
         """``(*extra, N, T, *param_shape)``."""

@@ -58,6 +58,7 @@ class RecurrentRule(Rule):
     a capture (see the module docstring for what runs torch's own forward instead)."""
 
     name = "recurrent"
+    takes_functions = True  # its terms tell uses apart by position or kind
 
     def accepts(self, module):
         return getattr(module, "mode", None) in _GATES
