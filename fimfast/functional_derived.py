@@ -203,7 +203,6 @@ def constant(mode, x: Tensor, s: Tensor) -> bool:
     return any(b is x for b in mode.cap.model.buffers())
 
 
-
 def remake_attributes(mode, module: torch.nn.Module) -> list | None:
     """Make again, for this forward of ``module`` (which has a rule), each plain tensor
     attribute that is an elementwise function of one of its parameters made earlier in this
@@ -212,8 +211,7 @@ def remake_attributes(mode, module: torch.nn.Module) -> list | None:
     (:func:`fimfast.rules.base.trainable`, ``FunctionalMode.derived``), consumed by this
     forward only; the one the model made is left without a consumer in the graph (used
     anywhere else too, it adds an edge into the parameter that no call declares: the generic
-    path). The
-    attributes are put back when the forward returns."""
+    path). The attributes are put back when the forward returns."""
     swapped = []
     for name, t in list(vars(module).items()):
         if not isinstance(t, Tensor) or isinstance(t, torch.nn.Parameter):
@@ -226,11 +224,12 @@ def remake_attributes(mode, module: torch.nn.Module) -> list | None:
             continue
         new = v[3]()
         mode.made[id(new)] = (weakref.ref(new), p, v[4])
-        module.__dict__[name] = new
+        setattr(module, name, new)  # as prune sets it (an RNN updates its list of weights)
         swapped.append((name, t))
     if swapped:
         mode.recorded += 1  # later steps need the mode too
     return swapped or None
+
 
 def weight_of(mode, w: Any) -> tuple | None:
     """``(param, view or None)`` of a 2-D parameter, of the transpose of one, or of an

@@ -284,3 +284,31 @@ def test_a_rule_without_takes_functions_leaves_a_pruned_module_to_the_generic_pa
     generic = {est.names[i] for i in est._persample.last_plan.generic}
     assert generic == {"0.weight_orig", "0.bias"}, est._persample.last_plan.reasons
     assert _rel(got, _oracle(case, "exact")) <= DET_REL_F64
+
+
+class SummedRNN(nn.Module):
+    """A pruned LSTM whose masked weight is also read after its forward (summed into the
+    features): the extra use reaches ``weight_hh_l0_orig`` through the model's own masked
+    tensor, so the parameter takes the generic path, exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(5, 4), nn.Linear(4, C)
+        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        prune.random_unstructured(self.rnn, "weight_hh_l0", amount=0.4)
+
+    def forward(self, x):
+        h = self.rnn(self.inp(x))[0].mean(1)
+        return self.head(torch.tanh(h + self.rnn.weight_hh_l0.sum(0)[:4]))
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+def test_a_pruned_rnn_weight_used_elsewhere_stays_generic_and_exact(quantity):
+    x = torch.randn(N, 3, 5, generator=_gen(7))
+    y = torch.randint(0, C, (N,), generator=_gen(8))
+    case = Case("summed_rnn", _strip(SummedRNN()), (x, y), lambda m, b: m(b[0]),
+                torch.ones(N, dtype=torch.bool), y, "categorical", C).to(torch.float64)
+    got, est = run_case(case, quantity)
+    generic = {est.names[i] for i in est._persample.last_plan.generic}
+    assert "rnn.weight_hh_l0_orig" in generic, est._persample.last_plan.reasons
+    assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64
