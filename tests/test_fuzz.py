@@ -3,7 +3,7 @@
 Random architectures from the grammar of ``tests/fuzz/grammar.py`` (Linear, convolutions and
 transposed convolutions, embeddings and bags, every norm layer in both modes, attention and
 encoder layers batch- and sequence-first, recurrent layers, residuals, reused and tied modules,
-functional calls on bare parameters, pruned Linear layers, user hooks, dict/tuple/``.logits``
+functional calls on bare parameters, pruned layers, user hooks, dict/tuple/``.logits``
 outputs, checkpointing, ``torch.compile``; class and padded token logits; sizes that coincide on
 purpose) are checked, in float64, against the brute-force oracle of ``tests/oracle.py`` to a
 relative error of 1e-10 per parameter tensor, and every step must leave the model's parameters,

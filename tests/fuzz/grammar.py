@@ -1088,17 +1088,28 @@ def build(spec: Spec) -> Case:
 
 
 def pruned_modules(spec: Spec, net: nn.Module | None = None) -> list:
-    """The ``nn.Linear`` layers of a ``linear`` block or head that ``torch.nn.utils.prune`` masks
-    in a third of the models (seeds ``2 mod 3``; ``net=None``: whether there is one), for the
-    weights used through a function of a parameter (``weight = weight_orig * weight_mask``)."""
+    """The ``nn.Linear`` layers of a ``linear`` block or head, the affine norms and the
+    convolutions of the blocks that ``torch.nn.utils.prune`` masks in a third of the models
+    (seeds ``2 mod 3``; ``net=None``: whether there is one), for the weights used through a
+    function of a parameter (``weight = weight_orig * weight_mask``)."""
     if spec.seed % 3 != 2 or spec.compile:
         return []
     if net is None:
-        ok = [b["op"] == "linear" for b in spec.blocks + spec.vblocks]
+        ok = [b["op"] in ("linear", "norm", "conv", "convT", "conv_t")
+              for b in spec.blocks + spec.vblocks]
         return [True] if any(ok) or spec.head["type"] == "linear" else []
-    out = [blk.inner.main for blk, b in zip(list(net.blocks) + list(net.vblocks),
-                                            spec.blocks + spec.vblocks) if b["op"] == "linear"]
+    out = []
+    for blk, b in zip(list(net.blocks) + list(net.vblocks), spec.blocks + spec.vblocks):
+        if b["op"] == "linear":
+            out.append(blk.inner.main)
+        elif b["op"] in ("norm", "conv", "convT", "conv_t"):  # affine norms, convolutions
+            out += [m for m in blk.modules() if isinstance(m, _PRUNABLE)
+                    and isinstance(getattr(m, "weight", None), nn.Parameter)]
     return out + ([net.head.main] if spec.head["type"] == "linear" else [])
+
+
+_PRUNABLE = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm,
+             nn.modules.conv._ConvNd)
 
 
 def _fill_dims(spec: Spec) -> None:
