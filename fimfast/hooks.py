@@ -409,30 +409,37 @@ def is_reentrant_node(node: Any) -> bool:
     return r
 
 
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
+
+
 def walk(flat: torch.Tensor, params: list[torch.Tensor]) -> Graph:
-    """Walk the whole graph of ``flat``: parameter edges, nodes, reentrant checkpoints."""
+    """Walk the whole graph of ``flat``: parameter edges, nodes, reentrant checkpoints (each node
+    visited once; leaves' accumulators told by type, not by a failing ``getattr``)."""
     wanted = {id(p) for p in params}
     counts: Counter = Counter()
-    seen: set = set()
+    fn = flat.grad_fn
+    if fn is None:
+        return Graph(counts, set(), False)
     reentrant = False
-    stack = [flat.grad_fn] if flat.grad_fn is not None else []
+    seen, stack = {fn}, [fn]
+    known, pop, push, add = REENTRANT_TYPES, stack.pop, stack.append, seen.add
+    acc = _ACCUMULATE_GRAD
     while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if not reentrant and is_reentrant_node(node):
-            reentrant = True
+        node = pop()
+        if not reentrant:
+            r = known.get(type(node))
+            if r or (r is None and is_reentrant_node(node)):
+                reentrant = True
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
-            var = getattr(nxt, "variable", None)
-            if var is not None:  # AccumulateGrad of a leaf
-                if id(var) in wanted:
-                    counts[id(var)] += 1
-                seen.add(nxt)
-                continue
-            stack.append(nxt)
+            if type(nxt) is acc:  # a leaf: every edge into a wanted parameter counts
+                add(nxt)
+                if id(nxt.variable) in wanted:
+                    counts[id(nxt.variable)] += 1
+            elif nxt not in seen:
+                add(nxt)
+                push(nxt)
     return Graph(counts, seen, reentrant)
 
 

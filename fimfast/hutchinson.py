@@ -189,6 +189,11 @@ def vjp(
 ) -> list[torch.Tensor | None]:
     """``grad_theta <cot, logits>`` for every parameter (``None`` where unused)."""
     if not reentrant:
+        if _ENGINE is not None and _plain(logits, params, cot):
+            # what torch.autograd.grad runs once it has checked its arguments: the cotangent
+            # has the logits' shape and dtype and no argument has a __torch_function__
+            return list(_ENGINE((logits,), (cot,), retain_graph, False, tuple(params), True,
+                                accumulate_grad=False))
         return list(
             torch.autograd.grad(
                 logits, params, grad_outputs=cot, retain_graph=retain_graph, allow_unused=True
@@ -207,22 +212,39 @@ def vjp(
             p.grad = g
 
 
+# the engine call behind torch.autograd.grad (torch >= 2.4), for arguments it needs not check
+_ENGINE = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def _plain(logits: torch.Tensor, params: list[torch.Tensor], cot: torch.Tensor) -> bool:
+    """Whether ``torch.autograd.grad(logits, params, cot)`` would find nothing to check or
+    convert: plain tensors (no ``__torch_function__``, no active mode, not nested), ``cot``
+    shaped like ``logits`` in its dtype."""
+    return (
+        cot.shape == logits.shape
+        and cot.dtype == logits.dtype
+        and not logits.is_nested
+        and not torch._C._has_torch_function((logits, cot, *params))
+    )
+
+
 def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     """Whether the graph of ``t`` holds a reentrant ``torch.utils.checkpoint`` segment (a walk
     that stops at the first one; :func:`fimfast.hooks.walk` decides the same on the whole
-    graph)."""
+    graph). Leaves' accumulators, which have no inputs, are not visited."""
     fn = t.grad_fn
     if fn is None:
         return False
     seen, stack = {fn}, [fn]
     known, pop, push, add = hooks.REENTRANT_TYPES, stack.pop, stack.append, seen.add
+    leaf = hooks._ACCUMULATE_GRAD
     while stack:
         node = pop()
         r = known.get(type(node))  # the type's verdict, decided once per type
         if r or (r is None and hooks.is_reentrant_node(node)):
             return True
         for nxt, _ in node.next_functions:
-            if nxt is not None and nxt not in seen:
+            if nxt is not None and nxt not in seen and type(nxt) is not leaf:
                 add(nxt)
                 push(nxt)
     return False
