@@ -112,7 +112,7 @@ class ConvTransposeRule(Rule):
         x = call.data["x"]
         g = m.groups
         M, N, O = G.shape[:3]
-        if "Q" not in call.data and _unfold_cheaper(m, M, x.shape[2:], G.shape[3:]):
+        if "Q" not in call.data and _unfold_cheaper(m, M, call.chunks, x.shape[2:], G.shape[3:]):
             # few columns: the output gradient unfolded, one term for the whole weight
             P = _unfold_output_grad(m, G, x.shape[2:])  # (M, N, L_in, g, O/g * kk)
             Q = x.reshape(N, g, x.shape[1] // g, -1).permute(0, 3, 1, 2)
@@ -247,13 +247,15 @@ def _phases_of(K, s, p, d, I, O, g, device) -> list[_Phase]:
     return out
 
 
-def _unfold_cheaper(m, M: int, in_size, out_size) -> bool:
-    """Whether unfolding the output gradient (``M O prod(kernel) L_in`` elements per chunk) costs
-    less than the phases (their input windows, ``I prod(kernel) L_in`` once per step, and where a
-    stride exceeds 1, a copy of the output gradient per chunk, ``M O L_out``)."""
+def _unfold_cheaper(m, M: int, chunks_: int, in_size, out_size) -> bool:
+    """Whether unfolding the output gradient (``M O prod(kernel) L_in`` elements in each of the
+    step's ``chunks_`` chunks of ``M`` columns) costs less than the phases (their input windows,
+    ``I prod(kernel) L_in`` once per step, and where a stride exceeds 1, a copy of the output
+    gradient per chunk, ``M O L_out``)."""
     kk, L_in, L_out = math.prod(m.kernel_size), math.prod(in_size), math.prod(out_size)
     copy = M * m.out_channels * L_out if any(s > 1 for s in m.stride) else 0
-    return M * m.out_channels * kk * L_in < m.in_channels * kk * L_in + copy
+    c = max(1, chunks_)
+    return c * M * m.out_channels * kk * L_in < m.in_channels * kk * L_in + c * copy
 
 
 def _unfolded_index(m, device) -> torch.Tensor:
