@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fimfast import chunks
 from fimfast.hooks import Call, Use
+from fimfast.rules import conv_node
 from fimfast.rules.base import Outer, Patches, Rule, Term, UseKind, Vec, trainable
 
 # with several chunks of columns, a convolution's unfolded input patches above this many bytes
@@ -94,6 +95,7 @@ class ConvTransposeRule(Rule):
         ps = trainable(cap, module.weight, module.bias)
         g = module.groups
         phases = _phases(module, module.weight.device)
+        y = conv_node.fold(x, y, module.bias)  # the columns' input gradient in one convolution
         uses = []
         for p in ps:
             if p is module.weight:
