@@ -196,3 +196,36 @@ def test_train_step_gradients_match_a_training_step(monkeypatch):
     assert made and all(type(t.grad_fn).__name__ == "NodeBackward" for t in made)
     for p, w in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-14)
+
+
+def test_node_only_where_a_chunk_batches_columns(monkeypatch):
+    """The rule makes the node where the estimator's last step batched several columns in a
+    chunk of this layer (and in a first step): EXACT's chunks of 3 columns always, EMPIRICAL's
+    one column only in its first step, but for a layer of groups of few channels
+    (:func:`fimfast.rules.conv_node.single_gain`). Both estimates match the generic path's
+    (float64)."""
+    made: list = []
+    fold = conv_node.fold
+    monkeypatch.setattr(conv_node, "fold", lambda *a: made.append(fold(*a)) or made[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2), nn.Tanh(),
+        nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1), nn.Tanh(),
+        nn.ConvTranspose2d(6, 4, 3, padding=1, groups=2), nn.Tanh(),  # faster for one column
+        nn.Flatten(), nn.LazyLinear(4),
+    ).double()
+    x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
+    batch = (x, torch.tensor([0, 3, 1]))
+    model(x)
+    for kind, opts, folds in (("exact", {"class_chunk": 3}, [2, 2]), ("empirical", {}, [2, 1])):
+        est = fimfast.DiagFisher(model, kind, seed=3, **opts)
+        ref = fimfast.DiagFisher(model, kind, seed=3, **opts)
+        ref._persample.use_rules = False
+        for want in folds:
+            made.clear()
+            est.step(batch)
+            ref.step(batch)
+            assert len(made) == want, kind
+            assert not est._persample.last_plan.generic
+        for (name, a), (_, b) in zip(est.result().items(), ref.result().items()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=name)

@@ -95,7 +95,9 @@ class ConvTransposeRule(Rule):
         ps = trainable(cap, module.weight, module.bias)
         g = module.groups
         phases = _phases(module, module.weight.device)
-        y = conv_node.fold(x, y, module.bias)  # the columns' input gradient in one convolution
+        seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
+        if cap.memo.get(seen, 2) > 1 or conv_node.single_gain(module.weight, g):
+            y = conv_node.fold(x, y, module.bias)  # the columns' input gradient, one convolution
         uses = []
         for p in ps:
             if p is module.weight:
@@ -103,7 +105,7 @@ class ConvTransposeRule(Rule):
             else:
                 uses.append(Use(p, UseKind.VEC))
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach(), "memo": (cap.memo, seen)}))
         return out
 
     def terms(self, call, grads):
@@ -114,6 +116,9 @@ class ConvTransposeRule(Rule):
         x = call.data["x"]
         g = m.groups
         M, N, O = G.shape[:3]
+        if "memo" in call.data:  # one column per chunk: no node in the next step (its cost)
+            memo, seen = call.data["memo"]
+            memo[seen] = call.data["M"] = max(M, call.data.get("M", 0))
         if "Q" not in call.data and _unfold_cheaper(m, M, call.chunks, x.shape[2:], G.shape[3:]):
             # few columns: the output gradient unfolded, one term for the whole weight
             P = _unfold_output_grad(m, G, x.shape[2:])  # (M, N, L_in, g, O/g * kk)

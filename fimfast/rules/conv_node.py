@@ -67,16 +67,18 @@ class Node(torch.autograd.Function):
         stride, padding, dilation, out_pad, groups = ctx.spec
         want = [ctx.needs_input_grad[2], _wanted(ctx, 3), _wanted(ctx, 4)]
         level = _level(g) if want[0] else None
-        if level is None and (want[1] or want[2] or not want[0]):  # a training backward
+        if level is None and (want[1] or want[2] or not want[0] or not single_gain(w, groups)):
+            # a training backward, or one column where torch's own input gradient is as fast
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 g, x, w, ctx.bias, stride, padding, dilation, True, out_pad, groups, want)
             return None, None, gx, gw, gb
+        if not hasattr(ctx, "wx"):  # formed once for the step's chunks
+            ctx.wx = (_block_diagonal(w, groups), 1) if _dense(w, groups) else (w, groups)
         p = g if level is None else torch._remove_batch_dim(g, level, 1, 0)  # (M, N, O, ...)
         flat = p if level is None else p.flatten(0, 1)
-        wx, groups_x = _weight(w, groups, g.device)
-        gx = _CONV[w.dim() - 2](flat, wx, None, stride, padding, dilation, groups_x)
-        for d, n in enumerate(x.shape[2:]):  # an output padding of a stride or more: longer
-            gx = gx.narrow(2 + d, 0, n)
+        gx = _CONV[w.dim() - 2](flat, ctx.wx[0], None, stride, padding, dilation, ctx.wx[1])
+        if gx.shape[2:] != x.shape[2:]:  # an output padding of a stride or more: longer
+            gx = gx[(slice(None), slice(None), *(slice(0, n) for n in x.shape[2:]))]
         if level is None:
             return None, None, gx, None, None
         gx = torch._add_batch_dim(gx.unflatten(0, p.shape[:2]), 0, level)
@@ -88,20 +90,32 @@ class Node(torch.autograd.Function):
         return None, None, gx, gw, gb
 
 
-def _weight(w: torch.Tensor, groups: int, device: torch.device) -> tuple:
-    """``(weight, groups)`` of the input-gradient convolution: ``w`` itself, or on the
-    CPU, for groups of few channels, ``w`` as one block-diagonal weight without groups (oneDNN
-    runs a grouped convolution of 2 to 4 channels per group several times slower than the dense
-    one with ``g`` times the products: ``(8, 4, 3 x 3, groups 2)`` on 144 x 4 x 28 x 28, 3.7 ms
-    grouped, 1.6 ms dense; on 144 x 4 x 8 x 8 x 8, 10.6 ms and 2.0 ms; no gain from 4 x 8
-    channels per group on)."""
+def single_gain(w: torch.Tensor, groups: int) -> bool:
+    """Whether one column's input gradient too is faster here than by torch's backward: a 2-D or
+    3-D layer of groups of few channels (:func:`_dense`; ``ConvTranspose3d(8, 4, 3, groups=2)``
+    of the convT3d workload of benchmarks/bench_layers.py: EMPIRICAL 1.26x a training step
+    without the node, 1.13x with)."""
+    return w.dim() >= 4 and _dense(w, groups)
+
+
+def _dense(w: torch.Tensor, groups: int) -> bool:
+    """Whether the input-gradient convolution runs without groups, on the block-diagonal weight
+    (:func:`_block_diagonal`): on the CPU, for groups of few channels. oneDNN runs a grouped
+    convolution of 2 to 4 channels per group several times slower than the dense one with
+    ``groups`` times the products (``(8, 4, 3 x 3, groups 2)`` on 144 x 4 x 28 x 28: 3.7 ms
+    grouped, 1.6 ms dense; on 144 x 4 x 8 x 8 x 8: 10.6 ms and 2.0 ms; 16 x 4 x 28 x 28:
+    0.46 and 0.23 ms); from 4 x 8 channels per group on, no faster."""
+    return groups > 1 and w.device.type == "cpu" and w.shape[0] // groups * w.shape[1] <= 16
+
+
+def _block_diagonal(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight ``(I, O/g, *K)`` of a transposed convolution of ``g`` groups as that of one
+    group, ``(I, O, *K)``, zero outside the groups' blocks."""
     I, Og = w.shape[:2]
     Ig = I // groups
-    if groups == 1 or device.type != "cpu" or Ig * Og > 16:
-        return w, groups
     dense = w.new_zeros(groups, Ig, groups, Og, *w.shape[2:])
     dense.diagonal(0, 0, 2).copy_(w.view(groups, Ig, Og, *w.shape[2:]).movedim(0, -1))
-    return dense.view(I, groups * Og, *w.shape[2:]), 1
+    return dense.view(I, groups * Og, *w.shape[2:])
 
 
 def _level(g: torch.Tensor) -> int | None:
