@@ -13,7 +13,9 @@ child's figures) and ``PATH.md``.
 
     python benchmarks/bench_persample_cost.py --trees OLD NEW --rounds 9 --out PATH
 
-``--fim-types exact,hutchinson`` times those types on every workload instead.
+``--fim-types exact,hutchinson`` times those types on every workload instead; ``exact:cc9`` is
+EXACT with ``class_chunk=9`` (every column in one batched backward). Workload ``mha_bias_kv`` is
+that of :mod:`benchmarks.bench_recurrent`, the other names those of :mod:`benchmarks.bench_layers`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def _child(workload: str, types: list[str], steps: int) -> dict:
         def logits():
             out = model(batch[0])
             return getattr(out, "logits", out), batch[1]
+    elif workload == "mha_bias_kv":
+        from benchmarks.bench_recurrent import workload as recurrent
+
+        model, x, y = recurrent(workload)
+        batch = (x, y)
+
+        def logits():
+            return model(x), y
     else:
         from benchmarks import bench_layers
 
@@ -66,7 +76,9 @@ def _child(workload: str, types: list[str], steps: int) -> dict:
 
     fns = {"floor": floor}
     for t in types:
-        est = fimfast.DiagFisher(model, t, seed=0)
+        kind, _, chunk = t.partition(":cc")
+        opts = {"class_chunk": int(chunk)} if chunk else {}
+        est = fimfast.DiagFisher(model, kind, seed=0, **opts)
         fns[t] = lambda est=est: est.step(batch)
     for f in fns.values():  # plans, probes, caches, allocator
         for _ in range(3):

@@ -336,3 +336,18 @@ def test_bench_persample_cost_runs_and_reports(tmp_path):
     (runs,) = rep["runs"]["bag"].values()
     assert runs[0]["floor_ms"] > 0 and runs[0]["empirical"] > 0
     assert "| bag | empirical |" in (tmp_path / "cost.md").read_text()
+
+
+def test_bench_persample_cost_class_chunk_and_attention(tmp_path):
+    """EXACT with a fixed class chunk (``exact:cc3``) on the attention workload of
+    benchmarks/bench_recurrent.py."""
+    from benchmarks import bench_persample_cost
+
+    out = tmp_path / "cost"
+    assert bench_persample_cost.main(
+        ["--workloads", "mha_bias_kv", "--fim-types", "exact:cc3", "--rounds", "1", "--steps",
+         "1", "--out", str(out)]
+    ) == 0
+    rep = json.loads((tmp_path / "cost.json").read_text())
+    (runs,) = rep["runs"]["mha_bias_kv"].values()
+    assert runs[0]["exact:cc3"] > 1.0

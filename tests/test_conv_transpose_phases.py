@@ -139,6 +139,44 @@ def test_estimator_matches_oracle_both_forms(name, fim_type, form):
     assert not est._persample.last_plan.generic, est._persample.last_plan.reasons
 
 
+def test_form_counts_every_chunk_of_the_step():
+    """The phases' input windows are formed once per step, the unfolded output gradient once per
+    chunk: the choice weighs the step's chunks. ConvTranspose2d(16, 8, 4, stride 2, padding 1)
+    on 14 x 14 inputs, chunks of 2 columns: unfolded in a one-chunk step (``2 * 8 * 16 * 196 <
+    16 * 16 * 196 + 2 * 8 * 784``), by phases in a step of 5 chunks (9 EXACT columns)."""
+    m = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
+    assert convmod._unfold_cheaper(m, 2, 1, (14, 14), (28, 28))
+    assert not convmod._unfold_cheaper(m, 2, 5, (14, 14), (28, 28))
+    assert not convmod._unfold_cheaper(m, 9, 1, (14, 14), (28, 28))
+    # stride 1: no copy of the output gradient, the windows against the chunks' unfoldings
+    m1 = nn.ConvTranspose2d(8, 4, 3, padding=1, groups=2)
+    assert convmod._unfold_cheaper(m1, 1, 1, (28, 28), (28, 28))
+    assert not convmod._unfold_cheaper(m1, 1, 9, (28, 28), (28, 28))
+
+
+@pytest.mark.parametrize("name", ["convT1d_groups_outpad", "convT2d_stride_dilation",
+                                  "convT3d_groups_nobias", "decoder_with_norms"])
+def test_estimator_matches_oracle_over_chunks(name, monkeypatch):
+    """EXACT one column per chunk, each layer's form chosen by the rule for the step's chunks,
+    against the float64 oracle."""
+    from test_layers_conv_bag import build
+
+    seen = []
+    choose = convmod._unfold_cheaper
+
+    def spy(*a):
+        seen.append(choose(*a))
+        return seen[-1]
+
+    monkeypatch.setattr(convmod, "_unfold_cheaper", spy)
+    case = build(name)
+    ref = oracle(case, "exact")
+    got, est = run(case.to(torch.float64), "exact", class_chunk=1)
+    assert _rel(got, ref) <= DET_REL_F64
+    assert not est._persample.last_plan.generic, est._persample.last_plan.reasons
+    assert seen and all(c.chunks > 1 for c in est._persample.last_plan.calls)
+
+
 class Twice(nn.Module):
     """One transposed convolution called on two inputs: its uses add before the square."""
 

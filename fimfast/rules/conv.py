@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fimfast import chunks
 from fimfast.hooks import Call, Use
+from fimfast.rules import conv_node
 from fimfast.rules.base import Outer, Patches, Rule, Term, UseKind, Vec, trainable
 
 # with several chunks of columns, a convolution's unfolded input patches above this many bytes
@@ -94,6 +95,9 @@ class ConvTransposeRule(Rule):
         ps = trainable(cap, module.weight, module.bias)
         g = module.groups
         phases = _phases(module, module.weight.device)
+        seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
+        if cap.memo.get(seen, 2) > 1 or conv_node.single_gain(module.weight, g):
+            y = conv_node.fold(x, y, module.bias)  # the columns' input gradient, one convolution
         uses = []
         for p in ps:
             if p is module.weight:
@@ -101,7 +105,7 @@ class ConvTransposeRule(Rule):
             else:
                 uses.append(Use(p, UseKind.VEC))
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach(), "memo": (cap.memo, seen)}))
         return out
 
     def terms(self, call, grads):
@@ -112,7 +116,10 @@ class ConvTransposeRule(Rule):
         x = call.data["x"]
         g = m.groups
         M, N, O = G.shape[:3]
-        if "Q" not in call.data and _unfold_cheaper(m, M, x.shape[2:], G.shape[3:]):
+        if "memo" in call.data:  # one column per chunk: no node in the next step (its cost)
+            memo, seen = call.data["memo"]
+            memo[seen] = call.data["M"] = max(M, call.data.get("M", 0))
+        if "Q" not in call.data and _unfold_cheaper(m, M, call.chunks, x.shape[2:], G.shape[3:]):
             # few columns: the output gradient unfolded, one term for the whole weight
             P = _unfold_output_grad(m, G, x.shape[2:])  # (M, N, L_in, g, O/g * kk)
             Q = x.reshape(N, g, x.shape[1] // g, -1).permute(0, 3, 1, 2)
@@ -247,13 +254,15 @@ def _phases_of(K, s, p, d, I, O, g, device) -> list[_Phase]:
     return out
 
 
-def _unfold_cheaper(m, M: int, in_size, out_size) -> bool:
-    """Whether unfolding the output gradient (``M O prod(kernel) L_in`` elements per chunk) costs
-    less than the phases (their input windows, ``I prod(kernel) L_in`` once per step, and where a
-    stride exceeds 1, a copy of the output gradient per chunk, ``M O L_out``)."""
+def _unfold_cheaper(m, M: int, chunks_: int, in_size, out_size) -> bool:
+    """Whether unfolding the output gradient (``M O prod(kernel) L_in`` elements in each of the
+    step's ``chunks_`` chunks of ``M`` columns) costs less than the phases (their input windows,
+    ``I prod(kernel) L_in`` once per step, and where a stride exceeds 1, a copy of the output
+    gradient per chunk, ``M O L_out``)."""
     kk, L_in, L_out = math.prod(m.kernel_size), math.prod(in_size), math.prod(out_size)
     copy = M * m.out_channels * L_out if any(s > 1 for s in m.stride) else 0
-    return M * m.out_channels * kk * L_in < m.in_channels * kk * L_in + copy
+    c = max(1, chunks_)
+    return c * M * m.out_channels * kk * L_in < m.in_channels * kk * L_in + c * copy
 
 
 def _unfolded_index(m, device) -> torch.Tensor:
