@@ -10,6 +10,8 @@ tests/test_recurrent.py.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import pytest
@@ -50,10 +52,22 @@ def _max_diff(a, b) -> float:
     return max(float((u - v).detach().abs().max()) for u, v in zip(a, b, strict=True))
 
 
+@pytest.fixture(params=["torch", "cpp"])
+def bptt_backend(request, monkeypatch):
+    """The backend of fimfast.ops.recurrent_bptt: the torch loop or the cpp kernel."""
+    if request.param == "cpp":
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "ops"))
+        from op_backends import require  # skips, or fails where the extension must load
+
+        require("cpp")
+    monkeypatch.setenv("FIMFAST_BACKEND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients_equal_the_unrolled_steps(mode, reverse, bias):
+def test_gradients_equal_the_unrolled_steps(mode, reverse, bias, bptt_backend):
     x, W, gi, h0, c0, whh, bhh = _inputs(mode, bias)
     got = recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, reverse)
     ref = _unrolled(mode, gi, h0, c0, whh, bhh, reverse)
@@ -76,8 +90,9 @@ def test_gradients_equal_the_unrolled_steps(mode, reverse, bias):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_batched_backward_runs_without_vmap_fallback(mode):
-    """Under the batched backward, the recurrence uses ops vmap batches (no per-column loop)."""
+def test_batched_backward_runs_without_vmap_fallback(mode, bptt_backend):
+    """Under the batched backward, the recurrence uses ops vmap batches (no per-column loop):
+    the reference's, or the cpp kernel's Batched rule."""
     x, W, gi, h0, c0, whh, bhh = _inputs(mode, True)
     outs = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, False)
             if o is not None]
