@@ -197,3 +197,25 @@ def test_streamed_and_chunked_columns_match_the_oracle(cell, class_chunk):
     assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
     assert not est._persample.last_plan.generic
     assert est._persample.add_taps == (class_chunk == 1)  # streamed: one column per backward
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_repeated_backward_to_the_taps_reuses_the_gates(mode, bptt_backend):
+    """The engine's backward to the gate inputs alone (run once per column when columns are
+    streamed) keeps the gates on the node for the next column; each column's gradients equal the
+    unrolled steps'. A backward that reaches W_hh (a training step) keeps nothing."""
+    x, W, gi, h0, c0, whh, bhh = _inputs(mode, True)
+    got = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, True) if o is not None]
+    ref = [o for o in _unrolled(mode, gi, h0, c0, whh, bhh, True) if o is not None]
+    node = got[0].grad_fn
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        cots = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in got]
+        a = torch.autograd.grad(got, [gi, h0], cots, retain_graph=True)
+        b = torch.autograd.grad(ref, [gi, h0], cots, retain_graph=True)
+        assert _max_diff(a, b) <= 1e-13 * max(float(t.abs().max()) for t in b)
+        assert hasattr(node, "gates")
+    fresh = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, True)
+             if o is not None]
+    torch.autograd.grad(fresh[0].sum(), [gi, whh])
+    assert not hasattr(fresh[0].grad_fn, "gates")

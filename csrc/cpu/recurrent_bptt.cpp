@@ -5,8 +5,13 @@
 // microseconds of dispatch for a (N, H) block) and the LSTM cell states as one more. Here one
 // call does it all: the sigmoids and tanhs of all steps as ATen's vectorised ops, the LSTM cell
 // states in one scalar pass, then per step one pass of scalar arithmetic (the derivatives of the
-// gates and the recurrence) and one product with W_hh (at::mm_out, the BLAS torch links). The operations and their order are those of the reference,
-// so the results agree to rounding (docs/math.md §4, "Recurrent layers").
+// gates and the recurrence) and one product with W_hh (at::mm_out, the BLAS torch links). The
+// operations and their order are those of the reference, so the results agree to rounding
+// (docs/math.md §4, "Recurrent layers").
+//
+// A column whose gradient is zero at the first steps of the backward (a tagger's column for
+// position tau, in the steps after tau) starts where it stops being zero: before, its gradients
+// are zeros (those of the reference: a zero times the cell's finite factors), without the work.
 //
 // The incoming gradients may carry a batch of B cotangents (the legacy vmap of
 // torch.autograd.grad(..., is_grads_batched=True)): the kernel for the Batched dispatch key below
@@ -24,6 +29,7 @@
 
 #include <c10/util/irange.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -36,13 +42,69 @@ namespace {
 using at::Tensor;
 using Out = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-// Shapes of one call: T steps, N rows of the saved activations, B cotangent columns, H hidden.
+// Shapes of one call: T steps, N rows of the saved activations, B cotangent columns, H hidden;
+// start[b] the first step (in the backward's order) where column b's gradient is not zero.
 struct Dims {
   int64_t T, N, B, H;
   bool reverse;
+  std::vector<int64_t> start;
   // the step at position s of the backward's order (the forward's order run backwards)
   int64_t back(int64_t s) const { return reverse ? s : T - 1 - s; }
+  // whether column b is still zero at position s: its gradients there are zeros, left unwritten
+  // by the recurrence (a zero times the finite factors of the cell)
+  bool idle(int64_t s, int64_t b) const { return s < start[b]; }
+  // rows [lo N, hi N) hold every column active at position s (lo == hi: none)
+  std::pair<int64_t, int64_t> active(int64_t s) const {
+    int64_t lo = B, hi = 0;
+    for (const auto b : c10::irange(B)) {
+      if (!idle(s, b)) {
+        lo = std::min<int64_t>(lo, b);
+        hi = b + 1;
+      }
+    }
+    return {std::min(lo, hi), hi};
+  }
+  // out = dGt @ whh on the rows of the active columns (the others stay zero)
+  void product(const Tensor& out, const Tensor& dGt, const Tensor& whh, int64_t s) const {
+    const auto [lo, hi] = active(s);
+    if (lo == hi) return;
+    Tensor o = out.narrow(0, lo * N, (hi - lo) * N);
+    at::mm_out(o, dGt.narrow(0, lo * N, (hi - lo) * N), whh);
+  }
 };
+
+template <typename scalar_t>
+bool any_nonzero(const scalar_t* p, int64_t n) {
+  for (const auto i : c10::irange(n)) {
+    if (p[i] != scalar_t(0)) return true;
+  }
+  return false;
+}
+
+// start[b] of Dims: the first position of the backward's order where column b of dy (T, B, N, H)
+// is not zero (0 when its dh or dc is not zero; T when it is zero throughout). A tagger's column
+// for position tau is zero after tau: its backward starts there.
+template <typename scalar_t>
+std::vector<int64_t> first_steps(const Dims& d, const Tensor& dy, const Tensor& dh,
+                                 const Tensor& dc) {
+  const int64_t NH = d.N * d.H;
+  const Tensor h = dh.contiguous(), c = dc.defined() ? dc.contiguous() : dc;
+  std::vector<int64_t> start(d.B, d.T);
+  for (const auto b : c10::irange(d.B)) {
+    if (any_nonzero(h.data_ptr<scalar_t>() + b * NH, NH) ||
+        (c.defined() && any_nonzero(c.data_ptr<scalar_t>() + b * NH, NH))) {
+      start[b] = 0;
+      continue;
+    }
+    for (const auto s : c10::irange(d.T)) {
+      if (any_nonzero(dy.data_ptr<scalar_t>() + (d.back(s) * d.B + b) * NH, NH)) {
+        start[b] = s;
+        break;
+      }
+    }
+  }
+  return start;
+}
 
 // dG (T, B, N, 4H), dh0 and dc0 (B, N, H) of the LSTM from its gate pre-activations a (T, N, 4H);
 // dy (T, B, N, H), dh / dc (B, N, H) the incoming gradients. The sigmoids and tanhs are ATen's
@@ -66,10 +128,12 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
     const int64_t t = d.reverse ? T - 1 - s : s;
     const scalar_t* c = cp(t);
     for (const auto n : c10::irange(N)) {
-      const scalar_t* st = S + (t * N + n) * G;
-      const scalar_t* gt = TG + t * NH + n * H;
-      scalar_t* ct = CS + t * NH + n * H;
-      for (const auto j : c10::irange(H)) ct[j] = st[j] * gt[j] + st[H + j] * c[n * H + j];
+      const scalar_t* __restrict__ st = S + (t * N + n) * G;
+      const scalar_t* __restrict__ gt = TG + t * NH + n * H;
+      const scalar_t* __restrict__ cn = c + n * H;
+      scalar_t* __restrict__ ct = CS + t * NH + n * H;
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) ct[j] = st[j] * gt[j] + st[H + j] * cn[j];
     }
   }
   const Tensor tcs = at::tanh(cs);
@@ -104,6 +168,10 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
       }
     }
     for (const auto b : c10::irange(B)) {
+      if (d.idle(s, b)) {
+        std::fill_n(DG + (t * B + b) * N * G, N * G, scalar_t(0));
+        continue;
+      }
       for (const auto n : c10::irange(N)) {
         const int64_t r = b * N + n;
         const scalar_t* __restrict__ k = kbuf.data() + n * 6 * H;
@@ -123,8 +191,7 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
         }
       }
     }
-    Tensor out = carry.view({B * N, H});
-    at::mm_out(out, dG.select(0, t).view({B * N, G}), whh);
+    d.product(carry.view({B * N, H}), dG.select(0, t).view({B * N, G}), whh, s);
   }
 }
 
@@ -165,6 +232,11 @@ void gru_cpu(const Dims& d, const Tensor& gi, const Tensor& gh, const Tensor& hp
   for (const auto s : c10::irange(T)) {
     const int64_t t = d.back(s);
     for (const auto b : c10::irange(B)) {
+      if (d.idle(s, b)) {
+        std::fill_n(DG + (t * B + b) * N * 3 * H, N * 3 * H, scalar_t(0));
+        std::fill_n(DGH + (t * B + b) * N * 3 * H, N * 3 * H, scalar_t(0));
+        continue;
+      }
       for (const auto n : c10::irange(N)) {
         const int64_t r = b * N + n, o = (t * B * N + r) * 3 * H;
         const scalar_t* __restrict__ dyt = DY + (t * B + b) * NH + n * H;
@@ -187,7 +259,7 @@ void gru_cpu(const Dims& d, const Tensor& gi, const Tensor& gh, const Tensor& hp
         }
       }
     }
-    at::mm_out(m, dgh.select(0, t).view({B * N, 3 * H}), whh);
+    d.product(m, dgh.select(0, t).view({B * N, 3 * H}), whh, s);
   }
   hz.add_(m.view_as(hz));
 }
@@ -205,6 +277,10 @@ void rnn_cpu(const Dims& d, bool tanh_cell, const Tensor& ys, const Tensor& whh,
   for (const auto s : c10::irange(T)) {
     const int64_t t = d.back(s);
     for (const auto b : c10::irange(B)) {
+      if (d.idle(s, b)) {
+        std::fill_n(DG + (t * B + b) * NH, NH, scalar_t(0));
+        continue;
+      }
       const scalar_t* __restrict__ y = Y + t * NH;
       const scalar_t* __restrict__ dyt = DY + (t * B + b) * NH;
       const scalar_t* __restrict__ ch = C + b * NH;
@@ -215,8 +291,7 @@ void rnn_cpu(const Dims& d, bool tanh_cell, const Tensor& ys, const Tensor& whh,
         g[e] = (dyt[e] + ch[e]) * dv;
       }
     }
-    Tensor out = dh0.view({B * N, H});
-    at::mm_out(out, dG.select(0, t).view({B * N, H}), whh);
+    d.product(dh0.view({B * N, H}), dG.select(0, t).view({B * N, H}), whh, s);
   }
 }
 
@@ -242,7 +317,7 @@ Out bptt_columns(const std::string& mode, at::TensorList saved, const Tensor& wh
               "recurrent_bptt: whh must be (", gates, " H, H); got ", whh.sizes());
   TORCH_CHECK(dy_.dim() == 4, "recurrent_bptt: dys must be (T, N, H); got ", dy_.sizes());
   const int64_t H = whh.size(1), T = dy_.size(0), B = dy_.size(1), N = dy_.size(2);
-  const Dims d{T, N, B, H, reverse};
+  Dims d{T, N, B, H, reverse, {}};
   TORCH_CHECK(dy_.size(3) == H, "recurrent_bptt: dys must be (T, N, ", H, "); got ",
               dy_.sizes());
   TORCH_CHECK(dh_.sizes() == at::IntArrayRef({B, N, H}), "recurrent_bptt: dh must be (N, H) = (",
@@ -283,6 +358,7 @@ Out bptt_columns(const std::string& mode, at::TensorList saved, const Tensor& wh
     return {dG, dgh, dh0, dc0};
   }
   AT_DISPATCH_FLOATING_TYPES(whh.scalar_type(), "recurrent_bptt", [&] {
+    d.start = first_steps<scalar_t>(d, dy, dh_, lstm ? *dc_ : Tensor());
     if (lstm) {
       dc0 = at::empty({B, N, H}, opts);
       lstm_cpu<scalar_t>(d, sv[0], sv[1], w, dy, dh_, *dc_, dG, dh0, dc0);

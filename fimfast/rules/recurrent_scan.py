@@ -100,18 +100,31 @@ class Scan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dys, dhT, dcT=None):
         gi, h0, whh, bhh, ys, *c0 = ctx.saved_tensors
-        hprev = prev(ys, h0, ctx.reverse)
+        wanted = _wanted(ctx, 5), _wanted(ctx, 6)
+        hprev, saved = getattr(ctx, "gates", None) or _gates(ctx.mode, ctx.reverse, gi, h0, whh,
+                                                             bhh, ys, c0)
+        if not any(wanted):
+            # the engine's backward to the taps, which a step may run once per column (streamed
+            # columns): the gates are kept for the next ones, with the graph of the step
+            ctx.gates = hprev, saved
         T, N, H = hprev.shape
-        if ctx.mode in ("LSTM", "GRU"):
-            gh = torch.addmm(bhh, hprev.reshape(T * N, H), whh.t()).view(gi.shape)
-            saved = [gi + gh, c0[0]] if ctx.mode == "LSTM" else [gi, gh, hprev]
-        else:
-            saved = [ys]
         dG, dgh, dh0, dc0 = ops.recurrent_bptt(ctx.mode, saved, whh, dys, dhT, dcT, ctx.reverse)
         dgh = dG if dgh is None else dgh
-        dW = dgh.reshape(T * N, -1).t().mm(hprev.reshape(T * N, H)) if _wanted(ctx, 5) else None
-        db = dgh.sum((0, 1)) if _wanted(ctx, 6) else None
+        dW = dgh.reshape(T * N, -1).t().mm(hprev.reshape(T * N, H)) if wanted[0] else None
+        db = dgh.sum((0, 1)) if wanted[1] else None
         return (None, None, None, dG, dh0, dW, db) + (() if dc0 is None else (dc0,))
+
+
+def _gates(mode: str, reverse: bool, gi, h0, whh, bhh, ys, c0: list):
+    """``(hprev, saved)``: the state each step started from and the saved tensors of
+    :func:`fimfast.ops.recurrent_bptt` (the hidden-side pre-activations of all steps, one
+    product)."""
+    hprev = prev(ys, h0, reverse)
+    if mode not in ("LSTM", "GRU"):
+        return hprev, [ys]
+    T, N, H = hprev.shape
+    gh = torch.addmm(bhh, hprev.reshape(T * N, H), whh.t()).view(gi.shape)
+    return hprev, ([gi + gh, c0[0]] if mode == "LSTM" else [gi, gh, hprev])
 
 
 def _wanted(ctx, i: int) -> bool:

@@ -167,3 +167,38 @@ def test_opcheck(mode):
     saved, whh, dys, dh, dc = _case(mode, torch.float32)
     torch.library.opcheck(torch.ops.fimfast.recurrent_bptt,
                           (mode, saved, whh, dys, dh, dc, True))
+
+
+@pytest.mark.parametrize("mode", list(GATES))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_columns_zero_at_the_first_steps(mode, reverse):
+    """Columns whose gradient is zero at the first steps of the backward (a tagger's column for
+    one position; one zero throughout) start later: the same gradients as the reference, zeros
+    before, batched with columns active from the start in between (the products then cover
+    columns still zero)."""
+    require("cpp")
+    saved, whh, dys, dh, dc = _case(mode)
+    B = 5
+    bdys = torch.zeros(B, *dys.shape, dtype=dys.dtype)
+    for b, tau in enumerate([1, 3, None, 0, 4]):
+        if tau is not None:
+            bdys[b, tau] = dys[tau]
+    bdh = torch.zeros(B, *dh.shape, dtype=dh.dtype)
+    bdh[3] = dh  # column 3 starts at the first step through dh
+    bdc = None if dc is None else torch.zeros(B, *dc.shape, dtype=dc.dtype)
+
+    def one(*gs):
+        out = ops.recurrent_bptt(mode, saved, whh, gs[0], gs[1], gs[2] if len(gs) > 2 else None,
+                                 reverse, backend="cpp")
+        return tuple(x for x in out if x is not None)
+
+    args = [bdys, bdh] + ([] if dc is None else [bdc])
+    batched = _vmap(one, tuple(0 for _ in args), 0)(*args)
+    for b in range(B):
+        gs = [x[b] for x in args] + ([None] if dc is None else [])
+        ref = [x for x in ops.recurrent_bptt(mode, saved, whh, *gs, reverse, backend="torch")
+               if x is not None]
+        single = one(*[x[b] for x in args])
+        for got, s1, r in zip(batched, single, ref, strict=True):
+            assert _close(got[b], r, 1e-14) and _close(s1, r, 1e-14)
+    assert all(float(x[2].abs().max()) == 0 for x in batched)  # column 2: no gradient at all
