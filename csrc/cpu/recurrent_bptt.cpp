@@ -64,10 +64,16 @@ struct Dims {
     }
     return {std::min(lo, hi), hi};
   }
-  // out = dGt @ whh on the rows of the active columns (the others stay zero)
-  void product(const Tensor& out, const Tensor& dGt, const Tensor& whh, int64_t s) const {
+  // out = dG[t] @ whh on the rows of the active columns (the others stay zero); out (B N, H)
+  // and dG (T, B N, G) as 2-D and 3-D views made once
+  void product(Tensor& out, const Tensor& dG, const Tensor& whh, int64_t s) const {
     const auto [lo, hi] = active(s);
     if (lo == hi) return;
+    const Tensor dGt = dG.select(0, back(s));
+    if (hi - lo == B) {
+      at::mm_out(out, dGt, whh);
+      return;
+    }
     Tensor o = out.narrow(0, lo * N, (hi - lo) * N);
     at::mm_out(o, dGt.narrow(0, lo * N, (hi - lo) * N), whh);
   }
@@ -144,6 +150,7 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
   dc0.copy_(dc);
   scalar_t* C = carry.data_ptr<scalar_t>();
   scalar_t* DC = dc0.data_ptr<scalar_t>();
+  Tensor carry2 = carry.view({B * N, H}), dG2 = dG.view({T, B * N, G});
   const scalar_t* DY = dy.data_ptr<scalar_t>();
   scalar_t* DG = dG.data_ptr<scalar_t>();
   // per step, the factors shared by the B columns: k = d a / d c (blocks i, f, g) and d a / d h
@@ -191,7 +198,7 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
         }
       }
     }
-    d.product(carry.view({B * N, H}), dG.select(0, t).view({B * N, G}), whh, s);
+    d.product(carry2, dG2, whh, s);
   }
 }
 
@@ -229,6 +236,7 @@ void gru_cpu(const Dims& d, const Tensor& gi, const Tensor& gh, const Tensor& hp
   scalar_t *M = m.data_ptr<scalar_t>(), *HZ = hz.data_ptr<scalar_t>();
   const scalar_t* DY = dy.data_ptr<scalar_t>();
   scalar_t *DG = dG.data_ptr<scalar_t>(), *DGH = dgh.data_ptr<scalar_t>();
+  const Tensor dgh2 = dgh.view({T, B * N, 3 * H});
   for (const auto s : c10::irange(T)) {
     const int64_t t = d.back(s);
     for (const auto b : c10::irange(B)) {
@@ -259,7 +267,7 @@ void gru_cpu(const Dims& d, const Tensor& gi, const Tensor& gh, const Tensor& hp
         }
       }
     }
-    d.product(m, dgh.select(0, t).view({B * N, 3 * H}), whh, s);
+    d.product(m, dgh2, whh, s);
   }
   hz.add_(m.view_as(hz));
 }
@@ -274,6 +282,8 @@ void rnn_cpu(const Dims& d, bool tanh_cell, const Tensor& ys, const Tensor& whh,
   scalar_t* DG = dG.data_ptr<scalar_t>();
   dh0.copy_(dh);
   scalar_t* C = dh0.data_ptr<scalar_t>();
+  Tensor carry2 = dh0.view({B * N, H});
+  const Tensor dG2 = dG.view({T, B * N, H});
   for (const auto s : c10::irange(T)) {
     const int64_t t = d.back(s);
     for (const auto b : c10::irange(B)) {
@@ -291,7 +301,7 @@ void rnn_cpu(const Dims& d, bool tanh_cell, const Tensor& ys, const Tensor& whh,
         g[e] = (dyt[e] + ch[e]) * dv;
       }
     }
-    d.product(dh0.view({B * N, H}), dG.select(0, t).view({B * N, H}), whh, s);
+    d.product(carry2, dG2, whh, s);
   }
 }
 
