@@ -53,6 +53,10 @@ struct Dims {
   // whether column b is still zero at position s: its gradients there are zeros, left unwritten
   // by the recurrence (a zero times the finite factors of the cell)
   bool idle(int64_t s, int64_t b) const { return s < start[b]; }
+  // the steps the backward reaches (those of the positions where some column is active): L of
+  // them from t0 on, in position order
+  int64_t span() const { return T - *std::min_element(start.begin(), start.end()); }
+  int64_t first() const { return reverse ? T - span() : 0; }
   // rows [lo N, hi N) hold every column active at position s (lo == hi: none)
   std::pair<int64_t, int64_t> active(int64_t s) const {
     int64_t lo = B, hi = 0;
@@ -120,24 +124,26 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
               const Tensor& dy, const Tensor& dh, const Tensor& dc, Tensor& dG, Tensor& dh0,
               Tensor& dc0) {
   const int64_t T = d.T, N = d.N, B = d.B, H = d.H, NH = N * H, G = 4 * H;
-  const Tensor sg = at::sigmoid(a), tg = at::tanh(a.narrow(2, 2 * H, H)).contiguous();
+  const int64_t L = d.span(), t0 = d.first();  // the gates of the steps the backward reaches
+  const Tensor ar = a.narrow(0, t0, L);
+  const Tensor sg = at::sigmoid(ar), tg = at::tanh(ar.narrow(2, 2 * H, H)).contiguous();
   const scalar_t *S = sg.data_ptr<scalar_t>(), *TG = tg.data_ptr<scalar_t>();
   const scalar_t* C0 = c0.data_ptr<scalar_t>();
-  Tensor cs = at::empty({T, N, H}, a.options());
+  Tensor cs = at::empty({L, N, H}, a.options());
   scalar_t* CS = cs.data_ptr<scalar_t>();
   // c_t = f_t c_{t-1} + i_t g_t in the forward's order; cp(t) the state step t started from
   const auto cp = [&](int64_t t) -> const scalar_t* {
     const int64_t p = d.reverse ? t + 1 : t - 1;
-    return p < 0 || p >= T ? C0 : CS + p * NH;
+    return p < 0 || p >= T ? C0 : CS + (p - t0) * NH;
   };
-  for (const auto s : c10::irange(T)) {
-    const int64_t t = d.reverse ? T - 1 - s : s;
+  for (const auto s : c10::irange(L)) {
+    const int64_t t = d.reverse ? T - 1 - s : s, u = t - t0;
     const scalar_t* c = cp(t);
     for (const auto n : c10::irange(N)) {
-      const scalar_t* __restrict__ st = S + (t * N + n) * G;
-      const scalar_t* __restrict__ gt = TG + t * NH + n * H;
+      const scalar_t* __restrict__ st = S + (u * N + n) * G;
+      const scalar_t* __restrict__ gt = TG + u * NH + n * H;
       const scalar_t* __restrict__ cn = c + n * H;
-      scalar_t* __restrict__ ct = CS + t * NH + n * H;
+      scalar_t* __restrict__ ct = CS + u * NH + n * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) ct[j] = st[j] * gt[j] + st[H + j] * cn[j];
     }
@@ -157,11 +163,15 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
   // (block o), p = d c / d h (through h = o tanh(c)), and f; (N, 6, H)
   std::vector<scalar_t> kbuf(N * 6 * H);
   for (const auto s : c10::irange(T)) {
-    const int64_t t = d.back(s);
+    const int64_t t = d.back(s), u = t - t0;
+    if (s < T - L) {  // no column active yet
+      std::fill_n(DG + t * B * N * G, B * N * G, scalar_t(0));
+      continue;
+    }
     const scalar_t* c = cp(t);
     for (const auto n : c10::irange(N)) {
-      const int64_t e = t * NH + n * H;
-      const scalar_t *st = S + (t * N + n) * G, *gt = TG + e, *tc = TC + e, *cn = c + n * H;
+      const int64_t e = u * NH + n * H;
+      const scalar_t *st = S + (u * N + n) * G, *gt = TG + e, *tc = TC + e, *cn = c + n * H;
       scalar_t* __restrict__ k = kbuf.data() + n * 6 * H;
 #pragma omp simd
       for (int64_t j = 0; j < H; ++j) {
@@ -209,14 +219,16 @@ void gru_cpu(const Dims& d, const Tensor& gi, const Tensor& gh, const Tensor& hp
              const Tensor& whh, const Tensor& dy, const Tensor& dh, Tensor& dG, Tensor& dgh,
              Tensor& dh0) {
   const int64_t T = d.T, N = d.N, B = d.B, H = d.H, NH = N * H;
-  const Tensor rz = at::sigmoid(gi.narrow(2, 0, 2 * H).add(gh.narrow(2, 0, 2 * H)));
-  const Tensor nt = at::tanh(at::addcmul(gi.narrow(2, 2 * H, H), rz.narrow(2, 0, H),
-                                         gh.narrow(2, 2 * H, H)));
+  const int64_t L = d.span(), t0 = d.first();  // the gates of the steps the backward reaches
+  const Tensor gir = gi.narrow(0, t0, L), ghr = gh.narrow(0, t0, L);
+  const Tensor rz = at::sigmoid(gir.narrow(2, 0, 2 * H).add(ghr.narrow(2, 0, 2 * H)));
+  const Tensor nt = at::tanh(at::addcmul(gir.narrow(2, 2 * H, H), rz.narrow(2, 0, H),
+                                         ghr.narrow(2, 2 * H, H)));
   // per step and unit: z, and the derivatives dr, dz, dn (input side) and dn * r (hidden side)
-  std::vector<scalar_t> z(T * NH), k(T * NH * 4);
+  std::vector<scalar_t> z(L * NH), k(L * NH * 4);
   const scalar_t *RZ = rz.data_ptr<scalar_t>(), *NT = nt.data_ptr<scalar_t>();
-  const scalar_t *GH = gh.data_ptr<scalar_t>(), *HP = hprev.data_ptr<scalar_t>();
-  for (const auto tn : c10::irange(T * N)) {
+  const scalar_t *GH = ghr.data_ptr<scalar_t>(), *HP = hprev.narrow(0, t0, L).data_ptr<scalar_t>();
+  for (const auto tn : c10::irange(L * N)) {
     const scalar_t *y = GH + tn * 3 * H, *hp = HP + tn * H, *q = RZ + tn * 2 * H, *nn = NT + tn * H;
     for (const auto j : c10::irange(H)) {
       const scalar_t r = q[j], zz = q[H + j], ghn = y[2 * H + j];
@@ -248,8 +260,8 @@ void gru_cpu(const Dims& d, const Tensor& gi, const Tensor& gh, const Tensor& hp
       for (const auto n : c10::irange(N)) {
         const int64_t r = b * N + n, o = (t * B * N + r) * 3 * H;
         const scalar_t* __restrict__ dyt = DY + (t * B + b) * NH + n * H;
-        const scalar_t* __restrict__ kk = k.data() + (t * NH + n * H) * 4;
-        const scalar_t* __restrict__ zt = z.data() + t * NH + n * H;
+        const scalar_t* __restrict__ kk = k.data() + ((t - t0) * NH + n * H) * 4;
+        const scalar_t* __restrict__ zt = z.data() + (t - t0) * NH + n * H;
         const scalar_t* __restrict__ mt = M + r * H;
         scalar_t* __restrict__ hzt = HZ + r * H;
         scalar_t* __restrict__ g = DG + o;
