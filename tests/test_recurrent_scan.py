@@ -219,3 +219,38 @@ def test_repeated_backward_to_the_taps_reuses_the_gates(mode, bptt_backend):
              if o is not None]
     torch.autograd.grad(fresh[0].sum(), [gi, whh])
     assert not hasattr(fresh[0].grad_fn, "gates")
+
+
+def test_a_failing_recurrence_leaves_the_estimate_unchanged(monkeypatch):
+    """An error inside the recurrent backward (every call of the op after the first, mid-step:
+    the batched backward's per-column fallback fails too) aborts the step with that error and
+    leaves the accumulated estimate as it was; the next step adds to it as if nothing happened."""
+    from fimfast import DiagFisher, ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, batch_first=True), _Last(), nn.Linear(4, 3))
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
+    est = DiagFisher(model, "exact")
+    est.step((x, y))
+    before = {n: t.clone() for n, t in est.result().items()}
+    calls = []
+    real = ops.recurrent_bptt
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise RuntimeError("recurrence failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "recurrent_bptt", failing)
+    with pytest.raises(RuntimeError, match="recurrence failed"):
+        est.step((x, y))
+    monkeypatch.setattr(ops, "recurrent_bptt", real)
+    for n, t in est.result().items():
+        assert torch.equal(t, before[n]), n
+    est.step((x, y))
+    ref = DiagFisher(model, "exact")
+    ref.step((x, y))
+    ref.step((x, y))
+    for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0), n
