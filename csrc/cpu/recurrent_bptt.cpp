@@ -229,16 +229,21 @@ void gru_cpu(const Dims& d, const Tensor& gi, const Tensor& gh, const Tensor& hp
   const scalar_t *RZ = rz.data_ptr<scalar_t>(), *NT = nt.data_ptr<scalar_t>();
   const scalar_t *GH = ghr.data_ptr<scalar_t>(), *HP = hprev.narrow(0, t0, L).data_ptr<scalar_t>();
   for (const auto tn : c10::irange(L * N)) {
-    const scalar_t *y = GH + tn * 3 * H, *hp = HP + tn * H, *q = RZ + tn * 2 * H, *nn = NT + tn * H;
-    for (const auto j : c10::irange(H)) {
+    const scalar_t* __restrict__ y = GH + tn * 3 * H;
+    const scalar_t* __restrict__ hp = HP + tn * H;
+    const scalar_t* __restrict__ q = RZ + tn * 2 * H;
+    const scalar_t* __restrict__ nn = NT + tn * H;
+    scalar_t* __restrict__ kk = k.data() + tn * 4 * H;  // (T, N, 4, H)
+    scalar_t* __restrict__ zt = z.data() + tn * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
       const scalar_t r = q[j], zz = q[H + j], ghn = y[2 * H + j];
       const scalar_t dn = (1 - zz) * (1 - nn[j] * nn[j]);
-      scalar_t* kk = k.data() + tn * 4 * H + j;  // (T, N, 4, H)
-      kk[0] = dn * ghn * r * (1 - r);
-      kk[H] = (hp[j] - nn[j]) * zz * (1 - zz);
-      kk[2 * H] = dn;
-      kk[3 * H] = dn * r;
-      z[tn * H + j] = zz;
+      kk[j] = dn * ghn * r * (1 - r);
+      kk[H + j] = (hp[j] - nn[j]) * zz * (1 - zz);
+      kk[2 * H + j] = dn;
+      kk[3 * H + j] = dn * r;
+      zt[j] = zz;
     }
   }
   Tensor m = at::empty({B * N, H}, dh.options());
