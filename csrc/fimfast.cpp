@@ -20,6 +20,9 @@ TORCH_LIBRARY(fimfast, m) {
   m.def(
       "accumulate_(Tensor(a!)[] states, Tensor[] grads, str update_mode, float beta, "
       "float scale) -> ()");
+  m.def(
+      "recurrent_bptt(str mode, Tensor[] saved, Tensor whh, Tensor dys, Tensor dh, Tensor? dc, "
+      "bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -129,6 +129,13 @@ def _register_fakes() -> None:
     def _shared(G, A):
         return G.new_empty((G.shape[2], A.shape[2]), dtype=_acc_dtype(G, A))
 
+    @torch.library.register_fake("fimfast::recurrent_bptt")
+    def _bptt(mode, saved, whh, dys, dh, dc, reverse):
+        G = whh.shape[0]
+        dG = dys.new_empty((*dys.shape[:2], G))
+        dgh = dys.new_empty(dG.shape if mode == "GRU" else (0,))
+        return dG, dgh, dh.new_empty(dh.shape), dh.new_empty(dh.shape if dc is not None else (0,))
+
     @torch.library.register_fake("fimfast::accumulate_")
     def _acc(states, grads, update_mode, beta, scale):
         return None

@@ -10,6 +10,8 @@ tests/test_recurrent.py.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import pytest
@@ -50,10 +52,22 @@ def _max_diff(a, b) -> float:
     return max(float((u - v).detach().abs().max()) for u, v in zip(a, b, strict=True))
 
 
+@pytest.fixture(params=["torch", "cpp"])
+def bptt_backend(request, monkeypatch):
+    """The backend of fimfast.ops.recurrent_bptt: the torch loop or the cpp kernel."""
+    if request.param == "cpp":
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "ops"))
+        from op_backends import require  # skips, or fails where the extension must load
+
+        require("cpp")
+    monkeypatch.setenv("FIMFAST_BACKEND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradients_equal_the_unrolled_steps(mode, reverse, bias):
+def test_gradients_equal_the_unrolled_steps(mode, reverse, bias, bptt_backend):
     x, W, gi, h0, c0, whh, bhh = _inputs(mode, bias)
     got = recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, reverse)
     ref = _unrolled(mode, gi, h0, c0, whh, bhh, reverse)
@@ -76,8 +90,9 @@ def test_gradients_equal_the_unrolled_steps(mode, reverse, bias):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_batched_backward_runs_without_vmap_fallback(mode):
-    """Under the batched backward, the recurrence uses ops vmap batches (no per-column loop)."""
+def test_batched_backward_runs_without_vmap_fallback(mode, bptt_backend):
+    """Under the batched backward, the recurrence uses ops vmap batches (no per-column loop):
+    the reference's, or the cpp kernel's Batched rule."""
     x, W, gi, h0, c0, whh, bhh = _inputs(mode, True)
     outs = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, False)
             if o is not None]
@@ -182,3 +197,60 @@ def test_streamed_and_chunked_columns_match_the_oracle(cell, class_chunk):
     assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
     assert not est._persample.last_plan.generic
     assert est._persample.add_taps == (class_chunk == 1)  # streamed: one column per backward
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_repeated_backward_to_the_taps_reuses_the_gates(mode, bptt_backend):
+    """The engine's backward to the gate inputs alone (run once per column when columns are
+    streamed) keeps the gates on the node for the next column; each column's gradients equal the
+    unrolled steps'. A backward that reaches W_hh (a training step) keeps nothing."""
+    x, W, gi, h0, c0, whh, bhh = _inputs(mode, True)
+    got = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, True) if o is not None]
+    ref = [o for o in _unrolled(mode, gi, h0, c0, whh, bhh, True) if o is not None]
+    node = got[0].grad_fn
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        cots = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in got]
+        a = torch.autograd.grad(got, [gi, h0], cots, retain_graph=True)
+        b = torch.autograd.grad(ref, [gi, h0], cots, retain_graph=True)
+        assert _max_diff(a, b) <= 1e-13 * max(float(t.abs().max()) for t in b)
+        assert hasattr(node, "gates")
+    fresh = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, True)
+             if o is not None]
+    torch.autograd.grad(fresh[0].sum(), [gi, whh])
+    assert not hasattr(fresh[0].grad_fn, "gates")
+
+
+def test_a_failing_recurrence_leaves_the_estimate_unchanged(monkeypatch):
+    """An error inside the recurrent backward (every call of the op after the first, mid-step:
+    the batched backward's per-column fallback fails too) aborts the step with that error and
+    leaves the accumulated estimate as it was; the next step adds to it as if nothing happened."""
+    from fimfast import DiagFisher, ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, batch_first=True), _Last(), nn.Linear(4, 3))
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
+    est = DiagFisher(model, "exact")
+    est.step((x, y))
+    before = {n: t.clone() for n, t in est.result().items()}
+    calls = []
+    real = ops.recurrent_bptt
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise RuntimeError("recurrence failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "recurrent_bptt", failing)
+    with pytest.raises(RuntimeError, match="recurrence failed"):
+        est.step((x, y))
+    monkeypatch.setattr(ops, "recurrent_bptt", real)
+    for n, t in est.result().items():
+        assert torch.equal(t, before[n]), n
+    est.step((x, y))
+    ref = DiagFisher(model, "exact")
+    ref.step((x, y))
+    ref.step((x, y))
+    for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0), n

@@ -29,6 +29,7 @@ __all__ = [
     "core_topk",
     "lm_head_probe",
     "probe_logit_grad",
+    "recurrent_bptt",
     "rng",
     "shared_sq",
     "sq_matmul",
@@ -272,3 +273,55 @@ def accumulate_(
         return
     _, fn = resolve("accumulate_", backend, states[0].device)
     fn(states, grads, mode, float(beta), float(scale))
+
+
+RECURRENT_MODES = {"LSTM": 2, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def recurrent_bptt(
+    mode: str,
+    saved: list[torch.Tensor],
+    whh: torch.Tensor,
+    dys: torch.Tensor,
+    dh: torch.Tensor,
+    dc: torch.Tensor | None = None,
+    reverse: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Back-propagation through time of one recurrent layer and direction (docs/math.md §4).
+
+    The gradients at the gate pre-activations of every step, given the gradients ``dys`` at the
+    outputs ``h_t`` and ``dh`` (``dc``) at the last state, by the recurrence of the cell
+    (``fimfast/rules/recurrent_scan.py`` builds the arguments). ``T`` steps, ``N`` rows, ``H``
+    hidden units, in position order; with ``reverse`` the steps ran from ``T - 1`` down to 0.
+
+    Args:
+        mode: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
+        saved: ``LSTM``: ``[a (T, N, 4H), c0 (N, H)]``, the gate pre-activations and the initial
+            cell state; ``GRU``: ``[gi, gh (T, N, 3H), hprev (T, N, H)]``, the input-side and
+            hidden-side pre-activations and the state each step started from; ``RNN_*``:
+            ``[ys (T, N, H)]``, the outputs.
+        whh: ``(G, H)`` the hidden-to-hidden weight (``G`` = 4H, 3H or H).
+        dys: ``(T, N, H)`` gradient at the outputs.
+        dh: ``(N, H)`` gradient at the last hidden state.
+        dc: ``(N, H)`` gradient at the last cell state (LSTM only, else ``None``).
+        reverse: the direction of the steps.
+        backend: ``None``/``"auto"``, ``"torch"`` or ``"cpp"`` (float32 and float64; other
+            dtypes run the torch reference).
+
+    Returns:
+        ``(dG (T, N, G), dgh, dh0 (N, H), dc0)``: ``dG`` the gradient at the input-side
+        pre-activations, ``dgh`` at the hidden-side ones where they differ (GRU, else ``None``),
+        ``dh0``/``dc0`` at the initial state (``dc0`` ``None`` but for an LSTM). Under the
+        batched backward (``is_grads_batched``), ``dys``, ``dh``, ``dc`` may carry the batch.
+    """
+    if mode not in RECURRENT_MODES:
+        raise ValueError(f"mode must be one of {sorted(RECURRENT_MODES)}; got {mode!r}")
+    if len(saved) != RECURRENT_MODES[mode]:
+        raise ValueError(f"saved must hold {RECURRENT_MODES[mode]} tensors for mode {mode!r}; "
+                         f"got {len(saved)}")
+    if (dc is None) == (mode == "LSTM"):
+        raise ValueError(f"dc must be given for an LSTM and only then; mode {mode!r}, "
+                         f"dc {'None' if dc is None else tuple(dc.shape)}")
+    _, fn = resolve("recurrent_bptt", backend, whh.device)
+    return fn(mode, list(saved), whh, dys, dh, dc, bool(reverse))

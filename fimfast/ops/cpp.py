@@ -62,3 +62,15 @@ def accumulate_cpp_(
 ) -> None:
     """:func:`fimfast.ops.accumulate_` on the CPU, all tensors in one parallel loop."""
     torch.ops.fimfast.accumulate_(list(states), list(grads), mode, float(beta), float(scale))
+
+
+def recurrent_bptt_cpp(mode, saved, whh, dys, dh, dc, reverse):
+    """:func:`fimfast.ops.recurrent_bptt` on the CPU, the whole recurrence in one call (float32
+    and float64, all arguments of one dtype; otherwise the torch reference)."""
+    dts = {t.dtype for t in (*saved, whh, dys, dh) + (() if dc is None else (dc,))}
+    if len(dts) != 1 or whh.dtype not in (torch.float32, torch.float64):
+        from fimfast.ops.recurrent import recurrent_bptt_torch
+
+        return recurrent_bptt_torch(mode, saved, whh, dys, dh, dc, reverse)
+    dG, dgh, dh0, dc0 = torch.ops.fimfast.recurrent_bptt(mode, saved, whh, dys, dh, dc, reverse)
+    return dG, (dgh if mode == "GRU" else None), dh0, (dc0 if mode == "LSTM" else None)

@@ -59,6 +59,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         "cpp": "fimfast.ops.cpp:accumulate_cpp_",
         "cuda": "fimfast.ops.cuda:accumulate_cuda_",
     },
+    "recurrent_bptt": {
+        "torch": "fimfast.ops.recurrent:recurrent_bptt_torch",
+        "cpp": "fimfast.ops.cpp:recurrent_bptt_cpp",
+    },
     # torch/cpp/cuda: chunked torch matmuls around that backend's probe_logit_grad
     # (fimfast.ops.lm_head); triton: fused kernels that never store a logits tile
     "lm_head_probe": {
@@ -84,6 +88,7 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "shared_sq": ("cpp", "torch"),
     "accumulate_": ("cpp", "torch"),
     "lm_head_probe": ("cpp", "torch"),
+    "recurrent_bptt": ("cpp", "torch"),
 }
 
 

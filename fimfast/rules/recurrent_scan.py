@@ -9,19 +9,20 @@ one layer and direction are one :class:`torch.autograd.Function`, :class:`Scan`:
 * its forward is torch's own fused kernel of the layer (``torch._VF.lstm``, ``gru``,
   ``rnn_tanh``, ``rnn_relu``: oneDNN on a CPU, cuDNN on a GPU), run without a graph on the
   layer's input and weights; it keeps the outputs ``h_t``;
-* its backward is back-propagation through time written out for the cell. What does not depend
-  on the incoming gradient is computed for all steps at once (the gate pre-activations
-  ``a_t = gi_t + W_hh h_{t-1} + b_hh`` as one product, the gates and their derivatives, an
-  LSTM's cell states ``c_t = f_t c_{t-1} + i_t g_t``); per step only the recurrence is left: a
-  few elementwise ops and one product with ``W_hh``.
+* its backward is back-propagation through time written out for the cell: the hidden-side gate
+  pre-activations ``W_hh h_{t-1} + b_hh`` of all steps as one product, then
+  :func:`fimfast.ops.recurrent_bptt` (the recurrence; on the CPU one call of the ``cpp``
+  kernel, ``csrc/cpu/recurrent_bptt.cpp``, else a loop of torch ops per step,
+  :mod:`fimfast.ops.recurrent`).
 
 Its inputs are the tapped input projections ``gi`` ``(T, N, G)`` (the engine's tap: their
 gradient is the gradient at the gate pre-activations), the initial state, ``W_hh`` and ``b_hh``;
-the gradients it returns for them are those of the unrolled cells, to rounding. The backward is
-made of functional ops, so a batched backward (``autograd.grad(..., is_grads_batched=True)``)
-runs it under vmap, with the ops that vmap batches (:class:`_Fused`). Used for every layer and
-direction but an LSTM with ``proj_size``, a ``PackedSequence`` input and a forward under autocast
-(:func:`applies`), which keep the unrolled cells.
+the gradients it returns for them are those of the unrolled cells, to rounding. A batched
+backward (``autograd.grad(..., is_grads_batched=True)``, the legacy vmap) runs its columns as
+rows of one recurrence (the ``cpp`` kernel's Batched rule; the reference's ops are ones vmap
+batches). Used for every layer and direction but an LSTM with ``proj_size``, a
+``PackedSequence`` input and a forward under autocast (:func:`applies`), which keep the unrolled
+cells.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from fimfast import ops
+from fimfast.ops.recurrent import prev
 
 
 def applies(mode: str, whr, masks, device: torch.device) -> bool:
@@ -53,10 +57,6 @@ def run(mode: str, x, gi, h0, c0, W: dict, whh, bhh, reverse: bool):
         ys, hT = Scan.apply(mode, reverse, fwd, gi, h0, whh, bhh)
         return ys, hT, None
     return Scan.apply(mode, reverse, fwd, gi, h0, whh, bhh, c0)
-
-
-def _steps(T: int, reverse: bool) -> range:
-    return range(T - 1, -1, -1) if reverse else range(T)
 
 
 _FUSED = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
@@ -100,21 +100,31 @@ class Scan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dys, dhT, dcT=None):
         gi, h0, whh, bhh, ys, *c0 = ctx.saved_tensors
-        hprev = _prev(ys, h0, ctx.reverse)
+        wanted = _wanted(ctx, 5), _wanted(ctx, 6)
+        hprev, saved = getattr(ctx, "gates", None) or _gates(ctx.mode, ctx.reverse, gi, h0, whh,
+                                                             bhh, ys, c0)
+        if not any(wanted):
+            # the engine's backward to the taps, which a step may run once per column (streamed
+            # columns): the gates are kept for the next ones, with the graph of the step
+            ctx.gates = hprev, saved
         T, N, H = hprev.shape
-        gh = torch.addmm(bhh, hprev.reshape(T * N, H), whh.t()).view(gi.shape)
-        if ctx.mode == "LSTM":
-            dG, dh0, dc0 = _lstm_bptt(gi + gh, c0[0], whh, dys, dhT, dcT, ctx.reverse)
-            dgh = dG
-        elif ctx.mode == "GRU":
-            dG, dgh, dh0 = _gru_bptt(gi, gh, hprev, whh, dys, dhT, ctx.reverse)
-            dc0 = None
-        else:
-            dG, dh0 = _rnn_bptt(ys, ctx.mode, whh, dys, dhT, ctx.reverse)
-            dgh, dc0 = dG, None
-        dW = dgh.reshape(T * N, -1).t().mm(hprev.reshape(T * N, H)) if _wanted(ctx, 5) else None
-        db = dgh.sum((0, 1)) if _wanted(ctx, 6) else None
+        dG, dgh, dh0, dc0 = ops.recurrent_bptt(ctx.mode, saved, whh, dys, dhT, dcT, ctx.reverse)
+        dgh = dG if dgh is None else dgh
+        dW = dgh.reshape(T * N, -1).t().mm(hprev.reshape(T * N, H)) if wanted[0] else None
+        db = dgh.sum((0, 1)) if wanted[1] else None
         return (None, None, None, dG, dh0, dW, db) + (() if dc0 is None else (dc0,))
+
+
+def _gates(mode: str, reverse: bool, gi, h0, whh, bhh, ys, c0: list):
+    """``(hprev, saved)``: the state each step started from and the saved tensors of
+    :func:`fimfast.ops.recurrent_bptt` (the hidden-side pre-activations of all steps, one
+    product)."""
+    hprev = prev(ys, h0, reverse)
+    if mode not in ("LSTM", "GRU"):
+        return hprev, [ys]
+    T, N, H = hprev.shape
+    gh = torch.addmm(bhh, hprev.reshape(T * N, H), whh.t()).view(gi.shape)
+    return hprev, ([gi + gh, c0[0]] if mode == "LSTM" else [gi, gh, hprev])
 
 
 def _wanted(ctx, i: int) -> bool:
@@ -130,113 +140,3 @@ def _wanted(ctx, i: int) -> bool:
     except (AttributeError, RuntimeError):  # not in a backward this torch can tell about
         return True
 
-
-def _prev(seq: torch.Tensor, first: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """The state each step started from, in position order (``first`` at the first step run)."""
-    first = first.unsqueeze(0)
-    return torch.cat([seq[1:], first]) if reverse else torch.cat([first, seq[:-1]])
-
-
-def _stack(parts: list, backwards: bool) -> torch.Tensor:
-    """The per-step ``parts`` collected in the order ``_steps(T, backwards)`` gives, stacked
-    in position order."""
-    return torch.stack(parts[::-1] if backwards else parts)
-
-
-def _lstm_bptt(a, c0, whh, dys, dhT, dcT, reverse: bool):
-    """``(dG (T, N, 4H), dh0, dc0)`` of the LSTM from its gate pre-activations ``a``; the cell
-    states are recomputed from the gates (``c_t = f_t c_{t-1} + i_t g_t``)."""
-    T, N, G = a.shape
-    H = G // 4
-    s = a.sigmoid()
-    ds = s * (1 - s)
-    i, f, o = s[..., :H], s[..., H : 2 * H], s[..., 3 * H :]
-    g = a[..., 2 * H : 3 * H].tanh()
-    ig = i * g
-    fs = f.unbind(0)
-    c, cs = c0, [None] * T
-    for t, igt in zip(_steps(T, reverse), _order(ig.unbind(0), reverse)):
-        c = cs[t] = torch.addcmul(igt, fs[t], c)
-    cseq = torch.stack(cs)
-    tc = cseq.tanh()
-    dc_dh = torch.addcmul(o, o * tc, tc, value=-1).unbind(0)  # o (1 - tanh(c)^2) = dc / dh
-    # d a / d c (the i, f, g blocks) and d a / d h (the o block), as (N, 4H) per step
-    k = torch.cat([g * ds[..., :H], _prev(cseq, c0, reverse) * ds[..., H : 2 * H],
-                   torch.addcmul(i, ig, g, value=-1), tc * ds[..., 3 * H :]], -1).unbind(0)
-    back = list(_steps(T, not reverse))
-    dy = _order(dys.unbind(0), not reverse)
-    dh, dc = dy[0] + dhT, dcT
-    fma = _fma(dys, dhT, dcT)
-    out: list = []
-    for j, t in enumerate(back):
-        dc = fma.cmul(dc, dh, dc_dh[t])
-        dGt = torch.cat([dc, dc, dc, dh], 1) * k[t]
-        out.append(dGt)
-        dc = dc * fs[t]
-        dh = dGt.mm(whh) if j + 1 == T else fma.mm(dy[j + 1], dGt, whh)
-    dG = _stack(out, not reverse)
-    return dG, dh, dc
-
-
-class _Fused:
-    """``addcmul`` and ``addmm``: torch's fused ops, or for a gradient batched by the legacy
-    vmap of ``autograd.grad(..., is_grads_batched=True)`` (which has no batching rule for them
-    and would loop over the batch) the same as a product and a sum."""
-
-    def __init__(self, batched: bool):
-        self.batched = batched
-
-    def cmul(self, a, b, c):
-        return a + b * c if self.batched else torch.addcmul(a, b, c)
-
-    def mm(self, a, b, c):
-        return a + b.mm(c) if self.batched else torch.addmm(a, b, c)
-
-
-def _fma(*ts) -> _Fused:
-    """The ops for the incoming gradients ``ts`` (batched if any of them is)."""
-    keys = (str(torch._C._dispatch_keys(t)) for t in ts if t is not None)
-    return _Fused(any("Batched" in k.removeprefix("DispatchKeySet(").rstrip(")").split(", ")
-                      for k in keys))
-
-
-def _order(parts, reverse: bool):
-    return parts[::-1] if reverse else parts
-
-
-def _gru_bptt(gi, gh, hprev, whh, dys, dhT, reverse: bool):
-    """``(dG, dG^h, dh0)`` of the GRU: the gradients at the input-side and hidden-side gate
-    pre-activations (they differ in the candidate block, scaled by ``r_t`` on the hidden side)."""
-    H = hprev.shape[-1]
-    r, z = (gi[..., : 2 * H] + gh[..., : 2 * H]).sigmoid().chunk(2, -1)
-    ghn = gh[..., 2 * H :]
-    n = torch.addcmul(gi[..., 2 * H :], r, ghn).tanh()
-    dn = (1 - z) * (1 - n * n)  # d n-pre / d h_t
-    dr = dn * ghn * r * (1 - r)
-    dz = (hprev - n) * z * (1 - z)
-    T, N = hprev.shape[:2]
-    kh = torch.stack([dr, dz, dn * r], 2)  # d (hidden-side pre-activations) / d h_t
-    dh = dhT
-    hs: list = []
-    zs, khs = z.unbind(0), kh.unbind(0)
-    fma = _fma(dys, dhT)
-    for t, dy in zip(_steps(T, not reverse), _order(dys.unbind(0), not reverse)):
-        dh = dy + dh
-        hs.append(dh)
-        dh = fma.mm(dh * zs[t], (dh.unsqueeze(1) * khs[t]).view(N, 3 * H), whh)
-    D = _stack(hs, not reverse).unsqueeze(2)
-    dgh = (D * kh).reshape(T, N, 3 * H)
-    dG = (D * torch.stack([dr, dz, dn], 2)).reshape(T, N, 3 * H)
-    return dG, dgh, dh
-
-
-def _rnn_bptt(ys, mode: str, whh, dys, dhT, reverse: bool):
-    """``(dG, dh0)`` of the Elman cells (``tanh`` or ``relu``)."""
-    d = (1 - ys * ys if mode == "RNN_TANH" else (ys > 0).to(ys.dtype)).unbind(0)
-    dh = dhT
-    out: list = []
-    for t, dy in zip(_steps(ys.shape[0], not reverse), _order(dys.unbind(0), not reverse)):
-        dGt = (dy + dh) * d[t]
-        out.append(dGt)
-        dh = dGt.mm(whh)
-    return _stack(out, not reverse), dh
