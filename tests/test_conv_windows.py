@@ -20,6 +20,7 @@ from tolerances import DET_REL_F64
 from torch import nn
 
 import fimfast
+from fimfast import chunks
 from fimfast.rules import conv, windows
 from fimfast.rules.windows import Windows
 
@@ -64,18 +65,22 @@ def _spy(monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.parametrize("class_chunk,backend", [(1, "auto"), (2, "auto"), (1, "torch")])
+@pytest.mark.parametrize("by_taps,class_chunk,backend", [
+    (True, 1, "auto"), (True, 2, "auto"), (True, 1, "torch"), (False, 1, "auto"),
+])
 @pytest.mark.parametrize("name", CASES)
-def test_windows_match_oracle_f64(monkeypatch, name, class_chunk, backend):
+def test_windows_match_oracle_f64(monkeypatch, name, by_taps, class_chunk, backend):
     """EXACT (3 columns) by chunks of 1 and of 2 columns (2 + 1), every convolution read as
-    windows, in float64 against the oracle; also with the torch reference ops."""
-    monkeypatch.setattr(windows, "WINDOW_ROWS_FROM", 1)
+    windows tap by tap, in float64 against the oracle; also with the torch reference ops, and
+    with the patches formed from the windows by pieces of one sample."""
+    monkeypatch.setattr(windows, "WINDOW_ROWS_FROM", 1 if by_taps else 10**9)
     monkeypatch.setattr(conv, "PATCHES_LAZY_FROM", 0)
+    monkeypatch.setattr(chunks, "PATCH_BYTES", 1)
     seen = _spy(monkeypatch)
     case = _case(name).to(torch.float64)
     got, _ = run(case, "exact", class_chunk=class_chunk, backend=backend)
     assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
-    assert seen and all(isinstance(q, Windows) for q in seen)
+    assert seen and all(isinstance(q, Windows) and q.by_taps == by_taps for q in seen)
 
 
 def _module_input(name: str):
@@ -101,21 +106,22 @@ def test_windows_slices_are_the_patches(monkeypatch, name):
     assert w.A.numel() * m.kernel_size[0] <= 2 * want.numel()
 
 
-def test_windows_do_not_apply():
-    """A stride along the first spatial dim, or fewer rows per tap than ``WINDOW_ROWS_FROM``:
-    ``None`` (the rule unfolds its patches)."""
+def test_windows_by_taps_or_pieces():
+    """A stride along the first spatial dim: ``None`` (the rule unfolds its patches); fewer rows
+    per tap than ``WINDOW_ROWS_FROM``: windows whose patches the squares form by pieces."""
     x = torch.randn(2, 16, 9, 9)
     assert windows.WINDOW_ROWS_FROM == 32
     assert windows.windows(nn.Conv2d(16, 4, 3, stride=(2, 1)), x, 4 * 7, 1) is None
-    assert windows.windows(nn.Conv2d(16, 4, 3), x, 49, 1) is not None  # 48 rows per tap
-    assert windows.windows(nn.Conv2d(8, 4, 3), x[:, :8], 49, 1) is None  # 24 rows per tap
+    assert windows.windows(nn.Conv2d(16, 4, 3), x, 49, 1).by_taps  # 48 rows per tap
+    assert not windows.windows(nn.Conv2d(8, 4, 3), x[:, :8], 49, 1).by_taps  # 24 rows
 
 
 def test_cnn_step_within_twice_a_training_step():
     """The CNN of workload (c) (benchmarks/workloads.py), 64 samples, one column per backward:
-    its second convolution read as windows, its first (5 rows per tap) unfolded by pieces, so
-    the step stays within twice a training step's peak (1.8x; with both layers' patches kept,
-    2.8x); the estimate is the one of one backward of every column."""
+    its second convolution read as windows tap by tap, its first (5 rows per tap) formed from
+    its windows by pieces, so the step stays within twice a training step's peak (1.96x; with
+    both layers' patches kept, 2.8x); the estimate is the one of one backward of every
+    column."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5),
                           nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 10))
@@ -143,7 +149,7 @@ def test_cnn_step_within_twice_a_training_step():
 
     assert peak(exact) <= 2.0 * t
     inputs = [c.data["Q"] for c in est._persample.last_plan.calls if "Q" in c.data]
-    assert [type(q).__name__ for q in inputs] == ["Patches", "Windows"]
+    assert [(type(q), q.by_taps) for q in inputs] == [(Windows, False), (Windows, True)]
     one = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=9)
     one.step((x, y))
     assert rel_error(dict(est.result().items()), dict(one.result().items())) <= 1e-5

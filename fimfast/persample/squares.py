@@ -280,7 +280,7 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
     :class:`~fimfast.rules.base.Patches` ``Q`` is formed ``Q.chunk`` samples at a time (at most),
     each piece once for all the columns."""
     I = Q.shape[-1]
-    if isinstance(Q, Windows):
+    if isinstance(Q, Windows) and Q.by_taps:
         return _windows_sq(P, Q, backend)
     if P.dim() == 4:
         M, N, T, O = P.shape
