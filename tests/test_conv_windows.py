@@ -106,14 +106,20 @@ def test_windows_slices_are_the_patches(monkeypatch, name):
     assert w.A.numel() * m.kernel_size[0] <= 2 * want.numel()
 
 
-def test_windows_by_taps_or_pieces():
-    """A stride along the first spatial dim: ``None`` (the rule unfolds its patches); fewer rows
-    per tap than ``WINDOW_ROWS_FROM``: windows whose patches the squares form by pieces."""
+def test_windows_by_taps_or_pieces(monkeypatch):
+    """A stride along the first spatial dim, or windows over ``WINDOWS_KEEP_MAX`` bytes:
+    ``None`` (the rule unfolds its patches by pieces); fewer rows per tap than
+    ``WINDOW_ROWS_FROM``: windows whose patches the squares form by pieces."""
     x = torch.randn(2, 16, 9, 9)
     assert windows.WINDOW_ROWS_FROM == 32
     assert windows.windows(nn.Conv2d(16, 4, 3, stride=(2, 1)), x, 4 * 7, 1) is None
     assert windows.windows(nn.Conv2d(16, 4, 3), x, 49, 1).by_taps  # 48 rows per tap
     assert not windows.windows(nn.Conv2d(8, 4, 3), x[:, :8], 49, 1).by_taps  # 24 rows
+    # 2 x 48 x 9 x 7 floats: kept up to WINDOWS_KEEP_MAX bytes
+    monkeypatch.setattr(windows, "WINDOWS_KEEP_MAX", 4 * 2 * 48 * 9 * 7)
+    assert windows.windows(nn.Conv2d(16, 4, 3), x, 49, 1) is not None
+    monkeypatch.setattr(windows, "WINDOWS_KEEP_MAX", 4 * 2 * 48 * 9 * 7 - 1)
+    assert windows.windows(nn.Conv2d(16, 4, 3), x, 49, 1) is None
 
 
 def test_cnn_step_within_twice_a_training_step():

@@ -29,6 +29,11 @@ from fimfast.rules.base import Patches
 # patches, 80 rows 1.2x, 192 rows 0.95x), so those form their patches by pieces from the windows
 WINDOW_ROWS_FROM = 32
 
+# windows above this many bytes are not kept for the step (the rule forms its patches by pieces
+# from the input instead, once per chunk of columns): ``k_1 ...`` times a layer's input, summed
+# over the convolutions of a deep network, would outgrow the training step's own memory
+WINDOWS_KEEP_MAX = 4 << 20
+
 
 class Windows(Patches):
     """The input side ``(N, L, I * prod(kernel))`` of a convolution of one group and stride 1
@@ -73,7 +78,7 @@ def windows(module, x: torch.Tensor, L: int, chunk: int) -> Windows | None:
     """The :class:`Windows` of the input ``x`` ``(N, I, *spatial)`` of ``module``, a convolution
     of one group with ``L`` output positions (``x`` padded as its forward pads it), read tap by
     tap from ``WINDOW_ROWS_FROM`` rows per tap; ``None`` for a stride along the first spatial
-    dim."""
+    dim or windows of more than ``WINDOWS_KEEP_MAX`` bytes."""
     from fimfast.rules.conv import input_padding, ntuple  # the rule imports this module
 
     k = tuple(module.kernel_size)
@@ -91,6 +96,8 @@ def windows(module, x: torch.Tensor, L: int, chunk: int) -> Windows | None:
         v = v.unfold(2 + dim, (k[dim] - 1) * d[dim] + 1, s[dim])
         if d[dim] > 1:
             v = v[..., :: d[dim]]
+    if v.numel() * v.element_size() > WINDOWS_KEEP_MAX:
+        return None
     # (N, I, k_1, ..., D_0, L_1, ...), copied once
     A = v.permute(0, 1, *range(2 + n, 1 + 2 * n), *range(2, 2 + n)).contiguous()
     run = math.prod(A.shape[2 + n :])  # prod(L_1, ...): one row of the first dim
