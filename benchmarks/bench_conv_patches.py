@@ -1,8 +1,10 @@
 """Peak tensor memory and CPU time of the per-sample estimators on convnets, with the unfolded
 input patches of every convolution unfolded once and kept for the step (``kept``) against
 formed a few samples at a time whenever the squares read them (``chunked``:
-``fimfast.rules.conv.PATCHES_LAZY_FROM = 0``) and the default (by pieces, except patches of at
-most ``PATCHES_LAZY_FROM`` bytes in a step of several chunks of columns).
+``fimfast.rules.conv.PATCHES_LAZY_FROM = 0``, and no windows kept:
+``fimfast.rules.windows.WINDOWS_KEEP_MAX = 0``) and the default (by pieces, except patches of at
+most ``PATCHES_LAZY_FROM`` bytes and the windows of ``fimfast/rules/windows.py`` in a step of
+several chunks of columns).
 
 Workloads: (c) of :mod:`benchmarks.workloads` (two 5x5 convs, 28x28, B=64) and ``c3``: three
 3x3 convs (3-32-64-64 channels, padding 1), 32x32 inputs, B=64, a linear head. Methods:
@@ -60,7 +62,12 @@ def _runner(key: str, method: str, mode: str):
     model, X, y = _workload(key)
     name, _, opt = method.partition("@")
     est = fimfast.DiagFisher(model, name, reduction="sum")
+    try:
+        from fimfast.rules import windows
+    except ImportError:  # trees before the convolutions' windows
+        windows = None
     default_lazy = conv.PATCHES_LAZY_FROM
+    default_windows = None if windows is None else windows.WINDOWS_KEEP_MAX
     default_bound = getattr(chunks, "TRAIN_BOUND_FROM", None)  # trees with a threshold
 
     default_side = conv.ConvRule._input_side
@@ -70,6 +77,8 @@ def _runner(key: str, method: str, mode: str):
             conv.ConvRule._input_side = lambda self, module, x, *a: self._patches(module, x)
         elif mode == "chunked":
             conv.PATCHES_LAZY_FROM = 0
+            if windows is not None:  # trees with fimfast/rules/windows.py: none kept either
+                windows.WINDOWS_KEEP_MAX = 0
         if default_bound is not None:
             chunks.TRAIN_BOUND_FROM = 0 if opt == "bound" else default_bound
         try:
@@ -77,6 +86,8 @@ def _runner(key: str, method: str, mode: str):
             est.step((X, y))
         finally:
             conv.PATCHES_LAZY_FROM = default_lazy
+            if windows is not None:
+                windows.WINDOWS_KEEP_MAX = default_windows
             if default_bound is not None:
                 chunks.TRAIN_BOUND_FROM = default_bound
             conv.ConvRule._input_side = default_side

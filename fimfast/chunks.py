@@ -14,18 +14,23 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   row), at most the number of columns; ``class_chunk`` wins.
 * :func:`probe_columns`: columns of the independence probe. The ``(R, C)`` cotangent in the
   logits' dtype and the float32 gradient at every probed tap: ``u = e R C + 4 sum_taps |tap|``.
-* :func:`fast_columns`: columns of the fast path. The cotangent, the float32 gradient at every
-  tap (the batched backward returns them together) and the two largest buffers alive at once
-  inside the backward (an operator's incoming and outgoing gradient, each at most the largest
-  tap): ``u = e R C + 4 (sum_taps |tap| + 2 max_taps |tap|)``, plus ``4 |logits|`` when the
-  logits layer's output gradient is laid out as the logits. A streamed backward
+* :func:`fast_columns`: columns of the fast path. What a column holds in a plain batched backward
+  (every tap's gradient, returned together) scales with the columns; what the step holds
+  besides (the forward's saved activations, which every column shares, and the deferred sums
+  of squares per layer) does not. Per column: the cotangent, the float32 gradient at every tap
+  and one buffer inside the backward (an operator's outgoing gradient while its incoming one is
+  alive, at most the largest tap): ``u = e R C + 4 (sum_taps |tap| + max_taps |tap|)``, plus
+  ``4 |logits|`` when the logits layer's output gradient is laid out as the logits. Fixed: the
+  saved activations and the deferred sums, each about the layer outputs, ``8 sum_taps |tap|``.
+  The bound is twice what a training step holds at least, ``B_train = 4 max(P, sum_taps |tap|)``
+  (a float32 gradient per parameter of the step, or the saved layer outputs when they are
+  larger), less the fixed part: ``8 max(P, sum_taps |tap|) - 8 sum_taps |tap|``, so that the
+  step's peak stays within about twice a training step's (docs/estimators.md, "Memory";
+  measured on the workloads of benchmarks/workloads.py). A streamed backward
   (:mod:`fimfast.persample.stream`: each call's squares formed as its gradients arrive, the
-  gradients dropped) holds no tap's gradient to the end: ``u = e R C + 8 max_taps |tap|``
-  (plus the logits). The budget is the smaller of ``B`` and what one training step of the same
-  model holds at its peak, ``B_train = 4 P + 8 sum_taps |tap|`` (a float32 gradient per
-  parameter of the step, the layer outputs and their gradients), so that the step's peak stays
-  within about twice a training step's (docs/estimators.md, "Memory"); ``class_chunk`` wins.
-  :func:`balanced` then spreads the columns evenly over the fewest chunks of that size.
+  gradients dropped) holds no tap's gradient to the end: ``u = e R C + 8 max_taps |tap|`` (plus
+  the logits), against ``4 P + 8 sum_taps |tap|``. The budget ``B`` caps both; ``class_chunk``
+  wins. :func:`balanced` then spreads the columns evenly over the fewest chunks of that size.
 * :func:`patch_samples`: samples of a convolution's unfolded input patches formed at once
   (:class:`fimfast.rules.base.Patches`): ``u`` the bytes of one sample's patches, and the budget
   at most ``PATCH_BYTES`` (a few MB, so that the patches stay a small temporary next to the
@@ -102,12 +107,17 @@ def fast_columns(
     R, C = flat.shape
     sizes = [math.prod(t.shape) for t in taps]
     total, top = sum(sizes), max(sizes, default=0)
-    held = 0 if streamed else total
-    per_col = flat.element_size() * R * C + 4 * (held + 2 * top)
+    if streamed:
+        per_col = 8 * top
+        bound = 4 * param_elems + 8 * total
+    else:
+        per_col = 4 * (total + top)
+        bound = 8 * max(param_elems, total) - 8 * total
+    per_col += flat.element_size() * R * C
     if head_logits is not None:
         per_col += 4 * head_logits
     budget = _env.memory_budget_bytes() if budget is None else budget
-    return _fit(per_col, min(budget, 4 * param_elems + 8 * total))
+    return _fit(per_col, min(budget, bound))
 
 
 def balanced(total: int, most: int) -> int:

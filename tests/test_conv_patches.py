@@ -123,6 +123,7 @@ def test_step_does_not_hold_the_whole_batch_patches(monkeypatch, fim_type, class
     output and its gradient (a few times each), the tapped gradients and one piece of patches,
     well under the patches of the whole batch; with the patches kept whole it is over."""
     monkeypatch.setattr(conv, "PATCHES_LAZY_FROM", 0)
+    monkeypatch.setattr(conv, "windows", lambda *a: None)  # by pieces (test_conv_windows.py)
     model, x, y = _cnn()
     conv_layer = model[0]
     L = 24 * 24
@@ -149,6 +150,7 @@ def test_step_estimates_agree_with_patches_kept(monkeypatch):
     model, x = model.double(), x.double()
     monkeypatch.setattr(chunks, "PATCH_BYTES", 3 * 200 * 576 * 8)  # 3 samples, then 2
     monkeypatch.setattr(conv, "PATCHES_LAZY_FROM", 0)
+    monkeypatch.setattr(conv, "windows", lambda *a: None)
     est = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=1)
     est.step((x[:5], y[:5]))
     got = dict(est.result().items())

@@ -42,15 +42,16 @@ def test_chunk_formulas(monkeypatch):
     flat = torch.zeros(R, C, dtype=torch.float64)  # e = 8
     taps = [Tap(6, 4), Tap(2, 6, 5)]  # 84 elements
     assert chunks.probe_columns(flat, taps) == B // (8 * 18 + 4 * 84)
-    # per column: cotangent, every tap's gradient, twice the largest tap (60 elements)
-    u = 8 * 18 + 4 * (84 + 2 * 60)
-    big = 10**9  # parameters of the step: B_train = 4 P + 8 * 84 does not bind
+    # per column: cotangent, every tap's gradient, the largest tap once (60 elements)
+    u = 8 * 18 + 4 * (84 + 60)
+    big = 10**9  # parameters of the step: 8 max(P, 84) - 8 * 84 does not bind
     assert chunks.fast_columns(flat, taps, None, None, big) == B // u
     assert chunks.fast_columns(flat, taps, 30, None, big) == B // (u + 4 * 30)
     assert chunks.fast_columns(flat, taps, 30, 5, big) == 5  # class_chunk wins
     assert chunks.fast_columns(flat, taps, 30, 5, 0, budget=1) == 5
-    # a training step's peak binds: B_train = 4 * 1000 + 8 * 84 bytes
-    assert chunks.fast_columns(flat, taps, None, None, 1000) == (4 * 1000 + 8 * 84) // u
+    # twice a training step's least peak (4 P bytes), less the saved outputs and sums, binds
+    assert chunks.fast_columns(flat, taps, None, None, 1000) == (8 * 1000 - 8 * 84) // u
+    assert chunks.fast_columns(flat, taps, None, None, 50) == 1  # outputs over P: one column
     # streamed: no tap gradient held to the end of the backward
     su = 8 * 18 + 8 * 60
     assert chunks.fast_columns(flat, taps, None, None, 1000, streamed=True) == (

@@ -18,6 +18,7 @@ from fimfast.dtypes import compute_dtype
 from fimfast.persample.plan import Group, GroupKind, RowIndex
 from fimfast.rules.base import Patches, dense
 from fimfast.rules.linear import LinearRule
+from fimfast.rules.windows import Windows
 
 _LINEAR_TERMS = LinearRule.terms  # the rule whose terms linear_lane forms directly
 _LANE_KINDS = (GroupKind.OUTER, GroupKind.VEC)
@@ -279,6 +280,8 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
     :class:`~fimfast.rules.base.Patches` ``Q`` is formed ``Q.chunk`` samples at a time (at most),
     each piece once for all the columns."""
     I = Q.shape[-1]
+    if isinstance(Q, Windows) and Q.by_taps:
+        return _windows_sq(P, Q, backend)
     if P.dim() == 4:
         M, N, T, O = P.shape
         out = None
@@ -315,6 +318,24 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
                            Q[n0 : n0 + step].to(dt))
         out += per.square().sum((0, 1))
     return out
+
+
+def _windows_sq(P: torch.Tensor, Q: Windows, backend) -> torch.Tensor:
+    """``sum_{m,n} (P[m, n]^T Q[n])^2`` for :class:`~fimfast.rules.windows.Windows` ``Q``, one
+    kernel tap of the first spatial dim at a time (the entries of the taps are disjoint), each
+    tap's strided view read by the product as it is: ``(O, I prod(kernel))`` laid out as the
+    weight ``(O, I, k_0, k_1, ...)``."""
+    O, I, k0 = P.shape[-1], Q.channels, Q.taps
+    out = None
+    for j in range(k0):
+        Qj = Q.tap(j)
+        part = ops.shared_sq(P[0], Qj, backend=backend)
+        for m in range(1, P.shape[0]):
+            part.add_(ops.shared_sq(P[m], Qj, backend=backend))
+        if out is None:
+            out = part.new_empty(O, I, k0, part.shape[1] // I)
+        out[:, :, j] = part.view(O, I, -1)
+    return out.view(O, -1)
 
 
 def _indexed(g: Group, outers: list, sums: Sums, backend) -> None:

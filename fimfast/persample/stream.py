@@ -138,19 +138,31 @@ def stream(rows, calls, groups, cot, retain: bool, head, squares: Callable,
     gmap: dict[int, torch.Tensor | None] = {}
     waiting = {id(c): len(c.taps) for c in calls}
     users: Counter = Counter(id(c) for g in groups for c, _ in g.members)
-    todo = list(groups)
     if head is not None:
         gmap[id(head.taps[0].handle)] = head_grad(rows, cot)
         waiting[id(head)] = 0
+    # per group, how many of its calls still wait for a gradient; a call's completion readies
+    # the groups it was the last of (no scan of every group per completion)
+    left: list[int] = []
+    of_call: dict[int, list[int]] = {}
+    for gi, g in enumerate(groups):
+        ids = {id(c) for c, _ in g.members if waiting.get(id(c), 0) > 0}
+        left.append(len(ids))
+        for i in ids:
+            of_call.setdefault(i, []).append(gi)
+    ready = [gi for gi, n in enumerate(left) if n == 0]  # squared at the first completion
+    done = [False] * len(groups)
 
     def flush(final: bool = False) -> None:
-        nonlocal todo
-        ready = [g for g in todo if final or all(waiting.get(id(c), 0) == 0 for c, _ in g.members)]
-        if not ready:
+        idx = [gi for gi in range(len(groups)) if not done[gi]] if final else sorted(ready)
+        ready.clear()
+        if not idx:
             return
-        todo = [g for g in todo if all(g is not r for r in ready)]
-        squares(ready, gmap)
-        for g in ready:
+        for gi in idx:
+            done[gi] = True
+        now = [groups[gi] for gi in idx]
+        squares(now, gmap)
+        for g in now:
             for c, _ in g.members:
                 users[id(c)] -= 1
                 if users[id(c)] == 0:
@@ -164,6 +176,10 @@ def stream(rows, calls, groups, cot, retain: bool, head, squares: Callable,
         gmap[id(t.handle)] = g
         waiting[id(c)] -= 1
         if waiting[id(c)] == 0:
+            for gi in of_call.get(id(c), ()):
+                left[gi] -= 1
+                if left[gi] == 0:
+                    ready.append(gi)
             flush()
         if not t.direct:
             return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape[1:])

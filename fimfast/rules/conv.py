@@ -17,10 +17,13 @@ from fimfast import chunks
 from fimfast.hooks import Call, Use
 from fimfast.rules import conv_node
 from fimfast.rules.base import Outer, Patches, Rule, Term, UseKind, Vec, trainable
+from fimfast.rules.windows import windows
 
 # with several chunks of columns, a convolution's unfolded input patches above this many bytes
-# are formed a few samples at a time when squared, not kept for the step (ConvRule._input_side)
-PATCHES_LAZY_FROM = 16 << 20
+# are not kept for the step: read as windows of the input (fimfast/rules/windows.py) where they
+# apply, else formed a few samples at a time when squared (ConvRule._input_side, input_side);
+# at most one piece of a lazy factor (chunks.PATCH_BYTES), kept patches cost no more memory
+PATCHES_LAZY_FROM = 2 << 20
 
 
 class ConvRule(Rule):
@@ -58,8 +61,15 @@ class ConvRule(Rule):
         return U.view(N, g, IK // g, L).permute(0, 3, 1, 2)  # a view: bmm takes the strides
 
     def _input_side(self, module, x: torch.Tensor, L: int, chunks_: int):
-        """The input side of the weight's ``Outer`` (:func:`input_side`)."""
+        """The input side of the weight's ``Outer``: with several chunks of columns and one
+        group, the :class:`~fimfast.rules.windows.Windows` of the input where they apply (kept
+        for the step at a fraction of the patches, never unfolded); else :func:`input_side`."""
         IK = x.shape[1] * math.prod(module.kernel_size)
+        per_sample = IK * L * x.element_size()
+        if chunks_ > 1 and module.groups == 1 and x.shape[0] * per_sample > PATCHES_LAZY_FROM:
+            w = windows(module, x, L, chunks.patch_samples(per_sample))
+            if w is not None:
+                return w
         return input_side(functools.partial(self._patches, module), x, IK, L, module.groups,
                           chunks_)
 
@@ -327,9 +337,8 @@ def input_side(patches: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     when the squares read them, so that the patches (about ``prod(kernel) / prod(stride)`` times
     the input, which the step holds anyway) are never held for the whole batch. With several
     chunks of columns that unfolds once per chunk; then patches of at most
-    ``PATCHES_LAZY_FROM`` bytes are unfolded once and kept for the step instead (CNN (c) of
-    benchmarks/workloads.py, one column per chunk: about 29% more time for 8.5 MB less;
-    docs/estimators.md, "Memory")."""
+    ``PATCHES_LAZY_FROM`` bytes (no more than one piece) are unfolded once and kept for the step
+    instead (docs/estimators.md, "Memory")."""
     N = x.shape[0]
     per_sample = IK * L * x.element_size()
     if chunks_ > 1 and N * per_sample <= PATCHES_LAZY_FROM:
