@@ -120,3 +120,20 @@ def test_kfac_factors_with_and_without_syrk(monkeypatch):
     torch.testing.assert_close(res[0].A[0], x.T @ x / 24, rtol=1e-12, atol=1e-13)
     for a, b in zip(res[0].A + res[0].G, res[1].A + res[1].G):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("n", [1, 5, 128, 300, 513])
+def test_mirror_diagonal_blocks(n):
+    """Only the strict lower triangles of the diagonal blocks change, each to the transposed
+    upper one (a matrix inside a wider buffer, blocks of 128 and a partial last one)."""
+    g = torch.Generator().manual_seed(n)
+    buf = torch.randn(n, n + 7, generator=g)
+    m = buf[:, 3:3 + n]
+    before = buf.clone()
+    syrk.mirror_diagonal_blocks(m, 128)
+    want = before[:, 3:3 + n].clone()
+    for i in range(0, n, 128):
+        d = want[i:i + 128, i:i + 128]
+        d.copy_(d.triu() + d.triu(1).T)
+    assert torch.equal(m, want)
+    assert torch.equal(buf[:, :3], before[:, :3]) and torch.equal(buf[:, 3 + n:], before[:, 3 + n:])

@@ -127,16 +127,10 @@ def full_gram(m: torch.Tensor, inplace: bool = False, scale: float = 1.0) -> tor
             torch.mul(m[i:i + _BLOCK, i:], scale, out=out[i:i + _BLOCK, i:])
         elif scale != 1.0:
             out[i:i + _BLOCK, i:].mul_(scale)
-        d = out[i:i + _BLOCK, i:i + _BLOCK]
-        d.copy_(torch.where(_lower(d.shape[0], d.device), d.T, d))
         if i + _BLOCK < n:
             out[i + _BLOCK:, i:i + _BLOCK] = out[i:i + _BLOCK, i + _BLOCK:].T
+    syrk.mirror_diagonal_blocks(out, _BLOCK)
     return out
-
-
-def _lower(n: int, device) -> torch.Tensor:
-    """``(n, n)`` mask of the strict lower triangle."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril_(-1)
 
 
 class HalfGram:
