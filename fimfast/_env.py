@@ -4,8 +4,6 @@
   ``triton``, ``cuda`` or ``cpp``; default ``auto``).
 * ``FIMFAST_DISABLE_EXT``: ``1`` hides the compiled extension ``fimfast._C`` (``cpp``/``cuda``).
 * ``FIMFAST_DISABLE_TRITON``: ``1`` hides triton (the ``triton`` backend).
-* ``FIMFAST_DISABLE_SYRK``: ``1`` sums the Kronecker factors' Gram matrices as block rows of
-  ``addmm`` instead of MKL's ``?syrk`` (:mod:`fimfast.structured.syrk`).
 * ``FIMFAST_MEMORY_BUDGET_MB``: working memory of one chunk of the per-sample engines (256).
 
 ``setup.py`` reads ``FIMFAST_BUILD_CUDA`` (``0``/``1``) at build time (see the README).
@@ -38,11 +36,6 @@ def disable_ext() -> bool:
 def disable_triton() -> bool:
     """Whether ``FIMFAST_DISABLE_TRITON`` hides triton."""
     return _flag("FIMFAST_DISABLE_TRITON")
-
-
-def disable_syrk() -> bool:
-    """Whether ``FIMFAST_DISABLE_SYRK`` turns off the ``?syrk`` Gram sums."""
-    return _flag("FIMFAST_DISABLE_SYRK")
 
 
 def memory_budget_bytes() -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fimfast.rules.embedding import padding_idx
-from fimfast.structured import gram, syrk
+from fimfast.structured import gram
 from fimfast.structured.convgram import conv_gram
 
 
@@ -28,7 +28,7 @@ class LayerSums:
     G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A)
     D: torch.Tensor | None = None  # (O, I') squared projected gradients (EKFAC, quasi-diag)
     cross: torch.Tensor | None = None  # (O, I) weight-bias cross terms (quasi-diag)
-    # fields whose entries below the diagonal (see gram_into) were never written: read through
+    # fields whose blocks below the diagonal (see gram_into) were never written: read through
     # full_gram, which overwrites them, or zeroed by settle() before the sums leave the process
     unset: set = field(default_factory=set)
 
@@ -47,18 +47,18 @@ class LayerSums:
         self.unset.clear()
 
     def settle(self) -> None:
-        """Zero the unwritten entries below the diagonal (before a state is saved or reduced)."""
+        """Zero the unwritten blocks below the diagonal (before a state is saved or reduced)."""
         for name in self.unset:
             m = getattr(self, name)
-            m.triu_()
+            for i in range(0, m.shape[0] - _BLOCK, _BLOCK):
+                m[i + _BLOCK:, i:i + _BLOCK].zero_()
         self.unset.clear()
 
 
-# a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: only its upper triangle is
-# summed, by MKL's ``syrk`` (fimfast.structured.syrk) or else as block rows, the blocks on and right
-# of the diagonal (one ``addmm_`` per block row, in place into the running sum; 75% of the
-# products of a full ``x^T x`` for 256 columns, 58% for 784, 56% for 1024), and :func:`full_gram`
-# mirrors it when read. Below, one full product. Measured on one CPU thread
+# block rows of a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: only the blocks on
+# and right of the diagonal are computed (one ``addmm_`` per block row, in place into the running
+# sum; 75% of the products of a full ``x^T x`` for 256 columns, 58% for 784, 56% for 1024), and
+# :func:`full_gram` mirrors them when read. Below, one full product. Measured on one CPU thread
 # (float32, MKL): the blocks are faster from about 200 columns on at any number of rows (256
 # columns: 0.094 against 0.112 ms for 128 rows, 0.63 against 0.90 ms for 1024 rows; 192 columns:
 # equal for 128 rows, 0.37 against 0.50 ms for 1024 rows).
@@ -72,10 +72,9 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
               c: torch.Tensor | None = None) -> None:
     """Add ``y^T y`` to the field ``name`` of ``s``, with ``y = x`` (``(rows, n)``) or, if
     ``one``, ``y = [x, c]`` (``c``: ``(rows,)``, all ones if ``None``) without forming ``y``: the
-    last row and column are ``x^T c`` and ``c^T c``. For ``n > _BLOCKED`` only the upper
-    triangle of the ``x^T x`` part is summed (:func:`fimfast.structured.syrk.upper_`, or the
-    upper block rows); the entries below the diagonal are left unwritten (``s.unset``, see
-    :meth:`LayerSums.settle`): read the sum with :func:`full_gram`."""
+    last row and column are ``x^T c`` and ``c^T c``. For ``n > _BLOCKED`` only the upper block
+    rows of the ``x^T x`` part are summed; the blocks below the diagonal are left unwritten
+    (``s.unset``, see :meth:`LayerSums.settle`): read the sum with :func:`full_gram`."""
     n = x.shape[1]
     out = getattr(s, name)
     first = out is None
@@ -88,9 +87,8 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
     if n <= _BLOCKED:
         core.addmm_(xt, x, beta=beta)
     else:
-        if not syrk.upper_(core, x, beta):
-            for i in range(0, n, _BLOCK):
-                core[i:i + _BLOCK, i:].addmm_(xt[i:i + _BLOCK], x[:, i:], beta=beta)
+        for i in range(0, n, _BLOCK):
+            core[i:i + _BLOCK, i:].addmm_(xt[i:i + _BLOCK], x[:, i:], beta=beta)
         if first:
             s.unset.add(name)
     if one:  # the last column in place, then mirrored to the last row
@@ -113,9 +111,7 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
 
 def full_gram(m: torch.Tensor, inplace: bool = False, scale: float = 1.0) -> torch.Tensor:
     """The symmetric matrix of a sum kept by :func:`gram_into`, times ``scale`` (a new tensor
-    unless ``inplace``): the upper block rows scaled and mirrored in one pass over them (the
-    blocks below the diagonal as transposed copies, the diagonal blocks from their upper
-    triangles)."""
+    unless ``inplace``): the upper block rows scaled and mirrored in one pass over them."""
     n = m.shape[0]
     if n <= _BLOCKED:
         if scale == 1.0:
@@ -129,7 +125,6 @@ def full_gram(m: torch.Tensor, inplace: bool = False, scale: float = 1.0) -> tor
             out[i:i + _BLOCK, i:].mul_(scale)
         if i + _BLOCK < n:
             out[i + _BLOCK:, i:i + _BLOCK] = out[i:i + _BLOCK, i + _BLOCK:].T
-    syrk.mirror_diagonal_blocks(out, _BLOCK)
     return out
 
 
