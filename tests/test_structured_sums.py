@@ -205,6 +205,8 @@ def test_half_gram_factors_eig_and_read():
         torch.testing.assert_close(F_.A[0], xa.T @ xa / 9, rtol=1e-12, atol=1e-13)
         assert torch.equal(F_.A[0], F_.A[0].T) and torch.equal(F_.G[0], F_.G[0].T)
         lam_a, ua, lam_g, ug = eig[0]
+        # row-major for the refit's products (both paths: HalfGram and plain factors)
+        assert all(e[1].is_contiguous() and e[3].is_contiguous() for e in eig)
         torch.testing.assert_close((ua * lam_a) @ ua.T, F_.A[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close((ug * lam_g) @ ug.T, F_.G[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(F1.G[0], F2.G[0], rtol=0, atol=0)
