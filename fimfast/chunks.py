@@ -29,8 +29,11 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   measured on the workloads of benchmarks/workloads.py). A streamed backward
   (:mod:`fimfast.persample.stream`: each call's squares formed as its gradients arrive, the
   gradients dropped) holds no tap's gradient to the end: ``u = e R C + 8 max_taps |tap|`` (plus
-  the logits), against ``4 P + 8 sum_taps |tap|``. The budget ``B`` caps both; ``class_chunk``
-  wins. :func:`balanced` then spreads the columns evenly over the fewest chunks of that size.
+  the logits), against ``4 P + 8 sum_taps |tap|``. Either bound is at least ``SMALL_BYTES``
+  (4 MiB): below it the memory is worth less than the time chunks cost (a small model's EXACT
+  step in chunks of one or two columns costs up to twice its time in one backward, each chunk
+  a whole backward of small operators), while every workload of benchmarks/workloads.py keeps
+  the bound it had. The budget ``B`` caps both; ``class_chunk`` wins. :func:`balanced` then spreads the columns evenly over the fewest chunks of that size.
 * :func:`patch_samples`: samples of a convolution's unfolded input patches formed at once
   (:class:`fimfast.rules.base.Patches`): ``u`` the bytes of one sample's patches, and the budget
   at most ``PATCH_BYTES`` (a few MB, so that the patches stay a small temporary next to the
@@ -117,7 +120,11 @@ def fast_columns(
     if head_logits is not None:
         per_col += 4 * head_logits
     budget = _env.memory_budget_bytes() if budget is None else budget
-    return _fit(per_col, min(budget, bound))
+    return _fit(per_col, min(budget, max(bound, SMALL_BYTES)))
+
+
+# extra bytes the fast path's columns may always take, whatever a training step holds
+SMALL_BYTES = 4 << 20
 
 
 def balanced(total: int, most: int) -> int:

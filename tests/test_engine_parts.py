@@ -25,6 +25,7 @@ def test_compute_dtype():
 
 def test_chunk_formulas(monkeypatch):
     monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", "1")  # B = 2**20 bytes
+    monkeypatch.setattr(chunks, "SMALL_BYTES", 0)  # the bounds alone (the floor: below)
     B = 2**20
     params = [torch.zeros(10, 5), torch.zeros(7)]  # P = 57
     R, C = 6, 3
@@ -62,6 +63,11 @@ def test_chunk_formulas(monkeypatch):
     assert chunks.balanced(1, 0) == 1
     assert chunks.fast_columns(flat, taps, None, None, 10**5, budget=3 * u) == 3
     assert chunks.fast_columns(flat, taps, None, None, 0) == 1  # at least one
+    # every step may take SMALL_BYTES of columns, whatever a training step holds
+    monkeypatch.setattr(chunks, "SMALL_BYTES", 100 * u)
+    assert chunks.fast_columns(flat, taps, None, None, 50) == 100
+    assert chunks.fast_columns(flat, taps, None, None, 50, streamed=True) == 100 * u // su
+    assert chunks.fast_columns(flat, taps, None, None, 50, budget=3 * u) == 3  # B still caps
     assert chunks.samples_per_chunk(1000) == B // 8000
     assert chunks.rows_per_chunk(1000, 4096) == 4
     assert chunks.rows_per_chunk(10**6, 4096) == 1

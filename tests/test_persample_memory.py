@@ -7,6 +7,10 @@ within about twice the training step's peak tensor memory, and any chunking give
 estimate as one backward of every column. The peak is the tensor storage live at once, from the
 profiler's allocation events (benchmarks/memory.py, ``TensorPeakMeter``): exact and repeatable,
 unlike the resident set.
+
+The models here are small: the columns of any of them fit the 4 MiB every step may take
+(``chunks.SMALL_BYTES``), so the bound is tested with that floor at zero
+(:func:`_no_small_floor`), and the floor itself by :func:`test_small_models_run_one_backward`.
 """
 
 from __future__ import annotations
@@ -123,6 +127,46 @@ def test_hooks_in_a_batched_backward_see_its_gradients():
     from fimfast.persample import stream
 
     assert stream.batched_hooks_work()
+
+
+@pytest.fixture(autouse=True)
+def _no_small_floor(monkeypatch, request):
+    """The training-step bound alone (``SMALL_BYTES`` at zero), except where a test asks for
+    the floor."""
+    if "small_floor" not in request.keywords:
+        monkeypatch.setattr(chunks, "SMALL_BYTES", 0)
+
+
+@pytest.mark.small_floor
+def test_small_models_run_one_backward(monkeypatch):
+    """With the floor, the MLP's 9 columns (about 1.4 MiB at once) run in one plain backward,
+    equal to the bounded chunking; a budget below the floor still binds; and the floor binds
+    no more than 4 MiB of columns (a column of 1.5 MiB against a training bound of none: two
+    per backward)."""
+    model, x, y = _mlp(torch.float64)
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    assert sizes == [9]
+    sizes.clear()
+    monkeypatch.setattr(chunks, "SMALL_BYTES", 0)
+    bounded = fimfast.DiagFisher(model, "exact", reduction="sum")
+    bounded.step((x, y))
+    assert sizes == [2, 2, 2, 2, 1]
+    assert rel_error(dict(est.result().items()), dict(bounded.result().items())) <= DET_REL_F64
+    monkeypatch.setattr(chunks, "SMALL_BYTES", 4 << 20)
+    monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", "1")
+    assert chunks.fast_columns(torch.zeros(64, 10), [Tap(64, 2048), Tap(64, 2048)], None,
+                               None, 10) == 1
+    monkeypatch.delenv("FIMFAST_MEMORY_BUDGET_MB")
+    per_col = 4 * 640 + 4 * (2 * 64 * 2048 + 64 * 2048)  # about 1.5 MiB
+    assert chunks.fast_columns(torch.zeros(64, 10), [Tap(64, 2048), Tap(64, 2048)], None,
+                               None, 10) == (4 << 20) // per_col == 2
+
+
+class Tap:
+    def __init__(self, *shape):
+        self.shape = shape
 
 
 def _mlp(dtype=torch.float32):
