@@ -33,7 +33,8 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   (4 MiB): below it the memory is worth less than the time chunks cost (a small model's EXACT
   step in chunks of one or two columns costs up to twice its time in one backward, each chunk
   a whole backward of small operators), while every workload of benchmarks/workloads.py keeps
-  the bound it had. The budget ``B`` caps both; ``class_chunk`` wins. :func:`balanced` then spreads the columns evenly over the fewest chunks of that size.
+  the bound it had. The budget ``B`` caps both; ``class_chunk`` wins. :func:`balanced` then
+  spreads the columns evenly over the fewest chunks of that size.
 * :func:`patch_samples`: samples of a convolution's unfolded input patches formed at once
   (:class:`fimfast.rules.base.Patches`): ``u`` the bytes of one sample's patches, and the budget
   at most ``PATCH_BYTES`` (a few MB, so that the patches stay a small temporary next to the
