@@ -136,9 +136,9 @@ def test_weight_gradient_only_when_the_backward_wants_it(monkeypatch):
     """A backward to the gate inputs alone (the engine's) skips the W_hh and b_hh products; a
     backward that reaches W_hh gets them (and equals the unrolled steps, above)."""
     seen = []
-    wanted = recurrent_scan._wanted
-    monkeypatch.setattr(recurrent_scan, "_wanted", lambda ctx, i: seen.append(wanted(ctx, i))
-                        or seen[-1])
+    wanted = recurrent_scan.input_wanted
+    monkeypatch.setattr(recurrent_scan, "input_wanted",
+                        lambda ctx, i, first: seen.append(wanted(ctx, i, first)) or seen[-1])
     x, W, gi, h0, c0, whh, bhh = _inputs("GRU", True)
     ys, _, _ = recurrent_scan.run("GRU", x, gi, h0, c0, W, whh, bhh, False)
     torch.autograd.grad(ys.sum(), [gi], retain_graph=True)

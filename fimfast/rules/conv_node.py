@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fimfast.rules.node_edges import input_wanted
+
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
 
@@ -65,7 +67,7 @@ class Node(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         stride, padding, dilation, out_pad, groups = ctx.spec
-        want = [ctx.needs_input_grad[2], _wanted(ctx, 3), _wanted(ctx, 4)]
+        want = [ctx.needs_input_grad[2], input_wanted(ctx, 3, 2), input_wanted(ctx, 4, 2)]
         level = _level(g) if want[0] else None
         if level is None and (want[1] or want[2] or not want[0] or not single_gain(w, groups)):
             # a training backward, or one column where torch's own input gradient is as fast
@@ -131,18 +133,3 @@ def _level(g: torch.Tensor) -> int | None:
     if _is_batched(torch._remove_batch_dim(g, level, 1, 0)):  # another level, or several
         return None
     return level
-
-
-def _wanted(ctx, i: int) -> bool:
-    """Whether this backward wants the gradient of input ``i`` of :meth:`Node.apply` (the
-    weight, the bias): the engine's backward to the taps alone does not, a training backward
-    does."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    node = ctx.next_functions[i - 2][0]  # the graph's edges: the tensor inputs, from x on
-    if node is None:
-        return False
-    try:
-        return torch._C._will_engine_execute_node(node)
-    except (AttributeError, RuntimeError):  # not in a backward this torch can tell about
-        return True

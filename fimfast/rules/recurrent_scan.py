@@ -33,6 +33,7 @@ import torch
 
 from fimfast import ops
 from fimfast.ops.recurrent import prev
+from fimfast.rules.node_edges import input_wanted
 
 
 def applies(mode: str, whr, masks, device: torch.device) -> bool:
@@ -100,7 +101,7 @@ class Scan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dys, dhT, dcT=None):
         gi, h0, whh, bhh, ys, *c0 = ctx.saved_tensors
-        wanted = _wanted(ctx, 5), _wanted(ctx, 6)
+        wanted = input_wanted(ctx, 5, 3), input_wanted(ctx, 6, 3)
         hprev, saved = getattr(ctx, "gates", None) or _gates(ctx.mode, ctx.reverse, gi, h0, whh,
                                                              bhh, ys, c0)
         if not any(wanted):
@@ -125,18 +126,4 @@ def _gates(mode: str, reverse: bool, gi, h0, whh, bhh, ys, c0: list):
     T, N, H = hprev.shape
     gh = torch.addmm(bhh, hprev.reshape(T * N, H), whh.t()).view(gi.shape)
     return hprev, ([gi + gh, c0[0]] if mode == "LSTM" else [gi, gh, hprev])
-
-
-def _wanted(ctx, i: int) -> bool:
-    """Whether this backward wants the gradient of input ``i`` (``W_hh``, ``b_hh``): the engine's
-    backward to the taps alone does not, a training backward does."""
-    if not ctx.needs_input_grad[i]:
-        return False
-    node = ctx.next_functions[i - 3][0]  # the graph's edges: the tensor inputs, from gi on
-    if node is None:
-        return False
-    try:
-        return torch._C._will_engine_execute_node(node)
-    except (AttributeError, RuntimeError):  # not in a backward this torch can tell about
-        return True
 
