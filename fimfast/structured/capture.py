@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from fimfast.hooks import parameter_edges
 from fimfast.rules.conv import input_padding, ntuple
 from fimfast.structured import attention
 
@@ -270,7 +271,7 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> None:
     """Every layer ran, with the batch first, and its weight reaches the logits only through its
     own calls (a weight also used functionally, e.g. an output head tied to an embedding, is
     refused)."""
-    edges = _parameter_edges(flat, [layer.param for layer in layers])
+    edges = parameter_edges(flat, [layer.param for layer in layers])
     for layer in layers:
         if not layer.calls:
             raise ValueError(
@@ -291,29 +292,6 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> None:
                 f"but the module was called {len(layer.calls)} time(s): it is also used outside "
                 "its forward (tied or functional use), which Kronecker factors cannot represent"
             )
-
-
-def _parameter_edges(flat: torch.Tensor, params: list[torch.Tensor]) -> dict[int, int]:
-    """Number of autograd edges into each parameter's AccumulateGrad node from ``flat``."""
-    wanted = {id(p) for p in params}
-    counts: dict[int, int] = {}
-    seen = set()
-    stack = [flat.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if var is not None:
-                if id(var) in wanted:
-                    counts[id(var)] = counts.get(id(var), 0) + 1
-                continue
-            stack.append(nxt)
-    return counts
 
 
 def _ln_dims(m: nn.LayerNorm) -> int:
