@@ -1,9 +1,12 @@
-"""Rules for linear maps: ``nn.Linear`` and Hugging Face's ``Conv1D`` (GPT-2's projections)."""
+"""Rules for linear maps: ``nn.Linear``, Hugging Face's ``Conv1D`` (GPT-2's projections) and
+``nn.Bilinear``."""
 
 from __future__ import annotations
 
-from fimfast.hooks import Call, Use
-from fimfast.rules.base import Rule, UseKind, _linear_terms, trainable
+import torch
+
+from fimfast.hooks import Call, Use, saved_tensor_hooks_active
+from fimfast.rules.base import Outer, Rule, UseKind, Vec, _linear_terms, _usable, front, trainable
 
 
 class LinearRule(Rule):
@@ -44,3 +47,53 @@ class HFConv1DRule(LinearRule):
 
     name = "hf_conv1d"
     transposed = True
+
+
+class BilinearRule(Rule):
+    """``nn.Bilinear``: ``y_t = x1_t^T W x2_t + b`` with ``W`` ``(O, I1, I2)``, over any leading
+    dims of the two inputs (the same for both). The weight is a linear map of the outer product
+    ``x1_t (x) x2_t`` (flattened, ``I1 * I2`` entries in ``W``'s row-major order), so its
+    per-unit gradient ``sum_t G_t (x) x1_t (x) x2_t`` is an :class:`Outer` with ``Q_t`` that
+    product: the engine sums over the shared positions ``t`` before the square, and with one
+    position per sample squares it in closed form, ``(G^2)^T (x1^2 (x) x2^2)`` (docs/math.md §4).
+    The bias gets ``sum_t G``."""
+
+    name = "bilinear"
+    takes_functions = True  # its terms tell uses apart by position or kind
+
+    def _hook(self, cap, module, args, kwargs, output):
+        if not cap.active or not torch.is_grad_enabled() or not _usable(output):
+            return None
+        if saved_tensor_hooks_active() or "forward" in module.__dict__:  # see Rule._hook
+            return None
+        x1 = args[0] if args else kwargs.get("input1")
+        x2 = args[1] if len(args) > 1 else kwargs.get("input2")
+        if not (isinstance(x1, torch.Tensor) and isinstance(x2, torch.Tensor)):
+            return None
+        return self.capture(cap, module, (x1, x2), output)
+
+    def capture(self, cap, module, x, y):
+        """``x``: the pair of inputs ``(input1, input2)`` (from the hook above)."""
+        x1, x2 = x
+        lead = y.dim() - 1
+        if lead < 1 or x1.shape[:-1] != y.shape[:-1] or x2.shape[:-1] != y.shape[:-1]:
+            return None  # an unbatched pair of vectors: no batch dimension
+        w, b = module.weight, module.bias
+        uses = [Use(p, UseKind.OUTER) if p is w else Use(p, UseKind.VEC)
+                for p in trainable(cap, w, b)]
+        tap, out = cap.tap(y, lead=lead, key=(id(module), 0))
+        cap.record(Call(module, self, [tap], uses, {"x1": x1.detach(), "x2": x2.detach()}))
+        return out
+
+    def terms(self, call, grads):
+        G = grads[0]
+        if G is None:
+            return [None] * len(call.uses)
+        tap, data = call.taps[0], call.data
+        if "Q" not in data:  # (N, T, I1 * I2), the same for every column: once per step
+            a = front(data["x1"], tap.bdim, tap.lead)
+            c = front(data["x2"], tap.bdim, tap.lead)
+            data["Q"] = (a.unsqueeze(-1) * c.unsqueeze(-2)).flatten(-2)
+        P = front(G, tap.bdim, tap.lead, extra=1)  # (M, N, T, O)
+        return [Outer(P, data["Q"]) if u.kind == UseKind.OUTER
+                else Vec(P[:, :, 0] if P.shape[2] == 1 else P.sum(2)) for u in call.uses]

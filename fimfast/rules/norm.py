@@ -162,3 +162,41 @@ class BatchNormRule(_ChannelNormRule):
             return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
         return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False,
                             0.0, module.eps)
+
+
+class InstanceNormRule(_ChannelNormRule):
+    """``nn.InstanceNorm1d/2d/3d`` with ``affine=True``: ``xhat`` per sample and channel, from the
+    input's statistics (train mode, or ``track_running_stats=False``) or from copies of the
+    running statistics (eval mode with ``track_running_stats=True``). The forward's own update
+    of the running statistics (train mode) is torch's: the rule reads them, never writes them.
+
+    An unbatched input (``(C, L)`` for ``InstanceNorm1d``, which torch normalises as one sample)
+    has no batch dimension: the call is refused and its parameters take the generic path."""
+
+    name = "instancenorm"
+
+    def accepts(self, module):
+        return module.affine
+
+    def capture(self, cap, module, x, y):
+        if x.dim() == module._get_no_batch_dim():
+            uses = [Use(p, UseKind.VEC) for p in trainable(cap, module.weight, module.bias)]
+            cap.record(Call(module, self, [], uses, {}, ok=False, reason=(
+                f"{type(module).__name__} got an unbatched input of shape {tuple(x.shape)}: "
+                "no dimension of it is the batch")))
+            return None
+        use_input = module.training or not module.track_running_stats
+        out = super().capture(cap, module, x, y)
+        if out is not None:
+            stats = None
+            if not use_input:  # copies: running statistics may change before the terms run
+                stats = (module.running_mean.detach().clone(), module.running_var.detach().clone())
+            cap.calls[-1].data["stats"] = stats
+        return out
+
+    def xhat(self, module, x, data):
+        stats = data["stats"]
+        if stats is None:  # the input's statistics, per sample and channel
+            return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
+        return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False,
+                            0.0, module.eps)

@@ -20,12 +20,19 @@ import sys
 
 from torch import nn
 
+from fimfast.rules.activation import PReLURule
 from fimfast.rules.attention import MHARule
 from fimfast.rules.base import Rule
 from fimfast.rules.conv import ConvRule, ConvTransposeRule
 from fimfast.rules.embedding import EmbeddingBagRule, EmbeddingRule
-from fimfast.rules.linear import HFConv1DRule, LinearRule
-from fimfast.rules.norm import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
+from fimfast.rules.linear import BilinearRule, HFConv1DRule, LinearRule
+from fimfast.rules.norm import (
+    BatchNormRule,
+    GroupNormRule,
+    InstanceNormRule,
+    LayerNormRule,
+    RMSNormRule,
+)
 from fimfast.rules.recurrent import RecurrentRule
 
 _TABLE: dict[type, Rule] = {
@@ -41,6 +48,9 @@ _TABLE: dict[type, Rule] = {
     nn.LayerNorm: LayerNormRule(),
     nn.GroupNorm: GroupNormRule(),
     nn.modules.batchnorm._BatchNorm: BatchNormRule(),  # BatchNorm1d/2d/3d share its forward
+    nn.modules.instancenorm._InstanceNorm: InstanceNormRule(),  # InstanceNorm1d/2d/3d
+    nn.PReLU: PReLURule(),
+    nn.Bilinear: BilinearRule(),
     nn.MultiheadAttention: MHARule(),
     nn.RNN: RecurrentRule(),
     nn.LSTM: RecurrentRule(),
