@@ -1,13 +1,13 @@
 """Differential fuzzing of the per-sample estimators (EXACT, EMPIRICAL, MONTE_CARLO).
 
-Random architectures from the grammar of ``tests/fuzz/grammar.py`` (Linear, convolutions and
-transposed convolutions, embeddings and bags, every norm layer in both modes, attention and
-encoder layers batch- and sequence-first, recurrent layers, residuals, reused and tied modules,
-functional calls on bare parameters, pruned layers, user hooks, dict/tuple/``.logits``
-outputs, checkpointing, ``torch.compile``; class and padded token logits; sizes that coincide on
-purpose) are checked, in float64, against the brute-force oracle of ``tests/oracle.py`` to a
-relative error of 1e-10 per parameter tensor, and every step must leave the model's parameters,
-buffers, gradients, modes and hooks as they were (see ``tests/fuzz/runner.py`` and docs/fuzzing.md).
+Random architectures from the grammar of ``tests/fuzz/grammar.py`` (Linear, Bilinear, convolutions
+and transposed convolutions, embeddings and bags, every norm layer in both modes, PReLU, attention
+and encoder layers batch- and sequence-first, recurrent layers, residuals, reused and tied modules,
+functional calls on bare parameters, pruned layers, user hooks, dict/tuple/``.logits`` outputs,
+checkpointing, ``torch.compile``; class and padded token logits; sizes that coincide on purpose)
+are checked, in float64, against the brute-force oracle of ``tests/oracle.py`` to a relative error
+of 1e-10 per parameter tensor, and every step must leave the model's parameters, buffers,
+gradients, modes and hooks as they were (see ``tests/fuzz/runner.py`` and docs/fuzzing.md).
 
 Runs:
 
@@ -51,6 +51,9 @@ REQUIRED |= {f"{o}:{lay}" for o in ("mha", "tel", "rnn") for lay in ("bf", "sf")
 REQUIRED |= {"rnn:rnn", "rnn:lstm", "rnn:gru"}
 REQUIRED |= {f"norm:{k}" for k in ("layer", "rms", "group", "batch")}
 REQUIRED |= {"norm:batch:train=True", "norm:batch:train=False"}
+REQUIRED |= {"norm:instance", "norm:instance:train=True", "norm:instance:train=False",
+             "norm:instance:affine+running", "norm:instance:affine=False"}
+REQUIRED |= {"act:prelu:1", "act:prelu:c", "linear:bilinear"}
 REQUIRED |= {"conv1d", "conv2d", "conv3d", "convT1d", "convT2d"}
 REQUIRED |= {"tied:same", "tied:transpose", "mix:cumsum", "mix:mean", "mix:roll"}
 REQUIRED |= {"res", "ckpt:reentrant=True", "ckpt:reentrant=False", "hook:out", "hook:pre"}

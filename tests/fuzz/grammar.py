@@ -11,15 +11,17 @@ A model is ``stem -> blocks -> [pool -> vector blocks] -> head -> output wrapper
   ``batch_first=False``, a batch-mixing op along dim 1, ...).
 * **blocks**: Linear, functional ``F.linear`` on bare ``nn.Parameter``s, LayerNorm / RMSNorm /
   GroupNorm / BatchNorm (each BatchNorm in train or eval mode, with or without running
-  statistics), activations, one Linear called twice (reuse), two Linears sharing a weight (tied,
-  also transposed), ops that couple the samples of the batch (cumsum, mean, roll along the batch
-  dim), nn.MultiheadAttention (packed or separate key/value projections, causal mask, key padding
-  mask), nn.TransformerEncoderLayer, nn.RNN / LSTM (with projections) / GRU (bidirectional,
-  stacked), Conv1d over a sequence; Conv1d/2d/3d, ConvTranspose1d/2d (stride, padding, dilation,
-  groups, circular padding), pooling on signals/images/volumes. Any shape-preserving block may be
-  a residual; any block may run under ``torch.utils.checkpoint`` (``use_reentrant`` True or
-  False); its main module may carry a user forward hook that changes its output
-  (``out * 0.5 + 0.1``) or a pre-hook that changes its input.
+  statistics), InstanceNorm (the same), activations, PReLU, Bilinear (variants of a drawn
+  GroupNorm or BatchNorm, activation or Linear, from a second random stream: :func:`_variant`),
+  one Linear called twice (reuse), two Linears sharing a weight (tied, also transposed), ops that
+  couple the samples of the batch (cumsum, mean, roll along the batch dim), nn.MultiheadAttention
+  (packed or separate key/value projections, causal mask, key padding mask),
+  nn.TransformerEncoderLayer, nn.RNN / LSTM (with projections) / GRU (bidirectional, stacked),
+  Conv1d over a sequence; Conv1d/2d/3d, ConvTranspose1d/2d (stride, padding, dilation, groups,
+  circular padding), pooling on signals/images/volumes. Any shape-preserving block may be a
+  residual; any block may run under ``torch.utils.checkpoint`` (``use_reentrant`` True or False);
+  its main module may carry a user forward hook that changes its output (``out * 0.5 + 0.1``) or a
+  pre-hook that changes its input.
 * **head**: ``(N, C)`` class logits (pooled: mean, masked mean, first or last position, flatten)
   or ``(N, T, C)`` token logits with padding (``attention_mask`` and ``ignore_index`` labels); a
   Linear, ``F.linear`` on bare parameters, or the embedding table tied as the output layer; an
@@ -171,14 +173,23 @@ def describe(spec: Spec) -> str:
 # planning: seed -> Spec
 # --------------------------------------------------------------------------------------------- #
 class _Draw:
-    """The random choices of one plan (``random.Random``: stable across platforms)."""
+    """The random choices of one plan (``random.Random``: stable across platforms).
+
+    ``x`` is a second stream, for the variants of a drawn block (:func:`_variant`: PReLU for an
+    activation, Bilinear for a Linear, InstanceNorm for a channel norm): its draws do not move
+    those of the first, so a seed whose blocks take no variant builds the model it always did."""
 
     def __init__(self, seed: int):
         self.r = random.Random(seed)
+        self.x = random.Random(seed + 0x5EED0000)
         self.base = self.r.choice([2, 3, 4])
 
     def p(self, prob: float) -> bool:
         return self.r.random() < prob
+
+    def px(self, prob: float) -> bool:
+        """``p`` on the second stream."""
+        return self.x.random() < prob
 
     def choice(self, seq):
         return self.r.choice(list(seq))
@@ -246,7 +257,7 @@ def plan(seed: int, allow_inductor: bool = True) -> Spec:
             b, feat = _chan_block(d, feat, spec.N)
         else:
             b, feat = _vec_block(d, feat)
-        spec.blocks.append(b)
+        spec.blocks.append(_variant(d, b, kind, feat))
     # pooling and the vector stage
     if spec.task == "cls":
         if kind in SEQ_KINDS:
@@ -260,7 +271,7 @@ def plan(seed: int, allow_inductor: bool = True) -> Spec:
             feat = (n,) if how == "flatten" else (feat[0],)
         for _ in range(d.r.randint(0, 2)):
             b, feat = _vec_block(d, feat)
-            spec.vblocks.append(b)
+            spec.vblocks.append(_variant(d, b, "vec", feat))
     # head
     final = feat[-1]
     tied_ok = (kind == "tokens" and spec.task == "token" and final == st["d"])
@@ -285,6 +296,27 @@ def _wrap(d: _Draw, b: dict, same_shape: bool) -> dict:
     # that refused models do not take a large share of the runs
     b["ckpt"] = d.choice([False, False, True]) if d.p(0.12) else None
     b["hook"] = d.choice(["out", "out", "pre"]) if d.p(0.12) else None
+    return b
+
+
+def _variant(d: _Draw, b: dict, kind: str, feat: tuple) -> dict:
+    """``b`` or a variant of it, drawn from the second stream (see :class:`_Draw`): an activation
+    becomes ``nn.PReLU`` (one weight, or one per channel on vectors and channel-first tensors), a
+    Linear ``nn.Bilinear`` of the features and their tanh, a GroupNorm or BatchNorm over
+    channels (or over a sequence's features) ``nn.InstanceNorm`` over the positions (at least
+    two of them: torch refuses one in train mode) in train or eval mode, with or without running
+    statistics. ``feat``: the feature shape after the block (shape-preserving for these)."""
+    op = b["op"]
+    if op == "act" and d.px(0.4):
+        b["prelu"] = "c" if kind not in SEQ_KINDS and d.px(0.5) else 1
+    elif op == "linear" and d.px(0.25):
+        b["bilinear"] = True
+    elif (op == "norm" and b["kind"] in ("group", "batch") and kind != "vec"
+          and (kind in SEQ_KINDS or math.prod(feat[1:]) >= 2) and d.px(0.4)):
+        wraps = {k: b[k] for k in ("res", "ckpt", "hook")}
+        b.clear()
+        b.update(op="norm", kind="instance", dim=1 if kind in SEQ_KINDS else len(feat) - 1,
+                 affine=d.px(0.8), stats=d.px(0.5), train=d.px(0.5), **wraps)
     return b
 
 
@@ -481,8 +513,16 @@ def features(spec: Spec) -> set[str]:
             f.add(f"rnn:{b['cell']}")
         if op == "norm":
             f.add(f"norm:{b['kind']}")
-            if b["kind"] == "batch":
-                f.add(f"norm:batch:train={b['train']}")
+            if b["kind"] in ("batch", "instance"):
+                f.add(f"norm:{b['kind']}:train={b['train']}")
+            if b["kind"] == "instance":  # an affine one normalised by the running statistics
+                f.add(f"norm:instance:affine={b['affine']}")
+                if b["affine"] and b["stats"] and not b["train"]:
+                    f.add("norm:instance:affine+running")
+        if b.get("prelu"):
+            f.add(f"act:prelu:{b['prelu']}")
+        if b.get("bilinear"):
+            f.add("linear:bilinear")
         if op in ("conv", "convT"):
             f.add(f"{op}{b['dim']}d")
         if op in ("tied", "mix"):
@@ -531,13 +571,29 @@ class Last(nn.Module):
 
 
 class Act(nn.Module):
-    def __init__(self, act: str):
+    """An activation: ``act`` as a function, or ``nn.PReLU`` (``prelu``: its ``num_parameters``,
+    1 or the channel count)."""
+
+    def __init__(self, act: str, prelu: int | None = None):
         super().__init__()
         self.act = act
-        self.main = None
+        self.main = None if prelu is None else nn.PReLU(prelu, init=0.2)
 
     def forward(self, h, pad=None):
+        if self.main is not None:
+            return self.main(h)
         return act_fn(self.act)(h)
+
+
+class Bil(nn.Module):
+    """``act(bilinear(h, tanh(h)))`` with ``nn.Bilinear``."""
+
+    def __init__(self, din: int, dout: int, bias: bool, act: str | None):
+        super().__init__()
+        self.main, self.act = nn.Bilinear(din, din, dout, bias=bias), act
+
+    def forward(self, h, pad=None):
+        return act_fn(self.act)(self.main(h, torch.tanh(h)))
 
 
 class ChannelNorm(nn.Module):
@@ -844,6 +900,9 @@ def _norm_module(b: dict, dim: int, layout: str | None) -> nn.Module:
         return Last(nn.RMSNorm(dim, elementwise_affine=b["affine"]), None)
     if k == "group":
         return ChannelNorm(nn.GroupNorm(b["groups"], dim, affine=b["affine"]), layout)
+    if k == "instance":
+        cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[b["dim"]]
+        return ChannelNorm(cls(dim, affine=b["affine"], track_running_stats=b["stats"]), layout)
     cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[b.get("dim", 1)]
     bn = cls(dim, affine=b["affine"], track_running_stats=b["stats"], momentum=b["momentum"])
     return ChannelNorm(bn, layout)
@@ -853,12 +912,15 @@ def _module(b: dict, layout: str | None) -> Block:
     """The module of block spec ``b`` (``layout``: ``bf``/``sf`` for sequences, else None)."""
     op = b["op"]
     bf = layout != "sf"
-    if op == "linear":
-        inner: nn.Module = Last(nn.Linear(b["din"], b["dout"], bias=b["bias"]), b["act"])
+    if op == "linear" and b.get("bilinear"):
+        inner: nn.Module = Bil(b["din"], b["dout"], b["bias"], b["act"])
+    elif op == "linear":
+        inner = Last(nn.Linear(b["din"], b["dout"], bias=b["bias"]), b["act"])
     elif op == "flinear":
         inner = Last(FLinear(b["din"], b["dout"], bias=b["bias"]), b["act"])
     elif op == "act":
-        inner = Act(b["act"])
+        prelu = b.get("prelu")
+        inner = Act(b["act"], b["_dim"] if prelu == "c" else prelu)
     elif op == "norm":
         inner = _norm_module(b, b["_dim"], layout)
     elif op == "reuse":
@@ -1062,7 +1124,7 @@ def build(spec: Spec) -> Case:
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.2)
         for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            if isinstance(m, _RUNNING) and m.track_running_stats:
                 m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.3)
                 m.running_var.copy_(torch.rand_like(m.running_var) + 0.5)
                 m.num_batches_tracked.fill_(3)
@@ -1071,7 +1133,7 @@ def build(spec: Spec) -> Case:
         torch.nn.utils.prune.random_unstructured(m, "weight", amount=0.4)
     net.train(spec.mode == "train")
     for blk, b in zip(list(net.blocks) + list(net.vblocks), spec.blocks + spec.vblocks):
-        if b["op"] == "norm" and b["kind"] == "batch":
+        if b["op"] == "norm" and b["kind"] in ("batch", "instance"):
             blk.inner.main.train(b["train"])
         if b.get("hook"):
             _register(_hook_target(blk), b["hook"])
@@ -1109,7 +1171,8 @@ def pruned_modules(spec: Spec, net: nn.Module | None = None) -> list:
 
 
 _PRUNABLE = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm,
-             nn.modules.conv._ConvNd)
+             nn.modules.instancenorm._InstanceNorm, nn.modules.conv._ConvNd)
+_RUNNING = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def _fill_dims(spec: Spec) -> None:
