@@ -340,6 +340,30 @@ def test_monte_carlo_matches_generic_f64(name):
     assert rel_error(got, ref) <= DET_REL_F64
 
 
+@pytest.mark.parametrize("name", ["bilinear_token", "bilinear_grid_nobias",
+                                  "bilinear_twice_same_input"])
+def test_bilinear_products_formed_by_pieces(name, monkeypatch):
+    """Bilinear's input side formed a few samples at a time (a Patches), as for long sequences:
+    the same estimate."""
+    from fimfast.rules import linear
+
+    monkeypatch.setattr(linear, "BILINEAR_DENSE_BYTES", 0)
+    monkeypatch.setattr(linear.chunks, "patch_samples", lambda per_sample: 2)
+    made = []
+    real = linear.Patches.__init__
+
+    def spy(self, *args, **kw):
+        made.append(1)
+        real(self, *args, **kw)
+
+    monkeypatch.setattr(linear.Patches, "__init__", spy)
+    lc, ref = _with_oracle(name, "exact")
+    got, est = run(lc.case.to(torch.float64), "exact")
+    assert rel_error(got, ref) <= DET_REL_F64
+    assert made or name == "bilinear_twice_same_input"  # T == 1 there: one tensor
+    _check_plan(est, lc)
+
+
 def test_rules_are_the_built_in_ones():
     assert isinstance(rule_for(nn.InstanceNorm1d(3, affine=True)), InstanceNormRule)
     assert isinstance(rule_for(nn.InstanceNorm3d(3, affine=True)), InstanceNormRule)

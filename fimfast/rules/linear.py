@@ -5,8 +5,23 @@ from __future__ import annotations
 
 import torch
 
+from fimfast import chunks
 from fimfast.hooks import Call, Use, saved_tensor_hooks_active
-from fimfast.rules.base import Outer, Rule, UseKind, Vec, _linear_terms, _usable, front, trainable
+from fimfast.rules.base import (
+    Outer,
+    Patches,
+    Rule,
+    UseKind,
+    Vec,
+    _linear_terms,
+    _usable,
+    front,
+    trainable,
+)
+
+# nn.Bilinear: input sides of T > 1 positions larger than this (bytes) are formed a few samples
+# at a time (a Patches), never for the whole batch at once
+BILINEAR_DENSE_BYTES = 2 << 20
 
 
 class LinearRule(Rule):
@@ -56,7 +71,9 @@ class BilinearRule(Rule):
     per-unit gradient ``sum_t G_t (x) x1_t (x) x2_t`` is an :class:`Outer` with ``Q_t`` that
     product: the engine sums over the shared positions ``t`` before the square, and with one
     position per sample squares it in closed form, ``(G^2)^T (x1^2 (x) x2^2)`` (docs/math.md §4).
-    The bias gets ``sum_t G``."""
+    With several positions the products (``T * I1 * I2`` per sample) are formed a few samples at
+    a time as the squares read them (a :class:`~fimfast.rules.base.Patches`) once they exceed
+    ``BILINEAR_DENSE_BYTES`` for the batch. The bias gets ``sum_t G``."""
 
     name = "bilinear"
     takes_functions = True  # its terms tell uses apart by position or kind
@@ -91,9 +108,24 @@ class BilinearRule(Rule):
             return [None] * len(call.uses)
         tap, data = call.taps[0], call.data
         if "Q" not in data:  # (N, T, I1 * I2), the same for every column: once per step
-            a = front(data["x1"], tap.bdim, tap.lead)
-            c = front(data["x2"], tap.bdim, tap.lead)
-            data["Q"] = (a.unsqueeze(-1) * c.unsqueeze(-2)).flatten(-2)
+            data["Q"] = _pair_products(front(data["x1"], tap.bdim, tap.lead),
+                                       front(data["x2"], tap.bdim, tap.lead))
         P = front(G, tap.bdim, tap.lead, extra=1)  # (M, N, T, O)
         return [Outer(P, data["Q"]) if u.kind == UseKind.OUTER
                 else Vec(P[:, :, 0] if P.shape[2] == 1 else P.sum(2)) for u in call.uses]
+
+
+def _pair_products(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor | Patches:
+    """``a_t (x) c_t`` flattened, ``(N, T, I1 * I2)`` from ``a`` ``(N, T, I1)`` and ``c``
+    ``(N, T, I2)``: one tensor, or a :class:`Patches` for many positions (see
+    :class:`BilinearRule`)."""
+
+    def make(i: int, j: int) -> torch.Tensor:
+        return (a[i:j].unsqueeze(-1) * c[i:j].unsqueeze(-2)).flatten(-2)
+
+    N, T = a.shape[:2]
+    per_sample = T * a.shape[-1] * c.shape[-1] * a.element_size()
+    if T == 1 or N * per_sample <= BILINEAR_DENSE_BYTES:
+        return make(0, N)
+    shape = (N, T, a.shape[-1] * c.shape[-1])
+    return Patches(make, shape, a.dtype, chunks.patch_samples(per_sample))
