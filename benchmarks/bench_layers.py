@@ -1,6 +1,7 @@
-"""The per-sample estimators on models built around Conv3d, ConvTranspose2d and EmbeddingBag, as
-ratios to one training step measured in the same interleaved rounds, with their layer rules and
-without them (the generic path: one batched backward per (row, column) pair).
+"""The per-sample estimators on models built around Conv3d, ConvTranspose2d, EmbeddingBag,
+InstanceNorm2d, PReLU and Bilinear, as ratios to one training step measured in the same
+interleaved rounds, with their layer rules and without them (the generic path: one batched
+backward per (row, column) pair).
 
 Workloads (float32, batch of 16, classifiers, one row per sample):
 
@@ -17,19 +18,25 @@ Workloads (float32, batch of 16, classifiers, one row per sample):
   Linear(4*2*3*3, 10) on 1 x 9 x 13 x 13 volumes;
 * ``bag``: EmbeddingBag(20000, 64, mode="mean") over flat ids with offsets (bags of 20 to 80
   ids) - Linear(64, 64) - ReLU - Linear(64, 4): the text classifier of the classic AG News
-  tutorial with a hidden layer.
+  tutorial with a hidden layer;
+* ``instnorm_cnn``: Conv2d(3, 16, 3, padding=1) - GroupNorm(4, 16) - ReLU - Conv2d(16, 16, 3,
+  padding=1, groups=16) - InstanceNorm2d(16, affine=True) - ReLU - global average pool -
+  Linear(16, 10) on 3 x 16 x 16 images;
+* ``prelu_mlp``: Linear(32, 64) - PReLU() - Linear(64, 64) - PReLU(64) - Linear(64, 5);
+* ``bilinear``: Bilinear(16, 16, 5) of ``x`` and ``tanh(x)``, the logits layer (16 features).
 
 Methods: ``train`` (forward, cross-entropy, backward into ``.grad``: the floor), and
 ``DiagFisher(model, t).step(batch)`` for ``t`` in EXACT, EMPIRICAL, MONTE_CARLO (one draw), with
-the rules (``<t>``) and with the three layers' rules removed (``<t>_generic``, what the engine did
-before they had rules; left out with ``--no-generic``), and HUTCHINSON. Every call is timed by
-the process's CPU time (``--clock cpu``, the default: other processes' load disturbs it less than
-wall time) or by wall time (``--clock wall``); a cell is the median over the rounds of the call's
-time over the training step's in the same round, with the interquartile range of those per-round
-ratios (``--json`` writes them all).
+the rules (``<t>``) and with the rules of the layers above removed (``<t>_generic``, what the
+engine did before they had rules; left out with ``--no-generic``), and HUTCHINSON. Every call is
+timed by the process's CPU time (``--clock cpu``, the default: other processes' load disturbs it
+less than wall time) or by wall time (``--clock wall``); a cell is the median over the rounds of
+the call's time over the training step's in the same round, with the interquartile range of those
+per-round ratios (``--json`` writes them all).
 
     PYTHONPATH=. python benchmarks/bench_layers.py [--rounds 11] [--threads 1] [--quick]
-        [--workloads conv3d,convT2d,bag] [--clock cpu|wall] [--no-generic] [--json PATH]
+        [--workloads conv3d,convT2d,bag,instnorm_cnn,prelu_mlp,bilinear] [--clock cpu|wall]
+        [--no-generic] [--json PATH]
 """
 
 from __future__ import annotations
@@ -52,7 +59,20 @@ import fimfast  # noqa: E402
 from benchmarks.timing import CallTimer, interleaved  # noqa: E402
 
 TYPES = ("exact", "empirical", "monte_carlo")
-LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.EmbeddingBag)
+CAPTURED = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.EmbeddingBag)
+# the classes the rules are registered for (InstanceNorm1d/2d/3d share _InstanceNorm's)
+LAYERS = (*CAPTURED, nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Bilinear)
+
+
+class BilinearHead(nn.Module):
+    """``Bilinear(x, tanh(x))``: the logits."""
+
+    def __init__(self, d: int, C: int):
+        super().__init__()
+        self.b = nn.Bilinear(d, d, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x, torch.tanh(x))
 
 
 class BagClassifier(nn.Module):
@@ -109,6 +129,19 @@ def build(name: str, N: int = 16):
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
         batch = {"ids": ids, "offsets": offsets, "labels": torch.randint(0, 4, (N,))}
         return BagClassifier(20000, 64, 4), batch
+    if name == "instnorm_cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.InstanceNorm2d(16, affine=True),
+            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        )
+        return model, (torch.randn(N, 3, 16, 16), torch.randint(0, 10, (N,)))
+    if name == "prelu_mlp":
+        model = nn.Sequential(nn.Linear(32, 64), nn.PReLU(), nn.Linear(64, 64), nn.PReLU(64),
+                              nn.Linear(64, 5))
+        return model, (torch.randn(N, 32), torch.randint(0, 5, (N,)))
+    if name == "bilinear":
+        return BilinearHead(16, 5), (torch.randn(N, 16), torch.randint(0, 5, (N,)))
     raise KeyError(name)
 
 
@@ -135,7 +168,7 @@ def methods(model, batch, generic: bool = True) -> dict:
             est = ests[f"{t}_generic"] = fimfast.DiagFisher(model, t, seed=0)
             # without their rules, the layers' own F.conv3d / F.conv_transpose2d /
             # F.embedding_bag calls would be captured as functional calls
-            est._persample.functional = False
+            est._persample.functional = not any(isinstance(m, CAPTURED) for m in model.modules())
             est.step(batch)
             assert est._persample.last_plan.generic
     finally:

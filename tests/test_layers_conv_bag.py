@@ -335,7 +335,8 @@ def test_bag_squares_with_repeated_ids_hand_computed():
     assert torch.allclose(F_, want, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("workload", ["conv3d", "convT2d", "bag"])
+@pytest.mark.parametrize("workload", ["conv3d", "convT2d", "bag", "instnorm_cnn", "prelu_mlp",
+                                      "bilinear"])
 def test_benchmark_workloads_take_the_rules(workload):
     """The float32 models of benchmarks/bench_layers.py: with the rules and without them (the
     generic path) the estimates agree, and the rules leave no parameter on the generic path
