@@ -317,6 +317,23 @@ def test_matches_oracle_f64(name, fim_type):
     _check_plan(est, lc)
 
 
+EVAL = ["inorm1d_twice", "inorm1d_token", "prelu_conv_channels", "prelu_seq_first",
+        "bilinear_token", "bilinear_twice_same_input"]
+
+
+@pytest.mark.parametrize("name", EVAL, ids=EVAL)
+def test_eval_mode_matches_oracle_f64(name):
+    """The cases above run in train mode (modules' default); the same in eval mode (InstanceNorm
+    without running statistics normalises by the input's in both)."""
+    lc = _build(name)
+    lc.case.model.eval()
+    ref = oracle(lc.case, "exact")
+    got, est = run(lc.case.to(torch.float64), "exact")
+    assert not est.model.training
+    assert rel_error(got, ref) <= DET_REL_F64
+    _check_plan(est, lc)
+
+
 F32 = ["inorm2d_mid_train_stats", "inorm1d_token", "prelu_conv_channels", "prelu_token",
        "bilinear_token", "bilinear_head"]
 
