@@ -476,3 +476,28 @@ def test_diag_representation_uses_the_rules(name):
     c64 = lc.case.to(torch.float64)
     got = fimfast.fisher(c64.model, [c64.batch], representation="diag", reduction="sum")
     assert rel_error(got, ref) <= DET_REL_F64
+
+
+class AllThree(nn.Module):
+    """Bilinear, PReLU per channel and InstanceNorm1d over two positions, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.b, self.p = nn.Bilinear(4, 3, 5), nn.PReLU(5, init=0.3)
+        self.n, self.o = nn.InstanceNorm1d(5, affine=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.p(self.b(x, x[..., :3].sin()))
+        return self.o(self.n(torch.stack([h, h.cos()], -1)).mean(-1))
+
+
+@pytest.mark.parametrize("rep", ["dense", "block_diag", "low_rank", "diag"])
+def test_gradient_representations_take_the_three_layers(rep):
+    """The representations made of per-sample gradients (or of the diagonal) need no rule: their
+    diagonal is the float64 oracle's."""
+    torch.manual_seed(0)
+    case = _simple("all_three", AllThree(), _rand(5, 4), 3).to(torch.float64)
+    ref = torch.cat([v.reshape(-1) for v in oracle(case, "exact").values()])
+    F_ = fimfast.fisher(case.model, [case.batch], representation=rep, reduction="sum")
+    got = F_.to_vector() if rep == "diag" else F_.to_dense().diagonal()
+    assert float((got - ref).norm() / ref.norm()) <= DET_REL_F64
