@@ -10,6 +10,8 @@ fewer dims has one channel). Its per-unit gradient is ``sum`` over the sample's 
 
 from __future__ import annotations
 
+import torch
+
 from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
 from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
@@ -41,16 +43,18 @@ class PReLURule(Rule):
             return [None] * len(call.uses)
         tap, data = call.taps[0], call.data
         dt = compute_dtype(G.dtype)
-        if "neg" not in data:  # min(x, 0): (N, T) shared, (N, C, L) per channel; once per step
+        if "neg" not in data:  # min(x, 0), once per step: (N, T) shared, (N, C, L) or (N, C)
             neg = data["x"].to(dt).clamp(max=0)
             if data["shared"]:
                 neg = front(neg, tap.bdim, tap.lead)
-            else:
+            elif neg.dim() > 2:
                 neg = neg.reshape(neg.shape[0], neg.shape[1], -1)
             data["neg"] = neg
-        neg = data["neg"]
+        neg, G = data["neg"], G.to(dt)
         if data["shared"]:  # (M, N, T) . (N, T) -> (M, N, 1)
-            V = (front(G.to(dt), tap.bdim, tap.lead, extra=1) * neg).sum(2, keepdim=True)
+            V = torch.linalg.vecdot(front(G, tap.bdim, tap.lead, extra=1), neg).unsqueeze(-1)
+        elif neg.dim() == 2:  # one position per channel: (M, N, C) * (N, C)
+            V = G * neg
         else:  # (M, N, C, L) . (N, C, L) -> (M, N, C)
-            V = (G.to(dt).reshape(*G.shape[:3], -1) * neg).sum(3)
+            V = torch.linalg.vecdot(G.reshape(*G.shape[:3], -1), neg)
         return [Vec(V) for _ in call.uses]
