@@ -127,6 +127,19 @@ class PReLUVector(nn.Module):
         return self.head(self.act(self.a(x).squeeze(-1)).unsqueeze(-1))
 
 
+class AllThree(nn.Module):
+    """Bilinear, PReLU per channel and InstanceNorm1d over two positions, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.b, self.p = nn.Bilinear(4, 3, 5), nn.PReLU(5, init=0.3)
+        self.n, self.o = nn.InstanceNorm1d(5, affine=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.p(self.b(x, x[..., :3].sin()))
+        return self.o(self.n(torch.stack([h, h.cos()], -1)).mean(-1))
+
+
 class PerSampleNorm(nn.Module):
     """InstanceNorm1d called on every sample's ``(C, L)`` alone (unbatched inputs)."""
 
@@ -265,6 +278,11 @@ def _build(name: str) -> LayerCase:  # noqa: C901 - one branch per case
         m = BilinearFirst(3, as_head=False)
         m.b.weight.requires_grad_(False)
         return LayerCase(_simple(name, m, _rand(4, 5), 3))
+    if name == "bilinear_prelu_frozen":  # no trainable parameter in either: nothing tapped
+        m = AllThree()
+        for p in (*m.b.parameters(), *m.p.parameters()):
+            p.requires_grad_(False)
+        return LayerCase(_simple(name, m, _rand(4, 4), 3))
     raise KeyError(name)
 
 
@@ -274,7 +292,7 @@ NAMES = [
     "inorm1d_unbatched", "prelu_first_zeros", "prelu_conv_channels", "prelu_twice",
     "prelu_token", "prelu_seq_first", "prelu_vector", "prelu_frozen", "bilinear_first",
     "bilinear_head", "bilinear_twice_same_input", "bilinear_token", "bilinear_grid_nobias",
-    "bilinear_frozen_weight",
+    "bilinear_frozen_weight", "bilinear_prelu_frozen",
 ]
 
 
@@ -476,19 +494,6 @@ def test_diag_representation_uses_the_rules(name):
     c64 = lc.case.to(torch.float64)
     got = fimfast.fisher(c64.model, [c64.batch], representation="diag", reduction="sum")
     assert rel_error(got, ref) <= DET_REL_F64
-
-
-class AllThree(nn.Module):
-    """Bilinear, PReLU per channel and InstanceNorm1d over two positions, then a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.b, self.p = nn.Bilinear(4, 3, 5), nn.PReLU(5, init=0.3)
-        self.n, self.o = nn.InstanceNorm1d(5, affine=True), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = self.p(self.b(x, x[..., :3].sin()))
-        return self.o(self.n(torch.stack([h, h.cos()], -1)).mean(-1))
 
 
 @pytest.mark.parametrize("rep", ["dense", "block_diag", "low_rank", "diag"])

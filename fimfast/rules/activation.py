@@ -30,8 +30,8 @@ class PReLURule(Rule):
     def capture(self, cap, module, x, y):
         uses = [Use(p, UseKind.VEC) for p in trainable(cap, module.weight)]
         shared = module.weight.numel() == 1
-        if y.dim() == 0 or (not shared and y.dim() < 2):
-            return None
+        if not uses or y.dim() == 0 or (not shared and y.dim() < 2):
+            return None  # a frozen weight (nothing to tap), or no batch dimension
         lead = y.dim() if shared else 1
         tap, out = cap.tap(y, lead=lead, key=(id(module), 0), batch_first=not shared)
         cap.record(Call(module, self, [tap], uses, {"x": x.detach(), "shared": shared}))

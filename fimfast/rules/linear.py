@@ -98,6 +98,8 @@ class BilinearRule(Rule):
         w, b = module.weight, module.bias
         uses = [Use(p, UseKind.OUTER) if p is w else Use(p, UseKind.VEC)
                 for p in trainable(cap, w, b)]
+        if not uses:  # frozen: nothing to tap
+            return None
         tap, out = cap.tap(y, lead=lead, key=(id(module), 0))
         cap.record(Call(module, self, [tap], uses, {"x1": x1.detach(), "x2": x2.detach()}))
         return out
