@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from fimfast import _env, guard, likelihoods
-from fimfast.parameters import trainable_parameters
 from fimfast.structured import capture as cap
-from fimfast.structured import columns, convgram
+from fimfast.structured import columns, convgram, structure
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options
 
@@ -100,7 +99,7 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     switched off for the batch and put back (:func:`fimfast.guard.step_kept`)."""
     g = st.extra.get("guard")
     if g is None:
-        g = st.extra["guard"] = step_guard(*trainable_parameters(model))
+        g = st.extra["guard"] = structure.of(model).step_guard(model)
     buffers, walk, names, params = g
     with guard.step_kept(buffers, walk, model, names, params):
         st.extra["versions"] = [p._version for p in params]
