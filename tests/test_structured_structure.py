@@ -169,3 +169,17 @@ def test_added_buffer_and_max_norm_rebuild_the_guards():
     _kfac(model, data)
     assert structure.of(model) is not s
     assert [q for _, _, q in structure.of(model).buffers] == ["2.extra"]
+
+
+def test_options_validated_once_per_items_still_refuse_a_bool_seed():
+    """Validated options are kept by their items and the items' types: ``seed=True`` after
+    ``seed=1`` is still refused, and a result's ``meta["options"]`` is its own dict."""
+    model, data = _mlp(), _data()
+    F = fimfast.fisher(model, data, "monte_carlo", "kfac", seed=1)
+    with pytest.raises(ValueError, match=r"fim_opts\['seed'\] must be an integer or None"):
+        fimfast.fisher(model, data, "monte_carlo", "kfac", seed=True)
+    F.meta["options"]["seed"] = 99
+    G = fimfast.fisher(model, data, "monte_carlo", "kfac", seed=1)
+    assert G.meta["options"]["seed"] == 1
+    with pytest.raises(ValueError, match="unknown key"):
+        fimfast.fisher(model, data, "monte_carlo", "kfac", seed=1, bogus=2)

@@ -59,7 +59,7 @@ class FisherAccumulator:
         self.model, self.representation, self.reduction = model, representation, reduction
         self.kfac_approx, self.pair_chunk = kfac_approx, pair_chunk
         self.distributed, self.group = distributed, group
-        o = api._options(representation, opts, kfac_approx, None, pair_chunk)
+        o, odict = api._options_and_dict(representation, opts, kfac_approx, None, pair_chunk)
         self._structure = structure.of(model)
         self.names, self.params = list(self._structure.names), list(self._structure.params)
         seed = o.seed if o.seed is not None else _default_seed()
@@ -72,7 +72,7 @@ class FisherAccumulator:
         self.eig: list | None = None
         self.kfac: KFACFIM | None = None
         self.meta = {"fim_type": self.fim_type.value, "representation": representation,
-                     "reduction": reduction, "names": self.names, "options": o.to_dict()}
+                     "reduction": reduction, "names": self.names, "options": odict}
         if representation in ("dense", "block_diag", "low_rank"):
             dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
             self.acc = PairAccumulator(representation, self.names, self.shapes, dtype,

@@ -91,7 +91,8 @@ def fingerprint(model: nn.Module) -> tuple[tuple, list[str], list[torch.Tensor],
     def visit(m: nn.Module, prefix: str) -> None:
         seen_m.add(id(m))
         modules.append(m)
-        key.append((prefix, id(m), type(m)))
+        t = type(m)
+        key.append((prefix, id(m), t))
         for k, p in m._parameters.items():
             if p is None:
                 key.append((k, None))
@@ -104,10 +105,11 @@ def fingerprint(model: nn.Module) -> tuple[tuple, list[str], list[torch.Tensor],
                     params.append(p)
         if m._buffers:
             key.append(tuple((k, b is None) for k, b in m._buffers.items()))
-        if isinstance(m, _LOOKUPS):
-            key.append(("max_norm", m.max_norm))
-        elif isinstance(m, nn.MultiheadAttention):
-            key.append(("add_zero_attn", m.add_zero_attn))
+        attr = _ATTR.get(t)
+        if attr is None:
+            attr = _ATTR[t] = _attr_of(t)
+        if attr:
+            key.append(getattr(m, attr))
         for k, child in m._modules.items():
             if child is not None and id(child) not in seen_m:
                 visit(child, prefix + k + ".")
@@ -116,6 +118,16 @@ def fingerprint(model: nn.Module) -> tuple[tuple, list[str], list[torch.Tensor],
 
     visit(model, "")
     return tuple(key), names, params, modules
+
+
+# per module class, the attribute the key reads besides parameters and buffers ("": none)
+_ATTR: dict[type, str] = {}
+
+
+def _attr_of(t: type) -> str:
+    if issubclass(t, _LOOKUPS):
+        return "max_norm"
+    return "add_zero_attn" if issubclass(t, nn.MultiheadAttention) else ""
 
 
 def of(model: nn.Module) -> Structure:
