@@ -189,8 +189,8 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
     any_order = what in ("kfac", "ekfac")
     a_in = [None if r else cap.inputs_of(layer, ones=False, any_order=any_order)
             for layer, r in zip(layers, rows_only)]
-    orders = [cap.patch_order(layer.module) if any_order and cap.channels_last_inputs(layer)
-              else None for layer in layers]
+    orders = [cap.patch_order(layer.module) if a is not None and any_order and
+              cap.channels_last_inputs(layer) else None for layer, a in zip(layers, a_in)]
     taps, where = [], {}
     for layer in layers:
         for _, z, _ in layer.calls:
