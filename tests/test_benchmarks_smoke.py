@@ -351,3 +351,15 @@ def test_bench_persample_cost_class_chunk_and_attention(tmp_path):
     rep = json.loads((tmp_path / "cost.json").read_text())
     (runs,) = rep["runs"]["mha_bias_kv"].values()
     assert runs[0]["exact:cc3"] > 1.0
+
+
+def test_bench_kfac_cache_runs_and_puts_the_bound_back():
+    """benchmarks/bench_kfac_cache.py on (c): the three calls, their paired differences, and the
+    row-product bound of the convolution factor as it was."""
+    from benchmarks import bench_kfac_cache
+    from fimfast.structured import convgram
+
+    out = bench_kfac_cache.measure("c", 3)
+    assert {"kfac", "kfac:cold", "kfac:strips", "train_ms"} <= set(out)
+    assert set(out["paired_ms kfac:strips - kfac"]) == {"q1", "median", "q3"}
+    assert convgram.PIXEL_ROW_MAX == 96

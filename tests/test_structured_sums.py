@@ -30,7 +30,10 @@ def _patches(x, m):
 
 @pytest.mark.parametrize("geo", GEOMETRIES)
 @pytest.mark.parametrize("C", [1, 3])
-def test_conv_gram_equals_the_patch_gram(geo, C):
+@pytest.mark.parametrize("rows", [True, False], ids=["row_products", "strip_products"])
+def test_conv_gram_equals_the_patch_gram(geo, C, rows, monkeypatch):
+    """Both ways of forming the blocks (whole input rows, strips) against the patch Gram."""
+    monkeypatch.setattr(convgram, "PIXEL_ROW_MAX", 10**9 if rows else 0)
     torch.manual_seed(0)
     m = nn.Conv2d(C, 2, **geo)
     x = torch.randn(3, C, 11, 13, dtype=torch.float64)

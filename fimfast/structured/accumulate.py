@@ -25,10 +25,8 @@ from typing import Any
 import torch
 
 from fimfast import distributed as dist_mod
-from fimfast.estimator import _default_seed, trainable_parameters
-from fimfast.parameters import check_real
-from fimfast.structured import capture as cap
-from fimfast.structured import engine, gram
+from fimfast.estimator import _default_seed
+from fimfast.structured import engine, gram, structure
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
 from fimfast.structured.sums import LayerSums, half_gram
@@ -61,27 +59,27 @@ class FisherAccumulator:
         self.model, self.representation, self.reduction = model, representation, reduction
         self.kfac_approx, self.pair_chunk = kfac_approx, pair_chunk
         self.distributed, self.group = distributed, group
-        o = api._options(representation, opts, kfac_approx, None, pair_chunk)
-        self.names, self.params = trainable_parameters(model)
-        check_real(self.names, self.params)
+        o, odict = api._options_and_dict(representation, opts, kfac_approx, None, pair_chunk)
+        self._structure = structure.of(model)
+        self.names, self.params = list(self._structure.names), list(self._structure.params)
         seed = o.seed if o.seed is not None else _default_seed()
         rank = dist_mod.world(group)[0] if distributed == "auto" else 0
         self.stream = engine.Stream(self.fim_type, o, dist_mod.rank_seed(seed, rank))
-        self._guard = engine.step_guard(self.names, self.params)
+        self._guard = self._structure.step_guard(model)
         self.seed = seed
         self.shapes = [tuple(p.shape) for p in self.params]
         self.phase = "factors"
         self.eig: list | None = None
         self.kfac: KFACFIM | None = None
         self.meta = {"fim_type": self.fim_type.value, "representation": representation,
-                     "reduction": reduction, "names": self.names, "options": o.to_dict()}
+                     "reduction": reduction, "names": self.names, "options": odict}
         if representation in ("dense", "block_diag", "low_rank"):
             dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
             self.acc = PairAccumulator(representation, self.names, self.shapes, dtype,
                                        self.params[0].device, max_rows)
             self.layers = []
         else:
-            self.layers = cap.layers_of(model, self.names, self.params, representation)
+            self.layers = structure.layers(self._structure, model, representation)
             api.check_approx(self.layers, representation, kfac_approx)
             self.sums = [LayerSums() for _ in self.layers]
             if representation in ("kfac", "ekfac"):
@@ -136,7 +134,7 @@ class FisherAccumulator:
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
         if self.representation in ("dense", "block_diag", "low_rank"):
             return sums.result(sc, meta)
-        info = [engine.layer_info(layer) for layer in self.layers]
+        info = structure.infos(self._structure, self.layers)
         if self.representation == "quasi_diag":
             return QuasiDiagFIM(self.names, self.shapes, info, [s.D * sc for s in sums],
                                 [None if s.cross is None else s.cross * sc for s in sums], meta)
@@ -156,7 +154,7 @@ class FisherAccumulator:
             raise ValueError("no batch was added (loader yielded no batch)")
         sc = 1.0 if self.reduction == "sum" else 1.0 / count
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
-        info = [engine.layer_info(layer) for layer in self.layers]
+        info = structure.infos(self._structure, self.layers)
         A, G = _factors(self.layers, sums, sc, consume or sums is not self.sums)
         return KFACFIM(self.names, self.shapes, info, A, G, meta)
 

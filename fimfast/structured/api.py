@@ -103,12 +103,37 @@ def check_approx(layers, representation: str, kfac_approx: str) -> None:
 
 def _options(representation: str, opts: dict, kfac_approx: str, rank, pair_chunk) -> Options:
     """Validated options of a structured representation (errors name the argument)."""
-    o = Options.from_dict(opts)
-    if o.lm_head is not None:
-        raise ValueError("fim_opts['lm_head'] is for representation='diag' only (the structured "
-                         f"representations need the logits); got representation={representation!r}")
+    return _options_and_dict(representation, opts, kfac_approx, rank, pair_chunk)[0]
+
+
+# validated options and their plain-data view, by the items of ``opts`` with their types (so that
+# ``seed=True`` is not taken for ``seed=1``); only plain values (no ``forward_fn``, whose closure
+# the cache would keep alive)
+_OPTIONS: dict = {}
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _options_and_dict(representation: str, opts: dict, kfac_approx: str, rank,
+                      pair_chunk) -> tuple[Options, dict]:
+    """``(options, options.to_dict())`` of :func:`_options` (the options of the same plain items
+    are validated once; ``Options`` is frozen, and the dict is a new copy each call)."""
+    key = hit = None
+    if isinstance(opts, dict) and all(type(v) in _PLAIN for v in opts.values()):
+        key = tuple(sorted((k, type(v), v) for k, v in opts.items()))
+        hit = _OPTIONS.get(key)
+    if hit is None:
+        o = Options.from_dict(opts)
+        if o.lm_head is not None:
+            raise ValueError("fim_opts['lm_head'] is for representation='diag' only (the "
+                             "structured representations need the logits); got "
+                             f"representation={representation!r}")
+        hit = (o, o.to_dict())
+        if key is not None:
+            if len(_OPTIONS) >= 64:
+                _OPTIONS.clear()
+            _OPTIONS[key] = hit
     _check_args(representation, kfac_approx, rank, pair_chunk)
-    return o
+    return hit[0], dict(hit[1])
 
 
 def _check_args(representation: str, kfac_approx: str, rank, pair_chunk) -> None:

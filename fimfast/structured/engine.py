@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from fimfast import _env, guard, likelihoods
-from fimfast.parameters import trainable_parameters
 from fimfast.structured import capture as cap
-from fimfast.structured import columns, convgram
+from fimfast.structured import columns, convgram, structure
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options
 
@@ -100,7 +99,7 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     switched off for the batch and put back (:func:`fimfast.guard.step_kept`)."""
     g = st.extra.get("guard")
     if g is None:
-        g = st.extra["guard"] = step_guard(*trainable_parameters(model))
+        g = st.extra["guard"] = structure.of(model).step_guard(model)
     buffers, walk, names, params = g
     with guard.step_kept(buffers, walk, model, names, params):
         st.extra["versions"] = [p._version for p in params]
@@ -190,8 +189,8 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
     any_order = what in ("kfac", "ekfac")
     a_in = [None if r else cap.inputs_of(layer, ones=False, any_order=any_order)
             for layer, r in zip(layers, rows_only)]
-    orders = [cap.patch_order(layer.module) if any_order and cap.channels_last_inputs(layer)
-              else None for layer in layers]
+    orders = [cap.patch_order(layer.module) if a is not None and any_order and
+              cap.channels_last_inputs(layer) else None for layer, a in zip(layers, a_in)]
     taps, where = [], {}
     for layer in layers:
         for _, z, _ in layer.calls:
