@@ -254,3 +254,22 @@ def test_a_failing_recurrence_leaves_the_estimate_unchanged(monkeypatch):
     ref.step((x, y))
     for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=0), n
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_forward_keeps_the_pre_activations(mode, bptt_backend, monkeypatch):
+    """With the cpp backend an LSTM's or a GRU's node runs fimfast.ops.recurrent_forward, which
+    keeps the gate pre-activations: no fused kernel in the forward, no product for the gates in
+    the backward (W_hh h_{t-1} of all steps); an Elman layer, or the torch backend, keeps torch's
+    fused kernel. Either way the outputs and gradients are those of the unrolled steps (above)."""
+    own = bptt_backend == "cpp" and mode in ("LSTM", "GRU")
+    fused, products = [], []
+    real_fused, real_addmm = recurrent_scan._fused, torch.addmm
+    monkeypatch.setattr(recurrent_scan, "_fused", lambda *a: fused.append(1) or real_fused(*a))
+    x, W, gi, h0, c0, whh, bhh = _inputs(mode, True)
+    outs = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, False)
+            if o is not None]
+    assert bool(fused) != own
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: products.append(1) or real_addmm(*a, **k))
+    torch.autograd.grad(outs[0].sum(), [gi])
+    assert bool(products) == (not own and mode in ("LSTM", "GRU"))
