@@ -9,9 +9,9 @@
 // input projection) and one pass over the step's rows for the cell, in the order of the torch
 // reference and of the backward's kernel (csrc/cpu/recurrent_bptt.cpp, which recomputes the gates
 // from these pre-activations), so the outputs agree with both to rounding (docs/math.md §4,
-// "Recurrent layers"). In float32 that pass is one vectorised loop (sigmoid and tanh from
-// cpu_math.h's exp_f, a few ulp like ATen's: four ATen calls a step cost more than the step's
-// arithmetic); in float64 the sigmoids and tanhs are ATen's ops on the step's rows.
+// "Recurrent layers"). In float32 that pass is one vectorised loop (recurrent_cell.h: four ATen
+// calls a step cost more than the step's arithmetic); in float64 the sigmoids and tanhs are
+// ATen's ops on the step's rows.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -29,7 +29,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cpu_math.h"
+#include "recurrent_cell.h"
 
 namespace fimfast {
 namespace {
@@ -41,37 +41,9 @@ struct Shape {
   int64_t N, H;
 };
 
-FIMFAST_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + cpu::exp_f(-x)); }
-
-// tanh as Cephes' tanhf: an odd polynomial below |x| = 0.625 (no cancellation near 0), else
-// 1 - 2 / (exp(2 |x|) + 1) with the sign of x; both branches computed, one kept (vectorises)
-FIMFAST_INLINE float tanh_f(float x) {
-  const float ax = std::fabs(x), z = x * x;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const float small = x + x * z * p;
-  const float big = std::copysign(1.0f - 2.0f / (cpu::exp_f(2.0f * ax) + 1.0f), x);
-  return ax < 0.625f ? small : big;
-}
-
-// the LSTM cell on N rows in float32: c = f c + i g in place, y = o tanh(c), from a (N, 4H)
+// the LSTM cell on N rows in float32 (recurrent_cell.h): c = f c + i g in place, y = o tanh(c)
 FIMFAST_SIMD_CLONES void lstm_cell_f(const float* a, float* c, float* y, int64_t N, int64_t H) {
-  for (int64_t n = 0; n < N; ++n) {
-    const float* __restrict__ an = a + n * 4 * H;
-    float* __restrict__ cn = c + n * H;
-    float* __restrict__ yn = y + n * H;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const float i = sigmoid_f(an[j]), f = sigmoid_f(an[H + j]), g = tanh_f(an[2 * H + j]);
-      const float o = sigmoid_f(an[3 * H + j]);
-      const float cv = i * g + f * cn[j];
-      cn[j] = cv;
-      yn[j] = o * tanh_f(cv);
-    }
-  }
+  cell::lstm_forward_f(a, c, c, y, N, H);
 }
 
 // the GRU cell on N rows in float32: y = n + z (h - n), n = tanh(gi_n + r gh_n)
@@ -84,8 +56,8 @@ FIMFAST_SIMD_CLONES void gru_cell_f(const float* gi, const float* gh, const floa
     float* __restrict__ yn = y + n * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const float r = sigmoid_f(a[j] + b[j]), z = sigmoid_f(a[H + j] + b[H + j]);
-      const float nn = tanh_f(a[2 * H + j] + r * b[2 * H + j]);
+      const float r = cell::sigmoid_f(a[j] + b[j]), z = cell::sigmoid_f(a[H + j] + b[H + j]);
+      const float nn = cell::tanh_f(a[2 * H + j] + r * b[2 * H + j]);
       yn[j] = nn + z * (h[j] - nn);
     }
   }
@@ -191,7 +163,8 @@ Out recurrent_forward_cpu(c10::string_view mode_, const Tensor& gi_, const Tenso
                 "); got ", bhh->sizes());
     check_same(*bhh, whh, "bhh");
   }
-  const Tensor gi = gi_.contiguous(), w = whh.t();
+  // W_hh^T laid out for the product (the transposed view costs a third more per step)
+  const Tensor gi = gi_.contiguous(), w = whh.t().contiguous();
   const auto opts = whh.options();
   // the pre-activations: the input projections plus b_hh (the GRU: b_hh alone, its hidden side)
   Tensor pre = at::empty({T, N, G}, opts);
