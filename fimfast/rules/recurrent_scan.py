@@ -96,8 +96,9 @@ class Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode, reverse, fwd, gi, h0, whh, bhh, c0=None):
-        if _own_forward(mode, gi):
-            ys, pre, hT, cT = ops.recurrent_forward(mode, gi, h0, c0, whh, bhh, reverse)
+        kernel = _own_forward(mode, gi)
+        if kernel is not None:
+            ys, pre, hT, cT = kernel(mode, gi, h0, c0, whh, bhh, reverse)
         else:
             (ys, hT, cT), pre = _fused(mode, reverse, fwd, h0, c0, whh, bhh), None
         ctx.mode, ctx.reverse = mode, reverse
@@ -137,18 +138,21 @@ def _gates(mode: str, reverse: bool, gi, h0, whh, bhh, ys, c0: list, pre=None):
     return hprev, ([pre, c0[0]] if mode == "LSTM" else [gi, pre, hprev])
 
 
-def _own_forward(mode: str, gi: torch.Tensor) -> bool:
-    """Whether :class:`Scan` runs :func:`fimfast.ops.recurrent_forward` (its ``cpp`` kernel: the
-    pre-activations come with the outputs) rather than torch's fused kernel: on the CPU, float32
-    or float64, where the ``cpp`` backend is the one chosen (with the ``torch`` backend, a Python
-    loop per step, the fused kernel and one product in the backward cost less). An Elman layer's
-    backward needs no pre-activation: it keeps the fused kernel."""
+def _own_forward(mode: str, gi: torch.Tensor):
+    """The ``cpp`` implementation of :func:`fimfast.ops.recurrent_forward` when :class:`Scan`
+    runs it (the pre-activations come with the outputs) rather than torch's fused kernel, else
+    ``None``: on the CPU, float32 or float64, where the ``cpp`` backend is the one chosen (with
+    the ``torch`` backend, a Python loop per step, the fused kernel and one product in the
+    backward cost less). An Elman layer's backward needs no pre-activation: it keeps the fused
+    kernel. Its arguments are :class:`Scan`'s own, valid by construction: the function is called
+    as it is, without the checks of the public op."""
     if mode not in ("LSTM", "GRU") or gi.device.type != "cpu":
-        return False
+        return None
     if gi.dtype not in (torch.float32, torch.float64):
-        return False
+        return None
     try:
-        return registry.resolve("recurrent_forward", None, gi.device)[0] == "cpp"
+        name, fn = registry.resolve("recurrent_forward", None, gi.device)
     except registry.BackendUnavailableError:  # FIMFAST_BACKEND=cpp without the extension
-        return False
+        return None
+    return fn if name == "cpp" else None
 
