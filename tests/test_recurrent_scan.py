@@ -273,3 +273,36 @@ def test_forward_keeps_the_pre_activations(mode, bptt_backend, monkeypatch):
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: products.append(1) or real_addmm(*a, **k))
     torch.autograd.grad(outs[0].sum(), [gi])
     assert bool(products) == (not own and mode in ("LSTM", "GRU"))
+
+
+def test_a_failing_forward_kernel_leaves_the_estimate_unchanged(monkeypatch):
+    """An error in the node's forward kernel (fimfast.ops.recurrent_forward) aborts the step
+    with that error before anything is added; the estimate stays as it was and the next step
+    adds to it as if nothing happened."""
+    from fimfast import DiagFisher
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(3, 4, batch_first=True), _Last(), nn.Linear(4, 3))
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
+    est = DiagFisher(model, "empirical")
+    est.step((x, y))
+    before = {n: t.clone() for n, t in est.result().items()}
+    real = recurrent_scan._own_forward
+
+    def failing(mode, gi):
+        def kernel(*args):
+            raise RuntimeError("forward kernel failed")
+        return kernel
+
+    monkeypatch.setattr(recurrent_scan, "_own_forward", failing)
+    with pytest.raises(RuntimeError, match="forward kernel failed"):
+        est.step((x, y))
+    monkeypatch.setattr(recurrent_scan, "_own_forward", real)
+    for n, t in est.result().items():
+        assert torch.equal(t, before[n]), n
+    est.step((x, y))
+    ref = DiagFisher(model, "empirical")
+    ref.step((x, y))
+    ref.step((x, y))
+    for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0), n
