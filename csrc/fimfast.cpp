@@ -23,6 +23,9 @@ TORCH_LIBRARY(fimfast, m) {
   m.def(
       "recurrent_bptt(str mode, Tensor[] saved, Tensor whh, Tensor dys, Tensor dh, Tensor? dc, "
       "bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "recurrent_forward(str mode, Tensor gi, Tensor h0, Tensor? c0, Tensor whh, Tensor? bhh, "
+      "bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

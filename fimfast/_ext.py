@@ -136,6 +136,12 @@ def _register_fakes() -> None:
         dgh = dys.new_empty(dG.shape if mode == "GRU" else (0,))
         return dG, dgh, dh.new_empty(dh.shape), dh.new_empty(dh.shape if dc is not None else (0,))
 
+    @torch.library.register_fake("fimfast::recurrent_forward")
+    def _rfwd(mode, gi, h0, c0, whh, bhh, reverse):
+        ys = gi.new_empty((*gi.shape[:2], whh.shape[1]))
+        return ys, gi.new_empty(gi.shape), h0.new_empty(h0.shape), h0.new_empty(
+            h0.shape if c0 is not None else (0,))
+
     @torch.library.register_fake("fimfast::accumulate_")
     def _acc(states, grads, update_mode, beta, scale):
         return None

@@ -254,3 +254,55 @@ def test_a_failing_recurrence_leaves_the_estimate_unchanged(monkeypatch):
     ref.step((x, y))
     for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=0), n
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_forward_keeps_the_pre_activations(mode, bptt_backend, monkeypatch):
+    """With the cpp backend an LSTM's or a GRU's node runs fimfast.ops.recurrent_forward, which
+    keeps the gate pre-activations: no fused kernel in the forward, no product for the gates in
+    the backward (W_hh h_{t-1} of all steps); an Elman layer, or the torch backend, keeps torch's
+    fused kernel. Either way the outputs and gradients are those of the unrolled steps (above)."""
+    own = bptt_backend == "cpp" and mode in ("LSTM", "GRU")
+    fused, products = [], []
+    real_fused, real_addmm = recurrent_scan._fused, torch.addmm
+    monkeypatch.setattr(recurrent_scan, "_fused", lambda *a: fused.append(1) or real_fused(*a))
+    x, W, gi, h0, c0, whh, bhh = _inputs(mode, True)
+    outs = [o for o in recurrent_scan.run(mode, x, gi, h0, c0, W, whh, bhh, False)
+            if o is not None]
+    assert bool(fused) != own
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: products.append(1) or real_addmm(*a, **k))
+    torch.autograd.grad(outs[0].sum(), [gi])
+    assert bool(products) == (not own and mode in ("LSTM", "GRU"))
+
+
+def test_a_failing_forward_kernel_leaves_the_estimate_unchanged(monkeypatch):
+    """An error in the node's forward kernel (fimfast.ops.recurrent_forward) aborts the step
+    with that error before anything is added; the estimate stays as it was and the next step
+    adds to it as if nothing happened."""
+    from fimfast import DiagFisher
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(3, 4, batch_first=True), _Last(), nn.Linear(4, 3))
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
+    est = DiagFisher(model, "empirical")
+    est.step((x, y))
+    before = {n: t.clone() for n, t in est.result().items()}
+    real = recurrent_scan._own_forward
+
+    def failing(mode, gi):
+        def kernel(*args):
+            raise RuntimeError("forward kernel failed")
+        return kernel
+
+    monkeypatch.setattr(recurrent_scan, "_own_forward", failing)
+    with pytest.raises(RuntimeError, match="forward kernel failed"):
+        est.step((x, y))
+    monkeypatch.setattr(recurrent_scan, "_own_forward", real)
+    for n, t in est.result().items():
+        assert torch.equal(t, before[n]), n
+    est.step((x, y))
+    ref = DiagFisher(model, "empirical")
+    ref.step((x, y))
+    ref.step((x, y))
+    for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0), n

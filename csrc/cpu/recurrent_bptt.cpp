@@ -3,11 +3,13 @@
 //
 // The reference runs the recurrence as a Python loop of 4-6 ATen ops per step (each a few
 // microseconds of dispatch for a (N, H) block) and the LSTM cell states as one more. Here one
-// call does it all: the sigmoids and tanhs of all steps as ATen's vectorised ops, the LSTM cell
-// states in one scalar pass, then per step one pass of scalar arithmetic (the derivatives of the
-// gates and the recurrence) and one product with W_hh (at::mm_out, the BLAS torch links). The
-// operations and their order are those of the reference, so the results agree to rounding
-// (docs/math.md §4, "Recurrent layers").
+// call does it all: the gates of all steps (sigmoids, tanhs; an LSTM's cell states), then per
+// step one vectorised pass (the derivatives of the gates and the recurrence; the loops are
+// compiled for AVX-512, AVX2 and the baseline) and one product with W_hh (at::mm_out, the BLAS
+// torch links). The gates: ATen's vectorised ops over all steps, except an LSTM's in float32,
+// which come from the float32 cell of the forward's kernel (recurrent_cell.h), one pass per step,
+// exactly as that kernel computed them. The operations and their order are those of the
+// reference, so the results agree to rounding (docs/math.md §4, "Recurrent layers").
 //
 // A column whose gradient is zero at the first steps of the backward (a tagger's column for
 // position tau, in the steps after tau) starts where it stops being zero: before, its gradients
@@ -29,11 +31,15 @@
 
 #include <c10/util/irange.h>
 
+#include "cpu_math.h"
+#include "recurrent_cell.h"
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fimfast {
@@ -116,9 +122,84 @@ std::vector<int64_t> first_steps(const Dims& d, const Tensor& dy, const Tensor& 
   return start;
 }
 
+// The factors of one LSTM step shared by its columns, for its N rows: k = d a / d c (blocks i,
+// f, g) and d a / d h (block o), p = d c / d h (through h = o tanh(c)), and f; kb (N, 6, H). S
+// the sigmoids of the step's gates (N, 4H), TG the tanh of its g block (rows gs apart), TC the
+// tanh of its cell states, c the cell states it started from (N, H).
+template <typename T>
+FIMFAST_INLINE void lstm_factors_t(int64_t N, int64_t H, int64_t gs, const T* S, const T* TG,
+                                   const T* TC, const T* c, T* kb) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T *__restrict__ st = S + n * 4 * H, *__restrict__ gt = TG + n * gs;
+    const T *__restrict__ tc = TC + n * H, *__restrict__ cn = c + n * H;
+    T* __restrict__ k = kb + n * 6 * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = st[j], f = st[H + j], o = st[3 * H + j], gg = gt[j];
+      k[j] = gg * (i * (1 - i));
+      k[H + j] = cn[j] * (f * (1 - f));
+      k[2 * H + j] = i - (i * gg) * gg;
+      k[3 * H + j] = tc[j] * (o * (1 - o));
+      k[4 * H + j] = o - (o * tc[j]) * tc[j];
+      k[5 * H + j] = f;
+    }
+  }
+}
+
+// One column's step of the LSTM recurrence on its N rows: g (N, 4H) the gradient at the gate
+// pre-activations from dy (N, H) and the carried dh (ch) and dc (dc, updated in place)
+template <typename T>
+FIMFAST_INLINE void lstm_column_t(int64_t N, int64_t H, const T* kb, const T* dy, const T* ch,
+                                  T* dc, T* g) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T *__restrict__ k = kb + n * 6 * H, *__restrict__ dyt = dy + n * H;
+    const T* __restrict__ chn = ch + n * H;
+    T *__restrict__ dct = dc + n * H, *__restrict__ gn = g + n * 4 * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const T dhv = dyt[j] + chn[j];
+      const T dcv = dct[j] + dhv * k[4 * H + j];
+      gn[j] = dcv * k[j];
+      gn[H + j] = dcv * k[H + j];
+      gn[2 * H + j] = dcv * k[2 * H + j];
+      gn[3 * H + j] = dhv * k[3 * H + j];
+      dct[j] = dcv * k[5 * H + j];
+    }
+  }
+}
+
+// the two loops above compiled for AVX-512, AVX2 and the baseline (cpu_math.h)
+FIMFAST_SIMD_CLONES void lstm_factors(int64_t N, int64_t H, int64_t gs, const float* S,
+                                      const float* TG, const float* TC, const float* c,
+                                      float* kb) {
+  lstm_factors_t(N, H, gs, S, TG, TC, c, kb);
+}
+FIMFAST_SIMD_CLONES void lstm_factors(int64_t N, int64_t H, int64_t gs, const double* S,
+                                      const double* TG, const double* TC, const double* c,
+                                      double* kb) {
+  lstm_factors_t(N, H, gs, S, TG, TC, c, kb);
+}
+FIMFAST_SIMD_CLONES void lstm_column(int64_t N, int64_t H, const float* kb, const float* dy,
+                                     const float* ch, float* dc, float* g) {
+  lstm_column_t(N, H, kb, dy, ch, dc, g);
+}
+FIMFAST_SIMD_CLONES void lstm_column(int64_t N, int64_t H, const double* kb, const double* dy,
+                                     const double* ch, double* dc, double* g) {
+  lstm_column_t(N, H, kb, dy, ch, dc, g);
+}
+
+// The gates of one LSTM step in float32 (recurrent_cell.h, the functions of the forward's kernel):
+// s (N, 4H) sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), c the cell states, tc = tanh(c)
+FIMFAST_SIMD_CLONES void lstm_gates(const float* a, const float* cp, float* c, float* s, float* tc,
+                                    int64_t N, int64_t H) {
+  cell::lstm_gates_f(a, cp, c, s, tc, N, H);
+}
+
 // dG (T, B, N, 4H), dh0 and dc0 (B, N, H) of the LSTM from its gate pre-activations a (T, N, 4H);
-// dy (T, B, N, H), dh / dc (B, N, H) the incoming gradients. The sigmoids and tanhs are ATen's
-// (vectorised) ops over all steps; the cell states and the derivatives are scalar loops.
+// dy (T, B, N, H), dh / dc (B, N, H) the incoming gradients. The gates and cell states of the
+// steps the backward reaches come first: in float32 one vectorised pass per step
+// (recurrent_cell.h, as the forward's kernel computes them); in float64 ATen's sigmoid and tanh
+// over all steps and a scalar loop for the cell states. Then the recurrence.
 template <typename scalar_t>
 void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& whh,
               const Tensor& dy, const Tensor& dh, const Tensor& dc, Tensor& dG, Tensor& dh0,
@@ -126,29 +207,47 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
   const int64_t T = d.T, N = d.N, B = d.B, H = d.H, NH = N * H, G = 4 * H;
   const int64_t L = d.span(), t0 = d.first();  // the gates of the steps the backward reaches
   const Tensor ar = a.narrow(0, t0, L);
-  const Tensor sg = at::sigmoid(ar), tg = at::tanh(ar.narrow(2, 2 * H, H)).contiguous();
-  const scalar_t *S = sg.data_ptr<scalar_t>(), *TG = tg.data_ptr<scalar_t>();
   const scalar_t* C0 = c0.data_ptr<scalar_t>();
-  Tensor cs = at::empty({L, N, H}, a.options());
+  Tensor cs = at::empty({L, N, H}, a.options()), sg, tg, tcs;
   scalar_t* CS = cs.data_ptr<scalar_t>();
   // c_t = f_t c_{t-1} + i_t g_t in the forward's order; cp(t) the state step t started from
   const auto cp = [&](int64_t t) -> const scalar_t* {
     const int64_t p = d.reverse ? t + 1 : t - 1;
     return p < 0 || p >= T ? C0 : CS + (p - t0) * NH;
   };
-  for (const auto s : c10::irange(L)) {
-    const int64_t t = d.reverse ? T - 1 - s : s, u = t - t0;
-    const scalar_t* c = cp(t);
-    for (const auto n : c10::irange(N)) {
-      const scalar_t* __restrict__ st = S + (u * N + n) * G;
-      const scalar_t* __restrict__ gt = TG + u * NH + n * H;
-      const scalar_t* __restrict__ cn = c + n * H;
-      scalar_t* __restrict__ ct = CS + u * NH + n * H;
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j) ct[j] = st[j] * gt[j] + st[H + j] * cn[j];
+  const scalar_t *S = nullptr, *TG = nullptr;
+  int64_t gs = H;  // the row stride of TG, tanh(g)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sg = at::empty({L, N, G}, a.options());
+    tcs = at::empty({L, N, H}, a.options());
+    const float* A = ar.data_ptr<float>();
+    for (const auto s : c10::irange(L)) {
+      const int64_t t = d.reverse ? T - 1 - s : s, u = t - t0;
+      lstm_gates(A + u * N * G, cp(t), CS + u * NH, sg.data_ptr<float>() + u * N * G,
+                 tcs.data_ptr<float>() + u * NH, N, H);
     }
+    S = sg.data_ptr<float>();
+    TG = S + 2 * H;  // the g block of s
+    gs = G;
+  } else {
+    sg = at::sigmoid(ar);
+    tg = at::tanh(ar.narrow(2, 2 * H, H)).contiguous();
+    S = sg.data_ptr<scalar_t>();
+    TG = tg.data_ptr<scalar_t>();
+    for (const auto s : c10::irange(L)) {
+      const int64_t t = d.reverse ? T - 1 - s : s, u = t - t0;
+      const scalar_t* c = cp(t);
+      for (const auto n : c10::irange(N)) {
+        const scalar_t* __restrict__ st = S + (u * N + n) * G;
+        const scalar_t* __restrict__ gt = TG + u * NH + n * H;
+        const scalar_t* __restrict__ cn = c + n * H;
+        scalar_t* __restrict__ ct = CS + u * NH + n * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) ct[j] = st[j] * gt[j] + st[H + j] * cn[j];
+      }
+    }
+    tcs = at::tanh(cs);
   }
-  const Tensor tcs = at::tanh(cs);
   const scalar_t* TC = tcs.data_ptr<scalar_t>();
   // the recurrence: carry is dh of the step before (in the backward's order) less its dy
   Tensor carry = dh0;  // (B, N, H): the incoming dh, then the products with W_hh
@@ -168,45 +267,14 @@ void lstm_cpu(const Dims& d, const Tensor& a, const Tensor& c0, const Tensor& wh
       std::fill_n(DG + t * B * N * G, B * N * G, scalar_t(0));
       continue;
     }
-    const scalar_t* c = cp(t);
-    for (const auto n : c10::irange(N)) {
-      const int64_t e = u * NH + n * H;
-      const scalar_t *st = S + (u * N + n) * G, *gt = TG + e, *tc = TC + e, *cn = c + n * H;
-      scalar_t* __restrict__ k = kbuf.data() + n * 6 * H;
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
-        const scalar_t i = st[j], f = st[H + j], o = st[3 * H + j], gg = gt[j];
-        k[j] = gg * (i * (1 - i));
-        k[H + j] = cn[j] * (f * (1 - f));
-        k[2 * H + j] = i - (i * gg) * gg;
-        k[3 * H + j] = tc[j] * (o * (1 - o));
-        k[4 * H + j] = o - (o * tc[j]) * tc[j];
-        k[5 * H + j] = f;
-      }
-    }
+    lstm_factors(N, H, gs, S + u * N * G, TG + u * N * gs, TC + u * NH, cp(t), kbuf.data());
     for (const auto b : c10::irange(B)) {
       if (d.idle(s, b)) {
         std::fill_n(DG + (t * B + b) * N * G, N * G, scalar_t(0));
         continue;
       }
-      for (const auto n : c10::irange(N)) {
-        const int64_t r = b * N + n;
-        const scalar_t* __restrict__ k = kbuf.data() + n * 6 * H;
-        const scalar_t* __restrict__ dyt = DY + (t * B + b) * NH + n * H;
-        const scalar_t* __restrict__ ch = C + r * H;
-        scalar_t* __restrict__ dct = DC + r * H;
-        scalar_t* __restrict__ g = DG + (t * B * N + r) * G;
-#pragma omp simd
-        for (int64_t j = 0; j < H; ++j) {
-          const scalar_t dhv = dyt[j] + ch[j];
-          const scalar_t dcv = dct[j] + dhv * k[4 * H + j];
-          g[j] = dcv * k[j];
-          g[H + j] = dcv * k[H + j];
-          g[2 * H + j] = dcv * k[2 * H + j];
-          g[3 * H + j] = dhv * k[3 * H + j];
-          dct[j] = dcv * k[5 * H + j];
-        }
-      }
+      lstm_column(N, H, kbuf.data(), DY + (t * B + b) * NH, C + b * NH, DC + b * NH,
+                  DG + (t * B + b) * N * G);
     }
     d.product(carry2, dG2, whh, s);
   }

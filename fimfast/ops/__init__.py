@@ -30,6 +30,7 @@ __all__ = [
     "lm_head_probe",
     "probe_logit_grad",
     "recurrent_bptt",
+    "recurrent_forward",
     "rng",
     "shared_sq",
     "sq_matmul",
@@ -325,3 +326,50 @@ def recurrent_bptt(
                          f"dc {'None' if dc is None else tuple(dc.shape)}")
     _, fn = resolve("recurrent_bptt", backend, whh.device)
     return fn(mode, list(saved), whh, dys, dh, dc, bool(reverse))
+
+
+def recurrent_forward(
+    mode: str,
+    gi: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor | None,
+    whh: torch.Tensor,
+    bhh: torch.Tensor | None = None,
+    reverse: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The steps of one recurrent layer and direction from their input projections, keeping the
+    pre-activations that :func:`recurrent_bptt` takes (docs/math.md §4, "Recurrent layers").
+
+    ``T`` steps of ``N`` rows, ``H`` hidden units, ``G`` = 4H (LSTM), 3H (GRU) or H, in position
+    order; with ``reverse`` the steps run from ``T - 1`` down to 0. No graph is recorded.
+
+    Args:
+        mode: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
+        gi: ``(T, N, G)`` the input projections ``W_ih x_t + b_ih``.
+        h0: ``(N, H)`` the initial hidden state.
+        c0: ``(N, H)`` the initial cell state (LSTM only, else ``None``).
+        whh: ``(G, H)`` the hidden-to-hidden weight.
+        bhh: ``(G,)`` its bias, or ``None``.
+        reverse: the direction of the steps.
+        backend: ``None``/``"auto"``, ``"torch"`` or ``"cpp"`` (float32 and float64; other
+            dtypes run the torch reference).
+
+    Returns:
+        ``(ys (T, N, H), pre (T, N, G), hT (N, H), cT)``: the outputs ``h_t``, the
+        pre-activations of every step (LSTM and Elman: ``gi + W_hh h_{t-1} + b_hh``, the LSTM's
+        ``a`` of :func:`recurrent_bptt`; GRU: the hidden side ``W_hh h_{t-1} + b_hh``, its
+        ``gh``), the last hidden state and the last cell state (``None`` but for an LSTM).
+    """
+    if mode not in RECURRENT_MODES:
+        raise ValueError(f"mode must be one of {sorted(RECURRENT_MODES)}; got {mode!r}")
+    if (c0 is None) == (mode == "LSTM"):
+        raise ValueError(f"c0 must be given for an LSTM and only then; mode {mode!r}, "
+                         f"c0 {'None' if c0 is None else tuple(c0.shape)}")
+    gates = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    G = whh.shape[0] if whh.dim() == 2 and whh.shape[0] == gates * whh.shape[1] else -1
+    if gi.dim() != 3 or gi.shape[2] != G or h0.shape != (gi.shape[1], whh.shape[-1]):
+        raise ValueError(f"gi must be (T, N, G) and h0 (N, H) for whh (G = {gates} H, H) = "
+                         f"{tuple(whh.shape)}; got gi {tuple(gi.shape)}, h0 {tuple(h0.shape)}")
+    _, fn = resolve("recurrent_forward", backend, whh.device)
+    return fn(mode, gi, h0, c0, whh, bhh, bool(reverse))

@@ -74,3 +74,15 @@ def recurrent_bptt_cpp(mode, saved, whh, dys, dh, dc, reverse):
         return recurrent_bptt_torch(mode, saved, whh, dys, dh, dc, reverse)
     dG, dgh, dh0, dc0 = torch.ops.fimfast.recurrent_bptt(mode, saved, whh, dys, dh, dc, reverse)
     return dG, (dgh if mode == "GRU" else None), dh0, (dc0 if mode == "LSTM" else None)
+
+
+def recurrent_forward_cpp(mode, gi, h0, c0, whh, bhh, reverse):
+    """:func:`fimfast.ops.recurrent_forward` on the CPU, all steps in one call (float32 and
+    float64, all arguments of one dtype; otherwise the torch reference)."""
+    ts = (gi, h0, whh) + tuple(t for t in (c0, bhh) if t is not None)
+    if len({t.dtype for t in ts}) != 1 or whh.dtype not in (torch.float32, torch.float64):
+        from fimfast.ops.recurrent import recurrent_forward_torch
+
+        return recurrent_forward_torch(mode, gi, h0, c0, whh, bhh, reverse)
+    ys, pre, hT, cT = torch.ops.fimfast.recurrent_forward(mode, gi, h0, c0, whh, bhh, reverse)
+    return ys, pre, hT, (cT if mode == "LSTM" else None)

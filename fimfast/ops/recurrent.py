@@ -1,5 +1,6 @@
-"""The ``torch`` reference of :func:`fimfast.ops.recurrent_bptt`: back-propagation through time
-of one recurrent layer and direction, the recurrence as a loop of ATen ops per step.
+"""The ``torch`` references of :func:`fimfast.ops.recurrent_bptt`, back-propagation through time
+of one recurrent layer and direction, the recurrence as a loop of ATen ops per step, and of
+:func:`fimfast.ops.recurrent_forward`, the steps that keep their pre-activations.
 
 What does not depend on the incoming gradient is computed for all steps at once (the gates and
 their derivatives, an LSTM's cell states ``c_t = f_t c_{t-1} + i_t g_t``); per step only the
@@ -30,6 +31,37 @@ def recurrent_bptt_torch(mode: str, saved: list, whh, dys, dh, dc, reverse: bool
         return dG, dgh, dh0, None
     dG, dh0 = _rnn_bptt(saved[0], mode, whh, dys, dh, reverse)
     return dG, None, dh0, None
+
+
+def recurrent_forward_torch(mode: str, gi, h0, c0, whh, bhh, reverse: bool):
+    """:func:`fimfast.ops.recurrent_forward` with torch ops, one step at a time: ``(ys, pre, hT,
+    cT or None)``. The order of the operations is that of the ``cpp`` kernel
+    (``csrc/cpu/recurrent_forward.cpp``) and of the gates :func:`_lstm_bptt` and
+    :func:`_gru_bptt` recompute from ``pre``."""
+    T, H = gi.shape[0], whh.shape[1]
+    if mode == "GRU":  # the hidden side alone: b_hh, then W_hh h
+        base = gi.new_zeros(gi.shape) if bhh is None else bhh.expand(gi.shape)
+    else:
+        base = gi if bhh is None else gi + bhh
+    pres: list = [None] * T
+    ys: list = [None] * T
+    h, c, w = h0, c0, whh.t()
+    for t in steps(T, reverse):
+        p = pres[t] = torch.addmm(base[t], h, w)
+        if mode == "LSTM":
+            s = p.sigmoid()
+            c = torch.addcmul(s[:, :H] * p[:, 2 * H : 3 * H].tanh(), s[:, H : 2 * H], c)
+            h = s[:, 3 * H :] * c.tanh()
+        elif mode == "GRU":
+            r, z = (gi[t, :, : 2 * H] + p[:, : 2 * H]).sigmoid().chunk(2, 1)
+            n = torch.addcmul(gi[t, :, 2 * H :], r, p[:, 2 * H :]).tanh()
+            h = torch.addcmul(n, z, h - n)
+        else:
+            h = p.tanh() if mode == "RNN_TANH" else p.relu()
+        ys[t] = h
+    if T == 0:
+        return gi.new_empty((0, *h0.shape)), base.clone(), h0.clone(), c
+    return torch.stack(ys), torch.stack(pres), h, c
 
 
 def steps(T: int, reverse: bool) -> range:

@@ -63,6 +63,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         "torch": "fimfast.ops.recurrent:recurrent_bptt_torch",
         "cpp": "fimfast.ops.cpp:recurrent_bptt_cpp",
     },
+    "recurrent_forward": {
+        "torch": "fimfast.ops.recurrent:recurrent_forward_torch",
+        "cpp": "fimfast.ops.cpp:recurrent_forward_cpp",
+    },
     # torch/cpp/cuda: chunked torch matmuls around that backend's probe_logit_grad
     # (fimfast.ops.lm_head); triton: fused kernels that never store a logits tile
     "lm_head_probe": {
@@ -89,6 +93,7 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "accumulate_": ("cpp", "torch"),
     "lm_head_probe": ("cpp", "torch"),
     "recurrent_bptt": ("cpp", "torch"),
+    "recurrent_forward": ("cpp", "torch"),
 }
 
 

@@ -69,6 +69,7 @@ class RecurrentRule(Rule):
     def terms(self, call, grads):
         data = call.data
         P: dict[int, tuple] = {}  # per layer and direction: (gate gradient, hidden-side one)
+        sums: dict[int, Vec] = {}  # sum over steps, per gradient (b_ih and b_hh share one but GRU)
         out: list[Term | None] = []
         for k, role in data["src"]:
             d = data["dirs"][k]
@@ -82,12 +83,13 @@ class RecurrentRule(Rule):
                 out.append(None)
             elif role == "weight_ih":
                 out.append(Outer(Pi, _side(d, "x")))
-            elif role == "bias_ih":
-                out.append(Vec(Pi.sum(2)))
             elif role == "weight_hh":
                 out.append(Outer(Ph, _side(d, "hp")))
             else:
-                out.append(Vec(Ph.sum(2)))
+                Pb = Pi if role == "bias_ih" else Ph
+                if id(Pb) not in sums:
+                    sums[id(Pb)] = Vec(Pb.sum(2))
+                out.append(sums[id(Pb)])
         return out
 
 

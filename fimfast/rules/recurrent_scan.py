@@ -6,13 +6,16 @@ every step (docs/math.md §4, "Recurrent layers"). Run as unrolled cells, a laye
 autograd nodes per step in the graph, and every backward walks them one by one. Here the steps of
 one layer and direction are one :class:`torch.autograd.Function`, :class:`Scan`:
 
-* its forward is torch's own fused kernel of the layer (``torch._VF.lstm``, ``gru``,
-  ``rnn_tanh``, ``rnn_relu``: oneDNN on a CPU, cuDNN on a GPU), run without a graph on the
-  layer's input and weights; it keeps the outputs ``h_t``;
+* its forward, for an LSTM or a GRU on the CPU, is :func:`fimfast.ops.recurrent_forward` (one
+  call of the ``cpp`` kernel ``csrc/cpu/recurrent_forward.cpp``) on the tapped input
+  projections: it keeps the outputs ``h_t`` and the gate pre-activations of every step;
+  elsewhere (a GPU, an Elman layer, the ``torch`` backend) torch's own fused kernel of the layer
+  (``torch._VF.lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu``: oneDNN on a CPU, cuDNN on a GPU), run
+  without a graph on the layer's input and weights, which keeps the outputs only;
 * its backward is back-propagation through time written out for the cell: the hidden-side gate
-  pre-activations ``W_hh h_{t-1} + b_hh`` of all steps as one product, then
-  :func:`fimfast.ops.recurrent_bptt` (the recurrence; on the CPU one call of the ``cpp``
-  kernel, ``csrc/cpu/recurrent_bptt.cpp``, else a loop of torch ops per step,
+  pre-activations ``W_hh h_{t-1} + b_hh`` of all steps as one product where the forward did not
+  keep them, then :func:`fimfast.ops.recurrent_bptt` (the recurrence; on the CPU one call of the
+  ``cpp`` kernel, ``csrc/cpu/recurrent_bptt.cpp``, else a loop of torch ops per step,
   :mod:`fimfast.ops.recurrent`).
 
 Its inputs are the tapped input projections ``gi`` ``(T, N, G)`` (the engine's tap: their
@@ -32,6 +35,7 @@ import warnings
 import torch
 
 from fimfast import ops
+from fimfast.ops import registry
 from fimfast.ops.recurrent import prev
 from fimfast.rules.node_edges import input_wanted
 
@@ -92,18 +96,22 @@ class Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode, reverse, fwd, gi, h0, whh, bhh, c0=None):
-        ys, hT, cT = _fused(mode, reverse, fwd, h0, c0, whh, bhh)
+        kernel = _own_forward(mode, gi)
+        if kernel is not None:
+            ys, pre, hT, cT = kernel(mode, gi, h0, c0, whh, bhh, reverse)
+        else:
+            (ys, hT, cT), pre = _fused(mode, reverse, fwd, h0, c0, whh, bhh), None
         ctx.mode, ctx.reverse = mode, reverse
-        ctx.save_for_backward(gi, h0, whh, bhh, ys, *(() if c0 is None else (c0,)))
+        ctx.save_for_backward(gi, h0, whh, bhh, ys, pre, *(() if c0 is None else (c0,)))
         return (ys, hT) if c0 is None else (ys, hT, cT)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dys, dhT, dcT=None):
-        gi, h0, whh, bhh, ys, *c0 = ctx.saved_tensors
+        gi, h0, whh, bhh, ys, pre, *c0 = ctx.saved_tensors
         wanted = input_wanted(ctx, 5, 3), input_wanted(ctx, 6, 3)
         hprev, saved = getattr(ctx, "gates", None) or _gates(ctx.mode, ctx.reverse, gi, h0, whh,
-                                                             bhh, ys, c0)
+                                                             bhh, ys, c0, pre)
         if not any(wanted):
             # the engine's backward to the taps, which a step may run once per column (streamed
             # columns): the gates are kept for the next ones, with the graph of the step
@@ -116,14 +124,35 @@ class Scan(torch.autograd.Function):
         return (None, None, None, dG, dh0, dW, db) + (() if dc0 is None else (dc0,))
 
 
-def _gates(mode: str, reverse: bool, gi, h0, whh, bhh, ys, c0: list):
+def _gates(mode: str, reverse: bool, gi, h0, whh, bhh, ys, c0: list, pre=None):
     """``(hprev, saved)``: the state each step started from and the saved tensors of
-    :func:`fimfast.ops.recurrent_bptt` (the hidden-side pre-activations of all steps, one
-    product)."""
+    :func:`fimfast.ops.recurrent_bptt`: the pre-activations ``pre`` the forward kept, or
+    without them (torch's fused forward) the hidden-side ones of all steps as one product."""
     hprev = prev(ys, h0, reverse)
     if mode not in ("LSTM", "GRU"):
         return hprev, [ys]
-    T, N, H = hprev.shape
-    gh = torch.addmm(bhh, hprev.reshape(T * N, H), whh.t()).view(gi.shape)
-    return hprev, ([gi + gh, c0[0]] if mode == "LSTM" else [gi, gh, hprev])
+    if pre is None:
+        T, N, H = hprev.shape
+        gh = torch.addmm(bhh, hprev.reshape(T * N, H), whh.t()).view(gi.shape)
+        pre = gi + gh if mode == "LSTM" else gh
+    return hprev, ([pre, c0[0]] if mode == "LSTM" else [gi, pre, hprev])
+
+
+def _own_forward(mode: str, gi: torch.Tensor):
+    """The ``cpp`` implementation of :func:`fimfast.ops.recurrent_forward` when :class:`Scan`
+    runs it (the pre-activations come with the outputs) rather than torch's fused kernel, else
+    ``None``: on the CPU, float32 or float64, where the ``cpp`` backend is the one chosen (with
+    the ``torch`` backend, a Python loop per step, the fused kernel and one product in the
+    backward cost less). An Elman layer's backward needs no pre-activation: it keeps the fused
+    kernel. Its arguments are :class:`Scan`'s own, valid by construction: the function is called
+    as it is, without the checks of the public op."""
+    if mode not in ("LSTM", "GRU") or gi.device.type != "cpu":
+        return None
+    if gi.dtype not in (torch.float32, torch.float64):
+        return None
+    try:
+        name, fn = registry.resolve("recurrent_forward", None, gi.device)
+    except registry.BackendUnavailableError:  # FIMFAST_BACKEND=cpp without the extension
+        return None
+    return fn if name == "cpp" else None
 
