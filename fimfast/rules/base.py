@@ -382,11 +382,16 @@ class Rule:
         return handle.remove
 
     def _hook(self, cap: Capture, module, args, kwargs, output):
-        if not cap.active or not torch.is_grad_enabled() or not _usable(output):
-            return None
         if "forward" in module.__dict__:
             # a forward set on the instance after the rule was chosen (fimfast.rules.registry):
             # left uncaptured, its parameters take the generic path
+            return None
+        return self._take(cap, module, args, kwargs, output)
+
+    def _take(self, cap: Capture, module, args, kwargs, output):
+        """The call of ``module`` the class's own ``forward`` made (from the forward hook, or the
+        capturing forward of :mod:`fimfast.rules.forwards`): recorded by :meth:`capture`."""
+        if not cap.active or not torch.is_grad_enabled() or not _usable(output):
             return None
         if saved_tensor_hooks_active():
             # inside torch.utils.checkpoint (non-reentrant) or another saved-tensor hook: the
