@@ -302,8 +302,8 @@ class Rule:
     Subclass it and register an instance with :func:`fimfast.register_rule`. A subclass
     implements two methods (docs/rules.md has a worked example):
 
-    * :meth:`capture`, called by a forward hook on every call of the module during the
-      estimator's forward, must
+    * :meth:`capture`, called after the module's ``forward`` on every call of the module during
+      the estimator's forward (fimfast/rules/forwards.py, or :meth:`install`'s hook), must
 
       1. list the parameters it will give terms for: ``trainable(cap, p1, p2, ...)``, and one
          :class:`~fimfast.hooks.Use` per parameter, ``Use(p, UseKind.OUTER | ROWS | VEC)``
