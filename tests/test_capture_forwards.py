@@ -94,6 +94,18 @@ def test_modules_run_the_capturing_forward_and_their_calls_are_fast():
     assert plan.generic == [] and len(plan.fast) == 8
     want = _exact_ref(m, x)
     assert rel_error(got, {k: 2 * v for k, v in want.items()}) < 1e-10
+    # the hooked capture: forward hooks during the forward, no instance forward
+    hooked = []
+    m.head.register_forward_pre_hook(
+        lambda mod, args: hooked.append([len(mm._forward_hooks) for mm in (m.a, m.n, m.b)]))
+    seen.clear()
+    ref, est_h = _run(_Case(m, x, y), "exact", hooked=True)
+    assert seen[-1] == [None] * 3 and all(n >= 1 for n in hooked[-1])
+    # b.forward(h) bypasses the hook: the functional mode records that call (and keeps
+    # recording in every step: a forward with a functional call)
+    assert est_h._persample.last_plan.generic == []
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=0)
 
 
 class _Case:
