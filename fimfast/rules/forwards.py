@@ -8,8 +8,9 @@ gets an instance ``forward`` (made once per model and parameter set) that runs t
 would: the output is tapped before the module's own forward hooks see it, a call without
 gradients is noted for the no-grad check (:meth:`fimfast.hooks.Capture.without_grad`), and the
 module's calls take torch's hook-free call path. Measured in place on the MLP of workload (a)
-(3 Linear layers, CPU, 1 thread): an EMPIRICAL step ~60 µs (0.02 training steps) shorter than
-with the hooks (benchmarks/results/persample_capture_cpu_2026-12-06.md).
+(3 Linear layers, CPU, 1 thread), what the capture adds to an EMPIRICAL step's forward went from
+~230 to ~170 µs, 0.02-0.025 of a training step
+(benchmarks/results/persample_capture_cpu_2026-12-06.md).
 
 A module keeps the hook when its rule installs itself otherwise (a patched forward, a hook of its
 own), when it already has an instance ``forward`` at the start of a step (the user's, or another
