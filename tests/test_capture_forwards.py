@@ -142,6 +142,9 @@ def test_rules_of_their_own_and_compiled_models_keep_the_hooks():
     scripted = nn.Sequential(nn.Linear(4, 4), torch.jit.script(nn.Linear(4, 4)))
     f = Forwards(scripted, hooks.targets(scripted, list(scripted.parameters()), layers.rule_for))
     assert f._wrap == []
+    dp = nn.DataParallel(nn.Sequential(nn.Linear(4, 4)))
+    f_dp = Forwards(dp, hooks.targets(dp, list(dp.parameters()), layers.rule_for))
+    assert f_dp._wrap == [] and len(f_dp._rest) == 1
     cap = hooks.Capture(m, params, layers.rule_for)
     assert f.enter(cap, list(targets)) is not f.modules  # another list: left to the hooks
 

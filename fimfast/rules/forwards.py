@@ -15,7 +15,8 @@ module's calls take torch's hook-free call path. Measured in place on the MLP of
 A module keeps the hook when its rule installs itself otherwise (a patched forward, a hook of its
 own), when it already has an instance ``forward`` at the start of a step (the user's, or another
 capture's), and for the whole model when it holds a compiled or scripted module (an instance
-``forward`` would be a guard of compiled code; :func:`fimfast.nograd._compiled`).
+``forward`` would be a guard of compiled code; :func:`fimfast.nograd._compiled`) or an
+``nn.DataParallel`` (its replicas copy the instance ``forward``, which runs the original module).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Forwards:
     def __init__(self, model: torch.nn.Module, modules: list[tuple[torch.nn.Module, Any]]):
         self.modules = modules
         self.cap: Capture | None = None  # the capture the forwards record into (None: none)
-        wrap = not _compiled(model)
+        wrap = not _compiled(model) and not any(
+            isinstance(m, torch.nn.DataParallel) for m in model.modules())
         self._wrap = [(m, r, self._forward(m, r)) for m, r in modules if wrap and _plain(r)]
         ids = {id(m) for m, _, _ in self._wrap}
         self._rest = [(m, r) for m, r in modules if id(m) not in ids]
