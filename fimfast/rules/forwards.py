@@ -10,7 +10,7 @@ gradients is noted for the no-grad check (:meth:`fimfast.hooks.Capture.without_g
 module's calls take torch's hook-free call path. Measured in place on the MLP of workload (a)
 (3 Linear layers, CPU, 1 thread), what the capture adds to an EMPIRICAL step's forward went from
 ~230 to ~170 µs, 0.02-0.025 of a training step
-(benchmarks/results/persample_capture_cpu_2026-12-06.md).
+(benchmarks/results/persample_forwards_cpu_2026-12-06.md).
 
 A module keeps the hook when its rule installs itself otherwise (a patched forward, a hook of its
 own), when it already has an instance ``forward`` at the start of a step (the user's, or another
