@@ -30,6 +30,7 @@ Hooks and patched forwards are removed when the capture exits, also after an err
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -190,6 +191,7 @@ class Capture:
         modules: list[tuple[torch.nn.Module, Any]] | None = None,
         owned: dict[int, str] | None = None,
         watch: Any = None,
+        forwards: Any = None,
     ) -> Iterator[Capture]:
         """Install hooks (and patched forwards) on ``modules`` (default: :func:`targets`), and
         record the modules of ``owned`` (default: :func:`owners`) called with gradients disabled
@@ -200,7 +202,9 @@ class Capture:
         forward hook (:meth:`without_grad`); the other owners are watched by ``watch`` (a
         :class:`fimfast.nograd.NogradWatch`, kept across steps by the caller so that its
         wrappers are made once), which wraps only them: a global forward pre-hook would send
-        every module call of the forward through torch's hooked call path."""
+        every module call of the forward through torch's hooked call path. ``forwards`` (a
+        :class:`fimfast.rules.forwards.Forwards` of ``modules``) records the calls of those
+        modules it can without hooks."""
         if modules is None:
             modules = targets(self.model, self.params, self.rule_for)
         self.owners = owned if owned is not None else owners(self.model, self.params)
@@ -210,6 +214,9 @@ class Capture:
             watch = NogradWatch()
         undo: list[Callable[[], None]] = []
         try:
+            if forwards is not None:
+                undo.append(forwards.exit)
+                modules = forwards.enter(self, modules)
             for m, rule in modules:
                 undo.append(rule.install(m, self))
             w = watch.watching(self.model, self.params, frozenset(self.noting))
@@ -252,19 +259,22 @@ class Capture:
 
     def uses_of(
         self, module: torch.nn.Module, rule: Any, tensors: tuple, build: Callable[[], list[Use]]
-    ) -> tuple[list[Use], dict[int, int], tuple]:
+    ) -> tuple[list[Use], dict[int, int] | None, tuple | None]:
         """``(uses, internal edges, key of the uses)`` of a call of ``module`` whose uses
         ``build()`` derives from ``tensors`` (its parameters as the call found them) and this
         capture's parameter set only: built once and reused by later forwards while the module
         holds the same tensors and is handled by the same rule (shared: never modified). Pass
-        the last two to :meth:`record`."""
+        the last two to :meth:`record` (``None``, ``None`` when a use is not of a parameter
+        itself: :meth:`record` resolves it in every forward)."""
         hit = self.memo.get(id(module))
         if (
             hit is None or hit[0] is not module or hit[1] is not rule
-            or len(hit[2]) != len(tensors) or any(a is not b for a, b in zip(hit[2], tensors))
+            or len(hit[2]) != len(tensors) or not all(map(operator.is_, hit[2], tensors))
         ):
             uses = build()
-            hit = (module, rule, tensors, uses, {id(u.param): 1 for u in uses}, uses_key(uses))
+            own = all(id(u.param) in self.param_ids for u in uses)
+            internal = {id(u.param): 1 for u in uses} if own else None
+            hit = (module, rule, tensors, uses, internal, uses_key(uses) if own else None)
             self.memo[id(module)] = hit
         return hit[3], hit[4], hit[5]
 
@@ -275,9 +285,10 @@ class Capture:
         parameters once (one autograd edge); :func:`parameter_edges` must find exactly the
         edges the calls declare, or the parameter takes the generic path. ``internal`` and
         ``key``: those edges by parameter id and :func:`uses_key` of the call's uses, when the
-        caller has them (:meth:`uses_of`). A use of a tensor made from a parameter for this call
-        (see :meth:`derived_param`) is listed as a use of the parameter, with its derivative."""
-        if any(id(u.param) not in self.param_ids for u in call.uses):
+        caller has them (:meth:`uses_of`: then every use is of a parameter itself). A use of a
+        tensor made from a parameter for this call (see :meth:`derived_param`) is listed as a use
+        of the parameter, with its derivative."""
+        if key is None and any(id(u.param) not in self.param_ids for u in call.uses):
             call.uses = [self._resolved(u) for u in call.uses]  # a new list: uses may be shared
             internal = key = None  # made anew for each forward: nothing to reuse
             if not getattr(call.rule, "takes_functions", False):
@@ -308,19 +319,6 @@ def uses_key(uses: list[Use]) -> tuple:
     """What a plan reads of a call's uses, as a key (:func:`fimfast.persample.plan._structure`)."""
     return tuple((id(u.param), u.kind, u.block, u.groups, u.transposed, u.chain is None)
                  for u in uses)
-
-
-def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:
-    """A global forward pre-hook appending to ``seen`` the name (from ``owned``) of every module
-    called with gradients disabled."""
-
-    def pre(module: torch.nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled():
-            name = owned.get(id(module))
-            if name is not None and name not in seen:
-                seen.append(name)
-
-    return pre
 
 
 def nograd_error(names: list[str], types: str):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn.modules import module as _module_mod
 
-from fimfast.hooks import _nograd_hook, owners
+from fimfast.hooks import owners
 
 __all__ = ["NogradWatch"]
 
@@ -109,6 +109,19 @@ class NogradWatch:
             return f(*args, **kwargs)
 
         return forward, before
+
+
+def _nograd_hook(owned: dict[int, str], seen: list[str]) -> Callable[..., None]:
+    """A global forward pre-hook appending to ``seen`` the name (from ``owned``) of every module
+    called with gradients disabled."""
+
+    def pre(module: torch.nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled():
+            name = owned.get(id(module))
+            if name is not None and name not in seen:
+                seen.append(name)
+
+    return pre
 
 
 _MISSING = object()

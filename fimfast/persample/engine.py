@@ -57,14 +57,11 @@ class Engine(Replay):
 
     # -- planning --------------------------------------------------------------------------- #
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
-        n = len(params)
-        plan = Plan()
         graph = hooks.walk(rows.flat, params)
         _refuse_hidden(cap, graph)
         if cap is None or not cap.calls:
-            plan.generic = list(range(n))
-            plan.reasons = dict.fromkeys(plan.generic, "no captured call")
-            return plan
+            generic = list(range(len(params)))
+            return Plan(generic=generic, reasons=dict.fromkeys(generic, "no captured call"))
         N = rows.num_samples
         planning.check_taps(cap, graph, N, self._direct, self._hold, self._modified)
         head = planning.find_head(cap, rows.logits)

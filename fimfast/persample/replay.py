@@ -16,6 +16,7 @@ import torch
 
 from fimfast import functional, hooks, layers
 from fimfast.nograd import NogradWatch
+from fimfast.rules.forwards import Forwards
 from fimfast.types import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -37,16 +38,20 @@ class Replay:
             forward in which there was none turns the recording off until the model or its set
             of trainable parameters changes. ``False`` leaves such parameters to the generic
             path.
+        hooked: record the calls by forward hooks only (default ``False``: by the capturing
+            forwards of :mod:`fimfast.rules.forwards` where they apply).
     """
 
     def __init__(self) -> None:
         self.use_rules = True
+        self.hooked = False
         self.expand_broadcast = True
         self.expand_flat = True  # lookups with ids (T,) too, once a forward showed it is safe
         self._flat_checked = False
         # per model and set of trainable parameters: the modules to hook, whether it has a
         # lookup, and the norm layers to restore if a forward reruns (see _modules)
         self._mods: tuple[Any, list, bool, list] | None = None
+        self._forwards: Forwards | None = None  # the capturing forwards of those modules
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
         # the next forward taps every output by an add (see Engine._fast: one column per
         # backward, squares formed as the gradients arrive)
@@ -184,7 +189,8 @@ class Replay:
         )
         mods = self._modules(model, params)
         cap.memo = self._memo  # the rules' uses, kept while the parameter set stays
-        with cap.installed(mods[0], self._owned, self._watch):
+        forwards = None if self.hooked else self._forwards
+        with cap.installed(mods[0], self._owned, self._watch, forwards):
             if not self.functional or self._quiet:
                 yield cap
                 return
@@ -203,6 +209,7 @@ class Replay:
         if self._mods is None or self._mods[0] != key:
             targets = hooks.targets(model, params, layers.rule_for)
             self._mods = (key, targets, *_stat_modules(model))
+            self._forwards = Forwards(model, targets)
             self._owned = hooks.owners(model, params)
             self._fowners = functional.owners_of(targets)
             self._sites, self._quiet = {}, False

@@ -302,8 +302,8 @@ class Rule:
     Subclass it and register an instance with :func:`fimfast.register_rule`. A subclass
     implements two methods (docs/rules.md has a worked example):
 
-    * :meth:`capture`, called by a forward hook on every call of the module during the
-      estimator's forward, must
+    * :meth:`capture`, called after the module's ``forward`` on every call of the module during
+      the estimator's forward (fimfast/rules/forwards.py, or :meth:`install`'s hook), must
 
       1. list the parameters it will give terms for: ``trainable(cap, p1, p2, ...)``, and one
          :class:`~fimfast.hooks.Use` per parameter, ``Use(p, UseKind.OUTER | ROWS | VEC)``
@@ -382,11 +382,16 @@ class Rule:
         return handle.remove
 
     def _hook(self, cap: Capture, module, args, kwargs, output):
-        if not cap.active or not torch.is_grad_enabled() or not _usable(output):
-            return None
         if "forward" in module.__dict__:
             # a forward set on the instance after the rule was chosen (fimfast.rules.registry):
             # left uncaptured, its parameters take the generic path
+            return None
+        return self._take(cap, module, args, kwargs, output)
+
+    def _take(self, cap: Capture, module, args, kwargs, output):
+        """The call of ``module`` the class's own ``forward`` made (from the forward hook, or the
+        capturing forward of :mod:`fimfast.rules.forwards`): recorded by :meth:`capture`."""
+        if not cap.active or not torch.is_grad_enabled() or not _usable(output):
             return None
         if saved_tensor_hooks_active():
             # inside torch.utils.checkpoint (non-reentrant) or another saved-tensor hook: the
