@@ -88,6 +88,20 @@ def load() -> tuple[bool, str]:
     return True, "ok"
 
 
+@cache
+def host_function(name: str):
+    """The host function ``name`` of the extension's Python module (csrc/fimfast.cpp: a function
+    on CPU tensors, outside the dispatcher), or ``None`` when the extension is missing, built for
+    another torch, or older than the function. Quiet: every caller has a torch path."""
+    try:
+        if check_build() is not None:
+            return None
+        from fimfast import _C
+    except Exception:
+        return None
+    return getattr(_C, name, None)
+
+
 def has_cuda() -> bool:
     """Whether the loaded extension was built with its CUDA kernels."""
     ok, _ = load()

@@ -164,7 +164,10 @@ def _is_encoder_decoder(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or the module it wraps) has a Hugging Face config that says
     ``is_encoder_decoder`` (its batch's ``attention_mask`` is the encoder's: fimfast.batch)."""
     for m in (model, _attr(model, "module"), _attr(model, "_orig_mod")):
-        if getattr(_attr(m, "config"), "is_encoder_decoder", False) is True:
+        if m is None:  # nothing wrapped (getattr of None would raise and catch)
+            continue
+        config = _attr(m, "config")
+        if config is not None and getattr(config, "is_encoder_decoder", False) is True:
             return True
     return False
 
@@ -176,10 +179,12 @@ def _attr(m: Any, name: str) -> Any:
     """``getattr(m, name, None)``, without the ``AttributeError`` that ``nn.Module`` raises (and
     formats) for a missing name: a module whose class keeps torch's ``__getattr__`` is looked up
     where that ``__getattr__`` looks (a step asks a plain model for three names it lacks)."""
+    ty = type(m)
     if (
         isinstance(m, torch.nn.Module)
-        and type(m).__getattr__ is _MODULE_GETATTR
-        and not hasattr(type(m), name)
+        and ty.__getattr__ is _MODULE_GETATTR
+        # not a class attribute (hasattr of the class would raise and catch for every miss)
+        and not any(name in k.__dict__ for k in ty.__mro__)
     ):
         d = m.__dict__
         if name in d:

@@ -108,15 +108,22 @@ class ModuleWalk:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._walk: tuple[list, list] = ([], [])
+        self._seen: tuple = (None, None)  # (model, params list) of the last call
 
     def of(self, model: torch.nn.Module, params: list[torch.Tensor]) -> tuple[list, list]:
-        """``(modules, lookups with max_norm)`` of ``model``."""
+        """``(modules, lookups with max_norm)`` of ``model``. The list ``params`` of the last call
+        (an estimator's :class:`fimfast.parameters.ParamWalk` returns the same list while the
+        model's parameters hold) is recognised without reading it."""
+        seen_model, seen_params = self._seen
+        if params is seen_params and model is seen_model:
+            return self._walk
         key = (id(model), tuple(map(id, params)))
         if key != self._key:
             mods = list(model.modules())
             tables = [m for m in mods if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                       and m.max_norm is not None]
             self._key, self._walk = key, (mods, tables)
+        self._seen = (model, params)
         return self._walk
 
 
