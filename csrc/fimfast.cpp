@@ -39,6 +39,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("label_range_finite", &fimfast::label_range_finite_cpu,
         "label_range_finite(labels, logits) -> (min label, max label, every logit finite) of "
         "CPU tensors");
+  m.def("rows_all_valid", &fimfast::rows_all_valid_cpu,
+        "rows_all_valid(logits, labels, ignore_index) -> whether the batch takes every row "
+        "(fimfast.batch.rows)");
   m.def("all_finite", &fimfast::all_finite_cpu,
         "all_finite(t) -> whether every entry of a floating-point CPU tensor is finite");
   m.def("has_reentrant_checkpoint", &fimfast::has_reentrant_checkpoint,

@@ -19,7 +19,7 @@ import torch
 from fimfast import _ext
 from fimfast.dtypes import compute_dtype
 
-__all__ = ["check_finite", "label_range_and_finite"]
+__all__ = ["check_finite", "label_range_and_finite", "rows_all_valid"]
 
 
 # the integer dtype of each accumulation dtype's bits, and the exponent field of those bits
@@ -27,7 +27,8 @@ _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 _EXPONENT = {torch.float32: (23, 0xFF), torch.float64: (52, 0x7FF)}
 
 
-# the extension's (label_range_finite, all_finite), () without them; found at the first check
+# the extension's (label_range_finite, all_finite, rows_all_valid), () without them; found at the
+# first check
 _HOST: tuple | None = None
 _TENSOR = torch.Tensor
 
@@ -36,9 +37,21 @@ def _host() -> tuple:
     """The extension's row checks (:data:`_HOST`), looked up once."""
     global _HOST
     if _HOST is None:
-        fns = (_ext.host_function("label_range_finite"), _ext.host_function("all_finite"))
+        fns = tuple(map(_ext.host_function, ("label_range_finite", "all_finite", "rows_all_valid")))
         _HOST = fns if None not in fns else ()
     return _HOST
+
+
+def rows_all_valid(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> bool:
+    """Whether the extension finds every row of plain CPU logits valid with these categorical
+    labels, in one call (csrc/cpu/label_range_finite.cpp: 2-D or 3-D floating logits of ``C >=
+    2`` classes, labels of their leading shape in ``[0, C)`` and none equal to ``ignore_index``,
+    every logit finite). ``False`` leaves the decision, and its messages, to the Python checks
+    (:func:`fimfast.batch.rows`); always ``False`` without the extension."""
+    return (
+        type(logits) is _TENSOR and type(labels) is _TENSOR and logits.is_cpu
+        and bool(_HOST or _host()) and _HOST[2](logits, labels, ignore_index)
+    )
 
 
 def _on_host(t: torch.Tensor) -> bool:

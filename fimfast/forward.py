@@ -12,7 +12,7 @@ reads the logits back from a result. Also here: the default training loss of
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,7 +67,8 @@ class Forward:
         return result[1].logits
 
     def _forward(self, train: bool, head: Any) -> tuple[Any, batchlib.Rows]:
-        enc_dec = _is_encoder_decoder(self.model)
+        # which attention mask a batch's logits take matters for mappings only
+        enc_dec = _holds_mapping(self.batch) and _is_encoder_decoder(self.model)
         if self.opts.forward_fn is None:  # clear errors for bad structure
             inputs, labels, mask = batchlib.split(self.batch, enc_dec)
         else:
@@ -158,6 +159,17 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
         if m is not None and any(c.__name__ in names for c in type(m).__mro__):
             return True
     return False
+
+
+def _holds_mapping(batch: Any) -> bool:
+    """Whether ``batch`` is a mapping or a tuple/list whose inputs are (the batches whose mask
+    :func:`fimfast.batch.split` reads); a tensor or ``(tensor, ...)`` is told without an
+    ``isinstance`` of an abstract class."""
+    if isinstance(batch, (tuple, list)):
+        if not batch or isinstance(batch[0], torch.Tensor):
+            return False
+        batch = batch[0]
+    return not isinstance(batch, torch.Tensor) and isinstance(batch, Mapping)
 
 
 def _is_encoder_decoder(model: torch.nn.Module) -> bool:

@@ -19,6 +19,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from operator import attrgetter
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
@@ -157,7 +158,7 @@ def parameters_kept(
 
     handles = [m.register_forward_pre_hook(keep_rows, with_kwargs=True) for m in tables]
     restored = {id(m.weight) for m in tables}
-    versions = [p._version for p in params]
+    versions = list(map(_VERSION, params))
     try:
         yield
     finally:
@@ -216,6 +217,13 @@ def gradient_hooks_off(
 def _hooks_off(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> list[tuple]:
     """Empty every non-empty gradient-hook dictionary of :func:`gradient_hooks_off` in place;
     returns ``(dictionary, its items)`` for :func:`_hooks_back`."""
+    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
+    if not (  # none at all (the usual step): told by loops in C, no Python frame per object
+        any(map(_BACKWARD_HOOKS, params)) or any(map(_BACKWARD_HOOKS, modules))
+        or any(map(_MODULE_PRE_HOOKS, modules)) or mod._global_backward_hooks
+        or mod._global_backward_pre_hooks
+    ):
+        return []
     saved = []
     for p in params:
         d = p._backward_hooks
@@ -226,13 +234,17 @@ def _hooks_off(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> li
             saved.append((m._backward_hooks, dict(m._backward_hooks)))
         if m._backward_pre_hooks:
             saved.append((m._backward_pre_hooks, dict(m._backward_pre_hooks)))
-    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
     for d in (mod._global_backward_hooks, mod._global_backward_pre_hooks):
         if d:
             saved.append((d, dict(d)))
     for d, _ in saved:
         d.clear()
     return saved
+
+
+_BACKWARD_HOOKS = attrgetter("_backward_hooks")  # a tensor's, or a module's
+_MODULE_PRE_HOOKS = attrgetter("_backward_pre_hooks")
+_VERSION = attrgetter("_version")
 
 
 def _hooks_back(saved: list[tuple]) -> None:
@@ -284,13 +296,14 @@ def step_kept(
         return
     # no buffer and no max_norm lookup (an MLP, most classifiers): the same guards as above with
     # nothing to copy, in one frame
-    versions = [p._version for p in params]
+    versions = list(map(_VERSION, params))
     saved = _hooks_off(mods, params)
     try:
         yield
     finally:
         _hooks_back(saved)
-    _refuse_written(names, params, versions, ())
+    if list(map(_VERSION, params)) != versions:
+        _refuse_written(names, params, versions, ())
 
 
 def donating() -> bool:

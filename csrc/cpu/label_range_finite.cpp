@@ -128,4 +128,16 @@ std::tuple<int64_t, int64_t, bool> label_range_finite_cpu(const at::Tensor& labe
   return {lo, hi, all_finite_cpu(logits)};
 }
 
+bool rows_all_valid_cpu(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  if (!logits.device().is_cpu() || !labels.device().is_cpu()) return false;
+  const int64_t dim = logits.dim();
+  if ((dim != 2 && dim != 3) || !at::isFloatingType(logits.scalar_type())) return false;
+  if (!at::isIntegralType(labels.scalar_type(), /*includeBool=*/false)) return false;
+  const auto sizes = logits.sizes();
+  const int64_t C = sizes[dim - 1];
+  if (C < 2 || logits.numel() == 0 || labels.sizes() != sizes.slice(0, dim - 1)) return false;
+  const auto [lo, hi, finite] = label_range_finite_cpu(labels, logits);
+  return finite && lo >= 0 && hi < C && !(lo <= ignore_index && ignore_index <= hi);
+}
+
 }  // namespace fimfast

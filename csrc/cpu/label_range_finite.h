@@ -15,4 +15,9 @@ bool all_finite_cpu(const at::Tensor& logits);
 std::tuple<int64_t, int64_t, bool> label_range_finite_cpu(const at::Tensor& labels,
                                                           const at::Tensor& logits);
 
+// whether every row of (N, C) or (N, T, C) logits is valid with these categorical labels, without
+// a shift or a mask: labels of shape (N,) / (N, T), in [0, C), none equal to ignore_index, every
+// logit finite, C >= 2 (false leaves the decision, and its error message, to fimfast/batch.py)
+bool rows_all_valid_cpu(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index);
+
 }  // namespace fimfast
