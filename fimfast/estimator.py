@@ -33,7 +33,7 @@ from fimfast.types import (
 __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
 
 logger = logging.getLogger("fimfast")
-
+_DTENSOR = "torch.distributed.tensor"  # the module of FSDP2's parameters
 # EXACT's cost (one cotangent per (row, class) pair) is announced with a warning from this many on
 EXACT_WARN_CLASSES = 4096
 
@@ -171,10 +171,9 @@ class DiagFisher:
         return params
 
     def _params_after_forward(self, before: list[torch.Tensor]) -> list[torch.Tensor]:
-        # FSDP2 registers the unsharded parameters the forward used: those are the graph's leaves.
-        # Without a process group (FSDP needs one) or DTensor (FSDP2's parameters) the forward
-        # cannot have swapped them.
-        if "torch.distributed.tensor" not in sys.modules or not distributed.initialized():
+        # FSDP2 registers the unsharded parameters the forward used: the graph's leaves. Without
+        # a process group or DTensor (FSDP2's parameters) the forward cannot have swapped them.
+        if _DTENSOR not in sys.modules or not distributed.initialized():
             return before
         params = self._params()
         distributed.check_params_after_forward(self.names, params)
@@ -274,7 +273,8 @@ class DiagFisher:
                 cap = None
                 with lm_head.capture(self._head) as head:
                     _, rows = self._forward_of(batch, head=head).run()
-            params = self._params_after_forward(params)
+            if _DTENSOR in sys.modules:  # else no forward swaps the parameters (FSDP2 only)
+                params = self._params_after_forward(params)
             # one backward without a retained graph: HUTCHINSON types with one probe
             once = not self.fim_type.is_per_sample and head is None and self.opts.num_probes == 1
             with _fimfast_arithmetic(rows.logits.device, retained=not once):

@@ -15,6 +15,7 @@ keeps the updates.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Iterator
@@ -277,33 +278,51 @@ def retained_graphs() -> Iterator[None]:
         cfg.donated_buffer = True
 
 
-@contextmanager
 def step_kept(
     buffers: BufferGuard, walk: ModuleWalk, model: torch.nn.Module, names: list[str],
     params: list[torch.Tensor],
-) -> Iterator[None]:
-    """Run the body (one Fisher step) under the guards of a step: buffers
-    (:meth:`BufferGuard.kept`), parameters (:func:`parameters_kept`) and gradient hooks
-    (:func:`gradient_hooks_off`), ``walk`` giving the model's modules and ``max_norm`` lookups."""
+) -> contextlib.AbstractContextManager[None]:
+    """The guards of one Fisher step, a context manager: buffers (:meth:`BufferGuard.kept`),
+    parameters (:func:`parameters_kept`) and gradient hooks (:func:`gradient_hooks_off`),
+    ``walk`` giving the model's modules and ``max_norm`` lookups."""
     mods, tables = walk.of(model, params)
     if tables or buffers.has_buffers(model):
-        with (
-            buffers.kept(model),
-            parameters_kept(tables, names, params),
-            gradient_hooks_off(mods, params),
-        ):
-            yield
-        return
-    # no buffer and no max_norm lookup (an MLP, most classifiers): the same guards as above with
-    # nothing to copy, in one frame
-    versions = list(map(_VERSION, params))
-    saved = _hooks_off(mods, params)
-    try:
+        return _all_kept(buffers, model, tables, names, params, mods)
+    return _Kept(names, params, mods)
+
+
+@contextmanager
+def _all_kept(
+    buffers: BufferGuard, model: torch.nn.Module, tables: list, names: list[str],
+    params: list[torch.Tensor], mods: list,
+) -> Iterator[None]:
+    with (
+        buffers.kept(model),
+        parameters_kept(tables, names, params),
+        gradient_hooks_off(mods, params),
+    ):
         yield
-    finally:
-        _hooks_back(saved)
-    if list(map(_VERSION, params)) != versions:
-        _refuse_written(names, params, versions, ())
+
+
+class _Kept:
+    """The guards of :func:`step_kept` for a model without buffers or ``max_norm`` lookups (an
+    MLP, most classifiers): nothing to copy; the gradient hooks are switched off (if any) and
+    the parameters' version counters read, in one object (no generator)."""
+
+    __slots__ = ("names", "params", "mods", "versions", "saved")
+
+    def __init__(self, names: list[str], params: list[torch.Tensor], mods: list) -> None:
+        self.names, self.params, self.mods = names, params, mods
+
+    def __enter__(self) -> None:
+        self.versions = list(map(_VERSION, self.params))
+        self.saved = _hooks_off(self.mods, self.params)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.saved:
+            _hooks_back(self.saved)
+        if exc_type is None and list(map(_VERSION, self.params)) != self.versions:
+            _refuse_written(self.names, self.params, self.versions, ())
 
 
 def donating() -> bool:
