@@ -309,8 +309,8 @@ def rows(
     """
     if (  # the common case decided in one call of the extension, on the CPU
         labels is not None and likelihood == "categorical" and not shift
+        and rows_all_valid(logits, labels, ignore_index)  # plain tensors, checked first
         and (mask is None or logits.dim() == 2)
-        and rows_all_valid(logits, labels, ignore_index)
     ):
         return _every_row(logits, labels)
     if not isinstance(logits, torch.Tensor):

@@ -189,6 +189,15 @@ def test_rows_all_valid_says_yes_only_when_every_row_is_taken():
         assert r.index.tolist() == list(range(r.count))
 
 
+@pytest.mark.parametrize("mask", [None, torch.ones(2, 3)])
+def test_rows_refuse_what_is_not_a_tensor_before_anything(mask):
+    y = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="logits must be a tensor; got list"):
+        batchlib.rows([[0.0, 1.0]], y, mask, "categorical", -100, True)
+    with pytest.raises(TypeError, match="labels must be a tensor; got list"):
+        batchlib.rows(torch.randn(2, 3, 4), [[0, 1, 2]] * 2, mask, "categorical", -100, True)
+
+
 def test_a_stale_extension_leaves_the_python_paths(monkeypatch):
     assert _ext.host_function("no_such_function") is None
     monkeypatch.setattr(finite, "_HOST", ())
