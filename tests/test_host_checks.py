@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from largest_alloc import LargestAlloc
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -87,6 +88,39 @@ def test_strided_views_and_a_large_batch_are_read_right():
     assert whole(big)
     big[-1] = float("nan")
     assert not whole(big) and not fused(y, big)[2]
+
+
+def _peak_growth(fn) -> int:
+    """Bytes the peak resident memory grows by while ``fn`` runs (Linux)."""
+
+    def hwm() -> int:
+        with open("/proc/self/status") as f:
+            return 1024 * int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1])
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak restarts from the resident memory of now
+    before = hwm()
+    fn()
+    return hwm() - before
+
+
+def test_an_expanded_tensor_is_read_without_a_temporary_of_its_shape():
+    """The placeholder logits of an ``lm_head`` step are a zero-stride view: checked by
+    reductions that read the view, never a copy of (tokens x vocabulary) entries."""
+    fused, whole = _need("label_range_finite"), _need("all_finite")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak resident memory needs Linux /proc/self/clear_refs")
+    y = torch.zeros(512, dtype=torch.long)
+    for fill, finite_ in ((0.0, True), (float("nan"), False), (-float("inf"), False)):
+        z = torch.tensor([fill]).expand(512, 50_000)  # 100 MB if materialised
+        with LargestAlloc() as m:
+            assert whole(z) is finite_ and fused(y, z) == (0, 0, finite_)
+        assert m.bytes < 1 << 16, (m.bytes, m.op, m.shape)
+        grew = _peak_growth(lambda z=z: (whole(z), fused(y.expand(512), z)))
+        assert grew < 20 << 20, grew
+    z = torch.zeros(8, 4000).bfloat16()[:, ::2]  # strided, another dtype
+    z[5, 7] = float("inf")
+    assert not whole(z) and whole(z[:5])
 
 
 def test_empty_inputs_as_the_torch_path():

@@ -7,15 +7,16 @@
 // and the logits are read once each, in one call. Finiteness is decided on the bits (exponent field not
 // all ones), exactly, never from a sum that could overflow. Contiguous integer labels and
 // contiguous float16/bfloat16/float32/float64 logits take the loops below; any other layout or
-// dtype is checked with ATen (same results).
+// dtype is checked with ATen reductions (same results, no temporary shaped like the inputs).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/aminmax.h>
-#include <ATen/ops/isfinite.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/amin.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -70,7 +71,11 @@ bool all_finite_cpu(const at::Tensor& logits) {
         break;
     }
   }
-  return at::isfinite(logits).all().item<bool>();
+  // any other layout (an expanded placeholder of the logits included) or dtype: the ends of the
+  // range, which a NaN or an infinity reaches, by two reductions that read a view as it is
+  // (aminmax and isfinite make a copy shaped like the logits)
+  return std::isfinite(at::amax(logits).item<double>()) &&
+         std::isfinite(at::amin(logits).item<double>());
 }
 
 namespace {
@@ -120,10 +125,9 @@ std::tuple<int64_t, int64_t, bool> label_range_finite_cpu(const at::Tensor& labe
         break;
     }
   }
-  if (!done) {  // another integer dtype or layout: ATen's reduction (unsigned 64-bit clamps)
-    auto mm = at::aminmax(labels);
-    lo = std::get<0>(mm).item<int64_t>();
-    hi = std::get<1>(mm).item<int64_t>();
+  if (!done) {  // another integer dtype or layout: ATen's reductions (unsigned 64-bit clamps)
+    lo = at::amin(labels).item<int64_t>();
+    hi = at::amax(labels).item<int64_t>();
   }
   return {lo, hi, all_finite_cpu(logits)};
 }
