@@ -7,8 +7,17 @@
 // with the same function of csrc/include/fimfast_checks.h. Fake (meta) implementations are
 // registered from Python (fimfast/_ext.py) so torch.compile and torch.library.opcheck can trace
 // the ops.
-#include <pybind11/pybind11.h>
+//
+// Host functions of the Python module (no dispatcher op): the row checks of a batch on CPU tensors
+// (csrc/cpu/label_range_finite.cpp), the walk of an autograd graph (csrc/graph_walk.cpp) and the
+// check of a parameter walk (csrc/param_walk.cpp), each called from Python with a Python path
+// beside it (fimfast/finite.py, fimfast/hutchinson.py, fimfast/parameters.py).
+#include <torch/extension.h>
 #include <torch/library.h>
+
+#include "graph_walk.h"
+#include "label_range_finite.h"
+#include "param_walk.h"
 
 TORCH_LIBRARY(fimfast, m) {
   m.def(
@@ -30,6 +39,18 @@ TORCH_LIBRARY(fimfast, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fimfast compiled kernels (ops registered under torch.ops.fimfast)";
+  m.def("label_range_finite", &fimfast::label_range_finite_cpu,
+        "label_range_finite(labels, logits) -> (min label, max label, every logit finite) of "
+        "CPU tensors");
+  m.def("rows_all_valid", &fimfast::rows_all_valid_cpu,
+        "rows_all_valid(logits, labels, ignore_index) -> whether the batch takes every row "
+        "(fimfast.batch.rows)");
+  m.def("all_finite", &fimfast::all_finite_cpu,
+        "all_finite(t) -> whether every entry of a floating-point CPU tensor is finite");
+  m.def("has_reentrant_checkpoint", &fimfast::has_reentrant_checkpoint,
+        "whether the autograd graph of a tensor holds a reentrant checkpoint segment");
+  m.def("walk_holds", &fimfast::walk_holds,
+        "whether what a walk of a model's parameters read still holds (fimfast.parameters)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

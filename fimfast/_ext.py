@@ -17,6 +17,8 @@ import importlib
 import logging
 from functools import cache
 
+from fimfast import _env
+
 logger = logging.getLogger("fimfast")
 
 REBUILD = (
@@ -86,6 +88,23 @@ def load() -> tuple[bool, str]:
         logger.warning(reason)
         return False, reason
     return True, "ok"
+
+
+@cache
+def host_function(name: str):
+    """The host function ``name`` of the extension's Python module (csrc/fimfast.cpp: a function
+    on CPU tensors, outside the dispatcher), or ``None`` when the extension is missing, built for
+    another torch, or older than the function, or hidden by ``FIMFAST_DISABLE_EXT=1``. Quiet:
+    every caller has a torch path. Looked up once per process."""
+    if _env.disable_ext():
+        return None
+    try:
+        if check_build() is not None:
+            return None
+        from fimfast import _C
+    except Exception:
+        return None
+    return getattr(_C, name, None)
 
 
 def has_cuda() -> bool:

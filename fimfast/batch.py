@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from fimfast.dtypes import compute_dtype
-from fimfast.finite import check_finite, label_range_and_finite
+from fimfast.finite import check_finite, label_range_and_finite, rows_all_valid
 
 _LABEL_KEYS = ("labels", "label")
 # inputs of a Hugging Face encoder-decoder: the batch's attention_mask is then the encoder's
@@ -307,6 +307,12 @@ def rows(
         ValueError: logits not 2-D/3-D, empty, non-finite; labels of the wrong shape, dtype or range
             (each message names the argument and shows what came).
     """
+    if (  # the common case decided in one call of the extension, on the CPU
+        labels is not None and likelihood == "categorical" and not shift
+        and rows_all_valid(logits, labels, ignore_index)  # plain tensors, checked first
+        and (mask is None or logits.dim() == 2)
+    ):
+        return _every_row(logits, labels)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a tensor; got {type(logits).__name__}")
     if logits.dim() not in (2, 3):
@@ -407,14 +413,38 @@ def _rows_all_valid(logits, labels, mask, likelihood, ignore_index, shift, lead)
     return out
 
 
-_ARANGES: dict[tuple[int, torch.device], torch.Tensor] = {}
+def _every_row(logits: torch.Tensor, labels: torch.Tensor) -> Rows:
+    """:class:`Rows` of CPU logits whose rows are all valid with these labels (checked)."""
+    shape = logits.shape
+    n = shape[0]
+    if len(shape) == 2:
+        index = _arange(n, _CPU)
+        return Rows(logits, labels, index, index, n, True)
+    index = _arange(n * shape[1], _CPU)
+    return Rows(logits, labels.reshape(-1), index, _sample_of(index, shape[1]), n, True)
+
+
+def _sample_of(index: torch.Tensor, per: int) -> torch.Tensor:
+    """The sample of each row of ``index`` (an ``arange`` on the CPU), ``per`` rows per sample."""
+    if per == 1:
+        return index
+    return _kept((index.numel(), per), lambda: torch.div(index, per, rounding_mode="floor"))
 
 
 def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """``arange(n)`` on ``device``, kept for the next steps (read-only row indices)."""
-    t = _ARANGES.get((n, device))
+    """``arange(n)`` on ``device``."""
+    return _kept((n, device), lambda: torch.arange(n, device=device))
+
+
+def _kept(key: tuple, make) -> torch.Tensor:
+    """``make()``, kept under ``key`` for the next steps (read-only row indices)."""
+    t = _ARANGES.get(key)
     if t is None:
         if len(_ARANGES) >= 16:
             _ARANGES.clear()
-        t = _ARANGES[(n, device)] = torch.arange(n, device=device)
+        t = _ARANGES[key] = make()
     return t
+
+
+_CPU = torch.device("cpu")
+_ARANGES: dict[tuple, torch.Tensor] = {}

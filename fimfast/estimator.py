@@ -18,7 +18,7 @@ from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard, retained_graphs
 from fimfast.nograd import NogradWatch
 from fimfast.ops import registry
-from fimfast.parameters import check_real, trainable_parameters
+from fimfast.parameters import ParamWalk, check_real, trainable_parameters
 from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State
 from fimfast.step import Step
@@ -33,7 +33,7 @@ from fimfast.types import (
 __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
 
 logger = logging.getLogger("fimfast")
-
+_DTENSOR = "torch.distributed.tensor"  # the module of FSDP2's parameters
 # EXACT's cost (one cotangent per (row, class) pair) is announced with a warning from this many on
 EXACT_WARN_CLASSES = 4096
 
@@ -89,11 +89,8 @@ class DiagFisher:
         self._head = lm_head.resolve(model, self.fim_type, self.opts)
         registry.check_backend(self.opts.backend, _device_of(model))
         distributed.check_model(model)
-        names, params = trainable_parameters(model)
-        check_real(names, params)
-        self.names = names
-        self.state = State(names, params, self.reduction, self.ema)
-        self._reset = True  # nothing committed or loaded into the state yet
+        self._walk = ParamWalk()
+        self.reset()
         self.seed = self.opts.seed if self.opts.seed is not None else _default_seed()
         self.offset = 0
         self._persample = persample.Engine()
@@ -153,28 +150,30 @@ class DiagFisher:
 
     def reset(self) -> None:
         """Forget the accumulated state (the random stream continues)."""
-        names, params = trainable_parameters(self.model)
+        names, params = self._walk.of(self.model)
         check_real(names, params)
         self.names = names
         self.state = State(names, params, self.reduction, self.ema)
+        self._checked = (names, self.state)  # the parameter lists this state was checked against
         self._reset = True  # nothing committed or loaded into this state yet
 
     # -- steps -------------------------------------------------------------------------------- #
     def _params(self) -> list[torch.Tensor]:
-        names, params = trainable_parameters(self.model)
-        try:
-            self.state.check_params(names, params)
-        except ValueError:
-            if not self._restarted:
-                raise
-            self.reset()  # nothing accumulated since the restart: the state follows the model
+        names, params = self._walk.of(self.model)  # the same lists while they hold
+        if names is not self._checked[0] or self.state is not self._checked[1]:
+            try:
+                self.state.check_params(names, params)
+            except ValueError:
+                if not self._restarted:
+                    raise
+                self.reset()  # nothing accumulated since the restart: the state follows the model
+            self._checked = (names, self.state)
         return params
 
     def _params_after_forward(self, before: list[torch.Tensor]) -> list[torch.Tensor]:
-        # FSDP2 registers the unsharded parameters the forward used: those are the graph's leaves.
-        # Without a process group (FSDP needs one) or DTensor (FSDP2's parameters) the forward
-        # cannot have swapped them.
-        if "torch.distributed.tensor" not in sys.modules or not distributed.initialized():
+        # FSDP2 registers the unsharded parameters the forward used: the graph's leaves. Without
+        # a process group or DTensor (FSDP2's parameters) the forward cannot have swapped them.
+        if _DTENSOR not in sys.modules or not distributed.initialized():
             return before
         params = self._params()
         distributed.check_params_after_forward(self.names, params)
@@ -274,7 +273,8 @@ class DiagFisher:
                 cap = None
                 with lm_head.capture(self._head) as head:
                     _, rows = self._forward_of(batch, head=head).run()
-            params = self._params_after_forward(params)
+            if _DTENSOR in sys.modules:  # else no forward swaps the parameters (FSDP2 only)
+                params = self._params_after_forward(params)
             # one backward without a retained graph: HUTCHINSON types with one probe
             once = not self.fim_type.is_per_sample and head is None and self.opts.num_probes == 1
             with _fimfast_arithmetic(rows.logits.device, retained=not once):

@@ -1,10 +1,13 @@
 """The checks of a batch that read the device: the range of the labels and the finiteness of the
 logits (:func:`fimfast.batch.rows`).
 
-A step reads as little as it can on the host: the common case (categorical labels, every row
-valid) costs two kernels, ``aminmax`` of the labels and one sum of the logits, and, off the CPU,
-one host read (:func:`label_range_and_finite`); only a sum that is not finite makes
-:func:`check_finite` count the entries that are not.
+A step reads as little as it can on the host. On the CPU, with the compiled extension, the common
+case (categorical labels, every row valid) is one call that reads the labels and the logits once
+(``label_range_finite`` of csrc/cpu/label_range_finite.cpp: the ends of the labels' range and
+whether every logit is finite, decided on the bits); elsewhere it costs two kernels, ``aminmax``
+of the labels and one sum of the logits, and one host read (:func:`label_range_and_finite`). Only
+logits found not finite (or a sum that is not) make :func:`check_finite` count the entries that
+are not, for its message.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import math
 
 import torch
 
+from fimfast import _ext
 from fimfast.dtypes import compute_dtype
 
-__all__ = ["check_finite", "label_range_and_finite"]
+__all__ = ["check_finite", "label_range_and_finite", "rows_all_valid"]
 
 
 # the integer dtype of each accumulation dtype's bits, and the exponent field of those bits
@@ -23,11 +27,47 @@ _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
 _EXPONENT = {torch.float32: (23, 0xFF), torch.float64: (52, 0x7FF)}
 
 
+# the extension's (label_range_finite, all_finite, rows_all_valid), () without them; found at the
+# first check
+_HOST: tuple | None = None
+_TENSOR = torch.Tensor
+
+
+def _host() -> tuple:
+    """The extension's row checks (:data:`_HOST`), looked up once."""
+    global _HOST
+    if _HOST is None:
+        fns = tuple(map(_ext.host_function, ("label_range_finite", "all_finite", "rows_all_valid")))
+        _HOST = fns if None not in fns else ()
+    return _HOST
+
+
+def rows_all_valid(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> bool:
+    """Whether the extension finds every row of plain CPU logits valid with these categorical
+    labels, in one call (csrc/cpu/label_range_finite.cpp: 2-D or 3-D floating logits of ``C >=
+    2`` classes, labels of their leading shape in ``[0, C)`` and none equal to ``ignore_index``,
+    every logit finite). ``False`` leaves the decision, and its messages, to the Python checks
+    (:func:`fimfast.batch.rows`); always ``False`` without the extension."""
+    return (
+        type(logits) is _TENSOR and type(labels) is _TENSOR and logits.is_cpu
+        and bool(_HOST or _host()) and _HOST[2](logits, labels, ignore_index)
+    )
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether the extension's checks can read ``t``: a plain CPU tensor (no subclass, whose
+    data may live elsewhere)."""
+    return t.is_cpu and type(t) is _TENSOR
+
+
 def label_range_and_finite(
-    labels: torch.Tensor, logits: torch.Tensor, one_read: bool | None = None
+    labels: torch.Tensor, logits: torch.Tensor, one_read: bool | None = None, host: bool = True
 ) -> tuple[int, int, bool]:
-    """``(min label, max label, whether the sum of the logits is finite)``: two kernels
-    (``aminmax``, ``sum``) and, off the CPU, one host read (``one_read``, the default there).
+    """``(min label, max label, whether the logits are finite)``.
+
+    On the CPU with the extension (and ``host``): one call reading each tensor once, exact (every
+    logit is finite). Otherwise two kernels (``aminmax``, ``sum``) and, off the CPU, one host
+    read (``one_read``, the default there): the sum of the logits is finite.
 
     The one read is a ``tolist()`` of the two ends of the range and the bits of the sum, stacked
     into one integer tensor (one more kernel; ``aminmax`` and the float's bits promote to the same
@@ -36,6 +76,8 @@ def label_range_and_finite(
     float32 (float64 for float64 logits) and is finite when every logit is (and nothing
     overflows).
     """
+    if host and _on_host(logits) and _on_host(labels) and labels.numel() and (_HOST or _host()):
+        return _HOST[0](labels, logits)
     total = _total(logits.detach() if logits.requires_grad else logits)
     lo, hi = torch.aminmax(labels)
     if one_read is None:
@@ -64,11 +106,15 @@ def _total(flat: torch.Tensor) -> torch.Tensor:
 def check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -> None:
     """Raise when a valid row holds NaN/Inf, without a (rows x C) temporary.
 
-    One float32 (float64 for float64 logits) sum over the valid rows is finite when every entry
-    is; only when it is not (a NaN/Inf, or an overflow that would need entries near 1e32) are the
-    entries counted, row by row, and the step refused only if one is not finite.
+    On the CPU with the extension, one read of every row says whether all are finite (valid or
+    not); elsewhere one float32 (float64 for float64 logits) sum over the valid rows is finite
+    when every entry is. Only when not (a NaN/Inf, or an overflow that would need entries near
+    1e32) are the entries counted, row by row, and the step refused only if one of a valid row is
+    not finite.
     """
     flat = flat_all.detach()  # nothing below is recorded
+    if _on_host(flat) and (_HOST or _host()) and _HOST[1](flat):
+        return
     acc = compute_dtype(flat.dtype)
     if all_valid:
         total = _total(flat)

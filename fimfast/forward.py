@@ -12,7 +12,7 @@ reads the logits back from a result. Also here: the default training loss of
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,7 +67,8 @@ class Forward:
         return result[1].logits
 
     def _forward(self, train: bool, head: Any) -> tuple[Any, batchlib.Rows]:
-        enc_dec = _is_encoder_decoder(self.model)
+        # which attention mask a batch's logits take matters for mappings only
+        enc_dec = _holds_mapping(self.batch) and _is_encoder_decoder(self.model)
         if self.opts.forward_fn is None:  # clear errors for bad structure
             inputs, labels, mask = batchlib.split(self.batch, enc_dec)
         else:
@@ -160,11 +161,25 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     return False
 
 
+def _holds_mapping(batch: Any) -> bool:
+    """Whether ``batch`` is a mapping or a tuple/list whose inputs are (the batches whose mask
+    :func:`fimfast.batch.split` reads); a tensor or ``(tensor, ...)`` is told without an
+    ``isinstance`` of an abstract class."""
+    if isinstance(batch, (tuple, list)):
+        if not batch or isinstance(batch[0], torch.Tensor):
+            return False
+        batch = batch[0]
+    return not isinstance(batch, torch.Tensor) and isinstance(batch, Mapping)
+
+
 def _is_encoder_decoder(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or the module it wraps) has a Hugging Face config that says
     ``is_encoder_decoder`` (its batch's ``attention_mask`` is the encoder's: fimfast.batch)."""
     for m in (model, _attr(model, "module"), _attr(model, "_orig_mod")):
-        if getattr(_attr(m, "config"), "is_encoder_decoder", False) is True:
+        if m is None:  # nothing wrapped (getattr of None would raise and catch)
+            continue
+        config = _attr(m, "config")
+        if config is not None and getattr(config, "is_encoder_decoder", False) is True:
             return True
     return False
 
@@ -176,10 +191,12 @@ def _attr(m: Any, name: str) -> Any:
     """``getattr(m, name, None)``, without the ``AttributeError`` that ``nn.Module`` raises (and
     formats) for a missing name: a module whose class keeps torch's ``__getattr__`` is looked up
     where that ``__getattr__`` looks (a step asks a plain model for three names it lacks)."""
+    ty = type(m)
     if (
         isinstance(m, torch.nn.Module)
-        and type(m).__getattr__ is _MODULE_GETATTR
-        and not hasattr(type(m), name)
+        and ty.__getattr__ is _MODULE_GETATTR
+        # not a class attribute (hasattr of the class would raise and catch for every miss)
+        and not any(name in k.__dict__ for k in ty.__mro__)
     ):
         d = m.__dict__
         if name in d:

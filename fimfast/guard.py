@@ -15,10 +15,12 @@ keeps the updates.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from operator import attrgetter
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
@@ -108,15 +110,22 @@ class ModuleWalk:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._walk: tuple[list, list] = ([], [])
+        self._seen: tuple = (None, None)  # (model, params list) of the last call
 
     def of(self, model: torch.nn.Module, params: list[torch.Tensor]) -> tuple[list, list]:
-        """``(modules, lookups with max_norm)`` of ``model``."""
+        """``(modules, lookups with max_norm)`` of ``model``. The list ``params`` of the last call
+        (an estimator's :class:`fimfast.parameters.ParamWalk` returns the same list while the
+        model's parameters hold) is recognised without reading it."""
+        seen_model, seen_params = self._seen
+        if params is seen_params and model is seen_model:
+            return self._walk
         key = (id(model), tuple(map(id, params)))
         if key != self._key:
             mods = list(model.modules())
             tables = [m for m in mods if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                       and m.max_norm is not None]
             self._key, self._walk = key, (mods, tables)
+        self._seen = (model, params)
         return self._walk
 
 
@@ -150,7 +159,7 @@ def parameters_kept(
 
     handles = [m.register_forward_pre_hook(keep_rows, with_kwargs=True) for m in tables]
     restored = {id(m.weight) for m in tables}
-    versions = [p._version for p in params]
+    versions = list(map(_VERSION, params))
     try:
         yield
     finally:
@@ -209,6 +218,13 @@ def gradient_hooks_off(
 def _hooks_off(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> list[tuple]:
     """Empty every non-empty gradient-hook dictionary of :func:`gradient_hooks_off` in place;
     returns ``(dictionary, its items)`` for :func:`_hooks_back`."""
+    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
+    if not (  # none at all (the usual step): told by loops in C, no Python frame per object
+        any(map(_BACKWARD_HOOKS, params)) or any(map(_BACKWARD_HOOKS, modules))
+        or any(map(_MODULE_PRE_HOOKS, modules)) or mod._global_backward_hooks
+        or mod._global_backward_pre_hooks
+    ):
+        return []
     saved = []
     for p in params:
         d = p._backward_hooks
@@ -219,13 +235,17 @@ def _hooks_off(modules: list[torch.nn.Module], params: list[torch.Tensor]) -> li
             saved.append((m._backward_hooks, dict(m._backward_hooks)))
         if m._backward_pre_hooks:
             saved.append((m._backward_pre_hooks, dict(m._backward_pre_hooks)))
-    mod = torch.nn.modules.module  # register_module_full_backward_hook / _pre_hook: every module
     for d in (mod._global_backward_hooks, mod._global_backward_pre_hooks):
         if d:
             saved.append((d, dict(d)))
     for d, _ in saved:
         d.clear()
     return saved
+
+
+_BACKWARD_HOOKS = attrgetter("_backward_hooks")  # a tensor's, or a module's
+_MODULE_PRE_HOOKS = attrgetter("_backward_pre_hooks")
+_VERSION = attrgetter("_version")
 
 
 def _hooks_back(saved: list[tuple]) -> None:
@@ -258,32 +278,51 @@ def retained_graphs() -> Iterator[None]:
         cfg.donated_buffer = True
 
 
-@contextmanager
 def step_kept(
     buffers: BufferGuard, walk: ModuleWalk, model: torch.nn.Module, names: list[str],
     params: list[torch.Tensor],
-) -> Iterator[None]:
-    """Run the body (one Fisher step) under the guards of a step: buffers
-    (:meth:`BufferGuard.kept`), parameters (:func:`parameters_kept`) and gradient hooks
-    (:func:`gradient_hooks_off`), ``walk`` giving the model's modules and ``max_norm`` lookups."""
+) -> contextlib.AbstractContextManager[None]:
+    """The guards of one Fisher step, a context manager: buffers (:meth:`BufferGuard.kept`),
+    parameters (:func:`parameters_kept`) and gradient hooks (:func:`gradient_hooks_off`),
+    ``walk`` giving the model's modules and ``max_norm`` lookups."""
     mods, tables = walk.of(model, params)
     if tables or buffers.has_buffers(model):
-        with (
-            buffers.kept(model),
-            parameters_kept(tables, names, params),
-            gradient_hooks_off(mods, params),
-        ):
-            yield
-        return
-    # no buffer and no max_norm lookup (an MLP, most classifiers): the same guards as above with
-    # nothing to copy, in one frame
-    versions = [p._version for p in params]
-    saved = _hooks_off(mods, params)
-    try:
+        return _all_kept(buffers, model, tables, names, params, mods)
+    return _Kept(names, params, mods)
+
+
+@contextmanager
+def _all_kept(
+    buffers: BufferGuard, model: torch.nn.Module, tables: list, names: list[str],
+    params: list[torch.Tensor], mods: list,
+) -> Iterator[None]:
+    with (
+        buffers.kept(model),
+        parameters_kept(tables, names, params),
+        gradient_hooks_off(mods, params),
+    ):
         yield
-    finally:
-        _hooks_back(saved)
-    _refuse_written(names, params, versions, ())
+
+
+class _Kept:
+    """The guards of :func:`step_kept` for a model without buffers or ``max_norm`` lookups (an
+    MLP, most classifiers): nothing to copy; the gradient hooks are switched off (if any) and
+    the parameters' version counters read, in one object (no generator)."""
+
+    __slots__ = ("names", "params", "mods", "versions", "saved")
+
+    def __init__(self, names: list[str], params: list[torch.Tensor], mods: list) -> None:
+        self.names, self.params, self.mods = names, params, mods
+
+    def __enter__(self) -> None:
+        self.versions = list(map(_VERSION, self.params))
+        self.saved = _hooks_off(self.mods, self.params)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.saved:
+            _hooks_back(self.saved)
+        if exc_type is None and list(map(_VERSION, self.params)) != self.versions:
+            _refuse_written(self.names, self.params, self.versions, ())
 
 
 def donating() -> bool:

@@ -24,7 +24,7 @@ from collections import Counter
 
 import torch
 
-from fimfast import chunks, hooks, ops
+from fimfast import _ext, chunks, hooks, ops
 from fimfast.batch import Rows
 from fimfast.dtypes import compute_dtype
 from fimfast.likelihoods import diagonal_topk, effective_top_k
@@ -231,7 +231,26 @@ def _plain(logits: torch.Tensor, params: list[torch.Tensor], cot: torch.Tensor) 
 def has_reentrant_checkpoint(t: torch.Tensor) -> bool:
     """Whether the graph of ``t`` holds a reentrant ``torch.utils.checkpoint`` segment (a walk
     that stops at the first one; :func:`fimfast.hooks.walk` decides the same on the whole
-    graph). Leaves' accumulators, which have no inputs, are not visited."""
+    graph). With the compiled extension the walk runs in C++ (csrc/graph_walk.cpp: no Python
+    object per node); otherwise here, where leaves' accumulators, which have no inputs, are not
+    visited."""
+    walk = _WALK[0] if _WALK else _walk()
+    if walk is not None:
+        return walk(t)
+    return _has_reentrant_checkpoint(t)
+
+
+def _walk():
+    """The extension's graph walk, or ``None`` (looked up once, kept in :data:`_WALK`)."""
+    _WALK.append(_ext.host_function("has_reentrant_checkpoint"))
+    return _WALK[0]
+
+
+_WALK: list = []
+
+
+def _has_reentrant_checkpoint(t: torch.Tensor) -> bool:
+    """:func:`has_reentrant_checkpoint` in Python."""
     fn = t.grad_fn
     if fn is None:
         return False

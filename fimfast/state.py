@@ -7,6 +7,7 @@ everything succeeded, so a failing step leaves the state bit-identical.
 from __future__ import annotations
 
 import collections
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -39,6 +40,17 @@ def _adoptable(new: list[torch.Tensor], shapes: list, dtypes: list, devices: lis
         and b.untyped_storage().nbytes() == b.numel() * b.element_size()
         for b, p, shape, dt, dev in zip(new, ptrs, shapes, dtypes, devices)
     ]
+
+
+def _dense_in(factors: list, dtypes: list[torch.dtype]) -> bool:
+    """Whether every factor is set, dense and of the state's dtype (told by loops in C)."""
+    try:
+        return set(map(_LAYOUT, factors)) == _STRIDED and list(map(_DTYPE, factors)) == dtypes
+    except AttributeError:  # a factor is None
+        return False
+
+
+_LAYOUT, _DTYPE, _STRIDED = attrgetter("layout"), attrgetter("dtype"), {torch.strided}
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -191,6 +203,10 @@ class State:
 
     def _fold_squares(self, sq: Squares, count: int) -> None:
         """``s += scale g**2`` (or the EMA update with it) for every set factor, in one pass."""
+        if self.ema is None and _dense_in(sq.factors, self.dtypes):  # the usual sum: one call
+            g = sq.factors
+            torch._foreach_addcmul_(self.values, g, g, value=sq.scale)
+            return
         scale, mode, beta = sq.scale, "sum", 0.0
         if self.ema is not None:
             mode, beta = "ema", self.ema

@@ -107,3 +107,35 @@ def test_first_commit_adopts_dense_entries_beside_a_sparse_one():
     assert st.values[0] is dense
     assert st.values[1].layout == torch.strided
     assert st.values[1].tolist() == [0.0, 3.0, 0.0, 4.0]
+
+
+@pytest.mark.parametrize("case", ["dense", "low precision", "unset", "sparse"])
+def test_squares_fold_in_one_call_as_the_general_loop(monkeypatch, case):
+    from fimfast import state as statelib
+    from fimfast.step import Squares
+
+    def fold(general: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        st = _state()
+        st.commit(_fresh(), 4, owned=True)  # not zero any more: the next commit folds
+        g = [torch.full((3, 2), 0.5), torch.arange(4, dtype=torch.float64)]
+        if case == "low precision":
+            g[0] = g[0].bfloat16()
+        elif case == "unset":
+            g[1] = None
+        elif case == "sparse":
+            g[1] = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.tensor([2.0, 3.0]), (4,),
+                                           dtype=torch.float64)
+        if general:
+            monkeypatch.setattr(statelib, "_dense_in", lambda *a: False)
+        fast = statelib._dense_in(g, st.dtypes)
+        assert fast is (not general and case == "dense")
+        before = [v.clone() for v in st.values]
+        st.commit(Squares(g, [False, False], st.dtypes, 2.0), 4)
+        monkeypatch.undo()
+        want = [b + 2.0 * (x.to_dense().to(b.dtype) ** 2 if x is not None else 0)
+                for b, x in zip(before, g)]
+        assert all(torch.equal(v, w) for v, w in zip(st.values, want))
+        return st.values
+
+    assert all(torch.equal(a, b) for a, b in zip(fold(False), fold(True)))
