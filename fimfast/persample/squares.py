@@ -313,10 +313,11 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
     out = torch.zeros(G, O, I, dtype=dt, device=P.device)
     per_n = M * G * O * I * 4
     step = _steps(Q, _SQ_CHUNK_BYTES // max(1, per_n))
-    for n0 in range(0, N, step):
-        per = torch.einsum("mnlgo,nlgi->mngoi", P[:, n0 : n0 + step].to(dt),
-                           Q[n0 : n0 + step].to(dt))
-        out += per.square().sum((0, 1))
+    for n0 in range(0, N, step):  # one product per (sample, group): (M O, L) @ (L, I)
+        Pn, Qn, n = P[:, n0 : n0 + step].to(dt), Q[n0 : n0 + step].to(dt), min(step, N - n0)
+        per = torch.bmm(Pn.permute(1, 3, 0, 4, 2).reshape(n * G, M * O, L),
+                        Qn.permute(0, 2, 1, 3).reshape(n * G, L, I))
+        out += per.view(n, G, M, O, I).square_().sum((0, 2))
     return out
 
 
