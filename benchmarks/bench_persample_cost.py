@@ -15,7 +15,9 @@ child's figures) and ``PATH.md``.
 
 ``--fim-types exact,hutchinson`` times those types on every workload instead; ``exact:cc9`` is
 EXACT with ``class_chunk=9`` (every column in one batched backward). Workload ``mha_bias_kv`` is
-that of :mod:`benchmarks.bench_recurrent`, the other names those of :mod:`benchmarks.bench_layers`.
+that of :mod:`benchmarks.bench_recurrent`, ``resnet_bn``, ``groupnorm_cnn`` and ``conv1d_dilated``
+the small classifiers of :func:`small_cnn` (defined here, so that a tree compared with ``--trees``
+needs no module of its own for them), the other names those of :mod:`benchmarks.bench_layers`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,52 @@ WORKLOADS = {
     "convT1d": ("empirical", "monte_carlo"),
     "bag": ("empirical",),
 }
+
+
+def small_cnn(name: str, N: int = 16):
+    """``(model, (inputs, labels))`` of a small image or signal classifier with norms, strided,
+    depthwise and dilated convolutions (float32, 10 classes):
+
+    * ``resnet_bn``: Conv2d(3, 16, 3, padding=1, bias=False) - BatchNorm2d - ReLU - Conv2d(16,
+      32, 3, stride=2, padding=1, bias=False) - BatchNorm2d - ReLU - global average pool -
+      Linear(32, 10), eval mode (running statistics), on 3 x 16 x 16 images;
+    * ``groupnorm_cnn``: Conv2d(3, 16, 3, padding=1) - GroupNorm(4, 16) - ReLU - Conv2d(16, 16,
+      3, padding=1, groups=16) - InstanceNorm2d(16, affine=True) - ReLU - global average pool -
+      Linear(16, 10) on 3 x 16 x 16 images;
+    * ``conv1d_dilated``: Conv1d(4, 16, 5, dilation=2, padding="same") - ReLU - Conv1d(16, 16, 3,
+      padding=2, padding_mode="reflect") - ReLU - AdaptiveMaxPool1d(4) - Linear(64, 10) on 4 x 64
+      signals."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name == "resnet_bn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        ).eval()
+        x = torch.randn(N, 3, 16, 16)
+    elif name == "groupnorm_cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.InstanceNorm2d(16, affine=True),
+            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        )
+        x = torch.randn(N, 3, 16, 16)
+    elif name == "conv1d_dilated":
+        model = nn.Sequential(
+            nn.Conv1d(4, 16, 5, dilation=2, padding="same"), nn.ReLU(),
+            nn.Conv1d(16, 16, 3, padding=2, padding_mode="reflect"), nn.ReLU(),
+            nn.AdaptiveMaxPool1d(4), nn.Flatten(), nn.Linear(64, 10),
+        )
+        x = torch.randn(N, 4, 64)
+    else:
+        raise KeyError(name)
+    return model, (x, torch.randint(0, 10, (N,)))
+
+
+SMALL_CNNS = ("resnet_bn", "groupnorm_cnn", "conv1d_dilated")
 
 
 def _child(workload: str, types: list[str], steps: int) -> dict:
@@ -61,6 +109,11 @@ def _child(workload: str, types: list[str], steps: int) -> dict:
 
         def logits():
             return model(x), y
+    elif workload in SMALL_CNNS:
+        model, batch = small_cnn(workload)
+
+        def logits():
+            return model(batch[0]), batch[1]
     else:
         from benchmarks import bench_layers
 

@@ -72,6 +72,34 @@ def test_small_patches_are_kept_when_the_step_has_several_chunks(monkeypatch):
     assert isinstance(seen[-1], Patches)
 
 
+@pytest.mark.parametrize("name", ["conv2d_depthwise_circular", "conv1d_groups_reflect"])
+def test_grouped_patches_up_to_twice_the_bound_are_kept(monkeypatch, name):
+    """A grouped convolution (no windows) whose patches are over ``PATCHES_LAZY_FROM`` but at most
+    twice it: unfolded once and kept with several chunks of columns, by pieces over twice it or
+    with one chunk; EXACT in float64 against the oracle either way."""
+    seen = []
+    make = conv.ConvRule._input_side
+
+    def spy(self, module, x, L, chunks_):
+        seen.append((module, x, L, make(self, module, x, L, chunks_)))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(conv.ConvRule, "_input_side", spy)
+    lc, ref = _with_oracle(name, "exact")
+    case = lc.case.to(torch.float64)
+    run(case, "exact", class_chunk=10**6)  # one backward of every column: by pieces
+    module, x, L, q = next(s for s in seen if s[0].groups > 1)
+    assert isinstance(q, Patches)
+    whole = x.shape[0] * x.shape[1] * math.prod(module.kernel_size) * L * x.element_size()
+    for bound, kept in ((whole * 3 // 4, True), (whole // 3, False)):
+        monkeypatch.setattr(conv, "PATCHES_LAZY_FROM", bound)
+        seen.clear()
+        got, _ = run(case, "exact", class_chunk=1)
+        assert rel_error(got, ref) <= DET_REL_F64
+        q = next(s for s in seen if s[0].groups > 1)[-1]
+        assert isinstance(q, torch.Tensor) == kept and isinstance(q, Patches) != kept
+
+
 def test_patches_take_slices_of_samples():
     x = torch.arange(12.0).view(4, 3)
     q = Patches(lambda a, b: x[a:b] * 2, (4, 3), x.dtype, 0)

@@ -32,7 +32,6 @@ def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Ten
     return ops.sq_matmul(G, A, backend=backend)
 
 
-
 def linear_lane(g: Group, gmap: dict, acc: Sums, lanes: dict, sq: dict | None = None) -> bool:
     """The squares of a group whose one member is a weight or bias of ``nn.Linear`` (or Hugging
     Face ``Conv1D``) without weight sharing, for one chunk of columns, straight from the output
@@ -181,7 +180,6 @@ def _sum_sq(P: torch.Tensor, dt: torch.dtype, out: torch.Tensor | None = None) -
     return out
 
 
-
 def accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
     """Add the squares of one chunk's terms ``parts`` of group ``g`` into ``sums`` (or into the
     group's deferred state); ``cache`` holds this chunk's ``sum_m P[m]^2`` by tensor."""
@@ -285,6 +283,8 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
     if P.dim() == 4:
         M, N, T, O = P.shape
         out = None
+        if M > 1 and T > 1 and P.stride(2) == 1:
+            return _stacked_sq(P, Q, backend)
         if M == 1 or O >= 64 or I < 64:
             # one column at a time over the whole batch, P as it came (no copy; the kernels
             # chunk the samples). Measured against the stacked layout below, 1 thread: 14 vs 22
@@ -313,11 +313,30 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
     out = torch.zeros(G, O, I, dtype=dt, device=P.device)
     per_n = M * G * O * I * 4
     step = _steps(Q, _SQ_CHUNK_BYTES // max(1, per_n))
-    for n0 in range(0, N, step):
-        per = torch.einsum("mnlgo,nlgi->mngoi", P[:, n0 : n0 + step].to(dt),
-                           Q[n0 : n0 + step].to(dt))
-        out += per.square().sum((0, 1))
+    for n0 in range(0, N, step):  # one product per (sample, group): (M O, L) @ (L, I)
+        Pn, Qn, n = P[:, n0 : n0 + step].to(dt), Q[n0 : n0 + step].to(dt), min(step, N - n0)
+        per = torch.bmm(Pn.permute(1, 3, 0, 4, 2).reshape(n * G, M * O, L),
+                        Qn.permute(0, 2, 1, 3).reshape(n * G, L, I))
+        out += per.view(n, G, M, O, I).square_().sum((0, 2))
     return out
+
+
+def _stacked_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend) -> torch.Tensor:
+    """:func:`_outer_sq` of ``P`` ``(M, N, T, O)`` whose positions are its innermost dim (a
+    convolution's output gradient, ``(M, N, O, T)`` in memory): the ``M`` columns side by side,
+    ``(n, M O, T)`` by one copy of runs of ``T`` elements, against ``(n, T, I)`` in one product per
+    sample, a few samples at a time (cache-sized). 1 thread, 16 samples, 3 and 9 columns, against
+    one column at a time: ``Conv2d(16, 32, 3, stride=2)`` on 16 x 16 inputs 0.52 vs 0.64 ms and
+    1.76 vs 2.19 ms; ``Conv2d(3, 16, 3)`` 0.27 vs 0.30 ms and 0.95 vs 1.37 ms."""
+    M, N, T, O = P.shape
+    I = Q.shape[-1]
+    step = _steps(Q, _SQ_CHUNK_BYTES // max(1, 4 * M * O * max(I, T)))
+    out = None
+    for n0 in range(0, N, step):
+        Pt = P[:, n0 : n0 + step].permute(1, 0, 3, 2).reshape(-1, M * O, T)
+        part = ops.shared_sq(Pt.transpose(1, 2), Q[n0 : n0 + step], backend=backend)
+        out = part if out is None else out.add_(part)
+    return out.view(M, O, I).sum(0)
 
 
 def _windows_sq(P: torch.Tensor, Q: Windows, backend) -> torch.Tensor:

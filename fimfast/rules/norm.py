@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
+from fimfast.rules import norm_node
 from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
 
 
@@ -31,10 +32,20 @@ class _NormRule(Rule):
         lead = self.lead(module, y)
         if lead < 1:
             return None
+        seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
+        if cap.memo.get(seen, 2) > 1:
+            y = self.fold(module, x, y)
         tap, out = cap.tap(y, lead=lead, key=(id(module), 0), batch_first=self.batch_first)
         weights = [p is w for p in ps]  # by position: a use may name the parameter behind w
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach(), "weights": weights}))
+        cap.record(Call(module, self, [tap], uses,
+                        {"x": x.detach(), "weights": weights, "memo": (cap.memo, seen)}))
         return out
+
+    def fold(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The output ``y`` as the output of a node whose backward takes a batch of columns at
+        once (:mod:`fimfast.rules.norm_node`), where the estimator's last step batched several
+        columns in a chunk; ``y`` itself by default."""
+        return y
 
     def xhat(self, module, x: torch.Tensor, data: dict) -> torch.Tensor:
         """Normalised input, shaped like ``x``, in ``x``'s dtype."""
@@ -46,6 +57,9 @@ class _NormRule(Rule):
             return [None] * len(call.uses)
         tap = call.taps[0]
         m = call.module
+        if "memo" in call.data:  # one column per chunk: no node in the next step
+            memo, seen = call.data["memo"]
+            memo[seen] = call.data["M"] = max(G.shape[0], call.data.get("M", 0))
         dt = compute_dtype(G.dtype)
         if "xhat" not in call.data:
             call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
@@ -155,6 +169,11 @@ class BatchNormRule(_ChannelNormRule):
                 stats = (module.running_mean.detach().clone(), module.running_var.detach().clone())
             cap.calls[-1].data["stats"] = stats
         return out
+
+    def fold(self, module, x, y):
+        if module.training or module.running_mean is None:  # batch statistics
+            return y
+        return norm_node.fold(x, y, module.bias)
 
     def xhat(self, module, x, data):
         stats = data["stats"]
