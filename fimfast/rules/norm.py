@@ -130,12 +130,30 @@ class RMSNormRule(_NormRule):
 
 
 class _ChannelNormRule(_NormRule):
-    """Norms with a per-channel affine on dim 1 of ``(N, C, *)``: GroupNorm, BatchNorm."""
+    """Norms with a per-channel affine on dim 1 of ``(N, C, *)``: GroupNorm, BatchNorm,
+    InstanceNorm."""
 
     def front(self, tap, t, extra=0):
         # (*extra, N, C, *spatial) -> (*extra, N, L, C): channels last so Vec sums over dim 2
         s = t.shape
         return t.reshape(*s[: extra + 2], -1).transpose(-1, -2)
+
+    def capture_stats(self, cap, module, x, y, running: bool):
+        """:meth:`capture`, keeping in the call's ``stats`` copies of the module's running
+        statistics when it normalises with them (``running``: they may change before the terms
+        run), ``None`` when it normalises with statistics of its input."""
+        out = super().capture(cap, module, x, y)
+        if out is not None:
+            stats = None
+            if running:
+                stats = (module.running_mean.detach().clone(), module.running_var.detach().clone())
+            cap.calls[-1].data["stats"] = stats
+        return out
+
+
+def _running(x: torch.Tensor, stats: tuple, eps: float) -> torch.Tensor:
+    """``x`` normalised per channel (dim 1) with the running statistics ``stats``."""
+    return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False, 0.0, eps)
 
 
 class GroupNormRule(_ChannelNormRule):
@@ -162,13 +180,7 @@ class BatchNormRule(_ChannelNormRule):
 
     def capture(self, cap, module, x, y):
         use_batch = module.training or (module.running_mean is None and module.running_var is None)
-        out = super().capture(cap, module, x, y)
-        if out is not None:
-            stats = None
-            if not use_batch:  # copies: running statistics may change before the terms run
-                stats = (module.running_mean.detach().clone(), module.running_var.detach().clone())
-            cap.calls[-1].data["stats"] = stats
-        return out
+        return self.capture_stats(cap, module, x, y, running=not use_batch)
 
     def fold(self, module, x, y):
         if module.training or module.running_mean is None:  # batch statistics
@@ -179,8 +191,7 @@ class BatchNormRule(_ChannelNormRule):
         stats = data["stats"]
         if stats is None:  # batch statistics, running statistics untouched (None)
             return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
-        return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False,
-                            0.0, module.eps)
+        return _running(x, stats, module.eps)
 
 
 class InstanceNormRule(_ChannelNormRule):
@@ -205,17 +216,10 @@ class InstanceNormRule(_ChannelNormRule):
                 "no dimension of it is the batch")))
             return None
         use_input = module.training or not module.track_running_stats
-        out = super().capture(cap, module, x, y)
-        if out is not None:
-            stats = None
-            if not use_input:  # copies: running statistics may change before the terms run
-                stats = (module.running_mean.detach().clone(), module.running_var.detach().clone())
-            cap.calls[-1].data["stats"] = stats
-        return out
+        return self.capture_stats(cap, module, x, y, running=not use_input)
 
     def xhat(self, module, x, data):
         stats = data["stats"]
         if stats is None:  # the input's statistics, per sample and channel
             return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
-        return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False,
-                            0.0, module.eps)
+        return _running(x, stats, module.eps)
