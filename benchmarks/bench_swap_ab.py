@@ -38,6 +38,7 @@ def _pair(spec: str, old_tree: Path) -> tuple[object, str, object, object]:
     path = old_tree / (rel / "__init__.py" if (ROOT / rel).is_dir() else rel.with_suffix(".py"))
     loader = importlib.util.spec_from_file_location("_old_" + mod_name.replace(".", "_"), path)
     old_mod = importlib.util.module_from_spec(loader)
+    sys.modules[loader.name] = old_mod  # (dataclasses look their module up there)
     loader.loader.exec_module(old_mod)
     *path_parts, name = qual.split(".")
     owner, old_owner = new_mod, old_mod
@@ -47,7 +48,8 @@ def _pair(spec: str, old_tree: Path) -> tuple[object, str, object, object]:
     return owner, name, get(old_owner), get(owner)
 
 
-def run(workload: str, fim_type: str, rounds: int, swaps: list, seed: int = 0) -> dict:
+def run(workload: str, fim_type: str, rounds: int, swaps: list, seed: int = 0,
+        size: str = "full") -> dict:
     """Paired step times of the old and new functions (see the module docstring)."""
     import torch
     import torch.nn.functional as F
@@ -56,7 +58,7 @@ def run(workload: str, fim_type: str, rounds: int, swaps: list, seed: int = 0) -
     from benchmarks.workloads import build
 
     torch.set_num_threads(1)
-    wl = build(workload, "full", 0)
+    wl = build(workload, size, 0)
     model, batch = wl.model, (wl.inputs, wl.labels)
     params = [p for p in model.parameters() if p.requires_grad]
     est = fimfast.DiagFisher(model, fim_type, seed=0)
@@ -99,12 +101,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--workload", default="a")
     ap.add_argument("--types", default="hutchinson")
     ap.add_argument("--rounds", type=int, default=3000)
+    ap.add_argument("--size", default="full", choices=("tiny", "full"))
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     swaps = [_pair(s, a.old_tree.resolve()) for s in a.swap]
     out = []
     for t in a.types.split(","):
-        out.append(run(a.workload, t, a.rounds, swaps))
+        out.append(run(a.workload, t, a.rounds, swaps, size=a.size))
         print(json.dumps(out[-1]), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
