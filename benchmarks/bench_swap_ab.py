@@ -10,6 +10,10 @@ the medians of both and the median (and quartiles) of the paired difference ``ne
 microseconds. Small differences (a few microseconds in a 3 ms step) need thousands of rounds: the
 standard error of the median difference is about ``0.93 * IQR / sqrt(rounds)``. One torch thread.
 
+A swap reaches only the callers that look the name up when they call (``ops.probe_logit_grad``,
+a method through its class): a function held elsewhere (the kernel a backend registry loaded and
+keeps, a name imported with ``from module import name``) keeps running its first version.
+
     PYTHONPATH=. python benchmarks/bench_swap_ab.py --old-tree ../base --workload a \\
         --types hutchinson,empirical --rounds 3000 --swap fimfast.ops:probe_logit_grad
 """
