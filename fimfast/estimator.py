@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import distributed, guard, hooks, hutchinson, likelihoods, lm_head, persample
+from fimfast import distributed, guard, hutchinson, likelihoods, lm_head, persample
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard, retained_graphs
-from fimfast.nograd import NogradWatch
+from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.ops import registry
 from fimfast.parameters import ParamWalk, check_real, trainable_parameters
 from fimfast.sparse_tables import candidates, sparse_lookups
@@ -201,7 +201,7 @@ class DiagFisher:
             # a reentrant checkpoint runs its segment without gradients, and HUTCHINSON's
             # plain backward reaches its parameters all the same
             if seen and not hutchinson.has_reentrant_checkpoint(rows.flat):
-                raise hooks.nograd_error(seen, "")
+                raise nograd_error(seen, "")
             return None, rows
         cap, (_, rows) = self._persample.forward(
             self.model, params, batchlib.batch_size(batch, self.opts.batch_dim),

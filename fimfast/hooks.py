@@ -186,17 +186,25 @@ class Capture:
 
     # -- installation ---------------------------------------------------------------------- #
     @contextmanager
-    def installed(
+    def installed(self, *args: Any, **kwargs: Any) -> Iterator[Capture]:
+        """:meth:`install` on entry (same arguments), :meth:`uninstall` on exit."""
+        undo = self.install(*args, **kwargs)
+        try:
+            yield self
+        finally:
+            self.uninstall(undo)
+
+    def install(
         self,
         modules: list[tuple[torch.nn.Module, Any]] | None = None,
         owned: dict[int, str] | None = None,
         watch: Any = None,
         forwards: Any = None,
-    ) -> Iterator[Capture]:
+    ) -> list[Callable[[], None]]:
         """Install hooks (and patched forwards) on ``modules`` (default: :func:`targets`), and
         record the modules of ``owned`` (default: :func:`owners`) called with gradients disabled
         (``torch.no_grad`` or a reentrant ``torch.utils.checkpoint`` inside the forward: autograd
-        never sees their parameters) in :attr:`nograd`; remove everything on exit.
+        never sees their parameters) in :attr:`nograd` (:meth:`uninstall` removes everything).
 
         A rule whose install adds its module to :attr:`noting` records those calls in its own
         forward hook (:meth:`without_grad`); the other owners are watched by ``watch`` (a
@@ -204,7 +212,8 @@ class Capture:
         wrappers are made once), which wraps only them: a global forward pre-hook would send
         every module call of the forward through torch's hooked call path. ``forwards`` (a
         :class:`fimfast.rules.forwards.Forwards` of ``modules``) records the calls of those
-        modules it can without hooks."""
+        modules it can without hooks. Returns what to pass to :meth:`uninstall`; on a failure,
+        what was installed is removed first."""
         if modules is None:
             modules = targets(self.model, self.params, self.rule_for)
         self.owners = owned if owned is not None else owners(self.model, self.params)
@@ -222,12 +231,17 @@ class Capture:
             w = watch.watching(self.model, self.params, frozenset(self.noting))
             self.nograd = w.__enter__()
             undo.append(w.__exit__)
-            self.active = True
-            yield self
-        finally:
-            self.active = False
-            for u in reversed(undo):
-                u()
+        except BaseException:
+            self.uninstall(undo)
+            raise
+        self.active = True
+        return undo
+
+    def uninstall(self, undo: list[Callable[[], None]]) -> None:
+        """Remove what :meth:`install` installed (``undo``, its result), last first."""
+        self.active = False
+        for u in reversed(undo):
+            u()
 
     def without_grad(self, module: torch.nn.Module) -> None:
         """Record a call of ``module`` made with gradients disabled (from the forward hook of a
@@ -319,20 +333,6 @@ def uses_key(uses: list[Use]) -> tuple:
     """What a plan reads of a call's uses, as a key (:func:`fimfast.persample.plan._structure`)."""
     return tuple((id(u.param), u.kind, u.block, u.groups, u.transposed, u.chain is None)
                  for u in uses)
-
-
-def nograd_error(names: list[str], types: str):
-    """The error for parameters a forward used with gradients disabled (see :class:`Capture`)."""
-    from fimfast.types import UnsupportedModelError
-
-    shown = ", ".join(repr(n) for n in names[:5])
-    return UnsupportedModelError(
-        f"module(s) {shown} with trainable parameters ran with gradients disabled inside the "
-        f"forward (torch.no_grad, or torch.utils.checkpoint with use_reentrant=True{types}): "
-        "autograd never sees their parameters, whose Fisher would read as 0. Drop the no_grad "
-        "region (or use use_reentrant=False), or set requires_grad=False on those parameters to "
-        "leave them out of the estimate"
-    )
 
 
 def saved_tensor_hooks_active() -> bool:

@@ -4,7 +4,7 @@ A module owning trainable parameters that the forward runs with gradients disabl
 (``torch.no_grad``, a reentrant ``torch.utils.checkpoint`` segment) is invisible to autograd: its
 parameters' Fisher would read as 0. :class:`NogradWatch` records such modules during the forward
 (the estimator refuses the step, or allows it for a reentrant checkpoint, which HUTCHINSON's plain
-backward reaches; :func:`fimfast.hooks.nograd_error`). The per-sample engine's layer capture
+backward reaches; :func:`nograd_error`). The per-sample engine's layer capture
 (:class:`fimfast.hooks.Capture`) uses the same watch for the modules whose rule hook does not note
 such calls itself (:meth:`fimfast.rules.Rule.install`).
 """
@@ -137,4 +137,19 @@ def _compiled(model: torch.nn.Module) -> bool:
         or getattr(m, "_compiled_call_impl", None) is not None
         or (opt is not None and isinstance(m, opt))
         for m in model.modules()
+    )
+
+
+def nograd_error(names: list[str], types: str):
+    """The error for parameters a forward used with gradients disabled (see
+    :class:`fimfast.hooks.Capture`)."""
+    from fimfast.types import UnsupportedModelError
+
+    shown = ", ".join(repr(n) for n in names[:5])
+    return UnsupportedModelError(
+        f"module(s) {shown} with trainable parameters ran with gradients disabled inside the "
+        f"forward (torch.no_grad, or torch.utils.checkpoint with use_reentrant=True{types}): "
+        "autograd never sees their parameters, whose Fisher would read as 0. Drop the no_grad "
+        "region (or use use_reentrant=False), or set requires_grad=False on those parameters to "
+        "leave them out of the estimate"
     )

@@ -15,6 +15,7 @@ from fimfast.ops.registry import (
     BackendUnavailableError,
     available_backends,
     backend_status,
+    bound,
     resolve,
 )
 from fimfast.ops.torch_ref import PROBE_MODES, compute_dtype
@@ -80,19 +81,21 @@ def probe_logit_grad(
     Returns:
         ``(S, R, C)`` float32 (float64 for float64 logits), contiguous.
     """
-    _check_2d("logits", logits)
+    if type(logits) is not torch.Tensor or logits.dim() != 2:  # a subclass: the full check
+        _check_2d("logits", logits)
     if mode not in PROBE_MODES:
         raise ValueError(f"mode must be one of {PROBE_MODES}; got {mode!r}")
-    if int(num_probes) < 1:
+    n = int(num_probes)
+    if n < 1:
         raise ValueError(f"num_probes must be >= 1; got {num_probes!r}")
     if mode == "empirical":
         if labels is None or labels.shape != logits.shape[:1]:
             got = None if labels is None else tuple(labels.shape)
             raise ValueError(f"labels must have shape {tuple(logits.shape[:1])}; got {got}")
-    if mode == "rankk" and eig is None:
+    elif mode == "rankk" and eig is None:
         raise ValueError("eig=(eigenvalues, eigenvectors) is required for mode 'rankk'")
-    _, fn = resolve("probe_logit_grad", backend, logits.device)
-    return fn(logits, mode, int(seed), int(offset), int(num_probes), labels, eig, float(sigma2))
+    fn = bound("probe_logit_grad", backend, logits.device)
+    return fn(logits, mode, int(seed), int(offset), n, labels, eig, float(sigma2))
 
 
 LM_HEAD_MODES = ("hutchinson", "sqrt", "dg")

@@ -103,6 +103,7 @@ def register(op: str, backend: str, target: str, cpu_auto_first: bool | None = N
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     _IMPLS.setdefault(op, {})[backend] = target
     _AUTO_CHOICE.clear()
+    _AUTO_BOUND.clear()
     if cpu_auto_first is not None and backend == "cpp":
         order = [b for b in _AUTO_CPU.get(op, ("torch",)) if b != "cpp"]
         _AUTO_CPU[op] = tuple(["cpp", *order] if cpu_auto_first else [*order, "cpp"])
@@ -254,9 +255,41 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
 _AUTO_CHOICE: dict[tuple[str, str, bool], tuple[str, Callable]] = {}
 
 
+def bound(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The function :func:`resolve` picks, for the ops called every step.
+
+    With no backend named (argument and ``FIMFAST_BACKEND``, which is read on every call), an
+    automatic choice already made is returned after one dict lookup; when the automatic order of
+    ``op`` on this device type has no ``triton``, the choice does not depend on
+    ``TRITON_INTERPRET`` and that variable is not read. Anything else (an explicit backend, a
+    first call) goes through :func:`resolve` and raises as it does.
+    """
+    if backend is None or backend == "auto":
+        env = os.environ.get("FIMFAST_BACKEND")
+        if env is None or env == "auto":
+            fn = _AUTO_BOUND.get((op, device.type))
+            if fn is not None and _AUTO_CHOICE:  # (cleared together with _AUTO_CHOICE)
+                return fn
+            choice = _AUTO_CHOICE.get((op, device.type, _triton_interpret()))
+            if choice is None:
+                choice = resolve(op, None, device)
+            if "triton" not in _auto_order(op, device):
+                _AUTO_BOUND[(op, device.type)] = choice[1]
+            return choice[1]
+    return resolve(op, backend, device)[1]
+
+
+# (op, device type) -> the automatic choice, for the orders without triton (see bound)
+_AUTO_BOUND: dict[tuple[str, str], Callable] = {}
+
+
+def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:
+    """The backends tried, in order, for the automatic choice of ``op`` on ``device``."""
+    return _AUTO_CUDA if device.type == "cuda" else _AUTO_CPU.get(op, ("torch",))
+
+
 def _auto(op: str, impls: dict[str, str], device: torch.device) -> tuple[str, Callable]:
-    order = _AUTO_CUDA if device.type == "cuda" else _AUTO_CPU.get(op, ("torch",))
-    for name in order:
+    for name in _auto_order(op, device):
         if name in impls and backend_status(name, device)[0]:
             try:
                 return name, _load(impls[name])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fimfast import functional, hooks, layers
-from fimfast.nograd import NogradWatch
+from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.rules.forwards import Forwards
 from fimfast.types import UnsupportedModelError
 
@@ -92,8 +92,9 @@ class Replay:
         cap = None
         stats: list = []
         lookups = False
-        if self.expand_broadcast and self.use_rules:
-            _, lookups, norms = self._modules(model, params)
+        mods = self._modules(model, params) if self.use_rules else None  # capture's too
+        if self.expand_broadcast and mods is not None:
+            _, lookups, norms = mods
             # F.embedding calls are expanded as nn.Embedding's (fimfast.functional_ops)
             lookups = lookups or (self.functional and not self._quiet)
             stats = _running_stats(norms) if lookups else []
@@ -102,7 +103,7 @@ class Replay:
         # (T,) lookups are expanded once checked, or in the forward that checks them
         flat = self.expand_flat and (self._flat_checked or check)
         try:
-            with self.capture(model, params, batch_size, flat) as cap:
+            with self.capture(model, params, batch_size, flat, mods) as cap:
                 result = fwd.run()
             if rng is None or cap is None or not cap.expanded_flat:
                 return cap, result
@@ -174,9 +175,11 @@ class Replay:
         params: list[torch.Tensor],
         batch_size: int | None = None,
         flat: bool = False,
+        mods: tuple | None = None,
     ):
         """Context for the forward: yields a :class:`~fimfast.hooks.Capture` (or ``None``);
-        ``flat`` also expands lookups with ids of shape ``(T,)`` (see :meth:`forward`)."""
+        ``flat`` also expands lookups with ids of shape ``(T,)`` (see :meth:`forward`);
+        ``mods``: ``self._modules(model, params)`` when the caller has it already."""
         if not self.use_rules:
             with nullcontext():
                 yield None
@@ -187,10 +190,12 @@ class Replay:
         cap = hooks.Capture(
             model, params, layers.rule_for, direct, batch_size, self.expand_broadcast, hold, flat,
         )
-        mods = self._modules(model, params)
+        if mods is None:
+            mods = self._modules(model, params)
         cap.memo = self._memo  # the rules' uses, kept while the parameter set stays
         forwards = None if self.hooked else self._forwards
-        with cap.installed(mods[0], self._owned, self._watch, forwards):
+        undo = cap.install(mods[0], self._owned, self._watch, forwards)  # cap.installed, inline
+        try:
             if not self.functional or self._quiet:
                 yield cap
                 return
@@ -198,6 +203,8 @@ class Replay:
                 yield cap
             # a forward with no functional call on a parameter runs later steps without the mode
             self._quiet = mode.recorded == 0
+        finally:
+            cap.uninstall(undo)
 
     def _modules(
         self, model: torch.nn.Module, params: list[torch.Tensor]
@@ -227,7 +234,7 @@ def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
             "use a HUTCHINSON type"
         )
     if cap is not None and cap.nograd:
-        raise hooks.nograd_error(cap.nograd, " for the per-sample types")
+        raise nograd_error(cap.nograd, " for the per-sample types")
 
 
 def _stat_modules(model: torch.nn.Module) -> tuple[bool, list[torch.nn.Module]]:

@@ -122,3 +122,72 @@ def test_automatic_choice_is_remembered_until_the_registry_changes(monkeypatch):
     finally:
         registry._IMPLS["sq_matmul"] = impls
         registry._AUTO_CHOICE.clear()
+
+
+def _impl(op: str, backend: str):
+    return registry._load(registry._IMPLS[op][backend])
+
+
+def test_bound_keeps_the_automatic_choice_and_reads_the_environment_every_call(monkeypatch):
+    """ops.probe_logit_grad's dispatch (registry.bound): the automatic choice is kept, and a
+    FIMFAST_BACKEND set afterwards, or an explicit backend, still decides (and still raises)."""
+    from fimfast import ops
+
+    op, cpu, z = "probe_logit_grad", torch.device("cpu"), torch.randn(3, 4)
+    monkeypatch.delenv("FIMFAST_BACKEND", raising=False)
+    auto = registry.resolve(op, None, cpu)[1]
+    assert registry.bound(op, None, cpu) is auto
+    assert registry.bound(op, "auto", cpu) is auto  # kept: the same again
+    monkeypatch.setenv("FIMFAST_BACKEND", "torch")
+    assert registry.bound(op, None, cpu) is _impl(op, "torch")
+    monkeypatch.setenv("FIMFAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FIMFAST_BACKEND"):
+        ops.probe_logit_grad(z, "hutchinson", 0, 0)
+    monkeypatch.setenv("FIMFAST_BACKEND", "cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.probe_logit_grad(z, "hutchinson", 0, 0)
+    monkeypatch.setenv("FIMFAST_BACKEND", "auto")
+    assert registry.bound(op, None, cpu) is auto
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.probe_logit_grad(z, "hutchinson", 0, 0, backend="cuda")
+    assert registry.bound(op, "torch", cpu) is _impl(op, "torch")
+    got = ops.probe_logit_grad(z, "hutchinson", 5, 7)
+    want = ops.probe_logit_grad(z, "hutchinson", 5, 7, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bound_forgets_its_choice_when_the_registry_changes(monkeypatch):
+    op, cpu = "probe_logit_grad", torch.device("cpu")
+    monkeypatch.delenv("FIMFAST_BACKEND", raising=False)
+    impls, order = dict(registry._IMPLS[op]), registry._AUTO_CPU[op]
+    first = registry.bound(op, None, cpu)
+    try:
+        monkeypatch.setitem(registry._AUTO_CPU, op, ("torch", *order))
+        registry.register(op, "torch", impls["torch"])
+        assert registry.bound(op, None, cpu) is _impl(op, "torch")
+    finally:
+        registry._IMPLS[op] = impls
+        monkeypatch.setitem(registry._AUTO_CPU, op, order)
+        registry._AUTO_CHOICE.clear()
+    assert registry.bound(op, None, cpu) is first
+
+
+def test_bound_reads_triton_interpret_where_the_automatic_order_has_triton(monkeypatch):
+    """With triton in the automatic order on the CPU, TRITON_INTERPRET decides on every call."""
+    op, cpu = "probe_logit_grad", torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not registry.backend_status("triton", cpu)[0]:
+        pytest.skip("triton is unavailable here")
+    monkeypatch.delenv("FIMFAST_BACKEND", raising=False)
+    try:
+        monkeypatch.setitem(registry._AUTO_CPU, op, ("triton", "torch"))
+        registry._AUTO_CHOICE.clear()
+        registry._AUTO_BOUND.clear()
+        assert registry.bound(op, None, cpu) is _impl(op, "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert registry.bound(op, None, cpu) is _impl(op, "torch")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert registry.bound(op, None, cpu) is _impl(op, "triton")
+    finally:
+        registry._AUTO_CHOICE.clear()
+        registry._AUTO_BOUND.clear()
