@@ -6,6 +6,7 @@ backward, an in-place op after the layer, and the estimator's ``train_step``."""
 
 from __future__ import annotations
 
+import node_checks
 import pytest
 import torch
 from torch import nn
@@ -38,26 +39,12 @@ def _setup(name: str, bias: bool = True):
 
 
 def _both(m, x0):
-    """``(x, y_native, y_node)``: the layer's output as torch computes it, and as the node."""
-    x = torch.tanh(x0)
-    y = m(x)
-    z = conv_node.fold(x, m(x), m.bias)
-    assert type(z.grad_fn).__name__ == "NodeBackward"
-    assert torch.equal(y, z)
-    return x, y, z
+    return node_checks.both(conv_node.fold, m, x0)
 
 
 def _folded(monkeypatch) -> list:
     """Record the levels the node's backward unwraps (one per folded backward)."""
-    seen: list = []
-    level = conv_node._level
-
-    def spy(g):
-        seen.append(level(g))
-        return seen[-1]
-
-    monkeypatch.setattr(conv_node, "_level", spy)
-    return seen
+    return node_checks.spy(monkeypatch, conv_node, "_level")
 
 
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
@@ -120,25 +107,12 @@ def test_unbatched_engine_backward_and_no_bias():
 
 
 def test_double_backward_matches_torch():
-    m, x0 = _setup("2d_k32_s23_d12")
-    _, y, z = _both(m, x0)
-    outs = []
-    for out in (y, z):
-        (gx,) = torch.autograd.grad(torch.sin(out).sum(), [x0], create_graph=True)
-        outs.append(torch.autograd.grad(gx.square().sum(), [x0, m.weight], retain_graph=True))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    node_checks.check_double_backward(conv_node.fold, *_setup("2d_k32_s23_d12"))
 
 
 def test_in_place_after_the_layer():
     """``nn.ReLU(inplace=True)`` on the node's output (not a view of an input)."""
-    m, x0 = _setup("1d_k4_s2_p1")
-    _, y, z = _both(m, x0)
-    G = torch.randn_like(y)
-    want = torch.autograd.grad(torch.relu(y), [x0, m.weight], G, retain_graph=True)
-    got = torch.autograd.grad(torch.relu_(z), [x0, m.weight], G)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    node_checks.check_in_place_after(conv_node.fold, *_setup("1d_k4_s2_p1"))
 
 
 def test_left_alone_where_it_does_not_apply():

@@ -7,6 +7,7 @@ generic path."""
 
 from __future__ import annotations
 
+import node_checks
 import pytest
 import torch
 from torch import nn
@@ -40,13 +41,7 @@ def _setup(name: str):
 
 
 def _both(m, x0):
-    """``(x, y_native, y_node)``: the layer's output as torch computes it, and as the node."""
-    x = torch.tanh(x0)
-    y = m(x)
-    z = norm_node.fold(x, m(x), m.bias)
-    assert type(z.grad_fn).__name__ == "NodeBackward"
-    assert torch.equal(y, z)
-    return x, y, z
+    return node_checks.both(norm_node.fold, m, x0)
 
 
 def _ins(m, x0):
@@ -55,15 +50,7 @@ def _ins(m, x0):
 
 def _folded(monkeypatch) -> list:
     """Record the backwards that took the folded product (a batched gradient)."""
-    seen: list = []
-    batched = norm_node._is_batched
-
-    def spy(g):
-        seen.append(batched(g))
-        return seen[-1]
-
-    monkeypatch.setattr(norm_node, "_is_batched", spy)
-    return seen
+    return node_checks.spy(monkeypatch, norm_node, "_is_batched")
 
 
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
@@ -113,25 +100,12 @@ def test_batched_backward_to_the_parameters(name, monkeypatch):
 
 
 def test_double_backward_matches_torch():
-    m, x0 = _setup("2d")
-    _, y, z = _both(m, x0)
-    outs = []
-    for out in (y, z):
-        (gx,) = torch.autograd.grad(torch.sin(out).sum(), [x0], create_graph=True)
-        outs.append(torch.autograd.grad(gx.square().sum(), [x0, m.weight], retain_graph=True))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    node_checks.check_double_backward(norm_node.fold, *_setup("2d"))
 
 
 def test_in_place_after_the_layer():
     """``nn.ReLU(inplace=True)`` on the node's output (not a view of an input)."""
-    m, x0 = _setup("2d")
-    _, y, z = _both(m, x0)
-    G = torch.randn_like(y)
-    want = torch.autograd.grad(torch.relu(y), [x0, m.weight], G, retain_graph=True)
-    got = torch.autograd.grad(torch.relu_(z), [x0, m.weight], G)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    node_checks.check_in_place_after(norm_node.fold, *_setup("2d"))
 
 
 def test_statistics_changed_after_the_forward():
