@@ -51,3 +51,33 @@ def check_in_place_after(fold: Callable, m: torch.nn.Module, x0: torch.Tensor) -
     got = torch.autograd.grad(torch.relu_(z), [x0, m.weight], G)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def check_batched_to_input(fold: Callable, m: torch.nn.Module, x0: torch.Tensor,
+                           engine: str) -> None:
+    """Five columns to the layer's input by a batched backward (``autograd``: torch's
+    ``is_grads_batched``; ``stream``: the engine's :func:`fimfast.persample.stream.batched_grads`)
+    give torch's values."""
+    from fimfast.persample import stream
+
+    x, y, z = both(fold, m, x0)
+    cot = torch.randn(5, *y.shape, dtype=torch.float64)
+    want = torch.autograd.grad(torch.sin(y), [x], cot, is_grads_batched=True,
+                               retain_graph=True)[0]
+    if engine == "autograd":
+        got = torch.autograd.grad(torch.sin(z), [x], cot, is_grads_batched=True)[0]
+    else:
+        got = stream.batched_grads(torch.sin(z), [x], cot, False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def check_batched_to_parameters(fold: Callable, m: torch.nn.Module, x0: torch.Tensor) -> None:
+    """Four columns by a batched backward to the input and the layer's parameters give torch's
+    values."""
+    _, y, z = both(fold, m, x0)
+    cot = torch.randn(4, *y.shape, dtype=torch.float64)
+    ins = [x0] + [p for p in (m.weight, m.bias) if p is not None]
+    want = torch.autograd.grad(torch.sin(y), ins, cot, is_grads_batched=True, retain_graph=True)
+    got = torch.autograd.grad(torch.sin(z), ins, cot, is_grads_batched=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import fimfast
-from fimfast.persample import stream
 from fimfast.rules import conv_node
 
 # (kind, in, out, kernel, stride, padding, dilation, groups, output padding, input size)
@@ -65,16 +64,7 @@ def test_batched_backward_folds_the_columns(name, engine, monkeypatch):
     """The engine's backward: several columns to a tap below the layer's output and to its
     input; the input gradient is one folded convolution."""
     seen = _folded(monkeypatch)
-    m, x0 = _setup(name)
-    x, y, z = _both(m, x0)
-    cot = torch.randn(5, *y.shape, dtype=torch.float64)
-    want = torch.autograd.grad(torch.sin(y), [x], cot, is_grads_batched=True,
-                               retain_graph=True)[0]
-    if engine == "autograd":
-        got = torch.autograd.grad(torch.sin(z), [x], cot, is_grads_batched=True)[0]
-    else:
-        got = stream.batched_grads(torch.sin(z), [x], cot, False)[0]
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    node_checks.check_batched_to_input(conv_node.fold, *_setup(name), engine)
     assert seen and all(lv is not None for lv in seen)
 
 
@@ -83,15 +73,7 @@ def test_batched_backward_to_the_parameters(name, monkeypatch):
     """A batched backward that wants the weight and bias too (as the generic path's): the input
     folded, the parameters by torch's loop over the columns."""
     seen = _folded(monkeypatch)
-    m, x0 = _setup(name)
-    _, y, z = _both(m, x0)
-    cot = torch.randn(4, *y.shape, dtype=torch.float64)
-    ins = [x0, m.weight, m.bias]
-    want = torch.autograd.grad(torch.sin(y), ins, cot, is_grads_batched=True,
-                               retain_graph=True)
-    got = torch.autograd.grad(torch.sin(z), ins, cot, is_grads_batched=True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    node_checks.check_batched_to_parameters(conv_node.fold, *_setup(name))
     assert seen and all(lv is not None for lv in seen)
 
 

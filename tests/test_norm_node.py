@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import fimfast
-from fimfast.persample import stream
 from fimfast.rules import norm_node
 
 CONFIGS = {
@@ -70,16 +69,7 @@ def test_training_backward_matches_torch(name):
 def test_batched_backward_folds_the_columns(name, engine, monkeypatch):
     """The engine's backward: several columns to the layer's input, by one product."""
     seen = _folded(monkeypatch)
-    m, x0 = _setup(name)
-    x, y, z = _both(m, x0)
-    cot = torch.randn(5, *y.shape, dtype=torch.float64)
-    want = torch.autograd.grad(torch.sin(y), [x], cot, is_grads_batched=True,
-                               retain_graph=True)[0]
-    if engine == "autograd":
-        got = torch.autograd.grad(torch.sin(z), [x], cot, is_grads_batched=True)[0]
-    else:
-        got = stream.batched_grads(torch.sin(z), [x], cot, False)[0]
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    node_checks.check_batched_to_input(norm_node.fold, *_setup(name), engine)
     assert seen == [True]
 
 
@@ -88,14 +78,7 @@ def test_batched_backward_to_the_parameters(name, monkeypatch):
     """A batched backward that wants the weight and bias too (as the generic path's): torch's
     loop over the columns, the same values."""
     seen = _folded(monkeypatch)
-    m, x0 = _setup(name)
-    _, y, z = _both(m, x0)
-    cot = torch.randn(4, *y.shape, dtype=torch.float64)
-    ins = _ins(m, x0)
-    want = torch.autograd.grad(torch.sin(y), ins, cot, is_grads_batched=True, retain_graph=True)
-    got = torch.autograd.grad(torch.sin(z), ins, cot, is_grads_batched=True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    node_checks.check_batched_to_parameters(norm_node.fold, *_setup(name))
     assert not any(seen)
 
 
