@@ -221,39 +221,52 @@ def test_repeated_backward_to_the_taps_reuses_the_gates(mode, bptt_backend):
     assert not hasattr(fresh[0].grad_fn, "gates")
 
 
-def test_a_failing_recurrence_leaves_the_estimate_unchanged(monkeypatch):
-    """An error inside the recurrent backward (every call of the op after the first, mid-step:
-    the batched backward's per-column fallback fails too) aborts the step with that error and
-    leaves the accumulated estimate as it was; the next step adds to it as if nothing happened."""
-    from fimfast import DiagFisher, ops
+def _failed_step_changes_nothing(model, fim_type, monkeypatch, owner, name, failing, match):
+    """A step with ``owner.name`` replaced by ``failing`` raises ``match`` and leaves the estimate
+    of the step before it as it was; with the original back, the next step adds to it as if
+    nothing happened (the same as two steps of a fresh estimator)."""
+    from fimfast import DiagFisher
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, batch_first=True), _Last(), nn.Linear(4, 3))
     x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
-    est = DiagFisher(model, "exact")
+    est = DiagFisher(model, fim_type)
     est.step((x, y))
     before = {n: t.clone() for n, t in est.result().items()}
-    calls = []
-    real = ops.recurrent_bptt
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) >= 2:
-            raise RuntimeError("recurrence failed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "recurrent_bptt", failing)
-    with pytest.raises(RuntimeError, match="recurrence failed"):
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, failing(real))
+    with pytest.raises(RuntimeError, match=match):
         est.step((x, y))
-    monkeypatch.setattr(ops, "recurrent_bptt", real)
+    monkeypatch.setattr(owner, name, real)
     for n, t in est.result().items():
         assert torch.equal(t, before[n]), n
     est.step((x, y))
-    ref = DiagFisher(model, "exact")
+    ref = DiagFisher(model, fim_type)
     ref.step((x, y))
     ref.step((x, y))
     for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=0), n
+
+
+def test_a_failing_recurrence_leaves_the_estimate_unchanged(monkeypatch):
+    """An error inside the recurrent backward (every call of the op after the first, mid-step:
+    the batched backward's per-column fallback fails too) aborts the step with that error and
+    leaves the accumulated estimate as it was; the next step adds to it as if nothing happened."""
+    from fimfast import ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GRU(3, 4, num_layers=2, batch_first=True), _Last(), nn.Linear(4, 3))
+
+    def failing(real):
+        calls = []
+
+        def op(*args, **kwargs):
+            calls.append(1)
+            if len(calls) >= 2:
+                raise RuntimeError("recurrence failed")
+            return real(*args, **kwargs)
+        return op
+
+    _failed_step_changes_nothing(model, "exact", monkeypatch, ops, "recurrent_bptt", failing,
+                                 "recurrence failed")
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -279,30 +292,15 @@ def test_a_failing_forward_kernel_leaves_the_estimate_unchanged(monkeypatch):
     """An error in the node's forward kernel (fimfast.ops.recurrent_forward) aborts the step
     with that error before anything is added; the estimate stays as it was and the next step
     adds to it as if nothing happened."""
-    from fimfast import DiagFisher
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.LSTM(3, 4, batch_first=True), _Last(), nn.Linear(4, 3))
-    x, y = torch.randn(5, 6, 3), torch.randint(0, 3, (5,))
-    est = DiagFisher(model, "empirical")
-    est.step((x, y))
-    before = {n: t.clone() for n, t in est.result().items()}
-    real = recurrent_scan._own_forward
 
-    def failing(mode, gi):
-        def kernel(*args):
-            raise RuntimeError("forward kernel failed")
-        return kernel
+    def failing(real):
+        def own_forward(mode, gi):
+            def kernel(*args):
+                raise RuntimeError("forward kernel failed")
+            return kernel
+        return own_forward
 
-    monkeypatch.setattr(recurrent_scan, "_own_forward", failing)
-    with pytest.raises(RuntimeError, match="forward kernel failed"):
-        est.step((x, y))
-    monkeypatch.setattr(recurrent_scan, "_own_forward", real)
-    for n, t in est.result().items():
-        assert torch.equal(t, before[n]), n
-    est.step((x, y))
-    ref = DiagFisher(model, "empirical")
-    ref.step((x, y))
-    ref.step((x, y))
-    for (n, a), (_, b) in zip(est.result().items(), ref.result().items(), strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=0), n
+    _failed_step_changes_nothing(model, "empirical", monkeypatch, recurrent_scan, "_own_forward",
+                                 failing, "forward kernel failed")
