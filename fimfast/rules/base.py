@@ -398,10 +398,16 @@ class Rule:
             # backward recomputes this forward without the capture, so it must stay as it is
             # (its parameters are then used outside the captured calls: generic path)
             return None
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, torch.Tensor):
+        x = self.inputs(args, kwargs)
+        if x is None:
             return None
         return self.capture(cap, module, x, output)
+
+    def inputs(self, args: tuple, kwargs: dict) -> Any:
+        """What :meth:`capture` receives as ``x`` from the call's arguments: its first input if it
+        is a tensor; ``None`` leaves the call uncaptured."""
+        x = args[0] if args else kwargs.get("input")
+        return x if isinstance(x, torch.Tensor) else None
 
     def capture(
         self, cap: Capture, module: nn.Module, x: torch.Tensor, y: torch.Tensor

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fimfast import chunks
-from fimfast.hooks import Call, Use, saved_tensor_hooks_active
+from fimfast.hooks import Call, Use
 from fimfast.rules.base import (
     Outer,
     Patches,
@@ -14,7 +14,6 @@ from fimfast.rules.base import (
     UseKind,
     Vec,
     _linear_terms,
-    _usable,
     front,
     trainable,
 )
@@ -78,19 +77,16 @@ class BilinearRule(Rule):
     name = "bilinear"
     takes_functions = True  # its terms tell uses apart by position or kind
 
-    def _hook(self, cap, module, args, kwargs, output):
-        if not cap.active or not torch.is_grad_enabled() or not _usable(output):
-            return None
-        if saved_tensor_hooks_active() or "forward" in module.__dict__:  # see Rule._hook
-            return None
+    def inputs(self, args, kwargs):
+        """The pair ``(input1, input2)``, positional or keyword."""
         x1 = args[0] if args else kwargs.get("input1")
         x2 = args[1] if len(args) > 1 else kwargs.get("input2")
         if not (isinstance(x1, torch.Tensor) and isinstance(x2, torch.Tensor)):
             return None
-        return self.capture(cap, module, (x1, x2), output)
+        return x1, x2
 
     def capture(self, cap, module, x, y):
-        """``x``: the pair of inputs ``(input1, input2)`` (from the hook above)."""
+        """``x``: the pair of inputs ``(input1, input2)`` (:meth:`inputs`)."""
         x1, x2 = x
         lead = y.dim() - 1
         if lead < 1 or x1.shape[:-1] != y.shape[:-1] or x2.shape[:-1] != y.shape[:-1]:
