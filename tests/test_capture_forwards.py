@@ -137,8 +137,8 @@ def test_rules_of_their_own_and_compiled_models_keep_the_hooks():
     params = list(m.parameters())
     targets = hooks.targets(m, params, layers.rule_for)
     f = Forwards(m, targets)
-    assert [mm for mm, _, _ in f._wrap] == [m[0], m[2].out_proj]
-    assert [type(mm) for mm, _ in f._rest] == [nn.EmbeddingBag, nn.MultiheadAttention]
+    assert [mm for mm, _, _ in f._wrap] == [m[0], m[1], m[2].out_proj]
+    assert [type(mm) for mm, _ in f._rest] == [nn.MultiheadAttention]
     scripted = nn.Sequential(nn.Linear(4, 4), torch.jit.script(nn.Linear(4, 4)))
     f = Forwards(scripted, hooks.targets(scripted, list(scripted.parameters()), layers.rule_for))
     assert f._wrap == []
@@ -147,6 +147,33 @@ def test_rules_of_their_own_and_compiled_models_keep_the_hooks():
     assert f_dp._wrap == [] and len(f_dp._rest) == 1
     cap = hooks.Capture(m, params, layers.rule_for)
     assert f.enter(cap, list(targets)) is not f.modules  # another list: left to the hooks
+
+
+@pytest.mark.parametrize("name", ["bag_sum_offsets_psw", "bag_sum_2d_psw_pad",
+                                  "bag_mean_last_twice", "bag_max_2d_twice_norm",
+                                  "bag_mean_tokens_tied"])
+@pytest.mark.parametrize("fim_type", ["exact", "empirical"])
+def test_embedding_bags_take_the_capturing_forward_with_their_offsets_and_weights(name,
+                                                                                 fim_type):
+    # offsets positional, per_sample_weights by keyword (tests/test_layers_conv_bag.py's Bag):
+    # the capturing forward hands the rule all three, as the hook did
+    from test_layers_conv_bag import build
+
+    case = build(name).to(torch.float64)
+    seen = []
+    pre = case.model.bag.register_forward_pre_hook(
+        lambda mod, args: seen.append(("forward" in mod.__dict__, len(mod._forward_hooks))))
+    got, est = _run(case, fim_type, hooked=False)
+    pre.remove()
+    assert seen[-1] == (True, 0)  # the last step (the first also plans)
+    ref, _ = _run(case, fim_type, hooked=True)
+    _left_alone(case.model)
+    assert not est._persample.last_plan.generic, est._persample.last_plan.reasons
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    if fim_type == "exact":
+        want = {k: 2 * v for k, v in oracle(case, "exact").items()}
+        assert rel_error(got, want) < 1e-10
 
 
 def test_a_failed_forward_puts_the_modules_back_and_leaves_the_state():

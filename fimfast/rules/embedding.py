@@ -8,8 +8,8 @@ import weakref
 import torch
 
 from fimfast.dtypes import compute_dtype
-from fimfast.hooks import Call, Use, saved_tensor_hooks_active
-from fimfast.rules.base import Rows, Rule, UseKind, _usable, front, trainable
+from fimfast.hooks import Call, Use
+from fimfast.rules.base import Rows, Rule, UseKind, front, trainable
 
 
 class EmbeddingRule(Rule):
@@ -97,22 +97,17 @@ class EmbeddingBagRule(Rule):
         # scale_grad_by_freq divides by counts over the whole batch: not a per-sample gradient
         return not module.scale_grad_by_freq
 
-    def _hook(self, cap, module, args, kwargs, output):
-        if not cap.active or not torch.is_grad_enabled() or not _usable(output):
-            return None
-        if saved_tensor_hooks_active() or "forward" in module.__dict__:  # see Rule._hook
-            return None
+    def inputs(self, args, kwargs):
+        """``(input, offsets, per_sample_weights)``, positional or keyword; the last two may be
+        ``None``."""
         x = args[0] if args else kwargs.get("input")
         offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
         psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
-        if not isinstance(x, torch.Tensor):
-            return None
-        return self._capture(cap, module, x, offsets, psw, output)
+        return (x, offsets, psw) if isinstance(x, torch.Tensor) else None
 
     def capture(self, cap, module, x, y):
-        return self._capture(cap, module, x, None, None, y)
-
-    def _capture(self, cap, module, x, offsets, psw, y):
+        """``x``: ``(input, offsets, per_sample_weights)`` (:meth:`inputs`)."""
+        x, offsets, psw = x
         data = bag_data(cap, module, x, offsets, psw, y)
         if data is None:
             return None
