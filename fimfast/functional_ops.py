@@ -17,6 +17,13 @@ norms, transposed convolutions and contractions.
   ``12 N numel`` bytes exceed ``FIMFAST_MEMORY_BUDGET_MB`` is left to the generic path).
   ``addmm(b, x, W)`` with ``alpha = beta = 1`` is a linear map (``x @ W + b``, the
   :class:`~fimfast.rules.Outer` of ``F.linear``).
+* ``p.expand(...)``, ``p.expand_as(x)``, ``torch.broadcast_to(p, shape)`` and ``p.repeat(...)``
+  repeating only dims where ``p`` has size 1: a parameter made one per sample (a class token
+  ``cls.expand(N, -1, -1)`` concatenated to the patches, a learned initial state
+  ``h0.expand(L, N, H)``). It is ``zeros + p`` broadcast: :class:`fimfast.rules.functional.
+  ElementwiseRule`'s terms, sample ``n``'s gradient the output gradient at its slice summed down
+  to ``p``'s shape; the probe finds which dim is the batch (none: a parameter expanded into a
+  shared weight couples the samples, and it takes the generic path).
 """
 
 from __future__ import annotations
@@ -320,8 +327,32 @@ def _addmm_linear(mode, bias, x, w):
     return mode.record("addmm", frules.LINEAR, y, 1, uses, {"x": x.detach()})
 
 
+_EXPANDS = {Tensor.expand, Tensor.expand_as, Tensor.broadcast_to, torch.broadcast_to,
+            Tensor.repeat}
+
+
+def _expand(mode, func, args, kwargs):
+    """A parameter (or a view or elementwise function of one) broadcast to a larger shape: see
+    the module docstring."""
+    found = mode.operand(args[0]) if args else None
+    if found is None:
+        return func(*args, **kwargs)
+    p, remake, chain = found
+    pv = remake() if remake is not None else p
+    y = func(pv, *args[1:], **kwargs)
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        return y
+    if func is Tensor.repeat:  # a copy per repeat: a broadcast only along dims of size 1
+        shape = (1,) * (y.dim() - pv.dim()) + tuple(pv.shape)
+        if any(a != b and b != 1 for a, b in zip(y.shape, shape)):
+            return y  # a tiled parameter: its edge is no recorded call's (generic path)
+    data = {"deriv": None, "sign": 1, "shape": tuple(pv.shape), "chain": chain}
+    return mode.record("expand", frules.ELEMENTWISE, y, y.dim(), [Use(p, UseKind.VEC)], data)
+
+
 HANDLERS: dict[Callable, Callable] = {
     **dict.fromkeys(_UNARY, _unary),
+    **dict.fromkeys(_EXPANDS, _expand),
     F.relu: _relu,
     **dict.fromkeys((Tensor.__rsub__, Tensor.__rdiv__, Tensor.__rtruediv__), _reverse),
     **dict.fromkeys(_NORM_ARGS, _norm),

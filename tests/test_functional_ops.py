@@ -248,13 +248,39 @@ class Heads(nn.Module):
         return self.head(h.reshape(N, 6))
 
 
+class Expands(nn.Module):
+    """Parameters made one per sample: a class token expanded and concatenated to the tokens
+    (as a ViT's), a learned initial state expanded along dim 1 for a time-major GRU,
+    ``broadcast_to`` of ``exp(p)`` (the chain rule), ``repeat`` of a ``(1, d)`` gain along the
+    batch, ``expand_as``, and one vector expanded twice in two shapes (its per-sample gradients
+    add before the square)."""
+
+    def __init__(self, d: int = 6, C: int = 4):
+        super().__init__()
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, C)
+        self.gru = nn.GRU(3, 3)
+        self.cls, self.h0 = _param(1, 1, 3, seed=110), _param(1, 1, 3, seed=111)
+        self.rep, self.ea = _param(1, d, seed=112, shift=1.0), _param(d, seed=113)
+        self.bt, self.twice = _param(1, 3, seed=114), _param(3, seed=115)
+
+    def forward(self, x):
+        N = x.shape[0]
+        tok = torch.tanh(self.fc(x)).view(N, 2, 3)
+        seq = torch.cat([self.cls.expand(N, -1, -1), tok, self.twice.expand(N, 1, 3)], 1)
+        seq = seq + torch.broadcast_to(self.bt.exp(), (N, 4, 3))
+        out, hn = self.gru(seq.transpose(0, 1), self.h0.expand(1, N, 3).contiguous())
+        g = torch.cat([hn[-1] * self.twice.expand(N, 3), out[-1]], 1)
+        g = g * self.rep.repeat(N, 1) + self.ea.expand_as(g)
+        return self.head(torch.tanh(g))
+
+
 # --------------------------------------------------------------------------------------------- #
 # cases
 # --------------------------------------------------------------------------------------------- #
 MODELS = {"scales": Scales, "norms": Norms, "convs": Convs, "contractions": Contractions,
           "bmm_bias": BmmBias, "shared_row": lambda: SharedLookup("row"),
           "shared_flat": lambda: SharedLookup("flat"), "bags": Bags, "ellipses": Ellipses,
-          "heads": Heads}
+          "heads": Heads, "expands": Expands}
 CASES = list(MODELS)
 # the parameters each case uses through functional calls (all captured)
 FUNCTIONAL = {
@@ -268,6 +294,7 @@ FUNCTIONAL = {
     "bags": {"Ts", "Tm", "Tx"},
     "ellipses": {"A", "B", "g", "K", "v"},
     "heads": {"Wr", "Wl", "W2"},
+    "expands": {"cls", "h0", "rep", "ea", "bt", "twice"},
 }
 
 
@@ -337,13 +364,16 @@ class Unrecognised(nn.Module):
     """``p`` used through a function the capture does not follow, next to a captured use of
     ``fc``: a transpose of a 3-D parameter in ``bmm``, ``exp(s)`` used by a captured product and
     also summed, ``s + 1`` modified in place before its use, ``erf(s)`` (no derivative known), a
-    diagonal einsum, an ellipsis broadcast over a size-1 dim."""
+    diagonal einsum, an ellipsis broadcast over a size-1 dim, a vector tiled by ``repeat``, a
+    vector expanded into a matrix every sample multiplies by (its batch-sized dim couples the
+    samples: the probe finds no batch dim)."""
 
     def __init__(self, kind: str, d: int = 6, C: int = 4):
         super().__init__()
         self.kind = kind
         self.fc, self.head = nn.Linear(d, d), nn.Linear(d, C)
-        shape = {"diag": (d, d), "transposed_3d": (2, 3, 3), "broadcast": (1, d)}
+        shape = {"diag": (d, d), "transposed_3d": (2, 3, 3), "broadcast": (1, d), "tiled": (1, 3),
+                 "shared_matrix": (5,)}
         self.p = _param(*shape.get(kind, (d,)), seed=80)
 
     def forward(self, x):
@@ -355,6 +385,10 @@ class Unrecognised(nn.Module):
             h = h.transpose(0, 1).reshape(-1, 6)
         elif self.kind == "diag":
             h = h * torch.einsum("ii->i", self.p)
+        elif self.kind == "tiled":
+            h = h * self.p.repeat(h.shape[0], 2)  # per sample, but tiled along dim 1
+        elif self.kind == "shared_matrix":  # (5, 5) with a batch of 5: dim 0 is a candidate
+            h = torch.cat([h[:, :5] @ self.p.expand(5, 5), h[:, 5:]], 1)
         elif self.kind == "also_summed":
             s = self.p.exp()
             h = h * s + s.sum()
@@ -368,7 +402,7 @@ class Unrecognised(nn.Module):
 
 
 UNRECOGNISED = ["broadcast", "diag", "transposed_3d", "also_summed", "modified",
-                "erf"]
+                "erf", "tiled", "shared_matrix"]
 
 
 @pytest.mark.parametrize("kind", UNRECOGNISED)
