@@ -9,7 +9,8 @@ functions as scales and a functional norm (``scaled_mlp``: ``F.layer_norm(h, ...
 ``h * sigmoid(gate)`` after the first layer, a learnable log-temperature
 ``logits * logit_scale.exp()``),
 contractions (``contract_mlp``: ``einsum``, per-head ``bmm``, ``addmm``, ``W @ x``) and
-convolutions (``bare_convs``: ``F.conv3d`` then ``F.conv_transpose2d``), masked weights
+convolutions (``bare_convs``: ``F.conv3d`` then ``F.conv_transpose2d``), a small ViT whose class
+token is expanded to the batch and concatenated to the patches (``vit_cls``), masked weights
 (``masked_mlp``: ``F.linear(h, W * mask, b)`` with half the entries masked, ``pruned_mlp``: the
 same MLP of ``nn.Linear`` layers pruned by ``torch.nn.utils.prune.l1_unstructured``). For each,
 EXACT, EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training step (forward, loss,
@@ -35,7 +36,7 @@ import sys
 import time
 
 MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp", "scaled_mlp", "contract_mlp",
-          "bare_convs", "masked_mlp", "pruned_mlp")
+          "bare_convs", "masked_mlp", "pruned_mlp", "vit_cls")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
@@ -152,6 +153,27 @@ def _models():
                 x = torch.relu(x) if i < 2 else x
             return x
 
+    class ViTCls(nn.Module):
+        """A small ViT: 4x4 patches of 3 x 16 x 16 images, a class token expanded to the batch
+        and concatenated, a positional table added, one pre-norm encoder layer scaled by a
+        LayerScale vector, the class token's features classified."""
+
+        def __init__(self, d=32, C=10):
+            super().__init__()
+            self.patch = nn.Conv2d(3, d, 4, stride=4)
+            self.cls = bare(1, 1, d, scale=0.02)
+            self.pos = bare(1, 17, d, scale=0.02)
+            self.block = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True,
+                                                    norm_first=True)
+            self.gamma = nn.Parameter(torch.full((d,), 0.1))
+            self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, C)
+
+        def forward(self, x):
+            h = self.patch(x).flatten(2).transpose(1, 2)
+            h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1) + self.pos
+            h = h + self.gamma * self.block(h)
+            return self.head(self.norm(h[:, 0]))
+
     def pruned(d=64, h=128, C=10):
         net = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, C))
         for i in (0, 2, 4):
@@ -175,6 +197,8 @@ def _models():
                                      torch.randint(0, 10, (N,), generator=g))),
         "masked_mlp": (MaskedMLP(), (x, torch.randint(0, 10, (N,), generator=g))),
         "pruned_mlp": (pruned(), (x, torch.randint(0, 10, (N,), generator=g))),
+        "vit_cls": (ViTCls(), (torch.randn(N, 3, 16, 16, generator=g),
+                               torch.randint(0, 10, (N,), generator=g))),
     }
 
 
