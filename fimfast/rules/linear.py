@@ -47,12 +47,31 @@ class LinearRule(Rule):
             ]
 
         uses, internal, key = cap.uses_of(module, self, (w, b), build)
+        k = folded(cap.batch_size, y)
+        if k:  # (N * k, ..., O): tapped and recorded as (N, k, ..., O)
+            y, x = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:])
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
         cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), internal, key)
-        return out
+        return out.flatten(0, 1) if k else out
 
     def terms(self, call, grads):
         return _linear_terms(call, grads[0], call.taps[0], call.data, "x", call.uses)
+
+
+def folded(N: int | None, y: torch.Tensor) -> int:
+    """``k`` when the layer output ``y`` has the batch folded into its first dim sample by sample,
+    ``(N * k, ...)`` with ``k >= 2`` (an input flattened with ``x.reshape(-1, d)``, a batch of
+    ``N`` images cut into ``k`` windows each); else 0. The call is then recorded with that dim
+    unfolded to ``(N, k)``: the probe checks that sample ``n``'s gradient stays in rows ``n k`` to
+    ``n k + k - 1``, or finds the batch in another leading dim of size ``N`` (a sequence-first
+    ``(T, N, d)`` with ``T = N k``); a dim folded the other way, ``(k * N)`` time-major, fails it
+    and the layer takes the generic path, exactly."""
+    if N is None or N < 1 or y.dim() < 2:
+        return 0
+    M = y.shape[0]
+    if M <= N or M % N:
+        return 0
+    return M // N
 
 
 class HFConv1DRule(LinearRule):
