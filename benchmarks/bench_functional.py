@@ -1,4 +1,5 @@
-"""Cost of the per-sample types on models whose parameters are used through functional calls.
+"""Cost of the per-sample types on models whose parameters are used through functional calls
+(and on Linear layers whose input has the batch folded into its first dim).
 
 Models: a GPT-like LM whose token table is also the output layer through
 ``F.linear(h, wte.weight)`` (token-level logits), the same LM tied through an ``nn.Linear`` head
@@ -10,11 +11,13 @@ functions as scales and a functional norm (``scaled_mlp``: ``F.layer_norm(h, ...
 ``logits * logit_scale.exp()``),
 contractions (``contract_mlp``: ``einsum``, per-head ``bmm``, ``addmm``, ``W @ x``) and
 convolutions (``bare_convs``: ``F.conv3d`` then ``F.conv_transpose2d``), a small ViT whose class
-token is expanded to the batch and concatenated to the patches (``vit_cls``), masked weights
-(``masked_mlp``: ``F.linear(h, W * mask, b)`` with half the entries masked, ``pruned_mlp``: the
-same MLP of ``nn.Linear`` layers pruned by ``torch.nn.utils.prune.l1_unstructured``). For each,
-EXACT, EMPIRICAL and MONTE_CARLO steps are timed as ratios to a training step (forward, loss,
-backward) of the same model, one torch thread.
+token is expanded to the batch and concatenated to the patches (``vit_cls``), ``nn.Linear`` layers
+on a batch folded into the first dim (``folded_mlp``: ``fc(h.reshape(N * T, d))`` on ``(N, T, d)``
+activations; ``windows``: Swin-style attention inside 4 x 4 windows, ``(N * 16, 16, C)``),
+masked weights (``masked_mlp``: ``F.linear(h, W * mask, b)`` with half the entries masked,
+``pruned_mlp``: the same MLP of ``nn.Linear`` layers pruned by
+``torch.nn.utils.prune.l1_unstructured``). For each, EXACT, EMPIRICAL and MONTE_CARLO steps are
+timed as ratios to a training step (forward, loss, backward) of the same model, one torch thread.
 
 ``python benchmarks/bench_functional.py --trees A B --rounds 11`` compares source trees (each
 on ``PYTHONPATH`` in a child process, e.g. before and after a change): every round runs one child
@@ -36,7 +39,7 @@ import sys
 import time
 
 MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp", "scaled_mlp", "contract_mlp",
-          "bare_convs", "masked_mlp", "pruned_mlp", "vit_cls")
+          "bare_convs", "masked_mlp", "pruned_mlp", "vit_cls", "folded_mlp", "windows")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
@@ -174,6 +177,31 @@ def _models():
             h = h + self.gamma * self.block(h)
             return self.head(self.norm(h[:, 0]))
 
+    class FoldedMLP(nn.Module):
+        def __init__(self, d=64, h=128, C=10):
+            super().__init__()
+            self.a, self.b, self.head, self.h = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, C), h
+
+        def forward(self, x):  # (N, T, d)
+            N, T, d = x.shape
+            h = torch.relu(self.a(x.reshape(N * T, d)))
+            return self.head(torch.relu(self.b(h)).reshape(N, T, self.h).mean(1))
+
+    class Windows(nn.Module):
+        def __init__(self, c=32, C=10):
+            super().__init__()
+            self.embed = nn.Conv2d(3, c, 2, stride=2)
+            self.qkv, self.proj, self.head = nn.Linear(c, 3 * c), nn.Linear(c, c), nn.Linear(c, C)
+
+        def forward(self, x):  # (N, 3, 32, 32) -> (N, 16, 16, c) -> 16 windows of 4 x 4
+            h = self.embed(x).permute(0, 2, 3, 1)
+            N, H, W, c = h.shape
+            w = h.reshape(N, 4, 4, 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(N * 16, 16, c)
+            q, k, v = self.qkv(w).chunk(3, -1)
+            a = torch.softmax(q @ k.transpose(1, 2) / c ** 0.5, -1) @ v
+            a = self.proj(a).reshape(N, 4, 4, 4, 4, c).permute(0, 1, 3, 2, 4, 5)
+            return self.head((h + a.reshape(N, H, W, c)).mean((1, 2)))
+
     def pruned(d=64, h=128, C=10):
         net = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, C))
         for i in (0, 2, 4):
@@ -199,6 +227,10 @@ def _models():
         "pruned_mlp": (pruned(), (x, torch.randint(0, 10, (N,), generator=g))),
         "vit_cls": (ViTCls(), (torch.randn(N, 3, 16, 16, generator=g),
                                torch.randint(0, 10, (N,), generator=g))),
+        "folded_mlp": (FoldedMLP(), (torch.randn(N, 32, 64, generator=g),
+                                     torch.randint(0, 10, (N,), generator=g))),
+        "windows": (Windows(), (torch.randn(N, 3, 32, 32, generator=g),
+                                torch.randint(0, 10, (N,), generator=g))),
     }
 
 
