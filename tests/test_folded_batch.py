@@ -1,10 +1,11 @@
-"""Linear layers applied to a batch folded into the first dim (fimfast/rules/linear.py
-``folded``): ``fc(h.reshape(-1, d))`` on ``(N, T, d)`` activations, a batch of images cut into
-windows ``(N * windows, positions, C)`` (as Swin's attention), a logits layer on the flattened
-tokens. The call is recorded unfolded, ``(N, k, ...)``, and the probe checks that each sample's
-gradient stays in its own rows; every estimate is checked against the float64 per-row oracle
-(tests/oracle.py). A dim folded the other way (time-major ``(T * N, d)``), or rows shared by the
-samples, fail that check: those layers take the generic path, exactly."""
+"""Linear layers and per-position norms applied to a batch folded into the first dim
+(fimfast/rules/linear.py ``folded``): ``fc(h.reshape(-1, d))`` on ``(N, T, d)`` activations, a
+batch of images cut into windows ``(N * windows, positions, C)`` (as Swin's attention), a logits
+layer on the flattened tokens, LayerNorm and RMSNorm on flattened tokens. The call is recorded
+unfolded, ``(N, k, ...)``, and the probe checks that each sample's gradient stays in its own rows;
+every estimate is checked against the float64 per-row oracle (tests/oracle.py). A dim folded the
+other way (time-major ``(T * N, d)``), or rows shared by the samples, fail that check: those
+layers take the generic path, exactly."""
 
 from __future__ import annotations
 
@@ -39,6 +40,23 @@ class Flat(nn.Module):
         if self.major == "time":
             h = h.transpose(0, 1)
         return self.head(h.mean(1))
+
+
+class FlatNorms(nn.Module):
+    """LayerNorm and RMSNorm (and Linears) on the ``(N * T, d)`` flattening of ``(N, T, d)``."""
+
+    def __init__(self, d: int = 4, C: int = 3):
+        super().__init__()
+        self.a, self.ln, self.rms = nn.Linear(d, d), nn.LayerNorm(d), nn.RMSNorm(d)
+        self.head = nn.Linear(d, C)
+        with torch.no_grad():
+            for p in (self.ln.weight, self.ln.bias, self.rms.weight):
+                p.add_(0.3 * torch.randn(p.shape, generator=_gen(9)))
+
+    def forward(self, x):
+        N, T, d = x.shape
+        h = self.rms(torch.tanh(self.ln(self.a(x.reshape(N * T, d)))))
+        return self.head(h.reshape(N, T, d).mean(1))
 
 
 class Windows(nn.Module):
@@ -110,6 +128,8 @@ def _case(name: str, N: int = 5) -> Case:
     if name.startswith("windows"):  # windows_n4: 4 samples of 4 windows of 4 positions
         N = 4 if name == "windows_n4" else N
         model, x = Windows(), torch.randn(N, 4, 4, 3, generator=g)
+    elif name == "norms":
+        model, x = FlatNorms(), torch.randn(N, 3, 4, generator=g)
     elif name == "seq_first":
         model, x = SeqFirst(), torch.randn(N, 2 * N, 4, generator=g)
     elif name == "shared":
@@ -122,7 +142,7 @@ def _case(name: str, N: int = 5) -> Case:
     return classifier_case(model, (x, y), 3, name).to(torch.float64)
 
 
-FOLDED = ["flat", "flat_t_eq_n", "windows", "windows_n4", "token_head", "seq_first"]
+FOLDED = ["flat", "flat_t_eq_n", "windows", "windows_n4", "token_head", "seq_first", "norms"]
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
@@ -138,7 +158,7 @@ def test_folded_batch_takes_the_rule_and_matches_the_oracle(name, quantity):
     assert _rel({k: v / 2 for k, v in est.result().items()}, ref) <= DET_REL_F64
 
 
-@pytest.mark.parametrize("name", ["flat", "windows"])
+@pytest.mark.parametrize("name", ["flat", "windows", "norms"])
 def test_folded_batch_monte_carlo_same_seed(name):
     case = _case(name)
     est = check_monte_carlo_same_seed(case, row_jacobians(case), DET_REL_F64)

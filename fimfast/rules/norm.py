@@ -13,6 +13,7 @@ from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
 from fimfast.rules import norm_node
 from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
+from fimfast.rules.linear import folded
 
 
 class _NormRule(Rule):
@@ -32,6 +33,11 @@ class _NormRule(Rule):
         lead = self.lead(module, y)
         if lead < 1:
             return None
+        # a per-position norm over a batch folded into its first dim: recorded unfolded
+        # (fimfast.rules.linear.folded)
+        k = 0 if self.batch_first else folded(cap.batch_size, y)
+        if k:
+            y, x, lead = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:]), lead + 1
         seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
         if cap.memo.get(seen, 2) > 1:
             y = self.fold(module, x, y)
@@ -39,7 +45,7 @@ class _NormRule(Rule):
         weights = [p is w for p in ps]  # by position: a use may name the parameter behind w
         cap.record(Call(module, self, [tap], uses,
                         {"x": x.detach(), "weights": weights, "memo": (cap.memo, seen)}))
-        return out
+        return out.flatten(0, 1) if k else out
 
     def fold(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The output ``y`` as the output of a node whose backward takes a batch of columns at
