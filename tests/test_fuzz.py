@@ -53,7 +53,7 @@ REQUIRED |= {f"norm:{k}" for k in ("layer", "rms", "group", "batch")}
 REQUIRED |= {"norm:batch:train=True", "norm:batch:train=False"}
 REQUIRED |= {"norm:instance", "norm:instance:train=True", "norm:instance:train=False",
              "norm:instance:affine+running", "norm:instance:affine=False"}
-REQUIRED |= {"act:prelu:1", "act:prelu:c", "linear:bilinear"}
+REQUIRED |= {"act:prelu:1", "act:prelu:c", "linear:bilinear", "linear:flat:bf", "linear:flat:sf"}
 REQUIRED |= {"conv1d", "conv2d", "conv3d", "convT1d", "convT2d"}
 REQUIRED |= {"tied:same", "tied:transpose", "mix:cumsum", "mix:mean", "mix:roll"}
 REQUIRED |= {"res", "ckpt:reentrant=True", "ckpt:reentrant=False", "hook:out", "hook:pre"}

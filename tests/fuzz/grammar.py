@@ -13,6 +13,8 @@ A model is ``stem -> blocks -> [pool -> vector blocks] -> head -> output wrapper
   GroupNorm / BatchNorm (each BatchNorm in train or eval mode, with or without running
   statistics), InstanceNorm (the same), activations, PReLU, Bilinear (variants of a drawn
   GroupNorm or BatchNorm, activation or Linear, from a second random stream: :func:`_variant`),
+  a Linear on a sequence's positions flattened with the batch (``h.reshape(-1, d)``, a variant
+  from a third stream),
   one Linear called twice (reuse), two Linears sharing a weight (tied, also transposed), ops that
   couple the samples of the batch (cumsum, mean, roll along the batch dim), nn.MultiheadAttention
   (packed or separate key/value projections, causal mask, key padding mask),
@@ -176,12 +178,14 @@ class _Draw:
     """The random choices of one plan (``random.Random``: stable across platforms).
 
     ``x`` is a second stream, for the variants of a drawn block (:func:`_variant`: PReLU for an
-    activation, Bilinear for a Linear, InstanceNorm for a channel norm): its draws do not move
-    those of the first, so a seed whose blocks take no variant builds the model it always did."""
+    activation, Bilinear for a Linear, InstanceNorm for a channel norm), and ``f`` a third (a
+    Linear on a sequence flattened with the batch): their draws do not move those of the first,
+    so a seed whose blocks take no variant builds the model it always did."""
 
     def __init__(self, seed: int):
         self.r = random.Random(seed)
         self.x = random.Random(seed + 0x5EED0000)
+        self.f = random.Random(seed + 0xF01D0000)  # folded Linears (see _variant)
         self.base = self.r.choice([2, 3, 4])
 
     def p(self, prob: float) -> bool:
@@ -311,6 +315,8 @@ def _variant(d: _Draw, b: dict, kind: str, feat: tuple) -> dict:
         b["prelu"] = "c" if kind not in SEQ_KINDS and d.px(0.5) else 1
     elif op == "linear" and d.px(0.25):
         b["bilinear"] = True
+    elif op == "linear" and kind in SEQ_KINDS and d.f.random() < 0.5:
+        b["flat"] = True  # (a third stream: the draws of the other two stay as they were)
     elif (op == "norm" and b["kind"] in ("group", "batch") and kind != "vec"
           and (kind in SEQ_KINDS or math.prod(feat[1:]) >= 2) and d.px(0.4)):
         wraps = {k: b[k] for k in ("res", "ckpt", "hook")}
@@ -523,6 +529,8 @@ def features(spec: Spec) -> set[str]:
             f.add(f"act:prelu:{b['prelu']}")
         if b.get("bilinear"):
             f.add("linear:bilinear")
+        if b.get("flat"):
+            f.add(f"linear:flat:{spec.layout}")
         if op in ("conv", "convT"):
             f.add(f"{op}{b['dim']}d")
         if op in ("tied", "mix"):
@@ -568,6 +576,20 @@ class Last(nn.Module):
 
     def forward(self, h, pad=None):
         return act_fn(self.act)(self.main(h))
+
+
+class Flat(nn.Module):
+    """``act(main(h.reshape(-1, d)))`` reshaped back: a Linear on the sequence's positions
+    flattened with the batch (sample-major for batch-first layouts, time-major for
+    sequence-first ones)."""
+
+    def __init__(self, main: nn.Module, act: str | None):
+        super().__init__()
+        self.main, self.act = main, act
+
+    def forward(self, h, pad=None):
+        y = act_fn(self.act)(self.main(h.reshape(-1, h.shape[-1])))
+        return y.reshape(*h.shape[:-1], y.shape[-1])
 
 
 class Act(nn.Module):
@@ -915,7 +937,8 @@ def _module(b: dict, layout: str | None) -> Block:
     if op == "linear" and b.get("bilinear"):
         inner: nn.Module = Bil(b["din"], b["dout"], b["bias"], b["act"])
     elif op == "linear":
-        inner = Last(nn.Linear(b["din"], b["dout"], bias=b["bias"]), b["act"])
+        lin = nn.Linear(b["din"], b["dout"], bias=b["bias"])
+        inner = Flat(lin, b["act"]) if b.get("flat") else Last(lin, b["act"])
     elif op == "flinear":
         inner = Last(FLinear(b["din"], b["dout"], bias=b["bias"]), b["act"])
     elif op == "act":
