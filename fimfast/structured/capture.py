@@ -190,6 +190,10 @@ def grad_input(tap):
     return tap.edge if isinstance(tap, Edge) else tap
 
 
+# per module class, the supported class it is (check_forwards)
+_BASE: dict[type, type] = {}
+
+
 def check_forwards(layers: list[Layer]) -> None:
     """Refuse a captured module whose forward is not its supported class's (set on the instance,
     as wrapping libraries do, or overridden by a subclass), naming it: the capture reads the
@@ -202,7 +206,9 @@ def check_forwards(layers: list[Layer]) -> None:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        base = next(c for c in SUPPORTED if isinstance(m, c))
+        base = _BASE.get(type(m))
+        if base is None:
+            base = _BASE[type(m)] = next(c for c in SUPPORTED if isinstance(m, c))
         name = layer.name.rsplit(".", 1)[0] if layer.part else layer.name  # attention: "a.q"
         if "forward" in vars(m) or type(m).forward is not base.forward:
             how = "set on the instance" if "forward" in vars(m) else \

@@ -125,6 +125,9 @@ def one_row_per_sample(
     counts = None if single else torch.bincount(sample)
     slots = 1 if single else int(counts.max())
     if slots == 1:
+        if K <= chunk:  # one block: the columns themselves
+            yield cols
+            return
         for s in range(0, K, chunk):
             yield cols[s : s + chunk]
         return

@@ -18,6 +18,7 @@ scripted module (an instance ``forward`` would be a guard of compiled code) or a
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
+_UNWRAPPABLE = (torch.jit.ScriptModule, nn.DataParallel)
 _PY_NODE = torch._C._FunctionBase  # an autograd.Function's node (get_gradient_edge's own test)
 
 
@@ -34,16 +36,16 @@ def instance_forwards(model: nn.Module, refuse_batch_statistics: Callable) -> bo
     scripted or ``DataParallel`` module in it), in the walk of the modules that also refuses a
     BatchNorm normalising with batch statistics (``refuse_batch_statistics(model)`` raises the
     error naming it)."""
-    opt = None
-    if "torch._dynamo" in __import__("sys").modules:
-        from torch._dynamo.eval_frame import OptimizedModule as opt
+    kinds = _UNWRAPPABLE
+    if "torch._dynamo" in sys.modules:
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        kinds = (*kinds, OptimizedModule)
     plain = True
     for m in model.modules():
         if isinstance(m, _BATCH_NORM) and (m.training or m.running_mean is None):
             refuse_batch_statistics(model)
-        if plain and (isinstance(m, (torch.jit.ScriptModule, nn.DataParallel))
-                      or getattr(m, "_compiled_call_impl", None) is not None
-                      or (opt is not None and isinstance(m, opt))):
+        if plain and (isinstance(m, kinds) or getattr(m, "_compiled_call_impl", None) is not None):
             plain = False
     return plain
 
