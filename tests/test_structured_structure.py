@@ -237,3 +237,20 @@ def test_the_check_without_a_walk_sees_what_the_key_holds(monkeypatch, ext):
     s = structure.of(emb)
     emb[0].max_norm = 1.0
     assert structure.of(emb) is not s and structure.of(emb).tables == [emb[0]]
+
+
+def test_the_layout_checks_run_again_for_another_layout():
+    """A matrix's layout checks (its layers tile the parameters) are done once per layout
+    (names, shapes, layer descriptions): a layout met before passes without them, any other is
+    checked, also under the same parameter names."""
+    from fimfast.structured.kron import KFACFIM
+
+    F = _kfac(_mlp(), _data())
+    A, G = F.A, F.G
+    same = KFACFIM(F.names, F.shapes, F.layers, A, G)
+    assert same._checked and same.layers == F.layers
+    with pytest.raises(ValueError, match=r"the layers cover 56 of the 92 parameters"):
+        KFACFIM(F.names, F.shapes, F.layers[:1], A[:1], G[:1])
+    shifted = [F.layers[0], {**F.layers[1], "bias": None, "In": 8}]
+    with pytest.raises(ValueError, match=r"the layers cover 88 of the 92 parameters"):
+        KFACFIM(F.names, F.shapes, shifted, A[:1] + [A[1][:8, :8]], G)
