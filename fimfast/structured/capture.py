@@ -13,7 +13,9 @@ Supported layers (docs/structured.md, "KFAC"), each a :class:`Layer` of one ``ki
   feature ``d`` has its own input ``(x_hat_d, 1)`` (its KFAC is a Hadamard product, see
   :mod:`fimfast.structured.factors`).
 
-During the forward a hook keeps each call's input (detached) and taps its output ``y``: it keeps
+During the forward each call's input is kept (detached) and its output ``y`` tapped, by the
+module's capturing instance forward (:mod:`fimfast.structured.forwards`; a forward hook in models
+that hold compiled or ``DataParallel`` modules), ahead of the module's own forward hooks: it keeps
 ``y``'s gradient edge (:class:`Edge`, the output of the autograd node that made ``y``), where the
 backward delivers the gradient at the layer output even when later code modifies ``y`` in place
 (the in-place operation becomes a new node after it). An output without a node (made without
