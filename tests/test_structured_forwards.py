@@ -127,3 +127,27 @@ def test_a_layer_called_with_a_keyword_input():
     X = data[0][0]
     A = torch.cat([X, torch.ones(N, 1, dtype=X.dtype)], 1)
     torch.testing.assert_close(F.A[0], A.T @ A / N)
+
+
+class _DirectForward(nn.Module):
+    """Calls its second layer's ``forward`` directly (no ``__call__``, so no hooks run)."""
+
+    def __init__(self, direct: bool):
+        super().__init__()
+        self.a, self.b, self.direct = nn.Linear(D, 6), nn.Linear(6, C), direct
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b.forward(h) if self.direct else self.b(h)
+
+
+def test_a_layer_whose_forward_is_called_directly_is_captured():
+    torch.manual_seed(0)
+    direct = _DirectForward(True).double()
+    called = _DirectForward(False).double()
+    called.load_state_dict(direct.state_dict())
+    data = _data()
+    F = fimfast.fisher(direct, data, "exact", "kfac")
+    ref = fimfast.fisher(called, data, "exact", "kfac")
+    for a, b in zip(F.A + F.G, ref.A + ref.G):
+        assert torch.equal(a, b)
