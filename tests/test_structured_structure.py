@@ -183,3 +183,74 @@ def test_options_validated_once_per_items_still_refuse_a_bool_seed():
     assert G.meta["options"]["seed"] == 1
     with pytest.raises(ValueError, match="unknown key"):
         fimfast.fisher(model, data, "monte_carlo", "kfac", seed=1, bogus=2)
+
+
+@pytest.mark.parametrize("ext", [True, False])
+def test_the_check_without_a_walk_sees_what_the_key_holds(monkeypatch, ext):
+    """Between calls the entry is reused after a check of what the last walk read (no walk):
+    a dtype or device move, a module's class, a parameter resized in place or frozen, a lookup's
+    ``max_norm`` all make a new entry, as the key does; a buffer replaced by another tensor
+    walks again and keeps the entry (the key is the same). Without the compiled extension every
+    call walks, with the same answers."""
+    if not ext:
+        monkeypatch.setattr(structure, "_holds", lambda: None)
+    walks = []
+    fp = structure.fingerprint
+    monkeypatch.setattr(structure, "fingerprint",
+                        lambda *a, **k: walks.append(1) or fp(*a, **k))
+
+    def fresh(model, s):
+        n = len(walks)
+        t = structure.of(model)
+        assert (len(walks) > n) == (t is not s or not ext)
+        return t
+
+    model = _mlp(dtype=torch.float32)
+    s = structure.of(model)
+    assert fresh(model, s) is s
+    model.double()
+    t = fresh(model, s)
+    assert t is not s and t.key != s.key
+    s = t
+    assert fresh(model, s) is s
+    model.to("meta")
+    t = fresh(model, s)
+    assert t is not s
+    model = _mlp()
+    s = structure.of(model)
+    model[1].__class__ = type("MyTanh", (nn.Tanh,), {})
+    s, t = structure.of(model), s
+    assert s is not t
+    model[2].weight.data = torch.zeros(C, 9, dtype=torch.float64)  # resized in place
+    s, t = structure.of(model), s
+    assert s is not t and s.params[2].shape == (C, 9)
+    model[2].bias.requires_grad_(False)
+    s, t = structure.of(model), s
+    assert s is not t and s.names == ["0.weight", "0.bias", "2.weight"]
+    model.register_buffer("b", torch.zeros(2))
+    s = structure.of(model)
+    n = len(walks)
+    model.b = torch.ones(2)  # another tensor in the same place
+    assert structure.of(model) is s and len(walks) == n + 1
+    assert structure.of(model) is s and len(walks) == n + 1 + (not ext)
+    emb = nn.Sequential(nn.Embedding(10, D), nn.Linear(D, C))
+    s = structure.of(emb)
+    emb[0].max_norm = 1.0
+    assert structure.of(emb) is not s and structure.of(emb).tables == [emb[0]]
+
+
+def test_the_layout_checks_run_again_for_another_layout():
+    """A matrix's layout checks (its layers tile the parameters) are done once per layout
+    (names, shapes, layer descriptions): a layout met before passes without them, any other is
+    checked, also under the same parameter names."""
+    from fimfast.structured.kron import KFACFIM
+
+    F = _kfac(_mlp(), _data())
+    A, G = F.A, F.G
+    same = KFACFIM(F.names, F.shapes, F.layers, A, G)
+    assert same._checked and same.layers == F.layers
+    with pytest.raises(ValueError, match=r"the layers cover 56 of the 92 parameters"):
+        KFACFIM(F.names, F.shapes, F.layers[:1], A[:1], G[:1])
+    shifted = [F.layers[0], {**F.layers[1], "bias": None, "In": 8}]
+    with pytest.raises(ValueError, match=r"the layers cover 88 of the 92 parameters"):
+        KFACFIM(F.names, F.shapes, shifted, A[:1] + [A[1][:8, :8]], G)

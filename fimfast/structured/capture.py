@@ -13,7 +13,9 @@ Supported layers (docs/structured.md, "KFAC"), each a :class:`Layer` of one ``ki
   feature ``d`` has its own input ``(x_hat_d, 1)`` (its KFAC is a Hadamard product, see
   :mod:`fimfast.structured.factors`).
 
-During the forward a hook keeps each call's input (detached) and taps its output ``y``: it keeps
+During the forward each call's input is kept (detached) and its output ``y`` tapped, by the
+module's capturing instance forward (:mod:`fimfast.structured.forwards`; a forward hook in models
+that hold compiled or ``DataParallel`` modules), ahead of the module's own forward hooks: it keeps
 ``y``'s gradient edge (:class:`Edge`, the output of the autograd node that made ``y``), where the
 backward delivers the gradient at the layer output even when later code modifies ``y`` in place
 (the in-place operation becomes a new node after it). An output without a node (made without
@@ -31,15 +33,17 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
 
 from fimfast.hooks import parameter_edges
 from fimfast.rules.conv import input_padding, ntuple
 from fimfast.structured import attention
+from fimfast.structured import forwards as fwds
+from fimfast.structured.forwards import Edge
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention)
 KINDS = ("linear", "embedding", "layernorm")
@@ -63,6 +67,8 @@ class Layer:
     part: str = ""  # attention: "q", "k", "v" or "out"
     calls: list[tuple[torch.Tensor, torch.Tensor | Edge, slice | None]] = field(
         default_factory=list)
+    # the capturing instance forward of the module (fimfast.structured.forwards), made on first use
+    forward: Any = field(default=None, repr=False, compare=False)
 
     @property
     def In(self) -> int:
@@ -180,25 +186,14 @@ def check_batch_statistics(model: nn.Module) -> None:
                 "'block_diag', 'low_rank' or 'diag' (the Fisher of the batch-coupled function)")
 
 
-class Edge:
-    """The gradient edge of a layer output (:func:`torch.autograd.graph.get_gradient_edge`), an
-    input of ``torch.autograd.grad`` in place of the output, with the output's shape, dtype and
-    device."""
-
-    __slots__ = ("edge", "shape", "dtype", "device")
-
-    def __init__(self, y: torch.Tensor):
-        self.edge = get_gradient_edge(y)
-        self.shape, self.dtype, self.device = y.shape, y.dtype, y.device
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
 def grad_input(tap):
     """What ``torch.autograd.grad`` takes for a tap: the edge of an :class:`Edge`, or the
     tensor."""
     return tap.edge if isinstance(tap, Edge) else tap
+
+
+# per module class, the supported class it is (check_forwards)
+_BASE: dict[type, type] = {}
 
 
 def check_forwards(layers: list[Layer]) -> None:
@@ -213,7 +208,9 @@ def check_forwards(layers: list[Layer]) -> None:
         if id(m) in seen:
             continue
         seen.add(id(m))
-        base = next(c for c in SUPPORTED if isinstance(m, c))
+        base = _BASE.get(type(m))
+        if base is None:
+            base = _BASE[type(m)] = next(c for c in SUPPORTED if isinstance(m, c))
         name = layer.name.rsplit(".", 1)[0] if layer.part else layer.name  # attention: "a.q"
         if "forward" in vars(m) or type(m).forward is not base.forward:
             how = "set on the instance" if "forward" in vars(m) else \
@@ -231,40 +228,26 @@ def check_forwards(layers: list[Layer]) -> None:
 
 
 @contextmanager
-def capture(layers: list[Layer]) -> Iterator[list[Layer]]:
+def capture(layers: list[Layer], model: nn.Module | None = None) -> Iterator[list[Layer]]:
     """Record ``(input, tap, None)`` of every call of ``layers`` during the forward (attention
-    projections: see :func:`finish`); hooks removed on exit. Modules whose forward is not their
-    class's are refused first (:func:`check_forwards`)."""
+    projections: see :func:`finish`); undone on exit. Modules whose forward is not their class's
+    are refused first (:func:`check_forwards`). With ``model`` the calls are recorded through
+    instance forwards where its modules allow it (:mod:`fimfast.structured.forwards`; a BatchNorm
+    normalising with batch statistics is refused in the same walk,
+    :func:`check_batch_statistics`), through forward hooks otherwise."""
+    plain = model is not None and fwds.instance_forwards(model, check_batch_statistics)
     check_forwards(layers)
-    handles = []
-
-    def hook_for(layer: Layer):
-        def hook(mod, inputs, out):
-            if out.grad_fn is not None:  # no extra operation on the output
-                layer.calls.append((inputs[0].detach(), Edge(out), None))
-                return None
-            z = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-            z = z.expand(out.shape)
-            layer.calls.append((inputs[0].detach(), z, None))
-            return out + z
-
-        return hook
-
-    hooked: set[int] = set()
+    handles: list = []
+    on: list = []
     try:
         for layer in layers:
             layer.calls = []
         with attention.replayed(layers) as att:
-            for layer in layers:
-                if not isinstance(layer.module, nn.MultiheadAttention) and \
-                        id(layer.module) not in hooked:
-                    hooked.add(id(layer.module))
-                    handles.append(layer.module.register_forward_hook(hook_for(layer)))
+            fwds.install(layers, plain, handles, on)
             yield layers
             att.finish()
     finally:
-        for h in handles:
-            h.remove()
+        fwds.uninstall(handles, on)
 
 
 def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> None:

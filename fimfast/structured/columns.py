@@ -30,6 +30,7 @@ from fimfast import batch as batchlib
 from fimfast import likelihoods
 from fimfast.forward import _is_causal_lm
 from fimfast.guard import retained_graphs
+from fimfast.hutchinson import _ENGINE, _plain
 from fimfast.layout import of_output
 from fimfast.types import FIMType, Options, UnsupportedModelError
 
@@ -124,6 +125,9 @@ def one_row_per_sample(
     counts = None if single else torch.bincount(sample)
     slots = 1 if single else int(counts.max())
     if slots == 1:
+        if K <= chunk:  # one block: the columns themselves
+            yield cols
+            return
         for s in range(0, K, chunk):
             yield cols[s : s + chunk]
         return
@@ -151,8 +155,14 @@ def batched_grad(
 
 def _batched_grad(out, inputs, cot):
     if cot.shape[0] == 1:
-        g = torch.autograd.grad(out, inputs, grad_outputs=cot[0], retain_graph=True,
-                                allow_unused=True)
+        c = cot[0]
+        if _ENGINE is not None and _plain(out, [t for t in inputs if isinstance(t, torch.Tensor)],
+                                          c):
+            # what torch.autograd.grad runs, without its argument checks and conversions
+            g = _ENGINE((out,), (c,), True, False, tuple(inputs), True, False)
+        else:
+            g = torch.autograd.grad(out, inputs, grad_outputs=c, retain_graph=True,
+                                    allow_unused=True)
         return [None if x is None else x.unsqueeze(0) for x in g]
     try:
         return list(torch.autograd.grad(out, inputs, grad_outputs=cot, retain_graph=True,

@@ -173,8 +173,7 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
 
 def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
                 what: str, approx: str, eig: list | None, chunk: int | None) -> None:
-    cap.check_batch_statistics(model)
-    with cap.capture(layers):
+    with cap.capture(layers, model):  # refuses batch statistics (check_batch_statistics)
         fw = columns.forward(model, batch, st.fim_type, st.opts)
     if written(model, st):  # refused when the guards exit: nothing is added
         return

@@ -23,6 +23,9 @@ from fimfast.structured import gram
 from fimfast.structured.base import StructuredFIM, check_damping, register
 from fimfast.structured.sums import HalfGram
 
+# layouts whose ranges passed _Layered's checks: names -> (shapes, layer descriptions)
+_CHECKED: dict[tuple, tuple] = {}
+
 
 class _Layered(StructuredFIM):
     """Layers as ``{"weight", "bias", "O", "In"}`` dicts; flat vectors <-> ``(O, I')`` matrices."""
@@ -30,7 +33,9 @@ class _Layered(StructuredFIM):
     def __init__(self, names, shapes, layers: list[dict], meta):
         super().__init__(names, shapes, meta)
         self.layers = [dict(info) for info in layers]
-        self._ranges = [self._layer_ranges(info) for info in self.layers]
+        # the layout checks are a function of (names, shapes, layers): done once per layout
+        self._checked = _CHECKED.get(tuple(self.names)) == (self.shapes, self.layers)
+        self._ranges = [] if self._checked else [self._layer_ranges(i) for i in self.layers]
         self._pos_cache: list[torch.Tensor] | None = None
 
     @property
@@ -99,6 +104,8 @@ class _Layered(StructuredFIM):
 
     def _check_cover(self) -> None:
         """The layers' ranges tile ``[0, P)`` exactly (no overlap, nothing left out)."""
+        if self._checked:
+            return
         end = 0
         for a, b in sorted(r for rs in self._ranges for r in rs):
             if a != end:
@@ -108,6 +115,9 @@ class _Layered(StructuredFIM):
             end = b
         if end != self.numel():
             raise ValueError(f"the layers cover {end} of the {self.numel()} parameters")
+        if len(_CHECKED) >= 32:
+            _CHECKED.clear()
+        _CHECKED[tuple(self.names)] = (list(self.shapes), [dict(i) for i in self.layers])
 
     def _assemble(self, mats: list[torch.Tensor]) -> torch.Tensor:
         out = mats[0].new_zeros(self.numel())

@@ -51,6 +51,7 @@ class Structure:
     buffers: list[tuple]
     layers: list | None = None  # capture.Layer list (None: not built yet, or not cacheable)
     info: list[dict] | None = None
+    reads: tuple | None = None  # what the last walk read (see _unchanged)
 
     def walk(self, model: nn.Module) -> guard.ModuleWalk:
         """A :class:`~fimfast.guard.ModuleWalk` of ``model`` as it would find it."""
@@ -77,22 +78,32 @@ class Structure:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fingerprint(model: nn.Module) -> tuple[tuple, list[str], list[torch.Tensor], list]:
+def fingerprint(model: nn.Module, reads: list | None = None) -> tuple[tuple, list[str],
+                                                                     list[torch.Tensor], list]:
     """``(key, names, params, modules)``: the structure key of ``model`` (see the module
     docstring), its trainable parameters in ``model.named_parameters()`` order (tied ones once,
-    as :func:`~fimfast.parameters.trainable_parameters`) and ``model.modules()``, in one walk."""
+    as :func:`~fimfast.parameters.trainable_parameters`) and ``model.modules()``, in one walk.
+    ``reads``: an empty list that receives what :func:`_unchanged` checks (see there)."""
     key: list = []
     names: list[str] = []
     params: list[torch.Tensor] = []
     modules: list[nn.Module] = []
     seen_m: set[int] = set()
     seen_p: set[int] = set()
+    tables: list[tuple] = []
+    met: list[torch.Tensor] = []
+    attrs: list[tuple] = []
 
     def visit(m: nn.Module, prefix: str) -> None:
         seen_m.add(id(m))
         modules.append(m)
         t = type(m)
         key.append((prefix, id(m), t))
+        if reads is not None:
+            d = m.__dict__
+            for name in ("_parameters", "_buffers", "_modules"):
+                tab = d[name]
+                tables.append((d, name, tab, tuple(tab), tuple(tab.values())))
         for k, p in m._parameters.items():
             if p is None:
                 key.append((k, None))
@@ -100,6 +111,7 @@ def fingerprint(model: nn.Module) -> tuple[tuple, list[str], list[torch.Tensor],
             key.append((k, id(p), p.requires_grad, p.shape, p.dtype, p.device))
             if id(p) not in seen_p:
                 seen_p.add(id(p))
+                met.append(p)
                 if p.requires_grad:
                     names.append(prefix + k)
                     params.append(p)
@@ -110,6 +122,7 @@ def fingerprint(model: nn.Module) -> tuple[tuple, list[str], list[torch.Tensor],
             attr = _ATTR[t] = _attr_of(t)
         if attr:
             key.append(getattr(m, attr))
+            attrs.append((None if m is model else m, attr, getattr(m, attr)))
         for k, child in m._modules.items():
             if child is not None and id(child) not in seen_m:
                 visit(child, prefix + k + ".")
@@ -117,7 +130,36 @@ def fingerprint(model: nn.Module) -> tuple[tuple, list[str], list[torch.Tensor],
                 key.append((k, None if child is None else id(child)))
 
     visit(model, "")
+    if reads is not None:
+        reads.extend([tables, tuple(met), tuple(p.requires_grad for p in met),
+                      tuple(tuple(p.shape) for p in met), [type(model)]
+                      + [(m, type(m)) for m in modules[1:]],
+                      [(p, p.dtype, p.device) for p in met], attrs])
     return tuple(key), names, params, modules
+
+
+def _unchanged(model: nn.Module, reads: tuple) -> bool:
+    """Whether everything a walk read still holds, checked without a walk (what the key of
+    :func:`fingerprint` holds): every dictionary of parameters, buffers and children (the
+    dictionary, its keys and values, by identity) and every parameter's ``requires_grad`` and
+    sizes, in one call of the compiled extension (csrc/param_walk.cpp); every module's type,
+    every parameter's dtype and device and the attributes the key reads. A buffer replaced by
+    another tensor, or no extension, makes the caller walk again (and compare the keys). The
+    reads hold the model's submodules, never ``model`` itself (``None`` in its place)."""
+    holds = _holds()
+    tables, met, grads, shapes, types, places, attrs = reads
+    if holds is None or not holds(tables, met, grads, met, shapes):
+        return False
+    return type(model) is types[0] and all(type(m) is t for m, t in types[1:]) and \
+        all(p.dtype is dt and p.device == dev for p, dt, dev in places) and \
+        all(getattr(model if m is None else m, a) == v for m, a, v in attrs)
+
+
+def _holds():
+    from fimfast.parameters import _HOLDS
+    from fimfast.parameters import _holds as look_up
+
+    return _HOLDS[0] if _HOLDS else look_up()
 
 
 # per module class, the attribute the key reads besides parameters and buffers ("": none)
@@ -140,9 +182,13 @@ def of(model: nn.Module) -> Structure:
     """
     if not isinstance(model, nn.Module):
         trainable_parameters(model)  # raises the TypeError naming the argument
-    key, names, params, modules = fingerprint(model)
     hit = _CACHE.get(model)
+    if hit is not None and hit.reads is not None and _unchanged(model, hit.reads):
+        return hit
+    reads: list = []
+    key, names, params, modules = fingerprint(model, reads)
     if hit is not None and hit.key == key:
+        hit.reads = tuple(reads)
         return hit
     if not names:
         trainable_parameters(model)  # raises the ValueError of a model with nothing to train
@@ -152,7 +198,8 @@ def of(model: nn.Module) -> Structure:
                for prefix, m in model.named_modules()
                for name, b in m.named_buffers(recurse=False) if b is not None]
     s = Structure(key, names, params, modules[1:], [t for t in tables if t is not model],
-                  [(None if m is model else m, name, qual) for m, name, qual in buffers])
+                  [(None if m is model else m, name, qual) for m, name, qual in buffers],
+                  reads=tuple(reads))
     _CACHE[model] = s
     return s
 

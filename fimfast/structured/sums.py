@@ -37,7 +37,8 @@ class LayerSums:
     @property
     def empty(self) -> bool:
         """Whether nothing was added yet."""
-        return self.npos == 0.0 and all(getattr(self, f) is None for f in self.FIELDS)
+        return self.npos == 0.0 and self.A is None and self.G is None and self.D is None \
+            and self.cross is None
 
     def clear(self) -> None:
         """Back to the empty sums."""
