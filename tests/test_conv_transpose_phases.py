@@ -273,3 +273,29 @@ def test_outer_index_is_checked():
     G = torch.randn(2, *m(x).shape, dtype=torch.float64)
     with pytest.raises(TypeError, match="does not fit"):
         call.rule.terms(call, [G])
+
+
+def test_outer_index_bounds_read_again_when_modified():
+    """An index's bounds are read once per version of the tensor: the same index, modified in
+    place after a first check, is checked again (fimfast/rules/base.py, ``_index_bounds``)."""
+    from fimfast.rules.base import _fits
+
+    m, x = _module("2d_k3_s1_p1_g2")
+    ix = convmod._unfolded_index(m, m.weight.device).clone()
+    P = torch.zeros(1, 3, 4, 2, ix.numel() // (2 * 2))  # (M, N, T, g, O/g kk) by I/g = 2
+    Q = torch.zeros(3, 4, 2, 2)
+    u = Use(m.weight, UseKind.OUTER, groups=2)
+    assert _fits(Outer(P, Q, ix), u)
+    assert _fits(Outer(P, Q, ix), u)  # the bounds kept
+    ix[3] = m.weight.numel()  # one past the weight
+    assert not _fits(Outer(P, Q, ix), u)
+    ix[3] = -1
+    assert not _fits(Outer(P, Q, ix), u)
+    ix[3] = 0
+    assert _fits(Outer(P, Q, ix), u)
+    with torch.inference_mode():  # no version counter: read at every check
+        ixi = ix.clone()
+    assert _fits(Outer(P, Q, ixi), u)
+    with torch.inference_mode():
+        ixi[3] = m.weight.numel()
+    assert not _fits(Outer(P, Q, ixi), u)
