@@ -91,6 +91,7 @@ def test_host_windows_leave_graphs_and_other_tensors_to_torch():
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
 def test_output_grad_unfolded_equal_without_the_extension(name, M, monkeypatch):
+    monkeypatch.setattr(conv, "HOST_DIMS", (1, 2, 3))  # the extension for every dim count
     m, x = _module(name)
     torch.manual_seed(1)
     G = torch.randn(M, *m(x).shape, dtype=torch.float64)
@@ -102,14 +103,18 @@ def test_output_grad_unfolded_equal_without_the_extension(name, M, monkeypatch):
 
 
 @needs_ext
-@pytest.mark.parametrize("pad", [None, [0, 1, 2, 1], [1, 1, 0, 0]])
-def test_patches_equal_without_the_extension(pad, monkeypatch):
-    """A convolution's patches, zero padding (uneven, as ``padding="same"`` pads) written with
-    the windows."""
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("padded", [False, True])
+def test_patches_equal_without_the_extension(dims, padded, monkeypatch):
+    """A convolution's patches (with the extension for every dim count), zero padding uneven as
+    ``padding="same"`` pads it, written with the windows."""
+    monkeypatch.setattr(windows, "HOST_DIMS", (1, 2, 3))
     torch.manual_seed(0)
-    x = torch.randn(3, 4, 7, 9, dtype=torch.float64)
-    got = windows._unfold(x, (3, 2), (2, 1), (1, 3), pad=pad)
+    x = torch.randn(3, 4, *(7, 9, 5)[:dims], dtype=torch.float64)
+    k, d, s = (3, 2, 2)[:dims], (2, 1, 1)[:dims], (1, 3, 2)[:dims]
+    pad = [0, 1, 2, 1, 1, 0][: 2 * dims] if padded else None
+    got = windows._unfold(x, k, d, s, pad=pad)
     monkeypatch.setattr(windows, "_HOST", [None])
-    ref = windows._unfold(x, (3, 2), (2, 1), (1, 3), pad=pad)
+    ref = windows._unfold(x, k, d, s, pad=pad)
     assert got.shape == ref.shape
     assert torch.equal(got, ref)

@@ -6,8 +6,9 @@
 // The torch path is a strided view copied by one TensorIterator copy (after an F.pad for the
 // padding): a scalar loop with one index computation per element whenever the innermost window
 // dim steps by more than one element (a stride or a dilation), about 1.4 ns per element on the
-// CPU of benchmarks/bench_layers.py. Here each run of one window row is a plain loop, a copy for
-// unit steps, with the zero padding written in the same pass (no padded copy of the input).
+// CPU of benchmarks/bench_layers.py. Here each window row is a plain loop (a copy for unit steps)
+// between the zeros of the padding, written in the same pass (no padded copy of the input), the
+// rows of every tap found once per call.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_math.h"
 #include "unfold_windows.h"
 
 namespace fimfast {
@@ -28,84 +30,76 @@ namespace {
 constexpr int64_t kGrain = 1 << 16;
 
 // One spatial dim: size of the input, kernel taps, step between taps, step between windows, the
-// padding before the first element, and the number of windows.
+// padding before the first element, the number of windows, the input's stride; and per tap the
+// windows [lo, hi) whose input index l s - p + t d lies in [0, in), found once per call (no
+// division per row: a slice of many short rows, a volume's, is bound by the loop overhead).
 struct Dim {
   int64_t in, k, d, s, p, L, stride;
+  std::vector<int64_t> lo, hi;
+
+  void ranges() {
+    lo.resize(k);
+    hi.resize(k);
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t off = t * d - p;  // input index of window 0
+      // the first l with l s + off >= 0, and the first l with l s + off >= in
+      const int64_t a = off >= 0 ? 0 : (-off + s - 1) / s;
+      const int64_t b = in - off <= 0 ? 0 : (in - off + s - 1) / s;
+      lo[t] = std::min(a, L);
+      hi[t] = std::max(lo[t], std::min(b, L));
+    }
+  }
 };
 
-// Window positions l of tap t whose input index l s - p + t d lies in [0, in): [lo, hi).
-inline void valid_range(const Dim& D, int64_t t, int64_t* lo, int64_t* hi) {
-  const int64_t off = t * D.d - D.p;  // input index of window 0
-  // smallest l with l s + off >= 0, and the first l with l s + off >= in
-  int64_t a = off >= 0 ? 0 : (-off + D.s - 1) / D.s;
-  int64_t b = D.in - off <= 0 ? 0 : (D.in - off + D.s - 1) / D.s;
-  *lo = std::min(a, D.L);
-  *hi = std::max(*lo, std::min(b, D.L));
-}
-
+// The windows of tap `t` along the last dim: L elements, zero outside the input.
 template <typename T>
-void row(const T* src, const Dim& D, int64_t t, T* out) {
-  int64_t lo, hi;
-  valid_range(D, t, &lo, &hi);
+FIMFAST_INLINE void row(const T* src, const Dim& D, int64_t t, T* out) {
+  const int64_t lo = D.lo[t], hi = D.hi[t];
   std::fill(out, out + lo, T(0));
-  const T* p = src + (lo * D.s + t * D.d - D.p) * D.stride;
-  const int64_t step = D.s * D.stride;
-  if (step == 1) {
-    std::memcpy(out + lo, p, sizeof(T) * (hi - lo));
-  } else {
-    for (int64_t l = lo; l < hi; ++l) out[l] = p[(l - lo) * step];
+  if (hi > lo) {
+    const T* p = src + (lo * D.s + t * D.d - D.p) * D.stride;
+    const int64_t step = D.s * D.stride;
+    if (step == 1 && hi - lo >= 64) {
+      std::memcpy(out + lo, p, sizeof(T) * (hi - lo));
+    } else if (step == 1) {  // a short run: a loop costs less than the call
+      for (int64_t l = lo; l < hi; ++l) out[l] = p[l - lo];
+    } else {
+      for (int64_t l = lo; l < hi; ++l) out[l] = p[(l - lo) * step];
+    }
   }
   std::fill(out + hi, out + D.L, T(0));
 }
 
-// The windows of one leading slice `src` (spatial dims `dims`, 1 to 3), written to `out` laid out
-// (*k, *L), contiguous.
+// The windows of the taps `taps` over dims `dims[0..n)` of `src`: prod(L) elements, row-major.
+template <typename T>
+T* block(const T* src, const Dim* dims, int64_t n, const int64_t* taps, T* out) {
+  const Dim& D = dims[0];
+  if (n == 1) {
+    row(src, D, taps[0], out);
+    return out + D.L;
+  }
+  int64_t inner = 1;
+  for (int64_t i = 1; i < n; ++i) inner *= dims[i].L;
+  const int64_t t = taps[0], lo = D.lo[t], hi = D.hi[t];
+  std::fill(out, out + lo * inner, T(0));
+  out += lo * inner;
+  for (int64_t l = lo; l < hi; ++l) {
+    out = block(src + (l * D.s + t * D.d - D.p) * D.stride, dims + 1, n - 1, taps + 1, out);
+  }
+  std::fill(out, out + (D.L - hi) * inner, T(0));
+  return out + (D.L - hi) * inner;
+}
+
+// The windows of one leading slice `src`, written to `out` laid out (*k, *L), contiguous.
 template <typename T>
 void slice(const T* src, const std::vector<Dim>& dims, T* out) {
   const int64_t n = static_cast<int64_t>(dims.size());
-  const Dim& last = dims[n - 1];
-  if (n == 1) {
-    for (int64_t t = 0; t < last.k; ++t) row(src, last, t, out + t * last.L);
-    return;
-  }
-  // the outer dims: every (tap, window) pair, zero rows where the input index is out of range
-  int64_t outer_taps = 1, outer_L = 1;
-  for (int64_t i = 0; i < n - 1; ++i) {
-    outer_taps *= dims[i].k;
-    outer_L *= dims[i].L;
-  }
-  const int64_t taps_last = last.k, L_last = last.L;
-  std::vector<int64_t> tap(n - 1), pos(n - 1);
-  for (int64_t ot = 0; ot < outer_taps; ++ot) {
-    int64_t r = ot;
-    for (int64_t i = n - 2; i >= 0; --i) {
-      tap[i] = r % dims[i].k;
-      r /= dims[i].k;
-    }
-    for (int64_t t = 0; t < taps_last; ++t) {
-      // (*k, *L): tap index (ot, t) row-major over the taps, then the windows
-      T* base = out + (ot * taps_last + t) * outer_L * L_last;
-      for (int64_t ol = 0; ol < outer_L; ++ol) {
-        int64_t q = ol;
-        for (int64_t i = n - 2; i >= 0; --i) {
-          pos[i] = q % dims[i].L;
-          q /= dims[i].L;
-        }
-        T* o = base + ol * L_last;
-        int64_t offset = 0;
-        bool inside = true;
-        for (int64_t i = 0; i < n - 1 && inside; ++i) {
-          const int64_t j = pos[i] * dims[i].s - dims[i].p + tap[i] * dims[i].d;
-          inside = j >= 0 && j < dims[i].in;
-          offset += j * dims[i].stride;
-        }
-        if (inside) {
-          row(src + offset, last, t, o);
-        } else {
-          std::fill(o, o + L_last, T(0));
-        }
-      }
-    }
+  int64_t taps[3] = {0, 0, 0};
+  while (true) {  // every combination of taps, row-major
+    out = block(src, dims.data(), n, taps, out);
+    int64_t i = n - 1;
+    while (i >= 0 && ++taps[i] == dims[i].k) taps[i--] = 0;
+    if (i < 0) return;
   }
 }
 
@@ -133,7 +127,8 @@ at::Tensor unfold_windows_cpu(const at::Tensor& x, const std::vector<int64_t>& k
                     size[i] >= 0,
                 "unfold_windows: kernel, dilation and stride must be >= 1, padding and size >= 0");
     dims[i] = {x.size(lead + i), kernel[i], dilation[i], stride[i], padding[i], size[i],
-               x.stride(lead + i)};
+               x.stride(lead + i), {}, {}};
+    dims[i].ranges();
     shape.push_back(kernel[i]);
   }
   for (int64_t i = 0; i < n; ++i) shape.push_back(size[i]);

@@ -17,7 +17,7 @@ from fimfast import chunks
 from fimfast.hooks import Call, Use
 from fimfast.rules import conv_node
 from fimfast.rules.base import Outer, Patches, Rule, Term, UseKind, Vec, trainable
-from fimfast.rules.windows import _unfold, _unfold_view, host_unfold, windows
+from fimfast.rules.windows import HOST_DIMS, _unfold, _unfold_view, host_unfold, windows
 
 # with several chunks of columns, a convolution's unfolded input patches above this many bytes
 # are not kept for the step: read as windows of the input (fimfast/rules/windows.py) where they
@@ -390,7 +390,9 @@ def _unfold_output_grad(m, G: torch.Tensor, in_size) -> torch.Tensor:
     M, N, O = G.shape[:3]
     g, S = m.groups, G.shape[3:]
     Gf = G.reshape(M, N, g, O // g, *S).transpose(0, 1).transpose(1, 2)  # (N, g, M, O/g, *S)
-    U = host_unfold(Gf, m.kernel_size, m.dilation, m.stride, m.padding, in_size)
+    U = None
+    if len(S) in HOST_DIMS:
+        U = host_unfold(Gf, m.kernel_size, m.dilation, m.stride, m.padding, in_size)
     if U is not None:  # (N, g, M, O/g, *k, *L_in), padded in the same pass
         return U.view(N, g, M, -1, math.prod(in_size)).permute(2, 0, 4, 1, 3)
     pad = [q for p in reversed(m.padding) for q in (p, p)]
