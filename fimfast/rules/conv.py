@@ -37,14 +37,15 @@ class ConvRule(Rule):
     def capture(self, cap, module, x, y):
         if x.dim() != module.weight.dim():  # unbatched input: no sample dimension
             return None
-        ps = trainable(cap, module.weight, module.bias)
-        g = module.groups
-        uses = [
-            Use(p, UseKind.OUTER, groups=g) if p is module.weight else Use(p, UseKind.VEC)
-            for p in ps
-        ]
+        w, b, g = module.weight, module.bias, module.groups
+
+        def build():
+            return [Use(p, UseKind.OUTER, groups=g) if p is w else Use(p, UseKind.VEC)
+                    for p in trainable(cap, w, b)]
+
+        uses, internal, key = cap.uses_of(module, self, (w, b, g), build)  # anew for new groups
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), internal, key)
         return out
 
     def _patches(self, module, x: torch.Tensor) -> torch.Tensor:
@@ -108,20 +109,23 @@ class ConvTransposeRule(Rule):
     def capture(self, cap, module, x, y):
         if x.dim() != module.weight.dim():  # unbatched input: no sample dimension
             return None
-        ps = trainable(cap, module.weight, module.bias)
-        g = module.groups
-        phases = _phases(module, module.weight.device)
+        w, b, g = module.weight, module.bias, module.groups
         seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
-        if cap.memo.get(seen, 2) > 1 or conv_node.single_gain(module.weight, g):
-            y = conv_node.fold(x, y, module.bias)  # the columns' input gradient, one convolution
-        uses = []
-        for p in ps:
-            if p is module.weight:
-                uses.extend(Use(p, UseKind.OUTER, groups=g) for _ in phases)
-            else:
-                uses.append(Use(p, UseKind.VEC))
+        if cap.memo.get(seen, 2) > 1 or conv_node.single_gain(w, g):
+            y = conv_node.fold(x, y, b)  # the columns' input gradient, one convolution
+
+        def build():  # one use of the weight per phase
+            n = len(_phases(module, w.device))
+            return [u for p in trainable(cap, w, b) for u in (
+                [Use(p, UseKind.OUTER, groups=g) for _ in range(n)] if p is w
+                else [Use(p, UseKind.VEC)])]
+
+        # built anew when the weight, bias or a setting the phases depend on is another object
+        conf = (w, b, g, module.kernel_size, module.stride, module.padding, module.dilation)
+        uses, internal, key = cap.uses_of(module, self, conf, build)
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach(), "memo": (cap.memo, seen)}))
+        data = {"x": x.detach(), "memo": (cap.memo, seen)}
+        cap.record(Call(module, self, [tap], uses, data), internal, key)
         return out
 
     def terms(self, call, grads):
