@@ -10,14 +10,16 @@
 //
 // Host functions of the Python module (no dispatcher op): the row checks of a batch on CPU tensors
 // (csrc/cpu/label_range_finite.cpp), the walk of an autograd graph (csrc/graph_walk.cpp) and the
-// check of a parameter walk (csrc/param_walk.cpp), each called from Python with a Python path
-// beside it (fimfast/finite.py, fimfast/hutchinson.py, fimfast/parameters.py).
+// check of a parameter walk (csrc/param_walk.cpp), the windows of a convolution's kernel
+// (csrc/cpu/unfold_windows.cpp), each called from Python with a Python path beside it
+// (fimfast/finite.py, fimfast/hutchinson.py, fimfast/parameters.py, fimfast/rules/conv.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "graph_walk.h"
 #include "label_range_finite.h"
 #include "param_walk.h"
+#include "unfold_windows.h"
 
 TORCH_LIBRARY(fimfast, m) {
   m.def(
@@ -49,6 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "all_finite(t) -> whether every entry of a floating-point CPU tensor is finite");
   m.def("has_reentrant_checkpoint", &fimfast::has_reentrant_checkpoint,
         "whether the autograd graph of a tensor holds a reentrant checkpoint segment");
+  m.def("unfold_windows", &fimfast::unfold_windows_cpu,
+        "unfold_windows(x, kernel, dilation, stride, padding, size) -> the windows of a "
+        "convolution's kernel over a CPU tensor, zero outside it (fimfast/rules/conv.py)");
   m.def("walk_holds", &fimfast::walk_holds,
         "whether what a walk of a model's parameters read still holds (fimfast.parameters)");
 #ifdef WITH_CUDA

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import oracle
 from test_layers import ConvHead, _rand, _rel, _simple, run
 from tolerances import DET_REL_F64
 from torch import nn
 
+import fimfast
 from fimfast.batch_sums import Sums
 from fimfast.hooks import Call, Use
 from fimfast.persample import squares
@@ -273,3 +275,60 @@ def test_outer_index_is_checked():
     G = torch.randn(2, *m(x).shape, dtype=torch.float64)
     with pytest.raises(TypeError, match="does not fit"):
         call.rule.terms(call, [G])
+
+
+def test_outer_index_bounds_read_again_when_modified():
+    """An index's bounds are read once per version of the tensor: the same index, modified in
+    place after a first check, is checked again (fimfast/rules/base.py, ``_index_bounds``)."""
+    from fimfast.rules.base import _fits
+
+    m, x = _module("2d_k3_s1_p1_g2")
+    ix = convmod._unfolded_index(m, m.weight.device).clone()
+    P = torch.zeros(1, 3, 4, 2, ix.numel() // (2 * 2))  # (M, N, T, g, O/g kk) by I/g = 2
+    Q = torch.zeros(3, 4, 2, 2)
+    u = Use(m.weight, UseKind.OUTER, groups=2)
+    assert _fits(Outer(P, Q, ix), u)
+    assert _fits(Outer(P, Q, ix), u)  # the bounds kept
+    ix[3] = m.weight.numel()  # one past the weight
+    assert not _fits(Outer(P, Q, ix), u)
+    ix[3] = -1
+    assert not _fits(Outer(P, Q, ix), u)
+    ix[3] = 0
+    assert _fits(Outer(P, Q, ix), u)
+    with torch.inference_mode():  # no version counter: read at every check
+        ixi = ix.clone()
+    assert _fits(Outer(P, Q, ixi), u)
+    with torch.inference_mode():
+        ixi[3] = m.weight.numel()
+    assert not _fits(Outer(P, Q, ixi), u)
+
+
+def _empirical(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 reference: ``sum_n (grad log p(y_n | x_n))^2`` by one backward per sample."""
+    out = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for n in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[n : n + 1]), y[n : n + 1], reduction="sum")
+        for (k, _), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(
+                model.parameters()))):
+            out[k] += g.square()
+    return out
+
+
+def test_uses_follow_the_layer_settings_between_steps(form):
+    """The uses a call declares (one per phase) are kept across steps while the layer's weight,
+    bias and settings are the same objects: a layer whose stride changes between two steps of
+    one estimator (2 phases, then 3) is declared anew, and both steps match the reference."""
+    torch.manual_seed(0)
+    ct = nn.ConvTranspose1d(4, 4, 4, stride=2, padding=1)
+    model = nn.Sequential(ct, nn.Tanh(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double()
+    x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    est = fimfast.DiagFisher(model, "empirical")
+    for stride in (2, 3):
+        ct.stride = (stride,)
+        est.reset()
+        est.step((x, y))
+        ref = _empirical(model, x, y)
+        for k, v in est.result().items():
+            torch.testing.assert_close(v, ref[k], rtol=1e-10, atol=1e-14)
+        assert not est._persample.last_plan.generic, est._persample.last_plan.reasons

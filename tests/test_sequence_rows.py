@@ -25,11 +25,12 @@ class Tagger(nn.Module):
         return self.head(torch.tanh(x + a))
 
 
-def _data():
+def _data(padded: bool = True):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 7, (4, 6), generator=g)
     y = torch.randint(0, 5, (4, 6), generator=g)
-    y[1, 4:] = -100  # padding left out
+    if padded:
+        y[1, 4:] = -100  # padding left out
     return ids, y
 
 
@@ -50,10 +51,13 @@ def _sequence_empirical(m, ids, y):
     return out
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "every_token"])
 @pytest.mark.parametrize("rules", [True, False], ids=["fast", "generic"])
-def test_sequence_empirical_is_the_whole_sequence_empirical_fisher(rules):
+def test_sequence_empirical_is_the_whole_sequence_empirical_fisher(rules, padded):
+    """With padding, and without (every row valid: the head's output gradient is then the
+    column itself, fimfast/persample/engine.py, ``_head_grad``)."""
     m = _model()
-    ids, y = _data()
+    ids, y = _data(padded)
     est = fimfast.DiagFisher(m, "empirical", class_dim=-1, sequence_rows=True)
     est._persample.use_rules = rules
     est.step((ids, y))

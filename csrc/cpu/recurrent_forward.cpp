@@ -163,8 +163,10 @@ Out recurrent_forward_cpu(c10::string_view mode_, const Tensor& gi_, const Tenso
                 "); got ", bhh->sizes());
     check_same(*bhh, whh, "bhh");
   }
-  // W_hh^T laid out for the product (the transposed view costs a third more per step)
-  const Tensor gi = gi_.contiguous(), w = whh.t().contiguous();
+  // W_hh^T laid out for the product (the transposed view costs a third more per step); gi as it
+  // comes but for the GRU, whose cell reads it by pointer (the others add it to b_hh, strided: a
+  // batch-first projection, gi (T, N, G) a transposed view, costs no copy)
+  const Tensor gi = gates == 3 ? gi_.contiguous() : gi_, w = whh.t().contiguous();
   const auto opts = whh.options();
   // the pre-activations: the input projections plus b_hh (the GRU: b_hh alone, its hidden side)
   Tensor pre = at::empty({T, N, G}, opts);

@@ -262,8 +262,11 @@ def _tap_grads(rows, taps, cot: torch.Tensor, retain: bool, head) -> dict[int, A
 
 
 def _head_grad(rows, cot: torch.Tensor) -> torch.Tensor:
-    """The logits layer's output gradient: the cotangent laid out as the logits."""
+    """The logits layer's output gradient: the cotangent laid out as the logits (a view of it
+    when every row is valid: the rows are then the logits' rows in order)."""
     M, C = cot.shape[0], rows.flat.shape[1]
+    if rows.all_valid:
+        return cot.view(M, *rows.logits.shape)
     Gh = torch.zeros(M, rows.logits.numel() // C, C, dtype=cot.dtype, device=cot.device)
     Gh[:, rows.index] = cot
     return Gh.reshape(M, *rows.logits.shape)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from fimfast.chunks import pair_chunk
+from fimfast.hutchinson import vjp
 from fimfast.persample import stream
 
 
@@ -21,9 +22,8 @@ def _batched_grads(flat, params, cot, retain_graph: bool):
     ``retain_graph=False`` frees the graph's buffers as the backward goes (one column only: a
     batched backward that fails part-way must be able to run again as a loop)."""
     if cot.shape[0] == 1:  # one column: no vmap (its set-up costs more than a small backward)
-        grads = torch.autograd.grad(
-            flat, params, grad_outputs=cot[0], retain_graph=retain_graph, allow_unused=True
-        )
+        # autograd.grad, run by the engine directly where it would check and convert nothing
+        grads = vjp(flat, params, cot[0], retain_graph, False)
         return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
         return stream.batched_grads(flat, params, cot, True)

@@ -310,14 +310,14 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
         return out.reshape(M, O, I).sum(0)
     M, N, L, G, O = P.shape
     dt = compute_dtype(P.dtype, Q.dtype)  # float32, float64 when either is
-    out = torch.zeros(G, O, I, dtype=dt, device=P.device)
-    per_n = M * G * O * I * 4
-    step = _steps(Q, _SQ_CHUNK_BYTES // max(1, per_n))
+    out = torch.zeros(G, O, I, dtype=dt, device=P.device) if N == 0 else None
+    step = _steps(Q, _SQ_CHUNK_BYTES // max(1, M * G * O * I * 4))
     for n0 in range(0, N, step):  # one product per (sample, group): (M O, L) @ (L, I)
         Pn, Qn, n = P[:, n0 : n0 + step].to(dt), Q[n0 : n0 + step].to(dt), min(step, N - n0)
         per = torch.bmm(Pn.permute(1, 3, 0, 4, 2).reshape(n * G, M * O, L),
                         Qn.permute(0, 2, 1, 3).reshape(n * G, L, I))
-        out += per.view(n, G, M, O, I).square_().sum((0, 2))
+        part = per.view(n, G, M, O, I).square_().sum((0, 2))  # the first piece: the sum itself
+        out = part if out is None else out.add_(part)
     return out
 
 

@@ -21,6 +21,7 @@ See docs/rules.md for writing a rule for a module of one's own.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -232,6 +233,20 @@ def _block_numel(u: Use) -> int:
     return (u.block[1] - u.block[0]) * math.prod(p.shape[1:])
 
 
+_BOUNDS: dict[int, tuple] = {}  # id -> (weak reference, version, min, max) of checked indices
+
+
+def _index_bounds(ix: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of the CPU index ``ix``, read once per version (a rule forms its index once
+    per configuration; an inference tensor, which has no version counter, is read every time)."""
+    k = id(ix)
+    ver, hit = None if ix.is_inference() else ix._version, _BOUNDS.get(k)
+    if ver is None or hit is None or hit[0]() is not ix or hit[1] != ver:
+        ref = weakref.ref(ix, lambda _: _BOUNDS.pop(k, None))
+        hit = _BOUNDS[k] = (ref, ver, int(ix.min()), int(ix.max()))
+    return hit[2], hit[3]
+
+
 def _fits(t: Term, u: Use) -> bool:
     """Whether ``t`` is shaped as a per-unit gradient of the parameter block of ``u``."""
     if isinstance(t, Rows):  # any rows of a (V, d) table
@@ -247,8 +262,7 @@ def _fits(t: Term, u: Use) -> bool:
                 return False
             # the bounds where reading them costs no device synchronisation
             return ix.device.type != "cpu" or size == 0 or (
-                int(ix.min()) >= 0 and int(ix.max()) < _block_numel(u)
-            )
+                (b := _index_bounds(ix))[0] >= 0 and b[1] < _block_numel(u))
     else:
         size = math.prod(t.V.shape[2:])
     return size == _block_numel(u)

@@ -17,7 +17,7 @@ from fimfast import chunks
 from fimfast.hooks import Call, Use
 from fimfast.rules import conv_node
 from fimfast.rules.base import Outer, Patches, Rule, Term, UseKind, Vec, trainable
-from fimfast.rules.windows import windows
+from fimfast.rules.windows import HOST_DIMS, _unfold, _unfold_view, host_unfold, windows
 
 # with several chunks of columns, a convolution's unfolded input patches above this many bytes
 # are not kept for the step: read as windows of the input (fimfast/rules/windows.py) where they
@@ -37,25 +37,26 @@ class ConvRule(Rule):
     def capture(self, cap, module, x, y):
         if x.dim() != module.weight.dim():  # unbatched input: no sample dimension
             return None
-        ps = trainable(cap, module.weight, module.bias)
-        g = module.groups
-        uses = [
-            Use(p, UseKind.OUTER, groups=g) if p is module.weight else Use(p, UseKind.VEC)
-            for p in ps
-        ]
+        w, b, g = module.weight, module.bias, module.groups
+
+        def build():
+            return [Use(p, UseKind.OUTER, groups=g) if p is w else Use(p, UseKind.VEC)
+                    for p in trainable(cap, w, b)]
+
+        uses, internal, key = cap.uses_of(module, self, (w, b, g), build)  # anew for new groups
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}))
+        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), internal, key)
         return out
 
     def _patches(self, module, x: torch.Tensor) -> torch.Tensor:
         """``(N, L, g, I/g * prod(kernel))`` unfolded input patches."""
         pad = input_padding(module)
-        if any(pad):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, pad, mode=mode)
+        zeros = module.padding_mode == "zeros"  # padded with the windows (windows._unfold)
+        if any(pad) and not zeros:
+            x = F.pad(x, pad, mode=module.padding_mode)
         k = len(module.kernel_size)
         d, s = ntuple(module.dilation, k), ntuple(module.stride, k)
-        U = _unfold(x, module.kernel_size, d, s)  # (N, I*kk, L)
+        U = _unfold(x, module.kernel_size, d, s, pad=pad if zeros and any(pad) else None)
         N, IK, L = U.shape
         g = module.groups
         return U.view(N, g, IK // g, L).permute(0, 3, 1, 2)  # a view: bmm takes the strides
@@ -108,20 +109,23 @@ class ConvTransposeRule(Rule):
     def capture(self, cap, module, x, y):
         if x.dim() != module.weight.dim():  # unbatched input: no sample dimension
             return None
-        ps = trainable(cap, module.weight, module.bias)
-        g = module.groups
-        phases = _phases(module, module.weight.device)
+        w, b, g = module.weight, module.bias, module.groups
         seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
-        if cap.memo.get(seen, 2) > 1 or conv_node.single_gain(module.weight, g):
-            y = conv_node.fold(x, y, module.bias)  # the columns' input gradient, one convolution
-        uses = []
-        for p in ps:
-            if p is module.weight:
-                uses.extend(Use(p, UseKind.OUTER, groups=g) for _ in phases)
-            else:
-                uses.append(Use(p, UseKind.VEC))
+        if cap.memo.get(seen, 2) > 1 or conv_node.single_gain(w, g):
+            y = conv_node.fold(x, y, b)  # the columns' input gradient, one convolution
+
+        def build():  # one use of the weight per phase
+            n = len(_phases(module, w.device))
+            return [u for p in trainable(cap, w, b) for u in (
+                [Use(p, UseKind.OUTER, groups=g) for _ in range(n)] if p is w
+                else [Use(p, UseKind.VEC)])]
+
+        # built anew when the weight, bias or a setting the phases depend on is another object
+        conf = (w, b, g, module.kernel_size, module.stride, module.padding, module.dilation)
+        uses, internal, key = cap.uses_of(module, self, conf, build)
         tap, out = cap.tap(y, lead=1, key=(id(module), 0), batch_first=True)
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach(), "memo": (cap.memo, seen)}))
+        data = {"x": x.detach(), "memo": (cap.memo, seen)}
+        cap.record(Call(module, self, [tap], uses, data), internal, key)
         return out
 
     def terms(self, call, grads):
@@ -390,6 +394,11 @@ def _unfold_output_grad(m, G: torch.Tensor, in_size) -> torch.Tensor:
     M, N, O = G.shape[:3]
     g, S = m.groups, G.shape[3:]
     Gf = G.reshape(M, N, g, O // g, *S).transpose(0, 1).transpose(1, 2)  # (N, g, M, O/g, *S)
+    U = None
+    if len(S) in HOST_DIMS:
+        U = host_unfold(Gf, m.kernel_size, m.dilation, m.stride, m.padding, in_size)
+    if U is not None:  # (N, g, M, O/g, *k, *L_in), padded in the same pass
+        return U.view(N, g, M, -1, math.prod(in_size)).permute(2, 0, 4, 1, 3)
     pad = [q for p in reversed(m.padding) for q in (p, p)]
     if any(pad):  # one copy, into that layout
         Gf = F.pad(Gf, pad)
@@ -421,30 +430,3 @@ def input_padding(m) -> list[int]:
             out += [total // 2, total - total // 2]
         return out
     return [q for v in reversed(ntuple(p, k)) for q in (v, v)]
-
-
-def _unfold(x: torch.Tensor, k, d, s, size=None) -> torch.Tensor:
-    """``F.unfold(x, k, dilation=d, stride=s)`` for any number of spatial dims: ``x`` ``(N, I,
-    *spatial)`` gives ``(N, I*prod(k), L)``, channel-major like a convolution's weight. ``size``
-    keeps the first ``size[i]`` windows along spatial dim ``i`` (default: all).
-
-    Built as a strided view (``Tensor.unfold`` per spatial dim, every ``d``-th tap) copied once
-    into that layout: 2-4x faster than ``F.unfold`` on the CPU (64 x 16 x 12 x 12, 5 x 5 kernel:
-    2.5 vs 5.3 ms), and there is no ``F.unfold`` for volumes."""
-    N, I = x.shape[:2]
-    return _unfold_view(x, k, d, s, size).reshape(N, I * math.prod(k), -1)
-
-
-def _unfold_view(x: torch.Tensor, k, d, s, size=None) -> torch.Tensor:
-    """The windows of :func:`_unfold` as a strided view ``(N, I, *k, *L)``, no copy."""
-    n = len(k)
-    v = x
-    for dim, (kk, dd, ss) in enumerate(zip(k, d, s)):
-        v = v.unfold(2 + dim, (kk - 1) * dd + 1, ss)
-        if dd > 1:
-            v = v[..., ::dd]
-        if size is not None:
-            v = v.narrow(2 + dim, 0, size[dim])
-    # (N, I, *L, *k) -> (N, I, *k, *L)
-    perm = (0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    return v.permute(perm)

@@ -281,7 +281,7 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
     (:func:`_unrolled_steps`)."""
     mod = rec.mod
     T, N = x.shape[:2]
-    gi = rec.gate_tap(F.linear(x, W["weight_ih"], W["bias_ih"]), k)
+    gi = rec.gate_tap(_projection(x, W), k)
     # views taken once: one autograd edge into each parameter however many steps use it
     whh = W["weight_hh"].view_as(W["weight_hh"])
     bhh = None if W["bias_hh"] is None else W["bias_hh"].view_as(W["bias_hh"])
@@ -313,6 +313,18 @@ def _direction(rec: _Recorder, k: int, x, h, c, W: dict, reverse: bool):
             h, c = _keep(rec.masks, t, hn, h, cn, c)
             outs[t] = h
     return _finish(rec, d, torch.stack(outs), gi, W, h, c)
+
+
+def _projection(x: torch.Tensor, W: dict) -> torch.Tensor:
+    """``W_ih x_t + b_ih`` of every step, ``(T, N, G)``: for a batch-first input (``x`` the
+    transposed view of a contiguous one) one product with the bias added in it, of the input as
+    it is, returned as a transposed view (the tap takes it batch first; the ``cpp`` forward reads
+    it as it is), where the product of the time-major view would copy ``x`` and add the bias
+    apart."""
+    xb = x.transpose(0, 1)
+    if not x.is_contiguous() and xb.is_contiguous():
+        return F.linear(xb, W["weight_ih"], W["bias_ih"]).transpose(0, 1)
+    return F.linear(x, W["weight_ih"], W["bias_ih"])
 
 
 def _finish(rec: _Recorder, d: dict, ys, gi, W: dict, h, c):

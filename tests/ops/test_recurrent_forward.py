@@ -81,6 +81,23 @@ def test_both_backends_equal_torch_layer_float64(mode, reverse, bias):
         assert _close(a, b, 1e-14)
 
 
+@pytest.mark.parametrize("mode", list(GATES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_strided_projections_equal_contiguous(mode, bias):
+    """``gi`` as a transposed view of a batch-first projection (what the recurrent rule passes
+    for a batch-first input: fimfast/rules/recurrent.py, ``_projection``) gives exactly the
+    results of the same values laid out time-major."""
+    require("cpp")
+    _, _, gi, h0, c0, whh, bhh = _case(mode, bias)
+    strided = gi.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous() and torch.equal(strided, gi)
+    for backend in ("torch", "cpp"):
+        ref = ops.recurrent_forward(mode, gi, h0, c0, whh, bhh, True, backend=backend)
+        got = ops.recurrent_forward(mode, strided, h0, c0, whh, bhh, True, backend=backend)
+        for a, b in zip(got, ref, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b), backend
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_float32_against_float64(mode):
     require("cpp")
