@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
+from fimfast.rules import attention_node
 from fimfast.rules.base import Rule, Term, UseKind, _linear_terms, patch_forward, trainable
 
 
@@ -36,6 +37,9 @@ class MHARule(Rule):
         return patch_forward(module, partial(_mha_forward, self, module, cap))
 
     def terms(self, call, grads):
+        memo, seen = call.data["memo"]  # most columns of a chunk: fold the next step's attention
+        M = max((g.shape[0] for g in grads if g is not None), default=0)
+        memo[seen] = call.data["M"] = max(M, call.data.get("M", 0))
         out: list[Term | None] = []
         for u, (ti, key) in zip(call.uses, call.data["src"]):
             out.extend(_linear_terms(call, grads[ti], call.taps[ti], call.data, key, [u]))
@@ -82,10 +86,14 @@ def _mha_forward(
     kpm, am, is_causal = _masks(query, key_padding_mask, attn_mask, is_causal, need_weights)
 
     rec = _Recorder(mod, cap, {id(p) for p in ps})
+    seen = (id(mod), "columns")  # most columns of a chunk, this estimator's last step
+    rec.data["memo"] = (cap.memo, seen)
     q, k, v = _in_projections(mod, rec, query, key, value, same_kv, same_qkv)
     if mod.bias_k is not None or mod.add_zero_attn:
         k, v, kpm, am = _extend(mod, rec, k, v, kpm, am)
-    ctx, weights = _attend(mod, q, k, v, am, kpm, need_weights, average_attn_weights, is_causal)
+    fold = cap.memo.get(seen, 2) > 1
+    ctx, weights = _attend(mod, q, k, v, am, kpm, need_weights, average_attn_weights, is_causal,
+                           fold)
     out = rec.out_projection(ctx)
     cap.record(Call(mod, rule, rec.taps, rec.uses, rec.data))
     if not mod.batch_first:
@@ -235,9 +243,11 @@ def _in_projections(mod, rec: _Recorder, query, key, value, same_kv: bool, same_
 
 
 def _attend(mod, q, k, v, am, kpm, need_weights: bool, average_attn_weights: bool,
-            is_causal: bool):
+            is_causal: bool, fold: bool = False):
     """Scaled dot-product attention of the projected ``q`` ``(N, L, E)``, ``k``, ``v``
-    ``(N, S, E)`` over ``num_heads`` heads: ``(context (N, L, E), weights or None)``."""
+    ``(N, S, E)`` over ``num_heads`` heads: ``(context (N, L, E), weights or None)``; ``fold``:
+    the attention as a node whose backward batches the columns
+    (:mod:`fimfast.rules.attention_node`)."""
     N, L, E = q.shape
     S = k.shape[1]
     H = mod.num_heads
@@ -260,4 +270,6 @@ def _attend(mod, q, k, v, am, kpm, need_weights: bool, average_attn_weights: boo
         weights = attn.mean(dim=1) if average_attn_weights else attn
     else:
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=is_causal)
+        if fold:
+            ctx = attention_node.fold(q, k, v, ctx)
     return ctx.transpose(1, 2).reshape(N, L, E), weights

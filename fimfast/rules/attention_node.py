@@ -1,0 +1,148 @@
+"""Scaled dot-product attention as one autograd node whose backward takes a batch of backward
+columns in a few batched products.
+
+The engine's batched backward (``autograd.grad(..., is_grads_batched=True)``, batched by
+``torch._vmap_internals``) has no batching rule for the CPU attention's backward
+(``_scaled_dot_product_flash_attention_for_cpu_backward``): it runs the op once per column and
+stacks the results. With the attention probabilities ``P = softmax(s q k^T + mask)`` of the
+forward, the gradients of one column ``g`` of the output ``o = P v`` are products that batch
+over the columns as they are (docs/math.md §4, "Attention"):
+
+    dv = P^T g,   dS = P * (g v^T - rowsum(P * g v^T)),   dq = s dS k,   dk = s dS^T q.
+
+``P`` is formed once per step from the forward's log-sum-exp (``exp(s q k^T + mask - lse)``, the
+probabilities the forward normalised), and each product runs once over the ``N H`` heads with
+the columns side by side. Measured on the CPU (1 thread, 9 columns in chunks of 5 and 4, 16
+sequences of 20 tokens, ``MultiheadAttention(64, 4, add_bias_kv=True)``: the ``mha_bias_kv``
+workload of benchmarks/bench_recurrent.py): 2.8 ms of the step's backward by torch's loop, 1.4 ms
+as the node (benchmarks/results/mha_exact_cpu_2026-12-06.md).
+
+:func:`fold` replaces the output of a call (torch's CPU flash attention node: the query, key,
+value, output, log-sum-exp, mask, causality and scale are read from it, so the node computes
+what the call did) by :class:`Node`, with the same values. Its backward is torch's own op for a
+gradient that is not batched (a training backward, one column).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fimfast import chunks
+from fimfast.rules.node_edges import batch_level, input_wanted
+
+_is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+_FLASH_CPU = "ScaledDotProductFlashAttentionForCpuBackward0"
+
+
+def fold(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (``F.scaled_dot_product_attention(q, k, v, ...)``, ``(N, H, L, hd)``) as the output
+    of a :class:`Node`, or ``out`` itself where that does not apply: no batching in this torch,
+    another backend than the CPU's flash attention (the CUDA kernels, torch's math fallback),
+    dropout, a mask with a gradient, inputs that are not ``q``, ``k``, ``v`` themselves,
+    autocast."""
+    node = out.grad_fn
+    if (
+        _is_batched is None or node is None or node.name() != _FLASH_CPU
+        or node._saved_dropout_p != 0.0 or node._saved_query is not q
+        or node._saved_key is not k or node._saved_value is not v
+        or torch.is_autocast_enabled(out.device.type)
+    ):
+        return out
+    mask = node._saved_attn_mask
+    if mask is not None and mask.requires_grad:
+        return out
+    scale = node._saved_scale
+    spec = (node._saved_logsumexp, mask, bool(node._saved_is_causal), scale)
+    return Node.apply([out.detach()], spec, q, k, v)
+
+
+class Node(torch.autograd.Function):
+    """``apply([o], (lse, mask, is_causal, scale), q, k, v)``: ``o`` (the CPU flash attention of
+    ``q``, ``k``, ``v`` ``(N, H, *, hd)``, computed already, with its log-sum-exp ``lse``
+    ``(N, H, L)``) as a node whose backward batches the columns (see the module docstring).
+    ``o`` comes in a list, not as an input: an output that is an input is a view."""
+
+    @staticmethod
+    def forward(ctx, box, spec, q, k, v):
+        ctx.spec = spec
+        ctx.save_for_backward(q, k, v, box[0])
+        return box[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, o = ctx.saved_tensors
+        lse, mask, causal, scale = ctx.spec
+        want = [input_wanted(ctx, i, 2) for i in (2, 3, 4)]
+        level = batch_level(g) if any(want) else None
+        if level is None:  # a training backward, one column: torch's own
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g, q, k, v, o, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            return None, None, *(t if w else None for t, w in zip((gq, gk, gv), want))
+        if not hasattr(ctx, "flat"):  # formed once for the step's chunks
+            ctx.flat = _flat(q, k, v, lse, mask, causal, scale)
+        G = torch._remove_batch_dim(g, level, 1, 0)  # (M, N, H, L, hd)
+        step = _at_once(G, ctx.flat[3])
+        parts = [_batched(G[i : i + step], ctx.flat, want) for i in range(0, G.shape[0], step)]
+        return None, None, *(
+            None if p[0] is None
+            else torch._add_batch_dim(p[0] if len(p) == 1 else torch.cat(p), 0, level)
+            for p in zip(*parts)
+        )
+
+
+def _at_once(G: torch.Tensor, PT: torch.Tensor) -> int:
+    """Columns of ``G`` whose products run together: as many as keep their ``(N H, S, M, L)``
+    score gradient within the columns' own gradient ``G`` or ``chunks.SMALL_BYTES``, whichever
+    is larger (the engine's bound of the columns counts what a column holds at a tap, not the
+    attention's scores, ``S / hd`` times larger)."""
+    per = PT.numel() * G.element_size()
+    return max(1, min(G.shape[0], max(chunks.SMALL_BYTES, G.numel() * G.element_size()) // per))
+
+
+def _flat(q, k, v, lse, mask, causal: bool, scale: float | None):
+    """``(s q, s k, v, P^T)`` as contiguous ``(N H, *, *)`` batches of matrices, ``s`` the scale
+    and ``P^T = exp(s k q^T + mask^T - lse)`` the transposed attention probabilities that the
+    forward normalised by ``lse`` (zero on a row it masked entirely: torch's ``lse`` is 0 there,
+    or ``-inf``, taken as 0)."""
+    N, H, L, hd = q.shape
+    s = hd**-0.5 if scale is None else scale
+    qs, ks, vf = (t.reshape(N * H, -1, hd).contiguous() for t in (q * s, k * s, v))
+    PT = torch.bmm(ks, qs.transpose(1, 2)).div_(s)  # s k q^T: (N H, S, L)
+    S = PT.shape[1]
+    PTv = PT.view(N, H, S, L)
+    if mask is not None:
+        PTv.add_(mask.transpose(-2, -1))
+    if causal:  # top-left aligned, as torch's kernel
+        PTv.masked_fill_(torch.ones(S, L, dtype=torch.bool, device=q.device).tril(-1), -math.inf)
+    lse = lse.to(PT.dtype).masked_fill(torch.isneginf(lse), 0.0)
+    PTv.sub_(lse.unsqueeze(-2))
+    return qs, ks, vf, PT.exp_()
+
+
+def _batched(G, flat, want):
+    """The gradients (``None`` where not ``want``-ed) of ``M`` columns ``G`` ``(M, N, H, L,
+    hd)`` of the output, ``(M, N, H, *, hd)`` each. Each product is one ``bmm`` over the ``N H``
+    heads with the columns side by side in its rows or columns (a ``bmm`` of ``M N H`` smaller
+    matrices costs more on the CPU), ``dS`` formed transposed, ``(N H, S, M, L)``, so that both
+    ``dq`` and ``dk`` read it without a copy."""
+    qs, ks, vf, PT = flat
+    M, N, H, L, hd = G.shape
+    B, S = N * H, ks.shape[1]
+    grads = [None, None, None]
+    if want[2]:  # dv = P^T g: (B, S, L) @ (B, L, M hd)
+        gv = torch.bmm(PT, G.permute(1, 2, 3, 0, 4).reshape(B, L, M * hd))
+        grads[2] = gv.view(N, H, S, M, hd).permute(3, 0, 1, 2, 4)
+    if want[0] or want[1]:
+        Gc = G.permute(1, 2, 0, 3, 4).reshape(B, M * L, hd)
+        PTm = PT.view(B, S, 1, L)
+        dS = torch.bmm(vf, Gc.transpose(1, 2)).view(B, S, M, L).mul_(PTm)  # P * (g v^T)
+        dS = dS.addcmul_(PTm, dS.sum(1, keepdim=True), value=-1)  # rowsum(P g v^T) = g . o
+        if want[0]:  # dq = s dS k: (B, M L, S) @ (B, S, hd)
+            gq = torch.bmm(dS.view(B, S, M * L).transpose(1, 2), ks)
+            grads[0] = gq.view(N, H, M, L, hd).permute(2, 0, 1, 3, 4)
+        if want[1]:  # dk = s dS^T q: (B, S M, L) @ (B, L, hd)
+            gk = torch.bmm(dS.view(B, S * M, L), qs)
+            grads[1] = gk.view(N, H, S, M, hd).permute(3, 0, 1, 2, 4)
+    return grads
