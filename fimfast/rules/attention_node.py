@@ -77,8 +77,7 @@ class Node(torch.autograd.Function):
         want = [input_wanted(ctx, i, 2) for i in (2, 3, 4)]
         level = batch_level(g) if any(want) else None
         if level is None:  # a training backward, one column: torch's own
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                g, q, k, v, o, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            gq, gk, gv = _torch_backward(g, q, k, v, o, lse, causal, mask, scale)
             return None, None, *(t if w else None for t, w in zip((gq, gk, gv), want))
         if not hasattr(ctx, "flat"):  # formed once for the step's chunks
             ctx.flat = _flat(q, k, v, lse, mask, causal, scale)
@@ -92,13 +91,19 @@ class Node(torch.autograd.Function):
         )
 
 
+def _torch_backward(g, q, k, v, o, lse, causal: bool, mask, scale):
+    """torch's own backward of the CPU flash attention, for one column."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, k, v, o, lse, 0.0, causal, attn_mask=mask, scale=scale)
+
+
 def _at_once(G: torch.Tensor, PT: torch.Tensor) -> int:
     """Columns of ``G`` whose products run together: as many as keep their ``(N H, S, M, L)``
     score gradient within the columns' own gradient ``G`` or ``chunks.SMALL_BYTES``, whichever
     is larger (the engine's bound of the columns counts what a column holds at a tap, not the
-    attention's scores, ``S / hd`` times larger)."""
-    per = PT.numel() * G.element_size()
-    return max(1, min(G.shape[0], max(chunks.SMALL_BYTES, G.numel() * G.element_size()) // per))
+    attention's scores, ``S / hd`` times larger), spread evenly (:func:`chunks.balanced`)."""
+    most = max(chunks.SMALL_BYTES, G.numel() * G.element_size()) // (PT.numel() * G.element_size())
+    return chunks.balanced(G.shape[0], most)
 
 
 def _flat(q, k, v, lse, mask, causal: bool, scale: float | None):
