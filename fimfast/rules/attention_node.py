@@ -97,57 +97,58 @@ def _torch_backward(g, q, k, v, o, lse, causal: bool, mask, scale):
         g, q, k, v, o, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _at_once(G: torch.Tensor, PT: torch.Tensor) -> int:
-    """Columns of ``G`` whose products run together: as many as keep their ``(N H, S, M, L)``
+def _at_once(G: torch.Tensor, P: torch.Tensor) -> int:
+    """Columns of ``G`` whose products run together: as many as keep their ``(N H, L, M, S)``
     score gradient within the columns' own gradient ``G`` or ``chunks.SMALL_BYTES``, whichever
     is larger (the engine's bound of the columns counts what a column holds at a tap, not the
     attention's scores, ``S / hd`` times larger), spread evenly (:func:`chunks.balanced`)."""
-    most = max(chunks.SMALL_BYTES, G.numel() * G.element_size()) // (PT.numel() * G.element_size())
+    most = max(chunks.SMALL_BYTES, G.numel() * G.element_size()) // (P.numel() * G.element_size())
     return chunks.balanced(G.shape[0], most)
 
 
 def _flat(q, k, v, lse, mask, causal: bool, scale: float | None):
-    """``(s q, s k, v, P^T)`` as contiguous ``(N H, *, *)`` batches of matrices, ``s`` the scale
-    and ``P^T = exp(s k q^T + mask^T - lse)`` the transposed attention probabilities that the
-    forward normalised by ``lse`` (zero on a row it masked entirely: torch's ``lse`` is 0 there,
-    or ``-inf``, taken as 0)."""
+    """``(s q, s k, v, P)`` as contiguous ``(N H, *, *)`` batches of matrices, ``s`` the scale
+    and ``P = exp(s q k^T + mask - lse)`` the attention probabilities that the forward
+    normalised by ``lse`` (zero on a row it masked entirely: torch's ``lse`` is 0 there, or
+    ``-inf``, taken as 0)."""
     N, H, L, hd = q.shape
     s = hd**-0.5 if scale is None else scale
     qs, ks, vf = (t.reshape(N * H, -1, hd).contiguous() for t in (q * s, k * s, v))
-    PT = torch.bmm(ks, qs.transpose(1, 2)).div_(s)  # s k q^T: (N H, S, L)
-    S = PT.shape[1]
-    PTv = PT.view(N, H, S, L)
+    P = torch.bmm(qs, ks.transpose(1, 2)).div_(s)  # s q k^T: (N H, L, S)
+    Pv = P.view(N, H, L, -1)
     if mask is not None:
-        PTv.add_(mask.transpose(-2, -1))
+        Pv.add_(mask)
     if causal:  # top-left aligned, as torch's kernel
-        PTv.masked_fill_(torch.ones(S, L, dtype=torch.bool, device=q.device).tril(-1), -math.inf)
-    lse = lse.to(PT.dtype).masked_fill(torch.isneginf(lse), 0.0)
-    PTv.sub_(lse.unsqueeze(-2))
-    return qs, ks, vf, PT.exp_()
+        Pv.masked_fill_(torch.ones(Pv.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                        -math.inf)
+    lse = lse.to(P.dtype).masked_fill(torch.isneginf(lse), 0.0)
+    Pv.sub_(lse.unsqueeze(-1))
+    return qs, ks, vf, P.exp_()
 
 
 def _batched(G, flat, want):
     """The gradients (``None`` where not ``want``-ed) of ``M`` columns ``G`` ``(M, N, H, L,
-    hd)`` of the output, ``(M, N, H, *, hd)`` each. Each product is one ``bmm`` over the ``N H``
-    heads with the columns side by side in its rows or columns (a ``bmm`` of ``M N H`` smaller
-    matrices costs more on the CPU), ``dS`` formed transposed, ``(N H, S, M, L)``, so that both
-    ``dq`` and ``dk`` read it without a copy."""
-    qs, ks, vf, PT = flat
+    hd)`` of the output, ``(M, N, H, *, hd)`` each. ``G`` is copied once, to ``(N H, L, M,
+    hd)``; each product is then one ``bmm`` over the ``N H`` heads with the columns side by side
+    in its rows or columns (a ``bmm`` of ``M N H`` smaller matrices costs more on the CPU), the
+    score gradient ``dS`` laid out ``(N H, L, M, S)``, read by ``dq`` and (transposed) ``dk``
+    without a copy."""
+    qs, ks, vf, P = flat
     M, N, H, L, hd = G.shape
     B, S = N * H, ks.shape[1]
+    Gl = G.permute(1, 2, 3, 0, 4).reshape(B, L, M * hd)
     grads = [None, None, None]
     if want[2]:  # dv = P^T g: (B, S, L) @ (B, L, M hd)
-        gv = torch.bmm(PT, G.permute(1, 2, 3, 0, 4).reshape(B, L, M * hd))
+        gv = torch.bmm(P.transpose(1, 2), Gl)
         grads[2] = gv.view(N, H, S, M, hd).permute(3, 0, 1, 2, 4)
     if want[0] or want[1]:
-        Gc = G.permute(1, 2, 0, 3, 4).reshape(B, M * L, hd)
-        PTm = PT.view(B, S, 1, L)
-        dS = torch.bmm(vf, Gc.transpose(1, 2)).view(B, S, M, L).mul_(PTm)  # P * (g v^T)
-        dS = dS.addcmul_(PTm, dS.sum(1, keepdim=True), value=-1)  # rowsum(P g v^T) = g . o
-        if want[0]:  # dq = s dS k: (B, M L, S) @ (B, S, hd)
-            gq = torch.bmm(dS.view(B, S, M * L).transpose(1, 2), ks)
-            grads[0] = gq.view(N, H, M, L, hd).permute(2, 0, 1, 3, 4)
-        if want[1]:  # dk = s dS^T q: (B, S M, L) @ (B, L, hd)
-            gk = torch.bmm(dS.view(B, S * M, L), qs)
-            grads[1] = gk.view(N, H, S, M, hd).permute(3, 0, 1, 2, 4)
+        Pm = P.view(B, L, 1, S)
+        dS = torch.bmm(Gl.view(B, L * M, hd), vf.transpose(1, 2)).view(B, L, M, S).mul_(Pm)
+        dS = dS.addcmul_(Pm, dS.sum(-1, keepdim=True), value=-1)  # rowsum(P g v^T) = g . o
+        if want[0]:  # dq = s dS k: (B, L M, S) @ (B, S, hd)
+            gq = torch.bmm(dS.view(B, L * M, S), ks)
+            grads[0] = gq.view(N, H, L, M, hd).permute(3, 0, 1, 2, 4)
+        if want[1]:  # dk = s dS^T q: (B, M S, L) @ (B, L, hd)
+            gk = torch.bmm(dS.view(B, L, M * S).transpose(1, 2), qs)
+            grads[1] = gk.view(N, H, M, S, hd).permute(2, 0, 1, 3, 4)
     return grads
