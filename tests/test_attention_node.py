@@ -28,12 +28,16 @@ MASKS = ["none", "shared", "padding", "per_head", "causal", "causal_square", "ma
 
 
 def _inputs(mask: str, seed: int = 0):
-    """``(leaves, (q, k, v), kwargs)``: float64 query, key and value ``(N, H, *, HD)`` as the rule
-    forms them (transposed views of a projection), and the attention's mask arguments."""
+    """``(leaves, (q, k, v), sources, kwargs)``: float64 query, key and value ``(N, H, *, HD)``
+    as the rule forms them (transposed views of a projection, its output ``(N, *, H HD)`` in
+    ``sources``), and the attention's mask arguments."""
     g = torch.Generator().manual_seed(seed)
     leaves = [torch.randn(N, n, H * HD, generator=g, dtype=torch.float64, requires_grad=True)
               for n in (L, S, S)]
-    qkv = [torch.tanh(t).reshape(N, -1, H, HD).transpose(1, 2) for t in leaves]
+    src = [torch.tanh(t) for t in leaves]
+    if mask == "causal_square":
+        src = [src[0], src[1][:, :L], src[2][:, :L]]
+    qkv = [t.reshape(N, -1, H, HD).transpose(1, 2) for t in src]
     kw: dict = {}
     if mask == "shared":
         kw["attn_mask"] = torch.randn(L, S, generator=g, dtype=torch.float64)
@@ -46,7 +50,6 @@ def _inputs(mask: str, seed: int = 0):
     elif mask == "causal":  # top-left aligned, L < S
         kw["is_causal"] = True
     elif mask == "causal_square":
-        qkv = [qkv[0], qkv[1][:, :, :L], qkv[2][:, :, :L]]
         kw["is_causal"] = True
     elif mask == "masked_row":  # every key of one query masked: a zero output row
         am = torch.zeros(N, 1, L, S, dtype=torch.float64)
@@ -55,14 +58,15 @@ def _inputs(mask: str, seed: int = 0):
     elif mask == "bool":
         kw["attn_mask"] = torch.rand(L, S, generator=g) > 0.3
         kw["attn_mask"][:, 0] = True
-    return leaves, qkv, kw
+    return leaves, qkv, attention_node.Sources.of(*src), kw
 
 
 def _both(mask: str, scale: float | None = None):
     """``(leaves, torch's output, the node's output)``, the same values."""
-    leaves, (q, k, v), kw = _inputs(mask)
+    leaves, (q, k, v), src, kw = _inputs(mask)
     y = F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
-    z = attention_node.fold(q, k, v, F.scaled_dot_product_attention(q, k, v, scale=scale, **kw))
+    z = attention_node.fold(q, k, v, F.scaled_dot_product_attention(q, k, v, scale=scale, **kw),
+                            src)
     assert type(z.grad_fn).__name__ == "NodeBackward"
     assert torch.equal(y, z)
     return leaves, y, z
@@ -172,17 +176,17 @@ def test_where_it_does_not_apply():
     """torch's math attention, dropout, a mask with a gradient: the output itself."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    _, (q, k, v), _ = _inputs("none")
+    _, (q, k, v), src, _ = _inputs("none")
     with sdpa_kernel(SDPBackend.MATH):
         y = F.scaled_dot_product_attention(q, k, v)
-    assert attention_node.fold(q, k, v, y) is y
+    assert attention_node.fold(q, k, v, y, src) is y
     y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
-    assert attention_node.fold(q, k, v, y) is y
+    assert attention_node.fold(q, k, v, y, src) is y
     am = torch.zeros(L, S, dtype=torch.float64, requires_grad=True)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=am)
-    assert attention_node.fold(q, k, v, y) is y
+    assert attention_node.fold(q, k, v, y, src) is y
     y = F.scaled_dot_product_attention(q, k, v)
-    assert attention_node.fold(q * 1, k, v, y) is y  # not the query the output was made of
+    assert attention_node.fold(q * 1, k, v, y, src) is y  # not the query the output was made of
 
 
 VARIANTS = [  # add_bias_kv and add_zero_attn, with a key padding mask and an attention mask
@@ -191,6 +195,7 @@ VARIANTS = [  # add_bias_kv and add_zero_attn, with a key padding mask and an at
     dict(bias_kv=True, zero=False, batch_first=False, mask="float3d"),
     dict(bias_kv=False, zero=True, mask="causal", kdim=5),
     dict(bias_kv=True, zero=True, mask="none", bias=False),
+    dict(bias_kv=True, zero=True, mask="float3d", kdim=4),  # packed key-value projection
 ]
 IDS = ["-".join(f"{k}={v}" for k, v in d.items()) for d in VARIANTS]
 
@@ -224,9 +229,55 @@ def test_exact_matches_oracle_and_the_loop(v, task, monkeypatch):
     got = _steps(case, 3, class_chunk=2)
     assert seen and min(seen) > 1  # the batched products ran
     assert _rel(got, oracle(case, "exact")) <= DET_REL_F64
-    monkeypatch.setattr(attention_node, "fold", lambda q, k, v, o: o)
+    monkeypatch.setattr(attention_node, "fold", lambda q, k, v, o, src: o)
     ref = _steps(case, 3, class_chunk=2)
     assert _rel(got, ref) <= 1e-13
+
+
+def _packed(zero: bool):
+    """``(leaves, y, z)``: self-attention of a packed projection ``(N, L, 3 E)`` with
+    ``bias_k``/``bias_v`` rows appended to the keys and values (then a zero row), by torch and
+    as the node whose inputs are the projection and the expanded rows."""
+    g = torch.Generator().manual_seed(1)
+    E = H * HD
+    leaves = [torch.randn(N, L, 3 * E, generator=g, dtype=torch.float64, requires_grad=True),
+              *(torch.randn(1, 1, E, generator=g, dtype=torch.float64, requires_grad=True)
+                for _ in range(2))]
+    qkv = torch.tanh(leaves[0])
+    bk, bv = (t.expand(N, 1, E) for t in leaves[1:])
+    q, k, v = qkv.unflatten(-1, (3, E)).unbind(-2)
+    k, v = torch.cat([k, bk], 1), torch.cat([v, bv], 1)
+    if zero:
+        k, v = (torch.cat([t, t.new_zeros(N, 1, E)], 1) for t in (k, v))
+    q, k, v = (t.reshape(N, -1, H, HD).transpose(1, 2) for t in (q, k, v))
+    src = attention_node.Sources([qkv, bk, bv], ((0, 0), (0, E), (0, 2 * E)), (1, 2), L)
+    y = F.scaled_dot_product_attention(q, k, v)
+    z = attention_node.fold(q, k, v, F.scaled_dot_product_attention(q, k, v), src)
+    assert type(z.grad_fn).__name__ == "NodeBackward"
+    return leaves, y, z
+
+
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("which", [[0, 1, 2], [1, 2], [1], [0]])
+@pytest.mark.parametrize("batched", [False, True])
+def test_packed_projection_and_appended_rows(zero, which, batched, monkeypatch):
+    """The gradients of a packed projection and of appended ``bias_k``/``bias_v`` rows (all, or
+    some only: the node forms the key's and value's gradients for the rows alone), one column
+    and batched: torch's."""
+    seen = _spy(monkeypatch)
+    leaves, y, z = _packed(zero)
+    ins = [leaves[i] for i in which]
+    if batched:
+        cot = torch.randn(4, *y.shape, dtype=torch.float64)
+        want = torch.autograd.grad(torch.sin(y), ins, cot, is_grads_batched=True,
+                                   retain_graph=True)
+        got = torch.autograd.grad(torch.sin(z), ins, cot, is_grads_batched=True)
+    else:
+        cot = torch.randn_like(y)
+        want = torch.autograd.grad(torch.sin(y), ins, cot, retain_graph=True)
+        got = torch.autograd.grad(torch.sin(z), ins, cot)
+    _close(got, want)
+    assert seen == ([4] if batched else [])
 
 
 def test_one_column_per_chunk_drops_the_node(monkeypatch):

@@ -26,6 +26,7 @@ gradient that is not batched (a training backward, one column).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -36,9 +37,30 @@ _is_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
 _FLASH_CPU = "ScaledDotProductFlashAttentionForCpuBackward0"
 
 
-def fold(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (``F.scaled_dot_product_attention(q, k, v, ...)``, ``(N, H, L, hd)``) as the output
-    of a :class:`Node`, or ``out`` itself where that does not apply: no batching in this torch,
+class Sources(NamedTuple):
+    """Where the attention's query, key and value ``(N, *, H hd)`` come from: ``tensors``, the
+    projections' outputs ``(N, T, W)`` (then ``bias_k``, ``bias_v`` expanded, ``(N, 1, H hd)``,
+    if ``appended``); ``parts``, ``(tensor index, first feature)`` of the query, key and value;
+    ``appended``: the indices of ``bias_k``'s and ``bias_v``'s rows, appended to the keys and
+    values after their ``keys`` positions (then a zero position for ``add_zero_attn``, which
+    has no gradient), or ``None``."""
+
+    tensors: list
+    parts: tuple
+    appended: tuple | None = None
+    keys: int | None = None
+
+    @staticmethod
+    def of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Sources:
+        """Query, key and value that are tensors of their own."""
+        return Sources([q, k, v], ((0, 0), (1, 0), (2, 0)))
+
+
+def fold(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+         src: Sources) -> torch.Tensor:
+    """``out`` (``F.scaled_dot_product_attention(q, k, v, ...)``, ``(N, H, L, hd)``, ``q``,
+    ``k``, ``v`` made of ``src``) as the output of a :class:`Node` whose inputs are
+    ``src.tensors``, or ``out`` itself where that does not apply: no batching in this torch,
     another backend than the CPU's flash attention (the CUDA kernels, torch's math fallback),
     dropout, a mask with a gradient, inputs that are not ``q``, ``k``, ``v`` themselves,
     autocast."""
@@ -53,42 +75,83 @@ def fold(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -
     mask = node._saved_attn_mask
     if mask is not None and mask.requires_grad:
         return out
-    scale = node._saved_scale
-    spec = (node._saved_logsumexp, mask, bool(node._saved_is_causal), scale)
-    return Node.apply([out.detach()], spec, q, k, v)
+    spec = (node._saved_logsumexp, mask, bool(node._saved_is_causal), node._saved_scale,
+            src._replace(tensors=[t.shape for t in src.tensors]))
+    return Node.apply([out.detach()], spec, [t.detach() for t in (q, k, v)], *src.tensors)
 
 
 class Node(torch.autograd.Function):
-    """``apply([o], (lse, mask, is_causal, scale), q, k, v)``: ``o`` (the CPU flash attention of
-    ``q``, ``k``, ``v`` ``(N, H, *, hd)``, computed already, with its log-sum-exp ``lse``
-    ``(N, H, L)``) as a node whose backward batches the columns (see the module docstring).
-    ``o`` comes in a list, not as an input: an output that is an input is a view."""
+    """``apply([o], (lse, mask, is_causal, scale, layout), [q, k, v], *sources)``: ``o`` (the
+    CPU flash attention of ``q``, ``k``, ``v`` ``(N, H, *, hd)``, made of ``sources`` as
+    ``layout`` (a :class:`Sources` holding their shapes) tells, computed already, with its
+    log-sum-exp ``lse`` ``(N, H, L)``) as a node whose backward batches the columns (see the
+    module docstring) and writes each source's gradient at once. ``o`` comes in a list, not as
+    an input: an output that is an input is a view."""
 
     @staticmethod
-    def forward(ctx, box, spec, q, k, v):
+    def forward(ctx, box, spec, qkv, *sources):
         ctx.spec = spec
-        ctx.save_for_backward(q, k, v, box[0])
+        ctx.save_for_backward(*qkv, box[0])
         return box[0]
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, o = ctx.saved_tensors
-        lse, mask, causal, scale = ctx.spec
-        want = [input_wanted(ctx, i, 2) for i in (2, 3, 4)]
+        lse, mask, causal, scale, layout = ctx.spec
+        wanted = [input_wanted(ctx, 3 + i, 3) for i in range(len(layout.tensors))]
+        want = _wanted(layout, wanted)
         level = batch_level(g) if any(want) else None
-        if level is None:  # a training backward, one column: torch's own
-            gq, gk, gv = _torch_backward(g, q, k, v, o, lse, causal, mask, scale)
-            return None, None, *(t if w else None for t, w in zip((gq, gk, gv), want))
-        if not hasattr(ctx, "flat"):  # formed once for the step's chunks
-            ctx.flat = _flat(q, k, v, lse, mask, causal, scale)
-        G = torch._remove_batch_dim(g, level, 1, 0)  # (M, N, H, L, hd)
-        step = _at_once(G, ctx.flat[3])
-        parts = [_batched(G[i : i + step], ctx.flat, want) for i in range(0, G.shape[0], step)]
-        return None, None, *(
-            None if p[0] is None
-            else torch._add_batch_dim(p[0] if len(p) == 1 else torch.cat(p), 0, level)
-            for p in zip(*parts)
-        )
+        if not any(want):
+            grads = [None, None, None]
+        elif level is None:  # a training backward, one column: torch's own
+            grads = [t.unsqueeze(0) for t in _torch_backward(g, q, k, v, o, lse, causal, mask,
+                                                             scale)]
+        else:
+            if not hasattr(ctx, "flat"):  # formed once for the step's chunks
+                ctx.flat = _flat(q, k, v, lse, mask, causal, scale)
+            G = torch._remove_batch_dim(g, level, 1, 0)  # (M, N, H, L, hd)
+            step = _at_once(G, ctx.flat[3])
+            parts = [_batched(G[i : i + step], ctx.flat, want)
+                     for i in range(0, G.shape[0], step)]
+            grads = [None if p[0] is None else p[0] if len(p) == 1 else torch.cat(p)
+                     for p in zip(*parts)]
+        out = _to_sources(grads, layout, wanted)
+        if level is None:
+            return None, None, None, *(None if t is None else t[0] for t in out)
+        return None, None, None, *(None if t is None else torch._add_batch_dim(t, 0, level)
+                                   for t in out)
+
+
+def _wanted(layout: Sources, wanted: list[bool]) -> list[bool]:
+    """Which of the query, key and value gradients the wanted sources need."""
+    want = [wanted[i] for i, _ in layout.parts]
+    if layout.appended is not None:
+        want[1] = want[1] or wanted[layout.appended[0]]
+        want[2] = want[2] or wanted[layout.appended[1]]
+    return want
+
+
+def _to_sources(grads, layout: Sources, wanted: list[bool]) -> list:
+    """The ``(M, *shape)`` gradients of the wanted sources from those of the query, key and value
+    ``(M, N, H, *, hd)``: each part copied once into its features, an appended row's gradient
+    the key's or value's at its position."""
+    out: list = [None] * len(layout.tensors)
+    for j, (i, first) in enumerate(layout.parts):
+        g = grads[j]
+        if not wanted[i]:
+            continue
+        M, N, H, _, hd = g.shape
+        if out[i] is None:  # every feature of a source is some part's
+            out[i] = g.new_empty(M, *layout.tensors[i])
+        T = layout.tensors[i][1]
+        out[i][..., first : first + H * hd].unflatten(-1, (H, hd)).copy_(
+            g[:, :, :, :T].transpose(2, 3))
+    if layout.appended is not None:
+        for j, i in zip((1, 2), layout.appended):
+            if wanted[i]:
+                g = grads[j]
+                out[i] = g[:, :, :, layout.keys].flatten(2).unsqueeze(2)  # (M, N, 1, H hd)
+    return out
 
 
 def _torch_backward(g, q, k, v, o, lse, causal: bool, mask, scale):
