@@ -189,7 +189,7 @@ def _flat(q, k, v, lse, mask, causal: bool, scale: float | None):
     if causal:  # top-left aligned, as torch's kernel
         Pv.masked_fill_(torch.ones(Pv.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
                         -math.inf)
-    lse = lse.to(P.dtype).masked_fill(torch.isneginf(lse), 0.0)
+    lse = lse.to(P.dtype).clamp(min=torch.finfo(P.dtype).min)  # -inf: exp(-inf - min) = 0
     Pv.sub_(lse.unsqueeze(-1))
     return qs, ks, vf, P.exp_()
 
