@@ -18,9 +18,9 @@ rows appended to the keys and values (:class:`Sources`): each gets its gradient 
 where torch's graph would copy the query's, key's and value's gradients out of the heads' layout
 and then stack them. Measured on the CPU (1 thread, 9 columns in chunks of 5 and 4, 16
 sequences of 20 tokens, ``MultiheadAttention(64, 4, add_bias_kv=True)``: the ``mha_bias_kv``
-workload of benchmarks/bench_recurrent.py, median CPU time of 25 interleaved steps on a loaded
-machine): the EXACT step's backward 8.2 ms with torch's loop, 6.4 ms with the node; the step
-4.86x a training step, 4.26x (benchmarks/results/mha_exact_cpu_2026-12-06.md).
+workload of benchmarks/bench_recurrent.py, median CPU time of 31 interleaved steps on a loaded
+machine): the EXACT step's backward 7.4 ms with torch's loop, 5.6 ms with the node; the step
+4.84x a training step, 4.21x (benchmarks/results/mha_exact_cpu_2026-12-06.md).
 
 :func:`fold` replaces the output of a call (torch's CPU flash attention node: the query, key,
 value, output, log-sum-exp, mask, causality and scale are read from it, so the node computes
