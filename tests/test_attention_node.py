@@ -105,20 +105,24 @@ def test_training_backward_is_torchs(mask, monkeypatch):
     assert seen == []
 
 
-@pytest.mark.parametrize("engine", ["autograd", "stream"])
+@pytest.mark.parametrize("engine", ["autograd", "stream", "not_unwrapped"])
 @pytest.mark.parametrize("mask", MASKS)
 def test_batched_backward_matches_torch(mask, engine, monkeypatch):
+    """``not_unwrapped``: a batched gradient the node does not unwrap (batched at another level
+    than the innermost one): torch's op and the sources' gradients run under torch's batching."""
     seen = _spy(monkeypatch)
+    if engine == "not_unwrapped":
+        monkeypatch.setattr(attention_node, "batch_level", lambda g: None)
     leaves, y, z = _both(mask, scale=0.7 if mask == "shared" else None)
     cot = torch.randn(5, *y.shape, dtype=torch.float64)
     want = torch.autograd.grad(torch.sin(y), leaves, cot, is_grads_batched=True,
                                retain_graph=True)
-    if engine == "autograd":
-        got = torch.autograd.grad(torch.sin(z), leaves, cot, is_grads_batched=True)
-    else:
+    if engine == "stream":
         got = stream.batched_grads(torch.sin(z), leaves, cot, False)
+    else:
+        got = torch.autograd.grad(torch.sin(z), leaves, cot, is_grads_batched=True)
     _close(got, want)
-    assert seen == [5]
+    assert seen == ([] if engine == "not_unwrapped" else [5])
     if mask == "masked_row":
         assert float(want[0][:, 0].abs().max()) > 0  # only row 1 of sample 0 is zero
         assert torch.equal(got[0][:, 0, 1], torch.zeros_like(got[0][:, 0, 1]))
@@ -259,12 +263,14 @@ def _packed(zero: bool):
 
 @pytest.mark.parametrize("zero", [False, True])
 @pytest.mark.parametrize("which", [[0, 1, 2], [1, 2], [1], [0]])
-@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("batched", [False, True, "not_unwrapped"])
 def test_packed_projection_and_appended_rows(zero, which, batched, monkeypatch):
     """The gradients of a packed projection and of appended ``bias_k``/``bias_v`` rows (all, or
-    some only: the node forms the key's and value's gradients for the rows alone), one column
-    and batched: torch's."""
+    some only: the node forms the key's and value's gradients for the rows alone), one column,
+    batched, and batched at a level the node does not unwrap: torch's."""
     seen = _spy(monkeypatch)
+    if batched == "not_unwrapped":
+        monkeypatch.setattr(attention_node, "batch_level", lambda g: None)
     leaves, y, z = _packed(zero)
     ins = [leaves[i] for i in which]
     if batched:
@@ -277,7 +283,7 @@ def test_packed_projection_and_appended_rows(zero, which, batched, monkeypatch):
         want = torch.autograd.grad(torch.sin(y), ins, cot, retain_graph=True)
         got = torch.autograd.grad(torch.sin(z), ins, cot)
     _close(got, want)
-    assert seen == ([4] if batched else [])
+    assert seen == ([4] if batched is True else [])
 
 
 def test_one_column_per_chunk_drops_the_node(monkeypatch):

@@ -138,24 +138,23 @@ def _wanted(layout: Sources, wanted: list[bool]) -> list[bool]:
 
 def _to_sources(grads, layout: Sources, wanted: list[bool]) -> list:
     """The ``(M, *shape)`` gradients of the wanted sources from those of the query, key and value
-    ``(M, N, H, *, hd)``: each part copied once into its features, an appended row's gradient
-    the key's or value's at its position."""
+    ``(M, N, H, *, hd)``: a source's parts (which tile its features) side by side, one copy, an
+    appended row's gradient the key's or value's at its position. Functional, so that it runs
+    on gradients batched at a level the node does not unwrap too."""
     out: list = [None] * len(layout.tensors)
-    for j, (i, first) in enumerate(layout.parts):
-        g = grads[j]
-        if not wanted[i]:
+    for i, shape in enumerate(layout.tensors):
+        js = sorted((j for j, (src, _) in enumerate(layout.parts) if src == i),
+                    key=lambda j: layout.parts[j][1])
+        if not wanted[i] or not js:
             continue
-        M, N, H, _, hd = g.shape
-        if out[i] is None:  # every feature of a source is some part's
-            out[i] = g.new_empty(M, *layout.tensors[i])
-        T = layout.tensors[i][1]
-        out[i][..., first : first + H * hd].unflatten(-1, (H, hd)).copy_(
-            g[:, :, :, :T].transpose(2, 3))
+        pieces = [grads[j].narrow(3, 0, shape[1]).transpose(2, 3) for j in js]  # (M, N, T, H, hd)
+        g = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 3)
+        out[i] = g.reshape(g.shape[0], *shape)
     if layout.appended is not None:
         for j, i in zip((1, 2), layout.appended):
             if wanted[i]:
-                g = grads[j]
-                out[i] = g[:, :, :, layout.keys].flatten(2).unsqueeze(2)  # (M, N, 1, H hd)
+                g = grads[j].select(3, layout.keys)  # (M, N, H, hd)
+                out[i] = g.reshape(*g.shape[:2], 1, -1)
     return out
 
 
