@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
+from fimfast.rules import attention_node
 from fimfast.rules.base import Rule, Term, UseKind, _linear_terms, patch_forward, trainable
 
 
@@ -36,6 +37,9 @@ class MHARule(Rule):
         return patch_forward(module, partial(_mha_forward, self, module, cap))
 
     def terms(self, call, grads):
+        memo, seen = call.data["memo"]  # most columns of a chunk: fold the next step's attention
+        M = max((g.shape[0] for g in grads if g is not None), default=0)
+        memo[seen] = call.data["M"] = max(M, call.data.get("M", 0))
         out: list[Term | None] = []
         for u, (ti, key) in zip(call.uses, call.data["src"]):
             out.extend(_linear_terms(call, grads[ti], call.taps[ti], call.data, key, [u]))
@@ -82,10 +86,14 @@ def _mha_forward(
     kpm, am, is_causal = _masks(query, key_padding_mask, attn_mask, is_causal, need_weights)
 
     rec = _Recorder(mod, cap, {id(p) for p in ps})
-    q, k, v = _in_projections(mod, rec, query, key, value, same_kv, same_qkv)
+    seen = (id(mod), "columns")  # most columns of a chunk, this estimator's last step
+    rec.data["memo"] = (cap.memo, seen)
+    q, k, v, src = _in_projections(mod, rec, query, key, value, same_kv, same_qkv)
     if mod.bias_k is not None or mod.add_zero_attn:
-        k, v, kpm, am = _extend(mod, rec, k, v, kpm, am)
-    ctx, weights = _attend(mod, q, k, v, am, kpm, need_weights, average_attn_weights, is_causal)
+        k, v, kpm, am, src = _extend(mod, rec, k, v, kpm, am, src)
+    fold = src if cap.memo.get(seen, 2) > 1 else None
+    ctx, weights = _attend(mod, q, k, v, am, kpm, need_weights, average_attn_weights, is_causal,
+                           fold)
     out = rec.out_projection(ctx)
     cap.record(Call(mod, rule, rec.taps, rec.uses, rec.data))
     if not mod.batch_first:
@@ -183,20 +191,22 @@ class _Recorder:
         return out
 
 
-def _extend(mod, rec: _Recorder, k, v, kpm, am):
+def _extend(mod, rec: _Recorder, k, v, kpm, am, src: attention_node.Sources):
     """Keys and values ``(N, S, E)`` with ``bias_k``/``bias_v`` appended (tapped), then a zero
     position for ``add_zero_attn``, as torch's forward appends them; the masks gain a column
-    that lets every query attend each appended position."""
-    N, E = k.shape[0], mod.embed_dim
+    that lets every query attend each appended position; ``src`` with the appended rows."""
+    N, E, S = k.shape[0], mod.embed_dim, k.shape[1]
     if mod.bias_k is not None:
-        k = torch.cat([k, rec.appended(mod.bias_k, N, "bk")], 1)
-        v = torch.cat([v, rec.appended(mod.bias_v, N, "bv")], 1)
+        bk, bv = rec.appended(mod.bias_k, N, "bk"), rec.appended(mod.bias_v, N, "bv")
+        k, v = torch.cat([k, bk], 1), torch.cat([v, bv], 1)
+        n = len(src.tensors)
+        src = src._replace(tensors=[*src.tensors, bk, bv], appended=(n, n + 1), keys=S)
         kpm, am = _pad(kpm), _pad(am)
     if mod.add_zero_attn:
         zero = k.new_zeros(N, 1, E)
         k, v = torch.cat([k, zero], 1), torch.cat([v, zero], 1)
         kpm, am = _pad(kpm), _pad(am)
-    return k, v, kpm, am
+    return k, v, kpm, am, src
 
 
 def _pad(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -204,8 +214,9 @@ def _pad(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _in_projections(mod, rec: _Recorder, query, key, value, same_kv: bool, same_qkv: bool):
-    """``q, k, v`` ``(N, *, E)``: one packed projection for self-attention, a query and a packed
-    key-value projection when key is value, three otherwise."""
+    """``q, k, v`` ``(N, *, E)`` and their :class:`~fimfast.rules.attention_node.Sources`: one
+    packed projection for self-attention, a query and a packed key-value projection when key is
+    value, three otherwise."""
     E = mod.embed_dim
     bias = mod.in_proj_bias
     if not mod._qkv_same_embed_dim:
@@ -214,30 +225,33 @@ def _in_projections(mod, rec: _Recorder, query, key, value, same_kv: bool, same_
         k = rec.proj(key, "xk", mod.k_proj_weight, bk, None, (E, 2 * E), mod.k_proj_weight, bias)
         v = rec.proj(value, "xv", mod.v_proj_weight, bv, None, (2 * E, 3 * E), mod.v_proj_weight,
                      bias)
-        return q, k, v
+        return q, k, v, attention_node.Sources.of(q, k, v)
     W = mod.in_proj_weight
     if same_qkv:
         qkv = rec.proj(query, "xq", W, bias, None, None, W, bias)
-        return qkv.unflatten(-1, (3, E)).unbind(-2)
+        return *qkv.unflatten(-1, (3, E)).unbind(-2), attention_node.Sources(
+            [qkv], ((0, 0), (0, E), (0, 2 * E)))
     if same_kv:
         wq, wkv = W.split([E, 2 * E])
         bq, bkv = (None, None) if bias is None else bias.split([E, 2 * E])
         q = rec.proj(query, "xq", wq, bq, (0, E), (0, E), W, bias)
         kv = rec.proj(key, "xk", wkv, bkv, (E, 3 * E), (E, 3 * E), W, bias)
         k, v = kv.unflatten(-1, (2, E)).unbind(-2)
-        return q, k, v
+        return q, k, v, attention_node.Sources([q, kv], ((0, 0), (1, 0), (1, E)))
     wq, wk, wv = W.chunk(3)
     bq, bk, bv = (None, None, None) if bias is None else bias.chunk(3)
     q = rec.proj(query, "xq", wq, bq, (0, E), (0, E), W, bias)
     k = rec.proj(key, "xk", wk, bk, (E, 2 * E), (E, 2 * E), W, bias)
     v = rec.proj(value, "xv", wv, bv, (2 * E, 3 * E), (2 * E, 3 * E), W, bias)
-    return q, k, v
+    return q, k, v, attention_node.Sources.of(q, k, v)
 
 
 def _attend(mod, q, k, v, am, kpm, need_weights: bool, average_attn_weights: bool,
-            is_causal: bool):
+            is_causal: bool, fold: attention_node.Sources | None = None):
     """Scaled dot-product attention of the projected ``q`` ``(N, L, E)``, ``k``, ``v``
-    ``(N, S, E)`` over ``num_heads`` heads: ``(context (N, L, E), weights or None)``."""
+    ``(N, S, E)`` over ``num_heads`` heads: ``(context (N, L, E), weights or None)``; ``fold``
+    (where ``q``, ``k``, ``v`` come from): the attention as a node whose backward batches the
+    columns (:mod:`fimfast.rules.attention_node`)."""
     N, L, E = q.shape
     S = k.shape[1]
     H = mod.num_heads
@@ -260,4 +274,6 @@ def _attend(mod, q, k, v, am, kpm, need_weights: bool, average_attn_weights: boo
         weights = attn.mean(dim=1) if average_attn_weights else attn
     else:
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=is_causal)
+        if fold is not None:
+            ctx = attention_node.fold(q, k, v, ctx, fold)
     return ctx.transpose(1, 2).reshape(N, L, E), weights

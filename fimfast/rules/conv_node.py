@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fimfast.rules.node_edges import batch_level as _level
 from fimfast.rules.node_edges import input_wanted
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -118,18 +119,3 @@ def _block_diagonal(w: torch.Tensor, groups: int) -> torch.Tensor:
     dense = w.new_zeros(groups, Ig, groups, Og, *w.shape[2:])
     dense.diagonal(0, 0, 2).copy_(w.view(groups, Ig, Og, *w.shape[2:]).movedim(0, -1))
     return dense.view(I, groups * Og, *w.shape[2:])
-
-
-def _level(g: torch.Tensor) -> int | None:
-    """The batching level of ``g`` if it is batched once, at the innermost level of
-    ``torch._vmap_internals`` open on this thread; else ``None`` (not batched, or not in a way
-    that :class:`Node` unwraps: then torch's own backward runs)."""
-    if not _is_batched(g):
-        return None
-    level = torch._C._vmapmode_increment_nesting() - 1
-    torch._C._vmapmode_decrement_nesting()
-    if level < 1:  # a backward on another thread than the one that batched it
-        return None
-    if _is_batched(torch._remove_batch_dim(g, level, 1, 0)):  # another level, or several
-        return None
-    return level
