@@ -64,8 +64,19 @@ def _dist():
 
 def initialized() -> bool:
     """Whether a default process group exists."""
+    return (_IS_INITIALIZED or _is_initialized())[0]()
+
+
+def _is_initialized() -> list:
+    """``[torch.distributed.is_initialized]`` (a function returning ``False`` where
+    ``torch.distributed`` is not available), looked up once and kept in
+    :data:`_IS_INITIALIZED`: a step asks at least once."""
     dist = _dist()
-    return dist.is_available() and dist.is_initialized()
+    _IS_INITIALIZED.append(dist.is_initialized if dist.is_available() else bool)
+    return _IS_INITIALIZED
+
+
+_IS_INITIALIZED: list = []
 
 
 def world(group: Any = None) -> tuple[int, int]:
