@@ -48,6 +48,7 @@ import zlib
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel  # imported by torch itself
 
 from fimfast.state import State
 
@@ -178,15 +179,11 @@ def _all_reduce_sum(values: list[torch.Tensor], group: Any) -> list[torch.Tensor
 
 def forward_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward a Fisher-only step runs: DDP's wrapped module, else ``model``."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a ``DistributedDataParallel`` wrapper."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return isinstance(model, DistributedDataParallel)
 
 

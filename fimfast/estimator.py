@@ -104,7 +104,9 @@ class DiagFisher:
     @property
     def seed(self) -> int:
         """Seed of this rank's random stream (the base seed, mixed with the rank when reducing)."""
-        if distributed.active(self.opts.distributed, self.opts.process_group):
+        if distributed.initialized() and distributed.active(
+            self.opts.distributed, self.opts.process_group
+        ):
             rank, _ = distributed.world(self.opts.process_group)
             return distributed.rank_seed(self._seed, rank)
         return self._seed
