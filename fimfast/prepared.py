@@ -16,7 +16,10 @@ is one of those is decided once (:class:`Prepared`, kept while the options and t
 of :class:`fimfast.parameters.ParamWalk` stay the same objects). Every check of the general path
 still runs, through the same functions: the parameter walk, the gradient hooks and the version
 counters of the parameters (:class:`fimfast.guard.StepKept`), the no-grad watch, the row checks
-(one call of the extension) and the reentrant-checkpoint walk. When the batch, the output or a
+and the reentrant-checkpoint walk. On CPU logits whose probe the ``cpp`` backend draws, the row
+checks, the probe and the walk are one call of the extension (csrc/one_probe_step.cpp: the
+probe's kernel without the dispatcher, no ``detach`` nor ``select`` around it). When the batch,
+the output or a
 check asks for more (a tuple output, labels out of range, NaN logits, autocast, more rows than one
 probe chunk, a state still at zero, an unused parameter), the general code takes over at the point
 reached: results and errors are those of the general path, bit for bit
@@ -30,11 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fimfast import distributed, guard, hutchinson, ops
+from fimfast import _ext, distributed, guard, hutchinson, ops
 from fimfast.finite import rows_all_valid
 from fimfast.forward import CALL_ERRORS, call_failed
 from fimfast.likelihoods import counters_used
 from fimfast.nograd import nograd_error
+from fimfast.ops.registry import bound
+from fimfast.ops.rng import as_int64
 from fimfast.types import FIMType
 
 if TYPE_CHECKING:
@@ -99,35 +104,36 @@ def step(est: DiagFisher, batch: Any) -> bool:
     if prep.mode is None or names is not checked[0] or est.state is not checked[1]:
         return False
     x, labels = batch
-    model, rows, grads = est.model, None, None
+    model, o, rows, one, grads = est.model, est.opts, None, None, None
     with guard.StepKept(names, params, prep.mods):
         with est._nograd.watching(model, params) as seen:
             try:
                 z = model(x)
             except CALL_ERRORS as exc:
                 raise call_failed(exc, x, None) from exc
-            if not (type(z) is _TENSOR and z.dim() == 2
-                    and rows_all_valid(z, labels, est.opts.ignore_index)):
+            if type(z) is _TENSOR and z.dim() == 2 and _whole(z):
+                # the row checks, the probe and the reentrant-checkpoint walk in one call
+                one = _one_probe(est, prep, z, labels)
+            if one is None and not (
+                type(z) is _TENSOR and z.dim() == 2 and rows_all_valid(z, labels, o.ignore_index)
+            ):
                 rows = est._forward_of(batch).rows_of(z, labels, None)
                 z = rows.logits
-        if seen and not hutchinson.has_reentrant_checkpoint(z):
+        if seen and not (one[1] if one else hutchinson.has_reentrant_checkpoint(z)):
             raise nograd_error(seen, "")
         if _DTENSOR in sys.modules:  # else no forward swaps the parameters (FSDP2 only)
             params = est._params_after_forward(params)
-        shape = z.shape
-        if (  # one chunk of probe rows (hutchinson.rows_per_chunk), no autocast to turn off
-            rows is None and params is prep.params
-            and (shape[0] == 1 or shape[0] * shape[1] <= hutchinson._CHUNK_ELEMS)
-            and not torch.is_autocast_enabled("cpu" if z.is_cpu else z.device.type)
-        ):
-            # the estimator's seed, mixed with the rank only in a process group
-            seed = est.seed if distributed.initialized() else est._seed
-            u = ops.probe_logit_grad(
-                z.detach(), prep.mode, seed, est.offset, 1, backend=est.opts.backend
-            )[0]
+        if rows is None and params is prep.params and (one is not None or _whole(z)):
+            if one is not None:
+                u, reentrant = one
+            else:
+                u = ops.probe_logit_grad(
+                    z.detach(), prep.mode, est.seed, est.offset, 1, backend=o.backend
+                )[0]
+                reentrant = hutchinson.has_reentrant_checkpoint(z)
             if u.dtype != z.dtype:
                 u = u.to(z.dtype)
-            grads = hutchinson.vjp(z, params, u, False, hutchinson.has_reentrant_checkpoint(z))
+            grads = hutchinson.vjp(z, params, u, False, reentrant)
         else:  # the general estimate of these rows
             if rows is None:
                 rows = est._forward_of(batch).rows_of(z, labels, None)
@@ -136,10 +142,49 @@ def step(est: DiagFisher, batch: Any) -> bool:
     if grads is None:
         est._commit(acc, rows)
         return True
-    R, C = shape
+    R, C = z.shape
     state = est.state
     if not state.add_squares(grads, R):
-        state.commit(hutchinson.squares(grads, u, state.dtypes, est.opts.backend), R, owned=True)
+        state.commit(hutchinson.squares(grads, u, state.dtypes, o.backend), R, owned=True)
     est._reset = est._restarted = False
     est.offset += counters_used(1, R, C)
     return True
+
+
+def _whole(z: torch.Tensor) -> bool:
+    """Whether the probe of the ``(R, C)`` logits ``z`` is one chunk of probe rows
+    (:func:`fimfast.hutchinson.rows_per_chunk`) and no autocast is to be turned off for it
+    (:func:`fimfast.guard.arithmetic`): the estimate :func:`step` makes itself."""
+    R, C = z.shape
+    return (R == 1 or R * C <= hutchinson._CHUNK_ELEMS) and not torch.is_autocast_enabled(
+        "cpu" if z.is_cpu else z.device.type
+    )
+
+
+def _one_probe(est: DiagFisher, prep: Prepared, z: torch.Tensor, labels: Any):
+    """The extension's one call for CPU logits whose probe the ``cpp`` backend draws
+    (csrc/one_probe_step.cpp): ``None`` unless the rows are all valid, else ``(probe,
+    reentrant)``; ``None`` also without the extension or on another backend."""
+    if not z.is_cpu or type(labels) is not _TENSOR:
+        return None
+    host = _HOST or _host()
+    if host[0] is None or bound("probe_logit_grad", est.opts.backend, _CPU) is not host[1]:
+        return None
+    return host[0](z, labels, est.opts.ignore_index, prep.mode, as_int64(est.seed),
+                   as_int64(est.offset))
+
+
+def _host() -> list:
+    """``[one_probe_step of the extension, the cpp backend's probe_logit_grad]`` (``None`` for
+    what is missing), looked up once and kept in :data:`_HOST`."""
+    fn = _ext.host_function("one_probe_step")
+    try:
+        from fimfast.ops.cpp import probe_logit_grad_cpp
+    except ImportError:
+        fn = probe_logit_grad_cpp = None
+    _HOST[:] = [fn, probe_logit_grad_cpp]
+    return _HOST
+
+
+_HOST: list = []
+_CPU = torch.device("cpu")

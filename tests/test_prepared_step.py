@@ -285,3 +285,76 @@ def test_autocast_turns_to_the_general_estimate(monkeypatch):
         est, took = _run(m, batches, False, monkeypatch)
     assert took == [True] * 3 and len(calls) == 2 * n == 6
     _same(est, ref)
+
+
+class _Checkpointed(nn.Module):
+    """A reentrant checkpoint segment: the watch sees its module run without gradients, and the
+    one-probe backward reaches its parameters by a plain backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8).double(), nn.Linear(8, 4).double()
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.a, x.requires_grad_(), use_reentrant=True)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_the_extensions_one_call_or_none_give_the_same_steps(monkeypatch, host):
+    """With the extension's one call (rows, probe, reentrant walk) and without it (the Python
+    checks and the op), the same sums as the general path, a reentrant checkpoint included."""
+    if host:
+        if prepared._host()[0] is None:
+            pytest.skip("the extension's one_probe_step is not built")
+    else:
+        monkeypatch.setattr(prepared, "_HOST", [None, None])
+    calls = []
+    if host:
+        real = prepared._HOST[0]
+        monkeypatch.setattr(prepared, "_HOST", [lambda *a: calls.append(1) or real(*a),
+                                                prepared._HOST[1]])
+    batches = [(x.clone(), y) for x, y in _batches()]
+    for model in (_mlp, _Checkpointed):
+        torch.manual_seed(5)
+        ref, _ = _run(model(), batches, True, monkeypatch)
+        torch.manual_seed(5)
+        est, took = _run(model(), batches, False, monkeypatch)
+        assert took == [True] * 3
+        _same(est, ref)
+    assert len(calls) == (6 if host else 0)
+    torch.manual_seed(5)
+    ref, _ = _run(_mlp(), batches, True, monkeypatch, backend="torch")
+    torch.manual_seed(5)
+    est, _ = _run(_mlp(), batches, False, monkeypatch, backend="torch")
+    _same(est, ref)
+    assert len(calls) == (6 if host else 0)  # another backend draws its own probe
+
+
+def test_one_probe_step_is_the_row_checks_the_op_and_the_walk():
+    fn = prepared._host()[0]
+    if fn is None:
+        pytest.skip("the extension's one_probe_step is not built")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        z = torch.randn(7, 5, generator=g).to(dtype).requires_grad_()
+        y = torch.randint(0, 5, (7,), generator=g)
+        for mode in ("hutchinson", "dg"):
+            u, reentrant = fn(z * 1, y, -100, mode, -3, 2**40)
+            want = torch.ops.fimfast.probe_logit_grad(z.detach(), mode, -3, 2**40, 1, None, None,
+                                                      None, 1.0)[0]
+            assert torch.equal(u, want) and u.shape == (7, 5) and not u.requires_grad
+            assert reentrant is False
+        zt = torch.randn(5, 7, generator=g).to(dtype).t()  # a transposed view is read as such
+        want = torch.ops.fimfast.probe_logit_grad(zt, "hutchinson", 1, 0, 1, None, None, None, 1.0)
+        assert torch.equal(fn(zt, y, -100, "hutchinson", 1, 0)[0], want[0])
+    z = torch.randn(7, 5, dtype=torch.float64)
+    assert fn(z, torch.full((7,), 5), -100, "hutchinson", 0, 0) is None  # a label out of range
+    assert fn(z, torch.full((7,), -100), -100, "hutchinson", 0, 0) is None  # rows left out
+    assert fn(z, y[:6], -100, "hutchinson", 0, 0) is None
+    assert fn(z.view(7, 5, 1).expand(7, 5, 2), y, -100, "hutchinson", 0, 0) is None  # 3-D
+    bad = z.clone()
+    bad[3, 1] = float("inf")
+    assert fn(bad, y, -100, "hutchinson", 0, 0) is None
+    m = _Checkpointed()
+    assert fn(m(torch.randn(7, 6, dtype=torch.float64)), y % 4, -100, "hutchinson", 0, 0)[1]
