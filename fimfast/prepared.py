@@ -19,10 +19,9 @@ counters of the parameters (:class:`fimfast.guard.StepKept`), the no-grad watch,
 and the reentrant-checkpoint walk. On CPU logits whose probe the ``cpp`` backend draws, the row
 checks, the probe and the walk are one call of the extension (csrc/one_probe_step.cpp: the
 probe's kernel without the dispatcher, no ``detach`` nor ``select`` around it). When the batch,
-the output or a
-check asks for more (a tuple output, labels out of range, NaN logits, autocast, more rows than one
-probe chunk, a state still at zero, an unused parameter), the general code takes over at the point
-reached: results and errors are those of the general path, bit for bit
+the output or a check asks for more (a tuple output, labels out of range, NaN logits, autocast,
+more rows than one probe chunk, a state still at zero, an unused parameter), the general code
+takes over at the point reached: results and errors are those of the general path, bit for bit
 (tests/test_prepared_step.py).
 """
 
