@@ -222,13 +222,16 @@ class DiagFisher:
 
     def _announce_exact_cost(self, rows: batchlib.Rows) -> None:
         R, C = rows.count, rows.num_classes
+        warn = C >= EXACT_WARN_CLASSES and not self._warned_exact
+        if not warn and not logger.isEnabledFor(logging.INFO):
+            return  # the message would be dropped: not formatted at every step
         msg = (
             f"EXACT back-propagates C = {C} columns of the core FIM factor for each of the "
             f"R = {R} rows of this batch: {R * C} (row, class) backward columns, in chunks "
             "bounded by class_chunk / FIMFAST_MEMORY_BUDGET_MB"
         )
         logger.info(msg)
-        if C >= EXACT_WARN_CLASSES and not self._warned_exact:
+        if warn:
             warnings.warn(
                 msg + f" (about {C} times the cost of one HUTCHINSON probe; HUTCHINSON estimates "
                 "the same diagonal without bias in one backward per probe)",
@@ -282,7 +285,7 @@ class DiagFisher:
                 params = self._params_after_forward(params)
             # one backward without a retained graph: HUTCHINSON types with one probe
             once = not self.fim_type.is_per_sample and head is None and self.opts.num_probes == 1
-            with guard.arithmetic(rows.logits.device, retained=not once):
+            with guard.arithmetic(rows.logits, retained=not once):
                 acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows)
 
@@ -314,7 +317,7 @@ class DiagFisher:
             loss = default_loss_all_rows(self.opts, rows)
         else:
             loss = loss_fn(rows.flat, rows.labels)
-        with guard.arithmetic(rows.logits.device):
+        with guard.arithmetic(rows.logits):
             acc = self._estimate(rows, params, retain_graph=True, cap=cap)
         # backward (not autograd.grad): the loss gradients land in .grad without a copy, and a
         # DistributedDataParallel model all-reduces them through its reducer hooks, as in training.

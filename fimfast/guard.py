@@ -333,9 +333,10 @@ def donating() -> bool:
 
 
 def arithmetic(
-    device: torch.device, retained: bool = True
+    logits: torch.Tensor, retained: bool = True
 ) -> contextlib.AbstractContextManager[None]:
-    """fimfast's own arithmetic (probes, eigenpairs, squares, backward) with autocast disabled.
+    """fimfast's own arithmetic (probes, eigenpairs, squares, backward) on the device of
+    ``logits``, with autocast disabled.
 
     The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
     run the eigenvector mix and the per-sample squared products in bf16. With ``retained``,
@@ -343,19 +344,21 @@ def arithmetic(
     ``torch.compile`` donates buffers (:func:`donating`). Without autocast and with nothing to
     allow, nothing is set up (the usual step).
     """
-    autocast = torch.is_autocast_enabled(device.type)
+    # the device's type without a torch.device object for CPU tensors (a step makes it cold)
+    kind = "cpu" if logits.is_cpu else logits.device.type
+    autocast = torch.is_autocast_enabled(kind)
     if not autocast and (not retained or not donating()):
         return _NOTHING
-    return _arithmetic(device, retained, autocast)
+    return _arithmetic(kind, retained, autocast)
 
 
 @contextmanager
-def _arithmetic(device: torch.device, retained: bool, autocast: bool) -> Iterator[None]:
+def _arithmetic(kind: str, retained: bool, autocast: bool) -> Iterator[None]:
     with retained_graphs() if retained else _NOTHING:
         if not autocast:  # nothing to turn off (the usual case)
             yield
             return
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(kind, enabled=False):
             yield
 
 

@@ -136,7 +136,7 @@ def step(est: DiagFisher, batch: Any) -> bool:
         else:  # the general estimate of these rows
             if rows is None:
                 rows = est._forward_of(batch).rows_of(z, labels, None)
-            with guard.arithmetic(z.device, retained=False):
+            with guard.arithmetic(z, retained=False):
                 acc = est._estimate(rows, params, retain_graph=False)
     if grads is None:
         est._commit(acc, rows)

@@ -5,6 +5,7 @@ values a read hands out. Each fast path is checked against a plain reference or 
 from __future__ import annotations
 
 import collections
+import logging
 
 import pytest
 import torch
@@ -222,3 +223,20 @@ def test_a_read_is_a_copy_the_next_steps_and_the_caller_do_not_share():
         torch.testing.assert_close(v, want[n], rtol=0, atol=0, msg=n)
         manual = _oracle(m, x, 5)[n] + _oracle(m, x2, 5, off)[n]
         torch.testing.assert_close(v, manual, rtol=1e-12, atol=1e-15, msg=n)
+
+
+def test_exact_logs_its_cost_when_info_is_shown_and_formats_nothing_otherwise(caplog):
+    m = _mlp()
+    x, y = _batch()
+    est = fimfast.DiagFisher(m, "exact")
+    with caplog.at_level(logging.INFO, logger="fimfast"):
+        est.step((x, y))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fimfast"]
+    assert msgs == ["EXACT back-propagates C = 4 columns of the core FIM factor for each of the "
+                    "R = 5 rows of this batch: 20 (row, class) backward columns, in chunks bounded "
+                    "by class_chunk / FIMFAST_MEMORY_BUDGET_MB"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fimfast"):
+        est.step((x, y))
+    assert not [r for r in caplog.records if r.name == "fimfast"]
+    assert est.state.steps == 2
