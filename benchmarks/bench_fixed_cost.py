@@ -7,19 +7,23 @@ of interleaved rounds of:
 - ``bare``: a one-probe Hutchinson step written in ten lines (forward; softmax probe with
   Rademacher signs, ``u = s*e - p*(s.e)`` with ``s = sqrt(p)``; ``autograd.grad``; one
   ``_foreach_addcmul_`` into float32 accumulators), the arithmetic a HUTCHINSON step cannot avoid;
+- ``bare:fused``: the same step with fimfast's fused probe kernel
+  (:func:`fimfast.ops.probe_logit_grad`, one operator) in place of the probe's seven: the
+  operators a HUTCHINSON step runs, so its gap to this one is Python and dispatch alone;
 - ``bare:empirical``: an EMPIRICAL step written in ten lines, for models whose parameters all
   belong to ``nn.Linear`` layers fed ``(N, I)`` rows (workload (a); absent elsewhere): forward
   hooks keep each layer's input and output, one ``autograd.grad`` of the logits to the layer
   outputs with the cotangent ``softmax - onehot``, then per layer ``addmm_((G*G).T, A*A)`` and
   the bias's ``(G*G).sum(0)``: the arithmetic an EMPIRICAL step cannot avoid (it squares the
   logits layer's cotangent as any output gradient);
-- ``step:<type>``: ``DiagFisher(model, type).step(batch)`` (the state accumulates, as in a loop);
+- ``step:<type>``: ``DiagFisher(model, type).step(batch)`` for HUTCHINSON, EMPIRICAL and each
+  type of ``--types`` (the state accumulates, as in a loop);
 - ``cycle:<type>``: the seed API's per-batch cycle ``zero_diag_fim`` + ``diag_fim_step`` +
-  ``get_diag_fim``.
+  ``get_diag_fim``, for HUTCHINSON and EMPIRICAL.
 
-Reported: each as a ratio to ``floor``, the HUTCHINSON step's gap to ``bare`` in microseconds
-(its fixed cost: validation, bookkeeping, dispatch), the EMPIRICAL step's to ``bare:empirical``
-where there is one, each cycle over its step, and the ATen
+Reported: each as a ratio to ``floor``, the HUTCHINSON step's gap to ``bare`` and to
+``bare:fused`` in microseconds (its fixed cost: validation, bookkeeping, dispatch), the EMPIRICAL
+step's to ``bare:empirical`` where there is one, each cycle over its step, and the ATen
 operators one call dispatches (each a kernel launch on a GPU, views and host reads aside; counted
 once, under a ``TorchDispatchMode``) for a training step and a step of each type of ``OP_TYPES``.
 Times are CPU time of the process (``time.process_time``): on a machine shared with other work,
@@ -42,7 +46,7 @@ import subprocess
 import sys
 import time
 
-TYPES = ("hutchinson", "empirical")
+TYPES = ("hutchinson", "empirical")  # the types of the cycles, always measured
 OP_TYPES = ("hutchinson", "empirical", "monte_carlo", "exact")
 
 
@@ -81,7 +85,9 @@ _NOT_KERNELS = ("t", "view", "detach", "select", "slice", "_unsafe_view", "expan
                 "as_strided", "transpose", "reshape", "unbind", "split", "narrow")
 
 
-def _child(workload: str, steps: int, size: str = "full", ops: bool = False) -> dict:
+def _child(
+    workload: str, steps: int, size: str = "full", ops: bool = False, types: tuple = TYPES
+) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -115,13 +121,25 @@ def _child(workload: str, steps: int, size: str = "full", ops: bool = False) -> 
         g = torch.autograd.grad(z, params, u)
         torch._foreach_addcmul_(acc, g, g)
 
-    fns = {"floor": floor, "bare": bare}
+    acc_fused = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    offset = [0]
+
+    def bare_fused():
+        z = logits()
+        zd = z.detach().flatten(0, -2)
+        u = fimfast.ops.probe_logit_grad(zd, "hutchinson", 0, offset[0], 1)[0]
+        offset[0] += 2 * zd.numel()
+        g = torch.autograd.grad(z, params, u.to(z.dtype).view(z.shape))
+        torch._foreach_addcmul_(acc_fused, g, g)
+
+    fns = {"floor": floor, "bare": bare, "bare:fused": bare_fused}
     empirical = _bare_empirical(m, x, y, params)
     if empirical is not None:
         fns["bare:empirical"] = empirical[0]
-    for t in TYPES:
+    for t in dict.fromkeys((*TYPES, *types)):  # HUTCHINSON and EMPIRICAL always
         est = fimfast.DiagFisher(m, t, seed=0)
         fns[f"step:{t}"] = lambda est=est: est.step(batch)
+    for t in TYPES:
 
         def cycle(t=t):
             fimfast.zero_diag_fim(m, t)
@@ -204,6 +222,8 @@ def _summary(meds: dict[str, list[dict]]) -> dict:
             "ratio": {k: med[k] / med["floor"] for k in keys},
             "ratio_range": spread,
             "hutchinson_gap_us": (med["step:hutchinson"] - med["bare"]) * 1e6,
+            "hutchinson_fused_gap_us": (med["step:hutchinson"] - med["bare:fused"]) * 1e6
+            if "bare:fused" in med else None,
             "empirical_gap_us": (med["step:empirical"] - med["bare:empirical"]) * 1e6
             if "bare:empirical" in med else None,
             "cycle_over_step": {t: med[f"cycle:{t}"] / med[f"step:{t}"] for t in TYPES},
@@ -216,7 +236,7 @@ def _markdown(summary: dict, workload: str) -> str:
     lines = [f"### workload ({workload})", ""]
     keys = list(next(iter(summary.values()))["ratio"])
     lines.append("| tree | floor ms | " + " | ".join(keys)
-                 + " | HUTCHINSON gap µs | EMPIRICAL gap µs | cycle/step |")
+                 + " | HUTCHINSON gap µs (to bare / bare:fused) | EMPIRICAL gap µs | cycle/step |")
     lines.append("|" + "---|" * (len(keys) + 5))
     for tree, s in summary.items():
         cells = [
@@ -224,10 +244,11 @@ def _markdown(summary: dict, workload: str) -> str:
             for k in keys
         ]
         cyc = ", ".join(f"{t} {v:.3f}" for t, v in s["cycle_over_step"].items())
-        emp = s.get("empirical_gap_us")
+        emp, fused = s.get("empirical_gap_us"), s.get("hutchinson_fused_gap_us")
         lines.append(
             f"| {tree} | {s['floor_ms']:.2f} | " + " | ".join(cells)
-            + f" | {s['hutchinson_gap_us']:.0f} | {'—' if emp is None else f'{emp:.0f}'} | {cyc} |"
+            + f" | {s['hutchinson_gap_us']:.0f} / {'—' if fused is None else f'{fused:.0f}'}"
+            + f" | {'—' if emp is None else f'{emp:.0f}'} | {cyc} |"
         )
     ops = [(tree, s["ops"]) for tree, s in summary.items() if s.get("ops")]
     if ops:
@@ -259,12 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="child processes per tree")
     ap.add_argument("--steps", type=int, default=21, help="interleaved steps per child")
     ap.add_argument("--size", default="full", choices=("tiny", "full"))
+    ap.add_argument("--types", default=",".join(TYPES),
+                    help="types of more step:<type> rows (comma-separated)")
     ap.add_argument("--out", default=None, help="write PATH.json and PATH.md")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ops", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(_child(a.child, a.steps, a.size, a.ops)))
+        print(json.dumps(_child(a.child, a.steps, a.size, a.ops, tuple(a.types.split(",")))))
         return 0
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -288,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                 env = dict(os.environ, PYTHONPATH=tree)
                 # this file, run against the tree's fimfast and workloads (a tree may predate it)
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", w,
-                       "--steps", str(a.steps), "--size", a.size] + (["--ops"] if r == 0 else [])
+                       "--steps", str(a.steps), "--size", a.size, "--types", a.types]
+                cmd += ["--ops"] if r == 0 else []
                 res = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True,
                                      check=True)
                 meds[labels[tree]].append(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -35,14 +35,15 @@ sys.path.insert(0, str(ROOT))
 
 # the phases of a one-probe HUTCHINSON step and of a per-sample step (default --wrap)
 DEFAULT_WRAP = {
-    "hutchinson": (
-        "fimfast.estimator:DiagFisher._params",
-        "fimfast.estimator:DiagFisher._captured_forward",
-        "fimfast.batch:rows",
-        "fimfast.hutchinson:estimate",
-        "fimfast.hutchinson:has_reentrant_checkpoint",
+    "hutchinson": (  # the prepared step (fimfast/prepared.py)
+        "fimfast.parameters:ParamWalk.of",
+        "fimfast.guard:StepKept.__enter__",
+        "fimfast.nograd:NogradWatch.__enter__",
+        "fimfast.prepared:_one_probe",
+        "fimfast.nograd:NogradWatch.__exit__",
         "fimfast.hutchinson:vjp",
-        "fimfast.state:State.commit",
+        "fimfast.guard:StepKept.__exit__",
+        "fimfast.state:State.add_squares",
     ),
     "per_sample": (
         "fimfast.estimator:DiagFisher._params",

@@ -9,15 +9,18 @@
 // the ops.
 //
 // Host functions of the Python module (no dispatcher op): the row checks of a batch on CPU tensors
-// (csrc/cpu/label_range_finite.cpp), the walk of an autograd graph (csrc/graph_walk.cpp) and the
+// (csrc/cpu/label_range_finite.cpp), the walk of an autograd graph (csrc/graph_walk.cpp), the
 // check of a parameter walk (csrc/param_walk.cpp), the windows of a convolution's kernel
-// (csrc/cpu/unfold_windows.cpp), each called from Python with a Python path beside it
-// (fimfast/finite.py, fimfast/hutchinson.py, fimfast/parameters.py, fimfast/rules/conv.py).
+// (csrc/cpu/unfold_windows.cpp) and the three of a one-probe HUTCHINSON step in one call
+// (csrc/one_probe_step.cpp), each called from Python with a Python path beside it
+// (fimfast/finite.py, fimfast/hutchinson.py, fimfast/parameters.py, fimfast/rules/conv.py,
+// fimfast/prepared.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "graph_walk.h"
 #include "label_range_finite.h"
+#include "one_probe_step.h"
 #include "param_walk.h"
 #include "unfold_windows.h"
 
@@ -56,6 +59,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "convolution's kernel over a CPU tensor, zero outside it (fimfast/rules/conv.py)");
   m.def("walk_holds", &fimfast::walk_holds,
         "whether what a walk of a model's parameters read still holds (fimfast.parameters)");
+  m.def("one_probe_step", &fimfast::one_probe_step,
+        "one_probe_step(logits, labels, ignore_index, mode, seed, offset) -> None unless the rows "
+        "are all valid, else (the one probe of probe_logit_grad as (N, C), whether the graph "
+        "holds a reentrant checkpoint) (fimfast.prepared)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

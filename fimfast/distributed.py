@@ -48,6 +48,7 @@ import zlib
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel  # imported by torch itself
 
 from fimfast.state import State
 
@@ -64,8 +65,19 @@ def _dist():
 
 def initialized() -> bool:
     """Whether a default process group exists."""
+    return (_IS_INITIALIZED or _is_initialized())[0]()
+
+
+def _is_initialized() -> list:
+    """``[torch.distributed.is_initialized]`` (a function returning ``False`` where
+    ``torch.distributed`` is not available), looked up once and kept in
+    :data:`_IS_INITIALIZED`: a step asks at least once."""
     dist = _dist()
-    return dist.is_available() and dist.is_initialized()
+    _IS_INITIALIZED.append(dist.is_initialized if dist.is_available() else bool)
+    return _IS_INITIALIZED
+
+
+_IS_INITIALIZED: list = []
 
 
 def world(group: Any = None) -> tuple[int, int]:
@@ -167,15 +179,11 @@ def _all_reduce_sum(values: list[torch.Tensor], group: Any) -> list[torch.Tensor
 
 def forward_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward a Fisher-only step runs: DDP's wrapped module, else ``model``."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a ``DistributedDataParallel`` wrapper."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return isinstance(model, DistributedDataParallel)
 
 

@@ -6,16 +6,16 @@ import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from fimfast import batch as batchlib
-from fimfast import distributed, guard, hutchinson, likelihoods, lm_head, persample
+from fimfast import distributed, guard, hutchinson, likelihoods, lm_head, persample, prepared
 from fimfast.diagfim import DiagFIM
 from fimfast.forward import Forward, default_loss_all_rows
-from fimfast.guard import BufferGuard, retained_graphs
+from fimfast.guard import BufferGuard
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.ops import registry
 from fimfast.parameters import ParamWalk, check_real, trainable_parameters
@@ -99,11 +99,14 @@ class DiagFisher:
         self._modules = guard.ModuleWalk()
         self._warned_exact = False
         self._restarted = False  # restart() kept a state made before it: see _params
+        self._prepared: prepared.Prepared | None = None  # see fimfast.prepared
 
     @property
     def seed(self) -> int:
         """Seed of this rank's random stream (the base seed, mixed with the rank when reducing)."""
-        if distributed.active(self.opts.distributed, self.opts.process_group):
+        if distributed.initialized() and distributed.active(
+            self.opts.distributed, self.opts.process_group
+        ):
             rank, _ = distributed.world(self.opts.process_group)
             return distributed.rank_seed(self._seed, rank)
         return self._seed
@@ -219,13 +222,16 @@ class DiagFisher:
 
     def _announce_exact_cost(self, rows: batchlib.Rows) -> None:
         R, C = rows.count, rows.num_classes
+        warn = C >= EXACT_WARN_CLASSES and not self._warned_exact
+        if not warn and not logger.isEnabledFor(logging.INFO):
+            return  # the message would be dropped: not formatted at every step
         msg = (
             f"EXACT back-propagates C = {C} columns of the core FIM factor for each of the "
             f"R = {R} rows of this batch: {R * C} (row, class) backward columns, in chunks "
             "bounded by class_chunk / FIMFAST_MEMORY_BUDGET_MB"
         )
         logger.info(msg)
-        if C >= EXACT_WARN_CLASSES and not self._warned_exact:
+        if warn:
             warnings.warn(
                 msg + f" (about {C} times the cost of one HUTCHINSON probe; HUTCHINSON estimates "
                 "the same diagonal without bias in one backward per probe)",
@@ -264,6 +270,8 @@ class DiagFisher:
         train/eval mode are left as they were (see :mod:`fimfast.guard`); the default random
         generator advances as one forward of the model advances it (dropout), plus one draw
         when the estimator was created without a seed."""
+        if prepared.step(self, batch):  # a one-probe HUTCHINSON step of a plain model
+            return
         params = self._params()  # a changed parameter set is refused before the forward
         with guard.step_kept(self._guard, self._modules, self.model, self.names, params):
             if self._head is None:
@@ -277,7 +285,7 @@ class DiagFisher:
                 params = self._params_after_forward(params)
             # one backward without a retained graph: HUTCHINSON types with one probe
             once = not self.fim_type.is_per_sample and head is None and self.opts.num_probes == 1
-            with _fimfast_arithmetic(rows.logits.device, retained=not once):
+            with guard.arithmetic(rows.logits, retained=not once):
                 acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows)
 
@@ -309,7 +317,7 @@ class DiagFisher:
             loss = default_loss_all_rows(self.opts, rows)
         else:
             loss = loss_fn(rows.flat, rows.labels)
-        with _fimfast_arithmetic(rows.logits.device):
+        with guard.arithmetic(rows.logits):
             acc = self._estimate(rows, params, retain_graph=True, cap=cap)
         # backward (not autograd.grad): the loss gradients land in .grad without a copy, and a
         # DistributedDataParallel model all-reduces them through its reducer hooks, as in training.
@@ -371,33 +379,6 @@ class DiagFisher:
         self._reset = self._restarted = False
         self.seed = int(sd["seed"])
         self.offset = int(sd["offset"])
-
-
-def _fimfast_arithmetic(
-    device: torch.device, retained: bool = True
-) -> contextlib.AbstractContextManager[None]:
-    """fimfast's own arithmetic (probes, eigenpairs, squares, backward) with autocast disabled.
-
-    The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
-    run the eigenvector mix and the per-sample squared products in bf16. With ``retained``,
-    retained backwards through compiled regions are allowed (:func:`fimfast.guard.retained_graphs`)
-    where ``torch.compile`` donates buffers (:func:`fimfast.guard.donating`). Without autocast
-    and with nothing to allow, nothing is set up (the usual step).
-    """
-    autocast = torch.is_autocast_enabled(device.type)
-    if not autocast and (not retained or not guard.donating()):
-        return _NOTHING
-    return _arithmetic(device, retained, autocast)
-
-
-@contextlib.contextmanager
-def _arithmetic(device: torch.device, retained: bool, autocast: bool) -> Iterator[None]:
-    with retained_graphs() if retained else _NOTHING:
-        if not autocast:  # nothing to turn off (the usual case)
-            yield
-            return
-        with torch.autocast(device.type, enabled=False):
-            yield
 
 
 # a context manager doing nothing (reusable, reentrant)

@@ -75,6 +75,10 @@ class Forward:
             inputs = None
             labels, mask = batchlib.labels_of(self.batch, enc_dec)
         output = self._call(train, inputs)
+        return output, self.rows_of(output, labels, mask, head)
+
+    def rows_of(self, output: Any, labels: Any, mask: Any, head: Any = None) -> batchlib.Rows:
+        """The rows of a model ``output`` with the batch's ``labels`` and ``mask`` (checked)."""
         logits = batchlib.logits_of(output)
         if head is not None:
             head.check_output(logits)
@@ -82,7 +86,7 @@ class Forward:
         likelihoods.check_top_k(self.fim_type, self.opts, rows.num_classes)
         if self.on_rows is not None:
             self.on_rows(rows)
-        return output, rows
+        return rows
 
     def _call(self, train: bool, inputs: Any) -> Any:
         """The model's output on ``inputs`` (an error naming the batch if the call fails)."""
@@ -99,19 +103,8 @@ class Forward:
             if isinstance(inputs, dict):
                 return module(**inputs)
             return module(inputs)
-        except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as exc:
-            how = (
-                "inputs as a tensor via model(x)" if not isinstance(inputs, dict) and fwd is None
-                else "a mapping via model(**batch)" if fwd is None else "forward_fn"
-            )
-            hint = "" if fwd is not None else (
-                f"; fimfast called it with {how}: pass fim_opts['forward_fn'] = "
-                "lambda model, batch: model(...) for a forward that takes other arguments "
-                "(keyword inputs, several tensors)"
-            )
-            raise _with_context(
-                exc, f"batch: the model's forward failed on this batch{hint}"
-            ) from exc
+        except CALL_ERRORS as exc:
+            raise call_failed(exc, inputs, fwd) from exc
 
     def _rows(self, output: Any, logits: torch.Tensor, labels, mask) -> batchlib.Rows:
         """The valid rows of the logits (masks, ``ignore_index``, shifted labels)."""
@@ -122,6 +115,25 @@ class Forward:
             logits, labels, mask, o.likelihood, o.ignore_index, need,
             shift=shift_labels(self.model, o, logits),
         )
+
+
+# the exceptions of a model's forward that :func:`call_failed` explains
+CALL_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, AssertionError)
+
+
+def call_failed(exc: Exception, inputs: Any, fwd: Callable | None) -> Exception:
+    """The error of a forward that raised ``exc`` (one of :data:`CALL_ERRORS`) on ``inputs``
+    (``fwd``: the ``forward_fn`` option), naming the batch and how the model was called."""
+    how = (
+        "inputs as a tensor via model(x)" if not isinstance(inputs, dict) and fwd is None
+        else "a mapping via model(**batch)" if fwd is None else "forward_fn"
+    )
+    hint = "" if fwd is not None else (
+        f"; fimfast called it with {how}: pass fim_opts['forward_fn'] = "
+        "lambda model, batch: model(...) for a forward that takes other arguments "
+        "(keyword inputs, several tensors)"
+    )
+    return _with_context(exc, f"batch: the model's forward failed on this batch{hint}")
 
 
 def shift_labels(model: torch.nn.Module, opts: Options, logits: torch.Tensor) -> bool:

@@ -288,7 +288,7 @@ def step_kept(
     mods, tables = walk.of(model, params)
     if tables or buffers.has_buffers(model):
         return _all_kept(buffers, model, tables, names, params, mods)
-    return _Kept(names, params, mods)
+    return StepKept(names, params, mods)
 
 
 @contextmanager
@@ -304,7 +304,7 @@ def _all_kept(
         yield
 
 
-class _Kept:
+class StepKept:
     """The guards of :func:`step_kept` for a model without buffers or ``max_norm`` lookups (an
     MLP, most classifiers): nothing to copy; the gradient hooks are switched off (if any) and
     the parameters' version counters read, in one object (no generator)."""
@@ -330,3 +330,36 @@ def donating() -> bool:
     configuration is loaded and donates buffers."""
     cfg = sys.modules.get("torch._functorch.config")
     return cfg is not None and bool(getattr(cfg, "donated_buffer", False))
+
+
+def arithmetic(
+    logits: torch.Tensor, retained: bool = True
+) -> contextlib.AbstractContextManager[None]:
+    """fimfast's own arithmetic (probes, eigenpairs, squares, backward) on the device of
+    ``logits``, with autocast disabled.
+
+    The forward keeps the caller's autocast; a bf16 autocast region around a step would otherwise
+    run the eigenvector mix and the per-sample squared products in bf16. With ``retained``,
+    retained backwards through compiled regions are allowed (:func:`retained_graphs`) where
+    ``torch.compile`` donates buffers (:func:`donating`). Without autocast and with nothing to
+    allow, nothing is set up (the usual step).
+    """
+    # the device's type without a torch.device object for CPU tensors (a step makes it cold)
+    kind = "cpu" if logits.is_cpu else logits.device.type
+    autocast = torch.is_autocast_enabled(kind)
+    if not autocast and (not retained or not donating()):
+        return _NOTHING
+    return _arithmetic(kind, retained, autocast)
+
+
+@contextmanager
+def _arithmetic(kind: str, retained: bool, autocast: bool) -> Iterator[None]:
+    with retained_graphs() if retained else _NOTHING:
+        if not autocast:  # nothing to turn off (the usual case)
+            yield
+            return
+        with torch.autocast(kind, enabled=False):
+            yield
+
+
+_NOTHING = contextlib.nullcontext()  # a context manager doing nothing (reusable, reentrant)

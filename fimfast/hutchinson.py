@@ -89,13 +89,20 @@ def estimate(step: Step, cap: None = None) -> list[torch.Tensor] | Squares:
         keep = step.retain_graph or s < S - 1
         grads = vjp(logits, params, cot, keep, reentrant)
         if S == 1 and step.defer_square:  # the state squares and adds in one pass
-            # which factors the state may square in place, asked only by a state still at zero
-            ptr = cot.untyped_storage().data_ptr()
-            owned = functools.partial(_owned, grads, step.dtypes, ptr)
-            return Squares(grads, owned, step.dtypes, 1.0, opts.backend)
+            return squares(grads, cot, step.dtypes, opts.backend)
         accumulate_squares(acc, grads, step.dtypes, 1.0 / S, cot, opts.backend)
     del cot
     return step.filled(acc)
+
+
+def squares(
+    grads: list[torch.Tensor | None], cot: torch.Tensor, dtypes: list[torch.dtype], backend: str
+) -> Squares:
+    """One probe's gradients ``grads`` (from the cotangent ``cot``) as the :class:`Squares` a
+    state folds in; which of them it may square in place is found only if it asks (a state
+    still at zero)."""
+    owned = functools.partial(_owned, grads, dtypes, cot.untyped_storage().data_ptr())
+    return Squares(grads, owned, dtypes, 1.0, backend)
 
 
 class _Factor:

@@ -14,6 +14,7 @@ one in autograd as before.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,8 +35,11 @@ def candidates(model: nn.Module, params: list[torch.Tensor]) -> list[nn.Module]:
     holding a ``torch.compile`` wrapper (the flag would be a guard of the compiled code)."""
     ids = {id(p) for p in params}
     out = []
+    # torch.compile's wrapper class; none exists before its module is loaded (which would import
+    # torch._dynamo: seconds, and torch.distributed.tensor with it)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
     for m in model.modules():
-        if isinstance(m, torch._dynamo.eval_frame.OptimizedModule):
+        if isinstance(m, compiled):
             return []
         if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or m.sparse:
             continue

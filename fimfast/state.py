@@ -187,6 +187,19 @@ class State:
         self.count += int(count)
         self.steps += 1
 
+    def add_squares(self, factors: list[torch.Tensor | None], count: int) -> bool:
+        """Commit the batch estimate ``sum_i factors[i]**2`` (a one-probe step's gradients, over
+        ``count`` rows) in one multi-tensor ``addcmul``, when that is all :meth:`commit` of their
+        :class:`Squares` would do: a sum (no EMA) that already holds one, every factor dense in
+        the state's dtype. ``False``, with nothing changed, otherwise."""
+        pristine = getattr(self, "_zero", False)  # as commit reads it
+        if self.ema is not None or pristine or not _dense_in(factors, self.dtypes):
+            return False
+        torch._foreach_addcmul_(self.values, factors, factors, value=1.0)
+        self.count += int(count)
+        self.steps += 1
+        return True
+
     def _adopted(self, est: list[torch.Tensor]) -> list[torch.Tensor]:
         """The first estimate of a state that keeps a sum, as its values: each entry that can be
         taken as it is (:func:`_adoptable`), the others (sparse rows, shared storage) added to

@@ -7,11 +7,11 @@ import pytest
 
 import fimfast
 from benchmarks import bench_step_phases
-from fimfast import batch, hutchinson, state
+from fimfast import guard, hutchinson, prepared, state
 
 
 def test_phases_of_a_hutchinson_step_nest_within_the_step(tmp_path):
-    before = (hutchinson.vjp, batch.rows, state.State.commit, hutchinson.estimate)
+    before = (hutchinson.vjp, prepared._one_probe, state.State.add_squares, guard.StepKept.__exit__)
     out = tmp_path / "phases.json"
     res = bench_step_phases.main(["--workload", "a", "--size", "tiny", "--steps", "3",
                                   "--json", str(out)])
@@ -19,10 +19,11 @@ def test_phases_of_a_hutchinson_step_nest_within_the_step(tmp_path):
     names = {s.split(":")[1] for s in bench_step_phases.DEFAULT_WRAP["hutchinson"]}
     assert names | {"step", "model forward", "cold op", "warm op"} == set(res)
     assert all(v >= 0 for v in res.values())
-    # nested: the estimate holds the backward, the step holds everything
-    assert res["vjp"] <= res["estimate"] <= res["step"]
-    assert res["DiagFisher._captured_forward"] + res["estimate"] <= res["step"]
-    assert (hutchinson.vjp, batch.rows, state.State.commit, hutchinson.estimate) == before
+    # nested: the guard holds the backward, the step holds everything
+    assert res["vjp"] + res["StepKept.__exit__"] + res["State.add_squares"] <= res["step"]
+    assert res["_one_probe"] > 0 and res["ParamWalk.of"] > 0  # the prepared step ran
+    assert (hutchinson.vjp, prepared._one_probe, state.State.add_squares,
+            guard.StepKept.__exit__) == before
 
 
 def test_wrapped_functions_are_put_back_when_the_step_raises(monkeypatch):

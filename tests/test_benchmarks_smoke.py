@@ -269,7 +269,8 @@ def test_bench_fixed_cost_runs_and_reports(tmp_path):
 
     out = tmp_path / "fixed"
     assert bench_fixed_cost.main(
-        ["--workloads", "a", "--size", "tiny", "--rounds", "1", "--steps", "2", "--out", str(out)]
+        ["--workloads", "a", "--size", "tiny", "--rounds", "1", "--steps", "2", "--out", str(out),
+         "--types", "hutchinson,exact"]
     ) == 0
     rep = json.loads((tmp_path / "fixed.json").read_text())
     s = next(iter(rep["workloads"]["a"]["summary"].values()))
@@ -281,6 +282,9 @@ def test_bench_fixed_cost_runs_and_reports(tmp_path):
     md = (tmp_path / "fixed.md").read_text()
     assert "HUTCHINSON gap" in md and "ATen operators per call" in md
     assert s["empirical_gap_us"] is not None and "bare:empirical" in s["ratio"]
+    assert s["hutchinson_fused_gap_us"] is not None and "bare:fused" in s["ratio"]
+    assert {"step:hutchinson", "step:empirical", "step:exact"} <= set(s["ratio"])
+    assert "step:monte_carlo" not in s["ratio"]
 
 
 def test_bench_fixed_cost_ten_line_empirical_is_the_empirical_fisher():

@@ -5,6 +5,7 @@ values a read hands out. Each fast path is checked against a plain reference or 
 from __future__ import annotations
 
 import collections
+import logging
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch.nn.modules import module as module_mod
 
 import fimfast
 from benchmarks.opcount import OpCounter
-from fimfast import UnsupportedModelError, finite, likelihoods, ops
+from fimfast import UnsupportedModelError, finite, likelihoods, ops, prepared
 from fimfast.estimator import trainable_parameters
 
 
@@ -142,6 +143,7 @@ def _views(ops_):
 def test_hutchinson_step_runs_the_models_operators_and_its_checks_and_probe(monkeypatch, host):
     if not host:  # the row checks on the torch path (no extension)
         monkeypatch.setattr(finite, "_HOST", ())
+        monkeypatch.setattr(prepared, "_HOST", [None, None])
     elif not finite._host():
         pytest.skip("the extension's row checks are not built")
     m = _mlp(torch.float32)
@@ -163,8 +165,12 @@ def test_hutchinson_step_runs_the_models_operators_and_its_checks_and_probe(monk
     want = collections.Counter({k: v for k, v in ref.ops.items() if k not in _views(ref.ops)})
     # beyond it: the fused probe, and on the torch path the label range and the finiteness sum of
     # the row checks (the extension's one call runs no operator); no buffer for the cotangent
-    # (empty/zeros + copy_), no stack of the checks on the CPU
+    # (empty/zeros + copy_), no stack of the checks on the CPU. The extension's one call of a
+    # prepared step (fimfast/prepared.py) runs the probe's kernel itself: its output's empty
+    # is the one operator it dispatches
     extra = {"fimfast.probe_logit_grad.default": 1}
+    if host and prepared._host()[0] is not None:
+        extra = {"aten.empty.memory_format": 1}
     if not host:
         extra.update({"aten.aminmax.default": 1, "aten.sum.default": 1})
     assert got - want == collections.Counter(extra), got - want
@@ -217,3 +223,20 @@ def test_a_read_is_a_copy_the_next_steps_and_the_caller_do_not_share():
         torch.testing.assert_close(v, want[n], rtol=0, atol=0, msg=n)
         manual = _oracle(m, x, 5)[n] + _oracle(m, x2, 5, off)[n]
         torch.testing.assert_close(v, manual, rtol=1e-12, atol=1e-15, msg=n)
+
+
+def test_exact_logs_its_cost_when_info_is_shown_and_formats_nothing_otherwise(caplog):
+    m = _mlp()
+    x, y = _batch()
+    est = fimfast.DiagFisher(m, "exact")
+    with caplog.at_level(logging.INFO, logger="fimfast"):
+        est.step((x, y))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fimfast"]
+    assert msgs == ["EXACT back-propagates C = 4 columns of the core FIM factor for each of the "
+                    "R = 5 rows of this batch: 20 (row, class) backward columns, in chunks bounded "
+                    "by class_chunk / FIMFAST_MEMORY_BUDGET_MB"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fimfast"):
+        est.step((x, y))
+    assert not [r for r in caplog.records if r.name == "fimfast"]
+    assert est.state.steps == 2

@@ -19,6 +19,7 @@
 #include "cpu_math.h"
 #include "fimfast_checks.h"
 #include "fimfast_rng.h"
+#include "probe_logit_grad.h"
 #include "probe_modes.h"
 
 namespace fimfast {
@@ -62,6 +63,8 @@ void probe_rows(const ProbeArgs& a, const in_t* logits, int64_t row_stride, int6
   });
 }
 
+}  // namespace
+
 at::Tensor probe_logit_grad_cpu(const at::Tensor& logits, c10::string_view mode, int64_t seed,
                                 int64_t offset, int64_t num_probes,
                                 const std::optional<at::Tensor>& labels,
@@ -91,8 +94,6 @@ at::Tensor probe_logit_grad_cpu(const at::Tensor& logits, c10::string_view mode,
       });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fimfast, CPU, m) { m.impl("probe_logit_grad", &probe_logit_grad_cpu); }
 
