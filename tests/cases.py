@@ -253,6 +253,21 @@ def run_case(case: Case, fim_type: str, rules: bool = True, **opts) -> tuple[dic
     return dict(est.result().items()), est
 
 
+def check_fast_twice(case: Case, fim_type: str, ref: dict, tol: float) -> Any:
+    """One step of ``fim_type`` on ``case`` with no parameter on the generic path equals ``ref``
+    (``{name: tensor}``) to ``tol``, and so does half the sum after a second step (the plan of
+    the first bound to the second one's calls); returns the estimator."""
+    from oracle import rel_error
+
+    got, est = run_case(case, fim_type)
+    plan = est._persample.last_plan
+    assert not plan.generic, plan.reasons
+    assert rel_error(got, ref) <= tol
+    est.step(case.batch)
+    assert rel_error({k: v / 2 for k, v in est.result().items()}, ref) <= tol
+    return est
+
+
 def check_monte_carlo_same_seed(case: Case, rj, tol: float) -> Any:
     """One MONTE_CARLO draw (seed 11) equals the float64 empirical Fisher ``rj`` (the case's
     :func:`oracle.row_jacobians`) at the labels that draw samples, and two draws (seed 5) on the

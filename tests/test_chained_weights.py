@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as prune
-from cases import Case, check_monte_carlo_same_seed, run_case
+from cases import Case, check_fast_twice, check_monte_carlo_same_seed, run_case
 from oracle import oracle_flat, row_jacobians
 from oracle import rel_error as _rel
 from oracle import strip_pruned as _strip
@@ -116,13 +116,7 @@ def _oracle(case: Case, quantity: str, labels=None) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", ["functional", "pruned"])
 def test_chained_weights_match_oracle_on_the_fast_path(name, quantity):
     case = _case(name)
-    got, est = run_case(case, quantity)
-    plan = est._persample.last_plan
-    assert not plan.generic, plan.reasons
-    ref = _oracle(case, quantity)
-    assert _rel(got, ref) <= DET_REL_F64
-    est.step(case.batch)  # the plan of the first step, bound to the second one's calls
-    assert _rel({k: v / 2 for k, v in est.result().items()}, ref) <= DET_REL_F64
+    check_fast_twice(case, quantity, _oracle(case, quantity), DET_REL_F64)
     if name == "pruned":  # the model's own attributes are left as they were
         assert not isinstance(case.model.fc.weight, nn.Parameter)
         assert case.model.fc.weight.grad_fn is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import Case, check_monte_carlo_same_seed, classifier_case, run_case
+from cases import Case, check_fast_twice, check_monte_carlo_same_seed, classifier_case, run_case
 from oracle import oracle, row_jacobians
 from oracle import rel_error as _rel
 from tolerances import DET_REL_F64
@@ -149,13 +149,7 @@ FOLDED = ["flat", "flat_t_eq_n", "windows", "windows_n4", "token_head", "seq_fir
 @pytest.mark.parametrize("name", FOLDED)
 def test_folded_batch_takes_the_rule_and_matches_the_oracle(name, quantity):
     case = _case(name)
-    got, est = run_case(case, quantity)
-    plan = est._persample.last_plan
-    assert not plan.generic, plan.reasons
-    ref = oracle(case, quantity)
-    assert _rel(got, ref) <= DET_REL_F64
-    est.step(case.batch)  # the second step binds the kept plan to new calls
-    assert _rel({k: v / 2 for k, v in est.result().items()}, ref) <= DET_REL_F64
+    check_fast_twice(case, quantity, oracle(case, quantity), DET_REL_F64)
 
 
 @pytest.mark.parametrize("name", ["flat", "windows", "norms"])
