@@ -39,7 +39,9 @@ def test_each_round_runs_one_old_and_one_new_step(monkeypatch):
 
     monkeypatch.setattr(ops, "probe_logit_grad", new)  # put back after the test
     swaps = [(ops, "probe_logit_grad", tagged("old"), tagged("new"))]
-    res = bench_swap_ab.run("a", "hutchinson", 4, swaps, size="tiny")
+    # EMPIRICAL draws its score columns through ops.probe_logit_grad (a one-probe HUTCHINSON
+    # step of this model calls the extension's probe kernel directly: fimfast/prepared.py)
+    res = bench_swap_ab.run("a", "empirical", 4, swaps, size="tiny")
     assert ops.probe_logit_grad is swaps[0][3]  # the new one is left in place
     assert calls.count("old") == calls.count("new") == 4 + 3  # rounds and warm-up rounds
     assert all(set(calls[2 * i: 2 * i + 2]) == {"old", "new"} for i in range(7))
