@@ -138,6 +138,9 @@ class Capture:
         rule_for: ``rule_for(module) -> rule | None`` (see :func:`fimfast.layers.rule_for`).
         direct: keys of the outputs to tap directly (shared with the engine, which updates it).
         batch_size: the batch's leading size, for expanding lookups shared by the batch.
+            ``samples`` (set after construction; the batch size by default) is the number of
+            samples as the rows will count them, for layers on a folded batch
+            (:func:`fimfast.rules.linear.folded`).
         expand_broadcast: whether such lookups are expanded (see
             :class:`fimfast.layers.EmbeddingRule`).
         hold: keys of the add-tapped outputs to keep alive until the engine has read their
@@ -157,7 +160,7 @@ class Capture:
     ):
         self.direct = set() if direct is None else direct
         self.hold = set() if hold is None else hold
-        self.batch_size = batch_size
+        self.batch_size = self.samples = batch_size
         self.expand_broadcast = expand_broadcast
         self.expanded = 0  # broadcast outputs expanded to the batch in this forward
         self.expand_flat = expand_broadcast and expand_flat

@@ -90,6 +90,19 @@ class TokenHead(nn.Module):
         return self.head(h).view(N, T, -1)
 
 
+class FlatLogits(nn.Module):
+    """``(N * T, C)`` logits of flattened tokens, one label per row: every row is a sample, so
+    the layers on ``(N * T, d)`` are not a folded batch (the logits layer keeps its closed
+    form)."""
+
+    def __init__(self, d: int = 4, C: int = 3):
+        super().__init__()
+        self.a, self.head = nn.Linear(d, 6), nn.Linear(6, C)
+
+    def forward(self, x):  # (N, T, d)
+        return self.head(torch.tanh(self.a(x.reshape(-1, x.shape[-1]))))
+
+
 class SeqFirst(nn.Module):
     """A sequence-first Linear, ``(T, N, d)`` with ``T = 2 N``: its first dim divides by the batch
     size but the batch is its second dim (the probe finds it there)."""
@@ -119,6 +132,11 @@ class Shared(nn.Module):
 def _case(name: str, N: int = 5) -> Case:
     g = _gen(11)
     torch.manual_seed(0)
+    if name == "flat_logits":
+        x = torch.randn(N, 3, 4, generator=g)
+        labels = torch.randint(0, 3, (N * 3,), generator=g)
+        return Case(name, FlatLogits(), (x, labels), lambda m, b: m(b[0]),
+                    torch.ones(N * 3, dtype=torch.bool), labels, "categorical", 3).to(torch.float64)
     if name == "token_head":
         x = torch.randn(N, 4, 4, generator=g)
         labels = torch.randint(0, 3, (N, 4), generator=g)
@@ -142,7 +160,8 @@ def _case(name: str, N: int = 5) -> Case:
     return classifier_case(model, (x, y), 3, name).to(torch.float64)
 
 
-FOLDED = ["flat", "flat_t_eq_n", "windows", "windows_n4", "token_head", "seq_first", "norms"]
+FOLDED = ["flat", "flat_t_eq_n", "windows", "windows_n4", "token_head", "seq_first", "norms",
+          "flat_logits"]
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
@@ -157,6 +176,14 @@ def test_folded_batch_monte_carlo_same_seed(name):
     case = _case(name)
     est = check_monte_carlo_same_seed(case, row_jacobians(case), DET_REL_F64)
     assert not est._persample.last_plan.generic
+
+
+def test_rows_of_flattened_tokens_are_the_samples_and_the_head_stays_closed_form():
+    case = _case("flat_logits")
+    _, est = run_case(case, "exact")
+    plan = est._persample.last_plan
+    assert plan.head is not None and plan.head.module is case.model.head
+    assert [t.shape for c in plan.calls for t in c.taps] == [torch.Size([15, 6])]
 
 
 def test_one_sample_unfolds_every_row():

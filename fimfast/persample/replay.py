@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fimfast import batch as batchlib
 from fimfast import functional, hooks, layers
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.rules.forwards import Forwards
@@ -65,6 +66,7 @@ class Replay:
         self._sites: dict = {}  # functional call sites (fimfast.functional), kept across steps
         self._fowners: dict[int, tuple[int, ...]] = {}
         self._memo: dict[int, tuple] = {}  # Capture.memo across the forwards of one parameter set
+        self._samples: int | None = None  # this forward's samples as its rows count them
 
     def forward(
         self,
@@ -92,6 +94,7 @@ class Replay:
         cap = None
         stats: list = []
         lookups = False
+        self._samples = _samples(fwd.batch, batch_size)
         mods = self._modules(model, params) if self.use_rules else None  # capture's too
         if self.expand_broadcast and mods is not None:
             _, lookups, norms = mods
@@ -193,6 +196,8 @@ class Replay:
         if mods is None:
             mods = self._modules(model, params)
         cap.memo = self._memo  # the rules' uses, kept while the parameter set stays
+        if self._samples is not None:
+            cap.samples = self._samples
         forwards = None if self.hooked else self._forwards
         undo = cap.install(mods[0], self._owned, self._watch, forwards)  # cap.installed, inline
         try:
@@ -222,6 +227,19 @@ class Replay:
             self._sites, self._quiet = {}, False
             self._memo = {}
         return self._mods[1:]
+
+def _samples(batch: Any, batch_size: int | None) -> int | None:
+    """The samples of a batch as its rows will count them: one per label where the labels are
+    1-D (``(R, C)`` logits, e.g. ``(N * T, C)`` of flattened tokens: a layer output ``(N * T, d)``
+    is then one row per sample, not a folded batch), else the batch size."""
+    try:
+        labels, _ = batchlib.labels_of(batch)
+    except Exception:  # noqa: BLE001 - the forward reports a bad batch itself
+        return batch_size
+    if isinstance(labels, torch.Tensor) and labels.dim() == 1:
+        return int(labels.shape[0])
+    return batch_size
+
 
 def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
     """Refuse a forward whose parameters autograd cannot give per-row gradients of."""

@@ -47,7 +47,7 @@ class LinearRule(Rule):
             ]
 
         uses, internal, key = cap.uses_of(module, self, (w, b), build)
-        k = folded(cap.batch_size, y)
+        k = folded(cap.samples, y)
         if k:  # (N * k, ..., O): tapped and recorded as (N, k, ..., O)
             y, x = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:])
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))

@@ -35,7 +35,7 @@ class _NormRule(Rule):
             return None
         # a per-position norm over a batch folded into its first dim: recorded unfolded
         # (fimfast.rules.linear.folded)
-        k = 0 if self.batch_first else folded(cap.batch_size, y)
+        k = 0 if self.batch_first else folded(cap.samples, y)
         if k:
             y, x, lead = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:]), lead + 1
         seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
