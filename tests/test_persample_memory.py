@@ -401,7 +401,9 @@ def test_tensor_peak_meter_counts_live_storage():
         holder.clear()  # -1 MiB, not seen
         return torch.empty(2**19)  # +2 MiB
 
-    assert _peak(frees_first) == pytest.approx(2.0, abs=0.01)
+    # 2.0 (1.0 if the earlier tensor's free were subtracted); the profiler also reports frees
+    # of storage other threads of the process let go in the window (a few hundred KiB at most)
+    assert 1.75 <= _peak(frees_first) <= 2.01
 
 
 class _Switch(nn.Module):
