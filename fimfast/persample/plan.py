@@ -37,6 +37,7 @@ class GroupKind(str, Enum):
 
 
 HEAD_KINDS = (GroupKind.HEAD_W, GroupKind.HEAD_B)
+UNREACHED = "its output does not reach the logits through autograd"
 
 
 class RowIndex(NamedTuple):
@@ -216,7 +217,7 @@ def check_taps(
             c.ok, c.reason = False, "a global forward hook may change layer outputs"
         if c.ok and not all(graph.reaches(t.handle) for t in c.taps):
             # e.g. a module inside a torch.compile'd region: its hooks ran while tracing
-            c.ok, c.reason = False, "its output does not reach the logits through autograd"
+            c.ok, c.reason = False, UNREACHED
         for t in c.taps:
             changed = t.modified()
             t.keep = None
@@ -256,8 +257,8 @@ def build(calls, head, rows, params, glob, head_closed, probe_cache: dict) -> Pl
     n = len(params)
     N = rows.num_samples
     plan = Plan()
-    uses, internal = _uses(calls, params)
-    cand = _candidates(plan, params, glob, uses, internal)
+    uses, internal, unreached = _uses(calls, params)
+    cand = _candidates(plan, params, glob, uses, internal, unreached)
     probe_calls = _unique(c for i in cand for c, _ in uses[i] if c is not head)
     if probe_calls and N >= 2:
         probe(probe_calls, rows, probe_cache)
@@ -286,26 +287,37 @@ def build(calls, head, rows, params, glob, head_closed, probe_cache: dict) -> Pl
     return plan
 
 
-def _uses(calls, params) -> tuple[dict[int, list[tuple[hooks.Call, int]]], Counter]:
+def _uses(calls, params) -> tuple[dict[int, list[tuple[hooks.Call, int]]], Counter, set]:
     """Per parameter index its ``(call, use index)`` pairs; per parameter id its edges inside
-    captured calls."""
+    captured calls; the ids of the parameters of calls whose output does not reach the logits.
+
+    Such a call (its output detached, or used only for a statistic under ``.detach()``) adds no
+    edge to the logits' graph and nothing to the Fisher: it is left out, and the parameter's
+    other calls must still account for all of its edges (a call inside a ``torch.compile``'d
+    region, whose hooks ran while tracing, leaves its edges unaccounted: generic path)."""
     pos = {id(p): i for i, p in enumerate(params)}
     internal: Counter = Counter()
     uses: dict[int, list[tuple[hooks.Call, int]]] = defaultdict(list)
+    unreached: set[int] = set()
     for c in calls:
+        if c.reason == UNREACHED:
+            unreached.update(id(u.param) for u in c.uses)
+            continue
         internal.update(c.internal or {})
         for ui, u in enumerate(c.uses):
             uses[pos[id(u.param)]].append((c, ui))
-    return uses, internal
+    return uses, internal, unreached
 
 
-def _candidates(plan: Plan, params, glob, uses, internal) -> set[int]:
+def _candidates(plan: Plan, params, glob, uses, internal, unreached) -> set[int]:
     """The parameters the rules may estimate; the others get their reason (or go to unused)."""
     cand: set[int] = set()
     for i, p in enumerate(params):
         e = glob[id(p)]
         if e == 0:
             plan.unused.append(i)
+        elif internal[id(p)] != e and id(p) in unreached:
+            plan.reasons[i] = UNREACHED
         elif i not in uses:
             plan.reasons[i] = "no rule for its module"
         elif internal[id(p)] != e:
