@@ -166,6 +166,19 @@ def _ids(V: int, T: int = 4):
 IMG = (N, 2, 4, 4)
 # name -> (model builder, input builder, classes)
 FAMILIES = {
+    # the segment's layers are tapped in the forward, its recomputation left as it is
+    "checkpoint_nonreentrant": (lambda: Fn(lambda s, x: s.o(torch.tanh(
+        ckpt.checkpoint(s.blk, x, use_reentrant=False) + x)), o=nn.Linear(6, 3),
+        blk=nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))), lambda: _x(N, 6), 3),
+    "checkpoint_conv_batchnorm_eval": (lambda: Fn(lambda s, x: s.o(ckpt.checkpoint(
+        s.blk, x, use_reentrant=False).flatten(1)), o=nn.Linear(12, 3), blk=nn.Sequential(
+            nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 1, groups=3))).eval(),
+        lambda: _x(*IMG), 3),
+    "checkpoint_norms_embedding_nested": (lambda: Fn(lambda s, ids: s.o(ckpt.checkpoint(
+        lambda t: s.blk(ckpt.checkpoint(s.e, t, use_reentrant=False)).mean(1), ids,
+        use_reentrant=False)), e=nn.Embedding(6, 8), o=nn.Linear(8, 3), blk=nn.Sequential(
+            nn.LayerNorm(8), nn.Linear(8, 8), nn.RMSNorm(8), nn.ReLU(inplace=True))),
+        lambda: _ids(6), 3),
     "relu_inplace": (lambda: nn.Sequential(
         nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.LeakyReLU(0.1, inplace=True),
         nn.Linear(8, 3)), lambda: _x(N, 6), 3),
@@ -274,12 +287,6 @@ FAMILIES = {
 
 # name -> (model builder, input builder, classes, {generic parameter: reason})
 GENERIC = {
-    # the tap would change what the checkpoint recomputes (fimfast/rules/base.py _take)
-    "checkpoint_nonreentrant": (lambda: Fn(lambda s, x: s.o(torch.tanh(
-        ckpt.checkpoint(s.blk, x, use_reentrant=False) + x)), o=nn.Linear(6, 3),
-        blk=nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))), lambda: _x(N, 6), 3,
-        dict.fromkeys(["blk.0.weight", "blk.0.bias", "blk.2.weight", "blk.2.bias"],
-                      "no rule for its module")),
     "tied_encoder_decoder_transposed": (lambda: Fn(lambda s, x: s.o(torch.tanh(F.linear(
         torch.tanh(s.a(x)), s.a.weight.t()))), a=nn.Linear(6, 4), o=nn.Linear(6, 3)),
         lambda: _x(N, 6), 3, {"a.weight": "its uses cannot be combined by the rules"}),
@@ -440,6 +447,37 @@ def test_dict_inputs_and_outputs(quantity):
     est.step(case.batch)
     assert not est._persample.last_plan.generic
     assert rel_error(dict(est.result().items()), oracle(case, quantity)) <= DET_REL_F64
+
+
+class Dropped(nn.Module):
+    """Linear, dropout, tanh, head; ``checkpointed``: the first three in a non-reentrant
+    ``torch.utils.checkpoint`` segment (its recomputation replays the same dropout mask)."""
+
+    def __init__(self, checkpointed: bool):
+        super().__init__()
+        self.blk = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh())
+        self.o, self.checkpointed = nn.Linear(8, 3), checkpointed
+
+    def forward(self, x):
+        h = ckpt.checkpoint(self.blk, x, use_reentrant=False) if self.checkpointed else self.blk(x)
+        return self.o(h)
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+def test_checkpointed_dropout_is_the_sampled_subnetwork(quantity):
+    """A checkpointed segment with dropout in train mode: the rules' estimate equals the float64
+    oracle of the sub-network the step's forward sampled (the same seed before both)."""
+    torch.manual_seed(0)
+    model = Dropped(checkpointed=True).double().train()
+    case = classifier_case(model, (_x(N, 6).double(), torch.randint(0, 3, (N,),
+                                                                    generator=_gen(13))), 3)
+    torch.manual_seed(42)
+    ref = oracle(case, quantity)
+    est = fimfast.DiagFisher(model, quantity)
+    torch.manual_seed(42)
+    est.step(case.batch)
+    assert not est._persample.last_plan.generic
+    assert rel_error(dict(est.result().items()), ref) <= DET_REL_F64
 
 
 def _hidden(s, x):

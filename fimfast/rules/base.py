@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fimfast.dtypes import compute_dtype
-from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
+from fimfast.hooks import Call, Capture, Use
 
 __all__ = [
     "Outer",
@@ -407,10 +407,10 @@ class Rule:
         capturing forward of :mod:`fimfast.rules.forwards`): recorded by :meth:`capture`."""
         if not cap.active or not torch.is_grad_enabled() or not _usable(output):
             return None
-        if saved_tensor_hooks_active():
-            # inside torch.utils.checkpoint (non-reentrant) or another saved-tensor hook: the
-            # backward recomputes this forward without the capture, so it must stay as it is
-            # (its parameters are then used outside the captured calls: generic path)
+        if torch._C._current_graph_task_id() != -1:
+            # a forward run by a backward: torch.utils.checkpoint (non-reentrant) recomputing a
+            # segment for its saved tensors. The graph differentiated is the first forward's,
+            # tapped there (a tap saves no tensor, so the recomputation saves the same ones)
             return None
         x = self.inputs(args, kwargs)
         if x is None:
