@@ -607,3 +607,33 @@ def test_kfac_of_one_sample_is_exact_on_linear_layers(name):
         sl = got.slice_of(n)
         assert float((dense[sl, sl] - full[sl, sl]).norm()) <= DET_REL_F64 * float(
             full[sl, sl].norm()) + 1e-300, n
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+def test_hugging_face_gradient_checkpointing_takes_the_rules(quantity):
+    """A Hugging Face causal LM with ``gradient_checkpointing_enable()`` (non-reentrant
+    segments, one per block) in train mode without dropout: every parameter on the rules' path,
+    the float64 oracle's token-level Fisher."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    conf = transformers.GPTNeoXConfig(
+        vocab_size=20, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=16, rotary_pct=0.5, hidden_dropout=0.0,
+        attention_dropout=0.0)
+    model = transformers.GPTNeoXForCausalLM(conf).double().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 20, (3, 5), generator=_gen(5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    valid = (labels[:, 1:] != -100) & (mask[:, :-1] != 0)
+    case = Case("gpt_neox", model, batch,
+                lambda m, b: m(input_ids=b["input_ids"],
+                               attention_mask=b["attention_mask"]).logits[:, :-1],
+                valid, labels[:, 1:], "categorical", 20)
+    ref = oracle(case, quantity)
+    est = fimfast.DiagFisher(model, quantity)
+    est.step(batch)
+    assert not est._persample.last_plan.generic, est._persample.last_plan.reasons
+    assert rel_error(dict(est.result().items()), ref) <= DET_REL_F64
