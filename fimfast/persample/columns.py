@@ -11,6 +11,9 @@ from fimfast import likelihoods
 from fimfast.dtypes import compute_dtype
 from fimfast.types import FIMType, Options
 
+# columns of EXACT formed at once by Columns.span up to this many elements (256 KiB in float32)
+WHOLE_ELEMS = 1 << 16
+
 
 class Columns:
     """The columns ``u`` of one step, any subset at a time.
@@ -107,6 +110,23 @@ class Columns:
             cols = torch.mul(sp, self.aq.unsqueeze(0)).neg_()
         # + sqrt(p_k) at class k of column k: one scatter (an indexed += is three kernels)
         return cols.scatter_add_(2, ks.view(M, 1, 1).expand(M, self.R, 1), sp)
+
+    def span(self, k0: int, k1: int) -> torch.Tensor:
+        """Columns ``k0 .. k1 - 1``, ``(k1 - k0, R, C)``: not to be written. Score columns are a
+        view of their block; the columns of EXACT are formed all at once, in one pass, and viewed
+        where they are at most :data:`WHOLE_ELEMS` elements (a chunk of them then costs no
+        operator at all), else ``k1 - k0`` at a time. Either way each element is the same
+        product as :meth:`take` forms (elementwise operators), bit for bit."""
+        every = k0 == 0 and k1 >= self.num
+        if self.block is not None:
+            return self.block if every else self.block[k0:k1]
+        if self.num * self.R * self.C <= WHOLE_ELEMS:
+            return self._whole if every else self._whole[k0:k1]
+        return self.take(torch.arange(k0, k1, device=self.device))
+
+    @functools.cached_property
+    def _whole(self) -> torch.Tensor:
+        return self.take(torch.arange(self.num, device=self.device))
 
     def every(self) -> torch.Tensor:
         """All columns at once, ``(num, R, C)`` (the score columns as they are: not to be
