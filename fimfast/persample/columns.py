@@ -47,6 +47,7 @@ class Columns:
         self.device = flat.device
         lk = opts.likelihood
         self.block: torch.Tensor | None = None
+        self._squares: dict[torch.dtype, torch.Tensor] = {}  # see squares
         self._flat, self.lk, self.sigma2 = flat, lk, opts.sigma2
         self.categorical = fim_type == FIMType.EXACT and lk == "categorical"
         if fim_type == FIMType.EXACT:
@@ -97,6 +98,20 @@ class Columns:
     def S(self) -> torch.Tensor:
         """``(R, C)`` ``sum_k u_k^2`` per row (``diag I(z)`` for EXACT)."""
         return self.root.square()
+
+    def squares(self, dt: torch.dtype) -> torch.Tensor:
+        """:attr:`S` in ``dt``, formed once per dtype (not to be written). For the categorical
+        EXACT it is ``p - p^2`` itself (``diag I(z)``, docs/math.md §3): two operators and no
+        square root to square again; otherwise ``root^2``."""
+        S = self._squares.get(dt)
+        if S is None:
+            if self.categorical and self.z.dtype == dt:
+                S = self.p - self.p.square()
+            else:
+                root = self.root
+                S = root.square() if root.dtype == dt else root.to(dt).square_()
+            self._squares[dt] = S
+        return S
 
     def take(self, ks: torch.Tensor) -> torch.Tensor:
         """Columns ``ks`` (int64 ``(M,)``): ``(M, R, C)`` in float32/float64."""
