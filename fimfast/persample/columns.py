@@ -81,7 +81,7 @@ class Columns:
             return None
         sref = self.sp[:, -1:]
         q = self.p.clone()
-        q[:, -1:] += sref
+        q[:, -1:].add_(sref)  # in place on the view (an indexed += writes it back: a copy more)
         return q.div_(1.0 + sref)
 
     @functools.cached_property
@@ -141,7 +141,15 @@ class Columns:
 
     @functools.cached_property
     def _whole(self) -> torch.Tensor:
-        return self.take(torch.arange(self.num, device=self.device))
+        """Every column, as :meth:`take` forms them (the same products and sums), with the
+        ``+ sqrt(p_k)`` of column ``k`` added on the diagonal view ``(k, r, k)``: no index."""
+        sp = self.sp[:, : self.num]  # (R, num)
+        if self.aq is None:
+            cols = torch.zeros(self.num, self.R, self.C, dtype=self.dtype, device=sp.device)
+        else:
+            cols = torch.mul(sp.t().unsqueeze(-1), self.aq.unsqueeze(0)).neg_()
+        cols.diagonal(0, 0, 2).add_(sp)
+        return cols
 
     def every(self) -> torch.Tensor:
         """All columns at once, ``(num, R, C)`` (the score columns as they are: not to be
