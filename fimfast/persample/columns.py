@@ -75,14 +75,16 @@ class Columns:
         return torch.sqrt(likelihoods.diag_core(self.z, self.lk, self.sigma2))
 
     @functools.cached_property
-    def aq(self) -> torch.Tensor | None:
-        """``alpha q`` of the reduced categorical factor (``None`` for diagonal factors)."""
+    def naq(self) -> torch.Tensor | None:
+        """``-alpha q`` of the reduced categorical factor (``None`` for diagonal factors): ``q``
+        over ``-(1 + sqrt p_C)``, so that the product of a column is its off-class part, the
+        negation exact (no operator of its own)."""
         if not self.categorical:
             return None
         sref = self.sp[:, -1:]
         q = self.p.clone()
         q[:, -1:].add_(sref)  # in place on the view (an indexed += writes it back: a copy more)
-        return q.div_(1.0 + sref)
+        return q.div_(-1.0 - sref)
 
     @functools.cached_property
     def root(self) -> torch.Tensor:
@@ -119,10 +121,10 @@ class Columns:
             return self.block.index_select(0, ks)
         M = ks.numel()
         sp = self.sp.index_select(1, ks).t().unsqueeze(-1)  # (M, R, 1)
-        if self.aq is None:
+        if self.naq is None:
             cols = torch.zeros(M, self.R, self.C, dtype=self.dtype, device=sp.device)
         else:
-            cols = torch.mul(sp, self.aq.unsqueeze(0)).neg_()
+            cols = torch.mul(sp, self.naq.unsqueeze(0))
         # + sqrt(p_k) at class k of column k: one scatter (an indexed += is three kernels)
         return cols.scatter_add_(2, ks.view(M, 1, 1).expand(M, self.R, 1), sp)
 
@@ -144,10 +146,10 @@ class Columns:
         """Every column, as :meth:`take` forms them (the same products and sums), with the
         ``+ sqrt(p_k)`` of column ``k`` added on the diagonal view ``(k, r, k)``: no index."""
         sp = self.sp[:, : self.num]  # (R, num)
-        if self.aq is None:
+        if self.naq is None:
             cols = torch.zeros(self.num, self.R, self.C, dtype=self.dtype, device=sp.device)
         else:
-            cols = torch.mul(sp.t().unsqueeze(-1), self.aq.unsqueeze(0)).neg_()
+            cols = torch.mul(sp.t().unsqueeze(-1), self.naq.unsqueeze(0))
         cols.diagonal(0, 0, 2).add_(sp)
         return cols
 
