@@ -131,6 +131,8 @@ class Engine(Replay):
 
     def _log_generic(self, plan: Plan, n: int, names: list[str] | None) -> None:
         """Once per change: which parameters take the slow path, and why."""
+        if not plan.generic and not self._logged:
+            return  # none, as in the last step
         generic = {i: plan.reasons.get(i, "") for i in plan.generic}
         if generic != self._logged:
             self._logged = generic
