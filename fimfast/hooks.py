@@ -436,8 +436,8 @@ def walk(flat: torch.Tensor, params: list[torch.Tensor]) -> Graph:
                 continue
             if type(nxt) is acc:  # a leaf: every edge into a wanted parameter counts
                 add(nxt)
-                if id(nxt.variable) in wanted:
-                    counts[id(nxt.variable)] += 1
+                if (v := id(nxt.variable)) in wanted:
+                    counts[v] = counts.get(v, 0) + 1  # (no Counter.__missing__ call)
             elif nxt not in seen:
                 add(nxt)
                 push(nxt)

@@ -11,6 +11,9 @@ from fimfast import likelihoods
 from fimfast.dtypes import compute_dtype
 from fimfast.types import FIMType, Options
 
+# columns of EXACT formed at once by Columns.span up to this many elements (256 KiB in float32)
+WHOLE_ELEMS = 1 << 16
+
 
 class Columns:
     """The columns ``u`` of one step, any subset at a time.
@@ -44,6 +47,7 @@ class Columns:
         self.device = flat.device
         lk = opts.likelihood
         self.block: torch.Tensor | None = None
+        self._squares: dict[torch.dtype, torch.Tensor] = {}  # see squares
         self._flat, self.lk, self.sigma2 = flat, lk, opts.sigma2
         self.categorical = fim_type == FIMType.EXACT and lk == "categorical"
         if fim_type == FIMType.EXACT:
@@ -71,14 +75,16 @@ class Columns:
         return torch.sqrt(likelihoods.diag_core(self.z, self.lk, self.sigma2))
 
     @functools.cached_property
-    def aq(self) -> torch.Tensor | None:
-        """``alpha q`` of the reduced categorical factor (``None`` for diagonal factors)."""
+    def naq(self) -> torch.Tensor | None:
+        """``-alpha q`` of the reduced categorical factor (``None`` for diagonal factors): ``q``
+        over ``-(1 + sqrt p_C)``, so that the product of a column is its off-class part, the
+        negation exact (no operator of its own)."""
         if not self.categorical:
             return None
         sref = self.sp[:, -1:]
         q = self.p.clone()
-        q[:, -1:] += sref
-        return q.div_(1.0 + sref)
+        q[:, -1:].add_(sref)  # in place on the view (an indexed += writes it back: a copy more)
+        return q.div_(-1.0 - sref)
 
     @functools.cached_property
     def root(self) -> torch.Tensor:
@@ -95,18 +101,57 @@ class Columns:
         """``(R, C)`` ``sum_k u_k^2`` per row (``diag I(z)`` for EXACT)."""
         return self.root.square()
 
+    def squares(self, dt: torch.dtype) -> torch.Tensor:
+        """:attr:`S` in ``dt``, formed once per dtype (not to be written). For the categorical
+        EXACT it is ``p - p^2`` itself (``diag I(z)``, docs/math.md §3): two operators and no
+        square root to square again; otherwise ``root^2``."""
+        S = self._squares.get(dt)
+        if S is None:
+            if self.categorical and self.z.dtype == dt:
+                S = self.p - self.p.square()
+            else:
+                root = self.root
+                S = root.square() if root.dtype == dt else root.to(dt).square_()
+            self._squares[dt] = S
+        return S
+
     def take(self, ks: torch.Tensor) -> torch.Tensor:
         """Columns ``ks`` (int64 ``(M,)``): ``(M, R, C)`` in float32/float64."""
         if self.block is not None:
             return self.block.index_select(0, ks)
         M = ks.numel()
         sp = self.sp.index_select(1, ks).t().unsqueeze(-1)  # (M, R, 1)
-        if self.aq is None:
+        if self.naq is None:
             cols = torch.zeros(M, self.R, self.C, dtype=self.dtype, device=sp.device)
         else:
-            cols = torch.mul(sp, self.aq.unsqueeze(0)).neg_()
+            cols = torch.mul(sp, self.naq.unsqueeze(0))
         # + sqrt(p_k) at class k of column k: one scatter (an indexed += is three kernels)
         return cols.scatter_add_(2, ks.view(M, 1, 1).expand(M, self.R, 1), sp)
+
+    def span(self, k0: int, k1: int) -> torch.Tensor:
+        """Columns ``k0 .. k1 - 1``, ``(k1 - k0, R, C)``: not to be written. Score columns are a
+        view of their block; the columns of EXACT are formed all at once, in one pass, and viewed
+        where they are at most :data:`WHOLE_ELEMS` elements (a chunk of them then costs no
+        operator at all), else ``k1 - k0`` at a time. Either way each element is the same
+        product as :meth:`take` forms (elementwise operators), bit for bit."""
+        every = k0 == 0 and k1 >= self.num
+        if self.block is not None:
+            return self.block if every else self.block[k0:k1]
+        if self.num * self.R * self.C <= WHOLE_ELEMS:
+            return self._whole if every else self._whole[k0:k1]
+        return self.take(torch.arange(k0, k1, device=self.device))
+
+    @functools.cached_property
+    def _whole(self) -> torch.Tensor:
+        """Every column, as :meth:`take` forms them (the same products and sums), with the
+        ``+ sqrt(p_k)`` of column ``k`` added on the diagonal view ``(k, r, k)``: no index."""
+        sp = self.sp[:, : self.num]  # (R, num)
+        if self.naq is None:
+            cols = torch.zeros(self.num, self.R, self.C, dtype=self.dtype, device=sp.device)
+        else:
+            cols = torch.mul(sp.t().unsqueeze(-1), self.naq.unsqueeze(0))
+        cols.diagonal(0, 0, 2).add_(sp)
+        return cols
 
     def every(self) -> torch.Tensor:
         """All columns at once, ``(num, R, C)`` (the score columns as they are: not to be

@@ -131,6 +131,8 @@ class Engine(Replay):
 
     def _log_generic(self, plan: Plan, n: int, names: list[str] | None) -> None:
         """Once per change: which parameters take the slow path, and why."""
+        if not plan.generic and not self._logged:
+            return  # none, as in the last step
         generic = {i: plan.reasons.get(i, "") for i in plan.generic}
         if generic != self._logged:
             self._logged = generic
@@ -160,8 +162,8 @@ class Engine(Replay):
         need_head = any(c is head for g in groups for c, _ in g.members)
         token = rows.logits.dim() == 3 and not self.sequence_rows
         if token or cols.num > 1:
-            kk, tt, rpos = _schedule(rows, cols, token)
-            total = kk.numel()
+            kk, tt, rpos = _schedule(rows, cols) if token else (None, None, None)
+            total = cols.num if kk is None else kk.numel()
             head_logits = rows.logits.numel() if need_head else None
             M_max, streams = _columns(flat, taps, head_logits, opts.class_chunk,
                                       sum(p.numel() for p in params), total, self.stream_batched)
@@ -175,7 +177,10 @@ class Engine(Replay):
         for c in plan.calls:
             c.chunks = -(-total // M_max)
         for s in range(0, total, M_max):
-            cot = cols.every() if kk is None else cols.take(kk[s : s + M_max])
+            if kk is None:
+                cot = cols.span(s, min(total, s + M_max))
+            else:
+                cot = cols.take(kk[s : s + M_max])
             if token:
                 cot *= (rpos.unsqueeze(0) == tt[s : s + M_max].unsqueeze(1)).unsqueeze(-1)
             if cot.dtype != flat.dtype:
@@ -227,20 +232,35 @@ def _fresh(acc: Sums, plan: Plan, params, step: Step) -> Sums:
 def _folds(backend: str | None, device: torch.device) -> bool:
     """Whether the squared products of this step run on the ``cpp`` backend, whose kernel is the
     BLAS product of the squares that the state may form itself (the ``torch`` reference is kept
-    as it is; the ``cuda`` and ``triton`` kernels square on load)."""
+    as it is; the ``cuda`` and ``triton`` kernels square on load). The choice is read through
+    :func:`fimfast.ops.registry.bound` (one dict lookup once made, ``FIMFAST_BACKEND`` still read
+    at every step) and told by the function it picks."""
     try:
-        return registry.resolve("sq_matmul", backend, device)[0] == "cpp"
+        fn = registry.bound("sq_matmul", backend, device)
     except Exception:  # noqa: BLE001 - the op itself raises the error, where it runs
         return False
+    return fn is (_CPP_SQ or _cpp_sq())[0]
 
 
-def _schedule(rows, cols: Columns, token: bool):
-    """The backward columns in order: ``(kk, tt, rpos)``, the factor column of each, and for
-    token-level logits (one column per (class, position) pair) its position ``tt`` and every
-    row's position ``rpos`` (``None`` for sample-level rows)."""
+def _cpp_sq() -> list:
+    """``[the cpp backend's sq_matmul]`` (``None`` without the extension), kept in
+    :data:`_CPP_SQ`."""
+    try:
+        from fimfast.ops.cpp import sq_matmul_cpp
+    except ImportError:
+        sq_matmul_cpp = None
+    _CPP_SQ[:] = [sq_matmul_cpp]
+    return _CPP_SQ
+
+
+_CPP_SQ: list = []
+
+
+def _schedule(rows, cols: Columns):
+    """The backward columns of token-level logits in order (one per (class, position) pair):
+    ``(kk, tt, rpos)``, the factor column of each, its position ``tt`` and every row's position
+    ``rpos``. (Sample-level rows take the factor's columns in order: :meth:`Columns.span`.)"""
     dev = rows.flat.device
-    if not token:
-        return torch.arange(cols.num, device=dev), None, None
     T = rows.logits.shape[1]
     rpos = rows.index % T
     positions = torch.unique(rpos)

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import torch
@@ -139,20 +140,18 @@ def _structure(
     """What a plan depends on, as a key: per call its module (and mode), verdict so far, uses and
     tap layout; whether it is the logits layer; the parameters and their edges in the graph;
     whether the batch has two samples (else nothing was probed)."""
-    return (
-        N >= 2,
-        tuple(
-            (
-                id(c.module), id(c.rule), c.module.training, c.ok, c.reason, c is head,
-                hooks.uses_key(c.uses) if c.uses_key is None else c.uses_key,
-                tuple((t.lead, t.cands, len(t.shape) if len(t.cands) < 2 else tuple(t.shape))
-                      for t in c.taps),
-            )
-            for c in calls
-        ),
-        tuple(id(p) for p in params),
-        tuple(glob[id(p)] for p in params),
-    )
+    per_call = []
+    for c in calls:  # (loops, not generators: this runs at every step)
+        taps = []
+        for t in c.taps:
+            cands = t.cands
+            taps.append((t.lead, cands, len(t.shape) if len(cands) < 2 else tuple(t.shape)))
+        per_call.append((
+            id(c.module), id(c.rule), c.module.training, c.ok, c.reason, c is head,
+            hooks.uses_key(c.uses) if c.uses_key is None else c.uses_key, tuple(taps),
+        ))
+    ids = tuple(map(id, params))
+    return N >= 2, tuple(per_call), ids, tuple(map(glob.get, ids, repeat(0)))
 
 
 @dataclass
@@ -212,12 +211,17 @@ def check_taps(
     logits or were modified in place; each tap's candidate batch dims (leading dims of size
     ``N``). ``direct``, ``hold`` and ``modified`` learn which module outputs are tapped directly,
     held alive in the next step, or never held again."""
+    nodes = graph.nodes
     for c in cap.calls:
         if c.ok and cap.global_hooks:
             c.ok, c.reason = False, "a global forward hook may change layer outputs"
-        if c.ok and not all(graph.reaches(t.handle) for t in c.taps):
-            # e.g. a module inside a torch.compile'd region: its hooks ran while tracing
-            c.ok, c.reason = False, UNREACHED
+        if c.ok:
+            for t in c.taps:
+                fn = t.handle.grad_fn  # a node of the walk: reached (else the full check)
+                if (fn is None or fn not in nodes) and not graph.reaches(t.handle):
+                    # e.g. a module inside a torch.compile'd region: its hooks ran while tracing
+                    c.ok, c.reason = False, UNREACHED
+                    break
         for t in c.taps:
             changed = t.modified()
             t.keep = None
@@ -235,7 +239,10 @@ def check_taps(
                     hold.add(t.key)
             shape = t.shape
             span = 1 if t.batch_first else min(t.lead, len(shape))
-            t.cands = tuple(d for d in range(span) if shape[d] == N)
+            if span == 1:
+                t.cands = (0,) if shape[0] == N else ()
+            else:
+                t.cands = tuple(d for d in range(span) if shape[d] == N)
             t.bdim = t.cands[0] if t.cands else None
             if not t.cands and c.ok:
                 c.ok, c.reason = False, "no dimension of the layer output is the batch"

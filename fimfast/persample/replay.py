@@ -217,7 +217,7 @@ class Replay:
         """``(modules to hook, has a lookup, norm layers with running statistics)``, found once per
         model and set of trainable parameters (a stale list can only leave calls uncaptured,
         which the graph check sends to the generic path)."""
-        key = (id(model), tuple(id(p) for p in params))
+        key = (id(model), tuple(map(id, params)))
         if self._mods is None or self._mods[0] != key:
             targets = hooks.targets(model, params, layers.rule_for)
             self._mods = (key, targets, *_stat_modules(model))

@@ -104,8 +104,8 @@ def _shared_square(
 
 def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> None:
     """The logits layer in closed form, no backward column: ``F_W = S^T a^2`` with
-    ``S = sum_k u_k^2`` per row (``cols.root`` squared), ``F_b = sum_r S_r``."""
-    sq: dict = {}  # S = root^2, once for the weight and the bias
+    ``S = sum_k u_k^2`` per row (:meth:`Columns.squares`, once for the weight and the bias),
+    ``F_b = sum_r S_r``."""
     for g in groups:
         if g.kind == GroupKind.HEAD_W:
             c, _ = g.members[0]
@@ -114,13 +114,13 @@ def head_closed_form(groups: list[Group], rows, cols, acc: Sums, backend) -> Non
             if not rows.all_valid:
                 A = A.index_select(0, rows.index)
             dt = acc.dtypes[g.index]
-            if acc.fold and acc.defer(g.index, _shared_square(cols.root, dt, sq), A, None,
+            if acc.fold and acc.defer(g.index, cols.squares(dt), A, None,
                                       g.transposed, squared=True):
                 continue
             if not acc.defer(g.index, cols.root, A, None, g.transposed):
                 acc.add(g.index, _weight_sq(g, cols.root, A, backend))
         elif g.kind == GroupKind.HEAD_B:
-            acc.add(g.index, _shared_square(cols.root, acc.dtypes[g.index], sq).sum(0))
+            acc.add(g.index, cols.squares(acc.dtypes[g.index]).sum(0))
 
 
 def finish(groups: list[Group], acc: Sums, backend) -> None:
