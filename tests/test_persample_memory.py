@@ -163,6 +163,51 @@ def test_small_models_run_one_backward(monkeypatch):
     per_col = 4 * 640 + 4 * (2 * 64 * 2048 + 64 * 2048)  # about 1.5 MiB
     assert chunks.fast_columns(torch.zeros(64, 10), [Tap(64, 2048), Tap(64, 2048)], None,
                                None, 10) == (4 << 20) // per_col == 2
+    # a training step of less than 1 MiB (4 max(P, sum|tap|) bytes: here 1 MiB less 512
+    # bytes) is small: its columns may take twice the floor
+    per_col = 4 * 640 + 4 * (2 * 64 * 2047 + 64 * 2047)
+    assert chunks.fast_columns(torch.zeros(64, 10), [Tap(64, 2047), Tap(64, 2047)], None,
+                               None, 10) == (8 << 20) // per_col == 5
+
+
+class _BiasKV(nn.Module):
+    """Linear, ``MultiheadAttention(add_bias_kv=True)`` with a residual, mean over tokens, a
+    Linear classifier: the ``mha_bias_kv`` workload of benchmarks/bench_recurrent.py, smaller."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(torch.tanh(a + h).mean(1))
+
+
+@pytest.mark.small_floor
+def test_small_step_runs_its_columns_in_one_backward(monkeypatch):
+    """A model whose training step holds far less than 1 MiB runs its 9 columns in one batched
+    backward where they take more than ``SMALL_BYTES`` (set to two thirds of them here), not
+    less than twice that; the sums are those of three chunks of 3."""
+    torch.manual_seed(0)
+    model = _BiasKV().double()
+    x, y = torch.randn(6, 5, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
+    # per column: the (6, 10) cotangent, the taps (input layer 480, packed projections 1440,
+    # bias_k and bias_v 96 each, output projection 480) and the largest tap once
+    u = 8 * 60 + 4 * (480 + 1440 + 2 * 96 + 480 + 1440)
+    monkeypatch.setattr(chunks, "SMALL_BYTES", 9 * u * 2 // 3)  # 6 columns: chunks of 5 and 4
+    assert 4 * max(sum(p.numel() for p in model.parameters()), 2592) < 9 * u * 2 // 3 // 4
+    sizes = _count_backwards(monkeypatch)
+    est = fimfast.DiagFisher(model, "exact", reduction="sum")
+    est.step((x, y))
+    assert sizes == [9]
+    sizes.clear()
+    chunked = fimfast.DiagFisher(model, "exact", reduction="sum", class_chunk=4)
+    chunked.step((x, y))
+    assert sizes == [3, 3, 3]
+    assert rel_error(dict(est.result().items()), dict(chunked.result().items())) <= DET_REL_F64
 
 
 class Tap:
