@@ -38,7 +38,7 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   operator of a backward is small, its fixed cost outweighs its columns' arithmetic, and a
   chunk costs about as much as the columns it saves memory on (``mha_bias_kv`` of
   benchmarks/bench_recurrent.py: 9 columns of 0.63 MB, EXACT about 4.0 training steps in chunks
-  of 5 and 4, 3.65 in one; benchmarks/results/mha_one_chunk_cpu_2026-12-06.md). The workloads
+  of 5 and 4, 3.5 in one; benchmarks/results/mha_one_chunk_cpu_2026-12-06.md). The workloads
   (a)-(e) hold 2 MB or more in a training step and keep their chunks. The budget ``B`` caps
   both; ``class_chunk`` wins. :func:`balanced` then spreads the columns evenly over the fewest
   chunks of that size.
