@@ -33,8 +33,15 @@ Sizes and their formulas (bytes per unit of work ``u``, then ``max(1, B // u)``)
   (4 MiB): below it the memory is worth less than the time chunks cost (a small model's EXACT
   step in chunks of one or two columns costs up to twice its time in one backward, each chunk
   a whole backward of small operators), while every workload of benchmarks/workloads.py keeps
-  the bound it had. The budget ``B`` caps both; ``class_chunk`` wins. :func:`balanced` then
-  spreads the columns evenly over the fewest chunks of that size.
+  the bound it had. For a step whose training step holds less than a quarter of that
+  (``B_train < SMALL_BYTES / 4``, 1 MiB) the floor is twice ``SMALL_BYTES``: there every
+  operator of a backward is small, its fixed cost outweighs its columns' arithmetic, and a
+  chunk costs about as much as the columns it saves memory on (``mha_bias_kv`` of
+  benchmarks/bench_recurrent.py: 9 columns of 0.63 MB, EXACT about 4.0 training steps in chunks
+  of 5 and 4, 3.5 in one; benchmarks/results/mha_one_chunk_cpu_2026-12-06.md). The workloads
+  (a)-(e) hold 2 MB or more in a training step and keep their chunks. The budget ``B`` caps
+  both; ``class_chunk`` wins. :func:`balanced` then spreads the columns evenly over the fewest
+  chunks of that size.
 * :func:`patch_samples`: samples of a convolution's unfolded input patches formed at once
   (:class:`fimfast.rules.base.Patches`): ``u`` the bytes of one sample's patches, and the budget
   at most ``PATCH_BYTES`` (a few MB, so that the patches stay a small temporary next to the
@@ -121,10 +128,12 @@ def fast_columns(
     if head_logits is not None:
         per_col += 4 * head_logits
     budget = _env.memory_budget_bytes() if budget is None else budget
-    return _fit(per_col, min(budget, max(bound, SMALL_BYTES)))
+    small = SMALL_BYTES * (2 if 4 * max(param_elems, total) < SMALL_BYTES // 4 else 1)
+    return _fit(per_col, min(budget, max(bound, small)))
 
 
-# extra bytes the fast path's columns may always take, whatever a training step holds
+# extra bytes the fast path's columns may always take, whatever a training step holds; twice
+# that for a step whose training step holds less than a quarter of it (B_train < 1 MiB)
 SMALL_BYTES = 4 << 20
 
 

@@ -63,10 +63,14 @@ def test_chunk_formulas(monkeypatch):
     assert chunks.balanced(1, 0) == 1
     assert chunks.fast_columns(flat, taps, None, None, 10**5, budget=3 * u) == 3
     assert chunks.fast_columns(flat, taps, None, None, 0) == 1  # at least one
-    # every step may take SMALL_BYTES of columns, whatever a training step holds
+    # every step may take SMALL_BYTES of columns, whatever a training step holds; twice that
+    # where the training step's least peak, 4 max(P, 84) bytes, is under SMALL_BYTES / 4
     monkeypatch.setattr(chunks, "SMALL_BYTES", 100 * u)
-    assert chunks.fast_columns(flat, taps, None, None, 50) == 100
-    assert chunks.fast_columns(flat, taps, None, None, 50, streamed=True) == 100 * u // su
+    assert 8 * 4500 - 8 * 84 < 100 * u <= 4 * 4 * 4500  # P = 4500: the floor binds, not small
+    assert chunks.fast_columns(flat, taps, None, None, 4500) == 100
+    assert chunks.fast_columns(flat, taps, None, None, 4499) == 200  # 4 P < 25 u: small
+    assert chunks.fast_columns(flat, taps, None, None, 50) == 200
+    assert chunks.fast_columns(flat, taps, None, None, 50, streamed=True) == 200 * u // su
     assert chunks.fast_columns(flat, taps, None, None, 50, budget=3 * u) == 3  # B still caps
     assert chunks.samples_per_chunk(1000) == B // 8000
     assert chunks.rows_per_chunk(1000, 4096) == 4
