@@ -83,7 +83,7 @@ def run(rows, plan: Plan, cols, acc, retain_graph: bool, backend) -> None:
     score column ``cols.block[0]``: what ``Engine._fast`` forms with one chunk of one column,
     the same operators on the same operands."""
     flat = rows.flat
-    u = cols.block[0]
+    u = cols.root  # the score column itself, cols.block[0], as the closed-form head read it
     if u.dtype != flat.dtype:
         u = u.to(flat.dtype)
     calls = plan.calls
