@@ -20,7 +20,7 @@ from tolerances import DET_REL_F64
 from torch import nn
 
 import fimfast
-from fimfast.persample import squares
+from fimfast.persample import onecol, squares
 from fimfast.rules.norm import LayerNormRule
 
 
@@ -62,6 +62,9 @@ def _lane_spy(monkeypatch, enabled: bool = True) -> list[str]:
 @pytest.mark.parametrize("fim_type", ["empirical", "monte_carlo"])
 @pytest.mark.parametrize("kind", ["mlp", "hf_conv1d", "no_bias", "tokens"])
 def test_linear_lane_matches_the_oracle_and_the_terms(monkeypatch, kind, fim_type):
+    # the general chunk of one column (the straight one-column step, fimfast/persample/onecol.py,
+    # forms the same squares: tests/test_onecol.py)
+    monkeypatch.setattr(onecol, "layout", lambda plan: None)
     model = _model(kind).double()
     batch = _batch(kind)
     taken = _lane_spy(monkeypatch)

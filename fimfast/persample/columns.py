@@ -88,8 +88,9 @@ class Columns:
 
     @functools.cached_property
     def root(self) -> torch.Tensor:
-        """``(R, C)`` with ``root^2 = sum_k u_k^2`` per row (``diag I(z)`` for EXACT); only its
-        square is used, so a single score column is returned as it is, sign included."""
+        """``(R, C)`` with ``root^2 = sum_k u_k^2`` per row (``diag I(z)`` for EXACT); a single
+        score column is returned as it is, sign included, ``block[0]`` (the column that
+        :mod:`fimfast.persample.onecol` back-propagates); otherwise only its square is used."""
         if self.block is not None:
             return self.block[0] if self.num == 1 else self.block.square().sum(0).sqrt_()
         if self.categorical:

@@ -14,8 +14,8 @@ import torch
 from fimfast import chunks, hooks
 from fimfast.batch_sums import Sums
 from fimfast.ops import registry
+from fimfast.persample import onecol, squares, stream
 from fimfast.persample import plan as planning
-from fimfast.persample import squares, stream
 from fimfast.persample.columns import Columns
 from fimfast.persample.generic import _batched_grads, accumulate_columns
 from fimfast.persample.plan import (
@@ -79,7 +79,8 @@ class Engine(Replay):
         plan = planning.build(cap.calls, head, rows, params, glob, head_closed, self._probe_cache)
         if len(self._plans) > 64:
             self._plans.clear()
-        self._plans[key] = _Template.of(plan, cap.calls)
+        self._plans[key] = tmpl = _Template.of(plan, cap.calls)
+        tmpl.lanes = plan.lanes = onecol.layout(plan)  # decided once per structure
         return plan
 
     # -- the step ----------------------------------------------------------------------------- #
@@ -155,12 +156,16 @@ class Engine(Replay):
         planning.scale_chained(plan.groups, acc)
         # the logits layer in closed form: no backward column at all
         squares.head_closed_form(plan.groups, rows, cols, acc, backend)
+        token = rows.logits.dim() == 3 and not self.sequence_rows
+        if plan.lanes is not None and cols.num == 1 and cols.block is not None and not token:
+            self.add_taps = False  # one column: not streamed
+            onecol.run(rows, plan, cols, acc, retain_graph, backend)
+            return
         groups = [g for g in plan.groups if g.kind not in HEAD_KINDS]
         if not groups:
             return
         taps = [t for c in plan.calls for t in c.taps]
         need_head = any(c is head for g in groups for c, _ in g.members)
-        token = rows.logits.dim() == 3 and not self.sequence_rows
         if token or cols.num > 1:
             kk, tt, rpos = _schedule(rows, cols) if token else (None, None, None)
             total = cols.num if kk is None else kk.numel()

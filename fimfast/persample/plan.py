@@ -113,6 +113,8 @@ class Plan:
         calls: captured calls whose taps the batched backward needs.
         head: the call whose output is the logits, if any.
         reasons: why each generic parameter is generic.
+        lanes: the layout of a one-column step of plain Linear lanes
+            (:func:`fimfast.persample.onecol.layout`), ``None`` where the general chunks run.
     """
 
     groups: list[Group] = field(default_factory=list)
@@ -121,6 +123,7 @@ class Plan:
     calls: list[hooks.Call] = field(default_factory=list)
     head: hooks.Call | None = None
     reasons: dict[int, str] = field(default_factory=dict)
+    lanes: tuple | None = None
 
     @property
     def fast(self) -> list[int]:
@@ -166,6 +169,7 @@ class _Template:
     reasons: dict[int, str]
     calls: list[int]
     head: int | None
+    lanes: tuple | None = None  # fimfast.persample.onecol.layout of the plan
 
     @classmethod
     def of(cls, plan: Plan, calls: list[hooks.Call]) -> _Template:
@@ -194,6 +198,7 @@ class _Template:
             calls=[calls[k] for k in self.calls],
             head=None if self.head is None else calls[self.head],
             reasons=dict(self.reasons),
+            lanes=self.lanes,
         )
 
 

@@ -1,0 +1,154 @@
+"""The one-column step of plain Linear lanes (fimfast/persample/onecol.py) against the general
+chunk path and a float64 oracle: the same sums bit for bit, in every case of folding, memory
+budget, frozen weights or biases and ignored rows; taken only where its layout applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fimfast
+from fimfast.persample import onecol
+from fimfast.persample.onecol import Lane
+
+
+def _mlp(dtype, bias=True, conv1d=False):
+    torch.manual_seed(0)
+    if conv1d:  # Hugging Face Conv1D: weights stored (in, out)
+        from transformers.pytorch_utils import Conv1D
+
+        return nn.Sequential(Conv1D(8, 6), nn.Tanh(), Conv1D(8, 8), nn.ReLU(),
+                             nn.Linear(8, 4)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+    ).to(dtype)
+
+
+def _batches(dtype, k=3, n=5, ignore=False):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(k):
+        x, y = torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+        if ignore:
+            y = torch.where(torch.arange(n) % 2 == 0, y, -100)
+        out.append((x, y))
+    return out
+
+
+def _run(model, batches, general, monkeypatch, fim_type, **kw):
+    """The estimator after ``batches`` and how many steps :func:`onecol.run` formed; with
+    ``general``, no plan gets a layout (the general chunk path)."""
+    runs = []
+    with monkeypatch.context() as mp:
+        if general:
+            mp.setattr(onecol, "layout", lambda plan: None)
+        real = onecol.run
+
+        def spy(*a):
+            runs.append(1)
+            return real(*a)
+
+        mp.setattr(onecol, "run", spy)
+        est = fimfast.DiagFisher(model, fim_type, seed=3, **kw)
+        for b in batches:
+            est.step(b)
+    return est, len(runs)
+
+
+def _same(a, b):
+    ra, rb = a.result(), b.result()
+    assert list(ra) == list(rb)
+    for n in ra:
+        assert torch.equal(ra[n], rb[n]), n
+    assert (a.state.count, a.state.steps, a.offset) == (b.state.count, b.state.steps, b.offset)
+
+
+def _empirical_oracle(model, batches):
+    """``sum_n (d log p(y_n | x_n) / d theta)^2`` in float64, one sample at a time."""
+    model = model.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        for n in range(len(y)):
+            if y[n] < 0:
+                continue
+            lp = torch.log_softmax(model(x[n : n + 1].double()), -1)[0, y[n]]
+            for o, g in zip(out, torch.autograd.grad(lp, params)):
+                o += g**2
+    return out
+
+
+@pytest.mark.parametrize("fim_type", ["empirical", "monte_carlo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "case", ["plain", "torch", "budget", "nobias", "frozen", "ignore", "conv1d", "conv1d_budget"]
+)
+def test_onecol_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, dtype, case):
+    kw = {"backend": "torch"} if case == "torch" else {}  # "torch": no folded products
+    if case.endswith("budget"):  # no product kept for the state: the step forms each one
+        monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", "0.0001")
+    if case.startswith("conv1d"):
+        pytest.importorskip("transformers", reason="transformers is not installed")
+    model = _mlp(dtype, bias=case != "nobias", conv1d=case.startswith("conv1d"))
+    if case == "frozen":  # a lane of a bias alone
+        model[2].weight.requires_grad_(False)
+    batches = _batches(dtype, ignore=case == "ignore")
+    ref, n_ref = _run(model, batches, True, monkeypatch, fim_type, **kw)
+    est, n = _run(model, batches, False, monkeypatch, fim_type, **kw)
+    assert (n_ref, n) == (0, 3)
+    _same(est, ref)
+    if fim_type != "empirical" or case == "frozen":
+        return
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for v, w in zip(est.result().values(), _empirical_oracle(model, batches)):
+        torch.testing.assert_close(v.double(), w, rtol=tol, atol=tol * 1e-3)
+
+
+def test_layout_reads_the_plan():
+    """Each hidden Linear layer is one lane (its tap, weight and bias groups); the logits layer
+    is in closed form; a frozen weight leaves a lane of its bias."""
+    model = _mlp(torch.float32)
+    est = fimfast.DiagFisher(model, "empirical", seed=3)
+    x, y = _batches(torch.float32)[0]
+    est.step((x, y))
+    plan = est._persample.last_plan
+    assert plan.lanes == (Lane(0, 0, 1), Lane(1, 2, 3))
+    kinds = [str(g.kind) for g in plan.groups]
+    for lane in plan.lanes:
+        assert (kinds[lane.weight], kinds[lane.bias]) == ("outer", "vec")
+        assert plan.groups[lane.weight].members[0][0] is plan.groups[lane.bias].members[0][0]
+    model[2].weight.requires_grad_(False)
+    est = fimfast.DiagFisher(model, "empirical", seed=3)
+    est.step((x, y))
+    lanes = est._persample.last_plan.lanes
+    assert [(la.weight is None, la.bias is None) for la in lanes] == [(False, False), (True, False)]
+
+
+def test_other_layers_and_several_columns_take_the_general_chunks(monkeypatch):
+    """A layer that is no Linear lane (a convolution) and a step of several columns (EXACT, two
+    draws of MONTE_CARLO) keep the general chunks."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(5, 2, 6), torch.randint(0, 4, (5,))
+    est, n = _run(conv, [(x, y)], False, monkeypatch, "empirical")
+    assert n == 0 and est._persample.last_plan.lanes is None
+    for fim_type, kw in (("exact", {}), ("monte_carlo", {"num_probes": 2})):
+        est, n = _run(_mlp(torch.float32), _batches(torch.float32), False, monkeypatch,
+                      fim_type, **kw)
+        assert n == 0 and est._persample.last_plan.lanes is not None
+
+
+@pytest.mark.parametrize("budget", [None, "0.0001"])
+def test_missing_gradients_run_the_general_chunk(monkeypatch, budget):
+    """Where a tap got no gradient, the general chunk code forms the squares of the same
+    gradients: forced here on complete gradients, the result is the general path's (products
+    kept for the state, or formed at the end of the step within a small memory budget)."""
+    if budget:
+        monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", budget)
+    batches = _batches(torch.float32)
+    ref, _ = _run(_mlp(torch.float32), batches, True, monkeypatch, "empirical")
+    monkeypatch.setattr(onecol, "_complete", lambda grads: False)
+    est, n = _run(_mlp(torch.float32), batches, False, monkeypatch, "empirical")
+    assert n == 3
+    _same(est, ref)
