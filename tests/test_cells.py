@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from cases import Case, check_fast_twice, check_monte_carlo_same_seed, classifier_case, run_case
 from oracle import oracle, rel_error, row_jacobians
 from tolerances import DET_REL_F32, DET_REL_F64
@@ -353,3 +354,14 @@ def test_functional_cell_call_stays_exact():
     case = _case(Fn(), 4)
     got, _ = run_case(case, "exact")
     assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+def test_pruned_cell_takes_the_rule(quantity):
+    """``torch.nn.utils.prune`` on a cell weight (``weight_ih = weight_ih_orig * mask``): the
+    rule's terms times the mask (fimfast/hooks.py ``Use.chain``), the float64 oracle's Fisher."""
+    torch.manual_seed(5)
+    model = Loop(nn.GRUCell(I, H))
+    torch.nn.utils.prune.l1_unstructured(model.c, "weight_ih", amount=0.3)
+    case = _case(model, 5)
+    check_fast_twice(case, quantity, oracle(case, quantity), DET_REL_F64)
