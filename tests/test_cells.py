@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune
 from cases import Case, check_fast_twice, check_monte_carlo_same_seed, classifier_case, run_case
-from oracle import oracle, rel_error, row_jacobians
+from oracle import core_matrix, oracle, rel_error, row_jacobians
 from tolerances import DET_REL_F32, DET_REL_F64
 from torch import nn
 
@@ -365,3 +365,13 @@ def test_pruned_cell_takes_the_rule(quantity):
     torch.nn.utils.prune.l1_unstructured(model.c, "weight_ih", amount=0.3)
     case = _case(model, 5)
     check_fast_twice(case, quantity, oracle(case, quantity), DET_REL_F64)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_structured_dense_is_the_exact_fisher(kind):
+    case = _loop("gru_T4" if kind == "gru" else "lstm_T5")
+    rj = row_jacobians(case)
+    full = torch.einsum("rcp,rcd,rdq->pq", rj.J, core_matrix(rj.z, "categorical"), rj.J)
+    got = fimfast.fisher(case.model, [case.batch], "exact", representation="dense",
+                         reduction="sum").to_dense().double()
+    assert float((got - full).norm() / full.norm()) <= DET_REL_F64
