@@ -205,6 +205,22 @@ class BiPair(nn.Module):
         return self.o(torch.cat([_out(hf), _out(hb)], -1))
 
 
+class SharedStack(nn.Module):
+    """One cell called twice per step: a two-layer stack whose layers share their weights."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.i, self.c, self.o = nn.Linear(I, H), nn.GRUCell(H, H) if kind == "gru" else (
+            nn.LSTMCell(H, H)), nn.Linear(H, C)
+
+    def forward(self, x):
+        h1 = h2 = None
+        for t in range(x.shape[1]):
+            h1 = self.c(torch.tanh(self.i(x[:, t])), h1)
+            h2 = self.c(_out(h1), h2)
+        return self.o(_out(h2))
+
+
 def _tokens_case(kind: str) -> Case:
     torch.manual_seed(3)
     model = Decoder(kind, 5, tokens=True).double()
@@ -219,6 +235,8 @@ MODELS = {
     "decoder_lstm": lambda: _case(Decoder("lstm", 4), 1),
     "attention_decoder": lambda: _case(AttnDecoder(), 6),
     "bidirectional_gru": lambda: _case(BiPair("gru"), 5),
+    "shared_stack_gru": lambda: _case(SharedStack("gru"), 4),
+    "shared_stack_lstm": lambda: _case(SharedStack("lstm"), 5),
     "bidirectional_relu": lambda: _case(BiPair("relu"), 4),
     "tokens_gru": lambda: _tokens_case("gru"),
     "tokens_lstm": lambda: _tokens_case("lstm"),
