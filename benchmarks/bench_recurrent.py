@@ -6,7 +6,13 @@ Workloads (CPU, float32, N=16 sequences of T=20 steps, 32 input features):
 * ``lstm_tag``: ``nn.LSTM(32, 64)``, a Linear tagger per step: ``(N, T, 8)`` logits;
 * ``lstm_tag+seqrows``: the same with ``sequence_rows=True`` (EMPIRICAL, MONTE_CARLO only);
 * ``mha_bias_kv``: Linear, ``nn.MultiheadAttention(64, 4, add_bias_kv=True)`` with a residual,
-  mean over tokens, Linear classifier (10 classes).
+  mean over tokens, Linear classifier (10 classes);
+* ``grucell_cls`` / ``lstmcell_cls`` (N=64 sequences of T=16 steps): ``nn.GRUCell(32, 128)`` /
+  ``nn.LSTMCell(32, 128)`` looped over the steps, a Linear classifier (10 classes) on the last
+  hidden state. Timed as well, in the same rounds: ``exact_generic`` and ``empirical_generic``,
+  the same model (same weights) with the cell's forward overridden by an identical one, which
+  has no rule: the cell's parameters on the generic path (``exact_generic``: one call per
+  round).
 
 In one process, in rounds: a training step (forward, cross-entropy, backward, SGD step), then a
 step of each of EXACT, EMPIRICAL and MONTE_CARLO (``DiagFisher.step``), each timed in CPU time of
@@ -30,7 +36,8 @@ from torch import nn
 
 import fimfast
 
-WORKLOADS = ("gru_cls", "lstm_tag", "lstm_tag+seqrows", "mha_bias_kv")
+WORKLOADS = ("gru_cls", "lstm_tag", "lstm_tag+seqrows", "mha_bias_kv", "grucell_cls",
+             "lstmcell_cls")
 
 
 class GRUClassifier(nn.Module):
@@ -64,9 +71,42 @@ class BiasKVClassifier(nn.Module):
         return self.head(torch.tanh(a + h).mean(1))
 
 
+class CellLoop(nn.Module):
+    def __init__(self, cell: nn.Module, classes: int = 10):
+        super().__init__()
+        self.cell, self.head = cell, nn.Linear(cell.hidden_size, classes)
+
+    def forward(self, x):
+        h = None
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h[0] if isinstance(h, tuple) else h)
+
+
+class _NoRuleGRUCell(nn.GRUCell):
+    def forward(self, input, hx=None):
+        return super().forward(input, hx)
+
+
+class _NoRuleLSTMCell(nn.LSTMCell):
+    def forward(self, input, hx=None):
+        return super().forward(input, hx)
+
+
+def cell_loop(name: str, generic: bool = False) -> CellLoop:
+    """The model of a cell workload (seeded); ``generic``: its cell without a rule."""
+    torch.manual_seed(1)
+    lstm = name.startswith("lstm")
+    cls = (_NoRuleLSTMCell if lstm else _NoRuleGRUCell) if generic else (
+        nn.LSTMCell if lstm else nn.GRUCell)
+    return CellLoop(cls(32, 128))
+
+
 def workload(name: str, N: int = 16, T: int = 20):
     """``(model, x, y)`` of workload ``name`` (seeded)."""
     torch.manual_seed(0)
+    if name in ("grucell_cls", "lstmcell_cls"):
+        return cell_loop(name), torch.randn(64, 16, 32), torch.randint(0, 10, (64,))
     x = torch.randn(N, T, 32)
     base = name.replace("+seqrows", "")
     if base == "gru_cls":
@@ -96,6 +136,14 @@ def run(name: str, rounds: int) -> dict[str, float]:
     for k in kinds:
         est = fimfast.DiagFisher(model, k, class_dim=-1, **opts)
         fns[k] = lambda est=est: est.step((x, y))
+    cells = name.endswith("cell_cls")
+    if cells:  # the same model with the cell on the generic path, in the same rounds
+        gen = cell_loop(name, generic=True)
+        gen.load_state_dict(model.state_dict())
+        for k in ("exact", "empirical"):
+            est = fimfast.DiagFisher(gen, k, class_dim=-1)
+            fns[k + "_generic"] = lambda est=est: est.step((x, y))
+        kinds = (*kinds, "exact_generic", "empirical_generic")
     for f in fns.values():  # warm-up: plans, probes, allocations
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -104,7 +152,7 @@ def run(name: str, rounds: int) -> dict[str, float]:
         for k, f in fns.items():
             if k == "exact" and slow and r >= 2:
                 continue
-            for _ in range(1 if k == "exact" and slow else 3):
+            for _ in range(1 if (k == "exact" and slow) or k == "exact_generic" else 3):
                 t0 = time.process_time()
                 f()
                 times[k].append(time.process_time() - t0)

@@ -166,6 +166,11 @@ def _ids(V: int, T: int = 4):
 IMG = (N, 2, 4, 4)
 # name -> (model builder, input builder, classes)
 FAMILIES = {
+    # a cell looped over time: one call per step, the steps summed before the square
+    "gru_cell_loop": (lambda: Fn(_cells, c=nn.GRUCell(4, 5), o=nn.Linear(5, 3)),
+                      lambda: _x(N, 3, 4), 3),
+    "lstm_cell_loop": (lambda: Fn(_cells, c=nn.LSTMCell(4, 5), o=nn.Linear(5, 3)),
+                       lambda: _x(N, 3, 4), 3),
     # the segment's layers are tapped in the forward, its recomputation left as it is
     "checkpoint_nonreentrant": (lambda: Fn(lambda s, x: s.o(torch.tanh(
         ckpt.checkpoint(s.blk, x, use_reentrant=False) + x)), o=nn.Linear(6, 3),
@@ -325,14 +330,6 @@ GENERIC = {
                                    **_lin(6, 6)), lambda: _x(N, 6), 3,
                         dict.fromkeys(["a.weight", "a.bias"],
                                       "no dimension of the layer output is the batch")),
-    "gru_cell_loop": (lambda: Fn(_cells, c=nn.GRUCell(4, 5), o=nn.Linear(5, 3)),
-                      lambda: _x(N, 3, 4), 3,
-                      dict.fromkeys(["c.weight_ih", "c.weight_hh", "c.bias_ih", "c.bias_hh"],
-                                    "no rule for its module")),
-    "lstm_cell_loop": (lambda: Fn(_cells, c=nn.LSTMCell(4, 5), o=nn.Linear(5, 3)),
-                       lambda: _x(N, 3, 4), 3,
-                       dict.fromkeys(["c.weight_ih", "c.weight_hh", "c.bias_ih", "c.bias_hh"],
-                                     "no rule for its module")),
     "weight_standardized_conv": (lambda: _conv_seq(StdConv2d(2, 3, 3), nn.Tanh(), flat=12),
                                  lambda: _x(*IMG), 3,
                                  {"0.weight": "used outside the captured layer calls"}),

@@ -11,8 +11,9 @@ Built-in rules: ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Bilinear``
 ``nn.Embedding`` and ``nn.EmbeddingBag`` (:mod:`~fimfast.rules.embedding`), ``nn.LayerNorm``,
 ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d``, ``nn.InstanceNorm1d/2d/3d``
 (:mod:`~fimfast.rules.norm`), ``nn.PReLU`` (:mod:`~fimfast.rules.activation`),
-``nn.MultiheadAttention`` (:mod:`~fimfast.rules.attention`) and ``nn.RNN``/``nn.LSTM``/``nn.GRU``
-(:mod:`~fimfast.rules.recurrent`). Add one for a module of your own with
+``nn.MultiheadAttention`` (:mod:`~fimfast.rules.attention`), ``nn.RNN``/``nn.LSTM``/``nn.GRU``
+(:mod:`~fimfast.rules.recurrent`) and ``nn.RNNCell``/``nn.LSTMCell``/``nn.GRUCell``
+(:mod:`~fimfast.rules.cells`). Add one for a module of your own with
 :func:`register_rule` (docs/rules.md); :func:`rule_for` says which rule a module gets
 (:mod:`~fimfast.rules.registry`).
 """
@@ -21,6 +22,7 @@ from fimfast.hooks import Call, Capture, Tap, Use
 from fimfast.rules.activation import PReLURule
 from fimfast.rules.attention import MHARule
 from fimfast.rules.base import Outer, Rows, Rule, Term, UseKind, Vec, front, trainable
+from fimfast.rules.cells import CellRule
 from fimfast.rules.conv import ConvRule, ConvTransposeRule
 from fimfast.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fimfast.rules.linear import BilinearRule, HFConv1DRule, LinearRule
@@ -39,6 +41,7 @@ __all__ = [
     "BilinearRule",
     "Call",
     "Capture",
+    "CellRule",
     "ConvRule",
     "ConvTransposeRule",
     "EmbeddingBagRule",

@@ -23,6 +23,7 @@ from torch import nn
 from fimfast.rules.activation import PReLURule
 from fimfast.rules.attention import MHARule
 from fimfast.rules.base import Rule
+from fimfast.rules.cells import CellRule
 from fimfast.rules.conv import ConvRule, ConvTransposeRule
 from fimfast.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fimfast.rules.linear import BilinearRule, HFConv1DRule, LinearRule
@@ -55,6 +56,9 @@ _TABLE: dict[type, Rule] = {
     nn.RNN: RecurrentRule(),
     nn.LSTM: RecurrentRule(),
     nn.GRU: RecurrentRule(),
+    nn.RNNCell: CellRule(),
+    nn.LSTMCell: CellRule(),
+    nn.GRUCell: CellRule(),
 }
 if hasattr(nn, "RMSNorm"):
     _TABLE[nn.RMSNorm] = RMSNormRule()
