@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from fimfast import chunks, hooks
+from fimfast import chunks, hooks, pullback
+from fimfast import derived_weights as dw
 from fimfast.batch_sums import Sums
 from fimfast.ops import registry
 from fimfast.persample import plan as planning
@@ -57,7 +58,12 @@ class Engine(Replay):
 
     # -- planning --------------------------------------------------------------------------- #
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
-        graph = hooks.walk(rows.flat, params)
+        found = self.weights.take(cap)  # weights computed from parameters (derived_weights)
+        if found:
+            graph = dw.walk(rows.flat, params, {node: slot for _, slot, _, node in found})
+            params, n = [*params, *(slot for _, slot, _, _ in found)], len(params)
+        else:
+            graph = hooks.walk(rows.flat, params)
         _refuse_hidden(cap, graph)
         if cap is None or not cap.calls:
             generic = list(range(len(params)))
@@ -75,11 +81,15 @@ class Engine(Replay):
         key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows)
         hit = self._plans.get(key)
         if hit is not None:
-            return hit.bind(cap.calls)
-        plan = planning.build(cap.calls, head, rows, params, glob, head_closed, self._probe_cache)
-        if len(self._plans) > 64:
-            self._plans.clear()
-        self._plans[key] = _Template.of(plan, cap.calls)
+            plan = hit.bind(cap.calls)
+        else:
+            plan = planning.build(cap.calls, head, rows, params, glob, head_closed,
+                                  self._probe_cache)
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[key] = _Template.of(plan, cap.calls)
+        if found:
+            dw.settle(plan, params[:n], found, glob, head)
         return plan
 
     # -- the step ----------------------------------------------------------------------------- #
@@ -154,10 +164,12 @@ class Engine(Replay):
         # the logits layer in closed form: no backward column at all
         squares.head_closed_form(plan.groups, rows, cols, acc, backend)
         groups = [g for g in plan.groups if g.kind not in HEAD_KINDS]
-        if not groups:
+        pulls = plan.pullbacks  # parameters used through computed weights (fimfast.pullback)
+        if not groups and not pulls:
             return
         taps = [t for c in plan.calls for t in c.taps]
-        need_head = any(c is head for g in groups for c, _ in g.members)
+        need_head = any(c is head for g in [*groups, *(g for pb in pulls for g in pb.groups)]
+                        for c, _ in g.members)
         token = rows.logits.dim() == 3 and not self.sequence_rows
         if token or cols.num > 1:
             kk, tt, rpos = _schedule(rows, cols, token)
@@ -167,6 +179,8 @@ class Engine(Replay):
                                       sum(p.numel() for p in params), total, self.stream_batched)
         else:  # one column (EMPIRICAL, one draw of MONTE_CARLO): one backward, as it is
             kk, total, M_max, streams = None, 1, 1, False
+        if pulls and streams:  # the pullbacks need every gradient of a chunk at once
+            M_max, streams = 1, False
         for g in groups:
             g.state.single = total == 1
         # a streamed step (:mod:`.stream`) forms each call's squares as its gradients arrive, and
@@ -188,6 +202,7 @@ class Engine(Replay):
             gmap = _tap_grads(rows, taps, cot, retain, head if need_head else None)
             del cot
             _chunk(groups, gmap, acc, backend)
+            pullback.chunk(pulls, gmap, acc, params)
             del gmap
         squares.finish(groups, acc, backend)
 

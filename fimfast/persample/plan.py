@@ -111,6 +111,8 @@ class Plan:
         calls: captured calls whose taps the batched backward needs.
         head: the call whose output is the logits, if any.
         reasons: why each generic parameter is generic.
+        pullbacks: the parameters used through weights computed from them
+            (:class:`fimfast.derived_weights.Pullback`).
     """
 
     groups: list[Group] = field(default_factory=list)
@@ -119,11 +121,13 @@ class Plan:
     calls: list[hooks.Call] = field(default_factory=list)
     head: hooks.Call | None = None
     reasons: dict[int, str] = field(default_factory=dict)
+    pullbacks: list = field(default_factory=list)
 
     @property
     def fast(self) -> list[int]:
         """Indices of the parameters estimated by rules."""
-        return sorted({g.index for g in self.groups})
+        return sorted({g.index for g in self.groups}
+                      | {i for pb in self.pullbacks for i in pb.thetas})
 
 
 def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:

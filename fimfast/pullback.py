@@ -1,0 +1,162 @@
+"""The per-sample gradients of parameters used through a computed weight ``W = f(theta)``
+(:mod:`fimfast.derived_weights`), one chunk of backward columns at a time.
+
+The rules give the per-unit gradients of ``W`` as terms (:class:`fimfast.rules.Outer`,
+:class:`~fimfast.rules.Rows`, :class:`~fimfast.rules.Vec`); here they are formed in ``W``'s
+layout for a few samples at a time (``(K, *W.shape)``, ``K`` (column, sample) units, as many as
+the memory budget allows: :attr:`fimfast.derived_weights.Pullback.units`), pulled back through
+``f``, ``grad_u theta = J_f^T grad_u W`` (docs/math.md §4), squared and added. The pullback is
+one batched backward of ``f`` (``torch.autograd.grad`` with ``is_grads_batched``) on the ``W`` of
+this forward, whatever ``f`` is (any parametrization); a weight made by ``torch._weight_norm``
+(``parametrizations.weight_norm``, the older ``weight_norm`` hook) takes its closed form instead
+(:func:`_weight_norm`). Where ``f`` has no batching rule the units are pulled back one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fimfast.dtypes import compute_dtype
+from fimfast.rules.base import Outer, Patches, Rows, Vec, dense
+
+
+def chunk(pullbacks: list, gmap: dict, acc, params: list[torch.Tensor]) -> None:
+    """Add the squared per-unit gradients of the pulled parameters for one chunk of columns
+    (``gmap``: the tap gradients of the chunk, by handle id) into ``acc``."""
+    for pb in pullbacks:
+        terms: dict[int, list] = {}
+        parts: dict[int, list] = {j: [] for j in pb.slots}
+        M = N = None
+        for g in pb.groups:
+            for c, ui in g.members:
+                if id(c) not in terms:
+                    terms[id(c)] = c.rule.terms(c, [gmap.get(id(t.handle)) for t in c.taps])
+                term = terms[id(c)][ui]
+                if term is not None:
+                    parts[g.index].append((g, c.uses[ui], term))
+                    M, N = _units(term)
+        if M is None:
+            continue
+        thetas = [params[i] for i in pb.thetas]
+        step = max(1, pb.units // M)
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            Ds = {j: _dense(parts[j], W, n0, n1) for j, W in pb.slots.items()}
+            grads = _pull(pb.slots, Ds, thetas)
+            for i, gr in zip(pb.thetas, grads):
+                if gr is not None:
+                    acc.add(i, gr.to(acc.dtypes[i]).square().sum(0))
+
+
+def _units(term) -> tuple[int, int]:
+    """``(M, N)``: columns and samples of a term."""
+    if isinstance(term, Outer):
+        return term.P.shape[0], term.P.shape[1]
+    if isinstance(term, Rows):
+        return term.Qe.shape[0], term.Qe.shape[1]
+    return term.V.shape[0], term.V.shape[1]
+
+
+def _dense(parts: list, W: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
+    """The gradients of ``W`` of samples ``n0:n1`` for every column, ``(M (n1 - n0), *W.shape)``,
+    from the terms ``parts`` (``(group, use, term)``), in the compute dtype of ``W``."""
+    dt = compute_dtype(W.dtype)
+    out = None
+    for g, use, term in parts:
+        D = _term_dense(term, use, n0, n1, dt)  # (M, n, *block)
+        if out is None:
+            out = D.new_zeros(D.shape[0], n1 - n0, *W.shape)
+        view = out if g.block is None else out[:, :, g.block[0] : g.block[1]]
+        view.add_(D.reshape(view.shape))
+    if out is None:
+        raise RuntimeError("a computed weight got no term from its layers")
+    return out.reshape(-1, *W.shape)
+
+
+def _term_dense(term, use, n0: int, n1: int, dt: torch.dtype) -> torch.Tensor:
+    """One term of samples ``n0:n1`` in the layout of its parameter (block): ``(M, n, ...)``."""
+    if isinstance(term, Vec):
+        return term.V[:, n0:n1].to(dt)
+    if isinstance(term, Rows):
+        return _rows_dense(term, use, n0, n1, dt)
+    P = term.P[:, n0:n1].to(dt)
+    Q = term.Q[n0:n1] if isinstance(term.Q, Patches) else dense(term.Q)[n0:n1]
+    Q = Q.to(dt)
+    if P.dim() == 4:
+        per = torch.einsum("mnto,nti->mnoi", P, Q)
+        if use.transposed:
+            per = per.transpose(-2, -1)
+    else:  # groups: (M, n, T, g, O/g) and (n, T, g, I/g) -> (M, n, O, I/g)
+        per = torch.einsum("mntgo,ntgi->mngoi", P, Q)
+        per = per.reshape(per.shape[0], per.shape[1], -1, per.shape[-1])
+    if term.index is None:
+        return per
+    M, n = per.shape[:2]
+    full = per.new_zeros(M, n, use.param[use.block[0]:use.block[1]].numel()
+                         if use.block else use.param.numel())
+    full.index_add_(2, term.index.reshape(-1), per.reshape(M, n, -1))
+    return full
+
+
+def _rows_dense(term: Rows, use, n0: int, n1: int, dt: torch.dtype) -> torch.Tensor:
+    """A table's per-unit gradients ``(M, n, V, d)``: the rows of ``Qe`` added at their ids."""
+    Qe = term.Qe[:, n0:n1].to(dt)
+    ids = term.ids[n0:n1]
+    if term.keep is not None:
+        Qe = Qe * term.keep[n0:n1].unsqueeze(-1).to(dt)
+    M, n, S, d = Qe.shape
+    V = use.param.shape[0] if use.block is None else use.block[1] - use.block[0]
+    full = Qe.new_zeros(M, n * V, d)
+    at = (torch.arange(n, device=ids.device).unsqueeze(1) * V + ids).reshape(-1)
+    full.index_add_(1, at, Qe.reshape(M, n * S, d))
+    return full.view(M, n, V, d)
+
+
+def _pull(Ws: dict[int, torch.Tensor], Ds: dict[int, torch.Tensor], thetas: list) -> list:
+    """``J_f^T D`` of every unit, summed over the weights: one ``(K, *theta.shape)`` (or
+    ``None``) per parameter."""
+    if len(Ws) == 1:
+        (j, W), = Ws.items()
+        closed = _weight_norm(W, Ds[j], thetas)
+        if closed is not None:
+            return closed
+    outs = list(Ws.values())
+    grads = [Ds[j].to(W.dtype) for j, W in Ws.items()]
+    try:
+        return list(torch.autograd.grad(outs, thetas, grads, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True))
+    except RuntimeError:  # f without a batching rule: one unit at a time
+        K = grads[0].shape[0]
+        rows = [torch.autograd.grad(outs, thetas, [g[k] for g in grads], retain_graph=True,
+                                    allow_unused=True) for k in range(K)]
+        return [None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+                for i in range(len(thetas))]
+
+
+def _weight_norm(W: torch.Tensor, D: torch.Tensor, thetas: list) -> list | None:
+    """Closed form of the pullback through ``W = torch._weight_norm(v, g, dim)``
+    (``WeightNormInterfaceBackward``): with ``v^_i = v_i / |v_i|`` (the slices along ``dim``),
+    ``grad g_i = <D_i, v^_i>`` and ``grad v_i = (g_i / |v_i|) (D_i - grad g_i v^_i)``
+    (docs/math.md §4); ``None`` for any other ``W``."""
+    fn = W.grad_fn
+    if type(fn).__name__ != "WeightNormInterfaceBackward0":
+        return None
+    (nv, _), (ng, _) = fn.next_functions[:2]
+    v, g = getattr(nv, "variable", None), getattr(ng, "variable", None)
+    if v is None or g is None or v.shape != W.shape:
+        return None
+    keep = [d for d in range(v.dim()) if g.dim() == v.dim() and g.shape[d] == v.shape[d] > 1]
+    if len(keep) > 1 or g.numel() != (v.shape[keep[0]] if keep else 1):
+        return None
+    red = tuple(d + 1 for d in range(v.dim()) if d not in keep)
+    dt = D.dtype
+    vd, gd = v.detach().to(dt), g.detach().to(dt).reshape([1 if d not in keep else v.shape[d]
+                                                           for d in range(v.dim())])
+    norm = vd.square().sum([d - 1 for d in red], keepdim=True).sqrt()
+    vhat = vd / norm
+    dg = (D * vhat).sum(red, keepdim=True)  # (K, 1.. g's dims ..1)
+    dv = (gd / norm) * (D - dg * vhat)
+    out = []
+    for t in thetas:
+        out.append(dv if t is v else dg.reshape(D.shape[0], *g.shape) if t is g else None)
+    return out
