@@ -37,6 +37,8 @@ def chunk(pullbacks: list, gmap: dict, acc, params: list[torch.Tensor]) -> None:
                     M, N = _units(term)
         if M is None:
             continue
+        if wn_outer(pb, parts, acc, params):
+            continue
         thetas = [params[i] for i in pb.thetas]
         step = max(1, pb.units // M)
         for n0 in range(0, N, step):
@@ -138,16 +140,10 @@ def _weight_norm(W: torch.Tensor, D: torch.Tensor, thetas: list) -> list | None:
     (``WeightNormInterfaceBackward``): with ``v^_i = v_i / |v_i|`` (the slices along ``dim``),
     ``grad g_i = <D_i, v^_i>`` and ``grad v_i = (g_i / |v_i|) (D_i - grad g_i v^_i)``
     (docs/math.md §4); ``None`` for any other ``W``."""
-    fn = W.grad_fn
-    if type(fn).__name__ != "WeightNormInterfaceBackward0":
+    found = weight_norm_of(W)
+    if found is None:
         return None
-    (nv, _), (ng, _) = fn.next_functions[:2]
-    v, g = getattr(nv, "variable", None), getattr(ng, "variable", None)
-    if v is None or g is None or v.shape != W.shape:
-        return None
-    keep = [d for d in range(v.dim()) if g.dim() == v.dim() and g.shape[d] == v.shape[d] > 1]
-    if len(keep) > 1 or g.numel() != (v.shape[keep[0]] if keep else 1):
-        return None
+    v, g, keep = found
     red = tuple(d + 1 for d in range(v.dim()) if d not in keep)
     dt = D.dtype
     vd, gd = v.detach().to(dt), g.detach().to(dt).reshape([1 if d not in keep else v.shape[d]
@@ -160,3 +156,79 @@ def _weight_norm(W: torch.Tensor, D: torch.Tensor, thetas: list) -> list | None:
     for t in thetas:
         out.append(dv if t is v else dg.reshape(D.shape[0], *g.shape) if t is g else None)
     return out
+
+
+def weight_norm_of(W: torch.Tensor) -> tuple | None:
+    """``(v, g, keep)`` of ``W = torch._weight_norm(v, g, dim)`` (``keep``: ``[dim]``, or ``[]``
+    for the norm of the whole tensor); ``None`` for any other ``W``."""
+    fn = W.grad_fn
+    if type(fn).__name__ != "WeightNormInterfaceBackward0":
+        return None
+    (nv, _), (ng, _) = fn.next_functions[:2]
+    v, g = getattr(nv, "variable", None), getattr(ng, "variable", None)
+    if v is None or g is None or v.shape != W.shape:
+        return None
+    keep = [d for d in range(v.dim()) if g.dim() == v.dim() and g.shape[d] == v.shape[d] > 1]
+    if len(keep) > 1 or g.numel() != (v.shape[keep[0]] if keep else 1):
+        return None
+    return v, g, keep
+
+
+def wn_outer(pb, parts: dict, acc, params: list[torch.Tensor]) -> bool:
+    """The squares of ``v`` and ``g`` of a weight-normed layer (``W = g v / |v|`` by rows or as a
+    whole) whose terms are :class:`~fimfast.rules.Outer` in ``W``'s layout, without forming
+    per-unit gradients (docs/math.md §4, "Computed weights"). With ``D_u = sum_t P_ut (x) Q_nt``,
+    ``v^`` the normalised rows and ``c = g / |v|``: ``grad_u g_o = sum_t P_uto S_nto``
+    (``S = Q v^T``) and ``sum_u (grad_u v)^2 = c^2 (sum_u D_u^2 - 2 v^ (x) sum_u grad_u g D_u
+    + v^2 sum_u (grad_u g)^2)``, each sum one product over the samples. Returns ``False``
+    (nothing done) for any other case."""
+    if len(pb.slots) != 1:
+        return False
+    (j, W), = pb.slots.items()
+    found = weight_norm_of(W)
+    terms = parts[j]
+    if (found is None or found[2] not in ([0], []) or not terms
+            or any(not isinstance(t, Outer) or t.P.dim() != 4 or t.index is not None
+                   or u.transposed or g.block is not None for g, u, t in terms)):
+        return False
+    v, g, keep = found
+    pos = {id(params[i]): i for i in pb.thetas}
+    dt = acc.dtypes[pos[id(v)]] if id(v) in pos else acc.dtypes[pos[id(g)]]
+    O = v.shape[0]
+    vd = v.detach().reshape(O, -1).to(dt)
+    norm = vd.square().sum(1, keepdim=True) if keep else vd.square().sum().reshape(1, 1)
+    vhat = vd / norm.sqrt()
+    P = torch.cat([t.P for _, _, t in terms], 2) if len(terms) > 1 else terms[0][2].P
+    Qs = [t.Q for _, _, t in terms]
+    M, N = P.shape[:2]
+    step = min([q.chunk for q in Qs if isinstance(q, Patches)] + [N])
+    sq = X = dg2 = None
+    for n0 in range(0, N, step):
+        Q = torch.cat([_piece(q, n0, n0 + step) for q in Qs], 1).to(dt)  # (n, T, I)
+        Pn = P[:, n0 : n0 + step].to(dt)  # (M, n, T, O)
+        S = Q @ vhat.t()  # (n, T, O)
+        dg = (Pn * S).sum(2)  # (M, n, O)
+        if not keep:
+            dg = dg.sum(-1, keepdim=True)
+        R = (Pn * dg.unsqueeze(2)).sum(0)  # (n, T, O)
+        x = R.reshape(-1, O).t() @ Q.reshape(-1, Q.shape[-1])
+        if Pn.shape[2] == 1:  # no weight sharing: sum_m P^2 against Q^2, one product
+            s = Pn[:, :, 0].square().sum(0).t() @ Q[:, 0].square()
+        else:
+            s = torch.einsum("mnto,nti->mnoi", Pn, Q).square().sum((0, 1))
+        d2 = dg.square().sum((0, 1))
+        sq, X, dg2 = (s, x, d2) if sq is None else (sq.add_(s), X.add_(x), dg2.add_(d2))
+    if not keep:
+        dg2 = dg2.sum()
+    c2 = (g.detach().to(dt).reshape(-1, 1) if keep else g.detach().to(dt).reshape(1, 1))
+    c2 = c2.square() / norm
+    dv2 = c2 * (sq - 2 * vhat * X + vhat.square() * (dg2.reshape(-1, 1) if keep else dg2))
+    if id(v) in pos:
+        acc.add(pos[id(v)], dv2.clamp_(min=0).reshape(v.shape))
+    if id(g) in pos:
+        acc.add(pos[id(g)], dg2.reshape(g.shape))
+    return True
+
+
+def _piece(Q, a: int, b: int) -> torch.Tensor:
+    return Q[a:b] if isinstance(Q, Patches) else dense(Q)[a:b]

@@ -252,3 +252,20 @@ def test_labels_with_two_steps_second_plan_reused():
     rj = row_jacobians(strip_case(case))
     ref = rj.split(oracle_flat(dataclasses.replace(rj), case.likelihood, "exact"))
     assert rel_error({k: v / 2 for k, v in est.result().items()}, ref) <= DET_REL_F64
+
+
+def test_float32_weight_norm_closed_form_within_float32_rounding():
+    """The closed form of a weight-normed layer expands a square (docs/math.md §4): in float32,
+    against the float64 oracle, it stays within the float32 tolerance of the other paths, also
+    with inputs close to the direction of a row of ``v`` (where the expansion cancels most)."""
+    from tolerances import DET_REL_F32
+
+    case = _case("weight_norm")
+    f32 = case.to(torch.float32)
+    x = f32.batch[0]
+    x[:3] = 3.0 * f32.model[0].parametrizations.weight.original1.detach()[:3]
+    f32 = dataclasses.replace(f32, batch=(x, f32.batch[1]))
+    for quantity in ("exact", "empirical"):
+        got, est = run_case(f32, quantity)
+        assert est._persample.last_plan.pullbacks and not est._persample.last_plan.generic
+        assert rel_error(got, _oracle(f32, quantity)) <= DET_REL_F32
