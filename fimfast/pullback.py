@@ -5,11 +5,14 @@ The rules give the per-unit gradients of ``W`` as terms (:class:`fimfast.rules.O
 :class:`~fimfast.rules.Rows`, :class:`~fimfast.rules.Vec`); here they are formed in ``W``'s
 layout for a few samples at a time (``(K, *W.shape)``, ``K`` (column, sample) units, as many as
 the memory budget allows: :attr:`fimfast.derived_weights.Pullback.units`), pulled back through
-``f``, ``grad_u theta = J_f^T grad_u W`` (docs/math.md §4), squared and added. The pullback is
-one batched backward of ``f`` (``torch.autograd.grad`` with ``is_grads_batched``) on the ``W`` of
-this forward, whatever ``f`` is (any parametrization); a weight made by ``torch._weight_norm``
+``f``, ``grad_u theta = J_f^T grad_u W`` (docs/math.md §4), squared and added. The pullback is a
+backward of ``f`` per unit (``torch.autograd.grad`` on the ``W`` of this forward, its graph kept),
+whatever ``f`` is (any parametrization): measured on CPU (1 thread, 144 units), one backward per
+unit costs 8 ms through ``spectral_norm`` of a 128 x 64 weight and 13 ms through a symmetric
+parametrization of a 128 x 128 one, against 118 and 23 ms for one batched backward
+(``is_grads_batched``, torch's legacy batching). A weight made by ``torch._weight_norm``
 (``parametrizations.weight_norm``, the older ``weight_norm`` hook) takes its closed form instead
-(:func:`_weight_norm`). Where ``f`` has no batching rule the units are pulled back one by one.
+(:func:`_weight_norm`; :func:`wn_outer` without per-unit gradients at all).
 """
 
 from __future__ import annotations
@@ -124,15 +127,11 @@ def _pull(Ws: dict[int, torch.Tensor], Ds: dict[int, torch.Tensor], thetas: list
             return closed
     outs = list(Ws.values())
     grads = [Ds[j].to(W.dtype) for j, W in Ws.items()]
-    try:
-        return list(torch.autograd.grad(outs, thetas, grads, retain_graph=True,
-                                        allow_unused=True, is_grads_batched=True))
-    except RuntimeError:  # f without a batching rule: one unit at a time
-        K = grads[0].shape[0]
-        rows = [torch.autograd.grad(outs, thetas, [g[k] for g in grads], retain_graph=True,
-                                    allow_unused=True) for k in range(K)]
-        return [None if rows[0][i] is None else torch.stack([r[i] for r in rows])
-                for i in range(len(thetas))]
+    K = grads[0].shape[0]
+    rows = [torch.autograd.grad(outs, thetas, [g[k] for g in grads], retain_graph=True,
+                                allow_unused=True) for k in range(K)]
+    return [None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+            for i in range(len(thetas))]
 
 
 def _weight_norm(W: torch.Tensor, D: torch.Tensor, thetas: list) -> list | None:
