@@ -48,12 +48,15 @@ class Pullback:
         slots: slot index -> ``W`` of this step.
         thetas: indices of the parameters the pullback covers.
         units: (column, sample) pairs per pullback (the memory budget).
+        origins: slot index -> the ``ParametrizationList`` that made ``W`` (``None``: not a
+            parametrization), for the closed forms of :mod:`fimfast.pullback`.
     """
 
     groups: list
     slots: dict[int, torch.Tensor]
     thetas: list[int]
     units: int = 1
+    origins: dict | None = None  # slot index -> the ParametrizationList that made W, or None
 
 
 def model_has_derived(model: torch.nn.Module) -> bool:
@@ -85,21 +88,27 @@ def parametrized(model: torch.nn.Module, params: list[torch.Tensor],
 
 
 @contextmanager
-def computed(cap: hooks.Capture, weights: Weights | None) -> Iterator[None]:
+def computed(cap: hooks.Capture, weights: Weights, modules: bool) -> Iterator[None]:
     """During the captured forward, the rules find the weights computed from parameters
-    (``weights``; ``None``: the model has none): ``cap.derived`` also tries
-    :meth:`Weights.lookup`, and ``torch.nn.utils.parametrize`` computes each parametrized tensor
-    once (``parametrize.cached``), so that the weight a rule lists is the one its layer used."""
-    if weights is None:
+    (``weights``): ``cap.derived`` also tries :meth:`Weights.lookup` where the model may hand a
+    layer such a weight (``modules``: :func:`model_has_derived`) or where the functional mode
+    records (``cap.derived`` set: a bias table added to the batch's scores,
+    :mod:`fimfast.functional_computed`); with ``modules``, ``torch.nn.utils.parametrize``
+    computes each parametrized tensor once (``parametrize.cached``), so that the weight a rule
+    lists is the one its layer used."""
+    before = cap.derived
+    if not modules and before is None:
         yield
         return
     from torch.nn.utils import parametrize
 
-    before = cap.derived
     weights.begin(cap)
     cap.derived = weights.chain(before)
     try:
-        with parametrize.cached():
+        if modules:
+            with parametrize.cached():
+                yield
+        else:
             yield
     finally:
         cap.derived = before
@@ -110,7 +119,7 @@ class Weights:
 
     def __init__(self) -> None:
         self.slots: dict[tuple, torch.Tensor] = {}  # structural key -> placeholder
-        self.step: dict[int, tuple] = {}  # id(W) -> (W, slot, leaves, node, version)
+        self.step: dict[int, tuple] = {}  # id(W) -> (W, slot, leaves, node, version, origin)
         self.seen: Counter = Counter()
         self.cap: hooks.Capture | None = None
 
@@ -120,14 +129,20 @@ class Weights:
 
     def chain(self, other):
         """A ``derived`` function trying ``other`` (the functional mode's) first, then
-        :meth:`lookup`."""
-        if other is None:
-            return self.lookup
+        :meth:`lookup` (its attribute ``weights``, this object, is read by
+        :mod:`fimfast.functional_computed`)."""
+        look = self.lookup
 
         def derived(t):
-            return other(t) or self.lookup(t)
+            return (other is not None and other(t)) or look(t)
 
+        derived.weights = self
         return derived
+
+    def made_from_parameters(self, t: Any) -> bool:
+        """Whether ``t`` is computed from trainable parameters only (nothing registered)."""
+        return (isinstance(t, torch.Tensor) and t.grad_fn is not None and self.cap is not None
+                and _leaves(t.grad_fn, self.cap.param_ids) is not None)
 
     def lookup(self, t: Any) -> tuple | None:
         """``(slot, None)`` of a weight ``t`` computed from trainable parameters only, else
@@ -149,24 +164,55 @@ class Weights:
             if len(self.slots) > 4096:
                 self.slots.clear()
             slot = self.slots[key] = t.new_zeros(()).expand(t.shape)
-        self.step[id(t)] = (t, slot, leaves, t.grad_fn, t._version)
+        self.step[id(t)] = (t, slot, leaves, t.grad_fn, t._version, _origin(t, self.cap.model))
         return slot, None
 
     def take(self, cap: hooks.Capture | None) -> list[tuple]:
-        """``(W, slot, leaves, node)`` of the weights of ``cap``'s forward that were not modified
+        """``(W, slot, leaves, node, origin)`` (``origin``: the ``ParametrizationList`` that made
+        ``W``, or ``None``) of the weights of ``cap``'s forward that were not modified
         in place since a layer took them (``[]`` for another capture); forgets them."""
         found = [] if cap is None or cap is not self.cap else [
-            (w, s, lv, node) for w, s, lv, node, v in self.step.values() if w._version == v]
+            (w, s, lv, node, o) for w, s, lv, node, v, o in self.step.values()
+            if w._version == v]
         self.step, self.cap = {}, None
         return found
 
 
+def _origin(t: torch.Tensor, model: torch.nn.Module) -> Any:
+    """The ``ParametrizationList`` of ``model`` whose parametrization made ``t``, where a closed
+    form of the pullback may apply (a single ``spectral_norm``: ``t = original / sigma``), or
+    ``None``. Told by the graph (the division's first operand is the list's original), not by
+    ``parametrize``'s cache, whose keys name the module a deep copy was made from."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    fn = t.grad_fn
+    if type(fn).__name__ != "DivBackward0":
+        return None
+    first = getattr(fn.next_functions[0][0], "variable", None)
+    for m in model.modules():
+        if first is not None and parametrize.is_parametrized(m):
+            for plist in m.parametrizations.values():
+                if (len(plist) == 1 and isinstance(plist[0], _SpectralNorm)
+                        and getattr(plist, "original", None) is first):
+                    return plist
+    return None
+
+
+# nodes of a weight's graph walked at most (a parametrization is a few operations; a tensor of
+# the batch's graph is refused as soon as the walk is this long)
+MAX_NODES = 256
+
+
 def _leaves(fn: Any, param_ids: set) -> tuple | None:
     """The trainable parameters the graph of ``fn`` reaches, in order of discovery; ``None``
-    when it reaches any other leaf (the batch, a tap) or a reentrant checkpoint."""
+    when it reaches any other leaf (the batch, a tap), a reentrant checkpoint, or more than
+    :data:`MAX_NODES` nodes."""
     out: dict[int, torch.Tensor] = {}
     seen, stack = {fn}, [fn]
     while stack:
+        if len(seen) > MAX_NODES:
+            return None
         node = stack.pop()
         if hooks.is_reentrant_node(node):
             return None
@@ -241,7 +287,7 @@ def settle(plan, params: list[torch.Tensor], found: list[tuple], glob: Counter, 
     plan.groups = [g for g in plan.groups if g.index < n]
     pos = {id(p): i for i, p in enumerate(params)}
     reach: dict[int, list[int]] = {}  # theta index -> slot indices
-    for j, (_, _, leaves, _) in by_slot.items():
+    for j, (_, _, leaves, _, _) in by_slot.items():
         for p in leaves:
             if id(p) in pos:
                 reach.setdefault(pos[id(p)], []).append(j)
@@ -322,6 +368,8 @@ def _components(pulled, reach, by_slot, slot_groups, params, budget) -> list[tup
                     g.kind = GroupKind.VEC
                 groups.append(g)
         Ws = {j: by_slot[j][0] for j in sorted(js)}
+        origins = {j: by_slot[j][4] for j in sorted(js)}
         per = unit_bytes(list(Ws.values()), [params[i] for i in thetas])
-        out.append((Pullback(groups, Ws, thetas, max(1, budget // per)), per <= budget))
+        out.append((Pullback(groups, Ws, thetas, max(1, budget // per), origins),
+                    per <= budget))
     return out

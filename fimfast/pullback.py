@@ -12,7 +12,8 @@ unit costs 8 ms through ``spectral_norm`` of a 128 x 64 weight and 13 ms through
 parametrization of a 128 x 128 one, against 118 and 23 ms for one batched backward
 (``is_grads_batched``, torch's legacy batching). A weight made by ``torch._weight_norm``
 (``parametrizations.weight_norm``, the older ``weight_norm`` hook) takes its closed form instead
-(:func:`_weight_norm`; :func:`wn_outer` without per-unit gradients at all).
+(:func:`_weight_norm`; :func:`projected` without per-unit gradients at all, as for
+``parametrizations.spectral_norm``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def chunk(pullbacks: list, gmap: dict, acc, params: list[torch.Tensor]) -> None:
                     M, N = _units(term)
         if M is None:
             continue
-        if wn_outer(pb, parts, acc, params):
+        if projected(pb, parts, acc, params):
             continue
         thetas = [params[i] for i in pb.thetas]
         step = max(1, pb.units // M)
@@ -173,59 +174,89 @@ def weight_norm_of(W: torch.Tensor) -> tuple | None:
     return v, g, keep
 
 
-def wn_outer(pb, parts: dict, acc, params: list[torch.Tensor]) -> bool:
-    """The squares of ``v`` and ``g`` of a weight-normed layer (``W = g v / |v|`` by rows or as a
-    whole) whose terms are :class:`~fimfast.rules.Outer` in ``W``'s layout, without forming
-    per-unit gradients (docs/math.md §4, "Computed weights"). With ``D_u = sum_t P_ut (x) Q_nt``,
-    ``v^`` the normalised rows and ``c = g / |v|``: ``grad_u g_o = sum_t P_uto S_nto``
-    (``S = Q v^T``) and ``sum_u (grad_u v)^2 = c^2 (sum_u D_u^2 - 2 v^ (x) sum_u grad_u g D_u
-    + v^2 sum_u (grad_u g)^2)``, each sum one product over the samples. Returns ``False``
-    (nothing done) for any other case."""
+def _form(W: torch.Tensor, origin, dt: torch.dtype) -> tuple | None:
+    """``(v, g, C, B, alpha, rows)`` of a weight whose pullback is ``alpha (D - beta B)`` with
+    ``beta = <D, C>`` per row (``rows``) or over the whole tensor, ``D`` a gradient of ``W``
+    as ``(O, I)``: ``torch._weight_norm`` (``C = B = v^``, ``alpha = g / |v|``, ``beta`` the
+    gradient of ``g``) or ``parametrizations.spectral_norm`` of a weight of two or more dims
+    along dim 0 (``W = v / sigma``, ``sigma = u^T v v'`` with the power iteration's vectors
+    ``u``, ``v'`` fixed: ``C = W``, ``B = u v'^T``, ``alpha = 1 / sigma``; ``g`` ``None``);
+    ``None`` for any other ``W``."""
+    found = weight_norm_of(W)
+    if found is not None:
+        v, g, keep = found
+        if keep not in ([0], []):
+            return None
+        vd = v.detach().reshape(v.shape[0], -1).to(dt)
+        norm = (vd.square().sum(1, keepdim=True) if keep else vd.square().sum().reshape(1, 1))
+        norm = norm.sqrt()
+        vhat = vd / norm
+        return v, g, vhat, vhat, g.detach().to(dt).reshape(-1, 1) / norm, bool(keep)
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    if origin is None or len(origin) != 1 or not isinstance(origin[0], _SpectralNorm):
+        return None
+    sn, v = origin[0], origin.original
+    if sn.dim != 0 or W.dim() < 2 or v.shape != W.shape:
+        return None
+    u, r = sn._u, sn._v
+    sigma = torch.vdot(u, torch.mv(v.detach().reshape(v.shape[0], -1), r))
+    saved = getattr(W.grad_fn, "_saved_other", None)  # the divisor of this forward
+    if not isinstance(saved, torch.Tensor) or not torch.equal(saved.reshape(()), sigma):
+        return None
+    vm = v.detach().reshape(v.shape[0], -1).to(dt)
+    u, r, sigma = u.to(dt), r.to(dt), sigma.to(dt)
+    return v, None, vm / sigma, torch.outer(u, r), (1 / sigma).reshape(1, 1), False
+
+
+def projected(pb, parts: dict, acc, params: list[torch.Tensor]) -> bool:
+    """The squares of the parameters of a weight whose pullback is ``alpha (D - beta B)``
+    (:func:`_form`: weight_norm, spectral_norm) and whose terms are :class:`~fimfast.rules.
+    Outer` in ``W``'s layout, without forming per-unit gradients (docs/math.md §4, "Computed
+    weights"). With ``D_u = sum_t P_ut (x) Q_nt``: ``beta_u = sum_t P_ut . S_nt`` (``S = Q
+    C^T``, summed over the rows too for a whole-tensor ``beta``) and ``sum_u (alpha (D_u -
+    beta_u B))^2 = alpha^2 (sum_u D_u^2 - 2 B sum_u beta_u D_u + B^2 sum_u beta_u^2)``, each
+    sum one product over the samples; ``g`` (weight_norm) gets ``sum_u beta_u^2``. Returns
+    ``False`` (nothing done) for any other case."""
     if len(pb.slots) != 1:
         return False
     (j, W), = pb.slots.items()
-    found = weight_norm_of(W)
     terms = parts[j]
-    if (found is None or found[2] not in ([0], []) or not terms
-            or any(not isinstance(t, Outer) or t.P.dim() != 4 or t.index is not None
-                   or u.transposed or g.block is not None for g, u, t in terms)):
+    if not terms or any(not isinstance(t, Outer) or t.P.dim() != 4 or t.index is not None
+                        or u.transposed or g.block is not None for g, u, t in terms):
         return False
-    v, g, keep = found
     pos = {id(params[i]): i for i in pb.thetas}
-    dt = acc.dtypes[pos[id(v)]] if id(v) in pos else acc.dtypes[pos[id(g)]]
-    O = v.shape[0]
-    vd = v.detach().reshape(O, -1).to(dt)
-    norm = vd.square().sum(1, keepdim=True) if keep else vd.square().sum().reshape(1, 1)
-    vhat = vd / norm.sqrt()
+    dt = acc.dtypes[pb.thetas[0]]
+    form = _form(W, (pb.origins or {}).get(j), dt)
+    if form is None:
+        return False
+    v, g, C, B, alpha, rows = form
+    O = C.shape[0]
     P = torch.cat([t.P for _, _, t in terms], 2) if len(terms) > 1 else terms[0][2].P
     Qs = [t.Q for _, _, t in terms]
     M, N = P.shape[:2]
     step = min([q.chunk for q in Qs if isinstance(q, Patches)] + [N])
-    sq = X = dg2 = None
+    sq = X = b2 = None
     for n0 in range(0, N, step):
         Q = torch.cat([_piece(q, n0, n0 + step) for q in Qs], 1).to(dt)  # (n, T, I)
         Pn = P[:, n0 : n0 + step].to(dt)  # (M, n, T, O)
-        S = Q @ vhat.t()  # (n, T, O)
-        dg = (Pn * S).sum(2)  # (M, n, O)
-        if not keep:
-            dg = dg.sum(-1, keepdim=True)
-        R = (Pn * dg.unsqueeze(2)).sum(0)  # (n, T, O)
+        beta = (Pn * (Q @ C.t())).sum(2)  # (M, n, O)
+        if not rows:
+            beta = beta.sum(-1, keepdim=True)
+        R = (Pn * beta.unsqueeze(2)).sum(0)  # (n, T, O)
         x = R.reshape(-1, O).t() @ Q.reshape(-1, Q.shape[-1])
         if Pn.shape[2] == 1:  # no weight sharing: sum_m P^2 against Q^2, one product
             s = Pn[:, :, 0].square().sum(0).t() @ Q[:, 0].square()
         else:
             s = torch.einsum("mnto,nti->mnoi", Pn, Q).square().sum((0, 1))
-        d2 = dg.square().sum((0, 1))
-        sq, X, dg2 = (s, x, d2) if sq is None else (sq.add_(s), X.add_(x), dg2.add_(d2))
-    if not keep:
-        dg2 = dg2.sum()
-    c2 = (g.detach().to(dt).reshape(-1, 1) if keep else g.detach().to(dt).reshape(1, 1))
-    c2 = c2.square() / norm
-    dv2 = c2 * (sq - 2 * vhat * X + vhat.square() * (dg2.reshape(-1, 1) if keep else dg2))
+        d2 = beta.square().sum((0, 1))
+        sq, X, b2 = (s, x, d2) if sq is None else (sq.add_(s), X.add_(x), b2.add_(d2))
+    b2 = b2.reshape(-1, 1) if rows else b2.sum()
+    dv2 = alpha.square() * (sq - 2 * B * X + B.square() * b2)
     if id(v) in pos:
         acc.add(pos[id(v)], dv2.clamp_(min=0).reshape(v.shape))
-    if id(g) in pos:
-        acc.add(pos[id(g)], dg2.reshape(g.shape))
+    if g is not None and id(g) in pos:
+        acc.add(pos[id(g)], b2.reshape(g.shape))
     return True
 
 

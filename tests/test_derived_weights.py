@@ -113,9 +113,48 @@ class Shared(nn.Module):
         return self.head(h)
 
 
+class RelPosAttention(nn.Module):
+    """Self-attention over a 2 x 2 grid of tokens with a relative-position bias table gathered
+    by an index buffer (Swin, BEiT): ``table[index.view(-1)].view(T, T, H).permute(2, 0, 1)``
+    added to the scores of every sample. ``windows``: the grid of each sample split into
+    windows of one row, folded into the batch (Swin's window attention)."""
+
+    def __init__(self, windows: bool = False, d: int = 6, H: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.windows, self.H = windows, H
+        self.embed = nn.Linear(D, 4 * d)
+        self.qkv, self.proj, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, C)
+        self.table = nn.Parameter(0.5 * torch.randn(9, H))
+        yy, xx = torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")
+        pos = torch.stack([yy.flatten(), xx.flatten()])  # (2, T)
+        rel = (pos[:, :, None] - pos[:, None, :]) + 1  # (2, T, T) in [0, 2]
+        self.register_buffer("index", rel[0] * 3 + rel[1])
+
+    def forward(self, x):
+        N = x.shape[0]
+        h = torch.tanh(self.embed(x)).view(N, 4, -1)  # (N, T, d)
+        T = 4
+        if self.windows:
+            h = h.reshape(N * 2, 2, -1)
+        B, L, d = h.shape
+        q, k, v = self.qkv(h).view(B, L, 3, self.H, d // self.H).permute(2, 0, 3, 1, 4)
+        attn = q @ k.transpose(-2, -1) * (d // self.H) ** -0.5  # (B, H, L, L)
+        bias = self.table[self.index.view(-1)].view(T, T, self.H).permute(2, 0, 1).contiguous()
+        if self.windows:
+            bias = bias[:, :L, :L]
+        attn = attn + bias.unsqueeze(0)
+        o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B, L, d)
+        o = self.proj(o).reshape(N, T, d)
+        return self.head(o.mean(1))
+
+
 def _case(kind: str) -> Case:
     g = torch.Generator().manual_seed(100)
-    if kind == "conv_emb":
+    if kind in ("relpos", "relpos_windows"):
+        model = RelPosAttention(kind == "relpos_windows")
+        x = torch.randn(N, D, generator=g)
+    elif kind == "conv_emb":
         model = ConvEmb()
         x = torch.randn(N, 3 + 9, generator=g)
         x[:, :3] = torch.randint(0, 7, (N, 3), generator=g).float()
@@ -138,7 +177,7 @@ def strip_case(case: Case) -> Case:
 
 
 KINDS = ["weight_norm", "old_weight_norm", "spectral_eval", "spectral_train", "orthogonal",
-         "custom", "conv_emb", "twice"]
+         "custom", "conv_emb", "twice", "relpos"]
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
@@ -149,7 +188,8 @@ def test_computed_weights_match_oracle_on_the_fast_path(kind, quantity):
     assert est._persample.last_plan.pullbacks
 
 
-@pytest.mark.parametrize("kind", ["weight_norm", "spectral_train", "custom", "conv_emb"])
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_train", "custom", "conv_emb",
+                                  "relpos"])
 def test_computed_weights_monte_carlo_same_seed(kind):
     case = _case(kind)
     est = check_monte_carlo_same_seed(strip_case(case), row_jacobians(strip_case(case)),
@@ -269,3 +309,12 @@ def test_float32_weight_norm_closed_form_within_float32_rounding():
         got, est = run_case(f32, quantity)
         assert est._persample.last_plan.pullbacks and not est._persample.last_plan.generic
         assert rel_error(got, _oracle(f32, quantity)) <= DET_REL_F32
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+def test_a_bias_table_on_windows_folded_into_the_batch_stays_exact(quantity):
+    """Window attention with the windows folded into the batch: the table's path is exact,
+    whichever path takes it."""
+    case = _case("relpos_windows")
+    got, _ = run_case(case, quantity)
+    assert rel_error(got, _oracle(case, quantity)) <= DET_REL_F64

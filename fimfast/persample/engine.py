@@ -60,8 +60,8 @@ class Engine(Replay):
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
         found = self.weights.take(cap)  # weights computed from parameters (derived_weights)
         if found:
-            graph = dw.walk(rows.flat, params, {node: slot for _, slot, _, node in found})
-            params, n = [*params, *(slot for _, slot, _, _ in found)], len(params)
+            graph = dw.walk(rows.flat, params, {f[3]: f[1] for f in found})
+            params, n = [*params, *(f[1] for f in found)], len(params)
         else:
             graph = hooks.walk(rows.flat, params)
         _refuse_hidden(cap, graph)

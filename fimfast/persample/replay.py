@@ -202,14 +202,14 @@ class Replay:
             cap.samples = self._samples
         forwards = None if self.hooked else self._forwards
         undo = cap.install(mods[0], self._owned, self._watch, forwards)  # cap.installed, inline
-        weights = self.weights if self._mods[4] else None
+        modules = self._mods[4]  # the model may hand a layer a weight computed from parameters
         try:
             if not self.functional or self._quiet:
-                with dw.computed(cap, weights):
+                with dw.computed(cap, self.weights, modules):
                     yield cap
                 return
             with functional.capturing(cap, mods[0], self._sites, self._fowners) as mode, \
-                    dw.computed(cap, weights):
+                    dw.computed(cap, self.weights, modules):
                 yield cap
             # a forward with no functional call on a parameter runs later steps without the mode
             self._quiet = mode.recorded == 0

@@ -155,6 +155,7 @@ class ElementwiseRule(Rule):
     ``x - p``) and ``shape`` (the shape ``p`` had in the call)."""
 
     name = "elementwise"
+    takes_functions = True  # one use; its parameter is read for ``chained`` only
 
     def terms(self, call, grads):
         G = grads[0]

@@ -1,0 +1,65 @@
+"""``x + W``, ``x - W``, ``W - x``, ``x * W``, ``x / W`` for :class:`fimfast.functional.
+FunctionalMode` with ``W`` a tensor computed from trainable parameters only
+(:mod:`fimfast.derived_weights`) and broadcast into the batch's ``x``: a relative-position bias
+gathered from a table by an index buffer (``table[index.view(-1)].view(T, T, H).permute(2, 0,
+1)``, Swin and BEiT) added to the attention scores of every sample. The call is recorded like an
+elementwise call on a parameter (:class:`fimfast.rules.functional.ElementwiseRule`: ``W``'s
+per-sample gradient is the output gradient summed over the sample's elements down to ``W``'s
+shape) with ``W`` as its use; the engine pulls it back to the parameters
+(:mod:`fimfast.pullback`). Any other call goes to :mod:`fimfast.functional`'s handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fimfast.hooks import Use
+from fimfast.rules import functional as frules
+from fimfast.rules.base import UseKind
+
+Tensor = torch.Tensor
+
+
+OPS = (Tensor.add, torch.add, Tensor.__add__, Tensor.__radd__, Tensor.sub, torch.sub,
+       Tensor.__sub__, Tensor.mul, torch.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.div,
+       torch.div, Tensor.__truediv__, Tensor.true_divide, torch.true_divide)
+
+
+def _computed(weights, t: Any, x: Any) -> bool:
+    """Whether ``t`` is a weight computed from parameters (:class:`fimfast.derived_weights.
+    Weights`) broadcast into the larger ``x``, which depends on more than parameters (the
+    batch's scores; not an operation inside the function that makes a weight: ``v / sigma``)."""
+    return (isinstance(x, Tensor) and x.grad_fn is not None and isinstance(t, Tensor)
+            and t.numel() < x.numel() and weights.made_from_parameters(t)
+            and not weights.made_from_parameters(x))
+
+
+def elementwise(mode, func, args, kwargs):
+    """See the module docstring."""
+    from fimfast import functional  # it imports this module
+
+    # only where the model may have such a weight (fimfast.derived_weights.computed)
+    weights = getattr(mode.cap.derived, "weights", None)
+    if (weights is None or kwargs or len(args) != 2 or mode.operand(args[0])
+            or mode.operand(args[1])):
+        return functional._elementwise(mode, func, args, kwargs)
+    pos = 0 if _computed(weights, *args) else 1 if _computed(weights, *args[::-1]) else None
+    if pos is None:
+        return functional._elementwise(mode, func, args, kwargs)
+    w, x = args[pos], args[1 - pos]
+    y = func(*args)
+    op = functional._OPS[func]
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        return y
+    xd = x.detach()
+    sign, deriv = 1, None
+    if op == "mul":
+        deriv = xd
+    elif op == "div":
+        deriv = 1 / xd if pos == 0 else -(xd / w.detach().square())
+    elif op == "sub" and pos == 1:
+        sign = -1
+    data = {"deriv": deriv, "sign": sign, "shape": tuple(w.shape), "chain": None}
+    return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(w, UseKind.VEC)], data)
