@@ -19,7 +19,9 @@ masked weights (``masked_mlp``: ``F.linear(h, W * mask, b)`` with half the entri
 ``torch.nn.utils.prune.l1_unstructured``), weights computed from parameters (``weight_norm_mlp``:
 an MLP 784-512-256-10 with ``torch.nn.utils.parametrizations.weight_norm`` on its three Linear
 layers, batch 128; ``param_mlp``: 64-128-128-10 with ``spectral_norm`` and a symmetric
-parametrization of its own, batch 16). For each, EXACT, EMPIRICAL and MONTE_CARLO
+parametrization of its own, batch 16; ``relpos_attn``: attention over a 4 x 4 grid of tokens with
+a relative-position bias table gathered by an index buffer and added to the scores, as in BEiT,
+batch 16). For each, EXACT, EMPIRICAL and MONTE_CARLO
 steps are timed as ratios to a training step (forward, loss, backward) of the same model, one
 torch thread (``--clock cpu``: by the process's CPU time instead of the wall clock; ``--types``:
 some of the types only).
@@ -45,7 +47,7 @@ import time
 
 MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp", "scaled_mlp", "contract_mlp",
           "bare_convs", "masked_mlp", "pruned_mlp", "vit_cls", "folded_mlp", "windows",
-          "weight_norm_mlp", "param_mlp")
+          "weight_norm_mlp", "param_mlp", "relpos_attn")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
@@ -221,6 +223,25 @@ def _models():
         return nn.Sequential(P.spectral_norm(nn.Linear(d, h)), nn.ReLU(), last, nn.ReLU(),
                              nn.Linear(h, C))
 
+    class RelPosAttention(nn.Module):
+        def __init__(self, d=32, H=4, C=10, w=4):
+            super().__init__()
+            self.H, self.T = H, w * w
+            self.qkv, self.proj, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, C)
+            self.table = nn.Parameter(0.02 * torch.randn((2 * w - 1) ** 2, H))
+            yy, xx = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
+            pos = torch.stack([yy.flatten(), xx.flatten()])
+            rel = pos[:, :, None] - pos[:, None, :] + w - 1
+            self.register_buffer("index", rel[0] * (2 * w - 1) + rel[1])
+
+        def forward(self, x):  # (N, T, d)
+            N, T, d = x.shape
+            q, k, v = self.qkv(x).view(N, T, 3, self.H, d // self.H).permute(2, 0, 3, 1, 4)
+            bias = self.table[self.index.view(-1)].view(T, T, self.H).permute(2, 0, 1)
+            a = q @ k.transpose(-2, -1) * (d // self.H) ** -0.5 + bias.unsqueeze(0)
+            o = (a.softmax(-1) @ v).transpose(1, 2).reshape(N, T, d)
+            return self.head((x + self.proj(o)).mean(1))
+
     def weight_norm_mlp():
         from torch.nn.utils.parametrizations import weight_norm
 
@@ -260,6 +281,8 @@ def _models():
         "weight_norm_mlp": (weight_norm_mlp(), (torch.randn(128, 784, generator=g),
                                                 torch.randint(0, 10, (128,), generator=g))),
         "param_mlp": (parametrized(), (x, torch.randint(0, 10, (N,), generator=g))),
+        "relpos_attn": (RelPosAttention(), (torch.randn(N, 16, 32, generator=g),
+                                            torch.randint(0, 10, (N,), generator=g))),
     }
 
 
