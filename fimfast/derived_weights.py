@@ -370,6 +370,23 @@ def _components(pulled, reach, by_slot, slot_groups, params, budget) -> list[tup
         Ws = {j: by_slot[j][0] for j in sorted(js)}
         origins = {j: by_slot[j][4] for j in sorted(js)}
         per = unit_bytes(list(Ws.values()), [params[i] for i in thetas])
-        out.append((Pullback(groups, Ws, thetas, max(1, budget // per), origins),
-                    per <= budget))
+        pb = Pullback(groups, Ws, thetas, max(1, budget // per), origins)
+        out.append((pb, per <= budget or _closed(pb)))
     return out
+
+
+def _closed(pb: Pullback) -> bool:
+    """Whether ``pb`` takes a closed form that forms no per-unit gradient (one weight-normed or
+    spectral-normed weight whose layers give :class:`~fimfast.rules.Outer` terms in its layout:
+    :func:`fimfast.pullback.projected`), so that no unit's memory counts."""
+    from fimfast import pullback
+    from fimfast.rules.base import UseKind
+
+    if len(pb.slots) != 1:
+        return False
+    (j, W), = pb.slots.items()
+    uses = [c.uses[ui] for g in pb.groups for c, ui in g.members]
+    if any(u.kind != UseKind.OUTER or u.transposed or u.groups != 1 or u.block is not None
+           for u in uses):
+        return False
+    return pullback._form(W, (pb.origins or {}).get(j), W.dtype) is not None
