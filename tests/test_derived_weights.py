@@ -325,3 +325,24 @@ def test_a_bias_table_on_windows_folded_into_the_batch_stays_exact(quantity):
     case = _case("relpos_windows")
     got, _ = run_case(case, quantity)
     assert rel_error(got, _oracle(case, quantity)) <= DET_REL_F64
+
+
+def test_batched_and_looped_pullbacks_agree():
+    """The two ways of pulling back through a general ``f`` (one batched backward, one backward
+    per unit; fimfast/pullback.py picks the faster) give the same gradients, and the choice is
+    remembered per structure."""
+    from fimfast import pullback
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(9, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 9, (3, 3), generator=g)
+    for outs, thetas in (([Symmetric()(X)], [X]),
+                         ([table[index.view(-1)].view(3, 3, 2).permute(2, 0, 1)], [table])):
+        D = [torch.randn(7, *outs[0].shape, generator=g, dtype=torch.float64)]
+        a, b = pullback._batched(outs, thetas, D), pullback._looped(outs, thetas, D)
+        torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-12)
+        pullback._WAYS.clear()
+        got = pullback._pull({0: outs[0]}, {0: D[0]}, thetas)
+        torch.testing.assert_close(got[0], b[0], rtol=1e-12, atol=1e-12)
+        assert list(pullback._WAYS.values()) in (["batched"], ["loop"])
