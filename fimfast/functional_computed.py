@@ -27,13 +27,22 @@ OPS = (Tensor.add, torch.add, Tensor.__add__, Tensor.__radd__, Tensor.sub, torch
        torch.div, Tensor.__truediv__, Tensor.true_divide, torch.true_divide)
 
 
-def _computed(weights, t: Any, x: Any) -> bool:
+def _computed(weights, N: int | None, t: Any, x: Any) -> bool:
     """Whether ``t`` is a weight computed from parameters (:class:`fimfast.derived_weights.
-    Weights`) broadcast into the larger ``x``, which depends on more than parameters (the
-    batch's scores; not an operation inside the function that makes a weight: ``v / sigma``)."""
-    return (isinstance(x, Tensor) and x.grad_fn is not None and isinstance(t, Tensor)
-            and t.numel() < x.numel() and weights.made_from_parameters(t)
-            and not weights.made_from_parameters(x))
+    Weights`) broadcast into ``x`` along the batch: ``x`` has the batch's size ``N`` in some dim
+    where ``t`` (aligned from the right) has size 1, and in none where ``t`` has ``N`` too (a
+    gate computed from the batch's input, ``x * gate`` with ``gate`` ``(N, C, 1, 1)``, is left
+    to the rules of its layers; an operation inside the function that makes a weight, ``v /
+    sigma``, reads no batch). Told by sizes, not by the graph: once layer outputs are tapped
+    directly, an activation's graph too reaches parameters only (the input has no gradient)."""
+    if not (N is not None and N > 1 and isinstance(x, Tensor) and x.grad_fn is not None
+            and isinstance(t, Tensor) and t.numel() < x.numel() and t.dim() <= x.dim()):
+        return False
+    aligned = (1,) * (x.dim() - t.dim()) + tuple(t.shape)
+    pairs = list(zip(aligned, x.shape))
+    if any(a == N == b for a, b in pairs) or not any(a == 1 and b == N for a, b in pairs):
+        return False
+    return weights.made_from_parameters(t)
 
 
 def elementwise(mode, func, args, kwargs):
@@ -45,7 +54,9 @@ def elementwise(mode, func, args, kwargs):
     if (weights is None or kwargs or len(args) != 2 or mode.operand(args[0])
             or mode.operand(args[1])):
         return functional._elementwise(mode, func, args, kwargs)
-    pos = 0 if _computed(weights, *args) else 1 if _computed(weights, *args[::-1]) else None
+    N = mode.cap.batch_size
+    pos = (0 if _computed(weights, N, *args) else 1 if _computed(weights, N, *args[::-1])
+           else None)
     if pos is None:
         return functional._elementwise(mode, func, args, kwargs)
     w, x = args[pos], args[1 - pos]

@@ -346,3 +346,51 @@ def test_batched_and_looped_pullbacks_agree():
         got = pullback._pull({0: outs[0]}, {0: D[0]}, thetas)
         torch.testing.assert_close(got[0], b[0], rtol=1e-12, atol=1e-12)
         assert list(pullback._WAYS.values()) in (["batched"], ["loop"])
+
+
+class Gated(nn.Module):
+    """A gate computed from the batch's input (no gradient) by layers with rules, ``h * gate``
+    (squeeze-and-excitation), next to a functional use of a bare parameter (the functional mode
+    stays on)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.g1, self.g2 = nn.Linear(D, 8), nn.Linear(D, 3), nn.Linear(3, 4)
+        self.head, self.p = nn.Linear(8, C), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.g2(torch.relu(self.g1(x)))).unsqueeze(1)  # (N, 1, 4)
+        h = torch.tanh(self.fc(x)).view(-1, 2, 4) * gate
+        return self.head((h * self.p).flatten(1))
+
+
+def test_a_gate_computed_from_the_batch_is_left_to_the_rules():
+    """Once outputs are tapped directly (from the second step), the gate's graph reaches only
+    parameters; it has the batch's size along the batch dim, so it is no computed weight: its
+    layers keep their rules."""
+    g = torch.Generator().manual_seed(100)
+    x, y = torch.randn(N, D, generator=g), torch.randint(0, C, (N,), generator=g)
+    case = Case("gated", Gated(), (x, y), lambda m, b: m(b[0]), torch.ones(N, dtype=torch.bool),
+                y, "categorical", C).to(torch.float64)
+    ref = _oracle(case, "exact")
+    _, est = run_case(case, "exact")
+    for _ in range(2):
+        est.step(case.batch)
+    plan = est._persample.last_plan
+    assert not plan.generic and not plan.pullbacks, plan.reasons
+    assert rel_error({k: v / 3 for k, v in est.result().items()}, ref) <= DET_REL_F64
+
+
+def test_a_bias_table_stays_on_the_pullback_once_taps_are_direct():
+    """From the third step on the layer outputs are tapped directly and the scores' graph too
+    reaches parameters only: the table is still told apart by sizes (fimfast/functional_computed.py)
+    and keeps its pullback, exactly."""
+    case = _case("relpos")
+    ref = _oracle(case, "exact")
+    _, est = run_case(case, "exact")
+    for _ in range(3):
+        est.step(case.batch)
+        plan = est._persample.last_plan
+        assert not plan.generic and plan.pullbacks, plan.reasons
+    assert rel_error({k: v / 4 for k, v in est.result().items()}, ref) <= DET_REL_F64
