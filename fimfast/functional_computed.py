@@ -2,7 +2,8 @@
 FunctionalMode` with ``W`` a tensor computed from trainable parameters only
 (:mod:`fimfast.derived_weights`) and broadcast into the batch's ``x``: a relative-position bias
 gathered from a table by an index buffer (``table[index.view(-1)].view(T, T, H).permute(2, 0,
-1)``, Swin and BEiT) added to the attention scores of every sample. The call is recorded like an
+1)``, Swin and BEiT) added to the attention scores of every sample (told by sizes:
+:func:`_computed`). The call is recorded like an
 elementwise call on a parameter (:class:`fimfast.rules.functional.ElementwiseRule`: ``W``'s
 per-sample gradient is the output gradient summed over the sample's elements down to ``W``'s
 shape) with ``W`` as its use; the engine pulls it back to the parameters
