@@ -7,7 +7,8 @@ gathered from a table by an index buffer (``table[index.view(-1)].view(T, T, H).
 elementwise call on a parameter (:class:`fimfast.rules.functional.ElementwiseRule`: ``W``'s
 per-sample gradient is the output gradient summed over the sample's elements down to ``W``'s
 shape) with ``W`` as its use; the engine pulls it back to the parameters
-(:mod:`fimfast.pullback`). Any other call goes to :mod:`fimfast.functional`'s handler.
+(:mod:`fimfast.pullback`). Likewise ``F.linear(x, W, b)`` (:func:`linear`). Any other call goes
+to :mod:`fimfast.functional`'s handler.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fimfast.functional_derived import _bind
 from fimfast.hooks import Use
 from fimfast.rules import functional as frules
 from fimfast.rules.base import UseKind
@@ -53,8 +55,8 @@ def elementwise(mode, func, args, kwargs):
     # only where the model may have such a weight (fimfast.derived_weights.computed)
     weights = getattr(mode.cap.derived, "weights", None)
     if (weights is None or kwargs or len(args) != 2 or mode.operand(args[0])
-            or mode.operand(args[1])):
-        return functional._elementwise(mode, func, args, kwargs)
+            or mode.operand(args[1]) or any(v > 0 for v in mode.inside.values())):
+        return functional._elementwise(mode, func, args, kwargs)  # a rule's module: its rule
     N = mode.cap.batch_size
     pos = (0 if _computed(weights, N, *args) else 1 if _computed(weights, N, *args[::-1])
            else None)
@@ -75,3 +77,35 @@ def elementwise(mode, func, args, kwargs):
         sign = -1
     data = {"deriv": deriv, "sign": sign, "shape": tuple(w.shape), "chain": None}
     return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(w, UseKind.VEC)], data)
+
+
+def linear(mode, func, args, kwargs):
+    """``F.linear(x, W, b)`` with ``W`` a 2-D weight computed from parameters (a parametrized
+    attribute of a module without a rule, read in its forward), outside the forward of any
+    module with a rule (whose own call is its rule's): the weight an :class:`~fimfast.rules.
+    Outer` use, ``b`` a parameter or nothing. Anything else goes to :mod:`fimfast.functional`'s
+    handler."""
+    from fimfast import functional  # it imports this module
+
+    weights = getattr(mode.cap.derived, "weights", None)
+    b = None if weights is None else _bind(args, kwargs, ("input", "weight", "bias"),
+                                           (None, None, None))
+    if b is None or not _linear_weight(mode, weights, *b[:2]):
+        return functional._linear(mode, func, args, kwargs)
+    x, w, bias = b
+    pb = mode.param(bias)
+    if bias is not None and pb is None:
+        return functional._linear(mode, func, args, kwargs)
+    y = func(x, w, bias)
+    uses = [Use(w, UseKind.OUTER)] + ([Use(pb, UseKind.VEC)] if pb is not None else [])
+    return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
+
+
+def _linear_weight(mode, weights, x: Any, w: Any) -> bool:
+    """Whether ``F.linear(x, w)`` uses ``w`` as a weight computed from parameters (not the
+    batch's: no dim of the batch's size)."""
+    N = mode.cap.batch_size
+    return (isinstance(x, Tensor) and isinstance(w, Tensor) and w.dim() == 2
+            and w.grad_fn is not None and mode.param(w) is None and mode.view_of(w) is None
+            and not any(v > 0 for v in mode.inside.values())
+            and (N is None or N not in w.shape) and weights.made_from_parameters(w))

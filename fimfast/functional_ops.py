@@ -353,6 +353,7 @@ def _expand(mode, func, args, kwargs):
 
 HANDLERS: dict[Callable, Callable] = {
     **dict.fromkeys(fcomp.OPS, fcomp.elementwise),  # x + W, W computed from parameters
+    F.linear: fcomp.linear,  # F.linear(x, W), W computed from parameters
     **dict.fromkeys(_UNARY, _unary),
     **dict.fromkeys(_EXPANDS, _expand),
     F.relu: _relu,

@@ -149,9 +149,29 @@ class RelPosAttention(nn.Module):
         return self.head(o.mean(1))
 
 
+class FunctionalParam(nn.Module):
+    """A module without a rule whose own parameter is parametrized, used by ``F.linear``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.W, self.b = nn.Parameter(0.5 * torch.randn(D, D)), nn.Parameter(torch.randn(D))
+        if kind == "functional_weight_norm":
+            P.weight_norm(self, "W")
+        else:
+            parametrize.register_parametrization(self, "W", Symmetric())
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.W, self.b)))
+
+
 def _case(kind: str) -> Case:
     g = torch.Generator().manual_seed(100)
-    if kind in ("relpos", "relpos_windows"):
+    if kind.startswith("functional"):
+        model = FunctionalParam(kind)
+        x = torch.randn(N, D, generator=g)
+    elif kind in ("relpos", "relpos_windows"):
         model = RelPosAttention(kind == "relpos_windows")
         x = torch.randn(N, D, generator=g)
     elif kind == "conv_emb":
@@ -177,7 +197,8 @@ def strip_case(case: Case) -> Case:
 
 
 KINDS = ["weight_norm", "old_weight_norm", "spectral_eval", "spectral_train", "orthogonal",
-         "custom", "conv_emb", "twice", "relpos"]
+         "custom", "conv_emb", "twice", "relpos", "functional_symmetric",
+         "functional_weight_norm"]
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
