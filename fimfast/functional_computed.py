@@ -3,7 +3,7 @@ FunctionalMode` with ``W`` a tensor computed from trainable parameters only
 (:mod:`fimfast.derived_weights`) and broadcast into the batch's ``x``: a relative-position bias
 gathered from a table by an index buffer (``table[index.view(-1)].view(T, T, H).permute(2, 0,
 1)``, Swin and BEiT) added to the attention scores of every sample (told by sizes:
-:func:`_computed`). The call is recorded like an
+:func:`_broadcast`). The call is recorded like an
 elementwise call on a parameter (:class:`fimfast.rules.functional.ElementwiseRule`: ``W``'s
 per-sample gradient is the output gradient summed over the sample's elements down to ``W``'s
 shape) with ``W`` as its use; the engine pulls it back to the parameters
@@ -30,37 +30,36 @@ OPS = (Tensor.add, torch.add, Tensor.__add__, Tensor.__radd__, Tensor.sub, torch
        torch.div, Tensor.__truediv__, Tensor.true_divide, torch.true_divide)
 
 
-def _computed(weights, N: int | None, t: Any, x: Any) -> bool:
-    """Whether ``t`` is a weight computed from parameters (:class:`fimfast.derived_weights.
-    Weights`) broadcast into ``x`` along the batch: ``x`` has the batch's size ``N`` in some dim
-    where ``t`` (aligned from the right) has size 1, and in none where ``t`` has ``N`` too (a
-    gate computed from the batch's input, ``x * gate`` with ``gate`` ``(N, C, 1, 1)``, is left
-    to the rules of its layers; an operation inside the function that makes a weight, ``v /
-    sigma``, reads no batch). Told by sizes, not by the graph: once layer outputs are tapped
-    directly, an activation's graph too reaches parameters only (the input has no gradient)."""
+def _broadcast(N: int | None, t: Any, x: Any) -> bool:
+    """Whether ``t`` is broadcast into ``x`` along the batch: ``x`` has the batch's size ``N``
+    in some dim where ``t`` (aligned from the right) has size 1, and in none where ``t`` has
+    ``N`` too (a gate computed from the batch's input, ``x * gate`` with ``gate`` ``(N, C, 1,
+    1)``, is left to the rules of its layers; an operation inside the function that makes a
+    weight, ``v / sigma``, reads no batch). Told by sizes, not by the graph: once layer outputs
+    are tapped directly, an activation's graph too reaches parameters only (the input has no
+    gradient)."""
     if not (N is not None and N > 1 and isinstance(x, Tensor) and x.grad_fn is not None
-            and isinstance(t, Tensor) and t.numel() < x.numel() and t.dim() <= x.dim()):
+            and isinstance(t, Tensor) and t.grad_fn is not None and t.numel() < x.numel()
+            and t.dim() <= x.dim()):
         return False
-    aligned = (1,) * (x.dim() - t.dim()) + tuple(t.shape)
-    pairs = list(zip(aligned, x.shape))
-    if any(a == N == b for a, b in pairs) or not any(a == 1 and b == N for a, b in pairs):
-        return False
-    return weights.made_from_parameters(t)
+    pairs = list(zip((1,) * (x.dim() - t.dim()) + tuple(t.shape), x.shape))
+    return not any(a == N == b for a, b in pairs) and any(a == 1 and b == N for a, b in pairs)
 
 
 def elementwise(mode, func, args, kwargs):
     """See the module docstring."""
     from fimfast import functional  # it imports this module
 
-    # only where the model may have such a weight (fimfast.derived_weights.computed)
+    # only where the model may have such a weight (fimfast.derived_weights.computed); the
+    # cheap tests first: every elementwise call of a recorded forward comes here
     weights = getattr(mode.cap.derived, "weights", None)
-    if (weights is None or kwargs or len(args) != 2 or mode.operand(args[0])
-            or mode.operand(args[1]) or any(v > 0 for v in mode.inside.values())):
-        return functional._elementwise(mode, func, args, kwargs)  # a rule's module: its rule
-    N = mode.cap.batch_size
-    pos = (0 if _computed(weights, N, *args) else 1 if _computed(weights, N, *args[::-1])
-           else None)
-    if pos is None:
+    pos = None
+    if weights is not None and not kwargs and len(args) == 2:
+        N = mode.cap.batch_size
+        pos = 0 if _broadcast(N, *args) else 1 if _broadcast(N, *args[::-1]) else None
+    if (pos is None or mode.operand(args[pos]) or mode.operand(args[1 - pos])
+            or not weights.made_from_parameters(args[pos])
+            or any(v > 0 for v in mode.inside.values())):  # a rule's module: its rule
         return functional._elementwise(mode, func, args, kwargs)
     w, x = args[pos], args[1 - pos]
     y = func(*args)
@@ -88,8 +87,10 @@ def linear(mode, func, args, kwargs):
     from fimfast import functional  # it imports this module
 
     weights = getattr(mode.cap.derived, "weights", None)
-    b = None if weights is None else _bind(args, kwargs, ("input", "weight", "bias"),
-                                           (None, None, None))
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    if weights is None or not isinstance(w, Tensor) or w.grad_fn is None:  # a parameter itself
+        return functional._linear(mode, func, args, kwargs)
+    b = _bind(args, kwargs, ("input", "weight", "bias"), (None, None, None))
     if b is None or not _linear_weight(mode, weights, *b[:2]):
         return functional._linear(mode, func, args, kwargs)
     x, w, bias = b
@@ -106,6 +107,7 @@ def _linear_weight(mode, weights, x: Any, w: Any) -> bool:
     batch's: no dim of the batch's size)."""
     N = mode.cap.batch_size
     return (isinstance(x, Tensor) and isinstance(w, Tensor) and w.dim() == 2
-            and w.grad_fn is not None and mode.param(w) is None and mode.view_of(w) is None
-            and not any(v > 0 for v in mode.inside.values())
-            and (N is None or N not in w.shape) and weights.made_from_parameters(w))
+            and w.grad_fn is not None and (N is None or N not in w.shape)
+            and mode.param(w) is None and mode.view_of(w) is None
+            and weights.made_from_parameters(w)
+            and not any(v > 0 for v in mode.inside.values()))
