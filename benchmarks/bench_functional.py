@@ -16,8 +16,15 @@ on a batch folded into the first dim (``folded_mlp``: ``fc(h.reshape(N * T, d))`
 activations; ``windows``: Swin-style attention inside 4 x 4 windows, ``(N * 16, 16, C)``),
 masked weights (``masked_mlp``: ``F.linear(h, W * mask, b)`` with half the entries masked,
 ``pruned_mlp``: the same MLP of ``nn.Linear`` layers pruned by
-``torch.nn.utils.prune.l1_unstructured``). For each, EXACT, EMPIRICAL and MONTE_CARLO steps are
-timed as ratios to a training step (forward, loss, backward) of the same model, one torch thread.
+``torch.nn.utils.prune.l1_unstructured``), weights computed from parameters (``weight_norm_mlp``:
+an MLP 784-512-256-10 with ``torch.nn.utils.parametrizations.weight_norm`` on its three Linear
+layers, batch 128; ``param_mlp``: 64-128-128-10 with ``spectral_norm`` and a symmetric
+parametrization of its own, batch 16; ``relpos_attn``: attention over a 4 x 4 grid of tokens with
+a relative-position bias table gathered by an index buffer and added to the scores, as in BEiT,
+batch 16). For each, EXACT, EMPIRICAL and MONTE_CARLO
+steps are timed as ratios to a training step (forward, loss, backward) of the same model, one
+torch thread (``--clock cpu``: by the process's CPU time instead of the wall clock; ``--types``:
+some of the types only).
 
 ``python benchmarks/bench_functional.py --trees A B --rounds 11`` compares source trees (each
 on ``PYTHONPATH`` in a child process, e.g. before and after a change): every round runs one child
@@ -39,7 +46,8 @@ import sys
 import time
 
 MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp", "scaled_mlp", "contract_mlp",
-          "bare_convs", "masked_mlp", "pruned_mlp", "vit_cls", "folded_mlp", "windows")
+          "bare_convs", "masked_mlp", "pruned_mlp", "vit_cls", "folded_mlp", "windows",
+          "weight_norm_mlp", "param_mlp", "relpos_attn")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
@@ -202,6 +210,45 @@ def _models():
             a = self.proj(a).reshape(N, 4, 4, 4, 4, c).permute(0, 1, 3, 2, 4, 5)
             return self.head((h + a.reshape(N, H, W, c)).mean((1, 2)))
 
+    def parametrized(d=64, h=128, C=10):
+        from torch.nn.utils import parametrizations as P
+        from torch.nn.utils import parametrize
+
+        class Symmetric(nn.Module):
+            def forward(self, X):
+                return X.triu() + X.triu(1).transpose(-1, -2)
+
+        last = nn.Linear(h, h)
+        parametrize.register_parametrization(last, "weight", Symmetric())
+        return nn.Sequential(P.spectral_norm(nn.Linear(d, h)), nn.ReLU(), last, nn.ReLU(),
+                             nn.Linear(h, C))
+
+    class RelPosAttention(nn.Module):
+        def __init__(self, d=32, H=4, C=10, w=4):
+            super().__init__()
+            self.H, self.T = H, w * w
+            self.qkv, self.proj, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, C)
+            self.table = nn.Parameter(0.02 * torch.randn((2 * w - 1) ** 2, H))
+            yy, xx = torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")
+            pos = torch.stack([yy.flatten(), xx.flatten()])
+            rel = pos[:, :, None] - pos[:, None, :] + w - 1
+            self.register_buffer("index", rel[0] * (2 * w - 1) + rel[1])
+
+        def forward(self, x):  # (N, T, d)
+            N, T, d = x.shape
+            q, k, v = self.qkv(x).view(N, T, 3, self.H, d // self.H).permute(2, 0, 3, 1, 4)
+            bias = self.table[self.index.view(-1)].view(T, T, self.H).permute(2, 0, 1)
+            a = q @ k.transpose(-2, -1) * (d // self.H) ** -0.5 + bias.unsqueeze(0)
+            o = (a.softmax(-1) @ v).transpose(1, 2).reshape(N, T, d)
+            return self.head((x + self.proj(o)).mean(1))
+
+    def weight_norm_mlp():
+        from torch.nn.utils.parametrizations import weight_norm
+
+        return nn.Sequential(weight_norm(nn.Linear(784, 512)), nn.ReLU(),
+                             weight_norm(nn.Linear(512, 256)), nn.ReLU(),
+                             weight_norm(nn.Linear(256, 10)))
+
     def pruned(d=64, h=128, C=10):
         net = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, C))
         for i in (0, 2, 4):
@@ -231,11 +278,17 @@ def _models():
                                      torch.randint(0, 10, (N,), generator=g))),
         "windows": (Windows(), (torch.randn(N, 3, 32, 32, generator=g),
                                 torch.randint(0, 10, (N,), generator=g))),
+        "weight_norm_mlp": (weight_norm_mlp(), (torch.randn(128, 784, generator=g),
+                                                torch.randint(0, 10, (128,), generator=g))),
+        "param_mlp": (parametrized(), (x, torch.randint(0, 10, (N,), generator=g))),
+        "relpos_attn": (RelPosAttention(), (torch.randn(N, 16, 32, generator=g),
+                                            torch.randint(0, 10, (N,), generator=g))),
     }
 
 
-def child(calls: int, models: list[str]) -> dict:
-    """One measurement of every (model, type) ratio in this process's ``fimfast``."""
+def child(calls: int, models: list[str], types=TYPES, clock=time.perf_counter) -> dict:
+    """One measurement of every (model, type) ratio in this process's ``fimfast`` (``clock``:
+    wall clock, or the process's CPU time)."""
     import torch
     import torch.nn.functional as F
 
@@ -252,23 +305,23 @@ def child(calls: int, models: list[str]) -> dict:
             F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1)).backward()
             model.zero_grad(set_to_none=True)
 
-        for t in TYPES:
+        for t in types:
             est = fimfast.DiagFisher(model, t, class_dim=-1)
-            t0 = time.perf_counter()
+            t0 = clock()
             est.step((inp, y))  # warm-up: plan, probe
-            slow = time.perf_counter() - t0 > 1.0  # then one timed call is enough
+            slow = clock() - t0 > 1.0  # then one timed call is enough
             times = []
             for _ in range(1 if slow else calls):
-                t0 = time.perf_counter()
+                t0 = clock()
                 est.step((inp, y))
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
             del est
             train()  # warm-up: the estimator's step freed memory a training step reuses
             floor = []
             for _ in range(2 * calls + 1):
-                t0 = time.perf_counter()
+                t0 = clock()
                 train()
-                floor.append(time.perf_counter() - t0)
+                floor.append(clock() - t0)
             # the fastest call of each: on a shared machine the others carry preemptions
             out[f"{name}:{t}"] = min(times) / min(floor)
             out[f"{name}:{t}:s"] = min(times)
@@ -284,9 +337,13 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--json", help="also write every round's measurements to this file")
+    ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps by the wall clock or by the process's CPU time")
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.calls, a.models)))
+        clock = time.process_time if a.clock == "cpu" else time.perf_counter
+        print(json.dumps(child(a.calls, a.models, a.types, clock)))
         return
     rng = random.Random(0)
     res: dict[str, list[dict]] = {t: [] for t in a.trees}
@@ -297,21 +354,23 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
             # run as a script: its own folder, not the working directory, heads sys.path
             cmd = [sys.executable, os.path.abspath(__file__), "--child", "--calls", str(a.calls),
-                   "--models", *a.models]
+                   "--models", *a.models, "--types", *a.types, "--clock", a.clock]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             res[tree].append(json.loads(p.stdout.strip().splitlines()[-1]))
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
-    keys = [f"{m}:{t}" for m in a.models for t in TYPES]
+    keys = [f"{m}:{t}" for m in a.models for t in a.types]
     print("| model:type | " + " | ".join(a.trees) + " |")
     print("|---|" + "---|" * len(a.trees))
     for k in keys + [f"{m}:train:s" for m in a.models]:
         cells = []
         for tree in a.trees:
-            v = statistics.median(d[k] for d in res[tree])
-            cells.append(f"{v * 1e3:.2f} ms" if k.endswith(":s") else f"{v:.1f}x")
+            vs = [d[k] for d in res[tree]]
+            v = statistics.median(vs)
+            cells.append(f"{v * 1e3:.2f} ms" if k.endswith(":s")
+                         else f"{v:.1f}x [{min(vs):.1f}, {max(vs):.1f}]")
         print(f"| {k} | " + " | ".join(cells) + " |")
 
 

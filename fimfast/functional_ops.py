@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from fimfast import _env
+from fimfast import functional_computed as fcomp
 from fimfast import functional_derived as fder
 from fimfast.functional_derived import _UNARY, _bind, _relu, _reverse, _unary
 from fimfast.hooks import Use
@@ -351,6 +352,8 @@ def _expand(mode, func, args, kwargs):
 
 
 HANDLERS: dict[Callable, Callable] = {
+    **dict.fromkeys(fcomp.OPS, fcomp.elementwise),  # x + W, W computed from parameters
+    F.linear: fcomp.linear,  # F.linear(x, W), W computed from parameters
     **dict.fromkeys(_UNARY, _unary),
     **dict.fromkeys(_EXPANDS, _expand),
     F.relu: _relu,

@@ -45,14 +45,19 @@ class RowJacobians:
 
 
 def strip_pruned(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` without the masked tensors ``torch.nn.utils.prune`` left from its last forward
-    (not graph leaves: ``copy.deepcopy`` refuses them; the next forward makes them again)."""
+    """``model`` without the masked tensors ``torch.nn.utils.prune`` (and the weights the older
+    ``torch.nn.utils.weight_norm``) left from its last forward (not graph leaves:
+    ``copy.deepcopy`` refuses them; the next forward makes them again)."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
     for m in model.modules():
         for hook in m._forward_pre_hooks.values():
             if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
                 m.__dict__.pop(hook._tensor_name, None)
                 if isinstance(m, torch.nn.RNNBase):  # its list of the weights the forward reads
                     m._init_flat_weights()
+            elif isinstance(hook, WeightNorm):  # the older weight_norm: made again likewise
+                m.__dict__.pop(hook.name, None)
     return model
 
 

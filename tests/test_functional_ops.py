@@ -403,6 +403,9 @@ class Unrecognised(nn.Module):
 
 UNRECOGNISED = ["broadcast", "diag", "transposed_3d", "also_summed", "modified",
                 "erf", "tiled", "shared_matrix"]
+# of which a weight computed from p only and broadcast into the batch (einsum("ii->i", p), p + 1
+# doubled in place, erf(p)): pulled back to p (fimfast/functional_computed.py)
+COMPUTED = ("diag", "modified", "erf")
 
 
 @pytest.mark.parametrize("kind", UNRECOGNISED)
@@ -414,7 +417,11 @@ def test_unrecognised_uses_stay_generic_and_exact(kind, quantity):
                 torch.ones(5, dtype=torch.bool), y, "categorical", 4).to(torch.float64)
     got, est = _run(case, quantity)
     plan = est._persample.last_plan
-    assert [est.names[i] for i in plan.generic] == ["p"], plan.reasons
+    if kind in COMPUTED:  # a tensor computed from p only, times the batch: p's pullback
+        assert not plan.generic, plan.reasons
+        assert [est.names[i] for pb in plan.pullbacks for i in pb.thetas] == ["p"]
+    else:
+        assert [est.names[i] for i in plan.generic] == ["p"], plan.reasons
     assert {"fc.weight", "fc.bias", "head.weight", "head.bias"} <= {est.names[i]
                                                                     for i in plan.fast}
     assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from fimfast import chunks, hooks
+from fimfast import chunks, hooks, pullback
+from fimfast import derived_weights as dw
 from fimfast.batch_sums import Sums
 from fimfast.ops import registry
 from fimfast.persample import onecol, squares, stream
@@ -57,7 +58,12 @@ class Engine(Replay):
 
     # -- planning --------------------------------------------------------------------------- #
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
-        graph = hooks.walk(rows.flat, params)
+        found = self.weights.take(cap)  # weights computed from parameters (derived_weights)
+        if found:
+            graph = dw.walk(rows.flat, params, {f[3]: f[1] for f in found})
+            params, n = [*params, *(f[1] for f in found)], len(params)
+        else:
+            graph = hooks.walk(rows.flat, params)
         _refuse_hidden(cap, graph)
         if cap is None or not cap.calls:
             generic = list(range(len(params)))
@@ -75,12 +81,18 @@ class Engine(Replay):
         key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows)
         hit = self._plans.get(key)
         if hit is not None:
-            return hit.bind(cap.calls)
-        plan = planning.build(cap.calls, head, rows, params, glob, head_closed, self._probe_cache)
-        if len(self._plans) > 64:
-            self._plans.clear()
-        self._plans[key] = tmpl = _Template.of(plan, cap.calls)
-        tmpl.lanes = plan.lanes = onecol.layout(plan)  # decided once per structure
+            plan = hit.bind(cap.calls)
+        else:
+            plan = planning.build(cap.calls, head, rows, params, glob, head_closed,
+                                  self._probe_cache)
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[key] = tmpl = _Template.of(plan, cap.calls)
+            tmpl.lanes = plan.lanes = onecol.layout(plan)  # decided once per structure
+        if found:
+            dw.settle(plan, params[:n], found, glob, head)
+            # settle rewrites the groups and calls the lanes index: the general chunks run
+            plan.lanes = None
         return plan
 
     # -- the step ----------------------------------------------------------------------------- #
@@ -157,15 +169,18 @@ class Engine(Replay):
         # the logits layer in closed form: no backward column at all
         squares.head_closed_form(plan.groups, rows, cols, acc, backend)
         token = rows.logits.dim() == 3 and not self.sequence_rows
-        if plan.lanes is not None and cols.num == 1 and cols.block is not None and not token:
+        if (plan.lanes is not None and not plan.pullbacks and cols.num == 1
+                and cols.block is not None and not token):
             self.add_taps = False  # one column: not streamed
             onecol.run(rows, plan, cols, acc, retain_graph, backend)
             return
         groups = [g for g in plan.groups if g.kind not in HEAD_KINDS]
-        if not groups:
+        pulls = plan.pullbacks  # parameters used through computed weights (fimfast.pullback)
+        if not groups and not pulls:
             return
         taps = [t for c in plan.calls for t in c.taps]
-        need_head = any(c is head for g in groups for c, _ in g.members)
+        need_head = any(c is head for g in [*groups, *(g for pb in pulls for g in pb.groups)]
+                        for c, _ in g.members)
         if token or cols.num > 1:
             kk, tt, rpos = _schedule(rows, cols) if token else (None, None, None)
             total = cols.num if kk is None else kk.numel()
@@ -174,6 +189,8 @@ class Engine(Replay):
                                       sum(p.numel() for p in params), total, self.stream_batched)
         else:  # one column (EMPIRICAL, one draw of MONTE_CARLO): one backward, as it is
             kk, total, M_max, streams = None, 1, 1, False
+        if pulls and streams:  # the pullbacks need every gradient of a chunk at once
+            M_max, streams = 1, False
         for g in groups:
             g.state.single = total == 1
         # a streamed step (:mod:`.stream`) forms each call's squares as its gradients arrive, and
@@ -198,6 +215,7 @@ class Engine(Replay):
             gmap = _tap_grads(rows, taps, cot, retain, head if need_head else None)
             del cot
             _chunk(groups, gmap, acc, backend)
+            pullback.chunk(pulls, gmap, acc, params)
             del gmap
         squares.finish(groups, acc, backend)
 

@@ -115,6 +115,8 @@ class Plan:
         reasons: why each generic parameter is generic.
         lanes: the layout of a one-column step of plain Linear lanes
             (:func:`fimfast.persample.onecol.layout`), ``None`` where the general chunks run.
+        pullbacks: the parameters used through weights computed from them
+            (:class:`fimfast.derived_weights.Pullback`).
     """
 
     groups: list[Group] = field(default_factory=list)
@@ -124,11 +126,13 @@ class Plan:
     head: hooks.Call | None = None
     reasons: dict[int, str] = field(default_factory=dict)
     lanes: tuple | None = None
+    pullbacks: list = field(default_factory=list)
 
     @property
     def fast(self) -> list[int]:
         """Indices of the parameters estimated by rules."""
-        return sorted({g.index for g in self.groups})
+        return sorted({g.index for g in self.groups}
+                      | {i for pb in self.pullbacks for i in pb.thetas})
 
 
 def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:

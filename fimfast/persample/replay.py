@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fimfast import batch as batchlib
+from fimfast import derived_weights as dw
 from fimfast import functional, hooks, layers
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.rules.forwards import Forwards
@@ -51,7 +52,8 @@ class Replay:
         self._flat_checked = False
         # per model and set of trainable parameters: the modules to hook, whether it has a
         # lookup, and the norm layers to restore if a forward reruns (see _modules)
-        self._mods: tuple[Any, list, bool, list] | None = None
+        self._mods: tuple[Any, list, bool, list, bool] | None = None
+        self.weights = dw.Weights()  # weights computed from parameters (fimfast.derived_weights)
         self._forwards: Forwards | None = None  # the capturing forwards of those modules
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
         # the next forward taps every output by an add (see Engine._fast: one column per
@@ -200,11 +202,14 @@ class Replay:
             cap.samples = self._samples
         forwards = None if self.hooked else self._forwards
         undo = cap.install(mods[0], self._owned, self._watch, forwards)  # cap.installed, inline
+        modules = self._mods[4]  # the model may hand a layer a weight computed from parameters
         try:
             if not self.functional or self._quiet:
-                yield cap
+                with dw.computed(cap, self.weights, modules):
+                    yield cap
                 return
-            with functional.capturing(cap, mods[0], self._sites, self._fowners) as mode:
+            with functional.capturing(cap, mods[0], self._sites, self._fowners) as mode, \
+                    dw.computed(cap, self.weights, modules):
                 yield cap
             # a forward with no functional call on a parameter runs later steps without the mode
             self._quiet = mode.recorded == 0
@@ -220,13 +225,16 @@ class Replay:
         key = (id(model), tuple(map(id, params)))
         if self._mods is None or self._mods[0] != key:
             targets = hooks.targets(model, params, layers.rule_for)
-            self._mods = (key, targets, *_stat_modules(model))
+            derived = dw.model_has_derived(model)
+            if derived:
+                targets += dw.parametrized(model, params, layers.rule_for, targets)
+            self._mods = (key, targets, *_stat_modules(model), derived)
             self._forwards = Forwards(model, targets)
             self._owned = hooks.owners(model, params)
             self._fowners = functional.owners_of(targets)
             self._sites, self._quiet = {}, False
             self._memo = {}
-        return self._mods[1:]
+        return self._mods[1:4]
 
 def _samples(batch: Any, batch_size: int | None) -> int | None:
     """The samples of a batch as its rows will count them: one per label where the labels are

@@ -64,6 +64,7 @@ class FunctionalLinearRule(Rule):
 
     name = "F.linear"
     closed_form_head = True
+    takes_functions = True  # its terms tell uses apart by kind
 
     def terms(self, call, grads):
         return _linear_terms(call, grads[0], call.taps[0], call.data, "x", call.uses)
@@ -155,6 +156,7 @@ class ElementwiseRule(Rule):
     ``x - p``) and ``shape`` (the shape ``p`` had in the call)."""
 
     name = "elementwise"
+    takes_functions = True  # one use; its parameter is read for ``chained`` only
 
     def terms(self, call, grads):
         G = grads[0]
