@@ -253,15 +253,21 @@ def run_case(case: Case, fim_type: str, rules: bool = True, **opts) -> tuple[dic
     return dict(est.result().items()), est
 
 
-def check_fast_twice(case: Case, fim_type: str, ref: dict, tol: float) -> Any:
+def check_fast_twice(
+    case: Case, fim_type: str, ref: dict, tol: float, unused: frozenset = frozenset()
+) -> Any:
     """One step of ``fim_type`` on ``case`` with no parameter on the generic path equals ``ref``
     (``{name: tensor}``) to ``tol``, and so does half the sum after a second step (the plan of
-    the first bound to the second one's calls); returns the estimator."""
+    the first bound to the second one's calls); returns the estimator. The parameters the step
+    finds unused (no path to the logits) must be exactly ``unused`` (names): a model whose
+    parameters never reach the logits checks nothing about their rules."""
     from oracle import rel_error
 
     got, est = run_case(case, fim_type)
     plan = est._persample.last_plan
     assert not plan.generic, plan.reasons
+    names = [n for n, p in case.model.named_parameters() if p.requires_grad]
+    assert {names[i] for i in plan.unused} == set(unused), "unused parameters"
     assert rel_error(got, ref) <= tol
     est.step(case.batch)
     assert rel_error({k: v / 2 for k, v in est.result().items()}, ref) <= tol

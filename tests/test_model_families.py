@@ -358,7 +358,16 @@ def _case(name: str) -> Case:
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_takes_the_rules_and_matches_the_oracle(name, quantity):
     case = _case(name)
-    check_fast_twice(case, quantity, oracle(case, quantity), DET_REL_F64)
+    unused = UNUSED.get(name, frozenset())
+    check_fast_twice(case, quantity, oracle(case, quantity), DET_REL_F64, unused)
+
+
+# the families with parameters that never reach the logits (every other family's parameters
+# all do: a family whose layers are cut off from the logits would check nothing about them)
+UNUSED = {
+    "unused_parameters": frozenset({"dead.weight", "dead.bias"}),
+    "call_twice_one_detached": frozenset({"n.weight", "n.bias"}),
+}
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
