@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from fimfast import _env
+from fimfast import functional_cells as fcells
 from fimfast import functional_computed as fcomp
 from fimfast import functional_derived as fder
 from fimfast.functional_derived import _UNARY, _bind, _relu, _reverse, _unary
@@ -364,5 +365,6 @@ HANDLERS: dict[Callable, Callable] = {
     torch.bmm: _bmm,
     Tensor.bmm: _bmm,
     **dict.fromkeys(_MM, _addmm),
+    **fcells.HANDLERS,  # torch.gru_cell, torch.lstm_cell, ... on parameters
 }
 """Handlers of the calls this module recognises (merged into :mod:`fimfast.functional`'s)."""

@@ -356,7 +356,8 @@ def test_kfac_refuses_cells():
 
 
 def test_functional_cell_call_stays_exact():
-    """``torch.gru_cell`` called directly on parameters: the generic path, exact."""
+    """``torch.gru_cell`` called directly on a cell module's parameters (its forward not run):
+    the functional capture records it (fimfast/functional_cells.py), exact."""
 
     class Fn(nn.Module):
         def __init__(self):
@@ -371,8 +372,7 @@ def test_functional_cell_call_stays_exact():
             return self.o(F.layer_norm(h, (H,)))
 
     case = _case(Fn(), 4)
-    got, _ = run_case(case, "exact")
-    assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
+    check_fast_twice(case, "exact", oracle(case, "exact"), DET_REL_F64)
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
