@@ -74,9 +74,9 @@ class Sums:
 
     def scale(self, i: int, chain: torch.Tensor) -> None:
         """Multiply slot ``i``'s sum, once it is complete, by ``chain**2`` elementwise (``chain``
-        in the slot's shape): the derivative of ``s = f(p)`` for a parameter whose only use is
-        through ``s`` (``hooks.Use.chain``). Its products are then formed here, not folded, and
-        its rows kept dense."""
+        in the slot's shape): the derivative of ``s = f(p)`` for a parameter whose uses all go
+        through ``s``, one ``ds/dp`` for all of them (``hooks.Use.chain``). Its products are
+        then formed here, not folded, and its rows kept dense."""
         self.scales[i] = chain.to(self.dtypes[i]).reshape(self.shapes[i])
 
     def _scaled(self) -> None:

@@ -7,8 +7,11 @@ gathered from a table by an index buffer (``table[index.view(-1)].view(T, T, H).
 elementwise call on a parameter (:class:`fimfast.rules.functional.ElementwiseRule`: ``W``'s
 per-sample gradient is the output gradient summed over the sample's elements down to ``W``'s
 shape) with ``W`` as its use; the engine pulls it back to the parameters
-(:mod:`fimfast.pullback`). Likewise ``F.linear(x, W, b)`` (:func:`linear`). Any other call goes
-to :mod:`fimfast.functional`'s handler.
+(:mod:`fimfast.pullback`). Likewise ``F.linear(x, W, b)`` (:func:`linear`), ``x @ W`` with a 2-D
+``W`` (:func:`matmul`), ``F.conv1d/2d/3d(x, W, b)`` (:func:`conv`) and a contraction's operand
+(``torch.einsum``, ``bmm``, ...: :func:`operand`, read by :mod:`fimfast.functional_ops`): a
+cosine classifier ``x @ F.normalize(W, dim=0)``, a weight-standardized convolution
+``F.conv2d(x, (W - mean) / std)``. Any other call goes to :mod:`fimfast.functional`'s handler.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def elementwise(mode, func, args, kwargs):
     if (pos is None or mode.operand(args[pos]) or mode.operand(args[1 - pos])
             or not weights.made_from_parameters(args[pos])
             or any(v > 0 for v in mode.inside.values())):  # a rule's module: its rule
+        if weights is not None and not kwargs and len(args) == 2 and _inside_weight(
+                mode, weights, *args):
+            return func(*args)  # W - W.mean(): a step of a weight computed from parameters
         return functional._elementwise(mode, func, args, kwargs)
     w, x = args[pos], args[1 - pos]
     y = func(*args)
@@ -76,6 +82,22 @@ def elementwise(mode, func, args, kwargs):
         sign = -1
     data = {"deriv": deriv, "sign": sign, "shape": tuple(w.shape), "chain": None}
     return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(w, UseKind.VEC)], data)
+
+
+def _inside_weight(mode, weights, a: Any, b: Any) -> bool:
+    """Whether ``a (op) b`` combines a parameter (or a view or elementwise function of one) with
+    a tensor computed from parameters only, with no dim of the batch's size (``W -
+    W.mean(dims)``, ``W / W.norm()``): a step of a weight computed from parameters, not a use
+    of the parameter by the batch; the call that consumes the weight is recorded
+    (:func:`linear`, :func:`conv`, ...). The cheap tests first."""
+    N = mode.cap.batch_size
+    if N is None or not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+        return False
+    for p, t in ((a, b), (b, a)):
+        if (t.grad_fn is not None and N not in t.shape and mode.operand(p) is not None
+                and mode.operand(t) is None and weights.made_from_parameters(t)):
+            return True
+    return False
 
 
 def linear(mode, func, args, kwargs):
@@ -102,12 +124,69 @@ def linear(mode, func, args, kwargs):
     return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
 
 
-def _linear_weight(mode, weights, x: Any, w: Any) -> bool:
-    """Whether ``F.linear(x, w)`` uses ``w`` as a weight computed from parameters (not the
-    batch's: no dim of the batch's size)."""
+def _linear_weight(mode, weights, x: Any, w: Any, dims: int | None = 2) -> bool:
+    """Whether ``F.linear(x, w)`` (a call with input ``x`` and weight ``w``) uses ``w`` as a
+    weight computed from parameters, of ``dims`` dims (``None``: any), not the batch's (no dim
+    of the batch's size), outside the forward of a module with a rule. The cheap tests first:
+    every such call of a captured forward comes here."""
     N = mode.cap.batch_size
-    return (isinstance(x, Tensor) and isinstance(w, Tensor) and w.dim() == 2
-            and w.grad_fn is not None and (N is None or N not in w.shape)
+    return (isinstance(x, Tensor) and isinstance(w, Tensor) and w.grad_fn is not None
+            and (dims is None or w.dim() == dims) and (N is None or N not in w.shape)
             and mode.param(w) is None and mode.view_of(w) is None
-            and weights.made_from_parameters(w)
-            and not any(v > 0 for v in mode.inside.values()))
+            and not any(v > 0 for v in mode.inside.values())
+            and weights.made_from_parameters(w))
+
+
+def operand(mode, t: Any) -> tuple | None:
+    """``(t, False, None, None)`` (a parameter's operand, see ``functional_ops._operand_any``)
+    when ``t`` is a weight computed from parameters (:func:`_linear_weight`, any dims), else
+    ``None``."""
+    weights = getattr(mode.cap.derived, "weights", None)
+    if weights is None or not _linear_weight(mode, weights, t, t, None):
+        return None
+    return t, False, None, None
+
+
+def matmul(mode, func, args, kwargs):
+    """``x @ W`` with ``x`` at least 2-D and ``W`` a 2-D weight computed from parameters (stored
+    ``(I, O)``): a linear map, ``W`` an :class:`~fimfast.rules.Outer` use. Anything else goes
+    to :mod:`fimfast.functional`'s handler."""
+    from fimfast import functional  # it imports this module
+
+    weights = getattr(mode.cap.derived, "weights", None)
+    if (weights is None or kwargs or len(args) != 2 or not isinstance(args[0], Tensor)
+            or args[0].dim() < 2 or not _linear_weight(mode, weights, *args)):
+        return functional._matmul(mode, func, args, kwargs)
+    x, w = args
+    y = func(x, w)
+    use = Use(w, UseKind.OUTER, transposed=True)
+    return mode.record("matmul", frules.LINEAR, y, y.dim() - 1, [use], {"x": x.detach()})
+
+
+def conv(mode, func, args, kwargs):
+    """``F.conv1d/2d/3d(x, W, b, ...)`` on a batched ``x`` with ``W`` computed from parameters
+    and ``b`` a parameter or nothing: :class:`fimfast.rules.functional.FunctionalConvRule`'s
+    terms, ``W`` an :class:`~fimfast.rules.Outer` use. Anything else goes to
+    :mod:`fimfast.functional`'s handler."""
+    from fimfast import functional  # it imports this module
+
+    weights = getattr(mode.cap.derived, "weights", None)
+    nsp = functional._CONV_DIMS[func]
+    b = _bind(args, kwargs, functional._CONV_ARGS, (None, None, None, 1, 0, 1, 1))
+    if (weights is None or b is None or not isinstance(b[0], Tensor) or b[0].dim() != nsp + 2
+            or not _linear_weight(mode, weights, b[0], b[1], nsp + 2)):
+        return functional._conv(mode, func, args, kwargs)
+    x, w, bias, stride, padding, dilation, groups = b
+    pb = mode.param(bias)
+    if bias is not None and pb is None:
+        return functional._conv(mode, func, args, kwargs)
+    y = func(*args, **kwargs)
+    kernel, dilation = tuple(w.shape[2:]), functional._tuple(dilation, nsp)
+    data = {
+        "x": x.detach(), "kernel": kernel, "stride": functional._tuple(stride, nsp),
+        "padding": frules.conv_padding(padding, kernel, dilation), "dilation": dilation,
+        "groups": int(groups),
+    }
+    uses = [Use(w, UseKind.OUTER, groups=int(groups))]
+    uses += [Use(pb, UseKind.VEC)] if pb is not None else []
+    return mode.record(f"F.conv{nsp}d", frules.CONV, y, 1, uses, data, batch_first=True)

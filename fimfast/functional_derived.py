@@ -12,7 +12,8 @@ of a functional norm, an operand of a contraction) the rule multiplies each per-
 by it; where it is the weight of ``F.linear``, ``@``, ``F.conv*`` or of a module with a rule
 (``torch.nn.utils.prune`` sets ``module.weight = weight_orig * weight_mask`` in a forward
 pre-hook: :func:`remake_attributes`), the use carries it (``hooks.Use.chain``) and the engine
-scales the parameter's squares by ``chain**2`` (a single such use; several: the generic path).
+scales the parameter's squares by ``chain**2`` (one chain for all its uses: a pruned weight used
+by several calls; uses with different chains: the generic path).
 """
 
 from __future__ import annotations

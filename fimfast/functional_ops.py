@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from fimfast import _env
+from fimfast import functional_cells as fcells
 from fimfast import functional_computed as fcomp
 from fimfast import functional_derived as fder
 from fimfast.functional_derived import _UNARY, _bind, _relu, _reverse, _unary
@@ -245,7 +246,7 @@ def _operand_any(mode, t) -> tuple | None:
     p = mode.param(t)
     if p is not None:
         return p, False, None, None
-    return mode.view_of(t)
+    return mode.view_of(t) or fcomp.operand(mode, t)  # a weight computed from parameters
 
 
 def _record_contract(mode, func, run, args, kwargs, spec, ops, **extra):
@@ -353,7 +354,9 @@ def _expand(mode, func, args, kwargs):
 
 HANDLERS: dict[Callable, Callable] = {
     **dict.fromkeys(fcomp.OPS, fcomp.elementwise),  # x + W, W computed from parameters
-    F.linear: fcomp.linear,  # F.linear(x, W), W computed from parameters
+    F.linear: fcomp.linear,  # F.linear(x, W), W computed from parameters; likewise:
+    **dict.fromkeys((torch.matmul, Tensor.matmul, Tensor.__matmul__), fcomp.matmul),
+    **dict.fromkeys((torch.conv1d, torch.conv2d, torch.conv3d), fcomp.conv),
     **dict.fromkeys(_UNARY, _unary),
     **dict.fromkeys(_EXPANDS, _expand),
     F.relu: _relu,
@@ -364,5 +367,6 @@ HANDLERS: dict[Callable, Callable] = {
     torch.bmm: _bmm,
     Tensor.bmm: _bmm,
     **dict.fromkeys(_MM, _addmm),
+    **fcells.HANDLERS,  # torch.gru_cell, torch.lstm_cell, ... on parameters
 }
 """Handlers of the calls this module recognises (merged into :mod:`fimfast.functional`'s)."""

@@ -96,8 +96,9 @@ class Use:
             elementwise function of it made in the forward (a pruning mask ``param * mask``),
             ``ds/dparam`` shaped like ``param`` (detached), set by :meth:`Capture.record`. The
             per-row gradient of ``param`` is the term's times ``chain``: the engine scales the
-            squares of a parameter with a single such use by ``chain**2``
-            (:meth:`fimfast.batch_sums.Sums.scale`); several uses send it to the generic path.
+            squares of a parameter whose uses all have this one chain by ``chain**2``
+            (:meth:`fimfast.batch_sums.Sums.scale`); uses with different chains, or some of the
+            parameter itself, send it to the generic path.
     """
 
     param: torch.Tensor

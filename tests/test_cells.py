@@ -356,7 +356,8 @@ def test_kfac_refuses_cells():
 
 
 def test_functional_cell_call_stays_exact():
-    """``torch.gru_cell`` called directly on parameters: the generic path, exact."""
+    """``torch.gru_cell`` called directly on a cell module's parameters (its forward not run):
+    the functional capture records it (fimfast/functional_cells.py), exact."""
 
     class Fn(nn.Module):
         def __init__(self):
@@ -371,16 +372,15 @@ def test_functional_cell_call_stays_exact():
             return self.o(F.layer_norm(h, (H,)))
 
     case = _case(Fn(), 4)
-    got, _ = run_case(case, "exact")
-    assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
+    check_fast_twice(case, "exact", oracle(case, "exact"), DET_REL_F64)
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
 def test_pruned_cell_takes_the_rule(quantity):
     """``torch.nn.utils.prune`` on a cell weight (``weight_ih = weight_ih_orig * mask``): the
-    float64 oracle's Fisher. The masked weight is used at every step of the loop, and a chained
-    use (fimfast/hooks.py ``Use.chain``) is combined over one call only: ``weight_ih_orig``
-    takes the generic path, the cell's other parameters keep the rule."""
+    float64 oracle's Fisher. The masked weight is used at every step of the loop, each use with
+    the mask as its chain (fimfast/hooks.py ``Use.chain``), one derivative for all: every
+    parameter takes the rule."""
     torch.manual_seed(5)
     model = Loop(nn.GRUCell(I, H))
     torch.nn.utils.prune.l1_unstructured(model.c, "weight_ih", amount=0.3)
@@ -389,7 +389,9 @@ def test_pruned_cell_takes_the_rule(quantity):
     assert rel_error(got, oracle(case, quantity)) <= DET_REL_F64
     names = [n for n, _ in case.model.named_parameters()]
     plan = est._persample.last_plan
-    assert {names[i] for i in plan.generic} == {"c.weight_ih_orig"}, plan.reasons
+    assert not plan.generic, {names[i]: plan.reasons[i] for i in plan.generic}
+    assert oracle(case, quantity)["c.weight_ih_orig"].abs().sum() > 0  # not a detached use
+    assert (model.c.weight_ih_mask == 0).any()
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])

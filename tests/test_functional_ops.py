@@ -404,8 +404,9 @@ class Unrecognised(nn.Module):
 UNRECOGNISED = ["broadcast", "diag", "transposed_3d", "also_summed", "modified",
                 "erf", "tiled", "shared_matrix"]
 # of which a weight computed from p only and broadcast into the batch (einsum("ii->i", p), p + 1
-# doubled in place, erf(p)): pulled back to p (fimfast/functional_computed.py)
-COMPUTED = ("diag", "modified", "erf")
+# doubled in place, erf(p)) or an operand of a contraction (p.transpose(1, 2) in bmm): pulled
+# back to p (fimfast/functional_computed.py)
+COMPUTED = ("diag", "modified", "erf", "transposed_3d")
 
 
 @pytest.mark.parametrize("kind", UNRECOGNISED)

@@ -288,6 +288,9 @@ FAMILIES = {
     "film_conditioning": (lambda: Fn(lambda s, x: (lambda gb: s.o(torch.relu(
         s.c(x) * gb[:, :3, None, None] + gb[:, 3:, None, None]).flatten(1)))(s.a(x.mean((2, 3)))),
         c=nn.Conv2d(2, 3, 3), a=nn.Linear(2, 6), o=nn.Linear(12, 3)), lambda: _x(*IMG), 3),
+    # F.conv2d(x, (w - w.mean()) / w.std()) in a subclass's forward: a computed weight
+    "weight_standardized_conv": (lambda: _conv_seq(StdConv2d(2, 3, 3), nn.Tanh(), flat=12),
+                                 lambda: _x(*IMG), 3),
 }
 
 # name -> (model builder, input builder, classes, {generic parameter: reason})
@@ -330,9 +333,6 @@ GENERIC = {
                                    **_lin(6, 6)), lambda: _x(N, 6), 3,
                         dict.fromkeys(["a.weight", "a.bias"],
                                       "no dimension of the layer output is the batch")),
-    "weight_standardized_conv": (lambda: _conv_seq(StdConv2d(2, 3, 3), nn.Tanh(), flat=12),
-                                 lambda: _x(*IMG), 3,
-                                 {"0.weight": "used outside the captured layer calls"}),
     "embedding_scale_grad_by_freq": (lambda: Fn(
         lambda s, ids: s.o(torch.tanh(s.e(ids).sum(1))),
         e=nn.Embedding(6, 4, scale_grad_by_freq=True), o=nn.Linear(4, 3)), lambda: _ids(6), 3,

@@ -158,7 +158,8 @@ def _structure(
             hooks.uses_key(c.uses) if c.uses_key is None else c.uses_key, tuple(taps),
         ))
     ids = tuple(map(id, params))
-    return N >= 2, tuple(per_call), ids, tuple(map(glob.get, ids, repeat(0)))
+    glob_ids = tuple(map(glob.get, ids, repeat(0)))
+    return N >= 2, tuple(per_call), ids, glob_ids, chain_key(calls)
 
 
 @dataclass
@@ -347,10 +348,12 @@ def _candidates(plan: Plan, params, glob, uses, internal, unreached) -> set[int]
 
 def groups_of(i, members, head) -> list[Group] | None:
     """The groups of parameter ``i``'s uses (one per block), or ``None`` when the rules cannot
-    add them up (overlapping blocks, a weight stored both ways round, mixed kinds, a use through
-    a function of the parameter among several: its squares are scaled as a whole, see
-    :func:`scale_chained`)."""
-    if len(members) > 1 and any(c.uses[ui].chain is not None for c, ui in members):
+    add them up (overlapping blocks, a weight stored both ways round, mixed kinds, uses through
+    functions of the parameter with different derivatives, or mixed with uses of the parameter
+    itself: its squares are scaled as a whole, see :func:`scale_chained`)."""
+    if len(members) > 1 and any(c.uses[ui].chain is not None for c, ui in members) and (
+        not _same_chain([c.uses[ui].chain for c, ui in members])
+    ):
         return None
     byblock: dict[Any, list] = defaultdict(list)
     for c, ui in members:
@@ -388,9 +391,35 @@ def groups_of(i, members, head) -> list[Group] | None:
     return out
 
 
+def _same_chain(chains: list) -> bool:
+    """Whether the chains of a parameter's uses are one derivative (the same tensor, or equal
+    values): its per-sample gradient is then ``chain * sum`` over the uses of their terms
+    (docs/math.md §4), which the engine squares once and scales by ``chain**2``."""
+    first = chains[0]
+    if first is None:
+        return False
+    return all(
+        c is first or (c is not None and c.shape == first.shape and torch.equal(c, first))
+        for c in chains[1:]
+    )
+
+
+def chain_key(calls: list[hooks.Call]) -> tuple:
+    """Per parameter used through functions of it by several calls, whether their chains agree
+    (:func:`_same_chain`): part of the step's structure, read at every step (a plan whose
+    chains agreed is not reused for a step where they differ)."""
+    chains: dict[int, list] = {}
+    for c in calls:
+        for u in c.uses:
+            if u.chain is not None:
+                chains.setdefault(id(u.param), []).append(u.chain)
+    return tuple((k, _same_chain(v)) for k, v in chains.items() if len(v) > 1)
+
+
 def scale_chained(groups: list[Group], acc) -> None:
     """Scale the sums of the parameters used through an elementwise function of them
-    (``hooks.Use.chain``, a single use: :func:`groups_of`) by the squared derivative."""
+    (``hooks.Use.chain``, one derivative for all their uses: :func:`groups_of`) by the squared
+    derivative."""
     for g in groups:
         c, ui = g.members[0]
         chain = c.uses[ui].chain

@@ -87,6 +87,7 @@ class FunctionalConvRule(Rule):
     bias, as :class:`~fimfast.rules.ConvRule`."""
 
     name = "F.conv"
+    takes_functions = True  # its terms tell uses apart by kind
 
     def terms(self, call, grads):
         G = grads[0]
@@ -267,6 +268,7 @@ class ContractionRule(Rule):
     ``factor``; and its ``chain``)."""
 
     name = "contraction"
+    takes_functions = True  # its terms read the parts, the parameter for ``chained`` only
 
     def terms(self, call, grads):
         G = grads[0]

@@ -1,0 +1,89 @@
+"""Weights computed from parameters (fimfast/functional_computed.py) used by ``x @ W``,
+``F.conv1d/2d/3d`` and ``torch.einsum`` in a functional call: a cosine classifier on
+``F.normalize(W)``, weight-standardized convolutions. The call's rule gives the per-sample
+gradients of ``W``, pulled back to the parameters (fimfast/pullback.py); every result is checked
+against the float64 oracle (tests/oracle.py), with the oracle's Fisher of the parameters not
+zero, and no parameter on the generic path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import check_fast_twice, check_monte_carlo_same_seed, classifier_case
+from oracle import oracle, row_jacobians
+from tolerances import DET_REL_F64
+from torch import nn
+
+N, C = 5, 3
+
+
+class Fn(nn.Module):
+    def __init__(self, fwd, **mods):
+        super().__init__()
+        self.fwd = fwd
+        for k, v in mods.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        return self.fwd(self, x)
+
+
+def _p(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * 0.5)
+
+
+def _standardized(W: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(1, W.dim()))
+    return (W - W.mean(dims, keepdim=True)) / (W.var(dims, keepdim=True) + 1e-2).sqrt()
+
+
+def _conv(s, x, nsp: int, **kw):
+    f = (F.conv1d, F.conv2d, F.conv3d)[nsp - 1]
+    return s.o(torch.tanh(f(x, _standardized(s.W), s.b, **kw)).flatten(1))
+
+
+MODELS = {
+    # name: (model, input shape, parameters whose Fisher is checked not zero)
+    "cosine_matmul": (lambda: Fn(lambda s, x: 3.0 * (F.normalize(torch.tanh(s.a(x)), dim=-1)
+                                                      @ F.normalize(s.W, dim=0)),
+                                 a=nn.Linear(6, 6), W=_p(6, C)), (N, 6), ["W"]),
+    "cosine_matmul_tokens": (lambda: Fn(lambda s, x: (torch.tanh(s.a(x)) @ F.normalize(
+        s.W, dim=0)).mean(1), a=nn.Linear(4, 4), W=_p(4, C)), (N, 3, 4), ["W"]),
+    "cosine_einsum": (lambda: Fn(lambda s, x: torch.einsum(
+        "nd,cd->nc", torch.tanh(s.a(x)), F.normalize(s.W, dim=-1)), a=nn.Linear(6, 6),
+        W=_p(C, 6)), (N, 6), ["W"]),
+    "ws_conv1d": (lambda: Fn(lambda s, x: _conv(s, x, 1, padding=1), W=_p(4, 2, 3), b=_p(4),
+                             o=nn.Linear(4 * 6, C)), (N, 2, 6), ["W", "b"]),
+    "ws_conv2d_groups_same": (lambda: Fn(lambda s, x: _conv(s, x, 2, padding="same", groups=2),
+                                         W=_p(4, 1, 3, 3), b=_p(4), o=nn.Linear(4 * 16, C)),
+                              (N, 2, 4, 4), ["W", "b"]),
+    "ws_conv3d_nobias": (lambda: Fn(lambda s, x: _conv(s, x, 3, stride=2), W=_p(2, 1, 2, 2, 2),
+                                    b=None, o=nn.Linear(2 * 8, C)), (N, 1, 5, 5, 5), ["W"]),
+}
+
+
+def _case(name: str):
+    build, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(13))
+    return classifier_case(model, (x, y), C, name)
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_computed_weight_call_takes_the_rules(name, quantity):
+    case = _case(name)
+    ref = oracle(case, quantity)
+    for k in MODELS[name][2]:
+        assert ref[k].abs().sum() > 0, k  # not a detached use
+    est = check_fast_twice(case, quantity, ref, DET_REL_F64)
+    assert est._persample.last_plan.pullbacks
+
+
+@pytest.mark.parametrize("name", ["cosine_matmul", "ws_conv2d_groups_same", "cosine_einsum"])
+def test_computed_weight_call_monte_carlo_same_seed(name):
+    est = check_monte_carlo_same_seed(_case(name), row_jacobians(_case(name)), DET_REL_F64)
+    assert not est._persample.last_plan.generic
