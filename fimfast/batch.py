@@ -26,7 +26,6 @@ lists as causal LMs (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, e.g. ``GPT2LMHeadMod
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from fimfast._lazy import once
 from fimfast.dtypes import compute_dtype
 from fimfast.finite import check_finite, label_range_and_finite, rows_all_valid
 
@@ -92,7 +92,7 @@ class Rows:
             return self.logits
         return self.logits.reshape(-1, self.num_classes)
 
-    @functools.cached_property
+    @once
     def flat(self) -> torch.Tensor:
         """``(R, C)`` valid rows of ``logits`` (attached to the graph).
 
@@ -103,7 +103,7 @@ class Rows:
             return self.flat_all
         return self.flat_all.index_select(0, self.index)
 
-    @functools.cached_property
+    @once
     def detached(self) -> torch.Tensor:
         """``logits.detach()``, made once (the row checks may have made it already)."""
         return self.logits.detach()
