@@ -131,7 +131,7 @@ def split(
     """
     if isinstance(batch, torch.Tensor):
         return batch, None, None
-    if isinstance(batch, Mapping):
+    if type(batch) not in (tuple, list) and isinstance(batch, Mapping):  # (ABC check last)
         rest = dict(batch)
         labels = None
         for k in _LABEL_KEYS:
@@ -154,7 +154,7 @@ def split(
             )
         inputs = batch[0]
         labels = batch[1] if len(batch) == 2 else None
-        if isinstance(inputs, Mapping):
+        if type(inputs) is not torch.Tensor and isinstance(inputs, Mapping):
             return dict(inputs), labels, _mask_of(inputs, encoder_decoder)
         return inputs, labels, None
     raise TypeError(
@@ -167,7 +167,7 @@ def labels_of(
     batch: Any, encoder_decoder: bool = False
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(labels, attention_mask)`` of a batch whose forward is done by ``forward_fn``."""
-    if isinstance(batch, Mapping):
+    if type(batch) not in (tuple, list) and isinstance(batch, Mapping):
         labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
         return labels, _mask_of(batch, encoder_decoder)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
