@@ -16,13 +16,39 @@ import os
 _BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 
+def get(name: str) -> str | None:
+    """``os.environ.get(name)``, read now, without its cost for a name that is not set.
+
+    ``os.environ.get`` of a missing name raises and catches a ``KeyError`` inside the mapping (a
+    few microseconds; some variables are read at every step). This looks the name up in the
+    mapping's own dict (``os.environ._data``, which ``os.environ[...] = ...``, ``del`` and
+    ``putenv`` through it keep current), the encoded key made once per name; a replaced
+    ``os.environ`` without that dict is read with its ``get``.
+    """
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if type(data) is not dict:
+        return env.get(name)
+    key = _KEYS.get(name)
+    if key is None:
+        key = _KEYS[name] = env.encodekey(name)
+    value = data.get(key)
+    return None if value is None else env.decodevalue(value)
+
+
+_KEYS: dict[str, object] = {}  # name -> its key in os.environ._data
+
+
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+    return (get(name) or "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def backend() -> str:
     """Backend named by ``FIMFAST_BACKEND`` (``auto`` when unset)."""
-    value = os.environ.get("FIMFAST_BACKEND", "auto").strip().lower() or "auto"
+    raw = get("FIMFAST_BACKEND")
+    if raw is None:
+        return "auto"
+    value = raw.strip().lower() or "auto"
     if value not in _BACKENDS:
         raise ValueError(f"FIMFAST_BACKEND must be one of {', '.join(_BACKENDS)}; got {value!r}")
     return value
@@ -40,7 +66,9 @@ def disable_triton() -> bool:
 
 def memory_budget_bytes() -> int:
     """Working-memory budget of one chunk of the per-sample engines, in bytes."""
-    raw = os.environ.get("FIMFAST_MEMORY_BUDGET_MB", "256")
+    raw = get("FIMFAST_MEMORY_BUDGET_MB")
+    if raw is None:
+        return 256 * 2**20
     try:
         mb = float(raw)
     except ValueError as exc:

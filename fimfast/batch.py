@@ -26,7 +26,6 @@ lists as causal LMs (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, e.g. ``GPT2LMHeadMod
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from fimfast._lazy import once
 from fimfast.dtypes import compute_dtype
 from fimfast.finite import check_finite, label_range_and_finite, rows_all_valid
 
@@ -92,7 +92,7 @@ class Rows:
             return self.logits
         return self.logits.reshape(-1, self.num_classes)
 
-    @functools.cached_property
+    @once
     def flat(self) -> torch.Tensor:
         """``(R, C)`` valid rows of ``logits`` (attached to the graph).
 
@@ -103,7 +103,7 @@ class Rows:
             return self.flat_all
         return self.flat_all.index_select(0, self.index)
 
-    @functools.cached_property
+    @once
     def detached(self) -> torch.Tensor:
         """``logits.detach()``, made once (the row checks may have made it already)."""
         return self.logits.detach()
@@ -131,7 +131,7 @@ def split(
     """
     if isinstance(batch, torch.Tensor):
         return batch, None, None
-    if isinstance(batch, Mapping):
+    if type(batch) not in (tuple, list) and isinstance(batch, Mapping):  # (ABC check last)
         rest = dict(batch)
         labels = None
         for k in _LABEL_KEYS:
@@ -154,7 +154,7 @@ def split(
             )
         inputs = batch[0]
         labels = batch[1] if len(batch) == 2 else None
-        if isinstance(inputs, Mapping):
+        if type(inputs) is not torch.Tensor and isinstance(inputs, Mapping):
             return dict(inputs), labels, _mask_of(inputs, encoder_decoder)
         return inputs, labels, None
     raise TypeError(
@@ -167,7 +167,7 @@ def labels_of(
     batch: Any, encoder_decoder: bool = False
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(labels, attention_mask)`` of a batch whose forward is done by ``forward_fn``."""
-    if isinstance(batch, Mapping):
+    if type(batch) not in (tuple, list) and isinstance(batch, Mapping):
         labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
         return labels, _mask_of(batch, encoder_decoder)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:

@@ -179,7 +179,13 @@ def _all_reduce_sum(values: list[torch.Tensor], group: Any) -> list[torch.Tensor
 
 def forward_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward a Fisher-only step runs: DDP's wrapped module, else ``model``."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    ddp = _DDP_TYPES.get(type(model))
+    if ddp is None:  # (DistributedDataParallel is an ABC: its isinstance check runs Python)
+        ddp = _DDP_TYPES[type(model)] = isinstance(model, DistributedDataParallel)
+    return model.module if ddp else model
+
+
+_DDP_TYPES: dict[type, bool] = {}  # model class -> whether it is a DistributedDataParallel
 
 
 def is_ddp(model: torch.nn.Module) -> bool:

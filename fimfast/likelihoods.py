@@ -114,7 +114,9 @@ def exact_columns(flat: torch.Tensor, opts: Options, chunk: int) -> Iterator[tor
     (categorical), ``sqrt(s_c (1 - s_c)) e_c`` (bernoulli) or ``e_c / sigma`` (gaussian).
     """
     dt = compute_dtype(flat.dtype)
-    z = (flat.detach() if flat.requires_grad else flat).to(dt)
+    z = flat.detach() if flat.requires_grad else flat
+    if z.dtype != dt:
+        z = z.to(dt)
     R, C = z.shape
     lk = opts.likelihood
     if lk == "categorical":
@@ -149,7 +151,9 @@ def score_columns(
     ``(y - z) / sigma2`` (gaussian), with the observed ``y`` or one drawn from the model.
     """
     dt = compute_dtype(flat.dtype)
-    z = (flat.detach() if flat.requires_grad else flat).to(dt)
+    z = flat.detach() if flat.requires_grad else flat
+    if z.dtype != dt:
+        z = z.to(dt)
     R, C = z.shape
     lk = opts.likelihood
     if fim_type == FIMType.EMPIRICAL:

@@ -11,7 +11,6 @@ Implementations are named as ``"module:function"`` strings and imported on first
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from collections.abc import Callable
 
@@ -136,7 +135,7 @@ def _find_triton() -> tuple[bool, str]:
 
 
 def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.get("TRITON_INTERPRET") == "1"
 
 
 def _probe_ext() -> tuple[bool, str]:
@@ -265,7 +264,7 @@ def bound(op: str, backend: str | None, device: torch.device) -> Callable:
     first call) goes through :func:`resolve` and raises as it does.
     """
     if backend is None or backend == "auto":
-        env = os.environ.get("FIMFAST_BACKEND")
+        env = _env.get("FIMFAST_BACKEND")
         if env is None or env == "auto":
             fn = _AUTO_BOUND.get((op, device.type))
             if fn is not None and _AUTO_CHOICE:  # (cleared together with _AUTO_CHOICE)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import torch
 
 from fimfast import likelihoods
+from fimfast._lazy import once
 from fimfast.dtypes import compute_dtype
 from fimfast.types import FIMType, Options
 
@@ -57,24 +57,24 @@ class Columns:
             self.num = self.block.shape[0]
 
     # everything below is computed on first use: a logits head in closed form needs only root
-    @functools.cached_property
+    @once
     def z(self) -> torch.Tensor:
         """``(R, C)`` the logits, detached, in float32 (float64 for float64 logits)."""
         flat = self._flat
         return (flat.detach() if flat.requires_grad else flat).to(self.dtype)
 
-    @functools.cached_property
+    @once
     def p(self) -> torch.Tensor:
         return torch.softmax(self.z, -1)
 
-    @functools.cached_property
+    @once
     def sp(self) -> torch.Tensor:
         """``(R, C)`` column scales: ``sqrt p`` (categorical), ``sqrt(diag I)`` otherwise."""
         if self.categorical:
             return torch.sqrt(self.p)
         return torch.sqrt(likelihoods.diag_core(self.z, self.lk, self.sigma2))
 
-    @functools.cached_property
+    @once
     def naq(self) -> torch.Tensor | None:
         """``-alpha q`` of the reduced categorical factor (``None`` for diagonal factors): ``q``
         over ``-(1 + sqrt p_C)``, so that the product of a column is its off-class part, the
@@ -86,7 +86,7 @@ class Columns:
         q[:, -1:].add_(sref)  # in place on the view (an indexed += writes it back: a copy more)
         return q.div_(-1.0 - sref)
 
-    @functools.cached_property
+    @once
     def root(self) -> torch.Tensor:
         """``(R, C)`` with ``root^2 = sum_k u_k^2`` per row (``diag I(z)`` for EXACT); a single
         score column is returned as it is, sign included, ``block[0]`` (the column that
@@ -142,7 +142,7 @@ class Columns:
             return self._whole if every else self._whole[k0:k1]
         return self.take(torch.arange(k0, k1, device=self.device))
 
-    @functools.cached_property
+    @once
     def _whole(self) -> torch.Tensor:
         """Every column, as :meth:`take` forms them (the same products and sums), with the
         ``+ sqrt(p_k)`` of column ``k`` added on the diagonal view ``(k, r, k)``: no index."""

@@ -38,7 +38,7 @@ class LinearRule(Rule):
     closed_form_head = True  # the logits layer's squares need no backward column
 
     def capture(self, cap, module, x, y):
-        w, b = module.weight, module.bias
+        w, b = weight_bias(module)
 
         def build():
             return [
@@ -51,11 +51,39 @@ class LinearRule(Rule):
         if k:  # (N * k, ..., O): tapped and recorded as (N, k, ..., O)
             y, x = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:])
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
-        cap.record(Call(module, self, [tap], uses, {"x": x.detach()}), internal, key)
+        # (an input without gradient, the batch itself, is kept as it is: detach would alias it)
+        x = x.detach() if x.requires_grad else x
+        cap.record(Call(module, self, [tap], uses, {"x": x}), internal, key)
         return out.flatten(0, 1) if k else out
 
     def terms(self, call, grads):
         return _linear_terms(call, grads[0], call.taps[0], call.data, "x", call.uses)
+
+
+def weight_bias(module: torch.nn.Module) -> tuple:
+    """``(module.weight, module.bias)``, read from ``module._parameters`` where that is what the
+    attributes are: both registered there, neither set on the instance, and the class and its
+    bases define neither (a parametrization's property) nor change attribute lookup. Each read
+    of a parameter otherwise calls ``nn.Module.__getattr__`` (Python), twice per layer call."""
+    d = module.__dict__
+    ps = d.get("_parameters")
+    if ps is not None and "weight" in ps and "bias" in ps and "weight" not in d and "bias" not in d:
+        ty = type(module)
+        plain = _PLAIN_LOOKUP.get(ty)
+        if plain is None:
+            plain = _PLAIN_LOOKUP[ty] = _plain_lookup(ty)
+        if plain:
+            return ps["weight"], ps["bias"]
+    return module.weight, module.bias
+
+
+def _plain_lookup(ty: type) -> bool:
+    return (not hasattr(ty, "weight") and not hasattr(ty, "bias")
+            and ty.__getattr__ is torch.nn.Module.__getattr__
+            and ty.__getattribute__ is torch.nn.Module.__getattribute__)
+
+
+_PLAIN_LOOKUP: dict[type, bool] = {}  # module class -> _plain_lookup
 
 
 def folded(N: int | None, y: torch.Tensor) -> int:
