@@ -57,6 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from fimfast import functional_derived as fder
 from fimfast import functional_ops as fops
+from fimfast.functional_computed import record_elementwise
 from fimfast.functional_ops import _bind, _tuple
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 from fimfast.rules import functional as frules
@@ -407,17 +408,7 @@ def _elementwise(mode: FunctionalMode, func, args, kwargs):
     op = _OPS[func]
     if not isinstance(y, Tensor) or not y.is_floating_point():
         return y
-    xd = x.detach()
-    sign, deriv = 1, None
-    if op == "mul":
-        deriv = xd
-    elif op == "div":
-        deriv = 1 / xd if pos == 0 else -(xd / pv.detach().square())
-    elif op == "sub" and pos == 1:
-        sign = -1
-    data = {"deriv": deriv, "sign": sign, "shape": tuple(pv.shape), "chain": chain}
-    # any dim of y may be the batch: the probe decides (see ElementwiseRule)
-    return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(p, UseKind.VEC)], data)
+    return record_elementwise(mode, op, y, x, pv, pos, p, chain)
 
 
 _TRANSPOSES = {Tensor.t, torch.t, Tensor.T.__get__, Tensor.mT.__get__, Tensor.transpose,

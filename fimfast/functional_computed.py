@@ -72,6 +72,16 @@ def elementwise(mode, func, args, kwargs):
     op = functional._OPS[func]
     if not isinstance(y, Tensor) or not y.is_floating_point():
         return y
+    return record_elementwise(mode, op, y, x, w, pos, w, None)
+
+
+def record_elementwise(mode, op: str, y: Tensor, x: Tensor, w: Tensor, pos: int, use: Tensor,
+                       chain: Any) -> Tensor:
+    """Record ``y = w op x`` (``x op w`` for ``pos == 1``; ``op`` one of ``add``, ``sub``,
+    ``mul``, ``div``) as an elementwise call on ``use`` (the parameter, or the slot of a weight
+    computed from parameters): :class:`fimfast.rules.functional.ElementwiseRule`'s data, the
+    derivative of ``y`` in ``w`` and ``chain`` (:mod:`fimfast.functional_derived`). Any dim of
+    ``y`` may be the batch: the probe decides."""
     xd = x.detach()
     sign, deriv = 1, None
     if op == "mul":
@@ -80,8 +90,8 @@ def elementwise(mode, func, args, kwargs):
         deriv = 1 / xd if pos == 0 else -(xd / w.detach().square())
     elif op == "sub" and pos == 1:
         sign = -1
-    data = {"deriv": deriv, "sign": sign, "shape": tuple(w.shape), "chain": None}
-    return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(w, UseKind.VEC)], data)
+    data = {"deriv": deriv, "sign": sign, "shape": tuple(w.shape), "chain": chain}
+    return mode.record(op, frules.ELEMENTWISE, y, y.dim(), [Use(use, UseKind.VEC)], data)
 
 
 def _inside_weight(mode, weights, a: Any, b: Any) -> bool:

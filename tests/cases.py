@@ -295,3 +295,25 @@ def check_monte_carlo_same_seed(case: Case, rj, tol: float) -> Any:
     assert not gen._persample.last_plan.groups
     assert rel_error(fast, slow) <= tol
     return est
+
+
+class Fn(nn.Module):
+    """A module running ``fwd(self, x)`` over the submodules given by keyword."""
+
+    def __init__(self, fwd, **mods):
+        super().__init__()
+        self.fwd = fwd
+        for k, v in mods.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        return self.fwd(self, x)
+
+
+def assert_same_estimators(a, b) -> None:
+    """Two estimators hold bit-for-bit the same results and the same counts."""
+    ra, rb = a.result(), b.result()
+    assert list(ra) == list(rb)
+    for n in ra:
+        assert torch.equal(ra[n], rb[n]), n
+    assert (a.state.count, a.state.steps, a.offset) == (b.state.count, b.state.steps, b.offset)

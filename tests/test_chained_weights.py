@@ -148,9 +148,9 @@ def test_a_changed_mask_is_read_at_every_step():
 
 
 class Shared(nn.Module):
-    """A masked weight used twice, a pruned weight also summed into the logits, ``exp(W)`` next
-    to a plain use of ``W``: several uses through functions of a parameter do not add up as a
-    single scaled square, so the parameter takes the generic path."""
+    """A masked weight used twice (one mask for both uses: the uses add up and the sum is scaled
+    once, on the rules' path), a pruned weight also summed into the logits, ``exp(W)`` next to a
+    plain use of ``W`` (different chains, or a plain use among them: the generic path)."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -175,13 +175,14 @@ class Shared(nn.Module):
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
 @pytest.mark.parametrize("kind", ["twice", "exp_and_plain", "pruned_summed"])
-def test_several_uses_through_functions_stay_generic_and_exact(kind, quantity):
+def test_several_uses_through_functions_are_exact(kind, quantity):
     x, y = _batch(False)
     case = Case(kind, _strip(Shared(kind)), (x, y), lambda m, b: m(b[0]),
                 torch.ones(N, dtype=torch.bool), y, "categorical", C).to(torch.float64)
     got, est = run_case(case, quantity)
     generic = {est.names[i] for i in est._persample.last_plan.generic}
-    assert generic == ({"fc.weight_orig"} if kind == "pruned_summed" else {"W"})
+    want = {"twice": set(), "exp_and_plain": {"W"}, "pruned_summed": {"fc.weight_orig"}}
+    assert generic == want[kind]
     assert _rel(got, _oracle(case, quantity)) <= DET_REL_F64
 
 

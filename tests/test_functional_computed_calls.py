@@ -10,23 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import check_fast_twice, check_monte_carlo_same_seed, classifier_case
+from cases import Fn, check_fast_twice, check_monte_carlo_same_seed, classifier_case
 from oracle import oracle, row_jacobians
 from tolerances import DET_REL_F64
 from torch import nn
 
 N, C = 5, 3
-
-
-class Fn(nn.Module):
-    def __init__(self, fwd, **mods):
-        super().__init__()
-        self.fwd = fwd
-        for k, v in mods.items():
-            setattr(self, k, v)
-
-    def forward(self, x):
-        return self.fwd(self, x)
 
 
 def _p(*shape) -> nn.Parameter:

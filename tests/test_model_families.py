@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
-from cases import Case, check_fast_twice, check_monte_carlo_same_seed, classifier_case, run_case
+from cases import Case, Fn, check_fast_twice, check_monte_carlo_same_seed, classifier_case, run_case
 from oracle import core_matrix, oracle, oracle_flat, rel_error, row_jacobians
 from tolerances import DET_REL_F64, STAT_SIGMAS
 from torch import nn
@@ -29,19 +29,6 @@ N = 5
 
 def _gen(seed: int = 7) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-class Fn(nn.Module):
-    """A module running ``fwd(self, x)`` over the submodules given by keyword."""
-
-    def __init__(self, fwd, **mods):
-        super().__init__()
-        self.fwd = fwd
-        for k, v in mods.items():
-            setattr(self, k, v)
-
-    def forward(self, x):
-        return self.fwd(self, x)
 
 
 class ScaledLinear(nn.Linear):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from cases import assert_same_estimators
 
 import fimfast
 from fimfast.persample import onecol
@@ -56,14 +57,6 @@ def _run(model, batches, general, monkeypatch, fim_type, **kw):
     return est, len(runs)
 
 
-def _same(a, b):
-    ra, rb = a.result(), b.result()
-    assert list(ra) == list(rb)
-    for n in ra:
-        assert torch.equal(ra[n], rb[n]), n
-    assert (a.state.count, a.state.steps, a.offset) == (b.state.count, b.state.steps, b.offset)
-
-
 def _empirical_oracle(model, batches):
     """``sum_n (d log p(y_n | x_n) / d theta)^2`` in float64, one sample at a time."""
     model = model.double()
@@ -97,7 +90,7 @@ def test_onecol_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, dt
     ref, n_ref = _run(model, batches, True, monkeypatch, fim_type, **kw)
     est, n = _run(model, batches, False, monkeypatch, fim_type, **kw)
     assert (n_ref, n) == (0, 3)
-    _same(est, ref)
+    assert_same_estimators(est, ref)
     if fim_type != "empirical" or case == "frozen":
         return
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -151,4 +144,4 @@ def test_missing_gradients_run_the_general_chunk(monkeypatch, budget):
     monkeypatch.setattr(onecol, "_complete", lambda grads: False)
     est, n = _run(_mlp(torch.float32), batches, False, monkeypatch, "empirical")
     assert n == 3
-    _same(est, ref)
+    assert_same_estimators(est, ref)

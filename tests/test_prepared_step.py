@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from cases import assert_same_estimators
 
 import fimfast
 from fimfast import UnsupportedModelError, guard, hutchinson, ops, prepared
@@ -78,14 +79,6 @@ def _run(model, batches, general, monkeypatch, fim_type="hutchinson", **kw):
     return est, took
 
 
-def _same(a, b):
-    ra, rb = a.result(), b.result()
-    assert list(ra) == list(rb)
-    for n in ra:
-        assert torch.equal(ra[n], rb[n]), n
-    assert (a.state.count, a.state.steps, a.offset) == (b.state.count, b.state.steps, b.offset)
-
-
 @pytest.mark.parametrize("fim_type", ["hutchinson", "hutchinson_dg"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("how", [{}, {"reduction": "mean"}, {"ema": 0.9}, {"extra": True}])
@@ -97,7 +90,7 @@ def test_prepared_steps_equal_the_general_path_and_the_oracle(monkeypatch, fim_t
     ref, _ = _run(m, batches, True, monkeypatch, fim_type, **how)
     est, took = _run(m, batches, False, monkeypatch, fim_type, **how)
     assert took == [True] * 3
-    _same(est, ref)
+    assert_same_estimators(est, ref)
     if how:
         return
     want = _oracle(m, batches, 3, "dg" if fim_type == "hutchinson_dg" else "hutchinson")
@@ -122,17 +115,17 @@ def test_other_outputs_and_rows_go_through_the_general_rows(monkeypatch):
     ref, _ = _run(_TupleOut(), batches, True, monkeypatch)
     est, took = _run(_TupleOut(), batches, False, monkeypatch)
     assert took == [True] * 3
-    _same(est, ref)
+    assert_same_estimators(est, ref)
     ignored = [(x, torch.where(torch.arange(len(y)) % 2 == 0, y, -100)) for x, y in batches]
     ref, _ = _run(_mlp(), ignored, True, monkeypatch)
     est, _ = _run(_mlp(), ignored, False, monkeypatch)
-    _same(est, ref)
+    assert_same_estimators(est, ref)
     assert est.state.count == 9
     monkeypatch.setattr(hutchinson, "_CHUNK_ELEMS", 8)  # two rows of 4 classes per chunk
     ref, _ = _run(_mlp(), batches, True, monkeypatch)
     est, took = _run(_mlp(), batches, False, monkeypatch)
     assert took == [True] * 3
-    _same(est, ref)
+    assert_same_estimators(est, ref)
 
 
 def _state(est):
@@ -253,7 +246,7 @@ def test_other_configurations_take_the_general_path(monkeypatch, fim_type, model
     ref, _ = _run(m, batches, True, monkeypatch, fim_type, **opts)
     est, took = _run(m, batches, False, monkeypatch, fim_type, **opts)
     assert took == [False] * 3 and est._prepared.mode is None
-    _same(est, ref)
+    assert_same_estimators(est, ref)
 
 
 def test_a_step_imports_neither_dynamo_nor_dtensor():
@@ -284,7 +277,7 @@ def test_autocast_turns_to_the_general_estimate(monkeypatch):
         n = len(calls)
         est, took = _run(m, batches, False, monkeypatch)
     assert took == [True] * 3 and len(calls) == 2 * n == 6
-    _same(est, ref)
+    assert_same_estimators(est, ref)
 
 
 class _Checkpointed(nn.Module):
@@ -321,13 +314,13 @@ def test_the_extensions_one_call_or_none_give_the_same_steps(monkeypatch, host):
         torch.manual_seed(5)
         est, took = _run(model(), batches, False, monkeypatch)
         assert took == [True] * 3
-        _same(est, ref)
+        assert_same_estimators(est, ref)
     assert len(calls) == (6 if host else 0)
     torch.manual_seed(5)
     ref, _ = _run(_mlp(), batches, True, monkeypatch, backend="torch")
     torch.manual_seed(5)
     est, _ = _run(_mlp(), batches, False, monkeypatch, backend="torch")
-    _same(est, ref)
+    assert_same_estimators(est, ref)
     assert len(calls) == (6 if host else 0)  # another backend draws its own probe
 
 
