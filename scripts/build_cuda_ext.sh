@@ -99,7 +99,9 @@ print("fimfast._C:", so, f"({os.path.getsize(so) / 2**20:.1f} MiB)")
 ok, why = _ext.load()
 assert ok, why
 assert _ext.has_cuda(), "fimfast._C was built without its CUDA kernels (see the build log above)"
-# every op the extension defines (TORCH_LIBRARY(fimfast, ...)) must have CPU and CUDA kernels
+# every op the extension defines (TORCH_LIBRARY(fimfast, ...)) must have a CPU kernel, and a
+# CUDA kernel where the backend registry names a cuda backend for it; an op without one (a
+# CPU-only kernel) is never called on a CUDA tensor: the registry runs its torch backend there
 ops = sorted(
     name.split("::", 1)[1]
     for name in torch._C._dispatch_get_all_op_names()
@@ -110,15 +112,17 @@ missing = []
 for op in ops:
     keys = {k: torch._C._dispatch_has_kernel_for_dispatch_key(f"fimfast::{op}", k)
             for k in ("CPU", "CUDA", "Meta")}
-    print(f"  fimfast::{op:<18} " + " ".join(f"{k}={'yes' if v else 'NO'}" for k, v in keys.items()))
-    if not (keys["CPU"] and keys["CUDA"]):
+    wants_cuda = op in cuda_ops
+    print(f"  fimfast::{op:<18} " + " ".join(f"{k}={'yes' if v else 'NO'}" for k, v in keys.items())
+          + ("" if wants_cuda else "  (CPU only: the torch backend on CUDA tensors)"))
+    if not keys["CPU"] or (wants_cuda and not keys["CUDA"]):
         missing.append(op)
 # ops whose cuda backend is a composite (lm_head_probe) run on the ops above
 for op in cuda_ops:
     if op not in ops:
         print(f"  {op}: cuda backend composed of the ops above ({registry._IMPLS[op]['cuda']})")
 assert ops, "fimfast._C registered no ops"
-assert not missing, f"ops without a CPU or CUDA kernel: {missing}"
+assert not missing, f"ops without their CPU or CUDA kernel: {missing}"
 # cuobjdump: the toolkit's, else the one triton ships
 import triton.backends.nvidia as nv  # noqa: E402
 
@@ -151,7 +155,8 @@ if cuobjdump is not None:
         # a small stack frame holds registers saved around calls (ptxas -v reports them as spill
         # stores); local memory would be a spilled or dynamically indexed array
         assert local == 0, f"a CUDA kernel uses local memory on {arch}"
+n_cuda = sum(op in cuda_ops for op in ops)
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), fimfast {fimfast.__version__}: "
-      f"{len(ops)} ops with CUDA kernels")
+      f"{len(ops)} ops, {n_cuda} with CUDA kernels")
 EOF
 step "done"
