@@ -5,7 +5,7 @@
 // step's forward and backward evicted from the caches) and reads every gradient once: a pass that
 // the memory bounds. torch._foreach_addcmul_ runs the same arithmetic, but on the CPU as one
 // TensorIterator loop per tensor behind the dispatcher; this is one plain loop per tensor, about
-// tens of microseconds less per step of that MLP (benchmarks/results/hutchinson_floor_2026-12-07.md).
+// 55 us less per step of that MLP (benchmarks/results/hutchinson_floor_2026-12-07.md).
 //
 // Bit for bit torch's: torch's vectorised CPU kernels (AVX2, AVX512) compute addcmul's
 // s + (1 * g) * g with one fused multiply-add, its DEFAULT kernels without; the loop follows the
