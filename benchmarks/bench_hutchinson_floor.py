@@ -30,7 +30,7 @@ checks, bookkeeping and dispatch), ``bare:hook-noop - bare:hook-fold`` what fold
 backward saves.
 
     PYTHONPATH=. python benchmarks/bench_hutchinson_floor.py --workload a --rounds 2000 \\
-        [--out benchmarks/results/NAME]   # writes NAME.json
+        [--variants step,step:addcmul] [--out benchmarks/results/NAME]   # writes NAME.json
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ import time
 from pathlib import Path
 
 
-def run(workload: str, rounds: int, seed: int = 0, size: str = "full") -> dict:
-    """Paired times of the variants (see the module docstring), microseconds and ratios."""
+def run(workload: str, rounds: int, seed: int = 0, size: str = "full",
+        only: tuple[str, ...] = ()) -> dict:
+    """Paired times of the variants (see the module docstring), microseconds and ratios; of
+    ``floor`` and those of ``only`` when given."""
     import torch
     import torch.nn.functional as F
 
@@ -135,6 +137,8 @@ def run(workload: str, rounds: int, seed: int = 0, size: str = "full") -> dict:
                 prepared._HOST[2] = fold
 
         fns["step:addcmul"] = step_addcmul
+    if only:
+        fns = {k: f for k, f in fns.items() if k == "floor" or k in only}
     # the hooks of the hook variants would run (doing nothing) in the others' backwards too
     plain = {"floor", "floor+sgd", "floor+optim", "step", "step:addcmul", "bare", "bare:noacc"}
     clock, rng = time.process_time_ns, random.Random(seed)
@@ -171,9 +175,9 @@ def run(workload: str, rounds: int, seed: int = 0, size: str = "full") -> dict:
     for a, b in (("step", "step:addcmul"), ("step", "bare"), ("bare", "bare:noacc"),
                  ("bare:noacc", "floor"), ("bare:hook-noop", "bare:hook-fold"),
                  ("step", "floor+sgd")):
-        d = sorted((p - q) / 1e3 for p, q in zip(times[a], times[b]))
         if a not in times or b not in times:
             continue
+        d = sorted((p - q) / 1e3 for p, q in zip(times[a], times[b]))
         out[f"{a} - {b}"] = {"median_us": statistics.median(d), "q25_us": d[len(d) // 4],
                              "q75_us": d[(3 * len(d)) // 4]}
     return out
@@ -198,9 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workload", default="a")
     ap.add_argument("--rounds", type=int, default=2000)
     ap.add_argument("--size", default="full", choices=("tiny", "full"))
+    ap.add_argument("--variants", default="", help="comma-separated: only these and floor")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    res = run(a.workload, a.rounds, size=a.size)
+    res = run(a.workload, a.rounds, size=a.size, only=tuple(filter(None, a.variants.split(","))))
     res["machine"] = {"platform": platform.platform(), "load": os.getloadavg(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:

@@ -41,3 +41,9 @@ def test_the_hooks_are_gone_after_the_run():
     assert seen
     for p, _ in seen:
         assert not p._backward_hooks
+
+
+def test_variants_picks_the_floor_and_those_named():
+    res = bench_hutchinson_floor.run("a", 2, size="tiny", only=("bare", "bare:noacc"))
+    assert set(res["variants"]) == {"floor", "bare", "bare:noacc"}
+    assert set(k for k in res if " - " in k) == {"bare - bare:noacc", "bare:noacc - floor"}
