@@ -11,13 +11,14 @@
 // Host functions of the Python module (no dispatcher op): the row checks of a batch on CPU tensors
 // (csrc/cpu/label_range_finite.cpp), the walk of an autograd graph (csrc/graph_walk.cpp), the
 // check of a parameter walk (csrc/param_walk.cpp), the windows of a convolution's kernel
-// (csrc/cpu/unfold_windows.cpp) and the three of a one-probe HUTCHINSON step in one call
-// (csrc/one_probe_step.cpp), each called from Python with a Python path beside it
-// (fimfast/finite.py, fimfast/hutchinson.py, fimfast/parameters.py, fimfast/rules/conv.py,
-// fimfast/prepared.py).
+// (csrc/cpu/unfold_windows.cpp), the three of a one-probe HUTCHINSON step in one call
+// (csrc/one_probe_step.cpp) and the fold of its squares (csrc/cpu/fold_squares.cpp), each
+// called from Python with a Python path beside it (fimfast/finite.py, fimfast/hutchinson.py,
+// fimfast/parameters.py, fimfast/rules/conv.py, fimfast/prepared.py, fimfast/state.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "fold_squares.h"
 #include "graph_walk.h"
 #include "label_range_finite.h"
 #include "one_probe_step.h"
@@ -63,6 +64,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one_probe_step(logits, labels, ignore_index, mode, seed, offset) -> None unless the rows "
         "are all valid, else (the one probe of probe_logit_grad as (N, C), whether the graph "
         "holds a reentrant checkpoint) (fimfast.prepared)");
+  m.def("fold_squares", &fimfast::fold_squares, py::call_guard<py::gil_scoped_release>(),
+        "fold_squares(states, grads) -> whether it added every grads[i] ** 2 to states[i] in "
+        "place, as torch._foreach_addcmul_(states, grads, grads) (fimfast.state)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

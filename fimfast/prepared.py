@@ -18,10 +18,12 @@ still runs, through the same functions: the parameter walk, the gradient hooks a
 counters of the parameters (:class:`fimfast.guard.StepKept`), the no-grad watch, the row checks
 and the reentrant-checkpoint walk. On CPU logits whose probe the ``cpp`` backend draws, the row
 checks, the probe and the walk are one call of the extension (csrc/one_probe_step.cpp: the
-probe's kernel without the dispatcher, no ``detach`` nor ``select`` around it). When the batch,
-the output or a check asks for more (a tuple output, labels out of range, NaN logits, autocast,
-more rows than one probe chunk, a state still at zero, an unused parameter), the general code
-takes over at the point reached: results and errors are those of the general path, bit for bit
+probe's kernel without the dispatcher, no ``detach`` nor ``select`` around it), and the
+squares of the gradients are added to the state by the extension's loop (csrc/cpu/fold_squares.cpp,
+bit for bit torch's multi-tensor ``addcmul``, with less overhead). When the batch, the output
+or a check asks for more (a tuple output, labels out of range, NaN logits, autocast, more rows
+than one probe chunk, a state still at zero, an unused parameter), the general code takes over
+at the point reached: results and errors are those of the general path, bit for bit
 (tests/test_prepared_step.py).
 """
 
@@ -143,7 +145,8 @@ def step(est: DiagFisher, batch: Any) -> bool:
         return True
     R, C = z.shape
     state = est.state
-    if not state.add_squares(grads, R):
+    # the extension's fold where its probe ran (the cpp backend bound, the extension loaded)
+    if not state.add_squares(grads, R, _HOST[2] if one is not None else None):
         state.commit(hutchinson.squares(grads, u, state.dtypes, o.backend), R, owned=True)
     est._reset = est._restarted = False
     est.offset += counters_used(1, R, C)
@@ -174,14 +177,15 @@ def _one_probe(est: DiagFisher, prep: Prepared, z: torch.Tensor, labels: Any):
 
 
 def _host() -> list:
-    """``[one_probe_step of the extension, the cpp backend's probe_logit_grad]`` (``None`` for
-    what is missing), looked up once and kept in :data:`_HOST`."""
+    """``[one_probe_step of the extension, the cpp backend's probe_logit_grad, fold_squares of
+    the extension]`` (``None`` for what is missing; the first two both or neither), looked up
+    once and kept in :data:`_HOST`."""
     fn = _ext.host_function("one_probe_step")
     try:
         from fimfast.ops.cpp import probe_logit_grad_cpp
     except ImportError:
         fn = probe_logit_grad_cpp = None
-    _HOST[:] = [fn, probe_logit_grad_cpp]
+    _HOST[:] = [fn, probe_logit_grad_cpp, _ext.host_function("fold_squares")]
     return _HOST
 
 

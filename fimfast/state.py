@@ -7,6 +7,7 @@ everything succeeded, so a failing step leaves the state bit-identical.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any
 
@@ -187,15 +188,20 @@ class State:
         self.count += int(count)
         self.steps += 1
 
-    def add_squares(self, factors: list[torch.Tensor | None], count: int) -> bool:
+    def add_squares(
+        self, factors: list[torch.Tensor | None], count: int, fold: Callable | None = None
+    ) -> bool:
         """Commit the batch estimate ``sum_i factors[i]**2`` (a one-probe step's gradients, over
         ``count`` rows) in one multi-tensor ``addcmul``, when that is all :meth:`commit` of their
         :class:`Squares` would do: a sum (no EMA) that already holds one, every factor dense in
-        the state's dtype. ``False``, with nothing changed, otherwise."""
+        the state's dtype. ``False``, with nothing changed, otherwise. ``fold`` (the extension's
+        ``fold_squares``, csrc/cpu/fold_squares.cpp) runs the same arithmetic, bit for bit, on
+        CPU tensors, or answers ``False`` with nothing written and ``addcmul`` runs."""
         pristine = getattr(self, "_zero", False)  # as commit reads it
         if self.ema is not None or pristine or not _dense_in(factors, self.dtypes):
             return False
-        torch._foreach_addcmul_(self.values, factors, factors, value=1.0)
+        if fold is None or not fold(self.values, factors):
+            torch._foreach_addcmul_(self.values, factors, factors, value=1.0)
         self.count += int(count)
         self.steps += 1
         return True

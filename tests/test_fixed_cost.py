@@ -143,7 +143,7 @@ def _views(ops_):
 def test_hutchinson_step_runs_the_models_operators_and_its_checks_and_probe(monkeypatch, host):
     if not host:  # the row checks on the torch path (no extension)
         monkeypatch.setattr(finite, "_HOST", ())
-        monkeypatch.setattr(prepared, "_HOST", [None, None])
+        monkeypatch.setattr(prepared, "_HOST", [None, None, None])
     elif not finite._host():
         pytest.skip("the extension's row checks are not built")
     m = _mlp(torch.float32)
@@ -174,7 +174,9 @@ def test_hutchinson_step_runs_the_models_operators_and_its_checks_and_probe(monk
     if not host:
         extra.update({"aten.aminmax.default": 1, "aten.sum.default": 1})
     assert got - want == collections.Counter(extra), got - want
-    assert not want - got, want - got
+    # the extension's fold of the squares (csrc/cpu/fold_squares.cpp) dispatches no operator
+    fold = host and prepared._host()[2] is not None
+    assert want - got == collections.Counter({"aten._foreach_addcmul_.Scalar": 1} if fold else {})
 
 
 # -- the functional API's cycle ----------------------------------------------------------------- #

@@ -298,15 +298,20 @@ def test_the_extensions_one_call_or_none_give_the_same_steps(monkeypatch, host):
     """With the extension's one call (rows, probe, reentrant walk) and without it (the Python
     checks and the op), the same sums as the general path, a reentrant checkpoint included."""
     if host:
-        if prepared._host()[0] is None:
-            pytest.skip("the extension's one_probe_step is not built")
+        if None in prepared._host():
+            pytest.skip("the extension's one_probe_step or fold_squares is not built")
     else:
-        monkeypatch.setattr(prepared, "_HOST", [None, None])
-    calls = []
+        monkeypatch.setattr(prepared, "_HOST", [None, None, None])
+    calls, folds = [], []
     if host:
-        real = prepared._HOST[0]
+        real, fold = prepared._HOST[0], prepared._HOST[2]
+
+        def counted_fold(states, grads):
+            folds.append(fold(states, grads))
+            return folds[-1]
+
         monkeypatch.setattr(prepared, "_HOST", [lambda *a: calls.append(1) or real(*a),
-                                                prepared._HOST[1]])
+                                                prepared._HOST[1], counted_fold])
     batches = [(x.clone(), y) for x, y in _batches()]
     for model in (_mlp, _Checkpointed):
         torch.manual_seed(5)
@@ -316,12 +321,14 @@ def test_the_extensions_one_call_or_none_give_the_same_steps(monkeypatch, host):
         assert took == [True] * 3
         assert_same_estimators(est, ref)
     assert len(calls) == (6 if host else 0)
+    assert folds == ([True] * 4 if host else [])  # the first step of each adopts its squares
     torch.manual_seed(5)
     ref, _ = _run(_mlp(), batches, True, monkeypatch, backend="torch")
     torch.manual_seed(5)
     est, _ = _run(_mlp(), batches, False, monkeypatch, backend="torch")
     assert_same_estimators(est, ref)
     assert len(calls) == (6 if host else 0)  # another backend draws its own probe
+    assert len(folds) == (4 if host else 0)  # and its squares are torch's addcmul
 
 
 def test_one_probe_step_is_the_row_checks_the_op_and_the_walk():
