@@ -9,12 +9,12 @@
 // the ops.
 //
 // Host functions of the Python module (no dispatcher op): the row checks of a batch on CPU tensors
-// (csrc/cpu/label_range_finite.cpp), the walk of an autograd graph (csrc/graph_walk.cpp), the
-// check of a parameter walk (csrc/param_walk.cpp), the windows of a convolution's kernel
-// (csrc/cpu/unfold_windows.cpp) and the three of a one-probe HUTCHINSON step in one call
-// (csrc/one_probe_step.cpp), each called from Python with a Python path beside it
-// (fimfast/finite.py, fimfast/hutchinson.py, fimfast/parameters.py, fimfast/rules/conv.py,
-// fimfast/prepared.py).
+// (csrc/cpu/label_range_finite.cpp), the walks of an autograd graph (csrc/graph_walk.cpp,
+// csrc/tap_walk.cpp), the check of a parameter walk (csrc/param_walk.cpp), the windows of a
+// convolution's kernel (csrc/cpu/unfold_windows.cpp) and the three of a one-probe HUTCHINSON
+// step in one call (csrc/one_probe_step.cpp), each called from Python with a Python path beside
+// it (fimfast/finite.py, fimfast/hutchinson.py, fimfast/persample/walk.py,
+// fimfast/parameters.py, fimfast/rules/conv.py, fimfast/prepared.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -22,6 +22,7 @@
 #include "label_range_finite.h"
 #include "one_probe_step.h"
 #include "param_walk.h"
+#include "tap_walk.h"
 #include "unfold_windows.h"
 
 TORCH_LIBRARY(fimfast, m) {
@@ -63,6 +64,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one_probe_step(logits, labels, ignore_index, mode, seed, offset) -> None unless the rows "
         "are all valid, else (the one probe of probe_logit_grad as (N, C), whether the graph "
         "holds a reentrant checkpoint) (fimfast.prepared)");
+  m.def("tap_walk", &fimfast::tap_walk,
+        "tap_walk(flat, params, probes) -> (edges into each parameter, whether each probe is "
+        "reached, whether a reentrant checkpoint is on the way) of the autograd graph of flat "
+        "(fimfast.persample.walk)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -29,6 +29,7 @@ from fimfast.persample.plan import (
     _Template,
 )
 from fimfast.persample.replay import Replay, _refuse_hidden
+from fimfast.persample.walk import walk as tap_walk
 from fimfast.step import Step
 from fimfast.types import Options
 
@@ -84,7 +85,7 @@ class Engine(Replay):
             graph = dw.walk(rows.flat, params, {f[3]: f[1] for f in found})
             params = [*params, *(f[1] for f in found)]
         else:
-            graph = hooks.walk(rows.flat, params)
+            graph = tap_walk(rows.flat, params, cap)
         _refuse_hidden(cap, graph)
         if cap is None or not cap.calls:
             generic = list(range(len(params)))

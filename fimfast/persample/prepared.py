@@ -177,7 +177,8 @@ def step(est: DiagFisher, batch: Any) -> bool:
             except CALL_ERRORS as exc:
                 raise call_failed(exc, x, None) from exc
             if type(z) is _TENSOR and z.dim() == 2:  # (N, C): no layout to resolve
-                rows = batchlib.rows(z, labels, None, "categorical", o.ignore_index, True)
+                rows = batchlib.rows(z, labels, None, "categorical", o.ignore_index,
+                                     est.fim_type == FIMType.EMPIRICAL)
             else:
                 rows = est._forward_of(batch).rows_of(z, labels, None)
         if _DTENSOR in sys.modules:  # else no forward swaps the parameters (FSDP2 only)
