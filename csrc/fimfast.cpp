@@ -12,7 +12,8 @@
 // (csrc/cpu/label_range_finite.cpp), the walks of an autograd graph (csrc/graph_walk.cpp,
 // csrc/tap_walk.cpp), the check of a parameter walk (csrc/param_walk.cpp), the windows of a
 // convolution's kernel (csrc/cpu/unfold_windows.cpp) and the three of a one-probe HUTCHINSON
-// step in one call (csrc/one_probe_step.cpp), each called from Python with a Python path beside
+// step in one call (csrc/one_probe_step.cpp), the two of a one-column step
+// (csrc/one_column_step.cpp), each called from Python with a Python path beside
 // it (fimfast/finite.py, fimfast/hutchinson.py, fimfast/persample/walk.py,
 // fimfast/parameters.py, fimfast/rules/conv.py, fimfast/prepared.py).
 #include <torch/extension.h>
@@ -20,6 +21,7 @@
 
 #include "graph_walk.h"
 #include "label_range_finite.h"
+#include "one_column_step.h"
 #include "one_probe_step.h"
 #include "param_walk.h"
 #include "tap_walk.h"
@@ -68,6 +70,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tap_walk(flat, params, probes) -> (edges into each parameter, whether each probe is "
         "reached, whether a reentrant checkpoint is on the way) of the autograd graph of flat "
         "(fimfast.persample.walk)");
+  m.def("one_column_step", &fimfast::one_column_step,
+        "one_column_step(logits, labels, ignore_index, mode, seed, offset) -> None unless the "
+        "rows are all valid, else the score column of probe_logit_grad (mode empirical or mc) as "
+        "(1, N, C) (fimfast.persample.prepared)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

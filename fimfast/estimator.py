@@ -273,10 +273,11 @@ class DiagFisher:
         train/eval mode are left as they were (see :mod:`fimfast.guard`); the default random
         generator advances as one forward of the model advances it (dropout), plus one draw
         when the estimator was created without a seed."""
-        if prepared.step(self, batch):  # a one-probe HUTCHINSON step of a plain model
-            return
-        if self.fim_type in _ONE_COLUMN and prepared_ps.step(self, batch):
-            return  # an EMPIRICAL or one-draw MONTE_CARLO step of a plain model
+        if self.fim_type in _ONE_COLUMN:
+            if prepared_ps.step(self, batch):  # EMPIRICAL or one-draw MONTE_CARLO, prepared
+                return
+        elif not self.fim_type.is_per_sample and prepared.step(self, batch):
+            return  # a one-probe HUTCHINSON step of a plain model
         params = self._params()  # a changed parameter set is refused before the forward
         with guard.step_kept(self._guard, self._modules, self.model, self.names, params):
             if self._head is None:

@@ -15,6 +15,7 @@ import torch.nn as nn
 from cases import assert_same_estimators
 
 import fimfast
+from fimfast import _ext
 from fimfast.persample import onecol
 from fimfast.persample import prepared as pp
 
@@ -282,3 +283,30 @@ def test_conv_and_exact_keep_their_paths(monkeypatch):
     for fim_type, kw in (("exact", {}), ("monte_carlo", {"num_probes": 2})):
         est, ran = _run(_mlp(), _batches(), True, monkeypatch, fim_type, **kw)
         assert ran == []
+
+
+@pytest.mark.parametrize("fim_type", ["empirical", "monte_carlo"])
+@pytest.mark.parametrize("ext", [True, False])
+def test_rows_and_column_in_one_call(monkeypatch, fim_type, ext):
+    """After a step that ran the program, the row checks and the score column are one call of
+    the extension (csrc/one_column_step.cpp) where it loads: the same sums bit for bit, with
+    and without it; a batch with ignored rows in between goes to the general path."""
+    if not ext:
+        monkeypatch.setattr(pp, "_HOST", [None, None])
+    plain, ignored = _batches(k=5), _batches(k=1, ignore=True)
+    batches = [*plain[:3], ignored[0], *plain[3:]]
+    calls = []
+    real = pp._column
+
+    def spy(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(pp, "_column", spy)
+    ref, _ = _run(_mlp(), batches, False, monkeypatch, fim_type)
+    est, ran = _run(_mlp(), batches, True, monkeypatch, fim_type)
+    assert ran == [1, 2, 4, 5]  # not the step of the ignored rows
+    built = _ext.host_function("one_column_step") is not None
+    assert calls == ([True, False, True] if ext and built else [False, False, False])
+    assert_same_estimators(est, ref)

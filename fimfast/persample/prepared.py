@@ -40,11 +40,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from fimfast import _ext, distributed, guard, likelihoods
 from fimfast import batch as batchlib
-from fimfast import distributed, guard, likelihoods
+from fimfast.batch import _every_row
 from fimfast.batch_sums import Sums
 from fimfast.forward import CALL_ERRORS, _eager, call_failed
 from fimfast.hutchinson import vjp
+from fimfast.ops.registry import bound
+from fimfast.ops.rng import as_int64
 from fimfast.persample import onecol, squares
 from fimfast.persample.engine import _folds
 from fimfast.persample.plan import GroupKind, Plan
@@ -69,13 +72,17 @@ class Prepared:
         opts: the options it was decided for (the estimator's :class:`fimfast.types.Options`).
         params: the parameter list it was decided for (by identity).
         ok: whether :func:`step` runs this configuration (else the general path does).
+        mode: the mode of the score column (:func:`fimfast.ops.probe_logit_grad`).
+        hot: the last step ran a :class:`Program`: the next one asks the extension for its row
+            checks and score column in one call (:func:`_column`).
     """
 
-    __slots__ = ("opts", "params", "ok")
+    __slots__ = ("opts", "params", "ok", "mode", "hot")
 
     def __init__(self, est: DiagFisher, params: list[torch.Tensor]) -> None:
         o, model = est.opts, est.model
-        self.opts, self.params = o, params
+        self.opts, self.params, self.hot = o, params, False
+        self.mode = "empirical" if est.fim_type == FIMType.EMPIRICAL else "mc"
         self.ok = (
             (est.fim_type == FIMType.EMPIRICAL
              or (est.fim_type == FIMType.MONTE_CARLO and o.num_probes == 1))
@@ -176,22 +183,29 @@ def step(est: DiagFisher, batch: Any) -> bool:
                 z = model(x)
             except CALL_ERRORS as exc:
                 raise call_failed(exc, x, None) from exc
+            block = None
             if type(z) is _TENSOR and z.dim() == 2:  # (N, C): no layout to resolve
-                rows = batchlib.rows(z, labels, None, "categorical", o.ignore_index,
-                                     est.fim_type == FIMType.EMPIRICAL)
+                block = _column(est, prep, z, labels) if prep.hot else None
+                if block is not None:  # every row valid (checked)
+                    rows = _every_row(z, labels)
+                else:
+                    rows = batchlib.rows(z, labels, None, "categorical", o.ignore_index,
+                                         est.fim_type == FIMType.EMPIRICAL)
             else:
                 rows = est._forward_of(batch).rows_of(z, labels, None)
         if _DTENSOR in sys.modules:  # else no forward swaps the parameters (FSDP2 only)
             params = est._params_after_forward(params)
         with guard.arithmetic(rows.logits, retained=True):
-            acc = _estimate(est, eng, rows, params, cap)
+            acc = _estimate(est, prep, eng, rows, params, cap, block)
     est._commit(acc, rows)
     return True
 
 
-def _estimate(est: DiagFisher, eng, rows, params: list[torch.Tensor], cap):
+def _estimate(est: DiagFisher, prep: Prepared, eng, rows, params: list[torch.Tensor], cap,
+              block: torch.Tensor | None):
     """The engine's estimate of this step (:meth:`fimfast.persample.Engine.estimate`): by the
-    template's :class:`Program` where it applies, else by the general code from here on."""
+    template's :class:`Program` where it applies (``block``: its score column, if formed
+    already), else by the general code from here on."""
     general = rows.logits.dim() != 2 or not rows.all_valid
     pre = None
     if not general:
@@ -201,10 +215,43 @@ def _estimate(est: DiagFisher, eng, rows, params: list[torch.Tensor], cap):
             tmpl = eng._plans.get(pre[5])
             prog = None if tmpl is None else _program(tmpl, cap.calls)
             if prog is not None:
-                return _run(est, eng, rows, params, cap, tmpl, prog)
+                prep.hot = True
+                return _run(est, eng, rows, params, cap, tmpl, prog, block)
+    prep.hot = False
     st = Step(rows, params, est.fim_type, est.opts, est.seed, est.offset, est.state.dtypes,
               retain_graph=False, names=est.names, defer_square=True)
     return eng.estimate(st, cap, pre)
+
+
+def _column(est: DiagFisher, prep: Prepared, z: torch.Tensor, labels: torch.Tensor):
+    """The extension's one call for float32/float64 CPU logits whose score column the ``cpp``
+    backend forms (csrc/one_column_step.cpp): ``None`` unless every row is valid, else the
+    column as :func:`fimfast.likelihoods.score_columns` forms it, ``(1, N, C)``; ``None`` also
+    without the extension or on another backend (the general row checks and column then)."""
+    if not z.is_cpu or z.dtype not in _HOST_DTYPES:
+        return None
+    host = _HOST or _host()
+    if host[0] is None or bound("probe_logit_grad", est.opts.backend, _CPU) is not host[1]:
+        return None
+    return host[0](z, labels, est.opts.ignore_index, prep.mode, as_int64(est.seed),
+                   as_int64(est.offset))
+
+
+def _host() -> list:
+    """``[one_column_step of the extension, the cpp backend's probe_logit_grad]`` (``None`` for
+    what is missing), looked up once and kept in :data:`_HOST`."""
+    fn = _ext.host_function("one_column_step")
+    try:
+        from fimfast.ops.cpp import probe_logit_grad_cpp
+    except ImportError:
+        fn = probe_logit_grad_cpp = None
+    _HOST[:] = [fn, probe_logit_grad_cpp]
+    return _HOST
+
+
+_HOST: list = []
+_HOST_DTYPES = (torch.float32, torch.float64)  # their own compute dtype: no conversion first
+_CPU = torch.device("cpu")
 
 
 def _program(tmpl: _Template, calls: list) -> Program | None:
@@ -216,7 +263,7 @@ def _program(tmpl: _Template, calls: list) -> Program | None:
     return prog or None
 
 
-def _run(est: DiagFisher, eng, rows, params, cap, tmpl: _Template, prog: Program):
+def _run(est: DiagFisher, eng, rows, params, cap, tmpl: _Template, prog: Program, block):
     """The estimate of ``prog``: what ``Engine.estimate`` forms for its template with one score
     column (the closed-form logits layer, then :func:`fimfast.persample.onecol.run`), the same
     operators on the same operands."""
@@ -225,8 +272,9 @@ def _run(est: DiagFisher, eng, rows, params, cap, tmpl: _Template, prog: Program
     backend = o.backend
     acc = Sums([p.shape for p in params], est.state.dtypes, [p.device for p in params])
     acc.fold = _folds(backend, flat.device)
-    block = likelihoods.score_columns(rows.detached, rows.labels, est.fim_type, o, est.seed,
-                                      est.offset)
+    if block is None:
+        block = likelihoods.score_columns(rows.detached, rows.labels, est.fim_type, o, est.seed,
+                                          est.offset)
     root = block[0]  # Columns.root of one column
     dtypes = acc.dtypes
     sq: dict = {}  # Columns.squares: root^2 per dtype, formed once
