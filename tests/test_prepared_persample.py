@@ -310,3 +310,16 @@ def test_rows_and_column_in_one_call(monkeypatch, fim_type, ext):
     built = _ext.host_function("one_column_step") is not None
     assert calls == ([True, False, True] if ext and built else [False, False, False])
     assert_same_estimators(est, ref)
+
+
+def test_a_state_of_other_parameters_is_refused(monkeypatch):
+    """A state put in place of the estimator's own is checked against the parameters before
+    the forward, as the general path checks it: a state of another model is refused, the
+    prepared step never runs on it."""
+    est, ran = _run(_mlp(), _batches(k=3), True, monkeypatch)
+    assert ran == [1, 2]
+    other = fimfast.DiagFisher(nn.Sequential(nn.Linear(6, 4)), "empirical", seed=3)
+    est.state = other.state
+    with pytest.raises(ValueError, match="trainable parameters changed"):
+        est.step(_batches()[0])
+    assert other.state.steps == 0
