@@ -9,20 +9,24 @@
 // the ops.
 //
 // Host functions of the Python module (no dispatcher op): the row checks of a batch on CPU tensors
-// (csrc/cpu/label_range_finite.cpp), the walk of an autograd graph (csrc/graph_walk.cpp), the
-// check of a parameter walk (csrc/param_walk.cpp), the windows of a convolution's kernel
-// (csrc/cpu/unfold_windows.cpp), the three of a one-probe HUTCHINSON step in one call
-// (csrc/one_probe_step.cpp) and the fold of its squares (csrc/cpu/fold_squares.cpp), each
-// called from Python with a Python path beside it (fimfast/finite.py, fimfast/hutchinson.py,
-// fimfast/parameters.py, fimfast/rules/conv.py, fimfast/prepared.py, fimfast/state.py).
+// (csrc/cpu/label_range_finite.cpp), the walks of an autograd graph (csrc/graph_walk.cpp,
+// csrc/tap_walk.cpp), the check of a parameter walk (csrc/param_walk.cpp), the windows of a
+// convolution's kernel (csrc/cpu/unfold_windows.cpp), the three of a one-probe HUTCHINSON step
+// in one call (csrc/one_probe_step.cpp) and the fold of its squares (csrc/cpu/fold_squares.cpp),
+// the two of a one-column step (csrc/one_column_step.cpp), each called from Python with a
+// Python path beside it (fimfast/finite.py, fimfast/hutchinson.py, fimfast/persample/walk.py,
+// fimfast/parameters.py, fimfast/rules/conv.py, fimfast/prepared.py, fimfast/state.py,
+// fimfast/persample/prepared.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "fold_squares.h"
 #include "graph_walk.h"
 #include "label_range_finite.h"
+#include "one_column_step.h"
 #include "one_probe_step.h"
 #include "param_walk.h"
+#include "tap_walk.h"
 #include "unfold_windows.h"
 
 TORCH_LIBRARY(fimfast, m) {
@@ -67,6 +71,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fold_squares", &fimfast::fold_squares, py::call_guard<py::gil_scoped_release>(),
         "fold_squares(states, grads) -> whether it added every grads[i] ** 2 to states[i] in "
         "place, as torch._foreach_addcmul_(states, grads, grads) (fimfast.state)");
+  m.def("tap_walk", &fimfast::tap_walk,
+        "tap_walk(flat, params, probes) -> (edges into each parameter, whether each probe is "
+        "reached, whether a reentrant checkpoint is on the way) of the autograd graph of flat "
+        "(fimfast.persample.walk)");
+  m.def("one_column_step", &fimfast::one_column_step,
+        "one_column_step(logits, labels, ignore_index, mode, seed, offset) -> None unless the "
+        "rows are all valid, else the score column of probe_logit_grad (mode empirical or mc) as "
+        "(1, N, C) (fimfast.persample.prepared)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -26,14 +26,14 @@ constexpr const char* kPyNode = "struct torch::autograd::PyNode";
 constexpr const char* kPyNode = "N5torch8autograd6PyNodeE";
 #endif
 
-bool is_reentrant(const torch::autograd::Node* node) {
+}  // namespace
+
+bool is_reentrant_node(const torch::autograd::Node* node) {
   // the dynamic type's name; a PyNode's own name() is its Python class's name
   const char* ty = typeid(*node).name();
   if (*ty == '*') ++ty;  // a name marked local to its library
   return std::strcmp(ty, kPyNode) == 0 && node->name() == "CheckpointFunctionBackward";
 }
-
-}  // namespace
 
 bool has_reentrant_checkpoint(const at::Tensor& t) {
   torch::autograd::Node* root = t.grad_fn().get();
@@ -44,7 +44,7 @@ bool has_reentrant_checkpoint(const at::Tensor& t) {
   while (!stack.empty()) {
     torch::autograd::Node* node = stack.back();
     stack.pop_back();
-    if (is_reentrant(node)) return true;
+    if (is_reentrant_node(node)) return true;
     for (const torch::autograd::Edge& e : node->next_edges()) {
       torch::autograd::Node* next = e.function.get();
       if (next != nullptr && seen.insert(next).second) stack.push_back(next);

@@ -19,6 +19,7 @@ from fimfast.guard import BufferGuard
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.ops import registry
 from fimfast.parameters import ParamWalk, check_real, trainable_parameters
+from fimfast.persample import prepared as prepared_ps
 from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State
 from fimfast.step import Step
@@ -34,6 +35,7 @@ __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
 
 logger = logging.getLogger("fimfast")
 _DTENSOR = "torch.distributed.tensor"  # the module of FSDP2's parameters
+_ONE_COLUMN = (FIMType.EMPIRICAL, FIMType.MONTE_CARLO)  # the types of fimfast.persample.prepared
 # EXACT's cost (one cotangent per (row, class) pair) is announced with a warning from this many on
 EXACT_WARN_CLASSES = 4096
 
@@ -100,6 +102,7 @@ class DiagFisher:
         self._warned_exact = False
         self._restarted = False  # restart() kept a state made before it: see _params
         self._prepared: prepared.Prepared | None = None  # see fimfast.prepared
+        self._prepared_ps: prepared_ps.Prepared | None = None  # fimfast.persample.prepared
 
     @property
     def seed(self) -> int:
@@ -270,8 +273,11 @@ class DiagFisher:
         train/eval mode are left as they were (see :mod:`fimfast.guard`); the default random
         generator advances as one forward of the model advances it (dropout), plus one draw
         when the estimator was created without a seed."""
-        if prepared.step(self, batch):  # a one-probe HUTCHINSON step of a plain model
-            return
+        if self.fim_type in _ONE_COLUMN:
+            if prepared_ps.step(self, batch):  # EMPIRICAL or one-draw MONTE_CARLO, prepared
+                return
+        elif not self.fim_type.is_per_sample and prepared.step(self, batch):
+            return  # a one-probe HUTCHINSON step of a plain model
         params = self._params()  # a changed parameter set is refused before the forward
         with guard.step_kept(self._guard, self._modules, self.model, self.names, params):
             if self._head is None:

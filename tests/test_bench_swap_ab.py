@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import bench_swap_ab
 from fimfast import ops
+from fimfast.persample import prepared as prepared_ps
 from fimfast.persample import replay
 
 ROOT = Path(bench_swap_ab.__file__).resolve().parents[1]
@@ -39,8 +40,10 @@ def test_each_round_runs_one_old_and_one_new_step(monkeypatch):
 
     monkeypatch.setattr(ops, "probe_logit_grad", new)  # put back after the test
     swaps = [(ops, "probe_logit_grad", tagged("old"), tagged("new"))]
-    # EMPIRICAL draws its score columns through ops.probe_logit_grad (a one-probe HUTCHINSON
-    # step of this model calls the extension's probe kernel directly: fimfast/prepared.py)
+    # EMPIRICAL draws its score columns through ops.probe_logit_grad once the extension's one
+    # call of the prepared step is off (with it, as a one-probe HUTCHINSON step of this model, it
+    # calls the extension's kernel directly: fimfast/persample/prepared.py, fimfast/prepared.py)
+    monkeypatch.setattr(prepared_ps, "_HOST", [None, None])
     res = bench_swap_ab.run("a", "empirical", 4, swaps, size="tiny")
     assert ops.probe_logit_grad is swaps[0][3]  # the new one is left in place
     assert calls.count("old") == calls.count("new") == 4 + 3  # rounds and warm-up rounds

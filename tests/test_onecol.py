@@ -11,6 +11,7 @@ from cases import assert_same_estimators
 
 import fimfast
 from fimfast.persample import onecol
+from fimfast.persample import prepared as prepared_ps
 from fimfast.persample.onecol import Lane
 
 
@@ -39,9 +40,11 @@ def _batches(dtype, k=3, n=5, ignore=False):
 
 def _run(model, batches, general, monkeypatch, fim_type, **kw):
     """The estimator after ``batches`` and how many steps :func:`onecol.run` formed; with
-    ``general``, no plan gets a layout (the general chunk path)."""
+    ``general``, no plan gets a layout (the general chunk path). The prepared step, which runs
+    the same layouts from the second step on, is off here (tests/test_prepared_persample.py)."""
     runs = []
     with monkeypatch.context() as mp:
+        mp.setattr(prepared_ps, "step", lambda est, batch: False)
         if general:
             mp.setattr(onecol, "layout", lambda plan: None)
         real = onecol.run

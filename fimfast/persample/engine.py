@@ -29,6 +29,7 @@ from fimfast.persample.plan import (
     _Template,
 )
 from fimfast.persample.replay import Replay, _refuse_hidden
+from fimfast.persample.walk import walk as tap_walk
 from fimfast.step import Step
 from fimfast.types import Options
 
@@ -49,21 +50,42 @@ class Engine(Replay):
 
     def __init__(self) -> None:
         super().__init__()
-        self.last_plan: Plan | None = None
+        self._last_plan: Plan | tuple | None = None
         self._probe_cache: dict[Any, Any] = {}
         self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
         self._logged: dict[int, str] = {}
         self.sequence_rows = False  # this step's rows are whole sequences (see Options)
         self.stream_batched = True  # chunks of several columns may stream (see _columns)
 
+    @property
+    def last_plan(self) -> Plan | None:
+        """The :class:`Plan` of the last step (a prepared step keeps its template and calls:
+        bound on first read, :mod:`fimfast.persample.prepared`)."""
+        plan = self._last_plan
+        if type(plan) is tuple:
+            plan = self._last_plan = plan[0].bind(plan[1])
+        return plan
+
+    @last_plan.setter
+    def last_plan(self, plan: Plan | tuple | None) -> None:
+        self._last_plan = plan
+
     # -- planning --------------------------------------------------------------------------- #
     def _plan(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]) -> Plan:
+        pre = self._prelude(cap, rows, params)
+        return pre if type(pre) is Plan else self._planned(cap, rows, *pre)
+
+    def _prelude(self, cap: hooks.Capture | None, rows, params: list[torch.Tensor]):
+        """The checks of this step's forward and the key of its structure: ``(found, glob,
+        params, n, head, key)`` for :meth:`_planned`, or the plan itself when no call was
+        captured (every parameter on the generic path)."""
         found = self.weights.take(cap)  # weights computed from parameters (derived_weights)
+        n = len(params)
         if found:
             graph = dw.walk(rows.flat, params, {f[3]: f[1] for f in found})
-            params, n = [*params, *(f[1] for f in found)], len(params)
+            params = [*params, *(f[1] for f in found)]
         else:
-            graph = hooks.walk(rows.flat, params)
+            graph = tap_walk(rows.flat, params, cap)
         _refuse_hidden(cap, graph)
         if cap is None or not cap.calls:
             generic = list(range(len(params)))
@@ -74,15 +96,17 @@ class Engine(Replay):
         glob = graph.edges
         # everything below depends only on the structure of this step's calls: reused from the
         # last step with the same calls, uses, verdicts, parameter edges and head
-        if self.sequence_rows:  # per-sequence rows: the head's squares do not split by token
-            head_closed = None
-        else:
-            head_closed = head
         key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows)
+        return found, glob, params, n, head, key
+
+    def _planned(self, cap: hooks.Capture, rows, found, glob, params, n, head, key) -> Plan:
+        """The plan of a step whose :meth:`_prelude` gave the other arguments."""
         hit = self._plans.get(key)
         if hit is not None:
             plan = hit.bind(cap.calls)
         else:
+            # per-sequence rows: the head's squares do not split by token
+            head_closed = None if self.sequence_rows else head
             plan = planning.build(cap.calls, head, rows, params, glob, head_closed,
                                   self._probe_cache)
             if len(self._plans) > 64:
@@ -96,7 +120,9 @@ class Engine(Replay):
         return plan
 
     # -- the step ----------------------------------------------------------------------------- #
-    def estimate(self, step: Step, cap: hooks.Capture | None) -> list[torch.Tensor] | Sums:
+    def estimate(
+        self, step: Step, cap: hooks.Capture | None, pre: tuple | None = None
+    ) -> list[torch.Tensor] | Sums:
         """This batch's per-sample estimate, one fresh float tensor per parameter; with
         ``step.defer_square``, a :class:`~fimfast.batch_sums.Sums` when it keeps squared products or
         table rows for the state to fold (:meth:`fimfast.state.State.commit`).
@@ -108,6 +134,8 @@ class Engine(Replay):
         Args:
             step: the step (``step.rows`` with logits attached to the graph).
             cap: the capture of this step's forward (``None``: generic path only).
+            pre: what :meth:`_prelude` gave for this step already (the prepared step's checks:
+                :mod:`fimfast.persample.prepared`), else ``None``.
         """
         rows, params, opts = step.rows, step.params, step.opts
         acc = Sums([p.shape for p in params], step.dtypes, [p.device for p in params])
@@ -119,7 +147,10 @@ class Engine(Replay):
         plain = rows.detached if rows.all_valid and rows.logits.dim() == 2 else flat
         cols = Columns(plain, rows.labels, step.fim_type, opts, step.seed, step.offset)
         self.sequence_rows = bool(opts.sequence_rows) and rows.logits.dim() == 3
-        plan = self._plan(cap, rows, params)
+        if pre is None:
+            plan = self._plan(cap, rows, params)
+        else:
+            plan = pre if type(pre) is Plan else self._planned(cap, rows, *pre)
         self.last_plan = plan
         if cap is not None:
             self._log_generic(plan, len(params), step.names)

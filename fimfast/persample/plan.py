@@ -175,6 +175,7 @@ class _Template:
     calls: list[int]
     head: int | None
     lanes: tuple | None = None  # fimfast.persample.onecol.layout of the plan
+    program: Any = None  # fimfast.persample.prepared.Program of it (False: none), made once
 
     @classmethod
     def of(cls, plan: Plan, calls: list[hooks.Call]) -> _Template:

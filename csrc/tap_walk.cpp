@@ -1,0 +1,81 @@
+// tap_walk: the walk of the autograd graph of a per-sample step's logits in C++ (the Python walk
+// fimfast.hooks.walk decides the same: fimfast/persample/walk.py). It counts the edges into the
+// AccumulateGrad node of every wanted parameter over the whole graph (each node visited once,
+// every edge into a parameter counted), tells whether each tap handle is reached (its grad_fn
+// among the nodes visited, or for a leaf its AccumulateGrad node) and whether a reentrant
+// torch.utils.checkpoint segment is on the way (csrc/graph_walk.cpp). No Python object is made
+// for the nodes.
+#include "tap_walk.h"
+
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+
+#include "graph_walk.h"
+
+namespace fimfast {
+
+std::tuple<std::vector<int64_t>, std::vector<bool>, bool> tap_walk(
+    const at::Tensor& flat, const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& probes) {
+  using torch::autograd::Node;
+  using Acc = decltype(torch::autograd::impl::try_get_grad_accumulator(
+      std::declval<const at::Tensor&>()));
+  std::unordered_map<const Node*, int64_t> edges;  // AccumulateGrad node -> edges into it
+  std::vector<Acc> accs;
+  accs.reserve(params.size());
+  for (const at::Tensor& p : params) {
+    Acc acc = p.defined() ? torch::autograd::impl::try_get_grad_accumulator(p) : Acc();
+    if (acc) edges.emplace(acc.get(), 0);
+    accs.push_back(std::move(acc));
+  }
+  std::unordered_set<const Node*> seen;
+  bool reentrant = false;
+  Node* root = flat.grad_fn().get();
+  if (root != nullptr) {
+    seen.reserve(256);
+    seen.insert(root);
+    std::vector<Node*> stack{root};
+    while (!stack.empty()) {
+      Node* node = stack.back();
+      stack.pop_back();
+      if (!reentrant && is_reentrant_node(node)) reentrant = true;
+      for (const torch::autograd::Edge& e : node->next_edges()) {
+        Node* next = e.function.get();
+        if (next == nullptr) continue;
+        if (dynamic_cast<torch::autograd::AccumulateGrad*>(next) != nullptr) {
+          seen.insert(next);
+          auto it = edges.find(next);
+          if (it != edges.end()) ++it->second;
+        } else if (seen.insert(next).second) {
+          stack.push_back(next);
+        }
+      }
+    }
+  }
+  std::vector<int64_t> counts;
+  counts.reserve(params.size());
+  for (const auto& acc : accs) counts.push_back(acc ? edges[acc.get()] : 0);
+  std::vector<bool> reached;
+  reached.reserve(probes.size());
+  for (const at::Tensor& t : probes) {
+    bool r = false;
+    if (t.defined()) {
+      const auto& fn = t.grad_fn();
+      if (fn) {
+        r = seen.count(fn.get()) > 0;
+      } else if (t.requires_grad()) {
+        auto acc = torch::autograd::impl::try_get_grad_accumulator(t);
+        r = acc && seen.count(acc.get()) > 0;
+      }
+    }
+    reached.push_back(r);
+  }
+  return std::make_tuple(std::move(counts), std::move(reached), reentrant);
+}
+
+}  // namespace fimfast

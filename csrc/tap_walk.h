@@ -1,0 +1,18 @@
+// The graph walk of a per-sample step (csrc/tap_walk.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace fimfast {
+
+// One walk of the autograd graph of `flat`: (per tensor of `params`, the edges into its
+// AccumulateGrad node; per tensor of `probes`, whether the gradient of `flat` reaches it; whether
+// the graph holds a reentrant checkpoint segment)
+std::tuple<std::vector<int64_t>, std::vector<bool>, bool> tap_walk(
+    const at::Tensor& flat, const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& probes);
+
+}  // namespace fimfast

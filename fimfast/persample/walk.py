@@ -1,0 +1,57 @@
+"""The walk of a per-sample step's autograd graph, in one call of the extension where it loads.
+
+:func:`fimfast.hooks.walk` walks the whole graph of the logits in Python at every step, one Python
+object per node: the parameters' edges, every node reached (for the tap checks of
+:func:`fimfast.persample.plan.check_taps`) and whether a reentrant checkpoint is on the way.
+:func:`walk` asks the extension (csrc/tap_walk.cpp) the same in one call: the edges, whether each
+tap handle of the capture is reached and the reentrant flag, with no Python object made for the
+nodes. Without the extension, :func:`fimfast.hooks.walk` runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from fimfast import _ext, hooks
+
+__all__ = ["TapGraph", "walk"]
+
+
+@dataclass
+class TapGraph(hooks.Graph):
+    """A :class:`fimfast.hooks.Graph` whose nodes were not made Python objects (``nodes`` is
+    empty): ``reached`` holds the ids of the tap handles that the gradient of the logits
+    reaches, all that :func:`fimfast.persample.plan.check_taps` asks of the nodes."""
+
+    reached: set = field(default_factory=set)
+
+    def reaches(self, t: torch.Tensor) -> bool:
+        """Whether the gradient of the logits flows back to ``t``, a tap handle of the walk."""
+        return id(t) in self.reached
+
+
+def walk(flat: torch.Tensor, params: list[torch.Tensor], cap: hooks.Capture | None) -> hooks.Graph:
+    """:func:`fimfast.hooks.walk` of ``flat`` with ``params``, the tap handles of ``cap`` asked
+    whether they are reached (a :class:`TapGraph`), by the extension where it loads."""
+    fn = _HOST[0] if _HOST else _host()
+    if fn is None:
+        return hooks.walk(flat, params)
+    handles = [] if cap is None else [t.handle for c in cap.calls for t in c.taps]
+    counts, reached, reentrant = fn(flat, params, handles)
+    edges: Counter = Counter()
+    for p, k in zip(params, counts):
+        if k:
+            edges[id(p)] = k
+    return TapGraph(edges, set(), reentrant, {id(h) for h, r in zip(handles, reached) if r})
+
+
+def _host():
+    """The extension's ``tap_walk`` (``None`` without it), looked up once."""
+    _HOST[:] = [_ext.host_function("tap_walk")]
+    return _HOST[0]
+
+
+_HOST: list = []
