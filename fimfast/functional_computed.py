@@ -49,6 +49,21 @@ def _broadcast(N: int | None, t: Any, x: Any) -> bool:
     return not any(a == N == b for a, b in pairs) and any(a == 1 and b == N for a, b in pairs)
 
 
+def site_ids(cap, uses: list[Use]) -> tuple:
+    """What names the site of a call by its uses (:meth:`fimfast.functional.FunctionalMode.
+    record`): the id of each parameter, or of the slot of a weight computed from parameters
+    (:meth:`fimfast.derived_weights.Weights.lookup`), the same from step to step (not the
+    weight, made anew by each forward), so that the plan of the call is reused."""
+    out = []
+    for u in uses:
+        p = u.param
+        if id(p) not in cap.param_ids and cap.derived is not None:
+            found = cap.derived(p)
+            p = p if found is None else found[0]
+        out.append(id(p))
+    return tuple(out)
+
+
 def elementwise(mode, func, args, kwargs):
     """See the module docstring."""
     from fimfast import functional  # it imports this module
