@@ -280,3 +280,40 @@ def test_second_step_reuses_the_plan_of_a_functional_call_on_a_computed_weight(m
     est.step(case.batch)
     assert est._persample._plans.keys() == plans.keys() and len(calls) == 1
     assert rel_error({k: v / 3 for k, v in est.result().items()}, oracle(case)) <= DET_REL_F64
+
+
+class Holder(nn.Module):
+    """A parametrized weight held by a module without a rule, read by ``x @ W``."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.weight = _p(*shape)
+
+
+def _other_forms(kind: str) -> nn.Module:
+    from torch.nn.utils import parametrizations as P
+
+    torch.manual_seed(0)
+    if kind == "weight_norm_columns":  # g per input column of an nn.Linear's (O, I) weight
+        return nn.Sequential(nn.Linear(4, D), nn.Tanh(), P.weight_norm(nn.Linear(D, C), dim=1))
+    if kind == "weight_norm_matmul":  # W stored (I, O), one g per output: dim=1 of storage
+        return Fn(lambda s, x: torch.tanh(s.a(x)) @ s.h.weight, a=nn.Linear(4, D),
+                  h=P.weight_norm(Holder(D, C), dim=1))
+    return Fn(lambda s, x: torch.tanh(s.a(x)) @ s.h.weight, a=nn.Linear(4, D),
+              h=P.spectral_norm(Holder(D, C)).eval())
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("kind", ["weight_norm_columns", "weight_norm_matmul", "spectral_matmul"])
+def test_the_other_closed_forms_by_columns_and_through_matmul(kind, quantity, monkeypatch):
+    """Weight norm by columns and weight norm and spectral norm of a weight read by ``x @ W``
+    (stored ``(I, O)``) take the closed form too."""
+    model = _other_forms(kind).double()
+    x = torch.randn(N, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    case = classifier_case(model, (x, torch.tensor([0, 1, 2, 0, 1])), C, kind)
+    ref = oracle(case, quantity)
+    originals = [v for k, v in ref.items() if "original" in k]
+    assert originals and all(v.abs().sum() > 0 for v in originals)
+    _no_backward_of_f(monkeypatch, False)
+    est = check_fast_twice(case, quantity, ref, DET_REL_F64)
+    assert est._persample.last_plan.pullbacks
