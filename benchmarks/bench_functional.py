@@ -21,7 +21,9 @@ an MLP 784-512-256-10 with ``torch.nn.utils.parametrizations.weight_norm`` on it
 layers, batch 128; ``param_mlp``: 64-128-128-10 with ``spectral_norm`` and a symmetric
 parametrization of its own, batch 16; ``relpos_attn``: attention over a 4 x 4 grid of tokens with
 a relative-position bias table gathered by an index buffer and added to the scores, as in BEiT,
-batch 16). For each, EXACT, EMPIRICAL and MONTE_CARLO
+batch 16; cosine classifiers ``cosine_cls`` and ``cosine_cls_1k``: an MLP 784-256-128, its
+features normalized, then ``logit_scale.exp() * (h @ F.normalize(W, dim=0))`` to 10 and to 1000
+classes, batch 64). For each, EXACT, EMPIRICAL and MONTE_CARLO
 steps are timed as ratios to a training step (forward, loss, backward) of the same model, one
 torch thread (``--clock cpu``: by the process's CPU time instead of the wall clock; ``--types``:
 some of the types only).
@@ -47,7 +49,7 @@ import time
 
 MODELS = ("tied_lm", "module_tied_lm", "bare_pos_lm", "bare_mlp", "scaled_mlp", "contract_mlp",
           "bare_convs", "masked_mlp", "pruned_mlp", "vit_cls", "folded_mlp", "windows",
-          "weight_norm_mlp", "param_mlp", "relpos_attn")
+          "weight_norm_mlp", "param_mlp", "relpos_attn", "cosine_cls", "cosine_cls_1k")
 TYPES = ("exact", "empirical", "monte_carlo")
 
 
@@ -249,6 +251,20 @@ def _models():
                              weight_norm(nn.Linear(512, 256)), nn.ReLU(),
                              weight_norm(nn.Linear(256, 10)))
 
+    class CosineCls(nn.Module):
+        """An MLP 784-256-128, then a cosine head with a learnable scale (CLIP-like)."""
+
+        def __init__(self, C=10):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128),
+                                      nn.ReLU())
+            self.W = nn.Parameter(torch.randn(128, C) * 128 ** -0.5)
+            self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            h = F.normalize(self.body(x), dim=1)
+            return self.logit_scale.exp() * (h @ F.normalize(self.W, dim=0))
+
     def pruned(d=64, h=128, C=10):
         net = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, C))
         for i in (0, 2, 4):
@@ -283,6 +299,10 @@ def _models():
         "param_mlp": (parametrized(), (x, torch.randint(0, 10, (N,), generator=g))),
         "relpos_attn": (RelPosAttention(), (torch.randn(N, 16, 32, generator=g),
                                             torch.randint(0, 10, (N,), generator=g))),
+        "cosine_cls": (CosineCls(), (torch.randn(64, 784, generator=g),
+                                     torch.randint(0, 10, (64,), generator=g))),
+        "cosine_cls_1k": (CosineCls(1000), (torch.randn(64, 784, generator=g),
+                                            torch.randint(0, 1000, (64,), generator=g))),
     }
 
 

@@ -49,7 +49,9 @@ class Pullback:
         thetas: indices of the parameters the pullback covers.
         units: (column, sample) pairs per pullback (the memory budget).
         origins: slot index -> the ``ParametrizationList`` that made ``W`` (``None``: not a
-            parametrization), for the closed forms of :mod:`fimfast.pullback`.
+            parametrization), for the closed forms of :mod:`fimfast.pullback_closed`.
+        closed: the sums of :func:`fimfast.pullback_closed.projected` over this step's chunks
+            (``None`` before the first and after :func:`fimfast.pullback_closed.finish`).
     """
 
     groups: list
@@ -57,6 +59,7 @@ class Pullback:
     thetas: list[int]
     units: int = 1
     origins: dict | None = None  # slot index -> the ParametrizationList that made W, or None
+    closed: Any = None  # this step's sums of fimfast.pullback_closed.projected
 
 
 def model_has_derived(model: torch.nn.Module) -> bool:
@@ -376,17 +379,14 @@ def _components(pulled, reach, by_slot, slot_groups, params, budget) -> list[tup
 
 
 def _closed(pb: Pullback) -> bool:
-    """Whether ``pb`` takes a closed form that forms no per-unit gradient (one weight-normed or
-    spectral-normed weight whose layers give :class:`~fimfast.rules.Outer` terms in its layout:
-    :func:`fimfast.pullback.projected`), so that no unit's memory counts."""
-    from fimfast import pullback
-    from fimfast.rules.base import UseKind
+    """Whether ``pb`` takes a closed form that forms no per-unit gradient (one weight that
+    normalizes its parameter per slice, or a spectral-normed one, whose layers give
+    :class:`~fimfast.rules.Outer` terms of the whole weight:
+    :func:`fimfast.pullback_closed.projected`), so that no unit's memory counts."""
+    from fimfast import pullback_closed
 
     if len(pb.slots) != 1:
         return False
     (j, W), = pb.slots.items()
     uses = [c.uses[ui] for g in pb.groups for c, ui in g.members]
-    if any(u.kind != UseKind.OUTER or u.transposed or u.groups != 1 or u.block is not None
-           for u in uses):
-        return False
-    return pullback._form(W, (pb.origins or {}).get(j), W.dtype) is not None
+    return pullback_closed.closed(W, uses, (pb.origins or {}).get(j))

@@ -57,7 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from fimfast import functional_derived as fder
 from fimfast import functional_ops as fops
-from fimfast.functional_computed import record_elementwise
+from fimfast.functional_computed import record_elementwise, site_ids
 from fimfast.functional_ops import _bind, _tuple
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 from fimfast.rules import functional as frules
@@ -177,7 +177,7 @@ class FunctionalMode(TorchFunctionMode):
         (no graph, no leading dims: its parameters then take the generic path)."""
         if not _usable(y) or lead < 1:
             return y
-        key = (name, tuple(id(u.param) for u in uses))
+        key = (name, site_ids(self.cap, uses))
         k = self.seen[key]
         self.seen[key] += 1
         site = self.sites.get((key, k))

@@ -7,9 +7,10 @@ gathered from a table by an index buffer (``table[index.view(-1)].view(T, T, H).
 elementwise call on a parameter (:class:`fimfast.rules.functional.ElementwiseRule`: ``W``'s
 per-sample gradient is the output gradient summed over the sample's elements down to ``W``'s
 shape) with ``W`` as its use; the engine pulls it back to the parameters
-(:mod:`fimfast.pullback`). Likewise ``F.linear(x, W, b)`` (:func:`linear`), ``x @ W`` with a 2-D
-``W`` (:func:`matmul`), ``F.conv1d/2d/3d(x, W, b)`` (:func:`conv`) and a contraction's operand
-(``torch.einsum``, ``bmm``, ...: :func:`operand`, read by :mod:`fimfast.functional_ops`): a
+(:mod:`fimfast.pullback`). Likewise ``F.linear(x, W, b)`` (:func:`linear`; ``b`` computed from
+parameters too), ``x @ W`` and ``W @ x`` with a 2-D ``W`` (:func:`matmul`), ``F.conv1d/2d/3d(x,
+W, b)`` (:func:`conv`) and a contraction's operand (``torch.einsum``, ``bmm``, ...:
+:func:`operand`, read by :mod:`fimfast.functional_ops`): a
 cosine classifier ``x @ F.normalize(W, dim=0)``, a weight-standardized convolution
 ``F.conv2d(x, (W - mean) / std)``. Any other call goes to :mod:`fimfast.functional`'s handler.
 """
@@ -47,6 +48,21 @@ def _broadcast(N: int | None, t: Any, x: Any) -> bool:
         return False
     pairs = list(zip((1,) * (x.dim() - t.dim()) + tuple(t.shape), x.shape))
     return not any(a == N == b for a, b in pairs) and any(a == 1 and b == N for a, b in pairs)
+
+
+def site_ids(cap, uses: list[Use]) -> tuple:
+    """What names the site of a call by its uses (:meth:`fimfast.functional.FunctionalMode.
+    record`): the id of each parameter, or of the slot of a weight computed from parameters
+    (:meth:`fimfast.derived_weights.Weights.lookup`), the same from step to step (not the
+    weight, made anew by each forward), so that the plan of the call is reused."""
+    out = []
+    for u in uses:
+        p = u.param
+        if id(p) not in cap.param_ids and cap.derived is not None:
+            found = cap.derived(p)
+            p = p if found is None else found[0]
+        out.append(id(p))
+    return tuple(out)
 
 
 def elementwise(mode, func, args, kwargs):
@@ -112,25 +128,35 @@ def _inside_weight(mode, weights, a: Any, b: Any) -> bool:
 
 def linear(mode, func, args, kwargs):
     """``F.linear(x, W, b)`` with ``W`` a 2-D weight computed from parameters (a parametrized
-    attribute of a module without a rule, read in its forward), outside the forward of any
-    module with a rule (whose own call is its rule's): the weight an :class:`~fimfast.rules.
-    Outer` use, ``b`` a parameter or nothing. Anything else goes to :mod:`fimfast.functional`'s
-    handler."""
+    attribute of a module without a rule, read in its forward) or a parameter, and ``b`` a
+    parameter, a 1-D bias computed from parameters (``b = f(theta)``) or nothing, at least one of
+    them computed, outside the forward of any module with a rule (whose own call is its rule's):
+    the weight an :class:`~fimfast.rules.Outer` use, the bias a ``Vec`` use. Anything else goes
+    to :mod:`fimfast.functional`'s handler."""
     from fimfast import functional  # it imports this module
 
     weights = getattr(mode.cap.derived, "weights", None)
     w = args[1] if len(args) > 1 else kwargs.get("weight")
-    if weights is None or not isinstance(w, Tensor) or w.grad_fn is None:  # a parameter itself
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if (weights is None or not isinstance(w, Tensor)  # W and b parameters themselves
+            or (w.grad_fn is None and getattr(bias, "grad_fn", None) is None)):
         return functional._linear(mode, func, args, kwargs)
     b = _bind(args, kwargs, ("input", "weight", "bias"), (None, None, None))
-    if b is None or not _linear_weight(mode, weights, *b[:2]):
+    if b is None:
         return functional._linear(mode, func, args, kwargs)
     x, w, bias = b
+    pw = w if w.grad_fn is not None and _linear_weight(mode, weights, x, w) else None
+    computed = pw is not None
+    if pw is None and w.dim() == 2 and mode.view_of(w) is None:
+        pw = mode.param(w)
     pb = mode.param(bias)
-    if bias is not None and pb is None:
+    if pb is None and bias is not None and pw is not None and _linear_weight(
+            mode, weights, x, bias, 1) and bias.shape[0] == w.shape[0]:
+        pb, computed = bias, True  # a bias computed from parameters
+    if pw is None or not computed or (bias is not None and pb is None):
         return functional._linear(mode, func, args, kwargs)
     y = func(x, w, bias)
-    uses = [Use(w, UseKind.OUTER)] + ([Use(pb, UseKind.VEC)] if pb is not None else [])
+    uses = [Use(pw, UseKind.OUTER)] + ([Use(pb, UseKind.VEC)] if pb is not None else [])
     return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
 
 
@@ -159,18 +185,29 @@ def operand(mode, t: Any) -> tuple | None:
 
 def matmul(mode, func, args, kwargs):
     """``x @ W`` with ``x`` at least 2-D and ``W`` a 2-D weight computed from parameters (stored
-    ``(I, O)``): a linear map, ``W`` an :class:`~fimfast.rules.Outer` use. Anything else goes
-    to :mod:`fimfast.functional`'s handler."""
+    ``(I, O)``): a linear map, ``W`` an :class:`~fimfast.rules.Outer` use; ``W @ x`` with ``W``
+    such a weight (stored ``(O, I)``) and ``x`` ``(..., I, K)`` holding the batch: ``(W @ x)^T =
+    x^T W^T``, a linear map of ``x^T`` (as for a parameter, ``functional._left_matmul``).
+    Anything else goes to :mod:`fimfast.functional`'s handler."""
     from fimfast import functional  # it imports this module
 
     weights = getattr(mode.cap.derived, "weights", None)
-    if (weights is None or kwargs or len(args) != 2 or not isinstance(args[0], Tensor)
-            or args[0].dim() < 2 or not _linear_weight(mode, weights, *args)):
+    if weights is None or kwargs or len(args) != 2 or not all(isinstance(a, Tensor)
+                                                               for a in args):
         return functional._matmul(mode, func, args, kwargs)
     x, w = args
-    y = func(x, w)
-    use = Use(w, UseKind.OUTER, transposed=True)
-    return mode.record("matmul", frules.LINEAR, y, y.dim() - 1, [use], {"x": x.detach()})
+    if x.dim() >= 2 and _linear_weight(mode, weights, x, w):
+        y = func(x, w)
+        use = Use(w, UseKind.OUTER, transposed=True)
+        return mode.record("matmul", frules.LINEAR, y, y.dim() - 1, [use], {"x": x.detach()})
+    w, x = args
+    N = mode.cap.batch_size
+    if x.dim() >= 2 and N is not None and N in x.shape and _linear_weight(mode, weights, x, w):
+        yt = func(w, x).mT
+        out = mode.record("left matmul", frules.LINEAR, yt, yt.dim() - 1,
+                          [Use(w, UseKind.OUTER)], {"x": x.detach().mT})
+        return out.mT
+    return functional._matmul(mode, func, args, kwargs)
 
 
 def conv(mode, func, args, kwargs):

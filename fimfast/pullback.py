@@ -12,10 +12,11 @@ batching) or one backward per unit, whichever was faster the first time a struct
 and units came (both are timed once, :data:`_WAYS`). Measured on CPU (1 thread, 144 units, once
 warm): a gather by an index and a permute (a relative-position bias table of 49 x 4 entries)
 2.2 ms batched against 9.1 ms one by one; a symmetric parametrization of a 128 x 128 weight 20
-against 13 ms. A weight made by ``torch._weight_norm``
-(``parametrizations.weight_norm``, the older ``weight_norm`` hook) takes its closed form instead
-(:func:`_weight_norm`; :func:`projected` without per-unit gradients at all, as for
-``parametrizations.spectral_norm``).
+against 13 ms. A weight that normalizes its parameter per slice (``torch._weight_norm``:
+``parametrizations.weight_norm``, the older ``weight_norm`` hook; ``F.normalize(v, dim=d)`` and
+``v / v.norm(dim=d, keepdim=True)``: a cosine classifier) takes its closed form instead
+(:func:`fimfast.pullback_closed.dense`; :func:`fimfast.pullback_closed.projected` without
+per-unit gradients at all, as for ``parametrizations.spectral_norm``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 
 import torch
 
+from fimfast import pullback_closed
 from fimfast.dtypes import compute_dtype
 from fimfast.rules.base import Outer, Patches, Rows, Vec, dense
 
@@ -45,7 +47,7 @@ def chunk(pullbacks: list, gmap: dict, acc, params: list[torch.Tensor]) -> None:
                     M, N = _units(term)
         if M is None:
             continue
-        if projected(pb, parts, acc, params):
+        if pullback_closed.projected(pb, parts, acc, params):
             continue
         thetas = [params[i] for i in pb.thetas]
         step = max(1, pb.units // M)
@@ -56,6 +58,12 @@ def chunk(pullbacks: list, gmap: dict, acc, params: list[torch.Tensor]) -> None:
             for i, gr in zip(pb.thetas, grads):
                 if gr is not None:
                     acc.add(i, gr.to(acc.dtypes[i]).square().sum(0))
+
+
+def finish(pullbacks: list, acc, params: list[torch.Tensor]) -> None:
+    """After the last chunk of a step: the squares the closed forms summed over the chunks
+    (:func:`fimfast.pullback_closed.finish`)."""
+    pullback_closed.finish(pullbacks, acc, params)
 
 
 def _units(term) -> tuple[int, int]:
@@ -127,7 +135,7 @@ def _pull(Ws: dict[int, torch.Tensor], Ds: dict[int, torch.Tensor], thetas: list
     ``None``) per parameter."""
     if len(Ws) == 1:
         (j, W), = Ws.items()
-        closed = _weight_norm(W, Ds[j], thetas)
+        closed = pullback_closed.dense(W, Ds[j], thetas)
         if closed is not None:
             return closed
     outs = list(Ws.values())
@@ -186,132 +194,3 @@ def _looped(outs, thetas, grads) -> list:
                                 allow_unused=True) for k in range(K)]
     return [None if rows[0][i] is None else torch.stack([r[i] for r in rows])
             for i in range(len(thetas))]
-
-
-def _weight_norm(W: torch.Tensor, D: torch.Tensor, thetas: list) -> list | None:
-    """Closed form of the pullback through ``W = torch._weight_norm(v, g, dim)``
-    (``WeightNormInterfaceBackward``): with ``v^_i = v_i / |v_i|`` (the slices along ``dim``),
-    ``grad g_i = <D_i, v^_i>`` and ``grad v_i = (g_i / |v_i|) (D_i - grad g_i v^_i)``
-    (docs/math.md §4); ``None`` for any other ``W``."""
-    found = weight_norm_of(W)
-    if found is None:
-        return None
-    v, g, keep = found
-    red = tuple(d + 1 for d in range(v.dim()) if d not in keep)
-    dt = D.dtype
-    vd, gd = v.detach().to(dt), g.detach().to(dt).reshape([1 if d not in keep else v.shape[d]
-                                                           for d in range(v.dim())])
-    norm = vd.square().sum([d - 1 for d in red], keepdim=True).sqrt()
-    vhat = vd / norm
-    dg = (D * vhat).sum(red, keepdim=True)  # (K, 1.. g's dims ..1)
-    dv = (gd / norm) * (D - dg * vhat)
-    out = []
-    for t in thetas:
-        out.append(dv if t is v else dg.reshape(D.shape[0], *g.shape) if t is g else None)
-    return out
-
-
-def weight_norm_of(W: torch.Tensor) -> tuple | None:
-    """``(v, g, keep)`` of ``W = torch._weight_norm(v, g, dim)`` (``keep``: ``[dim]``, or ``[]``
-    for the norm of the whole tensor); ``None`` for any other ``W``."""
-    fn = W.grad_fn
-    if type(fn).__name__ != "WeightNormInterfaceBackward0":
-        return None
-    (nv, _), (ng, _) = fn.next_functions[:2]
-    v, g = getattr(nv, "variable", None), getattr(ng, "variable", None)
-    if v is None or g is None or v.shape != W.shape:
-        return None
-    keep = [d for d in range(v.dim()) if g.dim() == v.dim() and g.shape[d] == v.shape[d] > 1]
-    if len(keep) > 1 or g.numel() != (v.shape[keep[0]] if keep else 1):
-        return None
-    return v, g, keep
-
-
-def _form(W: torch.Tensor, origin, dt: torch.dtype) -> tuple | None:
-    """``(v, g, C, B, alpha, rows)`` of a weight whose pullback is ``alpha (D - beta B)`` with
-    ``beta = <D, C>`` per row (``rows``) or over the whole tensor, ``D`` a gradient of ``W``
-    as ``(O, I)``: ``torch._weight_norm`` (``C = B = v^``, ``alpha = g / |v|``, ``beta`` the
-    gradient of ``g``) or ``parametrizations.spectral_norm`` of a weight of two or more dims
-    along dim 0 (``W = v / sigma``, ``sigma = u^T v v'`` with the power iteration's vectors
-    ``u``, ``v'`` fixed: ``C = W``, ``B = u v'^T``, ``alpha = 1 / sigma``; ``g`` ``None``);
-    ``None`` for any other ``W``."""
-    found = weight_norm_of(W)
-    if found is not None:
-        v, g, keep = found
-        if keep not in ([0], []):
-            return None
-        vd = v.detach().reshape(v.shape[0], -1).to(dt)
-        norm = (vd.square().sum(1, keepdim=True) if keep else vd.square().sum().reshape(1, 1))
-        norm = norm.sqrt()
-        vhat = vd / norm
-        return v, g, vhat, vhat, g.detach().to(dt).reshape(-1, 1) / norm, bool(keep)
-    from torch.nn.utils.parametrizations import _SpectralNorm
-
-    if origin is None or len(origin) != 1 or not isinstance(origin[0], _SpectralNorm):
-        return None
-    sn, v = origin[0], origin.original
-    if sn.dim != 0 or W.dim() < 2 or v.shape != W.shape:
-        return None
-    u, r = sn._u, sn._v
-    sigma = torch.vdot(u, torch.mv(v.detach().reshape(v.shape[0], -1), r))
-    saved = getattr(W.grad_fn, "_saved_other", None)  # the divisor of this forward
-    if not isinstance(saved, torch.Tensor) or not torch.equal(saved.reshape(()), sigma):
-        return None
-    vm = v.detach().reshape(v.shape[0], -1).to(dt)
-    u, r, sigma = u.to(dt), r.to(dt), sigma.to(dt)
-    return v, None, vm / sigma, torch.outer(u, r), (1 / sigma).reshape(1, 1), False
-
-
-def projected(pb, parts: dict, acc, params: list[torch.Tensor]) -> bool:
-    """The squares of the parameters of a weight whose pullback is ``alpha (D - beta B)``
-    (:func:`_form`: weight_norm, spectral_norm) and whose terms are :class:`~fimfast.rules.
-    Outer` in ``W``'s layout, without forming per-unit gradients (docs/math.md §4, "Computed
-    weights"). With ``D_u = sum_t P_ut (x) Q_nt``: ``beta_u = sum_t P_ut . S_nt`` (``S = Q
-    C^T``, summed over the rows too for a whole-tensor ``beta``) and ``sum_u (alpha (D_u -
-    beta_u B))^2 = alpha^2 (sum_u D_u^2 - 2 B sum_u beta_u D_u + B^2 sum_u beta_u^2)``, each
-    sum one product over the samples; ``g`` (weight_norm) gets ``sum_u beta_u^2``. Returns
-    ``False`` (nothing done) for any other case."""
-    if len(pb.slots) != 1:
-        return False
-    (j, W), = pb.slots.items()
-    terms = parts[j]
-    if not terms or any(not isinstance(t, Outer) or t.P.dim() != 4 or t.index is not None
-                        or u.transposed or g.block is not None for g, u, t in terms):
-        return False
-    pos = {id(params[i]): i for i in pb.thetas}
-    dt = acc.dtypes[pb.thetas[0]]
-    form = _form(W, (pb.origins or {}).get(j), dt)
-    if form is None:
-        return False
-    v, g, C, B, alpha, rows = form
-    O = C.shape[0]
-    P = torch.cat([t.P for _, _, t in terms], 2) if len(terms) > 1 else terms[0][2].P
-    Qs = [t.Q for _, _, t in terms]
-    M, N = P.shape[:2]
-    step = min([q.chunk for q in Qs if isinstance(q, Patches)] + [N])
-    sq = X = b2 = None
-    for n0 in range(0, N, step):
-        Q = torch.cat([_piece(q, n0, n0 + step) for q in Qs], 1).to(dt)  # (n, T, I)
-        Pn = P[:, n0 : n0 + step].to(dt)  # (M, n, T, O)
-        beta = (Pn * (Q @ C.t())).sum(2)  # (M, n, O)
-        if not rows:
-            beta = beta.sum(-1, keepdim=True)
-        R = (Pn * beta.unsqueeze(2)).sum(0)  # (n, T, O)
-        x = R.reshape(-1, O).t() @ Q.reshape(-1, Q.shape[-1])
-        if Pn.shape[2] == 1:  # no weight sharing: sum_m P^2 against Q^2, one product
-            s = Pn[:, :, 0].square().sum(0).t() @ Q[:, 0].square()
-        else:
-            s = torch.einsum("mnto,nti->mnoi", Pn, Q).square().sum((0, 1))
-        d2 = beta.square().sum((0, 1))
-        sq, X, b2 = (s, x, d2) if sq is None else (sq.add_(s), X.add_(x), b2.add_(d2))
-    b2 = b2.reshape(-1, 1) if rows else b2.sum()
-    dv2 = alpha.square() * (sq - 2 * B * X + B.square() * b2)
-    if id(v) in pos:
-        acc.add(pos[id(v)], dv2.clamp_(min=0).reshape(v.shape))
-    if g is not None and id(g) in pos:
-        acc.add(pos[id(g)], b2.reshape(g.shape))
-    return True
-
-
-def _piece(Q, a: int, b: int) -> torch.Tensor:
-    return Q[a:b] if isinstance(Q, Patches) else dense(Q)[a:b]

@@ -1,6 +1,7 @@
-"""Weights computed from parameters (fimfast/functional_computed.py) used by ``x @ W``,
-``F.conv1d/2d/3d`` and ``torch.einsum`` in a functional call: a cosine classifier on
-``F.normalize(W)``, weight-standardized convolutions. The call's rule gives the per-sample
+"""Weights computed from parameters (fimfast/functional_computed.py) used by ``x @ W``, ``W @
+x``, ``F.conv1d/2d/3d`` and ``torch.einsum`` in a functional call, and biases computed from
+parameters in ``F.linear``: a cosine classifier on ``F.normalize(W)``, weight-standardized
+convolutions, a low-rank bias. The call's rule gives the per-sample
 gradients of ``W``, pulled back to the parameters (fimfast/pullback.py); every result is checked
 against the float64 oracle (tests/oracle.py), with the oracle's Fisher of the parameters not
 zero, and no parameter on the generic path."""
@@ -42,6 +43,17 @@ MODELS = {
     "cosine_einsum": (lambda: Fn(lambda s, x: torch.einsum(
         "nd,cd->nc", torch.tanh(s.a(x)), F.normalize(s.W, dim=-1)), a=nn.Linear(6, 6),
         W=_p(C, 6)), (N, 6), ["W"]),
+    "cosine_left_matmul": (lambda: Fn(lambda s, x: (F.normalize(s.W, dim=1) @ torch.tanh(
+        s.a(x)).unsqueeze(-1)).squeeze(-1), a=nn.Linear(6, 6), W=_p(C, 6)), (N, 6), ["W"]),
+    "cosine_left_matmul_tokens": (lambda: Fn(lambda s, x: (F.normalize(s.W, dim=0) @ torch.tanh(
+        s.a(x)).reshape(N, 4, 2)).sum(-1), a=nn.Linear(6, 8), W=_p(C, 4)), (N, 6), ["W"]),
+    "normalized_bias": (lambda: Fn(lambda s, x: F.linear(torch.tanh(s.a(x)), s.W, F.normalize(
+        s.b, dim=0)), a=nn.Linear(6, 6), W=_p(C, 6), b=_p(C)), (N, 6), ["W", "b"]),
+    "low_rank_bias_cosine_weight": (lambda: Fn(lambda s, x: F.linear(torch.tanh(s.a(x)),
+                                                                      F.normalize(s.W, dim=1),
+                                                                      s.B @ s.c),
+                                               a=nn.Linear(6, 6), W=_p(C, 6), B=_p(C, 2),
+                                               c=_p(2)), (N, 6), ["W", "B", "c"]),
     "ws_conv1d": (lambda: Fn(lambda s, x: _conv(s, x, 1, padding=1), W=_p(4, 2, 3), b=_p(4),
                              o=nn.Linear(4 * 6, C)), (N, 2, 6), ["W", "b"]),
     "ws_conv2d_groups_same": (lambda: Fn(lambda s, x: _conv(s, x, 2, padding="same", groups=2),

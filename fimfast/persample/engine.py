@@ -248,6 +248,7 @@ class Engine(Replay):
             _chunk(groups, gmap, acc, backend)
             pullback.chunk(pulls, gmap, acc, params)
             del gmap
+        pullback.finish(pulls, acc, params)
         squares.finish(groups, acc, backend)
 
 
