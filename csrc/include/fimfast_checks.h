@@ -181,6 +181,22 @@ inline void check_shared_sq(const at::Tensor& G, const at::Tensor& A) {
   check_same_device("shared_sq", "G", G, "A", A);
 }
 
+// ---- pair_gram_ -----------------------------------------------------------------------------
+
+// P (M, N, T, O) floating; A (N, T (T + 1) / 2, O) float32/float64, contiguous, on P's device.
+inline void check_pair_gram(const at::Tensor& A, const at::Tensor& P) {
+  check_dim("pair_gram_", "P", P, 4);
+  check_float_input("pair_gram_", "P", P);
+  check_same_device("pair_gram_", "P", P, "A", A);
+  const int64_t N = P.size(1), T = P.size(2), O = P.size(3);
+  TORCH_CHECK(A.dim() == 3 && A.size(0) == N && A.size(1) == T * (T + 1) / 2 && A.size(2) == O,
+              "pair_gram_: A must be (N, T (T + 1) / 2, O) = (", N, ", ", T * (T + 1) / 2, ", ", O,
+              "); got ", A.sizes());
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "pair_gram_: A must be float32 or float64; got ", A.scalar_type());
+  TORCH_CHECK(A.is_contiguous(), "pair_gram_: A must be contiguous");
+}
+
 // ---- accumulate_ ---------------------------------------------------------------------------
 
 // Every pair before any state is written (a bad pair leaves all states untouched): lists of one

@@ -53,6 +53,11 @@ def shared_sq_cpp(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.ops.fimfast.shared_sq(G, A)
 
 
+def pair_gram_cpp_(A: torch.Tensor, P: torch.Tensor, accumulate: bool) -> None:
+    """:func:`fimfast.ops.pair_gram` on the CPU, into ``A`` in place."""
+    torch.ops.fimfast.pair_gram_(A, P, accumulate)
+
+
 def accumulate_cpp_(
     states: list[torch.Tensor],
     grads: list[torch.Tensor],

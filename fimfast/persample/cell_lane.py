@@ -1,0 +1,271 @@
+"""The squares of a recurrent cell called several times in one forward, for all its calls at once.
+
+A cell looped over ``T`` steps (:class:`fimfast.rules.cells.CellRule`, and the functional cells
+of :mod:`fimfast.functional_cells`) records ``T`` calls; each of its parameters is one group of
+``T`` members, whose terms add up over the calls before the square (docs/math.md §4, "Recurrent
+layers"). The general chunk (:func:`fimfast.persample.engine._chunk`) forms each call's terms and
+concatenates them per group; here the calls' gate gradients are stacked once per chunk,
+``P`` ``(M, N, T, gates * H)``, and the four parameters read it:
+
+* ``W_ih``: ``sum_{m,n} (P[m, n]^T X[n])^2`` with ``X`` ``(N, T, I)`` the calls' inputs;
+* ``W_hh``: the same with ``P_h`` against the calls' states ``H`` ``(N, T, H)``, where ``P_h = P``
+  but for the GRU's candidate gate, ``P`` times the reset gate ``r`` of each call, formed for
+  all the calls by one product ``H W_hr^T`` (the general path forms it call by call);
+* ``b_ih``, ``b_hh``: ``sum_{m,n} (sum_t P[m, n, t])^2`` and the same of ``P_h``.
+
+The inputs, states and reset gates are formed once per step (the calls' data), the stacked
+gradients once per chunk for the four groups. A group is taken here when every member is a
+call of a cell rule whose tap has a gradient, the calls are at least two and distinct, and the
+group covers its whole parameter; any other group takes the general chunk. The sums are those
+of the general path to rounding (the same products, added in another order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fimfast import _env, chunks, ops
+from fimfast.ops.pairs import pair_inputs, pair_products
+from fimfast.persample import squares
+from fimfast.persample.plan import Group, GroupKind
+from fimfast.rules.base import front
+from fimfast.rules.cells import CellRule
+
+_KINDS = (GroupKind.OUTER, GroupKind.VEC)
+
+
+def run(groups: list[Group], gmap: dict, acc, backend) -> list[Group]:
+    """Square the groups of ``groups`` this module takes (see the module docstring) for one
+    chunk's tap gradients ``gmap``; returns the others, for the general chunk."""
+    rest: list[Group] = []
+    cells: dict = {}  # the groups taken, by their calls
+    for g in groups:
+        calls = _calls(g, gmap)
+        if calls is None:
+            rest.append(g)
+            continue
+        cells.setdefault(tuple(map(id, calls)), (calls, []))[1].append(g)
+    chunk: dict = {}  # this chunk's stacked gradients and their sums over the calls
+    for calls, gs in cells.values():
+        seq = _sequence(calls)
+        weights = []
+        for g in gs:
+            hidden = calls[0].data["roles"][g.members[0][1]] in ("weight_hh", "bias_hh")
+            if g.kind == GroupKind.VEC:
+                V = _summed(calls, gmap, seq, hidden, chunk)
+                acc.add(g.index, V.to(acc.dtypes[g.index]).square().sum((0, 1)))
+            else:
+                weights.append((g, hidden))
+        if weights:
+            _weights(calls, gmap, seq, weights, chunk, acc, backend)
+    return rest
+
+
+def _weights(calls, gmap, seq, weights: list, chunk: dict, acc, backend) -> None:
+    """The squares of the cell's weights ``[(group, hidden side)]``: by pairs of calls
+    (:func:`_pairs`: the chunk's columns added into the step's ``A``, multiplied by
+    :func:`finish`) where that costs less, else one product per column and sample
+    (:func:`fimfast.persample.squares._outer_sq`)."""
+    P = _stacked(calls, gmap, seq, False, chunk)
+    state = _pairs(calls, seq, weights, P, backend)
+    if state is not None:
+        state["A"] = ops.pair_gram(P, out=state["A"], backend=backend)
+        return
+    for (g, hidden), Q in zip(weights, [seq["H" if h else "X"] for _, h in weights]):
+        Ph = _stacked(calls, gmap, seq, hidden, chunk)
+        acc.add(g.index, squares._outer_sq(Ph, Q, backend))
+
+
+def _pairs(calls, seq: dict, weights: list, P: torch.Tensor, backend) -> dict | None:
+    """The weights' shared state of the pairs' products (kept in their groups' states), made
+    at the first chunk that finds them cheaper (:func:`_by_pairs`); ``None``: not by pairs."""
+    states = {id(g.state.cell) for g, _ in weights}
+    state = weights[0][0].state.cell
+    if state is not None:
+        if len(states) != 1 or state["groups"] != tuple(id(g) for g, _ in weights):
+            raise RuntimeError(f"the weights of {calls[0].module} lost their pairs' products")
+        return state
+    if len(states) != 1:
+        raise RuntimeError(f"the weights of {calls[0].module} lost their pairs' products")
+    M = P.shape[0] * max(1, getattr(calls[0], "chunks", 1) or 1)
+    I = sum(seq["H" if h else "X"].shape[-1] for _, h in weights)
+    if not _by_pairs(M, *P.shape[1:], I, P.device):
+        return None
+    try:
+        ops.registry.resolve("pair_gram_", backend, P.device)
+    except ops.BackendUnavailableError:
+        return None  # that backend's per-sample products run
+    state = {"A": None, "groups": tuple(id(g) for g, _ in weights), "seq": seq,
+             "hidden": {id(g): h for g, h in weights}}
+    for g, _ in weights:
+        g.state.cell = state
+    return state
+
+
+def _by_pairs(M: int, N: int, T: int, O: int, I: int, device: torch.device) -> bool:
+    """Whether the pairs' products (:mod:`fimfast.ops.pairs`) of ``M`` columns in all cost less
+    than one product per column and sample for ``T`` calls of ``N`` samples, gates ``O`` and
+    input sides of ``I`` features in all, by a cost model of the CPU (1 thread): the product of
+    the pairs runs at about 85 multiply-adds per ns, the per-sample products at about 30, the
+    pairs' Gram pass at about 10; ``A`` must fit the memory budget."""
+    NP = T * (T + 1) // 2
+    if device.type != "cpu" or N * NP * O * 8 > _env.memory_budget_bytes():
+        return False
+    return NP * (I / 85 + M / 10) < M * T * I / 30
+
+
+def columns(groups: list[Group], taps: list, most: int, total: int) -> int:
+    """Columns per backward chunk (``most`` as the memory budget allows, of ``total``), more
+    where a cell's weights take the pairs' products: those hold ``A`` ``(N, T (T + 1) / 2,
+    gates * H)`` for the whole step, whose memory the chunk's tap gradients may use as well (one
+    backward of all the columns, not several: the recurrence is walked once, and ``A`` written
+    once)."""
+    if most >= total:
+        return most
+    per_col = 4 * (sum(math.prod(t.shape) for t in taps) + max(math.prod(t.shape) for t in taps))
+    buckets: dict = {}
+    for g in groups:
+        calls = _calls(g, None)
+        if calls is not None and g.kind == GroupKind.OUTER:
+            buckets.setdefault(tuple(map(id, calls)), (calls, []))[1].append(g)
+    extra = 0
+    for calls, gs in buckets.values():
+        d = calls[0].data
+        N, O = d["gi"].shape
+        I = sum(d["h" if d["roles"][g.members[0][1]] == "weight_hh" else "x"].shape[-1]
+                for g in gs)
+        if _by_pairs(total, N, len(calls), O, I, d["gi"].device):
+            extra += 4 * N * (len(calls) * (len(calls) + 1) // 2) * O
+    return chunks.balanced(total, most + extra // max(1, per_col))
+
+
+def finish(groups: list[Group], acc) -> None:
+    """The squares of the weights whose pairs' products the chunks added up (:func:`_pairs`)."""
+    for g in groups:
+        state = g.state.cell
+        if state is None:
+            continue
+        g.state.cell = None
+        A, seq = state["A"], state["seq"]
+        hidden = state["hidden"][id(g)]
+        Z = _pair_side(seq, "H" if hidden else "X")
+        if not hidden or seq["r"] is None:
+            acc.add(g.index, pair_products(A, Z))
+            continue
+        # the GRU's candidate gate: P_h = P r, so its rows of A take r_t r_s
+        Hd = seq["r"].shape[-1]
+        rr = pair_inputs(seq["r"], 1.0).to(A.dtype)
+        acc.add(g.index, torch.cat([pair_products(A[..., : 2 * Hd], Z),
+                                    pair_products(A[..., 2 * Hd :] * rr, Z)]))
+
+
+def _pair_side(seq: dict, name: str) -> torch.Tensor:
+    """The pairs of an input side (:func:`fimfast.ops.pairs.pair_inputs`), once per step."""
+    key = "Z" + name
+    if seq.get(key) is None:
+        seq[key] = pair_inputs(seq[name])
+    return seq[key]
+
+
+def _summed(calls, gmap, seq, hidden: bool, chunk: dict) -> torch.Tensor:
+    """``sum_t P`` (``hidden``: of ``P_h``) ``(M, N, gates * H)``, once per chunk; the GRU's
+    hidden side scales only its candidate gate (no ``P_h`` formed)."""
+    gru = hidden and seq["r"] is not None
+    key = ("sum", tuple(map(id, calls)), gru)
+    if key not in chunk:
+        if gru:
+            V, Hd = _summed(calls, gmap, seq, False, chunk), seq["r"].shape[-1]
+            P = _stacked(calls, gmap, seq, False, chunk)
+            chunk[key] = torch.cat([V[..., : 2 * Hd], (P[..., 2 * Hd :] * seq["r"]).sum(2)], -1)
+        else:
+            chunk[key] = _stacked(calls, gmap, seq, False, chunk).sum(2)
+    return chunk[key]
+
+
+def _calls(g: Group, gmap: dict | None) -> list | None:
+    """The calls of a group this module squares, in order, else ``None`` (``gmap`` ``None``:
+    by the plan alone, the gradients not yet known)."""
+    if g.kind not in _KINDS or g.block is not None or len(g.members) < 2:
+        return None
+    calls, seen, role = [], set(), None
+    for c, ui in g.members:
+        if not isinstance(c.rule, CellRule) or id(c) in seen or len(c.taps) != 1:
+            return None
+        if c.uses[ui].transposed or (gmap is not None and gmap.get(id(c.taps[0].handle)) is None):
+            return None
+        r = c.data["roles"][ui]
+        if role is None:
+            role = r
+        elif r != role:
+            return None
+        seen.add(id(c))
+        calls.append(c)
+    modes = {c.data["mode"] for c in calls}
+    return calls if len(modes) == 1 else None
+
+
+def _sequence(calls: list) -> dict:
+    """The calls' inputs ``X`` and states ``H`` stacked ``(N, T, *)`` (and for the GRU the
+    scale of the hidden side's gate gradient), formed once per step and kept in the first call's
+    data by the calls' ids."""
+    key = tuple(map(id, calls))
+    d0 = calls[0].data
+    seq = d0.get("seq")
+    if seq is not None and seq["key"] == key:
+        return seq
+    ds = [c.data for c in calls]
+    seq = {"key": key, "X": torch.stack([d["x"] for d in ds], 1),
+           "H": torch.stack([d["h"] for d in ds], 1), "r": None}
+    if d0["mode"] == "GRU":
+        seq["r"] = _reset_gates(ds, seq["H"])
+    d0["seq"] = seq
+    return seq
+
+
+def _reset_gates(ds: list, H: torch.Tensor) -> torch.Tensor:
+    """The GRU's reset gates ``r = sigmoid(gi_r + W_hr h + b_hr)`` of every call, ``(N, T, H)``:
+    one product over the stacked states (each call's own ``W_hh``, ``b_hh``: those of a
+    functional cell may differ per call, as computed weights)."""
+    Hd = H.shape[-1]
+    w, b = ds[0]["w_hh"], ds[0]["b_hh"]
+    same = all(_same(d["w_hh"], w) and _same(d["b_hh"], b) for d in ds)
+    with torch.no_grad():
+        if same:
+            pre = F.linear(H, w[:Hd], None if b is None else b[:Hd])
+        else:
+            pre = torch.stack([F.linear(d["h"], d["w_hh"][:Hd], None if d["b_hh"] is None
+                                        else d["b_hh"][:Hd]) for d in ds], 1)
+        gi = torch.stack([d["gi"][:, :Hd] for d in ds], 1)
+        return torch.sigmoid(pre + gi)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two detached weights are views of the same memory laid out alike."""
+    if a is None or b is None:
+        return a is b
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(),
+                                                           b.dtype)
+
+
+def _stacked(calls: list, gmap: dict, seq: dict, hidden: bool, chunk: dict) -> torch.Tensor:
+    """``P`` (``hidden``: ``P_h``) ``(M, N, T, gates * H)`` of this chunk, formed once for the
+    groups that read it."""
+    key = (tuple(map(id, calls)), hidden and seq["r"] is not None)
+    hit = chunk.get(key)
+    if hit is not None:
+        return hit
+    if key[1]:
+        P = _stacked(calls, gmap, seq, False, chunk)
+        Hd = seq["r"].shape[-1]
+        out = torch.cat([P[..., : 2 * Hd], P[..., 2 * Hd :] * seq["r"]], dim=-1)
+    else:
+        parts = []
+        for c in calls:
+            tap = c.taps[0]
+            parts.append(front(gmap[id(tap.handle)], tap.bdim, tap.lead, extra=1))
+        out = torch.cat(parts, dim=2)
+    chunk[key] = out
+    return out
