@@ -28,13 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from fimfast import _env, chunks, ops
-from fimfast.ops.pairs import pair_inputs, pair_products
+from fimfast.ops.pairs import pair_index, pair_inputs
 from fimfast.persample import squares
 from fimfast.persample.plan import Group, GroupKind
 from fimfast.rules.base import front
 from fimfast.rules.cells import CellRule
 
 _KINDS = (GroupKind.OUTER, GroupKind.VEC)
+
+
+_HIDDEN = ("weight_hh", "bias_hh")
 
 
 def run(groups: list[Group], gmap: dict, acc, backend) -> list[Group]:
@@ -51,56 +54,44 @@ def run(groups: list[Group], gmap: dict, acc, backend) -> list[Group]:
     chunk: dict = {}  # this chunk's stacked gradients and their sums over the calls
     for calls, gs in cells.values():
         seq = _sequence(calls)
-        weights = []
-        for g in gs:
-            hidden = calls[0].data["roles"][g.members[0][1]] in ("weight_hh", "bias_hh")
+        members = [(g, calls[0].data["roles"][g.members[0][1]] in _HIDDEN) for g in gs]
+        P = _stacked(calls, gmap, seq, False, chunk)
+        state = _pairs(calls, seq, members, P, backend)
+        if state is not None:  # every member from the step's A, at its end (finish)
+            state["A"] = ops.pair_gram(P, out=state["A"], backend=backend)
+            continue
+        for g, hidden in members:
             if g.kind == GroupKind.VEC:
                 V = _summed(calls, gmap, seq, hidden, chunk)
                 acc.add(g.index, V.to(acc.dtypes[g.index]).square().sum((0, 1)))
             else:
-                weights.append((g, hidden))
-        if weights:
-            _weights(calls, gmap, seq, weights, chunk, acc, backend)
+                Ph = _stacked(calls, gmap, seq, hidden, chunk)
+                acc.add(g.index, squares._outer_sq(Ph, seq["H" if hidden else "X"], backend))
     return rest
 
 
-def _weights(calls, gmap, seq, weights: list, chunk: dict, acc, backend) -> None:
-    """The squares of the cell's weights ``[(group, hidden side)]``: by pairs of calls
-    (:func:`_pairs`: the chunk's columns added into the step's ``A``, multiplied by
-    :func:`finish`) where that costs less, else one product per column and sample
-    (:func:`fimfast.persample.squares._outer_sq`)."""
-    P = _stacked(calls, gmap, seq, False, chunk)
-    state = _pairs(calls, seq, weights, P, backend)
+def _pairs(calls, seq: dict, members: list, P: torch.Tensor, backend) -> dict | None:
+    """The state of the pairs' products of a cell's groups ``[(group, hidden side)]`` (kept in
+    their groups' states, shared), made at the first chunk whose weights find them cheaper
+    (:func:`_by_pairs`); ``None``: not by pairs (the groups then take one product per column
+    and sample, :func:`fimfast.persample.squares._outer_sq`, and the stacked sums)."""
+    states = {id(g.state.cell) for g, _ in members}
+    state = members[0][0].state.cell
+    ids = tuple(id(g) for g, _ in members)
+    if len(states) != 1 or (state is not None and state["groups"] != ids):
+        raise RuntimeError(f"the parameters of {calls[0].module} lost their pairs' products")
     if state is not None:
-        state["A"] = ops.pair_gram(P, out=state["A"], backend=backend)
-        return
-    for (g, hidden), Q in zip(weights, [seq["H" if h else "X"] for _, h in weights]):
-        Ph = _stacked(calls, gmap, seq, hidden, chunk)
-        acc.add(g.index, squares._outer_sq(Ph, Q, backend))
-
-
-def _pairs(calls, seq: dict, weights: list, P: torch.Tensor, backend) -> dict | None:
-    """The weights' shared state of the pairs' products (kept in their groups' states), made
-    at the first chunk that finds them cheaper (:func:`_by_pairs`); ``None``: not by pairs."""
-    states = {id(g.state.cell) for g, _ in weights}
-    state = weights[0][0].state.cell
-    if state is not None:
-        if len(states) != 1 or state["groups"] != tuple(id(g) for g, _ in weights):
-            raise RuntimeError(f"the weights of {calls[0].module} lost their pairs' products")
         return state
-    if len(states) != 1:
-        raise RuntimeError(f"the weights of {calls[0].module} lost their pairs' products")
+    sides = [seq["H" if h else "X"] for g, h in members if g.kind == GroupKind.OUTER]
     M = P.shape[0] * max(1, getattr(calls[0], "chunks", 1) or 1)
-    I = sum(seq["H" if h else "X"].shape[-1] for _, h in weights)
-    if not _by_pairs(M, *P.shape[1:], I, P.device):
+    if not sides or not _by_pairs(M, *P.shape[1:], sum(Q.shape[-1] for Q in sides), P.device):
         return None
     try:
         ops.registry.resolve("pair_gram_", backend, P.device)
     except ops.BackendUnavailableError:
         return None  # that backend's per-sample products run
-    state = {"A": None, "groups": tuple(id(g) for g, _ in weights), "seq": seq,
-             "hidden": {id(g): h for g, h in weights}}
-    for g, _ in weights:
+    state = {"A": None, "groups": ids, "seq": seq, "hidden": {id(g): h for g, h in members}}
+    for g, _ in members:
         g.state.cell = state
     return state
 
@@ -143,23 +134,45 @@ def columns(groups: list[Group], taps: list, most: int, total: int) -> int:
 
 
 def finish(groups: list[Group], acc) -> None:
-    """The squares of the weights whose pairs' products the chunks added up (:func:`_pairs`)."""
+    """The squares of the groups whose pairs' products the chunks added up (:func:`_pairs`):
+    a weight's ``A^T Z`` with the pairs ``Z`` of its input side, a bias's ``A^T w`` with the
+    pairs' weights ``w`` (its input side is 1); the GRU's hidden side takes ``A r_t r_s`` in the
+    rows of its candidate gate (``P_h = P r`` there)."""
     for g in groups:
         state = g.state.cell
         if state is None:
             continue
         g.state.cell = None
         A, seq = state["A"], state["seq"]
+        N, NP, O = A.shape
         hidden = state["hidden"][id(g)]
-        Z = _pair_side(seq, "H" if hidden else "X")
+        if g.kind == GroupKind.OUTER:
+            Z = _pair_side(seq, "H" if hidden else "X").view(N * NP, -1).to(A.dtype)
+        else:
+            Z = _pair_weights(seq, N, NP, A)
+        A2 = A.view(N * NP, O)
         if not hidden or seq["r"] is None:
-            acc.add(g.index, pair_products(A, Z))
-            continue
-        # the GRU's candidate gate: P_h = P r, so its rows of A take r_t r_s
-        Hd = seq["r"].shape[-1]
-        rr = pair_inputs(seq["r"], 1.0).to(A.dtype)
-        acc.add(g.index, torch.cat([pair_products(A[..., : 2 * Hd], Z),
-                                    pair_products(A[..., 2 * Hd :] * rr, Z)]))
+            out = A2.t() @ Z
+        else:
+            H2 = 2 * seq["r"].shape[-1]
+            if state.get("Ar") is None:
+                rr = pair_inputs(seq["r"], 1.0).to(A.dtype)
+                state["Ar"] = (A[..., H2:] * rr).view(N * NP, O - H2)
+            out = Z.new_empty(O, Z.shape[1])
+            torch.mm(A2[:, :H2].t(), Z, out=out[:H2])
+            torch.mm(state["Ar"].t(), Z, out=out[H2:])
+        acc.add(g.index, out if g.kind == GroupKind.OUTER else out.view(O))
+
+
+def _pair_weights(seq: dict, N: int, NP: int, A: torch.Tensor) -> torch.Tensor:
+    """``(N NP, 1)`` the pairs' weights (1 on the diagonal, 2 off it): the pairs of an input
+    side of ones, a bias's."""
+    w = seq.get("w")
+    if w is None or w.shape[0] != N * NP or w.dtype != A.dtype:
+        T = seq["X"].shape[1]
+        t, s = pair_index(T, A.device)
+        w = seq["w"] = torch.where(t == s, 1.0, 2.0).to(A.dtype).repeat(N).view(-1, 1)
+    return w
 
 
 def _pair_side(seq: dict, name: str) -> torch.Tensor:
