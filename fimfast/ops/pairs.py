@@ -25,21 +25,25 @@ def pair_index(T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return ts[0], ts[1]
 
 
-def pair_inputs(Q: torch.Tensor, off: float = 2.0) -> torch.Tensor:
+def pair_inputs(Q: torch.Tensor, off: float = 2.0, ones: bool = False) -> torch.Tensor:
     """``Z`` ``(N, T (T + 1) / 2, I)`` of an input side ``Q`` ``(N, T, I)`` (module docstring):
     ``Q[:, t] Q[:, s]`` for the pairs ``t <= s``, times ``off`` off the diagonal, in ``Q``'s
-    compute dtype (float32, float64 for float64). Formed by one product per position into
-    slices of the output (an index of the pairs writes it 10x slower: 5.7 against 0.5 ms for
-    ``(64, 16, 128)``, 1 thread)."""
+    compute dtype (float32, float64 for float64); ``ones``: with one more feature, the pairs of
+    an input of ones (1 on the diagonal, ``off`` off it: a bias's). Formed by one product per
+    position into slices of the output (an index of the pairs writes it 10x slower: 5.7 against
+    0.5 ms for ``(64, 16, 128)``, 1 thread)."""
     Q = Q.to(compute_dtype(Q.dtype))
     N, T, I = Q.shape
-    Z = Q.new_empty(N, T * (T + 1) // 2, I)
+    Z = Q.new_empty(N, T * (T + 1) // 2, I + int(ones))
     Qo = Q * off if off != 1.0 else Q
     k = 0
     for t in range(T):
         q = Q[:, t : t + 1]
-        torch.mul(q, q, out=Z[:, k : k + 1])
-        torch.mul(q, Qo[:, t + 1 :], out=Z[:, k + 1 : k + T - t])
+        torch.mul(q, q, out=Z[:, k : k + 1, :I])
+        torch.mul(q, Qo[:, t + 1 :], out=Z[:, k + 1 : k + T - t, :I])
+        if ones:
+            Z[:, k, I] = 1.0
+            Z[:, k + 1 : k + T - t, I] = off
         k += T - t
     return Z
 

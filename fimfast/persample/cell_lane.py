@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fimfast import _env, chunks, ops
-from fimfast.ops.pairs import pair_index, pair_inputs
+from fimfast.ops.pairs import pair_inputs
 from fimfast.persample import squares
 from fimfast.persample.plan import Group, GroupKind
 from fimfast.rules.base import front
@@ -90,7 +90,8 @@ def _pairs(calls, seq: dict, members: list, P: torch.Tensor, backend) -> dict | 
         ops.registry.resolve("pair_gram_", backend, P.device)
     except ops.BackendUnavailableError:
         return None  # that backend's per-sample products run
-    state = {"A": None, "groups": ids, "seq": seq, "hidden": {id(g): h for g, h in members}}
+    state = {"A": None, "groups": ids, "seq": seq,
+             "kinds": {id(g): (g.kind == GroupKind.OUTER, h) for g, h in members}}
     for g, _ in members:
         g.state.cell = state
     return state
@@ -134,52 +135,73 @@ def columns(groups: list[Group], taps: list, most: int, total: int) -> int:
 
 
 def finish(groups: list[Group], acc) -> None:
-    """The squares of the groups whose pairs' products the chunks added up (:func:`_pairs`):
-    a weight's ``A^T Z`` with the pairs ``Z`` of its input side, a bias's ``A^T w`` with the
-    pairs' weights ``w`` (its input side is 1); the GRU's hidden side takes ``A r_t r_s`` in the
-    rows of its candidate gate (``P_h = P r`` there)."""
+    """The squares of the groups whose pairs' products the chunks added up (:func:`_pairs`)."""
     for g in groups:
         state = g.state.cell
         if state is None:
             continue
         g.state.cell = None
-        A, seq = state["A"], state["seq"]
-        N, NP, O = A.shape
-        hidden = state["hidden"][id(g)]
-        if g.kind == GroupKind.OUTER:
-            Z = _pair_side(seq, "H" if hidden else "X").view(N * NP, -1).to(A.dtype)
-        else:
-            Z = _pair_weights(seq, N, NP, A)
-        A2 = A.view(N * NP, O)
-        if not hidden or seq["r"] is None:
-            out = A2.t() @ Z
-        else:
-            H2 = 2 * seq["r"].shape[-1]
-            if state.get("Ar") is None:
-                rr = pair_inputs(seq["r"], 1.0).to(A.dtype)
-                state["Ar"] = (A[..., H2:] * rr).view(N * NP, O - H2)
-            out = Z.new_empty(O, Z.shape[1])
-            torch.mm(A2[:, :H2].t(), Z, out=out[:H2])
-            torch.mm(state["Ar"].t(), Z, out=out[H2:])
-        acc.add(g.index, out if g.kind == GroupKind.OUTER else out.view(O))
+        if "out" not in state:
+            state["out"] = _products(state)
+        acc.add(g.index, state["out"].pop(id(g)))
 
 
-def _pair_weights(seq: dict, N: int, NP: int, A: torch.Tensor) -> torch.Tensor:
-    """``(N NP, 1)`` the pairs' weights (1 on the diagonal, 2 off it): the pairs of an input
-    side of ones, a bias's."""
-    w = seq.get("w")
-    if w is None or w.shape[0] != N * NP or w.dtype != A.dtype:
-        T = seq["X"].shape[1]
-        t, s = pair_index(T, A.device)
-        w = seq["w"] = torch.where(t == s, 1.0, 2.0).to(A.dtype).repeat(N).view(-1, 1)
-    return w
+def _products(state: dict) -> dict:
+    """The squares of every group of a state, by group id: a weight's ``A^T Z`` with the pairs
+    ``Z`` of its input side, a bias's ``A^T w`` with the pairs' weights ``w`` (its input side is
+    1) as one more column of the first weight's product; the GRU's hidden side takes
+    ``A r_t r_s`` in the rows of its candidate gate (``P_h = P r`` there: :func:`_times_a`)."""
+    seq = state["seq"]
+    N, NP, _ = state["A"].shape
+    gru = seq["r"] is not None
+    products: dict = {False: [], True: []}  # scaled (the GRU's hidden side) or not
+    for gid, (outer, hidden) in state["kinds"].items():
+        products[hidden and gru].append((gid, outer, hidden))
+    out: dict = {}
+    for scaled, members in products.items():
+        if not members:
+            continue
+        biases = [gid for gid, outer, _ in members if not outer]
+        todo = [("H" if h else "X", gid) for gid, outer, h in members if outer] or [(None, None)]
+        for j, (name, gid) in enumerate(todo):
+            ones = bool(biases) and j == 0
+            if name is None:  # biases alone: the column of weights only
+                Z = _pair_side(seq, "X", True)[..., -1:]
+            else:
+                Z = _pair_side(seq, name, ones)
+            F = _times_a(state, Z.reshape(N * NP, -1), scaled)
+            if gid is not None:
+                out[gid] = F[:, : seq[name].shape[-1]]
+            if ones:
+                for b in biases:
+                    out[b] = F[:, -1].contiguous()
+    return out
 
 
-def _pair_side(seq: dict, name: str) -> torch.Tensor:
-    """The pairs of an input side (:func:`fimfast.ops.pairs.pair_inputs`), once per step."""
-    key = "Z" + name
+def _times_a(state: dict, Z: torch.Tensor, scaled: bool) -> torch.Tensor:
+    """``A^T Z`` ``(O, K)``; ``scaled``: the rows of the GRU's candidate gate from
+    ``A r_t r_s`` (formed once per step)."""
+    A, seq = state["A"], state["seq"]
+    N, NP, O = A.shape
+    A2, Z = A.view(N * NP, O), Z.to(A.dtype)
+    if not scaled:
+        return A2.t() @ Z
+    H2 = 2 * seq["r"].shape[-1]
+    if state.get("Ar") is None:
+        rr = pair_inputs(seq["r"], 1.0).to(A.dtype)
+        state["Ar"] = (A[..., H2:] * rr).view(N * NP, O - H2)
+    F = Z.new_empty(O, Z.shape[1])
+    torch.mm(A2[:, :H2].t(), Z, out=F[:H2])
+    torch.mm(state["Ar"].t(), Z, out=F[H2:])
+    return F
+
+
+def _pair_side(seq: dict, name: str, ones: bool) -> torch.Tensor:
+    """The pairs of an input side (:func:`fimfast.ops.pairs.pair_inputs`), with the column of
+    the pairs' weights where ``ones``, once per step."""
+    key = ("Z", name, ones)
     if seq.get(key) is None:
-        seq[key] = pair_inputs(seq[name])
+        seq[key] = pair_inputs(seq[name], ones=ones)
     return seq[key]
 
 
