@@ -122,3 +122,22 @@ def test_cost_model_takes_pairs_for_many_columns_only():
     assert not cell_lane._by_pairs(1, 64, 16, 384, 160, cpu)  # one column: per-sample products
     assert not cell_lane._by_pairs(9, 64, 16, 384, 2, cpu)  # few inputs
     assert not cell_lane._by_pairs(9, 64, 64, 384, 160, cpu)  # many calls
+
+
+def test_pair_gram_kernel_opcheck_and_checks():
+    """The compiled op: torch.library.opcheck (schema, fake, dispatch), its own argument checks
+    naming the op and the argument."""
+    if "cpp" not in _backends():
+        pytest.skip("cpp unavailable")
+    import fimfast.ops.cpp  # noqa: F401  (loads the extension and its fake implementations)
+
+    g = torch.Generator().manual_seed(2)
+    P, A = torch.randn(2, 3, 4, 5, generator=g), torch.randn(3, 10, 5, generator=g)
+    torch.library.opcheck(torch.ops.fimfast.pair_gram_, (A, P, True))
+    op = torch.ops.fimfast.pair_gram_
+    with pytest.raises(RuntimeError, match="pair_gram_: A must be"):
+        op(torch.zeros(3, 9, 5), P, False)
+    with pytest.raises(RuntimeError, match="pair_gram_: P must be 4-D"):
+        op(A, P[0], False)
+    with pytest.raises(RuntimeError, match="pair_gram_: A must be contiguous"):
+        op(torch.zeros(3, 5, 10).transpose(1, 2), P, False)
