@@ -114,7 +114,7 @@ def columns(groups: list[Group], taps: list, most: int, total: int) -> int:
     where a cell's weights take the pairs' products: those hold ``A`` ``(N, T (T + 1) / 2,
     gates * H)`` for the whole step, whose memory the chunk's tap gradients may use as well (one
     backward of all the columns, not several: the recurrence is walked once, and ``A`` written
-    once)."""
+    once; nor streamed: its hooks need every tap by an add, whose backward sums each gradient)."""
     if most >= total:
         return most
     per_col = 4 * (sum(math.prod(t.shape) for t in taps) + max(math.prod(t.shape) for t in taps))

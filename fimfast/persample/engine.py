@@ -187,8 +187,10 @@ class Engine(Replay):
             head_logits = rows.logits.numel() if need_head else None
             M_max, streams = _columns(flat, taps, head_logits, opts.class_chunk,
                                       sum(p.numel() for p in params), total, self.stream_batched)
-            if not streams and not opts.class_chunk:  # cells whose weights take pairs
-                M_max = cell_lane.columns(groups, taps, M_max, total)
+            if not opts.class_chunk:  # cells whose weights take pairs: plain, more columns
+                more = cell_lane.columns(groups, taps, 1 if streams else M_max, total)
+                if more > 1:
+                    M_max, streams = more, False
         else:  # one column (EMPIRICAL, one draw of MONTE_CARLO): one backward, as it is
             kk, total, M_max, streams = None, 1, 1, False
         if pulls and streams:  # the pullbacks need every gradient of a chunk at once
