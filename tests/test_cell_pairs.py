@@ -43,6 +43,11 @@ def test_pair_gram_products_equal_the_per_sample_squares(backend, dtype):
     A2 = ops.pair_gram(P[:1], backend=backend)
     assert ops.pair_gram(P[1:], out=A2, backend=backend) is A2
     torch.testing.assert_close(A2, A, rtol=tol, atol=tol * A.abs().max().item())
+    # the positions as a list of strided views, read where they are
+    Pl = [P.transpose(0, 1)[:, :, t].transpose(0, 1) for t in range(4)]
+    assert Pl[0].stride() != Pl[0].contiguous().stride()
+    torch.testing.assert_close(ops.pair_gram(Pl, backend=backend), A, rtol=tol,
+                               atol=tol * A.abs().max().item())
 
 
 def test_pair_gram_backends_agree_on_strided_and_half_inputs():
@@ -66,6 +71,10 @@ def test_pair_gram_bad_arguments_are_named(backend):
     P = torch.randn(2, 3, 4, 5)
     with pytest.raises(ValueError, match="P must be a 4-D"):
         ops.pair_gram(P[0], backend=backend)
+    with pytest.raises(ValueError, match="P must be a 4-D"):
+        ops.pair_gram([P[:, :, 0], P[:1, :, 1]], backend=backend)
+    with pytest.raises(ValueError, match="P must be a 4-D"):
+        ops.pair_gram([], backend=backend)
     with pytest.raises(ValueError, match="out must be"):
         ops.pair_gram(P, out=torch.zeros(3, 9, 5), backend=backend)
     with pytest.raises(ValueError, match="out must be"):
@@ -133,11 +142,16 @@ def test_pair_gram_kernel_opcheck_and_checks():
 
     g = torch.Generator().manual_seed(2)
     P, A = torch.randn(2, 3, 4, 5, generator=g), torch.randn(3, 10, 5, generator=g)
-    torch.library.opcheck(torch.ops.fimfast.pair_gram_, (A, P, True))
+    Pl = list(P.unbind(2))
+    torch.library.opcheck(torch.ops.fimfast.pair_gram_, (A, Pl, True))
     op = torch.ops.fimfast.pair_gram_
     with pytest.raises(RuntimeError, match="pair_gram_: A must be"):
-        op(torch.zeros(3, 9, 5), P, False)
-    with pytest.raises(RuntimeError, match="pair_gram_: P must be 4-D"):
-        op(A, P[0], False)
+        op(torch.zeros(3, 9, 5), Pl, False)
+    with pytest.raises(RuntimeError, match=r"pair_gram_: P\[t\] must be 3-D"):
+        op(A, [P], False)
+    with pytest.raises(RuntimeError, match="pair_gram_: every P"):
+        op(A, [Pl[0], Pl[1][:1]], False)
+    with pytest.raises(RuntimeError, match="pair_gram_: P must hold"):
+        op(A, [], False)
     with pytest.raises(RuntimeError, match="pair_gram_: A must be contiguous"):
-        op(torch.zeros(3, 5, 10).transpose(1, 2), P, False)
+        op(torch.zeros(3, 5, 10).transpose(1, 2), Pl, False)

@@ -53,8 +53,9 @@ def shared_sq_cpp(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.ops.fimfast.shared_sq(G, A)
 
 
-def pair_gram_cpp_(A: torch.Tensor, P: torch.Tensor, accumulate: bool) -> None:
-    """:func:`fimfast.ops.pair_gram` on the CPU, into ``A`` in place."""
+def pair_gram_cpp_(A: torch.Tensor, P: list, accumulate: bool) -> None:
+    """:func:`fimfast.ops.pair_gram` on the CPU, into ``A`` in place (``P`` the positions'
+    ``(M, N, O)``)."""
     torch.ops.fimfast.pair_gram_(A, P, accumulate)
 
 

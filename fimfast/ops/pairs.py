@@ -54,13 +54,15 @@ def pair_products(A: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
     return A.reshape(-1, A.shape[-1]).t() @ Z.reshape(-1, Z.shape[-1]).to(A.dtype)
 
 
-def pair_gram_torch_(A: torch.Tensor, P: torch.Tensor, accumulate: bool) -> None:
-    """Reference of :func:`fimfast.ops.pair_gram` (into ``A``), a few samples at a time."""
+def pair_gram_torch_(A: torch.Tensor, P: list, accumulate: bool) -> None:
+    """Reference of :func:`fimfast.ops.pair_gram` (into ``A``, ``P`` the positions' ``(M, N,
+    O)``), a few samples at a time."""
+    P = torch.stack([p.to(A.dtype) for p in P], 2)
     M, N, T, O = P.shape
     t, s = pair_index(T, P.device)
     step = max(1, (16 << 20) // max(1, 4 * M * t.numel() * O))
     for n0 in range(0, N, step):
-        Pn = P[:, n0 : n0 + step].to(A.dtype)
+        Pn = P[:, n0 : n0 + step]
         part = (Pn.index_select(2, t) * Pn.index_select(2, s)).sum(0)
         if accumulate:
             A[n0 : n0 + step] += part

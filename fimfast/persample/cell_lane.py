@@ -55,10 +55,10 @@ def run(groups: list[Group], gmap: dict, acc, backend) -> list[Group]:
     for calls, gs in cells.values():
         seq = _sequence(calls)
         members = [(g, calls[0].data["roles"][g.members[0][1]] in _HIDDEN) for g in gs]
-        P = _stacked(calls, gmap, seq, False, chunk)
-        state = _pairs(calls, seq, members, P, backend)
+        Ps = [_position(c, gmap) for c in calls]
+        state = _pairs(calls, seq, members, Ps, backend)
         if state is not None:  # every member from the step's A, at its end (finish)
-            state["A"] = ops.pair_gram(P, out=state["A"], backend=backend)
+            state["A"] = ops.pair_gram(Ps, out=state["A"], backend=backend)
             continue
         for g, hidden in members:
             if g.kind == GroupKind.VEC:
@@ -70,7 +70,13 @@ def run(groups: list[Group], gmap: dict, acc, backend) -> list[Group]:
     return rest
 
 
-def _pairs(calls, seq: dict, members: list, P: torch.Tensor, backend) -> dict | None:
+def _position(c, gmap: dict) -> torch.Tensor:
+    """A call's gate gradients ``(M, N, gates * H)``."""
+    tap = c.taps[0]
+    return front(gmap[id(tap.handle)], tap.bdim, tap.lead, extra=1)[:, :, 0]
+
+
+def _pairs(calls, seq: dict, members: list, Ps: list, backend) -> dict | None:
     """The state of the pairs' products of a cell's groups ``[(group, hidden side)]`` (kept in
     their groups' states, shared), made at the first chunk whose weights find them cheaper
     (:func:`_by_pairs`); ``None``: not by pairs (the groups then take one product per column
@@ -83,11 +89,12 @@ def _pairs(calls, seq: dict, members: list, P: torch.Tensor, backend) -> dict | 
     if state is not None:
         return state
     sides = [seq["H" if h else "X"] for g, h in members if g.kind == GroupKind.OUTER]
-    M = P.shape[0] * max(1, getattr(calls[0], "chunks", 1) or 1)
-    if not sides or not _by_pairs(M, *P.shape[1:], sum(Q.shape[-1] for Q in sides), P.device):
+    (M, N, O), dev = Ps[0].shape, Ps[0].device
+    M *= max(1, getattr(calls[0], "chunks", 1) or 1)
+    if not sides or not _by_pairs(M, N, len(Ps), O, sum(Q.shape[-1] for Q in sides), dev):
         return None
     try:
-        ops.registry.resolve("pair_gram_", backend, P.device)
+        ops.registry.resolve("pair_gram_", backend, dev)
     except ops.BackendUnavailableError:
         return None  # that backend's per-sample products run
     state = {"A": None, "groups": ids, "seq": seq,
@@ -297,10 +304,6 @@ def _stacked(calls: list, gmap: dict, seq: dict, hidden: bool, chunk: dict) -> t
         Hd = seq["r"].shape[-1]
         out = torch.cat([P[..., : 2 * Hd], P[..., 2 * Hd :] * seq["r"]], dim=-1)
     else:
-        parts = []
-        for c in calls:
-            tap = c.taps[0]
-            parts.append(front(gmap[id(tap.handle)], tap.bdim, tap.lead, extra=1))
-        out = torch.cat(parts, dim=2)
+        out = torch.stack([_position(c, gmap) for c in calls], dim=2)
     chunk[key] = out
     return out
