@@ -5,6 +5,8 @@ one chunk or several, frozen weights) against the float64 oracle."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from cases import check_fast_twice, run_case
@@ -12,7 +14,7 @@ from oracle import oracle, rel_error
 from test_cells import LOOPS, Loop, _case, _cell, _loop
 from tolerances import DET_REL_F32, DET_REL_F64
 
-from fimfast import ops
+from fimfast import chunks, ops
 from fimfast.ops import pairs
 from fimfast.persample import cell_lane
 
@@ -155,3 +157,23 @@ def test_pair_gram_kernel_opcheck_and_checks():
         op(A, [], False)
     with pytest.raises(RuntimeError, match="pair_gram_: A must be contiguous"):
         op(torch.zeros(3, 5, 10).transpose(1, 2), Pl, False)
+
+
+def test_columns_grow_by_the_pairs_memory(monkeypatch):
+    """A step whose cell takes the pairs may back-propagate as many more columns at once as the
+    pairs' products take memory; none more without them, nor where a chunk holds them all."""
+    case = _loop("gru_T4", h0="input")
+    _, est = run_case(case, "exact")
+    plan = est._persample.last_plan
+    groups = [g for g in plan.groups if g.kind in (cell_lane.GroupKind.OUTER,
+                                                    cell_lane.GroupKind.VEC)]
+    taps = [t for c in plan.calls for t in c.taps]
+    monkeypatch.setattr(cell_lane, "_by_pairs", lambda *a: False)
+    assert cell_lane.columns(groups, taps, 1, 9) == 1
+    monkeypatch.setattr(cell_lane, "_by_pairs", lambda *a: True)
+    N, T, O = 5, 4, 15
+    sizes = [math.prod(t.shape) for t in taps]
+    more = 1 + 4 * N * (T * (T + 1) // 2) * O // (4 * (sum(sizes) + max(sizes)))
+    assert more > 1
+    assert cell_lane.columns(groups, taps, 1, 9) == chunks.balanced(9, more)
+    assert cell_lane.columns(groups, taps, 9, 9) == 9

@@ -122,9 +122,8 @@ def columns(groups: list[Group], taps: list, most: int, total: int) -> int:
     gates * H)`` for the whole step, whose memory the chunk's tap gradients may use as well (one
     backward of all the columns, not several: the recurrence is walked once, and ``A`` written
     once; nor streamed: its hooks need every tap by an add, whose backward sums each gradient)."""
-    if most >= total:
+    if most >= total or not taps:
         return most
-    per_col = 4 * (sum(math.prod(t.shape) for t in taps) + max(math.prod(t.shape) for t in taps))
     buckets: dict = {}
     for g in groups:
         calls = _calls(g, None)
@@ -138,6 +137,10 @@ def columns(groups: list[Group], taps: list, most: int, total: int) -> int:
                 for g in gs)
         if _by_pairs(total, N, len(calls), O, I, d["gi"].device):
             extra += 4 * N * (len(calls) * (len(calls) + 1) // 2) * O
+    if not extra:
+        return most
+    sizes = [math.prod(t.shape) for t in taps]
+    per_col = 4 * (sum(sizes) + max(sizes))  # as chunks.fast_columns counts a column
     return chunks.balanced(total, most + extra // max(1, per_col))
 
 
