@@ -177,3 +177,24 @@ def test_columns_grow_by_the_pairs_memory(monkeypatch):
     assert more > 1
     assert cell_lane.columns(groups, taps, 1, 9) == chunks.balanced(9, more)
     assert cell_lane.columns(groups, taps, 9, 9) == 9
+
+
+def test_pair_gram_with_an_extension_built_before_the_op(monkeypatch):
+    """The cpp backend of an extension without ``pair_gram_`` (built before it) runs the torch
+    reference: the same sums."""
+    if "cpp" not in _backends():
+        pytest.skip("cpp unavailable")
+    from fimfast.ops import cpp
+
+    class Stale:
+        def __getattr__(self, name):
+            if name == "pair_gram_":
+                raise AttributeError(name)
+            return getattr(torch.ops.fimfast, name)
+
+    P = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(3))
+    want = ops.pair_gram(P, backend="torch")
+    monkeypatch.setattr(cpp.torch, "ops", type("Ops", (), {"fimfast": Stale()})())
+    A = torch.empty_like(want)
+    cpp.pair_gram_cpp_(A, list(P.unbind(2)), False)
+    torch.testing.assert_close(A, want)
