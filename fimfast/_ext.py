@@ -148,6 +148,10 @@ def _register_fakes() -> None:
     def _shared(G, A):
         return G.new_empty((G.shape[2], A.shape[2]), dtype=_acc_dtype(G, A))
 
+    @torch.library.register_fake("fimfast::pair_gram_")
+    def _pair(A, P, accumulate):
+        return None
+
     @torch.library.register_fake("fimfast::recurrent_bptt")
     def _bptt(mode, saved, whh, dys, dh, dc, reverse):
         G = whh.shape[0]

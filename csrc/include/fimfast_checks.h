@@ -181,6 +181,29 @@ inline void check_shared_sq(const at::Tensor& G, const at::Tensor& A) {
   check_same_device("shared_sq", "G", G, "A", A);
 }
 
+// ---- pair_gram_ -----------------------------------------------------------------------------
+
+// P: T >= 1 floating (M, N, O) tensors of one shape, on A's device; A (N, T (T + 1) / 2, O)
+// float32/float64, contiguous.
+inline void check_pair_gram(const at::Tensor& A, at::TensorList P) {
+  TORCH_CHECK(!P.empty(), "pair_gram_: P must hold at least one position");
+  const int64_t T = static_cast<int64_t>(P.size());
+  for (const auto& p : P) {
+    check_dim("pair_gram_", "P[t]", p, 3);
+    check_float_input("pair_gram_", "P[t]", p);
+    check_same_device("pair_gram_", "A", A, "P[t]", p);
+    TORCH_CHECK(p.sizes() == P[0].sizes(), "pair_gram_: every P[t] must have P[0]'s shape ",
+                P[0].sizes(), "; got ", p.sizes());
+  }
+  const int64_t N = P[0].size(1), O = P[0].size(2);
+  TORCH_CHECK(A.dim() == 3 && A.size(0) == N && A.size(1) == T * (T + 1) / 2 && A.size(2) == O,
+              "pair_gram_: A must be (N, T (T + 1) / 2, O) = (", N, ", ", T * (T + 1) / 2, ", ", O,
+              "); got ", A.sizes());
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "pair_gram_: A must be float32 or float64; got ", A.scalar_type());
+  TORCH_CHECK(A.is_contiguous(), "pair_gram_: A must be contiguous");
+}
+
 // ---- accumulate_ ---------------------------------------------------------------------------
 
 // Every pair before any state is written (a bad pair leaves all states untouched): lists of one

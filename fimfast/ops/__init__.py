@@ -29,6 +29,7 @@ __all__ = [
     "compute_dtype",
     "core_topk",
     "lm_head_probe",
+    "pair_gram",
     "probe_logit_grad",
     "recurrent_bptt",
     "recurrent_forward",
@@ -239,6 +240,49 @@ def shared_sq(G: torch.Tensor, A: torch.Tensor, backend: str | None = None) -> t
         raise ValueError(f"G and A must agree on (N, T); got {tuple(G.shape)} and {tuple(A.shape)}")
     _, fn = resolve("shared_sq", backend, G.device)
     return fn(G, A)
+
+
+def pair_gram(P: torch.Tensor | list, out: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """The products of pairs of positions of an output-side gradient, summed over its columns:
+    ``A[n, (t, s), o] = sum_m P[m, n, t, o] P[m, n, s, o]`` for the pairs ``t <= s`` in row-major
+    order (:func:`fimfast.ops.pairs.pair_index`), added into ``out`` when given. With the pairs
+    ``Z`` of an input side ``Q`` (:func:`fimfast.ops.pairs.pair_inputs`),
+    ``A.view(-1, O).T @ Z.view(-1, I)`` is ``sum_{m,n} (P[m, n]^T Q[n])**2`` (see
+    :mod:`fimfast.ops.pairs`).
+
+    Args:
+        P: ``(M, N, T, O)`` output-side gradients, any floating dtype; or a list of the ``T``
+            positions' ``(M, N, O)`` (not stacked: the kernel reads each where it is).
+        out: ``None``, or a contiguous float32/float64 ``(N, T (T + 1) / 2, O)`` to add into.
+        backend: as in :func:`probe_logit_grad`.
+
+    Returns:
+        ``out`` (updated in place), or a new ``(N, T (T + 1) / 2, O)`` float32 (float64 for a
+        float64 ``P``).
+    """
+    if isinstance(P, torch.Tensor) and P.dim() == 4:
+        P = list(P.unbind(2))
+    elif not (isinstance(P, list | tuple) and P and all(
+            isinstance(p, torch.Tensor) and p.dim() == 3 and p.shape == P[0].shape for p in P)):
+        got = tuple(P.shape) if isinstance(P, torch.Tensor) else type(P).__name__
+        raise ValueError("P must be a 4-D tensor (M, N, T, O) or a non-empty list of (M, N, O) "
+                         f"tensors of one shape; got {got}")
+    M, N, O = P[0].shape
+    T = len(P)
+    shape = (N, T * (T + 1) // 2, O)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(shape, dtype=compute_dtype(P[0].dtype), device=P[0].device)
+    elif (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape
+          or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous()
+          or out.device != P[0].device):
+        got = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out)
+        raise ValueError(f"out must be a contiguous float32/float64 tensor of shape {shape} on "
+                         f"P's device; got {got}")
+    _, fn = resolve("pair_gram_", backend, P[0].device)
+    fn(out, list(P), accumulate)
+    return out
 
 
 def accumulate_(

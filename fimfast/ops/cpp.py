@@ -53,6 +53,18 @@ def shared_sq_cpp(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.ops.fimfast.shared_sq(G, A)
 
 
+def pair_gram_cpp_(A: torch.Tensor, P: list, accumulate: bool) -> None:
+    """:func:`fimfast.ops.pair_gram` on the CPU, into ``A`` in place (``P`` the positions'
+    ``(M, N, O)``); an extension built before the op runs the torch reference."""
+    op = getattr(torch.ops.fimfast, "pair_gram_", None)
+    if op is None:
+        from fimfast.ops.pairs import pair_gram_torch_
+
+        pair_gram_torch_(A, P, accumulate)
+        return
+    op(A, P, accumulate)
+
+
 def accumulate_cpp_(
     states: list[torch.Tensor],
     grads: list[torch.Tensor],

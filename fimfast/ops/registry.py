@@ -52,6 +52,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         "cpp": "fimfast.ops.cpp:shared_sq_cpp",
         "cuda": "fimfast.ops.cuda:shared_sq_cuda",
     },
+    "pair_gram_": {
+        "torch": "fimfast.ops.pairs:pair_gram_torch_",
+        "cpp": "fimfast.ops.cpp:pair_gram_cpp_",
+    },
     "accumulate_": {
         "torch": "fimfast.ops.torch_ref:accumulate_torch_",
         "triton": _T + "accumulate:accumulate_triton_",
@@ -89,6 +93,7 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "core_topk": ("cpp", "torch"),
     "sq_matmul": ("cpp", "torch"),
     "shared_sq": ("cpp", "torch"),
+    "pair_gram_": ("cpp", "torch"),
     "accumulate_": ("cpp", "torch"),
     "lm_head_probe": ("cpp", "torch"),
     "recurrent_bptt": ("cpp", "torch"),

@@ -15,7 +15,7 @@ from fimfast import chunks, hooks, pullback
 from fimfast import derived_weights as dw
 from fimfast.batch_sums import Sums
 from fimfast.ops import registry
-from fimfast.persample import onecol, squares, stream
+from fimfast.persample import cell_lane, onecol, squares, stream
 from fimfast.persample import plan as planning
 from fimfast.persample.columns import Columns
 from fimfast.persample.generic import _batched_grads, accumulate_columns
@@ -218,6 +218,10 @@ class Engine(Replay):
             head_logits = rows.logits.numel() if need_head else None
             M_max, streams = _columns(flat, taps, head_logits, opts.class_chunk,
                                       sum(p.numel() for p in params), total, self.stream_batched)
+            if not opts.class_chunk:  # cells whose weights take pairs: plain, more columns
+                more = cell_lane.columns(groups, taps, 1 if streams else M_max, total)
+                if more > 1:
+                    M_max, streams = more, False
         else:  # one column (EMPIRICAL, one draw of MONTE_CARLO): one backward, as it is
             kk, total, M_max, streams = None, 1, 1, False
         if pulls and streams:  # the pullbacks need every gradient of a chunk at once
@@ -249,6 +253,7 @@ class Engine(Replay):
             pullback.chunk(pulls, gmap, acc, params)
             del gmap
         pullback.finish(pulls, acc, params)
+        cell_lane.finish(groups, acc)
         squares.finish(groups, acc, backend)
 
 
@@ -359,6 +364,7 @@ def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
     terms: dict[int, list] = {}
     sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
     lanes: dict = {}  # calls whose weight took squares.linear_lane (their bias reads its S)
+    groups = cell_lane.run(groups, gmap, acc, backend)  # cells called several times
     for g in sorted(groups, key=lambda g: g.kind != GroupKind.OUTER):  # weights first
         if len(g.members) == 1 and squares.linear_lane(g, gmap, acc, lanes, sq0):
             continue

@@ -65,6 +65,8 @@ class GroupState:
         partner: for the bias of a Linear layer, the weight's group whose ``S`` it is read from
             at the end of the step (``sum_n S_n``, :func:`.squares.finish`); ``False`` once a
             chunk added the bias's squares itself (see :func:`.squares.linear_lane`).
+        cell: the pairs' products of a looped cell's weights, added up over the chunks and
+            multiplied at the end of the step (:mod:`.cell_lane`).
     """
 
     S: torch.Tensor | None = None
@@ -74,6 +76,7 @@ class GroupState:
     Qcat: torch.Tensor | None = None
     rows: RowIndex | None = None
     partner: Group | bool | None = None
+    cell: dict | None = None
 
 
 @dataclass

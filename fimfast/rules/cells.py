@@ -146,11 +146,12 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
         return type(mod).forward(mod, input, hx)
     h, c = state
     w_ih, w_hh, b_ih, b_hh = ws
-    roles = [r for r, p in zip(_ROLES, ws, strict=True) if any(p is q for q in ps)]
+    taken = {id(q) for q in ps}
+    roles = [r for r, p in zip(_ROLES, ws, strict=True) if id(p) in taken]
 
     def build() -> list[Use]:
         return [Use(p, UseKind.OUTER if r.startswith("weight") else UseKind.VEC)
-                for r, p in zip(_ROLES, ws, strict=True) if any(p is q for q in ps)]
+                for r, p in zip(_ROLES, ws, strict=True) if id(p) in taken]
 
     uses, internal, key = cap.uses_of(mod, rule, tuple(ws), build)
     gi = F.linear(input, w_ih, b_ih)
@@ -159,7 +160,7 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
             "gi": gi.detach(), "w_hh": w_hh.detach(),
             "b_hh": None if b_hh is None else b_hh.detach()}
     if input.device.type in CELL_DEVICES:
-        e, we = input.new_empty(input.shape[0], 0), input.new_empty(gi.shape[-1], 0)
+        e, we = _empty(input, input.shape[0]), _empty(input, gi.shape[-1])
         out = _CELLS[mode](e, h if c is None else (h, c), we, w_hh, gt, b_hh)
     else:
         outs: list = [None]
@@ -168,3 +169,18 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
         out = hn if cn is None else (hn, cn)
     cap.record(Call(mod, rule, [tap], uses, data), internal, key)
     return out
+
+
+def _empty(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty ``(rows, 0)`` tensor of ``x``'s dtype and device, made once (it holds no data:
+    every call may share it)."""
+    key = (rows, x.dtype, x.device)
+    t = _EMPTIES.get(key)
+    if t is None:
+        if len(_EMPTIES) > 64:
+            _EMPTIES.clear()
+        t = _EMPTIES[key] = x.new_empty(rows, 0)
+    return t
+
+
+_EMPTIES: dict = {}
