@@ -13,7 +13,7 @@ from test_recurrent import IDS, VARIANTS, _all_fast, _case, _model, _packed_case
 from tolerances import DET_REL_F32, DET_REL_F64
 
 from fimfast import ops
-from fimfast.persample import cell_lane, rnn_lane
+from fimfast.persample import rnn_lane
 
 
 def _spy(monkeypatch, by_pairs: bool) -> list:
@@ -26,7 +26,7 @@ def _spy(monkeypatch, by_pairs: bool) -> list:
         calls.append(len(P))
         return real(P, out=out, backend=backend)
 
-    monkeypatch.setattr(cell_lane, "_by_pairs", lambda *a: by_pairs)
+    monkeypatch.setattr(rnn_lane, "_by_pairs", lambda *a: by_pairs)
     monkeypatch.setattr(rnn_lane.ops, "pair_gram", pair_gram)
     return calls
 
@@ -89,3 +89,15 @@ def test_pairs_in_float32(cell, monkeypatch):
     assert rel_error(got, want) <= DET_REL_F32
     _all_fast(est)
     assert calls
+
+
+def test_cost_model_takes_pairs_for_many_columns_only():
+    """gru_cls (9 columns) keeps the per-sample products; lstm_tag's 160 columns (EXACT) and
+    20 (EMPIRICAL, one per position) take the pairs (the shapes of benchmarks/bench_recurrent.py:
+    N 16, T 20, hidden 64, 32 inputs)."""
+    cpu = torch.device("cpu")
+    assert not rnn_lane._by_pairs(9, 16, 20, 192, 96, cpu)
+    assert rnn_lane._by_pairs(160, 16, 20, 256, 96, cpu)
+    assert rnn_lane._by_pairs(20, 16, 20, 256, 96, cpu)
+    assert not rnn_lane._by_pairs(1, 16, 20, 256, 96, cpu)
+    assert not rnn_lane._by_pairs(160, 16, 20, 256, 96, torch.device("meta"))

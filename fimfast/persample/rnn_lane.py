@@ -6,8 +6,8 @@ pre-activations of every step of a layer and direction: one tap, whose gradient 
 ``(M, N, T, gates * H)`` its four parameters read (``W_ih``: ``sum_t P_t (x) x_t``, ``W_hh``:
 ``sum_t P_h,t (x) h_{t-1}``, the biases the sums over the steps; docs/math.md §4, "Recurrent
 layers"). These are the terms of a looped cell's calls (:mod:`.cell_lane`) with the steps in
-place of the calls, and are squared the same way where the cost model of
-:func:`.cell_lane._by_pairs` finds it cheaper: ``A`` ``(N, T (T + 1) / 2, gates * H)``, the
+place of the calls, and are squared the same way where the cost model :func:`_by_pairs` finds
+it cheaper: ``A`` ``(N, T (T + 1) / 2, gates * H)``, the
 pairs' products of ``P`` (:func:`fimfast.ops.pair_gram`), added up over the chunks of columns,
 and at the end of the step (:func:`.cell_lane.finish`) one product ``A^T Z`` per input side
 (``Z`` the pairs of ``x_t`` or ``h_{t-1}``, a bias as one more column of ones), the GRU's
@@ -20,7 +20,9 @@ those of the general path to rounding.
 
 from __future__ import annotations
 
-from fimfast import ops
+import torch
+
+from fimfast import _env, ops
 from fimfast.persample import cell_lane
 from fimfast.persample.plan import Group, GroupKind
 from fimfast.rules.recurrent import RecurrentRule, _side
@@ -63,7 +65,24 @@ def _state(c, d: dict, members: list, Ps: list, backend) -> dict | None:
         gru = c.module.mode == "GRU"
         seq = d["pairs"] = {"X": _side(d, "x"), "H": _side(d, "hp"),
                             "r": _side(d, "r") if gru else None}
-    return cell_lane._pairs([c], seq, members, Ps, backend)
+    return cell_lane._pairs([c], seq, members, Ps, backend, _by_pairs)
+
+
+def _by_pairs(M: int, N: int, T: int, O: int, I: int, device: torch.device) -> bool:
+    """Whether the pairs' products of ``M`` columns in all cost less than the rule's terms
+    squared per column and sample (:func:`fimfast.persample.squares._outer_sq`), for ``T``
+    steps of ``N`` samples, gates ``O`` and input sides of ``I`` features in all, by a cost
+    model of the CPU (1 thread) measured on these layers' shapes
+    (benchmarks/results/recurrent_pairs_cpu_2026-12-07.md): the per-sample products at about
+    30 multiply-adds per ns, the pairs' Gram pass (:func:`fimfast.ops.pair_gram`) at about 10,
+    the products ``A^T Z`` at about 33 (inner dimension ``N T (T + 1) / 2`` against outputs of
+    ``O I``: slower than the looped cells' larger ones, whose general path also pays a
+    concatenation of the calls that the layer's stacked terms do not); ``A`` must fit the
+    memory budget."""
+    NP = T * (T + 1) // 2
+    if device.type != "cpu" or N * NP * O * 8 > _env.memory_budget_bytes():
+        return False
+    return NP * (I / 33 + M / 10) < M * T * I / 30
 
 
 def _direction(g: Group, gmap: dict) -> tuple | None:
