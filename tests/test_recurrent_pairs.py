@@ -101,3 +101,23 @@ def test_cost_model_takes_pairs_for_many_columns_only():
     assert rnn_lane._by_pairs(20, 16, 20, 256, 96, cpu)
     assert not rnn_lane._by_pairs(1, 16, 20, 256, 96, cpu)
     assert not rnn_lane._by_pairs(160, 16, 20, 256, 96, torch.device("meta"))
+
+
+@pytest.mark.parametrize("v", [VARIANTS[0], VARIANTS[7]], ids=[IDS[0], IDS[7]])
+def test_pairs_in_a_streamed_step(v, monkeypatch):
+    """One column per backward, the squares formed while it runs (fimfast/persample/stream.py)."""
+    from fimfast.persample import engine
+
+    calls = _spy(monkeypatch, True)
+    streamed = []
+
+    def columns(*a, **k):
+        streamed.append(True)
+        return 1, True
+
+    monkeypatch.setattr(engine, "_columns", columns)
+    case = _case(_model("tag", v), "tag").to(torch.float64)
+    got, est = run_case(case, "exact")
+    assert streamed and calls
+    assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
+    _all_fast(est)
