@@ -76,11 +76,12 @@ def _position(c, gmap: dict) -> torch.Tensor:
     return front(gmap[id(tap.handle)], tap.bdim, tap.lead, extra=1)[:, :, 0]
 
 
-def _pairs(calls, seq: dict, members: list, Ps: list, backend) -> dict | None:
+def _pairs(calls, seq: dict, members: list, Ps: list, backend, decide=None) -> dict | None:
     """The state of the pairs' products of a cell's groups ``[(group, hidden side)]`` (kept in
     their groups' states, shared), made at the first chunk whose weights find them cheaper
-    (:func:`_by_pairs`); ``None``: not by pairs (the groups then take one product per column
-    and sample, :func:`fimfast.persample.squares._outer_sq`, and the stacked sums)."""
+    (``decide``, by default :func:`_by_pairs`); ``None``: not by pairs (the groups then take
+    one product per column and sample, :func:`fimfast.persample.squares._outer_sq`, and the
+    stacked sums)."""
     states = {id(g.state.cell) for g, _ in members}
     state = members[0][0].state.cell
     ids = tuple(id(g) for g, _ in members)
@@ -91,7 +92,8 @@ def _pairs(calls, seq: dict, members: list, Ps: list, backend) -> dict | None:
     sides = [seq["H" if h else "X"] for g, h in members if g.kind == GroupKind.OUTER]
     (M, N, O), dev = Ps[0].shape, Ps[0].device
     M *= max(1, getattr(calls[0], "chunks", 1) or 1)
-    if not sides or not _by_pairs(M, N, len(Ps), O, sum(Q.shape[-1] for Q in sides), dev):
+    decide = decide or _by_pairs
+    if not sides or not decide(M, N, len(Ps), O, sum(Q.shape[-1] for Q in sides), dev):
         return None
     try:
         ops.registry.resolve("pair_gram_", backend, dev)
