@@ -317,3 +317,19 @@ def assert_same_estimators(a, b) -> None:
     for n in ra:
         assert torch.equal(ra[n], rb[n]), n
     assert (a.state.count, a.state.steps, a.offset) == (b.state.count, b.state.steps, b.offset)
+
+
+def empirical_oracle(model: nn.Module, batches: list) -> list[torch.Tensor]:
+    """``sum_n (d log p(y_n | x_n) / d theta)^2`` over ``(x, y)`` ``batches`` in float64, one
+    sample at a time, on a float64 copy of ``model`` (rows labelled below 0 are skipped)."""
+    model = copy.deepcopy(model).double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        for n in range(len(y)):
+            if y[n] < 0:
+                continue
+            lp = torch.log_softmax(model(x[n : n + 1].double()), -1)[0, y[n]]
+            for o, g in zip(out, torch.autograd.grad(lp, params)):
+                o += g**2
+    return out

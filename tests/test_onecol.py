@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from cases import assert_same_estimators
+from cases import assert_same_estimators, empirical_oracle
 
 import fimfast
 from fimfast.persample import onecol
@@ -60,21 +60,6 @@ def _run(model, batches, general, monkeypatch, fim_type, **kw):
     return est, len(runs)
 
 
-def _empirical_oracle(model, batches):
-    """``sum_n (d log p(y_n | x_n) / d theta)^2`` in float64, one sample at a time."""
-    model = model.double()
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = [torch.zeros_like(p) for p in params]
-    for x, y in batches:
-        for n in range(len(y)):
-            if y[n] < 0:
-                continue
-            lp = torch.log_softmax(model(x[n : n + 1].double()), -1)[0, y[n]]
-            for o, g in zip(out, torch.autograd.grad(lp, params)):
-                o += g**2
-    return out
-
-
 @pytest.mark.parametrize("fim_type", ["empirical", "monte_carlo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
@@ -97,7 +82,7 @@ def test_onecol_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, dt
     if fim_type != "empirical" or case == "frozen":
         return
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    for v, w in zip(est.result().values(), _empirical_oracle(model, batches)):
+    for v, w in zip(est.result().values(), empirical_oracle(model, batches)):
         torch.testing.assert_close(v.double(), w, rtol=tol, atol=tol * 1e-3)
 
 

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from cases import assert_same_estimators
+from cases import assert_same_estimators, empirical_oracle
 
 import fimfast
 from fimfast import _ext
@@ -76,21 +76,6 @@ def _run(model, batches, prepared, monkeypatch, fim_type="empirical", before=Non
     return est, ran
 
 
-def _empirical_oracle(model, batches):
-    """``sum_n (d log p(y_n | x_n) / d theta)^2`` in float64, one sample at a time."""
-    model = copy.deepcopy(model).double()
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = [torch.zeros_like(p) for p in params]
-    for x, y in batches:
-        for n in range(len(y)):
-            if y[n] < 0:
-                continue
-            lp = torch.log_softmax(model(x[n : n + 1].double()), -1)[0, y[n]]
-            for o, g in zip(out, torch.autograd.grad(lp, params)):
-                o += g**2
-    return out
-
-
 @pytest.mark.parametrize("fim_type", ["empirical", "monte_carlo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
@@ -123,7 +108,7 @@ def test_prepared_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, 
     if fim_type != "empirical":
         return
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    oracle = _empirical_oracle(model, batches)
+    oracle = empirical_oracle(model, batches)
     assert all(float(w.abs().sum()) > 0 for w in oracle)  # no vacuous comparison
     for v, w in zip(est.result().values(), oracle):
         torch.testing.assert_close(v.double(), w, rtol=tol, atol=tol * 1e-3)
