@@ -333,3 +333,32 @@ def empirical_oracle(model: nn.Module, batches: list) -> list[torch.Tensor]:
             for o, g in zip(out, torch.autograd.grad(lp, params)):
                 o += g**2
     return out
+
+
+def lane_mlp(dtype: torch.dtype = torch.float32, bias: bool = True,
+             conv1d: bool = False) -> nn.Sequential:
+    """The MLP 6-8-8-4 of the one-column step's tests (``conv1d``: its first two layers Hugging
+    Face ``Conv1D``, weights stored ``(in, out)``), seeded."""
+    torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        return nn.Sequential(Conv1D(8, 6), nn.Tanh(), Conv1D(8, 8), nn.ReLU(),
+                             nn.Linear(8, 4)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+    ).to(dtype)
+
+
+def lane_batches(dtype: torch.dtype = torch.float32, k: int = 4, n: int = 5,
+                 ignore: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``k`` seeded batches ``(x, y)`` of ``n`` rows for :func:`lane_mlp` (``ignore``: every
+    other label ``-100``)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(k):
+        x, y = torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+        if ignore:
+            y = torch.where(torch.arange(n) % 2 == 0, y, -100)
+        out.append((x, y))
+    return out

@@ -7,35 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from cases import assert_same_estimators, empirical_oracle
+from cases import assert_same_estimators, empirical_oracle, lane_batches, lane_mlp
 
 import fimfast
 from fimfast.persample import onecol
 from fimfast.persample import prepared as prepared_ps
 from fimfast.persample.onecol import Lane
-
-
-def _mlp(dtype, bias=True, conv1d=False):
-    torch.manual_seed(0)
-    if conv1d:  # Hugging Face Conv1D: weights stored (in, out)
-        from transformers.pytorch_utils import Conv1D
-
-        return nn.Sequential(Conv1D(8, 6), nn.Tanh(), Conv1D(8, 8), nn.ReLU(),
-                             nn.Linear(8, 4)).to(dtype)
-    return nn.Sequential(
-        nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
-    ).to(dtype)
-
-
-def _batches(dtype, k=3, n=5, ignore=False):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(k):
-        x, y = torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
-        if ignore:
-            y = torch.where(torch.arange(n) % 2 == 0, y, -100)
-        out.append((x, y))
-    return out
 
 
 def _run(model, batches, general, monkeypatch, fim_type, **kw):
@@ -71,10 +48,10 @@ def test_onecol_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, dt
         monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", "0.0001")
     if case.startswith("conv1d"):
         pytest.importorskip("transformers", reason="transformers is not installed")
-    model = _mlp(dtype, bias=case != "nobias", conv1d=case.startswith("conv1d"))
+    model = lane_mlp(dtype, bias=case != "nobias", conv1d=case.startswith("conv1d"))
     if case == "frozen":  # a lane of a bias alone
         model[2].weight.requires_grad_(False)
-    batches = _batches(dtype, ignore=case == "ignore")
+    batches = lane_batches(dtype, ignore=case == "ignore", k=3)
     ref, n_ref = _run(model, batches, True, monkeypatch, fim_type, **kw)
     est, n = _run(model, batches, False, monkeypatch, fim_type, **kw)
     assert (n_ref, n) == (0, 3)
@@ -89,9 +66,9 @@ def test_onecol_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, dt
 def test_layout_reads_the_plan():
     """Each hidden Linear layer is one lane (its tap, weight and bias groups); the logits layer
     is in closed form; a frozen weight leaves a lane of its bias."""
-    model = _mlp(torch.float32)
+    model = lane_mlp(torch.float32)
     est = fimfast.DiagFisher(model, "empirical", seed=3)
-    x, y = _batches(torch.float32)[0]
+    x, y = lane_batches(torch.float32, k=3)[0]
     est.step((x, y))
     plan = est._persample.last_plan
     assert plan.lanes == (Lane(0, 0, 1), Lane(1, 2, 3))
@@ -115,7 +92,7 @@ def test_other_layers_and_several_columns_take_the_general_chunks(monkeypatch):
     est, n = _run(conv, [(x, y)], False, monkeypatch, "empirical")
     assert n == 0 and est._persample.last_plan.lanes is None
     for fim_type, kw in (("exact", {}), ("monte_carlo", {"num_probes": 2})):
-        est, n = _run(_mlp(torch.float32), _batches(torch.float32), False, monkeypatch,
+        est, n = _run(lane_mlp(torch.float32), lane_batches(torch.float32, k=3), False, monkeypatch,
                       fim_type, **kw)
         assert n == 0 and est._persample.last_plan.lanes is not None
 
@@ -127,9 +104,9 @@ def test_missing_gradients_run_the_general_chunk(monkeypatch, budget):
     kept for the state, or formed at the end of the step within a small memory budget)."""
     if budget:
         monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", budget)
-    batches = _batches(torch.float32)
-    ref, _ = _run(_mlp(torch.float32), batches, True, monkeypatch, "empirical")
+    batches = lane_batches(torch.float32, k=3)
+    ref, _ = _run(lane_mlp(torch.float32), batches, True, monkeypatch, "empirical")
     monkeypatch.setattr(onecol, "_complete", lambda grads: False)
-    est, n = _run(_mlp(torch.float32), batches, False, monkeypatch, "empirical")
+    est, n = _run(lane_mlp(torch.float32), batches, False, monkeypatch, "empirical")
     assert n == 3
     assert_same_estimators(est, ref)

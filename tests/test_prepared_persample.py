@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from cases import assert_same_estimators, empirical_oracle
+from cases import assert_same_estimators, empirical_oracle, lane_batches, lane_mlp
 
 import fimfast
 from fimfast import _ext
@@ -27,29 +27,6 @@ _PREPARED = _ext.host_function("walk_holds") is not None
 def _on(steps: list) -> list:
     """The steps the prepared program runs: ``steps``, or none without the extension."""
     return steps if _PREPARED else []
-
-
-def _mlp(dtype=torch.float32, bias=True, conv1d=False):
-    torch.manual_seed(0)
-    if conv1d:  # Hugging Face Conv1D: weights stored (in, out)
-        from transformers.pytorch_utils import Conv1D
-
-        return nn.Sequential(Conv1D(8, 6), nn.Tanh(), Conv1D(8, 8), nn.ReLU(),
-                             nn.Linear(8, 4)).to(dtype)
-    return nn.Sequential(
-        nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
-    ).to(dtype)
-
-
-def _batches(dtype=torch.float32, k=4, n=5, ignore=False):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(k):
-        x, y = torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
-        if ignore:
-            y = torch.where(torch.arange(n) % 2 == 0, y, -100)
-        out.append((x, y))
-    return out
 
 
 def _run(model, batches, prepared, monkeypatch, fim_type="empirical", before=None, **kw):
@@ -88,13 +65,13 @@ def test_prepared_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, 
         monkeypatch.setenv("FIMFAST_MEMORY_BUDGET_MB", "0.0001")
     if case.startswith("conv1d"):
         pytest.importorskip("transformers", reason="transformers is not installed")
-    model = _mlp(dtype, bias=case != "nobias", conv1d=case.startswith("conv1d"))
+    model = lane_mlp(dtype, bias=case != "nobias", conv1d=case.startswith("conv1d"))
     if case == "frozen_w":  # a lane of a bias alone
         model[2].weight.requires_grad_(False)
     if case == "frozen_b":  # a lane of a weight alone, the logits layer's weight alone
         model[2].bias.requires_grad_(False)
         model[4].bias.requires_grad_(False)
-    batches = _batches(dtype)
+    batches = lane_batches(dtype)
     if case == "list":
         batches = [list(b) for b in batches]
     ref, ran_ref = _run(model, batches, False, monkeypatch, fim_type, **kw)
@@ -117,10 +94,10 @@ def test_prepared_equals_the_general_path_and_the_oracle(monkeypatch, fim_type, 
 def test_missing_gradients_run_the_general_chunk(monkeypatch):
     """A tap without gradient sends the prepared step to the general chunk code on the same
     gradients (forced here on complete ones)."""
-    batches = _batches()
-    ref, _ = _run(_mlp(), batches, False, monkeypatch)
+    batches = lane_batches()
+    ref, _ = _run(lane_mlp(), batches, False, monkeypatch)
     monkeypatch.setattr(onecol, "_complete", lambda grads: False)
-    est, ran = _run(_mlp(), batches, True, monkeypatch)
+    est, ran = _run(lane_mlp(), batches, True, monkeypatch)
     assert ran == _on([1, 2, 3])
     assert_same_estimators(est, ref)
 
@@ -163,7 +140,7 @@ def test_a_changed_forward_takes_the_general_path(monkeypatch, flag):
     the step takes the general path, bit for bit. The general path taps the modified output by
     an add from then on (a new structure, whose program runs from its second step); the weight
     used outside its layer stays generic (no program)."""
-    batches = _batches(k=5)
+    batches = lane_batches(k=5)
     ref, _ = _run(_Twice(), batches, False, monkeypatch, before=_flag(flag, 2))
     est, ran = _run(_Twice(), batches, True, monkeypatch, before=_flag(flag, 2))
     assert ran == _on([1, 4] if flag == "inplace" else [1])
@@ -173,13 +150,13 @@ def test_a_changed_forward_takes_the_general_path(monkeypatch, flag):
 
 def test_rows_left_out_and_other_layouts_take_the_general_path(monkeypatch):
     """Rows of ``ignore_index``, a mapping batch, 2-D labels: the general path."""
-    model = _mlp()
-    batches = _batches(ignore=True)
+    model = lane_mlp()
+    batches = lane_batches(ignore=True)
     ref, _ = _run(model, batches, False, monkeypatch)
     est, ran = _run(model, batches, True, monkeypatch)
     assert ran == []
     assert_same_estimators(est, ref)
-    plain = _batches()
+    plain = lane_batches()
     mixed = [plain[0], plain[1], {"input": plain[2][0], "labels": plain[2][1]},
              (plain[3][0], plain[3][1].view(-1, 1)), plain[0]]
 
@@ -198,7 +175,7 @@ def test_hooks_added_take_the_general_path(monkeypatch):
     """A global forward hook added after prepared steps changes every call's verdict; a module
     forward hook that rescales the logits layer's output changes nothing the taps read (they
     are before it) but the logits: both equal the general path's."""
-    batches = _batches(k=6)
+    batches = lane_batches(k=6)
     handles = []
 
     def before(i, model):
@@ -208,11 +185,11 @@ def test_hooks_added_take_the_general_path(monkeypatch):
             handles.append(nn.modules.module.register_module_forward_hook(lambda m, a, o: None))
 
     try:
-        ref, _ = _run(_mlp(), batches, False, monkeypatch, before=before)
+        ref, _ = _run(lane_mlp(), batches, False, monkeypatch, before=before)
         for h in handles:
             h.remove()
         handles.clear()
-        est, ran = _run(_mlp(), batches, True, monkeypatch, before=before)
+        est, ran = _run(lane_mlp(), batches, True, monkeypatch, before=before)
     finally:
         for h in handles:
             h.remove()
@@ -226,13 +203,13 @@ def test_hooks_added_take_the_general_path(monkeypatch):
 def test_train_eval_and_a_changed_parameter_set(monkeypatch):
     """train/eval is part of the structure (a new program after one general step); a parameter
     set that changed is refused as the general path refuses it."""
-    batches = _batches(k=5)
+    batches = lane_batches(k=5)
 
     def before(i, model):
         model.train(i < 2)
 
-    ref, _ = _run(_mlp(), batches, False, monkeypatch, before=before)
-    est, ran = _run(_mlp(), batches, True, monkeypatch, before=before)
+    ref, _ = _run(lane_mlp(), batches, False, monkeypatch, before=before)
+    est, ran = _run(lane_mlp(), batches, True, monkeypatch, before=before)
     assert ran == _on([1, 3, 4])
     assert_same_estimators(est, ref)
     est.model[2] = nn.Linear(8, 8, bias=False)
@@ -246,7 +223,7 @@ def test_errors_leave_the_state(monkeypatch):
     state as it was."""
     model = _Twice()
     est = fimfast.DiagFisher(model, "empirical", seed=3)
-    x, y = _batches()[0]
+    x, y = lane_batches()[0]
     est.step((x, y))
     est.step((x, y))
     before = {k: v.clone() for k, v in est.result().items()}
@@ -277,7 +254,7 @@ def test_conv_and_exact_keep_their_paths(monkeypatch):
     assert ran == []
     assert_same_estimators(est, ref)
     for fim_type, kw in (("exact", {}), ("monte_carlo", {"num_probes": 2})):
-        est, ran = _run(_mlp(), _batches(), True, monkeypatch, fim_type, **kw)
+        est, ran = _run(lane_mlp(), lane_batches(), True, monkeypatch, fim_type, **kw)
         assert ran == []
 
 
@@ -289,7 +266,7 @@ def test_rows_and_column_in_one_call(monkeypatch, fim_type, ext):
     and without it; a batch with ignored rows in between goes to the general path."""
     if not ext:
         monkeypatch.setattr(pp, "_HOST", [None, None])
-    plain, ignored = _batches(k=5), _batches(k=1, ignore=True)
+    plain, ignored = lane_batches(k=5), lane_batches(k=1, ignore=True)
     batches = [*plain[:3], ignored[0], *plain[3:]]
     calls = []
     real = pp._column
@@ -300,8 +277,8 @@ def test_rows_and_column_in_one_call(monkeypatch, fim_type, ext):
         return out
 
     monkeypatch.setattr(pp, "_column", spy)
-    ref, _ = _run(_mlp(), batches, False, monkeypatch, fim_type)
-    est, ran = _run(_mlp(), batches, True, monkeypatch, fim_type)
+    ref, _ = _run(lane_mlp(), batches, False, monkeypatch, fim_type)
+    est, ran = _run(lane_mlp(), batches, True, monkeypatch, fim_type)
     assert ran == _on([1, 2, 4, 5])  # not the step of the ignored rows
     built = _ext.host_function("one_column_step") is not None
     assert calls == ([True, False, True] if ext and built else _on([False, False, False]))
@@ -312,10 +289,10 @@ def test_a_state_of_other_parameters_is_refused(monkeypatch):
     """A state put in place of the estimator's own is checked against the parameters before
     the forward, as the general path checks it: a state of another model is refused, the
     prepared step never runs on it."""
-    est, ran = _run(_mlp(), _batches(k=3), True, monkeypatch)
+    est, ran = _run(lane_mlp(), lane_batches(k=3), True, monkeypatch)
     assert ran == _on([1, 2])
     other = fimfast.DiagFisher(nn.Sequential(nn.Linear(6, 4)), "empirical", seed=3)
     est.state = other.state
     with pytest.raises(ValueError, match="trainable parameters changed"):
-        est.step(_batches()[0])
+        est.step(lane_batches()[0])
     assert other.state.steps == 0
