@@ -51,6 +51,7 @@ from fimfast.ops.rng import as_int64
 from fimfast.persample import onecol, squares
 from fimfast.persample.engine import _folds
 from fimfast.persample.plan import GroupKind, Plan
+from fimfast.prepared import _DTENSOR, _PAIRS, _TENSOR
 from fimfast.step import Step
 from fimfast.types import FIMType
 
@@ -59,10 +60,6 @@ if TYPE_CHECKING:
     from fimfast.persample.plan import _Template
 
 __all__ = ["Prepared", "Program", "step"]
-
-_TENSOR = torch.Tensor
-_PAIRS = (tuple, list)
-_DTENSOR = "torch.distributed.tensor"  # the module of FSDP2's parameters
 
 
 class Prepared:
