@@ -12,7 +12,8 @@ Recognised (each consumes its parameters once, one autograd edge each, as the en
 count requires; anything else leaves the parameter to the generic path):
 
 * ``F.linear(x, W, b)``: ``W`` (2-D, its transpose, or an elementwise function of it such as
-  ``W * mask``: :mod:`fimfast.functional_derived`) and/or ``b`` parameters;
+  ``W * mask``: :mod:`fimfast.functional_derived`) and/or ``b`` parameters (``b`` or an
+  elementwise function of one, ``torch.tanh(b)``);
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
   least 2-D; ``W @ x`` (the linear map of ``x^T``); a ``W`` of 3+ dims: ``batched_matmul``;
@@ -236,11 +237,13 @@ def _linear(mode: FunctionalMode, func, args, kwargs):
         if found is not None:
             pw, view = found
             w = view[2]()
-    pb = mode.param(bias)
+    pb, bchain = fder.bias_of(mode, bias)
     if (pw is None and pb is None) or not isinstance(x, Tensor) or not isinstance(w, Tensor):
         return func(*args, **kwargs)
+    if bchain is not None:  # F.linear(x, W, torch.tanh(b)): b's Vec times d tanh(b) / db
+        bias, bchain = bchain[0](), bchain[1]
     y = func(x, w, bias)
-    uses = [Use(p, UseKind.VEC) for p in (pb,) if p is not None]
+    uses = [Use(p, UseKind.VEC, chain=bchain) for p in (pb,) if p is not None]
     if pw is not None and w.dim() == 2:
         uses.insert(0, fder.outer_use(pw, view, False))
     if not uses:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fimfast import functional_derived as fder
 from fimfast.functional_derived import _bind
 from fimfast.hooks import Use
 from fimfast.rules import functional as frules
@@ -149,14 +150,17 @@ def linear(mode, func, args, kwargs):
     computed = pw is not None
     if pw is None and w.dim() == 2 and mode.view_of(w) is None:
         pw = mode.param(w)
-    pb = mode.param(bias)
+    pb, bchain = fder.bias_of(mode, bias)  # a parameter, or an elementwise function of one
     if pb is None and bias is not None and pw is not None and _linear_weight(
             mode, weights, x, bias, 1) and bias.shape[0] == w.shape[0]:
         pb, computed = bias, True  # a bias computed from parameters
     if pw is None or not computed or (bias is not None and pb is None):
         return functional._linear(mode, func, args, kwargs)
+    if bchain is not None:
+        bias, bchain = bchain[0](), bchain[1]
     y = func(x, w, bias)
-    uses = [Use(pw, UseKind.OUTER)] + ([Use(pb, UseKind.VEC)] if pb is not None else [])
+    uses = [Use(pw, UseKind.OUTER)] + ([Use(pb, UseKind.VEC, chain=bchain)]
+                                       if pb is not None else [])
     return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
 
 

@@ -254,3 +254,15 @@ def outer_use(p: Tensor, view: tuple | None, stored_io: bool) -> Use:
     return Use(p, UseKind.OUTER, transposed=stored_io != flipped, chain=chain)
 
 
+
+
+def bias_of(mode: Any, bias: Any) -> tuple:
+    """``(param, None)`` of a parameter ``bias`` (of :meth:`FunctionalMode.param`);
+    ``(param, (remake, chain))`` of an elementwise function of one in its shape (or a reshaped
+    view of one: ``chain`` ``None``, not taken), ``F.linear(x, W, torch.tanh(b))``; ``(None,
+    None)`` otherwise."""
+    pb = mode.param(bias)
+    found = mode.operand(bias) if pb is None and isinstance(bias, torch.Tensor) else None
+    if found is None or found[2] is None or found[0].shape != bias.shape:
+        return pb, None
+    return found[0], (found[1], found[2])

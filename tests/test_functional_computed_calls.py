@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import Fn, check_fast_twice, check_monte_carlo_same_seed, classifier_case
+from cases import Fn, check_fast_twice, check_monte_carlo_same_seed, classifier_case, run_case
 from oracle import oracle, row_jacobians
 from tolerances import DET_REL_F64
 from torch import nn
@@ -88,3 +88,61 @@ def test_computed_weight_call_takes_the_rules(name, quantity):
 def test_computed_weight_call_monte_carlo_same_seed(name):
     est = check_monte_carlo_same_seed(_case(name), row_jacobians(_case(name)), DET_REL_F64)
     assert not est._persample.last_plan.generic
+
+
+ELEMENTWISE_BIAS = {
+    # F.linear's bias an elementwise function of a 1-D parameter: the bias's Vec times ds/db
+    "tanh_bias": lambda s, x: F.linear(torch.tanh(s.a(x)), s.W, torch.tanh(s.b)),
+    "softplus_exp_bias": lambda s, x: F.linear(torch.tanh(s.a(x)), s.W,
+                                               F.softplus(s.b) * s.b.exp().clamp(max=50.0)),
+    "scaled_bias_weight_mask": lambda s, x: F.linear(torch.tanh(s.a(x)), s.W * s.m,
+                                                     0.5 * torch.sigmoid(s.b) - 1.0),
+    "tanh_bias_cosine_weight": lambda s, x: F.linear(torch.tanh(s.a(x)), F.normalize(s.W, dim=1),
+                                                     torch.tanh(s.b)),
+    "tanh_bias_tokens": lambda s, x: F.linear(torch.tanh(s.a(x)).view(N, 2, 3), s.W,
+                                              torch.tanh(s.b)).mean(1),
+}
+
+
+def _bias_case(name: str):
+    torch.manual_seed(0)
+    model = Fn(ELEMENTWISE_BIAS[name], a=nn.Linear(6, 6), W=_p(C, 3 if "tokens" in name else 6),
+               b=_p(C)).double()
+    model.register_buffer("m", (torch.rand(C, 6, dtype=torch.float64) > 0.3).double())
+    x = torch.randn(N, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(13))
+    return classifier_case(model, (x, y), C, name)
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE_BIAS))
+def test_elementwise_function_bias_takes_the_rules(name, quantity):
+    case = _bias_case(name)
+    ref = oracle(case, quantity)
+    assert ref["b"].abs().sum() > 0 and ref["W"].abs().sum() > 0
+    est = check_fast_twice(case, quantity, ref, DET_REL_F64)
+    assert not est._persample.last_plan.generic
+
+
+def test_elementwise_function_bias_monte_carlo_same_seed():
+    case = _bias_case("softplus_exp_bias")
+    est = check_monte_carlo_same_seed(case, row_jacobians(case), DET_REL_F64)
+    assert not est._persample.last_plan.generic
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+def test_elementwise_function_bias_and_the_parameter_itself_exact(quantity):
+    """``tanh(b)`` as the bias and ``b`` itself added to the logits: two uses of ``b`` with
+    different chains, which the engine sends to the generic path: still the oracle's numbers."""
+    from oracle import rel_error
+
+    torch.manual_seed(0)
+    model = Fn(lambda s, x: F.linear(torch.tanh(s.a(x)), s.W, torch.tanh(s.b)) + s.b,
+               a=nn.Linear(6, 6), W=_p(C, 6), b=_p(C)).double()
+    x = torch.randn(N, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(13))
+    case = classifier_case(model, (x, y), C, "tanh_bias_and_raw")
+    ref = oracle(case, quantity)
+    assert ref["b"].abs().sum() > 0
+    got, _ = run_case(case, quantity)
+    assert rel_error(got, ref) < DET_REL_F64
