@@ -346,7 +346,8 @@ def _conv(mode: FunctionalMode, func, args, kwargs):
             pw = view[0]
         else:
             view = None
-    ps = [p for p in (pw, mode.param(bias)) if p is not None]
+    pb, bchain = fder.bias_of(mode, bias)  # a parameter or an elementwise function of one
+    ps = [p for p in (pw, pb) if p is not None]
     if (
         not ps or not isinstance(x, Tensor) or not isinstance(w, Tensor)
         or x.dim() != nsp + 2 or w.dim() != nsp + 2
@@ -354,6 +355,8 @@ def _conv(mode: FunctionalMode, func, args, kwargs):
         return func(*args, **kwargs)  # an unbatched input has no sample dimension
     if view is not None:  # the call consumes the function of W made again
         args, kwargs = fder.with_arg(args, kwargs, _CONV_ARGS, "weight", view[2]())
+    if bchain is not None:
+        args, kwargs = fder.with_arg(args, kwargs, _CONV_ARGS, "bias", bchain[0]())
     y = func(*args, **kwargs)
     kernel = tuple(w.shape[2:])
     dilation = _tuple(dilation, nsp)
@@ -364,8 +367,8 @@ def _conv(mode: FunctionalMode, func, args, kwargs):
     }
     chain = None if view is None else view[3]
     uses = [
-        Use(p, UseKind.OUTER, groups=int(groups), chain=chain) if p is pw else Use(p, UseKind.VEC)
-        for p in ps
+        Use(p, UseKind.OUTER, groups=int(groups), chain=chain) if p is pw
+        else Use(p, UseKind.VEC, chain=None if bchain is None else bchain[1]) for p in ps
     ]
     return mode.record(f"F.conv{nsp}d", frules.CONV, y, 1, uses, data, batch_first=True)
 

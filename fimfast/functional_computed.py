@@ -228,9 +228,11 @@ def conv(mode, func, args, kwargs):
             or not _linear_weight(mode, weights, b[0], b[1], nsp + 2)):
         return functional._conv(mode, func, args, kwargs)
     x, w, bias, stride, padding, dilation, groups = b
-    pb = mode.param(bias)
+    pb, bchain = fder.bias_of(mode, bias)  # a parameter or an elementwise function of one
     if bias is not None and pb is None:
         return functional._conv(mode, func, args, kwargs)
+    if bchain is not None:
+        args, kwargs = fder.with_arg(args, kwargs, functional._CONV_ARGS, "bias", bchain[0]())
     y = func(*args, **kwargs)
     kernel, dilation = tuple(w.shape[2:]), functional._tuple(dilation, nsp)
     data = {
@@ -239,5 +241,6 @@ def conv(mode, func, args, kwargs):
         "groups": int(groups),
     }
     uses = [Use(w, UseKind.OUTER, groups=int(groups))]
-    uses += [Use(pb, UseKind.VEC)] if pb is not None else []
+    if pb is not None:
+        uses.append(Use(pb, UseKind.VEC, chain=None if bchain is None else bchain[1]))
     return mode.record(f"F.conv{nsp}d", frules.CONV, y, 1, uses, data, batch_first=True)

@@ -59,6 +59,9 @@ MODELS = {
     "ws_conv2d_groups_same": (lambda: Fn(lambda s, x: _conv(s, x, 2, padding="same", groups=2),
                                          W=_p(4, 1, 3, 3), b=_p(4), o=nn.Linear(4 * 16, C)),
                               (N, 2, 4, 4), ["W", "b"]),
+    "ws_conv2d_tanh_bias": (lambda: Fn(lambda s, x: s.o(torch.tanh(F.conv2d(
+        x, _standardized(s.W), torch.tanh(s.b), padding=1)).flatten(1)), W=_p(3, 2, 3, 3),
+        b=_p(3), o=nn.Linear(3 * 16, C)), (N, 2, 4, 4), ["W", "b"]),
     "ws_conv3d_nobias": (lambda: Fn(lambda s, x: _conv(s, x, 3, stride=2), W=_p(2, 1, 2, 2, 2),
                                     b=None, o=nn.Linear(2 * 8, C)), (N, 1, 5, 5, 5), ["W"]),
 }
@@ -90,6 +93,12 @@ def test_computed_weight_call_monte_carlo_same_seed(name):
     assert not est._persample.last_plan.generic
 
 
+def _conv_tanh_bias(s, x, masked: bool):
+    x = x.view(N, 2, 3)
+    W = s.K * s.k if masked else s.K
+    return s.o(torch.tanh(F.conv1d(x, W, torch.tanh(s.b) * 2.0, padding=1)).flatten(1))
+
+
 ELEMENTWISE_BIAS = {
     # F.linear's bias an elementwise function of a 1-D parameter: the bias's Vec times ds/db
     "tanh_bias": lambda s, x: F.linear(torch.tanh(s.a(x)), s.W, torch.tanh(s.b)),
@@ -99,6 +108,8 @@ ELEMENTWISE_BIAS = {
                                                      0.5 * torch.sigmoid(s.b) - 1.0),
     "tanh_bias_cosine_weight": lambda s, x: F.linear(torch.tanh(s.a(x)), F.normalize(s.W, dim=1),
                                                      torch.tanh(s.b)),
+    "conv1d_tanh_bias": lambda s, x: _conv_tanh_bias(s, x, False),
+    "conv1d_masked_tanh_bias": lambda s, x: _conv_tanh_bias(s, x, True),
     "tanh_bias_tokens": lambda s, x: F.linear(torch.tanh(s.a(x)).view(N, 2, 3), s.W,
                                               torch.tanh(s.b)).mean(1),
 }
@@ -106,12 +117,20 @@ ELEMENTWISE_BIAS = {
 
 def _bias_case(name: str):
     torch.manual_seed(0)
+    conv = name.startswith("conv")
     model = Fn(ELEMENTWISE_BIAS[name], a=nn.Linear(6, 6), W=_p(C, 3 if "tokens" in name else 6),
-               b=_p(C)).double()
+               b=_p(4 if conv else C), K=_p(4, 2, 3), o=nn.Linear(12, C)).double()
     model.register_buffer("m", (torch.rand(C, 6, dtype=torch.float64) > 0.3).double())
+    model.register_buffer("k", (torch.rand(4, 2, 3, dtype=torch.float64) > 0.3).double())
     x = torch.randn(N, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(13))
     return classifier_case(model, (x, y), C, name)
+
+
+def _unused(name: str) -> frozenset:
+    if name.startswith("conv"):
+        return frozenset({"a.weight", "a.bias", "W"})
+    return frozenset({"K", "o.weight", "o.bias"})
 
 
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
@@ -119,8 +138,9 @@ def _bias_case(name: str):
 def test_elementwise_function_bias_takes_the_rules(name, quantity):
     case = _bias_case(name)
     ref = oracle(case, quantity)
-    assert ref["b"].abs().sum() > 0 and ref["W"].abs().sum() > 0
-    est = check_fast_twice(case, quantity, ref, DET_REL_F64)
+    weight = "K" if name.startswith("conv") else "W"
+    assert ref["b"].abs().sum() > 0 and ref[weight].abs().sum() > 0
+    est = check_fast_twice(case, quantity, ref, DET_REL_F64, unused=_unused(name))
     assert not est._persample.last_plan.generic
 
 
