@@ -36,6 +36,7 @@ from torch import nn
 
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 from fimfast.rules.base import Outer, Rule, Term, UseKind, Vec, front, patch_forward, trainable
+from fimfast.rules.cell_steps import cell_step
 from fimfast.rules.recurrent import CELL_DEVICES, _unrolled_steps
 
 _ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -93,6 +94,9 @@ def _reset_gate(d: dict, H: int) -> torch.Tensor:
     """The GRU's reset gate ``r = sigmoid(gi_r + W_hr h + b_hr)`` ``(N, 1, H)`` of the call,
     formed once per call (the cell does not return it)."""
     if "r" not in d:
+        if d.get("r_fwd") is not None:  # kept by the forward (fimfast.rules.cell_steps)
+            d["r"] = d["r_fwd"].unsqueeze(1)
+            return d["r"]
         with torch.no_grad():
             w, b = d["w_hh"], d["b_hh"]
             pre = F.linear(d["h"], w[:H], None if b is None else b[:H])
@@ -160,8 +164,8 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
             "gi": gi.detach(), "w_hh": w_hh.detach(),
             "b_hh": None if b_hh is None else b_hh.detach()}
     if input.device.type in CELL_DEVICES:
-        e, we = _empty(input, input.shape[0]), _empty(input, gi.shape[-1])
-        out = _CELLS[mode](e, h if c is None else (h, c), we, w_hh, gt, b_hh)
+        out = cell_step(mode, _CELLS[mode], gt, h, c, w_hh, b_hh, getattr(cap, "columns", 1),
+                        data)
     else:
         outs: list = [None]
         hn, cn, _ = _unrolled_steps(mode, mod.hidden_size, range(1), [gt], h, c, w_hh, b_hh,
@@ -170,17 +174,3 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
     cap.record(Call(mod, rule, [tap], uses, data), internal, key)
     return out
 
-
-def _empty(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """An empty ``(rows, 0)`` tensor of ``x``'s dtype and device, made once (it holds no data:
-    every call may share it)."""
-    key = (rows, x.dtype, x.device)
-    t = _EMPTIES.get(key)
-    if t is None:
-        if len(_EMPTIES) > 64:
-            _EMPTIES.clear()
-        t = _EMPTIES[key] = x.new_empty(rows, 0)
-    return t
-
-
-_EMPTIES: dict = {}
