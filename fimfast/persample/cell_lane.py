@@ -293,7 +293,8 @@ def _sequence(calls: list) -> dict:
 
 def _reset_gates(ds: list, H: torch.Tensor) -> torch.Tensor:
     """The GRU's reset gates ``r = sigmoid(gi_r + W_hr h + b_hr)`` of every call, ``(N, T, H)``:
-    one product over the stacked states (each call's own ``W_hh``, ``b_hh``: those of a
+    those the forward kept (:mod:`fimfast.rules.cell_steps`), else one product over the stacked
+    states (each call's own ``W_hh``, ``b_hh``: those of a
     functional cell may differ per call, as computed weights)."""
     if all(d.get("r_fwd") is not None for d in ds):  # kept by the forward (cell_steps)
         return torch.stack([d["r_fwd"] for d in ds], 1)

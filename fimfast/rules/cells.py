@@ -8,15 +8,19 @@ layers: ``Outer(G_i, x)`` for ``W_ih``, ``Outer(G_h, h)`` for ``W_hh``, ``G_i`` 
 the biases, with ``G_i`` the gradient at ``gi`` and ``G_h`` the one at ``gh`` (docs/math.md §4,
 "Recurrent layers"). ``gh`` enters the gates as ``gi + gh`` (RNN, LSTM, and the GRU's reset and
 update gates), so ``G_h = G_i`` there; the GRU's candidate gate takes ``r * gh_n``, so its part of
-``G_h`` is ``G_i``'s times the reset gate ``r`` (recomputed once per call from the kept ``x`` and
-``h``). A cell called ``T`` times per step records ``T`` calls: the engine adds a parameter's
-terms over them before the square (the steps are positions of one ``Outer``).
+``G_h`` is ``G_i``'s times the reset gate ``r`` (kept by the forward's node where it ran one,
+else recomputed once per call from the kept ``x`` and ``h``). A cell called ``T`` times per step
+records ``T`` calls: the engine adds a parameter's terms over them before the square (the steps
+are positions of one ``Outer``).
 
 During a capture the cell's forward is :func:`_cell_forward`: ``gi`` is computed as torch's cell
 computes it (``F.linear(x, W_ih, b_ih)``), tapped, and handed to torch's own cell function
 (``torch.gru_cell``, ...) in place of ``b_ih``, with an empty input: the cell's input side is then
 ``addmm(gi, empty, empty)``, which is ``gi``, and the output is torch's bit for bit on the CPU
-(the same trick as :func:`fimfast.rules.recurrent._direction`). Off the CPU (torch's fused cells
+(the same trick as :func:`fimfast.rules.recurrent._direction`). After a step whose backward
+batched several columns (EXACT), a GRU, LSTM or tanh cell runs instead as one autograd node of
+:mod:`fimfast.rules.cell_steps` (torch's ops in torch's order: the same output bit for bit, a
+backward that batches; the GRU's node keeps its reset gate). Off the CPU (torch's fused cells
 want a 1-D bias) the step runs as primitive ops (:func:`fimfast.rules.recurrent._unrolled_steps`),
 equal to torch's cell to rounding.
 
