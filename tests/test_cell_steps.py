@@ -113,3 +113,30 @@ def test_engine_steps_take_the_cell_step_after_a_batched_backward(kind, monkeypa
     est = check_fast_twice(case, "exact", oracle(case, "exact"), DET_REL_F64)
     assert len(seen) == (0 if kind == "relu" else 6)  # the second step's six calls
     assert est._persample.columns > 1
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "tanh"])
+def test_train_step_gradients_through_the_cell_step(kind):
+    """``train_step`` (the loss backward through the captured forward) after a batched step:
+    the parameters' ``.grad`` those of a plain training step, the Fisher the oracle's."""
+    import copy
+
+    from oracle import oracle, rel_error
+    from test_cells import Loop, _case, _cell
+    from tolerances import DET_REL_F64
+
+    import fimfast
+
+    case = _case(Loop(_cell(kind), h0="input"), 6)
+    ref_model = copy.deepcopy(case.model)
+    est = fimfast.DiagFisher(case.model, "exact", class_dim=-1)
+    x, y = case.batch
+    for _ in range(2):
+        est.train_step((x, y))
+        F.cross_entropy(ref_model(x), y).backward()
+    assert est._persample.columns > 1  # the second step ran the cell step's nodes
+    for (name, p), q in zip(case.model.named_parameters(), ref_model.parameters(), strict=True):
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    got = {k: v / 2 for k, v in est.result().items()}
+    assert rel_error(got, oracle(case, "exact")) <= DET_REL_F64
