@@ -36,9 +36,9 @@ class _GRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gi, gh, h, keep):
         H = h.shape[-1]
-        gir, giz, gin = gi.split(H, 1)
+        gir, giz, gin = gi.chunk(3, 1)  # (Tensor.split is a Python wrapper)
         ghn = gh[:, 2 * H :]
-        wr, wz, wn = gh.clone().split(H, 1)  # torch's ops on strided views, in place
+        wr, wz, wn = gh.clone().chunk(3, 1)  # torch's ops on strided views, in place
         r = wr.add_(gir).sigmoid_()
         z = wz.add_(giz).sigmoid_()
         n = gin.add(wn.mul_(r)).tanh_()
