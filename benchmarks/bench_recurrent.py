@@ -20,7 +20,8 @@ the process (one torch thread); the figures are medians over the rounds, divided
 step's. EXACT on ``lstm_tag`` is timed once per round for the first two rounds (it is the slow
 one without the recurrent rule).
 
-Usage: ``python benchmarks/bench_recurrent.py [--rounds 3] [--workloads gru_cls,lstm_tag]``;
+Usage: ``python benchmarks/bench_recurrent.py [--rounds 3] [--workloads gru_cls,lstm_tag]
+[--no-generic]`` (``--no-generic``: without the cell workloads' ``*_generic`` steps);
 prints one JSON object ``{workload: {type: ratio, "train_ms": ms}}``. To compare two trees,
 alternate runs of this script from each (``PYTHONPATH=<tree>``).
 """
@@ -118,7 +119,7 @@ def workload(name: str, N: int = 16, T: int = 20):
     raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
 
 
-def run(name: str, rounds: int) -> dict[str, float]:
+def run(name: str, rounds: int, generic: bool = True) -> dict[str, float]:
     """Median ratios of the per-sample steps to a training step (see the module docstring)."""
     model, x, y = workload(name)
     seqrows = name.endswith("+seqrows")
@@ -136,7 +137,7 @@ def run(name: str, rounds: int) -> dict[str, float]:
     for k in kinds:
         est = fimfast.DiagFisher(model, k, class_dim=-1, **opts)
         fns[k] = lambda est=est: est.step((x, y))
-    cells = name.endswith("cell_cls")
+    cells = name.endswith("cell_cls") and generic
     if cells:  # the same model with the cell on the generic path, in the same rounds
         gen = cell_loop(name, generic=True)
         gen.load_state_dict(model.state_dict())
@@ -166,9 +167,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--no-generic", action="store_true",
+                    help="skip the cell workloads' *_generic steps")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps({w: run(w, args.rounds) for w in args.workloads.split(",")}))
+    print(json.dumps({w: run(w, args.rounds, not args.no_generic)
+                      for w in args.workloads.split(",")}))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from fimfast.functional_derived import _bind
 from fimfast.hooks import Use
 from fimfast.rules.base import UseKind
+from fimfast.rules.cell_steps import cell_step
 from fimfast.rules.cells import _ROLES, CellRule
 from fimfast.rules.recurrent import CELL_DEVICES, _unrolled_steps
 
@@ -91,11 +92,11 @@ def _cell(mode, func, args, kwargs):
             "gi": gi.detach(), "w_hh": w_hh.detach(),
             "b_hh": None if b_hh is None else b_hh.detach()}
     gt = mode.record(f"torch.{func.__name__}", CELL, gi, 1, uses, data, batch_first=True)
-    if x.device.type in CELL_DEVICES:
-        e, we = x.new_empty(x.shape[0], 0), x.new_empty(gi.shape[-1], 0)
-        return func(e, state if name == "LSTM" else state[0], we, w_hh, gt, b_hh)
-    outs: list = [None]
     c = state[1] if name == "LSTM" else None
+    if x.device.type in CELL_DEVICES:
+        return cell_step(name, func, gt, state[0], c, w_hh, b_hh,
+                         getattr(mode.cap, "columns", 1), data)
+    outs: list = [None]
     hn, cn, _ = _unrolled_steps(name, w_hh.shape[1], range(1), [gt], state[0], c, w_hh, b_hh,
                                 None, None, outs)
     return hn if cn is None else (hn, cn)

@@ -107,15 +107,30 @@ def test_cell_loop_squares_paths_match_the_oracle(name, quantity, chunk, by_pair
         assert g.state.cell is None  # finished
 
 
-@pytest.mark.parametrize("frozen", ["c.weight_ih", "c.weight_hh", "c.bias_hh"])
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("frozen", [
+    "c.weight_ih", "c.weight_hh", "c.bias_hh", "c.bias_ih", "c.bias_ih,c.bias_hh",
+    "c.weight_ih,c.weight_hh", "c.weight_ih,c.bias_ih", "c.weight_hh,c.bias_hh",
+    "c.weight_ih,c.weight_hh,c.bias_ih"])
+@pytest.mark.parametrize("kind", ["gru", "lstm", "tanh"])
 def test_cell_pairs_with_a_frozen_parameter(kind, frozen, monkeypatch):
+    """Every subset of the sides of the pairs' products (the inputs, the ones of the biases,
+    the states; the GRU's candidate rows of each side): the oracle's Fisher, nonzero."""
     monkeypatch.setattr(cell_lane, "_by_pairs", lambda *a: True)
     torch.manual_seed(1)
     case = _case(Loop(_cell(kind)), 6)
-    dict(case.model.named_parameters())[frozen].requires_grad_(False)
-    ref = {k: v for k, v in oracle(case, "exact").items() if k != frozen}
+    names = frozen.split(",")
+    for name in names:
+        dict(case.model.named_parameters())[name].requires_grad_(False)
+    ref = {k: v for k, v in oracle(case, "exact").items() if k not in names}
+    assert all(v.abs().sum() > 0 for k, v in ref.items() if k.startswith("c."))
     check_fast_twice(case, "exact", ref, DET_REL_F64)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_cell_pairs_without_biases(kind, monkeypatch):
+    monkeypatch.setattr(cell_lane, "_by_pairs", lambda *a: True)
+    case = _case(Loop(_cell(kind, bias=False)), 6)
+    check_fast_twice(case, "exact", oracle(case, "exact"), DET_REL_F64)
 
 
 def test_cell_pairs_in_float32(monkeypatch):

@@ -203,6 +203,7 @@ class Engine(Replay):
         if (plan.lanes is not None and not plan.pullbacks and cols.num == 1
                 and cols.block is not None and not token):
             self.add_taps = False  # one column: not streamed
+            self.columns = 1
             onecol.run(rows, plan, cols, acc, retain_graph, backend)
             return
         groups = [g for g in plan.groups if g.kind not in HEAD_KINDS]
@@ -228,6 +229,7 @@ class Engine(Replay):
             M_max, streams = 1, False
         for g in groups:
             g.state.single = total == 1
+        self.columns = M_max  # batched in one backward: the next forward's cells (cell_steps)
         # a streamed step (:mod:`.stream`) forms each call's squares as its gradients arrive, and
         # the next forward taps every output by an add, whose gradient need not be kept
         self.add_taps = streams

@@ -295,6 +295,7 @@ def _run(est: DiagFisher, eng, rows, params, cap, tmpl: _Template, prog: Program
             acc.add(index, squares._weight_sq(side, root, A, backend))
     eng.last_plan = (tmpl, calls)  # bound when read
     eng.add_taps = False  # one column: not streamed
+    eng.columns = 1
     u = root if root.dtype == flat.dtype else root.to(flat.dtype)
     ccalls = [calls[k] for k in prog.calls]
     for c in ccalls:

@@ -59,6 +59,9 @@ class Replay:
         # the next forward taps every output by an add (see Engine._fast: one column per
         # backward, squares formed as the gradients arrive)
         self.add_taps = False
+        # backward columns of the last step: a captured cell takes the step of
+        # fimfast.rules.cell_steps where several are batched, torch's cell for one
+        self.columns = 1
         self._hold: set = set()  # outputs gone before the check: held alive in the next step
         self._modified: set = set()  # outputs seen modified in place: never held again
         self._owned: dict[int, str] = {}
@@ -198,6 +201,7 @@ class Replay:
         if mods is None:
             mods = self._modules(model, params)
         cap.memo = self._memo  # the rules' uses, kept while the parameter set stays
+        cap.columns = self.columns
         if self._samples is not None:
             cap.samples = self._samples
         forwards = None if self.hooked else self._forwards

@@ -8,15 +8,19 @@ layers: ``Outer(G_i, x)`` for ``W_ih``, ``Outer(G_h, h)`` for ``W_hh``, ``G_i`` 
 the biases, with ``G_i`` the gradient at ``gi`` and ``G_h`` the one at ``gh`` (docs/math.md §4,
 "Recurrent layers"). ``gh`` enters the gates as ``gi + gh`` (RNN, LSTM, and the GRU's reset and
 update gates), so ``G_h = G_i`` there; the GRU's candidate gate takes ``r * gh_n``, so its part of
-``G_h`` is ``G_i``'s times the reset gate ``r`` (recomputed once per call from the kept ``x`` and
-``h``). A cell called ``T`` times per step records ``T`` calls: the engine adds a parameter's
-terms over them before the square (the steps are positions of one ``Outer``).
+``G_h`` is ``G_i``'s times the reset gate ``r`` (kept by the forward's node where it ran one,
+else recomputed once per call from the kept ``x`` and ``h``). A cell called ``T`` times per step
+records ``T`` calls: the engine adds a parameter's terms over them before the square (the steps
+are positions of one ``Outer``).
 
 During a capture the cell's forward is :func:`_cell_forward`: ``gi`` is computed as torch's cell
 computes it (``F.linear(x, W_ih, b_ih)``), tapped, and handed to torch's own cell function
 (``torch.gru_cell``, ...) in place of ``b_ih``, with an empty input: the cell's input side is then
 ``addmm(gi, empty, empty)``, which is ``gi``, and the output is torch's bit for bit on the CPU
-(the same trick as :func:`fimfast.rules.recurrent._direction`). Off the CPU (torch's fused cells
+(the same trick as :func:`fimfast.rules.recurrent._direction`). After a step whose backward
+batched several columns (EXACT), a GRU, LSTM or tanh cell runs instead as one autograd node of
+:mod:`fimfast.rules.cell_steps` (torch's ops in torch's order: the same output bit for bit, a
+backward that batches; the GRU's node keeps its reset gate). Off the CPU (torch's fused cells
 want a 1-D bias) the step runs as primitive ops (:func:`fimfast.rules.recurrent._unrolled_steps`),
 equal to torch's cell to rounding.
 
@@ -36,6 +40,7 @@ from torch import nn
 
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 from fimfast.rules.base import Outer, Rule, Term, UseKind, Vec, front, patch_forward, trainable
+from fimfast.rules.cell_steps import cell_step
 from fimfast.rules.recurrent import CELL_DEVICES, _unrolled_steps
 
 _ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -93,6 +98,9 @@ def _reset_gate(d: dict, H: int) -> torch.Tensor:
     """The GRU's reset gate ``r = sigmoid(gi_r + W_hr h + b_hr)`` ``(N, 1, H)`` of the call,
     formed once per call (the cell does not return it)."""
     if "r" not in d:
+        if d.get("r_fwd") is not None:  # kept by the forward (fimfast.rules.cell_steps)
+            d["r"] = d["r_fwd"].unsqueeze(1)
+            return d["r"]
         with torch.no_grad():
             w, b = d["w_hh"], d["b_hh"]
             pre = F.linear(d["h"], w[:H], None if b is None else b[:H])
@@ -160,8 +168,8 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
             "gi": gi.detach(), "w_hh": w_hh.detach(),
             "b_hh": None if b_hh is None else b_hh.detach()}
     if input.device.type in CELL_DEVICES:
-        e, we = _empty(input, input.shape[0]), _empty(input, gi.shape[-1])
-        out = _CELLS[mode](e, h if c is None else (h, c), we, w_hh, gt, b_hh)
+        out = cell_step(mode, _CELLS[mode], gt, h, c, w_hh, b_hh, getattr(cap, "columns", 1),
+                        data)
     else:
         outs: list = [None]
         hn, cn, _ = _unrolled_steps(mode, mod.hidden_size, range(1), [gt], h, c, w_hh, b_hh,
@@ -170,17 +178,3 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
     cap.record(Call(mod, rule, [tap], uses, data), internal, key)
     return out
 
-
-def _empty(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """An empty ``(rows, 0)`` tensor of ``x``'s dtype and device, made once (it holds no data:
-    every call may share it)."""
-    key = (rows, x.dtype, x.device)
-    t = _EMPTIES.get(key)
-    if t is None:
-        if len(_EMPTIES) > 64:
-            _EMPTIES.clear()
-        t = _EMPTIES[key] = x.new_empty(rows, 0)
-    return t
-
-
-_EMPTIES: dict = {}
