@@ -30,12 +30,21 @@ def _logits(model, batch, logits_fn):
 def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes: int = 1,
                 ignore_index: int = -100, logits_fn: Callable | None = None) -> dict:
     """The diagonal of one step of ``fim_type`` on ``batch`` (``{name: float64 tensor}``), from
-    ``model`` as it is now; buffers are put back after its forward."""
+    ``model`` as it is now (the function of the model: its modules' backward hooks off); buffers
+    are put back after its forward."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     bufs = [b.detach().clone() for b in model.buffers()]
-    with torch.enable_grad():
-        z = _logits(model, batch, logits_fn)
+    hooks = [(m, m._backward_hooks, m._backward_pre_hooks) for m in model.modules()]
+    for m, _, _ in hooks:
+        m._backward_hooks, m._backward_pre_hooks = type(m._backward_hooks)(), type(
+            m._backward_pre_hooks)()
+    try:
+        with torch.enable_grad():
+            z = _logits(model, batch, logits_fn)
+    finally:
+        for m, bh, bph in hooks:
+            m._backward_hooks, m._backward_pre_hooks = bh, bph
     C = z.shape[-1]
     flat = z.reshape(-1, C)
     y = batch[1].reshape(-1)
