@@ -54,6 +54,7 @@ def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes:
         Jr = []
         for c in range(C):
             g = torch.autograd.grad(flat[r, c], params, retain_graph=True, allow_unused=True)
+            g = [gi.to_dense() if gi is not None and gi.is_sparse else gi for gi in g]
             Jr.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
                                  for p, gi in zip(params, g)]).double())
         J.append(torch.stack(Jr))
