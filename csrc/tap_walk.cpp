@@ -3,14 +3,20 @@
 // AccumulateGrad node of every wanted parameter over the whole graph (each node visited once,
 // every edge into a parameter counted), tells whether each tap handle is reached (its grad_fn
 // among the nodes visited, or for a leaf its AccumulateGrad node) and whether a reentrant
-// torch.utils.checkpoint segment is on the way (csrc/graph_walk.cpp). No Python object is made
-// for the nodes.
+// torch.utils.checkpoint segment is on the way (csrc/graph_walk.cpp), and a fingerprint of the
+// graph's shape: a hash of the types of its nodes in the order of the walk, but for the leaves'
+// and the adds and expands that the capture's taps put in or leave out from one step to the next
+// (the key of a structure holds it: an operation added between two steps, such as a mean over
+// the batch, makes it another structure). No Python object is made for the nodes.
 #include "tap_walk.h"
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <cstdint>
+#include <string>
+#include <typeinfo>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -19,7 +25,25 @@
 
 namespace fimfast {
 
-std::tuple<std::vector<int64_t>, std::vector<bool>, bool> tap_walk(
+namespace {
+
+// a node type's part in the shape of tap_walk: 0 for the adds and expands (the taps' nodes),
+// else the address of its type_info (found by name once per type and thread)
+uint64_t shape_part(const torch::autograd::Node* node) {
+  thread_local std::unordered_map<const std::type_info*, uint64_t> parts;
+  const std::type_info* type = &typeid(*node);
+  auto it = parts.find(type);
+  if (it == parts.end()) {
+    const std::string name = node->name();
+    const bool tap = name == "AddBackward0" || name == "ExpandBackward0";
+    it = parts.emplace(type, tap ? 0 : reinterpret_cast<uintptr_t>(type)).first;
+  }
+  return it->second;
+}
+
+}  // namespace
+
+std::tuple<std::vector<int64_t>, std::vector<bool>, bool, int64_t> tap_walk(
     const at::Tensor& flat, const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& probes) {
   using torch::autograd::Node;
@@ -35,6 +59,7 @@ std::tuple<std::vector<int64_t>, std::vector<bool>, bool> tap_walk(
   }
   std::unordered_set<const Node*> seen;
   bool reentrant = false;
+  uint64_t shape = 0;  // the hash of the nodes' shape parts, in order
   Node* root = flat.grad_fn().get();
   if (root != nullptr) {
     seen.reserve(256);
@@ -44,6 +69,9 @@ std::tuple<std::vector<int64_t>, std::vector<bool>, bool> tap_walk(
       Node* node = stack.back();
       stack.pop_back();
       if (!reentrant && is_reentrant_node(node)) reentrant = true;
+      if (const uint64_t part = shape_part(node)) {
+        shape = (shape * 0x100000001B3ULL) ^ (part * 0x9E3779B97F4A7C15ULL);
+      }
       for (const torch::autograd::Edge& e : node->next_edges()) {
         Node* next = e.function.get();
         if (next == nullptr) continue;
@@ -75,7 +103,8 @@ std::tuple<std::vector<int64_t>, std::vector<bool>, bool> tap_walk(
     }
     reached.push_back(r);
   }
-  return std::make_tuple(std::move(counts), std::move(reached), reentrant);
+  return std::make_tuple(std::move(counts), std::move(reached), reentrant,
+                         static_cast<int64_t>(shape));
 }
 
 }  // namespace fimfast

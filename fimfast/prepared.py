@@ -65,12 +65,15 @@ class Prepared:
         mode: the probe mode of :func:`fimfast.ops.probe_logit_grad`, or ``None`` when the
             configuration takes the general path.
         mods: the model's modules (:class:`fimfast.guard.ModuleWalk`).
+        regs: :func:`fimfast.guard.registrations` when it was decided (a module or buffer
+            registered since, a BatchNorm put in say, decides again).
     """
 
-    __slots__ = ("opts", "params", "mode", "mods")
+    __slots__ = ("opts", "params", "mode", "mods", "regs")
 
     def __init__(self, est: DiagFisher, params: list[torch.Tensor]) -> None:
         self.opts, self.params, self.mode = est.opts, params, None
+        self.regs = guard.registrations()
         o, model = est.opts, est.model
         self.mods, tables = est._modules.of(model, params)
         if (
@@ -99,7 +102,8 @@ def step(est: DiagFisher, batch: Any) -> bool:
         return False
     names, params = est._walk.of(est.model)
     prep = est._prepared
-    if prep is None or prep.params is not params or prep.opts is not est.opts:
+    if (prep is None or prep.params is not params or prep.opts is not est.opts
+            or prep.regs != guard.registrations()):
         prep = est._prepared = Prepared(est, params)
     checked = est._checked  # else _params checks the parameters against the state first
     if prep.mode is None or names is not checked[0] or est.state is not checked[1]:

@@ -85,3 +85,29 @@ def test_without_the_extension(monkeypatch):
     z = torch.randn(2, 3) @ w
     g = walkmod.walk(z, [w], None)
     assert type(g) is hooks.Graph and g.edges[id(w)] == 1
+
+
+@pytest.mark.parametrize("ext", [True, False])
+def test_shape(ext, monkeypatch):
+    """The graph's shape is the same for the same operations, whether a layer is tapped by an
+    add or directly, and changes with an operation added (a mean over the batch)."""
+    if ext and _ext.host_function("tap_walk") is None:
+        pytest.skip("the extension is not built")
+    if not ext:
+        monkeypatch.setattr(walkmod, "_HOST", [None])
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 5), nn.Linear(5, 3)
+    params = [a.weight, a.bias, b.weight, b.bias]
+
+    def shape(x, mean=False, add_tap=False):
+        h = a(x)
+        if add_tap:
+            h = h + torch.zeros((), requires_grad=True).expand(h.shape)
+        if mean:
+            h = h * h.mean(0, keepdim=True)
+        return walkmod.shape(walkmod.walk(b(torch.tanh(h)), params, None))
+
+    x = torch.randn(6, 4)
+    s = shape(x)
+    assert shape(torch.randn(3, 4)) == s and shape(x, add_tap=True) == s
+    assert shape(x, mean=True) != s and shape(x, mean=True) == shape(x, mean=True, add_tap=True)

@@ -29,6 +29,7 @@ from fimfast.persample.plan import (
     _Template,
 )
 from fimfast.persample.replay import Replay, _refuse_hidden
+from fimfast.persample.walk import shape as graph_shape
 from fimfast.persample.walk import walk as tap_walk
 from fimfast.step import Step
 from fimfast.types import Options
@@ -96,7 +97,8 @@ class Engine(Replay):
         glob = graph.edges
         # everything below depends only on the structure of this step's calls: reused from the
         # last step with the same calls, uses, verdicts, parameter edges and head
-        key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows)
+        key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows,
+               graph_shape(graph))
         return found, glob, params, n, head, key
 
     def _planned(self, cap: hooks.Capture, rows, found, glob, params, n, head, key) -> Plan:
@@ -108,7 +110,7 @@ class Engine(Replay):
             # per-sequence rows: the head's squares do not split by token
             head_closed = None if self.sequence_rows else head
             plan = planning.build(cap.calls, head, rows, params, glob, head_closed,
-                                  self._probe_cache)
+                                  self._probe_cache, key[2])
             if len(self._plans) > 64:
                 self._plans.clear()
             self._plans[key] = tmpl = _Template.of(plan, cap.calls)

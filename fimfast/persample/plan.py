@@ -273,8 +273,10 @@ def find_head(cap: hooks.Capture, logits: torch.Tensor) -> hooks.Call | None:
     return head
 
 
-def build(calls, head, rows, params, glob, head_closed, probe_cache: dict) -> Plan:
-    """The plan of a new structure: candidates, the probe of their calls, then the groups."""
+def build(calls, head, rows, params, glob, head_closed, probe_cache: dict, shape: int = 0
+          ) -> Plan:
+    """The plan of a new structure: candidates, the probe of their calls (``shape``: the graph's,
+    :func:`fimfast.persample.walk.shape`), then the groups."""
     n = len(params)
     N = rows.num_samples
     plan = Plan()
@@ -282,7 +284,7 @@ def build(calls, head, rows, params, glob, head_closed, probe_cache: dict) -> Pl
     cand = _candidates(plan, params, glob, uses, internal, unreached)
     probe_calls = _unique(c for i in cand for c, _ in uses[i] if c is not head)
     if probe_calls and N >= 2:
-        probe(probe_calls, rows, probe_cache)
+        probe(probe_calls, rows, probe_cache, shape)
         for i in list(cand):
             bad = [c for c, _ in uses[i] if not c.ok]
             if bad:

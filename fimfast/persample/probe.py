@@ -25,12 +25,13 @@ PROBE_SAMPLES = 64
 PROBE_SUBSETS = 32
 
 
-def probe(calls: list[hooks.Call], rows, cache: dict) -> None:
+def probe(calls: list[hooks.Call], rows, cache: dict, shape: int = 0) -> None:
     """Decide each tap's batch dimension from the data flow (and each call's verdict), once per
-    structure: the verdicts are kept in ``cache`` and set again from it for the same structure."""
+    structure: the verdicts are kept in ``cache`` and set again from it for the same structure
+    (the same calls, layouts and graph ``shape``, :func:`fimfast.persample.walk.shape`)."""
     N = rows.num_samples
     ambiguous = any(len(t.cands) > 1 for c in calls for t in c.taps)
-    key = (N, tuple(
+    key = (N, shape, tuple(
         (id(c.module), c.rule.name, c.module.training,
          tuple((t.lead, t.cands, tuple(t.shape) if ambiguous else len(t.shape))
                for t in c.taps))

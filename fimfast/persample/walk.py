@@ -6,6 +6,12 @@ object per node: the parameters' edges, every node reached (for the tap checks o
 :func:`walk` asks the extension (csrc/tap_walk.cpp) the same in one call: the edges, whether each
 tap handle of the capture is reached and the reentrant flag, with no Python object made for the
 nodes. Without the extension, :func:`fimfast.hooks.walk` runs.
+
+Either way the walk tells the graph's shape (:func:`shape`, a hash of the types of its nodes
+but for the taps'), which the key of a step's structure holds: an operation added between two
+steps without a module call of its own (a mean over the batch that couples the samples, a
+scaling) makes the step another structure, whose samples are probed again
+(:mod:`fimfast.persample.probe`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from fimfast import _ext, hooks
 
-__all__ = ["TapGraph", "walk"]
+__all__ = ["TapGraph", "shape", "walk"]
 
 
 @dataclass
@@ -27,6 +33,7 @@ class TapGraph(hooks.Graph):
     reaches, all that :func:`fimfast.persample.plan.check_taps` asks of the nodes."""
 
     reached: set = field(default_factory=set)
+    shape: int = 0
 
     def reaches(self, t: torch.Tensor) -> bool:
         """Whether the gradient of the logits flows back to ``t``, a tap handle of the walk."""
@@ -40,12 +47,29 @@ def walk(flat: torch.Tensor, params: list[torch.Tensor], cap: hooks.Capture | No
     if fn is None:
         return hooks.walk(flat, params)
     handles = [] if cap is None else [t.handle for c in cap.calls for t in c.taps]
-    counts, reached, reentrant = fn(flat, params, handles)
+    out = fn(flat, params, handles)
+    if len(out) != 4:  # an extension built before the walk told the shape
+        return hooks.walk(flat, params)
+    counts, reached, reentrant, fp = out
     edges: Counter = Counter()
     for p, k in zip(params, counts):
         if k:
             edges[id(p)] = k
-    return TapGraph(edges, set(), reentrant, {id(h) for h, r in zip(handles, reached) if r})
+    return TapGraph(edges, set(), reentrant, {id(h) for h, r in zip(handles, reached) if r}, fp)
+
+
+def shape(graph: hooks.Graph) -> int:
+    """The shape of the walked graph: a hash of the types of its nodes but for the leaves' and
+    the adds and expands (which the capture's taps put in or leave out from one step to the
+    next), the same for the same operations: the extension's, else the hash of those types'
+    number and ids."""
+    if type(graph) is TapGraph:
+        return graph.shape
+    types = [t for t in map(type, graph.nodes) if t.__name__ not in _NOT_SHAPE]
+    return hash((len(types), sum(map(id, types))))
+
+
+_NOT_SHAPE = frozenset(("AccumulateGrad", "AddBackward0", "ExpandBackward0"))
 
 
 def _host():
