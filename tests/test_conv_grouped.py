@@ -1,9 +1,11 @@
-"""Grouped and depthwise convolutions whose weight's per-sample squares come from a convolution
-backward per column (fimfast/rules/conv_grouped.py) instead of the unfolded patches: every dim,
-stride, dilation, padding and padding mode, with and without bias, against the float64 oracle
-for EXACT (two classes: two columns), EMPIRICAL and MONTE_CARLO (the same seed as the generic
-path); the patches still taken for more columns, for a weight shared by two calls and for one
-group."""
+"""Depthwise convolutions whose weight's per-sample squares come from a convolution backward per
+column (fimfast/rules/conv_grouped.py) instead of the unfolded patches. The arithmetic is checked
+on every dim, stride, dilation, padding and padding mode, channel multiplier, with and without
+bias, against the float64 oracle for EXACT, EMPIRICAL and MONTE_CARLO (the same seed as the
+generic path), with the geometries it serves by default widened to all of them (``wide``) and
+two columns allowed; by default it serves the 2-D kernels up to 3 x 3 of one column, and the
+patches everything else: more columns, a weight shared by two calls, grouped and plain
+convolutions."""
 
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ CONVS = {
         4, 8, 3, dilation=2, padding="same", padding_mode="reflect", groups=4), (4, 9)),
     "dw2d_circular_stride": (lambda: nn.Conv2d(
         4, 4, 3, stride=2, padding=1, padding_mode="circular", groups=4), (4, 7, 6)),
-    "grouped2d_same_even_kernel": (lambda: nn.Conv2d(
-        4, 6, (3, 2), dilation=(2, 1), padding="same", groups=2), (4, 6, 5)),
-    "grouped2d_replicate_nobias": (lambda: nn.Conv2d(
-        6, 6, 3, padding=2, padding_mode="replicate", groups=3, bias=False), (6, 5, 5)),
+    "dw2d_mult_same_even_kernel": (lambda: nn.Conv2d(
+        2, 6, (3, 2), dilation=(2, 1), padding="same", groups=2), (2, 6, 5)),
+    "dw2d_replicate_nobias": (lambda: nn.Conv2d(
+        3, 3, 3, padding=2, padding_mode="replicate", groups=3, bias=False), (3, 5, 5)),
     "dw2d_valid_dilated_stride": (lambda: nn.Conv2d(
         3, 3, 3, stride=(2, 1), dilation=(1, 2), groups=3), (3, 8, 9)),
     "dw3d_stride": (lambda: nn.Conv3d(2, 2, 3, stride=(1, 2, 1), padding=1, groups=2),
@@ -67,39 +69,61 @@ def calls(monkeypatch) -> list:
     return seen
 
 
+@pytest.fixture
+def wide(monkeypatch, calls) -> list:
+    """:fixture:`calls`, with every depthwise geometry and up to two columns taken."""
+    monkeypatch.setattr(conv_grouped, "takes", lambda m: m.groups > 1 and m.in_channels == m.groups)
+    monkeypatch.setattr(conv_grouped, "MAX_COLUMNS", 2)
+    return calls
+
+
 @pytest.mark.parametrize("quantity", ["exact", "empirical"])
 @pytest.mark.parametrize("name", sorted(CONVS))
-def test_grouped_conv_by_backward_matches_the_oracle(name, quantity, calls):
+def test_depthwise_conv_by_backward_matches_the_oracle(name, quantity, wide):
     case = _case(name)
     ref = oracle(case, quantity)
     assert float(ref["0.weight"].abs().sum()) > 0  # the weight reaches the logits
     check_fast_twice(case, quantity, ref, DET_REL_F64)
-    assert calls
+    assert wide
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))
-def test_grouped_conv_monte_carlo_same_seed(name, calls):
+def test_depthwise_conv_monte_carlo_same_seed(name, wide):
     case = _case(name)
     check_monte_carlo_same_seed(case, row_jacobians(case), DET_REL_F64)
-    assert calls
+    assert wide
 
 
-@pytest.mark.parametrize("name", ["dw2d_circular_stride", "grouped2d_same_even_kernel"])
-def test_float32_by_backward_matches_the_oracle(name, calls):
+@pytest.mark.parametrize("name", ["dw2d_circular_stride", "dw2d_mult_same_even_kernel"])
+def test_float32_by_backward_matches_the_oracle(name, wide):
     case = _case(name, dtype=torch.float32)
     for quantity in ("exact", "empirical"):
         got, _ = run_case(case, quantity)
         assert rel_error(got, oracle(case, quantity)) <= 1e-5
-    assert calls
+    assert wide
 
 
-@pytest.mark.parametrize("name", ["dw2d_circular_stride", "dw3d_stride"])
-def test_more_columns_take_the_patches(name, calls):
-    case = _case(name, C=4)  # four columns of EXACT
+# the geometries the backward serves by default (2-D, kernel up to 3 x 3, no dilation)
+DEFAULT = {"dw2d_circular_stride", "dw2d_replicate_nobias"}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_default_choice_one_column_of_small_2d_kernels(name, calls):
+    case = _case(name, C=4)
     check_fast_twice(case, "exact", oracle(case, "exact"), DET_REL_F64)
-    assert not calls
+    assert not calls  # four columns of EXACT: the patches
     check_fast_twice(case, "empirical", oracle(case, "empirical"), DET_REL_F64)
-    assert calls  # one column: the backward
+    assert bool(calls) == (name in DEFAULT)
+
+
+def test_grouped_conv_takes_the_patches(wide):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(54, 2)).double()
+    x = torch.randn(N, 4, 5, 5, dtype=torch.float64)
+    case = classifier_case(model, (x, torch.randint(0, 2, (N,))), 2, "grouped")
+    check_fast_twice(case, "empirical", oracle(case, "empirical"), DET_REL_F64)
+    assert not wide  # two input channels a group
 
 
 class Twice(nn.Module):

@@ -8,12 +8,18 @@ unfolded input. One such backward per column of output gradients; the squares ad
 columns and samples (docs/math.md §4, "Grouped convolutions").
 
 Measured against the unfolded patches and one product per (sample, group) (1 thread, 16
-samples, ``Conv2d(16, 16, 3, padding=1, groups=16)`` on 16 x 16 inputs, median of 40
-interleaved calls): one column 0.24 vs 0.70 ms, two 0.48 vs 0.60 ms; four 0.94 vs 0.75 ms and ten
-2.3 vs 0.97 ms (the patches formed once, about 0.03 ms a column after them). So it serves steps
-of at most :data:`MAX_COLUMNS` columns in all (EMPIRICAL, MONTE_CARLO with one draw); the rule
-unfolds the patches for more. ``groups == 1`` is left to the patches and windows (no faster by
-this: ``Conv2d(3, 16, 3)`` 0.35 vs 0.30 ms)."""
+samples, 16 x 16 inputs, medians of 25-40 interleaved calls; see
+benchmarks/results/conv_persample_2026-12-07b.md):
+``Conv2d(16, 16, 3, padding=1, groups=16)`` one column 0.25-0.35 vs 0.43-0.70 ms (64 samples:
+0.55-0.69 vs 1.35-1.59 ms), two columns about even, ten 2.0 vs 0.6 ms; ``Conv2d(32, 32, 3,
+stride=2, padding=1, groups=32)`` 0.35 vs 0.54 ms. Slower elsewhere, where torch's backward of
+so many groups takes a slower kernel: a 5 x 5 kernel 1.78 vs 0.81 ms, a dilation of 2 0.82 vs
+0.38 ms, ``Conv1d(16, 16, 3, groups=16)`` on 64 positions 0.19-0.22 vs 0.10 ms, ``Conv3d(8, 8, 3,
+groups=8)`` on 8^3 1.82 vs 1.79 ms; grouped (``I/g > 1``) ``Conv2d(16, 32, 3, stride=2, groups=4)``
+0.45 vs 0.36 ms. So it serves (:func:`takes`) depthwise 2-D convolutions (one input channel per
+group) of kernels up to 3 x 3 without dilation, in steps of :data:`MAX_COLUMNS` column in all
+(EMPIRICAL, MONTE_CARLO with one draw); the patches serve everything else. The arithmetic is
+general (every dim, stride, dilation, padding mode, groups): the tests run it on all of them."""
 
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from fimfast.dtypes import compute_dtype
 from fimfast.rules.base import Patches
 
 # columns in a whole step (columns of a chunk times chunks) up to which the backward serves
-MAX_COLUMNS = 2
+MAX_COLUMNS = 1
 # per-sample gradients of one column formed at most this many elements at once (by samples)
 MAX_ELEMENTS = 1 << 22
 
@@ -86,13 +92,14 @@ class GroupedInput(Patches):
 
 def grouped_input(module, x: torch.Tensor, patches, L: int, columns: int) -> GroupedInput | None:
     """A :class:`GroupedInput` for ``module`` (``nn.Conv1d/2d/3d``) applied to ``x``, or ``None``
-    where the patches serve instead: one group, more than :data:`MAX_COLUMNS` columns in the step,
-    not a float32/float64 CPU tensor (only measured there), or an unbatched input.
+    where the patches serve instead: a module :func:`takes` does not take, more than
+    :data:`MAX_COLUMNS` columns in the step, not a float32/float64 CPU tensor (only measured
+    there), or an unbatched input.
     ``patches(x)`` unfolds ``(N, L, g, I/g prod(kernel))``, for other consumers."""
-    g = module.groups
-    if (g == 1 or columns > MAX_COLUMNS or x.device.type != "cpu"
+    if (columns > MAX_COLUMNS or x.device.type != "cpu" or not takes(module)
             or x.dtype not in (torch.float32, torch.float64) or x.dim() != module.weight.dim()):
         return None
+    g = module.groups
     N, I = x.shape[:2]
     IK = I * math.prod(module.kernel_size)
 
@@ -101,6 +108,14 @@ def grouped_input(module, x: torch.Tensor, patches, L: int, columns: int) -> Gro
 
     chunk = chunks.patch_samples(IK * L * x.element_size())
     return GroupedInput(make, (N, L, g, IK // g), x.dtype, chunk, module, x)
+
+
+def takes(module) -> bool:
+    """Whether the backward serves ``module`` (see the module): several groups of one input
+    channel each, two spatial dims, a kernel of at most 3 x 3, no dilation."""
+    n = len(module.kernel_size)
+    return (module.groups > 1 and module.in_channels == module.groups and n == 2
+            and max(module.kernel_size) <= 3 and max(_tuple(module.dilation, n)) == 1)
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
