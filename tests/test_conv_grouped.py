@@ -3,9 +3,9 @@ column (fimfast/rules/conv_grouped.py) instead of the unfolded patches. The arit
 on every dim, stride, dilation, padding and padding mode, channel multiplier, with and without
 bias, against the float64 oracle for EXACT, EMPIRICAL and MONTE_CARLO (the same seed as the
 generic path), with the geometries it serves by default widened to all of them (``wide``) and
-two columns allowed; by default it serves the 2-D kernels up to 3 x 3 of one column, and the
-patches everything else: more columns, a weight shared by two calls, grouped and plain
-convolutions."""
+two columns allowed; by default it serves the 2-D kernels up to 3 x 3 of one output channel a
+group, one column and 16 samples or more, and the patches everything else: more columns, fewer
+samples, a weight shared by two calls, grouped and plain convolutions."""
 
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ def wide(monkeypatch, calls) -> list:
     """:fixture:`calls`, with every depthwise geometry and up to two columns taken."""
     monkeypatch.setattr(conv_grouped, "takes", lambda m: m.groups > 1 and m.in_channels == m.groups)
     monkeypatch.setattr(conv_grouped, "MAX_COLUMNS", 2)
+    monkeypatch.setattr(conv_grouped, "MIN_SAMPLES", 1)
     return calls
 
 
@@ -103,13 +104,17 @@ def test_float32_by_backward_matches_the_oracle(name, wide):
     assert wide
 
 
-# the geometries the backward serves by default (2-D, kernel up to 3 x 3, no dilation)
+# the geometries the backward serves by default (2-D, kernel up to 3 x 3, no dilation, one
+# output channel a group)
 DEFAULT = {"dw2d_circular_stride", "dw2d_replicate_nobias"}
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))
-def test_default_choice_one_column_of_small_2d_kernels(name, calls):
+def test_default_choice_one_column_of_small_2d_kernels(name, calls, monkeypatch):
     case = _case(name, C=4)
+    check_fast_twice(case, "empirical", oracle(case, "empirical"), DET_REL_F64)
+    assert not calls  # five samples: the patches
+    monkeypatch.setattr(conv_grouped, "MIN_SAMPLES", N)
     check_fast_twice(case, "exact", oracle(case, "exact"), DET_REL_F64)
     assert not calls  # four columns of EXACT: the patches
     check_fast_twice(case, "empirical", oracle(case, "empirical"), DET_REL_F64)
@@ -155,7 +160,7 @@ def test_shared_weight_and_one_group(calls):
 def test_small_cnn_with_depthwise_conv(quantity, calls):
     from benchmarks.bench_persample_cost import small_cnn
 
-    model, (x, y) = small_cnn("groupnorm_cnn", 6)
+    model, (x, y) = small_cnn("groupnorm_cnn", 16)
     case = classifier_case(copy.deepcopy(model).double(), (x.double(), y), 10, "groupnorm_cnn")
     if quantity == "empirical":
         check_fast_twice(case, quantity, oracle(case, quantity), DET_REL_F64)

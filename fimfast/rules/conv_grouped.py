@@ -7,19 +7,20 @@ weight, which torch's convolution backward forms without the ``prod(kernel)``-ti
 unfolded input. One such backward per column of output gradients; the squares add up over
 columns and samples (docs/math.md §4, "Grouped convolutions").
 
-Measured against the unfolded patches and one product per (sample, group) (1 thread, 16
-samples, 16 x 16 inputs, medians of 25-40 interleaved calls; see
-benchmarks/results/conv_persample_2026-12-07b.md):
-``Conv2d(16, 16, 3, padding=1, groups=16)`` one column 0.25-0.35 vs 0.43-0.70 ms (64 samples:
-0.55-0.69 vs 1.35-1.59 ms), two columns about even, ten 2.0 vs 0.6 ms; ``Conv2d(32, 32, 3,
-stride=2, padding=1, groups=32)`` 0.35 vs 0.54 ms. Slower elsewhere, where torch's backward of
-so many groups takes a slower kernel: a 5 x 5 kernel 1.78 vs 0.81 ms, a dilation of 2 0.82 vs
-0.38 ms, ``Conv1d(16, 16, 3, groups=16)`` on 64 positions 0.19-0.22 vs 0.10 ms, ``Conv3d(8, 8, 3,
-groups=8)`` on 8^3 1.82 vs 1.79 ms; grouped (``I/g > 1``) ``Conv2d(16, 32, 3, stride=2, groups=4)``
-0.45 vs 0.36 ms. So it serves (:func:`takes`) depthwise 2-D convolutions (one input channel per
-group) of kernels up to 3 x 3 without dilation, in steps of :data:`MAX_COLUMNS` column in all
-(EMPIRICAL, MONTE_CARLO with one draw); the patches serve everything else. The arithmetic is
-general (every dim, stride, dilation, padding mode, groups): the tests run it on all of them."""
+Measured against the unfolded patches and one product per (sample, group) (1 thread, 16 x 16
+inputs, medians of 25 interleaved calls, benchmarks/bench_conv_grouped.py; see
+benchmarks/results/conv_persample_2026-12-07b.md), one column: ``Conv2d(16, 16, 3, padding=1,
+groups=16)`` 0.32 vs 0.37 ms for 16 samples, 0.59 vs 1.31 ms for 64; ``Conv2d(32, 32, 3,
+stride=2, padding=1, groups=32)`` 0.31 vs 0.42 and 0.66 vs 1.57 ms. Slower elsewhere, where
+torch's backward of so many groups runs slowly: 4 samples (0.23 vs 0.15 ms), two columns (0.48
+vs 0.40 ms), two output channels a group (0.39 vs 0.24 ms), a 5 x 5 kernel (1.80 vs 0.96 ms), a
+dilation of 2 (0.81 vs 0.45 ms), ``Conv1d`` (0.21 vs 0.11 ms), ``Conv3d`` (1.91 vs 1.89 ms for 16
+samples, 7.3 vs 9.4 ms for 64), grouped convolutions of several input channels a group
+(``Conv2d(16, 32, 3, stride=2, groups=4)`` 0.45 vs 0.36 ms). So it serves (:func:`takes`)
+depthwise 2-D convolutions of one output channel a group, kernels up to 3 x 3 without dilation,
+in steps of :data:`MAX_COLUMNS` column in all (EMPIRICAL, MONTE_CARLO with one draw) of at least
+:data:`MIN_SAMPLES` samples; the patches serve everything else. The arithmetic is general
+(every dim, stride, dilation, padding mode, groups): the tests run it on all of them."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from fimfast.rules.base import Patches
 
 # columns in a whole step (columns of a chunk times chunks) up to which the backward serves
 MAX_COLUMNS = 1
+# samples from which the backward serves (4 samples: 0.23 vs 0.15 ms for the patches)
+MIN_SAMPLES = 16
 # per-sample gradients of one column formed at most this many elements at once (by samples)
 MAX_ELEMENTS = 1 << 22
 
@@ -93,10 +96,11 @@ class GroupedInput(Patches):
 def grouped_input(module, x: torch.Tensor, patches, L: int, columns: int) -> GroupedInput | None:
     """A :class:`GroupedInput` for ``module`` (``nn.Conv1d/2d/3d``) applied to ``x``, or ``None``
     where the patches serve instead: a module :func:`takes` does not take, more than
-    :data:`MAX_COLUMNS` columns in the step, not a float32/float64 CPU tensor (only measured
-    there), or an unbatched input.
+    :data:`MAX_COLUMNS` columns in the step, fewer than :data:`MIN_SAMPLES` samples, not a
+    float32/float64 CPU tensor (only measured there), or an unbatched input.
     ``patches(x)`` unfolds ``(N, L, g, I/g prod(kernel))``, for other consumers."""
-    if (columns > MAX_COLUMNS or x.device.type != "cpu" or not takes(module)
+    if (columns > MAX_COLUMNS or x.shape[0] < MIN_SAMPLES or x.device.type != "cpu"
+            or not takes(module)
             or x.dtype not in (torch.float32, torch.float64) or x.dim() != module.weight.dim()):
         return None
     g = module.groups
@@ -111,10 +115,10 @@ def grouped_input(module, x: torch.Tensor, patches, L: int, columns: int) -> Gro
 
 
 def takes(module) -> bool:
-    """Whether the backward serves ``module`` (see the module): several groups of one input
-    channel each, two spatial dims, a kernel of at most 3 x 3, no dilation."""
-    n = len(module.kernel_size)
-    return (module.groups > 1 and module.in_channels == module.groups and n == 2
+    """Whether the backward serves ``module`` (see the module): several groups of one input and
+    one output channel each, two spatial dims, a kernel of at most 3 x 3, no dilation."""
+    n, g = len(module.kernel_size), module.groups
+    return (g > 1 and module.in_channels == g and module.out_channels == g and n == 2
             and max(module.kernel_size) <= 3 and max(_tuple(module.dilation, n)) == 1)
 
 
