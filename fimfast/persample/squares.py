@@ -17,6 +17,7 @@ from fimfast.batch_sums import Sums
 from fimfast.dtypes import compute_dtype
 from fimfast.persample.plan import Group, GroupKind, RowIndex
 from fimfast.rules.base import Patches, dense
+from fimfast.rules.conv_grouped import GroupedInput
 from fimfast.rules.linear import LinearRule
 from fimfast.rules.windows import Windows
 
@@ -27,9 +28,8 @@ _LANE_KINDS = (GroupKind.OUTER, GroupKind.VEC)
 def _weight_sq(g: Group, G: torch.Tensor, A: torch.Tensor, backend) -> torch.Tensor:
     """``sq_matmul(G, A)`` laid out as ``g``'s weight: ``(O, I)``, or ``(I, O)`` for a weight
     stored transposed (Hugging Face ``Conv1D``)."""
-    if g.transposed:
-        return ops.sq_matmul(A, G, backend=backend)
-    return ops.sq_matmul(G, A, backend=backend)
+    a, b = (A, G) if g.transposed else (G, A)
+    return ops.sq_matmul(a, b, backend=backend)
 
 
 def linear_lane(g: Group, gmap: dict, acc: Sums, lanes: dict, sq: dict | None = None) -> bool:
@@ -191,9 +191,7 @@ def accumulate(g: Group, parts: list, sums: Sums, backend, cache: dict) -> None:
     rows = [p for p in parts if isinstance(p, layers.Rows)]
     if any(o.index is not None for o in outers):
         if rows:
-            raise TypeError(
-                "an Outer term with an index cannot share its parameter with a Rows term"
-            )
+            raise TypeError("an Outer term with an index cannot share its parameter with Rows")
         _indexed(g, outers, sums, backend)
     elif outers:
         if len(g.members) == 1 and outers[0].P.dim() == 4 and outers[0].P.shape[2] == 1:
@@ -258,7 +256,7 @@ def _tied_cross(g: Group, outers: list, ids, keep, Qe, view: torch.Tensor, dt) -
 def _cat_outer(g: Group, outers: list) -> tuple[torch.Tensor, torch.Tensor]:
     if len(outers) == 1:
         return outers[0].P, outers[0].Q
-    P = torch.cat([o.P for o in outers], dim=2)
+    P = torch.cat([o.P for o in outers], dim=2)  # a GroupedInput as its patches: dense()
     if g.state.Qcat is None:  # the input side is the same for every chunk
         g.state.Qcat = torch.cat([dense(o.Q) for o in outers], dim=1)
     return P, g.state.Qcat
@@ -280,6 +278,8 @@ def _outer_sq(P: torch.Tensor, Q: torch.Tensor | Patches, backend=None) -> torch
     I = Q.shape[-1]
     if isinstance(Q, Windows) and Q.by_taps:
         return _windows_sq(P, Q, backend)
+    if isinstance(Q, GroupedInput):  # a backward per column, no patches
+        return Q.sq(P)
     if P.dim() == 4:
         M, N, T, O = P.shape
         out = None

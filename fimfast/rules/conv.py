@@ -17,6 +17,7 @@ from fimfast import chunks
 from fimfast.hooks import Call, Use
 from fimfast.rules import conv_node
 from fimfast.rules.base import Outer, Patches, Rule, Term, UseKind, Vec, trainable
+from fimfast.rules.conv_grouped import grouped_input
 from fimfast.rules.windows import HOST_DIMS, _unfold, _unfold_view, host_unfold, windows
 
 # with several chunks of columns, a convolution's unfolded input patches above this many bytes
@@ -86,8 +87,10 @@ class ConvRule(Rule):
             return [None] * len(call.uses)
         m = call.module
         if "Q" not in call.data:
-            L = math.prod(G.shape[3:])
-            call.data["Q"] = self._input_side(m, call.data["x"], L, call.chunks)
+            L, x = math.prod(G.shape[3:]), call.data["x"]
+            patches = functools.partial(self._patches, m)
+            call.data["Q"] = (grouped_input(m, x, patches, L, G.shape[0] * max(1, call.chunks))
+                              or self._input_side(m, x, L, call.chunks))
         Q = call.data["Q"]
         M, N, O = G.shape[:3]
         G3 = G.reshape(M, N, O, -1)

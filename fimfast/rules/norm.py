@@ -227,5 +227,9 @@ class InstanceNormRule(_ChannelNormRule):
     def xhat(self, module, x, data):
         stats = data["stats"]
         if stats is None:  # the input's statistics, per sample and channel
+            if x.dtype in (torch.float32, torch.float64):
+                # a group per channel: the same statistics, by the group norm's kernel (1 thread,
+                # 16 x 16 x 16 x 16: 32 vs 105 us for instance_norm's batch norm of N C channels)
+                return F.group_norm(x, x.shape[1], None, None, module.eps)
             return F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
         return _running(x, stats, module.eps)

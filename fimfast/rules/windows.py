@@ -118,7 +118,10 @@ _HOST: list = []
 # dim (1 thread, 16 samples: a 3 x 3 kernel with padding 1 on 16 x 16 x 16 inputs 354 us by the
 # extension, 186 us by F.pad and the copy; ConvTranspose2d(16, 8, 4, stride=2, padding=1)'s output
 # gradient 616 and 650 us), a 1-D kernel's at about half the speed (a kernel of 4, stride 2,
-# padding 1 on 16 x 8 x 128: 30 and 59 us)
+# padding 1 on 16 x 8 x 128: 30 and 59 us). With a stride above 1 in any dim, where torch's copy
+# computes an index per element, the extension forms those of every dim count
+# (:func:`_unfold`; 16 x 16 x 16 x 16, 3 x 3, stride 2: 147 vs 217 us, 64 samples 706 vs 1203;
+# 16 x 8 x 8^3, stride 2: 329 vs 500 us; benchmarks/results/conv_persample_2026-12-07b.md)
 HOST_DIMS = (1,)
 
 
@@ -145,7 +148,8 @@ def _unfold(x: torch.Tensor, k, d, s, size=None, pad=None) -> torch.Tensor:
     keeps the first ``size[i]`` windows along spatial dim ``i`` (default: all); ``pad`` (as
     ``F.pad`` takes it, last dim first) pads ``x`` with zeros first.
 
-    Copied once into that layout by the extension (:func:`host_unfold`, :data:`HOST_DIMS`), else
+    Copied once into that layout by the extension (:func:`host_unfold`, :data:`HOST_DIMS`, or a
+    stride above 1), else
     from a strided view (``Tensor.unfold`` per spatial dim, every ``d``-th tap): 2-4x faster than
     ``F.unfold`` on the CPU (64 x 16 x 12 x 12, 5 x 5 kernel: 2.5 vs 5.3 ms), and there is no
     ``F.unfold`` for volumes."""
@@ -156,7 +160,7 @@ def _unfold(x: torch.Tensor, k, d, s, size=None, pad=None) -> torch.Tensor:
     full = [(L + lo[i] + pad[2 * (n - 1 - i) + 1] - d[i] * (k[i] - 1) - 1) // s[i] + 1
             for i, L in enumerate(x.shape[2:])]
     U = None
-    if n in HOST_DIMS:  # the padding: zeros written with the windows
+    if n in HOST_DIMS or max(s) > 1:  # the padding: zeros written with the windows
         U = host_unfold(x, k, d, s, lo, full if size is None else size)
     if U is None:
         U = _unfold_view(F.pad(x, pad) if any(pad) else x, k, d, s, size)
