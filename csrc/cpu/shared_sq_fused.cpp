@@ -5,9 +5,10 @@
 // the T rank-one updates G[n, t, rows] (x) A[n, t, cols], then adds the squares of the tile to
 // 16 running sums, also in registers, written once at the end. Against the batched GEMM into a
 // buffer and a pass over it (csrc/cpu/shared_sq.cpp), one thread, 32 samples of 32 positions:
-// 0.19 vs 0.31 ms for 192 x 64, 0.24 vs 0.37 ms for 64 x 256, and far less for T = 1 or 2
-// (no per-sample GEMM call). Long sums of positions stay on the GEMM path (kMaxT), where it is
-// as fast and its blocked sums keep the rounding of long reductions lower.
+// 0.19 vs 0.31 ms for 192 x 64, 0.24 vs 0.37 ms for 64 x 256; 64 samples of 16 positions,
+// 256 x 256: 1.4 vs 2.4 ms; 128 of 8, 512 x 512: 6.4 vs 14.5 ms; 32 of 2, 256 x 128: 0.11 vs
+// 0.83 ms. From 48 positions on the GEMM is faster (32 x 64 x 192 x 64: 0.53 vs 0.44 ms; 64 x 49
+// x 64 x 147: 0.79 vs 0.70 ms): longer sums of positions stay on its path (kMaxT).
 #include "shared_sq_fused.h"
 
 #include <ATen/Parallel.h>
@@ -26,7 +27,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kRows = 4;    // output rows per tile (4 x 4 accumulators + 16 sums)
-constexpr int64_t kMaxT = 256;  // longer sums of positions: the GEMM path
+constexpr int64_t kMaxT = 32;   // longer sums of positions: the GEMM path (faster from 48 on)
+
+constexpr int64_t kChunkBytes = 512 << 10;  // A's samples per pass over the tiles (in L2)
 
 struct Operands {
   const float* G;
@@ -35,10 +38,11 @@ struct Operands {
   float* out;
 };
 
-// out[o0:o0+R, i0:i0+16*NV] = sum_n (sum_t G[n,t,o] A[n,t,i])**2, the last vector masked by m
+// out[o0:o0+R, i0:i0+16*NV] (+)= sum_n (sum_t G[n,t,o] A[n,t,i])**2 over the samples of p
+// (added to out unless first), the last vector masked by m
 template <int R, int NV>
 __attribute__((target("avx512f"))) void tile(const Operands& p, int64_t o0, int64_t i0,
-                                              __mmask16 m) {
+                                              __mmask16 m, bool first) {
   __m512 sum[R][NV];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) sum[r][j] = _mm512_setzero_ps();
@@ -63,23 +67,26 @@ __attribute__((target("avx512f"))) void tile(const Operands& p, int64_t o0, int6
       for (int j = 0; j < NV; ++j) sum[r][j] = _mm512_fmadd_ps(acc[r][j], acc[r][j], sum[r][j]);
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j)
-      _mm512_mask_storeu_ps(p.out + (o0 + r) * p.I + i0 + 16 * j,
-                            j == NV - 1 ? m : static_cast<__mmask16>(0xFFFF), sum[r][j]);
+    for (int j = 0; j < NV; ++j) {
+      float* o = p.out + (o0 + r) * p.I + i0 + 16 * j;
+      const __mmask16 mj = j == NV - 1 ? m : static_cast<__mmask16>(0xFFFF);
+      _mm512_mask_storeu_ps(
+          o, mj, first ? sum[r][j] : _mm512_add_ps(sum[r][j], _mm512_maskz_loadu_ps(mj, o)));
+    }
 }
 
 // the tiles of output rows o0 .. o0+R-1, 64 columns at a time (the last one masked)
 template <int R>
-void row_tiles(const Operands& p, int64_t o0) {
+void row_tiles(const Operands& p, int64_t o0, bool first) {
   for (int64_t i0 = 0; i0 < p.I; i0 += 64) {
     const int64_t w = std::min<int64_t>(64, p.I - i0);
     const int64_t nv = (w + 15) / 16;
     const auto m = static_cast<__mmask16>((1u << (w - 16 * (nv - 1))) - 1u);
     switch (nv) {
-      case 4: tile<R, 4>(p, o0, i0, m); break;
-      case 3: tile<R, 3>(p, o0, i0, m); break;
-      case 2: tile<R, 2>(p, o0, i0, m); break;
-      default: tile<R, 1>(p, o0, i0, m); break;
+      case 4: tile<R, 4>(p, o0, i0, m, first); break;
+      case 3: tile<R, 3>(p, o0, i0, m, first); break;
+      case 2: tile<R, 2>(p, o0, i0, m, first); break;
+      default: tile<R, 1>(p, o0, i0, m, first); break;
     }
   }
 }
@@ -94,7 +101,7 @@ bool has_avx512() {
 bool shared_sq_fused(const at::Tensor& G, const at::Tensor& A, at::Tensor& out) {
   if (!has_avx512() || G.scalar_type() != at::kFloat || A.scalar_type() != at::kFloat ||
       out.scalar_type() != at::kFloat || !out.is_contiguous() || A.stride(2) != 1 ||
-      G.size(1) > kMaxT) {
+      G.size(1) > kMaxT || G.size(1) * A.size(2) * 4 > kChunkBytes) {
     return false;
   }
   const int64_t O = G.size(2);
@@ -102,19 +109,29 @@ bool shared_sq_fused(const at::Tensor& G, const at::Tensor& A, at::Tensor& out) 
                    A.size(2), G.stride(0), G.stride(1), G.stride(2), A.stride(0), A.stride(1),
                    out.mutable_data_ptr<float>()};
   const int64_t tiles = (O + kRows - 1) / kRows;
-  // parallel over row tiles once a tile's share is above ~32k multiply-adds
-  const int64_t work = std::max<int64_t>(1, p.N * p.T * p.I * kRows);
-  at::parallel_for(0, tiles, std::max<int64_t>(1, 32768 / work), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o0 = b * kRows;
-      switch (std::min<int64_t>(kRows, O - o0)) {
-        case 4: row_tiles<4>(p, o0); break;
-        case 3: row_tiles<3>(p, o0); break;
-        case 2: row_tiles<2>(p, o0); break;
-        default: row_tiles<1>(p, o0); break;
+  // the samples in chunks whose A stays in L2 while every tile reads it (a pass over
+  // all of A per tile read it from memory: 4x the time at 32 x 128 positions x 256 x 256)
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (4 * p.T * p.I));
+  for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
+    Operands q = p;
+    q.N = std::min(chunk, p.N - n0);
+    q.G += n0 * p.gs0;
+    q.A += n0 * p.as0;
+    const bool first = n0 == 0;
+    // parallel over row tiles once a tile's share is above ~32k multiply-adds
+    const int64_t work = std::max<int64_t>(1, q.N * q.T * q.I * kRows);
+    at::parallel_for(0, tiles, std::max<int64_t>(1, 32768 / work), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t o0 = b * kRows;
+        switch (std::min<int64_t>(kRows, O - o0)) {
+          case 4: row_tiles<4>(q, o0, first); break;
+          case 3: row_tiles<3>(q, o0, first); break;
+          case 2: row_tiles<2>(q, o0, first); break;
+          default: row_tiles<1>(q, o0, first); break;
+        }
       }
-    }
-  });
+    });
+  }
   return true;
 }
 #else

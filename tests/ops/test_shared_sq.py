@@ -20,11 +20,13 @@ SHAPES = {  # (N, T, O, I)
     "6x2x70x67": (6, 2, 70, 67),  # O*I over the CPU kernel's block and parallel grain
     "0x2x3x4": (0, 2, 3, 4),
     # the fused float32 CPU kernel (csrc/cpu/shared_sq_fused.cpp): tiles of 3 and 4 rows, 2, 3
-    # and 4 vectors of columns with a masked last one; past its longest sum (256 positions)
+    # and 4 vectors of columns with a masked last one, samples in several passes (A over 512 KiB);
+    # past its longest sum (32 positions)
     "5x4x7x40": (5, 4, 7, 40),
     "3x5x11x30": (3, 5, 11, 30),
-    "4x256x6x131": (4, 256, 6, 131),
-    "2x257x6x20": (2, 257, 6, 20),
+    "4x32x6x131": (4, 32, 6, 131),
+    "40x32x5x130": (40, 32, 5, 130),
+    "2x33x6x20": (2, 33, 6, 20),
 }
 DTYPES = {
     "f32": (torch.float32, torch.float32),
