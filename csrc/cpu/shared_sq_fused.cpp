@@ -6,7 +6,7 @@
 // 16 running sums, also in registers, written once at the end. Against the batched GEMM into a
 // buffer and a pass over it (csrc/cpu/shared_sq.cpp), one thread, 32 samples of 32 positions:
 // 0.19 vs 0.31 ms for 192 x 64, 0.24 vs 0.37 ms for 64 x 256; 64 samples of 16 positions,
-// 256 x 256: 1.4 vs 2.4 ms; 128 of 8, 512 x 512: 6.4 vs 14.5 ms; 32 of 2, 256 x 128: 0.11 vs
+// 256 x 256: 1.4 vs 2.4 ms; 128 of 8, 512 x 512: 6.4 vs 14.5 ms; 64 of 2, 256 x 128: 0.11 vs
 // 0.83 ms. From 48 positions on the GEMM is faster (32 x 64 x 192 x 64: 0.53 vs 0.44 ms; 64 x 49
 // x 64 x 147: 0.79 vs 0.70 ms): longer sums of positions stay on its path (kMaxT).
 #include "shared_sq_fused.h"
