@@ -2,7 +2,8 @@
 //
 // Each chunk's per-sample products come from one batched GEMM (torch's BLAS) into a reused
 // buffer; their squares are summed into the output in one fused parallel pass (the reference
-// allocates per*per and a reduction temporary for every chunk).
+// allocates per*per and a reduction temporary for every chunk). Float32 inputs on an AVX-512 CPU
+// take the fused kernel of csrc/cpu/shared_sq_fused.cpp instead, where its shape allows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -16,6 +17,7 @@
 
 #include "cpu_math.h"
 #include "fimfast_checks.h"
+#include "shared_sq_fused.h"
 
 namespace fimfast {
 namespace {
@@ -66,6 +68,7 @@ at::Tensor shared_sq_cpu(const at::Tensor& G, const at::Tensor& A) {
                       : at::kFloat;
   at::Tensor out = at::zeros({O, I}, G.options().dtype(dt));
   if (N == 0 || O == 0 || I == 0) return out;
+  if (cpu::shared_sq_fused(G, A, out)) return out;  // float32 on AVX-512: one fused pass
   const int64_t esize = dt == at::kDouble ? 8 : 4;
   // per-sample products a few MiB at a time: the buffer stays in cache between the GEMM that
   // writes it and the pass that squares it, and is reused (a whole-batch buffer costs more in

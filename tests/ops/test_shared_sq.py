@@ -19,6 +19,17 @@ SHAPES = {  # (N, T, O, I)
     "3x1x70x9": (3, 1, 70, 9),
     "6x2x70x67": (6, 2, 70, 67),  # O*I over the CPU kernel's block and parallel grain
     "0x2x3x4": (0, 2, 3, 4),
+    # the fused float32 CPU kernel (csrc/cpu/shared_sq_fused.cpp): tiles of 3 and 4 rows, 2, 3
+    # and 4 vectors of columns with a masked last one, samples in several passes (A over 512 KiB);
+    # the transposed products (64 or more outputs, fewer inputs: also "3x1x70x9"), and the GEMM
+    # (fewer than 64 of both, more than 8 positions); past its longest sum (32 positions)
+    "5x20x80x20": (5, 20, 80, 20),
+    "3x12x20x30": (3, 12, 20, 30),
+    "5x4x7x40": (5, 4, 7, 40),
+    "3x5x11x30": (3, 5, 11, 30),
+    "4x32x6x131": (4, 32, 6, 131),
+    "40x32x5x130": (40, 32, 5, 130),
+    "2x33x6x20": (2, 33, 6, 20),
 }
 DTYPES = {
     "f32": (torch.float32, torch.float32),
@@ -66,3 +77,12 @@ def test_strided_inputs(backend, lay):
         G = torch.cat([G, G], 1)[:, ::2]
         A = torch.cat([A, A], 1)[:, ::2]
     _check(G, A, backend)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_strided_g_contiguous_a(backend):
+    """G stored (N, O, T) (a convolution's output gradient) against a contiguous A with 64 or
+    more columns: the fused CPU kernel's broadcasts of G at stride T."""
+    dev = require(backend)
+    G, A = _inputs(4, 6, 10, 70, torch.float32, torch.float32, dev, seed=2)
+    _check(G.transpose(1, 2).contiguous().transpose(1, 2), A, backend)
