@@ -44,6 +44,43 @@ def check_damping(damping: Any) -> float:
     return float(damping)
 
 
+def check_invertible(values: list[torch.Tensor], damping: float) -> None:
+    """With ``damping == 0``, refuse a matrix that is singular to working precision.
+
+    ``values`` are its eigenvalues (or the pivots of an exact factorisation), all blocks
+    together. An eigenvalue at most ``n * eps * max |value|`` (``n`` of them, ``eps`` of their
+    dtype, the tolerance of ``torch.linalg.matrix_rank``) is zero up to the rounding of the
+    matrix and of its decomposition: ``1 / value`` would be noise of any size and sign, so no
+    solve or inverse is returned (``ValueError`` naming ``damping``). ``damping > 0`` is
+    checked by :func:`check_damping` only."""
+    if damping > 0:
+        return
+    lam = torch.cat([v.detach().reshape(-1) for v in values])
+    if lam.numel() == 0:
+        return
+    top = float(lam.abs().max())
+    tol = top * lam.numel() * torch.finfo(lam.dtype).eps
+    low = float(lam.min())
+    if not low > tol:
+        raise ValueError(
+            f"damping=0 leaves F singular: its smallest eigenvalue is {low:.3g} against a "
+            f"largest of {top:.3g} (zero up to rounding below {tol:.3g}), so (F + damping I)^-1 "
+            "does not exist to working precision; use damping > 0"
+        )
+
+
+def check_arrowheads(dg: list, cross: list, damping: float) -> None:
+    """:func:`check_invertible` for the quasi-diagonal's arrowheads (``dg`` the diagonals, ``cross``
+    the weight-bias entries or ``None``) through their pivots: the weight diagonal, then the
+    Schur complement of the bias (which divides by the former, so those are checked first)."""
+    if damping != 0:
+        return
+    check_invertible([d if c is None else d[:, :-1] for d, c in zip(dg, cross)], damping)
+    check_invertible([d if c is None else torch.cat(
+        [d[:, :-1], (d[:, -1] - (c * c / d[:, :-1]).sum(1)).unsqueeze(1)], 1)
+        for d, c in zip(dg, cross)], damping)
+
+
 def check_dense_size(P: int, what: str) -> None:
     """Refuse a ``(P, P)`` matrix above :data:`DENSE_LIMIT`."""
     if P > DENSE_LIMIT:
@@ -146,6 +183,8 @@ class StructuredFIM:
         d = check_damping(damping)
         check_dense_size(self.numel(), f"{type(self).__name__}.inverse")
         M = self.to_dense().double()
+        if d == 0:
+            check_invertible([torch.linalg.eigvalsh((M + M.T) / 2).to(self.dtype)], d)
         M.diagonal().add_(d)
         inv = torch.linalg.inv(M).to(self.dtype)
         return DenseFIM(self.names, self.shapes, inv, {**self.meta, "inverse_damping": d})
