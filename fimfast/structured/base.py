@@ -47,26 +47,30 @@ def check_damping(damping: Any) -> float:
 def check_invertible(values: list[torch.Tensor], damping: float) -> None:
     """With ``damping == 0``, refuse a matrix that is singular to working precision.
 
-    ``values`` are its eigenvalues (or the pivots of an exact factorisation), all blocks
-    together. An eigenvalue at most ``n * eps * max |value|`` (``n`` of them, ``eps`` of their
-    dtype, the tolerance of ``torch.linalg.matrix_rank``) is zero up to the rounding of the
-    matrix and of its decomposition: ``1 / value`` would be noise of any size and sign, so no
-    solve or inverse is returned (``ValueError`` naming ``damping``). ``damping > 0`` is
-    checked by :func:`check_damping` only."""
+    ``values`` are the eigenvalues (or the pivots of an exact factorisation) of its blocks, one
+    tensor per block that is decomposed on its own (a dense matrix, a module's block, a
+    layer's Kronecker eigenvalues ``lam_G lam_A^T``). A value at most ``n * eps * max |value|``
+    of its tensor in absolute value (``n`` its largest dimension, ``eps`` of its dtype: the
+    tolerance of ``torch.linalg.matrix_rank``, the size of the rounding of the decomposition)
+    is zero up to rounding: ``1 / value`` would be noise of any size and sign, so no solve or
+    inverse is returned (``ValueError`` naming ``damping``). ``damping > 0``: only
+    :func:`check_damping`."""
     if damping > 0:
         return
-    lam = torch.cat([v.detach().reshape(-1) for v in values])
-    if lam.numel() == 0:
-        return
-    top = float(lam.abs().max())
-    tol = top * lam.numel() * torch.finfo(lam.dtype).eps
-    low = float(lam.min())
-    if not low > tol:
-        raise ValueError(
-            f"damping=0 leaves F singular: its smallest eigenvalue is {low:.3g} against a "
-            f"largest of {top:.3g} (zero up to rounding below {tol:.3g}), so (F + damping I)^-1 "
-            "does not exist to working precision; use damping > 0"
-        )
+    for v in values:
+        if v.numel() == 0:
+            continue
+        n = max(v.shape)
+        v = v.detach().reshape(-1)
+        top = float(v.abs().max())
+        tol = top * n * torch.finfo(v.dtype).eps
+        low = float(v[v.abs().argmin()]) if bool(torch.isfinite(v).all()) else float("nan")
+        if not abs(low) > tol:  # a quasi-diagonal may be indefinite: only |value| counts
+            raise ValueError(
+                f"damping=0 leaves F singular: a block has the eigenvalue {low:.3g} against its "
+                f"largest {top:.3g} (zero up to rounding below {tol:.3g}), so (F + damping I)^-1 "
+                "does not exist to working precision; use damping > 0"
+            )
 
 
 def check_arrowheads(dg: list, cross: list, damping: float) -> None:
