@@ -357,3 +357,26 @@ def test_hugging_face_padded_batches_equal_the_oracle(kind, impl):
         ga = torch.cat([v.reshape(-1) for _, v in a.result().items()])
         gh = torch.cat([v.reshape(-1) for _, v in h.result().items()])
         assert rel(gh, ga) < 1e-12
+
+
+def test_a_failed_first_step_after_zero_diag_fim_leaves_the_reset_pending():
+    # before: the failed step kept the reduction and ema it was called with, so the next valid
+    # call with others was refused ("state was accumulated with reduction='mean', ema=0.5")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    B = [(torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 5, (n,))) for n in (3, 1)]
+    fimfast.diag_fim_step(model, B[0], "exact")
+    fimfast.zero_diag_fim(model)
+    bad = (torch.randn(2, 4, dtype=torch.float64), torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="labels"):
+        fimfast.diag_fim_step(model, bad, "exact", ema=0.5, reduction="mean")
+    with pytest.raises(RuntimeError, match="no 'exact' step"):
+        fimfast.get_diag_fim(model, "exact")
+    for b in B:
+        fimfast.diag_fim_step(model, b, "exact")
+    ref = fimfast.DiagFisher(model, "exact")
+    for b in B:
+        ref.step(b)
+    got = fimfast.get_diag_fim(model, "exact")
+    for n, r in ref.result().items():
+        assert torch.equal(got[n], r), n
