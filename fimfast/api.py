@@ -60,7 +60,9 @@ def diag_fim_step(
         ema: ``None`` or a decay in ``(0, 1)``; must stay the same between resets.
         reduction: ``"sum"`` or ``"mean"``; must stay the same between resets.
 
-    A step that raises leaves the accumulated state exactly as it was.
+    A step that raises leaves the accumulated state exactly as it was (after
+    :func:`zero_diag_fim`: still reset, the next step choosing ``reduction``, ``ema`` and the
+    options as the first one).
     """
     fim_type = FIMType.parse(fim_type)
     reduction = check_reduction(reduction)
@@ -71,8 +73,8 @@ def diag_fim_step(
     if est is None:
         est = DiagFisher(model, fim_type, reduction=reduction, ema=ema, **opts)
     elif getattr(est, "_restart", False):
-        est.restart(reduction, ema, opts)
-        est._restart = False
+        est.restart(reduction, ema, opts)  # _restart stays set until a step succeeds: a
+        # failed first step leaves the state reset, its reduction and ema not yet chosen
     else:
         if est.reduction != reduction or est.ema != ema:
             raise ValueError(
@@ -82,6 +84,7 @@ def diag_fim_step(
             )
         est.set_options(opts)
     est.step(batch)
+    est._restart = False
     states[fim_type] = est
 
 

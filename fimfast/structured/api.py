@@ -127,6 +127,10 @@ def _options_and_dict(representation: str, opts: dict, kfac_approx: str, rank,
             raise ValueError("fim_opts['lm_head'] is for representation='diag' only (the "
                              "structured representations need the logits); got "
                              f"representation={representation!r}")
+        if o.sequence_rows:
+            raise ValueError("fim_opts['sequence_rows'] is for representation='diag' only (the "
+                             "structured representations take one row per token); got "
+                             f"representation={representation!r}")
         hit = (o, o.to_dict())
         if key is not None:
             if len(_OPTIONS) >= 64:

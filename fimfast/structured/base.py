@@ -44,6 +44,47 @@ def check_damping(damping: Any) -> float:
     return float(damping)
 
 
+def check_invertible(values: list[torch.Tensor], damping: float) -> None:
+    """With ``damping == 0``, refuse a matrix that is singular to working precision.
+
+    ``values`` are the eigenvalues (or the pivots of an exact factorisation) of its blocks, one
+    tensor per block that is decomposed on its own (a dense matrix, a module's block, a
+    layer's Kronecker eigenvalues ``lam_G lam_A^T``). A value at most ``n * eps * max |value|``
+    of its tensor in absolute value (``n`` its largest dimension, ``eps`` of its dtype: the
+    tolerance of ``torch.linalg.matrix_rank``, the size of the rounding of the decomposition)
+    is zero up to rounding: ``1 / value`` would be noise of any size and sign, so no solve or
+    inverse is returned (``ValueError`` naming ``damping``). ``damping > 0``: only
+    :func:`check_damping`."""
+    if damping > 0:
+        return
+    for v in values:
+        if v.numel() == 0:
+            continue
+        n = max(v.shape)
+        v = v.detach().reshape(-1)
+        top = float(v.abs().max())
+        tol = top * n * torch.finfo(v.dtype).eps
+        low = float(v[v.abs().argmin()]) if bool(torch.isfinite(v).all()) else float("nan")
+        if not abs(low) > tol:  # a quasi-diagonal may be indefinite: only |value| counts
+            raise ValueError(
+                f"damping=0 leaves F singular: a block has the eigenvalue {low:.3g} against its "
+                f"largest {top:.3g} (zero up to rounding below {tol:.3g}), so (F + damping I)^-1 "
+                "does not exist to working precision; use damping > 0"
+            )
+
+
+def check_arrowheads(dg: list, cross: list, damping: float) -> None:
+    """:func:`check_invertible` for the quasi-diagonal's arrowheads (``dg`` the diagonals, ``cross``
+    the weight-bias entries or ``None``) through their pivots: the weight diagonal, then the
+    Schur complement of the bias (which divides by the former, so those are checked first)."""
+    if damping != 0:
+        return
+    check_invertible([d if c is None else d[:, :-1] for d, c in zip(dg, cross)], damping)
+    check_invertible([d if c is None else torch.cat(
+        [d[:, :-1], (d[:, -1] - (c * c / d[:, :-1]).sum(1)).unsqueeze(1)], 1)
+        for d, c in zip(dg, cross)], damping)
+
+
 def check_dense_size(P: int, what: str) -> None:
     """Refuse a ``(P, P)`` matrix above :data:`DENSE_LIMIT`."""
     if P > DENSE_LIMIT:
@@ -146,6 +187,8 @@ class StructuredFIM:
         d = check_damping(damping)
         check_dense_size(self.numel(), f"{type(self).__name__}.inverse")
         M = self.to_dense().double()
+        if d == 0:
+            check_invertible([torch.linalg.eigvalsh((M + M.T) / 2).to(self.dtype)], d)
         M.diagonal().add_(d)
         inv = torch.linalg.inv(M).to(self.dtype)
         return DenseFIM(self.names, self.shapes, inv, {**self.meta, "inverse_damping": d})

@@ -13,7 +13,12 @@ from collections.abc import Mapping
 
 import torch
 
-from fimfast.structured.base import StructuredFIM, check_dense_size, register
+from fimfast.structured.base import (
+    StructuredFIM,
+    check_dense_size,
+    check_invertible,
+    register,
+)
 
 
 def module_blocks(names: list[str]) -> list[tuple[int, int]]:
@@ -62,6 +67,7 @@ class DenseFIM(StructuredFIM):
 
     def _solve(self, x, d):
         ev, V = self.eigh()
+        check_invertible([ev], d)
         return V @ ((V.T @ x.to(self.dtype)) / (ev + d))
 
     def inverse(self, damping: float = 1e-3) -> DenseFIM:
@@ -70,6 +76,7 @@ class DenseFIM(StructuredFIM):
 
         d = check_damping(damping)
         ev, V = self.eigh()
+        check_invertible([ev], d)
         return DenseFIM(self.names, self.shapes, (V / (ev + d)) @ V.T,
                         {**self.meta, "inverse_damping": d})
 
@@ -132,7 +139,13 @@ class BlockDiagFIM(StructuredFIM):
         x = x.to(self.dtype)
         return torch.cat([blk @ x[a:b] for (a, b), blk in zip(self.ranges(), self.data)])
 
+    def _check_blocks(self, d: float) -> None:
+        """With ``damping == 0``: the eigenvalues of every block (:func:`check_invertible`)."""
+        if d == 0:
+            check_invertible([torch.linalg.eigvalsh(blk) for blk in self.data], d)
+
     def _solve(self, x, d):
+        self._check_blocks(d)
         x = x.to(self.dtype)
         out = []
         for (a, b), blk in zip(self.ranges(), self.data):
@@ -146,6 +159,7 @@ class BlockDiagFIM(StructuredFIM):
         from fimfast.structured.base import check_damping
 
         d = check_damping(damping)
+        self._check_blocks(d)
         inv = []
         for blk in self.data:
             M = blk.clone()

@@ -20,7 +20,13 @@ import torch
 
 from fimfast.structured import factors as fx
 from fimfast.structured import gram
-from fimfast.structured.base import StructuredFIM, check_damping, register
+from fimfast.structured.base import (
+    StructuredFIM,
+    check_arrowheads,
+    check_damping,
+    check_invertible,
+    register,
+)
 from fimfast.structured.sums import HalfGram
 
 # layouts whose ranges passed _Layered's checks: names -> (shapes, layer descriptions)
@@ -310,13 +316,13 @@ class EKFACFIM(_Layered):
         return self._apply(x, lambda c, d: c * d)
 
     def _solve(self, x, damp):
+        check_invertible(self.D, damp)
         return self._apply(x, lambda c, d: c / (d + damp))
 
     def inverse(self, damping: float = 1e-3) -> EKFACFIM:
         """``(F + damping I)^{-1}`` (same eigenbasis, ``1 / (D + damping)``)."""
         damp = check_damping(damping)
-        if damp == 0 and any(bool((d == 0).any()) for d in self.D):
-            raise ValueError("damping=0 leaves F singular (some D are 0); use damping > 0")
+        check_invertible(self.D, damp)
         return EKFACFIM(self.names, self.shapes, self.layers, self.UA, self.UG,
                         [1.0 / (d + damp) for d in self.D], {**self.meta, "inverse_damping": damp})
 
@@ -391,6 +397,7 @@ class QuasiDiagFIM(_Layered):
         return self._assemble(mats)
 
     def _solve(self, x, damp):
+        check_arrowheads(self.dg, self.cross, damp)
         x = x.to(self.dtype)
         mats = []
         for i, (dg, c) in enumerate(zip(self.dg, self.cross)):
