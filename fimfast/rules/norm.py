@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
+from fimfast.ops.norm_terms import norm_terms_cpp
+from fimfast.ops.registry import resolve
 from fimfast.rules import norm_node
 from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
 from fimfast.rules.linear import folded
@@ -71,16 +73,28 @@ class _NormRule(Rule):
             call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
         xh = call.data["xhat"]
         Gf = self.front(tap, G.to(dt), extra=1)
+        weights = call.data["weights"]
+        if any(weights) and _fused(Gf):  # both in one pass, no (M, N, T, D) product
+            W, B = norm_terms_cpp(Gf, xh)
+            return [Vec(W if is_w else B) for is_w in weights]
         if call.chunks == 1 and Gf.shape[0] == 1:  # xhat is read once: the product in its place
             data = call.data
             prod = lambda: data.pop("xhat").mul_(Gf[0]).sum(1).unsqueeze(0)  # noqa: E731
         else:
             prod = lambda: (Gf * xh).sum(2)  # noqa: E731
-        return [Vec(prod() if is_w else Gf.sum(2)) for is_w in call.data["weights"]]
+        return [Vec(prod() if is_w else Gf.sum(2)) for is_w in weights]
 
     def front(self, tap, t: torch.Tensor, extra: int = 0) -> torch.Tensor:
         """``(*extra, N, T, *param_shape)``."""
         return front(t, tap.bdim, tap.lead, extra)
+
+
+def _fused(G: torch.Tensor) -> bool:
+    """Whether the norm's terms go to :func:`fimfast.ops.norm_terms.norm_terms_cpp` (the cpp
+    backend picked for a CPU tensor of float32 or float64)."""
+    if G.device.type != "cpu" or G.dtype not in (torch.float32, torch.float64):
+        return False
+    return resolve("norm_terms", None, G.device)[0] == "cpp"
 
 
 class LayerNormRule(_NormRule):
