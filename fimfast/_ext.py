@@ -168,7 +168,7 @@ def _register_fakes() -> None:
     if hasattr(torch.ops.fimfast, "norm_terms"):  # an extension built before the op lacks it
 
         @torch.library.register_fake("fimfast::norm_terms")
-        def _norm_terms(G, X):
+        def _norm_terms(G, X, eps):
             return G.new_empty((*G.shape[:2], G.shape[3])), G.new_empty((*G.shape[:2], G.shape[3]))
 
     @torch.library.register_fake("fimfast::accumulate_")

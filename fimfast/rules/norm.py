@@ -69,14 +69,14 @@ class _NormRule(Rule):
             memo, seen = call.data["memo"]
             memo[seen] = call.data["M"] = max(G.shape[0], call.data.get("M", 0))
         dt = compute_dtype(G.dtype)
-        if "xhat" not in call.data:
-            call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
-        xh = call.data["xhat"]
         Gf = self.front(tap, G.to(dt), extra=1)
         weights = call.data["weights"]
         if any(weights) and _fused(Gf):  # both in one pass, no (M, N, T, D) product
-            W, B = norm_terms_cpp(Gf, xh)
+            W, B = self.fused(tap, m, Gf, call.data, dt)
             return [Vec(W if is_w else B) for is_w in weights]
+        if "xhat" not in call.data:
+            call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
+        xh = call.data["xhat"]
         if call.chunks == 1 and Gf.shape[0] == 1:  # xhat is read once: the product in its place
             data = call.data
             prod = lambda: data.pop("xhat").mul_(Gf[0]).sum(1).unsqueeze(0)  # noqa: E731
@@ -88,6 +88,13 @@ class _NormRule(Rule):
         """``(*extra, N, T, *param_shape)``."""
         return front(t, tap.bdim, tap.lead, extra)
 
+    def fused(self, tap, module, Gf: torch.Tensor, data: dict, dt) -> tuple:
+        """The weight's and the bias's terms, ``(M, N, *param_shape)`` each, by
+        :func:`fimfast.ops.norm_terms.norm_terms_cpp` (``xhat`` formed once per step)."""
+        if "xhat" not in data:
+            data["xhat"] = self.front(tap, self.xhat(module, data["x"].to(dt), data))
+        return _terms(Gf, data["xhat"], None)
+
 
 def _fused(G: torch.Tensor) -> bool:
     """Whether the norm's terms go to :func:`fimfast.ops.norm_terms.norm_terms_cpp` (the cpp
@@ -95,6 +102,14 @@ def _fused(G: torch.Tensor) -> bool:
     if G.device.type != "cpu" or G.dtype not in (torch.float32, torch.float64):
         return False
     return resolve("norm_terms", None, G.device)[0] == "cpp"
+
+
+def _terms(Gf: torch.Tensor, X: torch.Tensor, eps: float | None) -> tuple:
+    """:func:`~fimfast.ops.norm_terms.norm_terms_cpp` on the parameter's dims flattened into
+    one, the results in the parameter's shape."""
+    shape = Gf.shape[3:]
+    W, B = norm_terms_cpp(Gf.flatten(3), X.flatten(2), eps)
+    return W.unflatten(2, shape), B.unflatten(2, shape)
 
 
 class LayerNormRule(_NormRule):
@@ -105,6 +120,10 @@ class LayerNormRule(_NormRule):
 
     def lead(self, module, y):
         return y.dim() - len(module.normalized_shape)
+
+    def fused(self, tap, module, Gf, data, dt):
+        # each row normalised in the kernel: no normalised copy of the input
+        return _terms(Gf, self.front(tap, data["x"].to(dt)), module.eps)
 
     def xhat(self, module, x, data):
         # torch's own kernel (the forward's numerics; 10x faster than var_mean on short rows)

@@ -4,6 +4,8 @@ before the op, and the LayerNorm rule on it against the float64 oracle."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from cases import classifier_case, make_case
@@ -39,12 +41,14 @@ def test_cpp_matches_torch_reference(M, dtype):
     require("cpp")
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12,
                                                                          "atol": 1e-12}
-    for name, G, X in _layouts(M, dtype):
-        W, B = nt.norm_terms(G, X, backend="cpp")
-        Wr, Br = nt.norm_terms_torch(G.double(), X.double())
+    for (name, G, X), eps in itertools.product(_layouts(M, dtype), (None, 1e-5, 0.5)):
+        if eps is not None:  # a LayerNorm's input: rows off centre, of another scale
+            X = X * 3.0 + 1.5
+        W, B = nt.norm_terms(G, X, eps, backend="cpp")
+        Wr, Br = nt.norm_terms_torch(G.double(), X.double(), eps)
         assert W.dtype == dtype and W.shape == (M, *X.shape[:1], X.shape[2]), name
-        torch.testing.assert_close(W.double(), Wr, **tol, msg=name)
-        torch.testing.assert_close(B.double(), Br, **tol, msg=name)
+        torch.testing.assert_close(W.double(), Wr, **tol, msg=f"{name} eps={eps}")
+        torch.testing.assert_close(B.double(), Br, **tol, msg=f"{name} eps={eps}")
 
 
 def test_cpp_empty_and_checks():
@@ -54,7 +58,7 @@ def test_cpp_empty_and_checks():
     with pytest.raises(ValueError, match="must be"):
         nt.norm_terms(torch.randn(2, 3, 4, 5), torch.randn(3, 4, 6))
     with pytest.raises(RuntimeError, match="float32 or both float64"):
-        torch.ops.fimfast.norm_terms(torch.randn(1, 2, 3, 4), torch.randn(2, 3, 4).double())
+        torch.ops.fimfast.norm_terms(torch.randn(1, 2, 3, 4), torch.randn(2, 3, 4).double(), None)
 
 
 def test_opcheck():
@@ -62,7 +66,9 @@ def test_opcheck():
     import fimfast.ops.cpp  # noqa: F401  (the extension and its fake implementations)
 
     torch.library.opcheck(torch.ops.fimfast.norm_terms,
-                          (torch.randn(2, 3, 4, 5), torch.randn(3, 4, 5)))
+                          (torch.randn(2, 3, 4, 5), torch.randn(3, 4, 5), None))
+    torch.library.opcheck(torch.ops.fimfast.norm_terms,
+                          (torch.randn(2, 3, 4, 5).double(), torch.randn(3, 4, 5).double(), 0.1))
 
 
 def test_extension_without_the_op_runs_the_reference(monkeypatch):
@@ -71,20 +77,26 @@ def test_extension_without_the_op_runs_the_reference(monkeypatch):
     W, B = nt.norm_terms_cpp(G, X)
     torch.testing.assert_close(W, (G * X).sum(2))
     torch.testing.assert_close(B, G.sum(2))
+    W, _ = nt.norm_terms_cpp(G, X, 1e-5)
+    torch.testing.assert_close(W, (G * nn.functional.layer_norm(X, (5,))).sum(2))
 
 
 class _LNNet(nn.Module):
     """Linear - LayerNorm(**ln) - GELU over positions, mean pooling, Linear head."""
 
-    def __init__(self, **ln):
+    def __init__(self, shape=(6,), **ln):
         super().__init__()
-        self.inp, self.norm, self.head = nn.Linear(5, 6), nn.LayerNorm(6, **ln), nn.Linear(6, 4)
+        self.inp, self.norm, self.head = nn.Linear(5, 6), nn.LayerNorm(shape, **ln), nn.Linear(6, 4)
+        self.shape = shape
 
     def forward(self, x):
-        return self.head(nn.functional.gelu(self.norm(self.inp(x))).mean(1))
+        h = self.inp(x)
+        h = self.norm(h.unflatten(-1, self.shape)).flatten(-len(self.shape))
+        return self.head(nn.functional.gelu(h).mean(1))
 
 
-LN = {"affine": {}, "no_bias": {"bias": False}, "no_affine": {"elementwise_affine": False}}
+LN = {"affine": {}, "no_bias": {"bias": False}, "no_affine": {"elementwise_affine": False},
+      "two_dims": {"shape": (2, 3), "eps": 0.1}}
 
 
 def _check(case, quantity, dtype, tol, monkeypatch, backend):
