@@ -25,6 +25,11 @@ class _NormRule(Rule):
 
     batch_first = True  # channel norms: (N, C, *)
 
+    # the terms by fimfast.ops.norm_terms on the CPU (features last and contiguous: the
+    # channel norms' transposed layout makes the kernel slower than torch's products,
+    # benchmarks/results/layernorm_terms_2026-12-07.md)
+    fused_terms = True
+
     def lead(self, module, y: torch.Tensor) -> int:
         return 1
 
@@ -71,7 +76,8 @@ class _NormRule(Rule):
         dt = compute_dtype(G.dtype)
         Gf = self.front(tap, G.to(dt), extra=1)
         weights = call.data["weights"]
-        if any(weights) and _fused(Gf):  # both in one pass, no (M, N, T, D) product
+        # both in one pass, no (M, N, T, D) product
+        if self.fused_terms and any(weights) and _fused(Gf):
             W, B = self.fused(tap, m, Gf, call.data, dt)
             return [Vec(W if is_w else B) for is_w in weights]
         if "xhat" not in call.data:
@@ -171,6 +177,8 @@ class RMSNormRule(_NormRule):
 class _ChannelNormRule(_NormRule):
     """Norms with a per-channel affine on dim 1 of ``(N, C, *)``: GroupNorm, BatchNorm,
     InstanceNorm."""
+
+    fused_terms = False  # channels strided in (N, L, C): torch's products are faster
 
     def front(self, tap, t, extra=0):
         # (*extra, N, C, *spatial) -> (*extra, N, L, C): channels last so Vec sums over dim 2
