@@ -165,6 +165,12 @@ def _register_fakes() -> None:
         return ys, gi.new_empty(gi.shape), h0.new_empty(h0.shape), h0.new_empty(
             h0.shape if c0 is not None else (0,))
 
+    if hasattr(torch.ops.fimfast, "norm_terms"):  # an extension built before the op lacks it
+
+        @torch.library.register_fake("fimfast::norm_terms")
+        def _norm_terms(G, X, eps):
+            return G.new_empty((*G.shape[:2], G.shape[3])), G.new_empty((*G.shape[:2], G.shape[3]))
+
     @torch.library.register_fake("fimfast::accumulate_")
     def _acc(states, grads, update_mode, beta, scale):
         return None

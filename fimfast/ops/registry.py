@@ -62,6 +62,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         "cpp": "fimfast.ops.cpp:accumulate_cpp_",
         "cuda": "fimfast.ops.cuda:accumulate_cuda_",
     },
+    "norm_terms": {
+        "torch": "fimfast.ops.norm_terms:norm_terms_torch",
+        "cpp": "fimfast.ops.norm_terms:norm_terms_cpp",
+    },
     "recurrent_bptt": {
         "torch": "fimfast.ops.recurrent:recurrent_bptt_torch",
         "cpp": "fimfast.ops.cpp:recurrent_bptt_cpp",
@@ -97,6 +101,7 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "accumulate_": ("cpp", "torch"),
     "lm_head_probe": ("cpp", "torch"),
     "recurrent_bptt": ("cpp", "torch"),
+    "norm_terms": ("cpp", "torch"),
     "recurrent_forward": ("cpp", "torch"),
 }
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
+from fimfast.ops.norm_terms import norm_terms_cpp
+from fimfast.ops.registry import resolve
 from fimfast.rules import norm_node
 from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
 from fimfast.rules.linear import folded
@@ -22,6 +24,11 @@ class _NormRule(Rule):
     takes_functions = True  # its terms tell uses apart by position or kind
 
     batch_first = True  # channel norms: (N, C, *)
+
+    # the terms by fimfast.ops.norm_terms on the CPU (features last and contiguous: the
+    # channel norms' transposed layout makes the kernel slower than torch's products,
+    # benchmarks/results/layernorm_terms_2026-12-07.md)
+    fused_terms = True
 
     def lead(self, module, y: torch.Tensor) -> int:
         return 1
@@ -67,20 +74,48 @@ class _NormRule(Rule):
             memo, seen = call.data["memo"]
             memo[seen] = call.data["M"] = max(G.shape[0], call.data.get("M", 0))
         dt = compute_dtype(G.dtype)
+        Gf = self.front(tap, G.to(dt), extra=1)
+        weights = call.data["weights"]
+        # both in one pass, no (M, N, T, D) product
+        if self.fused_terms and any(weights) and _fused(Gf):
+            W, B = self.fused(tap, m, Gf, call.data, dt)
+            return [Vec(W if is_w else B) for is_w in weights]
         if "xhat" not in call.data:
             call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
         xh = call.data["xhat"]
-        Gf = self.front(tap, G.to(dt), extra=1)
         if call.chunks == 1 and Gf.shape[0] == 1:  # xhat is read once: the product in its place
             data = call.data
             prod = lambda: data.pop("xhat").mul_(Gf[0]).sum(1).unsqueeze(0)  # noqa: E731
         else:
             prod = lambda: (Gf * xh).sum(2)  # noqa: E731
-        return [Vec(prod() if is_w else Gf.sum(2)) for is_w in call.data["weights"]]
+        return [Vec(prod() if is_w else Gf.sum(2)) for is_w in weights]
 
     def front(self, tap, t: torch.Tensor, extra: int = 0) -> torch.Tensor:
         """``(*extra, N, T, *param_shape)``."""
         return front(t, tap.bdim, tap.lead, extra)
+
+    def fused(self, tap, module, Gf: torch.Tensor, data: dict, dt) -> tuple:
+        """The weight's and the bias's terms, ``(M, N, *param_shape)`` each, by
+        :func:`fimfast.ops.norm_terms.norm_terms_cpp` (``xhat`` formed once per step)."""
+        if "xhat" not in data:
+            data["xhat"] = self.front(tap, self.xhat(module, data["x"].to(dt), data))
+        return _terms(Gf, data["xhat"], None)
+
+
+def _fused(G: torch.Tensor) -> bool:
+    """Whether the norm's terms go to :func:`fimfast.ops.norm_terms.norm_terms_cpp` (the cpp
+    backend picked for a CPU tensor of float32 or float64)."""
+    if G.device.type != "cpu" or G.dtype not in (torch.float32, torch.float64):
+        return False
+    return resolve("norm_terms", None, G.device)[0] == "cpp"
+
+
+def _terms(Gf: torch.Tensor, X: torch.Tensor, eps: float | None) -> tuple:
+    """:func:`~fimfast.ops.norm_terms.norm_terms_cpp` on the parameter's dims flattened into
+    one, the results in the parameter's shape."""
+    shape = Gf.shape[3:]
+    W, B = norm_terms_cpp(Gf.flatten(3), X.flatten(2), eps)
+    return W.unflatten(2, shape), B.unflatten(2, shape)
 
 
 class LayerNormRule(_NormRule):
@@ -91,6 +126,10 @@ class LayerNormRule(_NormRule):
 
     def lead(self, module, y):
         return y.dim() - len(module.normalized_shape)
+
+    def fused(self, tap, module, Gf, data, dt):
+        # each row normalised in the kernel: no normalised copy of the input
+        return _terms(Gf, self.front(tap, data["x"].to(dt)), module.eps)
 
     def xhat(self, module, x, data):
         # torch's own kernel (the forward's numerics; 10x faster than var_mean on short rows)
@@ -138,6 +177,8 @@ class RMSNormRule(_NormRule):
 class _ChannelNormRule(_NormRule):
     """Norms with a per-channel affine on dim 1 of ``(N, C, *)``: GroupNorm, BatchNorm,
     InstanceNorm."""
+
+    fused_terms = False  # channels strided in (N, L, C): torch's products are faster
 
     def front(self, tap, t, extra=0):
         # (*extra, N, C, *spatial) -> (*extra, N, L, C): channels last so Vec sums over dim 2
