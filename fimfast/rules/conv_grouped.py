@@ -49,7 +49,7 @@ class GroupedInput(Patches):
 
     def __init__(self, make, shape, dtype, chunk, module, x: torch.Tensor) -> None:
         super().__init__(make, shape, dtype, chunk)
-        from fimfast.rules.conv import input_padding  # the rule imports this module
+        from fimfast.rules.conv import input_padding, ntuple  # the rule imports this module
 
         pad = input_padding(module)
         n = len(module.kernel_size)
@@ -60,8 +60,8 @@ class GroupedInput(Patches):
             lo = [0] * n
         self.x, self.pad, self.groups = x.contiguous(), lo, module.groups
         self.kernel = tuple(module.kernel_size)
-        self.stride = _tuple(module.stride, n)
-        self.dilation = _tuple(module.dilation, n)
+        self.stride = ntuple(module.stride, n)
+        self.dilation = ntuple(module.dilation, n)
 
     def sq(self, P: torch.Tensor) -> torch.Tensor:
         """``sum_{m,n}`` of the squared per-sample gradients, ``(g, O/g, I/g prod(kernel))``,
@@ -117,10 +117,8 @@ def grouped_input(module, x: torch.Tensor, patches, L: int, columns: int) -> Gro
 def takes(module) -> bool:
     """Whether the backward serves ``module`` (see the module): several groups of one input and
     one output channel each, two spatial dims, a kernel of at most 3 x 3, no dilation."""
+    from fimfast.rules.conv import ntuple  # the rule imports this module
+
     n, g = len(module.kernel_size), module.groups
     return (g > 1 and module.in_channels == g and module.out_channels == g and n == 2
-            and max(module.kernel_size) <= 3 and max(_tuple(module.dilation, n)) == 1)
-
-
-def _tuple(v, n: int) -> tuple[int, ...]:
-    return (v,) * n if isinstance(v, int) else tuple(v)
+            and max(module.kernel_size) <= 3 and max(ntuple(module.dilation, n)) == 1)
