@@ -177,6 +177,12 @@ def _register_fakes() -> None:
         def _gram_upper(out, x, accumulate):
             return None
 
+    if hasattr(torch.ops.fimfast, "mirror_upper_"):
+
+        @torch.library.register_fake("fimfast::mirror_upper_")
+        def _mirror_upper(m, scale):
+            return None
+
     @torch.library.register_fake("fimfast::accumulate_")
     def _acc(states, grads, update_mode, beta, scale):
         return None

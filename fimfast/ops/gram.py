@@ -1,4 +1,5 @@
-"""``gram_upper_``: the upper triangle of a Gram matrix, a symmetric rank-``k`` update.
+"""``gram_upper_``: the upper triangle of a Gram matrix, a symmetric rank-``k`` update, and
+``mirror_upper_``, which completes it.
 
 ``out[i, j] (+)= sum_r x[r, i] x[r, j]`` for ``i <= j`` (``out`` ``(n, n)``, ``x`` ``(R, n)``),
 the entries below the diagonal left unspecified (a kernel may leave them or write them): the
@@ -6,7 +7,9 @@ sums of KFAC's factors (:mod:`fimfast.structured.sums`), whose readers mirror th
 The ``cpp`` backend (``csrc/cpu/gram_upper.cpp``) calls the symmetric rank-``k`` update of the
 MKL that torch links (half the multiply-adds of ``x^T x`` in one call; 1.16 against 1.67 ms for
 the five factors of an MLP 784-512-256-10 at 128 rows, one thread); without MKL, and on an
-extension built before the op, the upper block rows below.
+extension built before the op, the upper block rows below. ``mirror_upper_`` scales the upper
+triangle in place and copies it below the diagonal (the ``cpp`` kernel tile by tile: 0.1 ms for
+those five factors, against 0.7 ms for the reference's block copies).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 
 from fimfast.ops.registry import bound
 
-_OP = "gram_upper_"  # the op's name in fimfast._C
+_OP = "gram_upper_"  # the ops' names in fimfast._C
+_MIRROR = "mirror_upper_"
 BLOCK = 128  # rows of a block of the reference
 
 
@@ -58,3 +62,45 @@ def gram_upper_(out: torch.Tensor, x: torch.Tensor, accumulate: bool = False,
         raise ValueError(f"gram_upper_: out must be float32 or float64 and x of its dtype; got "
                          f"out {out.dtype}, x {x.dtype}")
     bound(_OP, backend, out.device)(out, x, accumulate)
+
+
+def mirror_upper_torch_(m: torch.Tensor, scale: float) -> None:
+    """The torch reference of :func:`mirror_upper_`: per block row of ``BLOCK`` rows, the blocks
+    right of the diagonal scaled and copied below it; then the diagonal blocks (the whole ones
+    as one strided batch) completed from their upper triangles."""
+    n = m.shape[0]
+    for i in range(0, n, BLOCK):
+        j = min(i + BLOCK, n)
+        if scale != 1.0:
+            m[i:j, i:].mul_(scale)
+        if j < n:
+            m[j:, i:j] = m[i:j, j:].T
+    k = n // BLOCK
+    s0, s1 = m.stride()
+    parts = [m.as_strided((k, BLOCK, BLOCK), (BLOCK * (s0 + s1), s0, s1),
+                          m.storage_offset())] if k else []
+    if n - k * BLOCK > 1:
+        parts.append(m[k * BLOCK:, k * BLOCK:])
+    for d in parts:
+        d.copy_(d.triu().add_(d.triu(1).mT))
+
+
+def mirror_upper_cpp_(m: torch.Tensor, scale: float) -> None:
+    """:func:`mirror_upper_` on the CPU (float32 and float64; an extension built before the op
+    runs the reference)."""
+    op = getattr(torch.ops.fimfast, _MIRROR, None)
+    if op is None or m.dtype not in (torch.float32, torch.float64):
+        mirror_upper_torch_(m, scale)
+        return
+    op(m, float(scale))
+
+
+def mirror_upper_(m: torch.Tensor, scale: float = 1.0, backend: str | None = None) -> None:
+    """Make the square ``m`` symmetric in place from its upper triangle (diagonal included),
+    scaled by ``scale``: ``m[i, j] = m[j, i] = scale * m[i, j]`` for ``i <= j``; the entries
+    below the diagonal are read by no one (a sum of :func:`gram_upper_`)."""
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"mirror_upper_: m must be a square matrix; got {tuple(m.shape)}")
+    if m.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"mirror_upper_: m must be float32 or float64; got {m.dtype}")
+    bound(_MIRROR, backend, m.device)(m, scale)

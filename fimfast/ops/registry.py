@@ -66,6 +66,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         "torch": "fimfast.ops.gram:gram_upper_torch_",
         "cpp": "fimfast.ops.gram:gram_upper_cpp_",
     },
+    "mirror_upper_": {
+        "torch": "fimfast.ops.gram:mirror_upper_torch_",
+        "cpp": "fimfast.ops.gram:mirror_upper_cpp_",
+    },
     "norm_terms": {
         "torch": "fimfast.ops.norm_terms:norm_terms_torch",
         "cpp": "fimfast.ops.norm_terms:norm_terms_cpp",
@@ -107,6 +111,7 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "recurrent_bptt": ("cpp", "torch"),
     "norm_terms": ("cpp", "torch"),
     "gram_upper_": ("cpp", "torch"),
+    "mirror_upper_": ("cpp", "torch"),
     "recurrent_forward": ("cpp", "torch"),
 }
 

@@ -1,6 +1,7 @@
-"""``gram_upper_`` (the upper triangle of ``x^T x``, a symmetric rank-k update): the cpp kernel
-and the torch reference against float64 products on every layout and dtype, accumulation, empty
-inputs, argument errors, opcheck, and the fallback of an extension built before the op."""
+"""``gram_upper_`` (the upper triangle of ``x^T x``, a symmetric rank-k update) and
+``mirror_upper_`` (its completion): the cpp kernels and the torch references against float64 on
+every layout and dtype, accumulation, empty inputs, argument errors, opcheck, and the fallback
+of an extension built before the ops."""
 
 from __future__ import annotations
 
@@ -86,3 +87,47 @@ def test_extension_without_the_op_runs_the_reference(monkeypatch):
     x, out = torch.randn(5, 300), torch.zeros(300, 300)
     gr.gram_upper_cpp_(out, x, False)
     torch.testing.assert_close(out.triu(), (x.T @ x).triu())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n", [1, 5, 64, 127, 128, 129, 300])
+def test_mirror_upper_completes_the_triangle(backend, dtype, n):
+    """``mirror_upper_``: the upper triangle scaled, its transpose below the diagonal (poisoned
+    with NaN before), on a contiguous matrix, a view with a longer row stride and one with a
+    column stride 2."""
+    if backend == "cpp":
+        require("cpp")
+    g = torch.Generator().manual_seed(n)
+    up = torch.randn(n, n, generator=g, dtype=torch.float64).to(dtype).double().triu()
+    low = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    for scale in (1.0, 0.5):
+        want = (up + up.triu(1).T) * scale
+        for m in (torch.empty(n, n, dtype=dtype), torch.empty(n + 2, n + 5, dtype=dtype)[1:-1, :n],
+                  torch.empty(n, 2 * n, dtype=dtype)[:, ::2]):
+            m.copy_(up)
+            m[low] = float("nan")
+            gr.mirror_upper_(m, scale, backend=backend)
+            torch.testing.assert_close(m.double(), want, rtol=0, atol=0)
+
+
+def test_mirror_upper_checks_opcheck_and_fallback(monkeypatch):
+    with pytest.raises(ValueError, match="square"):
+        gr.mirror_upper_(torch.empty(3, 4))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        gr.mirror_upper_(torch.empty(3, 3, dtype=torch.float16))
+    m = torch.randn(200, 200)
+    want = (m.triu() + m.triu(1).T) * 2
+    monkeypatch.setattr(gr, "_MIRROR", "no_such_op")
+    gr.mirror_upper_cpp_(m, 2.0)
+    torch.testing.assert_close(m, want, rtol=0, atol=0)
+    monkeypatch.undo()
+    require("cpp")
+    import fimfast.ops.cpp  # noqa: F401  (the extension and its fake implementations)
+
+    with pytest.raises(RuntimeError, match="mirror_upper_: m must be a square matrix"):
+        torch.ops.fimfast.mirror_upper_(torch.empty(3, 4), 1.0)
+    gr.mirror_upper_(torch.empty(0, 0), 3.0, backend="cpp")
+    for dt in (torch.float32, torch.float64):
+        torch.library.opcheck(torch.ops.fimfast.mirror_upper_,
+                              (torch.randn(6, 6, dtype=dt), 0.5))
