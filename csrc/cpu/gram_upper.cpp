@@ -10,7 +10,7 @@
 // reference, fimfast/ops/gram.py, does from Python).
 //
 // mirror_upper_ completes such a sum where it is read: the upper triangle scaled in place and
-// copied below the diagonal, tile by tile.
+// copied below the diagonal, in 8 x 8 squares.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -156,55 +156,20 @@ void gram_upper_cpu(at::Tensor& out, const at::Tensor& x, bool accumulate) {
 }
 
 // m's upper triangle (diagonal included) times scale, and its transpose below the diagonal, in
-// tiles of kTile x kTile (a tile and its mirror stay in cache)
-constexpr int64_t kTile = 64;
-
+// 8 x 8 squares (the rows a square reads and the rows its mirror writes stay in L1)
 template <typename T>
 void mirror_tiles(T* m, int64_t n, int64_t s0, int64_t s1, T scale) {
-  for (int64_t i0 = 0; i0 < n; i0 += kTile) {
-    const int64_t i1 = std::min(i0 + kTile, n);
-    for (int64_t j0 = i0; j0 < n; j0 += kTile) {
-      const int64_t j1 = std::min(j0 + kTile, n);
+  constexpr int64_t sq = 8;
+  for (int64_t i0 = 0; i0 < n; i0 += sq) {
+    const int64_t i1 = std::min(i0 + sq, n);
+    for (int64_t j0 = i0; j0 < n; j0 += sq) {
+      const int64_t j1 = std::min(j0 + sq, n);
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t j = std::max(j0, i); j < j1; ++j) {
           const T v = m[i * s0 + j * s1] * scale;
           m[i * s0 + j * s1] = v;
           m[j * s0 + i * s1] = v;
         }
-      }
-    }
-  }
-}
-
-// the same for rows of stride 1: a tile right of the diagonal is read by rows (scaled in place),
-// transposed into a buffer that stays in L1 and written to its mirror by rows
-template <typename T>
-void mirror_rows(T* m, int64_t n, int64_t ld, T scale) {
-  constexpr int64_t B = 32;
-  T buf[B * B];
-  for (int64_t i0 = 0; i0 < n; i0 += B) {
-    const int64_t i1 = std::min(i0 + B, n), bi = i1 - i0;
-    for (int64_t i = i0; i < i1; ++i) {  // the diagonal tile
-      for (int64_t j = i; j < i1; ++j) {
-        const T v = m[i * ld + j] * scale;
-        m[i * ld + j] = v;
-        m[j * ld + i] = v;
-      }
-    }
-    for (int64_t j0 = i1; j0 < n; j0 += B) {
-      const int64_t bj = std::min(j0 + B, n) - j0;
-      for (int64_t i = 0; i < bi; ++i) {
-        T* row = m + (i0 + i) * ld + j0;
-        for (int64_t j = 0; j < bj; ++j) {
-          const T v = row[j] * scale;
-          row[j] = v;
-          buf[j * B + i] = v;
-        }
-      }
-      for (int64_t j = 0; j < bj; ++j) {
-        T* dst = m + (j0 + j) * ld + i0;
-        const T* src = buf + j * B;
-        for (int64_t i = 0; i < bi; ++i) dst[i] = src[i];
       }
     }
   }
@@ -217,13 +182,7 @@ void mirror_upper_cpu(at::Tensor& m, double scale) {
               "mirror_upper_: m must be float32 or float64; got ", m.scalar_type());
   const int64_t n = m.size(0);
   if (n == 0) return;
-  if (m.stride(1) == 1) {
-    if (m.scalar_type() == at::kFloat) {
-      mirror_rows<float>(m.mutable_data_ptr<float>(), n, m.stride(0), static_cast<float>(scale));
-    } else {
-      mirror_rows<double>(m.mutable_data_ptr<double>(), n, m.stride(0), scale);
-    }
-  } else if (m.scalar_type() == at::kFloat) {
+  if (m.scalar_type() == at::kFloat) {
     mirror_tiles<float>(m.mutable_data_ptr<float>(), n, m.stride(0), m.stride(1),
                         static_cast<float>(scale));
   } else {
