@@ -5,11 +5,10 @@
 the entries below the diagonal left unspecified (a kernel may leave them or write them): the
 sums of KFAC's factors (:mod:`fimfast.structured.sums`), whose readers mirror the upper triangle.
 The ``cpp`` backend (``csrc/cpu/gram_upper.cpp``) calls the symmetric rank-``k`` update of the
-MKL that torch links (half the multiply-adds of ``x^T x`` in one call; 1.16 against 1.67 ms for
-the five factors of an MLP 784-512-256-10 at 128 rows, one thread); without MKL, and on an
+MKL that torch links (half the multiply-adds of ``x^T x`` in one call); without MKL, and on an
 extension built before the op, the upper block rows below. ``mirror_upper_`` scales the upper
-triangle in place and copies it below the diagonal (the ``cpp`` kernel in 8 x 8 squares: 0.55
-ms for those five factors, against 1.25 ms for the reference, one thread).
+triangle in place and copies it below the diagonal (the ``cpp`` kernel in 8 x 8 squares).
+Timings: ``benchmarks/bench_gram_upper.py``.
 """
 
 from __future__ import annotations
