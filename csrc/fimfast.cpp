@@ -37,6 +37,8 @@ TORCH_LIBRARY(fimfast, m) {
   m.def("sq_matmul(Tensor g, Tensor a) -> Tensor");
   m.def("shared_sq(Tensor G, Tensor A) -> Tensor");
   m.def("pair_gram_(Tensor(a!) A, Tensor[] P, bool accumulate) -> ()");
+  m.def("gram_upper_(Tensor(a!) out, Tensor x, bool accumulate) -> ()");
+  m.def("mirror_upper_(Tensor(a!) m, float scale) -> ()");
   m.def("norm_terms(Tensor G, Tensor X, float? eps) -> (Tensor, Tensor)");
   m.def(
       "accumulate_(Tensor(a!)[] states, Tensor[] grads, str update_mode, float beta, "

@@ -171,6 +171,18 @@ def _register_fakes() -> None:
         def _norm_terms(G, X, eps):
             return G.new_empty((*G.shape[:2], G.shape[3])), G.new_empty((*G.shape[:2], G.shape[3]))
 
+    if hasattr(torch.ops.fimfast, "gram_upper_"):
+
+        @torch.library.register_fake("fimfast::gram_upper_")
+        def _gram_upper(out, x, accumulate):
+            return None
+
+    if hasattr(torch.ops.fimfast, "mirror_upper_"):
+
+        @torch.library.register_fake("fimfast::mirror_upper_")
+        def _mirror_upper(m, scale):
+            return None
+
     @torch.library.register_fake("fimfast::accumulate_")
     def _acc(states, grads, update_mode, beta, scale):
         return None

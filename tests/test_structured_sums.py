@@ -159,8 +159,9 @@ def test_ekfac_refit_channels_last_patches(monkeypatch):
 
 
 def test_blocked_sums_settle_before_state():
-    """Blocked Gram sums leave their lower blocks unwritten until read; a saved state has them
-    0 (no uninitialised memory leaves the process) and resumes to the same factors."""
+    """Blocked Gram sums leave the entries below the diagonal unspecified until read; a saved
+    state has them 0 (no uninitialised memory leaves the process) and resumes to the same
+    factors."""
     from fimfast.structured import FisherAccumulator
 
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def test_blocked_sums_settle_before_state():
     state = acc.state_dict()
     A = state["sums"][0]["A"]
     assert A.shape == (701, 701) and not acc.sums[0].unset
-    assert torch.equal(A[128:, :128], torch.zeros_like(A[128:, :128]))
+    assert torch.equal(A.tril(-1), torch.zeros_like(A))
     again = FisherAccumulator(model, "exact", "kfac", seed=0)
     again.load_state_dict(state)
     for a in (acc, again):
@@ -236,3 +237,35 @@ def test_gram_sums_with_bias_column(n, weights):
         want += y.T @ y
     assert ("A" in s.unset) == (n > sums._BLOCKED)
     torch.testing.assert_close(sums.full_gram(s.A), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("one", [False, True])
+def test_upper_triangle_sums_ignore_the_lower_one(backend, one, monkeypatch):
+    """Above ``sums._BLOCKED`` columns only the upper triangle of a sum is specified: with every
+    entry below the diagonal poisoned (NaN), ``full_gram`` (copy and in place, scaled) and
+    ``HalfGram``'s read and eigenpairs equal the float64 oracle, and ``settle`` zeroes them; with
+    the cpp kernel (MKL's symmetric update where torch links it) and the torch reference."""
+    monkeypatch.setenv("FIMFAST_BACKEND", backend)
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    s = sums.LayerSums()
+    want = torch.zeros(n + one, n + one, dtype=torch.float64)
+    for rows in (5, 140):
+        x = torch.randn(rows, n, generator=g, dtype=torch.float64)
+        sums.gram_into(s, "A", x, one)
+        y = torch.cat([x, torch.ones(rows, 1, dtype=torch.float64)], 1) if one else x
+        want += y.T @ y
+    assert s.unset == {"A"}
+    low = torch.ones_like(s.A).tril(-1).bool()
+    s.A[low] = float("nan")
+    tol = {"rtol": 1e-12, "atol": 1e-11}
+    torch.testing.assert_close(sums.full_gram(s.A, False, 0.5), want * 0.5, **tol)
+    assert s.A[low].isnan().all()  # a copy: the sum is left as it was
+    h = sums.half_gram(s.A, False, 0.25)
+    lam, U = h.eigh()
+    torch.testing.assert_close((U * lam) @ U.T, want * 0.25, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sums.half_gram(s.A, False, 0.25).full(), want * 0.25, **tol)
+    s.settle()
+    assert not s.unset and not s.A[low].any()
+    torch.testing.assert_close(s.A, want.triu(), **tol)

@@ -62,6 +62,14 @@ _IMPLS: dict[str, dict[str, str]] = {
         "cpp": "fimfast.ops.cpp:accumulate_cpp_",
         "cuda": "fimfast.ops.cuda:accumulate_cuda_",
     },
+    "gram_upper_": {
+        "torch": "fimfast.ops.gram:gram_upper_torch_",
+        "cpp": "fimfast.ops.gram:gram_upper_cpp_",
+    },
+    "mirror_upper_": {
+        "torch": "fimfast.ops.gram:mirror_upper_torch_",
+        "cpp": "fimfast.ops.gram:mirror_upper_cpp_",
+    },
     "norm_terms": {
         "torch": "fimfast.ops.norm_terms:norm_terms_torch",
         "cpp": "fimfast.ops.norm_terms:norm_terms_cpp",
@@ -102,6 +110,8 @@ _AUTO_CPU: dict[str, tuple[str, ...]] = {
     "lm_head_probe": ("cpp", "torch"),
     "recurrent_bptt": ("cpp", "torch"),
     "norm_terms": ("cpp", "torch"),
+    "gram_upper_": ("cpp", "torch"),
+    "mirror_upper_": ("cpp", "torch"),
     "recurrent_forward": ("cpp", "torch"),
 }
 

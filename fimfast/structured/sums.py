@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fimfast.ops.gram import gram_upper_, mirror_upper_
 from fimfast.rules.embedding import padding_idx
 from fimfast.structured import gram
 from fimfast.structured.convgram import conv_gram
@@ -28,7 +29,7 @@ class LayerSums:
     G: torch.Tensor | None = None  # output-gradient second moments: (O, O) (as A)
     D: torch.Tensor | None = None  # (O, I') squared projected gradients (EKFAC, quasi-diag)
     cross: torch.Tensor | None = None  # (O, I) weight-bias cross terms (quasi-diag)
-    # fields whose blocks below the diagonal (see gram_into) were never written: read through
+    # fields whose entries below the diagonal (see gram_into) are unspecified: read through
     # full_gram, which overwrites them, or zeroed by settle() before the sums leave the process
     unset: set = field(default_factory=set)
 
@@ -48,21 +49,20 @@ class LayerSums:
         self.unset.clear()
 
     def settle(self) -> None:
-        """Zero the unwritten blocks below the diagonal (before a state is saved or reduced)."""
+        """Zero the unspecified entries below the diagonal (before a state is saved or
+        reduced)."""
         for name in self.unset:
-            m = getattr(self, name)
-            for i in range(0, m.shape[0] - _BLOCK, _BLOCK):
-                m[i + _BLOCK:, i:i + _BLOCK].zero_()
+            getattr(self, name).triu_()
         self.unset.clear()
 
 
-# block rows of a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: only the blocks on
-# and right of the diagonal are computed (one ``addmm_`` per block row, in place into the running
-# sum; 75% of the products of a full ``x^T x`` for 256 columns, 58% for 784, 56% for 1024), and
-# :func:`full_gram` mirrors them when read. Below, one full product. Measured on one CPU thread
-# (float32, MKL): the blocks are faster from about 200 columns on at any number of rows (256
-# columns: 0.094 against 0.112 ms for 128 rows, 0.63 against 0.90 ms for 1024 rows; 192 columns:
-# equal for 128 rows, 0.37 against 0.50 ms for 1024 rows).
+# the upper triangle of a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: summed in
+# place into the running sum by :func:`fimfast.ops.gram.gram_upper_` (a symmetric rank-k update:
+# MKL's where torch links it, half the products of a full ``x^T x``; else the upper block rows of
+# _BLOCK rows, 58% for 784 columns), the entries below the diagonal left unspecified, and
+# :func:`full_gram` mirrors the triangle when read. Below, one full product (blocks are faster
+# from about 200 columns on, one CPU thread, float32: 256 columns 0.094 against 0.112 ms for 128
+# rows; 192 columns equal for 128 rows).
 _BLOCK = 128
 _BLOCKED = 192
 # a convolution's G summed per pair with one batched product up to this many output channels
@@ -73,9 +73,9 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
               c: torch.Tensor | None = None) -> None:
     """Add ``y^T y`` to the field ``name`` of ``s``, with ``y = x`` (``(rows, n)``) or, if
     ``one``, ``y = [x, c]`` (``c``: ``(rows,)``, all ones if ``None``) without forming ``y``: the
-    last row and column are ``x^T c`` and ``c^T c``. For ``n > _BLOCKED`` only the upper block
-    rows of the ``x^T x`` part are summed; the blocks below the diagonal are left unwritten
-    (``s.unset``, see :meth:`LayerSums.settle`): read the sum with :func:`full_gram`."""
+    last row and column are ``x^T c`` and ``c^T c``. For ``n > _BLOCKED`` only the upper triangle
+    of the ``x^T x`` part is summed; the entries below the diagonal are unspecified (``s.unset``,
+    see :meth:`LayerSums.settle`): read the sum with :func:`full_gram`."""
     n = x.shape[1]
     out = getattr(s, name)
     first = out is None
@@ -83,19 +83,16 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
         out = x.new_empty(n + one, n + one)
         setattr(s, name, out)
     core = out[:n, :n] if one else out
-    beta = 0 if first else 1
-    xt = x.T
     if n <= _BLOCKED:
-        core.addmm_(xt, x, beta=beta)
+        core.addmm_(x.T, x, beta=0 if first else 1)
     else:
-        for i in range(0, n, _BLOCK):
-            core[i:i + _BLOCK, i:].addmm_(xt[i:i + _BLOCK], x[:, i:], beta=beta)
+        gram_upper_(core, x, not first)
         if first:
             s.unset.add(name)
-    if one:  # the last column in place, then mirrored to the last row
+    if one:  # the last column in place (mirrored to the last row where the sum is kept full)
         col = out[:n, n]
         if c is not None:
-            col.addmv_(xt, c, beta=beta)
+            col.addmv_(x.T, c, beta=0 if first else 1)
             cc = c @ c
         elif first:
             torch.sum(x, 0, out=col)
@@ -103,7 +100,8 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
         else:
             col += x.sum(0)
             cc = float(x.shape[0])
-        out[n, :n] = col
+        if n <= _BLOCKED:
+            out[n, :n] = col
         if first:
             out[n, n] = cc
         else:
@@ -112,30 +110,25 @@ def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
 
 def full_gram(m: torch.Tensor, inplace: bool = False, scale: float = 1.0) -> torch.Tensor:
     """The symmetric matrix of a sum kept by :func:`gram_into`, times ``scale`` (a new tensor
-    unless ``inplace``): the upper block rows scaled and mirrored in one pass over them."""
+    unless ``inplace``): the upper triangle scaled and mirrored
+    (:func:`fimfast.ops.gram.mirror_upper_`)."""
     n = m.shape[0]
     if n <= _BLOCKED:
         if scale == 1.0:
             return m if inplace else m.clone()
         return m.mul_(scale) if inplace else m * scale
-    out = m if inplace else torch.empty_like(m)
-    for i in range(0, n, _BLOCK):
-        if not inplace:
-            torch.mul(m[i:i + _BLOCK, i:], scale, out=out[i:i + _BLOCK, i:])
-        elif scale != 1.0:
-            out[i:i + _BLOCK, i:].mul_(scale)
-        if i + _BLOCK < n:
-            out[i + _BLOCK:, i:i + _BLOCK] = out[i:i + _BLOCK, i + _BLOCK:].T
+    out = m if inplace else m.clone()
+    mirror_upper_(out, scale)
     return out
 
 
 class HalfGram:
-    """A symmetric factor ``scale * S`` of a sum ``S`` kept by :func:`gram_into`, whose blocks
-    below the diagonal are not written: completed (scaled and mirrored, in place) only where a
+    """A symmetric factor ``scale * S`` of a sum ``S`` kept by :func:`gram_into`, whose entries
+    below the diagonal are unspecified: completed (scaled and mirrored, in place) only where a
     full matrix is read (:meth:`full`); its eigenpairs are taken from the upper triangle as it is
-    (:meth:`eigh`). On one CPU thread the mirror is a transposed copy of half the matrix at about
-    1 ns an entry (0.3 ms for 785 columns, a quarter of the blocked product it completes); the
-    eigendecomposition, the way of ``solve`` and of EKFAC, never needs it."""
+    (:meth:`eigh`). The mirror (:func:`fimfast.ops.gram.mirror_upper_`) is a transposed copy of
+    half the matrix; the eigendecomposition, the way of ``solve`` and of EKFAC, never needs
+    it."""
 
     __slots__ = ("m", "scale")
     is_sparse = False
