@@ -1,7 +1,8 @@
 """Fixed and per-sample cost of a per-sample step of the small convolution nets.
 
-For each workload of :func:`benchmarks.bench_persample_cost.small_cnn` and each batch size of
-``--sizes``, times ``DiagFisher(model, t).step(batch)`` and a training step (forward,
+For each workload of :func:`benchmarks.bench_persample_cost.small_cnn` (or of
+:mod:`benchmarks.workloads`, ``a``-``g``, on the first ``N`` samples of its batch) and each
+batch size of ``--sizes``, times ``DiagFisher(model, t).step(batch)`` and a training step (forward,
 cross-entropy, backward into ``.grad``), interleaved, by the process's CPU time, one torch
 thread, and fits ``time = fixed + N * per_sample`` through the smallest and largest sizes: the
 fixed part is what a step costs whatever its batch (Python frames, operator dispatch), the
@@ -134,11 +135,10 @@ def run(workload: str, kind: str, sizes: list[int], steps: int,
     import torch.nn.functional as F
 
     import fimfast
-    from benchmarks.bench_persample_cost import small_cnn
 
     lines, fit, phases = [], {}, {}
     for N in sizes:
-        model, batch = small_cnn(workload, N)
+        model, batch = _workload(workload, N)
         est = fimfast.DiagFisher(model, kind, seed=0)
 
         def floor(model=model, batch=batch):
@@ -173,6 +173,25 @@ def run(workload: str, kind: str, sizes: list[int], steps: int,
         lines.append(f"| {k} | {a * 1e3:.3f} | {b * 1e3:.3f} | {(a - lo * per) * 1e3:.3f} | "
                      f"{per * 1e6:.1f} |")
     return lines, prof
+
+
+def _workload(name: str, N: int):
+    """``(model, (inputs, labels))``: a small net of :func:`benchmarks.bench_persample_cost.
+    small_cnn` at batch size ``N``, or a workload of :mod:`benchmarks.workloads` (``a``-``g``,
+    full size) on the first ``N`` samples of its batch."""
+    if name in WORKLOAD_KEYS:
+        from benchmarks.workloads import build
+
+        wl = build(name, "full", 0)
+        if N > wl.inputs.shape[0]:
+            raise ValueError(f"--sizes: workload ({name}) has {wl.inputs.shape[0]} samples")
+        return wl.model, (wl.inputs[:N], wl.labels[:N])
+    from benchmarks.bench_persample_cost import small_cnn
+
+    return small_cnn(name, N)
+
+
+WORKLOAD_KEYS = frozenset("abcdefg")
 
 
 def main(argv: list[str] | None = None) -> int:

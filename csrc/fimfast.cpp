@@ -13,13 +13,15 @@
 // csrc/tap_walk.cpp), the check of a parameter walk (csrc/param_walk.cpp), the windows of a
 // convolution's kernel (csrc/cpu/unfold_windows.cpp), the three of a one-probe HUTCHINSON step
 // in one call (csrc/one_probe_step.cpp) and the fold of its squares (csrc/cpu/fold_squares.cpp),
-// the two of a one-column step (csrc/one_column_step.cpp), each called from Python with a
-// Python path beside it (fimfast/finite.py, fimfast/hutchinson.py, fimfast/persample/walk.py,
-// fimfast/parameters.py, fimfast/rules/conv.py, fimfast/prepared.py, fimfast/state.py,
-// fimfast/persample/prepared.py).
+// the two of a one-column step (csrc/one_column_step.cpp) and the fold of its squares
+// (csrc/fold_lanes.cpp), each called from Python with a Python path beside it (fimfast/finite.py,
+// fimfast/hutchinson.py, fimfast/persample/walk.py, fimfast/parameters.py, fimfast/rules/conv.py,
+// fimfast/prepared.py, fimfast/state.py, fimfast/persample/prepared.py,
+// fimfast/persample/lanes.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "fold_lanes.h"
 #include "fold_squares.h"
 #include "graph_walk.h"
 #include "label_range_finite.h"
@@ -84,6 +86,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one_column_step(logits, labels, ignore_index, mode, seed, offset) -> None unless the "
         "rows are all valid, else the score column of probe_logit_grad (mode empirical or mc) as "
         "(1, N, C) (fimfast.persample.prepared)");
+  m.def("fold_lanes", &fimfast::fold_lanes,
+        "fold_lanes(values, G, A, weight, bias, transposed) -> whether it added the squares of "
+        "every entry into the values (bias: sum of G**2 over rows; weight: (G**2)^T A**2), as "
+        "the Python path of a prepared one-column step does, bit for bit "
+        "(fimfast.persample.lanes)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -22,9 +22,30 @@ _STATES: weakref.WeakKeyDictionary[torch.nn.Module, dict[FIMType, DiagFisher]] =
 
 
 def _model_states(model: torch.nn.Module) -> dict[FIMType, DiagFisher]:
+    """The estimators of ``model`` by type (its entry of :data:`_STATES`, made on first use).
+
+    The last model asked for is kept by a weak reference with its entry (:data:`_LAST`): the
+    three calls of a per-batch cycle (``zero_diag_fim``, ``diag_fim_step``, ``get_diag_fim``)
+    then make no weak reference each (``WeakKeyDictionary.setdefault`` does, with its callback).
+    An entry is never replaced while its model lives, so the kept one is the one in
+    :data:`_STATES`."""
+    global _LAST
+    last = _LAST  # (read once: another thread may replace it)
+    if model is not None and last[0]() is model:  # (a dead reference gives None)
+        return last[1]
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    return _STATES.setdefault(model, {})
+    states = _STATES.setdefault(model, {})
+    _LAST = (weakref.ref(model), states)
+    return states
+
+
+def _nothing() -> None:
+    return None
+
+
+# (weak reference to the last model _model_states was asked for, its entry of _STATES)
+_LAST: tuple = (_nothing, None)
 
 
 def zero_diag_fim(model: torch.nn.Module, fim_type: FIMType | str | None = None) -> None:

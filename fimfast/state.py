@@ -60,7 +60,7 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
     (``zero_diag_fim`` + ``diag_fim_step`` + ``get_diag_fim`` per batch) never copies its values;
     elsewhere an ordinary clone (a kernel in the stream order of the writes around it, where a
     device allocator's copy-on-write copy is not)."""
-    if t.device.type == "cpu" and _LAZY_CLONE is not None:
+    if t.is_cpu and _LAZY_CLONE is not None:  # (no device object made)
         return _LAZY_CLONE(t)
     return t.clone()
 

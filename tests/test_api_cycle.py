@@ -53,3 +53,30 @@ def test_zero_then_other_reduction_and_seed():
     ref.step((x, y))
     for k, v in ref.result().items():
         torch.testing.assert_close(get_diag_fim(m, "hutchinson")[k], v, rtol=0, atol=0)
+
+
+def test_the_states_of_models_asked_in_turn_stay_apart():
+    """The last model asked for is kept with its states (fimfast.api._model_states): another
+    model, a model gone and anything but a module still find their own entry or error."""
+    import gc
+
+    from fimfast import api
+
+    a, b = _model(), _model()
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    diag_fim_step(a, (x, y), "empirical")
+    diag_fim_step(b, (2 * x, y), "empirical")
+    assert get_estimator(a, "empirical") is not get_estimator(b, "empirical")
+    ra, rb = get_diag_fim(a, "empirical"), get_diag_fim(b, "empirical")
+    assert any(not torch.equal(ra[k], rb[k]) for k in ra)
+    assert api._model_states(a) is api._STATES[a] and api._model_states(b) is api._STATES[b]
+    c = _model()
+    with pytest.raises(RuntimeError, match="no .* step"):
+        get_diag_fim(c, "empirical")  # a model the last one is not
+    api._model_states(c)
+    del c
+    gc.collect()
+    for bad in (None, "model", 3):  # the reference to the last model is dead now
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            zero_diag_fim(bad)
+    assert len(api._STATES) >= 2 and api._model_states(a) is api._STATES[a]

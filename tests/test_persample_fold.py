@@ -108,15 +108,25 @@ def _oracle(model, batches) -> dict[str, torch.Tensor]:
 
 
 def _spy(monkeypatch) -> list[int]:
-    """The number of kept products each commit folds (``Sums.fold_into``)."""
+    """The number of kept products each commit folds (``Sums.fold_into``, or the extension's
+    ``fold_lanes`` for the lanes of a prepared step: fimfast/persample/lanes.py)."""
+    from fimfast.persample.lanes import Lanes
+
     folds: list[int] = []
-    real = Sums.fold_into
+    real, real_lanes = Sums.fold_into, Lanes.fold_into
 
     def fold_into(self, values):
         folds.append(sum(len(v) for v in self.products.values()))
         return real(self, values)
 
+    def lanes_fold_into(self, values):
+        n, before = len(folds), self.kept
+        real_lanes(self, values)
+        if len(folds) == n and before is not None:  # the extension folded the kept lanes
+            folds.append(sum(w >= 0 for w in before[0][2]))
+
     monkeypatch.setattr(Sums, "fold_into", fold_into)
+    monkeypatch.setattr(Lanes, "fold_into", lanes_fold_into)
     return folds
 
 

@@ -50,6 +50,7 @@ from fimfast.ops.registry import bound
 from fimfast.ops.rng import as_int64
 from fimfast.persample import onecol, squares
 from fimfast.persample.engine import _folds
+from fimfast.persample.lanes import Lanes
 from fimfast.persample.plan import GroupKind, Plan
 from fimfast.prepared import _DTENSOR, _PAIRS, _TENSOR
 from fimfast.step import Step
@@ -263,36 +264,17 @@ def _program(tmpl: _Template, calls: list) -> Program | None:
 def _run(est: DiagFisher, eng, rows, params, cap, tmpl: _Template, prog: Program, block):
     """The estimate of ``prog``: what ``Engine.estimate`` forms for its template with one score
     column (the closed-form logits layer, then :func:`fimfast.persample.onecol.run`), the same
-    operators on the same operands."""
+    operators on the same operands; the squares kept unformed for the extension to fold into the
+    state where it can (:class:`fimfast.persample.lanes.Lanes`)."""
     o, calls = est.opts, cap.calls
     flat = rows.flat
     backend = o.backend
-    acc = Sums([p.shape for p in params], est.state.dtypes, [p.device for p in params])
+    acc = Lanes([p.shape for p in params], est.state.dtypes, [p.device for p in params])
     acc.fold = _folds(backend, flat.device)
     if block is None:
         block = likelihoods.score_columns(rows.detached, rows.labels, est.fim_type, o, est.seed,
                                           est.offset)
     root = block[0]  # Columns.root of one column
-    dtypes = acc.dtypes
-    sq: dict = {}  # Columns.squares: root^2 per dtype, formed once
-
-    def squared(dt):
-        S = sq.get(dt)
-        if S is None:
-            S = sq[dt] = root.square() if root.dtype == dt else root.to(dt).square_()
-        return S
-
-    for index, k, side in prog.head:  # squares.head_closed_form
-        if k is None:
-            acc.add(index, squared(dtypes[index]).sum(0))
-            continue
-        x = calls[k].data["x"]
-        A = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if acc.fold and acc.defer(index, squared(dtypes[index]), A, None, side.transposed,
-                                  squared=True):
-            continue
-        if not acc.defer(index, root, A, None, side.transposed):
-            acc.add(index, squares._weight_sq(side, root, A, backend))
     eng.last_plan = (tmpl, calls)  # bound when read
     eng.add_taps = False  # one column: not streamed
     eng.columns = 1
@@ -303,10 +285,67 @@ def _run(est: DiagFisher, eng, rows, params, cap, tmpl: _Template, prog: Program
     taps = [t for c in ccalls for t in c.taps]
     grads = vjp(flat, [t.handle for t in taps], u, False, False)
     if not onecol._complete(grads):  # the general chunk on the same gradients
+        _head(prog, calls, root, acc, backend)
         onecol._general(eng.last_plan, taps, grads, acc, backend)
     else:
-        _lanes(prog, calls, grads, acc, backend)
+
+        def form() -> None:
+            _head(prog, calls, root, acc, backend)
+            _lanes(prog, calls, grads, acc, backend)
+
+        kept = _entries(prog, calls, root, grads) if acc.fold else None
+        if kept is not None and acc.keep(kept, form):
+            return acc
+        form()
     return acc if (acc.products or acc.rows) else acc.tensors()
+
+
+def _head(prog: Program, calls: list, root: torch.Tensor, acc: Sums, backend) -> None:
+    """The closed-form squares of the logits layer (:func:`fimfast.persample.squares.
+    head_closed_form`) from the score column ``root``."""
+    dtypes = acc.dtypes
+    sq: dict = {}  # Columns.squares: root^2 per dtype, formed once
+
+    def squared(dt):
+        S = sq.get(dt)
+        if S is None:
+            S = sq[dt] = root.square() if root.dtype == dt else root.to(dt).square_()
+        return S
+
+    for index, k, side in prog.head:
+        if k is None:
+            acc.add(index, squared(dtypes[index]).sum(0))
+            continue
+        x = calls[k].data["x"]
+        A = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if acc.fold and acc.defer(index, squared(dtypes[index]), A, None, side.transposed,
+                                  squared=True):
+            continue
+        if not acc.defer(index, root, A, None, side.transposed):
+            acc.add(index, squares._weight_sq(side, root, A, backend))
+
+
+def _entries(prog: Program, calls: list, root: torch.Tensor, grads: list) -> tuple | None:
+    """The arguments of the extension's ``fold_lanes`` after the values for the logits layer
+    (``root``) and the lanes (``grads``) of ``prog``: ``(G, A, weight slots, bias slots,
+    transposed)``; ``None`` where a lane fills a block of its parameter."""
+    G, A, W, B, T = [], [], [], [], []
+    for index, k, side in prog.head:
+        x = None if k is None else calls[k].data["x"]
+        G.append(root)
+        A.append(x if x is None or x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+        W.append(-1 if k is None else index)
+        B.append(index if k is None else -1)
+        T.append(k is not None and side.transposed)
+    for tap, wi, wblock, side, k, bi, bblock in prog.lanes:
+        if wblock is not None or bblock is not None:
+            return None
+        G.append(grads[tap])
+        A.append(None if wi is None else calls[k].data["x"])
+        W.append(-1 if wi is None else wi)
+        B.append(-1 if bi is None else bi)
+        T.append(wi is not None and side.transposed)
+    return G, A, W, B, T
 
 
 def _lanes(prog: Program, calls: list, grads: list, acc: Sums, backend) -> None:

@@ -209,6 +209,9 @@ class Replay:
         modules = self._mods[4]  # the model may hand a layer a weight computed from parameters
         try:
             if not self.functional or self._quiet:
+                if not modules and cap.derived is None:  # dw.computed would do nothing
+                    yield cap
+                    return
                 with dw.computed(cap, self.weights, modules):
                     yield cap
                 return

@@ -1,0 +1,98 @@
+// fold_lanes: the squares of a prepared EMPIRICAL or one-draw MONTE_CARLO step folded into the
+// state in one call (fimfast/persample/lanes.py). The Python path forms the same squares with the
+// same ATen operators: per lane of fimfast.persample.onecol.layout and per closed-form group of
+// the logits layer, S = G**2 (G.to(dt).square()), the bias's S.sum(0) added to its value, the
+// weight's (S^T) @ (A**2) added by addmm_ (fimfast.batch_sums.Sums.defer and fold_into); here
+// without a Python object or a Python call per operator. Every square and sum is formed before
+// the first value is written (a failure leaves the state as it was).
+//
+// The plain case only, else false with nothing formed nor written: CPU tensors, float32 or
+// float64 values, contiguous, each slot at most once (a parameter with two entries sums its
+// parts before the value in the Python path), 2-D G and A with as many rows, a product or a sum
+// of the value's size.
+#include "fold_lanes.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <unordered_set>
+#include <utility>
+
+namespace fimfast {
+
+namespace {
+
+bool plain_value(const at::Tensor& v) {
+  return v.defined() && v.device().is_cpu() && v.is_contiguous() && !v.requires_grad() &&
+         (v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble);
+}
+
+// x**2 in dt, a fresh tensor: x.square() in its own dtype, else x.to(dt).square_()
+at::Tensor square_in(const at::Tensor& x, at::ScalarType dt) {
+  return x.scalar_type() == dt ? x.square() : x.to(dt).square_();
+}
+
+}  // namespace
+
+bool fold_lanes(std::vector<at::Tensor> values, const std::vector<at::Tensor>& G,
+                const std::vector<std::optional<at::Tensor>>& A,
+                const std::vector<int64_t>& weight, const std::vector<int64_t>& bias,
+                const std::vector<bool>& transposed) {
+  const size_t n = G.size();
+  if (A.size() != n || weight.size() != n || bias.size() != n || transposed.size() != n) {
+    return false;
+  }
+  const int64_t slots = static_cast<int64_t>(values.size());
+  std::unordered_set<int64_t> taken;
+  for (size_t e = 0; e < n; ++e) {
+    const at::Tensor& g = G[e];
+    if (!g.defined() || !g.device().is_cpu() || g.dim() != 2) return false;
+    for (const int64_t i : {weight[e], bias[e]}) {
+      if (i < 0) continue;
+      if (i >= slots || !taken.insert(i).second || !plain_value(values[i])) return false;
+    }
+    if (bias[e] >= 0 && values[bias[e]].numel() != g.size(1)) return false;
+    if (weight[e] >= 0) {
+      if (!A[e].has_value() || !A[e]->defined()) return false;
+      const at::Tensor& a = *A[e];
+      if (!a.device().is_cpu() || a.dim() != 2 || a.size(0) != g.size(0) ||
+          values[weight[e]].numel() != g.size(1) * a.size(1)) {
+        return false;
+      }
+    }
+  }
+  at::NoGradGuard no_grad;
+  // every square first (the values are written only once all are formed)
+  std::vector<std::pair<int64_t, at::Tensor>> sums;
+  std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>> products;
+  for (size_t e = 0; e < n; ++e) {
+    at::Tensor S;
+    at::ScalarType dt = at::kFloat;
+    if (weight[e] >= 0) {
+      dt = values[weight[e]].scalar_type();
+      S = square_in(G[e], dt);
+      const at::Tensor A2 = square_in(*A[e], dt);
+      if (transposed[e]) {
+        products.emplace_back(weight[e], A2.t(), S);
+      } else {
+        products.emplace_back(weight[e], S.t(), A2);
+      }
+    }
+    if (bias[e] >= 0) {
+      const at::ScalarType db = values[bias[e]].scalar_type();
+      if (!S.defined() || db != dt) S = square_in(G[e], db);
+      sums.emplace_back(bias[e], S.sum(0));
+    }
+  }
+  for (auto& [i, s] : sums) values[i].add_(s.view(values[i].sizes()));
+  for (auto& [i, a, b] : products) {
+    at::Tensor v = values[i];
+    if (v.dim() != 2 || v.size(0) != a.size(0) || v.size(1) != b.size(1)) {
+      v = v.view({a.size(0), b.size(1)});
+    }
+    v.addmm_(a, b);
+  }
+  return true;
+}
+
+}  // namespace fimfast
