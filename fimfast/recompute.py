@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as _ckpt
 
 _FILE = _ckpt.__file__
@@ -151,3 +152,31 @@ def follow(module: torch.nn.Module, cap: Any, forward) -> bool:
 def _shadow_of(cap: Any) -> Shadow:
     s = cap.shadow = Shadow(cap)
     return s
+
+
+def functional(mode: Any, func, args: tuple, kwargs: dict) -> Any:
+    """A call that :class:`fimfast.functional.FunctionalMode` sees under saved-tensor hooks
+    (a non-reentrant checkpoint's forward, whose recomputation runs without the capture): only
+    ``F.linear``'s, the convolutions' and the views' handlers record it, whose operations are
+    the call's own, the weight the parameter or a view of it made again (a view op saves
+    nothing), with weights that are functions of a parameter (``W * mask``, computed weights)
+    left as they are; in a forward, not a recomputation. Any other call runs as it is, and its
+    parameters take the generic path."""
+    from fimfast import functional as fn  # it imports this module
+
+    handler = {F.linear: fn._linear, torch.conv1d: fn._conv, torch.conv2d: fn._conv,
+               torch.conv3d: fn._conv}.get(func)
+    if handler is None and func in fn._TRANSPOSES | fn._RESHAPES:
+        handler = fn._view
+    if (
+        handler is None or torch.compiler.is_compiling() or not mode.cap.active
+        or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1
+    ):
+        return func(*args, **kwargs)
+    views = mode.views  # the views of parameters only: no function of one is made again
+    mode.views = {k: v for k, v in views.items() if v[4] is None}
+    try:
+        return handler(mode, func, args, kwargs)
+    finally:
+        views.update(mode.views)
+        mode.views = views

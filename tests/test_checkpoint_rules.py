@@ -16,6 +16,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
 from adversarial import max_rel, nonzero, step_oracle
 from tolerances import DET_REL_F64
@@ -74,7 +75,7 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    """Input projection, two layers, mean-pooled head; ``ck`` (a :data:`VARIANTS` key or
+    """Input projection, two layers, mean over positions, head; ``ck`` (a :data:`VARIANTS` key or
     ``None``) checkpoints the layers. ``layer``: ``"encoder"`` (``nn.TransformerEncoderLayer``)
     or keyword arguments of :class:`Block`."""
 
@@ -90,35 +91,88 @@ class Net(nn.Module):
         self.ck = ck
 
     def forward(self, x):
-        h = self.inp(x)
-        kw = VARIANTS.get(self.ck)
-        if self.ck is None:
-            h = self.layers(h)
-        elif kw == "sequential":
-            h = ckpt.checkpoint_sequential(self.layers, 2, h, use_reentrant=False)
-        elif kw is None:  # nested: an outer segment around the inner ones
-            def inner(t):
-                for m in self.layers:
-                    t = ckpt.checkpoint(m, t, use_reentrant=False)
-                return t
-
-            h = ckpt.checkpoint(inner, h, use_reentrant=False)
-        else:
-            for m in self.layers:
-                h = ckpt.checkpoint(m, h, use_reentrant=False, **kw)
-        return self.o(h.mean(1))
+        return self.o(_segments(self.ck, self.layers, self.inp(x)).mean(1))
 
 
-def _batches(k: int = 2):
+def _segments(ck: str | None, layers, h):
+    """``h`` through ``layers`` (an ``nn.Sequential``), checkpointed as ``ck`` says."""
+    kw = VARIANTS.get(ck)
+    if ck is None:
+        return layers(h)
+    if kw == "sequential":
+        return ckpt.checkpoint_sequential(layers, 2, h, use_reentrant=False)
+    if kw is None:  # nested: an outer segment around the inner ones
+        def inner(t):
+            for m in layers:
+                t = ckpt.checkpoint(m, t, use_reentrant=False)
+            return t
+
+        return ckpt.checkpoint(inner, h, use_reentrant=False)
+    for m in layers:
+        h = ckpt.checkpoint(m, h, use_reentrant=False, **kw)
+    return h
+
+
+class Last(nn.Module):
+    """A recurrent layer's output sequence (``nn.RNN``/``LSTM``/``GRU``, batch first), or the
+    hidden states of a cell looped over the steps (``nn.GRUCell``/``LSTMCell``)."""
+
+    def __init__(self, rnn: nn.Module, packed: bool = False):
+        super().__init__()
+        self.rnn, self.packed = rnn, packed
+
+    def forward(self, x):
+        if isinstance(self.rnn, nn.RNNCellBase):
+            h, out = None, []
+            for t in range(x.shape[1]):
+                h = self.rnn(x[:, t], h)
+                out.append(h if isinstance(h, torch.Tensor) else h[0])
+            return torch.stack(out, 1)
+        if self.packed:  # sample n keeps its first T - n % 2 steps
+            lengths = [x.shape[1] - n % 2 for n in range(x.shape[0])]
+            p = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                  enforce_sorted=False)
+            return nn.utils.rnn.pad_packed_sequence(self.rnn(p)[0], batch_first=True)[0]
+        return self.rnn(x)[0]
+
+
+RECURRENT = {
+    "gru_2_layers": lambda: Last(nn.GRU(D, D, num_layers=2, batch_first=True, dropout=0.3)),
+    "lstm_bidir_proj": lambda: Last(nn.LSTM(D, D, batch_first=True, bidirectional=True,
+                                            proj_size=D // 2)),
+    "rnn_packed": lambda: Last(nn.RNN(D, D, batch_first=True), packed=True),
+    "gru_cell_loop": lambda: Last(nn.GRUCell(D, D)),
+    "lstm_cell_loop": lambda: Last(nn.LSTMCell(D, D)),
+}
+
+
+class RecNet(nn.Module):
+    """Input projection, two recurrent layers of :data:`RECURRENT` (tanh between), mean over
+    positions, head; ``ck`` as :class:`Net`'s."""
+
+    def __init__(self, kind: str, ck: str | None = "each"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.o = nn.Linear(4, D), nn.Linear(D, C)
+        self.layers = nn.Sequential(RECURRENT[kind](), nn.Tanh(), RECURRENT[kind]())
+        self.ck = ck
+
+    def forward(self, x):
+        return self.o(_segments(self.ck, self.layers, self.inp(x)).mean(1))
+
+
+def _batches(k: int = 2, ids: bool = False):
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(N, T, 4, generator=g, dtype=torch.float64),
+    return [(torch.randint(0, C, (N, T), generator=g) if ids else
+             torch.randn(N, T, 4, generator=g, dtype=torch.float64),
              torch.randint(0, C, (N,), generator=g)) for _ in range(k)]
 
 
-def _run(model: Net, fim_type: str, batches=None, **kw):
+def _run(model: Net, fim_type: str, batches=None, generic: frozenset = frozenset(), **kw):
     """``(estimator, oracle)`` after stepping the batches; the oracle of each step is the model's
-    without checkpointing, from the random state the step started from."""
-    batches = batches or _batches()
+    without checkpointing, from the random state the step started from. The per-sample types
+    must put exactly the parameters named in ``generic`` on the generic path."""
+    batches = batches or _batches(ids=isinstance(model, FnNet))
     est = fimfast.DiagFisher(model, fim_type, seed=7, **kw)
     ref: dict = {}
     for b in batches:
@@ -126,7 +180,7 @@ def _run(model: Net, fim_type: str, batches=None, **kw):
         est.step(b)
         if fim_type in PER_SAMPLE:
             plan = est._persample.last_plan
-            assert not plan.generic, {est.names[i]: plan.reasons[i] for i in plan.generic}
+            assert {est.names[i] for i in plan.generic} == generic, plan.reasons
         after, ck = torch.get_rng_state(), model.ck
         torch.set_rng_state(rng)
         model.ck = None
@@ -245,3 +299,89 @@ def test_other_saved_tensor_hooks_leave_attention_generic_and_exact(fim_type):
     assert generic and all(".self_attn." in n for n in generic)
     ref = step_oracle(model, b, fim_type, est.seed, 0)
     assert nonzero(ref) and max_rel(est, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("kind", sorted(RECURRENT))
+def test_checkpointed_recurrent_layers_keep_their_rules(kind, fim_type):
+    """In train mode: the GRU's dropout between its layers is drawn again, from the same state,
+    by every recomputation."""
+    est, ref = _run(RecNet(kind, "each").double().train(), fim_type)
+    assert max_rel(est, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("fim_type", ["exact", "empirical"])
+@pytest.mark.parametrize("variant", ["nested", "no_check", "no_rng", "sequential"])
+@pytest.mark.parametrize("kind", ["gru_2_layers", "lstm_cell_loop"])
+def test_checkpointed_recurrent_variants(kind, variant, fim_type):
+    model = RecNet(kind, variant).double()
+    model.train(variant != "no_rng")  # without the random state replayed: no dropout
+    est, ref = _run(model, fim_type)
+    assert max_rel(est, ref) <= DET_REL_F64
+    _no_instance_forward(model)
+
+
+class FnNet(nn.Module):
+    """Token table, a Linear, then a functional use of a bare weight (``kind``: ``F.linear`` of
+    its transpose, a ``F.conv1d`` kernel, or ``F.linear`` of the weight times a mask), and an
+    output head tied to the table through ``F.linear``: all in one segment (``ck`` as
+    :class:`Net`'s, the segment's body one "layer")."""
+
+    def __init__(self, kind: str, ck: str | None = "each"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.lin = nn.Embedding(C, D), nn.Linear(D, D)
+        if kind == "conv":
+            self.K = nn.Parameter(0.3 * torch.randn(D, D, 3))
+        elif kind != "tied":
+            self.W = nn.Parameter(0.3 * torch.randn(D, D))
+            self.register_buffer("mask", (torch.rand(D, D) > 0.3).double())
+        self.kind, self.ck = kind, ck
+        self.layers = nn.Sequential(Fn(self._body))
+
+    def _body(self, ids):
+        h = torch.tanh(self.lin(self.emb(ids)))
+        if self.kind == "transposed":
+            h = torch.tanh(F.linear(h, self.W.t()))
+        elif self.kind == "conv":
+            h = torch.tanh(F.conv1d(h.transpose(1, 2), self.K, padding=1)).transpose(1, 2)
+        elif self.kind == "masked":
+            h = torch.tanh(F.linear(h, self.W * self.mask))
+        elif self.kind == "masked_outside":
+            h = torch.tanh(F.linear(h, self.masked))
+        return F.linear(h.mean(1), self.emb.weight)
+
+    def forward(self, ids):
+        if self.kind == "masked_outside":  # made before the segment, used in it
+            self.masked = self.W * self.mask
+        return _segments(self.ck, self.layers, ids)
+
+
+class Fn(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return self.f(x)
+
+
+# the parameters each kind leaves to the generic path inside a segment (a weight that is a
+# function of a parameter would be made again by the capture: more saved tensors than the
+# recomputation, without the capture, saves)
+FN_GENERIC = {"tied": frozenset(), "transposed": frozenset(), "conv": frozenset(),
+              "masked": frozenset({"W"}), "masked_outside": frozenset({"W"})}
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("kind", sorted(FN_GENERIC))
+def test_checkpointed_functional_calls_are_captured(kind, fim_type):
+    model = FnNet(kind).double()
+    est, ref = _run(model, fim_type, generic=FN_GENERIC[kind])
+    assert max_rel(est, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("variant", ["nested", "no_check", "no_early_stop"])
+def test_checkpointed_functional_variants(variant):
+    est, ref = _run(FnNet("transposed", variant).double(), "exact")
+    assert max_rel(est, ref) <= DET_REL_F64
