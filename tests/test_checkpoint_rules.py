@@ -385,3 +385,16 @@ def test_checkpointed_functional_calls_are_captured(kind, fim_type):
 def test_checkpointed_functional_variants(variant):
     est, ref = _run(FnNet("transposed", variant).double(), "exact")
     assert max_rel(est, ref) <= DET_REL_F64
+
+
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag", "dense"])
+def test_structured_representations_of_a_checkpointed_encoder(rep):
+    """The structured Fisher's attention replay (fimfast/structured/attention.py) runs the same
+    rewritten forward: the checkpointed encoder's representation is the plain encoder's."""
+    out = []
+    for ck in (None, "each"):
+        model = Net("encoder", ck).double().eval()
+        out.append(fimfast.fisher(model, _batches(1), "exact", representation=rep,
+                                  reduction="sum").to_dense())
+    assert float(out[0].abs().max()) > 0
+    torch.testing.assert_close(out[1], out[0], rtol=1e-10, atol=1e-14)
