@@ -154,6 +154,9 @@ def _shadow_of(cap: Any) -> Shadow:
     return s
 
 
+_SAME: dict = {}  # the functional handlers that run a call's own operations (filled once)
+
+
 def functional(mode: Any, func, args: tuple, kwargs: dict) -> Any:
     """A call that :class:`fimfast.functional.FunctionalMode` sees under saved-tensor hooks
     (a non-reentrant checkpoint's forward, whose recomputation runs without the capture): only
@@ -162,12 +165,13 @@ def functional(mode: Any, func, args: tuple, kwargs: dict) -> Any:
     nothing), with weights that are functions of a parameter (``W * mask``, computed weights)
     left as they are; in a forward, not a recomputation. Any other call runs as it is, and its
     parameters take the generic path."""
-    from fimfast import functional as fn  # it imports this module
+    if not _SAME:
+        from fimfast import functional as fn  # it imports this module
 
-    handler = {F.linear: fn._linear, torch.conv1d: fn._conv, torch.conv2d: fn._conv,
-               torch.conv3d: fn._conv}.get(func)
-    if handler is None and func in fn._TRANSPOSES | fn._RESHAPES:
-        handler = fn._view
+        _SAME.update(dict.fromkeys(fn._TRANSPOSES | fn._RESHAPES, fn._view))
+        _SAME.update({F.linear: fn._linear, torch.conv1d: fn._conv, torch.conv2d: fn._conv,
+                      torch.conv3d: fn._conv})
+    handler = _SAME.get(func)
     if (
         handler is None or torch.compiler.is_compiling() or not mode.cap.active
         or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1
