@@ -97,7 +97,7 @@ class FunctionalMode(TorchFunctionMode):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
         if handler is None or not self.capturing():  # under a checkpoint: fimfast.recompute
-            if handler is not None and saved_tensor_hooks_active():
+            if handler is not None and recompute.hooked():
                 return recompute.functional(self, func, args, kwargs)
             return func(*args, **kwargs)
         return handler(self, func, args, kwargs)

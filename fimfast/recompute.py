@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as _ckpt
 
+from fimfast.hooks import saved_tensor_hooks_active
+
 _FILE = _ckpt.__file__
 _FRAME = getattr(_ckpt, "_CheckpointFrame", None)
 _MISSING = object()
@@ -152,6 +154,12 @@ def follow(module: torch.nn.Module, cap: Any, forward) -> bool:
 def _shadow_of(cap: Any) -> Shadow:
     s = cap.shadow = Shadow(cap)
     return s
+
+
+def hooked() -> bool:
+    """Whether the forward runs under saved-tensor hooks, outside a ``torch.compile`` trace
+    (which traces the functional capture's mode: ``is_compiling`` first, a constant there)."""
+    return not torch.compiler.is_compiling() and saved_tensor_hooks_active()
 
 
 _SAME: dict = {}  # the functional handlers that run a call's own operations (filled once)
