@@ -16,8 +16,10 @@ child's figures) and ``PATH.md``.
 ``--fim-types exact,hutchinson`` times those types on every workload instead; ``exact:cc9`` is
 EXACT with ``class_chunk=9`` (every column in one batched backward). Workload ``mha_bias_kv`` is
 that of :mod:`benchmarks.bench_recurrent`, ``resnet_bn``, ``groupnorm_cnn`` and ``conv1d_dilated``
-the small classifiers of :func:`small_cnn` (defined here, so that a tree compared with ``--trees``
-needs no module of its own for them), the other names those of :mod:`benchmarks.bench_layers`.
+the small classifiers of :func:`small_cnn`, ``encoder``, ``gru``, ``tied`` and their ``_ckpt``
+variants (checkpointed) those of :func:`checkpointed` (both defined here, so that a tree
+compared with ``--trees`` needs no module of its own for them), the other names those of
+:mod:`benchmarks.bench_layers`.
 """
 
 from __future__ import annotations
@@ -83,6 +85,59 @@ def small_cnn(name: str, N: int = 16):
 
 
 SMALL_CNNS = ("resnet_bn", "groupnorm_cnn", "conv1d_dilated")
+CHECKPOINTED = ("encoder", "encoder_ckpt", "gru", "gru_ckpt", "tied", "tied_ckpt")
+
+
+def checkpointed(name: str, N: int = 16):
+    """``(model, (inputs, labels))`` of a small model whose body runs, for names ending in
+    ``_ckpt``, in ``torch.utils.checkpoint(..., use_reentrant=False)`` segments (float32, 10
+    classes, sequences of 16 steps):
+
+    * ``encoder``: Linear(8, 64) - 2 x nn.TransformerEncoderLayer(64, 4, 128, dropout=0,
+      batch_first=True), one segment each - mean over positions - Linear(64, 10), eval mode;
+    * ``gru``: nn.GRU(8, 32, batch_first=True) in one segment - last step - Linear(32, 10);
+    * ``tied``: Embedding(10, 32) - tanh(Linear(32, 32)) - mean over positions - F.linear(h,
+      emb.weight) (a head tied to the table through a functional call), all in one segment."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ck = name.endswith("_ckpt")
+    base = name.removesuffix("_ckpt")
+
+    def seg(f, *a):
+        return checkpoint(f, *a, use_reentrant=False) if ck else f(*a)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if base == "encoder":
+                self.inp, self.o = nn.Linear(8, 64), nn.Linear(64, 10)
+                self.layers = nn.ModuleList(nn.TransformerEncoderLayer(
+                    64, 4, 128, dropout=0.0, batch_first=True) for _ in range(2))
+            elif base == "gru":
+                self.rnn, self.o = nn.GRU(8, 32, batch_first=True), nn.Linear(32, 10)
+            elif base == "tied":
+                self.emb, self.lin = nn.Embedding(10, 32), nn.Linear(32, 32)
+            else:
+                raise KeyError(name)
+
+        def forward(self, x):
+            if base == "encoder":
+                h = self.inp(x)
+                for m in self.layers:
+                    h = seg(m, h)
+                return self.o(h.mean(1))
+            if base == "gru":
+                return self.o(seg(lambda t: self.rnn(t)[0][:, -1], x))
+            return seg(lambda i: F.linear(torch.tanh(self.lin(self.emb(i))).mean(1),
+                                          self.emb.weight), x)
+
+    model = M().eval()
+    x = torch.randint(0, 10, (N, 16)) if base == "tied" else torch.randn(N, 16, 8)
+    return model, (x, torch.randint(0, 10, (N,)))
 
 
 def _child(workload: str, types: list[str], steps: int) -> dict:
@@ -111,6 +166,11 @@ def _child(workload: str, types: list[str], steps: int) -> dict:
             return model(x), y
     elif workload in SMALL_CNNS:
         model, batch = small_cnn(workload)
+
+        def logits():
+            return model(batch[0]), batch[1]
+    elif workload in CHECKPOINTED:
+        model, batch = checkpointed(workload)
 
         def logits():
             return model(batch[0]), batch[1]

@@ -32,9 +32,9 @@ count requires; anything else leaves the parameter to the generic path):
 
 A call inside the forward of a module that has a rule, with a parameter of that module, is left
 to the module's rule (``nn.Linear``'s own ``F.linear``); one with a parameter of another module is
-recorded. Nothing is recorded with gradients disabled, under saved-tensor hooks (non-reentrant
-``torch.utils.checkpoint``: the backward recomputes that forward without the capture) or while
-``torch.compile`` traces.
+recorded. Nothing is recorded with gradients disabled or while ``torch.compile`` traces; under
+saved-tensor hooks (non-reentrant ``torch.utils.checkpoint``, whose backward recomputes the
+segment without the capture) only the calls that run their own operations: :mod:`fimfast.recompute`.
 
 A transposed or reshaped view of a parameter is remembered when it is made; the call that
 consumes it makes the view again from the parameter, so the view the model made is left without
@@ -58,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from fimfast import functional_derived as fder
 from fimfast import functional_ops as fops
+from fimfast import recompute
 from fimfast.functional_computed import record_elementwise, site_ids
 from fimfast.functional_ops import _bind, _tuple
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
@@ -95,7 +96,9 @@ class FunctionalMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
-        if handler is None or not self.capturing():
+        if handler is None or not self.capturing():  # under a checkpoint: fimfast.recompute
+            if handler is not None and recompute.hooked():
+                return recompute.functional(self, func, args, kwargs)
             return func(*args, **kwargs)
         return handler(self, func, args, kwargs)
 

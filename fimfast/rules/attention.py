@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fimfast import recompute
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
 from fimfast.rules import attention_node
 from fimfast.rules.base import Rule, Term, UseKind, _linear_terms, patch_forward, trainable
@@ -66,14 +67,13 @@ def _mha_forward(
         cap, mod.in_proj_weight, mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight,
         mod.in_proj_bias, mod.out_proj.weight, mod.out_proj.bias, mod.bias_k, mod.bias_v,
     )
+    # a recomputation (fimfast.recompute) runs the forward its first run ran, capture or not
     plain = (
-        not cap.active
-        or not torch.is_grad_enabled()
-        or saved_tensor_hooks_active()
-        or not ps
+        not torch.is_grad_enabled()
         or query.dim() != 3
         or (mod.training and mod.dropout > 0.0)
         or query.is_nested
+        or (not recompute.replaying(cap) and (not cap.active or not ps))
     )
     if plain:
         return type(mod).forward(mod, *args)
@@ -83,6 +83,10 @@ def _mha_forward(
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     if not _reproducible(mod, query, key, value, key_padding_mask, attn_mask, is_causal):
         return type(mod).forward(mod, *args)  # torch raises its own error for bad shapes
+    # inside a non-reentrant checkpoint: its recomputations run this forward again
+    hooked = saved_tensor_hooks_active()
+    if hooked and not recompute.follow(mod, cap, lambda c: partial(_mha_forward, rule, mod, c)):
+        return type(mod).forward(mod, *args)
     kpm, am, is_causal = _masks(query, key_padding_mask, attn_mask, is_causal, need_weights)
 
     rec = _Recorder(mod, cap, {id(p) for p in ps})
@@ -91,7 +95,8 @@ def _mha_forward(
     q, k, v, src = _in_projections(mod, rec, query, key, value, same_kv, same_qkv)
     if mod.bias_k is not None or mod.add_zero_attn:
         k, v, kpm, am, src = _extend(mod, rec, k, v, kpm, am, src)
-    fold = src if cap.memo.get(seen, 2) > 1 else None
+    # (the folded node reads the attention's saved tensors, which a checkpoint recomputes)
+    fold = src if not hooked and cap.memo.get(seen, 2) > 1 else None
     ctx, weights = _attend(mod, q, k, v, am, kpm, need_weights, average_attn_weights, is_causal,
                            fold)
     out = rec.out_projection(ctx)

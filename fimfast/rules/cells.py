@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fimfast import recompute
 from fimfast.hooks import Call, Capture, Use, saved_tensor_hooks_active
 from fimfast.rules.base import Outer, Rule, Term, UseKind, Vec, front, patch_forward, trainable
 from fimfast.rules.cell_steps import cell_step
@@ -133,8 +134,10 @@ def _plain(mod: nn.Module, cap: Capture, ps: list, x) -> bool:
     """Whether this call runs torch's own forward (see the module docstring)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.is_nested or x.shape[0] == 0:
         return True  # an unbatched (1-D) input, or no batch at all
-    if not cap.active or not torch.is_grad_enabled() or saved_tensor_hooks_active() or not ps:
+    if not torch.is_grad_enabled():
         return True
+    if not recompute.replaying(cap) and (not cap.active or not ps):
+        return True  # (a recomputation runs what its first forward ran: fimfast.recompute)
     w = mod.weight_ih
     if torch.is_autocast_enabled(x.device.type):
         return True  # the cell's casts are autocast's: torch's forward keeps them
@@ -150,8 +153,9 @@ def _cell_forward(rule: CellRule, mod: nn.Module, cap: Capture, input, hx=None):
     if mode is None or _plain(mod, cap, ps, input):
         return type(mod).forward(mod, input, hx)
     state = _state(mod, mode, input, hx)
-    if state is None:
-        return type(mod).forward(mod, input, hx)
+    if state is None or (saved_tensor_hooks_active() and not recompute.follow(
+            mod, cap, lambda c: partial(_cell_forward, rule, mod, c))):
+        return type(mod).forward(mod, input, hx)  # (hooks not a checkpoint's: generic path)
     h, c = state
     w_ih, w_hh, b_ih, b_hh = ws
     taken = {id(q) for q in ps}

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from fimfast import recompute
 from fimfast.hooks import Call, Capture, Tap, Use, saved_tensor_hooks_active
 from fimfast.rules import recurrent_scan
 from fimfast.rules.base import (
@@ -196,8 +197,10 @@ def _plain(mod: nn.RNNBase, cap: Capture, ps: list, x) -> bool:
         x = x.data.unsqueeze(0)
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.is_nested:
         return True  # unbatched input
-    if not cap.active or not torch.is_grad_enabled() or saved_tensor_hooks_active() or not ps:
+    if not torch.is_grad_enabled():
         return True
+    if not recompute.replaying(cap) and (not cap.active or not ps):
+        return True  # (a recomputation runs what its first forward ran: fimfast.recompute)
     w = mod.weight_ih_l0
     return x.dtype != w.dtype or x.device != w.device or x.shape[-1] != mod.input_size or (
         x.shape[0] == 0 or x.shape[1] == 0
@@ -218,8 +221,9 @@ def _rnn_forward(rule: RecurrentRule, mod: nn.RNNBase, cap: Capture, input, hx=N
     else:
         x = input.transpose(0, 1) if mod.batch_first else input  # (T, N, I)
     init = _initial(mod, x, hx)
-    if init is None:
-        return type(mod).forward(mod, input, hx)
+    if init is None or (saved_tensor_hooks_active() and not recompute.follow(
+            mod, cap, lambda c: partial(_rnn_forward, rule, mod, c))):
+        return type(mod).forward(mod, input, hx)  # (hooks not a checkpoint's: generic path)
     h0, c0 = init
     rec = _Recorder(mod, cap, {id(p) for p in ps})
     rec.masks = masks
