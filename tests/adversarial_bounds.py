@@ -20,8 +20,8 @@ the estimator's seed and offset), built here from its definition (docs/math.md Â
   probabilities): there the solver's choice (float64 ``core_topk``) is taken after checking it
   is an orthonormal eigenbasis of the exact matrix. ``rankk_solver="power"``: ``lr_power_itrs``
   power iterations from ``e_top - 1/C``, products ``p o v - p (p^T v)``, Gram-Schmidt deflation
-  (the paper's solver). Bernoulli and gaussian: the ``k`` largest diagonal entries (ties by
-  lower class index).
+  (the paper's solver), then Gram-Schmidt twice more and the Rayleigh quotients. Bernoulli and
+  gaussian: the ``k`` largest diagonal entries (ties by lower class index).
 """
 
 from __future__ import annotations
@@ -126,7 +126,12 @@ def _power(p: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Ten
                     x = x - (x @ y) * y
                 out.append(x / max(float(x.norm()), torch.finfo(p.dtype).tiny))
             v = out
-        for j, x in enumerate(v):
+        out = []  # the finishing step: Gram-Schmidt twice more, then the Rayleigh quotients
+        for x in v:
+            for y in out + out:
+                x = x - (x @ y) * y
+            out.append(x / max(float(x.norm()), torch.finfo(p.dtype).tiny))
+        for j, x in enumerate(out):
             vec[r, j], lam[r, j] = x, x @ M(x)
     return lam, sign_rule(vec)
 
