@@ -144,6 +144,8 @@ class DiagFIM(Mapping[str, torch.Tensor]):
             damping = float(damping)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
             raise ValueError(f"damping must be a number >= 0; got {damping!r}")
+        if damping == 0:
+            self._check_invertible()
         for k, v in self._d.items():
             if bool((v + damping == 0).any()):
                 raise ValueError(
@@ -151,6 +153,29 @@ class DiagFIM(Mapping[str, torch.Tensor]):
                     f"to {-damping!r}; use damping > 0"
                 )
         return float(damping)
+
+    def _check_invertible(self) -> None:
+        """With ``damping=0``: refuse entries zero up to rounding, at most ``P * eps * max|F|``
+        in absolute value (``P`` entries; the tolerance of ``torch.linalg.matrix_rank``, as the
+        structured representations' ``check_invertible``): their reciprocals would be noise of
+        any size and sign (a structural zero computed as ``1e-44``)."""
+        vals = [v.detach() for v in self._d.values() if v.numel()]
+        if not vals:
+            return
+        if not all(bool(torch.isfinite(v).all()) for v in vals):
+            raise ValueError("damping=0 on a diagonal with non-finite entries; use damping > 0")
+        top = max(float(v.abs().max()) for v in vals)
+        n = sum(v.numel() for v in vals)
+        for k, v in self._d.items():
+            if not v.numel():
+                continue
+            tol = n * torch.finfo(v.dtype).eps * top if v.is_floating_point() else 0.0
+            low = float(v.detach().abs().min())
+            if not low > tol:
+                raise ValueError(
+                    f"damping=0 leaves F singular: {k!r} has an entry {low:.3g} against the "
+                    f"largest {top:.3g} (zero up to rounding below {tol:.3g}); use damping > 0"
+                )
 
     def solve(self, v: Vector, damping: float = 1e-3) -> Vector:
         """``(F + damping I)^{-1} v``, in the form of ``v``."""

@@ -78,13 +78,17 @@ def probe_factor(
 
 
 def diagonal_topk(z: torch.Tensor, likelihood: str, sigma2: float, k: int):
-    """Top-k eigenpairs of a diagonal core FIM: its k largest entries and unit vectors."""
+    """Top-k eigenpairs of a diagonal core FIM: its k largest entries (ties by lower class
+    index) and unit vectors."""
     dt = compute_dtype(z.dtype)
     if likelihood == "bernoulli":
         d = bernoulli_core(z.to(dt))
     else:
         d = torch.full(z.shape, 1.0 / sigma2, dtype=dt, device=z.device)
-    lam, idx = torch.topk(d, k, dim=-1)
+    # ties by lower class index (torch.topk's order among equal values is unspecified: it
+    # differs with C and the device, and the gaussian core FIM is all ties)
+    idx = torch.sort(d, dim=-1, descending=True, stable=True).indices[..., :k]
+    lam = torch.gather(d, -1, idx)
     vec = torch.nn.functional.one_hot(idx, z.shape[-1]).to(dt)
     return lam, vec
 

@@ -108,8 +108,14 @@ def core_matrix(z: torch.Tensor, likelihood: str, sigma2: float = 1.0) -> torch.
 
 
 def core_rank_k(z: torch.Tensor, likelihood: str, k: int, sigma2: float = 1.0) -> torch.Tensor:
-    """``(R, C, C)`` best rank-``k`` part of ``I(z)`` (top-``k`` eigenpairs by ``eigh``)."""
+    """``(R, C, C)`` best rank-``k`` part of ``I(z)`` (top-``k`` eigenpairs by ``eigh``; for a
+    diagonal ``I`` its ``k`` largest entries, ties by lower class index, as RANKK keeps them)."""
     I = core_matrix(z, likelihood, sigma2)
+    if likelihood != "categorical":
+        d = I.diagonal(dim1=-2, dim2=-1)
+        idx = torch.sort(d, dim=-1, descending=True, stable=True).indices[:, :k]
+        keep = torch.zeros_like(d).scatter_(-1, idx, 1.0)
+        return torch.diag_embed(d * keep)
     ev, V = torch.linalg.eigh(I)
     ev, V = ev[:, -k:], V[:, :, -k:]
     return torch.einsum("rk,rik,rjk->rij", ev, V, V)
@@ -179,7 +185,7 @@ def hutchinson_factor(z: torch.Tensor, likelihood: str, kind: str, k: int = 2,
     d = core_matrix(z, likelihood, sigma2).diagonal(dim1=-2, dim2=-1)
     A = torch.diag_embed(d.sqrt())
     if kind == "rankk":
-        idx = torch.topk(d, k, dim=-1).indices
+        idx = torch.sort(d, dim=-1, descending=True, stable=True).indices[:, :k]
         A = torch.gather(A, 1, idx.unsqueeze(-1).expand(R, k, C))
     return A
 

@@ -79,6 +79,47 @@ def test_solve_without_damping_inverts_exactly():
     assert torch.allclose(F.mv(F.solve(v, damping=0)), v, rtol=1e-13)
 
 
+def test_damping_zero_refuses_entries_zero_up_to_rounding():
+    """``damping=0`` refuses an entry within ``P * eps * max|F|`` of zero, as the structured
+    representations' ``check_invertible`` does (before: only entries exactly ``0`` were refused,
+    and a structural zero computed as rounding noise was inverted: 1 / 1e-36)."""
+    F = DiagFIM({"a": torch.tensor([2.0, 1e-30], dtype=torch.float64),
+                 "b": torch.tensor([1.0, 3.0], dtype=torch.float64)})
+    v = torch.ones(4, dtype=torch.float64)
+    for call in (lambda: F.solve(v, damping=0), lambda: F.inverse(0.0),
+                 lambda: F.solve(v, damping=torch.tensor(0.0))):
+        with pytest.raises(ValueError, match=r"damping=0 leaves F singular: 'a' has an entry"):
+            call()
+    assert torch.equal(F.solve(v, damping=1e-3), v / (F.to_vector() + 1e-3))  # damping > 0
+    # just above the tolerance (4 * eps * 3 = 2.7e-15): solved exactly
+    G = DiagFIM({"a": torch.tensor([3.0, 1e-14], dtype=torch.float64)})
+    assert torch.equal(G.solve(torch.ones(2, dtype=torch.float64), damping=0),
+                       1 / G.to_vector())
+    # float32: eps of float32
+    H = DiagFIM({"a": torch.tensor([1.0, 1e-7])})
+    with pytest.raises(ValueError, match="'a'"):
+        H.inverse(0)
+    assert torch.isfinite(DiagFIM({"a": torch.tensor([1.0, 1e-5])}).inverse(0)["a"]).all()
+    with pytest.raises(ValueError, match="non-finite"):
+        DiagFIM({"a": torch.tensor([1.0, float("nan")])}).solve(torch.ones(2), damping=0)
+
+
+def test_damping_zero_refuses_the_key_bias_of_an_attention():
+    """The key bias of an attention leaves the softmax unchanged: its exact Fisher is zero, and
+    computed as rounding noise (~1e-36 here); before, ``solve(v, damping=0)`` returned 1e35."""
+    from test_adversarial_round2 import _singular_model, _token_batches
+
+    model = _singular_model()
+    model.emb.weight.requires_grad_(False)  # the only exact zeros: the rows never looked up
+    F = fimfast.diag_fisher(model, _token_batches(), "exact")
+    assert float(F["att.in_proj_bias"].abs().min()) < 1e-30
+    assert all(float(v.abs().min()) > 1e-10 for k, v in F.items() if k != "att.in_proj_bias")
+    v = torch.ones(F.numel(), dtype=torch.float64)
+    with pytest.raises(ValueError, match="damping=0 leaves F singular: 'att.in_proj_bias'"):
+        F.solve(v, damping=0)
+    assert torch.isfinite(F.solve(v, damping=1e-6)).all()
+
+
 def test_arithmetic_against_dense():
     F, G = _fim(0), _fim(1)
     D, E = F.to_dense(), G.to_dense()

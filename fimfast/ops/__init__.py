@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fimfast.ops import rng
+from fimfast.ops import rng, torch_ref
 from fimfast.ops.registry import (
     BackendUnavailableError,
     available_backends,
@@ -174,7 +174,8 @@ def core_topk(
     ``solver="exact"`` solves the secular equation ``sum_c p_c^2/(p_c - lam) = 1`` in the ``k``
     highest interlacing intervals by safeguarded Newton/bisection, with ties deflated (Helmert
     vectors), exact to rounding. ``solver="power"`` runs ``iters`` power iterations with
-    Gram-Schmidt deflation (the behaviour of the paper's code).
+    Gram-Schmidt deflation (the behaviour of the paper's code), then Gram-Schmidt once more
+    and the Rayleigh quotients (:func:`fimfast.ops.torch_ref.power_finish`).
 
     Args:
         p: ``(R, C)`` probabilities (rows sum to 1), float32|float64.
@@ -194,7 +195,10 @@ def core_topk(
     if solver not in ("exact", "power"):
         raise ValueError(f"solver must be 'exact' or 'power'; got {solver!r}")
     _, fn = resolve("core_topk", backend, p.device)
-    return fn(p, int(k), solver, int(iters))
+    lam, vec = fn(p, int(k), solver, int(iters))
+    if solver == "power":  # Gram-Schmidt once more (see power_finish), on every backend
+        lam, vec = torch_ref.power_finish(p, vec)
+    return lam, vec
 
 
 def sq_matmul(g: torch.Tensor, a: torch.Tensor, backend: str | None = None) -> torch.Tensor:
