@@ -68,9 +68,8 @@ class Block(nn.Module):
     def forward(self, h):
         kv = torch.tanh(h) if self.cross else h
         a = self.attn(h, kv, kv, need_weights=self.weights)[0]
-        # dropout draws its mask in memory order: torch's batch-first attention returns a
-        # transposed view, the rule's forward a contiguous tensor (the oracle's model is plain)
-        h = self.norm(h + self.drop(a.contiguous()))
+        # (dropout draws its mask in memory order: the rule's output has torch's layout)
+        h = self.norm(h + self.drop(a))
         return h + torch.tanh(self.ff(self.drop(h)))
 
 

@@ -101,9 +101,10 @@ def _mha_forward(
                            fold)
     out = rec.out_projection(ctx)
     cap.record(Call(mod, rule, rec.taps, rec.uses, rec.data))
-    if not mod.batch_first:
-        out = out.transpose(0, 1)
-    return out, weights
+    # torch's layout: a contiguous sequence-first output (batch-first: a transposed view of it),
+    # so that what follows and depends on the layout (a dropout's mask) draws what it would draw
+    out = out.transpose(0, 1).contiguous()
+    return (out.transpose(0, 1) if mod.batch_first else out), weights
 
 
 def _reproducible(mod, query, key, value, key_padding_mask, attn_mask, is_causal) -> bool:
