@@ -200,3 +200,27 @@ def test_rows_mixing_samples_after_an_empty_step():
     assert nonzero(ref)
     assert max_rel(est, ref) < 1e-10
     assert est._persample.last_plan.generic
+
+
+class _FlatLM(torch.nn.Module):
+    """:class:`MoELM` with its logits flattened to ``(N * T, V)`` (1-D labels: every token is a
+    sample of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = MoELM(k=2, dispatch="mask")
+
+    def forward(self, ids):
+        return self.lm(ids).reshape(-1, V)
+
+
+def test_flattened_token_logits():
+    torch.manual_seed(9)
+    batches = [(ids, y.reshape(-1)) for ids, y in _batches("lm", n=2)]
+    est, ref = run(_FlatLM().double(), batches, "exact")
+    assert nonzero(ref)
+    assert max_rel(est, ref) < 1e-10
+    # tokens as samples: the (N, T, d) layers have no dim of N * T (generic), the experts do
+    names = [n for n, p in est.model.named_parameters() if p.requires_grad]
+    generic = {names[i] for i in est._persample.last_plan.generic}
+    assert generic and not any(n.startswith("lm.moe.") for n in generic)

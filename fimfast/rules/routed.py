@@ -12,8 +12,9 @@ input at every step (:func:`rows_of`):
 * the source's samples: the output of a routed layer (known), another gather, a ``view`` /
   ``reshape`` / ``flatten`` merging its leading dims ``(N, T, d) -> (N * T, d)``, or any other
   tensor whose leading dims hold the batch: dim 0 of size ``N``, another leading dim of size
-  ``N`` (sequence-first), or ``N * k`` rows folded sample by sample (as
-  :func:`fimfast.rules.linear.folded` reads them);
+  ``N`` (sequence-first), ``N * k`` rows folded sample by sample (as
+  :func:`fimfast.rules.linear.folded` reads them), or ``N`` indices in all (with 1-D labels of
+  flattened ``(N * T, C)`` logits every token is a sample);
 * elementwise functions of routed rows with the same rows (an expert's activation, SwiGLU's
   product of two projections of the same rows, a bias): the rows of their inputs.
 
@@ -148,7 +149,8 @@ def _source(fn, sizes: tuple, k: int, N: int, known: dict, budget: list, dev
 
 def _lead(lead: tuple, N: int, dev) -> torch.Tensor | None:
     """Sample of every index of the leading dims ``lead`` of a tensor holding the batch there:
-    dim 0 of size ``N``, else another dim of size ``N``, else ``N * k`` rows sample by sample."""
+    dim 0 of size ``N``, else another dim of size ``N``, else ``N * k`` rows sample by sample,
+    else leading dims of ``N`` indices in all (``(N, T)`` tokens, each a sample of its own)."""
     shape = [1] * len(lead)
     if lead[0] == N or N in lead:
         d = 0 if lead[0] == N else lead.index(N)
@@ -157,6 +159,8 @@ def _lead(lead: tuple, N: int, dev) -> torch.Tensor | None:
     elif lead[0] >= N and lead[0] % N == 0:
         shape[0] = lead[0]
         s = torch.arange(lead[0], device=dev) // (lead[0] // N)
+    elif math.prod(lead) == N:  # every index its own sample: tokens of flattened (N * T, C) logits
+        return torch.arange(N, device=dev).view(lead)
     else:
         return None
     return s.view(shape).expand(lead)
