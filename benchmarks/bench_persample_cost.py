@@ -17,7 +17,8 @@ child's figures) and ``PATH.md``.
 EXACT with ``class_chunk=9`` (every column in one batched backward). Workload ``mha_bias_kv`` is
 that of :mod:`benchmarks.bench_recurrent`, ``resnet_bn``, ``groupnorm_cnn`` and ``conv1d_dilated``
 the small classifiers of :func:`small_cnn` (defined here, so that a tree compared with ``--trees``
-needs no module of its own for them), the other names those of :mod:`benchmarks.bench_layers`.
+needs no module of its own for them), ``moe_*`` and ``split`` the models routing rows of the batch
+of :func:`moe_workload`, the other names those of :mod:`benchmarks.bench_layers`.
 """
 
 from __future__ import annotations
