@@ -224,3 +224,50 @@ def test_flattened_token_logits():
     names = [n for n, p in est.model.named_parameters() if p.requires_grad]
     generic = {names[i] for i in est._persample.last_plan.generic}
     assert generic and not any(n.startswith("lm.moe.") for n in generic)
+
+
+class _SharedExpert(torch.nn.Module):
+    """One expert called on both branches of a split (its uses add up) and on every sample
+    twice in one call (``h[idx]`` with ``idx`` repeating the batch: a sample's two rows add
+    before the square)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Linear(6, 8)
+        self.e = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        m = x[:, 0] > 0
+        out = h.new_zeros(x.shape[0], 4)
+        out[m] = self.e(h[m])
+        out[~m] = 2 * self.e(h[~m] * 0.5)
+        idx = torch.arange(x.shape[0]).repeat(2)
+        return out + self.e(h[idx]).view(2, -1, 4).sum(0)
+
+
+class _PermutedHead(torch.nn.Module):
+    """The logits layer on a permutation of the samples, put back in order after it: its rows are
+    not the logits' rows (no closed-form head), each row maps to its sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc = torch.nn.Linear(6, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        perm = torch.argsort(x[:, 1])
+        return self.fc(h[perm])[torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("fim_type", ["exact", "empirical", "monte_carlo"])
+@pytest.mark.parametrize("model", [_SharedExpert, _PermutedHead])
+def test_shared_expert_and_permuted_rows(model, fim_type):
+    torch.manual_seed(10)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(7, 6, generator=g, dtype=torch.float64),
+                torch.randint(0, 4, (7,), generator=g)) for _ in range(3)]
+    est, ref = run(model().double(), batches, fim_type)
+    assert nonzero(ref)
+    assert max_rel(est, ref) < 1e-10
+    _fast(est)
