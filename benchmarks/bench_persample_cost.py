@@ -84,8 +84,8 @@ def small_cnn(name: str, N: int = 16):
 
 
 SMALL_CNNS = ("resnet_bn", "groupnorm_cnn", "conv1d_dilated")
-MOE = ("moe_cls_top1_index", "moe_cls_top2_mask", "moe_cls_top2_swiglu", "moe_lm_top2_index",
-       "split")
+MOE = ("moe_cls_top1_index", "moe_cls_top2_mask", "moe_cls_top2_swiglu", "moe_cls_top2_sort",
+       "moe_lm_top2_index", "split")
 
 
 def moe_workload(name: str):
@@ -94,7 +94,8 @@ def moe_workload(name: str):
     ``--trees`` needs no module of its own), float32, without a table of positions: a
     classifier (vocabulary 100, 16 tokens, width 32, 4 experts of hidden width 64, 5 classes, 16
     sequences) with a top-1 MoE block
-    dispatched by index, a top-2 one by boolean masks, a top-2 one with SwiGLU experts; a token
+    dispatched by index, a top-2 one by boolean masks, a top-2 one with SwiGLU experts, a top-2
+    one by sorting the rows by expert and splitting them; a token
     LM (vocabulary 16, 8 tokens, 8 sequences, width 32, top-2 by index, 2 labels in 16 ignored);
     a batch split (32 samples of 32 features, a stem of 64, branches MLP / Linear, 10 classes)."""
     import importlib.util
@@ -114,7 +115,7 @@ def moe_workload(name: str):
         y[::4, :2] = -100
         return model, (ids, y)
     k = 1 if "top1" in name else 2
-    dispatch = "mask" if "mask" in name else "index"
+    dispatch = "mask" if "mask" in name else "sort" if "sort" in name else "index"
     kind = "swiglu" if "swiglu" in name else "mlp"
     model = mm.MoEClassifier(V=100, d=32, h=64, E=4, k=k, C=5, T=16, dispatch=dispatch, kind=kind,
                              pos=False)

@@ -5,7 +5,8 @@
   expert an ``nn.Linear`` or a small MLP (``Linear -> GELU -> Linear``; ``swiglu``:
   ``w2(silu(w1 x) * w3 x)``) on its tokens, the outputs times their gate weights added back.
   Capacity-free, dispatched by index (``torch.where`` on the choices, ``x[idx]``,
-  ``index_add``) or by boolean masks (``x[mask]``, written back into a zero tensor by the mask).
+  ``index_add``), by boolean masks (``x[mask]``, written back into a zero tensor by the mask) or
+  by sorting (``x[argsort(choices)].split(counts)``, Switch-style without capacity).
 * :class:`MoEClassifier`: embedding (plus a learned table of positions, a bare parameter, unless
   ``pos=False``), one attention layer, a MoE block, mean pooling, a linear
   head: ``(N, C)`` logits.
@@ -65,6 +66,8 @@ class MoE(nn.Module):
         if self.k > 1:
             w = w / w.sum(-1, keepdim=True)
         out = torch.zeros_like(f)
+        if self.dispatch == "sort":
+            return self._sorted(f, w, sel, out).reshape(shape)
         for e, ex in enumerate(self.experts):
             hit = sel == e  # (R, k)
             if self.dispatch == "index":
@@ -79,6 +82,19 @@ class MoE(nn.Module):
                 part[m] = y
                 out = out + part
         return out.reshape(shape)
+
+    def _sorted(self, f, w, sel, out):
+        """Rows sorted by expert (``argsort`` of the choices), cut per expert by ``split``, the
+        outputs added back at their tokens."""
+        flat = sel.reshape(-1)  # (R k,): choice j of token r at r k + j
+        order = torch.argsort(flat, stable=True)
+        tok = torch.div(order, self.k, rounding_mode="floor")
+        counts = torch.bincount(flat[flat >= 0], minlength=len(self.experts)).tolist()
+        keep = int(sum(counts))
+        parts = f[tok[-keep:] if keep < len(order) else tok].split(counts)
+        gates = w.reshape(-1)[order][-keep:] if keep < len(order) else w.reshape(-1)[order]
+        y = torch.cat([ex(p) for ex, p in zip(self.experts, parts)])
+        return out.index_add(0, tok[-keep:] if keep < len(order) else tok, y * gates.unsqueeze(-1))
 
 
 class _Encoder(nn.Module):

@@ -1,7 +1,7 @@
 """Layers on rows routed from the batch (fimfast/rules/routed.py): mixture-of-experts blocks
-(top-1 / top-2, by index and by boolean masks, Linear / MLP / SwiGLU experts) and a plain batch
-split, against the float64 oracle of every step (tests/adversarial.py), with the experts on the
-fast path (no generic parameter)."""
+(top-1 / top-2, by index, by boolean masks and by sorting, Linear / MLP / SwiGLU experts) and a
+plain batch split, against the float64 oracle of every step (tests/adversarial.py), with the
+experts on the fast path (no generic parameter)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ MODELS = {
     "cls_mask_top1_linear": (lambda: MoEClassifier(E=3, dispatch="mask", kind="linear"), "cls"),
     "lm_index_top2_mlp": (lambda: MoELM(k=2), "lm"),
     "lm_mask_top1_linear": (lambda: MoELM(E=2, dispatch="mask", kind="linear"), "lm"),
+    "cls_sort_top2_mlp": (lambda: MoEClassifier(k=2, dispatch="sort"), "cls"),
+    "lm_sort_top1_swiglu": (lambda: MoELM(E=3, dispatch="sort", kind="swiglu"), "lm"),
 }
 
 
@@ -72,7 +74,7 @@ def test_routed_matches_oracle(name, fim_type):
 
 
 @pytest.mark.parametrize("fim_type", ["exact", "monte_carlo"])
-@pytest.mark.parametrize("dispatch", ["index", "mask"])
+@pytest.mark.parametrize("dispatch", ["index", "mask", "sort"])
 def test_empty_experts_and_router_changes(dispatch, fim_type):
     """Step 0 sends every token to expert 0 (the others get no rows), step 1 lets the router
     choose, step 2 sends everything to expert 2, step 3 lets it choose again with new router

@@ -8,7 +8,9 @@ input at every step (:func:`rows_of`):
 
 * the gather itself: ``IndexBackward0`` with one index on the first dims (a 1-D integer index,
   or a boolean mask of the first ``k`` dims) and ``IndexSelectBackward0`` on dim 0 keep the
-  index they took, and the sample of each row is the source's sample at that index;
+  index they took, and the sample of each row is the source's sample at that index; a split or
+  slice on dim 0 of routed rows (``f[order].split(counts)``: rows sorted by expert, cut per
+  expert) keeps its sizes, and the rows of each part are the source's rows in that range;
 * the source's samples: the output of a routed layer (known), another gather, a ``view`` /
   ``reshape`` / ``flatten`` merging its leading dims ``(N, T, d) -> (N * T, d)``, or any other
   tensor whose leading dims hold the batch: dim 0 of size ``N``, another leading dim of size
@@ -75,15 +77,15 @@ def rows_of(cap: Capture, x: torch.Tensor) -> torch.Tensor | None:
     known = cap.__dict__.get("routed")
     if known is None:
         known = cap.__dict__["routed"] = {}
-    s = _rows(fn, N, known, [_STEPS], x.device)
+    s = _rows(fn, x.output_nr, N, known, [_STEPS], x.device)
     if s is None or s.dim() != 1 or s.shape[0] != x.shape[0]:
         return None
     return s
 
 
-def _rows(fn, N: int, known: dict, budget: list, dev) -> torch.Tensor | None:
-    """The samples of the rows of the output of node ``fn`` (routed rows only)."""
-    hit = known.get(fn)
+def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor | None:
+    """The samples of the rows of output ``nr`` of node ``fn`` (routed rows only)."""
+    hit = known.get((fn, nr))
     if hit is not None:
         return hit
     budget[0] -= 1
@@ -104,38 +106,60 @@ def _rows(fn, N: int, known: dict, budget: list, dev) -> torch.Tensor | None:
             k = 1
         else:
             return None
-        src = _source(fn.next_functions[0][0], sizes, k, N, known, budget, dev)
+        src = _source(fn.next_functions[0], sizes, k, N, known, budget, dev)
         out = None if src is None else src[ix.to(src.device)]
     elif name == "IndexSelectBackward0":
         if fn._saved_dim != 0:
             return None
         sizes = tuple(int(s) for s in fn._saved_self_sym_sizes)
-        src = _source(fn.next_functions[0][0], sizes, 1, N, known, budget, dev)
+        src = _source(fn.next_functions[0], sizes, 1, N, known, budget, dev)
         out = None if src is None else src.index_select(0, fn._saved_index.to(src.device))
+    elif name in _PARTS:  # of routed rows only: a slice of the batch keeps its usual layout
+        src, k = fn.next_functions[0]
+        if fn._saved_dim != 0 or src is None:
+            return None
+        src = _rows(src, k, N, known, budget, dev)
+        out = None if src is None else src[_part(fn, name, nr)]
     elif name in _ELEMENTWISE:
         out = None
-        for nxt, _ in fn.next_functions:
+        for nxt, k in fn.next_functions:
             if nxt is None or type(nxt) is _ACC:
                 continue  # a constant or a parameter (a bias) broadcast over the rows
-            s = _rows(nxt, N, known, budget, dev)
+            s = _rows(nxt, k, N, known, budget, dev)
             if s is None or (out is not None and not (s is out or torch.equal(s, out))):
                 return None
             out = s
     else:
         return None
     if out is not None:
-        known[fn] = out
+        known[(fn, nr)] = out
     return out
 
 
-def _source(fn, sizes: tuple, k: int, N: int, known: dict, budget: list, dev
+def _part(fn, name: str, nr: int) -> slice:
+    """The rows of output ``nr`` of a split or slice on dim 0, as a slice of its source's."""
+    if name == "SliceBackward0":
+        start = fn._saved_start
+        if start >= 1 << 63:  # a negative start, saved as unsigned
+            start -= 1 << 64
+        return slice(start, fn._saved_end, fn._saved_step)
+    if name == "SplitBackward0":
+        n = fn._saved_split_size
+        return slice(nr * n, nr * n + n)
+    sizes = fn._saved_split_sizes
+    start = sum(sizes[:nr])
+    return slice(start, start + sizes[nr])
+
+
+def _source(edge, sizes: tuple, k: int, N: int, known: dict, budget: list, dev
             ) -> torch.Tensor | None:
     """The samples of the first ``k`` dims (``sizes[:k]``) of the source of a gather, whose
-    node is ``fn``."""
+    node and output are ``edge``."""
+    fn, nr = edge
     if fn is None or type(fn) is _ACC:
         return None  # no gradient, or a parameter: not rows of the batch
     if k == 1:
-        s = _rows(fn, N, known, budget, dev)  # rows routed already (a gather of a gather)
+        s = _rows(fn, nr, N, known, budget, dev)  # rows routed already (a gather of a gather)
         if s is not None:
             return s if s.shape[0] == sizes[0] else None
         if type(fn).__name__ in _VIEWS:
@@ -197,8 +221,10 @@ def record(cap: Capture, module, rule, x: torch.Tensor, y: torch.Tensor, sample:
     if tkey in cap.hold:
         tap.keep = out
     cap.record(Call(module, rule, [tap], uses, {"x": xp}), internal, key)
-    cap.__dict__["routed"][out.grad_fn] = sample  # the rows of the layers after it
+    cap.__dict__["routed"][(out.grad_fn, 0)] = sample  # the rows of the layers after it
     return out
 
 
-_ROUTES = frozenset({"IndexBackward0", "IndexSelectBackward0"}) | _ELEMENTWISE
+# rows of dim 0 cut into parts: a split (of rows sorted by expert), a slice
+_PARTS = frozenset({"SplitWithSizesBackward0", "SplitBackward0", "SliceBackward0"})
+_ROUTES = frozenset({"IndexBackward0", "IndexSelectBackward0"}) | _ELEMENTWISE | _PARTS
