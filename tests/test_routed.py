@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from adversarial import max_rel, nonzero, run
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_models import MoE, MoEClassifier, MoELM, Split  # noqa: E402
@@ -273,3 +274,37 @@ def test_shared_expert_and_permuted_rows(model, fim_type):
     assert nonzero(ref)
     assert max_rel(est, ref) < 1e-10
     _fast(est)
+
+
+class _CheckpointedMoE(torch.nn.Module):
+    """A MoE block inside a non-reentrant checkpoint (``inside``: generic path, the recomputation
+    must save what the forward saved), or a gather inside one and the expert after it."""
+
+    def __init__(self, inside: bool):
+        super().__init__()
+        self.stem, self.fc = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+        self.moe = MoE(6, 8, 3, 2) if inside else None
+        self.inside = inside
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        if self.inside:
+            return self.fc(checkpoint(self.moe, h, use_reentrant=False))
+        m = x[:, 0] > 0
+        g = checkpoint(lambda t: t[m] * 2, h, use_reentrant=False)
+        out = x.new_zeros(x.shape[0], 3)
+        out[m] = self.fc(g)
+        return out
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_checkpointed_routing(inside):
+    torch.manual_seed(11)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 4, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    est, ref = run(_CheckpointedMoE(inside).double(), batches, "exact")
+    assert nonzero(ref)
+    assert max_rel(est, ref) < 1e-10
+    if not inside:
+        _fast(est)

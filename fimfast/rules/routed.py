@@ -31,6 +31,10 @@ generic path, and the rules see a layer shared by the ``S`` positions of each sa
 one sample through one expert add before the square, as tokens sharing a weight do). The
 layer's output itself is not changed: the tap adds a zero gathered from the padded handle.
 
+Inside a non-reentrant ``torch.utils.checkpoint`` (saved-tensor hooks active) nothing is routed:
+the padded tap saves the rows' indices, which the backward's recomputation, run without the
+capture, would not save; such layers keep the usual layouts (generic path).
+
 A call with no rows (an expert nothing was routed to) is recorded empty, its squares zero; its
 structure differs from a call with rows, so the first step with rows is probed again.
 """
@@ -43,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fimfast.hooks import Call, Capture, Tap
+from fimfast.hooks import Call, Capture, Tap, saved_tensor_hooks_active
 
 _ACC = torch._C._functions.AccumulateGrad
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
@@ -73,6 +77,8 @@ def rows_of(cap: Capture, x: torch.Tensor) -> torch.Tensor | None:
     fn = x.grad_fn
     N = cap.samples
     if fn is None or not N or x.dim() < 2 or type(fn).__name__ not in _ROUTES:
+        return None
+    if saved_tensor_hooks_active():  # (see the module docstring)
         return None
     known = cap.__dict__.get("routed")
     if known is None:
