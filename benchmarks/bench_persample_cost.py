@@ -95,9 +95,9 @@ def moe_workload(name: str):
     classifier (vocabulary 100, 16 tokens, width 32, 4 experts of hidden width 64, 5 classes, 16
     sequences) with a top-1 MoE block
     dispatched by index, a top-2 one by boolean masks, a top-2 one with SwiGLU experts, a top-2
-    one by sorting the rows by expert and splitting them; a token
-    LM (vocabulary 16, 8 tokens, 8 sequences, width 32, top-2 by index, 2 labels in 16 ignored);
-    a batch split (32 samples of 32 features, a stem of 64, branches MLP / Linear, 10 classes)."""
+    one by sorting the rows by expert and splitting them; a token LM (vocabulary 16, 8 tokens, 8
+    sequences, width 32, top-2 by index, the first 2 labels of 2 sequences ignored); a batch split
+    (32 samples of 32 features, a stem of 64, branches MLP / Linear, 10 classes)."""
     import importlib.util
 
     import torch
