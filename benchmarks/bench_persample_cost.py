@@ -17,8 +17,9 @@ child's figures) and ``PATH.md``.
 EXACT with ``class_chunk=9`` (every column in one batched backward). Workload ``mha_bias_kv`` is
 that of :mod:`benchmarks.bench_recurrent`, ``resnet_bn``, ``groupnorm_cnn`` and ``conv1d_dilated``
 the small classifiers of :func:`small_cnn`, ``encoder``, ``gru``, ``tied`` and their ``_ckpt``
-variants (checkpointed) those of :func:`checkpointed` (both defined here, so that a tree
-compared with ``--trees`` needs no module of its own for them), the other names those of
+variants (checkpointed) those of :func:`checkpointed`, ``moe_*`` and ``split`` the models routing
+rows of the batch of :func:`moe_workload` (all defined here, so that a tree compared with
+``--trees`` needs no module of its own for them), the other names those of
 :mod:`benchmarks.bench_layers`.
 """
 
@@ -140,6 +141,44 @@ def checkpointed(name: str, N: int = 16):
     return model, (x, torch.randint(0, 10, (N,)))
 
 
+MOE = ("moe_cls_top1_index", "moe_cls_top2_mask", "moe_cls_top2_swiglu", "moe_cls_top2_sort",
+       "moe_lm_top2_index", "split")
+
+
+def moe_workload(name: str):
+    """``(model, (inputs, labels))`` of a model routing rows of the batch
+    (``benchmarks/moe_models.py``, loaded from this file's folder so that a tree compared with
+    ``--trees`` needs no module of its own), float32, without a table of positions: a
+    classifier (vocabulary 100, 16 tokens, width 32, 4 experts of hidden width 64, 5 classes, 16
+    sequences) with a top-1 MoE block
+    dispatched by index, a top-2 one by boolean masks, a top-2 one with SwiGLU experts, a top-2
+    one by sorting the rows by expert and splitting them; a token LM (vocabulary 16, 8 tokens, 8
+    sequences, width 32, top-2 by index, the first 2 labels of 2 sequences ignored); a batch split
+    (32 samples of 32 features, a stem of 64, branches MLP / Linear, 10 classes)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "moe_models", os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_models.py"))
+    mm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mm)
+    torch.manual_seed(0)
+    if name == "split":
+        return mm.Split(32, 64, 10), (torch.randn(32, 32), torch.randint(0, 10, (32,)))
+    if name == "moe_lm_top2_index":
+        model = mm.MoELM(V=16, d=32, h=64, E=4, k=2, T=8, pos=False)
+        ids, y = torch.randint(0, 16, (8, 8)), torch.randint(0, 16, (8, 8))
+        y[::4, :2] = -100
+        return model, (ids, y)
+    k = 1 if "top1" in name else 2
+    dispatch = "mask" if "mask" in name else "sort" if "sort" in name else "index"
+    kind = "swiglu" if "swiglu" in name else "mlp"
+    model = mm.MoEClassifier(V=100, d=32, h=64, E=4, k=k, C=5, T=16, dispatch=dispatch, kind=kind,
+                             pos=False)
+    return model, (torch.randint(0, 100, (16, 16)), torch.randint(0, 5, (16,)))
+
+
 def _child(workload: str, types: list[str], steps: int) -> dict:
     import torch
     import torch.nn.functional as F
@@ -164,6 +203,11 @@ def _child(workload: str, types: list[str], steps: int) -> dict:
 
         def logits():
             return model(x), y
+    elif workload in MOE:
+        model, batch = moe_workload(workload)
+
+        def logits():
+            return model(batch[0]), batch[1]
     elif workload in SMALL_CNNS:
         model, batch = small_cnn(workload)
 

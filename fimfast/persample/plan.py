@@ -155,7 +155,8 @@ def _structure(
         taps = []
         for t in c.taps:
             cands = t.cands
-            taps.append((t.lead, cands, len(t.shape) if len(cands) < 2 else tuple(t.shape)))
+            taps.append((t.lead, cands, len(t.shape) if len(cands) < 2 else tuple(t.shape),
+                         getattr(t, "empty", None)))  # a routed call with no rows: routed.py
         per_call.append((
             id(c.module), id(c.rule), c.module.training, c.ok, c.reason, c is head,
             hooks.uses_key(c.uses) if c.uses_key is None else c.uses_key, tuple(taps),
@@ -267,7 +268,8 @@ def find_head(cap: hooks.Capture, logits: torch.Tensor) -> hooks.Call | None:
     head = None
     for c in cap.calls:
         t = c.taps[0] if len(c.taps) == 1 else None
-        if c.ok and t is not None and t.out() is logits and not t.modified():
+        if (c.ok and t is not None and t.out() is logits and not t.modified()
+                and type(t) is hooks.Tap):  # (a routed call's rows are not the logits' rows)
             head = c
             c.taps[0].bdim = 0
     return head

@@ -33,7 +33,8 @@ def probe(calls: list[hooks.Call], rows, cache: dict, shape: int = 0) -> None:
     ambiguous = any(len(t.cands) > 1 for c in calls for t in c.taps)
     key = (N, shape, tuple(
         (id(c.module), c.rule.name, c.module.training,
-         tuple((t.lead, t.cands, tuple(t.shape) if ambiguous else len(t.shape))
+         tuple((t.lead, t.cands, tuple(t.shape) if ambiguous else len(t.shape),
+               getattr(t, "empty", None))
                for t in c.taps))
         for c in calls
     ))

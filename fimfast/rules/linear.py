@@ -7,6 +7,7 @@ import torch
 
 from fimfast import chunks
 from fimfast.hooks import Call, Use
+from fimfast.rules import routed
 from fimfast.rules.base import (
     Outer,
     Patches,
@@ -47,6 +48,9 @@ class LinearRule(Rule):
             ]
 
         uses, internal, key = cap.uses_of(module, self, (w, b), build)
+        rows = routed.rows_of(cap, x) if x.dim() == y.dim() else None
+        if rows is not None:  # rows gathered from the batch (an expert, a branch of a split)
+            return routed.record(cap, module, self, x, y, rows, uses, internal, key)
         k = folded(cap.samples, y)
         if k:  # (N * k, ..., O): tapped and recorded as (N, k, ..., O)
             y, x = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:])

@@ -1,0 +1,236 @@
+"""Layers on rows routed from the batch: mixture-of-experts layers and batch splits.
+
+A layer called on rows gathered from the batch (``x[idx]``, ``x[mask]``, ``x.index_select(0,
+idx)``: the tokens a router sent to one expert, the samples of one branch of a split) has an
+input of ``M`` rows in no fixed relation to the batch, so no dim of its output is the batch and
+its parameters took the generic path. Its rows' sample is read from the autograd graph of the
+input at every step (:func:`rows_of`):
+
+* the gather itself: ``IndexBackward0`` with one index on the first dims (a 1-D integer index,
+  or a boolean mask of the first ``k`` dims) and ``IndexSelectBackward0`` on dim 0 keep the
+  index they took, and the sample of each row is the source's sample at that index; a split or
+  slice on dim 0 of routed rows (``f[order].split(counts)``: rows sorted by expert, cut per
+  expert) keeps its sizes, and the rows of each part are the source's rows in that range;
+* the source's samples: the output of a routed layer (known), another gather, a ``view`` /
+  ``reshape`` / ``flatten`` merging its leading dims ``(N, T, d) -> (N * T, d)``, or any other
+  tensor whose leading dims hold the batch: dim 0 of size ``N``, another leading dim of size
+  ``N`` (sequence-first), ``N * k`` rows folded sample by sample (as
+  :func:`fimfast.rules.linear.folded` reads them), or ``N`` indices in all (with 1-D labels of
+  flattened ``(N * T, C)`` logits every token is a sample);
+* elementwise functions of routed rows with the same rows (an expert's activation, SwiGLU's
+  product of two projections of the same rows, a bias): the rows of their inputs.
+
+Anything else (a source that is a parameter or has no gradient, an index on another dim,
+several indices, rows of inputs that disagree) leaves the call to the usual layouts, which send
+it to the generic path. The sample of every row is a hypothesis the independence probe checks
+(:mod:`fimfast.persample.probe`), once per structure, like every tap's batch dim: the call is
+recorded on a padded layout ``(N, S, ...)`` (``S``: the most rows any sample has in this call,
+the rows of one sample in the order they came, zeros elsewhere), input and tap alike, so the
+probe finds sample ``j``'s gradient confined to the slots of ``j`` or sends the call to the
+generic path, and the rules see a layer shared by the ``S`` positions of each sample (rows of
+one sample through one expert add before the square, as tokens sharing a weight do). The
+layer's output itself is not changed: the tap adds a zero gathered from the padded handle.
+
+Inside a non-reentrant ``torch.utils.checkpoint`` (saved-tensor hooks active) nothing is routed:
+the padded tap saves the rows' indices, which the backward's recomputation, run without the
+capture, would not save; such layers keep the usual layouts (generic path).
+
+A call with no rows (an expert nothing was routed to) is recorded empty, its squares zero; its
+structure differs from a call with rows, so the first step with rows is probed again.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from fimfast.hooks import Call, Capture, Tap, saved_tensor_hooks_active
+
+_ACC = torch._C._functions.AccumulateGrad
+_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+# autograd nodes of elementwise functions whose output rows are their inputs' rows
+_ELEMENTWISE = frozenset({
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "MulBackward0",
+    "MulBackward1", "DivBackward0", "DivBackward1", "NegBackward0", "CloneBackward0",
+    "ToCopyBackward0", "GeluBackward0", "ReluBackward0", "SiluBackward0", "TanhBackward0",
+    "SigmoidBackward0", "LeakyReluBackward0", "EluBackward0", "HardtanhBackward0",
+    "SoftplusBackward0", "MishBackward0", "HardswishBackward0", "HardsigmoidBackward0",
+    "NativeDropoutBackward0", "ExpBackward0", "PowBackward0",
+})
+_STEPS = 12  # autograd nodes one walk may visit
+
+
+@dataclass
+class RoutedTap(Tap):
+    """The tap of a call on routed rows, on the padded layout ``(N, S, ...)``; ``empty``: no rows
+    were routed to the call (part of the step's structure, see the module docstring)."""
+
+    empty: bool = False
+
+
+def rows_of(cap: Capture, x: torch.Tensor) -> torch.Tensor | None:
+    """The sample of each row (dim 0) of ``x``, a layer input gathered from the batch, as a 1-D
+    ``int64`` tensor; ``None`` when ``x`` is not such rows (see the module docstring)."""
+    fn = x.grad_fn
+    N = cap.samples
+    if fn is None or not N or x.dim() < 2 or type(fn).__name__ not in _ROUTES:
+        return None
+    if saved_tensor_hooks_active():  # (see the module docstring)
+        return None
+    known = cap.__dict__.get("routed")
+    if known is None:
+        known = cap.__dict__["routed"] = {}
+    s = _rows(fn, x.output_nr, N, known, [_STEPS], x.device)
+    if s is None or s.dim() != 1 or s.shape[0] != x.shape[0]:
+        return None
+    return s
+
+
+def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor | None:
+    """The samples of the rows of output ``nr`` of node ``fn`` (routed rows only)."""
+    hit = known.get((fn, nr))
+    if hit is not None:
+        return hit
+    budget[0] -= 1
+    if budget[0] < 0:
+        return None
+    name = type(fn).__name__
+    if name == "IndexBackward0":
+        idx = fn._saved_indices
+        ix = idx[0] if idx else None
+        if ix is None or any(i is not None for i in idx[1:]):
+            return None
+        sizes = tuple(int(s) for s in fn._saved_self_sym_sizes)
+        if ix.dtype == torch.bool:
+            k = ix.dim()
+            if tuple(ix.shape) != sizes[:k]:
+                return None
+        elif ix.dim() == 1 and not ix.is_floating_point():
+            k = 1
+        else:
+            return None
+        src = _source(fn.next_functions[0], sizes, k, N, known, budget, dev)
+        out = None if src is None else src[ix.to(src.device)]
+    elif name == "IndexSelectBackward0":
+        if fn._saved_dim != 0:
+            return None
+        sizes = tuple(int(s) for s in fn._saved_self_sym_sizes)
+        src = _source(fn.next_functions[0], sizes, 1, N, known, budget, dev)
+        out = None if src is None else src.index_select(0, fn._saved_index.to(src.device))
+    elif name in _PARTS:  # of routed rows only: a slice of the batch keeps its usual layout
+        src, k = fn.next_functions[0]
+        if fn._saved_dim != 0 or src is None:
+            return None
+        src = _rows(src, k, N, known, budget, dev)
+        out = None if src is None else src[_part(fn, name, nr)]
+    elif name in _ELEMENTWISE:
+        out = None
+        for nxt, k in fn.next_functions:
+            if nxt is None or type(nxt) is _ACC:
+                continue  # a constant or a parameter (a bias) broadcast over the rows
+            s = _rows(nxt, k, N, known, budget, dev)
+            if s is None or (out is not None and not (s is out or torch.equal(s, out))):
+                return None
+            out = s
+    else:
+        return None
+    if out is not None:
+        known[(fn, nr)] = out
+    return out
+
+
+def _part(fn, name: str, nr: int) -> slice:
+    """The rows of output ``nr`` of a split or slice on dim 0, as a slice of its source's."""
+    if name == "SliceBackward0":
+        start = fn._saved_start
+        if start >= 1 << 63:  # a negative start, saved as unsigned
+            start -= 1 << 64
+        return slice(start, fn._saved_end, fn._saved_step)
+    if name == "SplitBackward0":
+        n = fn._saved_split_size
+        return slice(nr * n, nr * n + n)
+    sizes = fn._saved_split_sizes
+    start = sum(sizes[:nr])
+    return slice(start, start + sizes[nr])
+
+
+def _source(edge, sizes: tuple, k: int, N: int, known: dict, budget: list, dev
+            ) -> torch.Tensor | None:
+    """The samples of the first ``k`` dims (``sizes[:k]``) of the source of a gather, whose
+    node and output are ``edge``."""
+    fn, nr = edge
+    if fn is None or type(fn) is _ACC:
+        return None  # no gradient, or a parameter: not rows of the batch
+    if k == 1:
+        s = _rows(fn, nr, N, known, budget, dev)  # rows routed already (a gather of a gather)
+        if s is not None:
+            return s if s.shape[0] == sizes[0] else None
+        if type(fn).__name__ in _VIEWS:
+            ins = tuple(int(s) for s in fn._saved_self_sym_sizes)
+            for j in range(1, len(ins)):
+                if math.prod(ins[:j]) == sizes[0] and ins[j:] == sizes[1:]:
+                    s = _lead(ins[:j], N, dev)
+                    return None if s is None else s.reshape(-1)
+    return _lead(sizes[:k], N, dev)
+
+
+def _lead(lead: tuple, N: int, dev) -> torch.Tensor | None:
+    """Sample of every index of the leading dims ``lead`` of a tensor holding the batch there:
+    dim 0 of size ``N``, else another dim of size ``N``, else ``N * k`` rows sample by sample,
+    else leading dims of ``N`` indices in all (``(N, T)`` tokens, each a sample of its own)."""
+    shape = [1] * len(lead)
+    if lead[0] == N or N in lead:
+        d = 0 if lead[0] == N else lead.index(N)
+        shape[d] = N
+        s = torch.arange(N, device=dev)
+    elif lead[0] >= N and lead[0] % N == 0:
+        shape[0] = lead[0]
+        s = torch.arange(lead[0], device=dev) // (lead[0] // N)
+    elif math.prod(lead) == N:  # every index its own sample: tokens of flattened (N * T, C) logits
+        return torch.arange(N, device=dev).view(lead)
+    else:
+        return None
+    return s.view(shape).expand(lead)
+
+
+def _slots(sample: torch.Tensor, N: int) -> tuple[torch.Tensor, int]:
+    """``(slot, S)``: each row's position among the rows of its sample (in their order) and the
+    most rows of one sample."""
+    M = sample.shape[0]
+    if M == 0:
+        return sample, 0
+    counts = torch.bincount(sample, minlength=N)
+    start = counts.cumsum(0) - counts
+    order = torch.argsort(sample, stable=True)
+    slot = torch.empty_like(sample)
+    slot[order] = torch.arange(M, device=sample.device) - start[sample[order]]
+    return slot, int(counts.max())
+
+
+def record(cap: Capture, module, rule, x: torch.Tensor, y: torch.Tensor, sample: torch.Tensor,
+           uses: list, internal, key) -> torch.Tensor:
+    """Record the call of ``module`` (``y = module(x)``, a linear map of each row) on rows of
+    samples ``sample`` on the padded layout; returns the tapped output (``y`` plus a zero)."""
+    N = cap.samples
+    slot, S = _slots(sample, N)
+    xp = x.new_zeros((N, S, *x.shape[1:]))
+    xp[sample, slot] = x.detach()
+    zero = torch.zeros((), dtype=y.dtype, device=y.device, requires_grad=True)
+    handle = zero.expand(N, S, *y.shape[1:])
+    out = y + handle[sample, slot]
+    tkey = (id(module), "routed")
+    tap = RoutedTap(handle, handle.shape, weakref.ref(out), out._version, tkey, False,
+                    y.dim(), True, empty=sample.shape[0] == 0)
+    if tkey in cap.hold:
+        tap.keep = out
+    cap.record(Call(module, rule, [tap], uses, {"x": xp}), internal, key)
+    cap.__dict__["routed"][(out.grad_fn, 0)] = sample  # the rows of the layers after it
+    return out
+
+
+# rows of dim 0 cut into parts: a split (of rows sorted by expert), a slice
+_PARTS = frozenset({"SplitWithSizesBackward0", "SplitBackward0", "SliceBackward0"})
+_ROUTES = frozenset({"IndexBackward0", "IndexSelectBackward0"}) | _ELEMENTWISE | _PARTS
