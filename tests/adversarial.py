@@ -22,23 +22,21 @@ _MODES = {"hutchinson": "hutchinson", "hutchinson_dg": "dg"}
 
 def _logits(model, batch, logits_fn):
     z = logits_fn(model, batch) if logits_fn is not None else model(batch[0])
-    if isinstance(z, tuple):
-        z = z[0]
-    return z
+    return z[0] if isinstance(z, tuple) else z
 
 
-def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes: int = 1,
-                ignore_index: int = -100, logits_fn: Callable | None = None) -> dict:
-    """The diagonal of one step of ``fim_type`` on ``batch`` (``{name: float64 tensor}``), from
-    ``model`` as it is now (the function of the model: its modules' backward hooks off); buffers
-    are put back after its forward."""
+def jacobian_rows(model, batch, logits_fn: Callable | None = None, ignore_index: int = -100,
+                  rows: list[int] | None = None):
+    """``(names, shapes, J (R, C, P) float64, z (R, C) float64)`` of the valid rows of ``batch``
+    (labels not ``ignore_index``, or ``rows`` of the flattened logits), from the model as it is
+    (its modules' backward hooks off, its buffers put back after the forward)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     bufs = [b.detach().clone() for b in model.buffers()]
     hooks = [(m, m._backward_hooks, m._backward_pre_hooks) for m in model.modules()]
     for m, _, _ in hooks:
-        m._backward_hooks, m._backward_pre_hooks = type(m._backward_hooks)(), type(
-            m._backward_pre_hooks)()
+        m._backward_hooks = type(m._backward_hooks)()
+        m._backward_pre_hooks = type(m._backward_pre_hooks)()
     try:
         with torch.enable_grad():
             z = _logits(model, batch, logits_fn)
@@ -47,8 +45,10 @@ def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes:
             m._backward_hooks, m._backward_pre_hooks = bh, bph
     C = z.shape[-1]
     flat = z.reshape(-1, C)
-    y = batch[1].reshape(-1)
-    rows = (y != ignore_index).nonzero().squeeze(-1).tolist()
+    if rows is None and len(batch) < 2:  # no labels: every row
+        rows = list(range(flat.shape[0]))
+    elif rows is None:
+        rows = (batch[1].reshape(-1) != ignore_index).nonzero().squeeze(-1).tolist()
     J = []
     for r in rows:
         Jr = []
@@ -58,11 +58,22 @@ def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes:
             Jr.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
                                  for p, gi in zip(params, g)]).double())
         J.append(torch.stack(Jr))
-    J = torch.stack(J)  # (R, C, P)
     with torch.no_grad():
         for b, v in zip(model.buffers(), bufs):
             b.copy_(v)
-    zr = flat[rows].detach().double()
+    return ([n for n, _ in named], [p.shape for _, p in named], torch.stack(J),
+            flat[rows].detach().double())
+
+
+def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes: int = 1,
+                ignore_index: int = -100, logits_fn: Callable | None = None) -> dict:
+    """The diagonal of one step of ``fim_type`` on ``batch`` (``{name: float64 tensor}``), from
+    ``model`` as it is now (the function of the model: its modules' backward hooks off); buffers
+    are put back after its forward."""
+    names, shapes, J, zr = jacobian_rows(model, batch, logits_fn, ignore_index)
+    y = batch[1].reshape(-1)
+    rows = (y != ignore_index).nonzero().squeeze(-1).tolist()
+    C = zr.shape[-1]
     p = torch.softmax(zr, -1)
     if fim_type == "exact":
         M = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
@@ -77,9 +88,10 @@ def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes:
         u = probe_logit_grad_torch(zr, _MODES[fim_type], seed, offset, num_probes)
         out = (torch.einsum("rcp,src->sp", J, u) ** 2).mean(0)
     res, i = {}, 0
-    for n, prm in named:
-        res[n] = out[i:i + prm.numel()].reshape(prm.shape)
-        i += prm.numel()
+    for n, shape in zip(names, shapes):
+        k = shape.numel()
+        res[n] = out[i:i + k].reshape(shape)
+        i += k
     return res
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import mpmath as mp
 import torch
+from adversarial import jacobian_rows
+from oracle import core_matrix
 
 import fimfast
 from fimfast.ops import rng
@@ -43,61 +45,10 @@ RANDOM = ("hutchinson", "hutchinson_sqrt", "hutchinson_dg", "hutchinson_rankk",
 DPS, TIE_DIGITS = 400, 30
 
 
-def _logits(model, batch, logits_fn):
-    z = logits_fn(model, batch) if logits_fn is not None else model(batch[0])
-    return z[0] if isinstance(z, tuple) else z
-
-
-def jacobian_rows(model, batch, logits_fn: Callable | None = None, ignore_index: int = -100,
-                  rows: list[int] | None = None):
-    """``(names, shapes, J (R, C, P) float64, z (R, C) float64)`` of the valid rows of ``batch``
-    (labels not ``ignore_index``, or ``rows`` of the flattened logits), from the model as it is
-    (its modules' backward hooks off, its buffers put back after the forward)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    bufs = [b.detach().clone() for b in model.buffers()]
-    hooks = [(m, m._backward_hooks, m._backward_pre_hooks) for m in model.modules()]
-    for m, _, _ in hooks:
-        m._backward_hooks = type(m._backward_hooks)()
-        m._backward_pre_hooks = type(m._backward_pre_hooks)()
-    try:
-        with torch.enable_grad():
-            z = _logits(model, batch, logits_fn)
-    finally:
-        for m, bh, bph in hooks:
-            m._backward_hooks, m._backward_pre_hooks = bh, bph
-    C = z.shape[-1]
-    flat = z.reshape(-1, C)
-    if rows is None and len(batch) < 2:  # no labels: every row
-        rows = list(range(flat.shape[0]))
-    elif rows is None:
-        rows = (batch[1].reshape(-1) != ignore_index).nonzero().squeeze(-1).tolist()
-    J = []
-    for r in rows:
-        Jr = []
-        for c in range(C):
-            g = torch.autograd.grad(flat[r, c], params, retain_graph=True, allow_unused=True)
-            g = [gi.to_dense() if gi is not None and gi.is_sparse else gi for gi in g]
-            Jr.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
-                                 for p, gi in zip(params, g)]).double())
-        J.append(torch.stack(Jr))
-    with torch.no_grad():
-        for b, v in zip(model.buffers(), bufs):
-            b.copy_(v)
-    return ([n for n, _ in named], [p.shape for _, p in named], torch.stack(J),
-            flat[rows].detach().double())
-
-
 # ------------------------------------------------------------------------ core FIMs, top-k
 def core(z: torch.Tensor, likelihood: str = "categorical", sigma2: float = 1.0) -> torch.Tensor:
     """``(R, C, C)`` core FIMs of the rows ``z`` (float64)."""
-    if likelihood == "categorical":
-        p = torch.softmax(z, -1)
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    if likelihood == "bernoulli":
-        s = torch.sigmoid(z)
-        return torch.diag_embed(s * (1 - s))
-    return torch.diag_embed(torch.full_like(z, 1.0 / sigma2))
+    return core_matrix(z, likelihood, sigma2)
 
 
 def sign_rule(v: torch.Tensor) -> torch.Tensor:
