@@ -95,22 +95,31 @@ def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes:
     return res
 
 
+def stepped(est, model, batches: list, before: Callable | None = None):
+    """Step ``est`` over ``batches`` (``before(i, model)`` first), yielding ``(batch, offset)``
+    after each step (``offset``: the estimator's draw offset before it) with the default
+    generator put back to its state before the step (the oracle's forward draws the step's
+    dropout masks again), and to its state after the step when the caller resumes."""
+    for i, b in enumerate(batches):
+        if before is not None:
+            before(i, model)
+        state, offset = torch.get_rng_state(), est.offset
+        est.step(b)
+        after = torch.get_rng_state()
+        torch.set_rng_state(state)
+        yield b, offset
+        torch.set_rng_state(after)
+
+
 def run(model, batches: list, fim_type: str, before: Callable | None = None,
         logits_fn: Callable | None = None, **kw: Any):
     """``(estimator, oracle)`` after stepping ``batches``; ``before(i, model)`` runs before step
     ``i`` (changing the model). The oracle sums the steps' diagonals by parameter name."""
     est = fimfast.DiagFisher(model, fim_type, seed=kw.pop("seed", 7), **kw)
     ref: dict = {}
-    for i, b in enumerate(batches):
-        if before is not None:
-            before(i, model)
-        rng, offset = torch.get_rng_state(), est.offset
-        est.step(b)
-        after = torch.get_rng_state()
-        torch.set_rng_state(rng)
+    for b, offset in stepped(est, model, batches, before):
         one = step_oracle(model, b, fim_type, est.seed, offset, kw.get("num_probes", 1),
                           kw.get("ignore_index", -100), logits_fn)
-        torch.set_rng_state(after)
         for n, v in one.items():
             ref[n] = ref[n] + v if n in ref else v
     return est, ref

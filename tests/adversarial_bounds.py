@@ -31,7 +31,7 @@ from typing import Any
 
 import mpmath as mp
 import torch
-from adversarial import jacobian_rows
+from adversarial import jacobian_rows, stepped
 from oracle import core_matrix
 
 import fimfast
@@ -203,15 +203,8 @@ def run(model, batches: list, fim_type: str, before: Callable | None = None,
     opts = {v: kw[k] for k, v in _FACTOR_KEYS.items() if k in kw}
     ema, mean = kw.get("ema"), kw.get("reduction", "sum") == "mean"
     steps, counts = [], []
-    for i, b in enumerate(batches):
-        if before is not None:
-            before(i, model)
-        state, offset = torch.get_rng_state(), est.offset
-        est.step(b)
-        after = torch.get_rng_state()
-        torch.set_rng_state(state)
+    for b, offset in stepped(est, model, batches, before):
         names, shapes, J, z = jacobian_rows(model, b, logits_fn, kw.get("ignore_index", -100))
-        torch.set_rng_state(after)
         u = factor(z, fim_type, est.seed, offset, **opts)
         steps.append(_split(names, shapes, (torch.einsum("rcp,src->sp", J, u) ** 2).mean(0)))
         counts.append(z.shape[0])
