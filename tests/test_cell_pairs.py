@@ -12,7 +12,9 @@ import torch
 from cases import check_fast_twice, run_case
 from oracle import oracle, rel_error
 from test_cells import LOOPS, Loop, _case, _cell, _loop
+from test_cells import C as CLASSES
 from tolerances import DET_REL_F32, DET_REL_F64
+from torch import nn
 
 from fimfast import chunks, ops
 from fimfast.ops import pairs
@@ -213,3 +215,42 @@ def test_pair_gram_with_an_extension_built_before_the_op(monkeypatch):
     A = torch.empty_like(want)
     cpp.pair_gram_cpp_(A, list(P.unbind(2)), False)
     torch.testing.assert_close(A, want)
+
+
+class _Wide(nn.Module):
+    """A cell of any hidden size looped over the steps, a classifier on its last state."""
+
+    def __init__(self, cell: nn.Module):
+        super().__init__()
+        self.c, self.o = cell, nn.Linear(cell.hidden_size, CLASSES)
+
+    def forward(self, x):
+        h = None
+        for xt in x.unbind(1):
+            h = self.c(xt, h)
+        return self.o(h[0] if isinstance(h, tuple) else h)
+
+
+@pytest.mark.parametrize("quantity", ["exact", "empirical"])
+@pytest.mark.parametrize("kind,hidden", [("lstm", 32), ("gru", 128)])
+def test_per_sample_squares_from_padded_rows(kind, hidden, quantity, monkeypatch):
+    """Gates whose rows are a multiple of 1024 bytes (float64: 128 of an LSTM of 32, 384 of a
+    GRU of 128) are stacked into padded rows (cell_lane._padded) for the per-sample products:
+    the oracle's Fisher, nonzero."""
+    monkeypatch.setattr(cell_lane, "_by_pairs", lambda *a: False)
+    seen = []
+    padded = cell_lane._padded
+
+    def spy(ps):
+        out = padded(ps)
+        seen.append(out.stride(2) - out.shape[-1])
+        return out
+
+    monkeypatch.setattr(cell_lane, "_padded", spy)
+    torch.manual_seed(3)
+    cell = nn.LSTMCell(4, hidden) if kind == "lstm" else nn.GRUCell(4, hidden)
+    case = _case(_Wide(cell), 4)
+    want = oracle(case, quantity)
+    assert all(v.abs().sum() > 0 for k, v in want.items() if k.startswith("c."))
+    check_fast_twice(case, quantity, want, DET_REL_F64)
+    assert seen and all(p == 8 for p in seen)

@@ -64,9 +64,15 @@ def run(groups: list[Group], gmap: dict, acc, backend) -> list[Group]:
             if g.kind == GroupKind.VEC:
                 V = _summed(calls, gmap, seq, hidden, chunk)
                 acc.add(g.index, V.to(acc.dtypes[g.index]).square().sum((0, 1)))
+            elif hidden and seq["r"] is not None:  # the GRU's: P_h by its rows (no P_h formed)
+                Hd = seq["r"].shape[-1]
+                P = _stacked(calls, gmap, seq, False, chunk)
+                Pr = _stacked(calls, gmap, seq, True, chunk)
+                parts = [squares._outer_sq(Q, seq["H"], backend) for Q in (P[..., : 2 * Hd], Pr)]
+                acc.add(g.index, torch.cat(parts, 0))
             else:
-                Ph = _stacked(calls, gmap, seq, hidden, chunk)
-                acc.add(g.index, squares._outer_sq(Ph, seq["H" if hidden else "X"], backend))
+                P = _stacked(calls, gmap, seq, False, chunk)
+                acc.add(g.index, squares._outer_sq(P, seq["H" if hidden else "X"], backend))
     return rest
 
 
@@ -244,8 +250,8 @@ def _summed(calls, gmap, seq, hidden: bool, chunk: dict) -> torch.Tensor:
     if key not in chunk:
         if gru:
             V, Hd = _summed(calls, gmap, seq, False, chunk), seq["r"].shape[-1]
-            P = _stacked(calls, gmap, seq, False, chunk)
-            chunk[key] = torch.cat([V[..., : 2 * Hd], (P[..., 2 * Hd :] * seq["r"]).sum(2)], -1)
+            Pr = _stacked(calls, gmap, seq, True, chunk)
+            chunk[key] = torch.cat([V[..., : 2 * Hd], Pr.sum(2)], -1)
         else:
             chunk[key] = _stacked(calls, gmap, seq, False, chunk).sum(2)
     return chunk[key]
@@ -320,17 +326,36 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def _stacked(calls: list, gmap: dict, seq: dict, hidden: bool, chunk: dict) -> torch.Tensor:
-    """``P`` (``hidden``: ``P_h``) ``(M, N, T, gates * H)`` of this chunk, formed once for the
-    groups that read it."""
+    """``P`` ``(M, N, T, gates * H)`` of this chunk (``hidden``, for the GRU: the candidate rows
+    of ``P_h``, ``P`` times ``r`` there, ``(M, N, T, H)``), formed once for the groups that read
+    it. ``P`` is stacked into rows padded by 64 bytes where a row's bytes are a multiple of 1024
+    (:func:`_padded`)."""
     key = (tuple(map(id, calls)), hidden and seq["r"] is not None)
     hit = chunk.get(key)
     if hit is not None:
         return hit
     if key[1]:
         P = _stacked(calls, gmap, seq, False, chunk)
-        Hd = seq["r"].shape[-1]
-        out = torch.cat([P[..., : 2 * Hd], P[..., 2 * Hd :] * seq["r"]], dim=-1)
+        out = P[..., 2 * seq["r"].shape[-1] :] * seq["r"]
     else:
-        out = torch.stack([_position(c, gmap) for c in calls], dim=2)
+        out = _padded([_position(c, gmap) for c in calls])
     chunk[key] = out
+    return out
+
+
+def _padded(ps: list) -> torch.Tensor:
+    """The positions ``ps`` (each ``(M, N, O)``) stacked ``(M, N, T, O)``, a view into rows of
+    ``O`` plus 64 bytes where ``O``'s bytes are a multiple of 1024: the per-sample products
+    (:func:`fimfast.ops.shared_sq`) read ``P[m, n, :, rows]`` across the positions, and a row
+    stride of a multiple of 1024 bytes maps those reads to a few cache sets (1 thread, 64
+    samples of 16 positions against 128 inputs: 1.84 against 1.31 ms for 512 rows, 4.1 against
+    2.8 ms for 1024, 0.70 against 0.66 ms for 256)."""
+    M, N, O = ps[0].shape
+    pad = 64 // ps[0].element_size()
+    if (O * ps[0].element_size()) % 1024 or not pad:
+        return torch.stack(ps, 2)
+    buf = ps[0].new_empty(M, N, len(ps), O + pad)
+    out = buf[..., :O]
+    for t, p in enumerate(ps):
+        out[:, :, t].copy_(p)
     return out
