@@ -345,14 +345,15 @@ def _stacked(calls: list, gmap: dict, seq: dict, hidden: bool, chunk: dict) -> t
 
 def _padded(ps: list) -> torch.Tensor:
     """The positions ``ps`` (each ``(M, N, O)``) stacked ``(M, N, T, O)``, a view into rows of
-    ``O`` plus 64 bytes where ``O``'s bytes are a multiple of 1024: the per-sample products
-    (:func:`fimfast.ops.shared_sq`) read ``P[m, n, :, rows]`` across the positions, and a row
-    stride of a multiple of 1024 bytes maps those reads to a few cache sets (1 thread, 64
+    ``O`` plus 64 bytes where ``O``'s bytes are a multiple of 1024 (on the CPU): the
+    per-sample products (:func:`fimfast.ops.shared_sq`) read ``P[m, n, :, rows]`` across the
+    positions, and a row stride of a multiple of 1024 bytes maps those reads to a few cache
+    sets (1 thread, 64
     samples of 16 positions against 128 inputs: 1.84 against 1.31 ms for 512 rows, 4.1 against
     2.8 ms for 1024, 0.70 against 0.66 ms for 256)."""
     M, N, O = ps[0].shape
     pad = 64 // ps[0].element_size()
-    if (O * ps[0].element_size()) % 1024 or not pad:
+    if (O * ps[0].element_size()) % 1024 or not pad or ps[0].device.type != "cpu":
         return torch.stack(ps, 2)
     buf = ps[0].new_empty(M, N, len(ps), O + pad)
     out = buf[..., :O]
