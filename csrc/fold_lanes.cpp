@@ -6,6 +6,10 @@
 // without a Python object or a Python call per operator. Every square and sum is formed before
 // the first value is written (a failure leaves the state as it was).
 //
+// An operand that several entries share (the logits layer's score column, read by its weight and
+// by its bias) is squared once per dtype, as the Python path's per-dtype square of that column,
+// and the sums are added by one multi-tensor add, as Sums.fold_into adds its slots.
+//
 // The plain case only, else false with nothing formed nor written: CPU tensors, float32 or
 // float64 values, contiguous, each slot at most once (a parameter with two entries sums its
 // parts before the value in the Python path), 2-D G and A with as many rows, a product or a sum
@@ -15,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 
@@ -62,15 +67,23 @@ bool fold_lanes(std::vector<at::Tensor> values, const std::vector<at::Tensor>& G
     }
   }
   at::NoGradGuard no_grad;
-  // every square first (the values are written only once all are formed)
-  std::vector<std::pair<int64_t, at::Tensor>> sums;
+  // every square first (the values are written only once all are formed); the squares of G by
+  // (tensor, dtype): an operand given to several entries is squared once
+  std::unordered_map<const void*, std::vector<std::pair<at::ScalarType, at::Tensor>>> squared;
+  auto square_of = [&squared](const at::Tensor& g, at::ScalarType dt) -> at::Tensor {
+    auto& formed = squared[g.unsafeGetTensorImpl()];
+    for (const auto& [d, S] : formed) {
+      if (d == dt) return S;
+    }
+    formed.emplace_back(dt, square_in(g, dt));
+    return formed.back().second;
+  };
+  std::vector<at::Tensor> sum_values, sums;
   std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>> products;
   for (size_t e = 0; e < n; ++e) {
-    at::Tensor S;
-    at::ScalarType dt = at::kFloat;
     if (weight[e] >= 0) {
-      dt = values[weight[e]].scalar_type();
-      S = square_in(G[e], dt);
+      const at::ScalarType dt = values[weight[e]].scalar_type();
+      const at::Tensor S = square_of(G[e], dt);
       const at::Tensor A2 = square_in(*A[e], dt);
       if (transposed[e]) {
         products.emplace_back(weight[e], A2.t(), S);
@@ -79,12 +92,13 @@ bool fold_lanes(std::vector<at::Tensor> values, const std::vector<at::Tensor>& G
       }
     }
     if (bias[e] >= 0) {
-      const at::ScalarType db = values[bias[e]].scalar_type();
-      if (!S.defined() || db != dt) S = square_in(G[e], db);
-      sums.emplace_back(bias[e], S.sum(0));
+      const at::Tensor& v = values[bias[e]];
+      const at::Tensor s = square_of(G[e], v.scalar_type()).sum(0);
+      sum_values.push_back(v);
+      sums.push_back(v.dim() == 1 ? s : s.view(v.sizes()));
     }
   }
-  for (auto& [i, s] : sums) values[i].add_(s.view(values[i].sizes()));
+  if (!sums.empty()) at::_foreach_add_(sum_values, sums);
   for (auto& [i, a, b] : products) {
     at::Tensor v = values[i];
     if (v.dim() != 2 || v.size(0) != a.size(0) || v.size(1) != b.size(1)) {
