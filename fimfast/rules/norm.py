@@ -30,6 +30,9 @@ class _NormRule(Rule):
     # contiguous (the channel norms' (N, L, C) views: one dot product per column, sample and
     # channel, benchmarks/results/small_cnn_cpu_2026-12-07.md)
     fused_terms = True
+    # one column in one chunk: the product in xhat's place instead of the kernel (the channel
+    # norms: as fast in a step, and xhat freed at once)
+    single_in_place = False
 
     def lead(self, module, y: torch.Tensor) -> int:
         return 1
@@ -77,14 +80,16 @@ class _NormRule(Rule):
         dt = compute_dtype(G.dtype)
         Gf = self.front(tap, G.to(dt), extra=1)
         weights = call.data["weights"]
+        single = call.chunks == 1 and Gf.shape[0] == 1  # xhat read once (below)
         # both in one pass, no (M, N, T, D) product
-        if self.fused_terms and any(weights) and _fused(Gf):
+        fused = self.fused_terms and not (single and self.single_in_place)
+        if fused and any(weights) and _fused(Gf):
             W, B = self.fused(tap, m, Gf, call.data, dt)
             return [Vec(W if is_w else B) for is_w in weights]
         if "xhat" not in call.data:
             call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
         xh = call.data["xhat"]
-        if call.chunks == 1 and Gf.shape[0] == 1:  # xhat is read once: the product in its place
+        if single:  # xhat is read once: the product in its place
             data = call.data
             prod = lambda: data.pop("xhat").mul_(Gf[0]).sum(1).unsqueeze(0)  # noqa: E731
         else:
@@ -179,6 +184,8 @@ class RMSNormRule(_NormRule):
 class _ChannelNormRule(_NormRule):
     """Norms with a per-channel affine on dim 1 of ``(N, C, *)``: GroupNorm, BatchNorm,
     InstanceNorm."""
+
+    single_in_place = True
 
     def front(self, tap, t, extra=0):
         # (*extra, N, C, *spatial) -> (*extra, N, L, C): channels last so Vec sums over dim 2
