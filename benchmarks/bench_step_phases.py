@@ -12,6 +12,10 @@ step followed by a training step (forward, cross-entropy, backward; its forward 
 same context: the first and a second call of one small operator right after that training step
 (``cold op`` / ``warm op``: a softmax of the logits), the price of any distinct small kernel.
 
+Workloads: those of :mod:`benchmarks.workloads` and the small convolution nets ``resnet_bn``,
+``groupnorm_cnn``, ``conv1d_dilated`` of :func:`benchmarks.bench_persample_cost.small_cnn` (whose
+per-sample steps default to the phases of the general chunk code, ``DEFAULT_WRAP["conv"]``).
+
 Rows: median CPU time per step over ``--steps`` steps (a function called several times in a step
 counts its sum), and ``step`` for the whole ``DiagFisher.step``. Nested functions are included in
 their callers. One torch thread.
@@ -29,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +49,23 @@ DEFAULT_WRAP = {
         "fimfast.hutchinson:vjp",
         "fimfast.guard:StepKept.__exit__",
         "fimfast.state:State.add_squares",
+    ),
+    # the per-sample step of a small convolution net (fimfast/persample/prepared.py's step, the
+    # general chunk code: backward to the taps, the rules' terms, the squares)
+    "conv": (
+        "fimfast.persample.prepared:_estimate",
+        "fimfast.persample.engine:Engine._prelude",
+        "fimfast.persample.squares:head_closed_form",
+        "fimfast.persample.engine:_tap_grads",
+        "fimfast.persample.engine:_chunk",
+        "fimfast.rules.conv:ConvRule.terms",
+        "fimfast.rules.conv:ConvRule._patches",
+        "fimfast.persample.squares:_outer_sq",
+        "fimfast.ops:shared_sq",
+        "fimfast.rules.conv_grouped:GroupedInput.sq",
+        "fimfast.rules.norm:_NormRule.terms",
+        "fimfast.persample.squares:_vec_sq",
+        "fimfast.estimator:DiagFisher._commit",
     ),
     "per_sample": (
         "fimfast.estimator:DiagFisher._params",
@@ -85,10 +107,15 @@ def run(workload: str, fim_type: str, steps: int, size: str, wrap: list[str]) ->
     import torch.nn.functional as F
 
     import fimfast
+    from benchmarks.bench_persample_cost import SMALL_CNNS, small_cnn
     from benchmarks.workloads import build
 
     torch.set_num_threads(1)
-    wl = build(workload, size, 0)
+    if workload in SMALL_CNNS:  # (model, (inputs, labels)) of benchmarks/bench_persample_cost.py
+        model, (x, y) = small_cnn(workload)
+        wl = SimpleNamespace(model=model, inputs=x, labels=y)
+    else:
+        wl = build(workload, size, 0)
     model, batch = wl.model, (wl.inputs, wl.labels)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -144,7 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     a = ap.parse_args(argv)
     wrap = a.wrap
     if wrap is None:
-        wrap = list(DEFAULT_WRAP["hutchinson" if a.type.startswith("hutchinson") else "per_sample"])
+        kind = "hutchinson" if a.type.startswith("hutchinson") else "per_sample"
+        if kind == "per_sample" and a.workload in ("resnet_bn", "groupnorm_cnn", "conv1d_dilated"):
+            kind = "conv"
+        wrap = list(DEFAULT_WRAP[kind])
     res = run(a.workload, a.type, a.steps, a.size, wrap)
     print(f"workload ({a.workload}) {a.size}, {a.type}, {a.steps} steps, CPU time per step (us), "
           "median; nested functions included in their callers")

@@ -36,3 +36,12 @@ def test_wrapped_functions_are_put_back_when_the_step_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         bench_step_phases.run("a", "hutchinson", 1, "tiny", ["fimfast.hutchinson:vjp"])
     assert hutchinson.vjp is before
+
+
+def test_phases_of_a_small_cnn_step():
+    res = bench_step_phases.main(["--workload", "resnet_bn", "--type", "empirical",
+                                  "--steps", "2"])
+    names = {s.split(":")[1] for s in bench_step_phases.DEFAULT_WRAP["conv"]}
+    assert names - {"GroupedInput.sq"} <= set(res)  # no depthwise convolution in resnet_bn
+    assert res["_tap_grads"] > 0 and res["_NormRule.terms"] > 0
+    assert res["_tap_grads"] + res["_chunk"] <= res["step"]

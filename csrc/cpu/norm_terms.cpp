@@ -4,6 +4,9 @@
 // a LayerNorm's input and each of its rows is normalised here first, (x - mean) / sqrt(var +
 // eps) over D (no normalised copy of X is written)
 // (fimfast/rules/norm.py has the use; fimfast/ops/norm_terms.py the torch reference).
+// A G and an X whose positions t are contiguous instead (a channel norm's (N, C, *spatial)
+// gradients seen as (M, N, T, D), D the channels) take one dot product along t per (m, n, d),
+// each row of X read once for every column m (no normalisation: X comes normalised).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -77,6 +80,52 @@ void terms(const at::Tensor& G, const at::Tensor& X, std::optional<double> eps, 
   });
 }
 
+// w = sum_t g[t] x[t], b = sum_t g[t] over a contiguous row of T_ positions: float sums of
+// blocks of 256 (vector reductions) added up in double
+template <typename T>
+FIMFAST_INLINE void dot_terms(const T* __restrict__ g, const T* __restrict__ x, int64_t T_, T* w,
+                              T* b) {
+  double sw = 0, sb = 0;
+  for (int64_t t0 = 0; t0 < T_; t0 += 256) {
+    const int64_t t1 = t0 + 256 < T_ ? t0 + 256 : T_;
+    T pw = 0, pb = 0;
+#pragma omp simd reduction(+ : pw, pb)
+    for (int64_t t = t0; t < t1; ++t) {
+      pw += g[t] * x[t];
+      pb += g[t];
+    }
+    sw += pw;
+    sb += pb;
+  }
+  *w = static_cast<T>(sw);
+  *b = static_cast<T>(sb);
+}
+
+// the terms of sample n for every column, G's and X's positions contiguous (stride 1 in t)
+template <typename T>
+FIMFAST_SIMD_CLONES void sample_dots(const T* g, int64_t gm, int64_t gd, const T* x, int64_t xd,
+                                     int64_t M, int64_t N, int64_t T_, int64_t D, T* w, T* b) {
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t m = 0; m < M; ++m) {
+      dot_terms(g + m * gm + d * gd, x + d * xd, T_, w + m * N * D + d, b + m * N * D + d);
+    }
+  }
+}
+
+template <typename T>
+void dots(const at::Tensor& G, const at::Tensor& X, T* w, T* b) {
+  const int64_t M = G.size(0), N = G.size(1), T_ = G.size(2), D = G.size(3);
+  const int64_t gm = G.stride(0), gn = G.stride(1), gd = G.stride(3);
+  const int64_t xn = X.stride(0), xd = X.stride(2);
+  const T* g = G.const_data_ptr<T>();
+  const T* x = X.const_data_ptr<T>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      sample_dots<T>(g + n * gn, gm, gd, x + n * xn, xd, M, N, T_, D, w + n * D, b + n * D);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> norm_terms_cpu(const at::Tensor& G, const at::Tensor& X,
                                                    std::optional<double> eps) {
   TORCH_CHECK(G.dim() == 4, "norm_terms: G must be 4-D (M, N, T, D); got shape ", G.sizes());
@@ -93,6 +142,12 @@ std::tuple<at::Tensor, at::Tensor> norm_terms_cpu(const at::Tensor& G, const at:
   at::Tensor W = at::zeros({M, N, D}, G.options());
   at::Tensor B = at::zeros({M, N, D}, G.options());
   if (W.numel() == 0 || G.size(2) == 0) return {W, B};
+  if (!eps.has_value() && G.stride(3) != 1 && G.stride(2) == 1 && X.stride(1) == 1) {
+    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "norm_terms", [&] {
+      dots<scalar_t>(G, X, W.mutable_data_ptr<scalar_t>(), B.mutable_data_ptr<scalar_t>());
+    });
+    return {W, B};
+  }
   const at::Tensor g = G.stride(3) == 1 ? G : G.contiguous();
   const at::Tensor x = X.stride(2) == 1 ? X : X.contiguous();
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "norm_terms", [&] {

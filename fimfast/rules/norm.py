@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
 from fimfast.ops.norm_terms import norm_terms_cpp
-from fimfast.ops.registry import resolve
+from fimfast.ops.registry import bound
 from fimfast.rules import norm_node
 from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
 from fimfast.rules.linear import folded
@@ -25,10 +25,14 @@ class _NormRule(Rule):
 
     batch_first = True  # channel norms: (N, C, *)
 
-    # the terms by fimfast.ops.norm_terms on the CPU (features last and contiguous: the
-    # channel norms' transposed layout makes the kernel slower than torch's products,
-    # benchmarks/results/layernorm_terms_2026-12-07.md)
+    # the terms by fimfast.ops.norm_terms on the CPU: features last and contiguous (the
+    # per-position norms, benchmarks/results/layernorm_terms_2026-12-07.md), or positions
+    # contiguous (the channel norms' (N, L, C) views: one dot product per column, sample and
+    # channel, benchmarks/results/small_cnn_cpu_2026-12-07.md)
     fused_terms = True
+    # one column in one chunk: the product in xhat's place instead of the kernel (the channel
+    # norms: as fast in a step, and xhat freed at once)
+    single_in_place = False
 
     def lead(self, module, y: torch.Tensor) -> int:
         return 1
@@ -76,14 +80,16 @@ class _NormRule(Rule):
         dt = compute_dtype(G.dtype)
         Gf = self.front(tap, G.to(dt), extra=1)
         weights = call.data["weights"]
+        single = call.chunks == 1 and Gf.shape[0] == 1  # xhat read once (below)
         # both in one pass, no (M, N, T, D) product
-        if self.fused_terms and any(weights) and _fused(Gf):
+        fused = self.fused_terms and not (single and self.single_in_place)
+        if fused and any(weights) and _fused(Gf):
             W, B = self.fused(tap, m, Gf, call.data, dt)
             return [Vec(W if is_w else B) for is_w in weights]
         if "xhat" not in call.data:
             call.data["xhat"] = self.front(tap, self.xhat(m, call.data["x"].to(dt), call.data))
         xh = call.data["xhat"]
-        if call.chunks == 1 and Gf.shape[0] == 1:  # xhat is read once: the product in its place
+        if single:  # xhat is read once: the product in its place
             data = call.data
             prod = lambda: data.pop("xhat").mul_(Gf[0]).sum(1).unsqueeze(0)  # noqa: E731
         else:
@@ -107,7 +113,8 @@ def _fused(G: torch.Tensor) -> bool:
     backend picked for a CPU tensor of float32 or float64)."""
     if G.device.type != "cpu" or G.dtype not in (torch.float32, torch.float64):
         return False
-    return resolve("norm_terms", None, G.device)[0] == "cpp"
+    # bound: one dict lookup once chosen (resolve: ~20 us a call inside a step)
+    return bound("norm_terms", None, G.device) is norm_terms_cpp
 
 
 def _terms(Gf: torch.Tensor, X: torch.Tensor, eps: float | None) -> tuple:
@@ -178,7 +185,7 @@ class _ChannelNormRule(_NormRule):
     """Norms with a per-channel affine on dim 1 of ``(N, C, *)``: GroupNorm, BatchNorm,
     InstanceNorm."""
 
-    fused_terms = False  # channels strided in (N, L, C): torch's products are faster
+    single_in_place = True
 
     def front(self, tap, t, extra=0):
         # (*extra, N, C, *spatial) -> (*extra, N, L, C): channels last so Vec sums over dim 2

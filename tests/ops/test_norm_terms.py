@@ -33,6 +33,11 @@ def _layouts(M: int, dtype: torch.dtype):
     yield "feature_stride", rnd(M, N, T, 2 * D)[..., ::2], rnd(N, T, 2 * D)[..., ::2]
     yield "samples_inner", G, rnd(T, D, N).permute(2, 0, 1)
     yield "positions_sliced", rnd(M, N, 2 * T, D)[:, :, 1::2], rnd(N, 2 * T, D)[:, ::2]
+    # a channel norm's (N, C, L) seen as (N, L, C): positions contiguous (the kernel's dot
+    # products), a short row and one of several blocks of 256 with a remainder
+    for L in (T, 600):
+        yield f"positions_inner_{L}", rnd(M, N, D, L).transpose(2, 3), rnd(N, D, L).transpose(1, 2)
+    yield "positions_inner_X_only", G, rnd(N, D, T).transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
