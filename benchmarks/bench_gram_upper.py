@@ -5,7 +5,9 @@ interleaved rounds, on the factors of workload (a) (MLP 784-512-256-10, B=128: i
 
     PYTHONPATH=. python benchmarks/bench_gram_upper.py [rounds]
 
-Prints the min / median / max over the rounds of the time of all five factors, in ms.
+Prints the min / median / max over the rounds of the time of all five factors, in ms. The
+``(cold)`` rows mirror each factor once after 32 MB of other data were written (the factors out of
+the caches, as where a factor is read after the rest of a call), untimed between the factors.
 """
 
 from __future__ import annotations
@@ -35,12 +37,21 @@ def main(rounds: int = 30) -> dict:
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
+    flush = torch.zeros(8 << 20)
     for _ in range(rounds):
         for k, f in fns.items():
             t = time.process_time()
             for _ in range(5):
                 f()
             times[k].append((time.process_time() - t) / 5 * 1e3)
+        for backend in ("torch", "cpp"):
+            total = 0.0
+            for o in outs:
+                flush.add_(1.0)
+                t = time.process_time()
+                gr.mirror_upper_(o, 0.5, backend)
+                total += time.process_time() - t
+            times.setdefault(f"mirror_upper_ {backend} (cold)", []).append(total * 1e3)
     return {k: (min(v), statistics.median(v), max(v)) for k, v in times.items()}
 
 

@@ -152,6 +152,34 @@ def test_each_call_copies_every_buffer_on_its_first_step():
     assert float(model.seen) == 0.0
 
 
+class _Walked(nn.Sequential):
+    """Counts the walks of its modules (``modules()`` and ``named_modules()`` of the model)."""
+
+    walks = 0
+
+    def named_modules(self, *args, **kwargs):
+        type(self).walks += 1
+        return super().named_modules(*args, **kwargs)
+
+
+def test_a_call_on_a_kept_structure_walks_no_module():
+    """The guards (module list, buffer list) and the capture read the structure's lists: a call
+    on a model met before walks its modules not at all, with a buffer to guard too."""
+    torch.manual_seed(0)
+    model = _Walked(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, C)).double()
+    model[1].requires_grad_(False)
+    model.eval()
+    data = _data()
+    first = _kfac(model, data)
+    s = structure.of(model)
+    _Walked.walks = 0
+    _same(_kfac(model, data), first)
+    assert structure.of(model) is s and _Walked.walks == 0
+    model[1].train()  # the capture still refuses batch statistics, read from the kept list
+    with pytest.raises(ValueError, match="batch statistics"):
+        _kfac(model, data)
+
+
 def test_added_buffer_and_max_norm_rebuild_the_guards():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, D), nn.Flatten(), nn.Linear(2 * D, C)).double()

@@ -228,14 +228,17 @@ def check_forwards(layers: list[Layer]) -> None:
 
 
 @contextmanager
-def capture(layers: list[Layer], model: nn.Module | None = None) -> Iterator[list[Layer]]:
+def capture(layers: list[Layer], model: nn.Module | None = None,
+            modules: list[nn.Module] | None = None) -> Iterator[list[Layer]]:
     """Record ``(input, tap, None)`` of every call of ``layers`` during the forward (attention
     projections: see :func:`finish`); undone on exit. Modules whose forward is not their class's
     are refused first (:func:`check_forwards`). With ``model`` the calls are recorded through
     instance forwards where its modules allow it (:mod:`fimfast.structured.forwards`; a BatchNorm
     normalising with batch statistics is refused in the same walk,
-    :func:`check_batch_statistics`), through forward hooks otherwise."""
-    plain = model is not None and fwds.instance_forwards(model, check_batch_statistics)
+    :func:`check_batch_statistics`), through forward hooks otherwise. ``modules``:
+    ``list(model.modules())`` where the caller keeps it (the guards' walk), read instead of
+    walking the model again."""
+    plain = model is not None and fwds.instance_forwards(model, check_batch_statistics, modules)
     check_forwards(layers)
     handles: list = []
     on: list = []

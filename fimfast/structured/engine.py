@@ -173,7 +173,8 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
 
 def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
                 what: str, approx: str, eig: list | None, chunk: int | None) -> None:
-    with cap.capture(layers, model):  # refuses batch statistics (check_batch_statistics)
+    _, walk, _, params = st.extra["guard"]  # the guards' module list (kept per structure)
+    with cap.capture(layers, model, walk.of(model, params)[0]):  # refuses batch statistics
         fw = columns.forward(model, batch, st.fim_type, st.opts)
     if written(model, st):  # refused when the guards exit: nothing is added
         return

@@ -31,18 +31,19 @@ _UNWRAPPABLE = (torch.jit.ScriptModule, nn.DataParallel)
 _PY_NODE = torch._C._FunctionBase  # an autograd.Function's node (get_gradient_edge's own test)
 
 
-def instance_forwards(model: nn.Module, refuse_batch_statistics: Callable) -> bool:
+def instance_forwards(model: nn.Module, refuse_batch_statistics: Callable,
+                      modules: list[nn.Module] | None = None) -> bool:
     """Whether the layers of ``model`` may be captured through instance forwards (no compiled,
     scripted or ``DataParallel`` module in it), in the walk of the modules that also refuses a
     BatchNorm normalising with batch statistics (``refuse_batch_statistics(model)`` raises the
-    error naming it)."""
+    error naming it). ``modules``: ``list(model.modules())`` where the caller has it."""
     kinds = _UNWRAPPABLE
     if "torch._dynamo" in sys.modules:
         from torch._dynamo.eval_frame import OptimizedModule
 
         kinds = (*kinds, OptimizedModule)
     plain = True
-    for m in model.modules():
+    for m in model.modules() if modules is None else modules:
         if isinstance(m, _BATCH_NORM) and (m.training or m.running_mean is None):
             refuse_batch_statistics(model)
         if plain and (isinstance(m, kinds) or getattr(m, "_compiled_call_impl", None) is not None):

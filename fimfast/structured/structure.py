@@ -55,8 +55,8 @@ class Structure:
 
     def walk(self, model: nn.Module) -> guard.ModuleWalk:
         """A :class:`~fimfast.guard.ModuleWalk` of ``model`` as it would find it."""
-        w = guard.ModuleWalk()
-        w._key = (id(model), tuple(map(id, self.params)))
+        w = guard.ModuleWalk()  # keyed as ModuleWalk.of keys a walk (no walk on its first call)
+        w._key = (id(model), tuple(map(id, self.params)), guard._REGISTRATIONS[0])
         tables = self.tables if not isinstance(model, _LOOKUPS) or model.max_norm is None \
             else [model] + self.tables
         w._walk = ([model] + self.modules, tables)
@@ -66,7 +66,7 @@ class Structure:
         """A new :class:`~fimfast.guard.BufferGuard` of ``model`` (first step: every buffer
         copied), its buffer list as its own scan would make it."""
         g = guard.BufferGuard()
-        g._key = id(model)
+        g._key = (id(model), guard._REGISTRATIONS[0])  # as BufferGuard._scan keys a scan
         g._buffers = [(model if m is None else m, name, qual) for m, name, qual in self.buffers]
         return g
 
