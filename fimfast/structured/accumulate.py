@@ -68,6 +68,7 @@ class FisherAccumulator:
         self._guard = self._structure.step_guard(model)
         self.seed = seed
         self.shapes = [tuple(p.shape) for p in self.params]
+        self._layout = [(tuple(p.shape), p.dtype, p.device) for p in self.params]
         self.phase = "factors"
         self.eig: list | None = None
         self.kfac: KFACFIM | None = None
@@ -87,7 +88,9 @@ class FisherAccumulator:
 
     # -- accumulation ------------------------------------------------------------------------ #
     def update(self, batch: Any) -> None:
-        """Add one batch."""
+        """Add one batch (refused, with nothing added, when the model's trainable parameters
+        changed since the accumulator was made: see :func:`check_same_parameters`)."""
+        check_same_parameters(self.model, self._structure, self._layout)
         self.stream.extra.setdefault("guard", self._guard)
         if self.representation in ("dense", "block_diag", "low_rank"):
             engine.dense_pass(self.model, [batch], self.stream, self.params, self.acc, None,
@@ -196,6 +199,34 @@ class FisherAccumulator:
     def crc(self) -> int:
         return zlib.crc32(repr(sorted((k, repr(v)) for k, v in self.signature().items()
                                       if k != "options")).encode())
+
+
+def check_same_parameters(model: torch.nn.Module, made: structure.Structure,
+                          layout: list[tuple]) -> None:
+    """Raise a ``ValueError`` naming ``model`` when its trainable parameters are no longer the
+    tensors the accumulator was made for (a parameter added, removed, frozen or replaced by a new
+    tensor, or one of them reshaped or moved to another dtype or device; ``layout``: the
+    ``(shape, dtype, device)`` of each when it was made): the pass differentiates the parameters
+    it found when it was made, so a replaced one would get no gradient from the batches after
+    the change."""
+    now = structure.of(model)
+    same = now.names == made.names and all(a is b for a, b in zip(now.params, made.params))
+    if same and all(p.shape == s and p.dtype is dt and p.device == dev
+                    for p, (s, dt, dev) in zip(now.params, layout)):
+        return
+    old = {n: (q, *lay) for n, q, lay in zip(made.names, made.params, layout)}
+    added = sorted(set(now.names) - set(old))
+    removed = sorted(set(old) - set(now.names))
+    changed = sorted(n for n, p in zip(now.names, now.params) if n in old and (
+        p is not old[n][0] or tuple(p.shape) != old[n][1]))
+    moved = sorted(n for n, p in zip(now.names, now.params) if n in old and (
+        p.dtype != old[n][2] or p.device != old[n][3]))
+    what = (f"added {added[:5]}, removed or frozen {removed[:5]}, replaced or reshaped "
+            f"{changed[:5]}, moved to another dtype or device {moved[:5]}"
+            if added or removed or changed or moved else "the same parameters in another order")
+    raise ValueError(
+        f"model: its trainable parameters changed since this FisherAccumulator was made: {what}; "
+        "nothing of the batch was added (make a new accumulator for the changed model)")
 
 
 def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
