@@ -285,7 +285,13 @@ class State:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (names and shapes must match)."""
+        """Restore from :meth:`state_dict` (names and shapes must match). Everything is checked
+        before anything is assigned: a refused state leaves this one as it was."""
+        missing = [k for k in ("names", "shapes", "reduction", "ema", "count", "steps", "values")
+                   if not isinstance(sd, dict) or k not in sd]
+        if missing:
+            raise ValueError(f"state_dict: not a state of DiagFisher.state_dict(); missing "
+                             f"{missing}")
         if list(sd["names"]) != self.names or [tuple(s) for s in sd["shapes"]] != self.shapes:
             raise ValueError(
                 "state_dict: parameter names/shapes differ from this estimator's "
@@ -296,11 +302,29 @@ class State:
                 f"state_dict: saved with reduction={sd['reduction']!r}, ema={sd['ema']!r}; this "
                 f"estimator has reduction={self.reduction!r}, ema={self.ema!r}"
             )
-        values = [
-            sd["values"][n].to(device=v.device, dtype=v.dtype)
-            for n, v in zip(self.names, self.values)
-        ]
+        values = [_loaded(sd["values"], n, s, v) for n, s, v in
+                  zip(self.names, self.shapes, self.values)]
+        count, steps = _counter(sd, "count"), _counter(sd, "steps")
         self.values = values
         self._zero = False
-        self.count = int(sd["count"])
-        self.steps = int(sd["steps"])
+        self.count = count
+        self.steps = steps
+
+
+def _loaded(saved: Any, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``saved[name]`` as a tensor like ``like``, refused unless of ``shape`` and finite."""
+    v = saved.get(name) if isinstance(saved, dict) else None
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(shape):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"state_dict['values'][{name!r}] must be a tensor of shape "
+                         f"{tuple(shape)}; got {got}")
+    if v.is_floating_point() and not bool(torch.isfinite(v._values() if v.is_sparse else v).all()):
+        raise ValueError(f"state_dict['values'][{name!r}] has non-finite entries (NaN/Inf)")
+    return v.to(device=like.device, dtype=like.dtype)
+
+
+def _counter(sd: dict[str, Any], key: str) -> int:
+    v = sd[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"state_dict[{key!r}] must be an integer >= 0; got {v!r}")
+    return v
