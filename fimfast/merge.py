@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fimfast.diagfim import DiagFIM
+from fimfast.entries import check_entries
 
 __all__ = ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
 
@@ -270,8 +271,8 @@ def _merge_one(
                 f"{tuple(shape)}"
             )
         f = f.to(device=device, dtype=acc)
-        if bool((f < 0).any()):
-            raise ValueError(f"fishers[{i}][{name!r}] has negative entries")
+        check_entries(f, f"fishers[{i}][{name!r}]",
+                      negative=f"fishers[{i}][{name!r}] has negative entries")
         fw = (f * scales[i] + eps).mul_(wi)
         num.addcmul_(fw, theta)
         den.add_(fw)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fimfast.entries import check_entries
+
 __all__ = [
     "BitAllocation",
     "Sensitivity",
@@ -63,6 +65,7 @@ def _named(model: nn.Module | Mapping[str, torch.Tensor], fisher: FisherLike):
                 f"fisher[{n!r}] has shape {tuple(f.shape)}; the parameter has "
                 f"{tuple(params[n].shape)}"
             )
+        check_entries(f.detach(), f"fisher[{n!r}]", nonnegative=False)
         out[n] = params[n].detach()
     return out
 
