@@ -489,3 +489,23 @@ def test_a_structured_file_is_not_read_as_a_diagonal(tmp_path):
     with pytest.raises(ValueError, match="structured Fisher file"):
         fimfast.load_fisher(str(path), model=model)
     assert isinstance(fimfast.structured.load(str(path)), fimfast.structured.KFACFIM)
+
+
+def test_kfac_accumulator_refuses_use_after_result_consume():
+    """``result(consume=True)`` hands KFAC's sums over as the result's factors (scaled and
+    mirrored in place); a later batch was added into them, so the next result was off by about
+    half and the first one changed under its holder."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 20), nn.Tanh(), nn.Linear(20, 3))  # > 192 columns
+    acc = FisherAccumulator(model, "exact", "kfac", "sum")
+    acc.update((torch.randn(5, 200), torch.randint(0, 3, (5,))))
+    sd = acc.state_dict()
+    F = acc.result(consume=True)
+    A = F.A[0].clone()
+    for call in (lambda: acc.update((torch.randn(5, 200), torch.randint(0, 3, (5,)))),
+                 acc.result, acc.state_dict):
+        with pytest.raises(ValueError, match="consume=True"):
+            call()
+    assert torch.equal(F.A[0], A)
+    acc.load_state_dict(sd)  # new sums: usable again
+    assert torch.allclose(acc.result().A[0], A)

@@ -70,6 +70,7 @@ class FisherAccumulator:
         self.shapes = [tuple(p.shape) for p in self.params]
         self._layout = [(tuple(p.shape), p.dtype, p.device) for p in self.params]
         self.phase = "factors"
+        self._consumed = False  # result(consume=True) handed KFAC's sums over: see _live
         self.eig: list | None = None
         self.kfac: KFACFIM | None = None
         self.meta = {"fim_type": self.fim_type.value, "representation": representation,
@@ -90,6 +91,7 @@ class FisherAccumulator:
     def update(self, batch: Any) -> None:
         """Add one batch (refused, with nothing added, when the model's trainable parameters
         changed since the accumulator was made: see :func:`check_same_parameters`)."""
+        self._live()
         check_same_parameters(self.model, self._structure, self._layout)
         self.stream.extra.setdefault("guard", self._guard)
         if self.representation in ("dense", "block_diag", "low_rank"):
@@ -114,6 +116,7 @@ class FisherAccumulator:
     def start_refit(self) -> None:
         """EKFAC: fix the eigenbasis of the (reduced) factors and start the refit pass (the
         random stream continues)."""
+        self._live()
         if self.representation != "ekfac" or self.phase != "factors":
             raise ValueError(f"start_refit is for representation='ekfac' after its factor pass; "
                              f"this accumulator is {self.representation!r} in phase "
@@ -129,7 +132,9 @@ class FisherAccumulator:
     def result(self, consume: bool = False):
         """The structured Fisher of everything added (summed over ranks, see the module
         docstring). ``consume=True`` lets KFAC's factors reuse the accumulator's buffers (no
-        copies); the accumulator must not be used afterwards."""
+        copies); the accumulator is then refused by every method but ``load_state_dict``
+        (its sums are the result's factors, scaled and mirrored in place)."""
+        self._live()
         sums, count, batches = self._reduced()
         if count == 0:
             raise ValueError("no batch was added (loader yielded no batch)")
@@ -143,6 +148,7 @@ class FisherAccumulator:
                                 [None if s.cross is None else s.cross * sc for s in sums], meta)
         if self.representation == "kfac":
             A, G = _factors(self.layers, sums, sc, consume or sums is not self.sums)
+            self._consumed = consume and sums is self.sums
             return KFACFIM(self.names, self.shapes, info, A, G, meta)
         if self.phase != "refit":
             raise ValueError("representation='ekfac': call start_refit() and add the data again "
@@ -178,6 +184,7 @@ class FisherAccumulator:
         """The accumulated sums, the phase and the stream position (tensors cloned)."""
         from fimfast.structured.reduce import state_of
 
+        self._live()
         for s in self.sums if self.layers else []:
             s.settle()
         return state_of(self)
@@ -188,6 +195,13 @@ class FisherAccumulator:
         from fimfast.structured.reduce import load_state
 
         load_state(self, state)
+        self._consumed = False  # the sums are the loaded ones
+
+    def _live(self) -> None:
+        if self._consumed:
+            raise ValueError("this FisherAccumulator's sums were handed to result(consume=True) "
+                             "(they are that result's factors now); make a new accumulator, or "
+                             "call result() without consume to keep accumulating")
 
     def signature(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "representation": self.representation,
