@@ -509,3 +509,80 @@ def test_kfac_accumulator_refuses_use_after_result_consume():
     assert torch.equal(F.A[0], A)
     acc.load_state_dict(sd)  # new sums: usable again
     assert torch.allclose(acc.result().A[0], A)
+
+
+# -- training callbacks ----------------------------------------------------------------------- #
+
+_HF = __import__("importlib").util.find_spec("transformers") is not None and \
+    __import__("importlib").util.find_spec("accelerate") is not None
+
+
+@pytest.mark.skipif(not _HF, reason="the Trainer needs transformers and accelerate")
+def test_hf_callback_reused_for_a_second_training_estimates_the_second_model(tmp_path):
+    """A callback reused for the next task (a new Trainer, another model) kept the first
+    training's DiagFisher, bound to the first model: the second Fisher was the first model's,
+    its ``when="end"`` pass added to the first pass, and the file got the second model's
+    fingerprint."""
+    from test_integrations import _args, _batches, _hf_data, _tiny_bert
+    from transformers import Trainer
+
+    from fimfast.integrations.hf import FisherCallback
+
+    rows = _hf_data()
+    loader = _batches(rows)
+    end = FisherCallback("exact", when="end", dataloader=loader, max_batches=2, save_path=False)
+    step = FisherCallback("empirical", when="step", every_n_steps=2, save_path=False)
+    for seed in (0, 1):
+        model = _tiny_bert(seed)
+        Trainer(model=model, args=_args(tmp_path / str(seed)), train_dataset=rows,
+                callbacks=[end, step]).train()
+        model.eval()
+        ref = fimfast.diag_fisher(model, loader[:2], "exact", reduction="mean")
+        assert end.fisher.meta["count"] == 16 and end.fisher.allclose(ref, rtol=1e-5, atol=1e-9)
+        assert end.estimator.model is model and step.estimator.model is model
+        assert step.estimator.state.steps == 2  # this training's two steps only
+    with pytest.raises(ValueError, match="reduction"):
+        FisherCallback("exact", reduction="avg")  # checked when made, not after training
+
+
+_PL = __import__("importlib").util.find_spec("lightning") or \
+    __import__("importlib").util.find_spec("pytorch_lightning")
+
+
+@pytest.mark.skipif(_PL is None, reason="needs lightning or pytorch_lightning")
+def test_lightning_callback_reused_for_a_second_fit_estimates_the_second_model(tmp_path):
+    from test_integrations import _pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fimfast.integrations.lightning import FisherCallback
+
+    pl = _pl()
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    end = FisherCallback("exact", dataloader=[(x[:16],), (x[16:],)], save_path=False)
+    step = FisherCallback("empirical", when="step", every_n_steps=2, save_path=False)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        module = Net()
+        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=str(tmp_path), callbacks=[end, step]).fit(
+            module, DataLoader(TensorDataset(x, y), batch_size=16))
+        module.eval()
+        ref = fimfast.diag_fisher(module, [(x[:16],), (x[16:],)], "exact", reduction="mean")
+        assert end.fisher.meta["count"] == 32 and end.fisher.allclose(ref, rtol=1e-5, atol=1e-9)
+        assert step.estimator.model is module and step.estimator.state.steps == 1
