@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -97,8 +98,8 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     w = [float(x) for x in weights]
     if len(w) != n:
         raise ValueError(f"weights must have one entry per model ({n}); got {len(w)}")
-    if any(not x >= 0 for x in w) or sum(w) <= 0:
-        raise ValueError(f"weights must be >= 0 and not all 0; got {w}")
+    if any(not 0 <= x < math.inf for x in w) or sum(w) <= 0:
+        raise ValueError(f"weights must be >= 0, finite and not all 0; got {w}")
     s = sum(w)
     return [x / s for x in w]
 
@@ -111,8 +112,8 @@ def _check_args(models, fishers, eps) -> None:
             f"fishers must be a sequence with one Fisher per model ({len(models)}); got "
             f"{len(fishers) if isinstance(fishers, Sequence) else type(fishers).__name__}"
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a number >= 0 and finite; got {eps!r}")
 
 
 def _scales(fs) -> list[float]:

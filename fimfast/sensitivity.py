@@ -26,6 +26,7 @@ first-order term, so the KL is the quantity predicted here (:func:`measure_kl` m
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -367,6 +368,9 @@ def allocate_bits(
     choices = sorted(set(int(b) for b in choices))
     if not choices:
         raise ValueError("choices must name at least one bit width")
+    if isinstance(avg_bits, (bool, str)) or not math.isfinite(_number(avg_bits)):
+        raise ValueError(f"avg_bits must be a finite number; got {avg_bits!r}")
+    avg_bits = _number(avg_bits)
     if avg_bits < choices[0]:
         raise ValueError(f"avg_bits={avg_bits!r} is below the fewest bits {choices[0]}")
     units = _units(params, fisher, names, choices, per_channel, granularity)
@@ -382,6 +386,14 @@ def allocate_bits(
             bits[n][r] = choices[lv]
     pred = float(sum(u[3][lv] for u, lv in zip(units, level)))
     return BitAllocation(bits, pred, used / total, per_channel)
+
+
+def _number(x: Any) -> float:
+    """``float(x)``, NaN for what is not a number."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _units(

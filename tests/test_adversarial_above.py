@@ -185,9 +185,8 @@ def test_dense_family_and_quasi_diag_against_the_oracle(name, fim_type, reductio
         assert math.isclose(float(F.vTMv(v)), float(v @ D @ v), rel_tol=1e-9, abs_tol=1e-12)
         assert math.isclose(F.trace(), float(torch.trace(D)), rel_tol=1e-9)
         assert math.isclose(F.frobenius_norm(), float(D.norm()), rel_tol=1e-9)
-        if rep != "quasi_diag":  # an arrowhead solve is not a solve of the restricted matrix
-            want = torch.linalg.solve(D + 0.1 * torch.eye(P, dtype=D.dtype), v)
-            assert torch.allclose(F.solve(v, damping=0.1), want, rtol=1e-8, atol=1e-10)
+        want = torch.linalg.solve(D + 0.1 * torch.eye(P, dtype=D.dtype), v)  # arrowheads too
+        assert torch.allclose(F.solve(v, damping=0.1), want, rtol=1e-8, atol=1e-10)
 
 
 def _kfac_oracle(model, batches, layers, fim_type, reduction, call, approx):
@@ -586,3 +585,20 @@ def test_lightning_callback_reused_for_a_second_fit_estimates_the_second_model(t
         ref = fimfast.diag_fisher(module, [(x[:16],), (x[16:],)], "exact", reduction="mean")
         assert end.fisher.meta["count"] == 32 and end.fisher.allclose(ref, rtol=1e-5, atol=1e-9)
         assert step.estimator.model is module and step.estimator.state.steps == 1
+
+
+def test_workflow_arguments_must_be_finite():
+    """``lam=inf`` made the EWC penalty inf (NaN at the anchor), an infinite merge weight or
+    ``eps`` made every merged parameter NaN, and ``avg_bits=nan`` was taken as a budget."""
+    model, F = _fisher()
+    with pytest.raises(ValueError, match="lam must be a number >= 0 and finite"):
+        fimfast.EWC(model, F, lam=math.inf)
+    other = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="weights must be >= 0, finite"):
+        fimfast.fisher_merge([model, other], [F, F], weights=[math.inf, 1.0])
+    with pytest.raises(ValueError, match="eps must be a number >= 0 and finite"):
+        fimfast.fisher_merge([model, other], [F, F], eps=math.inf)
+    for bad in (math.nan, math.inf, "4"):
+        with pytest.raises(ValueError, match="avg_bits must be a finite number"):
+            fimfast.sensitivity.allocate_bits(model, F, avg_bits=bad)
+    assert fimfast.sensitivity.allocate_bits(model, F, avg_bits=torch.tensor(4.0)).avg_bits <= 4
