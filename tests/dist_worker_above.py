@@ -45,6 +45,12 @@ def run(rank):
                 S = fimfast.fisher(ddp, sh[rank], fim_type, rep, reduction)
                 out[f"{rep}/{fim_type}/{reduction}"] = (list(S.names), S.to_dense(),
                                                          S.meta["count"])
+    # distributed="none": this rank's shard only, for the diagonal too
+    for rep in ("diag", "kfac"):
+        out[f"local/{rep}"] = fimfast.fisher(ddp, sh[rank], "exact", rep, "sum",
+                                             distributed="none").to_vector() \
+            if rep == "diag" else fimfast.fisher(ddp, sh[rank], "exact", rep, "sum",
+                                                 distributed="none").to_dense()
     return out
 
 

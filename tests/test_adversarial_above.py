@@ -602,3 +602,25 @@ def test_workflow_arguments_must_be_finite():
         with pytest.raises(ValueError, match="avg_bits must be a finite number"):
             fimfast.sensitivity.allocate_bits(model, F, avg_bits=bad)
     assert fimfast.sensitivity.allocate_bits(model, F, avg_bits=torch.tensor(4.0)).avg_bits <= 4
+
+
+def test_fisher_checks_counts_and_the_options_diag_does_not_take():
+    """``max_rows`` was read only once exceeded (a string raised a TypeError), ``max_batches=0``
+    read as an empty loader and ``1.5`` was taken; ``representation="diag"`` dropped
+    ``kfac_approx``, ``rank``, ``pair_chunk`` and ``max_rows`` without a word."""
+    model, data = _mlp(), [_batch()]
+    for name, bad in (("max_rows", 0), ("max_rows", "10"), ("max_rows", True),
+                      ("max_batches", 0), ("max_batches", 1.5)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1 or None"):
+            fimfast.fisher(model, data, "exact", "low_rank", **{name: bad})
+    with pytest.raises(ValueError, match="max_batches must be"):
+        FisherAccumulator(model, "exact", "kfac").add(data, max_batches=-1)
+    for name, value in (("kfac_approx", "reduce"), ("rank", 2), ("pair_chunk", 4),
+                        ("max_rows", 10)):
+        with pytest.raises(ValueError, match=f"{name}: not options of representation='diag'"):
+            fimfast.fisher(model, data, "exact", "diag", **{name: value})
+    with pytest.raises(ValueError, match="distributed must be"):
+        fimfast.fisher(model, data, "exact", "diag", distributed="yes")
+    F = fimfast.fisher(model, data, "exact", "diag", distributed="none")
+    want = fimfast.diag_fisher(model, data, "exact", reduction="mean")
+    assert torch.equal(F.to_vector(), want.to_vector())

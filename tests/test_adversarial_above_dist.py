@@ -71,3 +71,14 @@ def test_ddp_uneven_shards_equal_one_process_on_the_union(ranks, rep, fim_type, 
         assert count == 8, (r, count)
         assert [n.removeprefix("module.") for n in got_names] == names
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-13), (r, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("rep", ["diag", "kfac"])
+def test_distributed_none_reads_the_rank_shard_only(ranks, rep):
+    """``fimfast.fisher(..., "diag", distributed="none")`` dropped the argument: the diagonal
+    was summed over the ranks all the same."""
+    model, sh = model_and_shards()
+    for r, res in enumerate(ranks):
+        F = fimfast.fisher(model, sh[r], "exact", rep, "sum")
+        want = F.to_vector() if rep == "diag" else F.to_dense()
+        assert torch.allclose(res[f"local/{rep}"], want, rtol=1e-10, atol=1e-13), r

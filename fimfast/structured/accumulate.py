@@ -54,6 +54,7 @@ class FisherAccumulator:
                              f"fimfast.DiagFisher for 'diag'); got {representation!r}")
         if distributed not in ("auto", "none"):
             raise ValueError(f"distributed must be 'auto' or 'none'; got {distributed!r}")
+        api.check_count(max_rows, "max_rows")
         self.fim_type = FIMType.parse(fim_type)
         check_reduction(reduction)
         self.model, self.representation, self.reduction = model, representation, reduction
@@ -107,6 +108,9 @@ class FisherAccumulator:
 
     def add(self, loader: Iterable, max_batches: int | None = None) -> FisherAccumulator:
         """Add every batch of ``loader`` (at most ``max_batches``)."""
+        from fimfast.structured.api import check_count
+
+        check_count(max_batches, "max_batches")
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
