@@ -624,3 +624,60 @@ def test_fisher_checks_counts_and_the_options_diag_does_not_take():
     F = fimfast.fisher(model, data, "exact", "diag", distributed="none")
     want = fimfast.diag_fisher(model, data, "exact", reduction="mean")
     assert torch.equal(F.to_vector(), want.to_vector())
+
+
+def _ekfac_oracle(model, batches, layers, call, UA, UG, reduction):
+    """EKFAC's ``D = sum_q (U_G^T M_q U_A)^2`` with ``M_q = sum_t g_{q,t} [a_t, 1]^T`` the exact
+    per-pair gradient (every position of every call, padded ones included) (EXACT columns)."""
+    mods = dict(model.named_modules())
+    seen: dict = {}
+    hooks = [mods[n].register_forward_hook(
+        lambda m, i, o, n=n: seen.setdefault(n, []).append((i[0], o))) for n in layers]
+    D, R = [0.0] * len(layers), 0
+    try:
+        for b in batches:
+            seen.clear()
+            z, y, mask = call(model, b)
+            idx = [(i,) for i in range(z.shape[0])] if z.dim() == 2 else \
+                [(i, t) for i in range(z.shape[0]) for t in range(z.shape[1])]
+            for r in idx:
+                if int(y[r]) == -100 or (mask is not None and z.dim() == 3 and mask[r] == 0):
+                    continue
+                R += 1
+                p = torch.softmax(z[r].detach(), -1)
+                eye = torch.eye(len(p), dtype=p.dtype)
+                for c in range(len(p)):
+                    u = p[c].sqrt() * (eye[c] - p)
+                    for k, n in enumerate(layers):
+                        gs = torch.autograd.grad((u * z[r]).sum(), [o for _, o in seen[n]],
+                                                 retain_graph=True)
+                        Mq = sum(g[r[0]].reshape(-1, g.shape[-1]).T @ torch.cat(
+                            [a[r[0]].reshape(-1, a.shape[-1]),
+                             torch.ones(a[r[0]].reshape(-1, a.shape[-1]).shape[0], 1,
+                                        dtype=a.dtype)], 1)
+                            for g, (a, _) in zip(gs, seen[n]))
+                        D[k] = D[k] + (UG[k].T @ Mq @ UA[k]) ** 2
+    finally:
+        for h in hooks:
+            h.remove()
+    return [d / R if reduction == "mean" else d for d in D]
+
+
+@pytest.mark.parametrize("name", ["twice", "tokens"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_ekfac_refit_against_its_definition(name, reduction):
+    """The refitted diagonal is that of the true per-pair gradients in the Kronecker basis, for a
+    Linear called twice and for token logits whose padded positions still carry gradient (a
+    cumsum mixes the tokens) while the attention mask leaves them out of ``A``."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(2)
+    if name == "twice":
+        (model, batches), call = _case("twice"), _plain
+    else:
+        model, call = _Tokens().double(), _mapping
+        batches = [_token_batch(3, 4, g), _token_batch(2, 4, g)]
+    F = fimfast.fisher(model, batches, "exact", "ekfac", reduction)
+    ref = _ekfac_oracle(model, batches, ["a", "h"], call, F.UA, F.UG, reduction)
+    for got, want in zip(F.D, ref):
+        assert want.norm() > 1e-4
+        assert torch.allclose(got.reshape(want.shape), want, rtol=1e-9, atol=1e-13)
