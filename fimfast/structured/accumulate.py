@@ -228,6 +228,8 @@ def check_same_parameters(model: torch.nn.Module, made: structure.Structure,
     it found when it was made, so a replaced one would get no gradient from the batches after
     the change."""
     now = structure.of(model)
+    if now is made:  # the same structure key: the same tensors, shapes, dtypes and devices
+        return
     same = now.names == made.names and all(a is b for a, b in zip(now.params, made.params))
     if same and all(p.shape == s and p.dtype is dt and p.device == dev
                     for p, (s, dt, dev) in zip(now.params, layout)):
