@@ -206,8 +206,17 @@ def fisher_merge(
         names = ms[0].keys()
         scales = _scales(fs) if normalize else [1.0] * len(fs)
         _check_names(ms, fs, names)
+        tied = _aliases(ms[0])
+        shared = set(tied.values())
+        done: dict[str, torch.Tensor] = {}  # the merges of tensors that have tied aliases
         for name in names:
-            merged = _merge_one(name, ms, fs, w, float(eps), device, scales)
+            first = tied.get(name)
+            if first in done and not any(name in f for f in fs):
+                merged = done[first].clone()  # a tied alias (a head sharing the embedding): the
+            else:  # merge of the tensor it shares, not a plain average written over it
+                merged = _merge_one(name, ms, fs, w, float(eps), device, scales)
+                if name in shared:
+                    done[name] = merged
             if target is not None:
                 if name not in target:
                     raise ValueError(f"out has no tensor {name!r}")
@@ -222,6 +231,21 @@ def fisher_merge(
         save_file({k: v.contiguous() for k, v in result.items()}, os.fspath(out))
         return out
     return result
+
+
+def _aliases(reader: _Reader) -> dict[str, str]:
+    """``{name: first name}`` for the tensors of a state dict (or module) that are views of the
+    same memory as an earlier one (tied weights: ``state_dict()`` lists them under each name)."""
+    if reader._d is None:
+        return {}  # a safetensors file holds no shared tensors
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for k, t in reader._d.items():
+        if isinstance(t, torch.Tensor) and t.numel() and t.layout == torch.strided:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                   t.stride(), t.dtype, t.device)
+            out[k] = seen.setdefault(key, k)
+    return {k: v for k, v in out.items() if k != v}
 
 
 def _merge_one(

@@ -681,3 +681,39 @@ def test_ekfac_refit_against_its_definition(name, reduction):
     for got, want in zip(F.D, ref):
         assert want.norm() > 1e-4
         assert torch.allclose(got.reshape(want.shape), want, rtol=1e-9, atol=1e-13)
+
+
+class _TiedClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(7, 5), nn.Linear(5, 5), nn.Linear(5, 7)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x).mean(1))))
+
+
+def test_fisher_merge_of_tied_weights_merges_the_shared_tensor(tmp_path):
+    """``state_dict()`` lists a tied weight under both names, the Fisher under one: the other
+    name was plain-averaged, and loading the merge (``out=`` a module, or ``load_state_dict``)
+    wrote that average over the Fisher-weighted tensor."""
+    torch.manual_seed(0)
+    a = _TiedClassifier()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+    data = [(torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,)))]
+    Fa, Fb = (fimfast.diag_fisher(m, data, "exact", reduction="mean") for m in (a, b))
+    fa, fb = Fa["emb.weight"] + 1e-8, Fb["emb.weight"] + 1e-8
+    want = (fa * a.emb.weight + fb * b.emb.weight).detach() / (fa + fb)
+    assert not torch.allclose(want, (a.emb.weight + b.emb.weight).detach() / 2, atol=1e-3)
+    merged = fimfast.fisher_merge([a, b], [Fa, Fb])
+    assert torch.allclose(merged["emb.weight"], want, atol=1e-6)
+    assert torch.equal(merged["head.weight"], merged["emb.weight"])
+    out = fimfast.fisher_merge([a, b], [Fa, Fb], out=copy.deepcopy(a))
+    assert torch.allclose(out.emb.weight, want, atol=1e-6) and out.head.weight is out.emb.weight
+    path = fimfast.fisher_merge([a, b], [Fa, Fb], out=str(tmp_path / "m.safetensors"))
+    from safetensors.torch import load_file
+
+    assert torch.allclose(load_file(path)["head.weight"], want, atol=1e-6)
