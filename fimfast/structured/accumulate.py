@@ -142,6 +142,7 @@ class FisherAccumulator:
         sums, count, batches = self._reduced()
         if count == 0:
             raise ValueError("no batch was added (loader yielded no batch)")
+        check_finite_sums(self, sums)
         sc = 1.0 if self.reduction == "sum" else 1.0 / count
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
         if self.representation in ("dense", "block_diag", "low_rank"):
@@ -165,6 +166,7 @@ class FisherAccumulator:
         sums, count, batches = self._reduced()
         if count == 0:
             raise ValueError("no batch was added (loader yielded no batch)")
+        check_finite_sums(self, sums)  # before the sums are consumed
         sc = 1.0 if self.reduction == "sum" else 1.0 / count
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
         info = structure.infos(self._structure, self.layers)
@@ -247,6 +249,36 @@ def check_same_parameters(model: torch.nn.Module, made: structure.Structure,
     raise ValueError(
         f"model: its trainable parameters changed since this FisherAccumulator was made: {what}; "
         "nothing of the batch was added (make a new accumulator for the changed model)")
+
+
+def check_finite_sums(acc: FisherAccumulator, sums) -> None:
+    """Refuse to read sums with a NaN or an infinite entry (a ``ValueError`` naming the layer or
+    representation): finite logits can still come from layer inputs whose squares overflow
+    (``1e20`` in float32), and a factor, an eigenbasis or a solve of such sums is no number."""
+    if not acc.layers:
+        a = sums
+        parts = [("sum", a.sum)] if a.kind == "dense" else \
+            [("block", t) for t in a.sums] if a.kind == "block_diag" else \
+            [("rows", t) for t in a.rows]
+        where = [f"representation={acc.representation!r}" for k, t in parts
+                 if not bool(torch.isfinite(t).all())]
+    else:
+        where = [f"layer {layer.name!r} ({f})" for layer, sm in zip(acc.layers, sums)
+                 for f in LayerSums.FIELDS if _not_finite(getattr(sm, f), f in sm.unset)]
+    if where:
+        raise ValueError(f"the accumulated sums of {where[0]} are not finite (NaN/Inf): a layer's "
+                         "inputs or output gradients overflow their dtype (float32: squares "
+                         "above 3e38); scale the inputs, or use a float64 model")
+
+
+def _not_finite(t, upper: bool) -> bool:
+    if t is None:
+        return False
+    if t.is_sparse:
+        t = t.coalesce().values()
+    elif upper:  # the entries below the diagonal are unspecified (LayerSums.unset)
+        t = t.triu()
+    return not bool(torch.isfinite(t).all())
 
 
 def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
