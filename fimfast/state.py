@@ -267,10 +267,13 @@ class State:
                 "no step has been taken: call diag_fim_step / DiagFisher.step before reading"
             )
         if self.ema is not None:
-            return torch._foreach_div(self.values, 1.0 - self.ema**self.steps)
-        if self.reduction == "mean":
-            return torch._foreach_div(self.values, float(self.count))
-        return [_copy(v) for v in self.values]
+            out = torch._foreach_div(self.values, 1.0 - self.ema**self.steps)
+        elif self.reduction == "mean":
+            out = torch._foreach_div(self.values, float(self.count))
+        else:
+            out = [_copy(v) for v in self.values]
+        _check_finite_read(self.names, out)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and counters, enough to resume accumulation."""
@@ -309,6 +312,19 @@ class State:
         self._zero = False
         self.count = count
         self.steps = steps
+
+
+def _check_finite_read(names: list[str], values: list[torch.Tensor]) -> None:
+    """Refuse to hand out an estimate with a NaN or an infinite entry (one host read): the logits
+    of a step can be finite while a layer's inputs overflow float32 in its squares (``0 * inf``
+    in front of a saturated activation), and a NaN would otherwise reach every later read."""
+    flags = [torch.isfinite(v._values() if v.is_sparse else v).all() for v in values]
+    if not flags or bool(torch.stack(flags).all()):
+        return
+    bad = [n for n, f in zip(names, flags) if not bool(f)]
+    raise ValueError(f"the accumulated estimate of {bad[:3]} has non-finite entries (NaN/Inf): a "
+                     "step's layer inputs or gradients overflowed their dtype (float32: squares "
+                     "above 3e38); reset() and scale the inputs, or use a float64 model")
 
 
 def _loaded(saved: Any, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:

@@ -734,3 +734,17 @@ def test_sums_that_overflow_are_refused_when_read(rep):
     with pytest.raises(ValueError, match="not finite"):
         read()
     assert _same(before, acc.state_dict()) and acc.phase == "factors"
+
+
+@pytest.mark.parametrize("fim_type", ["exact", "empirical", "monte_carlo"])
+def test_diag_estimate_with_overflowed_squares_is_refused_when_read(fim_type):
+    """The same inputs of 1e20: the per-sample squares of the first layer's weights were
+    ``0 * inf`` and ``result()`` returned NaN for them (true value 0, as the dense Fisher says)."""
+    model = _mlp()
+    batch = (torch.randn(5, 4) * 1e20, torch.randint(0, 3, (5,)))
+    est = fimfast.DiagFisher(model, fim_type, seed=0)
+    est.step(batch)
+    with pytest.raises(ValueError, match=r"estimate of \['0.weight'\] has non-finite"):
+        est.result()
+    D = fimfast.fisher(model, [batch], fim_type, "dense", "sum", seed=0).to_dense()
+    assert torch.isfinite(D).all()
