@@ -206,17 +206,7 @@ def fisher_merge(
         names = ms[0].keys()
         scales = _scales(fs) if normalize else [1.0] * len(fs)
         _check_names(ms, fs, names)
-        tied = _aliases(ms[0])
-        shared = set(tied.values())
-        done: dict[str, torch.Tensor] = {}  # the merges of tensors that have tied aliases
-        for name in names:
-            first = tied.get(name)
-            if first in done and not any(name in f for f in fs):
-                merged = done[first].clone()  # a tied alias (a head sharing the embedding): the
-            else:  # merge of the tensor it shares, not a plain average written over it
-                merged = _merge_one(name, ms, fs, w, float(eps), device, scales)
-                if name in shared:
-                    done[name] = merged
+        for name, merged in _merged(names, ms, fs, w, float(eps), device, scales):
             if target is not None:
                 if name not in target:
                     raise ValueError(f"out has no tensor {name!r}")
@@ -231,6 +221,24 @@ def fisher_merge(
         save_file({k: v.contiguous() for k, v in result.items()}, os.fspath(out))
         return out
     return result
+
+
+def _merged(names, ms: list[_Reader], fs: list[_Reader], w, eps, device, scales):
+    """``(name, merged tensor)`` for every name, one at a time. A tied alias (a head sharing the
+    embedding's matrix) without a Fisher entry takes the merge of the tensor it shares, not a
+    plain average that loading the result would write over it."""
+    tied = _aliases(ms[0])
+    shared = set(tied.values())
+    done: dict[str, torch.Tensor] = {}  # the merges of tensors that have tied aliases
+    for name in names:
+        first = tied.get(name)
+        if first in done and not any(name in f for f in fs):
+            yield name, done[first].clone()
+            continue
+        merged = _merge_one(name, ms, fs, w, eps, device, scales)
+        if name in shared:
+            done[name] = merged
+        yield name, merged
 
 
 def _aliases(reader: _Reader) -> dict[str, str]:
