@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fimfast.entries import finite_scalar, same_scale
+
 Vector = torch.Tensor | Mapping[str, torch.Tensor]
 
 # safetensors metadata key holding the parameter order (the format itself sorts tensor names)
@@ -142,8 +144,9 @@ class DiagFIM(Mapping[str, torch.Tensor]):
     def _check_damping(self, damping: float) -> float:
         if isinstance(damping, torch.Tensor) and damping.numel() == 1:
             damping = float(damping)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-            raise ValueError(f"damping must be a number >= 0; got {damping!r}")
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (
+                0 <= damping < math.inf):
+            raise ValueError(f"damping must be a number >= 0 and finite; got {damping!r}")
         if damping == 0:
             self._check_invertible()
         for k, v in self._d.items():
@@ -253,6 +256,7 @@ class DiagFIM(Mapping[str, torch.Tensor]):
                 raise ValueError(
                     f"{name}[{k!r}] has shape {tuple(other[k].shape)}; expected {tuple(v.shape)}"
                 )
+        same_scale(self.meta, other.meta, name)  # the result keeps this DiagFIM's meta
         return DiagFIM({k: op(v, other[k]) for k, v in self._d.items()}, self.meta)
 
     def __add__(self, other: DiagFIM) -> DiagFIM:
@@ -271,10 +275,9 @@ class DiagFIM(Mapping[str, torch.Tensor]):
 
     @staticmethod
     def _scalar(x: Any) -> float | None:
-        if isinstance(x, torch.Tensor) and x.numel() == 1:
-            return float(x)
-        if isinstance(x, (int, float)) and not isinstance(x, bool):
-            return float(x)
+        if isinstance(x, torch.Tensor) and x.numel() == 1 or (
+                isinstance(x, (int, float)) and not isinstance(x, bool)):
+            return finite_scalar(float(x))
         return None
 
     def __mul__(self, scalar: float) -> DiagFIM:
@@ -335,6 +338,10 @@ class DiagFIM(Mapping[str, torch.Tensor]):
 
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             header = f.metadata() or {}
+            if "fimfast_structured" in header:  # StructuredFIM.save: its tensors are no diagonal
+                raise ValueError(f"{path}: a structured Fisher file (representation "
+                                 f"{header['fimfast_structured']!r}), not a diagonal; read it "
+                                 "with fimfast.structured.load")
             meta = json.loads(header.get(_META_KEY, "{}"))
             d = {k: f.get_tensor(k) for k in f.keys()}
         order = json.loads(header[_ORDER_KEY]) if _ORDER_KEY in header else meta.get("names")

@@ -375,16 +375,29 @@ class DiagFisher:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (same model structure, type, reduction and ema)."""
+        """Restore from :meth:`state_dict` (same model structure, type, reduction and ema). All or
+        nothing: a state with a key missing, values of other shapes or non-finite values is
+        refused (``ValueError``) before anything is replaced."""
         if FIMType.parse(sd["fim_type"]) != self.fim_type:
             raise ValueError(
                 f"state_dict: saved for fim_type={sd['fim_type']!r}; this estimator is "
                 f"{self.fim_type.value!r}"
             )
+        seed, offset = _stream_of(sd)  # checked before the state is replaced
         self.state.load_state_dict(sd["state"])
         self._reset = self._restarted = False
-        self.seed = int(sd["seed"])
-        self.offset = int(sd["offset"])
+        self.seed, self.offset = seed, offset
+
+
+def _stream_of(sd: dict[str, Any]) -> tuple[int, int]:
+    """``(seed, offset)`` of a :meth:`DiagFisher.state_dict`, refused with the key named."""
+    for k in ("seed", "offset", "state"):
+        if k not in sd:
+            raise ValueError(f"state_dict: not a DiagFisher.state_dict(); missing {k!r}")
+        v = sd[k]
+        if k != "state" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"state_dict[{k!r}] must be an integer >= 0; got {v!r}")
+    return sd["seed"], sd["offset"]
 
 
 # a context manager doing nothing (reusable, reentrant)

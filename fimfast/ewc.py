@@ -19,19 +19,21 @@ Fisher already carries that factor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from fimfast.diagfim import DiagFIM
+from fimfast.entries import check_entries
 
 __all__ = ["EWC"]
 
 
 def _check_nonneg(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a number >= 0 and finite; got {value!r}")
     return float(value)
 
 
@@ -119,8 +121,7 @@ class EWC(nn.Module):
                     f"fisher[{n!r}] must have the parameter's shape {tuple(named[n].shape)}; "
                     f"got {got}"
                 )
-            if bool((f < 0).any()):
-                raise ValueError(f"fisher[{n!r}] has negative entries; a Fisher diagonal is >= 0")
+            check_entries(f.detach(), f"fisher[{n!r}]")
         return list(fisher)
 
     def _buf(self, kind: str, term: int, i: int) -> torch.Tensor:
@@ -152,6 +153,7 @@ class EWC(nn.Module):
                     raise ValueError(
                         f"anchor[{n!r}] must be a tensor of shape {tuple(named[n].shape)}"
                     )
+                check_entries(anchor[n].detach(), f"anchor[{n!r}]", nonnegative=False)
         online = self.gamma is not None and self.num_terms == 1
         term = 0 if online else self.num_terms
         for i, n in enumerate(self.names):

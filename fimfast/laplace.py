@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fimfast.diagfim import DiagFIM
+from fimfast.entries import check_entries
 
 __all__ = ["DiagLaplace"]
 
@@ -136,8 +137,9 @@ class DiagLaplace:
         self.dtype, self.device = ref.dtype, ref.device
         scale = self._h_scale(fisher, n_data)
         self.H = torch.cat([fisher[n].reshape(-1).to(ref) for n in self.names]) * scale
-        if bool((self.H < 0).any()):
-            raise ValueError("fisher has negative entries; a Fisher diagonal is >= 0")
+        for n in self.names:
+            check_entries(fisher[n].detach(), f"fisher[{n!r}]",
+                          negative="fisher has negative entries; a Fisher diagonal is >= 0")
         self.n_data = n_data if n_data is not None else fisher.meta.get("count")
         self.mean = torch.cat([named[n].detach().reshape(-1) for n in self.names]).clone()
         self.prior_precision = prior_precision

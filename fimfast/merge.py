@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from fimfast.diagfim import DiagFIM
+from fimfast.entries import check_entries
 
 __all__ = ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
 
@@ -96,8 +98,8 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     w = [float(x) for x in weights]
     if len(w) != n:
         raise ValueError(f"weights must have one entry per model ({n}); got {len(w)}")
-    if any(not x >= 0 for x in w) or sum(w) <= 0:
-        raise ValueError(f"weights must be >= 0 and not all 0; got {w}")
+    if any(not 0 <= x < math.inf for x in w) or sum(w) <= 0:
+        raise ValueError(f"weights must be >= 0, finite and not all 0; got {w}")
     s = sum(w)
     return [x / s for x in w]
 
@@ -110,8 +112,8 @@ def _check_args(models, fishers, eps) -> None:
             f"fishers must be a sequence with one Fisher per model ({len(models)}); got "
             f"{len(fishers) if isinstance(fishers, Sequence) else type(fishers).__name__}"
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a number >= 0 and finite; got {eps!r}")
 
 
 def _scales(fs) -> list[float]:
@@ -204,8 +206,7 @@ def fisher_merge(
         names = ms[0].keys()
         scales = _scales(fs) if normalize else [1.0] * len(fs)
         _check_names(ms, fs, names)
-        for name in names:
-            merged = _merge_one(name, ms, fs, w, float(eps), device, scales)
+        for name, merged in _merged(names, ms, fs, w, float(eps), device, scales):
             if target is not None:
                 if name not in target:
                     raise ValueError(f"out has no tensor {name!r}")
@@ -220,6 +221,39 @@ def fisher_merge(
         save_file({k: v.contiguous() for k, v in result.items()}, os.fspath(out))
         return out
     return result
+
+
+def _merged(names, ms: list[_Reader], fs: list[_Reader], w, eps, device, scales):
+    """``(name, merged tensor)`` for every name, one at a time. A tied alias (a head sharing the
+    embedding's matrix) without a Fisher entry takes the merge of the tensor it shares, not a
+    plain average that loading the result would write over it."""
+    tied = _aliases(ms[0])
+    shared = set(tied.values())
+    done: dict[str, torch.Tensor] = {}  # the merges of tensors that have tied aliases
+    for name in names:
+        first = tied.get(name)
+        if first in done and not any(name in f for f in fs):
+            yield name, done[first].clone()
+            continue
+        merged = _merge_one(name, ms, fs, w, eps, device, scales)
+        if name in shared:
+            done[name] = merged
+        yield name, merged
+
+
+def _aliases(reader: _Reader) -> dict[str, str]:
+    """``{name: first name}`` for the tensors of a state dict (or module) that are views of the
+    same memory as an earlier one (tied weights: ``state_dict()`` lists them under each name)."""
+    if reader._d is None:
+        return {}  # a safetensors file holds no shared tensors
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for k, t in reader._d.items():
+        if isinstance(t, torch.Tensor) and t.numel() and t.layout == torch.strided:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                   t.stride(), t.dtype, t.device)
+            out[k] = seen.setdefault(key, k)
+    return {k: v for k, v in out.items() if k != v}
 
 
 def _merge_one(
@@ -270,8 +304,8 @@ def _merge_one(
                 f"{tuple(shape)}"
             )
         f = f.to(device=device, dtype=acc)
-        if bool((f < 0).any()):
-            raise ValueError(f"fishers[{i}][{name!r}] has negative entries")
+        check_entries(f, f"fishers[{i}][{name!r}]",
+                      negative=f"fishers[{i}][{name!r}] has negative entries")
         fw = (f * scales[i] + eps).mul_(wi)
         num.addcmul_(fw, theta)
         den.add_(fw)

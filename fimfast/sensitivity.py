@@ -26,6 +26,7 @@ first-order term, so the KL is the quantity predicted here (:func:`measure_kl` m
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fimfast.entries import check_entries
 
 __all__ = [
     "BitAllocation",
@@ -63,6 +66,7 @@ def _named(model: nn.Module | Mapping[str, torch.Tensor], fisher: FisherLike):
                 f"fisher[{n!r}] has shape {tuple(f.shape)}; the parameter has "
                 f"{tuple(params[n].shape)}"
             )
+        check_entries(f.detach(), f"fisher[{n!r}]", nonnegative=False)
         out[n] = params[n].detach()
     return out
 
@@ -364,6 +368,9 @@ def allocate_bits(
     choices = sorted(set(int(b) for b in choices))
     if not choices:
         raise ValueError("choices must name at least one bit width")
+    if isinstance(avg_bits, (bool, str)) or not math.isfinite(_number(avg_bits)):
+        raise ValueError(f"avg_bits must be a finite number; got {avg_bits!r}")
+    avg_bits = _number(avg_bits)
     if avg_bits < choices[0]:
         raise ValueError(f"avg_bits={avg_bits!r} is below the fewest bits {choices[0]}")
     units = _units(params, fisher, names, choices, per_channel, granularity)
@@ -379,6 +386,14 @@ def allocate_bits(
             bits[n][r] = choices[lv]
     pred = float(sum(u[3][lv] for u, lv in zip(units, level)))
     return BitAllocation(bits, pred, used / total, per_channel)
+
+
+def _number(x: Any) -> float:
+    """``float(x)``, NaN for what is not a number."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _units(

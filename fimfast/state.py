@@ -267,10 +267,13 @@ class State:
                 "no step has been taken: call diag_fim_step / DiagFisher.step before reading"
             )
         if self.ema is not None:
-            return torch._foreach_div(self.values, 1.0 - self.ema**self.steps)
-        if self.reduction == "mean":
-            return torch._foreach_div(self.values, float(self.count))
-        return [_copy(v) for v in self.values]
+            out = torch._foreach_div(self.values, 1.0 - self.ema**self.steps)
+        elif self.reduction == "mean":
+            out = torch._foreach_div(self.values, float(self.count))
+        else:
+            out = [_copy(v) for v in self.values]
+        _check_finite_read(self.names, out)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and counters, enough to resume accumulation."""
@@ -285,7 +288,13 @@ class State:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (names and shapes must match)."""
+        """Restore from :meth:`state_dict` (names and shapes must match). Everything is checked
+        before anything is assigned: a refused state leaves this one as it was."""
+        missing = [k for k in ("names", "shapes", "reduction", "ema", "count", "steps", "values")
+                   if not isinstance(sd, dict) or k not in sd]
+        if missing:
+            raise ValueError(f"state_dict: not a state of DiagFisher.state_dict(); missing "
+                             f"{missing}")
         if list(sd["names"]) != self.names or [tuple(s) for s in sd["shapes"]] != self.shapes:
             raise ValueError(
                 "state_dict: parameter names/shapes differ from this estimator's "
@@ -296,11 +305,42 @@ class State:
                 f"state_dict: saved with reduction={sd['reduction']!r}, ema={sd['ema']!r}; this "
                 f"estimator has reduction={self.reduction!r}, ema={self.ema!r}"
             )
-        values = [
-            sd["values"][n].to(device=v.device, dtype=v.dtype)
-            for n, v in zip(self.names, self.values)
-        ]
+        values = [_loaded(sd["values"], n, s, v) for n, s, v in
+                  zip(self.names, self.shapes, self.values)]
+        count, steps = _counter(sd, "count"), _counter(sd, "steps")
         self.values = values
         self._zero = False
-        self.count = int(sd["count"])
-        self.steps = int(sd["steps"])
+        self.count = count
+        self.steps = steps
+
+
+def _check_finite_read(names: list[str], values: list[torch.Tensor]) -> None:
+    """Refuse to hand out an estimate with a NaN or an infinite entry (one host read): the logits
+    of a step can be finite while a layer's inputs overflow float32 in its squares (``0 * inf``
+    in front of a saturated activation), and a NaN would otherwise reach every later read."""
+    flags = [torch.isfinite(v._values() if v.is_sparse else v).all() for v in values]
+    if not flags or bool(torch.stack(flags).all()):
+        return
+    bad = [n for n, f in zip(names, flags) if not bool(f)]
+    raise ValueError(f"the accumulated estimate of {bad[:3]} has non-finite entries (NaN/Inf): a "
+                     "step's layer inputs or gradients overflowed their dtype (float32: squares "
+                     "above 3e38); reset() and scale the inputs, or use a float64 model")
+
+
+def _loaded(saved: Any, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``saved[name]`` as a tensor like ``like``, refused unless of ``shape`` and finite."""
+    v = saved.get(name) if isinstance(saved, dict) else None
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(shape):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"state_dict['values'][{name!r}] must be a tensor of shape "
+                         f"{tuple(shape)}; got {got}")
+    if v.is_floating_point() and not bool(torch.isfinite(v._values() if v.is_sparse else v).all()):
+        raise ValueError(f"state_dict['values'][{name!r}] has non-finite entries (NaN/Inf)")
+    return v.to(device=like.device, dtype=like.dtype)
+
+
+def _counter(sd: dict[str, Any], key: str) -> int:
+    v = sd[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"state_dict[{key!r}] must be an integer >= 0; got {v!r}")
+    return v

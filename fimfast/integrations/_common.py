@@ -76,12 +76,22 @@ class Accumulator:
         self.fisher: DiagFIM | None = None
         self._it: Iterator | None = None
         if fim_type != ADAM:  # validate the type and options now, not after hours of training
-            from fimfast.types import FIMType, Options
+            from fimfast.types import FIMType, Options, check_ema, check_reduction
 
             FIMType.parse(fim_type)
             Options.from_dict(self.opts)
+            check_reduction(reduction)
+            check_ema(ema)
+
+    def begin(self) -> None:
+        """A training starts: forget the estimate of a previous one (a callback reused for the
+        next task, possibly with another model, starts a new estimate)."""
+        self.estimator, self.fisher, self._it = None, None, None
 
     def _est(self, model: nn.Module) -> DiagFisher:
+        if self.estimator is not None and self.estimator.model is not model:
+            raise ValueError("FisherCallback: the model changed during one training; the "
+                             "estimate belongs to one model")
         if self.estimator is None:
             self.estimator = DiagFisher(
                 model, self.fim_type, reduction=self.reduction, ema=self.ema, **self.opts
@@ -115,6 +125,8 @@ class Accumulator:
         self.step(model, self._next(loader))
 
     def run(self, model: nn.Module, loader: Iterable) -> None:
+        """One pass at the current parameters (a new estimate)."""
+        self.estimator = None
         for i, batch in enumerate(loader):
             if self.max_batches is not None and i >= self.max_batches:
                 break

@@ -94,6 +94,10 @@ class FisherCallback(TrainerCallback):
             raise ValueError("FisherCallback: no dataloader given and the trainer passed none")
         return loader
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._acc.begin()
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         acc = self._acc
         if acc.when == "step" and state.global_step % acc.every_n_steps == 0:

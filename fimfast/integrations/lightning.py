@@ -92,6 +92,10 @@ class FisherCallback(Callback):
         """The :class:`fimfast.DiagFisher` (``None`` before the first batch or for ``"adam"``)."""
         return self._acc.estimator
 
+    def on_train_start(self, trainer, pl_module):
+        self._acc.begin()
+        self._seen, self._last_rows = 0, None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._seen += 1
         self._last_rows = _rows(batch)

@@ -54,6 +54,7 @@ class FisherAccumulator:
                              f"fimfast.DiagFisher for 'diag'); got {representation!r}")
         if distributed not in ("auto", "none"):
             raise ValueError(f"distributed must be 'auto' or 'none'; got {distributed!r}")
+        api.check_count(max_rows, "max_rows")
         self.fim_type = FIMType.parse(fim_type)
         check_reduction(reduction)
         self.model, self.representation, self.reduction = model, representation, reduction
@@ -68,7 +69,9 @@ class FisherAccumulator:
         self._guard = self._structure.step_guard(model)
         self.seed = seed
         self.shapes = [tuple(p.shape) for p in self.params]
+        self._layout = [(tuple(p.shape), p.dtype, p.device) for p in self.params]
         self.phase = "factors"
+        self._consumed = False  # result(consume=True) handed KFAC's sums over: see _live
         self.eig: list | None = None
         self.kfac: KFACFIM | None = None
         self.meta = {"fim_type": self.fim_type.value, "representation": representation,
@@ -87,7 +90,10 @@ class FisherAccumulator:
 
     # -- accumulation ------------------------------------------------------------------------ #
     def update(self, batch: Any) -> None:
-        """Add one batch."""
+        """Add one batch (refused, with nothing added, when the model's trainable parameters
+        changed since the accumulator was made: see :func:`check_same_parameters`)."""
+        self._live()
+        check_same_parameters(self.model, self._structure, self._layout)
         self.stream.extra.setdefault("guard", self._guard)
         if self.representation in ("dense", "block_diag", "low_rank"):
             engine.dense_pass(self.model, [batch], self.stream, self.params, self.acc, None,
@@ -102,6 +108,9 @@ class FisherAccumulator:
 
     def add(self, loader: Iterable, max_batches: int | None = None) -> FisherAccumulator:
         """Add every batch of ``loader`` (at most ``max_batches``)."""
+        from fimfast.structured.api import check_count
+
+        check_count(max_batches, "max_batches")
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -111,6 +120,7 @@ class FisherAccumulator:
     def start_refit(self) -> None:
         """EKFAC: fix the eigenbasis of the (reduced) factors and start the refit pass (the
         random stream continues)."""
+        self._live()
         if self.representation != "ekfac" or self.phase != "factors":
             raise ValueError(f"start_refit is for representation='ekfac' after its factor pass; "
                              f"this accumulator is {self.representation!r} in phase "
@@ -126,10 +136,13 @@ class FisherAccumulator:
     def result(self, consume: bool = False):
         """The structured Fisher of everything added (summed over ranks, see the module
         docstring). ``consume=True`` lets KFAC's factors reuse the accumulator's buffers (no
-        copies); the accumulator must not be used afterwards."""
+        copies); the accumulator is then refused by every method but ``load_state_dict``
+        (its sums are the result's factors, scaled and mirrored in place)."""
+        self._live()
         sums, count, batches = self._reduced()
         if count == 0:
             raise ValueError("no batch was added (loader yielded no batch)")
+        check_finite_sums(self, sums)
         sc = 1.0 if self.reduction == "sum" else 1.0 / count
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
         if self.representation in ("dense", "block_diag", "low_rank"):
@@ -140,6 +153,7 @@ class FisherAccumulator:
                                 [None if s.cross is None else s.cross * sc for s in sums], meta)
         if self.representation == "kfac":
             A, G = _factors(self.layers, sums, sc, consume or sums is not self.sums)
+            self._consumed = consume and sums is self.sums
             return KFACFIM(self.names, self.shapes, info, A, G, meta)
         if self.phase != "refit":
             raise ValueError("representation='ekfac': call start_refit() and add the data again "
@@ -152,6 +166,7 @@ class FisherAccumulator:
         sums, count, batches = self._reduced()
         if count == 0:
             raise ValueError("no batch was added (loader yielded no batch)")
+        check_finite_sums(self, sums)  # before the sums are consumed
         sc = 1.0 if self.reduction == "sum" else 1.0 / count
         meta = {**self.meta, "count": count, "batches": batches, "seed": self.seed}
         info = structure.infos(self._structure, self.layers)
@@ -175,6 +190,7 @@ class FisherAccumulator:
         """The accumulated sums, the phase and the stream position (tensors cloned)."""
         from fimfast.structured.reduce import state_of
 
+        self._live()
         for s in self.sums if self.layers else []:
             s.settle()
         return state_of(self)
@@ -185,6 +201,13 @@ class FisherAccumulator:
         from fimfast.structured.reduce import load_state
 
         load_state(self, state)
+        self._consumed = False  # the sums are the loaded ones
+
+    def _live(self) -> None:
+        if self._consumed:
+            raise ValueError("this FisherAccumulator's sums were handed to result(consume=True) "
+                             "(they are that result's factors now); make a new accumulator, or "
+                             "call result() without consume to keep accumulating")
 
     def signature(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "representation": self.representation,
@@ -196,6 +219,66 @@ class FisherAccumulator:
     def crc(self) -> int:
         return zlib.crc32(repr(sorted((k, repr(v)) for k, v in self.signature().items()
                                       if k != "options")).encode())
+
+
+def check_same_parameters(model: torch.nn.Module, made: structure.Structure,
+                          layout: list[tuple]) -> None:
+    """Raise a ``ValueError`` naming ``model`` when its trainable parameters are no longer the
+    tensors the accumulator was made for (a parameter added, removed, frozen or replaced by a new
+    tensor, or one of them reshaped or moved to another dtype or device; ``layout``: the
+    ``(shape, dtype, device)`` of each when it was made): the pass differentiates the parameters
+    it found when it was made, so a replaced one would get no gradient from the batches after
+    the change."""
+    now = structure.of(model)
+    if now is made:  # the same structure key: the same tensors, shapes, dtypes and devices
+        return
+    same = now.names == made.names and all(a is b for a, b in zip(now.params, made.params))
+    if same and all(p.shape == s and p.dtype is dt and p.device == dev
+                    for p, (s, dt, dev) in zip(now.params, layout)):
+        return
+    old = {n: (q, *lay) for n, q, lay in zip(made.names, made.params, layout)}
+    added = sorted(set(now.names) - set(old))
+    removed = sorted(set(old) - set(now.names))
+    changed = sorted(n for n, p in zip(now.names, now.params) if n in old and (
+        p is not old[n][0] or tuple(p.shape) != old[n][1]))
+    moved = sorted(n for n, p in zip(now.names, now.params) if n in old and (
+        p.dtype != old[n][2] or p.device != old[n][3]))
+    what = (f"added {added[:5]}, removed or frozen {removed[:5]}, replaced or reshaped "
+            f"{changed[:5]}, moved to another dtype or device {moved[:5]}"
+            if added or removed or changed or moved else "the same parameters in another order")
+    raise ValueError(
+        f"model: its trainable parameters changed since this FisherAccumulator was made: {what}; "
+        "nothing of the batch was added (make a new accumulator for the changed model)")
+
+
+def check_finite_sums(acc: FisherAccumulator, sums) -> None:
+    """Refuse to read sums with a NaN or an infinite entry (a ``ValueError`` naming the layer or
+    representation): finite logits can still come from layer inputs whose squares overflow
+    (``1e20`` in float32), and a factor, an eigenbasis or a solve of such sums is no number."""
+    if not acc.layers:
+        a = sums
+        parts = [("sum", a.sum)] if a.kind == "dense" else \
+            [("block", t) for t in a.sums] if a.kind == "block_diag" else \
+            [("rows", t) for t in a.rows]
+        where = [f"representation={acc.representation!r}" for k, t in parts
+                 if not bool(torch.isfinite(t).all())]
+    else:
+        where = [f"layer {layer.name!r} ({f})" for layer, sm in zip(acc.layers, sums)
+                 for f in LayerSums.FIELDS if _not_finite(getattr(sm, f), f in sm.unset)]
+    if where:
+        raise ValueError(f"the accumulated sums of {where[0]} are not finite (NaN/Inf): a layer's "
+                         "inputs or output gradients overflow their dtype (float32: squares "
+                         "above 3e38); scale the inputs, or use a float64 model")
+
+
+def _not_finite(t, upper: bool) -> bool:
+    if t is None:
+        return False
+    if t.is_sparse:
+        t = t.coalesce().values()
+    elif upper:  # the entries below the diagonal are unspecified (LayerSums.unset)
+        t = t.triu()
+    return not bool(torch.isfinite(t).all())
 
 
 def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):

@@ -53,7 +53,8 @@ def fisher(
         pair_chunk: cotangents per batched backward (default: from ``FIMFAST_MEMORY_BUDGET_MB``).
         distributed: ``"auto"``: under ``torch.distributed`` with more than one rank, the sums are
             added over the ranks (collective; each rank passes its own shard); ``"none"``: this
-            rank's data only (see :class:`~fimfast.structured.FisherAccumulator`).
+            rank's data only (see :class:`~fimfast.structured.FisherAccumulator`); for
+            ``diag`` the option of the same name of :class:`~fimfast.DiagFisher`.
         **opts: estimator options (``num_probes``, ``seed``, ``likelihood``, ``sigma2``,
             ``ignore_index``, ``forward_fn``, ``shift_labels``, ``top_k``, ``backend``).
 
@@ -67,9 +68,11 @@ def fisher(
                          f"{representation!r}")
     fim_type = FIMType.parse(fim_type)
     check_reduction(reduction)
+    check_count(max_batches, "max_batches")
     if representation == "diag":
+        _diag_args(kfac_approx, rank, pair_chunk, max_rows, distributed)
         return diag_fisher(model, loader, fim_type, reduction=reduction,
-                           max_batches=max_batches, **opts)
+                           max_batches=max_batches, distributed=distributed, **opts)
     _check_args(representation, kfac_approx, rank, pair_chunk)  # the options: by the accumulator
     if representation == "ekfac" and iter(loader) is loader:
         raise ValueError("representation='ekfac' makes two passes over the data (factors, then "
@@ -84,6 +87,25 @@ def fisher(
         acc.add(loader, max_batches)
     out = acc.result(consume=True)
     return out.truncated(rank) if rank is not None else out
+
+
+def check_count(value, name: str) -> None:
+    """``value`` is ``None`` or an integer ``>= 1`` (``ValueError`` naming ``name``)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1 or None; got {value!r}")
+
+
+def _diag_args(kfac_approx: str, rank, pair_chunk, max_rows, distributed: str) -> None:
+    """``representation="diag"`` (a ``DiagFisher`` pass) takes none of the structured options;
+    ``distributed`` is passed on as its option of the same name."""
+    given = [n for n, v, default in (("kfac_approx", kfac_approx, "expand"), ("rank", rank, None),
+                                     ("pair_chunk", pair_chunk, None),
+                                     ("max_rows", max_rows, 100_000)) if v != default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not options of representation='diag' (a "
+                         "DiagFisher pass); leave them unset")
+    if distributed not in ("auto", "none"):
+        raise ValueError(f"distributed must be 'auto' or 'none'; got {distributed!r}")
 
 
 def check_approx(layers, representation: str, kfac_approx: str) -> None:

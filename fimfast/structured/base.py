@@ -39,8 +39,9 @@ def check_damping(damping: Any) -> float:
     """``damping`` as a float ``>= 0`` (``ValueError`` naming the argument otherwise)."""
     if isinstance(damping, torch.Tensor) and damping.numel() == 1:
         damping = float(damping)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"damping must be a number >= 0; got {damping!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (
+            0 <= damping < math.inf):
+        raise ValueError(f"damping must be a number >= 0 and finite; got {damping!r}")
     return float(damping)
 
 

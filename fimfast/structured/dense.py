@@ -297,15 +297,26 @@ class PairAccumulator:
                 g = G[:, off[i]:off[j]]
                 s.addmm_(g.T, g)
         else:
-            self.nrows += G.shape[0]
-            if self.max_rows is not None and self.nrows > self.max_rows:
+            nrows = self.nrows + G.shape[0]  # counted once the rows are kept
+            if self.max_rows is not None and nrows > self.max_rows:
                 raise ValueError(
-                    f"representation='low_rank' keeps every gradient row: {self.nrows} rows of "
+                    f"representation='low_rank' keeps every gradient row: {nrows} rows of "
                     f"P={self.layout.numel()} exceed max_rows={self.max_rows}; use fewer "
                     "batches, a random fim_type (HUTCHINSON: num_probes rows per batch) or "
                     "representation='kfac'"
                 )
             self.rows.append(G)
+            self.nrows = nrows
+
+    def mark(self) -> int | None:
+        """Where a batch starts: the number of kept row blocks (``low_rank``; else ``None``)."""
+        return len(self.rows) if self.kind == "low_rank" else None
+
+    def drop_from(self, mark: int | None) -> None:
+        """Forget the row blocks kept since :meth:`mark` (a batch that failed part-way)."""
+        if mark is not None:
+            del self.rows[mark:]
+            self.nrows = sum(r.shape[0] for r in self.rows)
 
     def result(self, scale: float, meta) -> StructuredFIM:
         lay = self.layout

@@ -79,13 +79,18 @@ def _dense_batch(model, batch, st: Stream, params: list[torch.Tensor], acc, chun
     if written(model, st):  # refused when the guards exit: nothing is added
         return
     flat = fw.rows.flat_all
-    for cot in _cotangents(fw, st, "row", 8 * P, chunk):
-        full = _scatter(fw.rows, cot)
-        grads = columns.batched_grad(flat, params, full)
-        acc.add(torch.cat([
-            (torch.zeros((full.shape[0],) + tuple(p.shape), dtype=p.dtype, device=p.device)
-             if g is None else g).reshape(full.shape[0], -1)
-            for p, g in zip(params, grads)], 1))
+    mark = acc.mark()  # low_rank: a batch refused part-way (max_rows) keeps none of its rows
+    try:
+        for cot in _cotangents(fw, st, "row", 8 * P, chunk):
+            full = _scatter(fw.rows, cot)
+            grads = columns.batched_grad(flat, params, full)
+            acc.add(torch.cat([
+                (torch.zeros((full.shape[0],) + tuple(p.shape), dtype=p.dtype, device=p.device)
+                 if g is None else g).reshape(full.shape[0], -1)
+                for p, g in zip(params, grads)], 1))
+    except BaseException:
+        acc.drop_from(mark)
+        raise
     st.advance(fw.rows)
 
 

@@ -50,6 +50,27 @@ def state_of(acc) -> dict[str, Any]:
 
 
 def load_state(acc, sd: dict[str, Any]) -> None:
+    """Resume ``acc`` from ``sd`` (:func:`state_of`), all or nothing: a state refused part-way
+    (a key or tensor missing) leaves ``acc`` as it was."""
+    keep = {k: getattr(acc, k) for k in ("stream", "phase", "sums", "kfac", "eig")
+            if hasattr(acc, k)}
+    pair = getattr(acc, "acc", None) if not acc.layers else None
+    keep_pair = dict(vars(pair)) if pair is not None else None
+    try:
+        _load_state(acc, sd)
+    except Exception as e:
+        for k, v in keep.items():
+            setattr(acc, k, v)
+        if pair is not None:
+            vars(pair).clear()
+            vars(pair).update(keep_pair)
+        if isinstance(e, (KeyError, IndexError, TypeError, AttributeError)):
+            raise ValueError("state: not a complete FisherAccumulator.state_dict() "
+                             f"({type(e).__name__}: {e}); nothing was loaded") from e
+        raise
+
+
+def _load_state(acc, sd: dict[str, Any]) -> None:
     if not isinstance(sd, dict) or "signature" not in sd:
         raise ValueError("state must be a dict from FisherAccumulator.state_dict()")
     mine, theirs = acc.signature(), dict(sd["signature"])
@@ -63,9 +84,15 @@ def load_state(acc, sd: dict[str, Any]) -> None:
     if s["seed"] != acc.stream.seed:
         raise ValueError(f"state was drawn with seed {s['seed']}; this accumulator draws with "
                          f"{acc.stream.seed} (pass the same seed, and the same rank)")
+    phase = sd["phase"]
+    if phase not in _PHASES or (phase == "refit" and acc.representation != "ekfac"):
+        raise ValueError(f"state: phase {phase!r} is not one of this accumulator's")
+    if acc.layers and len(sd["sums"]) != len(acc.layers):
+        raise ValueError(f"state holds the sums of {len(sd['sums'])} layers; this accumulator "
+                         f"has {len(acc.layers)}")
     acc.stream = engine.Stream(acc.fim_type, acc.stream.opts, s["seed"], s["offset"], s["count"],
                                s["batches"])
-    acc.phase = sd["phase"]
+    acc.phase = phase
     if acc.layers:
         acc.sums = [LayerSums(A=_clone(d["A"]), npos=d["npos"], G=_clone(d["G"]),
                               D=_clone(d["D"]), cross=_clone(d["cross"])) for d in sd["sums"]]
@@ -76,6 +103,7 @@ def load_state(acc, sd: dict[str, Any]) -> None:
             acc.eig = [(_clone(ua), _clone(ug)) for ua, ug in sd["eig"]]
         return
     a = acc.acc
+    _check_pair_state(a, sd)
     if a.kind == "dense":
         a.sum = _clone(sd["sum"])
     elif a.kind == "block_diag":
@@ -83,6 +111,23 @@ def load_state(acc, sd: dict[str, Any]) -> None:
     else:
         a.rows = [_clone(r) for r in sd["rows"]]
         a.nrows = sum(r.shape[0] for r in a.rows)
+
+
+def _check_pair_state(a, sd: dict[str, Any]) -> None:
+    """The tensors of a dense, block-diagonal or low-rank state have this layout's shapes."""
+    P, off = a.layout.numel(), a.layout.offsets
+    if a.kind == "dense":
+        want, got = [(P, P)], [sd["sum"]]
+    elif a.kind == "block_diag":
+        want = [(off[j] - off[i],) * 2 for i, j in a.blocks]
+        got = list(sd["block_sums"])
+    else:
+        got = list(sd["rows"])
+        want = [(r.shape[0] if isinstance(r, torch.Tensor) else -1, P) for r in got]
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in got]
+    if shapes != want:
+        raise ValueError(f"state: the {a.kind} sums have shapes {shapes[:4]}; this accumulator's "
+                         f"layout needs {want[:4]}")
 
 
 def reduce_state(acc, local):
