@@ -19,7 +19,7 @@ import torch
 from fimfast import _ext
 from fimfast.dtypes import compute_dtype
 
-__all__ = ["check_finite", "label_range_and_finite", "rows_all_valid"]
+__all__ = ["all_finite", "check_finite", "gram_finite", "label_range_and_finite", "rows_all_valid"]
 
 
 # the integer dtype of each accumulation dtype's bits, and the exponent field of those bits
@@ -134,3 +134,41 @@ def check_finite(flat_all: torch.Tensor, index: torch.Tensor, all_valid: bool) -
         f"logits contain {nbad} non-finite value(s) (NaN/Inf) among the valid rows; "
         "the step was not taken"
     )
+
+
+def all_finite(tensors) -> bool:
+    """Whether every entry of every floating tensor of ``tensors`` is finite (a sparse tensor: its
+    values), exactly. A plain CPU tensor is read once by the extension's check on the bits; the
+    others cost one sum each and one host read, and only a sum that is not finite (a NaN/Inf, or
+    finite entries whose sum overflows) makes the entries be counted."""
+    rest = []
+    for t in tensors:
+        t = t._values() if t.is_sparse else t.detach()
+        if not t.is_floating_point() or not t.numel():
+            continue
+        if _on_host(t) and (_HOST or _host()):
+            if not _HOST[1](t):
+                return False
+        else:
+            rest.append(t)
+    if not rest or bool(torch.isfinite(torch.stack([_total(t) for t in rest])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in rest)
+
+
+def gram_finite(t: torch.Tensor) -> bool | None:
+    """Whether a sum of outer products ``sum_n w_n a_n a_n^T`` (``w_n >= 0``; any positive
+    semi-definite sum) is finite, read from its diagonal alone when that settles it: a NaN/Inf in
+    some ``a_n`` makes its diagonal entry NaN/Inf, and ``|M_ij| <= sqrt(M_ii M_jj)``, so a diagonal
+    below ``finfo.max / 1024`` leaves no room for an entry off it to overflow (rounding adds a
+    factor ``1 + n eps``). ``None`` where the diagonal does not settle it (larger entries, or not
+    a square matrix): read every entry then."""
+    if t.dim() != 2 or t.shape[0] != t.shape[1] or t.is_sparse or not t.is_floating_point():
+        return None
+    d = t.diagonal()
+    if not d.numel():
+        return True
+    top = float(d.abs().amax())  # NaN when some entry is
+    if not math.isfinite(top):
+        return False
+    return True if top <= torch.finfo(t.dtype).max / 1024 else None

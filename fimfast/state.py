@@ -16,6 +16,7 @@ import torch
 from fimfast import ops
 from fimfast.batch_sums import Sums
 from fimfast.dtypes import compute_dtype
+from fimfast.finite import all_finite
 from fimfast.sparse_tables import row_squares
 from fimfast.step import Squares
 
@@ -318,10 +319,9 @@ def _check_finite_read(names: list[str], values: list[torch.Tensor]) -> None:
     """Refuse to hand out an estimate with a NaN or an infinite entry (one host read): the logits
     of a step can be finite while a layer's inputs overflow float32 in its squares (``0 * inf``
     in front of a saturated activation), and a NaN would otherwise reach every later read."""
-    flags = [torch.isfinite(v._values() if v.is_sparse else v).all() for v in values]
-    if not flags or bool(torch.stack(flags).all()):
+    if all_finite(values):
         return
-    bad = [n for n, f in zip(names, flags) if not bool(f)]
+    bad = [n for n, v in zip(names, values) if not all_finite([v])]
     raise ValueError(f"the accumulated estimate of {bad[:3]} has non-finite entries (NaN/Inf): a "
                      "step's layer inputs or gradients overflowed their dtype (float32: squares "
                      "above 3e38); reset() and scale the inputs, or use a float64 model")

@@ -26,6 +26,7 @@ import torch
 
 from fimfast import distributed as dist_mod
 from fimfast.estimator import _default_seed
+from fimfast.finite import all_finite, gram_finite
 from fimfast.structured import engine, gram, structure
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
@@ -260,25 +261,32 @@ def check_finite_sums(acc: FisherAccumulator, sums) -> None:
         parts = [("sum", a.sum)] if a.kind == "dense" else \
             [("block", t) for t in a.sums] if a.kind == "block_diag" else \
             [("rows", t) for t in a.rows]
+        gram = a.kind != "low_rank"  # dense and block sums are positive semi-definite
         where = [f"representation={acc.representation!r}" for k, t in parts
-                 if not bool(torch.isfinite(t).all())]
+                 if _not_finite(t, False, gram)]
     else:
         where = [f"layer {layer.name!r} ({f})" for layer, sm in zip(acc.layers, sums)
-                 for f in LayerSums.FIELDS if _not_finite(getattr(sm, f), f in sm.unset)]
+                 for f in LayerSums.FIELDS
+                 if _not_finite(getattr(sm, f), f in sm.unset, f in ("A", "G"))]
     if where:
         raise ValueError(f"the accumulated sums of {where[0]} are not finite (NaN/Inf): a layer's "
                          "inputs or output gradients overflow their dtype (float32: squares "
                          "above 3e38); scale the inputs, or use a float64 model")
 
 
-def _not_finite(t, upper: bool) -> bool:
+def _not_finite(t, upper: bool, gram: bool) -> bool:
+    """Whether the sums ``t`` hold a NaN/Inf; ``gram``: a sum of outer products (KFAC's ``A`` and
+    ``G``, the dense and block sums), read from its diagonal where that settles it
+    (:func:`fimfast.finite.gram_finite`: a factor of (a) is not read whole on every result)."""
     if t is None:
         return False
+    if gram and (ok := gram_finite(t)) is not None:
+        return not ok
     if t.is_sparse:
         t = t.coalesce().values()
     elif upper:  # the entries below the diagonal are unspecified (LayerSums.unset)
         t = t.triu()
-    return not bool(torch.isfinite(t).all())
+    return not all_finite([t])
 
 
 def _factors(layers, sums: list[LayerSums], sc: float, inplace: bool):
