@@ -243,3 +243,73 @@ def test_nan_from_left_out_rows_through_lm_head_is_refused(fim_type):
 def test_minus_inf_written_into_left_out_rows_only_is_exact(fim_type):
     """-inf in the logits of padded rows, nothing upstream non-finite: a finite Fisher, taken."""
     _check(lambda: _Padded(fill=True), _padded_batches(), fim_type, zero=("k.bias",), class_dim=-1)
+
+
+# -- a recurrent layer's outputs written in place by the forward ----------------------------- #
+class _RnnInPlace(nn.Module):
+    """``out, h_n = rnn(x)`` then ``out.add_(...)`` / ``out.tanh_()`` (allowed by torch's
+    layer): the unrolled steps (an LSTM with ``proj_size``) and the fused
+    node (fimfast/rules/recurrent_scan.py)."""
+
+    def __init__(self, kind, op, **kw):
+        super().__init__()
+        torch.manual_seed(0)
+        self.op = op
+        self.rnn = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[kind](3, 4, batch_first=True,
+                                                                           **kw)
+        self.head = nn.Linear(kw.get("proj_size") or 4, 3)
+        self.to(DT)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        if self.op == "add_":
+            out.add_(torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype))
+        else:
+            out.tanh_()
+        return self.head(out.mean(1))
+
+
+RNN_IN_PLACE = {
+    "lstm proj_size add_": ("lstm", "add_", {"proj_size": 2}),
+    "lstm proj_size two layers tanh_": ("lstm", "tanh_", {"proj_size": 2, "num_layers": 2}),
+    "gru add_": ("gru", "add_", {}),
+    "lstm tanh_": ("lstm", "tanh_", {}),
+    "rnn two layers add_": ("rnn", "add_", {"num_layers": 2}),
+}
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("name", list(RNN_IN_PLACE))
+def test_recurrent_outputs_written_in_place(name, fim_type):
+    # before: the per-sample rule kept the outputs it returned as the states each step started
+    # from, so an LSTM with proj_size whose output the forward then modified in place got its
+    # EXACT, EMPIRICAL and MONTE_CARLO diagonal from the modified states (relative error 4e2);
+    # the fused node raised autograd's "modified by an inplace operation" instead
+    kind, op, kw = RNN_IN_PLACE[name]
+    _check(lambda: _RnnInPlace(kind, op, **kw), _batches(shape=(3, 3), classes=3), fim_type)
+
+
+# -- observed targets of the bernoulli and gaussian likelihoods ------------------------------ #
+@pytest.mark.parametrize("likelihood,bad", [("gaussian", float("nan")), ("gaussian", float("inf")),
+                                            ("bernoulli", float("nan")), ("bernoulli", 2.0),
+                                            ("bernoulli", -1.0)])
+def test_empirical_targets_not_finite_or_not_probabilities_are_refused(likelihood, bad):
+    # before: a NaN regression target (a missing value) made the EMPIRICAL diagonal of every
+    # parameter NaN, kept in the state; bernoulli targets outside [0, 1] were taken as scores
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    x = torch.randn(4, 5, dtype=DT)
+    good = torch.rand(4, 3, dtype=DT)
+    worse = good.clone()
+    worse[2, 1] = bad
+    est = fimfast.DiagFisher(model, "empirical", likelihood=likelihood)
+    est.step((x, good))
+    before = {k: v.clone() for k, v in est.result().items()}
+    with pytest.raises(ValueError, match="labels: "):
+        est.step((x, worse))
+    assert all(torch.equal(before[k], v) for k, v in est.result().items())
+    fimfast.zero_diag_fim(model)
+    with pytest.raises(ValueError, match="labels: "):
+        fimfast.diag_fim_step(model, (x, worse), "empirical", {"likelihood": likelihood})
+    for t in ("exact", "monte_carlo", "hutchinson"):  # the targets are not read: taken
+        fimfast.DiagFisher(model, t, likelihood=likelihood).step((x, worse))
