@@ -313,3 +313,94 @@ def test_empirical_targets_not_finite_or_not_probabilities_are_refused(likelihoo
         fimfast.diag_fim_step(model, (x, worse), "empirical", {"likelihood": likelihood})
     for t in ("exact", "monte_carlo", "hutchinson"):  # the targets are not read: taken
         fimfast.DiagFisher(model, t, likelihood=likelihood).step((x, worse))
+
+
+# -- found exact: kept as a panel ------------------------------------------------------------- #
+def _at(step, change):
+    def before(i, model):
+        if i == step:
+            change(model)
+    return before
+
+
+def _seq(*mods, train=False):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(*(m() for m in mods)).to(DT).train(train)
+    return make
+
+
+def _bn_eval():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 4)).to(DT).eval()
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2)
+    return m
+
+
+def _bn_moved(m):
+    with torch.no_grad():
+        m[1].running_mean.add_(1.0)
+        m[1].running_var.mul_(3.0)
+
+
+class _Latents(nn.Module):
+    """A Linear on learned latents (no batch axis, ``L == N`` rows) attending over the input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lat = nn.Parameter(torch.randn(N, 5))
+        self.q, self.o = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.k = nn.Linear(5, 5, bias=False)
+        self.to(DT)
+
+    def forward(self, x):
+        a = torch.softmax(torch.einsum("ld,ntd->nlt", self.q(self.lat), self.k(x)), -1)
+        return self.o(torch.einsum("nlt,ntd->nld", a, x).mean(1))
+
+
+def _fc_other(s, x):  # torch.func.functional_call with another module's parameters
+    return functional_call(s.net, {"0.weight": s.other.weight, "0.bias": s.other.bias}, (x,)) \
+        + s.net(x)
+
+
+PANEL = {
+    "BatchNorm eval, running statistics moved": (_bn_eval, _batches(3), _at(1, _bn_moved), {}),
+    "LayerNorm eps changed": (_seq(lambda: nn.Linear(5, 6), lambda: nn.LayerNorm(6),
+                                   nn.Tanh, lambda: nn.Linear(6, 4)), _batches(3),
+                              _at(1, lambda m: setattr(m[1], "eps", 0.7)), {}),
+    "conv padding_mode changed": (_seq(lambda: nn.Conv2d(2, 3, 3, padding=1), nn.Tanh,
+                                       nn.Flatten, lambda: nn.Linear(75, 3)),
+                                  _batches(3, (2, 5, 5), 3),
+                                  _at(1, lambda m: setattr(m[0], "padding_mode", "circular")), {}),
+    "forward hook prepended later": (_seq(lambda: nn.Linear(5, 6), nn.Tanh,
+                                          lambda: nn.Linear(6, 4)), _batches(3),
+                                     _at(1, lambda m: m[0].register_forward_hook(
+                                         lambda mod, a, out: out * 2 + 1, prepend=True)), {}),
+    "learned latents, L == N": (_Latents, _batches(shape=(3, 5), classes=3), None, {}),
+    "functional_call with another module's weights": (lambda: Fn(
+        _fc_other, net=nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).to(DT),
+        other=nn.Linear(5, 6).to(DT)), _batches(), None, {}),
+    "channels_last convolutions": (lambda: _seq(lambda: nn.Conv2d(2, 3, 3), nn.Tanh,
+                                                lambda: nn.Conv2d(3, 4, 2), nn.Flatten,
+                                                lambda: nn.Linear(16, 3))().to(
+        memory_format=torch.channels_last),
+        [(x.to(memory_format=torch.channels_last), y)
+         for x, y in _batches(shape=(2, 5, 5), classes=3)], None, {}),
+    "EmbeddingBag include_last_offset, max": (lambda: Fn(
+        lambda s, ids: s.o(torch.tanh(s.e(ids.reshape(-1), torch.arange(
+            0, ids.numel() + 1, ids.shape[1])))),
+        e=nn.EmbeddingBag(9, 4, mode="max", include_last_offset=True),
+        o=nn.Linear(4, 3)).to(DT), _batches(shape=(4,), classes=3, ids=9), None, {}),
+}
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+@pytest.mark.parametrize("name", list(PANEL))
+def test_panel(name, fim_type):
+    make, batches, before, kw = PANEL[name]
+    est, ref = run(make(), batches, fim_type, before=before, **kw)
+    assert nonzero(ref)
+    assert max_rel(est, ref) < 1e-10
