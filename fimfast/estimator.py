@@ -14,6 +14,7 @@ import torch
 from fimfast import batch as batchlib
 from fimfast import distributed, guard, hutchinson, likelihoods, lm_head, persample, prepared
 from fimfast.diagfim import DiagFIM
+from fimfast.finite import left_out_checked
 from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard
 from fimfast.nograd import NogradWatch, nograd_error
@@ -261,7 +262,8 @@ class DiagFisher:
             return hutchinson.estimate(step)
         return self._persample.estimate(step, cap)
 
-    def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows) -> None:
+    def _commit(self, acc: list[torch.Tensor], rows: batchlib.Rows, head=None) -> None:
+        acc = left_out_checked(rows, acc, self.names, None if head is None else head.hidden)
         self.state.commit(acc, rows.count, owned=True)  # every estimate path returns fresh tensors
         self._reset = self._restarted = False
         self.offset += likelihoods.counters_used(self.opts.num_probes, rows.count, rows.num_classes)
@@ -293,7 +295,7 @@ class DiagFisher:
             once = not self.fim_type.is_per_sample and head is None and self.opts.num_probes == 1
             with guard.arithmetic(rows.logits, retained=not once):
                 acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
-        self._commit(acc, rows)
+        self._commit(acc, rows, head)
 
     def train_step(self, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
         """One forward for both training gradients (added to ``.grad``) and the Fisher.

@@ -172,3 +172,42 @@ def gram_finite(t: torch.Tensor) -> bool | None:
     if not math.isfinite(top):
         return False
     return True if top <= torch.finfo(t.dtype).max / 1024 else None
+
+
+def left_out_checked(rows, estimate, names: list[str], hidden: torch.Tensor | None = None):
+    """``estimate`` (a step's batch estimate, before :meth:`fimfast.state.State.commit`),
+    refused when it is not finite because of the rows left out of the Fisher.
+
+    Only the valid rows' logits are checked by :func:`check_finite`; a row left out (its label
+    ``ignore_index``, its ``attention_mask`` 0) may hold NaN/Inf, as a padded query whose every
+    key is masked does. Its cotangent is zero, but the backward multiplies that zero by what the
+    forward saved (0 x NaN = NaN), so the gradients of every parameter upstream are NaN. With
+    every row valid (the common step) nothing is read; otherwise one sum over the logits (the
+    head's input with ``lm_head``), and the estimate is read only when that sum is not finite.
+    Returns the estimate to commit (a :class:`fimfast.batch_sums.Sums` formed into tensors when it
+    was read)."""
+    if rows.all_valid:
+        return estimate
+    flat = (rows.logits if hidden is None else hidden).detach()
+    flat = flat.reshape(-1, flat.shape[-1])
+    if _on_host(flat) and (_HOST or _host()) and _HOST[1](flat):
+        return estimate
+    if math.isfinite(float(_total(flat))):
+        return estimate
+    if hasattr(estimate, "fold_into"):  # a Sums: its kept products formed
+        estimate = estimate.tensors()
+    tensors = getattr(estimate, "factors", estimate)  # a Squares: finite with its factors
+    bad = [n for n, t in zip(names, tensors) if t is not None
+           and not bool(torch.isfinite(t._values() if t.is_sparse else t).all())]
+    if not bad:
+        return estimate
+    nbad = int((~torch.isfinite(flat)).sum())
+    what = "logit(s)" if hidden is None else "entries of the lm_head input"
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise ValueError(
+        f"the rows left out of the Fisher (labels equal to ignore_index, attention_mask 0) hold "
+        f"{nbad} non-finite {what} (NaN/Inf), and the backward multiplies their zero cotangent "
+        f"by them (0 x NaN = NaN): the diagonal of {shown} is not finite. Make those rows "
+        "finite (a finite fill value, torch.nan_to_num, or an attention mask that leaves every "
+        "query a key); the step was not taken"
+    )

@@ -165,7 +165,7 @@ def score_columns(
             return ops.probe_logit_grad(
                 z, "empirical", seed, offset, 1, labels=labels, backend=opts.backend
             )
-        y = labels.to(dt)
+        y = observed(labels, dt, lk)
         if lk == "bernoulli":
             return (y - torch.sigmoid(z)).unsqueeze(0)
         return ((y - z) / opts.sigma2).unsqueeze(0)
@@ -184,6 +184,27 @@ def score_columns(
         eps = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2 * math.pi * u2)
         cols = eps / math.sqrt(opts.sigma2)
     return cols if S == 1 else cols / math.sqrt(S)
+
+
+def observed(labels: torch.Tensor, dt: torch.dtype, likelihood: str) -> torch.Tensor:
+    """The observed targets of a ``bernoulli`` or ``gaussian`` EMPIRICAL step in ``dt``, refused
+    when one is NaN/Inf (its score, and so the diagonal of every parameter, would be: a missing
+    regression target written as NaN) or, for ``bernoulli``, outside ``[0, 1]`` (not a
+    probability: class indices given to a multi-label head)."""
+    y = labels.to(dt)
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(
+            f"labels: {int((~torch.isfinite(y)).sum())} non-finite target(s) (NaN/Inf) for the "
+            f"{likelihood} likelihood; EMPIRICAL needs every observed target (leave rows "
+            "without one out of the batch); the step was not taken"
+        )
+    if likelihood == "bernoulli" and not bool(((y >= 0) & (y <= 1)).all()):
+        lo, hi = float(y.min()), float(y.max())
+        raise ValueError(
+            f"labels: bernoulli targets must be probabilities in [0, 1]; got values in "
+            f"[{lo:g}, {hi:g}]; the step was not taken"
+        )
+    return y
 
 
 def counters_used(S: int, R: int, C: int) -> int:

@@ -162,8 +162,8 @@ class Engine(Replay):
             chunk = chunks.generic_columns(R, C, gp, cols.num, opts.class_chunk)
             group = rows.sample if self.sequence_rows else None
             accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
-        if plan.groups:
-            try:
+        if plan.groups or plan.pullbacks:  # parameters reached only through computed
+            try:  # weights (every weight normalized, no biases) are pullbacks alone
                 self._fast(rows, params, plan, cols, opts, acc, retain_graph)
             except stream.Unbatched:
                 # the batched backward cannot run with hooks on this model: the fast groups

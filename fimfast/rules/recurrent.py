@@ -333,13 +333,14 @@ def _projection(x: torch.Tensor, W: dict) -> torch.Tensor:
 
 def _finish(rec: _Recorder, d: dict, ys, gi, W: dict, h, c):
     """Keep the data of one layer and direction (outputs ``ys`` ``(T, N, Hout)``) in ``rec``;
-    return ``(ys, last h, last c)``."""
+    return ``(a copy of ys, last h, last c)``: the forward may write into the outputs it gets
+    (``out.add_(...)``, as torch's layer allows), which must not reach the states kept."""
     mod = rec.mod
     d["hs"] = ys.detach()
     if mod.mode == "GRU":
         d["r"] = _reset_gates(gi, d, W, mod.hidden_size)
     rec.data["dirs"].append(d)
-    return ys, h, c
+    return ys.clone(), h, c
 
 
 def _keep(masks, t: int, hn, h, cn, c):
