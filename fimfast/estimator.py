@@ -377,9 +377,8 @@ class DiagFisher:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (same model structure, type, reduction and ema). All or
-        nothing: a state with a key missing, values of other shapes or non-finite values is
-        refused (``ValueError``) before anything is replaced."""
+        """Restore from :meth:`state_dict` (same model structure, type, reduction and ema), all or
+        nothing: a key missing, values of other shapes or not finite are refused first."""
         if FIMType.parse(sd["fim_type"]) != self.fim_type:
             raise ValueError(
                 f"state_dict: saved for fim_type={sd['fim_type']!r}; this estimator is "
@@ -396,9 +395,8 @@ def _stream_of(sd: dict[str, Any]) -> tuple[int, int]:
     for k in ("seed", "offset", "state"):
         if k not in sd:
             raise ValueError(f"state_dict: not a DiagFisher.state_dict(); missing {k!r}")
-        v = sd[k]
-        if k != "state" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f"state_dict[{k!r}] must be an integer >= 0; got {v!r}")
+        if k != "state" and (isinstance(sd[k], bool) or not isinstance(sd[k], int) or sd[k] < 0):
+            raise ValueError(f"state_dict[{k!r}] must be an integer >= 0; got {sd[k]!r}")
     return sd["seed"], sd["offset"]
 
 
