@@ -21,8 +21,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    sys.path.append(ROOT)  # after PYTHONPATH: the tree it names is the one measured
 
+import fimfast  # noqa: E402
 from fimfast import ops  # noqa: E402
 
 PAD = 16
@@ -54,13 +55,13 @@ def gram_case(M, N, T, O):
     g = torch.Generator().manual_seed(0)
     P = torch.randn(M, N, T, O, generator=g)
     Pp = padded(P)
-    out = torch.empty(N, T * (T + 1) // 2, O)
+    out = torch.zeros(N, T * (T + 1) // 2, O)
 
     def plain():
-        return ops.pair_gram(P, out=out, backend="cpp")
+        return ops.pair_gram(P, out=out.zero_(), backend="cpp").clone()
 
     def pad():
-        return ops.pair_gram(Pp, out=out, backend="cpp")
+        return ops.pair_gram(Pp, out=out.zero_(), backend="cpp").clone()
 
     return plain, pad
 
@@ -100,7 +101,8 @@ def main():
     ap.add_argument("--cases", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(fimfast.__file__)))
+    sha = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
     names = [c for c in CASES if not args.cases or any(k in c for k in args.cases.split(","))]
     for name in names:
@@ -115,7 +117,7 @@ def main():
             for k, fn in (order if r % 2 == 0 else order[::-1]):
                 times[k].append(cpu_ms(fn, reps))
         ratio = [a / b for a, b in zip(times["plain"], times["pad"])]
-        row = {"tree": sha, "case": name, "load": os.getloadavg()[0]}
+        row = {"tree": tree, "sha": sha, "case": name, "load": os.getloadavg()[0]}
         for k, v in times.items():
             row[k] = [round(statistics.median(v), 3), round(min(v), 3), round(max(v), 3)]
         row["plain/pad"] = [round(statistics.median(ratio), 2), round(min(ratio), 2),
