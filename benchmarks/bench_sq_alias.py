@@ -5,6 +5,12 @@ One torch thread, CPU time, the two layouts interleaved in rounds (the order alt
 one JSON line per case with the medians and ranges (ms) and the git sha of the tree imported::
 
     PYTHONPATH=<tree> python benchmarks/bench_sq_alias.py --rounds 15
+    PYTHONPATH=<tree> python benchmarks/bench_sq_alias.py --model --rounds 21
+
+``--model``: instead, one ``DiagFisher`` step (EMPIRICAL, MONTE_CARLO) of a token classifier
+whose first Linear has 512 outputs (rows of 2048 bytes): Linear(128, 512) - GELU - Linear(512,
+128) over 16 tokens, mean over the tokens, Linear(128, 10); 64 sequences. CPU time per step (ms)
+and over the training step's, medians over the rounds; compare trees by alternating processes.
 """
 
 from __future__ import annotations
@@ -95,15 +101,61 @@ def cpu_ms(fn, reps):
     return (time.process_time() - t0) * 1e3 / reps
 
 
+class _Mean(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+def model_step(rounds: int) -> dict:
+    import torch.nn.functional as F
+
+    from fimfast import DiagFisher
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 128), _Mean(),
+                          nn.Linear(128, 10))
+    x, y = torch.randn(64, 16, 128), torch.randint(0, 10, (64,))
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    fns = {"train": train}
+    for kind in ("empirical", "monte_carlo"):
+        est = DiagFisher(model, kind, seed=0)
+        fns[kind] = lambda est=est: est.step((x, y))
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            f()
+            times[k].append((time.process_time() - t0) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"train_ms": round(med["train"], 3)}
+    for k in ("empirical", "monte_carlo"):
+        row[k + "_ms"] = round(med[k], 3)
+        row[k] = round(med[k] / med["train"], 3)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--cases", default="")
+    ap.add_argument("--model", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tree = os.path.dirname(os.path.dirname(os.path.abspath(fimfast.__file__)))
     sha = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
+    if args.model:
+        row = {"tree": tree, "sha": sha, "load": os.getloadavg()[0], **model_step(args.rounds)}
+        print(json.dumps(row), flush=True)
+        return
     names = [c for c in CASES if not args.cases or any(k in c for k in args.cases.split(","))]
     for name in names:
         plain, pad = CASES[name]()
