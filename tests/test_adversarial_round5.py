@@ -274,3 +274,88 @@ def test_lm_head_whose_weight_or_bias_is_computed(how, fim_type):
                                                     "num_probes": 2})
     got = fimfast.get_diag_fim(seeded, fim_type)
     assert all(float((got[n] - v).norm() / v.norm()) < 1e-12 for n, v in b.result().items())
+
+
+def _mc_columns(z, likelihood, sigma2, seed, offset, S):
+    """MONTE_CARLO's drawn scores ``(S, R, C)`` from their definition: ``y ~ Bernoulli(s)``,
+    ``y - s``; ``y = z + sigma eps`` (Box-Muller on counters ``offset + i``, ``offset + SRC + i``),
+    ``(y - z) / sigma2``."""
+    import math
+
+    from fimfast.ops import rng
+
+    R, C = z.shape
+    if likelihood == "bernoulli":
+        s = torch.sigmoid(z)
+        return (rng.uniform(seed, offset, (S, R, C), z.dtype) < s).to(z.dtype) - s
+    u1 = rng.uniform(seed, offset, (S, R, C), z.dtype)
+    u2 = rng.uniform(seed, offset + S * R * C, (S, R, C), z.dtype)
+    y = z + sigma2 ** 0.5 * (-2 * torch.log1p(-u1)).sqrt() * torch.cos(2 * math.pi * u2)
+    return (y - z) / sigma2
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "likelihood" in MODELS[n][3]])
+def test_monte_carlo_diagonal_likelihoods_with_several_probes(name):
+    make, batches, _, kw, _ = MODELS[name]
+    sigma2 = kw.get("sigma2", 1.0)
+    for red in ("sum", "mean"):
+        est = fimfast.DiagFisher(make(), "monte_carlo", seed=9, num_probes=3, reduction=red, **kw)
+        ref, rows = 0, 0
+        for b, off in adv.stepped(est, est.model, batches):
+            _, _, J, z = adv.jacobian_rows(est.model, b)
+            u = _mc_columns(z, kw["likelihood"], sigma2, est.seed, off, 3)
+            ref = ref + (torch.einsum("rcp,src->srp", J, u) ** 2).sum(1).mean(0)
+            rows += z.shape[0]
+        ref = ref / (rows if red == "mean" else 1)
+        got = torch.cat([v.reshape(-1) for v in est.result().values()]).double()
+        assert float(ref.norm()) > 0
+        assert float((got - ref).norm() / ref.norm()) < 1e-10
+
+
+class _SeqFirst(torch.nn.Module):
+    """Sequence-first token logits ``(T, N, C)`` through self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = torch.nn.Embedding(7, 6)
+        self.a = torch.nn.MultiheadAttention(6, 2)
+        self.h = torch.nn.Linear(6, 4)
+        self.double()
+
+    def forward(self, ids):
+        h = self.e(ids)
+        return self.h(h + self.a(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("fim_type,opts", [("hutchinson_sqrt", {"num_probes": 2}),
+                                           ("hutchinson_rankk", {"top_k": 2, "num_probes": 2}),
+                                           ("hutchinson_rank1", {"ema": 0.5}),
+                                           ("monte_carlo", {"num_probes": 3})])
+def test_sequence_first_token_rows(fim_type, opts):
+    """``batch_dim=1``, ``(T, N)`` ids and labels: the rows (and so the draws) in batch order,
+    sample by sample, as for ``(N, T)`` logits."""
+    B = [(x.t().contiguous(), y.t().contiguous()) for x, y in M5._tokens()]
+    est = fimfast.DiagFisher(_SeqFirst(), fim_type, seed=7, class_dim=-1, batch_dim=1, **opts)
+    steps = []
+    for b, off in adv.stepped(est, est.model, B):
+        nt = (b[0], b[1].t())
+
+        def fn(m, bt):
+            return m(bt[0]).transpose(0, 1)
+        if fim_type == "monte_carlo":
+            steps.append(adv.step_oracle(est.model, nt, fim_type, 7, off, 3, logits_fn=fn))
+        else:
+            fo = {v: opts[k] for k, v in ab._FACTOR_KEYS.items() if k in opts}
+            steps.append(ab.step_oracle(est.model, nt, fim_type, 7, off, logits_fn=fn, **fo))
+    ema = opts.get("ema")
+    ref = {}
+    for n in steps[0]:
+        if ema is None:
+            ref[n] = sum(st[n] for st in steps)
+        else:
+            m = 0
+            for st in steps:
+                m = ema * m + (1 - ema) * st[n]
+            ref[n] = m / (1 - ema ** len(steps))
+    assert adv.nonzero(ref) and ab.max_rel(est, ref) < 1e-10
