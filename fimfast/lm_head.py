@@ -11,7 +11,8 @@ propagates the returned ``grad h`` from ``h`` to the other parameters in one
 to the input embedding, as in GPT-2, gets the sum of both: it is one parameter). The signs are
 those of the unfused step with the same seed, so the estimate is the same to float32 rounding.
 A weight or bias computed by a parametrization (``weight_norm``, ``spectral_norm``) is formed
-once per step and the op's gradient pulled back through it to the parameters behind it.
+once per step and the op's gradient pulled back through it to the parameters behind it (the
+graph kept for that where the weight shares it with the rest of the model).
 
 The model must return the head's output as its logits unchanged (Hugging Face causal LMs do when
 no ``labels`` reach the model, which fimfast never passes). A model that transforms the logits
@@ -216,7 +217,9 @@ def estimate(step: Step, cap: HeadCapture) -> list[torch.Tensor]:
             cot = cot.view(hidden.shape)
         del gh
         if backprop:
-            keep = step.retain_graph or s < S - 1
+            # a computed head weight may share the graph (normalized embeddings, tied): kept
+            # for its pullback below
+            keep = step.retain_graph or s < S - 1 or bool(computed)
             grads = hutchinson.vjp(hidden, params, cot, keep, reentrant)
         else:  # only the head is trained
             grads = [None] * len(params)
