@@ -244,6 +244,8 @@ def _head_computed(how):
         m = M5._MhaTokens()
         if how == "bias":
             P.register_parametrization(m.h, "bias", _Shift())
+        elif how == "old weight_norm":  # a forward pre-hook sets the computed weight
+            torch.nn.utils.weight_norm(m.h)
         else:
             getattr(pz, how)(m.h)
         return m.train(how == "spectral_norm")
@@ -251,7 +253,7 @@ def _head_computed(how):
 
 
 @pytest.mark.parametrize("fim_type", ["hutchinson_sqrt", "hutchinson", "hutchinson_dg"])
-@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "bias"])
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "bias", "old weight_norm"])
 def test_lm_head_whose_weight_or_bias_is_computed(how, fim_type):
     """The fused head's weight (``weight_norm``; ``spectral_norm`` in training mode: one power
     iteration per step, as the plain forward) or bias computed by a parametrization: the op's
