@@ -116,7 +116,7 @@ def _seed_api(make, batches, fim_type, steps_opts, before=None, ema=None, reduct
                               reduction=reduction)
         after = torch.get_rng_state()
         torch.set_rng_state(state)
-        ii = kw.get("ignore_index", -100)
+        ii = {**kw, **opts}.get("ignore_index", -100)
         if fim_type == "monte_carlo":
             one = adv.step_oracle(model, b, fim_type, 5, offset, opts.get("num_probes", 1), ii)
         else:
@@ -393,3 +393,19 @@ def test_lm_head_weight_computed_in_the_forward_from_the_embedding(S, how, fim_t
     est, ref = ab.run(_TiedComputed(how), M5._padded_tokens(classes=7), fim_type, class_dim=-1,
                       lm_head="h", num_probes=S)
     assert adv.nonzero(ref) and ab.max_rel(est, ref) < 1e-10
+
+
+@pytest.mark.parametrize("fim_type", THREE + ["monte_carlo"])
+@pytest.mark.parametrize("ema", [None, 0.6])
+def test_seed_api_ignore_index_changed_between_steps(ema, fim_type):
+    """``ignore_index`` 3 (a class of the model), -100, then -1 over three steps of the seed
+    API with ``reduction="mean"``: each step's rows and count follow its own option."""
+    B = M5._padded_tokens()
+    B2 = [(B[0][0], B[0][1].masked_fill(B[0][1] == -100, 3)), B[1],
+          (B[0][0], B[0][1].masked_fill(B[0][1] == -100, -1).masked_fill(B[0][1] == 2, -1))]
+    steps = [{"ignore_index": 3, "num_probes": 2}, {"ignore_index": -100},
+             {"ignore_index": -1, "num_probes": 3}]
+    if fim_type == "hutchinson_rankk":
+        steps[2]["top_k"] = 1
+    _seed_api(M5._MhaTokens, B2, fim_type, steps, ema=ema, reduction="mean",
+              kw={"class_dim": -1})
