@@ -409,3 +409,39 @@ def test_seed_api_ignore_index_changed_between_steps(ema, fim_type):
         steps[2]["top_k"] = 1
     _seed_api(M5._MhaTokens, B2, fim_type, steps, ema=ema, reduction="mean",
               kw={"class_dim": -1})
+
+
+@pytest.mark.parametrize("fim_type", ["hutchinson_sqrt", "hutchinson"])
+def test_seed_api_seed_and_lm_head_changed_between_steps(fim_type):
+    """A new ``seed`` restarts the stream at offset 0; ``lm_head`` on, off and on again draws
+    the probes of the plain step."""
+    B, model, ref = M5._padded_tokens(), M5._MhaTokens(), {}
+    plan = [{"seed": 5, "num_probes": 2}, {"seed": 9, "lm_head": "h"}, {"seed": 9},
+            {"seed": 9, "lm_head": "h", "num_probes": 3}]
+    for i, o in enumerate(plan):
+        b, est = B[i % 2], fimfast.get_estimator(model, fim_type)
+        off = 0 if est is None or est.seed != o["seed"] else est.offset
+        fimfast.diag_fim_step(model, b, fim_type, {"class_dim": -1, **o})
+        one = ab.step_oracle(model, b, fim_type, o["seed"], off, num_probes=o.get("num_probes", 1))
+        ref = {n: ref.get(n, 0) + v for n, v in one.items()}
+    got = fimfast.get_diag_fim(model, fim_type)
+    assert adv.nonzero(ref)
+    assert max(float((got[n].double() - r).norm() / r.norm()) for n, r in ref.items()) < 1e-10
+
+
+@pytest.mark.parametrize("fim_type", THREE + ["monte_carlo"])
+def test_train_step_on_tied_token_attention(fim_type):
+    import torch.nn.functional as F
+
+    est = fimfast.DiagFisher(M5._MhaTokens(tied=True), fim_type, seed=3, class_dim=-1,
+                             num_probes=2)
+    ref: dict = {}
+    for b in M5._padded_tokens(classes=7):
+        off = est.offset
+        est.train_step(b, lambda z, y: F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1),
+                                                       label_smoothing=0.2))
+        one = (adv.step_oracle(est.model, b, fim_type, est.seed, off, 2)
+               if fim_type == "monte_carlo"
+               else ab.step_oracle(est.model, b, fim_type, est.seed, off, num_probes=2))
+        ref = {n: ref.get(n, 0) + v for n, v in one.items()}
+    assert adv.nonzero(ref) and adv.max_rel(est, ref) < 1e-10
