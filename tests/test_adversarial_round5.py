@@ -445,3 +445,48 @@ def test_train_step_on_tied_token_attention(fim_type):
                else ab.step_oracle(est.model, b, fim_type, est.seed, off, num_probes=2))
         ref = {n: ref.get(n, 0) + v for n, v in one.items()}
     assert adv.nonzero(ref) and adv.max_rel(est, ref) < 1e-10
+
+
+def _roberta_mapping_batches():
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(2, 11, (3, 5), generator=g)
+        lab = torch.randint(0, 3, (3, 5), generator=g)
+        am = torch.ones(3, 5, dtype=torch.long)
+        am[1, 3:], ids[1, 3:], am[2, 4], ids[2, 4] = 0, 1, 0, 1  # padded, labels kept
+        lab[0, 2] = -100
+        out.append({"input_ids": ids, "attention_mask": am, "labels": lab})
+    return out
+
+
+@pytest.mark.parametrize("fim_type,opts", [("hutchinson_sqrt", {"num_probes": 2}),
+                                           ("hutchinson_rankk", {"top_k": 2, "num_probes": 2}),
+                                           ("hutchinson_rank1", {"num_probes": 3}),
+                                           ("monte_carlo", {"num_probes": 3})])
+def test_hugging_face_mapping_batches_with_attention_mask(fim_type, opts):
+    """RoBERTa token classification on ``{input_ids, attention_mask, labels}``: the rows of
+    ``attention_mask`` 0 left out although their labels are classes."""
+    from fimfast.ops.torch_ref import probe_logit_grad_torch
+
+    model = M5._hf("roberta tokens")().m
+
+    def fn(m, b):
+        return m(input_ids=b[0]["input_ids"], attention_mask=b[0]["attention_mask"]).logits
+    est = fimfast.DiagFisher(model, fim_type, seed=4, class_dim=-1, **opts)
+    ref: dict = {}
+    for b, off in adv.stepped(est, model, _roberta_mapping_batches()):
+        rows = ((b["labels"] != -100) & (b["attention_mask"] != 0)).reshape(-1)
+        names, shapes, J, z = adv.jacobian_rows(model, (b,), fn, rows=rows.nonzero()[:, 0].tolist())
+        if fim_type == "monte_carlo":
+            u = probe_logit_grad_torch(z, "mc", 4, off, 3)
+            out = (torch.einsum("rcp,src->srp", J, u) ** 2).sum(1).mean(0)
+        else:
+            fo = {v: opts[k] for k, v in ab._FACTOR_KEYS.items() if k in opts}
+            u = ab.factor(z, fim_type, 4, off, **fo)
+            out = (torch.einsum("rcp,src->sp", J, u) ** 2).mean(0)
+        ref = {n: ref.get(n, 0) + v for n, v in ab._split(names, shapes, out).items()}
+    assert est.state.count == 22
+    key = "roberta.encoder.layer.0.attention.self.key.bias"
+    assert float(ref.pop(key).abs().max()) < 1e-25 and float(est.result()[key].abs().max()) < 1e-25
+    assert adv.nonzero(ref) and adv.max_rel(est, ref) < 1e-10
