@@ -246,6 +246,11 @@ def _head_computed(how):
             P.register_parametrization(m.h, "bias", _Shift())
         elif how == "old weight_norm":  # a forward pre-hook sets the computed weight
             torch.nn.utils.weight_norm(m.h)
+        elif how == "weight_norm, only the head trained":  # no backward through the input
+            m.e.requires_grad_(False)
+            m.a.requires_grad_(False)
+            pz.weight_norm(m.h)
+            m.h.parametrizations.weight.original0.requires_grad_(False)
         else:
             getattr(pz, how)(m.h)
         return m.train(how == "spectral_norm")
@@ -253,7 +258,8 @@ def _head_computed(how):
 
 
 @pytest.mark.parametrize("fim_type", ["hutchinson_sqrt", "hutchinson", "hutchinson_dg"])
-@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "bias", "old weight_norm"])
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm", "bias", "old weight_norm",
+                                 "weight_norm, only the head trained"])
 def test_lm_head_whose_weight_or_bias_is_computed(how, fim_type):
     """The fused head's weight (``weight_norm``; ``spectral_norm`` in training mode: one power
     iteration per step, as the plain forward) or bias computed by a parametrization: the op's
