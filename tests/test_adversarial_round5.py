@@ -496,3 +496,27 @@ def test_hugging_face_mapping_batches_with_attention_mask(fim_type, opts):
     key = "roberta.encoder.layer.0.attention.self.key.bias"
     assert float(ref.pop(key).abs().max()) < 1e-25 and float(est.result()[key].abs().max()) < 1e-25
     assert adv.nonzero(ref) and adv.max_rel(est, ref) < 1e-10
+
+
+BOUNDS = ["lora, parametrization on a trainable base", "slices of one parameter as every weight",
+          "sdpa grouped-query", "mha token logits, key padding and causal masks",
+          "weight_norm on every bias-free layer", "lstm proj_size add_", "HF ViT",
+          "EmbeddingBag sum, per_sample_weights, padding_idx", "-inf in left-out token rows"]
+
+
+@pytest.mark.parametrize("name", BOUNDS)
+def test_bounds_are_the_expectations(name):
+    """``fimfast.analysis.bounds``: RANKK's expectation (every ``top_k``), EXACT and DG."""
+    from fimfast.analysis import bounds
+
+    make, B, _, kw, _ = MODELS[name]
+    model = make()
+    names, _, J, z = ab.jacobian_rows(model, B[0], _split(kw)[1])
+    for k in range(1, z.shape[-1]):
+        b = bounds(model, B[0], top_k=k)
+        for got, ref in ((b.lower, ab.expectation(J, z, "rankk", k)),
+                         (b.exact, ab.expectation(J, z, "exact")),
+                         (b.upper, ab.expectation(J, z, "dg"))):
+            flat = torch.cat([got[n].reshape(-1) for n in names]).double()
+            assert float(ref.norm()) > 0
+            assert float((flat - ref).norm() / ref.norm()) < 1e-10, (k, name)
