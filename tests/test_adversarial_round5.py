@@ -6,7 +6,9 @@ the float64 per-step oracle of tests/adversarial_bounds.py (the factor of each t
 definition, with the estimator's own signs), and MONTE_CARLO with several probes against the one
 of tests/adversarial.py (the labels it drew), through the object API and the seed API (options
 changed between steps), with ``ema``, ``reduction`` and ``ignore_index``: to 1e-10 relative per
-parameter tensor, the oracle nonzero (or zero where the model makes it so, checked)."""
+parameter tensor, the oracle nonzero (or zero where the model makes it so, checked). Also:
+``sequence_rows``, sequence-first token rows, Hugging Face mapping batches, ``train_step``,
+``lm_head`` on a head whose weight or bias is computed, and ``fimfast.analysis.bounds``."""
 
 from __future__ import annotations
 
