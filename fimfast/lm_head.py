@@ -10,6 +10,9 @@ propagates the returned ``grad h`` from ``h`` to the other parameters in one
 ``torch.autograd.grad``, and adds the head's weight and bias gradients from the op (a weight tied
 to the input embedding, as in GPT-2, gets the sum of both: it is one parameter). The signs are
 those of the unfused step with the same seed, so the estimate is the same to float32 rounding.
+A weight or bias computed by a parametrization (``weight_norm``, ``spectral_norm``) is formed
+once per step and the op's gradient pulled back through it to the parameters behind it (the
+graph kept for that where the weight shares it with the rest of the model).
 
 The model must return the head's output as its logits unchanged (Hugging Face causal LMs do when
 no ``labels`` reach the model, which fimfast never passes). A model that transforms the logits
@@ -189,11 +192,15 @@ def estimate(step: Step, cap: HeadCapture) -> list[torch.Tensor]:
     flat = hidden.reshape(-1, d)
     h = flat.detach() if rows.all_valid else flat.detach().index_select(0, rows.index)
     _check_finite(h)
-    W = head.weight.detach()
-    b = None if head.bias is None else head.bias.detach()
+    with torch.enable_grad():  # a computed weight (a parametrization): its graph, once
+        Wg, bg = head.weight, head.bias
+    W = Wg.detach()
+    b = None if bg is None else bg.detach()
     # the head's parameters, found by identity (a tied weight is one entry of params)
-    iw = next((i for i, p in enumerate(params) if p is head.weight), None)
-    ib = next((i for i, p in enumerate(params) if head.bias is not None and p is head.bias), None)
+    iw = next((i for i, p in enumerate(params) if p is Wg), None)
+    ib = next((i for i, p in enumerate(params) if bg is not None and p is bg), None)
+    computed = [(j, t) for j, (t, i) in enumerate(((Wg, iw), (bg, ib)))
+                if i is None and t is not None and t.grad_fn is not None]
     backprop = hidden.requires_grad
     reentrant = backprop and hutchinson.has_reentrant_checkpoint(hidden)
     mode = _MODES[step.fim_type]
@@ -210,16 +217,34 @@ def estimate(step: Step, cap: HeadCapture) -> list[torch.Tensor]:
             cot = cot.view(hidden.shape)
         del gh
         if backprop:
-            keep = step.retain_graph or s < S - 1
+            # a computed head weight may share the graph (normalized embeddings, tied): kept
+            # for its pullback below
+            keep = step.retain_graph or s < S - 1 or bool(computed)
             grads = hutchinson.vjp(hidden, params, cot, keep, reentrant)
         else:  # only the head is trained
             grads = [None] * len(params)
         for i, g_head in ((iw, gw), (ib, gb)):
             if i is not None:
                 grads[i] = g_head if grads[i] is None else g_head.add_(grads[i])
+        _pull_back(computed, (gw, gb), params, grads, keep=s < S - 1 or step.retain_graph)
         hutchinson.accumulate_squares(acc, grads, dtypes, 1.0 / S, cot, opts.backend)
         del grads, cot
     return step.filled(acc)
+
+
+def _pull_back(computed: list, cots: tuple, params: list, grads: list, keep: bool) -> None:
+    """Add to ``grads`` the gradients of the head's weight or bias ``(j, tensor)`` computed from
+    the parameters (``weight_norm``, ``spectral_norm`` or another parametrization of the head):
+    the op's gradient ``cots[j]`` back through that computation (before: never added, so those
+    parameters got 0 from the fused path)."""
+    if not computed:
+        return
+    ts = [t for _, t in computed]
+    gs = [cots[j].to(t.dtype) for j, t in computed]
+    for i, e in enumerate(torch.autograd.grad(ts, params, gs, retain_graph=keep,
+                                              allow_unused=True)):
+        if e is not None:
+            grads[i] = e if grads[i] is None else grads[i] + e
 
 
 def _check_finite(h: torch.Tensor) -> None:
