@@ -264,6 +264,8 @@ def check_finite_sums(acc: FisherAccumulator, sums) -> None:
         gram = a.kind != "low_rank"  # dense and block sums are positive semi-definite
         where = [f"representation={acc.representation!r}" for k, t in parts
                  if _not_finite(t, False, gram)]
+    elif _grams_finite(sums):
+        return
     else:
         where = [f"layer {layer.name!r} ({f})" for layer, sm in zip(acc.layers, sums)
                  for f in LayerSums.FIELDS
@@ -272,6 +274,28 @@ def check_finite_sums(acc: FisherAccumulator, sums) -> None:
         raise ValueError(f"the accumulated sums of {where[0]} are not finite (NaN/Inf): a layer's "
                          "inputs or output gradients overflow their dtype (float32: squares "
                          "above 3e38); scale the inputs, or use a float64 model")
+
+
+def _grams_finite(sums: list[LayerSums]) -> bool:
+    """Whether every layer's sums are finite, settled at once (one gather of every factor's
+    diagonal, :func:`fimfast.finite.gram_finite`'s rule, and one read of the other fields);
+    ``False`` also where that does not settle it (then each field is read on its own)."""
+    diags, rest, top = [], [], float("inf")
+    for sm in sums:
+        for f in LayerSums.FIELDS:
+            t = getattr(sm, f)
+            if t is None:
+                continue
+            if f in ("A", "G") and not t.is_sparse and t.dim() == 2 and t.shape[0] == t.shape[1]:
+                diags.append(t.diagonal())
+                top = min(top, torch.finfo(t.dtype).max / 1024)
+            elif f in sm.unset or t.is_sparse:
+                return False
+            else:
+                rest.append(t)
+    if diags and not float(torch.cat(diags).abs().amax()) <= top:  # NaN: not <=
+        return False
+    return all_finite(rest)
 
 
 def _not_finite(t, upper: bool, gram: bool) -> bool:
