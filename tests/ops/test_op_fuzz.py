@@ -18,7 +18,7 @@ import spec
 import torch
 from kernel_parity import assert_kernel_close, assert_reference_close, rel_err
 from op_backends import require
-from tolerances import EIG_ERR_FACTOR, KERNEL_SLACK_ULPS, MC_BOUNDARY
+from tolerances import EIG_ERR_FACTOR, KERNEL_SLACK_ULPS, LM_HEAD_ULPS, MC_BOUNDARY
 
 from fimfast import ops
 from fimfast.ops.gram import gram_upper_, mirror_upper_
@@ -29,9 +29,9 @@ _SCALE = max(1, int(os.environ.get("FIMFAST_OP_FUZZ", "1") or 1))
 # cases per (op, backend) at FIMFAST_OP_FUZZ=1; the interpreter runs Triton programs in Python
 _PER = {"probe_logit_grad": 60, "sq_matmul": 30, "shared_sq": 30, "accumulate_": 30,
         "core_topk": 30, "gram_upper_": 20, "mirror_upper_": 12, "norm_terms": 20,
-        "pair_gram": 20}
+        "pair_gram": 20, "lm_head_probe": 24}
 _TRITON_SHARE = {"probe_logit_grad": 0.5, "sq_matmul": 0.5, "shared_sq": 0.5,
-                 "accumulate_": 0.6, "core_topk": 0.4}
+                 "accumulate_": 0.6, "core_topk": 0.4, "lm_head_probe": 0.5}
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # sizes: primes, 1, powers of two and their neighbours (the Triton tiles are 16/32/64 wide, the
 # CPU kernels' tiles 3/4 rows, their vectors 8/16 lanes)
@@ -461,6 +461,51 @@ def _check_pair(c, backend, what):
 
 
 # ------------------------------------------------------------------------------------------------
+# lm_head_probe: the three products of the probe through a Linear head
+# ------------------------------------------------------------------------------------------------
+def _lm_case(rng, backend):
+    R, V = _pick(rng, [1, 2, 5, 17]), _pick(rng, [2, 3, 31, 64, 129, 257])
+    d = _pick(rng, [1, 3, 16, 33])
+    hd = _pick(rng, _DTYPES)
+    wd = hd if rng.random() < 0.7 else _pick(rng, _DTYPES)
+    h = _layout(_values(rng, (R, d), 1.0, hd), _pick(rng, _LAYOUTS))
+    W = _layout(_values(rng, (V, d), 0.7 / max(1.0, d**0.5), wd), _pick(rng, _LAYOUTS))
+    b = _layout(_values(rng, (V,), 1.0, wd), _pick(rng, _LAYOUTS)) if rng.random() < 0.5 else None
+    mode = _pick(rng, ["hutchinson", "sqrt", "dg"])
+    seed, offset = int(rng.integers(2**63)), int(_pick(rng, [0, 2**32 - 7, 2**33 + 5]))
+    chunk = _pick(rng, [None, 1, 3, 7])
+    return dict(h=h, W=W, b=b, mode=mode, seed=seed, offset=offset, chunk=chunk), \
+        f"{mode} h {tuple(h.shape)} {hd} {h.stride()} W {tuple(W.shape)} {wd} {W.stride()} " \
+        f"bias={b is not None} row_chunk={chunk}"
+
+
+def _check_lm(c, backend, what):
+    args = (c["h"], c["W"], c["b"], c["mode"], c["seed"], c["offset"])
+    out = ops.lm_head_probe(*args, row_chunk=c["chunk"], backend=backend)
+    ref = ops.lm_head_probe(*args, row_chunk=c["chunk"], backend="torch")
+    h, W = c["h"].double().cpu(), c["W"].double().cpu()
+    z = h @ W.t() + (0.0 if c["b"] is None else c["b"].double().cpu())
+    mode = "hutchinson" if c["mode"] == "sqrt" else c["mode"]  # sqrt through log_softmax
+    u = spec.probe_logit_grad(z, mode, c["seed"], c["offset"], 1)[0]
+    truth = (u @ W, u.t() @ h, None if c["b"] is None else u.sum(0))
+    # the sums cancel (sum_v u_v = 0 for hutchinson): rounding scales with the sums of |terms|
+    terms = (u.abs() @ W.abs(), u.abs().t() @ h.abs(), u.abs().sum(0))
+    for name, o, r, t, a in zip(("grad_hidden", "grad_weight", "grad_bias"), out, ref, truth,
+                                terms):
+        if t is None:
+            assert o is None and r is None, f"{backend} {what}: {name} should be None"
+            continue
+        scale = float(a.max()) if a.numel() else 0.0
+        er = float((r.double().cpu() - t).abs().max()) if t.numel() else 0.0
+        ek = float((o.double().cpu() - t).abs().max()) if t.numel() else 0.0
+        bound = LM_HEAD_ULPS * torch.finfo(r.dtype).eps * scale
+        assert er <= bound, f"torch lm_head_probe {name} {what}: error {er:.3g} > {bound:.3g}"
+        slack = KERNEL_SLACK_ULPS * torch.finfo(o.dtype).eps * scale
+        assert o.dtype == r.dtype and o.shape == r.shape, f"{backend} {what}: {name} dtype/shape"
+        assert ek <= er + slack, f"{backend} lm_head_probe {name} {what}: error {ek:.3g} > " \
+                                 f"{er:.3g} + {slack:.3g}"
+
+# ------------------------------------------------------------------------------------------------
 _OPS = {
     "probe_logit_grad": (_probe_case, _check_probe),
     "sq_matmul": (_sq_case, _check_sq),
@@ -471,6 +516,7 @@ _OPS = {
     "mirror_upper_": (_mirror_case, _check_mirror),
     "norm_terms": (_norm_case, _check_norm),
     "pair_gram": (_pair_case, _check_pair),
+    "lm_head_probe": (_lm_case, _check_lm),
 }
 _CPU_ONLY = ("gram_upper_", "mirror_upper_", "norm_terms", "pair_gram")
 
