@@ -29,7 +29,7 @@ _SCALE = max(1, int(os.environ.get("FIMFAST_OP_FUZZ", "1") or 1))
 # cases per (op, backend) at FIMFAST_OP_FUZZ=1; the interpreter runs Triton programs in Python
 _PER = {"probe_logit_grad": 60, "sq_matmul": 30, "shared_sq": 30, "accumulate_": 30,
         "core_topk": 30, "gram_upper_": 20, "mirror_upper_": 12, "norm_terms": 20,
-        "pair_gram": 20, "lm_head_probe": 24}
+        "pair_gram": 20, "lm_head_probe": 24, "recurrent_forward": 24}
 _TRITON_SHARE = {"probe_logit_grad": 0.5, "sq_matmul": 0.5, "shared_sq": 0.5,
                  "accumulate_": 0.6, "core_topk": 0.4, "lm_head_probe": 0.5}
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -506,6 +506,42 @@ def _check_lm(c, backend, what):
                                  f"{er:.3g} + {slack:.3g}"
 
 # ------------------------------------------------------------------------------------------------
+# recurrent_forward (torch and cpp): against the reference run in float64 on the same inputs
+# (tests/ops/test_recurrent_forward.py checks that one against torch's own layers)
+# ------------------------------------------------------------------------------------------------
+def _rec_case(rng, backend):
+    mode = _pick(rng, ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+    T, N = _pick(rng, [1, 2, 5, 9]), _pick(rng, [1, 2, 3, 7])
+    H, dtype = _pick(rng, [1, 2, 3, 5, 8, 9, 17]), _pick(rng, _F)
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1) * H
+
+    def lay(t):
+        return _layout(t, _pick(rng, _LAYOUTS))
+
+    gi = lay(_values(rng, (T, N, G), 1.0, dtype))
+    h0 = lay(_values(rng, (N, H), 1.0, dtype))
+    c0 = lay(_values(rng, (N, H), 1.0, dtype)) if mode == "LSTM" else None
+    whh = lay(_values(rng, (G, H), 1.0 / H**0.5, dtype))
+    bhh = lay(_values(rng, (G,), 1.0, dtype)) if rng.random() < 0.5 else None
+    rev = bool(rng.random() < 0.5)
+    return dict(args=(mode, gi, h0, c0, whh, bhh, rev)), \
+        f"{mode} gi {tuple(gi.shape)} {dtype} {gi.stride()} whh {whh.stride()} " \
+        f"bias={bhh is not None} reverse={rev}"
+
+
+def _check_rec(c, backend, what):
+    out = ops.recurrent_forward(*c["args"], backend=backend)
+    ref = ops.recurrent_forward(*c["args"], backend="torch")
+    a64 = [x.double() if isinstance(x, torch.Tensor) else x for x in c["args"]]
+    truth = ops.recurrent_forward(*a64, backend="torch")
+    for name, o, r, t in zip(("ys", "pre", "hT", "cT"), out, ref, truth):
+        if t is None:
+            assert o is None and r is None, f"{backend} {what}: {name} should be None"
+            continue
+        assert_kernel_close(o, r, t, what=f"{backend} recurrent_forward {name} {what}")
+
+
+# ------------------------------------------------------------------------------------------------
 _OPS = {
     "probe_logit_grad": (_probe_case, _check_probe),
     "sq_matmul": (_sq_case, _check_sq),
@@ -517,8 +553,9 @@ _OPS = {
     "norm_terms": (_norm_case, _check_norm),
     "pair_gram": (_pair_case, _check_pair),
     "lm_head_probe": (_lm_case, _check_lm),
+    "recurrent_forward": (_rec_case, _check_rec),
 }
-_CPU_ONLY = ("gram_upper_", "mirror_upper_", "norm_terms", "pair_gram")
+_CPU_ONLY = ("gram_upper_", "mirror_upper_", "norm_terms", "pair_gram", "recurrent_forward")
 
 
 def _cases():
