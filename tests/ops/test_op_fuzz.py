@@ -148,7 +148,7 @@ def _check_probe(c, backend, what):
     truth = spec.probe_logit_grad(c["z"], c["mode"], c["seed"], c["offset"], c["S"],
                                   labels=c["labels"], eig=c["eig"], sigma2=c["sigma2"])
     tiny = torch.finfo(ref.dtype).tiny
-    if truth.numel() and float(truth.abs().max()) < tiny:
+    if truth.numel() and 0 < float(truth.abs().max()) < tiny:
         # every |dz| below the dtype's normal range (bernoulli of |z| > 175 in float32): a
         # relative error means nothing there, the absolute one is at most the smallest normal
         for who, t in (("torch", ref), (backend, out)):
@@ -584,6 +584,17 @@ def test_fuzz(op, backend, seed):
     rng = np.random.default_rng([sum(op.encode()), seed, ord(backend[0])])
     case, what = make(rng, backend)
     check(case, backend, what)
+
+
+# cases of the long runs that found a defect (now fixed), kept in every run
+_FOUND = ["core_topk:triton:212", "norm_terms:cpp:240", "norm_terms:cpp:333"]
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=[pytest.mark.triton] if ":triton:" in c else []) for c in _FOUND])
+def test_found(case):
+    op, backend, seed = case.split(":")
+    test_fuzz(op, backend, int(seed))
 
 
 @pytest.mark.parametrize("backend", [
