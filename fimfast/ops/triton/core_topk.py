@@ -117,11 +117,13 @@ def _exact_kernel(
             done = conv.to(tl.int32)
             it += 1
         v = tl.where(cm, qs / ((qs - origin) - tau), 0.0)
-        bad = tl.max((cm & (tl.abs(v) >= inf)).to(tl.int32), 0) > 0
+        # non-finite: inf on a pole, or nan (inf / inf) where p / hi overflows (hi subnormal)
+        nonfin = cm & ((tl.abs(v) >= inf) | (v != v))
+        bad = tl.max(nonfin.to(tl.int32), 0) > 0
         lam = tl.where(tie, hi, (origin + tau) * scale)
         lam = tl.where(zlo, 0.0, lam)
         # a root on a pole to within rounding: the class of the infinite entry alone
-        v = tl.where(bad, tl.where(cm & (tl.abs(v) >= inf), 1.0, 0.0), v)
+        v = tl.where(bad, tl.where(nonfin, 1.0, 0.0), v)
         # zero probabilities: the indicator of the zero group (eigenvalue 0)
         v = tl.where(zlo, tl.where(cm & (p <= 0), 1.0, 0.0), v)
         # tie group ending at ia: the Helmert vector (1 on the group below ia, -size at ia)
