@@ -4,50 +4,20 @@ the union of the shards with the unwrapped model (tests/dist_worker_above.py).""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
+from dist_launch import two_ranks
 from dist_worker_above import REPS, model_and_shards
 
 import fimfast
 
 pytestmark = pytest.mark.distributed
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
     tmp = tmp_path_factory.mktemp("ddp_above")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(2):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "dist_worker_above.py"), str(tmp)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    out = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+    out = two_ranks("dist_worker_above.py", [str(tmp)], tmp)
     for o in out:
         assert not isinstance(o, str), o
     return out

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from adversarial import max_rel, nonzero, run, step_oracle
+from adversarial_models5 import _batches
 from cases import Fn
 from torch.func import functional_call
 from torch.nn.utils import parametrizations as pz
@@ -22,16 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 TYPES = ["exact", "empirical", "monte_carlo", "hutchinson", "hutchinson_dg"]
 DT = torch.float64
 N = 4
-
-
-def _batches(k=2, shape=(5,), classes=4, n=N, seed=1, ids=None):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(k):
-        x = (torch.randint(0, ids, (n, *shape), generator=g) if ids
-             else torch.randn(n, *shape, generator=g, dtype=DT))
-        out.append((x, torch.randint(0, classes, (n,), generator=g)))
-    return out
 
 
 def _check(make, batches, fim_type, zero=(), **kw):

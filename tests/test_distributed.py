@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from dist_launch import two_ranks
 from dist_worker import DRAWS, RANDOM_TYPES, equal_shards, shards, vec
 from tolerances import DET_REL_F32, STAT_SIGMAS
 
@@ -24,32 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def launch(group: str, tmp_path) -> list[dict]:
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(2):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "dist_worker.py"), group, str(tmp_path)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return two_ranks("dist_worker.py", [group, str(tmp_path)], tmp_path)
 
 
 @pytest.fixture(scope="module")
