@@ -9,7 +9,9 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["check_entries", "finite_scalar", "same_scale"]
+from fimfast.finite import all_finite
+
+__all__ = ["check_entries", "finite_scalar", "nonnegative_number", "same_scale"]
 
 
 def check_entries(f: torch.Tensor, label: str, nonnegative: bool = True,
@@ -17,12 +19,19 @@ def check_entries(f: torch.Tensor, label: str, nonnegative: bool = True,
     """Raise a ``ValueError`` naming ``label`` if ``f`` has a NaN or an infinite entry, or, with
     ``nonnegative``, a negative one (``negative``: that message instead of the default)."""
     f = f.coalesce().values() if f.is_sparse else f
-    if f.is_floating_point() and not bool(torch.isfinite(f).all()):
+    if not all_finite([f]):
         bad = int((~torch.isfinite(f)).sum())
         raise ValueError(f"{label} has {bad} non-finite entries (NaN/Inf); a Fisher diagonal "
                          "is finite")
     if nonnegative and bool((f < 0).any()):
         raise ValueError(negative or f"{label} has negative entries; a Fisher diagonal is >= 0")
+
+
+def nonnegative_number(value: float, name: str) -> float:
+    """``float(value)``, refused unless a finite number ``>= 0`` (a ``ValueError`` naming it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a number >= 0 and finite; got {value!r}")
+    return float(value)
 
 
 def finite_scalar(s: float) -> float:

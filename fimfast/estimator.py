@@ -22,7 +22,7 @@ from fimfast.ops import registry
 from fimfast.parameters import ParamWalk, check_real, trainable_parameters
 from fimfast.persample import prepared as prepared_ps
 from fimfast.sparse_tables import candidates, sparse_lookups
-from fimfast.state import State
+from fimfast.state import State, counter_of
 from fimfast.step import Step
 from fimfast.types import (
     FIMType,
@@ -395,9 +395,7 @@ def _stream_of(sd: dict[str, Any]) -> tuple[int, int]:
     for k in ("seed", "offset", "state"):
         if k not in sd:
             raise ValueError(f"state_dict: not a DiagFisher.state_dict(); missing {k!r}")
-        if k != "state" and (isinstance(sd[k], bool) or not isinstance(sd[k], int) or sd[k] < 0):
-            raise ValueError(f"state_dict[{k!r}] must be an integer >= 0; got {sd[k]!r}")
-    return sd["seed"], sd["offset"]
+    return counter_of(sd, "seed"), counter_of(sd, "offset")
 
 
 # a context manager doing nothing (reusable, reentrant)

@@ -19,22 +19,15 @@ Fisher already carries that factor.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from fimfast.diagfim import DiagFIM
-from fimfast.entries import check_entries
+from fimfast.entries import check_entries, nonnegative_number
 
 __all__ = ["EWC"]
-
-
-def _check_nonneg(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"{name} must be a number >= 0 and finite; got {value!r}")
-    return float(value)
 
 
 class EWC(nn.Module):
@@ -77,9 +70,9 @@ class EWC(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        self.lam = _check_nonneg(lam, "lam")
+        self.lam = nonnegative_number(lam, "lam")
         if gamma is not None:
-            gamma = _check_nonneg(gamma, "gamma")
+            gamma = nonnegative_number(gamma, "gamma")
             if gamma > 1:
                 raise ValueError(f"gamma must be in [0, 1]; got {gamma!r}")
         self.gamma = gamma

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fimfast.diagfim import DiagFIM
-from fimfast.entries import check_entries
+from fimfast.entries import check_entries, nonnegative_number
 
 __all__ = ["fisher_merge", "load_fisher", "model_fingerprint", "save_fisher"]
 
@@ -112,8 +112,7 @@ def _check_args(models, fishers, eps) -> None:
             f"fishers must be a sequence with one Fisher per model ({len(models)}); got "
             f"{len(fishers) if isinstance(fishers, Sequence) else type(fishers).__name__}"
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"eps must be a number >= 0 and finite; got {eps!r}")
+    nonnegative_number(eps, "eps")
 
 
 def _scales(fs) -> list[float]:

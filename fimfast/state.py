@@ -308,7 +308,7 @@ class State:
             )
         values = [_loaded(sd["values"], n, s, v) for n, s, v in
                   zip(self.names, self.shapes, self.values)]
-        count, steps = _counter(sd, "count"), _counter(sd, "steps")
+        count, steps = counter_of(sd, "count"), counter_of(sd, "steps")
         self.values = values
         self._zero = False
         self.count = count
@@ -334,12 +334,13 @@ def _loaded(saved: Any, name: str, shape: tuple, like: torch.Tensor) -> torch.Te
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         raise ValueError(f"state_dict['values'][{name!r}] must be a tensor of shape "
                          f"{tuple(shape)}; got {got}")
-    if v.is_floating_point() and not bool(torch.isfinite(v._values() if v.is_sparse else v).all()):
+    if not all_finite([v]):
         raise ValueError(f"state_dict['values'][{name!r}] has non-finite entries (NaN/Inf)")
     return v.to(device=like.device, dtype=like.dtype)
 
 
-def _counter(sd: dict[str, Any], key: str) -> int:
+def counter_of(sd: dict[str, Any], key: str) -> int:
+    """``sd[key]``, refused unless an integer ``>= 0`` (``ValueError`` naming the key)."""
     v = sd[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"state_dict[{key!r}] must be an integer >= 0; got {v!r}")
