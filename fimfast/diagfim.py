@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fimfast.entries import finite_scalar, same_scale
+from fimfast.entries import finite_scalar, nonnegative_number, same_scale
 
 Vector = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -144,9 +144,7 @@ class DiagFIM(Mapping[str, torch.Tensor]):
     def _check_damping(self, damping: float) -> float:
         if isinstance(damping, torch.Tensor) and damping.numel() == 1:
             damping = float(damping)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (
-                0 <= damping < math.inf):
-            raise ValueError(f"damping must be a number >= 0 and finite; got {damping!r}")
+        damping = nonnegative_number(damping, "damping")
         if damping == 0:
             self._check_invertible()
         for k, v in self._d.items():
@@ -155,7 +153,7 @@ class DiagFIM(Mapping[str, torch.Tensor]):
                     f"damping={damping!r} leaves F + damping*I singular: {k!r} has entries equal "
                     f"to {-damping!r}; use damping > 0"
                 )
-        return float(damping)
+        return damping
 
     def _check_invertible(self) -> None:
         """With ``damping=0``: refuse entries zero up to rounding, at most ``P * eps * max|F|``
