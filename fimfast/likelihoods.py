@@ -20,6 +20,7 @@ import torch
 
 from fimfast import ops
 from fimfast.dtypes import compute_dtype
+from fimfast.finite import all_finite
 from fimfast.ops import rng
 from fimfast.types import FIMType, Options
 
@@ -192,7 +193,7 @@ def observed(labels: torch.Tensor, dt: torch.dtype, likelihood: str) -> torch.Te
     regression target written as NaN) or, for ``bernoulli``, outside ``[0, 1]`` (not a
     probability: class indices given to a multi-label head)."""
     y = labels.to(dt)
-    if not bool(torch.isfinite(y).all()):
+    if not all_finite([y]):
         raise ValueError(
             f"labels: {int((~torch.isfinite(y)).sum())} non-finite target(s) (NaN/Inf) for the "
             f"{likelihood} likelihood; EMPIRICAL needs every observed target (leave rows "
