@@ -29,7 +29,7 @@ _SCALE = max(1, int(os.environ.get("FIMFAST_OP_FUZZ", "1") or 1))
 # cases per (op, backend) at FIMFAST_OP_FUZZ=1; the interpreter runs Triton programs in Python
 _PER = {"probe_logit_grad": 60, "sq_matmul": 30, "shared_sq": 30, "accumulate_": 30,
         "core_topk": 30, "gram_upper_": 20, "mirror_upper_": 12, "norm_terms": 20,
-        "pair_gram": 20, "lm_head_probe": 24, "recurrent_forward": 24}
+        "pair_gram": 20, "lm_head_probe": 24, "recurrent_forward": 24, "recurrent_bptt": 24}
 _TRITON_SHARE = {"probe_logit_grad": 0.5, "sq_matmul": 0.5, "shared_sq": 0.5,
                  "accumulate_": 0.6, "core_topk": 0.4, "lm_head_probe": 0.5}
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -545,6 +545,59 @@ def _check_rec(c, backend, what):
 
 
 # ------------------------------------------------------------------------------------------------
+# recurrent_bptt (torch and cpp): against the reference run in float64 on the same inputs
+# (tests/ops/test_recurrent_bptt.py checks that one against autograd through the cells)
+# ------------------------------------------------------------------------------------------------
+def _bptt_case(rng, backend):
+    mode = _pick(rng, ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+    T, N = _pick(rng, [1, 2, 5, 9]), _pick(rng, [1, 2, 3, 7])
+    H, dtype = _pick(rng, [1, 2, 3, 5, 8, 9, 17]), _pick(rng, _F)
+    scale = _pick(rng, [1.0, 1.0, 4.0, 1e-3])  # 4: saturated gates; 1e-3: all near zero
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1) * H
+
+    def lay(t):
+        return _layout(t, _pick(rng, _LAYOUTS))
+
+    def val(*shape, s=scale):
+        return lay(_values(rng, shape, s, dtype))
+
+    if mode == "LSTM":
+        saved = [val(T, N, G), val(N, H)]
+    elif mode == "GRU":
+        saved = [val(T, N, G), val(T, N, G), lay(_values(rng, (T, N, H), 0.5, dtype).tanh())]
+    else:  # outputs of the cell: in (-1, 1) for tanh, >= 0 (some exactly 0) for relu
+        ys = _values(rng, (T, N, H), scale, dtype)
+        saved = [lay(ys.tanh() if mode == "RNN_TANH" else ys.clamp_min(0))]
+    whh = lay(_values(rng, (G, H), 1.0 / H**0.5, dtype))
+    dys, dh = val(T, N, H, s=1.0), val(N, H, s=1.0)
+    dc = val(N, H, s=1.0) if mode == "LSTM" else None
+    rev = bool(rng.random() < 0.5)
+    return dict(args=(mode, saved, whh, dys, dh, dc, rev)), \
+        f"{mode} T={T} N={N} H={H} {dtype} scale={scale} whh {whh.stride()} reverse={rev}"
+
+
+def _check_bptt(c, backend, what):
+    out = ops.recurrent_bptt(*c["args"], backend=backend)
+    ref = ops.recurrent_bptt(*c["args"], backend="torch")
+    a64 = [[s.double() for s in x] if isinstance(x, list) else
+           x.double() if isinstance(x, torch.Tensor) else x for x in c["args"]]
+    truth = ops.recurrent_bptt(*a64, backend="torch")
+    # the recurrence rounds once per step in another order than the reference: T steps' slack
+    # (in float64 the reference is the truth, so its own error reads 0)
+    steps = c["args"][3].shape[0]
+    for name, o, r, t in zip(("dG", "dgh", "dh0", "dc0"), out, ref, truth):
+        if t is None:
+            assert o is None and r is None, f"{backend} {what}: {name} should be None"
+            continue
+        assert o.dtype == r.dtype and o.shape == r.shape, f"{backend} {what}: {name} dtype/shape"
+        assert bool(torch.isfinite(o).all()), f"{backend} {what}: {name} non-finite"
+        ek, er = rel_err(o, t), rel_err(r, t)
+        bound = 2 * er + steps * KERNEL_SLACK_ULPS * torch.finfo(o.dtype).eps
+        assert ek <= bound, f"{backend} recurrent_bptt {name} {what}: error {ek:.3g} > " \
+                            f"{bound:.3g} (torch error {er:.3g})"
+
+
+# ------------------------------------------------------------------------------------------------
 _OPS = {
     "probe_logit_grad": (_probe_case, _check_probe),
     "sq_matmul": (_sq_case, _check_sq),
@@ -557,8 +610,10 @@ _OPS = {
     "pair_gram": (_pair_case, _check_pair),
     "lm_head_probe": (_lm_case, _check_lm),
     "recurrent_forward": (_rec_case, _check_rec),
+    "recurrent_bptt": (_bptt_case, _check_bptt),
 }
-_CPU_ONLY = ("gram_upper_", "mirror_upper_", "norm_terms", "pair_gram", "recurrent_forward")
+_CPU_ONLY = ("gram_upper_", "mirror_upper_", "norm_terms", "pair_gram", "recurrent_forward",
+             "recurrent_bptt")
 
 
 def _cases():
