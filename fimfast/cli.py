@@ -285,7 +285,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         retrain=args.retrain,
     )
     res = run_demo(cfg)
-    failed = [c for c in res["checks"]["claims"] if c["result"] != "PASS"]
+    failed = [c for c in res["checks"]["claims"] if c["result"] == "FAIL"]
     return 1 if failed else 0
 
 

@@ -127,12 +127,14 @@ class Estimate:
         seconds: wall time of every step (one per batch).
         batch_traces: trace of every batch's own estimate (a sum over its rows), for paired
             comparisons between estimators on the same batches.
+        batch_param_traces: the same per parameter tensor: one ``{name: trace}`` per batch.
         estimator_seed: the seed of the type's random stream.
     """
 
     fim: fimfast.DiagFIM
     seconds: list[float]
     batch_traces: list[float] = field(default_factory=list)
+    batch_param_traces: list[dict[str, float]] = field(default_factory=list)
     estimator_seed: int = 0
 
 
@@ -169,7 +171,7 @@ def estimate(
     options = {**setup.fisher_opts, **(opts or {}), "seed": est_seed}
     est = fimfast.DiagFisher(setup.model, fim_type, reduction=reduction, **options)
     out = Estimate(fim=None, seconds=[], estimator_seed=est_seed)  # type: ignore[arg-type]
-    prev_trace, prev_vec = 0.0, None
+    prev_trace, prev_vec, prev_param = 0.0, None, {}
     bar = tqdm(
         total=num_batches,
         desc=desc or fim_type.value,
@@ -188,6 +190,9 @@ def estimate(
             total = fim.trace() * scale
             out.batch_traces.append(total - prev_trace)
             prev_trace = total
+            param = {k: float(fim[k].double().sum()) * scale for k in fim}
+            out.batch_param_traces.append({k: v - prev_param.get(k, 0.0) for k, v in param.items()})
+            prev_param = param
             if on_batch is not None:
                 vec = fim.to_vector().detach().double().cpu().numpy() * scale
                 on_batch(i, vec if prev_vec is None else vec - prev_vec)
