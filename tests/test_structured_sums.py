@@ -226,12 +226,11 @@ def test_half_gram_factors_eig_and_read():
 def test_gram_sums_with_bias_column(n, weights, formed, monkeypatch):
     """``gram_into`` over two batches (the first writes, the second adds) with the bias column
     (all ones, or position weights ``c``) equals ``[x, c]^T [x, c]`` summed in float64, on both
-    sides of the blocked threshold (``sums._BLOCKED``), completed by ``full_gram``; with
-    ``[x, c]`` formed (inputs up to ``_FUSED`` / ``_CAT`` entries) and without (the last column
-    and corner summed apart, ``formed=False``: both limits 0)."""
+    sides of the blocked threshold (``sums._BLOCKED``), completed by ``full_gram``; small inputs
+    with ``[x, c]`` formed (up to ``_FUSED`` entries) and without (the last column and corner
+    summed apart, ``formed=False``: the limit 0)."""
     if not formed:
         monkeypatch.setattr(sums, "_FUSED", 0)
-        monkeypatch.setattr(sums, "_CAT", 0)
     g = torch.Generator().manual_seed(n)
     s = sums.LayerSums()
     want = torch.zeros(n + 1, n + 1, dtype=torch.float64)

@@ -68,9 +68,6 @@ _BLOCKED = 192
 # up to this many input entries (and _BLOCKED columns) a factor with the bias column is one product
 # of [x, c] (the copy costs less than the five small operations of the bias column and corner)
 _FUSED = 16384
-# above _BLOCKED columns, up to this many input entries: [x, c] formed (a copy of x) and its upper
-# triangle taken in one symmetric update, instead of the bias column as a strided sum and corner
-_CAT = 1 << 22
 # a convolution's G summed per pair with one batched product up to this many output channels
 _BMM_MAX = 384
 
@@ -78,24 +75,27 @@ _BMM_MAX = 384
 def gram_into(s: LayerSums, name: str, x: torch.Tensor, one: bool = False,
               c: torch.Tensor | None = None) -> None:
     """Add ``y^T y`` to the field ``name`` of ``s``, with ``y = x`` (``(rows, n)``) or, if
-    ``one``, ``y = [x, c]`` (``c``: ``(rows,)``, all ones if ``None``): formed and taken in one
-    product up to ``_FUSED`` entries of ``x`` (``_BLOCKED`` columns or fewer) or ``_CAT`` (more),
-    else without forming ``y`` (the last row and column ``x^T c`` and ``c^T c``). For
-    ``n > _BLOCKED`` only the upper triangle is summed; the entries below the diagonal are
-    unspecified (``s.unset``, see :meth:`LayerSums.settle`): read the sum with :func:`full_gram`.
-    """
+    ``one``, ``y = [x, c]`` (``c``: ``(rows,)``, all ones if ``None``) without forming ``y``: the
+    last row and column are ``x^T c`` and ``c^T c`` (for a small ``x``, at most ``_FUSED``
+    entries and ``_BLOCKED`` columns, ``y`` is formed and its product taken in one call). For
+    ``n > _BLOCKED`` only the upper triangle of the ``x^T x`` part is summed; the entries below
+    the diagonal are unspecified (``s.unset``, see :meth:`LayerSums.settle`): read the sum with
+    :func:`full_gram`."""
     n = x.shape[1]
-    small = n <= _BLOCKED  # one full product; else the upper triangle (gram_upper_)
-    if one and x.numel() <= (_FUSED if small else _CAT):  # [x, c] formed: one product
-        x = torch.cat([x, x.new_ones(x.shape[0], 1) if c is None else c.unsqueeze(1)], 1)
-        n, one = n + 1, False
     out = getattr(s, name)
     first = out is None
+    if one and n <= _BLOCKED and x.numel() <= _FUSED:  # [x, c] formed: one product, not six ops
+        y = torch.cat([x, x.new_ones(x.shape[0], 1) if c is None else c.unsqueeze(1)], 1)
+        if first:
+            setattr(s, name, torch.mm(y.T, y))
+        else:
+            out.addmm_(y.T, y)
+        return
     if first:  # every entry is written below (no zero fill of the whole matrix)
         out = x.new_empty(n + one, n + one)
         setattr(s, name, out)
     core = out[:n, :n] if one else out
-    if small:
+    if n <= _BLOCKED:
         core.addmm_(x.T, x, beta=0 if first else 1)
     else:
         gram_upper_(core, x, not first)
