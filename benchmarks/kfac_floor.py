@@ -11,7 +11,8 @@ timed as in ``benchmarks/kfac_phases.py``, and ``plain``: the same arithmetic wi
 the Linear outputs only, then the upper triangles of ``[x, 1]^T [x, 1]`` and ``g^T g`` by
 ``fimfast.ops.gram.gram_upper_`` into new buffers, as fimfast's sums), each phase timed. Then,
 hot (each repeated on the same buffers), the plain products of the same shapes: the forward's
-``addmm``, the full ``x^T x`` (``mm``) and the upper triangle (``gram_upper_``).
+``addmm``, the full ``x^T x`` (``mm``) and the upper triangle (``gram_upper_``). First, the matrix
+products of one call with their shapes (``torch.profiler``): no weight-gradient product runs.
 
 Prints medians over the rounds (us) with the lower and upper quartiles, multiply-adds per ns,
 and each phase as a fraction of the training step's median.
@@ -148,9 +149,22 @@ def main(rounds: int) -> dict:
         faults["plain"].append(f2 - f1)
         for k, v in acc.items():
             fim_t.setdefault(k.strip(), []).append(v)
-    return {"train": _summary(train_t), "fimfast": _summary(fim_t),
+    return {"products": _products(fimfast, model, data),
+            "train": _summary(train_t), "fimfast": _summary(fim_t),
             "plain": _summary(plain_t), "hot": _hot(),
             "page_faults": {k: statistics.median(v) for k, v in faults.items()}}
+
+
+def _products(fimfast, model, data) -> list[str]:
+    """The matrix products of one call, with their operand shapes (``torch.profiler``): the
+    forward's ``addmm``, the backward's input-gradient ``mm`` (a weight gradient would be an
+    ``mm`` of the transposed output gradient and the layer input) and the factor sums."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fimfast.fisher(model, data, "monte_carlo", "kfac", seed=0)
+    kinds = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "fimfast::gram_upper_")
+    return [f"{e.name} {e.input_shapes}" for e in prof.events() if e.name in kinds]
 
 
 def _faults() -> int:
@@ -169,7 +183,8 @@ def _summary(t: dict) -> dict:
 
 def table(res: dict) -> str:
     step = res["train"]["step"]["median"]
-    lines = [f"median minor page faults a call: {res['page_faults']}", "",
+    lines = ["products of one fimfast call: " + "; ".join(res["products"]), "",
+             f"median minor page faults a call: {res['page_faults']}", "",
              f"training step {step:.0f} us (forward and loss "
              f"{res['train']['forward']['median']:.0f}, backward "
              f"{res['train']['backward']['median']:.0f})", "",
