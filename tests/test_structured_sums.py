@@ -222,10 +222,15 @@ def test_half_gram_factors_eig_and_read():
 
 @pytest.mark.parametrize("n", [64, 192, 193, 256, 300])
 @pytest.mark.parametrize("weights", [False, True])
-def test_gram_sums_with_bias_column(n, weights):
+@pytest.mark.parametrize("formed", [True, False])
+def test_gram_sums_with_bias_column(n, weights, formed, monkeypatch):
     """``gram_into`` over two batches (the first writes, the second adds) with the bias column
     (all ones, or position weights ``c``) equals ``[x, c]^T [x, c]`` summed in float64, on both
-    sides of the blocked threshold (``sums._BLOCKED``), completed by ``full_gram``."""
+    sides of the blocked threshold (``sums._BLOCKED``), completed by ``full_gram``; small inputs
+    with ``[x, c]`` formed (up to ``_FUSED`` entries) and without (the last column and corner
+    summed apart, ``formed=False``: the limit 0)."""
+    if not formed:
+        monkeypatch.setattr(sums, "_FUSED", 0)
     g = torch.Generator().manual_seed(n)
     s = sums.LayerSums()
     want = torch.zeros(n + 1, n + 1, dtype=torch.float64)
@@ -269,3 +274,45 @@ def test_upper_triangle_sums_ignore_the_lower_one(backend, one, monkeypatch):
     s.settle()
     assert not s.unset and not s.A[low].any()
     torch.testing.assert_close(s.A, want.triu(), **tol)
+
+
+def test_wide_sums_that_overflow_are_refused_when_read():
+    """Inputs of 1e20 before a saturating Tanh in a layer of more than ``sums._BLOCKED`` inputs
+    (the upper-triangle sums, the bias column in the product): ``result()`` refuses the
+    accumulated sums, and a finite batch of the same model is read."""
+    from fimfast.structured.accumulate import FisherAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Tanh(), nn.Linear(200, 3))
+    acc = FisherAccumulator(model, "monte_carlo", "kfac", "sum", seed=0)
+    acc.update((torch.randn(6, 300), torch.randint(0, 3, (6,))))
+    acc.result()
+    x = torch.randn(6, 300)
+    x[2, 5] = 1e20
+    acc.update((x, torch.randint(0, 3, (6,))))
+    with pytest.raises(ValueError, match="not finite"):
+        acc.result()
+
+
+@pytest.mark.parametrize("pair_chunk", [None, 1])
+def test_input_factors_once_per_batch_with_several_labels(pair_chunk, monkeypatch):
+    """The input factors of a batch do not depend on the labels: with ``num_probes=3`` MC labels
+    per sample, in one backward or in three (``pair_chunk=1``), each layer's ``A`` is summed once
+    per batch (``npos`` counts the samples once), ``G`` from every label; and ``A`` equals the
+    inputs' second moment in float64."""
+    from fimfast.structured import engine
+
+    calls = []
+    real = engine.add_inputs
+    monkeypatch.setattr(engine, "add_inputs", lambda layer, *a, **k: (
+        calls.append(layer.name), real(layer, *a, **k))[1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(5, 200, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (5,), generator=g)) for _ in range(2)]
+    F = fimfast.fisher(model, data, "monte_carlo", "kfac", "sum", num_probes=3,
+                       pair_chunk=pair_chunk, seed=0)
+    assert calls == ["0", "2"] * 2
+    x = torch.cat([torch.cat([b[0], torch.ones(5, 1, dtype=torch.float64)], 1) for b in data])
+    torch.testing.assert_close(F.A[0], x.T @ x / 10, rtol=1e-12, atol=1e-12)
