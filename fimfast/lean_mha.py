@@ -13,7 +13,7 @@ bit on the CPU, tests/test_lean_mha.py; the attention kernel may read other stri
 and torch's layout (a contiguous sequence-first tensor, batch-first a transposed view of it); the
 parameters' gradients are the same sums formed on other layouts, equal up to rounding (a relative
 5e-7 in float32 on workload (e) of ``benchmarks/workloads.py``). On that workload a training step
-runs about 1.5 ms (12%) faster this way (``benchmarks/results/hutch_e_cpu_2026-12-07.md``).
+runs 1.0-1.5 ms (9-13%) faster this way (``benchmarks/results/hutch_e_cpu_2026-12-07.md``).
 
 Any other call (masks, ``need_weights``, ``is_causal``, separate key or value, separate
 projection weights, ``bias_k``, ``add_zero_attn``, dropout while training, unbatched or nested
