@@ -18,6 +18,9 @@ a variant's figure is the median over the rounds of its time over the ``floor`` 
   ``torch.autograd.grad`` of the logits to the parameters, one ``_foreach_addcmul_`` of the
   squares into float32 accumulators;
 - ``bare:noacc``: ``bare`` without the accumulation (forward, probe, backward only);
+- ``floor:lean``: ``floor`` with every ``nn.MultiheadAttention`` call through
+  :func:`fimfast.lean_mha.forward` (the forward the HUTCHINSON steps run; torch's where it does
+  not apply), so that ``floor:lean - floor`` is what that forward changes in a training step;
 - ``bare:hook-fold``: ``bare`` with every square folded in the backward, as each gradient is
   produced (a tensor hook on every parameter, the gradient still hot in the caches), and no pass
   afterwards; ``bare:hook-noop``: the same hooks doing nothing and the pass afterwards (their
@@ -36,6 +39,7 @@ backward saves.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -70,6 +74,23 @@ def run(workload: str, rounds: int, seed: int = 0, size: str = "full",
     def floor():
         model.zero_grad(set_to_none=True)
         F.cross_entropy(logits().flatten(0, -2), y.flatten()).backward()
+
+    def floor_lean():
+        from torch import nn
+
+        from fimfast import lean_mha
+
+        real = nn.MultiheadAttention.forward
+        for m in mhas:
+            m.forward = functools.partial(lean_mha.forward, m)
+        try:
+            floor()
+        finally:
+            for m in mhas:
+                del m.forward
+        assert nn.MultiheadAttention.forward is real
+
+    mhas = [m for m in model.modules() if type(m) is torch.nn.MultiheadAttention]
 
     def floor_sgd():
         floor()
@@ -119,7 +140,8 @@ def run(workload: str, rounds: int, seed: int = 0, size: str = "full",
         torch._foreach_addcmul_(acc, g, g)
 
     fns = {
-        "floor": floor, "floor+sgd": floor_sgd, "floor+optim": floor_optim,
+        "floor": floor, "floor:lean": floor_lean, "floor+sgd": floor_sgd,
+        "floor+optim": floor_optim,
         "step": lambda: est.step((x, y)), "bare": bare, "bare:noacc": bare_noacc,
         "bare:hook-fold": hook_fold, "bare:hook-noop": hook_noop,
     }
@@ -140,7 +162,8 @@ def run(workload: str, rounds: int, seed: int = 0, size: str = "full",
     if only:
         fns = {k: f for k, f in fns.items() if k == "floor" or k in only}
     # the hooks of the hook variants would run (doing nothing) in the others' backwards too
-    plain = {"floor", "floor+sgd", "floor+optim", "step", "step:addcmul", "bare", "bare:noacc"}
+    plain = {"floor", "floor:lean", "floor+sgd", "floor+optim", "step", "step:addcmul", "bare",
+             "bare:noacc"}
     clock, rng = time.process_time_ns, random.Random(seed)
     times: dict[str, list[int]] = {k: [] for k in fns}
     keys = list(fns)
@@ -172,9 +195,9 @@ def run(workload: str, rounds: int, seed: int = 0, size: str = "full",
             "ratio_median": statistics.median(r),
             "ratio_q25": r[len(r) // 4], "ratio_q75": r[(3 * len(r)) // 4],
         }
-    for a, b in (("step", "step:addcmul"), ("step", "bare"), ("bare", "bare:noacc"),
-                 ("bare:noacc", "floor"), ("bare:hook-noop", "bare:hook-fold"),
-                 ("step", "floor+sgd")):
+    for a, b in (("floor:lean", "floor"), ("step", "step:addcmul"), ("step", "bare"),
+                 ("bare", "bare:noacc"), ("bare:noacc", "floor"),
+                 ("bare:hook-noop", "bare:hook-fold"), ("step", "floor+sgd")):
         if a not in times or b not in times:
             continue
         d = sorted((p - q) / 1e3 for p, q in zip(times[a], times[b]))

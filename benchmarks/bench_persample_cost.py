@@ -13,6 +13,13 @@ child's figures) and ``PATH.md``.
 
     python benchmarks/bench_persample_cost.py --trees OLD NEW --rounds 9 --out PATH
 
+``--order shuffled`` runs the floor and the types of a child in a new random order every round
+instead of the fixed order (the floor, then the types as listed): with the fixed order each type
+runs right after the one listed before it and the floor right after the last, whose code and data
+they find warm or cold in the caches (on (e) a HUTCHINSON step after a MONTE_CARLO step, which runs
+fimfast's own attention forward, against a floor after HUTCHINSON, which runs torch's as the
+floor does); a shuffled round gives every step a random predecessor.
+
 ``--fim-types exact,hutchinson`` times those types on every workload instead; ``exact:cc9`` is
 EXACT with ``class_chunk=9`` (every column in one batched backward). Workload ``mha_bias_kv`` is
 that of :mod:`benchmarks.bench_recurrent`, ``resnet_bn``, ``groupnorm_cnn`` and ``conv1d_dilated``
@@ -179,7 +186,7 @@ def moe_workload(name: str):
     return model, (torch.randint(0, 100, (16, 16)), torch.randint(0, 5, (16,)))
 
 
-def _child(workload: str, types: list[str], steps: int) -> dict:
+def _child(workload: str, types: list[str], steps: int, order: str = "fixed") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -241,8 +248,12 @@ def _child(workload: str, types: list[str], steps: int) -> dict:
         for _ in range(3):
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    keys, rng = list(fns), random.Random(0)
     for _ in range(steps):
-        for k, f in fns.items():
+        if order == "shuffled":
+            rng.shuffle(keys)
+        for k in keys:
+            f = fns[k]
             t0 = time.process_time()
             f()
             times[k].append(time.process_time() - t0)
@@ -269,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=9, help="child processes per tree")
     ap.add_argument("--steps", type=int, default=21, help="timed rounds of steps per child")
     ap.add_argument("--out", default=None, help="write PATH.json and PATH.md")
+    ap.add_argument("--order", default="fixed", choices=("fixed", "shuffled"),
+                    help="a child's steps in each round: floor then types as listed, or shuffled")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--types", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--fim-types", default=None,
@@ -277,19 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {w: (a.fim_types.split(",") if a.fim_types else WORKLOADS.get(w, ("empirical",)))
              for w in a.workloads.split(",")}
     if a.child:
-        print(json.dumps(_child(a.child, a.types.split(","), a.steps)))
+        print(json.dumps(_child(a.child, a.types.split(","), a.steps, a.order)))
         return 0
     labels = {t: _label(t) for t in a.trees}
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "load": os.getloadavg(), "threads": 1, "clock": "process_time",
-              "rounds": a.rounds, "steps": a.steps, "trees": list(labels.values()), "runs": {}}
+              "rounds": a.rounds, "steps": a.steps, "order": a.order,
+              "trees": list(labels.values()), "runs": {}}
     runs: dict[str, dict[str, list[dict]]] = {w: {labels[t]: [] for t in a.trees}
                                               for w in a.workloads.split(",")}
     for _ in range(a.rounds):
         for w in runs:
             for tree in random.sample(a.trees, len(a.trees)):
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", w, "--types",
-                       ",".join(kinds[w]), "--steps", str(a.steps)]
+                       ",".join(kinds[w]), "--steps", str(a.steps), "--order", a.order]
                 res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=tree), cwd=tree,
                                      capture_output=True, text=True, check=True)
                 runs[w][labels[tree]].append(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -203,7 +203,7 @@ class DiagFisher:
             # row-sparse table gradients in a Fisher-only step (never in train_step's .grad)
             tables = [] if train else self._sparse_tables(params)
             lookups = sparse_lookups(tables) if tables else _NOTHING
-            with self._nograd.watching(self.model, params) as seen, lookups:
+            with self._nograd.watching(self.model, params, lean=True) as seen, lookups:
                 rows = self._forward_of(batch, train).run()[1]
             # a reentrant checkpoint runs its segment without gradients, and HUTCHINSON's
             # plain backward reaches its parameters all the same

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.nn.modules import module as _module_mod
 
+from fimfast import lean_mha
 from fimfast.hooks import owners
 
 __all__ = ["NogradWatch"]
@@ -42,18 +43,27 @@ class NogradWatch:
         self._wrap: list[tuple] | None = None  # (module, wrapper, cell of what it replaced)
         self._handle: Any = None
         self.seen: list[str] = []
+        self.lean = False  # the watched nn.MultiheadAttention by fimfast.lean_mha (this entry)
 
     def _note(self, name: str) -> None:
         if name not in self.seen:
             self.seen.append(name)
 
     def watching(
-        self, model: torch.nn.Module, params: list[torch.Tensor], skip: frozenset = frozenset()
+        self,
+        model: torch.nn.Module,
+        params: list[torch.Tensor],
+        skip: frozenset = frozenset(),
+        lean: bool = False,
     ) -> NogradWatch:
         """The watch of ``model`` for one forward: ``with watch.watching(model, params) as
         seen:`` runs the body with the watch installed; ``seen`` is the list the names of such
         modules are appended to. The modules of ``skip`` (by ``id``) are left unwrapped: their
-        calls without gradients are appended to ``seen`` by the caller (a rule's forward hook)."""
+        calls without gradients are appended to ``seen`` by the caller (a rule's forward hook).
+        With ``lean``, a watched ``nn.MultiheadAttention`` without an instance ``forward`` of
+        its own runs :func:`fimfast.lean_mha.forward` (torch's forward where that does not
+        apply)."""
+        self.lean = lean
         key = (id(model), skip, *map(id, params))
         if key != self._key:
             self._key, self._owned = key, owners(model, params)
@@ -99,12 +109,15 @@ class NogradWatch:
         held under ``forward`` before it (set at each installation)."""
         before: list = [_MISSING]
         note, grad_enabled = self._note, torch.is_grad_enabled
+        mha = type(module) is torch.nn.MultiheadAttention
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not grad_enabled():
                 note(name)
             f = before[0]
             if f is _MISSING:  # the class's forward, looked up at the call as torch does
+                if mha and self.lean:  # (which it checks is still torch's)
+                    return lean_mha.forward(module, *args, **kwargs)
                 return type(module).forward(module, *args, **kwargs)
             return f(*args, **kwargs)
 

@@ -111,7 +111,7 @@ def step(est: DiagFisher, batch: Any) -> bool:
     x, labels = batch
     model, o, rows, one, grads = est.model, est.opts, None, None, None
     with guard.StepKept(names, params, prep.mods):
-        with est._nograd.watching(model, params) as seen:
+        with est._nograd.watching(model, params, lean=True) as seen:
             try:
                 z = model(x)
             except CALL_ERRORS as exc:

@@ -14,7 +14,7 @@ def test_every_variant_runs_and_the_model_is_left_as_it_was(tmp_path):
     fold = prepared._host()[2]
     res = bench_hutchinson_floor.main(["--workload", "a", "--size", "tiny", "--rounds", "3",
                                        "--out", str(tmp_path / "r")])
-    want = {"floor", "floor+sgd", "floor+optim", "step", "bare", "bare:noacc",
+    want = {"floor", "floor:lean", "floor+sgd", "floor+optim", "step", "bare", "bare:noacc",
             "bare:hook-fold", "bare:hook-noop"} | ({"step:addcmul"} if fold else set())
     assert set(res["variants"]) == want
     assert res["variants"]["floor"]["ratio_median"] == 1.0
