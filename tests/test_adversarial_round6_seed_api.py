@@ -83,6 +83,8 @@ def test_many_steps_against_the_accumulated_oracle(fim_type, reduction, ema, pro
             offsets, used = [], []
         est = fimfast.get_estimator(m1, fim_type)
         offsets.append(0 if est is None or getattr(est, "_restart", False) else est.offset)
+        if i == 2:  # the random stream restarts with the type
+            assert offsets[-1] == 0 and fimfast.get_estimator(m1, other).offset > 0
         fimfast.diag_fim_step(m1, b, other, {"class_dim": -1, "seed": 4}, reduction="sum")
         fimfast.diag_fim_step(m1, b, fim_type, opts, ema=ema, reduction=reduction)
         fimfast.diag_fim_step(m2, B[-1 - i], fim_type, opts, ema=ema, reduction=reduction)
