@@ -363,10 +363,14 @@ def _checks(types, results, curves, loaded) -> dict[str, Any]:
 
 def _bounds(loaded) -> list[dict[str, Any]]:
     """Per parameter tensor, the traces of DG, RANKK and RANK1 as ratios to EXACT's, and whether
-    they are in the order DG >= EXACT >= RANKK >= RANK1."""
+    they are in the order DG >= EXACT >= RANKK >= RANK1. A pair equal in law is not ordered (two
+    estimates of one number fall in either order): RANKK and RANK1 at ``top_k=1``, RANKK and
+    EXACT at ``top_k=C-1`` (the whole core FIM of a softmax, of rank C - 1)."""
     bounds = []
     by_type = {FIMType.parse(f.meta["fim_type"]): f for f in loaded}
     ex = by_type[FIMType.EXACT]
+    rk = by_type[FIMType.HUTCHINSON_RANKK].meta
+    top_k, C = (rk.get("options") or {}).get("top_k"), rk.get("num_classes")
     for k, g in ex.arrays.items():
         tr = float(np.asarray(g, dtype=np.float64).sum())
         row: dict[str, Any] = {"param": k, "exact_trace": tr}
@@ -381,7 +385,9 @@ def _bounds(loaded) -> list[dict[str, Any]]:
                 v = float(np.asarray(by_type[t].arrays[k], dtype=np.float64).sum())
                 vals[name] = v
                 row[name] = v / tr if tr > 0 else float("nan")
-        ok = vals["dg"] >= tr >= vals["rankk"] and vals.get("rank1", -1.0) <= vals["rankk"]
+        ok = vals["dg"] >= tr
+        ok &= (top_k is not None and C is not None and top_k >= C - 1) or tr >= vals["rankk"]
+        ok &= top_k == 1 or vals.get("rank1", -1.0) <= vals["rankk"]
         row["ok"] = "yes" if ok else "NO"
         bounds.append(row)
     return bounds
