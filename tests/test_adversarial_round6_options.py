@@ -124,3 +124,18 @@ def test_an_unavailable_backend_is_refused_naming_it():
         pytest.skip("the cuda backend is available here")
     with pytest.raises((ValueError, RuntimeError), match="cuda"):
         _estimate("hutchinson", backend="cuda")
+
+
+@pytest.mark.parametrize("fim_type", ["empirical", "monte_carlo"])
+def test_sequence_rows_count_the_valid_tokens(fim_type):
+    """docs/math.md §3: with ``sequence_rows`` the count of ``reduction="mean"`` stays the
+    number of valid tokens (MONTE_CARLO's mean is then the token-level mean Fisher)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(9, 4), nn.Linear(4, 3)).double()
+    ids = torch.randint(0, 9, (4, 5))
+    lab = torch.randint(0, 3, (4, 5))
+    lab[0, :3] = -100
+    est = fimfast.DiagFisher(m, fim_type, reduction="mean", class_dim=-1, sequence_rows=True,
+                             seed=1)
+    est.step((ids, lab))
+    assert est.state.count == 17
