@@ -63,7 +63,8 @@ def empirical_fisher_diagonal(
     per-sample loop for models vmap cannot batch (e.g. BatchNorm in training mode).
 
     Args:
-        model: the network; evaluated on one sample at a time (``inputs[n:n+1]``).
+        model: the network; evaluated on one sample at a time (``inputs[n:n+1]``); its buffers
+            (running statistics of a BatchNorm in train mode) are left as they were.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (e.g. ``nn.CrossEntropyLoss()``).
         inputs: ``(N, ...)`` inputs.
         targets: ``(N, ...)`` targets.
@@ -99,6 +100,20 @@ def empirical_fisher_diagonal(
     per_grad = vmap(grad(loss1), in_dims=(None, 0, 0))
     P = sum(p.numel() for _, p in train)
     chunk = chunks.samples_per_chunk(P)
+    kept = [(b, b.clone()) for b in model.buffers()]  # the per-sample loop's forwards write them
+    try:
+        _accumulate(model, loss_fn, per_grad, params, train, inputs, targets, chunk, out)
+    finally:
+        with torch.no_grad():
+            for b, v in kept:
+                b.copy_(v)
+    return list(out.values())
+
+
+def _accumulate(model, loss_fn, per_grad, params, train, inputs, targets, chunk, out) -> None:
+    """``out[n] += sum_i g_i[n]^2`` over the samples, ``chunk`` at a time by ``per_grad`` (one
+    at a time through autograd where vmap cannot batch the model)."""
+    N = inputs.shape[0]
     for s in range(0, N, chunk):
         x, t = inputs[s : s + chunk], targets[s : s + chunk]
         try:
@@ -114,7 +129,6 @@ def empirical_fisher_diagonal(
             g = {n: torch.stack(v) for n, v in g.items()}
         for n in params:  # squares in float32 or wider
             out[n] += g[n].to(out[n].dtype).square().sum(0)
-    return list(out.values())
 
 
 def generalized_fisher_diagonal(

@@ -17,6 +17,7 @@ from fimfast.diagfim import DiagFIM
 from fimfast.finite import left_out_checked
 from fimfast.forward import Forward, default_loss_all_rows
 from fimfast.guard import BufferGuard
+from fimfast.loaders import check_loader
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.ops import registry
 from fimfast.parameters import ParamWalk, check_real, trainable_parameters
@@ -422,7 +423,7 @@ def diag_fisher(
 
     Args:
         model: the network.
-        loader: an iterable of batches.
+        loader: an iterable of batches (one batch is refused: pass ``[batch]``).
         fim_type, reduction, ema, **opts: as for :class:`DiagFisher`.
         progress: show a tqdm progress bar.
         max_batches: stop after this many batches.
@@ -430,6 +431,7 @@ def diag_fisher(
     Returns:
         The :class:`DiagFIM` after the last batch.
     """
+    check_loader(loader)
     est = DiagFisher(model, fim_type, reduction=reduction, ema=ema, **opts)
     it: Iterable = loader
     if progress:

@@ -20,7 +20,7 @@ import torch
 from fimfast import batch as batchlib
 from fimfast import distributed, likelihoods
 from fimfast.layout import of_output
-from fimfast.types import FIMType, Options
+from fimfast.types import FIMType, Options, UnsupportedModelError
 
 
 class Forward:
@@ -82,6 +82,12 @@ class Forward:
         logits = batchlib.logits_of(output)
         if head is not None:
             head.check_output(logits)
+        elif not logits.requires_grad and torch.is_grad_enabled():
+            raise UnsupportedModelError(
+                "the model's output is detached from its parameters (a stop-gradient such as "
+                "model(x).detach(), or logits built outside autograd): autograd sees no "
+                "parameter, so no Fisher can be formed; return logits attached to the graph"
+            )
         rows = self._rows(output, logits, labels, mask)
         likelihoods.check_top_k(self.fim_type, self.opts, rows.num_classes)
         if self.on_rows is not None:

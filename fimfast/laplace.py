@@ -94,6 +94,7 @@ class DiagLaplace:
             Fisher's own rows (a ``"sum"`` Fisher is used as is, a ``"mean"`` one multiplied by its
             ``meta["count"]``). Given: ``H = n_data * (Fisher per row)``, for a Fisher estimated
             on a subset of the training data (needs ``meta["reduction"]`` and ``meta["count"]``).
+            A ``"sum"`` Fisher with ``ema`` (one batch's scale) is refused.
         prior_mean: ``mu_0`` (a number; only the marginal likelihood uses it).
 
     Example:
@@ -147,6 +148,12 @@ class DiagLaplace:
     @staticmethod
     def _h_scale(fisher: DiagFIM, n_data: int | None) -> float:
         red, count = fisher.meta.get("reduction"), fisher.meta.get("count")
+        if red == "sum" and fisher.meta.get("ema") is not None:
+            raise ValueError(
+                f"fisher is an exponential average (ema={fisher.meta['ema']!r}) of per-batch "
+                "sums: the scale of one batch, not of the training data; estimate it with "
+                "reduction='mean' (a Fisher per row, scaled by its count or n_data) or without ema"
+            )
         if n_data is not None:
             if isinstance(n_data, bool) or not isinstance(n_data, int) or n_data < 1:
                 raise ValueError(f"n_data must be an integer >= 1; got {n_data!r}")

@@ -116,11 +116,13 @@ def step(est: DiagFisher, batch: Any) -> bool:
                 z = model(x)
             except CALL_ERRORS as exc:
                 raise call_failed(exc, x, None) from exc
-            if type(z) is _TENSOR and z.dim() == 2 and _whole(z):
+            # (a detached z takes rows_of, which refuses it)
+            if type(z) is _TENSOR and z.dim() == 2 and z.requires_grad and _whole(z):
                 # the row checks, the probe and the reentrant-checkpoint walk in one call
                 one = _one_probe(est, prep, z, labels)
             if one is None and not (
-                type(z) is _TENSOR and z.dim() == 2 and rows_all_valid(z, labels, o.ignore_index)
+                type(z) is _TENSOR and z.dim() == 2 and z.requires_grad
+                and rows_all_valid(z, labels, o.ignore_index)
             ):
                 rows = est._forward_of(batch).rows_of(z, labels, None)
                 z = rows.logits

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fimfast.entries import check_entries
+from fimfast.sensitivity_kl import measure_kl
 
 __all__ = [
     "BitAllocation",
@@ -140,56 +141,6 @@ def predicted_change(
             raise ValueError(f"delta[{n!r}] has shape {tuple(d.shape)}; expected {tuple(f.shape)}")
         out[n] = 0.5 * float((f.detach().double() * d.detach().double().square()).sum())
     return out if per_tensor else float(sum(out.values()))
-
-
-@torch.no_grad()
-def measure_kl(
-    model: nn.Module,
-    delta: Mapping[str, torch.Tensor],
-    inputs: Iterable[Any],
-    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-) -> float:
-    """Mean over inputs of ``KL(p_theta || p_{theta + delta})`` of a softmax classifier (float64
-    arithmetic on the logits); the parameters are restored afterwards.
-
-    Args:
-        model: the classifier.
-        delta: ``{name: perturbation}``.
-        inputs: batches; each is passed to ``forward(model, batch)`` (default: ``model(batch)``
-            for a tensor, ``model(batch[0])`` for a tuple or list, ``model(**batch)`` for a
-            mapping without its ``labels``).
-        forward: how to get ``(N, C)`` logits from a batch.
-    """
-    fwd = forward or _default_forward
-    params = dict(model.named_parameters())
-    for n in delta:
-        if n not in params:
-            raise ValueError(f"delta[{n!r}]: the model has no parameter {n!r}")
-    batches = list(inputs)
-    ref = [torch.log_softmax(fwd(model, b).double(), -1) for b in batches]
-    saved = {n: params[n].detach().clone() for n in delta}
-    try:
-        for n, d in delta.items():
-            params[n].add_(d.to(params[n]))
-        total, rows = 0.0, 0
-        for b, lp in zip(batches, ref):
-            lq = torch.log_softmax(fwd(model, b).double(), -1)
-            total += float((lp.exp() * (lp - lq)).sum())
-            rows += lp.shape[0]
-    finally:
-        for n, v in saved.items():
-            params[n].copy_(v)
-    return total / max(rows, 1)
-
-
-def _default_forward(model: nn.Module, batch: Any) -> torch.Tensor:
-    if isinstance(batch, Mapping):
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    elif isinstance(batch, (tuple, list)):
-        out = model(batch[0])
-    else:
-        out = model(batch)
-    return out.logits if hasattr(out, "logits") else out
 
 
 # -- quantisation ------------------------------------------------------------------------------ #

@@ -9,6 +9,8 @@ For an estimate ``a`` and the reference ``g`` (flattened over one parameter, or 
   for an upper bound such as HUTCHINSON_DG, below 1 for a lower bound such as HUTCHINSON_RANKK).
 
 Every quantity is computed in float64. An undefined value (a zero reference) is ``nan``.
+:func:`compare_files` refuses what these numbers cannot compare: a non-finite entry (its rank
+would be made up) and a file of another run than the reference (:data:`RUN_KEYS`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 ALL = "ALL"
+# the metadata that says which quantity a result file estimates: files that differ in one of these
+# (both saying it) hold sums over other rows, means of other batches or another network's Fisher
+RUN_KEYS = ("experiment", "reduction", "seed", "num_batches", "batch_size", "rows")
 COLUMNS = ("file", "type", "param", "numel", "rel_l2", "cosine", "spearman", "ratio_of_means")
 
 
@@ -103,15 +108,39 @@ def _check_same_layout(f: FisherFile, gt: FisherFile) -> None:
             )
 
 
+def _check_finite(f: FisherFile) -> None:
+    bad = [k for k, a in f.arrays.items() if not np.isfinite(a).all()]
+    if bad:
+        raise ValueError(
+            f"{f.path}: the entries of {bad[:5]} are not finite (NaN or Inf); no metric compares "
+            "them (a NaN's rank would be made up)"
+        )
+
+
+def _check_same_run(f: FisherFile, gt: FisherFile) -> None:
+    diff = [k for k in RUN_KEYS if k in f.meta and k in gt.meta and f.meta[k] != gt.meta[k]]
+    if diff:
+        what = ", ".join(f"{k}={f.meta[k]!r} (reference: {gt.meta[k]!r})" for k in diff)
+        raise ValueError(
+            f"{f.path}: estimates another quantity than the reference {gt.path}: {what}; "
+            "compare files of one run (the same experiment, reduction, seed and batches)"
+        )
+
+
 def compare_files(files: Sequence[FisherFile], gt: FisherFile) -> list[dict[str, Any]]:
     """One row per (file, parameter) and one ``param="ALL"`` row per file.
 
     Raises:
-        ValueError: a file's parameter names or shapes differ from the reference's.
+        ValueError: a file's parameter names or shapes differ from the reference's, an entry of
+            a file or of the reference is not finite, or a file's metadata names another run
+            than the reference's (one of :data:`RUN_KEYS` differs).
     """
     rows = []
+    _check_finite(gt)
     for f in files:
         _check_same_layout(f, gt)
+        _check_finite(f)
+        _check_same_run(f, gt)
         head = {"file": f.path.name, "type": f.label}
         rows.append({**head, "param": ALL, **compare(f.flat(), gt.flat())})
         for k, g in gt.arrays.items():

@@ -23,6 +23,7 @@ import torch
 import fimfast
 from fimfast.experiments.registry import Setup, get_experiment
 from fimfast.experiments.store import ResultFileError, load_result, result_name, save_result
+from fimfast.ops import registry
 from fimfast.types import FIMType, Options
 
 __all__ = [
@@ -98,8 +99,13 @@ def option_tag(fim_type: FIMType | str, opts: dict[str, Any] | Options) -> str:
 def check_options(
     experiment: str, fim_types: list[FIMType], opts: dict[str, Any], num_classes: int | None
 ) -> None:
-    """Raise :class:`OptionError` for an option that cannot work with ``num_classes`` classes
-    (``top_k`` above ``C - 1`` with HUTCHINSON_RANKK); nothing to check when ``C`` is unknown."""
+    """Raise :class:`OptionError` for an option that cannot work here: a ``backend`` that cannot
+    run on the CPU, ``top_k`` above ``C - 1`` with HUTCHINSON_RANKK (not checked while ``C`` is
+    unknown)."""
+    try:
+        registry.check_backend(opts.get("backend"), torch.device("cpu"))
+    except (ValueError, registry.BackendUnavailableError) as exc:
+        raise OptionError("backend", str(exc)) from exc
     if num_classes is None or FIMType.HUTCHINSON_RANKK not in fim_types:
         return
     k = Options.from_dict(opts).top_k

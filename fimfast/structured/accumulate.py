@@ -109,9 +109,11 @@ class FisherAccumulator:
 
     def add(self, loader: Iterable, max_batches: int | None = None) -> FisherAccumulator:
         """Add every batch of ``loader`` (at most ``max_batches``)."""
+        from fimfast.loaders import check_loader
         from fimfast.structured.api import check_count
 
         check_count(max_batches, "max_batches")
+        check_loader(loader)
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break

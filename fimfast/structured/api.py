@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fimfast.estimator import diag_fisher
+from fimfast.loaders import check_loader
 from fimfast.structured import engine
 from fimfast.structured.accumulate import FisherAccumulator
 from fimfast.structured.base import StructuredFIM
@@ -69,6 +70,7 @@ def fisher(
     fim_type = FIMType.parse(fim_type)
     check_reduction(reduction)
     check_count(max_batches, "max_batches")
+    check_loader(loader)
     if representation == "diag":
         _diag_args(kfac_approx, rank, pair_chunk, max_rows, distributed)
         return diag_fisher(model, loader, fim_type, reduction=reduction,
