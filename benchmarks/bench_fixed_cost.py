@@ -19,13 +19,16 @@ of interleaved rounds of:
 - ``step:<type>``: ``DiagFisher(model, type).step(batch)`` for HUTCHINSON, EMPIRICAL and each
   type of ``--types`` (the state accumulates, as in a loop);
 - ``cycle:<type>``: the seed API's per-batch cycle ``zero_diag_fim`` + ``diag_fim_step`` +
-  ``get_diag_fim``, for HUTCHINSON and EMPIRICAL.
+  ``get_diag_fim``, for HUTCHINSON, EMPIRICAL and each type of ``--types``.
 
 Reported: each as a ratio to ``floor``, the HUTCHINSON step's gap to ``bare`` and to
 ``bare:fused`` in microseconds (its fixed cost: validation, bookkeeping, dispatch), the EMPIRICAL
-step's to ``bare:empirical`` where there is one, each cycle over its step, and the ATen
+step's to ``bare:empirical`` where there is one, each cycle over its step (median of the
+rounds' medians, and their range), and the ATen
 operators one call dispatches (each a kernel launch on a GPU, views and host reads aside; counted
-once, under a ``TorchDispatchMode``) for a training step and a step of each type of ``OP_TYPES``.
+once, under a ``TorchDispatchMode``) for a training step, a step and a cycle of each type of
+``OP_TYPES`` (the extension's host functions, its finiteness checks among them, are not ATen
+operators: not counted).
 Times are CPU time of the process (``time.process_time``): on a machine shared with other work,
 the time a step spends waiting for a core is not counted.
 
@@ -51,7 +54,8 @@ OP_TYPES = ("hutchinson", "empirical", "monte_carlo", "exact")
 
 
 def _op_counts(m, batch, y) -> dict:
-    """ATen operators of one call of a training step and of a step of each of ``OP_TYPES``."""
+    """ATen operators of one call of a training step and of a step and a cycle of each of
+    ``OP_TYPES``."""
     import torch.nn.functional as F
 
     import fimfast
@@ -68,6 +72,14 @@ def _op_counts(m, batch, y) -> dict:
     for t in OP_TYPES:
         est = fimfast.DiagFisher(m, t, seed=0)
         fns[t] = lambda est=est: est.step(batch)
+    for t in OP_TYPES:
+
+        def cycle(t=t):
+            fimfast.zero_diag_fim(m, t)
+            fimfast.diag_fim_step(m, batch, t, fim_opts={"seed": 0})
+            fimfast.get_diag_fim(m, t)
+
+        fns[f"cycle:{t}"] = cycle
     out = {}
     for k, f in fns.items():
         f()
@@ -139,7 +151,7 @@ def _child(
     for t in dict.fromkeys((*TYPES, *types)):  # HUTCHINSON and EMPIRICAL always
         est = fimfast.DiagFisher(m, t, seed=0)
         fns[f"step:{t}"] = lambda est=est: est.step(batch)
-    for t in TYPES:
+    for t in dict.fromkeys((*TYPES, *types)):  # a cycle per step type
 
         def cycle(t=t):
             fimfast.zero_diag_fim(m, t)
@@ -226,7 +238,12 @@ def _summary(meds: dict[str, list[dict]]) -> dict:
             if "bare:fused" in med else None,
             "empirical_gap_us": (med["step:empirical"] - med["bare:empirical"]) * 1e6
             if "bare:empirical" in med else None,
-            "cycle_over_step": {t: med[f"cycle:{t}"] / med[f"step:{t}"] for t in TYPES},
+            "cycle_over_step": {k[6:]: med[k] / med[f"step:{k[6:]}"] for k in keys
+                                if k.startswith("cycle:")},
+            "cycle_over_step_range": {
+                k[6:]: [min(r[k] / r[f"step:{k[6:]}"] for r in runs),
+                        max(r[k] / r[f"step:{k[6:]}"] for r in runs)]
+                for k in keys if k.startswith("cycle:")},
             "ops": runs[0].get("ops"),
         }
     return out
@@ -243,7 +260,9 @@ def _markdown(summary: dict, workload: str) -> str:
             f"{s['ratio'][k]:.3f} ({s['ratio_range'][k][0]:.2f}–{s['ratio_range'][k][1]:.2f})"
             for k in keys
         ]
-        cyc = ", ".join(f"{t} {v:.3f}" for t, v in s["cycle_over_step"].items())
+        rng = s.get("cycle_over_step_range", {})
+        cyc = ", ".join(f"{t} {v:.3f}" + (f" ({rng[t][0]:.3f}–{rng[t][1]:.3f})" if t in rng else "")
+                        for t, v in s["cycle_over_step"].items())
         emp, fused = s.get("empirical_gap_us"), s.get("hutchinson_fused_gap_us")
         lines.append(
             f"| {tree} | {s['floor_ms']:.2f} | " + " | ".join(cells)

@@ -14,7 +14,8 @@
 // convolution's kernel (csrc/cpu/unfold_windows.cpp), the three of a one-probe HUTCHINSON step
 // in one call (csrc/one_probe_step.cpp) and the fold of its squares (csrc/cpu/fold_squares.cpp),
 // the two of a one-column step (csrc/one_column_step.cpp) and the fold of its squares
-// (csrc/fold_lanes.cpp), each called from Python with a Python path beside it (fimfast/finite.py,
+// (csrc/fold_lanes.cpp, csrc/form_lanes.cpp), the squares that report their finiteness
+// (csrc/cpu/squares_finite.cpp), each called from Python with a Python path beside it (fimfast/finite.py,
 // fimfast/hutchinson.py, fimfast/persample/walk.py, fimfast/parameters.py, fimfast/rules/conv.py,
 // fimfast/prepared.py, fimfast/state.py, fimfast/persample/prepared.py,
 // fimfast/persample/lanes.py).
@@ -23,11 +24,13 @@
 
 #include "fold_lanes.h"
 #include "fold_squares.h"
+#include "form_lanes.h"
 #include "graph_walk.h"
 #include "label_range_finite.h"
 #include "one_column_step.h"
 #include "one_probe_step.h"
 #include "param_walk.h"
+#include "squares_finite.h"
 #include "tap_walk.h"
 #include "unfold_windows.h"
 
@@ -91,6 +94,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "every entry into the values (bias: sum of G**2 over rows; weight: (G**2)^T A**2), as "
         "the Python path of a prepared one-column step does, bit for bit "
         "(fimfast.persample.lanes)");
+  m.def("form_lanes", &fimfast::form_lanes,
+        "form_lanes(values, G, A, weight, bias, transposed) -> None, or per value whether it is "
+        "known finite after fold_lanes' squares were written into the fresh values (weight: "
+        "(G**2)^T A**2; bias: sum of G**2 over rows; others zero) (fimfast.persample.lanes)");
+  m.def("square_finite", &fimfast::square_finite, py::call_guard<py::gil_scoped_release>(),
+        "square_finite(tensors, scale) -> None, or per tensor whether every entry is finite "
+        "after t = t * t * scale in place, as torch._foreach_mul_ (fimfast.step)");
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

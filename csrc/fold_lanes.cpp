@@ -39,10 +39,10 @@ at::Tensor square_in(const at::Tensor& x, at::ScalarType dt) {
 
 }  // namespace
 
-bool fold_lanes(std::vector<at::Tensor> values, const std::vector<at::Tensor>& G,
-                const std::vector<std::optional<at::Tensor>>& A,
-                const std::vector<int64_t>& weight, const std::vector<int64_t>& bias,
-                const std::vector<bool>& transposed) {
+bool lanes_plain(const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& G,
+                 const std::vector<std::optional<at::Tensor>>& A,
+                 const std::vector<int64_t>& weight, const std::vector<int64_t>& bias,
+                 const std::vector<bool>& transposed) {
   const size_t n = G.size();
   if (A.size() != n || weight.size() != n || bias.size() != n || transposed.size() != n) {
     return false;
@@ -66,6 +66,15 @@ bool fold_lanes(std::vector<at::Tensor> values, const std::vector<at::Tensor>& G
       }
     }
   }
+  return true;
+}
+
+bool fold_lanes(std::vector<at::Tensor> values, const std::vector<at::Tensor>& G,
+                const std::vector<std::optional<at::Tensor>>& A,
+                const std::vector<int64_t>& weight, const std::vector<int64_t>& bias,
+                const std::vector<bool>& transposed) {
+  if (!lanes_plain(values, G, A, weight, bias, transposed)) return false;
+  const size_t n = G.size();
   at::NoGradGuard no_grad;
   // every square first (the values are written only once all are formed); the squares of G by
   // (tensor, dtype): an operand given to several entries is squared once

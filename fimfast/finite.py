@@ -19,7 +19,10 @@ import torch
 from fimfast import _ext
 from fimfast.dtypes import compute_dtype
 
-__all__ = ["all_finite", "check_finite", "gram_finite", "label_range_and_finite", "rows_all_valid"]
+__all__ = [
+    "all_finite", "check_finite", "gram_finite", "grams_finite", "is_square_dense",
+    "label_range_and_finite", "rows_all_valid",
+]
 
 
 # the integer dtype of each accumulation dtype's bits, and the exponent field of those bits
@@ -156,22 +159,39 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in rest)
 
 
-def gram_finite(t: torch.Tensor) -> bool | None:
-    """Whether a sum of outer products ``sum_n w_n a_n a_n^T`` (``w_n >= 0``; any positive
-    semi-definite sum) is finite, read from its diagonal alone when that settles it: a NaN/Inf in
-    some ``a_n`` makes its diagonal entry NaN/Inf, and ``|M_ij| <= sqrt(M_ii M_jj)``, so a diagonal
-    below ``finfo.max / 1024`` leaves no room for an entry off it to overflow (rounding adds a
-    factor ``1 + n eps``). ``None`` where the diagonal does not settle it (larger entries, or not
-    a square matrix): read every entry then."""
-    if t.dim() != 2 or t.shape[0] != t.shape[1] or t.is_sparse or not t.is_floating_point():
-        return None
-    d = t.diagonal()
-    if not d.numel():
+def is_square_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a dense floating square matrix (a Gram matrix :func:`grams_finite` can
+    read from its diagonal)."""
+    return (t.dim() == 2 and t.shape[0] == t.shape[1] and not t.is_sparse
+            and t.is_floating_point())
+
+
+def grams_finite(ts: list[torch.Tensor]) -> bool | None:
+    """Whether sums of outer products ``sum_n w_n a_n a_n^T`` (``w_n >= 0``; any positive
+    semi-definite sums, dense square matrices of :func:`is_square_dense`) are all finite, read
+    from their diagonals alone (one gather) when that settles it: a NaN/Inf in some ``a_n`` makes
+    its diagonal entry NaN/Inf, and ``|M_ij| <= sqrt(M_ii M_jj)``, so a diagonal below
+    ``finfo.max / 1024`` leaves no room for an entry off it to overflow (rounding adds a factor
+    ``1 + n eps``). ``None`` where the diagonals do not settle it (larger entries, or a matrix
+    that is not square): read every entry then."""
+    diags, top = [], float("inf")
+    for t in ts:
+        if not is_square_dense(t):
+            return None
+        if t.numel():
+            diags.append(t.diagonal())
+            top = min(top, torch.finfo(t.dtype).max / 1024)
+    if not diags:
         return True
-    top = float(d.abs().amax())  # NaN when some entry is
-    if not math.isfinite(top):
+    big = float(torch.cat(diags).abs().amax())  # NaN when some entry is
+    if not math.isfinite(big):
         return False
-    return True if top <= torch.finfo(t.dtype).max / 1024 else None
+    return True if big <= top else None
+
+
+def gram_finite(t: torch.Tensor) -> bool | None:
+    """:func:`grams_finite` of one matrix."""
+    return grams_finite([t])
 
 
 def left_out_checked(rows, estimate, names: list[str], hidden: torch.Tensor | None = None):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fimfast import ops
+from fimfast import known_finite, ops
 from fimfast.batch_sums import Sums
 from fimfast.dtypes import compute_dtype
 from fimfast.finite import all_finite
@@ -93,6 +93,7 @@ class State:
         self.count = 0  # rows (samples or tokens) seen
         self.steps = 0  # committed batches
         self._zero = True  # values are zeros (nothing committed or loaded)
+        self._finite: list | None = None  # which values are known finite (known_finite.record)
 
     @property
     def values(self) -> list[torch.Tensor]:
@@ -107,14 +108,21 @@ class State:
     @values.setter
     def values(self, vals: list[torch.Tensor]) -> None:
         self._values = list(vals)
+        self._finite = None  # nothing known of new values until a kernel or a read tells
 
     def _devices(self) -> list[torch.device]:
         # a State unpickled from a version without lazy values has them already
         return getattr(self, "devices", None) or [v.device for v in self._values]
 
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("_finite", None)  # a copy's values are new tensors: nothing known of them
+        return d
+
     def __setstate__(self, d: dict[str, Any]) -> None:
         if "values" in d:  # pickled by a version that stored the list itself
             d["_values"] = d.pop("values")
+        d.pop("_finite", None)
         self.__dict__.update(d)
 
     def sums(self) -> Sums:
@@ -162,6 +170,7 @@ class State:
         """
         # getattr: a State unpickled from a version without the flag never adopts
         pristine = getattr(self, "_zero", False)
+        self._finite = known = None  # written below: known again only where a kernel tells
         if isinstance(batch_estimate, Sums):
             owned = True
             if self.ema is None and not pristine:
@@ -170,10 +179,12 @@ class State:
                 self.count += int(count)
                 self.steps += 1
                 return
-            batch_estimate = batch_estimate.tensors()
+            sums, batch_estimate = batch_estimate, batch_estimate.tensors()
+            known = getattr(sums, "known", None)  # a Lanes the extension formed
         if isinstance(batch_estimate, Squares):
             if self.ema is None and pristine:
                 self.values = batch_estimate.squares(self.shapes, self._devices())
+                known = batch_estimate.known
             else:
                 self._fold_squares(batch_estimate, count)
         elif self.ema is None and owned and pristine:
@@ -185,6 +196,8 @@ class State:
             if self.reduction == "mean":
                 est = torch._foreach_div(est, float(count))
             torch._foreach_lerp_(self.values, est, 1.0 - self.ema)
+        if self.ema is None and pristine:  # the values are the estimate: what it told of it
+            self._finite = known_finite.record(self.values, known)
         self._zero = False
         self.count += int(count)
         self.steps += 1
@@ -201,6 +214,7 @@ class State:
         pristine = getattr(self, "_zero", False)  # as commit reads it
         if self.ema is not None or pristine or not _dense_in(factors, self.dtypes):
             return False
+        self._finite = None
         if fold is None or not fold(self.values, factors):
             torch._foreach_addcmul_(self.values, factors, factors, value=1.0)
         self.count += int(count)
@@ -267,13 +281,22 @@ class State:
             raise RuntimeError(
                 "no step has been taken: call diag_fim_step / DiagFisher.step before reading"
             )
+        values = self.values
         if self.ema is not None:
-            out = torch._foreach_div(self.values, 1.0 - self.ema**self.steps)
+            out = torch._foreach_div(values, 1.0 - self.ema**self.steps)
         elif self.reduction == "mean":
-            out = torch._foreach_div(self.values, float(self.count))
+            out = torch._foreach_div(values, float(self.count))
         else:
-            out = [_copy(v) for v in self.values]
-        _check_finite_read(self.names, out)
+            out = [_copy(v) for v in values]
+        # a value known finite reads finite with a sum, or a mean over count >= 1 rows (x / c,
+        # c >= 1, cannot overflow); an average's bias correction divides by 1 - beta^t <= 1
+        rec = getattr(self, "_finite", None)
+        trusted = self.ema is None and (self.reduction == "sum" or self.count >= 1)
+        todo = known_finite.unknown(values, rec if trusted else None)
+        if todo:
+            _check_finite_read([self.names[i] for i in todo], [out[i] for i in todo])
+            if trusted:  # out finite: the values are (a division by c >= 1 keeps an Inf/NaN)
+                self._finite = known_finite.record(values, [True] * len(values))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fimfast.known_finite import square_reported
 from fimfast.sparse_tables import row_squares
 from fimfast.types import FIMType, Options
 
@@ -102,7 +103,7 @@ class Squares:
         backend: the kernel backend option of the step (:func:`fimfast.ops.accumulate_`).
     """
 
-    __slots__ = ("factors", "_owned", "dtypes", "scale", "backend")
+    __slots__ = ("factors", "_owned", "dtypes", "scale", "backend", "known")
 
     def __init__(
         self,
@@ -121,6 +122,7 @@ class Squares:
             )
         self.factors, self._owned, self.dtypes = list(factors), owned, list(dtypes)
         self.scale, self.backend = float(scale), backend
+        self.known: list[bool] | None = None  # set by squares()
 
     @property
     def owned(self) -> list[bool]:
@@ -137,7 +139,9 @@ class Squares:
     def squares(
         self, shapes: list[tuple[int, ...]] | None = None, devices: list | None = None
     ) -> list[torch.Tensor]:
-        """The estimate as fresh tensors (owned factors are squared in place and returned).
+        """The estimate as fresh tensors (owned factors are squared in place and returned);
+        :attr:`known` then says, per tensor, whether it is known finite (a zero estimate is; a
+        square written by torch's kernel or a table's rows are not known).
 
         ``shapes`` and ``devices`` place the zeros of ``None`` factors; without them every factor
         must be set."""
@@ -155,10 +159,14 @@ class Squares:
             else:
                 out.append(g if own else g.detach().to(dt, copy=True).contiguous())
         live = [t for t in out if t is not None]
-        if live:  # one foreach launch for every square
+        # the extension's loop reports whether each square is finite (fimfast.known_finite)
+        told = square_reported(live, self.scale) if live else []
+        if told is None:  # one foreach launch for every square
             torch._foreach_mul_(live, live)
             if self.scale != 1.0:
                 torch._foreach_mul_(live, self.scale)
+        told = iter(told or [False] * len(live))
+        self.known = [next(told) if t is not None else i not in rows for i, t in enumerate(out)]
         for i, t in enumerate(out):
             if t is None:
                 out[i] = torch.zeros(shapes[i], dtype=self.dtypes[i], device=devices[i])

@@ -275,9 +275,11 @@ def test_bench_fixed_cost_runs_and_reports(tmp_path):
     rep = json.loads((tmp_path / "fixed.json").read_text())
     s = next(iter(rep["workloads"]["a"]["summary"].values()))
     assert s["ratio"]["floor"] == 1.0
-    assert set(s["cycle_over_step"]) == {"hutchinson", "empirical"}
+    assert set(s["cycle_over_step"]) == {"hutchinson", "empirical", "exact"}
+    assert set(s["cycle_over_step_range"]) == set(s["cycle_over_step"])
     assert all(v > 0 for v in s["ratio"].values())
-    assert set(s["ops"]) == {"train", *bench_fixed_cost.OP_TYPES}
+    types = bench_fixed_cost.OP_TYPES
+    assert set(s["ops"]) == {"train", *types, *(f"cycle:{t}" for t in types)}
     assert all(0 < o["kernels"] <= o["all"] for o in s["ops"].values())
     md = (tmp_path / "fixed.md").read_text()
     assert "HUTCHINSON gap" in md and "ATen operators per call" in md

@@ -59,3 +59,21 @@ def test_gram_finite_reads_the_diagonal_and_defers_near_the_top():
     assert finite.gram_finite(h) is None
     assert finite.gram_finite(torch.ones(3)) is None
     assert finite.gram_finite(torch.ones(2, 3)) is None
+
+
+def test_grams_finite_is_one_rule_for_one_matrix_and_many():
+    """gram_finite and the structured sums' check (fimfast/structured/accumulate.py) share
+    grams_finite: one gather of every diagonal, the smallest dtype's headroom."""
+    a = torch.randn(30, 4)
+    g32, g64 = a.T @ a, (a.T @ a).double()
+    assert finite.grams_finite([g32, g64]) is True
+    assert finite.grams_finite([]) is True and finite.grams_finite([torch.ones(0, 0)]) is True
+    assert finite.grams_finite([g32, torch.ones(2, 3)]) is None
+    near = torch.full((2, 2), 1e36)  # settled for float64, not for float32
+    assert finite.grams_finite([near.double()]) is True
+    assert finite.grams_finite([near, g64]) is None
+    bad = g32.clone()
+    bad[1, 1] = float("nan")
+    assert finite.grams_finite([g64, bad]) is False
+    for t in (g32, near, bad, torch.ones(3)):
+        assert finite.gram_finite(t) is finite.grams_finite([t])

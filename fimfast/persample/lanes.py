@@ -10,10 +10,12 @@ that can keep those lanes unformed instead (:meth:`Lanes.keep`) where every prod
 for the state anyway (the ``cpp`` backend folds, within the memory budget, every slot once, no
 row block, CPU tensors, autocast off); the commit into a state that holds a sum already then
 runs the extension's ``fold_lanes`` (csrc/fold_lanes.cpp): the same operators on the same
-operands in one C++ call, every square formed before the first value is written. Anything else
-(no extension, an extension without that function, a pristine or averaged state, a case the
-extension declines) forms the lanes here by the Python code first and goes on as a
-:class:`Sums`: the same numbers, bit for bit (tests/test_fold_lanes.py).
+operands in one C++ call, every square formed before the first value is written; the first
+estimate of a state (a reset one, as the seed API's cycle resets it every batch) is formed into
+fresh values by its ``form_lanes`` (csrc/form_lanes.cpp), which also tells which values are
+known finite (:mod:`fimfast.known_finite`). Anything else (no extension, an extension without
+those functions, a case the extension declines) forms the lanes here by the Python code first
+and goes on as a :class:`Sums`: the same numbers, bit for bit (tests/test_fold_lanes.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from fimfast import _env, _ext
 from fimfast.batch_sums import _ITEMSIZE, Sums
+from fimfast.known_finite import formed_lanes
 
 __all__ = ["Lanes"]
 
@@ -41,6 +44,7 @@ class Lanes(Sums):
     def __init__(self, shapes: list, dtypes: list[torch.dtype], devices: list[torch.device]):
         super().__init__(shapes, dtypes, devices)
         self.kept: tuple | None = None
+        self.known: list[bool] | None = None  # set by tensors() where the extension formed them
 
     def keep(self, entries: tuple, form: Callable[[], None]) -> bool:
         """Keep the lanes ``entries`` unformed, ``form()`` forming them by the Python path when
@@ -91,7 +95,17 @@ class Lanes(Sums):
         super().fold_into(values)
 
     def tensors(self) -> list[torch.Tensor]:
-        """:meth:`Sums.tensors`, the kept lanes formed first."""
+        """:meth:`Sums.tensors`, the kept lanes formed first: by the extension's one call into
+        fresh values where it takes them (``form_lanes``, csrc/form_lanes.cpp, the same numbers
+        bit for bit), :attr:`known` then saying which values are known finite
+        (:mod:`fimfast.known_finite`)."""
+        if self.kept is not None:
+            values = [torch.empty(s, dtype=d, device=dev)
+                      for s, d, dev in zip(self.shapes, self.dtypes, self.devices)]
+            known = formed_lanes(values, self.kept[0])
+            if known is not None:
+                self.kept, self.known = None, known
+                return values
         self._formed()
         return super().tensors()
 

@@ -26,7 +26,7 @@ import torch
 
 from fimfast import distributed as dist_mod
 from fimfast.estimator import _default_seed
-from fimfast.finite import all_finite, gram_finite
+from fimfast.finite import all_finite, gram_finite, grams_finite, is_square_dense
 from fimfast.structured import engine, gram, structure
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
@@ -279,25 +279,22 @@ def check_finite_sums(acc: FisherAccumulator, sums) -> None:
 
 
 def _grams_finite(sums: list[LayerSums]) -> bool:
-    """Whether every layer's sums are finite, settled at once (one gather of every factor's
-    diagonal, :func:`fimfast.finite.gram_finite`'s rule, and one read of the other fields);
-    ``False`` also where that does not settle it (then each field is read on its own)."""
-    diags, rest, top = [], [], float("inf")
+    """Whether every layer's sums are finite, settled at once (every factor by
+    :func:`fimfast.finite.grams_finite`, one gather of their diagonals, and one read of the other
+    fields); ``False`` also where that does not settle it (then each field is read on its own)."""
+    grams, rest = [], []
     for sm in sums:
         for f in LayerSums.FIELDS:
             t = getattr(sm, f)
             if t is None:
                 continue
-            if f in ("A", "G") and not t.is_sparse and t.dim() == 2 and t.shape[0] == t.shape[1]:
-                diags.append(t.diagonal())
-                top = min(top, torch.finfo(t.dtype).max / 1024)
+            if f in ("A", "G") and is_square_dense(t):
+                grams.append(t)
             elif f in sm.unset or t.is_sparse:
                 return False
             else:
                 rest.append(t)
-    if diags and not float(torch.cat(diags).abs().amax()) <= top:  # NaN: not <=
-        return False
-    return all_finite(rest)
+    return grams_finite(grams) is True and all_finite(rest)
 
 
 def _not_finite(t, upper: bool, gram: bool) -> bool:
