@@ -196,18 +196,36 @@ def _lead(lead: tuple, N: int, dev) -> torch.Tensor | None:
     return s.view(shape).expand(lead)
 
 
-def _slots(sample: torch.Tensor, N: int) -> tuple[torch.Tensor, int]:
-    """``(slot, S)``: each row's position among the rows of its sample (in their order) and the
-    most rows of one sample."""
+def _slots(cap: Capture, sample: torch.Tensor, N: int) -> tuple[torch.Tensor, int]:
+    """``(flat, S)``: each row's place ``sample * S + slot`` on the padded layout ``(N * S)``
+    (``slot``: its position among the rows of its sample, in their order) and the most rows of
+    one sample. Formed once per tensor of samples and forward: an expert's layers after its
+    first read the rows the first recorded (the same tensor, :func:`record`)."""
+    memo = cap.__dict__.setdefault("slots", {})
+    hit = memo.get(id(sample))
+    if hit is not None and hit[0] is sample:
+        return hit[1], hit[2]
     M = sample.shape[0]
     if M == 0:
-        return sample, 0
-    counts = torch.bincount(sample, minlength=N)
-    start = counts.cumsum(0) - counts
-    order = torch.argsort(sample, stable=True)
-    slot = torch.empty_like(sample)
-    slot[order] = torch.arange(M, device=sample.device) - start[sample[order]]
-    return slot, int(counts.max())
+        flat, S = sample, 0
+    elif M * N <= _ONEHOT:  # a row's rank among its sample's rows: a running count per sample
+        seen = (sample.unsqueeze(1) == torch.arange(N, device=sample.device)).cumsum(0)
+        slot = seen.gather(1, sample.unsqueeze(1)).squeeze(1) - 1
+        S = int(seen[-1].max())
+        flat = sample * S + slot
+    else:
+        counts = torch.bincount(sample, minlength=N)
+        start = counts.cumsum(0) - counts
+        order = torch.argsort(sample, stable=True)
+        slot = torch.empty_like(sample)
+        slot[order] = torch.arange(M, device=sample.device) - start[sample[order]]
+        S = int(counts.max())
+        flat = sample * S + slot
+    memo[id(sample)] = (sample, flat, S)  # (the tensor kept: its id stays its own)
+    return flat, S
+
+
+_ONEHOT = 1 << 16  # rows x samples up to which the ranks come from a running count
 
 
 def record(cap: Capture, module, rule, x: torch.Tensor, y: torch.Tensor, sample: torch.Tensor,
@@ -215,12 +233,13 @@ def record(cap: Capture, module, rule, x: torch.Tensor, y: torch.Tensor, sample:
     """Record the call of ``module`` (``y = module(x)``, a linear map of each row) on rows of
     samples ``sample`` on the padded layout; returns the tapped output (``y`` plus a zero)."""
     N = cap.samples
-    slot, S = _slots(sample, N)
-    xp = x.new_zeros((N, S, *x.shape[1:]))
-    xp[sample, slot] = x.detach()
+    flat, S = _slots(cap, sample, N)
+    xp = x.new_zeros((N * S, *x.shape[1:]))
+    xp.index_copy_(0, flat, x.detach())
+    xp = xp.view(N, S, *x.shape[1:])
     zero = torch.zeros((), dtype=y.dtype, device=y.device, requires_grad=True)
     handle = zero.expand(N, S, *y.shape[1:])
-    out = y + handle[sample, slot]
+    out = y + handle.view(N * S, *y.shape[1:]).index_select(0, flat)
     tkey = (id(module), "routed")
     tap = RoutedTap(handle, handle.shape, weakref.ref(out), out._version, tkey, False,
                     y.dim(), True, empty=sample.shape[0] == 0)
