@@ -51,11 +51,12 @@ _INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _index(e: Any) -> int | None:
-    """``e`` as an int when it is a Python int or a 0-dim integer tensor on the CPU, else
-    ``None`` (a tensor on an accelerator would make the forward wait: left alone)."""
+    """``e`` as an int when it is a Python int or a 0-dim integer tensor, else ``None`` (on an
+    accelerator, reading it waits for the device, as the loop over ``expert_hit`` already
+    does for each expert)."""
     if isinstance(e, int) and not isinstance(e, bool):
         return e
-    if isinstance(e, Tensor) and e.dim() == 0 and e.dtype in _INTS and e.device.type == "cpu":
+    if isinstance(e, Tensor) and e.dim() == 0 and e.dtype in _INTS:
         return int(e)
     return None
 
