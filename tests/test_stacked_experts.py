@@ -30,7 +30,7 @@ def _batches(lm: bool, n: int = 2, seed: int = 0, vocab: int = V, rows: int = N,
         if lm:
             y = torch.randint(0, vocab, (rows, T), generator=g)
             y[0, :2] = -100  # ignored tokens
-            y[3, 4] = -100
+            y[rows - 2, T - 2] = -100
         else:
             y = torch.randint(0, C, (rows,), generator=g)
         out.append((ids, y))
