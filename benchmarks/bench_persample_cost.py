@@ -25,7 +25,8 @@ EXACT with ``class_chunk=9`` (every column in one batched backward). Workload ``
 that of :mod:`benchmarks.bench_recurrent`, ``resnet_bn``, ``groupnorm_cnn`` and ``conv1d_dilated``
 the small classifiers of :func:`small_cnn`, ``encoder``, ``gru``, ``tied`` and their ``_ckpt``
 variants (checkpointed) those of :func:`checkpointed`, ``moe_*`` and ``split`` the models routing
-rows of the batch of :func:`moe_workload` (all defined here, so that a tree compared with
+rows of the batch of :func:`moe_workload`, ``mixtral_*`` and ``stacked_*`` the models with stacked
+experts of :func:`stacked_workload` (all defined here, so that a tree compared with
 ``--trees`` needs no module of its own for them), the other names those of
 :mod:`benchmarks.bench_layers`.
 """
@@ -186,6 +187,38 @@ def moe_workload(name: str):
     return model, (torch.randint(0, 100, (16, 16)), torch.randint(0, 5, (16,)))
 
 
+STACKED = ("mixtral_lm", "mixtral_cls", "stacked_cls_top2_swiglu")
+
+
+def stacked_workload(name: str):
+    """``(model, (inputs, labels))`` of a model with stacked experts, ``F.linear(x, W[e])``
+    (``benchmarks/stacked_models.py``, loaded as :func:`moe_workload` loads its models), float32:
+    a tiny Hugging Face Mixtral (width 32, 2 layers, 4 experts, top-2, eager experts) as a token
+    LM (vocabulary 16, 8 sequences of 8 tokens, the first 2 labels of 2 sequences ignored) or a
+    3-class sequence classifier; a hand-written classifier of the same pattern (vocabulary 100,
+    16 sequences of 16 tokens, width 32, 4 SwiGLU experts of hidden width 64, top-2)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "stacked_models",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "stacked_models.py"))
+    sm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sm)
+    torch.manual_seed(0)
+    if name == "stacked_cls_top2_swiglu":
+        model = sm.StackedClassifier(V=100, d=32, C=5, h=64, E=4, k=2, mlp=True)
+        return model, (torch.randint(0, 100, (16, 16)), torch.randint(0, 5, (16,)))
+    model = sm.mixtral("lm" if name == "mixtral_lm" else "cls")
+    ids = torch.randint(1, 16, (8, 8))
+    if name == "mixtral_lm":
+        y = torch.randint(0, 16, (8, 8))
+        y[::4, :2] = -100
+        return model, (ids, y)
+    return model, (ids, torch.randint(0, 3, (8,)))
+
+
 def _child(workload: str, types: list[str], steps: int, order: str = "fixed") -> dict:
     import torch
     import torch.nn.functional as F
@@ -210,8 +243,8 @@ def _child(workload: str, types: list[str], steps: int, order: str = "fixed") ->
 
         def logits():
             return model(x), y
-    elif workload in MOE:
-        model, batch = moe_workload(workload)
+    elif workload in MOE or workload in STACKED:
+        model, batch = (moe_workload if workload in MOE else stacked_workload)(workload)
 
         def logits():
             return model(batch[0]), batch[1]

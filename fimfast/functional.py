@@ -11,9 +11,9 @@ output, in a :class:`~fimfast.hooks.Call` whose rule is one of :mod:`fimfast.rul
 Recognised (each consumes its parameters once, one autograd edge each, as the engine's edge
 count requires; anything else leaves the parameter to the generic path):
 
-* ``F.linear(x, W, b)``: ``W`` (2-D, its transpose, or an elementwise function of it such as
-  ``W * mask``: :mod:`fimfast.functional_derived`) and/or ``b`` parameters (``b`` or an
-  elementwise function of one, ``torch.tanh(b)``);
+* ``F.linear(x, W, b)``: ``W`` (2-D, its transpose, ``W * mask``, a slice ``W[e]``: see
+  :mod:`fimfast.functional_stacked`) and/or ``b`` (``b``, ``b[e]``, ``torch.tanh(b)``), on rows
+  routed from the batch or folded into its first dim too (``functional_stacked.record``);
 * ``x @ W``, ``torch.matmul(x, W)``, ``x.matmul(W)`` with ``W`` a 2-D parameter (stored
   ``(I, O)``) or its transpose (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``), ``x`` at
   least 2-D; ``W @ x`` (the linear map of ``x^T``); a ``W`` of 3+ dims: ``batched_matmul``;
@@ -36,12 +36,11 @@ recorded. Nothing is recorded with gradients disabled or while ``torch.compile``
 saved-tensor hooks (non-reentrant ``torch.utils.checkpoint``, whose backward recomputes the
 segment without the capture) only the calls that run their own operations: :mod:`fimfast.recompute`.
 
-A transposed or reshaped view of a parameter is remembered when it is made; the call that
-consumes it makes the view again from the parameter, so the view the model made is left without
-a consumer in the graph. Used anywhere else too, it adds an edge into the parameter that no call
-declares, and the engine's edge count sends the parameter to the generic path (as it does for
-``p.sum()`` added to the logits, ``p[idx]``, ``F.linear(x, p.exp())`` and every other use not
-listed).
+A transposed or reshaped view (or a slice) of a parameter is remembered when it is made; the
+call that consumes it makes it again from the parameter, so the model's is left without a
+consumer in the graph. Used anywhere else too, it adds an edge into the parameter that no call
+declares: the engine's edge count sends the parameter to the generic path (as for ``p.sum()``
+added to the logits, ``p[idx]``, ``F.linear(x, p.exp())``, every other use not listed).
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from fimfast import functional_derived as fder
 from fimfast import functional_ops as fops
+from fimfast import functional_stacked as fstk
 from fimfast import recompute
 from fimfast.functional_computed import record_elementwise, site_ids
 from fimfast.functional_ops import _bind, _tuple
@@ -251,7 +251,7 @@ def _linear(mode: FunctionalMode, func, args, kwargs):
         uses.insert(0, fder.outer_use(pw, view, False))
     if not uses:
         return y
-    return mode.record("F.linear", frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
+    return fstk.record(mode, "F.linear", y, x, uses)  # on routed or folded rows too
 
 
 _weight = fder.weight_of  # (param, view or None) of a 2-D parameter or of its transpose

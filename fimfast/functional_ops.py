@@ -38,6 +38,7 @@ from fimfast import _env
 from fimfast import functional_cells as fcells
 from fimfast import functional_computed as fcomp
 from fimfast import functional_derived as fder
+from fimfast import functional_stacked as fstk
 from fimfast.functional_derived import _UNARY, _bind, _relu, _reverse, _unary
 from fimfast.hooks import Use
 from fimfast.rules import functional as frules
@@ -354,7 +355,7 @@ def _expand(mode, func, args, kwargs):
 
 HANDLERS: dict[Callable, Callable] = {
     **dict.fromkeys(fcomp.OPS, fcomp.elementwise),  # x + W, W computed from parameters
-    F.linear: fcomp.linear,  # F.linear(x, W), W computed from parameters; likewise:
+    # F.linear(x, W), W computed from parameters or a slice W[e] (fstk, below); likewise:
     **dict.fromkeys((torch.matmul, Tensor.matmul, Tensor.__matmul__), fcomp.matmul),
     **dict.fromkeys((torch.conv1d, torch.conv2d, torch.conv3d), fcomp.conv),
     **dict.fromkeys(_UNARY, _unary),
@@ -368,5 +369,6 @@ HANDLERS: dict[Callable, Callable] = {
     Tensor.bmm: _bmm,
     **dict.fromkeys(_MM, _addmm),
     **fcells.HANDLERS,  # torch.gru_cell, torch.lstm_cell, ... on parameters
+    **fstk.HANDLERS,  # W[e], F.linear(x, W[e], b[e]): stacked experts
 }
 """Handlers of the calls this module recognises (merged into :mod:`fimfast.functional`'s)."""

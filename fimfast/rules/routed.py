@@ -10,7 +10,8 @@ input at every step (:func:`rows_of`):
   or a boolean mask of the first ``k`` dims) and ``IndexSelectBackward0`` on dim 0 keep the
   index they took, and the sample of each row is the source's sample at that index; a split or
   slice on dim 0 of routed rows (``f[order].split(counts)``: rows sorted by expert, cut per
-  expert) keeps its sizes, and the rows of each part are the source's rows in that range;
+  expert) keeps its sizes, and the rows of each part are the source's rows in that range (a
+  split or slice on another dim keeps the rows: SwiGLU's ``gate, up = y.chunk(2, dim=-1)``);
 * the source's samples: the output of a routed layer (known), another gather, a ``view`` /
   ``reshape`` / ``flatten`` merging its leading dims ``(N, T, d) -> (N * T, d)``, or any other
   tensor whose leading dims hold the batch: dim 0 of size ``N``, another leading dim of size
@@ -122,10 +123,11 @@ def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor |
         out = None if src is None else src.index_select(0, fn._saved_index.to(src.device))
     elif name in _PARTS:  # of routed rows only: a slice of the batch keeps its usual layout
         src, k = fn.next_functions[0]
-        if fn._saved_dim != 0 or src is None:
+        dim = _dim(fn)
+        if dim is None or src is None:
             return None
-        src = _rows(src, k, N, known, budget, dev)
-        out = None if src is None else src[_part(fn, name, nr)]
+        src = _rows(src, k, N, known, budget, dev)  # a part on another dim: the same rows
+        out = src if src is None or dim else src[_part(fn, name, nr)]
     elif name in _ELEMENTWISE:
         out = None
         for nxt, k in fn.next_functions:
@@ -140,6 +142,16 @@ def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor |
     if out is not None:
         known[(fn, nr)] = out
     return out
+
+
+def _dim(fn) -> int | None:
+    """The dim (``>= 0``) a split or slice cuts, ``None`` when unknown."""
+    dim, sizes = fn._saved_dim, getattr(fn, "_saved_self_sym_sizes", None)
+    if dim >= 1 << 63:  # a negative dim, saved as unsigned
+        dim -= 1 << 64
+    if dim < 0:
+        dim = None if sizes is None else dim + len(sizes)
+    return dim
 
 
 def _part(fn, name: str, nr: int) -> slice:
