@@ -4,9 +4,11 @@ Two kernels, both recomputing the logit tiles ``z = h W^T + b`` (``BM`` rows by 
 from the hidden rows and the weight instead of storing them:
 
 * ``_rows_kernel``, one program per block of ``BM`` rows: pass 1 runs an online max / sum of
-  ``exp`` over the classes; pass 2 (``hutchinson``, ``sqrt``) sums ``w = sqrt(p) xi``; pass 3 forms
-  ``u = w - p sum(w)`` (``dg``: ``u = w``) and accumulates ``grad_hidden = u W``. It writes the
-  three row statistics.
+  ``exp`` over the classes, with the sum without one leading class (``1 - p`` of the leading class
+  from the others' ``exp``: exact on confident rows, :mod:`fimfast.ops.softmax_rest`); pass 2
+  (``hutchinson``, ``sqrt``) sums ``w = sqrt(p) xi`` below the max and at it; pass 3 forms
+  ``u = w - p sum(w)`` (``dg``: ``u = w``; at a leading class from the other classes' ``w``) and
+  accumulates ``grad_hidden = u W``. It writes the five row statistics.
 * ``_weight_kernel``, one program per block of ``BN`` classes: for every row block it rebuilds
   ``u`` from the row statistics and accumulates ``grad_weight = u^T h`` and ``grad_bias = sum u``.
   Each output tile has one owner: no atomics, a deterministic result.
@@ -68,20 +70,27 @@ def _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS: tl.constexpr, ACC: tl
 
 
 @triton.jit
-def _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE: tl.constexpr):
-    """``u`` of a tile from its logits and the row statistics (zero outside the valid tile)."""
+def _factor(z, m, below, ties, sw, sl, rows, cols, offset, V, k0, k1, MODE: tl.constexpr):
+    """``u`` of a tile from its logits and the row statistics (zero outside the valid tile):
+    ``w - p (sw + sl)``, at a leading class (``z == m``) ``w (below + ties - k) / s - p sw`` with
+    ``k = sl / w`` an exact integer (the tied classes' ``w`` have one magnitude): exact on
+    confident rows (:mod:`fimfast.ops.softmax_rest`)."""
+    s = below + ties
     p = tl.exp(z - m[:, None]) / s[:, None]
     bit = sign_bit(offset + rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :], k0, k1)
     sp = tl.sqrt(p)
     w = tl.where(bit != 0, -sp, sp)
     if MODE != 2:
-        w = w - p * sw[:, None]
+        lead = z == m[:, None]
+        k = sl[:, None] / w
+        w = tl.where(lead, w * ((below[:, None] + (ties[:, None] - k)) / s[:, None])
+                     - p * sw[:, None], w - p * (sw + sl)[:, None])
     return w
 
 
 @triton.jit(do_not_specialize=["R", "V", "offset", "K0", "K1"])
 def _rows_kernel(
-    H_ptr, W_ptr, B_ptr, GH_ptr, M_ptr, S_ptr, SW_ptr, R, V, D, offset, K0, K1,
+    H_ptr, W_ptr, B_ptr, GH_ptr, M_ptr, B0_ptr, T_ptr, SW_ptr, SL_ptr, R, V, D, offset, K0, K1,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -96,14 +105,23 @@ def _rows_kernel(
     hmask = rm[:, None] & (offs_d[None, :] < D)
     h = tl.load(H_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], mask=hmask, other=0.0)
     m = tl.full((BM,), float("-inf"), ACC)
-    s = tl.zeros((BM,), ACC)
+    below = tl.zeros((BM,), ACC)  # the sum of exp(z - m) over the classes below m
+    ties = tl.zeros((BM,), ACC)  # the classes at m (exp = 1): the sum is below + ties
     for c0 in range(0, V, BN):
         cols = c0 + tl.arange(0, BN)
         z, _ = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
         m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        e = tl.exp(z - m_new[:, None])
+        at = z == m_new[:, None]
+        tile_below = tl.sum(tl.where(at, 0.0, e), 1)
+        tile_ties = tl.sum(at.to(ACC), 1)
+        grew = m_new > m  # a new row max: the old sum is all below it
+        below = tl.where(grew, (below + ties) * tl.exp(m - m_new), below) + tile_below
+        ties = tl.where(grew, 0.0, ties) + tile_ties
         m = m_new
+    s = below + ties
     sw = tl.zeros((BM,), ACC)
+    sl = tl.zeros((BM,), ACC)
     if MODE != 2:
         for c0 in range(0, V, BN):
             cols = c0 + tl.arange(0, BN)
@@ -113,23 +131,29 @@ def _rows_kernel(
                 offset + rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :], k0, k1
             )
             sp = tl.sqrt(p)
-            sw += tl.sum(tl.where(bit != 0, -sp, sp), 1)
+            w = tl.where(bit != 0, -sp, sp)
+            lead = z == m[:, None]
+            sw += tl.sum(tl.where(lead, 0.0, w), 1)
+            sl += tl.sum(tl.where(lead, w, 0.0), 1)
     gh = tl.zeros((BM, BD), ACC)
     for c0 in range(0, V, BN):
         cols = c0 + tl.arange(0, BN)
         z, w = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
-        u = _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE)
+        u = _factor(z, m, below, ties, sw, sl, rows, cols, offset, V, k0, k1, MODE)
         u = tl.where(rm[:, None] & (cols < V)[None, :], u, 0.0)
         gh += tl.dot(u, w, input_precision="ieee", out_dtype=ACC)
     tl.store(GH_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], gh)
     tl.store(M_ptr + rows, m, mask=rm)
-    tl.store(S_ptr + rows, s, mask=rm)
+    tl.store(B0_ptr + rows, below, mask=rm)
+    tl.store(T_ptr + rows, ties, mask=rm)
     tl.store(SW_ptr + rows, sw, mask=rm)
+    tl.store(SL_ptr + rows, sl, mask=rm)
 
 
 @triton.jit(do_not_specialize=["R", "V", "offset", "K0", "K1"])
 def _weight_kernel(
-    H_ptr, W_ptr, B_ptr, GW_ptr, GB_ptr, M_ptr, S_ptr, SW_ptr, R, V, D, offset, K0, K1,
+    H_ptr, W_ptr, B_ptr, GW_ptr, GB_ptr, M_ptr, B0_ptr, T_ptr, SW_ptr, SL_ptr, R, V, D, offset, K0,
+    K1,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -153,9 +177,11 @@ def _weight_kernel(
         )
         z, _ = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
         m = tl.load(M_ptr + rows, mask=rm, other=0.0)
-        s = tl.load(S_ptr + rows, mask=rm, other=1.0)
+        below = tl.load(B0_ptr + rows, mask=rm, other=0.0)
+        ties = tl.load(T_ptr + rows, mask=rm, other=1.0)
         sw = tl.load(SW_ptr + rows, mask=rm, other=0.0)
-        u = _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE)
+        sl = tl.load(SL_ptr + rows, mask=rm, other=0.0)
+        u = _factor(z, m, below, ties, sw, sl, rows, cols, offset, V, k0, k1, MODE)
         u = tl.where(rm[:, None] & cm[None, :], u, 0.0)
         gw += tl.dot(tl.trans(u), h, input_precision="ieee", out_dtype=ACC)
         gb += tl.sum(u, 0)
@@ -209,7 +235,9 @@ def lm_head_probe_op(
         W = torch.nn.functional.pad(W, (0, bd - D))
     gh_pad = torch.empty((triton.cdiv(R, BM) * BM, bd), dtype=dt, device=dev)
     gw_pad = torch.empty((triton.cdiv(V, BN) * BN, bd), dtype=dt, device=dev)
-    stats = torch.empty((3, R), dtype=dt, device=dev)
+    # per row: m, the sums of exp(z - m) below m and at it (ties), of w below m and at it
+    stats = torch.empty((5, R), dtype=dt, device=dev)
+    st = (stats[0], stats[1], stats[2], stats[3], stats[4])
     k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
     meta = dict(
         MODE=_MODE_ID[mode],
@@ -227,12 +255,10 @@ def lm_head_probe_op(
     )
     off = offset & ((1 << 63) - 1)
     wrap_triton(_rows_kernel)[(triton.cdiv(R, BM),)](
-        h, W, b, gh_pad, stats[0], stats[1], stats[2], R, V, bd, off, k0, k1, **meta
+        h, W, b, gh_pad, *st, R, V, bd, off, k0, k1, **meta
     )
     wrap_triton(_weight_kernel)[(triton.cdiv(V, BN),)](
-        h, W, b, gw_pad, gb if bias is not None else b, stats[0], stats[1], stats[2], R, V, bd,
-        off,
-        k0, k1, **meta,
+        h, W, b, gw_pad, gb if bias is not None else b, *st, R, V, bd, off, k0, k1, **meta,
     )  # fmt: skip
     gh, gw = gh_pad[:R, :D], gw_pad[:V, :D]  # views; contiguous when D is a power of 2 >= 16
     if D != bd:
