@@ -65,6 +65,14 @@ FIMFAST_INLINE void load_row(const in_t* src, int64_t stride, int64_t C, acc_t* 
   }
 }
 
+#ifndef FIMFAST_NOINLINE
+#if defined(__GNUC__)
+#define FIMFAST_NOINLINE __attribute__((noinline))
+#else
+#define FIMFAST_NOINLINE
+#endif
+#endif
+
 // x <- softmax(x), max-shifted; exp is cpu::exp_f (vectorisable, <= 2 ulp in float, exactly 1
 // at 0). Returns 1 / sum, which is p of the leading classes (those with e = 1).
 template <typename acc_t>
@@ -110,11 +118,11 @@ struct LeadRow {
   acc_t below = 0;          // the other classes' p
 };
 
+// ties: the number of leading classes (counted in the loop that takes sqrt(p): free there)
 template <typename acc_t>
-FIMFAST_INLINE void find_leads(const acc_t* p, int64_t C, acc_t lead, LeadRow<acc_t>& L) {
+FIMFAST_INLINE void find_leads(const acc_t* p, int64_t C, acc_t lead, int32_t ties,
+                               LeadRow<acc_t>& L) {
   L.at.clear();
-  int32_t ties = 0;
-  for (int64_t c = 0; c < C; ++c) ties += p[c] == lead ? 1 : 0;
   if (ties < 2 && !(lead > acc_t(0.5))) return;
   for (int64_t c = 0; c < C; ++c) {
     if (p[c] == lead) L.at.push_back(c);
@@ -122,18 +130,21 @@ FIMFAST_INLINE void find_leads(const acc_t* p, int64_t C, acc_t lead, LeadRow<ac
   L.below = sum16_below(p, C, lead);
 }
 
-// HUTCHINSON's mix o <- w - p (sum w), o holding w. At the leading classes of L, with the sums of
+// HUTCHINSON's mix o <- w - p (sum w), o holding w (plain_mix where nothing cancels). At the
+// leading classes of L (lead_mix), with the sums of
 // w below them and at them (one magnitude |w| there: k = at / w is an exact integer),
 // w (below + (ties - k) lead) - lead (sum of w below) (p units: below is the others' p); ties - k
 // is twice the tied classes of the other sign: no difference of numbers near 1 (nor near 1/2).
 template <typename acc_t>
-FIMFAST_INLINE void hutchinson_mix(acc_t* o, const acc_t* p, int64_t C, acc_t lead,
-                                   const LeadRow<acc_t>& L) {
-  if (L.at.empty()) {
-    const acc_t dot = cpu::sum16(o, C);  // sqrt(p) . xi
-    for (int64_t c = 0; c < C; ++c) o[c] -= p[c] * dot;
-    return;
-  }
+FIMFAST_INLINE void plain_mix(acc_t* o, const acc_t* p, int64_t C) {
+  const acc_t dot = cpu::sum16(o, C);  // sqrt(p) . xi
+  for (int64_t c = 0; c < C; ++c) o[c] -= p[c] * dot;
+}
+
+// (kept out of line: the rows that need it are few, and plain_mix's loop stays as it was)
+template <typename acc_t>
+FIMFAST_NOINLINE void lead_mix(acc_t* o, const acc_t* p, int64_t C, acc_t lead,
+                               const LeadRow<acc_t>& L) {
   acc_t wl[64];
   const int64_t n = static_cast<int64_t>(L.at.size());
   acc_t at = 0;
@@ -144,8 +155,7 @@ FIMFAST_INLINE void hutchinson_mix(acc_t* o, const acc_t* p, int64_t C, acc_t le
   }
   if (n > 64) {  // so many exactly tied classes: 1 - p >= 1/2 (p <= 1/65), no cancellation
     for (int64_t i = 0; i < 64; ++i) o[L.at[i]] = wl[i];
-    const acc_t dot = cpu::sum16(o, C);
-    for (int64_t c = 0; c < C; ++c) o[c] -= p[c] * dot;
+    plain_mix(o, p, C);
     return;
   }
   const acc_t below = cpu::sum16(o, C);
@@ -199,13 +209,23 @@ void probe_row_range(const ProbeArgs& a, const in_t* logits, int64_t row_stride,
       case ProbeMode::kDg: {
         load_row(src, col_stride, C, p.data());
         const acc_t lead = softmax_inplace(p.data(), C);
-        for (int64_t c = 0; c < C; ++c) sp[c] = std::sqrt(p[c]);
-        if (a.mode == ProbeMode::kHutchinson) find_leads(p.data(), C, lead, leads);
+        int32_t ties = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          sp[c] = std::sqrt(p[c]);
+          ties += p[c] == lead ? 1 : 0;
+        }
+        if (a.mode == ProbeMode::kHutchinson) find_leads(p.data(), C, lead, ties, leads);
         for (int64_t s = 0; s < S; ++s) {
           const int64_t row = s * R + r;
           acc_t* o = out + row * C;
           apply_signs(a.sign_keys, a.offset + static_cast<uint64_t>(row * C), C, sp.data(), o);
-          if (a.mode == ProbeMode::kHutchinson) hutchinson_mix(o, p.data(), C, lead, leads);
+          if (a.mode == ProbeMode::kHutchinson) {
+            if (leads.at.empty()) {
+              plain_mix(o, p.data(), C);
+            } else {
+              lead_mix(o, p.data(), C, lead, leads);
+            }
+          }
         }
         break;
       }

@@ -90,7 +90,7 @@ def _logits(rng, R, C, dtype):
         z = torch.from_numpy(rng.choice([-80.0, 80.0, 79.5, -79.5, 0.0], (R, C)))
         if C >= 2:
             z[:, int(rng.integers(C))], z[:, 0] = 80.0, 79.5
-    elif kind == "big":  # the top two tied (see test_confident_rows_cancel)
+    elif kind == "big":  # the top two tied: the rest's exp underflows to 0 (1 - p is exact)
         z = _values(rng, (R, C), _BIG[dtype], torch.float64).to(dtype).double()
         if C >= 2:
             z[:, int(rng.integers(1, C))] = z[:, 0] = z.max(-1).values
@@ -98,10 +98,11 @@ def _logits(rng, R, C, dtype):
         z = _values(rng, (R, C), 1e-30, torch.float64)
     elif kind == "ties":  # all-equal rows
         z = torch.from_numpy(rng.standard_normal((R, 1))).expand(R, C).clone()
-    else:  # one leading class per row, ahead by 3 (see test_confident_rows_cancel)
+    else:  # one leading class per row, ahead by 3, or by 25: a confident row (1 - max p a few
+        # ulps of 1 in float32; test_confident_rows checks those row by row)
         z = _values(rng, (R, C), 1.0, torch.float64)
         if C:
-            z[:, int(rng.integers(C))] += 3.0
+            z[:, int(rng.integers(C))] += _pick(rng, [3.0, 25.0])
     return z.to(dtype), kind
 
 
