@@ -28,6 +28,7 @@ from fimfast import _ext, chunks, hooks, ops
 from fimfast.batch import Rows
 from fimfast.dtypes import compute_dtype
 from fimfast.likelihoods import diagonal_topk, effective_top_k
+from fimfast.ops.softmax_rest import mix_at
 from fimfast.step import Squares, Step
 from fimfast.types import FIMType, Options
 
@@ -164,11 +165,9 @@ class _Factor:
         mode = _PROBE_MODE[self.fim_type]
         u = ops.probe_logit_grad(z, mode, self.seed, off, 1, backend=o.backend)[0]
         if self.fim_type == FIMType.HUTCHINSON_SQRT:
-            # h = sum_c w_c log p_c(z): its gradient through log_softmax's own backward (the
-            # "alternative implementation"), in float32 on this chunk only
-            with torch.enable_grad():
-                zc = z.to(u.dtype).requires_grad_(True)
-                (u,) = torch.autograd.grad(torch.log_softmax(zc, dim=-1), zc, u)
+            # h = sum_c w_c log p_c(z): its gradient w - p sum(w) at the logits, as log_softmax's
+            # backward forms it but exact at a confident row's leading class, on this chunk only
+            u = mix_at(u, z)
         return u
 
     def _eigpairs(self, r0: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from fimfast import ops
 from fimfast.dtypes import compute_dtype
 from fimfast.finite import all_finite
 from fimfast.ops import rng
+from fimfast.ops.softmax_rest import softmax_rest
 from fimfast.types import FIMType, Options
 
 _PROBE_MODE = {
@@ -99,8 +100,8 @@ def diag_core(z: torch.Tensor, likelihood: str, sigma2: float) -> torch.Tensor:
     dt = compute_dtype(z.dtype)
     z = z.detach().to(dt)
     if likelihood == "categorical":
-        p = torch.softmax(z, -1)
-        return p * (1 - p)
+        soft = softmax_rest(z)  # 1 - p exact at a confident row's leading class
+        return soft.p * soft.one_minus()
     if likelihood == "bernoulli":
         return bernoulli_core(z)
     return torch.full_like(z, 1.0 / sigma2)
@@ -125,8 +126,10 @@ def exact_columns(flat: torch.Tensor, opts: Options, chunk: int) -> Iterator[tor
     R, C = z.shape
     lk = opts.likelihood
     if lk == "categorical":
-        p = torch.softmax(z, -1)
+        soft = softmax_rest(z)
+        p = soft.p
         sp = torch.sqrt(p)
+        om = soft.one_minus()  # 1 - p, exact at a confident row's leading class
     elif lk == "bernoulli":
         sp = 0.5 / torch.cosh(0.5 * z)  # sqrt(s (1 - s)), accurate in both tails
     else:
@@ -139,6 +142,7 @@ def exact_columns(flat: torch.Tensor, opts: Options, chunk: int) -> Iterator[tor
         cols[ar, :, c0 + ar] = sp[:, c0:c1].transpose(0, 1)
         if lk == "categorical":
             cols -= sp[:, c0:c1].transpose(0, 1).unsqueeze(-1) * p.unsqueeze(0)
+            cols[ar, :, c0 + ar] = (sp * om)[:, c0:c1].transpose(0, 1)
         yield cols
 
 
@@ -167,8 +171,8 @@ def score_columns(
                 z, "empirical", seed, offset, 1, labels=labels, backend=opts.backend
             )
         y = observed(labels, dt, lk)
-        if lk == "bernoulli":
-            return (y - torch.sigmoid(z)).unsqueeze(0)
+        if lk == "bernoulli":  # y (1 - s) - (1 - y) s, 1 - s as sigmoid(-z): exact in both tails
+            return (y * torch.sigmoid(-z) - (1 - y) * torch.sigmoid(z)).unsqueeze(0)
         return ((y - z) / opts.sigma2).unsqueeze(0)
     S = opts.num_probes
     if lk == "categorical":
@@ -176,7 +180,7 @@ def score_columns(
     elif lk == "bernoulli":
         s = torch.sigmoid(z)
         u = rng.uniform(seed, offset, (S, R, C), dt, z.device)
-        cols = (u < s).to(dt) - s
+        cols = torch.where(u < s, torch.sigmoid(-z), -s)  # 1 - s without cancellation
     else:
         # Box-Muller on two uniforms per element: counters offset + i and offset + S*R*C + i
         n = S * R * C

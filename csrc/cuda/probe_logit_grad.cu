@@ -40,7 +40,7 @@ __global__ void probe_kernel(const in_t* __restrict__ X, int64_t stride_r, int64
   const bool softmax = mode == ProbeMode::kHutchinson || mode == ProbeMode::kSqrt ||
                        mode == ProbeMode::kDg || mode == ProbeMode::kEmpirical ||
                        mode == ProbeMode::kMc;
-  acc_t m = 0, inv = 1;
+  acc_t m = 0, inv = 1, q = 0, below = 0, ties = 0;
   if (softmax) {
     acc_t lmax = -INFINITY;
     for (int64_t c = tid; c < C; c += bd) {
@@ -49,18 +49,34 @@ __global__ void probe_kernel(const in_t* __restrict__ X, int64_t stride_r, int64
       lmax = v > lmax ? v : lmax;
     }
     m = block_allreduce(lmax, MaxOp(), sc.v);
-    acc_t lsum = 0;
+    // the sum as below + ties: the classes with e = 1 (set exactly at the max) apart, so that
+    // 1 - p of a leading class, q = (below + ties - 1) / sum, needs no difference of numbers
+    // near 1 (a confident row keeps its relative accuracy)
+    acc_t lbelow = 0, lties = 0;
     for (int64_t c = tid; c < C; c += bd) {
-      const acc_t e = exp((cache ? row[c] : to_acc<acc_t>(x[c * stride_c])) - m);
+      const acc_t d = (cache ? row[c] : to_acc<acc_t>(x[c * stride_c])) - m;
+      const acc_t e = d == acc_t(0) ? acc_t(1) : exp(d);
       if (cache) row[c] = e;
-      lsum += e;
+      if (e == acc_t(1)) {  // exactly at the max, or below it by less than exp resolves
+        lties += acc_t(1);
+      } else {
+        lbelow += e;
+      }
     }
-    inv = acc_t(1) / block_allreduce(lsum, SumOp(), sc.v);
+    below = block_allreduce(lbelow, SumOp(), sc.v);
+    ties = block_allreduce(lties, SumOp(), sc.v);
+    inv = acc_t(1) / (below + ties);
+    q = (below + (ties - acc_t(1))) * inv;
   }
-  // probability of class c of this row (softmax modes)
-  auto prob = [&](int64_t c) -> acc_t {
-    return (cache ? row[c] : exp(to_acc<acc_t>(x[c * stride_c]) - m)) * inv;
+  // e = exp(z - m) of class c of this row (softmax modes), exactly 1 at a leading class
+  auto expo = [&](int64_t c) -> acc_t {
+    if (cache) return row[c];
+    const acc_t d = to_acc<acc_t>(x[c * stride_c]) - m;
+    return d == acc_t(0) ? acc_t(1) : exp(d);
   };
+  // probability of class c; 1 - p of a class with e = 1 is q (all such classes share p)
+  auto prob = [&](int64_t c) -> acc_t { return expo(c) * inv; };
+  auto one_minus = [&](acc_t e, acc_t p) -> acc_t { return e == acc_t(1) ? q : acc_t(1) - p; };
   for (int64_t s = 0; s < a.S; ++s) {
     const int64_t rowid = s * R + r;
     acc_t* o = out + rowid * C;
@@ -69,20 +85,37 @@ __global__ void probe_kernel(const in_t* __restrict__ X, int64_t stride_r, int64
       case ProbeMode::kHutchinson:
       case ProbeMode::kSqrt:
       case ProbeMode::kDg: {
-        acc_t dot = 0;
+        // sqrt(p) . xi as the classes with e < 1 and those with e = 1 (one magnitude of w)
+        acc_t d_below = 0, d_lead = 0;
         if (mode == ProbeMode::kHutchinson) {
-          acc_t ldot = 0;
+          acc_t lb = 0, ll = 0;
           for (int64_t c = tid; c < C; c += bd) {
-            const acc_t sp = sqrt(prob(c));
-            ldot += rng::sign_bit(a.sign_keys, base + c) ? -sp : sp;
+            const acc_t e = expo(c);
+            const acc_t sp = sqrt(e * inv);
+            const acc_t w = rng::sign_bit(a.sign_keys, base + c) ? -sp : sp;
+            if (e == acc_t(1)) {
+              ll += w;
+            } else {
+              lb += w;
+            }
           }
-          dot = block_allreduce(ldot, SumOp(), sc.v);
+          d_below = block_allreduce(lb, SumOp(), sc.v);
+          d_lead = block_allreduce(ll, SumOp(), sc.v);
         }
         for (int64_t c = tid; c < C; c += bd) {
-          const acc_t p = prob(c);
+          const acc_t e = expo(c);
+          const acc_t p = e * inv;
           const acc_t sp = sqrt(p);
           const acc_t w = rng::sign_bit(a.sign_keys, base + c) ? -sp : sp;
-          o[c] = mode == ProbeMode::kHutchinson ? w - p * dot : w;
+          if (mode != ProbeMode::kHutchinson) {
+            o[c] = w;
+          } else if (e == acc_t(1)) {
+            // w (below + ties - k) / sum - p (w below), k = d_lead / w an exact integer (the
+            // tied classes' w have one magnitude): no difference of numbers near 1 or 1/2
+            o[c] = w * ((below + (ties - d_lead / w)) * inv) - p * d_below;
+          } else {
+            o[c] = w - p * (d_below + d_lead);
+          }
         }
         break;
       }
@@ -104,8 +137,8 @@ __global__ void probe_kernel(const in_t* __restrict__ X, int64_t stride_r, int64
       case ProbeMode::kEmpirical: {
         const int64_t y = labels[r];
         for (int64_t c = tid; c < C; c += bd) {
-          const acc_t p = prob(c);
-          o[c] = c == y ? acc_t(1) - p : -p;
+          const acc_t e = expo(c), p = e * inv;
+          o[c] = c == y ? one_minus(e, p) : -p;
         }
         break;
       }
@@ -127,8 +160,8 @@ __global__ void probe_kernel(const in_t* __restrict__ X, int64_t stride_r, int64
         int64_t y = block_allreduce(cnt, SumOp(), sc.i);
         y = y < C - 1 ? y : C - 1;
         for (int64_t c = tid; c < C; c += bd) {
-          const acc_t p = prob(c);
-          o[c] = c == y ? acc_t(1) - p : -p;
+          const acc_t e = expo(c), p = e * inv;
+          o[c] = c == y ? one_minus(e, p) : -p;
         }
         break;
       }

@@ -116,10 +116,11 @@ def lm_head_probe(
     """One HUTCHINSON-family probe through a Linear head, without the ``(R, V)`` logits.
 
     With ``z = hidden @ weight.T + bias`` and ``u = probe_logit_grad(z, mode, seed, offset, 1)[0]``
-    (for ``sqrt``: ``u`` back-propagated through ``log_softmax``, as the HUTCHINSON_SQRT step
-    does), returns ``(u @ weight, u.T @ hidden, u.sum(0))``. Rows are processed ``row_chunk`` at a
-    time; chunk ``r0:r1`` draws its signs at the counters ``offset + r0*V + ...``, so the result
-    equals the unchunked composition sign for sign (and a probe ``s`` of the HUTCHINSON step over
+    (for ``sqrt``: ``u``'s gradient through ``log_softmax``, ``u - p sum(u)``, formed as the
+    HUTCHINSON_SQRT step forms it: exact at a confident row's leading class), returns
+    ``(u @ weight, u.T @ hidden, u.sum(0))``. Rows are processed ``row_chunk`` at a time; chunk
+    ``r0:r1`` draws its signs at the counters ``offset + r0*V + ...``, so the result equals the
+    unchunked composition sign for sign (and a probe ``s`` of the HUTCHINSON step over
     ``R`` rows is ``offset + s*R*V``).
 
     Memory: beyond the outputs, ``O(row_chunk * V)`` float32 temporaries (a few chunk-sized

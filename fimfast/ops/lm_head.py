@@ -18,6 +18,7 @@ import torch
 
 from fimfast import chunks
 from fimfast.dtypes import compute_dtype
+from fimfast.ops.softmax_rest import mix_at
 
 # float32 logits per row chunk: 2M entries (8 MiB). The chunk's logits, probabilities, signs and
 # factor (four such buffers) stay far below the (R, V) cotangent of the unfused path, and chunks of
@@ -36,10 +37,8 @@ def _factor(z: torch.Tensor, mode: str, seed: int, offset: int, probe_backend: s
 
     u = ops.probe_logit_grad(z, mode, seed, offset, 1, backend=probe_backend)[0]
     if mode == "sqrt":
-        # h = sum_c w_c log p_c(z): through log_softmax's own backward, as fimfast.hutchinson does
-        with torch.enable_grad():
-            zc = z.to(u.dtype).requires_grad_(True)
-            (u,) = torch.autograd.grad(torch.log_softmax(zc, dim=-1), zc, u)
+        # h = sum_c w_c log p_c(z): its gradient w - p sum(w), as fimfast.hutchinson forms it
+        u = mix_at(u, z)
     return u
 
 

@@ -10,7 +10,7 @@ import math
 import torch
 
 from fimfast.dtypes import compute_dtype
-from fimfast.ops import rng
+from fimfast.ops import rng, softmax_rest
 
 PROBE_MODES = ("hutchinson", "sqrt", "dg", "rankk", "empirical", "mc", "bernoulli", "gaussian")
 
@@ -37,12 +37,14 @@ def probe_logit_grad_torch(
     if mode == "bernoulli":  # sqrt(s (1 - s)) = 1 / (2 cosh(z / 2)), accurate in both tails
         xi = rng.rademacher(seed, offset, (S, R, C), dt, dev)
         return xi * (0.5 / torch.cosh(0.5 * z))
-    p = torch.softmax(z, dim=-1)
+    # 1 - p of the leading classes from the others' exponentials: exact on confident rows
+    soft = softmax_rest.softmax_rest(z)
+    p = soft.p
     if mode in ("hutchinson", "sqrt", "dg"):
         sp = torch.sqrt(p)
         w = rng.rademacher(seed, offset, (S, R, C), dt, dev) * sp
         if mode == "hutchinson":
-            return w - p * w.sum(-1, keepdim=True)
+            return softmax_rest.mix(w, soft)
         return w
     if mode == "rankk":
         if eig is None:
@@ -55,15 +57,14 @@ def probe_logit_grad_torch(
     if mode == "empirical":
         if labels is None:
             raise ValueError("probe_logit_grad: mode 'empirical' needs labels")
-        onehot = torch.nn.functional.one_hot(labels.long(), C).to(dt)
-        return (onehot - p).unsqueeze(0).expand(S, R, C).contiguous()
+        y = labels.long().to(dev).unsqueeze(0).expand(S, R)
+        return softmax_rest.score(soft, y)
     if mode == "mc":
         u = rng.uniform(seed, offset, (S, R), dt, dev)
         cdf = torch.cumsum(p, dim=-1)
         # label = number of classes whose cumulative probability is <= u (inverse CDF)
         y = (cdf.unsqueeze(0) <= u.unsqueeze(-1)).sum(-1).clamp_max(C - 1)
-        onehot = torch.nn.functional.one_hot(y, C).to(dt)
-        return onehot - p.unsqueeze(0)
+        return softmax_rest.score(soft, y)
     raise ValueError(f"probe_logit_grad: mode must be one of {PROBE_MODES}; got {mode!r}")
 
 

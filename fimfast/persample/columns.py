@@ -9,6 +9,7 @@ import torch
 from fimfast import likelihoods
 from fimfast._lazy import once
 from fimfast.dtypes import compute_dtype
+from fimfast.ops.softmax_rest import softmax_rest
 from fimfast.types import FIMType, Options
 
 # columns of EXACT formed at once by Columns.span up to this many elements (256 KiB in float32)
@@ -64,8 +65,24 @@ class Columns:
         return (flat.detach() if flat.requires_grad else flat).to(self.dtype)
 
     @once
+    def _soft(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``p`` and ``1 - p``, the latter exact at a confident row's leading class."""
+        soft = softmax_rest(self.z)
+        return soft.p, soft.one_minus()
+
+    @once
     def p(self) -> torch.Tensor:
-        return torch.softmax(self.z, -1)
+        return self._soft[0]
+
+    @once
+    def diag(self) -> torch.Tensor:
+        """``(R, num)`` entry of column ``k`` at class ``k``: ``sqrt(p_k) (1 - alpha p_k)`` as
+        ``sqrt(p_k) (sqrt(p_C) + 1 - p_k) / (1 + sqrt(p_C))`` (no difference of numbers near 1 on a
+        confident row); the column scale of a diagonal factor."""
+        if not self.categorical:
+            return self.sp
+        sref = self.sp[:, -1:]
+        return self.sp[:, : self.num] * (sref + self._soft[1][:, : self.num]) / (1.0 + sref)
 
     @once
     def sp(self) -> torch.Tensor:
@@ -94,7 +111,7 @@ class Columns:
         if self.block is not None:
             return self.block[0] if self.num == 1 else self.block.square().sum(0).sqrt_()
         if self.categorical:
-            return (self.p - self.p.square()).sqrt_()
+            return (self.p * self._soft[1]).sqrt_()
         return self.sp
 
     @property
@@ -104,12 +121,13 @@ class Columns:
 
     def squares(self, dt: torch.dtype) -> torch.Tensor:
         """:attr:`S` in ``dt``, formed once per dtype (not to be written). For the categorical
-        EXACT it is ``p - p^2`` itself (``diag I(z)``, docs/math.md §3): two operators and no
+        EXACT it is ``p (1 - p)`` itself (``diag I(z)``, docs/math.md §3; ``1 - p`` exact at a
+        confident row's leading class): no
         square root to square again; otherwise ``root^2``."""
         S = self._squares.get(dt)
         if S is None:
             if self.categorical and self.z.dtype == dt:
-                S = self.p - self.p.square()
+                S = self.p * self._soft[1]
             else:
                 root = self.root
                 S = root.square() if root.dtype == dt else root.to(dt).square_()
@@ -126,8 +144,9 @@ class Columns:
             cols = torch.zeros(M, self.R, self.C, dtype=self.dtype, device=sp.device)
         else:
             cols = torch.mul(sp, self.naq.unsqueeze(0))
-        # + sqrt(p_k) at class k of column k: one scatter (an indexed += is three kernels)
-        return cols.scatter_add_(2, ks.view(M, 1, 1).expand(M, self.R, 1), sp)
+        # the entry at class k of column k: one scatter (an indexed write is three kernels)
+        d = self.diag.index_select(1, ks).t().unsqueeze(-1)
+        return cols.scatter_(2, ks.view(M, 1, 1).expand(M, self.R, 1), d)
 
     def span(self, k0: int, k1: int) -> torch.Tensor:
         """Columns ``k0 .. k1 - 1``, ``(k1 - k0, R, C)``: not to be written. Score columns are a
@@ -144,14 +163,14 @@ class Columns:
 
     @once
     def _whole(self) -> torch.Tensor:
-        """Every column, as :meth:`take` forms them (the same products and sums), with the
-        ``+ sqrt(p_k)`` of column ``k`` added on the diagonal view ``(k, r, k)``: no index."""
+        """Every column, as :meth:`take` forms them (the same products), with the entry of
+        column ``k`` at class ``k`` written on the diagonal view ``(k, r, k)``: no index."""
         sp = self.sp[:, : self.num]  # (R, num)
         if self.naq is None:
             cols = torch.zeros(self.num, self.R, self.C, dtype=self.dtype, device=sp.device)
         else:
             cols = torch.mul(sp.t().unsqueeze(-1), self.naq.unsqueeze(0))
-        cols.diagonal(0, 0, 2).add_(sp)
+        cols.diagonal(0, 0, 2).copy_(self.diag)
         return cols
 
     def every(self) -> torch.Tensor:

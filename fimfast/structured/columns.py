@@ -32,6 +32,7 @@ from fimfast.forward import _is_causal_lm
 from fimfast.guard import retained_graphs
 from fimfast.hutchinson import _ENGINE, _plain
 from fimfast.layout import of_output
+from fimfast.ops.softmax_rest import mix_at
 from fimfast.types import FIMType, Options, UnsupportedModelError
 
 
@@ -92,9 +93,8 @@ def probe_columns(
     """
     flat = rows.flat
     u = likelihoods.probe_factor(flat, fim_type, opts, seed, offset)
-    if fim_type == FIMType.HUTCHINSON_SQRT:
-        p = torch.softmax(flat.detach().to(u.dtype), -1)
-        u = u - p * u.sum(-1, keepdim=True)
+    if fim_type == FIMType.HUTCHINSON_SQRT:  # exact at a confident row's leading class
+        u = mix_at(u, flat)
     S = u.shape[0]
     return u if S == 1 else u / math.sqrt(S)
 

@@ -73,6 +73,34 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def one_minus_softmax(z: np.ndarray) -> np.ndarray:
+    """``1 - p`` of every class as the sum of the other classes' probabilities: at the row's
+    (first) largest logit the sum of the other exponentials, so confident rows keep their relative
+    accuracy (``1 - p`` there is tiny; elsewhere ``p <= 1/2``)."""
+    e = np.exp(z - z.max(-1, keepdims=True))
+    s = e.sum(-1, keepdims=True)
+    out = (s - e) / s
+    if z.size == 0:
+        return out
+    top = z.argmax(-1)
+    for r in range(z.shape[0]):
+        if z.shape[1]:
+            out[r, top[r]] = (e[r, : top[r]].sum() + e[r, top[r] + 1 :].sum()) / s[r, 0]
+    return out
+
+
+def _hutchinson_mix(w: np.ndarray, p: np.ndarray, om: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """``w - p (sum w)`` as ``w_c (1 - p_c) - p_c sum_{j != c} w_j`` per class, the sum without
+    ``w_c`` added up from the other classes at the row's largest logit."""
+    tot = w.sum(-1, keepdims=True)
+    others = tot - w
+    top = z.argmax(-1)
+    for r in range(z.shape[0]):
+        t = top[r]
+        others[:, r, t] = w[:, r, :t].sum(-1) + w[:, r, t + 1 :].sum(-1)
+    return w * om - p * others
+
+
 def probe_logit_grad(z: torch.Tensor, mode: str, seed: int, offset: int, S: int, labels=None,
                      eig=None, sigma2: float = 1.0) -> torch.Tensor:
     """``(S, R, C)`` dz of every mode; ``mc`` labels by the inverse CDF of the float64 softmax."""
@@ -88,7 +116,9 @@ def probe_logit_grad(z: torch.Tensor, mode: str, seed: int, offset: int, S: int,
         p = softmax(x)
         w = xi * np.sqrt(p)
         if mode == "hutchinson":  # (diag(sqrt p) - sqrt p p^T)^T xi = sqrt(p) xi - p (sqrt(p).xi)
-            return _t(w - p * w.sum(-1, keepdims=True))
+            if C == 0:
+                return _t(w)
+            return _t(_hutchinson_mix(w, p, one_minus_softmax(x), x))
         return _t(w)
     p = softmax(x)
     if mode == "rankk":
@@ -102,14 +132,15 @@ def probe_logit_grad(z: torch.Tensor, mode: str, seed: int, offset: int, S: int,
     if mode == "empirical":
         y = labels.cpu().numpy()
         out = -p.copy()
-        out[np.arange(R), y] += 1.0
+        out[np.arange(R), y] = one_minus_softmax(x)[np.arange(R), y]
         return _t(np.broadcast_to(out, (S, R, C)).copy())
     if mode == "mc":
         u = uniforms(seed, offset, S * R).reshape(S, R)
         cdf = np.cumsum(p, -1)
         y = np.minimum((cdf[None] <= u[..., None]).sum(-1), C - 1)  # (S, R)
         out = np.broadcast_to(-p, (S, R, C)).copy()
-        np.put_along_axis(out, y[..., None], np.take_along_axis(out, y[..., None], -1) + 1, -1)
+        om = np.broadcast_to(one_minus_softmax(x), (S, R, C))
+        np.put_along_axis(out, y[..., None], np.take_along_axis(om, y[..., None], -1), -1)
         return _t(out)
     raise KeyError(mode)
 

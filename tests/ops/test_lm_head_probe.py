@@ -153,3 +153,31 @@ def test_bad_arguments_raise_naming_them(case):
     hh, WW, bb, mode, chunk = make(h, W, b)
     with pytest.raises(exc, match=msg):
         ops.lm_head_probe(hh, WW, bb, mode, SEED, OFFSET, row_chunk=chunk)
+
+
+@pytest.mark.parametrize("V,lead", [(40, 3), (130, 129)], ids=["V40-lead3", "V130-lead-last"])
+@pytest.mark.parametrize("mode", ["hutchinson", "sqrt"])
+@pytest.mark.parametrize("backend", ["torch", *backend_params()])
+def test_confident_head(backend, mode, V, lead):
+    """A float32 head whose every row leads in class ``lead`` by about 25 (``1 - max p`` a few
+    ulps of 1; on the 130-class head the leading class sits in the last tile of the fused kernels,
+    after the row's running max): the products equal the float64 ones, whose factor resolves
+    ``1 - p``, to float32 rounding of the logits. Formed as ``w - p sum(w)`` the leading class's
+    entry kept no relative accuracy (the weight row of that class was off by about 1e-3)."""
+    dev = require(backend) if backend != "torch" else torch.device("cpu")
+    h, W, b = _inputs(17, V, 8, torch.float32, True, seed=5)
+    W, b = W * 0.4, b * 0.4
+    b[lead] += 25.0
+    z = (h.double() @ W.double().t() + b.double())
+    top = z.topk(2, -1).values
+    assert bool(((top[:, 0] - top[:, 1]) > 18).all()), "every row must be confident"
+    ref = unfused(h.double(), W.double(), b.double(), mode)  # float64: 1 - p resolved
+    got = ops.lm_head_probe(h.to(dev), W.to(dev), b.to(dev), mode, SEED, OFFSET, backend=backend)
+    for name, g, r in zip(("grad_hidden", "grad_weight", "grad_bias"), got, ref):
+        assert float(r.abs().max()) > 0, f"{name}: a zero oracle"
+        g = g.double().cpu()
+        if name == "grad_weight":  # each class's row relative to itself (the leading one's too)
+            err = float(((g - r).abs().amax(1) / r.abs().amax(1)).max())
+        else:
+            err = rel_err(g, r)
+        assert err <= 1e-4, f"{backend} {mode} V={V}: {name} error {err:.3g}"

@@ -4,9 +4,11 @@ Two kernels, both recomputing the logit tiles ``z = h W^T + b`` (``BM`` rows by 
 from the hidden rows and the weight instead of storing them:
 
 * ``_rows_kernel``, one program per block of ``BM`` rows: pass 1 runs an online max / sum of
-  ``exp`` over the classes; pass 2 (``hutchinson``, ``sqrt``) sums ``w = sqrt(p) xi``; pass 3 forms
-  ``u = w - p sum(w)`` (``dg``: ``u = w``) and accumulates ``grad_hidden = u W``. It writes the
-  three row statistics.
+  ``exp`` over the classes, the sum split into the classes below the max and the leading ones;
+  pass 2 (``hutchinson``, ``sqrt``) sums ``w = sqrt(p) xi`` below the max and at it, from which
+  the entry of a leading class is formed once per row and probe sign (exact on confident rows,
+  :mod:`fimfast.ops.softmax_rest`); pass 3 forms ``u = w - p sum(w)`` (``dg``: ``u = w``) and
+  accumulates ``grad_hidden = u W``. It writes the five row statistics.
 * ``_weight_kernel``, one program per block of ``BN`` classes: for every row block it rebuilds
   ``u`` from the row statistics and accumulates ``grad_weight = u^T h`` and ``grad_bias = sum u``.
   Each output tile has one owner: no atomics, a deterministic result.
@@ -18,8 +20,9 @@ would stay live across them, and ``ptxas`` spilled those predicates to local mem
 (:mod:`fimfast.ops.triton.aot`).
 
 The signs are those of :mod:`fimfast.ops.rng` at the counters ``offset + r*V + c``, as in the
-reference. ``sqrt`` uses the same formula as ``hutchinson`` (the reference reaches it through
-``log_softmax``'s backward; the two agree to rounding). ``row_chunk`` does not apply (tiles are
+reference. ``sqrt`` uses the same formula as ``hutchinson`` (the reference forms its
+``log_softmax`` gradient ``w - p sum(w)`` by :func:`fimfast.ops.softmax_rest.mix`; the two agree to
+rounding). ``row_chunk`` does not apply (tiles are
 ``BM x BN``). The hidden size is one block of registers (``d <= MAX_D``); larger heads use the
 composite (torch matmuls around the Triton ``probe_logit_grad``), as does float64 (the fused
 kernels spill there, and a float64 ``tl.dot`` needs sm_90: :mod:`fimfast.ops.triton.arch`). The
@@ -68,20 +71,38 @@ def _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS: tl.constexpr, ACC: tl
 
 
 @triton.jit
-def _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE: tl.constexpr):
-    """``u`` of a tile from its logits and the row statistics (zero outside the valid tile)."""
+def _factor(z, m, s, dot, up, um, rows, cols, offset, V, k0, k1, MODE: tl.constexpr):
+    """``u`` of a tile from its logits and the row statistics (zero outside the valid tile):
+    ``w - p dot``; at a leading class (``z == m``) the row's ``up`` or ``um`` by the sign of its
+    probe (:func:`_lead_entries`)."""
     p = tl.exp(z - m[:, None]) / s[:, None]
     bit = sign_bit(offset + rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :], k0, k1)
     sp = tl.sqrt(p)
     w = tl.where(bit != 0, -sp, sp)
     if MODE != 2:
-        w = w - p * sw[:, None]
+        w = tl.where(z == m[:, None], tl.where(bit != 0, um[:, None], up[:, None]),
+                     w - p * dot[:, None])
     return w
+
+
+@triton.jit
+def _lead_entries(m, below, ties, s, sw, sl):
+    """HUTCHINSON's entry ``w - p (sum w)`` of a leading class of each row, for a probe sign of
+    +1 (``up``) and -1 (``um``): with ``|w|`` and ``p`` as the tiles form them there,
+    ``k = sl / |w|`` the exact integer of the tied classes' signs, ``sw`` the sum of ``w`` below
+    the max, ``+-|w| (below + ties -+ k) / s - p sw``: no difference of numbers near 1 (nor near
+    1/2, two tied classes of one sign) is formed (:mod:`fimfast.ops.softmax_rest`)."""
+    p = tl.exp(m - m) / s
+    wl = tl.sqrt(p)
+    k = tl.floor(sl / wl + 0.5)
+    up = wl * ((below + (ties - k)) / s) - p * sw
+    um = -wl * ((below + (ties + k)) / s) - p * sw
+    return up, um
 
 
 @triton.jit(do_not_specialize=["R", "V", "offset", "K0", "K1"])
 def _rows_kernel(
-    H_ptr, W_ptr, B_ptr, GH_ptr, M_ptr, S_ptr, SW_ptr, R, V, D, offset, K0, K1,
+    H_ptr, W_ptr, B_ptr, GH_ptr, M_ptr, S_ptr, D_ptr, UP_ptr, UM_ptr, R, V, D, offset, K0, K1,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -96,14 +117,23 @@ def _rows_kernel(
     hmask = rm[:, None] & (offs_d[None, :] < D)
     h = tl.load(H_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], mask=hmask, other=0.0)
     m = tl.full((BM,), float("-inf"), ACC)
-    s = tl.zeros((BM,), ACC)
+    below = tl.zeros((BM,), ACC)  # the sum of exp(z - m) over the classes below m
+    ties = tl.zeros((BM,), ACC)  # the classes at m (exp = 1): the sum is below + ties
     for c0 in range(0, V, BN):
         cols = c0 + tl.arange(0, BN)
         z, _ = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
         m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        e = tl.exp(z - m_new[:, None])
+        at = z == m_new[:, None]
+        tile_below = tl.sum(tl.where(at, 0.0, e), 1)
+        tile_ties = tl.sum(at.to(ACC), 1)
+        grew = m_new > m  # a new row max: the old sum is all below it
+        below = tl.where(grew, (below + ties) * tl.exp(m - m_new), below) + tile_below
+        ties = tl.where(grew, 0.0, ties) + tile_ties
         m = m_new
+    s = below + ties
     sw = tl.zeros((BM,), ACC)
+    sl = tl.zeros((BM,), ACC)
     if MODE != 2:
         for c0 in range(0, V, BN):
             cols = c0 + tl.arange(0, BN)
@@ -113,23 +143,31 @@ def _rows_kernel(
                 offset + rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :], k0, k1
             )
             sp = tl.sqrt(p)
-            sw += tl.sum(tl.where(bit != 0, -sp, sp), 1)
+            w = tl.where(bit != 0, -sp, sp)
+            lead = z == m[:, None]
+            sw += tl.sum(tl.where(lead, 0.0, w), 1)
+            sl += tl.sum(tl.where(lead, w, 0.0), 1)
+    up, um = _lead_entries(m, below, ties, s, sw, sl)
+    dot = sw + sl
     gh = tl.zeros((BM, BD), ACC)
     for c0 in range(0, V, BN):
         cols = c0 + tl.arange(0, BN)
         z, w = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
-        u = _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE)
+        u = _factor(z, m, s, dot, up, um, rows, cols, offset, V, k0, k1, MODE)
         u = tl.where(rm[:, None] & (cols < V)[None, :], u, 0.0)
         gh += tl.dot(u, w, input_precision="ieee", out_dtype=ACC)
     tl.store(GH_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :], gh)
     tl.store(M_ptr + rows, m, mask=rm)
     tl.store(S_ptr + rows, s, mask=rm)
-    tl.store(SW_ptr + rows, sw, mask=rm)
+    tl.store(D_ptr + rows, dot, mask=rm)
+    tl.store(UP_ptr + rows, up, mask=rm)
+    tl.store(UM_ptr + rows, um, mask=rm)
 
 
 @triton.jit(do_not_specialize=["R", "V", "offset", "K0", "K1"])
 def _weight_kernel(
-    H_ptr, W_ptr, B_ptr, GW_ptr, GB_ptr, M_ptr, S_ptr, SW_ptr, R, V, D, offset, K0, K1,
+    H_ptr, W_ptr, B_ptr, GW_ptr, GB_ptr, M_ptr, S_ptr, D_ptr, UP_ptr, UM_ptr, R, V, D, offset, K0,
+    K1,
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
@@ -154,8 +192,10 @@ def _weight_kernel(
         z, _ = _logits(h, W_ptr, B_ptr, cols, V, D, offs_d, HAS_BIAS, ACC)
         m = tl.load(M_ptr + rows, mask=rm, other=0.0)
         s = tl.load(S_ptr + rows, mask=rm, other=1.0)
-        sw = tl.load(SW_ptr + rows, mask=rm, other=0.0)
-        u = _factor(z, m, s, sw, rows, cols, offset, V, k0, k1, MODE)
+        dot = tl.load(D_ptr + rows, mask=rm, other=0.0)
+        up = tl.load(UP_ptr + rows, mask=rm, other=0.0)
+        um = tl.load(UM_ptr + rows, mask=rm, other=0.0)
+        u = _factor(z, m, s, dot, up, um, rows, cols, offset, V, k0, k1, MODE)
         u = tl.where(rm[:, None] & cm[None, :], u, 0.0)
         gw += tl.dot(tl.trans(u), h, input_precision="ieee", out_dtype=ACC)
         gb += tl.sum(u, 0)
@@ -209,7 +249,9 @@ def lm_head_probe_op(
         W = torch.nn.functional.pad(W, (0, bd - D))
     gh_pad = torch.empty((triton.cdiv(R, BM) * BM, bd), dtype=dt, device=dev)
     gw_pad = torch.empty((triton.cdiv(V, BN) * BN, bd), dtype=dt, device=dev)
-    stats = torch.empty((3, R), dtype=dt, device=dev)
+    # per row: m, the sum of exp(z - m), of w = sqrt(p) xi, a leading class's entry for + and -
+    stats = torch.empty((5, R), dtype=dt, device=dev)
+    st = (stats[0], stats[1], stats[2], stats[3], stats[4])
     k0, k1 = rng.keys(seed, rng.STREAM_SIGN)
     meta = dict(
         MODE=_MODE_ID[mode],
@@ -227,12 +269,10 @@ def lm_head_probe_op(
     )
     off = offset & ((1 << 63) - 1)
     wrap_triton(_rows_kernel)[(triton.cdiv(R, BM),)](
-        h, W, b, gh_pad, stats[0], stats[1], stats[2], R, V, bd, off, k0, k1, **meta
+        h, W, b, gh_pad, *st, R, V, bd, off, k0, k1, **meta
     )
     wrap_triton(_weight_kernel)[(triton.cdiv(V, BN),)](
-        h, W, b, gw_pad, gb if bias is not None else b, stats[0], stats[1], stats[2], R, V, bd,
-        off,
-        k0, k1, **meta,
+        h, W, b, gw_pad, gb if bias is not None else b, *st, R, V, bd, off, k0, k1, **meta,
     )  # fmt: skip
     gh, gw = gh_pad[:R, :D], gw_pad[:V, :D]  # views; contiguous when D is a power of 2 >= 16
     if D != bd:

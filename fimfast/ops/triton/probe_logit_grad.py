@@ -32,23 +32,33 @@ _LOOP_BLOCK = 4096
 
 @triton.jit
 def _row_stats(X_ptr, row_off, X_stride_c, C, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Online max and sum of exp over a long row (column blocks)."""
+    """Online max and sum of exp over a long row (column blocks): ``(m, below, ties)``, the sum
+    being ``below + ties`` with ``ties`` the classes at ``m`` (``e = 1``) and ``below`` the others'
+    ``e``. Each lane keeps its sum without one of the elements at its max, ``t``: a new lane max
+    turns the old sum into ``t`` (no ``s - 1`` is formed)."""
     offs = tl.arange(0, BLOCK)
     m_vec = tl.full((BLOCK,), float("-inf"), ACC)
     s_vec = tl.zeros((BLOCK,), ACC)
+    t_vec = tl.zeros((BLOCK,), ACC)
     for c0 in range(0, C, BLOCK):
         cols = c0 + offs
         x = tl.load(
             X_ptr + row_off + cols.to(tl.int64) * X_stride_c, mask=cols < C, other=float("-inf")
         ).to(ACC)
         m_new = tl.maximum(m_vec, x)
+        scaled = s_vec * tl.exp(m_vec - m_new)
+        ex = tl.exp(x - m_new)
+        t_new = tl.where(x > m_vec, scaled, t_vec + ex)
         # lanes still at -inf keep a zero sum (exp(-inf - -inf) would be nan)
-        s_new = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
-        s_vec = tl.where(m_new == float("-inf"), 0.0, s_new)
+        s_vec = tl.where(m_new == float("-inf"), 0.0, scaled + ex)
+        t_vec = tl.where(m_new == float("-inf"), 0.0, t_new)
         m_vec = m_new
     m = tl.max(m_vec, 0)
-    s = tl.sum(tl.where(m_vec == float("-inf"), 0.0, s_vec * tl.exp(m_vec - m)), 0)
-    return m, s
+    at = (m_vec == m) & (m_vec != float("-inf"))
+    below = tl.sum(tl.where(at, t_vec, tl.where(m_vec == float("-inf"), 0.0,
+                                                s_vec * tl.exp(m_vec - m))), 0)
+    ties = tl.sum(at.to(ACC), 0)
+    return m, below, ties
 
 
 @triton.jit(do_not_specialize=["R", "S", "K", "offset", "K0", "K1", "U0", "U1"])
@@ -113,12 +123,19 @@ def _probe_logit_grad_kernel(
             amp = 1.0 / (tl.exp(0.5 * x) + tl.exp(-0.5 * x))
         else:
             xm = tl.where(cm, x, float("-inf"))
-            e = tl.exp(xm - tl.max(xm, 0))
-            p = e / tl.sum(e, 0)
+            m = tl.max(xm, 0)
+            e = tl.exp(xm - m)
+            # 1 - p of a leading class (x == m) from the others' e: exact on confident rows
+            lead = (xm == m) & cm
+            below = tl.sum(tl.where(lead, 0.0, e), 0)
+            ties = tl.sum(lead.to(ACC), 0)
+            ssum = below + ties
+            p = e / ssum
+            q = (below + (ties - 1.0)) / ssum
             amp = tl.sqrt(p)
         if MODE == 4:
             y = tl.load(Y_ptr + r)
-            dz = tl.where(offs == y, 1.0 - p, -p)
+            dz = tl.where(offs == y, tl.where(lead, q, 1.0 - p), -p)
         if MODE == 5:
             cdf = tl.cumsum(p, 0)
         for s in range(S):
@@ -128,34 +145,45 @@ def _probe_logit_grad_kernel(
             elif MODE == 5:  # mc: e_yhat - p, yhat = #classes with cdf <= u
                 u = uniform01(offset + row, u0, u1).to(ACC)
                 yhat = tl.minimum(tl.sum(((cdf <= u) & cm).to(tl.int32), 0), C - 1)
-                out = tl.where(offs == yhat, 1.0 - p, -p)
+                out = tl.where(offs == yhat, tl.where(lead, q, 1.0 - p), -p)
             else:
                 bit = sign_bit(offset + row * C + offs, k0, k1)
                 out = tl.where(bit != 0, -amp, amp)
-                if MODE == 0:  # hutchinson: w - p (sqrt(p) . xi)
-                    out = out - p * tl.sum(out, 0)
+                if MODE == 0:  # hutchinson: w - p (sqrt(p) . xi), at a leading class
+                    # w (below + ties - k) / sum - p (w below), k = d_lead / w an exact integer
+                    # (the tied classes' w have one magnitude): fimfast.ops.softmax_rest
+                    d_below = tl.sum(tl.where(lead, 0.0, out), 0)
+                    d_lead = tl.sum(tl.where(lead, out, 0.0), 0)
+                    out = tl.where(lead, out * ((below + (ties - d_lead / out)) / ssum)
+                                   - p * d_below, out - p * (d_below + d_lead))
             tl.store(O_ptr + row * C + offs, out, mask=cm)
     else:
         if MODE != 7 and MODE != 6:
-            m, ssum = _row_stats(X_ptr, row_off, X_stride_c, C, BLOCK, ACC)
-            inv = 1.0 / ssum
+            m, below, ties = _row_stats(X_ptr, row_off, X_stride_c, C, BLOCK, ACC)
+            inv = 1.0 / (below + ties)
+            q = (below + (ties - 1.0)) * inv  # 1 - p of a leading class (x == m)
         if MODE == 4:
             y = tl.load(Y_ptr + r)
         for s in range(S):
             row = s * R + r
             o_row = O_ptr + row * C
-            if MODE == 0:
+            if MODE == 0:  # sqrt(p) . xi, split at the leading classes
                 dot = tl.zeros((BLOCK,), ACC)
+                dot_lead = tl.zeros((BLOCK,), ACC)
                 for c0 in range(0, C, BLOCK):
                     cols = c0 + offs
                     cm = cols < C
                     x = tl.load(
                         X_ptr + row_off + cols.to(tl.int64) * X_stride_c, mask=cm, other=0.0
-                    )
-                    p = tl.where(cm, tl.exp(x.to(ACC) - m) * inv, 0.0)
+                    ).to(ACC)
+                    p = tl.where(cm, tl.exp(x - m) * inv, 0.0)
                     bit = sign_bit(offset + row * C + cols, k0, k1)
-                    dot += tl.where(bit != 0, -tl.sqrt(p), tl.sqrt(p))
-                dotsum = tl.sum(dot, 0)
+                    w = tl.where(bit != 0, -tl.sqrt(p), tl.sqrt(p))
+                    lead = (x == m) & cm
+                    dot += tl.where(lead, 0.0, w)
+                    dot_lead += tl.where(lead, w, 0.0)
+                d_below = tl.sum(dot, 0)
+                d_lead = tl.sum(dot_lead, 0)
             if MODE == 5:
                 u = uniform01(offset + row, u0, u1).to(ACC)
                 carry = tl.sum(tl.zeros((BLOCK,), ACC), 0)
@@ -187,15 +215,17 @@ def _probe_logit_grad_kernel(
                 else:
                     p = tl.exp(x - m) * inv
                     amp = tl.sqrt(p)
+                    lead = x == m
                 if MODE == 4:
-                    out = tl.where(cols == y, 1.0 - p, -p)
+                    out = tl.where(cols == y, tl.where(lead, q, 1.0 - p), -p)
                 elif MODE == 5:
-                    out = tl.where(cols == yhat, 1.0 - p, -p)
+                    out = tl.where(cols == yhat, tl.where(lead, q, 1.0 - p), -p)
                 else:
                     bit = sign_bit(offset + row * C + cols, k0, k1)
                     out = tl.where(bit != 0, -amp, amp)
-                    if MODE == 0:
-                        out = out - p * dotsum
+                    if MODE == 0:  # as in the one-block path
+                        out = tl.where(lead, out * ((below + (ties - d_lead / out)) * inv)
+                                       - p * d_below, out - p * (d_below + d_lead))
                 tl.store(o_row + cols, out, mask=cm)
 
 
