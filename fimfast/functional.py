@@ -181,15 +181,7 @@ class FunctionalMode(TorchFunctionMode):
         (no graph, no leading dims: its parameters then take the generic path)."""
         if not _usable(y) or lead < 1:
             return y
-        key = (name, site_ids(self.cap, uses))
-        k = self.seen[key]
-        self.seen[key] += 1
-        site = self.sites.get((key, k))
-        if site is None:
-            if len(self.sites) > 4096:
-                self.sites.clear()
-            site = self.sites[(key, k)] = frules.Site(name)
-        site.training = self.cap.model.training
+        site = fstk.site_of(self, (name, site_ids(self.cap, uses)), name)
         tap, out = self.cap.tap(y, lead=lead, key=(id(site), 0), batch_first=batch_first)
         self.cap.record(Call(site, rule, [tap], uses, data))
         self.recorded += 1

@@ -114,12 +114,9 @@ def linear(mode, func, args, kwargs, plain: Callable):
     return record(mode, "F.linear", y, x, uses)
 
 
-def record(mode, name: str, y: Any, x: Tensor, uses: list[Use]) -> Any:
-    """Record ``y = F.linear(x, ...)`` with ``uses`` (a linear map of each row of ``x``) at its
-    site: on routed rows, folded rows unfolded, or its usual layout (module docstring)."""
-    if not _usable(y) or y.dim() < 2:
-        return mode.record(name, frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
-    key = (name, site_ids(mode.cap, uses), tuple(u.block for u in uses))
+def site_of(mode, key: tuple, name: str) -> frules.Site:
+    """The site of the ``k``-th call of ``key`` in this forward of the capture mode ``mode``
+    (made at its first step; the cache cleared above 4096 sites), marked with the model's mode."""
     k = mode.seen[key]
     mode.seen[key] += 1
     site = mode.sites.get((key, k))
@@ -128,6 +125,15 @@ def record(mode, name: str, y: Any, x: Tensor, uses: list[Use]) -> Any:
             mode.sites.clear()
         site = mode.sites[(key, k)] = frules.Site(name)
     site.training = mode.cap.model.training
+    return site
+
+
+def record(mode, name: str, y: Any, x: Tensor, uses: list[Use]) -> Any:
+    """Record ``y = F.linear(x, ...)`` with ``uses`` (a linear map of each row of ``x``) at its
+    site: on routed rows, folded rows unfolded, or its usual layout (module docstring)."""
+    if not _usable(y) or y.dim() < 2:
+        return mode.record(name, frules.LINEAR, y, y.dim() - 1, uses, {"x": x.detach()})
+    site = site_of(mode, (name, site_ids(mode.cap, uses), tuple(u.block for u in uses)), name)
     mode.recorded += 1
     cap = mode.cap
     rows = routed.rows_of(cap, x) if x.dim() == y.dim() else None
