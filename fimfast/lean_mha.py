@@ -17,10 +17,12 @@ runs 1.0-1.5 ms (9-13%) faster this way (``benchmarks/results/hutch_e_cpu_2026-1
 
 Any other call (masks, ``need_weights``, ``is_causal``, separate key or value, separate
 projection weights, ``bias_k``, ``add_zero_attn``, dropout while training, unbatched or nested
-inputs, gradients disabled, a ``__torch_function__`` argument, a class ``forward`` that is not
-torch's) runs torch's forward, which also raises torch's errors. :class:`fimfast.nograd.NogradWatch`
-calls :func:`forward` for a watched ``nn.MultiheadAttention`` (the class itself, not a subclass)
-without an instance ``forward`` of its own, where its caller asks (``lean``).
+inputs, gradients disabled, saved-tensor hooks active (a non-reentrant checkpoint segment, whose
+recomputation runs torch's forward and must save the same tensors), a ``__torch_function__``
+argument, a class ``forward`` that is not torch's) runs torch's forward, which also raises
+torch's errors. :class:`fimfast.nograd.NogradWatch` calls :func:`forward` for a watched
+``nn.MultiheadAttention`` (the class itself, not a subclass) without an instance ``forward`` of
+its own, where its caller asks (``lean``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fimfast.hooks import saved_tensor_hooks_active
 
 __all__ = ["forward"]
 
@@ -77,6 +81,7 @@ def _plain(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
         and x.dim() == 3
         and not x.is_nested
         and torch.is_grad_enabled()
+        and not saved_tensor_hooks_active()  # a checkpoint's recomputation runs torch's forward
         and mod._qkv_same_embed_dim
         and mod.in_proj_weight is not None
         and mod.bias_k is None

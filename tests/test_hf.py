@@ -134,8 +134,28 @@ def test_every_type_on_minilm_classifier(minilm, minilm_results, fim_type):
     assert all(p.grad is None for p in model.parameters())
     # the same draw rebuilt with autograd, every parameter of the encoder
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    ref = rows_reference(model, model(**inputs).logits, fim_type, batch["labels"])
-    assert rel_err(F, ref) <= DET_REL_F32
+    z = model(**inputs).logits
+    ref = rows_reference(model, z, fim_type, batch["labels"])
+    assert rel_err(F, ref) <= DET_REL_F32 * sqrt_condition(z, fim_type)
+
+
+def sqrt_condition(z: torch.Tensor, fim_type: str) -> float:
+    """How much float32 rounding HUTCHINSON_SQRT's cotangent ``w - p sum(w)`` carries, in units
+    of DET_REL_F32: near-uniform ``p`` with probe signs all alike makes it a difference of nearly
+    equal numbers (MiniLM's new head: entries of 1e-3 from terms of 0.58), which no float32
+    evaluation forms to better than eps32 times their ratio (two float32 references differ by 2e-5
+    there). 1 for the other types."""
+    if fim_type != "hutchinson_sqrt":
+        return 1.0
+    from fimfast import likelihoods
+    from fimfast.types import Options
+
+    u = likelihoods.probe_factor(z, fimfast.FIMType(fim_type), Options(), 0, 0)[0].double()
+    p = torch.softmax(z.detach().double(), -1)
+    w = p.sqrt() * torch.sign(u)
+    big = (w.abs() + p * w.sum(-1, keepdim=True).abs()).amax(-1)
+    ratio = float((big / (w - p * w.sum(-1, keepdim=True)).abs().amax(-1)).max())
+    return max(1.0, 4 * torch.finfo(torch.float32).eps * ratio / DET_REL_F32)
 
 
 @pytest.mark.parametrize("fim_type", ["exact", "empirical"])
@@ -203,7 +223,12 @@ def rows_reference(model, z, fim_type: str, labels, seed: int = 0) -> dict:
         return {n: s_.double() for (n, _), s_ in zip(named, sq)}
     u = likelihoods.probe_factor(z, t, Options(), seed, 0)[0].to(z.dtype)
     if t == fimfast.FIMType.HUTCHINSON_SQRT:  # h = sum_c w_c log p_c(z), w = sqrt(p) xi
-        g = torch.autograd.grad((u * torch.log_softmax(z, -1)).sum(), params, allow_unused=True)
+        # d h / d z = w - p (sum w), formed in float64 from the probe's signs (in float32 it
+        # cancels at a confident row's leading class)
+        p64 = torch.softmax(z.detach().double(), -1)
+        w = p64.sqrt() * torch.sign(u.double())
+        cot = w - p64 * w.sum(-1, keepdim=True)
+        g = torch.autograd.grad(z, params, cot.to(z.dtype), allow_unused=True)
     else:  # h = u . z
         g = torch.autograd.grad(z, params, u, allow_unused=True)
     return {n: (torch.zeros_like(q) if b is None else b).double() ** 2
