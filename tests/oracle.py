@@ -220,3 +220,24 @@ def rel_error(got: dict, ref: dict) -> float:
     num = sum(float(((got[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
     den = sum(float((ref[k].double() ** 2).sum()) for k in ref)
     return (num / den) ** 0.5
+
+
+def one_probe_oracle(model, batches, seed: int, mode: str = "hutchinson") -> dict:
+    """Sums over ``batches`` of the squared one-probe gradients in float64, by hand: the probe of
+    the counters each step of ``DiagFisher(model, mode, seed=seed)`` uses (``2 R C`` per batch of
+    ``(R, C)`` logits), one ``autograd.grad`` through the model's own forward."""
+    from fimfast import ops
+    from fimfast.estimator import trainable_parameters
+
+    names, params = trainable_parameters(model)
+    out = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
+    offset = 0
+    for x, _ in batches:
+        z = model(x)
+        u = ops.probe_logit_grad(z.detach().double(), mode, seed, offset, 1, backend="torch")[0]
+        grads = torch.autograd.grad(z, params, u.to(z.dtype), allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                out[n] += g.double() ** 2
+        offset += 2 * z.shape[0] * z.shape[1]
+    return out

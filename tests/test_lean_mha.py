@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 from cases import assert_same_estimators
+from oracle import one_probe_oracle
 
 import fimfast
-from fimfast import lean_mha, ops, prepared
-from fimfast.estimator import trainable_parameters
+from fimfast import lean_mha, prepared
 
 
 def _mha(batch_first=True, bias=True, dtype=torch.float64, **kw):
@@ -138,20 +138,6 @@ def _batches(batch_first=True, dtype=torch.float64, k=3):
     return out
 
 
-def _oracle(model, batches, seed, mode="hutchinson"):
-    """Sums of squared one-probe gradients in float64 through torch's own attention forward."""
-    names, params = trainable_parameters(model)
-    out = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
-    offset = 0
-    for x, _ in batches:
-        z = model(x)
-        u = ops.probe_logit_grad(z.detach().double(), mode, seed, offset, 1, backend="torch")[0]
-        for n, g in zip(names, torch.autograd.grad(z, params, u.to(z.dtype))):
-            out[n] += g.double() ** 2
-        offset += 2 * z.shape[0] * z.shape[1]
-    return out
-
-
 def _run(model, batches, general, monkeypatch, fim_type):
     est = fimfast.DiagFisher(model, fim_type, seed=3)
     took = []
@@ -178,7 +164,8 @@ def test_hutchinson_steps_run_it_and_equal_the_oracle(monkeypatch, fim_type, bat
     est, took = _run(model, batches, False, monkeypatch, fim_type)
     assert took == [True] * 3 and len(runs) == 6
     assert_same_estimators(est, ref)  # the prepared step and the general path: bit for bit
-    want = _oracle(model, batches, 3, "dg" if fim_type == "hutchinson_dg" else "hutchinson")
+    mode = "dg" if fim_type == "hutchinson_dg" else "hutchinson"
+    want = one_probe_oracle(model, batches, 3, mode)
     tol = 1e-11 if dtype == torch.float64 else 2e-4
     got = est.result()
     assert set(got) == set(want)

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 from cases import assert_same_estimators
+from oracle import one_probe_oracle
 
 import fimfast
-from fimfast import UnsupportedModelError, guard, hutchinson, ops, prepared
-from fimfast.estimator import trainable_parameters
+from fimfast import UnsupportedModelError, guard, hutchinson, prepared
 
 
 class _WithUnused(nn.Module):
@@ -39,23 +39,6 @@ def _batches(k=3, n=5, dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g))
             for _ in range(k)]
-
-
-def _oracle(model, batches, seed, mode="hutchinson"):
-    """Sums of the squared one-probe gradients in float64, by hand: the probe of the counters each
-    step uses, one ``autograd.grad``."""
-    names, params = trainable_parameters(model)
-    out = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
-    offset = 0
-    for x, _ in batches:
-        z = model(x)
-        u = ops.probe_logit_grad(z.detach().double(), mode, seed, offset, 1, backend="torch")[0]
-        grads = torch.autograd.grad(z, params, u.to(z.dtype), allow_unused=True)
-        for n, g in zip(names, grads):
-            if g is not None:
-                out[n] += g.double() ** 2
-        offset += 2 * z.shape[0] * z.shape[1]
-    return out
 
 
 def _run(model, batches, general, monkeypatch, fim_type="hutchinson", **kw):
@@ -93,7 +76,7 @@ def test_prepared_steps_equal_the_general_path_and_the_oracle(monkeypatch, fim_t
     assert_same_estimators(est, ref)
     if how:
         return
-    want = _oracle(m, batches, 3, "dg" if fim_type == "hutchinson_dg" else "hutchinson")
+    want = one_probe_oracle(m, batches, 3, "dg" if fim_type == "hutchinson_dg" else "hutchinson")
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for n, v in est.result().items():
         torch.testing.assert_close(v.double(), want[n], rtol=tol, atol=tol * 1e-3, msg=n)
