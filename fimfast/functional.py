@@ -90,6 +90,7 @@ class FunctionalMode(TorchFunctionMode):
         # id(view) -> (ref, param, transposed, remake, chain, version): see view_of, remember
         self.views: dict[int, tuple] = {}
         self.made: dict[int, tuple] = {}  # id -> (ref, param, chain): fder.remake_attributes
+        self.stacked: dict[int, tuple] = {}  # id -> (ref, param, e, version): fstk.select
         self.swapped: list[list | None] = []  # per running module forward, attributes to put back
         self.recorded = 0
 

@@ -77,15 +77,13 @@ def select(mode, func, args, kwargs):
         e = None
     if e is None or not -p.shape[0] <= e < p.shape[0]:
         return out
-    slices = mode.__dict__.setdefault("stacked", {})
-    slices[id(out)] = (weakref.ref(out), p, e % p.shape[0], out._version)
+    mode.stacked[id(out)] = (weakref.ref(out), p, e % p.shape[0], out._version)
     return out
 
 
 def slice_of(mode, t: Any) -> tuple[Tensor, int] | None:
     """``(param, e)`` of ``t = param[e]`` remembered by :func:`select` and not modified since."""
-    slices = mode.__dict__.get("stacked")
-    v = slices.get(id(t)) if slices else None
+    v = mode.stacked.get(id(t))
     if v is None or v[0]() is not t or t._version != v[3] or mode.param(v[1]) is None:
         return None
     return v[1], v[2]
