@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fimfast.estimator import DiagFisher
+from fimfast.grad_mode import autograd_on
 from fimfast.types import FIMType, check_ema, check_reduction
 
 _STATES: weakref.WeakKeyDictionary[torch.nn.Module, dict[FIMType, DiagFisher]] = (
@@ -60,6 +61,7 @@ def zero_diag_fim(model: torch.nn.Module, fim_type: FIMType | str | None = None)
             est._restart = True
 
 
+@autograd_on
 def diag_fim_step(
     model: torch.nn.Module,
     batch: Any,

@@ -16,6 +16,7 @@ from fimfast import distributed, guard, hutchinson, likelihoods, lm_head, persam
 from fimfast.diagfim import DiagFIM
 from fimfast.finite import left_out_checked
 from fimfast.forward import Forward, default_loss_all_rows
+from fimfast.grad_mode import autograd_on
 from fimfast.guard import BufferGuard
 from fimfast.loaders import check_loader
 from fimfast.nograd import NogradWatch, nograd_error
@@ -25,13 +26,7 @@ from fimfast.persample import prepared as prepared_ps
 from fimfast.sparse_tables import candidates, sparse_lookups
 from fimfast.state import State, counter_of
 from fimfast.step import Step
-from fimfast.types import (
-    FIMType,
-    Options,
-    check_ema,
-    check_reduction,
-    check_type_options,
-)
+from fimfast.types import FIMType, Options, check_ema, check_reduction, check_type_options
 
 __all__ = ["DiagFisher", "diag_fisher", "trainable_parameters"]
 
@@ -269,6 +264,7 @@ class DiagFisher:
         self._reset = self._restarted = False
         self.offset += likelihoods.counters_used(self.opts.num_probes, rows.count, rows.num_classes)
 
+    @autograd_on
     def step(self, batch: Any) -> None:
         """Estimate on one batch and fold it into the state (all or nothing).
 
@@ -298,6 +294,7 @@ class DiagFisher:
                 acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows, head)
 
+    @autograd_on
     def train_step(self, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
         """One forward for both training gradients (added to ``.grad``) and the Fisher.
 
@@ -409,6 +406,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@autograd_on
 def diag_fisher(
     model: torch.nn.Module,
     loader: Iterable,

@@ -19,6 +19,7 @@ import torch
 
 from fimfast import batch as batchlib
 from fimfast import distributed, likelihoods
+from fimfast.grad_mode import inference_hint
 from fimfast.layout import of_output
 from fimfast.types import FIMType, Options, UnsupportedModelError
 
@@ -139,6 +140,7 @@ def call_failed(exc: Exception, inputs: Any, fwd: Callable | None) -> Exception:
         "lambda model, batch: model(...) for a forward that takes other arguments "
         "(keyword inputs, several tensors)"
     )
+    hint = inference_hint(exc) or hint
     return _with_context(exc, f"batch: the model's forward failed on this batch{hint}")
 
 

@@ -27,6 +27,7 @@ import torch
 from fimfast import distributed as dist_mod
 from fimfast.estimator import _default_seed
 from fimfast.finite import all_finite, gram_finite, grams_finite, is_square_dense
+from fimfast.grad_mode import autograd_on
 from fimfast.structured import engine, gram, structure
 from fimfast.structured.dense import PairAccumulator
 from fimfast.structured.kron import EKFACFIM, KFACFIM, QuasiDiagFIM
@@ -90,6 +91,7 @@ class FisherAccumulator:
                 self.meta["kfac_approx"] = kfac_approx
 
     # -- accumulation ------------------------------------------------------------------------ #
+    @autograd_on
     def update(self, batch: Any) -> None:
         """Add one batch (refused, with nothing added, when the model's trainable parameters
         changed since the accumulator was made: see :func:`check_same_parameters`)."""

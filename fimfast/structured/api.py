@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fimfast.estimator import diag_fisher
+from fimfast.grad_mode import autograd_on
 from fimfast.loaders import check_loader
 from fimfast.structured import engine
 from fimfast.structured.accumulate import FisherAccumulator
@@ -19,6 +20,7 @@ REPRESENTATIONS = ("diag", "quasi_diag", "kfac", "ekfac", "block_diag", "low_ran
 KFAC_APPROX = ("expand", "reduce")
 
 
+@autograd_on
 def fisher(
     model: torch.nn.Module,
     loader: Iterable,

@@ -29,6 +29,7 @@ import torch
 from fimfast import batch as batchlib
 from fimfast import likelihoods
 from fimfast.forward import _is_causal_lm
+from fimfast.grad_mode import inference_hint
 from fimfast.guard import retained_graphs
 from fimfast.hutchinson import _ENGINE, _plain
 from fimfast.layout import of_output
@@ -46,12 +47,18 @@ class Forward:
 
 def forward(model: torch.nn.Module, batch: Any, fim_type: FIMType, opts: Options) -> Forward:
     """Run the model on ``batch`` and select the valid rows (same rules as ``DiagFisher``)."""
-    if opts.forward_fn is not None:
-        labels, mask = batchlib.labels_of(batch)
-        output = opts.forward_fn(model, batch)
-    else:
-        inputs, labels, mask = batchlib.split(batch)
-        output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    try:
+        if opts.forward_fn is not None:
+            labels, mask = batchlib.labels_of(batch)
+            output = opts.forward_fn(model, batch)
+        else:
+            inputs, labels, mask = batchlib.split(batch)
+            output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    except RuntimeError as exc:
+        if not inference_hint(exc):
+            raise
+        raise RuntimeError(f"batch: the model's forward failed{inference_hint(exc)} "
+                           f"(RuntimeError: {exc})") from exc
     raw = batchlib.logits_of(output)
     logits, labels, mask = of_output(output, raw, labels, mask, opts)
     if logits is not raw:
