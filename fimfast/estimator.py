@@ -264,7 +264,7 @@ class DiagFisher:
         self._reset = self._restarted = False
         self.offset += likelihoods.counters_used(self.opts.num_probes, rows.count, rows.num_classes)
 
-    @autograd_on
+    @autograd_on(backend=lambda est: est.opts.backend)
     def step(self, batch: Any) -> None:
         """Estimate on one batch and fold it into the state (all or nothing).
 
@@ -294,7 +294,7 @@ class DiagFisher:
                 acc = self._estimate(rows, params, retain_graph=False, cap=cap, head=head)
         self._commit(acc, rows, head)
 
-    @autograd_on
+    @autograd_on(backend=lambda est: est.opts.backend)
     def train_step(self, batch: Any, loss_fn: Callable | None = None) -> torch.Tensor:
         """One forward for both training gradients (added to ``.grad``) and the Fisher.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -249,6 +250,8 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Ca
         BackendUnavailableError: ``backend`` was named explicitly and cannot run here.
     """
     impls = _IMPLS[op]
+    if backend is None:
+        backend = _step_backend(op)
     requested = backend if backend not in (None, "auto") else _env.backend()
     if requested != "auto":
         if requested not in BACKENDS:
@@ -283,6 +286,8 @@ def bound(op: str, backend: str | None, device: torch.device) -> Callable:
     ``TRITON_INTERPRET`` and that variable is not read. Anything else (an explicit backend, a
     first call) goes through :func:`resolve` and raises as it does.
     """
+    if backend is None:
+        backend = _step_backend(op)
     if backend is None or backend == "auto":
         env = _env.get("FIMFAST_BACKEND")
         if env is None or env == "auto":
@@ -300,6 +305,35 @@ def bound(op: str, backend: str | None, device: torch.device) -> Callable:
 
 # (op, device type) -> the automatic choice, for the orders without triton (see bound)
 _AUTO_BOUND: dict[tuple[str, str], Callable] = {}
+
+# the backend option of the estimator whose step runs in this thread (see step_backend)
+_STEP = threading.local()
+
+
+def _step_backend(op: str) -> str | None:
+    """The running step's ``backend`` option where ``op`` implements it, else ``None``."""
+    b = getattr(_STEP, "backend", None)
+    return b if b is not None and b in _IMPLS[op] else None
+
+
+class step_backend:  # noqa: N801 (a context manager, used as a function)
+    """``with step_backend(backend):`` the ops called without a backend of their own take
+    ``backend`` (an estimator's ``backend`` option) where they implement it, the automatic
+    choice (``FIMFAST_BACKEND``, then the order of :func:`resolve`) otherwise: ``backend="torch"``
+    runs every op's reference, ``"cpp"`` every op the extension has. ``None`` or ``"auto"``:
+    nothing changes. Nested steps restore the outer one's."""
+
+    __slots__ = ("backend", "saved")
+
+    def __init__(self, backend: str | None) -> None:
+        self.backend = None if backend == "auto" else backend
+
+    def __enter__(self) -> None:
+        self.saved = getattr(_STEP, "backend", None)
+        _STEP.backend = self.backend
+
+    def __exit__(self, *exc) -> None:
+        _STEP.backend = self.saved
 
 
 def _auto_order(op: str, device: torch.device) -> tuple[str, ...]:

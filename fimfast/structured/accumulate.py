@@ -91,7 +91,7 @@ class FisherAccumulator:
                 self.meta["kfac_approx"] = kfac_approx
 
     # -- accumulation ------------------------------------------------------------------------ #
-    @autograd_on
+    @autograd_on(backend=lambda acc: acc.stream.opts.backend)
     def update(self, batch: Any) -> None:
         """Add one batch (refused, with nothing added, when the model's trainable parameters
         changed since the accumulator was made: see :func:`check_same_parameters`)."""
