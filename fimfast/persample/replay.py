@@ -16,7 +16,7 @@ import torch
 
 from fimfast import batch as batchlib
 from fimfast import derived_weights as dw
-from fimfast import functional, hooks, layers
+from fimfast import functional, hooks, inner_grad, layers
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.rules.forwards import Forwards
 from fimfast.types import UnsupportedModelError
@@ -206,6 +206,7 @@ class Replay:
             cap.samples = self._samples
         forwards = None if self.hooked else self._forwards
         undo = cap.install(mods[0], self._owned, self._watch, forwards)  # cap.installed, inline
+        undo.append(inner_grad.watch(cap))  # a backward building a graph in the forward
         modules = self._mods[4]  # the model may hand a layer a weight computed from parameters
         try:
             if not self.functional or self._quiet:
