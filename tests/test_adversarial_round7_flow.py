@@ -186,6 +186,92 @@ def test_the_engine_is_put_back_after_a_step_and_after_a_failed_one():
     assert Variable._execution_engine is engine
 
 
+# ------------------------------------------------- a layer's input written after its call
+
+
+def _written(call):
+    """``call(s, h)`` on a copy of the input, which the forward then writes into (while
+    ``s.write``)."""
+    def fwd(s, x):
+        h = x.clone()
+        z = call(s, h)
+        if getattr(s, "write", True):
+            h.mul_(2.0)
+        return z
+    return fwd
+
+
+X3 = (N, 3, D)
+# name -> (builder, input shape); torch's own backward refuses all but the last three (a copy
+# of the batch-first input is what torch's forward saves): refused either way
+WRITTEN = {
+    "Linear": (lambda: Fn(_written(lambda s, h: s.o(torch.tanh(s.a(h)))), a=_lin(),
+                          o=_lin(D, 3)), (N, D)),
+    "Linear on (N, T, D)": (lambda: Fn(_written(lambda s, h: s.o(torch.tanh(s.a(h)).mean(1))),
+                                       a=_lin(), o=_lin(D, 3)), X3),
+    "LayerNorm": (lambda: Fn(_written(lambda s, h: s.o(s.n(h))), n=nn.LayerNorm(D),
+                             o=_lin(D, 3)), (N, D)),
+    "Conv2d": (lambda: Fn(_written(lambda s, h: s.o(torch.tanh(s.c(h)).flatten(1))),
+                          c=nn.Conv2d(2, 3, 3), o=_lin(27, 3)), (N, 2, 5, 5)),
+    "Bilinear": (lambda: Fn(_written(lambda s, h: s.o(torch.tanh(s.b(h, h * 0.5)))),
+                            b=nn.Bilinear(D, D, D), o=_lin(D, 3)), (N, D)),
+    "F.linear on a bare weight": (lambda: Fn(_written(lambda s, h: s.o(torch.tanh(
+        F.linear(h, s.W)))), W=nn.Parameter(torch.randn(D, D)), o=_lin(D, 3)), (N, D)),
+    "einsum": (lambda: Fn(_written(lambda s, h: s.o(torch.tanh(torch.einsum(
+        "nd,de->ne", h, s.W)))), W=nn.Parameter(torch.randn(D, D)), o=_lin(D, 3)), (N, D)),
+    "x * p": (lambda: Fn(_written(lambda s, h: s.o(torch.tanh(h * s.g))),
+                         g=nn.Parameter(torch.randn(D)), o=_lin(D, 3)), (N, D)),
+    "GRUCell": (lambda: Fn(_written(lambda s, h: s.o(s.r(h))), r=nn.GRUCell(D, D),
+                           o=_lin(D, 3)), (N, D)),
+    "MultiheadAttention": (lambda: Fn(_written(lambda s, h: s.o(s.m(h, h, h, need_weights=False)[
+        0].mean(1))), m=nn.MultiheadAttention(D, 2, batch_first=True), o=_lin(D, 3)), X3),
+    "LSTM": (lambda: Fn(_written(lambda s, h: s.o(s.r(h)[0][:, -1])),
+                        r=nn.LSTM(D, D, batch_first=True), o=_lin(D, 3)), X3),
+    "TransformerEncoderLayer": (lambda: Fn(_written(lambda s, h: s.o(s.t(h).mean(1))),
+                                           t=nn.TransformerEncoderLayer(
+                                               D, 2, 8, dropout=0.0, batch_first=True),
+                                           o=_lin(D, 3)), X3),
+}
+
+
+@pytest.mark.parametrize("fim_type", PER_SAMPLE)
+@pytest.mark.parametrize("name", list(WRITTEN))
+def test_a_layer_input_written_after_the_call_is_refused_and_the_state_kept(name, fim_type):
+    import fimfast
+
+    build, shape = WRITTEN[name]
+    torch.manual_seed(0)
+    model = build().double()
+    x = torch.randn(*shape, generator=_gen(3), dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=_gen(4))
+    est = fimfast.DiagFisher(model, fim_type, seed=1)
+    model.write = False
+    est.step((x, y))  # the same layers without the write: a step to keep
+    kept = {k: v.clone() for k, v in est.result().items()}
+    model.write = True
+    with pytest.raises(fimfast.UnsupportedModelError, match="modified in place after the layer"):
+        est.step((x, y))
+    assert est.state.count == N
+    assert all(torch.equal(v, kept[k]) for k, v in est.result().items())
+
+
+def test_a_frozen_layer_input_written_after_the_call_is_exact():
+    """The bias of a Linear whose weight is frozen: torch's backward saved no input, the
+    generic path is exact."""
+    def fwd(s, x):
+        h = x.clone()
+        y = s.a(h)
+        h.mul_(3.0)
+        return s.o(torch.tanh(y) + h)
+
+    for fim_type in TYPES:
+        torch.manual_seed(0)
+        model = Fn(fwd, a=_lin(), o=_lin(D, 3)).double()
+        model.a.weight.requires_grad_(False)
+        est, ref = adv.run(model, _batches(), fim_type)
+        _checked(est, ref, ())
+
+
 # ---------------------------------------------------------------- data flow around the layers
 
 

@@ -1,0 +1,87 @@
+"""Layer inputs written in place after the layer's call.
+
+A rule forms its per-sample squares after the forward from what the call kept (``call.data``:
+the layer's input, detached, which shares the input's storage and version counter). A forward that
+writes into that input after the call (``y = lin(h); h.mul_(2)``, ``h.zero_()``, ``h.copy_(...)``)
+leaves the rule reading values the layer never saw. torch's own backward refuses such a graph
+where the layer's backward saved the input (``one of the variables needed for gradient computation
+has been modified by an inplace operation``), but the per-sample engine's backward stops at the
+layer's output tap and never runs that check: the rule would square the wrong input silently.
+
+:class:`Calls` (the capture's list of calls) notes, as each call is recorded, the version counter
+of every tensor of its ``data``; :func:`check` sends a call whose tensors moved since to the generic
+path (:data:`REASON`): autograd's per-sample gradients, which raise torch's error where torch's
+backward needs the overwritten input and are exact where it does not (a layer whose weight is
+frozen saves no input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fimfast.types import UnsupportedModelError
+
+REASON = "its input was modified in place after its call"
+
+_TENSOR = torch.Tensor
+
+
+class Calls(list):
+    """A capture's calls (a list), with the version counters of the tensors of each call's
+    ``data`` when it was recorded (:attr:`versions`, in the same order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: list[tuple[int, ...]] = []
+
+    def append(self, call) -> None:
+        super().append(call)
+        self.versions.append(versions(call.data))
+
+
+def versions(data: dict) -> tuple[int, ...]:
+    """The version counters of the tensors ``data`` holds: its values, and the items of the
+    lists, tuples and mappings among them (two levels down: a recurrent layer's directions, a
+    contraction's operands), in order; ``memo`` (a rule's record shared by the calls) left out."""
+    out: list[int] = []
+    for k, v in data.items():
+        if isinstance(v, _TENSOR):
+            out.append(v._version)
+        elif k != "memo" and isinstance(v, (list, tuple, dict)):
+            _nested(v, out, 2)
+    return tuple(out)
+
+
+def _nested(v, out: list, depth: int) -> None:
+    for t in (v.values() if isinstance(v, dict) else v):
+        if isinstance(t, _TENSOR):
+            out.append(t._version)
+        elif depth > 1 and isinstance(t, (list, tuple, dict)):
+            _nested(t, out, depth - 1)
+
+
+def check(cap) -> None:
+    """Send the calls of ``cap`` (a :class:`fimfast.hooks.Capture`) whose kept tensors were
+    modified in place since the call to the generic path."""
+    calls = cap.calls
+    if type(calls) is not Calls:
+        return
+    for call, before in zip(calls, calls.versions):
+        if call.ok and before and versions(call.data)[:len(before)] != before:
+            call.ok, call.reason = False, REASON
+
+
+def refuse(error: RuntimeError, plan, names: list[str]) -> None:
+    """Raise :class:`~fimfast.types.UnsupportedModelError` for torch's ``error`` of the generic
+    path's backward (a tensor it saved was modified in place) when :func:`check` sent parameters
+    there for that reason, naming them; return otherwise (the caller re-raises ``error``)."""
+    if "modified by an inplace operation" not in str(error):
+        return
+    hit = [names[i] for i in plan.generic if plan.reasons.get(i) == REASON]
+    if hit:
+        raise UnsupportedModelError(
+            f"the input of the layer holding {hit} was modified in place after the layer's call "
+            "(the forward writes into a tensor the layer read: the per-sample squares would read "
+            "values the layer never saw, and torch's backward refuses the graph); write into a "
+            "copy (h = h.clone()) instead"
+        ) from error
