@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from fimfast.inner_grad import REASON
+from fimfast.persample import held
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -270,6 +271,79 @@ def test_a_frozen_layer_input_written_after_the_call_is_exact():
         model.a.weight.requires_grad_(False)
         est, ref = adv.run(model, _batches(), fim_type)
         _checked(est, ref, ())
+
+
+# ------------------------------------------------------ a module's settings changed mid-forward
+
+
+def _twice(mod: str, attr: str, first, second):
+    """Call ``s.<mod>`` with ``attr`` set to ``first``, then to ``second``, then put it back
+    to ``first``: the rules form the first call's terms after the forward."""
+    def fwd(s, x):
+        m = getattr(s, mod)
+        setattr(m, attr, first)
+        a = m(x)
+        setattr(m, attr, second)
+        b = m(x)
+        setattr(m, attr, first)
+        if a.dim() == 4:
+            a, b = a.mean((2, 3)), b.mean((2, 3))
+        elif a.dim() == 3:
+            a, b = a.mean(1), b.mean(1)
+        return s.o(torch.cat([torch.tanh(a), b], 1))
+    return fwd
+
+
+IMG = (N, 2, 6, 6)
+# name -> (builder, input shape or vocabulary size)
+SETTINGS = {
+    "Conv2d dilation": (lambda: Fn(_twice("c", "dilation", (1, 1), (2, 2)),
+                                   c=nn.Conv2d(2, 3, 3, padding=2), o=_lin(6, 3)), IMG),
+    "Conv2d padding": (lambda: Fn(_twice("c", "padding", (0, 0), (1, 1)), c=nn.Conv2d(2, 3, 3),
+                                  o=_lin(6, 3)), IMG),
+    "Conv2d stride": (lambda: Fn(_twice("c", "stride", (1, 1), (2, 2)), c=nn.Conv2d(2, 3, 3),
+                                 o=_lin(6, 3)), IMG),
+    "Conv2d padding_mode": (lambda: Fn(_twice("c", "padding_mode", "zeros", "reflect"),
+                                       c=nn.Conv2d(2, 3, 3, padding=1), o=_lin(6, 3)), IMG),
+    "LayerNorm eps": (lambda: Fn(_twice("n", "eps", 1e-5, 0.5), n=nn.LayerNorm(D),
+                                 o=_lin(2 * D, 3)), (N, D)),
+    "GroupNorm num_groups": (lambda: Fn(_twice("n", "num_groups", 2, 3), n=nn.GroupNorm(2, D),
+                                        o=_lin(2 * D, 3)), (N, D)),
+    "Embedding padding_idx": (lambda: Fn(_twice("e", "padding_idx", 0, 1), e=nn.Embedding(7, D),
+                                         o=_lin(2 * D, 3)), 7),
+}
+
+
+def _inputs(shape, i: int):
+    if isinstance(shape, int):
+        return torch.randint(0, shape, (N, 4), generator=_gen(30 + i))
+    return torch.randn(*shape, generator=_gen(30 + i), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_a_module_setting_changed_between_its_calls_is_exact(name):
+    build, shape = SETTINGS[name]
+    batches = [(_inputs(shape, i), torch.randint(0, 3, (N,), generator=_gen(40 + i)))
+               for i in range(2)]
+    for fim_type in TYPES:
+        torch.manual_seed(0)
+        model = build().double()
+        est, ref = adv.run(model, batches, fim_type)
+        _checked(est, ref, ())
+        if fim_type in PER_SAMPLE:
+            plan = est._persample.last_plan
+            assert plan.generic and all(plan.reasons[i] == held.SETTINGS for i in plan.generic)
+
+
+def test_a_setting_set_again_to_its_value_keeps_the_rules():
+    torch.manual_seed(0)
+    model = Fn(_twice("c", "padding", (1, 1), (1, 1)), c=nn.Conv2d(2, 3, 3, padding=1),
+               o=_lin(6, 3)).double()
+    batches = [(_inputs(IMG, i), torch.randint(0, 3, (N,), generator=_gen(40 + i)))
+               for i in range(2)]
+    est, ref = adv.run(model, batches, "exact")
+    _checked(est, ref, ())
+    assert not est._persample.last_plan.generic
 
 
 # ---------------------------------------------------------------- data flow around the layers

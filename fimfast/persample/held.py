@@ -1,21 +1,30 @@
-"""Layer inputs written in place after the layer's call.
+"""What a layer's call kept, changed before the rules read it after the forward.
 
 A rule forms its per-sample squares after the forward from what the call kept (``call.data``:
-the layer's input, detached, which shares the input's storage and version counter). A forward that
-writes into that input after the call (``y = lin(h); h.mul_(2)``, ``h.zero_()``, ``h.copy_(...)``)
+the layer's input, detached, which shares the input's storage and version counter) and from its
+module's settings (``padding``, ``eps``, ``padding_idx``, ``num_groups``). A forward that writes
+into that input after the call (``y = lin(h); h.mul_(2)``, ``h.zero_()``, ``h.copy_(...)``)
 leaves the rule reading values the layer never saw. torch's own backward refuses such a graph
 where the layer's backward saved the input (``one of the variables needed for gradient computation
 has been modified by an inplace operation``), but the per-sample engine's backward stops at the
 layer's output tap and never runs that check: the rule would square the wrong input silently.
+Likewise a forward that changes a module's settings between (or after) its calls (``conv.padding
+= 1`` before calling it again, ``norm.eps = ...``) leaves the rule forming an earlier call's
+terms with the later settings.
 
 :class:`Calls` (the capture's list of calls) notes, as each call is recorded, the version counter
-of every tensor of its ``data``; :func:`check` sends a call whose tensors moved since to the generic
-path (:data:`REASON`): autograd's per-sample gradients, which raise torch's error where torch's
-backward needs the overwritten input and are exact where it does not (a layer whose weight is
-frozen saves no input).
+of every tensor of its ``data`` and its module's plain public attributes; :func:`check` sends a
+call whose tensors moved (:data:`REASON`) or whose module's settings differ (:data:`SETTINGS`)
+to the generic path: autograd's per-sample gradients through the graph the forward built, exact
+for settings changed; for an overwritten input they raise torch's error where torch's backward
+needs it (:func:`refuse` names the parameters) and are exact where it does not (a layer whose
+weight is frozen saves no input).
 """
 
 from __future__ import annotations
+
+import operator
+import weakref
 
 import torch
 
@@ -24,19 +33,53 @@ from fimfast.types import UnsupportedModelError
 REASON = "its input was modified in place after its call"
 
 _TENSOR = torch.Tensor
+_PLAIN = frozenset((bool, int, float, str, type(None)))
+# module -> the getter of its settings (the names found at its first call)
+_GETTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+SETTINGS = "its module's settings changed after its call (padding, eps, padding_idx, ...)"
 
 
 class Calls(list):
     """A capture's calls (a list), with the version counters of the tensors of each call's
-    ``data`` when it was recorded (:attr:`versions`, in the same order)."""
+    ``data`` and its module's settings when it was recorded (:attr:`versions`,
+    :attr:`settings`, in the same order)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.versions: list[tuple[int, ...]] = []
+        self.settings: list[tuple | None] = []
 
     def append(self, call) -> None:
         super().append(call)
         self.versions.append(versions(call.data))
+        self.settings.append(settings(call.module))
+
+
+def settings(module) -> tuple | None:
+    """The public plain attributes of ``module`` (an ``nn.Module``; ``None`` for a functional
+    call's site), those that held numbers, strings, flags or tuples of them when it was first
+    seen (``padding``, ``eps``, ``padding_idx``, ``num_groups``, ``training``), which the rules
+    read when they form the terms, after the forward."""
+    if not isinstance(module, torch.nn.Module):
+        return None
+    get = _GETTERS.get(module)
+    if get is None:
+        names = [k for k, v in module.__dict__.items()
+                 if k[0] != "_" and (type(v) in _PLAIN or (type(v) is tuple and all(
+                     type(e) in _PLAIN for e in v)))]
+        get = _GETTERS[module] = operator.attrgetter(*names) if names else _none
+    return get(module)
+
+
+def _none(module) -> tuple:
+    return ()
+
+
+def _changed(module, was: tuple) -> bool:
+    try:
+        return bool(settings(module) != was)
+    except (AttributeError, RuntimeError):  # deleted, or set to a tensor since
+        return True
 
 
 def versions(data: dict) -> tuple[int, ...]:
@@ -62,13 +105,18 @@ def _nested(v, out: list, depth: int) -> None:
 
 def check(cap) -> None:
     """Send the calls of ``cap`` (a :class:`fimfast.hooks.Capture`) whose kept tensors were
-    modified in place since the call to the generic path."""
+    modified in place, or whose module's settings changed, since the call to the generic
+    path."""
     calls = cap.calls
     if type(calls) is not Calls:
         return
-    for call, before in zip(calls, calls.versions):
-        if call.ok and before and versions(call.data)[:len(before)] != before:
+    for call, before, was in zip(calls, calls.versions, calls.settings):
+        if not call.ok:
+            continue
+        if before and versions(call.data)[:len(before)] != before:
             call.ok, call.reason = False, REASON
+        elif was is not None and _changed(call.module, was):
+            call.ok, call.reason = False, SETTINGS
 
 
 def refuse(error: RuntimeError, plan, names: list[str]) -> None:
