@@ -19,6 +19,12 @@ to the generic path: autograd's per-sample gradients through the graph the forwa
 for settings changed; for an overwritten input they raise torch's error where torch's backward
 needs it (:func:`refuse` names the parameters) and are exact where it does not (a layer whose
 weight is frozen saves no input).
+
+A call recorded inside a forward-mode AD level (``torch.autograd.forward_ad.dual_level``, a
+``make_dual`` input) computes tangents too: the forward reads the call's parameters again in
+them (a ``Linear``'s tangent ``t @ W^T``), paths to the logits that do not pass through the
+output the rule taps. Such calls take the generic path (:data:`FORWARD_AD`), as the calls before
+a backward with ``create_graph=True`` do (:mod:`fimfast.inner_grad`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import operator
 import weakref
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from fimfast.types import UnsupportedModelError
 
@@ -37,6 +44,7 @@ _PLAIN = frozenset((bool, int, float, str, type(None)))
 # module -> the getter of its settings (the names found at its first call)
 _GETTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SETTINGS = "its module's settings changed after its call (padding, eps, padding_idx, ...)"
+FORWARD_AD = "called inside a forward-mode AD level (its tangents read the parameters again)"
 
 
 class Calls(list):
@@ -51,6 +59,8 @@ class Calls(list):
 
     def append(self, call) -> None:
         super().append(call)
+        if _fwad._current_level >= 0 and call.ok:  # tangents: paths the rules do not see
+            call.ok, call.reason = False, FORWARD_AD
         self.versions.append(versions(call.data))
         self.settings.append(settings(call.module))
 
