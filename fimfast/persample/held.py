@@ -59,6 +59,10 @@ class Calls(list):
 
     def append(self, call) -> None:
         super().append(call)
+        if torch.compiler.is_compiling():  # recorded while dynamo traces (a compiled region):
+            self.versions.append(())  # its output never reaches the logits (generic path);
+            self.settings.append(None)  # nothing here is traced (a constant there)
+            return
         if _fwad._current_level >= 0 and call.ok:  # tangents: paths the rules do not see
             call.ok, call.reason = False, FORWARD_AD
         self.versions.append(versions(call.data))
