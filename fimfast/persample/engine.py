@@ -15,7 +15,7 @@ from fimfast import chunks, hooks, pullback
 from fimfast import derived_weights as dw
 from fimfast.batch_sums import Sums
 from fimfast.ops import registry
-from fimfast.persample import cell_lane, onecol, rnn_lane, squares, stream
+from fimfast.persample import cell_lane, held, onecol, rnn_lane, squares, stream
 from fimfast.persample import plan as planning
 from fimfast.persample.columns import Columns
 from fimfast.persample.generic import _batched_grads, accumulate_columns
@@ -93,6 +93,7 @@ class Engine(Replay):
             return Plan(generic=generic, reasons=dict.fromkeys(generic, "no captured call"))
         N = rows.num_samples
         planning.check_taps(cap, graph, N, self._direct, self._hold, self._modified)
+        held.check(cap)  # layer inputs written in place after the call
         head = planning.find_head(cap, rows.logits)
         glob = graph.edges
         # everything below depends only on the structure of this step's calls: reused from the
@@ -161,7 +162,11 @@ class Engine(Replay):
             ga = [acc.get(i) for i in plan.generic]
             chunk = chunks.generic_columns(R, C, gp, cols.num, opts.class_chunk)
             group = rows.sample if self.sequence_rows else None
-            accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
+            try:
+                accumulate_columns(flat, gp, cols.blocks(chunk), ga, group=group)
+            except RuntimeError as e:  # torch's refusal of an input written after its call
+                held.refuse(e, plan, step.names)
+                raise
         if plan.groups or plan.pullbacks:  # parameters reached only through computed
             try:  # weights (every weight normalized, no biases) are pullbacks alone
                 self._fast(rows, params, plan, cols, opts, acc, retain_graph)

@@ -16,8 +16,9 @@ import torch
 
 from fimfast import batch as batchlib
 from fimfast import derived_weights as dw
-from fimfast import functional, hooks, layers
+from fimfast import functional, hooks, inner_grad, layers
 from fimfast.nograd import NogradWatch, nograd_error
+from fimfast.persample import held
 from fimfast.rules.forwards import Forwards
 from fimfast.types import UnsupportedModelError
 
@@ -198,6 +199,7 @@ class Replay:
         cap = hooks.Capture(
             model, params, layers.rule_for, direct, batch_size, self.expand_broadcast, hold, flat,
         )
+        cap.calls = held.Calls()  # notes the versions of what each call keeps
         if mods is None:
             mods = self._modules(model, params)
         cap.memo = self._memo  # the rules' uses, kept while the parameter set stays
@@ -206,6 +208,7 @@ class Replay:
             cap.samples = self._samples
         forwards = None if self.hooked else self._forwards
         undo = cap.install(mods[0], self._owned, self._watch, forwards)  # cap.installed, inline
+        undo.append(inner_grad.watch(cap))  # a backward building a graph in the forward
         modules = self._mods[4]  # the model may hand a layer a weight computed from parameters
         try:
             if not self.functional or self._quiet:

@@ -1,0 +1,65 @@
+"""Backward passes that build a graph inside the estimator's forward.
+
+A forward may differentiate part of itself with ``create_graph=True``: an input-gradient feature
+(``g = autograd.grad(energy(x), x, create_graph=True)`` added to the features), a MAML inner step
+(``W - lr * autograd.grad(loss, W, create_graph=True)``), ``torch.func.grad`` or
+``torch.autograd.functional.jacobian(..., create_graph=True)`` inside ``forward``. The graph that
+backward builds reads the layers' parameters and saved tensors again (a ``Linear``'s input
+gradient ``g_out @ W`` is a new use of ``W``, reached through the ``W.t()`` its forward made), so
+the logits depend on the parameters of every layer it ran through along paths that do not pass
+through the layer's output: a rule, which sees the output gradient only, would miss them, and the
+count of edges into each parameter does not see them (they meet the forward's own nodes before
+the parameter's accumulator).
+
+:func:`watch` makes every call recorded before such a backward ran ineligible for its rule
+(``Call.ok`` false, :data:`REASON`): its parameters take the generic path, whose per-sample
+gradients are autograd's through the whole graph. Calls recorded after it are not affected (the
+backward could not run through them). A backward without ``create_graph`` builds nothing the
+logits could depend on. Detected through the autograd engine object that ``torch.autograd.grad``
+and ``Tensor.backward`` both run (``Variable._execution_engine``), replaced by a forwarding proxy
+while the capture is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.autograd.variable import Variable
+
+REASON = "a backward with create_graph=True ran through its call inside the forward"
+
+_CREATE_GRAPH = 3  # position of create_graph in the engine's run_backward
+
+
+class _Engine:
+    """Forwards everything to the engine it wraps; ``run_backward`` with ``create_graph`` first
+    marks the capture's calls recorded so far."""
+
+    def __init__(self, engine: Any, capture: Any):
+        self._engine = engine
+        self._capture = capture
+
+    def run_backward(self, *args: Any, **kwargs: Any) -> Any:
+        create = kwargs.get("create_graph", args[_CREATE_GRAPH] if len(args) > _CREATE_GRAPH
+                            else False)
+        if create and self._capture.active:
+            for call in self._capture.calls:
+                if call.ok:
+                    call.ok, call.reason = False, REASON
+        return self._engine.run_backward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def watch(capture: Any) -> Callable[[], None]:
+    """Watch the backward passes run while ``capture`` (a :class:`fimfast.hooks.Capture`)
+    records; returns the function that stops watching (it puts the engine back)."""
+    engine = Variable._execution_engine
+    Variable._execution_engine = _Engine(engine, capture)
+
+    def undo() -> None:
+        Variable._execution_engine = engine
+
+    return undo
