@@ -14,6 +14,7 @@ from torch import nn
 from fimfast import _env, guard, likelihoods
 from fimfast.structured import capture as cap
 from fimfast.structured import columns, convgram, structure
+from fimfast.structured.apart import check_apart
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options
 
@@ -185,7 +186,7 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
         return
     rows = fw.rows
     flat = rows.flat_all
-    cap.check_calls(layers, flat, rows.num_samples)
+    graph = cap.check_calls(layers, flat, rows.num_samples)
     kfac = what == "kfac"
     rows_only = [kfac and approx == "expand" and isinstance(layer.module, nn.Conv2d)
                  and all(convgram.worthwhile(layer.module, x) for x, _, _ in layer.calls)
@@ -202,6 +203,8 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
             if id(z) not in where:
                 where[id(z)] = len(taps)
                 taps.append(z)
+    # before anything of the batch is added; once per layout of the model's structure
+    check_apart(layers, taps, where, rows, graph, st.extra.setdefault("apart", set()))
     per_pair = 4 * sum(z.numel() for z in taps)
     for k, cot in enumerate(_cotangents(fw, st, "sample", per_pair, chunk)):
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],
