@@ -280,6 +280,56 @@ def test_a_later_batch_that_mixes_is_refused_and_adds_nothing(rep):
     assert torch.equal(run(True), want)
 
 
+# -- operations --------------------------------------------------------------------------------- #
+class _EmbLnAttn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.ln = nn.Embedding(7, 4, padding_idx=0), nn.LayerNorm(4)
+        self.a, self.c = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, C)
+
+    def forward(self, ids):
+        h = self.ln(self.e(ids))
+        return self.c(self.a(h, h, h, need_weights=False)[0].mean(1))
+
+
+REPS = ("dense", "block_diag", "low_rank", "quasi_diag", "kfac", "ekfac")
+
+
+@pytest.mark.parametrize("rep", REPS)
+def test_operations_against_the_dense_matrix(rep, tmp_path):
+    """MONTE_CARLO on an embedding (``padding_idx``), LayerNorm and attention model: every
+    operation equals the same operation on ``to_dense()`` in float64, also after a file round
+    trip; a complex vector is refused, naming it (its imaginary part was dropped by a cast)."""
+    model = _EmbLnAttn().double()
+    g = torch.Generator().manual_seed(4)
+    batch = (torch.randint(0, 7, (6, 3), generator=g), torch.randint(0, C, (6,), generator=g))
+    Fm = fimfast.fisher(model, [batch], "monte_carlo", representation=rep, reduction="mean",
+                        seed=1, num_probes=2)
+    Fm.save(tmp_path / "f.safetensors")
+    D = Fm.to_dense().double()
+    P = D.shape[0]
+    v = torch.randn(P, generator=g, dtype=torch.float64)
+    for M in (Fm, fimfast.structured.load(tmp_path / "f.safetensors")):
+        _close(M.to_dense().double(), D, 0)
+        _close(M.mv(v), D @ v)
+        dv = M.mv(M.unflat(v))
+        _close(torch.cat([dv[n].reshape(-1) for n in M.names]), D @ v)
+        _close(M.vTMv(v), v @ D @ v)
+        _close(M.trace(), D.trace())
+        _close(M.frobenius_norm(), D.norm())
+        _close(torch.cat([t.reshape(-1) for t in M.diag().values()]), D.diagonal())
+        for d in (1e-2, 1.0):
+            Dd = D + d * torch.eye(P, dtype=D.dtype)
+            _close(M.solve(v, damping=d), torch.linalg.solve(Dd, v), 1e-8)
+            _close(M.inverse(damping=d).to_dense().double(), torch.linalg.inv(Dd), 1e-8)
+        for bad in (v.to(torch.complex128), M.unflat(v.to(torch.complex128))):
+            with pytest.raises(ValueError, match="v must be real; got dtype torch.complex128"):
+                M.mv(bad)
+        with pytest.raises(ValueError, match="v must be real"):
+            M.solve(v.to(torch.complex128), damping=1.0)
+
+
 @pytest.mark.parametrize("fim_type", ["monte_carlo", "hutchinson"])
 @pytest.mark.parametrize("name", ["nabd", "conv"])
 def test_random_factors_with_the_same_draws(name, fim_type):
