@@ -352,3 +352,24 @@ def test_random_factors_with_the_same_draws(name, fim_type):
         _close(Fk.A[i].double(), a)
         _close(Fk.G[i].double(), g)
         _close(Fe.D[i].double(), D[info["weight"]])
+
+
+def test_ekfac_draws_have_the_matrix_as_covariance():
+    """``sample`` of EKFAC and of KFAC's inverse (an EKFAC): the covariance of 4000 draws
+    within 5 standard errors of the matrix (a Gaussian's: ``Var(x_i x_j) = S_ii S_jj + S_ij^2``);
+    a count of draws that is not an integer ``>= 1`` is refused, naming ``n``."""
+    model = _EmbLnAttn().double()
+    g = torch.Generator().manual_seed(4)
+    batch = (torch.randint(0, 7, (6, 3), generator=g), torch.randint(0, C, (6,), generator=g))
+    E = fimfast.fisher(model, [batch], "exact", representation="ekfac", reduction="mean")
+    K = fimfast.fisher(model, [batch], "exact", representation="kfac", reduction="mean")
+    for M in (E, K.inverse(damping=0.1)):
+        n, D = 4000, M.to_dense()
+        S = M.sample(n, generator=torch.Generator().manual_seed(0))
+        se = ((torch.outer(D.diagonal(), D.diagonal()) + D**2) / n).sqrt()
+        err = (S.T @ S / n - D).abs()
+        assert float(D.abs().max()) > 0
+        assert bool((err <= 5 * se + 1e-12).all()), float((err / (se + 1e-30)).max())
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match=r"n must be an integer >= 1; got"):
+                M.sample(bad)

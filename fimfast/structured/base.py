@@ -45,6 +45,12 @@ def check_damping(damping: Any) -> float:
     return float(damping)
 
 
+def check_draws(n: Any) -> None:
+    """``n`` draws of a ``sample``: an integer ``>= 1`` (``ValueError`` naming ``n``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1; got {n!r}")
+
+
 def check_invertible(values: list[torch.Tensor], damping: float) -> None:
     """With ``damping == 0``, refuse a matrix that is singular to working precision.
 
