@@ -102,34 +102,16 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     (BatchNorm's running statistics) and the rows a ``max_norm`` lookup renormalised are put back
     afterwards, any other in-place write into a trainable parameter is refused, and the gradient
     hooks of the parameters and modules (which change what autograd reports, not the model) are
-    switched off for the batch and put back (:func:`fimfast.guard.step_kept`); so is a lookup's
-    ``scale_grad_by_freq`` (:func:`_unscaled`)."""
+    switched off for the batch and put back (:func:`fimfast.guard.step_kept`), and so is a
+    lookup's ``scale_grad_by_freq`` (:func:`fimfast.guard.unscaled`)."""
     g = st.extra.get("guard")
     if g is None:
         g = st.extra["guard"] = structure.of(model).step_guard(model)
     buffers, walk, names, params = g
-    with guard.step_kept(buffers, walk, model, names, params), \
-            _unscaled(walk.of(model, params)[0]):
+    with guard.step_kept(buffers, walk, model, names, params):
         st.extra["versions"] = [p._version for p in params]
         yield
 
-
-@contextmanager
-def _unscaled(mods: list[nn.Module]) -> Iterator[None]:
-    """``scale_grad_by_freq`` of the model's ``nn.Embedding`` / ``nn.EmbeddingBag`` switched off
-    for the batch and put back: it divides autograd's gradient of the table by each token's
-    count in the whole batch (a training heuristic, not the derivative of the lookup, which it
-    leaves unchanged), so the dense family's parameter gradients depended on the other samples
-    of the batch."""
-    on = [m for m in mods if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-          and m.scale_grad_by_freq]
-    for m in on:
-        m.scale_grad_by_freq = False
-    try:
-        yield
-    finally:
-        for m in on:
-            m.scale_grad_by_freq = True
 
 
 def written(model: nn.Module, st: Stream) -> bool:
