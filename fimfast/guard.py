@@ -317,8 +317,9 @@ def step_kept(
     params: list[torch.Tensor],
 ) -> contextlib.AbstractContextManager[None]:
     """The guards of one Fisher step, a context manager: buffers (:meth:`BufferGuard.kept`),
-    parameters (:func:`parameters_kept`) and gradient hooks (:func:`gradient_hooks_off`),
-    ``walk`` giving the model's modules and ``max_norm`` lookups."""
+    parameters (:func:`parameters_kept`), gradient hooks (:func:`gradient_hooks_off`) and the
+    lookups' ``scale_grad_by_freq`` (:func:`unscaled`), ``walk`` giving the model's modules and
+    ``max_norm`` lookups."""
     mods, tables = walk.of(model, params)
     if tables or buffers.has_buffers(model):
         return _all_kept(buffers, model, tables, names, params, mods)
@@ -335,15 +336,41 @@ def _all_kept(
         parameters_kept(tables, names, params),
         gradient_hooks_off(mods, params),
     ):
-        yield
+        scaled = unscaled(mods)
+        try:
+            yield
+        finally:
+            rescaled(scaled)
+
+
+_LOOKUPS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def unscaled(mods: list) -> list:
+    """Switch off ``scale_grad_by_freq`` of the lookups among ``mods`` (returned, for
+    :func:`rescaled`): it divides autograd's gradient of the table by each token's count in the
+    whole batch, a training heuristic that leaves the forward unchanged, so a Fisher step took
+    per-sample gradients that depended on the other samples (the derivative of the lookup is
+    not divided)."""
+    on = [m for m in mods if isinstance(m, _LOOKUPS) and m.scale_grad_by_freq]
+    for m in on:
+        m.scale_grad_by_freq = False
+    return on
+
+
+def rescaled(on: list) -> None:
+    """Put back the ``scale_grad_by_freq`` that :func:`unscaled` switched off."""
+    for m in on:
+        m.scale_grad_by_freq = True
 
 
 class StepKept:
     """The guards of :func:`step_kept` for a model without buffers or ``max_norm`` lookups (an
-    MLP, most classifiers): nothing to copy; the gradient hooks are switched off (if any) and
-    the parameters' version counters read, in one object (no generator)."""
+    MLP, most classifiers): nothing to copy; the gradient hooks and the lookups'
+    ``scale_grad_by_freq`` are switched off (if any) and the parameters' version counters read,
+    in one object (no generator)."""
 
-    __slots__ = ("names", "params", "mods", "versions", "saved")
+    __slots__ = ("names", "params", "mods", "versions", "saved", "scaled")
 
     def __init__(self, names: list[str], params: list[torch.Tensor], mods: list) -> None:
         self.names, self.params, self.mods = names, params, mods
@@ -351,8 +378,11 @@ class StepKept:
     def __enter__(self) -> None:
         self.versions = list(map(_VERSION, self.params))
         self.saved = _hooks_off(self.mods, self.params)
+        self.scaled = unscaled(self.mods)
 
     def __exit__(self, exc_type, *exc) -> None:
+        if self.scaled:
+            rescaled(self.scaled)
         if self.saved:
             _hooks_back(self.saved)
         if exc_type is None and list(map(_VERSION, self.params)) != self.versions:

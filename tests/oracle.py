@@ -64,6 +64,9 @@ def strip_pruned(model: torch.nn.Module) -> torch.nn.Module:
 def row_jacobians(case) -> RowJacobians:
     """Float64 Jacobians of every valid row of ``case`` (see tests/cases.py)."""
     model = copy.deepcopy(strip_pruned(case.model)).double()
+    for m in model.modules():  # the lookup's own derivative: scale_grad_by_freq only divides
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):  # autograd's gradient
+            m.scale_grad_by_freq = False  # by token counts over the whole batch
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     logits = case.logits_fn(model, case.batch_double())

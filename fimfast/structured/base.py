@@ -45,6 +45,12 @@ def check_damping(damping: Any) -> float:
     return float(damping)
 
 
+def check_draws(n: Any) -> None:
+    """``n`` draws of a ``sample``: an integer ``>= 1`` (``ValueError`` naming ``n``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1; got {n!r}")
+
+
 def check_invertible(values: list[torch.Tensor], damping: float) -> None:
     """With ``damping == 0``, refuse a matrix that is singular to working precision.
 
@@ -133,7 +139,16 @@ class StructuredFIM:
 
     # -- vectors ------------------------------------------------------------------------------ #
     def flat(self, v: Vector, name: str = "v") -> tuple[torch.Tensor, bool]:
-        """``(flat vector, came_flat)`` from a flat tensor or a ``{name: tensor}`` mapping."""
+        """``(flat vector, came_flat)`` from a flat tensor or a ``{name: tensor}`` mapping
+        (real: a complex vector is refused, naming ``name``, where its imaginary part would be
+        dropped by the cast to the matrix's dtype)."""
+        x, came_flat = self._flat(v, name)
+        if x.is_complex():
+            raise ValueError(f"{name} must be real; got dtype {x.dtype} (apply the matrix to its "
+                             "real and imaginary parts)")
+        return x, came_flat
+
+    def _flat(self, v: Vector, name: str) -> tuple[torch.Tensor, bool]:
         P = self.numel()
         if isinstance(v, torch.Tensor):
             if v.dim() != 1 or v.numel() != P:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fimfast.hooks import parameter_edges
+from fimfast.persample import walk as graph_walk
 from fimfast.rules.conv import input_padding, ntuple
 from fimfast.structured import attention
 from fimfast.structured import forwards as fwds
@@ -253,11 +253,12 @@ def capture(layers: list[Layer], model: nn.Module | None = None,
         fwds.uninstall(handles, on)
 
 
-def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> None:
+def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
     """Every layer ran, with the batch first, and its weight reaches the logits only through its
     own calls (a weight also used functionally, e.g. an output head tied to an embedding, is
-    refused)."""
-    edges = parameter_edges(flat, [layer.param for layer in layers])
+    refused). Returns the shape of the graph (:func:`fimfast.persample.walk.shape`)."""
+    graph = graph_walk.walk(flat, [layer.param for layer in layers], None)
+    edges = graph.edges
     for layer in layers:
         if not layer.calls:
             raise ValueError(
@@ -278,6 +279,7 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> None:
                 f"but the module was called {len(layer.calls)} time(s): it is also used outside "
                 "its forward (tied or functional use), which Kronecker factors cannot represent"
             )
+    return graph_walk.shape(graph)
 
 
 def _ln_dims(m: nn.LayerNorm) -> int:

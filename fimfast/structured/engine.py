@@ -14,6 +14,7 @@ from torch import nn
 from fimfast import _env, guard, likelihoods
 from fimfast.structured import capture as cap
 from fimfast.structured import columns, convgram, structure
+from fimfast.structured.apart import check_apart
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options
 
@@ -101,7 +102,8 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     (BatchNorm's running statistics) and the rows a ``max_norm`` lookup renormalised are put back
     afterwards, any other in-place write into a trainable parameter is refused, and the gradient
     hooks of the parameters and modules (which change what autograd reports, not the model) are
-    switched off for the batch and put back (:func:`fimfast.guard.step_kept`)."""
+    switched off for the batch and put back (:func:`fimfast.guard.step_kept`), and so is a
+    lookup's ``scale_grad_by_freq`` (:func:`fimfast.guard.unscaled`)."""
     g = st.extra.get("guard")
     if g is None:
         g = st.extra["guard"] = structure.of(model).step_guard(model)
@@ -109,6 +111,7 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
     with guard.step_kept(buffers, walk, model, names, params):
         st.extra["versions"] = [p._version for p in params]
         yield
+
 
 
 def written(model: nn.Module, st: Stream) -> bool:
@@ -185,7 +188,7 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
         return
     rows = fw.rows
     flat = rows.flat_all
-    cap.check_calls(layers, flat, rows.num_samples)
+    graph = cap.check_calls(layers, flat, rows.num_samples)
     kfac = what == "kfac"
     rows_only = [kfac and approx == "expand" and isinstance(layer.module, nn.Conv2d)
                  and all(convgram.worthwhile(layer.module, x) for x, _, _ in layer.calls)
@@ -202,6 +205,8 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
             if id(z) not in where:
                 where[id(z)] = len(taps)
                 taps.append(z)
+    # before anything of the batch is added; once per layout of the model's structure
+    check_apart(layers, taps, where, rows, graph, st.extra.setdefault("apart", set()))
     per_pair = 4 * sum(z.numel() for z in taps)
     for k, cot in enumerate(_cotangents(fw, st, "sample", per_pair, chunk)):
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],

@@ -24,6 +24,7 @@ from fimfast.structured.base import (
     StructuredFIM,
     check_arrowheads,
     check_damping,
+    check_draws,
     check_invertible,
     register,
 )
@@ -329,6 +330,7 @@ class EKFACFIM(_Layered):
     def sample(self, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws from ``N(0, F)`` as ``(n, P)`` rows ``F^{1/2} eps`` (negative ``D`` are
         taken as 0). With ``F.inverse(prior_precision)`` these are Laplace posterior draws."""
+        check_draws(n)
         out = []
         for _ in range(n):
             mats = []

@@ -26,7 +26,7 @@ itself a Kronecker layer, a bare ``nn.Linear``, is not cached), so it goes away 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ class Structure:
     layers: list | None = None  # capture.Layer list (None: not built yet, or not cacheable)
     info: list[dict] | None = None
     reads: tuple | None = None  # what the last walk read (see _unchanged)
+    # the layouts whose samples fimfast.structured.apart.check_apart found apart
+    apart: set = field(default_factory=set)
 
     def walk(self, model: nn.Module) -> guard.ModuleWalk:
         """A :class:`~fimfast.guard.ModuleWalk` of ``model`` as it would find it."""
