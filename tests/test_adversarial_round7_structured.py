@@ -426,3 +426,25 @@ def test_scale_grad_by_freq_in_the_diagonal(fim_type):
         assert model.e.scale_grad_by_freq
         for k, v in want.items():
             _close(got[k].double(), v.double(), 1e-12)
+
+
+def test_apart_verdict_is_kept_per_model_for_fresh_streams(monkeypatch):
+    """The samples-apart check runs once per model structure and layout, also for passes on a
+    fresh stream (``refit_ekfac``, as benchmarks/kfac_cputime.py times it), not at every call."""
+    from fimfast.structured import apart, capture, engine, refit_ekfac
+    from fimfast.types import FIMType, Options
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,)))]
+    kf = fimfast.fisher(model, data, "exact", "kfac")
+    params = [p for p in model.parameters() if p.requires_grad]
+    layers = capture.layers_of(model, kf.names, params, "ekfac")
+    probes = []
+    real = apart.batched_grad
+    monkeypatch.setattr(apart, "batched_grad", lambda *a: probes.append(1) or real(*a))
+    outs = [refit_ekfac(kf, model, data, engine.Stream(FIMType.EXACT, Options(), 0), layers,
+                        "mean") for _ in range(3)]
+    assert len(probes) <= 1  # probed at most once (the kfac call may have probed already)
+    for o in outs[1:]:
+        assert torch.equal(o.to_dense(), outs[0].to_dense())

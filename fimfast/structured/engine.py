@@ -113,7 +113,6 @@ def kept(model: nn.Module, st: Stream) -> Iterator[None]:
         yield
 
 
-
 def written(model: nn.Module, st: Stream) -> bool:
     """Whether this batch's forward wrote into a trainable parameter in place, other than the
     rows a ``max_norm`` lookup renormalises (which :func:`kept` puts back): a write that
@@ -206,7 +205,10 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
                 where[id(z)] = len(taps)
                 taps.append(z)
     # before anything of the batch is added; once per layout of the model's structure
-    check_apart(layers, taps, where, rows, graph, st.extra.setdefault("apart", set()))
+    seen = st.extra.get("apart")  # the model structure's verdicts (an accumulator's, a refit's)
+    if seen is None:
+        seen = st.extra["apart"] = structure.of(model).apart
+    check_apart(layers, taps, where, rows, graph, seen)
     per_pair = 4 * sum(z.numel() for z in taps)
     for k, cot in enumerate(_cotangents(fw, st, "sample", per_pair, chunk)):
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],
