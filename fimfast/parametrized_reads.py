@@ -1,0 +1,136 @@
+"""Parametrized tensors that change with every computation, read several times in a forward.
+
+The per-sample engine runs the forward under ``torch.nn.utils.parametrize.cached()``
+(:func:`fimfast.derived_weights.computed`): each parametrized tensor is computed once, at its
+first read, and every later read gets that tensor, so that the weight a rule lists is the one its
+layer used. That is the model's own function as long as computing the tensor again would give the
+same value. A parametrization that updates state when it is computed breaks this:
+``parametrizations.spectral_norm`` in training mode runs a power iteration per computation
+(writing its ``_u`` and ``_v`` buffers), so a forward reading the weight ``k`` times uses the
+weight after ``k`` iterations, where the cached forward uses it after one. Such reads happen in a
+module called twice, a weight read by the forward and again by ``F.linear``, and inside torch's
+own ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (which read each weight several times per call), the
+``nn.*Cell`` modules and ``nn.MultiheadAttention`` (whose rules rewrite the forward, so the reads
+counted are the rule's, not torch's).
+
+:func:`watched` counts the reads of each parametrized tensor during the cached forward (reads
+inside a ``parametrize.cached()`` block of the model's own count once per tensor: there the
+model computes it once too) and raises :class:`fimfast.UnsupportedModelError` for a tensor whose
+parametrization wrote a buffer during the forward and that the model's own forward would have
+computed more than once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.nn.utils import parametrize
+
+__all__ = ["watched"]
+
+# torch's forward of these reads each of the module's weights several times per call, and the
+# per-sample rules run a forward of their own
+_SEVERAL = (torch.nn.RNNBase, torch.nn.RNNCellBase, torch.nn.MultiheadAttention)
+
+
+class _Counting(dict):
+    """``parametrize``'s cache, counting the reads of each key at the level of the estimator's
+    own ``cached()`` (``base``): ``reads`` by the model's code, ``rule_reads`` by fimfast's (a
+    rule listing the weight its layer used); ``inner``: the keys read inside a ``cached()``
+    block of the model's forward."""
+
+    def __init__(self, base: int) -> None:
+        super().__init__()
+        self.base = base
+        self.reads: Counter = Counter()
+        self.rule_reads: Counter = Counter()
+        self.inner: set = set()
+
+    def get(self, key, default=None):  # noqa: D102 - dict.get, counted
+        if parametrize._cache_enabled > self.base:
+            self.inner.add(key)
+        elif _by_fimfast():
+            self.rule_reads[key] += 1
+        else:
+            self.reads[key] += 1
+        return super().get(key, default)
+
+
+_PARAMETRIZE = parametrize.__file__
+_FIMFAST = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _by_fimfast() -> bool:
+    """Whether the attribute read in progress is made by fimfast's code (the first frame out of
+    ``_Counting.get`` and ``torch.nn.utils.parametrize``)."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code.co_filename == _PARAMETRIZE:
+        f = f.f_back
+    return f is not None and f.f_code.co_filename.startswith(_FIMFAST)
+
+
+def _lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, list]]:
+    """``(module name, module, tensor name, [(buffer, version)])`` of the parametrizations of
+    ``model`` that hold buffers."""
+    out = []
+    for qual, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for name, plist in m.parametrizations.items():
+                bufs = [(b, b._version) for b in plist.buffers()]
+                if bufs:
+                    out.append((qual, m, name, bufs))
+    return out
+
+
+@contextmanager
+def watched(model: torch.nn.Module) -> Iterator[None]:
+    """Run the body (the forward, inside ``parametrize.cached()``) counting the reads of the
+    parametrized tensors of ``model``; afterwards raise for one whose parametrization wrote a
+    buffer and that the model's own forward computes more than once (see the module
+    docstring). Nothing is counted where the caller's ``cached()`` is not the outermost (the
+    model's own forward then computes each tensor once as well)."""
+    lists = _lists(model) if parametrize._cache_enabled == 1 else []
+    if not lists:
+        yield
+        return
+    before = parametrize._cache
+    counting = _Counting(parametrize._cache_enabled)
+    counting.update(before)
+    parametrize._cache = counting
+    try:
+        yield
+    finally:
+        if parametrize._cache is counting:
+            parametrize._cache = before
+            before.update(counting)
+    for qual, m, name, bufs in lists:
+        if all(b._version == v for b, v in bufs):
+            continue  # stateless in this forward: computing it again gives the same tensor
+        key = (id(m), name)
+        reads = counting.reads[key]
+        computed = reads + (key in counting.inner)
+        if computed > 1 or (reads + counting.rule_reads[key] and isinstance(m, _SEVERAL)):
+            raise _error(qual, m, name)
+
+
+def _error(qual: str, m: torch.nn.Module, name: str) -> Exception:
+    from fimfast.types import UnsupportedModelError
+
+    where = f"{qual}.{name}" if qual else name
+    kind = parametrize.type_before_parametrizations(m).__name__
+    how = (f"torch's {kind} forward reads it several times per call"
+           if isinstance(m, _SEVERAL) else "the forward reads it more than once")
+    return UnsupportedModelError(
+        f"the parametrized tensor {where} changes each time it is computed (its "
+        "parametrization writes its buffers: spectral_norm in training mode runs a power "
+        f"iteration per computation) and {how}; the per-sample types (EXACT, EMPIRICAL, "
+        "MONTE_CARLO) compute it once per forward (torch.nn.utils.parametrize.cached), so "
+        "they would estimate the Fisher of another weight. Put the module in eval mode, wrap "
+        "the model's forward in torch.nn.utils.parametrize.cached() (it then computes the "
+        "weight once too), or use a HUTCHINSON type; nothing was added to the estimate"
+    )
