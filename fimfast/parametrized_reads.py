@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch.nn.utils import parametrize
+
+from fimfast import guard
 
 __all__ = ["watched"]
 
@@ -76,15 +79,26 @@ def _by_fimfast() -> bool:
 
 def _lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, list]]:
     """``(module name, module, tensor name, [(buffer, version)])`` of the parametrizations of
-    ``model`` that hold buffers."""
+    ``model`` that hold buffers (the walk of the modules made again when modules or buffers were
+    registered since, :func:`fimfast.guard.registrations`)."""
+    guard._watch_registrations()
+    now = guard.registrations()
+    found = _FOUND.get(model)
+    if found is None or found[0] != now:
+        found = _FOUND[model] = (now, [
+            (qual, m, name, plist)
+            for qual, m in model.named_modules() if parametrize.is_parametrized(m)
+            for name, plist in m.parametrizations.items()])
     out = []
-    for qual, m in model.named_modules():
-        if parametrize.is_parametrized(m):
-            for name, plist in m.parametrizations.items():
-                bufs = [(b, b._version) for b in plist.buffers()]
-                if bufs:
-                    out.append((qual, m, name, bufs))
+    for qual, m, name, plist in found[1]:
+        bufs = [(b, b._version) for b in plist.buffers()]
+        if bufs:
+            out.append((qual, m, name, bufs))
     return out
+
+
+# model -> (registrations then, its parametrizations)
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextmanager
