@@ -14,10 +14,11 @@ own ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (which read each weight several times per 
 counted are the rule's, not torch's).
 
 :func:`watched` counts the reads of each parametrized tensor during the cached forward (reads
-inside a ``parametrize.cached()`` block of the model's own count once per tensor: there the
-model computes it once too) and raises :class:`fimfast.UnsupportedModelError` for a tensor whose
-parametrization wrote a buffer during the forward and that the model's own forward would have
-computed more than once.
+inside a ``parametrize.cached()`` block of the model's own count once per tensor and block:
+there the model computes it once per block too; a block entered other than through
+``parametrize.cached`` counts as two) and raises :class:`fimfast.UnsupportedModelError` for a
+tensor whose parametrization wrote a buffer during the forward and that the model's own forward
+would have computed more than once.
 """
 
 from __future__ import annotations
@@ -44,24 +45,48 @@ _SEVERAL = (torch.nn.RNNBase, torch.nn.RNNCellBase, torch.nn.MultiheadAttention)
 class _Counting(dict):
     """``parametrize``'s cache, counting the reads of each key at the level of the estimator's
     own ``cached()`` (``base``): ``reads`` by the model's code, ``rule_reads`` by fimfast's (a
-    rule listing the weight its layer used); ``inner``: the keys read inside a ``cached()``
-    block of the model's forward."""
+    rule listing the weight its layer used); ``inner``: key -> the ``cached()`` blocks of the
+    model's forward it was read in (numbered by :meth:`block`; ``None``: a block entered another
+    way than through ``parametrize.cached``, whose extent is unknown)."""
 
     def __init__(self, base: int) -> None:
         super().__init__()
         self.base = base
         self.reads: Counter = Counter()
         self.rule_reads: Counter = Counter()
-        self.inner: set = set()
+        self.inner: dict = {}
+        self.blocks: list[int] = [0]  # [blocks entered, the open outermost one's number...]
 
     def get(self, key, default=None):  # noqa: D102 - dict.get, counted
         if parametrize._cache_enabled > self.base:
-            self.inner.add(key)
+            self.inner.setdefault(key, set()).add(self.blocks[-1] if len(self.blocks) > 1
+                                                  else None)
         elif _by_fimfast():
             self.rule_reads[key] += 1
         else:
             self.reads[key] += 1
         return super().get(key, default)
+
+    def computed(self, key) -> int:
+        """How many times the model's own forward computes the tensor of ``key`` (2 where a
+        block's extent is unknown: at least that may be)."""
+        blocks = self.inner.get(key, set())
+        return self.reads[key] + len(blocks) + (None in blocks)
+
+    @contextmanager
+    def block(self, cached) -> Iterator[None]:
+        """``parametrize.cached`` during the forward: a block of the model's own, numbered
+        where it is the outermost (torch's cache lives from its start to its end)."""
+        outer = parametrize._cache_enabled == self.base
+        if outer:
+            self.blocks[0] += 1
+            self.blocks.append(self.blocks[0])
+        try:
+            with cached():
+                yield
+        finally:
+            if outer:
+                self.blocks.pop()
 
 
 _PARAMETRIZE = parametrize.__file__
@@ -112,13 +137,15 @@ def watched(model: torch.nn.Module) -> Iterator[None]:
     if not lists:
         yield
         return
-    before = parametrize._cache
+    before, cached = parametrize._cache, parametrize.cached
     counting = _Counting(parametrize._cache_enabled)
     counting.update(before)
     parametrize._cache = counting
+    parametrize.cached = lambda: counting.block(cached)
     try:
         yield
     finally:
+        parametrize.cached = cached
         if parametrize._cache is counting:
             parametrize._cache = before
             before.update(counting)
@@ -126,9 +153,8 @@ def watched(model: torch.nn.Module) -> Iterator[None]:
         if all(b._version == v for b, v in bufs):
             continue  # stateless in this forward: computing it again gives the same tensor
         key = (id(m), name)
-        reads = counting.reads[key]
-        computed = reads + (key in counting.inner)
-        if computed > 1 or (reads + counting.rule_reads[key] and isinstance(m, _SEVERAL)):
+        outside = counting.reads[key] + counting.rule_reads[key]
+        if counting.computed(key) > 1 or (outside and isinstance(m, _SEVERAL)):
             raise _error(qual, m, name)
 
 
