@@ -7,7 +7,9 @@ layer used. That is the model's own function as long as computing the tensor aga
 same value. A parametrization that updates state when it is computed breaks this:
 ``parametrizations.spectral_norm`` in training mode runs a power iteration per computation
 (writing its ``_u`` and ``_v`` buffers), so a forward reading the weight ``k`` times uses the
-weight after ``k`` iterations, where the cached forward uses it after one. Such reads happen in a
+weight after ``k`` iterations, where the cached forward uses it after one; a dropout of the
+weight (``F.dropout`` in a parametrization, as in a weight-dropped LSTM) draws ``k`` masks and
+uses the last, and moves the random stream on ``k`` times. Such reads happen in a
 module called twice, a weight read by the forward and again by ``F.linear``, and inside torch's
 own ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (which read each weight several times per call), the
 ``nn.*Cell`` modules and ``nn.MultiheadAttention`` (whose rules rewrite the forward, so the reads
@@ -17,8 +19,8 @@ counted are the rule's, not torch's).
 inside a ``parametrize.cached()`` block of the model's own count once per tensor and block:
 there the model computes it once per block too; a block entered other than through
 ``parametrize.cached`` counts as two) and raises :class:`fimfast.UnsupportedModelError` for a
-tensor whose parametrization wrote a buffer during the forward and that the model's own forward
-would have computed more than once.
+tensor whose computation wrote a buffer or drew random numbers during the forward (hooks on its
+``ParametrizationList``) and that the model's own forward would have computed more than once.
 """
 
 from __future__ import annotations
@@ -102,10 +104,10 @@ def _by_fimfast() -> bool:
     return f is not None and f.f_code.co_filename.startswith(_FIMFAST)
 
 
-def _lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, list]]:
-    """``(module name, module, tensor name, [(buffer, version)])`` of the parametrizations of
-    ``model`` that hold buffers (the walk of the modules made again when modules or buffers were
-    registered since, :func:`fimfast.guard.registrations`)."""
+def _lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, torch.nn.Module]]:
+    """``(module name, module, tensor name, ParametrizationList)`` of the parametrizations of
+    ``model`` (the walk of the modules made again when modules or buffers were registered since,
+    :func:`fimfast.guard.registrations`)."""
     guard._watch_registrations()
     now = guard.registrations()
     found = _FOUND.get(model)
@@ -114,25 +116,60 @@ def _lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, list
             (qual, m, name, plist)
             for qual, m in model.named_modules() if parametrize.is_parametrized(m)
             for name, plist in m.parametrizations.items()])
-    out = []
-    for qual, m, name, plist in found[1]:
-        bufs = [(b, b._version) for b in plist.buffers()]
-        if bufs:
-            out.append((qual, m, name, bufs))
-    return out
+    return found[1]
 
 
 # model -> (registrations then, its parametrizations)
 _FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _state(plist: torch.nn.Module) -> tuple:
+    """What a computation of ``plist`` may change: its buffers' versions and the random streams
+    (the CPU generator's, and the CUDA one of its device)."""
+    versions = tuple(b._version for b in plist.buffers())
+    streams = [torch.default_generator.get_state()]
+    dev = next(iter(plist.parameters()), torch.empty(0)).device
+    if dev.type == "cuda":
+        streams.append(torch.cuda.get_rng_state(dev))
+    return versions, streams
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+@contextmanager
+def _changing(lists: list) -> Iterator[set]:
+    """Run the body with each ``ParametrizationList`` of ``lists`` hooked; yields the set of the
+    ``(id(module), tensor name)`` whose computation wrote a buffer or drew from a random stream
+    (``spectral_norm``'s power iteration in training mode, a dropout of the weight)."""
+    changed: set = set()
+    handles = []
+    for _, m, name, plist in lists:
+        key, before = (id(m), name), []
+
+        def pre(mod, args, before=before):
+            before.append(_state(mod))
+
+        def post(mod, args, out, before=before, key=key):
+            if before and not _same(before.pop(), _state(mod)):
+                changed.add(key)
+
+        handles += [plist.register_forward_pre_hook(pre), plist.register_forward_hook(post)]
+    try:
+        yield changed
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextmanager
 def watched(model: torch.nn.Module) -> Iterator[None]:
     """Run the body (the forward, inside ``parametrize.cached()``) counting the reads of the
-    parametrized tensors of ``model``; afterwards raise for one whose parametrization wrote a
-    buffer and that the model's own forward computes more than once (see the module
-    docstring). Nothing is counted where the caller's ``cached()`` is not the outermost (the
-    model's own forward then computes each tensor once as well)."""
+    parametrized tensors of ``model``; afterwards raise for one whose computation wrote a buffer
+    or drew random numbers and that the model's own forward computes more than once (see the
+    module docstring). Nothing is counted where the caller's ``cached()`` is not the outermost
+    (the model's own forward then computes each tensor once as well)."""
     lists = _lists(model) if parametrize._cache_enabled == 1 else []
     if not lists:
         yield
@@ -143,16 +180,17 @@ def watched(model: torch.nn.Module) -> Iterator[None]:
     parametrize._cache = counting
     parametrize.cached = lambda: counting.block(cached)
     try:
-        yield
+        with _changing(lists) as changed:
+            yield
     finally:
         parametrize.cached = cached
         if parametrize._cache is counting:
             parametrize._cache = before
             before.update(counting)
-    for qual, m, name, bufs in lists:
-        if all(b._version == v for b, v in bufs):
-            continue  # stateless in this forward: computing it again gives the same tensor
+    for qual, m, name, _ in lists:
         key = (id(m), name)
+        if key not in changed:
+            continue  # computing it again gives the same tensor
         outside = counting.reads[key] + counting.rule_reads[key]
         if counting.computed(key) > 1 or (outside and isinstance(m, _SEVERAL)):
             raise _error(qual, m, name)
@@ -167,8 +205,9 @@ def _error(qual: str, m: torch.nn.Module, name: str) -> Exception:
            if isinstance(m, _SEVERAL) else "the forward reads it more than once")
     return UnsupportedModelError(
         f"the parametrized tensor {where} changes each time it is computed (its "
-        "parametrization writes its buffers: spectral_norm in training mode runs a power "
-        f"iteration per computation) and {how}; the per-sample types (EXACT, EMPIRICAL, "
+        "parametrization writes its buffers or draws random numbers: spectral_norm in training "
+        "mode runs a power iteration per computation, a dropout of the weight draws a mask) and "
+        f"{how}; the per-sample types (EXACT, EMPIRICAL, "
         "MONTE_CARLO) compute it once per forward (torch.nn.utils.parametrize.cached), so "
         "they would estimate the Fisher of another weight. Put the module in eval mode, wrap "
         "the model's forward in torch.nn.utils.parametrize.cached() (it then computes the "

@@ -2,12 +2,14 @@
 that change with every computation, and lookup tables the HUTCHINSON family runs sparse.
 
 * ``parametrizations.spectral_norm`` in training mode runs a power iteration each time its
-  weight is computed. The per-sample types compute a parametrized tensor once per forward
+  weight is computed; a dropout of the weight (a weight-dropped LSTM) draws a new mask. The
+  per-sample types compute a parametrized tensor once per forward
   (``parametrize.cached``); a forward that reads it several times (a module called twice, a
   weight read again by ``F.linear``, torch's RNN/LSTM/GRU, the cells, ``nn.MultiheadAttention``)
   computes it several times: those steps are refused, naming the tensor, the state and the random
   stream kept; the same models are exact in eval mode, with the forward wrapped in
-  ``parametrize.cached()``, and under the HUTCHINSON family (which runs the model's own forward).
+  ``parametrize.cached()``, and under the HUTCHINSON family (which runs the model's own forward);
+  read once, every type is exact in training mode.
 * The HUTCHINSON family's sparse lookups (tables of 1024 rows or more) must not read a
   parametrized table outside the forward (a read runs ``spectral_norm``'s power iteration once
   more), and must leave ``scale_grad_by_freq`` tables dense (torch has no sparse backward for
@@ -67,12 +69,22 @@ def check(make, batches, fim_type, zero=(), **kw):
 
 
 # -- spectral_norm in training mode, its weight read several times ------------------------- #
-def _sn(fwd, target, cached=False, **mods):
+class _WeightDrop(nn.Module):
+    """A dropout of the weight (a weight-dropped LSTM): a new mask at each computation."""
+
+    def forward(self, W):
+        return F.dropout(W, 0.3, self.training)
+
+
+def _sn(fwd, target, cached=False, drop=False, **mods):
     def make():
         torch.manual_seed(0)
         m = Fn((lambda s, x: _in_cache(fwd, s, x)) if cached else fwd,
                **{k: v() for k, v in mods.items()}).to(DT)
-        PZ.spectral_norm(getattr(m, target[0]), name=target[1])
+        if drop:
+            P.register_parametrization(getattr(m, target[0]), target[1], _WeightDrop())
+        else:
+            PZ.spectral_norm(getattr(m, target[0]), name=target[1])
         return m
     return make
 
@@ -141,21 +153,26 @@ SEVERAL = {  # name: (forward, (module, tensor), modules, batches)
         {"a": lambda: nn.MultiheadAttention(5, 1, batch_first=True),
          "o": lambda: nn.Linear(5, 4)}, SEQ),
 }
+DROPPED = {  # the weight dropped (a mask drawn at each computation) instead of spectral_norm
+    f"weight dropout, {n}": (*SEVERAL[n], True)
+    for n in ("Linear called twice", "LSTM weight_hh_l0", "GRUCell weight_hh",
+              "two parametrize.cached blocks")}
+SEVERAL = {**SEVERAL, **DROPPED}
 
 
 @pytest.mark.parametrize("fim_type", PER_SAMPLE)
 @pytest.mark.parametrize("name", list(SEVERAL))
 def test_spectral_norm_train_read_several_times_is_refused_state_kept(name, fim_type):
-    fwd, target, mods, batches = SEVERAL[name]
-    model = _sn(fwd, target, **mods)()
+    fwd, target, mods, batches, *drop = SEVERAL[name]
+    model = _sn(fwd, target, drop=bool(drop), **mods)()
     est = fimfast.DiagFisher(model, fim_type, seed=3)
     bufs = [b.clone() for b in model.buffers()]
     rng = torch.get_rng_state()
-    with pytest.raises(fimfast.UnsupportedModelError, match=f"{target[0]}.{target[1]}.*eval"):
+    with pytest.raises(fimfast.UnsupportedModelError, match=f"{target[0]}.{target[1]} .*eval"):
         est.step(batches[0])
     assert est.offset == 0 and est.state.steps == 0
     assert all(torch.equal(a, b) for a, b in zip(bufs, model.buffers()))
-    assert torch.equal(rng, torch.get_rng_state())
+    assert drop or torch.equal(rng, torch.get_rng_state())  # (a forward drawing masks moves it)
     model.eval()  # no power iteration: the same estimator steps, exactly
     est.step(batches[1])
     ref = adv.step_oracle(model, batches[1], fim_type, 3, 0)
@@ -167,23 +184,25 @@ def test_spectral_norm_read_several_times_exact_where_computed_as_the_step_does(
     """Eval mode (no power iteration), the forward wrapped in ``parametrize.cached()`` (the
     model computes the weight once too): every type exact; training mode, the HUTCHINSON family
     (the model's own forward)."""
-    fwd, target, mods, batches = SEVERAL[name]
-    i = list(SEVERAL).index(name)
+    fwd, target, mods, batches, *drop = SEVERAL[name]
+    i, kw = list(SEVERAL).index(name), {"drop": bool(drop), **mods}
     for k, fim_type in enumerate(PER_SAMPLE):  # each type in turn, over the models
         if (i + k) % 3 != 2:
-            check(lambda: _sn(fwd, target, **mods)().eval(), batches, fim_type)
+            check(lambda: _sn(fwd, target, **kw)().eval(), batches, fim_type)
         if (i + k) % 3 != 0:
-            check(_sn(fwd, target, cached=True, **mods), batches, fim_type)
+            check(_sn(fwd, target, cached=True, **kw), batches, fim_type)
     for fim_type in (RANDOM[i % 5], RANDOM[(i + 2) % 5]):
-        check(_sn(fwd, target, **mods), batches, fim_type)
-    check(lambda: _sn(fwd, target, **mods)().eval(), batches, RANDOM[(i + 1) % 5])
+        check(_sn(fwd, target, **kw), batches, fim_type)
+    check(lambda: _sn(fwd, target, **kw)().eval(), batches, RANDOM[(i + 1) % 5])
 
 
-def test_spectral_norm_read_once_stays_exact_in_training_mode():
-    fwd = lambda s, x: s.o(torch.tanh(s.l(x)))  # noqa: E731
-    mods = {"l": lambda: nn.Linear(5, 6), "o": lambda: nn.Linear(6, 4)}
+@pytest.mark.parametrize("drop", [False, True], ids=["spectral_norm", "weight dropout"])
+def test_changing_weight_read_once_stays_exact_in_training_mode(drop):
+    fwd = lambda s, x: s.o(s.d(torch.tanh(s.l(x))))  # noqa: E731 - a dropout after it too
+    mods = {"l": lambda: nn.Linear(5, 6), "d": lambda: nn.Dropout(0.2),
+            "o": lambda: nn.Linear(6, 4)}
     for fim_type in PER_SAMPLE + RANDOM:
-        check(_sn(fwd, ("l", "weight"), **mods), _batches(), fim_type)
+        check(_sn(fwd, ("l", "weight"), drop=drop, **mods), _batches(), fim_type)
 
 
 # -- the HUTCHINSON family's sparse lookups -------------------------------------------------- #
