@@ -20,7 +20,8 @@ inside a ``parametrize.cached()`` block of the model's own count once per tensor
 there the model computes it once per block too; a block entered other than through
 ``parametrize.cached`` counts as two) and raises :class:`fimfast.UnsupportedModelError` for a
 tensor whose computation wrote a buffer or drew random numbers during the forward (hooks on its
-``ParametrizationList``) and that the model's own forward would have computed more than once.
+``ParametrizationList``; one seen computed without such a change is taken as unchanging in that
+training mode from then on) and that the model's own forward would have computed more than once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 
 import torch
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from fimfast import guard
 
@@ -138,11 +140,25 @@ def _same(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
+def _spectral(plist: torch.nn.Module) -> bool | None:
+    """Whether ``plist`` (``spectral_norm`` alone) changes at each computation: in training mode
+    with power iterations; ``None``: another parametrization, to be watched."""
+    if len(plist) != 1 or not isinstance(plist[0], _SpectralNorm):
+        return None
+    return bool(plist[0].training and plist[0].n_power_iterations > 0)
+
+
+# ParametrizationList -> the training modes in which a computation of it was seen to change
+# nothing (weight_norm, orthogonal, spectral_norm in eval mode: not watched again in that mode)
+_STILL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def _changing(lists: list) -> Iterator[set]:
     """Run the body with each ``ParametrizationList`` of ``lists`` hooked; yields the set of the
     ``(id(module), tensor name)`` whose computation wrote a buffer or drew from a random stream
-    (``spectral_norm``'s power iteration in training mode, a dropout of the weight)."""
+    (``spectral_norm``'s power iteration in training mode, a dropout of the weight). One seen
+    computed without a change is not hooked again in the same mode (:data:`_STILL`)."""
     changed: set = set()
     handles = []
     for _, m, name, plist in lists:
@@ -154,6 +170,8 @@ def _changing(lists: list) -> Iterator[set]:
         def post(mod, args, out, before=before, key=key):
             if before and not _same(before.pop(), _state(mod)):
                 changed.add(key)
+            elif key not in changed:
+                _STILL.setdefault(mod, set()).add(mod.training)
 
         handles += [plist.register_forward_pre_hook(pre), plist.register_forward_hook(post)]
     try:
@@ -170,7 +188,14 @@ def watched(model: torch.nn.Module) -> Iterator[None]:
     or drew random numbers and that the model's own forward computes more than once (see the
     module docstring). Nothing is counted where the caller's ``cached()`` is not the outermost
     (the model's own forward then computes each tensor once as well)."""
-    lists = _lists(model) if parametrize._cache_enabled == 1 else []
+    lists, known = [], set()
+    for e in _lists(model) if parametrize._cache_enabled == 1 else []:
+        how = _spectral(e[3])
+        if how is None and e[3].training not in _STILL.get(e[3], ()):
+            lists.append(e)  # watched in this forward
+        elif how:
+            lists.append(e)
+            known.add((id(e[1]), e[2]))
     if not lists:
         yield
         return
@@ -180,8 +205,9 @@ def watched(model: torch.nn.Module) -> Iterator[None]:
     parametrize._cache = counting
     parametrize.cached = lambda: counting.block(cached)
     try:
-        with _changing(lists) as changed:
+        with _changing([e for e in lists if (id(e[1]), e[2]) not in known]) as changed:
             yield
+            changed |= known
     finally:
         parametrize.cached = cached
         if parametrize._cache is counting:
