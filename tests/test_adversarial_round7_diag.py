@@ -249,3 +249,31 @@ def test_large_spectral_normed_table_is_not_computed_outside_the_forward(fim_typ
                          ids=["Embedding", "Embedding padding_idx", "EmbeddingBag mean"])
 def test_large_table_scaled_by_frequency_keeps_the_dense_backward(make, fim_type):
     check(make, _big_ids(), fim_type)
+
+
+# -- the per-sample engine's check of a shared lookup, with spectral_norm elsewhere ------------ #
+class _Positions(nn.Module):
+    """Token and position embeddings (the positions ``arange(T)``: a lookup shared by the batch,
+    which the engine expands once checked against the model's own forward), then a
+    spectral-normed Linear in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos = nn.Embedding(9, 5), nn.Embedding(6, 5)
+        self.l, self.o = PZ.spectral_norm(nn.Linear(5, 5)), nn.Linear(5, 4)
+        self.to(DT)
+
+    def forward(self, x):
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        return self.o(torch.tanh(self.l(h)).mean(1))
+
+
+@pytest.mark.parametrize("fim_type", PER_SAMPLE)
+def test_shared_lookup_check_runs_from_the_buffers_of_the_step(fim_type, caplog):
+    """The check's second forward starts from the buffers the step's forward started from
+    (spectral_norm's ``_u``, ``_v`` included): it agrees, the lookup stays expanded, and the
+    step is the model's (it ran from buffers moved on twice: 5e-5 to 1.3e-4 off)."""
+    with caplog.at_level("INFO", logger="fimfast.persample"):
+        check(_Positions, _batches((5,), ids=9), fim_type)
+    assert "without expanding" not in caplog.text

@@ -107,6 +107,8 @@ class Replay:
             lookups = lookups or (self.functional and not self._quiet)
             stats = _running_stats(norms) if lookups else []
         check = lookups and self.expand_flat and not self._flat_checked
+        if check:  # the model's own forward runs from every buffer as it was (spectral_norm's)
+            stats = _buffers(model)
         rng = _rng_state() if check else None
         # (T,) lookups are expanded once checked, or in the forward that checks them
         flat = self.expand_flat and (self._flat_checked or check)
@@ -290,6 +292,13 @@ def _running_stats(mods: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, s
                 if isinstance(b, torch.Tensor):
                     out.append((m, name, b.detach().clone()))
     return out
+
+
+def _buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """``(module, buffer name, copy)`` of every buffer of ``model``: what a forward may write
+    (running statistics, ``spectral_norm``'s power iteration in training mode)."""
+    return [(m, name, b.detach().clone()) for m in model.modules()
+            for name, b in m._buffers.items() if isinstance(b, torch.Tensor)]
 
 
 def _rng_state() -> tuple:
