@@ -277,3 +277,60 @@ def test_shared_lookup_check_runs_from_the_buffers_of_the_step(fim_type, caplog)
     with caplog.at_level("INFO", logger="fimfast.persample"):
         check(_Positions, _batches((5,), ids=9), fim_type)
     assert "without expanding" not in caplog.text
+
+
+class _Carried(nn.Module):
+    """Positions ``arange(T)`` and a GRUCell looped over the tokens from a state carried from
+    one forward to the next in an attribute (not a buffer: no step can put it back)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos = nn.Embedding(9, 3), nn.Embedding(6, 3)
+        self.cell, self.o = nn.GRUCell(3, 4), nn.Linear(4, 4)
+        self.h = None
+        self.to(DT)
+
+    def forward(self, x):
+        e = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        h = self.h
+        for t in range(x.shape[1]):
+            h = self.cell(e[:, t], h)
+        self.h = h.detach()
+        return self.o(h)
+
+
+def _carried_oracle(model, batch, fim_type, offset):
+    h = model.h
+    ref = (adv if fim_type in PER_SAMPLE else ab).step_oracle(model, batch, fim_type, 7, offset)
+    model.h = h
+    return ref
+
+
+@pytest.mark.parametrize("fim_type", PER_SAMPLE)
+def test_state_carried_in_an_attribute_with_a_checked_lookup(fim_type):
+    """The check of the ``(T,)`` lookup runs the forward again, from a carried state moved on:
+    its logits differ, and the step taken once more (from a state moved on twice) was 5.6% off.
+    Refused, naming the cause; the next step (no check, one forward) is the model's."""
+    B = _batches((5,), ids=9)
+    model = _Carried()
+    est = fimfast.DiagFisher(model, fim_type, seed=7)
+    with pytest.raises(fimfast.UnsupportedModelError, match="attributes across calls"):
+        est.step(B[0])
+    assert est.state.steps == 0 and est.offset == 0
+    ref = _carried_oracle(model, B[1], fim_type, 0)
+    est.step(B[1])
+    assert adv.nonzero(ref) and ab.max_rel(est, ref) < 1e-10
+
+
+@pytest.mark.parametrize("fim_type", RANDOM[:2])
+def test_state_carried_in_an_attribute_hutchinson_is_the_models(fim_type):
+    B = _batches((5,), ids=9)
+    model = _Carried()
+    est = fimfast.DiagFisher(model, fim_type, seed=7)
+    total = {}
+    for b in B:
+        ref = _carried_oracle(model, b, fim_type, est.offset)
+        est.step(b)
+        total = {n: total.get(n, 0) + v for n, v in ref.items()}
+    assert adv.nonzero(total) and ab.max_rel(est, total) < 1e-10
