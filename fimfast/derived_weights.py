@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fimfast import _env, hooks
+from fimfast import _env, hooks, parametrized_reads
 
 _ACC = torch._C._functions.AccumulateGrad
 
@@ -98,7 +98,8 @@ def computed(cap: hooks.Capture, weights: Weights, modules: bool) -> Iterator[No
     records (``cap.derived`` set: a bias table added to the batch's scores,
     :mod:`fimfast.functional_computed`); with ``modules``, ``torch.nn.utils.parametrize``
     computes each parametrized tensor once (``parametrize.cached``), so that the weight a rule
-    lists is the one its layer used."""
+    lists is the one its layer used (refused where computing it again would give another
+    tensor: :mod:`fimfast.parametrized_reads`)."""
     before = cap.derived
     if not modules and before is None:
         yield
@@ -109,7 +110,7 @@ def computed(cap: hooks.Capture, weights: Weights, modules: bool) -> Iterator[No
     cap.derived = weights.chain(before)
     try:
         if modules:
-            with parametrize.cached():
+            with parametrize.cached(), parametrized_reads.watched(cap.model):
                 yield
         else:
             yield

@@ -16,13 +16,14 @@ parameters' gradients are the same sums formed on other layouts, equal up to rou
 runs 1.0-1.5 ms (9-13%) faster this way (``benchmarks/results/hutch_e_cpu_2026-12-07.md``).
 
 Any other call (masks, ``need_weights``, ``is_causal``, separate key or value, separate
-projection weights, ``bias_k``, ``add_zero_attn``, dropout while training, unbatched or nested
-inputs, gradients disabled, saved-tensor hooks active (a non-reentrant checkpoint segment, whose
-recomputation runs torch's forward and must save the same tensors), a ``__torch_function__``
-argument, a class ``forward`` that is not torch's) runs torch's forward, which also raises
-torch's errors. :class:`fimfast.nograd.NogradWatch` calls :func:`forward` for a watched
-``nn.MultiheadAttention`` (the class itself, not a subclass) without an instance ``forward`` of
-its own, where its caller asks (``lean``).
+projection weights, parametrized projection weights (``spectral_norm`` on ``out_proj``: computed
+as often as torch's forward computes it), ``bias_k``, ``add_zero_attn``, dropout while training,
+unbatched or nested inputs, gradients disabled, saved-tensor hooks active (a non-reentrant
+checkpoint segment, whose recomputation runs torch's forward and must save the same tensors), a
+``__torch_function__`` argument, a class ``forward`` that is not torch's) runs torch's forward,
+which also raises torch's errors. :class:`fimfast.nograd.NogradWatch` calls :func:`forward` for
+a watched ``nn.MultiheadAttention`` (the class itself, not a subclass) without an instance
+``forward`` of its own, where its caller asks (``lean``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fimfast.hooks import saved_tensor_hooks_active
 
@@ -83,6 +85,10 @@ def _plain(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
         and torch.is_grad_enabled()
         and not saved_tensor_hooks_active()  # a checkpoint's recomputation runs torch's forward
         and mod._qkv_same_embed_dim
+        # a parametrized projection weight: read as torch's forward reads it (a parametrization
+        # computed once more changes it where it changes at each computation: spectral_norm)
+        and not parametrize.is_parametrized(mod)
+        and not parametrize.is_parametrized(mod.out_proj)
         and mod.in_proj_weight is not None
         and mod.bias_k is None
         and mod.bias_v is None

@@ -30,8 +30,9 @@ MIN_ROWS = 1024
 def candidates(model: nn.Module, params: list[torch.Tensor]) -> list[nn.Module]:
     """The lookup modules of ``model`` whose table is one of ``params`` and may run sparse: a
     plain dense ``nn.Parameter`` (no tensor subclass such as a sharded ``DTensor``) of at least
-    :data:`MIN_ROWS` rows on the CPU or a CUDA device, not sparse already, and for
-    ``nn.EmbeddingBag`` not ``mode="max"`` (torch has no sparse backward for it). None in a model
+    :data:`MIN_ROWS` rows on the CPU or a CUDA device, not sparse already, not
+    ``scale_grad_by_freq`` and for ``nn.EmbeddingBag`` not ``mode="max"`` (torch has no sparse
+    backward for either; a parametrized table is no parameter, and is not read). None in a model
     holding a ``torch.compile`` wrapper (the flag would be a guard of the compiled code)."""
     ids = {id(p) for p in params}
     out = []
@@ -43,7 +44,9 @@ def candidates(model: nn.Module, params: list[torch.Tensor]) -> list[nn.Module]:
             return []
         if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or m.sparse:
             continue
-        w = m.weight
+        # the table as registered: a parametrized one is computed at each read (spectral_norm's
+        # power iteration in training mode runs once more), and is no parameter
+        w = m._parameters.get("weight")
         if (
             id(w) in ids
             and type(w) is nn.Parameter
@@ -53,6 +56,7 @@ def candidates(model: nn.Module, params: list[torch.Tensor]) -> list[nn.Module]:
             and w.dim() == 2
             and w.shape[0] >= MIN_ROWS
             and getattr(m, "mode", "sum") != "max"
+            and not m.scale_grad_by_freq
         ):
             out.append(m)
     return out

@@ -108,6 +108,8 @@ class Replay:
             lookups = lookups or (self.functional and not self._quiet)
             stats = _running_stats(norms) if lookups else []
         check = lookups and self.expand_flat and not self._flat_checked
+        if check:  # the model's own forward runs from every buffer as it was (spectral_norm's)
+            stats = _buffers(model)
         rng = _rng_state() if check else None
         # (T,) lookups are expanded once checked, or in the forward that checks them
         flat = self.expand_flat and (self._flat_checked or check)
@@ -116,16 +118,16 @@ class Replay:
                 result = fwd.run()
             if rng is None or cap is None or not cap.expanded_flat:
                 return cap, result
-            same = self._same_unexpanded(fwd, result, stats, rng)
+            plain = self._plain_from(fwd, stats, rng)
             self._flat_checked = True
-            if same:
+            if plain is not None and _close(fwd.logits(result), plain):
                 return cap, result
             failure, flat_only = "its logits differ from the model's own", True
         except Exception as exc:
             if cap is None or not cap.expanded:
                 raise
             # the (T,) lookups first: (1, T) ones may still expand
-            failure, flat_only = f"{type(exc).__name__}: {exc}", cap.expanded_flat > 0
+            failure, flat_only, plain = f"{type(exc).__name__}: {exc}", cap.expanded_flat > 0, None
         if flat_only:
             log.info(
                 "per-sample engine: running the step again without expanding lookups of ids "
@@ -133,7 +135,10 @@ class Replay:
             )
             self.expand_flat, self._flat_checked = False, True
             _restore(stats, rng)
-            return self.forward(model, params, batch_size, fwd)
+            out = self.forward(model, params, batch_size, fwd)
+            if plain is not None and not _close(fwd.logits(out[1]), plain):
+                raise _unrepeatable()
+            return out
         return self._unexpanded(model, params, batch_size, fwd, stats, failure)
 
     def _unexpanded(self, model, params, batch_size, fwd: Forward, stats, failure: str):
@@ -152,30 +157,24 @@ class Replay:
             self.expand_broadcast = True  # it fails either way: the expansion was not the cause
             raise
 
-    def _same_unexpanded(self, fwd: Forward, result, stats, rng) -> bool:
-        """Whether the model's own forward, from the random state and running statistics the
-        captured one started from, gives the captured logits; the captured forward's state is
-        kept afterwards (its buffers are swapped out for copies, not written: the captured graph
-        may have saved them)."""
+    def _plain_from(self, fwd: Forward, stats, rng) -> torch.Tensor | None:
+        """The logits of the model's own forward from the random state and buffers the captured
+        one started from (``None`` where it fails: no evidence either way, nothing expanded);
+        the captured forward's state is kept afterwards (its buffers are swapped out for
+        copies, not written: the captured graph may have saved them)."""
         after = _rng_state()
         _restore([], rng)
         kept = [(m, name, getattr(m, name)) for m, name, _ in stats]
         try:
             for m, name, saved in stats:
                 setattr(m, name, saved.clone())
-            plain = fwd.logits(fwd.plain())
+            return fwd.logits(fwd.plain())
         except Exception:  # noqa: BLE001 - no evidence either way: do not expand
-            return False
+            return None
         finally:
             for m, name, live in kept:
                 setattr(m, name, live)
             _restore([], after)
-        got = fwd.logits(result)
-        if plain.shape != got.shape:
-            return False
-        a, b = got.detach().double(), plain.detach().double()
-        tol = 64 * torch.finfo(plain.dtype).eps * max(1.0, float(b.abs().max()))
-        return bool(((a - b).abs() <= tol).all())
 
     @contextmanager
     def capture(
@@ -293,6 +292,32 @@ def _running_stats(mods: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, s
                 if isinstance(b, torch.Tensor):
                     out.append((m, name, b.detach().clone()))
     return out
+
+
+def _buffers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """``(module, buffer name, copy)`` of every buffer of ``model``: what a forward may write
+    (running statistics, ``spectral_norm``'s power iteration in training mode)."""
+    return [(m, name, b.detach().clone()) for m in model.modules()
+            for name, b in m._buffers.items() if isinstance(b, torch.Tensor)]
+
+
+def _close(got: torch.Tensor, plain: torch.Tensor) -> bool:
+    """Whether two forwards' logits agree (to 64 ulps of the largest)."""
+    if got.shape != plain.shape:
+        return False
+    a, b = got.detach().double(), plain.detach().double()
+    tol = 64 * torch.finfo(plain.dtype).eps * max(1.0, float(b.abs().max()))
+    return bool(((a - b).abs() <= tol).all())
+
+
+def _unrepeatable() -> Exception:
+    return UnsupportedModelError(
+        "the model's forward gives other logits when run again from the same buffers and random "
+        "state (state kept in attributes across calls, e.g. a recurrent state carried from one "
+        "forward to the next): the per-sample types' check of lookups of ids (T,) runs it more "
+        "than once, so this step would not be the model's. Keep such state in a registered "
+        "buffer (a step puts buffers back), or use a HUTCHINSON type (one forward)"
+    )
 
 
 def _rng_state() -> tuple:
