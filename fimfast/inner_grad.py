@@ -22,7 +22,8 @@ while the capture is installed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch.autograd.variable import Variable
@@ -63,3 +64,33 @@ def watch(capture: Any) -> Callable[[], None]:
         Variable._execution_engine = engine
 
     return undo
+
+
+class _Seen:
+    """Forwards everything to the engine it wraps; notes in ``seen`` that a ``run_backward``
+    with ``create_graph`` ran."""
+
+    def __init__(self, engine: Any, seen: list):
+        self._engine, self._seen = engine, seen
+
+    def run_backward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("create_graph", args[_CREATE_GRAPH] if len(args) > _CREATE_GRAPH else False):
+            self._seen.append(True)
+        return self._engine.run_backward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+@contextmanager
+def graph_built() -> Iterator[list]:
+    """``with graph_built() as seen:`` the body's backward passes watched: ``seen`` is non-empty
+    after it when one of them ran with ``create_graph=True`` (the structured engine refuses the
+    representations built from a layer's own inputs and output gradients then)."""
+    seen: list = []
+    engine = Variable._execution_engine
+    Variable._execution_engine = _Seen(engine, seen)
+    try:
+        yield seen
+    finally:
+        Variable._execution_engine = engine

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fimfast import _env, guard, likelihoods
+from fimfast import _env, guard, inner_grad, likelihoods
 from fimfast.structured import capture as cap
 from fimfast.structured import columns, convgram, structure
 from fimfast.structured.apart import check_apart
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
-from fimfast.types import FIMType, Options
+from fimfast.types import FIMType, Options, UnsupportedModelError
 
 
 @dataclass
@@ -181,8 +181,16 @@ def kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[Lay
 def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[LayerSums],
                 what: str, approx: str, eig: list | None, chunk: int | None) -> None:
     _, walk, _, params = st.extra["guard"]  # the guards' module list (kept per structure)
-    with cap.capture(layers, model, walk.of(model, params)[0]):  # refuses batch statistics
-        fw = columns.forward(model, batch, st.fim_type, st.opts)
+    with cap.capture(layers, model, walk.of(model, params)[0]), inner_grad.graph_built() as g:
+        fw = columns.forward(model, batch, st.fim_type, st.opts)  # (refuses batch statistics)
+    if g:
+        raise UnsupportedModelError(
+            "kfac, ekfac and quasi_diag: a backward with create_graph=True ran "
+            "inside the model's forward (an input-gradient feature, an inner optimisation step): "
+            "the graph it builds reads the layers' weights again, on paths that do not pass "
+            "through their outputs, which the Kronecker and quasi-diagonal representations are "
+            "built from; use representation='dense', 'block_diag', 'low_rank' or 'diag' (exact "
+            "for such models)")
     if written(model, st):  # refused when the guards exit: nothing is added
         return
     rows = fw.rows
