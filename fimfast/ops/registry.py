@@ -316,7 +316,7 @@ def _step_backend(op: str) -> str | None:
     return b if b is not None and b in _IMPLS[op] else None
 
 
-class step_backend:  # noqa: N801 (a context manager, used as a function)
+class step_backend:  # a context manager, named as the function it is used as
     """``with step_backend(backend):`` the ops called without a backend of their own take
     ``backend`` (an estimator's ``backend`` option) where they implement it, the automatic
     choice (``FIMFAST_BACKEND``, then the order of :func:`resolve`) otherwise: ``backend="torch"``
