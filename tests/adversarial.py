@@ -37,6 +37,12 @@ def jacobian_rows(model, batch, logits_fn: Callable | None = None, ignore_index:
     for m, _, _ in hooks:
         m._backward_hooks = type(m._backward_hooks)()
         m._backward_pre_hooks = type(m._backward_pre_hooks)()
+    # the lookup's own derivative: scale_grad_by_freq only divides autograd's gradient by token
+    # counts over the whole batch (as tests/oracle.py:row_jacobians; fimfast's step guards too)
+    scaled = [m for m in model.modules() if isinstance(m, (torch.nn.Embedding,
+              torch.nn.EmbeddingBag)) and m.scale_grad_by_freq]
+    for m in scaled:
+        m.scale_grad_by_freq = False
     try:
         with torch.enable_grad():
             z = _logits(model, batch, logits_fn)
@@ -58,6 +64,8 @@ def jacobian_rows(model, batch, logits_fn: Callable | None = None, ignore_index:
             Jr.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
                                  for p, gi in zip(params, g)]).double())
         J.append(torch.stack(Jr))
+    for m in scaled:
+        m.scale_grad_by_freq = True
     with torch.no_grad():
         for b, v in zip(model.buffers(), bufs):
             b.copy_(v)
