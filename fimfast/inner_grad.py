@@ -35,30 +35,26 @@ _CREATE_GRAPH = 3  # position of create_graph in the engine's run_backward
 
 class _Engine:
     """Forwards everything to the engine it wraps; ``run_backward`` with ``create_graph`` first
-    marks the capture's calls recorded so far."""
+    calls ``on_graph()``."""
 
-    def __init__(self, engine: Any, capture: Any):
+    def __init__(self, engine: Any, on_graph: Callable[[], None]):
         self._engine = engine
-        self._capture = capture
+        self._on_graph = on_graph
 
     def run_backward(self, *args: Any, **kwargs: Any) -> Any:
-        create = kwargs.get("create_graph", args[_CREATE_GRAPH] if len(args) > _CREATE_GRAPH
-                            else False)
-        if create and self._capture.active:
-            for call in self._capture.calls:
-                if call.ok:
-                    call.ok, call.reason = False, REASON
+        if kwargs.get("create_graph", args[_CREATE_GRAPH] if len(args) > _CREATE_GRAPH else False):
+            self._on_graph()
         return self._engine.run_backward(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
 
-def watch(capture: Any) -> Callable[[], None]:
-    """Watch the backward passes run while ``capture`` (a :class:`fimfast.hooks.Capture`)
-    records; returns the function that stops watching (it puts the engine back)."""
+def _swapped(on_graph: Callable[[], None]) -> Callable[[], None]:
+    """Torch's engine replaced by an :class:`_Engine` calling ``on_graph``; returns the function
+    that puts it back."""
     engine = Variable._execution_engine
-    Variable._execution_engine = _Engine(engine, capture)
+    Variable._execution_engine = _Engine(engine, on_graph)
 
     def undo() -> None:
         Variable._execution_engine = engine
@@ -66,20 +62,18 @@ def watch(capture: Any) -> Callable[[], None]:
     return undo
 
 
-class _Seen:
-    """Forwards everything to the engine it wraps; notes in ``seen`` that a ``run_backward``
-    with ``create_graph`` ran."""
+def watch(capture: Any) -> Callable[[], None]:
+    """Watch the backward passes run while ``capture`` (a :class:`fimfast.hooks.Capture`)
+    records (each with ``create_graph`` marks the calls recorded so far); returns the function
+    that stops watching (it puts the engine back)."""
 
-    def __init__(self, engine: Any, seen: list):
-        self._engine, self._seen = engine, seen
+    def mark() -> None:
+        if capture.active:
+            for call in capture.calls:
+                if call.ok:
+                    call.ok, call.reason = False, REASON
 
-    def run_backward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("create_graph", args[_CREATE_GRAPH] if len(args) > _CREATE_GRAPH else False):
-            self._seen.append(True)
-        return self._engine.run_backward(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+    return _swapped(mark)
 
 
 @contextmanager
@@ -88,9 +82,8 @@ def graph_built() -> Iterator[list]:
     after it when one of them ran with ``create_graph=True`` (the structured engine refuses the
     representations built from a layer's own inputs and output gradients then)."""
     seen: list = []
-    engine = Variable._execution_engine
-    Variable._execution_engine = _Seen(engine, seen)
+    undo = _swapped(lambda: seen.append(True))
     try:
         yield seen
     finally:
-        Variable._execution_engine = engine
+        undo()

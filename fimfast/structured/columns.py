@@ -55,10 +55,11 @@ def forward(model: torch.nn.Module, batch: Any, fim_type: FIMType, opts: Options
             inputs, labels, mask = batchlib.split(batch)
             output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     except RuntimeError as exc:
-        if not inference_hint(exc):
+        hint = inference_hint(exc)
+        if not hint:
             raise
-        raise RuntimeError(f"batch: the model's forward failed{inference_hint(exc)} "
-                           f"(RuntimeError: {exc})") from exc
+        raise RuntimeError(f"batch: the model's forward failed{hint} (RuntimeError: {exc})") \
+            from exc
     raw = batchlib.logits_of(output)
     logits, labels, mask = of_output(output, raw, labels, mask, opts)
     if logits is not raw:
