@@ -67,11 +67,10 @@ def _calls(fimfast, model, full, X, y) -> dict:
             "ekfac": lambda: fimfast.fisher(model, data, "monte_carlo", "ekfac", seed=0)}
 
 
-def plain_kfac(model: nn.Sequential, X: torch.Tensor, block: int = 128):
-    """A reference for the MLPs (a), (b): KFAC (one MC label per sample) in plain torch, no
-    checks, no capture: the forward through the ``nn.Sequential``, one backward to the Linear
-    outputs, ``A`` and ``G`` as upper block rows (128 columns) like fimfast's sums, unscaled and
-    not mirrored."""
+def linear_forward(model: nn.Sequential, X: torch.Tensor):
+    """``(inputs, outputs, logits)``: the forward through the ``nn.Sequential``, with the input
+    and the output of every ``nn.Linear`` (also timed phase by phase in
+    benchmarks/kfac_floor.py)."""
     ins, outs, h = [], [], X
     for m in model:
         if isinstance(m, nn.Linear):
@@ -80,6 +79,15 @@ def plain_kfac(model: nn.Sequential, X: torch.Tensor, block: int = 128):
             outs.append(h)
         else:
             h = m(h)
+    return ins, outs, h
+
+
+def plain_kfac(model: nn.Sequential, X: torch.Tensor, block: int = 128):
+    """A reference for the MLPs (a), (b): KFAC (one MC label per sample) in plain torch, no
+    checks, no capture: the forward through the ``nn.Sequential``, one backward to the Linear
+    outputs, ``A`` and ``G`` as upper block rows (128 columns) like fimfast's sums, unscaled and
+    not mirrored."""
+    ins, outs, h = linear_forward(model, X)
     with torch.no_grad():
         p = torch.softmax(h, -1)
         u = -p

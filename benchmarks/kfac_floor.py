@@ -38,18 +38,12 @@ _MACS = {  # multiply-adds of workload (a), B=128
 
 def _plain(model: nn.Sequential, X: torch.Tensor, t: dict) -> None:
     """The plain-torch KFAC (MONTE_CARLO, one label per sample), each phase added to ``t``."""
+    from benchmarks.kfac_cputime import linear_forward
     from fimfast.ops.gram import gram_upper_
 
     pt = time.process_time
     c0 = pt()
-    ins, outs, h = [], [], X
-    for m in model:
-        if isinstance(m, nn.Linear):
-            ins.append(h)
-            h = m(h)
-            outs.append(h)
-        else:
-            h = m(h)
+    ins, outs, h = linear_forward(model, X)
     c1 = pt()
     with torch.no_grad():
         p = torch.softmax(h, -1)
