@@ -17,10 +17,10 @@ their min / median / max, the load average and the commits, as JSON and markdown
         --alternations 6 --out benchmarks/results/kfac_cputime_<date>
 
 Prints ``{workload: {"kfac": ratio, "kfac_read": ratio (KFAC and a read of every factor as a
-full matrix), "plain_kfac": ratio (MLPs only: :func:`plain_kfac`, the same products
-without fimfast), "refit": ratio (the EKFAC refit of the diagonal alone, as
-timed by benchmarks/bench_structured.py), "ekfac": ratio (factors, eigendecompositions and refit),
-"train_ms": CPU ms of the training step}}`` as JSON.
+full matrix), "plain_kfac": ratio (MLPs and the CNN (c) only: :func:`plain_kfac`,
+:func:`plain_kfac_conv`, the same products without fimfast), "refit": ratio (the EKFAC refit
+of the diagonal alone, as timed by benchmarks/bench_structured.py), "ekfac": ratio (factors,
+eigendecompositions and refit), "train_ms": CPU ms of the training step}}`` as JSON.
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def _calls(fimfast, model, full, X, y) -> dict:
             "ekfac": lambda: fimfast.fisher(model, data, "monte_carlo", "ekfac", seed=0)}
 
 
-def linear_forward(model: nn.Sequential, X: torch.Tensor):
+def linear_forward(model: nn.Sequential, X: torch.Tensor, kinds=(nn.Linear,)):
     """``(inputs, outputs, logits)``: the forward through the ``nn.Sequential``, with the input
-    and the output of every ``nn.Linear`` (also timed phase by phase in
+    and the output of every module of ``kinds`` (``nn.Linear``; also timed phase by phase in
     benchmarks/kfac_floor.py)."""
     ins, outs, h = [], [], X
     for m in model:
-        if isinstance(m, nn.Linear):
+        if isinstance(m, kinds):
             ins.append(h)
             h = m(h)
             outs.append(h)
@@ -82,29 +82,89 @@ def linear_forward(model: nn.Sequential, X: torch.Tensor):
     return ins, outs, h
 
 
+def _mc_cotangent(h: torch.Tensor) -> torch.Tensor:
+    """``onehot(y) - p`` for one label per row drawn from ``softmax(h)``."""
+    with torch.no_grad():
+        p = torch.softmax(h, -1)
+        u = -p
+        u[torch.arange(h.shape[0]), torch.multinomial(p, 1).squeeze(1)] += 1
+    return u
+
+
+def _gram(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``x^T x`` as upper block rows (``block`` columns) like fimfast's sums, not mirrored."""
+    n = x.shape[1]
+    out = x.new_empty(n, n)
+    if n <= 3 * block:
+        return torch.mm(x.T, x, out=out)
+    for i in range(0, n, block):
+        out[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:], beta=0)
+    return out
+
+
 def plain_kfac(model: nn.Sequential, X: torch.Tensor, block: int = 128):
     """A reference for the MLPs (a), (b): KFAC (one MC label per sample) in plain torch, no
     checks, no capture: the forward through the ``nn.Sequential``, one backward to the Linear
     outputs, ``A`` and ``G`` as upper block rows (128 columns) like fimfast's sums, unscaled and
     not mirrored."""
     ins, outs, h = linear_forward(model, X)
-    with torch.no_grad():
-        p = torch.softmax(h, -1)
-        u = -p
-        u[torch.arange(h.shape[0]), torch.multinomial(p, 1).squeeze(1)] += 1
-    grads = torch.autograd.grad(h, outs, u)
+    grads = torch.autograd.grad(h, outs, _mc_cotangent(h))
+    A = [_gram(torch.cat([x.detach(), x.new_ones(x.shape[0], 1)], 1), block) for x in ins]
+    return A, [_gram(g, block) for g in grads]
 
-    def gram(x):
-        n = x.shape[1]
-        out = x.new_empty(n, n)
-        if n <= 3 * block:
-            return torch.mm(x.T, x, out=out)
-        for i in range(0, n, block):
-            out[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:], beta=0)
-        return out
 
-    A = [gram(torch.cat([x.detach(), x.new_ones(x.shape[0], 1)], 1)) for x in ins]
-    return A, [gram(g) for g in grads]
+def _patches(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
+    """``(N L, C k k + 1)``: the unfolded input of ``m`` (no padding, dilation 1, one group)
+    with the bias's column of ones, one strided copy."""
+    N, C, H, W = x.shape
+    kh, kw = m.kernel_size
+    sh, sw = m.stride
+    Ho, Wo = (H - kh) // sh + 1, (W - kw) // sw + 1
+    out = x.new_empty(N, Ho, Wo, C * kh * kw + 1)
+    s = x.stride()
+    out[..., :-1].view(N, Ho, Wo, C, kh, kw).copy_(x.as_strided(
+        (N, Ho, Wo, C, kh, kw), (s[0], s[2] * sh, s[3] * sw, s[1], s[2], s[3])))
+    out[..., -1] = 1
+    return out.view(N * Ho * Wo, -1)
+
+
+def plain_kfac_conv(model: nn.Sequential, X: torch.Tensor, block: int = 128):
+    """The same for a ``nn.Sequential`` of ``Conv2d`` (no padding, dilation 1, one group) and
+    ``Linear`` layers ((c)): KFAC with the expand convention (NNGeometry's, fimfast's),
+    ``A = sum_{n,t} [a_{n,t}, 1] [a_{n,t}, 1]^T`` over the unfolded patches (one strided copy,
+    upper block rows), ``G = sum_n g_n g_n^T`` of the ``(O, positions)`` output gradients (one
+    batched product), unscaled."""
+    ins, outs, h = linear_forward(model, X, (nn.Linear, nn.Conv2d))
+    grads = torch.autograd.grad(h, outs, _mc_cotangent(h))
+    layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+    A, G = [], []
+    for m, x, g in zip(layers, ins, grads):
+        x = x.detach()
+        if isinstance(m, nn.Conv2d):
+            A.append(_gram(_patches(x, m), block))
+            gt = g.flatten(2)
+            G.append(torch.bmm(gt, gt.mT).sum(0))
+        else:
+            A.append(_gram(torch.cat([x, x.new_ones(x.shape[0], 1)], 1), block))
+            G.append(_gram(g, block))
+    return A, G
+
+
+def _plain_of(model: nn.Module):
+    """:func:`plain_kfac` for an MLP, :func:`plain_kfac_conv` for a CNN of plain convolutions,
+    ``None`` for other models."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    if not all(isinstance(m, (nn.Linear, nn.Conv2d)) or not any(True for _ in m.parameters())
+               for m in model):
+        return None
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return plain_kfac
+    if all(m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1 and m.bias is not None
+           for m in convs):
+        return plain_kfac_conv
+    return None
 
 
 def main(keys: list[str], rounds: int) -> dict:
@@ -116,10 +176,9 @@ def main(keys: list[str], rounds: int) -> dict:
     for key in keys:
         w, model, full, _ = prepare(key, "full")
         fns = _calls(fimfast, model, full, w.inputs, w.labels)
-        if isinstance(model, nn.Sequential) and all(
-                isinstance(m, nn.Linear) or not any(True for _ in m.parameters())
-                for m in model):
-            fns["plain_kfac"] = lambda model=model, X=w.inputs: plain_kfac(model, X)
+        plain = _plain_of(model)
+        if plain is not None:
+            fns["plain_kfac"] = lambda model=model, X=w.inputs, f=plain: f(model, X)
         for f in fns.values():
             f()
         times = {k: [] for k in fns}

@@ -38,17 +38,14 @@ _MACS = {  # multiply-adds of workload (a), B=128
 
 def _plain(model: nn.Sequential, X: torch.Tensor, t: dict) -> None:
     """The plain-torch KFAC (MONTE_CARLO, one label per sample), each phase added to ``t``."""
-    from benchmarks.kfac_cputime import linear_forward
+    from benchmarks.kfac_cputime import _mc_cotangent, linear_forward
     from fimfast.ops.gram import gram_upper_
 
     pt = time.process_time
     c0 = pt()
     ins, outs, h = linear_forward(model, X)
     c1 = pt()
-    with torch.no_grad():
-        p = torch.softmax(h, -1)
-        u = -p
-        u[torch.arange(h.shape[0]), torch.multinomial(p, 1).squeeze(1)] += 1
+    u = _mc_cotangent(h)
     c2 = pt()
     grads = torch.autograd.grad(h, outs, u)
     c3 = pt()
