@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fimfast.ops.gram import gram_upper_, mirror_upper_
+from fimfast.ops.gram import BLOCK, gram_upper_, mirror_upper_
 from fimfast.rules.embedding import padding_idx
 from fimfast.structured import gram
 from fimfast.structured.convgram import conv_gram
@@ -59,11 +59,10 @@ class LayerSums:
 # the upper triangle of a symmetric Gram matrix ``x^T x`` of more than _BLOCKED columns: summed in
 # place into the running sum by :func:`fimfast.ops.gram.gram_upper_` (a symmetric rank-k update:
 # MKL's where torch links it, half the products of a full ``x^T x``; else the upper block rows of
-# _BLOCK rows, 58% for 784 columns), the entries below the diagonal left unspecified, and
+# BLOCK rows, 58% for 784 columns), the entries below the diagonal left unspecified, and
 # :func:`full_gram` mirrors the triangle when read. Below, one full product (blocks are faster
 # from about 200 columns on, one CPU thread, float32: 256 columns 0.094 against 0.112 ms for 128
 # rows; 192 columns equal for 128 rows).
-_BLOCK = 128
 _BLOCKED = 192
 # up to this many input entries (and _BLOCKED columns) a factor with the bias column is one product
 # of [x, c] (the copy costs less than the five small operations of the bias column and corner)
@@ -161,8 +160,8 @@ class HalfGram:
         matrix; ``None`` where float32 LAPACK fails (see
         :func:`fimfast.structured.factors.eigh`)."""
         if self.scale != 1.0:
-            for i in range(0, self.m.shape[0], _BLOCK):
-                self.m[i:i + _BLOCK, i:].mul_(self.scale)
+            for i in range(0, self.m.shape[0], BLOCK):
+                self.m[i:i + BLOCK, i:].mul_(self.scale)
             self.scale = 1.0
         try:
             lam, U = torch.linalg.eigh(self.m, UPLO="U")
