@@ -206,8 +206,13 @@ class _ChannelNormRule(_NormRule):
 
 
 def _running(x: torch.Tensor, stats: tuple, eps: float) -> torch.Tensor:
-    """``x`` normalised per channel (dim 1) with the running statistics ``stats``."""
-    return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False, 0.0, eps)
+    """``x`` normalised per channel (dim 1) with the running statistics ``stats`` (the kernel
+    of ``F.batch_norm``, called without its Python wrapper: 3-5 us a call)."""
+    m, v = stats
+    dt = x.dtype
+    return torch.batch_norm(x, None, None, m if m.dtype == dt else m.to(dt),
+                            v if v.dtype == dt else v.to(dt), False, 0.0, eps,
+                            torch.backends.cudnn.enabled)
 
 
 class GroupNormRule(_ChannelNormRule):
