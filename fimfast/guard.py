@@ -63,6 +63,7 @@ class BufferGuard:
         _watch_registrations()
         self._key: tuple[int, int] | None = None  # the model's id, registrations()
         self._buffers: list[tuple[torch.nn.Module, str, str]] = []
+        self._norm: list[bool] = []  # per buffer: whether its module is a norm (_NormBase)
         self._written: set[str] = set()  # qualified names of buffers a forward wrote
         self._first = True
 
@@ -81,6 +82,7 @@ class BufferGuard:
                 for name, b in m.named_buffers(recurse=False)
                 if b is not None
             ]
+            self._norm = [isinstance(m, _NormBase) for m, _, _ in self._buffers]
             self._written = set()
             self._first = True
 
@@ -91,22 +93,26 @@ class BufferGuard:
         if not self._buffers:  # nothing to put back (an MLP, a model of Linear layers)
             yield
             return
-        saved = []
-        for m, name, qual in self._buffers:
-            b = m._buffers.get(name)
-            if b is None:
-                continue
-            copy = None
-            if self._first or qual in self._written or (isinstance(m, _NormBase) and m.training):
-                copy = b.detach().clone()
-            saved.append((m, name, qual, b, b._version, copy))
+        saved = self._save()
         try:
             yield
         finally:
             self._restore(saved)
-            self._first = False
+
+    def _save(self) -> list:
+        """What :meth:`_restore` needs of the buffers of the model last scanned (copies of those
+        a forward may write)."""
+        first, written = self._first, self._written
+        return [(m, name, qual, b, b._version,
+                 b.detach().clone() if first or (norm and m.training) or qual in written else None)
+                for (m, name, qual), norm in zip(self._buffers, self._norm)
+                if (b := m._buffers.get(name)) is not None]
 
     def _restore(self, saved: list) -> None:
+        self._first = False
+        if all(c is None and m._buffers.get(n) is b and b._version == v
+               for m, n, _, b, v, c in saved):
+            return  # every buffer as it was, none copied (the usual eval-mode step)
         lost = []
         with torch.no_grad():
             for m, name, qual, b, version, copy in saved:
@@ -321,9 +327,9 @@ def step_kept(
     lookups' ``scale_grad_by_freq`` (:func:`unscaled`), ``walk`` giving the model's modules and
     ``max_norm`` lookups."""
     mods, tables = walk.of(model, params)
-    if tables or buffers.has_buffers(model):
+    if tables:
         return _all_kept(buffers, model, tables, names, params, mods)
-    return StepKept(names, params, mods)
+    return StepKept(names, params, mods, buffers if buffers.has_buffers(model) else None)
 
 
 @contextmanager
@@ -365,28 +371,37 @@ def rescaled(on: list) -> None:
 
 
 class StepKept:
-    """The guards of :func:`step_kept` for a model without buffers or ``max_norm`` lookups (an
-    MLP, most classifiers): nothing to copy; the gradient hooks and the lookups'
-    ``scale_grad_by_freq`` are switched off (if any) and the parameters' version counters read,
-    in one object (no generator)."""
+    """The guards of :func:`step_kept` for a model without ``max_norm`` lookups (an MLP, most
+    classifiers): the gradient hooks and the lookups' ``scale_grad_by_freq`` are switched off
+    (if any) and the parameters' version counters read, in one object (no generator); with
+    ``buffers`` (the model's :class:`BufferGuard`, scanned) its buffers are kept and put back
+    too, as :func:`_all_kept` does (the same guards in the same order, without its three
+    generators: 85 -> 26-54 us a step on a model of 24 buffers)."""
 
-    __slots__ = ("names", "params", "mods", "versions", "saved", "scaled")
+    __slots__ = ("names", "params", "mods", "versions", "saved", "scaled", "buffers", "kept")
 
-    def __init__(self, names: list[str], params: list[torch.Tensor], mods: list) -> None:
-        self.names, self.params, self.mods = names, params, mods
+    def __init__(self, names: list[str], params: list[torch.Tensor], mods: list,
+                 buffers: BufferGuard | None = None) -> None:
+        self.names, self.params, self.mods, self.buffers = names, params, mods, buffers
 
     def __enter__(self) -> None:
+        if self.buffers is not None:
+            self.kept = self.buffers._save()
         self.versions = list(map(_VERSION, self.params))
         self.saved = _hooks_off(self.mods, self.params)
         self.scaled = unscaled(self.mods)
 
     def __exit__(self, exc_type, *exc) -> None:
-        if self.scaled:
-            rescaled(self.scaled)
-        if self.saved:
-            _hooks_back(self.saved)
-        if exc_type is None and list(map(_VERSION, self.params)) != self.versions:
-            _refuse_written(self.names, self.params, self.versions, ())
+        try:
+            if self.scaled:
+                rescaled(self.scaled)
+            if self.saved:
+                _hooks_back(self.saved)
+            if exc_type is None and list(map(_VERSION, self.params)) != self.versions:
+                _refuse_written(self.names, self.params, self.versions, ())
+        finally:
+            if self.buffers is not None:
+                self.buffers._restore(self.kept)
 
 
 def donating() -> bool:

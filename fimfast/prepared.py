@@ -10,8 +10,10 @@ decision reads Python objects that the model's forward and backward have evicted
 :func:`step` runs the step of one configuration in one function: a type of the HUTCHINSON family
 drawn with one probe in the softmax's own form (HUTCHINSON, HUTCHINSON_DG), the categorical
 likelihood, no ``lm_head``, ``forward_fn`` or ``shift_labels=True``, a model that is not a
-``DistributedDataParallel`` wrapper and has no buffers, no ``max_norm`` lookups and no sparse
-lookup tables; batches ``(inputs, labels)`` whose inputs are a tensor. Whether the configuration
+``DistributedDataParallel`` wrapper and has no ``max_norm`` lookups and no sparse lookup tables
+(a model with buffers, BatchNorm's running statistics or rotary tables, runs under the general
+path's guard, :func:`fimfast.guard.step_kept`, which puts them back); batches ``(inputs,
+labels)`` whose inputs are a tensor. Whether the configuration
 is one of those is decided once (:class:`Prepared`, kept while the options and the parameter list
 of :class:`fimfast.parameters.ParamWalk` stay the same objects). Every check of the general path
 still runs, through the same functions: the parameter walk, the gradient hooks and the version
@@ -69,7 +71,7 @@ class Prepared:
             registered since, a BatchNorm put in say, decides again).
     """
 
-    __slots__ = ("opts", "params", "mode", "mods", "regs")
+    __slots__ = ("opts", "params", "mode", "mods", "regs", "buffers")
 
     def __init__(self, est: DiagFisher, params: list[torch.Tensor]) -> None:
         self.opts, self.params, self.mode = est.opts, params, None
@@ -86,10 +88,12 @@ class Prepared:
             and o.class_dim in (None, -1, 1)
             and not tables
             and not distributed.is_ddp(model)
-            and not est._guard.has_buffers(model)
             and not est._sparse_tables(params)
         ):
             self.mode = _MODES[est.fim_type]
+        # buffers (BatchNorm's running statistics, rotary tables): the general path's guard,
+        # which puts them back after the step (guard.step_kept)
+        self.buffers = est._guard.has_buffers(model)
 
 
 def step(est: DiagFisher, batch: Any) -> bool:
@@ -110,7 +114,9 @@ def step(est: DiagFisher, batch: Any) -> bool:
         return False
     x, labels = batch
     model, o, rows, one, grads = est.model, est.opts, None, None, None
-    with guard.StepKept(names, params, prep.mods):
+    kept = (guard.step_kept(est._guard, est._modules, model, names, params) if prep.buffers
+            else guard.StepKept(names, params, prep.mods))
+    with kept:
         with est._nograd.watching(model, params, lean=True) as seen:
             try:
                 z = model(x)

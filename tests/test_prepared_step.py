@@ -219,7 +219,6 @@ def test_a_changed_model_or_options_are_taken_as_the_general_path_takes_them(mon
         ("hutchinson_rank1", None, {}),
         ("hutchinson", None, {"num_probes": 2}),
         ("hutchinson", None, {"forward_fn": lambda m, b: m(b[0])}),
-        ("hutchinson", "bn", {}),
     ],
 )
 def test_other_configurations_take_the_general_path(monkeypatch, fim_type, model, opts):

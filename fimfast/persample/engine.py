@@ -15,7 +15,7 @@ from fimfast import chunks, hooks, pullback
 from fimfast import derived_weights as dw
 from fimfast.batch_sums import Sums
 from fimfast.ops import registry
-from fimfast.persample import cell_lane, held, onecol, rnn_lane, squares, stream
+from fimfast.persample import cell_lane, held, norm_lane, onecol, rnn_lane, squares, stream
 from fimfast.persample import plan as planning
 from fimfast.persample.columns import Columns
 from fimfast.persample.generic import _batched_grads, accumulate_columns
@@ -373,10 +373,12 @@ def _chunk(groups: list[Group], gmap: dict, acc: Sums, backend) -> None:
     terms: dict[int, list] = {}
     sq0: dict = {}  # sum over the chunk's columns of P^2, shared by a weight and its bias
     lanes: dict = {}  # calls whose weight took squares.linear_lane (their bias reads its S)
+    norms: dict = {}  # the per-sample sums of channel norms by call (norm_lane)
     groups = cell_lane.run(groups, gmap, acc, backend)  # cells called several times
     groups = rnn_lane.run(groups, gmap, acc, backend)  # recurrent layers' steps
     for g in sorted(groups, key=lambda g: g.kind != GroupKind.OUTER):  # weights first
-        if len(g.members) == 1 and squares.linear_lane(g, gmap, acc, lanes, sq0):
+        if len(g.members) == 1 and (squares.linear_lane(g, gmap, acc, lanes, sq0)
+                                    or norm_lane.take(g, gmap, acc, norms)):
             continue
         parts = []
         for c, ui in g.members:

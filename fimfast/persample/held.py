@@ -13,12 +13,12 @@ Likewise a forward that changes a module's settings between (or after) its calls
 terms with the later settings.
 
 :class:`Calls` (the capture's list of calls) notes, as each call is recorded, the version counter
-of every tensor of its ``data`` and its module's plain public attributes; :func:`check` sends a
-call whose tensors moved (:data:`REASON`) or whose module's settings differ (:data:`SETTINGS`)
-to the generic path: autograd's per-sample gradients through the graph the forward built, exact
-for settings changed; for an overwritten input they raise torch's error where torch's backward
-needs it (:func:`refuse` names the parameters) and are exact where it does not (a layer whose
-weight is frozen saves no input).
+of every tensor of its ``data`` (keeping the tensors) and its module's plain public attributes;
+:func:`check` sends a call whose tensors moved (:data:`REASON`) or whose module's settings differ
+(:data:`SETTINGS`) to the generic path: autograd's per-sample gradients through the graph the
+forward built, exact for settings changed; for an overwritten input they raise torch's error where
+torch's backward needs it (:func:`refuse` names the parameters) and are exact where it does not (a
+layer whose weight is frozen saves no input).
 
 A call recorded inside a forward-mode AD level (``torch.autograd.forward_ad.dual_level``, a
 ``make_dual`` input) computes tangents too: the forward reads the call's parameters again in
@@ -56,16 +56,20 @@ class Calls(list):
         super().__init__()
         self.versions: list[tuple[int, ...]] = []
         self.settings: list[tuple | None] = []
+        self.tensors: list[list[torch.Tensor]] = []  # the tensors whose versions were noted
 
     def append(self, call) -> None:
         super().append(call)
         if torch.compiler.is_compiling():  # recorded while dynamo traces (a compiled region):
             self.versions.append(())  # its output never reaches the logits (generic path);
             self.settings.append(None)  # nothing here is traced (a constant there)
+            self.tensors.append([])
             return
         if _fwad._current_level >= 0 and call.ok:  # tangents: paths the rules do not see
             call.ok, call.reason = False, FORWARD_AD
-        self.versions.append(versions(call.data))
+        ts = tensors(call.data)
+        self.tensors.append(ts)
+        self.versions.append(tuple(map(_VERSION, ts)))
         self.settings.append(settings(call.module))
 
 
@@ -97,24 +101,33 @@ def _changed(module, was: tuple) -> bool:
 
 
 def versions(data: dict) -> tuple[int, ...]:
-    """The version counters of the tensors ``data`` holds: its values, and the items of the
-    lists, tuples and mappings among them (two levels down: a recurrent layer's directions, a
-    contraction's operands), in order; ``memo`` (a rule's record shared by the calls) left out."""
-    out: list[int] = []
+    """The version counters of the tensors ``data`` holds (:func:`tensors`), in order."""
+    return tuple(map(_VERSION, tensors(data)))
+
+
+def tensors(data: dict) -> list[torch.Tensor]:
+    """The tensors ``data`` holds: its values, and the items of the lists, tuples and mappings
+    among them (two levels down: a recurrent layer's directions, a contraction's operands), in
+    order; ``memo`` (a rule's record shared by the calls) left out."""
+    out: list[torch.Tensor] = []
     for k, v in data.items():
-        if isinstance(v, _TENSOR):
-            out.append(v._version)
-        elif k != "memo" and isinstance(v, (list, tuple, dict)):
+        if type(v) is _TENSOR or isinstance(v, _TENSOR):
+            out.append(v)
+        elif k != "memo" and isinstance(v, _NESTS):
             _nested(v, out, 2)
-    return tuple(out)
+    return out
 
 
 def _nested(v, out: list, depth: int) -> None:
     for t in (v.values() if isinstance(v, dict) else v):
         if isinstance(t, _TENSOR):
-            out.append(t._version)
-        elif depth > 1 and isinstance(t, (list, tuple, dict)):
+            out.append(t)
+        elif depth > 1 and isinstance(t, _NESTS):
             _nested(t, out, depth - 1)
+
+
+_NESTS = (list, tuple, dict)
+_VERSION = operator.attrgetter("_version")
 
 
 def check(cap) -> None:
@@ -124,10 +137,11 @@ def check(cap) -> None:
     calls = cap.calls
     if type(calls) is not Calls:
         return
-    for call, before, was in zip(calls, calls.versions, calls.settings):
+    for call, before, was, ts in zip(calls, calls.versions, calls.settings, calls.tensors):
         if not call.ok:
             continue
-        if before and versions(call.data)[:len(before)] != before:
+        # the tensors noted when the call was recorded (data only grows after it)
+        if before and tuple(map(_VERSION, ts)) != before:
             call.ok, call.reason = False, REASON
         elif was is not None and _changed(call.module, was):
             call.ok, call.reason = False, SETTINGS

@@ -31,6 +31,7 @@ from fimfast.hooks import Capture
 from fimfast.nograd import _compiled
 from fimfast.rules.base import Rule
 from fimfast.rules.linear_forward import recorder
+from fimfast.rules.norm_forward import recorder as norm_recorder
 
 
 class Forwards:
@@ -82,7 +83,8 @@ class Forwards:
 
     def _forward(self, module: torch.nn.Module, rule: Rule) -> Callable[..., Any]:
         take, grad_enabled, owner = rule._take, torch.is_grad_enabled, self
-        fast = recorder(module, rule)  # a plain linear layer's usual call, recorded inline
+        # a plain linear layer's or batch norm's usual call, recorded inline
+        fast = recorder(module, rule) or norm_recorder(module, rule)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             # the class's forward, looked up at the call as torch does

@@ -39,8 +39,9 @@ class _NormRule(Rule):
 
     def capture(self, cap, module, x, y):
         w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-        ps = trainable(cap, w, b)
-        uses = [Use(p, UseKind.VEC) for p in ps]
+        # the uses kept while the module holds the same tensors (Capture.uses_of)
+        uses, internal, ukey = cap.uses_of(
+            module, self, (w, b), lambda: [Use(p, UseKind.VEC) for p in trainable(cap, w, b)])
         lead = self.lead(module, y)
         if lead < 1:
             return None
@@ -53,9 +54,11 @@ class _NormRule(Rule):
         if cap.memo.get(seen, 2) > 1:
             y = self.fold(module, x, y)
         tap, out = cap.tap(y, lead=lead, key=(id(module), 0), batch_first=self.batch_first)
-        weights = [p is w for p in ps]  # by position: a use may name the parameter behind w
+        # by position: a use may name the parameter behind w
+        weights = [u.param is w for u in uses]
         cap.record(Call(module, self, [tap], uses,
-                        {"x": x.detach(), "weights": weights, "memo": (cap.memo, seen)}))
+                        {"x": x.detach(), "weights": weights, "memo": (cap.memo, seen)}),
+                   internal, ukey)
         return out.flatten(0, 1) if k else out
 
     def fold(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -206,8 +209,13 @@ class _ChannelNormRule(_NormRule):
 
 
 def _running(x: torch.Tensor, stats: tuple, eps: float) -> torch.Tensor:
-    """``x`` normalised per channel (dim 1) with the running statistics ``stats``."""
-    return F.batch_norm(x, stats[0].to(x.dtype), stats[1].to(x.dtype), None, None, False, 0.0, eps)
+    """``x`` normalised per channel (dim 1) with the running statistics ``stats`` (the kernel
+    of ``F.batch_norm``, called without its Python wrapper: 3-5 us a call)."""
+    m, v = stats
+    dt = x.dtype
+    return torch.batch_norm(x, None, None, m if m.dtype == dt else m.to(dt),
+                            v if v.dtype == dt else v.to(dt), False, 0.0, eps,
+                            torch.backends.cudnn.enabled)
 
 
 class GroupNormRule(_ChannelNormRule):
