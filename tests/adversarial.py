@@ -78,9 +78,18 @@ def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes:
     """The diagonal of one step of ``fim_type`` on ``batch`` (``{name: float64 tensor}``), from
     ``model`` as it is now (the function of the model: its modules' backward hooks off); buffers
     are put back after its forward."""
-    names, shapes, J, zr = jacobian_rows(model, batch, logits_fn, ignore_index)
+    rows = jacobian_rows(model, batch, logits_fn, ignore_index)
     y = batch[1].reshape(-1)
-    rows = (y != ignore_index).nonzero().squeeze(-1).tolist()
+    return rows_oracle(rows, y[y != ignore_index], fim_type, seed, offset, num_probes)
+
+
+def rows_oracle(rows: tuple, labels: torch.Tensor, fim_type: str, seed: int, offset: int,
+                num_probes: int = 1, top_k: int = 2) -> dict:
+    """:func:`step_oracle` from the :func:`jacobian_rows` ``rows`` and the valid rows' labels.
+    HUTCHINSON and HUTCHINSON_DG draw their probes from the reference generator; HUTCHINSON_SQRT,
+    _RANKK and _RANK1 take the library's probe factor at the float64 logits (the cotangent of
+    SQRT formed in float64 from its signs, ``w - p sum(w)`` with ``w = sqrt(p) sign``)."""
+    names, shapes, J, zr = rows
     C = zr.shape[-1]
     p = torch.softmax(zr, -1)
     if fim_type == "exact":
@@ -88,12 +97,22 @@ def step_oracle(model, batch, fim_type: str, seed: int, offset: int, num_probes:
         out = torch.einsum("rcp,rcd,rdp->p", J, M, J)
     elif fim_type in ("empirical", "monte_carlo"):
         if fim_type == "empirical":
-            u = (torch.nn.functional.one_hot(y[rows], C).double() - p).unsqueeze(0)
+            u = (torch.nn.functional.one_hot(labels, C).double() - p).unsqueeze(0)
         else:
             u = probe_logit_grad_torch(zr, "mc", seed, offset, num_probes)
         out = (torch.einsum("rcp,src->srp", J, u) ** 2).sum(1).mean(0)
     else:
-        u = probe_logit_grad_torch(zr, _MODES[fim_type], seed, offset, num_probes)
+        if fim_type in _MODES:
+            u = probe_logit_grad_torch(zr, _MODES[fim_type], seed, offset, num_probes)
+        else:
+            from fimfast import likelihoods
+            from fimfast.types import FIMType, Options
+
+            opts = Options(num_probes=num_probes, top_k=top_k, backend="torch")
+            u = likelihoods.probe_factor(zr, FIMType(fim_type), opts, seed, offset).double()
+            if fim_type == "hutchinson_sqrt":
+                w = p.sqrt() * torch.sign(u)
+                u = w - p * w.sum(-1, keepdim=True)
         out = (torch.einsum("rcp,src->sp", J, u) ** 2).mean(0)
     res, i = {}, 0
     for n, shape in zip(names, shapes):
