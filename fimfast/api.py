@@ -79,7 +79,9 @@ def diag_fim_step(
         fim_type: a :class:`FIMType` or its string value.
         fim_opts: ``num_probes``, ``lr_power_itrs``, ``top_k``, ``seed``, ``backend``,
             ``class_chunk``, ``rankk_solver``, ``likelihood``, ``sigma2``, ``ignore_index``,
-            ``forward_fn`` (unknown keys raise ``ValueError``).
+            ``forward_fn``, ``shift_labels``, ``class_dim``, ``batch_dim``, ``sequence_rows``,
+            ``lm_head``, ``distributed``, ``process_group`` (see :class:`fimfast.Options`;
+            unknown keys raise ``ValueError``).
         ema: ``None`` or a decay in ``(0, 1)``; must stay the same between resets.
         reduction: ``"sum"`` or ``"mean"``; must stay the same between resets.
 

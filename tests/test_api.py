@@ -298,3 +298,11 @@ def test_available_backends_reports_reasons():
     for b in ("triton", "cuda", "cpp"):
         assert isinstance(info[b]["reason"], str) and info[b]["reason"]
     assert not info["cuda"]["available"] or torch.cuda.is_available()
+
+
+def test_seed_api_docstring_names_every_option():
+    from fimfast.types import Options
+
+    doc = fimfast.diag_fim_step.__doc__
+    missing = [k for k in Options.names() if f"``{k}``" not in doc]
+    assert not missing, f"diag_fim_step's docstring does not name fim_opts {missing}"
