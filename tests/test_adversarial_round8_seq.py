@@ -381,14 +381,28 @@ def _sized(sizes, seed, C=4):
     return batch, torch.randint(0, C, (len(sizes),), generator=g)
 
 
+def _normed(s, b):
+    """F.linear on a bare weight, LayerNorm and RMSNorm on the node rows."""
+    (src, dst) = b["edge_index"]
+    h = s.ln(torch.tanh(F.linear(b["x"], s.W)))
+    return s.o(_seg_mean(s.rms(h + torch.zeros_like(h).index_add(0, dst, h[src])), b))
+
+
+GRAPHS["F.linear, LayerNorm, RMSNorm on nodes"] = (_normed, {
+    "W": _par(4, 3), "ln": lambda: nn.LayerNorm(4), "rms": lambda: nn.RMSNorm(4),
+    "o": _lin(4, 4)}, None)
+
+
 @pytest.mark.parametrize("name", ["GCN, index_add", "GCN, sparse.mm", "GIN, learned epsilon",
-                                  "GraphSAGE, max aggregation"])
+                                  "GraphSAGE, max aggregation",
+                                  "F.linear, LayerNorm, RMSNorm on nodes"])
 def test_node_list_folded_by_size_is_probed_at_every_step(name):
     """Three graphs of 3 nodes fold as ``(N * 3)`` node rows sample by sample, so the probe lets
     the node-level layers take the rules; graphs of 2, 4 and 3 nodes give the same shapes, with
     node 2 in the second graph. That verdict, kept for the later batches of the same structure,
-    squared node 2 into the first sample's gradient (GCN 2%, GIN 9%, GraphSAGE 12% off the
-    oracle); now such rows are probed at every step (fimfast/rules/linear.py ``mark_fold``)."""
+    squared node 2 into the first sample's gradient (GCN 2%, GIN 31%, GraphSAGE 11%, the norms
+    and ``F.linear`` 78% off the oracle); now such rows are probed at every step
+    (fimfast/rules/fold_rows.py)."""
     fwd, mods, _ = GRAPHS[name]
     data = [_sized([3, 3, 3], 1), _sized([2, 4, 3], 2), _sized([3, 3, 3], 3),
             _sized([4, 3, 2], 4)]
