@@ -40,8 +40,8 @@ from fimfast import functional_computed as fcomp
 from fimfast.functional_computed import site_ids
 from fimfast.functional_derived import _bind
 from fimfast.hooks import Call, Use
+from fimfast.rules import fold_rows, routed
 from fimfast.rules import functional as frules
-from fimfast.rules import routed
 from fimfast.rules.base import UseKind, _usable
 from fimfast.rules.linear import folded
 
@@ -141,7 +141,11 @@ def record(mode, name: str, y: Any, x: Tensor, uses: list[Use]) -> Any:
     yt, xt = (y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:])) if k else (y, x)
     tap, out = cap.tap(yt, lead=yt.dim() - 1, key=(id(site), 0))
     cap.record(Call(site, frules.LINEAR, [tap], uses, {"x": xt.detach()}))
-    return out.flatten(0, 1) if k else out
+    if not k:
+        return out
+    out = out.flatten(0, 1)
+    fold_rows.mark(cap, tap, x, out, cap.samples)  # rows folded by size only: refold
+    return out
 
 
 def _linear(mode, func, args, kwargs):

@@ -28,6 +28,7 @@ from fimfast.persample.plan import (
     _structure,
     _Template,
 )
+from fimfast.persample.probe import refolds
 from fimfast.persample.replay import Replay, _refuse_hidden
 from fimfast.persample.walk import shape as graph_shape
 from fimfast.persample.walk import walk as tap_walk
@@ -100,6 +101,8 @@ class Engine(Replay):
         # last step with the same calls, uses, verdicts, parameter edges and head
         key = (_structure(cap.calls, head, params, glob, N), self.sequence_rows,
                graph_shape(graph))
+        if refolds(cap.calls):  # rows folded by size only: planned afresh (probe.refolds)
+            key = (*key, object())
         return found, glob, params, n, head, key
 
     def _planned(self, cap: hooks.Capture, rows, found, glob, params, n, head, key) -> Plan:
@@ -112,10 +115,13 @@ class Engine(Replay):
             head_closed = None if self.sequence_rows else head
             plan = planning.build(cap.calls, head, rows, params, glob, head_closed,
                                   self._probe_cache, key[2])
-            if len(self._plans) > 64:
-                self._plans.clear()
-            self._plans[key] = tmpl = _Template.of(plan, cap.calls)
-            tmpl.lanes = plan.lanes = onecol.layout(plan)  # decided once per structure
+            if len(key) > 3:  # a plan of this step only (rows folded by size: refolds)
+                plan.lanes = onecol.layout(plan)
+            else:
+                if len(self._plans) > 64:
+                    self._plans.clear()
+                self._plans[key] = tmpl = _Template.of(plan, cap.calls)
+                tmpl.lanes = plan.lanes = onecol.layout(plan)  # decided once per structure
         if found:
             dw.settle(plan, params[:n], found, glob, head)
             # settle rewrites the groups and calls the lanes index: the general chunks run

@@ -9,7 +9,9 @@ couples the samples, and its parameters take the generic path. Every sample is p
 (:func:`_probe_sets`), and every sample while a tap keeps two candidates; so a coupling of any two
 samples (``cumsum`` over the batch, a shift) is seen. Two candidates that survive every sample
 (``T == N`` with each sample's gradient confined to one position) give the same per-sample
-squares, so either is exact.
+squares, so either is exact. A step with a call on rows folded by size only (``N * k`` rows not
+cut from a tensor whose dim 0 is the batch: a node list of graphs) is probed at every step
+(:func:`refolds`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def probe(calls: list[hooks.Call], rows, cache: dict, shape: int = 0) -> None:
                for t in c.taps))
         for c in calls
     ))
-    if key in cache:
+    fresh = refolds(calls)
+    if key in cache and not fresh:
         for c, (ok, reason, bdims) in zip(calls, cache[key]):
             c.ok, c.reason = ok, reason
             for t, b in zip(c.taps, bdims):
@@ -54,9 +57,18 @@ def probe(calls: list[hooks.Call], rows, cache: dict, shape: int = 0) -> None:
                 t.bdim = good[0]
             elif c.ok:
                 c.ok, c.reason = False, "its output gradients couple the samples"
+    if fresh:
+        return
     if len(cache) > 64:
         cache.clear()
     cache[key] = [(c.ok, c.reason, [t.bdim for t in c.taps]) for c in calls]
+
+
+def refolds(calls) -> bool:
+    """Whether a call is recorded on rows folded by size only
+    (:mod:`fimfast.rules.fold_rows`): its verdict holds for this step's rows alone, so
+    the step is probed and planned afresh, never from the caches."""
+    return any(getattr(t, "refold", False) for c in calls for t in c.taps)
 
 
 def _surviving_dims(rows, taps: list) -> list[list[int]]:

@@ -7,7 +7,7 @@ import torch
 
 from fimfast import chunks
 from fimfast.hooks import Call, Use
-from fimfast.rules import routed
+from fimfast.rules import fold_rows, routed
 from fimfast.rules.base import (
     Outer,
     Patches,
@@ -51,14 +51,18 @@ class LinearRule(Rule):
         rows = routed.rows_of(cap, x) if x.dim() == y.dim() else None
         if rows is not None:  # rows gathered from the batch (an expert, a branch of a split)
             return routed.record(cap, module, self, x, y, rows, uses, internal, key)
-        k = folded(cap.samples, y)
+        k, x0 = folded(cap.samples, y), x
         if k:  # (N * k, ..., O): tapped and recorded as (N, k, ..., O)
             y, x = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:])
         tap, out = cap.tap(y, lead=y.dim() - 1, key=(id(module), 0))
         # (an input without gradient, the batch itself, is kept as it is: detach would alias it)
         x = x.detach() if x.requires_grad else x
         cap.record(Call(module, self, [tap], uses, {"x": x}), internal, key)
-        return out.flatten(0, 1) if k else out
+        if not k:
+            return out
+        out = out.flatten(0, 1)
+        fold_rows.mark(cap, tap, x0, out, cap.samples)  # rows folded by size only: refold
+        return out
 
     def terms(self, call, grads):
         return _linear_terms(call, grads[0], call.taps[0], call.data, "x", call.uses)

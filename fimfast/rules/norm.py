@@ -13,7 +13,7 @@ from fimfast.dtypes import compute_dtype
 from fimfast.hooks import Call, Use
 from fimfast.ops.norm_terms import norm_terms_cpp
 from fimfast.ops.registry import bound
-from fimfast.rules import norm_node
+from fimfast.rules import fold_rows, norm_node
 from fimfast.rules.base import Rule, UseKind, Vec, front, trainable
 from fimfast.rules.linear import folded
 
@@ -47,7 +47,7 @@ class _NormRule(Rule):
             return None
         # a per-position norm over a batch folded into its first dim: recorded unfolded
         # (fimfast.rules.linear.folded)
-        k = 0 if self.batch_first else folded(cap.samples, y)
+        k, x0 = 0 if self.batch_first else folded(cap.samples, y), x
         if k:
             y, x, lead = y.reshape(-1, k, *y.shape[1:]), x.reshape(-1, k, *x.shape[1:]), lead + 1
         seen = (id(module), "columns")  # most columns of a chunk, this estimator's last step
@@ -59,7 +59,11 @@ class _NormRule(Rule):
         cap.record(Call(module, self, [tap], uses,
                         {"x": x.detach(), "weights": weights, "memo": (cap.memo, seen)}),
                    internal, ukey)
-        return out.flatten(0, 1) if k else out
+        if not k:
+            return out
+        out = out.flatten(0, 1)
+        fold_rows.mark(cap, tap, x0, out, cap.samples)  # rows folded by size only: refold
+        return out
 
     def fold(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The output ``y`` as the output of a node whose backward takes a batch of columns at
