@@ -3,23 +3,25 @@
 With the option ``lm_head`` (a module name such as ``"lm_head"``, or the ``nn.Linear`` itself), the
 head's forward is replaced for the duration of the estimator's forward (restored in ``finally``):
 it records its input, the hidden states ``h``, and returns a placeholder shaped like the logits
-that holds one element (a stride-0 view), which :func:`fimfast.batch.rows` uses for the shape, the
-label shift and the valid rows. Each probe then runs :func:`fimfast.ops.lm_head_probe` on the
-valid rows of ``h`` (the logits and the probe cotangent exist one row chunk at a time), back-
-propagates the returned ``grad h`` from ``h`` to the other parameters in one
+that holds one row of ``V`` marks (a stride-0 view), which :func:`fimfast.batch.rows` uses for the
+shape, the label shift and the valid rows. Each probe then runs :func:`fimfast.ops.lm_head_probe`
+on the valid rows of ``h`` (the logits and the probe cotangent exist one row chunk at a time),
+back-propagates the returned ``grad h`` from ``h`` to the other parameters in one
 ``torch.autograd.grad``, and adds the head's weight and bias gradients from the op (a weight tied
 to the input embedding, as in GPT-2, gets the sum of both: it is one parameter). The signs are
-those of the unfused step with the same seed, so the estimate is the same to float32 rounding.
-A weight or bias computed by a parametrization (``weight_norm``, ``spectral_norm``) is formed
-once per step and the op's gradient pulled back through it to the parameters behind it (the
-graph kept for that where the weight shares it with the rest of the model).
+those of the unfused step with the same seed, so the estimate is the same to float32 rounding. A
+weight or bias computed by a parametrization (``weight_norm``, ``spectral_norm``) is formed once
+per step and the op's gradient pulled back through it to the parameters behind it (the graph kept
+for that where the weight shares it with the rest of the model).
 
-The model must return the head's output as its logits unchanged (Hugging Face causal LMs do when
-no ``labels`` reach the model, which fimfast never passes). A model that transforms the logits
-after the head (soft-capping, scaling, a bf16 head upcast with ``.float()``, an in-place
-temperature or vocabulary mask), or whose head runs another forward than ``nn.Linear``'s (a
-subclass, a forward set on the instance), is refused with an error naming ``lm_head`` rather than
-silently computed on the placeholder.
+The model must return the head's output as its logits unchanged (Hugging Face causal LMs do when no
+``labels`` reach the model, which fimfast never passes), or a copy of it made outside autograd
+(OPT's ``.contiguous()`` after the head, a ``.clone()``): a copy equal to the placeholder
+everywhere, its marks being values that any offset, clamp, scale, soft cap or float16 / bfloat16
+round trip moves. A model that transforms the logits after the head (soft-capping, scaling, a bf16
+head upcast with ``.float()``, an in-place temperature or vocabulary mask), or whose head runs
+another forward than ``nn.Linear``'s (a subclass, a forward set on the instance), is refused with
+an error naming ``lm_head`` rather than silently computed on the placeholder.
 """
 
 from __future__ import annotations
@@ -124,9 +126,10 @@ class HeadCapture:
         V = self.head.out_features
         self.hidden = x
         # float32 (float64 for float64 models): a model's `logits.float()` is then the
-        # placeholder itself; one element, expanded to the logits' shape without storage
+        # placeholder itself; one row of marks, expanded to the logits' shape without storage
         dt = compute_dtype(x.dtype)
-        self.placeholder = torch.zeros((), dtype=dt, device=x.device).expand(*x.shape[:-1], V)
+        row = torch.tensor(_MARKS, dtype=dt, device=x.device).repeat((V + 1) // 2)[:V]
+        self.placeholder = row.expand(*x.shape[:-1], V)
         return self.placeholder
 
     def check_output(self, logits: torch.Tensor) -> None:
@@ -140,7 +143,8 @@ class HeadCapture:
         same = logits is ph or (
             logits.shape == ph.shape
             and logits.dtype == ph.dtype
-            and logits.untyped_storage().data_ptr() == ph.untyped_storage().data_ptr()
+            and (logits.untyped_storage().data_ptr() == ph.untyped_storage().data_ptr()
+                 or _copied(logits, ph))
         )
         if not same:
             raise ValueError(
@@ -148,6 +152,18 @@ class HeadCapture:
                 "transforms them after the head, e.g. scaling, soft-capping or slicing); the fused "
                 "path cannot reproduce that: leave lm_head unset for this model"
             )
+
+
+# the placeholder's values, alternating along the classes: a value that float16 and bfloat16
+# round and any offset moves, and one that any clamp, scale or soft cap moves
+_MARKS = (1234.5678, -2.5e38)
+
+
+def _copied(logits: torch.Tensor, ph: torch.Tensor) -> bool:
+    """Whether ``logits`` is a copy of the placeholder ``ph`` made outside autograd (a model's
+    ``.contiguous()`` or ``.clone()`` after the head, as OPT's): every value the same, so the
+    model did nothing to the head's output but copy it."""
+    return logits.grad_fn is None and not logits.requires_grad and torch.equal(logits, ph)
 
 
 @contextlib.contextmanager

@@ -151,3 +151,22 @@ def test_lm_head_option_refuses_soft_capped_logits():
     with pytest.raises(ValueError, match="lm_head"):
         est.step(batches[0])
     assert est.state.steps == 0
+
+
+@pytest.mark.parametrize("name", ["opt", "mamba", "gemma2", "bloom"])
+def test_lm_head_option_is_the_unfused_step_or_refused(name):
+    """Whatever a model does after its head (OPT copies the logits with ``.contiguous()``, Gemma-2
+    soft-caps them, Mamba casts them), the fused head's estimate is the unfused one or the step
+    is refused naming ``lm_head``, nothing kept; OPT's copy is taken."""
+    model, batches, fwd, opts = hf_tiny.build(name)
+    a = fimfast.DiagFisher(model, "hutchinson", seed=3, forward_fn=fwd, **opts)
+    b = fimfast.DiagFisher(model, "hutchinson", seed=3, forward_fn=fwd, lm_head="lm_head", **opts)
+    a.step(batches[0])
+    try:
+        b.step(batches[0])
+    except ValueError as e:
+        assert "lm_head" in str(e) and name != "opt"
+        assert b.state.steps == 0
+        return
+    ref = {k: v.double() for k, v in a.result().items()}
+    assert rel(dict(b.result().items()), ref)[0] <= 1e-6
