@@ -45,25 +45,18 @@ def recorder(module: torch.nn.Module, rule: Any) -> Callable[..., bool] | None:
     :class:`LinearRule` (:func:`plain_linear`)."""
     if not plain_linear(rule):
         return None
-    task = torch._C._current_graph_task_id
     key = (id(module), 0)  # LinearRule.capture's tap key
 
     def record(cap: Any, args: tuple, kwargs: dict, out: Any) -> bool:
-        if (cap.derived is not None or not cap.active or kwargs or len(args) != 1
-                or type(out) is not _TENSOR or out.grad_fn is None
-                or type(args[0]) is not _TENSOR or key not in cap.direct or task() != -1):
-            return False
-        hit = cap.memo.get(key[0])
-        if hit is None or hit[5] is None or hit[0] is not module or hit[1] is not rule:
+        hit = usual_hit(cap, args, kwargs, out, key, module, rule)
+        if hit is None:
             return False
         N = cap.samples  # a batch folded into the first dim (rules.linear.folded): the rule's
         if N is not None and N >= 1 and out.dim() >= 2:
             M = out.shape[0]
             if M > N and M % N == 0:
                 return False
-        w, b = weight_bias(module)
-        kept = hit[2]
-        if len(kept) != 2 or kept[0] is not w or kept[1] is not b:
+        if not same_params(hit, *weight_bias(module)):
             return False
         x = args[0]
         tap = Tap(out, out.shape, weakref.ref(out), out._version, key, True, out.dim() - 1)
@@ -72,3 +65,28 @@ def recorder(module: torch.nn.Module, rule: Any) -> Callable[..., bool] | None:
         return True
 
     return record
+
+
+def usual_hit(cap: Any, args: tuple, kwargs: dict, out: Any, key: tuple, module,
+              rule) -> tuple | None:
+    """The entry of ``cap.memo`` that keeps ``rule``'s uses of ``module``'s parameters when the
+    call is a usual one (one tensor argument, a tensor output in the graph tapped directly under
+    ``key``, no functional recording, not inside a backward), else ``None``; whether the module
+    still holds the same tensors is :func:`same_params`' (read after, as the rule reads them)."""
+    if (cap.derived is not None or not cap.active or kwargs or len(args) != 1
+            or type(out) is not _TENSOR or out.grad_fn is None
+            or type(args[0]) is not _TENSOR or key not in cap.direct or _task() != -1):
+        return None
+    hit = cap.memo.get(key[0])
+    if hit is None or hit[5] is None or hit[0] is not module or hit[1] is not rule:
+        return None
+    return hit
+
+
+def same_params(hit: tuple, w, b) -> bool:
+    """Whether the kept uses of :func:`usual_hit`'s entry are those of ``(w, b)``."""
+    kept = hit[2]
+    return len(kept) == 2 and kept[0] is w and kept[1] is b
+
+
+_task = torch._C._current_graph_task_id

@@ -22,6 +22,7 @@ import torch
 
 from fimfast.hooks import Call, Tap
 from fimfast.rules.base import Rule
+from fimfast.rules.linear_forward import same_params, usual_hit
 from fimfast.rules.norm import BatchNormRule, _ChannelNormRule, _NormRule
 
 _TENSOR = torch.Tensor
@@ -45,23 +46,17 @@ def recorder(module: torch.nn.Module, rule: Any) -> Callable[..., bool] | None:
     :class:`BatchNormRule` (:func:`plain_batchnorm`)."""
     if not plain_batchnorm(rule):
         return None
-    task = torch._C._current_graph_task_id
     key = (id(module), 0)  # _NormRule.capture's tap key
     seen = (id(module), "columns")
 
     def record(cap: Any, args: tuple, kwargs: dict, out: Any) -> bool:
-        if (cap.derived is not None or not cap.active or kwargs or len(args) != 1
-                or type(out) is not _TENSOR or out.grad_fn is None
-                or type(args[0]) is not _TENSOR or key not in cap.direct or task() != -1):
-            return False
-        memo = cap.memo
-        hit = memo.get(key[0])
-        if hit is None or hit[5] is None or hit[0] is not module or hit[1] is not rule:
+        hit = usual_hit(cap, args, kwargs, out, key, module, rule)
+        if hit is None:
             return False
         w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-        kept = hit[2]
-        if len(kept) != 2 or kept[0] is not w or kept[1] is not b:
+        if not same_params(hit, w, b):
             return False
+        memo = cap.memo
         if memo.get(seen, 2) > 1:  # several columns: the folding node (BatchNormRule.fold)
             return False
         uses = hit[3]
