@@ -44,3 +44,12 @@ def test_plain_kfac_skips_models_it_does_not_cover():
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(),
                                torch.nn.Linear(2 * 16, 3))
     assert kc._plain_of(conv) is None  # padded convolutions: not the strided copy's case
+
+
+def test_conv_floors_alternatives_compute_the_same_products():
+    """benchmarks/conv_floors.py times alternatives that must form the same per-sample weight
+    gradients and input gradients (its own assertions), on every shape it reports."""
+    from benchmarks import conv_floors
+
+    table = conv_floors.per_sample(1)
+    assert table.count("\n") == len(conv_floors._SHAPES) + 1
