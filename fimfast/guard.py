@@ -73,18 +73,19 @@ class BufferGuard:
         return bool(self._buffers)
 
     def _scan(self, model: torch.nn.Module) -> None:
-        key = (id(model), _REGISTRATIONS[0])
-        if self._key != key:  # another model, or modules or buffers registered since
-            self._key = key
-            self._buffers = [
-                (m, name, f"{prefix}.{name}" if prefix else name)
-                for prefix, m in model.named_modules()
-                for name, b in m.named_buffers(recurse=False)
-                if b is not None
-            ]
-            self._norm = [isinstance(m, _NormBase) for m, _, _ in self._buffers]
-            self._written = set()
-            self._first = True
+        if self._key != (id(model), _REGISTRATIONS[0]):  # another model, or registrations since
+            self.adopt(model, [(m, name, f"{prefix}.{name}" if prefix else name)
+                               for prefix, m in model.named_modules()
+                               for name, b in m.named_buffers(recurse=False) if b is not None])
+
+    def adopt(self, model: torch.nn.Module, buffers: list) -> None:
+        """Take ``buffers``, ``[(module, name, qualified name)]``, as the scan of ``model`` (what
+        :meth:`_scan` finds; a cached structure's list): a first step follows."""
+        self._key = (id(model), _REGISTRATIONS[0])
+        self._buffers = buffers
+        self._norm = [isinstance(m, _NormBase) for m, _, _ in buffers]
+        self._written = set()
+        self._first = True
 
     @contextmanager
     def kept(self, model: torch.nn.Module) -> Iterator[None]:

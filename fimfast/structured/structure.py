@@ -68,8 +68,7 @@ class Structure:
         """A new :class:`~fimfast.guard.BufferGuard` of ``model`` (first step: every buffer
         copied), its buffer list as its own scan would make it."""
         g = guard.BufferGuard()
-        g._key = (id(model), guard._REGISTRATIONS[0])  # as BufferGuard._scan keys a scan
-        g._buffers = [(model if m is None else m, name, qual) for m, name, qual in self.buffers]
+        g.adopt(model, [(model if m is None else m, name, qual) for m, name, qual in self.buffers])
         return g
 
     def step_guard(self, model: nn.Module) -> tuple:
