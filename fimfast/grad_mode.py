@@ -54,7 +54,7 @@ def autograd_on(fn: _F | None = None, *, backend: Callable[[Any], str | None] | 
             with torch.enable_grad():
                 return run(*args, **kwargs)
         b = backend(args[0]) if backend is not None else None
-        if (b is None or b == "auto") and getattr(registry._STEP, "backend", None) is None:
+        if (b is None or b == "auto") and registry.current_step_backend() is None:
             return fn(*args, **kwargs)
         with registry.step_backend(b):
             return fn(*args, **kwargs)

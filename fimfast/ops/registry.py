@@ -310,9 +310,15 @@ _AUTO_BOUND: dict[tuple[str, str], Callable] = {}
 _STEP = threading.local()
 
 
+def current_step_backend() -> str | None:
+    """The ``backend`` option of the step running in this thread (set by :class:`step_backend`),
+    ``None`` outside a step or where the step set none."""
+    return getattr(_STEP, "backend", None)
+
+
 def _step_backend(op: str) -> str | None:
     """The running step's ``backend`` option where ``op`` implements it, else ``None``."""
-    b = getattr(_STEP, "backend", None)
+    b = current_step_backend()
     return b if b is not None and b in _IMPLS[op] else None
 
 
@@ -329,7 +335,7 @@ class step_backend:  # a context manager, named as the function it is used as
         self.backend = None if backend == "auto" else backend
 
     def __enter__(self) -> None:
-        self.saved = getattr(_STEP, "backend", None)
+        self.saved = current_step_backend()
         _STEP.backend = self.backend
 
     def __exit__(self, *exc) -> None:
