@@ -8,9 +8,10 @@ tensor and selected into q, k and v, whose backward writes each gradient into a 
 self-attention without masks, weights or dropout (``nn.TransformerEncoderLayer``'s call): one
 ``linear`` for q, k and v on the input as it is, viewed per head and unbound (their gradients
 stacked into place), ``scaled_dot_product_attention``, the context copied once into torch's
-sequence-first layout and the output projection on it. The output has torch's values (bit for
-bit on the CPU, tests/test_lean_mha.py; the attention kernel may read other strides elsewhere)
-and torch's layout (a contiguous sequence-first tensor, batch-first a transposed view of it); the
+sequence-first layout and the output projection on it. The output has torch's values to
+rounding (bit for bit with the CPU's AVX-512 kernels; 1.7e-16 apart in float64 with AVX2 ones,
+whose GEMM rounds the projection of the two layouts differently; tests/test_lean_mha.py) and
+torch's layout (a contiguous sequence-first tensor, batch-first a transposed view of it); the
 parameters' gradients are the same sums formed on other layouts, equal up to rounding (a relative
 5e-7 in float32 on workload (e) of ``benchmarks/workloads.py``). On that workload a training step
 runs 1.0-1.5 ms (9-13%) faster this way (``benchmarks/results/hutch_e_cpu_2026-12-07.md``).
