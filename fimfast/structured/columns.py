@@ -77,7 +77,9 @@ def forward(model: torch.nn.Module, batch: Any, fim_type: FIMType, opts: Options
         fim_type == FIMType.EMPIRICAL, shift=shift,
     )
     likelihoods.check_top_k(fim_type, opts, rows.num_classes)
-    return Forward(rows, mask if logits.dim() == 3 else None)
+    # the mask weights KFAC's layer inputs of its (N, T) shape for (N, C) logits too (a sequence
+    # classifier's padded positions are left out of A, docs/structured.md "KFAC")
+    return Forward(rows, mask)
 
 
 def per_row_columns(
