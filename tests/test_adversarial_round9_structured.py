@@ -6,6 +6,9 @@ oracle or the brute force of its definition, or refused naming the cause.
   whose input is ``(N, T, I)`` with the mask's shape; before, the mask was used for token-level
   ``(N, T, C)`` logits only, so the padded positions entered ``A`` (expand: off by 0.029 of the
   largest entry on a tiny MPNet, reduce: 0.079).
+* ``EKFACFIM.to_nngeometry``: the ``PMatEKFAC`` it returned had NNGeometry's ``DummyGenerator``,
+  which has no ``get_dtype``, so its ``to_torch()`` raised an ``AttributeError``; now the
+  matrix in the model's dtype, equal to ``to_dense()``.
 """
 
 from __future__ import annotations
@@ -96,3 +99,17 @@ def test_sequence_classifier_mask_hf_mpnet():
                      labels=lambda b: b["labels"], weights=lambda b: b["attention_mask"])
         assert _rel(got.to_dense(), want) < 1e-10, approx
 
+
+# -- NNGeometry ---------------------------------------------------------------------------------- #
+def test_ekfac_to_nngeometry_to_torch():
+    pytest.importorskip("nngeometry")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(27, 4),
+                          nn.Tanh(), nn.Linear(4, C, bias=False)).double()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, C, (5,), generator=g))]
+    F = fimfast.fisher(model, data, "exact", representation="ekfac", reduction="mean")
+    M = F.to_nngeometry(model).to_torch()
+    assert M.dtype == torch.float64
+    assert _rel(M, F.to_dense()) < 1e-12
