@@ -9,6 +9,11 @@ oracle or the brute force of its definition, or refused naming the cause.
 * ``EKFACFIM.to_nngeometry``: the ``PMatEKFAC`` it returned had NNGeometry's ``DummyGenerator``,
   which has no ``get_dtype``, so its ``to_torch()`` raised an ``AttributeError``; now the
   matrix in the model's dtype, equal to ``to_dense()``.
+* A vector on another device than the matrix (``meta`` here, which every machine has): before,
+  ``kfac`` / ``ekfac`` returned ``meta`` tensors as the product (no values, no error),
+  ``block_diag``'s ``solve`` called the matrix singular, the others raised torch's device error
+  without naming ``v``; a sparse vector raised torch's missing-kernel errors. Now refused, naming
+  ``v`` (or its entry).
 """
 
 from __future__ import annotations
@@ -113,3 +118,28 @@ def test_ekfac_to_nngeometry_to_torch():
     M = F.to_nngeometry(model).to_torch()
     assert M.dtype == torch.float64
     assert _rel(M, F.to_dense()) < 1e-12
+
+
+# -- vectors ------------------------------------------------------------------------------------- #
+@pytest.mark.parametrize("rep", ["dense", "block_diag", "low_rank", "kfac", "ekfac", "quasi_diag"])
+def test_vector_on_another_device_or_sparse_is_refused(rep):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, C)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, C, (4,), generator=g))]
+    F = fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
+    P = F.numel()
+    meta, v = torch.empty(P, device="meta"), torch.randn(P, dtype=torch.float64)
+    parts = F.unflat(v.clone())
+    parts["2.bias"] = parts["2.bias"].to("meta")
+    for op in ("mv", "vTMv", "solve"):
+        with pytest.raises(ValueError, match=r"^v is on device meta; the matrix is on cpu"):
+            getattr(F, op)(meta)
+        with pytest.raises(ValueError, match=r"^v\['2.bias'\] is on device meta"):
+            getattr(F, op)(parts)
+        with pytest.raises(ValueError, match=r"^v must be a dense tensor; got layout "
+                                             r"torch.sparse_coo"):
+            getattr(F, op)(v.to_sparse())
+    D = F.to_dense()
+    assert _rel(F.mv(v), D @ v) < 1e-12 and F.device == torch.device("cpu")
