@@ -14,6 +14,9 @@ oracle or the brute force of its definition, or refused naming the cause.
   ``block_diag``'s ``solve`` called the matrix singular, the others raised torch's device error
   without naming ``v``; a sparse vector raised torch's missing-kernel errors. Now refused, naming
   ``v`` (or its entry).
+* ``to_dense()`` of ``kfac``, ``ekfac`` and ``quasi_diag`` above the dense limit formed every
+  layer's ``(O I', O I')`` block before the size check refused (a 300-200-3 MLP: a 29 GB
+  allocation failed instead of the limit's message); now refused before any block is formed.
 """
 
 from __future__ import annotations
@@ -143,3 +146,23 @@ def test_vector_on_another_device_or_sparse_is_refused(rep):
             getattr(F, op)(v.to_sparse())
     D = F.to_dense()
     assert _rel(F.mv(v), D @ v) < 1e-12 and F.device == torch.device("cpu")
+
+
+# -- the dense limit ----------------------------------------------------------------------------- #
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag"])
+def test_to_dense_above_the_limit_refused_before_the_blocks(rep, monkeypatch):
+    """With the limit lowered to 50 (P = 99), nothing near a layer's ``72 x 72`` block is
+    allocated before the refusal."""
+    from largest_alloc import LargestAlloc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, C)).double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(6, 8, generator=g, dtype=torch.float64),
+             torch.randint(0, C, (6,), generator=g))]
+    F = fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
+    monkeypatch.setattr(fimfast.structured.base, "DENSE_LIMIT", 50)
+    with LargestAlloc() as m, pytest.raises(ValueError, match=r"needs a dense \(99 x 99\)"):
+        F.to_dense()
+    assert m.bytes < 50 * 50 * 8, (m.op, m.shape)
+
