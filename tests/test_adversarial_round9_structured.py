@@ -26,6 +26,9 @@ oracle or the brute force of its definition, or refused naming the cause.
   inputs_embeds") and, with a ``forward_fn``, read the encoder's ``attention_mask`` as the
   decoder logits' mask (encoder and decoder of the same length: 12 rows instead of 15, the
   block-diagonal Fisher off by 0.38 against the oracle). Now as DiagFisher: the decoder's mask.
+* A Linear that a branch skips on some batches (its weight unused there): refused, as before, but
+  the message said its weights were used functionally; now it names the skipped call, with
+  nothing of the batch added.
 """
 
 from __future__ import annotations
@@ -220,3 +223,31 @@ def test_encoder_decoder_mapping_batch_takes_the_decoder_rows():
         assert got.meta["count"] == labels.numel()
         assert _rel(got.to_dense(), want) < 1e-5, kw  # T5 computes in float32 inside
 
+
+# -- a layer skipped on some batches ------------------------------------------------------------- #
+class _Branch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.some, self.o = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, C)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.o(torch.tanh(self.some(h)) if x.shape[0] == 3 else h)
+
+
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag"])
+def test_a_layer_skipped_on_a_batch_is_refused_naming_the_skip(rep):
+    from fimfast.structured import FisherAccumulator
+
+    model = _Branch().double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(n, 4, generator=g, dtype=torch.float64),
+             torch.randint(0, C, (n,), generator=g)) for n in (3, 2)]
+    acc = FisherAccumulator(model, "monte_carlo", rep, "sum", seed=0)
+    acc.update(data[0])
+    count, offset = acc.stream.count, acc.stream.offset
+    with pytest.raises(ValueError, match=r"module 'some' \(Linear\) .*never called on this "
+                                         r"batch, nor is its weight used \(a branch"):
+        acc.update(data[1])
+    assert (acc.stream.count, acc.stream.offset) == (count, offset)
