@@ -29,6 +29,11 @@ oracle or the brute force of its definition, or refused naming the cause.
 * A Linear that a branch skips on some batches (its weight unused there): refused, as before, but
   the message said its weights were used functionally; now it names the skipped call, with
   nothing of the batch added.
+* ``kfac_approx="reduce"`` with a sample whose positions are all padding (attention mask 0):
+  it has no mean input, yet it was counted in ``N`` of ``A = (1/N) sum_n abar_n abar_n^T``
+  (Linear, LayerNorm and an embedding's rows alike), so adding such a sample to a batch of 3
+  scaled the matrix by 3/4 (off by 0.25), while every other representation is unchanged by it.
+  Now only samples with a position of nonzero weight count, as under ``expand``.
 """
 
 from __future__ import annotations
@@ -251,3 +256,44 @@ def test_a_layer_skipped_on_a_batch_is_refused_naming_the_skip(rep):
                                          r"batch, nor is its weight used \(a branch"):
         acc.update(data[1])
     assert (acc.stream.count, acc.stream.offset) == (count, offset)
+
+
+# -- reduce: a sample that is all padding ------------------------------------------------------- #
+class _TokenLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.ln, self.o = nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, C)
+
+    def forward(self, input_ids, attention_mask):
+        return self.o(torch.tanh(self.ln(self.e(input_ids))))
+
+
+def _with_empty_sample():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 7, (4, 4), generator=g)
+    mask = torch.ones(4, 4, dtype=torch.long)
+    mask[1, 2:] = 0
+    mask[3] = 0  # the last sample: all padding
+    labels = torch.randint(0, C, (4, 4), generator=g).masked_fill(mask == 0, -100)
+    full = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return full, {k: v[:3] for k, v in full.items()}
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_reduce_leaves_out_a_sample_that_is_all_padding(frozen):
+    """The embedding, LayerNorm and Linear factors unchanged by the all-padding sample; with the
+    embedding and LayerNorm frozen, equal to the brute force on the three other samples."""
+    model = _TokenLN().double()
+    for p in (*model.e.parameters(), *model.ln.parameters()):
+        p.requires_grad_(not frozen)
+    full, three = _with_empty_sample()
+    kw = dict(representation="kfac", reduction="mean", kfac_approx="reduce", class_dim=-1,
+              shift_labels=False)
+    got = fimfast.fisher(model, [full], "exact", **kw).to_dense()
+    assert _rel(got, fimfast.fisher(model, [three], "exact", **kw).to_dense()) < 1e-12
+    if frozen:
+        want = brute(model, [three], "reduce", "exact", "mean",
+                     logits=lambda m, b: m(b["input_ids"], b["attention_mask"]),
+                     labels=lambda b: b["labels"], weights=lambda b: b["attention_mask"])
+        assert _rel(got, want) < 1e-10
