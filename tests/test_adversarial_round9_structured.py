@@ -34,6 +34,9 @@ oracle or the brute force of its definition, or refused naming the cause.
   (Linear, LayerNorm and an embedding's rows alike), so adding such a sample to a batch of 3
   scaled the matrix by 3/4 (off by 0.25), while every other representation is unchanged by it.
   Now only samples with a position of nonzero weight count, as under ``expand``.
+* ``KFACFIM.inverse`` of a model with an embedding under ``reduce`` is a ``DenseFIM``, which had
+  no ``sample`` (docs/structured.md: the draws of ``F.inverse(prior).sample()``), an
+  ``AttributeError``; now ``DenseFIM.sample`` draws ``N(0, F)`` as ``EKFACFIM.sample`` does.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _rel(got, want) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-# -- the attention mask of a sequence classifier ------------------------------------------------ #
+# -- the attention mask of a sequence classifier ------------------------------------------------- #
 class _Pooled(nn.Module):
     """Frozen embedding, a Linear on every position, a masked mean, a head: (N, C) logits."""
 
@@ -201,7 +204,7 @@ def test_low_rank_frobenius_norm_from_the_smaller_gram():
     assert abs(got - float(F.to_dense().norm())) <= 1e-12 * got
 
 
-# -- an encoder-decoder's mapping batch ----------------------------------------------------- #
+# -- an encoder-decoder's mapping batch ---------------------------------------------------------- #
 def test_encoder_decoder_mapping_batch_takes_the_decoder_rows():
     pytest.importorskip("transformers")
     import hf_tiny
@@ -258,7 +261,7 @@ def test_a_layer_skipped_on_a_batch_is_refused_naming_the_skip(rep):
     assert (acc.stream.count, acc.stream.offset) == (count, offset)
 
 
-# -- reduce: a sample that is all padding ------------------------------------------------------- #
+# -- reduce: a sample that is all padding -------------------------------------------------------- #
 class _TokenLN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -297,3 +300,21 @@ def test_reduce_leaves_out_a_sample_that_is_all_padding(frozen):
                      logits=lambda m, b: m(b["input_ids"], b["attention_mask"]),
                      labels=lambda b: b["labels"], weights=lambda b: b["attention_mask"])
         assert _rel(got, want) < 1e-10
+
+
+# -- draws of a dense matrix --------------------------------------------------------------------- #
+def test_kfac_reduce_embedding_inverse_draws():
+    model = _TokenLN().double()
+    full, _ = _with_empty_sample()
+    F = fimfast.fisher(model, [full], "exact", representation="kfac", reduction="mean",
+                       kfac_approx="reduce", class_dim=-1, shift_labels=False)
+    inv = F.inverse(damping=0.5)
+    assert isinstance(inv, fimfast.structured.DenseFIM)
+    s = inv.sample(20000, generator=torch.Generator().manual_seed(0))
+    again = inv.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (20000, inv.numel()) and torch.equal(s, again)
+    D = inv.to_dense()
+    se = (D.diagonal().unsqueeze(1) * D.diagonal().unsqueeze(0) + D**2).sqrt() / 20000**0.5
+    assert float(((s.T @ s / 20000 - D).abs() / se).max()) < 5  # entrywise, in standard errors
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        inv.sample(0)
