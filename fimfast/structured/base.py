@@ -148,12 +148,35 @@ class StructuredFIM:
                              "real and imaginary parts)")
         return x, came_flat
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the matrix's tensors (a vector must be on it)."""
+        for key in ("data", "factor", "_A", "D", "dg"):
+            t = getattr(self, key, None)
+            t = t[0] if isinstance(t, list) and t else t
+            if hasattr(t, "device"):
+                return t.device
+        return torch.device("cpu")
+
+    def _check_part(self, t: torch.Tensor, label: str) -> None:
+        """A vector (or a part of a mapping) is a dense tensor on the matrix's device (before, a
+        vector on another device was refused by torch without its name, by ``block_diag``'s
+        ``solve`` as a singular matrix, or, on the ``meta`` device, taken by ``kfac`` and
+        ``ekfac`` as if it held values; a sparse one raised torch's missing-kernel error)."""
+        if t.layout != torch.strided:
+            raise ValueError(f"{label} must be a dense tensor; got layout {t.layout} (use "
+                             ".to_dense())")
+        if t.device != self.device:
+            raise ValueError(f"{label} is on device {t.device}; the matrix is on {self.device} "
+                             f"(move it with {label}.to({str(self.device)!r}))")
+
     def _flat(self, v: Vector, name: str) -> tuple[torch.Tensor, bool]:
         P = self.numel()
         if isinstance(v, torch.Tensor):
             if v.dim() != 1 or v.numel() != P:
                 raise ValueError(f"{name} must be a flat tensor of {P} entries; got shape "
                                  f"{tuple(v.shape)}")
+            self._check_part(v, name)
             return v, True
         if isinstance(v, Mapping):
             missing = [k for k in self.names if k not in v]
@@ -165,6 +188,7 @@ class StructuredFIM:
                 if not isinstance(t, torch.Tensor) or tuple(t.shape) != s:
                     got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{name}[{k!r}] must have shape {s}; got {got}")
+                self._check_part(t, f"{name}[{k!r}]")
                 parts.append(t.reshape(-1))
             return torch.cat(parts), False
         raise TypeError(

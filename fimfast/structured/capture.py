@@ -261,12 +261,16 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
     edges = graph.edges
     for layer in layers:
         if not layer.calls:
+            unused = not edges.get(id(layer.param), 0)  # its weight does not reach the logits
             raise ValueError(
                 f"module {layer.name!r} ({type(layer.module).__name__}) holds trainable parameters "
                 "but its forward was never called"
                 + (attention.NOT_REPLAYED if isinstance(layer.module, nn.MultiheadAttention) else
-                   " (its weights are used functionally); the Kronecker representations cannot "
-                   "capture it")
+                   " on this batch, nor is its weight used (a branch that skips it): the "
+                   "Kronecker representations need every trainable layer called on every batch; "
+                   "freeze it, or use representation='dense', 'block_diag', 'low_rank' or 'diag'"
+                   if unused else " (its weights are used functionally); the Kronecker "
+                   "representations cannot capture it")
             )
         for x, _, _ in layer.calls:
             if x.dim() < (1 if layer.kind == "embedding" else 2) or x.shape[0] != N:

@@ -28,7 +28,7 @@ import torch
 
 from fimfast import batch as batchlib
 from fimfast import likelihoods
-from fimfast.forward import _is_causal_lm
+from fimfast.forward import _holds_mapping, _is_causal_lm, _is_encoder_decoder
 from fimfast.grad_mode import inference_hint
 from fimfast.guard import retained_graphs
 from fimfast.hutchinson import _ENGINE, _plain
@@ -47,12 +47,16 @@ class Forward:
 
 def forward(model: torch.nn.Module, batch: Any, fim_type: FIMType, opts: Options) -> Forward:
     """Run the model on ``batch`` and select the valid rows (same rules as ``DiagFisher``)."""
+    # an encoder-decoder's mapping batch as DiagFisher reads it: the labels also go to the model
+    # (its decoder inputs), the mask of the logits is the decoder's (before, the labels were
+    # taken out of the inputs and the encoder's attention_mask was the logits' mask)
+    enc_dec = _holds_mapping(batch) and _is_encoder_decoder(model)
     try:
         if opts.forward_fn is not None:
-            labels, mask = batchlib.labels_of(batch)
+            labels, mask = batchlib.labels_of(batch, enc_dec)
             output = opts.forward_fn(model, batch)
         else:
-            inputs, labels, mask = batchlib.split(batch)
+            inputs, labels, mask = batchlib.split(batch, enc_dec)
             output = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     except RuntimeError as exc:
         hint = inference_hint(exc)
@@ -77,7 +81,9 @@ def forward(model: torch.nn.Module, batch: Any, fim_type: FIMType, opts: Options
         fim_type == FIMType.EMPIRICAL, shift=shift,
     )
     likelihoods.check_top_k(fim_type, opts, rows.num_classes)
-    return Forward(rows, mask if logits.dim() == 3 else None)
+    # the mask weights KFAC's layer inputs of its (N, T) shape for (N, C) logits too (a sequence
+    # classifier's padded positions are left out of A, docs/structured.md "KFAC")
+    return Forward(rows, mask)
 
 
 def per_row_columns(

@@ -132,11 +132,11 @@ class _Layered(StructuredFIM):
             out[pos.to(m.device).reshape(-1)] = m.reshape(-1)
         return out
 
-    def _dense_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+    def _dense_blocks(self, blocks) -> torch.Tensor:  # an iterable, read after the size check
         self._dense_check()
-        P = self.numel()
-        M = blocks[0].new_zeros(P, P)
+        P, M = self.numel(), None
         for pos, blk in zip(self._pos, blocks):
+            M = blk.new_zeros(P, P) if M is None else M
             p = pos.to(blk.device).reshape(-1)
             M[p.unsqueeze(1), p.unsqueeze(0)] = blk
         return M
@@ -246,8 +246,8 @@ class KFACFIM(_Layered):
         return self.to_ekfac().inverse(damping)
 
     def to_dense(self):
-        return self._dense_blocks([fx.kfac_block(self._kind(i), a, g)
-                                   for i, (a, g) in enumerate(zip(self.A, self.G))])
+        return self._dense_blocks(fx.kfac_block(self._kind(i), a, g)
+                                  for i, (a, g) in enumerate(zip(self.A, self.G)))
 
     def _kdiag(self):
         return [fx.kfac_diag(self._kind(i), a, g) for i, (a, g) in enumerate(zip(self.A, self.G))]
@@ -341,8 +341,8 @@ class EKFACFIM(_Layered):
         return torch.stack(out)
 
     def to_dense(self):
-        return self._dense_blocks([fx.ekfac_block(self._kind(i), ua, ug, d)
-                                   for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D))])
+        return self._dense_blocks(fx.ekfac_block(self._kind(i), ua, ug, d)
+                                  for i, (ua, ug, d) in enumerate(zip(self.UA, self.UG, self.D)))
 
     def _diag(self):
         return self._assemble([fx.ekfac_diag(self._kind(i), ua, ug, d)
@@ -415,15 +415,15 @@ class QuasiDiagFIM(_Layered):
         return self._assemble(mats)
 
     def to_dense(self):
+        self._dense_check()  # before any block: one layer's alone can be far above the limit
         blocks = []
-        for _info, dg, c in zip(self.layers, self.dg, self.cross):
+        for dg, c in zip(self.dg, self.cross):
             blk = torch.diag(dg.reshape(-1))
             if c is not None:
-                O, In = dg.shape
-                o = torch.arange(O).repeat_interleave(In - 1)
-                i = torch.arange(In - 1).repeat(O)
-                blk[o * In + i, o * In + In - 1] = c.reshape(-1)
-                blk[o * In + In - 1, o * In + i] = c.reshape(-1)
+                (O, In), k = dg.shape, c.reshape(-1)
+                o, i = torch.arange(O).repeat_interleave(In - 1), torch.arange(In - 1).repeat(O)
+                blk[o * In + i, o * In + In - 1] = k
+                blk[o * In + In - 1, o * In + i] = k
             blocks.append(blk)
         return self._dense_blocks(blocks)
 

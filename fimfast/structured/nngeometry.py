@@ -53,10 +53,25 @@ def _layer_names(lid: str, layer) -> list[str]:
     return [p + "weight"] + ([p + "bias"] if getattr(layer, "bias", None) is not None else [])
 
 
+class _Generator:
+    """The generator of a converted ``PMat*``: NNGeometry's ``DummyGenerator`` (its layer
+    collection and device) with the matrix's dtype, which ``PMatEKFAC.to_torch`` asks for
+    (``DummyGenerator`` has no ``get_dtype``: the converted EKFAC's ``to_torch()`` raised an
+    ``AttributeError``)."""
+
+    def __init__(self, layer_collection, device, dtype: torch.dtype):
+        self.layer_collection, self.device, self.dtype = layer_collection, device, dtype
+
+    def get_device(self):
+        return self.device
+
+    def get_dtype(self) -> torch.dtype:
+        return self.dtype
+
+
 def to_nngeometry(F: StructuredFIM, target: Any):
     """``F`` as the matching NNGeometry ``PMat*`` (see the module docstring)."""
     from nngeometry import object as ngo
-    from nngeometry.backend import DummyGenerator
 
     for info in getattr(F, "layers", []):
         if info.get("kind", "linear") != "linear" or "row0" in info:
@@ -66,7 +81,7 @@ def to_nngeometry(F: StructuredFIM, target: Any):
     lc = _collection(target)
     entries = _check_same(F, lc)
     dev = next(iter(F._tensors().values())).device
-    gen = DummyGenerator(lc, dev)
+    gen = _Generator(lc, dev, F.dtype)
     if isinstance(F, DenseFIM):
         p = _perm(F, [n for n, _ in entries]).to(dev)
         return ngo.PMatDense(generator=gen, data=F.data[p][:, p])

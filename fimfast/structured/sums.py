@@ -202,7 +202,7 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
         if approx == "reduce":  # sparse rows a_bar_n (fimfast.structured.gram)
             pad = padding_idx(layer.module)
             s.A = gram.append(s.A, gram.rows(a, w, layer.I, pad, dtype))
-            s.npos += float(a.shape[0])
+            s.npos += _samples(a, w)
             return None
         return _embedding_inputs(layer, s, a, w, dtype)
     if layer.kind == "layernorm" and approx == "expand":
@@ -231,12 +231,19 @@ def add_inputs(layer, s: LayerSums, a: torch.Tensor, w: torch.Tensor | None, app
             ww = w.reshape(w.shape + (1,) * (a.dim() - 2))
             abar = (a * ww).sum(1) / ww.sum(1).clamp_min(1)
             one = w.sum(1) / w.sum(1).clamp_min(1)  # the mean of the bias input 1
-        npos = float(a.shape[0])
+        npos = _samples(a, w)
         if order is None:
             gram_into(s, "A", abar, bias, one)
         else:
             _gram_reordered(s, abar, bias, one, order)
     s.npos += npos
+
+
+def _samples(a: torch.Tensor, w: torch.Tensor | None) -> float:
+    """``reduce``'s ``N``: the samples with a position of nonzero weight (one whose positions
+    are all padding has no mean input and adds nothing, as under ``expand``; before, it was
+    counted, scaling ``A`` by ``(N - 1) / N``)."""
+    return float(a.shape[0]) if w is None else float((w.reshape(w.shape[0], -1) != 0).any(1).sum())
 
 
 def _ln_expand(layer, s: LayerSums, xh: torch.Tensor, w: torch.Tensor | None) -> None:
