@@ -1,0 +1,73 @@
+"""Adversarial checks, ninth round: what the estimators keep from one step to the next.
+
+fimfast keeps per model structure what makes a step cheap: the plans of the per-sample engine,
+the probe's verdicts (which layers keep the samples apart), the prepared one-column and
+one-probe steps, the buffer guard, the seed API's estimator. Each test changes the model, its
+settings or the batches between steps and compares every step with the float64 oracle of that
+step's model and batch (tests/adversarial.py): EXACT, EMPIRICAL, MONTE_CARLO (the labels it
+drew), HUTCHINSON and HUTCHINSON_DG (the probes they drew), per parameter tensor.
+"""
+
+from __future__ import annotations
+
+import adversarial as adv
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TYPES = ["exact", "empirical", "monte_carlo", "hutchinson", "hutchinson_dg"]
+DT = torch.float64
+N, D, C = 4, 4, 3
+TOL = 1e-10
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _batches(n: int = 4, shape: tuple = (D,)) -> list:
+    return [(torch.randn(N, *shape, generator=_gen(10 + i), dtype=DT),
+             torch.randint(0, C, (N,), generator=_gen(20 + i))) for i in range(n)]
+
+
+def _checked(est, ref: dict) -> None:
+    assert adv.nonzero(ref)
+    assert adv.max_rel(est, ref) < TOL
+
+
+def _at(k: int, change):
+    def before(i, model):
+        if i == k:
+            change(model)
+    return before
+
+
+# ------------------------------------------------------- a norm's statistics changed between steps
+
+
+def _bn_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.BatchNorm1d(5), nn.Linear(5, C))
+
+
+def _running_stats_dropped(model) -> None:
+    # an eval-mode BatchNorm without running statistics normalises with the batch's: the layers
+    # below it are coupled across the samples from this step on
+    bn = model[2]
+    bn.track_running_stats = False
+    bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+
+
+@pytest.mark.parametrize("at", [1, 2, 3])
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_batchnorm_switched_to_batch_statistics_in_eval_mode(fim_type, at):
+    """The probe's verdict on the layers below an eval-mode BatchNorm was kept, by a structure
+    key that holds the module's ``training`` flag only, when the norm went over to batch
+    statistics (no running statistics) in a later step: EMPIRICAL and MONTE_CARLO (whose one
+    column leaves the norm's output unfolded, so the graph's operations are the same) took the
+    first layer's squares per sample where the samples are coupled."""
+    torch.manual_seed(0)
+    model = _bn_mlp().double().eval()
+    est, ref = adv.run(model, _batches(), fim_type, before=_at(at, _running_stats_dropped))
+    _checked(est, ref)
