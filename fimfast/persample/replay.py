@@ -54,6 +54,7 @@ class Replay:
         # per model and set of trainable parameters: the modules to hook, whether it has a
         # lookup, and the norm layers to restore if a forward reruns (see _modules)
         self._mods: tuple[Any, list, bool, list, bool] | None = None
+        self._classes: list[type] = []  # the class of each module of self._mods[1]
         self.weights = dw.Weights()  # weights computed from parameters (fimfast.derived_weights)
         self._forwards: Forwards | None = None  # the capturing forwards of those modules
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
@@ -230,14 +231,16 @@ class Replay:
     ) -> tuple[list, bool, list]:
         """``(modules to hook, has a lookup, norm layers with running statistics)``, found once per
         model and set of trainable parameters (a stale list can only leave calls uncaptured,
-        which the graph check sends to the generic path)."""
+        which the graph check sends to the generic path), and again when the class of a module
+        on the list changed (``module.__class__ = ...``: its rule may no longer apply)."""
         key = (id(model), tuple(map(id, params)))
-        if self._mods is None or self._mods[0] != key:
+        if self._mods is None or self._mods[0] != key or _reclassed(self._mods[1], self._classes):
             targets = hooks.targets(model, params, layers.rule_for)
             derived = dw.model_has_derived(model)
             if derived:
                 targets += dw.parametrized(model, params, layers.rule_for, targets)
             self._mods = (key, targets, *_stat_modules(model), derived)
+            self._classes = [type(m) for m, _ in targets]
             self._forwards = Forwards(model, targets)
             self._owned = hooks.owners(model, params)
             self._fowners = functional.owners_of(targets)
@@ -270,6 +273,14 @@ def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
         )
     if cap is not None and cap.nograd:
         raise nograd_error(cap.nograd, " for the per-sample types")
+
+
+def _reclassed(targets: list, classes: list) -> bool:
+    """Whether a module of ``targets`` is no longer of the class in ``classes``."""
+    for (m, _), cls in zip(targets, classes):
+        if type(m) is not cls:
+            return True
+    return False
 
 
 def _stat_modules(model: torch.nn.Module) -> tuple[bool, list[torch.nn.Module]]:
