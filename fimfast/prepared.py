@@ -112,6 +112,8 @@ def step(est: DiagFisher, batch: Any) -> bool:
     checked = est._checked  # else _params checks the parameters against the state first
     if prep.mode is None or names is not checked[0] or est.state is not checked[1]:
         return False
+    if est._modules.of(est.model, params)[1]:  # max_norm set on a lookup since: its guard
+        return False
     x, labels = batch
     model, o, rows, one, grads = est.model, est.opts, None, None, None
     kept = (guard.step_kept(est._guard, est._modules, model, names, params) if prep.buffers

@@ -128,3 +128,45 @@ def test_a_module_class_swapped_and_back_takes_the_rules_again():
         est, ref = adv.run(model, _batches(), fim_type, before=before)
         _checked(est, ref)
         assert not est._persample.last_plan.generic  # every parameter on the rules again
+
+
+# ------------------------------------------------------------ max_norm set on a lookup after a step
+
+
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(7, 4)
+        self.o = nn.Linear(4, C)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.e(x)).mean(1))
+
+
+def _ids(n: int = 4) -> list:
+    return [(torch.randint(0, 7, (N, 5), generator=_gen(30 + i)),
+             torch.randint(0, C, (N,), generator=_gen(40 + i))) for i in range(n)]
+
+
+def _max_norm(i, model):
+    model.e.max_norm = {1: 0.6, 2: 0.4, 3: None}.get(i, model.e.max_norm)
+
+
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_max_norm_set_on_a_lookup_after_a_step(fim_type):
+    """The guards' list of the lookups with ``max_norm`` was found once per model and parameter
+    set: ``max_norm`` set after the first step made the next step's forward renormalise the rows
+    it read, which the step refused as a forward writing into its own weights, leaving the table
+    renormalised. The list is read at every step now: the step measures the renormalised model,
+    as it does when ``max_norm`` is set from the start, and puts the table back."""
+    torch.manual_seed(0)
+    model = _Bag().double()
+    est = adv.fimfast.DiagFisher(model, fim_type, seed=7)
+    for i, b in enumerate(_ids()):
+        _max_norm(i, model)
+        w = model.e.weight.detach().clone()
+        est.step(b)
+        assert torch.equal(model.e.weight, w)  # the step left the table as it was
+    torch.manual_seed(0)
+    est, ref = adv.run(_Bag().double(), _ids(), fim_type, before=_max_norm)
+    _checked(est, ref)
