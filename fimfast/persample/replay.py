@@ -19,6 +19,7 @@ from fimfast import derived_weights as dw
 from fimfast import functional, hooks, inner_grad, layers
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.persample import held
+from fimfast.persample.flat_check import ops_key
 from fimfast.rules.forwards import Forwards
 from fimfast.types import UnsupportedModelError
 
@@ -51,6 +52,7 @@ class Replay:
         self.expand_broadcast = True
         self.expand_flat = True  # lookups with ids (T,) too, once a forward showed it is safe
         self._flat_checked = False
+        self._flat_seen: set[int] = set()  # the forwards checked with them (flat_check.ops_key)
         # per model and set of trainable parameters: the modules to hook, whether it has a
         # lookup, and the norm layers to restore if a forward reruns (see _modules)
         self._mods: tuple[Any, list, bool, list, bool] | None = None
@@ -109,9 +111,11 @@ class Replay:
             lookups = lookups or (self.functional and not self._quiet)
             stats = _running_stats(norms) if lookups else []
         check = lookups and self.expand_flat and not self._flat_checked
-        if check:  # the model's own forward runs from every buffer as it was (spectral_norm's)
+        # checked for other forwards (flat_check): this one may be another
+        again = lookups and self.expand_flat and self._flat_checked
+        if check or again:  # the model's own forward from every buffer as it was (spectral_norm)
             stats = _buffers(model)
-        rng = _rng_state() if check else None
+        rng = _rng_state() if check or again else None
         # (T,) lookups are expanded once checked, or in the forward that checks them
         flat = self.expand_flat and (self._flat_checked or check)
         try:
@@ -119,9 +123,15 @@ class Replay:
                 result = fwd.run()
             if rng is None or cap is None or not cap.expanded_flat:
                 return cap, result
+            seen = ops_key(fwd.logits(result))
+            if seen in self._flat_seen:
+                return cap, result
             plain = self._plain_from(fwd, stats, rng)
             self._flat_checked = True
             if plain is not None and _close(fwd.logits(result), plain):
+                if len(self._flat_seen) > 64:
+                    self._flat_seen.clear()
+                self._flat_seen.add(seen)
                 return cap, result
             failure, flat_only = "its logits differ from the model's own", True
         except Exception as exc:
