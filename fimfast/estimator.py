@@ -54,9 +54,11 @@ class DiagFisher:
         **opts: the options of :class:`fimfast.types.Options` (``num_probes``, ``top_k``,
             ``seed``, ``backend``, ``likelihood``, ``shift_labels``, ``distributed``, ...).
 
-    Precision: states are float32 (float64 for float64 parameters) whatever the parameter dtype;
-    bf16/fp16 models and ``torch.autocast`` regions are supported: the forward runs as the caller
-    set it up, fimfast's own arithmetic (probes, eigenpairs, squares) runs in float32 with autocast
+    Precision: states are float32 (float64 for float64 parameters) whatever the parameter dtype,
+    chosen when the state is made (here, :meth:`reset`, ``zero_diag_fim``: a model converted
+    later by ``model.double()`` adds its steps rounded to float32 until then); bf16/fp16 models
+    and ``torch.autocast`` regions are supported: the forward runs as the caller set it up,
+    fimfast's own arithmetic (probes, eigenpairs, squares) runs in float32 with autocast
     disabled, and gradients are squared after their conversion to float32.
 
     Distributed: with ``distributed="auto"`` and an initialised process group, :meth:`result`

@@ -208,3 +208,29 @@ def test_a_position_table_used_otherwise_after_a_step(fim_type, mode):
     est, ref = adv.run(_Positions().double(), _batches(shape=(5, 3)), fim_type,
                        before=_at(2, lambda m: setattr(m, "mode", mode)))
     _checked(est, ref)
+
+
+# ------------------------------------------------------------- the model converted between steps
+
+
+@pytest.mark.parametrize("fim_type", TYPES[:4])
+def test_a_model_converted_to_float64_after_a_step_keeps_its_float32_state(fim_type):
+    """The state's dtype is chosen when it is made (documented on DiagFisher): the float64
+    steps of a model converted by ``model.double()`` after a float32 step are added rounded to
+    float32, exact to that rounding."""
+    torch.manual_seed(0)
+    model = _ln_mlp()
+    est = adv.fimfast.DiagFisher(model, fim_type, seed=7)
+    ref: dict = {}
+    for i, (x, y) in enumerate(_batches()):
+        if i == 2:
+            model.double()
+        x = x.to(next(model.parameters()).dtype)
+        offset = est.offset
+        est.step((x, y))
+        for k, v in adv.step_oracle(model, (x, y), fim_type, 7, offset).items():
+            ref[k] = ref.get(k, 0) + v.double()
+    got = est.result()
+    assert all(v.dtype == torch.float32 for v in got.values())
+    for k, r in ref.items():
+        assert float((got[k].double() - r).norm() / r.norm()) < 1e-5
