@@ -23,7 +23,7 @@ from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.ops import registry
 from fimfast.parameters import ParamWalk, check_real, trainable_parameters
 from fimfast.persample import prepared as prepared_ps
-from fimfast.sparse_tables import candidates, sparse_lookups
+from fimfast.sparse_tables import candidates, live, sparse_lookups
 from fimfast.state import State, counter_of
 from fimfast.step import Step
 from fimfast.types import FIMType, Options, check_ema, check_reduction, check_type_options
@@ -220,7 +220,7 @@ class DiagFisher:
         key = (id(self.model), *map(id, params))
         if getattr(self, "_tables_key", None) != key:
             self._tables_key, self._tables = key, candidates(self.model, params)
-        return self._tables
+        return live(self._tables)  # settings changed since: those tables dense
 
     def _announce_exact_cost(self, rows: batchlib.Rows) -> None:
         R, C = rows.count, rows.num_classes

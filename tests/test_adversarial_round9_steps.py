@@ -234,3 +234,34 @@ def test_a_model_converted_to_float64_after_a_step_keeps_its_float32_state(fim_t
     assert all(v.dtype == torch.float32 for v in got.values())
     for k, r in ref.items():
         assert float((got[k].double() - r).norm() / r.norm()) < 1e-5
+
+
+# --------------------------------------------- a large lookup's settings changed after a step
+
+
+class _BigBag(nn.Module):
+    def __init__(self, rows: int = 1100):
+        super().__init__()
+        self.e = nn.EmbeddingBag(rows, D, mode="sum")
+        self.o = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.e(x)))
+
+
+def _bag_ids(n: int = 4) -> list:
+    return [(torch.randint(0, 1100, (N, 5), generator=_gen(50 + i)),
+             torch.randint(0, C, (N,), generator=_gen(60 + i))) for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["max", "mean"])
+@pytest.mark.parametrize("fim_type", TYPES)
+def test_a_large_bag_switched_to_max_after_a_step(fim_type, mode):
+    """The HUTCHINSON steps run large lookup tables with a sparse backward, the tables found
+    once per parameter set: an ``nn.EmbeddingBag`` set to ``mode="max"`` after a step (no sparse
+    backward in torch) was still switched to it, and the step was refused as a forward that
+    failed on the batch. Such a table runs dense from then on."""
+    torch.manual_seed(0)
+    est, ref = adv.run(_BigBag().double(), _bag_ids(), fim_type,
+                       before=_at(2, lambda m: setattr(m.e, "mode", mode)))
+    _checked(est, ref)
