@@ -43,6 +43,16 @@ class BufferGuard:
         self._norm: list[bool] = []  # per buffer: whether its module is a norm (_NormBase)
         self._written: set[str] = set()  # qualified names of buffers a forward wrote
         self._first = True
+        self._mods: list | None = None  # the module walk the last follow() was given
+
+    def follow(self, mods: list) -> None:
+        """Scan again at the next use where ``mods``, the guards' walk of the model's modules
+        (:class:`ModuleWalk`), was made again since the last call: a module put in without a
+        registration (``nn.Sequential.insert``, a BatchNorm) has buffers to keep."""
+        if mods is not self._mods:
+            if self._mods is not None:  # (the first walk: what the scan or adopt() found)
+                self._key = None
+            self._mods = mods
 
     def has_buffers(self, model: torch.nn.Module) -> bool:
         """Whether ``model`` has buffers for :meth:`kept` to guard."""
@@ -276,6 +286,7 @@ def step_kept(
     lookups' ``scale_grad_by_freq`` (:func:`unscaled`), ``walk`` giving the model's modules and
     ``max_norm`` lookups."""
     mods, tables = walk.of(model, params)
+    buffers.follow(mods)
     if tables:
         return _all_kept(buffers, model, tables, names, params, mods)
     return StepKept(names, params, mods, buffers if buffers.has_buffers(model) else None)

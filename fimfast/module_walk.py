@@ -43,11 +43,13 @@ _REGISTRATIONS: list[int] = []
 
 class ModuleWalk:
     """``model.modules()`` as a list, walked again only when the model, its set of trainable
-    parameters or :func:`registrations` changes, and its lookups with ``max_norm`` (for
-    :func:`fimfast.guard.parameters_kept` and :func:`fimfast.guard.gradient_hooks_off`), read
-    at every call: ``max_norm`` set on a lookup after a step makes its forward renormalise the
-    rows it reads in place, which the step's guard then puts back (a list kept from the first
-    step refused the write and left the table renormalised)."""
+    parameters (or the list of them: :class:`fimfast.parameters.ParamWalk` makes a new one when
+    a module is added or removed) or :func:`registrations` changes, and its lookups with
+    ``max_norm`` (for :func:`fimfast.guard.parameters_kept` and
+    :func:`fimfast.guard.gradient_hooks_off`), read at every call: ``max_norm`` set on a
+    lookup after a step makes its forward renormalise the rows it reads in place, which the
+    step's guard then puts back (a list kept from the first step refused the write and left the
+    table renormalised)."""
 
     def __init__(self) -> None:
         _watch_registrations()
@@ -64,7 +66,9 @@ class ModuleWalk:
         regs = _REGISTRATIONS[0]
         if params is not seen_params or model is not seen_model or regs != seen_regs:
             key = (id(model), tuple(map(id, params)), regs)
-            if key != self._key:
+            # another list from the estimator's ParamWalk: a module put in or taken out without
+            # a registration (nn.Sequential.insert writes _modules), whose hooks must be seen
+            if key != self._key or seen_params is not None:
                 self._key, self._walk, self._lookups = key, (list(model.modules()), []), None
             self._seen = (model, params, regs)
         lookups = self._lookups

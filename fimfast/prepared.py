@@ -93,6 +93,7 @@ class Prepared:
             self.mode = _MODES[est.fim_type]
         # buffers (BatchNorm's running statistics, rotary tables): the general path's guard,
         # which puts them back after the step (guard.step_kept)
+        est._guard.follow(self.mods)
         self.buffers = est._guard.has_buffers(model)
 
 
