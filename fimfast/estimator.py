@@ -23,7 +23,7 @@ from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.ops import registry
 from fimfast.parameters import ParamWalk, check_real, trainable_parameters
 from fimfast.persample import prepared as prepared_ps
-from fimfast.sparse_tables import candidates, sparse_lookups
+from fimfast.sparse_tables import candidates, live, sparse_lookups
 from fimfast.state import State, counter_of
 from fimfast.step import Step
 from fimfast.types import FIMType, Options, check_ema, check_reduction, check_type_options
@@ -54,9 +54,11 @@ class DiagFisher:
         **opts: the options of :class:`fimfast.types.Options` (``num_probes``, ``top_k``,
             ``seed``, ``backend``, ``likelihood``, ``shift_labels``, ``distributed``, ...).
 
-    Precision: states are float32 (float64 for float64 parameters) whatever the parameter dtype;
-    bf16/fp16 models and ``torch.autocast`` regions are supported: the forward runs as the caller
-    set it up, fimfast's own arithmetic (probes, eigenpairs, squares) runs in float32 with autocast
+    Precision: states are float32 (float64 for float64 parameters) whatever the parameter dtype,
+    chosen when the state is made (here, :meth:`reset`, ``zero_diag_fim``: a model converted
+    later by ``model.double()`` adds its steps rounded to float32 until then); bf16/fp16 models
+    and ``torch.autocast`` regions are supported: the forward runs as the caller set it up,
+    fimfast's own arithmetic (probes, eigenpairs, squares) runs in float32 with autocast
     disabled, and gradients are squared after their conversion to float32.
 
     Distributed: with ``distributed="auto"`` and an initialised process group, :meth:`result`
@@ -218,7 +220,7 @@ class DiagFisher:
         key = (id(self.model), *map(id, params))
         if getattr(self, "_tables_key", None) != key:
             self._tables_key, self._tables = key, candidates(self.model, params)
-        return self._tables
+        return live(self._tables)  # settings changed since: those tables dense
 
     def _announce_exact_cost(self, rows: batchlib.Rows) -> None:
         R, C = rows.count, rows.num_classes

@@ -25,35 +25,12 @@ from operator import attrgetter
 import torch
 from torch.nn.modules.batchnorm import _NormBase
 
-
-def registrations() -> int:
-    """How many modules and buffers were registered in this process (on any module) since the
-    first guard was made: torch's global registration hooks count them. The walks of a model's
-    modules and buffers kept from step to step are made again when it moved (a module or a
-    buffer added to the model after a step: a BatchNorm put in, a module with a backward hook)."""
-    return _REGISTRATIONS[0]
-
-
-def _registered(*_args) -> None:
-    _REGISTRATIONS[0] += 1  # (None: the registration goes on unchanged)
-
-
-def _buffer_registered(module: torch.nn.Module, name: str, _tensor) -> None:
-    # a new buffer only: a forward that assigns a buffer of its own again (spectral_norm's power
-    # iteration in train mode) registers it at every step, and BufferGuard reads the buffers
-    # by name at every step
-    if name not in module._buffers:
-        _REGISTRATIONS[0] += 1
-
-
-def _watch_registrations() -> None:
-    if not _REGISTRATIONS:
-        _REGISTRATIONS.append(0)
-        torch.nn.modules.module.register_module_module_registration_hook(_registered)
-        torch.nn.modules.module.register_module_buffer_registration_hook(_buffer_registered)
-
-
-_REGISTRATIONS: list[int] = []
+from fimfast.module_walk import (  # noqa: F401 - guard.ModuleWalk, guard.registrations
+    _REGISTRATIONS,
+    ModuleWalk,
+    _watch_registrations,
+    registrations,
+)
 
 
 class BufferGuard:
@@ -66,6 +43,16 @@ class BufferGuard:
         self._norm: list[bool] = []  # per buffer: whether its module is a norm (_NormBase)
         self._written: set[str] = set()  # qualified names of buffers a forward wrote
         self._first = True
+        self._mods: list | None = None  # the module walk the last follow() was given
+
+    def follow(self, mods: list) -> None:
+        """Scan again at the next use where ``mods``, the guards' walk of the model's modules
+        (:class:`ModuleWalk`), was made again since the last call: a module put in without a
+        registration (``nn.Sequential.insert``, a BatchNorm) has buffers to keep."""
+        if mods is not self._mods:
+            if self._mods is not None:  # (the first walk: what the scan or adopt() found)
+                self._key = None
+            self._mods = mods
 
     def has_buffers(self, model: torch.nn.Module) -> bool:
         """Whether ``model`` has buffers for :meth:`kept` to guard."""
@@ -139,35 +126,6 @@ class BufferGuard:
                 RuntimeWarning,
                 stacklevel=4,
             )
-
-
-class ModuleWalk:
-    """``model.modules()`` as a list, and its lookups with ``max_norm``, walked again only when
-    the model, its set of trainable parameters or :func:`registrations` changes (for
-    :func:`parameters_kept` and :func:`gradient_hooks_off`)."""
-
-    def __init__(self) -> None:
-        _watch_registrations()
-        self._key: tuple | None = None
-        self._walk: tuple[list, list] = ([], [])
-        self._seen: tuple = (None, None, -1)  # (model, params list, registrations) of the last
-
-    def of(self, model: torch.nn.Module, params: list[torch.Tensor]) -> tuple[list, list]:
-        """``(modules, lookups with max_norm)`` of ``model``. The list ``params`` of the last call
-        (an estimator's :class:`fimfast.parameters.ParamWalk` returns the same list while the
-        model's parameters hold) is recognised without reading it."""
-        seen_model, seen_params, seen_regs = self._seen
-        regs = _REGISTRATIONS[0]
-        if params is seen_params and model is seen_model and regs == seen_regs:
-            return self._walk
-        key = (id(model), tuple(map(id, params)), regs)
-        if key != self._key:
-            mods = list(model.modules())
-            tables = [m for m in mods if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-                      and m.max_norm is not None]
-            self._key, self._walk = key, (mods, tables)
-        self._seen = (model, params, regs)
-        return self._walk
 
 
 @contextmanager
@@ -328,6 +286,7 @@ def step_kept(
     lookups' ``scale_grad_by_freq`` (:func:`unscaled`), ``walk`` giving the model's modules and
     ``max_norm`` lookups."""
     mods, tables = walk.of(model, params)
+    buffers.follow(mods)
     if tables:
         return _all_kept(buffers, model, tables, names, params, mods)
     return StepKept(names, params, mods, buffers if buffers.has_buffers(model) else None)

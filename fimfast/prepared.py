@@ -93,6 +93,7 @@ class Prepared:
             self.mode = _MODES[est.fim_type]
         # buffers (BatchNorm's running statistics, rotary tables): the general path's guard,
         # which puts them back after the step (guard.step_kept)
+        est._guard.follow(self.mods)
         self.buffers = est._guard.has_buffers(model)
 
 
@@ -111,6 +112,8 @@ def step(est: DiagFisher, batch: Any) -> bool:
         prep = est._prepared = Prepared(est, params)
     checked = est._checked  # else _params checks the parameters against the state first
     if prep.mode is None or names is not checked[0] or est.state is not checked[1]:
+        return False
+    if est._modules.of(est.model, params)[1]:  # max_norm set on a lookup since: its guard
         return False
     x, labels = batch
     model, o, rows, one, grads = est.model, est.opts, None, None, None

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["MIN_ROWS", "candidates", "row_squares", "sparse_lookups"]
+__all__ = ["MIN_ROWS", "candidates", "live", "row_squares", "sparse_lookups"]
 
 # tables with fewer rows keep the dense backward (its full pass is cheap there)
 MIN_ROWS = 1024
@@ -60,6 +60,16 @@ def candidates(model: nn.Module, params: list[torch.Tensor]) -> list[nn.Module]:
         ):
             out.append(m)
     return out
+
+
+def live(tables: list[nn.Module]) -> list[nn.Module]:
+    """``tables`` (:func:`candidates`, found once per parameter set) less those whose settings
+    no longer allow a sparse backward: an ``nn.EmbeddingBag`` set to ``mode="max"`` after a step
+    (torch then refused the step's backward, which read as a failed forward)."""
+    for m in tables:
+        if getattr(m, "mode", "sum") == "max":
+            return [t for t in tables if getattr(t, "mode", "sum") != "max"]
+    return tables
 
 
 @contextmanager

@@ -147,9 +147,11 @@ def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None) -> bool:
 def _structure(
     calls: list[hooks.Call], head, params: list[torch.Tensor], glob: Counter, N: int
 ) -> tuple:
-    """What a plan depends on, as a key: per call its module (and mode), verdict so far, uses and
-    tap layout; whether it is the logits layer; the parameters and their edges in the graph;
-    whether the batch has two samples (else nothing was probed)."""
+    """What a plan depends on, as a key: per call its module (and mode, and whether a norm
+    normalised with the batch's statistics: an eval-mode BatchNorm without running statistics
+    couples the samples as in train mode), verdict so far, uses and tap layout; whether it is
+    the logits layer; the parameters and their edges in the graph; whether the batch has two
+    samples (else nothing was probed)."""
     per_call = []
     for c in calls:  # (loops, not generators: this runs at every step)
         taps = []
@@ -158,7 +160,8 @@ def _structure(
             taps.append((t.lead, cands, len(t.shape) if len(cands) < 2 else tuple(t.shape),
                          getattr(t, "empty", None)))  # a routed call with no rows: routed.py
         per_call.append((
-            id(c.module), id(c.rule), c.module.training, c.ok, c.reason, c is head,
+            id(c.module), id(c.rule), c.module.training, c.data.get("stats", 0) is None, c.ok,
+            c.reason, c is head,
             hooks.uses_key(c.uses) if c.uses_key is None else c.uses_key, tuple(taps),
         ))
     ids = tuple(map(id, params))

@@ -34,7 +34,7 @@ def probe(calls: list[hooks.Call], rows, cache: dict, shape: int = 0) -> None:
     N = rows.num_samples
     ambiguous = any(len(t.cands) > 1 for c in calls for t in c.taps)
     key = (N, shape, tuple(
-        (id(c.module), c.rule.name, c.module.training,
+        (id(c.module), c.rule.name, c.module.training, c.data.get("stats", 0) is None,
          tuple((t.lead, t.cands, tuple(t.shape) if ambiguous else len(t.shape),
                getattr(t, "empty", None))
                for t in c.taps))

@@ -19,6 +19,7 @@ from fimfast import derived_weights as dw
 from fimfast import functional, hooks, inner_grad, layers
 from fimfast.nograd import NogradWatch, nograd_error
 from fimfast.persample import held
+from fimfast.persample.flat_check import ops_key
 from fimfast.rules.forwards import Forwards
 from fimfast.types import UnsupportedModelError
 
@@ -51,9 +52,11 @@ class Replay:
         self.expand_broadcast = True
         self.expand_flat = True  # lookups with ids (T,) too, once a forward showed it is safe
         self._flat_checked = False
+        self._flat_seen: set[int] = set()  # the forwards checked with them (flat_check.ops_key)
         # per model and set of trainable parameters: the modules to hook, whether it has a
         # lookup, and the norm layers to restore if a forward reruns (see _modules)
         self._mods: tuple[Any, list, bool, list, bool] | None = None
+        self._classes: list[type] = []  # the class of each module of self._mods[1]
         self.weights = dw.Weights()  # weights computed from parameters (fimfast.derived_weights)
         self._forwards: Forwards | None = None  # the capturing forwards of those modules
         self._direct: set = set()  # module outputs seen unmodified: tapped directly
@@ -108,9 +111,11 @@ class Replay:
             lookups = lookups or (self.functional and not self._quiet)
             stats = _running_stats(norms) if lookups else []
         check = lookups and self.expand_flat and not self._flat_checked
-        if check:  # the model's own forward runs from every buffer as it was (spectral_norm's)
+        # checked for other forwards (flat_check): this one may be another
+        again = lookups and self.expand_flat and self._flat_checked
+        if check or again:  # the model's own forward from every buffer as it was (spectral_norm)
             stats = _buffers(model)
-        rng = _rng_state() if check else None
+        rng = _rng_state() if check or again else None
         # (T,) lookups are expanded once checked, or in the forward that checks them
         flat = self.expand_flat and (self._flat_checked or check)
         try:
@@ -118,9 +123,15 @@ class Replay:
                 result = fwd.run()
             if rng is None or cap is None or not cap.expanded_flat:
                 return cap, result
+            seen = ops_key(fwd.logits(result))
+            if seen in self._flat_seen:
+                return cap, result
             plain = self._plain_from(fwd, stats, rng)
             self._flat_checked = True
             if plain is not None and _close(fwd.logits(result), plain):
+                if len(self._flat_seen) > 64:
+                    self._flat_seen.clear()
+                self._flat_seen.add(seen)
                 return cap, result
             failure, flat_only = "its logits differ from the model's own", True
         except Exception as exc:
@@ -230,14 +241,16 @@ class Replay:
     ) -> tuple[list, bool, list]:
         """``(modules to hook, has a lookup, norm layers with running statistics)``, found once per
         model and set of trainable parameters (a stale list can only leave calls uncaptured,
-        which the graph check sends to the generic path)."""
+        which the graph check sends to the generic path), and again when the class of a module
+        on the list changed (``module.__class__ = ...``: its rule may no longer apply)."""
         key = (id(model), tuple(map(id, params)))
-        if self._mods is None or self._mods[0] != key:
+        if self._mods is None or self._mods[0] != key or _reclassed(self._mods[1], self._classes):
             targets = hooks.targets(model, params, layers.rule_for)
             derived = dw.model_has_derived(model)
             if derived:
                 targets += dw.parametrized(model, params, layers.rule_for, targets)
             self._mods = (key, targets, *_stat_modules(model), derived)
+            self._classes = [type(m) for m, _ in targets]
             self._forwards = Forwards(model, targets)
             self._owned = hooks.owners(model, params)
             self._fowners = functional.owners_of(targets)
@@ -270,6 +283,14 @@ def _refuse_hidden(cap: hooks.Capture | None, graph: hooks.Graph) -> None:
         )
     if cap is not None and cap.nograd:
         raise nograd_error(cap.nograd, " for the per-sample types")
+
+
+def _reclassed(targets: list, classes: list) -> bool:
+    """Whether a module of ``targets`` is no longer of the class in ``classes``."""
+    for (m, _), cls in zip(targets, classes):
+        if type(m) is not cls:
+            return True
+    return False
 
 
 def _stat_modules(model: torch.nn.Module) -> tuple[bool, list[torch.nn.Module]]:
