@@ -144,13 +144,18 @@ def test_ekfac_to_nngeometry_to_torch():
 
 
 # -- vectors ------------------------------------------------------------------------------------- #
+def _mlp(d_in: int, hidden: int, N: int):
+    """A float64 ``d_in``-``hidden``-``C`` MLP and one batch of ``N`` samples (seeded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, C)).double()
+    g = torch.Generator().manual_seed(1)
+    return model, [(torch.randn(N, d_in, generator=g, dtype=torch.float64),
+                    torch.randint(0, C, (N,), generator=g))]
+
+
 @pytest.mark.parametrize("rep", ["dense", "block_diag", "low_rank", "kfac", "ekfac", "quasi_diag"])
 def test_vector_on_another_device_or_sparse_is_refused(rep):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, C)).double()
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(4, 4, generator=g, dtype=torch.float64),
-             torch.randint(0, C, (4,), generator=g))]
+    model, data = _mlp(4, 3, 4)
     F = fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
     P = F.numel()
     meta, v = torch.empty(P, device="meta"), torch.randn(P, dtype=torch.float64)
@@ -175,11 +180,7 @@ def test_to_dense_above_the_limit_refused_before_the_blocks(rep, monkeypatch):
     allocated before the refusal."""
     from largest_alloc import LargestAlloc
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, C)).double()
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(6, 8, generator=g, dtype=torch.float64),
-             torch.randint(0, C, (6,), generator=g))]
+    model, data = _mlp(8, 8, 6)
     F = fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
     monkeypatch.setattr(fimfast.structured.base, "DENSE_LIMIT", 50)
     with LargestAlloc() as m, pytest.raises(ValueError, match=r"needs a dense \(99 x 99\)"):
