@@ -365,3 +365,43 @@ def test_autocast_switched_off_after_a_step(fim_type):
     want, got = new.result(), est.result()
     for k in want:
         assert _rel(got[k] - before[k], want[k]) < 1e-6
+
+
+# -- a coupling turned on by an operation's argument (docs/structured.md, "Exact or refused") ---- #
+class _Cum(nn.Module):
+    """A cumulative sum over the positions (``dim=1``), or over the batch once ``dim = 0``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.o, self.dim = nn.Linear(6, 6), nn.Linear(6, C), 1
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.l(x)).cumsum(self.dim)).mean(1)
+
+
+def _cum_batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 5, 6, generator=g, dtype=DT), torch.randint(0, C, (4,), generator=g)
+
+
+def test_coupling_by_an_argument_refused_on_a_copy():
+    """The verdicts are kept per model object: a copy of the changed model is probed again."""
+    import copy
+
+    m = _Cum().to(DT)
+    fimfast.fisher(m, [_cum_batch(1)], "exact", representation="kfac")
+    m.dim = 0
+    with pytest.raises(ValueError, match=r"module 'l' .*reaches the output positions"):
+        fimfast.fisher(copy.deepcopy(m), [_cum_batch(2)], "exact", representation="kfac")
+
+
+@pytest.mark.xfail(strict=True, reason="documented limit: the graph's shape holds the operations' "
+                   "types, not their arguments (docs/structured.md)")
+def test_coupling_by_an_argument_after_a_batch_is_refused():
+    m = _Cum().to(DT)
+    acc = FisherAccumulator(m, "exact", "quasi_diag", "sum")
+    acc.update(_cum_batch(1))
+    m.dim = 0
+    with pytest.raises(ValueError, match=r"module 'l' .*reaches the output positions"):
+        acc.update(_cum_batch(2))

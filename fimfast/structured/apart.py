@@ -21,8 +21,10 @@ the autograd graph (a hash of the types of its operations) and which dimensions 
 of every layer output have the batch's size. Another sequence length or batch size of the same
 model is not probed again; an operation put in from some batch on (a flag, a branch on the data)
 or a dimension that takes the batch's size (``T == N``) is another layout, probed. What it cannot
-see is a coupling that only the values change, with the same operations and sizes (a ``roll`` by
-a shift that is 0 in the first batch probed).
+see is a coupling that only the values or the operations' arguments change, with the same
+operations and sizes (a ``roll`` by a shift that is 0 in the first batch probed, a ``cumsum``
+turned from another dimension to the batch's by a flag): the verdicts are kept per model object,
+so a copy of the model (``copy.deepcopy``) is probed again.
 """
 
 from __future__ import annotations
