@@ -388,6 +388,50 @@ def test_autocast_ema_steps(fim_type):
         assert _rel(want["2.weight"], _autocast_last_weight(m, b1, fim_type)) < 1e-5
 
 
+
+def _autocast_head(model, x):
+    """The last Linear's input (with the bias column) and the softmax of the autocast forward,
+    in float64 from its bf16 values."""
+    w1, b1, w2, b2 = (_bf(p) for p in model.parameters())
+    a = _bf(torch.tanh(_bf(_bf(x) @ w1.T + b1)))
+    return torch.cat([a, torch.ones(a.shape[0], 1, dtype=DT)], 1), \
+        torch.softmax(_bf(a @ w2.T + b2), -1)
+
+
+@pytest.mark.parametrize("rep", ["kfac", "quasi_diag", "dense"])
+def test_structured_autocast_batch_then_plain(rep):
+    """A FisherAccumulator fed a batch under CPU bf16 autocast, then one without: the first
+    batch's sums are formed in float32 (the last layer's input factor equal to the float64 one
+    of the autocast forward; its gradients come back through the bf16 logits, rounded so) and
+    the second adds to them. Before, the sums ran inside the caller's autocast: KFAC's factors
+    of the batch came out of torch.mm in bf16 and the next batch's addmm_ raised "self and mat2
+    must have the same dtype"; quasi_diag raised "Index put requires the source and destination
+    dtypes match" on the autocast batch itself (the dense family was right)."""
+    b1, b2 = _ac_batches()
+    m = _ac_mlp()
+    acc = FisherAccumulator(m, "exact", rep, "sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        acc.update(b1)
+    one = acc.result()
+    a, p = _autocast_head(m, b1[0])
+    core = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    if rep == "kfac":
+        assert one.A[1].dtype == torch.float32
+        assert _rel(one.A[1], a.T @ a / a.shape[0]) < 1e-6
+        assert _rel(one.G[1], core.sum(0)) < 1e-2  # the columns go back through bf16 logits
+    else:
+        want = torch.einsum("ncc,ni->ci", core, a[:, :-1] ** 2).reshape(-1)
+        d = one.to_dense().diagonal()
+        assert d.dtype == torch.float32
+        assert _rel(d[8 * 16 + 16:8 * 16 + 16 + 5 * 16], want) < 1e-2  # as G above
+    acc.update(b2)
+    r2 = FisherAccumulator(m, "exact", rep, "sum").add([b2]).result()
+    if rep == "kfac":
+        assert _rel(acc.result().G[1], one.G[1] + r2.G[1]) < 1e-6
+    else:
+        assert _rel(acc.result().to_dense(), one.to_dense() + r2.to_dense()) < 1e-6
+
+
 # -- a coupling turned on by an operation's argument (docs/structured.md, "Exact or refused") ---- #
 class _Cum(nn.Module):
     """A cumulative sum over the positions (``dim=1``), or over the batch once ``dim = 0``."""

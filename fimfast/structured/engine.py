@@ -79,6 +79,14 @@ def _dense_batch(model, batch, st: Stream, params: list[torch.Tensor], acc, chun
     fw = columns.forward(model, batch, st.fim_type, st.opts)
     if written(model, st):  # refused when the guards exit: nothing is added
         return
+    with guard.arithmetic(fw.rows.logits, retained=False):  # the caller's autocast: forward only
+        _dense_sums(fw, st, params, acc, chunk, P)
+
+
+def _dense_sums(fw: columns.Forward, st: Stream, params: list[torch.Tensor], acc, chunk,
+                P: int) -> None:
+    """The pairs' gradients of one batch whose forward ran (:func:`_dense_batch`), autocast
+    off."""
     flat = fw.rows.flat_all
     mark = acc.mark()  # low_rank: a batch refused part-way (max_rows) keeps none of its rows
     try:
@@ -193,6 +201,14 @@ def _kron_batch(model, batch, st: Stream, layers: list[cap.Layer], sums: list[La
             "for such models)")
     if written(model, st):  # refused when the guards exit: nothing is added
         return
+    with guard.arithmetic(fw.rows.logits, retained=False):  # the caller's autocast: forward only
+        _kron_sums(model, fw, st, layers, sums, what, approx, eig, chunk)
+
+
+def _kron_sums(model, fw: columns.Forward, st: Stream, layers: list[cap.Layer],
+               sums: list[LayerSums], what: str, approx: str, eig: list | None,
+               chunk: int | None) -> None:
+    """The sums of one batch whose forward ran (:func:`_kron_batch`), autocast off."""
     rows = fw.rows
     flat = rows.flat_all
     graph = cap.check_calls(layers, flat, rows.num_samples)
