@@ -156,3 +156,18 @@ def _dense(model, blocks):
         idx = idx.reshape(-1)
         out[idx[:, None], idx[None, :]] = blk
     return out
+
+
+def dense_exact(model, inputs) -> torch.Tensor:
+    """``(P, P)``: ``sum_r J_r^T (diag p - p p^T) J_r`` over the rows of ``model(x)`` for each
+    ``x`` of ``inputs`` (the exact categorical Fisher of the trainable parameters, by autograd)."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    out = 0
+    for x in inputs:
+        z = model(x)
+        for r in range(z.shape[0]):
+            J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                z[r, c], ps, retain_graph=True)]) for c in range(z.shape[-1])])
+            p = torch.softmax(z[r].detach(), -1)
+            out = out + J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    return out

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from kfac_brute import dense_exact
 from kfac_brute import kfac as brute
 
 import fimfast
@@ -199,18 +200,6 @@ MIXED = {  # model, input of 3 samples, the module named
 }
 
 
-def _oracle(model, x, y):
-    ps = [p for p in model.parameters() if p.requires_grad]
-    z = model(x)
-    out = 0
-    for r in range(z.shape[0]):
-        J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            z[r, c], ps, retain_graph=True)]) for c in range(C)])
-        p = torch.softmax(z[r].detach(), -1)
-        out = out + J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
-    return out
-
-
 @pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag"])
 @pytest.mark.parametrize("name", list(MIXED))
 def test_samples_not_apart_refused(name, rep):
@@ -236,7 +225,7 @@ def test_samples_not_apart_dense_is_exact(name):
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(shape, generator=g, dtype=torch.float64), torch.randint(0, C, (3,))
     got = fimfast.fisher(model, [(x, y)], "exact", representation="dense", reduction="sum")
-    _close(got.to_dense().double(), _oracle(model, x, y))
+    _close(got.to_dense().double(), dense_exact(model, [x]))
 
 
 
@@ -402,7 +391,7 @@ def test_scale_grad_by_freq_is_the_fisher_of_the_lookup(rep):
         _close(got.to_dense().double(), want.to_dense().double(), 1e-12)
         assert model.e.scale_grad_by_freq
     if rep == "dense":
-        _close(want.to_dense(), _oracle(plain, ids, y))
+        _close(want.to_dense(), dense_exact(plain, [ids]))
     with pytest.raises(ValueError):
         fimfast.fisher(model, [(ids, y[:2])], "exact", representation=rep)
     assert model.e.scale_grad_by_freq
