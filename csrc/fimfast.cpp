@@ -82,7 +82,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "place, as torch._foreach_addcmul_(states, grads, grads) (fimfast.state)");
   m.def("tap_walk", &fimfast::tap_walk,
         "tap_walk(flat, params, probes) -> (edges into each parameter, whether each probe is "
-        "reached, whether a reentrant checkpoint is on the way, a hash of the types of its nodes) "
+        "reached, whether a reentrant checkpoint is on the way, a hash of its nodes' types and "
+        "constants) "
         "of the autograd graph of flat "
         "(fimfast.persample.walk)");
   m.def("one_column_step", &fimfast::one_column_step,

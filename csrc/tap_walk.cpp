@@ -4,15 +4,20 @@
 // every edge into a parameter counted), tells whether each tap handle is reached (its grad_fn
 // among the nodes visited, or for a leaf its AccumulateGrad node) and whether a reentrant
 // torch.utils.checkpoint segment is on the way (csrc/graph_walk.cpp), and a fingerprint of the
-// graph's shape: a hash of the types of its nodes in the order of the walk, but for the leaves'
-// and the adds and expands that the capture's taps put in or leave out from one step to the next
-// (the key of a structure holds it: an operation added between two steps, such as a mean over
-// the batch, makes it another structure). No Python object is made for the nodes.
+// graph's shape: a hash of the types of its nodes in the order of the walk and of the constants
+// each node keeps for its backward (a dimension, a scalar type, a Python scalar: what its
+// compiled_args collects, the key compiled autograd specialises on; not the sizes, nor the
+// tensors but which of them coincide), but for the leaves' and the adds and expands that the
+// capture's taps put in or leave out from one step to the next (the key of a structure holds it:
+// an operation added between two steps, such as a mean over the batch, or an argument changed,
+// such as a cumulative sum's dimension turned to the batch, makes it another structure). No
+// Python object is made for the nodes.
 #include "tap_walk.h"
 
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <cstdint>
 #include <string>
@@ -41,6 +46,31 @@ uint64_t shape_part(const torch::autograd::Node* node) {
   return it->second;
 }
 
+// the part of a node's constants in the shape: a hash of the bytes its compiled_args collects
+// into `call` (1 where its type collects none: compiled_args not implemented, remembered per
+// type; 2 where it failed on this node, e.g. a saved tensor modified in place since)
+uint64_t args_part(const c10::intrusive_ptr<torch::autograd::Node>& node,
+                   torch::dynamo::autograd::AutogradCompilerCall& call) {
+  namespace ca = torch::dynamo::autograd;
+  thread_local std::unordered_set<const std::type_info*> none;
+  const std::type_info* type = &typeid(*node);
+  if (none.count(type) > 0) return 1;
+  ca::NodeCall node_call(0, node);
+  ca::CompiledNodeArgs args(call, node_call);
+  try {
+    node->compiled_args(args);
+  } catch (const c10::NotImplementedError&) {
+    none.insert(type);
+    return 1;
+  } catch (const std::exception&) {
+    return 2;
+  }
+  const ca::CacheKey key = args.key();
+  uint64_t h = 0xCBF29CE484222325ULL ^ key.key_size;
+  for (uint16_t i = 0; i < key.key_size; ++i) h = (h ^ key.key[i]) * 0x100000001B3ULL;
+  return h;
+}
+
 }  // namespace
 
 std::tuple<std::vector<int64_t>, std::vector<bool>, bool, int64_t> tap_walk(
@@ -60,17 +90,21 @@ std::tuple<std::vector<int64_t>, std::vector<bool>, bool, int64_t> tap_walk(
   std::unordered_set<const Node*> seen;
   bool reentrant = false;
   uint64_t shape = 0;  // the hash of the nodes' shape parts, in order
-  Node* root = flat.grad_fn().get();
-  if (root != nullptr) {
+  const c10::intrusive_ptr<Node>& root = flat.grad_fn();
+  if (root) {
+    // the tensors the nodes' constants name, numbered in the order of the walk
+    torch::dynamo::autograd::AutogradCompilerCall call(
+        torch::dynamo::autograd::SizeInput::STATIC);
     seen.reserve(256);
-    seen.insert(root);
-    std::vector<Node*> stack{root};
+    seen.insert(root.get());
+    std::vector<const c10::intrusive_ptr<Node>*> stack{&root};
     while (!stack.empty()) {
-      Node* node = stack.back();
+      const c10::intrusive_ptr<Node>& node = *stack.back();
       stack.pop_back();
-      if (!reentrant && is_reentrant_node(node)) reentrant = true;
-      if (const uint64_t part = shape_part(node)) {
+      if (!reentrant && is_reentrant_node(node.get())) reentrant = true;
+      if (const uint64_t part = shape_part(node.get())) {
         shape = (shape * 0x100000001B3ULL) ^ (part * 0x9E3779B97F4A7C15ULL);
+        shape = (shape * 0x100000001B3ULL) ^ args_part(node, call);
       }
       for (const torch::autograd::Edge& e : node->next_edges()) {
         Node* next = e.function.get();
@@ -80,7 +114,7 @@ std::tuple<std::vector<int64_t>, std::vector<bool>, bool, int64_t> tap_walk(
           auto it = edges.find(next);
           if (it != edges.end()) ++it->second;
         } else if (seen.insert(next).second) {
-          stack.push_back(next);
+          stack.push_back(&e.function);
         }
       }
     }

@@ -449,9 +449,8 @@ def test_coupling_by_an_argument_refused_on_a_copy():
         fimfast.fisher(copy.deepcopy(m), [_cum_batch(2)], "exact", representation="kfac")
 
 
-@pytest.mark.xfail(strict=True, reason="documented limit: the graph's shape holds the operations' "
-                   "types, not their arguments (docs/structured.md)")
 def test_coupling_by_an_argument_after_a_batch_is_refused():
+    """The graph's shape holds the operations' constants (tests/test_argument_changes.py)."""
     m = _Cum().to(DT)
     acc = FisherAccumulator(m, "exact", "quasi_diag", "sum")
     acc.update(_cum_batch(1))

@@ -8,10 +8,13 @@ tap handle of the capture is reached and the reentrant flag, with no Python obje
 nodes. Without the extension, :func:`fimfast.hooks.walk` runs.
 
 Either way the walk tells the graph's shape (:func:`shape`, a hash of the types of its nodes
-but for the taps'), which the key of a step's structure holds: an operation added between two
-steps without a module call of its own (a mean over the batch that couples the samples, a
-scaling) makes the step another structure, whose samples are probed again
-(:mod:`fimfast.persample.probe`).
+and of the constants each keeps for its backward, but for the taps'), which the key of a step's
+structure holds: an operation added between two steps without a module call of its own (a mean
+over the batch that couples the samples, a scaling), or an operation's argument changed (a
+cumulative sum's or a softmax's dimension turned to the batch), makes the step another
+structure, whose samples are probed again (:mod:`fimfast.persample.probe`). The constants are
+the dimensions, scalar types and Python scalars a node keeps, not the sizes (a batch or a
+sequence of another length is the same structure) nor the saved tensors.
 """
 
 from __future__ import annotations
@@ -59,17 +62,58 @@ def walk(flat: torch.Tensor, params: list[torch.Tensor], cap: hooks.Capture | No
 
 
 def shape(graph: hooks.Graph) -> int:
-    """The shape of the walked graph: a hash of the types of its nodes but for the leaves' and
-    the adds and expands (which the capture's taps put in or leave out from one step to the
-    next), the same for the same operations: the extension's, else the hash of those types'
-    number and ids."""
+    """The shape of the walked graph: a hash of the types of its nodes and of the constants each
+    keeps for its backward, but for the leaves' and the adds and expands (which the capture's taps
+    put in or leave out from one step to the next), the same for the same operations: the
+    extension's (csrc/tap_walk.cpp: what each node's ``compiled_args`` collects), else the hash
+    of the nodes' types and their ``_saved_`` attributes that are neither tensors nor sizes
+    (whose names hold ``sym_``), in any order."""
     if type(graph) is TapGraph:
         return graph.shape
-    types = [t for t in map(type, graph.nodes) if t.__name__ not in _NOT_SHAPE]
-    return hash((len(types), sum(map(id, types))))
+    parts = [_part(node) for node in graph.nodes if type(node).__name__ not in _NOT_SHAPE]
+    return hash((len(parts), sum(parts) & 0xFFFFFFFFFFFFFFFF))
 
 
 _NOT_SHAPE = frozenset(("AccumulateGrad", "AddBackward0", "ExpandBackward0"))
+
+
+def _part(node) -> int:
+    """A node's part in :func:`shape`: its type and its constants."""
+    t = type(node)
+    names = _CONSTANTS.get(t)
+    if names is None:
+        names = _CONSTANTS[t] = _constant_names(t)
+    values = []
+    for a in names:
+        try:
+            values.append(_constant(getattr(node, a)))
+        except RuntimeError:  # released after a backward
+            values.append(None)
+    return hash((id(t), tuple(values)))
+
+
+def _constant_names(t: type) -> tuple:
+    """The ``_saved_`` attributes of a node type that hold no tensor (those have a ``_raw_saved_``
+    twin) nor a size."""
+    names = set(dir(t))
+    return tuple(a for a in sorted(names) if a.startswith("_saved_") and "sym_" not in a
+                 and "_raw" + a not in names)
+
+
+def _constant(v):
+    """``v`` with the tensors in it left out (a hashable value)."""
+    if isinstance(v, torch.Tensor):
+        return None
+    if isinstance(v, (tuple, list)):
+        return tuple(map(_constant, v))
+    try:
+        hash(v)
+    except TypeError:
+        return type(v).__name__
+    return v
+
+
+_CONSTANTS: dict = {}
 
 
 def _host():
