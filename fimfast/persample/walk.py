@@ -83,6 +83,8 @@ def _part(node) -> int:
     names = _CONSTANTS.get(t)
     if names is None:
         names = _CONSTANTS[t] = _constant_names(t)
+    if not names:
+        return id(t)
     values = []
     for a in names:
         try:
