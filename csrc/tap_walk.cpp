@@ -56,6 +56,7 @@ uint64_t args_part(const c10::intrusive_ptr<torch::autograd::Node>& node,
   thread_local std::unordered_set<const std::type_info*> none;
   const std::type_info* type = &typeid(*node);
   if (none.count(type) > 0) return 1;
+  const size_t sizes = call.all_size_inputs.size();
   ca::NodeCall node_call(0, node);
   ca::CompiledNodeArgs args(call, node_call);
   try {
@@ -70,6 +71,12 @@ uint64_t args_part(const c10::intrusive_ptr<torch::autograd::Node>& node,
   const ca::CacheKey key = args.key();
   uint64_t h = 0xCBF29CE484222325ULL ^ key.key_size;
   for (uint16_t i = 0; i < key.key_size; ++i) h = (h ^ key.key[i]) * 0x100000001B3ULL;
+  // the size-like arguments (SymInts: sizes, offsets, shifts) are left out of the key, so that
+  // batches of other lengths stay one structure; whether each is 0 goes in (a roll by a shift
+  // drawn 0 on one step and 1 on the next: a no-op, then a coupling)
+  for (size_t i = sizes; i < call.all_size_inputs.size(); ++i) {
+    h = (h ^ (call.all_size_inputs[i].value == 0 ? 0x5A : 0xA5)) * 0x100000001B3ULL;
+  }
   return h;
 }
 

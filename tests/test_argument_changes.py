@@ -45,7 +45,8 @@ class _Mixer(nn.Module):
     def __init__(self, op: str):
         super().__init__()
         torch.manual_seed(0)
-        self.l, self.o, self.op, self.dim, self.scale = nn.Linear(D, D), nn.Linear(D, C), op, 1, 1.0
+        self.l, self.o, self.op, self.dim = nn.Linear(D, D), nn.Linear(D, C), op, 1
+        self.scale, self.shift = 1.0, 0
 
     def forward(self, x):
         h = torch.tanh(self.l(x))
@@ -59,6 +60,8 @@ class _Mixer(nn.Module):
             h = h.roll(1, self.dim)
         elif self.op == "scale":
             h = h * self.scale
+        elif self.op == "shift":  # a roll along the batch by a shift that may be drawn 0
+            h = h + 0.5 * h.roll(self.shift, 0)
         return self.o(h).mean(1)
 
 
@@ -102,6 +105,18 @@ def test_a_python_scalar_changed_every_step():
     for fim_type in TYPES:
         est, ref = adv.run(_Mixer("scale").to(DT), _batches(), fim_type, before=before)
         assert adv.max_rel(est, ref) < 1e-10
+
+
+def test_a_roll_along_the_batch_by_a_shift_drawn_0_first():
+    """A roll along the batch by a shift drawn per step, 0 on the first step (a no-op: the
+    samples apart) and 1 on the next (coupled): whether a size-like argument is 0 is part of the
+    shape (its value is not, so that batches of other lengths stay one structure)."""
+    def before(i, m):
+        m.shift = (0, 1, 2, 0)[i]
+
+    for fim_type in TYPES:
+        est, ref = adv.run(_Mixer("shift").to(DT), _batches(), fim_type, before=before)
+        assert adv.max_rel(est, ref) < 1e-10, fim_type
 
 
 class _Keep(torch.autograd.Function):
