@@ -34,6 +34,7 @@ from fimfast.persample.walk import shape as graph_shape
 from fimfast.persample.walk import walk as tap_walk
 from fimfast.step import Step
 from fimfast.types import Options
+from fimfast.zero_gates import ZeroWatch
 
 log = logging.getLogger("fimfast.persample")
 
@@ -55,6 +56,7 @@ class Engine(Replay):
         self._last_plan: Plan | tuple | None = None
         self._probe_cache: dict[Any, Any] = {}
         self._plans: dict[Any, _Template] = {}  # plans by step structure (see _structure)
+        self._zeros = ZeroWatch()  # parameters entirely zero when the plans were made
         self._logged: dict[int, str] = {}
         self.sequence_rows = False  # this step's rows are whole sequences (see Options)
         self.stream_batched = True  # chunks of several columns may stream (see _columns)
@@ -81,6 +83,9 @@ class Engine(Replay):
         """The checks of this step's forward and the key of its structure: ``(found, glob,
         params, n, head, key)`` for :meth:`_planned`, or the plan itself when no call was
         captured (every parameter on the generic path)."""
+        if self._zeros.moved():  # a zero gate moved: a coupling behind it may now be seen
+            self._plans.clear()
+            self._probe_cache.clear()
         found = self.weights.take(cap)  # weights computed from parameters (derived_weights)
         n = len(params)
         if found:
@@ -115,6 +120,7 @@ class Engine(Replay):
             head_closed = None if self.sequence_rows else head
             plan = planning.build(cap.calls, head, rows, params, glob, head_closed,
                                   self._probe_cache, key[2])
+            self._zeros.note(params[:n])
             if len(key) > 3:  # a plan of this step only (rows folded by size: refolds)
                 plan.lanes = onecol.layout(plan)
             else:

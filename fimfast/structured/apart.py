@@ -19,12 +19,14 @@ them), so the check has no tolerance. The verdict is kept per model structure
 (:class:`fimfast.structured.structure.Structure`) under the batch's :func:`layout`: the shape of
 the autograd graph (a hash of the types of its operations) and which dimensions of the logits and
 of every layer output have the batch's size. Another sequence length or batch size of the same
-model is not probed again; an operation put in from some batch on (a flag, a branch on the data)
-or a dimension that takes the batch's size (``T == N``) is another layout, probed. What it cannot
-see is a coupling that only the values or the operations' arguments change, with the same
-operations and sizes (a ``roll`` by a shift that is 0 in the first batch probed, a ``cumsum``
-turned from another dimension to the batch's by a flag): the verdicts are kept per model object,
-so a copy of the model (``copy.deepcopy``) is probed again.
+model is not probed again; an operation put in from some batch on (a flag, a branch on the data),
+an operation's constant changed (a ``cumsum`` turned from another dimension to the batch's by a
+flag) or a dimension that takes the batch's size (``T == N``) is another layout, probed. A
+parameter entirely zero at a check (a zero-initialised gate in front of a coupling: the coupling
+sends no gradient) that is no longer zero at a later batch drops the verdicts, probed again
+(:mod:`fimfast.zero_gates`). What it cannot see is a coupling that only the values of other
+tensors change, with the same operations and sizes: the verdicts are kept per model object, so a
+copy of the model (``copy.deepcopy``) is probed again.
 """
 
 from __future__ import annotations
@@ -68,14 +70,18 @@ def layout(rows, taps: list, graph: int) -> tuple:
 
 
 def check_apart(layers: list[cap.Layer], taps: list, where: dict, rows, graph: int = 0,
-                seen: set | None = None) -> None:
+                seen: set | None = None, params: list | None = None) -> None:
     """Refuse, naming the module, a layer whose output positions of one sample receive the
     gradient of another sample's logits (see the module's docstring). ``seen``: the
-    :func:`layout` keys already checked, which are not checked again; ``graph``: the shape of
-    the autograd graph."""
+    :func:`layout` keys already checked, which are not checked again (all of them checked again
+    once a parameter of ``params`` entirely zero at a check moved, with a
+    :class:`fimfast.zero_gates.Verdicts`); ``graph``: the shape of the autograd graph."""
     if rows.num_samples < 2 or not layers or rows.count == 0:
         return
     key = layout(rows, taps, graph)
+    zeros = getattr(seen, "zeros", None)  # a zero gate moved: a coupling behind it may show
+    if zeros is not None and zeros.moved():
+        seen.clear()
     if seen is not None and key in seen:
         return
     samples = _probed(rows)
@@ -88,6 +94,8 @@ def check_apart(layers: list[cap.Layer], taps: list, where: dict, rows, graph: i
         _check(layers, grads, where, part)
     if seen is not None:
         seen.add(key)
+        if zeros is not None:
+            zeros.note(params if params is not None else [layer.param for layer in layers])
 
 
 def _check(layers, grads, where, samples: list[int]) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from fimfast import guard
 from fimfast.parameters import check_real, trainable_parameters
+from fimfast.zero_gates import Verdicts
 
 _LOOKUPS = (nn.Embedding, nn.EmbeddingBag)
 
@@ -53,7 +54,7 @@ class Structure:
     info: list[dict] | None = None
     reads: tuple | None = None  # what the last walk read (see _unchanged)
     # the layouts whose samples fimfast.structured.apart.check_apart found apart
-    apart: set = field(default_factory=set)
+    apart: set = field(default_factory=Verdicts)
 
     def walk(self, model: nn.Module) -> guard.ModuleWalk:
         """A :class:`~fimfast.guard.ModuleWalk` of ``model`` as it would find it."""
