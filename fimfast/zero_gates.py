@@ -21,38 +21,49 @@ __all__ = ["Verdicts", "ZeroWatch"]
 
 
 class ZeroWatch:
-    """The parameters entirely zero at the probes since the verdicts were last dropped."""
+    """The positions, in a step's parameter list, of the parameters entirely zero at the probes
+    since the verdicts were last dropped. Positions, not the tensors: a step's parameters may be
+    other tensors at each step (FSDP2 registers the unsharded ones its forward used), and a
+    list of another length drops the verdicts."""
 
-    __slots__ = ("_watched",)
+    __slots__ = ("_at", "_count")
 
     def __init__(self) -> None:
-        self._watched: list[torch.Tensor] = []
+        self._at: list[int] = []
+        self._count = 0
 
     def note(self, params: list[torch.Tensor]) -> None:
         """Remember those of ``params`` (the parameters of a step whose verdicts were just
         taken) that are entirely zero."""
-        params = [p for p in params if p.numel() and p.is_floating_point()]
-        if not params:
+        at = [i for i, p in enumerate(params) if p.numel() and p.is_floating_point()]
+        if not at:
             return
-        with torch.no_grad():
-            norms = torch.stack([n.float().to(params[0].device)
-                                 for n in torch._foreach_norm(params, float("inf"))])
-        known = {id(p) for p in self._watched}
-        for p, zero in zip(params, (norms == 0).tolist()):
-            if zero and id(p) not in known:
-                self._watched.append(p)
+        zero = _zero([params[i] for i in at])
+        if self._at and self._count != len(params):
+            self._at = []
+        self._count = len(params)
+        known = set(self._at)
+        self._at += [i for i, z in zip(at, zero) if z and i not in known]
 
-    def moved(self) -> bool:
-        """Whether a remembered parameter is no longer entirely zero (then forgets them all: the
-        caller drops its verdicts, and the next probes remember afresh)."""
-        if not self._watched:
+    def moved(self, params: list[torch.Tensor]) -> bool:
+        """Whether a remembered parameter of this step's ``params`` is no longer entirely zero,
+        or the list has another length (then forgets them all: the caller drops its verdicts,
+        and the next probes remember afresh)."""
+        if not self._at:
             return False
-        with torch.no_grad():
-            norms = torch._foreach_norm(self._watched, float("inf"))
-            moved = bool(torch.stack([n.float().to(norms[0].device) for n in norms]).ne(0).any())
+        moved = len(params) != self._count or not all(_zero([params[i] for i in self._at]))
         if moved:
-            self._watched = []
+            self._at = []
         return moved
+
+
+def _zero(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is entirely zero (its largest magnitude 0: no underflow; NaN is not
+    zero), in one device round trip."""
+    with torch.no_grad():
+        big = torch._foreach_norm(tensors, float("inf"))
+        big = torch.stack([b.float().to(big[0].device) for b in big])
+    return (big == 0).tolist()
 
 
 class Verdicts(set):

@@ -119,18 +119,25 @@ def test_a_gate_that_stays_zero_keeps_the_plan(name):
     model = MODELS[name]().to(DT)
     est, ref = adv.run(model, _batches(), "exact")
     assert adv.max_rel(est, ref) < 1e-10
-    assert [p is model.gate for p in est._persample._zeros._watched].count(True) == 1
+    names = [n for n, p in model.named_parameters()]
+    assert [names[i] for i in est._persample._zeros._at] == dict(
+        zero_init_residual=["bn.weight", "bn.bias"], rezero=["gate"],
+        zero_projection=["p.weight"])[name]
 
 
 def test_the_watch_forgets_once_moved_and_holds_nothing_without_zeros():
     a, b = torch.zeros(3), torch.ones(2)
     w = ZeroWatch()
     w.note([a, b])
-    assert not w.moved()
-    a[1] = 1e-30
-    assert w.moved() and not w.moved()  # told once, then forgotten until the next note
+    assert w._at == [0] and not w.moved([a, b])
+    a[1] = 1e-30  # its square underflows: the largest magnitude does not
+    assert w.moved([a, b]) and not w.moved([a, b])  # told once, forgotten until the next note
     w.note([a, b])
-    assert w._watched == []
+    assert w._at == []
+    w.note([torch.zeros(2), b])
+    assert w.moved([torch.zeros(2), b, b])  # another list of parameters: dropped
+    w.note([b, torch.full((2,), float("nan"))])
+    assert w._at == []  # NaN is not zero
 
 
 @pytest.mark.parametrize("rep", ["kfac", "quasi_diag"])

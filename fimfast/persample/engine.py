@@ -83,7 +83,7 @@ class Engine(Replay):
         """The checks of this step's forward and the key of its structure: ``(found, glob,
         params, n, head, key)`` for :meth:`_planned`, or the plan itself when no call was
         captured (every parameter on the generic path)."""
-        if self._zeros.moved():  # a zero gate moved: a coupling behind it may now be seen
+        if self._zeros.moved(params):  # a zero gate moved: a coupling behind it may now be seen
             self._plans.clear()
             self._probe_cache.clear()
         found = self.weights.take(cap)  # weights computed from parameters (derived_weights)

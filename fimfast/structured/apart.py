@@ -80,7 +80,8 @@ def check_apart(layers: list[cap.Layer], taps: list, where: dict, rows, graph: i
         return
     key = layout(rows, taps, graph)
     zeros = getattr(seen, "zeros", None)  # a zero gate moved: a coupling behind it may show
-    if zeros is not None and zeros.moved():
+    watched = params if params is not None else [layer.param for layer in layers]
+    if zeros is not None and zeros.moved(watched):
         seen.clear()
     if seen is not None and key in seen:
         return
@@ -95,7 +96,7 @@ def check_apart(layers: list[cap.Layer], taps: list, where: dict, rows, graph: i
     if seen is not None:
         seen.add(key)
         if zeros is not None:
-            zeros.note(params if params is not None else [layer.param for layer in layers])
+            zeros.note(watched)
 
 
 def _check(layers, grads, where, samples: list[int]) -> None:
