@@ -272,10 +272,12 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
                    if unused else " (its weights are used functionally); the Kronecker "
                    "representations cannot capture it")
             )
-        for x, _, _ in layer.calls:
+        for x, z, _ in layer.calls:
             if x.dim() < (1 if layer.kind == "embedding" else 2) or x.shape[0] != N:
                 raise ValueError(f"module {layer.name!r} got an input of shape {tuple(x.shape)}; "
                                  f"the batch (N={N}) must be its first dimension")
+            if isinstance(z, torch.Tensor) and not z.requires_grad:  # run under no_grad
+                raise ValueError(unreached(layer))
         n_edges = edges.get(id(layer.param), 0)
         if n_edges != len(layer.calls):
             raise ValueError(
@@ -284,6 +286,27 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
                 "its forward (tied or functional use), which Kronecker factors cannot represent"
             )
     return graph_walk.shape(graph)
+
+
+def unreached(layer: Layer) -> str:
+    """The refusal of a layer with a call whose output does not reach the logits."""
+    return (f"a call of module {layer.name!r} ({type(layer.module).__name__}) does not reach "
+            "the logits (its output detached, or computed under torch.no_grad()): the Kronecker "
+            "and quasi-diagonal representations take a layer's weight to reach the logits "
+            "through its calls only, so such a call's inputs would enter its factors and another "
+            "use of its weight would be left out; freeze the module, or use "
+            "representation='dense', 'block_diag', 'low_rank' or 'diag'")
+
+
+def check_reached(layers: list[Layer], grads: list, where: dict) -> None:
+    """Refuse, naming the module, a layer with a call whose output the gradient of the logits
+    does not reach (``grads``: the first backward's, ``None`` for a tap not in the graph of the
+    logits, whatever the cotangents). :func:`check_calls` compared the uses of each weight with
+    its calls; a detached call next to a functional use (``F.linear(x, m.weight)``) has as many
+    of both."""
+    for layer in layers:
+        if any(grads[where[id(z)]] is None for _, z, _ in layer.calls):
+            raise ValueError(unreached(layer))
 
 
 def _ln_dims(m: nn.LayerNorm) -> int:

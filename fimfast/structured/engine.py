@@ -237,7 +237,9 @@ def _kron_sums(model, fw: columns.Forward, st: Stream, layers: list[cap.Layer],
     for k, cot in enumerate(_cotangents(fw, st, "sample", per_pair, chunk)):
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],
                                      _scatter(rows, cot))
-        if kfac and k == 0:  # A once the first backward has succeeded
+        if k == 0:  # every call reaches the logits; A once the first backward has succeeded
+            cap.check_reached(layers, grads, where)
+        if kfac and k == 0:
             _add_all_inputs(layers, sums, a_in, orders, fw.mask, approx)
         for j, layer in enumerate(layers):
             g = cap.out_grads(layer, [grads[where[id(z)]] for _, z, _ in layer.calls])

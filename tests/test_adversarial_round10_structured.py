@@ -1,0 +1,115 @@
+"""The structured Fisher on the blocks of today's transformers and of parameter-efficient
+fine-tuning, written by hand in plain PyTorch, against the float64 references (the exact dense
+Fisher from every valid row's Jacobian, tests/kfac_brute.py for KFAC and EKFAC).
+
+* A layer called once more with its output detached (or under ``torch.no_grad()``) while its
+  weight also reaches the logits through a functional use (``F.linear(x, A.weight, A.bias)``):
+  the uses reaching the logits (1 functional) equalled the calls (2), so the check of tied and
+  functional uses passed; the quasi-diagonal was off by 0.18 of the largest entry and KFAC and
+  EKFAC took the detached call's inputs and the zero gradient of its output (the functional
+  use's gradient left out); under ``torch.no_grad()`` the quasi-diagonal was off the same and
+  ``kfac``/``ekfac`` raised torch's "One of the differentiated Tensors does not require grad".
+  Now refused, naming the module, with nothing added; the dense family stays exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from adversarial import jacobian_rows
+from oracle import core_matrix
+
+import fimfast
+from fimfast.structured import FisherAccumulator
+
+C = 3
+
+
+def _close(got, want, tol=1e-10):
+    err, scale = float((got - want).abs().max()), float(want.abs().max())
+    assert scale > 0 and err <= tol * scale, f"max error {err:.3e} vs scale {scale:.3e}"
+
+
+def _tokens(N, T, seed, V=11, token_labels=False):
+    """``input_ids``, ``attention_mask`` (right padding on the last samples) and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (N, T), generator=g)
+    am = torch.ones(N, T, dtype=torch.long)
+    am[-1, -2:] = 0
+    if N > 2:
+        am[1, -1:] = 0
+    if token_labels:
+        lab = torch.randint(0, C, (N, T), generator=g)
+        lab[am == 0] = -100
+    else:
+        lab = torch.randint(0, C, (N,), generator=g)
+    return {"input_ids": ids, "attention_mask": am, "labels": lab}
+
+
+def _logits(m, b):
+    return m(b["input_ids"], b["attention_mask"])
+
+
+def dense_oracle(model, data, reduction="mean"):
+    """``sum_r J_r^T (diag p - p p^T) J_r`` over the valid rows (float64), ``/R`` for mean."""
+    out, R = 0, 0
+    for b in data:
+        rows = (b["labels"].reshape(-1) != -100).nonzero().squeeze(-1).tolist()
+        _, _, J, z = jacobian_rows(model, (b, None), lambda m, bb: _logits(m, bb[0]), rows=rows)
+        out = out + torch.einsum("rcp,rcd,rdq->pq", J, core_matrix(z.double(), "categorical"), J)
+        R += len(rows)
+    return out / R if reduction == "mean" else out
+
+
+# -- a detached (or no-grad) call next to a functional use of the same weight --------------- #
+class _DetachedCall(nn.Module):
+    """``A`` called once with its output detached (a stop-gradient target) or under
+    ``torch.no_grad()``; its weight also used by ``F.linear`` on the path to the logits."""
+
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6).requires_grad_(False)
+        self.A, self.head, self.how = nn.Linear(6, 6), nn.Linear(6, C), how
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        if self.how == "detach":
+            t = self.A(h).detach()
+        else:
+            with torch.no_grad():
+                t = self.A(h)
+        h2 = torch.tanh(F.linear(h, self.A.weight, self.A.bias)) + 0.5 * t
+        return self.head(h2.mean(1))
+
+
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag"])
+@pytest.mark.parametrize("how", ["detach", "no_grad"])
+def test_detached_call_next_to_a_functional_use_refused(how, rep):
+    model = _DetachedCall(how).double()
+    data = [_tokens(3, 4, 0), _tokens(2, 5, 1)]
+    acc = FisherAccumulator(model, "monte_carlo", rep, "mean", seed=0)
+    with pytest.raises(ValueError, match=r"module 'A' .*does not reach the logits"):
+        acc.update(data[0])
+    assert acc.stream.count == 0 and acc.stream.offset == 0 and all(s.empty for s in acc.sums)
+    with pytest.raises(ValueError, match=r"module 'A'"):
+        fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
+
+
+@pytest.mark.parametrize("how", ["detach", "no_grad"])
+def test_detached_call_dense_family_exact(how):
+    model = _DetachedCall(how).double()
+    data = [_tokens(3, 4, 0), _tokens(2, 5, 1)]
+    want = dense_oracle(model, data)
+    for rep in ("dense", "block_diag", "low_rank"):
+        got = fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
+        full = got.to_dense().double()
+        if rep == "block_diag":  # the head's and A's blocks
+            n = model.A.weight.numel() + model.A.bias.numel()
+            want_b = torch.zeros_like(want)
+            want_b[:n, :n], want_b[n:, n:] = want[:n, :n], want[n:, n:]
+            _close(full, want_b)
+        else:
+            _close(full, want)
