@@ -113,3 +113,34 @@ def test_detached_call_dense_family_exact(how):
             _close(full, want_b)
         else:
             _close(full, want)
+
+
+# -- a reentrant checkpoint segment ------------------------------------------------------------ #
+class _Reentrant(nn.Module):
+    """A SwiGLU block under ``torch.utils.checkpoint(..., use_reentrant=True)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6)
+        self.up, self.down, self.head = nn.Linear(6, 8, bias=False), nn.Linear(4, 6), \
+            nn.Linear(6, C)
+
+    def _block(self, h):
+        g, u = self.up(h).chunk(2, -1)
+        return h + self.down(F.silu(g) * u)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.utils.checkpoint.checkpoint(self._block, self.emb(input_ids), use_reentrant=True)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("rep", ["kfac", "ekfac", "quasi_diag"])
+def test_reentrant_checkpoint_refused_naming_it(rep):
+    """Before: refused as a tied or functional use of ``up`` ("reaches the logits through 0
+    uses"), which the model does not have."""
+    model = _Reentrant().double()
+    acc = FisherAccumulator(model, "exact", rep, "mean")
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        acc.update(_tokens(3, 4, 0))
+    assert acc.stream.count == 0 and all(s.empty for s in acc.sums)

@@ -258,6 +258,12 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
     own calls (a weight also used functionally, e.g. an output head tied to an embedding, is
     refused). Returns the shape of the graph (:func:`fimfast.persample.walk.shape`)."""
     graph = graph_walk.walk(flat, [layer.param for layer in layers], None)
+    if graph.reentrant:  # its layers' outputs are not in the graph of the logits
+        raise ValueError(
+            "the model runs a torch.utils.checkpoint segment with use_reentrant=True, whose "
+            "layers torch differentiates only through .backward(): the Kronecker and "
+            "quasi-diagonal representations need the gradient at each layer's output; pass "
+            "use_reentrant=False")
     edges = graph.edges
     for layer in layers:
         if not layer.calls:
