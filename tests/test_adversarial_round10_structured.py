@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from adversarial import jacobian_rows
+from kfac_brute import kfac as brute
 from oracle import core_matrix
 
 import fimfast
@@ -144,3 +145,61 @@ def test_reentrant_checkpoint_refused_naming_it(rep):
     with pytest.raises(ValueError, match="use_reentrant=True"):
         acc.update(_tokens(3, 4, 0))
     assert acc.stream.count == 0 and all(s.empty for s in acc.sums)
+
+
+# -- hooks mode: a scripted submodule, nn.DataParallel, a user's hook replacing an output ---- #
+class _Hooked(nn.Module):
+    """A Linear whose output a forward hook of the user's doubles (as hook-based adapters and
+    steering do); ``scripted``: the activation a ``torch.jit.script`` module, which makes the
+    capture take forward hooks instead of instance forwards; ``plain``: the same function with
+    the doubling written in the forward (no hook)."""
+
+    def __init__(self, scripted=False, plain=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6).requires_grad_(False)
+        self.l, self.head, self.plain = nn.Linear(6, 6), nn.Linear(6, C), plain
+        self.act = torch.jit.script(nn.Tanh()) if scripted else nn.Tanh()
+        if not plain:
+            self.l.register_forward_hook(lambda m, i, o: o * 2.0)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.l(self.emb(input_ids))
+        return self.head(self.act(h * 2.0 if self.plain else h).mean(1))
+
+
+def _quasi_against(got, want):
+    """The quasi-diagonal: the exact diagonal, and the exact entries where it has any."""
+    _close(got.diagonal(), want.diagonal())
+    _close(got, want * (got != 0))
+
+
+HOOKED = {"scripted submodule": lambda: _Hooked(scripted=True),
+          "DataParallel": lambda: nn.DataParallel(_Hooked())}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", list(HOOKED))
+def test_hook_mode_takes_the_output_before_the_users_hook(name):
+    """Before: in hooks mode the capture's hook ran after the user's and tapped the doubled
+    output, so every output gradient was halved (the quasi-diagonal off by 0.33 of the largest
+    entry); a scripted submodule first made every representation, ``dense`` included, raise a
+    ``TypeError`` from the structure's walk (a ScriptModule's parameter table has no
+    ``__iter__``). Now the quasi-diagonal is exact and KFAC and EKFAC equal those of the model
+    written plainly (float64 brute force)."""
+    model = HOOKED[name]().double()
+    data = [_tokens(3, 4, 0), _tokens(2, 5, 1)]
+    want = dense_oracle(model, data)
+    _close(fimfast.fisher(model, data, "exact", representation="dense",
+                          reduction="mean").to_dense().double(), want)
+    _quasi_against(fimfast.fisher(model, data, "exact", representation="quasi_diag",
+                                  reduction="mean").to_dense().double(), want)
+    plain = _Hooked(plain=True).double()
+    plain.load_state_dict((model.module if name == "DataParallel" else model).state_dict())
+    kw = {"logits": _logits, "labels": lambda b: b["labels"],
+          "weights": lambda b: b["attention_mask"]}
+    for rep in ("kfac", "ekfac"):
+        got = fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
+        basis = None if rep == "kfac" else [(ua, ug) for ua, ug in zip(got.UA, got.UG)]
+        _close(got.to_dense().double(),
+               brute(plain, data, "expand", "exact", "mean", basis=basis, **kw))
