@@ -183,10 +183,10 @@ HOOKED = {"scripted submodule": lambda: _Hooked(scripted=True),
 def test_hook_mode_takes_the_output_before_the_users_hook(name):
     """Before: in hooks mode the capture's hook ran after the user's and tapped the doubled
     output, so every output gradient was halved (the quasi-diagonal off by 0.33 of the largest
-    entry); a scripted submodule first made every representation, ``dense`` included, raise a
-    ``TypeError`` from the structure's walk (a ScriptModule's parameter table has no
-    ``__iter__``). Now the quasi-diagonal is exact and KFAC and EKFAC equal those of the model
-    written plainly (float64 brute force)."""
+    entry); a scripted submodule first made every representation, ``dense`` and ``diag``
+    included, raise a ``TypeError`` from the walk of the modules (a ScriptModule's parameter
+    table has no ``__iter__``). Now the quasi-diagonal is exact and KFAC and EKFAC equal those
+    of the model written plainly (float64 brute force)."""
     model = HOOKED[name]().double()
     data = [_tokens(3, 4, 0), _tokens(2, 5, 1)]
     want = dense_oracle(model, data)
@@ -194,6 +194,8 @@ def test_hook_mode_takes_the_output_before_the_users_hook(name):
                           reduction="mean").to_dense().double(), want)
     _quasi_against(fimfast.fisher(model, data, "exact", representation="quasi_diag",
                                   reduction="mean").to_dense().double(), want)
+    diag = fimfast.fisher(model, data, "exact", representation="diag", reduction="mean")
+    _close(torch.cat([t.reshape(-1) for t in diag.values()]).double(), want.diagonal())
     plain = _Hooked(plain=True).double()
     plain.load_state_dict((model.module if name == "DataParallel" else model).state_dict())
     kw = {"logits": _logits, "labels": lambda b: b["labels"],
