@@ -205,3 +205,33 @@ def test_hook_mode_takes_the_output_before_the_users_hook(name):
         basis = None if rep == "kfac" else [(ua, ug) for ua, ug in zip(got.UA, got.UG)]
         _close(got.to_dense().double(),
                brute(plain, data, "expand", "exact", "mean", basis=basis, **kw))
+
+
+class _Keyword(nn.Module):
+    """A Linear called with its input by keyword (``l(input=h)``)."""
+
+    def __init__(self, scripted):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6).requires_grad_(False)
+        self.l, self.head = nn.Linear(6, 6), nn.Linear(6, C)
+        self.act = torch.jit.script(nn.Tanh()) if scripted else nn.Tanh()
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.act(self.l(input=self.emb(input_ids))).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_hook_mode_input_by_keyword():
+    """Before: in hooks mode (a scripted submodule) the capture's hook read ``inputs[0]`` of an
+    empty tuple, an ``IndexError`` in kfac, ekfac and quasi_diag. Now the same matrices as with
+    instance forwards, the quasi-diagonal exact."""
+    data = [_tokens(3, 4, 0), _tokens(2, 5, 1)]
+    hooked, plain = _Keyword(True).double(), _Keyword(False).double()
+    want = dense_oracle(plain, data)
+    for rep in ("quasi_diag", "kfac", "ekfac"):
+        got = fimfast.fisher(hooked, data, "exact", representation=rep, reduction="mean")
+        ref = fimfast.fisher(plain, data, "exact", representation=rep, reduction="mean")
+        _close(got.to_dense(), ref.to_dense(), 1e-12)
+        if rep == "quasi_diag":
+            _quasi_against(got.to_dense().double(), want)

@@ -85,10 +85,11 @@ def record(layer: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | Non
 
 
 def hook_of(layer: Any) -> Callable:
-    """The forward hook recording the calls of ``layer``'s module."""
+    """The forward hook (``with_kwargs=True``) recording the calls of ``layer``'s module, whose
+    input may be passed by keyword (``m(input=x)``; before, an ``IndexError``)."""
 
-    def hook(mod, inputs, out):
-        return record(layer, inputs[0], out)
+    def hook(mod, args, kwargs, out):
+        return record(layer, args[0] if args else kwargs["input"], out)
 
     return hook
 
@@ -117,7 +118,8 @@ def install(layers: list, plain: bool, handles: list, on: list) -> None:
             continue
         seen.add(id(m))
         if not plain:  # before the module's own hooks: the output of the layer's own map
-            handles.append(m.register_forward_hook(hook_of(layer), prepend=True))
+            handles.append(m.register_forward_hook(hook_of(layer), prepend=True,
+                                                   with_kwargs=True))
             continue
         if layer.forward is None:
             layer.forward = forward_of(layer)
