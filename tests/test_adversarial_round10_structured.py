@@ -235,3 +235,34 @@ def test_hook_mode_input_by_keyword():
         _close(got.to_dense(), ref.to_dense(), 1e-12)
         if rep == "quasi_diag":
             _quasi_against(got.to_dense().double(), want)
+
+
+# -- nn.Embedding(sparse=True) in the dense family -------------------------------------------- #
+class _Sparse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6, sparse=True, padding_idx=0)
+        self.l, self.head = nn.Linear(6, 6), nn.Linear(6, C)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(torch.tanh(self.l(self.emb(input_ids))).mean(1))
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_sparse_embedding_gradients_in_the_dense_family(chunk):
+    """Before: ``dense``, ``block_diag`` and ``low_rank`` raised torch's "reshape is not
+    implemented for sparse tensors" (the lookup's gradient is a sparse tensor). Now exact; the
+    Kronecker family was already."""
+    model = _Sparse().double()
+    data = [_tokens(3, 4, 0), _tokens(2, 5, 1)]
+    want = dense_oracle(model, data)
+    n = model.emb.weight.numel()
+    blocks = torch.zeros_like(want)
+    blocks[:n, :n] = want[:n, :n]
+    blocks[n:n + 42, n:n + 42] = want[n:n + 42, n:n + 42]
+    blocks[n + 42:, n + 42:] = want[n + 42:, n + 42:]
+    for rep, ref in (("dense", want), ("low_rank", want), ("block_diag", blocks)):
+        got = fimfast.fisher(model, data, "exact", representation=rep, reduction="mean",
+                             pair_chunk=chunk)
+        _close(got.to_dense().double(), ref)

@@ -95,8 +95,8 @@ def _dense_sums(fw: columns.Forward, st: Stream, params: list[torch.Tensor], acc
             grads = columns.batched_grad(flat, params, full)
             acc.add(torch.cat([
                 (torch.zeros((full.shape[0],) + tuple(p.shape), dtype=p.dtype, device=p.device)
-                 if g is None else g).reshape(full.shape[0], -1)
-                for p, g in zip(params, grads)], 1))
+                 if g is None else g.to_dense() if g.is_sparse else g).reshape(full.shape[0], -1)
+                for p, g in zip(params, grads)], 1))  # sparse: nn.Embedding(sparse=True)
     except BaseException:
         acc.drop_from(mark)
         raise
