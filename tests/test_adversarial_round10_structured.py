@@ -99,6 +99,29 @@ def test_detached_call_next_to_a_functional_use_refused(how, rep):
         fimfast.fisher(model, data, "exact", representation=rep, reduction="mean")
 
 
+class _DetachedOnly(nn.Module):
+    """``A`` called twice, one output detached; no other use of its weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6).requires_grad_(False)
+        self.A, self.head = nn.Linear(6, 6), nn.Linear(6, C)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        return self.head(torch.tanh(self.A(h) + 0.5 * self.A(h.flip(1)).detach()).mean(1))
+
+
+@pytest.mark.parametrize("rep", ["kfac", "quasi_diag"])
+def test_detached_call_alone_refused_with_its_cause(rep):
+    """Before: refused as a tied or functional use ("reaches the logits through 1 uses but the
+    module was called 2 time(s)"), which the model does not have."""
+    with pytest.raises(ValueError, match=r"a call of module 'A' .*does not reach the logits"):
+        fimfast.fisher(_DetachedOnly().double(), [_tokens(3, 4, 0)], "exact",
+                       representation=rep)
+
+
 @pytest.mark.parametrize("how", ["detach", "no_grad"])
 def test_detached_call_dense_family_exact(how):
     model = _DetachedCall(how).double()

@@ -285,6 +285,8 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
             if isinstance(z, torch.Tensor) and not z.requires_grad:  # run under no_grad
                 raise ValueError(unreached(layer))
         n_edges = edges.get(id(layer.param), 0)
+        if n_edges < len(layer.calls):  # every call that reaches the logits adds an edge
+            raise ValueError(unreached(layer))
         if n_edges != len(layer.calls):
             raise ValueError(
                 f"the weight of module {layer.name!r} reaches the logits through {n_edges} uses "
