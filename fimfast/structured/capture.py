@@ -41,7 +41,7 @@ from torch import nn
 
 from fimfast.persample import walk as graph_walk
 from fimfast.rules.conv import input_padding, ntuple
-from fimfast.structured import attention
+from fimfast.structured import attention, uses
 from fimfast.structured import forwards as fwds
 from fimfast.structured.forwards import Edge
 
@@ -257,7 +257,8 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
     """Every layer ran, with the batch first, and its weight reaches the logits only through its
     own calls (a weight also used functionally, e.g. an output head tied to an embedding, is
     refused). Returns the shape of the graph (:func:`fimfast.persample.walk.shape`)."""
-    graph = graph_walk.walk(flat, [layer.param for layer in layers], None)
+    biases = uses.bias_params(layers)
+    graph = graph_walk.walk(flat, [layer.param for layer in layers] + biases, None)
     if graph.reentrant:  # its layers' outputs are not in the graph of the logits
         raise ValueError(
             "the model runs a torch.utils.checkpoint segment with use_reentrant=True, whose "
@@ -283,38 +284,18 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
                 raise ValueError(f"module {layer.name!r} got an input of shape {tuple(x.shape)}; "
                                  f"the batch (N={N}) must be its first dimension")
             if isinstance(z, torch.Tensor) and not z.requires_grad:  # run under no_grad
-                raise ValueError(unreached(layer))
+                raise ValueError(uses.unreached(layer))
         n_edges = edges.get(id(layer.param), 0)
         if n_edges < len(layer.calls):  # every call that reaches the logits adds an edge
-            raise ValueError(unreached(layer))
+            raise ValueError(uses.unreached(layer))
         if n_edges != len(layer.calls):
             raise ValueError(
                 f"the weight of module {layer.name!r} reaches the logits through {n_edges} uses "
                 f"but the module was called {len(layer.calls)} time(s): it is also used outside "
                 "its forward (tied or functional use), which Kronecker factors cannot represent"
             )
+    uses.check_bias_uses(layers, biases, edges)
     return graph_walk.shape(graph)
-
-
-def unreached(layer: Layer) -> str:
-    """The refusal of a layer with a call whose output does not reach the logits."""
-    return (f"a call of module {layer.name!r} ({type(layer.module).__name__}) does not reach "
-            "the logits (its output detached, or computed under torch.no_grad()): the Kronecker "
-            "and quasi-diagonal representations take a layer's weight to reach the logits "
-            "through its calls only, so such a call's inputs would enter its factors and another "
-            "use of its weight would be left out; freeze the module, or use "
-            "representation='dense', 'block_diag', 'low_rank' or 'diag'")
-
-
-def check_reached(layers: list[Layer], grads: list, where: dict) -> None:
-    """Refuse, naming the module, a layer with a call whose output the gradient of the logits
-    does not reach (``grads``: the first backward's, ``None`` for a tap not in the graph of the
-    logits, whatever the cotangents). :func:`check_calls` compared the uses of each weight with
-    its calls; a detached call next to a functional use (``F.linear(x, m.weight)``) has as many
-    of both."""
-    for layer in layers:
-        if any(grads[where[id(z)]] is None for _, z, _ in layer.calls):
-            raise ValueError(unreached(layer))
 
 
 def _ln_dims(m: nn.LayerNorm) -> int:

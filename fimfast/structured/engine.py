@@ -13,7 +13,7 @@ from torch import nn
 
 from fimfast import _env, guard, inner_grad, likelihoods
 from fimfast.structured import capture as cap
-from fimfast.structured import columns, convgram, structure
+from fimfast.structured import columns, convgram, structure, uses
 from fimfast.structured.apart import check_apart
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options, UnsupportedModelError
@@ -238,7 +238,7 @@ def _kron_sums(model, fw: columns.Forward, st: Stream, layers: list[cap.Layer],
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],
                                      _scatter(rows, cot))
         if k == 0:  # every call reaches the logits; A once the first backward has succeeded
-            cap.check_reached(layers, grads, where)
+            uses.check_reached(layers, grads, where)
         if kfac and k == 0:
             _add_all_inputs(layers, sums, a_in, orders, fw.mask, approx)
         for j, layer in enumerate(layers):
