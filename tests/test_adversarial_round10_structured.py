@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from adversarial import jacobian_rows
+from kfac_brute import dense_exact
 from kfac_brute import kfac as brute
 from oracle import core_matrix
 
@@ -510,3 +511,23 @@ def test_transformer_and_peft_blocks_against_the_references(name, approx):
                      if isinstance(m, nn.Linear) and m.weight.requires_grad]
         ref = brute(model, data, approx, "exact", "mean", basis=basis, **kw)
         _close(got.to_dense().double()[idx[:, None], idx[None]], ref[idx[:, None], idx[None]])
+
+
+@pytest.mark.parametrize("rep", ["kfac", "quasi_diag"])
+def test_bias_check_on_a_root_layer_and_root_attention(rep):
+    """The bias of a model that is itself the layer (``<root>``) is found too; KFAC of a root
+    ``nn.Linear`` on one sample is its exact Fisher."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(1, 4, dtype=torch.float64)
+    got = fimfast.fisher(lin, [(x, torch.tensor([1]))], "exact", representation=rep)
+    want = dense_exact(lin, [x])
+    if rep == "kfac":
+        _close(got.to_dense().double(), want)
+    else:
+        _quasi_against(got.to_dense().double(), want)
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    batch = (torch.randn(3, 5, 4, dtype=torch.float64), torch.randint(0, 4, (3, 5)))
+    F = fimfast.fisher(mha, [batch], "exact", representation=rep,
+                       forward_fn=lambda m, b: m(b[0], b[0], b[0], need_weights=False)[0])
+    assert float(F.trace()) > 0

@@ -45,13 +45,9 @@ def check_reached(layers: list, grads: list, where: dict) -> None:
 def bias_params(layers: list) -> list[torch.Tensor]:
     """The bias tensor of each layer that has one (an attention's shared ``in_proj_bias``
     once per projection)."""
-    out = []
-    for layer in layers:
-        if layer.bias is not None:
-            owner = layer.name.rsplit(".", 1)[0] if layer.part else layer.name  # "a" of "a.q"
-            out.append(layer.module.get_parameter(layer.bias[len(owner) + 1:] if owner
-                                                  else layer.bias))
-    return out
+    rel = {"": "bias", "out": "out_proj.bias"}  # attention's q, k, v: "in_proj_bias"
+    return [layer.module.get_parameter(rel.get(layer.part, "in_proj_bias")) for layer in layers
+            if layer.bias is not None]
 
 
 def check_bias_uses(layers: list, biases: list[torch.Tensor], edges) -> None:
