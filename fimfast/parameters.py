@@ -44,7 +44,8 @@ def _collect(
         d = module.__dict__
         for attr in ("_parameters", "_modules"):
             t = d[attr]
-            record[0].append((d, attr, t, tuple(t), tuple(t.values())))
+            record[0].append((d, attr, t, tuple(t.keys()), tuple(t.values())))  # a ScriptModule's
+            # tables are wrappers without __iter__
     for k, p in module._parameters.items():
         if p is not None and id(p) not in seen:
             seen.add(id(p))

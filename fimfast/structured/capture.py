@@ -41,7 +41,7 @@ from torch import nn
 
 from fimfast.persample import walk as graph_walk
 from fimfast.rules.conv import input_padding, ntuple
-from fimfast.structured import attention
+from fimfast.structured import attention, uses
 from fimfast.structured import forwards as fwds
 from fimfast.structured.forwards import Edge
 
@@ -257,7 +257,14 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
     """Every layer ran, with the batch first, and its weight reaches the logits only through its
     own calls (a weight also used functionally, e.g. an output head tied to an embedding, is
     refused). Returns the shape of the graph (:func:`fimfast.persample.walk.shape`)."""
-    graph = graph_walk.walk(flat, [layer.param for layer in layers], None)
+    biases = uses.bias_params(layers)
+    graph = graph_walk.walk(flat, [layer.param for layer in layers] + biases, None)
+    if graph.reentrant:  # its layers' outputs are not in the graph of the logits
+        raise ValueError(
+            "the model runs a torch.utils.checkpoint segment with use_reentrant=True, whose "
+            "layers torch differentiates only through .backward(): the Kronecker and "
+            "quasi-diagonal representations need the gradient at each layer's output; pass "
+            "use_reentrant=False")
     edges = graph.edges
     for layer in layers:
         if not layer.calls:
@@ -272,17 +279,22 @@ def check_calls(layers: list[Layer], flat: torch.Tensor, N: int) -> int:
                    if unused else " (its weights are used functionally); the Kronecker "
                    "representations cannot capture it")
             )
-        for x, _, _ in layer.calls:
+        for x, z, _ in layer.calls:
             if x.dim() < (1 if layer.kind == "embedding" else 2) or x.shape[0] != N:
                 raise ValueError(f"module {layer.name!r} got an input of shape {tuple(x.shape)}; "
                                  f"the batch (N={N}) must be its first dimension")
+            if isinstance(z, torch.Tensor) and not z.requires_grad:  # run under no_grad
+                raise ValueError(uses.unreached(layer))
         n_edges = edges.get(id(layer.param), 0)
+        if n_edges < len(layer.calls):  # every call that reaches the logits adds an edge
+            raise ValueError(uses.unreached(layer))
         if n_edges != len(layer.calls):
             raise ValueError(
                 f"the weight of module {layer.name!r} reaches the logits through {n_edges} uses "
                 f"but the module was called {len(layer.calls)} time(s): it is also used outside "
                 "its forward (tied or functional use), which Kronecker factors cannot represent"
             )
+    uses.check_bias_uses(layers, biases, edges)
     return graph_walk.shape(graph)
 
 

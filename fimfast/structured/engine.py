@@ -13,7 +13,7 @@ from torch import nn
 
 from fimfast import _env, guard, inner_grad, likelihoods
 from fimfast.structured import capture as cap
-from fimfast.structured import columns, convgram, structure
+from fimfast.structured import columns, convgram, structure, uses
 from fimfast.structured.apart import check_apart
 from fimfast.structured.sums import LayerSums, acc_dtype, add_conv_inputs, add_grads, add_inputs
 from fimfast.types import FIMType, Options, UnsupportedModelError
@@ -95,8 +95,8 @@ def _dense_sums(fw: columns.Forward, st: Stream, params: list[torch.Tensor], acc
             grads = columns.batched_grad(flat, params, full)
             acc.add(torch.cat([
                 (torch.zeros((full.shape[0],) + tuple(p.shape), dtype=p.dtype, device=p.device)
-                 if g is None else g).reshape(full.shape[0], -1)
-                for p, g in zip(params, grads)], 1))
+                 if g is None else g.to_dense() if g.is_sparse else g).reshape(full.shape[0], -1)
+                for p, g in zip(params, grads)], 1))  # sparse: nn.Embedding(sparse=True)
     except BaseException:
         acc.drop_from(mark)
         raise
@@ -239,7 +239,9 @@ def _kron_sums(model, fw: columns.Forward, st: Stream, layers: list[cap.Layer],
     for k, cot in enumerate(_cotangents(fw, st, "sample", per_pair, chunk)):
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],
                                      _scatter(rows, cot))
-        if kfac and k == 0:  # A once the first backward has succeeded
+        if k == 0:  # every call reaches the logits; A once the first backward has succeeded
+            uses.check_reached(layers, grads, where)
+        if kfac and k == 0:
             _add_all_inputs(layers, sums, a_in, orders, fw.mask, approx)
         for j, layer in enumerate(layers):
             g = cap.out_grads(layer, [grads[where[id(z)]] for _, z, _ in layer.calls])

@@ -13,7 +13,9 @@ where a hook of the user's replaces that output.
 
 Modules keep the hook (:func:`instance_forwards` is false) in a model that holds a compiled or
 scripted module (an instance ``forward`` would be a guard of compiled code) or an
-``nn.DataParallel`` (its replicas copy the instance ``forward``).
+``nn.DataParallel`` (its replicas copy the instance ``forward``). That hook is put before the
+module's own forward hooks for the same reason (before, it came after them: a hook of the user's
+that doubled a Linear's output halved every output gradient the capture took).
 """
 
 from __future__ import annotations
@@ -83,10 +85,11 @@ def record(layer: Any, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | Non
 
 
 def hook_of(layer: Any) -> Callable:
-    """The forward hook recording the calls of ``layer``'s module."""
+    """The forward hook (``with_kwargs=True``) recording the calls of ``layer``'s module, whose
+    input may be passed by keyword (``m(input=x)``; before, an ``IndexError``)."""
 
-    def hook(mod, inputs, out):
-        return record(layer, inputs[0], out)
+    def hook(mod, args, kwargs, out):
+        return record(layer, args[0] if args else kwargs["input"], out)
 
     return hook
 
@@ -114,8 +117,9 @@ def install(layers: list, plain: bool, handles: list, on: list) -> None:
         if isinstance(m, nn.MultiheadAttention) or id(m) in seen:
             continue
         seen.add(id(m))
-        if not plain:
-            handles.append(m.register_forward_hook(hook_of(layer)))
+        if not plain:  # before the module's own hooks: the output of the layer's own map
+            handles.append(m.register_forward_hook(hook_of(layer), prepend=True,
+                                                   with_kwargs=True))
             continue
         if layer.forward is None:
             layer.forward = forward_of(layer)

@@ -105,7 +105,9 @@ def fingerprint(model: nn.Module, reads: list | None = None) -> tuple[tuple, lis
             d = m.__dict__
             for name in ("_parameters", "_buffers", "_modules"):
                 tab = d[name]
-                tables.append((d, name, tab, tuple(tab), tuple(tab.values())))
+                # keys(): a ScriptModule's tables are wrappers without __iter__ (the
+                # extension's check then finds no dict and the caller walks again)
+                tables.append((d, name, tab, tuple(tab.keys()), tuple(tab.values())))
         for k, p in m._parameters.items():
             if p is None:
                 key.append((k, None))
