@@ -165,3 +165,32 @@ def test_dense_follows_the_moved_gate():
     acc.update(b2)
     want = want + kfac_brute.dense_exact(model, [b2[0]])
     assert float((acc.result().to_dense() - want).norm() / want.norm()) < 1e-10
+
+
+class _LoraOverShift(nn.Module):
+    """A LoRA branch (``B`` zero at initialisation) on the features rolled along the batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.o = nn.Linear(D, 6), nn.Linear(6, C)
+        self.A, self.B = nn.Linear(6, 2, bias=False), nn.Linear(2, 6, bias=False)
+        nn.init.zeros_(self.B.weight)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.o(h + self.B(self.A(h.roll(1, 0))))
+
+
+@pytest.mark.parametrize("rep", ["kfac", "quasi_diag"])
+def test_a_second_fisher_call_after_lora_b_moved_is_refused(rep):
+    """The verdicts are kept per model object across ``fimfast.fisher`` calls: the first call
+    (``B`` zero: nothing crosses the samples) is exact, the call after ``B`` moved is refused
+    (before: accepted, the quasi-diagonal's diagonal 0.75 off)."""
+    model = _LoraOverShift().to(DT)
+    b1, b2 = _batches(2)
+    fimfast.fisher(model, [b1], "exact", representation=rep)
+    with torch.no_grad():
+        model.B.weight.normal_(generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=r"module 'inp' .*reaches the output positions"):
+        fimfast.fisher(model, [b2], "exact", representation=rep)
