@@ -163,11 +163,12 @@ def _dim(fn) -> int | None:
 
 def _part(fn, name: str, nr: int) -> slice:
     """The rows of output ``nr`` of a split or slice on dim 0, as a slice of its source's."""
-    if name == "SliceBackward0":
-        start = fn._saved_start
-        if start >= 1 << 63:  # a negative start, saved as unsigned
-            start -= 1 << 64
-        return slice(start, fn._saved_end, fn._saved_step)
+    if name == "SliceBackward0":  # a negative start or end is saved as unsigned: `rows[1:-1]`
+        # (its end read as 2**64 - 1 took the rows to the last; a slice of the part then gave
+        # rows of other samples, off by 0.35 on the expert)
+        start, end = (int(v) - (1 << 64) if v >= 1 << 63 else v
+                      for v in (fn._saved_start, fn._saved_end))
+        return slice(start, end, fn._saved_step)
     if name == "SplitBackward0":
         n = fn._saved_split_size
         return slice(nr * n, nr * n + n)
