@@ -12,7 +12,8 @@ input at every step (:func:`rows_of`):
   slice on dim 0 of routed rows (``f[order].split(counts)``: rows sorted by expert, cut per
   expert) keeps its sizes, and the rows of each part are the source's rows in that range (a
   split or slice on another dim keeps the rows: SwiGLU's ``gate, up = y.chunk(2, dim=-1)``);
-* the source's samples: the output of a routed layer (known), another gather, a ``view`` /
+* the source's samples: the output of a routed layer (known), another gather, ``torch.cat``
+  of routed rows (:func:`_cat`; a ``cat`` with any other part is not read), a ``view`` /
   ``reshape`` / ``flatten`` merging its leading dims ``(N, T, d) -> (N * T, d)``, or any other
   tensor whose leading dims hold the batch: dim 0 of size ``N``, another leading dim of size
   ``N`` (sequence-first), ``N * k`` rows folded sample by sample (as
@@ -135,6 +136,8 @@ def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor |
             return None
         src = _rows(src, k, N, known, budget, dev)  # a part on another dim: the same rows
         out = src if src is None or dim else src[_part(fn, name, nr)]
+    elif name == "CatBackward0":
+        out = _cat(fn, N, known, budget, dev)
     elif name in _ELEMENTWISE:
         out = None
         for nxt, k in fn.next_functions:
@@ -149,6 +152,24 @@ def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor |
     if out is not None:
         known[(fn, nr)] = out
     return out
+
+
+def _cat(fn, N: int, known: dict, budget: list, dev) -> torch.Tensor | None:
+    """The samples of the rows of ``torch.cat`` of routed rows: on dim 0 (the experts' outputs
+    put together, ``torch.cat(outs)`` of rows sorted by expert) the parts' samples one after the
+    other, on another dim the parts' common rows; ``None`` where a part is not routed rows."""
+    parts = []
+    for nxt, k in fn.next_functions:
+        s = None if nxt is None or type(nxt) is _ACC else _rows(nxt, k, N, known, budget, dev)
+        if s is None:
+            return None
+        parts.append(s)
+    dim = fn._saved_dim
+    if dim == 0:
+        return torch.cat(parts)
+    if dim < (1 << 63) and all(s is parts[0] or torch.equal(s, parts[0]) for s in parts):
+        return parts[0]  # (a negative dim, saved as unsigned, may be dim 0: not read)
+    return None
 
 
 def _dim(fn) -> int | None:
@@ -188,6 +209,12 @@ def _source(edge, sizes: tuple, k: int, N: int, known: dict, budget: list, dev
         s = _rows(fn, nr, N, known, budget, dev)  # rows routed already (a gather of a gather)
         if s is not None:
             return s if s.shape[0] == sizes[0] else None
+        if type(fn).__name__ == "CatBackward0":
+            # rows put together from parts (experts' outputs of rows sorted by expert, then
+            # unsorted by a gather): their order is the data's, which the sizes cannot tell (a
+            # guess of rows in the batch's order, right in a first batch routed in token order,
+            # was off by 1.08 on the layer after the gather in the next)
+            return None
         if type(fn).__name__ in _VIEWS:
             ins = tuple(int(s) for s in fn._saved_self_sym_sizes)
             for j in range(1, len(ins)):
@@ -294,4 +321,5 @@ def record(cap: Capture, module, rule, x: torch.Tensor, y: torch.Tensor, sample:
 
 # rows of dim 0 cut into parts: a split (of rows sorted by expert), a slice
 _PARTS = frozenset({"SplitWithSizesBackward0", "SplitBackward0", "SliceBackward0"})
-_ROUTES = frozenset({"IndexBackward0", "IndexSelectBackward0"}) | _ELEMENTWISE | _PARTS
+_ROUTES = (frozenset({"IndexBackward0", "IndexSelectBackward0", "CatBackward0"}) | _ELEMENTWISE
+           | _PARTS)
