@@ -158,7 +158,7 @@ def _structure(
         for t in c.taps:
             cands = t.cands
             taps.append((t.lead, cands, len(t.shape) if len(cands) < 2 else tuple(t.shape),
-                         getattr(t, "empty", None)))  # a routed call with no rows: routed.py
+                         getattr(t, "routing", None)))  # a routed call with no rows: routed.py
         per_call.append((
             id(c.module), id(c.rule), c.module.training, c.data.get("stats", 0) is None, c.ok,
             c.reason, c is head,

@@ -36,7 +36,7 @@ def probe(calls: list[hooks.Call], rows, cache: dict, shape: int = 0) -> None:
     key = (N, shape, tuple(
         (id(c.module), c.rule.name, c.module.training, c.data.get("stats", 0) is None,
          tuple((t.lead, t.cands, tuple(t.shape) if ambiguous else len(t.shape),
-               getattr(t, "empty", None))
+               getattr(t, "routing", None))
                for t in c.taps))
         for c in calls
     ))

@@ -12,7 +12,8 @@ input at every step (:func:`rows_of`):
   slice on dim 0 of routed rows (``f[order].split(counts)``: rows sorted by expert, cut per
   expert) keeps its sizes, and the rows of each part are the source's rows in that range (a
   split or slice on another dim keeps the rows: SwiGLU's ``gate, up = y.chunk(2, dim=-1)``);
-* the source's samples: the output of a routed layer (known), another gather, a ``view`` /
+* the source's samples: the output of a routed layer (known), another gather, ``torch.cat``
+  of routed rows (:func:`_cat`; a ``cat`` with any other part is not read), a ``view`` /
   ``reshape`` / ``flatten`` merging its leading dims ``(N, T, d) -> (N * T, d)``, or any other
   tensor whose leading dims hold the batch: dim 0 of size ``N``, another leading dim of size
   ``N`` (sequence-first), ``N * k`` rows folded sample by sample (as
@@ -70,6 +71,13 @@ class RoutedTap(Tap):
     were routed to the call (part of the step's structure, see the module docstring)."""
 
     empty: bool = False
+    leads: list | None = None  # how the forward read the batch from the sources' leading dims
+
+    @property
+    def routing(self) -> tuple:
+        """What the structure key holds of a routed call: whether it has rows, and which dims of
+        the gathers' sources were taken for the batch in this forward (:func:`_lead`)."""
+        return self.empty, tuple(self.leads or ())
 
 
 def rows_of(cap: Capture, x: torch.Tensor) -> torch.Tensor | None:
@@ -128,6 +136,8 @@ def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor |
             return None
         src = _rows(src, k, N, known, budget, dev)  # a part on another dim: the same rows
         out = src if src is None or dim else src[_part(fn, name, nr)]
+    elif name == "CatBackward0":
+        out = _cat(fn, N, known, budget, dev)
     elif name in _ELEMENTWISE:
         out = None
         for nxt, k in fn.next_functions:
@@ -144,6 +154,24 @@ def _rows(fn, nr: int, N: int, known: dict, budget: list, dev) -> torch.Tensor |
     return out
 
 
+def _cat(fn, N: int, known: dict, budget: list, dev) -> torch.Tensor | None:
+    """The samples of the rows of ``torch.cat`` of routed rows: on dim 0 (the experts' outputs
+    put together, ``torch.cat(outs)`` of rows sorted by expert) the parts' samples one after the
+    other, on another dim the parts' common rows; ``None`` where a part is not routed rows."""
+    parts = []
+    for nxt, k in fn.next_functions:
+        s = None if nxt is None or type(nxt) is _ACC else _rows(nxt, k, N, known, budget, dev)
+        if s is None:
+            return None
+        parts.append(s)
+    dim = fn._saved_dim
+    if dim == 0:
+        return torch.cat(parts)
+    if dim < (1 << 63) and all(s is parts[0] or torch.equal(s, parts[0]) for s in parts):
+        return parts[0]  # (a negative dim, saved as unsigned, may be dim 0: not read)
+    return None
+
+
 def _dim(fn) -> int | None:
     """The dim (``>= 0``) a split or slice cuts, ``None`` when unknown."""
     dim, sizes = fn._saved_dim, getattr(fn, "_saved_self_sym_sizes", None)
@@ -156,11 +184,12 @@ def _dim(fn) -> int | None:
 
 def _part(fn, name: str, nr: int) -> slice:
     """The rows of output ``nr`` of a split or slice on dim 0, as a slice of its source's."""
-    if name == "SliceBackward0":
-        start = fn._saved_start
-        if start >= 1 << 63:  # a negative start, saved as unsigned
-            start -= 1 << 64
-        return slice(start, fn._saved_end, fn._saved_step)
+    if name == "SliceBackward0":  # a negative start or end is saved as unsigned: `rows[1:-1]`
+        # (its end read as 2**64 - 1 took the rows to the last; a slice of the part then gave
+        # rows of other samples, off by 0.35 on the expert)
+        start, end = (int(v) - (1 << 64) if v >= 1 << 63 else v
+                      for v in (fn._saved_start, fn._saved_end))
+        return slice(start, end, fn._saved_step)
     if name == "SplitBackward0":
         n = fn._saved_split_size
         return slice(nr * n, nr * n + n)
@@ -180,32 +209,58 @@ def _source(edge, sizes: tuple, k: int, N: int, known: dict, budget: list, dev
         s = _rows(fn, nr, N, known, budget, dev)  # rows routed already (a gather of a gather)
         if s is not None:
             return s if s.shape[0] == sizes[0] else None
+        if type(fn).__name__ == "CatBackward0":
+            # rows put together from parts (experts' outputs of rows sorted by expert, then
+            # unsorted by a gather): their order is the data's, which the sizes cannot tell (a
+            # guess of rows in the batch's order, right in a first batch routed in token order,
+            # was off by 1.08 on the layer after the gather in the next)
+            return None
         if type(fn).__name__ in _VIEWS:
             ins = tuple(int(s) for s in fn._saved_self_sym_sizes)
             for j in range(1, len(ins)):
                 if math.prod(ins[:j]) == sizes[0] and ins[j:] == sizes[1:]:
-                    s = _lead(ins[:j], N, dev)
+                    s = _lead(ins[:j], N, dev, known)
                     return None if s is None else s.reshape(-1)
-    return _lead(sizes[:k], N, dev)
+    return _lead(sizes[:k], N, dev, known)
 
 
-def _lead(lead: tuple, N: int, dev) -> torch.Tensor | None:
+def _lead(lead: tuple, N: int, dev, known: dict) -> torch.Tensor | None:
     """Sample of every index of the leading dims ``lead`` of a tensor holding the batch there:
     dim 0 of size ``N``, else another dim of size ``N``, else ``N * k`` rows sample by sample,
-    else leading dims of ``N`` indices in all (``(N, T)`` tokens, each a sample of its own)."""
+    else leading dims of ``N`` indices in all (``(N, T)`` tokens, each a sample of its own).
+
+    The choice is a guess from the sizes, which the probe checks once per structure: it is noted
+    in ``known[_LEADS]`` for the structure key (:attr:`RoutedTap.routing`). A sequence-first
+    ``(T, N)`` source is read on dim 1, but on dim 0 in a batch with ``T == N``: without the
+    choice in the key, that batch took the verdict of the first and gave each row the sample of
+    its position (off by 0.28-0.6 on the experts of a sequence-first mixture-of-experts block)."""
     shape = [1] * len(lead)
     if lead[0] == N or N in lead:
         d = 0 if lead[0] == N else lead.index(N)
+        how = d
         shape[d] = N
         s = torch.arange(N, device=dev)
     elif lead[0] >= N and lead[0] % N == 0:
+        how = "folded"
         shape[0] = lead[0]
         s = torch.arange(lead[0], device=dev) // (lead[0] // N)
     elif math.prod(lead) == N:  # every index its own sample: tokens of flattened (N * T, C) logits
+        _note(known, (len(lead), "each"))
         return torch.arange(N, device=dev).view(lead)
     else:
         return None
+    _note(known, (len(lead), how))
     return s.view(shape).expand(lead)
+
+
+def _note(known: dict, how: tuple) -> None:
+    """Note a choice of :func:`_lead` (once: the experts of a block read the same source)."""
+    leads = known.setdefault(_LEADS, [])
+    if how not in leads:
+        leads.append(how)
+
+
+_LEADS = "leads"  # the key of known (its other keys: (node, output)) noting _lead's choices
 
 
 def _slots(cap: Capture, sample: torch.Tensor, N: int) -> tuple[torch.Tensor, int]:
@@ -253,15 +308,18 @@ def record(cap: Capture, module, rule, x: torch.Tensor, y: torch.Tensor, sample:
     handle = zero.expand(N, S, *y.shape[1:])
     out = y + handle.view(N * S, *y.shape[1:]).index_select(0, flat)
     tkey = (id(module), "routed")
+    known = cap.__dict__["routed"]
     tap = RoutedTap(handle, handle.shape, weakref.ref(out), out._version, tkey, False,
-                    y.dim(), True, empty=sample.shape[0] == 0)
+                    y.dim(), True, empty=sample.shape[0] == 0,
+                    leads=known.setdefault(_LEADS, []))  # (complete when the probe reads it)
     if tkey in cap.hold:
         tap.keep = out
     cap.record(Call(module, rule, [tap], uses, {"x": xp}), internal, key)
-    cap.__dict__["routed"][(out.grad_fn, 0)] = sample  # the rows of the layers after it
+    known[(out.grad_fn, 0)] = sample  # the rows of the layers after it
     return out
 
 
 # rows of dim 0 cut into parts: a split (of rows sorted by expert), a slice
 _PARTS = frozenset({"SplitWithSizesBackward0", "SplitBackward0", "SliceBackward0"})
-_ROUTES = frozenset({"IndexBackward0", "IndexSelectBackward0"}) | _ELEMENTWISE | _PARTS
+_ROUTES = (frozenset({"IndexBackward0", "IndexSelectBackward0", "CatBackward0"}) | _ELEMENTWISE
+           | _PARTS)
