@@ -214,3 +214,21 @@ def test_dense_and_block_diag_follow_a_coupling_turned_on_after_a_batch(rep):
         want[k:, :k] = 0
     got = acc.result().to_dense()
     assert float((got - want).norm() / want.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("op", ["cumsum", "shift"])
+def test_the_python_walk_probes_the_changed_argument_again(op, monkeypatch):
+    """Without the extension's walk (the Python walk's shape: the nodes' ``_saved_``
+    constants), the same changes are probed again."""
+    monkeypatch.setattr(graph_walk, "_HOST", [None])
+
+    def before(i, m):
+        if op == "shift":
+            m.shift = (0, 1, 2, 0)[i]
+        elif i == 1:
+            m.dim = 0
+
+    for fim_type in TYPES[:3]:
+        est, ref = adv.run(_Mixer(op).to(DT), _batches(), fim_type, before=before)
+        assert adv.max_rel(est, ref) < 1e-10, fim_type
+    assert graph_walk._HOST == [None]

@@ -89,7 +89,7 @@ def _part(node) -> int:
     for a in names:
         try:
             values.append(_constant(getattr(node, a)))
-        except RuntimeError:  # released after a backward
+        except Exception:  # released after a backward, or unreadable: no constant
             values.append(None)
     return hash((id(t), tuple(values)))
 
