@@ -67,10 +67,11 @@ def _zero(tensors: list[torch.Tensor]) -> list[bool]:
 
 
 class Verdicts(set):
-    """A set of the structure keys whose samples were found apart, with the :class:`ZeroWatch` of
-    the parameters entirely zero when they were found (:func:`fimfast.structured.apart.
-    check_apart` drops them all once one of those parameters moved)."""
+    """A set of the structure keys whose samples were found apart, with the model structure's
+    trainable ``params`` and the :class:`ZeroWatch` of those entirely zero when they were found
+    (:func:`fimfast.structured.apart.check_apart` drops them all once one of them moved)."""
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.params = params
         self.zeros = ZeroWatch()

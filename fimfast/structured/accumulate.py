@@ -99,7 +99,6 @@ class FisherAccumulator:
         check_same_parameters(self.model, self._structure, self._layout)
         self.stream.extra.setdefault("guard", self._guard)
         self.stream.extra.setdefault("apart", self._structure.apart)
-        self.stream.extra.setdefault("apart_params", self._structure.params)
         if self.representation in ("dense", "block_diag", "low_rank"):
             engine.dense_pass(self.model, [batch], self.stream, self.params, self.acc, None,
                               self.pair_chunk)

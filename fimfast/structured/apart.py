@@ -70,18 +70,17 @@ def layout(rows, taps: list, graph: int) -> tuple:
 
 
 def check_apart(layers: list[cap.Layer], taps: list, where: dict, rows, graph: int = 0,
-                seen: set | None = None, params: list | None = None) -> None:
+                seen: set | None = None) -> None:
     """Refuse, naming the module, a layer whose output positions of one sample receive the
     gradient of another sample's logits (see the module's docstring). ``seen``: the
-    :func:`layout` keys already checked, which are not checked again (all of them checked again
-    once a parameter of ``params`` entirely zero at a check moved, with a
-    :class:`fimfast.zero_gates.Verdicts`); ``graph``: the shape of the autograd graph."""
+    :func:`layout` keys already checked, which are not checked again (with a
+    :class:`fimfast.zero_gates.Verdicts`, all of them checked again once one of its parameters
+    entirely zero at a check moved); ``graph``: the shape of the autograd graph."""
     if rows.num_samples < 2 or not layers or rows.count == 0:
         return
     key = layout(rows, taps, graph)
     zeros = getattr(seen, "zeros", None)  # a zero gate moved: a coupling behind it may show
-    watched = params if params is not None else [layer.param for layer in layers]
-    if zeros is not None and zeros.moved(watched):
+    if zeros is not None and zeros.moved(seen.params):
         seen.clear()
     if seen is not None and key in seen:
         return
@@ -96,7 +95,7 @@ def check_apart(layers: list[cap.Layer], taps: list, where: dict, rows, graph: i
     if seen is not None:
         seen.add(key)
         if zeros is not None:
-            zeros.note(watched)
+            zeros.note(seen.params)
 
 
 def _check(layers, grads, where, samples: list[int]) -> None:

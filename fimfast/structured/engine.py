@@ -231,10 +231,8 @@ def _kron_sums(model, fw: columns.Forward, st: Stream, layers: list[cap.Layer],
     # before anything of the batch is added; once per layout of the model's structure
     seen = st.extra.get("apart")  # the model structure's verdicts (an accumulator's, a refit's)
     if seen is None:
-        s = structure.of(model)
-        seen = st.extra["apart"] = s.apart
-        st.extra["apart_params"] = s.params
-    check_apart(layers, taps, where, rows, graph, seen, st.extra.get("apart_params"))
+        seen = st.extra["apart"] = structure.of(model).apart
+    check_apart(layers, taps, where, rows, graph, seen)
     per_pair = 4 * sum(z.numel() for z in taps)
     for k, cot in enumerate(_cotangents(fw, st, "sample", per_pair, chunk)):
         grads = columns.batched_grad(flat, [cap.grad_input(t) for t in taps],

@@ -54,7 +54,10 @@ class Structure:
     info: list[dict] | None = None
     reads: tuple | None = None  # what the last walk read (see _unchanged)
     # the layouts whose samples fimfast.structured.apart.check_apart found apart
-    apart: set = field(default_factory=Verdicts)
+    apart: Verdicts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.apart = Verdicts(self.params)
 
     def walk(self, model: nn.Module) -> guard.ModuleWalk:
         """A :class:`~fimfast.guard.ModuleWalk` of ``model`` as it would find it."""
